@@ -1,0 +1,306 @@
+"""Batched stepping: N MuJoCo worlds of one robot, policy in the loop, episodes out.
+
+Each control step computes every world's action in one batched policy call, then steps
+all worlds' ``frame_skip`` physics substeps with one ``mujoco.rollout`` call on a
+persistent thread pool (C, several threads). Finished worlds reset automatically from
+their next :class:`~sim.scenario.ScenarioSpec`; finished episodes come out as schema-v1
+:class:`~sim.episode.Episode` records (final observation kept, terminated and truncated
+apart).
+
+Determinism: a world's randomness (reset noise, sensor noise) comes only from its
+scenario's seed and the physics has no shared state between worlds, so the same scenario
+with a deterministic policy gives a bit-identical episode whatever batch it runs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import mujoco
+import numpy as np
+from mujoco import rollout
+
+from sim.episode import Episode
+from sim.policy_fn import as_batched_policy
+from sim.recorder import EpisodeRecorder
+from sim.robots import PhysicsState, Task, get_task
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+
+STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
+ScenarioSource = Callable[[int], ScenarioSpec | None]  # world index -> its next scenario (None: world stops)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from parts (independent of Python's hash randomisation)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little") >> 1
+
+
+class BatchedStepper:
+    """N worlds of one robot, stepped together.
+
+    Two ways to drive it:
+      * ``reset(seed, profiles)`` then ``step(actions)``: a vector env with same-step
+        autoreset (``info["final_observation"]`` holds the last observation of a finished
+        world); ``run(policy, num_steps)`` loops it and returns finished episodes.
+      * ``simulate(scenarios, policy)``: exactly one episode per scenario, in order.
+    """
+
+    def __init__(
+        self,
+        robot: str | Task,
+        num_worlds: int,
+        *,
+        nthread: int | None = None,
+        record: bool = True,
+        robot_id: str = "sim",
+        policy_version: str = "none",
+        source: str = "sim",
+    ):
+        if num_worlds < 1:
+            raise ValueError(f"num_worlds must be >= 1, got {num_worlds}")
+        self.task = get_task(robot) if isinstance(robot, str) else robot
+        self.num_worlds = num_worlds
+        self.record = record
+        self.robot_id, self.policy_version, self.source = robot_id, policy_version, source
+        m = self.task.model
+        self.nthread = max(1, min(nthread or os.cpu_count() or 1, num_worlds))
+        self._pool = rollout.Rollout(nthread=self.nthread)
+        self._datas = [mujoco.MjData(m) for _ in range(self.nthread)]
+        self._qpos = slice(1, 1 + m.nq)  # FULLPHYSICS layout: time, qpos, qvel, act, ...
+        self._qvel = slice(1 + m.nq, 1 + m.nq + m.nv)
+        low, high = m.actuator_ctrlrange[:, 0], m.actuator_ctrlrange[:, 1]
+        self._ctrl_mid, self._ctrl_half = (high + low) / 2, (high - low) / 2
+        self._models: dict[tuple, tuple[mujoco.MjModel, mujoco.MjData]] = {}
+        template = mujoco.MjData(m)
+        self._state0 = np.empty(mujoco.mj_stateSize(m, STATE_SPEC))
+        mujoco.mj_getState(m, template, self._state0, STATE_SPEC)
+
+        n = num_worlds
+        self.world_models: list[mujoco.MjModel] = [m] * n
+        self.scenarios: list[ScenarioSpec | None] = [None] * n
+        self._rngs: list[np.random.Generator] = [np.random.default_rng(0)] * n
+        self.state = np.tile(self._state0, (n, 1))
+        self.sensordata = np.zeros((n, m.nsensordata))
+        self.obs = np.zeros((n, self.task.obs_dim), np.float32)
+        self.t = np.zeros(n, np.int64)
+        self.max_steps = np.full(n, self.task.max_steps, np.int64)
+        self.active = np.zeros(n, bool)
+        self._latency = np.zeros(n, np.int64)
+        self._obs_noise, self._obs_bias = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        self._history = np.zeros((n, 1, self.task.act_dim), np.float32)
+        self._recorder: EpisodeRecorder | None = None
+        self._finished: list[Episode] = []
+        self._next_scenario: ScenarioSource = lambda world: None
+        self.stats = {"episodes": 0, "steps": 0, "diverged": 0}
+
+    # -- models -------------------------------------------------------------------------
+    def model_for(self, profile: VariationProfile) -> tuple[mujoco.MjModel, mujoco.MjData]:
+        """The (cached) varied model for ``profile`` and a scratch MjData for it."""
+        key = profile.physical_key()
+        if key not in self._models:
+            model = profile.apply(self.task.model, self.task.payload_body)
+            self._models[key] = (model, mujoco.MjData(model))
+        return self._models[key]
+
+    # -- driving ------------------------------------------------------------------------
+    def reset(self, seed: int = 0, profiles: VariationProfile | Sequence[VariationProfile] | None = None) -> np.ndarray:
+        """Free-running mode: world w's k-th episode uses seed derive_seed(seed, w, k). Returns obs (N, obs_dim)."""
+        profiles = _per_world(profiles, self.num_worlds)
+        counters = [0] * self.num_worlds
+
+        def next_scenario(world: int) -> ScenarioSpec:
+            counters[world] += 1
+            return ScenarioSpec(robot=self.task.name, seed=derive_seed(seed, world, counters[world]), profile=profiles[world])
+
+        self._start(next_scenario, range(self.num_worlds))
+        return self.obs.copy()
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Step every active world with ``action`` (N, act_dim) in [-1, 1].
+
+        Returns obs (N, obs_dim), reward (N,), terminated (N,), truncated (N,), info; a world
+        that finished is reset in the same call, its last observation in
+        ``info["final_observation"]`` where ``info["_final_observation"]`` is True.
+        """
+        idx = np.flatnonzero(self.active)
+        action = np.asarray(action, np.float32)
+        if action.shape != (self.num_worlds, self.task.act_dim):
+            raise ValueError(f"action must have shape {(self.num_worlds, self.task.act_dim)}, got {action.shape}")
+        reward, terminated, truncated, final_obs, terms = self._advance(idx, action[idx])
+        n = self.num_worlds
+        full = {k: np.zeros(n) for k in terms}
+        for k, v in terms.items():
+            full[k][idx] = v
+        out_r, out_term, out_trunc = np.zeros(n, np.float32), np.zeros(n, bool), np.zeros(n, bool)
+        out_r[idx], out_term[idx], out_trunc[idx] = reward, terminated, truncated
+        done = out_term | out_trunc
+        info = {"reward_terms": full, "final_observation": final_obs, "_final_observation": done}
+        return self.obs.copy(), out_r, out_term, out_trunc, info
+
+    def run(self, policy, num_steps: int) -> list[Episode]:
+        """Step ``num_steps`` control steps with ``policy`` in the loop; return episodes finished meanwhile."""
+        act = as_batched_policy(policy)
+        for _ in range(num_steps):
+            if not self.active.any():
+                break
+            idx = np.flatnonzero(self.active)
+            self._advance(idx, np.asarray(act(self.obs[idx]), np.float32))
+        return self.pop_episodes()
+
+    def simulate(self, scenarios: Iterable[ScenarioSpec], policy) -> list[Episode]:
+        """One episode per scenario, returned in the scenarios' order (diverged ones are dropped and counted)."""
+        queue = list(scenarios)
+        for s in queue:
+            if s.robot != self.task.name:
+                raise ValueError(f"scenario for robot {s.robot!r} given to a {self.task.name!r} stepper")
+        order = {id(s): i for i, s in enumerate(queue)}
+        pending = iter(queue)
+        self._start(lambda world: next(pending, None), range(min(self.num_worlds, len(queue))))
+        act = as_batched_policy(policy)
+        while self.active.any():
+            idx = np.flatnonzero(self.active)
+            self._advance(idx, np.asarray(act(self.obs[idx]), np.float32))
+        episodes = self.pop_episodes()
+        by_spec = {e.metadata["scenario"]: e for e in episodes}
+        return [by_spec[s.to_json()] for s in sorted(queue, key=lambda s: order[id(s)]) if s.to_json() in by_spec]
+
+    def pop_episodes(self) -> list[Episode]:
+        out, self._finished = self._finished, []
+        return out
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+    def _start(self, source: ScenarioSource, worlds: Iterable[int]) -> None:
+        self._next_scenario = source
+        self.active[:] = False
+        self._finished = []
+        for w in worlds:
+            self._reset_world(w)
+
+    def _reset_world(self, w: int) -> None:
+        scenario = self._next_scenario(w)
+        if scenario is None:
+            self.active[w] = False
+            return
+        task, profile = self.task, scenario.profile
+        model, scratch = self.model_for(profile)
+        rng = np.random.default_rng(scenario.seed)
+        if scenario.init_qpos is not None:
+            qpos, qvel = np.asarray(scenario.init_qpos, float), np.asarray(scenario.init_qvel, float)
+        else:
+            goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
+            qpos, qvel = task.initial_state(rng, scenario.init_noise_scale, goal)
+        state = self._state0.copy()
+        state[self._qpos], state[self._qvel] = qpos, qvel
+        mujoco.mj_setState(model, scratch, state, STATE_SPEC)
+        mujoco.mj_forward(model, scratch)
+        max_steps = scenario.max_steps or task.max_steps
+        self.world_models[w], self.scenarios[w], self._rngs[w] = model, scenario, rng
+        self.state[w], self.sensordata[w] = state, scratch.sensordata
+        physics = PhysicsState(qpos[None], qvel[None], scratch.sensordata[None].copy())
+        self.obs[w] = profile.corrupt_observation(task.observe(physics), rng)[0]
+        self.t[w], self.max_steps[w], self.active[w] = 0, max_steps, True
+        self._latency[w] = profile.action_latency
+        self._obs_noise[w], self._obs_bias[w] = profile.obs_noise_std, profile.obs_bias
+        if self._history.shape[1] <= profile.action_latency:
+            grown = np.zeros((self.num_worlds, profile.action_latency + 1, task.act_dim), np.float32)
+            grown[:, : self._history.shape[1]] = self._history
+            self._history = grown
+        self._history[w] = 0.0
+        if self.record:
+            self._ensure_recorder(max_steps)
+            self._recorder.begin(w, self.obs[w], qpos, qvel)
+
+    def _ensure_recorder(self, max_steps: int) -> None:
+        r = self._recorder
+        if r is None or r.action.shape[1] < max_steps:
+            m = self.task.model
+            self._recorder = EpisodeRecorder(self.num_worlds, max_steps, self.task.obs_dim, self.task.act_dim, m.nq, m.nv)
+
+    def _advance(self, idx: np.ndarray, action: np.ndarray):
+        """One control step of worlds ``idx`` with ``action`` (len(idx), act_dim)."""
+        task = self.task
+        action = np.clip(action, -1.0, 1.0)
+        if not np.isfinite(action).all():
+            raise ValueError("policy returned NaN or Inf actions")
+        # action latency: the actuators get the action commanded `latency` steps ago
+        hist = self._history
+        hist[idx, 1:] = hist[idx, :-1]
+        hist[idx, 0] = action
+        applied = hist[idx, self._latency[idx]]
+        ctrl = self._ctrl_mid + self._ctrl_half * applied
+        before = PhysicsState(self.state[idx, self._qpos], self.state[idx, self._qvel], self.sensordata[idx])
+        models = [self.world_models[w] for w in idx]
+        states, sensors = self._pool.rollout(
+            models,
+            self._datas,
+            self.state[idx],
+            ctrl[:, None, :],
+            nstep=task.frame_skip,
+            initial_warmstart=np.zeros((len(idx), task.model.nv)),
+        )
+        new_state, new_sensor = states[:, -1], sensors[:, -1]
+        after = PhysicsState(new_state[:, self._qpos], new_state[:, self._qvel], new_sensor)
+        terms = task.reward_terms(before, after, action)
+        reward = sum(terms.values()).astype(np.float32)
+        diverged = ~np.isfinite(new_state).all(axis=1)
+        terminated = task.terminated(after) | diverged
+        obs = task.observe(after)
+        obs[diverged] = 0.0
+        obs += self._obs_bias[idx, None]
+        for i in np.flatnonzero(self._obs_noise[idx]):  # per-world streams keep episodes batch-independent
+            w = idx[i]
+            obs[i] += (self._rngs[w].standard_normal(obs.shape[1]) * self._obs_noise[w]).astype(np.float32)
+        self.state[idx], self.sensordata[idx] = new_state, new_sensor
+        steps = self.t[idx]
+        if self.record:
+            self._recorder.record(idx, steps, action, reward, obs, after.qpos, after.qvel)
+        self.t[idx] = steps + 1
+        truncated = (self.t[idx] >= self.max_steps[idx]) & ~terminated
+        self.obs[idx] = obs
+        self.stats["steps"] += len(idx)
+        final_obs = np.zeros_like(self.obs)
+        for i in np.flatnonzero(terminated | truncated):
+            w = idx[i]
+            final_obs[w] = obs[i]
+            if diverged[i]:
+                self.stats["diverged"] += 1
+            elif self.record:
+                self._finished.append(self._finish_episode(w, bool(terminated[i])))
+            self.stats["episodes"] += 1
+            self._reset_world(w)
+        return reward, terminated, truncated, final_obs, terms
+
+    def _finish_episode(self, w: int, terminated: bool) -> Episode:
+        scenario = self.scenarios[w]
+        metadata = {
+            "robot_id": self.robot_id,
+            "robot_model": self.task.name,
+            "source": self.source,
+            "policy_version": self.policy_version,
+            "episode_id": scenario.episode_id(self.policy_version),
+            "scenario": scenario.to_json(),
+        }
+        return self._recorder.finish(w, int(self.t[w]), terminated, self.task.control_dt, metadata)
+
+
+def _per_world(profiles, n: int) -> list[VariationProfile]:
+    if profiles is None:
+        return [VariationProfile()] * n
+    if isinstance(profiles, VariationProfile):
+        return [profiles] * n
+    profiles = list(profiles)
+    if len(profiles) != n:
+        raise ValueError(f"need one profile per world ({n}), got {len(profiles)}")
+    return profiles

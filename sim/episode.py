@@ -1,0 +1,348 @@
+"""The Episode record, schema v1: the one unit of experience on the wire and in the store.
+
+An episode of T control steps holds (time on axis 0):
+
+    observation  float32 (T+1, obs_dim)   includes the final observation
+    action       float32 (T, act_dim)
+    reward       float32 (T,)
+    terminated   bool    (T,)             true end of task (not a time limit)
+    truncated    bool    (T,)             cut by a time limit or an operator
+    timestamp    float64 (T+1,)           seconds, strictly increasing
+
+plus optional arrays (``qpos``, ``qvel``, ``actuator_force``, ``contact_force``,
+``intervention``, ``image.NAME``) whose leading axis is T or T+1, and string metadata
+(``schema_version``, ``robot_id``, ``episode_id``, ``policy_version``, ``source``,
+``robot_model``, optional JSON strings ``hardware``/``calibration``/``scenario`` and
+``model_version``; user keys start with ``x.``).
+
+On the wire an episode is one safetensors file (arrays + the metadata map). Nothing is
+ever unpickled: :func:`Episode.from_bytes` parses the header itself and bounds every size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = "1"
+SOURCES = ("real", "sim", "worldmodel")
+REQUIRED_ARRAYS: dict[str, tuple[np.dtype, int, str]] = {
+    # name: (dtype, ndim, leading length: "T" or "T+1")
+    "observation": (np.dtype(np.float32), 2, "T+1"),
+    "action": (np.dtype(np.float32), 2, "T"),
+    "reward": (np.dtype(np.float32), 1, "T"),
+    "terminated": (np.dtype(np.bool_), 1, "T"),
+    "truncated": (np.dtype(np.bool_), 1, "T"),
+    "timestamp": (np.dtype(np.float64), 1, "T+1"),
+}
+OPTIONAL_ARRAYS: dict[str, np.dtype | None] = {
+    "qpos": np.dtype(np.float32),
+    "qvel": np.dtype(np.float32),
+    "actuator_force": np.dtype(np.float32),
+    "contact_force": np.dtype(np.float32),
+    "intervention": np.dtype(np.bool_),
+}
+IMAGE_PREFIX = "image."
+REQUIRED_METADATA = ("schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model")
+JSON_METADATA = ("hardware", "calibration", "scenario")
+OPTIONAL_METADATA = (*JSON_METADATA, "model_version")
+USER_METADATA_PREFIX = "x."
+MAX_HEADER_BYTES = 1 << 20
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "BOOL": np.bool_, "U8": np.uint8, "F16": np.float16}
+
+
+class EpisodeValidationError(ValueError):
+    """An episode that breaks schema v1; ``field`` names the array or metadata key at fault."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"episode field '{field}': {reason}")
+
+
+@dataclasses.dataclass
+class Episode:
+    """One episode; see the module docstring for shapes. Build it, then call :meth:`validate`."""
+
+    observation: np.ndarray  # (T+1, obs_dim) float32
+    action: np.ndarray  # (T, act_dim) float32
+    reward: np.ndarray  # (T,) float32
+    terminated: np.ndarray  # (T,) bool
+    truncated: np.ndarray  # (T,) bool
+    timestamp: np.ndarray  # (T+1,) float64
+    metadata: dict[str, str]
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        *,
+        observation,
+        action,
+        reward,
+        terminated,
+        truncated,
+        timestamp,
+        robot_id: str,
+        robot_model: str,
+        source: str,
+        policy_version: str = "none",
+        episode_id: str | None = None,
+        extras: Mapping[str, np.ndarray] | None = None,
+        **metadata: str | dict,
+    ) -> Episode:
+        """Build and validate an episode, casting arrays to their schema dtypes.
+
+        JSON metadata (``hardware``, ``calibration``, ``scenario``) may be given as dicts.
+        """
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "robot_id": robot_id,
+            "episode_id": episode_id or str(uuid.uuid4()),
+            "policy_version": policy_version,
+            "source": source,
+            "robot_model": robot_model,
+        }
+        for key, value in metadata.items():
+            meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        arrays = {
+            "observation": observation,
+            "action": action,
+            "reward": reward,
+            "terminated": terminated,
+            "truncated": truncated,
+            "timestamp": timestamp,
+        }
+        arrays = {k: np.ascontiguousarray(v, dtype=REQUIRED_ARRAYS[k][0]) for k, v in arrays.items()}
+        casted_extras = {}
+        for key, value in (extras or {}).items():
+            dtype = OPTIONAL_ARRAYS.get(key)
+            casted_extras[key] = np.ascontiguousarray(value, dtype=dtype) if dtype else np.ascontiguousarray(value)
+        return cls(**arrays, metadata=meta, extras=casted_extras).validate()
+
+    # -- accessors ----------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return int(self.action.shape[0])
+
+    @property
+    def episode_id(self) -> str:
+        return self.metadata["episode_id"]
+
+    @property
+    def robot_id(self) -> str:
+        return self.metadata["robot_id"]
+
+    @property
+    def source(self) -> str:
+        return self.metadata["source"]
+
+    def json_metadata(self, key: str) -> dict:
+        """The parsed JSON metadata field ``key`` (``{}`` when absent)."""
+        return json.loads(self.metadata[key]) if key in self.metadata else {}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """All arrays by their wire name."""
+        out = {k: getattr(self, k) for k in REQUIRED_ARRAYS}
+        out.update(self.extras)
+        return out
+
+    @property
+    def total_return(self) -> float:
+        return float(self.reward.sum(dtype=np.float64))
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> Episode:
+        """Check schema v1; raise :class:`EpisodeValidationError` naming the first bad field."""
+        _validate_metadata(self.metadata)
+        _validate_arrays(self.arrays())
+        return self
+
+    # -- wire format --------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """The episode as one canonical safetensors file: equal episodes give equal bytes."""
+        self.validate()
+        return encode_safetensors(self.arrays(), self.metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> Episode:
+        """Parse and validate a safetensors episode. Raises EpisodeValidationError on any fault."""
+        arrays, metadata = parse_safetensors(data)
+        _validate_metadata(metadata)
+        _validate_arrays(arrays)
+        required = {k: arrays.pop(k) for k in REQUIRED_ARRAYS}
+        return cls(**required, metadata=metadata, extras=arrays)
+
+    def equals(self, other: Episode) -> bool:
+        """Bit-exact equality of every array and metadata entry."""
+        mine, theirs = self.arrays(), other.arrays()
+        return (
+            self.metadata == other.metadata
+            and mine.keys() == theirs.keys()
+            and all(mine[k].dtype == theirs[k].dtype and np.array_equal(mine[k], theirs[k]) for k in mine)
+        )
+
+
+def encode_safetensors(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """Canonical safetensors: tensors and metadata in sorted order, header padded to 8 bytes.
+
+    (The safetensors library writes its metadata map in hash order, so equal episodes could
+    give different bytes; idempotent uploads compare bytes.) Readable by any safetensors reader.
+    """
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        if arr.dtype not in names:
+            raise EpisodeValidationError(name, f"dtype {arr.dtype} cannot be written to safetensors")
+        blob = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": names[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([struct.pack("<Q", len(text)), text, *blobs])
+
+
+def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse an untrusted safetensors buffer into (arrays, metadata) with every size checked.
+
+    The header is read and bounded before any tensor is touched; offsets must tile the
+    data section exactly (no gaps, overlaps or trailing bytes).
+    """
+    buf = memoryview(data)
+    if len(buf) < 8:
+        raise EpisodeValidationError("<file>", f"not a safetensors file: {len(buf)} bytes, need an 8-byte header length")
+    (header_len,) = struct.unpack("<Q", buf[:8])
+    if header_len > MAX_HEADER_BYTES or header_len > len(buf) - 8:
+        raise EpisodeValidationError(
+            "<header>", f"declared header length {header_len} exceeds the body ({len(buf)} bytes) or the {MAX_HEADER_BYTES}-byte limit"
+        )
+    try:
+        header = json.loads(bytes(buf[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EpisodeValidationError("<header>", f"not valid JSON ({exc.__class__.__name__}): not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise EpisodeValidationError("<header>", "header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise EpisodeValidationError("<metadata>", "__metadata__ must map strings to strings")
+    body = buf[8 + header_len :]
+    spans = []
+    arrays: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise EpisodeValidationError(name, "tensor entry needs exactly dtype, shape and data_offsets")
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise EpisodeValidationError(name, f"unsupported dtype {info['dtype']!r} (allowed: {sorted(_SAFETENSORS_DTYPES)})")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise EpisodeValidationError(name, f"bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise EpisodeValidationError(name, f"bad data_offsets {offsets!r}")
+        start, end = offsets
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not 0 <= start <= end <= len(body) or end - start != nbytes:
+            raise EpisodeValidationError(
+                name, f"declared size {nbytes} bytes at offsets {offsets} does not match the {len(body)}-byte data section"
+            )
+        spans.append((start, end, name))
+        arrays[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).copy()
+    cursor = 0
+    for start, end, name in sorted(spans):
+        if start != cursor:
+            raise EpisodeValidationError(name, "tensor data overlaps another tensor or leaves a gap")
+        cursor = end
+    if cursor != len(body):
+        raise EpisodeValidationError("<file>", f"{len(body) - cursor} trailing bytes after the last tensor")
+    return arrays, dict(metadata)
+
+
+def _validate_metadata(meta: Mapping[str, str]) -> None:
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise EpisodeValidationError(key, "missing required metadata")
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise EpisodeValidationError(key, "must be a non-empty string")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise EpisodeValidationError(
+            "schema_version", f"unknown schema version {meta['schema_version']!r}; this build reads {SCHEMA_VERSION!r}"
+        )
+    if meta["source"] not in SOURCES:
+        raise EpisodeValidationError("source", f"{meta['source']!r} is not one of {SOURCES}")
+    try:
+        uuid.UUID(meta["episode_id"])
+    except ValueError:
+        raise EpisodeValidationError("episode_id", f"{meta['episode_id']!r} is not a UUID") from None
+    for key, value in meta.items():
+        if key in REQUIRED_METADATA or key.startswith(USER_METADATA_PREFIX):
+            continue
+        if key not in OPTIONAL_METADATA:
+            raise EpisodeValidationError(
+                key, f"unknown metadata key; allowed: {REQUIRED_METADATA + OPTIONAL_METADATA} or '{USER_METADATA_PREFIX}*'"
+            )
+        if not isinstance(value, str):
+            raise EpisodeValidationError(key, "must be a string")
+        if key in JSON_METADATA:
+            try:
+                json.loads(value)
+            except json.JSONDecodeError:
+                raise EpisodeValidationError(key, "must be a JSON string") from None
+
+
+def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+    for name in REQUIRED_ARRAYS:
+        if name not in arrays:
+            raise EpisodeValidationError(name, "missing required array")
+    num_steps = None
+    for name, (dtype, ndim, _) in REQUIRED_ARRAYS.items():
+        arr = arrays[name]
+        if not isinstance(arr, np.ndarray):
+            raise EpisodeValidationError(name, f"must be a numpy array, got {type(arr).__name__}")
+        if arr.dtype != dtype:
+            raise EpisodeValidationError(name, f"expected dtype {dtype}, got {arr.dtype}")
+        if arr.ndim != ndim:
+            raise EpisodeValidationError(name, f"expected {ndim} dimensions, got shape {arr.shape}")
+    num_steps = arrays["action"].shape[0]
+    if num_steps < 1:
+        raise EpisodeValidationError("action", "an episode needs at least one step")
+    lengths = {"T": num_steps, "T+1": num_steps + 1}
+    for name, (_, _, length) in REQUIRED_ARRAYS.items():
+        if arrays[name].shape[0] != lengths[length]:
+            raise EpisodeValidationError(
+                name, f"leading axis is {arrays[name].shape[0]}, expected {length} = {lengths[length]} (T from action)"
+            )
+    for name in ("observation", "action"):
+        if arrays[name].shape[1] < 1:
+            raise EpisodeValidationError(name, f"needs at least one feature, got shape {arrays[name].shape}")
+    for name, arr in arrays.items():
+        if name in REQUIRED_ARRAYS:
+            continue
+        if not (name in OPTIONAL_ARRAYS or (name.startswith(IMAGE_PREFIX) and len(name) > len(IMAGE_PREFIX))):
+            raise EpisodeValidationError(
+                name, f"unknown array; allowed: {list(REQUIRED_ARRAYS)} + {list(OPTIONAL_ARRAYS)} + '{IMAGE_PREFIX}NAME'"
+            )
+        expected = OPTIONAL_ARRAYS.get(name, np.dtype(np.uint8))
+        if arr.dtype != expected:
+            raise EpisodeValidationError(name, f"expected dtype {expected}, got {arr.dtype}")
+        if arr.ndim < 1 or arr.shape[0] not in (num_steps, num_steps + 1):
+            raise EpisodeValidationError(name, f"leading axis must be T={num_steps} or T+1={num_steps + 1}, got shape {arr.shape}")
+    for name, arr in arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+            raise EpisodeValidationError(name, f"contains NaN or Inf (first at index {bad})")
+    if not (np.diff(arrays["timestamp"]) > 0).all():
+        step = int(np.argmax(~(np.diff(arrays["timestamp"]) > 0)))
+        raise EpisodeValidationError("timestamp", f"must be strictly increasing; not at step {step} -> {step + 1}")
+    for name in ("terminated", "truncated"):
+        if arrays[name][:-1].any():
+            step = int(np.argmax(arrays[name][:-1]))
+            raise EpisodeValidationError(name, f"set at step {step} before the last step {num_steps - 1}; an episode ends there")

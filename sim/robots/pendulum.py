@@ -1,0 +1,32 @@
+"""Pendulum: a cart balancing an inverted pole; the fast task for learning tests."""
+
+import numpy as np
+
+from sim.robots.base import GYMNASIUM_ASSETS, Task
+from sim.robots.registry import register
+
+
+@register
+class Pendulum(Task):
+    name = "pendulum"
+    mjcf = GYMNASIUM_ASSETS / "inverted_pendulum.xml"
+    frame_skip = 2
+    max_steps = 1000
+    payload_body = "pole"
+    max_angle = 0.2
+
+    def initial_state(self, rng, noise_scale, goal):
+        m = self.model
+        qpos = m.qpos0 + noise_scale * rng.uniform(-0.01, 0.01, size=m.nq)
+        qvel = noise_scale * rng.uniform(-0.01, 0.01, size=m.nv)
+        return qpos, qvel
+
+    def observe(self, state):
+        return np.concatenate([state.qpos, state.qvel], axis=1).astype(np.float32)
+
+    def reward_terms(self, before, after, action):
+        return {"alive": (~self.terminated(after)).astype(np.float64)}
+
+    def terminated(self, state):
+        finite = np.isfinite(state.qpos).all(axis=1) & np.isfinite(state.qvel).all(axis=1)
+        return ~finite | (np.abs(state.qpos[:, 1]) > self.max_angle)

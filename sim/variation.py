@@ -1,0 +1,97 @@
+"""Per-robot physical variation: what makes robot 7 differ from robot 3 in a fleet.
+
+A :class:`VariationProfile` is a small serialisable record. Its physical part
+(payload, masses, friction, actuator strength, damping) is applied to a copy of the
+MjModel; its sensing/acting part (observation noise and bias, action latency) is applied
+by the stepper around the policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import mujoco
+import numpy as np
+
+PHYSICAL_FIELDS = ("payload_mass", "mass_scale", "friction_scale", "actuator_strength", "damping_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class VariationProfile:
+    payload_mass: float = 0.0  # kg added to the task's payload body (inertia scaled with it)
+    mass_scale: float = 1.0  # multiplies every body's mass and inertia
+    friction_scale: float = 1.0  # multiplies every geom's sliding friction
+    actuator_strength: float = 1.0  # multiplies every actuator's gear (weak motor < 1)
+    damping_scale: float = 1.0  # multiplies every joint's damping
+    obs_noise_std: float = 0.0  # std of Gaussian noise added to each observation entry
+    obs_bias: float = 0.0  # constant added to each observation entry (sensor bias)
+    action_latency: int = 0  # control steps between the policy's action and the actuators
+
+    def __post_init__(self):
+        checks = {
+            "payload_mass": self.payload_mass >= 0,
+            "mass_scale": self.mass_scale > 0,
+            "friction_scale": self.friction_scale > 0,
+            "actuator_strength": self.actuator_strength > 0,
+            "damping_scale": self.damping_scale >= 0,
+            "obs_noise_std": self.obs_noise_std >= 0,
+            "action_latency": isinstance(self.action_latency, int) and self.action_latency >= 0,
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or not np.isfinite(value):
+                raise ValueError(f"variation profile: {name}={value!r} is out of range (see sim/variation.py)")
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VariationProfile:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"variation profile: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VariationProfile:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> VariationProfile:
+        return dataclasses.replace(self, **changes)
+
+    # -- physics ------------------------------------------------------------------------
+    def physical_key(self) -> tuple[float, ...]:
+        """Profiles with equal keys share one MjModel."""
+        return tuple(float(getattr(self, f)) for f in PHYSICAL_FIELDS)
+
+    def apply(self, nominal: mujoco.MjModel, payload_body: str) -> mujoco.MjModel:
+        """A new MjModel: ``nominal`` with this profile's physical variation applied."""
+        model = copy.copy(nominal)
+        model.body_mass[:] = nominal.body_mass * self.mass_scale
+        model.body_inertia[:] = nominal.body_inertia * self.mass_scale
+        if self.payload_mass:
+            body = model.body(payload_body).id
+            base = model.body_mass[body]
+            model.body_inertia[body] *= (base + self.payload_mass) / max(base, 1e-9)
+            model.body_mass[body] = base + self.payload_mass
+        model.geom_friction[:, 0] = nominal.geom_friction[:, 0] * self.friction_scale
+        model.actuator_gear[:, 0] = nominal.actuator_gear[:, 0] * self.actuator_strength
+        model.dof_damping[:] = nominal.dof_damping * self.damping_scale
+        mujoco.mj_setConst(model, mujoco.MjData(model))
+        return model
+
+    def corrupt_observation(self, obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sensor model: obs + bias + N(0, std^2) noise (obs: (..., obs_dim) float32)."""
+        if self.obs_noise_std == 0.0 and self.obs_bias == 0.0:
+            return obs
+        noise = rng.standard_normal(obs.shape) * self.obs_noise_std if self.obs_noise_std else 0.0
+        return (obs + self.obs_bias + noise).astype(np.float32)
+
+
+NOMINAL = VariationProfile()
