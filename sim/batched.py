@@ -91,6 +91,9 @@ class BatchedStepper:
         self._latency = np.zeros(n, np.int64)
         self._obs_noise, self._obs_bias = np.zeros(n, np.float32), np.zeros(n, np.float32)
         self._history = np.zeros((n, 1, self.task.act_dim), np.float32)
+        self._out_state = np.empty((n, self.task.frame_skip, self._state0.size))
+        self._out_sensor = np.empty((n, self.task.frame_skip, m.nsensordata))
+        self._warmstart = np.zeros((n, m.nv))
         self._recorder: EpisodeRecorder | None = None
         self._finished: list[Episode] = []
         self._next_scenario: ScenarioSource = lambda world: None
@@ -116,6 +119,20 @@ class BatchedStepper:
             return ScenarioSpec(robot=self.task.name, seed=derive_seed(seed, world, counters[world]), profile=profiles[world])
 
         self._start(next_scenario, range(self.num_worlds))
+        return self.obs.copy()
+
+    def reset_to(self, scenarios: Sequence[ScenarioSpec], then: ScenarioSource | None = None) -> np.ndarray:
+        """Reset world w to ``scenarios[w]`` exactly; afterwards worlds draw from ``then`` (default: they stop)."""
+        if len(scenarios) != self.num_worlds:
+            raise ValueError(f"need one scenario per world ({self.num_worlds}), got {len(scenarios)}")
+        first = list(scenarios)
+        later = then or (lambda world: None)
+
+        def source(world: int) -> ScenarioSpec | None:
+            spec, first[world] = first[world], None
+            return spec if spec is not None else later(world)
+
+        self._start(source, range(self.num_worlds))
         return self.obs.copy()
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
@@ -231,24 +248,34 @@ class BatchedStepper:
     def _advance(self, idx: np.ndarray, action: np.ndarray):
         """One control step of worlds ``idx`` with ``action`` (len(idx), act_dim)."""
         task = self.task
+        everyone = len(idx) == self.num_worlds
+        sel = slice(None) if everyone else idx  # views instead of copies in the common case
         action = np.clip(action, -1.0, 1.0)
         if not np.isfinite(action).all():
             raise ValueError("policy returned NaN or Inf actions")
         # action latency: the actuators get the action commanded `latency` steps ago
         hist = self._history
-        hist[idx, 1:] = hist[idx, :-1]
-        hist[idx, 0] = action
-        applied = hist[idx, self._latency[idx]]
+        if hist.shape[1] > 1:
+            hist[sel, 1:] = hist[sel, :-1].copy()
+        hist[sel, 0] = action
+        applied = hist[idx, self._latency[sel]] if hist.shape[1] > 1 else action
         ctrl = self._ctrl_mid + self._ctrl_half * applied
-        before = PhysicsState(self.state[idx, self._qpos], self.state[idx, self._qvel], self.sensordata[idx])
-        models = [self.world_models[w] for w in idx]
-        states, sensors = self._pool.rollout(
+        state = self.state[sel]
+        before = PhysicsState(state[:, self._qpos].copy(), state[:, self._qvel].copy(), self.sensordata[sel].copy())
+        models = self.world_models if everyone else [self.world_models[w] for w in idx]
+        n = len(idx)
+        states, sensors = self._out_state[:n], self._out_sensor[:n]
+        self._pool.rollout(
             models,
             self._datas,
-            self.state[idx],
-            ctrl[:, None, :],
+            np.ascontiguousarray(state),
+            np.repeat(ctrl[:, None, :], task.frame_skip, axis=1),
             nstep=task.frame_skip,
-            initial_warmstart=np.zeros((len(idx), task.model.nv)),
+            initial_warmstart=self._warmstart[:n],  # zero: a world's physics never depends on its batch
+            state=states,
+            sensordata=sensors,
+            chunk_size=max(1, n // (self.nthread * 10)),
+            skip_checks=True,  # shapes are fixed here; saves per-call Python checks
         )
         new_state, new_sensor = states[:, -1], sensors[:, -1]
         after = PhysicsState(new_state[:, self._qpos], new_state[:, self._qvel], new_sensor)
@@ -262,13 +289,13 @@ class BatchedStepper:
         for i in np.flatnonzero(self._obs_noise[idx]):  # per-world streams keep episodes batch-independent
             w = idx[i]
             obs[i] += (self._rngs[w].standard_normal(obs.shape[1]) * self._obs_noise[w]).astype(np.float32)
-        self.state[idx], self.sensordata[idx] = new_state, new_sensor
-        steps = self.t[idx]
+        self.state[sel], self.sensordata[sel] = new_state, new_sensor
+        steps = self.t[sel].copy()
         if self.record:
             self._recorder.record(idx, steps, action, reward, obs, after.qpos, after.qvel)
-        self.t[idx] = steps + 1
-        truncated = (self.t[idx] >= self.max_steps[idx]) & ~terminated
-        self.obs[idx] = obs
+        self.t[sel] = steps + 1
+        truncated = (steps + 1 >= self.max_steps[sel]) & ~terminated
+        self.obs[sel] = obs
         self.stats["steps"] += len(idx)
         final_obs = np.zeros_like(self.obs)
         for i in np.flatnonzero(terminated | truncated):

@@ -8,6 +8,7 @@ replayed exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import uuid
@@ -39,7 +40,7 @@ class ScenarioSpec:
             raise ValueError(f"scenario: max_steps must be >= 1, got {self.max_steps}")
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["profile"] = self.profile.to_dict()
         return data
 
@@ -53,6 +54,10 @@ class ScenarioSpec:
         return cls(**data)
 
     def to_json(self) -> str:
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:  # computed once per (immutable) spec
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod

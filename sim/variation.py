@@ -46,7 +46,7 @@ class VariationProfile:
 
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> VariationProfile:

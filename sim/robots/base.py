@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -57,7 +58,10 @@ class Task:
     @functools.cached_property
     def model(self) -> mujoco.MjModel:
         """The nominal compiled model (treat as read-only; variations copy it)."""
-        return self.build_spec().compile()
+        with warnings.catch_warnings():
+            # gymnasium's half_cheetah.xml uses settotalmass, deprecated in MuJoCo 3.x but still exact
+            warnings.filterwarnings("ignore", message="compiler attribute 'settotalmass' is deprecated")
+            return self.build_spec().compile()
 
     @property
     def control_dt(self) -> float:

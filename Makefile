@@ -1,0 +1,30 @@
+# Two commands on a new machine: `make demo` and `make test`. Each sets up .venv first, idempotently:
+# torch 2.13.0 (CPU, from this machine's disk) before the project, so pip never pulls a CUDA build.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/flywheel
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	@set -e; for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

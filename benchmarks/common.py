@@ -1,0 +1,23 @@
+"""Shared benchmark helpers: JSON-line output and medians of repeats."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+
+def emit(metric: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None) -> None:
+    """Print one benchmark result as a JSON line."""
+    print(json.dumps({"metric": metric, "value": round(value, 6), "unit": unit, "baseline": baseline, "ratio": ratio}), flush=True)
+
+
+def median_rate(work: Callable[[], float], repeats: int = 3) -> float:
+    """Median over ``repeats`` of (units of work done) / (seconds); ``work`` returns its unit count."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        units = work()
+        rates.append(units / (time.perf_counter() - start))
+    return statistics.median(rates)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests use real MuJoCo, real files, real servers; nothing here mocks them."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="requires a CUDA GPU (none on this machine)")
+    for item in items:
+        if "requires_gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def make_episode_arrays(num_steps: int = 5, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> dict:
+    """Valid schema-v1 arrays of a small random episode (terminated at its last step)."""
+    r = np.random.default_rng(seed)
+    terminated = np.zeros(num_steps, bool)
+    terminated[-1] = True
+    return {
+        "observation": r.standard_normal((num_steps + 1, obs_dim)).astype(np.float32),
+        "action": r.uniform(-1, 1, (num_steps, act_dim)).astype(np.float32),
+        "reward": r.standard_normal(num_steps).astype(np.float32),
+        "terminated": terminated,
+        "truncated": np.zeros(num_steps, bool),
+        "timestamp": np.arange(num_steps + 1, dtype=np.float64) * 0.05,
+    }

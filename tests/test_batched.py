@@ -1,0 +1,99 @@
+"""The batched stepper: episodes in schema v1, scenario semantics, latency, sensor model."""
+
+import numpy as np
+import pytest
+
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.policy_fn import random_policy, zero_policy
+from sim.scenario import DomainRandomization, ScenarioSpec
+from sim.variation import VariationProfile
+
+
+def test_simulate_returns_one_valid_episode_per_scenario_in_order():
+    specs = DomainRandomization({"mass_scale": (0.8, 1.2), "friction_scale": (0.5, 1.5)}).sample("ant", 6, seed=1)
+    specs = [ScenarioSpec(**{**s.__dict__, "max_steps": 40}) for s in specs]
+    episodes = BatchedStepper("ant", 4).simulate(specs, random_policy(8, seed=0))
+    assert [e.metadata["scenario"] for e in episodes] == [s.to_json() for s in specs]
+    for e in episodes:
+        Episode.from_bytes(e.to_bytes())
+        assert e.terminated[-1] or e.truncated[-1]
+        assert not (e.terminated[-1] and e.truncated[-1])
+        assert e.observation.shape[0] == e.num_steps + 1 and e.extras["qpos"].shape[0] == e.num_steps + 1
+        assert e.episode_id == ScenarioSpec.from_json(e.metadata["scenario"]).episode_id("none")
+
+
+def test_time_limit_truncates_and_keeps_the_final_observation():
+    spec = ScenarioSpec("half_cheetah", seed=0, max_steps=25)
+    (ep,) = BatchedStepper("half_cheetah", 1).simulate([spec], zero_policy(6))
+    assert ep.num_steps == 25 and ep.truncated[-1] and not ep.terminated.any()
+    # the final observation is the state after the last action, not a reset state
+    np.testing.assert_allclose(ep.observation[-1][:8], ep.extras["qpos"][-1][1:], atol=1e-6)
+
+
+def test_termination_is_not_truncation():
+    (ep,) = BatchedStepper("pendulum", 1).simulate([ScenarioSpec("pendulum", seed=0)], lambda o: np.ones((len(o), 1), np.float32))
+    assert ep.terminated[-1] and not ep.truncated.any() and ep.num_steps < 100
+    assert abs(ep.observation[-1, 1]) > 0.2
+
+
+def open_loop(actions):
+    """A policy that replays ``actions`` (T, act_dim) step by step (one world)."""
+    step = iter(actions)
+    return lambda obs: next(step)[None]
+
+
+def test_action_latency_delays_the_actuators_exactly():
+    pushes = np.linspace(0.02, 0.06, 6, dtype=np.float32)[:, None]
+
+    def run(latency, actions):
+        spec = ScenarioSpec("pendulum", seed=0, profile=VariationProfile(action_latency=latency), max_steps=6)
+        return BatchedStepper("pendulum", 1).simulate([spec], open_loop(actions))[0]
+
+    late = run(2, pushes)
+    shifted = run(0, np.concatenate([np.zeros((2, 1), np.float32), pushes[:4]]))
+    assert late.num_steps == shifted.num_steps == 6
+    np.testing.assert_array_equal(late.extras["qpos"], shifted.extras["qpos"])  # same physics, 2 steps later
+    np.testing.assert_array_equal(late.action, pushes)  # the record holds what the policy commanded
+
+
+def test_sensor_bias_and_noise_shift_only_the_observation():
+    base = ScenarioSpec("pendulum", seed=3, max_steps=5)
+    biased = ScenarioSpec("pendulum", seed=3, max_steps=5, profile=VariationProfile(obs_bias=0.5))
+    noisy = ScenarioSpec("pendulum", seed=3, max_steps=5, profile=VariationProfile(obs_noise_std=0.1))
+    a, b, c = BatchedStepper("pendulum", 3).simulate([base, biased, noisy], zero_policy(1))
+    np.testing.assert_allclose(b.observation - a.observation, 0.5, atol=1e-5)
+    np.testing.assert_array_equal(a.extras["qpos"], b.extras["qpos"])  # physics identical under zero actions
+    assert 0.02 < np.std(c.observation - a.observation) < 0.3
+
+
+def test_run_collects_finished_episodes_and_counts_steps():
+    with BatchedStepper("reacher", 8) as stepper:
+        stepper.reset(seed=0)
+        episodes = stepper.run(random_policy(2, seed=0), 120)
+        assert len(episodes) == 16  # 8 worlds x 2 full 50-step episodes
+        assert stepper.stats["steps"] == 8 * 120
+        assert len({e.episode_id for e in episodes}) == 16
+
+
+def test_bad_inputs_say_what_is_wrong():
+    stepper = BatchedStepper("reacher", 2)
+    stepper.reset(seed=0)
+    with pytest.raises(ValueError, match="action must have shape"):
+        stepper.step(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="NaN or Inf actions"):
+        stepper.step(np.full((2, 2), np.nan))
+    with pytest.raises(ValueError, match="scenario for robot 'ant'"):
+        stepper.simulate([ScenarioSpec("ant", seed=0)], zero_policy(2))
+    with pytest.raises(ValueError, match="out of range"):
+        VariationProfile(mass_scale=-1)
+    with pytest.raises(ValueError, match="not a VariationProfile field"):
+        DomainRandomization({"gravity": (0, 1)})
+
+
+def test_scenario_and_profile_json_round_trip():
+    spec = DomainRandomization({"payload_mass": (0, 2), "action_latency": (0, 3)}).sample("reacher", 1, seed=5)[0]
+    spec = ScenarioSpec(**{**spec.__dict__, "goal": (0.1, -0.05)})
+    assert ScenarioSpec.from_json(spec.to_json()) == spec
+    (a,) = BatchedStepper("reacher", 1).simulate([spec], zero_policy(2))
+    np.testing.assert_allclose(a.extras["qpos"][0, 2:4], [0.1, -0.05])

@@ -1,0 +1,142 @@
+"""The Episode record: round trip, canonical bytes, and one rejection per kind of bad record."""
+
+import json
+import struct
+import uuid
+
+import numpy as np
+import pytest
+
+from sim.episode import Episode, EpisodeValidationError, encode_safetensors, parse_safetensors
+from tests.conftest import make_episode_arrays
+
+META = {"robot_id": "robot-1", "robot_model": "ant", "source": "real", "policy_version": "v3"}
+
+
+def make(**overrides) -> Episode:
+    arrays = make_episode_arrays()
+    arrays.update({k: v for k, v in overrides.items() if k in arrays})
+    meta = {**META, **{k: v for k, v in overrides.items() if k not in arrays}}
+    return Episode.create(**arrays, **meta)
+
+
+def raw(arrays_overrides=None, meta_overrides=None, drop=()) -> tuple[dict, dict]:
+    ep = make()
+    arrays = {**ep.arrays(), **(arrays_overrides or {})}
+    meta = {**ep.metadata, **(meta_overrides or {})}
+    for key in drop:
+        arrays.pop(key, None)
+        meta.pop(key, None)
+    return arrays, meta
+
+
+def test_round_trip_is_bit_exact_and_bytes_are_canonical():
+    ep = make(hardware={"motor": "x"}, extras={"qpos": np.ones((6, 4))})
+    data = ep.to_bytes()
+    back = Episode.from_bytes(data)
+    assert back.equals(ep)
+    assert back.json_metadata("hardware") == {"motor": "x"}
+    assert back.extras["qpos"].dtype == np.float32
+    # the same episode built with metadata in another order gives the same bytes
+    shuffled = Episode(**{k: getattr(ep, k) for k in ep.arrays() if k != "qpos"}, metadata=dict(reversed(ep.metadata.items())), extras=ep.extras)
+    assert shuffled.to_bytes() == data
+
+
+def test_readable_by_the_safetensors_library(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "ep.safetensors"
+    path.write_bytes(make().to_bytes())
+    with safe_open(str(path), "np") as f:
+        assert f.metadata()["robot_id"] == "robot-1"
+        assert f.get_tensor("action").shape == (5, 2)
+
+
+@pytest.mark.parametrize(
+    "arrays_overrides, meta_overrides, drop, field, words",
+    [
+        (None, None, ("reward",), "reward", "missing required array"),
+        ({"extra_thing": np.zeros(5, np.float32)}, None, (), "extra_thing", "unknown array"),
+        ({"reward": np.zeros(5, np.float64)}, None, (), "reward", "expected dtype float32"),
+        ({"action": np.zeros(10, np.float32)}, None, (), "action", "expected 2 dimensions"),
+        ({"observation": np.zeros((5, 3), np.float32)}, None, (), "observation", "expected T+1"),
+        ({"reward": np.array([0, np.nan, 0, 0, 0], np.float32)}, None, (), "reward", "NaN or Inf"),
+        ({"observation": np.full((6, 3), np.inf, np.float32)}, None, (), "observation", "NaN or Inf"),
+        ({"timestamp": np.array([0, 1, 1, 2, 3, 4], np.float64)}, None, (), "timestamp", "strictly increasing"),
+        ({"terminated": np.array([1, 0, 0, 0, 1], bool)}, None, (), "terminated", "before the last step"),
+        ({"qpos": np.zeros((3, 2), np.float32)}, None, (), "qpos", "leading axis"),
+        ({"image.front": np.zeros((5, 4, 4, 3), np.float32)}, None, (), "image.front", "expected dtype uint8"),
+        (None, {"schema_version": "2"}, (), "schema_version", "unknown schema version"),
+        (None, {"source": "dream"}, (), "source", "is not one of"),
+        (None, {"episode_id": "not-a-uuid"}, (), "episode_id", "not a UUID"),
+        (None, None, ("robot_id",), "robot_id", "missing required metadata"),
+        (None, {"colour": "red"}, (), "colour", "unknown metadata key"),
+        (None, {"hardware": "{not json"}, (), "hardware", "JSON"),
+        (None, {"robot_id": ""}, (), "robot_id", "non-empty"),
+    ],
+)
+def test_bad_records_are_rejected_naming_the_field(arrays_overrides, meta_overrides, drop, field, words):
+    arrays, meta = raw(arrays_overrides, meta_overrides, drop)
+    with pytest.raises(EpisodeValidationError) as err:
+        Episode.from_bytes(encode_safetensors(arrays, meta))
+    assert err.value.field == field
+    assert words in str(err.value)
+
+
+def test_create_rejects_zero_steps():
+    arrays = make_episode_arrays()
+    arrays.update(action=np.zeros((0, 2)), reward=np.zeros(0), terminated=np.zeros(0, bool), truncated=np.zeros(0, bool))
+    arrays.update(observation=np.zeros((1, 3)), timestamp=np.zeros(1))
+    with pytest.raises(EpisodeValidationError, match="at least one step"):
+        Episode.create(**arrays, **META)
+
+
+def test_extension_metadata_and_user_keys_are_kept():
+    ep = make(**{"x.site": "lab-2", "model_version": "wm-abc"})
+    assert Episode.from_bytes(ep.to_bytes()).metadata["x.site"] == "lab-2"
+
+
+def _header(header: dict, body: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.mark.parametrize(
+    "data, field, words",
+    [
+        (b"abc", "<file>", "not a safetensors file"),
+        (struct.pack("<Q", 10**9) + b"{}", "<header>", "exceeds"),
+        (struct.pack("<Q", 4) + b"\xff\xfe{}", "<header>", "not valid JSON"),
+        (_header([1, 2]), "<header>", "JSON object"),
+        (_header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "a", "does not match"),
+        (_header({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8), "a", "unsupported dtype"),
+        (_header({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "<file>", "trailing bytes"),
+        (
+            _header(
+                {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+                b"\0" * 8,
+            ),
+            "b",
+            "overlaps",
+        ),
+        (_header({"__metadata__": {"a": 1}}), "<metadata>", "strings to strings"),
+        (_header({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "a", "bad shape"),
+    ],
+)
+def test_malformed_files_are_rejected_before_use(data, field, words):
+    with pytest.raises(EpisodeValidationError) as err:
+        parse_safetensors(data)
+    assert err.value.field == field
+    assert words in str(err.value)
+
+
+def test_truncated_file_is_rejected():
+    data = make().to_bytes()
+    with pytest.raises(EpisodeValidationError, match="does not match|trailing|exceeds"):
+        Episode.from_bytes(data[:-7])
+
+
+def test_episode_ids_default_to_fresh_uuids():
+    a, b = make(), make()
+    assert a.episode_id != b.episode_id
+    uuid.UUID(a.episode_id)

@@ -1,0 +1,125 @@
+"""Every registered robot: resets, steps, keeps its shapes, makes no NaN, passes check_env, is
+deterministic, and its physical variation really changes its dynamics."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from sim.batched import BatchedStepper
+from sim.gym_env import ENV_IDS, FlywheelEnv, FlywheelVectorEnv
+from sim.policy_fn import random_policy
+from sim.robots import Task, get_task, register, robot_names
+from sim.robots.pendulum import Pendulum
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+
+ROBOTS = robot_names()
+
+
+def test_builtin_registry_has_a_manipulator_and_legged_robots():
+    assert {"reacher", "ant", "half_cheetah", "pendulum"} <= set(ROBOTS)
+    with pytest.raises(KeyError, match="registered robots"):
+        get_task("spot")
+
+
+@pytest.mark.parametrize("robot", ROBOTS)
+def test_reset_step_shapes_and_no_nan(robot):
+    task = get_task(robot)
+    with BatchedStepper(robot, 8, nthread=2) as stepper:
+        obs = stepper.reset(seed=0)
+        assert obs.shape == (8, task.obs_dim) and obs.dtype == np.float32
+        policy = random_policy(task.act_dim, seed=1)
+        for _ in range(30):
+            obs, reward, terminated, truncated, info = stepper.step(policy(obs))
+            assert obs.shape == (8, task.obs_dim) and reward.shape == (8,)
+            assert np.isfinite(obs).all() and np.isfinite(reward).all()
+            assert set(info["reward_terms"]) and all(v.shape == (8,) for v in info["reward_terms"].values())
+            np.testing.assert_allclose(sum(info["reward_terms"].values()), reward, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("robot", ROBOTS)
+def test_gymnasium_env_passes_check_env(robot):
+    env = gym.make(ENV_IDS[robot])
+    check_env(env.unwrapped, skip_render_check=True)
+    env.close()
+
+
+@pytest.mark.parametrize("robot", ROBOTS)
+def test_same_seed_same_bytes(robot):
+    spec = ScenarioSpec(robot=robot, seed=42, profile=VariationProfile(obs_noise_std=0.01, action_latency=1))
+    policy = lambda obs: np.tanh(obs[:, : get_task(robot).act_dim])  # noqa: E731  deterministic closed loop
+    first = BatchedStepper(robot, 1).simulate([spec], policy)[0]
+    again = BatchedStepper(robot, 3).simulate([ScenarioSpec(robot=robot, seed=7), spec, ScenarioSpec(robot=robot, seed=8)], policy)[1]
+    assert first.to_bytes() == again.to_bytes()
+    other = BatchedStepper(robot, 1).simulate([ScenarioSpec(robot=robot, seed=43)], policy)[0]
+    assert not np.array_equal(first.observation[:2], other.observation[:2])
+
+
+@pytest.mark.parametrize("robot", ROBOTS)
+def test_heavier_payload_changes_the_trajectory(robot):
+    task = get_task(robot)
+    actions = np.random.default_rng(0).uniform(-1, 1, (20, task.act_dim)).astype(np.float32)
+
+    def trajectory(profile):
+        env = FlywheelEnv(robot, profile=profile)
+        env.reset(options={"scenario": ScenarioSpec(robot=robot, seed=0, profile=profile)})
+        out = []
+        for a in actions[:10]:
+            obs, _, terminated, truncated, _ = env.step(0.3 * a)
+            out.append(obs)
+            if terminated or truncated:
+                break
+        env.close()
+        return np.array(out)
+
+    light, heavy = trajectory(VariationProfile()), trajectory(VariationProfile(payload_mass=2.0))
+    n = min(len(light), len(heavy))
+    assert n >= 3 and np.abs(light[:n] - heavy[:n]).max() > 1e-3
+
+
+def test_every_physical_field_changes_the_model():
+    nominal = get_task("ant").model
+    varied = VariationProfile(payload_mass=1.0, mass_scale=1.2, friction_scale=0.5, actuator_strength=0.7, damping_scale=2.0).apply(
+        nominal, "torso"
+    )
+    torso = nominal.body("torso").id
+    assert varied.body_mass[torso] == pytest.approx(nominal.body_mass[torso] * 1.2 + 1.0)
+    np.testing.assert_allclose(varied.geom_friction[:, 0], nominal.geom_friction[:, 0] * 0.5)
+    np.testing.assert_allclose(varied.actuator_gear[:, 0], nominal.actuator_gear[:, 0] * 0.7)
+    np.testing.assert_allclose(varied.dof_damping, nominal.dof_damping * 2.0)
+    assert nominal.body_mass[torso] != varied.body_mass[torso]  # the nominal model is untouched
+
+
+def test_a_user_adds_a_robot_with_an_mjcf_and_a_task_class(tmp_path):
+    xml = Pendulum.mjcf.read_text().replace('size="0.049 0.3"', 'size="0.03 0.3"')
+    (tmp_path / "thin_pole.xml").write_text(xml)
+
+    @register
+    class ThinPole(Pendulum):
+        name = "thin_pole_test"
+        mjcf = tmp_path / "thin_pole.xml"
+
+    assert "thin_pole_test" in robot_names()
+    episodes = BatchedStepper("thin_pole_test", 4).simulate(
+        [ScenarioSpec("thin_pole_test", seed=s) for s in range(4)], random_policy(1, seed=0)
+    )
+    assert len(episodes) == 4 and all(e.metadata["robot_model"] == "thin_pole_test" for e in episodes)
+    with pytest.raises(ValueError, match="already registered"):
+        register(type("Other", (Task,), {"name": "thin_pole_test"}))
+
+
+def test_vector_env_same_step_autoreset_keeps_the_final_observation():
+    env = FlywheelVectorEnv("pendulum", 4)
+    obs, _ = env.reset(seed=0)
+    saw_final = False
+    for _ in range(200):
+        obs, reward, terminated, truncated, info = env.step(np.ones((4, 1), np.float32))
+        done = terminated | truncated
+        if done.any():
+            saw_final = True
+            final = info["final_observation"][done]
+            assert np.abs(final[:, 1]).max() > 0.2  # the pole had fallen (the termination condition)
+            assert np.abs(obs[done, 1]).max() < 0.02  # the returned obs is the fresh reset
+    assert saw_final
+    env.close()
