@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -58,10 +57,14 @@ class Task:
     @functools.cached_property
     def model(self) -> mujoco.MjModel:
         """The nominal compiled model (treat as read-only; variations copy it)."""
-        with warnings.catch_warnings():
-            # gymnasium's half_cheetah.xml uses settotalmass, deprecated in MuJoCo 3.x but still exact
-            warnings.filterwarnings("ignore", message="compiler attribute 'settotalmass' is deprecated")
-            return self.build_spec().compile()
+        spec = self.build_spec()
+        total_mass = spec.compiler.settotalmass  # deprecated compiler attribute (half_cheetah.xml uses it)
+        spec.compiler.settotalmass = -1
+        model = spec.compile()
+        if total_mass > 0:  # what MuJoCo advises instead: rescale the compiled model
+            mujoco.mj_setTotalmass(model, total_mass)
+            mujoco.mj_setConst(model, mujoco.MjData(model))
+        return model
 
     @property
     def control_dt(self) -> float:
