@@ -1,0 +1,1 @@
+"""The flywheel loop on Ray: the only place that wires every floor together."""

@@ -1,0 +1,142 @@
+"""Robot-side policy trust: verify a signed manifest and its weights before a swap.
+
+No torch, no Ray: this runs on the robot. A robot refuses, and keeps its last good policy, on
+a bad signature, a version lower than the one it trusts (rollback) or equal to it with other
+content (replay), an expired manifest (freeze), weights whose size or hash differ (substitution,
+endless data), and a spec that does not fit the robot (mix-and-match). The trusted version
+persists across restarts, so a reboot does not reopen the rollback window.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from fleet.registry.manifest import FORMAT, REQUIRED, sha256_hex
+from fleet.registry.signing import SignatureError, canonical_json, verify
+
+
+class PolicyRejected(Exception):
+    """A policy the robot must not run. ``reason`` is one of REASONS."""
+
+    REASONS = ("signature", "malformed", "rollback", "replay", "expired", "spec", "size", "hash", "health")
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in self.REASONS, reason
+        self.reason, self.detail = reason, detail
+        super().__init__(f"policy rejected ({reason}): {detail}")
+
+
+class PolicyTrust:
+    """What a robot trusts: the pinned registry key, its own spec, and the last accepted manifest.
+
+    ``state_dir`` holds ``trusted.json`` (the accepted manifest) and ``weights.safetensors``,
+    both replaced atomically (write, fsync, rename).
+    """
+
+    def __init__(self, public_key, *, robot_model: str, obs_dim: int, act_dim: int, state_dir: Path, clock=time.time):
+        self.public_key = public_key
+        self.spec = {"robot_model": robot_model, "obs_dim": int(obs_dim), "act_dim": int(act_dim)}
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.refusals: Counter[str] = Counter()
+        path = self.state_dir / "trusted.json"
+        self.manifest: dict | None = json.loads(path.read_text()) if path.exists() else None
+        blocked = self.state_dir / "blocked.json"
+        self.blocked: set[int] = set(json.loads(blocked.read_text())) if blocked.exists() else set()
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"] if self.manifest else 0
+
+    @property
+    def weights_path(self) -> Path:
+        return self.state_dir / "weights.safetensors"
+
+    # -- checks ---------------------------------------------------------------------------
+    def check(self, envelope: dict) -> dict | None:
+        """The verified manifest if it should replace the current one, None if it is the current one.
+
+        Raises PolicyRejected (and counts it) otherwise.
+        """
+        try:
+            return self._check(envelope)
+        except PolicyRejected as exc:
+            self.refusals[exc.reason] += 1
+            raise
+
+    def _check(self, envelope: dict) -> dict | None:
+        try:
+            manifest = verify(envelope, self.public_key)
+        except SignatureError as exc:
+            raise PolicyRejected("signature", str(exc)) from None
+        missing = [k for k in REQUIRED if k not in manifest]
+        if missing or manifest.get("format") != FORMAT or not isinstance(manifest.get("version"), int):
+            raise PolicyRejected("malformed", f"manifest lacks {missing} or has format {manifest.get('format')!r} (want {FORMAT!r})")
+        if manifest["version"] in self.blocked:
+            raise PolicyRejected("health", f"version {manifest['version']} failed this robot's health check before")
+        if self.manifest is not None and manifest["version"] == self.version:
+            if canonical_json(manifest) == canonical_json(self.manifest):
+                return None  # already running it
+            raise PolicyRejected("replay", f"version {manifest['version']} is already trusted with other content")
+        if manifest["version"] < self.version:
+            raise PolicyRejected("rollback", f"version {manifest['version']} is lower than the trusted {self.version}")
+        if self.clock() >= manifest["expires_at"]:
+            raise PolicyRejected("expired", f"manifest expired at {manifest['expires_at']:.0f} (now {self.clock():.0f})")
+        theirs = {k: manifest[k] for k in self.spec}
+        if theirs != self.spec:
+            raise PolicyRejected("spec", f"policy spec {theirs} does not fit this robot {self.spec}")
+        return manifest
+
+    def receive_weights(self, manifest: dict, chunks: Iterable[bytes]) -> bytes:
+        """Read weights from ``chunks``, stopping as soon as they exceed the manifest's size."""
+        limit, parts, total = manifest["weights"]["size"], [], 0
+        for chunk in chunks:
+            total += len(chunk)
+            if total > limit:
+                self.refusals["size"] += 1
+                raise PolicyRejected("size", f"weights exceed the manifest's {limit} bytes; stopped reading")
+            parts.append(chunk)
+        data = b"".join(parts)
+        if len(data) != limit:
+            self.refusals["size"] += 1
+            raise PolicyRejected("size", f"weights are {len(data)} bytes, the manifest says {limit}")
+        if sha256_hex(data) != manifest["weights"]["sha256"]:
+            self.refusals["hash"] += 1
+            raise PolicyRejected("hash", "weights sha256 differs from the manifest's")
+        return data
+
+    # -- state ----------------------------------------------------------------------------
+    def accept(self, manifest: dict, weights: bytes) -> None:
+        """Make (manifest, weights) the trusted policy, atomically (weights first, then the manifest)."""
+        _atomic_write(self.weights_path, weights)
+        _atomic_write(self.state_dir / "trusted.json", canonical_json(manifest))
+        self.manifest = manifest
+
+    def restore(self, manifest: dict | None, weights: bytes | None, failed_version: int) -> None:
+        """Return to the previously trusted policy after ``failed_version`` failed its health check.
+
+        The failed version is blocked for good on this robot, so it is not fetched again.
+        """
+        self.refusals["health"] += 1
+        self.blocked.add(int(failed_version))
+        _atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
+        if manifest is None:
+            (self.state_dir / "trusted.json").unlink(missing_ok=True)
+            self.manifest = None
+            return
+        self.accept(manifest, weights)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""One small logging interface: a local JSONL log always, W&B (offline by default) as a mirror.
+
+Metric keys are namespaced (``fleet/return/robot-0``, ``policy/actor_loss`` ...); every key is
+documented in docs/metrics.md. Nothing here is needed to read the results: ``metrics.jsonl``
+and ``report.png`` in the run folder hold them for users without W&B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None, name: str | None = None):
+        if mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb_run = None
+        if mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            self.wandb_run = wandb.init(
+                mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
+            )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON has no NaN
+        self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        with open(self.run_dir / f"{key.replace('/', '_')}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "columns": columns, "rows": rows}) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def video(self, key: str, frames, fps: int, step: int) -> None:
+        """frames: (T, H, W, 3) uint8; written as mp4 to the run folder and to W&B."""
+        import imageio.v3 as iio
+
+        path = self.run_dir / "videos" / f"{key.replace('/', '_')}_{step}.mp4"
+        path.parent.mkdir(exist_ok=True)
+        iio.imwrite(path, frames, fps=fps)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Video(str(path), format="mp4")}, step=step)
+
+    def artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
+        """Mirror files to W&B as an Artifact (our own registry/store stays the source of truth)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        art = wandb.Artifact(name=name, type=kind, metadata=metadata)
+        for path in files:
+            art.add_file(str(path))
+        self.wandb_run.log_artifact(art)
+
+    def finish(self) -> None:
+        self._jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
