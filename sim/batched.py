@@ -188,6 +188,39 @@ class BatchedStepper:
         out, self._finished = self._finished, []
         return out
 
+    _STATE_ARRAYS = ("state", "sensordata", "obs", "t", "max_steps", "active")
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Every world's mid-episode state as (arrays, JSON-able meta), for checkpoints.
+
+        Only for steppers with ``record=False`` (the episode buffers are not captured).
+        """
+        if self.record:
+            raise ValueError("get_state() does not capture the episode recorder: build the stepper with record=False")
+        if not self.active.all():
+            raise ValueError("get_state() needs every world active (a free-running stepper)")
+        arrays = {k: getattr(self, k).copy() for k in self._STATE_ARRAYS}
+        arrays["history"] = self._history.copy()
+        meta = {
+            "scenarios": [s.to_json() for s in self.scenarios],
+            "world_rngs": [rng.bit_generator.state for rng in self._rngs],
+            "stats": dict(self.stats),
+        }
+        return arrays, meta
+
+    def set_state(self, arrays: dict[str, np.ndarray], meta: dict, then: ScenarioSource | None = None) -> np.ndarray:
+        """Restore a :meth:`get_state` capture; finished worlds then draw from ``then``. Returns obs (N, obs_dim)."""
+        if len(meta["scenarios"]) != self.num_worlds:
+            raise ValueError(f"state has {len(meta['scenarios'])} worlds, this stepper {self.num_worlds}: use the same num_worlds")
+        self.reset_to([ScenarioSpec.from_json(s) for s in meta["scenarios"]], then=then)
+        for k in self._STATE_ARRAYS:
+            getattr(self, k)[...] = arrays[k]
+        self._history = np.array(arrays["history"], np.float32)
+        for rng, state in zip(self._rngs, meta["world_rngs"]):
+            rng.bit_generator.state = state
+        self.stats.update(meta["stats"])
+        return self.obs.copy()
+
     def close(self) -> None:
         self._pool.close()
 

@@ -1,0 +1,227 @@
+"""Soft actor-critic (off-policy) from a replay mixing real, sim and world-model episodes.
+
+The algorithm side of :class:`policies.trainer.Trainer`: the trainer steps the batched
+stepper and hands each vector step to :meth:`SAC.observe`; SAC stores it in its
+:class:`~policies.replay.MixedReplay` and, once ``learning_starts`` env steps are in, owes
+``utd_ratio`` gradient steps per env step, paid when the trainer calls :meth:`SAC.update`.
+
+All randomness (exploration noise, replay indices, reparameterisation noise) comes from one
+``torch.Generator`` whose state is checkpointed, so a resumed run is bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
+from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, gaussian_log_prob_from_noise, tanh_log_det
+from policies.parallel import LocalComm
+from policies.replay import MixedReplay
+from policies.transition import VectorStep
+from sim.episode import Episode
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    normalize_obs: bool = False
+    gamma: float = 0.99
+    tau: float = 0.005  # target network Polyak rate
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    init_alpha: float = 1.0
+    autotune_alpha: bool = True
+    target_entropy: float | None = None  # None: -act_dim
+    batch_size: int = 256
+    utd_ratio: float = 1.0  # gradient steps per env step (SB3's default: 1)
+    learning_starts: int = 1000  # env steps of uniform random actions before learning
+    buffer_size: int = 1_000_000  # capacity for online transitions
+    replay_ratios: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"online": 1.0})
+    online_source: str = "online"  # the replay source the trainer's own transitions go to
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        object.__setattr__(self, "replay_ratios", {str(k): float(v) for k, v in dict(self.replay_ratios).items()})
+        if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1 or self.utd_ratio <= 0 or self.batch_size < 1:
+            raise ValueError(f"SAC config out of range: tau={self.tau}, gamma={self.gamma}, utd_ratio={self.utd_ratio}, batch_size={self.batch_size}")
+
+
+class _SampleActor(nn.Module):
+    """What DDP wraps for the actor loss: (obs_n (B, D), noise (B, A)) -> action (B, A), log pi (B,)."""
+
+    def __init__(self, actor: SquashedGaussianActor):
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, obs_n: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.actor(obs_n)
+        u = mean + log_std.exp() * noise
+        return torch.tanh(u), gaussian_log_prob_from_noise(noise, log_std) - tanh_log_det(u)
+
+
+class SAC:
+    """SAC with twin Q critics, target critics and an auto-tuned temperature."""
+
+    name = "sac"
+
+    def __init__(
+        self,
+        spec: PolicySpec,
+        config: SACConfig = SACConfig(),
+        *,
+        seed: int = 0,
+        offline: Mapping[str, Sequence[Episode]] | None = None,
+        robot_model: str | None = None,
+        comm: LocalComm | None = None,
+        device: str | torch.device = "cpu",
+    ):
+        self.config, self.spec, self.comm = config, spec, comm or LocalComm()
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # same initial weights on every rank and device
+            self.policy = Policy(spec, state_dependent_std=True).to(self.device)
+            self.critic = TwinQ(spec.obs_dim, spec.act_dim, spec.hidden_sizes, spec.activation).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(config.init_alpha), device=self.device))
+        self.target_entropy = -float(spec.act_dim) if config.target_entropy is None else float(config.target_entropy)
+        self.comm.broadcast_(self.policy)
+        self.comm.broadcast_(self.critic)
+        self.comm.broadcast_(self.critic_target)
+        self.actor_train = self.comm.wrap(_SampleActor(self.policy.actor))
+        self.critic_train = self.comm.wrap(self.critic)
+        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.actor_lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=True)
+        self._polyak = (list(self.critic_target.parameters()), list(self.critic.parameters()))
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, fused=True)
+        self.replay = MixedReplay(
+            config.replay_ratios,
+            spec.obs_dim,
+            spec.act_dim,
+            online_source=config.online_source,
+            online_capacity=config.buffer_size,
+            offline=offline,
+            robot_model=robot_model,
+        )
+        # one CPU stream per rank for every random draw (noise is drawn on CPU, then moved)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + self.comm.rank)
+        self.env_steps = 0  # this rank's env steps seen by observe()
+        self.grad_debt = 0.0  # gradient steps owed (utd_ratio per env step after learning_starts)
+        self.gradient_steps = 0
+
+    # -- acting ----------------------------------------------------------------------------
+    def explore(self, obs: np.ndarray) -> np.ndarray:
+        """Collection actions (N, A) for obs (N, D): uniform before ``learning_starts``, then pi's samples."""
+        n = obs.shape[0]
+        if self.env_steps < self.config.learning_starts:
+            return (torch.rand((n, self.spec.act_dim), generator=self.gen) * 2 - 1).numpy()
+        with torch.no_grad():
+            obs_n = self.policy.normalizer(torch.from_numpy(obs).to(self.device))
+            mean, log_std = self.policy.actor(obs_n)
+            u = mean + log_std.exp() * self._randn(mean.shape)
+            return torch.tanh(u).cpu().numpy()
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device, non_blocking=True)
+
+    def observe(self, step: VectorStep) -> None:
+        """Store one vector step (its bootstrap observation is ``step.final_obs``)."""
+        self.replay.add_online(step.obs, step.action, step.reward, step.final_obs, step.terminated, step.truncated)
+        self.policy.normalizer.update(torch.from_numpy(step.obs).to(self.device), reduce=self.comm.sum)
+        n = len(step.reward)
+        before = self.env_steps
+        self.env_steps += n
+        learning = max(0, self.env_steps - max(before, self.config.learning_starts))
+        self.grad_debt += learning * self.config.utd_ratio
+
+    def ready(self) -> bool:
+        return self.grad_debt >= 1.0 and self.replay.can_sample()
+
+    # -- learning --------------------------------------------------------------------------
+    def update(self) -> dict[str, float]:
+        """Pay the owed gradient steps; returns their mean metrics (``train/...``)."""
+        steps = int(self.grad_debt)
+        self.grad_debt -= steps
+        totals: dict[str, torch.Tensor] = {}
+        for _ in range(steps):
+            for k, v in self._gradient_step().items():
+                totals[k] = totals.get(k, 0.0) + v
+        self.gradient_steps += steps
+        out = {k: float(v) / steps for k, v in totals.items()}
+        out["train/gradient_steps"] = float(self.gradient_steps)
+        return out
+
+    def _gradient_step(self) -> dict[str, torch.Tensor]:
+        cfg, gen = self.config, self.gen
+        b = self.replay.sample(cfg.batch_size, gen).to(self.device)
+        norm = self.policy.normalizer
+        obs_n, next_n = norm(b.obs), norm(b.next_obs)
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            mean, log_std = self.policy.actor(next_n)
+            noise = self._randn(mean.shape)
+            u = mean + log_std.exp() * noise
+            next_logp = gaussian_log_prob_from_noise(noise, log_std) - tanh_log_det(u)
+            q_next = self.critic_target(next_n, torch.tanh(u)).min(0).values - alpha * next_logp
+            target = b.reward + cfg.gamma * (1.0 - b.terminated) * q_next  # bootstraps through truncation
+        q = self.critic_train(obs_n, b.action)
+        critic_loss = 0.5 * (q - target).square().mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        action, logp = self.actor_train(obs_n, self._randn((obs_n.shape[0], self.spec.act_dim)))
+        q_pi = self.critic(obs_n, action, frozen=True).min(0).values  # the updated critic; no critic weight grads
+        actor_loss = (alpha * logp - q_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        metrics = {"train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(), "train/alpha": alpha}
+        if cfg.autotune_alpha:
+            # loss -log_alpha * (mean log pi + target entropy); its gradient, without an autograd pass
+            self.log_alpha.grad = -(logp.detach().mean() + self.target_entropy).reshape(())
+            self.comm.average_grads([self.log_alpha])
+            self.alpha_opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(*self._polyak, cfg.tau)
+        metrics["train/entropy"] = -logp.detach().mean()
+        metrics["train/q"] = q.detach().mean()
+        return metrics
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {
+            **module_state(self.policy, "policy"),
+            **module_state(self.critic, "critic"),
+            **module_state(self.critic_target, "critic_target"),
+            "log_alpha": self.log_alpha.detach().clone(),
+            "sac.generator": self.gen.get_state(),
+            **self.replay.state_tensors(),
+        }
+        meta = {"env_steps": self.env_steps, "grad_debt": self.grad_debt, "gradient_steps": self.gradient_steps, "replay_digests": self.replay.digests}
+        for name, opt in (("actor_opt", self.actor_opt), ("critic_opt", self.critic_opt), ("alpha_opt", self.alpha_opt)):
+            t, m = optimizer_state(opt, name)
+            tensors.update(t)
+            meta[name] = m
+        return tensors, meta
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        load_module_state(self.policy, tensors, "policy")
+        load_module_state(self.critic, tensors, "critic")
+        load_module_state(self.critic_target, tensors, "critic_target")
+        with torch.no_grad():
+            self.log_alpha.copy_(tensors["log_alpha"])
+        self.gen.set_state(tensors["sac.generator"].clone())
+        self.replay.load_state_tensors(tensors, meta["replay_digests"])
+        for name, opt in (("actor_opt", self.actor_opt), ("critic_opt", self.critic_opt), ("alpha_opt", self.alpha_opt)):
+            load_optimizer_state(opt, tensors, meta[name], name)
+        self.env_steps, self.grad_debt, self.gradient_steps = int(meta["env_steps"]), float(meta["grad_debt"]), int(meta["gradient_steps"])

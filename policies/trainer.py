@@ -1,0 +1,296 @@
+"""One training loop with the algorithm injected (SAC, PPO: :class:`policies.transition.Algorithm`).
+
+The trainer owns what every algorithm shares: collection on the batched MuJoCo stepper,
+the schedule (update when the algorithm is ready, checkpoint every N updates, evaluate every
+M updates), logging, and resume. The algorithm owns its networks, data store and update.
+
+Resume is bit-identical on CPU with the same seed and thread count: a checkpoint holds the
+algorithm's tensors (weights, optimiser moments, normaliser, replay, RNG state), the
+stepper's mid-episode state and the loop's counters (:mod:`policies.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.checkpoint import load_checkpoint, save_checkpoint
+from policies.networks import PolicySpec
+from policies.parallel import LocalComm
+from policies.stepper_state import FreeRunning, capture, restore
+from policies.transition import Algorithm, VectorStep
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.robots import get_task
+from sim.variation import VariationProfile
+
+LogFn = Callable[[dict[str, float], int], None]
+RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "device")  # may differ on resume
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    robot: str = "pendulum"
+    algorithm: str = "ppo"  # "ppo" or "sac"
+    num_worlds: int = 16  # worlds of the batched stepper (per learner rank)
+    total_env_steps: int = 100_000  # over all ranks
+    seed: int = 0
+    nthread: int | None = 1  # physics threads of the stepper
+    torch_threads: int = 1  # torch intra-op threads (small MLPs: 1 is fastest)
+    checkpoint_every: int = 0  # updates between checkpoints (0: only when train() returns)
+    log_every: int = 1  # updates between log calls
+    eval_every: int = 0  # updates between evaluations (0: never)
+    eval_episodes: int = 4  # per evaluation profile
+    device: str = "cpu"  # learner device: "cpu", "cuda", "cuda:1" (bit-identical resume is promised on CPU)
+
+    def __post_init__(self):
+        if self.algorithm not in ("ppo", "sac"):
+            raise ValueError(f"algorithm must be 'ppo' or 'sac', got {self.algorithm!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but torch sees no CUDA device; use device=cpu")
+        if self.num_worlds < 1 or self.total_env_steps < 1:
+            raise ValueError(f"num_worlds and total_env_steps must be >= 1, got {self.num_worlds}, {self.total_env_steps}")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    env_steps: int  # over all ranks
+    updates: int
+    wall_s: float
+    metrics: dict[str, float]  # the last logged metrics
+    curve: list[tuple[int, float]]  # (env_steps, mean return of episodes finished since the previous update)
+    checkpoint: Path | None
+
+
+def make_spec(robot: str, algo_config) -> PolicySpec:
+    """The policy spec of ``robot`` with the network settings of an algorithm config."""
+    task = get_task(robot)
+    return PolicySpec(task.obs_dim, task.act_dim, algo_config.hidden_sizes, algo_config.activation, algo_config.normalize_obs)
+
+
+def make_algorithm(
+    config: TrainerConfig,
+    algo_config,
+    *,
+    comm: LocalComm | None = None,
+    offline: Mapping[str, Sequence[Episode]] | None = None,
+    device: str | torch.device | None = None,
+) -> Algorithm:
+    """Build the algorithm ``config.algorithm`` for ``config.robot`` (``offline``: SAC replay sources;
+    ``device`` overrides ``config.device``)."""
+    device = device if device is not None else config.device
+    from policies.ppo import PPO, PPOConfig
+    from policies.sac import SAC, SACConfig
+
+    spec = make_spec(config.robot, algo_config)
+    if config.algorithm == "ppo":
+        if not isinstance(algo_config, PPOConfig):
+            raise TypeError(f"algorithm 'ppo' needs a PPOConfig, got {type(algo_config).__name__}")
+        if offline:
+            raise ValueError("PPO is on-policy: it cannot use offline episodes (use SAC)")
+        return PPO(spec, algo_config, num_worlds=config.num_worlds, seed=config.seed, comm=comm, device=device)
+    if not isinstance(algo_config, SACConfig):
+        raise TypeError(f"algorithm 'sac' needs a SACConfig, got {type(algo_config).__name__}")
+    return SAC(spec, algo_config, seed=config.seed, offline=offline, robot_model=config.robot, comm=comm, device=device)
+
+
+class Trainer:
+    """Collect on the batched stepper, update the injected algorithm, log, checkpoint, evaluate.
+
+    ``profiles``: the variation profiles the training worlds cycle through (the fleet's robots);
+    ``log(metrics, env_steps)`` receives namespaced metrics (docs/policies.md lists them);
+    ``checkpoint_dir``: where checkpoints go (:meth:`resume` continues from one there);
+    ``checkpointer(trainer, metrics)``: replaces :meth:`save` every ``checkpoint_every``
+    updates (Ray Train reports checkpoints this way); ``algo_config`` is recorded in checkpoints.
+    """
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        algorithm: Algorithm,
+        *,
+        profiles: Sequence[VariationProfile] | None = None,
+        eval_profiles: Sequence[VariationProfile] | None = None,
+        log: LogFn | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        comm: LocalComm | None = None,
+        algo_config=None,
+        checkpointer: Callable[[Trainer, dict[str, float]], None] | None = None,
+    ):
+        self.config, self.algo, self.log = config, algorithm, log
+        self.algo_config = algo_config
+        self.checkpointer = checkpointer
+        self.comm = comm or LocalComm()
+        torch.set_num_threads(config.torch_threads)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        profiles = list(profiles or [VariationProfile()])
+        n = config.num_worlds
+        self.eval_profiles = list(eval_profiles or profiles)
+        self.stepper = BatchedStepper(config.robot, n, nthread=config.nthread, record=False)
+        world_seed = config.seed * 1_000_003 + self.comm.rank
+        self.source = FreeRunning(config.robot, world_seed, [profiles[w % len(profiles)] for w in range(n)])
+        self.obs = self.source.start(self.stepper)
+        self.local_target = -(-config.total_env_steps // self.comm.world_size)  # ceil: env steps on this rank
+        self.env_steps = 0  # on this rank
+        self.updates = 0
+        self.ep_return = np.zeros(n)
+        self.ep_length = np.zeros(n, np.int64)
+        self._finished: list[tuple[float, int]] = []  # (return, length) since the previous log
+        self._curve_mark = 0  # _finished[: mark] is already in the curve
+        self.curve: list[tuple[int, float]] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self, max_updates: int | None = None) -> TrainResult:
+        """Run until ``total_env_steps`` (or ``max_updates`` more updates, to stop early: a "crash")."""
+        start, stop_at = time.perf_counter(), None if max_updates is None else self.updates + max_updates
+        steps_at_log, t_log = self.env_steps, start
+        while self.env_steps < self.local_target and (stop_at is None or self.updates < stop_at):
+            self._collect_step()
+            if not self.algo.ready():
+                continue
+            metrics = self.algo.update()
+            self.updates += 1
+            self._track(metrics)
+            cfg = self.config
+            if cfg.log_every and self.updates % cfg.log_every == 0:
+                now = time.perf_counter()
+                metrics["train/env_steps_per_s"] = (self.env_steps - steps_at_log) * self.comm.world_size / max(now - t_log, 1e-9)
+                steps_at_log, t_log = self.env_steps, now
+                self._log(metrics)
+            elif not cfg.log_every:
+                self._finished, self._curve_mark = [], 0
+            if cfg.eval_every and self.updates % cfg.eval_every == 0:
+                self._log(self.evaluate())
+            if cfg.checkpoint_every and self.updates % cfg.checkpoint_every == 0:
+                if self.checkpointer is not None:
+                    self.checkpointer(self, metrics)
+                else:
+                    self.save()
+        path = self.save() if self.checkpoint_dir is not None else None
+        return TrainResult(self.env_steps * self.comm.world_size, self.updates, time.perf_counter() - start, self.last_metrics, self.curve, path)
+
+    def _collect_step(self) -> None:
+        obs = self.obs
+        action = np.asarray(self.algo.explore(obs), np.float32)
+        next_obs, reward, terminated, truncated, info = self.stepper.step(action)
+        done = terminated | truncated
+        final = np.where(done[:, None], info["final_observation"], next_obs) if done.any() else next_obs
+        self.algo.observe(VectorStep(obs, action, reward, next_obs, final, terminated, truncated))
+        self.ep_return += reward
+        self.ep_length += 1
+        for w in np.flatnonzero(done):
+            self._finished.append((float(self.ep_return[w]), int(self.ep_length[w])))
+            self.ep_return[w], self.ep_length[w] = 0.0, 0
+        self.obs = next_obs
+        self.env_steps += len(reward)
+
+    def _track(self, metrics: dict[str, float]) -> None:
+        """Add loop metrics: episodes finished since the previous log (the curve: since the previous update)."""
+        global_steps = self.env_steps * self.comm.world_size
+        metrics["train/env_steps"] = float(global_steps)
+        metrics["train/updates"] = float(self.updates)
+        new = self._finished[self._curve_mark :]
+        if new:
+            self.curve.append((global_steps, float(np.mean([r for r, _ in new]))))
+            self._curve_mark = len(self._finished)
+        if self._finished:
+            metrics["train/episode_return"] = float(np.mean([r for r, _ in self._finished]))
+            metrics["train/episode_length"] = float(np.mean([n for _, n in self._finished]))
+            metrics["train/episodes"] = float(len(self._finished))
+        self.last_metrics = metrics
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if "train/episodes" in metrics:
+            self._finished, self._curve_mark = [], 0
+        if self.log is not None and self.comm.rank == 0:
+            self.log(metrics, self.env_steps * self.comm.world_size)
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the current policy on ``eval_profiles`` (fixed seeds); returns ``eval/...`` metrics."""
+        from policies.evaluate import evaluate
+
+        result = evaluate(self.algo.policy, self.config.robot, self.eval_profiles, self.config.eval_episodes, seed=self.config.seed)
+        return result.metrics()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, algo_meta = self.algo.state()
+        stepper_tensors, stepper_meta = capture(self.stepper, self.source)
+        tensors.update(stepper_tensors)
+        tensors["trainer.ep_return"] = torch.from_numpy(self.ep_return.copy())
+        tensors["trainer.ep_length"] = torch.from_numpy(self.ep_length.copy())
+        meta = {
+            "algorithm": self.algo.name,
+            "trainer_config": dataclasses.asdict(self.config),
+            "algo_config": _jsonable(self.algo_config),
+            "policy_spec": dataclasses.asdict(self.algo.policy.spec),
+            "env_steps": self.env_steps,
+            "updates": self.updates,
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "finished": self._finished,
+            "curve_mark": self._curve_mark,
+            "curve": self.curve,
+            "algo": algo_meta,
+            "stepper": stepper_meta,
+        }
+        return tensors, meta
+
+    def save(self, directory: str | os.PathLike | None = None) -> Path:
+        """Write a checkpoint (default: ``checkpoint_dir``, per rank ``rank<r>`` when distributed)."""
+        directory = Path(directory) if directory is not None else self.checkpoint_dir
+        if directory is None:
+            raise ValueError("no checkpoint directory: pass checkpoint_dir to the Trainer or a directory to save()")
+        if self.comm.world_size > 1:
+            directory = directory / f"rank{self.comm.rank}"
+        tensors, meta = self.state()
+        return save_checkpoint(directory, tensors, meta)
+
+    def resume(self, directory: str | os.PathLike | None = None) -> None:
+        """Continue from a checkpoint written by :meth:`save` with the same config."""
+        directory = Path(directory) if directory is not None else self.checkpoint_dir
+        if directory is None:
+            raise ValueError("no checkpoint directory to resume from")
+        if self.comm.world_size > 1:
+            directory = directory / f"rank{self.comm.rank}"
+        tensors, meta = load_checkpoint(directory)
+        mine, theirs = dataclasses.asdict(self.config), meta["trainer_config"]
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and _norm(theirs.get(k)) != _norm(v)}
+        if differ or meta["algorithm"] != self.algo.name or meta["world_size"] != self.comm.world_size:
+            raise ValueError(f"checkpoint in {directory} is from another run: differs in {differ or 'algorithm/world size'}; resume with its config")
+        self.algo.load_state(tensors, meta["algo"])
+        restore(self.stepper, self.source, tensors, meta["stepper"])
+        self.obs = self.stepper.obs.copy()
+        self.ep_return = tensors["trainer.ep_return"].numpy().copy()
+        self.ep_length = tensors["trainer.ep_length"].numpy().copy()
+        self.env_steps, self.updates = int(meta["env_steps"]), int(meta["updates"])
+        self._finished = [tuple(x) for x in meta["finished"]]
+        self._curve_mark = int(meta["curve_mark"])
+        self.curve = [tuple(x) for x in meta["curve"]]
+
+    def close(self) -> None:
+        self.stepper.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _norm(value):
+    return json.loads(json.dumps(value))
+
+
+def _jsonable(config) -> dict | None:
+    if config is None:
+        return None
+    return _norm(dataclasses.asdict(config))

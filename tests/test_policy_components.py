@@ -1,0 +1,171 @@
+"""Policy floor parts in isolation: normaliser, replay mixing, bootstrapping, evaluation, import floors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from policies.networks import Policy, PolicySpec, TwinQ, tanh_log_det
+from policies.normalizer import ObsNormalizer
+from policies.ppo import PPO, PPOConfig
+from policies.replay import MixedReplay, split_counts
+from policies.sac import SAC, SACConfig
+from policies.transition import VectorStep
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.policy_fn import zero_policy
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+
+
+def _episodes(source: str, count: int, steps: int, obs_dim: int = 4, act_dim: int = 1, seed: int = 0) -> list[Episode]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        term = np.zeros(steps, bool)
+        trunc = np.zeros(steps, bool)
+        (term if i % 2 else trunc)[-1] = True
+        out.append(
+            Episode.create(
+                observation=rng.normal(size=(steps + 1, obs_dim)),
+                action=rng.uniform(-1, 1, size=(steps, act_dim)),
+                reward=np.full(steps, {"real": 1.0, "sim": 2.0, "worldmodel": 3.0}[source]),
+                terminated=term,
+                truncated=trunc,
+                timestamp=np.arange(steps + 1) * 0.04,
+                robot_id="r1",
+                robot_model="pendulum",
+                source=source,
+            )
+        )
+    return out
+
+
+def test_normalizer_matches_numpy_moments_over_batches():
+    rng = np.random.default_rng(0)
+    data = rng.normal(3.0, 2.0, size=(1000, 3)).astype(np.float32)
+    norm = ObsNormalizer(3)
+    for chunk in np.array_split(data, 7):
+        norm.update(torch.from_numpy(chunk))
+    np.testing.assert_allclose(norm.mean.numpy(), data.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(norm.var.numpy(), data.var(0), rtol=1e-5)
+    out = norm(torch.from_numpy(data)).numpy()
+    np.testing.assert_allclose(out.mean(0), 0.0, atol=1e-4)
+    disabled = ObsNormalizer(3, enabled=False)
+    disabled.update(torch.from_numpy(data))
+    assert torch.equal(disabled(torch.from_numpy(data)), torch.from_numpy(data))
+
+
+def test_tanh_log_det_is_stable_and_exact():
+    u = torch.tensor([[-30.0, -1.0, 0.0, 2.0, 30.0]], dtype=torch.float64)
+    expected = torch.log(1 - torch.tanh(u[:, 1:4]) ** 2).sum()
+    assert torch.isfinite(tanh_log_det(u)).all()
+    assert torch.allclose(tanh_log_det(u[:, 1:4]), expected)
+
+
+def test_twin_q_members_are_independent_networks():
+    q = TwinQ(4, 1, (8, 8), "relu")
+    out = q(torch.zeros(5, 4), torch.zeros(5, 1))
+    assert out.shape == (2, 5)
+    assert not torch.equal(out[0], out[1])
+
+
+def test_split_counts_follow_ratios_and_sum_to_batch():
+    counts = split_counts({"real": 0.5, "sim": 0.3, "worldmodel": 0.2}, 256)
+    assert sum(counts.values()) == 256
+    assert counts == {"real": 128, "sim": 77, "worldmodel": 51}
+
+
+def test_mixed_replay_samples_sources_in_ratio_and_stores_end_flags():
+    offline = {"real": _episodes("real", 4, 10), "worldmodel": _episodes("worldmodel", 2, 5, seed=1)}
+    replay = MixedReplay({"real": 0.5, "sim": 0.25, "worldmodel": 0.25}, 4, 1, online_source="sim", online_capacity=100, offline=offline)
+    assert replay.sizes() == {"real": 40, "sim": 0, "worldmodel": 10}
+    assert not replay.can_sample()
+    n = 8
+    obs = np.zeros((n, 4), np.float32)
+    replay.add_online(obs, np.zeros((n, 1)), np.full(n, 2.0), obs, np.zeros(n, bool), np.zeros(n, bool))
+    batch = replay.sample(400, torch.Generator().manual_seed(0))
+    rewards = batch.reward.numpy()
+    assert (rewards == 1.0).sum() == 200 and (rewards == 2.0).sum() == 100 and (rewards == 3.0).sum() == 100
+    real = replay.sources["real"]
+    ends = np.flatnonzero(real.terminated + real.truncated)
+    assert list(ends) == [9, 19, 29, 39]
+    assert real.truncated[9] == 1 and real.terminated[19] == 1 and real.terminated[9] == 0
+    ep = offline["real"][0]
+    np.testing.assert_array_equal(real.next_obs[9], ep.observation[-1])  # the final observation is kept
+
+
+def test_mixed_replay_refuses_sources_without_data_or_ratio():
+    with pytest.raises(ValueError, match="'real' has ratio"):
+        MixedReplay({"real": 0.5, "online": 0.5}, 4, 1)
+    with pytest.raises(ValueError, match="would be dropped"):
+        MixedReplay({"real": 1.0}, 4, 1, offline={"real": _episodes("real", 1, 3)})
+    with pytest.raises(ValueError, match="no ratio"):
+        MixedReplay({"online": 1.0}, 4, 1, offline={"sim": _episodes("sim", 1, 3)})
+    with pytest.raises(ValueError, match="obs_dim 4"):
+        MixedReplay({"real": 1.0}, 5, 1, online_source="real", offline={"real": _episodes("real", 1, 3)})
+    with pytest.raises(ValueError, match="robot model"):
+        MixedReplay({"real": 1.0}, 4, 1, online_source="real", offline={"real": _episodes("real", 1, 3)}, robot_model="ant")
+
+
+def test_sac_bootstraps_through_truncation_not_termination():
+    spec = PolicySpec(4, 1, (16, 16), "relu", False)
+    sac = SAC(spec, SACConfig(learning_starts=0, batch_size=2, buffer_size=100))
+    obs = np.zeros((2, 4), np.float32)
+    step = VectorStep(obs, np.zeros((2, 1), np.float32), np.ones(2, np.float32), obs, obs + 1, np.array([True, False]), np.array([False, True]))
+    sac.observe(step)
+    buf = sac.replay.sources["online"]
+    assert list(buf.terminated[:2]) == [1.0, 0.0] and list(buf.truncated[:2]) == [0.0, 1.0]
+    np.testing.assert_array_equal(buf.next_obs[:2], obs + 1)
+    batch = sac.replay.sample(2, torch.Generator().manual_seed(0))
+    assert set(batch.terminated.tolist()) <= {0.0, 1.0}
+
+
+def test_ppo_adds_discounted_final_value_on_truncation_only():
+    spec = PolicySpec(4, 1, (8,), "tanh", False)
+    ppo = PPO(spec, PPOConfig(n_steps=2, hidden_sizes=(8,), normalize_obs=False), num_worlds=3)
+    obs = np.zeros((3, 4), np.float32)
+    final = np.full((3, 4), 0.5, np.float32)
+    ppo.explore(obs)
+    ppo.observe(VectorStep(obs, np.zeros((3, 1), np.float32), np.ones(3, np.float32), obs, final, np.array([True, False, False]), np.array([False, True, False])))
+    with torch.no_grad():
+        v_final = float(ppo.value(torch.from_numpy(final[:1])).squeeze())
+    reward = ppo.buf["reward"][0]
+    assert float(reward[0]) == 1.0 and float(reward[2]) == 1.0
+    assert float(reward[1]) == pytest.approx(1.0 + ppo.config.gamma * v_final)
+    assert list(ppo.buf["done"][0]) == [1.0, 1.0, 0.0]
+
+
+def test_policy_runs_in_the_batched_stepper_and_stays_in_range():
+    policy = Policy(PolicySpec(4, 1, (16,), "tanh"))
+    scenarios = [ScenarioSpec("pendulum", seed=s) for s in range(3)]
+    with BatchedStepper("pendulum", 3, nthread=1) as stepper:
+        episodes = stepper.simulate(scenarios, policy)
+    assert len(episodes) == 3
+    assert all(np.abs(ep.action).max() <= 1.0 for ep in episodes)
+
+
+def test_evaluate_counts_success_and_failure_per_profile():
+    from policies.evaluate import evaluate
+
+    profiles = [VariationProfile(), VariationProfile(actuator_strength=0.5)]
+    result = evaluate(zero_policy(1), "pendulum", profiles, episodes_per_profile=3, seed=7)
+    assert [p.episodes for p in result.profiles] == [3, 3]
+    for p in result.profiles:  # a zero action lets the pole fall: every episode fails, none succeeds
+        assert p.failures == 3 and p.successes == 0
+        assert 1 <= p.mean_return < 200
+    again = evaluate(zero_policy(1), "pendulum", profiles, episodes_per_profile=3, seed=7)
+    assert again.to_dict() == result.to_dict()
+    metrics = result.metrics()
+    assert metrics["eval/failures"] == 6.0 and metrics["eval/success_rate"] == 0.0
+    reach = evaluate(zero_policy(2), "reacher", profiles[:1], episodes_per_profile=2, seed=0)
+    assert reach.profiles[0].failures == 0  # reacher never terminates; success is distance-based
+
+
+def test_importing_policies_and_runtime_does_not_import_torch_or_ray():
+    code = "import sys, policies, policies.runtime; bad = {'torch', 'ray'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)
