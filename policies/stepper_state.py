@@ -6,9 +6,8 @@ The trainer drives :class:`sim.batched.BatchedStepper` with a :class:`FreeRunnin
 
 :func:`capture` / :func:`restore` save and rebuild the stepper mid-episode: physics state,
 sensors, observations, step counters, the action-latency history and each world's noise
-RNG. Restore goes through the public ``reset_to`` and then overwrites the state arrays; the
-latency history and per-world RNGs are private attributes of the stepper (a public
-``get_state``/``set_state`` on the stepper would remove that coupling; see docs/policies.md).
+RNG, through the stepper's public ``get_state`` / ``set_state``; the scenario counters are
+saved beside them.
 """
 
 from __future__ import annotations
