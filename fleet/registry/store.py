@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fleet.registry.manifest import build_manifest
-from fleet.registry.signing import canonical_json, sign
+from fleet.registry.signing import canonical_json, generate_keypair, load_private_key, sign
 from fleet.registry.trust import _atomic_write
 
 
@@ -129,3 +129,11 @@ class PolicyRegistry:
             state["history"].append({"version": bad, "event": "rolled_back", "reason": reason, "at": time.time()})
             self._save_rollout(state)
         return envelope
+
+
+def open_registry(directory: str | Path, private_key: str | Path) -> PolicyRegistry:
+    """The registry at ``directory``, signing with ``private_key`` (a new key pair is made if it is missing)."""
+    key = Path(private_key)
+    if not key.exists():
+        generate_keypair(key, key.with_suffix(".pub"))
+    return PolicyRegistry(Path(directory), load_private_key(key))

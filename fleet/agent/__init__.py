@@ -1,0 +1,41 @@
+"""Robot side of the fleet: record episodes, spool them crash-safely, upload in the background.
+
+No torch and no Ray here: this runs on the robot. Entry points:
+
+* :class:`AgentConfig`, :class:`SimRobotConfig` - settings (Hydra ``_target_``)
+* :class:`RobotAgent` - ``submit(episode)``, ``status()``, ``wait_drained()``, ``stop()``
+* :class:`EpisodeRecorder` - step-by-step recording from a control loop
+* :class:`Spool`, :class:`Uploader` - the two halves of the agent
+* :class:`PolicySource` - where the running policy comes from (the seam for issue 6)
+
+Only :mod:`fleet.agent.config` loads eagerly (the rest imports mujoco via sim on first use).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from fleet.agent.config import AgentConfig, SimRobotConfig
+
+_LAZY = {
+    "RobotAgent": "fleet.agent.agent",
+    "run_sim_robot": "fleet.agent.agent",
+    "EpisodeRecorder": "fleet.agent.recorder",
+    "Spool": "fleet.agent.spool",
+    "Uploader": "fleet.agent.uploader",
+    "Robot": "fleet.agent.robot",
+    "SimRobot": "fleet.agent.robot",
+    "run_episode": "fleet.agent.robot",
+    "Policy": "fleet.agent.policy",
+    "PolicySource": "fleet.agent.policy",
+    "FixedPolicy": "fleet.agent.policy",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fleet.agent' has no attribute {name!r}")
+
+
+__all__ = ["AgentConfig", "SimRobotConfig", *_LAZY]

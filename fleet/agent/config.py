@@ -1,0 +1,63 @@
+"""Robot-side configuration (Hydra ``_target_`` dataclasses; no torch, no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """How a robot's agent spools and uploads.
+
+    server_url: the fleet server. token_env / token_file: where the robot's bearer token is
+    (never in the config: Hydra writes configs to disk). spool_dir: parent of the per-robot
+    spool ``<spool_dir>/<robot_id>``. spool_max_bytes: spool bound; the oldest episodes are
+    evicted beyond it. backoff_*: retry delays after a failed upload (exponential, jittered).
+    status_interval_s: how often the uploader logs the queue depth.
+    """
+
+    server_url: str = "http://127.0.0.1:8700"
+    token_env: str = "FLYWHEEL_ROBOT_TOKEN"
+    token_file: str | None = None
+    spool_dir: str = "runs/fleet/spool"
+    spool_max_bytes: int = 1 << 30
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    request_timeout_s: float = 30.0
+    status_interval_s: float = 10.0
+
+    def __post_init__(self):
+        if self.spool_max_bytes < 1:
+            raise ValueError(f"spool_max_bytes must be >= 1, got {self.spool_max_bytes}")
+        if not 0 < self.backoff_initial_s <= self.backoff_max_s:
+            raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {self.backoff_initial_s}, {self.backoff_max_s}")
+
+    def load_token(self) -> str:
+        """The robot's bearer token from ``token_file`` or the ``token_env`` variable."""
+        if self.token_file:
+            path = Path(self.token_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"robot token file {path} does not exist; write the token printed by `python -m fleet.server.auth add` there")
+            token = path.read_text().strip()
+        else:
+            token = os.environ.get(self.token_env, "").strip()
+        if not token:
+            raise ValueError(
+                f"no robot token: set {self.token_env} or fleet.agent.token_file "
+                "(create one with `python -m fleet.server.auth --tokens FILE add --role robot --robot-id ID`)"
+            )
+        return token
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRobotConfig:
+    """A simulated robot standing in for a real one: model, identity, hardware variation."""
+
+    robot_id: str = "robot-0"
+    model: str = "ant"
+    source: str = "real"
+    seed: int = 0
+    max_steps: int = 200
+    profile: dict = dataclasses.field(default_factory=dict)  # sim.variation.VariationProfile fields

@@ -1,0 +1,82 @@
+"""The robot a control loop drives, and the loop that records one episode from it.
+
+A real robot implements :class:`Robot` (reset, step, identity); :class:`SimRobot` is a
+MuJoCo stand-in with its own hardware variation, used by ``flywheel-robot`` and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from fleet.agent.config import SimRobotConfig
+from fleet.agent.policy import Policy
+from fleet.agent.recorder import EpisodeRecorder
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+
+
+class Robot(Protocol):
+    robot_id: str
+    robot_model: str
+    source: str
+    obs_dim: int
+    act_dim: int
+
+    def hardware(self) -> dict:
+        """This robot's hardware profile (stored as the episode's ``hardware`` metadata)."""
+        ...
+
+    def reset(self, seed: int) -> tuple[np.ndarray, float]:
+        """Start an episode: (observation (obs_dim,), timestamp in seconds)."""
+        ...
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, float]:
+        """Apply ``action`` (act_dim,) in [-1, 1]: (observation, reward, terminated, truncated, timestamp)."""
+        ...
+
+
+class SimRobot:
+    """One simulated robot (a 1-world BatchedStepper); its episodes are time-limited to ``max_steps``."""
+
+    def __init__(self, config: SimRobotConfig):
+        self.config = config
+        self.robot_id, self.robot_model, self.source = config.robot_id, config.model, config.source
+        self.profile = VariationProfile.from_dict(dict(config.profile))
+        self._stepper = BatchedStepper(config.model, 1, nthread=1, record=False, robot_id=config.robot_id, source=config.source)
+        self.obs_dim, self.act_dim = self._stepper.task.obs_dim, self._stepper.task.act_dim
+        self.control_dt = self._stepper.task.control_dt
+        self._t = 0.0
+
+    def hardware(self) -> dict:
+        return {"kind": "sim", "model": self.robot_model, "profile": self.profile.to_dict()}
+
+    def reset(self, seed: int) -> tuple[np.ndarray, float]:
+        spec = ScenarioSpec(robot=self.robot_model, seed=seed, profile=self.profile, max_steps=self.config.max_steps)
+        obs = self._stepper.reset_to([spec])
+        self._t += self.control_dt  # the robot clock keeps running across episodes
+        return obs[0], self._t
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, float]:
+        obs, reward, terminated, truncated, info = self._stepper.step(np.asarray(action, np.float32)[None])
+        self._t += self.control_dt
+        if info["_final_observation"][0]:
+            obs = info["final_observation"]
+        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), self._t
+
+    def close(self) -> None:
+        self._stepper.close()
+
+
+def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: int) -> Episode:
+    """Drive ``robot`` with ``policy`` until the episode ends; return it as recorded."""
+    obs, t = robot.reset(seed)
+    recorder.reset(obs, t)
+    while not recorder.done:
+        action = np.asarray(policy.act(obs[None]), np.float32)[0]
+        obs, reward, terminated, truncated, t = robot.step(action)
+        recorder.step(action, reward, obs, terminated, truncated, t)
+    return recorder.finish(policy_version=policy.version)

@@ -1,0 +1,133 @@
+"""Crash-safe, bounded on-disk queue of episodes waiting for upload.
+
+A spool file is complete or absent: it is written as ``NAME.partial``, fsynced, renamed
+to ``NAME`` and the directory fsynced; leftovers of a crash mid-write (``*.partial``) are
+deleted on open. Names start with a 20-digit sequence number, so the queue is FIFO across
+restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged).
+Episodes the server refuses for good are moved to ``rejected/`` with the server's reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SUFFIX = ".safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpoolEntry:
+    path: Path
+    episode_id: str
+    nbytes: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """FIFO of episode files in ``directory`` holding at most ``max_bytes``."""
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory = Path(directory)
+        self.rejected_dir = self.directory / "rejected"
+        self.max_bytes = max_bytes
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        self.changed = threading.Event()  # set whenever an episode is added
+        self._lock = threading.Lock()
+        self.evicted = 0
+        self.discarded_partials = 0
+        for partial in self.directory.glob("*.partial"):
+            partial.unlink()
+            self.discarded_partials += 1
+        if self.discarded_partials:
+            log.warning("spool %s: deleted %d partial file(s) left by a crash mid-write", self.directory, self.discarded_partials)
+        self._entries: dict[str, SpoolEntry] = {}
+        for path in sorted(self.directory.glob(f"*{SUFFIX}")):
+            self._entries[path.name] = SpoolEntry(path, path.name[21 : -len(SUFFIX)], path.stat().st_size)
+        self._seq = max((int(name[:20]) for name in self._entries), default=0) + 1
+
+    # -- queue state -------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Episodes waiting for upload."""
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def oldest(self) -> SpoolEntry | None:
+        with self._lock:
+            return self._entries[min(self._entries)] if self._entries else None
+
+    def entries(self) -> list[SpoolEntry]:
+        with self._lock:
+            return [self._entries[k] for k in sorted(self._entries)]
+
+    # -- mutations ---------------------------------------------------------------------
+    def put(self, data: bytes, episode_id: str) -> SpoolEntry:
+        """Durably add one episode's bytes, evicting the oldest entries if the spool would overflow."""
+        if len(data) > self.max_bytes:
+            raise ValueError(f"episode {episode_id} is {len(data)} bytes, more than the whole spool ({self.max_bytes}); raise spool_max_bytes")
+        with self._lock:
+            total = sum(e.nbytes for e in self._entries.values())
+            while self._entries and total + len(data) > self.max_bytes:
+                victim = self._entries.pop(min(self._entries))
+                victim.path.unlink(missing_ok=True)
+                total -= victim.nbytes
+                self.evicted += 1
+                log.warning("spool %s full: evicted episode %s (%d bytes; %d evicted so far)", self.directory, victim.episode_id, victim.nbytes, self.evicted)
+            name = f"{self._seq:020d}-{episode_id}{SUFFIX}"
+            self._seq += 1
+            final = self.directory / name
+            tmp = final.with_name(name + ".partial")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(self.directory)
+            entry = SpoolEntry(final, episode_id, len(data))
+            self._entries[name] = entry
+        self.changed.set()
+        return entry
+
+    def read(self, entry: SpoolEntry) -> bytes | None:
+        """The entry's bytes, or None if it was evicted meanwhile."""
+        try:
+            return entry.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, entry: SpoolEntry) -> None:
+        """Forget an entry the server acknowledged."""
+        with self._lock:
+            self._entries.pop(entry.path.name, None)
+            entry.path.unlink(missing_ok=True)
+
+    def reject(self, entry: SpoolEntry, reason: dict) -> Path:
+        """Move an entry the server refused for good to ``rejected/``, with the reason beside it."""
+        with self._lock:
+            self._entries.pop(entry.path.name, None)
+            target = self.rejected_dir / entry.path.name
+            (self.rejected_dir / f"{entry.path.name}.reason.json").write_text(json.dumps(reason, indent=1))
+            try:
+                os.replace(entry.path, target)
+            except FileNotFoundError:
+                log.warning("spool %s: rejected episode %s had already been evicted", self.directory, entry.episode_id)
+            return target
+
+    def rejected(self) -> list[Path]:
+        return sorted(self.rejected_dir.glob(f"*{SUFFIX}"))

@@ -1,0 +1,1 @@
+"""Thin Hydra entry points: config -> objects -> one run() call."""

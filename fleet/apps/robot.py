@@ -1,0 +1,34 @@
+"""``flywheel-robot``: a (simulated) robot's agent as a Hydra app (config: conf/robot.yaml).
+
+    FLYWHEEL_ROBOT_TOKEN=... flywheel-robot robot.robot_id=ant-07 episodes=20 fleet.agent.server_url=http://127.0.0.1:8700
+"""
+
+from __future__ import annotations
+
+import json
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from fleet.agent.agent import run_sim_robot
+from fleet.apps.config_path import CONF_DIR
+
+
+@hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
+    policy = None
+    if cfg.policy.public_key:
+        from fleet.registry.pull import signed_policy_source
+
+        policy = signed_policy_source(
+            cfg.policy.public_key, agent_cfg.server_url, agent_cfg.load_token(), robot_cfg.robot_id, robot_cfg.model,
+            cfg.policy.state_dir, cfg.policy.poll_interval_s,
+        )
+    status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
+    print(json.dumps(status), flush=True)
+
+
+if __name__ == "__main__":
+    main()

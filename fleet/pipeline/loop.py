@@ -1,0 +1,245 @@
+"""The flywheel loop: robots -> server -> store -> world model -> scenarios -> policy -> gate
+-> signed publish -> canary -> widen or roll back -> robots.
+
+Everything lives in the run folder, so a crashed run resumes from its last finished
+iteration (``state.json``): the store, the registry, the robots' spools and trusted
+policies, the world model and the policy checkpoints. Synthetic episodes have deterministic
+ids, so a repeated iteration stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fleet.pipeline import steps
+from fleet.pipeline.canary import judge_canary
+from fleet.pipeline.gate import gate
+from fleet.pipeline.progress import Progress
+from fleet.pipeline.services import Services
+from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
+from fleet.registry.trust import _atomic_write
+from sim.policy_fn import zero_policy
+from sim.robots import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    """The loop's knobs, derived once from the Hydra config (conf/flywheel.yaml ``loop``)."""
+
+    robot_model: str
+    iterations: int
+    num_robots: int
+    conditions: tuple[str, ...]
+    episodes_per_robot: int
+    episode_steps: int
+    canary_fraction: float
+    canary_episodes: int
+    eval_episodes: int
+    calibration_episodes: int
+    wm_rollouts: int
+    train_env_steps: int
+    gate: dict
+    seed: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> LoopSettings:
+        loop = OmegaConf.to_container(cfg.loop, resolve=True)
+        loop["conditions"] = tuple(loop["conditions"])
+        if loop["iterations"] < 1 or loop["num_robots"] < 1:
+            raise ValueError("loop.iterations and loop.num_robots must be >= 1")
+        if cfg.policy.trainer.algorithm != "sac":
+            raise ValueError(f"the flywheel trains off-policy on the fleet's data: use policy=sac or policy=sac_fleet, not {cfg.policy.trainer.algorithm!r}")
+        return cls(**loop, seed=int(cfg.seed))
+
+    @property
+    def num_canaries(self) -> int:
+        return max(1, int(round(self.canary_fraction * self.num_robots))) if self.num_robots > 1 else 0
+
+
+class Flywheel:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.settings = LoopSettings.from_cfg(cfg)
+        self.task = get_task(self.settings.robot_model)
+        self.state_path = self.run_dir / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "history": []}
+        self.progress = Progress()
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self) -> dict:
+        s = self.settings
+        with Services(self.cfg, self.run_dir, [r.robot_id for r in fleet_specs(s.num_robots, list(s.conditions))]) as svc:
+            self.svc = svc
+            self.robots = self._start_robots(svc)
+            try:
+                if self.state["next_iteration"]:
+                    log.info("resuming after iteration %d", self.state["next_iteration"] - 1)
+                for k in range(self.state["next_iteration"], s.iterations):
+                    record = self._iteration(k)
+                    self.state["history"].append(record)
+                    self.state["next_iteration"] = k + 1
+                    _atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+                return self._finish()
+            finally:
+                ray.get([r.stop.remote() for r in self.robots.values()])
+
+    def _start_robots(self, svc: Services) -> dict[str, ray.actor.ActorHandle]:
+        s = self.settings
+        robots = {}
+        for spec in fleet_specs(s.num_robots, list(s.conditions)):
+            robots[spec.robot_id] = SimulatedRobot.options(name=None).remote(
+                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[spec.robot_id], svc.public_key_pem, str(self.run_dir / "robots"), s.seed * 101 + int(spec.robot_id.split("-")[1])
+            )
+        self.specs = {spec.robot_id: spec for spec in fleet_specs(s.num_robots, list(s.conditions))}
+        return robots
+
+    def _act(self, robot_ids: list[str], episodes: int) -> list[dict]:
+        summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes) for r in robot_ids]) for x in batch]
+        drained = ray.get([self.robots[r].drain.remote(120.0) for r in robot_ids])
+        if not all(drained):
+            raise RuntimeError(f"robots {[r for r, d in zip(robot_ids, drained) if not d]} could not upload within 120 s: is the server up?")
+        return summaries
+
+    # -- one iteration ----------------------------------------------------------------------
+    def _iteration(self, k: int) -> dict:
+        s, svc, cfg = self.settings, self.svc, self.cfg
+        step = k
+        record: dict = {"iteration": k}
+        ids = sorted(self.robots)
+        with self.progress.task(f"iteration {k}: robots act and upload", total=None):
+            telemetry = self._act(ids, s.episodes_per_robot)
+        fleet_returns = steps.mean_returns(telemetry)
+        record["fleet_returns"] = fleet_returns
+        record["policy_versions"] = sorted({t["policy_version"] for t in telemetry})
+        svc.tracker.log({f"fleet/return/{r}": v for r, v in fleet_returns.items()} | {"fleet/return_mean": float(np.mean(list(fleet_returns.values())))}, step)
+
+        with self.progress.task(f"iteration {k}: snapshot + world model"):
+            snapshot_id, real, sim = svc.read_data(s.robot_model)
+            record["snapshot"] = snapshot_id
+            previous = svc.load_world_model()
+            model, wm_report, wm_version = steps.update_world_model(
+                real, sim, previous, instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), None
+            )
+            svc.save_world_model(model)
+            record["world_model"] = {
+                "version": wm_version, "val_mse": wm_report.elite_val_mse, "steps": wm_report.steps, "train_transitions": wm_report.train_transitions
+            }
+        svc.tracker.log({"data/real_episodes": len(real), "data/sim_episodes": len(sim)} | {f"worldmodel/{k2}": v for k2, v in record["world_model"].items() if isinstance(v, float)}, step)
+
+        with self.progress.task(f"iteration {k}: calibrate robots"):
+            calibrations = steps.calibrate_fleet(s.robot_model, real, instantiate(cfg.scenarios.calibration), s.calibration_episodes)
+            profiles = {r: c.profile for r, c in calibrations.items()}
+            record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
+            truth_error = self._calibration_error(calibrations)
+        svc.tracker.log({f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}, step)
+
+        current = self.state["current"]
+        factory = self._policy_factory(current)
+        with self.progress.task(f"iteration {k}: scenarios (MuJoCo on Ray) + world-model rollouts"):
+            scen_eps, counts = steps.generate_scenarios(
+                real, profiles, model, factory, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
+                chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=str(current["version"]) if current else "none",
+            )
+            wm_eps = steps.model_rollouts(model, real, factory(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), str(current["version"]) if current else "none")
+            stored = svc.store_synthetic(scen_eps + wm_eps)
+        record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
+        svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
+
+        with self.progress.task(f"iteration {k}: train policy (SAC)"):
+            trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
+            trained = steps.train_policy(
+                trainer_cfg, instantiate(cfg.policy.algorithm), {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
+                list(profiles.values()), Path(current["checkpoint"]) if current else None, self.run_dir / "policies" / f"iter{k:03d}",
+                lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()}, step),
+            )
+
+        with self.progress.task(f"iteration {k}: gate on every robot's profile"):
+            cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed)
+            cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed)
+            decision = gate(cand, cur, **s.gate)
+        record["gate"] = decision.to_dict()
+        svc.tracker.log({"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate}, step)
+
+        record["rollout"] = self._release(k, trained, decision, profiles, snapshot_id, fleet_returns) if decision.promote else {"stage": "not promoted", "reason": decision.reason}
+        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
+        svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
+            [k, r, self.specs[r].condition, fleet_returns.get(r), cand.get(r), cur.get(r)] for r in ids
+        ], step)
+        return record
+
+    def _release(self, k: int, trained, decision, profiles, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+        """Export, sign and publish to the canaries; widen or roll back from their telemetry."""
+        s, svc = self.settings, self.svc
+        export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
+        weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id, decision.to_dict())
+        canaries = sorted(self.robots)[: s.num_canaries]
+        envelope = svc.registry.publish(
+            weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), note=f"iteration {k}",
+        )
+        version = envelope["manifest"]["version"]
+        stage = "widened"
+        if canaries:
+            with self.progress.task(f"iteration {k}: canary v{version} on {canaries}"):
+                after = self._act(canaries, s.canary_episodes)
+            verdict = judge_canary(
+                {r: [fleet_returns[r]] for r in canaries},
+                {r: [t["return"] for t in after if t["robot_id"] == r and t["policy_version"] == str(version)] for r in canaries},
+                min_episodes=1,
+                rel_tolerance=s.gate["rel_tolerance"] * 2,
+                abs_tolerance=s.gate["abs_tolerance"],
+            )
+            if verdict.action == "rollback":
+                svc.registry.rollback(verdict.reason)
+                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
+            if verdict.action == "wait":
+                svc.registry.rollback(f"canaries did not report on v{version}: {verdict.reason}")
+                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
+            svc.registry.widen()
+        self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
+        svc.mirror_policy(version, export_dir)
+        return {"stage": stage, "version": version, "canaries": canaries}
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _policy_factory(self, current: dict | None):
+        """A picklable-by-reference factory of the current policy (numpy runtime), for Ray tasks too."""
+        if current is None:
+            return functools.partial(zero_policy, self.task.act_dim)
+        from policies.runtime import load_policy
+
+        return functools.partial(load_policy, current["export"], robot_model=self.settings.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim)
+
+    def _calibration_error(self, calibrations: dict) -> dict[str, dict[str, float]]:
+        """Relative error of each identifiable estimate vs the robot's hidden true profile (simulated fleet only)."""
+        out = {}
+        for robot_id, result in calibrations.items():
+            truth = self.specs[robot_id].profile
+            out[robot_id] = {
+                p: abs(v - getattr(truth, p)) / max(abs(getattr(truth, p)), 1e-6)
+                for p, v in result.estimates.items()
+                if result.identifiable.get(p, False) and getattr(truth, p) != 0
+            }
+        return out
+
+    def _finish(self) -> dict:
+        history = self.state["history"]
+        statuses = ray.get([self.robots[r].status.remote() for r in sorted(self.robots)])
+        summary = {"iterations": history, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir}
+        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
+        from fleet.pipeline.report import write_report
+
+        write_report(history, self.specs, self.run_dir / "report.png")
+        return summary
+

@@ -1,0 +1,24 @@
+"""Progress display (rich) for the loop's long steps: a spinner with elapsed time per step."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from rich.console import Console
+from rich.progress import Progress as RichProgress
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+class Progress:
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None = None):
+        start = time.perf_counter()
+        columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn())
+        with RichProgress(*columns, console=self.console, transient=True) as bar:
+            bar.add_task(description, total=total)
+            yield
+        self.console.print(f"[green]done[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")

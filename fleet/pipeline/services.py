@@ -1,0 +1,120 @@
+"""What one flywheel run stands on: local Ray (or a cluster), the fleet server on loopback with
+the policy registry, tokens and keys, the episode store, the tracker. All state lives in the
+run folder, so a rerun with the same folder resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+import ray
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fleet.registry.signing import generate_keypair, load_private_key
+from fleet.registry.store import PolicyRegistry
+from fleet.server.auth import add_token
+from fleet.server.config import ServerConfig
+from fleet.server.runner import serve
+from fleet.store import EpisodeStore, StoreConfig
+from fleet.tracking import Tracker
+from sim.episode import Episode
+
+
+def start_ray(cfg: DictConfig) -> bool:
+    """Start (or join) Ray once per process; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False}
+    if cfg.address:
+        ray.init(address=cfg.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
+    return True
+
+
+def _ray_task(fn, job):
+    return fn(job)
+
+
+class Services(contextlib.AbstractContextManager):
+    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str]):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        self._stack = contextlib.ExitStack()
+        self._started_ray = start_ray(cfg.ray)
+        keys = self.run_dir / "keys"
+        if not (keys / "registry.pem").exists():
+            generate_keypair(keys / "registry.pem", keys / "registry.pub")
+        self.public_key_pem = (keys / "registry.pub").read_bytes()
+        self.registry = PolicyRegistry(self.run_dir / "registry", load_private_key(keys / "registry.pem"))
+        token_file = self.run_dir / "tokens.json"
+        token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process
+        self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}
+        self.store_cfg = dataclasses.replace(instantiate(cfg.fleet.store), path=str(self.run_dir / "store"))
+        EpisodeStore.open_or_create(self.store_cfg)
+        server_cfg = ServerConfig(host="127.0.0.1", port=0, token_file=str(token_file))
+        self.server = serve(server_cfg, self.store_cfg, policy_registry=self.registry)
+        self.url = self.server.url
+        self.store = EpisodeStore.open(self.store_cfg)
+        self.tracker = Tracker(
+            self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+            config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
+        )
+
+    # -- data ---------------------------------------------------------------------------------
+    def read_data(self, robot_model: str) -> tuple[str, list[Episode], list[Episode]]:
+        """Pin the store's latest snapshot; its real and sim episodes of ``robot_model``."""
+        self.store.refresh_index()
+        snapshot = self.store.snapshot()
+        real = snapshot.read_episodes(snapshot.episodes(robot_model=robot_model, source="real"))
+        sim = snapshot.read_episodes(snapshot.episodes(robot_model=robot_model, source="sim"))
+        return snapshot.snapshot_id, real, sim
+
+    def store_synthetic(self, episodes: list[Episode]) -> int:
+        """Write scenario and world-model episodes into the store (idempotent by episode id)."""
+        if not episodes:
+            return 0
+        return self.store.append(episodes, message="synthetic episodes").created
+
+    def ray_map(self, fn, jobs):
+        remote = ray.remote(num_cpus=1)(_ray_task)
+        return ray.get([remote.remote(fn, job) for job in jobs])
+
+    # -- models ---------------------------------------------------------------------------------
+    def load_world_model(self):
+        from worldmodel.io import META_FILE, load
+
+        path = self.run_dir / "worldmodel"
+        return load(path, device=self.cfg.worldmodel.train.device) if (path / META_FILE).exists() else None
+
+    def save_world_model(self, model) -> None:
+        from worldmodel.io import save
+
+        save(model, self.run_dir / "worldmodel")
+
+    def export(self, policy, directory: Path, robot_model: str, snapshot_id: str, gate: dict) -> tuple[bytes, dict]:
+        """Export a policy (safetensors + manifest); returns (weights bytes, the exporter's manifest)."""
+        from policies.export import export_policy
+        from policies.runtime import WEIGHTS_FILE
+
+        manifest = export_policy(policy, directory, robot_model=robot_model, policy_version=directory.parent.name, algorithm="sac", data_snapshot=snapshot_id)
+        return (directory / WEIGHTS_FILE).read_bytes(), manifest
+
+    def mirror_policy(self, version: int, export_dir: Path) -> None:
+        """W&B mirrors each promoted policy as an Artifact; our registry serves it."""
+        files = sorted(p for p in export_dir.iterdir() if p.is_file())
+        self.tracker.artifact(f"policy-v{version}", "model", files, {"version": version})
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def __exit__(self, *exc):
+        try:
+            self.tracker.finish()
+            self.server.stop()
+        finally:
+            if self._started_ray:
+                ray.shutdown()
+        return False

@@ -1,0 +1,136 @@
+"""The steps of one flywheel iteration, each a function of data in, data out.
+
+1. world model: train/update the dynamics ensemble on real + sim episodes
+2. scenarios: calibrate each robot's profile from its telemetry, propose scenarios from
+   failures / uncertainty / randomisation around it, simulate them (Ray tasks), branch
+   short world-model rollouts from real states
+3. policy: SAC on real + sim + world-model data plus online MuJoCo on the calibrated profiles
+4. gate inputs: candidate and current policy on every robot's calibrated profile
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sim.calibration import CalibrationConfig, calibrate
+from sim.episode import Episode
+from sim.variation import VariationProfile
+from worldmodel.fanout import simulate_scenarios
+from worldmodel.io import model_version
+from worldmodel.proposals import ProposalConfig, propose
+from worldmodel.rollout import RolloutConfig, branch_rollouts
+from worldmodel.train import train_ensemble
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+def by_robot(episodes: Sequence[Episode]) -> dict[str, list[Episode]]:
+    out: dict[str, list[Episode]] = {}
+    for ep in episodes:
+        out.setdefault(ep.robot_id, []).append(ep)
+    return out
+
+
+def update_world_model(real: Sequence[Episode], sim: Sequence[Episode], previous, ensemble_cfg, train_cfg, log: LogFn | None):
+    """Continue training the previous model (or start one) on every real and sim episode so far."""
+    model, report = train_ensemble([*real, *sim], ensemble=ensemble_cfg, config=train_cfg, model=previous, log=log)
+    return model, report, model_version(model)
+
+
+def calibrate_fleet(robot_model: str, real: Sequence[Episode], config: CalibrationConfig, max_episodes: int) -> dict[str, object]:
+    """Each robot's CalibrationResult from its most recent ``max_episodes`` episodes."""
+    return {robot_id: calibrate(robot_model, eps[-max_episodes:], config) for robot_id, eps in sorted(by_robot(real).items())}
+
+
+def generate_scenarios(
+    real: Sequence[Episode],
+    profiles: dict[str, VariationProfile],
+    model,
+    policy_factory: Callable[[], object],
+    proposal_cfg: ProposalConfig,
+    *,
+    map_fn,
+    chunk_size: int,
+    policy_version: str,
+) -> tuple[list[Episode], dict[str, int]]:
+    """Propose scenarios (failures, uncertainty, randomisation around calibrated profiles) and simulate them."""
+    specs = propose(real, profiles, model, proposal_cfg)
+    episodes = simulate_scenarios(specs, policy_factory, map_fn=map_fn, chunk_size=chunk_size, policy_version=policy_version, robot_id="scenario")
+    counts: dict[str, int] = {}
+    for spec in specs:
+        kind = spec.tag.split(":", 1)[0] or "other"
+        counts[kind] = counts.get(kind, 0) + 1
+    return episodes, counts
+
+
+def model_rollouts(model, real: Sequence[Episode], policy, num_rollouts: int, config: RolloutConfig, policy_version: str) -> list[Episode]:
+    return branch_rollouts(model, real, policy, num_rollouts, config, policy_version=policy_version)
+
+
+@dataclasses.dataclass
+class TrainedPolicy:
+    policy: object  # policies.networks.Policy (torch)
+    checkpoint: Path
+    env_steps: int
+    metrics: dict[str, float]
+
+
+def train_policy(
+    trainer_cfg,
+    algo_cfg,
+    data: dict[str, list[Episode]],
+    profiles: Sequence[VariationProfile],
+    warm_start: Path | None,
+    out_dir: Path,
+    log: LogFn | None,
+) -> TrainedPolicy:
+    """SAC on the fleet's data (``data``: source -> episodes, mixed by ``algo_cfg.replay_ratios``)
+    plus online MuJoCo on ``profiles``; warm-started from the previous candidate's networks."""
+    from policies.checkpoint import load_checkpoint
+    from policies.trainer import Trainer, make_algorithm
+
+    ratios = {k: v for k, v in algo_cfg.replay_ratios.items() if k == algo_cfg.online_source or data.get(k)}
+    algo_cfg = dataclasses.replace(algo_cfg, replay_ratios=ratios)
+    offline = {k: v for k, v in data.items() if k in ratios and v}
+    algorithm = make_algorithm(trainer_cfg, algo_cfg, offline=offline)
+    if warm_start is not None:
+        tensors, _ = load_checkpoint(warm_start)
+        _load_networks(algorithm, tensors)
+    with Trainer(trainer_cfg, algorithm, profiles=list(profiles), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg) as trainer:
+        result = trainer.train()
+        checkpoint = trainer.save(out_dir)
+        return TrainedPolicy(trainer.algo.policy, checkpoint, result.env_steps, result.metrics)
+
+
+def _load_networks(algorithm, tensors) -> None:
+    """Copy the actor/critic/temperature of a previous SAC checkpoint (not its replay, optimisers or step counters)."""
+    import torch
+
+    from policies.checkpoint import load_module_state
+
+    for name in ("policy", "critic", "critic_target"):
+        load_module_state(getattr(algorithm, name), tensors, name)
+    with torch.no_grad():
+        algorithm.log_alpha.copy_(tensors["log_alpha"])
+    # the online buffer still fills for learning_starts steps before updates (else the first
+    # updates over-sample a handful of online transitions and the warm policy degrades)
+
+
+def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, float]:
+    """Mean return of ``policy`` on each robot's profile (fixed seeds, batched)."""
+    from policies.evaluate import evaluate
+
+    ids = sorted(profiles)
+    result = evaluate(policy, robot_model, [profiles[r] for r in ids], episodes, seed)
+    return {r: float(p.mean_return) for r, p in zip(ids, result.profiles)}
+
+
+def mean_returns(summaries: Sequence[dict]) -> dict[str, float]:
+    out: dict[str, list[float]] = {}
+    for s in summaries:
+        out.setdefault(s["robot_id"], []).append(s["return"])
+    return {r: float(np.mean(v)) for r, v in sorted(out.items())}

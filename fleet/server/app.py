@@ -1,0 +1,203 @@
+"""The FastAPI app of flywheel-server: episode upload, listing, fetch, health, metrics.
+
+API (docs/protocol.md):
+    POST /v1/episodes            robot token; body: one safetensors episode
+                                 201 created | 200 duplicate | 409 conflict | 4xx refused | 503 retry
+    GET  /v1/episodes            operator token; ?robot_id=&source=&robot_model=&since=&until=&limit=&offset=
+    GET  /v1/episodes/{id}       operator token; the episode as canonical safetensors
+    GET  /healthz                anyone
+    GET  /metrics                operator token; Prometheus text
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from fastapi import APIRouter, FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from fleet.server.auth import TokenRegistry
+from fleet.server.committer import GroupCommitter, ShuttingDown
+from fleet.server.config import ServerConfig
+from fleet.server.errors import ApiError, from_validation
+from fleet.server.metrics import Metrics
+from fleet.store.reader import StoreSnapshot
+from fleet.store.writer import EpisodeStore
+from sim.episode import Episode, EpisodeValidationError, encode_safetensors
+
+log = logging.getLogger(__name__)
+SAFETENSORS = "application/octet-stream"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before any body byte is read; a
+    chunked or lying body is cut off when the bytes received pass the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_content_length", f"Content-Length {declared!r} is not a byte count", "content-length")
+        if int(declared) > limit:
+            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds the {limit}-byte limit", "content-length")
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"body exceeds the {limit}-byte limit", "body")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
+    """(episode, sha256 of its canonical bytes, canonical size); ApiError naming the fault otherwise."""
+    try:
+        episode = Episode.from_bytes(body)
+    except EpisodeValidationError as exc:
+        raise from_validation(exc) from None
+    canonical = encode_safetensors(episode.arrays(), episode.metadata)
+    return episode, hashlib.sha256(canonical).digest(), len(canonical)
+
+
+class _Snapshots:
+    """The latest store snapshot, reused until the store's tip moves."""
+
+    def __init__(self, store: EpisodeStore):
+        self.store = store
+        self._lock = threading.Lock()
+        self._snap: StoreSnapshot | None = None
+
+    def latest(self) -> StoreSnapshot:
+        tip = self.store.latest_snapshot_id()
+        with self._lock:
+            if self._snap is None or self._snap.snapshot_id != tip:
+                self._snap = self.store.snapshot(tip, base=self._snap)
+            return self._snap
+
+
+RoutesFactory = Callable[[TokenRegistry], Iterable[APIRouter]]
+
+
+def create_app(
+    config: ServerConfig, store: EpisodeStore, tokens: TokenRegistry, *, on_ready=None, routes: RoutesFactory | None = None
+) -> FastAPI:
+    """The app over an opened store; the group-commit thread lives as long as the app's lifespan.
+
+    routes: more endpoints on the same server and tokens (e.g. the policy registry's
+    ``lambda tokens: [policy_router(registry, tokens)]``).
+    """
+    metrics = Metrics()
+    committer = GroupCommitter(
+        store, metrics, wait_s=config.commit_wait_ms / 1000, max_bytes=config.commit_max_bytes, max_episodes=config.commit_max_episodes
+    )
+    snapshots = _Snapshots(store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        committer.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(committer.close)
+
+    app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan)
+    app.state.metrics, app.state.committer, app.state.store = metrics, committer, store
+
+    for router in routes(tokens) if routes is not None else ():
+        app.include_router(router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        metrics.rejected(exc.error)
+        return exc.response()
+
+    @app.post("/v1/episodes")
+    async def upload(request: Request):
+        start = time.perf_counter()
+        try:
+            principal = tokens.require(request.headers.get("authorization"), "robot")
+            with committer.receiving():
+                body = await read_body(request, config.max_body_bytes)
+                episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
+                if episode.robot_id != principal.robot_id:
+                    raise ApiError(
+                        403, "robot_id_mismatch", f"token is for robot {principal.robot_id!r}, episode says {episode.robot_id!r}", "robot_id"
+                    )
+                try:
+                    future = committer.submit(episode, digest, nbytes)
+                except ShuttingDown as exc:
+                    raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
+            try:
+                status = await asyncio.wrap_future(future)
+            except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
+                raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {exc}); retry", None, {"Retry-After": "1"}) from None
+            if status == "conflict":
+                raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
+            metrics.uploaded(status, nbytes, episode.num_steps)
+            code = 201 if status == "created" else 200
+            return JSONResponse({"episode_id": episode.episode_id, "status": status}, status_code=code)
+        finally:
+            metrics.observe_latency(time.perf_counter() - start)
+
+    @app.get("/v1/episodes")
+    async def list_episodes(
+        request: Request,
+        robot_id: str | None = None,
+        source: str | None = None,
+        robot_model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ):
+        tokens.require(request.headers.get("authorization"), "operator")
+        if not 0 < limit <= config.list_limit or offset < 0:
+            raise ApiError(400, "bad_query", f"limit must be in 1..{config.list_limit} and offset >= 0", "limit")
+
+        def query():
+            snap = snapshots.latest()
+            found = snap.episodes(robot_id=robot_id, source=source, robot_model=robot_model, since=since, until=until)
+            page = [dataclasses.asdict(e) for e in found[offset : offset + limit]]
+            return {"snapshot_id": snap.snapshot_id, "total": len(found), "episodes": page}
+
+        return JSONResponse(await run_in_threadpool(query))
+
+    @app.get("/v1/episodes/{episode_id}")
+    async def get_episode(request: Request, episode_id: str):
+        tokens.require(request.headers.get("authorization"), "operator")
+        try:
+            uuid.UUID(episode_id)
+        except ValueError:
+            raise ApiError(400, "bad_episode_id", f"{episode_id!r} is not a UUID", "episode_id") from None
+
+        def fetch():
+            snap = snapshots.latest()
+            if episode_id not in snap:
+                raise ApiError(404, "not_found", f"episode {episode_id} is not in snapshot {snap.snapshot_id}", "episode_id")
+            return snap.snapshot_id, snap.read_bytes(episode_id)
+
+        snapshot_id, data = await run_in_threadpool(fetch)
+        return Response(data, media_type=SAFETENSORS, headers={"X-Flywheel-Snapshot": snapshot_id})
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "pending_uploads": committer.pending}
+
+    @app.get("/metrics")
+    async def metrics_text(request: Request):
+        tokens.require(request.headers.get("authorization"), "operator")
+        return PlainTextResponse(metrics.render(committer.pending, store.known_episodes), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,138 @@
+"""Bearer tokens: stored hashed, one role each (robot, operator, publisher).
+
+Token file (JSON, or YAML if it ends in .yaml/.yml)::
+
+    {"<sha256 hex of the token>": {"role": "robot", "robot_id": "ant-07"},
+     "<sha256 hex>": {"role": "operator"}}
+
+A robot token may upload only episodes whose robot_id is its own. Create tokens with::
+
+    python -m fleet.server.auth --tokens runs/fleet/tokens.json add --role robot --robot-id ant-07
+
+which prints the token once (only its hash is stored). The server re-reads the file when
+it changes, so adding a robot needs no restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from fleet.server.errors import ApiError
+
+ROLES = ("robot", "operator", "publisher")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a request is: role and, for robots, the robot_id it may upload as."""
+
+    role: str
+    robot_id: str | None = None
+
+
+def _parse(path: Path) -> dict[str, Principal]:
+    text = path.read_text()
+    raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text or "{}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"token file {path} must map sha256(token) -> {{role, robot_id}}")
+    out = {}
+    for digest, entry in (raw or {}).items():
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"token file {path}: key {digest!r} is not a sha256 hex digest (store hashes, never tokens)")
+        if not isinstance(entry, dict) or entry.get("role") not in ROLES:
+            raise ValueError(f"token file {path}: entry {digest[:12]}... needs role in {ROLES}")
+        if entry["role"] == "robot" and not entry.get("robot_id"):
+            raise ValueError(f"token file {path}: robot token {digest[:12]}... needs a robot_id")
+        out[digest] = Principal(entry["role"], entry.get("robot_id"))
+    return out
+
+
+class TokenRegistry:
+    """Hashed tokens from a file, re-read when the file changes (checked at most once a second)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"token file {self.path} does not exist; create tokens with "
+                f"`python -m fleet.server.auth --tokens {self.path} add --role operator`"
+            )
+        self._lock = threading.Lock()
+        self._mtime = self.path.stat().st_mtime_ns
+        self._tokens = _parse(self.path)
+        self._checked = time.monotonic()
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal for an ``Authorization: Bearer <token>`` header; ApiError 401 otherwise."""
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'", "authorization", {"WWW-Authenticate": "Bearer"})
+        self._maybe_reload()
+        principal = self._tokens.get(hash_token(authorization[len("Bearer ") :].strip()))
+        if principal is None:
+            raise ApiError(401, "unauthorized", "unknown token", "authorization", {"WWW-Authenticate": "Bearer"})
+        return principal
+
+    def require(self, authorization: str | None, role: str) -> Principal:
+        principal = self.authenticate(authorization)
+        if principal.role != role:
+            raise ApiError(403, "forbidden", f"this call needs a {role} token, got a {principal.role} token", "authorization")
+        return principal
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        with self._lock:
+            self._checked = now
+            mtime = self.path.stat().st_mtime_ns
+            if mtime != self._mtime:
+                self._tokens, self._mtime = _parse(self.path), mtime
+
+
+def add_token(path: str | Path, role: str, robot_id: str | None = None) -> str:
+    """Create a token, store its hash in ``path`` (created if missing), return the token itself."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "robot" and not robot_id:
+        raise ValueError("a robot token needs robot_id")
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        raise ValueError(f"add_token writes JSON token files; give a .json path, not {path}")
+    entries = json.loads(path.read_text() or "{}") if path.is_file() else {}
+    token = secrets.token_urlsafe(32)
+    entries[hash_token(token)] = {"role": role, **({"robot_id": robot_id} if robot_id else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fleet.server.auth", description="Manage flywheel-server bearer tokens.")
+    parser.add_argument("--tokens", required=True, help="token file (JSON)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="create a token; prints it once")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--robot-id", default=None)
+    args = parser.parse_args(argv)
+    print(add_token(args.tokens, args.role, args.robot_id))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Group commit: uploads that arrive together are stored in one transaction, then all acknowledged.
+
+An upload is acknowledged (201/200) only after the commit holding it is durable. While a
+commit runs, new uploads queue; the next commit takes all of them (and, while more
+uploads are still being received, waits up to ``commit_wait_ms`` for those too), so the
+store sees large chunk-sized writes without a lone robot ever waiting for company.
+
+Idempotency: an episode_id already in the store, or already queued, is not queued again;
+its upload resolves to "duplicate" (same bytes) or "conflict" (different bytes) once the
+first one is settled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+from fleet.server.metrics import Metrics
+from fleet.store.writer import EpisodeStore
+from sim.episode import Episode
+
+log = logging.getLogger(__name__)
+
+
+class ShuttingDown(RuntimeError):
+    """The committer was closed; the upload was not queued."""
+
+
+@dataclasses.dataclass
+class _Item:
+    episode: Episode
+    digest: bytes
+    nbytes: int
+    received: float
+    future: Future
+
+
+class GroupCommitter:
+    """One background thread that owns all writes of a server process to its store."""
+
+    def __init__(self, store: EpisodeStore, metrics: Metrics, *, wait_s: float, max_bytes: int, max_episodes: int):
+        self.store, self.metrics = store, metrics
+        self.wait_s, self.max_bytes, self.max_episodes = wait_s, max_bytes, max_episodes
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._pending: dict[str, tuple[bytes, Future]] = {}
+        self._lock = threading.Lock()
+        self._incoming = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="flywheel-group-commit", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[None]:
+        """Mark an upload as being received/parsed, so a commit about to start may wait for it."""
+        with self._lock:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._incoming -= 1
+
+    def submit(self, episode: Episode, digest: bytes, nbytes: int) -> Future:
+        """Queue an episode; the future resolves to "created", "duplicate" or "conflict" once durable."""
+        eid = episode.episode_id
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry against the restarted server")
+            known = self.store.lookup(eid)
+            if known is not None:
+                return _done("duplicate" if known == digest else "conflict")
+            if eid in self._pending:
+                return self._follow(eid, digest, self._pending[eid][1])
+            future: Future = Future()
+            self._pending[eid] = (digest, future)
+            self._queue.put(_Item(episode, digest, nbytes, time.time(), future))
+            return future
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread."""
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    # -- internals ---------------------------------------------------------------------
+    def _follow(self, eid: str, digest: bytes, first: Future) -> Future:
+        """A second upload of a queued episode_id: settle it against whatever the first one left stored."""
+        follower: Future = Future()
+
+        def relay(done: Future) -> None:
+            if done.exception() is not None:
+                follower.set_exception(done.exception())
+                return
+            stored = self.store.lookup(eid)
+            follower.set_result("duplicate" if stored == digest else "conflict")
+
+        first.add_done_callback(relay)
+        return follower
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch, size = [item], item.nbytes
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_episodes and size < self.max_bytes:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    if self._incoming == 0 or time.monotonic() >= deadline:
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=min(0.001, max(0.0, deadline - time.monotonic())))
+                    except queue.Empty:
+                        continue
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+                size += nxt.nbytes
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        try:
+            result = self.store.append(
+                [i.episode for i in batch],
+                digests=[i.digest for i in batch],
+                upload_times=[i.received for i in batch],
+                message=f"ingest {len(batch)} uploads",
+            )
+        except Exception as exc:  # reported to every waiting upload as 503; nothing was acknowledged
+            log.exception("group commit of %d uploads failed; none acknowledged, clients will retry", len(batch))
+            self.metrics.committed(time.perf_counter() - start, len(batch), ok=False)
+            self._settle(batch, error=exc)
+            return
+        self.metrics.committed(time.perf_counter() - start, result.created, ok=True)
+        self._settle(batch, statuses=result.statuses)
+
+    def _settle(self, batch: list[_Item], statuses=None, error: Exception | None = None) -> None:
+        with self._lock:  # forget them first: a new upload of the same id then sees the store
+            for item in batch:
+                eid = item.episode.episode_id
+                if eid in self._pending and self._pending[eid][1] is item.future:
+                    del self._pending[eid]
+        for k, item in enumerate(batch):
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(statuses[k])
+
+
+def _done(status: str) -> Future:
+    future: Future = Future()
+    future.set_result(status)
+    return future

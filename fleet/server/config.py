@@ -1,0 +1,41 @@
+"""Ingestion server configuration (a Hydra ``_target_``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """flywheel-server settings.
+
+    host/port: where to listen; loopback by default (put a TLS proxy in front for a real fleet).
+        port 0 picks a free port (written to ``ready_file``).
+    token_file: JSON/YAML map sha256(token) -> {role, robot_id} (``python -m fleet.server.auth``).
+    max_body_bytes: uploads larger than this are refused with 413 before their body is read.
+    commit_wait_ms: while other uploads are still arriving, wait up to this long to commit
+        them together (group commit); an upload never waits when nothing else is in flight.
+    commit_max_bytes / commit_max_episodes: cap one group commit.
+    list_limit: most episodes one GET /v1/episodes returns.
+    ready_file: if set, written (JSON: url, pid) once the server accepts connections.
+    log_level: uvicorn log level.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8700
+    token_file: str = "runs/fleet/tokens.json"
+    max_body_bytes: int = 64 << 20
+    commit_wait_ms: float = 5.0
+    commit_max_bytes: int = 64 << 20
+    commit_max_episodes: int = 256
+    list_limit: int = 1000
+    ready_file: str | None = None
+    log_level: str = "warning"
+
+    def __post_init__(self):
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.commit_wait_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
+            raise ValueError("commit_wait_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")

@@ -1,0 +1,197 @@
+"""Starting the server: blocking (the Hydra app), in-process (tests, benchmarks), or as a child process.
+
+* :func:`run` - open the store, load the episode-id index, serve until SIGINT/SIGTERM.
+* :func:`serve` - the same on a background thread; returns a :class:`ServerHandle` (``.url``, ``.stop()``).
+* :class:`ServerProcess` - ``flywheel-server`` in its own process (``.kill()`` sends SIGKILL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from fleet.server.app import RoutesFactory, create_app
+from fleet.server.auth import TokenRegistry
+from fleet.server.config import ServerConfig
+from fleet.store.config import StoreConfig
+from fleet.store.writer import EpisodeStore
+
+
+def _bind(config: ServerConfig) -> socket.socket:
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+    # and without it every response waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port} ({exc.strerror}); pick another server.port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _with_registry(routes: RoutesFactory | None, policy_registry) -> RoutesFactory | None:
+    """Add the policy registry's endpoints (fleet.registry) to ``routes`` when a registry is given."""
+    if policy_registry is None:
+        return routes
+    from fleet.registry.routes import policy_router
+
+    return lambda tokens: [*(routes(tokens) if routes is not None else ()), policy_router(policy_registry, tokens)]
+
+
+def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: RoutesFactory | None = None) -> uvicorn.Server:
+    store = EpisodeStore.open_or_create(store_cfg)
+    store.refresh_index()  # idempotency across restarts: every stored episode_id is known before the first upload
+    tokens = TokenRegistry(server.token_file)
+    app = create_app(server, store, tokens, on_ready=on_ready, routes=routes)
+    config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30)
+    return uvicorn.Server(config)
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+def _write_ready(path: str, url: str) -> None:
+    ready = Path(path)
+    ready.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ready.with_name(f".{ready.name}.tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    os.replace(tmp, ready)
+
+
+def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | None = None, policy_registry=None) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM; queued uploads are committed before exit.
+
+    routes: extra endpoints sharing the server's tokens (see :func:`fleet.server.app.create_app`);
+    policy_registry: a ``fleet.registry.store.PolicyRegistry`` whose endpoints to serve too.
+    """
+    routes = _with_registry(routes, policy_registry)
+    sock = _bind(server)
+    url = url_of(sock)
+
+    def ready():
+        print(f"flywheel-server listening on {url} (store {store_cfg.path})", flush=True)
+        if server.ready_file:
+            _write_ready(server.ready_file, url)
+
+    _build(server, store_cfg, on_ready=ready, routes=routes).run(sockets=[sock])
+
+
+@dataclasses.dataclass
+class ServerHandle:
+    """A server running on a background thread of this process."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    @property
+    def app(self):
+        return self.server.config.app
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"server {self.url} did not stop within {timeout}s")
+
+
+def serve(
+    server: ServerConfig, store_cfg: StoreConfig, timeout: float = 30.0, routes: RoutesFactory | None = None, policy_registry=None
+) -> ServerHandle:
+    """Start a server on a background thread; returns once it accepts connections (``routes``, ``policy_registry``: see :func:`run`)."""
+    sock = _bind(server)
+    uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="flywheel-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not uv.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            uv.should_exit = True
+            raise RuntimeError(f"server on {url_of(sock)} failed to start within {timeout}s (see the log above)")
+        time.sleep(0.01)
+    return ServerHandle(url_of(sock), uv, thread)
+
+
+class ServerProcess:
+    """``flywheel-server`` (the Hydra app) as a child process, for crash tests and benchmarks."""
+
+    def __init__(self, store_cfg: StoreConfig, server: ServerConfig, workdir: str | Path, extra_overrides: Sequence[str] = ()):
+        self.store_cfg, self.server = store_cfg, server
+        self.workdir = Path(workdir)
+        self.ready_file = self.workdir / "server.ready.json"
+        self.extra = list(extra_overrides)
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+
+    def overrides(self) -> list[str]:
+        s, st = self.server, self.store_cfg
+        return [
+            f"fleet.server.host={s.host}",
+            f"fleet.server.port={s.port}",
+            f"fleet.server.token_file={s.token_file}",
+            f"fleet.server.max_body_bytes={s.max_body_bytes}",
+            f"fleet.server.commit_wait_ms={s.commit_wait_ms}",
+            f"fleet.server.ready_file={self.ready_file}",
+            f"fleet.store.path={st.path}",
+            f"fleet.store.chunk_rows={st.chunk_rows}",
+            f"fleet.store.index_rows={st.index_rows}",
+            f"fleet.store.compression={st.compression}",
+            f"fleet.store.fsync={str(st.fsync).lower()}",
+            f"hydra.run.dir={self.workdir / 'hydra'}",
+            "hydra.output_subdir=null",
+            *self.extra,
+        ]
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Launch and wait until the server accepts connections; returns its URL."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+        log = open(self.workdir / "server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.apps.server", *self.overrides()], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                tail = (self.workdir / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"flywheel-server exited with {self.proc.returncode} before it was ready:\n{tail}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"flywheel-server not ready within {timeout}s; log: {self.workdir / 'server.log'}")
+            time.sleep(0.02)
+        self.url = json.loads(self.ready_file.read_text())["url"]
+        return self.url
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (what a power cut or OOM kill looks like to the store)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful: queued uploads are committed), then wait."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TimeoutError(f"flywheel-server did not stop within {timeout}s of SIGTERM; killed it") from None
+        return self.proc.returncode

@@ -1,0 +1,38 @@
+"""Episode store: Zarr v3 arrays in an Icechunk repository (layout: docs/store.md).
+
+This package is the only code that calls zarr or icechunk. Entry points:
+
+* :class:`StoreConfig` - where the store lives and how it writes (a Hydra ``_target_``)
+* :class:`EpisodeStore` - ``create`` / ``open`` / ``open_or_create``; ``append`` commits
+  episodes atomically and idempotently; ``snapshot()`` pins a read-only view
+* :class:`StoreSnapshot` - catalog, filters (robot, source, time), episodes, transitions
+* :mod:`fleet.store.dataset` - torch Dataset over a pinned snapshot, split by episode
+
+Only :mod:`fleet.store.config` loads eagerly; the rest imports zarr/icechunk on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from fleet.store.config import StoreConfig
+
+_LAZY = {
+    "EpisodeStore": "fleet.store.writer",
+    "AppendResult": "fleet.store.writer",
+    "canonical_digest": "fleet.store.writer",
+    "StoreSnapshot": "fleet.store.reader",
+    "EpisodeInfo": "fleet.store.reader",
+    "TransitionTable": "fleet.store.reader",
+    "StoreCorruptionError": "fleet.store.reader",
+    "StoreBusyError": "fleet.store.backend",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fleet.store' has no attribute {name!r}")
+
+
+__all__ = ["StoreConfig", *_LAZY]

@@ -1,0 +1,38 @@
+"""Store configuration (a Hydra ``_target_``): where the store lives and how it writes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+COMPRESSIONS = ("lz4-bitshuffle", "zstd", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """Episode store settings.
+
+    path: store directory (holds ``icechunk/`` and ``writer.lock``).
+    chunk_rows: time rows per data chunk; every commit starts a new chunk (docs/store.md).
+    index_rows: episode slots per index chunk; every commit starts a new index chunk.
+    compression: codec for data and index chunks: "lz4-bitshuffle" (Blosc), "zstd" or "none".
+    fsync: after each commit, flush the store's file system (syncfs) before returning, so an
+        acknowledged episode survives power loss, not only a process crash.
+    lock_timeout_s: how long a writer waits for another writer's commit before giving up.
+    """
+
+    path: str
+    chunk_rows: int = 16384
+    index_rows: int = 64
+    compression: str = "lz4-bitshuffle"
+    fsync: bool = True
+    lock_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if not str(self.path):
+            raise ValueError("StoreConfig.path must name a directory")
+        if self.chunk_rows < 1 or self.index_rows < 1:
+            raise ValueError(f"chunk_rows and index_rows must be >= 1, got {self.chunk_rows}, {self.index_rows}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
+        if self.lock_timeout_s <= 0:
+            raise ValueError(f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")

@@ -1,0 +1,218 @@
+"""On-disk layout of the episode store (docs/store.md): names, stream signatures, index rows.
+
+No zarr calls here: this module only says *where* things go and *how* an episode maps to
+rows, so the writer and the reader agree by construction.
+
+Inside the Icechunk repository (branch ``main``)::
+
+    /                                  root group; attrs["flywheel_store"] = root_attrs(...)
+    /streams/<stream>/                 one stream per (robot_model, array signature)
+        attrs["signature"]             StreamSignature.to_dict()
+        data/<array>                   (rows, *tail) time-major; episode k owns rows
+                                       [row_k, row_k + T_k + 1); "T"-length arrays leave
+                                       the last of those rows as zero padding
+        index/span    int64 (slots, 2) [row_k, T_k]; T_k == 0 marks an unused slot
+        index/key     uint8 (slots, 48) episode UUID (16 bytes) + sha256 of the canonical
+                                       safetensors bytes (32 bytes)
+        index/record  string (slots,)  provenance JSON (see :func:`record_json`)
+        index/metadata string (slots,) the episode's full metadata map as JSON
+
+Every commit starts at a chunk boundary in every array (data rows and index slots), pads
+its last chunk with zeros, and never rewrites an earlier chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import uuid
+
+import numpy as np
+
+from sim.episode import SCHEMA_VERSION, Episode
+
+STORE_FORMAT = "flywheel-episode-store"
+STORE_SCHEMA_VERSION = 1
+REPO_DIR = "icechunk"
+LOCK_FILE = "writer.lock"
+BRANCH = "main"
+ROOT_ATTR = "flywheel_store"
+STREAMS = "streams"
+KEY_BYTES = 48  # 16-byte UUID + 32-byte sha256
+INDEX_ARRAYS = ("span", "key", "record", "metadata")
+_SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def root_attrs(chunk_rows: int, index_rows: int, compression: str) -> dict:
+    """The root group's ``flywheel_store`` attribute: format, versions and write geometry."""
+    return {
+        "format": STORE_FORMAT,
+        "store_schema_version": STORE_SCHEMA_VERSION,
+        "episode_schema_version": SCHEMA_VERSION,
+        "chunk_rows": int(chunk_rows),
+        "index_rows": int(index_rows),
+        "compression": compression,
+    }
+
+
+def check_root_attrs(attrs: dict, where: str) -> dict:
+    """Validate a store's root attribute; raise a ValueError that says what to do."""
+    info = attrs.get(ROOT_ATTR)
+    if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
+        raise ValueError(f"{where} is an Icechunk repository but not a Flywheel episode store (no '{ROOT_ATTR}' root attribute)")
+    if info.get("store_schema_version") != STORE_SCHEMA_VERSION:
+        raise ValueError(
+            f"{where} has store schema version {info.get('store_schema_version')!r}; this build reads "
+            f"{STORE_SCHEMA_VERSION}. Use a matching build, or migrate the store (docs/store.md)."
+        )
+    return info
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One array of a stream: dtype, shape after the time axis, and leading length T or T+1."""
+
+    name: str
+    dtype: str
+    tail: tuple[int, ...]
+    length: str  # "T" or "T+1"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "tail": list(self.tail), "length": self.length}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArraySpec:
+        return cls(name=d["name"], dtype=d["dtype"], tail=tuple(d["tail"]), length=d["length"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSignature:
+    """What every episode of one stream shares: robot model and array layout."""
+
+    robot_model: str
+    arrays: tuple[ArraySpec, ...]  # sorted by name
+
+    @classmethod
+    def of(cls, episode: Episode) -> StreamSignature:
+        t = episode.num_steps
+        specs = []
+        for name, arr in sorted(episode.arrays().items()):
+            length = "T" if arr.shape[0] == t else "T+1"
+            specs.append(ArraySpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]), length))
+        return cls(robot_model=episode.metadata["robot_model"], arrays=tuple(specs))
+
+    def to_dict(self) -> dict:
+        return {"robot_model": self.robot_model, "arrays": [a.to_dict() for a in self.arrays]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamSignature:
+        return cls(robot_model=d["robot_model"], arrays=tuple(ArraySpec.from_dict(a) for a in d["arrays"]))
+
+    @property
+    def name(self) -> str:
+        """Stream group name: the sanitised robot model plus a hash of the full signature."""
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{_SAFE.sub('_', self.robot_model)[:48]}-{digest}"
+
+    def spec(self, name: str) -> ArraySpec:
+        for a in self.arrays:
+            if a.name == name:
+                return a
+        raise KeyError(f"stream {self.name} has no array {name!r}; it has {[a.name for a in self.arrays]}")
+
+    @property
+    def obs_dim(self) -> int:
+        return self.spec("observation").tail[0]
+
+    @property
+    def act_dim(self) -> int:
+        return self.spec("action").tail[0]
+
+
+def stream_path(stream: str) -> str:
+    return f"{STREAMS}/{stream}"
+
+
+def data_path(stream: str, array: str) -> str:
+    return f"{STREAMS}/{stream}/data/{array}"
+
+
+def index_path(stream: str, name: str) -> str:
+    return f"{STREAMS}/{stream}/index/{name}"
+
+
+MAX_CHUNK_BYTES = 16 << 20
+
+
+def array_chunk_rows(spec: ArraySpec, chunk_rows: int) -> int:
+    """Rows per chunk of one data array: ``chunk_rows`` halved until a chunk is <= 16 MiB.
+
+    Halving keeps it a divisor of ``chunk_rows`` (a power of two in every shipped config),
+    so a commit aligned to ``chunk_rows`` is aligned for every array.
+    """
+    row_bytes = np.dtype(spec.dtype).itemsize * int(np.prod(spec.tail, dtype=np.int64))
+    rows = chunk_rows
+    while rows > 1 and rows % 2 == 0 and rows * row_bytes > MAX_CHUNK_BYTES:
+        rows //= 2
+    return rows
+
+
+def padded(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def episode_key(episode_id: str, digest: bytes) -> np.ndarray:
+    """The 48-byte index key: UUID bytes then sha256 digest. Shape (48,) uint8."""
+    return np.frombuffer(uuid.UUID(episode_id).bytes + digest, dtype=np.uint8)
+
+
+def split_keys(keys: np.ndarray) -> tuple[list[str], list[bytes]]:
+    """Inverse of :func:`episode_key` for a (N, 48) uint8 block: (episode ids, digests)."""
+    ids = [str(uuid.UUID(bytes=bytes(k[:16]))) for k in keys]
+    return ids, [bytes(k[16:]) for k in keys]
+
+
+def record_json(episode: Episode, upload_time: float) -> str:
+    """Provenance of one episode as stored in ``index/record`` (small, read for every catalog)."""
+    meta = episode.metadata
+    record = {
+        "robot_id": meta["robot_id"],
+        "robot_model": meta["robot_model"],
+        "source": meta["source"],
+        "policy_version": meta["policy_version"],
+        "model_version": meta.get("model_version"),
+        "scenario_sha256": hashlib.sha256(meta["scenario"].encode()).hexdigest()[:16] if "scenario" in meta else None,
+        "upload_time": float(upload_time),
+        "start_time": float(episode.timestamp[0]),
+        "num_steps": episode.num_steps,
+        "total_return": episode.total_return,
+    }
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_json(episode: Episode) -> str:
+    return json.dumps(episode.metadata, sort_keys=True, separators=(",", ":"))
+
+
+def stack_rows(episodes: list[Episode], spec: ArraySpec, total_rows: int) -> np.ndarray:
+    """The time-major block of ``spec`` for consecutive episodes, zero-padded to ``total_rows``.
+
+    Episode k takes T_k + 1 rows; a "T"-length array leaves the last row zero.
+    Returns (total_rows, *spec.tail) of spec.dtype.
+    """
+    out = np.zeros((total_rows, *spec.tail), dtype=np.dtype(spec.dtype))
+    row = 0
+    for ep in episodes:
+        arr = ep.arrays()[spec.name]
+        out[row : row + arr.shape[0]] = arr
+        row += ep.num_steps + 1
+    return out
+
+
+def rows_of(spec: ArraySpec, row: int, num_steps: int) -> slice:
+    """The rows of one episode's ``spec`` array inside the stream."""
+    return slice(row, row + num_steps + (1 if spec.length == "T+1" else 0))
+

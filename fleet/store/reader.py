@@ -1,0 +1,325 @@
+"""Pinned, read-only views of the episode store: catalog, filters, episodes, flat transitions.
+
+A :class:`StoreSnapshot` reads one Icechunk snapshot and nothing else, so a training run
+that keeps its ``snapshot_id`` sees the same dataset however many episodes arrive later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+
+import icechunk
+import numpy as np
+
+from fleet.store import backend
+from fleet.store.layout import (
+    STREAMS,
+    StreamSignature,
+    data_path,
+    index_path,
+    rows_of,
+    split_keys,
+    stream_path,
+)
+from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
+
+
+class StoreCorruptionError(RuntimeError):
+    """A stored episode no longer matches the digest recorded when it was committed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeInfo:
+    """Catalog entry of one stored episode (provenance plus where its rows are)."""
+
+    episode_id: str
+    stream: str
+    slot: int
+    row: int
+    num_steps: int
+    digest: str  # hex sha256 of the canonical safetensors bytes
+    robot_id: str
+    robot_model: str
+    source: str
+    policy_version: str
+    model_version: str | None
+    scenario_sha256: str | None
+    upload_time: float  # unix seconds, when the store received it
+    start_time: float  # the episode's first timestamp (robot clock)
+    total_return: float
+
+
+@dataclasses.dataclass
+class TransitionTable:
+    """Flat transitions of several episodes, rows kept time-major per episode.
+
+    Rows: R = sum(T_k + 1). ``observation`` (R, obs_dim) f32 holds every observation
+    including each episode's final one; ``action`` (R, act_dim), ``reward`` (R,),
+    ``terminated`` / ``truncated`` (R,) bool are aligned to the observation they follow
+    (their row T_k per episode is padding). Transitions: N = sum(T_k); transition i starts
+    at row ``rows[i]`` (next_obs is row ``rows[i] + 1``) and belongs to ``episode_ids[episode[i]]``.
+    """
+
+    snapshot_id: str
+    episode_ids: list[str]
+    observation: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    rows: np.ndarray  # (N,) int64
+    episode: np.ndarray  # (N,) int32
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def gather(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Transitions ``idx`` (B,) as obs/next_obs (B, obs_dim), action (B, act_dim), reward, terminated, truncated (B,)."""
+        r = self.rows[idx]
+        return {
+            "obs": self.observation[r],
+            "action": self.action[r],
+            "reward": self.reward[r],
+            "next_obs": self.observation[r + 1],
+            "terminated": self.terminated[r],
+            "truncated": self.truncated[r],
+        }
+
+
+class StoreSnapshot:
+    """Read-only view of the store at one snapshot. Cheap to create; the catalog loads on first use."""
+
+    def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None):
+        """``base``: an earlier snapshot of the same store whose loaded catalog may be reused
+        (the store is append-only, so only index slots written since it are read)."""
+        self.snapshot_id = snapshot_id
+        self.info = info
+        self._session = repo.readonly_session(snapshot_id=snapshot_id)
+        self._catalog: list[EpisodeInfo] | None = None
+        self._by_id: dict[str, EpisodeInfo] = {}
+        self._signatures: dict[str, StreamSignature] = {}
+        self._slots: dict[str, int] = {}  # stream -> index slots read
+        self._base = base if base is not None and base._catalog is not None else None
+
+    # -- catalog ---------------------------------------------------------------------
+    def catalog(self) -> list[EpisodeInfo]:
+        """Every episode in this snapshot, stream by stream, in commit order."""
+        if self._catalog is None:
+            self._catalog = backend.run(self._load_catalog())
+            self._base = None  # do not chain every earlier snapshot in memory
+            self._by_id = {e.episode_id: e for e in self._catalog}
+        return self._catalog
+
+    def __len__(self) -> int:
+        return len(self.catalog())
+
+    def __contains__(self, episode_id: str) -> bool:
+        self.catalog()
+        return episode_id in self._by_id
+
+    def get(self, episode_id: str) -> EpisodeInfo:
+        self.catalog()
+        if episode_id not in self._by_id:
+            raise KeyError(f"episode {episode_id} is not in snapshot {self.snapshot_id}")
+        return self._by_id[episode_id]
+
+    def episodes(
+        self,
+        *,
+        robot_id: str | Iterable[str] | None = None,
+        robot_model: str | None = None,
+        source: str | Iterable[str] | None = None,
+        policy_version: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[EpisodeInfo]:
+        """Catalog entries matching every given filter (``since <= upload_time < until``)."""
+        robots = {robot_id} if isinstance(robot_id, str) else set(robot_id) if robot_id is not None else None
+        sources = {source} if isinstance(source, str) else set(source) if source is not None else None
+        return [
+            e
+            for e in self.catalog()
+            if (robots is None or e.robot_id in robots)
+            and (robot_model is None or e.robot_model == robot_model)
+            and (sources is None or e.source in sources)
+            and (policy_version is None or e.policy_version == policy_version)
+            and (since is None or e.upload_time >= since)
+            and (until is None or e.upload_time < until)
+        ]
+
+    def signature(self, stream: str) -> StreamSignature:
+        self.catalog()
+        return self._signatures[stream]
+
+    def provenance(self, episode_id: str) -> dict:
+        """Who/what made an episode: catalog fields plus parsed hardware/scenario/calibration JSON."""
+        info = self.get(episode_id)
+        meta = self.metadata([info])[0]
+        out = dataclasses.asdict(info)
+        for key in ("hardware", "scenario", "calibration"):
+            out[key] = json.loads(meta[key]) if key in meta else None
+        return out
+
+    # -- episodes --------------------------------------------------------------------
+    def metadata(self, infos: Sequence[EpisodeInfo]) -> list[dict[str, str]]:
+        """Full metadata maps of ``infos``, in order."""
+        return backend.run(self._read_metadata(list(infos)))
+
+    def read_episode(self, episode: str | EpisodeInfo, verify: bool = True) -> Episode:
+        return self.read_episodes([episode], verify=verify)[0]
+
+    def read_episodes(self, episodes: Sequence[str | EpisodeInfo], verify: bool = True) -> list[Episode]:
+        """Episodes by id or catalog entry, in order. ``verify`` re-checks each against its commit digest."""
+        infos = [self.get(e) if isinstance(e, str) else e for e in episodes]
+        arrays = backend.run(self._read_arrays(infos, None))
+        metas = self.metadata(infos)
+        out = []
+        for info, arrs, meta in zip(infos, arrays, metas):
+            required = {k: arrs.pop(k) for k in REQUIRED_ARRAYS}
+            ep = Episode(**required, metadata=meta, extras=arrs)
+            if verify:
+                digest = hashlib.sha256(encode_safetensors(ep.arrays(), ep.metadata)).hexdigest()
+                if digest != info.digest:
+                    raise StoreCorruptionError(
+                        f"episode {info.episode_id} in snapshot {self.snapshot_id} reads back with sha256 {digest}, "
+                        f"committed as {info.digest}; the store files are damaged (restore from backup)"
+                    )
+            out.append(ep)
+        return out
+
+    def read_bytes(self, episode_id: str) -> bytes:
+        """One episode as canonical safetensors bytes (what a robot uploaded, bit for bit)."""
+        return self.read_episode(episode_id).to_bytes()
+
+    def transitions(self, infos: Sequence[EpisodeInfo]) -> TransitionTable:
+        """Flat transitions of ``infos`` (all must share obs_dim and act_dim)."""
+        infos = list(infos)
+        if not infos:
+            raise ValueError(f"no episodes selected from snapshot {self.snapshot_id}; loosen the filters")
+        dims = {(self.signature(i.stream).obs_dim, self.signature(i.stream).act_dim) for i in infos}
+        if len(dims) > 1:
+            raise ValueError(f"selected episodes mix (obs_dim, act_dim) {sorted(dims)}; select one robot_model")
+        names = ("observation", "action", "reward", "terminated", "truncated")
+        per_episode = backend.run(self._read_arrays(infos, names, full_rows=True))
+        steps = np.array([i.num_steps for i in infos], np.int64)
+        starts = np.concatenate([[0], np.cumsum(steps + 1)[:-1]])
+        rows = np.concatenate([s + np.arange(t) for s, t in zip(starts, steps)])
+        episode = np.repeat(np.arange(len(infos), dtype=np.int32), steps)
+        cols = {n: np.concatenate([arrs[n] for arrs in per_episode]) for n in names}
+        return TransitionTable(self.snapshot_id, [i.episode_id for i in infos], rows=rows, episode=episode, **cols)
+
+    # -- internals -------------------------------------------------------------------
+    async def _load_catalog(self) -> list[EpisodeInfo]:
+        store = self._session.store
+        streams = await backend.open_group(store, STREAMS, mode="r")
+        names = sorted([name async for name in streams.group_keys()])
+        base = self._base
+        old = {} if base is None else {s: [e for e in base._catalog if e.stream == s] for s in base._slots}
+
+        async def one(stream: str) -> list[EpisodeInfo]:
+            if base is not None and stream in base._signatures:
+                self._signatures[stream] = base._signatures[stream]
+            else:
+                group = await backend.open_group(store, stream_path(stream), mode="r")
+                self._signatures[stream] = StreamSignature.from_dict(group.attrs["signature"])
+            span, key, record = await asyncio.gather(
+                *(backend.open_array(store=store, path=index_path(stream, n), mode="r") for n in ("span", "key", "record"))
+            )
+            start = base._slots.get(stream, 0) if base is not None else 0
+            self._slots[stream] = span.shape[0]
+            new = slice(start, span.shape[0])
+            spans, keys, records = await asyncio.gather(span.getitem(new), key.getitem(new), record.getitem(new))
+            valid = np.flatnonzero(spans[:, 1] > 0)
+            ids, digests = split_keys(keys[valid])
+            out = list(old.get(stream, []))
+            for j, eid, digest in zip(valid, ids, digests):
+                slot = start + int(j)
+                rec = json.loads(str(records[j]))
+                out.append(
+                    EpisodeInfo(
+                        episode_id=eid,
+                        stream=stream,
+                        slot=slot,
+                        row=int(spans[j, 0]),
+                        num_steps=int(spans[j, 1]),
+                        digest=digest.hex(),
+                        robot_id=rec["robot_id"],
+                        robot_model=rec["robot_model"],
+                        source=rec["source"],
+                        policy_version=rec["policy_version"],
+                        model_version=rec["model_version"],
+                        scenario_sha256=rec["scenario_sha256"],
+                        upload_time=rec["upload_time"],
+                        start_time=rec["start_time"],
+                        total_return=rec["total_return"],
+                    )
+                )
+            return out
+
+        return [e for part in await asyncio.gather(*(one(n) for n in names)) for e in part]
+
+    async def _read_metadata(self, infos: list[EpisodeInfo]) -> list[dict[str, str]]:
+        unit = self.info["index_rows"]
+        values: dict[tuple[str, int], str] = {}
+
+        async def one(stream: str, slots: list[int]) -> None:
+            arr = await backend.open_array(store=self._session.store, path=index_path(stream, "metadata"), mode="r")
+            for a, b in _runs([(s, s + 1) for s in slots], unit):
+                block = await arr.getitem(slice(a, b))
+                for s in slots:
+                    if a <= s < b:
+                        values[(stream, s)] = str(block[s - a])
+
+        by_stream: dict[str, list[int]] = {}
+        for i in infos:
+            by_stream.setdefault(i.stream, []).append(i.slot)
+        await asyncio.gather(*(one(stream, slots) for stream, slots in by_stream.items()))
+        return [json.loads(values[(i.stream, i.slot)]) for i in infos]
+
+    async def _read_arrays(self, infos: list[EpisodeInfo], names: Sequence[str] | None, full_rows: bool = False) -> list[dict]:
+        """Per episode, {array name: rows}; ``full_rows`` keeps T+1 rows for every array (padding included)."""
+        self.catalog()  # loads the stream signatures
+        out: list[dict] = [dict() for _ in infos]
+        by_stream: dict[str, list[int]] = {}
+        for k, info in enumerate(infos):
+            by_stream.setdefault(info.stream, []).append(k)
+
+        async def one(stream: str, ks: list[int]) -> None:
+            sig = self._signatures[stream]
+            specs = [sig.spec(n) for n in names] if names is not None else list(sig.arrays)
+            spans = [(infos[k].row, infos[k].row + infos[k].num_steps + 1) for k in ks]
+            runs = _runs(spans, self.info["chunk_rows"])
+            arrays = await asyncio.gather(*(backend.open_array(store=self._session.store, path=data_path(stream, s.name), mode="r") for s in specs))
+            blocks = await asyncio.gather(*(arr.getitem(slice(a, b)) for arr in arrays for a, b in runs))
+            for j, spec in enumerate(specs):
+                for k in ks:
+                    info = infos[k]
+                    sl = slice(info.row, info.row + info.num_steps + 1) if full_rows else rows_of(spec, info.row, info.num_steps)
+                    out[k][spec.name] = _slice_runs(blocks[j * len(runs) : (j + 1) * len(runs)], runs, sl)
+
+        await asyncio.gather(*(one(stream, ks) for stream, ks in by_stream.items()))
+        return out
+
+
+def _runs(spans: Sequence[tuple[int, int]], unit: int) -> list[tuple[int, int]]:
+    """Merge [start, stop) spans into disjoint ``unit``-aligned runs that cover them, sorted."""
+    cells = sorted((a // unit, -(-b // unit)) for a, b in spans)
+    runs: list[list[int]] = []
+    for a, b in cells:
+        if runs and a <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b])
+    return [(a * unit, b * unit) for a, b in runs]
+
+
+def _slice_runs(blocks: Sequence[np.ndarray], runs: Sequence[tuple[int, int]], sl: slice) -> np.ndarray:
+    for block, (a, b) in zip(blocks, runs):
+        if a <= sl.start and sl.stop <= b:
+            return np.ascontiguousarray(block[sl.start - a : sl.stop - a])
+    raise AssertionError(f"rows {sl} not inside the runs read {runs}")
+

@@ -1,0 +1,489 @@
+"""Calibration, real to sim: estimate a robot's physical VariationProfile from its telemetry.
+
+Method. Telemetry episodes are cut into short windows (``window`` control steps). Each
+window starts from the recorded state (the ``qpos``/``qvel`` extras when the episode has
+them, otherwise a state reconstructed from the observation, see
+:func:`state_from_observation`) and replays the recorded actions open loop in MuJoCo; the
+loss of a candidate profile is the mean squared difference between the replayed and the
+recorded observations, each dimension divided by its standard deviation in the telemetry.
+Short windows keep chaotic divergence (contacts) from swamping the parameter signal.
+
+Search: the cross-entropy method over the calibrated fields (scale fields in log space,
+``payload_mass`` in kg). Every iteration evaluates the whole population on every window in
+one batched ``mujoco.rollout`` call over a list of MjModels (one per candidate profile).
+
+After CEM, a few Levenberg-Marquardt steps polish the estimate (CEM finds the basin, its
+sampling noise limits precision).
+
+Identifiability: the Gauss-Newton Hessian of the loss at the estimate says, per field, how
+much it changes the observations, and how much of that the other fields cannot mimic. A
+field with no measurable effect (friction on a robot without contacts) or an effect below
+the noise of the fit (link masses next to a large joint armature, with sensor noise) keeps
+its base value; a field only determined jointly with others (mass, motor strength and
+damping of a robot without armature or springs) keeps its estimate but is flagged. All are
+reported, not hidden.
+
+numpy + mujoco only (this module lives in the sim floor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import mujoco
+import numpy as np
+from mujoco import rollout as mj_rollout
+
+from sim.episode import Episode
+from sim.robots import PhysicsState, Task, get_task
+from sim.variation import VariationProfile
+
+STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
+LOG_FIELDS = ("mass_scale", "friction_scale", "actuator_strength", "damping_scale")
+LINEAR_FIELDS = ("payload_mass",)
+CALIBRATABLE = LOG_FIELDS + LINEAR_FIELDS
+
+# -- state from observation ---------------------------------------------------------------
+StateFromObs = Callable[[Task, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _pendulum(task: Task, obs: np.ndarray):
+    nq = task.model.nq
+    return obs[:, :nq], obs[:, nq:]
+
+
+def _half_cheetah(task: Task, obs: np.ndarray):  # rootx is not observed; the floor is flat, so x = 0
+    nq = task.model.nq
+    return np.concatenate([np.zeros((len(obs), 1)), obs[:, : nq - 1]], 1), obs[:, nq - 1 :]
+
+
+def _ant(task: Task, obs: np.ndarray):  # x, y are not observed; the floor is flat, so x = y = 0
+    nq = task.model.nq
+    return np.concatenate([np.zeros((len(obs), 2)), obs[:, : nq - 2]], 1), obs[:, nq - 2 :]
+
+
+def _reacher(task: Task, obs: np.ndarray):  # obs: cos(2), sin(2), target xy, arm qvel(2), tip - target(2)
+    angles = np.arctan2(obs[:, 2:4], obs[:, 0:2])
+    qpos = np.concatenate([angles, obs[:, 4:6]], 1)
+    qvel = np.concatenate([obs[:, 6:8], np.zeros((len(obs), 2))], 1)  # the target never moves
+    return qpos, qvel
+
+
+_STATE_FROM_OBS: dict[str, StateFromObs] = {"pendulum": _pendulum, "half_cheetah": _half_cheetah, "ant": _ant, "reacher": _reacher}
+
+
+def register_state_from_observation(robot: str, fn: StateFromObs) -> None:
+    """Teach calibration how to rebuild (qpos (N, nq), qvel (N, nv)) from observations (N, obs_dim) of ``robot``."""
+    _STATE_FROM_OBS[robot] = fn
+
+
+def state_from_observation(task: Task, obs: np.ndarray, atol: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """A physics state (qpos (N, nq), qvel (N, nv)) whose observation equals ``obs`` (N, obs_dim).
+
+    Unobserved coordinates that the dynamics do not depend on (a walker's position on a flat
+    floor) are set to 0. The result is checked: its observation must match ``obs`` within
+    ``atol`` relative to 1 + |obs| (loose on purpose: it catches a wrong map, while derived
+    entries of a noisy observation, like the reacher's fingertip offset, may differ by the
+    noise), else ValueError.
+    """
+    obs = np.asarray(obs, np.float64)
+    if obs.ndim != 2 or obs.shape[1] != task.obs_dim:
+        raise ValueError(f"observations must be (N, {task.obs_dim}) for robot {task.name!r}, got {obs.shape}")
+    fn = _STATE_FROM_OBS.get(task.name)
+    if fn is None:
+        raise ValueError(
+            f"robot {task.name!r} has no observation->state map: record qpos/qvel extras in its telemetry, "
+            "or register one with sim.calibration.register_state_from_observation"
+        )
+    qpos, qvel = (np.ascontiguousarray(a, np.float64) for a in fn(task, obs))
+    check = observe_states(task, qpos, qvel)
+    err = np.abs(check - obs) / (1.0 + np.abs(obs))
+    if not err.max(initial=0.0) <= atol:
+        row, dim = np.unravel_index(np.argmax(err), err.shape)
+        raise ValueError(
+            f"robot {task.name!r}: the state rebuilt from observation {row} does not reproduce it (dim {dim}: "
+            f"{check[row, dim]:.6g} vs {obs[row, dim]:.6g}); record qpos/qvel extras in the telemetry instead"
+        )
+    return qpos, qvel
+
+
+def observe_states(task: Task, qpos: np.ndarray, qvel: np.ndarray) -> np.ndarray:
+    """The task's observation (N, obs_dim) of states qpos (N, nq), qvel (N, nv) on the nominal model."""
+    m = task.model
+    d = mujoco.MjData(m)
+    sensordata = np.zeros((len(qpos), m.nsensordata))
+    if m.nsensordata:
+        for i in range(len(qpos)):
+            d.qpos[:], d.qvel[:] = qpos[i], qvel[i]
+            mujoco.mj_forward(m, d)
+            sensordata[i] = d.sensordata
+    return task.observe(PhysicsState(qpos, qvel, sensordata)).astype(np.float64)
+
+
+# -- open-loop replay ---------------------------------------------------------------------
+class Replayer:
+    """Batched open-loop replay of action sequences from given states, over many models at once.
+
+    One ``mujoco.rollout`` call on a persistent thread pool per :meth:`replay`. Use as a
+    context manager (or call :meth:`close`).
+    """
+
+    def __init__(self, task: Task, nthread: int | None = None):
+        self.task = task
+        m = task.model
+        self.nthread = max(1, nthread or 1)
+        self._pool = mj_rollout.Rollout(nthread=self.nthread)
+        self._datas = [mujoco.MjData(m) for _ in range(self.nthread)]
+        self._state0 = np.empty(mujoco.mj_stateSize(m, STATE_SPEC))
+        mujoco.mj_getState(m, self._datas[0], self._state0, STATE_SPEC)
+        low, high = m.actuator_ctrlrange[:, 0], m.actuator_ctrlrange[:, 1]
+        self._mid, self._half = (high + low) / 2, (high - low) / 2
+
+    def replay(self, models: Sequence[mujoco.MjModel], qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """Observations (N, H, obs_dim) after each of H control steps (non-finite where a world diverged).
+
+        models: N MjModels (same robot, any variation); qpos (N, nq), qvel (N, nv) start states;
+        actions (N, H, act_dim) in [-1, 1] as applied to the actuators.
+        """
+        task, m = self.task, self.task.model
+        n, h = actions.shape[:2]
+        if not (len(models) == len(qpos) == len(qvel) == n):
+            raise ValueError(f"replay: {len(models)} models, {len(qpos)} qpos, {len(qvel)} qvel and {n} action rows must agree")
+        state = np.tile(self._state0, (n, 1))
+        state[:, 1 : 1 + m.nq], state[:, 1 + m.nq : 1 + m.nq + m.nv] = qpos, qvel
+        ctrl = self._mid + self._half * np.clip(actions, -1.0, 1.0)
+        ctrl = np.repeat(ctrl, task.frame_skip, axis=1)
+        states, sensors = self._pool.rollout(
+            list(models), self._datas, state, ctrl, nstep=h * task.frame_skip, initial_warmstart=np.zeros((n, m.nv))
+        )
+        ends = np.arange(task.frame_skip - 1, h * task.frame_skip, task.frame_skip)
+        st = states[:, ends].reshape(n * h, -1)
+        se = sensors[:, ends].reshape(n * h, -1) if sensors is not None else np.zeros((n * h, 0))
+        physics = PhysicsState(st[:, 1 : 1 + m.nq], st[:, 1 + m.nq : 1 + m.nq + m.nv], se)
+        with np.errstate(invalid="ignore", over="ignore"):
+            obs = task.observe(physics).astype(np.float64).reshape(n, h, -1)
+        obs[~np.isfinite(st).all(1).reshape(n, h)] = np.nan
+        return obs
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- calibration --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    params: tuple[str, ...] = LOG_FIELDS  # VariationProfile fields to estimate
+    scale_bounds: tuple[float, float] = (0.25, 4.0)  # range of every *_scale / actuator_strength field
+    payload_max: float = 5.0  # kg, upper bound of payload_mass
+    window: int = 8  # control steps per replay window
+    windows_per_episode: int = 4
+    max_windows: int = 200
+    population: int = 64
+    num_elites: int = 8
+    iterations: int = 15
+    init_std: float = 0.3  # CEM std at start: log units for scale fields (0.3 ~ 30 %)
+    payload_init_std: float = 1.0  # kg
+    momentum: float = 0.5  # weight of the previous mean/std in each CEM update (higher: slower collapse)
+    min_std: float = 0.002  # stop when every field's std is below this
+    loss_tol: float = 1e-8  # or when the loss (normalised MSE) is below this: a fit to 1e-4 of each obs std
+    patience: int = 4  # or when the best loss improved by < 1 % in this many iterations
+    polish_steps: int = 8  # Levenberg-Marquardt steps from the CEM estimate (0: none)
+    identifiability_tol: float = 1e-3  # least independence of an identifiable field, see identifiability()
+    min_significance: float = 100.0  # least significance of an identifiable field, see identifiability()
+    seed: int = 0
+    nthread: int | None = None  # physics threads (None: 1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", tuple(self.params))
+        object.__setattr__(self, "scale_bounds", tuple(self.scale_bounds))
+        unknown = [p for p in self.params if p not in CALIBRATABLE]
+        if unknown or not self.params:
+            raise ValueError(f"calibration: params {unknown or '()'} invalid; choose from {CALIBRATABLE}")
+        if not 0 < self.scale_bounds[0] < 1 < self.scale_bounds[1]:
+            raise ValueError(f"calibration: scale_bounds must bracket 1, got {self.scale_bounds}")
+        if not 1 <= self.num_elites < self.population:
+            raise ValueError(f"calibration: need 1 <= num_elites < population, got {self.num_elites}, {self.population}")
+        for name in ("window", "windows_per_episode", "max_windows", "iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calibration: {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class CalibrationResult:
+    robot: str
+    profile: VariationProfile  # base profile with the estimated fields replaced
+    estimates: dict[str, float]
+    identifiable: dict[str, bool]
+    diagnostics: Identifiability  # effect, independence, significance per field, and notes on the others
+    loss: float  # at the estimate (normalised MSE per observation entry)
+    base_loss: float  # of the base profile, for comparison
+    history: list[float]  # best loss after each CEM iteration (and after the polish, when it ran)
+    num_windows: int
+    evaluations: int  # candidate profiles simulated
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Why each non-identifiable field is not (see :func:`identifiability`)."""
+        return self.diagnostics.notes
+
+    def relative_errors(self, truth: VariationProfile) -> dict[str, float]:
+        """|estimate - truth| / truth per estimated field (absolute error in kg for payload_mass when truth is 0)."""
+        out = {}
+        for name, value in self.estimates.items():
+            true = float(getattr(truth, name))
+            out[name] = abs(value - true) / abs(true) if true else abs(value - true)
+        return out
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["profile"] = self.profile.to_dict()
+        data["diagnostics"] = dataclasses.asdict(self.diagnostics)
+        return data
+
+    def to_json(self) -> str:
+        """JSON for an Episode's ``calibration`` metadata or a fleet record."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """M replay windows: start qpos (M, nq), qvel (M, nv), actions (M, W, act_dim), target obs (M, W, obs_dim)."""
+
+    qpos: np.ndarray
+    qvel: np.ndarray
+    actions: np.ndarray
+    target: np.ndarray
+
+
+def make_windows(task: Task, episodes: Sequence[Episode], config: CalibrationConfig, latency: int = 0) -> Windows:
+    """Cut seeded replay windows out of ``episodes`` (telemetry of one robot of model ``task``).
+
+    With an action latency of L steps, the actuators at step t got action t - L, so windows
+    start at t >= L and replay the actions as applied. Start states come from the qpos/qvel
+    extras when every chosen window has them, else all are rebuilt from observations.
+    """
+    rng = np.random.default_rng(config.seed)
+    w = config.window
+    chosen = []
+    for ep in episodes:
+        if ep.metadata["robot_model"] != task.name:
+            raise ValueError(f"episode {ep.episode_id} is of robot model {ep.metadata['robot_model']!r}, not {task.name!r}")
+        starts = np.arange(latency, ep.num_steps - w + 1)
+        if len(starts):
+            picks = rng.choice(starts, min(config.windows_per_episode, len(starts)), replace=False)
+            chosen += [(ep, int(t)) for t in sorted(picks)]
+    if not chosen:
+        raise ValueError(f"no episode has {w + latency} steps: give longer telemetry or a smaller calibration window")
+    if len(chosen) > config.max_windows:
+        chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), config.max_windows, replace=False))]
+    have_state = all("qpos" in ep.extras and "qvel" in ep.extras for ep, _ in chosen)
+    if have_state:
+        qpos = np.stack([ep.extras["qpos"][t] for ep, t in chosen]).astype(np.float64)
+        qvel = np.stack([ep.extras["qvel"][t] for ep, t in chosen]).astype(np.float64)
+    else:
+        qpos, qvel = state_from_observation(task, np.stack([ep.observation[t] for ep, t in chosen]))
+    actions = np.stack([ep.action[t - latency : t - latency + w] for ep, t in chosen]).astype(np.float64)
+    target = np.stack([ep.observation[t + 1 : t + 1 + w] for ep, t in chosen]).astype(np.float64)
+    return Windows(qpos=qpos, qvel=qvel, actions=actions, target=target)
+
+
+class _Objective:
+    """Loss of candidate parameter vectors (P, D) on the windows: one batched replay per call."""
+
+    def __init__(self, task: Task, windows: Windows, params: tuple[str, ...], base: VariationProfile, replayer: Replayer):
+        self.task, self.windows, self.params, self.base, self.replayer = task, windows, params, base, replayer
+        flat = windows.target.reshape(-1, windows.target.shape[-1])
+        self.scale = np.maximum(flat.std(0), 1e-4)
+        self.evaluations = 0
+
+    def profile(self, theta: np.ndarray) -> VariationProfile:
+        changes = {}
+        for name, value in zip(self.params, theta):
+            changes[name] = float(np.exp(value)) if name in LOG_FIELDS else float(value)
+        return self.base.replace(**changes)
+
+    def residuals(self, thetas: np.ndarray) -> np.ndarray:
+        """(P, R) normalised observation errors of each candidate over all windows, steps and dims."""
+        w = self.windows
+        m, p = len(w.qpos), len(thetas)
+        models = [self.profile(t).apply(self.task.model, self.task.payload_body) for t in thetas]
+        batch_models = [model for model in models for _ in range(m)]
+        obs = self.replayer.replay(batch_models, np.tile(w.qpos, (p, 1)), np.tile(w.qvel, (p, 1)), np.tile(w.actions, (p, 1, 1)))
+        self.evaluations += p
+        return ((obs.reshape(p, m, *w.target.shape[1:]) - w.target) / self.scale).reshape(p, -1)
+
+    def __call__(self, thetas: np.ndarray) -> np.ndarray:
+        """(P,) mean squared normalised error (inf where a candidate diverged)."""
+        loss = np.mean(self.residuals(thetas) ** 2, axis=1)
+        return np.where(np.isfinite(loss), loss, np.inf)
+
+
+def calibrate(
+    robot: str, episodes: Sequence[Episode], config: CalibrationConfig = CalibrationConfig(), base: VariationProfile = VariationProfile()
+) -> CalibrationResult:
+    """Estimate ``config.params`` of robot model ``robot`` from telemetry ``episodes`` (see the module docstring).
+
+    ``base`` supplies every field not estimated (and the action latency used in replay); the
+    CEM search starts at its values.
+    """
+    task = get_task(robot)
+    if not episodes:
+        raise ValueError("calibration needs telemetry episodes; got none")
+    for name in config.params:
+        if name in LOG_FIELDS and getattr(base, name) <= 0:
+            raise ValueError(f"calibration: base {name}={getattr(base, name)} must be > 0 to be searched in log space")
+    windows = make_windows(task, episodes, config, base.action_latency)
+    low, high = _bounds(config)
+    mean = np.array([math.log(getattr(base, p)) if p in LOG_FIELDS else float(getattr(base, p)) for p in config.params])
+    std = np.array([config.init_std if p in LOG_FIELDS else config.payload_init_std for p in config.params])
+    rng = np.random.default_rng(config.seed)
+    with Replayer(task, config.nthread) as replayer:
+        objective = _Objective(task, windows, config.params, base, replayer)
+        base_loss = float(objective(mean[None])[0])
+        best_theta, best_loss, history = mean.copy(), base_loss, []
+        for _ in range(config.iterations):
+            samples = np.clip(mean + std * rng.standard_normal((config.population - 2, len(mean))), low, high)
+            thetas = np.concatenate([mean[None], best_theta[None], samples])
+            losses = objective(thetas)
+            order = np.argsort(losses, kind="stable")
+            if losses[order[0]] < best_loss:
+                best_loss, best_theta = float(losses[order[0]]), thetas[order[0]].copy()
+            elites = thetas[order[: config.num_elites]]
+            mean = config.momentum * mean + (1 - config.momentum) * elites.mean(0)
+            std = config.momentum * std + (1 - config.momentum) * elites.std(0)
+            history.append(best_loss)
+            stalled = len(history) > config.patience and best_loss > 0.99 * history[-1 - config.patience]
+            if (std < config.min_std).all() or best_loss < config.loss_tol or stalled:
+                break
+        best_theta, best_loss = polish(objective, best_theta, best_loss, low, high, config.polish_steps)
+        if config.polish_steps:
+            history.append(best_loss)
+        ident = identifiability(objective, best_theta, best_loss, config)
+    for i, name in enumerate(config.params):
+        if ident.keep_base[name]:
+            best_theta[i] = math.log(getattr(base, name)) if name in LOG_FIELDS else float(getattr(base, name))
+    profile = objective.profile(best_theta)
+    return CalibrationResult(
+        robot=robot,
+        profile=profile,
+        estimates={p: float(getattr(profile, p)) for p in config.params},
+        identifiable=ident.identifiable,
+        diagnostics=ident,
+        loss=best_loss,
+        base_loss=base_loss,
+        history=history,
+        num_windows=len(windows.qpos),
+        evaluations=objective.evaluations,
+    )
+
+
+def _jacobian(objective: _Objective, theta: np.ndarray, step: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals r (R,) at ``theta`` and their central-difference Jacobian J (R, D), from one batched replay."""
+    d = len(theta)
+    h = np.array([step if p in LOG_FIELDS else 0.01 for p in objective.params])
+    points = [theta] + [theta + s * h[i] * np.eye(d)[i] for i in range(d) for s in (1, -1)]
+    res = objective.residuals(np.array(points))
+    jac = np.stack([(res[1 + 2 * i] - res[2 + 2 * i]) / (2 * h[i]) for i in range(d)], axis=1)
+    return res[0], jac
+
+
+def polish(
+    objective: _Objective, theta: np.ndarray, loss: float, low: np.ndarray, high: np.ndarray, steps: int
+) -> tuple[np.ndarray, float]:
+    """Levenberg-Marquardt refinement of a CEM estimate; each step tries four dampings in one batch.
+
+    CEM finds the basin; its sampling noise limits precision. Returns (theta, loss), never worse.
+    """
+    for _ in range(steps):
+        res, jac = _jacobian(objective, theta)
+        if not (np.isfinite(res).all() and np.isfinite(jac).all()):
+            break
+        a, g = jac.T @ jac, jac.T @ res
+        scale = np.diag(a) + 1e-12 * max(np.trace(a), 1e-30)
+        candidates = np.array([np.clip(theta - np.linalg.solve(a + lam * np.diag(scale), g), low, high) for lam in (1e-4, 1e-2, 1.0, 1e2)])
+        losses = objective(candidates)
+        best = int(np.argmin(losses))
+        if not losses[best] < loss:
+            break
+        improvement = (loss - losses[best]) / max(loss, 1e-300)
+        theta, loss = candidates[best], float(losses[best])
+        if improvement < 1e-3:
+            break
+    return theta, loss
+
+
+def _bounds(config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi = math.log(config.scale_bounds[0]), math.log(config.scale_bounds[1])
+    low = np.array([lo if p in LOG_FIELDS else 0.0 for p in config.params])
+    high = np.array([hi if p in LOG_FIELDS else config.payload_max for p in config.params])
+    return low, high
+
+
+@dataclasses.dataclass(frozen=True)
+class Identifiability:
+    """Per field: effect (loss rise for a 10 % change alone), independence (share of that rise the
+    other fields cannot undo, 0..1), significance (the rise that survives compensation, times
+    the number of residuals, over the fit's noise level), and the verdicts."""
+
+    effect: dict[str, float]
+    independence: dict[str, float]
+    significance: dict[str, float]
+    identifiable: dict[str, bool]
+    keep_base: dict[str, bool]  # the data say nothing about it: report the base value, not noise
+    notes: dict[str, str]
+
+
+def identifiability(objective: _Objective, theta: np.ndarray, loss: float, config: CalibrationConfig) -> Identifiability:
+    """Which fields the telemetry determines, from the Gauss-Newton Hessian H = 2/R J^T J of the loss
+    at ``theta`` (J: central-difference Jacobian of the R residuals).
+
+    effect_i = 0.5 H_ii d^2 for d = log(1.1) (a 10 % change; 0.1 kg for payload_mass).
+    independence_i = 1 / (H_ii (H^-1)_ii). significance_i = R effect_i independence_i / max(loss, 1e-12).
+    A field has no effect when effect_i <= 1e-12 max_j effect_j (e.g. friction without contacts);
+    it is only jointly determined when independence_i <= identifiability_tol (a compensating change
+    of other fields fits as well); it is lost in the noise when significance_i <= min_significance.
+    Identifiable means none of these. Fields with no effect or lost in the noise keep the base value.
+    """
+    params, d = config.params, len(theta)
+    res, jac = _jacobian(objective, theta)
+    if not (np.isfinite(res).all() and np.isfinite(jac).all()):
+        raise ValueError("calibration: the replay diverges right around the estimate; narrow scale_bounds or shorten the window")
+    hess = 2.0 / len(jac) * jac.T @ jac
+    delta = np.array([math.log(1.1) if p in LOG_FIELDS else 0.1 for p in params])
+    effect = 0.5 * np.diag(hess) * delta**2
+    none = effect <= max(1e-12 * effect.max(), 1e-30)
+    independence = np.zeros(d)
+    live = np.flatnonzero(~none)
+    if len(live):
+        sub = hess[np.ix_(live, live)]
+        inv = np.linalg.inv(sub + 1e-14 * np.trace(sub) / len(live) * np.eye(len(live)))  # ridge: exact degeneracy stays finite
+        independence[live] = 1.0 / np.maximum(np.diag(sub) * np.diag(inv), 1.0)
+    significance = len(res) * effect * independence / max(loss, 1e-12)
+    joint = ~none & (independence <= config.identifiability_tol)
+    noisy = ~none & ~joint & (significance <= config.min_significance)
+    notes = {}
+    for i, name in enumerate(params):
+        if none[i]:
+            notes[name] = "no measurable effect on these observations (e.g. friction without contacts); base value kept"
+        elif joint[i]:
+            notes[name] = "only determined jointly with other fields (a compensating change fits as well); estimate kept, not trusted alone"
+        elif noisy[i]:
+            notes[name] = f"its effect is below the noise of the fit (significance {significance[i]:.3g}); base value kept"
+    as_dict = lambda values, cast=float: {p: cast(v) for p, v in zip(params, values)}  # noqa: E731
+    return Identifiability(
+        effect=as_dict(effect),
+        independence=as_dict(independence),
+        significance=as_dict(significance),
+        identifiable=as_dict(~(none | joint | noisy), bool),
+        keep_base=as_dict(none | noisy, bool),
+        notes=notes,
+    )

@@ -1,0 +1,124 @@
+"""Calibration (real to sim): states from observations, batched open-loop replay, CEM recovery
+of planted profiles, and honest identifiability flags. Real MuJoCo throughout."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sim.batched import BatchedStepper
+from sim.calibration import CalibrationConfig, Replayer, calibrate, make_windows, observe_states, state_from_observation
+from sim.policy_fn import random_policy
+from sim.robots import get_task, robot_names
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+
+
+def telemetry(robot: str, profile: VariationProfile, count: int, steps: int, seed: int = 0, keep_state: bool = True):
+    """``count`` episodes of a simulated robot with a planted ``profile``; without qpos/qvel when keep_state=False."""
+    with BatchedStepper(robot, count, nthread=1, robot_id="robot-1") as stepper:
+        specs = [ScenarioSpec(robot, seed=seed * 100 + i, profile=profile, max_steps=steps) for i in range(count)]
+        episodes = stepper.simulate(specs, random_policy(stepper.task.act_dim, seed))
+    if not keep_state:  # real telemetry: observations only
+        for ep in episodes:
+            ep.extras.clear()
+    return episodes
+
+
+@pytest.mark.parametrize("robot", robot_names())
+def test_state_from_observation_recovers_the_state(robot):
+    episodes = telemetry(robot, VariationProfile(), 2, 20)
+    task = get_task(robot)
+    obs = np.concatenate([ep.observation for ep in episodes]).astype(np.float64)
+    qpos, qvel = state_from_observation(task, obs)
+    true_qpos = np.concatenate([ep.extras["qpos"] for ep in episodes])
+    true_qvel = np.concatenate([ep.extras["qvel"] for ep in episodes])
+    unobserved = {"half_cheetah": 1, "ant": 2}.get(robot, 0)  # a walker's position on the floor
+    np.testing.assert_allclose(qpos[:, unobserved:], true_qpos[:, unobserved:], atol=1e-6)
+    np.testing.assert_allclose(qvel, true_qvel, atol=1e-6)
+    # the stepper's sensor readings are taken before a step's last integration (MuJoCo's mj_step
+    # order), so the reacher's fingertip offset lags its joint angles by one physics substep
+    lagged = slice(8, 10) if robot == "reacher" else slice(0, 0)
+    again = observe_states(task, qpos, qvel)
+    np.testing.assert_allclose(np.delete(again, lagged, axis=1), np.delete(obs, lagged, axis=1), atol=1e-5)
+    np.testing.assert_allclose(again[:, lagged], obs[:, lagged], atol=0.05)
+
+
+def test_state_from_observation_says_what_to_do_for_an_unknown_robot():
+    class Other:
+        name, obs_dim = "other", 3
+
+    with pytest.raises(ValueError, match="record qpos/qvel extras"):
+        state_from_observation(Other(), np.zeros((1, 3)))
+
+
+def test_replay_reproduces_recorded_observations():
+    profile = VariationProfile(mass_scale=1.2, actuator_strength=0.9)
+    episodes = telemetry("half_cheetah", profile, 4, 30)
+    task = get_task("half_cheetah")
+    windows = make_windows(task, episodes, CalibrationConfig(window=10, windows_per_episode=2))
+    model = profile.apply(task.model, task.payload_body)
+    with Replayer(task, nthread=1) as replayer:
+        obs = replayer.replay([model] * len(windows.qpos), windows.qpos, windows.qvel, windows.actions)
+        nominal = replayer.replay([task.model] * len(windows.qpos), windows.qpos, windows.qvel, windows.actions)
+    np.testing.assert_allclose(obs, windows.target, atol=2e-3)  # float32 recording of the start state only
+    assert np.abs(nominal - windows.target).max() > 0.05  # the profile matters
+
+
+def test_calibration_recovers_a_planted_profile_from_observations_only():
+    """Reacher telemetry without qpos/qvel: motor strength, damping and link mass come back;
+    friction (the reacher has no contacts) is flagged and kept at its base value, not guessed."""
+    truth = VariationProfile(actuator_strength=0.8, damping_scale=1.3, mass_scale=1.5, friction_scale=0.7)
+    episodes = telemetry("reacher", truth, 20, 50, keep_state=False)
+    config = CalibrationConfig(population=32, num_elites=6, iterations=12, window=8, windows_per_episode=2, seed=1)
+    result = calibrate("reacher", episodes, config)
+    errors = result.relative_errors(truth)
+    assert max(errors[p] for p in ("actuator_strength", "damping_scale", "mass_scale")) < 0.01, result.estimates
+    assert result.identifiable == {"actuator_strength": True, "damping_scale": True, "mass_scale": True, "friction_scale": False}
+    assert result.estimates["friction_scale"] == 1.0 and "no measurable effect" in result.notes["friction_scale"]
+    assert result.loss < 1e-6 * result.base_loss and result.history == sorted(result.history, reverse=True)
+    assert json.loads(result.to_json())["profile"]["actuator_strength"] == result.profile.actuator_strength
+
+
+def test_sensor_noise_hides_weak_fields():
+    """With sensor noise, the reacher's link masses (dwarfed by its joints' armature) are lost in
+    the noise: flagged and kept at the base value; the motor strength still comes back."""
+    truth = VariationProfile(actuator_strength=0.8, mass_scale=1.5, obs_noise_std=0.01)
+    episodes = telemetry("reacher", truth, 20, 50, keep_state=False)
+    config = CalibrationConfig(params=("mass_scale", "actuator_strength"), population=24, num_elites=5, iterations=8, seed=1)
+    result = calibrate("reacher", episodes, config)
+    assert result.identifiable == {"mass_scale": False, "actuator_strength": True}
+    assert result.estimates["mass_scale"] == 1.0 and "below the noise" in result.notes["mass_scale"]
+    assert result.relative_errors(truth)["actuator_strength"] < 0.03
+
+
+def test_calibration_on_a_legged_robot_with_contacts():
+    truth = VariationProfile(mass_scale=1.15, friction_scale=0.75, actuator_strength=0.9)
+    episodes = telemetry("half_cheetah", truth, 10, 60, seed=2)
+    config = CalibrationConfig(
+        params=("mass_scale", "friction_scale", "actuator_strength"), population=24, num_elites=5, iterations=10, windows_per_episode=3
+    )
+    result = calibrate("half_cheetah", episodes, config)
+    assert max(result.relative_errors(truth).values()) < 0.05, result.estimates
+    assert all(result.identifiable.values())
+
+
+def test_degenerate_fields_are_flagged():
+    """The pendulum has no armature or springs: scaling mass, motor strength and damping together
+    changes nothing, so only their ratios are determined."""
+    truth = VariationProfile(mass_scale=1.2, actuator_strength=0.8, damping_scale=1.1)
+    episodes = telemetry("pendulum", truth, 20, 40)
+    config = CalibrationConfig(params=("mass_scale", "actuator_strength", "damping_scale"), population=24, num_elites=5, iterations=8)
+    result = calibrate("pendulum", episodes, config)
+    assert not any(result.identifiable.values()), result.independence
+    assert all("jointly" in note for note in result.notes.values())
+    est = result.estimates  # the ratios, which is what the data determine, are right
+    assert est["actuator_strength"] / est["mass_scale"] == pytest.approx(0.8 / 1.2, rel=0.02)
+    assert est["damping_scale"] / est["mass_scale"] == pytest.approx(1.1 / 1.2, rel=0.05)
+
+
+def test_calibration_config_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="choose from"):
+        CalibrationConfig(params=("gravity",))
+    with pytest.raises(ValueError, match="no episode has"):
+        calibrate("reacher", telemetry("reacher", VariationProfile(), 1, 5), CalibrationConfig(window=8))

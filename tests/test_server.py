@@ -1,0 +1,244 @@
+"""flywheel-server on loopback over a real store: auth, every kind of bad upload refused with
+its reason (and nothing stored), good uploads never refused, idempotency, listing, metrics."""
+
+import socket
+import struct
+import threading
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from fleet.server import ServerConfig, add_token, serve
+from fleet.store import EpisodeStore, StoreConfig
+from sim.batched import BatchedStepper
+from sim.episode import Episode, encode_safetensors
+from sim.policy_fn import random_policy
+from sim.scenario import ScenarioSpec
+from tests.conftest import make_episode_arrays
+
+LIMIT = 256 * 1024
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    tokens = root / "tokens.json"
+    tok = {
+        "r0": add_token(tokens, "robot", "r0"),
+        "r1": add_token(tokens, "robot", "r1"),
+        "operator": add_token(tokens, "operator"),
+        "publisher": add_token(tokens, "publisher"),
+    }
+    store_cfg = StoreConfig(path=str(root / "store"), chunk_rows=256, index_rows=8)
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), max_body_bytes=LIMIT), store_cfg)
+    client = httpx.Client(base_url=handle.url, timeout=30)
+    yield {"url": handle.url, "tok": tok, "client": client, "store_cfg": store_cfg}
+    client.close()
+    handle.stop()
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def post(fleet, body: bytes, who: str = "r0", **kw) -> httpx.Response:
+    return fleet["client"].post("/v1/episodes", content=body, headers=auth(fleet["tok"][who]), **kw)
+
+
+def make(robot_id: str = "r0", steps: int = 5, seed: int = 0, **kw) -> Episode:
+    return Episode.create(**make_episode_arrays(num_steps=steps, seed=seed), robot_id=robot_id, robot_model="toy", source="sim", **kw)
+
+
+def stored_count(fleet) -> int:
+    return fleet["client"].get("/v1/episodes", headers=auth(fleet["tok"]["operator"])).json()["total"]
+
+
+def raw(drop=(), arrays=None, meta=None) -> bytes:
+    ep = make(seed=7)
+    a = {**ep.arrays(), **(arrays or {})}
+    m = {**ep.metadata, **(meta or {})}
+    for key in drop:
+        a.pop(key, None)
+        m.pop(key, None)
+    return encode_safetensors(a, m)
+
+
+def _valid() -> bytes:
+    return make(seed=3).to_bytes()
+
+
+BAD = {
+    # name: (body, status, error, field)
+    "pickle": (b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins\x94", 400, "not_safetensors", "<header>"),
+    "tiny": (b"abc", 400, "not_safetensors", "<file>"),
+    "header_not_json": (struct.pack("<Q", 16) + b"{not json at all" + b"\0" * 8, 400, "bad_header", "<header>"),
+    "header_not_object": (struct.pack("<Q", 8) + b"[1,2,3] ", 400, "bad_header", "<header>"),
+    "truncated_body": (_valid()[:-4], 400, "size_mismatch", None),
+    "trailing_bytes": (_valid() + b"\0" * 8, 400, "size_mismatch", "<file>"),
+    "missing_array": (raw(drop=["reward"]), 422, "missing_array", "reward"),
+    "extra_array": (raw(arrays={"foo": np.zeros(5, np.float32)}), 422, "unknown_array", "foo"),
+    "misshaped": (raw(arrays={"reward": np.zeros(4, np.float32)}), 422, "bad_shape", "reward"),
+    "wrong_ndim": (raw(arrays={"action": np.zeros((5, 2, 1), np.float32)}), 422, "bad_shape", "action"),
+    "wrong_dtype": (raw(arrays={"action": np.zeros((5, 2), np.float64)}), 422, "bad_dtype", "action"),
+    "nan": (raw(arrays={"observation": np.full((6, 3), np.nan, np.float32)}), 422, "non_finite", "observation"),
+    "inf": (raw(arrays={"reward": np.array([0, 1, np.inf, 0, 0], np.float32)}), 422, "non_finite", "reward"),
+    "timestamps": (raw(arrays={"timestamp": np.array([0, 1, 1, 2, 3, 4], np.float64)}), 422, "non_increasing_timestamp", "timestamp"),
+    "schema_version": (raw(meta={"schema_version": "2"}), 422, "unknown_schema_version", "schema_version"),
+    "missing_metadata": (raw(drop=["robot_model"]), 422, "missing_metadata", "robot_model"),
+    "bad_source": (raw(meta={"source": "mars"}), 422, "bad_metadata", "source"),
+    "bad_episode_id": (raw(meta={"episode_id": "not-a-uuid"}), 422, "bad_metadata", "episode_id"),
+    "other_robot": (make("r1").to_bytes(), 403, "robot_id_mismatch", "robot_id"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_upload_is_refused_with_its_reason_and_nothing_is_stored(fleet, name):
+    body, status, error, field = BAD[name]
+    before = stored_count(fleet)
+    r = post(fleet, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"] == error and r.json()["reason"]
+    if field is not None:
+        assert r.json()["field"] == field
+    assert stored_count(fleet) == before
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(fleet):
+    r = post(fleet, b"\0" * (LIMIT + 1))
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    # a declared size over the limit is answered at once, without sending any body
+    host, port = fleet["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            f"POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {fleet['tok']['r0']}\r\n"
+            f"Content-Length: {10**12}\r\n\r\n".encode()
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 413")
+    # a chunked body (no Content-Length) is cut off once it passes the limit
+    chunks = (b"\0" * 65536 for _ in range(8))  # 512 KiB: small enough to sit in socket buffers
+    r = post(fleet, chunks)
+    assert r.status_code == 413 and r.json()["field"] == "body"
+
+
+def test_auth_roles(fleet):
+    c, body = fleet["client"], make(seed=11).to_bytes()
+    assert c.post("/v1/episodes", content=body).status_code == 401
+    assert c.post("/v1/episodes", content=body, headers=auth("made-up")).status_code == 401
+    for role in ("operator", "publisher"):
+        r = post(fleet, body, who=role)
+        assert r.status_code == 403 and r.json()["error"] == "forbidden"
+    assert c.get("/v1/episodes", headers=auth(fleet["tok"]["r0"])).status_code == 403
+    assert c.get("/metrics").status_code == 401
+    assert c.get("/healthz").json()["status"] == "ok"
+
+
+def test_idempotent_upload(fleet):
+    ep = make(seed=21)
+    assert post(fleet, ep.to_bytes()).status_code == 201
+    r = post(fleet, ep.to_bytes())
+    assert r.status_code == 200 and r.json()["status"] == "duplicate"
+    other = Episode.create(**make_episode_arrays(seed=22), robot_id="r0", robot_model="toy", source="sim", episode_id=ep.episode_id)
+    r = post(fleet, other.to_bytes())
+    assert r.status_code == 409 and r.json()["error"] == "episode_id_conflict"
+
+
+def test_concurrent_duplicates_are_stored_once(fleet):
+    ep = make(seed=31, steps=50)
+    other = Episode.create(**make_episode_arrays(seed=32), robot_id="r0", robot_model="toy", source="sim", episode_id=ep.episode_id)
+    codes, barrier = [], threading.Barrier(9)
+
+    def send(body):
+        with httpx.Client(base_url=fleet["url"], timeout=30) as c:
+            barrier.wait()
+            codes.append(c.post("/v1/episodes", content=body, headers=auth(fleet["tok"]["r0"])).status_code)
+
+    threads = [threading.Thread(target=send, args=(ep.to_bytes(),)) for _ in range(8)] + [threading.Thread(target=send, args=(other.to_bytes(),))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # whichever content commits first wins: 8 identical copies give one 201 and 200s, the other bytes 409
+    assert sorted(codes) in ([200] * 7 + [201, 409], [201] + [409] * 8)
+    listed = fleet["client"].get("/v1/episodes", params={"robot_id": "r0", "limit": 1000}, headers=auth(fleet["tok"]["operator"])).json()
+    assert [e["episode_id"] for e in listed["episodes"]].count(ep.episode_id) == 1
+
+
+def good_episodes() -> list[Episode]:
+    rng = np.random.default_rng(5)
+    out = [
+        make(steps=1, seed=41),
+        make(steps=700, seed=42, hardware={"motor": "m2", "mass": 1.5}, calibration={"offset": [0.1, 0.2]}, **{"x.site": "lab-3"}),
+        Episode.create(
+            **make_episode_arrays(num_steps=30, seed=43),
+            robot_id="r0",
+            robot_model="toy-cam",
+            source="real",
+            extras={
+                "image.front": rng.integers(0, 256, (31, 8, 8, 3), dtype=np.uint8),
+                "intervention": rng.random(30) > 0.5,
+                "contact_force": rng.standard_normal((30, 4)),
+            },
+        ),
+        Episode.create(
+            **make_episode_arrays(num_steps=9, seed=44), robot_id="r0", robot_model="toy", source="worldmodel", model_version="wm-3"
+        ),
+    ]
+    with BatchedStepper("pendulum", 2, robot_id="r0", source="sim") as stepper:
+        out += stepper.simulate([ScenarioSpec(robot="pendulum", seed=s, max_steps=40) for s in range(2)], random_policy(1, seed=0))
+    return out
+
+
+def test_good_uploads_are_never_refused_and_read_back_bit_exact(fleet):
+    op = auth(fleet["tok"]["operator"])
+    for ep in good_episodes():
+        r = post(fleet, ep.to_bytes())
+        assert r.status_code == 201, r.text
+        back = fleet["client"].get(f"/v1/episodes/{ep.episode_id}", headers=op)
+        assert back.status_code == 200 and back.content == ep.to_bytes()
+    # the safetensors library's own (non-canonical) encoding of a valid episode is fine too
+    ep = make(seed=51)
+    body = safetensors.numpy.save(ep.arrays(), metadata=ep.metadata)
+    assert post(fleet, body).status_code == 201
+    assert Episode.from_bytes(fleet["client"].get(f"/v1/episodes/{ep.episode_id}", headers=op).content).equals(ep)
+    assert fleet["client"].get(f"/v1/episodes/{uuid.uuid4()}", headers=op).status_code == 404
+
+
+def test_listing_filters_and_metrics(fleet):
+    op = auth(fleet["tok"]["operator"])
+    ep = make("r1", seed=61)
+    assert post(fleet, ep.to_bytes(), who="r1").status_code == 201
+    listed = fleet["client"].get("/v1/episodes", params={"robot_id": "r1"}, headers=op).json()
+    assert [e["episode_id"] for e in listed["episodes"]] == [ep.episode_id] and listed["snapshot_id"]
+    assert fleet["client"].get("/v1/episodes", params={"limit": 0}, headers=op).status_code == 400
+    text = fleet["client"].get("/metrics", headers=op).text
+    assert 'flywheel_uploads_total{status="created"}' in text and "flywheel_upload_latency_seconds_count" in text
+    assert 'flywheel_rejections_total{reason="unauthorized"}' in text and "flywheel_commits_total" in text
+    # every upload counted: stored episodes match the store itself
+    snap = EpisodeStore.open(fleet["store_cfg"]).snapshot()
+    assert f"flywheel_store_episodes {len(snap)}" in text
+
+
+def test_extra_routes_share_the_servers_tokens(tmp_path):
+    from fastapi import APIRouter, Request
+
+    tokens = tmp_path / "tokens.json"
+    op = add_token(tokens, "operator")
+
+    def routes(registry):
+        router = APIRouter()
+
+        @router.get("/v1/whoami")
+        async def whoami(request: Request):
+            return {"role": registry.authenticate(request.headers.get("authorization")).role}
+
+        return [router]
+
+    handle = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), routes=routes)
+    try:
+        assert httpx.get(f"{handle.url}/v1/whoami", headers=auth(op)).json() == {"role": "operator"}
+        assert httpx.get(f"{handle.url}/v1/whoami").status_code == 401  # ApiError from a mounted route is answered as JSON
+    finally:
+        handle.stop()

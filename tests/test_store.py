@@ -1,0 +1,211 @@
+"""Episode store on disk: open modes, bit-exact round trip, idempotency, snapshots, filters,
+concurrent writer processes, and the training view (flat transitions, split by episode)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.store import EpisodeStore, StoreConfig
+from sim.episode import Episode
+from tests.conftest import make_episode_arrays
+
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def episode(seed: int, robot_id: str = "r0", *, steps: int = 6, obs_dim: int = 3, source: str = "sim", robot_model: str = "toy", **meta) -> Episode:
+    """A small valid episode; the same arguments give the same episode (id included)."""
+    arrays = make_episode_arrays(num_steps=steps, obs_dim=obs_dim, seed=seed)
+    eid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{seed}/{robot_id}/{steps}/{obs_dim}/{source}/{robot_model}"))
+    return Episode.create(
+        **arrays, robot_id=robot_id, robot_model=robot_model, source=source, policy_version=f"p{seed % 3}", episode_id=eid, **meta
+    )
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return StoreConfig(path=str(tmp_path / "store"), chunk_rows=32, index_rows=4)
+
+
+def test_explicit_open_modes(cfg):
+    with pytest.raises(FileNotFoundError, match="create it"):
+        EpisodeStore.open(cfg)
+    store = EpisodeStore.create(cfg)
+    assert store.info["store_schema_version"] == 1 and store.info["episode_schema_version"] == "1"
+    with pytest.raises(FileExistsError, match="already exists"):
+        EpisodeStore.create(cfg)
+    assert EpisodeStore.open(cfg).info == store.info
+    assert EpisodeStore.open_or_create(cfg).latest_snapshot_id() == store.latest_snapshot_id()
+
+
+def test_unknown_store_schema_version_is_refused(cfg):
+    from fleet.store import backend
+    from fleet.store.layout import ROOT_ATTR
+
+    EpisodeStore.create(cfg)
+    repo = backend.open_repo(EpisodeStore.open(cfg).path)
+    session = repo.writable_session("main")
+    root = backend.open_root(session, mode="r+")
+    root.attrs[ROOT_ATTR] = {**root.attrs[ROOT_ATTR], "store_schema_version": 99}
+    session.commit("pretend a future layout")
+    with pytest.raises(ValueError, match="store schema version 99"):
+        EpisodeStore.open(cfg)
+
+
+def test_round_trip_is_bit_exact_across_streams_and_extras(cfg):
+    store = EpisodeStore.create(cfg)
+    rng = np.random.default_rng(1)
+    eps = [episode(i, f"r{i % 3}", steps=5 + 7 * i) for i in range(5)]
+    eps.append(episode(10, "cam", obs_dim=4, hardware={"arm": "v2"}, scenario={"seed": 3}, model_version="wm-7", **{"x.note": "hi"}))
+    extras = {"qpos": rng.standard_normal((12, 2)), "image.front": rng.integers(0, 255, (12, 4, 4, 3), dtype=np.uint8), "actuator_force": rng.standard_normal((11, 2))}
+    eps.append(Episode.create(**make_episode_arrays(num_steps=11, seed=11), robot_id="r1", robot_model="toy", source="real", extras=extras))
+    result = store.append(eps[:4])
+    assert result.statuses == ("created",) * 4
+    assert store.append(eps[4:]).created == 3
+    snap = store.snapshot()
+    assert len(snap) == 7 and len({e.stream for e in snap.catalog()}) == 3
+    for ep in eps:
+        back = snap.read_episode(ep.episode_id)
+        assert back.equals(ep) and back.to_bytes() == ep.to_bytes()
+    prov = snap.provenance(eps[5].episode_id)
+    assert prov["hardware"] == {"arm": "v2"} and prov["scenario"] == {"seed": 3} and prov["model_version"] == "wm-7"
+    assert prov["robot_id"] == "cam" and prov["upload_time"] > 0
+
+
+def test_commits_start_on_chunk_boundaries(cfg):
+    store = EpisodeStore.create(cfg)
+    for k in range(3):
+        store.append([episode(10 * k + j, steps=9) for j in range(2)])
+    rows = sorted(e.row for e in store.snapshot().catalog())
+    assert rows == [0, 10, 32, 42, 64, 74]  # each commit starts a new 32-row chunk
+
+
+def test_idempotent_by_episode_id_within_a_batch_and_across_reopen(cfg):
+    store = EpisodeStore.create(cfg)
+    a, b = episode(1), episode(2)
+    changed = Episode.create(**make_episode_arrays(seed=99), robot_id="r0", robot_model="toy", source="sim", episode_id=a.episode_id)
+    assert store.append([a, b, a]).statuses == ("created", "created", "duplicate")
+    assert store.append([changed, b]).statuses == ("conflict", "duplicate")
+    reopened = EpisodeStore.open(cfg)  # a restarted server knows every stored id
+    assert reopened.refresh_index() == 2
+    assert reopened.append([a, changed]).statuses == ("duplicate", "conflict")
+    snap = reopened.snapshot()
+    assert len(snap) == 2 and snap.read_episode(a.episode_id).equals(a)
+
+
+def test_snapshot_is_pinned(cfg):
+    store = EpisodeStore.create(cfg)
+    store.append([episode(i) for i in range(3)])
+    pinned = store.snapshot()
+    store.append([episode(i) for i in range(3, 8)])
+    again = EpisodeStore.open(cfg).snapshot(pinned.snapshot_id)
+    assert len(pinned) == len(again) == 3
+    latest = store.snapshot()
+    assert len(latest) == 8
+    incremental = store.snapshot(latest.snapshot_id, base=pinned)  # reads only the slots added since
+    assert incremental.catalog() == latest.catalog()
+    assert [h["snapshot_id"] for h in store.history(2)][1] == pinned.snapshot_id
+
+
+def test_filters_by_robot_source_model_and_time(cfg):
+    store = EpisodeStore.create(cfg)
+    store.append([episode(i, f"r{i % 2}", source="real" if i < 4 else "sim") for i in range(6)])
+    cut = time.time()
+    store.append([episode(10, "r2", source="worldmodel", robot_model="other")])
+    snap = store.snapshot()
+    assert len(snap.episodes(robot_id="r0")) == 3
+    assert len(snap.episodes(robot_id=["r0", "r2"])) == 4
+    assert len(snap.episodes(source="real")) == 4 and len(snap.episodes(source="worldmodel")) == 1
+    assert len(snap.episodes(since=cut)) == 1 and len(snap.episodes(until=cut)) == 6
+    assert [e.robot_id for e in snap.episodes(robot_model="other")] == ["r2"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from fleet.store import EpisodeStore, StoreConfig
+    from tests.test_store import episode
+    cfg = StoreConfig(path=sys.argv[1], chunk_rows=32, index_rows=4)
+    store = EpisodeStore.open(cfg)
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[1] + ".go"):  # all writers start together
+        time.sleep(0.002)
+    w, shared = int(sys.argv[2]), list(range(1000, 1006))
+    statuses = []
+    for k in range(6):
+        batch = [episode(100 * w + k, f"w{w}"), episode(shared[k], "shared")]
+        statuses += store.append(batch).statuses
+    print(statuses.count("created"))
+    """
+)
+
+
+def test_concurrent_writer_processes_lose_nothing_and_store_each_id_once(cfg):
+    EpisodeStore.create(cfg)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, cfg.path, str(w)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        for w in range(3)
+    ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3
+    Path(cfg.path + ".go").touch()
+    created = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    snap = EpisodeStore.open(cfg).snapshot()
+    ids = [e.episode_id for e in snap.catalog()]
+    expected = [episode(100 * w + k, f"w{w}") for w in range(3) for k in range(6)] + [episode(1000 + k, "shared") for k in range(6)]
+    assert len(ids) == len(set(ids)) == len(expected) == sum(created)  # each writer's 6, plus the 6 shared ids once
+    for ep, back in zip(expected, snap.read_episodes([e.episode_id for e in expected])):
+        assert back.equals(ep)
+
+
+def test_transitions_and_episode_split(cfg):
+    from fleet.store.dataset import TransitionDataset, split_by_episode, train_val_datasets  # torch: only here
+
+    store = EpisodeStore.create(cfg)
+    eps = [episode(i, steps=4 + i) for i in range(10)]
+    store.append(eps[:6])
+    store.append(eps[6:])
+    snap = store.snapshot()
+    train, val = split_by_episode(snap.catalog(), 0.3, seed=0)
+    assert train and val and not {e.episode_id for e in train} & {e.episode_id for e in val}
+    assert split_by_episode(list(reversed(snap.catalog())), 0.3, seed=0)[1] == list(reversed(val))  # order-independent
+    ds = TransitionDataset(snap, train)
+    assert ds.snapshot_id == snap.snapshot_id and len(ds) == sum(e.num_steps for e in train)
+    by_id = {e.episode_id: e for e in eps}
+    for i in (0, len(ds) // 2, len(ds) - 1):
+        ep = by_id[ds.episode_ids[ds.table.episode[i]]]
+        t = int(ds.table.rows[i] - ds.table.rows[ds.table.episode == ds.table.episode[i]][0])
+        item = ds[i]
+        assert np.array_equal(item["obs"].numpy(), ep.observation[t]) and np.array_equal(item["next_obs"].numpy(), ep.observation[t + 1])
+        assert np.array_equal(item["action"].numpy(), ep.action[t]) and float(item["reward"]) == float(ep.reward[t])
+        assert bool(item["terminated"]) == bool(ep.terminated[t])
+    batch = ds.sample(16, np.random.default_rng(0))
+    assert batch["obs"].shape == (16, 3) and batch["action"].shape == (16, 2) and batch["terminated"].dtype.is_floating_point is False
+    assert sum(len(b["reward"]) for b in ds.iterate(7)) == len(ds)
+    tr, va = train_val_datasets(snap, 0.3, seed=0, source="sim")
+    assert set(tr.episode_ids) == {e.episode_id for e in train} and set(va.episode_ids) == {e.episode_id for e in val}
+    with pytest.raises(ValueError, match="no episodes matching"):
+        train_val_datasets(snap, 0.3, robot_id="nobody")
+
+
+def test_transitions_refuse_mixed_dimensions(cfg):
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1), episode(2, obs_dim=5, robot_model="big")])
+    with pytest.raises(ValueError, match="select one robot_model"):
+        store.snapshot().transitions(store.snapshot().catalog())
+
+
+def test_store_layout_is_self_describing(cfg):
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    snap = store.snapshot()
+    sig = snap.signature(snap.catalog()[0].stream)
+    assert sig.robot_model == "toy" and sig.obs_dim == 3 and sig.act_dim == 2
+    assert {a.name: a.length for a in sig.arrays}["observation"] == "T+1"
+    assert json.loads(json.dumps(sig.to_dict())) == sig.to_dict()

@@ -1,0 +1,159 @@
+"""World model: transitions and the episode split, training (does it learn, early stopping,
+elites, logging), and safetensors + JSON save/load. Real MuJoCo data, real files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.policy_fn import random_policy
+from sim.scenario import ScenarioSpec
+from worldmodel import EnsembleConfig, TrainConfig, load, model_version, save, train_ensemble
+from worldmodel.evaluate import LinearDynamics, ensemble_step_fn, k_step_errors, observation_scale
+from worldmodel.transitions import split_by_episode, to_transitions
+
+SMALL = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """2 shared cores: one intra-op thread avoids OpenMP spin-waits when other work runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def simulate(robot: str, count: int, steps: int, seed: int = 0, robot_id: str = "robot-0") -> list[Episode]:
+    with BatchedStepper(robot, 32, nthread=1, robot_id=robot_id) as stepper:
+        specs = [ScenarioSpec(robot, seed=seed * 1000 + i, max_steps=steps) for i in range(count)]
+        return stepper.simulate(specs, random_policy(stepper.task.act_dim, seed))
+
+
+@pytest.fixture(scope="module")
+def cheetah():
+    episodes = simulate("half_cheetah", 48, 100)
+    return episodes[:40], episodes[40:]
+
+
+@pytest.fixture(scope="module")
+def trained(cheetah):
+    train_eps, _ = cheetah
+    logs = []
+    config = TrainConfig(max_steps=500, eval_every=250, seed=0)
+    model, report = train_ensemble(train_eps, ensemble=SMALL, config=config, log=lambda m, s: logs.append((s, m)))
+    return model, report, logs
+
+
+def test_transitions_keep_the_final_observation_and_flags(cheetah):
+    ep = cheetah[0][0]
+    data = to_transitions([ep])
+    assert len(data) == ep.num_steps
+    np.testing.assert_array_equal(data.next_obs[-1], ep.observation[-1])
+    np.testing.assert_array_equal(data.obs[1:], data.next_obs[:-1])
+    assert not data.terminated.any()  # a time-limit cut is not a termination
+
+
+def test_split_is_by_episode(cheetah):
+    episodes = cheetah[0]
+    train, val = split_by_episode(episodes, 0.25, seed=3)
+    ids_train, ids_val = {e.episode_id for e in train}, {e.episode_id for e in val}
+    assert not ids_train & ids_val
+    assert ids_train | ids_val == {e.episode_id for e in episodes}
+    assert len(val) == 10
+    assert split_by_episode(episodes, 0.25, seed=3)[1][0].equals(val[0])
+    with pytest.raises(ValueError, match="at least 2 episodes"):
+        split_by_episode(episodes[:1], 0.25, seed=0)
+
+
+def test_one_world_model_per_robot_model(cheetah):
+    other = simulate("pendulum", 2, 5)
+    with pytest.raises(ValueError, match="one world model per robot model"):
+        train_ensemble(cheetah[0][:3] + other, ensemble=SMALL, config=TrainConfig(max_steps=1))
+
+
+def test_model_learns_and_beats_the_linear_baseline(cheetah, trained):
+    train_eps, test_eps = cheetah
+    model, report, _ = trained
+    linear = LinearDynamics.fit(to_transitions(train_eps))
+    scale = observation_scale(test_eps)
+    ours = k_step_errors(ensemble_step_fn(model), test_eps, ks=(1, 5), scale=scale)
+    base = k_step_errors(linear, test_eps, ks=(1, 5), scale=scale)
+    assert ours[1] < 0.9 * base[1], (ours, base)
+    assert len(report.elites) == 3 and report.elites == [int(i) for i in model.elites]
+    assert all(report.val_mse[i] <= sorted(report.val_mse)[2] for i in report.elites)
+    assert report.train_episodes + report.val_episodes == len(train_eps)
+
+
+def test_training_logs_documented_metrics(trained):
+    _, _, logs = trained
+    assert [s for s, _ in logs] == [250, 500]
+    for _, metrics in logs:
+        assert set(metrics) == {"worldmodel/train_loss", "worldmodel/val_mse", "worldmodel/val_nll", "worldmodel/val_term_acc"}
+        assert all(np.isfinite(v) for v in metrics.values())
+    assert logs[1][1]["worldmodel/val_mse"] < logs[0][1]["worldmodel/val_mse"]
+
+
+def test_early_stopping_when_validation_stops_improving(cheetah):
+    config = TrainConfig(max_steps=10_000, eval_every=5, patience=2, learning_rate=0.0)
+    _, report = train_ensemble(cheetah[0][:8], ensemble=SMALL, config=config)
+    assert report.stopped_early and report.steps == 10 and report.evaluations == 2
+
+
+def test_continued_training_keeps_normalisers(cheetah, trained):
+    model, _, _ = trained
+    fresh = load_copy(model)
+    mean = fresh.input_norm.mean.clone()
+    more, report = train_ensemble(cheetah[1] + cheetah[0][:4], model=fresh, config=TrainConfig(max_steps=20, eval_every=10))
+    assert more is fresh and report.steps == 20
+    torch.testing.assert_close(more.input_norm.mean, mean)
+    assert model_version(more) != model_version(model)
+
+
+def load_copy(model):
+    from worldmodel.ensemble import DynamicsEnsemble
+
+    copy = DynamicsEnsemble(model.spec)
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
+def test_save_load_roundtrip_is_exact(trained, cheetah, tmp_path):
+    model, report, _ = trained
+    version = save(model, tmp_path / "wm", extra={"val_mse": report.val_mse})
+    assert version == model_version(model) and version.startswith("wm-")
+    meta = json.loads((tmp_path / "wm" / "model.json").read_text())
+    assert meta["model_version"] == version and meta["spec"]["robot"] == "half_cheetah"
+    assert meta["extra"]["val_mse"] == report.val_mse
+    loaded = load(tmp_path / "wm", device="cpu")
+    assert model_version(loaded) == version
+    obs = torch.as_tensor(cheetah[1][0].observation[:-1])
+    act = torch.as_tensor(cheetah[1][0].action)
+    torch.testing.assert_close(loaded.mean_step(obs, act)[0], model.mean_step(obs, act)[0], rtol=0, atol=0)
+    assert torch.equal(loaded.elites, model.elites) and torch.equal(loaded.obs_high, model.obs_high)
+
+
+def test_load_names_mismatched_tensors(trained, cheetah, tmp_path):
+    model, _, _ = trained
+    save(model, tmp_path / "a")
+    other, _ = train_ensemble(cheetah[0][:4], ensemble=EnsembleConfig(5, 3, 64, 2), config=TrainConfig(max_steps=1))
+    save(other, tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"tensor hidden\.0\.weight: saved shape \(5, 23, 64\).*needs \(5, 23, 128\)"):
+        load(tmp_path / "a")
+
+
+def test_load_detects_changed_weights(trained, tmp_path):
+    model, _, _ = trained
+    save(model, tmp_path / "wm")
+    meta_path = tmp_path / "wm" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["model_version"] = "wm-0000000000000000"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="content hash"):
+        load(tmp_path / "wm")
+    with pytest.raises(FileNotFoundError, match="model.json is missing"):
+        load(tmp_path / "nowhere")

@@ -1,0 +1,193 @@
+"""World-model rollouts (disagreement cut, no NaN out, Episode records) and the physics check
+against MuJoCo. Real MuJoCo data; a small ensemble trained in the module fixture."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sim.batched import BatchedStepper
+from sim.episode import Episode
+from sim.policy_fn import random_policy
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+from worldmodel import EnsembleConfig, RolloutConfig, TrainConfig, branch_rollouts, model_rollout, model_version, train_ensemble
+from worldmodel.evaluate import observation_scale
+from worldmodel.physics_check import PhysicsCheckConfig, physics_check
+from worldmodel.rollout import CUT_REASONS
+
+PROFILE = VariationProfile(mass_scale=1.1, damping_scale=0.9)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    with BatchedStepper("half_cheetah", 32, nthread=1, robot_id="robot-7") as stepper:
+        specs = [ScenarioSpec("half_cheetah", seed=i, profile=PROFILE, max_steps=60) for i in range(32)]
+        return stepper.simulate(specs, random_policy(6, 0))
+
+
+@pytest.fixture(scope="module")
+def model(episodes):
+    ens = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=64, num_hidden_layers=2)
+    trained, _ = train_ensemble(episodes, ensemble=ens, config=TrainConfig(max_steps=300, eval_every=150))
+    return trained
+
+
+def tanh_policy(obs: np.ndarray) -> np.ndarray:
+    return np.tanh(obs[:, :6] * 2.0).astype(np.float32)
+
+
+def test_rollouts_stop_at_the_disagreement_threshold(model, episodes):
+    starts = np.concatenate([ep.observation[:20] for ep in episodes[:10]])
+    probe = model_rollout(model, starts, tanh_policy, RolloutConfig(horizon=15, disagreement_threshold=1e9, seed=1))
+    threshold = float(np.nanquantile(probe.disagreement, 0.7))
+    batch = model_rollout(model, starts, tanh_policy, RolloutConfig(horizon=15, disagreement_threshold=threshold, seed=1))
+    cut = batch.cut == CUT_REASONS.index("disagreement")
+    assert cut.sum() > 10 and (batch.length == 15).sum() > 0
+    for i, length in enumerate(batch.length):
+        assert (batch.disagreement[i, :length] <= threshold).all()  # every recorded step was trusted
+        if cut[i]:
+            assert batch.disagreement[i, length] > threshold  # and the cut came at the first untrusted one
+            assert np.isnan(batch.disagreement[i, length + 1 :]).all()
+    assert np.isfinite(batch.observation).all() and np.isfinite(batch.reward).all()
+
+
+def test_no_nan_ever_leaves_a_rollout(model, episodes):
+    starts = np.concatenate([ep.observation[:5] for ep in episodes[:4]])
+    broken = _copy(model)
+    with torch.no_grad():
+        broken.head.weight[int(broken.elites[0])].fill_(float("nan"))  # one elite predicts NaN
+    batch = model_rollout(broken, starts, tanh_policy, RolloutConfig(horizon=10, disagreement_threshold=1e9))
+    assert (batch.length == 0).all() and (batch.cut == CUT_REASONS.index("disagreement")).all()
+    assert np.isfinite(batch.observation).all()
+    assert branch_rollouts(broken, episodes, tanh_policy, 16, RolloutConfig(horizon=10, disagreement_threshold=1e9)) == []
+
+    exploding = _copy(model)
+    with torch.no_grad():
+        exploding.output_norm.std.mul_(1e6)  # predictions far outside anything seen in training
+    batch = model_rollout(exploding, starts, tanh_policy, RolloutConfig(horizon=10, disagreement_threshold=1e9))
+    assert (batch.cut == CUT_REASONS.index("envelope")).all() and (batch.length == 0).all()
+
+
+def _copy(model):
+    from worldmodel.ensemble import DynamicsEnsemble
+
+    out = DynamicsEnsemble(model.spec)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def test_branch_rollouts_are_valid_worldmodel_episodes(model, episodes):
+    config = RolloutConfig(horizon=12, disagreement_threshold=2.0, seed=4)
+    out = branch_rollouts(model, episodes, tanh_policy, 24, config, policy_version="pi-3")
+    assert 0 < len(out) <= 24
+    version = model_version(model)
+    by_id = {ep.episode_id: ep for ep in episodes}
+    for ep in out:
+        again = Episode.from_bytes(ep.to_bytes())  # passes schema validation on the wire
+        assert again.equals(ep)
+        assert ep.source == "worldmodel" and ep.metadata["model_version"] == version and ep.robot_id == "robot-7"
+        assert ep.metadata["policy_version"] == "pi-3"
+        spec = ep.json_metadata("scenario")
+        src = by_id[spec["source_episode_id"]]
+        t = spec["source_step"]
+        np.testing.assert_array_equal(ep.observation[0], src.observation[t])
+        assert ep.timestamp[0] == src.timestamp[t]
+        assert spec["profile"] == PROFILE.to_dict()
+        np.testing.assert_array_equal(np.float32(spec["init_qpos"]), src.extras["qpos"][t])
+        assert ep.terminated[-1] or ep.truncated[-1]
+        assert spec["cut"] in CUT_REASONS and (spec["cut"] == "horizon") == (ep.num_steps == 12 and ep.truncated[-1])
+    again = branch_rollouts(model, episodes, tanh_policy, 24, config, policy_version="pi-3")
+    assert len(again) == len(out) and all(a.equals(b) for a, b in zip(again, out))
+
+
+def test_torch_module_policy_runs_in_the_loop(model, episodes):
+    torch.manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(17, 6), torch.nn.Tanh())
+    starts = episodes[0].observation[:8]
+    batch = model_rollout(model, starts, policy, RolloutConfig(horizon=5, disagreement_threshold=1e9, sample=False))
+    with torch.no_grad():
+        first = policy(torch.as_tensor(starts)).numpy()
+    np.testing.assert_allclose(batch.action[:, 0], first, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        model_rollout(model, starts, lambda obs: np.zeros((len(obs), 2), np.float32), RolloutConfig(horizon=2))
+
+
+def test_physics_check_of_a_perfect_model_is_near_zero(episodes):
+    """Episodes that are MuJoCo's own trajectories, relabelled as model rollouts, replay with ~0 error."""
+    fake = []
+    for ep in episodes[:6]:
+        t = 5
+        spec = {"init_qpos": ep.extras["qpos"][t].tolist(), "init_qvel": ep.extras["qvel"][t].tolist(), "profile": PROFILE.to_dict()}
+        fake.append(
+            Episode.create(
+                observation=ep.observation[t : t + 21],
+                action=ep.action[t : t + 20],
+                reward=ep.reward[t : t + 20],
+                terminated=np.zeros(20, bool),
+                truncated=np.eye(20, dtype=bool)[-1],
+                timestamp=ep.timestamp[t : t + 21],
+                robot_id=ep.robot_id,
+                robot_model="half_cheetah",
+                source="worldmodel",
+                scenario=json.dumps(spec),
+                model_version="wm-test",
+            )
+        )
+    report = physics_check(fake, observation_scale(episodes), PhysicsCheckConfig(tolerance=0.05))
+    assert report.k_step_count == {1: 6, 5: 6, 20: 6}
+    assert max(report.k_step_error.values()) < 1e-3  # float32 recording of the start state is the only difference
+    assert len(report.kept) == 6 and not report.dropped
+
+
+def test_physics_check_reports_k_step_errors_and_drops_outliers(model, episodes):
+    out = branch_rollouts(model, episodes, tanh_policy, 32, RolloutConfig(horizon=20, disagreement_threshold=1e9, seed=2))
+    scale = observation_scale(episodes)
+    report = physics_check(out, scale, PhysicsCheckConfig(ks=(1, 5, 20), tolerance=1e9))
+    assert set(report.k_step_error) == {1, 5, 20} and report.k_step_count[1] == len(out)
+    assert 0 < report.k_step_error[1] < report.k_step_error[20] < 10
+    assert len(report.kept) == len(out)
+    errors = np.concatenate(list(report.step_errors.values()))
+    tolerance = float(np.median(errors))
+    strict = physics_check(out, scale, PhysicsCheckConfig(tolerance=tolerance))
+    assert 0 < len(strict.kept) < len(out) and len(strict.kept) + len(strict.dropped) == len(out)
+    for ep in strict.kept:
+        assert (strict.step_errors[ep.episode_id] <= tolerance).all()
+    with pytest.raises(ValueError, match="world-model rollouts"):
+        physics_check(episodes[:1], scale)
+
+
+def test_physics_check_of_rollouts_branched_from_real_telemetry(model, episodes):
+    """Real telemetry has no physics state or scenario: the check rebuilds the start state from the
+    observation and uses the robot's calibrated profile."""
+    arrays = ("observation", "action", "reward", "terminated", "truncated", "timestamp")
+    real = [
+        Episode.create(**{k: getattr(ep, k) for k in arrays}, robot_id=ep.robot_id, robot_model="half_cheetah", source="real")
+        for ep in episodes[:8]
+    ]
+    out = branch_rollouts(model, real, tanh_policy, 16, RolloutConfig(horizon=8, disagreement_threshold=1e9, seed=3))
+    assert out and all("init_qpos" not in ep.json_metadata("scenario") for ep in out)
+    report = physics_check(out, observation_scale(episodes), PhysicsCheckConfig(ks=(1, 5), tolerance=1e9), profiles={"robot-7": PROFILE})
+    assert report.k_step_count[1] == len(out) and np.isfinite(list(report.k_step_error.values())).all()
+    with pytest.raises(ValueError, match="robot model 'pendulum'"):
+        pendulum = [dataclasses.replace(real[0], metadata={**real[0].metadata, "robot_model": "pendulum"})]
+        branch_rollouts(model, pendulum, tanh_policy, 4)
+
+
+@pytest.mark.requires_gpu
+def test_rollout_on_the_gpu_matches_the_cpu(model, episodes):
+    starts = np.concatenate([ep.observation[:10] for ep in episodes[:10]])
+    config = RolloutConfig(horizon=10, disagreement_threshold=1e9, sample=False)
+    cpu = model_rollout(model, starts, tanh_policy, config)
+    gpu = model_rollout(_copy(model).to("cuda"), starts, tanh_policy, config)
+    np.testing.assert_allclose(gpu.observation, cpu.observation, rtol=1e-3, atol=1e-3)

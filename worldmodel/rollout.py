@@ -1,0 +1,281 @@
+"""Batched synthetic rollouts: many start states at once, policy in the loop, cut where the
+ensemble stops agreeing.
+
+Each step, for every live rollout: the policy picks an action from the current observation;
+every member predicts the next observation; the disagreement is the standard deviation
+across members of their mean prediction of the (normalised) observation change, RMS over
+observation dimensions; a random elite member is sampled for the transition. A rollout is
+cut, before the untrusted transition is recorded, when the disagreement passes the
+threshold, when a prediction is not finite, or when the next observation leaves the
+envelope (the training range widened by ``envelope_margin`` times its width on each side).
+So no NaN or Inf ever leaves a rollout, and every recorded step had disagreement <= threshold.
+
+Everything stays on the model's device (GPU when there is one) until the finished batch is
+copied out once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from sim.episode import Episode
+from worldmodel.ensemble import DynamicsEnsemble, disagreement
+from worldmodel.io import model_version
+from worldmodel.transitions import check_compatible
+
+CUT_REASONS = ("horizon", "terminated", "disagreement", "envelope")
+_EPISODE_NAMESPACE = uuid.UUID("0f6c2f0a-8f55-4f7e-9d7b-5a9e1c3b2d41")
+Policy = nn.Module | Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    horizon: int = 10  # H control steps at most
+    disagreement_threshold: float = 0.5  # normalised units (see the module docstring)
+    disagreement_members: str = "all"  # "all" members, or only the "elites" (cheaper: E/K of the compute)
+    envelope_margin: float = 0.5
+    sample: bool = True  # sample the elite's Gaussian (False: its mean)
+    chunk_size: int = 65_536  # start states per batched pass (bounds memory)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.horizon < 1 or self.chunk_size < 1:
+            raise ValueError(f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}")
+        if self.disagreement_members not in ("all", "elites"):
+            raise ValueError(f"rollout: disagreement_members must be 'all' or 'elites', got {self.disagreement_members!r}")
+        if not self.disagreement_threshold > 0 or self.envelope_margin < 0:
+            raise ValueError("rollout: disagreement_threshold must be > 0 and envelope_margin >= 0")
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """N rollouts of up to H steps (numpy, rows past ``length`` are zero).
+
+    observation (N, H+1, obs_dim) f32, action (N, H, act_dim) f32, reward (N, H) f32,
+    disagreement (N, H) f32 of every attempted step (NaN where not attempted, inf where a
+    prediction was not finite), length (N,) int64 recorded steps, terminated (N,) bool
+    (ended by a predicted termination), cut (N,) int8 index into CUT_REASONS.
+    """
+
+    observation: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
+    disagreement: np.ndarray
+    length: np.ndarray
+    terminated: np.ndarray
+    cut: np.ndarray
+
+    @property
+    def num_transitions(self) -> int:
+        return int(self.length.sum())
+
+
+def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(policy, nn.Module):
+        param = next(policy.parameters(), None)
+        pdev = param.device if param is not None else device
+
+        def run(obs: torch.Tensor) -> torch.Tensor:
+            return policy(obs.to(pdev)).to(device, torch.float32)
+
+    elif callable(policy):
+
+        def run(obs: torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(policy(obs.cpu().numpy()), np.float32), device=device)
+
+    else:
+        raise TypeError(f"policy must be a torch module or a numpy callable, got {type(policy).__name__}")
+
+    def checked(obs: torch.Tensor) -> torch.Tensor:
+        action = run(obs)
+        if action.shape != (obs.shape[0], act_dim):
+            raise ValueError(f"policy returned actions of shape {tuple(action.shape)}, expected {(obs.shape[0], act_dim)}")
+        if not torch.isfinite(action).all():
+            raise ValueError("policy returned NaN or Inf actions")
+        return action.clamp(-1.0, 1.0)
+
+    return checked
+
+
+@torch.no_grad()
+def model_rollout(model: DynamicsEnsemble, start_obs: np.ndarray | torch.Tensor, policy: Policy, config: RolloutConfig = RolloutConfig()) -> RolloutBatch:
+    """Roll ``policy`` out in the model from every row of ``start_obs`` (N, obs_dim); see the module docstring."""
+    start = torch.as_tensor(start_obs, dtype=torch.float32, device=model.device)
+    if start.ndim != 2 or start.shape[1] != model.spec.obs_dim:
+        raise ValueError(f"start_obs must be (N, {model.spec.obs_dim}), got {tuple(start.shape)}")
+    if not torch.isfinite(start).all():
+        raise ValueError("start_obs contains NaN or Inf")
+    act = _policy_on_device(policy, model.device, model.spec.act_dim)
+    gen = torch.Generator(device=model.device).manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    parts = [_rollout_chunk(model, start[i : i + config.chunk_size], act, config, gen) for i in range(0, len(start), config.chunk_size)]
+    model.train(was_training)
+    return RolloutBatch(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(RolloutBatch)})
+
+
+def _members(model: DynamicsEnsemble, which: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(members evaluated (None: all), positions of the elites among them (E,))."""
+    if which == "elites":
+        return model.elites, torch.arange(len(model.elites), device=model.device)
+    return None, model.elites
+
+
+def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, act, config: RolloutConfig, gen: torch.Generator) -> RolloutBatch:
+    dev, n, h = model.device, start.shape[0], config.horizon
+    o_dim, a_dim = model.spec.obs_dim, model.spec.act_dim
+    members, elite_pos = _members(model, config.disagreement_members)
+    width = model.obs_high - model.obs_low
+    low = model.obs_low - config.envelope_margin * width
+    high = model.obs_high + config.envelope_margin * width
+    obs_out = torch.zeros(n, h + 1, o_dim, device=dev)
+    act_out = torch.zeros(n, h, a_dim, device=dev)
+    rew_out = torch.zeros(n, h, device=dev)
+    dis_out = torch.full((n, h), float("nan"), device=dev)
+    length = torch.zeros(n, dtype=torch.int64, device=dev)
+    terminated = torch.zeros(n, dtype=torch.bool, device=dev)
+    cut = torch.zeros(n, dtype=torch.int8, device=dev)  # "horizon" unless set otherwise
+    obs_out[:, 0] = start
+    live, cur = torch.arange(n, device=dev), start
+    for t in range(h):
+        if len(live) == 0:
+            break
+        a = act(cur)
+        x = model.input_norm.normalize(torch.cat([cur, a], dim=-1))
+        mean, raw_logvar, logit = model.forward_members(x, members)
+        dis = disagreement(mean[..., :o_dim])
+        pick = elite_pos[torch.randint(len(elite_pos), (len(live),), generator=gen, device=dev)]
+        rows = torch.arange(len(live), device=dev)
+        y = mean[pick, rows]
+        if config.sample:
+            std = torch.exp(0.5 * model.bound_logvar(raw_logvar[pick, rows]))
+            y = y + std * torch.randn(y.shape, generator=gen, device=dev)
+        raw = model.output_norm.denormalize(y)
+        nxt, rew = cur + raw[:, :o_dim], raw[:, o_dim]
+        finite = torch.isfinite(nxt).all(-1) & torch.isfinite(rew)
+        agree = dis <= config.disagreement_threshold
+        inside = finite & ((nxt >= low) & (nxt <= high)).all(-1)
+        ok = agree & inside
+        dis_out[live, t] = dis
+        cut[live[~agree]] = CUT_REASONS.index("disagreement")
+        cut[live[agree & ~inside]] = CUT_REASONS.index("envelope")
+        kept = live[ok]
+        obs_out[kept, t + 1], act_out[kept, t], rew_out[kept, t] = nxt[ok], a[ok], rew[ok]
+        length[kept] = t + 1
+        ends = ok & (logit[pick, rows] > 0)
+        terminated[live[ends]] = True
+        cut[live[ends]] = CUT_REASONS.index("terminated")
+        go_on = ok & ~ends
+        live, cur = live[go_on], nxt[go_on]
+    return RolloutBatch(
+        observation=obs_out.cpu().numpy(),
+        action=act_out.cpu().numpy(),
+        reward=rew_out.cpu().numpy(),
+        disagreement=dis_out.cpu().numpy(),
+        length=length.cpu().numpy(),
+        terminated=terminated.cpu().numpy(),
+        cut=cut.cpu().numpy(),
+    )
+
+
+# -- branching from real episodes -----------------------------------------------------------
+def sample_starts(episodes: Sequence[Episode], count: int, seed: int) -> list[tuple[int, int]]:
+    """``count`` (episode index, step) pairs drawn uniformly over all recorded steps t < T (seeded, with replacement)."""
+    sizes = np.array([ep.num_steps for ep in episodes])
+    if len(sizes) == 0 or count < 1:
+        raise ValueError(f"need at least one episode and count >= 1 (got {len(sizes)} episodes, count {count})")
+    flat = np.random.default_rng(seed).integers(0, sizes.sum(), count)
+    bounds = np.cumsum(sizes)
+    idx = np.searchsorted(bounds, flat, side="right")
+    step = flat - np.concatenate([[0], bounds[:-1]])[idx]
+    return [(int(i), int(t)) for i, t in zip(idx, step)]
+
+
+def branch_rollouts(
+    model: DynamicsEnsemble,
+    episodes: Sequence[Episode],
+    policy: Policy,
+    num_rollouts: int,
+    config: RolloutConfig = RolloutConfig(),
+    *,
+    policy_version: str = "none",
+) -> list[Episode]:
+    """World-model episodes branched from recorded states of ``episodes`` (real fleet states).
+
+    Each output Episode has source="worldmodel", ``model_version``, the source episode's robot
+    id and model, timestamps continuing the source's clock (start + k * dt), terminated at a
+    predicted termination, truncated at a cut (horizon, disagreement, envelope), and a
+    ``scenario`` JSON naming where it branched from (plus the physics state and profile of
+    the source where known, so :mod:`worldmodel.physics_check` can replay it in MuJoCo).
+    Rollouts cut before their first step yield no episode.
+    """
+    robot = check_compatible(episodes)[0]
+    if robot != model.spec.robot:
+        raise ValueError(f"episodes are of robot model {robot!r}, the world model of {model.spec.robot!r}")
+    starts = sample_starts(episodes, num_rollouts, config.seed)
+    start_obs = np.stack([episodes[i].observation[t] for i, t in starts])
+    batch = model_rollout(model, start_obs, policy, config)
+    version = model_version(model)
+    out = []
+    for r, (i, t) in enumerate(starts):
+        length = int(batch.length[r])
+        if length == 0:
+            continue
+        src = episodes[i]
+        scenario = _branch_scenario(src, t, r, batch, config, version)
+        out.append(_episode(batch, r, length, src, t, scenario, version, policy_version))
+    return out
+
+
+def _branch_scenario(src: Episode, t: int, r: int, batch: RolloutBatch, config: RolloutConfig, version: str) -> dict:
+    scenario = {
+        "kind": "worldmodel_branch",
+        "robot": src.metadata["robot_model"],
+        "source_episode_id": src.episode_id,
+        "source_step": t,
+        "rollout_index": r,
+        "horizon": config.horizon,
+        "disagreement_threshold": config.disagreement_threshold,
+        "seed": config.seed,
+        "cut": CUT_REASONS[int(batch.cut[r])],
+        "model_version": version,
+    }
+    source_spec = src.json_metadata("scenario")
+    if "profile" in source_spec:
+        scenario["profile"] = source_spec["profile"]
+    if "qpos" in src.extras and "qvel" in src.extras:
+        scenario["init_qpos"] = [float(v) for v in src.extras["qpos"][t]]
+        scenario["init_qvel"] = [float(v) for v in src.extras["qvel"][t]]
+    return scenario
+
+
+def _episode(batch: RolloutBatch, r: int, length: int, src: Episode, t: int, scenario: dict, version: str, policy_version: str) -> Episode:
+    dt = float(np.median(np.diff(src.timestamp)))
+    terminated = np.zeros(length, bool)
+    truncated = np.zeros(length, bool)
+    (terminated if batch.terminated[r] else truncated)[-1] = True
+    scenario_json = json.dumps(scenario, sort_keys=True)
+    digest = hashlib.sha256(f"{scenario_json}|{policy_version}".encode()).hexdigest()
+    return Episode.create(
+        observation=batch.observation[r, : length + 1],
+        action=batch.action[r, :length],
+        reward=batch.reward[r, :length],
+        terminated=terminated,
+        truncated=truncated,
+        timestamp=src.timestamp[t] + dt * np.arange(length + 1),
+        robot_id=src.robot_id,
+        robot_model=src.metadata["robot_model"],
+        source="worldmodel",
+        policy_version=policy_version,
+        episode_id=str(uuid.uuid5(_EPISODE_NAMESPACE, digest)),
+        scenario=scenario_json,
+        model_version=version,
+    )
