@@ -386,13 +386,19 @@ def calibrate(
     )
 
 
-def _jacobian(objective: _Objective, theta: np.ndarray, step: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Residuals r (R,) at ``theta`` and their central-difference Jacobian J (R, D), from one batched replay."""
+def _jacobian(
+    objective: _Objective, theta: np.ndarray, low: np.ndarray, high: np.ndarray, step: float = 0.01
+) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals r (R,) at ``theta`` and their finite-difference Jacobian J (R, D), from one batched replay.
+
+    Central differences, clipped to [low, high]: at a bound (payload 0, say) the difference is one-sided.
+    """
     d = len(theta)
     h = np.array([step if p in LOG_FIELDS else 0.01 for p in objective.params])
-    points = [theta] + [theta + s * h[i] * np.eye(d)[i] for i in range(d) for s in (1, -1)]
-    res = objective.residuals(np.array(points))
-    jac = np.stack([(res[1 + 2 * i] - res[2 + 2 * i]) / (2 * h[i]) for i in range(d)], axis=1)
+    plus = [np.minimum(theta + h[i] * np.eye(d)[i], high) for i in range(d)]
+    minus = [np.maximum(theta - h[i] * np.eye(d)[i], low) for i in range(d)]
+    res = objective.residuals(np.array([theta] + [p for pair in zip(plus, minus) for p in pair]))
+    jac = np.stack([(res[1 + 2 * i] - res[2 + 2 * i]) / (plus[i][i] - minus[i][i]) for i in range(d)], axis=1)
     return res[0], jac
 
 
@@ -404,7 +410,7 @@ def polish(
     CEM finds the basin; its sampling noise limits precision. Returns (theta, loss), never worse.
     """
     for _ in range(steps):
-        res, jac = _jacobian(objective, theta)
+        res, jac = _jacobian(objective, theta, low, high)
         if not (np.isfinite(res).all() and np.isfinite(jac).all()):
             break
         a, g = jac.T @ jac, jac.T @ res
@@ -454,7 +460,7 @@ def identifiability(objective: _Objective, theta: np.ndarray, loss: float, confi
     Identifiable means none of these. Fields with no effect or lost in the noise keep the base value.
     """
     params, d = config.params, len(theta)
-    res, jac = _jacobian(objective, theta)
+    res, jac = _jacobian(objective, theta, *_bounds(config))
     if not (np.isfinite(res).all() and np.isfinite(jac).all()):
         raise ValueError("calibration: the replay diverges right around the estimate; narrow scale_bounds or shorten the window")
     hess = 2.0 / len(jac) * jac.T @ jac

@@ -122,3 +122,18 @@ def test_calibration_config_errors_say_what_is_wrong():
         CalibrationConfig(params=("gravity",))
     with pytest.raises(ValueError, match="no episode has"):
         calibrate("reacher", telemetry("reacher", VariationProfile(), 1, 5), CalibrationConfig(window=8))
+
+
+def test_calibration_at_a_bound_differences_one_sided():
+    """A robot without payload puts payload_mass at its lower bound (0): the Jacobian must not step below it."""
+    from sim.batched import BatchedStepper
+    from sim.calibration import CalibrationConfig, calibrate
+    from sim.policy_fn import random_policy
+    from sim.scenario import ScenarioSpec
+
+    episodes = BatchedStepper("pendulum", 4).simulate(
+        [ScenarioSpec("pendulum", seed=s, max_steps=40) for s in range(6)], lambda o: 0.2 * random_policy(1, 0)(o)
+    )
+    config = CalibrationConfig(params=("payload_mass", "actuator_strength"), iterations=3, polish_steps=3)
+    result = calibrate("pendulum", episodes, config)
+    assert 0.0 <= result.estimates["payload_mass"] < 0.2
