@@ -13,7 +13,7 @@ Only :mod:`fleet.agent.config` loads eagerly (the rest imports mujoco via sim on
 
 from __future__ import annotations
 
-import importlib
+from fleet.lazy import lazy_getattr
 
 from fleet.agent.config import AgentConfig, SimRobotConfig
 
@@ -32,10 +32,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fleet.agent' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fleet.agent", _LAZY)
 
 
 __all__ = ["AgentConfig", "SimRobotConfig", *_LAZY]

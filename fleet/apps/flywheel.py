@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import hydra
@@ -10,6 +11,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fleet.apps.config_path import CONF_DIR
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="flywheel", version_base="1.3")

@@ -128,6 +128,7 @@ class Flywheel:
         with self.progress.task(f"iteration {k}: snapshot + world model"):
             snapshot_id, real, sim = svc.read_data(s.robot_model)
             record["snapshot"] = snapshot_id
+            svc.mirror_dataset(snapshot_id, {"real": len(real), "sim": len(sim)}, k)
             previous = svc.load_world_model()
             model, wm_report, wm_version = steps.update_world_model(
                 real, sim, previous, instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), None
@@ -210,7 +211,17 @@ class Flywheel:
             svc.registry.widen()
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
         svc.mirror_policy(version, export_dir)
+        self._video(k, version, trained.policy, profiles)
         return {"stage": stage, "version": version, "canaries": canaries}
+
+    def _video(self, k: int, version: int, policy, profiles: dict) -> None:
+        """One evaluation video of the released policy on the first robot's calibrated profile."""
+        from fleet.pipeline.video import render_episode
+
+        robot_id = sorted(profiles)[0]
+        frames = render_episode(policy, self.settings.robot_model, profiles[robot_id], seed=self.settings.seed)
+        if frames is not None:
+            self.svc.tracker.video(f"eval/video_v{version}_{robot_id}", frames, fps=int(round(1 / self.task.control_dt)), step=k)
 
     # -- helpers ------------------------------------------------------------------------------
     def _policy_factory(self, current: dict | None):

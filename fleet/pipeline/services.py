@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -108,6 +109,13 @@ class Services(contextlib.AbstractContextManager):
         """W&B mirrors each promoted policy as an Artifact; our registry serves it."""
         files = sorted(p for p in export_dir.iterdir() if p.is_file())
         self.tracker.artifact(f"policy-v{version}", "model", files, {"version": version})
+
+    def mirror_dataset(self, snapshot_id: str, counts: dict[str, int], iteration: int) -> None:
+        """W&B mirrors the pinned dataset snapshot as an Artifact (its id and counts; the data stays in the store)."""
+        path = self.run_dir / "snapshots" / f"iter{iteration:03d}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"snapshot_id": snapshot_id, "store": str(self.store_cfg.path), "episodes": counts}, indent=1))
+        self.tracker.artifact(f"dataset-{snapshot_id[:12]}", "dataset", [path], {"snapshot_id": snapshot_id, **counts})
 
     # -- lifetime -------------------------------------------------------------------------------
     def __exit__(self, *exc):

@@ -11,7 +11,7 @@ Protocol: docs/protocol.md. Only :mod:`fleet.server.config` loads eagerly.
 
 from __future__ import annotations
 
-import importlib
+from fleet.lazy import lazy_getattr
 
 from fleet.server.config import ServerConfig
 
@@ -27,10 +27,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fleet.server' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fleet.server", _LAZY)
 
 
 __all__ = ["ServerConfig", *_LAZY]

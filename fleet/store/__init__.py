@@ -13,7 +13,7 @@ Only :mod:`fleet.store.config` loads eagerly; the rest imports zarr/icechunk on 
 
 from __future__ import annotations
 
-import importlib
+from fleet.lazy import lazy_getattr
 
 from fleet.store.config import StoreConfig
 
@@ -29,10 +29,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fleet.store' has no attribute {name!r}")
+__getattr__ = lazy_getattr("fleet.store", _LAZY)
 
 
 __all__ = ["StoreConfig", *_LAZY]

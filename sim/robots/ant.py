@@ -15,12 +15,6 @@ class Ant(Task):
     payload_body = "torso"
     healthy_z = (0.2, 1.0)
 
-    def initial_state(self, rng, noise_scale, goal):
-        m = self.model
-        qpos = m.qpos0 + noise_scale * rng.uniform(-0.1, 0.1, size=m.nq)
-        qvel = noise_scale * 0.1 * rng.standard_normal(m.nv)
-        return qpos, qvel
-
     def observe(self, state):
         return np.concatenate([state.qpos[:, 2:], state.qvel], axis=1).astype(np.float32)
 

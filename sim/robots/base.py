@@ -81,9 +81,19 @@ class Task:
         return int(self.observe(state).shape[1])
 
     # -- behaviour (vectorised over N worlds) ---------------------------------------------
+    reset_qpos_noise: ClassVar[float] = 0.1  # default reset: qpos0 + U(-a, a), qvel = b * N(0, 1)
+    reset_qvel_noise: ClassVar[float] = 0.1
+
     def initial_state(self, rng: np.random.Generator, noise_scale: float, goal: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Sample one world's (qpos (nq,), qvel (nv,)) at reset; ``goal`` (goal_dim,) when given."""
-        raise NotImplementedError
+        """Sample one world's (qpos (nq,), qvel (nv,)) at reset; ``goal`` (goal_dim,) when given.
+
+        Default: the rest pose plus uniform position noise and Gaussian velocity noise (gymnasium's
+        locomotion resets), scaled by the scenario's ``noise_scale``.
+        """
+        m = self.model
+        qpos = m.qpos0 + noise_scale * rng.uniform(-self.reset_qpos_noise, self.reset_qpos_noise, size=m.nq)
+        qvel = noise_scale * self.reset_qvel_noise * rng.standard_normal(m.nv)
+        return qpos, qvel
 
     def sample_goal(self, rng: np.random.Generator) -> np.ndarray | None:
         """A random goal (goal_dim,), or None for tasks without one."""

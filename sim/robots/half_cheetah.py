@@ -14,12 +14,6 @@ class HalfCheetah(Task):
     max_steps = 1000
     payload_body = "torso"
 
-    def initial_state(self, rng, noise_scale, goal):
-        m = self.model
-        qpos = m.qpos0 + noise_scale * rng.uniform(-0.1, 0.1, size=m.nq)
-        qvel = noise_scale * 0.1 * rng.standard_normal(m.nv)
-        return qpos, qvel
-
     def observe(self, state):
         return np.concatenate([state.qpos[:, 1:], state.qvel], axis=1).astype(np.float32)
 

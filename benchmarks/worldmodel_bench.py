@@ -11,7 +11,7 @@ strength / damping for simulated robots with planted profiles, from 20 episodes 
 each (observations with sensor noise and actions only, like real telemetry), vs the error of
 the uncalibrated (nominal) profile.
 
-Run: `.venv/bin/python benchmarks/worldmodel.py [--robots half_cheetah ant] [--device auto] [--threads N]`
+Run: `.venv/bin/python benchmarks/worldmodel_bench.py [--robots half_cheetah ant] [--device auto] [--threads N]`
 (On a shared, oversubscribed machine `--threads 1` avoids OpenMP spin-wait collapse in torch.)
 """
 
@@ -26,10 +26,7 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# This file's name would shadow the worldmodel package while benchmarks/ leads sys.path: put the
-# repository root first and benchmarks/ last (for common.py).
-sys.path[:] = [os.path.dirname(HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != HERE] + [HERE]
+sys.path.insert(0, os.path.dirname(__file__))
 from common import emit, median_rate  # noqa: E402
 
 from sim.batched import BatchedStepper  # noqa: E402

@@ -1,0 +1,102 @@
+"""A robot's policy pull over real HTTP: the server serves the signed registry; attacks on the
+registry's files are refused by the robot, which keeps its last good policy; a policy that fails
+its first-episode health check is rolled back and blocked."""
+
+import torch
+import pytest
+
+from fleet.agent.config import SimRobotConfig
+from fleet.agent.policy import builtin_policy
+from fleet.agent.recorder import EpisodeRecorder
+from fleet.agent.robot import SimRobot, run_episode
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.signing import generate_keypair, load_private_key, load_public_key
+from fleet.registry.store import PolicyRegistry
+from fleet.registry.trust import PolicyTrust
+from fleet.server.auth import add_token
+from fleet.server.config import ServerConfig
+from fleet.server.runner import serve
+from fleet.store import StoreConfig
+from policies.export import export_policy
+from policies.networks import Policy, PolicySpec
+from policies.runtime import WEIGHTS_FILE
+
+SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
+
+
+def exported(tmp_path, name: str, push: float = 0.0) -> tuple[bytes, dict]:
+    """A small exported pendulum policy; ``push`` biases its action (a large push topples the pole)."""
+    torch.manual_seed(0)
+    policy = Policy(PolicySpec(4, 1, (16,), "tanh", False))
+    with torch.no_grad():
+        policy.actor.mean.weight.zero_()
+        policy.actor.mean.bias.fill_(push)
+    manifest = export_policy(policy, tmp_path / name, robot_model="pendulum", policy_version=name, algorithm="sac")
+    return (tmp_path / name / WEIGHTS_FILE).read_bytes(), manifest
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, "robot", "robot-0")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    trust = PolicyTrust(load_public_key(tmp_path / "k.pub"), **SPEC, state_dir=tmp_path / "robot")
+    source = SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), min_healthy_steps=10)
+    yield registry, source
+    source.close()
+    server.stop()
+
+
+def publish(registry, tmp_path, name, push=0.0):
+    weights, manifest = exported(tmp_path, name, push)
+    return registry.publish(weights, policy=manifest, **SPEC)
+
+
+def test_robot_pulls_verifies_and_swaps(tmp_path, fleet):
+    registry, source = fleet
+    assert source.current().version == "zero" and source.swaps == 0  # nothing published: 404, keep the fallback
+    publish(registry, tmp_path, "good")
+    assert source.poll() and source.current().version == "1" and source.trust.version == 1
+    assert not source.poll()  # already running it
+
+
+def test_a_tampered_manifest_on_the_server_is_refused(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "good")
+    source.poll()
+    publish(registry, tmp_path, "next")
+    path = registry.root / "versions" / "00000002" / "manifest.json"
+    path.write_text(path.read_text().replace('"note":""', '"note":"tampered"'))
+    assert not source.poll()
+    assert source.refusals == {"signature": 1} and source.current().version == "1"
+
+
+def test_substituted_weights_on_the_server_are_refused(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "good")
+    source.poll()
+    publish(registry, tmp_path, "next")
+    weights = registry.weights_path(2)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    weights.write_bytes(bytes(data))
+    assert not source.poll()
+    assert source.refusals == {"hash": 1} and source.current().version == "1"
+
+
+def test_a_policy_failing_its_first_episode_is_rolled_back_and_blocked(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "good")
+    source.poll()
+    publish(registry, tmp_path, "topples", push=5.0)  # pushes the cart at full force: the pole falls at once
+    assert source.poll() and source.current().version == "2"
+    robot = SimRobot(SimRobotConfig(robot_id="robot-0", model="pendulum", max_steps=200))
+    recorder = EpisodeRecorder(robot_id="robot-0", robot_model="pendulum", source="real", hardware={})
+    episode = run_episode(robot, source.current(), recorder, seed=0)
+    assert episode.terminated[-1] and episode.num_steps < 10
+    source.report_episode(episode)
+    assert source.current().version == "1" and source.trust.version == 1  # back on the last good policy
+    assert not source.poll() and source.refusals["health"] >= 2  # the failed version stays refused
+    robot.close()
