@@ -8,9 +8,12 @@ and ``report.png`` in the run folder hold them for users without W&B.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -53,7 +56,11 @@ class Tracker:
 
         path = self.run_dir / "videos" / f"{key.replace('/', '_')}_{step}.mp4"
         path.parent.mkdir(exist_ok=True)
-        iio.imwrite(path, frames, fps=fps)
+        try:
+            iio.imwrite(path, frames, fps=fps)
+        except OSError as exc:  # no mp4 writer: a missing video must not stop the loop
+            log.warning("video %s not written (%s); install imageio-ffmpeg", key, str(exc).splitlines()[0])
+            return
         if self.wandb_run is not None:
             import wandb
 

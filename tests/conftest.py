@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering (set before mujoco is imported)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")

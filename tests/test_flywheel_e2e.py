@@ -64,6 +64,7 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     assert any("fleet/return/robot-0" in x for x in lines) and any("gate/promote" in x for x in lines)
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B offline run holds the same metrics
     assert (run / "report.png").stat().st_size > 1000 and (run / "summary.json").exists()
+    assert list((run / "videos").glob("eval_video_v1_*.mp4"))  # evaluation video of the release (EGL)
 
 
 def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monkeypatch):

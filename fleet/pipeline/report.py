@@ -16,6 +16,7 @@ def write_report(history: list[dict], specs: dict, path: Path) -> Path:
     iterations = [h["iteration"] for h in history]
     for robot_id in sorted(specs):
         ax.plot(iterations, [h["fleet_returns"].get(robot_id) for h in history], marker="o", label=f"{robot_id} ({specs[robot_id].condition})")
+    ax.set_xticks(iterations)
     ax.set_xlabel("flywheel iteration")
     ax.set_ylabel("mean episode return (telemetry)")
     ax.set_title("Fleet return per robot: each robot's experience trains all others")

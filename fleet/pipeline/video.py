@@ -7,6 +7,7 @@ video; the loop goes on.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -21,6 +22,12 @@ _warned = False
 def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200) -> np.ndarray | None:
     """Frames (T, H, W, 3) uint8 of one episode, or None when no GL backend is available."""
     global _warned
+    if os.environ.get("MUJOCO_GL") not in ("egl", "osmesa") and not os.environ.get("DISPLAY"):
+        # MuJoCo's default (GLFW) aborts the process without a display: never try it headless
+        if not _warned:
+            log.warning("evaluation videos are skipped: no display and MUJOCO_GL is not egl/osmesa (set MUJOCO_GL=egl)")
+            _warned = True
+        return None
     act = as_batched_policy(policy)
     env = FlywheelEnv(robot, profile=profile, render_mode="rgb_array")
     try:
