@@ -76,11 +76,12 @@ class Flywheel:
         self.state_path = self.run_dir / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "history": []}
         self.progress = Progress()
+        self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
-        with Services(self.cfg, self.run_dir, [r.robot_id for r in fleet_specs(s.num_robots, list(s.conditions))]) as svc:
+        with Services(self.cfg, self.run_dir, sorted(self.specs)) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
             try:
@@ -97,13 +98,12 @@ class Flywheel:
 
     def _start_robots(self, svc: Services) -> dict[str, ray.actor.ActorHandle]:
         s = self.settings
-        robots = {}
-        for spec in fleet_specs(s.num_robots, list(s.conditions)):
-            robots[spec.robot_id] = SimulatedRobot.options(name=None).remote(
-                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[spec.robot_id], svc.public_key_pem, str(self.run_dir / "robots"), s.seed * 101 + int(spec.robot_id.split("-")[1])
+        return {
+            robot_id: SimulatedRobot.remote(
+                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.public_key_pem, str(self.run_dir / "robots"), s.seed * 101 + i
             )
-        self.specs = {spec.robot_id: spec for spec in fleet_specs(s.num_robots, list(s.conditions))}
-        return robots
+            for i, (robot_id, spec) in enumerate(sorted(self.specs.items()))
+        }
 
     def _act(self, robot_ids: list[str], episodes: int) -> list[dict]:
         summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes) for r in robot_ids]) for x in batch]
