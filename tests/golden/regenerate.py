@@ -33,7 +33,9 @@ def golden_trajectory(robot: str) -> dict[str, np.ndarray]:
 def main() -> None:
     for robot in robot_names():
         path = GOLDEN_DIR / f"{robot}.safetensors"
-        path.write_bytes(encode_safetensors(golden_trajectory(robot), {"mujoco_version": mujoco.__version__, "steps": str(STEPS)}))
+        trajectory = golden_trajectory(robot)
+        assert all(np.isfinite(v).all() for v in trajectory.values()), f"{robot}: non-finite golden trajectory, not written"
+        path.write_bytes(encode_safetensors(trajectory, {"mujoco_version": mujoco.__version__, "steps": str(STEPS)}))
         print(f"wrote {path}")
 
 
