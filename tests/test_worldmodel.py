@@ -18,13 +18,7 @@ from worldmodel.transitions import split_by_episode, to_transitions
 SMALL = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """2 shared cores: one intra-op thread avoids OpenMP spin-waits when other work runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def simulate(robot: str, count: int, steps: int, seed: int = 0, robot_id: str = "robot-0") -> list[Episode]:

@@ -21,12 +21,7 @@ from worldmodel.rollout import CUT_REASONS
 PROFILE = VariationProfile(mass_scale=1.1, damping_scale=0.9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
