@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
 
 import numpy as np
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np

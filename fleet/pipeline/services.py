@@ -19,7 +19,7 @@ from fleet.registry.store import PolicyRegistry
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
-from fleet.store import EpisodeStore, StoreConfig
+from fleet.store import EpisodeStore
 from fleet.tracking import Tracker
 from sim.episode import Episode
 
