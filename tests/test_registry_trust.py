@@ -163,3 +163,10 @@ def test_rollback_republishes_the_last_good_weights_as_a_newer_version(tmp_path,
     install(canary, registry.latest_for("robot-0"), b"v1-weights")  # the canary accepts it: higher version
     assert canary.weights_path.read_bytes() == b"v1-weights"
     assert [h["event"] for h in registry.rollout()["history"]] == ["stable", "canary", "stable", "rolled_back"]
+
+
+def test_rolling_back_a_first_canary_leaves_no_policy(registry):
+    registry.publish(b"v1-weights", cohort=["robot-0"], **SPEC)
+    assert registry.rollback("first canary regressed") is None
+    assert registry.latest_for("robot-0") is None and registry.rollout()["canary"] is None
+    assert [h["event"] for h in registry.rollout()["history"]] == ["canary", "rolled_back"]

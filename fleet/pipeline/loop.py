@@ -201,11 +201,9 @@ class Flywheel:
                 rel_tolerance=s.gate["rel_tolerance"] * 2,
                 abs_tolerance=s.gate["abs_tolerance"],
             )
-            if verdict.action == "rollback":
-                svc.registry.rollback(verdict.reason)
-                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
-            if verdict.action == "wait":
-                svc.registry.rollback(f"canaries did not report on v{version}: {verdict.reason}")
+            if verdict.action != "widen":  # regressed, or never reported on the new version
+                reason = verdict.reason if verdict.action == "rollback" else f"canaries did not report on v{version}: {verdict.reason}"
+                svc.registry.rollback(reason)
                 return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
             svc.registry.widen()
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}

@@ -106,26 +106,22 @@ class PolicyRegistry:
         if state["canary"] is None:
             raise RegistryError("no canary to roll back")
         bad, stable = state["canary"], state["stable"]
-        if stable is None:
-            with self._lock:
-                state.update(canary=None, cohort=[])
-                state["history"].append({"version": bad, "event": "rolled_back", "reason": reason, "at": time.time()})
-                self._save_rollout(state)
-            return None
-        old = self.envelope(stable)["manifest"]
-        weights = self.weights_path(stable).read_bytes()
-        envelope = self.publish(
-            weights,
-            robot_model=old["robot_model"],
-            obs_dim=old["obs_dim"],
-            act_dim=old["act_dim"],
-            policy=old["policy"],
-            data_snapshot=old["data_snapshot"],
-            gate=old["gate"],
-            note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
-        )
+        envelope = None
+        if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
+            old = self.envelope(stable)["manifest"]
+            envelope = self.publish(
+                self.weights_path(stable).read_bytes(),
+                robot_model=old["robot_model"],
+                obs_dim=old["obs_dim"],
+                act_dim=old["act_dim"],
+                policy=old["policy"],
+                data_snapshot=old["data_snapshot"],
+                gate=old["gate"],
+                note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
+            )
         with self._lock:
             state = self.rollout()
+            state.update(canary=None, cohort=[])
             state["history"].append({"version": bad, "event": "rolled_back", "reason": reason, "at": time.time()})
             self._save_rollout(state)
         return envelope
