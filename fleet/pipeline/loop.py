@@ -26,7 +26,7 @@ from fleet.pipeline.gate import gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
-from fleet.registry.trust import _atomic_write
+from fleet.registry.trust import atomic_write
 from sim.policy_fn import zero_policy
 from sim.robots import get_task
 
@@ -90,7 +90,7 @@ class Flywheel:
                     record = self._iteration(k)
                     self.state["history"].append(record)
                     self.state["next_iteration"] = k + 1
-                    _atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+                    atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
                 return self._finish()
             finally:
                 ray.get([r.stop.remote() for r in self.robots.values()])
@@ -245,7 +245,7 @@ class Flywheel:
         history = self.state["history"]
         statuses = ray.get([self.robots[r].status.remote() for r in sorted(self.robots)])
         summary = {"iterations": history, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir}
-        _atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
         from fleet.pipeline.report import write_report
 
         write_report(history, self.specs, self.run_dir / "report.png")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fleet.registry.manifest import build_manifest
 from fleet.registry.signing import canonical_json, generate_keypair, load_private_key, sign
-from fleet.registry.trust import _atomic_write
+from fleet.registry.trust import atomic_write
 
 
 class RegistryError(ValueError):
@@ -40,7 +40,7 @@ class PolicyRegistry:
         return json.loads(path.read_text()) if path.exists() else {"stable": None, "canary": None, "cohort": [], "history": []}
 
     def _save_rollout(self, state: dict) -> None:
-        _atomic_write(self.root / "rollout.json", canonical_json(state))
+        atomic_write(self.root / "rollout.json", canonical_json(state))
 
     def versions(self) -> list[int]:
         return sorted(int(p.name) for p in (self.root / "versions").iterdir() if (p / "manifest.json").exists())
@@ -75,8 +75,8 @@ class PolicyRegistry:
             envelope = sign(manifest, self.private_key)
             folder = self.root / "versions" / f"{version:08d}"
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(folder / "weights.safetensors", weights)
-            _atomic_write(folder / "manifest.json", canonical_json(envelope))
+            atomic_write(folder / "weights.safetensors", weights)
+            atomic_write(folder / "manifest.json", canonical_json(envelope))
             if cohort:
                 state.update(canary=version, cohort=sorted(cohort))
             else:

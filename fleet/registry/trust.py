@@ -114,8 +114,8 @@ class PolicyTrust:
     # -- state ----------------------------------------------------------------------------
     def accept(self, manifest: dict, weights: bytes) -> None:
         """Make (manifest, weights) the trusted policy, atomically (weights first, then the manifest)."""
-        _atomic_write(self.weights_path, weights)
-        _atomic_write(self.state_dir / "trusted.json", canonical_json(manifest))
+        atomic_write(self.weights_path, weights)
+        atomic_write(self.state_dir / "trusted.json", canonical_json(manifest))
         self.manifest = manifest
 
     def restore(self, manifest: dict | None, weights: bytes | None, failed_version: int) -> None:
@@ -125,7 +125,7 @@ class PolicyTrust:
         """
         self.refusals["health"] += 1
         self.blocked.add(int(failed_version))
-        _atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
+        atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
         if manifest is None:
             (self.state_dir / "trusted.json").unlink(missing_ok=True)
             self.manifest = None
@@ -133,7 +133,8 @@ class PolicyTrust:
         self.accept(manifest, weights)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part (write, fsync, rename)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
