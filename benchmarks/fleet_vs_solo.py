@@ -7,11 +7,16 @@ the fleet policy on all N x S steps pooled (the same total the fleet collected).
 evaluated on every condition (fixed seeds). Lines: fleet vs solo on the solo robot's own
 condition, and on the conditions that robot never saw.
 
-Part 2: returns per real env step. SAC online-only with 3x the real steps, vs SAC with 1x real
-steps plus synthetic data: MuJoCo scenario episodes (domain randomisation around the fleet's
-conditions) and world-model rollouts branched from real states (the world model trained on
-the real episodes). Ratio of final returns (goal: >= 1.0, i.e. the same return with 3x fewer
-real steps).
+Equal data: the pooled policy (N x S steps over N conditions) vs a specialist trained on N x S
+steps of one condition alone, each evaluated on that condition (goal >= 0.9: pooling must not
+cost a robot its own skill).
+
+Part 2: returns per real env step. SAC online-only with 3x the real steps, vs the model-based
+learner (policies/mbpo.py, conf/policy/mbpo.yaml) with 1x real steps plus its synthetic data:
+world-model rollouts of the *current* policy branched from the fleet's real states, refreshed
+as it learns (on-policy, not drawn once by a random policy). Both pool the N conditions (one
+world each). Ratio of the mean return over the conditions (goal: >= 1.0, i.e. the same
+return with 3x fewer real steps).
 
 Run: `.venv/bin/python benchmarks/fleet_vs_solo.py [--steps 2000]`
 """
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import sys
 
@@ -32,25 +36,27 @@ from common import emit  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from policies.evaluate import evaluate  # noqa: E402
+from policies.mbpo import default_config  # noqa: E402
 from policies.sac import SACConfig  # noqa: E402
 from policies.trainer import Trainer, TrainerConfig, make_algorithm  # noqa: E402
-from sim.batched import BatchedStepper  # noqa: E402
-from sim.policy_fn import random_policy  # noqa: E402
-from sim.scenario import DomainRandomization, ScenarioSpec  # noqa: E402
 from sim.variation import VariationProfile  # noqa: E402
-from worldmodel.fanout import simulate_scenarios  # noqa: E402
-from worldmodel.rollout import RolloutConfig, branch_rollouts  # noqa: E402
-from worldmodel.train import TrainConfig, train_ensemble  # noqa: E402
 
 ROBOT = "pendulum"
 FLEET = ["nominal", "heavy_payload", "weak_motor", "noisy_sensor"]
 SAC = SACConfig(hidden_sizes=(64, 64), learning_starts=500, replay_ratios={"online": 1.0})
 
 
-def train(profiles: list[VariationProfile], steps: int, seed: int, offline: dict | None = None, ratios: dict | None = None):
-    algo = dataclasses.replace(SAC, replay_ratios=ratios or {"online": 1.0})
+def train(profiles: list[VariationProfile], steps: int, seed: int):
     config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed)
-    with Trainer(config, make_algorithm(config, algo, offline=offline), profiles=profiles) as trainer:
+    with Trainer(config, make_algorithm(config, SAC), profiles=profiles) as trainer:
+        trainer.train()
+        return trainer.algo.policy
+
+
+def train_model_based(profiles: list[VariationProfile], steps: int, seed: int):
+    config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
+    config = dataclasses.replace(config, num_worlds=len(profiles))
+    with Trainer(config, make_algorithm(config, algo), profiles=profiles) as trainer:
         trainer.train()
         return trainer.algo.policy
 
@@ -72,31 +78,23 @@ def fleet_vs_solo(steps: int, seed: int) -> None:
         unseen = float(np.mean([solo[j][i] for j in range(len(FLEET)) if j != i]))
         emit(f"fleet_vs_solo/{c}/own_condition_return", fleet[i], "return", own, round(fleet[i] / own, 3) if own else None)
         emit(f"fleet_vs_solo/{c}/unseen_by_solo_return", fleet[i], "return", unseen, round(fleet[i] / unseen, 3) if unseen else None)
+    for i, (c, p) in enumerate(zip(FLEET, profiles)):
+        specialist = returns(train([p], steps * len(profiles), seed), [p])[0]
+        emit(f"fleet_vs_solo/{c}/equal_data_return", fleet[i], "return", specialist, round(fleet[i] / specialist, 3) if specialist else None)
 
 
 def real_steps_saved(steps: int, seed: int) -> None:
     profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
-    # real telemetry: a random policy on every robot (counted as real steps)
-    with BatchedStepper(ROBOT, 16, source="real", robot_id="fleet") as stepper:
-        specs = [ScenarioSpec(ROBOT, seed=seed * 1000 + i, profile=profiles[i % len(profiles)], max_steps=200) for i in range(64)]
-        real = stepper.simulate(specs, random_policy(1, seed))
-    real_steps = sum(e.num_steps for e in real)
-    model, _ = train_ensemble(real, config=TrainConfig(max_steps=600, eval_every=100, seed=seed))
-    wm = branch_rollouts(model, real, random_policy(1, seed), 1024, RolloutConfig(horizon=10, seed=seed))
-    dr = DomainRandomization({"payload_mass": (0.0, 2.0), "actuator_strength": (0.5, 1.2), "damping_scale": (0.5, 4.0)})
-    sim = simulate_scenarios(dr.sample(ROBOT, 128, seed), functools.partial(random_policy, 1, seed))
-    with_synth = train(
-        profiles, steps, seed, offline={"real": real, "sim": sim, "worldmodel": wm}, ratios={"online": 0.4, "real": 0.2, "sim": 0.25, "worldmodel": 0.15}
-    )
-    online_only = train(profiles, 3 * (steps + real_steps), seed)
+    with_synth = train_model_based(profiles, steps, seed)
+    online_only = train(profiles, 3 * steps, seed)
     a, b = float(np.mean(returns(with_synth, profiles))), float(np.mean(returns(online_only, profiles)))
-    emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps + real_steps, "real env steps", 3 * (steps + real_steps), round(1 / 3, 3))
+    emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps, "real env steps", 3 * steps, round(1 / 3, 3))
     emit("fleet_vs_solo/synthetic_data/return_with_1x_real_plus_synthetic", a, "return", b, round(a / b, 3) if b else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=2000, help="env steps each robot collects (part 1) / online real steps (part 2)")
+    parser.add_argument("--steps", type=int, default=2000, help="env steps each robot collects (part 1) / real steps of the fleet (part 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -2,7 +2,8 @@
 
 Every profile gets the same ``episodes_per_profile`` scenario seeds (common random
 numbers), and all profiles x episodes run in one :meth:`BatchedStepper.simulate` call. Per
-profile: mean/std return, success and failure counts.
+profile: the per-episode returns in scenario-seed order (what the promotion gate pairs, see
+``fleet/pipeline/gate.py``), mean/std return, success and failure counts.
 
 Success is per task: reacher succeeds when the fingertip ends within 0.05 of the target;
 every other built-in robot (pendulum, ant, half_cheetah) succeeds when it reaches the time
@@ -44,12 +45,16 @@ class ProfileResult:
     std_return: float
     successes: int
     failures: int  # terminations, plus diverged episodes (dropped by the stepper)
+    # per-episode returns, episode j (scenario seed derive_seed(seed, "eval", j)) at index j;
+    # NaN where the stepper dropped the episode (diverged). mean/std above are over finished ones.
+    returns: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
-        """JSON-able; a return with no finished episode (all diverged) is None."""
+        """JSON-able; a return with no finished episode (all diverged) is None, as is a diverged episode's."""
         out = {**dataclasses.asdict(self), "profile": self.profile.to_dict()}
         for key in ("mean_return", "std_return"):
             out[key] = out[key] if np.isfinite(out[key]) else None
+        out["returns"] = [float(r) if np.isfinite(r) else None for r in self.returns]
         return out
 
 
@@ -118,10 +123,17 @@ def evaluate(
     by_profile: dict[str, list[Episode]] = {str(i): [] for i in range(len(profiles))}
     for ep in episodes:
         by_profile[ep.json_metadata("scenario")["tag"].split(":", 1)[1]].append(ep)
+    episode_index: dict[int, list[int]] = {}  # scenario seed -> episode index j (a list, in case seeds collide)
+    for j in range(episodes_per_profile):
+        episode_index.setdefault(derive_seed(seed, "eval", j), []).append(j)
     results = []
     for i, p in enumerate(profiles):
         eps = by_profile[str(i)]
         returns = np.array([ep.total_return for ep in eps]) if eps else np.zeros(0)
+        per_episode = [float("nan")] * episodes_per_profile  # a diverged (dropped) episode stays NaN
+        free = {s: list(js) for s, js in episode_index.items()}
+        for ep in eps:
+            per_episode[free[int(ep.json_metadata("scenario")["seed"])].pop(0)] = float(ep.total_return)
         results.append(
             ProfileResult(
                 profile=p,
@@ -130,6 +142,7 @@ def evaluate(
                 std_return=float(returns.std()) if eps else float("nan"),
                 successes=sum(success(ep) for ep in eps),
                 failures=sum(bool(ep.terminated[-1]) for ep in eps) + (episodes_per_profile - len(eps)),
+                returns=tuple(per_episode),
             )
         )
     return EvaluationResult(robot=robot, seed=seed, profiles=results)

@@ -120,8 +120,10 @@ class MixedReplay:
 
     ``ratios``: source name -> weight (> 0; normalised). ``offline``: source name -> episodes.
     ``online_source``: the source the trainer's own transitions go to (it gets
-    ``online_capacity`` extra room) and must have a ratio. Every source with a ratio needs
-    data: an offline list or being the online source.
+    ``online_capacity`` extra room) and must have a ratio. ``generated``: source name ->
+    capacity of sources the learner fills itself while training (world-model rollouts, via
+    :meth:`add`). Every source with a ratio needs data: an offline list, being the online
+    source, or being generated.
     """
 
     def __init__(
@@ -134,11 +136,12 @@ class MixedReplay:
         online_capacity: int = 1_000_000,
         offline: Mapping[str, Sequence[Episode]] | None = None,
         robot_model: str | None = None,
+        generated: Mapping[str, int] | None = None,
     ):
-        offline = dict(offline or {})
+        offline, generated = dict(offline or {}), dict(generated or {})
         if not ratios or any(v <= 0 or not np.isfinite(v) for v in ratios.values()):
             raise ValueError(f"replay ratios must be a non-empty map of positive weights, got {dict(ratios)}")
-        unused = set(offline) - set(ratios)
+        unused = (set(offline) | set(generated)) - set(ratios)
         if unused:
             raise ValueError(f"episodes given for sources {sorted(unused)} that have no ratio in {dict(ratios)}; add a ratio or drop them")
         if online_source not in ratios:
@@ -147,20 +150,21 @@ class MixedReplay:
                 "give it a ratio or name one of the sources"
             )
         for name in ratios:
-            if name != online_source and not offline.get(name):
+            if name != online_source and not offline.get(name) and name not in generated:
                 raise ValueError(
                     f"replay source {name!r} has ratio {ratios[name]} but no episodes: pass offline={{{name!r}: [...]}}, "
                     f"make it the online source, or drop its ratio"
                 )
         self.ratios = {k: float(v) for k, v in sorted(ratios.items())}
         self.online_source = online_source
+        self.generated = tuple(sorted(generated))
         self.obs_dim, self.act_dim = obs_dim, act_dim
         self.digests = {name: episodes_digest(eps) for name, eps in sorted(offline.items())}
         self.sources: dict[str, TransitionBuffer] = {}
         for name in self.ratios:
             episodes = offline.get(name, [])
             _check_episodes(name, episodes, obs_dim, act_dim, robot_model)
-            capacity = sum(ep.num_steps for ep in episodes) + (online_capacity if name == self.online_source else 0)
+            capacity = sum(ep.num_steps for ep in episodes) + (online_capacity if name == self.online_source else 0) + generated.get(name, 0)
             buf = TransitionBuffer(capacity, obs_dim, act_dim)
             for ep in episodes:
                 buf.add_episode(ep)
@@ -169,6 +173,12 @@ class MixedReplay:
     def add_online(self, obs, action, reward, next_obs, terminated, truncated) -> None:
         """Transitions the trainer collected (batch layout as :meth:`TransitionBuffer.add`)."""
         self.sources[self.online_source].add(obs, action, reward, next_obs, terminated, truncated)
+
+    def add(self, source: str, obs, action, reward, next_obs, terminated, truncated) -> None:
+        """Transitions of a generated source (batch layout as :meth:`TransitionBuffer.add`)."""
+        if source not in self.generated:
+            raise KeyError(f"{source!r} is not a generated replay source (generated: {list(self.generated)})")
+        self.sources[source].add(obs, action, reward, next_obs, terminated, truncated)
 
     def sizes(self) -> dict[str, int]:
         return {k: b.size for k, b in self.sources.items()}
@@ -190,9 +200,12 @@ class MixedReplay:
         cat = {f: np.concatenate([p[f] for p in parts]) if len(parts) > 1 else parts[0][f] for f in FIELDS}
         return Batch(**{f: torch.from_numpy(v) for f, v in cat.items()})
 
-    # -- checkpointing: the online source's contents; offline sources by digest ------------
+    # -- checkpointing: the online and generated sources' contents; offline sources by digest --
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.sources[self.online_source].state_tensors(f"replay.{self.online_source}")
+        out = {}
+        for name in (self.online_source, *self.generated):
+            out.update(self.sources[name].state_tensors(f"replay.{name}"))
+        return out
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], digests: Mapping[str, str]) -> None:
         if dict(digests) != self.digests:
@@ -200,7 +213,8 @@ class MixedReplay:
                 f"the checkpoint was trained on offline episodes {dict(digests)} (digests) but this run got {self.digests}: "
                 "resume with the same data snapshot"
             )
-        self.sources[self.online_source].load_state_tensors(tensors, f"replay.{self.online_source}")
+        for name in (self.online_source, *self.generated):
+            self.sources[name].load_state_tensors(tensors, f"replay.{name}")
 
 
 def _check_episodes(name: str, episodes: Sequence[Episode], obs_dim: int, act_dim: int, robot_model: str | None) -> None:

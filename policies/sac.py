@@ -83,7 +83,10 @@ class SAC:
         robot_model: str | None = None,
         comm: LocalComm | None = None,
         device: str | torch.device = "cpu",
+        generated: Mapping[str, int] | None = None,
     ):
+        """``offline``: replay source -> episodes; ``generated``: replay source -> capacity of the
+        sources a model-based learner fills while training (:meth:`MixedReplay.add`)."""
         self.config, self.spec, self.comm = config, spec, comm or LocalComm()
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
@@ -98,10 +101,10 @@ class SAC:
         self.comm.broadcast_(self.critic_target)
         self.actor_train = self.comm.wrap(_SampleActor(self.policy.actor))
         self.critic_train = self.comm.wrap(self.critic)
-        self.actor_opt = torch.optim.Adam(self.policy.actor.parameters(), lr=config.actor_lr, fused=True)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr, fused=True)
+        # one fused Adam over actor, critic and temperature (a parameter group each): one step per update
+        groups = [(self.policy.actor.parameters(), config.actor_lr), (self.critic.parameters(), config.critic_lr), ([self.log_alpha], config.alpha_lr)]
+        self.opt = torch.optim.Adam([{"params": list(p), "lr": lr} for p, lr in groups], fused=True)
         self._polyak = (list(self.critic_target.parameters()), list(self.critic.parameters()))
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=config.alpha_lr, fused=True)
         self.replay = MixedReplay(
             config.replay_ratios,
             spec.obs_dim,
@@ -110,6 +113,7 @@ class SAC:
             online_capacity=config.buffer_size,
             offline=offline,
             robot_model=robot_model,
+            generated=generated,
         )
         # one CPU stream per rank for every random draw (noise is drawn on CPU, then moved)
         self.gen = torch.Generator().manual_seed(seed * 1_000_003 + self.comm.rank)
@@ -160,42 +164,39 @@ class SAC:
         return out
 
     def _gradient_step(self) -> dict[str, torch.Tensor]:
-        cfg, gen = self.config, self.gen
-        b = self.replay.sample(cfg.batch_size, gen).to(self.device)
+        """One SAC step, fused: the critic, actor and temperature losses come from the same batch and
+        the same (pre-step) critic, one backward pass and one Adam step update all three (as the
+        original SAC computes its losses together); the actor's Q passes gradients to the action only."""
+        cfg = self.config
+        b = self.replay.sample(cfg.batch_size, self.gen).to(self.device)
         norm = self.policy.normalizer
         obs_n, next_n = norm(b.obs), norm(b.next_obs)
         alpha = self.log_alpha.detach().exp()
+        noise = self._randn((2, obs_n.shape[0], self.spec.act_dim))
         with torch.no_grad():
             mean, log_std = self.policy.actor(next_n)
-            noise = self._randn(mean.shape)
-            u = mean + log_std.exp() * noise
-            next_logp = gaussian_log_prob_from_noise(noise, log_std) - tanh_log_det(u)
+            u = mean + log_std.exp() * noise[0]
+            next_logp = gaussian_log_prob_from_noise(noise[0], log_std) - tanh_log_det(u)
             q_next = self.critic_target(next_n, torch.tanh(u)).min(0).values - alpha * next_logp
             target = b.reward + cfg.gamma * (1.0 - b.terminated) * q_next  # bootstraps through truncation
         q = self.critic_train(obs_n, b.action)
         critic_loss = 0.5 * (q - target).square().mean(1).sum()
-        self.critic_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.critic_opt.step()
-
-        action, logp = self.actor_train(obs_n, self._randn((obs_n.shape[0], self.spec.act_dim)))
-        q_pi = self.critic(obs_n, action, frozen=True).min(0).values  # the updated critic; no critic weight grads
+        action, logp = self.actor_train(obs_n, noise[1])
+        q_pi = self.critic(obs_n, action, frozen=True).min(0).values  # no critic weight gradients from the actor loss
         actor_loss = (alpha * logp - q_pi).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
-
-        metrics = {"train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(), "train/alpha": alpha}
+        self.opt.zero_grad(set_to_none=True)
+        (critic_loss + actor_loss).backward()
         if cfg.autotune_alpha:
             # loss -log_alpha * (mean log pi + target entropy); its gradient, without an autograd pass
             self.log_alpha.grad = -(logp.detach().mean() + self.target_entropy).reshape(())
             self.comm.average_grads([self.log_alpha])
-            self.alpha_opt.step()
+        self.opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(*self._polyak, cfg.tau)
-        metrics["train/entropy"] = -logp.detach().mean()
-        metrics["train/q"] = q.detach().mean()
-        return metrics
+        return {
+            "train/critic_loss": critic_loss.detach(), "train/actor_loss": actor_loss.detach(), "train/alpha": alpha,
+            "train/entropy": -logp.detach().mean(), "train/q": q.detach().mean(),
+        }  # fmt: skip
 
     # -- checkpointing ---------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -208,20 +209,32 @@ class SAC:
             **self.replay.state_tensors(),
         }
         meta = {"env_steps": self.env_steps, "grad_debt": self.grad_debt, "gradient_steps": self.gradient_steps, "replay_digests": self.replay.digests}
-        for name, opt in (("actor_opt", self.actor_opt), ("critic_opt", self.critic_opt), ("alpha_opt", self.alpha_opt)):
-            t, m = optimizer_state(opt, name)
-            tensors.update(t)
-            meta[name] = m
+        t, meta["opt"] = optimizer_state(self.opt, "opt")
+        tensors.update(t)
         return tensors, meta
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        self._load_learner(tensors, meta)
+        self.replay.load_state_tensors(tensors, meta["replay_digests"])
+        self.grad_debt = float(meta["grad_debt"])
+
+    def continue_from(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
+        """Carry a previous learner (a :meth:`state`) over to new offline data: networks, optimisers,
+        temperature, RNG, counters and the online and generated replay; the offline sources stay as
+        this learner was built with (e.g. a newer fleet snapshot). No second warm-up: its env steps
+        already passed ``learning_starts``."""
+        self._load_learner(tensors, meta)
+        for name in (self.replay.online_source, *self.replay.generated):
+            if f"replay.{name}.cursor" in tensors:
+                self.replay.sources[name].load_state_tensors(tensors, f"replay.{name}")
+        self.grad_debt = 0.0
+
+    def _load_learner(self, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> None:
         load_module_state(self.policy, tensors, "policy")
         load_module_state(self.critic, tensors, "critic")
         load_module_state(self.critic_target, tensors, "critic_target")
         with torch.no_grad():
             self.log_alpha.copy_(tensors["log_alpha"])
         self.gen.set_state(tensors["sac.generator"].clone())
-        self.replay.load_state_tensors(tensors, meta["replay_digests"])
-        for name, opt in (("actor_opt", self.actor_opt), ("critic_opt", self.critic_opt), ("alpha_opt", self.alpha_opt)):
-            load_optimizer_state(opt, tensors, meta[name], name)
-        self.env_steps, self.grad_debt, self.gradient_steps = int(meta["env_steps"]), float(meta["grad_debt"]), int(meta["gradient_steps"])
+        load_optimizer_state(self.opt, tensors, meta["opt"], "opt")
+        self.env_steps, self.gradient_steps = int(meta["env_steps"]), int(meta["gradient_steps"])

@@ -32,13 +32,14 @@ from sim.robots import get_task
 from sim.variation import VariationProfile
 
 LogFn = Callable[[dict[str, float], int], None]
+ALGORITHMS = ("ppo", "sac", "mbpo")
 RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "device")  # may differ on resume
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     robot: str = "pendulum"
-    algorithm: str = "ppo"  # "ppo" or "sac"
+    algorithm: str = "ppo"  # "ppo", "sac" or "mbpo"
     num_worlds: int = 16  # worlds of the batched stepper (per learner rank)
     total_env_steps: int = 100_000  # over all ranks
     seed: int = 0
@@ -51,8 +52,8 @@ class TrainerConfig:
     device: str = "cpu"  # learner device: "cpu", "cuda", "cuda:1" (bit-identical resume is promised on CPU)
 
     def __post_init__(self):
-        if self.algorithm not in ("ppo", "sac"):
-            raise ValueError(f"algorithm must be 'ppo' or 'sac', got {self.algorithm!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but torch sees no CUDA device; use device=cpu")
         if self.num_worlds < 1 or self.total_env_steps < 1:
@@ -86,18 +87,21 @@ def make_algorithm(
     """Build the algorithm ``config.algorithm`` for ``config.robot`` (``offline``: SAC replay sources;
     ``device`` overrides ``config.device``)."""
     device = device if device is not None else config.device
+    from policies.mbpo import MBPO, MBPOConfig
     from policies.ppo import PPO, PPOConfig
     from policies.sac import SAC, SACConfig
 
     spec = make_spec(config.robot, algo_config)
+    kind = {"ppo": PPOConfig, "sac": SACConfig, "mbpo": MBPOConfig}[config.algorithm]
+    if not isinstance(algo_config, kind):
+        raise TypeError(f"algorithm {config.algorithm!r} needs a {kind.__name__}, got {type(algo_config).__name__}")
+    if offline and config.algorithm != "sac":
+        why = {"ppo": "PPO is on-policy", "mbpo": "the model-based learner takes recorded episodes through MBPO.add_offline"}[config.algorithm]
+        raise ValueError(f"{why}: it cannot use offline replay sources (use SAC)")
     if config.algorithm == "ppo":
-        if not isinstance(algo_config, PPOConfig):
-            raise TypeError(f"algorithm 'ppo' needs a PPOConfig, got {type(algo_config).__name__}")
-        if offline:
-            raise ValueError("PPO is on-policy: it cannot use offline episodes (use SAC)")
         return PPO(spec, algo_config, num_worlds=config.num_worlds, seed=config.seed, comm=comm, device=device)
-    if not isinstance(algo_config, SACConfig):
-        raise TypeError(f"algorithm 'sac' needs a SACConfig, got {type(algo_config).__name__}")
+    if config.algorithm == "mbpo":
+        return MBPO(spec, algo_config, seed=config.seed, robot_model=config.robot, comm=comm, device=device)
     return SAC(spec, algo_config, seed=config.seed, offline=offline, robot_model=config.robot, comm=comm, device=device)
 
 

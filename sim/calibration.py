@@ -201,6 +201,8 @@ class CalibrationConfig:
     min_significance: float = 100.0  # least significance of an identifiable field, see identifiability()
     seed: int = 0
     nthread: int | None = None  # physics threads (None: 1)
+    sensor_noise: bool = True  # also estimate obs_noise_std from the telemetry (estimate_sensor_noise)
+    sensor_noise_floor: float = 0.01  # estimates below this are the dynamics, not noise: 0
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params))
@@ -372,11 +374,15 @@ def calibrate(
         if ident.keep_base[name]:
             best_theta[i] = math.log(getattr(base, name)) if name in LOG_FIELDS else float(getattr(base, name))
     profile = objective.profile(best_theta)
+    estimates, identifiable = {p: float(getattr(profile, p)) for p in config.params}, dict(ident.identifiable)
+    if config.sensor_noise:
+        profile = profile.replace(obs_noise_std=estimate_sensor_noise(episodes, config.sensor_noise_floor))
+        estimates["obs_noise_std"], identifiable["obs_noise_std"] = profile.obs_noise_std, True
     return CalibrationResult(
         robot=robot,
         profile=profile,
-        estimates={p: float(getattr(profile, p)) for p in config.params},
-        identifiable=ident.identifiable,
+        estimates=estimates,
+        identifiable=identifiable,
         diagnostics=ident,
         loss=best_loss,
         base_loss=base_loss,
@@ -384,6 +390,23 @@ def calibrate(
         num_windows=len(windows.qpos),
         evaluations=objective.evaluations,
     )
+
+
+def estimate_sensor_noise(episodes: Sequence[Episode], floor: float = 0.01) -> float:
+    """The std of white observation noise (``VariationProfile.obs_noise_std``) from telemetry alone.
+
+    White noise of std s adds 6 s^2 to the variance of an observation's second difference
+    o[t+1] - 2 o[t] + o[t-1], while a smooth signal adds only (acceleration * dt^2)^2. Per
+    dimension a robust std of the second difference (1.4826 x MAD) / sqrt(6) bounds s from above;
+    the smoothest dimension's bound is the estimate. Below ``floor`` it is the dynamics: 0.
+    """
+    diffs = [np.diff(ep.observation.astype(np.float64), n=2, axis=0) for ep in episodes if ep.observation.shape[0] >= 3]
+    if not diffs:
+        return 0.0
+    d2 = np.concatenate(diffs)
+    mad = np.median(np.abs(d2 - np.median(d2, axis=0)), axis=0)
+    estimate = float(np.min(1.4826 * mad / math.sqrt(6.0)))
+    return round(estimate, 6) if estimate >= floor else 0.0
 
 
 def _jacobian(

@@ -39,3 +39,14 @@ def random_policy(act_dim: int, seed: int = 0) -> BatchedPolicy:
     """Uniform actions in [-1, 1]; seeded, so runs repeat."""
     rng = np.random.default_rng(seed)
     return lambda obs: rng.uniform(-1.0, 1.0, size=(obs.shape[0], act_dim)).astype(np.float32)
+
+
+def noisy_policy(policy, std: float, seed: int = 0) -> BatchedPolicy:
+    """``policy``'s actions plus Gaussian exploration noise N(0, std^2), clipped to [-1, 1]; seeded."""
+    act, rng = as_batched_policy(policy), np.random.default_rng(seed)
+
+    def run(obs: np.ndarray) -> np.ndarray:
+        action = np.asarray(act(obs), np.float32)
+        return np.clip(action + rng.normal(0.0, std, size=action.shape), -1.0, 1.0).astype(np.float32)
+
+    return run

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sim.batched import BatchedStepper
-from sim.calibration import CalibrationConfig, Replayer, calibrate, make_windows, observe_states, state_from_observation
+from sim.calibration import CalibrationConfig, Replayer, calibrate, estimate_sensor_noise, make_windows, observe_states, state_from_observation
 from sim.policy_fn import random_policy
 from sim.robots import get_task, robot_names
 from sim.scenario import ScenarioSpec
@@ -74,7 +74,8 @@ def test_calibration_recovers_a_planted_profile_from_observations_only():
     result = calibrate("reacher", episodes, config)
     errors = result.relative_errors(truth)
     assert max(errors[p] for p in ("actuator_strength", "damping_scale", "mass_scale")) < 0.01, result.estimates
-    assert result.identifiable == {"actuator_strength": True, "damping_scale": True, "mass_scale": True, "friction_scale": False}
+    assert result.identifiable == {"actuator_strength": True, "damping_scale": True, "mass_scale": True, "friction_scale": False, "obs_noise_std": True}
+    assert result.estimates["obs_noise_std"] == 0.0  # noise-free telemetry: no sensor noise invented
     assert result.estimates["friction_scale"] == 1.0 and "no measurable effect" in result.notes["friction_scale"]
     assert result.loss < 1e-6 * result.base_loss and result.history == sorted(result.history, reverse=True)
     assert json.loads(result.to_json())["profile"]["actuator_strength"] == result.profile.actuator_strength
@@ -85,7 +86,7 @@ def test_sensor_noise_hides_weak_fields():
     the noise: flagged and kept at the base value; the motor strength still comes back."""
     truth = VariationProfile(actuator_strength=0.8, mass_scale=1.5, obs_noise_std=0.01)
     episodes = telemetry("reacher", truth, 20, 50, keep_state=False)
-    config = CalibrationConfig(params=("mass_scale", "actuator_strength"), population=24, num_elites=5, iterations=8, seed=1)
+    config = CalibrationConfig(params=("mass_scale", "actuator_strength"), population=24, num_elites=5, iterations=8, seed=1, sensor_noise=False)
     result = calibrate("reacher", episodes, config)
     assert result.identifiable == {"mass_scale": False, "actuator_strength": True}
     assert result.estimates["mass_scale"] == 1.0 and "below the noise" in result.notes["mass_scale"]
@@ -110,7 +111,7 @@ def test_degenerate_fields_are_flagged():
     episodes = telemetry("pendulum", truth, 20, 40)
     config = CalibrationConfig(params=("mass_scale", "actuator_strength", "damping_scale"), population=24, num_elites=5, iterations=8)
     result = calibrate("pendulum", episodes, config)
-    assert not any(result.identifiable.values()), result.independence
+    assert not any(result.identifiable[p] for p in config.params), result.diagnostics
     assert all("jointly" in note for note in result.notes.values())
     est = result.estimates  # the ratios, which is what the data determine, are right
     assert est["actuator_strength"] / est["mass_scale"] == pytest.approx(0.8 / 1.2, rel=0.02)
@@ -137,3 +138,16 @@ def test_calibration_at_a_bound_differences_one_sided():
     config = CalibrationConfig(params=("payload_mass", "actuator_strength"), iterations=3, polish_steps=3)
     result = calibrate("pendulum", episodes, config)
     assert 0.0 <= result.estimates["payload_mass"] < 0.2
+
+
+GAINS = np.array([[-0.23], [-2.22], [-0.30], [-0.35]], np.float32)  # an LQR balance of the pendulum (u = -K obs)
+
+
+def test_sensor_noise_is_estimated_from_telemetry_alone():
+    def telemetry(profile):  # a gentle controller (the demo's robots act on a policy, not random torques)
+        with BatchedStepper("pendulum", 8, nthread=1) as stepper:
+            return stepper.simulate([ScenarioSpec("pendulum", seed=s, profile=profile, max_steps=100) for s in range(8)], lambda obs: np.clip(-(obs @ GAINS), -1, 1))
+
+    assert estimate_sensor_noise(telemetry(VariationProfile())) == 0.0
+    noisy = estimate_sensor_noise(telemetry(VariationProfile(obs_noise_std=0.05, obs_bias=0.02)))
+    assert abs(noisy - 0.05) < 0.01

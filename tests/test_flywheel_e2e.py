@@ -52,6 +52,14 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     assert second["policy_versions"] == ["1"]  # every robot pulled, verified and ran v1
     assert all(r["policy_version"] >= 1 and r["swaps"] >= 1 and not r["refusals"] for r in summary["robots"])
     assert min(second["fleet_returns"].values()) > max(first["fleet_returns"].values())  # the fleet got better
+    assert second["real_steps"]["robot-0"] > first["real_steps"]["robot-0"] > 0  # real steps used, next to the return
+    gate_record = second["gate"]
+    assert gate_record["episodes"] == 2 and len(gate_record["fleet_ci"]) == 2 and "ci_low" in gate_record["per_robot"]["robot-0"]
+
+    from policies.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(tmp_path / "run" / "policies" / "iter001")
+    assert meta["algo"]["env_steps"] == 2 * 1500  # the learner carried over: iteration 1 continued iteration 0's
 
     store = EpisodeStore.open(StoreConfig(path=str(tmp_path / "run" / "store")))
     snapshot = store.snapshot()

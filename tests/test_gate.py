@@ -1,45 +1,173 @@
-"""The promotion gate and the canary judge: a worse candidate is never promoted; NaN blocks."""
+"""The promotion gate (paired bootstrap CIs) and the canary judge.
 
+Noisy inputs are constructed with seeded numpy: per robot, 20 paired episodes; the current
+policy's return is N(100, 15) per episode (the scenario's difficulty), the candidate's is the
+same episode's return plus a true effect plus its own (smaller) noise.
+"""
+
+import json
 import math
 
+import numpy as np
 import pytest
 
 from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import gate
 
-CURRENT = {"robot-0": 100.0, "robot-1": 50.0, "robot-2": -20.0}
+ROBOTS = [f"robot-{i}" for i in range(4)]
+EPISODES = 20
 
 
-def test_better_everywhere_is_promoted():
-    result = gate({"robot-0": 120.0, "robot-1": 60.0, "robot-2": -10.0}, CURRENT)
-    assert result.promote and "no robot regresses" in result.reason
+def _paired(seed: int, effect: dict[str, float], noise: dict[str, float] | float) -> tuple[dict, dict]:
+    """(candidate, current) per-episode returns; candidate_j = current_j + effect + N(0, noise)."""
+    rng = np.random.default_rng(seed)
+    current = {r: rng.normal(100.0, 15.0, EPISODES) for r in ROBOTS}
+    sd = noise if isinstance(noise, dict) else dict.fromkeys(ROBOTS, noise)
+    candidate = {r: current[r] + effect.get(r, 0.0) + rng.normal(0.0, sd[r], EPISODES) for r in ROBOTS}
+    return candidate, current
 
 
-def test_one_regressing_robot_blocks_even_if_the_fleet_improves():
-    result = gate({"robot-0": 300.0, "robot-1": 30.0, "robot-2": -10.0}, CURRENT)
-    assert not result.promote and "robot-1" in result.reason and result.per_robot["robot-1"]["regressed"]
+def test_a_true_improvement_under_noise_is_promoted():
+    cand, cur = _paired(0, dict.fromkeys(ROBOTS, 10.0), 5.0)
+    result = gate(cand, cur)
+    assert result.promote, result.reason
+    assert "no robot confidently regresses" in result.reason
+    assert 0.0 < result.fleet_ci[0] < result.fleet_difference < result.fleet_ci[1]
+    assert result.fleet_difference == pytest.approx(np.mean([np.mean(cand[r] - cur[r]) for r in ROBOTS]))
+    assert result.fleet_candidate - result.fleet_current == pytest.approx(result.fleet_difference)
+    assert result.episodes == EPISODES and result.confidence == 0.95
+    for r in ROBOTS:
+        v = result.per_robot[r]
+        d = cand[r] - cur[r]
+        assert not v["regressed"] and v["n"] == EPISODES
+        assert v["ci_low"] < v["difference"] < v["ci_high"]
+        assert v["allowed"] == pytest.approx(max(0.05 * abs(np.mean(cur[r])), 2.0))
+        # the bootstrap interval is about as wide as the normal one, 2 * 1.96 * sd / sqrt(n)
+        normal_width = 2 * 1.96 * d.std(ddof=1) / math.sqrt(EPISODES)
+        assert 0.7 < (v["ci_high"] - v["ci_low"]) / normal_width < 1.3
 
 
-def test_within_tolerance_is_not_a_regression_but_the_fleet_must_improve():
-    assert gate({"robot-0": 96.0, "robot-1": 60.0, "robot-2": -20.5}, CURRENT).promote
-    equal = gate(dict(CURRENT), CURRENT)
-    assert not equal.promote and "does not beat" in equal.reason
+def test_a_fluke_is_not_promoted():
+    cand, cur = _paired(4, {}, 15.0)  # no true improvement, only noise
+    result = gate(cand, cur)
+    assert result.fleet_difference > 0  # the sample mean says "better" ...
+    assert result.fleet_ci[0] <= 0.0  # ... but we are not confident of it
+    assert not result.promote and "no confident fleet improvement" in result.reason
+    assert not any(v["regressed"] for v in result.per_robot.values())
+
+
+def test_a_real_regression_on_one_robot_blocks_and_is_named():
+    for others in (10.0, 40.0):  # with +40 elsewhere the fleet confidently improves: still blocked
+        cand, cur = _paired(0, {"robot-0": others, "robot-1": -30.0, "robot-2": others, "robot-3": others}, 5.0)
+        result = gate(cand, cur)
+        assert not result.promote
+        assert "robot-1" in result.reason and "regression" in result.reason
+        assert not any(r in result.reason for r in ("robot-0", "robot-2", "robot-3"))
+        assert [r for r, v in result.per_robot.items() if v["regressed"]] == ["robot-1"]
+        assert result.per_robot["robot-1"]["ci_high"] < -result.per_robot["robot-1"]["allowed"]
+    assert result.fleet_ci[0] > 0
+
+
+def test_a_noisy_dip_within_tolerance_does_not_block_a_real_improvement():
+    effect = {"robot-0": 10.0, "robot-1": 10.0, "robot-2": -3.0, "robot-3": 10.0}
+    noise = {"robot-0": 5.0, "robot-1": 5.0, "robot-2": 10.0, "robot-3": 5.0}
+    result = gate(*_paired(0, effect, noise))
+    dip = result.per_robot["robot-2"]
+    assert dip["difference"] < 0 and dip["worse_than_tolerance_possible"]  # a loss beyond tolerance is possible ...
+    assert not dip["regressed"] and dip["ci_high"] > -dip["allowed"]  # ... but not established
+    assert result.promote, result.reason
+    assert "robot-2" in result.reason  # mentioned as "not ruled out"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_a_nan_metric_blocks_promotion(bad):
-    result = gate({"robot-0": bad, "robot-1": 60.0, "robot-2": -10.0}, CURRENT)
+@pytest.mark.parametrize("side", ["candidate", "current"])
+def test_a_non_finite_return_blocks_promotion(bad, side):
+    cand, cur = _paired(0, dict.fromkeys(ROBOTS, 10.0), 5.0)
+    assert gate(cand, cur).promote
+    (cand if side == "candidate" else cur)["robot-2"][7] = bad
+    result = gate(cand, cur)
     assert not result.promote
+    assert "NaN or infinite" in result.reason and f"robot-2 ({side})" in result.reason
+    assert math.isnan(result.fleet_ci[0]) and not result.per_robot["robot-2"]["regressed"]
+    assert math.isfinite(result.per_robot["robot-0"]["ci_low"])  # other robots are still reported
 
 
-def test_worse_candidate_is_never_promoted():
-    worse = {k: v - 10.0 for k, v in CURRENT.items()}
-    assert not gate(worse, CURRENT).promote
-
-
-def test_gate_needs_the_same_robots():
+def test_invalid_inputs_raise():
+    cand, cur = _paired(0, {}, 5.0)
     with pytest.raises(ValueError, match="same robots"):
-        gate({"robot-0": 1.0}, CURRENT)
+        gate({r: cand[r] for r in ROBOTS[:3]}, cur)
+    with pytest.raises(ValueError, match="same robots"):
+        gate({}, {})
+    with pytest.raises(ValueError, match="robot-1.*equal counts"):
+        gate({**cand, "robot-1": cand["robot-1"][:-1]}, cur)
+    with pytest.raises(ValueError, match="robot-3.*at least 2"):
+        gate({**cand, "robot-3": [101.0]}, {**cur, "robot-3": [100.0]})
+    with pytest.raises(ValueError, match="confidence"):
+        gate(cand, cur, confidence=1.0)
+
+
+def test_deterministic_and_both_at_the_maximum():
+    cand, cur = _paired(1, dict.fromkeys(ROBOTS, 2.0), 5.0)
+    a, b = gate(cand, cur, seed=3), gate(cand, cur, seed=3)
+    assert a == b and a.to_dict() == b.to_dict()
+    assert gate(cand, cur, seed=4).fleet_ci != a.fleet_ci  # the seed is what drives the resamples
+    wider = gate(cand, cur, seed=3, confidence=0.99)
+    assert wider.fleet_ci[0] < a.fleet_ci[0] and wider.fleet_ci[1] > a.fleet_ci[1]
+
+    top = {r: [200.0] * 4 for r in ROBOTS}
+    same = gate(top, {r: list(v) for r, v in top.items()})
+    assert not same.promote and "no confident fleet improvement" in same.reason
+    assert same.fleet_difference == 0.0 and same.fleet_ci == (0.0, 0.0)
+    assert all(not v["regressed"] and (v["ci_low"], v["ci_high"]) == (0.0, 0.0) for v in same.per_robot.values())
+    # a noiseless shift has a degenerate interval too, and a sure improvement is promoted
+    shifted = gate({r: [x + 5.0 for x in v] for r, v in cur.items()}, cur)
+    assert shifted.promote and shifted.fleet_ci == pytest.approx((5.0, 5.0))
+
+
+def test_to_dict_is_json_serialisable():
+    cand, cur = _paired(0, {"robot-1": -30.0}, 5.0)
+    record = gate(cand, cur).to_dict()
+    assert json.loads(json.dumps(record, allow_nan=False)) == record
+    assert isinstance(record["fleet_ci"], list) and len(record["fleet_ci"]) == 2
+    assert set(record["per_robot"]["robot-1"]) == {
+        "current", "candidate", "difference", "ci_low", "ci_high", "allowed", "regressed", "worse_than_tolerance_possible", "n",
+    }
+    floats = [record["fleet_current"], record["fleet_difference"], *record["fleet_ci"], *(
+        v[k] for v in record["per_robot"].values() for k in ("current", "candidate", "difference", "ci_low", "ci_high", "allowed"))]
+    assert all(type(x) is float for x in floats)
+    assert all(type(v["regressed"]) is bool and type(v["n"]) is int for v in record["per_robot"].values())
+    cand["robot-0"][0] = math.nan
+    assert "NaN" in json.dumps(gate(cand, cur).to_dict())  # NaN survives only where a return was NaN
+
+
+def test_evaluate_places_each_return_at_its_seed_index_and_a_diverged_one_blocks(monkeypatch):
+    from policies.evaluate import evaluate
+    from sim.batched import BatchedStepper, derive_seed
+    from sim.variation import VariationProfile
+
+    def zero(obs):
+        return np.zeros((obs.shape[0], 1), np.float32)
+
+    profiles = [VariationProfile(), VariationProfile(actuator_strength=0.5)]
+    full = evaluate(zero, "pendulum", profiles, 3, seed=7)
+    for p in full.profiles:
+        assert len(p.returns) == 3 and len(set(p.returns)) > 1  # distinct seeds, distinct returns
+        assert p.mean_return == pytest.approx(np.mean(p.returns))
+    simulate = BatchedStepper.simulate
+
+    def drop_and_shuffle(self, scenarios, policy):  # the stepper drops diverged episodes; order must not matter
+        eps = simulate(self, scenarios, policy)
+        diverged = {"tag": "eval:1", "seed": derive_seed(7, "eval", 1)}
+        return [e for e in eps if {k: e.json_metadata("scenario")[k] for k in diverged} != diverged][::-1]
+
+    monkeypatch.setattr(BatchedStepper, "simulate", drop_and_shuffle)
+    part = evaluate(zero, "pendulum", profiles, 3, seed=7)
+    assert part.profiles[0].returns == full.profiles[0].returns
+    kept = part.profiles[1].returns
+    assert math.isnan(kept[1]) and (kept[0], kept[2]) == (full.profiles[1].returns[0], full.profiles[1].returns[2])
+    assert part.profiles[1].failures == full.profiles[1].failures and part.to_dict()["profiles"][1]["returns"][1] is None
+    result = gate({f"robot-{i}": p.returns for i, p in enumerate(part.profiles)}, {f"robot-{i}": p.returns for i, p in enumerate(full.profiles)})
+    assert not result.promote and "robot-1 (candidate)" in result.reason
 
 
 def test_canary_judge_widen_wait_rollback():

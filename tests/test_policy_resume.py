@@ -9,10 +9,13 @@ import torch
 
 from policies.checkpoint import CheckpointError, load_checkpoint
 from policies.export import policy_from_checkpoint
+from policies.mbpo import MBPOConfig
 from policies.ppo import PPOConfig
 from policies.sac import SACConfig
 from policies.trainer import Trainer, TrainerConfig, make_algorithm
 from sim.variation import VariationProfile
+from worldmodel.ensemble import EnsembleConfig
+from worldmodel.train import TrainConfig
 
 PROFILES = [VariationProfile(), VariationProfile(payload_mass=0.5, obs_noise_std=0.01, action_latency=1)]
 CASES = {
@@ -24,6 +27,16 @@ CASES = {
     "sac": (
         TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=4, total_env_steps=160, seed=3),
         SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=48, normalize_obs=True),
+        12,
+    ),
+    "mbpo": (
+        TrainerConfig(robot="pendulum", algorithm="mbpo", num_worlds=4, total_env_steps=240, seed=3),
+        MBPOConfig(
+            sac=SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=48, utd_ratio=2.0),
+            ensemble=EnsembleConfig(ensemble_size=3, num_elites=2, hidden_size=16, num_hidden_layers=2),
+            model_train=TrainConfig(max_steps=40, eval_every=10, device="cpu"),
+            retrain_steps=10, model_train_every=64, rollout_every=16, rollouts_per_step=4, model_retain=3, max_horizon=5,
+        ),  # fmt: skip
         12,
     ),
 }

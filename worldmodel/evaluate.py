@@ -103,3 +103,32 @@ def k_step_errors(
 def observation_scale(episodes: Sequence[Episode]) -> np.ndarray:
     """Per-dimension std (obs_dim,) of all observations in ``episodes`` (floored at 1e-6)."""
     return np.maximum(np.concatenate([ep.observation for ep in episodes]).std(0), 1e-6)
+
+
+def open_loop_errors(step_fn: StepFn, obs: np.ndarray, action: np.ndarray, valid: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Median normalised open-loop error at every k = 1..H over recorded segments.
+
+    obs (S, H+1, obs_dim) recorded observations, action (S, H, act_dim) recorded actions,
+    valid (S, H) whether step k of a segment was recorded (a segment may end early), scale
+    (obs_dim,). Returns (H,) errors (RMS over dims of (pred - true) / scale, median over the
+    segments still valid at k; NaN where none is). The model sees only obs[:, 0] and the actions.
+    """
+    pred = obs[:, 0]
+    horizon = action.shape[1]
+    errors = np.full(horizon, np.nan)
+    for k in range(horizon):
+        live = valid[:, k]
+        if not live.any():
+            break
+        pred = step_fn(pred, action[:, k])
+        err = np.sqrt(np.mean(((pred - obs[:, k + 1]) / scale) ** 2, axis=1))
+        errors[k] = float(np.median(np.where(np.isfinite(err), err, np.inf)[live]))
+    return errors
+
+
+def trusted_horizon(errors: np.ndarray, tolerance: float, max_horizon: int) -> int:
+    """The largest k <= max_horizon whose error (and every shorter one's) is <= tolerance; at least 1."""
+    k = 0
+    while k < min(max_horizon, len(errors)) and np.isfinite(errors[k]) and errors[k] <= tolerance:
+        k += 1
+    return max(1, k)

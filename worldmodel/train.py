@@ -130,18 +130,40 @@ def train_ensemble(
     model: DynamicsEnsemble | None = None,
     log: LogFn | None = None,
 ) -> tuple[DynamicsEnsemble, TrainReport]:
-    """Train an ensemble on ``episodes`` (one robot model; any mix of sources).
+    """Train an ensemble on ``episodes`` (one robot model; any mix of sources), split by episode.
 
     With ``model`` given, training continues from it (its normalisers are kept so its
     weights stay meaningful; its envelope widens to the new data) and ``ensemble`` is ignored.
     Returns the model (best weights per member, elites set) and a :class:`TrainReport`.
     """
+    robot, _, _ = check_compatible(episodes)
+    train_eps, val_eps = split_by_episode(episodes, config.val_fraction, config.seed)
+    return fit_transitions(
+        to_transitions(train_eps), to_transitions(val_eps), robot=robot, ensemble=ensemble, config=config, model=model, log=log,
+        episodes=(len(train_eps), len(val_eps)),
+    )  # fmt: skip
+
+
+def fit_transitions(
+    train: Transitions,
+    val: Transitions,
+    *,
+    robot: str,
+    ensemble: EnsembleConfig = EnsembleConfig(),
+    config: TrainConfig = TrainConfig(),
+    model: DynamicsEnsemble | None = None,
+    log: LogFn | None = None,
+    episodes: tuple[int, int] = (0, 0),
+) -> tuple[DynamicsEnsemble, TrainReport]:
+    """Train (or continue training ``model``) on ``train``, early-stopping and choosing elites on
+    ``val`` (transitions of other episodes than ``train``'s; ``episodes``: their episode counts, for
+    the report). The core of :func:`train_ensemble`, for callers that hold transitions already."""
     started = time.perf_counter()
     set_cpu_threads(config.num_threads)
     device = resolve_device(config.device)
-    robot, obs_dim, act_dim = check_compatible(episodes)
-    train_eps, val_eps = split_by_episode(episodes, config.val_fraction, config.seed)
-    train, val = to_transitions(train_eps), to_transitions(val_eps)
+    obs_dim, act_dim = train.obs_dim, train.act_dim
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"need training and validation transitions, got {len(train)} and {len(val)}")
     if model is None:
         model = DynamicsEnsemble(ModelSpec(robot, obs_dim, act_dim, ensemble), seed=config.seed)
         _fit_statistics(model, train)
@@ -206,8 +228,8 @@ def train_ensemble(
         stopped_early=stopped_early,
         val_mse=[float(v) for v in final],
         elites=[int(i) for i in model.elites],
-        train_episodes=len(train_eps),
-        val_episodes=len(val_eps),
+        train_episodes=episodes[0],
+        val_episodes=episodes[1],
         train_transitions=len(train),
         val_transitions=len(val),
         seconds=time.perf_counter() - started,

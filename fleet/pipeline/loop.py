@@ -27,7 +27,7 @@ from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.registry.trust import atomic_write
-from sim.policy_fn import zero_policy
+from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class LoopSettings:
     calibration_episodes: int
     wm_rollouts: int
     train_env_steps: int
+    synthetic_action_noise: float
     gate: dict
     seed: int
 
@@ -58,8 +59,10 @@ class LoopSettings:
         loop["conditions"] = tuple(loop["conditions"])
         if loop["iterations"] < 1 or loop["num_robots"] < 1:
             raise ValueError("loop.iterations and loop.num_robots must be >= 1")
-        if cfg.policy.trainer.algorithm != "sac":
-            raise ValueError(f"the flywheel trains off-policy on the fleet's data: use policy=sac or policy=sac_fleet, not {cfg.policy.trainer.algorithm!r}")
+        if cfg.policy.trainer.algorithm not in ("sac", "mbpo"):
+            raise ValueError(
+                f"the flywheel trains off-policy on the fleet's data: use policy=mbpo_fleet, mbpo, sac_fleet or sac, not {cfg.policy.trainer.algorithm!r}"
+            )
         return cls(**loop, seed=int(cfg.seed))
 
     @property
@@ -73,7 +76,9 @@ class Flywheel:
         self.settings = LoopSettings.from_cfg(cfg)
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "history": []}
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
+        self.state.setdefault("learner", None)
+        self.state.setdefault("real_steps", {})
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
 
@@ -122,7 +127,16 @@ class Flywheel:
         fleet_returns = steps.mean_returns(telemetry)
         record["fleet_returns"] = fleet_returns
         record["policy_versions"] = sorted({t["policy_version"] for t in telemetry})
-        svc.tracker.log({f"fleet/return/{r}": v for r, v in fleet_returns.items()} | {"fleet/return_mean": float(np.mean(list(fleet_returns.values())))}, step)
+        real_steps = self.state["real_steps"]
+        for t in telemetry:
+            real_steps[t["robot_id"]] = real_steps.get(t["robot_id"], 0) + int(t["steps"])
+        record["real_steps"] = dict(real_steps)
+        svc.tracker.log(
+            {f"fleet/return/{r}": v for r, v in fleet_returns.items()}
+            | {f"fleet/real_steps/{r}": float(n) for r, n in real_steps.items()}
+            | {"fleet/return_mean": float(np.mean(list(fleet_returns.values()))), "fleet/real_steps_total": float(sum(real_steps.values()))},
+            step,
+        )
 
         with self.progress.task(f"iteration {k}: snapshot + world model"):
             snapshot_id, real, sim = svc.read_data(s.robot_model)
@@ -145,14 +159,16 @@ class Flywheel:
             truth_error = self._calibration_error(calibrations)
         svc.tracker.log({f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}, step)
 
-        current = self.state["current"]
+        current, learner = self.state["current"], self.state["learner"]
         factory = self._policy_factory(current)
+        # synthetic data is on-policy: the policy in training (the latest candidate) plus exploration noise
+        explorer, explorer_version = self._explorer_factory(learner, k), (f"candidate-{learner['iteration']}" if learner else "none")
         with self.progress.task(f"iteration {k}: scenarios (MuJoCo on Ray) + world-model rollouts"):
             scen_eps, counts = steps.generate_scenarios(
-                real, profiles, model, factory, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
-                chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=str(current["version"]) if current else "none",
+                real, profiles, model, explorer, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
+                chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=explorer_version,
             )
-            wm_eps = steps.model_rollouts(model, real, factory(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), str(current["version"]) if current else "none")
+            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version)
             stored = svc.store_synthetic(scen_eps + wm_eps)
         record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
@@ -161,29 +177,37 @@ class Flywheel:
             trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
             trained = steps.train_policy(
                 trainer_cfg, instantiate(cfg.policy.algorithm), {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
-                list(profiles.values()), Path(current["checkpoint"]) if current else None, self.run_dir / "policies" / f"iter{k:03d}",
+                list(profiles.values()), Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
                 lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()}, step),
             )
+            export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
+            weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id)
+            # training continues from this candidate next iteration, promoted or not
+            self.state["learner"] = {"iteration": k, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
 
         with self.progress.task(f"iteration {k}: gate on every robot's profile"):
             cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed)
             cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed)
             decision = gate(cand, cur, **s.gate)
         record["gate"] = decision.to_dict()
-        svc.tracker.log({"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate}, step)
+        svc.tracker.log(
+            {"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate,
+             "gate/fleet_difference": decision.fleet_difference, "gate/fleet_ci_low": decision.fleet_ci[0], "gate/fleet_ci_high": decision.fleet_ci[1]},
+            step,
+        )  # fmt: skip
 
-        record["rollout"] = self._release(k, trained, decision, profiles, snapshot_id, fleet_returns) if decision.promote else {"stage": "not promoted", "reason": decision.reason}
+        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, snapshot_id, fleet_returns) if decision.promote else None
+        record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
-            [k, r, self.specs[r].condition, fleet_returns.get(r), cand.get(r), cur.get(r)] for r in ids
+            [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
         ], step)
         return record
 
-    def _release(self, k: int, trained, decision, profiles, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
-        """Export, sign and publish to the canaries; widen or roll back from their telemetry."""
+    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+        """Sign and publish the exported candidate (weights, manifest, folder) to the canaries; widen or roll back from their telemetry."""
         s, svc = self.settings, self.svc
-        export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
-        weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id, decision.to_dict())
+        weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
         envelope = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
@@ -229,6 +253,15 @@ class Flywheel:
 
         return functools.partial(load_policy, current["export"], robot_model=self.settings.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim)
 
+    def _explorer_factory(self, learner: dict | None, k: int):
+        """The latest candidate with exploration noise (picklable, for Ray tasks), or the zero policy before any."""
+        if learner is None:
+            return functools.partial(zero_policy, self.task.act_dim)
+        return functools.partial(
+            _noisy_export, learner["export"], self.settings.robot_model, self.task.obs_dim, self.task.act_dim, self.settings.synthetic_action_noise,
+            self.settings.seed * 1_000_003 + k,
+        )  # fmt: skip
+
     def _calibration_error(self, calibrations: dict) -> dict[str, dict[str, float]]:
         """Relative error of each identifiable estimate vs the robot's hidden true profile (simulated fleet only)."""
         out = {}
@@ -251,3 +284,9 @@ class Flywheel:
         write_report(history, self.specs, self.run_dir / "report.png")
         return summary
 
+
+
+def _noisy_export(export: str, robot_model: str, obs_dim: int, act_dim: int, std: float, seed: int):
+    from policies.runtime import load_policy
+
+    return noisy_policy(load_policy(export, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim), std, seed)

@@ -12,15 +12,22 @@ from rich.table import Table  # noqa: E402
 
 
 def write_report(history: list[dict], specs: dict, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    """Left: return per robot per iteration; right: the same returns against the real steps each robot has used."""
+    fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     iterations = [h["iteration"] for h in history]
     for robot_id in sorted(specs):
-        ax.plot(iterations, [h["fleet_returns"].get(robot_id) for h in history], marker="o", label=f"{robot_id} ({specs[robot_id].condition})")
+        returns = [h["fleet_returns"].get(robot_id) for h in history]
+        label = f"{robot_id} ({specs[robot_id].condition})"
+        ax.plot(iterations, returns, marker="o", label=label)
+        ax_steps.plot([h.get("real_steps", {}).get(robot_id) for h in history], returns, marker="o", label=label)
     ax.set_xticks(iterations)
     ax.set_xlabel("flywheel iteration")
     ax.set_ylabel("mean episode return (telemetry)")
-    ax.set_title("Fleet return per robot: each robot's experience trains all others")
-    ax.grid(alpha=0.3)
+    ax.set_title("Fleet return per robot")
+    ax_steps.set_xlabel("real robot steps used (cumulative)")
+    ax_steps.set_title("Return vs real steps")
+    for a in (ax, ax_steps):
+        a.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -36,6 +43,7 @@ def summary_table(history: list[dict], specs: dict) -> Table:
         table.add_column(f"it {h['iteration']}", justify="right")
     for robot_id in sorted(specs):
         table.add_row(robot_id, specs[robot_id].condition, *[f"{h['fleet_returns'].get(robot_id, float('nan')):.1f}" for h in history])
+    table.add_row("real steps", "", *[str(sum(h.get("real_steps", {}).values())) for h in history])
     table.add_row("policy", "", *[",".join(h["policy_versions"]) for h in history])
     table.add_row("release", "", *[h["rollout"]["stage"] + (f" v{h['rollout']['version']}" if "version" in h["rollout"] else "") for h in history])
     return table

@@ -97,7 +97,7 @@ class Services(contextlib.AbstractContextManager):
 
         save(model, self.run_dir / "worldmodel")
 
-    def export(self, policy, directory: Path, robot_model: str, snapshot_id: str, gate: dict) -> tuple[bytes, dict]:
+    def export(self, policy, directory: Path, robot_model: str, snapshot_id: str) -> tuple[bytes, dict]:
         """Export a policy (safetensors + manifest); returns (weights bytes, the exporter's manifest)."""
         from policies.export import export_policy
         from policies.runtime import WEIGHTS_FILE

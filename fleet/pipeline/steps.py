@@ -88,45 +88,39 @@ def train_policy(
     out_dir: Path,
     log: LogFn | None,
 ) -> TrainedPolicy:
-    """SAC on the fleet's data (``data``: source -> episodes, mixed by ``algo_cfg.replay_ratios``)
-    plus online MuJoCo on ``profiles``; warm-started from the previous candidate's networks."""
+    """The policy learner (SAC or the model-based learner) on the fleet's data (``data``: source ->
+    episodes) plus online MuJoCo on ``profiles``, continuing the learner checkpointed at ``warm_start`` (the
+    previous candidate, promoted or not): its networks, optimisers, temperature, online replay and
+    step counters carry over (no second warm-up); the offline sources are this snapshot's."""
     from policies.checkpoint import load_checkpoint
     from policies.trainer import Trainer, make_algorithm
 
-    ratios = {k: v for k, v in algo_cfg.replay_ratios.items() if k == algo_cfg.online_source or data.get(k)}
-    algo_cfg = dataclasses.replace(algo_cfg, replay_ratios=ratios)
-    offline = {k: v for k, v in data.items() if k in ratios and v}
-    algorithm = make_algorithm(trainer_cfg, algo_cfg, offline=offline)
+    if trainer_cfg.algorithm == "mbpo":  # model-based: learns a model from the fleet's real + scenario episodes and its own steps
+        algorithm = make_algorithm(trainer_cfg, algo_cfg)
+        offline = [*data.get("real", []), *data.get("sim", [])]
+    else:  # SAC: the fleet's episodes are replay sources, mixed by algo_cfg.replay_ratios
+        ratios = {k: v for k, v in algo_cfg.replay_ratios.items() if k == algo_cfg.online_source or data.get(k)}
+        algo_cfg = dataclasses.replace(algo_cfg, replay_ratios=ratios)
+        algorithm = make_algorithm(trainer_cfg, algo_cfg, offline={k: v for k, v in data.items() if k in ratios and v})
     if warm_start is not None:
-        tensors, _ = load_checkpoint(warm_start)
-        _load_networks(algorithm, tensors)
+        tensors, meta = load_checkpoint(warm_start)
+        algorithm.continue_from(tensors, meta["algo"])
+    if trainer_cfg.algorithm == "mbpo":
+        algorithm.add_offline(offline)
     with Trainer(trainer_cfg, algorithm, profiles=list(profiles), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg) as trainer:
         result = trainer.train()
         checkpoint = trainer.save(out_dir)
         return TrainedPolicy(trainer.algo.policy, checkpoint, result.env_steps, result.metrics)
 
 
-def _load_networks(algorithm, tensors) -> None:
-    """Copy the actor/critic/temperature of a previous SAC checkpoint (not its replay, optimisers or step counters)."""
-    import torch
-
-    from policies.checkpoint import load_module_state
-
-    for name in ("policy", "critic", "critic_target"):
-        load_module_state(getattr(algorithm, name), tensors, name)
-    with torch.no_grad():
-        algorithm.log_alpha.copy_(tensors["log_alpha"])
-    # the online buffer still fills for learning_starts steps before updates (else the first
-    # updates over-sample a handful of online transitions and the warm policy degrades)
-
-
-def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, float]:
-    """Mean return of ``policy`` on each robot's profile (fixed seeds, batched)."""
+def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, list[float]]:
+    """Per-episode returns of ``policy`` on each robot's profile; episode j of every robot and of
+    every policy uses the same scenario seed (paired, for the gate)."""
     from policies.evaluate import evaluate
 
     ids = sorted(profiles)
     result = evaluate(policy, robot_model, [profiles[r] for r in ids], episodes, seed)
-    return {r: float(p.mean_return) for r, p in zip(ids, result.profiles)}
+    return {r: list(p.returns) for r, p in zip(ids, result.profiles)}
 
 
 def mean_returns(summaries: Sequence[dict]) -> dict[str, float]:

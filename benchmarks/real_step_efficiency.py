@@ -1,0 +1,170 @@
+"""Real-step efficiency: how many real robot steps each learner needs to master a task.
+
+Methods, all on the same robot, the same evaluation seeds and the same real-step budget:
+
+* ``sac``  our model-free SAC with SB3's recommended settings (2x256, batch 256, 1 gradient
+  step per real step, learning starts at 100, auto entropy), one world (a robot);
+* ``sb3``  Stable-Baselines3's SAC with its defaults on ``flywheel/<Robot>-v0``;
+* ``mbpo`` our model-based learner (:mod:`policies.mbpo`, ``conf/policy/mbpo.yaml``'s settings).
+
+Every ``--eval-every`` real steps the deterministic policy runs ``--eval-episodes`` episodes
+(fixed seeds, :func:`policies.evaluate.evaluate`); a run's "real steps to threshold" is the
+first evaluation whose mean return reaches ``--threshold`` (where a robot has one, every run
+stops there: later steps cannot change the number); a run that never does counts as its whole
+budget. Lines (medians over seeds):
+
+* ``efficiency/<robot>/real_steps_to_<threshold>``: value mbpo, baseline sac, ratio sac/mbpo
+* ``efficiency/<robot>/real_steps_to_<threshold>_vs_sb3``: value mbpo, baseline sb3, ratio sb3/mbpo
+* ``efficiency/<robot>/return_at_budget`` (and ``_vs_sb3``), for robots without a threshold:
+  the final evaluation return, ratio mbpo/peer
+
+Each run is cached as JSON under ``runs/benchmarks/real_step_efficiency/`` (its settings in the
+file name), so methods may run in separate processes (``--methods sb3``) and one final call
+prints the lines from every cached run; ``--fresh`` ignores the cache.
+
+Run: `.venv/bin/python benchmarks/real_step_efficiency.py [--robot pendulum] [--seeds 0 1 2]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit  # noqa: E402
+
+from policies.evaluate import evaluate  # noqa: E402
+from sim.variation import VariationProfile  # noqa: E402
+
+CACHE = Path("runs/benchmarks/real_step_efficiency")
+EVAL_SEED = 777
+DEFAULTS = {  # robot: (threshold, budget per method, eval_every)
+    "pendulum": (950.0, 15_000, 500),
+    "half_cheetah": (None, 20_000, 2_000),
+}
+
+
+def eval_return(policy, robot: str, episodes: int) -> float:
+    return evaluate(policy, robot, [VariationProfile()], episodes, seed=EVAL_SEED).mean_return
+
+
+def run_ours(method: str, robot: str, budget: int, seed: int, eval_every: int, episodes: int, threshold: float | None = None, **overrides) -> list[tuple[int, float]]:
+    """Our SAC or model-based learner on one world; evaluated every ``eval_every`` real steps."""
+    from policies.trainer import Trainer, TrainerConfig, make_algorithm
+
+    if method == "sac":
+        from policies.sac import SACConfig
+
+        config = TrainerConfig(robot=robot, algorithm="sac", num_worlds=1, total_env_steps=budget, seed=seed, log_every=0)
+        algo_config = SACConfig(hidden_sizes=(256, 256), learning_starts=100, utd_ratio=1.0, batch_size=256)
+    else:
+        from policies.mbpo import default_config
+
+        config, algo_config = default_config(robot, total_env_steps=budget, seed=seed)
+        algo_config = dataclasses.replace(algo_config, **overrides)
+    curve = []
+    with Trainer(config, make_algorithm(config, algo_config), algo_config=algo_config) as trainer:
+        while trainer.env_steps < budget:
+            target = min(budget, (trainer.env_steps // eval_every + 1) * eval_every)
+            while trainer.env_steps < target:
+                trainer.train(max_updates=1)
+            curve.append((trainer.env_steps, eval_return(trainer.algo.policy, robot, episodes)))
+            extra = getattr(trainer.algo, "model_metrics", dict)()
+            extra = ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in extra.items())
+            print(f"# {method} seed {seed}: {curve[-1][0]} real steps, return {curve[-1][1]:.1f} {extra}", file=sys.stderr)
+            if threshold is not None and curve[-1][1] >= threshold:
+                break
+    return curve
+
+
+def run_sb3(robot: str, budget: int, seed: int, eval_every: int, episodes: int, threshold: float | None = None) -> list[tuple[int, float]]:
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from sim.gym_env import ENV_IDS
+
+    curve: list[tuple[int, float]] = []
+
+    class Evaluate(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % eval_every == 0:
+                act = lambda obs: self.model.predict(obs, deterministic=True)[0].astype(np.float32)  # noqa: E731
+                curve.append((self.num_timesteps, eval_return(act, robot, episodes)))
+                print(f"# sb3 seed {seed}: {curve[-1][0]} real steps, return {curve[-1][1]:.1f}", file=sys.stderr)
+                return threshold is None or curve[-1][1] < threshold  # False stops learn()
+            return True
+
+    env = gym.make(ENV_IDS[robot])
+    model = SAC("MlpPolicy", env, seed=seed, device="cpu")  # SB3's defaults (2x256, batch 256, learning_starts 100)
+    model.learn(budget, callback=Evaluate())
+    env.close()
+    return curve
+
+
+def steps_to(curve: list[tuple[int, float]], threshold: float, budget: int) -> int:
+    return next((s for s, r in curve if r >= threshold), budget)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--robot", default="pendulum", choices=sorted(DEFAULTS))
+    parser.add_argument("--methods", nargs="+", default=["sac", "sb3", "mbpo"], choices=["sac", "sb3", "mbpo"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget", type=int, default=None, help="real steps per run (default: per robot)")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--eval-episodes", type=int, default=5)
+    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    parser.add_argument("--runs-only", action="store_true", help="run and cache, print no lines")
+    args = parser.parse_args()
+    threshold, budget, eval_every = DEFAULTS[args.robot]
+    budget, eval_every = args.budget or budget, args.eval_every or eval_every
+    threshold = args.threshold if args.threshold is not None else threshold
+    torch.set_num_threads(1)
+    tag = f"{args.robot}_b{budget}_e{eval_every}x{args.eval_episodes}"
+    for method in args.methods:
+        for seed in args.seeds:
+            path = CACHE / f"{tag}_{method}_s{seed}.json"
+            if path.exists() and not args.fresh:
+                continue
+            start = time.perf_counter()
+            if method == "sb3":
+                curve = run_sb3(args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
+            else:
+                curve = run_ours(method, args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"method": method, "seed": seed, "curve": curve, "wall_s": time.perf_counter() - start}))
+    if args.runs_only:
+        return
+    runs = {m: [json.loads(p.read_text()) for p in sorted(CACHE.glob(f"{tag}_{m}_s*.json")) if json.loads(p.read_text())["seed"] in args.seeds] for m in ("sac", "sb3", "mbpo")}
+    for method, rs in runs.items():
+        for r in rs:
+            t = steps_to(r["curve"], threshold, budget) if threshold is not None else None
+            print(f"# {method} seed {r['seed']}: steps to {threshold}: {t}, final return {r['curve'][-1][1]:.1f}, wall {r['wall_s']:.0f} s", file=sys.stderr)
+    if not all(runs.values()):
+        print(f"# missing runs for {[m for m, rs in runs.items() if not rs]}: run them first", file=sys.stderr)
+        return
+    prefix = f"efficiency/{args.robot}"
+    if threshold is not None:
+        steps = {m: statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for m, rs in runs.items()}
+        emit(f"{prefix}/real_steps_to_{threshold:g}", steps["mbpo"], "real_steps", steps["sac"], round(steps["sac"] / steps["mbpo"], 3))
+        emit(f"{prefix}/real_steps_to_{threshold:g}_vs_sb3", steps["mbpo"], "real_steps", steps["sb3"], round(steps["sb3"] / steps["mbpo"], 3))
+        return
+    final = {m: statistics.median(r["curve"][-1][1] for r in rs) for m, rs in runs.items()}
+    ratio = lambda a, b: round(a / b, 3) if b > 0 else None  # noqa: E731
+    emit(f"{prefix}/return_at_budget", final["mbpo"], f"return@{budget}_real_steps", final["sac"], ratio(final["mbpo"], final["sac"]))
+    emit(f"{prefix}/return_at_budget_vs_sb3", final["mbpo"], f"return@{budget}_real_steps", final["sb3"], ratio(final["mbpo"], final["sb3"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""SAC gradient steps per second: ours vs Stable-Baselines3's, the same batch, networks and threads.
+
+Both learners get a replay of the same pendulum transitions, then time ``--steps`` gradient
+steps alone (no env stepping): ours ``SAC.update`` (one fused critic + actor + temperature
+step, policies/sac.py), SB3's ``SAC.train(gradient_steps, batch_size)``. Batch 256, 2x256 and
+2x128 ReLU networks, one torch thread each (``--threads`` to change), median of 3 repeats.
+Lines: ``sac_update/<hidden>/gradient_steps_per_s`` value ours, baseline SB3, ratio ours/SB3
+(goal >= 2 at 2x256).
+
+Run: `.venv/bin/python benchmarks/sac_update_speed.py [--steps 1000] [--threads 1]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit  # noqa: E402
+
+from policies.sac import SAC, SACConfig  # noqa: E402
+from policies.trainer import make_spec  # noqa: E402
+from policies.transition import VectorStep  # noqa: E402
+
+BATCH = 256
+
+
+def transitions(n: int, seed: int = 0) -> VectorStep:
+    rng = np.random.default_rng(seed)
+    obs = rng.standard_normal((n, 4)).astype(np.float32)
+    nxt = obs + 0.01 * rng.standard_normal((n, 4)).astype(np.float32)
+    return VectorStep(obs, rng.uniform(-1, 1, (n, 1)).astype(np.float32), np.ones(n, np.float32), nxt, nxt, np.zeros(n, bool), np.zeros(n, bool))
+
+
+def ours(hidden: int, steps: int) -> float:
+    config = SACConfig(hidden_sizes=(hidden, hidden), batch_size=BATCH, learning_starts=0)
+    sac = SAC(make_spec("pendulum", config), config)
+    sac.observe(transitions(10_000))
+    sac.grad_debt = 50
+    sac.update()  # warm-up
+    sac.grad_debt = steps
+    start = time.perf_counter()
+    sac.update()
+    return steps / (time.perf_counter() - start)
+
+
+def sb3(hidden: int, steps: int) -> float:
+    import gymnasium as gym
+    from stable_baselines3 import SAC as SB3SAC
+
+    from sim.gym_env import ENV_IDS
+
+    env = gym.make(ENV_IDS["pendulum"])
+    model = SB3SAC("MlpPolicy", env, batch_size=BATCH, learning_starts=0, device="cpu", policy_kwargs={"net_arch": [hidden, hidden]})
+    step = transitions(10_000)
+    for i in range(len(step.reward)):
+        model.replay_buffer.add(step.obs[i : i + 1], step.next_obs[i : i + 1], step.action[i : i + 1], step.reward[i : i + 1], step.terminated[i : i + 1], [{}])
+    model._setup_learn(0)  # the logger and schedules train() needs, without collecting
+    model.train(gradient_steps=50, batch_size=BATCH)  # warm-up
+    start = time.perf_counter()
+    model.train(gradient_steps=steps, batch_size=BATCH)
+    rate = steps / (time.perf_counter() - start)
+    env.close()
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for hidden in (256, 128):
+        a = statistics.median(ours(hidden, args.steps) for _ in range(args.repeats))
+        b = statistics.median(sb3(hidden, args.steps) for _ in range(args.repeats))
+        emit(f"sac_update/2x{hidden}/gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The model-based learner: real-data bookkeeping, the measured horizon, carrying a learner over,
+and "does it learn" on the pendulum with a few thousand real steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from policies.evaluate import evaluate
+from policies.mbpo import MBPO, MBPOConfig, RealLog, default_config
+from policies.sac import SAC, SACConfig
+from policies.trainer import Trainer, TrainerConfig, make_algorithm, make_spec
+from policies.transition import VectorStep
+from sim.variation import VariationProfile
+from worldmodel.evaluate import open_loop_errors, trusted_horizon
+
+
+def _step(obs, action, done, t):
+    n = len(obs)
+    return VectorStep(obs, action, np.full(n, t, np.float32), obs + 1, obs + 1, np.zeros(n, bool), done)
+
+
+def test_real_log_keeps_episodes_apart_across_interleaved_worlds():
+    log = RealLog(obs_dim=1, act_dim=1)
+    # 2 worlds; world 0's episodes last 3 steps, world 1's 2 steps; obs encodes (world, t)
+    for t in range(6):
+        obs = np.array([[100 + t], [200 + t]], np.float32)
+        log.add(_step(obs, obs / 1000, np.array([t % 3 == 2, t % 2 == 1]), t))
+    data = log.view()
+    assert len(data) == 12 and data.episode.max() == 4  # 2 + 3 episodes started
+    for e in np.unique(data.episode):
+        rows = np.flatnonzero(data.episode == e)
+        assert len({int(o) // 100 for o in data.obs[rows, 0]}) == 1  # one world per episode
+        assert list(data.step[rows]) == list(range(len(rows)))
+    obs, action, valid = log.segments(np.ones(12, bool), horizon=3, max_starts=100, rng=np.random.default_rng(0))
+    for s in range(len(obs)):
+        k = int(valid[s].sum())
+        assert k >= 1 and (np.diff(obs[s, : k + 1, 0]) == 1).all()  # consecutive steps of one world only
+    assert valid.sum(1).max() == 3 and valid.sum(1).min() == 1
+
+    copy = RealLog(1, 1)
+    copy.load_state_tensors(log.state_tensors())
+    assert copy.size == log.size and (copy.view().episode == data.episode).all() and copy.next_episode == log.next_episode
+
+
+def test_the_horizon_is_where_the_measured_error_passes_the_tolerance():
+    assert trusted_horizon(np.array([0.05, 0.1, 0.2, 0.4, 0.1]), 0.25, 15) == 3
+    assert trusted_horizon(np.array([0.05, 0.1, np.nan]), 0.25, 15) == 2  # unmeasured: not trusted
+    assert trusted_horizon(np.array([0.9, 0.1]), 0.25, 15) == 1  # at least one step
+    assert trusted_horizon(np.full(20, 0.01), 0.25, 15) == 15
+    # a model that drifts by 0.1 per step (scale 1) has error 0.1 k at step k
+    obs = np.zeros((4, 6, 2), np.float32)
+    errors = open_loop_errors(lambda o, a: o + 0.1, obs, np.zeros((4, 5, 1), np.float32), np.ones((4, 5), bool), np.ones(2))
+    np.testing.assert_allclose(errors, [0.1, 0.2, 0.3, 0.4, 0.5], rtol=1e-5)
+    assert trusted_horizon(errors, 0.25, 15) == 2
+
+
+def test_a_learner_carries_over_to_new_offline_data_without_a_second_warm_up(one_torch_thread):
+    config = TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=4, total_env_steps=200, seed=1)
+    algo = SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=100)
+    with Trainer(config, make_algorithm(config, algo)) as trainer:
+        trainer.train()
+        tensors, meta = trainer.algo.state()
+    fresh = SAC(make_spec("pendulum", algo), algo, seed=2)
+    fresh.continue_from(tensors, meta)
+    assert fresh.env_steps == 200 and fresh.replay.sizes()["online"] == 200
+    assert torch.equal(fresh.policy.actor.mean.weight, tensors["policy.actor.mean.weight"])
+    obs = np.zeros((4, 4), np.float32)
+    fresh.observe(VectorStep(obs, np.zeros((4, 1), np.float32), np.ones(4, np.float32), obs, obs, np.zeros(4, bool), np.zeros(4, bool)))
+    assert fresh.ready()  # learning goes on at once: no second learning_starts
+
+
+def test_rollouts_come_from_the_current_policy_at_the_measured_horizon(one_torch_thread):
+    config, algo = default_config("pendulum", total_env_steps=400, seed=0)
+    algo = dataclasses.replace(algo, model_train=dataclasses.replace(algo.model_train, max_steps=300), rollouts_per_step=8)
+    with Trainer(config, make_algorithm(config, algo)) as trainer:
+        trainer.train()
+        learner: MBPO = trainer.algo
+        assert learner.retrains == 2 and learner.model is not None
+        assert 1 <= learner.horizon <= algo.max_horizon
+        assert learner.k_step_error[learner.horizon - 1] <= algo.horizon_tolerance or learner.horizon == 1
+        model = learner.sac.replay.sources["model"]
+        assert model.size > 0
+        # the model replay holds the policy's actions, not the uniform random warm-up's
+        assert np.abs(model.action[: model.size]).mean() < 0.45
+
+
+@pytest.mark.slow
+def test_the_model_based_learner_masters_the_pendulum_in_a_few_thousand_real_steps(one_torch_thread):
+    """Does it learn: conf/policy/mbpo.yaml's settings, 2,000 real steps (model-free SAC needs ~12,000)."""
+    config, algo = default_config("pendulum", total_env_steps=2000, seed=0)
+    with Trainer(config, make_algorithm(config, algo)) as trainer:
+        trainer.train()
+        policy = trainer.algo.policy
+    result = evaluate(policy, "pendulum", [VariationProfile()], 5, seed=777)
+    assert result.mean_return >= 900, result.to_dict()
+
+
+def test_the_hydra_config_is_the_learner_the_benchmark_measures():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("flywheel", overrides=["policy=mbpo"])
+    trainer, algo = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
+    want_trainer, want_algo = default_config("pendulum", total_env_steps=trainer.total_env_steps)
+    assert algo == want_algo
+    assert (trainer.algorithm, trainer.num_worlds) == (want_trainer.algorithm, want_trainer.num_worlds) == ("mbpo", 1)
+
+
+def test_the_flywheel_learner_continues_with_a_newer_snapshot(one_torch_thread):
+    from sim.batched import BatchedStepper
+    from sim.policy_fn import random_policy
+    from sim.scenario import ScenarioSpec
+
+    with BatchedStepper("pendulum", 4, source="real", robot_id="r") as stepper:
+        episodes = stepper.simulate([ScenarioSpec("pendulum", seed=s, max_steps=50) for s in range(8)], random_policy(1, 0))
+    config, algo = default_config("pendulum", total_env_steps=300, seed=0)
+    algo = dataclasses.replace(algo, model_train=dataclasses.replace(algo.model_train, max_steps=100), rollouts_per_step=4)
+    first = make_algorithm(config, algo)
+    first.add_offline(episodes[:4])
+    with Trainer(config, first) as trainer:
+        trainer.train()
+    tensors, meta = first.state()
+    own = int((~first.real.arrays["offline"][: first.real.size]).sum())
+    assert own == 300 and first.real.size == own + sum(e.num_steps for e in episodes[:4])
+
+    second = make_algorithm(config, algo)
+    second.continue_from(tensors, meta)
+    second.add_offline(episodes[4:])  # the newer snapshot replaces the old episodes, the own steps stay
+    assert second.real.size == own + sum(e.num_steps for e in episodes[4:])
+    assert second.sac.env_steps == 300 and second.model is not None and second.retrains == first.retrains
+    with Trainer(dataclasses.replace(config, total_env_steps=60), second) as trainer:
+        trainer.train()
+    assert second.retrains == first.retrains + 1  # refitted at once on the new data, no warm-up
+    assert second.sac.gradient_steps > first.sac.gradient_steps
