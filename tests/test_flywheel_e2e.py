@@ -59,7 +59,8 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     from policies.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(tmp_path / "run" / "policies" / "iter001")
-    assert meta["algo"]["env_steps"] == 2 * 1500  # the learner carried over: iteration 1 continued iteration 0's
+    # the learner carried over: iteration 1 continued iteration 0's steps (each rounded up to 8 worlds)
+    assert 2 * 1500 <= meta["algo"]["env_steps"] < 2 * (1500 + 8)
 
     store = EpisodeStore.open(StoreConfig(path=str(tmp_path / "run" / "store")))
     snapshot = store.snapshot()
