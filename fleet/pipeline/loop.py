@@ -257,10 +257,7 @@ class Flywheel:
         """The latest candidate with exploration noise (picklable, for Ray tasks), or the zero policy before any."""
         if learner is None:
             return functools.partial(zero_policy, self.task.act_dim)
-        return functools.partial(
-            _noisy_export, learner["export"], self.settings.robot_model, self.task.obs_dim, self.task.act_dim, self.settings.synthetic_action_noise,
-            self.settings.seed * 1_000_003 + k,
-        )  # fmt: skip
+        return functools.partial(_with_noise, self._policy_factory(learner), self.settings.synthetic_action_noise, self.settings.seed * 1_000_003 + k)
 
     def _calibration_error(self, calibrations: dict) -> dict[str, dict[str, float]]:
         """Relative error of each identifiable estimate vs the robot's hidden true profile (simulated fleet only)."""
@@ -286,7 +283,5 @@ class Flywheel:
 
 
 
-def _noisy_export(export: str, robot_model: str, obs_dim: int, act_dim: int, std: float, seed: int):
-    from policies.runtime import load_policy
-
-    return noisy_policy(load_policy(export, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim), std, seed)
+def _with_noise(factory, std: float, seed: int):
+    return noisy_policy(factory(), std, seed)
