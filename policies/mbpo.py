@@ -25,7 +25,7 @@ and ``1 - real_ratio`` model transitions. Metrics: ``train/...`` (SAC) plus ``mo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from policies.networks import Policy, PolicySpec
 from policies.parallel import LocalComm
 from policies.sac import SAC, SACConfig
 from policies.transition import VectorStep
+from sim.variation import CONTEXT_DIM, VariationProfile
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.evaluate import ensemble_step_fn, open_loop_errors, trusted_horizon
 from worldmodel.rollout import RolloutConfig, model_rollout
@@ -42,7 +43,7 @@ from worldmodel.train import TrainConfig, fit_transitions
 from worldmodel.transitions import Transitions
 
 REAL, MODEL = "real", "model"
-_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step", "offline")
+_FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step", "offline", "context")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,9 @@ class MBPOConfig:
     horizon_tolerance: float = 0.25  # median normalised open-loop error a trusted step may have
     disagreement_threshold: float = 1.0
     val_fraction: float = 0.2  # share of real episodes held out from model training
+    # the world model also reads each transition's body (its world's profile, a robot's calibrated
+    # profile: sim.variation.VariationProfile.context), so pooled bodies do not blur into one
+    condition_on_profile: bool = True
 
     def __post_init__(self):
         for name in ("sac", "ensemble", "model_train"):  # Hydra may hand in plain mappings
@@ -85,14 +89,15 @@ class MBPOConfig:
 
 
 class RealLog:
-    """Real transitions in arrival order with (episode id, step in episode); growable numpy arrays.
+    """Real transitions in arrival order with (episode id, step in episode) and the context features
+    of the body they came from (``context_dim`` 0: none); growable numpy arrays.
 
     Rows come from the learner's own steps (:meth:`add`) or from recorded episodes handed in
     (:meth:`add_episode`, flagged ``offline``: the fleet's telemetry, scenario episodes)."""
 
-    def __init__(self, obs_dim: int, act_dim: int):
+    def __init__(self, obs_dim: int, act_dim: int, context_dim: int = 0):
         self.size = 0
-        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.obs_dim, self.act_dim, self.context_dim = obs_dim, act_dim, context_dim
         self.arrays = self._alloc(1024)
         self.next_episode = 0
         self.world_episode = np.zeros(0, np.int64)  # per world: its current episode id
@@ -100,7 +105,8 @@ class RealLog:
 
     def _alloc(self, n: int) -> dict[str, np.ndarray]:
         d, a = self.obs_dim, self.act_dim
-        shapes = {"obs": (n, d), "action": (n, a), "reward": (n,), "next_obs": (n, d), "terminated": (n,), "episode": (n,), "step": (n,), "offline": (n,)}
+        shapes = {"obs": (n, d), "action": (n, a), "reward": (n,), "next_obs": (n, d), "terminated": (n,), "episode": (n,), "step": (n,), "offline": (n,),
+                  "context": (n, self.context_dim)}  # fmt: skip
         types = {"terminated": bool, "episode": np.int64, "step": np.int64, "offline": bool}
         return {k: np.zeros(shapes[k], types.get(k, np.float32)) for k in _FIELDS}
 
@@ -115,7 +121,8 @@ class RealLog:
             self.arrays[k][self.size : self.size + n] = v
         self.size += n
 
-    def add(self, step: VectorStep) -> None:
+    def add(self, step: VectorStep, context: np.ndarray | None = None) -> None:
+        """The learner's own step of N worlds; ``context`` (N, context_dim) their bodies' features."""
         n = len(step.reward)
         if len(self.world_episode) != n:  # first step: one episode per world
             self.world_episode = self.next_episode + np.arange(n, dtype=np.int64)
@@ -123,7 +130,7 @@ class RealLog:
             self.next_episode += n
         self._append(
             {"obs": step.obs, "action": step.action, "reward": step.reward, "next_obs": step.final_obs, "terminated": step.terminated,
-             "episode": self.world_episode, "step": self.world_step, "offline": np.zeros(n, bool)}
+             "episode": self.world_episode, "step": self.world_step, "offline": np.zeros(n, bool), "context": self._context(context, n)}
         )  # fmt: skip
         done = step.terminated | step.truncated
         self.world_step += 1
@@ -131,14 +138,23 @@ class RealLog:
         self.world_episode[done] = self.next_episode + np.arange(int(done.sum()))
         self.next_episode += int(done.sum())
 
-    def add_episode(self, observation: np.ndarray, action: np.ndarray, reward: np.ndarray, terminated: np.ndarray) -> None:
-        """A recorded episode (observation (T+1, D), action (T, A), reward (T,), terminated (T,)), flagged offline."""
+    def add_episode(self, observation: np.ndarray, action: np.ndarray, reward: np.ndarray, terminated: np.ndarray, context: np.ndarray | None = None) -> None:
+        """A recorded episode (observation (T+1, D), action (T, A), reward (T,), terminated (T,); its
+        body's context (context_dim,)), flagged offline."""
         t = len(reward)
         self._append(
             {"obs": observation[:-1], "action": action, "reward": reward, "next_obs": observation[1:], "terminated": terminated,
-             "episode": np.full(t, self.next_episode), "step": np.arange(t), "offline": np.ones(t, bool)}
+             "episode": np.full(t, self.next_episode), "step": np.arange(t), "offline": np.ones(t, bool),
+             "context": self._context(None if context is None else np.broadcast_to(context, (t, self.context_dim)), t)}
         )  # fmt: skip
         self.next_episode += 1
+
+    def _context(self, context: np.ndarray | None, n: int) -> np.ndarray:
+        if context is None:  # the nominal body
+            return np.zeros((n, self.context_dim), np.float32)
+        if context.shape != (n, self.context_dim):
+            raise ValueError(f"context must be ({n}, {self.context_dim}), got {context.shape}")
+        return context
 
     def drop_offline(self) -> None:
         """Forget the handed-in episodes (a newer snapshot replaces them); the learner's own steps stay."""
@@ -148,7 +164,7 @@ class RealLog:
         self.size = int(keep.sum())
 
     def view(self, mask: np.ndarray | None = None) -> Transitions:
-        a = {k: v[: self.size] for k, v in self.arrays.items() if k != "offline"}
+        a = {k: v[: self.size] for k, v in self.arrays.items() if k != "offline" and (k != "context" or self.context_dim)}
         return Transitions(**(a if mask is None else {k: v[mask] for k, v in a.items()}))
 
     def is_val(self, val_fraction: float) -> np.ndarray:
@@ -158,7 +174,7 @@ class RealLog:
 
     def segments(self, mask: np.ndarray, horizon: int, max_starts: int, rng: np.random.Generator):
         """Recorded segments of up to ``horizon`` steps from starts among ``mask``'s transitions:
-        obs (S, H+1, D), action (S, H, A), valid (S, H)."""
+        obs (S, H+1, D), action (S, H, A), valid (S, H), context (S, context_dim) of their bodies."""
         t = self.view()
         rows = np.flatnonzero(mask)
         if len(rows) > max_starts:
@@ -173,7 +189,7 @@ class RealLog:
         valid = (t.episode[idx] == t.episode[rows][:, None]) & (t.step[idx] == t.step[rows][:, None] + np.arange(horizon)) & (pos < len(order))
         valid = np.logical_and.accumulate(valid, axis=1)
         obs = np.concatenate([t.obs[rows][:, None], t.next_obs[idx]], axis=1)
-        return obs, t.action[idx], valid
+        return obs, t.action[idx], valid, self.arrays["context"][: self.size][rows]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"real.{k}": torch.from_numpy(np.ascontiguousarray(v[: self.size])) for k, v in self.arrays.items()}
@@ -186,7 +202,8 @@ class RealLog:
         size = int(tensors["real.obs"].shape[0])
         self.arrays = self._alloc(max(1024, size))
         for k in _FIELDS:
-            self.arrays[k][:size] = tensors[f"real.{k}"].numpy()
+            if f"real.{k}" in tensors or k != "context":  # a learner saved before contexts: nominal bodies
+                self.arrays[k][:size] = tensors[f"real.{k}"].numpy()
         self.size = size
         self.world_episode = tensors["real.world_episode"].numpy().copy()
         self.world_step = tensors["real.world_step"].numpy().copy()
@@ -223,7 +240,8 @@ class MBPO:
         sac_cfg = dataclasses.replace(config.sac, replay_ratios={REAL: config.real_ratio, MODEL: 1.0 - config.real_ratio}, online_source=REAL)
         self.sac = SAC(spec, sac_cfg, seed=seed, robot_model=robot_model, comm=comm, device=device, generated={MODEL: config.model_capacity})
         self.policy = self.sac.policy
-        self.real = RealLog(spec.obs_dim, spec.act_dim)
+        self.real = RealLog(spec.obs_dim, spec.act_dim, CONTEXT_DIM if config.condition_on_profile else 0)
+        self.world_context: np.ndarray | None = None  # (worlds, context_dim): set_world_profiles
         self.model: DynamicsEnsemble | None = None
         self.horizon = 1
         self.k_step_error = np.full(config.max_horizon, np.nan)
@@ -242,9 +260,15 @@ class MBPO:
     def explore(self, obs: np.ndarray) -> np.ndarray:
         return self.sac.explore(obs)
 
+    def set_world_profiles(self, profiles) -> None:
+        """The variation profile of each world the learner steps (``policies.trainer.Trainer`` calls
+        this): a conditioned world model reads each world's context. Unset: nominal bodies."""
+        if self.real.context_dim:
+            self.world_context = np.stack([p.context() for p in profiles]).astype(np.float32)
+
     def observe(self, step: VectorStep) -> None:
         self.sac.observe(step)
-        self.real.add(step)
+        self.real.add(step, self.world_context if self.real.context_dim else None)
         cfg, steps = self.config, self.sac.env_steps
         if steps < cfg.sac.learning_starts:
             return
@@ -253,13 +277,16 @@ class MBPO:
         if self.refills == 0 or steps - self.last_refill_step >= cfg.rollout_every:
             self._refill()
 
-    def add_offline(self, episodes) -> None:
+    def add_offline(self, episodes, profile_of: Callable[[object], VariationProfile | None] | None = None) -> None:
         """Recorded episodes (``sim.episode.Episode``: the fleet's telemetry, scenario episodes) the
-        world model learns from and rollouts branch from, besides the learner's own steps."""
+        world model learns from and rollouts branch from, besides the learner's own steps.
+        ``profile_of(episode)``: the body it was recorded on (a robot's calibrated profile, a
+        scenario's profile) for a conditioned model; None (or no ``profile_of``): nominal."""
         for ep in episodes:
             if ep.observation.shape[1] != self.spec.obs_dim or ep.action.shape[1] != self.spec.act_dim:
                 raise ValueError(f"episode {ep.episode_id} has obs/act dims {ep.observation.shape[1]}/{ep.action.shape[1]}, this learner {self.spec.obs_dim}/{self.spec.act_dim}")
-            self.real.add_episode(ep.observation, ep.action, ep.reward, ep.terminated)
+            profile = profile_of(ep) if profile_of is not None and self.real.context_dim else None
+            self.real.add_episode(ep.observation, ep.action, ep.reward, ep.terminated, None if profile is None else profile.context())
 
     def ready(self) -> bool:
         return self.model is not None and self.sac.ready()
@@ -298,9 +325,10 @@ class MBPO:
     def _measure_horizon(self, val: np.ndarray) -> None:
         cfg = self.config
         rng = np.random.default_rng(self.seed + self.retrains)
-        obs, action, valid = self.real.segments(val, cfg.max_horizon, 1000, rng)
+        obs, action, valid, context = self.real.segments(val, cfg.max_horizon, 1000, rng)
         scale = np.maximum(self.real.view().obs.std(0), 1e-6)
-        self.k_step_error = open_loop_errors(ensemble_step_fn(self.model), obs, action, valid, scale)
+        step_fn = ensemble_step_fn(self.model, context if self.real.context_dim else None)
+        self.k_step_error = open_loop_errors(step_fn, obs, action, valid, scale)
         self.horizon = trusted_horizon(self.k_step_error, cfg.horizon_tolerance, cfg.max_horizon)
 
     def _refill(self) -> None:
@@ -311,7 +339,8 @@ class MBPO:
         rollout_cfg = RolloutConfig(
             horizon=self.horizon, disagreement_threshold=cfg.disagreement_threshold, seed=int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         )
-        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg)
+        context = self.real.arrays["context"][starts] if self.real.context_dim else None
+        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg, context)
         t = np.arange(self.horizon)[None]
         keep = t < batch.length[:, None]  # (N, H)
         last = t == (batch.length[:, None] - 1)

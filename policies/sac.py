@@ -47,12 +47,17 @@ class SACConfig:
     buffer_size: int = 1_000_000  # capacity for online transitions
     replay_ratios: Mapping[str, float] = dataclasses.field(default_factory=lambda: {"online": 1.0})
     online_source: str = "online"  # the replay source the trainer's own transitions go to
+    # std of Gaussian noise on the raw observations the actor reads in updates (the critic reads them
+    # clean): a policy that holds up under sensor noise of this size, judged on the state it acts in
+    actor_obs_noise: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         object.__setattr__(self, "replay_ratios", {str(k): float(v) for k, v in dict(self.replay_ratios).items()})
-        if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1 or self.utd_ratio <= 0 or self.batch_size < 1:
-            raise ValueError(f"SAC config out of range: tau={self.tau}, gamma={self.gamma}, utd_ratio={self.utd_ratio}, batch_size={self.batch_size}")
+        if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1 or self.utd_ratio <= 0 or self.batch_size < 1 or not self.actor_obs_noise >= 0:
+            raise ValueError(
+                f"SAC config out of range: tau={self.tau}, gamma={self.gamma}, utd_ratio={self.utd_ratio}, batch_size={self.batch_size}, actor_obs_noise={self.actor_obs_noise}"
+            )
 
 
 class _SampleActor(nn.Module):
@@ -171,17 +176,21 @@ class SAC:
         b = self.replay.sample(cfg.batch_size, self.gen).to(self.device)
         norm = self.policy.normalizer
         obs_n, next_n = norm(b.obs), norm(b.next_obs)
+        actor_obs_n, actor_next_n = obs_n, next_n  # what the actor reads: the sensor, noisy if configured
+        if cfg.actor_obs_noise:
+            sensor = self._randn((2, *b.obs.shape)) * cfg.actor_obs_noise
+            actor_obs_n, actor_next_n = norm(b.obs + sensor[0]), norm(b.next_obs + sensor[1])
         alpha = self.log_alpha.detach().exp()
         noise = self._randn((2, obs_n.shape[0], self.spec.act_dim))
         with torch.no_grad():
-            mean, log_std = self.policy.actor(next_n)
+            mean, log_std = self.policy.actor(actor_next_n)
             u = mean + log_std.exp() * noise[0]
             next_logp = gaussian_log_prob_from_noise(noise[0], log_std) - tanh_log_det(u)
             q_next = self.critic_target(next_n, torch.tanh(u)).min(0).values - alpha * next_logp
             target = b.reward + cfg.gamma * (1.0 - b.terminated) * q_next  # bootstraps through truncation
         q = self.critic_train(obs_n, b.action)
         critic_loss = 0.5 * (q - target).square().mean(1).sum()
-        action, logp = self.actor_train(obs_n, noise[1])
+        action, logp = self.actor_train(actor_obs_n, noise[1])
         q_pi = self.critic(obs_n, action, frozen=True).min(0).values  # no critic weight gradients from the actor loss
         actor_loss = (alpha * logp - q_pi).mean()
         self.opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ stepper's mid-episode state and the loop's counters (:mod:`policies.checkpoint`)
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -33,7 +34,7 @@ from sim.variation import VariationProfile
 
 LogFn = Callable[[dict[str, float], int], None]
 ALGORITHMS = ("ppo", "sac", "mbpo")
-RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "device")  # may differ on resume
+RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "keep_best", "device")  # may differ on resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,9 @@ class TrainerConfig:
     log_every: int = 1  # updates between log calls
     eval_every: int = 0  # updates between evaluations (0: never)
     eval_episodes: int = 4  # per evaluation profile
+    # with eval_every: keep the best-evaluated policy of this train() call as ``Trainer.best_policy``
+    # (the worst profile's return first, then the mean); the learner itself goes on from its latest state
+    keep_best: bool = False
     device: str = "cpu"  # learner device: "cpu", "cuda", "cuda:1" (bit-identical resume is promised on CPU)
 
     def __post_init__(self):
@@ -58,6 +62,8 @@ class TrainerConfig:
             raise ValueError(f"device {self.device!r} requested but torch sees no CUDA device; use device=cpu")
         if self.num_worlds < 1 or self.total_env_steps < 1:
             raise ValueError(f"num_worlds and total_env_steps must be >= 1, got {self.num_worlds}, {self.total_env_steps}")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best picks among evaluations: set eval_every > 0 too")
 
 
 @dataclasses.dataclass
@@ -139,7 +145,10 @@ class Trainer:
         self.eval_profiles = list(eval_profiles or profiles)
         self.stepper = BatchedStepper(config.robot, n, nthread=config.nthread, record=False)
         world_seed = config.seed * 1_000_003 + self.comm.rank
-        self.source = FreeRunning(config.robot, world_seed, [profiles[w % len(profiles)] for w in range(n)])
+        world_profiles = [profiles[w % len(profiles)] for w in range(n)]
+        self.source = FreeRunning(config.robot, world_seed, world_profiles)
+        if hasattr(algorithm, "set_world_profiles"):  # a learner whose world model reads each world's body (MBPO)
+            algorithm.set_world_profiles(world_profiles)
         self.obs = self.source.start(self.stepper)
         self.local_target = -(-config.total_env_steps // self.comm.world_size)  # ceil: env steps on this rank
         self.env_steps = 0  # on this rank
@@ -150,6 +159,7 @@ class Trainer:
         self._curve_mark = 0  # _finished[: mark] is already in the curve
         self.curve: list[tuple[int, float]] = []
         self.last_metrics: dict[str, float] = {}
+        self.best_policy, self.best_score = None, None  # keep_best: a copy of the best-evaluated policy, its score
 
     # -- the loop --------------------------------------------------------------------------
     def train(self, max_updates: int | None = None) -> TrainResult:
@@ -172,12 +182,14 @@ class Trainer:
             elif not cfg.log_every:
                 self._finished, self._curve_mark = [], 0
             if cfg.eval_every and self.updates % cfg.eval_every == 0:
-                self._log(self.evaluate())
+                self._log(self._evaluate_and_keep())
             if cfg.checkpoint_every and self.updates % cfg.checkpoint_every == 0:
                 if self.checkpointer is not None:
                     self.checkpointer(self, metrics)
                 else:
                     self.save()
+        if self.config.keep_best and self.env_steps >= self.local_target:  # the final policy competes too
+            self._log(self._evaluate_and_keep())
         path = self.save() if self.checkpoint_dir is not None else None
         return TrainResult(self.env_steps * self.comm.world_size, self.updates, time.perf_counter() - start, self.last_metrics, self.curve, path)
 
@@ -223,6 +235,15 @@ class Trainer:
 
         result = evaluate(self.algo.policy, self.config.robot, self.eval_profiles, self.config.eval_episodes, seed=self.config.seed)
         return result.metrics()
+
+    def _evaluate_and_keep(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        if self.config.keep_best:
+            score = (metrics["eval/min_profile_return"], metrics["eval/mean_return"])
+            if self.best_score is None or score > self.best_score:
+                self.best_score, self.best_policy = score, copy.deepcopy(self.algo.policy)
+            metrics["eval/best_min_profile_return"] = self.best_score[0]
+        return metrics
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

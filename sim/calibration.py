@@ -203,6 +203,8 @@ class CalibrationConfig:
     nthread: int | None = None  # physics threads (None: 1)
     sensor_noise: bool = True  # also estimate obs_noise_std from the telemetry (estimate_sensor_noise)
     sensor_noise_floor: float = 0.01  # estimates below this are the dynamics, not noise: 0
+    sensor_bias: bool = True  # also estimate obs_bias (a constant sensor offset) from the telemetry (estimate_sensor_bias)
+    sensor_bias_floor: float = 0.005  # smaller offsets (or ones within 3 standard errors of 0) are reported as 0
 
     def __post_init__(self):
         object.__setattr__(self, "params", tuple(self.params))
@@ -378,6 +380,10 @@ def calibrate(
     if config.sensor_noise:
         profile = profile.replace(obs_noise_std=estimate_sensor_noise(episodes, config.sensor_noise_floor))
         estimates["obs_noise_std"], identifiable["obs_noise_std"] = profile.obs_noise_std, True
+    if config.sensor_bias:
+        bias = estimate_sensor_bias(task, episodes, config.sensor_bias_floor)
+        profile = profile.replace(obs_bias=0.0 if bias is None else bias)
+        estimates["obs_bias"], identifiable["obs_bias"] = profile.obs_bias, bias is not None
     return CalibrationResult(
         robot=robot,
         profile=profile,
@@ -407,6 +413,60 @@ def estimate_sensor_noise(episodes: Sequence[Episode], floor: float = 0.01) -> f
     mad = np.median(np.abs(d2 - np.median(d2, axis=0)), axis=0)
     estimate = float(np.min(1.4826 * mad / math.sqrt(6.0)))
     return round(estimate, 6) if estimate >= floor else 0.0
+
+
+def estimate_sensor_bias(task: Task, episodes: Sequence[Episode], floor: float = 0.005) -> float | None:
+    """The constant sensor offset b (``VariationProfile.obs_bias``, the same on every observation
+    entry) from telemetry alone; None where these observations cannot show it.
+
+    With true states in the telemetry (qpos/qvel extras): the mean of observation minus the
+    state's observation. Otherwise from kinematics: for each hinge or slide joint whose position
+    and velocity are both observed as themselves (rebuilding the state from an observation shifted
+    by d shifts both by d; a joint never observed, like a walker's x, is left out), positions
+    integrate velocities, so over an episode of T steps
+    b = (dt * sum_t (v[t] + v[t+1]) / 2 - (q[T] - q[0])) / (dt * T): the offset in the velocity
+    accumulates, the one in the positions cancels, and white noise averages out. Estimates are
+    pooled (over rows, or joints and episodes weighted by length); offsets below ``floor``, or
+    within three standard errors of 0, are reported as 0.
+    """
+    episodes = [ep for ep in episodes if ep.num_steps >= 2]
+    if not episodes:
+        return None
+    if all("qpos" in ep.extras and "qvel" in ep.extras for ep in episodes):
+        gaps = [ep.observation[:-1] - observe_states(task, ep.extras["qpos"][: ep.num_steps], ep.extras["qvel"][: ep.num_steps]) for ep in episodes]
+        values = np.concatenate(gaps).mean(1)
+        weights = np.ones(len(values))
+    else:
+        try:
+            values, weights = _bias_per_joint_episode(task, episodes)
+        except ValueError:  # observations no state reproduces (derived entries, like the reacher's): not shown
+            return None
+        if not len(values):
+            return None
+    estimate = float(np.average(values, weights=weights))
+    spread = math.sqrt(float(np.average((values - estimate) ** 2, weights=weights)))
+    stderr = spread / math.sqrt(max(len(values) - 1, 1))
+    return round(estimate, 6) if abs(estimate) >= max(floor, 3.0 * stderr) else 0.0
+
+
+def _bias_per_joint_episode(task: Task, episodes: Sequence[Episode]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, weights): the kinematic offset estimate of each (observed joint, episode), weighted by length."""
+    probe = np.concatenate([ep.observation[:1] for ep in episodes]).astype(np.float64)
+    (q0, v0), (q1, v1) = state_from_observation(task, probe), state_from_observation(task, probe + 0.01)
+    m, slide_or_hinge = task.model, (int(mujoco.mjtJoint.mjJNT_SLIDE), int(mujoco.mjtJoint.mjJNT_HINGE))
+    joints = [
+        (qa, da)
+        for qa, da, kind in zip(m.jnt_qposadr.tolist(), m.jnt_dofadr.tolist(), m.jnt_type.tolist())
+        if kind in slide_or_hinge and np.allclose(q1[:, qa] - q0[:, qa], 0.01, atol=1e-6) and np.allclose(v1[:, da] - v0[:, da], 0.01, atol=1e-6)
+    ]
+    values, weights, dt = [], [], task.control_dt
+    for ep in episodes if joints else []:
+        qpos, qvel = state_from_observation(task, ep.observation.astype(np.float64))
+        for qa, da in joints:
+            v = qvel[:, da]
+            values.append((dt * 0.5 * (v[:-1] + v[1:]).sum() - (qpos[-1, qa] - qpos[0, qa])) / (dt * ep.num_steps))
+            weights.append(float(ep.num_steps))
+    return np.array(values), np.array(weights)
 
 
 def _jacobian(

@@ -16,6 +16,9 @@ import mujoco
 import numpy as np
 
 PHYSICAL_FIELDS = ("payload_mass", "mass_scale", "friction_scale", "actuator_strength", "damping_scale")
+# the profile as a model/policy input (:meth:`VariationProfile.context`): one bounded feature per field
+CONTEXT_FIELDS = (*PHYSICAL_FIELDS, "obs_noise_std", "obs_bias", "action_latency")
+CONTEXT_DIM = len(CONTEXT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,15 @@ class VariationProfile:
 
     def replace(self, **changes) -> VariationProfile:
         return dataclasses.replace(self, **changes)
+
+    def context(self) -> np.ndarray:
+        """(CONTEXT_DIM,) float32 features in (-1, 1), all 0 at the nominal profile: tanh of log1p(payload),
+        of the log of each scale, of 10x the sensor noise and bias, and of half the latency. A world
+        model (or policy) conditioned on them tells one body from another (``policies/mbpo.py``)."""
+        log = lambda x: np.log(max(x, 1e-6))  # noqa: E731  (damping_scale may be 0)
+        raw = [np.log1p(self.payload_mass), log(self.mass_scale), log(self.friction_scale), log(self.actuator_strength), log(self.damping_scale),
+               10.0 * self.obs_noise_std, 10.0 * self.obs_bias, 0.5 * self.action_latency]  # fmt: skip
+        return np.tanh(np.asarray(raw, np.float64)).astype(np.float32)
 
     # -- physics ------------------------------------------------------------------------
     def physical_key(self) -> tuple[float, ...]:

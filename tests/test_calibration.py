@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from sim.batched import BatchedStepper
-from sim.calibration import CalibrationConfig, Replayer, calibrate, estimate_sensor_noise, make_windows, observe_states, state_from_observation
+from sim.calibration import (
+    CalibrationConfig,
+    Replayer,
+    calibrate,
+    estimate_sensor_bias,
+    estimate_sensor_noise,
+    make_windows,
+    observe_states,
+    state_from_observation,
+)
 from sim.policy_fn import random_policy
 from sim.robots import get_task, robot_names
 from sim.scenario import ScenarioSpec
@@ -74,7 +83,7 @@ def test_calibration_recovers_a_planted_profile_from_observations_only():
     result = calibrate("reacher", episodes, config)
     errors = result.relative_errors(truth)
     assert max(errors[p] for p in ("actuator_strength", "damping_scale", "mass_scale")) < 0.01, result.estimates
-    assert result.identifiable == {"actuator_strength": True, "damping_scale": True, "mass_scale": True, "friction_scale": False, "obs_noise_std": True}
+    assert result.identifiable == {"actuator_strength": True, "damping_scale": True, "mass_scale": True, "friction_scale": False, "obs_noise_std": True, "obs_bias": False}
     assert result.estimates["obs_noise_std"] == 0.0  # noise-free telemetry: no sensor noise invented
     assert result.estimates["friction_scale"] == 1.0 and "no measurable effect" in result.notes["friction_scale"]
     assert result.loss < 1e-6 * result.base_loss and result.history == sorted(result.history, reverse=True)
@@ -86,7 +95,7 @@ def test_sensor_noise_hides_weak_fields():
     the noise: flagged and kept at the base value; the motor strength still comes back."""
     truth = VariationProfile(actuator_strength=0.8, mass_scale=1.5, obs_noise_std=0.01)
     episodes = telemetry("reacher", truth, 20, 50, keep_state=False)
-    config = CalibrationConfig(params=("mass_scale", "actuator_strength"), population=24, num_elites=5, iterations=8, seed=1, sensor_noise=False)
+    config = CalibrationConfig(params=("mass_scale", "actuator_strength"), population=24, num_elites=5, iterations=8, seed=1, sensor_noise=False, sensor_bias=False)
     result = calibrate("reacher", episodes, config)
     assert result.identifiable == {"mass_scale": False, "actuator_strength": True}
     assert result.estimates["mass_scale"] == 1.0 and "below the noise" in result.notes["mass_scale"]
@@ -151,3 +160,24 @@ def test_sensor_noise_is_estimated_from_telemetry_alone():
     assert estimate_sensor_noise(telemetry(VariationProfile())) == 0.0
     noisy = estimate_sensor_noise(telemetry(VariationProfile(obs_noise_std=0.05, obs_bias=0.02)))
     assert abs(noisy - 0.05) < 0.01
+
+
+def test_sensor_bias_is_estimated_from_telemetry_alone():
+    """Positions integrate velocities: the offset shows in the velocities' sum and cancels in the
+    positions' ends. Under the demo's noisy sensor (std 0.05, offset 0.02) too; 0 on a clean
+    sensor; exact from true states; None where the observations cannot show it (the reacher's angles are cos/sin)."""
+
+    def balancing(profile, keep_state=False):
+        with BatchedStepper("pendulum", 8, nthread=1) as stepper:
+            episodes = stepper.simulate([ScenarioSpec("pendulum", seed=s, profile=profile, max_steps=200) for s in range(8)], lambda obs: np.clip(-(obs @ GAINS), -1, 1))
+        for ep in episodes if not keep_state else []:
+            ep.extras.clear()
+        return episodes
+
+    pendulum = get_task("pendulum")
+    assert abs(estimate_sensor_bias(pendulum, balancing(VariationProfile(obs_noise_std=0.05, obs_bias=0.02))) - 0.02) < 0.005
+    assert estimate_sensor_bias(pendulum, balancing(VariationProfile())) == 0.0
+    assert estimate_sensor_bias(pendulum, balancing(VariationProfile(obs_bias=-0.05), keep_state=True)) == pytest.approx(-0.05, abs=1e-4)
+    assert estimate_sensor_bias(get_task("reacher"), telemetry("reacher", VariationProfile(obs_bias=0.05), 4, 30, keep_state=False)) is None
+    result = calibrate("pendulum", balancing(VariationProfile(obs_noise_std=0.05, obs_bias=0.02)), CalibrationConfig(params=("actuator_strength",), population=8, num_elites=3, iterations=2))
+    assert abs(result.profile.obs_bias - 0.02) < 0.005 and result.identifiable["obs_bias"]

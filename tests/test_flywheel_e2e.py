@@ -1,5 +1,5 @@
 """The whole flywheel, for real: local Ray, the server on loopback, simulated robots uploading
-over HTTP, the Zarr store, world model, scenarios, SAC, gate, signed publish, canary, pull."""
+over HTTP, the Zarr store, world model, scenarios, the model-based learner, gate, signed publish, canary, pull."""
 
 import json
 from pathlib import Path
@@ -18,7 +18,11 @@ TINY = [
     "loop.iterations=2",
     "loop.episodes_per_robot=2",
     "loop.canary_episodes=1",
-    "loop.train_env_steps=1500",
+    "loop.train_env_steps=400",
+    "policy.algorithm.sac.utd_ratio=2",          # the default learner (mbpo_fleet), cheap: this test is about the loop
+    "policy.algorithm.model_train.max_steps=300",
+    "policy.algorithm.retrain_steps=100",
+    "policy.trainer.eval_every=25",
     "loop.wm_rollouts=32",
     "loop.eval_episodes=2",
     "worldmodel.train.max_steps=100",
@@ -59,8 +63,9 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     from policies.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(tmp_path / "run" / "policies" / "iter001")
-    # the learner carried over: iteration 1 continued iteration 0's steps (each rounded up to 8 worlds)
-    assert 2 * 1500 <= meta["algo"]["env_steps"] < 2 * (1500 + 8)
+    # the learner carried over: iteration 1 continued iteration 0's steps (each rounded up to 4 worlds)
+    assert 2 * 400 <= meta["algo"]["sac"]["env_steps"] < 2 * (400 + 4)
+    assert meta["algo"]["retrains"] >= 2 and meta["algo"]["model_spec"]["context_dim"] > 0  # its world model reads each body
 
     store = EpisodeStore.open(StoreConfig(path=str(tmp_path / "run" / "store")))
     snapshot = store.snapshot()

@@ -11,6 +11,7 @@ import torch
 
 from policies.evaluate import evaluate
 from policies.mbpo import MBPO, MBPOConfig, RealLog, default_config
+from policies.networks import gaussian_log_prob
 from policies.sac import SAC, SACConfig
 from policies.trainer import Trainer, TrainerConfig, make_algorithm, make_spec
 from policies.transition import VectorStep
@@ -35,7 +36,7 @@ def test_real_log_keeps_episodes_apart_across_interleaved_worlds():
         rows = np.flatnonzero(data.episode == e)
         assert len({int(o) // 100 for o in data.obs[rows, 0]}) == 1  # one world per episode
         assert list(data.step[rows]) == list(range(len(rows)))
-    obs, action, valid = log.segments(np.ones(12, bool), horizon=3, max_starts=100, rng=np.random.default_rng(0))
+    obs, action, valid, _ = log.segments(np.ones(12, bool), horizon=3, max_starts=100, rng=np.random.default_rng(0))
     for s in range(len(obs)):
         k = int(valid[s].sum())
         assert k >= 1 and (np.diff(obs[s, : k + 1, 0]) == 1).all()  # consecutive steps of one world only
@@ -44,6 +45,37 @@ def test_real_log_keeps_episodes_apart_across_interleaved_worlds():
     copy = RealLog(1, 1)
     copy.load_state_tensors(log.state_tensors())
     assert copy.size == log.size and (copy.view().episode == data.episode).all() and copy.next_episode == log.next_episode
+
+
+def test_every_real_row_carries_its_body_for_the_world_model(one_torch_thread):
+    """Own steps carry their world's profile, handed-in episodes the body profile_of names (nominal
+    if none); the contexts survive a checkpoint; an unconditioned learner stores none."""
+    from sim.batched import BatchedStepper
+    from sim.policy_fn import random_policy
+    from sim.scenario import ScenarioSpec
+
+    bodies = [VariationProfile(), VariationProfile(actuator_strength=0.5)]
+    heavy = VariationProfile(payload_mass=2.0)
+    learner = MBPO(make_spec("pendulum", MBPOConfig()), MBPOConfig(), robot_model="pendulum")
+    learner.set_world_profiles(bodies)
+    obs = np.zeros((2, 4), np.float32)
+    learner.observe(VectorStep(obs, np.zeros((2, 1), np.float32), np.ones(2, np.float32), obs, obs, np.zeros(2, bool), np.zeros(2, bool)))
+    with BatchedStepper("pendulum", 2, nthread=1) as stepper:
+        episodes = stepper.simulate([ScenarioSpec("pendulum", seed=i, max_steps=5) for i in range(2)], random_policy(1, 0))
+    learner.add_offline(episodes[:1], lambda ep: heavy)
+    learner.add_offline(episodes[1:], lambda ep: None)
+    context = learner.real.view().context
+    n0, n1 = episodes[0].num_steps, episodes[1].num_steps
+    np.testing.assert_array_equal(context[:2], np.stack([b.context() for b in bodies]))
+    np.testing.assert_array_equal(context[2 : 2 + n0], np.tile(heavy.context(), (n0, 1)))
+    assert not context[2 + n0 :].any() and len(context) == 2 + n0 + n1
+    copy = RealLog(4, 1, context.shape[1])
+    copy.load_state_tensors(learner.real.state_tensors())
+    np.testing.assert_array_equal(copy.view().context, context)
+    plain = MBPO(make_spec("pendulum", MBPOConfig()), MBPOConfig(condition_on_profile=False), robot_model="pendulum")
+    plain.set_world_profiles(bodies)
+    plain.add_offline(episodes[:1], lambda ep: heavy)
+    assert plain.real.view().context is None
 
 
 def test_the_horizon_is_where_the_measured_error_passes_the_tolerance():
@@ -85,16 +117,21 @@ def test_rollouts_come_from_the_current_policy_at_the_measured_horizon(one_torch
         assert learner.k_step_error[learner.horizon - 1] <= algo.horizon_tolerance or learner.horizon == 1
         model = learner.sac.replay.sources["model"]
         assert model.size > 0
-        # a refill holds the current policy's actions: near its own action at each state, unlike random ones
+        # a refill holds the current stochastic policy's actions: far likelier under it than random ones
         start = model.pos
         learner._refill()
         rows = np.arange(start, model.pos)
         assert len(rows) > 0
         with torch.no_grad():
-            own = learner.policy(torch.from_numpy(model.obs[rows])).numpy()
-        gap = np.abs(model.action[rows] - own).mean()
-        uniform = np.abs(np.random.default_rng(0).uniform(-1, 1, own.shape) - own).mean()
-        assert gap < 0.5 * uniform, (gap, uniform)
+            mean, log_std = learner.policy.actor(learner.policy.normalizer(torch.from_numpy(model.obs[rows])))
+
+        def log_likelihood(action: np.ndarray) -> float:  # of the pre-tanh action under the policy's Gaussian
+            u = torch.atanh(torch.from_numpy(action).clamp(-0.999, 0.999))
+            return float(gaussian_log_prob(mean, log_std, u).mean())
+
+        refill = log_likelihood(model.action[rows])
+        uniform = log_likelihood(np.random.default_rng(0).uniform(-1, 1, model.action[rows].shape).astype(np.float32))
+        assert refill > uniform + 0.5, (refill, uniform)  # nats per action
 
 
 @pytest.mark.slow

@@ -169,3 +169,37 @@ def test_evaluate_counts_success_and_failure_per_profile():
 def test_importing_policies_and_runtime_does_not_import_torch_or_ray():
     code = "import sys, policies, policies.runtime; bad = {'torch', 'ray'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_keep_best_makes_the_best_evaluated_policy_the_result_and_the_learner_goes_on(one_torch_thread):
+    from policies.evaluate import evaluate
+    from policies.trainer import Trainer, TrainerConfig, make_algorithm
+
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainerConfig(algorithm="sac", keep_best=True)
+    profiles = [VariationProfile(), VariationProfile(actuator_strength=0.5)]
+    config = TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=4, total_env_steps=400, eval_every=10, eval_episodes=2, keep_best=True, log_every=0)
+    algo = SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=100)
+    logged = []
+    with Trainer(config, make_algorithm(config, algo), profiles=profiles, log=lambda m, s: logged.append(m)) as trainer:
+        trainer.train()
+        best, latest = trainer.best_policy, trainer.algo.policy
+    scores = [(m["eval/min_profile_return"], m["eval/mean_return"]) for m in logged if "eval/mean_return" in m]
+    assert len(scores) >= 8 and trainer.best_score == max(scores)  # every evaluation competed, the final one too
+    again = evaluate(best, "pendulum", profiles, 2, seed=config.seed)  # the copy is the policy that scored it
+    assert (min(p.mean_return for p in again.profiles), again.mean_return) == trainer.best_score
+    assert best is not latest and not any(p is q for p, q in zip(best.parameters(), latest.parameters()))
+
+
+def test_the_actor_learns_under_the_fleets_noisiest_calibrated_sensor():
+    from fleet.pipeline.steps import robust_to_fleet_sensors
+    from policies.mbpo import MBPOConfig
+
+    fleet = {"a": VariationProfile(), "b": VariationProfile(obs_noise_std=0.04), "c": VariationProfile(obs_noise_std=0.01)}
+    assert robust_to_fleet_sensors(SACConfig(), fleet).actor_obs_noise == pytest.approx(0.04)
+    assert robust_to_fleet_sensors(SACConfig(actor_obs_noise=0.1), fleet).actor_obs_noise == pytest.approx(0.1)  # never below its own
+    nested = robust_to_fleet_sensors(MBPOConfig(), fleet)
+    assert nested.sac.actor_obs_noise == pytest.approx(0.04) and nested.sac.hidden_sizes == MBPOConfig().sac.hidden_sizes
+    assert robust_to_fleet_sensors(SACConfig(), {"a": VariationProfile()}).actor_obs_noise == 0.0
+    with pytest.raises(ValueError, match="actor_obs_noise"):
+        SACConfig(actor_obs_noise=-0.1)

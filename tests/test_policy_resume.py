@@ -91,7 +91,7 @@ def test_every_logged_metric_is_documented(algorithm):
     from pathlib import Path
 
     config, algo_config, _ = CASES[algorithm]
-    config = TrainerConfig(**{**config.__dict__, "eval_every": 2, "eval_episodes": 1, "log_every": 1})
+    config = TrainerConfig(**{**config.__dict__, "eval_every": 2, "eval_episodes": 1, "log_every": 1, "keep_best": True})
     logged: list[tuple[dict, int]] = []
     with Trainer(config, make_algorithm(config, algo_config), profiles=PROFILES, log=lambda m, s: logged.append((m, s))) as trainer:
         trainer.train()

@@ -58,10 +58,13 @@ class ModelSpec:
     obs_dim: int
     act_dim: int
     ensemble: EnsembleConfig = EnsembleConfig()
+    # features of the body each transition came from (sim.variation.VariationProfile.context), an
+    # input besides obs and action, so one model can tell a fleet's bodies apart; 0: unconditioned
+    context_dim: int = 0
 
     @property
     def in_dim(self) -> int:
-        return self.obs_dim + self.act_dim
+        return self.obs_dim + self.act_dim + self.context_dim
 
     @property
     def out_dim(self) -> int:
@@ -193,14 +196,23 @@ class DynamicsEnsemble(nn.Module):
         logvar = self.max_logvar - F.softplus(self.max_logvar - raw_logvar)
         return self.min_logvar + F.softplus(logvar - self.min_logvar)
 
-    def inputs(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """obs (B, obs_dim), action (B, act_dim) -> normalised inputs (K, B, in_dim) (a broadcast view)."""
-        x = self.input_norm.normalize(torch.cat([obs, action], dim=-1))
+    def raw_inputs(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """obs (B, obs_dim), action (B, act_dim), context (B, context_dim) of a conditioned model -> (B, in_dim)."""
+        if (context is None) != (self.spec.context_dim == 0):
+            raise ValueError(
+                f"this world model takes a context of {self.spec.context_dim} features per row; "
+                + ("pass context=" if context is None else "it is unconditioned: pass no context")
+            )
+        return torch.cat([obs, action] if context is None else [obs, action, context.to(obs)], dim=-1)
+
+    def inputs(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """obs (B, obs_dim), action (B, act_dim)[, context] -> normalised inputs (K, B, in_dim) (a broadcast view)."""
+        x = self.input_norm.normalize(self.raw_inputs(obs, action, context))
         return x.unsqueeze(0).expand(self.ensemble_size, -1, -1)
 
-    def predict(self, obs: torch.Tensor, action: torch.Tensor) -> Prediction:
-        """Every member's prediction for obs (B, obs_dim), action (B, act_dim), in raw units."""
-        mean, logvar, term_logit = self(self.inputs(obs, action))
+    def predict(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> Prediction:
+        """Every member's prediction for obs (B, obs_dim), action (B, act_dim)[, context (B, context_dim)], in raw units."""
+        mean, logvar, term_logit = self(self.inputs(obs, action, context))
         std_norm = torch.exp(0.5 * logvar)
         raw_mean = self.output_norm.denormalize(mean)
         raw_std = std_norm * self.output_norm.std
@@ -215,13 +227,13 @@ class DynamicsEnsemble(nn.Module):
         )
 
     @torch.no_grad()
-    def disagreement(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def disagreement(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) disagreement of all members at obs (B, obs_dim), action (B, act_dim); see :func:`disagreement`."""
-        return disagreement(self.predict(obs, action).norm_delta_mean)
+        return disagreement(self.predict(obs, action, context).norm_delta_mean)
 
     @torch.no_grad()
-    def mean_step(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mean_step(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Deterministic step: the elites' average mean. Returns next_obs (B, obs_dim), reward (B,)."""
-        pred = self.predict(obs, action)
+        pred = self.predict(obs, action, context)
         elites = self.elites
         return obs + pred.delta_mean[elites].mean(0), pred.reward_mean[elites].mean(0)

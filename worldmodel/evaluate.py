@@ -50,13 +50,15 @@ class LinearDynamics:
         return (obs + delta).astype(np.float32)
 
 
-def ensemble_step_fn(model: DynamicsEnsemble) -> StepFn:
-    """The ensemble's deterministic step (elite-mean) as a numpy StepFn."""
+def ensemble_step_fn(model: DynamicsEnsemble, context: np.ndarray | None = None) -> StepFn:
+    """The ensemble's deterministic step (elite-mean) as a numpy StepFn; a conditioned model takes
+    ``context`` (B, context_dim), one row per row of every call's obs."""
+    ctx = None if context is None else torch.as_tensor(context, device=model.device)
 
     def step(obs: np.ndarray, action: np.ndarray) -> np.ndarray:
         o = torch.as_tensor(obs, device=model.device)
         a = torch.as_tensor(action, device=model.device)
-        return model.mean_step(o, a)[0].float().cpu().numpy()
+        return model.mean_step(o, a, ctx)[0].float().cpu().numpy()
 
     return step
 

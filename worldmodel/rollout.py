@@ -106,18 +106,32 @@ def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Cal
 
 
 @torch.no_grad()
-def model_rollout(model: DynamicsEnsemble, start_obs: np.ndarray | torch.Tensor, policy: Policy, config: RolloutConfig = RolloutConfig()) -> RolloutBatch:
-    """Roll ``policy`` out in the model from every row of ``start_obs`` (N, obs_dim); see the module docstring."""
+def model_rollout(
+    model: DynamicsEnsemble,
+    start_obs: np.ndarray | torch.Tensor,
+    policy: Policy,
+    config: RolloutConfig = RolloutConfig(),
+    context: np.ndarray | torch.Tensor | None = None,
+) -> RolloutBatch:
+    """Roll ``policy`` out in the model from every row of ``start_obs`` (N, obs_dim); see the module
+    docstring. A context-conditioned model takes ``context`` (N, context_dim): rollout i stays in the body
+    of row i (the policy sees only the observation)."""
     start = torch.as_tensor(start_obs, dtype=torch.float32, device=model.device)
     if start.ndim != 2 or start.shape[1] != model.spec.obs_dim:
         raise ValueError(f"start_obs must be (N, {model.spec.obs_dim}), got {tuple(start.shape)}")
     if not torch.isfinite(start).all():
         raise ValueError("start_obs contains NaN or Inf")
+    ctx = None if context is None else torch.as_tensor(context, dtype=torch.float32, device=model.device)
+    if ctx is not None and ctx.shape != (len(start), model.spec.context_dim):
+        raise ValueError(f"context must be (N, {model.spec.context_dim}) = {(len(start), model.spec.context_dim)}, got {tuple(ctx.shape)}")
     act = _policy_on_device(policy, model.device, model.spec.act_dim)
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
     was_training = model.training
     model.eval()
-    parts = [_rollout_chunk(model, start[i : i + config.chunk_size], act, config, gen) for i in range(0, len(start), config.chunk_size)]
+    parts = [
+        _rollout_chunk(model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], act, config, gen)
+        for i in range(0, len(start), config.chunk_size)
+    ]
     model.train(was_training)
     return RolloutBatch(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(RolloutBatch)})
 
@@ -129,7 +143,7 @@ def _members(model: DynamicsEnsemble, which: str) -> tuple[torch.Tensor | None, 
     return None, model.elites
 
 
-def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, act, config: RolloutConfig, gen: torch.Generator) -> RolloutBatch:
+def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, context: torch.Tensor | None, act, config: RolloutConfig, gen: torch.Generator) -> RolloutBatch:
     dev, n, h = model.device, start.shape[0], config.horizon
     o_dim, a_dim = model.spec.obs_dim, model.spec.act_dim
     members, elite_pos = _members(model, config.disagreement_members)
@@ -149,7 +163,7 @@ def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, act, config: Ro
         if len(live) == 0:
             break
         a = act(cur)
-        x = model.input_norm.normalize(torch.cat([cur, a], dim=-1))
+        x = model.input_norm.normalize(model.raw_inputs(cur, a, None if context is None else context[live]))
         mean, raw_logvar, logit = model.forward_members(x, members)
         dis = disagreement(mean[..., :o_dim])
         pick = elite_pos[torch.randint(len(elite_pos), (len(live),), generator=gen, device=dev)]

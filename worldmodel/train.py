@@ -81,13 +81,17 @@ def _tensors(model: DynamicsEnsemble, data: Transitions, device: torch.device):
     obs = torch.as_tensor(data.obs, device=device)
     act = torch.as_tensor(data.action, device=device)
     target = torch.cat([torch.as_tensor(data.next_obs - data.obs, device=device), torch.as_tensor(data.reward, device=device)[:, None]], 1)
-    x = model.input_norm.normalize(torch.cat([obs, act], 1))
+    ctx = None if data.context is None else torch.as_tensor(data.context, device=device)
+    x = model.input_norm.normalize(model.raw_inputs(obs, act, ctx))
     y = model.output_norm.normalize(target)
     return x, y, torch.as_tensor(data.terminated, device=device, dtype=torch.float32)
 
 
 def _fit_statistics(model: DynamicsEnsemble, data: Transitions) -> None:
-    model.input_norm.fit(np.concatenate([data.obs, data.action], 1))
+    model.input_norm.fit(data.model_inputs())
+    if data.context_dim:  # context features are bounded by design: kept as they are, so a body first seen later is no outlier
+        model.input_norm.mean[-data.context_dim :] = 0.0
+        model.input_norm.std[-data.context_dim :] = 1.0
     model.output_norm.fit(np.concatenate([data.next_obs - data.obs, data.reward[:, None]], 1))
 
 
@@ -161,16 +165,18 @@ def fit_transitions(
     started = time.perf_counter()
     set_cpu_threads(config.num_threads)
     device = resolve_device(config.device)
-    obs_dim, act_dim = train.obs_dim, train.act_dim
+    obs_dim, act_dim, context_dim = train.obs_dim, train.act_dim, train.context_dim
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"need training and validation transitions, got {len(train)} and {len(val)}")
+    if val.context_dim != context_dim:
+        raise ValueError(f"training transitions have {context_dim} context features, validation {val.context_dim}")
     if model is None:
-        model = DynamicsEnsemble(ModelSpec(robot, obs_dim, act_dim, ensemble), seed=config.seed)
+        model = DynamicsEnsemble(ModelSpec(robot, obs_dim, act_dim, ensemble, context_dim), seed=config.seed)
         _fit_statistics(model, train)
-    elif (model.spec.robot, model.spec.obs_dim, model.spec.act_dim) != (robot, obs_dim, act_dim):
+    elif (model.spec.robot, model.spec.obs_dim, model.spec.act_dim, model.spec.context_dim) != (robot, obs_dim, act_dim, context_dim):
         raise ValueError(
-            f"cannot continue training a world model of {(model.spec.robot, model.spec.obs_dim, model.spec.act_dim)} "
-            f"on episodes of (robot, obs_dim, act_dim)={(robot, obs_dim, act_dim)}"
+            f"cannot continue training a world model of {(model.spec.robot, model.spec.obs_dim, model.spec.act_dim, model.spec.context_dim)} "
+            f"on transitions of (robot, obs_dim, act_dim, context_dim)={(robot, obs_dim, act_dim, context_dim)}"
         )
     model = model.to(device)
     _widen_envelope(model, train)

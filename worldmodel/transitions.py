@@ -20,7 +20,8 @@ class Transitions:
     """M transitions, flat over episodes.
 
     obs (M, obs_dim) f32, action (M, act_dim) f32, next_obs (M, obs_dim) f32, reward (M,) f32,
-    terminated (M,) bool, episode (M,) int64 index into the source list, step (M,) int64.
+    terminated (M,) bool, episode (M,) int64 index into the source list, step (M,) int64;
+    context (M, C) f32 features of each transition's body (a conditioned model's extra input), or None.
     """
 
     obs: np.ndarray
@@ -30,6 +31,7 @@ class Transitions:
     terminated: np.ndarray
     episode: np.ndarray
     step: np.ndarray
+    context: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
@@ -41,6 +43,14 @@ class Transitions:
     @property
     def act_dim(self) -> int:
         return int(self.action.shape[1])
+
+    @property
+    def context_dim(self) -> int:
+        return 0 if self.context is None else int(self.context.shape[1])
+
+    def model_inputs(self) -> np.ndarray:
+        """(M, obs_dim + act_dim + context_dim): what a world model reads."""
+        return np.concatenate([self.obs, self.action] + ([] if self.context is None else [self.context]), 1)
 
 
 def check_compatible(episodes: Sequence[Episode]) -> tuple[str, int, int]:

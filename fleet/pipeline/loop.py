@@ -50,6 +50,7 @@ class LoopSettings:
     wm_rollouts: int
     train_env_steps: int
     synthetic_action_noise: float
+    robust_to_sensor_noise: bool
     gate: dict
     seed: int
 
@@ -173,11 +174,14 @@ class Flywheel:
         record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
 
-        with self.progress.task(f"iteration {k}: train policy (SAC)"):
+        with self.progress.task(f"iteration {k}: train policy ({cfg.policy.trainer.algorithm})"):
             trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
+            algo_cfg = instantiate(cfg.policy.algorithm)
+            if s.robust_to_sensor_noise:
+                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles)
             trained = steps.train_policy(
-                trainer_cfg, instantiate(cfg.policy.algorithm), {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
-                list(profiles.values()), Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
+                trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
+                profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
                 lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()}, step),
             )
             export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"

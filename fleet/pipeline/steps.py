@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -83,13 +84,13 @@ def train_policy(
     trainer_cfg,
     algo_cfg,
     data: dict[str, list[Episode]],
-    profiles: Sequence[VariationProfile],
+    profiles: dict[str, VariationProfile],
     warm_start: Path | None,
     out_dir: Path,
     log: LogFn | None,
 ) -> TrainedPolicy:
     """The policy learner (SAC or the model-based learner) on the fleet's data (``data``: source ->
-    episodes) plus online MuJoCo on ``profiles``, continuing the learner checkpointed at ``warm_start`` (the
+    episodes) plus online MuJoCo on ``profiles`` (robot id -> its calibrated profile), continuing the learner checkpointed at ``warm_start`` (the
     previous candidate, promoted or not): its networks, optimisers, temperature, online replay and
     step counters carry over (no second warm-up); the offline sources are this snapshot's."""
     from policies.checkpoint import load_checkpoint
@@ -105,12 +106,30 @@ def train_policy(
     if warm_start is not None:
         tensors, meta = load_checkpoint(warm_start)
         algorithm.continue_from(tensors, meta["algo"])
-    if trainer_cfg.algorithm == "mbpo":
-        algorithm.add_offline(offline)
-    with Trainer(trainer_cfg, algorithm, profiles=list(profiles), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg) as trainer:
+    if trainer_cfg.algorithm == "mbpo":  # its world model reads each episode's body: the robot's calibrated profile, the scenario's
+        algorithm.add_offline(offline, functools.partial(episode_profile, profiles))
+    with Trainer(trainer_cfg, algorithm, profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg) as trainer:
         result = trainer.train()
-        checkpoint = trainer.save(out_dir)
-        return TrainedPolicy(trainer.algo.policy, checkpoint, result.env_steps, result.metrics)
+        checkpoint = trainer.save(out_dir)  # the learner's latest state: the next iteration continues it
+        candidate = trainer.best_policy if trainer.best_policy is not None else trainer.algo.policy  # keep_best: the best-evaluated
+        return TrainedPolicy(candidate, checkpoint, result.env_steps, result.metrics)
+
+
+def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):
+    """``algo_cfg`` (SAC's, or the model-based learner's around it) whose actor trains on observations
+    as noisy as the noisiest calibrated sensor of the fleet (at least its configured noise)."""
+    worst = max((p.obs_noise_std for p in profiles.values()), default=0.0)
+    sac = getattr(algo_cfg, "sac", algo_cfg)
+    robust = dataclasses.replace(sac, actor_obs_noise=max(sac.actor_obs_noise, float(worst)))
+    return dataclasses.replace(algo_cfg, sac=robust) if sac is not algo_cfg else robust
+
+
+def episode_profile(profiles: dict[str, VariationProfile], episode: Episode) -> VariationProfile | None:
+    """The body an episode was recorded on: its robot's calibrated profile, or its scenario's; None if unknown."""
+    if episode.robot_id in profiles:
+        return profiles[episode.robot_id]
+    scenario = episode.json_metadata("scenario")
+    return VariationProfile.from_dict(scenario["profile"]) if "profile" in scenario else None
 
 
 def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, list[float]]:
