@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import struct
 import uuid
 from collections.abc import Mapping
@@ -53,6 +55,13 @@ JSON_METADATA = ("hardware", "calibration", "scenario")
 OPTIONAL_METADATA = (*JSON_METADATA, "model_version")
 USER_METADATA_PREFIX = "x."
 MAX_HEADER_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32  # nesting a header or a JSON metadata value may have (a safetensors header needs 3)
+MAX_TENSOR_DIMS = 8
+ROBOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ROBOT_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit (no spaces or control characters)"
+_JSON_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, unrolled (linear time)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+MAX_DIM = 1 << 40  # per axis: shapes are checked in exact integer arithmetic, never in wrapping int64
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F64": np.float64, "BOOL": np.bool_, "U8": np.uint8, "F16": np.float16}
 
 
@@ -225,10 +234,7 @@ def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], 
         raise EpisodeValidationError(
             "<header>", f"declared header length {header_len} exceeds the body ({len(buf)} bytes) or the {MAX_HEADER_BYTES}-byte limit"
         )
-    try:
-        header = json.loads(bytes(buf[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EpisodeValidationError("<header>", f"not valid JSON ({exc.__class__.__name__}): not a safetensors file") from None
+    header = loads_bounded(bytes(buf[8 : 8 + header_len]), "<header>")
     if not isinstance(header, dict):
         raise EpisodeValidationError("<header>", "header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -240,16 +246,16 @@ def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], 
     for name, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise EpisodeValidationError(name, "tensor entry needs exactly dtype, shape and data_offsets")
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise EpisodeValidationError(name, f"unsupported dtype {info['dtype']!r} (allowed: {sorted(_SAFETENSORS_DTYPES)})")
+            raise EpisodeValidationError(name, f"unsupported dtype {str(info['dtype'])[:100]!r} (allowed: {sorted(_SAFETENSORS_DTYPES)})")
         shape, offsets = info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise EpisodeValidationError(name, f"bad shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise EpisodeValidationError(name, f"bad data_offsets {offsets!r}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(type(s) is int and 0 <= s <= MAX_DIM for s in shape)):
+            raise EpisodeValidationError(name, f"bad shape {str(shape)[:200]}: at most {MAX_TENSOR_DIMS} axes of 0..{MAX_DIM}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise EpisodeValidationError(name, f"bad data_offsets {str(offsets)[:200]}")
         start, end = offsets
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # exact: Python integers do not wrap
         if not 0 <= start <= end <= len(body) or end - start != nbytes:
             raise EpisodeValidationError(
                 name, f"declared size {nbytes} bytes at offsets {offsets} does not match the {len(body)}-byte data section"
@@ -266,6 +272,22 @@ def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], 
     return arrays, dict(metadata)
 
 
+def loads_bounded(text: str | bytes, field: str):
+    """``json.loads`` of untrusted text whose nesting is at most MAX_JSON_DEPTH; any fault is an
+    EpisodeValidationError naming ``field`` (never a RecursionError from a deeply nested document)."""
+    try:
+        raw = text.decode() if isinstance(text, bytes) else text
+    except UnicodeDecodeError:
+        raise EpisodeValidationError(field, "not valid JSON (not UTF-8)") from None
+    brackets = np.frombuffer(_NOT_BRACKETS.sub("", _JSON_STRINGS.sub('""', raw)).encode(), np.uint8)  # strings cannot nest
+    if len(brackets) and int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max()) > MAX_JSON_DEPTH:
+        raise EpisodeValidationError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__})") from None
+
+
 def _validate_metadata(meta: Mapping[str, str]) -> None:
     for key in REQUIRED_METADATA:
         if key not in meta:
@@ -276,6 +298,8 @@ def _validate_metadata(meta: Mapping[str, str]) -> None:
         raise EpisodeValidationError(
             "schema_version", f"unknown schema version {meta['schema_version']!r}; this build reads {SCHEMA_VERSION!r}"
         )
+    if not ROBOT_ID.fullmatch(meta["robot_id"]):
+        raise EpisodeValidationError("robot_id", f"{meta['robot_id'][:80]!r} is not a robot id: {ROBOT_ID_RULE}")
     if meta["source"] not in SOURCES:
         raise EpisodeValidationError("source", f"{meta['source']!r} is not one of {SOURCES}")
     try:
@@ -293,9 +317,9 @@ def _validate_metadata(meta: Mapping[str, str]) -> None:
             raise EpisodeValidationError(key, "must be a string")
         if key in JSON_METADATA:
             try:
-                json.loads(value)
-            except json.JSONDecodeError:
-                raise EpisodeValidationError(key, "must be a JSON string") from None
+                loads_bounded(value, key)
+            except EpisodeValidationError as exc:
+                raise EpisodeValidationError(key, f"must be a JSON string: {exc.reason}") from None
 
 
 def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> None:

@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,96 @@ def test_permanently_refused_episode_is_set_aside_and_the_queue_moves_on(tmp_pat
     reason = json.loads(Path(f"{rejected}.reason.json").read_text())
     assert reason["status"] == 400 and reason["error"] == "not_safetensors"
     assert good.episode_id in EpisodeStore.open(store_cfg).snapshot()
+
+
+class _FailsOn:
+    """A loopback HTTP server that answers 500 to uploads whose bytes contain ``poison`` (all when
+    None) and 201 to the rest, recording each episode id it accepted, in order."""
+
+    def __init__(self, poison: bytes | None, status: int = 500, headers: dict | None = None):
+        accepted = self.accepted = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                extra = {}
+                if poison is None or poison in body:
+                    code, reply, extra = status, b'{"error": "internal", "field": null, "reason": "boom"}', headers or {}
+                else:
+                    accepted.append(Episode.from_bytes(body).episode_id)
+                    code, reply = 201, b"{}"
+                self.send_response(code)
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_episode_the_server_fails_on_does_not_block_the_ones_behind_it(tmp_path, tokens):
+    """No head-of-line blocking: the oldest episode always gets a 500; the newer ones upload in order
+    meanwhile, and after max_attempts (with others accepted since) it is set aside with the answer."""
+    poison_ep, others = make(100), [make(i) for i in range(5)]
+    server = _FailsOn(poison_ep.episode_id.encode())
+    cfg = AgentConfig(server_url=server.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.01, backoff_max_s=0.05, max_attempts=4)
+    agent = RobotAgent(cfg, "robot-a", token="t")
+    agent.submit(poison_ep)  # oldest first in the queue
+    for ep in others:
+        agent.submit(ep)
+    agent.start()
+    try:
+        assert agent.wait_drained(30), agent.status()
+    finally:
+        agent.stop()
+        server.close()
+    status = agent.status()
+    assert server.accepted == [ep.episode_id for ep in others]  # all of them, oldest first, past the failing one
+    assert status["created"] == 5 and status["set_aside"] == 1 and status["rejected"] == 0 and status["queue_depth"] == 0
+    (aside,) = agent.spool.rejected()
+    reason = json.loads(Path(f"{aside}.reason.json").read_text())
+    attempts = int(reason["set_aside"].split()[1])  # "failed N times while other episodes were accepted"
+    assert reason["status"] == 500 and attempts >= 4 and "other episodes were accepted" in reason["set_aside"] and poison_ep.episode_id in aside.name
+
+
+def test_a_server_that_fails_everything_sets_nothing_aside(tmp_path, tokens):
+    server = _FailsOn(None)
+    cfg = AgentConfig(server_url=server.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.01, backoff_max_s=0.02, max_attempts=2)
+    agent = RobotAgent(cfg, "robot-a", token="t")
+    for i in range(3):
+        agent.submit(make(i))
+    agent.start()
+    try:
+        wait_for(lambda: agent.status()["failed_attempts"] >= 12)
+    finally:
+        agent.stop()
+        server.close()
+    status = agent.status()
+    assert status["set_aside"] == 0 and status["queue_depth"] == 3 and "HTTP 500" in status["last_error"]  # down, not the episodes
+
+
+def test_the_agent_waits_as_long_as_the_servers_retry_after(tmp_path):
+    server = _FailsOn(None, status=429, headers={"Retry-After": "3"})
+    agent = RobotAgent(AgentConfig(server_url=server.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.01, backoff_max_s=10.0), "robot-a", token="t")
+    agent.submit(make(1))
+    try:
+        assert agent.uploader.upload_once() == "retry"
+        assert agent.uploader.backoff_s() >= 3.0  # not its own 0.01 s backoff
+    finally:
+        agent.stop()
+        server.close()
+    assert agent.status()["queue_depth"] == 1 and agent.status()["set_aside"] == 0
 
 
 def test_flywheel_robot_app_records_spools_and_uploads(tmp_path, tokens):

@@ -4,6 +4,7 @@ its reason (and nothing stored), good uploads never refused, idempotency, listin
 import socket
 import struct
 import threading
+import time
 import uuid
 
 import httpx
@@ -33,7 +34,8 @@ def fleet(tmp_path_factory):
         "publisher": add_token(tokens, "publisher"),
     }
     store_cfg = StoreConfig(path=str(root / "store"), chunk_rows=256, index_rows=8)
-    handle = serve(ServerConfig(port=0, token_file=str(tokens), max_body_bytes=LIMIT), store_cfg)
+    # 16 uploads of one token in flight: a test below sends 9 at once (test_upload_limits_answer_429 checks the limit)
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), max_body_bytes=LIMIT, max_concurrent_uploads=16), store_cfg)
     client = httpx.Client(base_url=handle.url, timeout=30)
     yield {"url": handle.url, "tok": tok, "client": client, "store_cfg": store_cfg}
     client.close()
@@ -66,6 +68,12 @@ def raw(drop=(), arrays=None, meta=None) -> bytes:
     return encode_safetensors(a, m)
 
 
+def framed(header: bytes) -> bytes:
+    """A safetensors file with this header and no tensor data."""
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
 def _valid() -> bytes:
     return make(seed=3).to_bytes()
 
@@ -91,6 +99,12 @@ BAD = {
     "bad_source": (raw(meta={"source": "mars"}), 422, "bad_metadata", "source"),
     "bad_episode_id": (raw(meta={"episode_id": "not-a-uuid"}), 422, "bad_metadata", "episode_id"),
     "other_robot": (make("r1").to_bytes(), 403, "robot_id_mismatch", "robot_id"),
+    # hostile headers that once answered 500: nesting past the JSON parser's recursion limit, and a
+    # shape whose element count wraps int64 (and one whose empty product hides an axis numpy cannot hold)
+    "deep_header": (framed(b"[" * 50_000 + b"]" * 50_000), 400, "bad_header", "<header>"),
+    "deep_metadata": (raw(meta={"hardware": "[" * 50_000 + "]" * 50_000}), 422, "bad_metadata", "hardware"),
+    "wrapping_shape": (framed(b'{"reward":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'), 400, "size_mismatch", "reward"),
+    "huge_empty_shape": (framed(b'{"reward":{"dtype":"F32","shape":[0,4611686018427387904],"data_offsets":[0,0]}}'), 400, "bad_header", "reward"),
 }
 
 
@@ -240,5 +254,79 @@ def test_extra_routes_share_the_servers_tokens(tmp_path):
     try:
         assert httpx.get(f"{handle.url}/v1/whoami", headers=auth(op)).json() == {"role": "operator"}
         assert httpx.get(f"{handle.url}/v1/whoami").status_code == 401  # ApiError from a mounted route is answered as JSON
+    finally:
+        handle.stop()
+
+
+def raw_request(fleet, head: str) -> tuple[int, dict]:
+    """Send hand-written request bytes; the status and JSON body of the answer."""
+    host, port = fleet["url"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head.replace("TOKEN", fleet["tok"]["r0"]).encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ")[1]), __import__("json").loads(body)
+
+
+@pytest.mark.parametrize(
+    "head, status, error",
+    [
+        ("POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nContent-Length: abc\r\n\r\n", 400, "bad_http_request"),
+        ("POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n12345", 400, "bad_http_request"),
+        ("POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", 400, "ambiguous_framing"),
+        ("GET /v1/episodes?limit=abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nConnection: close\r\n\r\n", 400, "bad_query"),
+        ("NOT-HTTP\r\n\r\n", 400, "bad_http_request"),
+    ],
+)
+def test_malformed_http_is_refused_in_the_documented_shape(fleet, head, status, error):
+    """Refusals by the HTTP layer and the framework's parameter checks answer {"error", "field", "reason"} too;
+    Content-Length with Transfer-Encoding (request smuggling behind a proxy) is refused, not guessed."""
+    before = stored_count(fleet)
+    got, body = raw_request(fleet, head)
+    assert (got, body["error"]) == (status, error) and body["reason"] and "field" in body
+    assert stored_count(fleet) == before
+
+
+def test_robot_ids_are_a_documented_character_set_and_bearer_is_case_insensitive(fleet, tmp_path):
+    for bad in ("robot\x1b[31m", "r0\r\nX-Injected: 1", "", "-leading-dash", "x" * 65, "robot 7"):
+        with pytest.raises(ValueError, match="robot id|needs robot_id"):
+            add_token(tmp_path / "t.json", "robot", bad)
+    r = post(fleet, raw(meta={"robot_id": "r0\x1b[2J"}))
+    assert r.status_code == 422 and r.json()["field"] == "robot_id" and "not a robot id" in r.json()["reason"]
+    for scheme in ("bearer", "BEARER"):
+        got = fleet["client"].get("/v1/episodes", headers={"Authorization": f"{scheme} {fleet['tok']['operator']}"})
+        assert got.status_code == 200, got.text
+
+
+def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path):
+    """Per token: uploads in flight and a rate are bounded (429 + Retry-After, nothing stored); a body
+    that does not arrive in time is cut off (408); another robot's token is not affected."""
+    tokens = tmp_path / "tokens.json"
+    tok = {r: add_token(tokens, "robot", r) for r in ("r0", "r1")} | {"operator": add_token(tokens, "operator")}
+    config = ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=1, upload_rate_per_s=0.5, upload_burst=3, body_timeout_s=1.0)
+    handle = serve(config, StoreConfig(path=str(tmp_path / "store")))
+    host, port = handle.url.removeprefix("http://").split(":")
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            send = lambda r, seed: client.post("/v1/episodes", content=make(r, seed=seed).to_bytes(), headers=auth(tok[r]))  # noqa: E731
+            # one upload in flight: its headers are sent, its body is not (yet)
+            slow = socket.create_connection((host, int(port)), timeout=10)
+            slow.sendall(f"POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok['r0']}\r\nContent-Length: 1000\r\n\r\n".encode())
+            time.sleep(0.2)
+            busy = send("r0", 1)
+            assert busy.status_code == 429 and busy.json()["error"] == "too_many_uploads" and busy.headers["retry-after"] == "1"
+            assert send("r1", 2).status_code == 201  # another token is not held up
+            data = b""
+            while chunk := slow.recv(4096):
+                data += chunk
+            slow.close()
+            assert data.startswith(b"HTTP/1.1 408") and b'"body_timeout"' in data  # the slow body was cut off after 1 s
+            assert [send("r0", 10 + i).status_code for i in range(2)] == [201, 201]  # the burst of 3: one spent by the slow upload
+            limited = send("r0", 20)
+            assert limited.status_code == 429 and limited.json()["error"] == "rate_limited" and int(limited.headers["retry-after"]) >= 1
+            listed = client.get("/v1/episodes", headers=auth(tok["operator"])).json()["total"]
+            assert listed == 3  # r1's one and r0's two: nothing refused was stored
     finally:
         handle.stop()

@@ -35,6 +35,7 @@ class RobotAgent:
             backoff_max_s=config.backoff_max_s,
             request_timeout_s=config.request_timeout_s,
             status_interval_s=config.status_interval_s,
+            max_attempts=config.max_attempts,
             on_ack=on_ack,
             seed=seed,
         )
@@ -50,7 +51,7 @@ class RobotAgent:
         self.spool.put(episode.to_bytes(), episode.episode_id)
 
     def status(self) -> dict:
-        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, evicted, failed_attempts, last_error."""
+        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted, failed_attempts, last_error."""
         return {
             "robot_id": self.robot_id,
             "queue_depth": self.spool.depth,

@@ -15,7 +15,8 @@ class AgentConfig:
     (never in the config: Hydra writes configs to disk). spool_dir: parent of the per-robot
     spool ``<spool_dir>/<robot_id>``. spool_max_bytes: spool bound; the oldest episodes are
     evicted beyond it. backoff_*: retry delays after a failed upload (exponential, jittered).
-    status_interval_s: how often the uploader logs the queue depth.
+    status_interval_s: how often the uploader logs the queue depth. max_attempts: an episode the
+    server keeps failing on (5xx) while it accepts others is set aside after this many tries.
     """
 
     server_url: str = "http://127.0.0.1:8700"
@@ -27,10 +28,13 @@ class AgentConfig:
     backoff_max_s: float = 30.0
     request_timeout_s: float = 30.0
     status_interval_s: float = 10.0
+    max_attempts: int = 8  # 5xx answers to one episode, while others are accepted, before it is set aside
 
     def __post_init__(self):
         if self.spool_max_bytes < 1:
             raise ValueError(f"spool_max_bytes must be >= 1, got {self.spool_max_bytes}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {self.backoff_initial_s}, {self.backoff_max_s}")
 

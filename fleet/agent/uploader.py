@@ -4,7 +4,14 @@ Per server answer (docs/protocol.md):
     201 created, 200 duplicate         acknowledged: the spool file is deleted
     400, 409, 413, 422                 refused for good: moved to spool/rejected/ with the reason
     401, 403, 404, other 4xx           configuration problem (token, URL): kept, retried slowly
+    429, 503 with Retry-After          kept; the next attempt waits at least Retry-After
     5xx, timeouts, connection errors   kept, retried with backoff (server down, restarting, busy)
+
+No head-of-line blocking: an episode the server answers 5xx waits out its own backoff while
+newer episodes go ahead. Once other uploads have been acknowledged since its first failure (so
+the server works, and it is this episode it fails on), an episode that has failed
+``max_attempts`` times is set aside in spool/rejected/ with its last answer and counted
+(``set_aside``). A server that fails everything sets nothing aside: it is down, not the episode.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class Uploader:
         backoff_max_s: float = 30.0,
         request_timeout_s: float = 30.0,
         status_interval_s: float = 10.0,
+        max_attempts: int = 8,
         on_ack: Callable[[str, str], None] | None = None,
         seed: int | None = None,
     ):
@@ -51,18 +59,35 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0  # consecutive failed attempts
-        self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "failed_attempts": 0}
+        self.max_attempts = max_attempts
+        self._blame: dict[str, list] = {}  # episode id -> [5xx answers, acks when it first failed, not before (monotonic)]
+        self._acks = 0
+        self._retry_after = 0.0  # the server's last Retry-After (s)
+        self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "set_aside": 0, "failed_attempts": 0}
         self.last_error: str | None = None
 
     # -- one attempt ------------------------------------------------------------------
+    def _next(self) -> SpoolEntry | None | str:
+        """The oldest spooled episode not waiting out its own backoff; "waiting" if all are."""
+        entries, now = self.spool.entries(), time.monotonic()
+        for entry in entries:
+            blame = self._blame.get(entry.episode_id)
+            if blame is None or blame[2] <= now:
+                return entry
+        return "waiting" if entries else None
+
     def upload_once(self) -> str:
-        """Try the oldest spooled episode once: "empty", "acked", "rejected" or "retry"."""
-        entry = self.spool.oldest()
+        """Try the oldest eligible spooled episode once: "empty", "acked", "rejected", "set_aside" or "retry"."""
+        entry = self._next()
         if entry is None:
             return "empty"
+        if entry == "waiting":
+            return "retry"
         data = self.spool.read(entry)
-        if data is None:  # evicted between oldest() and read(): try the next one
+        if data is None:  # evicted between listing and read(): try the next one
+            self._blame.pop(entry.episode_id, None)
             return self.upload_once()
+        self._retry_after = 0.0
         try:
             response = self._client.post(f"{self.server_url}/v1/episodes", content=data)
         except httpx.HTTPError as exc:
@@ -70,18 +95,37 @@ class Uploader:
         if response.status_code in (200, 201):
             status = "created" if response.status_code == 201 else "duplicate"
             self.spool.remove(entry)
+            self._blame.pop(entry.episode_id, None)
             self.stats[status] += 1
-            self._failures = 0
+            self._failures, self._acks = 0, self._acks + 1
             if self.on_ack is not None:
                 self.on_ack(entry.episode_id, status)
             return "acked"
         body = _json_or_text(response)
         if response.status_code in PERMANENT:
             self.spool.reject(entry, {"status": response.status_code, **body})
+            self._blame.pop(entry.episode_id, None)
             self.stats["rejected"] += 1
             log.error("server refused episode %s for good (%d %s); moved to %s", entry.episode_id, response.status_code, body, self.spool.rejected_dir)
             return "rejected"
+        self._retry_after = _retry_after_s(response)
+        if response.status_code >= 500 and response.status_code != 503:  # the server failed on this episode: blame it
+            return self._blamed(entry, response.status_code, body)
         return self._failed(entry, f"HTTP {response.status_code}: {body}")
+
+    def _blamed(self, entry: SpoolEntry, status: int, body: dict) -> str:
+        blame = self._blame.setdefault(entry.episode_id, [0, self._acks, 0.0])
+        blame[0] += 1
+        if blame[0] >= self.max_attempts and self._acks > blame[1]:  # others got through: it is this episode
+            self.spool.reject(entry, {"status": status, **body, "set_aside": f"failed {blame[0]} times while other episodes were accepted"})
+            del self._blame[entry.episode_id]
+            self.stats["set_aside"] += 1
+            self.stats["failed_attempts"] += 1
+            log.error("episode %s set aside after %d failed uploads (%d %s); moved to %s", entry.episode_id, blame[0], status, body, self.spool.rejected_dir)
+            return "set_aside"
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(blame[0] - 1, 30))
+        blame[2] = time.monotonic() + delay * self._rng.uniform(0.5, 1.0)
+        return self._failed(entry, f"HTTP {status}: {body}")
 
     def _failed(self, entry: SpoolEntry, message: str) -> str:
         self._failures += 1
@@ -91,11 +135,12 @@ class Uploader:
         return "retry"
 
     def backoff_s(self) -> float:
-        """Delay before the next attempt after ``self._failures`` consecutive failures."""
+        """Delay before the next attempt after ``self._failures`` consecutive failures (at least the
+        server's Retry-After, at most backoff_max_s; a wait for one episode's own backoff: short)."""
         if self._failures == 0:
-            return 0.0
+            return min(self.backoff_initial_s, 0.1) if self._blame else 0.0
         base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._failures - 1, 30))
-        return base * self._rng.uniform(0.5, 1.0)
+        return max(base * self._rng.uniform(0.5, 1.0), min(self._retry_after, self.backoff_max_s))
 
     # -- background thread ------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +168,14 @@ class Uploader:
                 self.spool.changed.clear()
             elif outcome == "retry":
                 self._stop.wait(self.backoff_s())
+
+
+def _retry_after_s(response: httpx.Response) -> float:
+    """The Retry-After header in seconds (delta-seconds form; 0 when absent or not a number)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0
 
 
 def _json_or_text(response: httpx.Response) -> dict:

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -29,6 +30,7 @@ from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
 from fleet.server.errors import ApiError, from_validation
+from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
 from fleet.store.reader import StoreSnapshot
 from fleet.store.writer import EpisodeStore
@@ -38,12 +40,21 @@ log = logging.getLogger(__name__)
 SAFETENSORS = "application/octet-stream"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes.
+async def read_body(request: Request, limit: int, timeout_s: float = 60.0) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
+    with 408 when it has not fully arrived ``timeout_s`` after the headers (a slow-loris client).
 
     A declared Content-Length over the limit is refused before any body byte is read; a
     chunked or lying body is cut off when the bytes received pass the limit.
     """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s", "body", {"Connection": "close"}) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -101,6 +112,7 @@ def create_app(
         store, metrics, wait_s=config.commit_wait_ms / 1000, max_bytes=config.commit_max_bytes, max_episodes=config.commit_max_episodes
     )
     snapshots = _Snapshots(store)
+    limits = UploadLimits(config.max_concurrent_uploads, config.upload_rate_per_s, config.upload_burst)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -123,13 +135,30 @@ def create_app(
         metrics.rejected(exc.error)
         return exc.response()
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, exc: RequestValidationError):  # the framework's checks answer in our shape too
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return await api_error(request, ApiError(400, "bad_query", f"{field}: {first.get('msg', 'invalid')} (got {str(first.get('input'))[:100]!r})", field))
+
+    @app.middleware("http")
+    async def refuse_ambiguous_framing(request: Request, call_next):
+        """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several
+        Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request."""
+        lengths = request.headers.getlist("content-length")
+        if len(lengths) > 1 or (lengths and "transfer-encoding" in request.headers):
+            metrics.rejected("ambiguous_framing")
+            reason = "send either one Content-Length or Transfer-Encoding: chunked, not both (RFC 9112 6.3)"
+            return ApiError(400, "ambiguous_framing", reason, "content-length", {"Connection": "close"}).response()
+        return await call_next(request)
+
     @app.post("/v1/episodes")
     async def upload(request: Request):
         start = time.perf_counter()
         try:
             principal = tokens.require(request.headers.get("authorization"), "robot")
-            with committer.receiving():
-                body = await read_body(request, config.max_body_bytes)
+            with limits.admit(principal.robot_id), committer.receiving():
+                body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
                 episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
                 if episode.robot_id != principal.robot_id:
                     raise ApiError(

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from fleet.server.errors import ApiError
+from sim.episode import ROBOT_ID, ROBOT_ID_RULE
 
 ROLES = ("robot", "operator", "publisher")
 
@@ -78,10 +79,11 @@ class TokenRegistry:
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The principal for an ``Authorization: Bearer <token>`` header; ApiError 401 otherwise."""
-        if not authorization or not authorization.startswith("Bearer "):
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():  # the scheme is case-insensitive (RFC 9110 11.1)
             raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'", "authorization", {"WWW-Authenticate": "Bearer"})
         self._maybe_reload()
-        principal = self._tokens.get(hash_token(authorization[len("Bearer ") :].strip()))
+        principal = self._tokens.get(hash_token(credentials.strip()))
         if principal is None:
             raise ApiError(401, "unauthorized", "unknown token", "authorization", {"WWW-Authenticate": "Bearer"})
         return principal
@@ -109,6 +111,8 @@ def add_token(path: str | Path, role: str, robot_id: str | None = None) -> str:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if role == "robot" and not robot_id:
         raise ValueError("a robot token needs robot_id")
+    if robot_id is not None and not ROBOT_ID.fullmatch(robot_id):
+        raise ValueError(f"robot id {robot_id[:80]!r} is not allowed: {ROBOT_ID_RULE}")
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         raise ValueError(f"add_token writes JSON token files; give a .json path, not {path}")

@@ -20,7 +20,9 @@ class ApiError(Exception):
 
 # (substring of EpisodeValidationError.reason, HTTP status, error code); first match wins.
 _RULES: tuple[tuple[str, int, str], ...] = (
+    ("must be a JSON string", 422, "bad_metadata"),
     ("not valid JSON", 400, "bad_header"),
+    ("nested deeper than", 400, "bad_header"),
     ("not a safetensors file", 400, "not_safetensors"),
     ("declared header length", 400, "not_safetensors"),
     ("header must be a JSON object", 400, "bad_header"),
@@ -36,7 +38,6 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("unknown schema version", 422, "unknown_schema_version"),
     ("missing required metadata", 422, "missing_metadata"),
     ("unknown metadata key", 422, "unknown_metadata"),
-    ("must be a JSON string", 422, "bad_metadata"),
     ("missing required array", 422, "missing_array"),
     ("unknown array", 422, "unknown_array"),
     ("dimensions, got shape", 422, "bad_shape"),
