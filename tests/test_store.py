@@ -209,3 +209,14 @@ def test_store_layout_is_self_describing(cfg):
     assert sig.robot_model == "toy" and sig.obs_dim == 3 and sig.act_dim == 2
     assert {a.name: a.length for a in sig.arrays}["observation"] == "T+1"
     assert json.loads(json.dumps(sig.to_dict())) == sig.to_dict()
+
+
+def test_icechunk_caches_are_bounded():
+    """With icechunk's default cache sizes a long-lived writer grew to 2.1 GiB over 3,200 commits
+    (benchmarks/server_memory.py, docs/store.md); every cache the store opens its repository with has a bound."""
+    from fleet.store import backend
+
+    caching = backend.repo_config().caching
+    bounds = [caching.num_snapshot_nodes, caching.num_chunk_refs, caching.num_transaction_changes, caching.num_bytes_attributes, caching.num_bytes_chunks]
+    assert all(b is not None and 0 < b <= 64 << 20 for b in bounds), bounds
+    assert caching.num_chunk_refs >= backend.MANIFEST_SPLIT_CHUNKS * 12  # a commit's manifest pieces (12 arrays) fit
