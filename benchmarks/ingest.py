@@ -162,7 +162,9 @@ def main() -> None:
         operator = add_token(tokens_file, "operator")
         base, store_mb, one, many = [], [], [], []
         lat1, lat16 = [], []
-        server = ServerProcess(StoreConfig(path=str(work / "http-store")), ServerConfig(port=free_port(), token_file=str(tokens_file)), work / "server")
+        # the server's capacity, not its per-token admission policy: rate limits sized to the load
+        limits = {"max_concurrent_uploads": 64, "upload_rate_per_s": 1e6, "upload_burst": 10**6}
+        server = ServerProcess(StoreConfig(path=str(work / "http-store")), ServerConfig(port=free_port(), token_file=str(tokens_file), **limits), work / "server")
         url = server.start()
         try:
             for rep in range(args.repeats):
