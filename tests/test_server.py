@@ -1,6 +1,7 @@
 """flywheel-server on loopback over a real store: auth, every kind of bad upload refused with
 its reason (and nothing stored), good uploads never refused, idempotency, listing, metrics."""
 
+import json
 import socket
 import struct
 import threading
@@ -13,6 +14,7 @@ import pytest
 import safetensors.numpy
 
 from fleet.server import ServerConfig, add_token, serve
+from fleet.server.auth import TokenRegistry
 from fleet.store import EpisodeStore, StoreConfig
 from sim.batched import BatchedStepper
 from sim.episode import Episode, encode_safetensors
@@ -267,7 +269,7 @@ def raw_request(fleet, head: str) -> tuple[int, dict]:
         while chunk := s.recv(65536):
             data += chunk
     head_bytes, _, body = data.partition(b"\r\n\r\n")
-    return int(head_bytes.split(b" ")[1]), __import__("json").loads(body)
+    return int(head_bytes.split(b" ")[1]), json.loads(body)
 
 
 @pytest.mark.parametrize(
@@ -293,6 +295,10 @@ def test_robot_ids_are_a_documented_character_set_and_bearer_is_case_insensitive
     for bad in ("robot\x1b[31m", "r0\r\nX-Injected: 1", "", "-leading-dash", "x" * 65, "robot 7"):
         with pytest.raises(ValueError, match="robot id|needs robot_id"):
             add_token(tmp_path / "t.json", "robot", bad)
+    planted = tmp_path / "old.json"  # a token file written before the rule: refused at load, naming the fix
+    planted.write_text(json.dumps({"a" * 64: {"role": "robot", "robot_id": "robot\r\nX: 1"}}))
+    with pytest.raises(ValueError, match="is not allowed.*new token"):
+        TokenRegistry(planted)
     r = post(fleet, raw(meta={"robot_id": "r0\x1b[2J"}))
     assert r.status_code == 422 and r.json()["field"] == "robot_id" and "not a robot id" in r.json()["reason"]
     for scheme in ("bearer", "BEARER"):

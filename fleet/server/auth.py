@@ -58,6 +58,8 @@ def _parse(path: Path) -> dict[str, Principal]:
             raise ValueError(f"token file {path}: entry {digest[:12]}... needs role in {ROLES}")
         if entry["role"] == "robot" and not entry.get("robot_id"):
             raise ValueError(f"token file {path}: robot token {digest[:12]}... needs a robot_id")
+        if entry.get("robot_id") is not None and not (isinstance(entry["robot_id"], str) and ROBOT_ID.fullmatch(entry["robot_id"])):
+            raise ValueError(f"token file {path}: robot id {str(entry['robot_id'])[:80]!r} of token {digest[:12]}... is not allowed ({ROBOT_ID_RULE}); issue that robot a new token")
         out[digest] = Principal(entry["role"], entry.get("robot_id"))
     return out
 
