@@ -174,7 +174,7 @@ class RealLog:
 
     def segments(self, mask: np.ndarray, horizon: int, max_starts: int, rng: np.random.Generator):
         """Recorded segments of up to ``horizon`` steps from starts among ``mask``'s transitions:
-        obs (S, H+1, D), action (S, H, A), valid (S, H), context (S, context_dim) of their bodies."""
+        obs (S, H+1, D), action (S, H, A), valid (S, H), context (S, context_dim) of their bodies (or None)."""
         t = self.view()
         rows = np.flatnonzero(mask)
         if len(rows) > max_starts:
@@ -189,7 +189,11 @@ class RealLog:
         valid = (t.episode[idx] == t.episode[rows][:, None]) & (t.step[idx] == t.step[rows][:, None] + np.arange(horizon)) & (pos < len(order))
         valid = np.logical_and.accumulate(valid, axis=1)
         obs = np.concatenate([t.obs[rows][:, None], t.next_obs[idx]], axis=1)
-        return obs, t.action[idx], valid, self.arrays["context"][: self.size][rows]
+        return obs, t.action[idx], valid, self.contexts(rows)
+
+    def contexts(self, rows: np.ndarray) -> np.ndarray | None:
+        """(len(rows), context_dim) body features of those rows; None for a log without contexts."""
+        return self.arrays["context"][: self.size][rows] if self.context_dim else None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"real.{k}": torch.from_numpy(np.ascontiguousarray(v[: self.size])) for k, v in self.arrays.items()}
@@ -268,7 +272,7 @@ class MBPO:
 
     def observe(self, step: VectorStep) -> None:
         self.sac.observe(step)
-        self.real.add(step, self.world_context if self.real.context_dim else None)
+        self.real.add(step, self.world_context)  # None (nominal) unless set_world_profiles gave one
         cfg, steps = self.config, self.sac.env_steps
         if steps < cfg.sac.learning_starts:
             return
@@ -327,8 +331,7 @@ class MBPO:
         rng = np.random.default_rng(self.seed + self.retrains)
         obs, action, valid, context = self.real.segments(val, cfg.max_horizon, 1000, rng)
         scale = np.maximum(self.real.view().obs.std(0), 1e-6)
-        step_fn = ensemble_step_fn(self.model, context if self.real.context_dim else None)
-        self.k_step_error = open_loop_errors(step_fn, obs, action, valid, scale)
+        self.k_step_error = open_loop_errors(ensemble_step_fn(self.model, context), obs, action, valid, scale)
         self.horizon = trusted_horizon(self.k_step_error, cfg.horizon_tolerance, cfg.max_horizon)
 
     def _refill(self) -> None:
@@ -339,8 +342,7 @@ class MBPO:
         rollout_cfg = RolloutConfig(
             horizon=self.horizon, disagreement_threshold=cfg.disagreement_threshold, seed=int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         )
-        context = self.real.arrays["context"][starts] if self.real.context_dim else None
-        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg, context)
+        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg, self.real.contexts(starts))
         t = np.arange(self.horizon)[None]
         keep = t < batch.length[:, None]  # (N, H)
         last = t == (batch.length[:, None] - 1)

@@ -16,6 +16,7 @@ the server works, and it is this episode it fails on), an episode that has faile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -60,7 +61,7 @@ class Uploader:
         self._thread: threading.Thread | None = None
         self._failures = 0  # consecutive failed attempts
         self.max_attempts = max_attempts
-        self._blame: dict[str, list] = {}  # episode id -> [5xx answers, acks when it first failed, not before (monotonic)]
+        self._blame: dict[str, _Blame] = {}  # episodes the server failed on (5xx), by id
         self._acks = 0
         self._retry_after = 0.0  # the server's last Retry-After (s)
         self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "set_aside": 0, "failed_attempts": 0}
@@ -72,7 +73,7 @@ class Uploader:
         entries, now = self.spool.entries(), time.monotonic()
         for entry in entries:
             blame = self._blame.get(entry.episode_id)
-            if blame is None or blame[2] <= now:
+            if blame is None or blame.not_before <= now:
                 return entry
         return "waiting" if entries else None
 
@@ -114,17 +115,16 @@ class Uploader:
         return self._failed(entry, f"HTTP {response.status_code}: {body}")
 
     def _blamed(self, entry: SpoolEntry, status: int, body: dict) -> str:
-        blame = self._blame.setdefault(entry.episode_id, [0, self._acks, 0.0])
-        blame[0] += 1
-        if blame[0] >= self.max_attempts and self._acks > blame[1]:  # others got through: it is this episode
-            self.spool.reject(entry, {"status": status, **body, "set_aside": f"failed {blame[0]} times while other episodes were accepted"})
+        blame = self._blame.setdefault(entry.episode_id, _Blame(acks_at_first=self._acks))
+        blame.failures += 1
+        if blame.failures >= self.max_attempts and self._acks > blame.acks_at_first:  # others got through: it is this episode
+            self.spool.reject(entry, {"status": status, **body, "set_aside": f"failed {blame.failures} times while other episodes were accepted"})
             del self._blame[entry.episode_id]
             self.stats["set_aside"] += 1
             self.stats["failed_attempts"] += 1
-            log.error("episode %s set aside after %d failed uploads (%d %s); moved to %s", entry.episode_id, blame[0], status, body, self.spool.rejected_dir)
+            log.error("episode %s set aside after %d failed uploads (%d %s); moved to %s", entry.episode_id, blame.failures, status, body, self.spool.rejected_dir)
             return "set_aside"
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(blame[0] - 1, 30))
-        blame[2] = time.monotonic() + delay * self._rng.uniform(0.5, 1.0)
+        blame.not_before = time.monotonic() + self._backoff(blame.failures)
         return self._failed(entry, f"HTTP {status}: {body}")
 
     def _failed(self, entry: SpoolEntry, message: str) -> str:
@@ -139,8 +139,11 @@ class Uploader:
         server's Retry-After, at most backoff_max_s; a wait for one episode's own backoff: short)."""
         if self._failures == 0:
             return min(self.backoff_initial_s, 0.1) if self._blame else 0.0
-        base = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(self._failures - 1, 30))
-        return max(base * self._rng.uniform(0.5, 1.0), min(self._retry_after, self.backoff_max_s))
+        return max(self._backoff(self._failures), min(self._retry_after, self.backoff_max_s))
+
+    def _backoff(self, failures: int) -> float:
+        """Jittered exponential backoff after ``failures`` failures: initial * 2^(failures-1), capped, times U[0.5, 1]."""
+        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures - 1, 30)) * self._rng.uniform(0.5, 1.0)
 
     # -- background thread ------------------------------------------------------------
     def start(self) -> None:
@@ -168,6 +171,16 @@ class Uploader:
                 self.spool.changed.clear()
             elif outcome == "retry":
                 self._stop.wait(self.backoff_s())
+
+
+@dataclasses.dataclass
+class _Blame:
+    """An episode the server answered 5xx: how often, the acknowledgements counted at its first
+    failure (others accepted since prove the server works), and when it may be tried again."""
+
+    acks_at_first: int
+    failures: int = 0
+    not_before: float = 0.0  # time.monotonic()
 
 
 def _retry_after_s(response: httpx.Response) -> float:
