@@ -44,7 +44,9 @@ from sim.variation import VariationProfile
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
 LOG_FIELDS = ("mass_scale", "friction_scale", "actuator_strength", "damping_scale")
 LINEAR_FIELDS = ("payload_mass",)
-CALIBRATABLE = LOG_FIELDS + LINEAR_FIELDS
+# not a model parameter: the replay shifts the rebuilt start states and the replayed observations by it
+SENSOR_FIELDS = ("obs_bias",)
+CALIBRATABLE = LOG_FIELDS + LINEAR_FIELDS + SENSOR_FIELDS
 
 # -- state from observation ---------------------------------------------------------------
 StateFromObs = Callable[[Task, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -184,14 +186,17 @@ class CalibrationConfig:
     params: tuple[str, ...] = LOG_FIELDS  # VariationProfile fields to estimate
     scale_bounds: tuple[float, float] = (0.25, 4.0)  # range of every *_scale / actuator_strength field
     payload_max: float = 5.0  # kg, upper bound of payload_mass
+    bias_max: float = 0.2  # bound of |obs_bias| when it is fitted in the replay (a params entry)
     window: int = 8  # control steps per replay window
     windows_per_episode: int = 4
     max_windows: int = 200
+    search_windows: int = 32  # CEM scores candidates on a seeded subset of this many windows; the polish and verdicts use all
     population: int = 64
     num_elites: int = 8
     iterations: int = 15
     init_std: float = 0.3  # CEM std at start: log units for scale fields (0.3 ~ 30 %)
     payload_init_std: float = 1.0  # kg
+    bias_init_std: float = 0.02  # CEM std at start for obs_bias
     momentum: float = 0.5  # weight of the previous mean/std in each CEM update (higher: slower collapse)
     min_std: float = 0.002  # stop when every field's std is below this
     loss_tol: float = 1e-8  # or when the loss (normalised MSE) is below this: a fit to 1e-4 of each obs std
@@ -203,7 +208,7 @@ class CalibrationConfig:
     nthread: int | None = None  # physics threads (None: 1)
     sensor_noise: bool = True  # also estimate obs_noise_std from the telemetry (estimate_sensor_noise)
     sensor_noise_floor: float = 0.01  # estimates below this are the dynamics, not noise: 0
-    sensor_bias: bool = True  # also estimate obs_bias (a constant sensor offset) from the telemetry (estimate_sensor_bias)
+    sensor_bias: bool = True  # also estimate obs_bias (a constant sensor offset) from kinematics (estimate_sensor_bias), unless params fits it
     sensor_bias_floor: float = 0.005  # smaller offsets (or ones within 3 standard errors of 0) are reported as 0
 
     def __post_init__(self):
@@ -216,7 +221,7 @@ class CalibrationConfig:
             raise ValueError(f"calibration: scale_bounds must bracket 1, got {self.scale_bounds}")
         if not 1 <= self.num_elites < self.population:
             raise ValueError(f"calibration: need 1 <= num_elites < population, got {self.num_elites}, {self.population}")
-        for name in ("window", "windows_per_episode", "max_windows", "iterations"):
+        for name in ("window", "windows_per_episode", "max_windows", "search_windows", "iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calibration: {name} must be >= 1, got {getattr(self, name)}")
 
@@ -230,7 +235,7 @@ class CalibrationResult:
     diagnostics: Identifiability  # effect, independence, significance per field, and notes on the others
     loss: float  # at the estimate (normalised MSE per observation entry)
     base_loss: float  # of the base profile, for comparison
-    history: list[float]  # best loss after each CEM iteration (and after the polish, when it ran)
+    history: list[float]  # best loss after each CEM iteration (on its search windows) and after the polish on all (when it ran)
     num_windows: int
     evaluations: int  # candidate profiles simulated
 
@@ -257,15 +262,37 @@ class CalibrationResult:
         """JSON for an Episode's ``calibration`` metadata or a fleet record."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> CalibrationResult:
+        data = json.loads(text)
+        return cls(**{**data, "profile": VariationProfile.from_dict(data["profile"]), "diagnostics": Identifiability(**data["diagnostics"])})
+
+
+def calibrate_job(job: dict) -> str:
+    """One calibration as a fan-out job (a Ray task): {"robot", "episodes": [Episode bytes], "config": CalibrationConfig
+    fields, "base": profile dict} -> CalibrationResult JSON. Plain bytes and JSON in and out, no pickled objects."""
+    episodes = [Episode.from_bytes(blob) for blob in job["episodes"]]
+    result = calibrate(job["robot"], episodes, CalibrationConfig(**job["config"]), VariationProfile.from_dict(job.get("base", {})))
+    return result.to_json()
+
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-    """M replay windows: start qpos (M, nq), qvel (M, nv), actions (M, W, act_dim), target obs (M, W, obs_dim)."""
+    """M replay windows: start qpos (M, nq), qvel (M, nv), actions (M, W, act_dim), target obs (M, W, obs_dim);
+    start_obs (M, obs_dim), the observations the start states were rebuilt from (None: recorded states)."""
 
     qpos: np.ndarray
     qvel: np.ndarray
     actions: np.ndarray
     target: np.ndarray
+    start_obs: np.ndarray | None = None
+
+    def subset(self, count: int, seed: int) -> Windows:
+        """A seeded subset of ``count`` windows (all of them when there are no more)."""
+        if count >= len(self.qpos):
+            return self
+        pick = np.sort(np.random.default_rng(seed).choice(len(self.qpos), count, replace=False))
+        return Windows(*(None if a is None else a[pick] for a in (self.qpos, self.qvel, self.actions, self.target, self.start_obs)))
 
 
 def make_windows(task: Task, episodes: Sequence[Episode], config: CalibrationConfig, latency: int = 0) -> Windows:
@@ -290,14 +317,16 @@ def make_windows(task: Task, episodes: Sequence[Episode], config: CalibrationCon
     if len(chosen) > config.max_windows:
         chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), config.max_windows, replace=False))]
     have_state = all("qpos" in ep.extras and "qvel" in ep.extras for ep, _ in chosen)
+    start_obs = None
     if have_state:
         qpos = np.stack([ep.extras["qpos"][t] for ep, t in chosen]).astype(np.float64)
         qvel = np.stack([ep.extras["qvel"][t] for ep, t in chosen]).astype(np.float64)
     else:
-        qpos, qvel = state_from_observation(task, np.stack([ep.observation[t] for ep, t in chosen]))
+        start_obs = np.stack([ep.observation[t] for ep, t in chosen]).astype(np.float64)
+        qpos, qvel = state_from_observation(task, start_obs)
     actions = np.stack([ep.action[t - latency : t - latency + w] for ep, t in chosen]).astype(np.float64)
     target = np.stack([ep.observation[t + 1 : t + 1 + w] for ep, t in chosen]).astype(np.float64)
-    return Windows(qpos=qpos, qvel=qvel, actions=actions, target=target)
+    return Windows(qpos=qpos, qvel=qvel, actions=actions, target=target, start_obs=start_obs)
 
 
 class _Objective:
@@ -309,6 +338,12 @@ class _Objective:
         self.scale = np.maximum(flat.std(0), 1e-4)
         self.evaluations = 0
 
+    def on(self, windows: Windows) -> _Objective:
+        """The same loss (the same normalisation) on other windows."""
+        other = _Objective(self.task, windows, self.params, self.base, self.replayer)
+        other.scale = self.scale
+        return other
+
     def profile(self, theta: np.ndarray) -> VariationProfile:
         changes = {}
         for name, value in zip(self.params, theta):
@@ -316,14 +351,25 @@ class _Objective:
         return self.base.replace(**changes)
 
     def residuals(self, thetas: np.ndarray) -> np.ndarray:
-        """(P, R) normalised observation errors of each candidate over all windows, steps and dims."""
+        """(P, R) normalised observation errors of each candidate over all windows, steps and dims.
+
+        A candidate sensor offset b (obs_bias) is taken out of the observations a start state is
+        rebuilt from and put back on the replayed ones: through the dynamics (a tilted pendulum
+        falls) and the kinematics (positions integrate velocities) it shows even in short windows.
+        """
         w = self.windows
         m, p = len(w.qpos), len(thetas)
+        bias = thetas[:, self.params.index("obs_bias")] if "obs_bias" in self.params else np.zeros(p)
         models = [self.profile(t).apply(self.task.model, self.task.payload_body) for t in thetas]
         batch_models = [model for model in models for _ in range(m)]
-        obs = self.replayer.replay(batch_models, np.tile(w.qpos, (p, 1)), np.tile(w.qvel, (p, 1)), np.tile(w.actions, (p, 1, 1)))
+        if w.start_obs is not None and bias.any():
+            qpos, qvel = state_from_observation(self.task, (w.start_obs[None] - bias[:, None, None]).reshape(p * m, -1))
+        else:
+            qpos, qvel = np.tile(w.qpos, (p, 1)), np.tile(w.qvel, (p, 1))
+        obs = self.replayer.replay(batch_models, qpos, qvel, np.tile(w.actions, (p, 1, 1)))
+        obs = obs.reshape(p, m, *w.target.shape[1:]) + bias[:, None, None, None]
         self.evaluations += p
-        return ((obs.reshape(p, m, *w.target.shape[1:]) - w.target) / self.scale).reshape(p, -1)
+        return ((obs - w.target) / self.scale).reshape(p, -1)
 
     def __call__(self, thetas: np.ndarray) -> np.ndarray:
         """(P,) mean squared normalised error (inf where a candidate diverged)."""
@@ -346,18 +392,19 @@ def calibrate(
         if name in LOG_FIELDS and getattr(base, name) <= 0:
             raise ValueError(f"calibration: base {name}={getattr(base, name)} must be > 0 to be searched in log space")
     windows = make_windows(task, episodes, config, base.action_latency)
-    low, high = _bounds(config)
+    space = _space(config)
     mean = np.array([math.log(getattr(base, p)) if p in LOG_FIELDS else float(getattr(base, p)) for p in config.params])
-    std = np.array([config.init_std if p in LOG_FIELDS else config.payload_init_std for p in config.params])
+    std = space.init_std.copy()
     rng = np.random.default_rng(config.seed)
     with Replayer(task, config.nthread) as replayer:
         objective = _Objective(task, windows, config.params, base, replayer)
+        search = objective.on(windows.subset(config.search_windows, config.seed))
         base_loss = float(objective(mean[None])[0])
-        best_theta, best_loss, history = mean.copy(), base_loss, []
+        best_theta, best_loss, history = mean.copy(), float(search(mean[None])[0]), []
         for _ in range(config.iterations):
-            samples = np.clip(mean + std * rng.standard_normal((config.population - 2, len(mean))), low, high)
+            samples = np.clip(mean + std * rng.standard_normal((config.population - 2, len(mean))), space.low, space.high)
             thetas = np.concatenate([mean[None], best_theta[None], samples])
-            losses = objective(thetas)
+            losses = search(thetas)
             order = np.argsort(losses, kind="stable")
             if losses[order[0]] < best_loss:
                 best_loss, best_theta = float(losses[order[0]]), thetas[order[0]].copy()
@@ -368,7 +415,8 @@ def calibrate(
             stalled = len(history) > config.patience and best_loss > 0.99 * history[-1 - config.patience]
             if (std < config.min_std).all() or best_loss < config.loss_tol or stalled:
                 break
-        best_theta, best_loss = polish(objective, best_theta, best_loss, low, high, config.polish_steps)
+        best_loss = float(objective(best_theta[None])[0])
+        best_theta, best_loss = polish(objective, best_theta, best_loss, space, config.polish_steps)
         if config.polish_steps:
             history.append(best_loss)
         ident = identifiability(objective, best_theta, best_loss, config)
@@ -380,7 +428,7 @@ def calibrate(
     if config.sensor_noise:
         profile = profile.replace(obs_noise_std=estimate_sensor_noise(episodes, config.sensor_noise_floor))
         estimates["obs_noise_std"], identifiable["obs_noise_std"] = profile.obs_noise_std, True
-    if config.sensor_bias:
+    if config.sensor_bias and "obs_bias" not in config.params:
         bias = estimate_sensor_bias(task, episodes, config.sensor_bias_floor)
         profile = profile.replace(obs_bias=0.0 if bias is None else bias)
         estimates["obs_bias"], identifiable["obs_bias"] = profile.obs_bias, bias is not None
@@ -394,7 +442,7 @@ def calibrate(
         base_loss=base_loss,
         history=history,
         num_windows=len(windows.qpos),
-        evaluations=objective.evaluations,
+        evaluations=objective.evaluations + search.evaluations,
     )
 
 
@@ -469,52 +517,68 @@ def _bias_per_joint_episode(task: Task, episodes: Sequence[Episode]) -> tuple[np
     return np.array(values), np.array(weights)
 
 
-def _jacobian(
-    objective: _Objective, theta: np.ndarray, low: np.ndarray, high: np.ndarray, step: float = 0.01
-) -> tuple[np.ndarray, np.ndarray]:
+def _jacobian(objective: _Objective, theta: np.ndarray, space: _Space) -> tuple[np.ndarray, np.ndarray]:
     """Residuals r (R,) at ``theta`` and their finite-difference Jacobian J (R, D), from one batched replay.
 
     Central differences, clipped to [low, high]: at a bound (payload 0, say) the difference is one-sided.
     """
-    d = len(theta)
-    h = np.array([step if p in LOG_FIELDS else 0.01 for p in objective.params])
-    plus = [np.minimum(theta + h[i] * np.eye(d)[i], high) for i in range(d)]
-    minus = [np.maximum(theta - h[i] * np.eye(d)[i], low) for i in range(d)]
+    d, h = len(theta), space.step
+    plus = [np.minimum(theta + h[i] * np.eye(d)[i], space.high) for i in range(d)]
+    minus = [np.maximum(theta - h[i] * np.eye(d)[i], space.low) for i in range(d)]
     res = objective.residuals(np.array([theta] + [p for pair in zip(plus, minus) for p in pair]))
     jac = np.stack([(res[1 + 2 * i] - res[2 + 2 * i]) / (plus[i][i] - minus[i][i]) for i in range(d)], axis=1)
     return res[0], jac
 
 
-def polish(
-    objective: _Objective, theta: np.ndarray, loss: float, low: np.ndarray, high: np.ndarray, steps: int
-) -> tuple[np.ndarray, float]:
+def polish(objective: _Objective, theta: np.ndarray, loss: float, space: _Space, steps: int) -> tuple[np.ndarray, float]:
     """Levenberg-Marquardt refinement of a CEM estimate; each step tries four dampings in one batch.
 
     CEM finds the basin; its sampling noise limits precision. Returns (theta, loss), never worse.
+    A field at a bound that the gradient pushes further out is held there (projected steps), so
+    one pinned field (damping at its lower bound, say) does not stall the others.
     """
     for _ in range(steps):
-        res, jac = _jacobian(objective, theta, low, high)
+        res, jac = _jacobian(objective, theta, space)
         if not (np.isfinite(res).all() and np.isfinite(jac).all()):
             break
         a, g = jac.T @ jac, jac.T @ res
+        pinned = ((theta <= space.low) & (g > 0)) | ((theta >= space.high) & (g < 0))
+        a[pinned, :], a[:, pinned], g[pinned] = 0.0, 0.0, 0.0
+        a[pinned, pinned] = 1.0
         scale = np.diag(a) + 1e-12 * max(np.trace(a), 1e-30)
-        candidates = np.array([np.clip(theta - np.linalg.solve(a + lam * np.diag(scale), g), low, high) for lam in (1e-4, 1e-2, 1.0, 1e2)])
+        candidates = np.array([np.clip(theta - np.linalg.solve(a + lam * np.diag(scale), g), space.low, space.high) for lam in (1e-4, 1e-2, 1.0, 1e2)])
         losses = objective(candidates)
         best = int(np.argmin(losses))
         if not losses[best] < loss:
             break
         improvement = (loss - losses[best]) / max(loss, 1e-300)
         theta, loss = candidates[best], float(losses[best])
-        if improvement < 1e-3:
+        if improvement < 1e-6:
             break
     return theta, loss
 
 
-def _bounds(config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class _Space:
+    """Per calibrated field (config.params order): search bounds, CEM start std, finite-difference
+    step, and the change identifiability() calls a field's effect (10 %, 0.1 kg, 0.01)."""
+
+    low: np.ndarray
+    high: np.ndarray
+    init_std: np.ndarray
+    step: np.ndarray
+    delta: np.ndarray
+
+
+def _space(config: CalibrationConfig) -> _Space:
     lo, hi = math.log(config.scale_bounds[0]), math.log(config.scale_bounds[1])
-    low = np.array([lo if p in LOG_FIELDS else 0.0 for p in config.params])
-    high = np.array([hi if p in LOG_FIELDS else config.payload_max for p in config.params])
-    return low, high
+    table = {  # kind: (low, high, init_std, step, delta)
+        "log": (lo, hi, config.init_std, 0.01, math.log(1.1)),
+        "payload": (0.0, config.payload_max, config.payload_init_std, 0.01, 0.1),
+        "bias": (-config.bias_max, config.bias_max, config.bias_init_std, 0.002, 0.01),
+    }
+    rows = np.array([table["log" if p in LOG_FIELDS else "bias" if p in SENSOR_FIELDS else "payload"] for p in config.params])
+    return _Space(*rows.T)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,6 +590,7 @@ class Identifiability:
     effect: dict[str, float]
     independence: dict[str, float]
     significance: dict[str, float]
+    stderr: dict[str, float]  # of the estimate (theta units: log for scale fields), robust to errors shared within a window
     identifiable: dict[str, bool]
     keep_base: dict[str, bool]  # the data say nothing about it: report the base value, not noise
     notes: dict[str, str]
@@ -535,20 +600,26 @@ def identifiability(objective: _Objective, theta: np.ndarray, loss: float, confi
     """Which fields the telemetry determines, from the Gauss-Newton Hessian H = 2/R J^T J of the loss
     at ``theta`` (J: central-difference Jacobian of the R residuals).
 
-    effect_i = 0.5 H_ii d^2 for d = log(1.1) (a 10 % change; 0.1 kg for payload_mass).
+    effect_i = 0.5 H_ii d^2 for d = log(1.1) (a 10 % change; 0.1 kg for payload_mass, 0.01 for obs_bias).
     independence_i = 1 / (H_ii (H^-1)_ii). significance_i = R effect_i independence_i / max(loss, 1e-12).
     A field has no effect when effect_i <= 1e-12 max_j effect_j (e.g. friction without contacts);
     it is only jointly determined when independence_i <= identifiability_tol (a compensating change
     of other fields fits as well); it is lost in the noise when significance_i <= min_significance.
     Identifiable means none of these. Fields with no effect or lost in the noise keep the base value.
+
+    stderr: the sandwich (cluster-robust) standard error A^-1 B A^-1 with A = J^T J and B the
+    outer products of each window's score J_w^T r_w. A window's residuals share the error of
+    its start state (sensor noise), so they are not independent and J^T J alone is overconfident.
+    A sensor offset (obs_bias) is a departure from a nominal sensor rather than a property to
+    identify: it is kept when |b - base| >= max(sensor_bias_floor, 3 stderr), else the base value.
     """
     params, d = config.params, len(theta)
-    res, jac = _jacobian(objective, theta, *_bounds(config))
+    space = _space(config)
+    res, jac = _jacobian(objective, theta, space)
     if not (np.isfinite(res).all() and np.isfinite(jac).all()):
         raise ValueError("calibration: the replay diverges right around the estimate; narrow scale_bounds or shorten the window")
     hess = 2.0 / len(jac) * jac.T @ jac
-    delta = np.array([math.log(1.1) if p in LOG_FIELDS else 0.1 for p in params])
-    effect = 0.5 * np.diag(hess) * delta**2
+    effect = 0.5 * np.diag(hess) * space.delta**2
     none = effect <= max(1e-12 * effect.max(), 1e-30)
     independence = np.zeros(d)
     live = np.flatnonzero(~none)
@@ -557,14 +628,22 @@ def identifiability(objective: _Objective, theta: np.ndarray, loss: float, confi
         inv = np.linalg.inv(sub + 1e-14 * np.trace(sub) / len(live) * np.eye(len(live)))  # ridge: exact degeneracy stays finite
         independence[live] = 1.0 / np.maximum(np.diag(sub) * np.diag(inv), 1.0)
     significance = len(res) * effect * independence / max(loss, 1e-12)
-    joint = ~none & (independence <= config.identifiability_tol)
-    noisy = ~none & ~joint & (significance <= config.min_significance)
+    a = jac.T @ jac
+    a_inv = np.linalg.pinv(a + 1e-14 * max(np.trace(a), 1e-30) * np.eye(d))
+    scores = (jac.reshape(len(objective.windows.qpos), -1, d) * res.reshape(len(objective.windows.qpos), -1, 1)).sum(1)
+    stderr = np.sqrt(np.maximum(np.diag(a_inv @ (scores.T @ scores) @ a_inv), 0.0))
+    sensor = np.array([p in SENSOR_FIELDS for p in params])
+    offset = np.abs(theta - np.array([float(getattr(objective.base, p)) if p in SENSOR_FIELDS else 0.0 for p in params]))
+    joint = ~none & ~sensor & (independence <= config.identifiability_tol)
+    noisy = ~none & ~joint & np.where(sensor, offset < np.maximum(config.sensor_bias_floor, 3.0 * stderr), significance <= config.min_significance)
     notes = {}
     for i, name in enumerate(params):
         if none[i]:
             notes[name] = "no measurable effect on these observations (e.g. friction without contacts); base value kept"
         elif joint[i]:
             notes[name] = "only determined jointly with other fields (a compensating change fits as well); estimate kept, not trusted alone"
+        elif noisy[i] and sensor[i]:
+            notes[name] = f"{theta[i]:.4g} is within max(floor, 3 x stderr {stderr[i]:.2g}) of the base; base value kept"
         elif noisy[i]:
             notes[name] = f"its effect is below the noise of the fit (significance {significance[i]:.3g}); base value kept"
     as_dict = lambda values, cast=float: {p: cast(v) for p, v in zip(params, values)}  # noqa: E731
@@ -572,6 +651,7 @@ def identifiability(objective: _Objective, theta: np.ndarray, loss: float, confi
         effect=as_dict(effect),
         independence=as_dict(independence),
         significance=as_dict(significance),
+        stderr=as_dict(stderr),
         identifiable=as_dict(~(none | joint | noisy), bool),
         keep_base=as_dict(none | noisy, bool),
         notes=notes,

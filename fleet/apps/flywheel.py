@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     console = Console()
     flywheel = Flywheel(cfg, Path(cfg.run_dir))
     summary = flywheel.run()
-    console.print(summary_table(summary["iterations"], flywheel.specs))
+    console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
     console.print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
 

@@ -95,8 +95,12 @@ class Flywheel:
                 for k in range(self.state["next_iteration"], s.iterations):
                     record = self._iteration(k)
                     self.state["history"].append(record)
-                    self.state["next_iteration"] = k + 1
-                    atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+                    self.state["next_iteration"], self.state["final"] = k + 1, None
+                    self._save_state()
+                if self.state.get("final") is None:  # the fleet runs the last release: what the loop delivered
+                    with self.progress.task("closing round: robots act and upload on the last release", total=None):
+                        self.state["final"] = self._telemetry(s.iterations)
+                    self._save_state()
                 return self._finish()
             finally:
                 ray.get([r.stop.remote() for r in self.robots.values()])
@@ -110,6 +114,9 @@ class Flywheel:
             for i, (robot_id, spec) in enumerate(sorted(self.specs.items()))
         }
 
+    def _save_state(self) -> None:
+        atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+
     def _act(self, robot_ids: list[str], episodes: int) -> list[dict]:
         summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes) for r in robot_ids]) for x in batch]
         drained = ray.get([self.robots[r].drain.remote(120.0) for r in robot_ids])
@@ -118,26 +125,30 @@ class Flywheel:
         return summaries
 
     # -- one iteration ----------------------------------------------------------------------
-    def _iteration(self, k: int) -> dict:
-        s, svc, cfg = self.settings, self.svc, self.cfg
-        step = k
-        record: dict = {"iteration": k}
-        ids = sorted(self.robots)
-        with self.progress.task(f"iteration {k}: robots act and upload", total=None):
-            telemetry = self._act(ids, s.episodes_per_robot)
+    def _telemetry(self, k: int) -> dict:
+        """Every robot runs what it holds for ``episodes_per_robot`` episodes and uploads them: the
+        iteration's record of returns, the versions run and the real steps used so far (logged)."""
+        s = self.settings
+        telemetry = self._act(sorted(self.robots), s.episodes_per_robot)
         fleet_returns = steps.mean_returns(telemetry)
-        record["fleet_returns"] = fleet_returns
-        record["policy_versions"] = sorted({t["policy_version"] for t in telemetry})
         real_steps = self.state["real_steps"]
         for t in telemetry:
             real_steps[t["robot_id"]] = real_steps.get(t["robot_id"], 0) + int(t["steps"])
-        record["real_steps"] = dict(real_steps)
-        svc.tracker.log(
+        self.svc.tracker.log(
             {f"fleet/return/{r}": v for r, v in fleet_returns.items()}
             | {f"fleet/real_steps/{r}": float(n) for r, n in real_steps.items()}
             | {"fleet/return_mean": float(np.mean(list(fleet_returns.values()))), "fleet/real_steps_total": float(sum(real_steps.values()))},
-            step,
+            k,
         )
+        return {"iteration": k, "fleet_returns": fleet_returns, "policy_versions": sorted({t["policy_version"] for t in telemetry}), "real_steps": dict(real_steps)}
+
+    def _iteration(self, k: int) -> dict:
+        s, svc, cfg = self.settings, self.svc, self.cfg
+        step = k
+        ids = sorted(self.robots)
+        with self.progress.task(f"iteration {k}: robots act and upload", total=None):
+            record = self._telemetry(k)
+        fleet_returns = record["fleet_returns"]
 
         with self.progress.task(f"iteration {k}: snapshot + world model"):
             snapshot_id, real, sim = svc.read_data(s.robot_model)
@@ -154,7 +165,7 @@ class Flywheel:
         svc.tracker.log({"data/real_episodes": len(real), "data/sim_episodes": len(sim)} | {f"worldmodel/{k2}": v for k2, v in record["world_model"].items() if isinstance(v, float)}, step)
 
         with self.progress.task(f"iteration {k}: calibrate robots"):
-            calibrations = steps.calibrate_fleet(s.robot_model, real, instantiate(cfg.scenarios.calibration), s.calibration_episodes)
+            calibrations = steps.calibrate_fleet(s.robot_model, real, instantiate(cfg.scenarios.calibration), s.calibration_episodes, map_fn=svc.ray_map)
             profiles = {r: c.profile for r, c in calibrations.items()}
             record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
             truth_error = self._calibration_error(calibrations)
@@ -276,13 +287,13 @@ class Flywheel:
         return out
 
     def _finish(self) -> dict:
-        history = self.state["history"]
+        history, final = self.state["history"], self.state["final"]
         statuses = ray.get([self.robots[r].status.remote() for r in sorted(self.robots)])
-        summary = {"iterations": history, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir}
+        summary = {"iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir}
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
         from fleet.pipeline.report import write_report
 
-        write_report(history, self.specs, self.run_dir / "report.png")
+        write_report([*history, final], self.specs, self.run_dir / "report.png")
         return summary
 
 

@@ -12,7 +12,8 @@ from rich.table import Table  # noqa: E402
 
 
 def write_report(history: list[dict], specs: dict, path: Path) -> Path:
-    """Left: return per robot per iteration; right: the same returns against the real steps each robot has used."""
+    """Left: return per robot per iteration; right: the same returns against the real steps each robot has used.
+    ``history``: the iterations' records, then the closing round's (no ``rollout``: nothing was trained after it)."""
     fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     iterations = [h["iteration"] for h in history]
     for robot_id in sorted(specs):
@@ -20,7 +21,7 @@ def write_report(history: list[dict], specs: dict, path: Path) -> Path:
         label = f"{robot_id} ({specs[robot_id].condition})"
         ax.plot(iterations, returns, marker="o", label=label)
         ax_steps.plot([h.get("real_steps", {}).get(robot_id) for h in history], returns, marker="o", label=label)
-    ax.set_xticks(iterations)
+    ax.set_xticks(iterations, [_label(h) for h in history])
     ax.set_xlabel("flywheel iteration")
     ax.set_ylabel("mean episode return (telemetry)")
     ax.set_title("Fleet return per robot")
@@ -40,10 +41,20 @@ def summary_table(history: list[dict], specs: dict) -> Table:
     table.add_column("robot")
     table.add_column("condition")
     for h in history:
-        table.add_column(f"it {h['iteration']}", justify="right")
+        table.add_column(_label(h), justify="right")
     for robot_id in sorted(specs):
         table.add_row(robot_id, specs[robot_id].condition, *[f"{h['fleet_returns'].get(robot_id, float('nan')):.1f}" for h in history])
     table.add_row("real steps", "", *[str(sum(h.get("real_steps", {}).values())) for h in history])
     table.add_row("policy", "", *[",".join(h["policy_versions"]) for h in history])
-    table.add_row("release", "", *[h["rollout"]["stage"] + (f" v{h['rollout']['version']}" if "version" in h["rollout"] else "") for h in history])
+    table.add_row("release", "", *[_release(h.get("rollout")) for h in history])
     return table
+
+
+def _label(record: dict) -> str:
+    return f"it {record['iteration']}" if "rollout" in record else "final"
+
+
+def _release(rollout: dict | None) -> str:
+    if rollout is None:
+        return "-"
+    return rollout["stage"] + (f" v{rollout['version']}" if "version" in rollout else "")

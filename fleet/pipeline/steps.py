@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.calibration import CalibrationConfig, calibrate
+from sim.calibration import CalibrationConfig, CalibrationResult, calibrate_job
 from sim.episode import Episode
 from sim.variation import VariationProfile
 from worldmodel.fanout import simulate_scenarios
@@ -42,9 +42,13 @@ def update_world_model(real: Sequence[Episode], sim: Sequence[Episode], previous
     return model, report, model_version(model)
 
 
-def calibrate_fleet(robot_model: str, real: Sequence[Episode], config: CalibrationConfig, max_episodes: int) -> dict[str, object]:
-    """Each robot's CalibrationResult from its most recent ``max_episodes`` episodes."""
-    return {robot_id: calibrate(robot_model, eps[-max_episodes:], config) for robot_id, eps in sorted(by_robot(real).items())}
+def calibrate_fleet(robot_model: str, real: Sequence[Episode], config: CalibrationConfig, max_episodes: int, map_fn=map) -> dict[str, CalibrationResult]:
+    """Each robot's CalibrationResult from its most recent ``max_episodes`` episodes, one job per robot
+    (``map_fn``: the services' Ray map runs them in parallel; jobs and results are bytes and JSON)."""
+    fleet = sorted(by_robot(real).items())
+    config_fields = dataclasses.asdict(config)
+    jobs = [{"robot": robot_model, "episodes": [ep.to_bytes() for ep in eps[-max_episodes:]], "config": config_fields} for _, eps in fleet]
+    return {robot_id: CalibrationResult.from_json(text) for (robot_id, _), text in zip(fleet, map_fn(calibrate_job, jobs))}
 
 
 def generate_scenarios(
