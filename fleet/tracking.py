@@ -3,6 +3,11 @@
 Metric keys are namespaced (``fleet/return/robot-0``, ``policy/actor_loss`` ...); every key is
 documented in docs/metrics.md. Nothing here is needed to read the results: ``metrics.jsonl``
 and ``report.png`` in the run folder hold them for users without W&B.
+
+W&B axes: every row carries ``iteration`` (the flywheel iteration, the JSONL ``step``) and W&B's
+own step just counts rows, so the learner's many log lines per iteration stay separate points.
+``policy/*`` plots against ``policy/env_steps`` (the learner's steps over all iterations), every
+other namespace against ``iteration`` (``define_metric``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+ITERATION, POLICY_STEPS = "iteration", "policy/env_steps"
+ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration", "gate", "rollout", "eval")
 
 
 class Tracker:
@@ -31,6 +38,12 @@ class Tracker:
             self.wandb_run = wandb.init(
                 mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
             )
+            self.online = mode == "online"
+            self.wandb_run.define_metric(ITERATION)
+            self.wandb_run.define_metric(POLICY_STEPS)
+            self.wandb_run.define_metric("policy/*", step_metric=POLICY_STEPS)
+            for namespace in ITERATION_NAMESPACES:
+                self.wandb_run.define_metric(f"{namespace}/*", step_metric=ITERATION)
 
     @property
     def wandb_dir(self) -> str | None:
@@ -40,7 +53,7 @@ class Tracker:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON has no NaN
         self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(dict(metrics), step=step)
+            self.wandb_run.log({**metrics, ITERATION: step})
 
     def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         with open(self.run_dir / f"{key.replace('/', '_')}.jsonl", "a") as f:
@@ -48,7 +61,7 @@ class Tracker:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows), ITERATION: step})
 
     def video(self, key: str, frames, fps: int, step: int) -> None:
         """frames: (T, H, W, 3) uint8; written as mp4 to the run folder and to W&B."""
@@ -64,18 +77,31 @@ class Tracker:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Video(str(path), format="mp4")}, step=step)
+            self.wandb_run.log({key: wandb.Video(str(path), format="mp4"), ITERATION: step})
 
-    def artifact(self, name: str, kind: str, files: list[Path], metadata: dict) -> None:
-        """Mirror files to W&B as an Artifact (our own registry/store stays the source of truth)."""
+    def config_update(self, values: dict) -> None:
+        """Record settings as the run actually used them (after the loop's own overrides)."""
+        if self.wandb_run is not None:
+            self.wandb_run.config.update(values, allow_val_change=True)
+
+    def artifact(self, name: str, kind: str, files: list[Path], metadata: dict, aliases: tuple[str, ...] = (), uses: tuple[str, ...] = ()) -> None:
+        """Mirror files to W&B as an Artifact (our own registry/store stays the source of truth).
+
+        ``uses``: the artifacts ("name:alias") it was made from. They are always recorded in its
+        metadata (``lineage``); online they are also declared with ``use_artifact``, so W&B draws
+        the graph (W&B 0.31 refuses ``use_artifact`` offline; a synced offline run keeps the metadata).
+        """
         if self.wandb_run is None:
             return
         import wandb
 
-        art = wandb.Artifact(name=name, type=kind, metadata=metadata)
+        art = wandb.Artifact(name=name, type=kind, metadata={**metadata, "lineage": list(uses)} if uses else metadata)
         for path in files:
             art.add_file(str(path))
-        self.wandb_run.log_artifact(art)
+        if self.online:
+            for ref in uses:
+                self.wandb_run.use_artifact(ref)
+        self.wandb_run.log_artifact(art, aliases=list(aliases) or None)
 
     def finish(self) -> None:
         self._jsonl.close()

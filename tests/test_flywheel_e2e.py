@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline.loop import Flywheel
 from fleet.store import EpisodeStore, StoreConfig
+from tests.wandb_offline import offline_run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
@@ -79,7 +80,18 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("fleet/return/robot-0" in x for x in lines) and any("gate/promote" in x for x in lines)
-    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # the W&B offline run holds the same metrics
+    wandb_run = offline_run(run / "wandb")  # what W&B shows after `wandb sync`
+    assert wandb_run["metrics"]["policy/*"] == "policy/env_steps" and wandb_run["metrics"]["fleet/*"] == "iteration"
+    learner_rows = [row for row in wandb_run["history"] if "policy/env_steps" in row]
+    assert len(learner_rows) > 2 * 2  # the learner's log lines stay separate points, not one per iteration
+    learner_steps = [row["policy/env_steps"] for row in learner_rows]
+    assert learner_steps == sorted(learner_steps) and learner_steps[-1] > 400  # one axis over both iterations
+    assert {row["iteration"] for row in wandb_run["history"]} == {0, 1, 2}  # 2 iterations and the closing round
+    policies = [a for a in wandb_run["artifacts"] if a["name"] == "policy-pendulum"]
+    datasets = {alias for a in wandb_run["artifacts"] if a["name"] == "dataset-pendulum" for alias in a["aliases"]}
+    assert policies and "stable" in policies[0]["aliases"] and "release-1" in policies[0]["aliases"]
+    (lineage,) = policies[0]["metadata"]["lineage"]  # dataset -> policy, recorded offline
+    assert lineage.startswith("dataset-pendulum:snapshot-") and lineage.split(":")[1] in datasets
     assert (run / "report.png").stat().st_size > 1000 and (run / "summary.json").exists()
     assert list((run / "videos").glob("eval_video_v1_*.mp4"))  # evaluation video of the release (EGL)
 

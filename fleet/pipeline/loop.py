@@ -25,6 +25,7 @@ from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
+from fleet.tracking import POLICY_STEPS
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.registry.trust import atomic_write
 from sim.policy_fn import noisy_policy, zero_policy
@@ -153,7 +154,7 @@ class Flywheel:
         with self.progress.task(f"iteration {k}: snapshot + world model"):
             snapshot_id, real, sim = svc.read_data(s.robot_model)
             record["snapshot"] = snapshot_id
-            svc.mirror_dataset(snapshot_id, {"real": len(real), "sim": len(sim)}, k)
+            svc.mirror_dataset(snapshot_id, {"real": len(real), "sim": len(sim)}, k, s.robot_model)
             previous = svc.load_world_model()
             model, wm_report, wm_version = steps.update_world_model(
                 real, sim, previous, instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), None
@@ -187,18 +188,23 @@ class Flywheel:
 
         with self.progress.task(f"iteration {k}: train policy ({cfg.policy.trainer.algorithm})"):
             trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
+            steps_before = self.state.get("learner_env_steps", 0)  # the learner carries over: its steps count on
             algo_cfg = instantiate(cfg.policy.algorithm)
-            if s.robust_to_sensor_noise:
-                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles)
+            worlds = profiles
+            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise; critic and model see the true state
+                algo_cfg, worlds = steps.robust_to_fleet_sensors(algo_cfg, profiles), steps.clean_sensor_worlds(profiles)
             trained = steps.train_policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
                 profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
-                lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()}, step),
+                lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()} | {POLICY_STEPS: steps_before + n}, step),
+                worlds=worlds,
             )
             export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
             weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id)
             # training continues from this candidate next iteration, promoted or not
             self.state["learner"] = {"iteration": k, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
+            self.state["learner_env_steps"] = steps_before + trained.env_steps
+            svc.tracker.config_update({"effective_trainer": dataclasses.asdict(trainer_cfg), "effective_algorithm": dataclasses.asdict(algo_cfg)})
 
         with self.progress.task(f"iteration {k}: gate on every robot's profile"):
             cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed)
@@ -246,7 +252,7 @@ class Flywheel:
                 return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
             svc.registry.widen()
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
-        svc.mirror_policy(version, export_dir)
+        svc.mirror_policy(version, export_dir, s.robot_model, snapshot_id)
         self._video(k, version, trained.policy, profiles)
         return {"stage": stage, "version": version, "canaries": canaries}
 

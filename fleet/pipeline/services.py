@@ -36,6 +36,14 @@ def start_ray(cfg: DictConfig) -> bool:
     return True
 
 
+def dataset_artifact(robot_model: str) -> str:
+    return f"dataset-{robot_model}"
+
+
+def snapshot_alias(snapshot_id: str) -> str:
+    return f"snapshot-{snapshot_id[:12]}"
+
+
 def _ray_task(fn, job):
     return fn(job)
 
@@ -65,6 +73,7 @@ class Services(contextlib.AbstractContextManager):
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
             config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
         )
+        self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg)})  # the run folder's store, not the YAML's path
 
     # -- data ---------------------------------------------------------------------------------
     def read_data(self, robot_model: str) -> tuple[str, list[Episode], list[Episode]]:
@@ -105,17 +114,24 @@ class Services(contextlib.AbstractContextManager):
         manifest = export_policy(policy, directory, robot_model=robot_model, policy_version=directory.parent.name, algorithm="sac", data_snapshot=snapshot_id)
         return (directory / WEIGHTS_FILE).read_bytes(), manifest
 
-    def mirror_policy(self, version: int, export_dir: Path) -> None:
-        """W&B mirrors each promoted policy as an Artifact; our registry serves it."""
+    def mirror_policy(self, version: int, export_dir: Path, robot_model: str, snapshot_id: str) -> None:
+        """W&B mirrors each released policy as a version of one Artifact per robot model (aliases
+        ``release-<version>`` and ``stable``), made from the dataset snapshot it trained on; our registry serves it."""
         files = sorted(p for p in export_dir.iterdir() if p.is_file())
-        self.tracker.artifact(f"policy-v{version}", "model", files, {"version": version})
+        dataset = f"{dataset_artifact(robot_model)}:{snapshot_alias(snapshot_id)}"
+        self.tracker.artifact(
+            f"policy-{robot_model}", "model", files, {"version": version, "data_snapshot": snapshot_id, "dataset_artifact": dataset},
+            aliases=(f"release-{version}", "stable"), uses=(dataset,),
+        )
 
-    def mirror_dataset(self, snapshot_id: str, counts: dict[str, int], iteration: int) -> None:
-        """W&B mirrors the pinned dataset snapshot as an Artifact (its id and counts; the data stays in the store)."""
+    def mirror_dataset(self, snapshot_id: str, counts: dict[str, int], iteration: int, robot_model: str) -> None:
+        """W&B mirrors the pinned dataset snapshot as a version of one Artifact per robot model
+        (its id and counts; the data stays in the store), aliased by snapshot and iteration."""
         path = self.run_dir / "snapshots" / f"iter{iteration:03d}.json"
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"snapshot_id": snapshot_id, "store": str(self.store_cfg.path), "episodes": counts}, indent=1))
-        self.tracker.artifact(f"dataset-{snapshot_id[:12]}", "dataset", [path], {"snapshot_id": snapshot_id, **counts})
+        aliases = (snapshot_alias(snapshot_id), f"iter-{iteration}")
+        self.tracker.artifact(dataset_artifact(robot_model), "dataset", [path], {"snapshot_id": snapshot_id, **counts}, aliases=aliases)
 
     # -- lifetime -------------------------------------------------------------------------------
     def __exit__(self, *exc):

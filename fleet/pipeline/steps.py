@@ -92,9 +92,11 @@ def train_policy(
     warm_start: Path | None,
     out_dir: Path,
     log: LogFn | None,
+    worlds: dict[str, VariationProfile] | None = None,
 ) -> TrainedPolicy:
     """The policy learner (SAC or the model-based learner) on the fleet's data (``data``: source ->
-    episodes) plus online MuJoCo on ``profiles`` (robot id -> its calibrated profile), continuing the learner checkpointed at ``warm_start`` (the
+    episodes) plus online MuJoCo on ``worlds`` (default ``profiles``: robot id -> its calibrated
+    profile; evaluations use ``profiles``), continuing the learner checkpointed at ``warm_start`` (the
     previous candidate, promoted or not): its networks, optimisers, temperature, online replay and
     step counters carry over (no second warm-up); the offline sources are this snapshot's."""
     from policies.checkpoint import load_checkpoint
@@ -112,7 +114,10 @@ def train_policy(
         algorithm.continue_from(tensors, meta["algo"])
     if trainer_cfg.algorithm == "mbpo":  # its world model reads each episode's body: the robot's calibrated profile, the scenario's
         algorithm.add_offline(offline, functools.partial(episode_profile, profiles))
-    with Trainer(trainer_cfg, algorithm, profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg) as trainer:
+    worlds = profiles if worlds is None else worlds
+    with Trainer(
+        trainer_cfg, algorithm, profiles=list(worlds.values()), eval_profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg
+    ) as trainer:
         result = trainer.train()
         checkpoint = trainer.save(out_dir)  # the learner's latest state: the next iteration continues it
         candidate = trainer.best_policy if trainer.best_policy is not None else trainer.algo.policy  # keep_best: the best-evaluated
@@ -126,6 +131,16 @@ def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):
     sac = getattr(algo_cfg, "sac", algo_cfg)
     robust = dataclasses.replace(sac, actor_obs_noise=max(sac.actor_obs_noise, float(worst)))
     return dataclasses.replace(algo_cfg, sac=robust) if sac is not algo_cfg else robust
+
+
+def clean_sensor_worlds(profiles: dict[str, VariationProfile]) -> dict[str, VariationProfile]:
+    """Training worlds for an actor that trains under sensor noise (:func:`robust_to_fleet_sensors`):
+    each robot's body and sensor offset with a noise-free sensor. The actor's own noise stands in
+    for the sensor's, and the critic and the world model learn from the true state, which
+    simulation has (privileged information, as in asymmetric actor-critic). Measured on the demo's
+    four bodies, 3,000 pooled steps: the worst body's evaluation reached 1,000 of 1,000 with clean
+    worlds, 154 at best with the noisy sensor simulated as well (docs/benchmarks.md)."""
+    return {r: p.replace(obs_noise_std=0.0) for r, p in profiles.items()}
 
 
 def episode_profile(profiles: dict[str, VariationProfile], episode: Episode) -> VariationProfile | None:

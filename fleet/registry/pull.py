@@ -92,7 +92,11 @@ class SignedPolicySource:
                 raise ValueError(f"weights of v{manifest['version']}: HTTP {response.status_code}")
             weights = self.trust.receive_weights(manifest, response.iter_bytes())
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
-        previous = (self.trust.manifest, self.trust.weights_path.read_bytes() if self.trust.manifest else None, self._policy)
+        try:  # what a failed health check returns to: the trusted pair, if its weights are intact
+            kept = self.trust.trusted_weights() if self.trust.manifest else None
+        except (OSError, PolicyRejected):
+            kept = None
+        previous = (self.trust.manifest if kept is not None else None, kept, self._policy)
         self.trust.accept(manifest, weights)
         if not self._healthy(policy):
             self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
@@ -140,14 +144,15 @@ class SignedPolicySource:
         return actions.shape == (len(self.probe_obs), self.trust.spec["act_dim"]) and bool(np.isfinite(actions).all()) and bool(np.abs(actions).max() <= 1.0)
 
     def _load_trusted(self) -> Policy | None:
-        """After a robot restart: the policy it trusted before, if its files are intact."""
-        if self.trust.manifest is None:
+        """After a robot restart: the policy it trusted before, if its files are intact and it passes the health check."""
+        if self.trust.manifest is None or self.trust.version in self.trust.blocked:
             return None
         try:
-            return self._runtime(self.trust.manifest, self.trust.weights_path.read_bytes())
+            policy = self._runtime(self.trust.manifest, self.trust.trusted_weights())
         except (PolicyRejected, OSError) as exc:
             log.warning("trusted policy on disk is unusable (%s); using the fallback", exc)
             return None
+        return policy if self._healthy(policy) else None
 
     def close(self) -> None:
         self._client.close()

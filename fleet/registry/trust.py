@@ -34,8 +34,12 @@ class PolicyRejected(Exception):
 class PolicyTrust:
     """What a robot trusts: the pinned registry key, its own spec, and the last accepted manifest.
 
-    ``state_dir`` holds ``trusted.json`` (the accepted manifest) and ``weights.safetensors``,
-    both replaced atomically (write, fsync, rename).
+    ``state_dir`` holds ``trusted.json`` (the accepted manifest) and the weights it names,
+    ``weights-v<version>.safetensors``. A swap writes the new weights under their own name, then
+    replaces ``trusted.json`` (write, fsync, rename), then deletes the other weights: a power cut
+    at any point leaves a manifest whose weights are on disk intact, the old pair or the new one
+    (tests/test_power_cut.py kills a robot mid-swap 100 times). The older layout's single
+    ``weights.safetensors`` is still read, when its hash is the manifest's.
     """
 
     def __init__(self, public_key, *, robot_model: str, obs_dim: int, act_dim: int, state_dir: Path, clock=time.time):
@@ -56,7 +60,22 @@ class PolicyTrust:
 
     @property
     def weights_path(self) -> Path:
-        return self.state_dir / "weights.safetensors"
+        """Where the trusted manifest's weights live."""
+        return self._weights_file(self.version)
+
+    def _weights_file(self, version: int) -> Path:
+        return self.state_dir / f"weights-v{int(version):08d}.safetensors"
+
+    def trusted_weights(self) -> bytes:
+        """The trusted manifest's weights, checked against its size and hash (OSError or PolicyRejected if not intact)."""
+        if self.manifest is None:
+            raise PolicyRejected("malformed", "no trusted policy on this robot")
+        path = self.weights_path
+        legacy = self.state_dir / "weights.safetensors"
+        data = path.read_bytes() if path.exists() or not legacy.exists() else legacy.read_bytes()
+        if len(data) != self.manifest["weights"]["size"] or sha256_hex(data) != self.manifest["weights"]["sha256"]:
+            raise PolicyRejected("hash", f"weights on disk differ from trusted v{self.version}'s")
+        return data
 
     # -- checks ---------------------------------------------------------------------------
     def check(self, envelope: dict) -> dict | None:
@@ -113,10 +132,15 @@ class PolicyTrust:
 
     # -- state ----------------------------------------------------------------------------
     def accept(self, manifest: dict, weights: bytes) -> None:
-        """Make (manifest, weights) the trusted policy, atomically (weights first, then the manifest)."""
-        atomic_write(self.weights_path, weights)
+        """Make (manifest, weights) the trusted policy: its weights under their own name, then the
+        manifest that names them (the switch), then the others go."""
+        atomic_write(self._weights_file(manifest["version"]), weights)
         atomic_write(self.state_dir / "trusted.json", canonical_json(manifest))
         self.manifest = manifest
+        keep = self.weights_path.name
+        for old in self.state_dir.glob("weights*.safetensors"):
+            if old.name != keep:
+                old.unlink(missing_ok=True)
 
     def restore(self, manifest: dict | None, weights: bytes | None, failed_version: int) -> None:
         """Return to the previously trusted policy after ``failed_version`` failed its health check.
@@ -124,13 +148,15 @@ class PolicyTrust:
         The failed version is blocked for good on this robot, so it is not fetched again.
         """
         self.refusals["health"] += 1
-        self.blocked.add(int(failed_version))
-        atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
         if manifest is None:
             (self.state_dir / "trusted.json").unlink(missing_ok=True)
             self.manifest = None
-            return
-        self.accept(manifest, weights)
+        else:
+            self.accept(manifest, weights)
+        # blocked last: a power cut before this leaves the previous policy trusted and the failed
+        # version unblocked, so it is fetched, fails its health check and is blocked again
+        self.blocked.add(int(failed_version))
+        atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -1,0 +1,55 @@
+"""Read a W&B offline run file (``run-*.wandb``) back into its records, to test what W&B will show
+after ``wandb sync``. The file is a LevelDB-style log (32 KiB blocks of checksummed chunks) after a
+7-byte ``:W&B`` header; each record is a ``wandb_internal`` protobuf ``Record``."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK, HEADER = 32768, 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: Path) -> list:
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, parts, chunks = HEADER, b"", []
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER]) if left >= HEADER else (0, 0, 0)
+        if left < HEADER or (length == 0 and kind == 0):  # block trailer or zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + HEADER : pos + HEADER + length], pos + HEADER + length
+        if kind == FULL:
+            chunks.append(chunk)
+        elif kind == FIRST:
+            parts = chunk
+        elif kind == MIDDLE:
+            parts += chunk
+        elif kind == LAST:
+            chunks.append(parts + chunk)
+    records = []
+    for raw in chunks:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        records.append(record)
+    return records
+
+
+def offline_run(wandb_dir: Path) -> dict:
+    """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}]}."""
+    (path,) = Path(wandb_dir).glob("offline-run-*/run-*.wandb")
+    records = read_records(path)
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in records if r.HasField("history")]
+    metrics = {r.metric.name or r.metric.glob_name: r.metric.step_metric for r in records if r.HasField("metric")}
+    artifacts = [
+        {"name": a.name, "type": a.type, "aliases": list(a.aliases), "metadata": json.loads(a.metadata or "{}")}
+        for a in (r.artifact for r in records if r.HasField("artifact"))
+    ]
+    return {"metrics": metrics, "history": history, "artifacts": artifacts}
