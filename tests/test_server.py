@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import safetensors.numpy
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.server import ServerConfig, add_token, serve
 from fleet.server.auth import TokenRegistry
@@ -229,12 +230,21 @@ def test_listing_filters_and_metrics(fleet):
     listed = fleet["client"].get("/v1/episodes", params={"robot_id": "r1"}, headers=op).json()
     assert [e["episode_id"] for e in listed["episodes"]] == [ep.episode_id] and listed["snapshot_id"]
     assert fleet["client"].get("/v1/episodes", params={"limit": 0}, headers=op).status_code == 400
-    text = fleet["client"].get("/metrics", headers=op).text
-    assert 'flywheel_uploads_total{status="created"}' in text and "flywheel_upload_latency_seconds_count" in text
-    assert 'flywheel_rejections_total{reason="unauthorized"}' in text and "flywheel_commits_total" in text
+    response = fleet["client"].get("/metrics", headers=op)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}  # a Prometheus parser reads it
+    samples = [sample for family in families.values() for sample in family.samples]
+    value = lambda name, **labels: next(s.value for s in samples if s.name == name and s.labels == labels)  # noqa: E731
+    assert value("flywheel_uploads_total", status="created") >= 1 and value("flywheel_upload_latency_seconds_count") >= 1
+    assert value("flywheel_rejections_total", reason="unauthorized") >= 1 and "flywheel_commits" in families
+    assert all(f.documentation for f in families.values())  # HELP text on every metric
+    assert value("process_resident_memory_bytes") > 0  # the process collector
+    # per route, by template (an episode id in the path does not make a new series)
+    assert value("flywheel_http_requests_total", method="POST", route="/v1/episodes", status="201") >= 1
+    assert value("flywheel_http_requests_total", method="GET", route="/v1/episodes", status="400") >= 1
     # every upload counted: stored episodes match the store itself
     snap = EpisodeStore.open(fleet["store_cfg"]).snapshot()
-    assert f"flywheel_store_episodes {len(snap)}" in text
+    assert value("flywheel_store_episodes") == len(snap)
 
 
 def test_extra_routes_share_the_servers_tokens(tmp_path):

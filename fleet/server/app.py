@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -152,6 +153,19 @@ def create_app(
             return ApiError(400, "ambiguous_framing", reason, "content-length", {"Connection": "close"}).response()
         return await call_next(request)
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        """Per-route request counts and latencies (the route's template, never the raw path)."""
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.request(request.method, getattr(route, "path", None), status, time.perf_counter() - start)
+
     @app.post("/v1/episodes")
     async def upload(request: Request):
         start = time.perf_counter()
@@ -227,6 +241,6 @@ def create_app(
     @app.get("/metrics")
     async def metrics_text(request: Request):
         tokens.require(request.headers.get("authorization"), "operator")
-        return PlainTextResponse(metrics.render(committer.pending, store.known_episodes), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(committer.pending, store.known_episodes), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     return app

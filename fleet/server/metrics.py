@@ -1,99 +1,81 @@
-"""Prometheus text metrics of the ingestion server (exposition format 0.0.4, no extra dependency).
+"""Prometheus metrics of the ingestion server, on ``prometheus-client`` (exposition format 0.0.4).
 
-Metric names (documented in docs/protocol.md):
-    flywheel_uploads_total{status}           created | duplicate uploads acknowledged
-    flywheel_episode_bytes_total             canonical bytes of created episodes
-    flywheel_transitions_total               control steps of created episodes
-    flywheel_rejections_total{reason}        refused uploads by error code
-    flywheel_upload_latency_seconds          histogram, request start to response
-    flywheel_commits_total                   group commits that stored episodes
-    flywheel_commit_failures_total           group commits that failed (uploads got 503)
-    flywheel_commit_seconds                  histogram, one group commit incl. fsync
-    flywheel_commit_episodes                 histogram, episodes per group commit
-    flywheel_pending_uploads                 gauge, uploads waiting for a commit
-    flywheel_store_episodes                  gauge, episodes in the store
+Each server owns its own ``CollectorRegistry`` (several servers may share a process in tests).
+Metric names (documented in docs/protocol.md, each with HELP text):
+    flywheel_uploads_total{status}                       created | duplicate uploads acknowledged
+    flywheel_episode_bytes_total                         canonical bytes of created episodes
+    flywheel_transitions_total                           control steps of created episodes
+    flywheel_rejections_total{reason}                    refused requests by error code
+    flywheel_upload_latency_seconds                      histogram, upload request start to response
+    flywheel_commits_total                               group commits that stored episodes
+    flywheel_commit_failures_total                       group commits that failed (uploads got 503)
+    flywheel_commit_seconds                              histogram, one group commit incl. fsync
+    flywheel_commit_episodes                             histogram, episodes per group commit
+    flywheel_pending_uploads                             gauge, uploads waiting for a commit
+    flywheel_store_episodes                              gauge, episodes in the store
+    flywheel_http_requests_total{method,route,status}    every HTTP request, by route template
+    flywheel_http_request_duration_seconds{method,route} histogram, request start to response
+    process_*                                            the server process: CPU, resident memory, open files
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{edge}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
-        return [*out, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+UNMATCHED = "unmatched"  # the route label of a request no route took (bounded cardinality: no raw paths)
 
 
 class Metrics:
-    """Thread-safe counters and histograms of one server process."""
+    """The server's counters, gauges and histograms (prometheus-client objects are thread-safe)."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self.uploads: dict[str, int] = defaultdict(int)
-        self.rejections: dict[str, int] = defaultdict(int)
-        self.episode_bytes = 0
-        self.transitions = 0
-        self.commits = 0
-        self.commit_failures = 0
-        self.latency = Histogram(LATENCY_BUCKETS)
-        self.commit_seconds = Histogram(LATENCY_BUCKETS)
-        self.commit_episodes = Histogram(BATCH_BUCKETS)
+        self.registry = r = CollectorRegistry()
+        self.uploads = Counter("flywheel_uploads", "Uploads acknowledged, by outcome (created or duplicate).", ["status"], registry=r)
+        self.episode_bytes = Counter("flywheel_episode_bytes", "Canonical bytes of created episodes.", registry=r)
+        self.transitions = Counter("flywheel_transitions", "Control steps of created episodes.", registry=r)
+        self.rejections = Counter("flywheel_rejections", "Refused requests, by error code (docs/protocol.md, Refusals).", ["reason"], registry=r)
+        self.latency = Histogram("flywheel_upload_latency_seconds", "Upload request start to response.", buckets=LATENCY_BUCKETS, registry=r)
+        self.commits = Counter("flywheel_commits", "Group commits that stored episodes.", registry=r)
+        self.commit_failures = Counter("flywheel_commit_failures", "Group commits that failed (their uploads got 503).", registry=r)
+        self.commit_seconds = Histogram("flywheel_commit_seconds", "One group commit, fsync included.", buckets=LATENCY_BUCKETS, registry=r)
+        self.commit_episodes = Histogram("flywheel_commit_episodes", "Episodes per group commit.", buckets=BATCH_BUCKETS, registry=r)
+        self.pending = Gauge("flywheel_pending_uploads", "Uploads waiting for a group commit.", registry=r)
+        self.store_episodes = Gauge("flywheel_store_episodes", "Episodes in the store.", registry=r)
+        self.requests = Counter("flywheel_http_requests", "HTTP requests, by method, route template and status.", ["method", "route", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "flywheel_http_request_duration_seconds", "HTTP request start to response, by method and route template.", ["method", "route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        ProcessCollector(registry=r)
 
     def uploaded(self, status: str, nbytes: int, steps: int) -> None:
-        with self._lock:
-            self.uploads[status] += 1
-            if status == "created":
-                self.episode_bytes += nbytes
-                self.transitions += steps
+        self.uploads.labels(status).inc()
+        if status == "created":
+            self.episode_bytes.inc(nbytes)
+            self.transitions.inc(steps)
 
     def rejected(self, reason: str) -> None:
-        with self._lock:
-            self.rejections[reason] += 1
+        self.rejections.labels(reason).inc()
 
     def observe_latency(self, seconds: float) -> None:
-        with self._lock:
-            self.latency.observe(seconds)
+        self.latency.observe(seconds)
 
     def committed(self, seconds: float, episodes: int, ok: bool) -> None:
-        with self._lock:
-            if ok:
-                self.commits += 1
-                self.commit_seconds.observe(seconds)
-                self.commit_episodes.observe(episodes)
-            else:
-                self.commit_failures += 1
+        if ok:
+            self.commits.inc()
+            self.commit_seconds.observe(seconds)
+            self.commit_episodes.observe(episodes)
+        else:
+            self.commit_failures.inc()
+
+    def request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        route = route or UNMATCHED
+        self.requests.labels(method, route, str(status)).inc()
+        self.request_seconds.labels(method, route).observe(seconds)
 
     def render(self, pending: int, store_episodes: int) -> str:
-        with self._lock:
-            lines = ["# TYPE flywheel_uploads_total counter"]
-            lines += [f'flywheel_uploads_total{{status="{s}"}} {n}' for s, n in sorted(self.uploads.items())]
-            lines += ["# TYPE flywheel_episode_bytes_total counter", f"flywheel_episode_bytes_total {self.episode_bytes}"]
-            lines += ["# TYPE flywheel_transitions_total counter", f"flywheel_transitions_total {self.transitions}"]
-            lines += ["# TYPE flywheel_rejections_total counter"]
-            lines += [f'flywheel_rejections_total{{reason="{r}"}} {n}' for r, n in sorted(self.rejections.items())]
-            lines += ["# TYPE flywheel_upload_latency_seconds histogram", *self.latency.lines("flywheel_upload_latency_seconds")]
-            lines += ["# TYPE flywheel_commits_total counter", f"flywheel_commits_total {self.commits}"]
-            lines += ["# TYPE flywheel_commit_failures_total counter", f"flywheel_commit_failures_total {self.commit_failures}"]
-            lines += ["# TYPE flywheel_commit_seconds histogram", *self.commit_seconds.lines("flywheel_commit_seconds")]
-            lines += ["# TYPE flywheel_commit_episodes histogram", *self.commit_episodes.lines("flywheel_commit_episodes")]
-            lines += ["# TYPE flywheel_pending_uploads gauge", f"flywheel_pending_uploads {pending}"]
-            lines += ["# TYPE flywheel_store_episodes gauge", f"flywheel_store_episodes {store_episodes}"]
-        return "\n".join(lines) + "\n"
+        self.pending.set(pending)
+        self.store_episodes.set(store_episodes)
+        return generate_latest(self.registry).decode()
