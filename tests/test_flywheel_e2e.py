@@ -30,6 +30,7 @@ TINY = [
     "scenarios.proposals.num_randomized=4",
     "scenarios.proposals.num_uncertain=4",
     "scenarios.calibration.iterations=3",
+    "scenarios.calibration.windows_per_episode=4",
     "wandb.mode=offline",
     "ray.num_cpus=2",
 ]
