@@ -25,9 +25,9 @@ from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
-from fleet.tracking import POLICY_STEPS
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.registry.trust import atomic_write
+from fleet.tracking import POLICY_STEPS
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
 
