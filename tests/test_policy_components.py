@@ -203,3 +203,8 @@ def test_the_actor_learns_under_the_fleets_noisiest_calibrated_sensor():
     assert robust_to_fleet_sensors(SACConfig(), {"a": VariationProfile()}).actor_obs_noise == 0.0
     with pytest.raises(ValueError, match="actor_obs_noise"):
         SACConfig(actor_obs_noise=-0.1)
+    # loop.noise_free_training_worlds: the worlds keep each body and sensor offset, not the noise
+    from fleet.pipeline.steps import clean_sensor_worlds
+
+    worlds = clean_sensor_worlds({"n": VariationProfile(obs_noise_std=0.05, obs_bias=0.02, actuator_strength=0.5)})
+    assert worlds == {"n": VariationProfile(obs_bias=0.02, actuator_strength=0.5)}

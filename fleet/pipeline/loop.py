@@ -52,6 +52,7 @@ class LoopSettings:
     train_env_steps: int
     synthetic_action_noise: float
     robust_to_sensor_noise: bool
+    noise_free_training_worlds: bool
     gate: dict
     seed: int
 
@@ -191,8 +192,9 @@ class Flywheel:
             steps_before = self.state.get("learner_env_steps", 0)  # the learner carries over: its steps count on
             algo_cfg = instantiate(cfg.policy.algorithm)
             worlds = profiles
-            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise; critic and model see the true state
-                algo_cfg, worlds = steps.robust_to_fleet_sensors(algo_cfg, profiles), steps.clean_sensor_worlds(profiles)
+            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise
+                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles)
+                worlds = steps.clean_sensor_worlds(profiles) if s.noise_free_training_worlds else profiles
             trained = steps.train_policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
                 profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",

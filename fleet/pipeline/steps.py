@@ -137,9 +137,8 @@ def clean_sensor_worlds(profiles: dict[str, VariationProfile]) -> dict[str, Vari
     """Training worlds for an actor that trains under sensor noise (:func:`robust_to_fleet_sensors`):
     each robot's body and sensor offset with a noise-free sensor. The actor's own noise stands in
     for the sensor's, and the critic and the world model learn from the true state, which
-    simulation has (privileged information, as in asymmetric actor-critic). Measured on the demo's
-    four bodies, 3,000 pooled steps: the worst body's evaluation reached 1,000 of 1,000 with clean
-    worlds, 154 at best with the noisy sensor simulated as well (docs/benchmarks.md)."""
+    simulation has (privileged information, as in asymmetric actor-critic). ``loop.noise_free_training_worlds``;
+    docs/policies.md (Sensor noise) has what it does to the worst body and to the demo."""
     return {r: p.replace(obs_noise_std=0.0) for r, p in profiles.items()}
 
 
