@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline.loop import Flywheel
 from fleet.store import EpisodeStore, StoreConfig
-from tests.wandb_offline import offline_run
+from fleet.wandb_offline import offline_run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [

@@ -1,5 +1,5 @@
-"""Read a W&B offline run file (``run-*.wandb``) back into its records, to test what W&B will show
-after ``wandb sync``. The file is a LevelDB-style log (32 KiB blocks of checksummed chunks) after a
+"""Read a W&B offline run file (``run-*.wandb``) back into its records: what W&B will show after
+``wandb sync``. The file is a LevelDB-style log (32 KiB blocks of checksummed chunks) after a
 7-byte ``:W&B`` header; each record is a ``wandb_internal`` protobuf ``Record``."""
 
 from __future__ import annotations
