@@ -238,6 +238,7 @@ class CalibrationResult:
     history: list[float]  # best loss after each CEM iteration (on its search windows) and after the polish on all (when it ran)
     num_windows: int
     evaluations: int  # candidate profiles simulated
+    fitted: dict[str, float] = dataclasses.field(default_factory=dict)  # the fit before the verdicts reset fields to the base
 
     @property
     def notes(self) -> dict[str, str]:
@@ -420,6 +421,8 @@ def calibrate(
         if config.polish_steps:
             history.append(best_loss)
         ident = identifiability(objective, best_theta, best_loss, config)
+    fitted_profile = objective.profile(best_theta)
+    fitted = {p: float(getattr(fitted_profile, p)) for p in config.params}
     for i, name in enumerate(config.params):
         if ident.keep_base[name]:
             best_theta[i] = math.log(getattr(base, name)) if name in LOG_FIELDS else float(getattr(base, name))
@@ -443,6 +446,7 @@ def calibrate(
         history=history,
         num_windows=len(windows.qpos),
         evaluations=objective.evaluations + search.evaluations,
+        fitted=fitted,
     )
 
 

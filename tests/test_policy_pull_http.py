@@ -2,8 +2,12 @@
 registry's files are refused by the robot, which keeps its last good policy; a policy that fails
 its first-episode health check is rolled back and blocked."""
 
-import torch
+import base64
+
+import httpx
+import numpy as np
 import pytest
+import torch
 
 from fleet.agent.config import SimRobotConfig
 from fleet.agent.policy import builtin_policy
@@ -19,7 +23,7 @@ from fleet.server.runner import serve
 from fleet.store import StoreConfig
 from policies.export import export_policy
 from policies.networks import Policy, PolicySpec
-from policies.runtime import WEIGHTS_FILE
+from policies.runtime import WEIGHTS_FILE, load_policy_bytes
 
 SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
 
@@ -100,3 +104,44 @@ def test_a_policy_failing_its_first_episode_is_rolled_back_and_blocked(tmp_path,
     assert source.current().version == "1" and source.trust.version == 1  # back on the last good policy
     assert not source.poll() and source.refusals["health"] >= 2  # the failed version stays refused
     robot.close()
+
+
+def test_the_robot_runs_its_signed_sensor_correction(tmp_path, fleet):
+    registry, source = fleet
+    torch.manual_seed(1)
+    policy = Policy(PolicySpec(4, 1, (16,), "tanh", False))  # untouched weights: its action depends on the observation
+    manifest = export_policy(policy, tmp_path / "p", robot_model="pendulum", policy_version="p", algorithm="sac")
+    weights = (tmp_path / "p" / WEIGHTS_FILE).read_bytes()
+    offset = [0.3, -0.2, 0.1, 0.5]
+    registry.publish(weights, policy=manifest, sensor_offsets={"robot-0": offset, "robot-9": [9.0] * 4}, **SPEC)
+    assert source.poll()
+    obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    runtime = load_policy_bytes(manifest, weights, **SPEC)
+    np.testing.assert_allclose(source.current().act(obs), runtime.act(obs - np.float32(offset)), atol=1e-6)
+    assert not np.allclose(source.current().act(obs), runtime.act(obs), atol=1e-3)  # the offset mattered
+    registry.publish(weights, policy=manifest, sensor_offsets={"robot-0": [0.1, 1e9, 0.0, 0.0]}, **SPEC)
+    assert not source.poll() and source.refusals == {"malformed": 1} and source.current().version == "1"
+    source.trust.refusals.clear()
+    for bad in ([0.1], ["0.1", 0, 0, 0], {"x": 1}):  # wrong length, not numbers, not a list
+        registry.publish(weights, policy=manifest, sensor_offsets={"robot-0": bad}, **SPEC)
+        assert not source.poll()
+    assert source.refusals == {"malformed": 3} and source.current().version == "1"
+
+
+def test_publishing_checks_sensor_offsets(tmp_path):
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
+    token = add_token(tmp_path / "tokens.json", "publisher")
+    server = serve(ServerConfig(port=0, token_file=str(tmp_path / "tokens.json")), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    weights, manifest = exported(tmp_path, "p")
+    body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            for bad in ({"robot-0": [0.1]}, {"robot-0": [0.0, 0.0, 0.0, 5e3]}, [[0.1] * 4], {"robot-0": "0.1"}):
+                response = client.post("/v1/policies", json={**body, "sensor_offsets": bad})
+                assert response.status_code == 400 and response.json()["field"] == "sensor_offsets", response.text
+            assert registry.versions() == []  # nothing signed
+            response = client.post("/v1/policies", json={**body, "sensor_offsets": {"robot-0": [0.02] * 4}})
+            assert response.status_code == 201 and response.json()["manifest"]["sensor_offsets"] == {"robot-0": [0.02] * 4}
+    finally:
+        server.stop()

@@ -30,6 +30,7 @@ from fleet.registry.trust import atomic_write
 from fleet.tracking import POLICY_STEPS
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
+from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class LoopSettings:
     synthetic_action_noise: float
     robust_to_sensor_noise: bool
     noise_free_training_worlds: bool
+    sensor_correction: bool
     gate: dict
     seed: int
 
@@ -82,6 +84,7 @@ class Flywheel:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
         self.state.setdefault("learner", None)
         self.state.setdefault("real_steps", {})
+        self.state.setdefault("sensor_beliefs", {})  # robot id -> what its calibrations say of its sensor offset (sim/sensors.py)
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
 
@@ -152,10 +155,28 @@ class Flywheel:
             record = self._telemetry(k)
         fleet_returns = record["fleet_returns"]
 
-        with self.progress.task(f"iteration {k}: snapshot + world model"):
-            snapshot_id, real, sim = svc.read_data(s.robot_model)
+        with self.progress.task(f"iteration {k}: snapshot + calibrate robots"):
+            snapshot_id, raw_real, sim = svc.read_data(s.robot_model)
             record["snapshot"] = snapshot_id
-            svc.mirror_dataset(snapshot_id, {"real": len(real), "sim": len(sim)}, k, s.robot_model)
+            svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
+            cal_cfg = instantiate(cfg.scenarios.calibration)
+            calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map)
+            record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
+            truth_error = self._calibration_error(calibrations)
+            # each robot with a sensor offset takes it out on board (shipped with the release):
+            # from here on, models, scenarios, training and the gate work in that corrected view
+            offsets = {}
+            if s.sensor_correction:
+                self.state["sensor_beliefs"], offsets = steps.track_sensor_offsets(self.state["sensor_beliefs"], calibrations, raw_real, cal_cfg, s.calibration_episodes)
+            real, profiles = corrected_view(raw_real, {r: c.profile for r, c in calibrations.items()}, offsets)
+            record["sensor_offsets"] = offsets
+        svc.tracker.log(
+            {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
+            | {"data/real_episodes": len(real), "data/sim_episodes": len(sim)},
+            step,
+        )
+
+        with self.progress.task(f"iteration {k}: world model"):
             previous = svc.load_world_model()
             model, wm_report, wm_version = steps.update_world_model(
                 real, sim, previous, instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), None
@@ -164,14 +185,7 @@ class Flywheel:
             record["world_model"] = {
                 "version": wm_version, "val_mse": wm_report.elite_val_mse, "steps": wm_report.steps, "train_transitions": wm_report.train_transitions
             }
-        svc.tracker.log({"data/real_episodes": len(real), "data/sim_episodes": len(sim)} | {f"worldmodel/{k2}": v for k2, v in record["world_model"].items() if isinstance(v, float)}, step)
-
-        with self.progress.task(f"iteration {k}: calibrate robots"):
-            calibrations = steps.calibrate_fleet(s.robot_model, real, instantiate(cfg.scenarios.calibration), s.calibration_episodes, map_fn=svc.ray_map)
-            profiles = {r: c.profile for r, c in calibrations.items()}
-            record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
-            truth_error = self._calibration_error(calibrations)
-        svc.tracker.log({f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}, step)
+        svc.tracker.log({f"worldmodel/{k2}": v for k2, v in record["world_model"].items() if isinstance(v, float)}, step)
 
         current, learner = self.state["current"], self.state["learner"]
         factory = self._policy_factory(current)
@@ -219,7 +233,7 @@ class Flywheel:
             step,
         )  # fmt: skip
 
-        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, snapshot_id, fleet_returns) if decision.promote else None
+        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, offsets, snapshot_id, fleet_returns) if decision.promote else None
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
@@ -227,14 +241,15 @@ class Flywheel:
         ], step)
         return record
 
-    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
-        """Sign and publish the exported candidate (weights, manifest, folder) to the canaries; widen or roll back from their telemetry."""
+    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, offsets, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+        """Sign and publish the exported candidate (weights, manifest, folder) with the robots' sensor
+        ``offsets`` to the canaries; widen or roll back from their telemetry."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
         envelope = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
-            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), note=f"iteration {k}",
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), sensor_offsets=offset_vectors(offsets, self.task.obs_dim), note=f"iteration {k}",
         )
         version = envelope["manifest"]["version"]
         stage = "widened"

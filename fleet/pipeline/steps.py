@@ -19,6 +19,7 @@ import numpy as np
 
 from sim.calibration import CalibrationConfig, CalibrationResult, calibrate_job
 from sim.episode import Episode
+from sim.sensors import OffsetBelief, track_offsets
 from sim.variation import VariationProfile
 from worldmodel.fanout import simulate_scenarios
 from worldmodel.io import model_version
@@ -49,6 +50,15 @@ def calibrate_fleet(robot_model: str, real: Sequence[Episode], config: Calibrati
     config_fields = dataclasses.asdict(config)
     jobs = [{"robot": robot_model, "episodes": [ep.to_bytes() for ep in eps[-max_episodes:]], "config": config_fields} for _, eps in fleet]
     return {robot_id: CalibrationResult.from_json(text) for (robot_id, _), text in zip(fleet, map_fn(calibrate_job, jobs))}
+
+
+def track_sensor_offsets(beliefs: dict, calibrations: dict[str, CalibrationResult], real: Sequence[Episode], config: CalibrationConfig, max_episodes: int):
+    """Pool this round's calibrations into each robot's sensor-offset belief (``beliefs``: JSON from
+    the loop state). Returns (updated beliefs as JSON, robot id -> offset to deliver)."""
+    counts = {r: len(eps) for r, eps in by_robot(real).items()}
+    used = {r: min(n, max_episodes) for r, n in counts.items()}
+    updated, offsets = track_offsets({r: OffsetBelief(**b) for r, b in beliefs.items()}, calibrations, counts, used, config.sensor_bias_floor)
+    return {r: dataclasses.asdict(b) for r, b in updated.items()}, offsets
 
 
 def generate_scenarios(

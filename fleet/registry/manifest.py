@@ -10,6 +10,10 @@ Fields (all covered by the signature):
     policy        the exporter's own manifest (architecture, normaliser, training data...)
     data_snapshot the store snapshot the policy was trained on
     gate          the evaluation gate's results
+    sensor_offsets  {robot_id: [obs_dim floats]}: each listed robot subtracts its calibrated
+                  sensor offset from every observation before this policy sees it (the policy
+                  was trained and gated in that corrected view; sim/sensors.py). Robots not
+                  listed run uncorrected. A malformed entry is refused as "malformed".
     issued_at, expires_at   unix seconds; robots refuse an expired manifest (freeze attack)
     note          free text ("promoted", "rollback of v7", ...)
 """
@@ -37,6 +41,7 @@ def build_manifest(
     policy: dict | None = None,
     data_snapshot: str = "",
     gate: dict | None = None,
+    sensor_offsets: dict[str, list[float]] | None = None,
     ttl_s: float = 7 * 24 * 3600,
     now: float | None = None,
     note: str = "",
@@ -52,6 +57,7 @@ def build_manifest(
         "policy": policy or {},
         "data_snapshot": data_snapshot,
         "gate": gate or {},
+        "sensor_offsets": sensor_offsets or {},
         "issued_at": issued,
         "expires_at": issued + ttl_s,
         "note": note,

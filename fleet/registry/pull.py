@@ -4,7 +4,8 @@ Runs on the robot: numpy, httpx and cryptography only (no torch, no Ray). At eac
 start the agent asks :meth:`SignedPolicySource.current`; at most every ``poll_interval_s`` that
 asks the registry for this robot's latest manifest, verifies it (signature, version, expiry,
 spec), streams the weights with a size cap and checks their hash, loads them with the numpy
-runtime, runs a health check, and only then swaps. Any failure keeps the last good policy,
+runtime (behind this robot's signed sensor correction, if the manifest carries one:
+``sim/sensors.py``), runs a health check, and only then swaps. Any failure keeps the last good policy,
 and is logged and counted (``refusals``). A failed health check rolls back to the previous
 policy and blocks that version on this robot.
 """
@@ -20,6 +21,7 @@ import numpy as np
 from fleet.agent.policy import Policy
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
+from sim.sensors import SensorCorrectionError, corrected_act, parse_offset
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,12 @@ class SignedPolicySource:
         spec = self.trust.spec
         try:
             runtime = load_policy_bytes(manifest["policy"], weights, robot_model=spec["robot_model"], obs_dim=spec["obs_dim"], act_dim=spec["act_dim"])
-        except PolicyLoadError as exc:
+            offset = manifest.get("sensor_offsets", {}).get(self.robot_id)
+            offset = None if offset is None else parse_offset(offset, spec["obs_dim"])
+        except (PolicyLoadError, SensorCorrectionError, AttributeError) as exc:
             self.trust.refusals["malformed"] += 1
-            raise PolicyRejected("malformed", f"weights do not load: {exc}") from None
-        return Policy(str(manifest["version"]), runtime.act)
+            raise PolicyRejected("malformed", f"policy does not load: {exc}") from None
+        return Policy(str(manifest["version"]), corrected_act(runtime.act, offset))
 
     def _healthy(self, policy: Policy) -> bool:
         """The policy gives finite actions in [-1, 1] of the right shape on probe observations."""

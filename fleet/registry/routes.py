@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.registry.store import PolicyRegistry, RegistryError
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
+from sim.sensors import SensorCorrectionError, parse_offset
 
 MAX_PUBLISH_BYTES = 256 << 20
 
@@ -55,8 +56,20 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
             fields = {k: body[k] for k in ("robot_model", "obs_dim", "act_dim")}
         except (ValueError, KeyError, TypeError, binascii.Error, AttributeError) as exc:
             raise ApiError(400, "bad_publish", f"need JSON with weights_b64, robot_model, obs_dim, act_dim ({exc.__class__.__name__}: {exc})", None) from None
-        extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note") if k in body}
+        extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets") if k in body}
+        _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
         envelope = await run_in_threadpool(lambda: registry.publish(weights, cohort=body.get("cohort") or None, **fields, **extra))
         return JSONResponse(envelope, status_code=201)
 
     return router
+
+
+def _check_sensor_offsets(offsets, obs_dim) -> None:
+    """400 unless ``offsets`` is {robot_id: obs_dim numbers}: robots would refuse the version anyway."""
+    try:
+        if not isinstance(offsets, dict) or not all(isinstance(r, str) for r in offsets):
+            raise SensorCorrectionError("sensor_offsets must be an object {robot_id: [one offset per observation entry]}")
+        for offset in offsets.values():
+            parse_offset(offset, obs_dim)
+    except SensorCorrectionError as exc:
+        raise ApiError(400, "bad_publish", str(exc), "sensor_offsets") from None

@@ -117,6 +117,7 @@ class PolicyRegistry:
                 policy=old["policy"],
                 data_snapshot=old["data_snapshot"],
                 gate=old["gate"],
+                sensor_offsets=old.get("sensor_offsets", {}),
                 note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
             )
         with self._lock:
