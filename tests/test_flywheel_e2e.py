@@ -9,6 +9,7 @@ import ray
 from hydra import compose, initialize_config_dir
 
 from fleet.pipeline import loop as loop_module
+from fleet.pipeline import simfleet
 from fleet.pipeline.loop import Flywheel
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
@@ -98,7 +99,10 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
 
 
 def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monkeypatch):
+    """Also the sensor correction: robot-1's sensors read 0.1 high; the release carries its offset."""
     run = tmp_path / "run"
+    monkeypatch.setitem(simfleet.CONDITIONS, "noisy_sensor", {"obs_bias": 0.1})
+    sensors = "loop.conditions=[nominal,noisy_sensor]"
     real_train = loop_module.steps.train_policy
     calls = {"n": 0}
 
@@ -110,7 +114,7 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
 
     monkeypatch.setattr(loop_module.steps, "train_policy", crash_in_second_iteration)
     with pytest.raises(RuntimeError, match="injected crash"):
-        flywheel(run).run()
+        flywheel(run, sensors).run()
     state = json.loads((run / "state.json").read_text())
     assert state["next_iteration"] == 1  # iteration 0 finished, iteration 1 did not
     store = EpisodeStore.open(StoreConfig(path=str(run / "store")))
@@ -119,9 +123,15 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     monkeypatch.setattr(loop_module.steps, "train_policy", real_train)
     if ray.is_initialized():
         ray.shutdown()
-    summary = flywheel(run).run()
+    summary = flywheel(run, sensors).run()
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1]  # iteration 0 was not redone
     store.refresh_index()
     after = [e.episode_id for e in store.snapshot().catalog()]
     assert len(after) == len(set(after))  # nothing stored twice (synthetic episodes of the redo deduplicated)
     assert before <= set(after)  # nothing acknowledged before the crash was lost
+
+    assert summary["iterations"][-1]["sensor_offsets"]["robot-1"] == pytest.approx(0.1, abs=0.01)
+    assert "robot-0" not in summary["iterations"][-1]["sensor_offsets"]  # a clean sensor gets none
+    releases = [json.loads(p.read_text())["manifest"] for p in sorted((run / "registry" / "versions").glob("*/manifest.json"))]
+    offsets = releases[-1]["sensor_offsets"]  # signed with the release the robots run
+    assert set(offsets) == {"robot-1"} and offsets["robot-1"] == pytest.approx([0.1] * 4, abs=0.01)

@@ -156,25 +156,7 @@ class Flywheel:
         fleet_returns = record["fleet_returns"]
 
         with self.progress.task(f"iteration {k}: snapshot + calibrate robots"):
-            snapshot_id, raw_real, sim = svc.read_data(s.robot_model)
-            record["snapshot"] = snapshot_id
-            svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
-            cal_cfg = instantiate(cfg.scenarios.calibration)
-            calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map)
-            record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
-            truth_error = self._calibration_error(calibrations)
-            # each robot with a sensor offset takes it out on board (shipped with the release):
-            # from here on, models, scenarios, training and the gate work in that corrected view
-            offsets = {}
-            if s.sensor_correction:
-                self.state["sensor_beliefs"], offsets = steps.track_sensor_offsets(self.state["sensor_beliefs"], calibrations, raw_real, cal_cfg, s.calibration_episodes)
-            real, profiles = corrected_view(raw_real, {r: c.profile for r, c in calibrations.items()}, offsets)
-            record["sensor_offsets"] = offsets
-        svc.tracker.log(
-            {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
-            | {"data/real_episodes": len(real), "data/sim_episodes": len(sim)},
-            step,
-        )
+            snapshot_id, real, sim, profiles, offsets = self._calibrated_data(k, record)
 
         with self.progress.task(f"iteration {k}: world model"):
             previous = svc.load_world_model()
@@ -240,6 +222,32 @@ class Flywheel:
             [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
         ], step)
         return record
+
+    def _calibrated_data(self, k: int, record: dict):
+        """The store snapshot, each robot calibrated from its telemetry, and the sensor offsets the
+        robots get with the next release. Returns (snapshot id, real episodes, sim episodes, profiles,
+        offsets), the real episodes and profiles in the robots' corrected view: each robot with an
+        offset takes it out on board, so from here on models, scenarios, training and the gate see
+        what its policy will see (sim/sensors.py)."""
+        s, svc = self.settings, self.svc
+        snapshot_id, raw_real, sim = svc.read_data(s.robot_model)
+        record["snapshot"] = snapshot_id
+        svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
+        cal_cfg = instantiate(self.cfg.scenarios.calibration)
+        calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map)
+        record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
+        offsets = {}
+        if s.sensor_correction:
+            self.state["sensor_beliefs"], offsets = steps.track_sensor_offsets(self.state["sensor_beliefs"], calibrations, raw_real, cal_cfg, s.calibration_episodes)
+        record["sensor_offsets"] = offsets
+        real, profiles = corrected_view(raw_real, {r: c.profile for r, c in calibrations.items()}, offsets)
+        truth_error = self._calibration_error(calibrations)
+        svc.tracker.log(
+            {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
+            | {"data/real_episodes": len(real), "data/sim_episodes": len(sim)},
+            k,
+        )
+        return snapshot_id, real, sim, profiles, offsets
 
     def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, offsets, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
         """Sign and publish the exported candidate (weights, manifest, folder) with the robots' sensor
