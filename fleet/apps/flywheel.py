@@ -19,6 +19,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation v
 def main(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
     from fleet.pipeline.report import summary_table
+    from sim.robots.registry import use_robot_modules
+
+    use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
 
     logging.getLogger("fleet").setLevel(logging.WARNING)
     console = Console()

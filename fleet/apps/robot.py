@@ -13,10 +13,12 @@ from omegaconf import DictConfig
 
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
+from sim.robots.registry import use_robot_modules
 
 
 @hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    use_robot_modules(cfg.robot_modules)
     robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
     policy = None
     if cfg.policy.public_key:

@@ -22,6 +22,7 @@ from fleet.server.runner import serve
 from fleet.store import EpisodeStore
 from fleet.tracking import Tracker
 from sim.episode import Episode
+from sim.robots.registry import MODULES_ENV
 
 
 def start_ray(cfg: DictConfig) -> bool:
@@ -29,8 +30,9 @@ def start_ray(cfg: DictConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False}
-    if cfg.address:
-        ray.init(address=cfg.address, **kwargs)
+    if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
+        modules = os.environ.get(MODULES_ENV)
+        ray.init(address=cfg.address, **kwargs, **({"runtime_env": {"env_vars": {MODULES_ENV: modules}}} if modules else {}))
     else:
         ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
     return True

@@ -1,0 +1,105 @@
+"""A robot defined outside the project's packages (gymnasium's hopper MJCF, written to a temporary
+folder) works in every command: found by entry point or by ``robot_modules`` / FLYWHEEL_ROBOT_MODULES,
+in the driver and in the Ray workers that calibrate and simulate it; `flywheel` runs a short loop
+on it and `flywheel-robot` runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_flywheel_e2e import TINY
+
+BIN = Path(sys.executable).parent
+PLUGIN = '''
+import numpy as np
+
+from sim.calibration import register_state_from_observation
+from sim.robots import Task, register
+from sim.robots.base import GYMNASIUM_ASSETS
+
+
+@register
+class Hopper(Task):
+    name, mjcf, frame_skip, max_steps, payload_body = "hopper", GYMNASIUM_ASSETS / "hopper.xml", 4, 1000, "torso"
+
+    def observe(self, state):
+        return np.concatenate([state.qpos[:, 1:], state.qvel], axis=1).astype(np.float32)
+
+    def reward_terms(self, before, after, action):
+        forward = (after.qpos[:, 0] - before.qpos[:, 0]) / self.control_dt
+        return {"forward": forward, "healthy": np.ones_like(forward), "control": -1e-3 * np.square(action).sum(axis=1)}
+
+    def terminated(self, state):
+        return ~((state.qpos[:, 1] > 0.7) & (np.abs(state.qpos[:, 2]) < 0.2) & np.isfinite(state.qpos).all(axis=1))
+
+
+def _state(task, obs):  # x is not observed; the floor is flat, so x = 0
+    nq = task.model.nq
+    return np.concatenate([np.zeros((len(obs), 1)), obs[:, : nq - 1]], 1), obs[:, nq - 1 :]
+
+
+register_state_from_observation("hopper", _state)
+'''
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A folder holding the package ``outside_robots`` (not installed, not in the project)."""
+    site = tmp_path / "site"
+    (site / "outside_robots").mkdir(parents=True)
+    (site / "outside_robots" / "__init__.py").write_text(PLUGIN)
+    return site
+
+
+def run(args, site: Path, cwd: Path, timeout: int, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "FLYWHEEL_ROBOT_MODULES"} | {"PYTHONPATH": str(site), **env}
+    return subprocess.run(args, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+PROBE = "from sim.robots import get_task, robot_names; t = get_task('hopper'); print(t.obs_dim, t.act_dim, 'hopper' in robot_names())"
+
+
+def test_found_by_entry_point_or_by_the_module_list_and_not_otherwise(outside, tmp_path):
+    unknown = run([sys.executable, "-c", PROBE], outside, tmp_path, 60)
+    assert unknown.returncode != 0 and "unknown robot 'hopper'" in unknown.stderr and "docs/robots.md" in unknown.stderr
+    by_env = run([sys.executable, "-c", PROBE], outside, tmp_path, 60, FLYWHEEL_ROBOT_MODULES="outside_robots")
+    assert by_env.stdout.split() == ["11", "3", "True"], by_env.stderr
+    dist = outside / "outside_robots-0.1.dist-info"  # what `pip install` of a package declaring the entry point leaves
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: outside-robots\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[flywheel.robots]\nhopper = outside_robots\n")
+    by_entry_point = run([sys.executable, "-c", PROBE], outside, tmp_path, 60)
+    assert by_entry_point.stdout.split() == ["11", "3", "True"], by_entry_point.stderr
+    missing = run([sys.executable, "-c", PROBE], outside, tmp_path, 60, FLYWHEEL_ROBOT_MODULES="no_such_robots")
+    assert missing.returncode != 0 and "robot module 'no_such_robots' could not be imported" in missing.stderr
+
+
+def test_the_robot_agent_runs_it(outside, tmp_path):
+    result = run(
+        [str(BIN / "flywheel-robot"), "robot_modules=[outside_robots]", "robot.model=hopper", "episodes=2", "drain_timeout_s=0",
+         "fleet.agent.server_url=http://127.0.0.1:9", f"fleet.agent.spool_dir={tmp_path / 'spool'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+        outside, tmp_path, 120, FLYWHEEL_ROBOT_TOKEN="offline",
+    )  # fmt: skip
+    status = json.loads(result.stdout.strip().splitlines()[-1])
+    assert status["episodes"] == 2 and status["queue_depth"] == 2  # recorded and spooled (no server to upload to)
+
+
+@pytest.mark.slow
+def test_a_short_flywheel_loop_on_it(outside, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith(("loop.num_robots", "loop.iterations", "loop.train_env_steps"))]
+    result = run(
+        [str(BIN / "flywheel"), "robot_modules=[outside_robots]", "loop.robot_model=hopper", "loop.num_robots=2", "loop.iterations=1",
+         "loop.train_env_steps=200", "policy.algorithm.sac.learning_starts=100", *overrides, f"run_dir={run_dir}"],
+        outside, tmp_path, 300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (first,) = summary["iterations"]
+    assert set(first["calibration"]) == {"robot-0", "robot-1"}  # calibrated in Ray workers, which imported the robot
+    assert first["scenarios"]["sim_episodes"] > 0  # and simulated its scenarios there
+    assert summary["final"]["real_steps"]["robot-0"] > first["real_steps"]["robot-0"] > 0
