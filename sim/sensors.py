@@ -97,6 +97,15 @@ def parse_offset(value, obs_dim: int) -> np.ndarray:
     return offset.astype(np.float32)
 
 
+def robot_offset(sensor_offsets, robot_id: str, obs_dim: int) -> np.ndarray | None:
+    """This robot's entry of a manifest's ``sensor_offsets`` (parsed), or None when it has none;
+    :class:`SensorCorrectionError` when the field or the entry is malformed."""
+    if not isinstance(sensor_offsets, dict):
+        raise SensorCorrectionError("sensor_offsets must be an object {robot_id: [one offset per observation entry]}")
+    entry = sensor_offsets.get(robot_id)
+    return None if entry is None else parse_offset(entry, obs_dim)
+
+
 def corrected_act(act, offset: np.ndarray | None):
     """``act`` (obs (N, obs_dim) -> actions) seeing ``obs - offset``; ``act`` itself when there is no offset."""
     if offset is None or not offset.any():

@@ -21,7 +21,7 @@ import numpy as np
 from fleet.agent.policy import Policy
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
-from sim.sensors import SensorCorrectionError, corrected_act, parse_offset
+from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,8 @@ class SignedPolicySource:
         spec = self.trust.spec
         try:
             runtime = load_policy_bytes(manifest["policy"], weights, robot_model=spec["robot_model"], obs_dim=spec["obs_dim"], act_dim=spec["act_dim"])
-            offset = manifest.get("sensor_offsets", {}).get(self.robot_id)
-            offset = None if offset is None else parse_offset(offset, spec["obs_dim"])
-        except (PolicyLoadError, SensorCorrectionError, AttributeError) as exc:
+            offset = robot_offset(manifest.get("sensor_offsets", {}), self.robot_id, spec["obs_dim"])
+        except (PolicyLoadError, SensorCorrectionError) as exc:
             self.trust.refusals["malformed"] += 1
             raise PolicyRejected("malformed", f"policy does not load: {exc}") from None
         return Policy(str(manifest["version"]), corrected_act(runtime.act, offset))

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.registry.store import PolicyRegistry, RegistryError
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
-from sim.sensors import SensorCorrectionError, parse_offset
+from sim.sensors import SensorCorrectionError, robot_offset
 
 MAX_PUBLISH_BYTES = 256 << 20
 
@@ -67,9 +67,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
 def _check_sensor_offsets(offsets, obs_dim) -> None:
     """400 unless ``offsets`` is {robot_id: obs_dim numbers}: robots would refuse the version anyway."""
     try:
-        if not isinstance(offsets, dict) or not all(isinstance(r, str) for r in offsets):
-            raise SensorCorrectionError("sensor_offsets must be an object {robot_id: [one offset per observation entry]}")
-        for offset in offsets.values():
-            parse_offset(offset, obs_dim)
+        robot_offset(offsets, "", obs_dim)  # an object at all
+        for robot_id in offsets:  # (JSON object keys are strings)
+            robot_offset(offsets, robot_id, obs_dim)
     except SensorCorrectionError as exc:
         raise ApiError(400, "bad_publish", str(exc), "sensor_offsets") from None
