@@ -131,6 +131,8 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     assert before <= set(after)  # nothing acknowledged before the crash was lost
 
     assert summary["iterations"][-1]["sensor_offsets"]["robot-1"] == pytest.approx(0.1, abs=0.01)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(x.get("calibration/robot-1/sensor_offset", 0) == pytest.approx(0.1, abs=0.01) for x in logged)
     assert "robot-0" not in summary["iterations"][-1]["sensor_offsets"]  # a clean sensor gets none
     releases = [json.loads(p.read_text())["manifest"] for p in sorted((run / "registry" / "versions").glob("*/manifest.json"))]
     offsets = releases[-1]["sensor_offsets"]  # signed with the release the robots run

@@ -244,6 +244,7 @@ class Flywheel:
         truth_error = self._calibration_error(calibrations)
         svc.tracker.log(
             {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
+            | {f"calibration/{r}/sensor_offset": float(offsets.get(r, 0.0)) for r in calibrations}
             | {"data/real_episodes": len(real), "data/sim_episodes": len(sim)},
             k,
         )
