@@ -97,12 +97,22 @@ def parse_offset(value, obs_dim: int) -> np.ndarray:
     return offset.astype(np.float32)
 
 
+def _offsets_object(sensor_offsets) -> dict:
+    if not isinstance(sensor_offsets, dict):
+        raise SensorCorrectionError("sensor_offsets must be an object {robot_id: [one offset per observation entry]}")
+    return sensor_offsets
+
+
+def parse_offsets(sensor_offsets, obs_dim: int) -> dict[str, np.ndarray]:
+    """Every entry of a manifest's ``sensor_offsets``, parsed (what a publisher must send);
+    :class:`SensorCorrectionError` when the field or any entry is malformed."""
+    return {robot_id: parse_offset(entry, obs_dim) for robot_id, entry in _offsets_object(sensor_offsets).items()}
+
+
 def robot_offset(sensor_offsets, robot_id: str, obs_dim: int) -> np.ndarray | None:
     """This robot's entry of a manifest's ``sensor_offsets`` (parsed), or None when it has none;
     :class:`SensorCorrectionError` when the field or the entry is malformed."""
-    if not isinstance(sensor_offsets, dict):
-        raise SensorCorrectionError("sensor_offsets must be an object {robot_id: [one offset per observation entry]}")
-    entry = sensor_offsets.get(robot_id)
+    entry = _offsets_object(sensor_offsets).get(robot_id)
     return None if entry is None else parse_offset(entry, obs_dim)
 
 

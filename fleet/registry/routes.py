@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from fleet.registry.store import PolicyRegistry, RegistryError
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
-from sim.sensors import SensorCorrectionError, robot_offset
+from sim.sensors import SensorCorrectionError, parse_offsets
 
 MAX_PUBLISH_BYTES = 256 << 20
 
@@ -67,8 +67,6 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
 def _check_sensor_offsets(offsets, obs_dim) -> None:
     """400 unless ``offsets`` is {robot_id: obs_dim numbers}: robots would refuse the version anyway."""
     try:
-        robot_offset(offsets, "", obs_dim)  # an object at all
-        for robot_id in offsets:  # (JSON object keys are strings)
-            robot_offset(offsets, robot_id, obs_dim)
+        parse_offsets(offsets, obs_dim)
     except SensorCorrectionError as exc:
         raise ApiError(400, "bad_publish", str(exc), "sensor_offsets") from None
