@@ -58,3 +58,21 @@ def make_episode_arrays(num_steps: int = 5, obs_dim: int = 3, act_dim: int = 2, 
         "truncated": np.zeros(num_steps, bool),
         "timestamp": np.arange(num_steps + 1, dtype=np.float64) * 0.05,
     }
+
+
+def registry_server(tmp_path, role: str, robot_id: str | None = None):
+    """A signing key pair (``tmp_path/k.pem``, ``k.pub``), a policy registry and the fleet server
+    serving it on loopback, with one token of ``role``: (registry, token, server handle)."""
+    from fleet.registry.signing import generate_keypair, load_private_key
+    from fleet.registry.store import PolicyRegistry
+    from fleet.server.auth import add_token
+    from fleet.server.config import ServerConfig
+    from fleet.server.runner import serve
+    from fleet.store import StoreConfig
+
+    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
+    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, role, robot_id)
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    return registry, token, server

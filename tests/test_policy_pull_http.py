@@ -14,16 +14,12 @@ from fleet.agent.policy import builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
 from fleet.agent.robot import SimRobot, run_episode
 from fleet.registry.pull import SignedPolicySource
-from fleet.registry.signing import generate_keypair, load_private_key, load_public_key
-from fleet.registry.store import PolicyRegistry
+from fleet.registry.signing import load_public_key
 from fleet.registry.trust import PolicyTrust
-from fleet.server.auth import add_token
-from fleet.server.config import ServerConfig
-from fleet.server.runner import serve
-from fleet.store import StoreConfig
 from policies.export import export_policy
 from policies.networks import Policy, PolicySpec
 from policies.runtime import WEIGHTS_FILE, load_policy_bytes
+from tests.conftest import registry_server
 
 SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
 
@@ -41,11 +37,7 @@ def exported(tmp_path, name: str, push: float = 0.0) -> tuple[bytes, dict]:
 
 @pytest.fixture
 def fleet(tmp_path):
-    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
-    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
-    tokens = tmp_path / "tokens.json"
-    token = add_token(tokens, "robot", "robot-0")
-    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
     trust = PolicyTrust(load_public_key(tmp_path / "k.pub"), **SPEC, state_dir=tmp_path / "robot")
     source = SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), min_healthy_steps=10)
     yield registry, source
@@ -129,10 +121,7 @@ def test_the_robot_runs_its_signed_sensor_correction(tmp_path, fleet):
 
 
 def test_publishing_checks_sensor_offsets(tmp_path):
-    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
-    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
-    token = add_token(tmp_path / "tokens.json", "publisher")
-    server = serve(ServerConfig(port=0, token_file=str(tmp_path / "tokens.json")), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    registry, token, server = registry_server(tmp_path, "publisher")
     weights, manifest = exported(tmp_path, "p")
     body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
     try:

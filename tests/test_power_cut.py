@@ -30,6 +30,7 @@ from fleet.store import StoreConfig
 from policies.export import export_policy
 from policies.networks import Policy, PolicySpec
 from policies.runtime import WEIGHTS_FILE, load_policy_bytes
+from tests.conftest import registry_server
 
 SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
 ROBOT_KILLS, SERVER_KILLS = 100, 10
@@ -80,11 +81,7 @@ def _restarted(public_key: Path, state_dir: Path) -> tuple[int, str]:
 
 
 def test_a_robot_killed_mid_swap_restarts_on_a_trusted_policy_never_lower(tmp_path):
-    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
-    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
-    tokens = tmp_path / "tokens.json"
-    token = add_token(tokens, "robot", "robot-0")
-    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
     variants, stop = _weights(tmp_path), threading.Event()
 
     def publish_continuously():  # a new version every few ms: the robot is nearly always mid-swap
