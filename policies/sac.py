@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
+from worldmodel.flat_params import flatten_parameters, merge_optimizer_state
 from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, gaussian_log_prob_from_noise, tanh_log_det
 from policies.parallel import LocalComm
 from policies.replay import MixedReplay
@@ -99,6 +100,10 @@ class SAC:
             self.policy = Policy(spec, state_dependent_std=True).to(self.device)
             self.critic = TwinQ(spec.obs_dim, spec.act_dim, spec.hidden_sizes, spec.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        # actor and critic weights each in one buffer (worldmodel/flat_params.py), the target critic's in
+        # a third: the optimiser step and the Polyak update are a few kernel calls, not one per tensor
+        self._flat = [flatten_parameters(self.policy.actor.parameters()), flatten_parameters(self.critic.parameters())]
+        self._polyak = ([flatten_parameters(self.critic_target.parameters(), grad=False)], [self._flat[1]])
         self.log_alpha = nn.Parameter(torch.tensor(math.log(config.init_alpha), device=self.device))
         self.target_entropy = -float(spec.act_dim) if config.target_entropy is None else float(config.target_entropy)
         self.comm.broadcast_(self.policy)
@@ -107,9 +112,8 @@ class SAC:
         self.actor_train = self.comm.wrap(_SampleActor(self.policy.actor))
         self.critic_train = self.comm.wrap(self.critic)
         # one fused Adam over actor, critic and temperature (a parameter group each): one step per update
-        groups = [(self.policy.actor.parameters(), config.actor_lr), (self.critic.parameters(), config.critic_lr), ([self.log_alpha], config.alpha_lr)]
-        self.opt = torch.optim.Adam([{"params": list(p), "lr": lr} for p, lr in groups], fused=True)
-        self._polyak = (list(self.critic_target.parameters()), list(self.critic.parameters()))
+        groups = [(self._flat[0], config.actor_lr), (self._flat[1], config.critic_lr), (self.log_alpha, config.alpha_lr)]
+        self.opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in groups], fused=True)
         self.replay = MixedReplay(
             config.replay_ratios,
             spec.obs_dim,
@@ -193,7 +197,8 @@ class SAC:
         action, logp = self.actor_train(actor_obs_n, noise[1])
         q_pi = self.critic(obs_n, action, frozen=True).min(0).values  # no critic weight gradients from the actor loss
         actor_loss = (alpha * logp - q_pi).mean()
-        self.opt.zero_grad(set_to_none=True)
+        for flat in self._flat:
+            flat.grad.zero_()  # in place: the weights' gradients are views of it
         (critic_loss + actor_loss).backward()
         if cfg.autotune_alpha:
             # loss -log_alpha * (mean log pi + target entropy); its gradient, without an autograd pass
@@ -245,5 +250,5 @@ class SAC:
         with torch.no_grad():
             self.log_alpha.copy_(tensors["log_alpha"])
         self.gen.set_state(tensors["sac.generator"].clone())
-        load_optimizer_state(self.opt, tensors, meta["opt"], "opt")
+        load_optimizer_state(self.opt, *merge_optimizer_state(tensors, meta["opt"], "opt"), "opt")
         self.env_steps, self.gradient_steps = int(meta["env_steps"]), int(meta["gradient_steps"])

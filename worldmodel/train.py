@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from sim.episode import Episode
 from worldmodel.device import resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
+from worldmodel.flat_params import flatten_parameters
 from worldmodel.transitions import Transitions, check_compatible, split_by_episode, to_transitions
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -185,7 +186,8 @@ def fit_transitions(
 
     k = model.ensemble_size
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    flat = flatten_parameters(model.parameters())  # one buffer: each AdamW step is a few kernel calls, not ten per tensor
+    opt = torch.optim.AdamW([flat], lr=config.learning_rate, weight_decay=config.weight_decay)
     best = evaluate(model, vx, vy, vterm)["mse"].clone()
     best_state = _member_state(model)
     stale, steps, evaluations, stopped_early = 0, 0, 0, False
@@ -196,7 +198,7 @@ def fit_transitions(
         for _ in range(period):
             idx = torch.randint(len(x), (k, config.batch_size), generator=gen, device=device)  # (K, B): one draw per member
             loss = _loss(model, x[idx], y[idx], term[idx], config)
-            opt.zero_grad(set_to_none=True)
+            flat.grad.zero_()  # in place: the weights' gradients are views of it
             loss.backward()
             opt.step()
             running += loss.detach()
