@@ -60,18 +60,18 @@ def make_episode_arrays(num_steps: int = 5, obs_dim: int = 3, act_dim: int = 2, 
     }
 
 
-def registry_server(tmp_path, role: str, robot_id: str | None = None):
-    """A signing key pair (``tmp_path/k.pem``, ``k.pub``), a policy registry and the fleet server
-    serving it on loopback, with one token of ``role``: (registry, token, server handle)."""
-    from fleet.registry.signing import generate_keypair, load_private_key
-    from fleet.registry.store import PolicyRegistry
+def registry_server(tmp_path, role: str, robot_id: str | None = None, **registry_kwargs):
+    """A TUF policy registry (root keys ``tmp_path/keys/root-{1,2,3}.pem``, threshold 2, online key
+    ``keys/online.pem``) and the fleet server serving it on loopback, with one token of ``role``:
+    (registry, token, server handle). Robots trust ``registry.root / "tuf/metadata/root.json"``."""
+    from fleet.registry.store import open_registry
     from fleet.server.auth import add_token
     from fleet.server.config import ServerConfig
     from fleet.server.runner import serve
     from fleet.store import StoreConfig
 
-    generate_keypair(tmp_path / "k.pem", tmp_path / "k.pub")
-    registry = PolicyRegistry(tmp_path / "registry", load_private_key(tmp_path / "k.pem"))
+    keys = tmp_path / "keys"
+    registry = open_registry(tmp_path / "registry", keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], **registry_kwargs)
     tokens = tmp_path / "tokens.json"
     token = add_token(tokens, role, robot_id)
     server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline import simfleet
 from fleet.pipeline.loop import Flywheel
+from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
 
@@ -134,6 +135,6 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(x.get("calibration/robot-1/sensor_offset", 0) == pytest.approx(0.1, abs=0.01) for x in logged)
     assert "robot-0" not in summary["iterations"][-1]["sensor_offsets"]  # a clean sensor gets none
-    releases = [json.loads(p.read_text())["manifest"] for p in sorted((run / "registry" / "versions").glob("*/manifest.json"))]
-    offsets = releases[-1]["sensor_offsets"]  # signed with the release the robots run
+    registry = open_registry(run / "registry", run / "keys" / "online.pem")
+    offsets = registry.manifest(registry.rollout()["stable"])["sensor_offsets"]  # in the release the robots run, under TUF
     assert set(offsets) == {"robot-1"} and offsets["robot-1"] == pytest.approx([0.1] * 4, abs=0.01)

@@ -6,8 +6,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from fleet.registry.signing import generate_keypair, load_private_key
-from fleet.registry.store import PolicyRegistry
+from fleet.registry.store import open_registry
 from fleet.server import ServerConfig, add_token, serve
 from fleet.store import StoreConfig
 
@@ -15,10 +14,9 @@ from fleet.store import StoreConfig
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    generate_keypair(root / "k.pem", root / "k.pub")
     tokens = root / "tokens.json"
     tok = {role: add_token(tokens, role, "r0" if role == "robot" else None) for role in ("robot", "operator", "publisher")}
-    registry = PolicyRegistry(root / "registry", load_private_key(root / "k.pem"))
+    registry = open_registry(root / "registry", root / "online.pem", root_keys=[root / "root.pem"], root_threshold=1)
     config = ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=64, upload_rate_per_s=1e6, upload_burst=10**6)
     handle = serve(config, StoreConfig(path=str(root / "store")), policy_registry=registry)
     yield handle.url, [*tok.values(), "not-a-token"]

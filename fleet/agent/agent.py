@@ -97,10 +97,12 @@ def run_sim_robot(
         while episodes == 0 or k < episodes:
             episode = run_episode(robot, source.current(), recorder, seed=robot_cfg.seed * 1_000_003 + k)
             agent.submit(episode)
+            if hasattr(source, "report_episode"):  # a pulled policy's first episode is its health check
+                source.report_episode(episode)
             k += 1
             log.info("episode %d: %d steps, return %.2f; %s", k, episode.num_steps, episode.total_return, agent.status())
         drained = agent.wait_drained(drain_timeout_s)
     finally:
         agent.stop()
         robot.close()
-    return {**agent.status(), "episodes": k, "drained": drained}
+    return {**agent.status(), **(source.status() if hasattr(source, "status") else {}), "episodes": k, "drained": drained}

@@ -1,8 +1,8 @@
-"""Where a robot's policy comes from. The seam for signed policy pulls (issue 6).
+"""Where a robot's policy comes from.
 
 The agent asks a :class:`PolicySource` for the current policy at each episode start and
-records its version in the episode. Today's sources are fixed; a source that pulls and
-verifies signed policies from ``GET /v1/policies/latest`` will implement the same protocol.
+records its version in the episode. The sources here are fixed; ``fleet.registry.pull``'s
+source updates policies from the registry with TUF's client workflow under the same protocol.
 """
 
 from __future__ import annotations

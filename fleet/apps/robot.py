@@ -21,11 +21,11 @@ def main(cfg: DictConfig) -> None:
     use_robot_modules(cfg.robot_modules)
     robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
     policy = None
-    if cfg.policy.public_key:
+    if cfg.policy.root:
         from fleet.registry.pull import signed_policy_source
 
         policy = signed_policy_source(
-            cfg.policy.public_key, agent_cfg.server_url, agent_cfg.load_token(), robot_cfg.robot_id, robot_cfg.model,
+            cfg.policy.root, agent_cfg.server_url, agent_cfg.load_token(), robot_cfg.robot_id, robot_cfg.model,
             cfg.policy.state_dir, cfg.policy.poll_interval_s,
         )
     status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)

@@ -16,7 +16,9 @@ from fleet.server.runner import run
 
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(instantiate(cfg.fleet.server), instantiate(cfg.fleet.store), policy_registry=open_registry(cfg.fleet.registry.dir, cfg.fleet.registry.private_key))
+    reg = cfg.fleet.registry
+    registry = open_registry(reg.dir, reg.online_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
+    run(instantiate(cfg.fleet.server), instantiate(cfg.fleet.store), policy_registry=registry)
 
 
 if __name__ == "__main__":

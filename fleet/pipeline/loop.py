@@ -114,7 +114,7 @@ class Flywheel:
         s = self.settings
         return {
             robot_id: SimulatedRobot.remote(
-                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.public_key_pem, str(self.run_dir / "robots"), s.seed * 101 + i
+                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i
             )
             for i, (robot_id, spec) in enumerate(sorted(self.specs.items()))
         }
@@ -256,11 +256,11 @@ class Flywheel:
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
-        envelope = svc.registry.publish(
+        manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
             policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), sensor_offsets=offset_vectors(offsets, self.task.obs_dim), note=f"iteration {k}",
         )
-        version = envelope["manifest"]["version"]
+        version = manifest["version"]
         stage = "widened"
         if canaries:
             with self.progress.task(f"iteration {k}: canary v{version} on {canaries}"):

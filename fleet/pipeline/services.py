@@ -14,8 +14,7 @@ import ray
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fleet.registry.signing import generate_keypair, load_private_key
-from fleet.registry.store import PolicyRegistry
+from fleet.registry.store import open_registry, root_metadata
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
@@ -57,11 +56,11 @@ class Services(contextlib.AbstractContextManager):
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
-        keys = self.run_dir / "keys"
-        if not (keys / "registry.pem").exists():
-            generate_keypair(keys / "registry.pem", keys / "registry.pub")
-        self.public_key_pem = (keys / "registry.pub").read_bytes()
-        self.registry = PolicyRegistry(self.run_dir / "registry", load_private_key(keys / "registry.pem"))
+        keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
+        self.registry = open_registry(
+            self.run_dir / "registry", keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2
+        )
+        self.root_metadata = root_metadata(self.run_dir / "registry")  # what each robot is provisioned with
         token_file = self.run_dir / "tokens.json"
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process
         self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}

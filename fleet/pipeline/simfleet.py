@@ -48,9 +48,7 @@ def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
 class SimulatedRobot:
     """One robot: SimRobot physics + RobotAgent (spool, upload) + SignedPolicySource (pull, verify, swap)."""
 
-    def __init__(self, spec: RobotSpec, robot_model: str, episode_steps: int, server_url: str, token: str, public_key_pem: bytes, state_dir: str, seed: int):
-        from cryptography.hazmat.primitives import serialization
-
+    def __init__(self, spec: RobotSpec, robot_model: str, episode_steps: int, server_url: str, token: str, root_metadata: bytes, state_dir: str, seed: int):
         from fleet.agent.agent import RobotAgent
         from fleet.agent.config import AgentConfig, SimRobotConfig
         from fleet.agent.policy import builtin_policy
@@ -65,15 +63,9 @@ class SimulatedRobot:
         self.recorder = EpisodeRecorder(robot_id=spec.robot_id, robot_model=robot_model, source="real", hardware={"condition": spec.condition})
         agent_cfg = AgentConfig(server_url=server_url, spool_dir=str(root / "spool"), backoff_initial_s=0.2, backoff_max_s=2.0, status_interval_s=60.0)
         self.agent = RobotAgent(agent_cfg, spec.robot_id, token=token, seed=seed).start()
-        trust = PolicyTrust(
-            serialization.load_pem_public_key(public_key_pem),
-            robot_model=robot_model,
-            obs_dim=self.robot.obs_dim,
-            act_dim=self.robot.act_dim,
-            state_dir=root / "policy",
-        )
+        trust = PolicyTrust(robot_model=robot_model, obs_dim=self.robot.obs_dim, act_dim=self.robot.act_dim, state_dir=root / "policy")
         self.policy = SignedPolicySource(
-            server_url, token, spec.robot_id, trust, builtin_policy("zero", self.robot.act_dim).current(), min_healthy_steps=5
+            server_url, token, spec.robot_id, trust, builtin_policy("zero", self.robot.act_dim).current(), root=root_metadata, min_healthy_steps=5
         )
         self.episodes_run = 0
 
@@ -100,10 +92,7 @@ class SimulatedRobot:
         return {
             **self.agent.status(),
             "condition": self.spec.condition,
-            "policy_version": self.policy.trust.version,
-            "swaps": self.policy.swaps,
-            "refusals": self.policy.refusals,
-            "pull_errors": self.policy.errors,
+            **self.policy.status(),
         }
 
     def stop(self) -> None:

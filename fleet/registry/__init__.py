@@ -1,1 +1,1 @@
-"""Policy registry: signed manifests (Ed25519), versions on disk, staged rollout, robot-side verification."""
+"""Policy registry: a TUF repository (offline threshold root, online targets/snapshot/timestamp), staged rollout, robot-side TUF updates and checks."""

@@ -1,6 +1,14 @@
-"""The policy manifest a registry signs and a robot verifies.
+"""The policy manifest a registry publishes and a robot checks, and the TUF target names.
 
-Fields (all covered by the signature):
+A release is three TUF targets (fleet/registry/tuf_repo.py), all listed with their length and
+sha256 in the signed targets metadata:
+
+    rollout.json                           {"stable", "canary", "cohort"}: which version each robot
+                                           runs (the director's word, as Uptane's director for vehicles)
+    policies/<version:08d>/manifest.json   this manifest
+    policies/<version:08d>/weights.safetensors
+
+Manifest fields:
     format        "flywheel-policy/1"
     version       int, strictly increasing per registry (a rollback republishes old weights
                   under a new version, so robots never have to accept a lower one)
@@ -14,7 +22,7 @@ Fields (all covered by the signature):
                   sensor offset from every observation before this policy sees it (the policy
                   was trained and gated in that corrected view; sim/sensors.py). Robots not
                   listed run uncorrected. A malformed entry is refused as "malformed".
-    issued_at, expires_at   unix seconds; robots refuse an expired manifest (freeze attack)
+    issued_at     unix seconds (freshness is TUF's: the timestamp, snapshot and targets metadata expire)
     note          free text ("promoted", "rollback of v7", ...)
 """
 
@@ -24,7 +32,22 @@ import hashlib
 import time
 
 FORMAT = "flywheel-policy/1"
-REQUIRED = ("format", "version", "robot_model", "obs_dim", "act_dim", "weights", "issued_at", "expires_at")
+REQUIRED = ("format", "version", "robot_model", "obs_dim", "act_dim", "weights", "issued_at")
+ROLLOUT_TARGET = "rollout.json"
+
+
+def manifest_target(version: int) -> str:
+    return f"policies/{int(version):08d}/manifest.json"
+
+
+def weights_target(version: int) -> str:
+    return f"policies/{int(version):08d}/weights.safetensors"
+
+
+def version_for(rollout: dict, robot_id: str) -> int | None:
+    """The version ``robot_id`` should run under ``rollout`` (the canary if it is in the cohort), None before any release."""
+    canary = rollout.get("canary")
+    return canary if canary is not None and robot_id in rollout.get("cohort", []) else rollout.get("stable")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -42,11 +65,9 @@ def build_manifest(
     data_snapshot: str = "",
     gate: dict | None = None,
     sensor_offsets: dict[str, list[float]] | None = None,
-    ttl_s: float = 7 * 24 * 3600,
     now: float | None = None,
     note: str = "",
 ) -> dict:
-    issued = time.time() if now is None else now
     return {
         "format": FORMAT,
         "version": int(version),
@@ -58,7 +79,6 @@ def build_manifest(
         "data_snapshot": data_snapshot,
         "gate": gate or {},
         "sensor_offsets": sensor_offsets or {},
-        "issued_at": issued,
-        "expires_at": issued + ttl_s,
+        "issued_at": time.time() if now is None else now,
         "note": note,
     }

@@ -1,32 +1,87 @@
-"""Robot side: pull, verify and swap signed policies between episodes (a PolicySource).
+"""Robot side: update policies with TUF's client workflow, check, and swap between episodes.
 
-Runs on the robot: numpy, httpx and cryptography only (no torch, no Ray). At each episode
+Runs on the robot: numpy, httpx, python-tuf and cryptography (no torch, no Ray). At each episode
 start the agent asks :meth:`SignedPolicySource.current`; at most every ``poll_interval_s`` that
-asks the registry for this robot's latest manifest, verifies it (signature, version, expiry,
-spec), streams the weights with a size cap and checks their hash, loads them with the numpy
-runtime (behind this robot's signed sensor correction, if the manifest carries one:
-``sim/sensors.py``), runs a health check, and only then swaps. Any failure keeps the last good policy,
-and is logged and counted (``refusals``). A failed health check rolls back to the previous
-policy and blocks that version on this robot.
+runs one TUF update against the registry (python-tuf's ``ngclient.Updater``): the root chain
+from the root this robot was provisioned with (key rotations), then timestamp, snapshot and
+targets, each checked for signatures, thresholds, versions and expiry. The robot then reads the
+rollout target for its version, that version's manifest (checked by :class:`PolicyTrust`: no
+rollback, no replay, the robot's spec) and weights (length and sha256 from the signed targets),
+loads them with the numpy runtime (behind this robot's signed sensor correction, if the manifest
+carries one: ``sim/sensors.py``), runs a health check, and only then swaps.
+
+Any failure keeps the last good policy and is logged and counted: ``refusals`` by reason (an
+attack or a bad release), ``errors`` (network or server trouble). Expired metadata means the
+registry is frozen (an attacker replaying old metadata, or a dead signer): the robot keeps its
+policy, counts ``freeze`` and reports ``frozen_since`` until a fresh timestamp arrives. A failed
+health check rolls back to the previous policy and blocks that version on this robot.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import Updater
+from tuf.ngclient.fetcher import FetcherInterface
 
 from fleet.agent.policy import Policy
+from fleet.registry.manifest import ROLLOUT_TARGET, manifest_target, version_for, weights_target
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
+MAX_JSON_BYTES = 1 << 20  # a rollout or manifest target listed larger than this is refused unread
+
+
+class TokenFetcher(FetcherInterface):
+    """python-tuf's fetcher over an httpx client (the robot's token in its headers); TUF caps every
+    download at the length it expects, so an endless answer is cut there."""
+
+    def __init__(self, client: httpx.Client, chunk_size: int = 1 << 16):
+        self.client, self.chunk_size = client, chunk_size
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            response = self.client.send(self.client.build_request("GET", url), stream=True)
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(f"GET {url}: {exc}") from None
+        if response.status_code != 200:
+            response.close()
+            raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
+        return self._chunks(response)
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes(self.chunk_size)
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(str(exc)) from None
+        finally:
+            response.close()
+
+
+# TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
+_TUF_REASONS = (
+    (tuf_errors.ExpiredMetadataError, "freeze"),
+    (tuf_errors.BadVersionNumberError, "rollback"),
+    (tuf_errors.UnsignedMetadataError, "signature"),
+    (tuf_errors.LengthOrHashMismatchError, "hash"),
+    (tuf_errors.RepositoryError, "malformed"),
+)
 
 
 class SignedPolicySource:
+    """``root``: the registry's root metadata this robot was provisioned with (bytes), needed until
+    the first update has stored its own copy in ``<trust.state_dir>/tuf``."""
+
     def __init__(
         self,
         server_url: str,
@@ -35,6 +90,7 @@ class SignedPolicySource:
         trust: PolicyTrust,
         fallback: Policy,
         *,
+        root: bytes | None = None,
         poll_interval_s: float = 0.0,
         request_timeout_s: float = 10.0,
         probe_obs: np.ndarray | None = None,
@@ -43,17 +99,33 @@ class SignedPolicySource:
         self.url, self.robot_id, self.trust, self.fallback = server_url.rstrip("/"), robot_id, trust, fallback
         self.poll_interval_s = poll_interval_s
         self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=request_timeout_s)
+        self._fetcher = TokenFetcher(self._client)
+        self.metadata_dir, self.targets_dir = trust.state_dir / "tuf" / "metadata", trust.state_dir / "tuf" / "targets"
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.metadata_dir / "root.json").exists():
+            if root is None:
+                raise ValueError(f"{self.metadata_dir} has no root metadata: provision this robot with the registry's root.json")
+            Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", bootstrap=root)  # stores it as the trust anchor
         self._last_poll = -np.inf
         self.probe_obs = probe_obs if probe_obs is not None else np.zeros((4, trust.spec["obs_dim"]), np.float32)
         self.min_healthy_steps = min_healthy_steps
         self._probation: tuple | None = None  # (previous manifest, weights, policy) while a new policy runs its first episode
         self.swaps = 0
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
+        self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
         self._policy = self._load_trusted() or fallback
 
     @property
     def refusals(self) -> dict[str, int]:
         return dict(self.trust.refusals)
+
+    def status(self) -> dict:
+        """The policy side of the robot's status: what it runs, swaps, refusals by reason, network
+        trouble, and since when its registry looks frozen (None: its metadata is fresh)."""
+        return {
+            "policy_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
+            "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
+        }  # fmt: skip
 
     def current(self) -> Policy:
         if time.monotonic() - self._last_poll >= self.poll_interval_s:
@@ -62,37 +134,50 @@ class SignedPolicySource:
         return self._policy
 
     def poll(self) -> bool:
-        """Check the registry once; True if a new policy was swapped in."""
+        """One TUF update; True if a new policy was swapped in."""
         try:
-            response = self._client.get(f"{self.url}/v1/policies/latest", params={"robot_id": self.robot_id})
-        except httpx.HTTPError as exc:
-            self.errors += 1
-            log.warning("policy poll failed (%s); keeping v%s", exc, self.trust.version)
-            return False
-        if response.status_code == 404:
-            return False  # nothing published for this robot yet
-        if response.status_code != 200:
-            self.errors += 1
-            log.warning("policy poll: HTTP %s %s; keeping v%s", response.status_code, response.text[:200], self.trust.version)
-            return False
-        try:
-            return self._consider(response.json())
+            updater = Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", str(self.targets_dir), f"{self.url}/v1/tuf/targets/", self._fetcher, bootstrap=None)
+            updater.refresh()
+            self.frozen_since = None
+            return self._consider(updater)
         except PolicyRejected as exc:
             log.warning("robot %s refused a policy: %s", self.robot_id, exc)
-            return False
-        except (ValueError, httpx.HTTPError) as exc:
+        except tuf_errors.RepositoryError as exc:
+            reason = next(name for kind, name in _TUF_REASONS if isinstance(exc, kind))
+            self.trust.refusals[reason] += 1
+            if reason == "freeze" and self.frozen_since is None:
+                self.frozen_since = time.time()
+            log.warning("robot %s: registry metadata refused (%s: %s); keeping v%s", self.robot_id, reason, exc, self.trust.version)
+        except tuf_errors.DownloadLengthMismatchError as exc:
+            self.trust.refusals["size"] += 1
+            log.warning("robot %s: registry sent more than TUF allows (%s); keeping v%s", self.robot_id, exc, self.trust.version)
+        except (tuf_errors.DownloadError, httpx.HTTPError, OSError, ValueError) as exc:
             self.errors += 1
-            log.warning("policy fetch failed (%s); keeping v%s", exc, self.trust.version)
-            return False
+            log.warning("policy update failed (%s: %s); keeping v%s", exc.__class__.__name__, exc, self.trust.version)
+        return False
 
-    def _consider(self, envelope: dict) -> bool:
-        manifest = self.trust.check(envelope)
+    def _consider(self, updater: Updater) -> bool:
+        rollout = self._target(updater, ROLLOUT_TARGET, MAX_JSON_BYTES)
+        if rollout is None:
+            return False  # nothing released yet
+        version = version_for(self._json(rollout, "the rollout"), self.robot_id)
+        if version is None:
+            return False  # nothing released for this robot yet
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            self.trust.refusals["malformed"] += 1
+            raise PolicyRejected("malformed", f"the rollout names version {version!r}, not a positive integer")
+        manifest_bytes = self._target(updater, manifest_target(version), MAX_JSON_BYTES)
+        if manifest_bytes is None:
+            self.trust.refusals["malformed"] += 1
+            raise PolicyRejected("malformed", f"the rollout names v{version}, whose manifest the registry does not list")
+        manifest = self.trust.check(self._json(manifest_bytes, f"v{version}'s manifest"))
         if manifest is None:
-            return False
-        with self._client.stream("GET", f"{self.url}/v1/policies/{manifest['version']}/weights") as response:
-            if response.status_code != 200:
-                raise ValueError(f"weights of v{manifest['version']}: HTTP {response.status_code}")
-            weights = self.trust.receive_weights(manifest, response.iter_bytes())
+            return False  # already running it
+        info = updater.get_targetinfo(weights_target(version))
+        if info is None or (info.length, info.hashes.get("sha256")) != (manifest["weights"]["size"], manifest["weights"]["sha256"]):
+            self.trust.refusals["hash"] += 1
+            raise PolicyRejected("hash", f"v{version}'s manifest names other weights than the registry lists")
+        weights = self._download(updater, info)
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
         try:  # what a failed health check returns to: the trusted pair, if its weights are intact
             kept = self.trust.trusted_weights() if self.trust.manifest else None
@@ -100,6 +185,7 @@ class SignedPolicySource:
             kept = None
         previous = (self.trust.manifest if kept is not None else None, kept, self._policy)
         self.trust.accept(manifest, weights)
+        shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
         if not self._healthy(policy):
             self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
             return False
@@ -108,6 +194,31 @@ class SignedPolicySource:
         self.swaps += 1
         log.info("robot %s swapped to policy v%s", self.robot_id, manifest["version"])
         return True
+
+    def _json(self, data: bytes, what: str):
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            self.trust.refusals["malformed"] += 1
+            raise PolicyRejected("malformed", f"{what} is not JSON ({exc})") from None
+        if not isinstance(value, dict):
+            self.trust.refusals["malformed"] += 1
+            raise PolicyRejected("malformed", f"{what} is not a JSON object")
+        return value
+
+    def _target(self, updater: Updater, path: str, max_bytes: int) -> bytes | None:
+        """A small target's verified bytes (None if the registry does not list it)."""
+        info = updater.get_targetinfo(path)
+        if info is None:
+            return None
+        if info.length > max_bytes:
+            self.trust.refusals["size"] += 1
+            raise PolicyRejected("size", f"{path} is listed at {info.length} bytes, more than the {max_bytes} a robot reads")
+        return self._download(updater, info)
+
+    def _download(self, updater: Updater, info) -> bytes:
+        path = updater.find_cached_target(info) or updater.download_target(info)  # length and sha256 checked by TUF
+        return Path(path).read_bytes()
 
     def report_episode(self, episode) -> None:
         """After each episode: the first one on a newly swapped policy is its health check.
@@ -162,14 +273,13 @@ class SignedPolicySource:
 
 
 def signed_policy_source(
-    public_key: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float
+    root: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float
 ) -> SignedPolicySource:
-    """A robot's signed policy source pinned to the registry key at ``public_key`` (falls back to a zero policy)."""
+    """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy)."""
     from fleet.agent.policy import builtin_policy
-    from fleet.registry.signing import load_public_key
     from sim.robots import get_task
 
     task = get_task(robot_model)
-    trust = PolicyTrust(load_public_key(public_key), robot_model=robot_model, obs_dim=task.obs_dim, act_dim=task.act_dim, state_dir=state_dir)
+    trust = PolicyTrust(robot_model=robot_model, obs_dim=task.obs_dim, act_dim=task.act_dim, state_dir=state_dir)
     fallback = builtin_policy("zero", task.act_dim).current()
-    return SignedPolicySource(server_url, token, robot_id, trust, fallback, poll_interval_s=poll_interval_s)
+    return SignedPolicySource(server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s)

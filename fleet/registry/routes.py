@@ -1,8 +1,10 @@
-"""HTTP face of the policy registry (DESIGN.md, Fleet HTTP API v1).
+"""HTTP face of the policy registry (DESIGN.md, Fleet HTTP API v1; docs/protocol.md, docs/security.md).
 
-    GET  /v1/policies/latest?robot_id=   robot token (for itself): the signed manifest it should run
-    GET  /v1/policies/{version}/weights  robot token: the safetensors weights a manifest names
-    POST /v1/policies                    publisher token: publish (JSON body, weights base64)
+    GET  /v1/tuf/metadata/{name}   robot token: TUF metadata (<N>.root.json, timestamp.json,
+                                   <N>.snapshot.json, <N>.targets.json); online metadata past
+                                   half its life is re-signed before timestamp.json is served
+    GET  /v1/tuf/targets/{path}    robot token: a hash-prefixed target file
+    POST /v1/policies              publisher token: publish (JSON body, weights base64)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from fleet.registry.store import PolicyRegistry, RegistryError
+from fleet.registry.store import PolicyRegistry
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
 from sim.sensors import SensorCorrectionError, parse_offsets
@@ -25,24 +27,23 @@ MAX_PUBLISH_BYTES = 256 << 20
 def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/v1/policies/latest")
-    async def latest(request: Request, robot_id: str):
-        principal = tokens.require(request.headers.get("authorization"), "robot")
-        if principal.robot_id != robot_id:
-            raise ApiError(403, "robot_id_mismatch", f"token is for robot {principal.robot_id!r}, asked for {robot_id!r}", "robot_id")
-        envelope = await run_in_threadpool(registry.latest_for, robot_id)
-        if envelope is None:
-            raise ApiError(404, "no_policy", "no policy has been published for this robot yet", "robot_id")
-        return JSONResponse(envelope)
-
-    @router.get("/v1/policies/{version}/weights")
-    async def weights(request: Request, version: int):
+    @router.get("/v1/tuf/metadata/{name}")
+    async def metadata(request: Request, name: str):
         tokens.require(request.headers.get("authorization"), "robot")
-        try:
-            path = registry.weights_path(version)
-        except RegistryError as exc:
-            raise ApiError(404, "no_such_version", str(exc), "version") from None
-        return FileResponse(path, media_type="application/octet-stream")
+        if name == "timestamp.json":
+            await run_in_threadpool(registry.refresh)
+        path = registry.repo.metadata_path(name)
+        if path is None:
+            raise ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name")
+        return FileResponse(path, media_type="application/json")
+
+    @router.get("/v1/tuf/targets/{path:path}")
+    async def target(request: Request, path: str):
+        tokens.require(request.headers.get("authorization"), "robot")
+        found = registry.repo.target_path(path)
+        if found is None:
+            raise ApiError(404, "no_such_target", f"no target file {path!r}", "path")
+        return FileResponse(found, media_type="application/octet-stream")
 
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
@@ -58,8 +59,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
             raise ApiError(400, "bad_publish", f"need JSON with weights_b64, robot_model, obs_dim, act_dim ({exc.__class__.__name__}: {exc})", None) from None
         extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets") if k in body}
         _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
-        envelope = await run_in_threadpool(lambda: registry.publish(weights, cohort=body.get("cohort") or None, **fields, **extra))
-        return JSONResponse(envelope, status_code=201)
+        manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=body.get("cohort") or None, **fields, **extra))
+        return JSONResponse({"manifest": manifest}, status_code=201)
 
     return router
 

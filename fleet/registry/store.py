@@ -1,26 +1,37 @@
-"""The policy registry on disk: signed versions and the staged-rollout state.
+"""The policy registry: policy versions and the staged rollout, published as a TUF repository.
 
-Layout (every file replaced atomically; weights before the manifest that names them):
+Layout under ``<root>``::
 
-    <root>/versions/<version>/weights.safetensors
-    <root>/versions/<version>/manifest.json      signed envelope (see signing.py)
-    <root>/rollout.json                          {"stable", "canary", "cohort", "history"}
+    tuf/           the TUF repository robots fetch and verify (fleet/registry/tuf_repo.py); a
+                   release is the targets fleet/registry/manifest.py names
+    history.jsonl  the rollout's events ({"version", "event", "at", ...}), the server's record
 
 Rollout: a new version goes to the canary cohort first; ``widen()`` makes it stable for all,
 ``rollback()`` republishes the last stable weights under a new, higher version (robots never
-accept a lower version) and ends the canary. The registry serves; W&B only mirrors.
+accept a lower version) and ends the canary. Every change is one TUF publication (targets,
+snapshot, then timestamp: the commit). The registry serves; W&B only mirrors.
+
+A registry of the earlier layout (``versions/<v>/manifest.json`` signed envelopes and
+``rollout.json``) is imported into the TUF repository the first time it is opened, with the same
+version numbers, and moved to ``legacy/`` (docs/security.md, cut-over).
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-from fleet.registry.manifest import build_manifest
-from fleet.registry.signing import canonical_json, generate_keypair, load_private_key, sign
-from fleet.registry.trust import atomic_write
+from securesystemslib.signer import Signer
+
+from fleet.registry.manifest import ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
+from fleet.registry.signing import canonical_json, load_signer
+from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository
+
+log = logging.getLogger(__name__)
+KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the stable and canary ones
 
 
 class RegistryError(ValueError):
@@ -28,109 +39,173 @@ class RegistryError(ValueError):
 
 
 class PolicyRegistry:
-    def __init__(self, root: Path, private_key, ttl_s: float = 7 * 24 * 3600):
+    """The server's registry. ``online``: the signer of the online roles; the repository's root
+    (made offline with the root keys) must already exist and name its key."""
+
+    def __init__(self, root: str | Path, online: Signer, *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
         self.root = Path(root)
-        (self.root / "versions").mkdir(parents=True, exist_ok=True)
-        self.private_key, self.ttl_s = private_key, ttl_s
-        self._lock = threading.Lock()
+        self.repo = TufRepository(self.root / "tuf", {role: [online] for role in ONLINE_ROLES}, expiry_s=expiry_s, clock=clock)
+        root_md = self.repo.require_root()
+        if any(online.public_key.keyid not in root_md.roles[role].keyids for role in ONLINE_ROLES):
+            raise RegistryError(
+                f"the online key {online.public_key.keyid[:16]} is not the key root v{root_md.version} names for "
+                f"{', '.join(ONLINE_ROLES)}: start the server with that key, or rotate to this one (`flywheel-registry rotate`)"
+            )
+        self._import_legacy()
+        self.refresh()
 
     # -- state ----------------------------------------------------------------------------
-    def rollout(self) -> dict:
-        path = self.root / "rollout.json"
-        return json.loads(path.read_text()) if path.exists() else {"stable": None, "canary": None, "cohort": [], "history": []}
+    def refresh(self) -> list[str]:
+        """Re-sign online metadata past half its life (or signed by a rotated-out key); see TufRepository.refresh_online."""
+        return self.repo.refresh_online()
 
-    def _save_rollout(self, state: dict) -> None:
-        atomic_write(self.root / "rollout.json", canonical_json(state))
+    def rollout(self) -> dict:
+        state = self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
+        path = self.root / "history.jsonl"
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        return {**state, "history": history}
 
     def versions(self) -> list[int]:
-        return sorted(int(p.name) for p in (self.root / "versions").iterdir() if (p / "manifest.json").exists())
+        """Versions listed in the published targets (the newest ones, and the stable and canary)."""
+        return sorted(int(p.split("/")[1]) for p in self.repo.target_listing() if p.startswith("policies/") and p.endswith("/manifest.json"))
 
-    def envelope(self, version: int) -> dict:
-        path = self.root / "versions" / f"{int(version):08d}" / "manifest.json"
-        if not path.exists():
+    def manifest(self, version: int) -> dict:
+        manifest = self._published_json(manifest_target(version))
+        if manifest is None:
             raise RegistryError(f"no policy version {version}; published: {self.versions()}")
-        return json.loads(path.read_text())
+        return manifest
 
-    def weights_path(self, version: int) -> Path:
-        path = self.root / "versions" / f"{int(version):08d}" / "weights.safetensors"
-        if not path.exists():
+    def weights(self, version: int) -> bytes:
+        data = self.repo.listed_bytes(weights_target(version))
+        if data is None:
             raise RegistryError(f"no weights for policy version {version}")
-        return path
+        return data
 
     def latest_for(self, robot_id: str) -> dict | None:
-        """The signed envelope this robot should run (canary-aware), or None before any release."""
-        state = self.rollout()
-        version = state["canary"] if state["canary"] is not None and robot_id in state["cohort"] else state["stable"]
-        return None if version is None else self.envelope(version)
+        """The manifest this robot should run (canary-aware), or None before any release."""
+        version = version_for(self.rollout(), robot_id)
+        return None if version is None else self.manifest(version)
 
     # -- changes --------------------------------------------------------------------------
     def publish(self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, **fields) -> dict:
-        """Sign and store a new version. With a non-empty ``cohort`` it starts as a canary, else it is stable."""
-        with self._lock:
-            state = self.rollout()
+        """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest."""
+        with self.repo.lock:
             version = max(self.versions(), default=0) + 1
-            manifest = build_manifest(
-                version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, ttl_s=self.ttl_s, **fields
-            )
-            envelope = sign(manifest, self.private_key)
-            folder = self.root / "versions" / f"{version:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(folder / "weights.safetensors", weights)
-            atomic_write(folder / "manifest.json", canonical_json(envelope))
+            manifest = build_manifest(version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, **fields)
+            state = self.rollout()
             if cohort:
                 state.update(canary=version, cohort=sorted(cohort))
             else:
                 state.update(stable=version, canary=None, cohort=[])
-            state["history"].append({"version": version, "event": "canary" if cohort else "stable", "at": time.time()})
-            self._save_rollout(state)
-            return envelope
+            files = {manifest_target(version): canonical_json(manifest), weights_target(version): weights}
+            self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable"})
+            return manifest
 
     def widen(self) -> int:
         """Promote the canary to stable for the whole fleet; returns its version."""
-        with self._lock:
+        with self.repo.lock:
             state = self.rollout()
             if state["canary"] is None:
                 raise RegistryError("no canary to widen")
             version = state["canary"]
             state.update(stable=version, canary=None, cohort=[])
-            state["history"].append({"version": version, "event": "widened", "at": time.time()})
-            self._save_rollout(state)
+            self._publish(state, {}, {"version": version, "event": "widened"})
             return version
 
     def rollback(self, reason: str) -> dict | None:
         """End the canary; republish the last stable weights as a new version for everyone.
 
-        Returns the new envelope (None when there was no stable version to return to).
+        Returns the new manifest (None when there was no stable version to return to).
         """
-        state = self.rollout()
-        if state["canary"] is None:
-            raise RegistryError("no canary to roll back")
-        bad, stable = state["canary"], state["stable"]
-        envelope = None
-        if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
-            old = self.envelope(stable)["manifest"]
-            envelope = self.publish(
-                self.weights_path(stable).read_bytes(),
-                robot_model=old["robot_model"],
-                obs_dim=old["obs_dim"],
-                act_dim=old["act_dim"],
-                policy=old["policy"],
-                data_snapshot=old["data_snapshot"],
-                gate=old["gate"],
-                sensor_offsets=old.get("sensor_offsets", {}),
-                note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
-            )
-        with self._lock:
+        with self.repo.lock:
             state = self.rollout()
-            state.update(canary=None, cohort=[])
-            state["history"].append({"version": bad, "event": "rolled_back", "reason": reason, "at": time.time()})
-            self._save_rollout(state)
-        return envelope
+            if state["canary"] is None:
+                raise RegistryError("no canary to roll back")
+            bad, stable = state["canary"], state["stable"]
+            manifest = None
+            if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
+                old = self.manifest(stable)
+                keep = ("policy", "data_snapshot", "gate", "sensor_offsets")
+                manifest = self.publish(
+                    self.weights(stable), robot_model=old["robot_model"], obs_dim=old["obs_dim"], act_dim=old["act_dim"],
+                    **{k: old[k] for k in keep if k in old}, note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
+                )  # fmt: skip
+                self._record({"version": bad, "event": "rolled_back", "reason": reason})
+            else:
+                self._publish({**state, "canary": None, "cohort": []}, {}, {"version": bad, "event": "rolled_back", "reason": reason})
+            return manifest
+
+    # -- internals ----------------------------------------------------------------------------
+    def _publish(self, state: dict, files: Mapping[str, bytes], event: dict) -> None:
+        """One TUF publication: the new files and rollout listed, old versions beyond KEEP_VERSIONS
+        (but the stable and canary) dropped from the listing; then the event recorded."""
+        rollout = {k: state[k] for k in ("stable", "canary", "cohort")}
+        add = {path: self.repo.store_target(path, data) for path, data in {**files, ROLLOUT_TARGET: canonical_json(rollout)}.items()}
+        listed = sorted({*self.versions(), *(int(p.split("/")[1]) for p in add if p.startswith("policies/"))})
+        keep = {*listed[-KEEP_VERSIONS:], rollout["stable"], rollout["canary"]}
+        remove = [path for v in listed if v not in keep for path in (manifest_target(v), weights_target(v))]
+        self.repo.publish_targets(add, remove)
+        self._record(event)
+
+    def _record(self, event: dict) -> None:
+        with open(self.root / "history.jsonl", "a") as f:
+            f.write(json.dumps({**event, "at": time.time()}) + "\n")
+
+    def _published_json(self, path: str) -> dict | None:
+        data = self.repo.listed_bytes(path)
+        return None if data is None else json.loads(data)
+
+    def _import_legacy(self) -> None:
+        """Import a registry of the pre-TUF layout once (same version numbers), then move it to legacy/."""
+        versions = self.root / "versions"
+        if not versions.is_dir():
+            return
+        old_state_path = self.root / "rollout.json"
+        old_state = json.loads(old_state_path.read_text()) if old_state_path.exists() else {"stable": None, "canary": None, "cohort": []}
+        files: dict[str, bytes] = {}
+        for folder in sorted(p for p in versions.iterdir() if (p / "manifest.json").exists() and (p / "weights.safetensors").exists()):
+            manifest = json.loads((folder / "manifest.json").read_text())["manifest"]
+            files[manifest_target(manifest["version"])] = canonical_json(manifest)
+            files[weights_target(manifest["version"])] = (folder / "weights.safetensors").read_bytes()
+        with self.repo.lock:
+            self._publish(old_state, files, {"version": old_state.get("stable"), "event": "imported", "versions": len(files) // 2})
+            for event in old_state.get("history", []):
+                self._record(event)
+        legacy = self.root / "legacy"
+        legacy.mkdir(exist_ok=True)
+        versions.rename(legacy / "versions")
+        if old_state_path.exists():
+            old_state_path.rename(legacy / "rollout.json")
+        log.warning("imported %d policy versions of the pre-TUF registry at %s; robots need the root metadata now (docs/security.md)", len(files) // 2, self.root)
 
 
-def open_registry(directory: str | Path, private_key: str | Path) -> PolicyRegistry:
-    """The registry at ``directory``, signing with ``private_key`` (a new key pair is made if it is missing)."""
-    key = Path(private_key)
-    if not key.exists():
-        generate_keypair(key, key.with_suffix(".pub"))
-    return PolicyRegistry(Path(directory), load_private_key(key))
+def open_registry(
+    directory: str | Path,
+    online_key: str | Path,
+    *,
+    root_keys: list[str | Path] | None = None,
+    root_threshold: int = 2,
+    expiry_s: Mapping[str, float] | None = None,
+) -> PolicyRegistry:
+    """The registry at ``directory`` signing online with ``online_key`` (made if missing).
+
+    A registry without root metadata needs its key ceremony first: with ``root_keys`` (files,
+    made if missing) this makes root v1 here, with ``root_threshold`` of them. That is the
+    single-machine set-up of the demo and tests; a production fleet runs ``flywheel-registry init``
+    where the root keys live and gives the server only the online key."""
+    from fleet.registry.tuf_repo import init_root
+
+    online = load_signer(online_key, create=True)
+    if not (Path(directory) / "tuf" / "metadata" / "1.root.json").exists() and root_keys:
+        signers = [load_signer(path, create=True) for path in root_keys]
+        init_root(Path(directory) / "tuf", signers, root_threshold, online.public_key, expiry_s=expiry_s)
+    return PolicyRegistry(directory, online, expiry_s=expiry_s)
+
+
+def root_metadata(directory: str | Path) -> bytes:
+    """The newest root metadata of the registry at ``directory``: what a robot is provisioned with."""
+    path = Path(directory) / "tuf" / "metadata" / "root.json"
+    if not path.exists():
+        raise RegistryError(f"{path} does not exist: the registry has no root metadata yet")
+    return path.read_bytes()
+

@@ -1,29 +1,28 @@
-"""Robot-side policy trust: verify a signed manifest and its weights before a swap.
+"""Robot-side policy trust: what a robot checks on a manifest TUF has verified, and what it keeps.
 
-No torch, no Ray: this runs on the robot. A robot refuses, and keeps its last good policy, on
-a bad signature, a version lower than the one it trusts (rollback) or equal to it with other
-content (replay), an expired manifest (freeze), weights whose size or hash differ (substitution,
-endless data), and a spec that does not fit the robot (mix-and-match). The trusted version
-persists across restarts, so a reboot does not reopen the rollback window.
+No torch, no Ray: this runs on the robot. TUF's client (fleet/registry/pull.py) has already
+checked signatures, thresholds, versions, expiry and each file's length and hash. On top of it a
+robot refuses, and keeps its last good policy, a version lower than the one it trusts (rollback,
+also across a registry's key rotation) or equal to it with other content (replay), a spec that
+does not fit the robot (mix-and-match), and a version that failed its own health check before.
+The trusted version persists across restarts, so a reboot does not reopen the rollback window.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 from fleet.registry.manifest import FORMAT, REQUIRED, sha256_hex
-from fleet.registry.signing import SignatureError, canonical_json, verify
+from fleet.registry.signing import canonical_json
 
 
 class PolicyRejected(Exception):
     """A policy the robot must not run. ``reason`` is one of REASONS."""
 
-    REASONS = ("signature", "malformed", "rollback", "replay", "expired", "spec", "size", "hash", "health")
+    REASONS = ("signature", "malformed", "rollback", "replay", "freeze", "spec", "size", "hash", "health")
 
     def __init__(self, reason: str, detail: str):
         assert reason in self.REASONS, reason
@@ -32,7 +31,8 @@ class PolicyRejected(Exception):
 
 
 class PolicyTrust:
-    """What a robot trusts: the pinned registry key, its own spec, and the last accepted manifest.
+    """What a robot trusts: its own spec, and the last accepted manifest (the registry's keys are
+    TUF's business: the root metadata in the policy source's metadata folder).
 
     ``state_dir`` holds ``trusted.json`` (the accepted manifest) and the weights it names,
     ``weights-v<version>.safetensors``. A swap writes the new weights under their own name, then
@@ -42,12 +42,10 @@ class PolicyTrust:
     ``weights.safetensors`` is still read, when its hash is the manifest's.
     """
 
-    def __init__(self, public_key, *, robot_model: str, obs_dim: int, act_dim: int, state_dir: Path, clock=time.time):
-        self.public_key = public_key
+    def __init__(self, *, robot_model: str, obs_dim: int, act_dim: int, state_dir: Path):
         self.spec = {"robot_model": robot_model, "obs_dim": int(obs_dim), "act_dim": int(act_dim)}
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.clock = clock
         self.refusals: Counter[str] = Counter()
         path = self.state_dir / "trusted.json"
         self.manifest: dict | None = json.loads(path.read_text()) if path.exists() else None
@@ -78,22 +76,18 @@ class PolicyTrust:
         return data
 
     # -- checks ---------------------------------------------------------------------------
-    def check(self, envelope: dict) -> dict | None:
-        """The verified manifest if it should replace the current one, None if it is the current one.
-
-        Raises PolicyRejected (and counts it) otherwise.
-        """
+    def check(self, manifest: dict) -> dict | None:
+        """``manifest`` (as TUF delivered it) if it should replace the current one, None if it is the
+        current one. Raises PolicyRejected (and counts it) otherwise."""
         try:
-            return self._check(envelope)
+            return self._check(manifest)
         except PolicyRejected as exc:
             self.refusals[exc.reason] += 1
             raise
 
-    def _check(self, envelope: dict) -> dict | None:
-        try:
-            manifest = verify(envelope, self.public_key)
-        except SignatureError as exc:
-            raise PolicyRejected("signature", str(exc)) from None
+    def _check(self, manifest: dict) -> dict | None:
+        if not isinstance(manifest, dict):
+            raise PolicyRejected("malformed", f"a manifest is a JSON object, got {type(manifest).__name__}")
         missing = [k for k in REQUIRED if k not in manifest]
         if missing or manifest.get("format") != FORMAT or not isinstance(manifest.get("version"), int):
             raise PolicyRejected("malformed", f"manifest lacks {missing} or has format {manifest.get('format')!r} (want {FORMAT!r})")
@@ -105,30 +99,10 @@ class PolicyTrust:
             raise PolicyRejected("replay", f"version {manifest['version']} is already trusted with other content")
         if manifest["version"] < self.version:
             raise PolicyRejected("rollback", f"version {manifest['version']} is lower than the trusted {self.version}")
-        if self.clock() >= manifest["expires_at"]:
-            raise PolicyRejected("expired", f"manifest expired at {manifest['expires_at']:.0f} (now {self.clock():.0f})")
         theirs = {k: manifest[k] for k in self.spec}
         if theirs != self.spec:
             raise PolicyRejected("spec", f"policy spec {theirs} does not fit this robot {self.spec}")
         return manifest
-
-    def receive_weights(self, manifest: dict, chunks: Iterable[bytes]) -> bytes:
-        """Read weights from ``chunks``, stopping as soon as they exceed the manifest's size."""
-        limit, parts, total = manifest["weights"]["size"], [], 0
-        for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                self.refusals["size"] += 1
-                raise PolicyRejected("size", f"weights exceed the manifest's {limit} bytes; stopped reading")
-            parts.append(chunk)
-        data = b"".join(parts)
-        if len(data) != limit:
-            self.refusals["size"] += 1
-            raise PolicyRejected("size", f"weights are {len(data)} bytes, the manifest says {limit}")
-        if sha256_hex(data) != manifest["weights"]["sha256"]:
-            self.refusals["hash"] += 1
-            raise PolicyRejected("hash", "weights sha256 differs from the manifest's")
-        return data
 
     # -- state ----------------------------------------------------------------------------
     def accept(self, manifest: dict, weights: bytes) -> None:

@@ -1,0 +1,66 @@
+"""``flywheel-registry``: the registry's key ceremonies, run where the offline root keys are (docs/security.md).
+
+    flywheel-registry init   --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --root-key r3.pem --threshold 2 --online-key online.pem
+    flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --online-key new-online.pem
+    flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --new-root-key n1.pem --new-root-key n2.pem --threshold 2
+    flywheel-registry show   --dir runs/fleet/registry
+
+Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
+root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
+new root keys, by them too. Then (re)start the server with the online key the root names: it
+re-signs targets, snapshot and timestamp, and robots follow the new root on their next update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fleet.registry.signing import load_signer
+from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, init_root, rotate_keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel-registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("init", "rotate", "show"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--dir", required=True, help="the registry directory (its TUF repository is <dir>/tuf)")
+        if name == "show":
+            continue
+        cmd.add_argument("--root-key", action="append", default=[], help="a current root key (private PEM); repeat")
+        cmd.add_argument("--online-key", help="the online key (private PEM) for targets, snapshot and timestamp")
+        cmd.add_argument("--threshold", type=int, help="root keys that must sign a root version")
+        if name == "rotate":
+            cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
+    args = parser.parse_args(argv)
+    tuf_dir = Path(args.dir) / "tuf"
+    try:
+        if args.command == "init":
+            if not args.root_key or not args.online_key:
+                parser.error("init needs --root-key (one or more) and --online-key")
+            root = init_root(tuf_dir, [load_signer(k, create=True) for k in args.root_key], args.threshold or min(2, len(args.root_key)), load_signer(args.online_key, create=True).public_key)
+        elif args.command == "rotate":
+            if not args.root_key or not (args.online_key or args.new_root_key or args.threshold):
+                parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --new-root-key or --threshold")
+            root = rotate_keys(
+                tuf_dir,
+                [load_signer(k) for k in args.root_key],
+                online_key=load_signer(args.online_key, create=True).public_key if args.online_key else None,
+                new_root_signers=[load_signer(k, create=True) for k in args.new_root_key],
+                threshold=args.threshold,
+            )
+        else:
+            root = TufRepository(tuf_dir, {}).require_root()
+    except Exception as exc:  # a ceremony's every failure is the operator's to read, not a traceback
+        print(f"flywheel-registry {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+    roles = {role: {"keyids": [k[:16] for k in root.roles[role].keyids], "threshold": root.roles[role].threshold} for role in ("root", *ONLINE_ROLES)}
+    print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The policy registry on TUF, attacked the way TUF's threat model lists (python-tuf's own client,
+a real server on loopback, real files): rollback, freeze, mix-and-match, endless data, arbitrary
+software installation, fast-forward, and key compromise with rotation. Each attack is made the way
+an attacker in that position could (a compromised mirror rewrites the files the server serves; a
+stolen key signs what the attacker likes); the robot must refuse, keep its last good policy and
+count why, and recover once the operator has acted."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+
+from fleet.agent.policy import builtin_policy
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.signing import load_signer
+from fleet.registry.store import PolicyRegistry, root_metadata
+from fleet.registry.trust import PolicyTrust
+from fleet.registry.tuf_repo import rotate_keys
+from fleet.server.config import ServerConfig
+from fleet.server.runner import serve
+from fleet.store import StoreConfig
+from tests.conftest import registry_server
+from tests.test_policy_pull_http import SPEC, exported
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    source = robot(tmp_path, server, token)
+    yield registry, source
+    source.close()
+    server.stop()
+
+
+def robot(tmp_path, server, token) -> SignedPolicySource:
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    return SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+
+
+def publish(registry, tmp_path, name: str) -> int:
+    weights, manifest = exported(tmp_path, name)
+    return registry.publish(weights, policy=manifest, **SPEC)["version"]
+
+
+def metadata(registry, name: str):
+    return registry.repo.metadata_dir / name
+
+
+def resign(md: Metadata, signer, **changes) -> bytes:
+    """What an attacker holding ``signer`` makes of ``md``."""
+    for key, value in changes.items():
+        setattr(md.signed, key, value)
+    md.signatures.clear()
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def test_a_new_robot_follows_the_root_chain_and_installs_a_release(tmp_path, fleet):
+    registry, source = fleet
+    assert not source.poll() and source.current().version == "zero"  # nothing released
+    publish(registry, tmp_path, "good")
+    assert source.poll() and source.current().version == "1" and source.refusals == {}
+    assert not source.poll()  # already running it
+    assert (source.metadata_dir / "timestamp.json").exists() and source.frozen_since is None
+
+
+def test_rollback_attack_replaying_older_metadata_is_refused(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    old_timestamp = metadata(registry, "timestamp.json").read_bytes()
+    publish(registry, tmp_path, "v2")
+    assert source.poll() and source.trust.version == 2
+    metadata(registry, "timestamp.json").write_bytes(old_timestamp)  # a mirror serves v1's (validly signed) state
+    assert not source.poll()
+    assert source.refusals == {"rollback": 1} and source.current().version == "2"
+
+
+def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is_refused(tmp_path):
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s={"timestamp": 3.0})
+    source = robot(tmp_path, server, token)
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.frozen_since is None
+        registry.refresh = lambda: []  # the mirror stops following: it serves the last timestamp forever
+        time.sleep(4.1)
+        assert not source.poll()
+        assert source.refusals == {"freeze": 1} and source.frozen_since is not None
+        assert source.current().version == "1" and source.refusals == {"freeze": 2}  # it keeps running what it trusts (current() polled once more)
+        del registry.refresh  # the registry signs again
+        assert not source.poll() and source.frozen_since is None and source.refusals == {"freeze": 2}
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.current().version == "2"
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    v1_targets = registry.repo.snapshot().meta["targets.json"].version
+    publish(registry, tmp_path, "v2")
+    current = registry.repo.snapshot().meta["targets.json"].version
+    (metadata(registry, f"{current}.targets.json")).write_bytes(metadata(registry, f"{v1_targets}.targets.json").read_bytes())
+    assert not source.poll()  # the snapshot names targets v{current}: an older one under its name is refused
+    assert source.refusals == {"rollback": 1} and source.trust.version == 1
+    weights, manifest = exported(tmp_path, "ant")
+    registry.publish(weights, policy=manifest, **{**SPEC, "robot_model": "ant"})  # a release for another body
+    assert not source.poll() and source.refusals["spec"] == 1 and source.trust.version == 1
+
+
+def test_endless_data_is_cut_at_the_length_tuf_expects(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    publish(registry, tmp_path, "v2")
+    info = registry.repo.target_listing()["policies/00000002/weights.safetensors"]
+    path = registry.repo.targets_dir / "policies" / "00000002" / f"{info.hashes['sha256']}.weights.safetensors"
+    path.write_bytes(path.read_bytes() + b"\0" * (64 << 20))  # 64 MiB more than listed
+    assert not source.poll() and source.refusals == {"size": 1} and source.trust.version == 1
+    metadata(registry, "timestamp.json").write_bytes(b"{" * (1 << 20))  # an endless timestamp
+    assert not source.poll() and source.refusals == {"size": 2}
+
+
+def test_arbitrary_software_is_not_installed(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    publish(registry, tmp_path, "v2")
+    info = registry.repo.target_listing()["policies/00000002/weights.safetensors"]
+    path = registry.repo.targets_dir / "policies" / "00000002" / f"{info.hashes['sha256']}.weights.safetensors"
+    evil = bytearray(path.read_bytes())
+    evil[-1] ^= 0xFF  # same length, other bytes
+    path.write_bytes(bytes(evil))
+    assert not source.poll() and source.refusals == {"hash": 1} and source.trust.version == 1
+    # an attacker without the online key signs newer metadata of its own
+    attacker = load_signer(tmp_path / "attacker.pem", create=True)
+    forged = Metadata[Timestamp].from_bytes(metadata(registry, "timestamp.json").read_bytes())
+    metadata(registry, "timestamp.json").write_bytes(resign(forged, attacker, version=forged.signed.version + 1))
+    assert not source.poll() and source.refusals == {"hash": 1, "signature": 1} and source.current().version == "1"
+
+
+def test_fast_forward_with_a_stolen_online_key_is_undone_by_rotating_it(tmp_path):
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    source = robot(tmp_path, server, token)
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    legit = metadata(registry, "timestamp.json").read_bytes()
+    stolen = load_signer(tmp_path / "keys" / "online.pem")
+    far = Metadata[Timestamp].from_bytes(legit)
+    metadata(registry, "timestamp.json").write_bytes(resign(far, stolen, version=10**9))
+    assert not source.poll() and source.refusals == {}  # validly signed: the robot now trusts timestamp v1e9
+    metadata(registry, "timestamp.json").write_bytes(legit)  # the operator restores the server ...
+    assert not source.poll() and source.refusals == {"rollback": 1}  # ... but the robot is stuck ahead
+    server.stop()
+    source.close()
+    # the operator rotates the online key with two of the three offline root keys, and restarts the server with it
+    roots = [load_signer(tmp_path / "keys" / f"root-{i}.pem") for i in (1, 3)]
+    assert rotate_keys(registry.root / "tuf", roots, online_key=load_signer(tmp_path / "keys" / "online-2.pem", create=True).public_key).version == 2
+    registry = PolicyRegistry(registry.root, load_signer(tmp_path / "keys" / "online-2.pem"))
+    server = serve(ServerConfig(port=0, token_file=str(tmp_path / "tokens.json")), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    source = robot(tmp_path, server, token)  # the robot reconnects (its trust state and TUF metadata kept)
+    try:
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.current().version == "2"  # root v2 made it drop timestamp v1e9
+        assert json.loads((source.metadata_dir / "root.json").read_text())["signed"]["version"] == 2
+        # the stolen key is worth nothing now
+        ts = Metadata[Timestamp].from_bytes(metadata(registry, "timestamp.json").read_bytes())
+        metadata(registry, "timestamp.json").write_bytes(resign(ts, stolen, version=ts.signed.version + 1))
+        assert not source.poll() and source.refusals == {"signature": 1} and source.trust.version == 2  # (a restarted robot counts afresh)
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_one_stolen_root_key_cannot_make_a_root(tmp_path, fleet):
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    thief = load_signer(tmp_path / "keys" / "root-2.pem")
+    attacker = load_signer(tmp_path / "attacker.pem", create=True)
+    root = Metadata[Root].from_bytes(metadata(registry, "1.root.json").read_bytes())
+    for role in (Targets.type, Snapshot.type, Timestamp.type):
+        for keyid in list(root.signed.roles[role].keyids):
+            root.signed.revoke_key(keyid, role)
+        root.signed.add_key(attacker.public_key, role)
+    root.signed.expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
+    metadata(registry, "2.root.json").write_bytes(resign(root, thief, version=2))  # 1 of the 2 signatures root needs
+    assert not source.poll() and source.refusals == {"signature": 1} and source.current().version == "1"
+    with pytest.raises(UnsignedMetadataError, match="signed by 1/2"):
+        rotate_keys(registry.root / "tuf", [thief], online_key=attacker.public_key)  # the registry's own tools refuse it too
+
+
+def test_a_registry_of_the_earlier_layout_is_imported_with_its_versions(tmp_path):
+    from fleet.registry.manifest import build_manifest
+    from fleet.registry.signing import canonical_json
+    from fleet.registry.store import open_registry
+
+    old = tmp_path / "registry"
+    for version in (1, 2):  # the pre-TUF layout: signed envelopes and weights per version, rollout.json
+        folder = old / "versions" / f"{version:08d}"
+        folder.mkdir(parents=True)
+        weights = f"weights-{version}".encode()
+        manifest = build_manifest(version=version, weights=weights, **SPEC)
+        (folder / "manifest.json").write_bytes(canonical_json({"manifest": manifest, "signature": "", "key_id": ""}))
+        (folder / "weights.safetensors").write_bytes(weights)
+    history = [{"version": 1, "event": "stable", "at": 1.0}, {"version": 2, "event": "canary", "at": 2.0}]
+    (old / "rollout.json").write_bytes(canonical_json({"stable": 1, "canary": 2, "cohort": ["robot-0"], "history": history}))
+    keys = tmp_path / "keys"
+    registry = open_registry(old, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)])
+    assert registry.versions() == [1, 2] and registry.weights(2) == b"weights-2"
+    assert registry.latest_for("robot-0")["version"] == 2 and registry.latest_for("robot-1")["version"] == 1
+    assert [h["event"] for h in registry.rollout()["history"]] == ["imported", "stable", "canary"]
+    assert not (old / "versions").exists() and (old / "legacy" / "versions").is_dir()
+    assert registry.widen() == 2 and registry.publish(b"w3", **SPEC)["version"] == 3  # numbering goes on
+    reopened = open_registry(old, keys / "online.pem")  # imported once
+    assert reopened.versions() == [1, 2, 3] and reopened.rollout()["stable"] == 3
+
+
+def test_the_listing_keeps_the_newest_versions_and_the_ones_robots_run(tmp_path):
+    from fleet.registry.store import KEEP_VERSIONS, open_registry
+
+    keys = tmp_path / "keys"
+    registry = open_registry(tmp_path / "registry", keys / "online.pem", root_keys=[keys / "root.pem"], root_threshold=1)
+    registry.publish(b"stable", **SPEC)
+    for i in range(KEEP_VERSIONS + 3):
+        registry.publish(f"canary-{i}".encode(), cohort=["robot-0"], **SPEC)
+    listed = registry.versions()
+    assert listed[0] == 1 and listed[1:] == list(range(5, KEEP_VERSIONS + 5))  # v1 is stable; v2-v4 left the listing
+    assert registry.weights(1) == b"stable"
+    assert len(list((registry.repo.metadata_dir).glob("*.targets.json"))) <= 16  # old metadata is pruned too
+
+
+def test_key_ceremonies_with_flywheel_registry_and_a_server_that_checks_its_key(tmp_path, capsys):
+    from fleet.apps.registry_keys import main
+    from fleet.registry.store import RegistryError, open_registry
+    from fleet.registry.tuf_repo import RepositoryNotInitialised
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    roots = [arg for i in (1, 2, 3) for arg in ("--root-key", str(keys / f"root-{i}.pem"))]
+    assert main(["init", "--dir", str(reg), *roots, "--threshold", "2", "--online-key", str(keys / "online.pem")]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["root_version"] == 1 and shown["roles"]["root"]["threshold"] == 2 and len(shown["roles"]["root"]["keyids"]) == 3
+    provisioned = (reg / "tuf" / "metadata" / "root.json").read_bytes()  # what a robot gets at this point
+    with pytest.raises(RegistryError, match="is not the key root v1 names"):
+        open_registry(reg, keys / "stranger.pem")
+    with pytest.raises(RepositoryNotInitialised, match="flywheel-registry init"):
+        open_registry(tmp_path / "empty", keys / "online.pem")  # no root, no root keys given: says what to do
+    one = ["--root-key", str(keys / "root-1.pem")]
+    assert main(["rotate", "--dir", str(reg), *one, "--online-key", str(keys / "online-2.pem")]) == 1  # 1 of 2
+    assert "signed by 1/2" in capsys.readouterr().err
+    two = [*one, "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 0
+    assert main(["show", "--dir", str(reg)]) == 0 and '"root_version": 2' in capsys.readouterr().out
+    registry = open_registry(reg, keys / "online-2.pem")
+    weights, manifest = exported(tmp_path, "v1")
+    registry.publish(weights, policy=manifest, **SPEC)
+    tokens = tmp_path / "tokens.json"
+    from fleet.server.auth import add_token
+
+    token = add_token(tokens, "robot", "robot-0")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    source = SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=provisioned)
+    try:
+        assert source.poll() and source.current().version == "1" and source.refusals == {}  # from root v1 through v2
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path, fleet):
+    from fleet.registry.manifest import ROLLOUT_TARGET
+
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    for rollout in (b'{"stable": "2"}', b'{"stable": true}', b"[1]", b"not json", b'{"stable": 9}'):  # a buggy publisher, validly signed
+        registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
+        assert not source.poll() and source.current().version == "1"
+    assert source.refusals["malformed"] >= 5 and source.errors == 0
