@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test soak bench clean
 setup: $(STAMP)
 
 $(BIN)/python:
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+soak: setup
+	$(BIN)/python -m pytest -m soak -s
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b; done

@@ -44,10 +44,10 @@ def rss_anon_mib(pid: int) -> float:
     raise RuntimeError("no RssAnon in /proc: Linux only")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=12800)
-    args = parser.parse_args()
+def soak(episodes: int, read_back: int = 500, log=print) -> dict:
+    """Upload ``episodes`` from ROBOTS robot threads to a flywheel-server process, read ``read_back``
+    of them back and list the store, idle 5 s. Returns RssAnon samples (MiB: ``start``, ``halfway``,
+    ``peak``, ``end``), the acknowledged episode ids and the ids the read-back found."""
     root = Path(tempfile.mkdtemp(prefix="flywheel-memory-"))
     tokens = root / "tokens.json"
     tok = {f"r{i}": add_token(tokens, "robot", f"r{i}") for i in range(ROBOTS)}
@@ -60,10 +60,10 @@ def main() -> None:
 
     def robot(i: int) -> None:
         with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {tok[f'r{i}']}"}) as client:
-            for _ in range(args.episodes // ROBOTS):
+            for _ in range(episodes // ROBOTS):
                 ep = Episode.create(**arrays, robot_id=f"r{i}", robot_model="toy", source="real")
                 response = client.post("/v1/episodes", content=ep.to_bytes())
-                if response.status_code == 429:  # over this token's rate: wait as told, then go on
+                while response.status_code == 429:  # over this token's rate: wait as told, then go on
                     time.sleep(float(response.headers.get("retry-after", "1")))
                     response = client.post("/v1/episodes", content=ep.to_bytes())
                 response.raise_for_status()
@@ -72,26 +72,42 @@ def main() -> None:
                     ids.append(ep.episode_id)
 
     try:
-        start = rss_anon_mib(pid)
+        out = {"start": rss_anon_mib(pid), "halfway": None, "peak": 0.0}
         threads = [threading.Thread(target=robot, args=(i,)) for i in range(ROBOTS)]
         for t in threads:
             t.start()
-        halfway = None
         while any(t.is_alive() for t in threads):
             time.sleep(0.5)
-            if halfway is None and done[0] >= args.episodes // 2:
-                halfway = rss_anon_mib(pid)
-            print(f"# {done[0]} episodes, RssAnon {rss_anon_mib(pid):.0f} MiB", file=sys.stderr)
+            now = rss_anon_mib(pid)
+            out["peak"] = max(out["peak"], now)
+            if out["halfway"] is None and done[0] >= episodes // 2:
+                out["halfway"] = now
+            log(f"# {done[0]} episodes, RssAnon {now:.0f} MiB")
+        found = set()
         with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {operator}"}) as client:
-            for eid in ids[:: max(1, len(ids) // 500)]:
+            for eid in ids[:: max(1, len(ids) // read_back)]:
                 client.get(f"/v1/episodes/{eid}").raise_for_status()
-            client.get("/v1/episodes", params={"limit": 1000}).raise_for_status()
+            total, offset = None, 0
+            while total is None or offset < total:  # the whole listing, page by page
+                page = client.get("/v1/episodes", params={"limit": 1000, "offset": offset})
+                page.raise_for_status()
+                body = page.json()
+                found.update(e["episode_id"] for e in body["episodes"])
+                total, offset = body["total"], offset + 1000
         time.sleep(5)
-        end = rss_anon_mib(pid)
-        print(f"# start {start:.0f} MiB, halfway {halfway:.0f} MiB, idle after read-back {end:.0f} MiB", file=sys.stderr)
-        emit("server/rss_anon_mib", end, "MiB", round(halfway, 1), round(end / halfway, 3))
+        out.update(end=rss_anon_mib(pid), acknowledged=list(ids), listed=found)
+        log(f"# start {out['start']:.0f} MiB, halfway {out['halfway']:.0f} MiB, peak {out['peak']:.0f} MiB, idle after read-back {out['end']:.0f} MiB")
+        return out
     finally:
         server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=12800)
+    args = parser.parse_args()
+    out = soak(args.episodes, log=lambda line: print(line, file=sys.stderr))
+    emit("server/rss_anon_mib", out["end"], "MiB", round(out["halfway"], 1), round(out["end"] / out["halfway"], 3))
 
 
 if __name__ == "__main__":
