@@ -2,7 +2,8 @@
 saved by world-model + scenario data.
 
 Part 1: N robots of one model, each in its own condition (heavy payload, weak motor, ...), each
-collects the same number of env steps S. A solo policy trains (SAC) on its own robot's S steps;
+collects the same number of env steps S. Every policy's actor trains under the noisiest sensor
+among the conditions it trains on, as the flywheel's do (``loop.robust_to_sensor_noise``). A solo policy trains (SAC) on its own robot's S steps;
 the fleet policy on all N x S steps pooled (the same total the fleet collected). Every policy is
 evaluated on every condition (fixed seeds). Lines: fleet vs solo on the solo robot's own
 condition, and on the conditions that robot never saw.
@@ -18,15 +19,24 @@ as it learns (on-policy, not drawn once by a random policy). Both pool the N con
 world each). Ratio of the mean return over the conditions (goal: >= 1.0, i.e. the same
 return with 3x fewer real steps).
 
-Run: `.venv/bin/python benchmarks/fleet_vs_solo.py [--steps 2000]`
+Every number is the median over ``--seeds`` (default 0 1 2; one seed seeds every run of it, and
+the evaluation seeds are fixed). Each seed's returns are cached as JSON under
+``runs/benchmarks/fleet_vs_solo/`` (steps and seed in the file name), so seeds may run in separate
+processes (``--seeds 1 --runs-only``) and one final call prints the lines; ``--fresh`` ignores
+the cache.
+
+Run: `.venv/bin/python benchmarks/fleet_vs_solo.py [--steps 2000] [--seeds 0 1 2]`
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +45,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
+from fleet.pipeline.steps import robust_to_fleet_sensors  # noqa: E402
 from policies.evaluate import evaluate  # noqa: E402
 from policies.mbpo import default_config  # noqa: E402
 from policies.sac import SACConfig  # noqa: E402
@@ -48,7 +59,7 @@ SAC = SACConfig(hidden_sizes=(64, 64), learning_starts=500, replay_ratios={"onli
 
 def train(profiles: list[VariationProfile], steps: int, seed: int):
     config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed)
-    with Trainer(config, make_algorithm(config, SAC), profiles=profiles) as trainer:
+    with Trainer(config, make_algorithm(config, robust(SAC, profiles)), profiles=profiles) as trainer:
         trainer.train()
         return trainer.algo.policy
 
@@ -56,38 +67,66 @@ def train(profiles: list[VariationProfile], steps: int, seed: int):
 def train_model_based(profiles: list[VariationProfile], steps: int, seed: int):
     config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
     config = dataclasses.replace(config, num_worlds=len(profiles))
-    with Trainer(config, make_algorithm(config, algo), profiles=profiles) as trainer:
+    with Trainer(config, make_algorithm(config, robust(algo, profiles)), profiles=profiles) as trainer:
         trainer.train()
         return trainer.algo.policy
+
+
+def robust(algo_cfg, profiles: list[VariationProfile]):
+    """As the flywheel trains (``loop.robust_to_sensor_noise``): the actor reads observations as
+    noisy as the noisiest sensor among the conditions this policy trains on; every arm alike."""
+    return robust_to_fleet_sensors(algo_cfg, {str(i): p for i, p in enumerate(profiles)})
 
 
 def returns(policy, profiles: list[VariationProfile], episodes: int = 6) -> list[float]:
     return [p.mean_return for p in evaluate(policy, ROBOT, profiles, episodes, seed=123).profiles]
 
 
-def fleet_vs_solo(steps: int, seed: int) -> None:
+CACHE = Path("runs/benchmarks/fleet_vs_solo")
+
+
+def one_seed(steps: int, seed: int) -> dict:
+    """Every return this benchmark compares, for one seed."""
     profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
-    fleet = returns(train(profiles, steps * len(profiles), seed), profiles)
-    solo = [returns(train([p], steps, seed), profiles) for p in profiles]
-    print(f"\n{'policy':>22} | " + " | ".join(f"{c:>13}" for c in FLEET), file=sys.stderr)
+    out = {"fleet": returns(train(profiles, steps * len(profiles), seed), profiles)}
+    out["solo"] = [returns(train([p], steps, seed), profiles) for p in profiles]
+    out["specialist"] = [returns(train([p], steps * len(profiles), seed), [p])[0] for p in profiles]
+    out["with_synthetic"] = float(np.mean(returns(train_model_based(profiles, steps, seed), profiles)))
+    out["online_only_3x"] = float(np.mean(returns(train(profiles, 3 * steps, seed), profiles)))
+    return out
+
+
+def cached_seed(steps: int, seed: int, fresh: bool) -> dict:
+    path = CACHE / f"steps{steps}-seed{seed}.json"
+    if path.exists() and not fresh:
+        return json.loads(path.read_text())
+    out = one_seed(steps, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def report(steps: int, runs: list[dict]) -> None:
+    """Medians over seeds: the table on stderr, the lines on stdout."""
+    med = lambda values: float(statistics.median(values))  # noqa: E731
+    n = len(FLEET)
+    fleet = [med([r["fleet"][i] for r in runs]) for i in range(n)]
+    solo = [[med([r["solo"][j][i] for r in runs]) for i in range(n)] for j in range(n)]
+    print(f"\n{'median of ' + str(len(runs)) + ' seeds':>22} | " + " | ".join(f"{c:>13}" for c in FLEET), file=sys.stderr)
     print(f"{'fleet (pooled)':>22} | " + " | ".join(f"{r:13.1f}" for r in fleet), file=sys.stderr)
     for c, row in zip(FLEET, solo):
         print(f"{'solo ' + c:>22} | " + " | ".join(f"{r:13.1f}" for r in row), file=sys.stderr)
-    for i, c in enumerate(FLEET):
+    for i, c in enumerate(FLEET):  # ratios of medians, and each seed's own ratio on stderr
         own = solo[i][i]
-        unseen = float(np.mean([solo[j][i] for j in range(len(FLEET)) if j != i]))
+        unseen = med([float(np.mean([r["solo"][j][i] for j in range(n) if j != i])) for r in runs])
         emit(f"fleet_vs_solo/{c}/own_condition_return", fleet[i], "return", own, round(fleet[i] / own, 3) if own else None)
         emit(f"fleet_vs_solo/{c}/unseen_by_solo_return", fleet[i], "return", unseen, round(fleet[i] / unseen, 3) if unseen else None)
-    for i, (c, p) in enumerate(zip(FLEET, profiles)):
-        specialist = returns(train([p], steps * len(profiles), seed), [p])[0]
+    for i, c in enumerate(FLEET):
+        specialist = med([r["specialist"][i] for r in runs])
+        print(f"# {c} equal data per seed: " + ", ".join(f"{r['fleet'][i]:.1f}/{r['specialist'][i]:.1f}" for r in runs), file=sys.stderr)
         emit(f"fleet_vs_solo/{c}/equal_data_return", fleet[i], "return", specialist, round(fleet[i] / specialist, 3) if specialist else None)
-
-
-def real_steps_saved(steps: int, seed: int) -> None:
-    profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
-    with_synth = train_model_based(profiles, steps, seed)
-    online_only = train(profiles, 3 * steps, seed)
-    a, b = float(np.mean(returns(with_synth, profiles))), float(np.mean(returns(online_only, profiles)))
+    a, b = med([r["with_synthetic"] for r in runs]), med([r["online_only_3x"] for r in runs])
+    print("# synthetic per seed: " + ", ".join(f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}" for r in runs), file=sys.stderr)
     emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps, "real env steps", 3 * steps, round(1 / 3, 3))
     emit("fleet_vs_solo/synthetic_data/return_with_1x_real_plus_synthetic", a, "return", b, round(a / b, 3) if b else None)
 
@@ -95,11 +134,14 @@ def real_steps_saved(steps: int, seed: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000, help="env steps each robot collects (part 1) / real steps of the fleet (part 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
+    parser.add_argument("--runs-only", action="store_true", help="run and cache, print no lines")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    fleet_vs_solo(args.steps, args.seed)
-    real_steps_saved(args.steps, args.seed)
+    runs = [cached_seed(args.steps, seed, args.fresh) for seed in args.seeds]
+    if not args.runs_only:
+        report(args.steps, runs)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,10 @@ def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path
         registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
         assert not source.poll() and source.current().version == "1"
     assert source.refusals["malformed"] >= 5 and source.errors == 0
+
+
+def test_a_robot_given_no_or_bad_root_metadata_says_what_to_provision(tmp_path):
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    for root, message in ((None, "provision this robot"), (b'{"signed": {}}', "not valid TUF root metadata")):
+        with pytest.raises(ValueError, match=message):
+            SignedPolicySource("http://127.0.0.1:9", "t", "robot-0", trust, builtin_policy("zero", 1).current(), root=root)

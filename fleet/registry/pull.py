@@ -105,7 +105,10 @@ class SignedPolicySource:
         if not (self.metadata_dir / "root.json").exists():
             if root is None:
                 raise ValueError(f"{self.metadata_dir} has no root metadata: provision this robot with the registry's root.json")
-            Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", bootstrap=root)  # stores it as the trust anchor
+            try:
+                Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", bootstrap=root)  # stores it as the trust anchor
+            except tuf_errors.RepositoryError as exc:
+                raise ValueError(f"the root metadata this robot was given is not valid TUF root metadata ({exc}): use the registry's tuf/metadata/root.json") from None
         self._last_poll = -np.inf
         self.probe_obs = probe_obs if probe_obs is not None else np.zeros((4, trust.spec["obs_dim"]), np.float32)
         self.min_healthy_steps = min_healthy_steps

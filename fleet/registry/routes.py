@@ -13,7 +13,7 @@ import base64
 import binascii
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from fleet.registry.store import PolicyRegistry
@@ -33,9 +33,13 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
         if name == "timestamp.json":
             await run_in_threadpool(registry.refresh)
         path = registry.repo.metadata_path(name)
-        if path is None:
+        try:  # read whole, then sent: timestamp.json may be replaced (re-signed) between a stat and a read
+            data = await run_in_threadpool(path.read_bytes) if path is not None else None
+        except OSError:  # pruned in between
+            data = None
+        if data is None:
             raise ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name")
-        return FileResponse(path, media_type="application/json")
+        return Response(data, media_type="application/json")
 
     @router.get("/v1/tuf/targets/{path:path}")
     async def target(request: Request, path: str):
