@@ -3,7 +3,8 @@ saved by world-model + scenario data.
 
 Part 1: N robots of one model, each in its own condition (heavy payload, weak motor, ...), each
 collects the same number of env steps S. Every policy's actor trains under the noisiest sensor
-among the conditions it trains on, as the flywheel's do (``loop.robust_to_sensor_noise``). A solo policy trains (SAC) on its own robot's S steps;
+among the conditions it trains on, as the flywheel's do (``loop.robust_to_sensor_noise``;
+``--raw-pooling``: none does). A solo policy trains (SAC) on its own robot's S steps;
 the fleet policy on all N x S steps pooled (the same total the fleet collected). Every policy is
 evaluated on every condition (fixed seeds). Lines: fleet vs solo on the solo robot's own
 condition, and on the conditions that robot never saw.
@@ -72,10 +73,13 @@ def train_model_based(profiles: list[VariationProfile], steps: int, seed: int):
         return trainer.algo.policy
 
 
+ROBUST = True  # --raw-pooling sets it off
+
+
 def robust(algo_cfg, profiles: list[VariationProfile]):
     """As the flywheel trains (``loop.robust_to_sensor_noise``): the actor reads observations as
     noisy as the noisiest sensor among the conditions this policy trains on; every arm alike."""
-    return robust_to_fleet_sensors(algo_cfg, {str(i): p for i, p in enumerate(profiles)})
+    return robust_to_fleet_sensors(algo_cfg, {str(i): p for i, p in enumerate(profiles)}) if ROBUST else algo_cfg
 
 
 def returns(policy, profiles: list[VariationProfile], episodes: int = 6) -> list[float]:
@@ -97,7 +101,7 @@ def one_seed(steps: int, seed: int) -> dict:
 
 
 def cached_seed(steps: int, seed: int, fresh: bool) -> dict:
-    path = CACHE / f"steps{steps}-seed{seed}.json"
+    path = CACHE / f"steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
     if path.exists() and not fresh:
         return json.loads(path.read_text())
     out = one_seed(steps, seed)
@@ -137,7 +141,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
     parser.add_argument("--runs-only", action="store_true", help="run and cache, print no lines")
+    parser.add_argument("--raw-pooling", action="store_true", help="no arm trains its actor under sensor noise (the flywheel does)")
     args = parser.parse_args()
+    global ROBUST
+    ROBUST = not args.raw_pooling
     torch.set_num_threads(1)
     runs = [cached_seed(args.steps, seed, args.fresh) for seed in args.seeds]
     if not args.runs_only:
