@@ -37,6 +37,15 @@ def fleet(tmp_path):
     server.stop()
 
 
+@pytest.fixture
+def on_v1(tmp_path, fleet):
+    """The fleet with v1 released and installed on the robot."""
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll() and source.trust.version == 1
+    return registry, source
+
+
 def robot(tmp_path, server, token) -> SignedPolicySource:
     trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
     return SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
@@ -49,6 +58,12 @@ def publish(registry, tmp_path, name: str) -> int:
 
 def metadata(registry, name: str):
     return registry.repo.metadata_dir / name
+
+
+def stored_weights(registry, version: int):
+    """The file the server serves for ``version``'s listed weights."""
+    info = registry.repo.target_listing()[f"policies/{version:08d}/weights.safetensors"]
+    return registry.repo.targets_dir / "policies" / f"{version:08d}" / f"{info.hashes['sha256']}.weights.safetensors"
 
 
 def resign(md: Metadata, signer, **changes) -> bytes:
@@ -100,10 +115,8 @@ def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is
         server.stop()
 
 
-def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, fleet):
-    registry, source = fleet
-    publish(registry, tmp_path, "v1")
-    assert source.poll()
+def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, on_v1):
+    registry, source = on_v1
     v1_targets = registry.repo.snapshot().meta["targets.json"].version
     publish(registry, tmp_path, "v2")
     current = registry.repo.snapshot().meta["targets.json"].version
@@ -115,26 +128,20 @@ def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, fleet):
     assert not source.poll() and source.refusals["spec"] == 1 and source.trust.version == 1
 
 
-def test_endless_data_is_cut_at_the_length_tuf_expects(tmp_path, fleet):
-    registry, source = fleet
-    publish(registry, tmp_path, "v1")
-    assert source.poll()
+def test_endless_data_is_cut_at_the_length_tuf_expects(tmp_path, on_v1):
+    registry, source = on_v1
     publish(registry, tmp_path, "v2")
-    info = registry.repo.target_listing()["policies/00000002/weights.safetensors"]
-    path = registry.repo.targets_dir / "policies" / "00000002" / f"{info.hashes['sha256']}.weights.safetensors"
+    path = stored_weights(registry, 2)
     path.write_bytes(path.read_bytes() + b"\0" * (64 << 20))  # 64 MiB more than listed
     assert not source.poll() and source.refusals == {"size": 1} and source.trust.version == 1
     metadata(registry, "timestamp.json").write_bytes(b"{" * (1 << 20))  # an endless timestamp
     assert not source.poll() and source.refusals == {"size": 2}
 
 
-def test_arbitrary_software_is_not_installed(tmp_path, fleet):
-    registry, source = fleet
-    publish(registry, tmp_path, "v1")
-    assert source.poll()
+def test_arbitrary_software_is_not_installed(tmp_path, on_v1):
+    registry, source = on_v1
     publish(registry, tmp_path, "v2")
-    info = registry.repo.target_listing()["policies/00000002/weights.safetensors"]
-    path = registry.repo.targets_dir / "policies" / "00000002" / f"{info.hashes['sha256']}.weights.safetensors"
+    path = stored_weights(registry, 2)
     evil = bytearray(path.read_bytes())
     evil[-1] ^= 0xFF  # same length, other bytes
     path.write_bytes(bytes(evil))
@@ -179,10 +186,8 @@ def test_fast_forward_with_a_stolen_online_key_is_undone_by_rotating_it(tmp_path
         server.stop()
 
 
-def test_one_stolen_root_key_cannot_make_a_root(tmp_path, fleet):
-    registry, source = fleet
-    publish(registry, tmp_path, "v1")
-    assert source.poll()
+def test_one_stolen_root_key_cannot_make_a_root(tmp_path, on_v1):
+    registry, source = on_v1
     thief = load_signer(tmp_path / "keys" / "root-2.pem")
     attacker = load_signer(tmp_path / "attacker.pem", create=True)
     root = Metadata[Root].from_bytes(metadata(registry, "1.root.json").read_bytes())

@@ -52,18 +52,21 @@ class PolicyRegistry:
                 f"{', '.join(ONLINE_ROLES)}: start the server with that key, or rotate to this one (`flywheel-registry rotate`)"
             )
         self._import_legacy()
-        self.refresh()
+        self.repo.refresh_online(check_keys=True)  # after a key rotation: everything the old online key signed
 
     # -- state ----------------------------------------------------------------------------
     def refresh(self) -> list[str]:
-        """Re-sign online metadata past half its life (or signed by a rotated-out key); see TufRepository.refresh_online."""
+        """Re-sign online metadata past half its life (TufRepository.refresh_online); cheap when nothing is."""
         return self.repo.refresh_online()
 
     def rollout(self) -> dict:
-        state = self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
+        """The published rollout and its recorded history."""
         path = self.root / "history.jsonl"
         history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        return {**state, "history": history}
+        return {**self._state(), "history": history}
+
+    def _state(self) -> dict:
+        return self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
 
     def versions(self) -> list[int]:
         """Versions listed in the published targets (the newest ones, and the stable and canary)."""
@@ -83,7 +86,7 @@ class PolicyRegistry:
 
     def latest_for(self, robot_id: str) -> dict | None:
         """The manifest this robot should run (canary-aware), or None before any release."""
-        version = version_for(self.rollout(), robot_id)
+        version = version_for(self._state(), robot_id)
         return None if version is None else self.manifest(version)
 
     # -- changes --------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class PolicyRegistry:
         with self.repo.lock:
             version = max(self.versions(), default=0) + 1
             manifest = build_manifest(version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, **fields)
-            state = self.rollout()
+            state = self._state()
             if cohort:
                 state.update(canary=version, cohort=sorted(cohort))
             else:
@@ -104,7 +107,7 @@ class PolicyRegistry:
     def widen(self) -> int:
         """Promote the canary to stable for the whole fleet; returns its version."""
         with self.repo.lock:
-            state = self.rollout()
+            state = self._state()
             if state["canary"] is None:
                 raise RegistryError("no canary to widen")
             version = state["canary"]
@@ -118,7 +121,7 @@ class PolicyRegistry:
         Returns the new manifest (None when there was no stable version to return to).
         """
         with self.repo.lock:
-            state = self.rollout()
+            state = self._state()
             if state["canary"] is None:
                 raise RegistryError("no canary to roll back")
             bad, stable = state["canary"], state["stable"]

@@ -136,16 +136,16 @@ class TufRepository(Repository):
             self.do_snapshot(force=True)
             self.do_timestamp(force=True)
 
-    def refresh_online(self) -> list[str]:
-        """Re-sign what is past half its lifetime (targets, snapshot, timestamp), and everything
-        an online key not in the current root signed (after a key rotation). Returns the roles
-        re-signed, in order."""
+    def refresh_online(self, *, check_keys: bool = False) -> list[str]:
+        """Re-sign what is past half its lifetime (targets, snapshot, timestamp); with
+        ``check_keys`` also what does not verify under the current root (signed by a rotated-out
+        key: a server starting after a key rotation). Returns the roles re-signed, in order."""
         with self.lock:
             root = self.require_root()
             if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
                 self.publish_targets({})
                 return list(ONLINE_ROLES)
-            stale = {role: self._stale(role, root) for role in ONLINE_ROLES}
+            stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
             done = []
             if stale[Targets.type]:
                 with self.edit_targets():
@@ -187,11 +187,11 @@ class TufRepository(Repository):
         folder, _, name = path.rpartition("/")
         return self.targets_dir / folder / f"{sha256}.{name}"
 
-    def _stale(self, role: str, root: Root) -> bool:
+    def _stale(self, role: str, root: Root, check_keys: bool) -> bool:
         md = self._md[role]
-        left = md.signed.expires.timestamp() - self.clock()
-        signed_by_current = {sig.keyid for sig in md.signatures.values()} <= set(root.roles[role].keyids)
-        return left < self.expiry_s[role] / 2 or not signed_by_current or not _verifies(root, role, md)
+        if md.signed.expires.timestamp() - self.clock() < self.expiry_s[role] / 2:
+            return True
+        return check_keys and not _verifies(root, role, md)
 
     def _check_signed(self, role: str, md: Metadata) -> None:
         """Raise unless ``md`` meets the threshold of the root that governs it (for a new root: the
