@@ -49,11 +49,3 @@ def load_signer(private_path: str | Path, *, create: bool = False) -> CryptoSign
         raise KeyFileError(f"{path} is not an Ed25519 private key")
     return CryptoSigner(key, SSlibKey.from_crypto(key.public_key()))
 
-
-def load_public_key(path: str | Path) -> SSlibKey:
-    """The public key in a PEM file (``.pub``), as TUF metadata names keys."""
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise KeyFileError(f"cannot read the public key {path} ({exc.__class__.__name__}: {exc})") from None
-    return SSlibKey.from_crypto(key)
