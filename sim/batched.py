@@ -22,7 +22,7 @@ import mujoco
 import numpy as np
 from mujoco import rollout
 
-from sim.episode import Episode
+from sim.episode import SCHEMA_VERSION, Episode, validate_metadata
 from sim.policy_fn import as_batched_policy
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
@@ -65,6 +65,8 @@ class BatchedStepper:
         self.num_worlds = num_worlds
         self.record = record
         self.robot_id, self.policy_version, self.source = robot_id, policy_version, source
+        if record:  # recorded episodes skip Episode.validate, so their metadata is checked here, once
+            validate_metadata(self._episode_metadata(ScenarioSpec(self.task.name, seed=0)))
         m = self.task.model
         self.nthread = max(1, min(nthread or os.cpu_count() or 1, num_worlds))
         self._pool = rollout.Rollout(nthread=self.nthread)
@@ -235,48 +237,64 @@ class BatchedStepper:
         self._next_scenario = source
         self.active[:] = False
         self._finished = []
-        for w in worlds:
-            self._reset_world(w)
+        self._reset_worlds(list(worlds))
 
-    def _reset_world(self, w: int) -> None:
-        scenario = self._next_scenario(w)
-        if scenario is None:
-            self.active[w] = False
+    def _reset_worlds(self, worlds: Sequence[int]) -> None:
+        """Start each of ``worlds`` (in order) on its next scenario, or stop it; one batched observation for all."""
+        task = self.task
+        started, qpos, qvel = [], [], []
+        for w in worlds:
+            scenario = self._next_scenario(w)
+            if scenario is None:
+                self.active[w] = False
+                continue
+            profile = scenario.profile
+            model, scratch = self.model_for(profile)
+            rng = np.random.default_rng(scenario.seed)
+            if scenario.init_qpos is not None:
+                q, v = np.asarray(scenario.init_qpos, float), np.asarray(scenario.init_qvel, float)
+            else:
+                goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
+                q, v = task.initial_state(rng, scenario.init_noise_scale, goal)
+            state = self.state[w]
+            state[:] = self._state0
+            state[self._qpos], state[self._qvel] = q, v
+            mujoco.mj_setState(model, scratch, state, STATE_SPEC)
+            mujoco.mj_forward(model, scratch)
+            self.sensordata[w] = scratch.sensordata
+            self.world_models[w], self.scenarios[w], self._rngs[w] = model, scenario, rng
+            self.max_steps[w] = scenario.max_steps or task.max_steps
+            self._latency[w] = profile.action_latency
+            self._obs_noise[w], self._obs_bias[w] = profile.obs_noise_std, profile.obs_bias
+            started.append(w)
+            qpos.append(q)
+            qvel.append(v)
+        if not started:
             return
-        task, profile = self.task, scenario.profile
-        model, scratch = self.model_for(profile)
-        rng = np.random.default_rng(scenario.seed)
-        if scenario.init_qpos is not None:
-            qpos, qvel = np.asarray(scenario.init_qpos, float), np.asarray(scenario.init_qvel, float)
-        else:
-            goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
-            qpos, qvel = task.initial_state(rng, scenario.init_noise_scale, goal)
-        state = self._state0.copy()
-        state[self._qpos], state[self._qvel] = qpos, qvel
-        mujoco.mj_setState(model, scratch, state, STATE_SPEC)
-        mujoco.mj_forward(model, scratch)
-        max_steps = scenario.max_steps or task.max_steps
-        self.world_models[w], self.scenarios[w], self._rngs[w] = model, scenario, rng
-        self.state[w], self.sensordata[w] = state, scratch.sensordata
-        physics = PhysicsState(qpos[None], qvel[None], scratch.sensordata[None].copy())
-        self.obs[w] = profile.corrupt_observation(task.observe(physics), rng)[0]
-        self.t[w], self.max_steps[w], self.active[w] = 0, max_steps, True
-        self._latency[w] = profile.action_latency
-        self._obs_noise[w], self._obs_bias[w] = profile.obs_noise_std, profile.obs_bias
-        if self._history.shape[1] <= profile.action_latency:
-            grown = np.zeros((self.num_worlds, profile.action_latency + 1, task.act_dim), np.float32)
+        ws = np.asarray(started)
+        qpos, qvel = np.stack(qpos), np.stack(qvel)
+        obs = task.observe(PhysicsState(qpos, qvel, self.sensordata[ws].copy()))
+        for i, w in enumerate(started):  # the sensor model, from each world's own stream
+            if self._obs_noise[w] or self._obs_bias[w]:
+                obs[i] = self.scenarios[w].profile.corrupt_observation(obs[i : i + 1], self._rngs[w])[0]
+        self.obs[ws], self.t[ws], self.active[ws] = obs, 0, True
+        latency = int(self._latency[ws].max())
+        if self._history.shape[1] <= latency:
+            grown = np.zeros((self.num_worlds, latency + 1, task.act_dim), np.float32)
             grown[:, : self._history.shape[1]] = self._history
             self._history = grown
-        self._history[w] = 0.0
+        self._history[ws] = 0.0
         if self.record:
-            self._ensure_recorder(max_steps)
-            self._recorder.begin(w, self.obs[w], qpos, qvel)
+            self._ensure_recorder(int(self.max_steps[ws].max()))
+            self._recorder.begin(ws, obs, qpos, qvel)
 
     def _ensure_recorder(self, max_steps: int) -> None:
         r = self._recorder
-        if r is None or r.action.shape[1] < max_steps:
+        if r is None:
             m = self.task.model
-            self._recorder = EpisodeRecorder(self.num_worlds, max_steps, self.task.obs_dim, self.task.act_dim, m.nq, m.nv)
+            self._recorder = EpisodeRecorder(self.num_worlds, max_steps, self.task.obs_dim, self.task.act_dim, m.nq, m.nv, self.task.control_dt)
+        elif r.max_steps < max_steps:
+            self._recorder = r.grown(max_steps)  # keeps the other worlds' episodes in progress
 
     def _advance(self, idx: np.ndarray, action: np.ndarray):
         """One control step of worlds ``idx`` with ``action`` (len(idx), act_dim)."""
@@ -331,28 +349,32 @@ class BatchedStepper:
         self.obs[sel] = obs
         self.stats["steps"] += len(idx)
         final_obs = np.zeros_like(self.obs)
-        for i in np.flatnonzero(terminated | truncated):
-            w = idx[i]
-            final_obs[w] = obs[i]
-            if diverged[i]:
-                self.stats["diverged"] += 1
-            elif self.record:
-                self._finished.append(self._finish_episode(w, bool(terminated[i])))
-            self.stats["episodes"] += 1
-            self._reset_world(w)
+        ended = np.flatnonzero(terminated | truncated)
+        if len(ended):
+            final_obs[idx[ended]] = obs[ended]
+            for i in ended:
+                w = idx[i]
+                if diverged[i]:
+                    self.stats["diverged"] += 1
+                elif self.record:
+                    self._finished.append(self._finish_episode(w, bool(terminated[i])))
+            self.stats["episodes"] += len(ended)
+            self._reset_worlds(idx[ended].tolist())
         return reward, terminated, truncated, final_obs, terms
 
     def _finish_episode(self, w: int, terminated: bool) -> Episode:
-        scenario = self.scenarios[w]
-        metadata = {
+        return self._recorder.finish(w, int(self.t[w]), terminated, self._episode_metadata(self.scenarios[w]))
+
+    def _episode_metadata(self, scenario: ScenarioSpec) -> dict[str, str]:
+        return {
+            "schema_version": SCHEMA_VERSION,
             "robot_id": self.robot_id,
-            "robot_model": self.task.name,
-            "source": self.source,
-            "policy_version": self.policy_version,
             "episode_id": scenario.episode_id(self.policy_version),
+            "policy_version": self.policy_version,
+            "source": self.source,
+            "robot_model": self.task.name,
             "scenario": scenario.to_json(),
         }
-        return self._recorder.finish(w, int(self.t[w]), terminated, self.task.control_dt, metadata)
 
 
 def _per_world(profiles, n: int) -> list[VariationProfile]:

@@ -169,7 +169,7 @@ class Episode:
     # -- validation ---------------------------------------------------------------------
     def validate(self) -> Episode:
         """Check schema v1; raise :class:`EpisodeValidationError` naming the first bad field."""
-        _validate_metadata(self.metadata)
+        validate_metadata(self.metadata)
         _validate_arrays(self.arrays())
         return self
 
@@ -183,7 +183,7 @@ class Episode:
     def from_bytes(cls, data: bytes | memoryview) -> Episode:
         """Parse and validate a safetensors episode. Raises EpisodeValidationError on any fault."""
         arrays, metadata = parse_safetensors(data)
-        _validate_metadata(metadata)
+        validate_metadata(metadata)
         _validate_arrays(arrays)
         required = {k: arrays.pop(k) for k in REQUIRED_ARRAYS}
         return cls(**required, metadata=metadata, extras=arrays)
@@ -288,7 +288,7 @@ def loads_bounded(text: str | bytes, field: str):
         raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__})") from None
 
 
-def _validate_metadata(meta: Mapping[str, str]) -> None:
+def validate_metadata(meta: Mapping[str, str]) -> None:
     for key in REQUIRED_METADATA:
         if key not in meta:
             raise EpisodeValidationError(key, "missing required metadata")

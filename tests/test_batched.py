@@ -23,6 +23,23 @@ def test_simulate_returns_one_valid_episode_per_scenario_in_order():
         assert e.episode_id == ScenarioSpec.from_json(e.metadata["scenario"]).episode_id("none")
 
 
+def test_an_episode_is_the_same_whatever_runs_beside_it():
+    # a longer scenario starting mid-run grows the episode buffers; the episodes in progress keep their steps
+    specs = [ScenarioSpec("half_cheetah", seed=s, max_steps=n) for s, n in ((0, 5), (1, 30), (2, 60), (3, 12))]
+    policy = lambda obs: np.tanh(obs[:, :6] * 0.5).astype(np.float32)  # noqa: E731  deterministic, state-dependent
+    together = BatchedStepper("half_cheetah", 2).simulate(specs, policy)
+    for spec, ep in zip(specs, together, strict=True):
+        (alone,) = BatchedStepper("half_cheetah", 1).simulate([spec], policy)
+        np.testing.assert_array_equal(ep.observation, alone.observation)
+        np.testing.assert_array_equal(ep.extras["qpos"], alone.extras["qpos"])
+        assert ep.metadata == alone.metadata
+
+
+def test_recorded_metadata_is_checked_when_the_stepper_is_built():
+    with pytest.raises(ValueError, match="robot_id"):
+        BatchedStepper("pendulum", 1, robot_id="has space")
+
+
 def test_time_limit_truncates_and_keeps_the_final_observation():
     spec = ScenarioSpec("half_cheetah", seed=0, max_steps=25)
     (ep,) = BatchedStepper("half_cheetah", 1).simulate([spec], zero_policy(6))
