@@ -1,9 +1,13 @@
-"""`flywheel`: the Hydra app of the flywheel loop (local Ray, local server, simulated fleet, W&B offline)."""
+"""`flywheel`: the Hydra app of the flywheel loop (local Ray, local server, simulated fleet, W&B offline).
+
+`flywheel export ...` and `flywheel import ...` go to the interop CLI (fleet/interop/cli.py,
+docs/interop.md) before Hydra sees the command line."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -15,8 +19,20 @@ from fleet.apps.config_path import CONF_DIR
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
 
 
+INTEROP_COMMANDS = ("export", "import")
+
+
+def main() -> None:
+    """`flywheel export|import ...`: the interop CLI; anything else: the Hydra app."""
+    if len(sys.argv) > 1 and sys.argv[1] in INTEROP_COMMANDS:
+        from fleet.interop.cli import main as interop_main
+
+        raise SystemExit(interop_main(sys.argv[1:]))
+    run_flywheel()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="flywheel", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
     from fleet.pipeline.report import summary_table
     from sim.robots.registry import use_robot_modules

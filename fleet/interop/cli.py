@@ -1,0 +1,132 @@
+"""`flywheel export` and `flywheel import`: argparse in, one JSON summary line out (docs/interop.md).
+
+    flywheel export --format lerobot|minari|mcap --store PATH [--snapshot ID] --out DIR
+                    [--robot-id ID ...] [--source S ...] [--robot-model M] [--stream NAME]
+    flywheel import --format lerobot|mcap|rosbag INPUT [INPUT ...]
+                    (--store PATH | --server URL [--token-env NAME] [--spool DIR])
+                    [--robot-id ID --robot-model M --source real ...] [--observation-topic ...]
+
+Exit status 0 on success, 2 with a one-line error that says what to do otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from fleet.interop.common import ImportOptions, InteropError, select, upload, write_to_store
+from sim.episode import SOURCES
+
+EXPORT_FORMATS = ("lerobot", "minari", "mcap")
+IMPORT_FORMATS = ("lerobot", "mcap", "rosbag")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="flywheel", description="Move episodes between the fleet store and LeRobot, Minari, MCAP and ROS 2 bags.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export", help="export a pinned store snapshot")
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    exp.add_argument("--store", required=True, help="episode store folder (e.g. runs/fleet/store)")
+    exp.add_argument("--snapshot", default=None, help="snapshot id to pin (default: the store's tip; the one used is printed)")
+    exp.add_argument("--out", required=True, help="output folder")
+    exp.add_argument("--robot-id", action="append", help="only these robots (repeatable)")
+    exp.add_argument("--source", action="append", choices=SOURCES, help="only these sources (repeatable)")
+    exp.add_argument("--robot-model", help="only this robot model")
+    exp.add_argument("--stream", help="only this store stream (one array layout)")
+    exp.add_argument("--dataset-id", help="minari: dataset id (default flywheel-<robot_model>-v0)")
+
+    imp = sub.add_parser("import", help="turn recordings into schema-v1 episodes, into a store or onto a server")
+    imp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
+    imp.add_argument("inputs", nargs="+", help="lerobot: dataset folder; mcap: .mcap file; rosbag: bag folder, .db3 or .mcap (one episode per bag)")
+    where = imp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="append to this episode store (created if absent)")
+    where.add_argument("--server", help="upload to this fleet server (e.g. http://127.0.0.1:8700) as a robot")
+    imp.add_argument("--token-env", default="FLYWHEEL_ROBOT_TOKEN", help="environment variable holding the robot token (--server)")
+    imp.add_argument("--spool", help="keep upload files here (refused ones stay in <spool>/rejected/); default: a temporary folder")
+    imp.add_argument("--robot-id", help="robot id for recordings without flywheel provenance")
+    imp.add_argument("--robot-model", help="robot model for recordings without flywheel provenance")
+    imp.add_argument("--source", default="real", choices=SOURCES, help="source for recordings without flywheel provenance (default real)")
+    imp.add_argument("--policy-version", default="none")
+    imp.add_argument("--hardware", help="JSON text stored as the episodes' hardware metadata")
+    imp.add_argument("--calibration", help="JSON text stored as the episodes' calibration metadata")
+    imp.add_argument("--observation-topic", help="rosbag: sensor_msgs/JointState topic (default: /joint_states or the only one)")
+    imp.add_argument("--action-topic", help="rosbag: command topic (default: the only Float64MultiArray/Float32MultiArray/JointState/Twist topic)")
+    imp.add_argument("--reward-topic", help="rosbag: std_msgs/Float64 or Float32 topic (default: none, reward 0)")
+    return top
+
+
+def run_export(args: argparse.Namespace) -> dict:
+    selection = select(args.store, args.snapshot, robot_id=args.robot_id, source=args.source, robot_model=args.robot_model, stream=args.stream)
+    if args.format == "lerobot":
+        from fleet.interop.lerobot import export_lerobot
+
+        path = export_lerobot(selection, args.out)
+    elif args.format == "minari":
+        from fleet.interop.minari_export import export_minari
+
+        path = export_minari(selection, args.out, args.dataset_id)
+    else:
+        from fleet.interop.mcap_io import export_mcap
+
+        path = export_mcap(selection, args.out)
+    return {"command": "export", "format": args.format, "snapshot_id": selection.snapshot_id, "episodes": len(selection.episodes), "path": str(path)}
+
+
+def read_inputs(args: argparse.Namespace) -> list:
+    options = ImportOptions(args.robot_id, args.robot_model, args.source, args.policy_version, _json_text(args.hardware, "--hardware"), _json_text(args.calibration, "--calibration"))
+    episodes = []
+    for path in args.inputs:
+        if args.format == "lerobot":
+            from fleet.interop.lerobot import import_lerobot
+
+            episodes += import_lerobot(path, options)
+        elif args.format == "mcap":
+            from fleet.interop.mcap_io import import_mcap
+
+            episodes += import_mcap(path)
+        else:
+            from fleet.interop.rosbag import import_rosbag
+
+            episodes += import_rosbag(path, options, observation_topic=args.observation_topic, action_topic=args.action_topic, reward_topic=args.reward_topic)
+    return episodes
+
+
+def run_import(args: argparse.Namespace) -> dict:
+    episodes = read_inputs(args)
+    if args.store:
+        result = write_to_store(episodes, args.store)
+    else:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise InteropError(f"--server needs a robot token in ${args.token_env}; issue one with `python -m fleet.server.auth --tokens ... add --role robot --robot-id ...`")
+        result = upload(episodes, args.server, token, spool_dir=args.spool)
+    return {"command": "import", "format": args.format, "episodes": len(episodes), "episode_ids": [ep.episode_id for ep in episodes], **result}
+
+
+def _json_text(text: str | None, flag: str) -> str | None:
+    if text is None:
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InteropError(f"{flag} must be JSON text: {exc}") from None
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        summary = run_export(args) if args.command == "export" else run_import(args)
+    except InteropError as exc:
+        print(f"flywheel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

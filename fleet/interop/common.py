@@ -1,0 +1,211 @@
+"""What every format shares: choosing episodes from a pinned snapshot, array layouts,
+provenance, deterministic ids for imported recordings, and delivery to a store or a server."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sim.episode import REQUIRED_ARRAYS, SCHEMA_VERSION, Episode, EpisodeValidationError, encode_safetensors
+
+INTEROP_VERSION = "1"  # version of the flywheel provenance written into every exported format
+# Namespace of the ids given to imported recordings that carry no flywheel episode_id.
+IMPORT_NAMESPACE = uuid.UUID("6c1f1d1e-5d0b-4b8e-9a57-2f0e4a6b9c31")
+
+
+class InteropError(ValueError):
+    """Input that does not fit a format, or a selection that cannot be exported; says what to do."""
+
+
+@dataclasses.dataclass
+class Selection:
+    """Episodes read from one pinned snapshot of a store."""
+
+    store: str
+    snapshot_id: str
+    episodes: list[Episode]
+
+    def provenance(self) -> dict:
+        """Dataset-level provenance written beside the episodes in every format."""
+        return {"flywheel_interop_version": INTEROP_VERSION, "store": self.store, "snapshot_id": self.snapshot_id, "episode_schema_version": SCHEMA_VERSION}
+
+
+def select(
+    store: str | Path,
+    snapshot_id: str | None = None,
+    *,
+    robot_id: Sequence[str] | None = None,
+    source: Sequence[str] | None = None,
+    robot_model: str | None = None,
+    stream: str | None = None,
+) -> Selection:
+    """Read the episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters."""
+    from fleet.store import EpisodeStore, StoreConfig
+
+    try:
+        opened = EpisodeStore.open(StoreConfig(path=str(store), fsync=False))
+    except FileNotFoundError as exc:
+        raise InteropError(f"{exc}; pass --store with the folder of an existing flywheel store") from None
+    try:
+        snap = opened.snapshot(snapshot_id)
+        snap.catalog()
+    except Exception as exc:  # icechunk raises its own error types for an unknown snapshot id
+        raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store}: {exc}; list snapshots with EpisodeStore.history()") from None
+    infos = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model)
+    if stream is not None:
+        infos = [i for i in infos if i.stream == stream]
+    if not infos:
+        raise InteropError(f"no episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
+    return Selection(str(store), snap.snapshot_id, snap.read_episodes(infos))
+
+
+def layout(episode: Episode) -> dict[str, dict]:
+    """Array layout: name -> {dtype, tail (shape after time), length ("T" or "T+1")}."""
+    out = {}
+    for name, arr in sorted(episode.arrays().items()):
+        length = "T+1" if arr.shape[0] == episode.num_steps + 1 else "T"
+        out[name] = {"dtype": str(arr.dtype), "tail": list(arr.shape[1:]), "length": length}
+    return out
+
+
+def single_layout(episodes: Sequence[Episode], fmt: str) -> dict[str, dict]:
+    """The one layout all ``episodes`` share (datasets with fixed features need it)."""
+    layouts: dict[str, list[str]] = {}
+    for ep in episodes:
+        layouts.setdefault(json.dumps(layout(ep), sort_keys=True), []).append(ep.metadata["robot_model"])
+    if len(layouts) > 1:
+        kinds = "; ".join(f"{len(models)} episodes of {sorted(set(models))} with arrays {sorted(json.loads(k))}" for k, models in layouts.items())
+        raise InteropError(
+            f"a {fmt} dataset has one set of features, but the selection mixes {len(layouts)} array layouts ({kinds}); "
+            "export one at a time with --robot-model or --stream (the store's stream names, see EpisodeInfo.stream)"
+        )
+    return json.loads(next(iter(layouts)))
+
+
+def fps_of(episodes: Sequence[Episode]) -> int:
+    """The control rate (Hz, rounded) from the median step of the timestamps."""
+    steps = np.concatenate([np.diff(ep.timestamp) for ep in episodes])
+    return max(1, int(round(1.0 / float(np.median(steps)))))
+
+
+def content_episode_id(arrays: dict[str, np.ndarray], robot_id: str) -> str:
+    """A UUID derived from the recording's arrays and robot: re-importing it gives the same id."""
+    digest = hashlib.sha256(encode_safetensors(arrays, {})).hexdigest()
+    return str(uuid.uuid5(IMPORT_NAMESPACE, f"{robot_id}/{digest}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportOptions:
+    """Metadata for recordings that carry no flywheel provenance (a flywheel export keeps its own).
+
+    robot_id / robot_model: required for foreign recordings. source: "real" by default.
+    """
+
+    robot_id: str | None = None
+    robot_model: str | None = None
+    source: str = "real"
+    policy_version: str = "none"
+    hardware: str | None = None  # JSON text
+    calibration: str | None = None  # JSON text
+
+
+def foreign_episode(arrays: dict[str, np.ndarray], options: ImportOptions, origin: str, extra_metadata: dict[str, str] | None = None) -> Episode:
+    """Build a schema-v1 episode from a recording without flywheel metadata (deterministic id)."""
+    if not options.robot_id or not options.robot_model:
+        raise InteropError(f"{origin} carries no flywheel provenance: pass --robot-id and --robot-model for the robot that recorded it")
+    meta = {"source": options.source, "policy_version": options.policy_version}
+    for key in ("hardware", "calibration"):
+        if getattr(options, key):
+            meta[key] = getattr(options, key)
+    meta.update(extra_metadata or {})
+    required = {k: arrays[k] for k in REQUIRED_ARRAYS}
+    extras = {k: v for k, v in arrays.items() if k not in REQUIRED_ARRAYS}
+    try:
+        return Episode.create(
+            **required,
+            extras=extras,
+            robot_id=options.robot_id,
+            robot_model=options.robot_model,
+            episode_id=content_episode_id(arrays, options.robot_id),
+            **meta,
+        )
+    except EpisodeValidationError as exc:
+        raise InteropError(f"{origin} does not make a valid episode: {exc}") from None
+
+
+def restored_episode(arrays: dict[str, np.ndarray], metadata: dict[str, str], origin: str) -> Episode:
+    """An episode exported by flywheel, rebuilt with its own metadata (same id, same bytes)."""
+    required = {k: arrays.pop(k) for k in REQUIRED_ARRAYS}
+    try:
+        return Episode(**required, metadata=dict(metadata), extras=arrays).validate()
+    except EpisodeValidationError as exc:
+        raise InteropError(f"{origin} holds flywheel provenance but not a valid schema-v1 episode: {exc}") from None
+
+
+def cast(arr, dtype: str, tail: Sequence[int], origin: str) -> np.ndarray:
+    """``arr`` as ``dtype`` with rows of shape ``tail``; InteropError if the sizes do not fit."""
+    out = np.asarray(arr, dtype=np.dtype(dtype))
+    rows = out.shape[0] if out.ndim else 0
+    try:
+        return np.ascontiguousarray(out.reshape(rows, *tail))
+    except ValueError:
+        raise InteropError(f"{origin}: values of shape {out.shape} do not fit rows of shape {tuple(tail)}") from None
+
+
+# -- delivery ---------------------------------------------------------------------------
+def write_to_store(episodes: Sequence[Episode], store: str | Path) -> dict[str, int]:
+    """Append ``episodes`` to the store at ``store`` (created if absent) in one commit."""
+    from fleet.store import EpisodeStore, StoreConfig
+
+    result = EpisodeStore.open_or_create(StoreConfig(path=str(store))).append(list(episodes), message="flywheel import")
+    counts = {s: result.statuses.count(s) for s in ("created", "duplicate", "conflict")}
+    counts["snapshot_id"] = result.snapshot_id
+    if counts["conflict"]:
+        ids = [ep.episode_id for ep, s in zip(episodes, result.statuses) if s == "conflict"]
+        raise InteropError(f"{len(ids)} episode ids are stored with different content (first: {ids[0]}); nothing else was affected, the rest are in snapshot {result.snapshot_id}")
+    return counts
+
+
+def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_dir: str | Path | None = None, max_attempts: int = 8) -> dict[str, int]:
+    """Upload ``episodes`` to a fleet server through the robot agent's spool and uploader.
+
+    Episodes the server refuses for good stay in ``<spool>/rejected/`` with its reason.
+    """
+    from fleet.agent.spool import Spool
+    from fleet.agent.uploader import Uploader
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-import-") as tmp:
+        spool = Spool(spool_dir or tmp, max_bytes=1 << 62)
+        for ep in episodes:
+            spool.put(ep.to_bytes(), ep.episode_id)
+        uploader = Uploader(spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0)
+        try:
+            failures = 0
+            while (outcome := uploader.upload_once()) != "empty":
+                if outcome != "retry":
+                    failures = 0
+                    continue
+                failures += 1
+                refused = (uploader.last_error or "").startswith("HTTP 4")  # 401/403/404/429: token, robot id or URL, not a busy server
+                if failures >= max_attempts or (refused and not uploader.last_error.startswith("HTTP 429")):
+                    raise InteropError(
+                        f"upload to {server_url} failed after {failures} attempt(s) ({uploader.last_error}); {spool.depth} episodes not uploaded: "
+                        "check --server, the token and that it belongs to the episodes' robot id, then run the import again (it is idempotent)"
+                    )
+                time.sleep(uploader.backoff_s())
+        finally:
+            uploader.stop()
+        stats = dict(uploader.stats)
+        if stats["rejected"] or stats["set_aside"]:
+            reasons = [p.read_text() for p in sorted(spool.rejected_dir.glob("*.reason.json"))][:3]
+            where = spool.rejected_dir if spool_dir else "(temporary spool, removed)"
+            raise InteropError(f"the server refused {stats['rejected'] + stats['set_aside']} episodes: {' '.join(reasons)}; files kept in {where}")
+    return stats

@@ -1,0 +1,267 @@
+"""LeRobot dataset v3.0 (the layout of huggingface/lerobot ``CODEBASE_VERSION = "v3.0"``), with pyarrow.
+
+    meta/info.json                              codebase_version, fps, robot_type, features, totals, path templates
+    meta/stats.json                             per feature: min, max, mean, std, count, q01 q10 q50 q90 q99
+    meta/tasks.parquet                          task (index) -> task_index
+    meta/episodes/chunk-000/file-000.parquet    one row per episode: episode_index, tasks, length, data/chunk_index,
+                                                data/file_index, dataset_from_index, dataset_to_index, stats/..., flywheel/...
+    data/chunk-000/file-000.parquet             one row per frame (all episodes)
+    meta/flywheel.json                          dataset-level provenance and the flywheel array layout
+
+A flywheel episode of T steps is T frames: frame t holds observation t, action t and what
+followed it (``next.reward``, ``next.terminated``, ``next.truncated``, ``next.done``). The final
+observation (and the final row of every other T+1 array) is kept in the episode's
+``flywheel/final`` column (JSON), the exact float64 timestamps in ``flywheel.timestamp``
+(``timestamp`` is LeRobot's float32 ``frame_index / fps``), the full metadata map in
+``flywheel/metadata``. Optional arrays become ``observation.qpos``, ``observation.qvel``,
+``observation.actuator_force``, ``observation.contact_force`` and ``intervention``
+(flattened per frame). Image arrays are not exported (LeRobot stores images as video).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fleet.interop.common import ImportOptions, InteropError, Selection, cast, foreign_episode, fps_of, layout, restored_episode, single_layout
+from sim.episode import IMAGE_PREFIX, Episode
+
+log = logging.getLogger(__name__)
+CODEBASE_VERSION = "v3.0"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+# flywheel array -> LeRobot feature
+FEATURE = {
+    "observation": "observation.state",
+    "action": "action",
+    "reward": "next.reward",
+    "terminated": "next.terminated",
+    "truncated": "next.truncated",
+    "timestamp": "flywheel.timestamp",
+    "qpos": "observation.qpos",
+    "qvel": "observation.qvel",
+    "actuator_force": "observation.actuator_force",
+    "contact_force": "observation.contact_force",
+    "intervention": "intervention",
+}
+
+
+def task_of(ep: Episode) -> str:
+    """The task text: metadata ``x.task`` when the episode has one, else its robot model."""
+    return ep.metadata.get("x.task", f"flywheel {ep.metadata['robot_model']}")
+
+
+# -- export -----------------------------------------------------------------------------
+def export_lerobot(selection: Selection, out: str | Path) -> Path:
+    """Write the selection as a LeRobot v3.0 dataset rooted at ``out``; returns ``out``."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(out)
+    if (root / "meta" / "info.json").exists():
+        raise InteropError(f"{root} already holds a LeRobot dataset; choose another --out")
+    episodes = selection.episodes
+    arrays = {k: v for k, v in single_layout(episodes, "LeRobot").items() if not k.startswith(IMAGE_PREFIX)}
+    skipped = sorted(set(layout(episodes[0])) - set(arrays))
+    if skipped:
+        log.warning("LeRobot export leaves out image arrays %s (LeRobot keeps images as video; use --format minari or mcap for them)", skipped)
+    fps = fps_of(episodes)
+    tasks = sorted({task_of(ep) for ep in episodes})
+    columns: dict[str, list] = {}
+    episode_rows: list[dict] = []
+    start = 0
+    for index, ep in enumerate(episodes):
+        frames = _frames(ep, arrays, index, start, fps, tasks.index(task_of(ep)))
+        for key, value in frames.items():
+            columns.setdefault(key, []).append(value)
+        final = {name: ep.arrays()[name][-1].reshape(-1).tolist() for name, spec in arrays.items() if spec["length"] == "T+1"}
+        row = {
+            "episode_index": index,
+            "tasks": [task_of(ep)],
+            "length": ep.num_steps,
+            "data/chunk_index": 0,
+            "data/file_index": 0,
+            "dataset_from_index": start,
+            "dataset_to_index": start + ep.num_steps,
+            "meta/episodes/chunk_index": 0,
+            "meta/episodes/file_index": 0,
+            "flywheel/metadata": json.dumps(ep.metadata, sort_keys=True),
+            "flywheel/final": json.dumps(final),
+            "flywheel/snapshot_id": selection.snapshot_id,
+        }
+        for feature, stats in _stats(frames).items():
+            row.update({f"stats/{feature}/{name}": value.tolist() for name, value in stats.items()})
+        episode_rows.append(row)
+        start += ep.num_steps
+    data = {key: np.concatenate(parts) for key, parts in columns.items()}
+    features = {key: _feature(value) for key, value in data.items()}
+    _write_parquet(root / DATA_PATH.format(chunk_index=0, file_index=0), pa.table({k: _arrow(v) for k, v in data.items()}), pq)
+    _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), pa.Table.from_pylist(episode_rows), pq)
+    pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")).to_parquet(root / "meta" / "tasks.parquet")
+    models = sorted({ep.metadata["robot_model"] for ep in episodes})
+    info = {
+        "codebase_version": CODEBASE_VERSION,
+        "robot_type": models[0] if len(models) == 1 else None,
+        "total_episodes": len(episodes),
+        "total_frames": start,
+        "total_tasks": len(tasks),
+        "chunks_size": 1000,
+        "data_files_size_in_mb": 100,
+        "video_files_size_in_mb": 200,
+        "fps": fps,
+        "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "video_path": None,
+        "features": features,
+    }
+    _write_json(root / "meta" / "info.json", info)
+    _write_json(root / "meta" / "stats.json", {k: {s: v.tolist() for s, v in st.items()} for k, st in _stats(data).items()})
+    _write_json(root / "meta" / "flywheel.json", {**selection.provenance(), "arrays": arrays, "features": {k: FEATURE[k] for k in arrays}, "skipped_arrays": skipped})
+    return root
+
+
+def _frames(ep: Episode, arrays: dict, index: int, start: int, fps: int, task_index: int) -> dict[str, np.ndarray]:
+    """The T frame rows of one episode, by feature."""
+    T, all_arrays = ep.num_steps, ep.arrays()
+    out = {FEATURE[name]: all_arrays[name][:T].reshape(T, -1) if all_arrays[name].ndim > 2 else all_arrays[name][:T] for name in arrays}
+    out["next.done"] = ep.terminated | ep.truncated
+    out["timestamp"] = (np.arange(T) / fps).astype(np.float32)
+    out["frame_index"] = np.arange(T, dtype=np.int64)
+    out["episode_index"] = np.full(T, index, np.int64)
+    out["index"] = np.arange(start, start + T, dtype=np.int64)
+    out["task_index"] = np.full(T, task_index, np.int64)
+    return out
+
+
+def _feature(values: np.ndarray) -> dict:
+    return {"dtype": "bool" if values.dtype == np.bool_ else str(values.dtype), "shape": [int(values.shape[1]) if values.ndim == 2 else 1], "names": None}
+
+
+def _arrow(values: np.ndarray):
+    import pyarrow as pa
+
+    if values.ndim == 1:
+        return pa.array(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
+
+
+def _stats(columns: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """LeRobot's per-feature statistics (vector features: per dimension)."""
+    out = {}
+    for key, values in columns.items():
+        x = values.reshape(values.shape[0], -1).astype(np.float64)
+        out[key] = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0), "count": np.array([x.shape[0]])}
+        out[key].update({f"q{int(round(q * 100)):02d}": np.quantile(x, q, axis=0) for q in QUANTILES})
+    return out
+
+
+def _write_parquet(path: Path, table, pq) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=4) + "\n")
+
+
+# -- import -----------------------------------------------------------------------------
+def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -> list[Episode]:
+    """Episodes of a LeRobot v3.0 dataset folder: bit-exact for a flywheel export, else mapped
+    (observation.state, action, next.reward, timestamp; see docs/interop.md)."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    info_path = root / "meta" / "info.json"
+    if not info_path.is_file():
+        raise InteropError(f"{root} has no meta/info.json, so it is not a LeRobot dataset folder; pass the dataset's root folder")
+    info = json.loads(info_path.read_text())
+    version = str(info.get("codebase_version", "?"))
+    if not version.startswith("v3."):
+        raise InteropError(
+            f"{root} is a LeRobot {version} dataset; this import reads v3.0 only: convert it with lerobot's "
+            "`python -m lerobot.scripts.convert_dataset_v21_to_v30` first"
+        )
+    episode_files = sorted((root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+    if not episode_files:
+        raise InteropError(f"{root}/meta/episodes/ holds no chunk-*/file-*.parquet; the dataset is incomplete")
+    meta_rows = [row for f in episode_files for row in pq.read_table(f).to_pylist()]
+    data_path = info.get("data_path", DATA_PATH)
+    tables: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    flywheel = json.loads((root / "meta" / "flywheel.json").read_text()) if (root / "meta" / "flywheel.json").is_file() else None
+    out = []
+    for row in sorted(meta_rows, key=lambda r: r["episode_index"]):
+        key = (row["data/chunk_index"], row["data/file_index"])
+        if key not in tables:
+            path = root / data_path.format(chunk_index=key[0], file_index=key[1])
+            if not path.is_file():
+                raise InteropError(f"{path} is missing but episode {row['episode_index']} points to it; the dataset is incomplete")
+            table = pq.read_table(path)
+            tables[key] = {name: _numpy(col) for name, col in zip(table.column_names, table.columns)}
+        table = tables[key]
+        rows = table["episode_index"] == row["episode_index"]
+        frames = {name: col[rows] for name, col in table.items()}
+        origin = f"{root} episode {row['episode_index']}"
+        if flywheel is not None and row.get("flywheel/metadata"):
+            out.append(_restore(frames, row, flywheel["arrays"], origin))
+        else:
+            out.append(_foreign(frames, row, info, options, origin))
+    return out
+
+
+def _numpy(column) -> np.ndarray:
+    """A parquet column as numpy: (rows,) for scalars, (rows, n) for fixed-size lists."""
+    import pyarrow as pa
+
+    column = column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
+        return np.stack(column.to_numpy(zero_copy_only=False)) if len(column) else np.zeros((0, 0))
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _restore(frames: dict[str, np.ndarray], row: dict, arrays: dict, origin: str) -> Episode:
+    final = json.loads(row["flywheel/final"])
+    out = {}
+    for name, spec in arrays.items():
+        feature = FEATURE[name]
+        if feature not in frames:
+            raise InteropError(f"{origin}: column {feature!r} is missing from the data files")
+        values = frames[feature]
+        if spec["length"] == "T+1":
+            values = np.concatenate([values.reshape(values.shape[0], -1), np.asarray(final[name], values.dtype).reshape(1, -1)])
+        out[name] = cast(values, spec["dtype"], spec["tail"], f"{origin} array {name!r}")
+    return restored_episode(out, json.loads(row["flywheel/metadata"]), origin)
+
+
+def _foreign(frames: dict[str, np.ndarray], row: dict, info: dict, options: ImportOptions, origin: str) -> Episode:
+    """A LeRobot episode of L frames -> T = L - 1 steps: observation.state (L rows), action, reward
+    and timestamps of the first L - 1 frames; it ends truncated (the recording stopped)."""
+    for feature in ("observation.state", "action", "timestamp"):
+        if feature not in frames:
+            raise InteropError(f"{origin}: needs feature {feature!r}; it has {sorted(frames)}")
+    order = np.argsort(frames["frame_index"]) if "frame_index" in frames else slice(None)
+    obs, action = frames["observation.state"][order].astype(np.float32), frames["action"][order].astype(np.float32)
+    L = obs.shape[0]
+    if L < 2:
+        raise InteropError(f"{origin}: has {L} frame(s); an episode needs at least 2 (one step)")
+    T = L - 1
+    reward = frames["next.reward"][order][:T].astype(np.float32).reshape(T) if "next.reward" in frames else np.zeros(T, np.float32)
+    truncated = np.zeros(T, bool)
+    truncated[-1] = True
+    arrays = {
+        "observation": obs.reshape(L, -1),
+        "action": action[:T].reshape(T, -1),
+        "reward": reward,
+        "terminated": np.zeros(T, bool),
+        "truncated": truncated,
+        "timestamp": frames["timestamp"][order].astype(np.float64),
+    }
+    robot_model = options.robot_model or info.get("robot_type")
+    tasks = row.get("tasks") or []
+    extra = {"x.task": tasks[0]} if tasks else {}
+    return foreign_episode(arrays, ImportOptions(**{**options.__dict__, "robot_model": robot_model}), origin, extra)

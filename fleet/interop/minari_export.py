@@ -1,0 +1,95 @@
+"""Minari 0.5: a real Minari dataset (arrow storage) that ``minari.load_dataset`` reads.
+
+Layout: ``<out>/<dataset_id>/data/`` (metadata.json + one arrow partition per episode), so
+``MINARI_DATASETS_PATH=<out>`` makes ``minari.load_dataset(dataset_id)`` find it, and
+``minari.MinariDataset("<out>/<dataset_id>/data")`` opens it directly.
+
+    Minari                 flywheel
+    observations (T+1, d)  observation
+    actions (T, a)         action
+    rewards / terminations / truncations (T,)
+    infos["timestamp"]     timestamp (T+1, 1)
+    infos[<extra>]         optional arrays; rows are T+1, a T-length array gets a final zero row
+
+Episode metadata (``dataset.storage.get_episode_metadata``) holds ``flywheel_metadata`` (the
+full metadata map: robot_id, episode_id, policy_version, source, robot_model, hardware,
+calibration, ...) and ``flywheel_snapshot_id``; the dataset metadata holds ``flywheel`` (store,
+snapshot id, interop version) and ``flywheel_arrays`` (each array's dtype, tail and length).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fleet.interop.common import InteropError, Selection, single_layout
+
+SPACE_BOUND = np.inf
+
+
+def default_dataset_id(robot_model: str) -> str:
+    return f"flywheel-{robot_model}-v0"
+
+
+def export_minari(selection: Selection, out: str | Path, dataset_id: str | None = None) -> Path:
+    """Write the selection as Minari dataset ``dataset_id``; returns its data folder."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+    from minari.dataset.minari_dataset import parse_dataset_id
+    from minari.dataset.minari_storage import MinariStorage
+
+    episodes = selection.episodes
+    arrays = single_layout(episodes, "Minari")
+    first = episodes[0]
+    dataset_id = dataset_id or default_dataset_id(first.metadata["robot_model"])
+    try:
+        parse_dataset_id(dataset_id)
+    except ValueError as exc:
+        raise InteropError(f"--dataset-id: {exc}") from None
+    data_path = Path(out) / dataset_id / "data"
+    if data_path.exists():
+        raise InteropError(f"{data_path} exists already; choose another --out or --dataset-id")
+    data_path.parent.mkdir(parents=True)
+    box = lambda n: gym.spaces.Box(-SPACE_BOUND, SPACE_BOUND, (n,), np.float32)  # noqa: E731
+    storage = MinariStorage.new(
+        data_path, observation_space=box(first.observation.shape[1]), action_space=box(first.action.shape[1]), data_format="arrow", jpeg_encoding=False
+    )
+    storage.update_metadata(
+        {
+            "dataset_id": dataset_id,
+            "minari_version": minari.__version__,
+            "author": {"flywheel"},
+            "algorithm_name": "flywheel fleet (see per-episode policy_version)",
+            "description": f"{len(episodes)} flywheel episodes of snapshot {selection.snapshot_id} of store {selection.store}",
+            "flywheel": selection.provenance(),
+            "flywheel_arrays": arrays,
+        }
+    )
+    buffers = [
+        EpisodeBuffer(
+            observations=ep.observation,
+            actions=ep.action,
+            rewards=ep.reward,
+            terminations=ep.terminated,
+            truncations=ep.truncated,
+            infos=_infos(ep),
+        )
+        for ep in episodes
+    ]
+    storage.update_episodes(buffers)
+    storage.update_episode_metadata(
+        [{"flywheel_metadata": ep.metadata, "flywheel_snapshot_id": selection.snapshot_id} for ep in episodes], range(len(episodes))
+    )
+    return data_path
+
+
+def _infos(ep) -> dict[str, np.ndarray]:
+    """timestamp and the optional arrays as T+1 rows of at least one column."""
+    out = {"timestamp": ep.timestamp.reshape(-1, 1)}
+    for name, arr in ep.extras.items():
+        if arr.shape[0] == ep.num_steps:
+            arr = np.concatenate([arr, np.zeros((1, *arr.shape[1:]), arr.dtype)])
+        out[name] = arr.reshape(arr.shape[0], -1) if arr.ndim == 1 else arr
+    return out

@@ -1,0 +1,267 @@
+"""Interop both ways: export a pinned snapshot -> the format's own reader (minari, mcap, pyarrow +
+LeRobot v3.0 layout) -> import -> bit-equal episodes with equal provenance; ROS 2 bag import;
+uploads through the robot agent's uploader; clear errors for inputs that do not fit."""
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from fleet.interop.cli import main as cli
+from fleet.interop.common import ImportOptions, InteropError
+from fleet.store import EpisodeStore, StoreConfig
+from sim.episode import Episode
+from tests.conftest import make_episode_arrays
+
+HARDWARE = {"arm": "v2", "motors": [1, 2]}
+
+
+def toy(seed: int, robot_id: str, source: str, steps: int) -> Episode:
+    """A small episode with optional arrays of both lengths and hardware/calibration provenance."""
+    r = np.random.default_rng(100 + seed)
+    arrays = make_episode_arrays(num_steps=steps, obs_dim=3, act_dim=2, seed=seed)
+    arrays["timestamp"] = 1_700_000_000.0 + seed * 10 + np.arange(steps + 1) * 0.05 + r.uniform(0, 1e-4, steps + 1)  # jittered real clock
+    extras = {"qpos": r.standard_normal((steps + 1, 2)), "actuator_force": r.standard_normal((steps, 2)), "intervention": r.random(steps) < 0.3}
+    eid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"interop/{seed}"))
+    return Episode.create(
+        **arrays, robot_id=robot_id, robot_model="toy", source=source, policy_version=f"p{seed}", episode_id=eid,
+        extras=extras, hardware=HARDWARE, calibration={"mass_scale": 1.0 + seed / 10}, **{"x.task": "reach"},
+    )  # fmt: skip
+
+
+def camera_episode() -> Episode:
+    r = np.random.default_rng(7)
+    extras = {"image.front": r.integers(0, 255, (5, 4, 4, 3), dtype=np.uint8)}
+    return Episode.create(**make_episode_arrays(num_steps=4, obs_dim=5, seed=7), robot_id="cam-1", robot_model="camcar", source="worldmodel", model_version="wm-3", extras=extras,
+        episode_id=str(uuid.uuid5(uuid.NAMESPACE_URL, "interop/camera")),
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with two commits: three toy episodes (first snapshot), then a camera episode."""
+    path = tmp_path_factory.mktemp("interop") / "store"
+    st = EpisodeStore.create(StoreConfig(path=str(path), chunk_rows=32, index_rows=4, fsync=False))
+    first = [toy(0, "arm-0", "real", 5), toy(1, "arm-1", "sim", 7), toy(2, "arm-0", "real", 3)]
+    pinned = st.append(first).snapshot_id
+    st.append([camera_episode()])
+    return {"path": str(path), "pinned": pinned, "toy": first, "all": [*first, camera_episode()]}
+
+
+def run_cli(argv, capsys) -> dict:
+    assert cli([str(a) for a in argv]) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def stored(path) -> dict[str, Episode]:
+    snap = EpisodeStore.open(StoreConfig(path=str(path), fsync=False)).snapshot()
+    return {ep.episode_id: ep for ep in snap.read_episodes(snap.catalog())}
+
+
+def assert_same(got: list[Episode], want: list[Episode]) -> None:
+    assert [e.episode_id for e in got] == [e.episode_id for e in want]
+    for g, w in zip(got, want):
+        assert g.metadata == w.metadata  # provenance: robot_id, episode_id, policy_version, source, robot_model, hardware, calibration
+        assert g.equals(w) and g.to_bytes() == w.to_bytes()
+
+
+def test_mcap_round_trip(store, tmp_path, capsys):
+    from mcap.reader import make_reader
+
+    summary = run_cli(["export", "--format", "mcap", "--store", store["path"], "--out", tmp_path / "out"], capsys)
+    assert summary["episodes"] == 4
+    with open(summary["path"], "rb") as f:  # the mcap package's own reader
+        reader = make_reader(f)
+        meta = {m.name: m.metadata for m in reader.iter_metadata()}
+        assert meta["flywheel.export"]["snapshot_id"] == summary["snapshot_id"]
+        messages = [(ch.topic, msg.log_time, json.loads(msg.data)) for _, ch, msg in reader.iter_messages()]
+    topics = {t for t, _, _ in messages}
+    assert {"/flywheel/episode", "/flywheel/observation", "/flywheel/action", "/flywheel/reward", "/flywheel/image/front", "/flywheel/qpos"} <= topics
+    heads = [m for t, _, m in messages if t == "/flywheel/episode"]
+    assert {h["episode_id"]: h["metadata"] for h in heads} == {e.episode_id: e.metadata for e in store["all"]}
+    ep = store["toy"][1]
+    obs = [(lt, m) for t, lt, m in messages if t == "/flywheel/observation" and m["episode_id"] == ep.episode_id]
+    assert [lt for lt, _ in obs] == [round(s * 1e9) for s in ep.timestamp]  # log times are the episode's timestamps
+    assert np.array_equal(np.array([m["data"] for _, m in obs], np.float32), ep.observation)
+
+    out = run_cli(["import", "--format", "mcap", summary["path"], "--store", tmp_path / "back"], capsys)
+    assert out["created"] == 4
+    back = stored(tmp_path / "back")
+    assert_same([back[e.episode_id] for e in store["all"]], store["all"])
+    again = run_cli(["import", "--format", "mcap", summary["path"], "--store", tmp_path / "back"], capsys)
+    assert again["duplicate"] == 4 and again["created"] == 0  # idempotent
+
+
+def test_minari_round_trip_of_a_pinned_snapshot(store, tmp_path, capsys, monkeypatch):
+    import minari
+
+    argv = ["export", "--format", "minari", "--store", store["path"], "--snapshot", store["pinned"], "--out", tmp_path, "--source", "real", "--source", "sim"]
+    summary = run_cli(argv, capsys)
+    assert summary["snapshot_id"] == store["pinned"] and summary["episodes"] == 3  # the camera episode came later
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    dataset = minari.load_dataset("flywheel-toy-v0")
+    assert dataset.total_episodes == 3 and dataset.total_steps == sum(e.num_steps for e in store["toy"])
+    assert dataset.storage.metadata["flywheel"]["snapshot_id"] == store["pinned"]
+    metas = list(dataset.storage.get_episode_metadata(range(3)))
+    for got, want, meta in zip(dataset.iterate_episodes(), store["toy"], metas):
+        assert meta["flywheel_metadata"] == want.metadata and meta["flywheel_snapshot_id"] == store["pinned"]
+        assert np.array_equal(got.observations, want.observation) and got.observations.dtype == np.float32
+        assert np.array_equal(got.actions, want.action) and np.array_equal(got.rewards, want.reward) and got.rewards.dtype == np.float32
+        assert np.array_equal(got.terminations, want.terminated) and np.array_equal(got.truncations, want.truncated)
+        assert np.array_equal(got.infos["timestamp"][:, 0], want.timestamp) and got.infos["timestamp"].dtype == np.float64
+        assert np.array_equal(got.infos["qpos"], want.extras["qpos"])
+        assert np.array_equal(got.infos["actuator_force"][:-1], want.extras["actuator_force"])  # T-length: one padding row
+
+
+def test_lerobot_round_trip_and_v3_layout(store, tmp_path, capsys):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "lerobot"
+    run_cli(["export", "--format", "lerobot", "--store", store["path"], "--robot-model", "toy", "--out", root], capsys)
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["robot_type"] == "toy" and info["fps"] == 20
+    assert info["total_episodes"] == 3 and info["total_frames"] == 15 and info["total_tasks"] == 1
+    data = pq.read_table(root / info["data_path"].format(chunk_index=0, file_index=0))
+    assert set(data.column_names) == set(info["features"])
+    for name in ("observation.state", "action", "next.reward", "next.done", "timestamp", "frame_index", "episode_index", "index", "task_index"):
+        assert name in info["features"], name
+    assert info["features"]["observation.state"] == {"dtype": "float32", "shape": [3], "names": None}
+    assert data["index"].to_pylist() == list(range(15))
+    episodes = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [(e["episode_index"], e["length"], e["dataset_from_index"], e["dataset_to_index"]) for e in episodes] == [(0, 5, 0, 5), (1, 7, 5, 12), (2, 3, 12, 15)]
+    assert all(e["data/chunk_index"] == 0 and e["data/file_index"] == 0 and e["tasks"] == ["reach"] for e in episodes)
+    assert json.loads(episodes[1]["flywheel/metadata"]) == store["toy"][1].metadata
+    tasks = pd.read_parquet(root / "meta/tasks.parquet")
+    assert tasks.index.name == "task" and tasks.loc["reach", "task_index"] == 0
+    stats = json.loads((root / "meta/stats.json").read_text())
+    assert set(stats["observation.state"]) == {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
+    assert stats["action"]["count"] == [15] and len(stats["observation.state"]["mean"]) == 3
+
+    out = run_cli(["import", "--format", "lerobot", root, "--store", tmp_path / "back"], capsys)
+    assert out["created"] == 3
+    back = stored(tmp_path / "back")
+    assert_same([back[e.episode_id] for e in store["toy"]], store["toy"])
+
+
+def test_foreign_lerobot_dataset_gets_real_source_and_stable_ids(store, tmp_path, capsys):
+    from fleet.interop.lerobot import import_lerobot
+
+    root = tmp_path / "lerobot"
+    run_cli(["export", "--format", "lerobot", "--store", store["path"], "--robot-model", "toy", "--out", root], capsys)
+    (root / "meta/flywheel.json").unlink()  # now it reads like any LeRobot dataset
+    options = ImportOptions(robot_id="so100-3")
+    first, again = import_lerobot(root, options), import_lerobot(root, options)
+    assert [e.episode_id for e in first] == [e.episode_id for e in again]
+    ep, want = first[1], store["toy"][1]
+    assert ep.source == "real" and ep.robot_id == "so100-3" and ep.metadata["robot_model"] == "toy" and ep.metadata["x.task"] == "reach"
+    assert ep.num_steps == want.num_steps - 1  # 7 frames -> 6 steps, the last frame's state is the final observation
+    assert np.array_equal(ep.observation, want.observation[:-1]) and np.array_equal(ep.action, want.action[:-1])
+    assert ep.truncated[-1] and not ep.terminated.any()
+
+
+def write_bag(path, steps: int = 6):
+    """A ROS 2 bag: /joint_states (JointState, header stamps), /arm/commands (Float64MultiArray), /reward (Float64)."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    T = ts.types
+    r = np.random.default_rng(3)
+    pos, vel, cmd = r.standard_normal((steps + 1, 2)), r.standard_normal((steps + 1, 2)), r.standard_normal((steps, 2))
+    t0 = 1_700_000_000 * 10**9
+    stamp = lambda ns: T["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)  # noqa: E731
+    with Writer(path, version=9) as bag:
+        js = bag.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
+        cm = bag.add_connection("/arm/commands", "std_msgs/msg/Float64MultiArray", typestore=ts)
+        rw = bag.add_connection("/reward", "std_msgs/msg/Float64", typestore=ts)
+        layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+        for t in range(steps + 1):
+            ns = t0 + t * 50_000_000
+            header = T["std_msgs/msg/Header"](stamp=stamp(ns), frame_id="base")
+            msg = T["sensor_msgs/msg/JointState"](header=header, name=["a", "b"], position=pos[t], velocity=vel[t], effort=np.zeros(0))
+            bag.write(js, ns + 1000, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
+            if t < steps:
+                bag.write(cm, ns + 2_000_000, ts.serialize_cdr(T["std_msgs/msg/Float64MultiArray"](layout=layout, data=cmd[t]), "std_msgs/msg/Float64MultiArray"))
+                bag.write(rw, ns + 3_000_000, ts.serialize_cdr(T["std_msgs/msg/Float64"](data=float(t)), "std_msgs/msg/Float64"))
+    return pos, vel, cmd, t0
+
+
+def test_rosbag_import_maps_joint_states_and_commands(tmp_path, capsys):
+    pos, vel, cmd, t0 = write_bag(tmp_path / "bag")
+    argv = ["import", "--format", "rosbag", tmp_path / "bag", "--store", tmp_path / "store", "--robot-id", "arm-9", "--robot-model", "toy2", "--reward-topic", "/reward"]
+    out = run_cli(argv, capsys)
+    assert out["created"] == 1
+    ep = stored(tmp_path / "store")[out["episode_ids"][0]]
+    assert ep.source == "real" and ep.robot_id == "arm-9" and ep.num_steps == 6
+    assert np.array_equal(ep.observation, np.concatenate([pos, vel], 1).astype(np.float32))
+    assert np.array_equal(ep.extras["qpos"], pos.astype(np.float32)) and np.array_equal(ep.extras["qvel"], vel.astype(np.float32))
+    assert np.array_equal(ep.action, cmd.astype(np.float32)) and np.array_equal(ep.reward, np.arange(6, dtype=np.float32))
+    assert np.allclose(ep.timestamp, (t0 + np.arange(7) * 50_000_000) / 1e9, rtol=0, atol=1e-6)  # header stamps
+    assert ep.truncated[-1] and not ep.terminated.any() and ep.metadata["x.rosbag"] == "bag"
+    assert run_cli(argv, capsys)["duplicate"] == 1  # deterministic id: a re-import is idempotent
+
+
+def test_import_uploads_through_the_robot_agent(store, tmp_path, capsys, monkeypatch):
+    from fleet.server import ServerConfig, add_token, serve
+
+    tokens = tmp_path / "tokens.json"
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", add_token(tokens, "robot", "arm-9"))
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "server-store"), fsync=False))
+    try:
+        write_bag(tmp_path / "bag")
+        argv = ["import", "--format", "rosbag", tmp_path / "bag", "--server", server.url, "--robot-id", "arm-9", "--robot-model", "toy2"]
+        assert run_cli(argv, capsys)["created"] == 1
+        assert run_cli(argv, capsys)["duplicate"] == 1
+        assert cli([str(a) for a in [*argv[:-4], "--robot-id", "arm-8", "--robot-model", "toy2"]]) == 2  # a robot token uploads only its own episodes
+        assert "robot_id_mismatch" in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
+def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, capsys):
+    from mcap.writer import Writer
+
+    foreign = tmp_path / "ros.mcap"  # an MCAP without flywheel channels
+    with open(foreign, "wb") as f:
+        w = Writer(f)
+        w.start()
+        w.add_message(w.register_channel("/joint_states", "json", 0), 1, b"{}", 1)
+        w.finish()
+    assert cli(["import", "--format", "mcap", str(foreign), "--store", str(tmp_path / "s")]) == 2
+    assert "use `flywheel import --format rosbag`" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.mcap"
+    garbage.write_bytes(b"not an mcap file at all")
+    assert cli(["import", "--format", "mcap", str(garbage), "--store", str(tmp_path / "s")]) == 2
+    assert "not a readable flywheel MCAP file" in capsys.readouterr().err
+
+    old = tmp_path / "v21"
+    (old / "meta").mkdir(parents=True)
+    (old / "meta/info.json").write_text(json.dumps({"codebase_version": "v2.1", "fps": 30}))
+    assert cli(["import", "--format", "lerobot", str(old), "--store", str(tmp_path / "s")]) == 2
+    assert "convert_dataset_v21_to_v30" in capsys.readouterr().err
+
+    assert cli(["export", "--format", "lerobot", "--store", store["path"], "--out", str(tmp_path / "mixed")]) == 2  # toy + camcar layouts
+    assert "--robot-model or --stream" in capsys.readouterr().err
+    assert cli(["export", "--format", "mcap", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no episode store" in capsys.readouterr().err
+
+    with pytest.raises(InteropError, match="cannot choose the action topic.*pass --action-topic"):
+        _bag_without_commands(tmp_path)
+    assert not (tmp_path / "s").exists()  # nothing was written by the refused imports
+
+
+def _bag_without_commands(tmp_path):
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    from fleet.interop.rosbag import import_rosbag
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    with Writer(tmp_path / "nocmd", version=9) as bag:
+        js = bag.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
+        header = ts.types["std_msgs/msg/Header"](stamp=ts.types["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id="")
+        msg = ts.types["sensor_msgs/msg/JointState"](header=header, name=["a"], position=np.ones(1), velocity=np.zeros(0), effort=np.zeros(0))
+        bag.write(js, 1, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
+    import_rosbag(tmp_path / "nocmd", ImportOptions(robot_id="a", robot_model="b"))
