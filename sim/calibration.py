@@ -271,9 +271,11 @@ class CalibrationResult:
 
 def calibrate_job(job: dict) -> str:
     """One calibration as a fan-out job (a Ray task): {"robot", "episodes": [Episode bytes], "config": CalibrationConfig
-    fields, "base": profile dict} -> CalibrationResult JSON. Plain bytes and JSON in and out, no pickled objects."""
+    fields, "base": profile dict, "start": profile dict or None} -> CalibrationResult JSON. Plain bytes and JSON in and
+    out, no pickled objects."""
     episodes = [Episode.from_bytes(blob) for blob in job["episodes"]]
-    result = calibrate(job["robot"], episodes, CalibrationConfig(**job["config"]), VariationProfile.from_dict(job.get("base", {})))
+    start = None if job.get("start") is None else VariationProfile.from_dict(job["start"])
+    result = calibrate(job["robot"], episodes, CalibrationConfig(**job["config"]), VariationProfile.from_dict(job.get("base", {})), start)
     return result.to_json()
 
 
@@ -379,12 +381,18 @@ class _Objective:
 
 
 def calibrate(
-    robot: str, episodes: Sequence[Episode], config: CalibrationConfig = CalibrationConfig(), base: VariationProfile = VariationProfile()
+    robot: str,
+    episodes: Sequence[Episode],
+    config: CalibrationConfig = CalibrationConfig(),
+    base: VariationProfile = VariationProfile(),
+    start: VariationProfile | None = None,
 ) -> CalibrationResult:
     """Estimate ``config.params`` of robot model ``robot`` from telemetry ``episodes`` (see the module docstring).
 
-    ``base`` supplies every field not estimated (and the action latency used in replay); the
-    CEM search starts at its values.
+    ``base`` supplies every field not estimated (and the action latency used in replay), and the
+    value of any field the data cannot identify. The CEM search starts at ``start``'s values (a
+    warm start: the robot's previous calibration), else at ``base``'s; the start moves only where
+    the search begins, so a robot whose body did not change stalls early and stops.
     """
     task = get_task(robot)
     if not episodes:
@@ -394,7 +402,7 @@ def calibrate(
             raise ValueError(f"calibration: base {name}={getattr(base, name)} must be > 0 to be searched in log space")
     windows = make_windows(task, episodes, config, base.action_latency)
     space = _space(config)
-    mean = np.array([math.log(getattr(base, p)) if p in LOG_FIELDS else float(getattr(base, p)) for p in config.params])
+    mean = np.clip(_theta(start or base, config.params), space.low, space.high)
     std = space.init_std.copy()
     rng = np.random.default_rng(config.seed)
     with Replayer(task, config.nthread) as replayer:
@@ -425,7 +433,7 @@ def calibrate(
     fitted = {p: float(getattr(fitted_profile, p)) for p in config.params}
     for i, name in enumerate(config.params):
         if ident.keep_base[name]:
-            best_theta[i] = math.log(getattr(base, name)) if name in LOG_FIELDS else float(getattr(base, name))
+            best_theta[i] = _theta(base, [name])[0]
     profile = objective.profile(best_theta)
     estimates, identifiable = {p: float(getattr(profile, p)) for p in config.params}, dict(ident.identifiable)
     if config.sensor_noise:
@@ -583,6 +591,11 @@ def _space(config: CalibrationConfig) -> _Space:
     }
     rows = np.array([table["log" if p in LOG_FIELDS else "bias" if p in SENSOR_FIELDS else "payload"] for p in config.params])
     return _Space(*rows.T)
+
+
+def _theta(profile: VariationProfile, params: Sequence[str]) -> np.ndarray:
+    """``profile``'s values of ``params`` in search coordinates (log for the scale fields)."""
+    return np.array([math.log(getattr(profile, p)) if p in LOG_FIELDS else float(getattr(profile, p)) for p in params])
 
 
 @dataclasses.dataclass(frozen=True)

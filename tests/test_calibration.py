@@ -223,3 +223,22 @@ def test_calibration_runs_as_a_job_of_bytes_and_json():
     direct = calibrate("pendulum", episodes, config)
     assert result.profile == direct.profile and result.estimates == direct.estimates
     assert result.diagnostics == direct.diagnostics and abs(result.profile.actuator_strength - 0.7) < 0.01
+
+
+def test_a_warm_start_at_the_previous_calibration_finds_the_same_body_with_fewer_replays():
+    """The flywheel starts each robot's search at its previous calibration: an unchanged body is
+    found again, the search stops early, and a field the data cannot identify still falls back
+    to the base (the start moves only where the search begins)."""
+    from sim.calibration import CalibrationResult, calibrate_job
+
+    truth = VariationProfile(payload_mass=1.5, damping_scale=1.4)
+    config = CalibrationConfig(params=("payload_mass", "damping_scale", "friction_scale"), population=32, num_elites=6, iterations=12, seed=0)
+    first = calibrate("pendulum", telemetry("pendulum", truth, 6, 60, seed=0), config)
+    later = telemetry("pendulum", truth, 6, 60, seed=1)
+    cold = calibrate("pendulum", later, config)
+    plain = json.loads(json.dumps({"config": dataclasses.asdict(config), "start": first.profile.to_dict()}))  # what a Ray task gets
+    warm = CalibrationResult.from_json(calibrate_job({"robot": "pendulum", "episodes": [ep.to_bytes() for ep in later], **plain}))
+    for result in (cold, warm):
+        assert abs(result.estimates["payload_mass"] - 1.5) < 0.02 and abs(result.estimates["damping_scale"] - 1.4) < 0.02, result.estimates
+        assert result.estimates["friction_scale"] == 1.0  # no contacts: not identifiable, the base's value
+    assert warm.evaluations < 0.6 * cold.evaluations, (warm.evaluations, cold.evaluations)

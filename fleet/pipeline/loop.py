@@ -84,6 +84,7 @@ class Flywheel:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
         self.state.setdefault("learner", None)
         self.state.setdefault("real_steps", {})
+        self.state.setdefault("calibrated_profiles", {})  # robot id -> its last calibrated profile (dict)
         self.state.setdefault("sensor_beliefs", {})  # robot id -> what its calibrations say of its sensor offset (sim/sensors.py)
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
@@ -234,7 +235,9 @@ class Flywheel:
         record["snapshot"] = snapshot_id
         svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
         cal_cfg = instantiate(self.cfg.scenarios.calibration)
-        calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map)
+        starts = self.state["calibrated_profiles"]  # each robot's search begins at its previous calibration
+        calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map, starts=starts)
+        self.state["calibrated_profiles"] = {r: c.profile.to_dict() for r, c in calibrations.items()}
         record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
         offsets = {}
         if s.sensor_correction:

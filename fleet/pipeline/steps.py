@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +43,18 @@ def update_world_model(real: Sequence[Episode], sim: Sequence[Episode], previous
     return model, report, model_version(model)
 
 
-def calibrate_fleet(robot_model: str, real: Sequence[Episode], config: CalibrationConfig, max_episodes: int, map_fn=map) -> dict[str, CalibrationResult]:
+def calibrate_fleet(
+    robot_model: str, real: Sequence[Episode], config: CalibrationConfig, max_episodes: int, map_fn=map, starts: Mapping[str, dict] | None = None
+) -> dict[str, CalibrationResult]:
     """Each robot's CalibrationResult from its most recent ``max_episodes`` episodes, one job per robot
-    (``map_fn``: the services' Ray map runs them in parallel; jobs and results are bytes and JSON)."""
+    (``map_fn``: the services' Ray map runs them in parallel; jobs and results are bytes and JSON).
+    ``starts``: robot id -> its previous calibrated profile (dict), where each search begins."""
     fleet = sorted(by_robot(real).items())
-    config_fields = dataclasses.asdict(config)
-    jobs = [{"robot": robot_model, "episodes": [ep.to_bytes() for ep in eps[-max_episodes:]], "config": config_fields} for _, eps in fleet]
+    config_fields, starts = dataclasses.asdict(config), starts or {}
+    jobs = [
+        {"robot": robot_model, "episodes": [ep.to_bytes() for ep in eps[-max_episodes:]], "config": config_fields, "start": starts.get(robot_id)}
+        for robot_id, eps in fleet
+    ]
     return {robot_id: CalibrationResult.from_json(text) for (robot_id, _), text in zip(fleet, map_fn(calibrate_job, jobs))}
 
 
