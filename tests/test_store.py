@@ -37,7 +37,7 @@ def test_explicit_open_modes(cfg):
     with pytest.raises(FileNotFoundError, match="create it"):
         EpisodeStore.open(cfg)
     store = EpisodeStore.create(cfg)
-    assert store.info["store_schema_version"] == 1 and store.info["episode_schema_version"] == "1"
+    assert store.info["store_schema_version"] == 2 and store.info["episode_schema_version"] == "1"
     with pytest.raises(FileExistsError, match="already exists"):
         EpisodeStore.create(cfg)
     assert EpisodeStore.open(cfg).info == store.info

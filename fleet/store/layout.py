@@ -3,22 +3,24 @@
 No zarr calls here: this module only says *where* things go and *how* an episode maps to
 rows, so the writer and the reader agree by construction.
 
-Inside the Icechunk repository (branch ``main``)::
+Inside the Icechunk repository (branch ``main``), store schema version 2::
 
     /                                  root group; attrs["flywheel_store"] = root_attrs(...)
+    /catalog/<column>                  one row per episode (dimension "episode"), commit order,
+                                       no padding: see fleet/store/catalog.py for the columns
     /streams/<stream>/                 one stream per (robot_model, array signature)
         attrs["signature"]             StreamSignature.to_dict()
-        data/<array>                   (rows, *tail) time-major; episode k owns rows
+        data/<array>                   (step, *tail) time-major; episode k owns rows
                                        [row_k, row_k + T_k + 1); "T"-length arrays leave
-                                       the last of those rows as zero padding
-        index/span    int64 (slots, 2) [row_k, T_k]; T_k == 0 marks an unused slot
-        index/key     uint8 (slots, 48) episode UUID (16 bytes) + sha256 of the canonical
-                                       safetensors bytes (32 bytes)
-        index/record  string (slots,)  provenance JSON (see :func:`record_json`)
-        index/metadata string (slots,) the episode's full metadata map as JSON
+                                       the last of those rows as padding
+        data/episode_index int32 (step,) catalog row of the episode owning each row; -1 on
+                                       padding rows (the tool-visible mask)
 
-Every commit starts at a chunk boundary in every array (data rows and index slots), pads
-its last chunk with zeros, and never rewrites an earlier chunk.
+Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names`). Every commit
+starts at a chunk boundary in every data array, pads its last chunk (NaN in float arrays,
+zero/False otherwise, -1 in ``episode_index``), and never rewrites an earlier data chunk;
+catalog rows are appended without padding. Schema version 1 (per-stream ``index/`` arrays,
+no catalog, no dimension names) is read by :mod:`fleet.store.legacy` and migrated on open.
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ import numpy as np
 from sim.episode import SCHEMA_VERSION, Episode
 
 STORE_FORMAT = "flywheel-episode-store"
-STORE_SCHEMA_VERSION = 1
+STORE_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1 is migrated to 2 when a writer opens the store
 REPO_DIR = "icechunk"
 LOCK_FILE = "writer.lock"
 BRANCH = "main"
 ROOT_ATTR = "flywheel_store"
 STREAMS = "streams"
-KEY_BYTES = 48  # 16-byte UUID + 32-byte sha256
-INDEX_ARRAYS = ("span", "key", "record", "metadata")
+CATALOG = "catalog"
+EPISODE_INDEX = "episode_index"  # data/episode_index: the per-row mask and episode link
+STEP_DIM = "step"
+EPISODE_DIM = "episode"
+KEY_BYTES = 48  # 16-byte UUID + 32-byte sha256 (schema 1 index/key)
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -62,10 +68,10 @@ def check_root_attrs(attrs: dict, where: str) -> dict:
     info = attrs.get(ROOT_ATTR)
     if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
         raise ValueError(f"{where} is an Icechunk repository but not a Flywheel episode store (no '{ROOT_ATTR}' root attribute)")
-    if info.get("store_schema_version") != STORE_SCHEMA_VERSION:
+    if info.get("store_schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
             f"{where} has store schema version {info.get('store_schema_version')!r}; this build reads "
-            f"{STORE_SCHEMA_VERSION}. Use a matching build, or migrate the store (docs/store.md)."
+            f"{list(READABLE_SCHEMA_VERSIONS)}. Use a matching build, or migrate the store (docs/store.md)."
         )
     return info
 
@@ -140,7 +146,37 @@ def data_path(stream: str, array: str) -> str:
 
 
 def index_path(stream: str, name: str) -> str:
+    """A schema-1 per-stream index array (read by fleet.store.legacy only)."""
     return f"{STREAMS}/{stream}/index/{name}"
+
+
+def catalog_path(column: str) -> str:
+    return f"{CATALOG}/{column}"
+
+
+_TAIL_DIMS = {"observation": ("obs_dim",), "action": ("act_dim",)}
+
+
+def dimension_names(spec: ArraySpec) -> tuple[str, ...]:
+    """Zarr v3 dimension names of a data array: ("step", *tail names).
+
+    observation -> (step, obs_dim), action -> (step, act_dim), qpos -> (step, qpos_dim),
+    image.front (T, H, W, C) -> (step, image.front_height, image.front_width, image.front_channel);
+    other tails get NAME_dim0, NAME_dim1, ... Names are per array, so arrays of one stream
+    never share a tail dimension of a different size.
+    """
+    if spec.name in _TAIL_DIMS and len(spec.tail) == 1:
+        return (STEP_DIM, *_TAIL_DIMS[spec.name])
+    if len(spec.tail) == 1:
+        return (STEP_DIM, f"{spec.name}_dim")
+    if spec.name.startswith("image.") and len(spec.tail) == 3:
+        return (STEP_DIM, *(f"{spec.name}_{axis}" for axis in ("height", "width", "channel")))
+    return (STEP_DIM, *(f"{spec.name}_dim{i}" for i in range(len(spec.tail))))
+
+
+def padding_value(dtype: str) -> float | int | bool:
+    """What a commit's padding rows hold: NaN in float arrays (never data: schema v1 rejects NaN), else 0/False."""
+    return float("nan") if np.dtype(dtype).kind == "f" else 0
 
 
 MAX_CHUNK_BYTES = 16 << 20
@@ -175,39 +211,28 @@ def split_keys(keys: np.ndarray) -> tuple[list[str], list[bytes]]:
     return ids, [bytes(k[16:]) for k in keys]
 
 
-def record_json(episode: Episode, upload_time: float) -> str:
-    """Provenance of one episode as stored in ``index/record`` (small, read for every catalog)."""
-    meta = episode.metadata
-    record = {
-        "robot_id": meta["robot_id"],
-        "robot_model": meta["robot_model"],
-        "source": meta["source"],
-        "policy_version": meta["policy_version"],
-        "model_version": meta.get("model_version"),
-        "scenario_sha256": hashlib.sha256(meta["scenario"].encode()).hexdigest()[:16] if "scenario" in meta else None,
-        "upload_time": float(upload_time),
-        "start_time": float(episode.timestamp[0]),
-        "num_steps": episode.num_steps,
-        "total_return": episode.total_return,
-    }
-    return json.dumps(record, sort_keys=True, separators=(",", ":"))
+def stack_rows(episodes: list[Episode], spec: ArraySpec, total_rows: int, fill) -> np.ndarray:
+    """The time-major block of ``spec`` for consecutive episodes, padded with ``fill`` to ``total_rows``.
 
-
-def metadata_json(episode: Episode) -> str:
-    return json.dumps(episode.metadata, sort_keys=True, separators=(",", ":"))
-
-
-def stack_rows(episodes: list[Episode], spec: ArraySpec, total_rows: int) -> np.ndarray:
-    """The time-major block of ``spec`` for consecutive episodes, zero-padded to ``total_rows``.
-
-    Episode k takes T_k + 1 rows; a "T"-length array leaves the last row zero.
+    Episode k takes T_k + 1 rows; a "T"-length array leaves the last row as ``fill``.
     Returns (total_rows, *spec.tail) of spec.dtype.
     """
-    out = np.zeros((total_rows, *spec.tail), dtype=np.dtype(spec.dtype))
+    out = np.full((total_rows, *spec.tail), fill, dtype=np.dtype(spec.dtype))
     row = 0
     for ep in episodes:
         arr = ep.arrays()[spec.name]
         out[row : row + arr.shape[0]] = arr
+        row += ep.num_steps + 1
+    return out
+
+
+def episode_index_rows(episodes: list[Episode], catalog_rows: list[int], total_rows: int) -> np.ndarray:
+    """``data/episode_index`` for consecutive episodes whose catalog rows are ``catalog_rows``:
+    (total_rows,) int32; each episode's T_k + 1 rows hold its catalog row, padding holds -1."""
+    out = np.full(total_rows, -1, dtype=np.int32)
+    row = 0
+    for ep, catalog_row in zip(episodes, catalog_rows):
+        out[row : row + ep.num_steps + 1] = catalog_row
         row += ep.num_steps + 1
     return out
 

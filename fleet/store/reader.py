@@ -7,6 +7,7 @@ that keeps its ``snapshot_id`` sees the same dataset however many episodes arriv
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -15,42 +16,16 @@ from collections.abc import Iterable, Sequence
 import icechunk
 import numpy as np
 
-from fleet.store import backend
-from fleet.store.layout import (
-    STREAMS,
-    StreamSignature,
-    data_path,
-    index_path,
-    rows_of,
-    split_keys,
-    stream_path,
-)
+from fleet.store import backend, legacy
+from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, info_of, metadata_of
+from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, rows_of, stream_path
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
+
+__all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
 
 
 class StoreCorruptionError(RuntimeError):
     """A stored episode no longer matches the digest recorded when it was committed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EpisodeInfo:
-    """Catalog entry of one stored episode (provenance plus where its rows are)."""
-
-    episode_id: str
-    stream: str
-    slot: int
-    row: int
-    num_steps: int
-    digest: str  # hex sha256 of the canonical safetensors bytes
-    robot_id: str
-    robot_model: str
-    source: str
-    policy_version: str
-    model_version: str | None
-    scenario_sha256: str | None
-    upload_time: float  # unix seconds, when the store received it
-    start_time: float  # the episode's first timestamp (robot clock)
-    total_return: float
 
 
 @dataclasses.dataclass
@@ -60,7 +35,7 @@ class TransitionTable:
     Rows: R = sum(T_k + 1). ``observation`` (R, obs_dim) f32 holds every observation
     including each episode's final one; ``action`` (R, act_dim), ``reward`` (R,),
     ``terminated`` / ``truncated`` (R,) bool are aligned to the observation they follow
-    (their row T_k per episode is padding). Transitions: N = sum(T_k); transition i starts
+    (their row T_k per episode is padding: NaN in float arrays, False in bool arrays). Transitions: N = sum(T_k); transition i starts
     at row ``rows[i]`` (next_obs is row ``rows[i] + 1``) and belongs to ``episode_ids[episode[i]]``.
     """
 
@@ -102,12 +77,13 @@ class StoreSnapshot:
         self._catalog: list[EpisodeInfo] | None = None
         self._by_id: dict[str, EpisodeInfo] = {}
         self._signatures: dict[str, StreamSignature] = {}
-        self._slots: dict[str, int] = {}  # stream -> index slots read
+        self._rows = 0  # catalog rows read
+        self._schema_version: int | None = None  # of this snapshot (a pinned one may predate a migration)
         self._base = base if base is not None and base._catalog is not None else None
 
     # -- catalog ---------------------------------------------------------------------
     def catalog(self) -> list[EpisodeInfo]:
-        """Every episode in this snapshot, stream by stream, in commit order."""
+        """Every episode in this snapshot, in commit order (schema 1 stores: stream by stream)."""
         if self._catalog is None:
             self._catalog = backend.run(self._load_catalog())
             self._base = None  # do not chain every earlier snapshot in memory
@@ -160,6 +136,7 @@ class StoreSnapshot:
         info = self.get(episode_id)
         meta = self.metadata([info])[0]
         out = dataclasses.asdict(info)
+        out["scenario_sha256"] = hashlib.sha256(meta["scenario"].encode()).hexdigest()[:16] if "scenario" in meta else None
         for key in ("hardware", "scenario", "calibration"):
             out[key] = json.loads(meta[key]) if key in meta else None
         return out
@@ -215,70 +192,40 @@ class StoreSnapshot:
     # -- internals -------------------------------------------------------------------
     async def _load_catalog(self) -> list[EpisodeInfo]:
         store = self._session.store
-        streams = await backend.open_group(store, STREAMS, mode="r")
-        names = sorted([name async for name in streams.group_keys()])
-        base = self._base
-        old = {} if base is None else {s: [e for e in base._catalog if e.stream == s] for s in base._slots}
-
-        async def one(stream: str) -> list[EpisodeInfo]:
-            if base is not None and stream in base._signatures:
-                self._signatures[stream] = base._signatures[stream]
-            else:
-                group = await backend.open_group(store, stream_path(stream), mode="r")
-                self._signatures[stream] = StreamSignature.from_dict(group.attrs["signature"])
-            span, key, record = await asyncio.gather(
-                *(backend.open_array(store=store, path=index_path(stream, n), mode="r") for n in ("span", "key", "record"))
-            )
-            start = base._slots.get(stream, 0) if base is not None else 0
-            self._slots[stream] = span.shape[0]
-            new = slice(start, span.shape[0])
-            spans, keys, records = await asyncio.gather(span.getitem(new), key.getitem(new), record.getitem(new))
-            valid = np.flatnonzero(spans[:, 1] > 0)
-            ids, digests = split_keys(keys[valid])
-            out = list(old.get(stream, []))
-            for j, eid, digest in zip(valid, ids, digests):
-                slot = start + int(j)
-                rec = json.loads(str(records[j]))
-                out.append(
-                    EpisodeInfo(
-                        episode_id=eid,
-                        stream=stream,
-                        slot=slot,
-                        row=int(spans[j, 0]),
-                        num_steps=int(spans[j, 1]),
-                        digest=digest.hex(),
-                        robot_id=rec["robot_id"],
-                        robot_model=rec["robot_model"],
-                        source=rec["source"],
-                        policy_version=rec["policy_version"],
-                        model_version=rec["model_version"],
-                        scenario_sha256=rec["scenario_sha256"],
-                        upload_time=rec["upload_time"],
-                        start_time=rec["start_time"],
-                        total_return=rec["total_return"],
-                    )
-                )
-            return out
-
-        return [e for part in await asyncio.gather(*(one(n) for n in names)) for e in part]
+        root = await backend.open_group(store, mode="r")
+        self._schema_version = root.attrs[ROOT_ATTR]["store_schema_version"]
+        if self._schema_version == 1:
+            catalog, self._signatures = await legacy.load_catalog(store)
+            return catalog
+        base = self._base if self._base is not None and self._base._schema_version == self._schema_version else None
+        first = await backend.open_array(store, catalog_path("episode_id"), mode="r")
+        start, stop = (base._rows if base is not None else 0), first.shape[0]
+        cols = await asyncio.gather(*(backend.open_array(store, catalog_path(c), mode="r") for c in SUMMARY_COLUMNS))
+        values = dict(zip(SUMMARY_COLUMNS, await asyncio.gather(*(c.getitem(slice(start, stop)) for c in cols))))
+        new = [info_of({c: v[i] for c, v in values.items()}, start + i) for i in range(stop - start)]
+        if base is not None:
+            self._signatures.update(base._signatures)
+        missing = sorted({e.stream for e in new} - set(self._signatures))
+        groups = await asyncio.gather(*(backend.open_group(store, stream_path(s), mode="r") for s in missing))
+        self._signatures.update({s: StreamSignature.from_dict(g.attrs["signature"]) for s, g in zip(missing, groups)})
+        self._rows = stop
+        return [*(base._catalog if base is not None else []), *new]
 
     async def _read_metadata(self, infos: list[EpisodeInfo]) -> list[dict[str, str]]:
+        self.catalog()  # knows the schema version
+        if self._schema_version == 1:
+            return await legacy.read_metadata(self._session.store, infos, self.info["index_rows"])
         unit = self.info["index_rows"]
-        values: dict[tuple[str, int], str] = {}
-
-        async def one(stream: str, slots: list[int]) -> None:
-            arr = await backend.open_array(store=self._session.store, path=index_path(stream, "metadata"), mode="r")
-            for a, b in _runs([(s, s + 1) for s in slots], unit):
-                block = await arr.getitem(slice(a, b))
-                for s in slots:
-                    if a <= s < b:
-                        values[(stream, s)] = str(block[s - a])
-
-        by_stream: dict[str, list[int]] = {}
-        for i in infos:
-            by_stream.setdefault(i.stream, []).append(i.slot)
-        await asyncio.gather(*(one(stream, slots) for stream, slots in by_stream.items()))
-        return [json.loads(values[(i.stream, i.slot)]) for i in infos]
+        runs = _runs([(i.slot, i.slot + 1) for i in infos], unit)
+        arrays = await asyncio.gather(*(backend.open_array(self._session.store, catalog_path(c), mode="r") for c in NESTED_COLUMNS))
+        blocks = await asyncio.gather(*(arr.getitem(slice(a, min(b, arr.shape[0]))) for arr in arrays for a, b in runs))
+        starts = [a for a, _ in runs]
+        out = []
+        for info in infos:
+            k = bisect.bisect_right(starts, info.slot) - 1
+            nested = {c: blocks[n * len(runs) + k][info.slot - runs[k][0]] for n, c in enumerate(NESTED_COLUMNS)}
+            out.append(metadata_of(info, nested, self.info["episode_schema_version"]))
+        return out
 
     async def _read_arrays(self, infos: list[EpisodeInfo], names: Sequence[str] | None, full_rows: bool = False) -> list[dict]:
         """Per episode, {array name: rows}; ``full_rows`` keeps T+1 rows for every array (padding included)."""

@@ -19,30 +19,32 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import icechunk
-import numpy as np
 from zarr import AsyncArray
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import StorePath
 
-from fleet.store import backend
+from fleet.store import backend, legacy
+from fleet.store.catalog import COLUMNS, columns, fill_value, record_of, zarr_dtype
 from fleet.store.config import StoreConfig
 from fleet.store.layout import (
     BRANCH,
-    INDEX_ARRAYS,
-    KEY_BYTES,
+    CATALOG,
+    EPISODE_DIM,
+    EPISODE_INDEX,
     ROOT_ATTR,
+    STEP_DIM,
+    STORE_SCHEMA_VERSION,
     STREAMS,
     StreamSignature,
     array_chunk_rows,
+    catalog_path,
     check_root_attrs,
     data_path,
-    episode_key,
-    index_path,
-    metadata_json,
+    dimension_names,
+    episode_index_rows,
     padded,
-    record_json,
+    padding_value,
     root_attrs,
-    split_keys,
     stack_rows,
     stream_path,
 )
@@ -94,7 +96,7 @@ class EpisodeStore:
         self._repo = repo
         self._lock = backend.WriterLock(self.path, config.lock_timeout_s)
         self._digests: dict[str, bytes] = {}  # episode_id -> digest of every committed episode
-        self._slots_seen: dict[str, int] = {}  # stream -> index slots already read into _digests
+        self._rows_seen = 0  # catalog rows already read into _digests
         self._index_snapshot: str | None = None
         self._meta_cache: dict[str, ArrayV3Metadata] = {}  # array path -> metadata as of _meta_snapshot
         self._meta_snapshot: str | None = None
@@ -114,6 +116,7 @@ class EpisodeStore:
         root = backend.open_root(session, mode="w")
         root.attrs[ROOT_ATTR] = info
         root.create_group(STREAMS)
+        backend.run(_create_catalog(session.store, info))
         session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
         if config.fsync:
             backend.sync_filesystem(path)
@@ -127,7 +130,10 @@ class EpisodeStore:
             raise FileNotFoundError(f"no episode store at {path}; create it with EpisodeStore.create (or open_or_create)")
         repo = backend.open_repo(path)
         root = backend.open_root(repo.readonly_session(branch=BRANCH))
-        return cls(config, repo, check_root_attrs(dict(root.attrs), str(path)))
+        store = cls(config, repo, check_root_attrs(dict(root.attrs), str(path)))
+        if store.info["store_schema_version"] != STORE_SCHEMA_VERSION:
+            store._migrate()
+        return store
 
     @classmethod
     def open_or_create(cls, config: StoreConfig) -> EpisodeStore:
@@ -138,6 +144,18 @@ class EpisodeStore:
             return cls.create(config)
         except FileExistsError:  # another process created it between our check and create
             return cls.open(config)
+
+    def _migrate(self) -> None:
+        """Rewrite a schema-1 store as schema 2 in one commit (docs/store.md, "Schema 1")."""
+        with self._lock.hold():
+            session = self._repo.writable_session(BRANCH)
+            info = check_root_attrs(dict(backend.open_root(session).attrs), str(self.path))
+            if info["store_schema_version"] == 1:  # else another process migrated it meanwhile
+                info = backend.run(legacy.migrate(session, info, lambda root: _create_catalog(session.store, info)))
+                session.commit("migrate store schema 1 -> 2", metadata={"store_schema_version": STORE_SCHEMA_VERSION})
+                if self.config.fsync:
+                    backend.sync_filesystem(self.path)
+            self.info = info
 
     # -- reading -------------------------------------------------------------------------
     def latest_snapshot_id(self) -> str:
@@ -203,7 +221,7 @@ class EpisodeStore:
             if not fresh:
                 return AppendResult(session.snapshot_id, tuple(statuses))
             self._written_meta = {}
-            slots = backend.run(self._write(session, fresh))
+            rows = backend.run(self._write(session, fresh))
             snapshot_id = session.commit(
                 message, metadata={"episodes": len(fresh), "writer": self._writer_id, "store_schema_version": self.info["store_schema_version"]}
             )
@@ -211,7 +229,7 @@ class EpisodeStore:
                 backend.sync_filesystem(self.path)
             for item in fresh:
                 self._digests[item.episode.episode_id] = item.digest
-            self._slots_seen.update(slots)  # the index was current when this session began
+            self._rows_seen = rows  # the index was current when this session began
             self._index_snapshot = snapshot_id
             self._meta_cache.update(self._written_meta)
             self._meta_snapshot = snapshot_id
@@ -232,103 +250,98 @@ class EpisodeStore:
 
     async def _refresh_index(self, session: icechunk.Session) -> None:
         """Add every committed episode this writer has not seen yet to ``_digests``."""
-        streams_group = await backend.open_group(session.store, STREAMS, mode="r")
-        names = [name async for name in streams_group.group_keys()]
-
-        async def new_keys(stream: str) -> tuple[str, int, np.ndarray, np.ndarray]:
-            span = await backend.open_array(store=session.store, path=index_path(stream, "span"), mode="r")
-            start, stop = self._slots_seen.get(stream, 0), span.shape[0]
-            if stop <= start:
-                return stream, stop, np.zeros((0, 2), np.int64), np.zeros((0, KEY_BYTES), np.uint8)
-            key = await backend.open_array(store=session.store, path=index_path(stream, "key"), mode="r")
-            spans, keys = await asyncio.gather(span.getitem(slice(start, stop)), key.getitem(slice(start, stop)))
-            return stream, stop, spans, keys
-
-        for stream, stop, spans, keys in await asyncio.gather(*(new_keys(n) for n in names)):
-            ids, digests = split_keys(keys[spans[:, 1] > 0])
-            self._digests.update(zip(ids, digests))
-            self._slots_seen[stream] = stop
+        ids, digests = await asyncio.gather(*(backend.open_array(session.store, catalog_path(c), mode="r") for c in ("episode_id", "digest")))
+        new = slice(self._rows_seen, ids.shape[0])
+        if new.stop > new.start:
+            id_values, digest_values = await asyncio.gather(ids.getitem(new), digests.getitem(new))
+            self._digests.update((str(i), bytes.fromhex(str(d))) for i, d in zip(id_values, digest_values))
+        self._rows_seen = new.stop
         self._index_snapshot = session.snapshot_id
 
-    async def _write(self, session: icechunk.Session, items: list[_Pending]) -> dict[str, int]:
-        """Write ``items`` into their streams; returns each touched stream's new slot count."""
-        by_stream: dict[str, tuple[StreamSignature, list[_Pending]]] = {}
-        for item in items:
-            sig = StreamSignature.of(item.episode)
-            by_stream.setdefault(sig.name, (sig, []))[1].append(item)
-        counts = await asyncio.gather(*(self._write_stream(session, sig, group) for sig, group in by_stream.values()))
-        return dict(zip(by_stream, counts))
-
-    async def _write_stream(self, session, sig: StreamSignature, items: list[_Pending]) -> int:
-        arrays = await self._stream_arrays(session, sig)
-        chunk_rows, index_rows = self.info["chunk_rows"], self.info["index_rows"]
-        episodes = [item.episode for item in items]
-        row0 = arrays[sig.arrays[0].name].shape[0]  # always a multiple of chunk_rows
-        slot0 = arrays["index/span"].shape[0]  # always a multiple of index_rows
-        rows = padded(sum(ep.num_steps + 1 for ep in episodes), chunk_rows)
-        slots = padded(len(episodes), index_rows)
-        blocks: dict[str, np.ndarray] = {spec.name: stack_rows(episodes, spec, rows) for spec in sig.arrays}
-        span = np.zeros((slots, 2), np.int64)
-        key = np.zeros((slots, KEY_BYTES), np.uint8)
-        record = np.full(slots, "", dtype=object)
-        meta = np.full(slots, "", dtype=object)
-        row = row0
+    async def _write(self, session: icechunk.Session, items: list[_Pending]) -> int:
+        """Write ``items`` into their streams and the catalog; returns the catalog's new row count."""
+        by_stream: dict[str, tuple[StreamSignature, list[int]]] = {}
         for k, item in enumerate(items):
-            ep = item.episode
-            span[k] = (row, ep.num_steps)
-            key[k] = episode_key(ep.episode_id, item.digest)
-            record[k] = record_json(ep, item.upload_time)
-            meta[k] = metadata_json(ep)
-            row += ep.num_steps + 1
-        blocks.update({"index/span": span, "index/key": key, "index/record": record, "index/metadata": meta})
-        starts = {name: (slot0 if name.startswith("index/") else row0) for name in blocks}
-        await asyncio.gather(
-            *(arrays[name].resize((starts[name] + len(block), *block.shape[1:])) for name, block in blocks.items())
+            sig = StreamSignature.of(item.episode)
+            by_stream.setdefault(sig.name, (sig, []))[1].append(k)
+        catalog_paths = [catalog_path(c) for c in COLUMNS]
+        opened = await asyncio.gather(
+            self._open(session, catalog_paths), *(self._stream_arrays(session, sig) for sig, _ in by_stream.values())
         )
-        await asyncio.gather(
-            *(arrays[name].setitem(slice(starts[name], starts[name] + len(block)), block) for name, block in blocks.items())
-        )
-        self._written_meta.update({arr.path: arr.metadata for arr in arrays.values()})
-        return slot0 + slots
+        catalog, streams = dict(zip(COLUMNS, opened[0])), opened[1:]
+        first = catalog["episode_id"].shape[0]
+        writes: list[tuple] = []  # (array, start, block)
+        records: list[dict] = [{}] * len(items)
+        for (sig, ks), arrays in zip(by_stream.values(), streams):
+            writes += self._stream_blocks(sig, arrays, [items[k].episode for k in ks], [first + k for k in ks])
+            row = arrays[EPISODE_INDEX].shape[0]
+            for k in ks:
+                records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, sig.name, row)
+                row += items[k].episode.num_steps + 1
+        values = columns(records)
+        writes += [(catalog[c], first, values[c]) for c in COLUMNS]
+        await asyncio.gather(*(arr.resize((start + len(block), *block.shape[1:])) for arr, start, block in writes))
+        await asyncio.gather(*(arr.setitem(slice(start, start + len(block)), block) for arr, start, block in writes))
+        self._written_meta.update({arr.path: arr.metadata for arr, _, _ in writes})
+        return first + len(items)
 
-    async def _stream_arrays(self, session, sig: StreamSignature) -> dict:
-        """Open (or create, for a new stream) every array of a stream, keyed by data name or index/NAME.
+    def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> list[tuple]:
+        """(array, first row, block) of every data array of one stream: whole new chunks, padded."""
+        row0 = arrays[EPISODE_INDEX].shape[0]  # always a multiple of chunk_rows
+        rows = padded(sum(ep.num_steps + 1 for ep in episodes), self.info["chunk_rows"])
+        out = [(arrays[s.name], row0, stack_rows(episodes, s, rows, arrays[s.name].metadata.fill_value)) for s in sig.arrays]
+        out.append((arrays[EPISODE_INDEX], row0, episode_index_rows(episodes, catalog_rows, rows)))
+        return out
 
-        Array metadata this writer wrote in its previous commit is reused when nobody else
-        committed since (the session starts from that commit), saving a metadata read per array.
-        """
-        stream = sig.name
-        store = session.store
-        names = [spec.name for spec in sig.arrays]
-        keys = [*names, *(f"index/{n}" for n in INDEX_ARRAYS)]
-        paths = [*(data_path(stream, n) for n in names), *(index_path(stream, n) for n in INDEX_ARRAYS)]
+    async def _open(self, session, paths: list[str]) -> list[AsyncArray]:
+        """Open arrays for writing; reuses the metadata this writer wrote in its previous commit
+        when nobody else committed since (the session starts from that commit)."""
         if self._meta_snapshot != session.snapshot_id:
             self._meta_cache.clear()
+            self._meta_snapshot = session.snapshot_id
         if all(p in self._meta_cache for p in paths):
-            opened = [AsyncArray(self._meta_cache[p], StorePath(store, p), config=_ARRAY_CONFIG) for p in paths]
-            return dict(zip(keys, opened))
-        root = await backend.open_group(store, mode="r+")
-        if await root.contains(stream_path(stream)):
-            opened = await asyncio.gather(*(backend.open_array(store, p, mode="r+") for p in paths))
-            return dict(zip(keys, (a.with_config(_ARRAY_CONFIG) for a in opened)))
+            return [AsyncArray(self._meta_cache[p], StorePath(session.store, p), config=_ARRAY_CONFIG) for p in paths]
+        opened = await asyncio.gather(*(backend.open_array(session.store, p, mode="r+") for p in paths))
+        return [a.with_config(_ARRAY_CONFIG) for a in opened]
+
+    async def _stream_arrays(self, session, sig: StreamSignature) -> dict[str, AsyncArray]:
+        """Open (or create, for a new stream) every data array of a stream and its episode_index, by name."""
+        stream = sig.name
+        names = [*(spec.name for spec in sig.arrays), EPISODE_INDEX]
+        paths = [data_path(stream, n) for n in names]
+        if all(p in self._meta_cache for p in paths) or await (await backend.open_group(session.store, mode="r")).contains(stream_path(stream)):
+            return dict(zip(names, await self._open(session, paths)))
+        root = await backend.open_group(session.store, mode="r+")
         group = await root.create_group(stream_path(stream), attributes={"signature": sig.to_dict()})
         comp = backend.compressors(self.info["compression"])
-        chunk_rows, index_rows = self.info["chunk_rows"], self.info["index_rows"]
+        chunk_rows = self.info["chunk_rows"]
 
-        def make(path: str, shape, chunks, dtype, fill):
-            return group.create_array(path, shape=shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=fill, config=_ARRAY_CONFIG)
+        def make(name: str, tail, chunks, dtype, fill, dims):
+            return group.create_array(
+                f"data/{name}", shape=(0, *tail), chunks=chunks, dtype=dtype, compressors=comp, fill_value=fill, dimension_names=dims, config=_ARRAY_CONFIG
+            )
 
-        index_specs = {
-            "span": ((0, 2), (index_rows, 2), "int64", 0),
-            "key": ((0, KEY_BYTES), (index_rows, KEY_BYTES), "uint8", 0),
-            "record": ((0,), (index_rows,), str, ""),
-            "metadata": ((0,), (index_rows,), str, ""),
-        }
         created = await asyncio.gather(
             *(
-                make(f"data/{s.name}", (0, *s.tail), (array_chunk_rows(s, chunk_rows), *(max(1, t) for t in s.tail)), s.dtype, 0)
+                make(s.name, s.tail, (array_chunk_rows(s, chunk_rows), *(max(1, t) for t in s.tail)), s.dtype, padding_value(s.dtype), dimension_names(s))
                 for s in sig.arrays
             ),
-            *(make(f"index/{n}", *index_specs[n]) for n in INDEX_ARRAYS),
+            make(EPISODE_INDEX, (), (chunk_rows,), "int32", -1, (STEP_DIM,)),
         )
-        return dict(zip(keys, created))
+        return dict(zip(names, created))
+
+
+async def _create_catalog(store, info: dict) -> dict[str, AsyncArray]:
+    """The empty ``/catalog`` table: one 1-D array per column, dimension ``episode``, ``index_rows`` rows per chunk."""
+    root = await backend.open_group(store, mode="r+")
+    group = await root.create_group(CATALOG, attributes={"columns": list(COLUMNS)})
+    comp = backend.compressors(info["compression"])
+    created = await asyncio.gather(
+        *(
+            group.create_array(
+                c, shape=(0,), chunks=(info["index_rows"],), dtype=zarr_dtype(c), fill_value=fill_value(c), compressors=comp, dimension_names=(EPISODE_DIM,)
+            )
+            for c in COLUMNS
+        )
+    )
+    return dict(zip(COLUMNS, created))

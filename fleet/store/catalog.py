@@ -1,0 +1,152 @@
+"""The episode catalog ``/catalog``: one row per stored episode, real columns, no padding.
+
+No zarr calls here: this module says which columns there are and how an episode maps to
+a row and back, so the writer, the reader and generic tools agree by construction.
+
+Every column is a 1-D Zarr array with dimension name ``episode``; row i of every column
+describes the same episode. Rows are in commit order and are written in the same Icechunk
+commit as the episodes they describe, so a pinned snapshot's catalog lists exactly its
+episodes. ``xarray.open_zarr(store, group="catalog", ...)`` opens it as a Dataset,
+``.to_dataframe()`` makes it a pandas table (docs/store.md).
+
+Strings are variable-length UTF-8. The metadata map of an episode is rebuilt exactly from
+its row (:func:`metadata_of`), so stored episodes still read back bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from sim.episode import JSON_METADATA, REQUIRED_METADATA, Episode
+
+# column -> dtype ("str": variable-length UTF-8)
+COLUMNS: dict[str, str] = {
+    "episode_id": "str",  # UUID text, the idempotency key
+    "digest": "str",  # hex sha256 of the canonical safetensors bytes
+    "stream": "str",  # /streams/<stream> holding the episode's arrays
+    "row": "int64",  # its first row on that stream's step axis
+    "num_steps": "int64",  # T; it owns rows [row, row + T + 1)
+    "total_return": "float64",  # sum of rewards (float64 accumulation)
+    "start_time": "float64",  # first timestamp (robot clock, seconds)
+    "upload_time": "float64",  # when the store received it (unix seconds)
+    "robot_id": "str",
+    "robot_model": "str",
+    "source": "str",  # real | sim | worldmodel
+    "policy_version": "str",
+    "model_version": "str",  # "" when absent
+    "hardware": "str",  # JSON text exactly as uploaded, "" when absent
+    "calibration": "str",  # JSON text exactly as uploaded, "" when absent
+    "scenario": "str",  # JSON text exactly as uploaded, "" when absent
+    "other_metadata": "str",  # JSON object of the remaining entries (the x.* keys), "{}" when none
+}
+NESTED_COLUMNS = (*JSON_METADATA, "other_metadata")  # read per episode, on demand
+SUMMARY_COLUMNS = tuple(c for c in COLUMNS if c not in NESTED_COLUMNS)  # read for every catalog load
+_OWN_COLUMN = (*REQUIRED_METADATA, *JSON_METADATA, "model_version")
+
+
+def zarr_dtype(column: str):
+    return str if COLUMNS[column] == "str" else COLUMNS[column]
+
+
+def fill_value(column: str):
+    return "" if COLUMNS[column] == "str" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeInfo:
+    """Catalog entry of one stored episode (provenance plus where its rows are)."""
+
+    episode_id: str
+    stream: str
+    slot: int  # its catalog row (schema 1 stores: its slot in the stream's index)
+    row: int
+    num_steps: int
+    digest: str  # hex sha256 of the canonical safetensors bytes
+    robot_id: str
+    robot_model: str
+    source: str
+    policy_version: str
+    model_version: str | None
+    upload_time: float  # unix seconds, when the store received it
+    start_time: float  # the episode's first timestamp (robot clock)
+    total_return: float
+
+
+def record_of(ep: Episode, digest: bytes, upload_time: float, stream: str, row: int) -> dict:
+    """The catalog row of a new episode as {column: value}."""
+    return record(
+        ep.metadata, digest=digest.hex(), stream=stream, row=row, num_steps=ep.num_steps,
+        total_return=ep.total_return, start_time=float(ep.timestamp[0]), upload_time=upload_time,
+    )  # fmt: skip
+
+
+def record(meta: Mapping[str, str], *, digest: str, stream: str, row: int, num_steps: int, total_return: float, start_time: float, upload_time: float) -> dict:
+    """A catalog row as {column: value} from an episode's metadata map and its summary numbers."""
+    model_version = meta.get("model_version", "")
+    other = {k: v for k, v in meta.items() if k not in _OWN_COLUMN}
+    if model_version == "" and "model_version" in meta:  # present but empty: its column cannot tell that from absent
+        other["model_version"] = ""
+    return {
+        "episode_id": meta["episode_id"],
+        "digest": digest,
+        "stream": stream,
+        "row": int(row),
+        "num_steps": int(num_steps),
+        "total_return": float(total_return),
+        "start_time": float(start_time),
+        "upload_time": float(upload_time),
+        "robot_id": meta["robot_id"],
+        "robot_model": meta["robot_model"],
+        "source": meta["source"],
+        "policy_version": meta["policy_version"],
+        "model_version": model_version,
+        **{key: meta.get(key, "") for key in JSON_METADATA},
+        "other_metadata": json.dumps(other, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def columns(records: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """Rows {column: value} turned into columns: (N,) arrays, str columns as object arrays."""
+    out = {}
+    for column, dtype in COLUMNS.items():
+        values = [r[column] for r in records]
+        out[column] = np.array(values, dtype=object) if dtype == "str" else np.array(values, dtype=dtype)
+    return out
+
+
+def info_of(values: Mapping[str, object], slot: int) -> EpisodeInfo:
+    """An EpisodeInfo from one row of the summary columns."""
+    return EpisodeInfo(
+        episode_id=str(values["episode_id"]),
+        stream=str(values["stream"]),
+        slot=slot,
+        row=int(values["row"]),
+        num_steps=int(values["num_steps"]),
+        digest=str(values["digest"]),
+        robot_id=str(values["robot_id"]),
+        robot_model=str(values["robot_model"]),
+        source=str(values["source"]),
+        policy_version=str(values["policy_version"]),
+        model_version=str(values["model_version"]) or None,
+        upload_time=float(values["upload_time"]),
+        start_time=float(values["start_time"]),
+        total_return=float(values["total_return"]),
+    )
+
+
+def metadata_of(info: EpisodeInfo, nested: Mapping[str, str], schema_version: str) -> dict[str, str]:
+    """The episode's metadata map, exactly as uploaded, from its catalog entry and its
+    ``hardware``, ``calibration``, ``scenario`` and ``other_metadata`` column values."""
+    meta = {"schema_version": schema_version, "episode_id": info.episode_id, "robot_id": info.robot_id}
+    meta.update(robot_model=info.robot_model, source=info.source, policy_version=info.policy_version)
+    if info.model_version:
+        meta["model_version"] = info.model_version
+    for key in JSON_METADATA:
+        if nested[key]:
+            meta[key] = str(nested[key])
+    meta.update(json.loads(str(nested["other_metadata"])))
+    return meta
