@@ -23,16 +23,15 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
-from tuf.ngclient.fetcher import FetcherInterface
 
 from fleet.agent.policy import Policy
+from fleet.registry.fetcher import TokenFetcher
 from fleet.registry.manifest import ROLLOUT_TARGET, manifest_target, version_for, weights_target
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
@@ -40,32 +39,6 @@ from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20  # a rollout or manifest target listed larger than this is refused unread
-
-
-class TokenFetcher(FetcherInterface):
-    """python-tuf's fetcher over an httpx client (the robot's token in its headers); TUF caps every
-    download at the length it expects, so an endless answer is cut there."""
-
-    def __init__(self, client: httpx.Client, chunk_size: int = 1 << 16):
-        self.client, self.chunk_size = client, chunk_size
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        try:
-            response = self.client.send(self.client.build_request("GET", url), stream=True)
-        except httpx.HTTPError as exc:
-            raise tuf_errors.DownloadError(f"GET {url}: {exc}") from None
-        if response.status_code != 200:
-            response.close()
-            raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
-        return self._chunks(response)
-
-    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
-        try:
-            yield from response.iter_bytes(self.chunk_size)
-        except httpx.HTTPError as exc:
-            raise tuf_errors.DownloadError(str(exc)) from None
-        finally:
-            response.close()
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
@@ -80,12 +53,19 @@ _TUF_REASONS = (
 
 class SignedPolicySource:
     """``root``: the registry's root metadata this robot was provisioned with (bytes), needed until
-    the first update has stored its own copy in ``<trust.state_dir>/tuf``."""
+    the first update has stored its own copy in ``<trust.state_dir>/tuf``.
+
+    ``server_url``: the flywheel server, or any HTTP server, bucket or CDN holding the registry's
+    ``tuf/`` directory as ``<server_url>/v1/tuf/`` (static hosting, docs/security.md).
+    ``token``: the robot's bearer token, sent with every request; None sends none (a static host:
+    never hand the token that uploads this robot's episodes to a third party).
+    timestamp.json is polled with If-None-Match, and an interrupted target download resumes with
+    a range request (fleet/registry/fetcher.py); TUF verifies both as before."""
 
     def __init__(
         self,
         server_url: str,
-        token: str,
+        token: str | None,
         robot_id: str,
         trust: PolicyTrust,
         fallback: Policy,
@@ -98,15 +78,18 @@ class SignedPolicySource:
     ):
         self.url, self.robot_id, self.trust, self.fallback = server_url.rstrip("/"), robot_id, trust, fallback
         self.poll_interval_s = poll_interval_s
-        self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=request_timeout_s)
-        self._fetcher = TokenFetcher(self._client)
+        self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=request_timeout_s)
         self.metadata_dir, self.targets_dir = trust.state_dir / "tuf" / "metadata", trust.state_dir / "tuf" / "targets"
+        self.metadata_url, self.targets_url = f"{self.url}/v1/tuf/metadata/", f"{self.url}/v1/tuf/targets/"
+        self._fetcher = TokenFetcher(  # polls timestamp.json with If-None-Match; resumes targets beside TUF's download cache
+            self._client, revalidate={f"{self.metadata_url}timestamp.json"}, partial_dir=self.targets_dir, resume_prefix=self.targets_url
+        )
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         if not (self.metadata_dir / "root.json").exists():
             if root is None:
                 raise ValueError(f"{self.metadata_dir} has no root metadata: provision this robot with the registry's root.json")
             try:
-                Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", bootstrap=root)  # stores it as the trust anchor
+                Updater(str(self.metadata_dir), self.metadata_url, bootstrap=root)  # stores it as the trust anchor
             except tuf_errors.RepositoryError as exc:
                 raise ValueError(f"the root metadata this robot was given is not valid TUF root metadata ({exc}): use the registry's tuf/metadata/root.json") from None
         self._last_poll = -np.inf
@@ -124,10 +107,12 @@ class SignedPolicySource:
 
     def status(self) -> dict:
         """The policy side of the robot's status: what it runs, swaps, refusals by reason, network
-        trouble, and since when its registry looks frozen (None: its metadata is fresh)."""
+        trouble, since when its registry looks frozen (None: its metadata is fresh), polls answered
+        304 and bytes a resumed download did not fetch again."""
         return {
             "policy_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
             "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
+            "pull_not_modified": self._fetcher.not_modified, "pull_resumed_bytes": self._fetcher.resumed_bytes,
         }  # fmt: skip
 
     def current(self) -> Policy:
@@ -139,7 +124,7 @@ class SignedPolicySource:
     def poll(self) -> bool:
         """One TUF update; True if a new policy was swapped in."""
         try:
-            updater = Updater(str(self.metadata_dir), f"{self.url}/v1/tuf/metadata/", str(self.targets_dir), f"{self.url}/v1/tuf/targets/", self._fetcher, bootstrap=None)
+            updater = Updater(str(self.metadata_dir), self.metadata_url, str(self.targets_dir), self.targets_url, self._fetcher, bootstrap=None)
             updater.refresh()
             self.frozen_since = None
             return self._consider(updater)

@@ -5,49 +5,68 @@
                                    half its life is re-signed before timestamp.json is served
     GET  /v1/tuf/targets/{path}    robot token: a hash-prefixed target file
     POST /v1/policies              publisher token: publish (JSON body, weights base64)
+
+Both GET routes answer HEAD too, and carry a strong ETag, Cache-Control per file kind,
+If-None-Match (304) and Range / If-Range (206, 416): fleet/registry/http_cache.py.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from fleet.registry import http_cache
 from fleet.registry.store import PolicyRegistry
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
 from sim.sensors import SensorCorrectionError, parse_offsets
 
 MAX_PUBLISH_BYTES = 256 << 20
+_NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
 
 
 def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/v1/tuf/metadata/{name}")
+    @router.api_route("/v1/tuf/metadata/{name}", methods=["GET", "HEAD"])
     async def metadata(request: Request, name: str):
         tokens.require(request.headers.get("authorization"), "robot")
-        if name == "timestamp.json":
-            await run_in_threadpool(registry.refresh)
-        path = registry.repo.metadata_path(name)
-        try:  # read whole, then sent: timestamp.json may be replaced (re-signed) between a stat and a read
-            data = await run_in_threadpool(path.read_bytes) if path is not None else None
-        except OSError:  # pruned in between
-            data = None
-        if data is None:
-            raise ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name")
-        return Response(data, media_type="application/json")
 
-    @router.get("/v1/tuf/targets/{path:path}")
+        def load() -> bytes | None:
+            if name == "timestamp.json":
+                registry.refresh()
+            path = registry.repo.metadata_path(name)
+            return _read_whole(path) if path is not None else None
+
+        data = await run_in_threadpool(load)
+        if data is None:
+            raise ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name", _NOT_FOUND)
+        return http_cache.answer(
+            request, etag=http_cache.etag_of(data), cache_control=http_cache.metadata_cache_control(name), size=len(data), media_type="application/json",
+            body=lambda start, end: data[start:end],
+        )  # fmt: skip
+
+    @router.api_route("/v1/tuf/targets/{path:path}", methods=["GET", "HEAD"])
     async def target(request: Request, path: str):
         tokens.require(request.headers.get("authorization"), "robot")
         found = registry.repo.target_path(path)
-        if found is None:
-            raise ApiError(404, "no_such_target", f"no target file {path!r}", "path")
-        return FileResponse(found, media_type="application/octet-stream")
+        opened = await run_in_threadpool(http_cache.open_file, found) if found is not None else None
+        if opened is None:
+            raise ApiError(404, "no_such_target", f"no target file {path!r}", "path", _NOT_FOUND)
+        f, size = opened
+        etag = f'"{found.name[:64]}"'  # hash-prefixed name: <sha256>.<name>
+        response = http_cache.answer(
+            request, etag=etag, cache_control=http_cache.IMMUTABLE, size=size, media_type="application/octet-stream",
+            body=lambda start, end: http_cache.file_chunks(f, start, end),
+        )  # fmt: skip
+        if not isinstance(response, StreamingResponse):  # 304, 416, HEAD: the file is not read
+            f.close()
+        return response
 
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
@@ -75,3 +94,13 @@ def _check_sensor_offsets(offsets, obs_dim) -> None:
         parse_offsets(offsets, obs_dim)
     except SensorCorrectionError as exc:
         raise ApiError(400, "bad_publish", str(exc), "sensor_offsets") from None
+
+
+
+def _read_whole(path: Path) -> bytes | None:
+    """The file read whole (timestamp.json may be replaced, re-signed, between a stat and a read; it
+    is small), None if it is gone (pruned in between)."""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None

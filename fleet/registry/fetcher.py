@@ -1,0 +1,176 @@
+"""The robot's HTTP for python-tuf: conditional polls of timestamp.json and resumable target downloads.
+
+python-tuf 7.0.1's ``ngclient`` does all its network IO through ``FetcherInterface._fetch(url)``,
+which returns an iterator of the body's bytes; ``FetcherInterface.download_file`` writes them to a
+temporary file, stopping past the length TUF expects, and ``Updater.download_target`` then checks
+the whole file's length and sha256 against the signed targets metadata. ngclient has no hook for
+conditional requests or ranges (it asks for every URL afresh), so both live here, below TUF, where
+what they hand back is still verified as if it had come whole off the network:
+
+* **Conditional polls** (``revalidate``: the timestamp.json URL). The fetcher keeps the body and the
+  strong ETag of the last 200, sends ``If-None-Match`` with it, and on 304 hands TUF the body it
+  kept, as an HTTP cache does (RFC 9111 4.3.4). TUF checks it again (signature, version, and its
+  expiry: a frozen registry is still noticed); an unchanged registry costs one header-only answer.
+  Nothing is kept across a restart or for a server that sends no strong ETag (Python's
+  ``http.server`` sends none: every poll is a full GET there).
+* **Resumable downloads** (``partial_dir``, URLs under ``resume_prefix``: the targets). Bytes are
+  appended to ``<partial_dir>/<quoted url path>.partial`` as they arrive, the server's ETag beside
+  it in ``.partial.etag``. After a cut connection the next download asks for the rest
+  (``Range: bytes=<have>-``, ``If-Range: <etag>``) and hands TUF the kept bytes, then the new ones:
+  TUF checks the whole file, so a partial file changed on disk, or a server that changed the file,
+  ends in TUF's hash refusal, never in a policy. A 200 (no range support, or If-Range failed)
+  starts over; a 416 drops the partial and asks again. A partial is deleted once its download
+  has run to the end (whether TUF then accepts it or not: a refused file is fetched whole next
+  time) and when TUF stops reading early (more bytes than it expects).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient.fetcher import FetcherInterface
+
+log = logging.getLogger(__name__)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class TokenFetcher(FetcherInterface):
+    """python-tuf's fetcher over an httpx client (the robot's token, if any, in its headers); TUF caps
+    every download at the length it expects, so an endless answer is cut there.
+
+    ``revalidate``: URLs polled with If-None-Match; ``partial_dir`` and ``resume_prefix``: where the
+    partial downloads of URLs starting with ``resume_prefix`` are kept (None: no resuming)."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        chunk_size: int = 1 << 16,
+        *,
+        revalidate: Collection[str] = (),
+        partial_dir: str | Path | None = None,
+        resume_prefix: str = "",
+    ):
+        self.client, self.chunk_size = client, chunk_size
+        self.revalidate = frozenset(revalidate)
+        self.partial_dir = Path(partial_dir) if partial_dir is not None else None
+        self.resume_prefix = resume_prefix
+        self._validated: dict[str, tuple[str, bytes]] = {}  # url -> (strong ETag, body) of its last 200
+        self.not_modified = 0  # polls answered 304
+        self.resumed_bytes = 0  # bytes not downloaded again thanks to a range request
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if url in self.revalidate:
+            return self._conditional(url)
+        if self.partial_dir is not None and url.startswith(self.resume_prefix):
+            return self._resumable(url)
+        return self._chunks(self._get(url))
+
+    # -- plain and conditional GET -----------------------------------------------------------------
+    def _get(self, url: str, headers: dict | None = None, ok: Collection[int] = (200,)) -> httpx.Response:
+        try:
+            response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(f"GET {url}: {exc}") from None
+        if response.status_code not in ok:
+            response.close()
+            raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
+        return response
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()  # as they arrive: a cut connection loses none of what came
+        except httpx.HTTPError as exc:
+            raise tuf_errors.DownloadError(f"GET {response.url}: {exc}") from None
+        finally:
+            response.close()
+
+    def _conditional(self, url: str) -> Iterator[bytes]:
+        kept = self._validated.get(url)
+        response = self._get(url, {"If-None-Match": kept[0]} if kept else None, ok=(200, 304) if kept else (200,))
+        if response.status_code == 304:
+            response.close()
+            self.not_modified += 1
+            return iter([kept[1]])
+        self._validated.pop(url, None)
+        etag = response.headers.get("etag")
+        if etag is None or etag.startswith("W/"):
+            return self._chunks(response)
+        return self._remembered(url, etag, response)
+
+    def _remembered(self, url: str, etag: str, response: httpx.Response) -> Iterator[bytes]:
+        """The body, kept with its ETag once it has arrived whole (not if TUF stopped reading it)."""
+        parts = []
+        for chunk in self._chunks(response):
+            parts.append(chunk)
+            yield chunk
+        self._validated[url] = (etag, b"".join(parts))
+
+    # -- resumable download ------------------------------------------------------------------------
+    def partial_path(self, url: str) -> Path:
+        """Where the partial download of ``url`` is kept."""
+        return self.partial_dir / f"{quote(url[len(self.resume_prefix) :], safe='')}.partial"
+
+    def _resumable(self, url: str) -> Iterator[bytes]:
+        partial = self.partial_path(url)
+        etag_file = partial.with_name(partial.name + ".etag")
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"Accept-Encoding": "identity"}  # ranges count the bytes of the file, not of a compressed answer
+        if have:
+            headers["Range"] = f"bytes={have}-"
+            if etag_file.exists():
+                headers["If-Range"] = etag_file.read_text()
+        response = self._get(url, headers, ok=(200, 206, 416) if have else (200,))
+        if response.status_code == 416:  # the partial is no prefix of this file: start over
+            response.close()
+            _discard(partial, etag_file)
+            return self._resumable(url)
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+            if match is None or int(match.group(1)) != have:
+                response.close()
+                _discard(partial, etag_file)
+                raise tuf_errors.DownloadError(f"GET {url}: asked for bytes {have}- and got Content-Range {response.headers.get('content-range')!r}")
+            self.resumed_bytes += have
+            log.info("resuming %s at byte %d", url, have)
+        else:
+            have = 0  # a 200: the whole file again
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            etag = response.headers.get("etag")
+            if etag is not None and not etag.startswith("W/"):
+                etag_file.write_text(etag)
+            else:
+                etag_file.unlink(missing_ok=True)
+        return self._appending(response, partial, etag_file, have)
+
+    def _appending(self, response: httpx.Response, partial: Path, etag_file: Path, have: int) -> Iterator[bytes]:
+        """The kept ``have`` bytes of ``partial``, then the response's, each appended to ``partial`` as it arrives."""
+        finished = False
+        try:
+            with open(partial, "r+b" if have else "w+b") as out:
+                out.truncate(have)
+                out.seek(0)
+                while chunk := out.read(self.chunk_size):
+                    yield chunk
+                for chunk in self._chunks(response):
+                    out.write(chunk)
+                    out.flush()
+                    yield chunk
+            finished = True
+        except GeneratorExit:  # TUF stopped reading (more bytes than the targets metadata lists)
+            finished = True
+            raise
+        finally:
+            response.close()
+            if finished:
+                _discard(partial, etag_file)
+
+
+def _discard(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

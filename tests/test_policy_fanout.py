@@ -1,0 +1,212 @@
+"""Policy fan-out over HTTP: conditional GETs (ETag, 304), range requests (206, 416, If-Range) and
+the cache policy of each TUF file kind on the registry's routes; a robot that polls timestamp.json
+with If-None-Match, resumes a cut weights download, refuses a tampered partial file through TUF's
+hash check; and a robot updating from the registry's directory on a plain static HTTP server
+(Python's http.server, no flywheel code serving). Real servers on loopback throughout."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from functools import partial
+
+import httpx
+import pytest
+
+from fleet.agent.policy import builtin_policy
+from fleet.registry.http_cache import IMMUTABLE, NOT_FOUND, REVALIDATE
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.store import open_registry, root_metadata
+from fleet.registry.trust import PolicyTrust
+from tests.conftest import registry_server
+from tests.test_policy_pull_http import SPEC, exported
+
+
+def publish(registry, tmp_path, name: str) -> dict:
+    weights, manifest = exported(tmp_path, name)
+    return registry.publish(weights, policy=manifest, **SPEC)
+
+
+def robot(tmp_path, url: str, token: str | None) -> SignedPolicySource:
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    return SignedPolicySource(url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+
+
+def weights_url(registry, version: int) -> str:
+    info = registry.repo.target_listing()[f"policies/{version:08d}/weights.safetensors"]
+    return f"/v1/tuf/targets/policies/{version:08d}/{info.hashes['sha256']}.weights.safetensors"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(registry with v1 published, robot token, server, an httpx client holding the token)."""
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    publish(registry, tmp_path, "v1")
+    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"})
+    yield registry, token, server, client
+    client.close()
+    server.stop()
+
+
+@pytest.fixture
+def thread_server():
+    """Start an http.server handler class on loopback in a thread; returns its base URL."""
+    started = []
+
+    def start(handler) -> str:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        started.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    yield start
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_etags_304_head_and_the_cache_policy_of_each_file_kind(served):
+    registry, _, _, client = served
+    snapshot = registry.repo.snapshot_info.version
+    targets = registry.repo.targets_infos["targets.json"].version
+    kinds = {
+        "/v1/tuf/metadata/timestamp.json": REVALIDATE, "/v1/tuf/metadata/root.json": REVALIDATE, "/v1/tuf/metadata/1.root.json": REVALIDATE,
+        f"/v1/tuf/metadata/{snapshot}.snapshot.json": IMMUTABLE, f"/v1/tuf/metadata/{targets}.targets.json": IMMUTABLE,
+        weights_url(registry, 1): IMMUTABLE,
+    }  # fmt: skip
+    for url, cache_control in kinds.items():
+        full = client.get(url)
+        etag = f'"{hashlib.sha256(full.content).hexdigest()}"'  # strong, the content's hash
+        assert (full.status_code, full.headers["etag"], full.headers["cache-control"], full.headers["accept-ranges"]) == (200, etag, cache_control, "bytes"), url
+        for matching in (etag, f'"other", W/{etag}', "*"):
+            unchanged = client.get(url, headers={"If-None-Match": matching})
+            assert (unchanged.status_code, unchanged.content, unchanged.headers["etag"]) == (304, b"", etag), (url, matching)
+        assert client.get(url, headers={"If-None-Match": '"other"'}).content == full.content
+        head = client.head(url)
+        assert (head.status_code, head.content, head.headers["content-length"], head.headers["etag"]) == (200, b"", str(len(full.content)), etag)
+    for missing in ("/v1/tuf/metadata/2.root.json", "/v1/tuf/targets/policies/00000009/" + "0" * 64 + ".weights.safetensors"):
+        answer = client.get(missing)
+        assert (answer.status_code, answer.headers["cache-control"]) == (404, NOT_FOUND), missing  # "no next root yet" is never cached
+    assert httpx.get(client.base_url.join("/v1/tuf/metadata/timestamp.json")).status_code == 401  # the token still gates the server
+
+
+def test_range_requests_206_416_and_if_range(served):
+    registry, _, _, client = served
+    url = weights_url(registry, 1)
+    whole = client.get(url).content
+    size, etag = len(whole), client.head(url).headers["etag"]
+    for asked, (start, end) in {"bytes=0-9": (0, 10), "bytes=10-": (10, size), "bytes=-5": (size - 5, size), f"bytes=5-{10 * size}": (5, size)}.items():
+        answer = client.get(url, headers={"Range": asked})
+        assert answer.status_code == 206 and answer.content == whole[start:end], asked
+        assert answer.headers["content-range"] == f"bytes {start}-{end - 1}/{size}" and answer.headers["content-length"] == str(end - start)
+    for unsatisfiable in (f"bytes={size}-", "bytes=-0"):
+        answer = client.get(url, headers={"Range": unsatisfiable})
+        assert (answer.status_code, answer.headers["content-range"]) == (416, f"bytes */{size}"), unsatisfiable
+    for ignored in ("bytes=0-1,5-6", "bytes=9-2", "items=0-1", "bytes=x-"):  # multi-range and malformed: the whole body (RFC 9110 14.2)
+        answer = client.get(url, headers={"Range": ignored})
+        assert (answer.status_code, answer.content) == (200, whole), ignored
+    assert client.get(url, headers={"Range": "bytes=4-", "If-Range": etag}).content == whole[4:]
+    changed = client.get(url, headers={"Range": "bytes=4-", "If-Range": '"an older file"'})
+    assert (changed.status_code, changed.content) == (200, whole)  # If-Range failed: the whole current file
+    assert client.head(url, headers={"Range": "bytes=0-1"}).status_code == 200  # HEAD ignores Range
+    timestamp = client.get("/v1/tuf/metadata/timestamp.json", headers={"Range": "bytes=0-0"})
+    assert (timestamp.status_code, timestamp.content) == (206, b"{")  # metadata (served from memory) too
+
+
+def test_an_unchanged_registry_costs_the_robot_a_304(tmp_path, served):
+    registry, token, server, _ = served
+    source = robot(tmp_path, server.url, token)
+    try:
+        assert source.poll() and source._fetcher.not_modified == 0
+        assert not source.poll() and source._fetcher.not_modified == 1  # timestamp.json answered 304; TUF re-checked the kept body
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.trust.version == 2 and source.status()["pull_not_modified"] == 1
+        assert source.refusals == {} and source.errors == 0
+    finally:
+        source.close()
+
+
+def test_a_cut_weights_download_resumes_with_a_range_request_and_installs_verified(tmp_path, served, thread_server):
+    registry, token, server, _ = served
+    cut_once = [weights_url(registry, 1)]
+    upstream = httpx.Client(base_url=server.url)
+    seen_ranges = []
+
+    class CuttingProxy(http.server.BaseHTTPRequestHandler):
+        """Forwards to the flywheel server; the first weights answer stops after half its body."""
+
+        def do_GET(self):
+            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+            seen_ranges.append(self.headers.get("range"))
+            answer = upstream.get(self.path, headers=forward)
+            self.send_response(answer.status_code)
+            for key in ("content-type", "content-length", "content-range", "etag", "accept-ranges"):
+                if key in answer.headers:
+                    self.send_header(key, answer.headers[key])
+            self.end_headers()
+            body = answer.content
+            if self.path in cut_once:
+                cut_once.remove(self.path)
+                body, self.close_connection = body[: len(body) // 2], True
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    source = robot(tmp_path, thread_server(CuttingProxy), token)
+    try:
+        assert not source.poll() and source.errors == 1 and source.refusals == {}  # the cut: a network error, nothing installed
+        partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+        half = partial_file.stat().st_size
+        assert half > 0 and partial_file.with_name(partial_file.name + ".etag").exists()
+        seen_ranges.clear()
+        assert source.poll() and source.current().version == "1"  # TUF checked the whole file's length and sha256
+        assert f"bytes={half}-" in seen_ranges and source.status()["pull_resumed_bytes"] == half
+        assert not partial_file.exists() and source.refusals == {}
+    finally:
+        source.close()
+        upstream.close()
+
+
+def test_a_tampered_partial_file_is_refused_by_tufs_hash_check_then_fetched_whole(tmp_path, served):
+    registry, token, server, client = served
+    source = robot(tmp_path, server.url, token)
+    try:
+        whole = client.get(weights_url(registry, 1)).content
+        partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+        partial_file.parent.mkdir(parents=True, exist_ok=True)
+        tampered = bytearray(whole[: len(whole) // 2])
+        tampered[-1] ^= 0xFF  # a partial download changed on the robot's disk (or by a lying mirror)
+        partial_file.write_bytes(bytes(tampered))
+        assert not source.poll() and source.refusals == {"hash": 1} and source.swaps == 0
+        assert source.status()["pull_resumed_bytes"] == len(tampered) and not partial_file.exists()  # resumed, refused, dropped
+        assert source.poll() and source.current().version == "1"  # fetched whole this time
+    finally:
+        source.close()
+
+
+def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server):
+    keys = tmp_path / "keys"
+    registry = open_registry(tmp_path / "registry", keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)])
+    site = tmp_path / "site" / "v1"  # the bucket: <registry>/tuf/ uploaded as <base>/v1/tuf/
+    site.mkdir(parents=True)
+    (site / "tuf").symlink_to(registry.root / "tuf", target_is_directory=True)
+    requests = []
+
+    class Static(http.server.SimpleHTTPRequestHandler):  # Python's static file server, unchanged but for a request log
+        def log_message(self, *args):
+            requests.append((self.path, self.headers.get("authorization")))
+
+    base = thread_server(partial(Static, directory=str(tmp_path / "site")))
+    source = robot(tmp_path, base, None)  # no token: nothing secret is fetched, and a CDN never sees the fleet token
+    try:
+        assert not source.poll() and source.errors == 0 and source.refusals == {}  # nothing released yet
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.current().version == "1" and source.refusals == {}
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.current().version == "2"
+        assert source.status()["pull_not_modified"] == 0  # http.server sends no ETag: every poll is a full GET, still verified
+        assert any("weights.safetensors" in path for path, _ in requests) and all(auth is None for _, auth in requests)
+    finally:
+        source.close()
