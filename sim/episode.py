@@ -1,4 +1,4 @@
-"""The Episode record, schema v1: the one unit of experience on the wire and in the store.
+"""The Episode record, schema v1 / v1.1: the one unit of experience on the wire and in the store.
 
 An episode of T control steps holds (time on axis 0):
 
@@ -14,6 +14,17 @@ plus optional arrays (``qpos``, ``qvel``, ``actuator_force``, ``contact_force``,
 (``schema_version``, ``robot_id``, ``episode_id``, ``policy_version``, ``source``,
 ``robot_model``, optional JSON strings ``hardware``/``calibration``/``scenario`` and
 ``model_version``; user keys start with ``x.``).
+
+Schema 1.1 (``schema_version`` "1.1") adds optional metadata and camera timelines; a 1.1
+record without them is valid, and "1" records are read exactly as before (docs/protocol.md):
+
+    names            JSON {array: [one string per feature]} for 2-D arrays (joint names)
+    control_rate_hz  decimal text, > 0, within 10 % of 1 / median(diff(timestamp))
+    task             the task instruction, UTF-8, at most 4096 bytes
+    cameras          JSON {NAME: {"codec": "raw-rgb8" | "raw-rgba8" | "raw-gray8",
+                     "width": W, "height": H, "rate_hz"?: r}} for arrays image.NAME (N, H, W, C)
+    image.NAME.timestamp  float64 (N,): camera NAME's own clock; image.NAME then has N frames
+                     (any N >= 1) instead of T or T+1
 
 On the wire an episode is one safetensors file (arrays + the metadata map). Nothing is
 ever unpickled: :func:`Episode.from_bytes` parses the header itself and bounds every size.
@@ -31,7 +42,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "1"  # what a record without 1.1 content is written as
+SCHEMA_VERSION_1_1 = "1.1"
+SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_1_1)  # what this build reads
 SOURCES = ("real", "sim", "worldmodel")
 REQUIRED_ARRAYS: dict[str, tuple[np.dtype, int, str]] = {
     # name: (dtype, ndim, leading length: "T" or "T+1")
@@ -53,7 +66,17 @@ IMAGE_PREFIX = "image."
 REQUIRED_METADATA = ("schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model")
 JSON_METADATA = ("hardware", "calibration", "scenario")
 OPTIONAL_METADATA = (*JSON_METADATA, "model_version")
+V1_1_METADATA = ("names", "control_rate_hz", "task", "cameras")  # schema 1.1 only
 USER_METADATA_PREFIX = "x."
+CAMERA_TIMESTAMP_SUFFIX = ".timestamp"  # schema 1.1: image.NAME.timestamp is camera NAME's clock
+# codec -> channels of its uint8 frames (N, H, W, C); encoded streams (h264, av1, ...) are not schema 1.1
+CAMERA_CODECS = {"raw-rgb8": 3, "raw-rgba8": 4, "raw-gray8": 1}
+RATE_TOLERANCE = 0.10  # a declared rate may differ from 1 / median step by this fraction
+MAX_RATE_HZ = 1e6
+MAX_TASK_BYTES = 4096
+MAX_NAME_CHARS = 128  # one dimension name
+MAX_V1_1_JSON_BYTES = 1 << 16  # names, cameras
+_DECIMAL = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?([eE][+-]?[0-9]{1,3})?")
 MAX_HEADER_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32  # nesting a header or a JSON metadata value may have (a safetensors header needs 3)
 MAX_TENSOR_DIMS = 8
@@ -108,10 +131,14 @@ class Episode:
     ) -> Episode:
         """Build and validate an episode, casting arrays to their schema dtypes.
 
-        JSON metadata (``hardware``, ``calibration``, ``scenario``) may be given as dicts.
+        JSON metadata (``hardware``, ``calibration``, ``scenario``, ``names``, ``cameras``) may be
+        given as dicts, ``control_rate_hz`` as a number. The record is schema 1.1 when it has any
+        1.1 content (metadata or camera timestamps), else schema 1, unless ``schema_version`` is given.
         """
+        is_1_1 = any(k in V1_1_METADATA for k in metadata) or any(_is_camera_clock(k) for k in extras or {})
+        version = metadata.pop("schema_version", SCHEMA_VERSION_1_1 if is_1_1 else SCHEMA_VERSION)
         meta = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": version,
             "robot_id": robot_id,
             "episode_id": episode_id or str(uuid.uuid4()),
             "policy_version": policy_version,
@@ -131,7 +158,7 @@ class Episode:
         arrays = {k: np.ascontiguousarray(v, dtype=REQUIRED_ARRAYS[k][0]) for k, v in arrays.items()}
         casted_extras = {}
         for key, value in (extras or {}).items():
-            dtype = OPTIONAL_ARRAYS.get(key)
+            dtype = np.dtype(np.float64) if version == SCHEMA_VERSION_1_1 and _is_camera_clock(key) else OPTIONAL_ARRAYS.get(key)
             casted_extras[key] = np.ascontiguousarray(value, dtype=dtype) if dtype else np.ascontiguousarray(value)
         return cls(**arrays, metadata=meta, extras=casted_extras).validate()
 
@@ -168,10 +195,13 @@ class Episode:
 
     # -- validation ---------------------------------------------------------------------
     def validate(self) -> Episode:
-        """Check schema v1; raise :class:`EpisodeValidationError` naming the first bad field."""
-        validate_metadata(self.metadata)
-        _validate_arrays(self.arrays())
+        """Check schema v1 / v1.1; raise :class:`EpisodeValidationError` naming the first bad field."""
+        _validate(self.arrays(), self.metadata)
         return self
+
+    def camera_clocks(self) -> dict[str, np.ndarray]:
+        """Schema 1.1 cameras with their own clock: {"image.NAME": its (N,) float64 timestamps}."""
+        return camera_clocks(self.arrays())
 
     # -- wire format --------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -183,8 +213,7 @@ class Episode:
     def from_bytes(cls, data: bytes | memoryview) -> Episode:
         """Parse and validate a safetensors episode. Raises EpisodeValidationError on any fault."""
         arrays, metadata = parse_safetensors(data)
-        validate_metadata(metadata)
-        _validate_arrays(arrays)
+        _validate(arrays, metadata)
         required = {k: arrays.pop(k) for k in REQUIRED_ARRAYS}
         return cls(**required, metadata=metadata, extras=arrays)
 
@@ -294,9 +323,9 @@ def validate_metadata(meta: Mapping[str, str]) -> None:
             raise EpisodeValidationError(key, "missing required metadata")
         if not isinstance(meta[key], str) or not meta[key]:
             raise EpisodeValidationError(key, "must be a non-empty string")
-    if meta["schema_version"] != SCHEMA_VERSION:
+    if meta["schema_version"] not in SCHEMA_VERSIONS:
         raise EpisodeValidationError(
-            "schema_version", f"unknown schema version {meta['schema_version']!r}; this build reads {SCHEMA_VERSION!r}"
+            "schema_version", f"unknown schema version {meta['schema_version'][:40]!r}; this build reads {' and '.join(map(repr, SCHEMA_VERSIONS))}"
         )
     if not ROBOT_ID.fullmatch(meta["robot_id"]):
         raise EpisodeValidationError("robot_id", f"{meta['robot_id'][:80]!r} is not a robot id: {ROBOT_ID_RULE}")
@@ -309,9 +338,11 @@ def validate_metadata(meta: Mapping[str, str]) -> None:
     for key, value in meta.items():
         if key in REQUIRED_METADATA or key.startswith(USER_METADATA_PREFIX):
             continue
-        if key not in OPTIONAL_METADATA:
+        if key in V1_1_METADATA and meta["schema_version"] == SCHEMA_VERSION:
+            raise EpisodeValidationError(key, f"unknown metadata key in schema {SCHEMA_VERSION}; it is a schema 1.1 key: set schema_version to '1.1'")
+        if key not in OPTIONAL_METADATA + V1_1_METADATA:
             raise EpisodeValidationError(
-                key, f"unknown metadata key; allowed: {REQUIRED_METADATA + OPTIONAL_METADATA} or '{USER_METADATA_PREFIX}*'"
+                key, f"unknown metadata key; allowed: {REQUIRED_METADATA + OPTIONAL_METADATA + V1_1_METADATA} or '{USER_METADATA_PREFIX}*'"
             )
         if not isinstance(value, str):
             raise EpisodeValidationError(key, "must be a string")
@@ -322,7 +353,24 @@ def validate_metadata(meta: Mapping[str, str]) -> None:
                 raise EpisodeValidationError(key, f"must be a JSON string: {exc.reason}") from None
 
 
-def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+def _validate(arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+    """The whole record: metadata, arrays, then the 1.1 fields that refer to arrays."""
+    validate_metadata(meta)
+    _validate_arrays(arrays, meta["schema_version"])
+    if meta["schema_version"] == SCHEMA_VERSION_1_1:
+        _validate_v1_1(arrays, meta)
+
+
+def _is_camera_clock(name: str) -> bool:
+    return name.startswith(IMAGE_PREFIX) and name.endswith(CAMERA_TIMESTAMP_SUFFIX) and len(name) > len(IMAGE_PREFIX) + len(CAMERA_TIMESTAMP_SUFFIX)
+
+
+def camera_clocks(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{"image.NAME": timestamps} of every camera with its own clock (schema 1.1 ``image.NAME.timestamp``)."""
+    return {name[: -len(CAMERA_TIMESTAMP_SUFFIX)]: arr for name, arr in arrays.items() if _is_camera_clock(name)}
+
+
+def _validate_arrays(arrays: Mapping[str, np.ndarray], version: str = SCHEMA_VERSION) -> None:
     for name in REQUIRED_ARRAYS:
         if name not in arrays:
             raise EpisodeValidationError(name, "missing required array")
@@ -347,8 +395,12 @@ def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> None:
     for name in ("observation", "action"):
         if arrays[name].shape[1] < 1:
             raise EpisodeValidationError(name, f"needs at least one feature, got shape {arrays[name].shape}")
+    clocks = camera_clocks(arrays) if version == SCHEMA_VERSION_1_1 else {}
     for name, arr in arrays.items():
         if name in REQUIRED_ARRAYS:
+            continue
+        if version == SCHEMA_VERSION_1_1 and _is_camera_clock(name):
+            _check_camera_clock(name, arr, arrays)
             continue
         if not (name in OPTIONAL_ARRAYS or (name.startswith(IMAGE_PREFIX) and len(name) > len(IMAGE_PREFIX))):
             raise EpisodeValidationError(
@@ -357,16 +409,148 @@ def _validate_arrays(arrays: Mapping[str, np.ndarray]) -> None:
         expected = OPTIONAL_ARRAYS.get(name, np.dtype(np.uint8))
         if arr.dtype != expected:
             raise EpisodeValidationError(name, f"expected dtype {expected}, got {arr.dtype}")
-        if arr.ndim < 1 or arr.shape[0] not in (num_steps, num_steps + 1):
+        if name in clocks:
+            if arr.ndim < 1 or arr.shape[0] != clocks[name].shape[0]:
+                raise EpisodeValidationError(
+                    name, f"leading axis must be the {clocks[name].shape[0]} frames of {name}{CAMERA_TIMESTAMP_SUFFIX}, got shape {arr.shape}"
+                )
+        elif arr.ndim < 1 or arr.shape[0] not in (num_steps, num_steps + 1):
             raise EpisodeValidationError(name, f"leading axis must be T={num_steps} or T+1={num_steps + 1}, got shape {arr.shape}")
     for name, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise EpisodeValidationError(name, f"contains NaN or Inf (first at index {bad})")
-    if not (np.diff(arrays["timestamp"]) > 0).all():
-        step = int(np.argmax(~(np.diff(arrays["timestamp"]) > 0)))
-        raise EpisodeValidationError("timestamp", f"must be strictly increasing; not at step {step} -> {step + 1}")
+    for name in ("timestamp", *(f"{c}{CAMERA_TIMESTAMP_SUFFIX}" for c in clocks)):
+        if not (np.diff(arrays[name]) > 0).all():
+            step = int(np.argmax(~(np.diff(arrays[name]) > 0)))
+            raise EpisodeValidationError(name, f"must be strictly increasing; not at step {step} -> {step + 1}")
+    start, end = arrays["timestamp"][0], arrays["timestamp"][-1]
+    for camera, clock in clocks.items():
+        if clock[0] < start or clock[-1] > end:
+            raise EpisodeValidationError(
+                f"{camera}{CAMERA_TIMESTAMP_SUFFIX}", f"frames from {clock[0]!r} to {clock[-1]!r} s lie outside the episode's time span [{start!r}, {end!r}] s"
+            )
     for name in ("terminated", "truncated"):
         if arrays[name][:-1].any():
             step = int(np.argmax(arrays[name][:-1]))
             raise EpisodeValidationError(name, f"set at step {step} before the last step {num_steps - 1}; an episode ends there")
+
+
+# -- schema 1.1 ---------------------------------------------------------------------------
+def _check_camera_clock(name: str, clock: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+    camera = name[: -len(CAMERA_TIMESTAMP_SUFFIX)]
+    if camera not in arrays:
+        raise EpisodeValidationError(name, f"timestamps of camera {camera!r}, but the episode has no array {camera!r}")
+    if clock.dtype != np.float64:
+        raise EpisodeValidationError(name, f"expected dtype float64, got {clock.dtype}")
+    if clock.ndim != 1 or clock.shape[0] < 1:
+        raise EpisodeValidationError(name, f"expected 1 dimensions, got shape {clock.shape} (and at least one frame)")
+
+
+def _median_step(timestamps: np.ndarray) -> float | None:
+    return float(np.median(np.diff(timestamps))) if timestamps.shape[0] >= 2 else None
+
+
+def _check_rate(field: str, rate: float, timestamps: np.ndarray, what: str) -> None:
+    """``rate`` (Hz) must be within RATE_TOLERANCE of 1 / the median step of ``timestamps``."""
+    step = _median_step(timestamps)
+    if step is not None and abs(rate * step - 1.0) > RATE_TOLERANCE:
+        raise EpisodeValidationError(
+            field, f"{rate!r} Hz disagrees with the {what}: median step {step!r} s is {1.0 / step:.6g} Hz (tolerance {RATE_TOLERANCE:.0%})"
+        )
+
+
+def _bounded_json(meta: Mapping[str, str], key: str):
+    if len(meta[key].encode("utf-8", "surrogatepass")) > MAX_V1_1_JSON_BYTES:
+        raise EpisodeValidationError(key, f"longer than {MAX_V1_1_JSON_BYTES} bytes")
+    try:
+        value = loads_bounded(meta[key], key)
+    except EpisodeValidationError as exc:
+        raise EpisodeValidationError(key, f"must be a JSON string: {exc.reason}") from None
+    if not isinstance(value, dict) or not value:
+        raise EpisodeValidationError(key, "must be a non-empty JSON object")
+    return value
+
+
+def control_rate_hz(text: str) -> float:
+    """The value of ``control_rate_hz`` metadata: decimal text (``30``, ``29.97``, ``1e3``) of a rate in (0, 1e6] Hz."""
+    if not _DECIMAL.fullmatch(text):
+        raise EpisodeValidationError("control_rate_hz", f"{text[:40]!r} is not a decimal number like '30' or '29.97'")
+    rate = float(text)
+    if not 0 < rate <= MAX_RATE_HZ:
+        raise EpisodeValidationError("control_rate_hz", f"{text!r} must be a rate in (0, {MAX_RATE_HZ:g}] Hz")
+    return rate
+
+
+def _check_task(text: str) -> None:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise EpisodeValidationError("task", "must be UTF-8 text (it holds a lone surrogate)") from None
+    if not text.strip():
+        raise EpisodeValidationError("task", "must not be empty or only whitespace")
+    if size > MAX_TASK_BYTES:
+        raise EpisodeValidationError("task", f"is {size} bytes of UTF-8; at most {MAX_TASK_BYTES}")
+    bad = next((c for c in text if not c.isprintable() and c not in "\n\t"), None)
+    if bad is not None:
+        raise EpisodeValidationError("task", f"holds control character {bad!r}; only printable text, newlines and tabs")
+
+
+def _check_names(names: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    for array, labels in names.items():
+        field = f"names.{str(array)[:60]}"
+        if array not in arrays:
+            raise EpisodeValidationError(field, f"names an array the episode does not have; it has {sorted(arrays)}")
+        shape = arrays[array].shape
+        if len(shape) != 2 or _is_camera_clock(array):
+            raise EpisodeValidationError(field, f"names label the feature axis of 2-D arrays; {array!r} has shape {shape}")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise EpisodeValidationError(field, "must be a list of strings")
+        if len(labels) != shape[1]:
+            raise EpisodeValidationError(field, f"has {len(labels)} names for {shape[1]} features ({array} shape {shape})")
+        for label in labels:
+            if not 0 < len(label) <= MAX_NAME_CHARS or not label.isprintable():
+                raise EpisodeValidationError(field, f"{label[:40]!r} is not a name: 1-{MAX_NAME_CHARS} printable characters")
+        if len(set(labels)) != len(labels):
+            raise EpisodeValidationError(field, "holds a name twice; names must be unique per array")
+
+
+def _check_cameras(cameras: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    clocks = camera_clocks(arrays)
+    for camera, spec in cameras.items():
+        field, array = f"cameras.{str(camera)[:60]}", f"{IMAGE_PREFIX}{camera}"
+        if array not in arrays or _is_camera_clock(array):
+            raise EpisodeValidationError(field, f"describes camera {camera!r}, which has no array {array!r} in the episode")
+        if not isinstance(spec, dict) or not {"codec", "width", "height"} <= set(spec) <= {"codec", "width", "height", "rate_hz"}:
+            raise EpisodeValidationError(field, "must be an object with codec, width, height and optionally rate_hz")
+        codec = spec["codec"]
+        if not isinstance(codec, str) or codec not in CAMERA_CODECS:
+            raise EpisodeValidationError(
+                field, f"codec {str(codec)[:40]!r} is not one of {sorted(CAMERA_CODECS)} (encoded streams such as h264/av1 are not in schema 1.1)"
+            )
+        for key in ("width", "height"):
+            if type(spec[key]) is not int or spec[key] < 1:
+                raise EpisodeValidationError(field, f"{key} must be a positive integer")
+        expected = (spec["height"], spec["width"], CAMERA_CODECS[codec])
+        if arrays[array].shape[1:] != expected:
+            raise EpisodeValidationError(
+                field, f"{codec} frames of {spec['width']}x{spec['height']} are (N, {', '.join(map(str, expected))}); {array} has shape {arrays[array].shape}"
+            )
+        if "rate_hz" in spec:
+            rate = spec["rate_hz"]
+            if type(rate) not in (int, float) or not 0 < rate <= MAX_RATE_HZ:
+                raise EpisodeValidationError(field, f"rate_hz must be a number in (0, {MAX_RATE_HZ:g}]")
+            timestamps = clocks.get(array, arrays["timestamp"])
+            _check_rate(field, float(rate), timestamps, f"{array}{CAMERA_TIMESTAMP_SUFFIX}" if array in clocks else "control timestamps")
+
+
+def _validate_v1_1(arrays: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+    """Schema 1.1 metadata, each optional: task, control_rate_hz, names, cameras (docs/protocol.md)."""
+    if "task" in meta:
+        _check_task(meta["task"])
+    if "control_rate_hz" in meta:
+        _check_rate("control_rate_hz", control_rate_hz(meta["control_rate_hz"]), arrays["timestamp"], "timestamps")
+    if "names" in meta:
+        _check_names(_bounded_json(meta, "names"), arrays)
+    if "cameras" in meta:
+        _check_cameras(_bounded_json(meta, "cameras"), arrays)

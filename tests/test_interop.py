@@ -155,7 +155,8 @@ def test_foreign_lerobot_dataset_gets_real_source_and_stable_ids(store, tmp_path
     first, again = import_lerobot(root, options), import_lerobot(root, options)
     assert [e.episode_id for e in first] == [e.episode_id for e in again]
     ep, want = first[1], store["toy"][1]
-    assert ep.source == "real" and ep.robot_id == "so100-3" and ep.metadata["robot_model"] == "toy" and ep.metadata["x.task"] == "reach"
+    assert ep.source == "real" and ep.robot_id == "so100-3" and ep.metadata["robot_model"] == "toy" and ep.metadata["task"] == "reach"
+    assert ep.metadata["schema_version"] == "1.1" and ep.metadata["control_rate_hz"] == "20"  # info.json fps
     assert ep.num_steps == want.num_steps - 1  # 7 frames -> 6 steps, the last frame's state is the final observation
     assert np.array_equal(ep.observation, want.observation[:-1]) and np.array_equal(ep.action, want.action[:-1])
     assert ep.truncated[-1] and not ep.terminated.any()

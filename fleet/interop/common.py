@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.episode import REQUIRED_ARRAYS, SCHEMA_VERSION, Episode, EpisodeValidationError, encode_safetensors
+from sim.episode import CAMERA_TIMESTAMP_SUFFIX, REQUIRED_ARRAYS, Episode, EpisodeValidationError, encode_safetensors
 
 INTEROP_VERSION = "1"  # version of the flywheel provenance written into every exported format
 # Namespace of the ids given to imported recordings that carry no flywheel episode_id.
@@ -35,7 +35,7 @@ class Selection:
 
     def provenance(self) -> dict:
         """Dataset-level provenance written beside the episodes in every format."""
-        return {"flywheel_interop_version": INTEROP_VERSION, "store": self.store, "snapshot_id": self.snapshot_id, "episode_schema_version": SCHEMA_VERSION}
+        return {"flywheel_interop_version": INTEROP_VERSION, "store": self.store, "snapshot_id": self.snapshot_id, "episode_schema_version": ",".join(sorted({ep.metadata["schema_version"] for ep in self.episodes}))}
 
 
 def select(
@@ -68,10 +68,13 @@ def select(
 
 
 def layout(episode: Episode) -> dict[str, dict]:
-    """Array layout: name -> {dtype, tail (shape after time), length ("T" or "T+1")}."""
+    """Array layout: name -> {dtype, tail (shape after time), length ("T", "T+1", or "frames" for a
+    schema 1.1 camera with its own clock: image.NAME and image.NAME.timestamp)}."""
+    clocks = episode.camera_clocks() if episode.metadata["schema_version"] == "1.1" else {}
+    framed = {*clocks, *(f"{c}{CAMERA_TIMESTAMP_SUFFIX}" for c in clocks)}
     out = {}
     for name, arr in sorted(episode.arrays().items()):
-        length = "T+1" if arr.shape[0] == episode.num_steps + 1 else "T"
+        length = "frames" if name in framed else "T+1" if arr.shape[0] == episode.num_steps + 1 else "T"
         out[name] = {"dtype": str(arr.dtype), "tail": list(arr.shape[1:]), "length": length}
     return out
 
@@ -91,7 +94,11 @@ def single_layout(episodes: Sequence[Episode], fmt: str) -> dict[str, dict]:
 
 
 def fps_of(episodes: Sequence[Episode]) -> int:
-    """The control rate (Hz, rounded) from the median step of the timestamps."""
+    """The control rate (Hz, rounded): the episodes' ``control_rate_hz`` when they all declare one
+    that rounds alike, else from the median step of the timestamps."""
+    declared = {max(1, round(float(ep.metadata["control_rate_hz"]))) if "control_rate_hz" in ep.metadata else None for ep in episodes}
+    if len(declared) == 1 and None not in declared:
+        return declared.pop()
     steps = np.concatenate([np.diff(ep.timestamp) for ep in episodes])
     return max(1, int(round(1.0 / float(np.median(steps)))))
 

@@ -16,6 +16,11 @@ observation (and the final row of every other T+1 array) is kept in the episode'
 ``flywheel/metadata``. Optional arrays become ``observation.qpos``, ``observation.qvel``,
 ``observation.actuator_force``, ``observation.contact_force`` and ``intervention``
 (flattened per frame). Image arrays are not exported (LeRobot stores images as video).
+
+Schema 1.1 metadata: ``fps`` is the episodes' ``control_rate_hz`` (rounded) when they declare
+one, each feature's ``names`` the episodes' ``names`` of that array, the task their ``task``;
+a foreign dataset's fps, ``observation.state``/``action`` names and first task come back as
+``control_rate_hz``, ``names`` and ``task`` (docs/interop.md).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fleet.interop.common import ImportOptions, InteropError, Selection, cast, foreign_episode, fps_of, layout, restored_episode, single_layout
-from sim.episode import IMAGE_PREFIX, Episode
+from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
 
 log = logging.getLogger(__name__)
 CODEBASE_VERSION = "v3.0"
@@ -51,8 +56,18 @@ FEATURE = {
 
 
 def task_of(ep: Episode) -> str:
-    """The task text: metadata ``x.task`` when the episode has one, else its robot model."""
-    return ep.metadata.get("x.task", f"flywheel {ep.metadata['robot_model']}")
+    """The task text: metadata ``task`` (schema 1.1), else ``x.task``, else the robot model."""
+    return ep.metadata.get("task") or ep.metadata.get("x.task", f"flywheel {ep.metadata['robot_model']}")
+
+
+def names_of(episodes: list[Episode], array: str) -> list[str] | None:
+    """The dimension names of ``array`` that every episode declares alike (schema 1.1 ``names``), else None."""
+    found = {tuple(ep.json_metadata("names").get(array) or ()) if "names" in ep.metadata else () for ep in episodes}
+    if len(found) > 1:
+        log.warning("episodes name the dimensions of %r differently (%d variants); LeRobot feature names left empty", array, len(found))
+    if len(found) != 1:
+        return None
+    return list(found.pop()) or None
 
 
 # -- export -----------------------------------------------------------------------------
@@ -100,6 +115,8 @@ def export_lerobot(selection: Selection, out: str | Path) -> Path:
         start += ep.num_steps
     data = {key: np.concatenate(parts) for key, parts in columns.items()}
     features = {key: _feature(value) for key, value in data.items()}
+    for name in arrays:
+        features[FEATURE[name]]["names"] = names_of(episodes, name)
     _write_parquet(root / DATA_PATH.format(chunk_index=0, file_index=0), pa.table({k: _arrow(v) for k, v in data.items()}), pq)
     _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), pa.Table.from_pylist(episode_rows), pq)
     pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")).to_parquet(root / "meta" / "tasks.parquet")
@@ -235,7 +252,16 @@ def _restore(frames: dict[str, np.ndarray], row: dict, arrays: dict, origin: str
         if spec["length"] == "T+1":
             values = np.concatenate([values.reshape(values.shape[0], -1), np.asarray(final[name], values.dtype).reshape(1, -1)])
         out[name] = cast(values, spec["dtype"], spec["tail"], f"{origin} array {name!r}")
-    return restored_episode(out, json.loads(row["flywheel/metadata"]), origin)
+    return restored_episode(out, _without_missing_cameras(json.loads(row["flywheel/metadata"]), out), origin)
+
+
+def _without_missing_cameras(metadata: dict, arrays: dict) -> dict:
+    """The metadata less the ``cameras`` entries of image arrays LeRobot did not carry (images are not exported)."""
+    if "cameras" not in metadata:
+        return metadata
+    cameras = {k: v for k, v in json.loads(metadata["cameras"]).items() if f"{IMAGE_PREFIX}{k}" in arrays}
+    rest = {k: v for k, v in metadata.items() if k != "cameras"}
+    return {**rest, "cameras": json.dumps(cameras, sort_keys=True)} if cameras else rest
 
 
 def _foreign(frames: dict[str, np.ndarray], row: dict, info: dict, options: ImportOptions, origin: str) -> Episode:
@@ -262,6 +288,31 @@ def _foreign(frames: dict[str, np.ndarray], row: dict, info: dict, options: Impo
         "timestamp": frames["timestamp"][order].astype(np.float64),
     }
     robot_model = options.robot_model or info.get("robot_type")
-    tasks = row.get("tasks") or []
-    extra = {"x.task": tasks[0]} if tasks else {}
+    extra = _schema_1_1_metadata(row, info, arrays, origin)
     return foreign_episode(arrays, ImportOptions(**{**options.__dict__, "robot_model": robot_model}), origin, extra)
+
+
+def _schema_1_1_metadata(row: dict, info: dict, arrays: dict[str, np.ndarray], origin: str) -> dict[str, str]:
+    """task (the first task), control_rate_hz (info.json ``fps``, when the timestamps agree) and
+    names (features' ``names`` of observation.state and action, when they fit) of a foreign episode."""
+    out = {}
+    tasks = row.get("tasks") or []
+    if tasks and str(tasks[0]).strip():
+        out["task"] = str(tasks[0])
+    fps = info.get("fps")
+    step = float(np.median(np.diff(arrays["timestamp"])))
+    if isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0:
+        if abs(fps * step - 1.0) <= RATE_TOLERANCE:
+            out["control_rate_hz"] = repr(float(fps)) if isinstance(fps, float) else str(fps)
+        else:
+            log.warning("%s: info.json fps %s disagrees with its timestamps (median step %s s); control_rate_hz left out", origin, fps, step)
+    names = {}
+    for array, feature in (("observation", "observation.state"), ("action", "action")):
+        given = (info.get("features", {}).get(feature) or {}).get("names")
+        if isinstance(given, dict) and len(given) == 1:  # LeRobot v2 style {"motors": [...]}
+            given = next(iter(given.values()))
+        if isinstance(given, list) and len(given) == arrays[array].shape[1] and all(isinstance(n, str) and n for n in given) and len(set(given)) == len(given):
+            names[array] = given
+    if names:
+        out["names"] = json.dumps(names, sort_keys=True)
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fleet.interop.common import InteropError, Selection, cast, layout, restored_episode
-from sim.episode import Episode
+from sim.episode import CAMERA_TIMESTAMP_SUFFIX, Episode
 
 EPISODE_TOPIC = "/flywheel/episode"
 METADATA_NAME = "flywheel.export"
@@ -32,7 +32,7 @@ _ROW_SCHEMA = {
     "properties": {
         "episode_id": {"type": "string"},
         "step": {"type": "integer"},
-        "timestamp": {"type": "number", "description": "seconds (the episode's timestamp of this step)"},
+        "timestamp": {"type": "number", "description": "seconds (the episode's timestamp of this step; a camera with its own clock: of this frame)"},
         "shape": {"type": "array", "items": {"type": "integer"}},
         "data": {"type": "array", "items": {"type": ["number", "boolean"]}},
     },
@@ -73,8 +73,8 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
         episode_schema = writer.register_schema("flywheel.Episode", "jsonschema", json.dumps(_EPISODE_SCHEMA).encode())
         channels = {EPISODE_TOPIC: writer.register_channel(EPISODE_TOPIC, "json", episode_schema)}
         for ep in selection.episodes:
-            arrays, ts = ep.arrays(), ep.timestamp
-            writer.add_message(channels[EPISODE_TOPIC], _ns(ts[0]), _episode_message(ep, selection.snapshot_id), _ns(ts[0]))
+            arrays, clocks = ep.arrays(), ep.camera_clocks()
+            writer.add_message(channels[EPISODE_TOPIC], _ns(ep.timestamp[0]), _episode_message(ep, selection.snapshot_id), _ns(ep.timestamp[0]))
             for name, arr in sorted(arrays.items()):
                 if name == "timestamp":
                     continue  # every row message carries its timestamp
@@ -82,6 +82,7 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
                 if topic not in channels:
                     channels[topic] = writer.register_channel(topic, "json", row_schema, {"array": name, "dtype": str(arr.dtype)})
                 shape = list(arr.shape[1:])
+                ts = clocks.get(name.removesuffix(CAMERA_TIMESTAMP_SUFFIX), ep.timestamp)  # a camera with its own clock: its frame times
                 for step in range(arr.shape[0]):
                     row = {"episode_id": ep.episode_id, "step": step, "timestamp": float(ts[step]), "shape": shape, "data": arr[step].reshape(-1).tolist()}
                     writer.add_message(channels[topic], _ns(ts[step]), json.dumps(row).encode(), _ns(ts[step]), sequence=step)
@@ -130,11 +131,13 @@ def _episode(head: dict, rows: dict[str, dict[int, dict]], origin: str) -> Episo
     for name, spec in head["arrays"].items():
         if name == "timestamp":
             continue
-        expected = steps + 1 if spec["length"] == "T+1" else steps
         got = rows.get(name, {})
+        expected = len(got) if spec["length"] == "frames" else steps + 1 if spec["length"] == "T+1" else steps
         if sorted(got) != list(range(expected)):
             raise InteropError(f"{origin}: array {name!r} has {len(got)} of its {expected} rows; the file is truncated or was edited, re-export it")
         arrays[name] = cast([got[t]["data"] for t in range(expected)], spec["dtype"], spec["tail"], f"{origin} array {name!r}")
+        if spec["length"] == "frames":
+            continue  # row times are the camera's clock, which is its own array
         for t in range(expected):
             timestamps[t] = got[t]["timestamp"]
     arrays["timestamp"] = np.array([timestamps[t] for t in range(steps + 1)], dtype=np.float64)

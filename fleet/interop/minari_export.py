@@ -19,11 +19,15 @@ snapshot id, interop version) and ``flywheel_arrays`` (each array's dtype, tail 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from fleet.interop.common import InteropError, Selection, single_layout
+from sim.episode import CAMERA_TIMESTAMP_SUFFIX
+
+log = logging.getLogger(__name__)
 
 SPACE_BOUND = np.inf
 
@@ -41,7 +45,9 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
     from minari.dataset.minari_storage import MinariStorage
 
     episodes = selection.episodes
-    arrays = single_layout(episodes, "Minari")
+    arrays = {k: v for k, v in single_layout(episodes, "Minari").items() if v["length"] != "frames"}
+    if len(arrays) < len(single_layout(episodes, "Minari")):
+        log.warning("Minari export leaves out cameras with their own clock (their frames are not one per step; use --format mcap for them)")
     first = episodes[0]
     dataset_id = dataset_id or default_dataset_id(first.metadata["robot_model"])
     try:
@@ -88,7 +94,10 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
 def _infos(ep) -> dict[str, np.ndarray]:
     """timestamp and the optional arrays as T+1 rows of at least one column."""
     out = {"timestamp": ep.timestamp.reshape(-1, 1)}
+    framed = {*ep.camera_clocks(), *(f"{c}{CAMERA_TIMESTAMP_SUFFIX}" for c in ep.camera_clocks())}
     for name, arr in ep.extras.items():
+        if name in framed:
+            continue
         if arr.shape[0] == ep.num_steps:
             arr = np.concatenate([arr, np.zeros((1, *arr.shape[1:]), arr.dtype)])
         out[name] = arr.reshape(arr.shape[0], -1) if arr.ndim == 1 else arr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from sim.episode import EpisodeValidationError
+from sim.episode import V1_1_METADATA, EpisodeValidationError
 
 
 class ApiError(Exception):
@@ -47,6 +47,8 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("NaN or Inf", 422, "non_finite"),
     ("strictly increasing", 422, "non_increasing_timestamp"),
     ("before the last step", 422, "bad_episode_end"),
+    ("outside the episode's time span", 422, "bad_camera_timestamp"),
+    ("but the episode has no array", 422, "missing_array"),
 )
 
 
@@ -55,6 +57,6 @@ def from_validation(exc: EpisodeValidationError) -> ApiError:
     for needle, status, code in _RULES:
         if needle in exc.reason:
             return ApiError(status, code, exc.reason, exc.field)
-    if exc.field in ("schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model"):
+    if exc.field in ("schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model") or exc.field.split(".")[0] in V1_1_METADATA:
         return ApiError(422, "bad_metadata", exc.reason, exc.field)
     return ApiError(422, "invalid_episode", exc.reason, exc.field)

@@ -11,12 +11,19 @@ episodes. ``xarray.open_zarr(store, group="catalog", ...)`` opens it as a Datase
 
 Strings are variable-length UTF-8. The metadata map of an episode is rebuilt exactly from
 its row (:func:`metadata_of`), so stored episodes still read back bit for bit.
+
+Columns added later (the schema 1.1 ones: ``schema_version``, ``task``, ``control_rate_hz``,
+``names``, ``cameras``, ``frames``) may be missing from a store written before them: a reader
+takes their fill value for every row (``""``, NaN = absent; ``schema_version`` "" = the
+store's ``episode_schema_version``), and the next append creates them at the catalog's
+length with nothing written for the earlier rows (:data:`ADDED_COLUMNS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -42,10 +49,18 @@ COLUMNS: dict[str, str] = {
     "calibration": "str",  # JSON text exactly as uploaded, "" when absent
     "scenario": "str",  # JSON text exactly as uploaded, "" when absent
     "other_metadata": "str",  # JSON object of the remaining entries (the x.* keys), "{}" when none
+    # episode schema 1.1 (absent from stores written before it: see the module docstring)
+    "schema_version": "str",  # the episode's schema_version; "" = the store's episode_schema_version ("1")
+    "task": "str",  # task instruction text, "" when absent
+    "control_rate_hz": "float64",  # NaN when absent
+    "names": "str",  # JSON text exactly as uploaded, "" when absent
+    "cameras": "str",  # JSON text exactly as uploaded, "" when absent
+    "frames": "str",  # JSON {"image.NAME": [first row, frames]} of cameras with their own clock, "" when none
 }
-NESTED_COLUMNS = (*JSON_METADATA, "other_metadata")  # read per episode, on demand
+ADDED_COLUMNS = ("schema_version", "task", "control_rate_hz", "names", "cameras", "frames")
+NESTED_COLUMNS = (*JSON_METADATA, "other_metadata", "names", "cameras")  # read per episode, on demand
 SUMMARY_COLUMNS = tuple(c for c in COLUMNS if c not in NESTED_COLUMNS)  # read for every catalog load
-_OWN_COLUMN = (*REQUIRED_METADATA, *JSON_METADATA, "model_version")
+_OWN_COLUMN = (*REQUIRED_METADATA, *JSON_METADATA, "model_version", "task", "control_rate_hz", "names", "cameras")
 
 
 def zarr_dtype(column: str):
@@ -53,6 +68,9 @@ def zarr_dtype(column: str):
 
 
 def fill_value(column: str):
+    """What a row holds where nothing was written: "" / 0, and NaN (absent) for control_rate_hz."""
+    if column == "control_rate_hz":
+        return float("nan")
     return "" if COLUMNS[column] == "str" else 0
 
 
@@ -74,22 +92,32 @@ class EpisodeInfo:
     upload_time: float  # unix seconds, when the store received it
     start_time: float  # the episode's first timestamp (robot clock)
     total_return: float
+    schema_version: str = ""  # "" = the store's episode_schema_version
+    task: str | None = None
+    control_rate_hz: float | None = None
+    frames: tuple[tuple[str, int, int], ...] = ()  # (image.NAME, first row, frames) of cameras with their own clock
 
 
-def record_of(ep: Episode, digest: bytes, upload_time: float, stream: str, row: int) -> dict:
-    """The catalog row of a new episode as {column: value}."""
+def record_of(ep: Episode, digest: bytes, upload_time: float, stream: str, row: int, frames: Mapping[str, tuple[int, int]] | None = None) -> dict:
+    """The catalog row of a new episode as {column: value}; ``frames``: {image.NAME: (first row, frames)}."""
     return record(
         ep.metadata, digest=digest.hex(), stream=stream, row=row, num_steps=ep.num_steps,
-        total_return=ep.total_return, start_time=float(ep.timestamp[0]), upload_time=upload_time,
+        total_return=ep.total_return, start_time=float(ep.timestamp[0]), upload_time=upload_time, frames=frames,
     )  # fmt: skip
 
 
-def record(meta: Mapping[str, str], *, digest: str, stream: str, row: int, num_steps: int, total_return: float, start_time: float, upload_time: float) -> dict:
+def record(
+    meta: Mapping[str, str], *, digest: str, stream: str, row: int, num_steps: int, total_return: float, start_time: float, upload_time: float,
+    frames: Mapping[str, tuple[int, int]] | None = None,
+) -> dict:  # fmt: skip
     """A catalog row as {column: value} from an episode's metadata map and its summary numbers."""
     model_version = meta.get("model_version", "")
     other = {k: v for k, v in meta.items() if k not in _OWN_COLUMN}
     if model_version == "" and "model_version" in meta:  # present but empty: its column cannot tell that from absent
         other["model_version"] = ""
+    rate = meta.get("control_rate_hz")
+    if rate is not None and repr(float(rate)) != rate:  # "20" or "1e3": the float column cannot give back the text
+        other["control_rate_hz"] = rate
     return {
         "episode_id": meta["episode_id"],
         "digest": digest,
@@ -106,6 +134,12 @@ def record(meta: Mapping[str, str], *, digest: str, stream: str, row: int, num_s
         "model_version": model_version,
         **{key: meta.get(key, "") for key in JSON_METADATA},
         "other_metadata": json.dumps(other, sort_keys=True, separators=(",", ":")),
+        "schema_version": meta["schema_version"],
+        "task": meta.get("task", ""),
+        "control_rate_hz": float(rate) if rate is not None else float("nan"),
+        "names": meta.get("names", ""),
+        "cameras": meta.get("cameras", ""),
+        "frames": json.dumps({k: list(v) for k, v in sorted(frames.items())}, separators=(",", ":")) if frames else "",
     }
 
 
@@ -135,17 +169,26 @@ def info_of(values: Mapping[str, object], slot: int) -> EpisodeInfo:
         upload_time=float(values["upload_time"]),
         start_time=float(values["start_time"]),
         total_return=float(values["total_return"]),
+        schema_version=str(values["schema_version"]),
+        task=str(values["task"]) or None,
+        control_rate_hz=None if math.isnan(rate := float(values["control_rate_hz"])) else rate,
+        frames=tuple((k, int(a), int(n)) for k, (a, n) in json.loads(str(values["frames"])).items()) if values["frames"] else (),
     )
 
 
 def metadata_of(info: EpisodeInfo, nested: Mapping[str, str], schema_version: str) -> dict[str, str]:
-    """The episode's metadata map, exactly as uploaded, from its catalog entry and its
-    ``hardware``, ``calibration``, ``scenario`` and ``other_metadata`` column values."""
-    meta = {"schema_version": schema_version, "episode_id": info.episode_id, "robot_id": info.robot_id}
+    """The episode's metadata map, exactly as uploaded, from its catalog entry and its nested
+    column values (``hardware``, ``calibration``, ``scenario``, ``names``, ``cameras``,
+    ``other_metadata``). ``schema_version``: the store's, for rows that do not name their own."""
+    meta = {"schema_version": info.schema_version or schema_version, "episode_id": info.episode_id, "robot_id": info.robot_id}
     meta.update(robot_model=info.robot_model, source=info.source, policy_version=info.policy_version)
     if info.model_version:
         meta["model_version"] = info.model_version
-    for key in JSON_METADATA:
+    if info.task:
+        meta["task"] = info.task
+    if info.control_rate_hz is not None:
+        meta["control_rate_hz"] = repr(info.control_rate_hz)  # other_metadata holds the text when it differs
+    for key in (*JSON_METADATA, "names", "cameras"):
         if nested[key]:
             meta[key] = str(nested[key])
     meta.update(json.loads(str(nested["other_metadata"])))

@@ -15,6 +15,10 @@ Inside the Icechunk repository (branch ``main``), store schema version 2::
                                        the last of those rows as padding
         data/episode_index int32 (step,) catalog row of the episode owning each row; -1 on
                                        padding rows (the tool-visible mask)
+        data/image.NAME, data/image.NAME.timestamp
+                                       schema 1.1 cameras with their own clock: (image.NAME_frame, ...)
+                                       on their own frame axis; the catalog's ``frames`` column says
+                                       which rows are whose; a NaN timestamp marks a padding row
 
 Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names`). Every commit
 starts at a chunk boundary in every data array, pads its last chunk (NaN in float arrays,
@@ -33,7 +37,7 @@ import uuid
 
 import numpy as np
 
-from sim.episode import SCHEMA_VERSION, Episode
+from sim.episode import CAMERA_TIMESTAMP_SUFFIX, SCHEMA_VERSION, Episode
 
 STORE_FORMAT = "flywheel-episode-store"
 STORE_SCHEMA_VERSION = 2
@@ -78,12 +82,18 @@ def check_root_attrs(attrs: dict, where: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ArraySpec:
-    """One array of a stream: dtype, shape after the time axis, and leading length T or T+1."""
+    """One array of a stream: dtype, shape after the time axis, and leading length T, T+1 or
+    "frames" (a schema 1.1 camera with its own clock: its own row count per episode)."""
 
     name: str
     dtype: str
     tail: tuple[int, ...]
-    length: str  # "T" or "T+1"
+    length: str  # "T", "T+1" or "frames"
+
+    @property
+    def camera(self) -> str:
+        """The camera array ("image.NAME") a "frames" array belongs to."""
+        return self.name.removesuffix(CAMERA_TIMESTAMP_SUFFIX) if self.name.endswith(CAMERA_TIMESTAMP_SUFFIX) else self.name
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "tail": list(self.tail), "length": self.length}
@@ -103,9 +113,11 @@ class StreamSignature:
     @classmethod
     def of(cls, episode: Episode) -> StreamSignature:
         t = episode.num_steps
+        clocks = episode.camera_clocks() if episode.metadata.get("schema_version") == "1.1" else {}
+        framed = {*clocks, *(f"{c}{CAMERA_TIMESTAMP_SUFFIX}" for c in clocks)}
         specs = []
         for name, arr in sorted(episode.arrays().items()):
-            length = "T" if arr.shape[0] == t else "T+1"
+            length = "frames" if name in framed else "T" if arr.shape[0] == t else "T+1"
             specs.append(ArraySpec(name, arr.dtype.str, tuple(int(s) for s in arr.shape[1:]), length))
         return cls(robot_model=episode.metadata["robot_model"], arrays=tuple(specs))
 
@@ -163,8 +175,12 @@ def dimension_names(spec: ArraySpec) -> tuple[str, ...]:
     observation -> (step, obs_dim), action -> (step, act_dim), qpos -> (step, qpos_dim),
     image.front (T, H, W, C) -> (step, image.front_height, image.front_width, image.front_channel);
     other tails get NAME_dim0, NAME_dim1, ... Names are per array, so arrays of one stream
-    never share a tail dimension of a different size.
+    never share a tail dimension of a different size. A camera with its own clock has its own
+    time axis: image.wrist -> (image.wrist_frame, image.wrist_height, ...),
+    image.wrist.timestamp -> (image.wrist_frame,).
     """
+    if spec.length == "frames":
+        return (f"{spec.camera}_frame", *dimension_names(dataclasses.replace(spec, name=spec.camera, length="T"))[1:])
     if spec.name in _TAIL_DIMS and len(spec.tail) == 1:
         return (STEP_DIM, *_TAIL_DIMS[spec.name])
     if len(spec.tail) == 1:
@@ -235,6 +251,19 @@ def episode_index_rows(episodes: list[Episode], catalog_rows: list[int], total_r
         out[row : row + ep.num_steps + 1] = catalog_row
         row += ep.num_steps + 1
     return out
+
+
+def stack_frames(episodes: list[Episode], spec: ArraySpec, total_rows: int, fill) -> tuple[np.ndarray, list[int]]:
+    """The block of a "frames" array for consecutive episodes, padded with ``fill`` to ``total_rows``,
+    and each episode's first row in it (frames are packed back to back)."""
+    out = np.full((total_rows, *spec.tail), fill, dtype=np.dtype(spec.dtype))
+    starts, row = [], 0
+    for ep in episodes:
+        arr = ep.arrays()[spec.name]
+        out[row : row + arr.shape[0]] = arr
+        starts.append(row)
+        row += arr.shape[0]
+    return out, starts
 
 
 def rows_of(spec: ArraySpec, row: int, num_steps: int) -> slice:

@@ -17,8 +17,8 @@ import icechunk
 import numpy as np
 
 from fleet.store import backend, legacy
-from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, info_of, metadata_of
-from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, rows_of, stream_path
+from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, fill_value, info_of, metadata_of
+from fleet.store.layout import CATALOG, ROOT_ATTR, StreamSignature, catalog_path, data_path, rows_of, stream_path
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
@@ -79,6 +79,7 @@ class StoreSnapshot:
         self._signatures: dict[str, StreamSignature] = {}
         self._rows = 0  # catalog rows read
         self._schema_version: int | None = None  # of this snapshot (a pinned one may predate a migration)
+        self._columns: set[str] = set()  # catalog columns this snapshot has (older stores lack the 1.1 ones)
         self._base = base if base is not None and base._catalog is not None else None
 
     # -- catalog ---------------------------------------------------------------------
@@ -200,8 +201,8 @@ class StoreSnapshot:
         base = self._base if self._base is not None and self._base._schema_version == self._schema_version else None
         first = await backend.open_array(store, catalog_path("episode_id"), mode="r")
         start, stop = (base._rows if base is not None else 0), first.shape[0]
-        cols = await asyncio.gather(*(backend.open_array(store, catalog_path(c), mode="r") for c in SUMMARY_COLUMNS))
-        values = dict(zip(SUMMARY_COLUMNS, await asyncio.gather(*(c.getitem(slice(start, stop)) for c in cols))))
+        self._columns = {name async for name in (await backend.open_group(store, CATALOG, mode="r")).array_keys()}
+        values = dict(zip(SUMMARY_COLUMNS, await asyncio.gather(*(self._column(c, start, stop) for c in SUMMARY_COLUMNS))))
         new = [info_of({c: v[i] for c, v in values.items()}, start + i) for i in range(stop - start)]
         if base is not None:
             self._signatures.update(base._signatures)
@@ -217,8 +218,7 @@ class StoreSnapshot:
             return await legacy.read_metadata(self._session.store, infos, self.info["index_rows"])
         unit = self.info["index_rows"]
         runs = _runs([(i.slot, i.slot + 1) for i in infos], unit)
-        arrays = await asyncio.gather(*(backend.open_array(self._session.store, catalog_path(c), mode="r") for c in NESTED_COLUMNS))
-        blocks = await asyncio.gather(*(arr.getitem(slice(a, min(b, arr.shape[0]))) for arr in arrays for a, b in runs))
+        blocks = await asyncio.gather(*(self._column(c, a, min(b, self._rows)) for c in NESTED_COLUMNS for a, b in runs))
         starts = [a for a, _ in runs]
         out = []
         for info in infos:
@@ -226,6 +226,13 @@ class StoreSnapshot:
             nested = {c: blocks[n * len(runs) + k][info.slot - runs[k][0]] for n, c in enumerate(NESTED_COLUMNS)}
             out.append(metadata_of(info, nested, self.info["episode_schema_version"]))
         return out
+
+    async def _column(self, column: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a catalog column; a column this snapshot predates reads as its fill value."""
+        if column not in self._columns:
+            return np.full(stop - start, fill_value(column), dtype=object if isinstance(fill_value(column), str) else np.float64)
+        arr = await backend.open_array(self._session.store, catalog_path(column), mode="r")
+        return await arr.getitem(slice(start, stop))
 
     async def _read_arrays(self, infos: list[EpisodeInfo], names: Sequence[str] | None, full_rows: bool = False) -> list[dict]:
         """Per episode, {array name: rows}; ``full_rows`` keeps T+1 rows for every array (padding included)."""
@@ -238,6 +245,8 @@ class StoreSnapshot:
         async def one(stream: str, ks: list[int]) -> None:
             sig = self._signatures[stream]
             specs = [sig.spec(n) for n in names] if names is not None else list(sig.arrays)
+            await asyncio.gather(*(frames(spec, ks) for spec in specs if spec.length == "frames"))
+            specs = [s for s in specs if s.length != "frames"]
             spans = [(infos[k].row, infos[k].row + infos[k].num_steps + 1) for k in ks]
             runs = _runs(spans, self.info["chunk_rows"])
             arrays = await asyncio.gather(*(backend.open_array(store=self._session.store, path=data_path(stream, s.name), mode="r") for s in specs))
@@ -247,6 +256,15 @@ class StoreSnapshot:
                     info = infos[k]
                     sl = slice(info.row, info.row + info.num_steps + 1) if full_rows else rows_of(spec, info.row, info.num_steps)
                     out[k][spec.name] = _slice_runs(blocks[j * len(runs) : (j + 1) * len(runs)], runs, sl)
+
+        async def frames(spec, ks: list[int]) -> None:
+            """A camera with its own clock: each episode's rows from its catalog ``frames`` entry."""
+            where = [dict((c, (a, n)) for c, a, n in infos[k].frames)[spec.camera] for k in ks]
+            runs = _runs([(a, a + n) for a, n in where], self.info["chunk_rows"])
+            arr = await backend.open_array(store=self._session.store, path=data_path(infos[ks[0]].stream, spec.name), mode="r")
+            blocks = await asyncio.gather(*(arr.getitem(slice(a, b)) for a, b in runs))
+            for k, (a, n) in zip(ks, where):
+                out[k][spec.name] = _slice_runs(blocks, runs, slice(a, a + n))
 
         await asyncio.gather(*(one(stream, ks) for stream, ks in by_stream.items()))
         return out

@@ -45,6 +45,7 @@ from fleet.store.layout import (
     padded,
     padding_value,
     root_attrs,
+    stack_frames,
     stack_rows,
     stream_path,
 )
@@ -264,19 +265,17 @@ class EpisodeStore:
         for k, item in enumerate(items):
             sig = StreamSignature.of(item.episode)
             by_stream.setdefault(sig.name, (sig, []))[1].append(k)
-        catalog_paths = [catalog_path(c) for c in COLUMNS]
-        opened = await asyncio.gather(
-            self._open(session, catalog_paths), *(self._stream_arrays(session, sig) for sig, _ in by_stream.values())
-        )
-        catalog, streams = dict(zip(COLUMNS, opened[0])), opened[1:]
+        opened = await asyncio.gather(self._catalog_arrays(session), *(self._stream_arrays(session, sig) for sig, _ in by_stream.values()))
+        catalog, streams = opened[0], opened[1:]
         first = catalog["episode_id"].shape[0]
         writes: list[tuple] = []  # (array, start, block)
         records: list[dict] = [{}] * len(items)
         for (sig, ks), arrays in zip(by_stream.values(), streams):
-            writes += self._stream_blocks(sig, arrays, [items[k].episode for k in ks], [first + k for k in ks])
+            blocks, frames = self._stream_blocks(sig, arrays, [items[k].episode for k in ks], [first + k for k in ks])
+            writes += blocks
             row = arrays[EPISODE_INDEX].shape[0]
-            for k in ks:
-                records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, sig.name, row)
+            for j, k in enumerate(ks):
+                records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, sig.name, row, frames[j])
                 row += items[k].episode.num_steps + 1
         values = columns(records)
         writes += [(catalog[c], first, values[c]) for c in COLUMNS]
@@ -285,13 +284,38 @@ class EpisodeStore:
         self._written_meta.update({arr.path: arr.metadata for arr, _, _ in writes})
         return first + len(items)
 
-    def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> list[tuple]:
-        """(array, first row, block) of every data array of one stream: whole new chunks, padded."""
+    def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> tuple[list[tuple], list[dict]]:
+        """(array, first row, block) of every data array of one stream: whole new chunks, padded;
+        and per episode {image.NAME: (first row, frames)} of its cameras with their own clock."""
+        chunk_rows = self.info["chunk_rows"]
         row0 = arrays[EPISODE_INDEX].shape[0]  # always a multiple of chunk_rows
-        rows = padded(sum(ep.num_steps + 1 for ep in episodes), self.info["chunk_rows"])
-        out = [(arrays[s.name], row0, stack_rows(episodes, s, rows, arrays[s.name].metadata.fill_value)) for s in sig.arrays]
+        rows = padded(sum(ep.num_steps + 1 for ep in episodes), chunk_rows)
+        steps = [s for s in sig.arrays if s.length != "frames"]
+        out = [(arrays[s.name], row0, stack_rows(episodes, s, rows, arrays[s.name].metadata.fill_value)) for s in steps]
         out.append((arrays[EPISODE_INDEX], row0, episode_index_rows(episodes, catalog_rows, rows)))
-        return out
+        frames: list[dict] = [{} for _ in episodes]
+        for s in (s for s in sig.arrays if s.length == "frames"):  # each camera's arrays share its frame rows
+            start = arrays[s.name].shape[0]  # a multiple of chunk_rows too
+            total = padded(sum(ep.arrays()[s.name].shape[0] for ep in episodes), chunk_rows)
+            block, starts = stack_frames(episodes, s, total, arrays[s.name].metadata.fill_value)
+            out.append((arrays[s.name], start, block))
+            for k, ep in enumerate(episodes):
+                frames[k][s.camera] = (start + starts[k], int(ep.arrays()[s.name].shape[0]))
+        return out, frames
+
+    async def _catalog_arrays(self, session) -> dict[str, AsyncArray]:
+        """The catalog's columns for writing; columns this store predates (catalog.ADDED_COLUMNS)
+        are created at the catalog's length, holding their fill value (= absent) for earlier rows."""
+        paths = [catalog_path(c) for c in COLUMNS]
+        if not all(p in self._meta_cache for p in paths) or self._meta_snapshot != session.snapshot_id:
+            group = await backend.open_group(session.store, CATALOG, mode="r+")
+            have = {name async for name in group.array_keys()}
+            missing = [c for c in COLUMNS if c not in have]
+            if missing:
+                rows = (await backend.open_array(session.store, catalog_path("episode_id"), mode="r")).shape[0]
+                await asyncio.gather(*(_create_column(group, c, self.info, rows) for c in missing))
+                await group.update_attributes({"columns": list(COLUMNS)})
+        return dict(zip(COLUMNS, await self._open(session, paths)))
 
     async def _open(self, session, paths: list[str]) -> list[AsyncArray]:
         """Open arrays for writing; reuses the metadata this writer wrote in its previous commit
@@ -336,12 +360,13 @@ async def _create_catalog(store, info: dict) -> dict[str, AsyncArray]:
     root = await backend.open_group(store, mode="r+")
     group = await root.create_group(CATALOG, attributes={"columns": list(COLUMNS)})
     comp = backend.compressors(info["compression"])
-    created = await asyncio.gather(
-        *(
-            group.create_array(
-                c, shape=(0,), chunks=(info["index_rows"],), dtype=zarr_dtype(c), fill_value=fill_value(c), compressors=comp, dimension_names=(EPISODE_DIM,)
-            )
-            for c in COLUMNS
-        )
-    )
+    created = await asyncio.gather(*(_create_column(group, c, info, 0, comp) for c in COLUMNS))
     return dict(zip(COLUMNS, created))
+
+
+async def _create_column(group, column: str, info: dict, rows: int, comp=None) -> AsyncArray:
+    """One catalog column of ``rows`` rows (all its fill value), dimension ``episode``, ``index_rows`` per chunk."""
+    return await group.create_array(
+        column, shape=(rows,), chunks=(info["index_rows"],), dtype=zarr_dtype(column), fill_value=fill_value(column),
+        compressors=comp if comp is not None else backend.compressors(info["compression"]), dimension_names=(EPISODE_DIM,),
+    )  # fmt: skip
