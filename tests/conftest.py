@@ -20,6 +20,12 @@ def _has_cuda() -> bool:
         return False
 
 
+def pytest_sessionstart(session):
+    """Register the Hydra config schemas (the YAML's defaults name them) before any test composes
+    conf/: here, after the environment above is set, since the schemas import mujoco, torch and Ray."""
+    import fleet.conf.schema_flywheel  # noqa: F401
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

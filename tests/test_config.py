@@ -1,20 +1,34 @@
-"""Every Hydra config composes, and every `_target_` in it imports and instantiates."""
+"""Every Hydra config composes against its schema, every `_target_` in it imports and instantiates,
+a wrong type or an unknown key is refused at compose time with the key named, and the wheel ships the tree."""
 
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+import fleet.conf.schema_flywheel  # noqa: F401  (registers the schemas the YAML's defaults name)
+from fleet.conf import CONF_DIR
+from fleet.conf.schema_tools import unknown_keys
+
+CONF = Path(CONF_DIR)
+ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUP_OPTIONS = sorted((g.name, p.stem) for g in CONF.iterdir() if g.is_dir() for p in g.glob("*.yaml"))
+RUN_DIR = "run_dir=/tmp/flywheel-test-config"  # compose() outside an app has no Hydra output dir to default to
 
 
 def _compose(name: str, overrides=()):
+    overrides = [*overrides, RUN_DIR] if name == "flywheel" else list(overrides)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+        return compose(config_name=name, overrides=overrides)
 
 
 def _targets(node, path="") -> list[tuple[str, DictConfig]]:
@@ -29,14 +43,19 @@ def _targets(node, path="") -> list[tuple[str, DictConfig]]:
 
 
 def _check(cfg: DictConfig) -> None:
-    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # every interpolation resolves
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves, no ??? left
+    assert unknown_keys(cfg) == []
     for path, node in _targets(cfg):
         assert instantiate(node) is not None, f"{path}: {node._target_} instantiated to None"
 
 
-def test_there_is_a_config_per_floor():
-    assert {"flywheel"} <= set(PRIMARY)
-    assert {"sim", "ray", "wandb"} <= {g for g, _ in GROUP_OPTIONS}
+def test_the_repository_conf_is_the_package_tree():
+    assert (ROOT / "conf").resolve() == CONF  # one tree: conf/ links to fleet/conf/
+
+
+def test_there_is_a_config_per_app():
+    assert {"flywheel", "server", "robot"} <= set(PRIMARY)
+    assert {"policy", "worldmodel", "scenarios", "fleet", "ray", "wandb"} <= {g for g, _ in GROUP_OPTIONS}
 
 
 @pytest.mark.parametrize("name", PRIMARY)
@@ -54,3 +73,97 @@ def test_every_group_option_composes(group, option):
 def _defaults(primary: str) -> set[str]:
     entries = OmegaConf.load(CONF / f"{primary}.yaml").get("defaults", [])
     return {k for e in entries if isinstance(e, DictConfig) for k in e}
+
+
+@pytest.mark.parametrize(
+    "name, override, key",
+    [
+        ("flywheel", "loop.iterations=abc", "loop.iterations"),
+        ("flywheel", "policy.trainer.total_env_steps=1e3x", "policy.trainer.total_env_steps"),
+        ("flywheel", "policy.algorithm.sac.utd_ratio=fast", "policy.algorithm.sac.utd_ratio"),
+        ("flywheel", "ray.include_dashboard=maybe", "ray.include_dashboard"),
+        ("server", "fleet.server.port=http", "fleet.server.port"),
+        ("robot", "episodes=ten", "episodes"),
+    ],
+)
+def test_a_wrong_type_is_refused_with_the_key_named(name, override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(name, [override])
+    assert isinstance(info.value.__cause__, ValidationError) and f"full_key: {key}" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "name, override, key",
+    [
+        ("flywheel", "loop.iteratons=3", "iteratons"),
+        ("flywheel", "sim.num_worlds=128", "sim"),  # removed: nothing read it
+        ("flywheel", "scenarios.calibration.windows=4", "windows"),
+        ("flywheel", "policy.algorithm.lr=1e-4", "lr"),  # a PPO key; the default learner is model-based
+        ("server", "fleet.server.prot=8701", "prot"),
+        ("robot", "robot.modle=ant", "modle"),
+    ],
+)
+def test_an_unknown_key_is_refused_with_the_key_named(name, override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose(name, [override])
+    assert key in f"{info.value} {info.value.__cause__}"
+
+
+def test_an_unknown_key_added_with_plus_stops_the_app_before_it_runs():
+    """``+key=value`` gets past Hydra's schema check (it means "add"); the apps refuse what no code reads."""
+    cfg = _compose("flywheel", ["+loop.iteratons=3", "+policy.algorithm.sac.utd=2"])
+    assert unknown_keys(cfg) == ["loop.iteratons", "policy.algorithm.sac.utd"]
+    result = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "+loop.iteratons=3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "loop.iteratons" in result.stderr, result.stderr
+
+
+def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
+    conf = tmp_path / "conf"
+    subprocess.run(["cp", "-r", str(CONF), str(conf)], check=True)
+    ray = conf / "ray" / "local.yaml"
+    ray.write_text(ray.read_text() + "num_gpu: 1\n")
+    with pytest.raises(ConfigCompositionException) as info, initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        compose("flywheel", [RUN_DIR])
+    assert "num_gpu" in f"{info.value} {info.value.__cause__}"
+
+
+SHOW_RUN_DIR = f"""
+import hydra, fleet.conf.schema_flywheel
+@hydra.main(config_path={CONF_DIR!r}, config_name="flywheel", version_base="1.3")
+def show(cfg):
+    print("run_dir", cfg.run_dir)
+show()
+"""
+
+
+def _run_dirs(*args: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIR, *args], capture_output=True, text=True, timeout=120, check=True).stdout
+    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("run_dir ")]
+
+
+def test_run_dir_is_hydras_output_dir_unless_set(tmp_path):
+    """Each job of a multirun gets its own folder (<sweep dir>/<job number>); an explicit run_dir wins (resume)."""
+    assert _run_dirs(f"hydra.run.dir={tmp_path / 'new'}") == [str(tmp_path / "new")]
+    assert _run_dirs(f"hydra.run.dir={tmp_path / 'new'}", f"run_dir={tmp_path / 'old'}") == [str(tmp_path / "old")]
+    assert _run_dirs("--multirun", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}") == [str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")]
+    assert OmegaConf.load(CONF / "flywheel.yaml").hydra.job.chdir is False
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs(tmp_path):
+    """A non-editable install finds its configs: the built wheel holds fleet/conf/ (built from a copy, so
+    neither the repository's conf/ link nor its build/ folder play a part)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "sim", "worldmodel", "policies", "fleet"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("fleet/conf/")}
+    want = {f"fleet/conf/{p.relative_to(CONF)}" for p in CONF.rglob("*.yaml")}
+    assert want and want <= shipped
+    assert "fleet/conf/schema_flywheel.py" in shipped

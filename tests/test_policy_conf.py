@@ -1,25 +1,23 @@
-"""conf/policy/{ppo,sac,sac_fleet}.yaml compose into configs that build and run a trainer."""
+"""fleet/conf/policy/{ppo,sac,sac_fleet}.yaml (conf/ links there) compose into configs that build and run a trainer."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import fleet.conf.schema_flywheel  # noqa: F401  (registers the schemas the YAML's defaults name)
+from fleet.conf import CONF_DIR
 from policies.trainer import Trainer, make_algorithm
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.mark.parametrize("option", ["ppo", "sac", "sac_fleet"])
 def test_policy_config_builds_a_trainer_that_runs(option):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="flywheel", overrides=[f"policy={option}"])
     trainer_config = instantiate(cfg.policy.trainer)
     algo_config = instantiate(cfg.policy.algorithm)
-    assert trainer_config.algorithm == option.split("_")[0] and cfg.policy.distributed.num_workers >= 1
+    assert trainer_config.algorithm == option.split("_")[0]
     small = trainer_config.__class__(**{**trainer_config.__dict__, "total_env_steps": 2 * trainer_config.num_worlds})
     algo_config = algo_config.__class__(**{**algo_config.__dict__, "hidden_sizes": (8,)})
     if hasattr(algo_config, "replay_ratios"):  # the fleet's offline sources come from the loop, not from here

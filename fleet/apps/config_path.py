@@ -1,5 +1,6 @@
-"""Where the Hydra config root lives (the repository's conf/), as an absolute path for @hydra.main."""
+"""Where the Hydra config root lives (the package fleet/conf/, shipped in the wheel; the repository's
+conf/ links to it), as an absolute path for @hydra.main."""
 
-from pathlib import Path
+from fleet.conf import CONF_DIR
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+__all__ = ["CONF_DIR"]

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fleet.apps.config_path import CONF_DIR
+from fleet.conf.schema_tools import check
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
 
@@ -28,6 +29,8 @@ def main() -> None:
         from fleet.interop.cli import main as interop_main
 
         raise SystemExit(interop_main(sys.argv[1:]))
+    import fleet.conf.schema_flywheel  # noqa: F401  (registers the config's schema, which flywheel.yaml names)
+
     run_flywheel()
 
 
@@ -37,6 +40,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.report import summary_table
     from sim.robots.registry import use_robot_modules
 
+    check(cfg)
     use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
 
     logging.getLogger("fleet").setLevel(logging.WARNING)

@@ -1,4 +1,4 @@
-"""``flywheel-robot``: a (simulated) robot's agent as a Hydra app (config: conf/robot.yaml).
+"""``flywheel-robot``: a (simulated) robot's agent as a Hydra app (config: fleet/conf/robot.yaml).
 
     FLYWHEEL_ROBOT_TOKEN=... flywheel-robot robot.robot_id=ant-07 episodes=20 fleet.agent.server_url=http://127.0.0.1:8700
 """
@@ -11,13 +11,16 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
+from fleet.conf.schema_tools import check
 from sim.robots.registry import use_robot_modules
 
 
 @hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    check(cfg)
     use_robot_modules(cfg.robot_modules)
     robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
     policy = None

@@ -1,0 +1,94 @@
+"""Schema of `flywheel` (flywheel.yaml) and of its groups, registered in Hydra's ConfigStore on import.
+
+Each node's fields come from the dataclass or function that reads it (``LoopSettings``, ``gate``,
+``TrainerConfig``, ``CalibrationConfig``, ...), so a knob is declared once, in the code."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from fleet.conf.schema_fleet import FleetSchema
+from fleet.conf.schema_tools import extend, fields_schema, signature_schema, target_schema
+from fleet.pipeline.gate import gate
+from fleet.pipeline.loop import LoopSettings
+from fleet.tracking import Tracker
+from policies.mbpo import MBPOConfig
+from policies.ppo import PPOConfig
+from policies.sac import SACConfig
+from policies.trainer import TrainerConfig
+from sim.calibration import CalibrationConfig
+from sim.scenario import DomainRandomization
+from worldmodel.ensemble import EnsembleConfig
+from worldmodel.proposals import ProposalConfig
+from worldmodel.rollout import RolloutConfig
+from worldmodel.train import TrainConfig
+
+GateSchema = signature_schema(gate, "GateSchema")  # loop.gate: gate(**loop.gate)
+LoopSchema = extend(fields_schema(LoopSettings, "LoopFields", exclude=("seed", "gate")), "LoopSchema", gate=(GateSchema, GateSchema))  # seed: top level
+WandbSchema = signature_schema(Tracker, "WandbSchema", only=("mode", "project", "entity"))
+TrainerSchema = target_schema(TrainerConfig)
+CalibrationSchema, RandomizationSchema = target_schema(CalibrationConfig), target_schema(DomainRandomization, convert="all")
+ProposalSchema = extend(target_schema(ProposalConfig), "ProposalSchema", randomization=(RandomizationSchema, RandomizationSchema))
+EnsembleSchema, TrainSchema, RolloutSchema = target_schema(EnsembleConfig), target_schema(TrainConfig), target_schema(RolloutConfig)
+
+
+@dataclasses.dataclass
+class RaySchema:
+    """``ray``: what ``fleet.pipeline.services.start_ray`` passes to ``ray.init``."""
+
+    address: Optional[str] = None  # null: start a local Ray; "auto" or "ray://host:10001": join one
+    num_cpus: Optional[int] = None
+    object_store_memory: Optional[int] = None
+    include_dashboard: bool = False
+
+
+@dataclasses.dataclass
+class FanoutSchema:
+    chunk_size: int = 64  # scenarios per job: fleet.pipeline.steps.generate_scenarios(chunk_size=...)
+
+
+@dataclasses.dataclass
+class ScenariosSchema:
+    calibration: CalibrationSchema = dataclasses.field(default_factory=CalibrationSchema)
+    proposals: ProposalSchema = dataclasses.field(default_factory=ProposalSchema)
+    fanout: FanoutSchema = dataclasses.field(default_factory=FanoutSchema)
+
+
+@dataclasses.dataclass
+class WorldModelSchema:
+    ensemble: EnsembleSchema = dataclasses.field(default_factory=EnsembleSchema)
+    train: TrainSchema = dataclasses.field(default_factory=TrainSchema)
+    rollout: RolloutSchema = dataclasses.field(default_factory=RolloutSchema)
+
+
+@dataclasses.dataclass
+class PolicySchema:
+    """``policy``: the learner. ``algorithm`` is typed per option (base_sac, base_mbpo, base_ppo)."""
+
+    trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
+    algorithm: Any = None
+
+
+@dataclasses.dataclass
+class FlywheelSchema:
+    """flywheel.yaml: the whole loop."""
+
+    seed: int = 0
+    robot_modules: List[str] = dataclasses.field(default_factory=list)
+    run_dir: str = "${hydra:runtime.output_dir}"
+    loop: LoopSchema = dataclasses.field(default_factory=LoopSchema)
+    worldmodel: WorldModelSchema = dataclasses.field(default_factory=WorldModelSchema)
+    scenarios: ScenariosSchema = dataclasses.field(default_factory=ScenariosSchema)
+    policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
+    fleet: FleetSchema = dataclasses.field(default_factory=FleetSchema)
+    ray: RaySchema = dataclasses.field(default_factory=RaySchema)
+    wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
+
+
+store = ConfigStore.instance().store
+store(name="base_flywheel", node=FlywheelSchema)
+for name, algo in (("base_sac", SACConfig), ("base_mbpo", MBPOConfig), ("base_ppo", PPOConfig)):
+    store(group="policy", name=name, node=extend(PolicySchema, f"Policy{algo.__name__}Schema", algorithm=(target_schema(algo), target_schema(algo))))

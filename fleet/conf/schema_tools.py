@@ -1,0 +1,128 @@
+"""Hydra schemas made from the code's own dataclasses and signatures, so each knob is declared once.
+
+``target_schema(TrainerConfig)`` is a (mutable) dataclass with ``TrainerConfig``'s fields, types
+and defaults plus ``_target_`` (and ``_convert_`` when asked): registered in Hydra's ConfigStore,
+a YAML node that names an unknown field or gives a value of the wrong type is refused at compose
+time, with the key named. ``signature_schema(fn)`` does the same for a function's keyword
+arguments. Types OmegaConf cannot check (unions, callables) become ``Any``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+PRIMITIVES = (int, float, str, bool, Path)
+
+
+def omegaconf_type(hint: Any) -> Any:
+    """The nearest type OmegaConf 2.3 checks: primitives, Optional, List, Dict, schemas; else Any."""
+    if hint in PRIMITIVES or hint is Any:
+        return hint
+    if dataclasses.is_dataclass(hint):
+        return target_schema(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            inner = omegaconf_type(rest[0])
+            return Any if inner is Any else Optional[inner]
+        return Any
+    if origin is typing.Literal:
+        kinds = {type(a) for a in args}
+        return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in PRIMITIVES else Any
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        items = [a for a in args if a is not Ellipsis]
+        return List[omegaconf_type(items[0])] if len(set(items)) == 1 else List[Any]
+    if origin in (dict, Mapping) or hint is dict:
+        return Dict[str, omegaconf_type(args[1])] if args else Dict[str, Any]
+    return Any
+
+
+def _default(value: Any, hint: Any) -> dataclasses.Field:
+    """A dataclass field default OmegaConf accepts: tuples as lists, containers by factory."""
+    if value is inspect.Parameter.empty or value is dataclasses.MISSING:
+        return dataclasses.field(default=MISSING)
+    if dataclasses.is_dataclass(value):
+        schema = hint if dataclasses.is_dataclass(hint) else target_schema(type(value))
+        kwargs = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.field(default_factory=lambda: schema(**kwargs))
+    plain = _plain(value)
+    if isinstance(plain, (list, dict)):
+        return dataclasses.field(default_factory=lambda: _plain(value))
+    return dataclasses.field(default=plain)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@functools.cache
+def target_schema(cls: type, convert: str | None = None) -> type:
+    """A schema for YAML nodes that build ``cls`` with ``_target_`` (nested dataclasses too)."""
+    head = [("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}"))]
+    if convert:
+        head.append(("_convert_", str, dataclasses.field(default=convert)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", [*head, *_fields(cls)])
+
+
+def fields_schema(cls: type, name: str, exclude: tuple[str, ...] = ()) -> type:
+    """A schema with ``cls``'s fields but ``exclude``, for a node the code reads itself (no ``_target_``)."""
+    return dataclasses.make_dataclass(name, _fields(cls, exclude))
+
+
+def _fields(cls: type, exclude: tuple[str, ...] = ()) -> list[tuple]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in exclude:
+            hint = omegaconf_type(hints[f.name])
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out.append((f.name, hint, _default(value, hint)))
+    return out
+
+
+def signature_schema(fn: Any, name: str, only: tuple[str, ...] | None = None) -> type:
+    """A schema of ``fn``'s keyword arguments (or just ``only``), for a node the code passes as ``**kwargs``."""
+    hints = typing.get_type_hints(fn)
+    params = [p for p in inspect.signature(fn).parameters.values() if (p.name in only if only else p.kind == p.KEYWORD_ONLY)]
+    fields = [(p.name, omegaconf_type(hints.get(p.name, Any)), _default(p.default, None)) for p in params]
+    return dataclasses.make_dataclass(name, fields)
+
+
+def extend(schema: type, name: str, **fields: tuple[Any, Any]) -> type:
+    """A subclass of ``schema`` with more fields, or some retyped: name=(type, default factory)."""
+    extra = [(k, t, dataclasses.field(default_factory=d)) for k, (t, d) in fields.items()]
+    return dataclasses.make_dataclass(name, extra, bases=(schema,))
+
+
+def unknown_keys(node: Any, path: str = "") -> list[str]:
+    """Keys of typed nodes that their schema lacks: Hydra lets ``+key=value`` add them past it."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        return [k for i, v in enumerate(node) for k in unknown_keys(v, f"{path}[{i}]")]
+    if not isinstance(node, DictConfig):
+        return []
+    schema = node._metadata.object_type
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    out = [f"{path}{k}" for k in node.keys() if known is not None and k not in known]
+    return out + [k for key, v in node.items_ex(resolve=False) for k in unknown_keys(v, f"{path}{key}.")]
+
+
+def check(cfg: Any) -> None:
+    """Stop with the keys no code reads (added with ``+key=value``), before anything runs."""
+    if unknown := unknown_keys(cfg):
+        raise SystemExit(f"unknown config keys {unknown}: nothing reads them; check their spelling (fleet/conf/schema_*.py lists every key)")
