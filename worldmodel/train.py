@@ -187,7 +187,7 @@ def fit_transitions(
     k = model.ensemble_size
     gen = torch.Generator(device=device).manual_seed(config.seed)
     flat = flatten_parameters(model.parameters())  # one buffer: each AdamW step is a few kernel calls, not ten per tensor
-    opt = torch.optim.AdamW([flat], lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)  # one fused kernel (CPU and CUDA)
+    opt = torch.optim.AdamW([flat], lr=config.learning_rate, weight_decay=config.weight_decay)
     best = evaluate(model, vx, vy, vterm)["mse"].clone()
     best_state = _member_state(model)
     stale, steps, evaluations, stopped_early = 0, 0, 0, False
