@@ -1,8 +1,24 @@
 """Simulation floor: robots (MJCF + tasks), physical variation, scenarios, batched MuJoCo
-stepping, gymnasium envs and the schema-v1 Episode record. Imports nothing above it."""
+stepping, gymnasium envs and the schema-v1 Episode record. Imports nothing above it.
 
-from sim.episode import Episode, EpisodeValidationError
-from sim.scenario import DomainRandomization, ScenarioSpec
-from sim.variation import VariationProfile
+Lazy (PEP 562): ``import sim.episode`` loads numpy and the standard library only, so a robot's
+agent reads and writes episodes without MuJoCo; the names below load their module on first use.
+"""
+
+from sim.lazy import lazy_getattr
+
+_EXPORTS = {
+    "Episode": "sim.episode",
+    "EpisodeValidationError": "sim.episode",
+    "DomainRandomization": "sim.scenario",
+    "ScenarioSpec": "sim.scenario",
+    "VariationProfile": "sim.variation",
+}
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = ["DomainRandomization", "Episode", "EpisodeValidationError", "ScenarioSpec", "VariationProfile"]

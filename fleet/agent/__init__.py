@@ -13,7 +13,7 @@ Only :mod:`fleet.agent.config` loads eagerly (the rest imports mujoco via sim on
 
 from __future__ import annotations
 
-from fleet.lazy import lazy_getattr
+from sim.lazy import lazy_getattr
 
 from fleet.agent.config import AgentConfig, SimRobotConfig
 

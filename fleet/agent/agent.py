@@ -36,6 +36,7 @@ class RobotAgent:
             request_timeout_s=config.request_timeout_s,
             status_interval_s=config.status_interval_s,
             max_attempts=config.max_attempts,
+            compress=config.compress_uploads,
             on_ack=on_ack,
             seed=seed,
         )

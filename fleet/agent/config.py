@@ -17,6 +17,8 @@ class AgentConfig:
     evicted beyond it. backoff_*: retry delays after a failed upload (exponential, jittered).
     status_interval_s: how often the uploader logs the queue depth. max_attempts: an episode the
     server keeps failing on (5xx) while it accepts others is set aside after this many tries.
+    compress_uploads: send uploads zstd-compressed once the server says it takes zstd (its
+    answers' Accept-Encoding); the spool keeps them uncompressed.
     """
 
     server_url: str = "http://127.0.0.1:8700"
@@ -29,6 +31,7 @@ class AgentConfig:
     request_timeout_s: float = 30.0
     status_interval_s: float = 10.0
     max_attempts: int = 8  # 5xx answers to one episode, while others are accepted, before it is set aside
+    compress_uploads: bool = True  # zstd (Content-Encoding) once the server advertises it; docs/protocol.md
 
     def __post_init__(self):
         if self.spool_max_bytes < 1:

@@ -11,7 +11,7 @@ Protocol: docs/protocol.md. Only :mod:`fleet.server.config` loads eagerly.
 
 from __future__ import annotations
 
-from fleet.lazy import lazy_getattr
+from sim.lazy import lazy_getattr
 
 from fleet.server.config import ServerConfig
 

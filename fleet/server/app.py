@@ -1,7 +1,7 @@
 """The FastAPI app of flywheel-server: episode upload, listing, fetch, health, metrics.
 
 API (docs/protocol.md):
-    POST /v1/episodes            robot token; body: one safetensors episode
+    POST /v1/episodes            robot token; body: one safetensors episode (Content-Encoding: zstd accepted)
                                  201 created | 200 duplicate | 409 conflict | 4xx refused | 503 retry
     GET  /v1/episodes            operator token; ?robot_id=&source=&robot_model=&since=&until=&limit=&offset=
     GET  /v1/episodes/{id}       operator token; the episode as canonical safetensors
@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
+from fleet.server.content_encoding import ACCEPT_ENCODING, content_coding, decode_body
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
@@ -171,8 +172,11 @@ def create_app(
         start = time.perf_counter()
         try:
             principal = tokens.require(request.headers.get("authorization"), "robot")
+            coding = content_coding(request.headers.get("content-encoding"))
             with limits.admit(principal.robot_id), committer.receiving():
                 body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
+                if coding != "identity":  # decoded under the same limit as the body itself
+                    body = await run_in_threadpool(decode_body, body, coding, config.max_body_bytes)
                 episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
                 if episode.robot_id != principal.robot_id:
                     raise ApiError(
@@ -190,7 +194,10 @@ def create_app(
                 raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
             metrics.uploaded(status, nbytes, episode.num_steps)
             code = 201 if status == "created" else 200
-            return JSONResponse({"episode_id": episode.episode_id, "status": status}, status_code=code)
+            return JSONResponse({"episode_id": episode.episode_id, "status": status}, status_code=code, headers=ACCEPT_ENCODING)
+        except ApiError as exc:  # every answer tells the robot which codings it may send (RFC 7694)
+            exc.headers = {**ACCEPT_ENCODING, **(exc.headers or {})}
+            raise
         finally:
             metrics.observe_latency(time.perf_counter() - start)
 

@@ -13,7 +13,7 @@ Only :mod:`fleet.store.config` loads eagerly; the rest imports zarr/icechunk on 
 
 from __future__ import annotations
 
-from fleet.lazy import lazy_getattr
+from sim.lazy import lazy_getattr
 
 from fleet.store.config import StoreConfig
 

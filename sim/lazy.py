@@ -1,4 +1,5 @@
-"""Lazy package attributes: a package names what it exports, the heavy module loads on first use."""
+"""Lazy package attributes: a package names what it exports, the heavy module loads on first use
+(PEP 562). In the lowest floor, so every package (sim and fleet alike) uses the one helper."""
 
 from __future__ import annotations
 

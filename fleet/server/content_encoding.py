@@ -1,0 +1,77 @@
+"""Request content codings of POST /v1/episodes: identity and zstd (RFC 8878), decoded under a hard bound.
+
+A zstd body is one frame. A frame that declares a content size over the bound is refused before
+decoding; otherwise it is fed to the decoder in slices small enough that one slice adds at most
+``_SLACK`` bytes beyond the bound (a zstd block is at most 128 KiB of output and takes at least
+4 bytes of input), so a zip bomb costs at most ``limit + _SLACK`` bytes of output before its 413.
+The decoder's window (its own buffer) is capped at the larger of ``limit`` and 8 MiB. Refusals
+(docs/protocol.md):
+
+    415 unsupported_content_encoding   a coding other than identity or zstd (the answer's Accept-Encoding lists them)
+    413 body_too_large                 the decoded body would exceed ``limit``
+    400 bad_zstd                       not a zstd frame, corrupt (checksum included), truncated, bytes after
+                                       the frame, or a window over the cap
+"""
+
+from __future__ import annotations
+
+import zstandard
+
+from fleet.server.errors import ApiError
+
+ACCEPTED = ("zstd", "identity")
+ACCEPT_ENCODING = {"Accept-Encoding": ", ".join(ACCEPTED)}  # RFC 7694: a response tells the client which request codings work
+_MAX_RATIO = (128 << 10) // 4  # output bytes per input byte of the densest zstd block (4-byte RLE block -> 128 KiB)
+_SLACK = 8 << 20  # the most one slice may overshoot the bound
+_MIN_SLICE = _SLACK // _MAX_RATIO  # 256 bytes
+_MAX_WINDOW = 8 << 20  # zstd level 19's window; a frame needing more than this and the limit is refused (400)
+
+
+def content_coding(header: str | None) -> str:
+    """``"zstd"`` or ``"identity"`` from a Content-Encoding header; ApiError 415 for anything else."""
+    coding = (header or "identity").strip().lower()
+    if coding not in ACCEPTED:
+        raise ApiError(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {header[:60]!r} is not accepted; send one of {', '.join(ACCEPTED)} (one coding, not a list)",
+            "content-encoding",
+            ACCEPT_ENCODING,
+        )
+    return coding
+
+
+def decode_body(body: bytes, coding: str, limit: int) -> bytes:
+    """The body as sent before its content coding, at most ``limit`` bytes; ApiError 413/400 otherwise."""
+    if coding == "identity":
+        return body
+    return _unzstd(body, limit)
+
+
+def _unzstd(body: bytes, limit: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(body)  # -1 when the frame does not say
+    except zstandard.ZstdError:
+        declared = -1  # not a frame header: the decoder below names the fault
+    if declared > limit:
+        raise ApiError(413, "body_too_large", f"zstd frame declares {declared} bytes, over the {limit}-byte limit", "content-encoding")
+    decoder = zstandard.ZstdDecompressor(max_window_size=max(limit, _MAX_WINDOW)).decompressobj()
+    parts, size, pos = [], 0, 0
+    view = memoryview(body)
+    try:
+        while pos < len(body) and not decoder.eof:
+            step = max(_MIN_SLICE, (limit - size) // _MAX_RATIO)
+            out = decoder.decompress(view[pos : pos + step])
+            pos += step
+            size += len(out)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"zstd body decompresses to more than the {limit}-byte limit", "content-encoding")
+            parts.append(out)
+    except zstandard.ZstdError as exc:
+        raise ApiError(400, "bad_zstd", f"not a valid zstd stream ({exc})", "body") from None
+    if not decoder.eof:
+        raise ApiError(400, "bad_zstd", f"zstd stream truncated: {len(body)} bytes end inside the frame", "body")
+    extra = len(decoder.unused_data) + max(0, len(body) - pos)
+    if extra:
+        raise ApiError(400, "bad_zstd", f"{extra} bytes after the end of the zstd frame; send exactly one frame", "body")
+    return b"".join(parts)
