@@ -297,3 +297,28 @@ def test_a_robot_given_no_or_bad_root_metadata_says_what_to_provision(tmp_path):
     for root, message in ((None, "provision this robot"), (b'{"signed": {}}', "not valid TUF root metadata")):
         with pytest.raises(ValueError, match=message):
             SignedPolicySource("http://127.0.0.1:9", "t", "robot-0", trust, builtin_policy("zero", 1).current(), root=root)
+
+
+def test_flywheel_registry_refresh_re_signs_a_statically_hosted_registry(tmp_path, capsys):
+    """Nothing answers timestamp requests under static hosting: `flywheel-registry refresh` re-signs
+    what is past half its life (here a 60 s timestamp under the 1-day default), then nothing more."""
+    from fleet.apps.registry_keys import main
+    from fleet.registry.store import open_registry
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    roots = [keys / f"root-{i}.pem" for i in (1, 2, 3)]
+    registry = open_registry(reg, keys / "online.pem", root_keys=roots, expiry_s={"timestamp": 60})
+    weights, manifest = exported(tmp_path, "v1")
+    registry.publish(weights, policy=manifest, **SPEC)
+    before = json.loads((reg / "tuf" / "metadata" / "timestamp.json").read_text())["signed"]
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["resigned"] == ["timestamp"] and done["versions"]["timestamp"] == before["version"] + 1
+    assert done["timestamp_expires"] > before["expires"]
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
+    assert json.loads(capsys.readouterr().out)["resigned"] == []
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1  # never made up
+    assert "cannot read the private key" in capsys.readouterr().err
+    load_signer(keys / "stranger.pem", create=True)
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1
+    assert "is not the key root v1 names" in capsys.readouterr().err

@@ -4,11 +4,17 @@
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --online-key new-online.pem
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --new-root-key n1.pem --new-root-key n2.pem --threshold 2
     flywheel-registry show   --dir runs/fleet/registry
+    flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem   # static hosting: re-sign, then upload <dir>/tuf
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
 new root keys, by them too. Then (re)start the server with the online key the root names: it
 re-signs targets, snapshot and timestamp, and robots follow the new root on their next update.
+
+``refresh`` does what the server does on each ``timestamp.json`` request, for a registry served
+as static files (docs/security.md): it re-signs, with the online key, whatever is past half its
+life or no longer verifies under the current root, and prints what it did. Run it well within the
+timestamp's life (1 day by default), e.g. hourly, then upload ``<dir>/tuf`` again.
 """
 
 from __future__ import annotations
@@ -19,16 +25,19 @@ import sys
 from pathlib import Path
 
 from fleet.registry.signing import load_signer
+from fleet.registry.store import PolicyRegistry
 from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, init_root, rotate_keys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel-registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("init", "rotate", "show"):
+    for name in ("init", "rotate", "show", "refresh"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--dir", required=True, help="the registry directory (its TUF repository is <dir>/tuf)")
-        if name == "show":
+        if name in ("show", "refresh"):
+            if name == "refresh":
+                cmd.add_argument("--online-key", required=True, help="the online key (private PEM) the root names")
             continue
         cmd.add_argument("--root-key", action="append", default=[], help="a current root key (private PEM); repeat")
         cmd.add_argument("--online-key", help="the online key (private PEM) for targets, snapshot and timestamp")
@@ -52,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                 new_root_signers=[load_signer(k, create=True) for k in args.new_root_key],
                 threshold=args.threshold,
             )
+        elif args.command == "refresh":
+            before = _online_versions(TufRepository(tuf_dir, {}))
+            registry = PolicyRegistry(args.dir, load_signer(args.online_key))  # checks the key; re-signs what it no longer verifies
+            registry.refresh()  # and what is past half its life
+            after = _online_versions(registry.repo)
+            timestamp = registry.repo.open("timestamp").signed
+            resigned = [role for role in ONLINE_ROLES if after[role] != before.get(role)]
+            print(json.dumps({"resigned": resigned, "versions": after, "timestamp_expires": timestamp.expires.isoformat()}))
+            return 0
         else:
             root = TufRepository(tuf_dir, {}).require_root()
     except Exception as exc:  # a ceremony's every failure is the operator's to read, not a traceback
@@ -60,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     roles = {role: {"keyids": [k[:16] for k in root.roles[role].keyids], "threshold": root.roles[role].threshold} for role in ("root", *ONLINE_ROLES)}
     print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1))
     return 0
+
+
+def _online_versions(repo: TufRepository) -> dict[str, int]:
+    return {role: repo.open(role).signed.version for role in ONLINE_ROLES}
 
 
 if __name__ == "__main__":
