@@ -51,6 +51,19 @@ def rng():
     return np.random.default_rng(0)
 
 
+def tampered_bytes(ep, arrays=None, meta=None, drop=()) -> bytes:
+    """Wire bytes of ``ep`` with arrays/metadata replaced or dropped, not validated (the encoder does not
+    validate): what a faulty or hostile client could send."""
+    from sim.episode import encode_safetensors
+
+    a = {**ep.arrays(), **(arrays or {})}
+    m = {**ep.metadata, **(meta or {})}
+    for key in drop:
+        a.pop(key, None)
+        m.pop(key, None)
+    return encode_safetensors(a, m)
+
+
 def make_episode_arrays(num_steps: int = 5, obs_dim: int = 3, act_dim: int = 2, seed: int = 0) -> dict:
     """Valid schema-v1 arrays of a small random episode (terminated at its last step)."""
     r = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sim.episode import Episode, EpisodeValidationError
-from tests.conftest import make_episode_arrays
+from tests.conftest import make_episode_arrays, tampered_bytes
 
 META = {"robot_id": "robot-1", "robot_model": "arm", "source": "real", "policy_version": "v3"}
 NAMES = {"observation": ["shoulder", "elbow", "wrist"], "action": ["shoulder_cmd", "elbow_cmd"]}
@@ -28,18 +28,6 @@ def make_v1_1(extras=None, **meta) -> Episode:
     fields.update(meta)
     fields = {k: v for k, v in fields.items() if v is not None}
     return Episode.create(**make_episode_arrays(), **META, extras=camera() if extras is None else extras, **fields)
-
-
-def raw_bytes(ep: Episode, arrays=None, meta=None, drop=()) -> bytes:
-    """Wire bytes of ``ep`` changed without validation (the encoder does not validate)."""
-    from sim.episode import encode_safetensors
-
-    a = {**ep.arrays(), **(arrays or {})}
-    m = {**ep.metadata, **(meta or {})}
-    for key in drop:
-        a.pop(key, None)
-        m.pop(key, None)
-    return encode_safetensors(a, m)
 
 
 def test_a_full_1_1_record_round_trips_bit_exact():
@@ -97,7 +85,7 @@ def test_1_1_with_only_schema_1_content_and_schema_1_records_stay_valid():
     ],
 )
 def test_bad_1_1_metadata_is_refused_naming_the_field(change, field, words):
-    data = raw_bytes(make_v1_1(), meta=change)
+    data = tampered_bytes(make_v1_1(), meta=change)
     with pytest.raises(EpisodeValidationError) as info:
         Episode.from_bytes(data)
     assert info.value.field == field and words in info.value.reason, info.value
@@ -117,14 +105,14 @@ def test_bad_1_1_metadata_is_refused_naming_the_field(change, field, words):
     ],
 )
 def test_bad_camera_clocks_are_refused_naming_the_array(arrays, drop, field, words):
-    data = raw_bytes(make_v1_1(cameras=None), arrays=arrays, drop=drop)
+    data = tampered_bytes(make_v1_1(cameras=None), arrays=arrays, drop=drop)
     with pytest.raises(EpisodeValidationError) as info:
         Episode.from_bytes(data)
     assert info.value.field == field and words in info.value.reason, info.value
 
 
 def test_1_1_keys_in_a_schema_1_record_say_to_set_the_version():
-    data = raw_bytes(Episode.create(**make_episode_arrays(), **META), meta={"task": "pick"})
+    data = tampered_bytes(Episode.create(**make_episode_arrays(), **META), meta={"task": "pick"})
     with pytest.raises(EpisodeValidationError, match="set schema_version to '1.1'") as info:
         Episode.from_bytes(data)
     assert info.value.field == "task"
@@ -161,7 +149,7 @@ def test_any_1_1_field_value_gives_an_episode_or_a_schema_error():
     def check(key, value, text):
         field = text if key in ("task", "control_rate_hz") else json.dumps(value)
         try:
-            Episode.from_bytes(raw_bytes(base, meta={key: field}))
+            Episode.from_bytes(tampered_bytes(base, meta={key: field}))
         except EpisodeValidationError as exc:
             assert exc.field.split(".")[0] == key
 

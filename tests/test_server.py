@@ -18,10 +18,10 @@ from fleet.server import ServerConfig, add_token, serve
 from fleet.server.auth import TokenRegistry
 from fleet.store import EpisodeStore, StoreConfig
 from sim.batched import BatchedStepper
-from sim.episode import Episode, encode_safetensors
+from sim.episode import Episode
 from sim.policy_fn import random_policy
 from sim.scenario import ScenarioSpec
-from tests.conftest import make_episode_arrays
+from tests.conftest import make_episode_arrays, tampered_bytes
 
 LIMIT = 256 * 1024
 
@@ -62,13 +62,7 @@ def stored_count(fleet) -> int:
 
 
 def raw(drop=(), arrays=None, meta=None) -> bytes:
-    ep = make(seed=7)
-    a = {**ep.arrays(), **(arrays or {})}
-    m = {**ep.metadata, **(meta or {})}
-    for key in drop:
-        a.pop(key, None)
-        m.pop(key, None)
-    return encode_safetensors(a, m)
+    return tampered_bytes(make(seed=7), arrays, meta, drop)
 
 
 def framed(header: bytes) -> bytes:
