@@ -11,7 +11,9 @@ condition, and on the conditions that robot never saw.
 
 Equal data: the pooled policy (N x S steps over N conditions) vs a specialist trained on N x S
 steps of one condition alone, each evaluated on that condition (goal >= 0.9: pooling must not
-cost a robot its own skill).
+cost a robot its own skill). The same for the pooled *body-conditioned* policy (one policy that
+reads each body's features, ``SACConfig.body_context``; sim/body_context.py), and its ratio to the
+plain pooled one: pooled vs pooled-conditioned vs solo.
 
 Part 2: returns per real env step. SAC online-only with 3x the real steps, vs the model-based
 learner (policies/mbpo.py, conf/policy/mbpo.yaml) with 1x real steps plus its synthetic data:
@@ -58,9 +60,10 @@ FLEET = ["nominal", "heavy_payload", "weak_motor", "noisy_sensor"]
 SAC = SACConfig(hidden_sizes=(64, 64), learning_starts=500, replay_ratios={"online": 1.0})
 
 
-def train(profiles: list[VariationProfile], steps: int, seed: int):
+def train(profiles: list[VariationProfile], steps: int, seed: int, body_context: bool = False):
     config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed)
-    with Trainer(config, make_algorithm(config, robust(SAC, profiles)), profiles=profiles) as trainer:
+    algo = dataclasses.replace(SAC, body_context=body_context)
+    with Trainer(config, make_algorithm(config, robust(algo, profiles)), profiles=profiles) as trainer:
         trainer.train()
         return trainer.algo.policy
 
@@ -93,6 +96,7 @@ def one_seed(steps: int, seed: int) -> dict:
     """Every return this benchmark compares, for one seed."""
     profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
     out = {"fleet": returns(train(profiles, steps * len(profiles), seed), profiles)}
+    out["fleet_conditioned"] = conditioned_fleet(steps, seed)
     out["solo"] = [returns(train([p], steps, seed), profiles) for p in profiles]
     out["specialist"] = [returns(train([p], steps * len(profiles), seed), [p])[0] for p in profiles]
     out["with_synthetic"] = float(np.mean(returns(train_model_based(profiles, steps, seed), profiles)))
@@ -100,11 +104,20 @@ def one_seed(steps: int, seed: int) -> dict:
     return out
 
 
+def conditioned_fleet(steps: int, seed: int) -> list[float]:
+    profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
+    return returns(train(profiles, steps * len(profiles), seed, body_context=True), profiles)
+
+
 def cached_seed(steps: int, seed: int, fresh: bool) -> dict:
     path = CACHE / f"steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
     if path.exists() and not fresh:
-        return json.loads(path.read_text())
-    out = one_seed(steps, seed)
+        out = json.loads(path.read_text())
+        if "fleet_conditioned" in out:
+            return out
+        out["fleet_conditioned"] = conditioned_fleet(steps, seed)  # a seed cached before the arm existed
+    else:
+        out = one_seed(steps, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
     return out
@@ -125,10 +138,15 @@ def report(steps: int, runs: list[dict]) -> None:
         unseen = med([float(np.mean([r["solo"][j][i] for j in range(n) if j != i])) for r in runs])
         emit(f"fleet_vs_solo/{c}/own_condition_return", fleet[i], "return", own, round(fleet[i] / own, 3) if own else None)
         emit(f"fleet_vs_solo/{c}/unseen_by_solo_return", fleet[i], "return", unseen, round(fleet[i] / unseen, 3) if unseen else None)
+    conditioned = [med([r["fleet_conditioned"][i] for r in runs]) for i in range(n)]
+    print(f"{'fleet, body-conditioned':>22} | " + " | ".join(f"{r:13.1f}" for r in conditioned), file=sys.stderr)
     for i, c in enumerate(FLEET):
         specialist = med([r["specialist"][i] for r in runs])
-        print(f"# {c} equal data per seed: " + ", ".join(f"{r['fleet'][i]:.1f}/{r['specialist'][i]:.1f}" for r in runs), file=sys.stderr)
+        print(f"# {c} equal data per seed (pooled/conditioned/specialist): " + ", ".join(
+            f"{r['fleet'][i]:.1f}/{r['fleet_conditioned'][i]:.1f}/{r['specialist'][i]:.1f}" for r in runs), file=sys.stderr)  # fmt: skip
         emit(f"fleet_vs_solo/{c}/equal_data_return", fleet[i], "return", specialist, round(fleet[i] / specialist, 3) if specialist else None)
+        emit(f"fleet_vs_solo/{c}/conditioned_equal_data_return", conditioned[i], "return", specialist, round(conditioned[i] / specialist, 3) if specialist else None)
+        emit(f"fleet_vs_solo/{c}/conditioned_vs_pooled_return", conditioned[i], "return", fleet[i], round(conditioned[i] / fleet[i], 3) if fleet[i] else None)
     a, b = med([r["with_synthetic"] for r in runs]), med([r["online_only_3x"] for r in runs])
     print("# synthetic per seed: " + ", ".join(f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}" for r in runs), file=sys.stderr)
     emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps, "real env steps", 3 * steps, round(1 / 3, 3))

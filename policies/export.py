@@ -20,7 +20,8 @@ from safetensors.torch import load as load_torch_safetensors
 
 from policies.checkpoint import load_checkpoint
 from policies.networks import Policy, PolicySpec
-from policies.runtime import ARCHITECTURE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, load_policy, manifest_bytes, parse_manifest
+from sim.variation import CONTEXT_FIELDS
+from policies.runtime import ARCHITECTURE, CONTEXT_ENCODING, FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, load_policy, manifest_bytes, parse_manifest
 
 
 def build_manifest(
@@ -37,16 +38,16 @@ def build_manifest(
     evaluation: Mapping | None = None,
 ) -> dict:
     spec = policy.spec
+    observation = {"dim": spec.obs_dim, "normalization": {"enabled": spec.normalize_obs, "clip": spec.obs_clip, "eps": spec.obs_eps}}
+    if spec.context_dim:  # a body-conditioned policy: what the robot appends to each observation
+        observation["context"] = {"dim": spec.context_dim, "fields": list(CONTEXT_FIELDS[: spec.context_dim]), "encoding": CONTEXT_ENCODING}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "policy_version": policy_version,
         "robot_model": robot_model,
         "architecture": {"type": ARCHITECTURE, "hidden_sizes": list(spec.hidden_sizes), "activation": spec.activation, "output": "tanh"},
-        "observation": {
-            "dim": spec.obs_dim,
-            "normalization": {"enabled": spec.normalize_obs, "clip": spec.obs_clip, "eps": spec.obs_eps},
-        },
+        "observation": observation,
         "action": {"dim": spec.act_dim, "low": -1.0, "high": 1.0},
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest(), "bytes": len(weights), "dtype": "float32"},
         "training": {
@@ -133,7 +134,9 @@ def torch_policy_from_export(directory: str | os.PathLike) -> Policy:
     manifest = parse_manifest((Path(directory) / MANIFEST_FILE).read_bytes())
     runtime = load_policy(directory, robot_model=manifest["robot_model"], obs_dim=manifest["observation"]["dim"], act_dim=manifest["action"]["dim"])
     arch, norm = manifest["architecture"], manifest["observation"]["normalization"]
-    spec = PolicySpec(runtime.obs_dim, runtime.act_dim, tuple(arch["hidden_sizes"]), arch["activation"], norm["enabled"], norm["clip"], norm["eps"])
+    spec = PolicySpec(
+        runtime.obs_dim, runtime.act_dim, tuple(arch["hidden_sizes"]), arch["activation"], norm["enabled"], norm["clip"], norm["eps"], runtime.context_dim
+    )
     policy = Policy(spec)
     weights = (Path(directory) / manifest["weights"]["file"]).read_bytes()
     policy.load_export_tensors(dict(load_torch_safetensors(weights)))

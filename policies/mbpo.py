@@ -35,7 +35,7 @@ from policies.networks import Policy, PolicySpec
 from policies.parallel import LocalComm
 from policies.sac import SAC, SACConfig
 from policies.transition import VectorStep
-from sim.variation import CONTEXT_DIM, VariationProfile
+from sim.variation import CONTEXT_DIM, VariationProfile, contexts
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.evaluate import ensemble_step_fn, open_loop_errors, trusted_horizon
 from worldmodel.rollout import RolloutConfig, model_rollout
@@ -75,11 +75,14 @@ class MBPOConfig:
         for name in ("retrain_steps", "model_train_every", "rollout_every", "rollouts_per_step", "model_retain", "max_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mbpo: {name} must be >= 1, got {getattr(self, name)}")
+        if self.sac.body_context and not self.condition_on_profile:
+            raise ValueError("mbpo: a body-conditioned policy (sac.body_context) needs condition_on_profile: its rollouts keep each start's body")
         if not 0 < self.val_fraction < 1 or not self.horizon_tolerance > 0:
             raise ValueError("mbpo: val_fraction must be in (0, 1) and horizon_tolerance > 0")
 
     # the policy spec reads the network settings from here (policies.trainer.make_spec)
     hidden_sizes = property(lambda self: self.sac.hidden_sizes)
+    body_context = property(lambda self: self.sac.body_context)
     activation = property(lambda self: self.sac.activation)
     normalize_obs = property(lambda self: self.sac.normalize_obs)
 
@@ -215,11 +218,12 @@ class RealLog:
 
 
 class _Explorer(nn.Module):
-    """The current stochastic policy as a module: raw obs (B, D) -> a ~ pi(.|obs) (B, A)."""
+    """The current stochastic policy as a module: raw obs (B, D) (+ body context) -> a ~ pi(.|obs) (B, A)."""
 
     def __init__(self, policy: Policy, generator: torch.Generator):
         super().__init__()
         self.policy, self.generator = policy, generator
+        self.context_dim = policy.context_dim
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.policy.actor.sample(self.policy.normalizer(obs), self.generator)[0]
@@ -268,7 +272,8 @@ class MBPO:
         """The variation profile of each world the learner steps (``policies.trainer.Trainer`` calls
         this): a conditioned world model reads each world's context. Unset: nominal bodies."""
         if self.real.context_dim:
-            self.world_context = np.stack([p.context() for p in profiles]).astype(np.float32)
+            self.world_context = contexts(profiles)
+        self.sac.set_world_profiles(profiles)
 
     def observe(self, step: VectorStep) -> None:
         self.sac.observe(step)
@@ -342,12 +347,18 @@ class MBPO:
         rollout_cfg = RolloutConfig(
             horizon=self.horizon, disagreement_threshold=cfg.disagreement_threshold, seed=int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         )
-        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg, self.real.contexts(starts))
+        context = self.real.contexts(starts)
+        policy_context = context if self.spec.context_dim else None
+        batch = model_rollout(self.model, self.real.view().obs[starts], _Explorer(self.policy, self.gen), rollout_cfg, context, policy_context)
         t = np.arange(self.horizon)[None]
         keep = t < batch.length[:, None]  # (N, H)
         last = t == (batch.length[:, None] - 1)
         terminated = last & batch.terminated[:, None]
-        obs, nxt = batch.observation[:, :-1][keep], batch.observation[:, 1:][keep]
+        obs, nxt = batch.observation[:, :-1], batch.observation[:, 1:]
+        if policy_context is not None:  # the policy's replay holds each transition's body next to it
+            body = np.broadcast_to(policy_context[:, None], (*obs.shape[:2], policy_context.shape[1]))
+            obs, nxt = np.concatenate([obs, body], axis=2), np.concatenate([nxt, body], axis=2)
+        obs, nxt = obs[keep], nxt[keep]
         self.sac.replay.add(MODEL, obs, batch.action[keep], batch.reward[keep], nxt, terminated[keep], np.zeros(int(keep.sum()), bool))
         self.refills += 1
         self.last_refill_step = self.sac.env_steps

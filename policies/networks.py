@@ -1,6 +1,8 @@
 """Networks: MLP trunks, the squashed Gaussian actor, critics, and the exportable Policy.
 
-Shapes: B is the batch, D = obs_dim, A = act_dim. Actions live in [-1, 1] (the sim floor's
+Shapes: B is the batch, D = obs_dim, A = act_dim; a body-conditioned policy (``context_dim`` C > 0,
+:class:`PolicySpec`) reads D + C inputs: the observation, then the robot's calibrated body features
+(:meth:`sim.variation.VariationProfile.context`), as in Rapid Motor Adaptation. Actions live in [-1, 1] (the sim floor's
 normalised actuator range): the actor samples u ~ N(mean, std) and acts a = tanh(u).
 
 Only :class:`Policy` (normaliser + actor trunk + mean head) is exported; its deterministic
@@ -33,12 +35,20 @@ class PolicySpec:
     normalize_obs: bool = True
     obs_clip: float = 10.0
     obs_eps: float = 1e-8
+    # > 0: the policy also reads its robot's body features (sim.variation.CONTEXT_FIELDS) after the
+    # observation; the robot gets them, calibrated and signed, with each release (docs/policies.md)
+    context_dim: int = 0
+
+    @property
+    def input_dim(self) -> int:
+        """What the networks read: the observation, then the body context."""
+        return self.obs_dim + self.context_dim
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.obs_dim < 1 or self.act_dim < 1 or not all(h > 0 for h in self.hidden_sizes):
+        if self.obs_dim < 1 or self.act_dim < 1 or self.context_dim < 0 or not all(h > 0 for h in self.hidden_sizes):
             raise ValueError(f"policy spec needs positive sizes, got obs_dim={self.obs_dim}, act_dim={self.act_dim}, hidden={self.hidden_sizes}")
 
 
@@ -160,18 +170,21 @@ class TwinQ(nn.Module):
 
 
 class Policy(nn.Module):
-    """The exportable policy: raw obs (B, D) -> deterministic action (B, A) in [-1, 1].
+    """The exportable policy: raw obs (B, D) (+ body context (B, C) after it, when
+    ``context_dim`` > 0) -> deterministic action (B, A) in [-1, 1].
 
-    Holds the normaliser (statistics travel with it) and the actor. A torch ``nn.Module``, so
-    ``sim.batched.BatchedStepper.simulate(scenarios, policy)`` runs it directly.
+    Holds the normaliser (statistics travel with it; the context columns pass through it
+    unchanged) and the actor. A torch ``nn.Module``, so ``sim.batched.BatchedStepper.simulate(scenarios,
+    policy)`` runs it directly (and hands a conditioned one each world's context).
     """
 
     def __init__(self, spec: PolicySpec, actor: SquashedGaussianActor | None = None, *, state_dependent_std: bool = True):
         super().__init__()
         self.spec = spec
-        self.normalizer = ObsNormalizer(spec.obs_dim, enabled=spec.normalize_obs, clip=spec.obs_clip, eps=spec.obs_eps)
+        self.context_dim = spec.context_dim  # read by sim.policy_fn: the stepper appends each world's context
+        self.normalizer = ObsNormalizer(spec.input_dim, enabled=spec.normalize_obs, clip=spec.obs_clip, eps=spec.obs_eps, fixed_tail=spec.context_dim)
         self.actor = actor or SquashedGaussianActor(
-            spec.obs_dim, spec.act_dim, spec.hidden_sizes, spec.activation, state_dependent_std=state_dependent_std
+            spec.input_dim, spec.act_dim, spec.hidden_sizes, spec.activation, state_dependent_std=state_dependent_std
         )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:

@@ -22,12 +22,17 @@ class ObsNormalizer(nn.Module):
 
     Buffers: ``mean`` (obs_dim,) f64, ``var`` (obs_dim,) f64, ``count`` () f64.
     ``enabled=False`` makes it the identity (the buffers stay mean 0, var 1), so every policy
-    has the same exported layout.
+    has the same exported layout. The last ``fixed_tail`` columns (a conditioned policy's body
+    context, already bounded) keep mean 0, var 1: a feature every training body shares would
+    otherwise get a zero variance and blow a new robot's value up to the clip.
     """
 
-    def __init__(self, obs_dim: int, *, enabled: bool = True, clip: float = 10.0, eps: float = 1e-8):
+    def __init__(self, obs_dim: int, *, enabled: bool = True, clip: float = 10.0, eps: float = 1e-8, fixed_tail: int = 0):
         super().__init__()
+        if not 0 <= fixed_tail <= obs_dim:
+            raise ValueError(f"fixed_tail must be in [0, {obs_dim}], got {fixed_tail}")
         self.obs_dim, self.enabled, self.clip, self.eps = obs_dim, enabled, float(clip), float(eps)
+        self.tracked = obs_dim - fixed_tail  # columns with running statistics
         self.register_buffer("mean", torch.zeros(obs_dim, dtype=torch.float64))
         self.register_buffer("var", torch.ones(obs_dim, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
@@ -47,20 +52,21 @@ class ObsNormalizer(nn.Module):
         """Fold a batch ``obs`` (B, obs_dim) into the statistics; ``reduce`` sums moments across ranks."""
         if not self.enabled:
             return
-        x = obs.detach().to(torch.float64).reshape(-1, self.obs_dim)
+        x = obs.detach().to(torch.float64).reshape(-1, self.obs_dim)[:, : self.tracked]
         moments = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0), (x * x).sum(0)])
         if reduce is not None:
             moments = reduce(moments)
         n = moments[0]
         if n <= 0:
             return
-        d = self.obs_dim
+        d = self.tracked
         batch_mean = moments[1 : 1 + d] / n
         batch_var = (moments[1 + d :] / n - batch_mean**2).clamp_min(0.0)
         total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * n / total
-        self.var.copy_((self.var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
+        mean, var = self.mean[:d], self.var[:d]
+        delta = batch_mean - mean
+        mean += delta * n / total
+        var.copy_((var * self.count + batch_var * n + delta**2 * self.count * n / total) / total)
         self.count.copy_(total)
         self._refresh()
 

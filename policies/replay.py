@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -74,8 +74,12 @@ class TransitionBuffer:
         self.pos = int((self.pos + b) % self.capacity)
         self.size = int(min(self.size + b, self.capacity))
 
-    def add_episode(self, ep: Episode) -> None:
+    def add_episode(self, ep: Episode, context: np.ndarray | None = None) -> None:
+        """``ep``'s transitions; ``context`` (C,): its body's features, appended to every observation
+        (a body-conditioned policy's replay)."""
         obs = ep.observation
+        if context is not None and len(context):
+            obs = np.concatenate([obs, np.broadcast_to(np.asarray(context, np.float32), (len(obs), len(context)))], axis=1)
         self.add(obs[:-1], ep.action, ep.reward, obs[1:], ep.terminated, ep.truncated)
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -137,7 +141,12 @@ class MixedReplay:
         offline: Mapping[str, Sequence[Episode]] | None = None,
         robot_model: str | None = None,
         generated: Mapping[str, int] | None = None,
+        context_dim: int = 0,
+        context_of: Callable[[Episode], np.ndarray | None] | None = None,
     ):
+        """``obs_dim``: what is stored per observation, the last ``context_dim`` of them the body
+        features of a conditioned policy; ``context_of(episode)`` gives an offline episode's (None or
+        no ``context_of``: the nominal body, all zeros)."""
         offline, generated = dict(offline or {}), dict(generated or {})
         if not ratios or any(v <= 0 or not np.isfinite(v) for v in ratios.values()):
             raise ValueError(f"replay ratios must be a non-empty map of positive weights, got {dict(ratios)}")
@@ -163,11 +172,12 @@ class MixedReplay:
         self.sources: dict[str, TransitionBuffer] = {}
         for name in self.ratios:
             episodes = offline.get(name, [])
-            _check_episodes(name, episodes, obs_dim, act_dim, robot_model)
+            _check_episodes(name, episodes, obs_dim - context_dim, act_dim, robot_model)
             capacity = sum(ep.num_steps for ep in episodes) + (online_capacity if name == self.online_source else 0) + generated.get(name, 0)
             buf = TransitionBuffer(capacity, obs_dim, act_dim)
             for ep in episodes:
-                buf.add_episode(ep)
+                context = context_of(ep) if context_dim and context_of is not None else None
+                buf.add_episode(ep, np.zeros(context_dim, np.float32) if context_dim and context is None else context)
             self.sources[name] = buf
 
     def add_online(self, obs, action, reward, next_obs, terminated, truncated) -> None:

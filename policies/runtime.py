@@ -3,7 +3,12 @@
 An exported policy is two files (written by :mod:`policies.export`)::
 
     manifest.json        plain JSON, keys sorted (the fleet signs these bytes)
-    weights.safetensors  float32 tensors: normalizer.mean/var (D,), trunk.<i>.weight/bias, mean.weight/bias
+    weights.safetensors  float32 tensors: normalizer.mean/var (D + C,), trunk.<i>.weight/bias, mean.weight/bias
+
+A body-conditioned policy (``observation.context`` in the manifest: C features named in
+``fields``, encoded as ``sim.variation.VariationProfile.context``) reads the D observation values
+and then its robot's C body features; the robot gets its features with the release
+(``body_contexts``, docs/protocol.md) and :func:`sim.policy_fn.with_context` binds them.
 
 :func:`load_policy` refuses anything that does not match what the robot expects (robot
 model, observation and action sizes), whose weights do not hash to the manifest's sha256,
@@ -30,6 +35,7 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 ACTIVATIONS = {"tanh": np.tanh, "relu": lambda x: np.maximum(x, 0.0, out=x)}  # mirrors policies.networks
 MAX_MANIFEST_BYTES = 1 << 20
+CONTEXT_ENCODING = "variation_profile_tanh_v1"  # sim.variation.VariationProfile.context
 
 
 class PolicyLoadError(ValueError):
@@ -41,9 +47,18 @@ def manifest_bytes(manifest: dict) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
+def context_dim(manifest: dict) -> int:
+    """How many body features the policy reads after the observation (0: not conditioned)."""
+    return int(manifest["observation"].get("context", {}).get("dim", 0))
+
+
+def input_dim(manifest: dict) -> int:
+    return manifest["observation"]["dim"] + context_dim(manifest)
+
+
 def expected_tensor_shapes(manifest: dict) -> dict[str, list[int]]:
     """Tensor name -> shape implied by the manifest's architecture and specs."""
-    arch, d, a = manifest["architecture"], manifest["observation"]["dim"], manifest["action"]["dim"]
+    arch, d, a = manifest["architecture"], input_dim(manifest), manifest["action"]["dim"]
     sizes = [d, *arch["hidden_sizes"]]
     shapes = {"normalizer.mean": [d], "normalizer.var": [d]}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -53,11 +68,14 @@ def expected_tensor_shapes(manifest: dict) -> dict[str, list[int]]:
 
 
 class RuntimePolicy:
-    """A verified policy: :meth:`act` maps obs (obs_dim,) or (N, obs_dim) to actions in [-1, 1]."""
+    """A verified policy: :meth:`act` maps obs (obs_dim,) or (N, obs_dim) to actions in [-1, 1]; a
+    conditioned one (``context_dim`` > 0) reads obs_dim + context_dim values, the body features last."""
 
     def __init__(self, manifest: dict, tensors: dict[str, np.ndarray]):
         self.manifest = manifest
         self.obs_dim, self.act_dim = manifest["observation"]["dim"], manifest["action"]["dim"]
+        self.context_dim = context_dim(manifest)
+        self.input_dim = self.obs_dim + self.context_dim
         norm = manifest["observation"]["normalization"]
         self._normalize = bool(norm["enabled"])
         self._clip = np.float32(norm["clip"])
@@ -74,10 +92,11 @@ class RuntimePolicy:
         return self.manifest["policy_version"]
 
     def act(self, obs: np.ndarray) -> np.ndarray:
-        """obs (obs_dim,) or (N, obs_dim) -> action (act_dim,) or (N, act_dim), float32, deterministic."""
+        """obs (input_dim,) or (N, input_dim) -> action (act_dim,) or (N, act_dim), float32, deterministic."""
         x = np.asarray(obs, dtype=np.float32)
-        if x.shape[-1] != self.obs_dim or x.ndim not in (1, 2):
-            raise ValueError(f"observation must have shape ({self.obs_dim},) or (N, {self.obs_dim}), got {x.shape}")
+        if x.shape[-1] != self.input_dim or x.ndim not in (1, 2):
+            what = "observation" if not self.context_dim else f"observation + body context ({self.obs_dim} + {self.context_dim})"
+            raise ValueError(f"{what} must have shape ({self.input_dim},) or (N, {self.input_dim}), got {x.shape}")
         if self._normalize:
             x = np.clip((x - self._mean) * self._inv_std, -self._clip, self._clip)
         for w, b in self._layers:
@@ -139,16 +158,28 @@ def parse_manifest(raw: bytes | str | dict) -> dict:
             isinstance(weights["file"], str) and "/" not in weights["file"] and "\\" not in weights["file"] and weights["file"] not in ("", ".", ".."),
             isinstance(weights["sha256"], str) and len(weights["sha256"]) == 64,
             isinstance(manifest["robot_model"], str) and isinstance(manifest["policy_version"], str),
+            _context_ok(obs.get("context")),
         ]
     except (KeyError, TypeError, ValueError) as exc:
         raise PolicyLoadError(f"manifest is missing or mistypes a required field ({exc.__class__.__name__}: {exc})") from None
     if not all(checks):
         names = ["architecture.type", "architecture.activation", "architecture.hidden_sizes", "observation.dim", "action.dim",
                  "observation.normalization.enabled", "observation.normalization.clip/eps", "weights.file", "weights.sha256",
-                 "robot_model/policy_version"]  # fmt: skip
+                 "robot_model/policy_version", "observation.context"]  # fmt: skip
         bad = [n for n, ok in zip(names, checks) if not ok]
         raise PolicyLoadError(f"manifest fields out of spec: {bad}")
     return manifest
+
+
+def _context_ok(context) -> bool:
+    """An absent context, or {"dim": C > 0, "fields": C names, "encoding": the one this runtime knows}."""
+    if context is None:
+        return True
+    return (
+        isinstance(context, dict) and isinstance(context.get("dim"), int) and not isinstance(context["dim"], bool) and context["dim"] > 0
+        and isinstance(context.get("fields"), list) and len(context["fields"]) == context["dim"] and all(isinstance(f, str) for f in context["fields"])
+        and context.get("encoding") == CONTEXT_ENCODING
+    )  # fmt: skip
 
 
 def load_policy_bytes(manifest: bytes | str | dict, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int) -> RuntimePolicy:

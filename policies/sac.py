@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from policies.parallel import LocalComm
 from policies.replay import MixedReplay
 from policies.transition import VectorStep
 from sim.episode import Episode
+from sim.variation import contexts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SACConfig:
     # std of Gaussian noise on the raw observations the actor reads in updates (the critic reads them
     # clean): a policy that holds up under sensor noise of this size, judged on the state it acts in
     actor_obs_noise: float = 0.0
+    # the policy (and critic) also read each transition's body features (sim.variation.VariationProfile.context
+    # of its world, episode or scenario): one policy for many bodies, told apart (policies.networks.PolicySpec)
+    body_context: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
@@ -90,15 +94,17 @@ class SAC:
         comm: LocalComm | None = None,
         device: str | torch.device = "cpu",
         generated: Mapping[str, int] | None = None,
+        context_of: Callable[[Episode], np.ndarray | None] | None = None,
     ):
         """``offline``: replay source -> episodes; ``generated``: replay source -> capacity of the
-        sources a model-based learner fills while training (:meth:`MixedReplay.add`)."""
+        sources a model-based learner fills while training (:meth:`MixedReplay.add`); ``context_of``:
+        an offline episode's body features, for a conditioned policy (``spec.context_dim``)."""
         self.config, self.spec, self.comm = config, spec, comm or LocalComm()
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # same initial weights on every rank and device
             self.policy = Policy(spec, state_dependent_std=True).to(self.device)
-            self.critic = TwinQ(spec.obs_dim, spec.act_dim, spec.hidden_sizes, spec.activation).to(self.device)
+            self.critic = TwinQ(spec.input_dim, spec.act_dim, spec.hidden_sizes, spec.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         # actor and critic weights each in one buffer (worldmodel/flat_params.py), the target critic's in
         # a third: the optimiser step and the Polyak update are a few kernel calls, not one per tensor
@@ -116,14 +122,17 @@ class SAC:
         self.opt = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in groups], fused=True)
         self.replay = MixedReplay(
             config.replay_ratios,
-            spec.obs_dim,
+            spec.input_dim,
             spec.act_dim,
             online_source=config.online_source,
             online_capacity=config.buffer_size,
             offline=offline,
             robot_model=robot_model,
             generated=generated,
+            context_dim=spec.context_dim,
+            context_of=context_of,
         )
+        self.world_context = np.zeros((0, spec.context_dim), np.float32)  # set_world_profiles
         # one CPU stream per rank for every random draw (noise is drawn on CPU, then moved)
         self.gen = torch.Generator().manual_seed(seed * 1_000_003 + self.comm.rank)
         self.env_steps = 0  # this rank's env steps seen by observe()
@@ -131,9 +140,27 @@ class SAC:
         self.gradient_steps = 0
 
     # -- acting ----------------------------------------------------------------------------
+    def set_world_profiles(self, profiles) -> None:
+        """The variation profile of each world the trainer steps: a conditioned policy reads their
+        features next to each world's observation (unset: the nominal body)."""
+        if self.spec.context_dim:
+            self.world_context = contexts(profiles)
+
+    def inputs(self, obs: np.ndarray) -> np.ndarray:
+        """What the networks read for the worlds' obs (N, D): obs, then each world's body features."""
+        if not self.spec.context_dim:
+            return obs
+        context = self.world_context
+        if not len(context):  # no profiles given: the nominal body
+            context = np.zeros((len(obs), self.spec.context_dim), np.float32)
+        elif len(context) != len(obs):
+            raise ValueError(f"{len(obs)} worlds' observations but {len(context)} world profiles (set_world_profiles)")
+        return np.concatenate([obs, context], axis=1, dtype=np.float32)
+
     def explore(self, obs: np.ndarray) -> np.ndarray:
-        """Collection actions (N, A) for obs (N, D): uniform before ``learning_starts``, then pi's samples."""
+        """Collection actions (N, A) for the worlds' obs (N, D): uniform before ``learning_starts``, then pi's samples."""
         n = obs.shape[0]
+        obs = self.inputs(obs)
         if self.env_steps < self.config.learning_starts:
             return (torch.rand((n, self.spec.act_dim), generator=self.gen) * 2 - 1).numpy()
         with torch.no_grad():
@@ -146,9 +173,10 @@ class SAC:
         return torch.randn(shape, generator=self.gen).to(self.device, non_blocking=True)
 
     def observe(self, step: VectorStep) -> None:
-        """Store one vector step (its bootstrap observation is ``step.final_obs``)."""
-        self.replay.add_online(step.obs, step.action, step.reward, step.final_obs, step.terminated, step.truncated)
-        self.policy.normalizer.update(torch.from_numpy(step.obs).to(self.device), reduce=self.comm.sum)
+        """Store one vector step of the worlds (its bootstrap observation is ``step.final_obs``)."""
+        obs = self.inputs(step.obs)
+        self.replay.add_online(obs, step.action, step.reward, self.inputs(step.final_obs), step.terminated, step.truncated)
+        self.policy.normalizer.update(torch.from_numpy(obs).to(self.device), reduce=self.comm.sum)
         n = len(step.reward)
         before = self.env_steps
         self.env_steps += n
@@ -181,8 +209,10 @@ class SAC:
         norm = self.policy.normalizer
         obs_n, next_n = norm(b.obs), norm(b.next_obs)
         actor_obs_n, actor_next_n = obs_n, next_n  # what the actor reads: the sensor, noisy if configured
-        if cfg.actor_obs_noise:
-            sensor = self._randn((2, *b.obs.shape)) * cfg.actor_obs_noise
+        if cfg.actor_obs_noise:  # on the sensor's columns, not on the body context
+            sensor = self._randn((2, b.obs.shape[0], self.spec.obs_dim)) * cfg.actor_obs_noise
+            if self.spec.context_dim:
+                sensor = torch.nn.functional.pad(sensor, (0, self.spec.context_dim))
             actor_obs_n, actor_next_n = norm(b.obs + sensor[0]), norm(b.next_obs + sensor[1])
         alpha = self.log_alpha.detach().exp()
         noise = self._randn((2, obs_n.shape[0], self.spec.act_dim))

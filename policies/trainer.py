@@ -30,7 +30,7 @@ from policies.transition import Algorithm, VectorStep
 from sim.batched import BatchedStepper
 from sim.episode import Episode
 from sim.robots import get_task
-from sim.variation import VariationProfile
+from sim.variation import CONTEXT_DIM, VariationProfile
 
 LogFn = Callable[[dict[str, float], int], None]
 ALGORITHMS = ("ppo", "sac", "mbpo")
@@ -79,7 +79,8 @@ class TrainResult:
 def make_spec(robot: str, algo_config) -> PolicySpec:
     """The policy spec of ``robot`` with the network settings of an algorithm config."""
     task = get_task(robot)
-    return PolicySpec(task.obs_dim, task.act_dim, algo_config.hidden_sizes, algo_config.activation, algo_config.normalize_obs)
+    context_dim = CONTEXT_DIM if getattr(algo_config, "body_context", False) else 0
+    return PolicySpec(task.obs_dim, task.act_dim, algo_config.hidden_sizes, algo_config.activation, algo_config.normalize_obs, context_dim=context_dim)
 
 
 def make_algorithm(
@@ -89,9 +90,11 @@ def make_algorithm(
     comm: LocalComm | None = None,
     offline: Mapping[str, Sequence[Episode]] | None = None,
     device: str | torch.device | None = None,
+    context_of: Callable[[Episode], np.ndarray | None] | None = None,
 ) -> Algorithm:
-    """Build the algorithm ``config.algorithm`` for ``config.robot`` (``offline``: SAC replay sources;
-    ``device`` overrides ``config.device``)."""
+    """Build the algorithm ``config.algorithm`` for ``config.robot`` (``offline``: SAC replay sources,
+    ``context_of(episode)``: their bodies' features for a body-conditioned policy; ``device``
+    overrides ``config.device``)."""
     device = device if device is not None else config.device
     from policies.mbpo import MBPO, MBPOConfig
     from policies.ppo import PPO, PPOConfig
@@ -105,10 +108,12 @@ def make_algorithm(
         why = {"ppo": "PPO is on-policy", "mbpo": "the model-based learner takes recorded episodes through MBPO.add_offline"}[config.algorithm]
         raise ValueError(f"{why}: it cannot use offline replay sources (use SAC)")
     if config.algorithm == "ppo":
+        if spec.context_dim:
+            raise ValueError("PPO has no body-conditioned policy: use SAC or the model-based learner (body_context)")
         return PPO(spec, algo_config, num_worlds=config.num_worlds, seed=config.seed, comm=comm, device=device)
     if config.algorithm == "mbpo":
         return MBPO(spec, algo_config, seed=config.seed, robot_model=config.robot, comm=comm, device=device)
-    return SAC(spec, algo_config, seed=config.seed, offline=offline, robot_model=config.robot, comm=comm, device=device)
+    return SAC(spec, algo_config, seed=config.seed, offline=offline, robot_model=config.robot, comm=comm, device=device, context_of=context_of)
 
 
 class Trainer:
@@ -147,7 +152,7 @@ class Trainer:
         world_seed = config.seed * 1_000_003 + self.comm.rank
         world_profiles = [profiles[w % len(profiles)] for w in range(n)]
         self.source = FreeRunning(config.robot, world_seed, world_profiles)
-        if hasattr(algorithm, "set_world_profiles"):  # a learner whose world model reads each world's body (MBPO)
+        if hasattr(algorithm, "set_world_profiles"):  # a learner that reads each world's body (MBPO's model, a conditioned policy)
             algorithm.set_world_profiles(world_profiles)
         self.obs = self.source.start(self.stepper)
         self.local_target = -(-config.total_env_steps // self.comm.world_size)  # ceil: env steps on this rank

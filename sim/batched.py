@@ -23,11 +23,11 @@ import numpy as np
 from mujoco import rollout
 
 from sim.episode import SCHEMA_VERSION, Episode, validate_metadata
-from sim.policy_fn import as_batched_policy
+from sim.policy_fn import as_conditioned_policy
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
 from sim.scenario import ScenarioSpec
-from sim.variation import VariationProfile
+from sim.variation import CONTEXT_DIM, VariationProfile
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
 ScenarioSource = Callable[[int], ScenarioSpec | None]  # world index -> its next scenario (None: world stops)
@@ -92,6 +92,8 @@ class BatchedStepper:
         self.active = np.zeros(n, bool)
         self._latency = np.zeros(n, np.int64)
         self._obs_noise, self._obs_bias = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        self.context = np.zeros((n, CONTEXT_DIM), np.float32)  # each world's body features, for a conditioned policy
+        self._contexts: dict[VariationProfile, np.ndarray] = {}
         self._history = np.zeros((n, 1, self.task.act_dim), np.float32)
         self._out_state = np.empty((n, self.task.frame_skip, self._state0.size))
         self._out_sensor = np.empty((n, self.task.frame_skip, m.nsensordata))
@@ -161,12 +163,12 @@ class BatchedStepper:
 
     def run(self, policy, num_steps: int) -> list[Episode]:
         """Step ``num_steps`` control steps with ``policy`` in the loop; return episodes finished meanwhile."""
-        act = as_batched_policy(policy)
+        act = as_conditioned_policy(policy)
         for _ in range(num_steps):
             if not self.active.any():
                 break
             idx = np.flatnonzero(self.active)
-            self._advance(idx, np.asarray(act(self.obs[idx]), np.float32))
+            self._advance(idx, np.asarray(act(self.obs[idx], self.context[idx]), np.float32))
         return self.pop_episodes()
 
     def simulate(self, scenarios: Iterable[ScenarioSpec], policy) -> list[Episode]:
@@ -178,10 +180,10 @@ class BatchedStepper:
         order = {id(s): i for i, s in enumerate(queue)}
         pending = iter(queue)
         self._start(lambda world: next(pending, None), range(min(self.num_worlds, len(queue))))
-        act = as_batched_policy(policy)
+        act = as_conditioned_policy(policy)
         while self.active.any():
             idx = np.flatnonzero(self.active)
-            self._advance(idx, np.asarray(act(self.obs[idx]), np.float32))
+            self._advance(idx, np.asarray(act(self.obs[idx], self.context[idx]), np.float32))
         episodes = self.pop_episodes()
         by_spec = {e.metadata["scenario"]: e for e in episodes}
         return [by_spec[s.to_json()] for s in sorted(queue, key=lambda s: order[id(s)]) if s.to_json() in by_spec]
@@ -266,6 +268,7 @@ class BatchedStepper:
             self.max_steps[w] = scenario.max_steps or task.max_steps
             self._latency[w] = profile.action_latency
             self._obs_noise[w], self._obs_bias[w] = profile.obs_noise_std, profile.obs_bias
+            self.context[w] = self._context_of(profile)
             started.append(w)
             qpos.append(q)
             qvel.append(v)
@@ -287,6 +290,12 @@ class BatchedStepper:
         if self.record:
             self._ensure_recorder(int(self.max_steps[ws].max()))
             self._recorder.begin(ws, obs, qpos, qvel)
+
+    def _context_of(self, profile: VariationProfile) -> np.ndarray:
+        context = self._contexts.get(profile)
+        if context is None:
+            context = self._contexts[profile] = profile.context()
+        return context
 
     def _ensure_recorder(self, max_steps: int) -> None:
         r = self._recorder

@@ -1,4 +1,11 @@
-"""Adapting a policy to the batched call the stepper makes: actions (N, act_dim) from obs (N, obs_dim)."""
+"""Adapting a policy to the batched call the stepper makes: actions (N, act_dim) from obs (N, obs_dim).
+
+A *body-conditioned* policy (``context_dim`` > 0, an attribute of the torch ``Policy``, of the
+numpy ``RuntimePolicy`` and of the wrappers here) reads (N, obs_dim + context_dim): the observation,
+then each robot's body features (``sim.variation.VariationProfile.context``). The stepper hands
+each world's features to it through :func:`as_conditioned_policy`; a robot appends its own
+calibrated ones, delivered with the release (``fleet.registry.pull``).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,38 @@ def as_batched_policy(policy) -> BatchedPolicy:
     return policy
 
 
+def context_dim_of(policy) -> int:
+    """How many body features ``policy`` reads after the observation (0: an unconditioned policy)."""
+    return int(getattr(policy, "context_dim", 0) or 0)
+
+
+def as_conditioned_policy(policy) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``policy`` as ``act(obs (N, obs_dim), context (N, CONTEXT_DIM))``: a conditioned policy reads
+    both, side by side; any other ignores the context."""
+    act, dim = as_batched_policy(policy), context_dim_of(policy)
+    if not dim:
+        return lambda obs, context: act(obs)
+    from sim.variation import CONTEXT_DIM  # here: a robot imports this module without MuJoCo
+
+    if dim != CONTEXT_DIM:
+        raise ValueError(f"the policy reads {dim} body features; this build encodes {CONTEXT_DIM} (sim.variation.CONTEXT_FIELDS)")
+    return lambda obs, context: act(np.concatenate([obs, context], axis=1, dtype=np.float32))
+
+
+def with_context(policy, context: np.ndarray) -> BatchedPolicy:
+    """A conditioned ``policy`` bound to one body's features ``context`` (context_dim,): a plain
+    policy of the observation alone, as the robot of that body runs it."""
+    act, context = as_batched_policy(policy), np.asarray(context, np.float32)
+    if context.shape != (context_dim_of(policy),):
+        raise ValueError(f"this policy reads {context_dim_of(policy)} body features, got {context.shape}")
+
+    def run(obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, np.float32)
+        return act(np.concatenate([obs, np.broadcast_to(context, (*obs.shape[:-1], len(context)))], axis=-1))
+
+    return run
+
+
 def zero_policy(act_dim: int) -> BatchedPolicy:
     return lambda obs: np.zeros((obs.shape[0], act_dim), dtype=np.float32)
 
@@ -49,4 +88,5 @@ def noisy_policy(policy, std: float, seed: int = 0) -> BatchedPolicy:
         action = np.asarray(act(obs), np.float32)
         return np.clip(action + rng.normal(0.0, std, size=action.shape), -1.0, 1.0).astype(np.float32)
 
+    run.context_dim = context_dim_of(policy)  # noise does not change what the policy reads
     return run

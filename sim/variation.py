@@ -107,3 +107,8 @@ class VariationProfile:
 
 
 NOMINAL = VariationProfile()
+
+
+def contexts(profiles) -> np.ndarray:
+    """(len(profiles), CONTEXT_DIM) float32: each profile's :meth:`VariationProfile.context`."""
+    return np.stack([p.context() for p in profiles]).astype(np.float32).reshape(-1, CONTEXT_DIM)

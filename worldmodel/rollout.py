@@ -17,6 +17,7 @@ copied out once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import uuid
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from sim.episode import Episode
+from sim.policy_fn import context_dim_of
 from worldmodel.ensemble import DynamicsEnsemble, disagreement
 from worldmodel.io import model_version
 from worldmodel.transitions import check_compatible
@@ -112,10 +114,12 @@ def model_rollout(
     policy: Policy,
     config: RolloutConfig = RolloutConfig(),
     context: np.ndarray | torch.Tensor | None = None,
+    policy_context: np.ndarray | None = None,
 ) -> RolloutBatch:
     """Roll ``policy`` out in the model from every row of ``start_obs`` (N, obs_dim); see the module
     docstring. A context-conditioned model takes ``context`` (N, context_dim): rollout i stays in the body
-    of row i (the policy sees only the observation)."""
+    of row i. A body-conditioned policy (``sim.policy_fn.context_dim_of``) reads row i's
+    ``policy_context`` (N, its context_dim) after the observation; any other sees only the observation."""
     start = torch.as_tensor(start_obs, dtype=torch.float32, device=model.device)
     if start.ndim != 2 or start.shape[1] != model.spec.obs_dim:
         raise ValueError(f"start_obs must be (N, {model.spec.obs_dim}), got {tuple(start.shape)}")
@@ -125,15 +129,36 @@ def model_rollout(
     if ctx is not None and ctx.shape != (len(start), model.spec.context_dim):
         raise ValueError(f"context must be (N, {model.spec.context_dim}) = {(len(start), model.spec.context_dim)}, got {tuple(ctx.shape)}")
     act = _policy_on_device(policy, model.device, model.spec.act_dim)
+    if context_dim_of(policy):
+        if policy_context is None or np.shape(policy_context) != (len(start), context_dim_of(policy)):
+            raise ValueError(f"a body-conditioned policy needs policy_context of shape {(len(start), context_dim_of(policy))}, got {np.shape(policy_context)}")
+        act = _with_rows_context(act, torch.as_tensor(np.asarray(policy_context, np.float32), device=model.device))
+    else:
+        act = _ignore_rows(act)
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
     was_training = model.training
     model.eval()
     parts = [
-        _rollout_chunk(model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], act, config, gen)
+        _rollout_chunk(
+            model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], functools.partial(_offset_rows, act, i), config, gen
+        )
         for i in range(0, len(start), config.chunk_size)
     ]
     model.train(was_training)
     return RolloutBatch(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(RolloutBatch)})
+
+
+def _offset_rows(act, offset: int, obs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return act(obs, rows + offset)  # a chunk's rows are rows of the whole batch from ``offset`` on
+
+
+def _with_rows_context(act, context: torch.Tensor):
+    """``act`` of (obs of the live rows, their indices): the rows' body features appended."""
+    return lambda obs, rows: act(torch.cat([obs, context[rows]], dim=1))
+
+
+def _ignore_rows(act):
+    return lambda obs, rows: act(obs)
 
 
 def _members(model: DynamicsEnsemble, which: str) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -162,7 +187,7 @@ def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, context: torch.
     for t in range(h):
         if len(live) == 0:
             break
-        a = act(cur)
+        a = act(cur, live)
         x = model.input_norm.normalize(model.raw_inputs(cur, a, None if context is None else context[live]))
         mean, raw_logvar, logit = model.forward_members(x, members)
         dis = disagreement(mean[..., :o_dim])
@@ -221,6 +246,7 @@ def branch_rollouts(
     config: RolloutConfig = RolloutConfig(),
     *,
     policy_version: str = "none",
+    context_of: Callable[[Episode], np.ndarray | None] | None = None,
 ) -> list[Episode]:
     """World-model episodes branched from recorded states of ``episodes`` (real fleet states).
 
@@ -229,14 +255,21 @@ def branch_rollouts(
     predicted termination, truncated at a cut (horizon, disagreement, envelope), and a
     ``scenario`` JSON naming where it branched from (plus the physics state and profile of
     the source where known, so :mod:`worldmodel.physics_check` can replay it in MuJoCo).
-    Rollouts cut before their first step yield no episode.
+    Rollouts cut before their first step yield no episode. A body-conditioned policy reads the
+    features ``context_of(episode)`` of the body each rollout branched from (None or no
+    ``context_of``: the nominal body).
     """
     robot = check_compatible(episodes)[0]
     if robot != model.spec.robot:
         raise ValueError(f"episodes are of robot model {robot!r}, the world model of {model.spec.robot!r}")
     starts = sample_starts(episodes, num_rollouts, config.seed)
     start_obs = np.stack([episodes[i].observation[t] for i, t in starts])
-    batch = model_rollout(model, start_obs, policy, config)
+    policy_context = None
+    if context_dim_of(policy):
+        nominal = np.zeros(context_dim_of(policy), np.float32)
+        per_episode = [nominal if context_of is None or (c := context_of(ep)) is None else np.asarray(c, np.float32) for ep in episodes]
+        policy_context = np.stack([per_episode[i] for i, _ in starts])
+    batch = model_rollout(model, start_obs, policy, config, policy_context=policy_context)
     version = model_version(model)
     out = []
     for r, (i, t) in enumerate(starts):

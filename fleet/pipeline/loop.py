@@ -30,6 +30,7 @@ from fleet.registry.trust import atomic_write
 from fleet.tracking import POLICY_STEPS
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
+from sim.body_context import context_vectors
 from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class LoopSettings:
     robust_to_sensor_noise: bool
     noise_free_training_worlds: bool
     sensor_correction: bool
+    body_context: bool
     gate: dict
     seed: int
 
@@ -64,6 +66,11 @@ class LoopSettings:
         loop["conditions"] = tuple(loop["conditions"])
         if loop["iterations"] < 1 or loop["num_robots"] < 1:
             raise ValueError("loop.iterations and loop.num_robots must be >= 1")
+        if loop["body_context"] and loop["noise_free_training_worlds"]:
+            raise ValueError(
+                "loop.body_context with loop.noise_free_training_worlds: the training worlds' noise-free sensors would tell the policy "
+                "another body than the robots' calibrated one; set one of them false"
+            )
         if cfg.policy.trainer.algorithm not in ("sac", "mbpo"):
             raise ValueError(
                 f"the flywheel trains off-policy on the fleet's data: use policy=mbpo_fleet, mbpo, sac_fleet or sac, not {cfg.policy.trainer.algorithm!r}"
@@ -179,7 +186,7 @@ class Flywheel:
                 real, profiles, model, explorer, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
                 chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=explorer_version,
             )
-            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version)
+            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version, profiles)
             stored = svc.store_synthetic(scen_eps + wm_eps)
         record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
@@ -188,6 +195,8 @@ class Flywheel:
             trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
             steps_before = self.state.get("learner_env_steps", 0)  # the learner carries over: its steps count on
             algo_cfg = instantiate(cfg.policy.algorithm)
+            if s.body_context:  # one policy for every body, told apart by each robot's calibrated body features
+                algo_cfg = steps.body_conditioned(algo_cfg)
             worlds = profiles
             if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise
                 algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles)
@@ -261,7 +270,8 @@ class Flywheel:
         canaries = sorted(self.robots)[: s.num_canaries]
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
-            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), sensor_offsets=offset_vectors(offsets, self.task.obs_dim), note=f"iteration {k}",
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), sensor_offsets=offset_vectors(offsets, self.task.obs_dim),
+            body_contexts=context_vectors(profiles) if trained.policy.context_dim else None, note=f"iteration {k}",
         )
         version = manifest["version"]
         stage = "widened"

@@ -88,8 +88,12 @@ def generate_scenarios(
     return episodes, counts
 
 
-def model_rollouts(model, real: Sequence[Episode], policy, num_rollouts: int, config: RolloutConfig, policy_version: str) -> list[Episode]:
-    return branch_rollouts(model, real, policy, num_rollouts, config, policy_version=policy_version)
+def model_rollouts(
+    model, real: Sequence[Episode], policy, num_rollouts: int, config: RolloutConfig, policy_version: str, profiles: dict[str, VariationProfile]
+) -> list[Episode]:
+    """World-model rollouts of ``policy`` branched from the robots' states (a body-conditioned policy
+    reads each robot's calibrated body, ``profiles``)."""
+    return branch_rollouts(model, real, policy, num_rollouts, config, policy_version=policy_version, context_of=functools.partial(episode_context, profiles))
 
 
 @dataclasses.dataclass
@@ -124,7 +128,8 @@ def train_policy(
     else:  # SAC: the fleet's episodes are replay sources, mixed by algo_cfg.replay_ratios
         ratios = {k: v for k, v in algo_cfg.replay_ratios.items() if k == algo_cfg.online_source or data.get(k)}
         algo_cfg = dataclasses.replace(algo_cfg, replay_ratios=ratios)
-        algorithm = make_algorithm(trainer_cfg, algo_cfg, offline={k: v for k, v in data.items() if k in ratios and v})
+        offline = {k: v for k, v in data.items() if k in ratios and v}
+        algorithm = make_algorithm(trainer_cfg, algo_cfg, offline=offline, context_of=functools.partial(episode_context, profiles))
     if warm_start is not None:
         tensors, meta = load_checkpoint(warm_start)
         algorithm.continue_from(tensors, meta["algo"])
@@ -149,6 +154,14 @@ def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):
     return dataclasses.replace(algo_cfg, sac=robust) if sac is not algo_cfg else robust
 
 
+def body_conditioned(algo_cfg):
+    """``algo_cfg`` (SAC's, or the model-based learner's around it) with a policy that reads each
+    transition's body features (``loop.body_context``; sim/body_context.py)."""
+    sac = getattr(algo_cfg, "sac", algo_cfg)
+    conditioned = dataclasses.replace(sac, body_context=True)
+    return dataclasses.replace(algo_cfg, sac=conditioned) if sac is not algo_cfg else conditioned
+
+
 def clean_sensor_worlds(profiles: dict[str, VariationProfile]) -> dict[str, VariationProfile]:
     """Training worlds for an actor that trains under sensor noise (:func:`robust_to_fleet_sensors`):
     each robot's body and sensor offset with a noise-free sensor. The actor's own noise stands in
@@ -164,6 +177,12 @@ def episode_profile(profiles: dict[str, VariationProfile], episode: Episode) -> 
         return profiles[episode.robot_id]
     scenario = episode.json_metadata("scenario")
     return VariationProfile.from_dict(scenario["profile"]) if "profile" in scenario else None
+
+
+def episode_context(profiles: dict[str, VariationProfile], episode: Episode):
+    """The body features of the body an episode was recorded on (:func:`episode_profile`); None if unknown."""
+    profile = episode_profile(profiles, episode)
+    return None if profile is None else profile.context()
 
 
 def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, list[float]]:

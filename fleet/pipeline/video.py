@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from sim.gym_env import FlywheelEnv
-from sim.policy_fn import as_batched_policy
+from sim.policy_fn import as_conditioned_policy
 from sim.scenario import ScenarioSpec
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200
             log.warning("evaluation videos are skipped: no display and MUJOCO_GL is not egl/osmesa (set MUJOCO_GL=egl)")
             _warned = True
         return None
-    act = as_batched_policy(policy)
+    act = as_conditioned_policy(policy)
+    context = profile.context()[None]  # what a conditioned policy reads of this body
     env = FlywheelEnv(robot, profile=profile, render_mode="rgb_array")
     try:
         obs, _ = env.reset(options={"scenario": ScenarioSpec(robot=robot, seed=seed, profile=profile, max_steps=max_frames)})
@@ -41,7 +42,7 @@ def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200
             return None
         done = False
         while not done:
-            obs, _, terminated, truncated, _ = env.step(np.asarray(act(obs[None]), np.float32)[0])
+            obs, _, terminated, truncated, _ = env.step(np.asarray(act(obs[None], context), np.float32)[0])
             frames.append(env.render())
             done = terminated or truncated
         return np.stack(frames)

@@ -22,6 +22,10 @@ Manifest fields:
                   sensor offset from every observation before this policy sees it (the policy
                   was trained and gated in that corrected view; sim/sensors.py). Robots not
                   listed run uncorrected. A malformed entry is refused as "malformed".
+    body_contexts   {robot_id: [C floats in [-1, 1]]}, for a body-conditioned policy (its
+                  ``policy.observation.context``): each listed robot's calibrated body features,
+                  which it appends to every observation (sim/body_context.py); a robot not listed
+                  runs as the nominal body (zeros). A malformed entry is refused as "malformed".
     issued_at     unix seconds (freshness is TUF's: the timestamp, snapshot and targets metadata expire)
     note          free text ("promoted", "rollback of v7", ...)
 """
@@ -65,6 +69,7 @@ def build_manifest(
     data_snapshot: str = "",
     gate: dict | None = None,
     sensor_offsets: dict[str, list[float]] | None = None,
+    body_contexts: dict[str, list[float]] | None = None,
     now: float | None = None,
     note: str = "",
 ) -> dict:
@@ -79,6 +84,7 @@ def build_manifest(
         "data_snapshot": data_snapshot,
         "gate": gate or {},
         "sensor_offsets": sensor_offsets or {},
+        "body_contexts": body_contexts or {},
         "issued_at": time.time() if now is None else now,
         "note": note,
     }

@@ -35,6 +35,8 @@ from fleet.registry.fetcher import TokenFetcher
 from fleet.registry.manifest import ROLLOUT_TARGET, manifest_target, version_for, weights_target
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
+from sim.body_context import BodyContextError, robot_context
+from sim.policy_fn import with_context
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
@@ -231,10 +233,13 @@ class SignedPolicySource:
         try:
             runtime = load_policy_bytes(manifest["policy"], weights, robot_model=spec["robot_model"], obs_dim=spec["obs_dim"], act_dim=spec["act_dim"])
             offset = robot_offset(manifest.get("sensor_offsets", {}), self.robot_id, spec["obs_dim"])
-        except (PolicyLoadError, SensorCorrectionError) as exc:
+            act = runtime.act
+            if runtime.context_dim:  # a body-conditioned policy: this robot's calibrated body, delivered with it
+                act = with_context(runtime, robot_context(manifest.get("body_contexts", {}), self.robot_id, runtime.context_dim))
+        except (PolicyLoadError, SensorCorrectionError, BodyContextError) as exc:
             self.trust.refusals["malformed"] += 1
             raise PolicyRejected("malformed", f"policy does not load: {exc}") from None
-        return Policy(str(manifest["version"]), corrected_act(runtime.act, offset))
+        return Policy(str(manifest["version"]), corrected_act(act, offset))
 
     def _healthy(self, policy: Policy) -> bool:
         """The policy gives finite actions in [-1, 1] of the right shape on probe observations."""
