@@ -11,7 +11,6 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline import simfleet
 from fleet.pipeline.loop import Flywheel
-from fleet.pipeline.services import start_ray
 from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
@@ -39,20 +38,14 @@ TINY = [
 ]
 
 
-def config(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("flywheel", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
-
-
 def flywheel(run_dir: Path, *overrides: str) -> Flywheel:
-    return Flywheel(config(run_dir, *overrides), run_dir)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("flywheel", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+    return Flywheel(cfg, run_dir)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_ray(tmp_path_factory):
-    """One local Ray for the module, started as the flywheel starts it (a start costs ~5 s; a flywheel joins a
-    running Ray and leaves it up). The crash test restarts it as a restarted driver would; none is left after."""
-    start_ray(config(tmp_path_factory.mktemp("run")).ray)
+@pytest.fixture(autouse=True)
+def no_ray_left():
     yield
     if ray.is_initialized():
         ray.shutdown()
@@ -130,7 +123,7 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
 
     monkeypatch.setattr(loop_module.steps, "train_policy", real_train)
     if ray.is_initialized():
-        ray.shutdown()  # the restarted driver starts a fresh Ray, as after a real crash
+        ray.shutdown()
     summary = flywheel(run, sensors).run()
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1]  # iteration 0 was not redone
     store.refresh_index()
