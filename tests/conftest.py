@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_ca_bundle(tmp_path_factory):
+    """Every test speaks plain HTTP on loopback, yet each httpx client loads a CA bundle (~55 ms; the power-cut
+    test alone makes ~200 clients). An empty CA folder loads nothing; the robots, servers and Ray workers the
+    tests start inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SSL_CERT_FILE", raising=False)  # httpx reads it before SSL_CERT_DIR
+        mp.setenv("SSL_CERT_DIR", str(tmp_path_factory.mktemp("no-ca")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """2 shared cores: one intra-op torch thread avoids OpenMP spin-waits when other work runs."""
@@ -44,6 +55,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def local_ray():
+    """Local Ray on both cores (the ``ray`` module). Consecutive tests that use it share one start (~3-5 s);
+    it is shut down after the last of them (pytest_runtest_teardown below), so no other test runs beside it."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    return ray
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if "local_ray" in item.fixturenames and (nextitem is None or "local_ray" not in nextitem.fixturenames):
+        import ray
+
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Every Hydra config composes against its schema, every `_target_` in it imports and instantiates,
 a wrong type or an unknown key is refused at compose time with the key named, and the wheel ships the tree."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -127,25 +128,47 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     assert "num_gpu" in f"{info.value} {info.value.__cause__}"
 
 
-SHOW_RUN_DIR = f"""
+SHOW_RUN_DIRS = f"""
+import json, os, sys
 import hydra, fleet.conf.schema_flywheel
 @hydra.main(config_path={CONF_DIR!r}, config_name="flywheel", version_base="1.3")
 def show(cfg):
-    print("run_dir", cfg.run_dir)
-show()
+    print("run_dir", cfg.run_dir, flush=True)
+for args in json.loads(sys.argv.pop(1)):
+    if os.fork() == 0:  # each run is its own app process, forked after the slow imports
+        sys.argv[1:] = args
+        show()
+        os._exit(0)
+    status = os.wait()[1]
+    if status:
+        sys.exit(f"{{args}}: exit status {{status}}")
+    print("end", flush=True)
 """
 
 
-def _run_dirs(*args: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIR, *args], capture_output=True, text=True, timeout=120, check=True).stdout
-    return [line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("run_dir ")]
+def _run_dirs(*runs: list[str]) -> list[list[str]]:
+    """The run_dir each command line's app runs see (one list per command line). One interpreter pays
+    the imports (~5 s on 2 cores); each command line runs in a child forked from it, Hydra untouched."""
+    out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIRS, json.dumps(runs)], capture_output=True, text=True, timeout=120, check=True).stdout
+    dirs = [[]]
+    for line in out.splitlines():
+        if line == "end":
+            dirs.append([])
+        elif line.startswith("run_dir "):
+            dirs[-1].append(line.split(" ", 1)[1])
+    return dirs[:-1]
 
 
 def test_run_dir_is_hydras_output_dir_unless_set(tmp_path):
     """Each job of a multirun gets its own folder (<sweep dir>/<job number>); an explicit run_dir wins (resume)."""
-    assert _run_dirs(f"hydra.run.dir={tmp_path / 'new'}") == [str(tmp_path / "new")]
-    assert _run_dirs(f"hydra.run.dir={tmp_path / 'new'}", f"run_dir={tmp_path / 'old'}") == [str(tmp_path / "old")]
-    assert _run_dirs("--multirun", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}") == [str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")]
+    new, explicit, multirun = _run_dirs(
+        [f"hydra.run.dir={tmp_path / 'new'}"],
+        [f"hydra.run.dir={tmp_path / 'new'}", f"run_dir={tmp_path / 'old'}"],
+        ["--multirun", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+    )
+    assert new == [str(tmp_path / "new")]
+    assert explicit == [str(tmp_path / "old")]
+    assert multirun == [str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")]
     assert OmegaConf.load(CONF / "flywheel.yaml").hydra.job.chdir is False
 
 

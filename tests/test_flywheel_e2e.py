@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline import simfleet
 from fleet.pipeline.loop import Flywheel
+from fleet.pipeline.services import start_ray
 from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
@@ -35,17 +36,28 @@ TINY = [
     "scenarios.calibration.windows_per_episode=4",
     "wandb.mode=offline",
     "ray.num_cpus=2",
+    # one torch thread for the learner and the world model: on 2 shared cores a second one stalls in OpenMP
+    # spin-waits whenever anything else runs (this machine's other work, Ray's processes): up to ~50x per step
+    "policy.trainer.torch_threads=1",
+    "worldmodel.train.num_threads=1",
 ]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the overrides set this process's torch count; restored after the module
+
+
+def config(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("flywheel", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
 
 
 def flywheel(run_dir: Path, *overrides: str) -> Flywheel:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("flywheel", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
-    return Flywheel(cfg, run_dir)
+    return Flywheel(config(run_dir, *overrides), run_dir)
 
 
-@pytest.fixture(autouse=True)
-def no_ray_left():
+@pytest.fixture(scope="module", autouse=True)
+def shared_ray(tmp_path_factory):
+    """One local Ray for the module, started as the flywheel starts it (a start costs ~5 s; a flywheel joins a
+    running Ray and leaves it up). The crash test restarts it as a restarted driver would; none is left after."""
+    start_ray(config(tmp_path_factory.mktemp("run")).ray)
     yield
     if ray.is_initialized():
         ray.shutdown()
@@ -123,7 +135,7 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
 
     monkeypatch.setattr(loop_module.steps, "train_policy", real_train)
     if ray.is_initialized():
-        ray.shutdown()
+        ray.shutdown()  # the restarted driver starts a fresh Ray, as after a real crash
     summary = flywheel(run, sensors).run()
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1]  # iteration 0 was not redone
     store.refresh_index()

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import httpx
-import torch
 
 from fleet.agent.policy import builtin_policy
 from fleet.registry.manifest import ROLLOUT_TARGET, manifest_target, weights_target
@@ -28,8 +27,6 @@ from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import StoreConfig
-from policies.export import export_policy
-from policies.networks import Policy, PolicySpec
 from policies.runtime import WEIGHTS_FILE, load_policy_bytes
 from tests.conftest import registry_server
 
@@ -39,6 +36,11 @@ ROBOT_KILLS, SERVER_KILLS = 100, 10
 
 def _weights(tmp_path: Path, count: int = 4) -> list[tuple[bytes, dict]]:
     """``count`` distinct small exported pendulum policies (weights, exporter manifest)."""
+    import torch  # only here: the forkserver preloads this module, and the robots it forks load no torch (nor do real ones)
+
+    from policies.export import export_policy
+    from policies.networks import Policy, PolicySpec
+
     out = []
     for i in range(count):
         torch.manual_seed(i)

@@ -121,22 +121,14 @@ def test_generated_episodes_validate_and_replay_bit_identically(fleet):
         assert replay(ep, rowwise_policy).equals(ep)  # alone in a batch of one: the same bits
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def test_ray_fanout_gives_the_same_episodes_as_in_process(fleet, ray_cluster):
+def test_ray_fanout_gives_the_same_episodes_as_in_process(fleet, local_ray):
     specs = propose(fleet, CALIBRATED, config=ProposalConfig(num_randomized=4, max_steps=15))
     factory = functools.partial(random_policy, 1, 11)  # built afresh inside every job: same actions anywhere
-    remote = ray_cluster.remote(run_job)
+    remote = local_ray.remote(run_job)
 
     def ray_map(fn, jobs):
         assert fn is run_job
-        return ray_cluster.get([remote.remote(job) for job in jobs])
+        return local_ray.get([remote.remote(job) for job in jobs])
 
     assert len(make_jobs(specs, factory, chunk_size=6)) > 1
     here = simulate_scenarios(specs, factory, chunk_size=6)

@@ -21,21 +21,8 @@ CONFIG = TrainerConfig(robot="pendulum", algorithm="ppo", num_worlds=4, total_en
 PPO = PPOConfig(hidden_sizes=(16, 16), n_steps=16, epochs=2, minibatch_size=32)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def test_fit_refuses_to_start_ray_itself(tmp_path):
-    if ray.is_initialized():
-        pytest.skip("Ray is running in this process")
-    with pytest.raises(RuntimeError, match="ray.init"):
-        fit(CONFIG, PPO, storage_path=tmp_path)
-
-
-def test_two_ddp_workers_train_and_the_checkpoint_loads(local_ray, tmp_path):
+def test_two_ddp_workers_train_and_the_checkpoint_loads(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Ray Train's controller polls its workers every 2 s by default
     result = fit(CONFIG, PPO, num_workers=2, storage_path=tmp_path / "ray", name="run")
     assert result.error is None
     assert result.metrics["train/updates"] == 4 and result.metrics["train/env_steps"] == CONFIG.total_env_steps
@@ -57,3 +44,10 @@ def test_two_ddp_workers_train_and_the_checkpoint_loads(local_ray, tmp_path):
     obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     with torch.no_grad():
         np.testing.assert_allclose(runtime.act(obs), rank0(torch.from_numpy(obs)).numpy(), atol=1e-5)
+
+
+def test_fit_refuses_to_start_ray_itself(tmp_path):  # after the test above: local_ray is shut down by then
+    if ray.is_initialized():
+        pytest.skip("Ray is running in this process")
+    with pytest.raises(RuntimeError, match="ray.init"):
+        fit(CONFIG, PPO, storage_path=tmp_path)
