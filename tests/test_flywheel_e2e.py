@@ -112,7 +112,7 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
 
 
 def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monkeypatch):
-    """Also the sensor correction: robot-1's sensors read 0.1 high; the release carries its offset."""
+    """Also the sensor correction: robot-1's sensors read 0.1 high; the release carries its offset (and no filter: no noise)."""
     run = tmp_path / "run"
     monkeypatch.setitem(simfleet.CONDITIONS, "noisy_sensor", {"obs_bias": 0.1})
     sensors = "loop.conditions=[nominal,noisy_sensor]"
@@ -150,3 +150,5 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     registry = open_registry(run / "registry", run / "keys" / "online.pem")
     offsets = registry.manifest(registry.rollout()["stable"])["sensor_offsets"]  # in the release the robots run, under TUF
     assert set(offsets) == {"robot-1"} and offsets["robot-1"] == pytest.approx([0.1] * 4, abs=0.01)
+    # a filter only for a sensor calibrated as noisy (tests/test_sensor_filter.py has one)
+    assert summary["iterations"][-1]["sensor_filters"] == {} and registry.manifest(registry.rollout()["stable"])["sensor_filters"] == {}

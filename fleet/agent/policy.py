@@ -20,8 +20,16 @@ BatchedPolicy = Callable[[np.ndarray], np.ndarray]  # obs (N, obs_dim) -> action
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
+    """``act`` maps observations to actions without memory. A policy that remembers within an
+    episode (a robot's sensor filter, sim/sensor_filter.py) also has ``episode``: a factory of a
+    fresh per-episode ``act``; the agent calls it at each episode start (:meth:`for_episode`)."""
+
     version: str
     act: BatchedPolicy
+    episode: Callable[[], BatchedPolicy] | None = None
+
+    def for_episode(self) -> BatchedPolicy:
+        return self.act if self.episode is None else self.episode()
 
 
 class PolicySource(Protocol):

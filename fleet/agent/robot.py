@@ -75,8 +75,9 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
     """Drive ``robot`` with ``policy`` until the episode ends; return it as recorded."""
     obs, t = robot.reset(seed)
     recorder.reset(obs, t)
+    act = policy.for_episode()
     while not recorder.done:
-        action = np.asarray(policy.act(obs[None]), np.float32)[0]
+        action = np.asarray(act(obs[None]), np.float32)[0]
         obs, reward, terminated, truncated, t = robot.step(action)
         recorder.step(action, reward, obs, terminated, truncated, t)
     return recorder.finish(policy_version=policy.version)

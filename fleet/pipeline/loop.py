@@ -31,6 +31,7 @@ from fleet.tracking import POLICY_STEPS
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
 from sim.body_context import context_vectors
+from sim.sensor_filter import filter_vectors, filtered_view
 from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class LoopSettings:
     robust_to_sensor_noise: bool
     noise_free_training_worlds: bool
     sensor_correction: bool
+    sensor_filter: bool
     body_context: bool
     gate: dict
     seed: int
@@ -165,6 +167,14 @@ class Flywheel:
 
         with self.progress.task(f"iteration {k}: snapshot + calibrate robots"):
             snapshot_id, real, sim, profiles, offsets = self._calibrated_data(k, record)
+        filters = {}
+        if s.sensor_filter:  # robots with a noisy calibrated sensor: a filter on board, the policy trained on what it leaves
+            with self.progress.task(f"iteration {k}: sensor filters"):
+                filters = steps.fit_sensor_filters(s.robot_model, profiles, self._policy_factory(self.state["current"])(), s.seed + k)
+                real, profiles = filtered_view(real, profiles, filters)
+            record["sensor_filters"] = {r: f.to_dict() for r, f in filters.items()}
+            if filters:
+                svc.tracker.log({f"calibration/{r}/sensor_filter_error": float(f.filtered_rms.sum() / f.raw_rms.sum()) if f.keep else 1.0 for r, f in filters.items()}, k)
 
         with self.progress.task(f"iteration {k}: world model"):
             previous = svc.load_world_model()
@@ -225,7 +235,8 @@ class Flywheel:
             step,
         )  # fmt: skip
 
-        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, offsets, snapshot_id, fleet_returns) if decision.promote else None
+        sensors = {"sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(filters)}
+        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, sensors, snapshot_id, fleet_returns) if decision.promote else None
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
@@ -262,15 +273,16 @@ class Flywheel:
         )
         return snapshot_id, real, sim, profiles, offsets
 
-    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, offsets, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, sensors: dict, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
         """Sign and publish the exported candidate (weights, manifest, folder) with the robots' sensor
-        ``offsets`` to the canaries; widen or roll back from their telemetry."""
+        corrections (``sensors``: manifest fields sensor_offsets, sensor_filters) to the canaries; widen
+        or roll back from their telemetry."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
-            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), sensor_offsets=offset_vectors(offsets, self.task.obs_dim),
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **sensors,
             body_contexts=context_vectors(profiles) if trained.policy.context_dim else None, note=f"iteration {k}",
         )
         version = manifest["version"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from worldmodel.io import model_version
 from worldmodel.proposals import ProposalConfig, propose
 from worldmodel.rollout import RolloutConfig, branch_rollouts
 from worldmodel.train import train_ensemble
+
+log = logging.getLogger(__name__)
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -143,6 +146,22 @@ def train_policy(
         checkpoint = trainer.save(out_dir)  # the learner's latest state: the next iteration continues it
         candidate = trainer.best_policy if trainer.best_policy is not None else trainer.algo.policy  # keep_best: the best-evaluated
         return TrainedPolicy(candidate, checkpoint, result.env_steps, result.metrics)
+
+
+def fit_sensor_filters(robot_model: str, profiles: dict[str, VariationProfile], policy, seed: int) -> dict:
+    """A Kalman filter for each robot whose calibrated sensor is noisy (sim/sensor_filter.py), fitted on
+    its calibrated body under ``policy`` (the fleet's current one) plus exploration noise; robot id ->
+    ``FilterFit`` (its ``keep`` says whether it is delivered)."""
+    from sim.sensor_filter import FilterConfig, fit_sensor_filter
+
+    config, fits = FilterConfig(seed=seed), {}
+    for robot_id, profile in sorted(profiles.items()):
+        if profile.obs_noise_std > 0:
+            try:
+                fits[robot_id] = fit_sensor_filter(robot_model, profile, profile.obs_noise_std, policy, config)
+            except ValueError as exc:  # e.g. every simulated episode diverged: the robot reads its sensor as it is
+                log.warning("no sensor filter for %s: %s", robot_id, exc)
+    return fits
 
 
 def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):

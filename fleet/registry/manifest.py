@@ -26,6 +26,10 @@ Manifest fields:
                   ``policy.observation.context``): each listed robot's calibrated body features,
                   which it appends to every observation (sim/body_context.py); a robot not listed
                   runs as the nominal body (zeros). A malformed entry is refused as "malformed".
+    sensor_filters  {robot_id: {"A", "B", "c", "Q", "R"}}: each listed robot runs this Kalman filter
+                  on its observations (after the offset correction) and its policy sees the
+                  estimates (sim/sensor_filter.py); robots not listed see their readings. A
+                  malformed entry is refused as "malformed".
     issued_at     unix seconds (freshness is TUF's: the timestamp, snapshot and targets metadata expire)
     note          free text ("promoted", "rollback of v7", ...)
 """
@@ -70,6 +74,7 @@ def build_manifest(
     gate: dict | None = None,
     sensor_offsets: dict[str, list[float]] | None = None,
     body_contexts: dict[str, list[float]] | None = None,
+    sensor_filters: dict[str, dict] | None = None,
     now: float | None = None,
     note: str = "",
 ) -> dict:
@@ -85,6 +90,7 @@ def build_manifest(
         "gate": gate or {},
         "sensor_offsets": sensor_offsets or {},
         "body_contexts": body_contexts or {},
+        "sensor_filters": sensor_filters or {},
         "issued_at": time.time() if now is None else now,
         "note": note,
     }

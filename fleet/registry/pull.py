@@ -37,6 +37,7 @@ from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, robot_context
 from sim.policy_fn import with_context
+from sim.sensor_filter import SensorFilterError, filtered_act, robot_filter
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,17 @@ class SignedPolicySource:
         try:
             runtime = load_policy_bytes(manifest["policy"], weights, robot_model=spec["robot_model"], obs_dim=spec["obs_dim"], act_dim=spec["act_dim"])
             offset = robot_offset(manifest.get("sensor_offsets", {}), self.robot_id, spec["obs_dim"])
+            sensor_filter = robot_filter(manifest.get("sensor_filters", {}), self.robot_id, spec["obs_dim"], spec["act_dim"])
             act = runtime.act
             if runtime.context_dim:  # a body-conditioned policy: this robot's calibrated body, delivered with it
                 act = with_context(runtime, robot_context(manifest.get("body_contexts", {}), self.robot_id, runtime.context_dim))
-        except (PolicyLoadError, SensorCorrectionError, BodyContextError) as exc:
+        except (PolicyLoadError, SensorCorrectionError, BodyContextError, SensorFilterError) as exc:
             self.trust.refusals["malformed"] += 1
             raise PolicyRejected("malformed", f"policy does not load: {exc}") from None
-        return Policy(str(manifest["version"]), corrected_act(act, offset))
+        if sensor_filter is None:
+            return Policy(str(manifest["version"]), corrected_act(act, offset))
+        episode = filtered_act(act, sensor_filter)  # offset out first, then the filter, then the policy
+        return Policy(str(manifest["version"]), corrected_act(act, offset), episode=lambda: corrected_act(episode(), offset))
 
     def _healthy(self, policy: Policy) -> bool:
         """The policy gives finite actions in [-1, 1] of the right shape on probe observations."""

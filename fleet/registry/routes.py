@@ -25,6 +25,7 @@ from fleet.registry.store import PolicyRegistry
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
 from sim.body_context import BodyContextError, parse_contexts
+from sim.sensor_filter import SensorFilterError, parse_filters
 from sim.sensors import SensorCorrectionError, parse_offsets
 
 MAX_PUBLISH_BYTES = 256 << 20
@@ -81,9 +82,10 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
             fields = {k: body[k] for k in ("robot_model", "obs_dim", "act_dim")}
         except (ValueError, KeyError, TypeError, binascii.Error, AttributeError) as exc:
             raise ApiError(400, "bad_publish", f"need JSON with weights_b64, robot_model, obs_dim, act_dim ({exc.__class__.__name__}: {exc})", None) from None
-        extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets", "body_contexts") if k in body}
+        extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets", "body_contexts", "sensor_filters") if k in body}
         _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
         _check_body_contexts(extra.get("body_contexts", {}), extra.get("policy"))
+        _check_sensor_filters(extra.get("sensor_filters", {}), fields["obs_dim"], fields["act_dim"])
         manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=body.get("cohort") or None, **fields, **extra))
         return JSONResponse({"manifest": manifest}, status_code=201)
 
@@ -97,6 +99,14 @@ def _check_body_contexts(contexts, policy) -> None:
         parse_contexts(contexts, dim if isinstance(dim, int) else 0)
     except (BodyContextError, AttributeError) as exc:
         raise ApiError(400, "bad_publish", f"body_contexts: {exc}", "body_contexts") from None
+
+
+def _check_sensor_filters(filters, obs_dim, act_dim) -> None:
+    """400 unless ``filters`` is {robot_id: a sensor filter for obs_dim observations and act_dim actions}."""
+    try:
+        parse_filters(filters, obs_dim, act_dim)
+    except SensorFilterError as exc:
+        raise ApiError(400, "bad_publish", f"sensor_filters: {exc}", "sensor_filters") from None
 
 
 def _check_sensor_offsets(offsets, obs_dim) -> None:

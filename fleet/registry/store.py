@@ -128,7 +128,7 @@ class PolicyRegistry:
             manifest = None
             if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
                 old = self.manifest(stable)
-                keep = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts")
+                keep = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts", "sensor_filters")
                 manifest = self.publish(
                     self.weights(stable), robot_model=old["robot_model"], obs_dim=old["obs_dim"], act_dim=old["act_dim"],
                     **{k: old[k] for k in keep if k in old}, note=f"rollback of v{bad} to the weights of v{stable}: {reason}",

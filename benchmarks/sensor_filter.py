@@ -1,0 +1,130 @@
+"""The noisy-sensor robot with and without its on-board Kalman filter (sim/sensor_filter.py).
+
+Both arms: the flywheel's learner (``policies.mbpo.default_config``, body-conditioned, the
+sensor-noise rule ``robust_to_fleet_sensors``) pooled over the four demo bodies (nominal, 2 kg
+payload, half-strength motor, noisy sensor: std 0.05, offset 0.02), one world each, the same seeds
+and real-step budget. The sensor offset is taken out as the flywheel's robots do (here the true
+one). The arms differ in the noisy robot only:
+
+* ``unfiltered``: its policy reads the corrected readings; its training world simulates the sensor;
+* ``filtered``: it runs the filter fitted on its body before training (the fleet's first
+  iteration: the zero policy plus exploration noise, ``FilterConfig``'s defaults); its training
+  world simulates the noise the filter leaves (``FilterFit.view_noise``), as the flywheel does.
+
+Each policy is evaluated at the budget on every body, 6 fixed-seed 1,000-step episodes, the noisy
+one through its real sensor (with the filter running in the ``filtered`` arm). Each arm's policy
+is also run on the noisy robot with a filter refitted under it after training, as the flywheel's
+next iteration fits one under the fleet's current policy (for the ``unfiltered`` arm: the filter
+alone, added to a policy that never saw it). Lines: per body, filtered vs unfiltered (median over
+seeds), the worst body's, the noisy robot with the refitted filter in each arm, and the
+unfiltered arm's policy with the filter added vs without. Each seed's result is cached as
+JSON under ``runs/benchmarks/sensor_filter/`` (``--fresh`` ignores it).
+
+Run: `.venv/bin/python benchmarks/sensor_filter.py [--steps 3000] [--seeds 0 1 2]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import emit  # noqa: E402
+
+from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
+from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
+from policies.evaluate import evaluate  # noqa: E402
+from policies.mbpo import default_config  # noqa: E402
+from policies.trainer import Trainer, make_algorithm  # noqa: E402
+from sim.batched import BatchedStepper  # noqa: E402
+from sim.policy_fn import with_context, zero_policy  # noqa: E402
+from sim.scenario import ScenarioSpec  # noqa: E402
+from sim.sensor_filter import filtered_act, fit_sensor_filter  # noqa: E402
+from sim.variation import VariationProfile  # noqa: E402
+
+ROBOT = "pendulum"
+FLEET = ["nominal", "heavy_payload", "weak_motor", "noisy_sensor"]
+CACHE = Path("runs/benchmarks/sensor_filter")
+EPISODES, EVAL_SEED = 6, 123
+
+
+def run_arm(steps: int, seed: int, filtered: bool) -> dict:
+    """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arm)."""
+    bodies = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in FLEET]  # offsets taken out on board
+    noisy, fit = bodies[-1], None
+    worlds = list(bodies)
+    if filtered:
+        fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, zero_policy(1))
+        worlds[-1] = noisy.replace(obs_noise_std=fit.view_noise)
+    config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
+    config = dataclasses.replace(config, num_worlds=len(worlds))
+    algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(worlds)})
+    with Trainer(config, make_algorithm(config, algo), profiles=worlds) as trainer:
+        trainer.train()
+        policy = trainer.algo.policy
+    returns = [p.mean_return for p in evaluate(policy, ROBOT, worlds[:-1], EPISODES, seed=EVAL_SEED).profiles]
+    act = with_context(policy, worlds[-1].context())  # the robot's delivered body features
+    episode_act = filtered_act(act, fit.filter) if filtered else (lambda: act)
+    returns.append(noisy_robot_return(episode_act, noisy))
+    refit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, act)  # under the trained policy
+    return {
+        "returns": returns, "filter": fit.to_dict() if fit else None,
+        "noisy_with_refit_filter": noisy_robot_return(filtered_act(act, refit.filter), noisy), "refit_filter": refit.to_dict(),
+    }  # fmt: skip
+
+
+def noisy_robot_return(episode_act, body: VariationProfile) -> float:
+    """Mean return over the fixed-seed episodes on the robot's real sensor, a fresh per-episode policy each."""
+    total = []
+    with BatchedStepper(ROBOT, 1, nthread=1) as stepper:
+        for s in range(EPISODES):
+            (ep,) = stepper.simulate([ScenarioSpec(ROBOT, seed=EVAL_SEED * 1000 + s, profile=body, max_steps=1000)], episode_act())
+            total.append(float(ep.reward.sum()))
+    return float(np.mean(total))
+
+
+def cached(steps: int, seed: int, filtered: bool, fresh: bool) -> dict:
+    path = CACHE / f"steps{steps}-seed{seed}-{'filtered' if filtered else 'unfiltered'}.json"
+    if path.exists() and not fresh:
+        out = json.loads(path.read_text())
+        if "noisy_with_refit_filter" in out:  # else: cached before that line existed
+            return out
+    out = run_arm(steps, seed, filtered)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=3000, help="real steps, pooled over the four bodies")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    runs = {arm: [cached(args.steps, seed, arm, args.fresh) for seed in args.seeds] for arm in (True, False)}
+    for arm, name in ((True, "filtered"), (False, "unfiltered")):
+        for seed, r in zip(args.seeds, runs[arm]):
+            added = f"; noisy robot with a refitted filter {r['noisy_with_refit_filter']:.0f} ({r['refit_filter']})"
+            print(f"# {name} seed {seed}: " + "/".join(f"{x:.0f}" for x in r["returns"]) + (f"; filter {r['filter']}" if r["filter"] else "") + added, file=sys.stderr)
+    med = lambda values: float(statistics.median(values))  # noqa: E731
+    for i, body in enumerate(FLEET):
+        a, b = med([r["returns"][i] for r in runs[True]]), med([r["returns"][i] for r in runs[False]])
+        emit(f"sensor_filter/{body}/return_at_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
+    a, b = med([min(r["returns"]) for r in runs[True]]), med([min(r["returns"]) for r in runs[False]])
+    emit(f"sensor_filter/worst_body/return_at_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
+    for arm, name in ((True, "filtered"), (False, "unfiltered")):
+        a, b = med([r["noisy_with_refit_filter"] for r in runs[arm]]), med([r["returns"][-1] for r in runs[arm]])
+        emit(f"sensor_filter/noisy_sensor/{name}_arm_with_refit_filter_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Sensor filtering: a Kalman filter for a robot whose calibrated sensor is noisy, run on the robot.
+
+A pendulum read through a sensor with std 0.05 rad of white noise is a hard body to learn for
+and to balance: a policy that keeps the nominal pendulum up for 1,000 steps drops the noisy one
+after 150-880 (docs/policies.md, "Sensor filtering"). Calibration measures the noise
+(``obs_noise_std``, sim/calibration.py); this module turns that measurement into an estimator:
+
+1. :func:`fit_sensor_filter` simulates the robot's calibrated body (its corrected view, noise-free)
+   under the fleet's current policy plus exploration noise, fits a linear model of one control
+   step ``obs' = A obs + B action + c`` by least squares, and takes its residual covariance as the
+   process noise ``Q`` and ``obs_noise_std^2 I`` as the measurement noise ``R``;
+2. it validates the filter on held-out episodes of the same body with the noise added, against the
+   true observations, and keeps it only if it cuts the error (``FilterFit.keep``);
+3. the release carries it (``sensor_filters`` in the signed manifest, docs/protocol.md) and the robot
+   runs it on every observation after the offset correction, before its policy (:func:`filtered_act`).
+
+The filter is a time-varying Kalman filter started at the first observation with covariance ``R``
+(a steady-state gain alone trusts its prediction from the first step and carries the first
+reading's error for ~1/gain steps). The robot needs numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from sim.episode import Episode
+
+MAX_ABS_ENTRY = 1e6  # a model or covariance entry beyond this is a fault, not a sensor
+
+
+class SensorFilterError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SensorFilter:
+    """``obs' = A obs + B action + c`` with process noise ``Q`` and measurement noise ``R`` (float64)."""
+
+    A: np.ndarray  # (d, d)
+    B: np.ndarray  # (d, m)
+    c: np.ndarray  # (d,)
+    Q: np.ndarray  # (d, d) symmetric positive semi-definite
+    R: np.ndarray  # (d, d) symmetric positive definite
+
+    def to_dict(self) -> dict:
+        return {k: np.asarray(getattr(self, k)).tolist() for k in ("A", "B", "c", "Q", "R")}
+
+    @classmethod
+    def from_dict(cls, value, obs_dim: int, act_dim: int) -> SensorFilter:
+        """Parse a manifest's ``sensor_filters[robot_id]``; :class:`SensorFilterError` unless it is
+        the five arrays of the right shapes, finite and bounded, with covariances that are ones."""
+        shapes = {"A": (obs_dim, obs_dim), "B": (obs_dim, act_dim), "c": (obs_dim,), "Q": (obs_dim, obs_dim), "R": (obs_dim, obs_dim)}
+        if not isinstance(value, dict) or set(value) != set(shapes):
+            raise SensorFilterError(f"a sensor filter must be an object with exactly the keys {sorted(shapes)}")
+        arrays = {}
+        for key, shape in shapes.items():
+            try:
+                arr = np.asarray(value[key], np.float64)
+            except (TypeError, ValueError):
+                raise SensorFilterError(f"sensor filter {key}: must be numbers of shape {shape}") from None
+            if arr.shape != shape or not np.isfinite(arr).all() or np.abs(arr).max(initial=0.0) > MAX_ABS_ENTRY:
+                raise SensorFilterError(f"sensor filter {key}: must be finite numbers within ±{MAX_ABS_ENTRY:g} of shape {shape}")
+            arrays[key] = arr
+        for key in ("Q", "R"):
+            cov = arrays[key]
+            if not np.allclose(cov, cov.T) or np.linalg.eigvalsh(cov).min() < (1e-12 if key == "R" else -1e-12):
+                raise SensorFilterError(f"sensor filter {key}: must be a symmetric positive {'definite' if key == 'R' else 'semi-definite'} covariance")
+        return cls(**arrays)
+
+    def start(self, n: int = 1) -> FilterState:
+        return FilterState(self, n)
+
+    def run(self, observations: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """The filtered observations of one episode (T+1, d) given its raw ones and its actions (T, m)."""
+        state, out = self.start(), np.empty(observations.shape, np.float32)
+        out[0] = state.update(observations[0][None])[0]
+        for t in range(len(actions)):
+            state.predict(actions[t][None])
+            out[t + 1] = state.update(observations[t + 1][None])[0]
+        return out
+
+
+class FilterState:
+    """One episode of ``n`` robots (rows): the estimates and their shared covariance."""
+
+    def __init__(self, model: SensorFilter, n: int):
+        self.model, self.x, self.P = model, None, None
+        self.n = n
+
+    def predict(self, action: np.ndarray) -> None:
+        m = self.model
+        self.x = self.x @ m.A.T + np.asarray(action, np.float64) @ m.B.T + m.c
+        self.P = m.A @ self.P @ m.A.T + m.Q
+
+    def update(self, obs: np.ndarray) -> np.ndarray:
+        obs = np.asarray(obs, np.float64)
+        if self.x is None:  # the first reading: the estimate is the reading, as uncertain as the sensor
+            self.x, self.P = obs.copy(), self.model.R.copy()
+            return self.x.astype(np.float32)
+        gain = np.linalg.solve((self.P + self.model.R).T, self.P.T).T  # P (P + R)^-1
+        self.x = self.x + (obs - self.x) @ gain.T
+        self.P = (np.eye(len(self.P)) - gain) @ self.P
+        self.P = 0.5 * (self.P + self.P.T)
+        return self.x.astype(np.float32)
+
+
+def filtered_act(act: Callable[[np.ndarray], np.ndarray], model: SensorFilter) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
+    """For each new episode, ``act`` seeing the filtered observations: a factory of stateful
+    per-episode policies (each call of the factory starts a fresh filter)."""
+
+    def episode():
+        state, last = None, None
+
+        def run(obs: np.ndarray) -> np.ndarray:
+            nonlocal state, last
+            obs = np.asarray(obs, np.float32)
+            if state is None:
+                state = model.start(len(obs))
+            else:
+                state.predict(last)
+            action = np.asarray(act(state.update(obs)), np.float32)
+            last = np.clip(action, -1.0, 1.0)  # what the actuators get (the stepper clips too)
+            return action
+
+        return run
+
+    return episode
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterFit:
+    """A fitted filter and its held-out error per observation entry (RMS vs the true observation)."""
+
+    filter: SensorFilter
+    raw_rms: np.ndarray  # the sensor's own error
+    filtered_rms: np.ndarray
+    keep_ratio: float
+
+    @property
+    def keep(self) -> bool:
+        """Whether the filter cuts the sensor's error, summed over entries, to ``keep_ratio`` or less."""
+        return bool(self.filtered_rms.sum() <= self.keep_ratio * self.raw_rms.sum())
+
+    @property
+    def view_noise(self) -> float:
+        """The noise the policy sees through the filter, as one white-noise std (the largest entry's
+        error): what the corrected view simulates for this robot's sensor (``VariationProfile.obs_noise_std``)."""
+        return float(self.filtered_rms.max())
+
+    def to_dict(self) -> dict:
+        rounded = lambda a: np.asarray(a, np.float64).round(5).tolist()  # noqa: E731
+        return {"kept": self.keep, "raw_rms": rounded(self.raw_rms), "filtered_rms": rounded(self.filtered_rms), "view_noise": round(self.view_noise, 5)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    """How a robot's filter is fitted: ``episodes`` simulated episodes of ``max_steps`` steps (half to fit,
+    half to validate), the policy's actions plus N(0, ``exploration_std``^2); kept when its held-out
+    error is at most ``keep_ratio`` of the sensor's (summed over entries)."""
+
+    episodes: int = 16
+    max_steps: int = 300
+    exploration_std: float = 0.3
+    keep_ratio: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.episodes < 2 or self.max_steps < 2 or self.exploration_std < 0 or not 0 < self.keep_ratio <= 1:
+            raise ValueError(f"FilterConfig needs episodes >= 2, max_steps >= 2, exploration_std >= 0, 0 < keep_ratio <= 1: {self}")
+
+
+def fit_sensor_filter(robot: str, profile, noise_std: float, policy, config: FilterConfig = FilterConfig()) -> FilterFit:
+    """Fit and validate a filter for ``profile``'s body (its sensor noise-free; ``VariationProfile``)
+    read through a sensor with white noise ``noise_std`` (see the module docstring)."""
+    from sim.batched import BatchedStepper  # here: a robot imports this module without MuJoCo
+    from sim.policy_fn import noisy_policy
+    from sim.scenario import ScenarioSpec
+
+    if noise_std <= 0:
+        raise ValueError(f"a sensor filter needs the sensor's noise (> 0), got {noise_std}")
+    clean = profile.replace(obs_noise_std=0.0, obs_bias=0.0)
+    specs = [ScenarioSpec(robot, seed=config.seed * 10_000 + s, profile=clean, max_steps=config.max_steps) for s in range(config.episodes)]
+    with BatchedStepper(robot, min(config.episodes, 8), nthread=1) as stepper:
+        episodes = stepper.simulate(specs, noisy_policy(policy, config.exploration_std, config.seed))
+    fit_eps, val_eps = episodes[::2], episodes[1::2]
+    if not fit_eps or not val_eps:
+        raise ValueError(f"no episode of {robot} on {profile} survived simulation; cannot fit its sensor filter")
+    model = _fit_linear(fit_eps, noise_std)
+    rng = np.random.default_rng(config.seed)
+    raw_err, filt_err = [], []
+    for ep in val_eps:
+        noisy = ep.observation + rng.standard_normal(ep.observation.shape) * noise_std
+        raw_err.append(noisy - ep.observation)
+        filt_err.append(model.run(noisy, ep.action) - ep.observation)
+    rms = lambda errs: np.sqrt(np.mean(np.concatenate(errs).astype(np.float64) ** 2, axis=0))  # noqa: E731
+    return FilterFit(model, rms(raw_err), rms(filt_err), config.keep_ratio)
+
+
+def _fit_linear(episodes: Sequence[Episode], noise_std: float) -> SensorFilter:
+    inputs = np.concatenate([np.hstack([ep.observation[:-1], ep.action, np.ones((ep.num_steps, 1))]) for ep in episodes]).astype(np.float64)
+    targets = np.concatenate([ep.observation[1:] for ep in episodes]).astype(np.float64)
+    weights, *_ = np.linalg.lstsq(inputs, targets, rcond=None)
+    d = targets.shape[1]
+    residual = targets - inputs @ weights
+    q = np.atleast_2d(np.cov(residual.T)) + 1e-10 * np.eye(d)
+    return SensorFilter(A=weights[:d].T, B=weights[d:-1].T, c=weights[-1], Q=0.5 * (q + q.T), R=noise_std**2 * np.eye(d))
+
+
+def filter_vectors(fits: dict[str, FilterFit]) -> dict[str, dict]:
+    """The manifest's ``sensor_filters``: robot id -> its kept filter."""
+    return {r: f.filter.to_dict() for r, f in sorted(fits.items()) if f.keep}
+
+
+def robot_filter(sensor_filters, robot_id: str, obs_dim: int, act_dim: int) -> SensorFilter | None:
+    """This robot's entry of a manifest's ``sensor_filters`` (parsed), or None when it has none;
+    :class:`SensorFilterError` when the field or the entry is malformed."""
+    entry = _filters_object(sensor_filters).get(robot_id)
+    return None if entry is None else SensorFilter.from_dict(entry, obs_dim, act_dim)
+
+
+def parse_filters(sensor_filters, obs_dim: int, act_dim: int) -> dict[str, SensorFilter]:
+    """Every entry of a manifest's ``sensor_filters``, parsed (what a publisher must send)."""
+    return {r: SensorFilter.from_dict(v, obs_dim, act_dim) for r, v in _filters_object(sensor_filters).items()}
+
+
+def _filters_object(sensor_filters) -> dict:
+    if not isinstance(sensor_filters, dict):
+        raise SensorFilterError("sensor_filters must be an object {robot_id: {A, B, c, Q, R}}")
+    return sensor_filters
+
+
+def filtered_view(episodes: Sequence[Episode], profiles: dict, fits: dict[str, FilterFit]) -> tuple[list[Episode], dict]:
+    """Episodes and profiles as each robot with a kept filter's policy sees them: its episodes'
+    observations filtered (with their own actions), and its sensor noise the filter's remaining error
+    (:attr:`FilterFit.view_noise`). Other robots are left as they are."""
+    kept = {r: f for r, f in fits.items() if f.keep}
+    out = [dataclasses.replace(ep, observation=kept[ep.robot_id].filter.run(ep.observation, ep.action)) if ep.robot_id in kept else ep for ep in episodes]
+    return out, {r: p.replace(obs_noise_std=kept[r].view_noise) if r in kept else p for r, p in profiles.items()}

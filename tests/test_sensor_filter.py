@@ -1,0 +1,185 @@
+"""Sensor filtering: a robot with a noisy calibrated sensor runs a Kalman filter, fitted on its
+simulated body and delivered signed with the release, before its policy (sim/sensor_filter.py)."""
+
+import base64
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from fleet.agent.policy import builtin_policy
+from fleet.agent.robot import run_episode
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.store import root_metadata
+from fleet.registry.trust import PolicyTrust
+from policies.export import export_policy
+from policies.networks import Policy, PolicySpec
+from policies.runtime import WEIGHTS_FILE, load_policy_bytes
+from sim.batched import BatchedStepper
+from sim.scenario import ScenarioSpec
+from sim.sensor_filter import FilterFit, SensorFilter, SensorFilterError, filter_vectors, filtered_act, filtered_view, fit_sensor_filter
+from sim.variation import VariationProfile
+from tests.conftest import registry_server
+from tests.test_calibration import GAINS
+
+SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
+NOISE = 0.15  # three times the demo's noisy sensor: the LQR controller alone drops the pendulum
+
+
+def lqr(obs):
+    return np.clip(-(obs @ GAINS), -1, 1)
+
+
+def returns(episode_act, profile, count=6):
+    """1,000-step returns of count episodes, each with a fresh per-episode policy from ``episode_act``."""
+    out = []
+    for s in range(count):
+        with BatchedStepper("pendulum", 1, nthread=1) as stepper:
+            (ep,) = stepper.simulate([ScenarioSpec("pendulum", seed=500 + s, profile=profile, max_steps=1000)], episode_act())
+        out.append(float(ep.reward.sum()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fit():
+    return fit_sensor_filter("pendulum", VariationProfile(), NOISE, lqr)
+
+
+def test_a_filter_fitted_on_the_calibrated_body_keeps_a_noisy_pendulum_up(fit):
+    assert fit.keep and (fit.filtered_rms < 0.6 * fit.raw_rms).all() and fit.filtered_rms.sum() < 0.4 * fit.raw_rms.sum(), fit.to_dict()
+    assert abs(fit.raw_rms.mean() - NOISE) < 0.02
+    noisy = VariationProfile(obs_noise_std=NOISE)
+    raw, filtered = returns(lambda: lqr, noisy), returns(filtered_act(lqr, fit.filter), noisy)
+    assert np.median(raw) < 500 and min(filtered) == 1000.0, (raw, filtered)
+
+
+def test_the_filter_is_a_kalman_filter_started_at_the_first_reading(fit):
+    model = fit.filter
+    obs = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    actions = np.random.default_rng(1).uniform(-1, 1, size=(5, 1)).astype(np.float32)
+    out = model.run(obs, actions)
+    np.testing.assert_allclose(out[0], obs[0], atol=1e-6)  # the first estimate is the first reading
+    x, P = obs[0].astype(np.float64), model.R.copy()
+    for t in range(5):  # the textbook recursion
+        x, P = model.A @ x + model.B @ actions[t] + model.c, model.A @ P @ model.A.T + model.Q
+        gain = P @ np.linalg.inv(P + model.R)
+        x, P = x + gain @ (obs[t + 1] - x), (np.eye(4) - gain) @ P
+        np.testing.assert_allclose(out[t + 1], x, rtol=1e-4, atol=1e-5)
+    act = filtered_act(lambda o: o[:, :1], model)  # a policy that echoes what it sees
+    for _ in range(2):  # every episode starts a fresh filter
+        run = act()
+        assert np.allclose(run(obs[:1]), obs[0, 0])
+
+
+def test_a_filter_is_kept_only_if_it_cuts_the_error_and_the_view_shows_what_it_leaves(fit):
+    worse = FilterFit(fit.filter, np.full(4, 0.05), np.full(4, 0.04), keep_ratio=0.7)
+    assert not worse.keep and filter_vectors({"robot-1": worse}) == {}
+    assert set(filter_vectors({"robot-1": fit, "robot-2": worse})) == {"robot-1"}
+    with BatchedStepper("pendulum", 2, nthread=1, robot_id="robot-1") as stepper:
+        episodes = stepper.simulate([ScenarioSpec("pendulum", seed=s, profile=VariationProfile(obs_noise_std=NOISE), max_steps=50) for s in range(2)], lqr)
+    other = episodes[1].__class__(**{**episodes[1].__dict__, "metadata": {**episodes[1].metadata, "robot_id": "robot-2"}})
+    profiles = {"robot-1": VariationProfile(obs_noise_std=NOISE), "robot-2": VariationProfile(obs_noise_std=NOISE)}
+    view, view_profiles = filtered_view([episodes[0], other], profiles, {"robot-1": fit, "robot-2": worse})
+    np.testing.assert_array_equal(view[0].observation, fit.filter.run(episodes[0].observation, episodes[0].action))
+    assert view[1] is other and view_profiles["robot-2"] == profiles["robot-2"]
+    assert view_profiles["robot-1"].obs_noise_std == pytest.approx(fit.view_noise) and fit.view_noise < NOISE
+
+
+def test_a_malformed_filter_is_refused(fit):
+    good = fit.filter.to_dict()
+    assert SensorFilter.from_dict(good, 4, 1).to_dict() == good
+    asymmetric = np.array(good["R"])
+    asymmetric[0, 1] = 1.0
+    for bad in (
+        {**good, "A": np.eye(3).tolist()},  # wrong shape
+        {**good, "c": [float("nan")] * 4},  # not finite
+        {**good, "R": np.zeros((4, 4)).tolist()},  # a sensor without noise has no filter
+        {**good, "R": asymmetric.tolist()},
+        {k: v for k, v in good.items() if k != "Q"},
+        "kalman",
+    ):
+        with pytest.raises(SensorFilterError):
+            SensorFilter.from_dict(bad, 4, 1)
+
+
+@pytest.fixture
+def robots(tmp_path):
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    source = SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+    yield registry, token, server, source
+    source.close()
+    server.stop()
+
+
+def exported(tmp_path):
+    torch.manual_seed(1)
+    manifest = export_policy(Policy(PolicySpec(4, 1, (16,), "tanh", True)), tmp_path / "p", robot_model="pendulum", policy_version="p", algorithm="sac")
+    return (tmp_path / "p" / WEIGHTS_FILE).read_bytes(), manifest
+
+
+def test_a_robot_runs_its_signed_filter_before_its_policy_and_refuses_a_malformed_one(tmp_path, robots, fit):
+    registry, token, server, source = robots
+    weights, manifest = exported(tmp_path)
+    runtime = load_policy_bytes(manifest, weights, **SPEC)
+    obs = np.random.default_rng(0).normal(scale=0.1, size=(20, 4)).astype(np.float32)
+    offset = np.full(4, 0.02, np.float32)
+    registry.publish(weights, policy=manifest, sensor_filters={"robot-0": fit.filter.to_dict()}, sensor_offsets={"robot-0": offset.tolist()}, **SPEC)
+    assert source.poll()
+    policy = source.current()
+    expected_run = filtered_act(runtime.act, fit.filter)()
+    for _ in range(2):  # one episode after another: each starts its filter afresh
+        act, expected = policy.for_episode(), filtered_act(runtime.act, fit.filter)()
+        for t in range(5):
+            np.testing.assert_allclose(act(obs[t : t + 1] + offset), expected(obs[t : t + 1]), atol=1e-5)
+    assert not np.allclose([expected_run(obs[t : t + 1]) for t in range(5)][1:], [runtime.act(obs[t : t + 1]) for t in range(1, 5)], atol=1e-4)
+    registry.publish(weights, policy=manifest, sensor_filters={"robot-7": fit.filter.to_dict()}, **SPEC)
+    assert source.poll() and source.current().for_episode()(obs[:1]) == pytest.approx(runtime.act(obs[:1]))  # not listed: its readings
+    registry.publish(weights, policy=manifest, sensor_filters={"robot-0": {**fit.filter.to_dict(), "B": [[1.0]]}}, **SPEC)
+    assert not source.poll() and source.refusals == {"malformed": 1}
+    body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:  # the robot's token may not publish
+        assert client.post("/v1/policies", json={**body, "sensor_filters": {"robot-0": "kalman"}}).status_code in (401, 403)
+
+
+def test_publishing_checks_sensor_filters(tmp_path, fit):
+    registry, token, server = registry_server(tmp_path, "publisher")
+    weights, manifest = exported(tmp_path)
+    body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            for filters in ({"robot-0": "kalman"}, [fit.filter.to_dict()], {"robot-0": {**fit.filter.to_dict(), "A": [[1.0]]}}):
+                response = client.post("/v1/policies", json={**body, "sensor_filters": filters})
+                assert response.status_code == 400 and response.json()["field"] == "sensor_filters", response.text
+            assert registry.versions() == []
+            good = {"robot-0": fit.filter.to_dict()}
+            response = client.post("/v1/policies", json={**body, "sensor_filters": good})
+            assert response.status_code == 201 and response.json()["manifest"]["sensor_filters"] == good
+    finally:
+        server.stop()
+
+
+def test_the_agent_starts_a_fresh_filter_each_episode(fit):
+    from fleet.agent.policy import Policy as RobotPolicy
+    from fleet.agent.recorder import EpisodeRecorder
+    from fleet.agent.robot import SimRobot, SimRobotConfig
+
+    policy = RobotPolicy("1", lqr, episode=filtered_act(lqr, fit.filter))
+    robot = SimRobot(SimRobotConfig(model="pendulum", profile=VariationProfile(obs_noise_std=NOISE).to_dict(), max_steps=300))
+    try:
+        rets = [float(run_episode(robot, policy, EpisodeRecorder(robot_id="r", robot_model="pendulum"), seed=s).reward.sum()) for s in range(2)]
+    finally:
+        robot.close()
+    assert rets == [300.0, 300.0]
+
+
+def test_the_pipeline_fits_filters_for_noisy_calibrated_sensors_only():
+    from fleet.pipeline.steps import fit_sensor_filters
+    from sim.policy_fn import zero_policy
+
+    profiles = {"robot-0": VariationProfile(), "robot-1": VariationProfile(obs_noise_std=0.05), "robot-2": VariationProfile(actuator_strength=0.5, obs_noise_std=0.05)}
+    fits = fit_sensor_filters("pendulum", profiles, zero_policy(1), seed=0)  # the fleet's first iteration: no policy yet
+    assert set(fits) == {"robot-1", "robot-2"} and all(f.keep for f in fits.values())
+    assert set(filter_vectors(fits)) == {"robot-1", "robot-2"}
+    assert not np.allclose(fits["robot-1"].filter.B, fits["robot-2"].filter.B, rtol=0.2)  # each robot's own body: the weak motor moves half as far
