@@ -1,5 +1,6 @@
-"""flywheel-server on loopback over a real store: auth, every kind of bad upload refused with
-its reason (and nothing stored), good uploads never refused, idempotency, listing, metrics."""
+"""flywheel-server on loopback over a real store (on disk, and in S3-compatible object storage):
+auth, every kind of bad upload refused with its reason (and nothing stored), good uploads never
+refused, idempotency, listing, metrics."""
 
 import json
 import socket
@@ -26,8 +27,10 @@ from tests.conftest import make_episode_arrays, tampered_bytes
 LIMIT = 256 * 1024
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+@pytest.fixture(scope="module", params=["disk", "s3"])
+def fleet(request, tmp_path_factory):
+    """The server over a store on local disk, and over one in S3-compatible object storage (a real
+    S3 server on loopback: every test of this module runs against both)."""
     root = tmp_path_factory.mktemp("server")
     tokens = root / "tokens.json"
     tok = {
@@ -36,7 +39,10 @@ def fleet(tmp_path_factory):
         "operator": add_token(tokens, "operator"),
         "publisher": add_token(tokens, "publisher"),
     }
-    store_cfg = StoreConfig(path=str(root / "store"), chunk_rows=256, index_rows=8)
+    where = str(root / "store") if request.param == "disk" else f"s3://fleet/server-{uuid.uuid4().hex}"
+    if request.param == "s3":
+        request.getfixturevalue("s3_server")
+    store_cfg = StoreConfig(path=where, chunk_rows=256, index_rows=8)
     # 16 uploads of one token in flight: a test below sends 9 at once (test_upload_limits_answer_429 checks the limit)
     handle = serve(ServerConfig(port=0, token_file=str(tokens), max_body_bytes=LIMIT, max_concurrent_uploads=16), store_cfg)
     client = httpx.Client(base_url=handle.url, timeout=30)

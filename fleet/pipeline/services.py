@@ -18,7 +18,7 @@ from fleet.registry.store import open_registry, root_metadata
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
-from fleet.store import EpisodeStore
+from fleet.store import EpisodeStore, StoreConfig
 from fleet.tracking import Tracker
 from sim.episode import Episode
 from sim.robots.registry import MODULES_ENV
@@ -64,7 +64,7 @@ class Services(contextlib.AbstractContextManager):
         token_file = self.run_dir / "tokens.json"
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process
         self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}
-        self.store_cfg = dataclasses.replace(instantiate(cfg.fleet.store), path=str(self.run_dir / "store"))
+        self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
         EpisodeStore.open_or_create(self.store_cfg)
         server_cfg = ServerConfig(host="127.0.0.1", port=0, token_file=str(token_file))
         self.server = serve(server_cfg, self.store_cfg, policy_registry=self.registry)
@@ -143,3 +143,13 @@ class Services(contextlib.AbstractContextManager):
             if self._started_ray:
                 ray.shutdown()
         return False
+
+
+def run_store(configured: StoreConfig, run_dir: Path) -> StoreConfig:
+    """The run's own episode store: ``<run_dir>/store`` on disk, or, when ``fleet.store.path`` names
+    object storage (``s3://bucket/prefix``), ``s3://bucket/prefix/<run folder name>`` (a resumed run
+    finds its store again)."""
+    path = str(configured.path)
+    if path.startswith("s3://"):
+        return dataclasses.replace(configured, path=f"{path.rstrip('/')}/{run_dir.name}")
+    return dataclasses.replace(configured, path=str(run_dir / "store"))

@@ -1,16 +1,24 @@
-"""Icechunk/zarr plumbing shared by the writer and the reader: repository, lock, codecs, fsync.
+"""Icechunk/zarr plumbing shared by the writer and the reader: location, repository, lock, codecs, fsync.
+
+A store lives on local disk (``StoreConfig.path`` a directory) or in S3-compatible object
+storage (``s3://bucket/prefix``; endpoint, region and credentials from the environment, as
+every AWS SDK reads them: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``).
 
 Icechunk's local-filesystem storage does not make concurrent commits safe by itself (its
 branch-ref update is not a compare-and-swap on a local disk; earth-mover/icechunk#804,
-#1494), so every committing writer holds :class:`WriterLock`, an ``flock`` on
+#1494), so every committing writer on disk holds :class:`WriterLock`, an ``flock`` on
 ``<store>/writer.lock``. Under the lock the commit is the only one in flight, so
-Icechunk's out-of-date check is exact again.
+Icechunk's out-of-date check is exact again. On object storage the branch update is a
+conditional write (a compare-and-swap): writers on any number of hosts commit optimistically,
+and the loser of a race gets ``icechunk.ConflictError`` and retries (``EpisodeStore.append``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import fcntl
 import os
 import threading
@@ -42,12 +50,72 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return sync(coro)
 
 
-def storage(path: Path) -> icechunk.Storage:
-    return icechunk.local_filesystem_storage(str(path / REPO_DIR))
+class StoreLocationError(ValueError):
+    """A store path that names no usable location (a malformed ``s3://`` URL, no bucket)."""
 
 
-def repo_exists(path: Path) -> bool:
-    return (path / REPO_DIR).is_dir() and icechunk.Repository.exists(storage(path))
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a store lives: a local directory (``path``) or an S3 bucket and key prefix."""
+
+    path: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, value: str) -> Location:
+        text = str(value)
+        if not text.startswith("s3://"):
+            if "://" in text:
+                raise StoreLocationError(f"store path {text!r}: only local directories and s3://bucket/prefix are supported")
+            return cls(path=Path(text))
+        bucket, _, prefix = text[len("s3://") :].partition("/")
+        if not bucket:
+            raise StoreLocationError(f"store path {text!r} names no bucket: use s3://bucket/prefix")
+        return cls(bucket=bucket, prefix=prefix.strip("/"))
+
+    @classmethod
+    def of(cls, where: Location | Path | str) -> Location:
+        return where if isinstance(where, Location) else cls.parse(str(where))
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.is_local else f"s3://{self.bucket}/{self.prefix}"
+
+    def storage(self) -> icechunk.Storage:
+        if self.is_local:
+            return icechunk.local_filesystem_storage(str(self.path / REPO_DIR))
+        return icechunk.s3_storage(bucket=self.bucket, prefix="/".join(p for p in (self.prefix, REPO_DIR) if p), **s3_options())
+
+
+def s3_options() -> dict:
+    """Icechunk's S3 settings from the standard AWS environment variables. An endpoint (an
+    S3-compatible server: MinIO, Ceph, moto) gets path-style addressing, and plain HTTP when its
+    URL says http://."""
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    options: dict = {"region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        options |= {"endpoint_url": endpoint, "allow_http": endpoint.startswith("http://"), "force_path_style": True}
+    if env.get("AWS_ACCESS_KEY_ID"):
+        options |= {"access_key_id": env["AWS_ACCESS_KEY_ID"], "secret_access_key": env.get("AWS_SECRET_ACCESS_KEY"), "session_token": env.get("AWS_SESSION_TOKEN")}
+    else:
+        options["from_env"] = True  # instance profiles, web identity, ...
+    return options
+
+
+def storage(where: Location | Path | str) -> icechunk.Storage:
+    return Location.of(where).storage()
+
+
+def repo_exists(where: Location | Path | str) -> bool:
+    location = Location.of(where)
+    if location.is_local and not (location.path / REPO_DIR).is_dir():
+        return False
+    return icechunk.Repository.exists(storage(location))
 
 
 MANIFEST_SPLIT_CHUNKS = 1024
@@ -78,15 +146,17 @@ CACHE = icechunk.CachingConfig(
 )
 
 
-def create_repo(path: Path) -> icechunk.Repository:
-    path.mkdir(parents=True, exist_ok=True)
-    repo = icechunk.Repository.create(storage(path), config=repo_config())
+def create_repo(where: Location | Path | str) -> icechunk.Repository:
+    location = Location.of(where)
+    if location.is_local:
+        location.path.mkdir(parents=True, exist_ok=True)
+    repo = icechunk.Repository.create(storage(location), config=repo_config())
     repo.save_config()  # plain Icechunk readers of this store split manifests the same way
     return repo
 
 
-def open_repo(path: Path) -> icechunk.Repository:
-    return icechunk.Repository.open(storage(path), config=repo_config())
+def open_repo(where: Location | Path | str) -> icechunk.Repository:
+    return icechunk.Repository.open(storage(where), config=repo_config())
 
 
 def compressors(name: str) -> list | None:
@@ -116,18 +186,22 @@ async def open_array(store, path: str, mode: str = "r") -> zarr.AsyncArray:
 
 
 class WriterLock:
-    """Cross-process (flock) plus in-process (threading) exclusive commit lock for one store."""
+    """Cross-process (flock) plus in-process (threading) exclusive commit lock for one store; on
+    object storage (``path`` None) the in-process part only: commits there are compare-and-swap."""
 
-    def __init__(self, path: Path, timeout_s: float):
-        self.file = path / LOCK_FILE
+    def __init__(self, path: Path | None, timeout_s: float):
+        self.file = None if path is None else path / LOCK_FILE
         self.timeout_s = timeout_s
         self._thread_lock = threading.Lock()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
         if not self._thread_lock.acquire(timeout=self.timeout_s):
-            raise StoreBusyError(f"another thread of this process kept the commit lock of {self.file.parent} for {self.timeout_s}s")
+            raise StoreBusyError(f"another thread of this process kept the commit lock of {self.file.parent if self.file else 'this store'} for {self.timeout_s}s")
         try:
+            if self.file is None:
+                yield
+                return
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 self._flock(fd)

@@ -11,12 +11,15 @@ COMPRESSIONS = ("lz4-bitshuffle", "zstd", "none")
 class StoreConfig:
     """Episode store settings.
 
-    path: store directory (holds ``icechunk/`` and ``writer.lock``).
+    path: store directory (holds ``icechunk/`` and ``writer.lock``), or ``s3://bucket/prefix`` for
+        S3-compatible object storage (endpoint, region and credentials from the standard AWS_*
+        environment variables; fleet/store/backend.py, docs/store.md).
     chunk_rows: time rows per data chunk; every commit starts a new chunk (docs/store.md).
     index_rows: episode slots per index chunk; every commit starts a new index chunk.
     compression: codec for data and index chunks: "lz4-bitshuffle" (Blosc), "zstd" or "none".
     fsync: after each commit, flush the store's file system (syncfs) before returning, so an
-        acknowledged episode survives power loss, not only a process crash.
+        acknowledged episode survives power loss, not only a process crash (on object storage a
+        commit is durable once the storage acknowledged it).
     lock_timeout_s: how long a writer waits for another writer's commit before giving up.
     """
 
@@ -29,7 +32,9 @@ class StoreConfig:
 
     def __post_init__(self):
         if not str(self.path):
-            raise ValueError("StoreConfig.path must name a directory")
+            raise ValueError("StoreConfig.path must name a directory or s3://bucket/prefix")
+        if "://" in str(self.path) and not str(self.path).startswith("s3://"):
+            raise ValueError(f"StoreConfig.path {self.path!r}: a local directory or s3://bucket/prefix (endpoint and credentials from AWS_* variables)")
         if self.chunk_rows < 1 or self.index_rows < 1:
             raise ValueError(f"chunk_rows and index_rows must be >= 1, got {self.chunk_rows}, {self.index_rows}")
         if self.compression not in COMPRESSIONS:

@@ -16,7 +16,6 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import icechunk
 from zarr import AsyncArray
@@ -92,7 +91,8 @@ class EpisodeStore:
 
     def __init__(self, config: StoreConfig, repo: icechunk.Repository, info: dict):
         self.config = config
-        self.path = Path(config.path)
+        self.location = backend.Location.parse(config.path)
+        self.path = self.location.path  # None on object storage
         self.info = info  # root attrs: geometry this store was created with (authoritative)
         self._repo = repo
         self._lock = backend.WriterLock(self.path, config.lock_timeout_s)
@@ -103,15 +103,21 @@ class EpisodeStore:
         self._meta_snapshot: str | None = None
         self._written_meta: dict[str, ArrayV3Metadata] = {}
         self._writer_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.commit_retries = 0  # commits lost to another writer's and redone (object storage)
 
     # -- explicit open modes -------------------------------------------------------------
     @classmethod
     def create(cls, config: StoreConfig) -> EpisodeStore:
         """Create a new, empty store at ``config.path``; fails if one is already there."""
-        path = Path(config.path)
+        path = backend.Location.parse(config.path)
         if backend.repo_exists(path):
             raise FileExistsError(f"an episode store already exists at {path}; use EpisodeStore.open (or open_or_create)")
-        repo = backend.create_repo(path)
+        try:
+            repo = backend.create_repo(path)
+        except icechunk.IcechunkError as exc:
+            if not path.is_local and backend.repo_exists(path):  # another process created it first
+                raise FileExistsError(f"an episode store already exists at {path}; use EpisodeStore.open (or open_or_create)") from None
+            raise backend.StoreLocationError(f"cannot create an episode store at {path}: {exc}") from None
         info = root_attrs(config.chunk_rows, config.index_rows, config.compression)
         session = repo.writable_session(BRANCH)
         root = backend.open_root(session, mode="w")
@@ -119,14 +125,14 @@ class EpisodeStore:
         root.create_group(STREAMS)
         backend.run(_create_catalog(session.store, info))
         session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
-        if config.fsync:
-            backend.sync_filesystem(path)
+        if config.fsync and path.is_local:
+            backend.sync_filesystem(path.path)
         return cls(config, repo, info)
 
     @classmethod
     def open(cls, config: StoreConfig) -> EpisodeStore:
         """Open an existing store; fails if there is none or its schema version is not ours."""
-        path = Path(config.path)
+        path = backend.Location.parse(config.path)
         if not backend.repo_exists(path):
             raise FileNotFoundError(f"no episode store at {path}; create it with EpisodeStore.create (or open_or_create)")
         repo = backend.open_repo(path)
@@ -138,8 +144,7 @@ class EpisodeStore:
 
     @classmethod
     def open_or_create(cls, config: StoreConfig) -> EpisodeStore:
-        path = Path(config.path)
-        if backend.repo_exists(path):
+        if backend.repo_exists(backend.Location.parse(config.path)):
             return cls.open(config)
         try:
             return cls.create(config)
@@ -150,12 +155,11 @@ class EpisodeStore:
         """Rewrite a schema-1 store as schema 2 in one commit (docs/store.md, "Schema 1")."""
         with self._lock.hold():
             session = self._repo.writable_session(BRANCH)
-            info = check_root_attrs(dict(backend.open_root(session).attrs), str(self.path))
+            info = check_root_attrs(dict(backend.open_root(session).attrs), str(self.location))
             if info["store_schema_version"] == 1:  # else another process migrated it meanwhile
                 info = backend.run(legacy.migrate(session, info, lambda root: _create_catalog(session.store, info)))
                 session.commit("migrate store schema 1 -> 2", metadata={"store_schema_version": STORE_SCHEMA_VERSION})
-                if self.config.fsync:
-                    backend.sync_filesystem(self.path)
+                self._sync()
             self.info = info
 
     # -- reading -------------------------------------------------------------------------
@@ -207,34 +211,53 @@ class EpisodeStore:
 
         digests: sha256 of each episode's canonical bytes, when the caller has them already.
         upload_times: per-episode receipt time (unix seconds); default now.
-        Returns when the commit is durable (flushed to disk when ``config.fsync``).
+        Returns when the commit is durable (flushed to disk when ``config.fsync``; on object
+        storage, when the storage acknowledged every object and the branch update).
+
+        On object storage another writer (another host) may commit first; this commit then
+        fails Icechunk's compare-and-swap and the whole transaction is redone on the new tip,
+        where episodes that writer stored are duplicates, until ``config.lock_timeout_s``.
         """
         now = time.time()
         items = [
             _Pending(ep, digests[i] if digests is not None else canonical_digest(ep), upload_times[i] if upload_times is not None else now)
             for i, ep in enumerate(episodes)
         ]
+        deadline = time.monotonic() + self.config.lock_timeout_s
         with self._lock.hold():
-            session = self._repo.writable_session(BRANCH)
-            if session.snapshot_id != self._index_snapshot:
-                backend.run(self._refresh_index(session))
-            statuses, fresh = self._classify(items)
-            if not fresh:
-                return AppendResult(session.snapshot_id, tuple(statuses))
-            self._written_meta = {}
-            rows = backend.run(self._write(session, fresh))
-            snapshot_id = session.commit(
-                message, metadata={"episodes": len(fresh), "writer": self._writer_id, "store_schema_version": self.info["store_schema_version"]}
-            )
-            if self.config.fsync:
-                backend.sync_filesystem(self.path)
-            for item in fresh:
-                self._digests[item.episode.episode_id] = item.digest
-            self._rows_seen = rows  # the index was current when this session began
-            self._index_snapshot = snapshot_id
-            self._meta_cache.update(self._written_meta)
-            self._meta_snapshot = snapshot_id
-            return AppendResult(snapshot_id, tuple(statuses))
+            while True:
+                try:
+                    return self._append_once(items, message)
+                except icechunk.ConflictError:
+                    if self.location.is_local or time.monotonic() > deadline:  # on disk the lock rules races out: a bug, not a race
+                        raise backend.StoreBusyError(f"other writers kept committing to {self.location} for {self.config.lock_timeout_s}s; raise store.lock_timeout_s") from None
+                    self._index_snapshot = None  # re-read what the winner stored
+                    self.commit_retries += 1
+
+    def _sync(self) -> None:
+        if self.config.fsync and self.location.is_local:
+            backend.sync_filesystem(self.path)
+
+    def _append_once(self, items: list[_Pending], message: str) -> AppendResult:
+        session = self._repo.writable_session(BRANCH)
+        if session.snapshot_id != self._index_snapshot:
+            backend.run(self._refresh_index(session))
+        statuses, fresh = self._classify(items)
+        if not fresh:
+            return AppendResult(session.snapshot_id, tuple(statuses))
+        self._written_meta = {}
+        rows = backend.run(self._write(session, fresh))
+        snapshot_id = session.commit(
+            message, metadata={"episodes": len(fresh), "writer": self._writer_id, "store_schema_version": self.info["store_schema_version"]}
+        )
+        self._sync()
+        for item in fresh:
+            self._digests[item.episode.episode_id] = item.digest
+        self._rows_seen = rows  # the index was current when this session began
+        self._index_snapshot = snapshot_id
+        self._meta_cache.update(self._written_meta)
+        self._meta_snapshot = snapshot_id
+        return AppendResult(snapshot_id, tuple(statuses))
 
     def _classify(self, items: list[_Pending]) -> tuple[list[str], list[_Pending]]:
         statuses, fresh, in_batch = [], [], {}
