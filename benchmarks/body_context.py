@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import cached_json, emit  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
@@ -57,12 +56,7 @@ def curve(steps: int, seed: int, conditioned: bool) -> list[tuple[int, list[floa
 
 def cached(steps: int, seed: int, conditioned: bool, fresh: bool) -> list:
     path = CACHE / f"steps{steps}-seed{seed}-{'conditioned' if conditioned else 'plain'}.json"
-    if path.exists() and not fresh:
-        return json.loads(path.read_text())
-    out = curve(steps, seed, conditioned)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    return cached_json(path, lambda: curve(steps, seed, conditioned), fresh)
 
 
 def main() -> None:

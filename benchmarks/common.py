@@ -6,6 +6,8 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def emit(metric: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None) -> None:
@@ -21,3 +23,16 @@ def median_rate(work: Callable[[], float], repeats: int = 3) -> float:
         units = work()
         rates.append(units / (time.perf_counter() - start))
     return statistics.median(rates)
+
+
+def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, complete: Callable[[Any], bool] = lambda out: True) -> Any:
+    """``compute()``'s JSON result, kept at ``path``: read back unless ``fresh`` or not ``complete``
+    (cached before a field existed), so a benchmark's seeds may run in separate processes."""
+    if path.exists() and not fresh:
+        out = json.loads(path.read_text())
+        if complete(out):
+            return out
+    out = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out

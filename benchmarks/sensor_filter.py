@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import cached_json, emit  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
@@ -93,14 +92,7 @@ def noisy_robot_return(episode_act, body: VariationProfile) -> float:
 
 def cached(steps: int, seed: int, filtered: bool, fresh: bool) -> dict:
     path = CACHE / f"steps{steps}-seed{seed}-{'filtered' if filtered else 'unfiltered'}.json"
-    if path.exists() and not fresh:
-        out = json.loads(path.read_text())
-        if "noisy_with_refit_filter" in out:  # else: cached before that line existed
-            return out
-    out = run_arm(steps, seed, filtered)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    return cached_json(path, lambda: run_arm(steps, seed, filtered), fresh, complete=lambda out: "noisy_with_refit_filter" in out)
 
 
 def main() -> None:

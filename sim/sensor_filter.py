@@ -72,8 +72,8 @@ class SensorFilter:
                 raise SensorFilterError(f"sensor filter {key}: must be a symmetric positive {'definite' if key == 'R' else 'semi-definite'} covariance")
         return cls(**arrays)
 
-    def start(self, n: int = 1) -> FilterState:
-        return FilterState(self, n)
+    def start(self) -> FilterState:
+        return FilterState(self)
 
     def run(self, observations: np.ndarray, actions: np.ndarray) -> np.ndarray:
         """The filtered observations of one episode (T+1, d) given its raw ones and its actions (T, m)."""
@@ -86,11 +86,10 @@ class SensorFilter:
 
 
 class FilterState:
-    """One episode of ``n`` robots (rows): the estimates and their shared covariance."""
+    """One episode (of one robot, or of several in rows): the estimates and their shared covariance."""
 
-    def __init__(self, model: SensorFilter, n: int):
+    def __init__(self, model: SensorFilter):
         self.model, self.x, self.P = model, None, None
-        self.n = n
 
     def predict(self, action: np.ndarray) -> None:
         m = self.model
@@ -120,7 +119,7 @@ def filtered_act(act: Callable[[np.ndarray], np.ndarray], model: SensorFilter) -
             nonlocal state, last
             obs = np.asarray(obs, np.float32)
             if state is None:
-                state = model.start(len(obs))
+                state = model.start()
             else:
                 state.predict(last)
             action = np.asarray(act(state.update(obs)), np.float32)
