@@ -55,23 +55,30 @@ CACHE = Path("runs/benchmarks/sensor_filter")
 EPISODES, EVAL_SEED = 6, 123
 
 
-def run_arm(steps: int, seed: int, filtered: bool) -> dict:
-    """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arm)."""
+ARMS = ("unfiltered", "filtered", "simulated")  # "filtered": the white-noise stand-in; "simulated": the filter itself in the world
+
+
+def run_arm(steps: int, seed: int, arm: str) -> dict:
+    """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arms)."""
     bodies = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in FLEET]  # offsets taken out on board
-    noisy, fit = bodies[-1], None
-    worlds = list(bodies)
-    if filtered:
+    noisy, fit, on_board = bodies[-1], None, None
+    worlds, view = list(bodies), list(bodies)
+    if arm != "unfiltered":
         fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, zero_policy(1))
-        worlds[-1] = noisy.replace(obs_noise_std=fit.view_noise)
+        view[-1] = noisy.replace(obs_noise_std=fit.view_noise)
+        if arm == "filtered":
+            worlds = view
+        else:
+            on_board = {noisy: fit.filter}
     config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
     config = dataclasses.replace(config, num_worlds=len(worlds))
-    algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(worlds)})
-    with Trainer(config, make_algorithm(config, algo), profiles=worlds) as trainer:
+    algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(view)})
+    with Trainer(config, make_algorithm(config, algo), profiles=worlds, sensor_filters=on_board) as trainer:
         trainer.train()
         policy = trainer.algo.policy
     returns = [p.mean_return for p in evaluate(policy, ROBOT, worlds[:-1], EPISODES, seed=EVAL_SEED).profiles]
     act = with_context(policy, worlds[-1].context())  # the robot's delivered body features
-    episode_act = filtered_act(act, fit.filter) if filtered else (lambda: act)
+    episode_act = filtered_act(act, fit.filter) if fit else (lambda: act)
     returns.append(noisy_robot_return(episode_act, noisy))
     refit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, act)  # under the trained policy
     return {
@@ -90,9 +97,9 @@ def noisy_robot_return(episode_act, body: VariationProfile) -> float:
     return float(np.mean(total))
 
 
-def cached(steps: int, seed: int, filtered: bool, fresh: bool) -> dict:
-    path = CACHE / f"steps{steps}-seed{seed}-{'filtered' if filtered else 'unfiltered'}.json"
-    return cached_json(path, lambda: run_arm(steps, seed, filtered), fresh, complete=lambda out: "noisy_with_refit_filter" in out)
+def cached(steps: int, seed: int, arm: str, fresh: bool) -> dict:
+    path = CACHE / f"steps{steps}-seed{seed}-{arm}.json"
+    return cached_json(path, lambda: run_arm(steps, seed, arm), fresh, complete=lambda out: "noisy_with_refit_filter" in out)
 
 
 def main() -> None:
@@ -102,19 +109,21 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    runs = {arm: [cached(args.steps, seed, arm, args.fresh) for seed in args.seeds] for arm in (True, False)}
-    for arm, name in ((True, "filtered"), (False, "unfiltered")):
-        for seed, r in zip(args.seeds, runs[arm]):
+    runs = {arm: [cached(args.steps, seed, arm, args.fresh) for seed in args.seeds] for arm in ARMS}
+    for name in ARMS:
+        for seed, r in zip(args.seeds, runs[name]):
             added = f"; noisy robot with a refitted filter {r['noisy_with_refit_filter']:.0f} ({r['refit_filter']})"
             print(f"# {name} seed {seed}: " + "/".join(f"{x:.0f}" for x in r["returns"]) + (f"; filter {r['filter']}" if r["filter"] else "") + added, file=sys.stderr)
     med = lambda values: float(statistics.median(values))  # noqa: E731
-    for i, body in enumerate(FLEET):
-        a, b = med([r["returns"][i] for r in runs[True]]), med([r["returns"][i] for r in runs[False]])
+    for i, body in enumerate(FLEET):  # the flywheel's way (the filter simulated in training) vs no filter
+        a, b = med([r["returns"][i] for r in runs["simulated"]]), med([r["returns"][i] for r in runs["unfiltered"]])
         emit(f"sensor_filter/{body}/return_at_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
-    a, b = med([min(r["returns"]) for r in runs[True]]), med([min(r["returns"]) for r in runs[False]])
+    a, b = med([min(r["returns"]) for r in runs["simulated"]]), med([min(r["returns"]) for r in runs["unfiltered"]])
     emit(f"sensor_filter/worst_body/return_at_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
-    for arm, name in ((True, "filtered"), (False, "unfiltered")):
-        a, b = med([r["noisy_with_refit_filter"] for r in runs[arm]]), med([r["returns"][-1] for r in runs[arm]])
+    a, b = med([r["returns"][-1] for r in runs["filtered"]]), med([r["returns"][-1] for r in runs["unfiltered"]])
+    emit(f"sensor_filter/noisy_sensor/white_noise_stand_in_at_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
+    for name in ARMS:
+        a, b = med([r["noisy_with_refit_filter"] for r in runs[name]]), med([r["returns"][-1] for r in runs[name]])
         emit(f"sensor_filter/noisy_sensor/{name}_arm_with_refit_filter_{args.steps}", a, "return", b, round(a / b, 3) if b else None)
 
 

@@ -102,11 +102,13 @@ def evaluate(
     *,
     num_worlds: int | None = None,
     nthread: int | None = 1,
+    sensor_filters=None,
 ) -> EvaluationResult:
     """Run ``policy`` (torch module or numpy callable (N, D) -> (N, A)) on every profile.
 
     Episode j of every profile uses scenario seed ``derive_seed(seed, "eval", j)``.
     ``num_worlds``: worlds stepped together (default: all episodes at once, at most 256).
+    ``sensor_filters``: {profile: SensorFilter} for bodies whose robot filters its sensor on board.
     """
     profiles = list(profiles)
     if not profiles or episodes_per_profile < 1:
@@ -117,7 +119,7 @@ def evaluate(
         for j in range(episodes_per_profile)
     ]
     n = num_worlds or min(len(scenarios), 256)
-    with BatchedStepper(robot, n, nthread=nthread, record=True, policy_version="eval") as stepper:
+    with BatchedStepper(robot, n, nthread=nthread, record=True, policy_version="eval", sensor_filters=sensor_filters) as stepper:
         episodes = stepper.simulate(scenarios, policy)
     success = SUCCESS.get(robot, _survived)
     by_profile: dict[str, list[Episode]] = {str(i): [] for i in range(len(profiles))}

@@ -123,7 +123,9 @@ class Trainer:
     ``log(metrics, env_steps)`` receives namespaced metrics (docs/policies.md lists them);
     ``checkpoint_dir``: where checkpoints go (:meth:`resume` continues from one there);
     ``checkpointer(trainer, metrics)``: replaces :meth:`save` every ``checkpoint_every``
-    updates (Ray Train reports checkpoints this way); ``algo_config`` is recorded in checkpoints.
+    updates (Ray Train reports checkpoints this way); ``algo_config`` is recorded in checkpoints;
+    ``sensor_filters`` ({profile: SensorFilter}): bodies whose robot filters its sensor on board,
+    in the training and the evaluation worlds.
     """
 
     def __init__(
@@ -138,8 +140,10 @@ class Trainer:
         comm: LocalComm | None = None,
         algo_config=None,
         checkpointer: Callable[[Trainer, dict[str, float]], None] | None = None,
+        sensor_filters=None,
     ):
         self.config, self.algo, self.log = config, algorithm, log
+        self.sensor_filters = sensor_filters
         self.algo_config = algo_config
         self.checkpointer = checkpointer
         self.comm = comm or LocalComm()
@@ -148,7 +152,7 @@ class Trainer:
         profiles = list(profiles or [VariationProfile()])
         n = config.num_worlds
         self.eval_profiles = list(eval_profiles or profiles)
-        self.stepper = BatchedStepper(config.robot, n, nthread=config.nthread, record=False)
+        self.stepper = BatchedStepper(config.robot, n, nthread=config.nthread, record=False, sensor_filters=sensor_filters)
         world_seed = config.seed * 1_000_003 + self.comm.rank
         world_profiles = [profiles[w % len(profiles)] for w in range(n)]
         self.source = FreeRunning(config.robot, world_seed, world_profiles)
@@ -238,7 +242,7 @@ class Trainer:
         """Evaluate the current policy on ``eval_profiles`` (fixed seeds); returns ``eval/...`` metrics."""
         from policies.evaluate import evaluate
 
-        result = evaluate(self.algo.policy, self.config.robot, self.eval_profiles, self.config.eval_episodes, seed=self.config.seed)
+        result = evaluate(self.algo.policy, self.config.robot, self.eval_profiles, self.config.eval_episodes, seed=self.config.seed, sensor_filters=self.sensor_filters)
         return result.metrics()
 
     def _evaluate_and_keep(self) -> dict[str, float]:

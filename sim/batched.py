@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import mujoco
 import numpy as np
@@ -27,6 +27,7 @@ from sim.policy_fn import as_conditioned_policy
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
 from sim.scenario import ScenarioSpec
+from sim.sensor_filter import FilterState, SensorFilter
 from sim.variation import CONTEXT_DIM, VariationProfile
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -58,7 +59,11 @@ class BatchedStepper:
         robot_id: str = "sim",
         policy_version: str = "none",
         source: str = "sim",
+        sensor_filters: Mapping[VariationProfile, SensorFilter] | None = None,
     ):
+        """``sensor_filters``: a world whose scenario has one of these profiles reads its sensor through
+        that Kalman filter, as the robot of that body does (sim/sensor_filter.py): its observations,
+        recorded ones included, are the filter's estimates."""
         if num_worlds < 1:
             raise ValueError(f"num_worlds must be >= 1, got {num_worlds}")
         self.task = get_task(robot) if isinstance(robot, str) else robot
@@ -102,6 +107,8 @@ class BatchedStepper:
         self._finished: list[Episode] = []
         self._next_scenario: ScenarioSource = lambda world: None
         self.stats = {"episodes": 0, "steps": 0, "diverged": 0}
+        self._sensor_filters = dict(sensor_filters or {})
+        self._filtering: dict[int, FilterState] = {}  # world -> its filter's state this episode
 
     # -- models -------------------------------------------------------------------------
     def model_for(self, profile: VariationProfile) -> tuple[mujoco.MjModel, mujoco.MjData]:
@@ -147,6 +154,8 @@ class BatchedStepper:
         ``info["final_observation"]`` where ``info["_final_observation"]`` is True.
         """
         idx = np.flatnonzero(self.active)
+        if not len(idx):  # MuJoCo's rollout of zero worlds crashes the process
+            raise RuntimeError("every world of this stepper has finished its scenarios and stopped; reset it (reset, reset_to) before stepping again")
         action = np.asarray(action, np.float32)
         if action.shape != (self.num_worlds, self.task.act_dim):
             raise ValueError(f"action must have shape {(self.num_worlds, self.task.act_dim)}, got {action.shape}")
@@ -209,7 +218,10 @@ class BatchedStepper:
             "scenarios": [s.to_json() for s in self.scenarios],
             "world_rngs": [rng.bit_generator.state for rng in self._rngs],
             "stats": dict(self.stats),
+            "filtered_worlds": sorted(self._filtering),
         }
+        for w, state in self._filtering.items():
+            arrays[f"filter_x_{w}"], arrays[f"filter_P_{w}"] = state.x.copy(), state.P.copy()
         return arrays, meta
 
     def set_state(self, arrays: dict[str, np.ndarray], meta: dict, then: ScenarioSource | None = None) -> np.ndarray:
@@ -220,6 +232,10 @@ class BatchedStepper:
         for k in self._STATE_ARRAYS:
             getattr(self, k)[...] = arrays[k]
         self._history = np.array(arrays["history"], np.float32)
+        for w in meta.get("filtered_worlds", []):
+            if w not in self._filtering:
+                raise ValueError(f"the state filters world {w}'s sensor; build the stepper with the same sensor_filters")
+            self._filtering[w].x, self._filtering[w].P = np.array(arrays[f"filter_x_{w}"]), np.array(arrays[f"filter_P_{w}"])
         for rng, state in zip(self._rngs, meta["world_rngs"]):
             rng.bit_generator.state = state
         self.stats.update(meta["stats"])
@@ -280,6 +296,12 @@ class BatchedStepper:
         for i, w in enumerate(started):  # the sensor model, from each world's own stream
             if self._obs_noise[w] or self._obs_bias[w]:
                 obs[i] = self.scenarios[w].profile.corrupt_observation(obs[i : i + 1], self._rngs[w])[0]
+            if self._sensor_filters:  # a filtered sensor starts its filter at the first reading
+                model = self._sensor_filters.get(self.scenarios[w].profile)
+                self._filtering.pop(w, None)
+                if model is not None:
+                    self._filtering[w] = model.start()
+                    obs[i] = self._filtering[w].update(obs[i : i + 1])[0]
         self.obs[ws], self.t[ws], self.active[ws] = obs, 0, True
         latency = int(self._latency[ws].max())
         if self._history.shape[1] <= latency:
@@ -349,6 +371,11 @@ class BatchedStepper:
         for i in np.flatnonzero(self._obs_noise[idx]):  # per-world streams keep episodes batch-independent
             w = idx[i]
             obs[i] += (self._rngs[w].standard_normal(obs.shape[1]) * self._obs_noise[w]).astype(np.float32)
+        if self._filtering:  # filtered sensors: predict with the commanded action, correct with the reading
+            for i in np.flatnonzero(np.isin(idx, list(self._filtering))):
+                state = self._filtering[idx[i]]
+                state.predict(action[i : i + 1])
+                obs[i] = state.update(obs[i : i + 1])[0]
         self.state[sel], self.sensordata[sel] = new_state, new_sensor
         steps = self.t[sel].copy()
         if self.record:

@@ -183,3 +183,43 @@ def test_the_pipeline_fits_filters_for_noisy_calibrated_sensors_only():
     assert set(fits) == {"robot-1", "robot-2"} and all(f.keep for f in fits.values())
     assert set(filter_vectors(fits)) == {"robot-1", "robot-2"}
     assert not np.allclose(fits["robot-1"].filter.B, fits["robot-2"].filter.B, rtol=0.2)  # each robot's own body: the weak motor moves half as far
+
+
+def test_the_stepper_runs_a_filtered_robots_filter_and_checkpoints_it(fit):
+    """A world of a filtered body reads the filter's estimates (what the robot's policy sees), the
+    same ones the filter gives offline on the raw readings; its filter state survives get/set_state."""
+    noisy, clean = VariationProfile(obs_noise_std=NOISE), VariationProfile()
+    rng = np.random.default_rng(3)
+    actions = rng.uniform(-0.3, 0.3, size=(40, 2, 1)).astype(np.float32)  # open loop: both runs act the same
+
+    def rollout(filters):
+        with BatchedStepper("pendulum", 2, nthread=1, record=False, sensor_filters=filters) as stepper:
+            obs, done = [stepper.reset(seed=7, profiles=[noisy, clean])], []
+            for a in actions:
+                o, _, term, trunc, _ = stepper.step(a)
+                obs.append(o)
+                done.append(term | trunc)
+        return np.stack(obs), np.stack(done)
+
+    (raw, done), (filtered, _) = rollout(None), rollout({noisy: fit.filter})
+    first = int(np.argmax(done[:, 0])) if done[:, 0].any() else len(actions)  # world 0's first episode: steps 0..first
+    assert first >= 5
+    np.testing.assert_allclose(filtered[: first + 1, 0], fit.filter.run(raw[: first + 1, 0], actions[:first, 0]), atol=1e-5)
+    np.testing.assert_array_equal(filtered[:, 1], raw[:, 1])  # the clean body reads its sensor
+    assert np.abs(filtered[1 : first + 1, 0] - raw[1 : first + 1, 0]).mean() > 0.01
+
+    split = first // 2  # mid-episode; compared until the episode ends (the restored stepper then draws other scenarios)
+    with BatchedStepper("pendulum", 2, nthread=1, record=False, sensor_filters={noisy: fit.filter}) as a:
+        a.reset(seed=7, profiles=[noisy, clean])
+        for act in actions[:split]:
+            a.step(act)
+        arrays, meta = a.get_state()
+    with BatchedStepper("pendulum", 2, nthread=1, record=False, sensor_filters={noisy: fit.filter}) as b:
+        b.set_state(arrays, meta, then=lambda w: ScenarioSpec("pendulum", seed=w, profile=[noisy, clean][w]))
+        resumed = np.stack([b.step(act)[0] for act in actions[split:first]])
+    np.testing.assert_array_equal(resumed[:, 0], filtered[split + 1 : first + 1, 0])
+    with BatchedStepper("pendulum", 1, nthread=1) as stepper:  # and a stepper whose worlds all stopped says so
+        stepper.reset_to([ScenarioSpec("pendulum", seed=0, max_steps=1)])
+        stepper.step(np.zeros((1, 1), np.float32))
+        with pytest.raises(RuntimeError, match="reset it"):
+            stepper.step(np.zeros((1, 1), np.float32))

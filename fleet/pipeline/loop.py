@@ -167,14 +167,15 @@ class Flywheel:
 
         with self.progress.task(f"iteration {k}: snapshot + calibrate robots"):
             snapshot_id, real, sim, profiles, offsets = self._calibrated_data(k, record)
-        filters = {}
-        if s.sensor_filter:  # robots with a noisy calibrated sensor: a filter on board, the policy trained on what it leaves
+        filters, view = {}, profiles
+        if s.sensor_filter:  # robots with a noisy calibrated sensor: a filter on board; training worlds and the gate run it too
             with self.progress.task(f"iteration {k}: sensor filters"):
                 filters = steps.fit_sensor_filters(s.robot_model, profiles, self._policy_factory(self.state["current"])(), s.seed + k)
-                real, profiles = filtered_view(real, profiles, filters)
+                real, view = filtered_view(real, profiles, filters)  # view: each sensor's noise as its policy sees it
             record["sensor_filters"] = {r: f.to_dict() for r, f in filters.items()}
             if filters:
                 svc.tracker.log({f"calibration/{r}/sensor_filter_error": float(f.filtered_rms.sum() / f.raw_rms.sum()) if f.keep else 1.0 for r, f in filters.items()}, k)
+        on_board = {profiles[r]: f.filter for r, f in filters.items() if f.keep}  # the simulated robots read their sensors as the real ones
 
         with self.progress.task(f"iteration {k}: world model"):
             previous = svc.load_world_model()
@@ -208,14 +209,14 @@ class Flywheel:
             if s.body_context:  # one policy for every body, told apart by each robot's calibrated body features
                 algo_cfg = steps.body_conditioned(algo_cfg)
             worlds = profiles
-            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise
-                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles)
+            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise (what is left of it after a filter)
+                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, view)
                 worlds = steps.clean_sensor_worlds(profiles) if s.noise_free_training_worlds else profiles
             trained = steps.train_policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
                 profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
                 lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()} | {POLICY_STEPS: steps_before + n}, step),
-                worlds=worlds,
+                worlds=worlds, sensor_filters=on_board,
             )
             export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
             weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id)
@@ -225,8 +226,8 @@ class Flywheel:
             svc.tracker.config_update({"effective_trainer": dataclasses.asdict(trainer_cfg), "effective_algorithm": dataclasses.asdict(algo_cfg)})
 
         with self.progress.task(f"iteration {k}: gate on every robot's profile"):
-            cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed)
-            cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed)
+            cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
+            cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
             decision = gate(cand, cur, **s.gate)
         record["gate"] = decision.to_dict()
         svc.tracker.log(

@@ -116,6 +116,7 @@ def train_policy(
     out_dir: Path,
     log: LogFn | None,
     worlds: dict[str, VariationProfile] | None = None,
+    sensor_filters=None,
 ) -> TrainedPolicy:
     """The policy learner (SAC or the model-based learner) on the fleet's data (``data``: source ->
     episodes) plus online MuJoCo on ``worlds`` (default ``profiles``: robot id -> its calibrated
@@ -140,7 +141,8 @@ def train_policy(
         algorithm.add_offline(offline, functools.partial(episode_profile, profiles))
     worlds = profiles if worlds is None else worlds
     with Trainer(
-        trainer_cfg, algorithm, profiles=list(worlds.values()), eval_profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg
+        trainer_cfg, algorithm, profiles=list(worlds.values()), eval_profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg,
+        sensor_filters=sensor_filters,
     ) as trainer:
         result = trainer.train()
         checkpoint = trainer.save(out_dir)  # the learner's latest state: the next iteration continues it
@@ -204,13 +206,14 @@ def episode_context(profiles: dict[str, VariationProfile], episode: Episode):
     return None if profile is None else profile.context()
 
 
-def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int) -> dict[str, list[float]]:
-    """Per-episode returns of ``policy`` on each robot's profile; episode j of every robot and of
-    every policy uses the same scenario seed (paired, for the gate)."""
+def evaluate_on_profiles(policy, robot_model: str, profiles: dict[str, VariationProfile], episodes: int, seed: int, sensor_filters=None) -> dict[str, list[float]]:
+    """Per-episode returns of ``policy`` on each robot's profile (read through its filter where it has
+    one: ``sensor_filters`` {profile: SensorFilter}); episode j of every robot and of every policy
+    uses the same scenario seed (paired, for the gate)."""
     from policies.evaluate import evaluate
 
     ids = sorted(profiles)
-    result = evaluate(policy, robot_model, [profiles[r] for r in ids], episodes, seed)
+    result = evaluate(policy, robot_model, [profiles[r] for r in ids], episodes, seed, sensor_filters=sensor_filters)
     return {r: list(p.returns) for r, p in zip(ids, result.profiles)}
 
 
