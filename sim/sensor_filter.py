@@ -12,7 +12,8 @@ after 150-880 (docs/policies.md, "Sensor filtering"). Calibration measures the n
 2. it validates the filter on held-out episodes of the same body with the noise added, against the
    true observations, and keeps it only if it cuts the error (``FilterFit.keep``);
 3. the release carries it (``sensor_filters`` in the signed manifest, docs/protocol.md) and the robot
-   runs it on every observation after the offset correction, before its policy (:func:`filtered_act`).
+   runs it on every observation after the offset correction, before its policy (:func:`filtered_act`);
+   the robot's simulated twin runs it too, in training and in the gate (``BatchedStepper(sensor_filters=...)``).
 
 The filter is a time-varying Kalman filter started at the first observation with covariance ``R``
 (a steady-state gain alone trusts its prediction from the first step and carries the first
@@ -236,7 +237,7 @@ def _filters_object(sensor_filters) -> dict:
 def filtered_view(episodes: Sequence[Episode], profiles: dict, fits: dict[str, FilterFit]) -> tuple[list[Episode], dict]:
     """Episodes and profiles as each robot with a kept filter's policy sees them: its episodes'
     observations filtered (with their own actions), and its sensor noise the filter's remaining error
-    (:attr:`FilterFit.view_noise`). Other robots are left as they are."""
+    (:attr:`FilterFit.view_noise`; the actor's training noise follows it). Other robots are left as they are."""
     kept = {r: f for r, f in fits.items() if f.keep}
     out = [dataclasses.replace(ep, observation=kept[ep.robot_id].filter.run(ep.observation, ep.action)) if ep.robot_id in kept else ep for ep in episodes]
     return out, {r: p.replace(obs_noise_std=kept[r].view_noise) if r in kept else p for r, p in profiles.items()}
