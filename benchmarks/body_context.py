@@ -15,17 +15,15 @@ Run: `.venv/bin/python benchmarks/body_context.py [--steps 3000] [--seeds 0 1 2]
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cached_json, emit  # noqa: E402
+from common import cached_json, emit, pooled_seed_args  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
@@ -60,12 +58,7 @@ def cached(steps: int, seed: int, conditioned: bool, fresh: bool) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3000, help="real steps, pooled over the four bodies")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = pooled_seed_args(__doc__)
     runs = {arm: [cached(args.steps, seed, arm, args.fresh) for seed in args.seeds] for arm in (True, False)}
     med = lambda values: float(statistics.median(values))  # noqa: E731
     for arm, name in ((True, "conditioned"), (False, "plain")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -36,3 +37,17 @@ def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, com
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
     return out
+
+
+def pooled_seed_args(description: str, steps_help: str = "real steps, pooled over the four bodies") -> argparse.Namespace:
+    """The learning benchmarks' command line: ``--steps``, ``--seeds``, ``--fresh`` (ignore cached
+    seeds); and one torch thread, so seeds can run side by side on 2 cores."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=3000, help=steps_help)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args

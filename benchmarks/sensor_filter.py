@@ -25,7 +25,6 @@ Run: `.venv/bin/python benchmarks/sensor_filter.py [--steps 3000] [--seeds 0 1 2
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -33,10 +32,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cached_json, emit  # noqa: E402
+from common import cached_json, emit, pooled_seed_args  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
@@ -103,12 +101,7 @@ def cached(steps: int, seed: int, arm: str, fresh: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3000, help="real steps, pooled over the four bodies")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = pooled_seed_args(__doc__)
     runs = {arm: [cached(args.steps, seed, arm, args.fresh) for seed in args.seeds] for arm in ARMS}
     for name in ARMS:
         for seed, r in zip(args.seeds, runs[name]):
