@@ -125,9 +125,9 @@ class EpisodeStore:
         root.create_group(STREAMS)
         backend.run(_create_catalog(session.store, info))
         session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
-        if config.fsync and path.is_local:
-            backend.sync_filesystem(path.path)
-        return cls(config, repo, info)
+        store = cls(config, repo, info)
+        store._sync()
+        return store
 
     @classmethod
     def open(cls, config: StoreConfig) -> EpisodeStore:
@@ -229,7 +229,9 @@ class EpisodeStore:
                 try:
                     return self._append_once(items, message)
                 except icechunk.ConflictError:
-                    if self.location.is_local or time.monotonic() > deadline:  # on disk the lock rules races out: a bug, not a race
+                    if self.location.is_local:  # on disk the lock rules races out: a conflict is a bug, not a race
+                        raise
+                    if time.monotonic() > deadline:
                         raise backend.StoreBusyError(f"other writers kept committing to {self.location} for {self.config.lock_timeout_s}s; raise store.lock_timeout_s") from None
                     self._index_snapshot = None  # re-read what the winner stored
                     self.commit_retries += 1
