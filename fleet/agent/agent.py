@@ -37,6 +37,7 @@ class RobotAgent:
             status_interval_s=config.status_interval_s,
             max_attempts=config.max_attempts,
             compress=config.compress_uploads,
+            resumable_threshold_bytes=config.resumable_threshold_bytes,
             on_ack=on_ack,
             seed=seed,
         )

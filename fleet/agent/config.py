@@ -19,6 +19,9 @@ class AgentConfig:
     server keeps failing on (5xx) while it accepts others is set aside after this many tries.
     compress_uploads: send uploads zstd-compressed once the server says it takes zstd (its
     answers' Accept-Encoding); the spool keeps them uncompressed.
+    resumable_threshold_bytes: episodes larger than this (spooled, uncompressed bytes) go through the
+    resumable protocol (POST /v1/uploads, PUT in chunks, complete; docs/protocol.md), as does any
+    episode a plain upload got 413 ``body_too_large`` for.
     """
 
     server_url: str = "http://127.0.0.1:8700"
@@ -32,10 +35,13 @@ class AgentConfig:
     status_interval_s: float = 10.0
     max_attempts: int = 8  # 5xx answers to one episode, while others are accepted, before it is set aside
     compress_uploads: bool = True  # zstd (Content-Encoding) once the server advertises it; docs/protocol.md
+    resumable_threshold_bytes: int = 8 << 20  # larger episodes are sent in chunks, resumably
 
     def __post_init__(self):
         if self.spool_max_bytes < 1:
             raise ValueError(f"spool_max_bytes must be >= 1, got {self.spool_max_bytes}")
+        if self.resumable_threshold_bytes < 0:
+            raise ValueError(f"resumable_threshold_bytes must be >= 0, got {self.resumable_threshold_bytes}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:

@@ -5,6 +5,10 @@ to ``NAME`` and the directory fsynced; leftovers of a crash mid-write (``*.parti
 deleted on open. Names start with a 20-digit sequence number, so the queue is FIFO across
 restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged).
 Episodes the server refuses for good are moved to ``rejected/`` with the server's reason.
+
+An episode being sent through the resumable protocol has a sidecar ``NAME.upload.json`` (the server's
+upload id and what it was declared as; fleet/agent/resumable.py), written the same crash-safe way, so a
+restarted robot resumes the upload instead of starting over. It goes when its episode goes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
+SIDECAR = ".upload.json"  # NAME.upload.json beside NAME: the episode's resumable upload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +38,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` as ``path.partial``, fsync, rename, fsync the directory: after a crash it is whole or absent."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sidecar(entry: SpoolEntry) -> Path:
+    return entry.path.with_name(entry.path.name + SIDECAR)
 
 
 class Spool:
@@ -56,6 +76,9 @@ class Spool:
         for path in sorted(self.directory.glob(f"*{SUFFIX}")):
             self._entries[path.name] = SpoolEntry(path, path.name[21 : -len(SUFFIX)], path.stat().st_size)
         self._seq = max((int(name[:20]) for name in self._entries), default=0) + 1
+        for sidecar in self.directory.glob(f"*{SUFFIX}{SIDECAR}"):  # its episode went, the crash came before the sidecar did
+            if sidecar.name.removesuffix(SIDECAR) not in self._entries:
+                sidecar.unlink()
 
     # -- queue state -------------------------------------------------------------------
     @property
@@ -85,6 +108,7 @@ class Spool:
             total = sum(e.nbytes for e in self._entries.values())
             while self._entries and total + len(data) > self.max_bytes:
                 victim = self._entries.pop(min(self._entries))
+                _sidecar(victim).unlink(missing_ok=True)
                 victim.path.unlink(missing_ok=True)
                 total -= victim.nbytes
                 self.evicted += 1
@@ -92,13 +116,7 @@ class Spool:
             name = f"{self._seq:020d}-{episode_id}{SUFFIX}"
             self._seq += 1
             final = self.directory / name
-            tmp = final.with_name(name + ".partial")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            _write_durably(final, data)
             entry = SpoolEntry(final, episode_id, len(data))
             self._entries[name] = entry
         self.changed.set()
@@ -115,12 +133,14 @@ class Spool:
         """Forget an entry the server acknowledged."""
         with self._lock:
             self._entries.pop(entry.path.name, None)
+            _sidecar(entry).unlink(missing_ok=True)
             entry.path.unlink(missing_ok=True)
 
     def reject(self, entry: SpoolEntry, reason: dict) -> Path:
         """Move an entry the server refused for good to ``rejected/``, with the reason beside it."""
         with self._lock:
             self._entries.pop(entry.path.name, None)
+            _sidecar(entry).unlink(missing_ok=True)
             target = self.rejected_dir / entry.path.name
             (self.rejected_dir / f"{entry.path.name}.reason.json").write_text(json.dumps(reason, indent=1))
             try:
@@ -128,6 +148,25 @@ class Spool:
             except FileNotFoundError:
                 log.warning("spool %s: rejected episode %s had already been evicted", self.directory, entry.episode_id)
             return target
+
+    # -- resumable uploads (sidecars) ----------------------------------------------------
+    def remember_upload(self, entry: SpoolEntry, upload: dict) -> None:
+        """Durably note the resumable upload ``entry`` is being sent in (JSON-able), for a restarted robot."""
+        _write_durably(_sidecar(entry), json.dumps(upload).encode())
+
+    def recall_upload(self, entry: SpoolEntry) -> dict | None:
+        """The upload :meth:`remember_upload` noted for ``entry``, or None."""
+        try:
+            upload = json.loads(_sidecar(entry).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # cannot happen to a sidecar written whole; start a new upload rather than stall
+            log.warning("spool %s: unreadable upload sidecar of episode %s; starting a new upload", self.directory, entry.episode_id)
+            return None
+        return upload if isinstance(upload, dict) else None
+
+    def forget_upload(self, entry: SpoolEntry) -> None:
+        _sidecar(entry).unlink(missing_ok=True)
 
     def rejected(self) -> list[Path]:
         return sorted(self.rejected_dir.glob(f"*{SUFFIX}"))

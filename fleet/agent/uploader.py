@@ -13,6 +13,12 @@ with ``Content-Encoding: zstd``; until then, and to servers that do not name it,
 to a compressed upload turns compression off for this uploader. The spool keeps the uncompressed
 canonical bytes either way.
 
+Large episodes (over ``resumable_threshold_bytes``) and any a POST got 413 ``body_too_large`` for are
+sent through the resumable protocol instead (fleet/agent/resumable.py): created, PUT in chunks,
+completed; a dropped connection, a 5xx or a restart of either side resumes from the offset the
+server acknowledged (the upload id is remembered beside the spooled episode). The answers of that
+protocol go through the same table; progress (a chunk acknowledged) resets the backoff.
+
 No head-of-line blocking: an episode the server answers 5xx waits out its own backoff while
 newer episodes go ahead. Once other uploads have been acknowledged since its first failure (so
 the server works, and it is this episode it fails on), an episode that has failed
@@ -32,6 +38,7 @@ from collections.abc import Callable
 import httpx
 import zstandard
 
+from fleet.agent.resumable import ResumableSender
 from fleet.agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class Uploader:
         status_interval_s: float = 10.0,
         max_attempts: int = 8,
         compress: bool = True,
+        resumable_threshold_bytes: int = 8 << 20,
         on_ack: Callable[[str, str], None] | None = None,
         seed: int | None = None,
     ):
@@ -76,6 +84,9 @@ class Uploader:
         self.compress = compress
         self._zstd = False  # whether the server named zstd in an Accept-Encoding answer
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one thread uploads; reused
+        self.resumable_threshold_bytes = resumable_threshold_bytes
+        self._resumable = ResumableSender(self._client, self.server_url, spool, self._compressor, self._stop)
+        self._too_large: set[str] = set()  # episodes a POST got 413 body_too_large for: sent resumable from then on
         self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "set_aside": 0, "failed_attempts": 0, "compressed": 0, "sent_bytes": 0}
         self.last_error: str | None = None
 
@@ -101,6 +112,8 @@ class Uploader:
             self._blame.pop(entry.episode_id, None)
             return self.upload_once()
         self._retry_after = 0.0
+        if self._goes_resumable(entry):
+            return self._send_resumable(entry, data)
         compressed = self.compress and self._zstd
         body, headers = (self._compressor.compress(data), {"Content-Encoding": "zstd"}) if compressed else (data, {})
         try:
@@ -109,6 +122,29 @@ class Uploader:
             return self._failed(entry, f"{exc.__class__.__name__}: {exc}")
         self.stats["sent_bytes"] += len(body)
         self._zstd = self._zstd or _accepts_zstd(response)
+        if response.status_code == 413 and _json_or_text(response).get("error") == "body_too_large":  # over this server's max_body_bytes
+            log.info("episode %s (%d bytes) is over the server's body limit; sending it as a resumable upload", entry.episode_id, entry.nbytes)
+            self._too_large.add(entry.episode_id)
+            return self._send_resumable(entry, data)
+        return self._answered(entry, response, compressed)
+
+    def _goes_resumable(self, entry: SpoolEntry) -> bool:
+        """Large episodes, those the server found too large for one POST, and those already on their way in chunks."""
+        return entry.nbytes > self.resumable_threshold_bytes or entry.episode_id in self._too_large or self.spool.recall_upload(entry) is not None
+
+    def _send_resumable(self, entry: SpoolEntry, data: bytes) -> str:
+        outcome = self._resumable.send(entry, data, compress=self.compress)
+        self.stats["sent_bytes"] += outcome.sent_bytes
+        if outcome.progressed:  # chunks got through: the link works, so the next try starts from a short backoff
+            self._failures = 0
+        if outcome.response is not None:
+            return self._answered(entry, outcome.response, outcome.compressed)
+        if self._stop.is_set():
+            return "retry"
+        return self._failed(entry, outcome.error or "resumable upload not finished")
+
+    def _answered(self, entry: SpoolEntry, response: httpx.Response, compressed: bool) -> str:
+        """Act on the server's answer to an upload of ``entry`` (the table in the module docstring)."""
         if compressed and response.status_code == 415:  # something on the way refuses zstd: send plain from now on
             self.compress = False
             log.warning("a zstd upload was refused with 415; uploading uncompressed from now on")
@@ -118,6 +154,7 @@ class Uploader:
             status = "created" if response.status_code == 201 else "duplicate"
             self.spool.remove(entry)
             self._blame.pop(entry.episode_id, None)
+            self._too_large.discard(entry.episode_id)
             self.stats[status] += 1
             self._failures, self._acks = 0, self._acks + 1
             if self.on_ack is not None:
@@ -127,6 +164,7 @@ class Uploader:
         if response.status_code in PERMANENT:
             self.spool.reject(entry, {"status": response.status_code, **body})
             self._blame.pop(entry.episode_id, None)
+            self._too_large.discard(entry.episode_id)
             self.stats["rejected"] += 1
             log.error("server refused episode %s for good (%d %s); moved to %s", entry.episode_id, response.status_code, body, self.spool.rejected_dir)
             return "rejected"

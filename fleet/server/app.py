@@ -5,6 +5,7 @@ API (docs/protocol.md):
                                  201 created | 200 duplicate | 409 conflict | 4xx refused | 503 retry
     GET  /v1/episodes            operator token; ?robot_id=&source=&robot_model=&since=&until=&limit=&offset=
     GET  /v1/episodes/{id}       operator token; the episode as canonical safetensors
+    /v1/uploads...               robot token; resumable uploads of large episodes (fleet/server/uploads.py)
     GET  /healthz                anyone
     GET  /metrics                operator token; Prometheus text
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,46 +32,18 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
+from fleet.server.body import read_body
 from fleet.server.content_encoding import ACCEPT_ENCODING, content_coding, decode_body
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
+from fleet.server.uploads import Staging, staging_dir, upload_router
 from fleet.store.reader import StoreSnapshot
 from fleet.store.writer import EpisodeStore
 from sim.episode import Episode, EpisodeValidationError, encode_safetensors
 
 log = logging.getLogger(__name__)
 SAFETENSORS = "application/octet-stream"
-
-
-async def read_body(request: Request, limit: int, timeout_s: float = 60.0) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes, and
-    with 408 when it has not fully arrived ``timeout_s`` after the headers (a slow-loris client).
-
-    A declared Content-Length over the limit is refused before any body byte is read; a
-    chunked or lying body is cut off when the bytes received pass the limit.
-    """
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await _read_body(request, limit)
-    except TimeoutError:
-        raise ApiError(408, "body_timeout", f"the body did not arrive within {timeout_s:g} s", "body", {"Connection": "close"}) from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "bad_content_length", f"Content-Length {declared!r} is not a byte count", "content-length")
-        if int(declared) > limit:
-            raise ApiError(413, "body_too_large", f"body of {declared} bytes exceeds the {limit}-byte limit", "content-length")
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"body exceeds the {limit}-byte limit", "body")
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
@@ -167,39 +141,47 @@ def create_app(
             route = request.scope.get("route")
             metrics.request(request.method, getattr(route, "path", None), status, time.perf_counter() - start)
 
+    async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int) -> tuple[int, dict]:
+        """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
+        ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
+        otherwise. POST /v1/episodes and POST /v1/uploads/{id}/complete (fleet/server/uploads.py) both end here."""
+        with limits.admit(robot_id), committer.receiving():
+            body = await read()
+            if coding != "identity":  # decoded under the same limit as the body itself
+                body = await run_in_threadpool(decode_body, body, coding, limit)
+            episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
+            if episode.robot_id != robot_id:
+                raise ApiError(403, "robot_id_mismatch", f"token is for robot {robot_id!r}, episode says {episode.robot_id!r}", "robot_id")
+            try:
+                future = committer.submit(episode, digest, nbytes)
+            except ShuttingDown as exc:
+                raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
+        try:
+            status = await asyncio.wrap_future(future)
+        except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
+            raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {exc}); retry", None, {"Retry-After": "1"}) from None
+        if status == "conflict":
+            raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
+        metrics.uploaded(status, nbytes, episode.num_steps)
+        return (201 if status == "created" else 200), {"episode_id": episode.episode_id, "status": status}
+
     @app.post("/v1/episodes")
     async def upload(request: Request):
         start = time.perf_counter()
         try:
             principal = tokens.require(request.headers.get("authorization"), "robot")
             coding = content_coding(request.headers.get("content-encoding"))
-            with limits.admit(principal.robot_id), committer.receiving():
-                body = await read_body(request, config.max_body_bytes, config.body_timeout_s)
-                if coding != "identity":  # decoded under the same limit as the body itself
-                    body = await run_in_threadpool(decode_body, body, coding, config.max_body_bytes)
-                episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
-                if episode.robot_id != principal.robot_id:
-                    raise ApiError(
-                        403, "robot_id_mismatch", f"token is for robot {principal.robot_id!r}, episode says {episode.robot_id!r}", "robot_id"
-                    )
-                try:
-                    future = committer.submit(episode, digest, nbytes)
-                except ShuttingDown as exc:
-                    raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
-            try:
-                status = await asyncio.wrap_future(future)
-            except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
-                raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {exc}); retry", None, {"Retry-After": "1"}) from None
-            if status == "conflict":
-                raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
-            metrics.uploaded(status, nbytes, episode.num_steps)
-            code = 201 if status == "created" else 200
-            return JSONResponse({"episode_id": episode.episode_id, "status": status}, status_code=code, headers=ACCEPT_ENCODING)
+            read = functools.partial(read_body, request, config.max_body_bytes, config.body_timeout_s)
+            code, answer = await ingest(read, coding, principal.robot_id, config.max_body_bytes)
+            return JSONResponse(answer, status_code=code, headers=ACCEPT_ENCODING)
         except ApiError as exc:  # every answer tells the robot which codings it may send (RFC 7694)
             exc.headers = {**ACCEPT_ENCODING, **(exc.headers or {})}
             raise
         finally:
             metrics.observe_latency(time.perf_counter() - start)
+
+    staging = Staging(staging_dir(config, store.config.path), ttl_s=config.upload_ttl_s, max_open=config.max_open_uploads)
+    app.include_router(upload_router(config, tokens, limits, ingest, staging))
 
     @app.get("/v1/episodes")
     async def list_episodes(

@@ -19,7 +19,16 @@ class ServerConfig:
     list_limit: most episodes one GET /v1/episodes returns.
     body_timeout_s: an upload whose body has not fully arrived this long after its headers gets 408.
     max_concurrent_uploads / upload_rate_per_s / upload_burst: per token, uploads in flight and a
-        token-bucket rate; over either, 429 with Retry-After (fleet/server/limits.py).
+        token-bucket rate; over either, 429 with Retry-After (fleet/server/limits.py). Every POST and
+        PUT of the resumable upload routes counts as one upload here.
+    Resumable uploads (POST /v1/uploads, fleet/server/uploads.py, docs/protocol.md):
+    max_episode_bytes: the largest upload (its declared size) the resumable routes take; 413 beyond.
+    max_chunk_bytes: the largest chunk one PUT may carry (the server holds one chunk per PUT in memory).
+    upload_dir: where uploads are staged; None: ``<store path>.uploads`` beside a local store, or
+        ``uploads/`` beside the token file for an ``s3://`` store. Replicas behind a load balancer
+        need one shared staging folder, or sticky routing per robot.
+    upload_ttl_s: a staged upload untouched this long is removed (its robot then starts a new one).
+    max_open_uploads: per robot, uploads created and neither completed nor aborted; 429 beyond.
     ready_file: if set, written (JSON: url, pid) once the server accepts connections.
     log_level: uvicorn log level.
     """
@@ -36,6 +45,11 @@ class ServerConfig:
     max_concurrent_uploads: int = 4
     upload_rate_per_s: float = 20.0
     upload_burst: int = 100
+    max_episode_bytes: int = 4 << 30
+    max_chunk_bytes: int = 8 << 20
+    upload_dir: str | None = None
+    upload_ttl_s: float = 86400.0
+    max_open_uploads: int = 4
     ready_file: str | None = None
     log_level: str = "warning"
 
@@ -48,3 +62,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
         if self.commit_wait_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
             raise ValueError("commit_wait_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")
+        if self.max_episode_bytes < 1 or self.max_chunk_bytes < 1 or self.max_open_uploads < 1 or not self.upload_ttl_s > 0:
+            raise ValueError(
+                f"max_episode_bytes, max_chunk_bytes and max_open_uploads must be >= 1 and upload_ttl_s > 0; got "
+                f"{self.max_episode_bytes}, {self.max_chunk_bytes}, {self.max_open_uploads}, {self.upload_ttl_s}"
+            )

@@ -25,6 +25,7 @@ _MAX_RATIO = (128 << 10) // 4  # output bytes per input byte of the densest zstd
 _SLACK = 8 << 20  # the most one slice may overshoot the bound
 _MIN_SLICE = _SLACK // _MAX_RATIO  # 256 bytes
 _MAX_WINDOW = 8 << 20  # zstd level 19's window; a frame needing more than this and the limit is refused (400)
+_ZSTD_WINDOW_CAP = 1 << zstandard.WINDOWLOG_MAX  # the largest window zstd accepts (2 GiB on 64-bit): limits above it (max_episode_bytes) clamp
 
 
 def content_coding(header: str | None) -> str:
@@ -55,7 +56,7 @@ def _unzstd(body: bytes, limit: int) -> bytes:
         declared = -1  # not a frame header: the decoder below names the fault
     if declared > limit:
         raise ApiError(413, "body_too_large", f"zstd frame declares {declared} bytes, over the {limit}-byte limit", "content-encoding")
-    decoder = zstandard.ZstdDecompressor(max_window_size=max(limit, _MAX_WINDOW)).decompressobj()
+    decoder = zstandard.ZstdDecompressor(max_window_size=min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)).decompressobj()
     parts, size, pos = [], 0, 0
     view = memoryview(body)
     try:
