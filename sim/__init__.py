@@ -3,6 +3,9 @@ stepping, gymnasium envs and the schema-v1 Episode record. Imports nothing above
 
 Lazy (PEP 562): ``import sim.episode`` loads numpy and the standard library only, so a robot's
 agent reads and writes episodes without MuJoCo; the names below load their module on first use.
+The modules a robot applies a release with (``sim.sensors``, ``sim.sensor_filter``,
+``sim.body_context``, ``sim.policy_fn``) import numpy only too: the light robot package ships them
+(robot/pyproject.toml).
 """
 
 from sim.lazy import lazy_getattr

@@ -13,10 +13,12 @@ release does not list (not calibrated yet) runs as the nominal body (all feature
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sim.variation import VariationProfile
+if TYPE_CHECKING:  # annotations only: a robot imports this module without MuJoCo (sim.variation)
+    from sim.variation import VariationProfile
 
 
 class BodyContextError(ValueError):

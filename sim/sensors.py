@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sim.calibration import CalibrationResult
-from sim.episode import Episode
-from sim.variation import VariationProfile
+if TYPE_CHECKING:  # annotations only: a robot imports this module without MuJoCo (sim.calibration, sim.variation)
+    from sim.calibration import CalibrationResult
+    from sim.episode import Episode
+    from sim.variation import VariationProfile
 
 MAX_ABS_OFFSET = 1e3  # a larger offset is a fault, not a sensor
 

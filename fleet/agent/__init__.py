@@ -8,7 +8,10 @@ No torch and no Ray here: this runs on the robot. Entry points:
 * :class:`Spool`, :class:`Uploader` - the two halves of the agent
 * :class:`PolicySource` - where the running policy comes from (the seam for issue 6)
 
-Only :mod:`fleet.agent.config` loads eagerly (the rest imports mujoco via sim on first use).
+Only :mod:`fleet.agent.config` loads eagerly; the rest loads on first use. All of it but the MuJoCo
+stand-in (:mod:`fleet.agent.robot`: :class:`SimRobot`, :func:`run_episode`, loaded by
+:func:`run_sim_robot` when it runs) imports numpy, httpx and zstandard only: the light package
+flywheel-robot-agent (robot/) ships it.
 """
 
 from __future__ import annotations

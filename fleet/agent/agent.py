@@ -9,7 +9,6 @@ from pathlib import Path
 from fleet.agent.config import AgentConfig, SimRobotConfig
 from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
-from fleet.agent.robot import SimRobot, run_episode
 from fleet.agent.spool import Spool
 from fleet.agent.uploader import Uploader
 from sim.episode import Episode
@@ -90,6 +89,8 @@ def run_sim_robot(
 
     Returns the agent's final status; ``drained`` says whether the spool emptied in time.
     """
+    from fleet.agent.robot import SimRobot, run_episode  # here: MuJoCo, which RobotAgent on a robot does without
+
     robot = SimRobot(robot_cfg)
     source = policy or builtin_policy("random", robot.act_dim, robot_cfg.seed)
     recorder = EpisodeRecorder(robot_id=robot.robot_id, robot_model=robot.robot_model, source=robot.source, hardware=robot.hardware())

@@ -1,14 +1,16 @@
 """Robot side: update policies with TUF's client workflow, check, and swap between episodes.
 
-Runs on the robot: numpy, httpx, python-tuf and cryptography (no torch, no Ray). At each episode
-start the agent asks :meth:`SignedPolicySource.current`; at most every ``poll_interval_s`` that
-runs one TUF update against the registry (python-tuf's ``ngclient.Updater``): the root chain
-from the root this robot was provisioned with (key rotations), then timestamp, snapshot and
-targets, each checked for signatures, thresholds, versions and expiry. The robot then reads the
-rollout target for its version, that version's manifest (checked by :class:`PolicyTrust`: no
-rollback, no replay, the robot's spec) and weights (length and sha256 from the signed targets),
-loads them with the numpy runtime (behind this robot's signed sensor correction, if the manifest
-carries one: ``sim/sensors.py``), runs a health check, and only then swaps.
+Runs on the robot: numpy, httpx, python-tuf and cryptography, no torch, Ray or MuJoCo (the light
+package flywheel-robot-agent ships it; tests/test_robot_imports.py pulls a release without them).
+At each episode start the agent asks :meth:`SignedPolicySource.current`; at most every
+``poll_interval_s`` that runs one TUF update against the registry (python-tuf's
+``ngclient.Updater``): the root chain from the root this robot was provisioned with (key
+rotations), then timestamp, snapshot and targets, each checked for signatures, thresholds, versions
+and expiry. The robot then reads the rollout target for its version, that version's manifest
+(checked by :class:`PolicyTrust`: no rollback, no replay, the robot's spec) and weights (length and
+sha256 from the signed targets), loads them with the numpy runtime (behind this robot's signed
+sensor correction, if the manifest carries one: ``sim/sensors.py``), runs a health check, and only
+then swaps.
 
 Any failure keeps the last good policy and is logged and counted: ``refusals`` by reason (an
 attack or a bad release), ``errors`` (network or server trouble). Expired metadata means the
@@ -273,7 +275,10 @@ class SignedPolicySource:
 def signed_policy_source(
     root: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float
 ) -> SignedPolicySource:
-    """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy)."""
+    """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy).
+
+    The spec comes from the MuJoCo task of ``robot_model`` (the flywheel-robot app's simulated robots); a
+    robot without MuJoCo builds :class:`SignedPolicySource` with its own ``PolicyTrust`` (examples/ros2/)."""
     from fleet.agent.policy import builtin_policy
     from sim.robots import get_task
 

@@ -1,0 +1,202 @@
+"""A ROS 2 node on the robot: records episodes from a JointState topic and a command topic, uploads
+them with the robot agent, and (``drive:=true``) runs the fleet's released policy on every joint state.
+
+    python examples/ros2/flywheel_node.py --ros-args \\
+        -p robot_id:=arm-3 -p robot_model:=so100 -p obs_dim:=12 -p act_dim:=6 \\
+        -p server_url:=http://fleet:8700 -p policy_root:=/etc/flywheel/root.json -p drive:=true
+
+The mapping is the bag importer's (fleet/interop/rosbag.py; examples/ros2/README.md):
+observation = [position, velocity] of each ``sensor_msgs/msg/JointState`` (position alone when the
+message has no velocity per joint), timestamp = its header stamp (the node's clock when the stamp is
+zero), action = the last ``std_msgs/msg/Float64MultiArray`` on the command topic before the next
+joint state, divided by ``action_scale``, reward = the last ``std_msgs/msg/Float64`` on
+``reward_topic`` (none: 0). An episode is ``max_steps`` steps, ending truncated; the next one starts
+at the observation that ended it. Episodes are spooled on disk by the robot agent and uploaded in the
+background (docs/protocol.md, "Robot agent").
+
+With ``policy_root`` (the registry's root metadata, provisioned once), the node updates its policy
+with TUF between episodes (fleet.registry.pull: signatures, rollback protection, the release's sensor
+offset, filter and body features for this robot, a health check) and, with ``drive:=true``, publishes
+``action_scale`` x the policy's action for each joint state on the command topic. Without it the node
+only records (the episodes' policy_version is ``zero``: whatever drives the robot is not a release).
+
+rclpy is ROS 2's (source /opt/ros/<distro>/setup.bash); the rest is the light robot package
+(``pip install ./robot``). :class:`EpisodeLoop` holds the logic and needs no ROS.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fleet.agent.agent import RobotAgent
+from fleet.agent.config import AgentConfig
+from fleet.agent.policy import PolicySource, builtin_policy
+from fleet.agent.recorder import EpisodeRecorder
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.trust import PolicyTrust
+
+try:
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.node import Node
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import Float64, Float64MultiArray
+except ImportError as exc:  # not a ROS 2 environment: EpisodeLoop still imports, main() says what to do
+    ROS_MISSING: ImportError | None = exc
+    Node = object
+else:
+    ROS_MISSING = None
+
+log = logging.getLogger("flywheel_node")
+
+
+class EpisodeLoop:
+    """Joint states in, episodes out to the agent, the policy's action back: the node without ROS.
+
+    ``observe(obs, t)`` for each joint state: it records a step (the action and reward last heard,
+    set by ``command`` and ``reward``), hands each finished episode to the agent, and returns the
+    current policy's action for ``obs`` (act_dim,) in [-1, 1].
+    """
+
+    def __init__(self, agent: RobotAgent, recorder: EpisodeRecorder, source: PolicySource, max_steps: int):
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        self.agent, self.recorder, self.source, self.max_steps = agent, recorder, source, max_steps
+        self._action: np.ndarray | None = None
+        self._reward = 0.0
+        self._last_t = -np.inf
+        self._policy = self._act = None
+
+    def command(self, action: np.ndarray) -> None:
+        self._action = np.asarray(action, np.float32)
+
+    def reward(self, value: float) -> None:
+        self._reward = float(value)
+
+    def observe(self, obs: np.ndarray, t: float) -> np.ndarray | None:
+        """Record ``obs`` (obs_dim,) seen at ``t`` seconds; the policy's action for it (None for a stale stamp)."""
+        if t <= self._last_t:
+            log.warning("joint state at %.9f s is not after the previous one (%.9f s); skipped", t, self._last_t)
+            return None
+        self._last_t = t
+        if self._policy is None or self._action is None:
+            self._begin(obs, t)  # first observation, or no command heard yet: nothing to record a step with
+        else:
+            self.recorder.step(self._action, self._reward, obs, False, self.recorder.num_steps + 1 >= self.max_steps, t)
+            if self.recorder.done:
+                self._finish()
+                self._begin(obs, t)
+        return np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
+
+    def _begin(self, obs: np.ndarray, t: float) -> None:
+        self._policy = self.source.current()  # between episodes: a signed source polls for a release here
+        self._act = self._policy.for_episode()
+        self.recorder.reset(obs, t)
+
+    def _finish(self) -> None:
+        episode = self.recorder.finish(policy_version=self._policy.version)
+        self.agent.submit(episode)  # on disk when this returns; uploaded in the background
+        if hasattr(self.source, "report_episode"):
+            self.source.report_episode(episode)  # the first episode on a new release is its health check
+        log.info("episode %s: %d steps on policy %s; %s", episode.episode_id, episode.num_steps, self._policy.version, self.agent.status())
+
+
+def observation_of(msg) -> np.ndarray:
+    """A JointState as the observation: [position, velocity], position alone without one velocity per joint."""
+    position = np.asarray(msg.position, np.float32)
+    velocity = np.asarray(msg.velocity, np.float32)
+    return np.concatenate([position, velocity]) if len(velocity) == len(position) else position
+
+
+class FlywheelNode(Node):
+    """The ROS 2 side: parameters, one subscription per topic, the command publisher; see the module docstring."""
+
+    PARAMETERS = {
+        "robot_id": "", "robot_model": "", "obs_dim": 0, "act_dim": 0,
+        "server_url": AgentConfig.server_url, "token_file": "", "spool_dir": AgentConfig.spool_dir,
+        "policy_root": "", "policy_state_dir": "runs/fleet/policy", "poll_interval_s": 60.0,
+        "joint_state_topic": "/joint_states", "command_topic": "/arm/commands", "reward_topic": "",
+        "drive": False, "action_scale": 1.0, "max_steps": 500,
+    }  # fmt: skip
+
+    def __init__(self):
+        super().__init__("flywheel")
+        p = {name: self.declare_parameter(name, default).value for name, default in self.PARAMETERS.items()}
+        if not p["robot_id"] or not p["robot_model"] or p["obs_dim"] < 1 or p["act_dim"] < 1:
+            raise ValueError("set the parameters robot_id, robot_model, obs_dim and act_dim (--ros-args -p robot_id:=arm-3 ...)")
+        if p["drive"] and not p["policy_root"]:
+            raise ValueError("drive:=true runs the fleet's released policy: set policy_root to the registry's root.json")
+        if not p["action_scale"] > 0:
+            raise ValueError(f"action_scale must be > 0 (commands = action_scale x the policy's [-1, 1] actions), got {p['action_scale']}")
+        self.obs_dim, self.drive, self.scale = int(p["obs_dim"]), bool(p["drive"]), float(p["action_scale"])
+        config = AgentConfig(server_url=p["server_url"], token_file=p["token_file"] or None, spool_dir=p["spool_dir"])
+        source = self._policy_source(p, config)
+        self.agent = RobotAgent(config, p["robot_id"]).start()
+        recorder = EpisodeRecorder(robot_id=p["robot_id"], robot_model=p["robot_model"], source="real")
+        self.loop = EpisodeLoop(self.agent, recorder, source, int(p["max_steps"]))
+        self.publisher = self.create_publisher(Float64MultiArray, p["command_topic"], 10) if self.drive else None
+        self.create_subscription(JointState, p["joint_state_topic"], self.on_joint_state, 10)
+        self.create_subscription(Float64MultiArray, p["command_topic"], self.on_command, 10)
+        if p["reward_topic"]:
+            self.create_subscription(Float64, p["reward_topic"], lambda msg: self.loop.reward(msg.data), 10)
+
+    def _policy_source(self, p: dict, config: AgentConfig) -> PolicySource:
+        if not p["policy_root"]:
+            return builtin_policy("zero", p["act_dim"])
+        trust = PolicyTrust(robot_model=p["robot_model"], obs_dim=p["obs_dim"], act_dim=p["act_dim"], state_dir=p["policy_state_dir"])
+        fallback = builtin_policy("zero", p["act_dim"]).current()
+        root = Path(p["policy_root"]).read_bytes()
+        return SignedPolicySource(p["server_url"], config.load_token(), p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"])
+
+    def on_joint_state(self, msg) -> None:
+        obs = observation_of(msg)
+        if obs.shape != (self.obs_dim,):
+            self.get_logger().warning(f"joint state gives {obs.shape[0]} observation values, obs_dim is {self.obs_dim}; skipped")
+            return
+        ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        action = self.loop.observe(obs, (ns or self.get_clock().now().nanoseconds) / 1e9)
+        if action is not None and self.drive:
+            self.publisher.publish(Float64MultiArray(data=[float(a) * self.scale for a in action]))
+            self.loop.command(action)  # what this step applies, unless another node's command follows it
+
+    def on_command(self, msg) -> None:
+        self.loop.command(np.asarray(msg.data, np.float32) / self.scale)
+
+    def close(self) -> None:
+        """Stop uploading (the spool keeps what is left for the next start); an unfinished episode is dropped."""
+        if self.loop.recorder.num_steps:
+            log.warning("dropping the unfinished episode (%d steps): it has no end to record", self.loop.recorder.num_steps)
+        self.agent.stop()
+        if hasattr(self.loop.source, "close"):
+            self.loop.source.close()
+
+
+def main(args=None) -> int:
+    if ROS_MISSING is not None:
+        print(f"flywheel_node needs ROS 2's rclpy ({ROS_MISSING}): source /opt/ros/<distro>/setup.bash, then run it again", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rclpy.init(args=args)
+    try:
+        node = FlywheelNode()
+    except (ValueError, FileNotFoundError) as exc:  # a parameter, the token or the root metadata
+        print(f"flywheel_node: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""The light robot package, flywheel-robot-agent (robot/pyproject.toml): its wheel, built offline from
+this repository's sources, holds the robot modules and nothing of the training side, depends on the
+light list alone (robot-flywheel's `robot` extra is the same list), and runs from the unpacked wheel
+alone, with the heavy packages refused."""
+
+import email.parser
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests.test_robot_imports import REPO, robot_modules, robot_package, run_light
+
+LIGHT = {"numpy", "httpx", "safetensors", "cryptography", "zstandard", "tuf", "securesystemslib"}
+
+
+def remove_build_artefacts() -> None:
+    """setuptools' robot/build (it ships whatever an earlier build left in build/lib) and egg-info."""
+    for path in [REPO / "robot" / "build", *(REPO / "robot").glob("*.egg-info")]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built with this environment's setuptools and nothing from the network."""
+    remove_build_artefacts()
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check", "-q", "-w", str(out), str(REPO / "robot")]
+    try:
+        built = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        remove_build_artefacts()
+    assert built.returncode == 0, built.stderr[-3000:]
+    (path,) = out.glob("flywheel_robot_agent-*.whl")
+    return path
+
+
+def expected_files() -> set[str]:
+    """The robot modules' files and their packages' __init__.py files."""
+    files = set()
+    for module in robot_modules():
+        parts = module.split(".")
+        files.add("/".join(parts) + ("/__init__.py" if (REPO / Path(*parts)).is_dir() else ".py"))
+        files.update("/".join(parts[:i]) + "/__init__.py" for i in range(1, len(parts)))
+    return files
+
+
+def test_the_wheel_holds_the_robot_modules_and_no_training_code(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n for n in names if not n.startswith("flywheel_robot_agent-")} == expected_files()
+    assert {"sim/episode.py", "fleet/agent/uploader.py", "fleet/registry/pull.py", "policies/runtime.py"} <= set(names)
+    training = ("policies/sac.py", "policies/trainer.py", "worldmodel/", "fleet/server/", "fleet/pipeline/", "fleet/store/", "sim/batched.py", "sim/variation.py")
+    assert not [n for n in names if n.startswith(training)]
+
+
+def test_the_wheel_depends_on_the_light_list_which_is_the_robot_extra(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        metadata = email.parser.Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+    requires = [Requirement(r) for r in metadata.get_all("Requires-Dist")]
+    core = {str(r) for r in requires if r.marker is None}
+    assert {Requirement(r).name for r in core} == LIGHT
+    assert core == {str(Requirement(r)) for r in robot_package()["project"]["dependencies"]}
+    main = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert main["optional-dependencies"]["robot"] == robot_package()["project"]["dependencies"]  # one list: robot/pyproject.toml's
+    assert metadata["Version"] == main["version"]
+    ros2 = [r for r in requires if r.marker is not None]
+    assert [r.name for r in ros2] == ["rosbags"] and str(ros2[0].marker) == 'extra == "ros2"'
+    assert set(robot_package()["project"]["optional-dependencies"]["ros2"]) <= set(main["optional-dependencies"]["interop"])
+
+
+FROM_THE_WHEEL_ALONE = """
+import importlib, json
+root, site_packages, modules = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path[:0] = [root, site_packages]  # python -S: no .pth files, so not the checkout's editable install
+for module in modules:
+    importlib.import_module(module)
+ours = {m.__name__: m.__file__ for m in list(sys.modules.values()) if m.__name__.split(".")[0] in ("fleet", "sim", "policies")}
+assert all(f.startswith(root) for f in ours.values()), ours
+import fleet.agent
+try:
+    fleet.agent.SimRobot
+    raise SystemExit("fleet.agent.SimRobot resolved, but its module is not in the wheel")
+except ModuleNotFoundError as exc:
+    assert "install robot-flywheel" in str(exc), exc
+print(json.dumps(sorted(ours)))
+"""
+
+
+def test_the_wheel_runs_alone_with_the_heavy_packages_refused(wheel, tmp_path):
+    root = tmp_path / "unpacked"
+    zipfile.ZipFile(wheel).extractall(root)
+    out = run_light(FROM_THE_WHEEL_ALONE, str(root), sysconfig.get_paths()["purelib"], json.dumps(robot_modules()), cwd=tmp_path, python=("-S",))
+    assert set(robot_modules()) <= set(json.loads(out.strip().splitlines()[-1]))

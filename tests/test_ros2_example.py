@@ -1,0 +1,107 @@
+"""examples/ros2: the bag uploader, run as a robot runs it (the heavy packages refused), turns ROS 2
+bags (sqlite3 and MCAP storage) into episodes in the robot agent's spool; a real fleet server on
+loopback stores them (read back with an operator's GET); a second run is a duplicate, the same
+recording with other metadata is refused for good, and a server that is down leaves the episode
+spooled for the next run. The rclpy node compiles, and without ROS 2 (as here) says what to do."""
+
+import functools
+import json
+import py_compile
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from fleet.server import ServerConfig, add_token, serve
+from fleet.store import StoreConfig
+from sim.episode import Episode
+from tests.test_interop import write_bag
+from tests.test_robot_imports import REFUSE_HEAVY, REPO
+
+EXAMPLES = REPO / "examples" / "ros2"
+RUN_SCRIPT = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def uploader(tmp_path, *args, server: str, wait: float = 20) -> tuple[int, dict | None, str]:
+    """Run bag_uploader.py as robot arm-3 with the heavy packages refused: (exit code, its JSON line, stderr)."""
+    argv = [str(EXAMPLES / "bag_uploader.py"), *map(str, args), "--robot-id", "arm-3", "--robot-model", "so100", "--server", server]
+    argv += ["--token-file", str(tmp_path / "robot.token"), "--spool-dir", str(tmp_path / "spool"), "--wait", str(wait)]
+    out = subprocess.run([sys.executable, "-c", REFUSE_HEAVY + RUN_SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    lines = out.stdout.strip().splitlines()
+    return out.returncode, json.loads(lines[-1]) if lines else None, out.stderr
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """A fleet server on loopback: (url, operator token); robot arm-3's token is in tmp_path/robot.token."""
+    tokens = tmp_path / "tokens.json"
+    (tmp_path / "robot.token").write_text(add_token(tokens, "robot", "arm-3"))
+    operator = add_token(tokens, "operator")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    yield server.url, operator
+    server.stop()
+
+
+def stored(url: str, operator: str) -> dict[str, Episode]:
+    headers = {"Authorization": f"Bearer {operator}"}
+    listing = httpx.get(f"{url}/v1/episodes", params={"robot_id": "arm-3"}, headers=headers).json()
+    return {e["episode_id"]: Episode.from_bytes(httpx.get(f"{url}/v1/episodes/{e['episode_id']}", headers=headers).content) for e in listing["episodes"]}
+
+
+def write_mcap_bag(path, steps: int) -> None:
+    """tests/test_interop.py's bag, stored as MCAP instead of sqlite3."""
+    import rosbags.rosbag2
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rosbags.rosbag2, "Writer", functools.partial(rosbags.rosbag2.Writer, storage_plugin=rosbags.rosbag2.StoragePlugin.MCAP))
+        write_bag(path, steps=steps)
+    assert list(path.glob("*.mcap"))
+
+
+def test_bags_go_through_the_robot_agent_into_the_fleet_store(tmp_path, fleet):
+    url, operator = fleet
+    pos, vel, cmd, t0 = write_bag(tmp_path / "sqlite-bag")
+    write_mcap_bag(tmp_path / "mcap-bag", steps=4)
+    code, out, err = uploader(tmp_path, tmp_path / "sqlite-bag", tmp_path / "mcap-bag", "--hardware", '{"arm": "v2"}', server=url)
+    assert code == 0, err
+    assert out["created"] == 2 and out["queue_depth"] == 0 and out["drained"]
+    episodes = stored(url, operator)
+    assert set(episodes) == set(out["episode_ids"])
+    ep = episodes[out["episode_ids"][0]]
+    assert np.array_equal(ep.observation, np.concatenate([pos, vel], 1).astype(np.float32)) and np.array_equal(ep.action, cmd.astype(np.float32))
+    assert np.allclose(ep.timestamp, (t0 + np.arange(7) * 50_000_000) / 1e9, rtol=0, atol=1e-6)  # header stamps
+    assert ep.robot_id == "arm-3" and ep.source == "real" and ep.metadata["x.rosbag"] == "sqlite-bag" and ep.json_metadata("hardware") == {"arm": "v2"}
+    assert episodes[out["episode_ids"][1]].num_steps == 4
+    code, again, _ = uploader(tmp_path, tmp_path / "sqlite-bag", "--hardware", '{"arm": "v2"}', server=url)
+    assert code == 0 and again["duplicate"] == 1 and again["episode_ids"] == out["episode_ids"][:1]  # ids from the content
+    code, other, err = uploader(tmp_path, tmp_path / "sqlite-bag", server=url)  # the same recording told with other metadata
+    assert code == 1 and other["rejected"] == 1 and "refused 1 episodes for good" in err
+    assert len(list((tmp_path / "spool" / "arm-3" / "rejected").glob("*.reason.json"))) == 1
+
+
+def test_a_bag_waits_in_the_spool_while_the_server_is_down(tmp_path, fleet):
+    url, operator = fleet
+    write_bag(tmp_path / "bag")
+    code, out, err = uploader(tmp_path, tmp_path / "bag", server="http://127.0.0.1:9", wait=0.5)  # nothing listens on port 9
+    assert code == 3 and out["queue_depth"] == 1 and "run again" in err
+    code, drained, err = uploader(tmp_path, server=url)  # the next run, no bag: what the spool holds goes first
+    assert code == 0 and drained["created"] == 1 and drained["queue_depth"] == 0, err
+    assert set(stored(url, operator)) == set(out["episode_ids"])
+
+
+def test_the_uploader_says_what_is_wrong(tmp_path, fleet):
+    url, _ = fleet
+    code, _, err = uploader(tmp_path, tmp_path / "missing-bag", server=url)
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "robot.token").unlink()
+    code, _, err = uploader(tmp_path, server=url)
+    assert code == 2 and "robot token file" in err
+
+
+def test_the_rclpy_node_compiles_and_without_ros_says_what_to_do(tmp_path):
+    py_compile.compile(str(EXAMPLES / "flywheel_node.py"), cfile=str(tmp_path / "node.pyc"), doraise=True)
+    script = [sys.executable, "-c", REFUSE_HEAVY + RUN_SCRIPT, str(EXAMPLES / "flywheel_node.py")]
+    out = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2 and "source /opt/ros/" in out.stderr, out.stderr[-2000:]
