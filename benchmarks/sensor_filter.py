@@ -1,24 +1,28 @@
 """The noisy-sensor robot with and without its on-board Kalman filter (sim/sensor_filter.py).
 
-Both arms: the flywheel's learner (``policies.mbpo.default_config``, body-conditioned, the
+Every arm: the flywheel's learner (``policies.mbpo.default_config``, body-conditioned, the
 sensor-noise rule ``robust_to_fleet_sensors``) pooled over the four demo bodies (nominal, 2 kg
 payload, half-strength motor, noisy sensor: std 0.05, offset 0.02), one world each, the same seeds
 and real-step budget. The sensor offset is taken out as the flywheel's robots do (here the true
 one). The arms differ in the noisy robot only:
 
 * ``unfiltered``: its policy reads the corrected readings; its training world simulates the sensor;
-* ``filtered``: it runs the filter fitted on its body before training (the fleet's first
-  iteration: the zero policy plus exploration noise, ``FilterConfig``'s defaults); its training
-  world simulates the noise the filter leaves (``FilterFit.view_noise``), as the flywheel does.
+* ``filtered`` (the filter's first stand-in): it runs the filter fitted on its body before training
+  (the fleet's first iteration: the zero policy plus exploration noise, ``FilterConfig``'s
+  defaults); its training world simulates white noise of the size the filter leaves
+  (``FilterFit.view_noise``), and the actor trains under that noise on every body;
+* ``simulated`` (the flywheel's way): the same filter runs in its training world on the simulated
+  sensor, the policy is told the robot's body with a clean sensor (``seen_body``), and the actor
+  trains without added noise (the filtered sensor counts as clean in the noise rule).
 
 Each policy is evaluated at the budget on every body, 6 fixed-seed 1,000-step episodes, the noisy
-one through its real sensor (with the filter running in the ``filtered`` arm). Each arm's policy
-is also run on the noisy robot with a filter refitted under it after training, as the flywheel's
-next iteration fits one under the fleet's current policy (for the ``unfiltered`` arm: the filter
-alone, added to a policy that never saw it). Lines: per body, filtered vs unfiltered (median over
-seeds), the worst body's, the noisy robot with the refitted filter in each arm, and the
-unfiltered arm's policy with the filter added vs without. Each seed's result is cached as
-JSON under ``runs/benchmarks/sensor_filter/`` (``--fresh`` ignores it).
+one through its real sensor (through the filter in the filtered arms). Each arm's policy is also
+run on the noisy robot with a filter refitted under it after training, as the flywheel's next
+iteration fits one under the fleet's current policy (for the ``unfiltered`` arm: the filter alone,
+added to a policy that never saw it). Lines: per body, simulated vs unfiltered (median over seeds),
+the worst body's, the stand-in's noisy robot, and the noisy robot with the refitted filter in each
+arm. Each seed's result is cached as JSON under ``runs/benchmarks/sensor_filter/`` (``--fresh``
+ignores it).
 
 Run: `.venv/bin/python benchmarks/sensor_filter.py [--steps 3000] [--seeds 0 1 2]`
 """
@@ -44,7 +48,7 @@ from policies.trainer import Trainer, make_algorithm  # noqa: E402
 from sim.batched import BatchedStepper  # noqa: E402
 from sim.policy_fn import with_context, zero_policy  # noqa: E402
 from sim.scenario import ScenarioSpec  # noqa: E402
-from sim.sensor_filter import filtered_act, fit_sensor_filter  # noqa: E402
+from sim.sensor_filter import filtered_act, fit_sensor_filter, seen_body  # noqa: E402
 from sim.variation import VariationProfile  # noqa: E402
 
 ROBOT = "pendulum"
@@ -60,14 +64,14 @@ def run_arm(steps: int, seed: int, arm: str) -> dict:
     """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arms)."""
     bodies = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in FLEET]  # offsets taken out on board
     noisy, fit, on_board = bodies[-1], None, None
-    worlds, view = list(bodies), list(bodies)
+    worlds, view = list(bodies), list(bodies)  # view: the bodies the policy is told it drives (and the actor-noise rule reads)
     if arm != "unfiltered":
         fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, zero_policy(1))
-        view[-1] = noisy.replace(obs_noise_std=fit.view_noise)
         if arm == "filtered":
-            worlds = view
+            worlds = view = [*bodies[:-1], noisy.replace(obs_noise_std=fit.view_noise)]
         else:
             on_board = {noisy: fit.filter}
+            view = [seen_body(b, on_board) for b in bodies]
     config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
     config = dataclasses.replace(config, num_worlds=len(worlds))
     algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(view)})
@@ -75,7 +79,7 @@ def run_arm(steps: int, seed: int, arm: str) -> dict:
         trainer.train()
         policy = trainer.algo.policy
     returns = [p.mean_return for p in evaluate(policy, ROBOT, worlds[:-1], EPISODES, seed=EVAL_SEED).profiles]
-    act = with_context(policy, worlds[-1].context())  # the robot's delivered body features
+    act = with_context(policy, seen_body(worlds[-1], on_board).context())  # the robot's delivered body features
     episode_act = filtered_act(act, fit.filter) if fit else (lambda: act)
     returns.append(noisy_robot_return(episode_act, noisy))
     refit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, act)  # under the trained policy

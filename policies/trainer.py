@@ -30,6 +30,7 @@ from policies.transition import Algorithm, VectorStep
 from sim.batched import BatchedStepper
 from sim.episode import Episode
 from sim.robots import get_task
+from sim.sensor_filter import seen_body
 from sim.variation import CONTEXT_DIM, VariationProfile
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -125,7 +126,8 @@ class Trainer:
     ``checkpointer(trainer, metrics)``: replaces :meth:`save` every ``checkpoint_every``
     updates (Ray Train reports checkpoints this way); ``algo_config`` is recorded in checkpoints;
     ``sensor_filters`` ({profile: SensorFilter}): bodies whose robot filters its sensor on board,
-    in the training and the evaluation worlds.
+    in the training and the evaluation worlds; a conditioned policy is told they are clean
+    (:func:`sim.sensor_filter.seen_body`).
     """
 
     def __init__(
@@ -157,7 +159,7 @@ class Trainer:
         world_profiles = [profiles[w % len(profiles)] for w in range(n)]
         self.source = FreeRunning(config.robot, world_seed, world_profiles)
         if hasattr(algorithm, "set_world_profiles"):  # a learner that reads each world's body (MBPO's model, a conditioned policy)
-            algorithm.set_world_profiles(world_profiles)
+            algorithm.set_world_profiles([seen_body(p, sensor_filters) for p in world_profiles])
         self.obs = self.source.start(self.stepper)
         self.local_target = -(-config.total_env_steps // self.comm.world_size)  # ceil: env steps on this rank
         self.env_steps = 0  # on this rank

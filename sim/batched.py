@@ -27,7 +27,7 @@ from sim.policy_fn import as_conditioned_policy
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
 from sim.scenario import ScenarioSpec
-from sim.sensor_filter import FilterState, SensorFilter
+from sim.sensor_filter import FilterState, SensorFilter, seen_body
 from sim.variation import CONTEXT_DIM, VariationProfile
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -316,7 +316,7 @@ class BatchedStepper:
     def _context_of(self, profile: VariationProfile) -> np.ndarray:
         context = self._contexts.get(profile)
         if context is None:
-            context = self._contexts[profile] = profile.context()
+            context = self._contexts[profile] = seen_body(profile, self._sensor_filters).context()
         return context
 
     def _ensure_recorder(self, max_steps: int) -> None:

@@ -211,6 +211,17 @@ def _fit_linear(episodes: Sequence[Episode], noise_std: float) -> SensorFilter:
     return SensorFilter(A=weights[:d].T, B=weights[d:-1].T, c=weights[-1], Q=0.5 * (q + q.T), R=noise_std**2 * np.eye(d))
 
 
+def seen_body(profile, sensor_filters):
+    """The body a robot's policy is told it drives (the features of ``VariationProfile.context``):
+    ``profile`` itself, or, where ``sensor_filters`` ({profile: SensorFilter}) has a filter for it,
+    the same body with a clean sensor. The filter's job is to make the sensor one: told apart as a
+    noisy body, the filtered robot got a behaviour of its own learned from its quarter of the data;
+    told it is clean, its experience pools with the clean bodies'. Its training world still
+    simulates the real sensor and runs the filter, so the policy learns to act on what the filter
+    leaves (docs/policies.md, Sensor filtering)."""
+    return profile.replace(obs_noise_std=0.0) if sensor_filters and profile in sensor_filters else profile
+
+
 def filter_vectors(fits: dict[str, FilterFit]) -> dict[str, dict]:
     """The manifest's ``sensor_filters``: robot id -> its kept filter."""
     return {r: f.filter.to_dict() for r, f in sorted(fits.items()) if f.keep}
@@ -234,10 +245,8 @@ def _filters_object(sensor_filters) -> dict:
     return sensor_filters
 
 
-def filtered_view(episodes: Sequence[Episode], profiles: dict, fits: dict[str, FilterFit]) -> tuple[list[Episode], dict]:
-    """Episodes and profiles as each robot with a kept filter's policy sees them: its episodes'
-    observations filtered (with their own actions), and its sensor noise the filter's remaining error
-    (:attr:`FilterFit.view_noise`; the actor's training noise follows it). Other robots are left as they are."""
+def filtered_episodes(episodes: Sequence[Episode], fits: dict[str, FilterFit]) -> list[Episode]:
+    """Episodes as the policy of each robot with a kept filter sees them: their observations filtered
+    (with their own actions). Other robots' episodes are left as they are."""
     kept = {r: f for r, f in fits.items() if f.keep}
-    out = [dataclasses.replace(ep, observation=kept[ep.robot_id].filter.run(ep.observation, ep.action)) if ep.robot_id in kept else ep for ep in episodes]
-    return out, {r: p.replace(obs_noise_std=kept[r].view_noise) if r in kept else p for r, p in profiles.items()}
+    return [dataclasses.replace(ep, observation=kept[ep.robot_id].filter.run(ep.observation, ep.action)) if ep.robot_id in kept else ep for ep in episodes]

@@ -2,6 +2,7 @@
 simulated body and delivered signed with the release, before its policy (sim/sensor_filter.py)."""
 
 import base64
+import dataclasses
 
 import httpx
 import numpy as np
@@ -18,7 +19,7 @@ from policies.networks import Policy, PolicySpec
 from policies.runtime import WEIGHTS_FILE, load_policy_bytes
 from sim.batched import BatchedStepper
 from sim.scenario import ScenarioSpec
-from sim.sensor_filter import FilterFit, SensorFilter, SensorFilterError, filter_vectors, filtered_act, filtered_view, fit_sensor_filter
+from sim.sensor_filter import FilterFit, SensorFilter, SensorFilterError, filter_vectors, filtered_act, filtered_episodes, fit_sensor_filter
 from sim.variation import VariationProfile
 from tests.conftest import registry_server
 from tests.test_calibration import GAINS
@@ -72,18 +73,17 @@ def test_the_filter_is_a_kalman_filter_started_at_the_first_reading(fit):
         assert np.allclose(run(obs[:1]), obs[0, 0])
 
 
-def test_a_filter_is_kept_only_if_it_cuts_the_error_and_the_view_shows_what_it_leaves(fit):
+def test_a_filter_is_kept_only_if_it_cuts_the_error_and_the_episodes_show_what_it_leaves(fit):
     worse = FilterFit(fit.filter, np.full(4, 0.05), np.full(4, 0.04), keep_ratio=0.7)
     assert not worse.keep and filter_vectors({"robot-1": worse}) == {}
     assert set(filter_vectors({"robot-1": fit, "robot-2": worse})) == {"robot-1"}
     with BatchedStepper("pendulum", 2, nthread=1, robot_id="robot-1") as stepper:
         episodes = stepper.simulate([ScenarioSpec("pendulum", seed=s, profile=VariationProfile(obs_noise_std=NOISE), max_steps=50) for s in range(2)], lqr)
     other = episodes[1].__class__(**{**episodes[1].__dict__, "metadata": {**episodes[1].metadata, "robot_id": "robot-2"}})
-    profiles = {"robot-1": VariationProfile(obs_noise_std=NOISE), "robot-2": VariationProfile(obs_noise_std=NOISE)}
-    view, view_profiles = filtered_view([episodes[0], other], profiles, {"robot-1": fit, "robot-2": worse})
+    view = filtered_episodes([episodes[0], other], {"robot-1": fit, "robot-2": worse})
     np.testing.assert_array_equal(view[0].observation, fit.filter.run(episodes[0].observation, episodes[0].action))
-    assert view[1] is other and view_profiles["robot-2"] == profiles["robot-2"]
-    assert view_profiles["robot-1"].obs_noise_std == pytest.approx(fit.view_noise) and fit.view_noise < NOISE
+    assert view[1] is other
+    assert fit.view_noise == pytest.approx(fit.filtered_rms.max()) and fit.view_noise < NOISE
 
 
 def test_a_malformed_filter_is_refused(fit):
@@ -223,3 +223,30 @@ def test_the_stepper_runs_a_filtered_robots_filter_and_checkpoints_it(fit):
         stepper.step(np.zeros((1, 1), np.float32))
         with pytest.raises(RuntimeError, match="reset it"):
             stepper.step(np.zeros((1, 1), np.float32))
+
+
+def test_a_conditioned_policy_is_told_a_filtered_body_has_a_clean_sensor(fit):
+    """The body features a policy reads for a filtered robot are those of its body with a clean sensor,
+    the same in the training worlds, the learner's world contexts, the fleet's episodes and the release;
+    the world itself still simulates the noisy sensor (its readings differ from the clean body's)."""
+    from fleet.pipeline.steps import seen_bodies
+    from policies.mbpo import default_config
+    from policies.trainer import Trainer, make_algorithm
+    from sim.sensor_filter import seen_body
+
+    noisy = VariationProfile(actuator_strength=0.5, obs_noise_std=NOISE)
+    weak = VariationProfile(actuator_strength=0.5)
+    filters = {noisy: fit.filter}
+    assert seen_body(noisy, filters) == weak and seen_body(noisy, None) == noisy and seen_body(weak, filters) == weak
+    assert seen_bodies({"r0": noisy, "r1": VariationProfile()}, filters) == {"r0": weak, "r1": VariationProfile()}
+    with BatchedStepper("pendulum", 2, nthread=1, record=False, sensor_filters=filters) as stepper:
+        obs = stepper.reset(seed=1, profiles=[noisy, weak])
+        np.testing.assert_array_equal(stepper.context[0], weak.context())
+        assert not np.allclose(obs[0], obs[1])  # same seed, same body: only the sensor differs
+    assert not np.allclose(noisy.context(), weak.context())  # without the filter the body is told apart
+
+    config, algo = default_config("pendulum", total_env_steps=10, seed=0)
+    algo = dataclasses.replace(algo, sac=dataclasses.replace(algo.sac, body_context=True))
+    learner = make_algorithm(dataclasses.replace(config, num_worlds=2), algo)
+    with Trainer(dataclasses.replace(config, num_worlds=2), learner, profiles=[noisy, VariationProfile()], sensor_filters=filters):
+        np.testing.assert_array_equal(learner.sac.world_context, np.stack([weak.context(), VariationProfile().context()]))

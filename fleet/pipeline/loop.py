@@ -31,7 +31,7 @@ from fleet.tracking import POLICY_STEPS
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
 from sim.body_context import context_vectors
-from sim.sensor_filter import filter_vectors, filtered_view
+from sim.sensor_filter import filter_vectors, filtered_episodes
 from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
@@ -167,15 +167,16 @@ class Flywheel:
 
         with self.progress.task(f"iteration {k}: snapshot + calibrate robots"):
             snapshot_id, real, sim, profiles, offsets = self._calibrated_data(k, record)
-        filters, view = {}, profiles
+        filters = {}
         if s.sensor_filter:  # robots with a noisy calibrated sensor: a filter on board; training worlds and the gate run it too
             with self.progress.task(f"iteration {k}: sensor filters"):
                 filters = steps.fit_sensor_filters(s.robot_model, profiles, self._policy_factory(self.state["current"])(), s.seed + k)
-                real, view = filtered_view(real, profiles, filters)  # view: each sensor's noise as its policy sees it
+                real = filtered_episodes(real, filters)  # what each filtered robot's policy saw
             record["sensor_filters"] = {r: f.to_dict() for r, f in filters.items()}
             if filters:
                 svc.tracker.log({f"calibration/{r}/sensor_filter_error": float(f.filtered_rms.sum() / f.raw_rms.sum()) if f.keep else 1.0 for r, f in filters.items()}, k)
         on_board = {profiles[r]: f.filter for r, f in filters.items() if f.keep}  # the simulated robots read their sensors as the real ones
+        seen = steps.seen_bodies(profiles, on_board)  # the bodies the policy is told it drives: a filtered sensor as a clean one
 
         with self.progress.task(f"iteration {k}: world model"):
             previous = svc.load_world_model()
@@ -197,7 +198,7 @@ class Flywheel:
                 real, profiles, model, explorer, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
                 chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=explorer_version,
             )
-            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version, profiles)
+            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version, seen)
             stored = svc.store_synthetic(scen_eps + wm_eps)
         record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
@@ -209,8 +210,8 @@ class Flywheel:
             if s.body_context:  # one policy for every body, told apart by each robot's calibrated body features
                 algo_cfg = steps.body_conditioned(algo_cfg)
             worlds = profiles
-            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise (what is left of it after a filter)
-                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, view)
+            if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise, but for the filtered sensors' (their worlds run the filter)
+                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles if s.noise_free_training_worlds else seen)
                 worlds = steps.clean_sensor_worlds(profiles) if s.noise_free_training_worlds else profiles
             trained = steps.train_policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
@@ -236,8 +237,11 @@ class Flywheel:
             step,
         )  # fmt: skip
 
-        sensors = {"sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(filters)}
-        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, sensors, snapshot_id, fleet_returns) if decision.promote else None
+        on_robot = {  # the manifest fields each robot applies around the policy
+            "sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(filters),
+            "body_contexts": context_vectors(seen) if trained.policy.context_dim else None,
+        }  # fmt: skip
+        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, on_robot, snapshot_id, fleet_returns) if decision.promote else None
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
@@ -274,17 +278,16 @@ class Flywheel:
         )
         return snapshot_id, real, sim, profiles, offsets
 
-    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, sensors: dict, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
-        """Sign and publish the exported candidate (weights, manifest, folder) with the robots' sensor
-        corrections (``sensors``: manifest fields sensor_offsets, sensor_filters) to the canaries; widen
-        or roll back from their telemetry."""
+    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, on_robot: dict, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+        """Sign and publish the exported candidate (weights, manifest, folder) with what each robot applies
+        around it (``on_robot``: manifest fields sensor_offsets, sensor_filters, body_contexts) to the
+        canaries; widen or roll back from their telemetry."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
-            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **sensors,
-            body_contexts=context_vectors(profiles) if trained.policy.context_dim else None, note=f"iteration {k}",
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **on_robot, note=f"iteration {k}",
         )
         version = manifest["version"]
         stage = "widened"

@@ -126,6 +126,8 @@ def train_policy(
     from policies.checkpoint import load_checkpoint
     from policies.trainer import Trainer, make_algorithm
 
+    seen = seen_bodies(profiles, sensor_filters)  # the bodies the policy is told the episodes come from
+
     if trainer_cfg.algorithm == "mbpo":  # model-based: learns a model from the fleet's real + scenario episodes and its own steps
         algorithm = make_algorithm(trainer_cfg, algo_cfg)
         offline = [*data.get("real", []), *data.get("sim", [])]
@@ -133,12 +135,12 @@ def train_policy(
         ratios = {k: v for k, v in algo_cfg.replay_ratios.items() if k == algo_cfg.online_source or data.get(k)}
         algo_cfg = dataclasses.replace(algo_cfg, replay_ratios=ratios)
         offline = {k: v for k, v in data.items() if k in ratios and v}
-        algorithm = make_algorithm(trainer_cfg, algo_cfg, offline=offline, context_of=functools.partial(episode_context, profiles))
+        algorithm = make_algorithm(trainer_cfg, algo_cfg, offline=offline, context_of=functools.partial(episode_context, seen))
     if warm_start is not None:
         tensors, meta = load_checkpoint(warm_start)
         algorithm.continue_from(tensors, meta["algo"])
     if trainer_cfg.algorithm == "mbpo":  # its world model reads each episode's body: the robot's calibrated profile, the scenario's
-        algorithm.add_offline(offline, functools.partial(episode_profile, profiles))
+        algorithm.add_offline(offline, functools.partial(episode_profile, seen))
     worlds = profiles if worlds is None else worlds
     with Trainer(
         trainer_cfg, algorithm, profiles=list(worlds.values()), eval_profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg,
@@ -168,7 +170,10 @@ def fit_sensor_filters(robot_model: str, profiles: dict[str, VariationProfile], 
 
 def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):
     """``algo_cfg`` (SAC's, or the model-based learner's around it) whose actor trains on observations
-    as noisy as the noisiest calibrated sensor of the fleet (at least its configured noise)."""
+    as noisy as the noisiest sensor of ``profiles`` (at least its configured noise). The flywheel passes
+    the bodies its policy is told it drives (:func:`seen_bodies`): a sensor whose filter runs in its
+    training world counts as clean there, since that world already shows the actor what the filter
+    leaves; on top of it, noise for every body cost the clean bodies their skill (docs/policies.md)."""
     worst = max((p.obs_noise_std for p in profiles.values()), default=0.0)
     sac = getattr(algo_cfg, "sac", algo_cfg)
     robust = dataclasses.replace(sac, actor_obs_noise=max(sac.actor_obs_noise, float(worst)))
@@ -190,6 +195,14 @@ def clean_sensor_worlds(profiles: dict[str, VariationProfile]) -> dict[str, Vari
     simulation has (privileged information, as in asymmetric actor-critic). ``loop.noise_free_training_worlds``;
     docs/policies.md (Sensor noise) has what it does to the worst body and to the demo."""
     return {r: p.replace(obs_noise_std=0.0) for r, p in profiles.items()}
+
+
+def seen_bodies(profiles: dict[str, VariationProfile], sensor_filters) -> dict[str, VariationProfile]:
+    """Each robot's body as its policy is told it (:func:`sim.sensor_filter.seen_body`): a robot whose
+    calibrated profile has a filter in ``sensor_filters`` ({profile: SensorFilter}) with a clean sensor."""
+    from sim.sensor_filter import seen_body
+
+    return {r: seen_body(p, sensor_filters) for r, p in profiles.items()}
 
 
 def episode_profile(profiles: dict[str, VariationProfile], episode: Episode) -> VariationProfile | None:
