@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rotate":
             cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
     args = parser.parse_args(argv)
-    tuf_dir = Path(args.dir) / "tuf"
+    tuf_dir = f"{args.dir.rstrip('/')}/tuf"  # a directory or s3://bucket/prefix (a Path would turn s3:// into s3:/)
     try:
         if args.command == "init":
             if not args.root_key or not args.online_key:

@@ -19,10 +19,7 @@ and, as RFC 9110 14.2 requires for methods other than GET, ignores ``Range``.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections.abc import Iterator
-from typing import BinaryIO
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -30,7 +27,6 @@ from starlette.responses import Response, StreamingResponse
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 NOT_FOUND = "no-store"
-CHUNK = 1 << 16
 _VERSIONED_METADATA = re.compile(r"^\d{1,9}\.(?:snapshot|targets)\.json$")
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
 
@@ -101,26 +97,3 @@ def answer(request: Request, *, etag: str, cache_control: str, size: int, media_
     if isinstance(content, bytes):
         return Response(content, status_code=status, headers=headers, media_type=media_type)
     return StreamingResponse(content, status_code=status, headers=headers, media_type=media_type)
-
-
-def open_file(path: str | os.PathLike) -> tuple[BinaryIO, int] | None:
-    """``path`` opened for reading and its size (from the open file, so a rename in between cannot
-    mix two files), or None if it is gone."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by file_chunks, or by the caller
-    except OSError:
-        return None
-    return f, os.fstat(f.fileno()).st_size
-
-
-def file_chunks(f: BinaryIO, start: int, end: int) -> Iterator[bytes]:
-    """Bytes [start, end) of the open file ``f`` in CHUNK pieces (never the whole file in memory); closes ``f``."""
-    with f:
-        f.seek(start)
-        left = end - start
-        while left > 0:
-            data = f.read(min(CHUNK, left))
-            if not data:
-                return  # the file shrank: the client sees a short body and TUF refuses it
-            left -= len(data)
-            yield data

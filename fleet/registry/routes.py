@@ -7,14 +7,16 @@
     POST /v1/policies              publisher token: publish (JSON body, weights base64)
 
 Both GET routes answer HEAD too, and carry a strong ETag, Cache-Control per file kind,
-If-None-Match (304) and Range / If-Range (206, 416): fleet/registry/http_cache.py.
+If-None-Match (304) and Range / If-Range (206, 416): fleet/registry/http_cache.py. They read the
+registry's files where it keeps them, a local directory or a bucket (fleet/registry/files.py);
+targets are streamed in pieces either way, never whole in memory.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -22,12 +24,14 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
 from fleet.registry.store import PolicyRegistry
+from fleet.registry.tuf_repo import RegistryCorrupted
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
 from sim.body_context import BodyContextError, parse_contexts
 from sim.sensor_filter import SensorFilterError, parse_filters
 from sim.sensors import SensorCorrectionError, parse_offsets
 
+log = logging.getLogger(__name__)
 MAX_PUBLISH_BYTES = 256 << 20
 _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
 
@@ -41,9 +45,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
 
         def load() -> bytes | None:
             if name == "timestamp.json":
-                registry.refresh()
-            path = registry.repo.metadata_path(name)
-            return _read_whole(path) if path is not None else None
+                _refresh(registry)
+            return registry.repo.read_metadata(name)  # read whole: timestamp.json may be replaced (re-signed) at any time; it is small
 
         data = await run_in_threadpool(load)
         if data is None:
@@ -56,18 +59,16 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
     @router.api_route("/v1/tuf/targets/{path:path}", methods=["GET", "HEAD"])
     async def target(request: Request, path: str):
         tokens.require(request.headers.get("authorization"), "robot")
-        found = registry.repo.target_path(path)
-        opened = await run_in_threadpool(http_cache.open_file, found) if found is not None else None
+        opened = await run_in_threadpool(registry.repo.open_target, path)
         if opened is None:
             raise ApiError(404, "no_such_target", f"no target file {path!r}", "path", _NOT_FOUND)
-        f, size = opened
-        etag = f'"{found.name[:64]}"'  # hash-prefixed name: <sha256>.<name>
+        etag = f'"{path.rpartition("/")[2][:64]}"'  # hash-prefixed name: <sha256>.<name>
         response = http_cache.answer(
-            request, etag=etag, cache_control=http_cache.IMMUTABLE, size=size, media_type="application/octet-stream",
-            body=lambda start, end: http_cache.file_chunks(f, start, end),
+            request, etag=etag, cache_control=http_cache.IMMUTABLE, size=opened.size, media_type="application/octet-stream",
+            body=opened.chunks,
         )  # fmt: skip
         if not isinstance(response, StreamingResponse):  # 304, 416, HEAD: the file is not read
-            f.close()
+            opened.close()
         return response
 
     @router.post("/v1/policies", status_code=201)
@@ -90,6 +91,16 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
         return JSONResponse({"manifest": manifest}, status_code=201)
 
     return router
+
+
+def _refresh(registry: PolicyRegistry) -> None:
+    """Re-sign what is due before timestamp.json is served. Metadata the registry did not sign (its
+    files changed by someone else) is served as it is: robots check it and refuse it, and report a
+    freeze once the last good timestamp expires."""
+    try:
+        registry.refresh()
+    except RegistryCorrupted as exc:
+        log.error("not re-signing: %s", exc)
 
 
 def _check_body_contexts(contexts, policy) -> None:
@@ -116,12 +127,3 @@ def _check_sensor_offsets(offsets, obs_dim) -> None:
     except SensorCorrectionError as exc:
         raise ApiError(400, "bad_publish", str(exc), "sensor_offsets") from None
 
-
-
-def _read_whole(path: Path) -> bytes | None:
-    """The file read whole (timestamp.json may be replaced, re-signed, between a stat and a read; it
-    is small), None if it is gone (pruned in between)."""
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None

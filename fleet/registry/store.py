@@ -1,15 +1,19 @@
 """The policy registry: policy versions and the staged rollout, published as a TUF repository.
 
-Layout under ``<root>``::
+Layout under ``<root>``, a local directory or ``s3://bucket/prefix`` (fleet/registry/files.py)::
 
     tuf/           the TUF repository robots fetch and verify (fleet/registry/tuf_repo.py); a
                    release is the targets fleet/registry/manifest.py names
-    history.jsonl  the rollout's events ({"version", "event", "at", ...}), the server's record
+    history.jsonl  the rollout's events ({"version", "event", "at", ...}), the server's record,
+                   one JSON line each, appended after the change it records is committed
 
 Rollout: a new version goes to the canary cohort first; ``widen()`` makes it stable for all,
 ``rollback()`` republishes the last stable weights under a new, higher version (robots never
 accept a lower version) and ends the canary. Every change is one TUF publication (targets,
-snapshot, then timestamp: the commit). The registry serves; W&B only mirrors.
+snapshot, then timestamp: the commit). Every change is made on the newest published state and
+redone on the new one when another writer (a server replica on another host) committed first
+(TufRepository.change): two replicas never both publish version N. The registry serves; W&B only
+mirrors.
 
 A registry of the earlier layout (``versions/<v>/manifest.json`` signed envelopes and
 ``rollout.json``) is imported into the TUF repository the first time it is opened, with the same
@@ -26,6 +30,7 @@ from pathlib import Path
 
 from securesystemslib.signer import Signer
 
+from fleet.registry.files import RegistryFiles, WriteConflict, open_files
 from fleet.registry.manifest import ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
 from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository
@@ -39,12 +44,16 @@ class RegistryError(ValueError):
 
 
 class PolicyRegistry:
-    """The server's registry. ``online``: the signer of the online roles; the repository's root
-    (made offline with the root keys) must already exist and name its key."""
+    """The server's registry at ``root`` (a directory or ``s3://bucket/prefix``). ``online``: the
+    signer of the online roles; the repository's root (made offline with the root keys) must
+    already exist and name its key. Any number of these, in any processes on any hosts, may serve
+    and change one registry."""
 
-    def __init__(self, root: str | Path, online: Signer, *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
-        self.root = Path(root)
-        self.repo = TufRepository(self.root / "tuf", {role: [online] for role in ONLINE_ROLES}, expiry_s=expiry_s, clock=clock)
+    def __init__(self, root: str | Path | RegistryFiles, online: Signer, *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
+        self.files = open_files(root)
+        self.location = self.files.location
+        self.root = self.files.local_dir  # the directory on this host; None on object storage
+        self.repo = TufRepository(self.files.sub("tuf"), {role: [online] for role in ONLINE_ROLES}, expiry_s=expiry_s, clock=clock)
         root_md = self.repo.require_root()
         if any(online.public_key.keyid not in root_md.roles[role].keyids for role in ONLINE_ROLES):
             raise RegistryError(
@@ -61,9 +70,8 @@ class PolicyRegistry:
 
     def rollout(self) -> dict:
         """The published rollout and its recorded history."""
-        path = self.root / "history.jsonl"
-        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        return {**self._state(), "history": history}
+        data = self.files.read("history.jsonl") or b""
+        return {**self._state(), "history": [json.loads(line) for line in data.decode().splitlines() if line.strip()]}
 
     def _state(self) -> dict:
         return self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
@@ -92,7 +100,8 @@ class PolicyRegistry:
     # -- changes --------------------------------------------------------------------------
     def publish(self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, **fields) -> dict:
         """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest."""
-        with self.repo.lock:
+
+        def edit() -> dict:
             version = max(self.versions(), default=0) + 1
             manifest = build_manifest(version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, **fields)
             state = self._state()
@@ -104,9 +113,12 @@ class PolicyRegistry:
             self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable"})
             return manifest
 
+        return self.repo.change(edit)
+
     def widen(self) -> int:
         """Promote the canary to stable for the whole fleet; returns its version."""
-        with self.repo.lock:
+
+        def edit() -> int:
             state = self._state()
             if state["canary"] is None:
                 raise RegistryError("no canary to widen")
@@ -115,12 +127,15 @@ class PolicyRegistry:
             self._publish(state, {}, {"version": version, "event": "widened"})
             return version
 
+        return self.repo.change(edit)
+
     def rollback(self, reason: str) -> dict | None:
         """End the canary; republish the last stable weights as a new version for everyone.
 
         Returns the new manifest (None when there was no stable version to return to).
         """
-        with self.repo.lock:
+
+        def edit() -> dict | None:
             state = self._state()
             if state["canary"] is None:
                 raise RegistryError("no canary to roll back")
@@ -138,10 +153,13 @@ class PolicyRegistry:
                 self._publish({**state, "canary": None, "cohort": []}, {}, {"version": bad, "event": "rolled_back", "reason": reason})
             return manifest
 
+        return self.repo.change(edit)
+
     # -- internals ----------------------------------------------------------------------------
     def _publish(self, state: dict, files: Mapping[str, bytes], event: dict) -> None:
         """One TUF publication: the new files and rollout listed, old versions beyond KEEP_VERSIONS
-        (but the stable and canary) dropped from the listing; then the event recorded."""
+        (but the stable and canary) dropped from the listing; then the event recorded. Runs inside
+        a ``repo.change``, which redoes the whole change when another writer committed first."""
         rollout = {k: state[k] for k in ("stable", "canary", "cohort")}
         add = {path: self.repo.store_target(path, data) for path, data in {**files, ROLLOUT_TARGET: canonical_json(rollout)}.items()}
         listed = sorted({*self.versions(), *(int(p.split("/")[1]) for p in add if p.startswith("policies/"))})
@@ -151,17 +169,17 @@ class PolicyRegistry:
         self._record(event)
 
     def _record(self, event: dict) -> None:
-        with open(self.root / "history.jsonl", "a") as f:
-            f.write(json.dumps({**event, "at": time.time()}) + "\n")
+        self.files.append("history.jsonl", (json.dumps({**event, "at": time.time()}) + "\n").encode())
 
     def _published_json(self, path: str) -> dict | None:
         data = self.repo.listed_bytes(path)
         return None if data is None else json.loads(data)
 
     def _import_legacy(self) -> None:
-        """Import a registry of the pre-TUF layout once (same version numbers), then move it to legacy/."""
-        versions = self.root / "versions"
-        if not versions.is_dir():
+        """Import a registry of the pre-TUF layout once (same version numbers), then move it to legacy/.
+        That layout only ever existed on local disk."""
+        versions = self.root / "versions" if self.root is not None else None
+        if versions is None or not versions.is_dir():
             return
         old_state_path = self.root / "rollout.json"
         old_state = json.loads(old_state_path.read_text()) if old_state_path.exists() else {"stable": None, "canary": None, "cohort": []}
@@ -170,10 +188,9 @@ class PolicyRegistry:
             manifest = json.loads((folder / "manifest.json").read_text())["manifest"]
             files[manifest_target(manifest["version"])] = canonical_json(manifest)
             files[weights_target(manifest["version"])] = (folder / "weights.safetensors").read_bytes()
-        with self.repo.lock:
-            self._publish(old_state, files, {"version": old_state.get("stable"), "event": "imported", "versions": len(files) // 2})
-            for event in old_state.get("history", []):
-                self._record(event)
+        self.repo.change(lambda: self._publish(old_state, files, {"version": old_state.get("stable"), "event": "imported", "versions": len(files) // 2}))
+        for event in old_state.get("history", []):
+            self._record(event)
         legacy = self.root / "legacy"
         legacy.mkdir(exist_ok=True)
         versions.rename(legacy / "versions")
@@ -190,7 +207,8 @@ def open_registry(
     root_threshold: int = 2,
     expiry_s: Mapping[str, float] | None = None,
 ) -> PolicyRegistry:
-    """The registry at ``directory`` signing online with ``online_key`` (made if missing).
+    """The registry at ``directory`` (a local directory or ``s3://bucket/prefix``) signing online
+    with ``online_key`` (made if missing).
 
     A registry without root metadata needs its key ceremony first: with ``root_keys`` (files,
     made if missing) this makes root v1 here, with ``root_threshold`` of them. That is the
@@ -199,16 +217,21 @@ def open_registry(
     from fleet.registry.tuf_repo import init_root
 
     online = load_signer(online_key, create=True)
-    if not (Path(directory) / "tuf" / "metadata" / "1.root.json").exists() and root_keys:
+    files = open_files(directory)
+    if not files.exists("tuf/metadata/1.root.json") and root_keys:
         signers = [load_signer(path, create=True) for path in root_keys]
-        init_root(Path(directory) / "tuf", signers, root_threshold, online.public_key, expiry_s=expiry_s)
-    return PolicyRegistry(directory, online, expiry_s=expiry_s)
+        try:
+            init_root(files.sub("tuf"), signers, root_threshold, online.public_key, expiry_s=expiry_s)
+        except WriteConflict:
+            pass  # another replica made root v1 at the same moment; PolicyRegistry checks that it names our key
+    return PolicyRegistry(files, online, expiry_s=expiry_s)
 
 
 def root_metadata(directory: str | Path) -> bytes:
     """The newest root metadata of the registry at ``directory``: what a robot is provisioned with."""
-    path = Path(directory) / "tuf" / "metadata" / "root.json"
-    if not path.exists():
-        raise RegistryError(f"{path} does not exist: the registry has no root metadata yet")
-    return path.read_bytes()
+    files = open_files(directory)
+    data = files.read("tuf/metadata/root.json")
+    if data is None:
+        raise RegistryError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
+    return data
 

@@ -14,7 +14,8 @@ Roles (The Update Framework; docs/security.md):
                knows its registry is frozen (an attacker replaying old metadata, or a dead
                server) and says so.
 
-Layout under ``<dir>``, every file written whole (write, fsync, rename)::
+Layout under ``<dir>`` (a local directory or ``s3://bucket/prefix``: fleet/registry/files.py),
+every file written whole::
 
     metadata/<N>.root.json      every root version; metadata/root.json is the newest (provision robots with it)
     metadata/timestamp.json
@@ -22,31 +23,49 @@ Layout under ``<dir>``, every file written whole (write, fsync, rename)::
     metadata/<N>.targets.json   the snapshot and targets it names (the last KEEP versions stay)
     targets/<dir>/<sha256>.<name>
 
-The timestamp is written last: a change is published when its timestamp is on disk, and a
-server killed before that serves the previous state (tests/test_power_cut.py).
+The commit: target files, then ``<N>.targets.json``, then ``<M>.snapshot.json``, then
+``timestamp.json`` last. A change is published when its timestamp is written; a writer killed
+before that leaves the previous state served (tests/test_power_cut.py), so a reader never sees a
+timestamp that names metadata not yet written. Several writers (server replicas on several hosts,
+one storage): versioned names are written once (create-only), and the timestamp is replaced only
+if it is still the one the change started from (compare-and-swap). A writer that loses either race
+catches up with the published state and makes its change again (:meth:`TufRepository.change`); a
+versioned name that is taken but never published (by a loser, or a writer that died) is skipped.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import random
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from securesystemslib.signer import Key, Signer
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
-from fleet.registry.trust import atomic_write
+from fleet.registry.files import Opened, RegistryFiles, WriteConflict, open_files
+from fleet.registry.http_cache import IMMUTABLE, REVALIDATE, metadata_cache_control
+from fleet.registry.s3 import S3Error
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 EXPIRY_S = {Root.type: 365 * 86400.0, Targets.type: 7 * 86400.0, Snapshot.type: 7 * 86400.0, Timestamp.type: 86400.0}
 KEEP = 16  # snapshot and targets metadata versions kept on disk (robots mid-refresh still find theirs)
+COMMIT_ATTEMPTS = 12  # changes redone after losing a race to another writer before RegistryBusy
+SKIP_TAKEN = 16  # taken snapshot or targets version numbers skipped in one change
+TIMESTAMP = "metadata/timestamp.json"
 _METADATA_NAME = re.compile(r"^(?:(\d{1,9})\.(root|snapshot|targets)|root|timestamp)\.json$")
+_VERSIONED = re.compile(r"^(\d{1,9})\.(root|snapshot|targets)\.json$")
 _TARGET_PATH = re.compile(r"^(?:[A-Za-z0-9_-]+/)*[0-9a-f]{64}\.[A-Za-z0-9_.-]+$")
 
 
@@ -54,45 +73,64 @@ class RepositoryNotInitialised(RuntimeError):
     """No root metadata: run the key ceremony first (``flywheel-registry init``)."""
 
 
-class TufRepository(Repository):
-    """A TUF repository on disk. ``signers``: role -> the signers this process holds for it (the
-    server: the online key for targets, snapshot and timestamp; a key ceremony: root keys too).
-    Nothing is written that a client would refuse: each new version must meet its role's threshold."""
+class RegistryCorrupted(RuntimeError):
+    """The published metadata is not what a registry key signed (changed by someone else), or went back."""
 
-    def __init__(self, directory: str | Path, signers: Mapping[str, Sequence[Signer]], *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
-        self.dir = Path(directory)
-        self.metadata_dir, self.targets_dir = self.dir / "metadata", self.dir / "targets"
-        self.metadata_dir.mkdir(parents=True, exist_ok=True)
-        self.targets_dir.mkdir(parents=True, exist_ok=True)
+
+class RegistryBusy(RuntimeError):
+    """Other writers committed first COMMIT_ATTEMPTS times in a row."""
+
+
+class TufRepository(Repository):
+    """A TUF repository in a directory or a bucket (``where``: fleet/registry/files.py).
+    ``signers``: role -> the signers this process holds for it (the server: the online key for
+    targets, snapshot and timestamp; a key ceremony: root keys too). Nothing is written that a
+    client would refuse: each new version must meet its role's threshold.
+
+    What this object holds in memory is the published state as of its last :meth:`reload`; reads
+    (``open``, ``target_listing``) catch up first, at the cost of one read of timestamp.json."""
+
+    def __init__(self, where: str | Path | RegistryFiles, signers: Mapping[str, Sequence[Signer]], *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
+        self.files = open_files(where)
+        self.dir = self.files.local_dir  # the directory on this host, None on object storage (for tools that look at the files)
+        self.metadata_dir = self.targets_dir = None
+        if self.dir is not None:
+            self.metadata_dir, self.targets_dir = self.dir / "metadata", self.dir / "targets"
+            self.metadata_dir.mkdir(parents=True, exist_ok=True)
+            self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.signers = {role: list(s) for role, s in signers.items()}
         self.expiry_s = {**EXPIRY_S, **(expiry_s or {})}
         self.clock = clock
-        self.lock = threading.RLock()  # one change at a time (publish, refresh, key rotation)
-        self._md: dict[str, Metadata] = self._load_published()
+        self.lock = threading.RLock()  # one change at a time in this process (other writers: conditional writes)
+        self._md: dict[str, Metadata] = {}
+        self._timestamp_tag: str | None = None  # the version of timestamp.json that _md was read from
+        self._editing = False  # inside change(): _md is the change's own state
+        self._dirty = True  # _md may hold what was never committed (a change failed): reload whole
+        self.commit_retries = 0  # changes redone because another writer committed first
+        self.reload()
 
     # -- python-tuf Repository ------------------------------------------------------------
     def open(self, role: str) -> Metadata:
-        if role in self._md:
-            return copy.deepcopy(self._md[role])
+        with self.lock:  # not while another thread's change is half written
+            self.reload()
+            if role in self._md:
+                return copy.deepcopy(self._md[role])
         md = Metadata({Root.type: Root, Targets.type: Targets, Snapshot.type: Snapshot, Timestamp.type: Timestamp}[role]())
         md.signed.version = 0  # close() makes it 1
         return md
 
     def close(self, role: str, md: Metadata) -> None:
         md.signed.version += 1
-        md.signed.expires = datetime.fromtimestamp(int(self.clock() + self.expiry_s[role]), timezone.utc)
-        md.signatures.clear()
-        for signer in self.signers.get(role, []):
-            md.sign(signer, append=True)
-        self._check_signed(role, md)
-        data = md.to_bytes(JSONSerializer(compact=True))
-        if role == Timestamp.type:
-            atomic_write(self.metadata_dir / "timestamp.json", data)
-            self._prune()
+        for _ in range(SKIP_TAKEN):
+            try:
+                self._write(role, md)
+                break
+            except WriteConflict:
+                if role not in (Snapshot.type, Targets.type):
+                    raise
+                md.signed.version += 1  # taken by a change that lost its race or died before its timestamp: never published
         else:
-            atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
-            if role == Root.type:
-                atomic_write(self.metadata_dir / "root.json", data)
+            raise WriteConflict(f"{SKIP_TAKEN} {role} versions in a row are taken in {self.files.location}: another writer is ahead")
         self._md[role] = md
 
     @property
@@ -111,23 +149,63 @@ class TufRepository(Repository):
     def require_root(self) -> Root:
         if not self.initialised:
             raise RepositoryNotInitialised(
-                f"{self.metadata_dir} has no root metadata: create it with the offline root keys first "
+                f"{self.files.location}/metadata has no root metadata: create it with the offline root keys first "
                 "(`flywheel-registry init`, docs/security.md)"
             )
         return self._md[Root.type].signed
 
+    def reload(self) -> bool:
+        """Catch up with the published state (another writer may have published since): one read of
+        timestamp.json when nothing changed. True if something did. Inside a change, a no-op."""
+        with self.lock:
+            if self._editing:
+                return False
+            timestamp = self.files.read_tagged(TIMESTAMP)
+            if timestamp is not None and timestamp[1] == self._timestamp_tag and not self._dirty:
+                return False
+            self._md = self._load_published(timestamp)
+            self._timestamp_tag, self._dirty = (timestamp[1] if timestamp else None), False
+            return True
+
+    def change(self, edit: Callable[[], T]) -> T:
+        """Run ``edit``, which publishes through ``close``, on the newest published state. When
+        another writer committed first (a versioned name or the timestamp got there before ours),
+        catch up and run ``edit`` again; RegistryBusy after COMMIT_ATTEMPTS such races. Inside
+        another change, ``edit`` just runs: the outer change commits and retries."""
+        with self.lock:
+            if self._editing:
+                return edit()
+            for attempt in range(COMMIT_ATTEMPTS):
+                self.reload()
+                self._editing = self._dirty = True  # until edit returns, _md may hold what is not committed
+                try:
+                    result = edit()
+                except WriteConflict as exc:
+                    self.commit_retries += 1
+                    log.info("lost a race to another writer of %s (%s); catching up, attempt %d", self.files.location, exc, attempt + 1)
+                    time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+                    continue
+                finally:
+                    self._editing = False
+                self._dirty = False
+                return result
+            raise RegistryBusy(
+                f"{COMMIT_ATTEMPTS} changes in a row to {self.files.location} lost to other writers: "
+                "several replicas publishing without pause? try again, or publish from one"
+            )
+
     def store_target(self, path: str, data: bytes) -> TargetFile:
         """Write a target file under its hash-prefixed name; returns its TargetFile (not yet listed)."""
         info = TargetFile.from_data(path, data, ["sha256"])
-        destination = self._stored(path, info.hashes["sha256"])
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if not destination.exists():
-            atomic_write(destination, data)
+        name = self._stored(path, info.hashes["sha256"])
+        if not self.files.exists(name):  # the same name is the same content, whoever wrote it
+            self.files.write(name, data, cache_control=IMMUTABLE)
         return info
 
     def publish_targets(self, add: Mapping[str, TargetFile], remove: Sequence[str] = ()) -> None:
         """List ``add`` (and drop ``remove``) in a new targets version, then snapshot, then timestamp."""
-        with self.lock:
+
+        def edit() -> None:
             self.require_root()
             with self.edit_targets() as targets:
                 for path in remove:
@@ -136,56 +214,86 @@ class TufRepository(Repository):
             self.do_snapshot(force=True)
             self.do_timestamp(force=True)
 
+        self.change(edit)
+
     def refresh_online(self, *, check_keys: bool = False) -> list[str]:
         """Re-sign what is past half its lifetime (targets, snapshot, timestamp); with
         ``check_keys`` also what does not verify under the current root (signed by a rotated-out
         key: a server starting after a key rotation). Returns the roles re-signed, in order."""
-        with self.lock:
-            root = self.require_root()
-            if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
-                self.publish_targets({})
-                return list(ONLINE_ROLES)
-            stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
-            done = []
-            if stale[Targets.type]:
-                with self.edit_targets():
-                    pass
-                done.append(Targets.type)
-            if done or stale[Snapshot.type]:
-                self.do_snapshot(force=True)
-                done.append(Snapshot.type)
-            if done or stale[Timestamp.type]:
-                self.do_timestamp(force=True)
-                done.append(Timestamp.type)
-            return done
+        return self.change(lambda: self._refresh_online(check_keys))
+
+    def _refresh_online(self, check_keys: bool) -> list[str]:
+        root = self.require_root()
+        if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
+            self.publish_targets({})
+            return list(ONLINE_ROLES)
+        stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
+        done = []
+        if stale[Targets.type]:
+            with self.edit_targets():
+                pass
+            done.append(Targets.type)
+        if done or stale[Snapshot.type]:
+            self.do_snapshot(force=True)
+            done.append(Snapshot.type)
+        if done or stale[Timestamp.type]:
+            self.do_timestamp(force=True)
+            done.append(Timestamp.type)
+        return done
 
     def target_listing(self) -> dict[str, TargetFile]:
         """The published targets by path."""
-        return dict(self._md[Targets.type].signed.targets) if Targets.type in self._md else {}
+        with self.lock:
+            self.reload()
+            return dict(self._md[Targets.type].signed.targets) if Targets.type in self._md else {}
 
     def listed_bytes(self, path: str) -> bytes | None:
         """A published target's content (None if ``path`` is not listed)."""
         info = self.target_listing().get(path)
-        return None if info is None else self._stored(path, info.hashes["sha256"]).read_bytes()
+        return None if info is None else self._read(self._stored(path, info.hashes["sha256"]))
 
-    def metadata_path(self, name: str) -> Path | None:
-        """The file behind a metadata URL name (``timestamp.json``, ``3.snapshot.json``...), None if no such name."""
-        if not _METADATA_NAME.match(name):
-            return None
-        path = self.metadata_dir / name
-        return path if path.is_file() else None
+    def read_metadata(self, name: str) -> bytes | None:
+        """The file behind a metadata URL name (``timestamp.json``, ``3.snapshot.json``...), None if there is none."""
+        return self.files.read(f"metadata/{name}") if _METADATA_NAME.match(name) else None
 
-    def target_path(self, url_path: str) -> Path | None:
-        """The file behind a hash-prefixed target URL path, None if not a stored target."""
+    def open_target(self, url_path: str) -> Opened | None:
+        """The file behind a hash-prefixed target URL path, opened to be served; None if not a stored target."""
         if not _TARGET_PATH.match(url_path) or ".." in url_path:
             return None
-        path = self.targets_dir / url_path
-        return path if path.is_file() else None
+        return self.files.open(f"targets/{url_path}")
 
     # -- internals ----------------------------------------------------------------------------
-    def _stored(self, path: str, sha256: str) -> Path:
+    def _stored(self, path: str, sha256: str) -> str:
         folder, _, name = path.rpartition("/")
-        return self.targets_dir / folder / f"{sha256}.{name}"
+        return "/".join(part for part in ("targets", folder, f"{sha256}.{name}") if part)
+
+    def _read(self, name: str) -> bytes:
+        data = self.files.read(name)
+        if data is None:
+            raise FileNotFoundError(f"{self.files.location}/{name} is named by the published metadata but missing: restore it (nothing may delete it)")
+        return data
+
+    def _write(self, role: str, md: Metadata) -> None:
+        """Sign ``md`` and write it: a versioned name once (create-only); the timestamp only over
+        the one this change started from (the commit); then old versions pruned."""
+        data = self._signed(role, md)
+        if role == Timestamp.type:
+            tag = self._timestamp_tag
+            self._timestamp_tag = self.files.write(TIMESTAMP, data, if_absent=tag is None, if_match=tag, cache_control=REVALIDATE)
+            self._prune()
+            return
+        name = f"{md.signed.version}.{role}.json"
+        self.files.write(f"metadata/{name}", data, if_absent=True, cache_control=metadata_cache_control(name))
+        if role == Root.type:
+            self.files.write("metadata/root.json", data, cache_control=REVALIDATE)
+
+    def _signed(self, role: str, md: Metadata) -> bytes:
+        md.signed.expires = datetime.fromtimestamp(int(self.clock() + self.expiry_s[role]), timezone.utc)
+        md.signatures.clear()
+        for signer in self.signers.get(role, []):
+            md.sign(signer, append=True)
+        self._check_signed(role, md)
+        return md.to_bytes(JSONSerializer(compact=True))
 
     def _stale(self, role: str, root: Root, check_keys: bool) -> bool:
         md = self._md[role]
@@ -204,28 +312,61 @@ class TufRepository(Repository):
         else:
             self.require_root().verify_delegate(role, md.signed_bytes, md.signatures)
 
-    def _load_published(self) -> dict[str, Metadata]:
-        """What robots are served now: the newest root, then timestamp -> snapshot -> targets."""
+    def _load_published(self, timestamp: tuple[bytes, str] | None) -> dict[str, Metadata]:
+        """What robots are served now: the newest root, then timestamp -> snapshot -> targets, each
+        checked before this writer builds on it (RegistryCorrupted if not)."""
         md: dict[str, Metadata] = {}
-        roots = sorted(int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.root.json"))
+        roots = sorted(int(m.group(1)) for m in map(_VERSIONED.match, self.files.list("metadata")) if m and m.group(2) == Root.type)
         if not roots:
             return md
-        md[Root.type] = Metadata.from_bytes((self.metadata_dir / f"{roots[-1]}.root.json").read_bytes())
-        timestamp = self.metadata_dir / "timestamp.json"
-        if timestamp.exists():
-            md[Timestamp.type] = Metadata.from_bytes(timestamp.read_bytes())
-            snapshot_version = md[Timestamp.type].signed.snapshot_meta.version
-            md[Snapshot.type] = Metadata.from_bytes((self.metadata_dir / f"{snapshot_version}.snapshot.json").read_bytes())
-            targets_version = md[Snapshot.type].signed.meta["targets.json"].version
-            md[Targets.type] = Metadata.from_bytes((self.metadata_dir / f"{targets_version}.targets.json").read_bytes())
+        md[Root.type] = self._parsed(Root.type, f"metadata/{roots[-1]}.root.json")
+        if timestamp is None:
+            return md
+        root, older = md[Root.type].signed, roots[:-1]
+        md[Timestamp.type] = self._verified(root, older, Timestamp.type, TIMESTAMP, timestamp[0])
+        before = self._md.get(Timestamp.type)
+        if before is not None and md[Timestamp.type].signed.version < before.signed.version:
+            raise RegistryCorrupted(
+                f"{self.files.location}/{TIMESTAMP} went back from v{before.signed.version} to v{md[Timestamp.type].signed.version}: "
+                "restored from an old backup, or replayed by someone who can write there; robots refuse it (rollback). Put the newest back"
+            )
+        name = f"metadata/{md[Timestamp.type].signed.snapshot_meta.version}.snapshot.json"
+        md[Snapshot.type] = self._verified(root, older, Snapshot.type, name, self._read(name))
+        name = f"metadata/{md[Snapshot.type].signed.meta['targets.json'].version}.targets.json"
+        md[Targets.type] = self._verified(root, older, Targets.type, name, self._read(name))
         return md
 
+    def _parsed(self, role: str, name: str, data: bytes | None = None) -> Metadata:
+        try:
+            md = Metadata.from_bytes(self._read(name) if data is None else data)
+        except DeserializationError as exc:
+            raise RegistryCorrupted(f"{self.files.location}/{name} is not TUF metadata ({exc.__cause__ or exc}): restore the file the registry wrote") from None
+        if md.signed.type != role:
+            raise RegistryCorrupted(f"{self.files.location}/{name} holds {md.signed.type} metadata, not {role}: restore the file the registry wrote")
+        return md
+
+    def _verified(self, root: Root, older: list[int], role: str, name: str, data: bytes) -> Metadata:
+        """``data``, the file ``name``, if a threshold of the keys that ``root`` (else one of the
+        ``older`` root versions: before the server re-signs after a key rotation) names for ``role``
+        signed it. A writer never builds on, nor re-signs, what no registry key signed."""
+        md = self._parsed(role, name, data)
+        if _verifies(root, role, md) or any(_verifies(self._parsed(Root.type, f"metadata/{v}.root.json").signed, role, md) for v in reversed(older)):
+            return md
+        raise RegistryCorrupted(
+            f"{self.files.location}/{name} is not signed by the {role} keys of any root version: someone other than the registry "
+            "wrote it (robots refuse it); restore the file the registry wrote"
+        )
+
     def _prune(self) -> None:
-        for role in (Snapshot.type, Targets.type):
-            current = self._md[role].signed.version if role in self._md else 0
-            for path in self.metadata_dir.glob(f"*.{role}.json"):
-                if int(path.name.split(".")[0]) <= current - KEEP:
-                    path.unlink(missing_ok=True)
+        """Delete snapshot and targets versions KEEP or more behind the published ones. After the
+        commit, so a failure here is logged and left to the next one."""
+        try:
+            for name in self.files.list("metadata"):
+                match = _VERSIONED.match(name)
+                if match and match.group(2) != Root.type and int(match.group(1)) <= self._md[match.group(2)].signed.version - KEEP:
+                    self.files.delete(f"metadata/{name}")
+        except (OSError, S3Error) as exc:
+            log.warning("pruning old metadata of %s failed (%s); the next publication tries again", self.files.location, exc)
 
 
 def _verifies(root: Root, role: str, md: Metadata) -> bool:
@@ -244,7 +385,7 @@ def init_root(directory: str | Path, root_signers: Sequence[Signer], threshold: 
         raise ValueError(f"root threshold {threshold} needs 1..{len(root_signers)} root keys")
     repo = TufRepository(directory, {Root.type: root_signers}, expiry_s=expiry_s)
     if repo.initialised:
-        raise ValueError(f"{repo.metadata_dir} already has root metadata (v{repo.require_root().version}); rotate keys instead")
+        raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
     with repo.edit_root() as root:
         for signer in root_signers:
             root.add_key(signer.public_key, Root.type)

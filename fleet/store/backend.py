@@ -63,15 +63,16 @@ class Location:
     prefix: str = ""
 
     @classmethod
-    def parse(cls, value: str) -> Location:
+    def parse(cls, value: str, what: str = "store path") -> Location:
+        """``what``: how errors name the value (the episode store's path, the policy registry's location)."""
         text = str(value)
         if not text.startswith("s3://"):
             if "://" in text:
-                raise StoreLocationError(f"store path {text!r}: only local directories and s3://bucket/prefix are supported")
+                raise StoreLocationError(f"{what} {text!r}: only local directories and s3://bucket/prefix are supported")
             return cls(path=Path(text))
         bucket, _, prefix = text[len("s3://") :].partition("/")
         if not bucket:
-            raise StoreLocationError(f"store path {text!r} names no bucket: use s3://bucket/prefix")
+            raise StoreLocationError(f"{what} {text!r} names no bucket: use s3://bucket/prefix")
         return cls(bucket=bucket, prefix=prefix.strip("/"))
 
     @classmethod
