@@ -1,5 +1,9 @@
 """The learner under Ray Train: TorchTrainer, ScalingConfig(num_workers, use_gpu), DDP.
 
+``TrainerConfig.device`` says where the workers learn, read against the Ray cluster rather than
+this process (:func:`worker_device`): ``"auto"`` puts each worker on a GPU of its own when the
+cluster has one for every worker (``use_gpu``, nccl), else on CPU (gloo); ``"cuda"`` insists.
+
 Each Ray Train worker is a Ray actor that owns a batched MuJoCo stepper (its rollout
 worker: ``num_worlds`` worlds, its own seeds) and one replica of the algorithm; gradients
 are averaged across workers by DistributedDataParallel (gloo on CPU) and the observation
@@ -20,7 +24,10 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
+
 from policies.trainer import LogFn, TrainerConfig
+from worldmodel.device import AUTO, check_device_name
 
 OfflineFn = Callable[[], Mapping[str, Sequence]]  # runs in each worker: source name -> list[Episode]
 
@@ -29,7 +36,6 @@ def train_loop_per_worker(config: dict) -> None:
     """What every Ray Train worker runs (``config`` is the ``train_loop_config`` built by :func:`fit`)."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from policies.parallel import TorchDistComm
     from policies.trainer import Trainer, make_algorithm
@@ -40,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     algo_config = _algo_config(trainer_config.algorithm, config["algorithm"])
     offline = config["offline_fn"]() if config.get("offline_fn") else None
     profiles = [VariationProfile.from_dict(p) for p in config["profiles"]] if config.get("profiles") else None
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")  # this worker's GPU
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")  # the GPU Ray gave this worker
     algorithm = make_algorithm(trainer_config, algo_config, comm=comm, offline=offline, device=device)
     reported_at = [-1]  # env steps of the last reported checkpoint (the same on every rank)
 
@@ -67,7 +73,6 @@ def fit(
     algo_config,
     *,
     num_workers: int = 2,
-    use_gpu: bool = False,
     storage_path: str | os.PathLike,
     name: str = "policy",
     max_failures: int = 0,
@@ -80,9 +85,10 @@ def fit(
     """Train with ``num_workers`` DDP replicas under Ray Train; returns the ``ray.train.Result``.
 
     ``trainer_config.total_env_steps`` counts all workers together; ``num_worlds`` is per
-    worker. ``offline_fn`` (SAC) loads each worker's offline episodes (e.g. from the pinned
-    store snapshot) inside the worker. ``resume_from``: a checkpoint directory of an earlier
-    run. ``stop_after_updates``: stop early (tests; simulates a crash).
+    worker; its ``device`` says whether each worker gets a GPU (:func:`worker_device`).
+    ``offline_fn`` (SAC) loads each worker's offline episodes (e.g. from the pinned store
+    snapshot) inside the worker. ``resume_from``: a checkpoint directory of an earlier run.
+    ``stop_after_updates``: stop early (tests; simulates a crash).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -90,9 +96,11 @@ def fit(
 
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call ray.init(...) first (policies never start Ray; the fleet connects it)")
+    device = worker_device(trainer_config.device, num_workers, ray.cluster_resources().get("GPU", 0))
+    use_gpu = device == "cuda"
     config = {
         "use_gpu": use_gpu,
-        "trainer": dataclasses.asdict(trainer_config),
+        "trainer": dataclasses.asdict(dataclasses.replace(trainer_config, device=device)),  # resolved once, here
         "algorithm": dataclasses.asdict(algo_config),
         "profiles": [p.to_dict() for p in profiles] if profiles else None,
         "offline_fn": offline_fn,
@@ -113,6 +121,27 @@ def fit(
         ),
     )
     return trainer.fit()
+
+
+def worker_device(device: str, num_workers: int, cluster_gpus: float) -> str:
+    """Where Ray Train's workers learn for ``TrainerConfig.device``, given the GPUs the Ray cluster
+    reports (``ray.cluster_resources()["GPU"]``): ``"cuda"`` (one GPU per worker) or ``"cpu"``.
+    ``"auto"``: cuda when the cluster has a GPU for every worker, else cpu; ``"cuda"``: an error
+    when it has not (Ray would wait for GPUs that never come)."""
+    check_device_name(device)
+    if device == AUTO:
+        return "cuda" if cluster_gpus >= num_workers else "cpu"
+    kind = torch.device(device)
+    if kind.type == "cpu":
+        return "cpu"
+    if kind.type != "cuda" or kind.index is not None:
+        raise ValueError(f"device {device!r}: Ray Train's workers learn on 'cuda' (Ray gives each its own GPU), 'cpu' or 'auto'")
+    if cluster_gpus < num_workers:
+        raise ValueError(
+            f"device 'cuda' asks Ray Train for {num_workers} GPUs (one per worker), but the Ray cluster has {cluster_gpus:g}; "
+            "use device=auto (GPUs when the cluster has them, else CPU) or cpu, fewer workers, or a cluster with GPU nodes"
+        )
+    return "cuda"
 
 
 def _algo_config(algorithm: str, values: dict):

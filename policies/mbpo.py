@@ -50,7 +50,7 @@ _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step
 class MBPOConfig:
     sac: SACConfig = SACConfig(hidden_sizes=(128, 128), utd_ratio=10.0, learning_starts=150, init_alpha=0.1)
     ensemble: EnsembleConfig = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=3)
-    model_train: TrainConfig = TrainConfig(max_steps=3000, eval_every=100, patience=5, num_threads=None, device="cpu")
+    model_train: TrainConfig = TrainConfig(max_steps=3000, eval_every=100, patience=5, num_threads=None)  # device auto: the learner's (make_algorithm)
     retrain_steps: int = 600  # gradient steps of each later retraining (continues from the weights)
     model_train_every: int = 250  # real steps between retrainings
     rollout_every: int = 50  # real steps between rollout refills

@@ -120,7 +120,7 @@ class SquashedGaussianActor(nn.Module):
     def sample(self, obs_n: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised sample: (action (B, A) in (-1, 1), log pi(action) (B,) with the tanh correction)."""
         mean, log_std = self(obs_n)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)  # a CPU generator: the same draws on any device
         u = mean + log_std.exp() * noise
         logp = gaussian_log_prob_from_noise(noise, log_std) - tanh_log_det(u)
         return torch.tanh(u), logp

@@ -32,6 +32,7 @@ from sim.episode import Episode
 from sim.robots import get_task
 from sim.sensor_filter import seen_body
 from sim.variation import CONTEXT_DIM, VariationProfile
+from worldmodel.device import AUTO, check_device_name, resolve_device
 
 LogFn = Callable[[dict[str, float], int], None]
 ALGORITHMS = ("ppo", "sac", "mbpo")
@@ -54,13 +55,14 @@ class TrainerConfig:
     # with eval_every: keep the best-evaluated policy of this train() call as ``Trainer.best_policy``
     # (the worst profile's return first, then the mean); the learner itself goes on from its latest state
     keep_best: bool = False
-    device: str = "cpu"  # learner device: "cpu", "cuda", "cuda:1" (bit-identical resume is promised on CPU)
+    # learner device: "auto" (cuda when torch sees one, else cpu), "cpu", "cuda", "cuda:1"; make_algorithm resolves
+    # it. Bit-identical resume is promised on CPU, hence this default; the apps' configs (conf/policy/*.yaml) say auto
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but torch sees no CUDA device; use device=cpu")
+        check_device_name(self.device)  # whether it is present is asked where it is resolved: here, or a Ray cluster
         if self.num_worlds < 1 or self.total_env_steps < 1:
             raise ValueError(f"num_worlds and total_env_steps must be >= 1, got {self.num_worlds}, {self.total_env_steps}")
         if self.keep_best and not self.eval_every:
@@ -95,8 +97,8 @@ def make_algorithm(
 ) -> Algorithm:
     """Build the algorithm ``config.algorithm`` for ``config.robot`` (``offline``: SAC replay sources,
     ``context_of(episode)``: their bodies' features for a body-conditioned policy; ``device``
-    overrides ``config.device``)."""
-    device = device if device is not None else config.device
+    overrides ``config.device``, which is resolved here: ``"auto"`` is cuda when torch sees one)."""
+    device = resolve_device(config.device) if device is None else torch.device(device)
     from policies.mbpo import MBPO, MBPOConfig
     from policies.ppo import PPO, PPOConfig
     from policies.sac import SAC, SACConfig
@@ -113,8 +115,16 @@ def make_algorithm(
             raise ValueError("PPO has no body-conditioned policy: use SAC or the model-based learner (body_context)")
         return PPO(spec, algo_config, num_worlds=config.num_worlds, seed=config.seed, comm=comm, device=device)
     if config.algorithm == "mbpo":
-        return MBPO(spec, algo_config, seed=config.seed, robot_model=config.robot, comm=comm, device=device)
+        return MBPO(spec, model_beside_learner(algo_config, device), seed=config.seed, robot_model=config.robot, comm=comm, device=device)
     return SAC(spec, algo_config, seed=config.seed, offline=offline, robot_model=config.robot, comm=comm, device=device, context_of=context_of)
+
+
+def model_beside_learner(algo_config, device: torch.device):
+    """The model-based learner's config with its world model on the learner's ``device`` where its
+    ``model_train.device`` is ``"auto"`` (the default): policy and model share one device."""
+    if algo_config.model_train.device != AUTO:
+        return algo_config
+    return dataclasses.replace(algo_config, model_train=dataclasses.replace(algo_config.model_train, device=str(device)))
 
 
 class Trainer:

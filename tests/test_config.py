@@ -9,8 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ValidationError
@@ -126,6 +127,43 @@ def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     with pytest.raises(ConfigCompositionException) as info, initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         compose("flywheel", [RUN_DIR])
     assert "num_gpu" in f"{info.value} {info.value.__cause__}"
+
+
+POLICY_OPTIONS = sorted(p.stem for p in (CONF / "policy").glob("*.yaml"))
+SMALL_LEARNER = ["policy.algorithm.sac.buffer_size=1000", "policy.algorithm.model_retain=1"]  # no large replay to allocate
+
+
+@pytest.mark.parametrize("option", POLICY_OPTIONS)
+def test_the_learner_and_its_world_model_default_to_auto(option):
+    policy = _compose("flywheel", [f"policy={option}"]).policy
+    assert policy.trainer.device == "auto"
+    assert option.startswith(("ppo", "sac")) or policy.algorithm.model_train.device == "auto"
+
+
+def test_auto_resolves_to_this_machines_device_where_the_learner_is_built():
+    from policies.trainer import make_algorithm
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = _compose("flywheel", SMALL_LEARNER)  # the flywheel's learner (policy=mbpo_fleet)
+    trainer = instantiate(cfg.policy.trainer)
+    assert trainer.device == "auto"  # the config keeps what was asked; the learner is built on what it resolves to
+    learner = make_algorithm(trainer, instantiate(cfg.policy.algorithm))
+    assert next(learner.policy.parameters()).device.type == here and learner.config.model_train.device == here
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_says_what_to_do():
+    from policies.trainer import make_algorithm
+
+    cfg = _compose("flywheel", [*SMALL_LEARNER, "policy.trainer.device=cuda"])
+    with pytest.raises(ValueError, match="device 'cuda' asked for, but .*; use device=auto"):
+        make_algorithm(instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm))
+
+
+def test_a_device_name_torch_does_not_know_is_refused_with_the_key_named():
+    cfg = _compose("flywheel", ["policy.trainer.device=gpu"])
+    with pytest.raises(InstantiationException, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'gpu'"):
+        instantiate(cfg.policy.trainer)
 
 
 SHOW_RUN_DIRS = f"""

@@ -1,18 +1,44 @@
-"""Where the world model runs: "cuda" when there is one, else "cpu" (or what the config names)."""
+"""Where the learner and the world model run: the one rule for ``device`` names.
+
+``"auto"`` is cuda when torch sees a CUDA device here, else cpu; ``"cpu"``, ``"cuda"`` and
+``"cuda:1"`` name a device. :mod:`policies` imports this module too (policies sit above
+worldmodel), so the learner and the world model read ``device: auto`` the same way.
+"""
 
 from __future__ import annotations
 
 import torch
 
+AUTO = "auto"
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; any other name must be a device torch can use."""
-    if name == "auto":
+
+def check_device_name(name: str, key: str = "device") -> None:
+    """Refuse a name that is neither ``"auto"`` nor a device torch can parse; says which ``key``.
+    Whether the device is present is asked only when it is resolved (:func:`resolve_device`)."""
+    if name == AUTO:
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {name!r}") from exc
+
+
+def resolve_device(name: str = AUTO) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; any other name must be a device torch can use here."""
+    if name == AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_name(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device; use device='auto' or 'cpu'")
+        raise ValueError(f"device {name!r} asked for, but {_no_cuda_reason()}; use device=auto (cuda when there is one, else cpu) or device=cpu")
     return device
+
+
+def _no_cuda_reason() -> str:
+    """Why torch sees no CUDA device in this process, for error messages."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA: install a CUDA build of torch"
+    return "torch sees no CUDA device here (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
 
 
 def set_cpu_threads(num_threads: int | None) -> None:

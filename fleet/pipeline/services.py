@@ -1,12 +1,14 @@
 """What one flywheel run stands on: local Ray (or a cluster), the fleet server on loopback with
 the policy registry, tokens and keys, the episode store, the tracker. All state lives in the
-run folder, so a rerun with the same folder resumes."""
+run folder (the store and the registry under the run's own prefix where ``fleet.store.path`` or
+``fleet.registry.dir`` name object storage), so a rerun with the same folder resumes."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from fleet.store import EpisodeStore, StoreConfig
 from fleet.tracking import Tracker
 from sim.episode import Episode
 from sim.robots.registry import MODULES_ENV
+from worldmodel.device import AUTO, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def start_ray(cfg: DictConfig) -> bool:
@@ -56,15 +61,17 @@ class Services(contextlib.AbstractContextManager):
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
+        warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
+        self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
+        self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
         keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
         self.registry = open_registry(
-            self.run_dir / "registry", keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2
+            self.registry_dir, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2
         )
-        self.root_metadata = root_metadata(self.run_dir / "registry")  # what each robot is provisioned with
+        self.root_metadata = root_metadata(self.registry_dir)  # what each robot is provisioned with
         token_file = self.run_dir / "tokens.json"
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process
         self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}
-        self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
         EpisodeStore.open_or_create(self.store_cfg)
         server_cfg = ServerConfig(host="127.0.0.1", port=0, token_file=str(token_file))
         self.server = serve(server_cfg, self.store_cfg, policy_registry=self.registry)
@@ -74,7 +81,8 @@ class Services(contextlib.AbstractContextManager):
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
             config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
         )
-        self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg)})  # the run folder's store, not the YAML's path
+        # the run's own store and registry, not the YAML's paths
+        self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
 
     # -- data ---------------------------------------------------------------------------------
     def read_data(self, robot_model: str) -> tuple[str, list[Episode], list[Episode]]:
@@ -146,10 +154,28 @@ class Services(contextlib.AbstractContextManager):
 
 
 def run_store(configured: StoreConfig, run_dir: Path) -> StoreConfig:
-    """The run's own episode store: ``<run_dir>/store`` on disk, or, when ``fleet.store.path`` names
-    object storage (``s3://bucket/prefix``), ``s3://bucket/prefix/<run folder name>`` (a resumed run
-    finds its store again)."""
-    path = str(configured.path)
-    if path.startswith("s3://"):
-        return dataclasses.replace(configured, path=f"{path.rstrip('/')}/{run_dir.name}")
-    return dataclasses.replace(configured, path=str(run_dir / "store"))
+    """The run's own episode store: ``fleet.store`` at :func:`run_location` ``(fleet.store.path, run_dir, "store")``."""
+    return dataclasses.replace(configured, path=run_location(configured.path, run_dir, "store"))
+
+
+def run_location(configured: str | os.PathLike, run_dir: Path, folder: str) -> str:
+    """Where a run keeps what ``configured`` locates (``fleet.store.path``, ``fleet.registry.dir``):
+    ``<run_dir>/<folder>`` for a local path, or ``s3://bucket/prefix/<run folder name>`` when it
+    names object storage (``s3://bucket/prefix``), so a resumed run finds its own again."""
+    location = str(configured)
+    if location.startswith("s3://"):
+        return f"{location.rstrip('/')}/{run_dir.name}"
+    return str(run_dir / folder)
+
+
+def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:
+    """The learner and the world model train in this process (the Ray driver), on ``device: auto``'s
+    GPU when this machine has one: say so (and return True) when one of ``devices`` is auto and this
+    machine has no GPU, but the Ray cluster has ``cluster_gpus``."""
+    if cluster_gpus and AUTO in devices and resolve_device(AUTO).type == "cpu":
+        log.warning(
+            "the Ray cluster has %g GPUs, but this process sees none: the learner and the world model train here, on CPU; "
+            "start flywheel on a GPU node (ray.address=auto joins the cluster) to train on one", cluster_gpus,
+        )
+        return True
+    return False
