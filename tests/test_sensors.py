@@ -2,6 +2,8 @@
 policy acts exactly as an unbiased robot would, and the pipeline's corrected view of its telemetry
 is what that policy saw."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,19 @@ def test_overlapping_rounds_add_only_their_new_episodes_and_a_changed_sensor_res
     remounted = half_new.update(-0.03, 0.006, episodes=20, used=8, z=3.0)  # 7 combined SE away: start over
     assert remounted.estimate == -0.03 and remounted.precision == pytest.approx(1 / 0.006**2)
     assert remounted.offset(floor=0.005, z=3.0) == -0.03 and OffsetBelief().update(0.01, 0.006, 8, 8, 3.0).offset(0.005, 3.0) == 0.0
+
+
+def test_a_delivered_offset_stays_until_the_evidence_for_it_is_gone():
+    """Hysteresis: 3 standard errors to start delivering an offset, 1 to keep delivering it; a robot
+    whose pooled estimate drifts to 2.7 standard errors keeps its correction (demo run m2 lost it)."""
+    first = calibrated(0.0225, 0.006, kept=0.0225)
+    beliefs, offsets = track_offsets({}, {"r": first}, {"r": 8}, {"r": 8}, floor=0.005)
+    assert offsets == {"r": pytest.approx(0.0225)} and beliefs["r"].delivered
+    drifted = OffsetBelief(0.015, 1 / 0.0055**2, 12)  # 2.7 standard errors from 0
+    assert drifted.offset(floor=0.005, z=3.0) == 0.0  # never delivered: not enough to start
+    assert dataclasses.replace(drifted, delivered=True).offset(floor=0.005, z=3.0) == pytest.approx(0.015)
+    gone = OffsetBelief(0.004, 1 / 0.0055**2, 20, delivered=True)  # under 1 standard error and the floor: dropped
+    assert gone.offset(floor=0.005, z=3.0) == 0.0
+    later, offsets = track_offsets(beliefs, {"r": calibrated(0.0, 0.006)}, {"r": 16}, {"r": 8}, floor=0.005)
+    assert later["r"].estimate == pytest.approx(0.01125) and later["r"].precision == pytest.approx(2 / 0.006**2)  # 2.7 SE from 0
+    assert later["r"].delivered and offsets == {"r": pytest.approx(0.01125)}
