@@ -20,6 +20,8 @@ import os
 import threading
 from pathlib import Path
 
+from sim.durable import write_durably
+
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 SIDECAR = ".upload.json"  # NAME.upload.json beside NAME: the episode's resumable upload
@@ -32,23 +34,9 @@ class SpoolEntry:
     nbytes: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``path`` as ``path.partial``, fsync, rename, fsync the directory: after a crash it is whole or absent."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write ``path`` as ``path.partial`` (the names :meth:`Spool.open` clears), durably: whole or absent after a crash."""
+    write_durably(path, data, path.with_name(path.name + ".partial"))
 
 
 def _sidecar(entry: SpoolEntry) -> Path:

@@ -50,6 +50,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED
 from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
+from sim.durable import write_durably
 
 log = logging.getLogger(__name__)
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 random bits
@@ -111,17 +112,6 @@ def staging_dir(config: ServerConfig, store_path: str) -> Path:
     return Path(store_path.rstrip("/") + ".uploads")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or its previous content, never a part of it, after any crash."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _last_touched(*paths: Path) -> float:
     """The latest modification time of those of ``paths`` that exist (0 if none does)."""
     times = [0.0]
@@ -129,14 +119,6 @@ def _last_touched(*paths: Path) -> float:
         with contextlib.suppress(FileNotFoundError):  # deleted meanwhile (completed, aborted)
             times.append(path.stat().st_mtime)
     return max(times)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Staging:
@@ -218,21 +200,27 @@ class Staging:
             upload = Upload(secrets.token_urlsafe(24), robot_id, size, sha256, coding)
             meta, part = self._paths(robot_id, upload.upload_id)
             part.touch(exist_ok=False)
-            _write_atomically(meta, json.dumps(dataclasses.asdict(upload)).encode())  # the upload exists from here
+            write_durably(meta, json.dumps(dataclasses.asdict(upload)).encode())  # the upload exists from here
         return upload, 0, True
+
+    @contextlib.contextmanager
+    def _locked_part(self, upload: Upload) -> Iterator:
+        """The upload's bytes, open for reading and writing under an exclusive ``flock`` (one writer per
+        upload, across processes too); 404 ``no_such_upload`` when they are gone."""
+        try:
+            f = open(self._paths(upload.robot_id, upload.upload_id)[1], "r+b")
+        except FileNotFoundError:
+            raise no_such_upload(upload.upload_id) from None
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield f
 
     def append(self, upload: Upload, offset: int, chunk: bytes) -> int:
         """Write ``chunk`` at ``offset``, which must be the upload's offset, and fsync: the new offset."""
         if upload.completed:
             check_chunk(upload, upload.size, offset, len(chunk))
             return upload.size
-        part = self._paths(upload.robot_id, upload.upload_id)[1]
-        try:
-            f = open(part, "r+b")
-        except FileNotFoundError:
-            raise no_such_upload(upload.upload_id) from None
-        with f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # one writer per upload, across processes too
+        with self._locked_part(upload) as f:
             current = os.fstat(f.fileno()).st_size
             check_chunk(upload, current, offset, len(chunk))
             if chunk:
@@ -245,13 +233,7 @@ class Staging:
     def read_whole(self, upload: Upload) -> bytes:
         """All the upload's bytes, once they are all there and hash to the declared sha256: 409 ``upload_incomplete``
         before; 400 ``digest_mismatch`` (and the upload reset to offset 0, for the robot to send again) otherwise."""
-        part = self._paths(upload.robot_id, upload.upload_id)[1]
-        try:
-            f = open(part, "r+b")
-        except FileNotFoundError:
-            raise no_such_upload(upload.upload_id) from None
-        with f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        with self._locked_part(upload) as f:
             data = f.read()
             if len(data) != upload.size:
                 raise OffsetRefusal(
@@ -268,7 +250,7 @@ class Staging:
     def finish(self, upload: Upload, episode_id: str) -> None:
         """Leave the tombstone of a completed upload (for a repeated complete) and delete its bytes."""
         meta, part = self._paths(upload.robot_id, upload.upload_id)
-        _write_atomically(meta, json.dumps(dataclasses.asdict(dataclasses.replace(upload, episode_id=episode_id))).encode())
+        write_durably(meta, json.dumps(dataclasses.asdict(dataclasses.replace(upload, episode_id=episode_id))).encode())
         part.unlink(missing_ok=True)
 
     def remove(self, upload: Upload) -> None:
