@@ -1,11 +1,16 @@
-"""Files a crash leaves whole or absent: write a temporary name, fsync, rename, fsync the folder.
+"""Files a crash leaves whole or absent (write a temporary name, fsync, rename, fsync the folder), and
+a folder locked against writers in other processes.
 
-Standard library only: the robot side (the agent's spool) and the server (staged uploads) share it.
+Standard library only: the robot side (the agent's spool), the server (staged uploads) and the
+registry's local files share it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -28,3 +33,15 @@ def write_durably(path: Path, data: bytes, tmp: Path | None = None) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself, held in this block (no lock file: layouts stay as
+    they are); it orders writers on this host, in this process and in others."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

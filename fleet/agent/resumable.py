@@ -82,7 +82,7 @@ class ResumableSender:
             if not self._put_from(entry, upload_id, body, offset, max_chunk, outcome):
                 return outcome
             answer = self.client.post(self._url(upload_id, "/complete"))
-            if _error(answer) not in ("upload_incomplete", "digest_mismatch"):
+            if error_code(answer) not in ("upload_incomplete", "digest_mismatch"):
                 break
             offset = int(answer.json()["offset"])  # the server's offset: the rest (or, after a digest mismatch, all) again
             log.warning("upload %s of episode %s: %s; sending again from offset %d", upload_id, entry.episode_id, answer.json()["reason"], offset)
@@ -121,7 +121,7 @@ class ResumableSender:
             outcome.sent_bytes += len(chunk)
             if answer.status_code == 200:
                 offset, outcome.progressed = int(answer.json()["offset"]), True
-            elif _error(answer) == "offset_mismatch" and mismatches < MAX_OFFSET_MISMATCHES:
+            elif error_code(answer) == "offset_mismatch" and mismatches < MAX_OFFSET_MISMATCHES:
                 offset, mismatches = int(answer.json()["offset"]), mismatches + 1
             elif answer.status_code == 404:
                 self.spool.forget_upload(entry)
@@ -150,7 +150,7 @@ def _usable(remembered: dict | None) -> dict | None:
     return remembered
 
 
-def _error(response: httpx.Response) -> str | None:
+def error_code(response: httpx.Response) -> str | None:
     """The ``error`` code of a JSON refusal, else None."""
     try:
         body = response.json()

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import httpx
 import zstandard
 
-from fleet.agent.resumable import ResumableSender
+from fleet.agent.resumable import ResumableSender, error_code
 from fleet.agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Uploader:
             return self._failed(entry, f"{exc.__class__.__name__}: {exc}")
         self.stats["sent_bytes"] += len(body)
         self._zstd = self._zstd or _accepts_zstd(response)
-        if response.status_code == 413 and _json_or_text(response).get("error") == "body_too_large":  # over this server's max_body_bytes
+        if response.status_code == 413 and error_code(response) == "body_too_large":  # over this server's max_body_bytes
             log.info("episode %s (%d bytes) is over the server's body limit; sending it as a resumable upload", entry.episode_id, entry.nbytes)
             self._too_large.add(entry.episode_id)
             return self._send_resumable(entry, data)

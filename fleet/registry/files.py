@@ -30,9 +30,7 @@ rename: every writer of a local registry is on that host.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import random
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fleet.registry.trust import atomic_write
+from sim.durable import folder_lock
 
 CHUNK = 1 << 16  # bytes per piece when a file is served
 APPEND_ATTEMPTS = 32
@@ -139,7 +138,7 @@ class LocalFiles:
         if not if_absent and if_match is None:
             atomic_write(path, data)
             return content_tag(data)
-        with _folder_lock(path.parent):
+        with folder_lock(path.parent):
             if if_absent and path.exists():
                 raise WriteConflict(f"{path} exists: another writer made it first")
             if if_match is not None and (self.read_tagged(name) or (b"", None))[1] != if_match:
@@ -227,17 +226,6 @@ class S3Files:
 
     def delete(self, name: str) -> None:
         self.client.delete(self._key(name))
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive flock on ``folder`` itself (no lock file: the layout stays as it is)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _file_chunks(f, start: int, end: int) -> Iterator[bytes]:

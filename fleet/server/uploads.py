@@ -50,7 +50,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED
 from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
-from sim.durable import write_durably
+from sim.durable import folder_lock, write_durably
 
 log = logging.getLogger(__name__)
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 random bits
@@ -146,12 +146,8 @@ class Staging:
         """The robot's folder, locked (flock) against concurrent creates in this and other processes."""
         folder = self.root / robot_id
         folder.mkdir(exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with folder_lock(folder):
             yield folder
-        finally:
-            os.close(fd)
 
     # -- reading -------------------------------------------------------------------------
     def get(self, robot_id: str, upload_id: str) -> Upload:
