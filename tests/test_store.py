@@ -37,11 +37,25 @@ def test_explicit_open_modes(cfg):
     with pytest.raises(FileNotFoundError, match="create it"):
         EpisodeStore.open(cfg)
     store = EpisodeStore.create(cfg)
-    assert store.info["store_schema_version"] == 2 and store.info["episode_schema_version"] == "1"
+    assert store.info["store_schema_version"] == 3 and store.info["episode_schema_version"] == "1"
     with pytest.raises(FileExistsError, match="already exists"):
         EpisodeStore.create(cfg)
     assert EpisodeStore.open(cfg).info == store.info
     assert EpisodeStore.open_or_create(cfg).latest_snapshot_id() == store.latest_snapshot_id()
+
+
+def test_each_writer_appends_to_its_own_partition_and_streams(cfg):
+    with pytest.raises(ValueError, match="writer_id 'a/b'"):
+        StoreConfig(path=cfg.path, writer_id="a/b")
+    store = EpisodeStore.create(cfg)
+    assert store.writer_id == "local"  # on local disk writers share one partition, taking turns under the lock
+    other = EpisodeStore.open(StoreConfig(path=cfg.path, chunk_rows=32, index_rows=4, writer_id="gen-7"))
+    other.append([episode(1)]), store.append([episode(2), episode(3)]), other.append([episode(2), episode(4)])
+    snap = EpisodeStore.open(cfg).snapshot()
+    assert [e.episode_id for e in snap.catalog()] == [episode(k).episode_id for k in (1, 2, 3, 4)]  # commit order across writers
+    assert [e.stream.rsplit(".", 1)[1] for e in snap.catalog()] == ["gen-7", "local", "local", "gen-7"]
+    assert [e.row for e in snap.catalog()] == [0, 0, 7, 32]  # each stream its own rows
+    assert [h["metadata"]["writer"] for h in store.history(3)] == ["gen-7", "local", "gen-7"]
 
 
 def test_unknown_store_schema_version_is_refused(cfg):

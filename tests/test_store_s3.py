@@ -1,8 +1,14 @@
 """The episode store on S3-compatible object storage (``s3://bucket/prefix``), against a real S3
 server on loopback (moto's standalone mode, started by the ``s3_server`` fixture): open modes,
 bit-exact round trip, idempotency, and writers on separate "hosts" (no shared lock) racing to
-commit, which Icechunk's conditional branch update turns into retries, never into loss or doubles."""
+commit: Icechunk's conditional branch update makes the loser rebase its commit onto the winner's
+(each writer has its own catalog partition and streams), and redo it only when the winner stored
+one of its episode ids; never loss or doubles."""
 
+import dataclasses
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid
 
@@ -11,7 +17,7 @@ import pytest
 
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.backend import Location, StoreLocationError
-from tests.test_store import episode
+from tests.test_store import REPO, episode
 
 
 @pytest.fixture
@@ -64,7 +70,108 @@ def test_writers_on_two_hosts_race_and_nothing_is_lost_or_doubled(cfg):
         assert snap.read_episode(ep.episode_id).equals(ep)
     commits = [h for h in EpisodeStore.open(cfg).history(limit=100) if h["metadata"].get("episodes")]
     assert len(commits) == 12  # one per append that stored something; a lost race left no commit behind
-    print(f"commits redone after losing a race: {[w.commit_retries for w in writers]}")
+    assert [e.slot for e in snap.catalog()] == list(range(13))
+    assert sum(w.commit_retries for w in writers) <= 1  # a redo only where the winner stored the shared id
+    print(f"lost races rebased: {[w.commit_rebases for w in writers]}, transactions redone: {[w.commit_retries for w in writers]}")
+
+
+class LosesEveryRace(EpisodeStore):
+    """A writer whose every commit loses a race: just before it commits, ``rival`` (another store
+    handle with its own writer id, as on another host) appends its next batch of ``rival_batches``."""
+
+    def _commit(self, session, message, metadata):
+        if self.rival_batches:
+            self.rival_results.append(self.rival.append(self.rival_batches.pop(0)))
+        return super()._commit(session, message, metadata)
+
+
+def racing(cfg, rival_batches) -> LosesEveryRace:
+    EpisodeStore.create(cfg)
+    loser = LosesEveryRace.open(dataclasses.replace(cfg, writer_id="b"))
+    loser.rival, loser.rival_batches, loser.rival_results = EpisodeStore.open(dataclasses.replace(cfg, writer_id="a")), list(rival_batches), []
+    return loser
+
+
+def test_a_commit_that_lost_a_race_is_rebased_onto_the_winner_not_redone(cfg):
+    mine, theirs = [episode(i, "b") for i in range(3)], [episode(10 + i, "a") for i in range(2)]
+    b = racing(cfg, [theirs])
+    result = b.append(mine)
+    assert result.statuses == ("created",) * 3 and b.rival_results[0].statuses == ("created",) * 2
+    assert (b.commit_rebases, b.commit_retries) == (1, 0) and b.known_episodes == 5  # it read the winner's rows while rebasing
+    snap = EpisodeStore.open(cfg).snapshot()
+    assert snap.snapshot_id == result.snapshot_id
+    assert [e.episode_id for e in snap.catalog()] == [e.episode_id for e in theirs + mine]  # commit order: the winner first
+    assert [e.slot for e in snap.catalog()] == list(range(5))  # the rebased rows were renumbered after the winner's
+    assert {e.stream.rsplit(".", 1)[1] for e in snap.catalog()[2:]} == {"b"} and all(snap.read_episode(e.episode_id).equals(e) for e in theirs + mine)
+    commits = [h["metadata"]["writer"] for h in EpisodeStore.open(cfg).history(limit=10) if h["metadata"].get("episodes")]
+    assert commits == ["b", "a"]  # one commit each: b's transaction was written once
+    assert b.append([episode(5, "b")]).created == 1 and b.commit_rebases == 1  # no race, no rebase
+
+
+def test_a_commit_racing_one_that_stored_its_ids_is_redone_without_them(cfg):
+    """Idempotency and the 409 rule across writers: an id the winner stored meanwhile becomes a
+    duplicate (same bytes) or a conflict (other bytes) of the loser's, never stored twice."""
+    mine = [episode(0, "b"), episode(1, "shared"), episode(2, "shared")]
+    other_bytes = episode(2, "shared", steps=9)
+    other_bytes = other_bytes.__class__(**{**other_bytes.__dict__, "metadata": {**other_bytes.metadata, "episode_id": mine[2].episode_id}})
+    b = racing(cfg, [[episode(10, "a"), mine[1]], [episode(11, "a"), other_bytes], [episode(12, "a")]])
+    result = b.append(mine)
+    assert result.statuses == ("created", "duplicate", "conflict")
+    assert (b.commit_retries, b.commit_rebases) == (2, 1)  # redone twice (once per id the rival stored first), then rebased
+    snap = EpisodeStore.open(cfg).snapshot()
+    ids = [e.episode_id for e in snap.catalog()]
+    assert ids == [episode(10, "a").episode_id, mine[1].episode_id, episode(11, "a").episode_id, mine[2].episode_id, episode(12, "a").episode_id, mine[0].episode_id]
+    assert len(set(ids)) == 6 and snap.read_episode(mine[2].episode_id).equals(other_bytes)  # the winner's bytes
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from fleet.store import EpisodeStore, StoreConfig
+    from tests.test_store import episode
+    store = EpisodeStore.open(StoreConfig(path=sys.argv[1], chunk_rows=32, index_rows=4))  # a generated writer id
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[2]):  # all writers start together
+        time.sleep(0.002)
+    w = int(sys.argv[3])
+    statuses = []
+    for k in range(6):
+        statuses += store.append([episode(100 * w + k, f"w{w}"), episode(1000 + k, "shared")]).statuses
+    print(statuses.count("created"), statuses.count("duplicate"), store.commit_rebases, store.commit_retries, store.writer_id)
+    """
+)
+
+
+def test_writer_processes_on_s3_commit_at_once_and_rebase_instead_of_redoing(cfg, tmp_path):
+    EpisodeStore.create(cfg)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, cfg.path, str(go), str(w)], stdout=subprocess.PIPE, text=True, cwd=REPO) for w in range(3)]
+    try:
+        for p in procs:  # Icechunk may log a line first (e.g. that the host has no CA certificates: moto is plain HTTP)
+            assert "ready" in (line.strip() for line in iter(p.stdout.readline, ""))
+        go.touch()
+        outs = [p.communicate(timeout=120)[0].splitlines()[-1].split() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.wait() == 0 for p in procs)
+    created, duplicates, rebases, redos = ([int(o[i]) for o in outs] for i in range(4))
+    assert sum(created) == 18 + 6 and sum(duplicates) == 2 * 6  # each shared id stored by one writer, a duplicate for the others
+    assert all(r <= d for r, d in zip(redos, duplicates))  # a transaction is redone only when another writer stored one of its ids
+    snap = EpisodeStore.open(cfg).snapshot()
+    ids = [e.episode_id for e in snap.catalog()]
+    expected = [episode(100 * w + k, f"w{w}") for w in range(3) for k in range(6)] + [episode(1000 + k, "shared") for k in range(6)]
+    assert len(ids) == len(set(ids)) == len(expected) and set(ids) == {e.episode_id for e in expected}
+    assert all(a.equals(b) for a, b in zip(snap.read_episodes([e.episode_id for e in expected]), expected))
+    assert len({o[4] for o in outs}) == 3 and {e.stream.rsplit(".", 1)[1] for e in snap.catalog()} == {o[4] for o in outs}
+    commits = [h["metadata"] for h in EpisodeStore.open(cfg).history(limit=100) if h["metadata"].get("episodes")][::-1]
+    assert len(commits) == 18  # one per append: a lost race left no commit behind
+    writers, at = [e.stream.rsplit(".", 1)[1] for e in snap.catalog()], 0
+    for commit in commits:  # the catalog is in commit order across writers (seq)
+        assert set(writers[at : at + commit["episodes"]]) == {commit["writer"]}
+        at += commit["episodes"]
+    assert at == 24
+    print(f"3 writer processes, 18 commits: lost races rebased {rebases}, transactions redone {redos}")
 
 
 def test_transitions_of_an_s3_store_train_like_a_local_one(cfg, tmp_path):
@@ -86,9 +193,9 @@ def test_a_bad_location_says_what_to_use():
 
 
 def test_two_server_replicas_on_one_s3_store_keep_idempotency_and_the_409_rule(cfg, tmp_path):
-    """Two flywheel-server replicas (each its own store handle, as on two hosts) behind no common
-    lock: every robot's episode stored once whichever replica it reached, a retried upload a 200
-    duplicate on the other replica, other bytes under a stored id a 409 there too."""
+    """Two flywheel-server replicas (each its own store handle and writer id, as on two hosts)
+    behind no common lock: every robot's episode stored once, by the replica it reached, a retried
+    upload a 200 duplicate on the other replica, other bytes under a stored id a 409 there too."""
     import httpx
 
     from fleet.server import ServerConfig, add_token, serve
@@ -96,7 +203,7 @@ def test_two_server_replicas_on_one_s3_store_keep_idempotency_and_the_409_rule(c
 
     tokens = tmp_path / "tokens.json"
     robot, operator = add_token(tokens, "robot", "r0"), add_token(tokens, "operator")
-    replicas = [serve(ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=16), cfg) for _ in range(2)]
+    replicas = [serve(ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=16), dataclasses.replace(cfg, writer_id=f"replica-{i}")) for i in range(2)]
     try:
         eps = [make(seed=s, steps=20) for s in range(12)]
         codes, barrier = {}, threading.Barrier(len(eps))
@@ -121,8 +228,10 @@ def test_two_server_replicas_on_one_s3_store_keep_idempotency_and_the_409_rule(c
         with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {operator}"}) as c:
             listed = [c.get(f"{r.url}/v1/episodes", params={"limit": 1000}).json() for r in replicas]
         assert listed[0]["total"] == listed[1]["total"] == len(eps)
-        for ep in eps:
-            assert EpisodeStore.open(cfg).snapshot().read_episode(ep.episode_id).equals(ep)
+        snap = EpisodeStore.open(cfg).snapshot()
+        for i, ep in enumerate(eps):
+            assert snap.read_episode(ep.episode_id).equals(ep)
+            assert snap.get(ep.episode_id).stream.endswith(f".replica-{i % 2}")  # in the streams of the replica that took it
     finally:
         for r in replicas:
             r.stop()

@@ -1,5 +1,6 @@
 """The episode store read by generic tools: xarray (named dimensions), the catalog table
-(pandas), a plain zarr reader (padding masked), pinned snapshots, and a schema-1 store."""
+(pandas, the writers' partitions in seq order), a plain zarr reader (padding masked), pinned
+snapshots, and a schema-1 store."""
 
 import hashlib
 import json
@@ -32,6 +33,14 @@ def open_xr(sess: icechunk.Session, group: str):
     return xr.open_zarr(sess.store, group=group, consolidated=False, zarr_format=3, chunks=None)
 
 
+def catalog_table(sess: icechunk.Session):
+    """The catalog as docs/store.md reads it with generic tools: every writer's partition, in seq order."""
+    import pandas as pd
+
+    writers = zarr.open_group(sess.store, path="catalog", mode="r", zarr_format=3, use_consolidated=False).group_keys()
+    return pd.concat([open_xr(sess, f"catalog/{w}").to_dataframe() for w in writers]).sort_values("seq", ignore_index=True)
+
+
 def two_commits(cfg: StoreConfig):
     store = EpisodeStore.create(cfg)
     first = [episode(i, f"r{i % 2}", steps=5 + 3 * i) for i in range(3)]
@@ -44,7 +53,7 @@ def two_commits(cfg: StoreConfig):
 def test_xarray_opens_every_stream_with_named_dimensions(cfg):
     store, first, second, _, _ = two_commits(cfg)
     sess = session(cfg)
-    catalog = open_xr(sess, "catalog")
+    catalog = catalog_table(sess)
     by_id = {e.episode_id: e for e in first + second}
     for stream in set(catalog["stream"].values):
         ds = open_xr(sess, f"streams/{stream}/data")
@@ -65,8 +74,9 @@ def test_xarray_opens_every_stream_with_named_dimensions(cfg):
 def test_catalog_rows_equal_the_episodes_of_each_pinned_snapshot(cfg):
     store, first, second, snap1, snap2 = two_commits(cfg)
     for snap_id, eps in ((snap1, first), (snap2, first + second)):
-        table = open_xr(session(cfg, snap_id), "catalog").to_dataframe()
+        table = catalog_table(session(cfg, snap_id))
         assert list(table["episode_id"]) == [e.episode_id for e in eps]  # commit order, nothing else
+        assert list(table["seq"]) == list(range(len(eps)))
         assert list(table["num_steps"]) == [e.num_steps for e in eps]
         assert np.allclose(table["total_return"], [e.total_return for e in eps])
         assert list(table["start_time"]) == [float(e.timestamp[0]) for e in eps]
@@ -131,7 +141,7 @@ def test_schema_1_store_is_migrated_on_open_and_old_snapshots_still_read(cfg):
     old = [episode(i, steps=4 + i, hardware={"v": i}) for i in range(3)]
     old_snapshot = write_schema_1_store(cfg, old)
     store = EpisodeStore.open(cfg)  # migrates in one commit
-    assert store.info["store_schema_version"] == 2 and store.history(1)[0]["message"] == "migrate store schema 1 -> 2"
+    assert store.info["store_schema_version"] == 3 and store.history(1)[0]["message"] == "migrate store schema 1 -> 3"
     assert EpisodeStore.open(cfg).latest_snapshot_id() == store.latest_snapshot_id()  # migrated once
     pinned = store.snapshot(old_snapshot)  # pinned before the migration: read through the schema-1 reader
     assert [pinned.read_episode(e.episode_id).to_bytes() for e in old] == [e.to_bytes() for e in old]
@@ -140,11 +150,14 @@ def test_schema_1_store_is_migrated_on_open_and_old_snapshots_still_read(cfg):
     snap = store.snapshot()
     assert [e.episode_id for e in snap.catalog()] == [e.episode_id for e in old + [new]]
     assert all(snap.read_episode(e.episode_id).equals(e) for e in old + [new])
-    table = open_xr(session(cfg), "catalog").to_dataframe()
+    table = catalog_table(session(cfg))
     assert list(table["num_steps"]) == [e.num_steps for e in old + [new]]
+    assert [snap.get(e.episode_id).stream.endswith(".local") for e in old + [new]] == [False] * 3 + [True]  # new rows: the writer's own stream
     data = open_xr(session(cfg), f"streams/{snap.catalog()[0].stream}/data")
     assert data["observation"].dims == ("step", "obs_dim")
-    assert list(np.unique(data["episode_index"].values)) == [-1, 0, 1, 2, 3]
+    assert list(np.unique(data["episode_index"].values)) == [-1, 0, 1, 2]  # rows of the partition "migrated"
+    migrated = open_xr(session(cfg), "catalog/migrated").to_dataframe()
+    assert list(migrated["episode_id"]) == [e.episode_id for e in old] and list(migrated["seq"]) == [0, 1, 2]
 
 
 def test_catalog_rebuilds_metadata_exactly():

@@ -91,7 +91,7 @@ def test_catalog_columns_and_camera_frame_axis_read_with_xarray(tmp_path):
     store.append(eps)
     repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(tmp_path / "s" / "icechunk")))
     session = repo.readonly_session(branch="main")
-    catalog = xr.open_zarr(session.store, group="catalog", **OPTS).to_dataframe()
+    catalog = xr.open_zarr(session.store, group="catalog/local", **OPTS).to_dataframe()  # the one writer's partition
     assert list(catalog.task) == ["pick up the red cube ✓"] * 2 and list(catalog.control_rate_hz) == [20.0, 20.0]
     assert json.loads(catalog.names.iloc[0]) == NAMES
     data = xr.open_zarr(session.store, group=f"streams/{catalog.stream.iloc[0]}/data", **OPTS)
@@ -111,7 +111,7 @@ def test_a_store_written_before_the_1_1_columns_reads_and_grows_without_a_rewrit
     session = repo.writable_session("main")
 
     async def drop_columns():  # what a store written by the build before schema 1.1 holds
-        group = await backend.open_group(session.store, "catalog", mode="r+")
+        group = await backend.open_group(session.store, "catalog/local", mode="r+")
         for column in ADDED_COLUMNS:
             await group.delitem(column)
 

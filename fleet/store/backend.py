@@ -11,7 +11,8 @@ branch-ref update is not a compare-and-swap on a local disk; earth-mover/icechun
 ``<store>/writer.lock``. Under the lock the commit is the only one in flight, so
 Icechunk's out-of-date check is exact again. On object storage the branch update is a
 conditional write (a compare-and-swap): writers on any number of hosts commit optimistically,
-and the loser of a race gets ``icechunk.ConflictError`` and retries (``EpisodeStore.append``).
+and the loser of a race gets ``icechunk.ConflictError`` and rebases its commit onto the winner's
+(``EpisodeStore.append``; each writer has its own arrays, so the rebase finds no conflict).
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from zarr.api import asynchronous as za
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from fleet.store.layout import LOCK_FILE, REPO_DIR
+from fleet.store.layout import CATALOG, LOCK_FILE, REPO_DIR
 
 T = TypeVar("T")
 
-# The lock above makes local commits safe; Icechunk's generic warning about them is noise here.
-icechunk.set_logs_filter("warn,icechunk::storage::object_store=error")
+# The lock above makes local commits safe; Icechunk's generic warning about them is noise here,
+# and so is its warning on a rebase that finds a conflict (the writer then redoes its transaction).
+icechunk.set_logs_filter("warn,icechunk::storage::object_store=error,icechunk::session=error")
 
 
 class StoreBusyError(TimeoutError):
@@ -184,6 +186,15 @@ async def open_group(store, path: str = "", mode: str = "r") -> zarr.AsyncGroup:
 
 async def open_array(store, path: str, mode: str = "r") -> zarr.AsyncArray:
     return await za.open_array(store=store, path=path, mode=mode, zarr_format=3)
+
+
+async def catalog_partitions(store, schema_version: int) -> list[str | None]:
+    """The writers whose catalog partitions a snapshot holds, sorted (schema 2: ``[None]``, its flat
+    catalog; layout.partition_path names each group)."""
+    if schema_version == 2:
+        return [None]
+    group = await open_group(store, CATALOG, mode="r")
+    return sorted([name async for name in group.group_keys()])
 
 
 class WriterLock:

@@ -3,20 +3,26 @@
 No zarr calls here: this module says which columns there are and how an episode maps to
 a row and back, so the writer, the reader and generic tools agree by construction.
 
-Every column is a 1-D Zarr array with dimension name ``episode``; row i of every column
-describes the same episode. Rows are in commit order and are written in the same Icechunk
-commit as the episodes they describe, so a pinned snapshot's catalog lists exactly its
-episodes. ``xarray.open_zarr(store, group="catalog", ...)`` opens it as a Dataset,
-``.to_dataframe()`` makes it a pandas table (docs/store.md).
+The catalog is split into one partition per writer, ``/catalog/<writer>/<column>`` (so writers
+never write the same array). Every column is a 1-D Zarr array with dimension name ``episode``;
+row i of every column of a partition describes the same episode. A partition's rows are in its
+writer's commit order and are written in the same Icechunk commit as the episodes they describe,
+so a pinned snapshot's catalog lists exactly its episodes. ``seq`` is an episode's position in
+the whole catalog (commit order across writers: a commit numbers its rows from the number of
+rows its parent snapshot holds, and renumbers them when it is rebased), so the union of the
+partitions sorted by ``seq`` is the catalog. ``xarray.open_zarr(store, group="catalog/<writer>",
+...)`` opens a partition as a Dataset, ``.to_dataframe()`` makes it a pandas table (docs/store.md).
 
 Strings are variable-length UTF-8. The metadata map of an episode is rebuilt exactly from
 its row (:func:`metadata_of`), so stored episodes still read back bit for bit.
 
 Columns added later (the schema 1.1 ones: ``schema_version``, ``task``, ``control_rate_hz``,
-``names``, ``cameras``, ``frames``) may be missing from a store written before them: a reader
+``names``, ``cameras``, ``frames``) may be missing from a partition written before them: a reader
 takes their fill value for every row (``""``, NaN = absent; ``schema_version`` "" = the
-store's ``episode_schema_version``), and the next append creates them at the catalog's
-length with nothing written for the earlier rows (:data:`ADDED_COLUMNS`).
+store's ``episode_schema_version``), and its writer's next append creates them at the
+partition's length with nothing written for the earlier rows (:data:`ADDED_COLUMNS`). ``seq`` is
+missing only from the flat catalog of schema 2 (snapshots pinned before a migration), whose
+rows are in commit order: there it is the row number.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from sim.episode import JSON_METADATA, REQUIRED_METADATA, Episode
 
 # column -> dtype ("str": variable-length UTF-8)
 COLUMNS: dict[str, str] = {
+    "seq": "int64",  # position in the whole catalog: commit order across every writer's partition
     "episode_id": "str",  # UUID text, the idempotency key
     "digest": "str",  # hex sha256 of the canonical safetensors bytes
     "stream": "str",  # /streams/<stream> holding the episode's arrays
@@ -74,13 +81,22 @@ def fill_value(column: str):
     return "" if COLUMNS[column] == "str" else 0
 
 
+def absent(column: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a column a catalog predates: its fill value in each (``seq``: the row
+    number, as in schema 2's flat catalog, whose rows are in commit order)."""
+    if column == "seq":
+        return np.arange(start, stop, dtype=np.int64)
+    value = fill_value(column)
+    return np.full(stop - start, value, dtype=object if isinstance(value, str) else np.float64)
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeInfo:
     """Catalog entry of one stored episode (provenance plus where its rows are)."""
 
     episode_id: str
     stream: str
-    slot: int  # its catalog row (schema 1 stores: its slot in the stream's index)
+    slot: int  # its position in the snapshot's catalog, = its seq (schema 1 stores: its slot in the stream's index)
     row: int
     num_steps: int
     digest: str  # hex sha256 of the canonical safetensors bytes
@@ -98,19 +114,22 @@ class EpisodeInfo:
     frames: tuple[tuple[str, int, int], ...] = ()  # (image.NAME, first row, frames) of cameras with their own clock
 
 
-def record_of(ep: Episode, digest: bytes, upload_time: float, stream: str, row: int, frames: Mapping[str, tuple[int, int]] | None = None) -> dict:
+def record_of(
+    ep: Episode, digest: bytes, upload_time: float, stream: str, row: int, frames: Mapping[str, tuple[int, int]] | None = None, *, seq: int = 0
+) -> dict:  # fmt: skip
     """The catalog row of a new episode as {column: value}; ``frames``: {image.NAME: (first row, frames)}."""
     return record(
         ep.metadata, digest=digest.hex(), stream=stream, row=row, num_steps=ep.num_steps,
-        total_return=ep.total_return, start_time=float(ep.timestamp[0]), upload_time=upload_time, frames=frames,
+        total_return=ep.total_return, start_time=float(ep.timestamp[0]), upload_time=upload_time, frames=frames, seq=seq,
     )  # fmt: skip
 
 
 def record(
     meta: Mapping[str, str], *, digest: str, stream: str, row: int, num_steps: int, total_return: float, start_time: float, upload_time: float,
-    frames: Mapping[str, tuple[int, int]] | None = None,
+    frames: Mapping[str, tuple[int, int]] | None = None, seq: int = 0,
 ) -> dict:  # fmt: skip
-    """A catalog row as {column: value} from an episode's metadata map and its summary numbers."""
+    """A catalog row as {column: value} from an episode's metadata map and its summary numbers;
+    ``seq``: its position in the whole catalog."""
     model_version = meta.get("model_version", "")
     other = {k: v for k, v in meta.items() if k not in _OWN_COLUMN}
     if model_version == "" and "model_version" in meta:  # present but empty: its column cannot tell that from absent
@@ -119,6 +138,7 @@ def record(
     if rate is not None and repr(float(rate)) != rate:  # "20" or "1e3": the float column cannot give back the text
         other["control_rate_hz"] = rate
     return {
+        "seq": int(seq),
         "episode_id": meta["episode_id"],
         "digest": digest,
         "stream": stream,
@@ -153,7 +173,7 @@ def columns(records: Sequence[Mapping]) -> dict[str, np.ndarray]:
 
 
 def info_of(values: Mapping[str, object], slot: int) -> EpisodeInfo:
-    """An EpisodeInfo from one row of the summary columns."""
+    """An EpisodeInfo from one row of the summary columns; ``slot``: its position in the catalog."""
     return EpisodeInfo(
         episode_id=str(values["episode_id"]),
         stream=str(values["stream"]),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 COMPRESSIONS = ("lz4-bitshuffle", "zstd", "none")
+WRITER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +23,12 @@ class StoreConfig:
         acknowledged episode survives power loss, not only a process crash (on object storage a
         commit is durable once the storage acknowledged it).
     lock_timeout_s: how long a writer waits for another writer's commit before giving up.
+    writer_id: this writer's name in the store (letters, digits, ``_``, ``-``; at most 64): it appends
+        only to its own catalog partition and streams, so writers on object storage never touch
+        the same arrays and a lost commit race is rebased, not redone (docs/store.md). Give every
+        long-lived replica its own stable id (e.g. its pod or host name). "" (default): "local" on
+        local disk (writers there take turns under the commit lock), a new id per opened store on
+        object storage (``<host>-<pid>-<random>``, recorded in the partition and in each commit).
     """
 
     path: str
@@ -29,6 +37,7 @@ class StoreConfig:
     compression: str = "lz4-bitshuffle"
     fsync: bool = True
     lock_timeout_s: float = 60.0
+    writer_id: str = ""
 
     def __post_init__(self):
         if not str(self.path):
@@ -41,3 +50,5 @@ class StoreConfig:
             raise ValueError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.lock_timeout_s <= 0:
             raise ValueError(f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
+        if self.writer_id and not WRITER_ID.fullmatch(self.writer_id):
+            raise ValueError(f"writer_id {self.writer_id!r}: use 1 to 64 letters, digits, '_' or '-' (or \"\" for a generated one)")

@@ -3,28 +3,34 @@
 No zarr calls here: this module only says *where* things go and *how* an episode maps to
 rows, so the writer and the reader agree by construction.
 
-Inside the Icechunk repository (branch ``main``), store schema version 2::
+Inside the Icechunk repository (branch ``main``), store schema version 3::
 
     /                                  root group; attrs["flywheel_store"] = root_attrs(...)
-    /catalog/<column>                  one row per episode (dimension "episode"), commit order,
-                                       no padding: see fleet/store/catalog.py for the columns
-    /streams/<stream>/                 one stream per (robot_model, array signature)
-        attrs["signature"]             StreamSignature.to_dict()
+    /catalog/<writer>/<column>         the catalog partition of one writer: one row per episode it
+                                       stored (dimension "episode"), its commit order, no padding;
+                                       columns: fleet/store/catalog.py; ``seq`` orders all partitions
+    /streams/<stream>/                 one stream per (robot_model, array signature, writer):
+                                       <robot_model>-<sha256(signature)[:10]>.<writer>
+        attrs["signature"], ["writer"] StreamSignature.to_dict(), the writer that owns it
         data/<array>                   (step, *tail) time-major; episode k owns rows
                                        [row_k, row_k + T_k + 1); "T"-length arrays leave
                                        the last of those rows as padding
-        data/episode_index int32 (step,) catalog row of the episode owning each row; -1 on
-                                       padding rows (the tool-visible mask)
+        data/episode_index int32 (step,) row of the episode owning each row in its writer's catalog
+                                       partition; -1 on padding rows (the tool-visible mask)
         data/image.NAME, data/image.NAME.timestamp
                                        schema 1.1 cameras with their own clock: (image.NAME_frame, ...)
                                        on their own frame axis; the catalog's ``frames`` column says
                                        which rows are whose; a NaN timestamp marks a padding row
 
+A writer appends only to its own partition and its own streams, so two writers never touch the
+same array: Icechunk rebases a commit that lost a race onto the winner's without conflict.
 Every array carries Zarr v3 ``dimension_names`` (:func:`dimension_names`). Every commit
 starts at a chunk boundary in every data array, pads its last chunk (NaN in float arrays,
 zero/False otherwise, -1 in ``episode_index``), and never rewrites an earlier data chunk;
-catalog rows are appended without padding. Schema version 1 (per-stream ``index/`` arrays,
-no catalog, no dimension names) is read by :mod:`fleet.store.legacy` and migrated on open.
+catalog rows are appended without padding. Schema version 2 (one flat ``/catalog/<column>``
+table, streams without a writer) is read for snapshots pinned before its migration, and
+migrated on open into the partition :data:`MIGRATED_WRITER` (:mod:`fleet.store.legacy`);
+schema version 1 (per-stream ``index/`` arrays, no catalog) likewise.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import secrets
+import socket
 import uuid
 
 import numpy as np
@@ -40,14 +49,16 @@ import numpy as np
 from sim.episode import CAMERA_TIMESTAMP_SUFFIX, SCHEMA_VERSION, Episode
 
 STORE_FORMAT = "flywheel-episode-store"
-STORE_SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)  # 1 is migrated to 2 when a writer opens the store
+STORE_SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1 and 2 are migrated to 3 when the store is opened
 REPO_DIR = "icechunk"
 LOCK_FILE = "writer.lock"
 BRANCH = "main"
 ROOT_ATTR = "flywheel_store"
 STREAMS = "streams"
 CATALOG = "catalog"
+MIGRATED_WRITER = "migrated"  # the partition holding the rows of a store migrated from schema 1 or 2
+LOCAL_WRITER = "local"  # the default writer id on local disk, where writers take turns under the commit lock
 EPISODE_INDEX = "episode_index"  # data/episode_index: the per-row mask and episode link
 STEP_DIM = "step"
 EPISODE_DIM = "episode"
@@ -149,6 +160,20 @@ class StreamSignature:
         return self.spec("action").tail[0]
 
 
+def default_writer_id(local: bool) -> str:
+    """The writer id used when the config names none: :data:`LOCAL_WRITER` on local disk, else a
+    new ``<host>-<pid>-<random>`` (so two store handles never share a partition by accident)."""
+    if local:
+        return LOCAL_WRITER
+    host = _SAFE.sub("_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def stream_name(signature: StreamSignature, writer: str) -> str:
+    """The stream a writer appends episodes of ``signature`` to: ``<signature name>.<writer>``."""
+    return f"{signature.name}.{writer}"
+
+
 def stream_path(stream: str) -> str:
     return f"{STREAMS}/{stream}"
 
@@ -162,8 +187,14 @@ def index_path(stream: str, name: str) -> str:
     return f"{STREAMS}/{stream}/index/{name}"
 
 
-def catalog_path(column: str) -> str:
-    return f"{CATALOG}/{column}"
+def partition_path(writer: str | None) -> str:
+    """The catalog group of one writer's rows; ``None``: the flat catalog of schema 2."""
+    return CATALOG if writer is None else f"{CATALOG}/{writer}"
+
+
+def catalog_path(column: str, writer: str | None = None) -> str:
+    """A catalog column of ``writer``'s partition (``None``: the flat schema-2 catalog)."""
+    return f"{partition_path(writer)}/{column}"
 
 
 _TAIL_DIMS = {"observation": ("obs_dim",), "action": ("act_dim",)}

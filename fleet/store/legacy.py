@@ -1,17 +1,25 @@
-"""Store schema version 1: read it (snapshots pinned before a migration) and migrate it to 2.
+"""Older store schemas: read schema 1 (snapshots pinned before a migration), migrate 1 and 2 to 3.
+
+Schema 2 differs from 3 in its catalog only: one flat table ``/catalog/<column>`` without ``seq``
+(rows in commit order) and streams without a writer. Its snapshots are read by the reader's
+schema-3 code, as a single partition (layout.partition_path(None)); :func:`migrate_catalog` moves
+the table into the partition ``/catalog/migrated`` (layout.MIGRATED_WRITER) in one writable
+session (the caller commits). Data chunks and streams stay as they are: their ``episode_index``
+holds the rows of that partition, and no writer appends to a stream without a writer again.
 
 Schema 1 kept each stream's catalog in padded per-stream index arrays (docs/store.md,
-"Schema 1")::
+"Older schemas")::
 
     streams/<stream>/index/span      int64 (slots, 2)   [first row, T]; T == 0: unused slot
     streams/<stream>/index/key       uint8 (slots, 48)  episode UUID bytes + sha256 digest
     streams/<stream>/index/record    string (slots,)    provenance JSON
     streams/<stream>/index/metadata  string (slots,)    the metadata map as JSON
 
-and its arrays had no dimension names. :func:`migrate` rewrites that into schema 2 inside
-one writable session (the caller commits): the ``/catalog`` table, ``data/episode_index``
-per stream, dimension names on every data array; the index arrays are deleted. Data chunks
-are not rewritten: their padding stays zero (``episode_index`` says which rows are data).
+and its arrays had no dimension names. :func:`migrate` rewrites that into schema 3 inside
+one writable session (the caller commits): the partition ``/catalog/migrated``,
+``data/episode_index`` per stream, dimension names on every data array; the index arrays are
+deleted. Data chunks are not rewritten: their padding stays zero (``episode_index`` says which
+rows are data).
 """
 
 from __future__ import annotations
@@ -25,12 +33,16 @@ import numpy as np
 from zarr.core.metadata.io import save_metadata
 
 from fleet.store import backend
-from fleet.store.catalog import EpisodeInfo, columns, record
+from fleet.store.catalog import COLUMNS, EpisodeInfo, absent, columns, record
 from fleet.store.layout import (
+    CATALOG,
     EPISODE_INDEX,
+    MIGRATED_WRITER,
     ROOT_ATTR,
+    STORE_SCHEMA_VERSION,
     STREAMS,
     StreamSignature,
+    catalog_path,
     data_path,
     dimension_names,
     index_path,
@@ -94,27 +106,56 @@ async def read_metadata(store, infos: list[EpisodeInfo], index_rows: int) -> lis
 
 
 async def migrate(session, info: dict, make_catalog) -> dict:
-    """Turn the schema-1 store in ``session`` into schema 2 (uncommitted); returns the new root attribute.
+    """Turn the schema-1 store in ``session`` into schema 3 (uncommitted); returns the new root attribute.
 
-    ``make_catalog(root_group)`` creates the empty ``/catalog`` arrays (the writer's).
+    ``make_catalog()`` creates ``/catalog`` and the empty partition of MIGRATED_WRITER (the writer's).
     """
     store = session.store
     infos, signatures = await load_catalog(store)
     metas = await read_metadata(store, infos, info["index_rows"])
     records = [
         record(meta, digest=i.digest, stream=i.stream, row=i.row, num_steps=i.num_steps,
-               total_return=i.total_return, start_time=i.start_time, upload_time=i.upload_time)
-        for i, meta in zip(infos, metas)
+               total_return=i.total_return, start_time=i.start_time, upload_time=i.upload_time, seq=k)
+        for k, (i, meta) in enumerate(zip(infos, metas))
     ]  # fmt: skip
-    root = await backend.open_group(store, mode="r+")
-    catalog = await make_catalog(root)
-    values = columns(records)
-    await asyncio.gather(*(arr.resize((len(infos),)) for arr in catalog.values()))
-    if infos:
-        await asyncio.gather(*(catalog[c].setitem(slice(0, len(infos)), values[c]) for c in catalog))
+    await _fill(await make_catalog(), columns(records), len(infos))
     await asyncio.gather(*(_migrate_stream(store, info, sig, [(k, i) for k, i in enumerate(infos) if i.stream == name]) for name, sig in signatures.items()))
-    new_info = {**info, "store_schema_version": 2}
-    await root.update_attributes({ROOT_ATTR: new_info})
+    return await _set_version(store, info)
+
+
+async def migrate_catalog(session, info: dict, make_catalog) -> dict:
+    """Turn the schema-2 store in ``session`` into schema 3 (uncommitted): its flat catalog becomes
+    the partition of MIGRATED_WRITER (columns it predates hold their fill value, ``seq`` the row
+    number); returns the new root attribute. ``make_catalog()`` as for :func:`migrate`."""
+    store = session.store
+    group = await backend.open_group(store, CATALOG, mode="r")
+    have = {name async for name in group.array_keys()}
+    rows = (await backend.open_array(store, catalog_path("episode_id"), mode="r")).shape[0]
+
+    async def column(name: str):
+        if name not in have:
+            return absent(name, 0, rows)
+        return await (await backend.open_array(store, catalog_path(name), mode="r")).getitem(slice(0, rows))
+
+    values = dict(zip(COLUMNS, await asyncio.gather(*(column(c) for c in COLUMNS))))
+    await (await backend.open_group(store, mode="r+")).delitem(CATALOG)  # make_catalog makes it anew
+    await _fill(await make_catalog(), values, rows)
+    streams = await backend.open_group(store, STREAMS, mode="r")
+    for name in sorted([n async for n in streams.group_keys()]):
+        await (await backend.open_group(store, stream_path(name), mode="r+")).update_attributes({"writer": MIGRATED_WRITER})
+    return await _set_version(store, info)
+
+
+async def _fill(catalog: dict, values: dict, rows: int) -> None:
+    """Write ``rows`` rows of ``values`` into the new, empty catalog partition ``catalog``."""
+    await asyncio.gather(*(arr.resize((rows,)) for arr in catalog.values()))
+    if rows:
+        await asyncio.gather(*(catalog[c].setitem(slice(0, rows), values[c]) for c in catalog))
+
+
+async def _set_version(store, info: dict) -> dict:
+    new_info = {**info, "store_schema_version": STORE_SCHEMA_VERSION}
+    await (await backend.open_group(store, mode="r+")).update_attributes({ROOT_ATTR: new_info})
     return new_info
 
 
@@ -127,6 +168,7 @@ async def _migrate_stream(store, info: dict, sig: StreamSignature, entries: list
     for k, e in entries:
         mask[e.row : e.row + e.num_steps + 1] = k
     group = await backend.open_group(store, stream_path(sig.name), mode="r+")
+    await group.update_attributes({"writer": MIGRATED_WRITER})
     index = await group.create_array(
         f"data/{EPISODE_INDEX}", shape=(rows,), chunks=(info["chunk_rows"],), dtype="int32", fill_value=-1,
         compressors=backend.compressors(info["compression"]), dimension_names=("step",),

@@ -17,8 +17,8 @@ import icechunk
 import numpy as np
 
 from fleet.store import backend, legacy
-from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, fill_value, info_of, metadata_of
-from fleet.store.layout import CATALOG, ROOT_ATTR, StreamSignature, catalog_path, data_path, rows_of, stream_path
+from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
+from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
@@ -70,21 +70,23 @@ class StoreSnapshot:
 
     def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None):
         """``base``: an earlier snapshot of the same store whose loaded catalog may be reused
-        (the store is append-only, so only index slots written since it are read)."""
+        (the store is append-only, so only the catalog rows written since it are read)."""
         self.snapshot_id = snapshot_id
         self.info = info
         self._session = repo.readonly_session(snapshot_id=snapshot_id)
         self._catalog: list[EpisodeInfo] | None = None
         self._by_id: dict[str, EpisodeInfo] = {}
         self._signatures: dict[str, StreamSignature] = {}
-        self._rows = 0  # catalog rows read
+        self._parts: dict[str | None, int] = {}  # writer -> rows of its catalog partition (None: schema 2's flat catalog)
+        self._places: list[tuple[str | None, int]] = []  # slot -> (writer, row in its partition)
         self._schema_version: int | None = None  # of this snapshot (a pinned one may predate a migration)
-        self._columns: set[str] = set()  # catalog columns this snapshot has (older stores lack the 1.1 ones)
+        self._columns: dict[str | None, set[str]] = {}  # writer -> the catalog columns its partition has (older ones lack the 1.1 ones)
         self._base = base if base is not None and base._catalog is not None else None
 
     # -- catalog ---------------------------------------------------------------------
     def catalog(self) -> list[EpisodeInfo]:
-        """Every episode in this snapshot, in commit order (schema 1 stores: stream by stream)."""
+        """Every episode in this snapshot, in commit order across all writers (``seq``; schema 1
+        stores: stream by stream)."""
         if self._catalog is None:
             self._catalog = backend.run(self._load_catalog())
             self._base = None  # do not chain every earlier snapshot in memory
@@ -199,39 +201,66 @@ class StoreSnapshot:
             catalog, self._signatures = await legacy.load_catalog(store)
             return catalog
         base = self._base if self._base is not None and self._base._schema_version == self._schema_version else None
-        first = await backend.open_array(store, catalog_path("episode_id"), mode="r")
-        start, stop = (base._rows if base is not None else 0), first.shape[0]
-        self._columns = {name async for name in (await backend.open_group(store, CATALOG, mode="r")).array_keys()}
-        values = dict(zip(SUMMARY_COLUMNS, await asyncio.gather(*(self._column(c, start, stop) for c in SUMMARY_COLUMNS))))
-        new = [info_of({c: v[i] for c, v in values.items()}, start + i) for i in range(stop - start)]
+        writers = await backend.catalog_partitions(store, self._schema_version)
+        parts = await asyncio.gather(*(self._load_partition(w, base._parts.get(w, 0) if base is not None else 0) for w in writers))
+        rows = sorted((row for part in parts for row in part), key=lambda r: (r[0], r[1] or "", r[2]))  # seq, then writer, then its row
+        first = len(base._catalog) if base is not None else 0
+        new = [info_of(values, first + i) for i, (_, _, _, values) in enumerate(rows)]
+        self._places = [*(base._places if base is not None else []), *((w, local) for _, w, local, _ in rows)]
         if base is not None:
             self._signatures.update(base._signatures)
         missing = sorted({e.stream for e in new} - set(self._signatures))
         groups = await asyncio.gather(*(backend.open_group(store, stream_path(s), mode="r") for s in missing))
         self._signatures.update({s: StreamSignature.from_dict(g.attrs["signature"]) for s, g in zip(missing, groups)})
-        self._rows = stop
         return [*(base._catalog if base is not None else []), *new]
+
+    async def _load_partition(self, writer: str | None, start: int) -> list[tuple[int, str | None, int, dict]]:
+        """Rows ``start:`` of one writer's catalog partition as (seq, writer, row, {summary column: value})."""
+        store = self._session.store
+        group = await backend.open_group(store, partition_path(writer), mode="r")
+        self._columns[writer] = {name async for name in group.array_keys()}
+        stop = (await backend.open_array(store, catalog_path("episode_id", writer), mode="r")).shape[0]
+        self._parts[writer] = stop
+        if stop <= start:
+            return []
+        values = dict(zip(SUMMARY_COLUMNS, await asyncio.gather(*(self._column(writer, c, start, stop) for c in SUMMARY_COLUMNS))))
+        return [(int(values["seq"][i]), writer, start + i, {c: v[i] for c, v in values.items()}) for i in range(stop - start)]
 
     async def _read_metadata(self, infos: list[EpisodeInfo]) -> list[dict[str, str]]:
         self.catalog()  # knows the schema version
         if self._schema_version == 1:
             return await legacy.read_metadata(self._session.store, infos, self.info["index_rows"])
         unit = self.info["index_rows"]
-        runs = _runs([(i.slot, i.slot + 1) for i in infos], unit)
-        blocks = await asyncio.gather(*(self._column(c, a, min(b, self._rows)) for c in NESTED_COLUMNS for a, b in runs))
-        starts = [a for a, _ in runs]
-        out = []
-        for info in infos:
-            k = bisect.bisect_right(starts, info.slot) - 1
-            nested = {c: blocks[n * len(runs) + k][info.slot - runs[k][0]] for n, c in enumerate(NESTED_COLUMNS)}
-            out.append(metadata_of(info, nested, self.info["episode_schema_version"]))
+        by_writer: dict[str | None, list[int]] = {}
+        for k, info in enumerate(infos):
+            by_writer.setdefault(self._places[info.slot][0], []).append(k)
+
+        async def one(writer: str | None, ks: list[int]) -> list[dict[str, str]]:
+            rows = [self._places[infos[k].slot][1] for k in ks]
+            runs = _runs([(r, r + 1) for r in rows], unit)
+            stop = self._parts[writer]
+            blocks = await asyncio.gather(*(self._column(writer, c, a, min(b, stop)) for c in NESTED_COLUMNS for a, b in runs))
+            starts = [a for a, _ in runs]
+            out = []
+            for k, row in zip(ks, rows):
+                j = bisect.bisect_right(starts, row) - 1
+                nested = {c: blocks[n * len(runs) + j][row - runs[j][0]] for n, c in enumerate(NESTED_COLUMNS)}
+                out.append(metadata_of(infos[k], nested, self.info["episode_schema_version"]))
+            return out
+
+        out: list[dict[str, str]] = [{} for _ in infos]
+        parts = await asyncio.gather(*(one(w, ks) for w, ks in by_writer.items()))
+        for ks, metas in zip(by_writer.values(), parts):
+            for k, meta in zip(ks, metas):
+                out[k] = meta
         return out
 
-    async def _column(self, column: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a catalog column; a column this snapshot predates reads as its fill value."""
-        if column not in self._columns:
-            return np.full(stop - start, fill_value(column), dtype=object if isinstance(fill_value(column), str) else np.float64)
-        arr = await backend.open_array(self._session.store, catalog_path(column), mode="r")
+    async def _column(self, writer: str | None, column: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a column of ``writer``'s catalog partition. A column the partition
+        predates reads as its fill value; ``seq`` of the flat schema-2 catalog is the row number."""
+        if column not in self._columns[writer]:
+            return absent(column, start, stop)
+        arr = await backend.open_array(self._session.store, catalog_path(column, writer), mode="r")
         return await arr.getitem(slice(start, stop))
 
     async def _read_arrays(self, infos: list[EpisodeInfo], names: Sequence[str] | None, full_rows: bool = False) -> list[dict]:

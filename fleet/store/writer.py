@@ -1,10 +1,12 @@
 """EpisodeStore: open/create a store and append episodes in atomic, idempotent commits.
 
 One :meth:`EpisodeStore.append` call is one Icechunk commit: every episode in it becomes
-visible together, or (crash, error) none does. The writer holds the store's commit lock
-for the whole transaction and re-reads the episode-id index of commits made by other
-writers first, so several writers (server replicas, scenario generators) can append to
-one store at once without losing or duplicating an episode.
+visible together, or (crash, error) none does. The writer re-reads the episode-id index of
+commits made by other writers first, and writes only its own catalog partition and streams
+(``StoreConfig.writer_id``), so several writers (server replicas, scenario generators) can
+append to one store at once without losing or duplicating an episode: on local disk they take
+turns under the store's commit lock; on object storage a commit that lost a race is rebased
+onto the winner's and committed again (docs/store.md, "Commit protocol").
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import os
-import socket
 import time
 from collections.abc import Sequence
 
 import icechunk
+import numpy as np
 from zarr import AsyncArray
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import StorePath
@@ -25,11 +26,13 @@ from zarr.storage import StorePath
 from fleet.store import backend, legacy
 from fleet.store.catalog import COLUMNS, columns, fill_value, record_of, zarr_dtype
 from fleet.store.config import StoreConfig
+from fleet.store.index import IdIndex
 from fleet.store.layout import (
     BRANCH,
     CATALOG,
     EPISODE_DIM,
     EPISODE_INDEX,
+    MIGRATED_WRITER,
     ROOT_ATTR,
     STEP_DIM,
     STORE_SCHEMA_VERSION,
@@ -39,13 +42,16 @@ from fleet.store.layout import (
     catalog_path,
     check_root_attrs,
     data_path,
+    default_writer_id,
     dimension_names,
     episode_index_rows,
     padded,
     padding_value,
+    partition_path,
     root_attrs,
     stack_frames,
     stack_rows,
+    stream_name,
     stream_path,
 )
 from fleet.store.reader import StoreSnapshot
@@ -86,6 +92,24 @@ class _Pending:
     upload_time: float
 
 
+@dataclasses.dataclass
+class _Written:
+    """What one transaction wrote to its writer's catalog partition: rows [first, first + count)."""
+
+    seq: AsyncArray  # the partition's ``seq`` column, as this session wrote it
+    first: int
+    count: int
+
+    async def renumber(self, total: int) -> None:
+        """Number the rows from ``total``, the catalog's row count in the snapshot now under them (after a rebase)."""
+        await self.seq.setitem(slice(self.first, self.first + self.count), np.arange(total, total + self.count, dtype=np.int64))
+
+
+class _Redo(Exception):
+    """The transaction cannot be rebased (another writer stored one of its episode ids meanwhile,
+    or wrote this writer's arrays): redo it on the new tip."""
+
+
 class EpisodeStore:
     """A Flywheel episode store on disk. Build with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
 
@@ -96,14 +120,13 @@ class EpisodeStore:
         self.info = info  # root attrs: geometry this store was created with (authoritative)
         self._repo = repo
         self._lock = backend.WriterLock(self.path, config.lock_timeout_s)
-        self._digests: dict[str, bytes] = {}  # episode_id -> digest of every committed episode
-        self._rows_seen = 0  # catalog rows already read into _digests
-        self._index_snapshot: str | None = None
+        self._index = IdIndex()  # every committed episode id, as of the snapshot it names
         self._meta_cache: dict[str, ArrayV3Metadata] = {}  # array path -> metadata as of _meta_snapshot
         self._meta_snapshot: str | None = None
         self._written_meta: dict[str, ArrayV3Metadata] = {}
-        self._writer_id = f"{socket.gethostname()}:{os.getpid()}"
-        self.commit_retries = 0  # commits lost to another writer's and redone (object storage)
+        self.writer_id = config.writer_id or default_writer_id(self.location.is_local)  # its catalog partition and streams
+        self.commit_rebases = 0  # commits that lost a race and were rebased onto the winner's (object storage)
+        self.commit_retries = 0  # transactions redone on the new tip: a rebase was impossible (object storage)
 
     # -- explicit open modes -------------------------------------------------------------
     @classmethod
@@ -123,7 +146,7 @@ class EpisodeStore:
         root = backend.open_root(session, mode="w")
         root.attrs[ROOT_ATTR] = info
         root.create_group(STREAMS)
-        backend.run(_create_catalog(session.store, info))
+        backend.run(_create_catalog(session.store, info))  # partitions come with each writer's first commit
         session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
         store = cls(config, repo, info)
         store._sync()
@@ -152,15 +175,26 @@ class EpisodeStore:
             return cls.open(config)
 
     def _migrate(self) -> None:
-        """Rewrite a schema-1 store as schema 2 in one commit (docs/store.md, "Schema 1")."""
+        """Bring a schema-1 or schema-2 store to schema 3 in one commit (docs/store.md, "Older schemas")."""
+        deadline = time.monotonic() + self.config.lock_timeout_s
         with self._lock.hold():
-            session = self._repo.writable_session(BRANCH)
-            info = check_root_attrs(dict(backend.open_root(session).attrs), str(self.location))
-            if info["store_schema_version"] == 1:  # else another process migrated it meanwhile
-                info = backend.run(legacy.migrate(session, info, lambda root: _create_catalog(session.store, info)))
-                session.commit("migrate store schema 1 -> 2", metadata={"store_schema_version": STORE_SCHEMA_VERSION})
-                self._sync()
-            self.info = info
+            while True:
+                session = self._repo.writable_session(BRANCH)
+                info = check_root_attrs(dict(backend.open_root(session).attrs), str(self.location))
+                old = info["store_schema_version"]
+                if old != STORE_SCHEMA_VERSION:  # else another process migrated it meanwhile
+                    step = legacy.migrate if old == 1 else legacy.migrate_catalog
+                    info = backend.run(step(session, info, lambda: _create_catalog(session.store, info, MIGRATED_WRITER)))
+                    try:
+                        session.commit(f"migrate store schema {old} -> {STORE_SCHEMA_VERSION}", metadata={"store_schema_version": STORE_SCHEMA_VERSION})
+                    except icechunk.ConflictError:
+                        if self.location.is_local:
+                            raise
+                        self._check_deadline(deadline)
+                        continue  # another writer committed first: look at the store again
+                    self._sync()
+                self.info = info
+                return
 
     # -- reading -------------------------------------------------------------------------
     def latest_snapshot_id(self) -> str:
@@ -186,17 +220,17 @@ class EpisodeStore:
     @property
     def known_episodes(self) -> int:
         """Episodes in this writer's id index (all committed ones as of its last refresh or commit)."""
-        return len(self._digests)
+        return len(self._index.digests)
 
     def lookup(self, episode_id: str) -> bytes | None:
         """Digest of a committed episode known to this writer, else None (see :meth:`refresh_index`)."""
-        return self._digests.get(episode_id)
+        return self._index.digests.get(episode_id)
 
     def refresh_index(self) -> int:
         """Read episode ids committed since the last refresh (by anyone); returns how many are known."""
         session = self._repo.readonly_session(branch=BRANCH)
-        backend.run(self._refresh_index(session))
-        return len(self._digests)
+        backend.run(self._index.refresh(session.store, session.snapshot_id))
+        return len(self._index.digests)
 
     # -- writing -------------------------------------------------------------------------
     def append(
@@ -215,8 +249,11 @@ class EpisodeStore:
         storage, when the storage acknowledged every object and the branch update).
 
         On object storage another writer (another host) may commit first; this commit then
-        fails Icechunk's compare-and-swap and the whole transaction is redone on the new tip,
-        where episodes that writer stored are duplicates, until ``config.lock_timeout_s``.
+        fails Icechunk's compare-and-swap, is rebased onto the new tip (the writers' arrays are
+        disjoint, so nothing conflicts) and committed again, once the rows committed meanwhile are
+        read: if another writer stored one of these episode ids meanwhile, the whole transaction
+        is redone on the new tip instead, where that episode is a duplicate (or a conflict). Both
+        go on until ``config.lock_timeout_s`` (``commit_rebases``, ``commit_retries`` count them).
         """
         now = time.time()
         items = [
@@ -227,45 +264,71 @@ class EpisodeStore:
         with self._lock.hold():
             while True:
                 try:
-                    return self._append_once(items, message)
-                except icechunk.ConflictError:
-                    if self.location.is_local:  # on disk the lock rules races out: a conflict is a bug, not a race
-                        raise
-                    if time.monotonic() > deadline:
-                        raise backend.StoreBusyError(f"other writers kept committing to {self.location} for {self.config.lock_timeout_s}s; raise store.lock_timeout_s") from None
-                    self._index_snapshot = None  # re-read what the winner stored
+                    return self._append_once(items, message, deadline)
+                except _Redo:
                     self.commit_retries += 1
+
+    def _check_deadline(self, deadline: float) -> None:
+        if time.monotonic() > deadline:
+            raise backend.StoreBusyError(f"other writers kept committing to {self.location} for {self.config.lock_timeout_s}s; raise store.lock_timeout_s")
 
     def _sync(self) -> None:
         if self.config.fsync and self.location.is_local:
             backend.sync_filesystem(self.path)
 
-    def _append_once(self, items: list[_Pending], message: str) -> AppendResult:
+    def _append_once(self, items: list[_Pending], message: str, deadline: float) -> AppendResult:
         session = self._repo.writable_session(BRANCH)
-        if session.snapshot_id != self._index_snapshot:
-            backend.run(self._refresh_index(session))
+        if session.snapshot_id != self._index.snapshot_id:
+            backend.run(self._index.refresh(session.store, session.snapshot_id))
         statuses, fresh = self._classify(items)
         if not fresh:
             return AppendResult(session.snapshot_id, tuple(statuses))
         self._written_meta = {}
-        rows = backend.run(self._write(session, fresh))
-        snapshot_id = session.commit(
-            message, metadata={"episodes": len(fresh), "writer": self._writer_id, "store_schema_version": self.info["store_schema_version"]}
-        )
+        written = backend.run(self._write(session, fresh, self._index.total))
+        metadata = {"episodes": len(fresh), "writer": self.writer_id, "store_schema_version": self.info["store_schema_version"]}
+        while True:
+            try:
+                snapshot_id = self._commit(session, message, metadata)
+                break
+            except icechunk.ConflictError:
+                if self.location.is_local:  # on disk the lock rules races out: a conflict is a bug, not a race
+                    raise
+                self._check_deadline(deadline)
+                self._rebase(session, fresh, written)
         self._sync()
-        for item in fresh:
-            self._digests[item.episode.episode_id] = item.digest
-        self._rows_seen = rows  # the index was current when this session began
-        self._index_snapshot = snapshot_id
+        pairs = [(item.episode.episode_id, item.digest) for item in fresh]
+        self._index.committed(self.writer_id, pairs, written.first + written.count, snapshot_id)
         self._meta_cache.update(self._written_meta)
         self._meta_snapshot = snapshot_id
         return AppendResult(snapshot_id, tuple(statuses))
+
+    def _commit(self, session: icechunk.Session, message: str, metadata: dict) -> str:
+        """Icechunk's commit (the branch's compare-and-swap on object storage); tests that need a
+        race at this exact point let another writer commit first here."""
+        return session.commit(message, metadata=metadata)
+
+    def _rebase(self, session: icechunk.Session, fresh: list[_Pending], written: _Written) -> None:
+        """Move a transaction that lost a commit race onto the new tip, or raise :class:`_Redo`.
+
+        Nothing conflicts unless another store handle shares this writer id. The rows committed
+        meanwhile are read from the new tip itself (not from this session, which holds ours too).
+        """
+        try:
+            session.rebase(icechunk.ConflictDetector())
+        except icechunk.RebaseFailedError:
+            raise _Redo from None
+        tip = self._repo.readonly_session(snapshot_id=session.snapshot_id)
+        backend.run(self._index.refresh(tip.store, tip.snapshot_id))
+        if any(item.episode.episode_id in self._index.digests for item in fresh):
+            raise _Redo  # another writer stored one of these ids meanwhile: it is a duplicate or a conflict now
+        backend.run(written.renumber(self._index.total))
+        self.commit_rebases += 1
 
     def _classify(self, items: list[_Pending]) -> tuple[list[str], list[_Pending]]:
         statuses, fresh, in_batch = [], [], {}
         for item in items:
             eid = item.episode.episode_id
-            known = self._digests.get(eid, in_batch.get(eid))
+            known = self._index.digests.get(eid, in_batch.get(eid))
             if known is None:
                 in_batch[eid] = item.digest
                 fresh.append(item)
@@ -274,40 +337,31 @@ class EpisodeStore:
                 statuses.append("duplicate" if known == item.digest else "conflict")
         return statuses, fresh
 
-    async def _refresh_index(self, session: icechunk.Session) -> None:
-        """Add every committed episode this writer has not seen yet to ``_digests``."""
-        ids, digests = await asyncio.gather(*(backend.open_array(session.store, catalog_path(c), mode="r") for c in ("episode_id", "digest")))
-        new = slice(self._rows_seen, ids.shape[0])
-        if new.stop > new.start:
-            id_values, digest_values = await asyncio.gather(ids.getitem(new), digests.getitem(new))
-            self._digests.update((str(i), bytes.fromhex(str(d))) for i, d in zip(id_values, digest_values))
-        self._rows_seen = new.stop
-        self._index_snapshot = session.snapshot_id
-
-    async def _write(self, session: icechunk.Session, items: list[_Pending]) -> int:
-        """Write ``items`` into their streams and the catalog; returns the catalog's new row count."""
+    async def _write(self, session: icechunk.Session, items: list[_Pending], total: int) -> _Written:
+        """Write ``items`` into this writer's streams and catalog partition, numbered from ``total``
+        (the catalog's rows in the session's snapshot)."""
         by_stream: dict[str, tuple[StreamSignature, list[int]]] = {}
         for k, item in enumerate(items):
             sig = StreamSignature.of(item.episode)
-            by_stream.setdefault(sig.name, (sig, []))[1].append(k)
-        opened = await asyncio.gather(self._catalog_arrays(session), *(self._stream_arrays(session, sig) for sig, _ in by_stream.values()))
+            by_stream.setdefault(stream_name(sig, self.writer_id), (sig, []))[1].append(k)
+        opened = await asyncio.gather(self._catalog_arrays(session), *(self._stream_arrays(session, name, sig) for name, (sig, _) in by_stream.items()))
         catalog, streams = opened[0], opened[1:]
         first = catalog["episode_id"].shape[0]
         writes: list[tuple] = []  # (array, start, block)
         records: list[dict] = [{}] * len(items)
-        for (sig, ks), arrays in zip(by_stream.values(), streams):
+        for (name, (sig, ks)), arrays in zip(by_stream.items(), streams):
             blocks, frames = self._stream_blocks(sig, arrays, [items[k].episode for k in ks], [first + k for k in ks])
             writes += blocks
             row = arrays[EPISODE_INDEX].shape[0]
             for j, k in enumerate(ks):
-                records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, sig.name, row, frames[j])
+                records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, name, row, frames[j], seq=total + k)
                 row += items[k].episode.num_steps + 1
         values = columns(records)
         writes += [(catalog[c], first, values[c]) for c in COLUMNS]
         await asyncio.gather(*(arr.resize((start + len(block), *block.shape[1:])) for arr, start, block in writes))
         await asyncio.gather(*(arr.setitem(slice(start, start + len(block)), block) for arr, start, block in writes))
         self._written_meta.update({arr.path: arr.metadata for arr, _, _ in writes})
-        return first + len(items)
+        return _Written(catalog["seq"], first, len(items))
 
     def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> tuple[list[tuple], list[dict]]:
         """(array, first row, block) of every data array of one stream: whole new chunks, padded;
@@ -329,15 +383,20 @@ class EpisodeStore:
         return out, frames
 
     async def _catalog_arrays(self, session) -> dict[str, AsyncArray]:
-        """The catalog's columns for writing; columns this store predates (catalog.ADDED_COLUMNS)
-        are created at the catalog's length, holding their fill value (= absent) for earlier rows."""
-        paths = [catalog_path(c) for c in COLUMNS]
+        """This writer's catalog partition for writing, created by its first commit; columns the
+        partition predates (catalog.ADDED_COLUMNS) are created at its length, holding their fill
+        value (= absent) for earlier rows."""
+        paths = [catalog_path(c, self.writer_id) for c in COLUMNS]
         if not all(p in self._meta_cache for p in paths) or self._meta_snapshot != session.snapshot_id:
-            group = await backend.open_group(session.store, CATALOG, mode="r+")
+            catalog = await backend.open_group(session.store, CATALOG, mode="r+")
+            if not await catalog.contains(self.writer_id):
+                created = await _create_partition(session.store, self.info, self.writer_id)
+                return {c: a.with_config(_ARRAY_CONFIG) for c, a in created.items()}
+            group = await backend.open_group(session.store, partition_path(self.writer_id), mode="r+")
             have = {name async for name in group.array_keys()}
             missing = [c for c in COLUMNS if c not in have]
             if missing:
-                rows = (await backend.open_array(session.store, catalog_path("episode_id"), mode="r")).shape[0]
+                rows = (await backend.open_array(session.store, catalog_path("episode_id", self.writer_id), mode="r")).shape[0]
                 await asyncio.gather(*(_create_column(group, c, self.info, rows) for c in missing))
                 await group.update_attributes({"columns": list(COLUMNS)})
         return dict(zip(COLUMNS, await self._open(session, paths)))
@@ -353,15 +412,14 @@ class EpisodeStore:
         opened = await asyncio.gather(*(backend.open_array(session.store, p, mode="r+") for p in paths))
         return [a.with_config(_ARRAY_CONFIG) for a in opened]
 
-    async def _stream_arrays(self, session, sig: StreamSignature) -> dict[str, AsyncArray]:
-        """Open (or create, for a new stream) every data array of a stream and its episode_index, by name."""
-        stream = sig.name
+    async def _stream_arrays(self, session, stream: str, sig: StreamSignature) -> dict[str, AsyncArray]:
+        """Open (or create, for a new stream) every data array of this writer's stream and its episode_index, by name."""
         names = [*(spec.name for spec in sig.arrays), EPISODE_INDEX]
         paths = [data_path(stream, n) for n in names]
         if all(p in self._meta_cache for p in paths) or await (await backend.open_group(session.store, mode="r")).contains(stream_path(stream)):
             return dict(zip(names, await self._open(session, paths)))
         root = await backend.open_group(session.store, mode="r+")
-        group = await root.create_group(stream_path(stream), attributes={"signature": sig.to_dict()})
+        group = await root.create_group(stream_path(stream), attributes={"signature": sig.to_dict(), "writer": self.writer_id})
         comp = backend.compressors(self.info["compression"])
         chunk_rows = self.info["chunk_rows"]
 
@@ -380,10 +438,22 @@ class EpisodeStore:
         return dict(zip(names, created))
 
 
-async def _create_catalog(store, info: dict) -> dict[str, AsyncArray]:
-    """The empty ``/catalog`` table: one 1-D array per column, dimension ``episode``, ``index_rows`` rows per chunk."""
+CATALOG_ATTRS = {"partitioned_by": "writer", "order_by": "seq"}  # /catalog/<writer>/<column>; the union sorted by seq is the catalog
+
+
+async def _create_catalog(store, info: dict, writer: str | None = None) -> dict[str, AsyncArray]:
+    """The ``/catalog`` group (made once, when the store is created or migrated) and, when
+    ``writer`` is given, that writer's empty partition (its columns by name)."""
     root = await backend.open_group(store, mode="r+")
-    group = await root.create_group(CATALOG, attributes={"columns": list(COLUMNS)})
+    await root.create_group(CATALOG, attributes=CATALOG_ATTRS)
+    return await _create_partition(store, info, writer) if writer is not None else {}
+
+
+async def _create_partition(store, info: dict, writer: str) -> dict[str, AsyncArray]:
+    """A writer's empty catalog partition ``/catalog/<writer>``: one 1-D array per column,
+    dimension ``episode``, ``index_rows`` rows per chunk; its columns by name."""
+    catalog = await backend.open_group(store, CATALOG, mode="r+")
+    group = await catalog.create_group(writer, attributes={"writer": writer, "columns": list(COLUMNS)})
     comp = backend.compressors(info["compression"])
     created = await asyncio.gather(*(_create_column(group, c, info, 0, comp) for c in COLUMNS))
     return dict(zip(COLUMNS, created))
