@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from fleet.pipeline import loop as loop_module
 from fleet.pipeline import simfleet
 from fleet.pipeline.loop import Flywheel
-from fleet.pipeline.services import start_ray
+from fleet.pipeline.ray_start import start_ray
 from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run

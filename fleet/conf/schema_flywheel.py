@@ -37,9 +37,14 @@ EnsembleSchema, TrainSchema, RolloutSchema = target_schema(EnsembleConfig), targ
 
 @dataclasses.dataclass
 class RaySchema:
-    """``ray``: what ``fleet.pipeline.services.start_ray`` passes to ``ray.init``."""
+    """``ray``: how ``fleet.pipeline.ray_start`` starts or joins Ray (``start_ray``) and how often robot actors
+    are restarted and Ray tasks retried (``max_retries``)."""
 
-    address: Optional[str] = None  # null: start a local Ray; "auto" or "ray://host:10001": join one
+    address: Optional[str] = None  # null: start a local Ray; "auto" or "host:port" of a head: join one
+    node_ip_address: Optional[str] = "127.0.0.1"  # what this process's Ray binds and advertises; null: Ray picks
+    auth: str = "token"  # RAY_AUTH_MODE: token or disabled (ray_start.use_token_auth)
+    auth_token_file: Optional[str] = None  # RAY_AUTH_TOKEN_PATH; null: RAY_AUTH_TOKEN, else ~/.ray/auth_token
+    max_retries: int = 3  # robot actor restarts, Ray task retries, after a process or node dies (-1: no limit)
     num_cpus: Optional[int] = None
     object_store_memory: Optional[int] = None
     include_dashboard: bool = False

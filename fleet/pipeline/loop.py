@@ -122,8 +122,9 @@ class Flywheel:
 
     def _start_robots(self, svc: Services) -> dict[str, ray.actor.ActorHandle]:
         s = self.settings
+        options = svc.robot_options(len(self.specs))
         return {
-            robot_id: SimulatedRobot.remote(
+            robot_id: SimulatedRobot.options(**options[i]).remote(
                 spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i
             )
             for i, (robot_id, spec) in enumerate(sorted(self.specs.items()))
@@ -132,8 +133,9 @@ class Flywheel:
     def _save_state(self) -> None:
         atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
 
-    def _act(self, robot_ids: list[str], episodes: int) -> list[dict]:
-        summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes) for r in robot_ids]) for x in batch]
+    def _act(self, robot_ids: list[str], episodes: int, call: str) -> list[dict]:
+        """``call`` names the round (unique in the run): a robot restarted mid-round resumes it (simfleet.py)."""
+        summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes, call) for r in robot_ids]) for x in batch]
         drained = ray.get([self.robots[r].drain.remote(120.0) for r in robot_ids])
         if not all(drained):
             raise RuntimeError(f"robots {[r for r, d in zip(robot_ids, drained) if not d]} could not upload within 120 s: is the server up?")
@@ -144,7 +146,7 @@ class Flywheel:
         """Every robot runs what it holds for ``episodes_per_robot`` episodes and uploads them: the
         iteration's record of returns, the versions run and the real steps used so far (logged)."""
         s = self.settings
-        telemetry = self._act(sorted(self.robots), s.episodes_per_robot)
+        telemetry = self._act(sorted(self.robots), s.episodes_per_robot, f"iteration {k}: telemetry")
         fleet_returns = steps.mean_returns(telemetry)
         real_steps = self.state["real_steps"]
         for t in telemetry:
@@ -293,7 +295,7 @@ class Flywheel:
         stage = "widened"
         if canaries:
             with self.progress.task(f"iteration {k}: canary v{version} on {canaries}"):
-                after = self._act(canaries, s.canary_episodes)
+                after = self._act(canaries, s.canary_episodes, f"iteration {k}: canary v{version}")
             verdict = judge_canary(
                 {r: [fleet_returns[r]] for r in canaries},
                 {r: [t["return"] for t in after if t["robot_id"] == r and t["policy_version"] == str(version)] for r in canaries},
@@ -350,7 +352,10 @@ class Flywheel:
     def _finish(self) -> dict:
         history, final = self.state["history"], self.state["final"]
         statuses = ray.get([self.robots[r].status.remote() for r in sorted(self.robots)])
-        summary = {"iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir}
+        summary = {
+            "iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir,
+            "ray_task_nodes": dict(self.svc.task_nodes),  # Ray node id -> this process's calibration and scenario tasks it ran
+        }
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
         from fleet.pipeline.report import write_report
 

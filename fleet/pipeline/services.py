@@ -1,10 +1,12 @@
-"""What one flywheel run stands on: local Ray (or a cluster), the fleet server on loopback with
-the policy registry, tokens and keys, the episode store, the tracker. All state lives in the
-run folder (the store and the registry under the run's own prefix where ``fleet.store.path`` or
-``fleet.registry.dir`` name object storage), so a rerun with the same folder resumes."""
+"""What one flywheel run stands on: local Ray (or a cluster), the fleet server on this driver's Ray
+address (loopback by default) with the policy registry, tokens and keys, the episode store, the
+tracker. All state lives in the run folder (the store and the registry under the run's own prefix
+where ``fleet.store.path`` or ``fleet.registry.dir`` name object storage), so a rerun with the
+same folder resumes."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -15,7 +17,10 @@ from pathlib import Path
 import ray
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fleet.pipeline.ray_start import start_ray
 from fleet.registry.store import open_registry, root_metadata
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
@@ -23,25 +28,9 @@ from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.tracking import Tracker
 from sim.episode import Episode
-from sim.robots.registry import MODULES_ENV
 from worldmodel.device import AUTO, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def start_ray(cfg: DictConfig) -> bool:
-    """Start (or join) Ray once per process; True if this call started it."""
-    if ray.is_initialized():
-        return False
-    kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False}
-    if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
-        modules = os.environ.get(MODULES_ENV)
-        ray.init(address=cfg.address, **kwargs, **({"runtime_env": {"env_vars": {MODULES_ENV: modules}}} if modules else {}))
-    else:
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
-    return True
-
-
 def dataset_artifact(robot_model: str) -> str:
     return f"dataset-{robot_model}"
 
@@ -51,7 +40,7 @@ def snapshot_alias(snapshot_id: str) -> str:
 
 
 def _ray_task(fn, job):
-    return fn(job)
+    return ray.get_runtime_context().get_node_id(), fn(job)
 
 
 class Services(contextlib.AbstractContextManager):
@@ -61,6 +50,8 @@ class Services(contextlib.AbstractContextManager):
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
+        self.task_nodes = collections.Counter()  # Ray node id -> the tasks of ray_map it ran
+        self._robot_group = None  # the robots' placement group (robot_options)
         warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
         self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
         self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
@@ -73,7 +64,8 @@ class Services(contextlib.AbstractContextManager):
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process
         self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}
         EpisodeStore.open_or_create(self.store_cfg)
-        server_cfg = ServerConfig(host="127.0.0.1", port=0, token_file=str(token_file))
+        # on this driver's Ray address: the robots, Ray actors on any node, reach it there
+        server_cfg = ServerConfig(host=ray.util.get_node_ip_address(), port=0, token_file=str(token_file))
         self.server = serve(server_cfg, self.store_cfg, policy_registry=self.registry)
         self.url = self.server.url
         self.store = EpisodeStore.open(self.store_cfg)
@@ -99,9 +91,27 @@ class Services(contextlib.AbstractContextManager):
             return 0
         return self.store.append(episodes, message="synthetic episodes").created
 
-    def ray_map(self, fn, jobs):
-        remote = ray.remote(num_cpus=1)(_ray_task)
-        return ray.get([remote.remote(fn, job) for job in jobs])
+    def ray_map(self, fn, jobs) -> list:
+        """``fn`` over ``jobs`` as Ray tasks spread over the cluster's nodes, each retried up to
+        ``ray.max_retries`` times when its worker or node dies; the results in order. Counts the tasks
+        each node ran in ``task_nodes`` (node id -> tasks)."""
+        remote = ray.remote(num_cpus=1, max_retries=self.cfg.ray.max_retries, scheduling_strategy="SPREAD")(_ray_task)
+        placed = ray.get([remote.remote(fn, job) for job in jobs])
+        self.task_nodes.update(node for node, _ in placed)
+        return [result for _, result in placed]
+
+    def robot_options(self, count: int) -> list[dict]:
+        """Ray options of ``count`` robot actors: spread over the cluster's nodes (a placement group, one
+        bundle a robot, strategy SPREAD: Ray moves a dead node's bundles to live nodes), each restarted
+        after its process or node dies, ``ray.max_retries`` times, and its calls retried for as long as
+        it is restarted (each call resumes: its state is on disk, simfleet.py)."""
+        self._robot_group = placement_group([{"memory": 1}] * count, strategy="SPREAD")  # a token amount: robots take no CPU
+        ray.get(self._robot_group.ready(), timeout=120)
+        return [
+            {"scheduling_strategy": PlacementGroupSchedulingStrategy(self._robot_group, placement_group_bundle_index=i),
+             "max_restarts": self.cfg.ray.max_retries, "max_task_retries": -1}
+            for i in range(count)
+        ]  # fmt: skip
 
     # -- models ---------------------------------------------------------------------------------
     def load_world_model(self):
@@ -148,6 +158,8 @@ class Services(contextlib.AbstractContextManager):
             self.tracker.finish()
             self.server.stop()
         finally:
+            if self._robot_group is not None and ray.is_initialized():
+                remove_placement_group(self._robot_group)
             if self._started_ray:
                 ray.shutdown()
         return False

@@ -4,16 +4,34 @@ A simulated robot has a hidden physical profile and operating condition (heavy p
 motor, noisy sensor ...). It acts with the policy it trusts, records, spools and uploads its
 episodes over HTTP like a real robot, and between episodes pulls, verifies and swaps signed
 policies. The pipeline only sees what comes back through the server.
+
+A robot actor is restartable (``Services.robot_options``: Ray restarts it after its process or
+node dies and retries its calls): what it carries over lives in its folder,
+``<state_dir>/<robot id>``: the spool of episodes not yet acknowledged, the policy it trusts, and
+``robot.json`` (:data:`LEDGER`: episodes run, which give the next one's seed and episode id, and
+the episodes of its current ``run`` call). A restarted robot, on any node that reaches that
+folder, uploads what its spool holds (the server answers a duplicate for an episode stored before
+the crash but never acknowledged: idempotent by episode id) and a retried ``run`` returns the
+episodes already run for that call and runs only the rest: no acknowledged episode lost, none
+stored twice. An episode spooled just before the crash, but not yet in ``robot.json``, is run
+again under the same episode id: the server keeps the first (the second is a duplicate, or
+refused with 409 where its bytes differ).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import uuid
 from pathlib import Path
 
 import ray
 
+from sim.durable import write_durably
 from sim.variation import VariationProfile
+
+LEDGER = "robot.json"  # in a robot's folder: what a restarted robot resumes from
 
 # Named operating conditions; a fleet of N robots cycles through them.
 CONDITIONS: dict[str, dict] = {
@@ -59,31 +77,45 @@ class SimulatedRobot:
 
         self.spec, self.seed = spec, seed
         root = Path(state_dir) / spec.robot_id
+        root.mkdir(parents=True, exist_ok=True)
+        self.ledger_path = root / LEDGER
+        fresh = {"id": str(uuid.uuid4()), "episodes_run": 0, "call": None, "done": [], "nodes": []}  # id: of this robot in this run
+        self.ledger = json.loads(self.ledger_path.read_bytes()) if self.ledger_path.exists() else fresh
+        self.ledger["nodes"].append(ray.get_runtime_context().get_node_id())  # where each start of this robot ran
+        self._save_ledger()
         self.robot = SimRobot(SimRobotConfig(robot_id=spec.robot_id, model=robot_model, source="real", seed=seed, max_steps=episode_steps, profile=spec.profile.to_dict()))
-        self.recorder = EpisodeRecorder(robot_id=spec.robot_id, robot_model=robot_model, source="real", hardware={"condition": spec.condition})
+        self.recorder = functools.partial(EpisodeRecorder, robot_id=spec.robot_id, robot_model=robot_model, source="real", hardware={"condition": spec.condition})
         agent_cfg = AgentConfig(server_url=server_url, spool_dir=str(root / "spool"), backoff_initial_s=0.2, backoff_max_s=2.0, status_interval_s=60.0)
         self.agent = RobotAgent(agent_cfg, spec.robot_id, token=token, seed=seed).start()
         trust = PolicyTrust(robot_model=robot_model, obs_dim=self.robot.obs_dim, act_dim=self.robot.act_dim, state_dir=root / "policy")
         self.policy = SignedPolicySource(
             server_url, token, spec.robot_id, trust, builtin_policy("zero", self.robot.act_dim).current(), root=root_metadata, min_healthy_steps=5
         )
-        self.episodes_run = 0
 
-    def run(self, episodes: int) -> list[dict]:
-        """Run ``episodes`` episodes (pulling a policy before each); returns one summary per episode."""
+    def run(self, episodes: int, call: str | None = None) -> list[dict]:
+        """Run ``episodes`` episodes (pulling a policy before each); returns one summary per episode.
+        ``call`` names the call: the same name again (Ray's retry after a restart) returns the episodes
+        already run for it and runs only the rest."""
         from fleet.agent.robot import run_episode
 
-        out = []
-        for _ in range(episodes):
-            policy = self.policy.current()
-            episode = run_episode(self.robot, policy, self.recorder, seed=self.seed * 1_000_003 + self.episodes_run)
-            self.episodes_run += 1
-            self.agent.submit(episode)
+        ledger = self.ledger
+        if call is None or ledger["call"] != call:
+            ledger["call"], ledger["done"] = call, []
+        while len(ledger["done"]) < episodes:
+            policy, k = self.policy.current(), ledger["episodes_run"]
+            recorder = self.recorder(episode_id=str(uuid.uuid5(uuid.UUID(ledger["id"]), str(k))))  # the k-th episode's id, whoever runs it
+            episode = run_episode(self.robot, policy, recorder, seed=self.seed * 1_000_003 + k)
+            self.agent.submit(episode)  # durable in the spool: this robot, or its next start, uploads it
             self.policy.report_episode(episode)
-            out.append(
+            ledger["episodes_run"] = k + 1  # a crash before this line runs episode k again, under its id
+            ledger["done"].append(
                 {"robot_id": self.spec.robot_id, "policy_version": policy.version, "return": episode.total_return, "steps": episode.num_steps, "episode_id": episode.episode_id}
             )
-        return out
+            self._save_ledger()
+        return list(ledger["done"])
+
+    def _save_ledger(self) -> None:
+        write_durably(self.ledger_path, json.dumps(self.ledger).encode())
 
     def drain(self, timeout_s: float) -> bool:
         return self.agent.wait_drained(timeout_s)
@@ -93,6 +125,8 @@ class SimulatedRobot:
             **self.agent.status(),
             "condition": self.spec.condition,
             **self.policy.status(),
+            "episodes_run": self.ledger["episodes_run"],
+            "nodes": list(self.ledger["nodes"]),  # Ray node ids, one per start of this robot (restarts)
         }
 
     def stop(self) -> None:

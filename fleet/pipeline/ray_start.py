@@ -1,0 +1,121 @@
+"""Starting or joining Ray for a flywheel run: the address every Ray process binds and advertises
+(loopback for the embedded local Ray), Ray's token authentication, and what to do when joining
+a cluster fails (docs/scale.md, "Ray cluster")."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+from omegaconf import DictConfig
+from ray.exceptions import AuthenticationError
+
+from sim.robots.registry import MODULES_ENV
+
+log = logging.getLogger(__name__)
+AUTH_MODE_ENV, TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"  # Ray's own variables
+AUTH_MODES = ("token", "disabled")  # RAY_AUTH_MODE's values
+SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's: 0 runs it as a single-host Ray (single_host_ray)
+
+
+def start_ray(cfg: DictConfig) -> bool:
+    """Start (or join) Ray once per process; True if this call started it. This process's Ray (the local
+    one's processes, or this driver on a cluster) binds and advertises ``cfg.node_ip_address``
+    (:func:`single_host_ray`), with Ray's token authentication as ``cfg.auth`` says (:func:`use_token_auth`)."""
+    if ray.is_initialized():
+        return False
+    if str(cfg.address or "").startswith("ray://"):
+        raise ValueError(
+            f"ray.address={cfg.address}: through Ray Client this process would stay outside the cluster, but the robots (Ray actors) "
+            "upload to the fleet server it starts; run flywheel on a host of the cluster's network with ray.address=HOST:PORT of the "
+            "head (or auto on a node) and ray.node_ip_address=<this host's address there>"
+        )
+    use_token_auth(cfg.auth, cfg.auth_token_file)
+    kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False, "_node_ip_address": cfg.node_ip_address}
+    if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
+        modules = os.environ.get(MODULES_ENV)
+        try:
+            ray.init(address=cfg.address, **kwargs, **({"runtime_env": {"env_vars": {MODULES_ENV: modules}}} if modules else {}))
+        except (AuthenticationError, ConnectionError, RuntimeError) as exc:
+            raise join_error(cfg, exc) from exc
+        log.info("joined the Ray cluster at %s as %s", cfg.address, ray.util.get_node_ip_address())
+    else:
+        with single_host_ray(cfg.node_ip_address):
+            ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def single_host_ray(node_ip_address: str | None) -> Iterator[None]:
+    """A local Ray started in this block keeps a loopback ``node_ip_address`` (127.0.0.1, localhost, ::1).
+    Ray 2.60 replaces one by the host's network address and then listens on every interface, as a node
+    of a cluster must; it keeps loopback only where it runs as a single-host Ray (macOS, Windows:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), and then binds every process to it. A local Ray is one host:
+    run it so, in this process and the Ray processes it starts (they read that variable)."""
+    from ray._common.network_utils import is_localhost
+    from ray._private import ray_constants
+
+    if node_ip_address is None or not is_localhost(node_ip_address):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(SINGLE_HOST_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER, os.environ[SINGLE_HOST_ENV] = False, "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[0]
+        if saved[1] is None:
+            del os.environ[SINGLE_HOST_ENV]
+        else:
+            os.environ[SINGLE_HOST_ENV] = saved[1]
+
+
+def use_token_auth(mode: str, token_file: str | None) -> None:
+    """Ray's token authentication for this process and the Ray processes it starts, the way Ray documents
+    it (docs.ray.io, ray-security/token-auth): ``RAY_AUTH_MODE=mode``, the same on every node; the token
+    from ``token_file`` (``RAY_AUTH_TOKEN_PATH``), else ``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``
+    (a local Ray creates it). The token itself is never read here, nor logged."""
+    if mode not in AUTH_MODES:
+        raise ValueError(f"ray.auth={mode!r}: use token (Ray's token authentication, as on every node of the cluster) or disabled")
+    if os.environ.get(AUTH_MODE_ENV, mode) != mode:
+        log.warning("RAY_AUTH_MODE=%s in the environment, ray.auth=%s in the config: the config's is used", os.environ[AUTH_MODE_ENV], mode)
+    os.environ[AUTH_MODE_ENV] = mode
+    if token_file:
+        path = Path(token_file).expanduser().absolute()
+        if not path.is_file() or not path.stat().st_size:
+            raise FileNotFoundError(
+                f"ray.auth_token_file={token_file}: no token there; write the cluster's token into that file (`ray get-auth-token` "
+                "on a node of the cluster prints it), or leave ray.auth_token_file null and set RAY_AUTH_TOKEN"
+            )
+        os.environ[TOKEN_PATH_ENV] = str(path)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # Ray reads RAY_AUTH_MODE once per process: read it again, as Ray's own token setup does
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def join_error(cfg: DictConfig, exc: Exception) -> Exception:
+    """What to do when ``ray.init(address=...)`` failed; a refused token says how to give the cluster's.
+    Ray's reason is in the exception's chain (its last connection error)."""
+    chain, cause = [], exc
+    while cause is not None:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(chain)
+    if any(mark in text for mark in ("AuthenticationError", "InvalidAuthToken", "UNAUTHENTICATED", "Unauthenticated")):
+        return RuntimeError(
+            f"the Ray cluster at {cfg.address} refused this process's token (Ray: token missing or incorrect). Join with "
+            "ray.auth=token and the cluster's token: RAY_AUTH_TOKEN in the environment, or ray.auth_token_file=<a file holding it> "
+            "(`ray get-auth-token` on one of its nodes prints it; every node runs with RAY_AUTH_MODE=token and that token: "
+            'docs/scale.md, "Ray cluster")'
+        )
+    return RuntimeError(
+        f"could not join the Ray cluster at {cfg.address} ({chain[0]}): is its head running there (`ray status --address "
+        f"{cfg.address}`), and does a node of it run on this host at ray.node_ip_address={cfg.node_ip_address}? (Ray replaces "
+        "127.0.0.1, localhost and ::1 by this host's network address: a cluster on loopback gives its nodes and this driver "
+        "another loopback address, such as 127.0.0.2)"
+    )
