@@ -36,7 +36,7 @@ from worldmodel.device import AUTO, check_device_name, resolve_device
 
 LogFn = Callable[[dict[str, float], int], None]
 ALGORITHMS = ("ppo", "sac", "mbpo")
-RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "keep_best", "device")  # may differ on resume
+RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "keep_best", "stop_at_max_return", "device")  # may differ on resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,9 @@ class TrainerConfig:
     # with eval_every: keep the best-evaluated policy of this train() call as ``Trainer.best_policy``
     # (the worst profile's return first, then the mean); the learner itself goes on from its latest state
     keep_best: bool = False
+    # with keep_best: end train() once the kept policy scored the task's maximum return on every profile
+    # (``Task.max_step_reward`` x the episode's steps, where the task has one): no later policy can replace it
+    stop_at_max_return: bool = False
     # learner device: "auto" (cuda when torch sees one, else cpu), "cpu", "cuda", "cuda:1"; make_algorithm resolves
     # it. Bit-identical resume is promised on CPU, hence this default; the apps' configs (conf/policy/*.yaml) say auto
     device: str = "cpu"
@@ -67,6 +70,8 @@ class TrainerConfig:
             raise ValueError(f"num_worlds and total_env_steps must be >= 1, got {self.num_worlds}, {self.total_env_steps}")
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best picks among evaluations: set eval_every > 0 too")
+        if self.stop_at_max_return and not self.keep_best:
+            raise ValueError("stop_at_max_return stops once the kept policy cannot be beaten: set keep_best (and eval_every) too")
 
 
 @dataclasses.dataclass
@@ -181,13 +186,15 @@ class Trainer:
         self.curve: list[tuple[int, float]] = []
         self.last_metrics: dict[str, float] = {}
         self.best_policy, self.best_score = None, None  # keep_best: a copy of the best-evaluated policy, its score
+        task = get_task(config.robot)
+        self.max_return = None if task.max_step_reward is None else task.max_step_reward * task.max_steps  # of an evaluation episode
 
     # -- the loop --------------------------------------------------------------------------
     def train(self, max_updates: int | None = None) -> TrainResult:
         """Run until ``total_env_steps`` (or ``max_updates`` more updates, to stop early: a "crash")."""
         start, stop_at = time.perf_counter(), None if max_updates is None else self.updates + max_updates
         steps_at_log, t_log = self.env_steps, start
-        while self.env_steps < self.local_target and (stop_at is None or self.updates < stop_at):
+        while self.env_steps < self.local_target and (stop_at is None or self.updates < stop_at) and not self.unbeatable:
             self._collect_step()
             if not self.algo.ready():
                 continue
@@ -256,6 +263,11 @@ class Trainer:
 
         result = evaluate(self.algo.policy, self.config.robot, self.eval_profiles, self.config.eval_episodes, seed=self.config.seed, sensor_filters=self.sensor_filters)
         return result.metrics()
+
+    @property
+    def unbeatable(self) -> bool:
+        """``stop_at_max_return``: whether the kept policy reached the task's maximum return on every profile."""
+        return bool(self.config.stop_at_max_return and self.max_return is not None and self.best_score is not None and self.best_score[0] >= self.max_return)
 
     def _evaluate_and_keep(self) -> dict[str, float]:
         metrics = self.evaluate()

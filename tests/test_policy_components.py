@@ -18,6 +18,8 @@ from policies.transition import VectorStep
 from sim.batched import BatchedStepper
 from sim.episode import Episode
 from sim.policy_fn import zero_policy
+from sim.robots.pendulum import Pendulum
+from sim.robots import registry
 from sim.scenario import ScenarioSpec
 from sim.variation import VariationProfile
 
@@ -189,6 +191,35 @@ def test_keep_best_makes_the_best_evaluated_policy_the_result_and_the_learner_go
     again = evaluate(best, "pendulum", profiles, 2, seed=config.seed)  # the copy is the policy that scored it
     assert (min(p.mean_return for p in again.profiles), again.mean_return) == trainer.best_score
     assert best is not latest and not any(p is q for p, q in zip(best.parameters(), latest.parameters()))
+
+
+class FiveStepPendulum(Pendulum):
+    """The pendulum with a 5-step time limit: any policy keeps it up that long, so every evaluation scores
+    the maximum return."""
+
+    name = "pendulum_five_steps"
+    max_steps = 5
+
+
+def test_training_stops_once_the_kept_policy_cannot_be_beaten(one_torch_thread, monkeypatch):
+    from policies.trainer import Trainer, TrainerConfig, make_algorithm
+
+    monkeypatch.setitem(registry._TASKS, FiveStepPendulum.name, FiveStepPendulum)  # registered for this test only
+
+    with pytest.raises(ValueError, match="keep_best"):
+        TrainerConfig(algorithm="sac", eval_every=10, stop_at_max_return=True)
+    algo = SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=40)
+    ran, evaluated_at = {}, {}
+    for robot, stop in [("pendulum_five_steps", True), ("pendulum_five_steps", False), ("pendulum", True)]:
+        config = TrainerConfig(robot=robot, algorithm="sac", num_worlds=4, total_env_steps=200, eval_every=5, eval_episodes=1, keep_best=True, stop_at_max_return=stop, log_every=0)
+        log = lambda m, steps, key=(robot, stop): evaluated_at.setdefault(key, []).append(steps) if "eval/mean_return" in m else None  # noqa: E731
+        with Trainer(config, make_algorithm(config, algo), log=log) as trainer:
+            ran[robot, stop] = (trainer.train().env_steps, trainer.best_score)
+    # training ended at the evaluation that first scored 5 of 5 steps on every profile
+    assert ran["pendulum_five_steps", True] == (evaluated_at["pendulum_five_steps", True][-1], (5.0, 5.0))
+    assert ran["pendulum_five_steps", True][0] < 200
+    assert ran["pendulum_five_steps", False][0] == 200  # without the rule it trains on to its budget
+    assert ran["pendulum", True][0] == 200 and ran["pendulum", True][1][0] < 1000  # a score short of the maximum never stops it
 
 
 def test_the_actor_learns_under_the_fleets_noisiest_calibrated_sensor():

@@ -44,6 +44,7 @@ class Task:
     max_steps: ClassVar[int]  # time limit in control steps (truncation)
     payload_body: ClassVar[str]  # body that carries a variation profile's payload
     goal_dim: ClassVar[int] = 0  # length of a scenario goal (0: the task has none)
+    max_step_reward: ClassVar[float | None] = None  # an upper bound on one step's reward, where the task has one
     # sensors added to the MJCF: (name, mjtSensor, mjtObj, object name)
     sensors: ClassVar[tuple[tuple[str, int, int, str], ...]] = ()
 

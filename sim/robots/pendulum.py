@@ -14,6 +14,7 @@ class Pendulum(Task):
     max_steps = 1000
     payload_body = "pole"
     max_angle = 0.2
+    max_step_reward = 1.0  # the alive bonus: a return of max_steps cannot be beaten
 
     def initial_state(self, rng, noise_scale, goal):
         m = self.model
