@@ -13,6 +13,7 @@ from fleet.store.catalog import ADDED_COLUMNS, COLUMNS, columns, fill_value, rec
 from fleet.store.layout import StreamSignature, dimension_names, episode_index_rows, padded, padding_value, stack_rows
 from fleet.store.writer import canonical_digest
 from tests.test_store import episode
+from tests.test_store_tools import hand_written_store
 
 
 @pytest.fixture
@@ -23,13 +24,7 @@ def cfg(tmp_path):
 def write_schema_2_store(cfg: StoreConfig, episodes, drop=()) -> str:
     """A store as schema 2 wrote it (the flat /catalog/<column>, no seq; a stream named without a
     writer), by hand, in one commit; ``drop``: catalog columns it predates. Returns the snapshot id."""
-    repo = backend.create_repo(Path(cfg.path))
-    sess = repo.writable_session("main")
-    root = zarr.open_group(sess.store, mode="w", zarr_format=3)
-    root.attrs["flywheel_store"] = {"format": "flywheel-episode-store", "store_schema_version": 2, "episode_schema_version": "1",
-                                    "chunk_rows": cfg.chunk_rows, "index_rows": cfg.index_rows, "compression": cfg.compression}  # fmt: skip
-    sig = StreamSignature.of(episodes[0])
-    stream = root.create_group(f"streams/{sig.name}", attributes={"signature": sig.to_dict()})
+    sess, root, sig, stream = hand_written_store(cfg, 2, episodes)
     rows = padded(sum(e.num_steps + 1 for e in episodes), cfg.chunk_rows)
     for spec in sig.arrays:
         block = stack_rows(episodes, spec, rows, padding_value(spec.dtype))

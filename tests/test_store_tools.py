@@ -104,18 +104,27 @@ def test_plain_zarr_reader_sees_padding_as_masked_or_nan(cfg):
     assert rows == sum(e.num_steps + 1 for e in first + second)  # every data row belongs to exactly one episode
 
 
-def write_schema_1_store(cfg: StoreConfig, episodes) -> str:
-    """A store as schema 1 wrote it (per-stream padded index/ arrays, no catalog), by hand."""
-    from fleet.store import backend
-    from fleet.store.layout import StreamSignature, stack_rows
+def hand_written_store(cfg: StoreConfig, schema_version: int, episodes):
+    """An empty store of an older schema written by hand, as that schema's writer left it, and the
+    stream of ``episodes[0]``: (the writable session, the root group, the stream's signature, its group)."""
+    from pathlib import Path
 
-    repo = backend.create_repo(__import__("pathlib").Path(cfg.path))
-    sess = repo.writable_session("main")
+    from fleet.store import backend
+    from fleet.store.layout import StreamSignature
+
+    sess = backend.create_repo(Path(cfg.path)).writable_session("main")
     root = zarr.open_group(sess.store, mode="w", zarr_format=3)
-    root.attrs["flywheel_store"] = {"format": "flywheel-episode-store", "store_schema_version": 1, "episode_schema_version": "1",
+    root.attrs["flywheel_store"] = {"format": "flywheel-episode-store", "store_schema_version": schema_version, "episode_schema_version": "1",
                                     "chunk_rows": cfg.chunk_rows, "index_rows": cfg.index_rows, "compression": cfg.compression}  # fmt: skip
     sig = StreamSignature.of(episodes[0])
-    group = root.create_group(f"streams/{sig.name}", attributes={"signature": sig.to_dict()})
+    return sess, root, sig, root.create_group(f"streams/{sig.name}", attributes={"signature": sig.to_dict()})
+
+
+def write_schema_1_store(cfg: StoreConfig, episodes) -> str:
+    """A store as schema 1 wrote it (per-stream padded index/ arrays, no catalog), by hand."""
+    from fleet.store.layout import stack_rows
+
+    sess, _, sig, group = hand_written_store(cfg, 1, episodes)
     rows, slots = cfg.chunk_rows, cfg.index_rows
     for spec in sig.arrays:
         group.create_array(f"data/{spec.name}", data=stack_rows(episodes, spec, rows, 0), chunks=(rows, *spec.tail))
