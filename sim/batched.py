@@ -1,11 +1,14 @@
 """Batched stepping: N MuJoCo worlds of one robot, policy in the loop, episodes out.
 
-Each control step computes every world's action in one batched policy call, then steps
-all worlds' ``frame_skip`` physics substeps with one ``mujoco.rollout`` call on a
-persistent thread pool (C, several threads). Finished worlds reset automatically from
-their next :class:`~sim.scenario.ScenarioSpec`; finished episodes come out as schema-v1
+Each control step computes every world's action in one batched policy call (one per lane,
+below), then steps all worlds' ``frame_skip`` physics substeps with one ``mujoco.rollout``
+call on a persistent thread pool (C, several threads). Finished worlds reset automatically
+from their next :class:`~sim.scenario.ScenarioSpec`; finished episodes come out as schema-v1
 :class:`~sim.episode.Episode` records (final observation kept, terminated and truncated
-apart).
+apart; their metadata is built when first read, :class:`~sim.recorder.RecordedEpisode`).
+With the policy in the loop (``run``, ``simulate``) a stepper of many worlds steps them in
+two lanes half a step apart, so that one lane's physics runs while this thread finishes the
+other lane's step and computes its actions (:meth:`BatchedStepper._drive`).
 
 Determinism: a world's randomness (reset noise, sensor noise) comes only from its
 scenario's seed and the physics has no shared state between worlds, so the same scenario
@@ -14,9 +17,12 @@ with a deterministic policy gives a bit-identical episode whatever batch it runs
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import mujoco
 import numpy as np
@@ -27,10 +33,13 @@ from sim.policy_fn import as_conditioned_policy
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
 from sim.scenario import ScenarioSpec
+from sim.seeding import new_generator, reseed
 from sim.sensor_filter import FilterState, SensorFilter, seen_body
 from sim.variation import CONTEXT_DIM, VariationProfile
 
 STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
+LANE_MIN_WORLDS = 32  # a stepper of fewer worlds than twice this steps them in one lane
+CHUNKS_PER_THREAD = 10  # jobs per physics thread in one rollout call (MuJoCo's default split)
 ScenarioSource = Callable[[int], ScenarioSpec | None]  # world index -> its next scenario (None: world stops)
 
 
@@ -71,7 +80,7 @@ class BatchedStepper:
         self.record = record
         self.robot_id, self.policy_version, self.source = robot_id, policy_version, source
         if record:  # recorded episodes skip Episode.validate, so their metadata is checked here, once
-            validate_metadata(self._episode_metadata(ScenarioSpec(self.task.name, seed=0)))
+            validate_metadata(episode_metadata(ScenarioSpec(self.task.name, seed=0), robot_id, policy_version, source, self.task.name))
         m = self.task.model
         self.nthread = max(1, min(nthread or os.cpu_count() or 1, num_worlds))
         self._pool = rollout.Rollout(nthread=self.nthread)
@@ -88,7 +97,7 @@ class BatchedStepper:
         n = num_worlds
         self.world_models: list[mujoco.MjModel] = [m] * n
         self.scenarios: list[ScenarioSpec | None] = [None] * n
-        self._rngs: list[np.random.Generator] = [np.random.default_rng(0)] * n
+        self._rngs = [new_generator() for _ in range(n)]  # each world's stream, reseeded from its scenario's seed
         self.state = np.tile(self._state0, (n, 1))
         self.sensordata = np.zeros((n, m.nsensordata))
         self.obs = np.zeros((n, self.task.obs_dim), np.float32)
@@ -98,7 +107,7 @@ class BatchedStepper:
         self._latency = np.zeros(n, np.int64)
         self._obs_noise, self._obs_bias = np.zeros(n, np.float32), np.zeros(n, np.float32)
         self.context = np.zeros((n, CONTEXT_DIM), np.float32)  # each world's body features, for a conditioned policy
-        self._contexts: dict[VariationProfile, np.ndarray] = {}
+        self._bodies: dict[VariationProfile, _Body] = {}
         self._history = np.zeros((n, 1, self.task.act_dim), np.float32)
         self._out_state = np.empty((n, self.task.frame_skip, self._state0.size))
         self._out_sensor = np.empty((n, self.task.frame_skip, m.nsensordata))
@@ -109,6 +118,10 @@ class BatchedStepper:
         self.stats = {"episodes": 0, "steps": 0, "diverged": 0}
         self._sensor_filters = dict(sensor_filters or {})
         self._filtering: dict[int, FilterState] = {}  # world -> its filter's state this episode
+        # run/simulate drive many worlds in two lanes, half a step apart (_drive); the physics thread runs one lane's
+        half = n // 2 if n >= 2 * LANE_MIN_WORLDS else n
+        self._lanes = [slice(0, half), slice(half, n)] if half < n else [slice(0, n)]
+        self._physics: ThreadPoolExecutor | None = None
 
     # -- models -------------------------------------------------------------------------
     def model_for(self, profile: VariationProfile) -> tuple[mujoco.MjModel, mujoco.MjData]:
@@ -159,8 +172,10 @@ class BatchedStepper:
         action = np.asarray(action, np.float32)
         if action.shape != (self.num_worlds, self.task.act_dim):
             raise ValueError(f"action must have shape {(self.num_worlds, self.task.act_dim)}, got {action.shape}")
-        reward, terminated, truncated, final_obs, terms = self._advance(idx, action[idx])
+        reward, terminated, truncated, (ended, last_obs), terms = self._advance(idx, action[idx])
         n = self.num_worlds
+        final_obs = np.zeros_like(self.obs)
+        final_obs[ended] = last_obs
         full = {k: np.zeros(n) for k in terms}
         for k, v in terms.items():
             full[k][idx] = v
@@ -172,12 +187,7 @@ class BatchedStepper:
 
     def run(self, policy, num_steps: int) -> list[Episode]:
         """Step ``num_steps`` control steps with ``policy`` in the loop; return episodes finished meanwhile."""
-        act = as_conditioned_policy(policy)
-        for _ in range(num_steps):
-            if not self.active.any():
-                break
-            idx = np.flatnonzero(self.active)
-            self._advance(idx, np.asarray(act(self.obs[idx], self.context[idx]), np.float32))
+        self._drive(as_conditioned_policy(policy), num_steps)
         return self.pop_episodes()
 
     def simulate(self, scenarios: Iterable[ScenarioSpec], policy) -> list[Episode]:
@@ -189,10 +199,7 @@ class BatchedStepper:
         order = {id(s): i for i, s in enumerate(queue)}
         pending = iter(queue)
         self._start(lambda world: next(pending, None), range(min(self.num_worlds, len(queue))))
-        act = as_conditioned_policy(policy)
-        while self.active.any():
-            idx = np.flatnonzero(self.active)
-            self._advance(idx, np.asarray(act(self.obs[idx], self.context[idx]), np.float32))
+        self._drive(as_conditioned_policy(policy), None)
         episodes = self.pop_episodes()
         by_spec = {e.metadata["scenario"]: e for e in episodes}
         return [by_spec[s.to_json()] for s in sorted(queue, key=lambda s: order[id(s)]) if s.to_json() in by_spec]
@@ -242,6 +249,8 @@ class BatchedStepper:
         return self.obs.copy()
 
     def close(self) -> None:
+        if self._physics is not None:
+            self._physics.shutdown()
         self._pool.close()
 
     def __enter__(self):
@@ -258,46 +267,54 @@ class BatchedStepper:
         self._reset_worlds(list(worlds))
 
     def _reset_worlds(self, worlds: Sequence[int]) -> None:
-        """Start each of ``worlds`` (in order) on its next scenario, or stop it; one batched observation for all."""
-        task = self.task
-        started, qpos, qvel = [], [], []
+        """Start each of ``worlds`` (in order) on its next scenario, or stop it; the per-world work is
+        only the scenario, its seeded generator and the task's reset draw, the rest is batched."""
+        task, m = self.task, self.task.model
+        started, scenarios = [], []
         for w in worlds:
             scenario = self._next_scenario(w)
             if scenario is None:
                 self.active[w] = False
-                continue
-            profile = scenario.profile
-            model, scratch = self.model_for(profile)
-            rng = np.random.default_rng(scenario.seed)
-            if scenario.init_qpos is not None:
-                q, v = np.asarray(scenario.init_qpos, float), np.asarray(scenario.init_qvel, float)
             else:
-                goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
-                q, v = task.initial_state(rng, scenario.init_noise_scale, goal)
-            state = self.state[w]
-            state[:] = self._state0
-            state[self._qpos], state[self._qvel] = q, v
-            mujoco.mj_setState(model, scratch, state, STATE_SPEC)
-            mujoco.mj_forward(model, scratch)
-            self.sensordata[w] = scratch.sensordata
-            self.world_models[w], self.scenarios[w], self._rngs[w] = model, scenario, rng
-            self.max_steps[w] = scenario.max_steps or task.max_steps
-            self._latency[w] = profile.action_latency
-            self._obs_noise[w], self._obs_bias[w] = profile.obs_noise_std, profile.obs_bias
-            self.context[w] = self._context_of(profile)
-            started.append(w)
-            qpos.append(q)
-            qvel.append(v)
+                started.append(w)
+                scenarios.append(scenario)
         if not started:
             return
-        ws = np.asarray(started)
-        qpos, qvel = np.stack(qpos), np.stack(qvel)
-        obs = task.observe(PhysicsState(qpos, qvel, self.sensordata[ws].copy()))
-        for i, w in enumerate(started):  # the sensor model, from each world's own stream
-            if self._obs_noise[w] or self._obs_bias[w]:
-                obs[i] = self.scenarios[w].profile.corrupt_observation(obs[i : i + 1], self._rngs[w])[0]
-            if self._sensor_filters:  # a filtered sensor starts its filter at the first reading
-                model = self._sensor_filters.get(self.scenarios[w].profile)
+        n, ws = len(started), np.asarray(started)
+        bodies, body = [], None
+        for s in scenarios:  # consecutive worlds mostly share a profile object: look it up once
+            body = body if body is not None and s.profile is body.profile else self._body(s.profile)
+            bodies.append(body)
+        rngs = [self._rngs[w] for w in started]
+        reseed(rngs, [s.seed for s in scenarios])  # each as np.random.default_rng(seed) starts, in one batch
+        qpos, qvel = np.empty((n, m.nq)), np.empty((n, m.nv))
+        for i, (scenario, rng) in enumerate(zip(scenarios, rngs)):
+            if scenario.init_qpos is not None:
+                qpos[i], qvel[i] = scenario.init_qpos, scenario.init_qvel
+            else:
+                goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
+                qpos[i], qvel[i] = task.initial_state(rng, scenario.init_noise_scale, goal)
+        state = np.tile(self._state0, (n, 1))
+        state[:, self._qpos], state[:, self._qvel] = qpos, qvel
+        self.state[ws] = state
+        if m.nsensordata:  # the sensors at the start state (a task without sensors needs no forward pass)
+            for i, body in enumerate(bodies):
+                mujoco.mj_setState(body.model, body.scratch, state[i], STATE_SPEC)
+                mujoco.mj_forward(body.model, body.scratch)
+                self.sensordata[started[i]] = body.scratch.sensordata
+        for w, scenario, body in zip(started, scenarios, bodies):
+            self.world_models[w], self.scenarios[w] = body.model, scenario
+        self.max_steps[ws] = [s.max_steps or task.max_steps for s in scenarios]
+        self._latency[ws] = [b.profile.action_latency for b in bodies]
+        self._obs_noise[ws] = [b.profile.obs_noise_std for b in bodies]
+        self._obs_bias[ws] = [b.profile.obs_bias for b in bodies]
+        self.context[ws] = np.stack([b.context for b in bodies])
+        obs = task.observe(PhysicsState(qpos, qvel, self.sensordata[ws]))
+        for i in np.flatnonzero((self._obs_noise[ws] != 0) | (self._obs_bias[ws] != 0)):  # the sensor model, from each world's own stream
+            obs[i] = scenarios[i].profile.corrupt_observation(obs[i : i + 1], rngs[i])[0]
+        if self._sensor_filters:  # a filtered sensor starts its filter at the first reading
+            for i, w in enumerate(started):
+                model = self._sensor_filters.get(scenarios[i].profile)
                 self._filtering.pop(w, None)
                 if model is not None:
                     self._filtering[w] = model.start()
@@ -313,11 +330,14 @@ class BatchedStepper:
             self._ensure_recorder(int(self.max_steps[ws].max()))
             self._recorder.begin(ws, obs, qpos, qvel)
 
-    def _context_of(self, profile: VariationProfile) -> np.ndarray:
-        context = self._contexts.get(profile)
-        if context is None:
-            context = self._contexts[profile] = seen_body(profile, self._sensor_filters).context()
-        return context
+    def _body(self, profile: VariationProfile) -> _Body:
+        """What a world of ``profile`` runs with (cached per profile)."""
+        body = self._bodies.get(profile)
+        if body is None:
+            model, scratch = self.model_for(profile)
+            context = seen_body(profile, self._sensor_filters).context()
+            body = self._bodies[profile] = _Body(profile, model, scratch, context)
+        return body
 
     def _ensure_recorder(self, max_steps: int) -> None:
         r = self._recorder
@@ -328,10 +348,15 @@ class BatchedStepper:
             self._recorder = r.grown(max_steps)  # keeps the other worlds' episodes in progress
 
     def _advance(self, idx: np.ndarray, action: np.ndarray):
-        """One control step of worlds ``idx`` with ``action`` (len(idx), act_dim)."""
+        """One control step of worlds ``idx`` with ``action`` (len(idx), act_dim), physics on this thread."""
+        return self._land(self._launch(idx, action))
+
+    def _launch(self, idx: np.ndarray, action: np.ndarray, background: bool = False) -> _Flight:
+        """Start the physics of one control step of worlds ``idx`` (increasing) with ``action``; in the
+        ``background`` it runs on the physics thread while this one goes on (:meth:`_land` waits for it)."""
         task = self.task
-        everyone = len(idx) == self.num_worlds
-        sel = slice(None) if everyone else idx  # views instead of copies in the common case
+        n, lo = len(idx), int(idx[0])
+        sel = slice(lo, lo + n) if int(idx[-1]) == lo + n - 1 else idx  # views instead of copies for a run of worlds
         action = np.clip(action, -1.0, 1.0)
         if not np.isfinite(action).all():
             raise ValueError("policy returned NaN or Inf actions")
@@ -343,11 +368,11 @@ class BatchedStepper:
         applied = hist[idx, self._latency[sel]] if hist.shape[1] > 1 else action
         ctrl = self._ctrl_mid + self._ctrl_half * applied
         state = self.state[sel]
-        before = PhysicsState(state[:, self._qpos].copy(), state[:, self._qvel].copy(), self.sensordata[sel].copy())
-        models = self.world_models if everyone else [self.world_models[w] for w in idx]
-        n = len(idx)
-        states, sensors = self._out_state[:n], self._out_sensor[:n]
-        self._pool.rollout(
+        models = self.world_models[sel] if isinstance(sel, slice) else [self.world_models[w] for w in idx]
+        rows = slice(lo, lo + n)  # output rows: a lane's flight never overlaps another lane's
+        states, sensors = self._out_state[rows], self._out_sensor[rows]
+        physics = functools.partial(
+            self._pool.rollout,
             models,
             self._datas,
             np.ascontiguousarray(state),
@@ -356,10 +381,25 @@ class BatchedStepper:
             initial_warmstart=self._warmstart[:n],  # zero: a world's physics never depends on its batch
             state=states,
             sensordata=sensors,
-            chunk_size=max(1, n // (self.nthread * 10)),
+            chunk_size=max(1, n // (self.nthread * CHUNKS_PER_THREAD)),
             skip_checks=True,  # shapes are fixed here; saves per-call Python checks
         )
-        new_state, new_sensor = states[:, -1], sensors[:, -1]
+        if background:
+            done = self._physics_thread().submit(physics)
+        else:
+            physics()
+            done = None
+        return _Flight(idx, sel, action, states, sensors, done)
+
+    def _land(self, flight: _Flight):
+        """Finish a launched control step: wait for its physics, then observations, rewards, the
+        record, and the finished worlds' episodes and resets."""
+        if flight.done is not None:
+            flight.done.result()
+        task, idx, sel, action = self.task, flight.idx, flight.sel, flight.action
+        new_state, new_sensor = flight.states[:, -1], flight.sensors[:, -1]
+        state = self.state[sel]  # still the step's start: only the lane's own landing writes its rows
+        before = PhysicsState(state[:, self._qpos], state[:, self._qvel], self.sensordata[sel])
         after = PhysicsState(new_state[:, self._qpos], new_state[:, self._qvel], new_sensor)
         terms = task.reward_terms(before, after, action)
         reward = sum(terms.values()).astype(np.float32)
@@ -384,33 +424,93 @@ class BatchedStepper:
         truncated = (steps + 1 >= self.max_steps[sel]) & ~terminated
         self.obs[sel] = obs
         self.stats["steps"] += len(idx)
-        final_obs = np.zeros_like(self.obs)
         ended = np.flatnonzero(terminated | truncated)
+        final_obs = obs[ended]
         if len(ended):
-            final_obs[idx[ended]] = obs[ended]
-            for i in ended:
-                w = idx[i]
-                if diverged[i]:
-                    self.stats["diverged"] += 1
-                elif self.record:
-                    self._finished.append(self._finish_episode(w, bool(terminated[i])))
+            kept = ended[~diverged[ended]]  # a diverged world's episode is dropped (and counted)
+            self.stats["diverged"] += len(ended) - len(kept)
+            if self.record and len(kept):
+                self._finished.extend(self._finish_episodes(idx[kept], terminated[kept]))
             self.stats["episodes"] += len(ended)
             self._reset_worlds(idx[ended].tolist())
-        return reward, terminated, truncated, final_obs, terms
+        return reward, terminated, truncated, (idx[ended], final_obs), terms
 
-    def _finish_episode(self, w: int, terminated: bool) -> Episode:
-        return self._recorder.finish(w, int(self.t[w]), terminated, self._episode_metadata(self.scenarios[w]))
+    def _physics_thread(self) -> ThreadPoolExecutor:
+        if self._physics is None:
+            self._physics = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepper-physics")
+        return self._physics
 
-    def _episode_metadata(self, scenario: ScenarioSpec) -> dict[str, str]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "robot_id": self.robot_id,
-            "episode_id": scenario.episode_id(self.policy_version),
-            "policy_version": self.policy_version,
-            "source": self.source,
-            "robot_model": self.task.name,
-            "scenario": scenario.to_json(),
-        }
+    def _drive(self, act, num_steps: int | None) -> None:
+        """Step every active world with ``act`` in the loop, ``num_steps`` control steps (None: until all stop).
+
+        A stepper of many worlds drives them in two lanes (the lower and upper half of the worlds),
+        half a step apart: while one lane's physics runs on MuJoCo's threads, this thread finishes
+        the other lane's last step and computes its next actions. The policy is called on each
+        lane's worlds in turn, lower lane first, and finished worlds reset in world order within a
+        step, as one call over all the worlds would; only a policy whose rows depend on the batch
+        they come in (float rounding of a batched matmul) sees other batches.
+        """
+        lanes = self._lanes
+        flights: list[tuple[int, _Flight]] = []  # (lane, launched step not landed yet), oldest first
+        steps = [0] * len(lanes)
+        try:
+            launched = True
+            while launched:
+                launched = False
+                for j, lane in enumerate(lanes):
+                    while any(k == j for k, _ in flights):  # the lane's next actions need its last step landed
+                        self._land(flights.pop(0)[1])
+                    idx = lane.start + np.flatnonzero(self.active[lane])
+                    if not len(idx) or (num_steps is not None and steps[j] >= num_steps):
+                        continue
+                    action = np.asarray(act(self.obs[idx], self.context[idx]), np.float32)
+                    # in the background while another lane has a step to finish meanwhile
+                    flights.append((j, self._launch(idx, action, background=bool(flights))))
+                    steps[j] += 1
+                    launched = True
+        finally:
+            wait([f.done for _, f in flights if f.done is not None])  # MuJoCo's pool is free again, even on an error
+            while flights:  # every world ends at the end of a step
+                self._land(flights.pop(0)[1])
+
+    def _finish_episodes(self, worlds: np.ndarray, terminated: np.ndarray) -> list[Episode]:
+        metadata = [functools.partial(episode_metadata, self.scenarios[w], self.robot_id, self.policy_version, self.source, self.task.name) for w in worlds]
+        return self._recorder.finish(worlds, self.t[worlds], terminated, metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flight:
+    """One launched control step of worlds ``idx``: what :meth:`BatchedStepper._land` needs to finish it."""
+
+    idx: np.ndarray
+    sel: slice | np.ndarray  # idx as a slice where the worlds are consecutive
+    action: np.ndarray  # (len(idx), act_dim) clipped
+    states: np.ndarray  # (len(idx), frame_skip, nstate): the physics' output
+    sensors: np.ndarray
+    done: Future | None  # the physics in the background, or None when it ran already
+
+
+@dataclasses.dataclass(frozen=True)
+class _Body:
+    """A variation profile as the stepper runs it: its (cached) model, a scratch MjData, the policy's context."""
+
+    profile: VariationProfile
+    model: mujoco.MjModel
+    scratch: mujoco.MjData
+    context: np.ndarray  # (CONTEXT_DIM,) float32: the body features the policy is given (sim.sensor_filter.seen_body)
+
+
+def episode_metadata(scenario: ScenarioSpec, robot_id: str, policy_version: str, source: str, robot_model: str) -> dict[str, str]:
+    """A simulated episode's metadata: the scenario's JSON and its deterministic id (idempotent upload)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "robot_id": robot_id,
+        "episode_id": scenario.episode_id(policy_version),
+        "policy_version": policy_version,
+        "source": source,
+        "robot_model": robot_model,
+        "scenario": scenario.to_json(),
+    }
 
 
 def _per_world(profiles, n: int) -> list[VariationProfile]:

@@ -1,17 +1,45 @@
-"""Per-world episode buffers for the batched stepper: vectorised writes, one copy per finished episode."""
+"""Per-world episode buffers for the batched stepper: vectorised writes, one gather per array for the episodes that finish together."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from sim.episode import Episode
 
 
+class RecordedEpisode(Episode):
+    """An :class:`Episode` out of the stepper whose metadata is built when it is first read.
+
+    For short episodes the scenario's JSON and the deterministic episode id cost more than the
+    arrays' copies, and many runs read only the arrays (returns, training data). Read, the metadata
+    is the dict an eager build gives (same keys, same order, the values fixed when the episode
+    finished) and from then on an ordinary attribute: it may be replaced, ``dataclasses.replace``
+    copies it, and it is in the record's ``__dict__`` (before the first read it is not).
+    """
+
+    __slots__ = ("_metadata_of",)  # not in __dict__, which holds the Episode's fields only
+
+    @classmethod
+    def lazy(cls, metadata_of: Callable[[], dict[str, str]], **fields) -> RecordedEpisode:
+        """An episode of ``fields`` (every Episode field but ``metadata``) whose metadata is ``metadata_of()``."""
+        episode = cls.__new__(cls)
+        episode.__dict__.update(fields)
+        episode._metadata_of = metadata_of
+        return episode
+
+    @functools.cached_property
+    def metadata(self) -> dict[str, str]:
+        return self._metadata_of()
+
+
 class EpisodeRecorder:
     """Time-major buffers of N worlds' current episodes.
 
-    Writes are vectorised over worlds (one numpy call per step, not one per world); an
-    episode is copied out only when it finishes. Memory: N * (max_steps + 1) * (obs_dim +
+    Writes are vectorised over worlds (one numpy call per step, not one per world); episodes
+    are copied out only when they finish, all those finishing together in one gather per array. Memory: N * (max_steps + 1) * (obs_dim +
     act_dim + nq + nv + 2) * 4 bytes.
     """
 
@@ -46,23 +74,41 @@ class EpisodeRecorder:
         self.qpos[worlds, steps + 1] = qpos
         self.qvel[worlds, steps + 1] = qvel
 
-    def finish(self, world: int, num_steps: int, terminated: bool, metadata: dict[str, str]) -> Episode:
-        """Copy world ``world``'s finished episode of ``num_steps`` steps out as an Episode.
+    def finish(self, worlds: np.ndarray, num_steps: np.ndarray, terminated: np.ndarray, metadata_of: Sequence[Callable[[], dict[str, str]]]) -> list[RecordedEpisode]:
+        """Copy the finished episodes of ``worlds`` (``num_steps[i]`` steps each, ``terminated[i]`` or
+        truncated) out as Episodes, with one gather per array for all of them; ``metadata_of[i]()``
+        gives episode i's metadata when it is first read.
 
-        The arrays are built here with their schema dtypes and shapes from finite physics, and
-        ``metadata`` is complete, so the record skips :meth:`Episode.validate` (a trusted
-        producer, as the store's reader is; the server validates everything it receives).
+        Each episode's arrays are consecutive rows of those gathers (views, contiguous), built here
+        with their schema dtypes and shapes from finite physics, and its metadata is complete, so the
+        record skips :meth:`Episode.validate` (a trusted producer, as the store's reader is; the
+        server validates everything it receives).
         """
-        t = num_steps
-        term, trunc = np.zeros(t, bool), np.zeros(t, bool)
-        (term if terminated else trunc)[-1] = True
-        return Episode(
-            observation=self.obs[world, : t + 1].copy(),
-            action=self.action[world, :t].copy(),
-            reward=self.reward[world, :t].copy(),
-            terminated=term,
-            truncated=trunc,
-            timestamp=self._timestamp[: t + 1].copy(),
-            metadata=metadata,
-            extras={"qpos": self.qpos[world, : t + 1].copy(), "qvel": self.qvel[world, : t + 1].copy()},
-        )
+        lengths = np.asarray(num_steps, np.int64)
+        ends = np.cumsum(lengths + 1)  # rows of the (T+1)-long arrays
+        starts = ends - lengths - 1
+        world = np.repeat(worlds, lengths + 1)
+        t = np.arange(ends[-1]) - np.repeat(starts, lengths + 1)
+        acted = t < np.repeat(lengths, lengths + 1)  # rows of the T-long arrays
+        obs, qpos, qvel = self.obs[world, t], self.qpos[world, t], self.qvel[world, t]
+        action, reward = self.action[world[acted], t[acted]], self.reward[world[acted], t[acted]]
+        timestamp = self._timestamp[t]
+        term, trunc = np.zeros(len(reward), bool), np.zeros(len(reward), bool)
+        last = np.cumsum(lengths) - 1
+        term[last[terminated]], trunc[last[~terminated]] = True, True
+        episodes = []
+        for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+            c, d = a - i, b - i - 1  # the T-long rows: one fewer per episode before this one
+            episodes.append(
+                RecordedEpisode.lazy(
+                    metadata_of[i],
+                    observation=obs[a:b],
+                    action=action[c:d],
+                    reward=reward[c:d],
+                    terminated=term[c:d],
+                    truncated=trunc[c:d],
+                    timestamp=timestamp[a:b],
+                    extras={"qpos": qpos[a:b], "qvel": qvel[a:b]},
+                )
+            )
+        return episodes

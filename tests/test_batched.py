@@ -1,12 +1,15 @@
-"""The batched stepper: episodes in schema v1, scenario semantics, latency, sensor model."""
+"""The batched stepper: episodes in schema v1, scenario semantics, latency, sensor model, its two lanes, lazy metadata and seeding."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from sim.batched import BatchedStepper
+from sim.batched import BatchedStepper, episode_metadata
 from sim.episode import Episode
 from sim.policy_fn import random_policy, zero_policy
 from sim.scenario import DomainRandomization, ScenarioSpec
+from sim.seeding import new_generator, reseed
 from sim.variation import VariationProfile
 
 
@@ -114,3 +117,71 @@ def test_scenario_and_profile_json_round_trip():
     assert ScenarioSpec.from_json(spec.to_json()) == spec
     (a,) = BatchedStepper("reacher", 1).simulate([spec], zero_policy(2))
     np.testing.assert_allclose(a.extras["qpos"][0, 2:4], [0.1, -0.05])
+
+
+def test_seeded_generators_start_as_numpy_default_rng():
+    seeds = [0, 1, 2024, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3, *range(5, 400, 7)]
+    generators = [new_generator() for _ in seeds]
+    reseed(generators, seeds)
+    for generator, seed in zip(generators, seeds, strict=True):
+        reference = np.random.default_rng(seed)
+        assert generator.bit_generator.state == reference.bit_generator.state, seed
+        np.testing.assert_array_equal(generator.uniform(size=3), reference.uniform(size=3))
+    with pytest.raises(ValueError, match="non-negative"):
+        reseed([new_generator()], [-1])
+
+
+def test_two_lanes_give_the_episodes_one_call_per_step_gives():
+    # 64 worlds run in two lanes half a step apart; step() calls the policy once over all of them
+    profiles = [VariationProfile(obs_noise_std=0.01 * (w % 3), action_latency=w % 2) for w in range(64)]
+
+    def episodes(drive):
+        with BatchedStepper("pendulum", 64, nthread=2) as stepper:
+            stepper.reset(seed=7, profiles=profiles)
+            return drive(stepper, random_policy(1, seed=3)), dict(stepper.stats)
+
+    def by_step(stepper, policy):
+        for _ in range(30):
+            stepper.step(policy(stepper.obs))
+        return stepper.pop_episodes()
+
+    lanes, lane_stats = episodes(lambda stepper, policy: stepper.run(policy, 30))
+    single, single_stats = episodes(by_step)
+    assert lane_stats == single_stats and lane_stats["episodes"] > 64
+    assert [e.metadata for e in lanes] == [e.metadata for e in single]
+    for a, b in zip(lanes, single, strict=True):
+        for key, value in a.arrays().items():
+            np.testing.assert_array_equal(value, b.arrays()[key], err_msg=key)
+
+
+def test_recorded_metadata_is_built_when_read_and_fixed_when_finished():
+    stepper = BatchedStepper("pendulum", 2, robot_id="robot-1", policy_version="v3")
+    stepper.reset(seed=0)
+    ep = stepper.run(lambda obs: np.ones((len(obs), 1), np.float32), 100)[0]
+    stepper.policy_version = "v4"  # after the episode finished: not its metadata
+    scenario = ScenarioSpec.from_json(ep.metadata["scenario"])
+    assert ep.metadata == episode_metadata(scenario, "robot-1", "v3", "sim", "pendulum")
+    assert list(ep.metadata) == ["schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model", "scenario"]
+    assert Episode.from_bytes(ep.to_bytes()).metadata == ep.metadata
+    copy = dataclasses.replace(ep, observation=ep.observation + 1)
+    assert copy.metadata == ep.metadata and copy.episode_id == ep.episode_id
+    ep.metadata = {**ep.metadata, "robot_id": "robot-2"}
+    assert ep.robot_id == "robot-2"
+
+
+def test_a_failing_policy_leaves_every_world_at_a_step_end():
+    calls = []
+
+    def failing(obs):
+        calls.append(len(obs))
+        if len(calls) == 5:
+            raise RuntimeError("policy crashed")
+        return np.zeros((len(obs), 1), np.float32)
+
+    with BatchedStepper("pendulum", 64, nthread=2) as stepper:
+        stepper.reset(seed=0)
+        with pytest.raises(RuntimeError, match="policy crashed"):
+            stepper.run(failing, 10)
+        assert stepper.stats["steps"] == sum(calls[:4])  # the launched steps all landed
+        stepper.run(zero_policy(1), 3)
+        assert stepper.stats["steps"] == sum(calls[:4]) + 3 * 64

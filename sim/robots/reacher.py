@@ -1,5 +1,7 @@
 """Reacher: a 2-link planar arm (manipulator) that moves its fingertip to a goal."""
 
+import functools
+
 import mujoco
 import numpy as np
 
@@ -35,10 +37,13 @@ class Reacher(Task):
         qvel[2:4] = 0.0
         return qpos, qvel
 
+    @functools.cached_property
+    def _sensor_slices(self) -> tuple[slice, slice]:
+        return sensor_slice(self.model, "fingertip_pos"), sensor_slice(self.model, "target_pos")
+
     def _fingertip_to_target(self, state: PhysicsState) -> np.ndarray:
-        tip = state.sensordata[:, sensor_slice(self.model, "fingertip_pos")]
-        target = state.sensordata[:, sensor_slice(self.model, "target_pos")]
-        return tip - target
+        tip, target = self._sensor_slices
+        return state.sensordata[:, tip] - state.sensordata[:, target]
 
     def observe(self, state):
         arm = state.qpos[:, :2]
