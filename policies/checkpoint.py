@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from sim.durable import write_durably
+
 FORMAT = "flywheel-policy-checkpoint"
 FORMAT_VERSION = 1
 TENSORS_FILE = "state.safetensors"
@@ -40,8 +42,8 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Te
     directory.mkdir(parents=True, exist_ok=True)
     blob = save_safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "tensors_sha256": hashlib.sha256(blob).hexdigest(), **meta}
-    _atomic_write(directory / TENSORS_FILE, blob)
-    _atomic_write(directory / META_FILE, json.dumps(header, indent=1, sort_keys=True).encode())
+    write_durably(directory / TENSORS_FILE, blob)
+    write_durably(directory / META_FILE, json.dumps(header, indent=1, sort_keys=True).encode())
     return directory
 
 
@@ -70,14 +72,6 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         raise CheckpointError(f"{paths[0]} does not match the sha256 in {META_FILE}: the checkpoint is corrupted or mixed")
     return dict(load_safetensors_bytes(blob)), meta
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -- helpers to turn training state into (tensors, JSON) -------------------------------------

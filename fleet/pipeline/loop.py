@@ -26,8 +26,8 @@ from fleet.pipeline.gate import gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
-from fleet.registry.trust import atomic_write
 from fleet.tracking import POLICY_STEPS
+from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
 from sim.body_context import context_vectors
@@ -131,7 +131,7 @@ class Flywheel:
         }
 
     def _save_state(self) -> None:
-        atomic_write(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+        write_durably(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
 
     def _act(self, robot_ids: list[str], episodes: int, call: str) -> list[dict]:
         """``call`` names the round (unique in the run): a robot restarted mid-round resumes it (simfleet.py)."""
@@ -356,7 +356,7 @@ class Flywheel:
             "iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir,
             "ray_task_nodes": dict(self.svc.task_nodes),  # Ray node id -> this process's calibration and scenario tasks it ran
         }
-        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
+        write_durably(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
         from fleet.pipeline.report import write_report
 
         write_report([*history, final], self.specs, self.run_dir / "report.png")

@@ -40,8 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from fleet.registry.trust import atomic_write
-from sim.durable import folder_lock
+from sim.durable import folder_lock, write_durably
 
 CHUNK = 1 << 16  # bytes per piece when a file is served
 APPEND_ATTEMPTS = 32
@@ -136,14 +135,14 @@ class LocalFiles:
         path = self.local_dir / _check(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not if_absent and if_match is None:
-            atomic_write(path, data)
+            write_durably(path, data)
             return content_tag(data)
         with folder_lock(path.parent):
             if if_absent and path.exists():
                 raise WriteConflict(f"{path} exists: another writer made it first")
             if if_match is not None and (self.read_tagged(name) or (b"", None))[1] != if_match:
                 raise WriteConflict(f"{path} changed since it was read: another writer replaced it")
-            atomic_write(path, data)
+            write_durably(path, data)
         return content_tag(data)
 
     def append(self, name: str, data: bytes) -> None:

@@ -11,12 +11,12 @@ The trusted version persists across restarts, so a reboot does not reopen the ro
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 from fleet.registry.manifest import FORMAT, REQUIRED, sha256_hex
 from fleet.registry.signing import canonical_json
+from sim.durable import write_durably
 
 
 class PolicyRejected(Exception):
@@ -108,8 +108,8 @@ class PolicyTrust:
     def accept(self, manifest: dict, weights: bytes) -> None:
         """Make (manifest, weights) the trusted policy: its weights under their own name, then the
         manifest that names them (the switch), then the others go."""
-        atomic_write(self._weights_file(manifest["version"]), weights)
-        atomic_write(self.state_dir / "trusted.json", canonical_json(manifest))
+        write_durably(self._weights_file(manifest["version"]), weights)
+        write_durably(self.state_dir / "trusted.json", canonical_json(manifest))
         self.manifest = manifest
         keep = self.weights_path.name
         for old in self.state_dir.glob("weights*.safetensors"):
@@ -130,14 +130,4 @@ class PolicyTrust:
         # blocked last: a power cut before this leaves the previous policy trusted and the failed
         # version unblocked, so it is fetched, fails its health check and is blocked again
         self.blocked.add(int(failed_version))
-        atomic_write(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part (write, fsync, rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_durably(self.state_dir / "blocked.json", json.dumps(sorted(self.blocked)).encode())
