@@ -247,12 +247,41 @@ def test_a_driver_without_the_cluster_token_is_refused_with_what_to_do(cluster, 
     assert "RAY_AUTH_TOKEN" in str(info.value) and wrong.read_text() not in str(info.value)  # what to do; never the token
 
 
+def test_the_world_model_trains_on_the_node_with_the_asked_resources(cluster, tmp_path):
+    """``ray.training``: a training task runs on a node with the resources asked for (here only the second node has
+    them), gets the previous model as bytes and sends the new one back into the driver's folder."""
+    from hydra.utils import instantiate
+
+    from fleet.pipeline.training import Training, TrainingPlacement
+    from sim.batched import BatchedStepper
+    from sim.policy_fn import random_policy
+    from sim.scenario import ScenarioSpec
+
+    address, _, _, token = cluster
+    cfg = config(tmp_path / "run", f"ray.address={address}", f"ray.node_ip_address={LOOPBACK}", f"ray.auth_token_file={token}", "worldmodel.train.max_steps=20")
+    start_ray(cfg.ray)
+    second_id = ray.get(node_id.options(resources={SECOND: 0.01}).remote(), timeout=60)
+    with BatchedStepper("pendulum", 2, source="real", robot_id="robot-0") as stepper:
+        real = stepper.simulate([ScenarioSpec("pendulum", seed=s, max_steps=40) for s in range(4)], random_policy(1, 0))
+    training = Training(TrainingPlacement("cluster", num_cpus=1, resources={SECOND: 0.01}), max_retries=0)
+    versions = []
+    for episodes in (real[:2], real):  # the second continues the first, sent to the node as bytes
+        _, report, version = training.world_model(
+            episodes, [], tmp_path / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
+        )
+        versions.append(version)
+        assert training.nodes == {"world_model": second_id} and report.train_episodes + report.val_episodes == len(episodes)
+    from worldmodel.io import load, model_version
+
+    assert model_version(load(tmp_path / "worldmodel", device="cpu")) == versions[1] != versions[0]  # the new model, in the driver's folder
+
+
 def test_the_loop_survives_losing_a_node_mid_iteration(cluster, s3_server, tmp_path, monkeypatch):
     address, head, second, token = cluster
     run, top = tmp_path / "run", f"cluster-{uuid.uuid4().hex[:8]}"
     cfg = config(
         run, *SMALL, f"ray.address={address}", f"ray.node_ip_address={LOOPBACK}", f"ray.auth_token_file={token}", f"fleet.store.path=s3://fleet/{top}/store",
-        f"fleet.registry.dir=s3://fleet/{top}/registry",
+        f"fleet.registry.dir=s3://fleet/{top}/registry", "ray.training.placement=cluster",
     )  # fmt: skip
     start_ray(cfg.ray)  # as the flywheel joins it; here first, to wait for both nodes before the robots start
     second_id = ray.get(node_id.options(resources={SECOND: 0.01}).remote(), timeout=60)  # this node's scheduler sees the second
@@ -297,6 +326,10 @@ def test_the_loop_survives_losing_a_node_mid_iteration(cluster, s3_server, tmp_p
     assert [h["iteration"] for h in summary["iterations"]] == [0, 1] and summary["final"]  # the run completed
     robots = {s["robot_id"]: s for s in summary["robots"]}
     (victim,) = [r for r, node in seen["robots"].items() if node == second_id]
+    # the world model and the learner trained in Ray tasks on the cluster's nodes; after the kill, on the head (a kill in
+    # iteration 1 may come after its training: in its canary)
+    first, second_iteration = (set(h["training_nodes"].values()) for h in summary["iterations"])
+    assert first <= {head_id, second_id} and second_iteration <= {head_id, second_id} and (seen["iteration"] == 1 or second_iteration == {head_id})
     assert robots[victim]["nodes"] == [second_id, head_id]  # restarted once, on the surviving node
     assert robots[victim]["duplicate"] >= 1  # it uploaded its unacknowledged episode again: stored already, not twice
     assert all(s["nodes"] == [head_id] for r, s in robots.items() if r != victim)

@@ -6,7 +6,7 @@ Each node's fields come from the dataclass or function that reads it (``LoopSett
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -36,6 +36,16 @@ EnsembleSchema, TrainSchema, RolloutSchema = target_schema(EnsembleConfig), targ
 
 
 @dataclasses.dataclass
+class RayTrainingSchema:
+    """``ray.training``: where the world model and the learner train (fleet.pipeline.training.TrainingPlacement)."""
+
+    placement: str = "driver"  # driver (this process) or cluster (a Ray task each)
+    num_cpus: Optional[float] = None  # null: policy.trainer.torch_threads
+    num_gpus: float = 0.0
+    resources: Dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources the node must have
+
+
+@dataclasses.dataclass
 class RaySchema:
     """``ray``: how ``fleet.pipeline.ray_start`` starts or joins Ray (``start_ray``) and how often robot actors
     are restarted and Ray tasks retried (``max_retries``)."""
@@ -48,6 +58,7 @@ class RaySchema:
     num_cpus: Optional[int] = None
     object_store_memory: Optional[int] = None
     include_dashboard: bool = False
+    training: RayTrainingSchema = dataclasses.field(default_factory=RayTrainingSchema)
 
 
 @dataclasses.dataclass

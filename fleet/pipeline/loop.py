@@ -26,6 +26,7 @@ from fleet.pipeline.gate import gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
+from fleet.pipeline.training import Training, TrainingPlacement
 from fleet.tracking import POLICY_STEPS
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
@@ -97,6 +98,7 @@ class Flywheel:
         self.state.setdefault("sensor_beliefs", {})  # robot id -> what its calibrations say of its sensor offset (sim/sensors.py)
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
+        self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -181,11 +183,9 @@ class Flywheel:
         seen = steps.seen_bodies(profiles, on_board)  # the bodies the policy is told it drives: a filtered sensor as a clean one
 
         with self.progress.task(f"iteration {k}: world model"):
-            previous = svc.load_world_model()
-            model, wm_report, wm_version = steps.update_world_model(
-                real, sim, previous, instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), None
+            model, wm_report, wm_version = self.training.world_model(
+                real, sim, self.run_dir / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), cfg.worldmodel.train.device
             )
-            svc.save_world_model(model)
             record["world_model"] = {
                 "version": wm_version, "val_mse": wm_report.elite_val_mse, "steps": wm_report.steps, "train_transitions": wm_report.train_transitions
             }
@@ -215,7 +215,7 @@ class Flywheel:
             if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise, but for the filtered sensors' (their worlds run the filter)
                 algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles if s.noise_free_training_worlds else seen)
                 worlds = steps.clean_sensor_worlds(profiles) if s.noise_free_training_worlds else profiles
-            trained = steps.train_policy(
+            trained = self.training.policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
                 profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
                 lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()} | {POLICY_STEPS: steps_before + n}, step),
@@ -228,6 +228,8 @@ class Flywheel:
             self.state["learner_env_steps"] = steps_before + trained.env_steps
             svc.tracker.config_update({"effective_trainer": dataclasses.asdict(trainer_cfg), "effective_algorithm": dataclasses.asdict(algo_cfg)})
 
+        if self.training.on_cluster:  # the Ray node each training task ran on
+            record["training_nodes"] = dict(self.training.nodes)
         with self.progress.task(f"iteration {k}: gate on every robot's profile"):
             cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
             cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed, on_board)

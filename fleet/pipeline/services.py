@@ -52,7 +52,8 @@ class Services(contextlib.AbstractContextManager):
         self._started_ray = start_ray(cfg.ray)
         self.task_nodes = collections.Counter()  # Ray node id -> the tasks of ray_map it ran
         self._robot_group = None  # the robots' placement group (robot_options)
-        warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
+        if cfg.ray.training.placement == "driver":  # a training task on the cluster gets the GPUs it asks for (fleet/pipeline/training.py)
+            warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
         self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
         self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
         keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
@@ -114,17 +115,6 @@ class Services(contextlib.AbstractContextManager):
         ]  # fmt: skip
 
     # -- models ---------------------------------------------------------------------------------
-    def load_world_model(self):
-        from worldmodel.io import META_FILE, load
-
-        path = self.run_dir / "worldmodel"
-        return load(path, device=self.cfg.worldmodel.train.device) if (path / META_FILE).exists() else None
-
-    def save_world_model(self, model) -> None:
-        from worldmodel.io import save
-
-        save(model, self.run_dir / "worldmodel")
-
     def export(self, policy, directory: Path, robot_model: str, snapshot_id: str) -> tuple[bytes, dict]:
         """Export a policy (safetensors + manifest); returns (weights bytes, the exporter's manifest)."""
         from policies.export import export_policy
@@ -187,7 +177,7 @@ def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:
     if cluster_gpus and AUTO in devices and resolve_device(AUTO).type == "cpu":
         log.warning(
             "the Ray cluster has %g GPUs, but this process sees none: the learner and the world model train here, on CPU; "
-            "start flywheel on a GPU node (ray.address=auto joins the cluster) to train on one", cluster_gpus,
+            "start flywheel on a GPU node (ray.address=auto joins the cluster), or train there with ray.training.placement=cluster ray.training.num_gpus=1", cluster_gpus,
         )
         return True
     return False

@@ -1,0 +1,164 @@
+"""Where the world model and the policy learner train each iteration (``ray.training``; docs/scale.md).
+
+``placement: driver`` (the default): in this process, as ``fleet.pipeline.steps`` does it.
+``placement: cluster``: each in a Ray task on any node with ``num_cpus``, ``num_gpus`` and the custom
+``resources`` asked for (a GPU node's: ``device: auto`` then trains on the GPU Ray gives the task),
+spread over the nodes and retried up to ``ray.max_retries`` times when its worker or node dies. A task
+gets plain values only: episodes as their canonical bytes, configs and profiles as frozen dataclasses,
+the previous model's or learner's files as bytes; it returns the new files the same way, with the
+candidate policy as safetensors bytes and its training log. No node needs the driver's disk: the driver
+writes the files into the run folder (each durably, the JSON that names the tensors' hash last), loads
+the model from there, and replays the log into the tracker (after the task, not while it runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import ray
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fleet.pipeline import steps
+from sim.durable import write_durably
+from sim.episode import Episode
+
+PLACEMENTS = ("driver", "cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlacement:
+    """``ray.training``: where training runs and what a training task asks Ray for."""
+
+    placement: str = "driver"
+    num_cpus: float | None = None  # null: the learner's torch_threads (the world model's task takes the same)
+    num_gpus: float = 0.0
+    resources: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"ray.training.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.num_gpus < 0 or (self.num_cpus is not None and self.num_cpus < 0):
+            raise ValueError(f"ray.training.num_cpus and num_gpus must be >= 0, got {self.num_cpus} and {self.num_gpus}")
+
+
+class Training:
+    """Runs :func:`steps.update_world_model` and :func:`steps.train_policy` where ``placement`` says;
+    ``nodes`` records the Ray node of each training task (``{"world_model": id, "policy": id}``)."""
+
+    def __init__(self, placement: TrainingPlacement, max_retries: int):
+        self.placement, self.max_retries = placement, max_retries
+        self.nodes: dict[str, str] = {}
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.placement.placement == "cluster"
+
+    def task_options(self, cpus: float) -> dict:
+        """Ray options of a training task (``cpus``: when ``num_cpus`` is null): spread, retried."""
+        p = self.placement
+        return {
+            "num_cpus": p.num_cpus if p.num_cpus is not None else cpus, "num_gpus": p.num_gpus, "resources": dict(p.resources) or None,
+            "max_retries": self.max_retries, "scheduling_strategy": "SPREAD",
+        }  # fmt: skip
+
+    def _remote(self, fn, cpus: float):
+        return ray.remote(fn).options(**self.task_options(cpus))
+
+    def world_model(self, real, sim, model_dir: Path, ensemble_cfg, train_cfg, device: str):
+        """Continue the model saved in ``model_dir`` (or start one) on ``real`` + ``sim``; the new model is
+        saved there. Returns (model, report, version), the model loaded on ``device`` here."""
+        from worldmodel.io import META_FILE, load, save
+
+        previous = load(model_dir, device=device) if (model_dir / META_FILE).exists() else None
+        if not self.on_cluster:
+            model, report, version = steps.update_world_model(real, sim, previous, ensemble_cfg, train_cfg, None)
+            save(model, model_dir)
+            return model, report, version
+        job = {
+            "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(model_dir) if previous else None,
+            "ensemble": ensemble_cfg, "train": train_cfg,
+        }  # fmt: skip
+        out = ray.get(self._remote(_world_model_task, 1).remote(job))
+        self.nodes["world_model"] = out["node"]
+        write_folder(out["files"], model_dir)
+        model = load(model_dir, device=device)
+        return model, out["report"], out["version"]
+
+    def policy(self, trainer_cfg, algo_cfg, data, profiles, warm_start: Path | None, out_dir: Path, log, worlds=None, sensor_filters=None):
+        """:func:`steps.train_policy`, here or in a task; the checkpoint is written to ``out_dir`` either way."""
+        if not self.on_cluster:
+            return steps.train_policy(trainer_cfg, algo_cfg, data, profiles, warm_start, out_dir, log, worlds=worlds, sensor_filters=sensor_filters)
+        job = {
+            "trainer": trainer_cfg, "algo": algo_cfg, "data": {k: [ep.to_bytes() for ep in v] for k, v in data.items()}, "profiles": profiles,
+            "warm": read_folder(warm_start) if warm_start is not None else None, "worlds": worlds, "sensor_filters": sensor_filters,
+        }  # fmt: skip
+        out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job))
+        self.nodes["policy"] = out["node"]
+        for metrics, n in out["log"]:
+            if log is not None:
+                log(metrics, n)
+        checkpoint = write_folder(out["checkpoint"], out_dir)
+        return steps.TrainedPolicy(policy_from_bytes(out["policy"]), checkpoint, out["env_steps"], out["metrics"])
+
+
+def _world_model_task(job: dict) -> dict:
+    from worldmodel.io import load, save
+
+    episodes = [Episode.from_bytes(b) for b in job["episodes"]]
+    real, sim = episodes[: job["n_real"]], episodes[job["n_real"] :]
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = load(write_folder(job["previous"], Path(tmp) / "previous"), device=job["train"].device) if job["previous"] else None
+        model, report, version = steps.update_world_model(real, sim, previous, job["ensemble"], job["train"], None)
+        save(model, Path(tmp) / "model")
+        return {"node": ray.get_runtime_context().get_node_id(), "files": read_folder(Path(tmp) / "model"), "report": report, "version": version}
+
+
+def _policy_task(job: dict) -> dict:
+    data = {k: [Episode.from_bytes(b) for b in v] for k, v in job["data"].items()}
+    logged: list[tuple[dict[str, float], int]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = write_folder(job["warm"], Path(tmp) / "warm") if job["warm"] is not None else None
+        trained = steps.train_policy(
+            job["trainer"], job["algo"], data, job["profiles"], warm, Path(tmp) / "out", lambda m, n: logged.append(({k: float(v) for k, v in m.items()}, n)),
+            worlds=job["worlds"], sensor_filters=job["sensor_filters"],
+        )  # fmt: skip
+        return {
+            "node": ray.get_runtime_context().get_node_id(), "checkpoint": read_folder(trained.checkpoint), "policy": policy_to_bytes(trained.policy),
+            "env_steps": trained.env_steps, "metrics": trained.metrics, "log": logged,
+        }  # fmt: skip
+
+
+def policy_to_bytes(policy) -> dict:
+    """A torch ``Policy`` as plain values: its spec (JSON) and its state dict (safetensors bytes)."""
+    spec = dataclasses.asdict(policy.spec) | {"state_dependent_std": bool(policy.actor.state_dependent_std)}
+    return {"spec": json.dumps(spec), "tensors": save_tensors({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()})}
+
+
+def policy_from_bytes(packed: dict):
+    """Inverse of :func:`policy_to_bytes` (on CPU)."""
+    from policies.networks import Policy, PolicySpec
+
+    spec = json.loads(packed["spec"])
+    state_dependent_std = spec.pop("state_dependent_std")
+    policy = Policy(PolicySpec(**spec | {"hidden_sizes": tuple(spec["hidden_sizes"])}), state_dependent_std=state_dependent_std)
+    policy.load_state_dict(load_tensors(packed["tensors"]))
+    return policy.eval()
+
+
+def read_folder(folder: Path) -> dict[str, bytes]:
+    """The files directly in ``folder`` (a checkpoint's or a model's), name -> bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def write_folder(files: dict[str, bytes], folder: Path) -> Path:
+    """Write ``files`` into ``folder`` (created), each durably, the JSON files last: a checkpoint's or a
+    model's JSON names its tensors' hash, so a crash between two files leaves a mismatch its loader refuses."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda n: (n.endswith(".json"), n)):
+        write_durably(folder / name, files[name])
+    return folder

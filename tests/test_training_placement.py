@@ -1,0 +1,116 @@
+"""``ray.training.placement: cluster``: the world model and the learner train in Ray tasks and give what they
+give in the driver (the same model version, checkpoint tensors, candidate and training log), continuing from
+the previous files sent as bytes; a task asks Ray for the configured resources; bad settings are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fleet.pipeline.training import Training, TrainingPlacement, policy_from_bytes, policy_to_bytes, read_folder
+from policies.checkpoint import load_checkpoint
+from sim.batched import BatchedStepper
+from sim.policy_fn import random_policy
+from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
+from tests.test_flywheel_e2e import CONF
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    with BatchedStepper("pendulum", 4, source="real", robot_id="robot-0") as stepper:
+        return stepper.simulate([ScenarioSpec("pendulum", seed=s, max_steps=60) for s in range(6)], random_policy(1, 0))
+
+
+def configs():
+    """The flywheel's learner and world model, small."""
+    overrides = [
+        "policy.trainer.torch_threads=1", "worldmodel.train.num_threads=1", "policy.algorithm.model_train.max_steps=60",
+        "policy.algorithm.retrain_steps=40", "policy.trainer.eval_every=20", "worldmodel.train.max_steps=40",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("flywheel", overrides=overrides)
+    trainer = dataclasses.replace(instantiate(cfg.policy.trainer), robot="pendulum", total_env_steps=120, seed=3)
+    return cfg, trainer, instantiate(cfg.policy.algorithm)
+
+
+def train_twice(placement: str, episodes, folder):
+    """World model and learner, then each continued from what the first call left; returns what a run keeps."""
+    cfg, trainer, algo = configs()
+    training = Training(TrainingPlacement(placement, num_cpus=1), max_retries=0)
+    profiles = {"robot-0": VariationProfile(), "robot-1": VariationProfile(actuator_strength=0.7)}
+    versions, logs, policies = [], [], []
+    for i, (real, sim) in enumerate([(episodes[:3], episodes[3:4]), (episodes[:5], episodes[5:])]):
+        model, report, version = training.world_model(
+            real, sim, folder / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
+        )
+        assert report.steps > 0 and model.spec is not None
+        versions.append(version)
+        log = []
+        trained = training.policy(
+            trainer, algo, {"real": real, "sim": sim}, profiles, folder / f"p{i - 1}" if i else None, folder / f"p{i}", lambda m, n: log.append((m, n))
+        )
+        logs.append(log)
+        policies.append(trained)
+    return versions, logs, policies, dict(training.nodes)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN where NaN (a measured error not measured yet)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.all((a == b) | (a.isnan() & b.isnan()))) if a.is_floating_point() else torch.equal(a, b)
+
+
+def test_a_training_task_on_ray_gives_what_the_driver_gives(episodes, tmp_path, local_ray):
+    here = train_twice("driver", episodes, tmp_path / "driver")
+    there = train_twice("cluster", episodes, tmp_path / "cluster")
+    (v_here, log_here, p_here, nodes_here), (v_there, log_there, p_there, nodes_there) = here, there
+    assert nodes_here == {} and set(nodes_there) == {"world_model", "policy"}  # the tasks ran on a Ray node
+    assert v_here == v_there and v_here[0] != v_here[1]  # the same world models (a content hash), the second continued the first
+    for a, b in zip(p_here, p_there):
+        ta, ma = load_checkpoint(a.checkpoint)
+        tb, mb = load_checkpoint(b.checkpoint)
+        assert ta.keys() == tb.keys() and all(same(ta[k], tb[k]) for k in ta)  # written into the run folder, bit for bit
+        assert ma["env_steps"] == mb["env_steps"] == a.env_steps == b.env_steps
+        sa, sb = a.policy.state_dict(), b.policy.state_dict()
+        assert sa.keys() == sb.keys() and all(same(sa[k], sb[k]) for k in sa)  # the candidate (keep_best's), not only the latest
+        assert a.metrics == b.metrics
+    learner = load_checkpoint(p_there[1].checkpoint)[1]["algo"]
+    assert learner["sac"]["env_steps"] == 2 * p_there[0].env_steps and learner["retrains"] >= 1  # the second call continued the first's learner
+    assert [[n for _, n in log] for log in log_here] == [[n for _, n in log] for log in log_there] and log_there[0]  # the log, replayed
+    assert [[m.get("policy/env_steps") for m, _ in log] for log in log_here] == [[m.get("policy/env_steps") for m, _ in log] for log in log_there]
+
+
+def test_a_policy_crosses_as_bytes_unchanged():
+    from policies.networks import Policy, PolicySpec
+
+    policy = Policy(PolicySpec(4, 1, (32, 32), "relu", True, 5.0, 1e-8, 2))
+    with torch.no_grad():
+        policy.normalizer.mean.add_(0.123456789)  # float64 statistics stay float64
+    back = policy_from_bytes(policy_to_bytes(policy))
+    assert back.spec == policy.spec and back.normalizer.mean.dtype == torch.float64
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in policy.state_dict().items())
+
+
+def test_a_task_asks_ray_for_the_configured_resources(local_ray, tmp_path):
+    training = Training(TrainingPlacement("cluster", num_cpus=None, num_gpus=0, resources={"no_such_node": 1}), max_retries=0)
+    ref = training._remote(read_folder, 2).remote(tmp_path)
+    ready, _ = local_ray.wait([ref], timeout=2)
+    assert not ready  # no node has the resource: the task waits for one (Ray reports it unschedulable)
+    local_ray.cancel(ref, force=True)
+    options = training.task_options(2)
+    assert options["num_cpus"] == 2 and options["resources"] == {"no_such_node": 1} and options["scheduling_strategy"] == "SPREAD"
+    assert Training(TrainingPlacement("cluster", num_cpus=3, num_gpus=1), max_retries=2).task_options(2) | {"scheduling_strategy": None} == {
+        "num_cpus": 3, "num_gpus": 1, "resources": None, "max_retries": 2, "scheduling_strategy": None
+    }
+
+
+@pytest.mark.parametrize("bad", [{"placement": "gpu"}, {"num_gpus": -1}, {"num_cpus": -2}])
+def test_bad_training_settings_are_refused_with_what_is_allowed(bad):
+    with pytest.raises(ValueError, match="ray.training"):
+        TrainingPlacement(**bad)
