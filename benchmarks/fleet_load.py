@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -77,7 +78,8 @@ class Replicas:
 
     def __init__(self, n: int, store: StoreConfig, tokens: Path, workdir: Path):
         config = ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=64, upload_rate_per_s=1000.0, upload_burst=1000)
-        self.procs = [ServerProcess(store, config, workdir / f"replica-{i}") for i in range(n)]
+        # each replica a stable writer id (docs/store.md, "Writers"): a restarted one appends to its own partition again
+        self.procs = [ServerProcess(dataclasses.replace(store, writer_id=f"replica-{i}"), config, workdir / f"replica-{i}") for i in range(n)]
         self.urls = [p.start() for p in self.procs]
         self.cpu_dead = 0.0  # CPU seconds of killed processes
 

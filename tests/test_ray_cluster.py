@@ -169,9 +169,10 @@ def listening(pids) -> set[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_process_state():
+def ray_process_state(s3_server):
     """start_ray sets Ray's authentication variables in this process, and Ray caches the token it read:
-    after this module, both as they were, so a later test's local Ray starts with its own token."""
+    after this module, both as they were, so a later test's local Ray starts with its own token. (The S3
+    server, which the session's later tests share, starts first: its variables are among those kept.)"""
     saved = dict(os.environ)
     yield
     if ray.is_initialized():
@@ -338,5 +339,7 @@ def test_the_loop_survives_losing_a_node_mid_iteration(cluster, s3_server, tmp_p
     real = store.snapshot().episodes(source="real")
     ids = [e.episode_id for e in real]
     assert len(ids) == len(set(ids))  # nothing stored twice
+    writers = {e.stream.rsplit(".", 1)[1] for e in store.snapshot().catalog()}
+    assert writers == {"ingest", "synthetic"} and {e.stream.rsplit(".", 1)[1] for e in real} == {"ingest"}  # the run's two stable writers
     for robot_id, status in robots.items():  # every episode a robot ran is stored, none lost, none extra
         assert sum(e.robot_id == robot_id for e in real) == status["episodes_run"] > 0

@@ -124,6 +124,27 @@ def test_a_commit_racing_one_that_stored_its_ids_is_redone_without_them(cfg):
     assert len(set(ids)) == 6 and snap.read_episode(mine[2].episode_id).equals(other_bytes)  # the winner's bytes
 
 
+def test_the_server_counts_its_lost_commit_races_on_metrics(cfg):
+    """A replica's group commit that lost races shows on /metrics: redone where the rival stored one of its
+    ids first, rebased onto the rival's commit otherwise (flywheel_commit_races_total{outcome})."""
+    import hashlib
+
+    from fleet.server.committer import GroupCommitter
+    from fleet.server.metrics import Metrics
+
+    mine = [episode(0, "b"), episode(1, "shared")]
+    store = racing(cfg, [[episode(10, "a"), mine[1]], [episode(11, "a")]])
+    metrics = Metrics()
+    committer = GroupCommitter(store, metrics, wait_s=0.05, max_bytes=1 << 20, max_episodes=8)
+    committer.start()
+    futures = [committer.submit(ep, hashlib.sha256(ep.to_bytes()).digest(), len(ep.to_bytes())) for ep in mine]
+    committer.close()
+    assert sorted(f.result(timeout=60) for f in futures) == ["created", "duplicate"]
+    text = metrics.render(0, store.known_episodes)
+    assert 'flywheel_commit_races_total{outcome="redone"} 1.0' in text and 'flywheel_commit_races_total{outcome="rebased"} 1.0' in text
+    assert (store.commit_retries, store.commit_rebases) == (1, 1)
+
+
 WRITER = textwrap.dedent(
     """
     import os, sys, time
@@ -238,8 +259,12 @@ def test_two_server_replicas_on_one_s3_store_keep_idempotency_and_the_409_rule(c
 
 
 def test_a_flywheel_run_keeps_its_store_under_the_configured_s3_prefix(tmp_path):
-    from fleet.pipeline.services import run_store
+    from fleet.pipeline.services import run_store, run_writer
 
     run = tmp_path / "20261126-120000"
     assert run_store(StoreConfig(path="s3://fleet/runs/"), run).path == "s3://fleet/runs/20261126-120000"  # a resumed run finds it again
     assert run_store(StoreConfig(path="runs/fleet/store", chunk_rows=64), run) == StoreConfig(path=str(run / "store"), chunk_rows=64)
+    # its writers: on object storage one stable id per role (a resumed run reuses their partitions); a configured id or local disk as set
+    assert run_writer(StoreConfig(path="s3://fleet/runs/x"), "ingest").writer_id == "ingest"
+    assert run_writer(StoreConfig(path="s3://fleet/runs/x", writer_id="pod-7"), "ingest").writer_id == "pod-7"
+    assert run_writer(StoreConfig(path=str(run / "store")), "ingest").writer_id == ""

@@ -67,9 +67,9 @@ class Services(contextlib.AbstractContextManager):
         EpisodeStore.open_or_create(self.store_cfg)
         # on this driver's Ray address: the robots, Ray actors on any node, reach it there
         server_cfg = ServerConfig(host=ray.util.get_node_ip_address(), port=0, token_file=str(token_file))
-        self.server = serve(server_cfg, self.store_cfg, policy_registry=self.registry)
+        self.server = serve(server_cfg, run_writer(self.store_cfg, "ingest"), policy_registry=self.registry)
         self.url = self.server.url
-        self.store = EpisodeStore.open(self.store_cfg)
+        self.store = EpisodeStore.open(run_writer(self.store_cfg, "synthetic"))  # scenario and world-model episodes
         self.tracker = Tracker(
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
             config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
@@ -158,6 +158,15 @@ class Services(contextlib.AbstractContextManager):
 def run_store(configured: StoreConfig, run_dir: Path) -> StoreConfig:
     """The run's own episode store: ``fleet.store`` at :func:`run_location` ``(fleet.store.path, run_dir, "store")``."""
     return dataclasses.replace(configured, path=run_location(configured.path, run_dir, "store"))
+
+
+def run_writer(store: StoreConfig, role: str) -> StoreConfig:
+    """The run's writer ``role`` (``ingest``: its fleet server; ``synthetic``: this driver). On object storage
+    with no ``fleet.store.writer_id``, the role is the writer id, so a resumed run appends to the same
+    catalog partitions and streams instead of adding a generated writer's per start (docs/store.md, "Writers")."""
+    if store.writer_id or not str(store.path).startswith("s3://"):
+        return store
+    return dataclasses.replace(store, writer_id=role)
 
 
 def run_location(configured: str | os.PathLike, run_dir: Path, folder: str) -> str:

@@ -136,7 +136,7 @@ class GroupCommitter:
             self._commit(batch)
 
     def _commit(self, batch: list[_Item]) -> None:
-        start = time.perf_counter()
+        start, races = time.perf_counter(), (self.store.commit_rebases, self.store.commit_retries)
         try:
             result = self.store.append(
                 [i.episode for i in batch],
@@ -145,10 +145,12 @@ class GroupCommitter:
                 message=f"ingest {len(batch)} uploads",
             )
         except Exception as exc:  # reported to every waiting upload as 503; nothing was acknowledged
+            self.metrics.raced(self.store.commit_rebases - races[0], self.store.commit_retries - races[1])
             log.exception("group commit of %d uploads failed; none acknowledged, clients will retry", len(batch))
             self.metrics.committed(time.perf_counter() - start, len(batch), ok=False)
             self._settle(batch, error=exc)
             return
+        self.metrics.raced(self.store.commit_rebases - races[0], self.store.commit_retries - races[1])
         self.metrics.committed(time.perf_counter() - start, result.created, ok=True)
         self._settle(batch, statuses=result.statuses)
 

@@ -11,6 +11,8 @@ Metric names (documented in docs/protocol.md, each with HELP text):
     flywheel_commit_failures_total                       group commits that failed (uploads got 503)
     flywheel_commit_seconds                              histogram, one group commit incl. fsync
     flywheel_commit_episodes                             histogram, episodes per group commit
+    flywheel_commit_races_total{outcome}                 commits that lost a race to another writer (object storage):
+                                                         rebased onto the winner's, or redone on the new tip
     flywheel_pending_uploads                             gauge, uploads waiting for a commit
     flywheel_store_episodes                              gauge, episodes in the store
     flywheel_http_requests_total{method,route,status}    every HTTP request, by route template
@@ -41,6 +43,10 @@ class Metrics:
         self.commit_failures = Counter("flywheel_commit_failures", "Group commits that failed (their uploads got 503).", registry=r)
         self.commit_seconds = Histogram("flywheel_commit_seconds", "One group commit, fsync included.", buckets=LATENCY_BUCKETS, registry=r)
         self.commit_episodes = Histogram("flywheel_commit_episodes", "Episodes per group commit.", buckets=BATCH_BUCKETS, registry=r)
+        self.commit_races = Counter(
+            "flywheel_commit_races", "Group commits that lost a race to another writer of the store: rebased onto the winner's, or redone.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.pending = Gauge("flywheel_pending_uploads", "Uploads waiting for a group commit.", registry=r)
         self.store_episodes = Gauge("flywheel_store_episodes", "Episodes in the store.", registry=r)
         self.requests = Counter("flywheel_http_requests", "HTTP requests, by method, route template and status.", ["method", "route", "status"], registry=r)
@@ -69,6 +75,12 @@ class Metrics:
             self.commit_episodes.observe(episodes)
         else:
             self.commit_failures.inc()
+
+    def raced(self, rebased: int, redone: int) -> None:
+        if rebased:
+            self.commit_races.labels("rebased").inc(rebased)
+        if redone:
+            self.commit_races.labels("redone").inc(redone)
 
     def request(self, method: str, route: str | None, status: int, seconds: float) -> None:
         route = route or UNMATCHED

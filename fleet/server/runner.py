@@ -158,6 +158,7 @@ class ServerProcess:
             f"fleet.store.index_rows={st.index_rows}",
             f"fleet.store.compression={st.compression}",
             f"fleet.store.fsync={str(st.fsync).lower()}",
+            *([f"fleet.store.writer_id={st.writer_id}"] if st.writer_id else []),  # a replica's stable id: a restart reuses its partition
             f"hydra.run.dir={self.workdir / 'hydra'}",
             "hydra.output_subdir=null",
             *self.extra,
