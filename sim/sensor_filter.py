@@ -107,6 +107,7 @@ class FilterState:
         m = self.model
         self.x = self.x @ m.A.T + np.asarray(action, np.float64) @ m.B.T + m.c
         self.P = m.A @ self.P @ m.A.T + m.Q
+        self.P = 0.5 * (self.P + self.P.T)  # exactly symmetric: update() relies on it
 
     def update(self, obs: np.ndarray) -> np.ndarray:
         obs = np.asarray(obs, np.float64)
@@ -114,11 +115,13 @@ class FilterState:
             self.x, self.P = obs.copy(), self.model.R.copy()
             return self.x.astype(np.float32)
         innovation, spread = obs - self.x, self.P + self.model.R
-        d = len(self.P)
-        if (innovation * np.linalg.solve(spread, innovation.T).T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d):
+        d, rows = len(self.P), len(innovation)
+        # one solve for both: (P + R)^-1 [innovation^T | P] (P and R symmetric)
+        solved = np.linalg.solve(spread, np.concatenate([innovation.T, self.P], axis=1))
+        if (innovation * solved[:, :rows].T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d):
             self.x, self.P = obs.copy(), self.model.R.copy()  # the model cannot explain this reading: start again from it
             return self.x.astype(np.float32)
-        gain = np.linalg.solve(spread.T, self.P.T).T  # P (P + R)^-1
+        gain = solved[:, rows:].T  # P (P + R)^-1
         self.x = self.x + innovation @ gain.T
         self.P = (np.eye(d) - gain) @ self.P
         self.P = 0.5 * (self.P + self.P.T)
