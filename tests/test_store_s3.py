@@ -213,6 +213,17 @@ def test_a_bad_location_says_what_to_use():
     assert Location.parse("s3://fleet/a/b/") == Location(bucket="fleet", prefix="a/b")
 
 
+def test_a_replica_without_a_writer_id_on_s3_says_to_give_it_one(cfg, tmp_path, caplog):
+    from fleet.server import ServerConfig, serve
+
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text("{}")
+    for writer_id, warned in (("", True), ("replica-0", False)):
+        caplog.clear()
+        serve(ServerConfig(port=0, token_file=str(tokens)), dataclasses.replace(cfg, writer_id=writer_id)).stop()
+        assert ("fleet.store.writer_id=replica-3" in caplog.text) == warned, caplog.text
+
+
 def test_two_server_replicas_on_one_s3_store_keep_idempotency_and_the_409_rule(cfg, tmp_path):
     """Two flywheel-server replicas (each its own store handle and writer id, as on two hosts)
     behind no common lock: every robot's episode stored once, by the replica it reached, a retried

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -27,6 +28,8 @@ from fleet.server.config import ServerConfig
 from fleet.server.protocol import JsonErrorsH11Protocol
 from fleet.store.config import StoreConfig
 from fleet.store.writer import EpisodeStore
+
+log = logging.getLogger(__name__)
 
 
 def _bind(config: ServerConfig) -> socket.socket:
@@ -55,6 +58,12 @@ def _with_registry(routes: RoutesFactory | None, policy_registry) -> RoutesFacto
 
 def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: RoutesFactory | None = None) -> uvicorn.Server:
     store = EpisodeStore.open_or_create(store_cfg)
+    if not store_cfg.writer_id and not store.location.is_local:
+        log.warning(
+            "fleet.store.writer_id is not set: this replica writes to the store as %s, a new id each start, so each restart adds a "
+            "catalog partition and streams; give each long-lived replica a stable id (its pod or host name: fleet.store.writer_id=replica-3)",
+            store.writer_id,
+        )
     store.refresh_index()  # idempotency across restarts: every stored episode_id is known before the first upload
     tokens = TokenRegistry(server.token_file)
     app = create_app(server, store, tokens, on_ready=on_ready, routes=routes)
