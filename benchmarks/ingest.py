@@ -133,6 +133,15 @@ def commit_summary(url: str, operator_token: str) -> str:
     return f"{commits:.0f} commits, {episodes / commits:.1f} episodes/commit, {1e3 * seconds / commits:.1f} ms/commit"
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -162,6 +171,7 @@ def main() -> None:
         operator = add_token(tokens_file, "operator")
         base, store_mb, one, many = [], [], [], []
         lat1, lat16 = [], []
+        cpu = {"1_robot": [0.0, 0], f"{args.robots}_robots": [0.0, 0]}  # the server process's CPU seconds, uploads
         # the server's capacity, not its per-token admission policy: rate limits sized to the load
         limits = {"max_concurrent_uploads": 64, "upload_rate_per_s": 1e6, "upload_burst": 10**6}
         server = ServerProcess(StoreConfig(path=str(work / "http-store")), ServerConfig(port=free_port(), token_file=str(tokens_file), **limits), work / "server")
@@ -176,12 +186,24 @@ def main() -> None:
                 base.append(np_save_rate(flat16, scratch))
                 shutil.rmtree(scratch)
                 store_mb.append(store_rate(variants(pool, n16, "direct", seed=5000 + rep), work / "direct-store"))
-                eps_s, mb_s, lat = http_run(url, tokens, {robot_ids[0]: [e.to_bytes() for e in eps1]})
+                bodies1 = {robot_ids[0]: [e.to_bytes() for e in eps1]}
+                before = process_cpu_s(server.proc.pid)
+                eps_s, mb_s, lat = http_run(url, tokens, bodies1)
+                after = process_cpu_s(server.proc.pid)
                 one.append((eps_s, mb_s))
                 lat1 += lat
-                eps_s, mb_s, lat = http_run(url, tokens, {rid: [e.to_bytes() for e in v] for rid, v in eps16.items()})
+                if before is not None and after is not None:
+                    cpu["1_robot"][0] += after - before
+                    cpu["1_robot"][1] += len(eps1)
+                bodies16 = {rid: [e.to_bytes() for e in v] for rid, v in eps16.items()}
+                before = process_cpu_s(server.proc.pid)
+                eps_s, mb_s, lat = http_run(url, tokens, bodies16)
+                after = process_cpu_s(server.proc.pid)
                 many.append((eps_s, mb_s))
                 lat16 += lat
+                if before is not None and after is not None:
+                    cpu[f"{args.robots}_robots"][0] += after - before
+                    cpu[f"{args.robots}_robots"][1] += len(flat16)
                 print(f"# repeat {rep}: np.save {base[-1]:.0f} MB/s, store {store_mb[-1]:.0f} MB/s, http x1 {one[-1][1]:.1f} MB/s, x{args.robots} {many[-1][1]:.1f} MB/s", file=sys.stderr)
             print(f"# server: {commit_summary(url, operator)}", file=sys.stderr)
         finally:
@@ -196,6 +218,8 @@ def main() -> None:
             emit(f"ingest/http_{name}_episodes_per_s", eps_s, "episodes/s", b * 1e6 / wire, eps_s / (b * 1e6 / wire))
             emit(f"ingest/http_{name}_MBps", mb_s, "MB/s", b, mb_s / b)
             emit(f"ingest/http_{name}_p99_latency_ms", float(np.percentile(lats, 99)) * 1e3, "ms")
+            if cpu[name][1]:  # the server's CPU per upload (parse, validate, digest, commit share; all its threads)
+                emit(f"ingest/http_{name}_server_cpu_ms_per_episode", 1e3 * cpu[name][0] / cpu[name][1], "ms")
         store = EpisodeStore.open(StoreConfig(path=str(work / "http-store")))
         transitions = sum(e.num_steps for e in store.snapshot().catalog())
         per_transition = du(work / "http-store") / transitions

@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from fleet.server.auth import TokenRegistry
@@ -75,6 +76,57 @@ class _Snapshots:
 RoutesFactory = Callable[[TokenRegistry], Iterable[APIRouter]]
 
 
+class _RefuseAmbiguousFraming:
+    """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several
+    Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            lengths = headers.getlist("content-length")
+            if len(lengths) > 1 or (lengths and "transfer-encoding" in headers):
+                self.metrics.rejected("ambiguous_framing")
+                reason = "send either one Content-Length or Transfer-Encoding: chunked, not both (RFC 9112 6.3)"
+                await ApiError(400, "ambiguous_framing", reason, "content-length", {"Connection": "close"}).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _CountRequests:
+    """Per-route request counts and latencies (the route's template, never the raw path), counted
+    when the response starts (its status known), or as 500 when the app raised before it did."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                route = scope.get("route")
+                self.metrics.request(scope["method"], getattr(route, "path", None), status, time.perf_counter() - start)
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            count(500)
+
+
 def create_app(
     config: ServerConfig, store: EpisodeStore, tokens: TokenRegistry, *, on_ready=None, routes: RoutesFactory | None = None
 ) -> FastAPI:
@@ -117,29 +169,11 @@ def create_app(
         field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return await api_error(request, ApiError(400, "bad_query", f"{field}: {first.get('msg', 'invalid')} (got {str(first.get('input'))[:100]!r})", field))
 
-    @app.middleware("http")
-    async def refuse_ambiguous_framing(request: Request, call_next):
-        """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several
-        Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request."""
-        lengths = request.headers.getlist("content-length")
-        if len(lengths) > 1 or (lengths and "transfer-encoding" in request.headers):
-            metrics.rejected("ambiguous_framing")
-            reason = "send either one Content-Length or Transfer-Encoding: chunked, not both (RFC 9112 6.3)"
-            return ApiError(400, "ambiguous_framing", reason, "content-length", {"Connection": "close"}).response()
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        """Per-route request counts and latencies (the route's template, never the raw path)."""
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            metrics.request(request.method, getattr(route, "path", None), status, time.perf_counter() - start)
+    # Plain ASGI middleware, not @app.middleware("http") (Starlette's BaseHTTPMiddleware): that one runs
+    # the app in a task group and passes every body chunk through memory streams, per request.
+    # The later one added is the outer one: count_requests sees every request, refusals included.
+    app.add_middleware(_RefuseAmbiguousFraming, metrics=metrics)
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int) -> tuple[int, dict]:
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most

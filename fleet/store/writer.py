@@ -20,6 +20,9 @@ from collections.abc import Sequence
 import icechunk
 import numpy as np
 from zarr import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.chunk_grids import RegularChunkGrid
+from zarr.core.codec_pipeline import fill_value_or_default
 from zarr.core.metadata import ArrayV3Metadata
 from zarr.storage import StorePath
 
@@ -61,6 +64,33 @@ STATUSES = ("created", "duplicate", "conflict")
 # Every write covers whole chunks of real data plus zero padding: skip zarr's per-chunk
 # "is it all fill value?" comparison and store every chunk.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+_INLINE_ENCODE_BYTES = 1 << 16  # blocks up to this size are encoded on the event loop (catalog rows), larger ones on zarr's threads
+
+
+def _encodes_inline(pipeline) -> bool:
+    """Whether ``pipeline`` is zarr's batched pipeline of codecs that all encode synchronously."""
+    codecs = (*getattr(pipeline, "array_array_codecs", (None,)), getattr(pipeline, "array_bytes_codec", None), *getattr(pipeline, "bytes_bytes_codecs", (None,)))
+    return all(hasattr(c, "_encode_sync") and hasattr(c, "resolve_metadata") for c in codecs)
+
+
+def _encode_inline(pipeline, chunks: list) -> list:
+    """``pipeline.encode(chunks)``'s result, computed here by the same codecs' synchronous halves, in
+    the same order (zarr's BatchedCodecPipeline.encode_batch): for a small chunk, zarr's hop to a
+    worker thread per codec costs ten times the encoding. None-free input, so None-free output."""
+    out = []
+    for chunk, spec in chunks:
+        for codec in pipeline.array_array_codecs:
+            chunk = codec._encode_sync(chunk, spec)
+            spec = codec.resolve_metadata(spec)
+        data = pipeline.array_bytes_codec._encode_sync(chunk, spec)
+        spec = pipeline.array_bytes_codec.resolve_metadata(spec)
+        for codec in pipeline.bytes_bytes_codecs:
+            data = codec._encode_sync(data, spec)
+            spec = codec.resolve_metadata(spec)
+        out.append(data)
+    return out
 
 
 def canonical_digest(episode: Episode) -> bytes:
@@ -124,6 +154,12 @@ class EpisodeStore:
         self._meta_cache: dict[str, ArrayV3Metadata] = {}  # array path -> metadata as of _meta_snapshot
         self._meta_snapshot: str | None = None
         self._written_meta: dict[str, ArrayV3Metadata] = {}
+        # array path -> (first row of its last, partial chunk, the rows it holds) as this writer's
+        # last commit (snapshot _tails_snapshot) left them: a later append to that chunk re-encodes
+        # it without reading it back. Only catalog columns end mid-chunk (data commits are padded).
+        self._tails: dict[str, tuple[int, np.ndarray]] = {}
+        self._tails_snapshot: str | None = None
+        self._written_tails: dict[str, tuple[int, np.ndarray]] = {}
         self.writer_id = config.writer_id or default_writer_id(self.location.is_local)  # its catalog partition and streams
         self.commit_rebases = 0  # commits that lost a race and were rebased onto the winner's (object storage)
         self.commit_retries = 0  # transactions redone on the new tip: a rebase was impossible (object storage)
@@ -283,9 +319,11 @@ class EpisodeStore:
         statuses, fresh = self._classify(items)
         if not fresh:
             return AppendResult(session.snapshot_id, tuple(statuses))
-        self._written_meta = {}
-        written = backend.run(self._write(session, fresh, self._index.total))
+        self._written_meta, self._written_tails = {}, {}
+        tails = self._tails if self._tails_snapshot == session.snapshot_id else {}  # nobody committed since this writer did
+        written = backend.run(self._write(session, fresh, self._index.total, tails))
         metadata = {"episodes": len(fresh), "writer": self.writer_id, "store_schema_version": self.info["store_schema_version"]}
+        rebased = False
         while True:
             try:
                 snapshot_id = self._commit(session, message, metadata)
@@ -295,6 +333,9 @@ class EpisodeStore:
                     raise
                 self._check_deadline(deadline)
                 self._rebase(session, fresh, written)
+                rebased = True  # renumbered seq rows: the tails written above are stale
+        self._tails = {} if rebased else {**tails, **self._written_tails}
+        self._tails_snapshot = snapshot_id
         self._sync()
         pairs = [(item.episode.episode_id, item.digest) for item in fresh]
         self._index.committed(self.writer_id, pairs, written.first + written.count, snapshot_id)
@@ -337,9 +378,9 @@ class EpisodeStore:
                 statuses.append("duplicate" if known == item.digest else "conflict")
         return statuses, fresh
 
-    async def _write(self, session: icechunk.Session, items: list[_Pending], total: int) -> _Written:
+    async def _write(self, session: icechunk.Session, items: list[_Pending], total: int, tails: dict | None = None) -> _Written:
         """Write ``items`` into this writer's streams and catalog partition, numbered from ``total``
-        (the catalog's rows in the session's snapshot)."""
+        (the catalog's rows in the session's snapshot); ``tails``: see ``self._tails``."""
         by_stream: dict[str, tuple[StreamSignature, list[int]]] = {}
         for k, item in enumerate(items):
             sig = StreamSignature.of(item.episode)
@@ -358,10 +399,64 @@ class EpisodeStore:
                 row += items[k].episode.num_steps + 1
         values = columns(records)
         writes += [(catalog[c], first, values[c]) for c in COLUMNS]
-        await asyncio.gather(*(arr.resize((start + len(block), *block.shape[1:])) for arr, start, block in writes))
-        await asyncio.gather(*(arr.setitem(slice(start, start + len(block)), block) for arr, start, block in writes))
+        await asyncio.gather(*(self._append_rows(arr, start, block, tails or {}) for arr, start, block in writes))
         self._written_meta.update({arr.path: arr.metadata for arr, _, _ in writes})
         return _Written(catalog["seq"], first, len(items))
+
+    async def _append_rows(self, arr: AsyncArray, start: int, block: np.ndarray, tails: dict) -> None:
+        """Grow ``arr`` (``start`` rows) by the rows of ``block``: what ``arr.resize`` then ``arr.setitem``
+        store, byte for byte (the same metadata document, the same chunks through the array's own
+        codec pipeline), with one metadata write and one batched encode per array. A chunk that
+        already holds rows is completed from ``tails`` (what this writer's last commit left in it)
+        or read back; arrays whose chunks do not span their whole trailing axes take zarr's path."""
+        new_shape = (start + len(block), *block.shape[1:])
+        meta = arr.metadata
+        grid = meta.chunk_grid
+        if (
+            start != meta.shape[0] or not isinstance(grid, RegularChunkGrid) or tuple(grid.chunk_shape[1:]) != tuple(block.shape[1:])
+            or not len(block) or meta.zarr_format != 3 or not arr.config.write_empty_chunks
+        ):  # fmt: skip
+            await arr.resize(new_shape)
+            await arr.setitem(slice(start, start + len(block)), block)
+            return
+        meta = meta.update_shape(new_shape)
+        rows = grid.chunk_shape[0]
+        first_chunk = start // rows
+        base = first_chunk * rows  # the first row of the first chunk written
+        native = meta.dtype.to_native_dtype()
+        if block.dtype.name != native.name:
+            block = block.astype(native, order="A")
+        if start > base:  # that chunk holds rows already
+            tail = tails.get(arr.path)
+            if tail is not None and tail[0] == base and len(tail[1]) == start - base:
+                head = tail[1]
+            else:
+                head = await arr.getitem(slice(base, start))
+            block = np.concatenate([np.asarray(head, dtype=native), block])
+        prototype = default_buffer_prototype()
+        chunks, keys = [], []
+        for k in range(-(-len(block) // rows)):
+            coords = (first_chunk + k, *(0 for _ in new_shape[1:]))
+            spec = meta.get_chunk_spec(coords, arr.config, prototype)
+            part = block[k * rows : (k + 1) * rows]
+            if part.shape == spec.shape:
+                chunk = prototype.nd_buffer.from_ndarray_like(part)
+            else:  # the array's last chunk, partly beyond its end: fill value there, as zarr writes it
+                chunk = prototype.nd_buffer.create(shape=spec.shape, dtype=native, order=spec.order, fill_value=fill_value_or_default(spec))
+                chunk[slice(0, len(part))] = prototype.nd_buffer.from_ndarray_like(part)
+            chunks.append((chunk, spec))
+            keys.append(meta.encode_chunk_key(coords))
+        if block.nbytes <= _INLINE_ENCODE_BYTES and _encodes_inline(arr.codec_pipeline):
+            encoded = _encode_inline(arr.codec_pipeline, chunks)
+        else:
+            encoded = await arr.codec_pipeline.encode(chunks)
+        path = arr.store_path
+        await asyncio.gather(*((path / key).set(value) for key, value in meta.to_buffer_dict(prototype).items()))  # first: Icechunk checks chunk keys against it
+        await asyncio.gather(*((path / key).set(value) for key, value in zip(keys, encoded)))
+        object.__setattr__(arr, "metadata", meta)
+        end = len(block) % rows
+        if end:
+            self._written_tails[arr.path] = (new_shape[0] - end, block[len(block) - end :].copy())
 
     def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> tuple[list[tuple], list[dict]]:
         """(array, first row, block) of every data array of one stream: whole new chunks, padded;
