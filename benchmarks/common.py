@@ -39,15 +39,18 @@ def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, com
     return out
 
 
-def pooled_seed_args(description: str, steps_help: str = "real steps, pooled over the four bodies") -> argparse.Namespace:
+def pooled_seed_args(description: str, steps_help: str = "real steps, pooled over the four bodies", conditions: list[str] | None = None) -> argparse.Namespace:
     """The learning benchmarks' command line: ``--steps``, ``--seeds``, ``--fresh`` (ignore cached
-    seeds); and one torch thread, so seeds can run side by side on 2 cores."""
+    seeds), ``--conditions`` (a subset of ``conditions``, when given); and one torch thread, so seeds
+    can run side by side on 2 cores."""
     import torch
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3000, help=steps_help)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
+    if conditions:
+        parser.add_argument("--conditions", nargs="+", choices=conditions, default=conditions)
     args = parser.parse_args()
     torch.set_num_threads(1)
     return args

@@ -65,12 +65,15 @@ ARMS = ("unfiltered", "filtered", "simulated", "refit")  # "filtered": the white
 REFITS = 2  # the refit arm's refits, evenly spaced over the budget (3 stretches: the demo's 3 iterations)
 
 
-def run_arm(steps: int, seed: int, arm: str) -> dict:
-    """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arms)."""
-    bodies = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in FLEET]  # offsets taken out on board
+def run_arm(steps: int, seed: int, arm: str, conditions: tuple[str, ...] = tuple(FLEET)) -> dict:
+    """Per body, the mean return at the budget; and the noisy robot's filter report (filtered arms).
+    ``conditions``: the bodies trained on, one world each (the noisy one, if any, last); a specialist
+    trains on one (benchmarks/equal_data.py)."""
+    bodies = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in conditions]  # offsets taken out on board
+    has_noisy = bodies[-1].obs_noise_std > 0
     noisy, fit, on_board = bodies[-1], None, None
     worlds, view = list(bodies), list(bodies)  # view: the bodies the policy is told it drives (and the actor-noise rule reads)
-    if arm != "unfiltered":
+    if arm != "unfiltered" and has_noisy:
         fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, zero_policy(1))
         if arm == "filtered":
             worlds = view = [*bodies[:-1], noisy.replace(obs_noise_std=fit.view_noise)]
@@ -81,7 +84,8 @@ def run_arm(steps: int, seed: int, arm: str) -> dict:
     config = dataclasses.replace(config, num_worlds=len(worlds))
     algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(view)})
     algorithm = make_algorithm(config, algo)
-    stretches = [steps // (REFITS + 1)] * REFITS + [steps - REFITS * (steps // (REFITS + 1))] if arm == "refit" else [steps]
+    refits = REFITS if arm == "refit" and has_noisy else 0
+    stretches = [steps // (refits + 1)] * refits + [steps - refits * (steps // (refits + 1))]
     for k, stretch in enumerate(stretches):
         if k:  # the flywheel's next iteration: a filter fitted under the policy in training (the same learner goes on)
             fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, with_context(algorithm.policy, seen_body(noisy, on_board).context()), FilterConfig(seed=k))
@@ -89,7 +93,9 @@ def run_arm(steps: int, seed: int, arm: str) -> dict:
         with Trainer(dataclasses.replace(config, total_env_steps=stretch, seed=config.seed + 7919 * k), algorithm, profiles=worlds, sensor_filters=on_board) as trainer:
             trainer.train()
             policy = trainer.algo.policy
-    returns = [p.mean_return for p in evaluate(policy, ROBOT, worlds[:-1], EPISODES, seed=EVAL_SEED).profiles]
+    if not has_noisy:  # clean bodies only
+        return {"returns": [p.mean_return for p in evaluate(policy, ROBOT, worlds, EPISODES, seed=EVAL_SEED).profiles], "filter": None}
+    returns = [p.mean_return for p in evaluate(policy, ROBOT, worlds[:-1], EPISODES, seed=EVAL_SEED).profiles] if len(worlds) > 1 else []
     act = with_context(policy, seen_body(worlds[-1], on_board).context())  # the robot's delivered body features
     episode_act = filtered_act(act, fit.filter) if fit else (lambda: act)
     returns.append(noisy_robot_return(episode_act, noisy))
