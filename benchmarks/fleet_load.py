@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="load per replica count")
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--kill-every", type=float, default=5.0, help="SIGKILL one replica this often (0: never)")
-    parser.add_argument("--per-robot", type=int, default=8, help="distinct episodes per robot, encoded before the clock starts")
+    parser.add_argument("--per-robot", type=int, default=24, help="distinct episodes per robot, encoded before the clock starts (enough that no robot runs out)")
     args = parser.parse_args()
     pool = episode_pool(args.robots, args.per_robot)
     results = {}
