@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import save as save_safetensors_bytes
 from safetensors.torch import load as load_torch_safetensors
 
@@ -106,15 +107,19 @@ def export_policy(
     return manifest
 
 
+def build_policy(spec: Mapping, state: Mapping[str, torch.Tensor], *, state_dependent_std: bool) -> Policy:
+    """A torch :class:`Policy` of ``spec`` (a :class:`PolicySpec` as a dict) holding the state dict ``state``."""
+    policy = Policy(PolicySpec(**spec), state_dependent_std=state_dependent_std)
+    policy.load_state_dict(state)
+    return policy.eval()
+
+
 def policy_from_checkpoint(directory: str | os.PathLike) -> tuple[Policy, dict]:
     """The torch :class:`Policy` saved in a training checkpoint (:mod:`policies.checkpoint`), and its meta."""
     tensors, meta = load_checkpoint(directory)
-    spec = PolicySpec(**meta["policy_spec"])
-    policy = Policy(spec, state_dependent_std=meta["algorithm"] == "sac")
     head = "policy."
     sd = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
-    policy.load_state_dict(sd)
-    return policy.eval(), meta
+    return build_policy(meta["policy_spec"], sd, state_dependent_std=meta["algorithm"] == "sac"), meta
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLike, **kwargs) -> dict:

@@ -140,13 +140,11 @@ def policy_to_bytes(policy) -> dict:
 
 def policy_from_bytes(packed: dict):
     """Inverse of :func:`policy_to_bytes` (on CPU)."""
-    from policies.networks import Policy, PolicySpec
+    from policies.export import build_policy
 
     spec = json.loads(packed["spec"])
     state_dependent_std = spec.pop("state_dependent_std")
-    policy = Policy(PolicySpec(**spec | {"hidden_sizes": tuple(spec["hidden_sizes"])}), state_dependent_std=state_dependent_std)
-    policy.load_state_dict(load_tensors(packed["tensors"]))
-    return policy.eval()
+    return build_policy(spec, load_tensors(packed["tensors"]), state_dependent_std=state_dependent_std)
 
 
 def read_folder(folder: Path) -> dict[str, bytes]:
