@@ -40,7 +40,7 @@ class RayTrainingSchema:
     """``ray.training``: where the world model and the learner train (fleet.pipeline.training.TrainingPlacement)."""
 
     placement: str = "driver"  # driver (this process) or cluster (a Ray task each)
-    num_cpus: Optional[float] = None  # null: policy.trainer.torch_threads
+    num_cpus: Optional[float] = None  # null: policy.trainer.torch_threads / worldmodel.train.num_threads
     num_gpus: float = 0.0
     resources: Dict[str, float] = dataclasses.field(default_factory=dict)  # custom Ray resources the node must have
 

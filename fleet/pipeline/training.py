@@ -34,7 +34,7 @@ class TrainingPlacement:
     """``ray.training``: where training runs and what a training task asks Ray for."""
 
     placement: str = "driver"
-    num_cpus: float | None = None  # null: the learner's torch_threads (the world model's task takes the same)
+    num_cpus: float | None = None  # null: the learner's torch_threads, the world model's num_threads (or 1)
     num_gpus: float = 0.0
     resources: dict = dataclasses.field(default_factory=dict)
 
@@ -73,16 +73,17 @@ class Training:
         saved there. Returns (model, report, version), the model loaded on ``device`` here."""
         from worldmodel.io import META_FILE, load, save
 
-        previous = load(model_dir, device=device) if (model_dir / META_FILE).exists() else None
+        exists = (model_dir / META_FILE).exists()
         if not self.on_cluster:
+            previous = load(model_dir, device=device) if exists else None
             model, report, version = steps.update_world_model(real, sim, previous, ensemble_cfg, train_cfg, None)
             save(model, model_dir)
             return model, report, version
         job = {
-            "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(model_dir) if previous else None,
+            "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(model_dir) if exists else None,
             "ensemble": ensemble_cfg, "train": train_cfg,
         }  # fmt: skip
-        out = ray.get(self._remote(_world_model_task, 1).remote(job))
+        out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))
         self.nodes["world_model"] = out["node"]
         write_folder(out["files"], model_dir)
         model = load(model_dir, device=device)
