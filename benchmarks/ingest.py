@@ -1,5 +1,7 @@
 """Fleet ingest speed: episodes/s and MB/s end to end through HTTP (1 and 16 concurrent robots),
-p99 upload latency, the store's own append speed, and store bytes per transition.
+p99 upload latency, the store's own append speed, the read-back rate (every stored episode from a
+pinned snapshot in one call, and one at a time; baseline the 16 robots' ingest rate, goal >= 1),
+and store bytes per transition.
 
 Episodes: 1,000-step Ant episodes (obs 27, act 8, qpos 15, qvel 14; ~271 KB each on the wire),
 simulated in MuJoCo once, then copied with fresh episode ids and per-copy sensor noise so
@@ -221,7 +223,20 @@ def main() -> None:
             if cpu[name][1]:  # the server's CPU per upload (parse, validate, digest, commit share; all its threads)
                 emit(f"ingest/http_{name}_server_cpu_ms_per_episode", 1e3 * cpu[name][0] / cpu[name][1], "ms")
         store = EpisodeStore.open(StoreConfig(path=str(work / "http-store")))
-        transitions = sum(e.num_steps for e in store.snapshot().catalog())
+        # read-back: every stored episode from a pinned snapshot, in one call (as a trainer reads) and one at a time
+        snap = store.snapshot()
+        infos = snap.episodes()
+        start = time.perf_counter()
+        back = snap.read_episodes(infos)
+        batch_rate = len(back) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for info in infos[:64]:
+            snap.read_episode(info.episode_id)
+        one_rate = min(64, len(infos)) / (time.perf_counter() - start)
+        ingest_rate = statistics.median(r[0] for r in many)  # the 16 robots' HTTP ingest, episodes/s
+        emit("ingest/read_back_episodes_per_s", batch_rate, "episodes/s", ingest_rate, batch_rate / ingest_rate)
+        emit("ingest/read_one_episode_per_s", one_rate, "episodes/s", ingest_rate, one_rate / ingest_rate)
+        transitions = sum(e.num_steps for e in snap.catalog())
         per_transition = du(work / "http-store") / transitions
         raw_per_transition = wire / pool[0].num_steps
         emit("ingest/store_bytes_per_transition", per_transition, "bytes", raw_per_transition, per_transition / raw_per_transition)
