@@ -1,5 +1,6 @@
 """Fleet ingest speed: episodes/s and MB/s end to end through HTTP (1 and 16 concurrent robots),
-p99 upload latency, the store's own append speed, the read-back rate (every stored episode from a
+p99 upload latency, a lone robot's median latency against one fsync'd commit of one episode (goal
+<= 2x), the store's own append speed, the read-back rate (every stored episode from a
 pinned snapshot in one call, and one at a time; baseline the 16 robots' ingest rate, goal >= 1),
 and store bytes per transition.
 
@@ -91,6 +92,17 @@ def store_rate(episodes: list[Episode], path: Path) -> float:
     return nbytes / (time.perf_counter() - start) / 1e6
 
 
+def commit_seconds(episodes: list[Episode], path: Path) -> list[float]:
+    """Seconds of each EpisodeStore.append of one episode (no HTTP): one fsync'd commit each."""
+    store = EpisodeStore.open_or_create(StoreConfig(path=str(path)))
+    out = []
+    for episode in episodes:
+        start = time.perf_counter()
+        store.append([episode])
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def http_run(url: str, tokens: dict[str, str], bodies: dict[str, list[bytes]]) -> tuple[float, float, list[float]]:
     """Each robot uploads its bodies back to back. Returns (episodes/s, MB/s, latencies in s)."""
     latencies: list[float] = []
@@ -171,7 +183,7 @@ def main() -> None:
         robot_ids = [f"robot-{r}" for r in range(args.robots)]
         tokens = {rid: add_token(tokens_file, "robot", rid) for rid in robot_ids}
         operator = add_token(tokens_file, "operator")
-        base, store_mb, one, many = [], [], [], []
+        base, store_mb, one, many, commits = [], [], [], [], []
         lat1, lat16 = [], []
         cpu = {"1_robot": [0.0, 0], f"{args.robots}_robots": [0.0, 0]}  # the server process's CPU seconds, uploads
         # the server's capacity, not its per-token admission policy: rate limits sized to the load
@@ -188,6 +200,7 @@ def main() -> None:
                 base.append(np_save_rate(flat16, scratch))
                 shutil.rmtree(scratch)
                 store_mb.append(store_rate(variants(pool, n16, "direct", seed=5000 + rep), work / "direct-store"))
+                commits += commit_seconds(variants(pool, 16, "single", seed=7000 + rep), work / "single-store")
                 bodies1 = {robot_ids[0]: [e.to_bytes() for e in eps1]}
                 before = process_cpu_s(server.proc.pid)
                 eps_s, mb_s, lat = http_run(url, tokens, bodies1)
@@ -215,6 +228,10 @@ def main() -> None:
         emit("ingest/np_save_fsync_MBps", b, "MB/s")
         s = statistics.median(store_mb)
         emit("ingest/store_append_MBps", s, "MB/s", b, s / b)
+        commit_ms = statistics.median(commits) * 1e3
+        emit("ingest/store_commit_one_episode_ms", commit_ms, "ms")
+        # a lone robot's upload, request to acknowledgement, vs one fsync'd commit of one episode (goal <= 2x)
+        emit("ingest/http_1_robot_p50_latency_ms", float(np.median(lat1)) * 1e3, "ms", commit_ms, float(np.median(lat1)) * 1e3 / commit_ms)
         for name, runs, lats in (("1_robot", one, lat1), (f"{args.robots}_robots", many, lat16)):
             eps_s, mb_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
             emit(f"ingest/http_{name}_episodes_per_s", eps_s, "episodes/s", b * 1e6 / wire, eps_s / (b * 1e6 / wire))
