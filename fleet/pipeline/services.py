@@ -26,6 +26,7 @@ from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
+from fleet.store.backend import Location
 from fleet.tracking import Tracker
 from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
@@ -164,7 +165,7 @@ def run_writer(store: StoreConfig, role: str) -> StoreConfig:
     """The run's writer ``role`` (``ingest``: its fleet server; ``synthetic``: this driver). On object storage
     with no ``fleet.store.writer_id``, the role is the writer id, so a resumed run appends to the same
     catalog partitions and streams instead of adding a generated writer's per start (docs/store.md, "Writers")."""
-    if store.writer_id or not str(store.path).startswith("s3://"):
+    if store.writer_id or Location.parse(store.path).is_local:
         return store
     return dataclasses.replace(store, writer_id=role)
 
