@@ -7,7 +7,7 @@ step, policies/sac.py), SB3's ``SAC.train(gradient_steps, batch_size)``. Batch 2
 Lines: ``sac_update/<hidden>/gradient_steps_per_s`` value ours, baseline SB3, ratio ours/SB3
 (goal >= 2 at 2x256).
 
-Run: `.venv/bin/python benchmarks/sac_update_speed.py [--steps 1000] [--threads 1]`
+Run: `.venv/bin/python benchmarks/sac_update_speed.py [--steps 1000] [--threads 1] [--device auto]`
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from common import emit  # noqa: E402
 from policies.sac import SAC, SACConfig  # noqa: E402
 from policies.trainer import make_spec  # noqa: E402
 from policies.transition import VectorStep  # noqa: E402
+from worldmodel.device import resolve_device  # noqa: E402
 
 BATCH = 256
 
@@ -38,36 +39,45 @@ def transitions(n: int, seed: int = 0) -> VectorStep:
     return VectorStep(obs, rng.uniform(-1, 1, (n, 1)).astype(np.float32), np.ones(n, np.float32), nxt, nxt, np.zeros(n, bool), np.zeros(n, bool))
 
 
-def ours(hidden: int, steps: int) -> float:
+def ours(hidden: int, steps: int, device: str) -> float:
     config = SACConfig(hidden_sizes=(hidden, hidden), batch_size=BATCH, learning_starts=0)
-    sac = SAC(make_spec("pendulum", config), config)
+    sac = SAC(make_spec("pendulum", config), config, device=torch.device(device))
     sac.observe(transitions(10_000))
     sac.grad_debt = 50
     sac.update()  # warm-up
+    synchronize(device)
     sac.grad_debt = steps
     start = time.perf_counter()
     sac.update()
+    synchronize(device)
     return steps / (time.perf_counter() - start)
 
 
-def sb3(hidden: int, steps: int) -> float:
+def sb3(hidden: int, steps: int, device: str) -> float:
     import gymnasium as gym
     from stable_baselines3 import SAC as SB3SAC
 
     from sim.gym_env import ENV_IDS
 
     env = gym.make(ENV_IDS["pendulum"])
-    model = SB3SAC("MlpPolicy", env, batch_size=BATCH, learning_starts=0, device="cpu", policy_kwargs={"net_arch": [hidden, hidden]})
+    model = SB3SAC("MlpPolicy", env, batch_size=BATCH, learning_starts=0, device=device, policy_kwargs={"net_arch": [hidden, hidden]})
     step = transitions(10_000)
     for i in range(len(step.reward)):
         model.replay_buffer.add(step.obs[i : i + 1], step.next_obs[i : i + 1], step.action[i : i + 1], step.reward[i : i + 1], step.terminated[i : i + 1], [{}])
     model._setup_learn(0)  # the logger and schedules train() needs, without collecting
     model.train(gradient_steps=50, batch_size=BATCH)  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     model.train(gradient_steps=steps, batch_size=BATCH)
+    synchronize(device)
     rate = steps / (time.perf_counter() - start)
     env.close()
     return rate
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -75,12 +85,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="torch device of both learners (auto: cuda where there is one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = str(resolve_device(args.device))
+    tag = "" if device == "cpu" else f"{device.split(':')[0]}/"
     for hidden in (256, 128):
-        a = statistics.median(ours(hidden, args.steps) for _ in range(args.repeats))
-        b = statistics.median(sb3(hidden, args.steps) for _ in range(args.repeats))
-        emit(f"sac_update/2x{hidden}/gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
+        a = statistics.median(ours(hidden, args.steps, device) for _ in range(args.repeats))
+        b = statistics.median(sb3(hidden, args.steps, device) for _ in range(args.repeats))
+        emit(f"sac_update/{tag}2x{hidden}/gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
 
 
 if __name__ == "__main__":

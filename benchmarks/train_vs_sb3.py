@@ -14,7 +14,8 @@ per-step overhead, not matmul FLOPs, dominates). Reported per run:
 Learning curves (env steps, mean episode return) go to ``runs/benchmarks/train_vs_sb3.json``.
 One repeat by default (training runs are the expensive part); ``--repeats 3`` gives medians.
 
-Run: `.venv/bin/python benchmarks/train_vs_sb3.py [--ppo-steps 32768] [--sac-steps 2000]`
+Run: `.venv/bin/python benchmarks/train_vs_sb3.py [--ppo-steps 32768] [--sac-steps 2000] [--algorithms sac] [--device auto]`
+(``--device auto`` puts both learners on the GPU where there is one; the metric names then say ``cuda``.)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from policies.ppo import PPOConfig  # noqa: E402
 from policies.sac import SACConfig  # noqa: E402
 from policies.trainer import Trainer, TrainerConfig, make_algorithm  # noqa: E402
 from sim.variation import VariationProfile  # noqa: E402
+from worldmodel.device import resolve_device  # noqa: E402
 
 ROBOT = "pendulum"
 EVAL_EPISODES, EVAL_SEED = 8, 12345
@@ -48,12 +50,12 @@ def final_return(policy) -> float:
     return evaluate(policy, ROBOT, [VariationProfile()], EVAL_EPISODES, seed=EVAL_SEED).mean_return
 
 
-def ours(algorithm: str, steps: int, seed: int, hidden: int) -> dict:
+def ours(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> dict:
     if algorithm == "ppo":
-        config = TrainerConfig(robot=ROBOT, algorithm="ppo", num_worlds=16, total_env_steps=steps, seed=seed, log_every=0)
+        config = TrainerConfig(robot=ROBOT, algorithm="ppo", num_worlds=16, total_env_steps=steps, seed=seed, log_every=0, device=device)
         algo_config = PPOConfig(hidden_sizes=(hidden, hidden), n_steps=64, epochs=10, minibatch_size=256)
     else:
-        config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed, log_every=0)
+        config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed, log_every=0, device=device)
         algo_config = SACConfig(hidden_sizes=(hidden, hidden), learning_starts=100, utd_ratio=1.0, batch_size=256)
     with Trainer(config, make_algorithm(config, algo_config)) as trainer:
         start = time.perf_counter()
@@ -63,7 +65,7 @@ def ours(algorithm: str, steps: int, seed: int, hidden: int) -> dict:
     return {"steps_per_s": result.env_steps / wall, "return": final_return(policy), "curve": result.curve, "wall_s": wall}
 
 
-def sb3(algorithm: str, steps: int, seed: int, hidden: int) -> dict:
+def sb3(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> dict:
     import gymnasium as gym
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.monitor import Monitor
@@ -72,9 +74,9 @@ def sb3(algorithm: str, steps: int, seed: int, hidden: int) -> dict:
 
     env = Monitor(gym.make("flywheel/Pendulum-v0"))
     if algorithm == "ppo":
-        model = PPO("MlpPolicy", env, seed=seed, device="cpu", policy_kwargs={"net_arch": [hidden, hidden]})  # n_steps 2048, batch 64
+        model = PPO("MlpPolicy", env, seed=seed, device=device, policy_kwargs={"net_arch": [hidden, hidden]})  # n_steps 2048, batch 64
     else:
-        model = SAC("MlpPolicy", env, seed=seed, device="cpu", learning_starts=100, train_freq=1, gradient_steps=1,
+        model = SAC("MlpPolicy", env, seed=seed, device=device, learning_starts=100, train_freq=1, gradient_steps=1,
                     policy_kwargs={"net_arch": [hidden, hidden]})  # fmt: skip
     start = time.perf_counter()
     model.learn(steps)
@@ -92,15 +94,19 @@ def main() -> None:
     parser.add_argument("--sac-steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--algorithms", nargs="+", default=["ppo", "sac"], choices=["ppo", "sac"])
+    parser.add_argument("--device", default="cpu", help="torch device of both learners, ours and SB3's (auto: cuda where there is one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     curves: dict = {}
-    for algorithm, steps, hidden in (("ppo", args.ppo_steps, 64), ("sac", args.sac_steps, 256), ("sac", args.sac_steps, 64)):
+    device = str(resolve_device(args.device))
+    arms = (("ppo", args.ppo_steps, 64), ("sac", args.sac_steps, 256), ("sac", args.sac_steps, 64))
+    for algorithm, steps, hidden in (arm for arm in arms if arm[0] in args.algorithms):
         runs = {"ours": [], "sb3": []}
         label = f"{algorithm}_2x{hidden}"
         for r in range(args.repeats):
             for name, fn in (("sb3", sb3), ("ours", ours)):
-                run = fn(algorithm, steps, args.seed + r, hidden)
+                run = fn(algorithm, steps, args.seed + r, hidden, device)
                 runs[name].append(run)
                 print(f"# {label} {name} repeat {r}: {run['steps_per_s']:.0f} env-steps/s, {run['wall_s']:.1f} s, "
                       f"final return {run['return']:.1f}", file=sys.stderr)  # fmt: skip
@@ -108,12 +114,13 @@ def main() -> None:
         for key, unit in (("steps_per_s", "env_steps/s"), ("return", "return")):
             value, base = med["ours"][key], med["sb3"][key]
             ratio = round(value / base, 4) if base > 0 else None
-            emit(f"{label}_{ROBOT}_{'env_steps_per_s' if key == 'steps_per_s' else 'final_return'}_{steps}_steps", value, unit, base, ratio)
+            emit(f"{label}_{ROBOT}_{'' if device == 'cpu' else device.split(':')[0] + '_'}{'env_steps_per_s' if key == 'steps_per_s' else 'final_return'}_{steps}_steps", value, unit, base, ratio)
         curves[label] = {name: [run["curve"] for run in rs] for name, rs in runs.items()}
         curves[label]["env_steps"] = steps
-    CURVES.parent.mkdir(parents=True, exist_ok=True)
-    CURVES.write_text(json.dumps({"robot": ROBOT, "seed": args.seed, "curves": curves}))
-    print(f"# learning curves: {CURVES}", file=sys.stderr)
+    out = CURVES if device == "cpu" else CURVES.with_name(f"{CURVES.stem}_{device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"robot": ROBOT, "seed": args.seed, "device": device, "curves": curves}))
+    print(f"# learning curves: {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

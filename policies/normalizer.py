@@ -53,7 +53,7 @@ class ObsNormalizer(nn.Module):
         if not self.enabled:
             return
         x = obs.detach().to(torch.float64).reshape(-1, self.obs_dim)[:, : self.tracked]
-        moments = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64), x.sum(0), (x * x).sum(0)])
+        moments = torch.cat([torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device), x.sum(0), (x * x).sum(0)])
         if reduce is not None:
             moments = reduce(moments)
         n = moments[0]

@@ -1,25 +1,21 @@
 """Where the learner and the world model run (``device: auto``), and where Ray Train's workers do.
 
-The CPU tests run everywhere; the ``requires_gpu`` ones train a few steps on CUDA where there is a
-GPU (tests/conftest.py skips them elsewhere)."""
+These run everywhere; tests/test_gpu.py trains a few steps on CUDA where there is a GPU."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from fleet.pipeline.services import warn_if_gpus_are_elsewhere
 from policies.distributed import worker_device
-from policies.export import export_policy
 from policies.mbpo import MBPOConfig
 from policies.ppo import PPOConfig
-from policies.runtime import load_policy
-from policies.trainer import Trainer, TrainerConfig, make_algorithm, model_beside_learner
-from tests.test_policy_resume import CASES, PROFILES
+from policies.trainer import TrainerConfig, make_algorithm, model_beside_learner
+from tests.test_policy_resume import CASES
 from worldmodel.device import resolve_device
 
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,36 +70,3 @@ def test_the_flywheel_says_when_the_clusters_gpus_are_not_where_it_trains(caplog
         assert warn_if_gpus_are_elsewhere(2, "auto", "auto") is (HERE == "cpu")
         assert not warn_if_gpus_are_elsewhere(0, "auto", "auto") and not warn_if_gpus_are_elsewhere(2, "cpu", "cpu")
     assert HERE == "cuda" or "start flywheel on a GPU node" in caplog.text
-
-
-@pytest.mark.requires_gpu
-@pytest.mark.parametrize("algorithm", sorted(CASES))
-def test_each_learner_trains_on_the_gpu_and_exports_for_a_cpu_robot(tmp_path, algorithm):
-    config, algo_config, _ = CASES[algorithm]
-    config = dataclasses.replace(config, device="auto")
-    if algorithm == "mbpo":
-        algo_config = dataclasses.replace(algo_config, model_train=dataclasses.replace(algo_config.model_train, device="auto"))
-    learner = make_algorithm(config, algo_config)
-    with Trainer(config, learner, profiles=PROFILES, checkpoint_dir=tmp_path / "ckpt", algo_config=algo_config) as trainer:
-        result = trainer.train()
-    assert result.updates > 0 and next(learner.policy.parameters()).device.type == "cuda"
-    if algorithm == "mbpo":
-        assert learner.model.device.type == "cuda"  # its world model beside it
-    export_policy(learner.policy, tmp_path / "export", robot_model="pendulum", policy_version="gpu", algorithm=algorithm)
-    runtime = load_policy(tmp_path / "export", robot_model="pendulum", obs_dim=4, act_dim=1)
-    obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
-    with torch.no_grad():
-        want = learner.policy.to("cpu")(torch.from_numpy(obs)).numpy()
-    np.testing.assert_allclose(runtime.act(obs), want, atol=1e-5)
-
-
-@pytest.mark.requires_gpu
-def test_ray_train_puts_its_worker_on_the_gpu(local_ray, tmp_path):
-    from policies.checkpoint import load_checkpoint
-    from policies.distributed import fit
-    from tests.test_ray_train import CONFIG, PPO
-
-    result = fit(dataclasses.replace(CONFIG, device="auto"), PPO, num_workers=1, storage_path=tmp_path / "ray", name="gpu")
-    assert result.error is None
-    _, meta = load_checkpoint(result.checkpoint.path)
-    assert meta["trainer_config"]["device"] == "cuda"

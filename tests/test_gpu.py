@@ -1,0 +1,54 @@
+"""The GPU paths, run where there is a CUDA device (tests/conftest.py skips them elsewhere): each
+learner trains on the GPU and exports a policy a CPU robot runs; Ray Train gives its worker the GPU.
+
+They import neither the fleet nor Hydra: a GPU machine with only torch, MuJoCo, gymnasium and Ray
+runs them (docs/benchmarks.md, "GPU")."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from policies.export import export_policy
+from policies.runtime import load_policy
+from policies.trainer import Trainer, make_algorithm
+from tests.test_policy_resume import CASES, PROFILES
+
+pytestmark = pytest.mark.requires_gpu
+
+
+@pytest.mark.parametrize("algorithm", sorted(CASES))
+def test_each_learner_trains_on_the_gpu_and_exports_for_a_cpu_robot(tmp_path, algorithm):
+    config, algo_config, _ = CASES[algorithm]
+    config = dataclasses.replace(config, device="auto")
+    if algorithm == "mbpo":
+        algo_config = dataclasses.replace(algo_config, model_train=dataclasses.replace(algo_config.model_train, device="auto"))
+    learner = make_algorithm(config, algo_config)
+    with Trainer(config, learner, profiles=PROFILES, checkpoint_dir=tmp_path / "ckpt", algo_config=algo_config) as trainer:
+        result = trainer.train()
+    assert result.updates > 0 and next(learner.policy.parameters()).device.type == "cuda"
+    if algorithm == "mbpo":
+        assert learner.model.device.type == "cuda"  # its world model beside it
+    export_policy(learner.policy, tmp_path / "export", robot_model="pendulum", policy_version="gpu", algorithm=algorithm)
+    runtime = load_policy(tmp_path / "export", robot_model="pendulum", obs_dim=4, act_dim=1)
+    obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = learner.policy.to("cpu")(torch.from_numpy(obs)).numpy()
+    np.testing.assert_allclose(runtime.act(obs), want, atol=1e-5)
+
+
+def test_ray_train_puts_its_worker_on_the_gpu(local_ray, tmp_path):
+    from policies.checkpoint import load_checkpoint
+    from policies.distributed import fit
+    from policies.export import policy_from_checkpoint
+    from tests.test_ray_train import CONFIG, PPO
+
+    result = fit(dataclasses.replace(CONFIG, device="auto"), PPO, num_workers=1, storage_path=tmp_path / "ray", name="gpu")
+    assert result.error is None
+    tensors, meta = load_checkpoint(result.checkpoint.path)
+    assert meta["trainer_config"]["device"] == "cuda"
+    policy, _ = policy_from_checkpoint(result.checkpoint.path)  # trained on the GPU, loads on a CPU
+    assert all(t.device.type == "cpu" for t in tensors.values()) and next(policy.parameters()).device.type == "cpu"
