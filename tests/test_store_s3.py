@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fleet.store import EpisodeStore, StoreConfig
-from fleet.store.backend import Location, StoreLocationError
+from fleet.store.location import Location, StoreLocationError
 from tests.test_store import REPO, episode
 
 

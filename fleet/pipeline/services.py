@@ -26,7 +26,7 @@ from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
-from fleet.store.backend import Location
+from fleet.store.location import Location
 from fleet.tracking import Tracker
 from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
@@ -174,10 +174,10 @@ def run_location(configured: str | os.PathLike, run_dir: Path, folder: str) -> s
     """Where a run keeps what ``configured`` locates (``fleet.store.path``, ``fleet.registry.dir``):
     ``<run_dir>/<folder>`` for a local path, or ``s3://bucket/prefix/<run folder name>`` when it
     names object storage (``s3://bucket/prefix``), so a resumed run finds its own again."""
-    location = str(configured)
-    if location.startswith("s3://"):
-        return f"{location.rstrip('/')}/{run_dir.name}"
-    return str(run_dir / folder)
+    location = Location.parse(str(configured))
+    if location.is_local:
+        return str(run_dir / folder)
+    return f"s3://{location.bucket}/{'/'.join(p for p in (location.prefix, run_dir.name) if p)}"
 
 
 def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:

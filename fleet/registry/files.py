@@ -83,7 +83,7 @@ def open_files(where: str | Path | RegistryFiles) -> RegistryFiles:
         return where
     if isinstance(where, Path) and str(where).startswith("s3:"):
         raise ValueError(f"registry location {where}: pass s3:// locations as strings (a Path keeps one slash of '//')")
-    from fleet.store.backend import Location  # one parser of store and registry locations
+    from fleet.store.location import Location  # one parser of store and registry locations
 
     location = Location.parse(str(where), what="registry location")
     if location.is_local:

@@ -50,6 +50,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED
 from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
+from fleet.store.location import Location
 from sim.durable import folder_lock, write_durably
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def staging_dir(config: ServerConfig, store_path: str) -> Path:
     """``upload_dir``, else ``<store path>.uploads`` beside a local store, else ``uploads/`` beside the token file."""
     if config.upload_dir:
         return Path(config.upload_dir)
-    if store_path.startswith("s3://"):
+    if not Location.parse(store_path).is_local:
         return Path(config.token_file).parent / "uploads"
     return Path(store_path.rstrip("/") + ".uploads")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import fcntl
 import os
 import threading
@@ -35,6 +34,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from fleet.store.layout import CATALOG, LOCK_FILE, REPO_DIR
+from fleet.store.location import Location, StoreLocationError  # noqa: F401  (StoreLocationError: re-exported)
 
 T = TypeVar("T")
 
@@ -50,48 +50,6 @@ class StoreBusyError(TimeoutError):
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run an async zarr/icechunk coroutine on zarr's own event-loop thread and wait for it."""
     return sync(coro)
-
-
-class StoreLocationError(ValueError):
-    """A store path that names no usable location (a malformed ``s3://`` URL, no bucket)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Location:
-    """Where a store lives: a local directory (``path``) or an S3 bucket and key prefix."""
-
-    path: Path | None = None
-    bucket: str = ""
-    prefix: str = ""
-
-    @classmethod
-    def parse(cls, value: str, what: str = "store path") -> Location:
-        """``what``: how errors name the value (the episode store's path, the policy registry's location)."""
-        text = str(value)
-        if not text.startswith("s3://"):
-            if "://" in text:
-                raise StoreLocationError(f"{what} {text!r}: only local directories and s3://bucket/prefix are supported")
-            return cls(path=Path(text))
-        bucket, _, prefix = text[len("s3://") :].partition("/")
-        if not bucket:
-            raise StoreLocationError(f"{what} {text!r} names no bucket: use s3://bucket/prefix")
-        return cls(bucket=bucket, prefix=prefix.strip("/"))
-
-    @classmethod
-    def of(cls, where: Location | Path | str) -> Location:
-        return where if isinstance(where, Location) else cls.parse(str(where))
-
-    @property
-    def is_local(self) -> bool:
-        return self.path is not None
-
-    def __str__(self) -> str:
-        return str(self.path) if self.is_local else f"s3://{self.bucket}/{self.prefix}"
-
-    def storage(self) -> icechunk.Storage:
-        if self.is_local:
-            return icechunk.local_filesystem_storage(str(self.path / REPO_DIR))
-        return icechunk.s3_storage(bucket=self.bucket, prefix="/".join(p for p in (self.prefix, REPO_DIR) if p), **s3_options())
 
 
 def s3_options() -> dict:
@@ -111,7 +69,10 @@ def s3_options() -> dict:
 
 
 def storage(where: Location | Path | str) -> icechunk.Storage:
-    return Location.of(where).storage()
+    location = Location.of(where)
+    if location.is_local:
+        return icechunk.local_filesystem_storage(str(location.path / REPO_DIR))
+    return icechunk.s3_storage(bucket=location.bucket, prefix="/".join(p for p in (location.prefix, REPO_DIR) if p), **s3_options())
 
 
 def repo_exists(where: Location | Path | str) -> bool:

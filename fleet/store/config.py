@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from fleet.store.location import Location
+
 COMPRESSIONS = ("lz4-bitshuffle", "zstd", "none")
 WRITER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -42,8 +44,7 @@ class StoreConfig:
     def __post_init__(self):
         if not str(self.path):
             raise ValueError("StoreConfig.path must name a directory or s3://bucket/prefix")
-        if "://" in str(self.path) and not str(self.path).startswith("s3://"):
-            raise ValueError(f"StoreConfig.path {self.path!r}: a local directory or s3://bucket/prefix (endpoint and credentials from AWS_* variables)")
+        Location.parse(str(self.path))  # a local directory or s3://bucket/prefix (endpoint and credentials from AWS_* variables)
         if self.chunk_rows < 1 or self.index_rows < 1:
             raise ValueError(f"chunk_rows and index_rows must be >= 1, got {self.chunk_rows}, {self.index_rows}")
         if self.compression not in COMPRESSIONS:
