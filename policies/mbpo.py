@@ -38,6 +38,7 @@ from policies.transition import VectorStep
 from sim.variation import CONTEXT_DIM, VariationProfile, contexts
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.evaluate import ensemble_step_fn, open_loop_errors, trusted_horizon
+from worldmodel.device import resolve_device
 from worldmodel.rollout import RolloutConfig, model_rollout
 from worldmodel.train import TrainConfig, fit_transitions
 from worldmodel.transitions import Transitions
@@ -406,7 +407,7 @@ class MBPO:
         if meta["model_spec"] is not None:
             self.model = DynamicsEnsemble(ModelSpec.from_dict(meta["model_spec"]))
             self.model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-            self.model.eval()
+            self.model.to(resolve_device(self.config.model_train.device)).eval()  # beside the learner, as fitting puts it
         self.horizon, self.model_val_mse = int(meta["horizon"]), float(meta["model_val_mse"])
         self.retrains, self.refills = int(meta["retrains"]), int(meta["refills"])
         self.last_train_step, self.last_refill_step = int(meta["last_train_step"]), int(meta["last_refill_step"])

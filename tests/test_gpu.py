@@ -16,6 +16,7 @@ from policies.export import export_policy
 from policies.runtime import load_policy
 from policies.trainer import Trainer, make_algorithm
 from tests.test_policy_resume import CASES, PROFILES
+from worldmodel.device import resolve_device
 
 pytestmark = pytest.mark.requires_gpu
 
@@ -38,6 +39,23 @@ def test_each_learner_trains_on_the_gpu_and_exports_for_a_cpu_robot(tmp_path, al
     with torch.no_grad():
         want = learner.policy.to("cpu")(torch.from_numpy(obs)).numpy()
     np.testing.assert_allclose(runtime.act(obs), want, atol=1e-5)
+
+
+def test_a_resumed_model_based_learner_keeps_its_world_model_on_the_gpu(tmp_path):
+    config, algo_config, _ = CASES["mbpo"]
+    config = dataclasses.replace(config, device="auto")
+    algo_config = dataclasses.replace(algo_config, model_train=dataclasses.replace(algo_config.model_train, device="auto"))
+    with Trainer(config, make_algorithm(config, algo_config), profiles=PROFILES, checkpoint_dir=tmp_path, algo_config=algo_config) as trainer:
+        trainer.train()
+    learner = make_algorithm(config, algo_config)
+    with Trainer(config, learner, profiles=PROFILES, checkpoint_dir=tmp_path, algo_config=algo_config) as trainer:
+        trainer.resume()
+    assert learner.model is not None and learner.model.device.type == "cuda"  # its rollouts run beside the learner
+
+
+def test_a_cuda_index_this_machine_lacks_is_refused_saying_what_to_do():
+    with pytest.raises(ValueError, match=r"this machine has \d+ CUDA device\(s\): use device=auto"):
+        resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def test_ray_train_puts_its_worker_on_the_gpu(local_ray, tmp_path):

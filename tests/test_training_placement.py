@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fleet.pipeline.training import Training, TrainingPlacement, policy_from_bytes, policy_to_bytes, read_folder
+from fleet.pipeline.training import Training, TrainingPlacement, on_the_tasks_device, policy_from_bytes, policy_to_bytes, read_folder
 from policies.checkpoint import load_checkpoint
 from sim.batched import BatchedStepper
 from sim.policy_fn import random_policy
@@ -108,6 +108,20 @@ def test_a_task_asks_ray_for_the_configured_resources(local_ray, tmp_path):
     assert Training(TrainingPlacement("cluster", num_cpus=3, num_gpus=1), max_retries=2).task_options(2) | {"scheduling_strategy": None} == {
         "num_cpus": 3, "num_gpus": 1, "resources": None, "max_retries": 2, "scheduling_strategy": None
     }
+
+
+def _task_devices() -> list[str]:
+    from policies.trainer import TrainerConfig
+    from worldmodel import TrainConfig
+
+    return [on_the_tasks_device(c).device for c in (TrainConfig(device="auto"), TrainerConfig(device="auto"), TrainConfig(device="cpu"))]
+
+
+def test_a_task_that_asked_for_no_gpu_trains_on_the_cpu_and_a_gpu_task_gets_a_fresh_worker(local_ray):
+    """Ray 2.60 leaves a node's GPUs visible to a task that asked for none: ``auto`` there must not take one."""
+    assert local_ray.get(Training(TrainingPlacement("cluster", num_gpus=0), max_retries=0)._remote(_task_devices, 1).remote()) == ["cpu"] * 3
+    gpu_task = Training(TrainingPlacement("cluster", num_gpus=1), max_retries=0)._remote(_task_devices, 1)
+    assert gpu_task._default_options["max_calls"] == 1  # Ray's own default for a function declared with GPUs (ray#29624)
 
 
 @pytest.mark.parametrize("bad", [{"placement": "gpu"}, {"num_gpus": -1}, {"num_cpus": -2}])

@@ -37,7 +37,7 @@ def cheetah():
 def trained(cheetah):
     train_eps, _ = cheetah
     logs = []
-    config = TrainConfig(max_steps=500, eval_every=250, seed=0)
+    config = TrainConfig(max_steps=500, eval_every=250, seed=0, device="cpu")  # these tests compare with CPU tensors
     model, report = train_ensemble(train_eps, ensemble=SMALL, config=config, log=lambda m, s: logs.append((s, m)))
     return model, report, logs
 
@@ -101,7 +101,7 @@ def test_continued_training_keeps_normalisers(cheetah, trained):
     model, _, _ = trained
     fresh = load_copy(model)
     mean = fresh.input_norm.mean.clone()
-    more, report = train_ensemble(cheetah[1] + cheetah[0][:4], model=fresh, config=TrainConfig(max_steps=20, eval_every=10))
+    more, report = train_ensemble(cheetah[1] + cheetah[0][:4], model=fresh, config=TrainConfig(max_steps=20, eval_every=10, device="cpu"))
     assert more is fresh and report.steps == 20
     torch.testing.assert_close(more.input_norm.mean, mean)
     assert model_version(more) != model_version(model)

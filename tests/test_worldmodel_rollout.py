@@ -34,7 +34,7 @@ def episodes():
 @pytest.fixture(scope="module")
 def model(episodes):
     ens = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=64, num_hidden_layers=2)
-    trained, _ = train_ensemble(episodes, ensemble=ens, config=TrainConfig(max_steps=300, eval_every=150))
+    trained, _ = train_ensemble(episodes, ensemble=ens, config=TrainConfig(max_steps=300, eval_every=150, device="cpu"))  # the GPU test compares with it
     return trained
 
 

@@ -31,6 +31,8 @@ def resolve_device(name: str = AUTO) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but {_no_cuda_reason()}; use device=auto (cuda when there is one, else cpu) or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s): use device=auto, cuda, or cuda:<0..{torch.cuda.device_count() - 1}>")
     return device
 
 

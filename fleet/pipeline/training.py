@@ -2,7 +2,8 @@
 
 ``placement: driver`` (the default): in this process, as ``fleet.pipeline.steps`` does it.
 ``placement: cluster``: each in a Ray task on any node with ``num_cpus``, ``num_gpus`` and the custom
-``resources`` asked for (a GPU node's: ``device: auto`` then trains on the GPU Ray gives the task),
+``resources`` asked for (a GPU node's: ``device: auto`` then trains on the GPU Ray gives the task, and
+on the CPU in a task that asked for none, although Ray 2.60 leaves the node's GPUs visible to it),
 spread over the nodes and retried up to ``ray.max_retries`` times when its worker or node dies. A task
 gets plain values only: episodes as their canonical bytes, configs and profiles as frozen dataclasses,
 the previous model's or learner's files as bytes; it returns the new files the same way, with the
@@ -24,6 +25,7 @@ from safetensors.torch import save as save_tensors
 
 from fleet.pipeline import steps
 from sim.durable import write_durably
+from worldmodel.device import AUTO
 from sim.episode import Episode
 
 PLACEMENTS = ("driver", "cluster")
@@ -66,7 +68,9 @@ class Training:
         }  # fmt: skip
 
     def _remote(self, fn, cpus: float):
-        return ray.remote(fn).options(**self.task_options(cpus))
+        # options given to ray.remote, not .options(): then a task with GPUs gets a fresh worker each time
+        # (max_calls=1: no CUDA context or cached GPU memory left in a reused worker; ray#29624)
+        return ray.remote(**self.task_options(cpus))(fn)
 
     def world_model(self, real, sim, model_dir: Path, ensemble_cfg, train_cfg, device: str):
         """Continue the model saved in ``model_dir`` (or start one) on ``real`` + ``sim``; the new model is
@@ -86,7 +90,7 @@ class Training:
         out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))
         self.nodes["world_model"] = out["node"]
         write_folder(out["files"], model_dir)
-        model = load(model_dir, device=device)
+        model = load(model_dir, device=AUTO)  # ``device`` said where the task trains; this driver may have no GPU
         return model, out["report"], out["version"]
 
     def policy(self, trainer_cfg, algo_cfg, data, profiles, warm_start: Path | None, out_dir: Path, log, worlds=None, sensor_filters=None):
@@ -111,9 +115,10 @@ def _world_model_task(job: dict) -> dict:
 
     episodes = [Episode.from_bytes(b) for b in job["episodes"]]
     real, sim = episodes[: job["n_real"]], episodes[job["n_real"] :]
+    train = on_the_tasks_device(job["train"])
     with tempfile.TemporaryDirectory() as tmp:
-        previous = load(write_folder(job["previous"], Path(tmp) / "previous"), device=job["train"].device) if job["previous"] else None
-        model, report, version = steps.update_world_model(real, sim, previous, job["ensemble"], job["train"], None)
+        previous = load(write_folder(job["previous"], Path(tmp) / "previous"), device=train.device) if job["previous"] else None
+        model, report, version = steps.update_world_model(real, sim, previous, job["ensemble"], train, None)
         save(model, Path(tmp) / "model")
         return {"node": ray.get_runtime_context().get_node_id(), "files": read_folder(Path(tmp) / "model"), "report": report, "version": version}
 
@@ -124,13 +129,23 @@ def _policy_task(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         warm = write_folder(job["warm"], Path(tmp) / "warm") if job["warm"] is not None else None
         trained = steps.train_policy(
-            job["trainer"], job["algo"], data, job["profiles"], warm, Path(tmp) / "out", lambda m, n: logged.append(({k: float(v) for k, v in m.items()}, n)),
+            on_the_tasks_device(job["trainer"]), job["algo"], data, job["profiles"], warm, Path(tmp) / "out", lambda m, n: logged.append(({k: float(v) for k, v in m.items()}, n)),
             worlds=job["worlds"], sensor_filters=job["sensor_filters"],
         )  # fmt: skip
         return {
             "node": ray.get_runtime_context().get_node_id(), "checkpoint": read_folder(trained.checkpoint), "policy": policy_to_bytes(trained.policy),
             "env_steps": trained.env_steps, "metrics": trained.metrics, "log": logged,
         }  # fmt: skip
+
+
+def on_the_tasks_device(config):
+    """``config`` (a TrainConfig or TrainerConfig) with ``device: auto`` meaning the GPUs Ray gave this task:
+    the CPU where it asked for none. Ray 2.60 no longer hides a node's GPUs from such a task (it leaves
+    ``CUDA_VISIBLE_DEVICES`` alone), so ``auto`` would take a GPU that no task reserved. The model-based
+    learner's world model follows its learner (``model_train.device: auto``)."""
+    if config.device == AUTO and not ray.get_gpu_ids():
+        return dataclasses.replace(config, device="cpu")
+    return config
 
 
 def policy_to_bytes(policy) -> dict:
