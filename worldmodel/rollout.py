@@ -136,11 +136,14 @@ def model_rollout(
     else:
         act = _ignore_rows(act)
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
+    # which member predicts each step is drawn on the CPU, so that a seed picks the same members on any device
+    # (on the CPU one generator draws both, as it always has; the sampled noise stays the device's own draw)
+    picks = gen if model.device.type == "cpu" else torch.Generator().manual_seed(config.seed)
     was_training = model.training
     model.eval()
     parts = [
         _rollout_chunk(
-            model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], functools.partial(_offset_rows, act, i), config, gen
+            model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], functools.partial(_offset_rows, act, i), config, gen, picks
         )
         for i in range(0, len(start), config.chunk_size)
     ]
@@ -168,7 +171,9 @@ def _members(model: DynamicsEnsemble, which: str) -> tuple[torch.Tensor | None, 
     return None, model.elites
 
 
-def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, context: torch.Tensor | None, act, config: RolloutConfig, gen: torch.Generator) -> RolloutBatch:
+def _rollout_chunk(
+    model: DynamicsEnsemble, start: torch.Tensor, context: torch.Tensor | None, act, config: RolloutConfig, gen: torch.Generator, picks: torch.Generator
+) -> RolloutBatch:
     dev, n, h = model.device, start.shape[0], config.horizon
     o_dim, a_dim = model.spec.obs_dim, model.spec.act_dim
     members, elite_pos = _members(model, config.disagreement_members)
@@ -191,7 +196,7 @@ def _rollout_chunk(model: DynamicsEnsemble, start: torch.Tensor, context: torch.
         x = model.input_norm.normalize(model.raw_inputs(cur, a, None if context is None else context[live]))
         mean, raw_logvar, logit = model.forward_members(x, members)
         dis = disagreement(mean[..., :o_dim])
-        pick = elite_pos[torch.randint(len(elite_pos), (len(live),), generator=gen, device=dev)]
+        pick = elite_pos[torch.randint(len(elite_pos), (len(live),), generator=picks).to(dev)]
         rows = torch.arange(len(live), device=dev)
         y = mean[pick, rows]
         if config.sample:
