@@ -137,8 +137,9 @@ def create_app(
     """
     metrics = Metrics()
     committer = GroupCommitter(
-        store, metrics, wait_s=config.commit_wait_ms / 1000, max_bytes=config.commit_max_bytes, max_episodes=config.commit_max_episodes
-    )
+        store, metrics, wait_s=config.commit_wait_ms / 1000, rejoin_s=config.commit_rejoin_ms / 1000,
+        max_bytes=config.commit_max_bytes, max_episodes=config.commit_max_episodes,
+    )  # fmt: skip
     snapshots = _Snapshots(store)
     limits = UploadLimits(config.max_concurrent_uploads, config.upload_rate_per_s, config.upload_burst)
 

@@ -1,9 +1,15 @@
 """Group commit: uploads that arrive together are stored in one transaction, then all acknowledged.
 
 An upload is acknowledged (201/200) only after the commit holding it is durable. While a
-commit runs, new uploads queue; the next commit takes all of them (and, while more
-uploads are still being received, waits up to ``commit_wait_ms`` for those too), so the
-store sees large chunk-sized writes without a lone robot ever waiting for company.
+commit runs, new uploads queue; the next commit takes all of them and waits for more
+(a) up to ``commit_wait_ms`` while other uploads are still being received, and (b) up to
+``commit_rejoin_ms`` when its oldest upload was queued while the previous commit ran, for
+the robots of that commit that came straight back last time (acknowledgement to next upload
+within ``commit_rejoin_ms``) and are not back yet. (b) is "rejoin": robots that upload back
+to back get into the next commit instead of splitting into two cohorts that take turns, one
+committing while the other uploads; robots that pause between uploads are never waited for.
+So the store sees large chunk-sized writes without a lone robot ever waiting for company:
+its upload comes after its own acknowledgement, so (b) never holds for it.
 
 Idempotency: an episode_id already in the store, or already queued, is not queued again;
 its upload resolves to "duplicate" (same bytes) or "conflict" (different bytes) once the
@@ -39,19 +45,24 @@ class _Item:
     nbytes: int
     received: float
     future: Future
+    settled: int  # commits settled when it was queued (GroupCommitter._settled)
 
 
 class GroupCommitter:
     """One background thread that owns all writes of a server process to its store."""
 
-    def __init__(self, store: EpisodeStore, metrics: Metrics, *, wait_s: float, max_bytes: int, max_episodes: int):
+    def __init__(self, store: EpisodeStore, metrics: Metrics, *, wait_s: float, max_bytes: int, max_episodes: int, rejoin_s: float = 0.0):
         self.store, self.metrics = store, metrics
-        self.wait_s, self.max_bytes, self.max_episodes = wait_s, max_bytes, max_episodes
+        self.wait_s, self.rejoin_s, self.max_bytes, self.max_episodes = wait_s, rejoin_s, max_bytes, max_episodes
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._pending: dict[str, tuple[bytes, Future]] = {}
         self._lock = threading.Lock()
         self._incoming = 0
         self._closed = False
+        self._settled = 0  # commits settled so far
+        self._last_robots: set[str] = set()  # robot_ids of the last one
+        self._acked_at: dict[str, float] = {}  # robot_id -> when its last commit was acknowledged (the last rejoin_s)
+        self._quick: set[str] = set()  # robots whose last upload came within rejoin_s of their acknowledgement
         self._thread = threading.Thread(target=self._loop, name="flywheel-group-commit", daemon=True)
 
     def start(self) -> None:
@@ -78,6 +89,11 @@ class GroupCommitter:
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry against the restarted server")
+            acked = self._acked_at.pop(episode.robot_id, None)
+            if acked is not None and time.monotonic() - acked <= self.rejoin_s:  # came straight back
+                self._quick.add(episode.robot_id)
+            elif acked is not None:
+                self._quick.discard(episode.robot_id)
             known = self.store.lookup(eid)
             if known is not None:
                 return _done("duplicate" if known == digest else "conflict")
@@ -85,7 +101,7 @@ class GroupCommitter:
                 return self._follow(eid, digest, self._pending[eid][1])
             future: Future = Future()
             self._pending[eid] = (digest, future)
-            self._queue.put(_Item(episode, digest, nbytes, time.time(), future))
+            self._queue.put(_Item(episode, digest, nbytes, time.time(), future, self._settled))
             return future
 
     def close(self) -> None:
@@ -117,15 +133,19 @@ class GroupCommitter:
             if item is None:
                 break
             batch, size = [item], item.nbytes
-            deadline = time.monotonic() + self.wait_s
+            start = time.monotonic()
+            with self._lock:  # rejoin: an upload that waited through the last commit waits for its quick robots
+                awaited = (self._last_robots & self._quick) - {item.episode.robot_id} if item.settled < self._settled else set()
             while len(batch) < self.max_episodes and size < self.max_bytes:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    if self._incoming == 0 or time.monotonic() >= deadline:
+                    now = time.monotonic()
+                    rejoin, receiving = start + self.rejoin_s - now, start + self.wait_s - now
+                    if not ((awaited and rejoin > 0) or (self._incoming and receiving > 0)):
                         break
-                    try:
-                        nxt = self._queue.get(timeout=min(0.001, max(0.0, deadline - time.monotonic())))
+                    try:  # awaited robots: block until an upload is queued; else poll the uploads being received
+                        nxt = self._queue.get(timeout=rejoin if awaited and rejoin > 0 else min(0.001, receiving))
                     except queue.Empty:
                         continue
                 if nxt is None:
@@ -133,6 +153,7 @@ class GroupCommitter:
                     break
                 batch.append(nxt)
                 size += nxt.nbytes
+                awaited.discard(nxt.episode.robot_id)
             self._commit(batch)
 
     def _commit(self, batch: list[_Item]) -> None:
@@ -156,6 +177,14 @@ class GroupCommitter:
 
     def _settle(self, batch: list[_Item], statuses=None, error: Exception | None = None) -> None:
         with self._lock:  # forget them first: a new upload of the same id then sees the store
+            now = time.monotonic()
+            for robot, at in list(self._acked_at.items()):  # not back within rejoin_s: not quick (any more)
+                if now - at > self.rejoin_s:
+                    del self._acked_at[robot]
+                    self._quick.discard(robot)
+            self._settled += 1
+            self._last_robots = {item.episode.robot_id for item in batch} if error is None else set()  # failed: they retry later
+            self._acked_at.update(dict.fromkeys(self._last_robots, now))
             for item in batch:
                 eid = item.episode.episode_id
                 if eid in self._pending and self._pending[eid][1] is item.future:

@@ -15,6 +15,10 @@ class ServerConfig:
     max_body_bytes: uploads larger than this are refused with 413 before their body is read.
     commit_wait_ms: while other uploads are still arriving, wait up to this long to commit
         them together (group commit); an upload never waits when nothing else is in flight.
+    commit_rejoin_ms: when a commit's oldest upload was queued while the previous commit ran, it
+        waits up to this long for the robots of that commit that came straight back last time (their
+        acknowledgement to their next upload took no longer than this): robots that upload back to
+        back then share one commit instead of splitting into two cohorts that take turns. 0: never.
     commit_max_bytes / commit_max_episodes: cap one group commit.
     list_limit: most episodes one GET /v1/episodes returns.
     body_timeout_s: an upload whose body has not fully arrived this long after its headers gets 408.
@@ -38,6 +42,7 @@ class ServerConfig:
     token_file: str = "runs/fleet/tokens.json"
     max_body_bytes: int = 64 << 20
     commit_wait_ms: float = 5.0
+    commit_rejoin_ms: float = 60.0
     commit_max_bytes: int = 64 << 20
     commit_max_episodes: int = 256
     list_limit: int = 1000
@@ -60,8 +65,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.body_timeout_s > 0 or self.max_concurrent_uploads < 1 or not self.upload_rate_per_s > 0 or self.upload_burst < 1:
             raise ValueError("body_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
-        if self.commit_wait_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
-            raise ValueError("commit_wait_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")
+        if self.commit_wait_ms < 0 or self.commit_rejoin_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
+            raise ValueError("commit_wait_ms and commit_rejoin_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")
         if self.max_episode_bytes < 1 or self.max_chunk_bytes < 1 or self.max_open_uploads < 1 or not self.upload_ttl_s > 0:
             raise ValueError(
                 f"max_episode_bytes, max_chunk_bytes and max_open_uploads must be >= 1 and upload_ttl_s > 0; got "

@@ -157,6 +157,7 @@ class ServerProcess:
             f"fleet.server.token_file={s.token_file}",
             f"fleet.server.max_body_bytes={s.max_body_bytes}",
             f"fleet.server.commit_wait_ms={s.commit_wait_ms}",
+            f"fleet.server.commit_rejoin_ms={s.commit_rejoin_ms}",
             f"fleet.server.body_timeout_s={s.body_timeout_s}",
             f"fleet.server.max_concurrent_uploads={s.max_concurrent_uploads}",
             f"fleet.server.upload_rate_per_s={s.upload_rate_per_s}",
