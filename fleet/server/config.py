@@ -18,7 +18,8 @@ class ServerConfig:
     commit_rejoin_ms: when a commit's oldest upload was queued while the previous commit ran, it
         waits up to this long for the robots of that commit that came straight back last time (their
         acknowledgement to their next upload took no longer than this): robots that upload back to
-        back then share one commit instead of splitting into two cohorts that take turns. 0: never.
+        back then share one commit instead of splitting into two cohorts that take turns. 0 (the
+        default): never; 60 suits a few robots that upload back to back (docs/protocol.md, Group commit).
     commit_max_bytes / commit_max_episodes: cap one group commit.
     list_limit: most episodes one GET /v1/episodes returns.
     body_timeout_s: an upload whose body has not fully arrived this long after its headers gets 408.
@@ -42,7 +43,7 @@ class ServerConfig:
     token_file: str = "runs/fleet/tokens.json"
     max_body_bytes: int = 64 << 20
     commit_wait_ms: float = 5.0
-    commit_rejoin_ms: float = 60.0
+    commit_rejoin_ms: float = 0.0
     commit_max_bytes: int = 64 << 20
     commit_max_episodes: int = 256
     list_limit: int = 1000
