@@ -56,6 +56,11 @@ def upload(c: GroupCommitter, robots: list[str], seed: int):
     return futures
 
 
+def open_gates(store, first: int) -> None:
+    for gate in store.gates[first:]:
+        gate.set()
+
+
 def acknowledged(futures) -> bool:
     return all(f.result(ACK_S) == "created" for f in futures)
 
@@ -82,8 +87,7 @@ def test_robots_that_come_straight_back_rejoin_the_next_commit(store, rejoin_s, 
         assert acknowledged(again_a)  # commit 3 starts with b's upload: it may wait for a's robots
         store.gates[3].set()
         last_a = upload(c, a, 40)
-        for gate in store.gates[4:]:
-            gate.set()
+        open_gates(store, 4)
         assert acknowledged(again_b + last_a)
     finally:
         c.close()
@@ -95,8 +99,8 @@ def test_a_lone_robot_never_waits_for_company(store):
     acknowledgement): it comes after its own acknowledgement; and one queued behind its own running
     commit has nobody else of that commit to wait for."""
     c = committer(store, rejoin_s=60.0)
-    for gate in store.gates[:3]:
-        gate.set()
+    open_gates(store, 0)  # commits 0-2 run at once; commit 3 is held below
+    store.gates[3].clear()
     c.start()
     try:
         for seed in range(3):
@@ -104,8 +108,7 @@ def test_a_lone_robot_never_waits_for_company(store):
         running = upload(c, ["solo"], 3)  # commit 3 is held; the next upload queues behind it
         assert store.entered[3].wait(ACK_S)
         queued = upload(c, ["solo"], 4)
-        store.gates[3].set()
-        store.gates[4].set()
+        open_gates(store, 3)
         assert acknowledged(running + queued)
     finally:
         c.close()
@@ -127,8 +130,7 @@ def test_a_robot_that_stops_is_waited_for_at_most_rejoin_once(store):
         store.gates[1].set()
         assert acknowledged(z) and store.entered[2].wait(ACK_S)
         x = upload(c, ["x"], 30)  # queued during commit 2; y does not upload again
-        for gate in store.gates[2:]:
-            gate.set()
+        open_gates(store, 2)
         assert acknowledged(again + x)
     finally:
         c.close()
@@ -153,8 +155,7 @@ def test_a_robot_that_pauses_between_uploads_is_not_waited_for(store):
         store.gates[1].set()
         assert acknowledged(z) and store.entered[2].wait(ACK_S)
         x = upload(c, ["x"], 30)  # queued during commit 2: must not wait for y
-        for gate in store.gates[2:]:
-            gate.set()
+        open_gates(store, 2)
         assert acknowledged(again + x)
     finally:
         c.close()

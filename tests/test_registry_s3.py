@@ -235,7 +235,7 @@ def test_metadata_someone_else_wrote_into_the_bucket_is_never_built_on(location,
 
 def test_a_bad_location_or_missing_credentials_say_what_to_do(s3_server, tmp_path, monkeypatch):
     from fleet.registry.s3 import S3Error
-    from fleet.store.backend import StoreLocationError
+    from fleet.store.location import StoreLocationError
 
     keys = tmp_path / "keys"
     with pytest.raises(StoreLocationError, match=r"registry location 's3://' names no bucket: use s3://bucket/prefix"):

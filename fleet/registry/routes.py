@@ -39,7 +39,8 @@ _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" mus
 def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
     router = APIRouter()
 
-    @router.api_route("/v1/tuf/metadata/{name}", methods=["GET", "HEAD"])
+    @router.get("/v1/tuf/metadata/{name}")
+    @router.head("/v1/tuf/metadata/{name}")  # one route per method: each gets its own OpenAPI operation id
     async def metadata(request: Request, name: str):
         tokens.require(request.headers.get("authorization"), "robot")
 
@@ -56,7 +57,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
             body=lambda start, end: data[start:end],
         )  # fmt: skip
 
-    @router.api_route("/v1/tuf/targets/{path:path}", methods=["GET", "HEAD"])
+    @router.get("/v1/tuf/targets/{path:path}")
+    @router.head("/v1/tuf/targets/{path:path}")  # one route per method: each gets its own OpenAPI operation id
     async def target(request: Request, path: str):
         tokens.require(request.headers.get("authorization"), "robot")
         opened = await run_in_threadpool(registry.repo.open_target, path)

@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from fleet.store.layout import CATALOG, LOCK_FILE, REPO_DIR
-from fleet.store.location import Location, StoreLocationError  # noqa: F401  (StoreLocationError: re-exported)
+from fleet.store.location import Location
 
 T = TypeVar("T")
 

@@ -57,6 +57,7 @@ from fleet.store.layout import (
     stream_name,
     stream_path,
 )
+from fleet.store.location import Location, StoreLocationError
 from fleet.store.reader import StoreSnapshot
 from sim.episode import Episode, encode_safetensors
 
@@ -145,7 +146,7 @@ class EpisodeStore:
 
     def __init__(self, config: StoreConfig, repo: icechunk.Repository, info: dict):
         self.config = config
-        self.location = backend.Location.parse(config.path)
+        self.location = Location.parse(config.path)
         self.path = self.location.path  # None on object storage
         self.info = info  # root attrs: geometry this store was created with (authoritative)
         self._repo = repo
@@ -168,7 +169,7 @@ class EpisodeStore:
     @classmethod
     def create(cls, config: StoreConfig) -> EpisodeStore:
         """Create a new, empty store at ``config.path``; fails if one is already there."""
-        path = backend.Location.parse(config.path)
+        path = Location.parse(config.path)
         if backend.repo_exists(path):
             raise FileExistsError(f"an episode store already exists at {path}; use EpisodeStore.open (or open_or_create)")
         try:
@@ -176,7 +177,7 @@ class EpisodeStore:
         except icechunk.IcechunkError as exc:
             if not path.is_local and backend.repo_exists(path):  # another process created it first
                 raise FileExistsError(f"an episode store already exists at {path}; use EpisodeStore.open (or open_or_create)") from None
-            raise backend.StoreLocationError(f"cannot create an episode store at {path}: {exc}") from None
+            raise StoreLocationError(f"cannot create an episode store at {path}: {exc}") from None
         info = root_attrs(config.chunk_rows, config.index_rows, config.compression)
         session = repo.writable_session(BRANCH)
         root = backend.open_root(session, mode="w")
@@ -191,7 +192,7 @@ class EpisodeStore:
     @classmethod
     def open(cls, config: StoreConfig) -> EpisodeStore:
         """Open an existing store; fails if there is none or its schema version is not ours."""
-        path = backend.Location.parse(config.path)
+        path = Location.parse(config.path)
         if not backend.repo_exists(path):
             raise FileNotFoundError(f"no episode store at {path}; create it with EpisodeStore.create (or open_or_create)")
         repo = backend.open_repo(path)
@@ -203,7 +204,7 @@ class EpisodeStore:
 
     @classmethod
     def open_or_create(cls, config: StoreConfig) -> EpisodeStore:
-        if backend.repo_exists(backend.Location.parse(config.path)):
+        if backend.repo_exists(Location.parse(config.path)):
             return cls.open(config)
         try:
             return cls.create(config)
