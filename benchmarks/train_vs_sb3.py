@@ -100,6 +100,7 @@ def main() -> None:
     torch.set_num_threads(1)
     curves: dict = {}
     device = str(resolve_device(args.device))
+    tag = "" if device == "cpu" else device.split(":")[0]  # in the metric names and the curves' file name
     arms = (("ppo", args.ppo_steps, 64), ("sac", args.sac_steps, 256), ("sac", args.sac_steps, 64))
     for algorithm, steps, hidden in (arm for arm in arms if arm[0] in args.algorithms):
         runs = {"ours": [], "sb3": []}
@@ -114,10 +115,10 @@ def main() -> None:
         for key, unit in (("steps_per_s", "env_steps/s"), ("return", "return")):
             value, base = med["ours"][key], med["sb3"][key]
             ratio = round(value / base, 4) if base > 0 else None
-            emit(f"{label}_{ROBOT}_{'' if device == 'cpu' else device.split(':')[0] + '_'}{'env_steps_per_s' if key == 'steps_per_s' else 'final_return'}_{steps}_steps", value, unit, base, ratio)
+            emit(f"{label}_{ROBOT}_{tag + '_' if tag else ''}{'env_steps_per_s' if key == 'steps_per_s' else 'final_return'}_{steps}_steps", value, unit, base, ratio)
         curves[label] = {name: [run["curve"] for run in rs] for name, rs in runs.items()}
         curves[label]["env_steps"] = steps
-    out = CURVES if device == "cpu" else CURVES.with_name(f"{CURVES.stem}_{device.split(':')[0]}.json")
+    out = CURVES.with_name(f"{CURVES.stem}_{tag}.json") if tag else CURVES
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"robot": ROBOT, "seed": args.seed, "device": device, "curves": curves}))
     print(f"# learning curves: {out}", file=sys.stderr)

@@ -25,8 +25,8 @@ from safetensors.torch import save as save_tensors
 
 from fleet.pipeline import steps
 from sim.durable import write_durably
-from worldmodel.device import AUTO
 from sim.episode import Episode
+from worldmodel.device import AUTO
 
 PLACEMENTS = ("driver", "cluster")
 

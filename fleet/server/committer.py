@@ -89,7 +89,7 @@ class GroupCommitter:
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry against the restarted server")
-            acked = self._acked_at.pop(episode.robot_id, None)
+            acked = self._acked_at.pop(episode.robot_id, None)  # None: rejoin off, or not acknowledged lately
             if acked is not None and time.monotonic() - acked <= self.rejoin_s:  # came straight back
                 self._quick.add(episode.robot_id)
             elif acked is not None:
@@ -177,14 +177,15 @@ class GroupCommitter:
 
     def _settle(self, batch: list[_Item], statuses=None, error: Exception | None = None) -> None:
         with self._lock:  # forget them first: a new upload of the same id then sees the store
-            now = time.monotonic()
-            for robot, at in list(self._acked_at.items()):  # not back within rejoin_s: not quick (any more)
-                if now - at > self.rejoin_s:
-                    del self._acked_at[robot]
-                    self._quick.discard(robot)
             self._settled += 1
             self._last_robots = {item.episode.robot_id for item in batch} if error is None else set()  # failed: they retry later
-            self._acked_at.update(dict.fromkeys(self._last_robots, now))
+            if self.rejoin_s:  # who came straight back is tracked only where rejoin is on
+                now = time.monotonic()
+                for robot, at in list(self._acked_at.items()):  # not back within rejoin_s: not quick (any more)
+                    if now - at > self.rejoin_s:
+                        del self._acked_at[robot]
+                        self._quick.discard(robot)
+                self._acked_at.update(dict.fromkeys(self._last_robots, now))
             for item in batch:
                 eid = item.episode.episode_id
                 if eid in self._pending and self._pending[eid][1] is item.future:
