@@ -19,7 +19,9 @@ budget. Lines (medians over seeds):
 * ``efficiency/<robot>/real_steps_to_<threshold>``: value mbpo, baseline sac, ratio sac/mbpo
 * ``efficiency/<robot>/real_steps_to_<threshold>_vs_sb3``: value mbpo, baseline sb3, ratio sb3/mbpo
 * ``efficiency/<robot>/return_at_budget`` (and ``_vs_sb3``), for robots without a threshold:
-  the final evaluation return, ratio mbpo/peer
+  the final evaluation return, ratio mbpo/peer (null where the peer's return is <= 0: a ratio
+  against a negative return means nothing). half_cheetah's budget, 10,000 real steps, is what
+  fits 15 minutes per method on 2 cores (docs/benchmarks.md)
 
 Each run is cached as JSON under ``runs/benchmarks/real_step_efficiency/`` (its settings in the
 file name), so methods may run in separate processes (``--methods sb3``) and one final call
@@ -52,7 +54,7 @@ CACHE = Path("runs/benchmarks/real_step_efficiency")
 EVAL_SEED = 777
 DEFAULTS = {  # robot: (threshold, budget per method, eval_every)
     "pendulum": (950.0, 15_000, 500),
-    "half_cheetah": (None, 20_000, 2_000),
+    "half_cheetah": (None, 10_000, 1_000),
 }
 
 

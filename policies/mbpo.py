@@ -61,7 +61,8 @@ class MBPOConfig:
     max_horizon: int = 15
     horizon_tolerance: float = 0.25  # median normalised open-loop error a trusted step may have
     disagreement_threshold: float = 1.0
-    val_fraction: float = 0.2  # share of real episodes held out from model training
+    val_fraction: float = 0.2  # share of real data held out from model training (in blocks of val_block steps)
+    val_block: int = 100  # steps of one episode held out or trained on together (the horizon is measured inside them)
     # the world model also reads each transition's body (its world's profile, a robot's calibrated
     # profile: sim.variation.VariationProfile.context), so pooled bodies do not blur into one
     condition_on_profile: bool = True
@@ -73,7 +74,7 @@ class MBPOConfig:
                 object.__setattr__(self, name, kind(**value))
         if not 0 < self.real_ratio < 1:
             raise ValueError(f"mbpo: real_ratio must be in (0, 1), got {self.real_ratio}")
-        for name in ("retrain_steps", "model_train_every", "rollout_every", "rollouts_per_step", "model_retain", "max_horizon"):
+        for name in ("retrain_steps", "model_train_every", "rollout_every", "rollouts_per_step", "model_retain", "max_horizon", "val_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mbpo: {name} must be >= 1, got {getattr(self, name)}")
         if self.sac.body_context and not self.condition_on_profile:
@@ -171,13 +172,17 @@ class RealLog:
         a = {k: v[: self.size] for k, v in self.arrays.items() if k != "offline" and (k != "context" or self.context_dim)}
         return Transitions(**(a if mask is None else {k: v[mask] for k, v in a.items()}))
 
-    def is_val(self, val_fraction: float) -> np.ndarray:
-        """(size,) bool: the transition's episode is held out (a fixed hash of its id)."""
-        ids = self.arrays["episode"][: self.size].astype(np.uint64)
-        return ((ids * np.uint64(2654435761)) % np.uint64(1000)) < np.uint64(int(val_fraction * 1000))
+    def is_val(self, val_fraction: float, block: int) -> np.ndarray:
+        """(size,) bool: the transition is held out. The unit held out is a block of ``block``
+        consecutive steps of one episode (a fixed hash of (episode, step // block)), not a whole
+        episode: a robot whose episodes run 1,000 steps has 20 % of every episode held out, so the
+        held-out data follows the policy as it changes, instead of one early episode standing for all."""
+        n = self.size
+        key = self.arrays["episode"][:n].astype(np.uint64) * np.uint64(1_000_003) + (self.arrays["step"][:n] // block).astype(np.uint64)
+        return ((key * np.uint64(2654435761)) % np.uint64(1000)) < np.uint64(int(val_fraction * 1000))
 
     def segments(self, mask: np.ndarray, horizon: int, max_starts: int, rng: np.random.Generator):
-        """Recorded segments of up to ``horizon`` steps from starts among ``mask``'s transitions:
+        """Recorded segments of up to ``horizon`` steps within ``mask``'s transitions, from starts among them:
         obs (S, H+1, D), action (S, H, A), valid (S, H), context (S, context_dim) of their bodies (or None)."""
         t = self.view()
         rows = np.flatnonzero(mask)
@@ -191,6 +196,7 @@ class RealLog:
         pos = where[rows][:, None] + np.arange(horizon)[None]
         idx = order[np.minimum(pos, len(order) - 1)]
         valid = (t.episode[idx] == t.episode[rows][:, None]) & (t.step[idx] == t.step[rows][:, None] + np.arange(horizon)) & (pos < len(order))
+        valid &= mask[idx]  # a segment ends where its episode leaves ``mask`` (held-out segments stay unseen)
         valid = np.logical_and.accumulate(valid, axis=1)
         obs = np.concatenate([t.obs[rows][:, None], t.next_obs[idx]], axis=1)
         return obs, t.action[idx], valid, self.contexts(rows)
@@ -319,8 +325,8 @@ class MBPO:
     # -- the model ------------------------------------------------------------------------------
     def _train_model(self) -> None:
         cfg = self.config
-        val = self.real.is_val(cfg.val_fraction)
-        if val.all() or not val.any():  # too few episodes yet for an episode split: hold out the newest 20 %
+        val = self.real.is_val(cfg.val_fraction, cfg.val_block)
+        if val.all() or not val.any():  # too little data yet for a block split: hold out the newest 20 %
             val = np.arange(self.real.size) >= int(0.8 * self.real.size)
         train_cfg = cfg.model_train if self.model is None else dataclasses.replace(cfg.model_train, max_steps=cfg.retrain_steps)
         train_cfg = dataclasses.replace(train_cfg, seed=cfg.model_train.seed + self.retrains)

@@ -47,6 +47,26 @@ def test_real_log_keeps_episodes_apart_across_interleaved_worlds():
     assert copy.size == log.size and (copy.view().episode == data.episode).all() and copy.next_episode == log.next_episode
 
 
+def test_long_episodes_are_held_out_in_blocks_and_segments_stay_inside_them():
+    """A robot with 1,000-step episodes: a fifth of every episode is held out (not one whole early
+    episode standing for all), and an open-loop segment never runs into training rows."""
+    log = RealLog(obs_dim=1, act_dim=1)
+    for t in range(3000):  # one world, three 1,000-step episodes
+        log.add(_step(np.array([[float(t)]], np.float32), np.zeros((1, 1), np.float32), np.array([t % 1000 == 999]), t))
+    val = log.is_val(0.2, block=100)
+    data = log.view()
+    for e in range(3):
+        share = val[data.episode == e].mean()
+        assert 0.0 < share < 0.6  # every episode has held-out blocks and training blocks
+    block = data.episode * 10 + data.step // 100
+    for b in np.unique(block):
+        assert len(set(val[block == b])) == 1  # a block is held out or trained on whole
+    obs, _, valid, _ = log.segments(val, horizon=15, max_starts=1000, rng=np.random.default_rng(0))
+    rows = obs[:, :-1, 0].astype(int)  # obs encodes the global step: row index in the log
+    assert valid.any(1).all() and val[rows[valid]].all()  # every recorded step of a segment is held out
+    assert (valid.sum(1) < 15).any()  # segments that reach a block's end stop there
+
+
 def test_every_real_row_carries_its_body_for_the_world_model(one_torch_thread):
     """Own steps carry their world's profile, handed-in episodes the body profile_of names (nominal
     if none); the contexts survive a checkpoint; an unconditioned learner stores none."""
@@ -136,9 +156,9 @@ def test_rollouts_come_from_the_current_policy_at_the_measured_horizon(one_torch
 
 @pytest.mark.slow
 def test_the_model_based_learner_masters_the_pendulum_in_a_few_thousand_real_steps(one_torch_thread):
-    """Does it learn: conf/policy/mbpo.yaml's settings, 1,500 real steps (model-free SAC needs ~13,500;
-    benchmarks/real_step_efficiency.py, seed 0, reaches 1,000 here)."""
-    config, algo = default_config("pendulum", total_env_steps=1500, seed=0)
+    """Does it learn: conf/policy/mbpo.yaml's settings, 2,000 real steps (model-free SAC needs ~13,500;
+    benchmarks/real_step_efficiency.py, seed 0, reaches 1,000 here: its median over seeds)."""
+    config, algo = default_config("pendulum", total_env_steps=2000, seed=0)
     config = dataclasses.replace(config, torch_threads=2)  # the suite runs one test at a time: both cores
     with Trainer(config, make_algorithm(config, algo)) as trainer:
         trainer.train()
