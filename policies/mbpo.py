@@ -77,6 +77,8 @@ class MBPOConfig:
         for name in ("retrain_steps", "model_train_every", "rollout_every", "rollouts_per_step", "model_retain", "max_horizon", "val_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mbpo: {name} must be >= 1, got {getattr(self, name)}")
+        if self.val_block < self.max_horizon:
+            raise ValueError(f"mbpo: val_block ({self.val_block}) must be >= max_horizon ({self.max_horizon}): the horizon is measured inside held-out blocks")
         if self.sac.body_context and not self.condition_on_profile:
             raise ValueError("mbpo: a body-conditioned policy (sac.body_context) needs condition_on_profile: its rollouts keep each start's body")
         if not 0 < self.val_fraction < 1 or not self.horizon_tolerance > 0:

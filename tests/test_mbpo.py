@@ -65,6 +65,8 @@ def test_long_episodes_are_held_out_in_blocks_and_segments_stay_inside_them():
     rows = obs[:, :-1, 0].astype(int)  # obs encodes the global step: row index in the log
     assert valid.any(1).all() and val[rows[valid]].all()  # every recorded step of a segment is held out
     assert (valid.sum(1) < 15).any()  # segments that reach a block's end stop there
+    with pytest.raises(ValueError, match="val_block"):  # a block shorter than the horizon could never measure it
+        MBPOConfig(val_block=10, max_horizon=15)
 
 
 def test_every_real_row_carries_its_body_for_the_world_model(one_torch_thread):
