@@ -177,7 +177,7 @@ class RealLog:
     def is_val(self, val_fraction: float, block: int) -> np.ndarray:
         """(size,) bool: the transition is held out. The unit held out is a block of ``block``
         consecutive steps of one episode (a fixed hash of (episode, step // block)), not a whole
-        episode: a robot whose episodes run 1,000 steps has 20 % of every episode held out, so the
+        episode: a robot whose episodes run 1,000 steps has ``val_fraction`` of every episode held out, so the
         held-out data follows the policy as it changes, instead of one early episode standing for all."""
         n = self.size
         key = self.arrays["episode"][:n].astype(np.uint64) * np.uint64(1_000_003) + (self.arrays["step"][:n] // block).astype(np.uint64)
