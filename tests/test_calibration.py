@@ -62,6 +62,34 @@ def test_state_from_observation_says_what_to_do_for_an_unknown_robot():
         state_from_observation(Other(), np.zeros((1, 3)))
 
 
+def test_a_wrong_state_map_is_refused_on_clean_states(monkeypatch):
+    """A registered map is checked once, on clean observations of the robot's own reset states."""
+    import sim.calibration as calibration
+
+    wrong = lambda task, obs: (np.zeros((len(obs), task.model.nq)), np.zeros((len(obs), task.model.nv)))  # noqa: E731
+    monkeypatch.setattr(calibration, "_STATE_FROM_OBS", {**calibration._STATE_FROM_OBS})
+    monkeypatch.setattr(calibration, "_CHECKED", {})
+    calibration.register_state_from_observation("reacher", wrong)
+    with pytest.raises(ValueError, match="does not reproduce a clean observation.*register_state_from_observation"):
+        state_from_observation(get_task("reacher"), np.zeros((1, get_task("reacher").obs_dim)))
+
+
+def test_noisy_offset_readings_of_derived_observations_still_give_states():
+    """The reacher's observation has derived entries (cos/sin of its angles, the fingertip's offset):
+    a noisy, offset reading matches no state exactly. It is rebuilt all the same (near the truth),
+    and a calibration that searches the sensor offset runs on such telemetry (both raised before)."""
+    episodes = telemetry("reacher", VariationProfile(obs_noise_std=0.05, obs_bias=0.02), 2, 30, seed=3)
+    obs = np.concatenate([ep.observation for ep in episodes]).astype(np.float64)
+    qpos, _ = state_from_observation(get_task("reacher"), obs)
+    true_qpos = np.concatenate([ep.extras["qpos"] for ep in episodes])
+    assert np.median(np.abs(qpos[:, :2] - true_qpos[:, :2])) < 0.1  # the arm's angles, through the noise
+    for ep in episodes:
+        ep.extras.clear()  # observations only
+    config = CalibrationConfig(params=("actuator_strength", "obs_bias"), windows_per_episode=5, population=8, num_elites=3, iterations=2)
+    result = calibrate("reacher", episodes, config)
+    assert np.isfinite(result.loss) and result.num_windows == 10 and result.evaluations > 0
+
+
 def test_replay_reproduces_recorded_observations():
     profile = VariationProfile(mass_scale=1.2, actuator_strength=0.9)
     episodes = telemetry("half_cheetah", profile, 4, 30)
