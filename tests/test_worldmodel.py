@@ -13,7 +13,7 @@ from sim.policy_fn import random_policy
 from sim.scenario import ScenarioSpec
 from worldmodel import EnsembleConfig, TrainConfig, load, model_version, save, train_ensemble
 from worldmodel.evaluate import LinearDynamics, ensemble_step_fn, k_step_errors, observation_scale
-from worldmodel.transitions import split_by_episode, to_transitions
+from worldmodel.transitions import split_by_episode, split_transitions, to_transitions
 
 SMALL = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=2)
 
@@ -61,6 +61,18 @@ def test_split_is_by_episode(cheetah):
     assert split_by_episode(episodes, 0.25, seed=3)[1][0].equals(val[0])
     with pytest.raises(ValueError, match="at least 2 episodes"):
         split_by_episode(episodes[:1], 0.25, seed=0)
+
+
+def test_a_lone_episode_is_split_by_its_steps(cheetah):
+    """A fleet of one robot that has sent one episode: its last steps are held out, and a world model trains on it."""
+    (ep,) = cheetah[0][:1]
+    train, val, counts = split_transitions([ep], 0.25, seed=0)
+    assert counts == (1, 1) and (len(train), len(val)) == (75, 25)
+    np.testing.assert_array_equal(np.concatenate([train.step, val.step]), np.arange(ep.num_steps))  # every step once, the last held out
+    _, report = train_ensemble([ep], ensemble=SMALL, config=TrainConfig(max_steps=20, eval_every=10))
+    assert (report.train_episodes, report.val_episodes) == (1, 1) and np.isfinite(report.elite_val_mse)
+    with pytest.raises(ValueError, match="at least 2 transitions"):
+        split_transitions(simulate("pendulum", 1, 1), 0.25, seed=0)
 
 
 def test_one_world_model_per_robot_model(cheetah):

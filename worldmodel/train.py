@@ -31,7 +31,7 @@ from sim.episode import Episode
 from worldmodel.device import resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.flat_params import flatten_parameters
-from worldmodel.transitions import Transitions, check_compatible, split_by_episode, to_transitions
+from worldmodel.transitions import Transitions, check_compatible, split_transitions
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -135,18 +135,16 @@ def train_ensemble(
     model: DynamicsEnsemble | None = None,
     log: LogFn | None = None,
 ) -> tuple[DynamicsEnsemble, TrainReport]:
-    """Train an ensemble on ``episodes`` (one robot model; any mix of sources), split by episode.
+    """Train an ensemble on ``episodes`` (one robot model; any mix of sources), split by episode
+    (a lone episode by its steps: :func:`worldmodel.transitions.split_transitions`).
 
     With ``model`` given, training continues from it (its normalisers are kept so its
     weights stay meaningful; its envelope widens to the new data) and ``ensemble`` is ignored.
     Returns the model (best weights per member, elites set) and a :class:`TrainReport`.
     """
     robot, _, _ = check_compatible(episodes)
-    train_eps, val_eps = split_by_episode(episodes, config.val_fraction, config.seed)
-    return fit_transitions(
-        to_transitions(train_eps), to_transitions(val_eps), robot=robot, ensemble=ensemble, config=config, model=model, log=log,
-        episodes=(len(train_eps), len(val_eps)),
-    )  # fmt: skip
+    train, val, counts = split_transitions(episodes, config.val_fraction, config.seed)
+    return fit_transitions(train, val, robot=robot, ensemble=ensemble, config=config, model=model, log=log, episodes=counts)
 
 
 def fit_transitions(

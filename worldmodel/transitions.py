@@ -48,6 +48,10 @@ class Transitions:
     def context_dim(self) -> int:
         return 0 if self.context is None else int(self.context.shape[1])
 
+    def rows(self, index) -> Transitions:
+        """The transitions at ``index`` (a slice, mask or index array)."""
+        return Transitions(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+
     def model_inputs(self) -> np.ndarray:
         """(M, obs_dim + act_dim + context_dim): what a world model reads."""
         return np.concatenate([self.obs, self.action] + ([] if self.context is None else [self.context]), 1)
@@ -102,3 +106,22 @@ def split_by_episode(
     val = [episodes[i] for i in sorted(order[:num_val])]
     train = [episodes[i] for i in sorted(order[num_val:])]
     return train, val
+
+
+def split_transitions(episodes: Sequence[Episode], val_fraction: float, seed: int) -> tuple[Transitions, Transitions, tuple[int, int]]:
+    """Training and validation transitions of ``episodes``, and how many episodes each came from.
+
+    Two or more episodes: :func:`split_by_episode`. A lone episode (a fleet of one robot that has
+    sent one): its last ``val_fraction`` of steps (at least one) are held out, the rest train; only
+    the steps at the cut are neighbours across the split.
+    """
+    if len(episodes) != 1:
+        train, val = split_by_episode(episodes, val_fraction, seed)
+        return to_transitions(train), to_transitions(val), (len(train), len(val))
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    t = to_transitions(episodes)
+    if len(t) < 2:
+        raise ValueError(f"need at least 2 transitions to hold one out for validation; the only episode has {len(t)}")
+    cut = len(t) - min(len(t) - 1, max(1, int(round(val_fraction * len(t)))))
+    return t.rows(slice(0, cut)), t.rows(slice(cut, None)), (1, 1)
