@@ -244,7 +244,8 @@ def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, 
     assert "convert_dataset_v21_to_v30" in capsys.readouterr().err
 
     assert cli(["export", "--format", "lerobot", "--store", store["path"], "--out", str(tmp_path / "mixed")]) == 2  # toy + camcar layouts
-    assert "--robot-model or --stream" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--source" in err and "--robot-model or --stream" in err and "from ['" in err  # each layout's sources, to choose by
     assert cli(["export", "--format", "mcap", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no episode store" in capsys.readouterr().err
 

@@ -81,14 +81,17 @@ def layout(episode: Episode) -> dict[str, dict]:
 
 def single_layout(episodes: Sequence[Episode], fmt: str) -> dict[str, dict]:
     """The one layout all ``episodes`` share (datasets with fixed features need it)."""
-    layouts: dict[str, list[str]] = {}
+    layouts: dict[str, list[tuple[str, str]]] = {}
     for ep in episodes:
-        layouts.setdefault(json.dumps(layout(ep), sort_keys=True), []).append(ep.metadata["robot_model"])
+        layouts.setdefault(json.dumps(layout(ep), sort_keys=True), []).append((ep.metadata["robot_model"], ep.source))
     if len(layouts) > 1:
-        kinds = "; ".join(f"{len(models)} episodes of {sorted(set(models))} with arrays {sorted(json.loads(k))}" for k, models in layouts.items())
+        kinds = "; ".join(
+            f"{len(eps)} episodes of {sorted({m for m, _ in eps})} from {sorted({s for _, s in eps})} with arrays {sorted(json.loads(k))}" for k, eps in layouts.items()
+        )
         raise InteropError(
             f"a {fmt} dataset has one set of features, but the selection mixes {len(layouts)} array layouts ({kinds}); "
-            "export one at a time with --robot-model or --stream (the store's stream names, see EpisodeInfo.stream)"
+            "export one layout at a time with --source (a flywheel run's store: real telemetry has no qpos/qvel, simulated episodes do), "
+            "--robot-model or --stream (the store's stream names, see EpisodeInfo.stream)"
         )
     return json.loads(next(iter(layouts)))
 
