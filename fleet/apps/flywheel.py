@@ -45,7 +45,10 @@ def run_flywheel(cfg: DictConfig) -> None:
 
     logging.getLogger("fleet").setLevel(logging.WARNING)
     console = Console()
-    flywheel = Flywheel(cfg, Path(cfg.run_dir))
+    try:
+        flywheel = Flywheel(cfg, Path(cfg.run_dir))
+    except ValueError as exc:  # the settings, derived and checked before anything runs: say what is wrong, no traceback
+        raise SystemExit(f"flywheel: {exc}") from None
     summary = flywheel.run()
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
