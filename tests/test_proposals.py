@@ -83,6 +83,19 @@ def test_failure_scenarios_start_before_the_failure_from_the_recorded_state(flee
     np.testing.assert_allclose(np.array([s.init_qpos for s in rebuilt]), np.array([s.init_qpos for s in specs]), atol=1e-6)
 
 
+def test_proposals_are_seeded_by_the_experience_not_by_the_episode_ids(fleet):
+    """A robot draws its episode ids at random, so a second run of the same seed has other ids for the
+    same experience: its scenarios must be the same (the ids stay in the tags, for provenance)."""
+    config = ProposalConfig(lookback=3, max_steps=25)
+    renamed = [dataclasses.replace(ep, metadata={**ep.metadata, "episode_id": f"other-{i}"}) for i, ep in enumerate(fleet)]
+    specs, again = failure_scenarios(fleet, CALIBRATED, config), failure_scenarios(renamed, CALIBRATED, config)
+    assert [s.seed for s in again] == [s.seed for s in specs] and len(set(s.seed for s in specs)) == len(specs)
+    assert all(":other-" in s.tag for s in again)
+    changed = [dataclasses.replace(fleet[0], action=fleet[0].action + 0.5), *fleet[1:]]  # other experience: another seed
+    first = next(s for s, (i, _, _) in zip(specs, find_failures(fleet, config.low_return_quantile)) if i == 0)
+    assert first.seed not in {s.seed for s in failure_scenarios(changed, CALIBRATED, config)}
+
+
 def test_uncertain_scenarios_pick_the_highest_disagreement(fleet):
     model = DynamicsEnsemble(ModelSpec("pendulum", 4, 1, EnsembleConfig(4, 2, 32, 1)), seed=3)  # untrained: members disagree
     _fit_statistics(model, to_transitions(fleet))

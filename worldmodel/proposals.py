@@ -11,7 +11,8 @@ Three sources, all around each robot's calibrated profile (sim.calibration):
 
 Every spec gets a tag saying why it exists (``failure:<reason>:<robot_id>:<episode_id>:<step>``,
 ``uncertainty:<robot_id>:<episode_id>:<step>``, ``dr:<robot_id>``) and a seed derived from
-where it came from, so the same inputs always give the same proposals.
+where it came from (the recorded experience, not the episode's id, which robots draw at random),
+so the same inputs always give the same proposals, in any run.
 """
 
 from __future__ import annotations
@@ -69,11 +70,20 @@ def _start_state(episode: Episode, step: int) -> tuple[tuple[float, ...], tuple[
     return tuple(float(x) for x in qpos), tuple(float(x) for x in qvel)
 
 
-def _spec_at(episode: Episode, step: int, profile: VariationProfile, tag: str, config: ProposalConfig) -> ScenarioSpec:
+def _content(episode: Episode) -> str:
+    """A digest of what the episode recorded (observations, actions): unlike its id, which a robot
+    draws at random, the same experience gives the same digest in every run."""
+    return hashlib.sha256(np.ascontiguousarray(episode.observation).tobytes() + np.ascontiguousarray(episode.action).tobytes()).hexdigest()[:16]
+
+
+def _spec_at(episode: Episode, step: int, profile: VariationProfile, why: str, config: ProposalConfig) -> ScenarioSpec:
+    """The scenario from ``episode``'s state at ``step``, tagged ``<why>:<robot_id>:<episode_id>:<step>``;
+    seeded by what the episode recorded, not by its id, so one seed gives one run."""
     qpos, qvel = _start_state(episode, step)
+    tag = f"{why}:{episode.robot_id}:{episode.episode_id}:{step}"
     return ScenarioSpec(
         robot=episode.metadata["robot_model"],
-        seed=_seed(config.seed, episode.episode_id, step, tag),
+        seed=_seed(config.seed, why, episode.robot_id, _content(episode), step),
         profile=profile,
         init_qpos=qpos,
         init_qvel=qvel,
@@ -113,8 +123,7 @@ def failure_scenarios(
     for i, step, reason in find_failures(episodes, config.low_return_quantile)[: config.max_failures]:
         ep = episodes[i]
         start = max(0, step - config.lookback)
-        tag = f"failure:{reason}:{ep.robot_id}:{ep.episode_id}:{start}"
-        specs.append(_spec_at(ep, start, profiles.get(ep.robot_id, VariationProfile()), tag, config))
+        specs.append(_spec_at(ep, start, profiles.get(ep.robot_id, VariationProfile()), f"failure:{reason}", config))
     return specs
 
 
@@ -151,8 +160,7 @@ def uncertain_scenarios(
             continue
         used.add(owner[j])
         ep = mine[owner[j]]
-        tag = f"uncertainty:{ep.robot_id}:{ep.episode_id}:{int(step[j])}"
-        specs.append(_spec_at(ep, int(step[j]), profiles.get(ep.robot_id, VariationProfile()), tag, config))
+        specs.append(_spec_at(ep, int(step[j]), profiles.get(ep.robot_id, VariationProfile()), "uncertainty", config))
     return specs
 
 

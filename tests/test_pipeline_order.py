@@ -1,0 +1,29 @@
+"""The flywheel reads its training data in an order that does not depend on how robots' uploads
+interleaved in the store (a group commit takes them as they come), so one seed gives one run."""
+
+from fleet.pipeline.services import by_robot
+from fleet.store import EpisodeStore, StoreConfig
+from sim.episode import Episode
+from tests.conftest import make_episode_arrays
+
+
+def test_episodes_are_read_robot_by_robot_in_each_robots_own_order(tmp_path):
+    episodes = {
+        r: [Episode.create(**make_episode_arrays(num_steps=5, seed=10 * i + k), robot_id=r, robot_model="toy", source="real") for k in range(3)]
+        for i, r in enumerate(("robot-1", "robot-0", "robot-2"))
+    }
+    interleavings = (
+        ["robot-0", "robot-1", "robot-2"] * 3,  # round robin
+        ["robot-2"] * 3 + ["robot-1", "robot-0"] * 3,  # one robot first, then two alternating
+    )
+    orders = []
+    for n, sequence in enumerate(interleavings):
+        store = EpisodeStore.open_or_create(StoreConfig(path=str(tmp_path / f"store{n}")))
+        sent = {r: 0 for r in episodes}
+        for robot in sequence:  # one commit per upload, in this interleaving
+            store.append([episodes[robot][sent[robot]]])
+            sent[robot] += 1
+        snapshot = store.snapshot()
+        assert [i.robot_id for i in snapshot.episodes()] != sorted(sequence)  # the catalog follows the commits
+        orders.append([i.episode_id for i in by_robot(snapshot.episodes())])
+    assert orders[0] == orders[1] == [ep.episode_id for r in ("robot-0", "robot-1", "robot-2") for ep in episodes[r]]
