@@ -172,7 +172,7 @@ class RealLog:
 
     def view(self, mask: np.ndarray | None = None) -> Transitions:
         a = {k: v[: self.size] for k, v in self.arrays.items() if k != "offline" and (k != "context" or self.context_dim)}
-        return Transitions(**(a if mask is None else {k: v[mask] for k, v in a.items()}))
+        return Transitions(**a) if mask is None else Transitions(**a).rows(mask)
 
     def is_val(self, val_fraction: float, block: int) -> np.ndarray:
         """(size,) bool: the transition is held out. The unit held out is a block of ``block``
