@@ -1,7 +1,7 @@
 """The flywheel reads its training data in an order that does not depend on how robots' uploads
 interleaved in the store (a group commit takes them as they come), so one seed gives one run."""
 
-from fleet.pipeline.services import by_robot
+from fleet.pipeline.services import in_robot_order
 from fleet.store import EpisodeStore, StoreConfig
 from sim.episode import Episode
 from tests.conftest import make_episode_arrays
@@ -25,5 +25,5 @@ def test_episodes_are_read_robot_by_robot_in_each_robots_own_order(tmp_path):
             sent[robot] += 1
         snapshot = store.snapshot()
         assert [i.robot_id for i in snapshot.episodes()] != sorted(sequence)  # the catalog follows the commits
-        orders.append([i.episode_id for i in by_robot(snapshot.episodes())])
+        orders.append([i.episode_id for i in in_robot_order(snapshot.episodes())])
     assert orders[0] == orders[1] == [ep.episode_id for r in ("robot-0", "robot-1", "robot-2") for ep in episodes[r]]

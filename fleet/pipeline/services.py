@@ -81,11 +81,11 @@ class Services(contextlib.AbstractContextManager):
     # -- data ---------------------------------------------------------------------------------
     def read_data(self, robot_model: str) -> tuple[str, list[Episode], list[Episode]]:
         """Pin the store's latest snapshot; its real and sim episodes of ``robot_model``, robot by robot
-        (:func:`by_robot`), so that what trains on them does not depend on how uploads interleaved."""
+        (:func:`in_robot_order`), so that what trains on them does not depend on how uploads interleaved."""
         self.store.refresh_index()
         snapshot = self.store.snapshot()
-        real = snapshot.read_episodes(by_robot(snapshot.episodes(robot_model=robot_model, source="real")))
-        sim = snapshot.read_episodes(by_robot(snapshot.episodes(robot_model=robot_model, source="sim")))
+        real = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="real")))
+        sim = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="sim")))
         return snapshot.snapshot_id, real, sim
 
     def store_synthetic(self, episodes: list[Episode]) -> int:
@@ -194,7 +194,7 @@ def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:
     return False
 
 
-def by_robot(infos: list) -> list:
+def in_robot_order(infos: list) -> list:
     """Catalog entries (``EpisodeInfo``) ordered by robot id, each robot's in the order it uploaded them.
     The catalog is in commit order, which depends on how concurrent robots' uploads met the group
     commit; this order does not, so one seed gives one run."""
