@@ -319,10 +319,15 @@ def make_windows(task: Task, episodes: Sequence[Episode], config: CalibrationCon
 
     With an action latency of L steps, the actuators at step t got action t - L, so windows
     start at t >= L and replay the actions as applied. Start states come from the qpos/qvel
-    extras when every chosen window has them, else all are rebuilt from observations.
+    extras when every chosen window has them, else all are rebuilt from observations. Where no
+    episode is ``config.window`` steps long (a robot that falls fast), the windows are as long as
+    the longest episode allows.
     """
     rng = np.random.default_rng(config.seed)
-    w = config.window
+    longest = max((ep.num_steps - latency for ep in episodes), default=0)
+    if longest < 1:
+        raise ValueError(f"no episode has more than {latency} steps (the action latency): calibration needs telemetry with at least {latency + 1}")
+    w = min(config.window, longest)  # a robot whose episodes all end early (it falls fast) is still calibrated, on shorter windows
     chosen = []
     for ep in episodes:
         if ep.metadata["robot_model"] != task.name:
@@ -331,8 +336,6 @@ def make_windows(task: Task, episodes: Sequence[Episode], config: CalibrationCon
         if len(starts):
             picks = rng.choice(starts, min(config.windows_per_episode, len(starts)), replace=False)
             chosen += [(ep, int(t)) for t in sorted(picks)]
-    if not chosen:
-        raise ValueError(f"no episode has {w + latency} steps: give longer telemetry or a smaller calibration window")
     if len(chosen) > config.max_windows:
         chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), config.max_windows, replace=False))]
     have_state = all("qpos" in ep.extras and "qvel" in ep.extras for ep, _ in chosen)

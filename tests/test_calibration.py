@@ -159,8 +159,16 @@ def test_degenerate_fields_are_flagged():
 def test_calibration_config_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match="choose from"):
         CalibrationConfig(params=("gravity",))
-    with pytest.raises(ValueError, match="no episode has"):
-        calibrate("reacher", telemetry("reacher", VariationProfile(), 1, 5), CalibrationConfig(window=8))
+    short = telemetry("reacher", VariationProfile(), 1, 5)
+    with pytest.raises(ValueError, match="no episode has more than 5 steps"):
+        calibrate("reacher", short, CalibrationConfig(window=8), base=VariationProfile(action_latency=5))
+
+
+def test_a_robot_whose_episodes_all_end_early_is_calibrated_on_shorter_windows():
+    """A robot that falls within a few steps in every episode must not stop its fleet's calibration."""
+    config = CalibrationConfig(params=("actuator_strength",), window=8, population=8, num_elites=3, iterations=2)
+    result = calibrate("pendulum", telemetry("pendulum", VariationProfile(actuator_strength=0.7), 3, 5, keep_state=False), config)
+    assert result.num_windows == 3 and np.isfinite(result.loss)  # one 5-step window per 5-step episode
 
 
 def test_calibration_at_a_bound_differences_one_sided():
