@@ -123,7 +123,7 @@ def test_an_unknown_key_added_with_plus_stops_the_app_before_it_runs(tmp_path):
 
 def test_a_setting_out_of_range_stops_the_app_with_the_reason_and_no_traceback(tmp_path):
     """A value the loop refuses (checked when the Flywheel is built, before Ray starts) reads as a one-line error."""
-    for override, reason in (("loop.iterations=0", "must be >= 1"), ("policy=ppo", "trains off-policy")):
+    for override, reason in (("loop.iterations=0", "must be >= 1"), ("policy=ppo", "trains off-policy"), ("loop.robot_model=nosuch", "unknown robot 'nosuch'")):
         result = subprocess.run(
             [str(Path(sys.executable).parent / "flywheel"), override, f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path
         )

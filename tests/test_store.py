@@ -44,6 +44,19 @@ def test_explicit_open_modes(cfg):
     assert EpisodeStore.open_or_create(cfg).latest_snapshot_id() == store.latest_snapshot_id()
 
 
+def test_object_storage_that_does_not_answer_says_what_to_set(monkeypatch, tmp_path):
+    """No credentials (and no instance metadata): one error naming the store and the variables to set."""
+    from fleet.store.backend import StoreUnreachableError
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    with pytest.raises(StoreUnreachableError, match=r"episode store at s3://bucket/prefix .*set them, and AWS_ENDPOINT_URL"):
+        EpisodeStore.open_or_create(StoreConfig(path="s3://bucket/prefix", writer_id="w"))
+
+
 def test_each_writer_appends_to_its_own_partition_and_streams(cfg):
     with pytest.raises(ValueError, match="writer_id 'a/b'"):
         StoreConfig(path=cfg.path, writer_id="a/b")

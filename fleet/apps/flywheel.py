@@ -37,6 +37,8 @@ def main() -> None:
 @hydra.main(config_path=CONF_DIR, config_name="flywheel", version_base="1.3")
 def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
+    from fleet.pipeline.ray_start import RayJoinError
+    from fleet.store.backend import StoreUnreachableError
     from fleet.pipeline.report import summary_table
     from sim.robots.registry import use_robot_modules
 
@@ -47,9 +49,12 @@ def run_flywheel(cfg: DictConfig) -> None:
     console = Console()
     try:
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
-    except ValueError as exc:  # the settings, derived and checked before anything runs: say what is wrong, no traceback
+    except (ValueError, KeyError) as exc:  # the settings (and the robot), checked before anything runs: say what is wrong, no traceback
+        raise SystemExit(f"flywheel: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+    try:
+        summary = flywheel.run()
+    except (RayJoinError, StoreUnreachableError) as exc:  # the cluster or the store, at the start: what to check
         raise SystemExit(f"flywheel: {exc}") from None
-    summary = flywheel.run()
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
     console.print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")

@@ -98,7 +98,11 @@ def use_token_auth(mode: str, token_file: str | None) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def join_error(cfg: DictConfig, exc: Exception) -> Exception:
+class RayJoinError(RuntimeError):
+    """This process could not join the configured Ray cluster; the message says what to check."""
+
+
+def join_error(cfg: DictConfig, exc: Exception) -> RayJoinError:
     """What to do when ``ray.init(address=...)`` failed; a refused token says how to give the cluster's.
     Ray's reason is in the exception's chain (its last connection error)."""
     chain, cause = [], exc
@@ -107,13 +111,13 @@ def join_error(cfg: DictConfig, exc: Exception) -> Exception:
         cause = cause.__cause__ or cause.__context__
     text = "\n".join(chain)
     if any(mark in text for mark in ("AuthenticationError", "InvalidAuthToken", "UNAUTHENTICATED", "Unauthenticated")):
-        return RuntimeError(
+        return RayJoinError(
             f"the Ray cluster at {cfg.address} refused this process's token (Ray: token missing or incorrect). Join with "
             "ray.auth=token and the cluster's token: RAY_AUTH_TOKEN in the environment, or ray.auth_token_file=<a file holding it> "
             "(`ray get-auth-token` on one of its nodes prints it; every node runs with RAY_AUTH_MODE=token and that token: "
             'docs/scale.md, "Ray cluster")'
         )
-    return RuntimeError(
+    return RayJoinError(
         f"could not join the Ray cluster at {cfg.address} ({chain[0]}): is its head running there (`ray status --address "
         f"{cfg.address}`), and does a node of it run on this host at ray.node_ip_address={cfg.node_ip_address}? (Ray replaces "
         "127.0.0.1, localhost and ::1 by this host's network address: a cluster on loopback gives its nodes and this driver "

@@ -43,6 +43,22 @@ T = TypeVar("T")
 icechunk.set_logs_filter("warn,icechunk::storage::object_store=error,icechunk::session=error")
 
 
+class StoreUnreachableError(ConnectionError):
+    """The object storage of a store did not answer (no credentials, no endpoint, no such bucket)."""
+
+
+def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:
+    """What to check when object storage refused to open the store at ``location`` (``exc``: Icechunk's error)."""
+    reason = str(exc).strip().splitlines()[-1].lstrip("`|-> ").strip() if str(exc).strip() else type(exc).__name__
+    env = os.environ
+    hint = (
+        "check the bucket, AWS_ENDPOINT_URL (an S3-compatible server) and the credentials"
+        if env.get("AWS_ACCESS_KEY_ID")
+        else "no AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment: set them, and AWS_ENDPOINT_URL for an S3-compatible server (MinIO, Ceph, moto)"
+    )
+    return StoreUnreachableError(f"cannot open the episode store at {location} ({reason}); {hint} (docs/store.md)")
+
+
 class StoreBusyError(TimeoutError):
     """Another writer held the store's commit lock for longer than ``lock_timeout_s``."""
 
@@ -79,7 +95,12 @@ def repo_exists(where: Location | Path | str) -> bool:
     location = Location.of(where)
     if location.is_local and not (location.path / REPO_DIR).is_dir():
         return False
-    return icechunk.Repository.exists(storage(location))
+    try:
+        return icechunk.Repository.exists(storage(location))
+    except icechunk.IcechunkError as exc:
+        if location.is_local:
+            raise
+        raise unreachable(location, exc) from None
 
 
 MANIFEST_SPLIT_CHUNKS = 1024
