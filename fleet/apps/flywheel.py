@@ -38,8 +38,8 @@ def main() -> None:
 def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
     from fleet.pipeline.ray_start import RayJoinError
-    from fleet.store.backend import StoreUnreachableError
     from fleet.pipeline.report import summary_table
+    from fleet.store.backend import StoreUnreachableError
     from sim.robots.registry import use_robot_modules
 
     check(cfg)
