@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import cached_json, emit, pooled_seed_args  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
-from fleet.pipeline.steps import body_conditioned, robust_to_fleet_sensors  # noqa: E402
+from fleet.pipeline.steps import body_conditioned, filter_residuals, robust_to_fleet_sensors  # noqa: E402
 from policies.evaluate import evaluate  # noqa: E402
 from policies.mbpo import default_config  # noqa: E402
 from policies.trainer import Trainer, make_algorithm  # noqa: E402
@@ -82,7 +82,10 @@ def run_arm(steps: int, seed: int, arm: str, conditions: tuple[str, ...] = tuple
             view = [seen_body(b, on_board) for b in bodies]
     config, algo = default_config(ROBOT, total_env_steps=steps, seed=seed)
     config = dataclasses.replace(config, num_worlds=len(worlds))
-    algo = robust_to_fleet_sensors(body_conditioned(algo), {str(i): p for i, p in enumerate(view)})
+    view = {str(i): p for i, p in enumerate(view)}
+    if on_board:  # the flywheel's rule: the actor trains under what the filter leaves (fleet.pipeline.steps.filter_residuals)
+        view = filter_residuals(view, {str(len(bodies) - 1): fit.view_noise})
+    algo = robust_to_fleet_sensors(body_conditioned(algo), view)
     algorithm = make_algorithm(config, algo)
     refits = REFITS if arm == "refit" and has_noisy else 0
     stretches = [steps // (refits + 1)] * refits + [steps - refits * (steps // (refits + 1))]

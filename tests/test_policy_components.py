@@ -222,6 +222,17 @@ def test_training_stops_once_the_kept_policy_cannot_be_beaten(one_torch_thread, 
     assert ran["pendulum", True][0] == 200 and ran["pendulum", True][1][0] < 1000  # a score short of the maximum never stops it
 
 
+def test_a_filtered_sensor_counts_in_the_noise_rule_at_what_its_filter_leaves():
+    """The robot is told its filtered sensor is clean (its body features); the actors train under the noise its filter leaves."""
+    from fleet.pipeline.steps import filter_residuals, robust_to_fleet_sensors
+
+    seen = {"clean": VariationProfile(), "filtered": VariationProfile(actuator_strength=0.5)}  # as seen_bodies gives them
+    view = filter_residuals(seen, {"filtered": 0.03})
+    assert view == {"clean": VariationProfile(), "filtered": VariationProfile(actuator_strength=0.5, obs_noise_std=0.03)}
+    assert robust_to_fleet_sensors(SACConfig(), view).actor_obs_noise == pytest.approx(0.03)
+    assert robust_to_fleet_sensors(SACConfig(), filter_residuals(seen, {})).actor_obs_noise == 0.0  # no filter kept: nothing added
+
+
 def test_the_actor_learns_under_the_fleets_noisiest_calibrated_sensor():
     from fleet.pipeline.steps import robust_to_fleet_sensors
     from policies.mbpo import MBPOConfig

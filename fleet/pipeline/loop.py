@@ -213,7 +213,8 @@ class Flywheel:
                 algo_cfg = steps.body_conditioned(algo_cfg)
             worlds = profiles
             if s.robust_to_sensor_noise:  # the actor trains under the fleet's sensor noise, but for the filtered sensors' (their worlds run the filter)
-                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles if s.noise_free_training_worlds else seen)
+                residuals = {r: f.view_noise for r, f in filters.items() if f.keep}  # a filtered sensor: the noise its filter leaves
+                algo_cfg = steps.robust_to_fleet_sensors(algo_cfg, profiles if s.noise_free_training_worlds else steps.filter_residuals(seen, residuals))
                 worlds = steps.clean_sensor_worlds(profiles) if s.noise_free_training_worlds else profiles
             trained = self.training.policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},

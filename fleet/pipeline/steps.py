@@ -171,9 +171,9 @@ def fit_sensor_filters(robot_model: str, profiles: dict[str, VariationProfile], 
 def robust_to_fleet_sensors(algo_cfg, profiles: dict[str, VariationProfile]):
     """``algo_cfg`` (SAC's, or the model-based learner's around it) whose actor trains on observations
     as noisy as the noisiest sensor of ``profiles`` (at least its configured noise). The flywheel passes
-    the bodies its policy is told it drives (:func:`seen_bodies`): a sensor whose filter runs in its
-    training world counts as clean there, since that world already shows the actor what the filter
-    leaves; on top of it, noise for every body cost the clean bodies their skill (docs/policies.md)."""
+    the bodies its policy is told it drives with a filtered sensor's noise at what its filter leaves
+    (:func:`filter_residuals`): the raw sensor's noise on every body cost the clean bodies their skill,
+    none left the pooled policy short on the filtered robot (docs/policies.md)."""
     worst = max((p.obs_noise_std for p in profiles.values()), default=0.0)
     sac = getattr(algo_cfg, "sac", algo_cfg)
     robust = dataclasses.replace(sac, actor_obs_noise=max(sac.actor_obs_noise, float(worst)))
@@ -203,6 +203,15 @@ def seen_bodies(profiles: dict[str, VariationProfile], sensor_filters) -> dict[s
     from sim.sensor_filter import seen_body
 
     return {r: seen_body(p, sensor_filters) for r, p in profiles.items()}
+
+
+def filter_residuals(seen: dict[str, VariationProfile], residuals: Mapping[str, float]) -> dict[str, VariationProfile]:
+    """What the actor-noise rule (:func:`robust_to_fleet_sensors`) reads: each robot's body as its
+    policy is told it (``seen``), a filtered robot's sensor noise set to what its filter leaves
+    (``residuals``: robot id -> ``FilterFit.view_noise``) rather than to none. Training every body's
+    actor under that residual, with the filter running in the filtered robot's own world, keeps the
+    pooled policy on that robot at equal data (docs/benchmarks.md, "At equal data")."""
+    return {r: p.replace(obs_noise_std=float(residuals[r])) if r in residuals else p for r, p in seen.items()}
 
 
 def episode_profile(profiles: dict[str, VariationProfile], episode: Episode) -> VariationProfile | None:
