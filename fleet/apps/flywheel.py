@@ -40,7 +40,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.ray_start import RayJoinError
     from fleet.pipeline.report import summary_table
     from fleet.store.backend import StoreUnreachableError
-    from sim.robots.registry import use_robot_modules
+    from sim.robots.registry import UnknownRobotError, use_robot_modules
 
     check(cfg)
     use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
@@ -49,8 +49,8 @@ def run_flywheel(cfg: DictConfig) -> None:
     console = Console()
     try:
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
-    except (ValueError, KeyError) as exc:  # the settings (and the robot), checked before anything runs: say what is wrong, no traceback
-        raise SystemExit(f"flywheel: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+    except (ValueError, UnknownRobotError) as exc:  # the settings (and the robot), checked before anything runs: say what is wrong, no traceback
+        raise SystemExit(f"flywheel: {exc}") from None
     try:
         summary = flywheel.run()
     except (RayJoinError, StoreUnreachableError) as exc:  # the cluster or the store, at the start: what to check

@@ -32,6 +32,13 @@ class RobotPluginError(ImportError):
     pass
 
 
+class UnknownRobotError(KeyError):
+    """No registered robot has this name (the message lists those that are)."""
+
+    def __str__(self) -> str:  # the message itself, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 def register(task_cls: type[Task]) -> type[Task]:
     """Class decorator: make ``task_cls`` available as ``get_task(task_cls.name)``."""
     if task_cls.name in _TASKS and _TASKS[task_cls.name] is not task_cls:
@@ -82,7 +89,7 @@ def get_task(name: str) -> Task:
     if name not in _TASKS:
         load_robot_plugins()
     if name not in _TASKS:
-        raise KeyError(
+        raise UnknownRobotError(
             f"unknown robot {name!r}; registered robots: {sorted(_TASKS)}. Register yours with @sim.robots.register in a module "
             f"named by the {ENTRY_POINT_GROUP!r} entry-point group or by {MODULES_ENV} / robot_modules (docs/robots.md)"
         )
