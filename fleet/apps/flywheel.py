@@ -57,7 +57,10 @@ def run_flywheel(cfg: DictConfig) -> None:
         raise SystemExit(f"flywheel: {exc}") from None
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
-    console.print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
+    if cfg.wandb.mode == "offline":
+        console.print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
+    elif cfg.wandb.mode == "online":
+        console.print(f"W&B run files: {summary['wandb_dir']}  (synced as the run went)")
 
 
 if __name__ == "__main__":
