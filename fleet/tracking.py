@@ -24,13 +24,18 @@ ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None, name: str | None = None):
+    def __init__(
+        self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,
+        name: str | None = None, step_metric: str = ITERATION,
+    ):  # fmt: skip
+        """``step_metric``: what :meth:`log`'s ``step`` is, the x axis of every namespace (the loop's iteration;
+        `flywheel-train`'s learner steps)."""
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        self.wandb_run = None
+        self.wandb_run, self.step_metric = None, step_metric
         if mode != "disabled":
             import wandb
 
@@ -39,11 +44,11 @@ class Tracker:
                 mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
             )
             self.online = mode == "online"
-            self.wandb_run.define_metric(ITERATION)
+            self.wandb_run.define_metric(step_metric)
             self.wandb_run.define_metric(POLICY_STEPS)
             self.wandb_run.define_metric("policy/*", step_metric=POLICY_STEPS)
             for namespace in ITERATION_NAMESPACES:
-                self.wandb_run.define_metric(f"{namespace}/*", step_metric=ITERATION)
+                self.wandb_run.define_metric(f"{namespace}/*", step_metric=step_metric)
 
     @property
     def wandb_dir(self) -> str | None:
@@ -53,7 +58,7 @@ class Tracker:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON has no NaN
         self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({**metrics, ITERATION: step})
+            self.wandb_run.log({**metrics, self.step_metric: step})
 
     def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
         with open(self.run_dir / f"{key.replace('/', '_')}.jsonl", "a") as f:
@@ -61,7 +66,7 @@ class Tracker:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows), ITERATION: step})
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows), self.step_metric: step})
 
     def video(self, key: str, frames, fps: int, step: int) -> None:
         """frames: (T, H, W, 3) uint8; written as mp4 to the run folder and to W&B."""
@@ -77,7 +82,17 @@ class Tracker:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({key: wandb.Video(str(path), format="mp4"), ITERATION: step})
+            self.wandb_run.log({key: wandb.Video(str(path), format="mp4"), self.step_metric: step})
+
+    def learner_log(self, env_steps_before: int = 0, step: int | None = None):
+        """A learner's ``log(metrics, env_steps)`` (policies.trainer.LogFn) into ``policy/*``, plotted against
+        ``policy/env_steps``: its steps plus ``env_steps_before``; logged at ``step`` (default: the learner's steps)."""
+
+        def log(metrics: dict, env_steps: int) -> None:
+            steps = env_steps_before + env_steps
+            self.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in metrics.items()} | {POLICY_STEPS: steps}, steps if step is None else step)
+
+        return log
 
     def config_update(self, values: dict) -> None:
         """Record settings as the run actually used them (after the loop's own overrides)."""

@@ -119,7 +119,8 @@ def policy_from_checkpoint(directory: str | os.PathLike) -> tuple[Policy, dict]:
     tensors, meta = load_checkpoint(directory)
     head = "policy."
     sd = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
-    return build_policy(meta["policy_spec"], sd, state_dependent_std=meta["algorithm"] == "sac"), meta
+    state_dependent_std = any(k.startswith("actor.log_std_head.") for k in sd)  # SAC's actor, also the model-based learner's
+    return build_policy(meta["policy_spec"], sd, state_dependent_std=state_dependent_std), meta
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLike, **kwargs) -> dict:

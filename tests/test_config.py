@@ -28,7 +28,7 @@ RUN_DIR = "run_dir=/tmp/flywheel-test-config"  # compose() outside an app has no
 
 
 def _compose(name: str, overrides=()):
-    overrides = [*overrides, RUN_DIR] if name == "flywheel" else list(overrides)
+    overrides = [*overrides, RUN_DIR] if name in ("flywheel", "train") else list(overrides)  # the apps with a run folder
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 

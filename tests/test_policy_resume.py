@@ -86,6 +86,18 @@ def test_checkpoint_loads_as_a_policy_and_refuses_corruption_and_other_runs(tmp_
 
 
 @pytest.mark.parametrize("algorithm", sorted(CASES))
+def test_each_learners_checkpoint_loads_as_the_policy_it_trained(tmp_path, algorithm):
+    config, algo_config, crash_after = CASES[algorithm]
+    learner = make_algorithm(config, algo_config)
+    with Trainer(config, learner, profiles=PROFILES, checkpoint_dir=tmp_path, algo_config=algo_config) as trainer:
+        trainer.train(max_updates=crash_after)
+        trainer.save()
+    policy, meta = policy_from_checkpoint(tmp_path)  # the model-based learner's too: its actor is SAC's
+    obs = torch.randn(8, 4)
+    assert meta["algorithm"] == algorithm and torch.equal(policy(obs), learner.policy.to("cpu")(obs))
+
+
+@pytest.mark.parametrize("algorithm", sorted(CASES))
 def test_every_logged_metric_is_documented(algorithm):
     import re
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Schema of `flywheel` (flywheel.yaml) and of its groups, registered in Hydra's ConfigStore on import.
+"""Schema of `flywheel` (flywheel.yaml), of `flywheel-train` (train.yaml) and of their groups, registered in Hydra's ConfigStore on import.
 
 Each node's fields come from the dataclass or function that reads it (``LoopSettings``, ``gate``,
 ``TrainerConfig``, ``CalibrationConfig``, ...), so a knob is declared once, in the code."""
@@ -15,6 +15,7 @@ from fleet.conf.schema_tools import extend, fields_schema, signature_schema, tar
 from fleet.pipeline.gate import gate
 from fleet.pipeline.loop import LoopSettings
 from fleet.tracking import Tracker
+from fleet.train_job import TrainJob
 from policies.mbpo import MBPOConfig
 from policies.ppo import PPOConfig
 from policies.sac import SACConfig
@@ -104,7 +105,23 @@ class FlywheelSchema:
     wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
 
 
+TrainJobSchema = fields_schema(TrainJob, "TrainJobSchema")
+
+
+@dataclasses.dataclass
+class TrainAppSchema:
+    """train.yaml: `flywheel-train`, one policy on its own."""
+
+    robot_modules: List[str] = dataclasses.field(default_factory=list)
+    run_dir: str = "${hydra:runtime.output_dir}"
+    train: TrainJobSchema = dataclasses.field(default_factory=TrainJobSchema)
+    policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
+    ray: RaySchema = dataclasses.field(default_factory=RaySchema)
+    wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
+
+
 store = ConfigStore.instance().store
 store(name="base_flywheel", node=FlywheelSchema)
+store(name="base_train", node=TrainAppSchema)
 for name, algo in (("base_sac", SACConfig), ("base_mbpo", MBPOConfig), ("base_ppo", PPOConfig)):
     store(group="policy", name=name, node=extend(PolicySchema, f"Policy{algo.__name__}Schema", algorithm=(target_schema(algo), target_schema(algo))))

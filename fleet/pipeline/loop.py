@@ -27,7 +27,6 @@ from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.pipeline.training import Training, TrainingPlacement
-from fleet.tracking import POLICY_STEPS
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
@@ -219,7 +218,7 @@ class Flywheel:
             trained = self.training.policy(
                 trainer_cfg, algo_cfg, {"real": real, "sim": sim + scen_eps, "worldmodel": wm_eps},
                 profiles, Path(learner["checkpoint"]) if learner else None, self.run_dir / "policies" / f"iter{k:03d}",
-                lambda m, n: svc.tracker.log({f"policy/{key.split('/', 1)[-1]}": v for key, v in m.items()} | {POLICY_STEPS: steps_before + n}, step),
+                svc.tracker.learner_log(steps_before, step),
                 worlds=worlds, sensor_filters=on_board,
             )
             export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"

@@ -1,0 +1,90 @@
+"""`flywheel-train`, run as a user runs it: a policy trained on its own, in one process or on two Ray
+Train workers, logged to W&B offline and the run folder, exported for robots, continued on a rerun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fleet.train_job import OtherSettingsError, TrainJob, train_policy
+from fleet.wandb_offline import offline_run
+from policies.export import policy_from_checkpoint
+from policies.runtime import load_policy
+from policies.sac import SACConfig
+from policies.trainer import TrainerConfig
+
+APP = str(Path(sys.executable).parent / "flywheel-train")
+SMALL = ["policy=sac", "policy.trainer.num_worlds=4", "policy.algorithm.hidden_sizes=[16,16]", "policy.algorithm.batch_size=32",
+         "policy.algorithm.learning_starts=64", "policy.trainer.log_every=4", "train.eval_episodes=2"]  # fmt: skip
+
+
+def _train(run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([APP, *SMALL, *overrides, f"run_dir={run}"], capture_output=True, text=True, timeout=240, cwd=run.parent)
+
+
+def _exported_policy_acts_as_trained(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    policy, _ = policy_from_checkpoint(summary["checkpoint"])
+    robot = load_policy(run / "export", robot_model="pendulum", obs_dim=4, act_dim=1)
+    obs = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(robot.act(obs), policy(torch.from_numpy(obs)).numpy(), atol=1e-5)
+
+
+def test_train_in_one_process_then_continue_the_run(tmp_path):
+    run = tmp_path / "run"
+    first = _train(run, "policy.trainer.total_env_steps=200", "train.conditions=[nominal,weak_motor]")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["env_steps"] == 200 and summary["workers"] == 1 and set(summary["returns"]) == {"nominal", "weak_motor"}
+    assert json.loads((run / "export" / "manifest.json").read_text())["evaluation"]["robot"] == "pendulum"
+    _exported_policy_acts_as_trained(run)
+    wandb = offline_run(run / "wandb")  # what W&B shows after `wandb sync`: curves against the learner's steps, the policy artifact
+    assert wandb["metrics"]["policy/*"] == "policy/env_steps" and wandb["metrics"]["eval/*"] == "policy/env_steps"
+    assert [a["type"] for a in wandb["artifacts"]] == ["policy"]
+
+    more = _train(run, "policy.trainer.total_env_steps=320", "train.conditions=[nominal,weak_motor]")  # the same run, a larger budget
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["env_steps"] == 320
+    steps = [row["policy/env_steps"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "policy/env_steps" in row]
+    assert steps == sorted(steps) and steps[-1] == 320  # continued from 200, not started again
+
+    other = _train(run, "policy.trainer.total_env_steps=400", "policy.algorithm.hidden_sizes=[32,32]")
+    assert other.returncode == 1 and "other settings (policy.algorithm.hidden_sizes)" in other.stderr and "Traceback" not in other.stderr, other.stderr
+
+
+def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monkeypatch):
+    """The app's Ray path in this process (the local Ray of the other Ray tests): two DDP workers, their log
+    brought back to the driver, the checkpoint in the run folder, and a rerun continuing from it."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    run, logged = tmp_path / "run", []
+    trainer = TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=4, total_env_steps=256, log_every=4)
+    algo = SACConfig(hidden_sizes=(16, 16), batch_size=32, learning_starts=64)
+    job = TrainJob(workers=2, eval_episodes=2)
+    summary = train_policy(job, trainer, algo, run, lambda m, n: logged.append(n), start_ray=lambda: None)
+    assert summary["workers"] == 2 and summary["env_steps"] == 256
+    assert Path(summary["checkpoint"]).parent.parent == (run / "ray").resolve()
+    assert logged and logged == sorted(logged)  # rank 0's log, through the driver's sink
+    (run / "summary.json").write_text(json.dumps(summary))
+    _exported_policy_acts_as_trained(run)
+
+    before = len(logged)
+    more = train_policy(job, dataclasses.replace(trainer, total_env_steps=384), algo, run, lambda m, n: logged.append(n), start_ray=lambda: None)
+    assert more["env_steps"] == 384 and min(logged[before:]) > 256  # continued from the first run's checkpoint
+    with pytest.raises(OtherSettingsError, match="hidden_sizes"):
+        train_policy(job, trainer, dataclasses.replace(algo, hidden_sizes=(8, 8)), run, print, start_ray=lambda: None)
+
+
+def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
+    result = subprocess.run([APP, "train.workers=2", "policy=mbpo", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and "flywheel-train: the model-based learner trains in one process" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    with pytest.raises(ValueError, match="train.conditions must name"):
+        TrainJob(conditions=("wet",))
