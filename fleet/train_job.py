@@ -38,7 +38,7 @@ class TrainJob:
 
         if self.workers < 1 or self.max_failures < 0 or self.eval_episodes < 1:
             raise ValueError(f"train.workers and train.eval_episodes must be >= 1 and train.max_failures >= 0, got {self.workers}, {self.eval_episodes}, {self.max_failures}")
-        if not self.conditions or (unknown := [c for c in self.conditions if c not in CONDITIONS]):
+        if not self.conditions or any(c not in CONDITIONS for c in self.conditions):
             raise ValueError(f"train.conditions must name one or more of {sorted(CONDITIONS)}, got {list(self.conditions)}")
 
     def profiles(self) -> list[VariationProfile]:
@@ -92,12 +92,14 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
     """Refuse to continue a checkpoint written with other settings (but the budget, logging and threads):
     its networks, replay and optimiser belong to them."""
     meta = json.loads(state_json.read_text())
-    now = {"trainer": _plain(trainer), "algorithm": _plain(algo_config)}
-    then = {"trainer": meta["trainer_config"], "algorithm": meta["algo_config"]}
-    differ = [f"{part}.{k}" for part in now for k in sorted(set(now[part]) | set(then[part])) if now[part].get(k) != then[part].get(k)]
-    differ = [k for k in differ if k.split(".", 1)[1] not in RESUMABLE or not k.startswith("trainer.")]
+    differ = [f"trainer.{k}" for k in _differ(_plain(trainer), meta["trainer_config"]) if k not in RESUMABLE]
+    differ += [f"algorithm.{k}" for k in _differ(_plain(algo_config), meta["algo_config"])]
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
+
+
+def _differ(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _plain(config) -> dict:
