@@ -4,10 +4,10 @@ Metric keys are namespaced (``fleet/return/robot-0``, ``policy/actor_loss`` ...)
 documented in docs/metrics.md. Nothing here is needed to read the results: ``metrics.jsonl``
 and ``report.png`` in the run folder hold them for users without W&B.
 
-W&B axes: every row carries ``iteration`` (the flywheel iteration, the JSONL ``step``) and W&B's
-own step just counts rows, so the learner's many log lines per iteration stay separate points.
-``policy/*`` plots against ``policy/env_steps`` (the learner's steps over all iterations), every
-other namespace against ``iteration`` (``define_metric``).
+W&B axes: every row carries the tracker's ``step_metric`` (the JSONL ``step``): ``iteration`` in the
+loop, ``policy/env_steps`` in `flywheel-train`. W&B's own step just counts rows, so the learner's many
+log lines per iteration stay separate points. ``policy/*`` plots against ``policy/env_steps`` (the
+learner's steps over all iterations), every other namespace against the step metric (``define_metric``).
 """
 
 from __future__ import annotations

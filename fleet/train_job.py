@@ -12,16 +12,29 @@ ends with the policy evaluated on every body of ``train.conditions`` and exporte
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
 
+from fleet.pipeline.simfleet import condition_profiles
 from policies.evaluate import evaluate
-from policies.export import export_policy, policy_from_checkpoint
-from policies.trainer import Trainer, TrainerConfig, make_algorithm
+from policies.export import export_checkpoint, policy_from_checkpoint
+from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, make_algorithm
+from sim.durable import write_durably
 from sim.variation import VariationProfile
+from worldmodel.device import resolve_device
 
 EVAL_SEED = 777  # fixed scenario seeds for the final evaluation: every run of a config is judged on the same episodes
+JOB_FILE = "train_job.json"  # what a rerun must match: the workers, the bodies, where Ray Train keeps its checkpoints
+
+
+class TrainSettingsError(ValueError):
+    """What was asked for cannot run (the app prints it as one line)."""
+
+
+class OtherSettingsError(TrainSettingsError):
+    """run_dir holds a run of other settings."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,68 +45,93 @@ class TrainJob:
     max_failures: int = 0  # workers > 1: Ray Train restarts the workers from their last checkpoint this many times
     conditions: tuple[str, ...] = ("nominal",)  # bodies (fleet.pipeline.simfleet.CONDITIONS) the worlds cycle over; evaluated on each
     eval_episodes: int = 16  # deterministic episodes per body after training
+    storage: str | None = None  # workers > 1: where Ray Train keeps checkpoints; null: <run_dir>/ray (one machine)
 
     def __post_init__(self):
-        from fleet.pipeline.simfleet import CONDITIONS
-
         if self.workers < 1 or self.max_failures < 0 or self.eval_episodes < 1:
-            raise ValueError(f"train.workers and train.eval_episodes must be >= 1 and train.max_failures >= 0, got {self.workers}, {self.eval_episodes}, {self.max_failures}")
-        if not self.conditions or any(c not in CONDITIONS for c in self.conditions):
-            raise ValueError(f"train.conditions must name one or more of {sorted(CONDITIONS)}, got {list(self.conditions)}")
+            raise TrainSettingsError(f"train.workers and train.eval_episodes must be >= 1 and train.max_failures >= 0, got {self.workers}, {self.eval_episodes}, {self.max_failures}")
+        try:
+            condition_profiles(self.conditions)
+        except ValueError as exc:
+            raise TrainSettingsError(f"train.conditions: {exc}") from None
 
     def profiles(self) -> list[VariationProfile]:
-        from fleet.pipeline.simfleet import CONDITIONS
+        return condition_profiles(self.conditions)
 
-        return [VariationProfile(**CONDITIONS[c]) for c in self.conditions]
+    def ray_storage(self, run_dir: Path) -> tuple[Path, str]:
+        """(storage folder, Ray Train run name): the run folder's own, or a name of this run_dir's in a shared folder."""
+        if self.storage is None:
+            return (run_dir / "ray").resolve(), "policy"
+        return Path(self.storage).resolve(), f"{run_dir.name}-{hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+
+    def checkpoint_state(self, run_dir: Path) -> Path | None:
+        """The state.json of the checkpoint a rerun continues from, if there is one."""
+        if self.workers == 1:
+            state = run_dir / "checkpoint" / "state.json"
+            return state if state.exists() else None
+        storage, name = self.ray_storage(run_dir)
+        latest = latest_checkpoint(storage / name)
+        return None if latest is None else latest / "rank0" / "state.json"
 
 
-def check_job(job: TrainJob, trainer: TrainerConfig) -> None:
-    """Refuse what cannot run, before anything starts."""
+def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, ray_address: str | None) -> None:
+    """Refuse what cannot run, before anything starts (a :class:`TrainSettingsError` that says what to do)."""
     if job.workers > 1 and trainer.algorithm == "mbpo":
-        raise ValueError(
+        raise TrainSettingsError(
             "the model-based learner trains in one process (its world model and rollouts are not data-parallel): "
             "use train.workers=1, or policy=sac / policy=ppo for Ray Train workers"
         )
+    if trainer.keep_best:
+        raise TrainSettingsError("policy.trainer.keep_best picks the flywheel loop's candidate of an iteration; flywheel-train exports the learner's final policy: set it false")
+    if job.workers > 1 and str(ray_address or "").startswith("ray://"):
+        raise TrainSettingsError(f"ray.address={ray_address}: Ray Client is not supported; run flywheel-train on a node of the cluster with ray.address=auto (or HOST:PORT of the head)")
+    if job.workers == 1:
+        try:
+            resolve_device(trainer.device)
+        except ValueError as exc:
+            raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
+    saved = run_dir / JOB_FILE
+    if saved.exists() and (then := json.loads(saved.read_text())) != (now := _job_record(job)):
+        differ = ", ".join(f"train.{k}={then[k]}" for k in now if then.get(k) != now[k])
+        raise OtherSettingsError(f"{run_dir} holds a run with {differ}: rerun with those settings to continue it, or set a new run_dir")
+    if (state := job.checkpoint_state(run_dir)) is not None:
+        check_resumable(state, trainer, algo_config)
 
 
-def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, start_ray=None) -> dict:
+def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, start_ray=None, ray_address: str | None = None) -> dict:
     """Train, evaluate and export; returns the summary (also written to ``run_dir/summary.json`` by the app).
 
-    ``log(metrics, env_steps)`` gets the learner's metrics (from the workers' reports under Ray Train);
+    ``log(metrics, env_steps)`` gets the learner's metrics (from rank 0 of the workers under Ray Train);
     ``start_ray()`` starts or joins Ray (workers > 1 only)."""
-    check_job(job, trainer)
+    preflight(job, trainer, algo_config, run_dir, ray_address)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_durably(run_dir / JOB_FILE, json.dumps(_job_record(job)).encode())
     start = time.perf_counter()
     if job.workers == 1:
         checkpoint = _train_here(job, trainer, algo_config, run_dir, log)
     else:
         start_ray()
-        checkpoint = _train_on_ray(job, trainer, algo_config, run_dir, log)
+        checkpoint = _train_on_ray(job, trainer, algo_config, run_dir, log, local=ray_address is None)
     policy, meta = policy_from_checkpoint(checkpoint)
-    env_steps = int(meta["env_steps"]) * int(meta["world_size"])
     result = evaluate(policy, trainer.robot, job.profiles(), job.eval_episodes, seed=EVAL_SEED)
+    env_steps = int(meta["env_steps"]) * int(meta["world_size"])
     version = f"{trainer.robot}-{trainer.algorithm}-seed{trainer.seed}-{env_steps}"
-    manifest = export_policy(
-        policy, run_dir / "export", robot_model=trainer.robot, policy_version=version, algorithm=trainer.algorithm,
-        env_steps=env_steps, seed=trainer.seed, training_config={"trainer": meta["trainer_config"], "algorithm": meta["algo_config"]}, evaluation=result,
-    )  # fmt: skip
+    manifest = export_checkpoint(checkpoint, run_dir / "export", policy_version=version, evaluation=result)
     returns = {c: {"mean": p.mean_return, "std": p.std_return, "failures": p.failures} for c, p in zip(job.conditions, result.profiles)}
     return {"policy_version": manifest["policy_version"], "env_steps": env_steps, "workers": job.workers, "returns": returns,
             "wall_s": round(time.perf_counter() - start, 1), "checkpoint": str(checkpoint), "export": str(run_dir / "export")}  # fmt: skip
 
 
-class OtherSettingsError(ValueError):
-    """run_dir holds a checkpoint written with other settings."""
-
-
-RESUMABLE = {"total_env_steps", "checkpoint_every", "log_every", "eval_every", "eval_episodes", "keep_best", "stop_at_max_return", "torch_threads", "nthread", "device"}
-
-
 def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> None:
-    """Refuse to continue a checkpoint written with other settings (but the budget, logging and threads):
-    its networks, replay and optimiser belong to them."""
-    meta = json.loads(state_json.read_text())
-    differ = [f"trainer.{k}" for k in _differ(_plain(trainer), meta["trainer_config"]) if k not in RESUMABLE]
-    differ += [f"algorithm.{k}" for k in _differ(_plain(algo_config), meta["algo_config"])]
+    """Refuse to continue a checkpoint written with other settings (but those ``Trainer.resume`` lets change:
+    the budget, logging, evaluation, device): its networks, replay and optimiser belong to them."""
+    try:
+        meta = json.loads(state_json.read_text())
+        trainer_then, algo_then = meta["trainer_config"], meta["algo_config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc}): set a new run_dir") from None
+    differ = [f"trainer.{k}" for k in _differ(_plain(trainer), trainer_then) if k not in RESUMABLE_CHANGES]
+    differ += [f"algorithm.{k}" for k in _differ(_plain(algo_config), algo_then)]
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
 
@@ -106,35 +144,43 @@ def _plain(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _job_record(job: TrainJob) -> dict:
+    return {"workers": job.workers, "conditions": list(job.conditions), "storage": job.storage}
+
+
 def _train_here(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log) -> Path:
     checkpoint = run_dir / "checkpoint"
     algorithm = make_algorithm(trainer, algo_config)
     with Trainer(trainer, algorithm, profiles=job.profiles(), log=log, checkpoint_dir=checkpoint, algo_config=algo_config) as t:
         if (checkpoint / "state.json").exists():
-            check_resumable(checkpoint / "state.json", trainer, algo_config)
             t.resume()  # a rerun with the same run_dir continues (a finished run only re-evaluates and re-exports)
         t.train()  # saves the checkpoint when it returns
     return checkpoint
 
 
-def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log) -> Path:
+def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, local: bool) -> Path:
     import ray
 
-    from policies.distributed import fit
+    from policies.distributed import fit, worker_device
 
-    storage = (run_dir / "ray").resolve()
-    resume_from = latest_checkpoint(storage / "policy")
-    if resume_from is not None:
-        check_resumable(resume_from / "rank0" / "state.json", trainer, algo_config)
+    resources = ray.cluster_resources()
+    if local and resources.get("CPU", 0) < job.workers:  # a cluster may add nodes; a local Ray would wait forever
+        raise TrainSettingsError(f"train.workers={job.workers} needs a CPU per worker; this machine's Ray has {resources.get('CPU', 0):g} (ray.num_cpus)")
+    try:
+        worker_device(trainer.device, job.workers, resources.get("GPU", 0))
+    except ValueError as exc:
+        raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
+    storage, name = job.ray_storage(run_dir)
     sink = _log_sink()
-    result = fit(
-        trainer, algo_config, num_workers=job.workers, storage_path=storage, name="policy", max_failures=job.max_failures,
-        profiles=job.profiles(), log=_RemoteLog(sink), resume_from=resume_from,
-    )  # fmt: skip
-    for metrics, env_steps in ray.get(sink.take.remote()):
-        log(metrics, env_steps)
-    if result.error is not None:
-        raise RuntimeError(f"Ray Train stopped: {result.error}")
+    try:
+        result = fit(
+            trainer, algo_config, num_workers=job.workers, storage_path=storage, name=name, max_failures=job.max_failures,
+            profiles=job.profiles(), log=_RemoteLog(sink), resume_from=latest_checkpoint(storage / name),
+        )  # fmt: skip
+    finally:  # what rank 0 logged reaches the run's log even when training failed
+        for metrics, env_steps in ray.get(sink.take.remote()):
+            log(metrics, env_steps)
+        ray.kill(sink)
     return Path(result.checkpoint.path)
 
 
@@ -145,7 +191,7 @@ def latest_checkpoint(experiment: Path) -> Path | None:
 
 
 class _RemoteLog:
-    """The learner's ``log`` inside a Ray Train worker (rank 0 calls it): to the driver's :class:`LogSink`."""
+    """The learner's ``log`` inside a Ray Train worker (rank 0 calls it): to the driver's log sink."""
 
     def __init__(self, sink):
         self.sink = sink

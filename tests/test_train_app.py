@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.train_job import OtherSettingsError, TrainJob, train_policy
+from fleet.train_job import OtherSettingsError, TrainJob, TrainSettingsError, preflight, train_policy
 from fleet.wandb_offline import offline_run
 from policies.export import policy_from_checkpoint
 from policies.runtime import load_policy
@@ -56,8 +56,10 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     steps = [row["policy/env_steps"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "policy/env_steps" in row]
     assert steps == sorted(steps) and steps[-1] == 320  # continued from 200, not started again
 
-    other = _train(run, "policy.trainer.total_env_steps=400", "policy.algorithm.hidden_sizes=[32,32]")
+    other = _train(run, "policy.trainer.total_env_steps=400", "policy.algorithm.hidden_sizes=[32,32]", "train.conditions=[nominal,weak_motor]")
     assert other.returncode == 1 and "other settings (policy.algorithm.hidden_sizes)" in other.stderr and "Traceback" not in other.stderr, other.stderr
+    on_ray = _train(run, "policy.trainer.total_env_steps=400", "train.workers=2", "train.conditions=[nominal,weak_motor]")  # would start over
+    assert on_ray.returncode == 1 and "holds a run with train.workers=1" in on_ray.stderr, on_ray.stderr
 
 
 def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monkeypatch):
@@ -86,5 +88,13 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     result = subprocess.run([APP, "train.workers=2", "policy=mbpo", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1 and "flywheel-train: the model-based learner trains in one process" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    with pytest.raises(ValueError, match="train.conditions must name"):
+    with pytest.raises(TrainSettingsError, match="train.conditions: unknown robot conditions"):
         TrainJob(conditions=("wet",))
+    trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig()
+    for job, asked, reason in (
+        (TrainJob(), dict(keep_best=True, eval_every=10), "keep_best"),  # the loop's, not this app's
+        (TrainJob(), dict(device="cuda:7"), "policy.trainer.device"),  # no such GPU here
+        (TrainJob(workers=2), dict(), "Ray Client"),
+    ):
+        with pytest.raises(TrainSettingsError, match=reason):
+            preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run", "ray://head:10001")

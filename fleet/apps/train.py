@@ -3,7 +3,7 @@ process or on Ray Train workers, logs its curves to W&B (offline by default) and
 and exports it for robots.
 
     flywheel-train policy=sac policy.trainer.robot=half_cheetah policy.trainer.total_env_steps=100000
-    flywheel-train policy=ppo train.workers=4 ray.address=auto      # 4 DDP workers on a cluster
+    flywheel-train policy=ppo train.workers=4 ray.address=auto train.storage=/mnt/shared/ray   # 4 DDP workers on a cluster
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ def main() -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def run_train(cfg: DictConfig) -> None:
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
     from fleet.tracking import POLICY_STEPS, Tracker
-    from fleet.train_job import OtherSettingsError, TrainJob, check_job, train_policy
+    from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
     from sim.durable import write_durably
     from sim.robots import get_task
     from sim.robots.registry import UnknownRobotError, use_robot_modules
@@ -44,34 +45,39 @@ def run_train(cfg: DictConfig) -> None:
     check(cfg)
     use_robot_modules(cfg.robot_modules)
     logging.getLogger("fleet").setLevel(logging.WARNING)
+    run_dir = Path(cfg.run_dir)
     try:  # the settings, checked before anything runs: say what is wrong, no traceback
         job = TrainJob(**OmegaConf.to_container(cfg.train))
         trainer, algo_config = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
         get_task(trainer.robot)
-        check_job(job, trainer)
-    except (ValueError, TypeError, UnknownRobotError) as exc:
+        preflight(job, trainer, algo_config, run_dir, cfg.ray.address)
+    except InstantiationException as exc:  # a value the learner's own config refuses
+        raise SystemExit(f"flywheel-train: {exc.__cause__ or exc}") from None
+    except (TrainSettingsError, UnknownRobotError) as exc:
         raise SystemExit(f"flywheel-train: {exc}") from None
-    run_dir = Path(cfg.run_dir)
     w = cfg.wandb
     tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
     try:
-        summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray))
-    except (RayJoinError, OtherSettingsError) as exc:  # the cluster, or a checkpoint of other settings in run_dir
+        summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
+        tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
+        export = Path(summary["export"])
+        tracker.artifact(
+            f"policy-{trainer.robot}", "policy", [export / "weights.safetensors", export / "manifest.json"],
+            {"policy_version": summary["policy_version"], "env_steps": summary["env_steps"], "returns": summary["returns"]}, aliases=("latest",),
+        )  # fmt: skip
+        summary["wandb_dir"] = tracker.wandb_dir
+    except (RayJoinError, TrainSettingsError) as exc:  # the cluster, or what it cannot give (CPUs, GPUs)
         raise SystemExit(f"flywheel-train: {exc}") from None
-    tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
-    export = Path(summary["export"])
-    tracker.artifact(
-        f"policy-{trainer.robot}", "policy", [export / "weights.safetensors", export / "manifest.json"],
-        {"policy_version": summary["policy_version"], "env_steps": summary["env_steps"], "returns": summary["returns"]}, aliases=("latest",),
-    )  # fmt: skip
-    summary["wandb_dir"] = tracker.wandb_dir
-    tracker.finish()
+    finally:
+        tracker.finish()
     write_durably(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     Console().print(_table(summary, trainer.robot, trainer.algorithm))
     print(f"policy for robots: {export}  (weights.safetensors + manifest.json; policies.runtime.load_policy reads it)")
     print(f"run folder: {run_dir}  (metrics.jsonl, summary.json, checkpoint; rerun with run_dir={run_dir} to continue)")
     if w.mode == "offline":
         print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
+    elif w.mode == "online":
+        print(f"W&B run files: {summary['wandb_dir']}  (synced as the run went)")
 
 
 def _table(summary: dict, robot: str, algorithm: str) -> Table:

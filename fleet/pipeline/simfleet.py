@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -52,14 +53,17 @@ class RobotSpec:
     profile: VariationProfile  # hidden from the pipeline: it only sees telemetry
 
 
-def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
+def condition_profiles(conditions: Sequence[str]) -> list[VariationProfile]:
+    """The body of each named condition; a ValueError naming the unknown ones."""
     unknown = [c for c in conditions if c not in CONDITIONS]
-    if unknown:
-        raise ValueError(f"unknown robot conditions {unknown}; known: {sorted(CONDITIONS)}")
-    return [
-        RobotSpec(f"robot-{i}", conditions[i % len(conditions)], VariationProfile(**CONDITIONS[conditions[i % len(conditions)]]))
-        for i in range(num_robots)
-    ]
+    if unknown or not conditions:
+        raise ValueError(f"unknown robot conditions {unknown or '[] (none given)'}; known: {sorted(CONDITIONS)}")
+    return [VariationProfile(**CONDITIONS[c]) for c in conditions]
+
+
+def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
+    profiles = condition_profiles(conditions)
+    return [RobotSpec(f"robot-{i}", conditions[i % len(conditions)], profiles[i % len(conditions)]) for i in range(num_robots)]
 
 
 @ray.remote(num_cpus=0)
