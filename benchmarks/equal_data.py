@@ -12,6 +12,10 @@ return on the condition, baseline the specialist's, ratio of the medians over ``
 issue 9). benchmarks/fleet_vs_solo.py's ``equal_data_return`` lines make the same comparison with
 model-free SAC 2x64 at 8,000 steps, where no arm has learned the task yet.
 
+Line ``fleet_vs_solo/noisy_sensor/equal_data_return_as_released``: the same policies on the noisy
+body through a filter refitted under each (the flywheel's release carries one fitted under the policy
+it carries, fleet/pipeline/loop.py), pooled vs specialist, ratio of the medians.
+
 Seeds are cached as JSON under ``runs/benchmarks/sensor_filter/`` (the pooled runs are that
 benchmark's), so seeds and conditions may run in separate processes (``--conditions``); ``--fresh``
 ignores the cache.
@@ -32,23 +36,30 @@ from sensor_filter import CACHE, FLEET, cached, run_arm  # noqa: E402
 ARM = "simulated"
 
 
-def specialist(steps: int, seed: int, condition: str, fresh: bool) -> float:
-    """The specialist's return on its own body."""
+def specialist(steps: int, seed: int, condition: str, fresh: bool) -> dict:
+    """The specialist's run: ``returns[0]`` on its own body (and, for the noisy body, ``noisy_with_refit_filter``)."""
     path = CACHE / f"steps{steps}-seed{seed}-{ARM}-only-{condition}.json"
-    return cached_json(path, lambda: run_arm(steps, seed, ARM, (condition,)), fresh)["returns"][0]
+    return cached_json(path, lambda: run_arm(steps, seed, ARM, (condition,)), fresh)
 
 
 def main() -> None:
     args = pooled_seed_args(__doc__, "real steps: pooled over the four bodies, or all on one body (a specialist)", conditions=FLEET)
     conditions = [c for c in FLEET if c in args.conditions]
-    pooled = [cached(args.steps, seed, ARM, args.fresh)["returns"] for seed in args.seeds]
+    pooled_runs = [cached(args.steps, seed, ARM, args.fresh) for seed in args.seeds]
+    pooled = [run["returns"] for run in pooled_runs]
     med = lambda values: float(statistics.median(values))  # noqa: E731
     for condition in conditions:
         i = FLEET.index(condition)
-        alone = [specialist(args.steps, seed, condition, args.fresh) for seed in args.seeds]
+        runs = [specialist(args.steps, seed, condition, args.fresh) for seed in args.seeds]
+        alone = [run["returns"][0] for run in runs]
         print(f"# {condition}: pooled " + "/".join(f"{r[i]:.0f}" for r in pooled) + ", specialist " + "/".join(f"{x:.0f}" for x in alone), file=sys.stderr)
         a, b = med([r[i] for r in pooled]), med(alone)
         emit(f"fleet_vs_solo/{condition}/equal_data_return_flywheel_learner", a, "return", b, round(a / b, 3) if b else None)
+        if condition == FLEET[-1]:  # the filtered body as a release ships it: its filter refitted under the policy it carries
+            pooled_released, alone_released = [r["noisy_with_refit_filter"] for r in pooled_runs], [run["noisy_with_refit_filter"] for run in runs]
+            print(f"# {condition} as released: pooled " + "/".join(f"{x:.0f}" for x in pooled_released) + ", specialist " + "/".join(f"{x:.0f}" for x in alone_released), file=sys.stderr)
+            a, b = med(pooled_released), med(alone_released)
+            emit(f"fleet_vs_solo/{condition}/equal_data_return_as_released", a, "return", b, round(a / b, 3) if b else None)
 
 
 if __name__ == "__main__":

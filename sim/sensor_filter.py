@@ -30,6 +30,8 @@ that is wrong. The robot needs numpy only.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -173,7 +175,10 @@ class FilterFit:
 
     def to_dict(self) -> dict:
         rounded = lambda a: np.asarray(a, np.float64).round(5).tolist()  # noqa: E731
-        return {"kept": self.keep, "raw_rms": rounded(self.raw_rms), "filtered_rms": rounded(self.filtered_rms), "view_noise": round(self.view_noise, 5)}
+        return {
+            "kept": self.keep, "raw_rms": rounded(self.raw_rms), "filtered_rms": rounded(self.filtered_rms), "view_noise": round(self.view_noise, 5),
+            "filter_sha256": filter_digest(self.filter.to_dict()),  # matches the manifest's entry when this filter is released
+        }  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +253,11 @@ def seen_body(profile, sensor_filters):
     simulates the real sensor and runs the filter, so the policy learns to act on what the filter
     leaves (docs/policies.md, Sensor filtering)."""
     return profile.replace(obs_noise_std=0.0) if sensor_filters and profile in sensor_filters else profile
+
+
+def filter_digest(entry: dict) -> str:
+    """sha256 of a filter's manifest entry (``SensorFilter.to_dict()``), as canonical JSON."""
+    return hashlib.sha256(json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def filter_vectors(fits: dict[str, FilterFit]) -> dict[str, dict]:

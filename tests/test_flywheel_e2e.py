@@ -15,6 +15,7 @@ from fleet.pipeline.ray_start import start_ray
 from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
+from sim.sensor_filter import filter_digest
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
@@ -152,3 +153,16 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     assert set(offsets) == {"robot-1"} and offsets["robot-1"] == pytest.approx([0.1] * 4, abs=0.01)
     # a filter only for a sensor calibrated as noisy (tests/test_sensor_filter.py has one)
     assert summary["iterations"][-1]["sensor_filters"] == {} and registry.manifest(registry.rollout()["stable"])["sensor_filters"] == {}
+
+
+def test_a_release_carries_a_sensor_filter_fitted_under_its_own_policy(tmp_path):
+    """The noisy robot's filter of the iteration was fitted under the policy it ran (here the zero policy); the
+    candidate is gated, and released, with one refitted under the candidate, where the candidate drives the body."""
+    run = tmp_path / "run"
+    summary = flywheel(run, "loop.conditions=[noisy_sensor]", "loop.num_robots=1", "loop.iterations=1", "loop.gate.min_improvement=-1000000", "loop.gate.abs_tolerance=1000000").run()
+    (record,) = summary["iterations"]
+    trained_with, released = record["sensor_filters"]["robot-0"], record["release_sensor_filters"]["robot-0"]
+    assert trained_with["kept"] and released["kept"] and released["filter_sha256"] != trained_with["filter_sha256"]
+    assert record["rollout"]["stage"] == "widened", record["gate"]  # any candidate passes this gate
+    registry = open_registry(run / "registry", run / "keys" / "online.pem")
+    assert filter_digest(registry.manifest(registry.rollout()["stable"])["sensor_filters"]["robot-0"]) == released["filter_sha256"]

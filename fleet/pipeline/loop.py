@@ -230,8 +230,14 @@ class Flywheel:
 
         if self.training.on_cluster:  # the Ray node each training task ran on
             record["training_nodes"] = dict(self.training.nodes)
+        release_filters = filters
+        if filters:  # a release carries filters fitted under the policy it carries (this iteration's were fitted under the current one)
+            with self.progress.task(f"iteration {k}: sensor filters under the candidate"):
+                release_filters = self._filters_under(export_dir, filters, profiles, s.seed + k)
+            record["release_sensor_filters"] = {r: f.to_dict() for r, f in release_filters.items()}
+        release_on_board = {profiles[r]: f.filter for r, f in release_filters.items() if f.keep}
         with self.progress.task(f"iteration {k}: gate on every robot's profile"):
-            cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
+            cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed, release_on_board)
             cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
             decision = gate(cand, cur, **s.gate)
         record["gate"] = decision.to_dict()
@@ -242,7 +248,7 @@ class Flywheel:
         )  # fmt: skip
 
         on_robot = {  # the manifest fields each robot applies around the policy
-            "sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(filters),
+            "sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(release_filters),
             "body_contexts": context_vectors(seen) if trained.policy.context_dim else None,
         }  # fmt: skip
         released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, on_robot, snapshot_id, fleet_returns) if decision.promote else None
@@ -325,6 +331,14 @@ class Flywheel:
             self.svc.tracker.video(f"eval/video_v{version}_{robot_id}", frames, fps=int(round(1 / self.task.control_dt)), step=k)
 
     # -- helpers ------------------------------------------------------------------------------
+    def _filters_under(self, export_dir: Path, filters: dict, profiles: dict, seed: int) -> dict:
+        """Each filtered robot's filter refitted under the policy exported at ``export_dir``, where the policy
+        drives the body: the refit where it is kept, else the one the policy trained with (``filters``).
+        Under a balancing policy the fitted model covers the states it visits, and the filter leaves less
+        noise than one fitted under the previous policy (docs/benchmarks.md, "At equal data")."""
+        refits = steps.fit_sensor_filters(self.settings.robot_model, {r: profiles[r] for r in filters}, self._policy_factory({"export": str(export_dir)})(), seed)
+        return {r: refits[r] if r in refits and refits[r].keep else f for r, f in filters.items()}
+
     def _policy_factory(self, current: dict | None):
         """A picklable-by-reference factory of the current policy (numpy runtime), for Ray tasks too."""
         if current is None:
