@@ -114,7 +114,7 @@ def test_an_unknown_key_is_refused_with_the_key_named(name, override, key):
 def test_an_unknown_key_added_with_plus_stops_the_app_before_it_runs(tmp_path):
     """``+key=value`` gets past Hydra's schema check (it means "add"); the apps refuse what no code reads."""
     cfg = _compose("flywheel", ["+loop.iteratons=3", "+policy.algorithm.sac.utd=2"])
-    assert unknown_keys(cfg) == ["loop.iteratons", "policy.algorithm.sac.utd"]
+    assert sorted(unknown_keys(cfg)) == ["loop.iteratons", "policy.algorithm.sac.utd"]
     result = subprocess.run(  # in tmp_path: Hydra's run folder (runs/<time>) goes there, not into the checkout
         [str(Path(sys.executable).parent / "flywheel"), "+loop.iteratons=3"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )

@@ -90,34 +90,35 @@ class PolicySchema:
 
 
 @dataclasses.dataclass
-class FlywheelSchema:
+class AppSchema:
+    """What both training apps read: `flywheel` and `flywheel-train`."""
+
+    robot_modules: List[str] = dataclasses.field(default_factory=list)
+    run_dir: str = "${hydra:runtime.output_dir}"
+    policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
+    ray: RaySchema = dataclasses.field(default_factory=RaySchema)
+    wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
+
+
+@dataclasses.dataclass
+class FlywheelSchema(AppSchema):
     """flywheel.yaml: the whole loop."""
 
     seed: int = 0
-    robot_modules: List[str] = dataclasses.field(default_factory=list)
-    run_dir: str = "${hydra:runtime.output_dir}"
     loop: LoopSchema = dataclasses.field(default_factory=LoopSchema)
     worldmodel: WorldModelSchema = dataclasses.field(default_factory=WorldModelSchema)
     scenarios: ScenariosSchema = dataclasses.field(default_factory=ScenariosSchema)
-    policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
     fleet: FleetSchema = dataclasses.field(default_factory=FleetSchema)
-    ray: RaySchema = dataclasses.field(default_factory=RaySchema)
-    wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
 
 
 TrainJobSchema = fields_schema(TrainJob, "TrainJobSchema")
 
 
 @dataclasses.dataclass
-class TrainAppSchema:
+class TrainAppSchema(AppSchema):
     """train.yaml: `flywheel-train`, one policy on its own."""
 
-    robot_modules: List[str] = dataclasses.field(default_factory=list)
-    run_dir: str = "${hydra:runtime.output_dir}"
     train: TrainJobSchema = dataclasses.field(default_factory=TrainJobSchema)
-    policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
-    ray: RaySchema = dataclasses.field(default_factory=RaySchema)
-    wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)
 
 
 store = ConfigStore.instance().store
