@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,16 +28,35 @@ def median_rate(work: Callable[[], float], repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
-def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, complete: Callable[[Any], bool] = lambda out: True) -> Any:
+def current_build() -> str:
+    """This checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files; ``unknown`` outside git."""
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()  # noqa: E731
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        return (rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, complete: Callable[[Any], bool] = lambda out: True, build: str | None = None) -> Any:
     """``compute()``'s JSON result, kept at ``path``: read back unless ``fresh`` or not ``complete``
-    (cached before a field existed), so a benchmark's seeds may run in separate processes."""
+    (cached before a field existed), so a benchmark's seeds may run in separate processes. The build
+    that computed it is kept beside it (``<path>.build``); a result of another build is still read
+    back, with a line on stderr that says so (``--fresh`` recomputes)."""
+    build = build or current_build()
+    stamp = path.with_name(path.name + ".build")
     if path.exists() and not fresh:
         out = json.loads(path.read_text())
         if complete(out):
+            then = stamp.read_text().strip() if stamp.exists() else "an unrecorded build"
+            if then != build:
+                print(f"# {path}: computed by {then}, this is {build} (--fresh recomputes)", file=sys.stderr)
             return out
     out = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
+    stamp.write_text(build + "\n")
     return out
 
 

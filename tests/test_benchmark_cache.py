@@ -1,0 +1,22 @@
+"""The learning benchmarks' seed cache (benchmarks/common.py): a result says which build computed it."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import cached_json, current_build  # noqa: E402
+
+
+def test_a_cached_result_of_another_build_is_read_back_and_named(tmp_path, capsys):
+    path, calls = tmp_path / "seed0.json", []
+    compute = lambda: calls.append(1) or {"return": 1000.0}  # noqa: E731
+    assert cached_json(path, compute, build="abc1234") == {"return": 1000.0} and len(calls) == 1
+    assert (tmp_path / "seed0.json.build").read_text().strip() == "abc1234"
+    assert cached_json(path, compute, build="abc1234") == {"return": 1000.0} and len(calls) == 1  # read back, silently
+    assert capsys.readouterr().err == ""
+    assert cached_json(path, compute, build="def5678") == {"return": 1000.0} and len(calls) == 1  # still read back ...
+    assert "computed by abc1234, this is def5678 (--fresh recomputes)" in capsys.readouterr().err  # ... and named
+    cached_json(path, compute, fresh=True, build="def5678")
+    assert len(calls) == 2 and (tmp_path / "seed0.json.build").read_text().strip() == "def5678"
+    assert current_build()  # this checkout's commit, or "unknown"
