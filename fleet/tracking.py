@@ -23,6 +23,15 @@ ITERATION, POLICY_STEPS = "iteration", "policy/env_steps"
 ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration", "gate", "rollout", "eval")
 
 
+def run_files_line(mode: str, wandb_dir: str | None) -> str | None:
+    """What an app prints at its end about the W&B run (None for ``disabled``)."""
+    if mode == "offline":
+        return f"W&B offline run: {wandb_dir}  (`wandb sync` it to upload)"
+    if mode == "online":
+        return f"W&B run files: {wandb_dir}  (synced as the run went)"
+    return None
+
+
 class Tracker:
     def __init__(
         self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,

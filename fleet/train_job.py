@@ -26,6 +26,7 @@ from sim.variation import VariationProfile
 from worldmodel.device import resolve_device
 
 EVAL_SEED = 777  # fixed scenario seeds for the final evaluation: every run of a config is judged on the same episodes
+CHECKPOINT = "checkpoint"  # the one-process learner's checkpoint folder in run_dir
 JOB_FILE = "train_job.json"  # what a rerun must match: the workers, the bodies, where Ray Train keeps its checkpoints
 
 
@@ -67,7 +68,7 @@ class TrainJob:
     def checkpoint_state(self, run_dir: Path) -> Path | None:
         """The state.json of the checkpoint a rerun continues from, if there is one."""
         if self.workers == 1:
-            state = run_dir / "checkpoint" / "state.json"
+            state = run_dir / CHECKPOINT / "state.json"
             return state if state.exists() else None
         storage, name = self.ray_storage(run_dir)
         latest = latest_checkpoint(storage / name)
@@ -149,10 +150,10 @@ def _job_record(job: TrainJob) -> dict:
 
 
 def _train_here(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log) -> Path:
-    checkpoint = run_dir / "checkpoint"
+    checkpoint = run_dir / CHECKPOINT
     algorithm = make_algorithm(trainer, algo_config)
     with Trainer(trainer, algorithm, profiles=job.profiles(), log=log, checkpoint_dir=checkpoint, algo_config=algo_config) as t:
-        if (checkpoint / "state.json").exists():
+        if job.checkpoint_state(run_dir) is not None:
             t.resume()  # a rerun with the same run_dir continues (a finished run only re-evaluates and re-exports)
         t.train()  # saves the checkpoint when it returns
     return checkpoint

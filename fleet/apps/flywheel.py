@@ -40,6 +40,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.ray_start import RayJoinError
     from fleet.pipeline.report import summary_table
     from fleet.store.backend import StoreUnreachableError
+    from fleet.tracking import run_files_line
     from sim.robots.registry import UnknownRobotError, use_robot_modules
 
     check(cfg)
@@ -57,10 +58,8 @@ def run_flywheel(cfg: DictConfig) -> None:
         raise SystemExit(f"flywheel: {exc}") from None
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
-    if cfg.wandb.mode == "offline":
-        console.print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
-    elif cfg.wandb.mode == "online":
-        console.print(f"W&B run files: {summary['wandb_dir']}  (synced as the run went)")
+    if line := run_files_line(cfg.wandb.mode, summary["wandb_dir"]):
+        console.print(line)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def run_train(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
-    from fleet.tracking import POLICY_STEPS, Tracker
+    from fleet.tracking import POLICY_STEPS, Tracker, run_files_line
     from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
     from sim.durable import write_durably
     from sim.robots import get_task
@@ -74,10 +74,8 @@ def run_train(cfg: DictConfig) -> None:
     Console().print(_table(summary, trainer.robot, trainer.algorithm))
     print(f"policy for robots: {export}  (weights.safetensors + manifest.json; policies.runtime.load_policy reads it)")
     print(f"run folder: {run_dir}  (metrics.jsonl, summary.json, checkpoint; rerun with run_dir={run_dir} to continue)")
-    if w.mode == "offline":
-        print(f"W&B offline run: {summary['wandb_dir']}  (`wandb sync` it to upload)")
-    elif w.mode == "online":
-        print(f"W&B run files: {summary['wandb_dir']}  (synced as the run went)")
+    if line := run_files_line(w.mode, summary["wandb_dir"]):
+        print(line)
 
 
 def _table(summary: dict, robot: str, algorithm: str) -> Table:
