@@ -162,6 +162,7 @@ def _train_here(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Pat
 def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, local: bool) -> Path:
     import ray
 
+    from fleet.pipeline.remote_log import LogStream
     from policies.distributed import fit, worker_device
 
     resources = ray.cluster_resources()
@@ -172,16 +173,11 @@ def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: P
     except ValueError as exc:
         raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
     storage, name = job.ray_storage(run_dir)
-    sink = _log_sink()
-    try:
+    with LogStream(log) as remote_log:  # rank 0's curves reach the run's log (and W&B) while the workers train
         result = fit(
             trainer, algo_config, num_workers=job.workers, storage_path=storage, name=name, max_failures=job.max_failures,
-            profiles=job.profiles(), log=_RemoteLog(sink), resume_from=latest_checkpoint(storage / name),
+            profiles=job.profiles(), log=remote_log, resume_from=latest_checkpoint(storage / name),
         )  # fmt: skip
-    finally:  # what rank 0 logged reaches the run's log even when training failed
-        for metrics, env_steps in ray.get(sink.take.remote()):
-            log(metrics, env_steps)
-        ray.kill(sink)
     return Path(result.checkpoint.path)
 
 
@@ -189,32 +185,3 @@ def latest_checkpoint(experiment: Path) -> Path | None:
     """The newest complete checkpoint of an earlier Ray Train run in ``experiment`` (its rank 0 written), if any."""
     done = [c for c in experiment.glob("checkpoint_*") if (c / "rank0" / "state.json").exists()]
     return max(done, key=lambda c: c.stat().st_mtime_ns, default=None)
-
-
-class _RemoteLog:
-    """The learner's ``log`` inside a Ray Train worker (rank 0 calls it): to the driver's log sink."""
-
-    def __init__(self, sink):
-        self.sink = sink
-
-    def __call__(self, metrics: dict, env_steps: int) -> None:
-        self.sink.add.remote({k: float(v) for k, v in metrics.items()}, int(env_steps))
-
-
-def _log_sink():
-    """A Ray actor that keeps what the workers' rank 0 logs until the driver takes it (workers may run on other nodes)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class LogSink:
-        def __init__(self):
-            self.records: list = []
-
-        def add(self, metrics: dict, env_steps: int) -> None:
-            self.records.append((metrics, env_steps))
-
-        def take(self) -> list:
-            records, self.records = self.records, []
-            return records
-
-    return LogSink.remote()

@@ -7,9 +7,10 @@ on the CPU in a task that asked for none, although Ray 2.60 leaves the node's GP
 spread over the nodes and retried up to ``ray.max_retries`` times when its worker or node dies. A task
 gets plain values only: episodes as their canonical bytes, configs and profiles as frozen dataclasses,
 the previous model's or learner's files as bytes; it returns the new files the same way, with the
-candidate policy as safetensors bytes and its training log. No node needs the driver's disk: the driver
+candidate policy as safetensors bytes. No node needs the driver's disk: the driver
 writes the files into the run folder (each durably, the JSON that names the tensors' hash last), loads
-the model from there, and replays the log into the tracker (after the task, not while it runs).
+the model from there; the learner's log reaches the tracker while the task trains
+(:class:`fleet.pipeline.remote_log.LogStream`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fleet.pipeline import steps
+from fleet.pipeline.remote_log import LogStream
 from sim.durable import write_durably
 from sim.episode import Episode
 from worldmodel.device import AUTO
@@ -101,11 +103,9 @@ class Training:
             "trainer": trainer_cfg, "algo": algo_cfg, "data": {k: [ep.to_bytes() for ep in v] for k, v in data.items()}, "profiles": profiles,
             "warm": read_folder(warm_start) if warm_start is not None else None, "worlds": worlds, "sensor_filters": sensor_filters,
         }  # fmt: skip
-        out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job))
+        with LogStream(log) as remote_log:
+            out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job | {"log": remote_log}))
         self.nodes["policy"] = out["node"]
-        for metrics, n in out["log"]:
-            if log is not None:
-                log(metrics, n)
         checkpoint = write_folder(out["checkpoint"], out_dir)
         return steps.TrainedPolicy(policy_from_bytes(out["policy"]), checkpoint, out["env_steps"], out["metrics"])
 
@@ -125,16 +125,15 @@ def _world_model_task(job: dict) -> dict:
 
 def _policy_task(job: dict) -> dict:
     data = {k: [Episode.from_bytes(b) for b in v] for k, v in job["data"].items()}
-    logged: list[tuple[dict[str, float], int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         warm = write_folder(job["warm"], Path(tmp) / "warm") if job["warm"] is not None else None
         trained = steps.train_policy(
-            on_the_tasks_device(job["trainer"]), job["algo"], data, job["profiles"], warm, Path(tmp) / "out", lambda m, n: logged.append(({k: float(v) for k, v in m.items()}, n)),
+            on_the_tasks_device(job["trainer"]), job["algo"], data, job["profiles"], warm, Path(tmp) / "out", job["log"],
             worlds=job["worlds"], sensor_filters=job["sensor_filters"],
         )  # fmt: skip
         return {
             "node": ray.get_runtime_context().get_node_id(), "checkpoint": read_folder(trained.checkpoint), "policy": policy_to_bytes(trained.policy),
-            "env_steps": trained.env_steps, "metrics": trained.metrics, "log": logged,
+            "env_steps": trained.env_steps, "metrics": trained.metrics,
         }  # fmt: skip
 
 
