@@ -183,7 +183,8 @@ import json, os, sys
 import hydra, fleet.conf.schema_flywheel
 @hydra.main(config_path={CONF_DIR!r}, config_name="flywheel", version_base="1.3")
 def show(cfg):
-    print("run_dir", cfg.run_dir, flush=True)
+    from hydra.core.hydra_config import HydraConfig
+    print("run_dir", cfg.run_dir, HydraConfig.get().runtime.output_dir, flush=True)
 for args in json.loads(sys.argv.pop(1)):
     if os.fork() == 0:  # each run is its own app process, forked after the slow imports
         sys.argv[1:] = args
@@ -196,8 +197,8 @@ for args in json.loads(sys.argv.pop(1)):
 """
 
 
-def _run_dirs(*runs: list[str]) -> list[list[str]]:
-    """The run_dir each command line's app runs see (one list per command line). One interpreter pays
+def _run_dirs(*runs: list[str]) -> list[list[tuple[str, str]]]:
+    """The (run_dir, Hydra's output dir) of each command line's app runs (one list per command line). One interpreter pays
     the imports (~5 s on 2 cores); each command line runs in a child forked from it, Hydra untouched."""
     out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIRS, json.dumps(runs)], capture_output=True, text=True, timeout=120, check=True).stdout
     dirs = [[]]
@@ -205,20 +206,23 @@ def _run_dirs(*runs: list[str]) -> list[list[str]]:
         if line == "end":
             dirs.append([])
         elif line.startswith("run_dir "):
-            dirs[-1].append(line.split(" ", 1)[1])
+            dirs[-1].append(tuple(line.split(" ")[1:]))
     return dirs[:-1]
 
 
 def test_run_dir_is_hydras_output_dir_unless_set(tmp_path):
-    """Each job of a multirun gets its own folder (<sweep dir>/<job number>); an explicit run_dir wins (resume)."""
-    new, explicit, multirun = _run_dirs(
+    """Each job of a multirun gets its own folder (<sweep dir>/<job number>); an explicit run_dir wins (resume),
+    and Hydra's own files (.hydra/, the log) follow it there unless hydra.run.dir is set too."""
+    new, explicit, both, multirun = _run_dirs(
         [f"hydra.run.dir={tmp_path / 'new'}"],
+        [f"run_dir={tmp_path / 'old'}"],
         [f"hydra.run.dir={tmp_path / 'new'}", f"run_dir={tmp_path / 'old'}"],
         ["--multirun", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
     )
-    assert new == [str(tmp_path / "new")]
-    assert explicit == [str(tmp_path / "old")]
-    assert multirun == [str(tmp_path / "sweep" / "0"), str(tmp_path / "sweep" / "1")]
+    assert new == [(str(tmp_path / "new"),) * 2]
+    assert explicit == [(str(tmp_path / "old"),) * 2]
+    assert both == [(str(tmp_path / "old"), str(tmp_path / "new"))]
+    assert multirun == [(str(tmp_path / "sweep" / str(job)),) * 2 for job in (0, 1)]
     assert OmegaConf.load(CONF / "flywheel.yaml").hydra.job.chdir is False
 
 

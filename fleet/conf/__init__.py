@@ -14,3 +14,22 @@ registers the schemas in Hydra's ConfigStore; the YAML's ``defaults`` name them 
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent)
+
+
+def _run_folder(default: str, *, _root_) -> str:
+    """``hydra.run.dir`` of the apps with a ``run_dir``: the ``run_dir`` set on the command line (a run to resume
+    or continue), so Hydra's own files (.hydra/, the app's log) go into that run's folder too; else ``default``."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(_root_, resolve=False).get("run_dir")
+    return default if raw is None or str(raw).startswith("${") else str(raw)
+
+
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_folder"):
+        OmegaConf.register_new_resolver("run_folder", _run_folder)
+
+
+_register()
