@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,8 +26,9 @@ def fsync_dir(path: Path) -> None:
 
 def write_durably(path: Path, data: bytes, tmp: Path | None = None) -> None:
     """``path`` holds ``data`` or what it held before, never a part, after any crash: written as ``tmp``
-    (default ``.<name>.tmp`` beside it), fsynced, renamed, and the folder fsynced."""
-    tmp = tmp if tmp is not None else path.with_name(f".{path.name}.tmp")
+    (default ``.<name>.<pid>.<thread>.tmp`` beside it: writers of one path at once never share a
+    temporary file; the last rename wins), fsynced, renamed, and the folder fsynced."""
+    tmp = tmp if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -66,6 +66,7 @@ IMAGE_PREFIX = "image."
 REQUIRED_METADATA = ("schema_version", "robot_id", "episode_id", "policy_version", "source", "robot_model")
 JSON_METADATA = ("hardware", "calibration", "scenario")
 OPTIONAL_METADATA = (*JSON_METADATA, "model_version")
+PLAIN_TEXT_METADATA = ("policy_version", "robot_model", "model_version")  # shown in logs and reports: printable text only
 V1_1_METADATA = ("names", "control_rate_hz", "task", "cameras")  # schema 1.1 only
 USER_METADATA_PREFIX = "x."
 CAMERA_TIMESTAMP_SUFFIX = ".timestamp"  # schema 1.1: image.NAME.timestamp is camera NAME's clock
@@ -313,8 +314,8 @@ def loads_bounded(text: str | bytes, field: str):
         raise EpisodeValidationError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__})") from None
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit
+        raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
 
 def validate_metadata(meta: Mapping[str, str]) -> None:
@@ -332,10 +333,20 @@ def validate_metadata(meta: Mapping[str, str]) -> None:
     if meta["source"] not in SOURCES:
         raise EpisodeValidationError("source", f"{meta['source']!r} is not one of {SOURCES}")
     try:
-        uuid.UUID(meta["episode_id"])
+        canonical = str(uuid.UUID(meta["episode_id"]))
     except ValueError:
-        raise EpisodeValidationError("episode_id", f"{meta['episode_id']!r} is not a UUID") from None
+        raise EpisodeValidationError("episode_id", f"{meta['episode_id'][:80]!r} is not a UUID") from None
+    if meta["episode_id"] != canonical:  # one spelling per id: the idempotency key and the store's index compare text
+        raise EpisodeValidationError("episode_id", f"{meta['episode_id'][:80]!r} is not in the canonical form: send {canonical!r} (lowercase, 8-4-4-4-12)")
     for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise EpisodeValidationError(str(key)[:80], "metadata keys and values must be strings")
+        try:
+            key.encode("utf-8"), value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EpisodeValidationError(key.encode("utf-8", "backslashreplace").decode()[:80], "must be UTF-8 text (it holds a lone surrogate)") from None
+        if key in PLAIN_TEXT_METADATA and not value.isprintable():
+            raise EpisodeValidationError(key, "holds a control character; only printable text")
         if key in REQUIRED_METADATA or key.startswith(USER_METADATA_PREFIX):
             continue
         if key in V1_1_METADATA and meta["schema_version"] == SCHEMA_VERSION:
@@ -344,8 +355,6 @@ def validate_metadata(meta: Mapping[str, str]) -> None:
             raise EpisodeValidationError(
                 key, f"unknown metadata key; allowed: {REQUIRED_METADATA + OPTIONAL_METADATA + V1_1_METADATA} or '{USER_METADATA_PREFIX}*'"
             )
-        if not isinstance(value, str):
-            raise EpisodeValidationError(key, "must be a string")
         if key in JSON_METADATA:
             try:
                 loads_bounded(value, key)

@@ -112,3 +112,34 @@ def test_publishing_checks_sensor_offsets(tmp_path):
             assert response.status_code == 201 and response.json()["manifest"]["sensor_offsets"] == {"robot-0": [0.02] * 4}
     finally:
         server.stop()
+
+
+def test_a_publish_robots_would_refuse_is_refused_naming_its_field(tmp_path):
+    """Publishing once took garbage weights, any obs_dim and a cohort string spelled into characters (201), and
+    answered 500 to a null obs_dim, a number as cohort, or deeply nested JSON."""
+    registry, token, server = registry_server(tmp_path, "publisher")
+    weights, manifest = exported(tmp_path, "p")
+    body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
+    bad = {
+        "weights_b64": [{"weights_b64": base64.b64encode(b"garbage").decode()}, {"weights_b64": ""}, {"weights_b64": "not base64!"}],
+        "policy": [{"policy": "x"}, {"policy": {}}, {"obs_dim": SPEC["obs_dim"] + 1}],  # robots of that spec would not load it
+        "obs_dim": [{"obs_dim": None}, {"obs_dim": -1}, {"obs_dim": 10**30}, {"obs_dim": 4.0}, {"obs_dim": True}],
+        "robot_model": [{"robot_model": 5}, {"robot_model": ""}, {"robot_model": "a\nb"}],
+        "cohort": [{"cohort": "robot-0"}, {"cohort": 5}, {"cohort": ["robot-0", 1]}, {"cohort": ["../x"]}],
+        "gate": [{"gate": [1]}],
+        "note": [{"note": 3}],
+    }
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            for field, changes in bad.items():
+                for change in changes:
+                    response = client.post("/v1/policies", json={**body, **change})
+                    assert (response.status_code, response.json()["error"], response.json()["field"]) == (400, "bad_publish", field), (change, response.text)
+            for raw in (b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"{not json"):
+                response = client.post("/v1/policies", content=raw, headers={"Content-Type": "application/json"})
+                assert (response.status_code, response.json()["error"]) == (400, "bad_publish"), response.text
+            assert registry.versions() == []  # nothing signed
+            response = client.post("/v1/policies", json={**body, "cohort": ["robot-1", "robot-0", "robot-1"]})
+            assert response.status_code == 201 and registry._state()["cohort"] == ["robot-0", "robot-1"]
+    finally:
+        server.stop()

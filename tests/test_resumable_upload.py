@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -259,6 +260,30 @@ def test_wrong_digest_is_refused_and_nothing_is_stored(fleet):
     assert call(fleet, "HEAD", uid).headers["upload-offset"] == "0"  # kept, reset: the robot may send it again
     assert fetch(fleet, ep.episode_id).status_code == 404
     assert call(fleet, "DELETE", uid).status_code == 204
+
+
+def test_concurrent_completes_of_one_upload_create_it_once(fleet):
+    """A robot whose complete timed out retries while the first still runs: one 201, the others 200 duplicate
+    (they once shared a temporary file name and answered 500)."""
+    ep = episode(seed=8)
+    data = ep.to_bytes()
+    uid = create(fleet, data).json()["upload_id"]
+    for offset in range(0, len(data), CHUNK):
+        assert put(fleet, uid, data[offset : offset + CHUNK], offset).status_code == 200
+    answers = []
+
+    def complete():
+        with httpx.Client(base_url=fleet["url"], timeout=30) as client:
+            r = client.post(f"/v1/uploads/{uid}/complete", headers=auth(fleet["tok"]["r0"]))
+            answers.append((r.status_code, r.json().get("status")))
+
+    threads = [threading.Thread(target=complete) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(answers) == [(200, "duplicate")] * 3 + [(201, "created")], answers
+    assert fetch(fleet, ep.episode_id).content == data
 
 
 def test_an_invalid_episode_is_refused_at_complete_like_a_plain_upload(fleet):

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.server import ServerConfig, add_token, serve
 from fleet.server.auth import TokenRegistry
+from fleet.server.errors import ApiError
 from fleet.store import EpisodeStore, StoreConfig
 from sim.batched import BatchedStepper
 from sim.episode import Episode
@@ -108,6 +109,15 @@ BAD = {
     "deep_metadata": (raw(meta={"hardware": "[" * 50_000 + "]" * 50_000}), 422, "bad_metadata", "hardware"),
     "wrapping_shape": (framed(b'{"reward":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}'), 400, "size_mismatch", "reward"),
     "huge_empty_shape": (framed(b'{"reward":{"dtype":"F32","shape":[0,4611686018427387904],"data_offsets":[0,0]}}'), 400, "bad_header", "reward"),
+    # found by a review: integers past Python's digit limit (a 500), text the store cannot encode (a failed group commit
+    # for every upload in it), several spellings of one id (stored once each), control characters bound for logs
+    "huge_int_header": (framed(b'{"reward":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,0]}}'), 400, "bad_header", "<header>"),
+    "huge_int_metadata": (raw(meta={"hardware": '{"a": ' + "9" * 5000 + "}"}), 422, "bad_metadata", "hardware"),
+    "lone_surrogate": (raw(meta={"policy_version": "\ud800"}), 422, "bad_metadata", "policy_version"),
+    "lone_surrogate_in_json": (raw(meta={"scenario": '{"a": "\ud800"}'}), 422, "bad_metadata", "scenario"),
+    "control_character": (raw(meta={"robot_model": "toy\x1b[31m"}), 422, "bad_metadata", "robot_model"),
+    "uppercase_episode_id": (raw(meta={"episode_id": "ABCDEF00-0000-4000-8000-00000000ABCD"}), 422, "bad_metadata", "episode_id"),
+    "braced_episode_id": (raw(meta={"episode_id": "{abcdef00-0000-4000-8000-00000000abcd}"}), 422, "bad_metadata", "episode_id"),
 }
 
 
@@ -301,6 +311,59 @@ def test_malformed_http_is_refused_in_the_documented_shape(fleet, head, status, 
     assert stored_count(fleet) == before
 
 
+def test_a_refused_upload_never_fails_the_uploads_committed_beside_it(fleet):
+    """A body the store could not encode once failed the whole group commit: every upload in it got 503."""
+    poisoned = raw(meta={"policy_version": "\ud800", "episode_id": str(uuid.uuid4())})
+    good = [make("r1", seed=900 + k) for k in range(6)]
+    answers: dict[str, int] = {}
+
+    def send(name, body, who):
+        with httpx.Client(base_url=fleet["url"], timeout=30) as client:
+            answers[name] = client.post("/v1/episodes", content=body, headers=auth(fleet["tok"][who])).status_code
+
+    threads = [threading.Thread(target=send, args=("poisoned", poisoned, "r0"))]
+    threads += [threading.Thread(target=send, args=(ep.episode_id, ep.to_bytes(), "r1")) for ep in good]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers.pop("poisoned") == 422 and set(answers.values()) == {201}
+    for ep in good:
+        assert fleet["client"].get(f"/v1/episodes/{ep.episode_id}", headers=auth(fleet["tok"]["operator"])).status_code == 200
+
+
+def test_unknown_routes_and_bad_queries_answer_in_the_documented_shape(fleet):
+    client, operator = fleet["client"], auth(fleet["tok"]["operator"])
+    for method, path, status, error in (("GET", "/nope", 404, "not_found"), ("PUT", "/v1/episodes", 405, "method_not_allowed")):
+        r = client.request(method, path, headers=operator)
+        assert (r.status_code, r.json()["error"]) == (status, error) and r.json()["reason"] and "field" in r.json()
+    for query, field in (("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit")):
+        r = client.get(f"/v1/episodes?{query}", headers=operator)
+        assert (r.status_code, r.json()["error"], r.json()["field"]) == (400, "bad_query", field), query
+    assert client.head("/healthz").status_code == 200
+
+
+def test_idle_and_half_sent_connections_are_closed_after_head_timeout_s(tmp_path):
+    """uvicorn times out neither a connection that sends nothing nor one that stops mid-header."""
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, "robot", "r0")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), head_timeout_s=0.5), StoreConfig(path=str(tmp_path / "store")))
+    try:
+        host, port = handle.url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        half = socket.create_connection((host, int(port)), timeout=10)
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: ")
+        for s in (silent, half):
+            assert s.recv(4096) == b""  # closed by the server (a timeout here raises)
+            s.close()
+        with httpx.Client(base_url=handle.url, timeout=10) as client:  # keep-alive: the next request on one connection, later
+            assert client.get("/healthz").status_code == 200
+            time.sleep(0.8)
+            assert client.post("/v1/episodes", content=make().to_bytes(), headers=auth(token)).status_code == 201
+    finally:
+        handle.stop()
+
+
 def test_robot_ids_are_a_documented_character_set_and_bearer_is_case_insensitive(fleet, tmp_path):
     for bad in ("robot\x1b[31m", "r0\r\nX-Injected: 1", "", "-leading-dash", "x" * 65, "robot 7"):
         with pytest.raises(ValueError, match="robot id|needs robot_id"):
@@ -314,6 +377,25 @@ def test_robot_ids_are_a_documented_character_set_and_bearer_is_case_insensitive
     for scheme in ("bearer", "BEARER"):
         got = fleet["client"].get("/v1/episodes", headers={"Authorization": f"{scheme} {fleet['tok']['operator']}"})
         assert got.status_code == 200, got.text
+
+
+def test_a_broken_token_file_keeps_the_last_good_tokens_until_it_is_fixed(tmp_path):
+    """A half-edited or deleted token file once answered 500 on each reload check."""
+    path = tmp_path / "tokens.json"
+    old = add_token(path, "robot", "r0")
+    tokens = TokenRegistry(path)
+    for broken in ("{not json", None):
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_text(broken)
+        time.sleep(1.1)  # past the once-a-second reload check
+        assert tokens.authenticate(f"Bearer {old}").robot_id == "r0"
+    new = add_token(path, "robot", "r1")  # fixed: a file holding only the new token
+    time.sleep(1.1)
+    assert tokens.authenticate(f"Bearer {new}").robot_id == "r1"
+    with pytest.raises(ApiError, match="unknown token"):
+        tokens.authenticate(f"Bearer {old}")
 
 
 def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path):

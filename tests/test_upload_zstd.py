@@ -10,7 +10,7 @@ import zstandard
 
 from fleet.agent import AgentConfig, RobotAgent
 from fleet.server import ServerConfig, add_token, serve
-from fleet.server.content_encoding import decode_body
+from fleet.server.content_encoding import DecodeBudget, decode_body
 from fleet.server.errors import ApiError
 from fleet.store import EpisodeStore, StoreConfig
 from sim.episode import Episode
@@ -84,6 +84,25 @@ def test_zip_bomb_is_413_and_decoding_stays_within_the_bound(fleet):
     assert refused.value.status == 413 and peak < LIMIT + (9 << 20)  # the limit + one slice's worst case, never 256 MiB
 
 
+def test_large_decodes_share_one_budget_over_the_whole_server():
+    """The resumable route decodes up to max_episode_bytes: a few KiB of zstd could claim that much each, for every
+    robot at once. Decodes reserve what their frame declares (or their whole bound) from one budget: 503 beyond it."""
+    budget = DecodeBudget(1 << 20)
+    declared = zstd(bytes(600_000))  # its frame says 600,000 bytes
+    assert decode_body(declared, "zstd", 4 << 20, budget) == bytes(600_000) and budget.held == 0
+    with budget.hold(600_000):  # another robot's decode in progress
+        with pytest.raises(ApiError) as busy:
+            decode_body(declared, "zstd", 4 << 20, budget)
+        assert (busy.value.status, busy.value.error, busy.value.headers) == (503, "decoding_busy", {"Retry-After": "1"})
+        assert decode_body(declared, "zstd", 4 << 20) == bytes(600_000)  # the plain route's decodes are bounded on their own
+    with budget.hold(1):  # a frame that does not declare its size reserves its whole bound
+        with pytest.raises(ApiError, match="decoding_busy"):
+            decode_body(bomb(8 << 20), "zstd", 4 << 20, budget)
+    with pytest.raises(ApiError, match="body_too_large"):  # alone it may decode up to its bound, then 413
+        decode_body(bomb(8 << 20), "zstd", 4 << 20, budget)
+    assert budget.held == 0
+
+
 @pytest.mark.parametrize(
     "body, reason",
     [
@@ -111,6 +130,12 @@ def test_unknown_content_encoding_is_415_naming_the_accepted_ones(fleet, encodin
     body = answer.json()
     assert body["error"] == "unsupported_content_encoding" and body["field"] == "content-encoding"
     assert "zstd, identity" in body["reason"] and answer.headers["accept-encoding"] == "zstd, identity"
+
+
+def test_two_content_encoding_lines_are_a_list_and_get_415(fleet):
+    headers = [("Authorization", f"Bearer {fleet['tok']['robot']}"), ("Content-Encoding", "zstd"), ("Content-Encoding", "zstd")]
+    answer = httpx.post(f"{fleet['url']}/v1/episodes", content=zstd(make(4).to_bytes()), headers=headers)
+    assert (answer.status_code, answer.json()["error"]) == (415, "unsupported_content_encoding"), answer.text
 
 
 def test_the_agent_uploads_compressed_end_to_end(fleet, tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 
 from fastapi import APIRouter, Request
@@ -27,12 +28,15 @@ from fleet.registry.store import PolicyRegistry
 from fleet.registry.tuf_repo import RegistryCorrupted
 from fleet.server.auth import TokenRegistry
 from fleet.server.errors import ApiError
+from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, parse_contexts
+from sim.episode import ROBOT_ID, ROBOT_ID_RULE
 from sim.sensor_filter import SensorFilterError, parse_filters
 from sim.sensors import SensorCorrectionError, parse_offsets
 
 log = logging.getLogger(__name__)
 MAX_PUBLISH_BYTES = 256 << 20
+MAX_DIM = 1 << 20  # obs_dim, act_dim
 _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
 
 
@@ -81,18 +85,63 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
             raise ApiError(413, "too_large", f"publish body of {declared} bytes exceeds {MAX_PUBLISH_BYTES}", None)
         try:
             body = await request.json()
-            weights = base64.b64decode(body.pop("weights_b64"), validate=True)
-            fields = {k: body[k] for k in ("robot_model", "obs_dim", "act_dim")}
-        except (ValueError, KeyError, TypeError, binascii.Error, AttributeError) as exc:
-            raise ApiError(400, "bad_publish", f"need JSON with weights_b64, robot_model, obs_dim, act_dim ({exc.__class__.__name__}: {exc})", None) from None
-        extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets", "body_contexts", "sensor_filters") if k in body}
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "bad_publish", f"the body is not JSON ({exc.__class__.__name__})", None) from None
+        weights, fields, extra, cohort = _parse_publish(body)
         _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
         _check_body_contexts(extra.get("body_contexts", {}), extra.get("policy"))
         _check_sensor_filters(extra.get("sensor_filters", {}), fields["obs_dim"], fields["act_dim"])
-        manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=body.get("cohort") or None, **fields, **extra))
+        await run_in_threadpool(_check_loads, extra.get("policy"), weights, fields)
+        manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
         return JSONResponse({"manifest": manifest}, status_code=201)
 
     return router
+
+
+def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:
+    """(weights, robot_model/obs_dim/act_dim, the optional fields, the canary cohort) of a publish body, each
+    checked for what a robot needs of it; 400 ``bad_publish`` naming the field otherwise."""
+
+    def refuse(field: str, reason: str) -> ApiError:
+        return ApiError(400, "bad_publish", f"{field}: {reason}", field)
+
+    if not isinstance(body, dict):
+        raise refuse("<body>", "must be a JSON object with weights_b64, robot_model, obs_dim, act_dim")
+    for key in ("weights_b64", "robot_model", "obs_dim", "act_dim"):
+        if key not in body:
+            raise refuse(key, "missing (a publish needs weights_b64, robot_model, obs_dim, act_dim)")
+    try:
+        weights = base64.b64decode(body["weights_b64"], validate=True) if isinstance(body["weights_b64"], str) else None
+    except (ValueError, binascii.Error):
+        weights = None
+    if not weights:
+        raise refuse("weights_b64", "must be the weights file, base64 (non-empty)")
+    if not isinstance(body["robot_model"], str) or not ROBOT_ID.fullmatch(body["robot_model"]):
+        raise refuse("robot_model", f"must be a robot model name: {ROBOT_ID_RULE}")
+    for key in ("obs_dim", "act_dim"):
+        if type(body[key]) is not int or not 1 <= body[key] <= MAX_DIM:
+            raise refuse(key, f"must be an integer in 1..{MAX_DIM}")
+    fields = {k: body[k] for k in ("robot_model", "obs_dim", "act_dim")}
+    extra = {k: body[k] for k in ("policy", "data_snapshot", "gate", "note", "sensor_offsets", "body_contexts", "sensor_filters") if k in body}
+    for key, kind in (("policy", dict), ("gate", dict), ("data_snapshot", str), ("note", str)):
+        if key in extra and not isinstance(extra[key], kind):
+            raise refuse(key, f"must be a JSON {'object' if kind is dict else 'string'}")
+    cohort = body.get("cohort") or None
+    if cohort is not None:
+        if not isinstance(cohort, list) or not all(isinstance(r, str) and ROBOT_ID.fullmatch(r) for r in cohort):
+            raise refuse("cohort", f"must be a list of robot ids ({ROBOT_ID_RULE}), or absent for a stable release")
+        cohort = sorted(set(cohort))
+    return weights, fields, extra, cohort
+
+
+def _check_loads(policy, weights: bytes, fields: dict) -> None:
+    """400 unless a robot of ``fields``' model would load ``policy`` with ``weights`` (as fleet.registry.pull does)."""
+    try:
+        load_policy_bytes(policy if policy is not None else {}, weights, **fields)
+    except PolicyLoadError as exc:
+        digest = (policy or {}).get("weights", {}).get("sha256") if isinstance((policy or {}).get("weights"), dict) else None
+        field = "weights_b64" if digest is not None and digest != hashlib.sha256(weights).hexdigest() else "policy"
+        raise ApiError(400, "bad_publish", f"{field}: a robot would refuse it: {exc}", field) from None
 
 
 def _refresh(registry: PolicyRegistry) -> None:

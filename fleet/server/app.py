@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -28,13 +29,15 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
 from fleet.server.body import read_body
-from fleet.server.content_encoding import ACCEPT_ENCODING, content_coding, decode_body
+from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
@@ -77,8 +80,9 @@ RoutesFactory = Callable[[TokenRegistry], Iterable[APIRouter]]
 
 
 class _RefuseAmbiguousFraming:
-    """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several
-    Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request."""
+    """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several differing
+    Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request.
+    (h11 answers differing Content-Lengths itself, and merges identical ones, as RFC 9112 allows.)"""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -164,6 +168,16 @@ def create_app(
         metrics.rejected(exc.error)
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def framework_refusal(request: Request, exc: StarletteHTTPException):  # an unknown path or method: our shape too
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        reason = {404: f"no route {request.url.path!r} (docs/protocol.md lists them)", 405: f"{request.method} is not allowed on {request.url.path!r}"}
+        return await api_error(request, ApiError(exc.status_code, code, reason.get(exc.status_code, str(exc.detail)), None, dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, exc: Exception):  # a bug: logged with its traceback by the server, answered in our shape
+        return ApiError(500, "internal_error", f"the server failed on this request ({exc.__class__.__name__}); it is logged: retry, and report it if it stays").response()
+
     @app.exception_handler(RequestValidationError)
     async def bad_parameter(request: Request, exc: RequestValidationError):  # the framework's checks answer in our shape too
         first = exc.errors()[0] if exc.errors() else {}
@@ -176,6 +190,8 @@ def create_app(
     app.add_middleware(_RefuseAmbiguousFraming, metrics=metrics)
     app.add_middleware(_CountRequests, metrics=metrics)
 
+    decode_budget = DecodeBudget(config.max_episode_bytes)  # the resumable route's decodes, all robots together
+
     async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int) -> tuple[int, dict]:
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
         ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
@@ -183,7 +199,7 @@ def create_app(
         with limits.admit(robot_id), committer.receiving():
             body = await read()
             if coding != "identity":  # decoded under the same limit as the body itself
-                body = await run_in_threadpool(decode_body, body, coding, limit)
+                body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
             episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
             if episode.robot_id != robot_id:
                 raise ApiError(403, "robot_id_mismatch", f"token is for robot {robot_id!r}, episode says {episode.robot_id!r}", "robot_id")
@@ -205,9 +221,12 @@ def create_app(
         start = time.perf_counter()
         try:
             principal = tokens.require(request.headers.get("authorization"), "robot")
-            coding = content_coding(request.headers.get("content-encoding"))
+            coding = content_coding(", ".join(request.headers.getlist("content-encoding")) or None)  # two header lines are a list too
             read = functools.partial(read_body, request, config.max_body_bytes, config.body_timeout_s)
-            code, answer = await ingest(read, coding, principal.robot_id, config.max_body_bytes)
+            try:
+                code, answer = await ingest(read, coding, principal.robot_id, config.max_body_bytes)
+            except ClientDisconnect:  # the robot went away mid-body: nothing stored, nobody to answer
+                raise ApiError(400, "body_incomplete", "the connection closed before the whole body arrived; nothing was stored", "body") from None
             return JSONResponse(answer, status_code=code, headers=ACCEPT_ENCODING)
         except ApiError as exc:  # every answer tells the robot which codings it may send (RFC 7694)
             exc.headers = {**ACCEPT_ENCODING, **(exc.headers or {})}
@@ -230,8 +249,13 @@ def create_app(
         offset: int = 0,
     ):
         tokens.require(request.headers.get("authorization"), "operator")
-        if not 0 < limit <= config.list_limit or offset < 0:
-            raise ApiError(400, "bad_query", f"limit must be in 1..{config.list_limit} and offset >= 0", "limit")
+        if not 0 < limit <= config.list_limit:
+            raise ApiError(400, "bad_query", f"limit must be in 1..{config.list_limit}", "limit")
+        if offset < 0:
+            raise ApiError(400, "bad_query", "offset must be >= 0", "offset")
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and not math.isfinite(value):
+                raise ApiError(400, "bad_query", f"{name} must be a finite time (seconds since the epoch)", name)
 
         def query():
             snap = snapshots.latest()
@@ -259,6 +283,7 @@ def create_app(
         return Response(data, media_type=SAFETENSORS, headers={"X-Flywheel-Snapshot": snapshot_id})
 
     @app.get("/healthz")
+    @app.head("/healthz")  # load balancers' probes
     async def healthz():
         return {"status": "ok", "pending_uploads": committer.pending}
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import secrets
 import threading
@@ -31,6 +32,7 @@ from fleet.server.errors import ApiError
 from sim.episode import ROBOT_ID, ROBOT_ID_RULE
 
 ROLES = ("robot", "operator", "publisher")
+log = logging.getLogger(__name__)
 
 
 def hash_token(token: str) -> str:
@@ -65,7 +67,9 @@ def _parse(path: Path) -> dict[str, Principal]:
 
 
 class TokenRegistry:
-    """Hashed tokens from a file, re-read when the file changes (checked at most once a second)."""
+    """Hashed tokens from a file, re-read when the file changes (checked at most once a second). A file
+    that cannot be read or parsed then (half-written by an editor, deleted) leaves the last good tokens in
+    force, with an error in the log, until it is fixed."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -102,9 +106,14 @@ class TokenRegistry:
             return
         with self._lock:
             self._checked = now
-            mtime = self.path.stat().st_mtime_ns
-            if mtime != self._mtime:
-                self._tokens, self._mtime = _parse(self.path), mtime
+            try:
+                mtime = self.path.stat().st_mtime_ns
+                if mtime != self._mtime:
+                    self._tokens, self._mtime = _parse(self.path), mtime
+            except (OSError, ValueError, yaml.YAMLError) as exc:  # a half-edited or missing file: keep serving the last good tokens
+                if self._mtime is not None:  # said once per bad state; requests are never failed for it
+                    log.error("token file %s unreadable (%s); still using the tokens read before: fix the file to change them", self.path, str(exc)[:200])
+                self._mtime = None
 
 
 def add_token(path: str | Path, role: str, robot_id: str | None = None) -> str:

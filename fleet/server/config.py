@@ -23,6 +23,9 @@ class ServerConfig:
     commit_max_bytes / commit_max_episodes: cap one group commit.
     list_limit: most episodes one GET /v1/episodes returns.
     body_timeout_s: an upload whose body has not fully arrived this long after its headers gets 408.
+    head_timeout_s: a connection whose request line and headers have not fully arrived this long after it
+        opened (or after its first byte of a next request) is closed: idle or half-sent connections never
+        pile up (the keep-alive timeout, 30 s, closes idle ones between requests).
     max_concurrent_uploads / upload_rate_per_s / upload_burst: per token, uploads in flight and a
         token-bucket rate; over either, 429 with Retry-After (fleet/server/limits.py). Every POST and
         PUT of the resumable upload routes counts as one upload here.
@@ -48,6 +51,7 @@ class ServerConfig:
     commit_max_episodes: int = 256
     list_limit: int = 1000
     body_timeout_s: float = 60.0
+    head_timeout_s: float = 10.0
     max_concurrent_uploads: int = 4
     upload_rate_per_s: float = 20.0
     upload_burst: int = 100
@@ -64,8 +68,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
-        if not self.body_timeout_s > 0 or self.max_concurrent_uploads < 1 or not self.upload_rate_per_s > 0 or self.upload_burst < 1:
-            raise ValueError("body_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
+        if not self.body_timeout_s > 0 or not self.head_timeout_s > 0 or self.max_concurrent_uploads < 1 or not self.upload_rate_per_s > 0 or self.upload_burst < 1:
+            raise ValueError("body_timeout_s, head_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
         if self.commit_wait_ms < 0 or self.commit_rejoin_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
             raise ValueError("commit_wait_ms and commit_rejoin_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")
         if self.max_episode_bytes < 1 or self.max_chunk_bytes < 1 or self.max_open_uploads < 1 or not self.upload_ttl_s > 0:

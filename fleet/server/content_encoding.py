@@ -15,6 +15,10 @@ The decoder's window (its own buffer) is capped at the larger of ``limit`` and 8
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import zstandard
 
 from fleet.server.errors import ApiError
@@ -42,20 +46,45 @@ def content_coding(header: str | None) -> str:
     return coding
 
 
-def decode_body(body: bytes, coding: str, limit: int) -> bytes:
-    """The body as sent before its content coding, at most ``limit`` bytes; ApiError 413/400 otherwise."""
+class DecodeBudget:
+    """Bytes that decoding may hold at once, over the whole server (the resumable route's decodes: their bound,
+    ``max_episode_bytes``, is far above ``max_body_bytes``, and a few KiB of zstd can claim all of it). A decode
+    reserves what its frame declares, or its whole bound when the frame does not say; when the budget cannot
+    hold it, the upload gets 503 and its robot retries later: memory stays bounded however many robots try."""
+
+    def __init__(self, total: int):
+        self.total, self.held = total, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        with self._lock:
+            if self.held and self.held + nbytes > self.total:
+                raise ApiError(503, "decoding_busy", "the server is decompressing other large uploads; retry shortly", None, {"Retry-After": "1"})
+            self.held += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= nbytes
+
+
+def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | None = None) -> bytes:
+    """The body as sent before its content coding, at most ``limit`` bytes; ApiError 413/400 otherwise
+    (503 when ``budget`` cannot hold what it may decode to)."""
     if coding == "identity":
         return body
-    return _unzstd(body, limit)
-
-
-def _unzstd(body: bytes, limit: int) -> bytes:
     try:
         declared = zstandard.frame_content_size(body)  # -1 when the frame does not say
     except zstandard.ZstdError:
-        declared = -1  # not a frame header: the decoder below names the fault
+        declared = -1  # not a frame header: the decoder names the fault
     if declared > limit:
         raise ApiError(413, "body_too_large", f"zstd frame declares {declared} bytes, over the {limit}-byte limit", "content-encoding")
+    with budget.hold(declared if declared >= 0 else limit) if budget is not None else contextlib.nullcontext():
+        return _unzstd(body, limit, declared)
+
+
+def _unzstd(body: bytes, limit: int, declared: int) -> bytes:
     decoder = zstandard.ZstdDecompressor(max_window_size=min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)).decompressobj()
     parts, size, pos = [], 0, 0
     view = memoryview(body)
@@ -65,6 +94,8 @@ def _unzstd(body: bytes, limit: int) -> bytes:
             out = decoder.decompress(view[pos : pos + step])
             pos += step
             size += len(out)
+            if 0 <= declared < size:  # a frame may not outgrow its declared size (what a budget reserved)
+                raise ApiError(400, "bad_zstd", f"the zstd frame decodes to more than the {declared} bytes it declares", "body")
             if size > limit:
                 raise ApiError(413, "body_too_large", f"zstd body decompresses to more than the {limit}-byte limit", "content-encoding")
             parts.append(out)

@@ -21,6 +21,9 @@ class ApiError(Exception):
 # (substring of EpisodeValidationError.reason, HTTP status, error code); first match wins.
 _RULES: tuple[tuple[str, int, str], ...] = (
     ("must be a JSON string", 422, "bad_metadata"),
+    ("must be UTF-8 text", 422, "bad_metadata"),
+    ("holds a control character", 422, "bad_metadata"),
+    ("metadata keys and values must be strings", 422, "bad_metadata"),
     ("not valid JSON", 400, "bad_header"),
     ("nested deeper than", 400, "bad_header"),
     ("not a safetensors file", 400, "not_safetensors"),

@@ -25,7 +25,7 @@ import uvicorn
 from fleet.server.app import RoutesFactory, create_app
 from fleet.server.auth import TokenRegistry
 from fleet.server.config import ServerConfig
-from fleet.server.protocol import JsonErrorsH11Protocol
+from fleet.server.protocol import protocol_class
 from fleet.store.config import StoreConfig
 from fleet.store.writer import EpisodeStore
 
@@ -67,7 +67,7 @@ def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: 
     store.refresh_index()  # idempotency across restarts: every stored episode_id is known before the first upload
     tokens = TokenRegistry(server.token_file)
     app = create_app(server, store, tokens, on_ready=on_ready, routes=routes)
-    config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30, http=JsonErrorsH11Protocol)
+    config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30, http=protocol_class(server.head_timeout_s))
     return uvicorn.Server(config)
 
 
