@@ -337,6 +337,7 @@ def test_unknown_routes_and_bad_queries_answer_in_the_documented_shape(fleet):
     for method, path, status, error in (("GET", "/nope", 404, "not_found"), ("PUT", "/v1/episodes", 405, "method_not_allowed")):
         r = client.request(method, path, headers=operator)
         assert (r.status_code, r.json()["error"]) == (status, error) and r.json()["reason"] and "field" in r.json()
+        assert status != 404 or r.headers["cache-control"] == "no-store"
     for query, field in (("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit")):
         r = client.get(f"/v1/episodes?{query}", headers=operator)
         assert (r.status_code, r.json()["error"], r.json()["field"]) == (400, "bad_query", field), query

@@ -172,7 +172,8 @@ def create_app(
     async def framework_refusal(request: Request, exc: StarletteHTTPException):  # an unknown path or method: our shape too
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         reason = {404: f"no route {request.url.path!r} (docs/protocol.md lists them)", 405: f"{request.method} is not allowed on {request.url.path!r}"}
-        return await api_error(request, ApiError(exc.status_code, code, reason.get(exc.status_code, str(exc.detail)), None, dict(exc.headers or {})))
+        headers = dict(exc.headers or {}) | ({"Cache-Control": "no-store"} if exc.status_code == 404 else {})  # a cache must not keep "no such file"
+        return await api_error(request, ApiError(exc.status_code, code, reason.get(exc.status_code, str(exc.detail)), None, headers))
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, exc: Exception):  # a bug: logged with its traceback by the server, answered in our shape
