@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fleet.pipeline.simfleet import condition_profiles
+from fleet.run_folders import TRAIN_JOB, other_app_run
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, make_algorithm
@@ -27,7 +28,7 @@ from worldmodel.device import resolve_device
 
 EVAL_SEED = 777  # fixed scenario seeds for the final evaluation: every run of a config is judged on the same episodes
 CHECKPOINT = "checkpoint"  # the one-process learner's checkpoint folder in run_dir
-JOB_FILE = "train_job.json"  # what a rerun must match: the workers, the bodies, where Ray Train keeps its checkpoints
+JOB_FILE = TRAIN_JOB  # what a rerun must match: the workers, the bodies, where Ray Train keeps its checkpoints
 
 
 class TrainSettingsError(ValueError):
@@ -91,9 +92,15 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
             resolve_device(trainer.device)
         except ValueError as exc:
             raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
+    if (other := other_app_run(run_dir, "flywheel-train")) is not None:
+        raise OtherSettingsError(other)
     saved = run_dir / JOB_FILE
-    if saved.exists() and (then := json.loads(saved.read_text())) != (now := _job_record(job)):
-        differ = ", ".join(f"train.{k}={then[k]}" for k in now if then.get(k) != now[k])
+    try:
+        then = json.loads(saved.read_text()) if saved.exists() else None
+    except ValueError as exc:
+        raise OtherSettingsError(f"{saved} is not valid JSON ({exc}): restore it, or set a new run_dir") from None
+    if then is not None and then != (now := _job_record(job)):
+        differ = ", ".join(f"train.{k}={then.get(k)}" for k in now if then.get(k) != now[k])
         raise OtherSettingsError(f"{run_dir} holds a run with {differ}: rerun with those settings to continue it, or set a new run_dir")
     if (state := job.checkpoint_state(run_dir)) is not None:
         check_resumable(state, trainer, algo_config)

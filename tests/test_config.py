@@ -2,6 +2,7 @@
 a wrong type or an unknown key is refused at compose time with the key named, and the wheel ships the tree."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -129,6 +130,70 @@ def test_a_setting_out_of_range_stops_the_app_with_the_reason_and_no_traceback(t
         )
         assert result.returncode == 1 and "flywheel: " in result.stderr and reason in result.stderr, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [  # each of these once failed iterations into a run (robots had uploaded), most with a traceback, or ran on silently
+        ("loop.episodes_per_robot=0", "loop.episodes_per_robot must be >= 1"),
+        ("loop.eval_episodes=1", "loop.eval_episodes must be >= 2"),
+        ("loop.episode_steps=0", "loop.episode_steps must be >= 1"),
+        ("loop.wm_rollouts=0", "loop.wm_rollouts must be >= 1"),
+        ("loop.train_env_steps=0", "loop.train_env_steps must be >= 1"),
+        ("loop.calibration_episodes=0", "loop.calibration_episodes must be >= 1"),
+        ("loop.canary_fraction=-1", "loop.canary_fraction must be in [0, 1]"),
+        ("loop.gate.confidence=2", "confidence must be in (0, 1)"),
+        ("loop.gate.resamples=0", "resamples must be a positive integer"),
+        ("worldmodel.train.max_steps=0", "worldmodel.train: "),
+        ("scenarios.calibration.iterations=0", "scenarios.calibration: "),
+    ],
+)
+def test_the_loop_refuses_a_bad_value_before_anything_runs(override, reason, tmp_path):
+    from fleet.pipeline.loop import Flywheel
+
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        Flywheel(_compose("flywheel", [override]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
+    """A run's store, models and learner come from its settings: a rerun with others (but more iterations or robots)
+    is refused, and so is another app's run folder, both ways."""
+    from fleet.pipeline.loop import Flywheel, record_run_settings
+    from fleet.train_job import OtherSettingsError, TrainJob, preflight
+    from policies.sac import SACConfig
+    from policies.trainer import TrainerConfig
+
+    run = tmp_path / "run"
+    first = Flywheel(_compose("flywheel"), run)
+    record_run_settings(run, first.run_settings)  # as Flywheel.run does when it starts
+    Flywheel(_compose("flywheel", ["loop.iterations=5", "loop.num_robots=6"]), run)  # goes on longer, with more robots
+    with pytest.raises(ValueError, match=r"other settings: loop.robot_model='pendulum' \(now 'reacher'\)"):
+        Flywheel(_compose("flywheel", ["loop.robot_model=reacher"]), run)
+    with pytest.raises(ValueError, match="other settings: seed=0 \\(now 1\\)"):
+        Flywheel(_compose("flywheel", ["seed=1"]), run)
+    with pytest.raises(OtherSettingsError, match="is a flywheel run"):
+        preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(), run, None)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "train_job.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a flywheel-train run"):
+        Flywheel(_compose("flywheel"), trained)
+
+
+def test_ray_settings_that_would_wait_forever_are_refused_at_once():
+    import socket
+
+    from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
+
+    base = _compose("flywheel").ray
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    for changes, reason in (({"num_cpus": 0}, "needs at least 1 CPU"), ({"node_ip_address": "192.0.2.77"}, "is not an address of this machine"),
+                            ({"address": closed}, "nothing answers there")):  # fmt: skip
+        with pytest.raises(RayJoinError, match=reason):
+            check_ray_settings(OmegaConf.merge(base, changes))
 
 
 def test_a_typo_in_a_yaml_file_is_refused(tmp_path):

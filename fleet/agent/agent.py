@@ -87,7 +87,8 @@ def run_sim_robot(
 ) -> dict:
     """flywheel-robot's loop: run ``episodes`` episodes (0: until interrupted), spool and upload them.
 
-    Returns the agent's final status; ``drained`` says whether the spool emptied in time.
+    Returns the agent's final status; ``drained`` says whether the spool emptied in time, ``interrupted``
+    whether Ctrl-C ended it.
     """
     from fleet.agent.robot import SimRobot, run_episode  # here: MuJoCo, which RobotAgent on a robot does without
 
@@ -95,8 +96,8 @@ def run_sim_robot(
     source = policy or builtin_policy("random", robot.act_dim, robot_cfg.seed)
     recorder = EpisodeRecorder(robot_id=robot.robot_id, robot_model=robot.robot_model, source=robot.source, hardware=robot.hardware())
     agent = RobotAgent(agent_cfg, robot.robot_id).start()
+    k, interrupted = 0, False
     try:
-        k = 0
         while episodes == 0 or k < episodes:
             episode = run_episode(robot, source.current(), recorder, seed=robot_cfg.seed * 1_000_003 + k)
             agent.submit(episode)
@@ -105,7 +106,9 @@ def run_sim_robot(
             k += 1
             log.info("episode %d: %d steps, return %.2f; %s", k, episode.num_steps, episode.total_return, agent.status())
         drained = agent.wait_drained(drain_timeout_s)
+    except KeyboardInterrupt:  # Ctrl-C (how episodes=0 ends): an episode cut short is dropped, the spooled ones go at the next start
+        interrupted, drained = True, agent.spool.depth == 0
     finally:
         agent.stop()
         robot.close()
-    return {**agent.status(), **(source.status() if hasattr(source, "status") else {}), "episodes": k, "drained": drained}
+    return {**agent.status(), **(source.status() if hasattr(source, "status") else {}), "episodes": k, "drained": drained, "interrupted": interrupted}

@@ -52,8 +52,11 @@ class AgentConfig:
         if self.token_file:
             path = Path(self.token_file)
             if not path.is_file():
-                raise FileNotFoundError(f"robot token file {path} does not exist; write the token printed by `python -m fleet.server.auth add` there")
+                what = "is a folder" if path.is_dir() else "does not exist"
+                raise FileNotFoundError(f"robot token file {path} {what}; write the token printed by `python -m fleet.server.auth add` there")
             token = path.read_text().strip()
+            if not token:
+                raise ValueError(f"robot token file {path} is empty; write the token printed by `python -m fleet.server.auth add` there")
         else:
             token = os.environ.get(self.token_env, "").strip()
         if not token:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fleet.apps.config_path import CONF_DIR
+from fleet.apps.errors import multirun_run_dir_error, one_line_errors
 from fleet.conf.schema_tools import check
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
@@ -41,21 +42,18 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.report import summary_table
     from fleet.store.backend import StoreUnreachableError
     from fleet.tracking import run_files_line
-    from sim.robots.registry import UnknownRobotError, use_robot_modules
+    from sim.robots.registry import use_robot_modules
 
     check(cfg)
-    use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
-
     logging.getLogger("fleet").setLevel(logging.WARNING)
     console = Console()
-    try:
+    with one_line_errors("flywheel", (ValueError,)):  # the settings (and the robot), checked before anything runs: what is wrong, no traceback
+        if error := multirun_run_dir_error(cfg.run_dir):
+            raise ValueError(error)
+        use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
-    except (ValueError, UnknownRobotError) as exc:  # the settings (and the robot), checked before anything runs: say what is wrong, no traceback
-        raise SystemExit(f"flywheel: {exc}") from None
-    try:
-        summary = flywheel.run()
-    except (RayJoinError, StoreUnreachableError) as exc:  # the cluster or the store, at the start: what to check
-        raise SystemExit(f"flywheel: {exc}") from None
+    with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
+        summary = flywheel.run()  # the cluster or the store fail at the start: what to check
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
     if line := run_files_line(cfg.wandb.mode, summary["wandb_dir"]):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import hydra
 from hydra.utils import instantiate
@@ -14,25 +15,39 @@ from omegaconf import DictConfig
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
+from fleet.apps.errors import one_line_errors
 from fleet.conf.schema_tools import check
+from sim.robots import get_task
 from sim.robots.registry import use_robot_modules
 
 
 @hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check(cfg)
-    use_robot_modules(cfg.robot_modules)
-    robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
-    policy = None
-    if cfg.policy.root:
-        from fleet.registry.pull import signed_policy_source
+    if cfg.episodes < 0:
+        raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
+    with one_line_errors("flywheel-robot", (OSError, ValueError)):  # the robot, its token, its folders, the trusted root
+        use_robot_modules(cfg.robot_modules)
+        robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
+        get_task(robot_cfg.model)
+        token = agent_cfg.load_token()
+        policy = None
+        if cfg.policy.root:
+            from fleet.registry.pull import signed_policy_source
 
-        policy = signed_policy_source(
-            cfg.policy.root, agent_cfg.server_url, agent_cfg.load_token(), robot_cfg.robot_id, robot_cfg.model,
-            cfg.policy.state_dir, cfg.policy.poll_interval_s,
-        )
-    status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
+            policy = signed_policy_source(
+                cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s,
+            )  # fmt: skip
+        status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
     print(json.dumps(status), flush=True)
+    if status["interrupted"]:
+        print(f"flywheel-robot: interrupted after {status['episodes']} episode(s); {status['queue_depth']} not uploaded yet stay spooled for the next start", file=sys.stderr)
+        raise SystemExit(130)
+    if not status["drained"]:  # spooled for the next start, but this run did not deliver them: say why, exit non-zero
+        raise SystemExit(
+            f"flywheel-robot: {status['queue_depth']} episode(s) not uploaded within drain_timeout_s={cfg.drain_timeout_s:g} s; they stay in "
+            f"{agent_cfg.spool_dir} for the next start. Last error: {status['last_error']}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.apps.config_path import CONF_DIR
+from fleet.apps.errors import multirun_run_dir_error, one_line_errors
 from fleet.conf.schema_tools import check
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -40,25 +41,28 @@ def run_train(cfg: DictConfig) -> None:
     from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
     from sim.durable import write_durably
     from sim.robots import get_task
-    from sim.robots.registry import UnknownRobotError, use_robot_modules
+    from sim.robots.registry import use_robot_modules
 
     check(cfg)
-    use_robot_modules(cfg.robot_modules)
     logging.getLogger("fleet").setLevel(logging.WARNING)
     run_dir = Path(cfg.run_dir)
-    try:  # the settings, checked before anything runs: say what is wrong, no traceback
+    with one_line_errors("flywheel-train", (TrainSettingsError,)):  # the settings, checked before anything runs: what is wrong, no traceback
+        if error := multirun_run_dir_error(cfg.run_dir):
+            raise TrainSettingsError(error)
+        use_robot_modules(cfg.robot_modules)
         job = TrainJob(**OmegaConf.to_container(cfg.train))
-        trainer, algo_config = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
+        try:
+            trainer, algo_config = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
+        except InstantiationException as exc:  # a value the learner's own config refuses
+            raise TrainSettingsError(f"{exc.__cause__ or exc}") from None
         get_task(trainer.robot)
         preflight(job, trainer, algo_config, run_dir, cfg.ray.address)
-    except InstantiationException as exc:  # a value the learner's own config refuses
-        raise SystemExit(f"flywheel-train: {exc.__cause__ or exc}") from None
-    except (TrainSettingsError, UnknownRobotError) as exc:
-        raise SystemExit(f"flywheel-train: {exc}") from None
     w = cfg.wandb
     tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
+    interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
-        summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
+        with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError), on_interrupt=interrupted):  # the cluster, or what it cannot give
+            summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
         tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
         export = Path(summary["export"])
         tracker.artifact(
@@ -66,8 +70,6 @@ def run_train(cfg: DictConfig) -> None:
             {"policy_version": summary["policy_version"], "env_steps": summary["env_steps"], "returns": summary["returns"]}, aliases=("latest",),
         )  # fmt: skip
         summary["wandb_dir"] = tracker.wandb_dir
-    except (RayJoinError, TrainSettingsError) as exc:  # the cluster, or what it cannot give (CPUs, GPUs)
-        raise SystemExit(f"flywheel-train: {exc}") from None
     finally:
         tracker.finish()
     write_durably(run_dir / "summary.json", json.dumps(summary, indent=2).encode())

@@ -87,6 +87,16 @@ def _fmt(x: float) -> str:
     return f"{x:+.2f}"
 
 
+def check_gate_settings(*, confidence: float = 0.95, rel_tolerance: float = 0.05, abs_tolerance: float = 2.0, resamples: int = 2000, **_) -> None:
+    """ValueError unless the gate's settings make sense (the loop checks ``loop.gate`` with it before it starts)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"gate: confidence must be in (0, 1), got {confidence}")
+    if int(resamples) != resamples or resamples < 1:
+        raise ValueError(f"gate: resamples must be a positive integer, got {resamples}")
+    if not (rel_tolerance >= 0 and abs_tolerance >= 0):
+        raise ValueError(f"gate: rel_tolerance and abs_tolerance must be >= 0, got {rel_tolerance} and {abs_tolerance}")
+
+
 def gate(
     candidate: Mapping[str, Sequence[float]],
     current: Mapping[str, Sequence[float]],
@@ -106,10 +116,7 @@ def gate(
     """
     if set(candidate) != set(current) or not candidate:
         raise ValueError(f"gate needs the same robots on both sides, got {sorted(candidate)} vs {sorted(current)}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"gate: confidence must be in (0, 1), got {confidence}")
-    if int(resamples) != resamples or resamples < 1:
-        raise ValueError(f"gate: resamples must be a positive integer, got {resamples}")
+    check_gate_settings(confidence=confidence, rel_tolerance=rel_tolerance, abs_tolerance=abs_tolerance, resamples=resamples)
     robots = sorted(candidate)
     data = {r: _returns(r, candidate[r], current[r]) for r in robots}
 

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
-from fleet.pipeline.gate import gate
+from fleet.pipeline.gate import check_gate_settings, gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.pipeline.training import Training, TrainingPlacement
+from fleet.run_folders import FLYWHEEL_RUN, other_app_run
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
@@ -66,8 +68,14 @@ class LoopSettings:
     def from_cfg(cls, cfg: DictConfig) -> LoopSettings:
         loop = OmegaConf.to_container(cfg.loop, resolve=True)
         loop["conditions"] = tuple(loop["conditions"])
-        if loop["iterations"] < 1 or loop["num_robots"] < 1:
-            raise ValueError("loop.iterations and loop.num_robots must be >= 1")
+        at_least = {"iterations": 1, "num_robots": 1, "episodes_per_robot": 1, "episode_steps": 1, "canary_episodes": 1,
+                    "eval_episodes": 2, "calibration_episodes": 1, "wm_rollouts": 1, "train_env_steps": 1}  # fmt: skip
+        for key, low in at_least.items():
+            if loop[key] < low:
+                raise ValueError(f"loop.{key} must be >= {low}, got {loop[key]}" + (" (the gate compares paired episodes)" if key == "eval_episodes" else ""))
+        if not 0.0 <= loop["canary_fraction"] <= 1.0 or loop["synthetic_action_noise"] < 0:
+            raise ValueError(f"loop.canary_fraction must be in [0, 1] and loop.synthetic_action_noise >= 0, got {loop['canary_fraction']} and {loop['synthetic_action_noise']}")
+        check_gate_settings(**loop["gate"])
         if loop["body_context"] and loop["noise_free_training_worlds"]:
             raise ValueError(
                 "loop.body_context with loop.noise_free_training_worlds: the training worlds' noise-free sensors would tell the policy "
@@ -84,6 +92,76 @@ class LoopSettings:
         return max(1, int(round(self.canary_fraction * self.num_robots))) if self.num_robots > 1 else 0
 
 
+RUN_FILE = FLYWHEEL_RUN  # the settings a run was started with: a rerun in its run_dir must have them
+RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed run may go on longer and with more robots
+RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
+
+
+def run_settings(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run's settings (flat keys, but ``RESUMABLE``), for ``RUN_FILE``; ValueError (saying what to do) for a
+    ``run_dir`` that holds another app's run, or a flywheel run started with other settings. A run's store, models
+    and learner come from its settings: resuming it with others would mix two experiments, or fail iterations later."""
+    if (other := other_app_run(run_dir, "flywheel")) is not None:
+        raise ValueError(other)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    now = {k: v for k, v in _flat({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
+    path = run_dir / RUN_FILE
+    if path.exists():
+        try:
+            then = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}): restore it, or set a new run_dir") from None
+        differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        if differ:
+            shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+            raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")
+    return now
+
+
+def record_run_settings(run_dir: Path, settings: dict) -> None:
+    """Write ``RUN_FILE`` as a run starts (kept when it is there: the settings of the run's first start)."""
+    if not (run_dir / RUN_FILE).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_durably(run_dir / RUN_FILE, json.dumps(settings, indent=1, sort_keys=True).encode())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Built:
+    """The configs the loop instantiates from the Hydra config, once (a bad value stops it before anything runs)."""
+
+    ensemble: object
+    wm_train: object
+    rollout: object
+    proposals: object
+    calibration: object
+    trainer: object
+    algorithm: object
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> _Built:
+        nodes = {
+            "ensemble": "worldmodel.ensemble", "wm_train": "worldmodel.train", "rollout": "worldmodel.rollout", "proposals": "scenarios.proposals",
+            "calibration": "scenarios.calibration", "trainer": "policy.trainer", "algorithm": "policy.algorithm",
+        }  # fmt: skip
+        built = {}
+        for name, key in nodes.items():
+            try:
+                built[name] = instantiate(OmegaConf.select(cfg, key))
+            except InstantiationException as exc:  # the value the config's own class refuses, named by its key
+                raise ValueError(f"{key}: {exc.__cause__ or exc}") from None
+        return cls(**built)
+
+
 class Flywheel:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -98,10 +176,14 @@ class Flywheel:
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
         self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
+        self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
+        self.run_settings = run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
+        if not self.state_path.exists():  # a new run records its settings (one of an earlier build has none: it is not checked)
+            record_run_settings(self.run_dir, self.run_settings)
         with Services(self.cfg, self.run_dir, sorted(self.specs)) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
@@ -183,7 +265,7 @@ class Flywheel:
 
         with self.progress.task(f"iteration {k}: world model"):
             model, wm_report, wm_version = self.training.world_model(
-                real, sim, self.run_dir / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), cfg.worldmodel.train.device
+                real, sim, self.run_dir / "worldmodel", self.built.ensemble, self.built.wm_train, cfg.worldmodel.train.device
             )
             record["world_model"] = {
                 "version": wm_version, "val_mse": wm_report.elite_val_mse, "steps": wm_report.steps, "train_transitions": wm_report.train_transitions
@@ -196,18 +278,18 @@ class Flywheel:
         explorer, explorer_version = self._explorer_factory(learner, k), (f"candidate-{learner['iteration']}" if learner else "none")
         with self.progress.task(f"iteration {k}: scenarios (MuJoCo on Ray) + world-model rollouts"):
             scen_eps, counts = steps.generate_scenarios(
-                real, profiles, model, explorer, instantiate(cfg.scenarios.proposals), map_fn=svc.ray_map,
+                real, profiles, model, explorer, self.built.proposals, map_fn=svc.ray_map,
                 chunk_size=int(cfg.scenarios.fanout.chunk_size), policy_version=explorer_version,
             )
-            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, instantiate(cfg.worldmodel.rollout), explorer_version, seen)
+            wm_eps = steps.model_rollouts(model, real, explorer(), s.wm_rollouts, self.built.rollout, explorer_version, seen)
             stored = svc.store_synthetic(scen_eps + wm_eps)
         record["scenarios"] = {"proposed": counts, "sim_episodes": len(scen_eps), "worldmodel_episodes": len(wm_eps), "stored": stored}
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
 
         with self.progress.task(f"iteration {k}: train policy ({cfg.policy.trainer.algorithm})"):
-            trainer_cfg = dataclasses.replace(instantiate(cfg.policy.trainer), robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
+            trainer_cfg = dataclasses.replace(self.built.trainer, robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
             steps_before = self.state.get("learner_env_steps", 0)  # the learner carries over: its steps count on
-            algo_cfg = instantiate(cfg.policy.algorithm)
+            algo_cfg = self.built.algorithm
             if s.body_context:  # one policy for every body, told apart by each robot's calibrated body features
                 algo_cfg = steps.body_conditioned(algo_cfg)
             worlds = profiles
@@ -269,7 +351,7 @@ class Flywheel:
         snapshot_id, raw_real, sim = svc.read_data(s.robot_model)
         record["snapshot"] = snapshot_id
         svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
-        cal_cfg = instantiate(self.cfg.scenarios.calibration)
+        cal_cfg = self.built.calibration
         starts = self.state["calibrated_profiles"]  # each robot's search begins at its previous calibration
         calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map, starts=starts)
         self.state["calibrated_profiles"] = {r: c.profile.to_dict() for r, c in calibrations.items()}

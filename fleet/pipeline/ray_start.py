@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def start_ray(cfg: DictConfig) -> bool:
             "upload to the fleet server it starts; run flywheel on a host of the cluster's network with ray.address=HOST:PORT of the "
             "head (or auto on a node) and ray.node_ip_address=<this host's address there>"
         )
+    check_ray_settings(cfg)
     use_token_auth(cfg.auth, cfg.auth_token_file)
     kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False, "_node_ip_address": cfg.node_ip_address}
     if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
@@ -99,7 +101,30 @@ def use_token_auth(mode: str, token_file: str | None) -> None:
 
 
 class RayJoinError(RuntimeError):
-    """This process could not join the configured Ray cluster; the message says what to check."""
+    """This process could not join the configured Ray cluster (or start its own); the message says what to check."""
+
+
+def check_ray_settings(cfg: DictConfig) -> None:
+    """What would make ``ray.init`` wait forever, refused at once: a local Ray without CPUs, an address this host
+    does not have, a HOST:PORT head that nothing listens on (Ray retries that for minutes)."""
+    if not cfg.address and cfg.num_cpus is not None and cfg.num_cpus < 1:
+        raise RayJoinError(f"ray.num_cpus={cfg.num_cpus}: the local Ray needs at least 1 CPU for the robots and tasks (null: all of this machine's)")
+    if cfg.node_ip_address:
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in cfg.node_ip_address else socket.AF_INET) as probe:
+                probe.bind((cfg.node_ip_address, 0))
+        except OSError as exc:
+            raise RayJoinError(f"ray.node_ip_address={cfg.node_ip_address} is not an address of this machine ({exc.strerror}): give one it has") from None
+    host, _, port = str(cfg.address or "").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise RayJoinError(
+                f"could not join the Ray cluster at {cfg.address}: nothing answers there ({exc.strerror or exc}); is its head running "
+                f"(`ray start --head --port {port}` on {host}; `ray status --address {cfg.address}`)?"
+            ) from None
 
 
 def join_error(cfg: DictConfig, exc: Exception) -> RayJoinError:

@@ -49,7 +49,10 @@ class Principal:
 
 def _parse(path: Path) -> dict[str, Principal]:
     text = path.read_text()
-    raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text or "{}")
+    try:
+        raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text or "{}")
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"token file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} ({str(exc).splitlines()[0]}); fix it, or recreate it with `python -m fleet.server.auth --tokens {path} add ...`") from None
     if not isinstance(raw, dict):
         raise ValueError(f"token file {path} must map sha256(token) -> {{role, robot_id}}")
     out = {}

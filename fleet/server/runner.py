@@ -41,7 +41,7 @@ def _bind(config: ServerConfig) -> socket.socket:
         sock.bind((config.host, config.port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port} ({exc.strerror}); pick another server.port") from None
+        raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port} ({exc.strerror}); set fleet.server.port (or fleet.server.host) to a free port of an address this machine has") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -1,0 +1,42 @@
+"""What the apps print when a user's setting or Ctrl-C stops them: one line, no traceback.
+
+    with one_line_errors("flywheel-server", (OSError, ValueError)):
+        ...
+
+A listed error becomes ``<app>: <its message>`` and exit status 1 (the messages say what to do); Ctrl-C
+becomes ``<app>: interrupted`` plus ``on_interrupt`` (how to go on) and exit status 130, as a shell
+reports a SIGINT. Anything else keeps its traceback: that is a bug to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from sim.robots.registry import RobotPluginError, UnknownRobotError
+
+ROBOT_ERRORS = (RobotPluginError, UnknownRobotError)  # robot_modules and robot names, in every app that takes them
+
+
+@contextlib.contextmanager
+def one_line_errors(app: str, errors: tuple[type[BaseException], ...] = (), on_interrupt: str = "") -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{app}: interrupted{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (*errors, *ROBOT_ERRORS) as exc:
+        raise SystemExit(f"{app}: {exc}") from None
+
+
+def multirun_run_dir_error(run_dir: str) -> str | None:
+    """Why a ``--multirun`` job cannot use ``run_dir`` (every job would share one folder), or None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN and Path(run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
+        return f"run_dir={run_dir} in a --multirun would give every job the same folder: leave run_dir unset (each job gets <hydra.sweep.dir>/<job number>)"
+    return None
