@@ -309,3 +309,13 @@ def test_the_wheel_ships_the_configs(tmp_path):
     want = {f"fleet/conf/{p.relative_to(CONF)}" for p in CONF.rglob("*.yaml")}
     assert want and want <= shipped
     assert "fleet/conf/schema_flywheel.py" in shipped
+
+
+def test_a_run_dir_that_cannot_be_a_folder_stops_the_app_in_one_line(tmp_path):
+    from fleet.apps.errors import check_run_dir_argument
+
+    (tmp_path / "afile").write_text("")
+    for bad in ("afile", "afile/sub"):
+        with pytest.raises(SystemExit, match=f"flywheel: run_dir={tmp_path / bad}: {tmp_path / 'afile'} is a file, not a folder"):
+            check_run_dir_argument("flywheel", ["seed=1", f"run_dir={tmp_path / bad}"])
+    check_run_dir_argument("flywheel", [f"run_dir={tmp_path / 'new' / 'run'}"])  # a folder to create: fine

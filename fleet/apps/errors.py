@@ -40,3 +40,16 @@ def multirun_run_dir_error(run_dir: str) -> str | None:
     if hydra.mode == RunMode.MULTIRUN and Path(run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
         return f"run_dir={run_dir} in a --multirun would give every job the same folder: leave run_dir unset (each job gets <hydra.sweep.dir>/<job number>)"
     return None
+
+
+def check_run_dir_argument(app: str, argv: list[str]) -> None:
+    """A ``run_dir=`` on the command line that cannot be a run folder (a file, not writable) stops ``app`` with one
+    line before Hydra starts (Hydra's own mkdir would fail with a traceback)."""
+    from fleet.conf import check_run_dir
+
+    for arg in argv:
+        if arg.startswith("run_dir="):
+            try:
+                check_run_dir(Path(arg.removeprefix("run_dir=")))
+            except ValueError as exc:
+                raise SystemExit(f"{app}: {exc}") from None

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import multirun_run_dir_error, one_line_errors
+from fleet.apps.errors import check_run_dir_argument, multirun_run_dir_error, one_line_errors
 from fleet.conf.schema_tools import check
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
@@ -32,6 +32,7 @@ def main() -> None:
         raise SystemExit(interop_main(sys.argv[1:]))
     import fleet.conf.schema_flywheel  # noqa: F401  (registers the config's schema, which flywheel.yaml names)
 
+    check_run_dir_argument("flywheel", sys.argv[1:])
     run_flywheel()
 
 

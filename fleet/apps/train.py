@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import multirun_run_dir_error, one_line_errors
+from fleet.apps.errors import check_run_dir_argument, multirun_run_dir_error, one_line_errors
 from fleet.conf.schema_tools import check
 
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -28,6 +29,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 def main() -> None:
     import fleet.conf.schema_flywheel  # noqa: F401  (registers the config's schema, which train.yaml names)
 
+    check_run_dir_argument("flywheel-train", sys.argv[1:])
     run_train()
 
 

@@ -11,6 +11,7 @@ registers the schemas in Hydra's ConfigStore; the YAML's ``defaults`` name them 
         cfg = compose("flywheel", overrides=["loop.iterations=1"])
 """
 
+import os
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent)
@@ -22,7 +23,21 @@ def _run_folder(default: str, *, _root_) -> str:
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(_root_, resolve=False).get("run_dir")
-    return default if raw is None or str(raw).startswith("${") else str(raw)
+    if raw is None or str(raw).startswith("${"):
+        return default
+    check_run_dir(Path(str(raw)))
+    return str(raw)
+
+
+def check_run_dir(path: Path) -> None:
+    """A run_dir the app can create and write, or a ValueError that says why not (before Hydra's own mkdir fails)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"run_dir={path}: {folder} is a file, not a folder; set run_dir to a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"run_dir={path}: {folder} is not writable; set run_dir to a folder you can write")
+            return
 
 
 def _register() -> None:
