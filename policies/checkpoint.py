@@ -69,7 +69,7 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         )
     blob = paths[0].read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-        raise CheckpointError(f"{paths[0]} does not match the sha256 in {META_FILE}: the checkpoint is corrupted or mixed")
+        raise CheckpointError(f"{paths[0]} does not match the sha256 in {META_FILE}: the checkpoint is corrupted or mixed; restore the folder from a backup, or train anew in a new folder")
     return dict(load_safetensors_bytes(blob)), meta
 
 

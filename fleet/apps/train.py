@@ -41,6 +41,7 @@ def run_train(cfg: DictConfig) -> None:
     from fleet.pipeline.ray_start import RayJoinError, start_ray
     from fleet.tracking import POLICY_STEPS, Tracker, run_files_line
     from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
+    from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
     from sim.robots import get_task
     from sim.robots.registry import use_robot_modules
@@ -63,7 +64,7 @@ def run_train(cfg: DictConfig) -> None:
     tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
-        with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError), on_interrupt=interrupted):  # the cluster, or what it cannot give
+        with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
             summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
         tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
         export = Path(summary["export"])

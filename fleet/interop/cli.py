@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         summary = run_export(args) if args.command == "export" else run_import(args)
-    except InteropError as exc:
+    except (InteropError, OSError) as exc:  # OSError: a path that is a file, exists, or cannot be written
         print(f"flywheel {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

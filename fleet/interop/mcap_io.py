@@ -16,6 +16,7 @@ metadata record ``flywheel.export`` holds the dataset-level provenance (store, s
 from __future__ import annotations
 
 import json
+import struct
 from collections import defaultdict
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def import_mcap(path: str | Path) -> list[Episode]:
                     heads[body["episode_id"]] = body
                 elif "array" in channel.metadata:
                     rows[body["episode_id"]][channel.metadata["array"]][body["step"]] = body
-    except (McapError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (McapError, ValueError, KeyError, struct.error, EOFError) as exc:  # struct.error, EOFError: a file too short for a record
         raise InteropError(f"{path} is not a readable flywheel MCAP file ({exc.__class__.__name__}: {exc}); re-export it with `flywheel export --format mcap`") from None
     if not heads:
         raise InteropError(

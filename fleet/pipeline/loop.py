@@ -168,7 +168,10 @@ class Flywheel:
         self.settings = LoopSettings.from_cfg(cfg)
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
+        try:
+            self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
+        except ValueError as exc:
+            raise ValueError(f"{self.state_path} is not valid JSON ({exc}): restore it from a backup, or set a new run_dir") from None
         self.state.setdefault("learner", None)
         self.state.setdefault("real_steps", {})
         self.state.setdefault("calibrated_profiles", {})  # robot id -> its last calibrated profile (dict)
