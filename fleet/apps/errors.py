@@ -11,6 +11,7 @@ reports a SIGINT. Anything else keeps its traceback: that is a bug to report.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,3 +54,17 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
                 check_run_dir(Path(arg.removeprefix("run_dir=")))
             except ValueError as exc:
                 raise SystemExit(f"{app}: {exc}") from None
+
+
+def start_app(app: str, cfg) -> None:
+    """What the apps with a run folder (`flywheel`, `flywheel-train`) do first: keys no code reads refused, the
+    fleet's logs at WARNING, a --multirun's run_dir checked, the user's robot modules imported; faults in one line."""
+    from fleet.conf.schema_tools import check
+    from sim.robots.registry import use_robot_modules
+
+    check(cfg)
+    logging.getLogger("fleet").setLevel(logging.WARNING)
+    if error := multirun_run_dir_error(cfg.run_dir):
+        raise SystemExit(f"{app}: {error}")
+    with one_line_errors(app):
+        use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker

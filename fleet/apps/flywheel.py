@@ -5,7 +5,6 @@ docs/interop.md) before Hydra sees the command line."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,8 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import check_run_dir_argument, multirun_run_dir_error, one_line_errors
-from fleet.conf.schema_tools import check
+from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
 
@@ -43,15 +41,10 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.report import summary_table
     from fleet.store.backend import StoreUnreachableError
     from fleet.tracking import run_files_line
-    from sim.robots.registry import use_robot_modules
 
-    check(cfg)
-    logging.getLogger("fleet").setLevel(logging.WARNING)
+    start_app("flywheel", cfg)
     console = Console()
     with one_line_errors("flywheel", (ValueError,)):  # the settings (and the robot), checked before anything runs: what is wrong, no traceback
-        if error := multirun_run_dir_error(cfg.run_dir):
-            raise ValueError(error)
-        use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
     with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
         summary = flywheel.run()  # the cluster or the store fail at the start: what to check

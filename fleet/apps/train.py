@@ -9,7 +9,6 @@ and exports it for robots.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import check_run_dir_argument, multirun_run_dir_error, one_line_errors
-from fleet.conf.schema_tools import check
+from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -44,15 +42,10 @@ def run_train(cfg: DictConfig) -> None:
     from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
     from sim.robots import get_task
-    from sim.robots.registry import use_robot_modules
 
-    check(cfg)
-    logging.getLogger("fleet").setLevel(logging.WARNING)
+    start_app("flywheel-train", cfg)
     run_dir = Path(cfg.run_dir)
     with one_line_errors("flywheel-train", (TrainSettingsError,)):  # the settings, checked before anything runs: what is wrong, no traceback
-        if error := multirun_run_dir_error(cfg.run_dir):
-            raise TrainSettingsError(error)
-        use_robot_modules(cfg.robot_modules)
         job = TrainJob(**OmegaConf.to_container(cfg.train))
         try:
             trainer, algo_config = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
