@@ -1,13 +1,21 @@
-"""Which app's run a run folder holds: the file each app writes first (so `flywheel` and `flywheel-train` never
-continue, overwrite or mix into the other's run when given its run_dir)."""
+"""Run folders: which app's run a folder holds (the file each app writes first, so `flywheel` and `flywheel-train`
+never continue, overwrite or mix into the other's run when given its run_dir), the settings a flywheel run started
+with (a rerun in its folder must have them), and the run's JSON files read with what to do when one is damaged."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sim.durable import write_durably
 
 FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.py)
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py)
 MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
+RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
+RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
 
 
 def other_app_run(run_dir: Path, app: str) -> str | None:
@@ -16,3 +24,46 @@ def other_app_run(run_dir: Path, app: str) -> str | None:
         if owner != app and (Path(run_dir) / name).exists():
             return f"run_dir {run_dir} is a {owner} run ({name}): set a new run_dir"
     return None
+
+
+def read_run_file(path: Path) -> dict | None:
+    """A run folder's JSON file (None when absent); a ValueError that says what to do when it is damaged."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): restore it from a backup, or set a new run_dir") from None
+
+
+def flywheel_run_settings(cfg: DictConfig, run_dir: Path) -> dict:
+    """The flywheel run's settings (flat keys, but ``RESUMABLE``), for ``FLYWHEEL_RUN``; ValueError (saying what to do)
+    for a ``run_dir`` that holds another app's run, or a flywheel run started with other settings. A run's store,
+    models and learner come from its settings: resuming it with others would mix two experiments, or fail later."""
+    if (other := other_app_run(run_dir, "flywheel")) is not None:
+        raise ValueError(other)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    now = {k: v for k, v in _flat({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
+    then = read_run_file(run_dir / FLYWHEEL_RUN)
+    differ = [] if then is None else [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")
+    return now
+
+
+def record_run_settings(run_dir: Path, settings: dict) -> None:
+    """Write ``FLYWHEEL_RUN`` as a run starts (kept when it is there: the settings of the run's first start)."""
+    if not (run_dir / FLYWHEEL_RUN).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_durably(run_dir / FLYWHEEL_RUN, json.dumps(settings, indent=1, sort_keys=True).encode())
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

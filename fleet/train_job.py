@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fleet.pipeline.simfleet import condition_profiles
-from fleet.run_folders import TRAIN_JOB, other_app_run
+from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, make_algorithm
@@ -96,9 +96,9 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
         raise OtherSettingsError(other)
     saved = run_dir / JOB_FILE
     try:
-        then = json.loads(saved.read_text()) if saved.exists() else None
+        then = read_run_file(saved)
     except ValueError as exc:
-        raise OtherSettingsError(f"{saved} is not valid JSON ({exc}): restore it, or set a new run_dir") from None
+        raise OtherSettingsError(str(exc)) from None
     if then is not None and then != (now := _job_record(job)):
         differ = ", ".join(f"train.{k}={then.get(k)}" for k in now if then.get(k) != now[k])
         raise OtherSettingsError(f"{run_dir} holds a run with {differ}: rerun with those settings to continue it, or set a new run_dir")

@@ -159,7 +159,8 @@ def test_the_loop_refuses_a_bad_value_before_anything_runs(override, reason, tmp
 def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
     """A run's store, models and learner come from its settings: a rerun with others (but more iterations or robots)
     is refused, and so is another app's run folder, both ways."""
-    from fleet.pipeline.loop import Flywheel, record_run_settings
+    from fleet.pipeline.loop import Flywheel
+    from fleet.run_folders import record_run_settings
     from fleet.train_job import OtherSettingsError, TrainJob, preflight
     from policies.sac import SACConfig
     from policies.trainer import TrainerConfig

@@ -28,7 +28,7 @@ from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
 from fleet.pipeline.training import Training, TrainingPlacement
-from fleet.run_folders import FLYWHEEL_RUN, other_app_run
+from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_settings
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
@@ -92,49 +92,6 @@ class LoopSettings:
         return max(1, int(round(self.canary_fraction * self.num_robots))) if self.num_robots > 1 else 0
 
 
-RUN_FILE = FLYWHEEL_RUN  # the settings a run was started with: a rerun in its run_dir must have them
-RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed run may go on longer and with more robots
-RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
-
-
-def run_settings(cfg: DictConfig, run_dir: Path) -> dict:
-    """The run's settings (flat keys, but ``RESUMABLE``), for ``RUN_FILE``; ValueError (saying what to do) for a
-    ``run_dir`` that holds another app's run, or a flywheel run started with other settings. A run's store, models
-    and learner come from its settings: resuming it with others would mix two experiments, or fail iterations later."""
-    if (other := other_app_run(run_dir, "flywheel")) is not None:
-        raise ValueError(other)
-    container = OmegaConf.to_container(cfg, resolve=True)
-    now = {k: v for k, v in _flat({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
-    path = run_dir / RUN_FILE
-    if path.exists():
-        try:
-            then = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path} is not valid JSON ({exc}): restore it, or set a new run_dir") from None
-        differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
-        if differ:
-            shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
-            raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")
-    return now
-
-
-def record_run_settings(run_dir: Path, settings: dict) -> None:
-    """Write ``RUN_FILE`` as a run starts (kept when it is there: the settings of the run's first start)."""
-    if not (run_dir / RUN_FILE).exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_durably(run_dir / RUN_FILE, json.dumps(settings, indent=1, sort_keys=True).encode())
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class _Built:
     """The configs the loop instantiates from the Hydra config, once (a bad value stops it before anything runs)."""
@@ -168,10 +125,7 @@ class Flywheel:
         self.settings = LoopSettings.from_cfg(cfg)
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
-        try:
-            self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"next_iteration": 0, "current": None, "learner": None, "history": []}
-        except ValueError as exc:
-            raise ValueError(f"{self.state_path} is not valid JSON ({exc}): restore it from a backup, or set a new run_dir") from None
+        self.state = read_run_file(self.state_path) or {"next_iteration": 0, "current": None, "learner": None, "history": []}
         self.state.setdefault("learner", None)
         self.state.setdefault("real_steps", {})
         self.state.setdefault("calibrated_profiles", {})  # robot id -> its last calibrated profile (dict)
@@ -180,7 +134,7 @@ class Flywheel:
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
         self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
-        self.run_settings = run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
+        self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict:
