@@ -20,7 +20,7 @@ BAD_HTTP = {
 
 
 class JsonErrorsH11Protocol(H11Protocol):
-    head_timeout_s = 10.0  # runner.protocol_class sets the server's
+    head_timeout_s = 10.0  # protocol_class (below) gives each server its own
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
