@@ -15,7 +15,7 @@ from fleet.apps.errors import one_line_errors
 from fleet.conf.schema_tools import check
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
-from fleet.server.runner import run
+from fleet.server.runner import bind_socket, run
 from fleet.store.backend import StoreUnreachableError
 
 
@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> None:
     server, store = instantiate(cfg.fleet.server), instantiate(cfg.fleet.store)
     # the settings' faults (files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
-        TokenRegistry(server.token_file)  # checked before the registry and the store are created
+        TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
+        bind_socket(server).close()
         reg = cfg.fleet.registry
         registry = open_registry(reg.dir, reg.online_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
         run(server, store, policy_registry=registry)

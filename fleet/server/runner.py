@@ -32,7 +32,7 @@ from fleet.store.writer import EpisodeStore
 log = logging.getLogger(__name__)
 
 
-def _bind(config: ServerConfig) -> socket.socket:
+def bind_socket(config: ServerConfig) -> socket.socket:
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it every response waits ~40 ms for the client's delayed ACK (Nagle).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -91,7 +91,7 @@ def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | No
     policy_registry: a ``fleet.registry.store.PolicyRegistry`` whose endpoints to serve too.
     """
     routes = _with_registry(routes, policy_registry)
-    sock = _bind(server)
+    sock = bind_socket(server)
     url = url_of(sock)
 
     def ready():
@@ -125,7 +125,7 @@ def serve(
     server: ServerConfig, store_cfg: StoreConfig, timeout: float = 30.0, routes: RoutesFactory | None = None, policy_registry=None
 ) -> ServerHandle:
     """Start a server on a background thread; returns once it accepts connections (``routes``, ``policy_registry``: see :func:`run`)."""
-    sock = _bind(server)
+    sock = bind_socket(server)
     uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="flywheel-server", daemon=True)
     thread.start()
