@@ -21,7 +21,7 @@ from fleet.pipeline.simfleet import condition_profiles
 from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
-from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, make_algorithm
+from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, algo_config_class, make_algorithm
 from sim.durable import write_durably
 from sim.variation import VariationProfile
 from worldmodel.device import resolve_device
@@ -78,6 +78,11 @@ class TrainJob:
 
 def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, ray_address: str | None) -> None:
     """Refuse what cannot run, before anything starts (a :class:`TrainSettingsError` that says what to do)."""
+    if not isinstance(algo_config, kind := algo_config_class(trainer.algorithm)):
+        raise TrainSettingsError(
+            f"policy.trainer.algorithm={trainer.algorithm} needs a {kind.__name__} as policy.algorithm, got a {type(algo_config).__name__}: "
+            "choose the learner with policy=sac, ppo or mbpo (the base_* entries are their schemas)"
+        )
     if job.workers > 1 and trainer.algorithm == "mbpo":
         raise TrainSettingsError(
             "the model-based learner trains in one process (its world model and rollouts are not data-parallel): "

@@ -91,6 +91,15 @@ def make_spec(robot: str, algo_config) -> PolicySpec:
     return PolicySpec(task.obs_dim, task.act_dim, algo_config.hidden_sizes, algo_config.activation, algo_config.normalize_obs, context_dim=context_dim)
 
 
+def algo_config_class(algorithm: str) -> type:
+    """The config class of ``TrainerConfig.algorithm``'s learner."""
+    from policies.mbpo import MBPOConfig
+    from policies.ppo import PPOConfig
+    from policies.sac import SACConfig
+
+    return {"ppo": PPOConfig, "sac": SACConfig, "mbpo": MBPOConfig}[algorithm]
+
+
 def make_algorithm(
     config: TrainerConfig,
     algo_config,
@@ -104,12 +113,12 @@ def make_algorithm(
     ``context_of(episode)``: their bodies' features for a body-conditioned policy; ``device``
     overrides ``config.device``, which is resolved here: ``"auto"`` is cuda when torch sees one)."""
     device = resolve_device(config.device) if device is None else torch.device(device)
-    from policies.mbpo import MBPO, MBPOConfig
-    from policies.ppo import PPO, PPOConfig
-    from policies.sac import SAC, SACConfig
+    from policies.mbpo import MBPO
+    from policies.ppo import PPO
+    from policies.sac import SAC
 
     spec = make_spec(config.robot, algo_config)
-    kind = {"ppo": PPOConfig, "sac": SACConfig, "mbpo": MBPOConfig}[config.algorithm]
+    kind = algo_config_class(config.algorithm)
     if not isinstance(algo_config, kind):
         raise TypeError(f"algorithm {config.algorithm!r} needs a {kind.__name__}, got {type(algo_config).__name__}")
     if offline and config.algorithm != "sac":
