@@ -32,6 +32,10 @@ def run_files_line(mode: str, wandb_dir: str | None) -> str | None:
     return None
 
 
+class TrackerError(RuntimeError):
+    """W&B could not start the run (the message says what to do)."""
+
+
 class Tracker:
     def __init__(
         self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,
@@ -49,9 +53,16 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
-            self.wandb_run = wandb.init(
-                mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
-            )
+            try:
+                self.wandb_run = wandb.init(
+                    mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
+                )
+            except wandb.errors.Error as exc:  # online without a key, or W&B unreachable: what to do, not a traceback
+                self._jsonl.close()
+                raise TrackerError(
+                    f"wandb.mode={mode}: W&B refused to start ({str(exc).splitlines()[0]}); log in (`wandb login`, or WANDB_API_KEY), "
+                    "or run with wandb.mode=offline and `wandb sync` the run folder later"
+                ) from None
             self.online = mode == "online"
             self.wandb_run.define_metric(step_metric)
             self.wandb_run.define_metric(POLICY_STEPS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,11 @@ def test_a_learner_config_of_another_kind_is_refused_before_training(tmp_path):
     """`policy=base_sac` (a schema, listed by --help beside the learners) once failed inside training with a TypeError."""
     with pytest.raises(TrainSettingsError, match="needs a PPOConfig as policy.algorithm, got a SACConfig"):
         preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="ppo"), SACConfig(), tmp_path / "run", None)
+
+
+def test_w_and_b_online_without_a_key_says_what_to_do(tmp_path):
+    """wandb.init's own error was a traceback; in a fresh process (W&B keeps per-process state)."""
+    code = "from fleet.tracking import Tracker, TrackerError\ntry:\n    Tracker(__import__('pathlib').Path('run'), mode='online')\nexcept TrackerError as exc:\n    print(exc)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert "wandb.mode=online: W&B refused to start" in out.stdout and "wandb.mode=offline" in out.stdout, out.stdout + out.stderr

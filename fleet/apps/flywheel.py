@@ -40,14 +40,14 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.ray_start import RayJoinError
     from fleet.pipeline.report import summary_table
     from fleet.store.backend import StoreUnreachableError
-    from fleet.tracking import run_files_line
+    from fleet.tracking import TrackerError, run_files_line
 
     start_app("flywheel", cfg)
     console = Console()
     with one_line_errors("flywheel", (ValueError,)):  # the settings (and the robot), checked before anything runs: what is wrong, no traceback
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
-    with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
-        summary = flywheel.run()  # the cluster or the store fail at the start: what to check
+    with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
+        summary = flywheel.run()  # the cluster, the store or W&B fail at the start: what to check
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
     if line := run_files_line(cfg.wandb.mode, summary["wandb_dir"]):

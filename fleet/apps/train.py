@@ -37,7 +37,7 @@ def run_train(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
-    from fleet.tracking import POLICY_STEPS, Tracker, run_files_line
+    from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, run_files_line
     from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
     from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
@@ -54,7 +54,8 @@ def run_train(cfg: DictConfig) -> None:
         get_task(trainer.robot)
         preflight(job, trainer, algo_config, run_dir, cfg.ray.address)
     w = cfg.wandb
-    tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
+    with one_line_errors("flywheel-train", (TrackerError,)):
+        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
