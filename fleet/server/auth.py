@@ -70,12 +70,12 @@ def _parse(path: Path) -> dict[str, Principal]:
 
 
 class TokenRegistry:
-    """Hashed tokens from a file, re-read when the file changes (checked at most once a second). A file
+    """Hashed tokens from a file, re-read when the file changes (checked at most every ``reload_every_s``). A file
     that cannot be read or parsed then (half-written by an editor, deleted) leaves the last good tokens in
     force, with an error in the log, until it is fixed."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, reload_every_s: float = 1.0):
+        self.path, self.reload_every_s = Path(path), reload_every_s
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"token file {self.path} does not exist; create tokens with "
@@ -105,7 +105,7 @@ class TokenRegistry:
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
-        if now - self._checked < 1.0:
+        if now - self._checked < self.reload_every_s:
             return
         with self._lock:
             self._checked = now
