@@ -260,6 +260,9 @@ def test_key_ceremonies_with_flywheel_registry_and_a_server_that_checks_its_key(
     one = ["--root-key", str(keys / "root-1.pem")]
     assert main(["rotate", "--dir", str(reg), *one, "--online-key", str(keys / "online-2.pem")]) == 1  # 1 of 2
     assert "signed by 1/2" in capsys.readouterr().err
+    stranger = [*one, "--root-key", str(keys / "stranger.pem")]  # a key the root does not name: said so, not "signed by 1/2"
+    assert main(["rotate", "--dir", str(reg), *stranger, "--online-key", str(keys / "online-2.pem")]) == 1
+    assert "1 of the 2 root keys given" in (err := capsys.readouterr().err) and "are not keys of root v1" in err, err
     two = [*one, "--root-key", str(keys / "root-3.pem")]
     assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 0
     assert main(["show", "--dir", str(reg)]) == 0 and '"root_version": 2' in capsys.readouterr().out

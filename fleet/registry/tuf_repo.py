@@ -411,7 +411,14 @@ def rotate_keys(
     opens the registry with it (robots then forget the old timestamp and snapshot: fast-forward
     recovery)."""
     repo = TufRepository(directory, {Root.type: [*root_signers, *new_root_signers]}, expiry_s=expiry_s)
-    repo.require_root()
+    current = repo.require_root()
+    trusted = current.roles[Root.type].keyids
+    foreign = [s for s in root_signers if s.public_key.keyid not in trusted]
+    if foreign:  # python-tuf would only say "signed by 0/2": say which key is not the root's
+        raise ValueError(
+            f"{len(foreign)} of the {len(root_signers)} root keys given (keyid {foreign[0].public_key.keyid[:16]}...) are not keys of "
+            f"root v{current.version}, which names {len(trusted)} and needs {current.roles[Root.type].threshold} of them: sign with the root keys robots trust"
+        )
     with repo.edit_root() as root:
         if online_key is not None:
             for role in ONLINE_ROLES:
