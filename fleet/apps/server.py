@@ -26,10 +26,10 @@ def main(cfg: DictConfig) -> None:
     # the settings' faults (files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
-        bind_socket(server).close()
+        sock = bind_socket(server)
         reg = cfg.fleet.registry
         registry = open_registry(reg.dir, reg.online_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
-        run(server, store, policy_registry=registry)
+        run(server, store, policy_registry=registry, sock=sock)
 
 
 if __name__ == "__main__":

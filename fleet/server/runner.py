@@ -84,14 +84,15 @@ def _write_ready(path: str, url: str) -> None:
     os.replace(tmp, ready)
 
 
-def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | None = None, policy_registry=None) -> None:
+def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | None = None, policy_registry=None, sock: socket.socket | None = None) -> None:
     """Serve in the foreground until SIGINT/SIGTERM; queued uploads are committed before exit.
 
     routes: extra endpoints sharing the server's tokens (see :func:`fleet.server.app.create_app`);
-    policy_registry: a ``fleet.registry.store.PolicyRegistry`` whose endpoints to serve too.
+    policy_registry: a ``fleet.registry.store.PolicyRegistry`` whose endpoints to serve too;
+    sock: the listening socket, if the caller bound it already (:func:`bind_socket`).
     """
     routes = _with_registry(routes, policy_registry)
-    sock = bind_socket(server)
+    sock = sock if sock is not None else bind_socket(server)
     url = url_of(sock)
 
     def ready():
