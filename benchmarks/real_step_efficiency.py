@@ -8,7 +8,9 @@ Methods, all on the same robot, the same evaluation seeds and the same real-step
 * ``mbpo`` our model-based learner (:mod:`policies.mbpo`, ``conf/policy/mbpo.yaml``'s settings);
 * ``sac_ablation`` (not in the lines, printed): model-free SAC with the model-based learner's SAC
   settings (2x128, temperature from 0.1, 150 random steps, 1 update per real step), to show what
-  the settings alone give.
+  the settings alone give;
+* ``sac_float32`` (not in the lines, printed): ``sac`` with float32 gradient steps, where ``sac``'s
+  ``precision=auto`` takes mixed precision (bfloat16) on this machine, to show both learn the same.
 
 Every ``--eval-every`` real steps the deterministic policy runs ``--eval-episodes`` episodes
 (fixed seeds, :func:`policies.evaluate.evaluate`); a run's "real steps to threshold" is the
@@ -66,11 +68,12 @@ def run_ours(method: str, robot: str, budget: int, seed: int, eval_every: int, e
     """Our SAC or model-based learner on one world; evaluated every ``eval_every`` real steps."""
     from policies.trainer import Trainer, TrainerConfig, make_algorithm
 
-    if method == "sac":
+    if method in ("sac", "sac_float32"):
         from policies.sac import SACConfig
 
         config = TrainerConfig(robot=robot, algorithm="sac", num_worlds=1, total_env_steps=budget, seed=seed, log_every=0)
-        algo_config = SACConfig(hidden_sizes=(256, 256), learning_starts=100, utd_ratio=1.0, batch_size=256)
+        precision = "float32" if method == "sac_float32" else "auto"
+        algo_config = SACConfig(hidden_sizes=(256, 256), learning_starts=100, utd_ratio=1.0, batch_size=256, precision=precision)
     elif method == "sac_ablation":
         from policies.mbpo import MBPOConfig
 
@@ -128,7 +131,7 @@ def steps_to(curve: list[tuple[int, float]], threshold: float, budget: int) -> i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--robot", default="pendulum", choices=sorted(DEFAULTS))
-    parser.add_argument("--methods", nargs="+", default=["sac", "sb3", "mbpo"], choices=["sac", "sb3", "mbpo", "sac_ablation"])
+    parser.add_argument("--methods", nargs="+", default=["sac", "sb3", "mbpo"], choices=["sac", "sb3", "mbpo", "sac_ablation", "sac_float32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=None, help="real steps per run (default: per robot)")
     parser.add_argument("--eval-every", type=int, default=None)
@@ -156,9 +159,9 @@ def main() -> None:
             path.write_text(json.dumps({"method": method, "seed": seed, "curve": curve, "wall_s": time.perf_counter() - start}))
     if args.runs_only:
         return
-    runs = {m: [json.loads(p.read_text()) for p in sorted(CACHE.glob(f"{tag}_{m}_s*.json")) if json.loads(p.read_text())["seed"] in args.seeds] for m in ("sac", "sb3", "mbpo", "sac_ablation")}
-    ablation = runs.pop("sac_ablation")
-    for method, rs in [*runs.items(), ("sac_ablation", ablation)]:
+    runs = {m: [json.loads(p.read_text()) for p in sorted(CACHE.glob(f"{tag}_{m}_s*.json")) if json.loads(p.read_text())["seed"] in args.seeds] for m in ("sac", "sb3", "mbpo", "sac_ablation", "sac_float32")}
+    printed = {m: runs.pop(m) for m in ("sac_ablation", "sac_float32")}
+    for method, rs in [*runs.items(), *printed.items()]:
         for r in rs:
             t = steps_to(r["curve"], threshold, budget) if threshold is not None else None
             print(f"# {method} seed {r['seed']}: steps to {threshold}: {t}, final return {r['curve'][-1][1]:.1f}, wall {r['wall_s']:.0f} s", file=sys.stderr)

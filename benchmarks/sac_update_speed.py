@@ -5,7 +5,8 @@ steps alone (no env stepping): ours ``SAC.update`` (one fused critic + actor + t
 step, policies/sac.py), SB3's ``SAC.train(gradient_steps, batch_size)``. Batch 256, 2x256 and
 2x128 ReLU networks, one torch thread each (``--threads`` to change), median of 3 repeats.
 Lines: ``sac_update/<hidden>/gradient_steps_per_s`` value ours, baseline SB3, ratio ours/SB3
-(goal >= 2 at 2x256).
+(goal >= 2 at 2x256), ours with its default ``precision=auto`` (mixed-precision bfloat16 steps where
+they pay: SACConfig.precision, printed); ``sac_update/<hidden>/float32/...`` ours in float32, as SB3 runs.
 
 Run: `.venv/bin/python benchmarks/sac_update_speed.py [--steps 1000] [--threads 1] [--device auto]`
 """
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
-from policies.sac import SAC, SACConfig  # noqa: E402
+from policies.sac import SAC, SACConfig, matmul_dtype  # noqa: E402
 from policies.trainer import make_spec  # noqa: E402
 from policies.transition import VectorStep  # noqa: E402
 from worldmodel.device import resolve_device  # noqa: E402
@@ -39,8 +40,8 @@ def transitions(n: int, seed: int = 0) -> VectorStep:
     return VectorStep(obs, rng.uniform(-1, 1, (n, 1)).astype(np.float32), np.ones(n, np.float32), nxt, nxt, np.zeros(n, bool), np.zeros(n, bool))
 
 
-def ours(hidden: int, steps: int, device: str) -> float:
-    config = SACConfig(hidden_sizes=(hidden, hidden), batch_size=BATCH, learning_starts=0)
+def ours(hidden: int, steps: int, device: str, precision: str = "auto") -> float:
+    config = SACConfig(hidden_sizes=(hidden, hidden), batch_size=BATCH, learning_starts=0, precision=precision)
     sac = SAC(make_spec("pendulum", config), config, device=torch.device(device))
     sac.observe(transitions(10_000))
     sac.grad_debt = 50
@@ -91,9 +92,13 @@ def main() -> None:
     device = str(resolve_device(args.device))
     tag = "" if device == "cpu" else f"{device.split(':')[0]}/"
     for hidden in (256, 128):
-        a = statistics.median(ours(hidden, args.steps, device) for _ in range(args.repeats))
         b = statistics.median(sb3(hidden, args.steps, device) for _ in range(args.repeats))
-        emit(f"sac_update/{tag}2x{hidden}/gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
+        dtype = matmul_dtype("auto", torch.device(device), (hidden, hidden))
+        print(f"# 2x{hidden}: precision auto is {'bfloat16' if dtype else 'float32'} here", file=sys.stderr)
+        for precision in ("auto", "float32"):
+            a = statistics.median(ours(hidden, args.steps, device, precision) for _ in range(args.repeats))
+            name = "" if precision == "auto" else f"{precision}/"
+            emit(f"sac_update/{tag}2x{hidden}/{name}gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step
 
 @dataclasses.dataclass(frozen=True)
 class MBPOConfig:
-    sac: SACConfig = SACConfig(hidden_sizes=(128, 128), utd_ratio=10.0, learning_starts=150, init_alpha=0.1)
+    sac: SACConfig = SACConfig(hidden_sizes=(128, 128), utd_ratio=10.0, learning_starts=150, init_alpha=0.1, precision="float32")
     ensemble: EnsembleConfig = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=3)
     model_train: TrainConfig = TrainConfig(max_steps=3000, eval_every=100, patience=5, num_threads=None)  # device auto: the learner's (make_algorithm)
     retrain_steps: int = 600  # gradient steps of each later retraining (continues from the weights)

@@ -11,6 +11,7 @@ action ``tanh(mean(normalise(obs)))`` is what :mod:`policies.runtime` recomputes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -22,6 +23,15 @@ from policies.normalizer import ObsNormalizer
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu}  # policies.runtime mirrors this table
 LOG_2PI = math.log(2 * math.pi)
+
+
+def float32_head(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a mixed-precision gradient step (``torch.autocast``) runs the hidden layers in bfloat16, the
+    output layers run in float32 under this context: Q-values, action means and log-stds keep their full
+    precision (they cost one thin matmul each). A no-op outside autocast."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,11 +116,13 @@ class SquashedGaussianActor(nn.Module):
     def forward(self, obs_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs_n (B, D) normalised -> mean (B, A), log_std (B, A) of the pre-tanh Gaussian."""
         h = self.trunk(obs_n)
-        mean = self.mean(h)
-        if self.state_dependent_std:
-            log_std = self.log_std_head(h).clamp(*self.log_std_bounds)
-        else:
-            log_std = self.log_std.expand_as(mean)
+        with float32_head(h):
+            h = h.float()
+            mean = self.mean(h)
+            if self.state_dependent_std:
+                log_std = self.log_std_head(h).clamp(*self.log_std_bounds)
+            else:
+                log_std = self.log_std.expand_as(mean)
         return mean, log_std
 
     def deterministic(self, obs_n: torch.Tensor) -> torch.Tensor:
@@ -161,12 +173,17 @@ class TwinQ(nn.Module):
     def forward(self, obs_n: torch.Tensor, act: torch.Tensor, *, frozen: bool = False) -> torch.Tensor:
         """``frozen=True``: gradients flow to the inputs only, not to this network's parameters."""
         x = torch.cat([obs_n, act], -1).unsqueeze(0).expand(self.n, -1, -1)
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(b.detach(), x, w.detach()) if frozen else torch.baddbmm(b, x, w)
-            if i < last:
-                x = self.act(x)
-        return x.squeeze(-1)
+        layers = [(w.detach(), b.detach()) if frozen else (w, b) for w, b in zip(self.weights, self.biases)]
+        for w, b in layers[:-1]:
+            # bmm, then the bias added (in the matmul's dtype, bfloat16 under autocast): a CPU baddbmm
+            # first copies the broadcast bias into its output, slowly
+            x = torch.bmm(x, w)
+            x = self.act(x + b.to(x.dtype))
+        w, b = layers[-1]
+        with float32_head(x):
+            # (n, B, H) . (n, 1, H) -> (n, B): a product and a sum, where a (H, 1) matmul and its gradients
+            # would be matrix-vector calls an order of magnitude slower on a CPU
+            return (x.float() * w.mT).sum(-1) + b.squeeze(-1)
 
 
 class Policy(nn.Module):

@@ -76,6 +76,42 @@ def test_twin_q_members_are_independent_networks():
     assert not torch.equal(out[0], out[1])
 
 
+def test_twin_q_is_each_members_mlp_and_its_frozen_pass_gives_no_weight_gradients():
+    q = TwinQ(4, 1, (8, 8), "relu")
+    obs, act = torch.randn(5, 4), torch.randn(5, 1, requires_grad=True)
+    for i in range(2):
+        x = torch.cat([obs, act], -1)
+        for k, (w, b) in enumerate(zip(q.weights, q.biases)):
+            x = x @ w[i] + b[i]
+            x = torch.relu(x) if k < len(q.weights) - 1 else x
+        torch.testing.assert_close(q(obs, act)[i], x.squeeze(-1))
+    q(obs, act, frozen=True).sum().backward()
+    assert act.grad is not None and all(p.grad is None for p in q.parameters())
+
+
+def _one_sac_step(precision: str) -> tuple[SAC, dict[str, float]]:
+    spec = PolicySpec(4, 1, (64, 64), "relu", False)
+    sac = SAC(spec, SACConfig(hidden_sizes=(64, 64), learning_starts=0, batch_size=64, precision=precision), seed=3)
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((256, 4)).astype(np.float32)
+    sac.observe(VectorStep(obs, rng.uniform(-1, 1, (256, 1)).astype(np.float32), rng.standard_normal(256).astype(np.float32), obs, obs, np.zeros(256, bool), np.zeros(256, bool)))
+    sac.grad_debt = 1
+    return sac, sac.update()
+
+
+def test_bfloat16_precision_steps_like_float32_and_keeps_float32_weights():
+    """Mixed precision (SACConfig.precision): hidden matmuls in bfloat16, heads, losses and weights in float32."""
+    (ref, ref_metrics), (mixed, metrics) = _one_sac_step("float32"), _one_sac_step("bfloat16")
+    for key in ("train/critic_loss", "train/actor_loss", "train/q", "train/entropy"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=0.03, abs=0.02), key
+    assert all(p.dtype == torch.float32 for p in [*mixed.policy.parameters(), *mixed.critic.parameters()])
+    for a, b in zip(mixed._flat, ref._flat):  # the actor's and the critic's gradients point the same way
+        assert torch.nn.functional.cosine_similarity(a.grad, b.grad, dim=0) > 0.99
+    assert mixed.critic(torch.zeros(2, 4), torch.zeros(2, 1)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision 'float16'"):
+        SACConfig(precision="float16")
+
+
 def test_split_counts_follow_ratios_and_sum_to_batch():
     counts = split_counts({"real": 0.5, "sim": 0.3, "worldmodel": 0.2}, 256)
     assert sum(counts.values()) == 256

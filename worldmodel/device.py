@@ -43,6 +43,16 @@ def _no_cuda_reason() -> str:
     return "torch sees no CUDA device here (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run faster than float32 ones here: a CPU with AVX512-BF16 or AMX (about 2x
+    on one core). False on GPUs, where the learners' small networks are bound by kernel launches, not
+    arithmetic (an H100 ran SAC 2x256 slower in bfloat16: 192 vs 209 steps/s, docs/benchmarks.md)."""
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def set_cpu_threads(num_threads: int | None) -> None:
     """Set torch's intra-op CPU threads when a number is given (None leaves torch's default: one per core)."""
     if num_threads is not None:
