@@ -313,9 +313,20 @@ def loads_bounded(text: str | bytes, field: str):
     if len(brackets) and int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max()) > MAX_JSON_DEPTH:
         raise EpisodeValidationError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit, a repeated key
         raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique: a repeated key means what each reader decides (Python keeps the last,
+    others the first), so a document that says two things is refused."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {repeated[:40]!r} appears more than once in one object")
+    return out
 
 
 def validate_metadata(meta: Mapping[str, str]) -> None:

@@ -156,6 +156,17 @@ def test_the_loop_refuses_a_bad_value_before_anything_runs(override, reason, tmp
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_robots_episodes_stop_at_their_tasks_time_limit_as_the_gates_do(caplog):
+    """Reacher robots once ran the default 200-step episodes while the gate judged the task's 50: a candidate better on
+    50 steps was promoted and its telemetry could be worse."""
+    from fleet.pipeline.loop import LoopSettings
+
+    assert LoopSettings.from_cfg(_compose("flywheel", ["loop.robot_model=reacher"])).episode_steps == 50
+    assert "past reacher's time limit of 50" in caplog.text
+    assert LoopSettings.from_cfg(_compose("flywheel", ["loop.robot_model=reacher", "loop.episode_steps=30"])).episode_steps == 30
+    assert LoopSettings.from_cfg(_compose("flywheel")).episode_steps == 200  # the pendulum's limit is 1,000
+
+
 def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
     """A run's store, models and learner come from its settings: a rerun with others (but more iterations or robots)
     is refused, and so is another app's run folder, both ways."""

@@ -64,6 +64,7 @@ def test_1_1_with_only_schema_1_content_and_schema_1_records_stay_valid():
         ({"names": json.dumps({"reward": ["r"]})}, "names.reward", "2-D arrays"),
         ({"names": json.dumps({"qpos": ["a"]})}, "names.qpos", "does not have"),
         ({"names": "[" * 40 + "]" * 40}, "names", "nested deeper"),
+        ({"names": '{"observation": ["a", "b", "c"], "observation": ["d", "e", "f"]}'}, "names", "'observation' appears more than once"),
         ({"names": json.dumps({"observation": ["x" * 70000, "b", "c"]})}, "names", "longer than 65536 bytes"),
         ({"control_rate_hz": "fast"}, "control_rate_hz", "not a decimal number"),
         ({"control_rate_hz": "nan"}, "control_rate_hz", "not a decimal number"),

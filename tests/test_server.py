@@ -334,7 +334,7 @@ def test_a_refused_upload_never_fails_the_uploads_committed_beside_it(fleet):
 
 def test_unknown_routes_and_bad_queries_answer_in_the_documented_shape(fleet):
     client, operator = fleet["client"], auth(fleet["tok"]["operator"])
-    for method, path, status, error in (("GET", "/nope", 404, "not_found"), ("PUT", "/v1/episodes", 405, "method_not_allowed")):
+    for method, path, status, error in (("GET", "/nope", 404, "not_found"), ("GET", "/docs", 404, "not_found"), ("PUT", "/v1/episodes", 405, "method_not_allowed")):
         r = client.request(method, path, headers=operator)
         assert (r.status_code, r.json()["error"]) == (status, error) and r.json()["reason"] and "field" in r.json()
         assert status != 404 or r.headers["cache-control"] == "no-store"

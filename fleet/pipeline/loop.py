@@ -76,6 +76,13 @@ class LoopSettings:
         if not 0.0 <= loop["canary_fraction"] <= 1.0 or loop["synthetic_action_noise"] < 0:
             raise ValueError(f"loop.canary_fraction must be in [0, 1] and loop.synthetic_action_noise >= 0, got {loop['canary_fraction']} and {loop['synthetic_action_noise']}")
         check_gate_settings(**loop["gate"])
+        limit = get_task(loop["robot_model"]).max_steps  # the task's time limit, which the gate's evaluation episodes run to
+        if loop["episode_steps"] > limit:
+            log.warning(
+                "loop.episode_steps=%d is past %s's time limit of %d control steps: the robots run %d-step episodes, "
+                "as the gate evaluates them", loop["episode_steps"], loop["robot_model"], limit, limit,
+            )  # fmt: skip
+            loop["episode_steps"] = limit
         if loop["body_context"] and loop["noise_free_training_worlds"]:
             raise ValueError(
                 "loop.body_context with loop.noise_free_training_worlds: the training worlds' noise-free sensors would tell the policy "

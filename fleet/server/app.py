@@ -157,7 +157,8 @@ def create_app(
         finally:
             await run_in_threadpool(committer.close)
 
-    app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan)
+    # /openapi.json describes the protocol for clients; no Swagger or ReDoc pages (they load scripts from a CDN)
+    app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.metrics, app.state.committer, app.state.store = metrics, committer, store
 
     for router in routes(tokens) if routes is not None else ():
