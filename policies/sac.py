@@ -69,12 +69,10 @@ class SACConfig:
                 f"SAC config out of range: tau={self.tau}, gamma={self.gamma}, utd_ratio={self.utd_ratio}, batch_size={self.batch_size}, actor_obs_noise={self.actor_obs_noise}"
             )
         if self.precision not in PRECISIONS:
-            raise ValueError(f"SAC precision {self.precision!r} is not one of {sorted(PRECISIONS)}")
+            raise ValueError(f"SAC precision {self.precision!r} is not one of {list(PRECISIONS)}")
 
 
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "auto": None}
-
-
+PRECISIONS = ("auto", "float32", "bfloat16")
 AUTO_BFLOAT16_WIDTH = 256  # "auto" takes bfloat16 from this hidden width: the casts cost more than they save below it
 
 
@@ -85,7 +83,7 @@ def matmul_dtype(precision: str, device: torch.device, hidden_sizes: Sequence[in
     if precision == "auto":
         wide = max(hidden_sizes, default=0) >= AUTO_BFLOAT16_WIDTH
         return torch.bfloat16 if wide and fast_bfloat16(device) else None
-    return PRECISIONS[precision]
+    return torch.bfloat16 if precision == "bfloat16" else None
 
 
 class _SampleActor(nn.Module):

@@ -112,6 +112,17 @@ def test_bfloat16_precision_steps_like_float32_and_keeps_float32_weights():
         SACConfig(precision="float16")
 
 
+def test_auto_precision_takes_bfloat16_only_where_it_pays():
+    from policies.sac import matmul_dtype
+    from worldmodel.device import fast_bfloat16
+
+    cpu = torch.device("cpu")
+    assert matmul_dtype("auto", cpu, (256, 256)) == (torch.bfloat16 if fast_bfloat16(cpu) else None)
+    assert matmul_dtype("auto", cpu, (64, 64)) is None  # narrow layers: the casts cost more than they save
+    assert matmul_dtype("auto", torch.device("cuda"), (256, 256)) is None  # launch-bound on a GPU
+    assert (matmul_dtype("float32", cpu, (256, 256)), matmul_dtype("bfloat16", cpu, (64, 64))) == (None, torch.bfloat16)
+
+
 def test_split_counts_follow_ratios_and_sum_to_batch():
     counts = split_counts({"real": 0.5, "sim": 0.3, "worldmodel": 0.2}, 256)
     assert sum(counts.values()) == 256
