@@ -15,6 +15,9 @@ FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.p
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py)
 MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
 RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
+# settings of how a learner computes, not of what it learns (SACConfig.precision): a run resumes under another
+# value, and under a build that added the key (its record lacks it); both apps compare settings without them
+ARITHMETIC = ("precision",)
 RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
 
 
@@ -43,9 +46,9 @@ def flywheel_run_settings(cfg: DictConfig, run_dir: Path) -> dict:
     if (other := other_app_run(run_dir, "flywheel")) is not None:
         raise ValueError(other)
     container = OmegaConf.to_container(cfg, resolve=True)
-    now = {k: v for k, v in _flat({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
+    now = {k: v for k, v in flat_keys({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
     then = read_run_file(run_dir / FLYWHEEL_RUN)
-    differ = [] if then is None else [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    differ = [] if then is None else settings_differ(now, then)
     if differ:
         shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")
@@ -59,11 +62,17 @@ def record_run_settings(run_dir: Path, settings: dict) -> None:
         write_durably(run_dir / FLYWHEEL_RUN, json.dumps(settings, indent=1, sort_keys=True).encode())
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def settings_differ(now: dict, then: dict) -> list[str]:
+    """The flat keys (``a.b.c``) whose values differ between two settings trees, but ``ARITHMETIC`` ones."""
+    now, then = flat_keys(now), flat_keys(then)
+    return [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k.rsplit(".", 1)[-1] not in ARITHMETIC]
+
+
+def flat_keys(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
+            out |= flat_keys(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out

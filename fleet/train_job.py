@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from fleet.pipeline.simfleet import condition_profiles
-from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
+from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file, settings_differ
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.trainer import RESUMABLE_CHANGES, Trainer, TrainerConfig, algo_config_class, make_algorithm
@@ -143,14 +143,10 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
         trainer_then, algo_then = meta["trainer_config"], meta["algo_config"]
     except (OSError, ValueError, KeyError) as exc:
         raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc}): set a new run_dir") from None
-    differ = [f"trainer.{k}" for k in _differ(_plain(trainer), trainer_then) if k not in RESUMABLE_CHANGES]
-    differ += [f"algorithm.{k}" for k in _differ(_plain(algo_config), algo_then)]
+    differ = [f"trainer.{k}" for k in settings_differ(_plain(trainer), trainer_then) if k not in RESUMABLE_CHANGES]
+    differ += [f"algorithm.{k}" for k in settings_differ(_plain(algo_config), algo_then)]
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
-
-
-def _differ(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _plain(config) -> dict:

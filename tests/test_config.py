@@ -184,6 +184,10 @@ def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
         Flywheel(_compose("flywheel", ["loop.robot_model=reacher"]), run)
     with pytest.raises(ValueError, match="other settings: seed=0 \\(now 1\\)"):
         Flywheel(_compose("flywheel", ["seed=1"]), run)
+    Flywheel(_compose("flywheel", ["policy.algorithm.sac.precision=bfloat16"]), run)  # how it computes, not what it learns
+    settings = json.loads((run / "flywheel_run.json").read_text())
+    (run / "flywheel_run.json").write_text(json.dumps({k: v for k, v in settings.items() if not k.endswith(".precision")}))
+    Flywheel(_compose("flywheel"), run)  # a run recorded by a build without the key resumes
     with pytest.raises(OtherSettingsError, match="is a flywheel run"):
         preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(), run, None)
     trained = tmp_path / "trained"

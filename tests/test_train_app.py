@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.train_job import OtherSettingsError, TrainJob, TrainSettingsError, preflight, train_policy
+from fleet.train_job import OtherSettingsError, TrainJob, TrainSettingsError, check_resumable, preflight, train_policy
 from fleet.wandb_offline import offline_run
 from policies.export import policy_from_checkpoint
 from policies.runtime import load_policy
@@ -83,6 +83,20 @@ def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monke
     assert more["env_steps"] == 384 and min(logged[before:]) > 256  # continued from the first run's checkpoint
     with pytest.raises(OtherSettingsError, match="hidden_sizes"):
         train_policy(job, trainer, dataclasses.replace(algo, hidden_sizes=(8, 8)), run, print, start_ray=lambda: None)
+
+
+def test_a_checkpoint_continues_under_another_precision_and_from_a_build_without_the_key(tmp_path):
+    """SACConfig.precision is how the learner computes, not what it learns (fleet.run_folders.ARITHMETIC)."""
+    trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(hidden_sizes=(16, 16))
+    state = tmp_path / "state.json"
+    record = {"trainer_config": dataclasses.asdict(trainer), "algo_config": json.loads(json.dumps(dataclasses.asdict(algo)))}
+    state.write_text(json.dumps(record))
+    check_resumable(state, trainer, dataclasses.replace(algo, precision="bfloat16"))
+    del record["algo_config"]["precision"]
+    state.write_text(json.dumps(record))
+    check_resumable(state, trainer, algo)
+    with pytest.raises(OtherSettingsError, match=r"policy.algorithm.hidden_sizes\)"):
+        check_resumable(state, trainer, dataclasses.replace(algo, hidden_sizes=(8, 8)))
 
 
 def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
