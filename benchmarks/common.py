@@ -28,6 +28,21 @@ def median_rate(work: Callable[[], float], repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
+def interleaved_rates(works: dict[str, Callable[[], float]], repeats: int = 5) -> dict[str, float]:
+    """Median rate of each of ``works`` (as :func:`median_rate`), their runs taken in turn (a, b, a, b, ...) after one
+    untimed run of each: on a VM whose speed drifts by 10-30 % within a minute, a ratio of two rates measured one
+    after the other reads the drift; taken in turn, both see it alike."""
+    for work in works.values():
+        work()
+    rates: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            start = time.perf_counter()
+            units = work()
+            rates[name].append(units / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
 def current_build() -> str:
     """This checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files; ``unknown`` outside git."""
     root = Path(__file__).resolve().parents[1]

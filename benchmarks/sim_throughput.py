@@ -1,6 +1,8 @@
 """Physics steps/s per robot: (a) the raw mujoco.rollout limit on the same model and threads,
 (b) our batched stepper with a 2x256 MLP actor in the loop, recording episodes, (c) gymnasium's
 own single env. Ratios are to (a); one more line gives (b)/(c). Also peak RSS per 1,000 worlds.
+(a) and (b) run in turn, five timed runs each after one untimed run (the median of each): this VM's
+speed drifts within a minute, and measured one after the other the ratio read the drift.
 
 Run: `.venv/bin/python benchmarks/sim_throughput.py [--worlds 512] [--steps 60]`
 """
@@ -8,10 +10,12 @@ Run: `.venv/bin/python benchmarks/sim_throughput.py [--worlds 512] [--steps 60]`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import gymnasium as gym
 import mujoco
@@ -20,7 +24,7 @@ import torch
 from mujoco import rollout
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, median_rate  # noqa: E402
+from common import emit, interleaved_rates, median_rate  # noqa: E402
 
 from sim.batched import BatchedStepper  # noqa: E402
 from sim.robots import get_task, robot_names  # noqa: E402
@@ -36,8 +40,8 @@ def mlp_actor(obs_dim: int, act_dim: int) -> torch.nn.Module:
     return net.eval()
 
 
-def rollout_limit(robot: str, worlds: int, steps: int, nthread: int) -> float:
-    """Physics steps/s of one open-loop mujoco.rollout call over all worlds (pure C, persistent pool)."""
+def rollout_limit(robot: str, worlds: int, steps: int, nthread: int, stack: contextlib.ExitStack) -> Callable[[], int]:
+    """A run of one open-loop mujoco.rollout call over all worlds (pure C, persistent pool); returns physics steps."""
     task = get_task(robot)
     m = task.model
     datas = [mujoco.MjData(m) for _ in range(nthread)]
@@ -46,29 +50,30 @@ def rollout_limit(robot: str, worlds: int, steps: int, nthread: int) -> float:
     nstep = steps * task.frame_skip
     ctrl = np.random.default_rng(0).uniform(-0.5, 0.5, (worlds, nstep, m.nu)) * m.actuator_ctrlrange[:, 1]
     states = np.tile(state0, (worlds, 1))
-    with rollout.Rollout(nthread=nthread) as pool:
-        out_state = np.empty((worlds, nstep, state0.size))
-        out_sensor = np.empty((worlds, nstep, m.nsensordata))
+    pool = stack.enter_context(rollout.Rollout(nthread=nthread))
+    out_state = np.empty((worlds, nstep, state0.size))
+    out_sensor = np.empty((worlds, nstep, m.nsensordata))
 
-        def work():
-            pool.rollout([m] * worlds, datas, states, ctrl, state=out_state, sensordata=out_sensor)
-            return worlds * nstep
+    def work():
+        pool.rollout([m] * worlds, datas, states, ctrl, state=out_state, sensordata=out_sensor)
+        return worlds * nstep
 
-        return median_rate(work)
+    return work
 
 
-def batched_with_policy(robot: str, worlds: int, steps: int, nthread: int) -> float:
+def batched_with_policy(robot: str, worlds: int, steps: int, nthread: int, stack: contextlib.ExitStack) -> Callable[[], int]:
+    """A run of ``steps`` control steps of our stepper with a 2x256 MLP actor, recording; returns physics steps."""
     task = get_task(robot)
     actor = mlp_actor(task.obs_dim, task.act_dim)
-    with BatchedStepper(robot, worlds, nthread=nthread) as stepper:
-        stepper.reset(seed=0)
+    stepper = stack.enter_context(BatchedStepper(robot, worlds, nthread=nthread))
+    stepper.reset(seed=0)
 
-        def work():
-            before = stepper.stats["steps"]
-            stepper.run(actor, steps)
-            return (stepper.stats["steps"] - before) * task.frame_skip
+    def work():
+        before = stepper.stats["steps"]
+        stepper.run(actor, steps)
+        return (stepper.stats["steps"] - before) * task.frame_skip
 
-        return median_rate(work)
+    return work
 
 
 def gymnasium_single(robot: str, steps: int) -> float:
@@ -120,8 +125,12 @@ def main() -> None:
     nthread = os.cpu_count() or 1
     torch.set_num_threads(1)
     for robot in args.robots:
-        limit = rollout_limit(robot, args.worlds, args.steps, nthread)
-        ours = batched_with_policy(robot, args.worlds, args.steps, nthread)
+        with contextlib.ExitStack() as stack:  # (a) and (b) in turn, so that the VM's drift does not read as a ratio
+            rates = interleaved_rates({
+                "limit": rollout_limit(robot, args.worlds, args.steps, nthread, stack),
+                "ours": batched_with_policy(robot, args.worlds, args.steps, nthread, stack),
+            })  # fmt: skip
+        limit, ours = rates["limit"], rates["ours"]
         single = gymnasium_single(robot, 2000)
         emit(f"sim/{robot}/rollout_limit_steps_per_s", limit, "physics steps/s", limit, 1.0)
         emit(f"sim/{robot}/batched_mlp_steps_per_s", ours, "physics steps/s", limit, round(ours / limit, 3))
