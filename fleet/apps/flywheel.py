@@ -5,7 +5,6 @@ docs/interop.md) before Hydra sees the command line."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
+import fleet.apps.gl_backend  # noqa: F401  (first of the project's modules: MUJOCO_GL before anything imports mujoco)
 from fleet.apps.config_path import CONF_DIR
 from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering of evaluation videos (before mujoco is imported)
 
 
 INTEROP_COMMANDS = ("export", "import")

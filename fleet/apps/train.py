@@ -9,7 +9,6 @@ and exports it for robots.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+import fleet.apps.gl_backend  # noqa: F401  (first of the project's modules: MUJOCO_GL before anything imports mujoco)
 from fleet.apps.config_path import CONF_DIR
 from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
-
-os.environ.setdefault("MUJOCO_GL", "egl")
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Evaluation videos: one episode of a policy on a robot's profile, rendered offscreen.
 
-Needs a GL backend (MUJOCO_GL=egl or osmesa). Without one, a single clear warning and no
-video; the loop goes on.
+Needs a GL backend (MUJOCO_GL=egl or osmesa, set before MuJoCo is first imported: the apps do,
+fleet/apps/gl_backend.py). Without one, a single clear warning and no video; the loop goes on.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import mujoco
 import numpy as np
 
 from sim.gym_env import FlywheelEnv
@@ -16,17 +17,20 @@ from sim.policy_fn import as_conditioned_policy
 from sim.scenario import ScenarioSpec
 
 log = logging.getLogger(__name__)
-_warned = False
+_unavailable: str | None = None  # why rendering failed in this process: it is not tried again
 
 
 def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200) -> np.ndarray | None:
     """Frames (T, H, W, 3) uint8 of one episode, or None when no GL backend is available."""
-    global _warned
-    if os.environ.get("MUJOCO_GL") not in ("egl", "osmesa") and not os.environ.get("DISPLAY"):
-        # MuJoCo's default (GLFW) aborts the process without a display: never try it headless
-        if not _warned:
-            log.warning("evaluation videos are skipped: no display and MUJOCO_GL is not egl/osmesa (set MUJOCO_GL=egl)")
-            _warned = True
+    global _unavailable
+    # the backend MuJoCo loaded (MUJOCO_GL as it was at its first import), not the variable now: GLFW without a
+    # display fails its first context and aborts the process on its second
+    backend = getattr(getattr(mujoco, "GLContext", None), "__module__", None)
+    if _unavailable is None and backend is None:
+        _skip("MuJoCo's rendering is disabled in this process (MUJOCO_GL=disable)")
+    elif _unavailable is None and backend == "mujoco.glfw" and not os.environ.get("DISPLAY"):
+        _skip("no display, and MuJoCo loaded GLFW (set MUJOCO_GL=egl or osmesa before it is imported)")
+    if _unavailable is not None:
         return None
     act = as_conditioned_policy(policy)
     context = profile.context()[None]  # what a conditioned policy reads of this body
@@ -36,9 +40,7 @@ def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200
         try:
             frames = [env.render()]
         except RuntimeError as exc:
-            if not _warned:
-                log.warning("evaluation videos are skipped: %s", exc)
-                _warned = True
+            _skip(str(exc))
             return None
         done = False
         while not done:
@@ -48,3 +50,10 @@ def render_episode(policy, robot: str, profile, seed: int, max_frames: int = 200
         return np.stack(frames)
     finally:
         env.close()
+
+
+def _skip(reason: str) -> None:
+    """No videos in this process from now on, with one warning saying why."""
+    global _unavailable
+    _unavailable = reason
+    log.warning("evaluation videos are skipped: %s", reason)
