@@ -4,6 +4,7 @@ down and a robot restart, permanent refusals set aside, and the flywheel-robot a
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -271,23 +272,40 @@ def test_robot_side_imports_no_torch_ray_or_store():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_robot_app_says_what_it_did_not_upload_and_stops_on_ctrl_c(tmp_path):
-    """What it could not deliver is a non-zero exit with the reason (the episodes stay spooled); Ctrl-C, the way
-    episodes=0 ends, prints the status and one line, exit 130, no traceback."""
-    with socket.socket() as s:  # a server address nothing listens on
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    app = [sys.executable, "-m", "fleet.apps.robot", "robot.model=pendulum", "robot.max_steps=25", f"fleet.agent.server_url={url}",
-           f"hydra.run.dir={tmp_path / 'hydra'}", "drain_timeout_s=1"]  # fmt: skip
-    env = {**os.environ, "FLYWHEEL_ROBOT_TOKEN": "t"}
-    out = subprocess.run([*app, "episodes=1", f"fleet.agent.spool_dir={tmp_path / 'spool'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+def test_the_robot_app_says_what_it_did_not_upload(tmp_path):
+    """What it could not deliver is a non-zero exit with the reason (the episodes stay spooled)."""
+    out = subprocess.run([*_robot_app(tmp_path), "episodes=1", f"fleet.agent.spool_dir={tmp_path / 'spool'}"], cwd=REPO, env=_robot_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "1 episode(s) not uploaded within drain_timeout_s=1 s" in out.stderr and "Traceback" not in out.stderr, out.stderr
-    spool = tmp_path / "spool-2"
-    running = subprocess.Popen([*app, "episodes=0", f"fleet.agent.spool_dir={spool}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not any(spool.rglob("*.safetensors")) and time.monotonic() < deadline:  # episodes are being made
-        time.sleep(0.1)
-    running.send_signal(2)  # SIGINT
-    stdout, stderr = running.communicate(timeout=60)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_the_robot_app_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, sig):
+    """episodes=0 ends on Ctrl-C or a service manager's SIGTERM: the status and one line, exit 130, no traceback;
+    SIGINT too where the app inherited it ignored, as a shell's background job does."""
+    spool = tmp_path / "spool"
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    running = subprocess.Popen([*_robot_app(tmp_path), "episodes=0", f"fleet.agent.spool_dir={spool}"], cwd=REPO, env=_robot_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(spool.rglob("*.safetensors")) and time.monotonic() < deadline:  # episodes are being made
+            time.sleep(0.1)
+        running.send_signal(sig)
+        stdout, stderr = running.communicate(timeout=60)
+    finally:
+        running.kill()  # never left running, whatever failed
     assert running.returncode == 130 and "flywheel-robot: interrupted after" in stderr and "Traceback" not in stderr, stderr
     assert json.loads(stdout.strip().splitlines()[-1])["interrupted"] is True
+
+
+def _robot_app(tmp_path) -> list[str]:
+    """flywheel-robot against a server address nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    return [sys.executable, "-m", "fleet.apps.robot", "robot.model=pendulum", "robot.max_steps=25", f"fleet.agent.server_url={url}",
+            f"hydra.run.dir={tmp_path / 'hydra'}", "drain_timeout_s=1"]  # fmt: skip
+
+
+def _robot_env() -> dict[str, str]:
+    return {**os.environ, "FLYWHEEL_ROBOT_TOKEN": "t"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,18 @@ def one_line_errors(app: str, errors: tuple[type[BaseException], ...] = (), on_i
         raise SystemExit(130) from None
     except (*errors, *ROBOT_ERRORS) as exc:
         raise SystemExit(f"{app}: {exc}") from None
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (how service managers stop a process) and SIGINT both raise ``KeyboardInterrupt``, the app's one way
+    to stop cleanly: SIGINT even where the process inherited it ignored (a shell's background job starts so, and
+    Python then installs no Ctrl-C handler of its own)."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
 
 
 def multirun_run_dir_error(run_dir: str) -> str | None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import one_line_errors
+from fleet.apps.errors import one_line_errors, stop_on_signals
 from fleet.conf.schema_tools import check
 from sim.robots import get_task
 from sim.robots.registry import use_robot_modules
@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> None:
     check(cfg)
     if cfg.episodes < 0:
         raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
+    stop_on_signals()  # Ctrl-C or a service manager's SIGTERM ends episodes=0 cleanly
     with one_line_errors("flywheel-robot", (OSError, ValueError)):  # the robot, its token, its folders, the trusted root
         use_robot_modules(cfg.robot_modules)
         robot_cfg, agent_cfg = instantiate(cfg.robot), instantiate(cfg.fleet.agent)
