@@ -61,6 +61,16 @@ def test_there_is_a_config_per_app():
     assert {"policy", "worldmodel", "scenarios", "fleet", "ray", "wandb"} <= {g for g, _ in GROUP_OPTIONS}
 
 
+def test_the_groups_offer_their_yaml_options_only():
+    """What `--help` lists: the schemas the options extend are not options (`policy=base_sac` was listed)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in {g for g, _ in GROUP_OPTIONS}:
+            assert loader.get_group_options(group) == sorted(p.stem for p in (CONF / group).glob("*.yaml")), group
+
+
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_config_composes(name):
     _check(_compose(name))

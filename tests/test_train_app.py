@@ -116,7 +116,7 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
 
 
 def test_a_learner_config_of_another_kind_is_refused_before_training(tmp_path):
-    """`policy=base_sac` (a schema, listed by --help beside the learners) once failed inside training with a TypeError."""
+    """A learner config of another algorithm (once `policy=base_sac`, a schema --help listed beside the learners) failed inside training with a TypeError."""
     with pytest.raises(TrainSettingsError, match="needs a PPOConfig as policy.algorithm, got a SACConfig"):
         preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="ppo"), SACConfig(), tmp_path / "run", None)
 

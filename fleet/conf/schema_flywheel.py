@@ -83,7 +83,7 @@ class WorldModelSchema:
 
 @dataclasses.dataclass
 class PolicySchema:
-    """``policy``: the learner. ``algorithm`` is typed per option (base_sac, base_mbpo, base_ppo)."""
+    """``policy``: the learner. ``algorithm`` is typed per option (base_sac_policy, base_mbpo_policy, base_ppo_policy)."""
 
     trainer: TrainerSchema = dataclasses.field(default_factory=TrainerSchema)
     algorithm: Any = None
@@ -124,5 +124,5 @@ class TrainAppSchema(AppSchema):
 store = ConfigStore.instance().store
 store(name="base_flywheel", node=FlywheelSchema)
 store(name="base_train", node=TrainAppSchema)
-for name, algo in (("base_sac", SACConfig), ("base_mbpo", MBPOConfig), ("base_ppo", PPOConfig)):
-    store(group="policy", name=name, node=extend(PolicySchema, f"Policy{algo.__name__}Schema", algorithm=(target_schema(algo), target_schema(algo))))
+for name, algo in (("base_sac", SACConfig), ("base_mbpo", MBPOConfig), ("base_ppo", PPOConfig)):  # the policy options' schemas, outside the group
+    store(name=f"{name}_policy", node=extend(PolicySchema, f"Policy{algo.__name__}Schema", algorithm=(target_schema(algo), target_schema(algo))))
