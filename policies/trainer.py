@@ -329,8 +329,7 @@ class Trainer:
         if self.comm.world_size > 1:
             directory = directory / f"rank{self.comm.rank}"
         tensors, meta = load_checkpoint(directory)
-        mine, theirs = dataclasses.asdict(self.config), meta["trainer_config"]
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and _norm(theirs.get(k)) != _norm(v)}
+        differ = trainer_settings_differ(self.config, meta["trainer_config"])
         if differ or meta["algorithm"] != self.algo.name or meta["world_size"] != self.comm.world_size:
             raise ValueError(f"checkpoint in {directory} is from another run: differs in {differ or 'algorithm/world size'}; resume with its config")
         self.algo.load_state(tensors, meta["algo"])
@@ -351,6 +350,13 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def trainer_settings_differ(config: TrainerConfig, then: Mapping) -> dict[str, tuple]:
+    """The settings of ``config`` a checkpoint written under ``then`` (its ``trainer_config``) has otherwise,
+    but those a resumed run may change (``RESUMABLE_CHANGES``): {key: (then, now)}."""
+    now = _norm(dataclasses.asdict(config))
+    return {k: (then.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and _norm(then.get(k)) != v}
 
 
 def _norm(value):
