@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 soak: setup
-	$(BIN)/python -m pytest -m soak -s
+	$(BIN)/python -m pytest -m soak -s -n 0
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b; done

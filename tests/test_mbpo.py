@@ -161,7 +161,7 @@ def test_the_model_based_learner_masters_the_pendulum_in_a_few_thousand_real_ste
     """Does it learn: conf/policy/mbpo.yaml's settings, 2,000 real steps (model-free SAC needs ~13,500;
     benchmarks/real_step_efficiency.py, seed 0, reaches 1,000 here: its median over seeds)."""
     config, algo = default_config("pendulum", total_env_steps=2000, seed=0)
-    config = dataclasses.replace(config, torch_threads=2)  # the suite runs one test at a time: both cores
+    config = dataclasses.replace(config, torch_threads=2)  # both cores: the other test worker mostly waits on servers and subprocesses
     with Trainer(config, make_algorithm(config, algo)) as trainer:
         trainer.train()
         policy = trainer.algo.policy

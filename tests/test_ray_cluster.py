@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -186,11 +188,11 @@ def ray_process_state(s3_server):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A head and a second node on loopback with token authentication (the token in a file every node names),
     health checks fast enough to notice a dead node in about a second. Yields (address, head, second, token file);
     the module's last test kills the second node."""
-    folder = tmp_path_factory.mktemp("rc")  # short: Ray's socket paths live under each node's temp folder
+    folder = Path(tempfile.mkdtemp(prefix="rc-"))  # short (not under pytest's tmp_path): Ray's socket paths live in it, <= 107 bytes
     token = folder / "token"
     token.write_text(uuid.uuid4().hex)
     token.chmod(0o600)
@@ -211,6 +213,7 @@ def cluster(tmp_path_factory):
                 ray.shutdown()
             for node in reversed(nodes):
                 node.stop()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @ray.remote(num_cpus=0)
