@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from sim.durable import write_durably
 
 FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.py)
-TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py)
+TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py): what a rerun must match (workers, bodies, checkpoint storage)
 MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
 RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
 # settings of how a learner computes, not of what it learns (SACConfig.precision): a run resumes under another

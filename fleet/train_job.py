@@ -28,7 +28,6 @@ from worldmodel.device import resolve_device
 
 EVAL_SEED = 777  # fixed scenario seeds for the final evaluation: every run of a config is judged on the same episodes
 CHECKPOINT = "checkpoint"  # the one-process learner's checkpoint folder in run_dir
-JOB_FILE = TRAIN_JOB  # what a rerun must match: the workers, the bodies, where Ray Train keeps its checkpoints
 
 
 class TrainSettingsError(ValueError):
@@ -81,7 +80,7 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
     if not isinstance(algo_config, kind := algo_config_class(trainer.algorithm)):
         raise TrainSettingsError(
             f"policy.trainer.algorithm={trainer.algorithm} needs a {kind.__name__} as policy.algorithm, got a {type(algo_config).__name__}: "
-            "choose the learner with policy=sac, ppo or mbpo (the base_* entries are their schemas)"
+            "choose the learner with policy=sac, ppo or mbpo"
         )
     if job.workers > 1 and trainer.algorithm == "mbpo":
         raise TrainSettingsError(
@@ -99,7 +98,7 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
             raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
     if (other := other_app_run(run_dir, "flywheel-train")) is not None:
         raise OtherSettingsError(other)
-    saved = run_dir / JOB_FILE
+    saved = run_dir / TRAIN_JOB
     try:
         then = read_run_file(saved)
     except ValueError as exc:
@@ -118,7 +117,7 @@ def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Pa
     ``start_ray()`` starts or joins Ray (workers > 1 only)."""
     preflight(job, trainer, algo_config, run_dir, ray_address)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_durably(run_dir / JOB_FILE, json.dumps(_job_record(job)).encode())
+    write_durably(run_dir / TRAIN_JOB, json.dumps(_job_record(job)).encode())
     start = time.perf_counter()
     if job.workers == 1:
         checkpoint = _train_here(job, trainer, algo_config, run_dir, log)
