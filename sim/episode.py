@@ -147,7 +147,10 @@ class Episode:
             "robot_model": robot_model,
         }
         for key, value in metadata.items():
-            meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            try:
+                meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
+            except ValueError:
+                raise EpisodeValidationError(key, "holds NaN or Infinity, which JSON has no numbers for: write null or a string instead") from None
         arrays = {
             "observation": observation,
             "action": action,
@@ -313,9 +316,15 @@ def loads_bounded(text: str | bytes, field: str):
     if len(brackets) and int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max()) > MAX_JSON_DEPTH:
         raise EpisodeValidationError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit, a repeated key
         raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+
+
+def _no_constants(name: str):
+    """NaN, Infinity and -Infinity: Python's JSON reads them, standard JSON (and most other readers) has no such
+    numbers, so a document that holds one is refused."""
+    raise ValueError(f"{name} is not a JSON number: write null or a string instead")
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -66,6 +66,8 @@ def test_1_1_with_only_schema_1_content_and_schema_1_records_stay_valid():
         ({"names": "[" * 40 + "]" * 40}, "names", "nested deeper"),
         ({"names": '{"observation": ["a", "b", "c"], "observation": ["d", "e", "f"]}'}, "names", "'observation' appears more than once"),
         ({"names": json.dumps({"observation": ["x" * 70000, "b", "c"]})}, "names", "longer than 65536 bytes"),
+        ({"cameras": '{"wrist": {"codec": "raw-rgb8", "width": 6, "height": 4, "rate_hz": NaN}}'}, "cameras", "NaN is not a JSON number"),
+        ({"names": '{"observation": ["a", "b", "c"], "scale": -Infinity}'}, "names", "-Infinity is not a JSON number"),
         ({"control_rate_hz": "fast"}, "control_rate_hz", "not a decimal number"),
         ({"control_rate_hz": "nan"}, "control_rate_hz", "not a decimal number"),
         ({"control_rate_hz": "0"}, "control_rate_hz", "must be a rate in"),
@@ -90,6 +92,14 @@ def test_bad_1_1_metadata_is_refused_naming_the_field(change, field, words):
     with pytest.raises(EpisodeValidationError) as info:
         Episode.from_bytes(data)
     assert info.value.field == field and words in info.value.reason, info.value
+
+
+def test_a_producer_cannot_write_nan_into_json_metadata():
+    """Python's json writes NaN where standard JSON has none: the record is refused where it is made, naming the key."""
+    arrays = {k: v for k, v in make_v1_1().arrays().items() if k in ("observation", "action", "reward", "terminated", "truncated", "timestamp")}
+    with pytest.raises(EpisodeValidationError) as info:
+        Episode.create(**arrays, **META, hardware={"gain": float("nan")})
+    assert info.value.field == "hardware" and "NaN or Infinity" in info.value.reason
 
 
 @pytest.mark.parametrize(
