@@ -296,8 +296,8 @@ class Trainer:
         tensors["trainer.ep_length"] = torch.from_numpy(self.ep_length.copy())
         meta = {
             "algorithm": self.algo.name,
-            "trainer_config": dataclasses.asdict(self.config),
-            "algo_config": _jsonable(self.algo_config),
+            "trainer_config": settings_json(self.config),
+            "algo_config": settings_json(self.algo_config),
             "policy_spec": dataclasses.asdict(self.algo.policy.spec),
             "env_steps": self.env_steps,
             "updates": self.updates,
@@ -355,7 +355,7 @@ class Trainer:
 def trainer_settings_differ(config: TrainerConfig, then: Mapping) -> dict[str, tuple]:
     """The settings of ``config`` a checkpoint written under ``then`` (its ``trainer_config``) has otherwise,
     but those a resumed run may change (``RESUMABLE_CHANGES``): {key: (then, now)}."""
-    now = _norm(dataclasses.asdict(config))
+    now = settings_json(config)
     return {k: (then.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and _norm(then.get(k)) != v}
 
 
@@ -363,7 +363,9 @@ def _norm(value):
     return json.loads(json.dumps(value))
 
 
-def _jsonable(config) -> dict | None:
+def settings_json(config) -> dict | None:
+    """A config dataclass as the JSON a checkpoint records (``trainer_config``, ``algo_config``): what a resumed
+    run's settings are compared with."""
     if config is None:
         return None
     return _norm(dataclasses.asdict(config))
