@@ -9,15 +9,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from policies.settings import flat_keys, settings_differ
 from sim.durable import write_durably
 
 FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.py)
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py): what a rerun must match (workers, bodies, checkpoint storage)
 MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
 RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
-# settings of how a learner computes, not of what it learns (SACConfig.precision): a run resumes under another
-# value, and under a build that added the key (its record lacks it); both apps compare settings without them
-ARITHMETIC = ("precision",)
 RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
 
 
@@ -60,19 +58,3 @@ def record_run_settings(run_dir: Path, settings: dict) -> None:
     if not (run_dir / FLYWHEEL_RUN).exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_durably(run_dir / FLYWHEEL_RUN, json.dumps(settings, indent=1, sort_keys=True).encode())
-
-
-def settings_differ(now: dict, then: dict) -> list[str]:
-    """The flat keys (``a.b.c``) whose values differ between two settings trees, but ``ARITHMETIC`` ones."""
-    now, then = flat_keys(now), flat_keys(then)
-    return [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k.rsplit(".", 1)[-1] not in ARITHMETIC]
-
-
-def flat_keys(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out |= flat_keys(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from fleet.pipeline.simfleet import condition_profiles
-from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file, settings_differ
+from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
-from policies.trainer import Trainer, TrainerConfig, algo_config_class, make_algorithm, settings_json, trainer_settings_differ
+from policies.settings import checkpoint_settings_differ
+from policies.trainer import Trainer, TrainerConfig, algo_config_class, make_algorithm
 from sim.durable import write_durably
 from sim.variation import VariationProfile
 from worldmodel.device import resolve_device
@@ -139,11 +140,9 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
     the budget, logging, evaluation, device): its networks, replay and optimiser belong to them."""
     try:
         meta = json.loads(state_json.read_text())
-        trainer_then, algo_then = meta["trainer_config"], meta["algo_config"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc}): set a new run_dir") from None
-    differ = [f"trainer.{k}" for k in trainer_settings_differ(trainer, trainer_then)]
-    differ += [f"algorithm.{k}" for k in settings_differ(settings_json(algo_config), algo_then)]
+        differ = checkpoint_settings_differ(trainer, algo_config, meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc!r}): set a new run_dir") from None
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ import torch
 from policies.checkpoint import load_checkpoint, save_checkpoint
 from policies.networks import PolicySpec
 from policies.parallel import LocalComm
+from policies.settings import checkpoint_settings_differ, settings_json
 from policies.stepper_state import FreeRunning, capture, restore
 from policies.transition import Algorithm, VectorStep
 from sim.batched import BatchedStepper
@@ -36,7 +36,6 @@ from worldmodel.device import AUTO, check_device_name, resolve_device
 
 LogFn = Callable[[dict[str, float], int], None]
 ALGORITHMS = ("ppo", "sac", "mbpo")
-RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "keep_best", "stop_at_max_return", "device")  # may differ on resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +328,11 @@ class Trainer:
         if self.comm.world_size > 1:
             directory = directory / f"rank{self.comm.rank}"
         tensors, meta = load_checkpoint(directory)
-        differ = trainer_settings_differ(self.config, meta["trainer_config"])
-        if differ or meta["algorithm"] != self.algo.name or meta["world_size"] != self.comm.world_size:
-            raise ValueError(f"checkpoint in {directory} is from another run: differs in {differ or 'algorithm/world size'}; resume with its config")
+        differ = checkpoint_settings_differ(self.config, self.algo_config, meta)
+        if meta["algorithm"] != self.algo.name or meta["world_size"] != self.comm.world_size:
+            differ += ["algorithm/world size"]
+        if differ:
+            raise ValueError(f"checkpoint in {directory} is from another run: differs in {', '.join(differ)}; resume with its config")
         self.algo.load_state(tensors, meta["algo"])
         restore(self.stepper, self.source, tensors, meta["stepper"])
         self.obs = self.stepper.obs.copy()
@@ -350,22 +351,3 @@ class Trainer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def trainer_settings_differ(config: TrainerConfig, then: Mapping) -> dict[str, tuple]:
-    """The settings of ``config`` a checkpoint written under ``then`` (its ``trainer_config``) has otherwise,
-    but those a resumed run may change (``RESUMABLE_CHANGES``): {key: (then, now)}."""
-    now = settings_json(config)
-    return {k: (then.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and _norm(then.get(k)) != v}
-
-
-def _norm(value):
-    return json.loads(json.dumps(value))
-
-
-def settings_json(config) -> dict | None:
-    """A config dataclass as the JSON a checkpoint records (``trainer_config``, ``algo_config``): what a resumed
-    run's settings are compared with."""
-    if config is None:
-        return None
-    return _norm(dataclasses.asdict(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -77,6 +78,11 @@ def test_checkpoint_loads_as_a_policy_and_refuses_corruption_and_other_runs(tmp_
         with pytest.raises(ValueError, match="another run"):
             trainer.resume()
 
+    other_algo = dataclasses.replace(algo_config, epochs=3)  # the same trainer, another learner: refused too
+    with Trainer(config, make_algorithm(config, other_algo), checkpoint_dir=tmp_path / "ckpt", algo_config=other_algo) as trainer:
+        with pytest.raises(ValueError, match=r"another run: differs in algorithm\.epochs;"):
+            trainer.resume()
+
     blob = (tmp_path / "ckpt" / "state.safetensors").read_bytes()
     (tmp_path / "ckpt" / "state.safetensors").write_bytes(blob[:-10])
     with pytest.raises(CheckpointError, match="corrupted"):
@@ -114,3 +120,15 @@ def test_every_logged_metric_is_documented(algorithm):
     assert not undocumented, f"metrics missing from docs/policies.md: {undocumented}"
     steps = [s for _, s in logged]
     assert steps == sorted(steps) and steps[-1] <= config.total_env_steps
+
+
+def test_a_sac_checkpoint_resumes_under_another_precision_only(tmp_path):
+    """``precision`` is how SAC computes, not what it learns (policies.settings.ARITHMETIC); its width is what it learns."""
+    config, algo_config, crash_after = CASES["sac"]
+    _run(config, algo_config, checkpoint_dir=tmp_path, max_updates=crash_after)
+    other = dataclasses.replace(algo_config, precision="float32" if algo_config.precision != "float32" else "bfloat16")
+    resumed, _, _ = _run(config, other, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.env_steps == config.total_env_steps
+    wider = dataclasses.replace(algo_config, hidden_sizes=(32, 32))
+    with pytest.raises(ValueError, match=r"algorithm\.hidden_sizes"):
+        _run(config, wider, checkpoint_dir=tmp_path, resume=True)

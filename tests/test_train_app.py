@@ -86,7 +86,7 @@ def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monke
 
 
 def test_a_checkpoint_continues_under_another_precision_and_from_a_build_without_the_key(tmp_path):
-    """SACConfig.precision is how the learner computes, not what it learns (fleet.run_folders.ARITHMETIC)."""
+    """SACConfig.precision is how the learner computes, not what it learns (policies.settings.ARITHMETIC)."""
     trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(hidden_sizes=(16, 16))
     state = tmp_path / "state.json"
     record = {"trainer_config": dataclasses.asdict(trainer), "algo_config": json.loads(json.dumps(dataclasses.asdict(algo)))}
