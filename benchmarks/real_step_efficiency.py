@@ -24,6 +24,10 @@ budget. Lines (medians over seeds):
   the final evaluation return, ratio mbpo/peer (null where the peer's return is <= 0: a ratio
   against a negative return means nothing). half_cheetah's budget, 10,000 real steps, is what
   fits 15 minutes per method on 2 cores (docs/benchmarks.md)
+* ``efficiency/<robot>/return_above_random_at_budget`` (and ``_vs_sb3``), for the same robots: each
+  median final return minus a uniformly random policy's return on the same evaluation episodes
+  (the usual normalisation, a random policy scoring 0), ratio mbpo/peer: the ratio above, defined
+  where a peer's return is negative but better than chance
 
 Each run is cached as JSON under ``runs/benchmarks/real_step_efficiency/`` (its settings in the
 file name), so methods may run in separate processes (``--methods sb3``) and one final call
@@ -50,6 +54,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import emit  # noqa: E402
 
 from policies.evaluate import evaluate  # noqa: E402
+from sim.robots import get_task  # noqa: E402
 from sim.variation import VariationProfile  # noqa: E402
 
 CACHE = Path("runs/benchmarks/real_step_efficiency")
@@ -124,6 +129,14 @@ def run_sb3(robot: str, budget: int, seed: int, eval_every: int, episodes: int, 
     return curve
 
 
+def random_return(robot: str, episodes: int, seed: int) -> float:
+    """A uniformly random policy's evaluation return (actions in [-1, 1], drawn from ``seed``), on the same
+    evaluation episodes as every method's."""
+    rng = np.random.default_rng(seed)
+    act_dim = get_task(robot).act_dim
+    return eval_return(lambda obs: rng.uniform(-1.0, 1.0, (len(obs), act_dim)).astype(np.float32), robot, episodes)
+
+
 def steps_to(curve: list[tuple[int, float]], threshold: float, budget: int) -> int:
     return next((s for s, r in curve if r >= threshold), budget)
 
@@ -178,6 +191,11 @@ def main() -> None:
     ratio = lambda a, b: round(a / b, 3) if b > 0 else None  # noqa: E731
     emit(f"{prefix}/return_at_budget", final["mbpo"], f"return@{budget}_real_steps", final["sac"], ratio(final["mbpo"], final["sac"]))
     emit(f"{prefix}/return_at_budget_vs_sb3", final["mbpo"], f"return@{budget}_real_steps", final["sb3"], ratio(final["mbpo"], final["sb3"]))
+    chance = statistics.median(random_return(args.robot, args.eval_episodes, seed) for seed in args.seeds)
+    above = {m: v - chance for m, v in final.items()}
+    print(f"# a uniformly random policy's return: {chance:.1f} (median over the seeds' draws)", file=sys.stderr)
+    emit(f"{prefix}/return_above_random_at_budget", above["mbpo"], f"return-random@{budget}_real_steps", above["sac"], ratio(above["mbpo"], above["sac"]))
+    emit(f"{prefix}/return_above_random_at_budget_vs_sb3", above["mbpo"], f"return-random@{budget}_real_steps", above["sb3"], ratio(above["mbpo"], above["sb3"]))
 
 
 if __name__ == "__main__":
