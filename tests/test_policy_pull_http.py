@@ -3,6 +3,7 @@ the first-episode health check's rollback and block, the signed sensor correctio
 route's checks. Attacks on the registry are in tests/test_registry_tuf.py."""
 
 import base64
+import json
 
 import httpx
 import numpy as np
@@ -127,15 +128,19 @@ def test_a_publish_robots_would_refuse_is_refused_naming_its_field(tmp_path):
         "robot_model": [{"robot_model": 5}, {"robot_model": ""}, {"robot_model": "a\nb"}],
         "cohort": [{"cohort": "robot-0"}, {"cohort": 5}, {"cohort": ["robot-0", 1]}, {"cohort": ["../x"]}],
         "gate": [{"gate": [1]}],
-        "note": [{"note": 3}],
+        "note": [{"note": 3}, {"note": "\ud800"}, {"note": "ok\x1b[2J"}],  # a lone surrogate (once: signed, then 500), a control character
+        "data_snapshot": [{"data_snapshot": "x" * (1 << 20)}],  # a manifest over the 1 MiB robots read (once: signed, 201)
     }
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
             for field, changes in bad.items():
-                for change in changes:
-                    response = client.post("/v1/policies", json={**body, **change})
+                for change in changes:  # json.dumps as Python writes it: NaN and lone surrogates reach the server
+                    response = client.post("/v1/policies", content=json.dumps({**body, **change}), headers={"Content-Type": "application/json"})
                     assert (response.status_code, response.json()["error"], response.json()["field"]) == (400, "bad_publish", field), (change, response.text)
-            for raw in (b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"{not json"):
+            cohort = ["r%063d" % i for i in range(17_000)]  # a rollout.json over the 1 MiB robots read: every robot would freeze
+            response = client.post("/v1/policies", json={**body, "cohort": cohort})
+            assert (response.status_code, response.json()["field"]) == (400, "cohort") and "1048576" in response.json()["reason"], response.text
+            for raw in (b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b"{not json", b'{"obs_dim": 4, "obs_dim": 5}', b'{"gate": {"x": NaN}}'):
                 response = client.post("/v1/policies", content=raw, headers={"Content-Type": "application/json"})
                 assert (response.status_code, response.json()["error"]) == (400, "bad_publish"), response.text
             assert registry.versions() == []  # nothing signed
@@ -143,3 +148,37 @@ def test_a_publish_robots_would_refuse_is_refused_naming_its_field(tmp_path):
             assert response.status_code == 201 and registry._state()["cohort"] == ["robot-0", "robot-1"]
     finally:
         server.stop()
+
+
+def test_a_publish_body_is_read_under_its_limit_and_deadline(tmp_path, monkeypatch):
+    """The publish body was read whole with no limit when sent chunked (300 MiB taken, then a 400), and with no deadline."""
+    from fleet.registry import routes
+
+    monkeypatch.setattr(routes, "MAX_PUBLISH_BYTES", 1 << 20)
+    registry, token, server = registry_server(tmp_path, "publisher")
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
+            chunked = (b"x" * (64 << 10) for _ in range(40))  # a generator: sent chunked, no Content-Length
+            response = client.post("/v1/policies", content=chunked)
+            assert (response.status_code, response.json()["error"]) == (413, "body_too_large"), response.text
+        assert registry.versions() == []
+    finally:
+        server.stop()
+
+
+def test_the_registry_signs_no_release_a_robot_would_refuse(tmp_path):
+    """Publishing in-process (the loop's way) is checked as the HTTP route is: JSON that cannot carry it, or a file
+    over what robots read, is refused before anything is signed, naming the field to change."""
+    from fleet.registry.store import PublishRefused
+
+    registry, _, server = registry_server(tmp_path, "publisher")
+    server.stop()
+    weights, manifest = exported(tmp_path, "p")
+    for fields, field in (({"gate": {"x": float("nan")}}, "gate"), ({"note": "\ud800"}, "note"), ({"data_snapshot": "x" * (1 << 20)}, "data_snapshot")):
+        with pytest.raises(PublishRefused, match=field) as refused:
+            registry.publish(weights, policy=manifest, **SPEC, **fields)
+        assert refused.value.field == field
+    with pytest.raises(PublishRefused, match="rollout.json would be") as refused:
+        registry.publish(weights, policy=manifest, **SPEC, cohort=["r%063d" % i for i in range(17_000)])
+    assert refused.value.field == "cohort" and registry.versions() == []
+    assert registry.publish(weights, policy=manifest, **SPEC)["version"] == 1  # and the registry goes on

@@ -356,7 +356,7 @@ def test_chunk_and_create_refusals(fleet):
     """Not JSON; a chunk over max_chunk_bytes, past the declared size, or without Upload-Offset; too many open
     uploads (429); creating the same bytes twice resumes the first upload."""
     r0 = auth(fleet["tok"]["r0"])
-    for raw in (b"{not json", b"[" * 2048 + b"]" * 2048, b'["size", 100]', b"\xff\xfe"):
+    for raw in (b"{not json", b"[" * 2048 + b"]" * 2048, b'["size", 100]', b"\xff\xfe", b'{"size": 10, "sha256": "%s", "size": 7412}' % (b"0" * 64)):
         answer = fleet["client"].post("/v1/uploads", content=raw, headers=r0)
         assert (answer.status_code, answer.json()["error"], answer.json()["field"]) == (400, "bad_upload", "body"), raw[:20]
     too_long = fleet["client"].post("/v1/uploads", content=b" " * 5000, headers=r0)

@@ -300,6 +300,8 @@ def raw_request(fleet, head: str) -> tuple[int, dict]:
         ("POST /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n", 400, "ambiguous_framing"),
         ("GET /v1/episodes?limit=abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nConnection: close\r\n\r\n", 400, "bad_query"),
         ("NOT-HTTP\r\n\r\n", 400, "bad_http_request"),
+        ("GET /v1/episodes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer TOKEN\r\nAuthorization: Bearer x\r\nConnection: close\r\n\r\n", 400, "ambiguous_authorization"),
+        ("GET /v1/episodes/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", 404, "not_found"),  # once a 307 to that Host
     ],
 )
 def test_malformed_http_is_refused_in_the_documented_shape(fleet, head, status, error):
@@ -309,6 +311,11 @@ def test_malformed_http_is_refused_in_the_documented_shape(fleet, head, status, 
     got, body = raw_request(fleet, head)
     assert (got, body["error"]) == (status, error) and body["reason"] and "field" in body
     assert stored_count(fleet) == before
+
+
+def test_a_malformed_request_is_told_what_was_malformed(fleet):
+    _, body = raw_request(fleet, "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")  # HTTP/1.1 without Host
+    assert body["error"] == "bad_http_request" and "Host" in body["reason"], body
 
 
 def test_a_refused_upload_never_fails_the_uploads_committed_beside_it(fleet):
@@ -338,10 +345,16 @@ def test_unknown_routes_and_bad_queries_answer_in_the_documented_shape(fleet):
         r = client.request(method, path, headers=operator)
         assert (r.status_code, r.json()["error"]) == (status, error) and r.json()["reason"] and "field" in r.json()
         assert status != 404 or r.headers["cache-control"] == "no-store"
-    for query, field in (("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit")):
+    bad = (("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit"), ("since=5&until=1", "since"), ("limit=1&limit=2", "limit"), ("robot_id=r0&robot_id=r1", "robot_id"))
+    for query, field in bad:
         r = client.get(f"/v1/episodes?{query}", headers=operator)
         assert (r.status_code, r.json()["error"], r.json()["field"]) == (400, "bad_query", field), query
     assert client.head("/healthz").status_code == 200
+    stored = make("r0", seed=4242).episode_id
+    assert post(fleet, make("r0", seed=4242).to_bytes()).status_code in (200, 201)
+    for spelling in (stored.upper(), stored.replace("-", "")):  # found under one spelling only: say which
+        r = client.get(f"/v1/episodes/{spelling}", headers=operator)
+        assert (r.status_code, r.json()["error"]) == (400, "bad_episode_id") and stored in r.json()["reason"], r.text
 
 
 def test_idle_and_half_sent_connections_are_closed_after_head_timeout_s(tmp_path):
@@ -357,6 +370,24 @@ def test_idle_and_half_sent_connections_are_closed_after_head_timeout_s(tmp_path
         for s in (silent, half):
             assert s.recv(4096) == b""  # closed by the server (a timeout here raises)
             s.close()
+        # refused before its body was read (no token), the body then trickled: once held open as long as bytes came
+        refused = socket.create_connection((host, int(port)), timeout=10)
+        refused.sendall(b"POST /v1/episodes HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\nxx")
+        answer, start = b"", time.monotonic()
+        while time.monotonic() - start < 5:
+            try:
+                refused.sendall(b"x")
+                refused.settimeout(0.1)
+                chunk = refused.recv(4096)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - start < 3  # answered, then closed after head_timeout_s
+        refused.close()
         with httpx.Client(base_url=handle.url, timeout=10) as client:  # keep-alive: the next request on one connection, later
             assert client.get("/healthz").status_code == 200
             time.sleep(0.8)

@@ -123,6 +123,18 @@ def test_corrupt_stream_is_400_and_nothing_is_stored(fleet, body, reason):
     assert ep.episode_id not in EpisodeStore.open(fleet["store_cfg"]).snapshot()
 
 
+def test_a_zstd_body_without_its_header_and_a_window_too_large_are_refused_saying_what_to_send(fleet):
+    ep = make(3)
+    answer = post(fleet, zstd(ep.to_bytes()), encoding=None)  # once: "declared header length 5548987112322217256 ..."
+    assert (answer.status_code, answer.json()["field"]) == (400, "content-encoding") and "Content-Encoding: zstd" in answer.json()["reason"], answer.text
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28)  # a 256 MiB window, over the server's cap
+    streamed = zstandard.ZstdCompressor(compression_params=params).compressobj()  # size unknown: the window stays
+    wide = streamed.compress(ep.to_bytes()) + streamed.flush()
+    answer = post(fleet, wide)
+    assert answer.status_code == 400 and "window of at most" in answer.json()["reason"], answer.text
+    assert ep.episode_id not in EpisodeStore.open(fleet["store_cfg"]).snapshot()
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd, gzip", "x-unknown"])
 def test_unknown_content_encoding_is_415_naming_the_accepted_ones(fleet, encoding):
     answer = post(fleet, zstd(make(3).to_bytes()), encoding=encoding)

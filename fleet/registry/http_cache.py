@@ -28,7 +28,7 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 NOT_FOUND = "no-store"
 _VERSIONED_METADATA = re.compile(r"^\d{1,9}\.(?:snapshot|targets)\.json$")
-_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})")
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.IGNORECASE)  # range units are case-insensitive (RFC 9110 14.1)
 
 
 class Unsatisfiable(Exception):

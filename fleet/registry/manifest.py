@@ -42,6 +42,7 @@ import time
 FORMAT = "flywheel-policy/1"
 REQUIRED = ("format", "version", "robot_model", "obs_dim", "act_dim", "weights", "issued_at")
 ROLLOUT_TARGET = "rollout.json"
+MAX_JSON_BYTES = 1 << 20  # a robot refuses a rollout or manifest target listed larger than this, unread; a registry publishes none
 
 
 def manifest_target(version: int) -> str:

@@ -34,7 +34,7 @@ from tuf.ngclient import Updater
 
 from fleet.agent.policy import Policy
 from fleet.registry.fetcher import TokenFetcher
-from fleet.registry.manifest import ROLLOUT_TARGET, manifest_target, version_for, weights_target
+from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, manifest_target, version_for, weights_target
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, robot_context
@@ -43,7 +43,6 @@ from sim.sensor_filter import SensorFilterError, filtered_act, robot_filter
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
-MAX_JSON_BYTES = 1 << 20  # a rollout or manifest target listed larger than this is refused unread
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)

@@ -24,13 +24,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
-from fleet.registry.store import PolicyRegistry
+from fleet.registry.store import PolicyRegistry, PublishRefused
 from fleet.registry.tuf_repo import RegistryCorrupted
 from fleet.server.auth import TokenRegistry
+from fleet.server.body import read_body
 from fleet.server.errors import ApiError
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, parse_contexts
-from sim.episode import ROBOT_ID, ROBOT_ID_RULE
+from sim.episode import ROBOT_ID, ROBOT_ID_RULE, EpisodeValidationError, loads_bounded
 from sim.sensor_filter import SensorFilterError, parse_filters
 from sim.sensors import SensorCorrectionError, parse_offsets
 
@@ -40,7 +41,8 @@ MAX_DIM = 1 << 20  # obs_dim, act_dim
 _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
 
 
-def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
+def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_s: float = 60.0) -> APIRouter:
+    """The registry's routes; ``body_timeout_s``: a publish body not fully arrived this long after its headers gets 408."""
     router = APIRouter()
 
     @router.get("/v1/tuf/metadata/{name}")
@@ -80,19 +82,20 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry) -> APIRouter:
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > MAX_PUBLISH_BYTES:
-            raise ApiError(413, "too_large", f"publish body of {declared} bytes exceeds {MAX_PUBLISH_BYTES}", None)
+        raw = await read_body(request, MAX_PUBLISH_BYTES, body_timeout_s)  # 413 past the limit, 408 for a body that stalls
         try:
-            body = await request.json()
-        except (ValueError, RecursionError) as exc:
-            raise ApiError(400, "bad_publish", f"the body is not JSON ({exc.__class__.__name__})", None) from None
+            body = await run_in_threadpool(loads_bounded, raw, "<body>")  # standard JSON: no NaN, no repeated keys
+        except EpisodeValidationError as exc:
+            raise ApiError(400, "bad_publish", f"the body is not JSON: {exc.reason}", None) from None
         weights, fields, extra, cohort = _parse_publish(body)
         _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
         _check_body_contexts(extra.get("body_contexts", {}), extra.get("policy"))
         _check_sensor_filters(extra.get("sensor_filters", {}), fields["obs_dim"], fields["act_dim"])
         await run_in_threadpool(_check_loads, extra.get("policy"), weights, fields)
-        manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
+        try:
+            manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
+        except PublishRefused as exc:  # checked before anything is signed: nothing was published
+            raise ApiError(400, "bad_publish", str(exc), exc.field) from None
         return JSONResponse({"manifest": manifest}, status_code=201)
 
     return router
@@ -126,6 +129,10 @@ def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:
     for key, kind in (("policy", dict), ("gate", dict), ("data_snapshot", str), ("note", str)):
         if key in extra and not isinstance(extra[key], kind):
             raise refuse(key, f"must be a JSON {'object' if kind is dict else 'string'}")
+    for key in ("data_snapshot", "note"):  # shown to operators and robots' logs as they are
+        bad = next((c for c in extra.get(key, "") if not c.isprintable() and c not in "\n\t"), None)
+        if bad is not None:
+            raise refuse(key, f"holds control character {bad!r}; only printable text, newlines and tabs")
     cohort = body.get("cohort") or None
     if cohort is not None:
         if not isinstance(cohort, list) or not all(isinstance(r, str) and ROBOT_ID.fullmatch(r) for r in cohort):
@@ -156,10 +163,14 @@ def _refresh(registry: PolicyRegistry) -> None:
 
 def _check_body_contexts(contexts, policy) -> None:
     """400 unless ``contexts`` is {robot_id: one number in [-1, 1] per context feature of ``policy``}."""
+    observation = policy.get("observation", {}) if isinstance(policy, dict) else {}
+    context = observation.get("context", {}) if isinstance(observation, dict) else None
+    if not isinstance(context, dict):
+        raise ApiError(400, "bad_publish", "policy.observation.context: must be a JSON object ({\"dim\": C, ...}) or absent", "policy")
+    dim = context.get("dim", 0)
     try:
-        dim = (policy or {}).get("observation", {}).get("context", {}).get("dim", 0) if isinstance(policy, dict) else 0
         parse_contexts(contexts, dim if isinstance(dim, int) else 0)
-    except (BodyContextError, AttributeError) as exc:
+    except BodyContextError as exc:
         raise ApiError(400, "bad_publish", f"body_contexts: {exc}", "body_contexts") from None
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from securesystemslib.signer import Signer
 
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
-from fleet.registry.manifest import ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
+from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
 from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository
 
@@ -41,6 +41,28 @@ KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the st
 
 class RegistryError(ValueError):
     pass
+
+
+class PublishRefused(RegistryError):
+    """A release no robot would take, refused before anything is signed; ``field`` names what to change."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+def signable_json(name: str, obj, field: str) -> bytes:
+    """``obj`` as the canonical JSON a robot reads, or :class:`PublishRefused`: a value JSON cannot carry (NaN,
+    infinities, text that is not Unicode), or a file over the size robots read (``MAX_JSON_BYTES``)."""
+    try:
+        data = canonical_json(obj)
+        data.decode("ascii")  # json escapes a lone surrogate as text no strict reader decodes, a robot's included
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, UnicodeError) as exc:
+        raise PublishRefused(field, f"{name} would not be valid JSON ({exc.__class__.__name__}: {str(exc)[:200]}); send finite numbers and Unicode text") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise PublishRefused(field, f"{name} would be {len(data)} bytes; robots read at most {MAX_JSON_BYTES}: send less")
+    return data
 
 
 class PolicyRegistry:
@@ -99,7 +121,11 @@ class PolicyRegistry:
 
     # -- changes --------------------------------------------------------------------------
     def publish(self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, **fields) -> dict:
-        """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest."""
+        """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest.
+        :class:`PublishRefused` (nothing signed) for a release robots would refuse: a field JSON cannot carry, or a
+        manifest or rollout larger than robots read."""
+        for key, value in fields.items():
+            signable_json(key, value, key)
 
         def edit() -> dict:
             version = max(self.versions(), default=0) + 1
@@ -109,7 +135,7 @@ class PolicyRegistry:
                 state.update(canary=version, cohort=sorted(cohort))
             else:
                 state.update(stable=version, canary=None, cohort=[])
-            files = {manifest_target(version): canonical_json(manifest), weights_target(version): weights}
+            files = {manifest_target(version): signable_json("the manifest", manifest, _largest(fields)), weights_target(version): weights}
             self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable"})
             return manifest
 
@@ -161,7 +187,8 @@ class PolicyRegistry:
         (but the stable and canary) dropped from the listing; then the event recorded. Runs inside
         a ``repo.change``, which redoes the whole change when another writer committed first."""
         rollout = {k: state[k] for k in ("stable", "canary", "cohort")}
-        add = {path: self.repo.store_target(path, data) for path, data in {**files, ROLLOUT_TARGET: canonical_json(rollout)}.items()}
+        files = {**files, ROLLOUT_TARGET: signable_json("rollout.json", rollout, "cohort")}  # checked before any target is stored
+        add = {path: self.repo.store_target(path, data) for path, data in files.items()}
         listed = sorted({*self.versions(), *(int(p.split("/")[1]) for p in add if p.startswith("policies/"))})
         keep = {*listed[-KEEP_VERSIONS:], rollout["stable"], rollout["canary"]}
         remove = [path for v in listed if v not in keep for path in (manifest_target(v), weights_target(v))]
@@ -235,3 +262,7 @@ def root_metadata(directory: str | Path) -> bytes:
         raise RegistryError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
     return data
 
+
+def _largest(fields: Mapping) -> str:
+    """The manifest field a publish should shrink or mend: the largest of the publisher's free-form ones."""
+    return max(fields, key=lambda k: len(canonical_json(fields[k])), default="policy")

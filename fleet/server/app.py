@@ -37,7 +37,7 @@ from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
 from fleet.server.body import read_body
-from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body
+from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body, refuse_undeclared_zstd
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
@@ -82,7 +82,9 @@ RoutesFactory = Callable[[TokenRegistry], Iterable[APIRouter]]
 class _RefuseAmbiguousFraming:
     """RFC 9112 6.3: a request with both Transfer-Encoding and Content-Length (or several differing
     Content-Lengths) is an error: behind a proxy that reads it the other way it smuggles a request.
-    (h11 answers differing Content-Lengths itself, and merges identical ones, as RFC 9112 allows.)"""
+    (h11 answers differing Content-Lengths itself, and merges identical ones, as RFC 9112 allows.)
+    So is one with two Authorization headers (RFC 9110 5.3: not a list): which one a proxy or
+    another server would check is anyone's guess."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -95,6 +97,11 @@ class _RefuseAmbiguousFraming:
                 self.metrics.rejected("ambiguous_framing")
                 reason = "send either one Content-Length or Transfer-Encoding: chunked, not both (RFC 9112 6.3)"
                 await ApiError(400, "ambiguous_framing", reason, "content-length", {"Connection": "close"}).response()(scope, receive, send)
+                return
+            if len(headers.getlist("authorization")) > 1:
+                self.metrics.rejected("ambiguous_authorization")
+                reason = "send one Authorization header (Bearer <token>), not several"
+                await ApiError(400, "ambiguous_authorization", reason, "authorization", {"Connection": "close"}).response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -158,7 +165,8 @@ def create_app(
             await run_in_threadpool(committer.close)
 
     # /openapi.json describes the protocol for clients; no Swagger or ReDoc pages (they load scripts from a CDN)
-    app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # redirect_slashes off: "/v1/episodes/" is a 404 in JSON, not a 307 to whatever Host the client named
+    app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.metrics, app.state.committer, app.state.store = metrics, committer, store
 
     for router in routes(tokens) if routes is not None else ():
@@ -202,6 +210,8 @@ def create_app(
             body = await read()
             if coding != "identity":  # decoded under the same limit as the body itself
                 body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
+            else:
+                refuse_undeclared_zstd(body)
             episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
             if episode.robot_id != robot_id:
                 raise ApiError(403, "robot_id_mismatch", f"token is for robot {robot_id!r}, episode says {episode.robot_id!r}", "robot_id")
@@ -251,6 +261,9 @@ def create_app(
         offset: int = 0,
     ):
         tokens.require(request.headers.get("authorization"), "operator")
+        for name in set(request.query_params):  # one value each: a repeated parameter means what each reader decides
+            if len(request.query_params.getlist(name)) > 1:
+                raise ApiError(400, "bad_query", f"{name[:40]!r} is given more than once; give it once", name[:40])
         if not 0 < limit <= config.list_limit:
             raise ApiError(400, "bad_query", f"limit must be in 1..{config.list_limit}", "limit")
         if offset < 0:
@@ -258,6 +271,8 @@ def create_app(
         for name, value in (("since", since), ("until", until)):
             if value is not None and not math.isfinite(value):
                 raise ApiError(400, "bad_query", f"{name} must be a finite time (seconds since the epoch)", name)
+        if since is not None and until is not None and since > until:
+            raise ApiError(400, "bad_query", f"since ({since:g}) is after until ({until:g}): nothing could match; swap them", "since")
 
         def query():
             snap = snapshots.latest()
@@ -271,9 +286,11 @@ def create_app(
     async def get_episode(request: Request, episode_id: str):
         tokens.require(request.headers.get("authorization"), "operator")
         try:
-            uuid.UUID(episode_id)
+            canonical = str(uuid.UUID(episode_id))
         except ValueError:
-            raise ApiError(400, "bad_episode_id", f"{episode_id!r} is not a UUID", "episode_id") from None
+            raise ApiError(400, "bad_episode_id", f"{episode_id[:80]!r} is not a UUID", "episode_id") from None
+        if episode_id != canonical:  # stored under one spelling (uploads are refused in any other)
+            raise ApiError(400, "bad_episode_id", f"{episode_id[:80]!r} is not in the canonical form: ask for {canonical!r} (lowercase, 8-4-4-4-12)", "episode_id")
 
         def fetch():
             snap = snapshots.latest()

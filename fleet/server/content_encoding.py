@@ -69,6 +69,15 @@ class DecodeBudget:
                 self.held -= nbytes
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes (no safetensors file under any size limit starts so)
+
+
+def refuse_undeclared_zstd(body: bytes) -> None:
+    """400 for a zstd frame sent as a plain body (no Content-Encoding), with what to send instead."""
+    if body[:4] == ZSTD_MAGIC:
+        raise ApiError(400, "not_safetensors", "the body is a zstd frame but the request has no Content-Encoding: zstd; send that header with it", "content-encoding")
+
+
 def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | None = None) -> bytes:
     """The body as sent before its content coding, at most ``limit`` bytes; ApiError 413/400 otherwise
     (503 when ``budget`` cannot hold what it may decode to)."""
@@ -100,7 +109,9 @@ def _unzstd(body: bytes, limit: int, declared: int) -> bytes:
                 raise ApiError(413, "body_too_large", f"zstd body decompresses to more than the {limit}-byte limit", "content-encoding")
             parts.append(out)
     except zstandard.ZstdError as exc:
-        raise ApiError(400, "bad_zstd", f"not a valid zstd stream ({exc})", "body") from None
+        window = min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)
+        hint = f"; frames here may use a window of at most {window} bytes (zstd levels <= 19 without --long stay within 8 MiB)" if "memory" in str(exc) else ""
+        raise ApiError(400, "bad_zstd", f"not a valid zstd stream ({exc}){hint}", "body") from None
     if not decoder.eof:
         raise ApiError(400, "bad_zstd", f"zstd stream truncated: {len(body)} bytes end inside the frame", "body")
     extra = len(decoder.unused_data) + max(0, len(body) - pos)

@@ -2,7 +2,11 @@
 malformed requests (a Content-Length that is not a byte count, conflicting Content-Lengths, a
 broken request line or header) answer in the API's JSON error shape, like every other refusal, and
 that a request's line and headers must arrive within ``head_timeout_s`` (uvicorn times out neither a
-fresh connection that sends nothing nor one that stops mid-header: each would hold a socket forever)."""
+fresh connection that sends nothing nor one that stops mid-header: each would hold a socket forever),
+and that a request answered before its body was read (a refusal: 401, 403, 413...) must finish sending
+that body within ``head_timeout_s`` of the answer (uvicorn discards such a body for as long as bytes
+keep coming, and each byte restarts its keep-alive timer: a client trickling one would hold the socket
+forever); then the connection is closed."""
 
 from __future__ import annotations
 
@@ -19,12 +23,29 @@ BAD_HTTP = {
 }
 
 
+class _Connection(h11.Connection):
+    """h11's connection, keeping the reason of the malformed request it refused (uvicorn drops it)."""
+
+    protocol_error: h11.RemoteProtocolError | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.protocol_error = exc
+            raise
+
+
 class JsonErrorsH11Protocol(H11Protocol):
     head_timeout_s = 10.0  # protocol_class (below) gives each server its own
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _Connection(h11.SERVER, self.conn._max_incomplete_event_size)
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._head_deadline = self._drain_deadline = None
         super().connection_made(transport)
-        self._head_deadline = None
         self._arm_head_deadline()
 
     def data_received(self, data: bytes) -> None:
@@ -33,10 +54,28 @@ class JsonErrorsH11Protocol(H11Protocol):
             self._arm_head_deadline()
         else:
             self._disarm_head_deadline()
+        if self.conn.their_state is not h11.SEND_BODY:  # the unread body ended: the connection goes on
+            self._disarm_drain_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and self._drain_deadline is None:
+            self._drain_deadline = self.loop.call_later(self.head_timeout_s, self._drain_timed_out)
 
     def connection_lost(self, exc) -> None:
         self._disarm_head_deadline()
+        self._disarm_drain_deadline()
         super().connection_lost(exc)
+
+    def _disarm_drain_deadline(self) -> None:
+        if self._drain_deadline is not None:
+            self._drain_deadline.cancel()
+            self._drain_deadline = None
+
+    def _drain_timed_out(self) -> None:
+        self._drain_deadline = None
+        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            self.transport.close()
 
     def _arm_head_deadline(self) -> None:
         if self._head_deadline is None:  # armed once per request head: trickled bytes do not extend it
@@ -53,7 +92,8 @@ class JsonErrorsH11Protocol(H11Protocol):
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
-        body = json.dumps(BAD_HTTP).encode()
+        detail = str(self.conn.protocol_error or "")[:200] if isinstance(self.conn, _Connection) else ""
+        body = json.dumps({**BAD_HTTP, "reason": f"{BAD_HTTP['reason']} ({detail})" if detail else BAD_HTTP["reason"]}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))

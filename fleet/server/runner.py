@@ -47,13 +47,13 @@ def bind_socket(config: ServerConfig) -> socket.socket:
     return sock
 
 
-def _with_registry(routes: RoutesFactory | None, policy_registry) -> RoutesFactory | None:
+def _with_registry(routes: RoutesFactory | None, policy_registry, server: ServerConfig) -> RoutesFactory | None:
     """Add the policy registry's endpoints (fleet.registry) to ``routes`` when a registry is given."""
     if policy_registry is None:
         return routes
     from fleet.registry.routes import policy_router
 
-    return lambda tokens: [*(routes(tokens) if routes is not None else ()), policy_router(policy_registry, tokens)]
+    return lambda tokens: [*(routes(tokens) if routes is not None else ()), policy_router(policy_registry, tokens, server.body_timeout_s)]
 
 
 def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: RoutesFactory | None = None) -> uvicorn.Server:
@@ -91,7 +91,7 @@ def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | No
     policy_registry: a ``fleet.registry.store.PolicyRegistry`` whose endpoints to serve too;
     sock: the listening socket, if the caller bound it already (:func:`bind_socket`).
     """
-    routes = _with_registry(routes, policy_registry)
+    routes = _with_registry(routes, policy_registry, server)
     sock = sock if sock is not None else bind_socket(server)
     url = url_of(sock)
 
@@ -127,7 +127,7 @@ def serve(
 ) -> ServerHandle:
     """Start a server on a background thread; returns once it accepts connections (``routes``, ``policy_registry``: see :func:`run`)."""
     sock = bind_socket(server)
-    uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry))
+    uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry, server))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="flywheel-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -52,6 +52,7 @@ from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
 from fleet.store.location import Location
 from sim.durable import folder_lock, write_durably
+from sim.episode import EpisodeValidationError, loads_bounded
 
 log = logging.getLogger(__name__)
 UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24): 192 random bits
@@ -307,9 +308,9 @@ def check_chunk(upload: Upload, current: int, offset: int, length: int) -> None:
 def parse_create(raw: bytes, max_episode_bytes: int) -> tuple[int, str, str]:
     """(size, sha256, content_encoding) of a POST /v1/uploads body; ApiError naming the field otherwise."""
     try:
-        fields = json.loads(raw)
-    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser's recursion limit
-        fields = None
+        fields = loads_bounded(raw, "body")  # standard JSON, each key once
+    except EpisodeValidationError as exc:
+        raise ApiError(400, "bad_upload", f'the body must be a JSON object {{"size", "sha256", "content_encoding"?}}: {exc.reason}', "body") from None
     if not isinstance(fields, dict):
         raise ApiError(400, "bad_upload", 'the body must be a JSON object {"size", "sha256", "content_encoding"?}', "body")
     for key in fields:
