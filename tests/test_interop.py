@@ -114,6 +114,30 @@ def test_minari_round_trip_of_a_pinned_snapshot(store, tmp_path, capsys, monkeyp
         assert np.array_equal(got.infos["actuator_force"][:-1], want.extras["actuator_force"])  # T-length: one padding row
 
 
+@pytest.mark.parametrize("fmt", ["lerobot", "minari", "mcap"])
+def test_an_export_is_whole_or_absent_and_never_mixed_into_an_earlier_one(store, tmp_path, capsys, monkeypatch, fmt):
+    """Minari's export once failed for any relative --out (its writer joined the path twice) and left a partial dataset
+    that blocked the rerun; a LeRobot export went into any folder that held no info.json."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["export", "--format", fmt, "--store", store["path"], "--source", "real", "--source", "sim", "--out", "exports/a"]  # relative, as docs/interop.md writes it
+    assert run_cli(argv, capsys)["episodes"] == 3
+    assert cli(argv) == 2 and "exists already" in capsys.readouterr().err  # never written over
+    taken = tmp_path / "taken"
+    existing = {"lerobot": taken / "notes.txt", "minari": taken / "flywheel-toy-v0" / "notes.txt", "mcap": taken / "episodes.mcap"}[fmt]
+    existing.parent.mkdir(parents=True)
+    existing.write_text("mine")
+    assert cli([*argv[:-1], str(taken)]) == 2 and "exists already" in capsys.readouterr().err
+    assert existing.read_text() == "mine"  # what was there is left as it was
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device", "somewhere")
+
+    module = {"lerobot": "fleet.interop.lerobot._write_json", "minari": "fleet.interop.minari_export._infos", "mcap": "fleet.interop.mcap_io._episode_message"}[fmt]
+    monkeypatch.setattr(module, failing)
+    assert cli([*argv[:-1], "exports/b"]) == 2 and "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "exports/b").exists() or not any((tmp_path / "exports/b").iterdir())  # nothing half-written
+
+
 def test_lerobot_round_trip_and_v3_layout(store, tmp_path, capsys):
     import pandas as pd
     import pyarrow.parquet as pq
@@ -246,8 +270,19 @@ def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, 
     assert cli(["export", "--format", "lerobot", "--store", store["path"], "--out", str(tmp_path / "mixed")]) == 2  # toy + camcar layouts
     err = capsys.readouterr().err
     assert "--source" in err and "--robot-model or --stream" in err and "from ['" in err  # each layout's sources, to choose by
+    assert "the selection's streams: " in err  # and the stream names, to choose by
+    assert not (tmp_path / "mixed").exists()  # nothing half-written left behind
     assert cli(["export", "--format", "mcap", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
-    assert "no episode store" in capsys.readouterr().err
+    assert "no flywheel episode store at" in capsys.readouterr().err
+    assert cli(["export", "--format", "mcap", "--store", str(garbage), "--out", str(tmp_path / "x")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli(["export", "--format", "mcap", "--store", store["path"], "--snapshot", "1CECHNK5ZQ7YV0ZR3GB0", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert store["pinned"] in err and "\n" not in err.strip() and "icechunk/src" not in err  # one line, naming snapshots to pin
+    empty = tmp_path / "empty"
+    EpisodeStore.create(StoreConfig(path=str(empty), fsync=False))
+    assert cli(["export", "--format", "mcap", "--store", str(empty), "--out", str(tmp_path / "x")]) == 2
+    assert "holds no episodes yet" in capsys.readouterr().err
 
     with pytest.raises(InteropError, match="cannot choose the action topic.*pass --action-topic"):
         _bag_without_commands(tmp_path)

@@ -122,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_export(args) if args.command == "export" else run_import(args)
     except (InteropError, OSError) as exc:  # OSError: a path that is a file, exists, or cannot be written
+        if isinstance(exc, OSError) and exc.filename is not None:
+            exc = f"{exc.strerror or exc.__class__.__name__}: {exc.filename}; check the paths given (--out, --store, the inputs): each must be somewhere this user can read or write"
         print(f"flywheel {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

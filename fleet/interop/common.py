@@ -3,9 +3,11 @@ provenance, deterministic ids for imported recordings, and delivery to a store o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 import uuid
@@ -25,6 +27,25 @@ class InteropError(ValueError):
     """Input that does not fit a format, or a selection that cannot be exported; says what to do."""
 
 
+@contextlib.contextmanager
+def new_output(path: str | Path):
+    """Write ``path`` (a file, or a folder absent or empty) and remove what was written if writing fails, so that an
+    export is whole or absent; InteropError when ``path`` holds something already."""
+    path = Path(path).resolve()
+    existed = path.exists()
+    if existed and (not path.is_dir() or any(path.iterdir())):
+        raise InteropError(f"{path} exists already{' and is not empty' if path.is_dir() else ''}; choose another --out or remove it")
+    try:
+        yield path
+    except BaseException:
+        if path.is_dir():
+            for child in path.iterdir() if existed else [path]:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif path.exists():
+            path.unlink()
+        raise
+
+
 @dataclasses.dataclass
 class Selection:
     """Episodes read from one pinned snapshot of a store."""
@@ -32,6 +53,7 @@ class Selection:
     store: str
     snapshot_id: str
     episodes: list[Episode]
+    streams: list[str] = dataclasses.field(default_factory=list)  # the store streams the episodes come from (one per array layout and writer)
 
     def provenance(self) -> dict:
         """Dataset-level provenance written beside the episodes in every format."""
@@ -50,21 +72,28 @@ def select(
     """Read the episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters."""
     from fleet.store import EpisodeStore, StoreConfig
 
+    if Path(store).is_file():
+        raise InteropError(f"--store {store} is a file; pass the folder of a flywheel episode store (a run's <run_dir>/store, or flywheel-server's fleet.store.path)")
     try:
         opened = EpisodeStore.open(StoreConfig(path=str(store), fsync=False))
-    except FileNotFoundError as exc:
-        raise InteropError(f"{exc}; pass --store with the folder of an existing flywheel store") from None
+    except FileNotFoundError:
+        raise InteropError(f"no flywheel episode store at {store}; pass --store with the folder of one (a run's <run_dir>/store, or flywheel-server's fleet.store.path)") from None
     try:
         snap = opened.snapshot(snapshot_id)
         snap.catalog()
-    except Exception as exc:  # icechunk raises its own error types for an unknown snapshot id
-        raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store}: {exc}; list snapshots with EpisodeStore.history()") from None
+    except Exception as exc:  # icechunk raises its own error types (multi-line, with its source location) for an unknown id
+        recent = ", ".join(h["snapshot_id"] for h in opened.history(limit=5))
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store} ({first_line}); its newest snapshots: {recent} (or leave out --snapshot for the tip)") from None
+    every = snap.episodes()
     infos = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model)
     if stream is not None:
         infos = [i for i in infos if i.stream == stream]
+    if not every:
+        raise InteropError(f"snapshot {snap.snapshot_id} of {store} holds no episodes yet: nothing to export")
     if not infos:
-        raise InteropError(f"no episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
-    return Selection(str(store), snap.snapshot_id, snap.read_episodes(infos))
+        raise InteropError(f"none of the {len(every)} episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
+    return Selection(str(store), snap.snapshot_id, snap.read_episodes(infos), sorted({i.stream for i in infos}))
 
 
 def layout(episode: Episode) -> dict[str, dict]:
@@ -79,7 +108,7 @@ def layout(episode: Episode) -> dict[str, dict]:
     return out
 
 
-def single_layout(episodes: Sequence[Episode], fmt: str) -> dict[str, dict]:
+def single_layout(episodes: Sequence[Episode], fmt: str, streams: Sequence[str] = ()) -> dict[str, dict]:
     """The one layout all ``episodes`` share (datasets with fixed features need it)."""
     layouts: dict[str, list[tuple[str, str]]] = {}
     for ep in episodes:
@@ -91,7 +120,7 @@ def single_layout(episodes: Sequence[Episode], fmt: str) -> dict[str, dict]:
         raise InteropError(
             f"a {fmt} dataset has one set of features, but the selection mixes {len(layouts)} array layouts ({kinds}); "
             "export one layout at a time with --source (a flywheel run's store: real telemetry has no qpos/qvel, simulated episodes do), "
-            "--robot-model or --stream (the store's stream names, see EpisodeInfo.stream)"
+            f"--robot-model or --stream (the selection's streams: {', '.join(streams) if streams else 'see EpisodeInfo.stream'})"
         )
     return json.loads(next(iter(layouts)))
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.interop.common import ImportOptions, InteropError, Selection, cast, foreign_episode, fps_of, layout, restored_episode, single_layout
+from fleet.interop.common import ImportOptions, InteropError, Selection, cast, new_output, foreign_episode, fps_of, layout, restored_episode, single_layout
 from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,14 @@ def export_lerobot(selection: Selection, out: str | Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = Path(out)
-    if (root / "meta" / "info.json").exists():
-        raise InteropError(f"{root} already holds a LeRobot dataset; choose another --out")
+    with new_output(out) as root:
+        _write(selection, root, pd, pa, pq)
+    return root
+
+
+def _write(selection: Selection, root: Path, pd, pa, pq) -> None:
     episodes = selection.episodes
-    arrays = {k: v for k, v in single_layout(episodes, "LeRobot").items() if not k.startswith(IMAGE_PREFIX)}
+    arrays = {k: v for k, v in single_layout(episodes, "LeRobot", selection.streams).items() if not k.startswith(IMAGE_PREFIX)}
     skipped = sorted(set(layout(episodes[0])) - set(arrays))
     if skipped:
         log.warning("LeRobot export leaves out image arrays %s (LeRobot keeps images as video; use --format minari or mcap for them)", skipped)
@@ -139,7 +142,6 @@ def export_lerobot(selection: Selection, out: str | Path) -> Path:
     _write_json(root / "meta" / "info.json", info)
     _write_json(root / "meta" / "stats.json", {k: {s: v.tolist() for s, v in st.items()} for k, st in _stats(data).items()})
     _write_json(root / "meta" / "flywheel.json", {**selection.provenance(), "arrays": arrays, "features": {k: FEATURE[k] for k in arrays}, "skipped_arrays": skipped})
-    return root
 
 
 def _frames(ep: Episode, arrays: dict, index: int, start: int, fps: int, task_index: int) -> dict[str, np.ndarray]:

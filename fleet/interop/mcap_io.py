@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.interop.common import InteropError, Selection, cast, layout, restored_episode
+from fleet.interop.common import InteropError, Selection, cast, layout, new_output, restored_episode
 from sim.episode import CAMERA_TIMESTAMP_SUFFIX, Episode
 
 EPISODE_TOPIC = "/flywheel/episode"
@@ -63,11 +63,8 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
     """Write the selection to ``out/episodes.mcap``; returns the file path."""
     from mcap.writer import Writer
 
-    path = Path(out) / "episodes.mcap"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        raise InteropError(f"{path} exists already; choose another --out or remove it")
-    with open(path, "wb") as f:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with new_output(Path(out) / "episodes.mcap") as path, open(path, "wb") as f:
         writer = Writer(f)
         writer.start(profile="", library="flywheel")
         row_schema = writer.register_schema("flywheel.ArrayRow", "jsonschema", json.dumps(_ROW_SCHEMA).encode())

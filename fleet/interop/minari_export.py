@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.interop.common import InteropError, Selection, single_layout
+from fleet.interop.common import InteropError, Selection, new_output, single_layout
 from sim.episode import CAMERA_TIMESTAMP_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -38,26 +38,30 @@ def default_dataset_id(robot_model: str) -> str:
 
 def export_minari(selection: Selection, out: str | Path, dataset_id: str | None = None) -> Path:
     """Write the selection as Minari dataset ``dataset_id``; returns its data folder."""
-    import gymnasium as gym
-    import minari
-    from minari.data_collector.episode_buffer import EpisodeBuffer
     from minari.dataset.minari_dataset import parse_dataset_id
-    from minari.dataset.minari_storage import MinariStorage
 
     episodes = selection.episodes
-    arrays = {k: v for k, v in single_layout(episodes, "Minari").items() if v["length"] != "frames"}
-    if len(arrays) < len(single_layout(episodes, "Minari")):
+    every = single_layout(episodes, "Minari", selection.streams)
+    arrays = {k: v for k, v in every.items() if v["length"] != "frames"}
+    if len(arrays) < len(every):
         log.warning("Minari export leaves out cameras with their own clock (their frames are not one per step; use --format mcap for them)")
-    first = episodes[0]
-    dataset_id = dataset_id or default_dataset_id(first.metadata["robot_model"])
+    dataset_id = dataset_id or default_dataset_id(episodes[0].metadata["robot_model"])
     try:
         parse_dataset_id(dataset_id)
     except ValueError as exc:
         raise InteropError(f"--dataset-id: {exc}") from None
-    data_path = Path(out) / dataset_id / "data"
-    if data_path.exists():
-        raise InteropError(f"{data_path} exists already; choose another --out or --dataset-id")
-    data_path.parent.mkdir(parents=True)
+    with new_output(Path(out) / dataset_id) as folder:  # absolute: Minari's arrow writer joins a relative path twice
+        folder.mkdir(parents=True, exist_ok=True)
+        return _write(selection, episodes, arrays, dataset_id, folder / "data")
+
+
+def _write(selection: Selection, episodes, arrays: dict, dataset_id: str, data_path: Path) -> Path:
+    import gymnasium as gym
+    import minari
+    from minari.data_collector.episode_buffer import EpisodeBuffer
+    from minari.dataset.minari_storage import MinariStorage
+
+    first = episodes[0]
     box = lambda n: gym.spaces.Box(-SPACE_BOUND, SPACE_BOUND, (n,), np.float32)  # noqa: E731
     storage = MinariStorage.new(
         data_path, observation_space=box(first.observation.shape[1]), action_space=box(first.action.shape[1]), data_format="arrow", jpeg_encoding=False
