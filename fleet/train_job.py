@@ -88,8 +88,13 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
             "the model-based learner trains in one process (its world model and rollouts are not data-parallel): "
             "use train.workers=1, or policy=sac / policy=ppo for Ray Train workers"
         )
-    if trainer.keep_best:
-        raise TrainSettingsError("policy.trainer.keep_best picks the flywheel loop's candidate of an iteration; flywheel-train exports the learner's final policy: set it false")
+    check_trainer_fields(dataclasses.asdict(trainer))
+    offline = sorted(set(getattr(algo_config, "replay_ratios", {})) - {getattr(algo_config, "online_source", None)})
+    if offline:
+        raise TrainSettingsError(
+            f"policy.algorithm.replay_ratios samples {', '.join(offline)} episodes, which only the flywheel loop gives a learner "
+            "(policy=sac_fleet is its setting): flywheel-train learns from its own steps; use policy=sac, or replay_ratios={online: 1.0}"
+        )
     if job.workers > 1 and str(ray_address or "").startswith("ray://"):
         raise TrainSettingsError(f"ray.address={ray_address}: Ray Client is not supported; run flywheel-train on a node of the cluster with ray.address=auto (or HOST:PORT of the head)")
     if job.workers == 1:
@@ -109,6 +114,16 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
         raise OtherSettingsError(f"{run_dir} holds a run with {differ}: rerun with those settings to continue it, or set a new run_dir")
     if (state := job.checkpoint_state(run_dir)) is not None:
         check_resumable(state, trainer, algo_config)
+
+
+def check_trainer_fields(fields) -> None:
+    """Refuse the learner settings that belong to the flywheel loop (``policy.trainer`` as a mapping: the app checks it
+    before the config is built, whose own checks would otherwise send the user the wrong way)."""
+    if fields.get("keep_best") or fields.get("stop_at_max_return"):
+        raise TrainSettingsError(
+            "policy.trainer.keep_best and stop_at_max_return pick the flywheel loop's candidate of an iteration (policy=mbpo_fleet sets them); "
+            "flywheel-train exports the learner's final policy: set policy.trainer.keep_best=false policy.trainer.stop_at_max_return=false"
+        )
 
 
 def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, start_ray=None, ray_address: str | None = None) -> dict:

@@ -113,6 +113,22 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     ):
         with pytest.raises(TrainSettingsError, match=reason):
             preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run", "ray://head:10001")
+    mixed = dataclasses.replace(algo, replay_ratios={"online": 0.4, "real": 0.3, "sim": 0.3})  # policy=sac_fleet's: the loop's data
+    with pytest.raises(TrainSettingsError, match="samples real, sim episodes, which only the flywheel loop gives"):
+        preflight(TrainJob(), trainer, mixed, tmp_path / "run", None)
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (["policy=sac_fleet"], "policy.algorithm.replay_ratios samples real, sim, worldmodel episodes"),  # once a traceback from inside training
+        (["policy.trainer.keep_best=true"], "set policy.trainer.keep_best=false policy.trainer.stop_at_max_return=false"),  # once: "set eval_every > 0 too"
+        (["policy=mbpo_fleet"], "set policy.trainer.keep_best=false policy.trainer.stop_at_max_return=false"),  # once two refusals, one after the other
+    ],
+)
+def test_the_loops_learner_settings_are_refused_in_one_line_that_names_every_key_to_change(tmp_path, overrides, reason):
+    result = subprocess.run([APP, *overrides, f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_a_learner_config_of_another_kind_is_refused_before_training(tmp_path):

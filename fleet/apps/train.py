@@ -36,7 +36,7 @@ def run_train(cfg: DictConfig) -> None:
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
     from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, run_files_line
-    from fleet.train_job import TrainJob, TrainSettingsError, preflight, train_policy
+    from fleet.train_job import TrainJob, TrainSettingsError, check_trainer_fields, preflight, train_policy
     from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
     from sim.robots import get_task
@@ -45,6 +45,7 @@ def run_train(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     with one_line_errors("flywheel-train", (TrainSettingsError,)):  # the settings, checked before anything runs: what is wrong, no traceback
         job = TrainJob(**OmegaConf.to_container(cfg.train))
+        check_trainer_fields(cfg.policy.trainer)
         try:
             trainer, algo_config = instantiate(cfg.policy.trainer), instantiate(cfg.policy.algorithm)
         except InstantiationException as exc:  # a value the learner's own config refuses
