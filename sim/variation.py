@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
 
 import mujoco
 import numpy as np
@@ -33,6 +34,11 @@ class VariationProfile:
     action_latency: int = 0  # control steps between the policy's action and the actuators
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numbers first: a text value would fail the range checks with a TypeError
+            value, kind = getattr(self, f.name), numbers.Integral if f.name == "action_latency" else numbers.Real
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"variation profile: {f.name}={value!r} is not {'an integer' if kind is numbers.Integral else 'a number'}")
+            object.__setattr__(self, f.name, int(value) if kind is numbers.Integral else float(value))  # numpy scalars as Python's: JSON writes them
         checks = {
             "payload_mass": self.payload_mass >= 0,
             "mass_scale": self.mass_scale > 0,
@@ -40,7 +46,7 @@ class VariationProfile:
             "actuator_strength": self.actuator_strength > 0,
             "damping_scale": self.damping_scale >= 0,
             "obs_noise_std": self.obs_noise_std >= 0,
-            "action_latency": isinstance(self.action_latency, int) and self.action_latency >= 0,
+            "action_latency": self.action_latency >= 0,
         }
         for name, ok in checks.items():
             value = getattr(self, name)

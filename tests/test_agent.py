@@ -238,7 +238,7 @@ def test_flywheel_robot_app_records_spools_and_uploads(tmp_path, tokens):
         "robot.robot_id=robot-a",
         "robot.model=pendulum",
         "robot.max_steps=25",
-        "+robot.profile.mass_scale=1.1",
+        "robot.profile.mass_scale=1.1",  # typed: no "+" (fleet/conf/schema_fleet.py)
         "episodes=2",
         f"fleet.agent.server_url={handle.url}",
         f"fleet.agent.spool_dir={tmp_path / 'spool'}",

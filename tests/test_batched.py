@@ -107,6 +107,10 @@ def test_bad_inputs_say_what_is_wrong():
         stepper.simulate([ScenarioSpec("ant", seed=0)], zero_policy(2))
     with pytest.raises(ValueError, match="out of range"):
         VariationProfile(mass_scale=-1)
+    for bad, reason in ((dict(payload_mass="abc"), "payload_mass='abc' is not a number"), (dict(action_latency=1.5), "is not an integer")):
+        with pytest.raises(ValueError, match=reason):  # once a TypeError from the range check
+            VariationProfile(**bad)
+    assert VariationProfile(payload_mass=np.float32(0.5), action_latency=np.int64(2)).to_dict()["action_latency"] == 2  # numpy scalars, as Python's
     with pytest.raises(ValueError, match="not a VariationProfile field"):
         DomainRandomization({"gravity": (0, 1)})
 

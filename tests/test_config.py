@@ -111,6 +111,7 @@ def _defaults(primary: str) -> set[str]:
         ("flywheel", "ray.include_dashboard=maybe", "ray.include_dashboard"),
         ("server", "fleet.server.port=http", "fleet.server.port"),
         ("robot", "episodes=ten", "episodes"),
+        ("robot", "robot.profile.payload_mass=abc", "robot.profile.payload_mass"),  # once a TypeError when the robot started
     ],
 )
 def test_a_wrong_type_is_refused_with_the_key_named(name, override, key):
@@ -128,6 +129,7 @@ def test_a_wrong_type_is_refused_with_the_key_named(name, override, key):
         ("flywheel", "policy.algorithm.lr=1e-4", "lr"),  # a PPO key; the default learner is model-based
         ("server", "fleet.server.prot=8701", "prot"),
         ("robot", "robot.modle=ant", "modle"),
+        ("robot", "robot.profile.payload_mas=1", "payload_mas"),
     ],
 )
 def test_an_unknown_key_is_refused_with_the_key_named(name, override, key):

@@ -1,5 +1,5 @@
 """Schemas of `flywheel-server` and `flywheel-robot` (server.yaml, robot.yaml) and of the ``fleet``
-group, registered in Hydra's ConfigStore on import. Robot-side: no torch, no Ray."""
+group, registered in Hydra's ConfigStore on import. Robot-side: no torch, no Ray (MuJoCo: the simulated robot's)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from fleet.agent.config import AgentConfig, SimRobotConfig
-from fleet.conf.schema_tools import target_schema
+from fleet.conf.schema_tools import extend, fields_schema, target_schema
 from fleet.server.config import ServerConfig
 from fleet.store.config import StoreConfig
+from sim.variation import VariationProfile
 
 StoreSchema, ServerSchema, AgentSchema = target_schema(StoreConfig), target_schema(ServerConfig), target_schema(AgentConfig)
-SimRobotSchema = target_schema(SimRobotConfig, convert="all")
+# robot.profile is typed (VariationProfile's fields): robot.profile.payload_mass=0.5 needs no "+", a wrong type is refused by name
+ProfileSchema = fields_schema(VariationProfile, "ProfileSchema")
+SimRobotSchema = extend(target_schema(SimRobotConfig, convert="all"), "SimRobotAppSchema", profile=(ProfileSchema, ProfileSchema))
 
 
 @dataclasses.dataclass
