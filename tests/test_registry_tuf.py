@@ -283,6 +283,36 @@ def test_key_ceremonies_with_flywheel_registry_and_a_server_that_checks_its_key(
         server.stop()
 
 
+def test_a_ceremony_refuses_key_sets_that_weaken_the_root_before_making_anything(tmp_path, capsys):
+    """init once took --threshold 0 as 2, an online key that is also a root key (a stolen server would bring a root key),
+    and the same root key twice ("signed by 1/2", an empty registry left behind); rotate took --threshold 0 as absent."""
+    from fleet.apps.registry_keys import main
+    from fleet.registry.signing import load_signer
+    from fleet.registry.tuf_repo import init_root
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    r1, r2, online = (str(keys / n) for n in ("r1.pem", "r2.pem", "online.pem"))
+    for argv, reason in (
+        (["--root-key", r1, "--root-key", r2, "--threshold", "0", "--online-key", online], "--threshold 0: it must be 1..2"),
+        (["--root-key", r1, "--root-key", r2, "--threshold", "3", "--online-key", online], "--threshold 3: it must be 1..2"),
+        (["--root-key", r1, "--root-key", online, "--online-key", online], "is also a --root-key"),
+        (["--root-key", r1, "--root-key", r1, "--online-key", online], "is given twice"),
+    ):
+        assert main(["init", "--dir", str(reg), *argv]) == 1 and reason in capsys.readouterr().err, argv
+        assert not reg.exists() and not keys.exists()  # nothing made: no registry, no key files
+    same = load_signer(tmp_path / "k.pem", create=True)
+    for signers, online_key, reason in (([same, same], load_signer(online, create=True).public_key, "same root key is given twice"), ([same], same.public_key, "also a root key")):
+        with pytest.raises(ValueError, match=reason):  # the library checks the keys themselves (one key under two file names)
+            init_root(reg / "tuf", signers, 1, online_key)
+    assert not reg.exists()
+    assert main(["init", "--dir", str(reg), "--root-key", r1, "--root-key", r2, "--online-key", online]) == 0
+    capsys.readouterr()
+    assert main(["rotate", "--dir", str(reg), "--root-key", r1, "--root-key", r2, "--threshold", "0"]) == 1
+    assert "root threshold 0: it must be 1..2" in capsys.readouterr().err  # once: "rotate needs ... --threshold"
+    assert main(["rotate", "--dir", str(reg), "--root-key", r1, "--root-key", r2, "--online-key", r1]) == 1
+    assert "also a root key" in capsys.readouterr().err
+
+
 def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path, fleet):
     from fleet.registry.manifest import ROLLOUT_TARGET
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
@@ -49,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             if not args.root_key or not args.online_key:
                 parser.error("init needs --root-key (one or more) and --online-key")
-            root = init_root(tuf_dir, [load_signer(k, create=True) for k in args.root_key], args.threshold or min(2, len(args.root_key)), load_signer(args.online_key, create=True).public_key)
+            threshold = args.threshold if args.threshold is not None else min(2, len(args.root_key))
+            _check_key_files(args.root_key, args.online_key, threshold)
+            root = init_root(tuf_dir, [load_signer(k, create=True) for k in args.root_key], threshold, load_signer(args.online_key, create=True).public_key)
         elif args.command == "rotate":
-            if not args.root_key or not (args.online_key or args.new_root_key or args.threshold):
+            if not args.root_key or not (args.online_key or args.new_root_key or args.threshold is not None):
                 parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --new-root-key or --threshold")
             root = rotate_keys(
                 tuf_dir,
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     roles = {role: {"keyids": [k[:16] for k in root.roles[role].keyids], "threshold": root.roles[role].threshold} for role in ("root", *ONLINE_ROLES)}
     print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1))
     return 0
+
+
+def _check_key_files(root_keys: list[str], online_key: str, threshold: int) -> None:
+    """What init refuses, said before any key file is made (init_root checks the keys themselves too)."""
+    paths = [str(Path(k).resolve()) for k in root_keys]
+    if len(set(paths)) < len(paths):
+        raise ValueError(f"--root-key {next(k for k, p in zip(root_keys, paths) if paths.count(p) > 1)} is given twice: give {len(paths)} different key files, or fewer")
+    if str(Path(online_key).resolve()) in paths:
+        raise ValueError(f"--online-key {online_key} is also a --root-key: the server holds the online key, so give it its own key file")
+    if not 1 <= threshold <= len(paths):
+        raise ValueError(f"--threshold {threshold}: it must be 1..{len(paths)}, the number of --root-key files given")
 
 
 def _online_versions(repo: TufRepository) -> dict[str, int]:

@@ -378,11 +378,25 @@ def _verifies(root: Root, role: str, md: Metadata) -> bool:
 
 
 # -- key ceremonies (offline: they need root keys) -------------------------------------------------
+def check_key_set(root_keys: Sequence[Key], threshold: int, online_key: Key) -> None:
+    """ValueError unless the root keys are distinct, ``threshold`` is 1..their number, and the online key is none of
+    them: a server holds the online key, and a stolen server must not bring one of the offline root keys with it."""
+    ids = [k.keyid for k in root_keys]
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"the same root key is given twice (keyid {next(i for i in ids if ids.count(i) > 1)[:16]}...): give {len(ids)} different keys, or fewer")
+    if not 1 <= threshold <= len(ids):
+        raise ValueError(f"root threshold {threshold}: it must be 1..{len(ids)}, the number of root keys given")
+    if online_key.keyid in ids:
+        raise ValueError(
+            f"the online key (keyid {online_key.keyid[:16]}...) is also a root key: the server holds the online key, so a stolen server "
+            "would bring a root key with it; give the online key its own key file"
+        )
+
+
 def init_root(directory: str | Path, root_signers: Sequence[Signer], threshold: int, online_key: Key, *, expiry_s: Mapping[str, float] | None = None) -> Root:
     """Create root v1: ``root_signers``' keys with ``threshold`` for root, ``online_key`` for the
     online roles. The server signs targets, snapshot and timestamp when it first opens the registry."""
-    if not 1 <= threshold <= len(root_signers):
-        raise ValueError(f"root threshold {threshold} needs 1..{len(root_signers)} root keys")
+    check_key_set([s.public_key for s in root_signers], threshold, online_key)  # before any file is made
     repo = TufRepository(directory, {Root.type: root_signers}, expiry_s=expiry_s)
     if repo.initialised:
         raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
@@ -419,6 +433,9 @@ def rotate_keys(
             f"{len(foreign)} of the {len(root_signers)} root keys given (keyid {foreign[0].public_key.keyid[:16]}...) are not keys of "
             f"root v{current.version}, which names {len(trusted)} and needs {current.roles[Root.type].threshold} of them: sign with the root keys robots trust"
         )
+    root_keys = [s.public_key for s in new_root_signers] or [current.get_key(k) for k in trusted]
+    online = online_key if online_key is not None else current.get_key(current.roles[ONLINE_ROLES[0]].keyids[0])
+    check_key_set(root_keys, threshold if threshold is not None else current.roles[Root.type].threshold, online)  # the threshold stays unless given
     with repo.edit_root() as root:
         if online_key is not None:
             for role in ONLINE_ROLES:
@@ -431,7 +448,5 @@ def rotate_keys(
             for signer in new_root_signers:
                 root.add_key(signer.public_key, Root.type)
         if threshold is not None:
-            if not 1 <= threshold <= len(root.roles[Root.type].keyids):
-                raise ValueError(f"root threshold {threshold} needs 1..{len(root.roles[Root.type].keyids)} root keys")
             root.roles[Root.type].threshold = threshold
     return repo.require_root()
