@@ -274,6 +274,8 @@ def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, 
     assert not (tmp_path / "mixed").exists()  # nothing half-written left behind
     assert cli(["export", "--format", "mcap", "--store", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "no flywheel episode store at" in capsys.readouterr().err
+    assert cli(["import", "--format", "mcap", str(garbage), "--server", "127.0.0.1:8700"]) == 2  # no scheme: said before anything is read
+    assert "is not an http:// or https:// URL" in capsys.readouterr().err
     assert cli(["export", "--format", "mcap", "--store", str(garbage), "--out", str(tmp_path / "x")]) == 2
     assert "is a file" in capsys.readouterr().err
     assert cli(["export", "--format", "mcap", "--store", store["path"], "--snapshot", "1CECHNK5ZQ7YV0ZR3GB0", "--out", str(tmp_path / "x")]) == 2

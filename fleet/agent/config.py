@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 
+def check_server_url(url: str, name: str) -> None:
+    """ValueError unless ``url`` is an http(s) URL with a host (a typo would otherwise surface only when uploading)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise ValueError(f"{name} {url!r} is not an http:// or https:// URL of the fleet server (e.g. http://127.0.0.1:8700)")
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """How a robot's agent spools and uploads.
@@ -46,6 +53,7 @@ class AgentConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if not 0 < self.backoff_initial_s <= self.backoff_max_s:
             raise ValueError(f"need 0 < backoff_initial_s <= backoff_max_s, got {self.backoff_initial_s}, {self.backoff_max_s}")
+        check_server_url(self.server_url, "server_url")
 
     def load_token(self) -> str:
         """The robot's bearer token from ``token_file`` or the ``token_env`` variable."""

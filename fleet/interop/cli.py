@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from fleet.agent.config import check_server_url
 from fleet.interop.common import ImportOptions, InteropError, select, upload, write_to_store
 from sim.episode import SOURCES
 
@@ -96,13 +97,19 @@ def read_inputs(args: argparse.Namespace) -> list:
 
 
 def run_import(args: argparse.Namespace) -> dict:
+    token = None
+    if args.server:  # what is wrong with the destination is said before the inputs are read
+        try:
+            check_server_url(args.server, "--server")
+        except ValueError as exc:
+            raise InteropError(str(exc)) from None
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise InteropError(f"--server needs a robot token in ${args.token_env}; issue one with `python -m fleet.server.auth --tokens ... add --role robot --robot-id ...`")
     episodes = read_inputs(args)
     if args.store:
         result = write_to_store(episodes, args.store)
     else:
-        token = os.environ.get(args.token_env)
-        if not token:
-            raise InteropError(f"--server needs a robot token in ${args.token_env}; issue one with `python -m fleet.server.auth --tokens ... add --role robot --robot-id ...`")
         result = upload(episodes, args.server, token, spool_dir=args.spool)
     return {"command": "import", "format": args.format, "episodes": len(episodes), "episode_ids": [ep.episode_id for ep in episodes], **result}
 

@@ -284,4 +284,9 @@ def signed_policy_source(
     task = get_task(robot_model)
     trust = PolicyTrust(robot_model=robot_model, obs_dim=task.obs_dim, act_dim=task.act_dim, state_dir=state_dir)
     fallback = builtin_policy("zero", task.act_dim).current()
+    if not Path(root).is_file():
+        raise FileNotFoundError(
+            f"policy.root {root} {'is a folder' if Path(root).is_dir() else 'does not exist'}: give the registry's root metadata "
+            "(<registry>/tuf/metadata/root.json, copied from where the registry was made), or policy.root=null to pull no policy"
+        )
     return SignedPolicySource(server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s)
