@@ -77,7 +77,8 @@ def run_train(cfg: DictConfig) -> None:
 
 
 def _table(summary: dict, robot: str, algorithm: str) -> Table:
-    table = Table(title=f"{robot}, {algorithm}: {summary['env_steps']:,} env steps, {summary['workers']} worker(s), {summary['wall_s']:.0f} s")
+    title = f"{robot}, {algorithm}: {summary['env_steps']:,} env steps, {summary['workers']} worker(s), {summary['wall_s']:.0f} s"
+    table = Table(title=title, min_width=len(title))  # as wide as its title: a narrow table wrapped it mid-phrase
     for column in ("body", "mean return", "std", "failures"):
         table.add_column(column, justify="left" if column == "body" else "right")
     for body, r in summary["returns"].items():
