@@ -36,60 +36,60 @@ class _Connection(h11.Connection):
             raise
 
 
+class _Deadline:
+    """Closes ``protocol``'s connection if the client is still in ``state`` ``seconds`` after :meth:`arm` (armed once:
+    bytes trickled meanwhile do not extend it)."""
+
+    def __init__(self, protocol: JsonErrorsH11Protocol, state: type[h11.IDLE] | type[h11.SEND_BODY]):
+        self.protocol, self.state, self.handle = protocol, state, None
+
+    def arm(self) -> None:
+        if self.handle is None:
+            self.handle = self.protocol.loop.call_later(self.protocol.head_timeout_s, self._fire)
+
+    def disarm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _fire(self) -> None:
+        self.handle = None
+        transport = self.protocol.transport
+        if not transport.is_closing() and self.protocol.conn.their_state is self.state:
+            transport.close()
+
+
 class JsonErrorsH11Protocol(H11Protocol):
     head_timeout_s = 10.0  # protocol_class (below) gives each server its own
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.conn = _Connection(h11.SERVER, self.conn._max_incomplete_event_size)
+        self._head = _Deadline(self, h11.IDLE)  # a request line and headers still incomplete
+        self._drain = _Deadline(self, h11.SEND_BODY)  # the body of a request answered before it was read
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        self._head_deadline = self._drain_deadline = None
         super().connection_made(transport)
-        self._arm_head_deadline()
+        self._head.arm()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # a request head still incomplete
-            self._arm_head_deadline()
+            self._head.arm()
         else:
-            self._disarm_head_deadline()
+            self._head.disarm()
         if self.conn.their_state is not h11.SEND_BODY:  # the unread body ended: the connection goes on
-            self._disarm_drain_deadline()
+            self._drain.disarm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing() and self._drain_deadline is None:
-            self._drain_deadline = self.loop.call_later(self.head_timeout_s, self._drain_timed_out)
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self._drain.arm()
 
     def connection_lost(self, exc) -> None:
-        self._disarm_head_deadline()
-        self._disarm_drain_deadline()
+        self._head.disarm()
+        self._drain.disarm()
         super().connection_lost(exc)
-
-    def _disarm_drain_deadline(self) -> None:
-        if self._drain_deadline is not None:
-            self._drain_deadline.cancel()
-            self._drain_deadline = None
-
-    def _drain_timed_out(self) -> None:
-        self._drain_deadline = None
-        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
-            self.transport.close()
-
-    def _arm_head_deadline(self) -> None:
-        if self._head_deadline is None:  # armed once per request head: trickled bytes do not extend it
-            self._head_deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
-
-    def _disarm_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         detail = str(self.conn.protocol_error or "")[:200] if isinstance(self.conn, _Connection) else ""
