@@ -55,9 +55,8 @@ def signable_json(name: str, obj, field: str) -> bytes:
     """``obj`` as the canonical JSON a robot reads, or :class:`PublishRefused`: a value JSON cannot carry (NaN,
     infinities, text that is not Unicode), or a file over the size robots read (``MAX_JSON_BYTES``)."""
     try:
-        data = canonical_json(obj)
-        data.decode("ascii")  # json escapes a lone surrogate as text no strict reader decodes, a robot's included
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        data = canonical_json(obj)  # NaN and infinities raise here
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")  # a lone surrogate raises here (canonical_json would escape it as "\ud800")
     except (ValueError, TypeError, UnicodeError) as exc:
         raise PublishRefused(field, f"{name} would not be valid JSON ({exc.__class__.__name__}: {str(exc)[:200]}); send finite numbers and Unicode text") from None
     if len(data) > MAX_JSON_BYTES:
