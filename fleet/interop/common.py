@@ -38,11 +38,12 @@ def new_output(path: str | Path):
     try:
         yield path
     except BaseException:
-        if path.is_dir():
-            for child in path.iterdir() if existed else [path]:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif path.exists():
-            path.unlink()
+        written = list(path.iterdir()) if existed else [path]  # an empty folder given: keep it, remove what went in
+        for item in (p for p in written if p.exists()):
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
         raise
 
 
