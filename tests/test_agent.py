@@ -155,7 +155,7 @@ class _FailsOn:
                     code, reply, extra = status, b'{"error": "internal", "field": null, "reason": "boom"}', headers or {}
                 else:
                     accepted.append(Episode.from_bytes(body).episode_id)
-                    code, reply = 201, b"{}"
+                    code, reply = 201, json.dumps({"episode_id": accepted[-1], "status": "created"}).encode()  # the server's acknowledgement
                 self.send_response(code)
                 for k, v in extra.items():
                     self.send_header(k, v)

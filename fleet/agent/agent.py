@@ -52,14 +52,18 @@ class RobotAgent:
         self.spool.put(episode.to_bytes(), episode.episode_id)
 
     def status(self) -> dict:
-        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted, failed_attempts, last_error."""
+        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted,
+        rejected_evicted, failed_attempts, last_error (the last failed attempt's reason; None once one is acknowledged
+        after it), uploader_alive."""
         return {
             "robot_id": self.robot_id,
             "queue_depth": self.spool.depth,
             "queue_bytes": self.spool.nbytes,
             **self.uploader.stats,
             "evicted": self.spool.evicted,
+            "rejected_evicted": self.spool.rejected_evicted,
             "last_error": self.uploader.last_error,
+            "uploader_alive": self.uploader.alive,
         }
 
     def wait_drained(self, timeout: float) -> bool:

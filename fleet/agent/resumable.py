@@ -22,11 +22,16 @@ import threading
 import httpx
 import zstandard
 
+from fleet.agent.answers import error_code
 from fleet.agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 2  # transfers per attempt: a complete answered upload_incomplete or digest_mismatch sends (the rest) once more
 MAX_OFFSET_MISMATCHES = 8  # per attempt: 409 offset_mismatch answers followed before the attempt gives up
+MAX_STALLS = 3  # per attempt: chunks acknowledged (200) without the offset moving on before the attempt gives up
+MIN_CHUNK = 64 << 10  # the smallest chunk tried after a proxy refused one as too large (413 not in the server's JSON)
+# refusals about a transfer's state, not about the episode: the upload is mended or started again, never the episode refused
+TRANSFER_ERRORS = ("offset_mismatch", "chunk_too_large", "chunk_past_size", "bad_upload_offset", "chunk_incomplete", "upload_incomplete", "digest_mismatch")
 
 
 @dataclasses.dataclass
@@ -51,6 +56,7 @@ class ResumableSender:
 
     def __init__(self, client: httpx.Client, server_url: str, spool: Spool, compressor: zstandard.ZstdCompressor, stop: threading.Event):
         self.client, self.server_url, self.spool, self.compressor, self.stop = client, server_url, spool, compressor, stop
+        self.chunk_cap: int | None = None  # set when something on the way refused the server's chunk size
 
     def send(self, entry: SpoolEntry, data: bytes, compress: bool) -> Outcome:
         """One attempt at ``entry`` (its bytes ``data``); ``compress``: zstd for a new upload (a remembered one keeps its coding)."""
@@ -63,7 +69,7 @@ class ResumableSender:
             return self._transfer(entry, body, declared, remembered, outcome)
         except httpx.HTTPError as exc:  # the connection dropped: the next attempt resumes from the server's offset
             outcome.error = f"{exc.__class__.__name__}: {exc}"
-        except (KeyError, ValueError) as exc:  # an answer without the protocol's fields (a proxy's page, another server)
+        except (KeyError, ValueError, TypeError, OverflowError, AttributeError) as exc:  # an answer without the protocol's fields or values
             outcome.error = f"the server's answer is not the resumable upload protocol's ({exc.__class__.__name__}: {exc})"
         return outcome
 
@@ -78,13 +84,16 @@ class ResumableSender:
         if isinstance(started, httpx.Response):
             return outcome.settled(started)
         upload_id, offset, max_chunk = started
+        offset = _offset(offset, len(body))
+        if max_chunk < 1:
+            raise ValueError(f"max_chunk_bytes {max_chunk} is not a byte count")
         for _ in range(MAX_ROUNDS):
             if not self._put_from(entry, upload_id, body, offset, max_chunk, outcome):
                 return outcome
             answer = self.client.post(self._url(upload_id, "/complete"))
             if error_code(answer) not in ("upload_incomplete", "digest_mismatch"):
                 break
-            offset = int(answer.json()["offset"])  # the server's offset: the rest (or, after a digest mismatch, all) again
+            offset = _offset(answer.json()["offset"], len(body))  # the server's offset: the rest (or, after a digest mismatch, all) again
             log.warning("upload %s of episode %s: %s; sending again from offset %d", upload_id, entry.episode_id, answer.json()["reason"], offset)
         return outcome.settled(answer)
 
@@ -98,7 +107,7 @@ class ResumableSender:
             return None
         if answer.status_code != 200:
             return answer
-        return upload_id, int(answer.headers["upload-offset"]), int(answer.headers["upload-max-chunk-bytes"])
+        return upload_id, int(answer.headers["upload-offset"]), int(answer.headers["upload-max-chunk-bytes"])  # checked by _transfer
 
     def _create(self, entry: SpoolEntry, declared: dict) -> tuple[str, int, int] | httpx.Response:
         answer = self.client.post(f"{self.server_url}/v1/uploads", content=json.dumps(declared), headers={"Content-Type": "application/json"})
@@ -111,21 +120,34 @@ class ResumableSender:
     def _put_from(self, entry: SpoolEntry, upload_id: str, body: bytes, offset: int, max_chunk: int, outcome: Outcome) -> bool:
         """PUT the chunks from ``offset`` to the end: True once the server holds them all; False when the attempt
         ends here (``outcome`` says how)."""
-        view, mismatches = memoryview(body), 0
+        view, mismatches, stalls = memoryview(body), 0, 0
         while offset < len(body):
             if self.stop.is_set():
                 outcome.error = "stopped"
                 return False
-            chunk = view[offset : offset + max_chunk]
+            chunk = view[offset : offset + min(max_chunk, self.chunk_cap or max_chunk)]
             answer = self.client.put(self._url(upload_id), content=bytes(chunk), headers={"Upload-Offset": str(offset)})
             outcome.sent_bytes += len(chunk)
+            code = error_code(answer)
             if answer.status_code == 200:
-                offset, outcome.progressed = int(answer.json()["offset"]), True
-            elif error_code(answer) == "offset_mismatch" and mismatches < MAX_OFFSET_MISMATCHES:
-                offset, mismatches = int(answer.json()["offset"]), mismatches + 1
+                acknowledged = _offset(answer.json()["offset"], len(body))
+                stalls = stalls + 1 if acknowledged <= offset else 0
+                offset, outcome.progressed = acknowledged, outcome.progressed or stalls == 0
+                if stalls >= MAX_STALLS:
+                    outcome.error = f"upload {upload_id}: {stalls} chunks acknowledged without progress (offset {offset}); trying again later"
+                    return False
+            elif code == "offset_mismatch" and mismatches < MAX_OFFSET_MISMATCHES:
+                offset, mismatches = _offset(answer.json()["offset"], len(body)), mismatches + 1
             elif answer.status_code == 404:
                 self.spool.forget_upload(entry)
                 outcome.error = f"upload {upload_id} is gone from the server; the next attempt starts a new one"
+                return False
+            elif answer.status_code in (400, 409, 413):  # the transfer went wrong, not the episode: a new upload next time
+                if answer.status_code == 413 and code is None:  # a proxy's body limit under the server's chunk size
+                    self.chunk_cap = max(MIN_CHUNK, min(max_chunk, self.chunk_cap or max_chunk) // 2)
+                self._abort(upload_id)
+                self.spool.forget_upload(entry)
+                outcome.error = f"upload {upload_id}: a chunk was refused ({answer.status_code} {code or 'not the server'}'s answer); the next attempt starts a new upload"
                 return False
             else:
                 outcome.settled(answer)
@@ -150,10 +172,8 @@ def _usable(remembered: dict | None) -> dict | None:
     return remembered
 
 
-def error_code(response: httpx.Response) -> str | None:
-    """The ``error`` code of a JSON refusal, else None."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body.get("error") if isinstance(body, dict) else None
+def _offset(value, size: int) -> int:
+    """A server's offset into a body of ``size`` bytes; ValueError for anything else (negative, past the end, not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not 0 <= int(value) <= size:
+        raise ValueError(f"offset {value!r} is not a byte offset into {size} bytes")
+    return int(value)

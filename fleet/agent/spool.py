@@ -4,7 +4,9 @@ A spool file is complete or absent: it is written as ``NAME.partial``, fsynced, 
 to ``NAME`` and the directory fsynced; leftovers of a crash mid-write (``*.partial``) are
 deleted on open. Names start with a 20-digit sequence number, so the queue is FIFO across
 restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged).
-Episodes the server refuses for good are moved to ``rejected/`` with the server's reason.
+Episodes the server refuses for good are moved to ``rejected/`` with the server's reason; it holds at
+most ``max_bytes`` of them too, the oldest deleted first (``rejected_evicted``): a server or proxy that
+refuses everything cannot fill the robot's disk.
 
 An episode being sent through the resumable protocol has a sidecar ``NAME.upload.json`` (the server's
 upload id and what it was declared as; fleet/agent/resumable.py), written the same crash-safe way, so a
@@ -54,6 +56,7 @@ class Spool:
         self.changed = threading.Event()  # set whenever an episode is added
         self._lock = threading.Lock()
         self.evicted = 0
+        self.rejected_evicted = 0
         self.discarded_partials = 0
         for partial in self.directory.glob("*.partial"):
             partial.unlink()
@@ -124,18 +127,35 @@ class Spool:
             _sidecar(entry).unlink(missing_ok=True)
             entry.path.unlink(missing_ok=True)
 
-    def reject(self, entry: SpoolEntry, reason: dict) -> Path:
-        """Move an entry the server refused for good to ``rejected/``, with the reason beside it."""
+    def reject(self, entry: SpoolEntry, reason: dict) -> Path | None:
+        """Move an entry the server refused for good to ``rejected/``, with the reason beside it; None when it had been
+        evicted meanwhile (counted as evicted, not as refused)."""
         with self._lock:
             self._entries.pop(entry.path.name, None)
             _sidecar(entry).unlink(missing_ok=True)
             target = self.rejected_dir / entry.path.name
-            (self.rejected_dir / f"{entry.path.name}.reason.json").write_text(json.dumps(reason, indent=1))
             try:
                 os.replace(entry.path, target)
             except FileNotFoundError:
                 log.warning("spool %s: rejected episode %s had already been evicted", self.directory, entry.episode_id)
+                return None
+            (self.rejected_dir / f"{entry.path.name}.reason.json").write_text(json.dumps(reason, indent=1))
+            self._trim_rejected()
             return target
+
+    def _trim_rejected(self) -> None:
+        """Delete the oldest refused episodes (and reasons) while ``rejected/`` holds over ``max_bytes``."""
+        kept = sorted(self.rejected_dir.glob(f"*{SUFFIX}"))
+        sizes = {p: p.stat().st_size for p in kept}
+        total = sum(sizes.values())
+        for path in kept[:-1]:  # the newest stays: an operator must see at least the latest refusal
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".reason.json").unlink(missing_ok=True)
+            total -= sizes[path]
+            self.rejected_evicted += 1
+            log.warning("spool %s: rejected/ over %d bytes: deleted the oldest refused episode %s", self.directory, self.max_bytes, path.name)
 
     # -- resumable uploads (sidecars) ----------------------------------------------------
     def remember_upload(self, entry: SpoolEntry, upload: dict) -> None:

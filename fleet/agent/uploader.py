@@ -1,11 +1,21 @@
 """Background upload of spooled episodes: oldest first, retries with jittered exponential backoff.
 
 Per server answer (docs/protocol.md):
-    201 created, 200 duplicate         acknowledged: the spool file is deleted
-    400, 409, 413, 422                 refused for good: moved to spool/rejected/ with the reason
-    401, 403, 404, other 4xx           configuration problem (token, URL): kept, retried slowly
-    429, 503 with Retry-After          kept; the next attempt waits at least Retry-After
-    5xx, timeouts, connection errors   kept, retried with backoff (server down, restarting, busy)
+    201 created, 200 duplicate         acknowledged, when the answer is the server's JSON naming this episode
+                                       ({"episode_id", "status"}): the spool file is deleted. Any other 2xx (a
+                                       captive portal's page, another service) is not: kept, retried
+    400, 409, 413, 422                 refused for good, when the answer is the server's JSON refusal of the
+                                       episode (409: episode_id_conflict): moved to spool/rejected/ with the reason
+    413 not in the server's JSON       a proxy's body limit: the episode goes resumable, in chunks
+    401, 403, 404, other 4xx           configuration problem (token, URL, a proxy's page): kept, retried slowly
+    429, 502, 503, 504                 kept; the next attempt waits at least Retry-After (gateway errors are the
+                                       path's, not the episode's)
+    other 5xx, timeouts, connections   kept, retried with backoff (server down, restarting, busy)
+
+An answer is read raw (no content decoding), at most ``MAX_ANSWER_BYTES``, and must end within
+``request_timeout_s`` of its headers; an attempt that fails in any other way (an answer without the
+protocol's fields, a full disk) is a failed attempt too, with ``last_error`` saying why: the upload
+thread never dies.
 
 Compression (``compress=True``): once a server answer carries ``Accept-Encoding`` naming zstd
 (RFC 7694; flywheel-server sends it on every answer to an upload), uploads are sent zstd-compressed
@@ -29,7 +39,9 @@ the server works, and it is this episode it fails on), an episode that has faile
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import logging
+import math
 import random
 import threading
 import time
@@ -38,11 +50,13 @@ from collections.abc import Callable
 import httpx
 import zstandard
 
-from fleet.agent.resumable import ResumableSender, error_code
+from fleet.agent.answers import AnswerCappedClient, error_code
+from fleet.agent.resumable import TRANSFER_ERRORS, ResumableSender
 from fleet.agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
-PERMANENT = (400, 409, 413, 422)
+PERMANENT = (400, 409, 413, 422)  # the server's refusals of an episode, in its JSON shape (error_code)
+ACKNOWLEDGED = ("created", "duplicate")
 ZSTD_LEVEL = 3  # zstd's default: fast on a robot's CPU, most of the gain on float telemetry
 
 
@@ -70,8 +84,9 @@ class Uploader:
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.status_interval_s = status_interval_s
         self.on_ack = on_ack  # called with (episode_id, "created" | "duplicate") after each acknowledgement
-        self._client = httpx.Client(
-            timeout=request_timeout_s, headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+        self._client = AnswerCappedClient(
+            timeout=request_timeout_s,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream", "Accept-Encoding": "identity"},
         )
         self._rng = random.Random(seed)
         self._stop = threading.Event()
@@ -122,7 +137,7 @@ class Uploader:
             return self._failed(entry, f"{exc.__class__.__name__}: {exc}")
         self.stats["sent_bytes"] += len(body)
         self._zstd = self._zstd or _accepts_zstd(response)
-        if response.status_code == 413 and error_code(response) == "body_too_large":  # over this server's max_body_bytes
+        if response.status_code == 413 and error_code(response) in ("body_too_large", None):  # over the server's (or a proxy's) body limit
             log.info("episode %s (%d bytes) is over the server's body limit; sending it as a resumable upload", entry.episode_id, entry.nbytes)
             self._too_large.add(entry.episode_id)
             return self._send_resumable(entry, data)
@@ -149,27 +164,32 @@ class Uploader:
             self.compress = False
             log.warning("a zstd upload was refused with 415; uploading uncompressed from now on")
             return self._failed(entry, f"HTTP 415: {_json_or_text(response)}")
-        if response.status_code in (200, 201):
+        body = _json_or_text(response)
+        if 200 <= response.status_code < 300:
+            status = body.get("status") if body.get("episode_id") == entry.episode_id else None
+            if status not in ACKNOWLEDGED:  # not the server's acknowledgement of this episode: keep it
+                return self._failed(entry, f"HTTP {response.status_code} that does not acknowledge episode {entry.episode_id} ({str(body)[:200]}): is {self.server_url} the fleet server?")
             self.stats["compressed"] += int(compressed)
-            status = "created" if response.status_code == 201 else "duplicate"
             self.spool.remove(entry)
             self._blame.pop(entry.episode_id, None)
             self._too_large.discard(entry.episode_id)
             self.stats[status] += 1
-            self._failures, self._acks = 0, self._acks + 1
+            self._failures, self._acks, self.last_error = 0, self._acks + 1, None
             if self.on_ack is not None:
-                self.on_ack(entry.episode_id, status)
+                try:
+                    self.on_ack(entry.episode_id, status)
+                except Exception:  # the caller's hook: the acknowledgement stands
+                    log.exception("on_ack for episode %s raised", entry.episode_id)
             return "acked"
-        body = _json_or_text(response)
-        if response.status_code in PERMANENT:
-            self.spool.reject(entry, {"status": response.status_code, **body})
+        if _refuses_episode(response):
+            if self.spool.reject(entry, {"status": response.status_code, **body}) is not None:  # None: evicted meanwhile, counted there
+                self.stats["rejected"] += 1
             self._blame.pop(entry.episode_id, None)
             self._too_large.discard(entry.episode_id)
-            self.stats["rejected"] += 1
             log.error("server refused episode %s for good (%d %s); moved to %s", entry.episode_id, response.status_code, body, self.spool.rejected_dir)
             return "rejected"
         self._retry_after = _retry_after_s(response)
-        if response.status_code >= 500 and response.status_code != 503:  # the server failed on this episode: blame it
+        if response.status_code >= 500 and response.status_code not in (502, 503, 504):  # the server failed on this episode: blame it
             return self._blamed(entry, response.status_code, body)
         return self._failed(entry, f"HTTP {response.status_code}: {body}")
 
@@ -177,9 +197,9 @@ class Uploader:
         blame = self._blame.setdefault(entry.episode_id, _Blame(acks_at_first=self._acks))
         blame.failures += 1
         if blame.failures >= self.max_attempts and self._acks > blame.acks_at_first:  # others got through: it is this episode
-            self.spool.reject(entry, {"status": status, **body, "set_aside": f"failed {blame.failures} times while other episodes were accepted"})
+            set_aside = self.spool.reject(entry, {"status": status, **body, "set_aside": f"failed {blame.failures} times while other episodes were accepted"})
             del self._blame[entry.episode_id]
-            self.stats["set_aside"] += 1
+            self.stats["set_aside"] += int(set_aside is not None)
             self.stats["failed_attempts"] += 1
             log.error("episode %s set aside after %d failed uploads (%d %s); moved to %s", entry.episode_id, blame.failures, status, body, self.spool.rejected_dir)
             return "set_aside"
@@ -211,6 +231,11 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="flywheel-uploader", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the upload thread runs (False before start and after stop)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self.spool.changed.set()
@@ -221,7 +246,13 @@ class Uploader:
     def _run(self) -> None:
         next_status = time.monotonic() + self.status_interval_s
         while not self._stop.is_set():
-            outcome = self.upload_once()
+            try:
+                outcome = self.upload_once()
+            except Exception as exc:  # anything unforeseen (an answer of another shape, a full disk): a failed attempt, never a dead thread
+                log.exception("upload attempt failed")
+                self._failures += 1
+                self.stats["failed_attempts"] += 1
+                self.last_error, outcome = f"{exc.__class__.__name__}: {exc}", "retry"
             if time.monotonic() >= next_status:
                 log.info("upload queue: %d episodes (%d bytes), stats %s", self.spool.depth, self.spool.nbytes, self.stats)
                 next_status = time.monotonic() + self.status_interval_s
@@ -248,12 +279,26 @@ def _accepts_zstd(response: httpx.Response) -> bool:
     return "zstd" in codings
 
 
+def _refuses_episode(response: httpx.Response) -> bool:
+    """Whether an answer is the server's refusal of the episode itself (its JSON shape), not a proxy's page or a
+    transfer's state (a resumable upload's offsets and chunks are the uploader's to mend)."""
+    code = error_code(response)
+    if response.status_code not in PERMANENT or code is None or code in TRANSFER_ERRORS:
+        return False
+    return response.status_code != 409 or code == "episode_id_conflict"
+
+
 def _retry_after_s(response: httpx.Response) -> float:
-    """The Retry-After header in seconds (delta-seconds form; 0 when absent or not a number)."""
+    """The Retry-After header in seconds: delta-seconds or an HTTP-date (RFC 9110 10.2.3); 0 when absent or unreadable."""
+    value = response.headers.get("retry-after", "0").strip()
     try:
-        return max(0.0, float(response.headers.get("retry-after", "0")))
+        seconds = float(value)
     except ValueError:
-        return 0.0
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def _json_or_text(response: httpx.Response) -> dict:

@@ -1,0 +1,289 @@
+"""The robot's uploader against servers and proxies that misbehave: it is never stuck, never loses an episode to an
+answer that is not the server's acknowledgement, never refuses a good episode for a proxy's page, and says what is
+wrong in its status. Each server here is a real loopback HTTP server answering as a broken one would."""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from fleet.agent.agent import RobotAgent
+from fleet.agent.config import AgentConfig
+from fleet.agent.spool import Spool
+from fleet.agent.uploader import Uploader, _retry_after_s
+from sim.episode import Episode
+from tests.conftest import make_episode_arrays
+
+
+class Hostile:
+    """A loopback server whose answers come from ``answer(method, path, body) -> (status, headers, body bytes or an
+    iterable of chunks)``; it records the requests it got."""
+
+    def __init__(self, answer):
+        self.answer, self.requests = answer, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests.append((self.command, self.path))
+                status, headers, reply = outer.answer(self.command, self.path, body)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if isinstance(reply, bytes):
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for chunk in reply:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+            do_POST = do_PUT = do_HEAD = do_DELETE = _serve  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ack(body: bytes) -> tuple[int, dict, bytes]:
+    episode_id = Episode.from_bytes(body).episode_id
+    return 201, {"Content-Type": "application/json"}, json.dumps({"episode_id": episode_id, "status": "created"}).encode()
+
+
+def episode(seed: int) -> Episode:
+    return Episode.create(**make_episode_arrays(num_steps=5, seed=seed), robot_id="r0", robot_model="toy", source="real")
+
+
+def put(up: Uploader, seed: int) -> Episode:
+    ep = episode(seed)
+    up.spool.put(ep.to_bytes(), ep.episode_id)
+    return ep
+
+
+def uploader(tmp_path, url: str, **kw) -> Uploader:
+    spool = Spool(tmp_path / "spool", max_bytes=kw.pop("max_bytes", 1 << 30))
+    return Uploader(spool, url, "t", backoff_initial_s=0.01, backoff_max_s=0.05, request_timeout_s=kw.pop("request_timeout_s", 5.0), seed=0, **kw)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (200, {"Content-Type": "text/html"}, b"<html>Welcome to the hotel wifi</html>"),  # a captive portal
+        (201, {"Content-Type": "application/json"}, b"{}"),
+        (201, {"Content-Type": "application/json"}, b'{"episode_id": "00000000-0000-4000-8000-000000000000", "status": "created"}'),  # another episode
+        (200, {"Content-Type": "application/json"}, b'{"status": "error"}'),
+    ],
+    ids=["portal", "empty", "other_id", "error_status"],
+)
+def test_only_the_servers_acknowledgement_of_the_episode_lets_the_robot_delete_it(tmp_path, bad):
+    """Any 2xx once deleted the spooled episode: the four answers here lost four episodes the server never stored."""
+    fixed = threading.Event()
+    server = Hostile(lambda method, path, body: ack(body) if fixed.is_set() else bad)
+    up = uploader(tmp_path, server.url)
+    try:
+        put(up, 1)
+        assert up.upload_once() == "retry" and up.spool.depth == 1 and up.stats["created"] == 0
+        assert "does not acknowledge" in up.last_error
+        fixed.set()
+        assert up.upload_once() == "acked" and up.spool.depth == 0 and up.last_error is None  # cleared once one gets through
+    finally:
+        server.close()
+
+
+def test_a_proxys_refusals_never_refuse_a_good_episode_for_good(tmp_path):
+    """An nginx-style HTML 413 or 400 once moved good episodes to rejected/ for ever."""
+    pages = {"413": (413, {"Content-Type": "text/html"}, b"<html>413 Request Entity Too Large</html>"), "400": (400, {"Content-Type": "text/html"}, b"<html>400</html>")}
+    mode = {"now": "400"}
+
+    def answer(method, path, body):
+        if mode["now"] == "ok":
+            return ack(body)
+        return pages[mode["now"]] if path == "/v1/episodes" else (404, {}, b"")
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url)
+    try:
+        put(up, 2)
+        assert up.upload_once() == "retry" and up.spool.depth == 1 and not up.spool.rejected()
+        mode["now"] = "413"  # a proxy's body limit: the episode goes resumable (the proxy here knows no uploads: kept)
+        assert up.upload_once() == "retry" and up.spool.depth == 1 and not up.spool.rejected()
+        assert ("POST", "/v1/uploads") in server.requests
+        mode["now"] = "ok"
+        up._too_large.clear()
+        assert up.upload_once() == "acked"
+    finally:
+        server.close()
+
+
+def test_the_upload_thread_survives_answers_of_another_shape_and_reports_them(tmp_path):
+    """POST /v1/uploads answered 201 {"offset": null}: a TypeError killed the upload thread, and nothing said so."""
+    fixed = threading.Event()
+
+    def answer(method, path, body):
+        if fixed.is_set():
+            return ack(body) if path == "/v1/episodes" else (404, {}, b"")
+        if path == "/v1/uploads":
+            return 201, {"Content-Type": "application/json"}, b'{"upload_id": "u", "offset": null, "max_chunk_bytes": [1]}'
+        return 404, {}, b""  # the remembered upload: forgotten, so each attempt creates one again
+
+    server = Hostile(answer)
+    agent = RobotAgent(AgentConfig(server_url=server.url, spool_dir=str(tmp_path), backoff_initial_s=0.01, backoff_max_s=0.05, resumable_threshold_bytes=0), "r0", token="t")
+    try:
+        agent.start()
+        agent.submit(episode(3))
+        deadline = time.monotonic() + 10
+        while agent.status()["failed_attempts"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status = agent.status()
+        assert status["uploader_alive"] and status["failed_attempts"] >= 2 and "not the resumable upload protocol's" in status["last_error"], status
+        agent.uploader.resumable_threshold_bytes = 1 << 30
+        fixed.set()
+        assert agent.wait_drained(10), agent.status()
+        assert agent.status()["created"] == 1 and agent.status()["last_error"] is None
+    finally:
+        agent.stop(5)
+        server.close()
+
+
+def test_chunks_acknowledged_without_progress_end_the_attempt(tmp_path):
+    """A PUT answered 200 at the same offset looped ~23 times a second for ever."""
+    def answer(method, path, body):
+        if path == "/v1/uploads":
+            return 201, {"Content-Type": "application/json"}, b'{"upload_id": "u", "offset": 0, "max_chunk_bytes": 100}'
+        if method == "PUT":
+            return 200, {"Content-Type": "application/json"}, b'{"offset": 0}'
+        return 404, {}, b""
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, resumable_threshold_bytes=0)
+    try:
+        put(up, 4)
+        assert up.upload_once() == "retry" and "without progress" in up.last_error
+        assert sum(method == "PUT" for method, _ in server.requests) == 3  # MAX_STALLS, then back off
+    finally:
+        server.close()
+
+
+def test_offset_mismatches_and_refused_chunks_start_a_new_upload_and_never_refuse_the_episode(tmp_path):
+    """Nine 409 offset_mismatch answers in one attempt (replicas without shared staging) once rejected the episode."""
+    flip = {"n": 0}
+
+    def answer(method, path, body):
+        if path == "/v1/uploads":
+            return 201, {"Content-Type": "application/json"}, b'{"upload_id": "u", "offset": 0, "max_chunk_bytes": 100}'
+        if method == "PUT":
+            flip["n"] += 1
+            return 409, {"Content-Type": "application/json"}, json.dumps({"error": "offset_mismatch", "field": "upload-offset", "reason": "x", "offset": flip["n"] % 2 * 50}).encode()
+        return 200, {}, b""
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, resumable_threshold_bytes=0)
+    try:
+        put(up, 5)
+        assert up.upload_once() == "retry" and up.spool.depth == 1 and not up.spool.rejected()
+        assert ("DELETE", "/v1/uploads/u") in server.requests  # the half-sent upload is given back, not left to expire
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["trickle", "endless", "bomb"])
+def test_an_answer_that_never_ends_or_explodes_costs_a_bounded_wait_and_memory(tmp_path, kind):
+    """With request_timeout_s=2 an answer trickled a byte a second kept an upload in flight past 12 s; a 500 MiB answer
+    raised the robot's memory by 500 MiB, a 400 KB gzip answer by 1.8 GB."""
+    sent = {"bytes": 0}
+
+    def chunks():
+        for _ in range(10_000):
+            piece = b"x" if kind == "trickle" else b"y" * (1 << 20)
+            sent["bytes"] += len(piece)
+            yield piece
+            if kind == "trickle":
+                time.sleep(0.1)
+
+    def answer(method, path, body):
+        if kind == "bomb":
+            return 201, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, gzip.compress(b"{" + b" " * (100 << 20) + b"}")
+        return 201, {"Content-Type": "application/json"}, chunks()
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, request_timeout_s=1.0)
+    try:
+        put(up, 6)
+        start = time.monotonic()
+        assert up.upload_once() == "retry" and up.spool.depth == 1  # not an acknowledgement, and over in bounded time
+        assert time.monotonic() - start < 5
+        assert kind != "endless" or sent["bytes"] < (64 << 20)  # the rest of the answer was not read
+    finally:
+        server.close()
+
+
+def test_gateway_errors_never_set_an_episode_aside(tmp_path):
+    """Random 502s from a gateway in front of a healthy server set good episodes aside (~0.7^8 of them)."""
+    count = {"n": 0}
+
+    def answer(method, path, body):
+        count["n"] += 1
+        return (502, {}, b"<html>Bad Gateway</html>") if count["n"] % 3 else ack(body)
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, max_attempts=2)
+    try:
+        for seed in range(6):
+            put(up, 10 + seed)
+        for _ in range(60):
+            if up.upload_once() == "empty":
+                break
+        assert up.stats["created"] == 6 and up.stats["set_aside"] == 0 and not up.spool.rejected()
+    finally:
+        server.close()
+
+
+def test_refused_episodes_are_kept_within_the_spools_bound(tmp_path):
+    """rejected/ grew without limit: a proxy refusing everything could fill the robot's disk."""
+    server = Hostile(lambda method, path, body: (422, {"Content-Type": "application/json"}, b'{"error": "bad_shape", "field": "action", "reason": "x"}'))
+    size = len(episode(0).to_bytes())
+    up = uploader(tmp_path, server.url, max_bytes=3 * size + 10)
+    try:
+        for seed in range(10):
+            last = put(up, 20 + seed)
+            assert up.upload_once() == "rejected"
+        kept = up.spool.rejected()
+        assert len(kept) == 3 and up.spool.rejected_evicted == 7 and kept[-1].name.endswith(f"{last.episode_id}.safetensors")
+        assert len(list((tmp_path / "spool" / "rejected").glob("*.reason.json"))) == 3
+    finally:
+        server.close()
+
+
+def test_retry_after_in_either_form():
+    def response(value: str) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": value})
+
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 < _retry_after_s(response(in_a_minute)) <= 61  # once 0: the HTTP-date form was ignored
+    assert _retry_after_s(response("7")) == 7 and _retry_after_s(response("nan")) == 0 and _retry_after_s(response("-3")) == 0
+    assert _retry_after_s(response("inf")) == 0 and _retry_after_s(response("soon")) == 0
