@@ -1,6 +1,7 @@
-"""The robot's uploader against servers and proxies that misbehave: it is never stuck, never loses an episode to an
+"""The robot against servers and proxies that misbehave: its uploader is never stuck, never loses an episode to an
 answer that is not the server's acknowledgement, never refuses a good episode for a proxy's page, and says what is
-wrong in its status. Each server here is a real loopback HTTP server answering as a broken one would."""
+wrong in its status; a trickling registry holds a policy poll for a bounded time. Each server here is a real loopback
+HTTP server answering as a broken one would."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Hostile:
                     pass
                 self.close_connection = True
 
-            do_POST = do_PUT = do_HEAD = do_DELETE = _serve  # noqa: N815
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _serve  # noqa: N815
 
             def log_message(self, *args):
                 pass
@@ -287,3 +288,30 @@ def test_retry_after_in_either_form():
     assert 55 < _retry_after_s(response(in_a_minute)) <= 61  # once 0: the HTTP-date form was ignored
     assert _retry_after_s(response("7")) == 7 and _retry_after_s(response("nan")) == 0 and _retry_after_s(response("-3")) == 0
     assert _retry_after_s(response("inf")) == 0 and _retry_after_s(response("soon")) == 0
+
+
+def test_a_registry_that_trickles_its_files_holds_a_policy_poll_for_a_bounded_time(tmp_path):
+    """A timestamp.json or weights trickled a byte a second held SignedPolicySource.current(), and so the robot's
+    control loop, for as long as the file lasted (TUF reads a timestamp up to 16 KiB: ~4.5 h)."""
+    from tuf.api import exceptions as tuf_errors
+
+    from fleet.registry.fetcher import TokenFetcher
+
+    def trickle():
+        for _ in range(10_000):
+            yield b" "
+            time.sleep(0.05)
+
+    server = Hostile(lambda method, path, body: (200, {"Content-Type": "application/octet-stream"}, trickle()))
+    fetcher = TokenFetcher(httpx.Client(timeout=5.0), revalidate={f"{server.url}/v1/tuf/metadata/timestamp.json"},
+                           partial_dir=tmp_path / "partial", resume_prefix=f"{server.url}/v1/tuf/targets/", deadline_s=1.0)  # fmt: skip
+    try:
+        for url in (f"{server.url}/v1/tuf/metadata/timestamp.json", f"{server.url}/v1/tuf/targets/abc.weights.safetensors"):
+            start, got = time.monotonic(), 0
+            with pytest.raises(tuf_errors.DownloadError, match="not finished 1 s after its headers"):
+                for chunk in fetcher._fetch(url):
+                    got += len(chunk)
+            assert time.monotonic() - start < 3 and got > 0
+        assert fetcher.partial_path(f"{server.url}/v1/tuf/targets/abc.weights.safetensors").stat().st_size > 0  # kept for the next poll
+    finally:
+        server.close()

@@ -22,12 +22,17 @@ what they hand back is still verified as if it had come whole off the network:
   starts over; a 416 drops the partial and asks again. A partial is deleted once its download
   has run to the end (whether TUF then accepts it or not: a refused file is fetched whole next
   time) and when TUF stops reading early (more bytes than it expects).
+* **A deadline per download** (``deadline_s``): a body that has not ended ``deadline_s`` after its
+  headers is cut (a DownloadError: the robot keeps its policy and counts a pull error). A registry
+  that trickles its files cannot hold the robot's control loop for hours; a target's bytes received
+  so far stay in its partial file, so a slow link still gets the whole file over several polls.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -55,8 +60,9 @@ class TokenFetcher(FetcherInterface):
         revalidate: Collection[str] = (),
         partial_dir: str | Path | None = None,
         resume_prefix: str = "",
+        deadline_s: float = 30.0,
     ):
-        self.client, self.chunk_size = client, chunk_size
+        self.client, self.chunk_size, self.deadline_s = client, chunk_size, deadline_s
         self.revalidate = frozenset(revalidate)
         self.partial_dir = Path(partial_dir) if partial_dir is not None else None
         self.resume_prefix = resume_prefix
@@ -83,8 +89,12 @@ class TokenFetcher(FetcherInterface):
         return response
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        start = time.monotonic()
         try:
-            yield from response.iter_bytes()  # as they arrive: a cut connection loses none of what came
+            for chunk in response.iter_bytes():  # as they arrive: a cut connection loses none of what came
+                yield chunk
+                if time.monotonic() - start > self.deadline_s:
+                    raise tuf_errors.DownloadError(f"GET {response.url}: not finished {self.deadline_s:g} s after its headers; the next poll goes on")
         except httpx.HTTPError as exc:
             raise tuf_errors.DownloadError(f"GET {response.url}: {exc}") from None
         finally:

@@ -86,8 +86,9 @@ class SignedPolicySource:
         self.metadata_dir, self.targets_dir = trust.state_dir / "tuf" / "metadata", trust.state_dir / "tuf" / "targets"
         self.metadata_url, self.targets_url = f"{self.url}/v1/tuf/metadata/", f"{self.url}/v1/tuf/targets/"
         self._fetcher = TokenFetcher(  # polls timestamp.json with If-None-Match; resumes targets beside TUF's download cache
-            self._client, revalidate={f"{self.metadata_url}timestamp.json"}, partial_dir=self.targets_dir, resume_prefix=self.targets_url
-        )
+            self._client, revalidate={f"{self.metadata_url}timestamp.json"}, partial_dir=self.targets_dir, resume_prefix=self.targets_url,
+            deadline_s=3 * request_timeout_s,  # a trickling registry holds a poll (between episodes) for a bounded time
+        )  # fmt: skip
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         if not (self.metadata_dir / "root.json").exists():
             if root is None:
