@@ -18,6 +18,8 @@ import math
 import os
 from pathlib import Path
 
+from sim.durable import write_durably
+
 log = logging.getLogger(__name__)
 ITERATION, POLICY_STEPS = "iteration", "policy/env_steps"
 ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration", "gate", "rollout", "eval")
@@ -39,14 +41,17 @@ class TrackerError(RuntimeError):
 class Tracker:
     def __init__(
         self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,
-        name: str | None = None, step_metric: str = ITERATION,
+        name: str | None = None, step_metric: str = ITERATION, redo_from: int | None = None,
     ):  # fmt: skip
         """``step_metric``: what :meth:`log`'s ``step`` is, the x axis of every namespace (the loop's iteration;
-        `flywheel-train`'s learner steps)."""
+        `flywheel-train`'s learner steps). ``redo_from``: a resumed run redoes the steps from this one, so the rows
+        ``metrics.jsonl`` holds for them (an interrupted attempt's) are dropped first: each step is logged once."""
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if redo_from is not None:
+            _drop_rows_from(self.run_dir / "metrics.jsonl", redo_from)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb_run, self.step_metric = None, step_metric
         if mode != "disabled":
@@ -143,3 +148,14 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _drop_rows_from(path: Path, step: int) -> None:
+    """Rewrite the JSONL log ``path`` without its rows at ``step`` or later (durably: whole or as it was)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", -1) < step]
+    if len(kept) < len(lines):
+        write_durably(path, "".join(f"{line}\n" for line in kept).encode())
+        log.info("metrics.jsonl: dropped %d rows of steps >= %d (an interrupted attempt's; redone now)", len(lines) - len(kept), step)

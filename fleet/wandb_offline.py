@@ -43,8 +43,12 @@ def read_records(path: Path) -> list:
 
 
 def offline_run(wandb_dir: Path) -> dict:
-    """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}]}."""
-    (path,) = Path(wandb_dir).glob("offline-run-*/run-*.wandb")
+    """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}]} of
+    the newest offline run in ``wandb_dir`` (a resumed run folder holds one per start: their names begin with their time)."""
+    runs = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    if not runs:
+        raise FileNotFoundError(f"no W&B offline run in {wandb_dir} (offline-run-*/run-*.wandb)")
+    path = runs[-1]
     records = read_records(path)
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item} for r in records if r.HasField("history")]
     metrics = {r.metric.name or r.metric.glob_name: r.metric.step_metric for r in records if r.HasField("metric")}

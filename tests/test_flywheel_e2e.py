@@ -147,6 +147,8 @@ def test_a_crash_mid_iteration_resumes_without_duplicates_or_loss(tmp_path, monk
     assert summary["iterations"][-1]["sensor_offsets"]["robot-1"] == pytest.approx(0.1, abs=0.01)
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(x.get("calibration/robot-1/sensor_offset", 0) == pytest.approx(0.1, abs=0.01) for x in logged)
+    assert sorted(x["step"] for x in logged if "fleet/return_mean" in x) == [0, 1, 2]  # the interrupted attempt's rows dropped, then the closing round
+    assert sorted(p.name for p in (run / "worldmodel").iterdir()) == ["iter001"]  # each iteration's model in its own folder: the redo began where the attempt did
     assert "robot-0" not in summary["iterations"][-1]["sensor_offsets"]  # a clean sensor gets none
     registry = open_registry(run / "registry", run / "keys" / "online.pem")
     offsets = registry.manifest(registry.rollout()["stable"])["sensor_offsets"]  # in the release the robots run, under TUF

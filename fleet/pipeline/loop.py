@@ -3,8 +3,10 @@
 
 Everything lives in the run folder, so a crashed run resumes from its last finished
 iteration (``state.json``): the store, the registry, the robots' spools and trusted
-policies, the world model and the policy checkpoints. Synthetic episodes have deterministic
-ids, so a repeated iteration stores nothing twice.
+policies, the world model (one folder per iteration: a redo starts from the model its first
+attempt started from) and the policy checkpoints. Synthetic episodes have deterministic
+ids, so a repeated iteration stores nothing twice. A release the interrupted iteration left
+in the registry (``release.json``) is settled before the redo (``Flywheel._settle_release``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ from sim.sensor_filter import filter_vectors, filtered_episodes
 from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
+RELEASE_FILE = "release.json"  # an iteration's release in progress (the iteration, its export): what a resume settles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,12 @@ class Flywheel:
         self.state.setdefault("sensor_beliefs", {})  # robot id -> what its calibrations say of its sensor offset (sim/sensors.py)
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
+        gone = sorted(set(self.state["real_steps"]) - set(self.specs), key=lambda r: (len(r), r))
+        if gone:  # their telemetry is in the store: calibration and the gate would look for robots no longer there
+            raise ValueError(
+                f"run_dir {self.run_dir} holds a run of {len(self.state['real_steps'])} robots; loop.num_robots={self.settings.num_robots} "
+                f"would drop {', '.join(gone)}: resume with loop.num_robots >= {len(self.state['real_steps'])} (it may grow, not shrink), or set a new run_dir"
+            )
         self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
@@ -148,20 +158,25 @@ class Flywheel:
         s = self.settings
         if not self.state_path.exists():  # a new run records its settings (one of an earlier build has none: it is not checked)
             record_run_settings(self.run_dir, self.run_settings)
-        with Services(self.cfg, self.run_dir, sorted(self.specs)) as svc:
+        done, redo_from = self.state["next_iteration"], None
+        if done and (self.state.get("final") is None or done < s.iterations):  # a resumed run logs again from its next iteration
+            redo_from = done
+        with Services(self.cfg, self.run_dir, sorted(self.specs), redo_from=redo_from) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
             try:
                 if self.state["next_iteration"]:
                     log.info("resuming after iteration %d", self.state["next_iteration"] - 1)
+                self._settle_release()
                 for k in range(self.state["next_iteration"], s.iterations):
                     record = self._iteration(k)
                     self.state["history"].append(record)
                     self.state["next_iteration"], self.state["final"] = k + 1, None
                     self._save_state()
+                    (self.run_dir / RELEASE_FILE).unlink(missing_ok=True)
                 if self.state.get("final") is None:  # the fleet runs the last release: what the loop delivered
                     with self.progress.task("closing round: robots act and upload on the last release", total=None):
-                        self.state["final"] = self._telemetry(s.iterations)
+                        self.state["final"] = self._telemetry(s.iterations, f"closing round after iteration {s.iterations - 1}")
                     self._save_state()
                 return self._finish()
             finally:
@@ -179,6 +194,39 @@ class Flywheel:
 
     def _save_state(self) -> None:
         write_durably(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+        kept = self.state.get("worldmodel")
+        for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
+            if old != Path(kept):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _settle_release(self) -> None:
+        """After a crash between an iteration's release and its saved state, make the registry and the state agree
+        before the iteration is redone: a canary it left is rolled back; a release it widened (the fleet runs it) becomes
+        the state's current policy, its export kept apart from the redo's."""
+        marker = read_run_file(self.run_dir / RELEASE_FILE)
+        if marker is None:
+            return
+        registry, k = self.svc.registry, int(marker["iteration"])
+        rollout, note = registry.rollout(), f"iteration {k}"
+        current = (self.state["current"] or {}).get("version")
+        if rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note:
+            registry.rollback(f"the run stopped during iteration {k}'s canary; the iteration is redone")
+            log.warning("iteration %d's canary v%d was left by an interrupted run: rolled back; redoing the iteration", k, rollout["canary"])
+        elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note:
+            kept = self.run_dir / "policies" / f"iter{k:03d}-released"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(marker["export"], kept)
+            self.state["current"] = {"version": rollout["stable"], "checkpoint": None, "export": str(kept)}
+            self._save_state()
+            log.warning("iteration %d's release v%d was widened before the run stopped: the fleet runs it, the redone iteration gates against it", k, rollout["stable"])
+        (self.run_dir / RELEASE_FILE).unlink()
+
+    def _world_model_dir(self) -> Path | None:
+        """The model the last finished iteration left (a run of an earlier build kept it in worldmodel/ itself)."""
+        if self.state.get("worldmodel"):
+            return Path(self.state["worldmodel"])
+        legacy = self.run_dir / "worldmodel"
+        return legacy if legacy.is_dir() else None
 
     def _act(self, robot_ids: list[str], episodes: int, call: str) -> list[dict]:
         """``call`` names the round (unique in the run): a robot restarted mid-round resumes it (simfleet.py)."""
@@ -189,11 +237,13 @@ class Flywheel:
         return summaries
 
     # -- one iteration ----------------------------------------------------------------------
-    def _telemetry(self, k: int) -> dict:
+    def _telemetry(self, k: int, call: str | None = None) -> dict:
         """Every robot runs what it holds for ``episodes_per_robot`` episodes and uploads them: the
-        iteration's record of returns, the versions run and the real steps used so far (logged)."""
+        iteration's record of returns, the versions run and the real steps used so far (logged at step ``k``).
+        ``call``: the round's name (default: iteration k's); the closing round has its own, so that a run resumed
+        with more iterations runs iteration k afresh rather than replaying the closing round's episodes."""
         s = self.settings
-        telemetry = self._act(sorted(self.robots), s.episodes_per_robot, f"iteration {k}: telemetry")
+        telemetry = self._act(sorted(self.robots), s.episodes_per_robot, call or f"iteration {k}: telemetry")
         fleet_returns = steps.mean_returns(telemetry)
         real_steps = self.state["real_steps"]
         for t in telemetry:
@@ -228,9 +278,11 @@ class Flywheel:
         seen = steps.seen_bodies(profiles, on_board)  # the bodies the policy is told it drives: a filtered sensor as a clean one
 
         with self.progress.task(f"iteration {k}: world model"):
+            model_dir = self.run_dir / "worldmodel" / f"iter{k:03d}"  # the last finished iteration's model stays as it was
             model, wm_report, wm_version = self.training.world_model(
-                real, sim, self.run_dir / "worldmodel", self.built.ensemble, self.built.wm_train, cfg.worldmodel.train.device
+                real, sim, self._world_model_dir(), model_dir, self.built.ensemble, self.built.wm_train, cfg.worldmodel.train.device
             )
+            self.state["worldmodel"] = str(model_dir)
             record["world_model"] = {
                 "version": wm_version, "val_mse": wm_report.elite_val_mse, "steps": wm_report.steps, "train_transitions": wm_report.train_transitions
             }
@@ -341,6 +393,7 @@ class Flywheel:
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = sorted(self.robots)[: s.num_canaries]
+        write_durably(self.run_dir / RELEASE_FILE, json.dumps({"iteration": k, "export": str(export_dir)}).encode())  # _settle_release's clue
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
             policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **on_robot, note=f"iteration {k}",

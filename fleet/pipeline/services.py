@@ -45,7 +45,7 @@ def _ray_task(fn, job):
 
 
 class Services(contextlib.AbstractContextManager):
-    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str]):
+    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str], redo_from: int | None = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
@@ -73,7 +73,7 @@ class Services(contextlib.AbstractContextManager):
         self.store = EpisodeStore.open(run_writer(self.store_cfg, "synthetic"))  # scenario and world-model episodes
         self.tracker = Tracker(
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-            config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name,
+            config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name, redo_from=redo_from,
         )
         # the run's own store and registry, not the YAML's paths
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})

@@ -74,19 +74,20 @@ class Training:
         # (max_calls=1: no CUDA context or cached GPU memory left in a reused worker; ray#29624)
         return ray.remote(**self.task_options(cpus))(fn)
 
-    def world_model(self, real, sim, model_dir: Path, ensemble_cfg, train_cfg, device: str):
-        """Continue the model saved in ``model_dir`` (or start one) on ``real`` + ``sim``; the new model is
-        saved there. Returns (model, report, version), the model loaded on ``device`` here."""
+    def world_model(self, real, sim, previous_dir: Path | None, model_dir: Path, ensemble_cfg, train_cfg, device: str):
+        """Continue the model saved in ``previous_dir`` (None or empty: start one) on ``real`` + ``sim``; the new
+        model is saved in ``model_dir`` (another folder: an iteration redone after a crash starts from the same
+        model as its first attempt did). Returns (model, report, version), the model loaded on ``device`` here."""
         from worldmodel.io import META_FILE, load, save
 
-        exists = (model_dir / META_FILE).exists()
+        exists = previous_dir is not None and (previous_dir / META_FILE).exists()
         if not self.on_cluster:
-            previous = load(model_dir, device=device) if exists else None
+            previous = load(previous_dir, device=device) if exists else None
             model, report, version = steps.update_world_model(real, sim, previous, ensemble_cfg, train_cfg, None)
             save(model, model_dir)
             return model, report, version
         job = {
-            "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(model_dir) if exists else None,
+            "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(previous_dir) if exists else None,
             "ensemble": ensemble_cfg, "train": train_cfg,
         }  # fmt: skip
         out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))

@@ -1,0 +1,84 @@
+"""What a resumed flywheel run finds and settles before it redoes an interrupted iteration: a release the iteration
+left half done (a canary, or a release widened before the state was saved), its log rows, its robots. The loop's
+end-to-end crash test is tests/test_flywheel_e2e.py; these check each rule on a real registry, without Ray."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fleet.pipeline.loop import RELEASE_FILE, Flywheel
+from fleet.registry.store import open_registry
+from fleet.tracking import Tracker
+from tests.test_policy_pull_http import SPEC, exported
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def flywheel(run_dir: Path, *overrides: str) -> Flywheel:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("flywheel", overrides=["loop.num_robots=2", "wandb.mode=disabled", f"run_dir={run_dir}", *overrides])
+    return Flywheel(cfg, run_dir)
+
+
+def interrupted_release(tmp_path, widened: bool) -> tuple[Flywheel, object]:
+    """A run whose iteration 0 published v2 (v1 stable before it) and stopped before saving its state."""
+    run = tmp_path / "run"
+    registry = open_registry(run / "registry", run / "keys" / "online.pem", root_keys=[run / "keys" / f"root-{i}.pem" for i in (1, 2, 3)])
+    weights, manifest = exported(tmp_path, "p")
+    registry.publish(weights, policy=manifest, **SPEC, note="an earlier run's")
+    export = run / "policies" / "iter000" / "export"
+    export.mkdir(parents=True)
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    (run / RELEASE_FILE).write_text(json.dumps({"iteration": 0, "export": str(export)}))
+    registry.publish(weights, policy=manifest, **SPEC, cohort=["robot-0"], note="iteration 0")
+    if widened:
+        registry.widen()
+    fw = flywheel(run)
+    fw.state["current"] = {"version": 1, "checkpoint": None, "export": "somewhere"}
+    fw.svc = types.SimpleNamespace(registry=registry)
+    return fw, registry
+
+
+def test_a_canary_left_by_an_interrupted_iteration_is_rolled_back_before_the_redo(tmp_path):
+    """Once the redo's robot-0 ran the abandoned canary v2 for its telemetry, and v2 was never rolled back or widened."""
+    fw, registry = interrupted_release(tmp_path, widened=False)
+    fw._settle_release()
+    rollout = registry.rollout()
+    assert rollout["canary"] is None and rollout["stable"] == 3  # v1's weights again, under a new version
+    assert [(e["version"], e["event"]) for e in rollout["history"]][-2:] == [(3, "stable"), (2, "rolled_back")]
+    assert fw.state["current"]["version"] == 1 and not (fw.run_dir / RELEASE_FILE).exists()
+
+
+def test_a_release_widened_by_an_interrupted_iteration_becomes_the_current_policy(tmp_path):
+    """Once the redo gated its candidate against the zero policy while every robot ran the widened v2."""
+    fw, registry = interrupted_release(tmp_path, widened=True)
+    fw._settle_release()
+    assert registry.rollout()["stable"] == 2 and fw.state["current"]["version"] == 2
+    kept = Path(fw.state["current"]["export"])
+    assert kept != fw.run_dir / "policies" / "iter000" / "export" and (kept / "manifest.json").exists()  # the redo cannot overwrite it
+    assert json.loads((fw.run_dir / "state.json").read_text())["current"]["version"] == 2  # saved at once
+    assert not (fw.run_dir / RELEASE_FILE).exists()
+
+
+def test_a_resume_drops_the_interrupted_iterations_log_rows(tmp_path):
+    """metrics.jsonl was appended to: the interrupted attempt's rows stayed beside the redo's (up to 25 pairs twice)."""
+    rows = [{"step": 0, "fleet/return_mean": 1.0}, {"step": 1, "fleet/return_mean": 2.0}, {"step": 1, "gate/x": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Tracker(tmp_path, mode="disabled", redo_from=1).log({"fleet/return_mean": 2.5}, 1)
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [rows[0], {"step": 1, "fleet/return_mean": 2.5}]
+
+
+def test_fewer_robots_on_resume_are_refused_before_anything_runs(tmp_path):
+    """loop.num_robots may grow on resume; a shrink once ran the robots, then failed with a KeyError for the one gone."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text(json.dumps({"next_iteration": 1, "current": None, "learner": None, "history": [], "real_steps": {"robot-0": 5, "robot-1": 5}}))
+    with pytest.raises(ValueError, match=r"would drop robot-1: resume with loop.num_robots >= 2"):
+        flywheel(run, "loop.num_robots=1")
+    assert flywheel(run, "loop.num_robots=3").specs.keys() == {"robot-0", "robot-1", "robot-2"}
