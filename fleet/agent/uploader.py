@@ -50,7 +50,7 @@ from collections.abc import Callable
 import httpx
 import zstandard
 
-from fleet.agent.answers import AnswerCappedClient, error_code
+from fleet.agent.answers import AnswerCappedClient, error_code, json_body
 from fleet.agent.resumable import TRANSFER_ERRORS, ResumableSender
 from fleet.agent.spool import Spool, SpoolEntry
 
@@ -302,8 +302,5 @@ def _retry_after_s(response: httpx.Response) -> float:
 
 
 def _json_or_text(response: httpx.Response) -> dict:
-    try:
-        body = response.json()
-        return body if isinstance(body, dict) else {"body": body}
-    except ValueError:
-        return {"body": response.text[:500]}
+    """The answer's JSON object, else its text (for the reason kept and logged)."""
+    return json_body(response) or {"body": response.text[:500]}
