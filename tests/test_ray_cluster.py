@@ -269,9 +269,9 @@ def test_the_world_model_trains_on_the_node_with_the_asked_resources(cluster, tm
         real = stepper.simulate([ScenarioSpec("pendulum", seed=s, max_steps=40) for s in range(4)], random_policy(1, 0))
     training = Training(TrainingPlacement("cluster", num_cpus=1, resources={SECOND: 0.01}), max_retries=0)
     versions = []
-    for episodes in (real[:2], real):  # the second continues the first, sent to the node as bytes
+    for i, episodes in enumerate((real[:2], real)):  # the second continues the first, sent to the node as bytes
         _, report, version = training.world_model(
-            episodes, [], tmp_path / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
+            episodes, [], tmp_path / "worldmodel" if i else None, tmp_path / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
         )
         versions.append(version)
         assert training.nodes == {"world_model": second_id} and report.train_episodes + report.val_episodes == len(episodes)

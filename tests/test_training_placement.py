@@ -47,8 +47,8 @@ def train_twice(placement: str, episodes, folder):
     profiles = {"robot-0": VariationProfile(), "robot-1": VariationProfile(actuator_strength=0.7)}
     versions, logs, policies = [], [], []
     for i, (real, sim) in enumerate([(episodes[:3], episodes[3:4]), (episodes[:5], episodes[5:])]):
-        model, report, version = training.world_model(
-            real, sim, folder / "worldmodel", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
+        model, report, version = training.world_model(  # the second continues the first's model
+            real, sim, folder / f"worldmodel{i - 1}" if i else None, folder / f"worldmodel{i}", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu"
         )
         assert report.steps > 0 and model.spec is not None
         versions.append(version)
