@@ -193,6 +193,15 @@ def test_robots_episodes_stop_at_their_tasks_time_limit_as_the_gates_do(caplog):
     assert LoopSettings.from_cfg(_compose("flywheel")).episode_steps == 200  # the pendulum's limit is 1,000
 
 
+@pytest.mark.parametrize("fraction, robots, canaries", [(0.25, 4, 1), (0.1, 4, 1), (1.0, 4, 4), (0.0, 4, 0), (0.5, 1, 0)])
+def test_the_canary_share_is_at_least_one_robot_unless_it_is_zero(fraction, robots, canaries):
+    """loop.canary_fraction=0 once still canaried one robot."""
+    from fleet.pipeline.loop import LoopSettings
+
+    cfg = _compose("flywheel", [f"loop.canary_fraction={fraction}", f"loop.num_robots={robots}"])
+    assert LoopSettings.from_cfg(cfg).num_canaries == canaries
+
+
 def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
     """A run's store, models and learner come from its settings: a rerun with others (but more iterations or robots)
     is refused, and so is another app's run folder, both ways."""

@@ -100,7 +100,11 @@ class LoopSettings:
 
     @property
     def num_canaries(self) -> int:
-        return max(1, int(round(self.canary_fraction * self.num_robots))) if self.num_robots > 1 else 0
+        """Robots that run a new version first: at least one of a fleet of several, unless canary_fraction is 0 (a release
+        goes to every robot at once); none for a lone robot (its telemetry is the gate's)."""
+        if self.num_robots < 2 or self.canary_fraction == 0:
+            return 0
+        return max(1, int(round(self.canary_fraction * self.num_robots)))
 
 
 @dataclasses.dataclass(frozen=True)
