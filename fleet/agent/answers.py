@@ -9,6 +9,7 @@ answer trickled a byte at a time ends as a timeout, not as a robot waiting for h
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import httpx
 
@@ -32,17 +33,24 @@ class AnswerCappedClient(httpx.Client):
 
 
 def read_capped(response: httpx.Response, limit: int, deadline_s: float) -> bytes:
-    """At most ``limit`` raw bytes of ``response``'s body (the rest is not read); httpx.ReadTimeout when the body has
-    not ended ``deadline_s`` after reading began."""
-    start, parts, size = time.monotonic(), [], 0
-    for chunk in response.iter_raw():
+    """At most ``limit`` raw bytes of ``response``'s body (the rest is not read), within ``deadline_s`` (:func:`timed`)."""
+    parts, size = [], 0
+    for chunk in timed(response.iter_raw(), deadline_s, response.request):
         parts.append(chunk[: limit - size])
         size += len(chunk)
         if size >= limit:
             break
-        if time.monotonic() - start > deadline_s:
-            raise httpx.ReadTimeout(f"the answer had not ended {deadline_s:g} s after its headers", request=response.request)
     return b"".join(parts)
+
+
+def timed(chunks: Iterator[bytes], deadline_s: float, request: httpx.Request) -> Iterator[bytes]:
+    """``chunks`` of a body as they arrive; httpx.ReadTimeout once it has not ended ``deadline_s`` after reading began
+    (each read has the client's own timeout: this bounds a body trickled a byte at a time)."""
+    start = time.monotonic()
+    for chunk in chunks:
+        yield chunk
+        if time.monotonic() - start > deadline_s:
+            raise httpx.ReadTimeout(f"not finished {deadline_s:g} s after its headers", request=request)
 
 
 def error_code(response: httpx.Response) -> str | None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -40,6 +39,8 @@ from urllib.parse import quote
 import httpx
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
+
+from fleet.agent.answers import timed
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -89,13 +90,9 @@ class TokenFetcher(FetcherInterface):
         return response
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
-        start = time.monotonic()
         try:
-            for chunk in response.iter_bytes():  # as they arrive: a cut connection loses none of what came
-                yield chunk
-                if time.monotonic() - start > self.deadline_s:
-                    raise tuf_errors.DownloadError(f"GET {response.url}: not finished {self.deadline_s:g} s after its headers; the next poll goes on")
-        except httpx.HTTPError as exc:
+            yield from timed(response.iter_bytes(), self.deadline_s, response.request)  # as they arrive: a cut connection loses none of what came
+        except httpx.HTTPError as exc:  # a late body (httpx.ReadTimeout) too: the next poll goes on
             raise tuf_errors.DownloadError(f"GET {response.url}: {exc}") from None
         finally:
             response.close()
