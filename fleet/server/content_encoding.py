@@ -94,7 +94,8 @@ def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | Non
 
 
 def _unzstd(body: bytes, limit: int, declared: int) -> bytes:
-    decoder = zstandard.ZstdDecompressor(max_window_size=min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)).decompressobj()
+    window = min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)
+    decoder = zstandard.ZstdDecompressor(max_window_size=window).decompressobj()
     parts, size, pos = [], 0, 0
     view = memoryview(body)
     try:
@@ -109,7 +110,6 @@ def _unzstd(body: bytes, limit: int, declared: int) -> bytes:
                 raise ApiError(413, "body_too_large", f"zstd body decompresses to more than the {limit}-byte limit", "content-encoding")
             parts.append(out)
     except zstandard.ZstdError as exc:
-        window = min(max(limit, _MAX_WINDOW), _ZSTD_WINDOW_CAP)
         hint = f"; frames here may use a window of at most {window} bytes (zstd levels <= 19 without --long stay within 8 MiB)" if "memory" in str(exc) else ""
         raise ApiError(400, "bad_zstd", f"not a valid zstd stream ({exc}){hint}", "body") from None
     if not decoder.eof:
