@@ -411,22 +411,61 @@ def test_robot_ids_are_a_documented_character_set_and_bearer_is_case_insensitive
         assert got.status_code == 200, got.text
 
 
-def test_a_broken_token_file_keeps_the_last_good_tokens_until_it_is_fixed(tmp_path):
-    """A half-edited or deleted token file once answered 500 on each reload check."""
+def test_a_broken_token_file_keeps_robots_uploading_and_a_deleted_one_revokes_every_token(tmp_path):
+    """A half-edited or deleted token file once answered 500 on each reload check; then it kept every token read
+    before, so deleting the file, or a revoking edit with a typo in it, revoked nothing."""
     path = tmp_path / "tokens.json"
-    old = add_token(path, "robot", "r0")
+    old, operator = add_token(path, "robot", "r0"), add_token(path, "operator")
     tokens = TokenRegistry(path, reload_every_s=0.0)  # re-read on every request
-    for broken in ("{not json", None):
-        if broken is None:
-            path.unlink()
-        else:
-            path.write_text(broken)
-        assert tokens.authenticate(f"Bearer {old}").robot_id == "r0"
+    path.write_text("{not json")
+    assert tokens.authenticate(f"Bearer {old}").robot_id == "r0"  # uploads go on
+    with pytest.raises(ApiError, match="unknown token"):
+        tokens.authenticate(f"Bearer {operator}")  # privileged calls wait for the fix
+    path.unlink()
+    with pytest.raises(ApiError, match="unknown token"):
+        tokens.authenticate(f"Bearer {old}")  # deleted: every token revoked
     path.write_text("{}")
-    new = add_token(path, "robot", "r1")  # fixed: a file holding only the new token
+    new = add_token(path, "robot", "r1")  # back: a file holding only the new token
     assert tokens.authenticate(f"Bearer {new}").robot_id == "r1"
     with pytest.raises(ApiError, match="unknown token"):
         tokens.authenticate(f"Bearer {old}")
+
+
+def test_tokens_are_revoked_and_listed_with_the_cli_and_a_running_server_follows(tmp_path, capsys):
+    """There was only `add`: revoking meant hand-editing the JSON, and an edit that kept the file's mtime (cp -p,
+    rsync -t) was never reloaded."""
+    import os
+    import threading
+
+    from fleet.server.auth import main as auth_main
+
+    path = tmp_path / "tokens.json"
+    robot, spare, operator = add_token(path, "robot", "r0"), add_token(path, "robot", "r0"), add_token(path, "operator")
+    tokens = TokenRegistry(path, reload_every_s=0.0)
+    auth_main(["--tokens", str(path), "list"])
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 3 and sum(" r0" in line for line in listed) == 2 and robot not in "".join(listed)
+    mtime = path.stat().st_mtime_ns
+    auth_main(["--tokens", str(path), "revoke", "--token", spare])
+    os.utime(path, ns=(mtime, mtime))  # as `cp -p` or `rsync -t` would leave it
+    with pytest.raises(ApiError, match="unknown token"):
+        tokens.authenticate(f"Bearer {spare}")
+    assert tokens.authenticate(f"Bearer {robot}").robot_id == "r0"
+    auth_main(["--tokens", str(path), "revoke", "--robot-id", "r0"])
+    with pytest.raises(ApiError, match="unknown token"):
+        tokens.authenticate(f"Bearer {robot}")
+    assert tokens.authenticate(f"Bearer {operator}").role == "operator"
+    for bad in (["--robot-id", "r0"], ["--hash", "abc"]):  # nothing left to revoke; a prefix too short to name one token
+        with pytest.raises(SystemExit, match="no token|at least 8"):
+            auth_main(["--tokens", str(path), "revoke", *bad])
+    made = []
+    threads = [threading.Thread(target=lambda i=i: made.append(add_token(path, "robot", f"c{i}"))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(tokens.authenticate(f"Bearer {t}") for t in made) and len(made) == 8  # concurrent adds lose none
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path):

@@ -9,14 +9,17 @@ A robot token may upload only episodes whose robot_id is its own. Create tokens 
 
     python -m fleet.server.auth --tokens runs/fleet/tokens.json add --role robot --robot-id ant-07
 
-which prints the token once (only its hash is stored). The server re-reads the file when
-it changes, so adding a robot needs no restart.
+which prints the token once (only its hash is stored); ``list`` shows the tokens (hash prefix, role,
+robot) and ``revoke`` removes them (``--robot-id``, ``--token`` or ``--hash``). The server re-reads the
+file when it changes, so adding or revoking a token needs no restart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -70,9 +73,11 @@ def _parse(path: Path) -> dict[str, Principal]:
 
 
 class TokenRegistry:
-    """Hashed tokens from a file, re-read when the file changes (checked at most every ``reload_every_s``). A file
-    that cannot be read or parsed then (half-written by an editor, deleted) leaves the last good tokens in
-    force, with an error in the log, until it is fixed."""
+    """Hashed tokens from a file, re-read when it changes (checked at most every ``reload_every_s``: inode, size,
+    mtime and ctime, so a copy that keeps the mtime is seen too). Revoking fails closed: a deleted file revokes
+    every token; a file that cannot be read or parsed (half-written by an editor, a typo) keeps the robot
+    tokens read before in force, so uploads go on, and refuses operator and publisher tokens until it is fixed,
+    with an error in the log."""
 
     def __init__(self, path: str | Path, reload_every_s: float = 1.0):
         self.path, self.reload_every_s = Path(path), reload_every_s
@@ -82,7 +87,7 @@ class TokenRegistry:
                 f"`python -m fleet.server.auth --tokens {self.path} add --role operator`"
             )
         self._lock = threading.Lock()
-        self._mtime = self.path.stat().st_mtime_ns
+        self._seen: tuple | None = _identity(self.path)
         self._tokens = _parse(self.path)
         self._checked = time.monotonic()
 
@@ -110,13 +115,60 @@ class TokenRegistry:
         with self._lock:
             self._checked = now
             try:
-                mtime = self.path.stat().st_mtime_ns
-                if mtime != self._mtime:
-                    self._tokens, self._mtime = _parse(self.path), mtime
-            except (OSError, ValueError, yaml.YAMLError) as exc:  # a half-edited or missing file: keep serving the last good tokens
-                if self._mtime is not None:  # said once per bad state; requests are never failed for it
-                    log.error("token file %s unreadable (%s); still using the tokens read before: fix the file to change them", self.path, str(exc)[:200])
-                self._mtime = None
+                seen = _identity(self.path)
+            except FileNotFoundError:
+                seen = "missing"
+            except OSError as exc:
+                seen = f"unreadable: {exc}"
+            if seen == self._seen:
+                return
+            self._seen = seen
+            if seen == "missing":
+                self._tokens = {}
+                log.error("token file %s was deleted: every token is revoked until it is back", self.path)
+                return
+            try:
+                self._tokens = _parse(self.path)
+            except (OSError, ValueError, yaml.YAMLError) as exc:  # half-edited: uploads go on, privileged calls wait for the fix
+                self._tokens = {h: p for h, p in self._tokens.items() if p.role == "robot"}
+                log.error("token file %s unreadable (%s); robot tokens read before stay in force, operator and publisher tokens are "
+                          "refused until the file is fixed", self.path, str(exc)[:200])  # fmt: skip
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _write_tokens(path: Path, entries: dict) -> None:
+    """Replace the token file atomically, never readable by others (0600 from its creation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(entries, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _editing(path: Path):
+    """The token file's entries, read and written back under an exclusive lock (two `add`s never lose one)."""
+    if path.suffix in (".yaml", ".yml"):
+        raise ValueError(f"the token CLI writes JSON token files; give a .json path, not {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            try:
+                entries = json.loads(path.read_text() or "{}")
+            except ValueError as exc:
+                raise ValueError(f"token file {path} is not valid JSON ({exc}); fix it by hand before changing tokens") from None
+        else:
+            entries = {}
+        yield entries
+        _write_tokens(path, entries)
 
 
 def add_token(path: str | Path, role: str, robot_id: str | None = None) -> str:
@@ -127,18 +179,42 @@ def add_token(path: str | Path, role: str, robot_id: str | None = None) -> str:
         raise ValueError("a robot token needs robot_id")
     if robot_id is not None and not ROBOT_ID.fullmatch(robot_id):
         raise ValueError(f"robot id {robot_id[:80]!r} is not allowed: {ROBOT_ID_RULE}")
-    path = Path(path)
-    if path.suffix in (".yaml", ".yml"):
-        raise ValueError(f"add_token writes JSON token files; give a .json path, not {path}")
-    entries = json.loads(path.read_text() or "{}") if path.is_file() else {}
     token = secrets.token_urlsafe(32)
-    entries[hash_token(token)] = {"role": role, **({"robot_id": robot_id} if robot_id else {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    with _editing(Path(path)) as entries:
+        entries[hash_token(token)] = {"role": role, **({"robot_id": robot_id} if robot_id else {})}
     return token
+
+
+def revoke_tokens(path: str | Path, *, robot_id: str | None = None, token: str | None = None, hash_prefix: str | None = None) -> list[str]:
+    """Remove the tokens of ``robot_id``, the token ``token``, or the one whose hash starts with ``hash_prefix``
+    (at least 8 hex digits, naming one token); returns the removed hashes. A running server stops accepting
+    them at its next reload check (within a second)."""
+    if sum(x is not None for x in (robot_id, token, hash_prefix)) != 1:
+        raise ValueError("say which tokens to revoke: exactly one of robot_id, token, hash_prefix")
+    if hash_prefix is not None and (len(hash_prefix) < 8 or any(c not in "0123456789abcdef" for c in hash_prefix)):
+        raise ValueError(f"hash prefix {hash_prefix[:80]!r}: give at least 8 lowercase hex digits of the hash `list` shows")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token file {path} does not exist")
+    with _editing(path) as entries:
+        if robot_id is not None:
+            gone = [h for h, e in entries.items() if isinstance(e, dict) and e.get("robot_id") == robot_id]
+        elif token is not None:
+            gone = [h for h in entries if h == hash_token(token)]
+        else:
+            gone = [h for h in entries if h.startswith(hash_prefix)]
+            if len(gone) > 1:
+                raise ValueError(f"hash prefix {hash_prefix} names {len(gone)} tokens; give more digits")
+        if not gone:
+            raise ValueError(f"no token in {path} matches; `list` shows them")
+        for h in gone:
+            del entries[h]
+    return gone
+
+
+def list_tokens(path: str | Path) -> list[dict]:
+    """The tokens of ``path``: hash prefix (12 hex digits), role, robot id."""
+    return [{"hash": h[:12], "role": p.role, "robot_id": p.robot_id} for h, p in sorted(_parse(Path(path)).items(), key=lambda kv: (kv[1].role, kv[1].robot_id or "", kv[0]))]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,8 +224,24 @@ def main(argv: list[str] | None = None) -> None:
     add = sub.add_parser("add", help="create a token; prints it once")
     add.add_argument("--role", required=True, choices=ROLES)
     add.add_argument("--robot-id", default=None)
+    revoke = sub.add_parser("revoke", help="remove tokens; a running server refuses them within a second")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--robot-id", help="every token of this robot")
+    which.add_argument("--token", help="this token")
+    which.add_argument("--hash", dest="hash_prefix", help="the token whose hash starts so (from `list`)")
+    sub.add_parser("list", help="hash prefix, role and robot of each token (never the tokens)")
     args = parser.parse_args(argv)
-    print(add_token(args.tokens, args.role, args.robot_id))
+    try:
+        if args.command == "add":
+            print(add_token(args.tokens, args.role, args.robot_id))
+        elif args.command == "revoke":
+            gone = revoke_tokens(args.tokens, robot_id=args.robot_id, token=args.token, hash_prefix=args.hash_prefix)
+            print(f"revoked {len(gone)} token(s): {', '.join(h[:12] for h in gone)}")
+        else:
+            for row in list_tokens(args.tokens):
+                print(f"{row['hash']}  {row['role']:<9}  {row['robot_id'] or ''}")
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"python -m fleet.server.auth: {exc}") from None
 
 
 if __name__ == "__main__":
