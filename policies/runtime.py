@@ -42,6 +42,11 @@ class PolicyLoadError(ValueError):
     """An exported policy this robot must not run, and why."""
 
 
+class PolicyWeightsError(PolicyLoadError):
+    """The weights file is what the robot refuses (not the manifest): another file than the manifest names, not
+    safetensors, or tensors of the wrong names, dtypes, shapes or values."""
+
+
 def manifest_bytes(manifest: dict) -> bytes:
     """The canonical bytes of a manifest (sorted keys, compact, UTF-8): what is written and signed."""
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
@@ -193,23 +198,23 @@ def load_policy_bytes(manifest: bytes | str | dict, weights: bytes, *, robot_mod
         raise PolicyLoadError(f"policy outputs {manifest['action']['dim']} actions, this robot has {act_dim} actuators")
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest["weights"]["sha256"]:
-        raise PolicyLoadError(
+        raise PolicyWeightsError(
             f"weights sha256 {digest[:16]}... does not match the manifest's {manifest['weights']['sha256'][:16]}... "
             f"({len(weights)} bytes): the file is truncated, corrupted or from another export; re-download it"
         )
     try:
         tensors = _load_safetensors(bytes(weights))
-    except SafetensorError as exc:
-        raise PolicyLoadError(f"weights are not a readable safetensors file ({exc.__class__.__name__}: {exc})") from None
+    except (SafetensorError, KeyError, ValueError, TypeError, OverflowError) as exc:  # KeyError: a dtype numpy lacks (BF16, F8_*)
+        raise PolicyWeightsError(f"weights are not a readable safetensors file of numpy dtypes ({exc.__class__.__name__}: {exc}); export float32 weights") from None
     expected = expected_tensor_shapes(manifest)
     if set(tensors) != set(expected):
-        raise PolicyLoadError(f"weights hold tensors {sorted(tensors)}, the architecture needs {sorted(expected)}")
+        raise PolicyWeightsError(f"weights hold tensors {sorted(tensors)}, the architecture needs {sorted(expected)}")
     for name, shape in expected.items():
         t = tensors[name]
         if list(t.shape) != shape or t.dtype != np.float32:
-            raise PolicyLoadError(f"tensor {name!r} is {t.dtype}{list(t.shape)}, the manifest's architecture needs float32{shape}")
+            raise PolicyWeightsError(f"tensor {name!r} is {t.dtype}{list(t.shape)}, the manifest's architecture needs float32{shape}")
         if not np.isfinite(t).all():
-            raise PolicyLoadError(f"tensor {name!r} contains NaN or Inf")
+            raise PolicyWeightsError(f"tensor {name!r} contains NaN or Inf")
     if (tensors["normalizer.var"] < 0).any():
-        raise PolicyLoadError("normalizer.var has negative entries")
+        raise PolicyWeightsError("normalizer.var has negative entries")
     return RuntimePolicy(manifest, tensors)

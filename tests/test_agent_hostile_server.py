@@ -315,3 +315,38 @@ def test_a_registry_that_trickles_its_files_holds_a_policy_poll_for_a_bounded_ti
         assert fetcher.partial_path(f"{server.url}/v1/tuf/targets/abc.weights.safetensors").stat().st_size > 0  # kept for the next poll
     finally:
         server.close()
+
+
+def test_a_started_policy_source_never_waits_for_a_trickling_registry(tmp_path):
+    """A robot's started source polls on its own thread: with the registry trickling every file, each episode still
+    gets its policy at once (before, current() ran the poll and waited up to 3 x request_timeout_s per file)."""
+    from fleet.agent.policy import builtin_policy
+    from fleet.registry.pull import SignedPolicySource
+    from fleet.registry.trust import PolicyTrust
+    from tests.conftest import registry_server
+
+    registry, _, good = registry_server(tmp_path, "robot", "robot-0")
+    root = (tmp_path / "registry" / "tuf" / "metadata" / "root.json").read_bytes()
+    good.stop()
+
+    def trickle():
+        for _ in range(10_000):
+            yield b" "
+            time.sleep(0.05)
+
+    server = Hostile(lambda method, path, body: (200, {"Content-Type": "application/octet-stream"}, trickle()))
+    trust = PolicyTrust(robot_model="pendulum", obs_dim=4, act_dim=1, state_dir=tmp_path / "robot")
+    source = SignedPolicySource(server.url, None, "robot-0", trust, builtin_policy("zero", 1).current(), root=root, request_timeout_s=1.0).start()
+    try:
+        time.sleep(0.3)  # the first poll is under way, reading timestamp.json a byte at a time
+        for _ in range(20):
+            start = time.monotonic()
+            assert source.current().version == "zero"
+            assert time.monotonic() - start < 0.05
+        deadline = time.monotonic() + 15
+        while source.errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert source.errors >= 1 and source._poller.is_alive()  # the poll gave up (bounded) and the thread lives on
+    finally:
+        source.close()
+        server.close()

@@ -4,6 +4,7 @@ route's checks. Attacks on the registry are in tests/test_registry_tuf.py."""
 
 import base64
 import json
+import time
 
 import httpx
 import numpy as np
@@ -14,6 +15,7 @@ from fleet.agent.config import SimRobotConfig
 from fleet.agent.policy import builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
 from fleet.agent.robot import SimRobot, run_episode
+from fleet.registry.manifest import build_manifest
 from fleet.registry.pull import SignedPolicySource
 from fleet.registry.store import root_metadata
 from fleet.registry.trust import PolicyTrust
@@ -99,6 +101,44 @@ def test_the_robot_runs_its_signed_sensor_correction(tmp_path, fleet):
     assert source.refusals == {"malformed": 3} and source.current().version == "1"
 
 
+def in_dtype(weights: bytes, manifest: dict, dtype: str) -> tuple[bytes, dict]:
+    """The same safetensors file with every tensor's header dtype set to ``dtype`` (valid TUF, a file robots cannot run),
+    and a manifest naming it."""
+    n = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + n])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            entry["dtype"] = dtype
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    forged = len(raw).to_bytes(8, "little") + raw + weights[8 + n :]
+    import hashlib
+
+    return forged, {**manifest, "weights": {**manifest["weights"], "sha256": hashlib.sha256(forged).hexdigest(), "size": len(forged)}}
+
+
+def test_weights_of_a_dtype_numpy_lacks_are_refused_by_robot_publisher_and_registry(tmp_path, fleet):
+    """BF16/F8 weights raised KeyError out of the loader: a 500 on publish, a robot whose every current() raised, and
+    PolicyRegistry.publish (the loop's path) signed them."""
+    from fleet.registry.store import PublishRefused
+    from policies.runtime import PolicyLoadError
+
+    registry, source = fleet
+    weights, manifest = exported(tmp_path, "p")
+    for dtype in ("BF16", "F8_E4M3", "F8_E5M2"):
+        forged, forged_manifest = in_dtype(weights, manifest, dtype)
+        with pytest.raises(PolicyLoadError, match="numpy dtypes"):
+            load_policy_bytes(forged_manifest, forged, **SPEC)
+        with pytest.raises(PublishRefused, match="a robot would refuse it"):
+            registry.publish(forged, policy=forged_manifest, **SPEC)
+    assert registry.versions() == []
+    forged, forged_manifest = in_dtype(weights, manifest, "BF16")  # signed anyway, as a holder of the online key could
+    registry.repo.change(lambda: registry._publish({"stable": 1, "canary": None, "cohort": []}, {
+        "policies/00000001/manifest.json": json.dumps(build_manifest(version=1, weights=forged, policy=forged_manifest, **SPEC)).encode(),
+        "policies/00000001/weights.safetensors": forged}, {"version": 1, "event": "stable"}))  # fmt: skip
+    assert not source.poll() and source.refusals == {"malformed": 1} and source.errors == 0 and source._policy.version == "zero"
+
+
 def test_publishing_checks_sensor_offsets(tmp_path):
     registry, token, server = registry_server(tmp_path, "publisher")
     weights, manifest = exported(tmp_path, "p")
@@ -122,7 +162,8 @@ def test_a_publish_robots_would_refuse_is_refused_naming_its_field(tmp_path):
     weights, manifest = exported(tmp_path, "p")
     body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
     bad = {
-        "weights_b64": [{"weights_b64": base64.b64encode(b"garbage").decode()}, {"weights_b64": ""}, {"weights_b64": "not base64!"}],
+        "weights_b64": [{"weights_b64": base64.b64encode(b"garbage").decode()}, {"weights_b64": ""}, {"weights_b64": "not base64!"}]
+        + [{"weights_b64": base64.b64encode(w).decode(), "policy": m} for w, m in [in_dtype(weights, manifest, "BF16")]],  # once: 500
         "policy": [{"policy": "x"}, {"policy": {}}, {"obs_dim": SPEC["obs_dim"] + 1}],  # robots of that spec would not load it
         "obs_dim": [{"obs_dim": None}, {"obs_dim": -1}, {"obs_dim": 10**30}, {"obs_dim": 4.0}, {"obs_dim": True}],
         "robot_model": [{"robot_model": 5}, {"robot_model": ""}, {"robot_model": "a\nb"}],
@@ -182,3 +223,29 @@ def test_the_registry_signs_no_release_a_robot_would_refuse(tmp_path):
         registry.publish(weights, policy=manifest, **SPEC, cohort=["r%063d" % i for i in range(17_000)])
     assert refused.value.field == "cohort" and registry.versions() == []
     assert registry.publish(weights, policy=manifest, **SPEC)["version"] == 1  # and the registry goes on
+
+
+def test_a_started_source_swaps_on_its_own_thread_and_still_rolls_back(tmp_path, fleet):
+    """Robots start their source: current() never polls (a slow registry never delays an episode); the
+    background poll installs a release, and the first episode's health check still rolls a bad one back."""
+    registry, source = fleet
+    source.poll_interval_s = 0.0  # the background thread still waits MIN_BACKGROUND_POLL_S between polls
+    source.start()
+    publish(registry, tmp_path, "good")
+    deadline = time.monotonic() + 20
+    while source.current().version != "1" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert source.current().version == "1" and source.swaps == 1
+    publish(registry, tmp_path, "topples", push=5.0)
+    while source.current().version != "2" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert source.current().version == "2"
+    robot = SimRobot(SimRobotConfig(robot_id="robot-0", model="pendulum", max_steps=200))
+    recorder = EpisodeRecorder(robot_id="robot-0", robot_model="pendulum", source="real", hardware={})
+    source.report_episode(run_episode(robot, source.current(), recorder, seed=0))
+    robot.close()
+    assert source.current().version == "1" and source.trust.version == 1 and 2 in source.trust.blocked
+    time.sleep(2.5)  # two more background polls: the blocked version stays out
+    assert source.current().version == "1" and source.refusals["health"] >= 1
+    source.close()
+    assert not source._poller.is_alive()

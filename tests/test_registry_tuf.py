@@ -124,7 +124,8 @@ def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, on_v1):
     assert not source.poll()  # the snapshot names targets v{current}: an older one under its name is refused
     assert source.refusals == {"rollback": 1} and source.trust.version == 1
     weights, manifest = exported(tmp_path, "ant")
-    registry.publish(weights, policy=manifest, **{**SPEC, "robot_model": "ant"})  # a release for another body
+    manifest = {**manifest, "robot_model": "ant"}  # a release for another body (of the same sizes)
+    registry.publish(weights, policy=manifest, **{**SPEC, "robot_model": "ant"})
     assert not source.poll() and source.refusals["spec"] == 1 and source.trust.version == 1
 
 
@@ -323,6 +324,23 @@ def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path
         registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
         assert not source.poll() and source.current().version == "1"
     assert source.refusals["malformed"] >= 5 and source.errors == 0
+    source.trust.refusals.clear()
+    publish(registry, tmp_path, "v2")
+    for cohort in (5, "xrobot-0x", ["robot-0", 1]):  # a number raised TypeError out of every poll; a string matched substrings
+        rollout = json.dumps({"stable": 1, "canary": 2, "cohort": cohort}).encode()
+        registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
+        assert not source.poll() and source.current().version == "1"
+    assert source.refusals == {"malformed": 6} and source.errors == 0  # poll() and current() each polled (poll_interval_s 0)
+
+
+def test_weights_listed_over_the_robots_limit_are_refused_before_a_byte_is_fetched(tmp_path, on_v1):
+    """A target signed at 50 GiB (a holder of the online key) was fetched and its partial kept and resumed at every
+    poll: 119 -> 239 -> 361 MiB of the robot's disk over three polls."""
+    registry, source = on_v1
+    source.max_weights_bytes = 100  # the default is 256 MiB, the server's publish limit
+    publish(registry, tmp_path, "v2")
+    assert not source.poll() and source.refusals == {"size": 1} and source.current().version == "1"
+    assert not list(source.targets_dir.rglob("*weights*"))  # not a byte of them fetched (the rollout and manifest were)
 
 
 def test_a_robot_given_no_or_bad_root_metadata_says_what_to_provision(tmp_path):

@@ -93,7 +93,7 @@ class EpisodeLoop:
         return np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
 
     def _begin(self, obs: np.ndarray, t: float) -> None:
-        self._policy = self.source.current()  # between episodes: a signed source polls for a release here
+        self._policy = self.source.current()  # between episodes: the release a started signed source installed last
         self._act = self._policy.for_episode()
         self.recorder.reset(obs, t)
 
@@ -150,7 +150,7 @@ class FlywheelNode(Node):
         trust = PolicyTrust(robot_model=p["robot_model"], obs_dim=p["obs_dim"], act_dim=p["act_dim"], state_dir=p["policy_state_dir"])
         fallback = builtin_policy("zero", p["act_dim"]).current()
         root = Path(p["policy_root"]).read_bytes()
-        return SignedPolicySource(p["server_url"], config.load_token(), p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"])
+        return SignedPolicySource(p["server_url"], config.load_token(), p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"]).start()
 
     def on_joint_state(self, msg) -> None:
         obs = observation_of(msg)

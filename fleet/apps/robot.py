@@ -38,8 +38,12 @@ def main(cfg: DictConfig) -> None:
 
             policy = signed_policy_source(
                 cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s,
-            )  # fmt: skip
-        status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
+            ).start()  # polls on its own thread: an episode never waits for the registry
+        try:
+            status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
+        finally:
+            if policy is not None:
+                policy.close()
     print(json.dumps(status), flush=True)
     if status["interrupted"]:
         print(f"flywheel-robot: interrupted after {status['episodes']} episode(s); {status['queue_depth']} not uploaded yet stay spooled for the next start", file=sys.stderr)

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -18,6 +21,8 @@ from fleet.server.auth import TokenRegistry
 from fleet.server.runner import bind_socket, run
 from fleet.store.backend import StoreUnreachableError
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
@@ -29,6 +34,14 @@ def main(cfg: DictConfig) -> None:
         sock = bind_socket(server)
         reg = cfg.fleet.registry
         registry = open_registry(reg.dir, reg.online_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
+        held = [str(p) for p in reg.root_keys or [] if Path(p).is_file()]
+        if held:  # the single-machine default: say at every start what it costs
+            log.warning(
+                "this server holds %d root key file(s) beside its online key (%s): whoever takes this host can sign a new root "
+                "and so any release. Fine for trying out on one machine; for a fleet, run `flywheel-registry init` where the "
+                "root keys are kept offline and start the server with fleet.registry.root_keys=[] (docs/security.md, Roles and keys)",
+                len(held), ", ".join(held),
+            )  # fmt: skip
         run(server, store, policy_registry=registry, sock=sock)
 
 

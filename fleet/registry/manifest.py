@@ -55,8 +55,10 @@ def weights_target(version: int) -> str:
 
 def version_for(rollout: dict, robot_id: str) -> int | None:
     """The version ``robot_id`` should run under ``rollout`` (the canary if it is in the cohort), None before any release."""
-    canary = rollout.get("canary")
-    return canary if canary is not None and robot_id in rollout.get("cohort", []) else rollout.get("stable")
+    canary, cohort = rollout.get("canary"), rollout.get("cohort", [])
+    if not isinstance(cohort, list) or not all(isinstance(r, str) for r in cohort):  # a string's `in` would match substrings
+        raise ValueError(f"the rollout's cohort is {type(cohort).__name__} {str(cohort)[:80]!r}, not a list of robot ids")
+    return canary if canary is not None and robot_id in cohort else rollout.get("stable")
 
 
 def sha256_hex(data: bytes) -> str:

@@ -2,8 +2,11 @@
 
 Runs on the robot: numpy, httpx, python-tuf and cryptography, no torch, Ray or MuJoCo (the light
 package flywheel-robot-agent ships it; tests/test_robot_imports.py pulls a release without them).
-At each episode start the agent asks :meth:`SignedPolicySource.current`; at most every
-``poll_interval_s`` that runs one TUF update against the registry (python-tuf's
+At each episode start the agent asks :meth:`SignedPolicySource.current` for the policy to run. A
+started source (:meth:`SignedPolicySource.start`, what robots use) polls on its own thread every
+``poll_interval_s``, so ``current()`` never waits for the network and a slow or hostile registry never
+delays an episode or a control callback; an unstarted one polls inside ``current()`` at most every
+``poll_interval_s`` (tests, scripts). Each poll runs one TUF update against the registry (python-tuf's
 ``ngclient.Updater``): the root chain from the root this robot was provisioned with (key
 rotations), then timestamp, snapshot and targets, each checked for signatures, thresholds, versions
 and expiry. The robot then reads the rollout target for its version, that version's manifest
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +47,8 @@ from sim.sensor_filter import SensorFilterError, filtered_act, robot_filter
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 
 log = logging.getLogger(__name__)
+MAX_WEIGHTS_BYTES = 256 << 20  # the largest weights a robot downloads (the server's publish limit): a larger target is refused unread
+MIN_BACKGROUND_POLL_S = 1.0  # a started source's shortest interval between polls (poll_interval_s 0 would spin)
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
@@ -79,9 +85,10 @@ class SignedPolicySource:
         request_timeout_s: float = 10.0,
         probe_obs: np.ndarray | None = None,
         min_healthy_steps: int = 0,
+        max_weights_bytes: int = MAX_WEIGHTS_BYTES,
     ):
         self.url, self.robot_id, self.trust, self.fallback = server_url.rstrip("/"), robot_id, trust, fallback
-        self.poll_interval_s = poll_interval_s
+        self.poll_interval_s, self.max_weights_bytes = poll_interval_s, max_weights_bytes
         self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=request_timeout_s)
         self.metadata_dir, self.targets_dir = trust.state_dir / "tuf" / "metadata", trust.state_dir / "tuf" / "targets"
         self.metadata_url, self.targets_url = f"{self.url}/v1/tuf/metadata/", f"{self.url}/v1/tuf/targets/"
@@ -104,7 +111,23 @@ class SignedPolicySource:
         self.swaps = 0
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
         self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
+        self._swap = threading.Lock()  # the install, health check and rollback, against report_episode on the robot's thread
+        self._stopping = threading.Event()
+        self._poller: threading.Thread | None = None
         self._policy = self._load_trusted() or fallback
+
+    def start(self) -> SignedPolicySource:
+        """Poll on a background thread from now on (every ``poll_interval_s``, at least
+        ``MIN_BACKGROUND_POLL_S``); :meth:`current` then only returns the policy installed last."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_until_closed, name=f"policy-poll-{self.robot_id}", daemon=True)
+            self._poller.start()
+        return self
+
+    def _poll_until_closed(self) -> None:
+        while not self._stopping.is_set():
+            self.poll()  # never raises: every failure keeps the policy, counted and logged
+            self._stopping.wait(max(self.poll_interval_s, MIN_BACKGROUND_POLL_S))
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -121,7 +144,7 @@ class SignedPolicySource:
         }  # fmt: skip
 
     def current(self) -> Policy:
-        if time.monotonic() - self._last_poll >= self.poll_interval_s:
+        if self._poller is None and time.monotonic() - self._last_poll >= self.poll_interval_s:
             self._last_poll = time.monotonic()
             self.poll()
         return self._policy
@@ -147,13 +170,20 @@ class SignedPolicySource:
         except (tuf_errors.DownloadError, httpx.HTTPError, OSError, ValueError) as exc:
             self.errors += 1
             log.warning("policy update failed (%s: %s); keeping v%s", exc.__class__.__name__, exc, self.trust.version)
+        except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
+            self.errors += 1
+            log.exception("robot %s: policy update failed unexpectedly; keeping v%s", self.robot_id, self.trust.version)
         return False
 
     def _consider(self, updater: Updater) -> bool:
         rollout = self._target(updater, ROLLOUT_TARGET, MAX_JSON_BYTES)
         if rollout is None:
             return False  # nothing released yet
-        version = version_for(self._json(rollout, "the rollout"), self.robot_id)
+        try:
+            version = version_for(self._json(rollout, "the rollout"), self.robot_id)
+        except ValueError as exc:
+            self.trust.refusals["malformed"] += 1
+            raise PolicyRejected("malformed", str(exc)) from None
         if version is None:
             return False  # nothing released for this robot yet
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -170,21 +200,25 @@ class SignedPolicySource:
         if info is None or (info.length, info.hashes.get("sha256")) != (manifest["weights"]["size"], manifest["weights"]["sha256"]):
             self.trust.refusals["hash"] += 1
             raise PolicyRejected("hash", f"v{version}'s manifest names other weights than the registry lists")
+        if info.length > self.max_weights_bytes:  # checked before a byte is fetched: a signed 50 GiB target cannot fill the disk
+            self.trust.refusals["size"] += 1
+            raise PolicyRejected("size", f"v{version}'s weights are listed at {info.length} bytes, more than this robot's max_weights_bytes={self.max_weights_bytes}")
         weights = self._download(updater, info)
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
-        try:  # what a failed health check returns to: the trusted pair, if its weights are intact
-            kept = self.trust.trusted_weights() if self.trust.manifest else None
-        except (OSError, PolicyRejected):
-            kept = None
-        previous = (self.trust.manifest if kept is not None else None, kept, self._policy)
-        self.trust.accept(manifest, weights)
-        shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
-        if not self._healthy(policy):
-            self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
-            return False
-        self._policy = policy
-        self._probation = previous
-        self.swaps += 1
+        with self._swap:
+            try:  # what a failed health check returns to: the trusted pair, if its weights are intact
+                kept = self.trust.trusted_weights() if self.trust.manifest else None
+            except (OSError, PolicyRejected):
+                kept = None
+            previous = (self.trust.manifest if kept is not None else None, kept, self._policy)
+            self.trust.accept(manifest, weights)
+            shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
+            if not self._healthy(policy):
+                self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
+                return False
+            self._policy = policy
+            self._probation = previous
+            self.swaps += 1
         log.info("robot %s swapped to policy v%s", self.robot_id, manifest["version"])
         return True
 
@@ -219,11 +253,12 @@ class SignedPolicySource:
         An episode that terminated within ``min_healthy_steps`` steps rolls the robot back to
         its previous policy and blocks the new version here.
         """
-        if self._probation is None or episode.metadata["policy_version"] != self._policy.version:
-            return
-        previous, self._probation = self._probation, None
-        if bool(episode.terminated[-1]) and episode.num_steps < self.min_healthy_steps:
-            self._roll_back(previous, int(self._policy.version), f"first episode terminated after {episode.num_steps} steps")
+        with self._swap:
+            if self._probation is None or episode.metadata["policy_version"] != self._policy.version:
+                return
+            previous, self._probation = self._probation, None
+            if bool(episode.terminated[-1]) and episode.num_steps < self.min_healthy_steps:
+                self._roll_back(previous, int(self._policy.version), f"first episode terminated after {episode.num_steps} steps")
 
     def _roll_back(self, previous: tuple, failed_version: int, why: str) -> None:
         manifest, weights, policy = previous
@@ -268,7 +303,11 @@ class SignedPolicySource:
             return None
         return policy if self._healthy(policy) else None
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop polling (waiting up to ``timeout`` s for a poll in flight) and close the connection."""
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join(timeout)
         self._client.close()
 
 

@@ -34,6 +34,7 @@ from fleet.registry.files import RegistryFiles, WriteConflict, open_files
 from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
 from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository
+from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the stable and canary ones
@@ -48,7 +49,15 @@ class PublishRefused(RegistryError):
 
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
-        self.field = field
+        self.field, self.reason = field, reason
+
+
+def _check_loads(policy: dict, weights: bytes, **spec) -> None:
+    """:class:`PublishRefused` unless a robot of ``spec`` would load ``policy`` with ``weights`` (as fleet.registry.pull does)."""
+    try:
+        load_policy_bytes(policy, weights, **spec)
+    except PolicyLoadError as exc:
+        raise PublishRefused("weights" if isinstance(exc, PolicyWeightsError) else "policy", f"a robot would refuse it: {exc}") from None
 
 
 def signable_json(name: str, obj, field: str) -> bytes:
@@ -121,10 +130,14 @@ class PolicyRegistry:
     # -- changes --------------------------------------------------------------------------
     def publish(self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, **fields) -> dict:
         """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest.
-        :class:`PublishRefused` (nothing signed) for a release robots would refuse: a field JSON cannot carry, or a
-        manifest or rollout larger than robots read."""
+        :class:`PublishRefused` (nothing signed) for a release robots would refuse: a field JSON cannot carry, a
+        manifest or rollout larger than robots read, or a ``policy`` (export manifest) robots would not load the weights with."""
+        if cohort is not None and (isinstance(cohort, (str, bytes)) or not all(isinstance(r, str) for r in cohort)):
+            raise PublishRefused("cohort", f"must be a list of robot ids (or empty for a stable release), got {type(cohort).__name__}")
         for key, value in fields.items():
             signable_json(key, value, key)
+        if fields.get("policy"):  # the export manifest robots load the weights with (a rollback's own, as published)
+            _check_loads(fields["policy"], weights, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim)
 
         def edit() -> dict:
             version = max(self.versions(), default=0) + 1
