@@ -280,3 +280,48 @@ def test_requests_are_signed_as_botocore_signs_them(method, url, body, token, mo
     S3SigV4Auth(BotoCredentials(key, secret, token), "s3", "eu-west-1").add_auth(theirs)
     assert ours["authorization"] == theirs.headers["Authorization"]
     assert ours["x-amz-date"] == theirs.headers["X-Amz-Date"] and ours.get("x-amz-security-token") == theirs.headers.get("X-Amz-Security-Token")
+
+
+def test_a_bucket_that_stops_answering_is_a_503_with_retry_after_for_reads_and_registry_calls(s3_server, tmp_path, release):
+    """With the store's and the registry's bucket gone, reads and every registry route answered 500 internal_error
+    with a traceback in the log (only uploads answered 503); the reason was hundreds of characters of Icechunk context."""
+    import boto3
+
+    from fleet.server.auth import add_token
+    from fleet.server.config import ServerConfig
+    from fleet.server.runner import serve
+    from fleet.store import StoreConfig
+    from sim.episode import Episode
+    from tests.conftest import make_episode_arrays
+
+    s3 = boto3.client("s3")
+    bucket = f"gone-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    registry = open_replica(f"s3://{bucket}/registry", tmp_path)
+    publish(registry, release)
+    tokens = tmp_path / "tokens.json"
+    robot_token, operator = add_token(tokens, "robot", "robot-0"), add_token(tokens, "operator")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=f"s3://{bucket}/store", writer_id="a"), policy_registry=registry)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            episode = Episode.create(**make_episode_arrays(), robot_id="robot-0", robot_model="toy", source="real")
+            assert client.post("/v1/episodes", content=episode.to_bytes(), headers={"Authorization": f"Bearer {robot_token}"}).status_code == 201
+            assert client.get("/v1/tuf/metadata/timestamp.json", headers={"Authorization": f"Bearer {robot_token}"}).status_code == 200
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):  # the bucket goes away
+                for item in page.get("Contents", []):
+                    s3.delete_object(Bucket=bucket, Key=item["Key"])
+            s3.delete_bucket(Bucket=bucket)
+            calls = [
+                ("GET", "/v1/tuf/metadata/timestamp.json", robot_token),
+                ("GET", "/v1/tuf/metadata/2.root.json", robot_token),
+                ("GET", "/v1/episodes", operator),
+                ("GET", f"/v1/episodes/{episode.episode_id}", operator),
+            ]
+            for method, path, token in calls:
+                response = client.request(method, path, headers={"Authorization": f"Bearer {token}"})
+                body = response.json()
+                assert response.status_code == 503 and response.headers["Retry-After"] == "5", (path, response.text)
+                assert body["error"] == ("store_unavailable" if path.startswith("/v1/episodes") else "registry_unavailable"), body
+                assert len(body["reason"]) < 400 and ("NoSuchBucket" in body["reason"] or "bucket" in body["reason"].lower()), body
+    finally:
+        server.stop()

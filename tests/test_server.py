@@ -446,7 +446,7 @@ def test_tokens_are_revoked_and_listed_with_the_cli_and_a_running_server_follows
     listed = capsys.readouterr().out.splitlines()
     assert len(listed) == 3 and sum(" r0" in line for line in listed) == 2 and robot not in "".join(listed)
     mtime = path.stat().st_mtime_ns
-    auth_main(["--tokens", str(path), "revoke", "--token", spare])
+    auth_main(["--tokens", str(path), "revoke", f"--token={spare}"])  # the = form: a token may start with "-"
     os.utime(path, ns=(mtime, mtime))  # as `cp -p` or `rsync -t` would leave it
     with pytest.raises(ApiError, match="unknown token"):
         tokens.authenticate(f"Bearer {spare}")
@@ -497,4 +497,41 @@ def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path)
             listed = client.get("/v1/episodes", headers=auth(tok["operator"])).json()["total"]
             assert listed == 3  # r1's one and r0's two: nothing refused was stored
     finally:
+        handle.stop()
+
+
+def test_uploads_waiting_on_a_stalled_store_count_against_the_tokens_limit(tmp_path, monkeypatch):
+    """With the store hung, a robot that gave up after its timeout and sent its next episode had 40 episodes
+    queued in the server (max_concurrent_uploads 4, no 429): the admission slot ended before the commit's wait."""
+    stall, entered = threading.Event(), threading.Event()
+    append = EpisodeStore.append
+
+    def hung(self, *args, **kwargs):
+        entered.set()
+        stall.wait(30)
+        return append(self, *args, **kwargs)
+
+    monkeypatch.setattr(EpisodeStore, "append", hung)
+    tokens = tmp_path / "tokens.json"
+    tok = add_token(tokens, "robot", "r0")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=2), StoreConfig(path=str(tmp_path / "store")))
+    try:
+        answers, bodies = [], [make("r0", seed=seed).to_bytes() for seed in range(6)]
+        with httpx.Client(base_url=handle.url, timeout=0.5) as impatient:
+            for body in bodies:  # each gives up at 0.5 s and sends the next, as a robot's timeout does
+                try:
+                    answers.append(impatient.post("/v1/episodes", content=body, headers=auth(tok)).status_code)
+                except httpx.TimeoutException:
+                    answers.append("timeout")
+        assert entered.is_set() and answers[:2] == ["timeout", "timeout"] and set(answers[2:]) == {429}, answers
+        stall.set()
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            deadline, again = time.monotonic() + 20, []
+            for body in bodies[:2]:
+                while (code := client.post("/v1/episodes", content=body, headers=auth(tok)).status_code) == 429 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                again.append(code)
+            assert again == [200, 200]  # both stored by their first try, which the robot gave up on
+    finally:
+        stall.set()
         handle.stop()

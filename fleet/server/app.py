@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
+from icechunk import IcechunkError
 from fastapi.exceptions import RequestValidationError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.concurrency import run_in_threadpool
@@ -42,12 +43,18 @@ from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
 from fleet.server.uploads import Staging, staging_dir, upload_router
+from fleet.registry.s3 import S3Error
+from fleet.registry.tuf_repo import RegistryBusy, RepositoryNotInitialised
+from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_reason
 from fleet.store.reader import StoreSnapshot
 from fleet.store.writer import EpisodeStore
 from sim.episode import Episode, EpisodeValidationError, encode_safetensors
 
 log = logging.getLogger(__name__)
 SAFETENSORS = "application/octet-stream"
+# the storage under the store and the registry did not answer: 503 + Retry-After for reads and registry calls, as for uploads
+STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy)
+STORAGE_RETRY_AFTER_S = 5
 
 
 def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
@@ -184,6 +191,16 @@ def create_app(
         headers = dict(exc.headers or {}) | ({"Cache-Control": "no-store"} if exc.status_code == 404 else {})  # a cache must not keep "no such file"
         return await api_error(request, ApiError(exc.status_code, code, reason.get(exc.status_code, str(exc.detail)), None, headers))
 
+    async def storage_fault(request: Request, exc: Exception):  # the store or the registry's storage did not answer
+        reason = short_reason(exc)
+        log.warning("%s %s: storage unavailable (%s: %s)", request.method, request.url.path, exc.__class__.__name__, reason)
+        code = "store_unavailable" if request.url.path.startswith(("/v1/episodes", "/v1/uploads")) else "registry_unavailable"
+        what = "the episode store" if code == "store_unavailable" else "the policy registry"
+        return await api_error(request, ApiError(503, code, f"{what} did not answer ({reason}); retry later", None, {"Retry-After": str(STORAGE_RETRY_AFTER_S)}))
+
+    for fault in STORAGE_FAULTS:
+        app.add_exception_handler(fault, storage_fault)
+
     @app.exception_handler(Exception)
     async def server_fault(request: Request, exc: Exception):  # a bug: logged with its traceback by the server, answered in our shape
         return ApiError(500, "internal_error", f"the server failed on this request ({exc.__class__.__name__}); it is logged: retry, and report it if it stays").response()
@@ -206,23 +223,24 @@ def create_app(
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
         ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
         otherwise. POST /v1/episodes and POST /v1/uploads/{id}/complete (fleet/server/uploads.py) both end here."""
-        with limits.admit(robot_id), committer.receiving():
-            body = await read()
-            if coding != "identity":  # decoded under the same limit as the body itself
-                body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
-            else:
-                refuse_undeclared_zstd(body)
-            episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
-            if episode.robot_id != robot_id:
-                raise ApiError(403, "robot_id_mismatch", f"token is for robot {robot_id!r}, episode says {episode.robot_id!r}", "robot_id")
+        with limits.admit(robot_id):  # held until the commit settles: a robot that gives up on a stalled store and sends
+            with committer.receiving():  # again holds at most max_concurrent_uploads episodes in this server's memory
+                body = await read()
+                if coding != "identity":  # decoded under the same limit as the body itself
+                    body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
+                else:
+                    refuse_undeclared_zstd(body)
+                episode, digest, nbytes = await run_in_threadpool(parse_episode, body)
+                if episode.robot_id != robot_id:
+                    raise ApiError(403, "robot_id_mismatch", f"token is for robot {robot_id!r}, episode says {episode.robot_id!r}", "robot_id")
+                try:
+                    future = committer.submit(episode, digest, nbytes)
+                except ShuttingDown as exc:
+                    raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
             try:
-                future = committer.submit(episode, digest, nbytes)
-            except ShuttingDown as exc:
-                raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
-        try:
-            status = await asyncio.wrap_future(future)
-        except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
-            raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {exc}); retry", None, {"Retry-After": "1"}) from None
+                status = await asyncio.wrap_future(future)
+            except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
+                raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {short_reason(exc)}); retry", None, {"Retry-After": "1"}) from None
         if status == "conflict":
             raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
         metrics.uploaded(status, nbytes, episode.num_steps)

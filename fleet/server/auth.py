@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     revoke = sub.add_parser("revoke", help="remove tokens; a running server refuses them within a second")
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--robot-id", help="every token of this robot")
-    which.add_argument("--token", help="this token")
+    which.add_argument("--token", help="this token; write --token=TOKEN (a token may start with '-')")
     which.add_argument("--hash", dest="hash_prefix", help="the token whose hash starts so (from `list`)")
     sub.add_parser("list", help="hash prefix, role and robot of each token (never the tokens)")
     args = parser.parse_args(argv)

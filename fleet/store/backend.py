@@ -47,9 +47,16 @@ class StoreUnreachableError(ConnectionError):
     """The object storage of a store did not answer (no credentials, no endpoint, no such bucket)."""
 
 
+def short_reason(exc: Exception) -> str:
+    """The cause at the end of an Icechunk error's context chain (its last line: "connection refused",
+    "NoSuchBucket", ...), not the hundreds of characters of Rust context before it."""
+    text = str(exc).strip()
+    return text.splitlines()[-1].lstrip("`|-> ").strip()[:300] if text else type(exc).__name__
+
+
 def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:
     """What to check when object storage refused to open the store at ``location`` (``exc``: Icechunk's error)."""
-    reason = str(exc).strip().splitlines()[-1].lstrip("`|-> ").strip() if str(exc).strip() else type(exc).__name__
+    reason = short_reason(exc)
     env = os.environ
     hint = (
         "check the bucket, AWS_ENDPOINT_URL (an S3-compatible server) and the credentials"
