@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_flywheel_e2e import TINY
@@ -105,3 +106,47 @@ def test_a_short_flywheel_loop_on_it(outside, tmp_path):
     assert set(first["calibration"]) == {"robot-0"}  # calibrated in a Ray worker, which imported the robot
     assert first["scenarios"]["sim_episodes"] > 0  # and simulated its scenarios there
     assert summary["final"]["real_steps"]["robot-0"] > first["real_steps"]["robot-0"] > 0
+
+
+ARM = """<mujoco><worldbody><body name="link"><joint name="hinge" type="hinge" axis="0 0 1"/>
+<geom type="capsule" fromto="0 0 0 0.3 0 0" size="0.02"/></body></worldbody>
+<actuator><motor name="m" joint="hinge" {range}/></actuator></mujoco>"""
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"range": ""}, "actuator(s) ['m'] have no ctrlrange"),  # it never moved: action -> the middle of [0, 0]
+        ({"payload_body": "hand"}, "payload_body 'hand' is not a body of its MJCF; bodies: ['link']"),
+        ({"mjcf": "/nowhere/arm.xml"}, "does not compile"),
+        ({"observe": lambda self, s: s.qpos[0]}, "observe on 2 worlds returned (1,)"),
+        ({"observe": None}, "observe is not implemented"),
+        ({"reward_terms": lambda self, b, a, act: {"alive": 1.0}}, "reward_terms on 2 worlds returned {'alive': 'float'}"),
+        ({"reward_terms": lambda self, b, a, act: {}}, "a non-empty dict"),
+        ({"initial_state": lambda self, rng, scale, goal: (np.zeros(2), np.zeros(1))}, "initial_state returned qpos (2,)"),
+    ],
+)
+def test_a_robot_that_does_not_fit_the_interface_is_named_with_the_fix_when_first_used(tmp_path, change, says):
+    """Each once failed later, elsewhere: a bare NotImplementedError, an IndexError in Task.obs_dim, a KeyError in a Ray
+    actor naming neither robot nor payload_body, AttributeError 'float' has no 'astype' in the stepper, or (no
+    ctrlrange) nothing at all: the actuator silently never moved."""
+    from sim.robots import Task
+    from sim.robots.registry import _TASKS, RobotDefinitionError, get_task
+
+    xml = tmp_path / "arm.xml"
+    xml.write_text(ARM.format(range=change.get("range", 'ctrlrange="-1 1"')))
+    name = f"arm_{len(_TASKS)}"
+    attrs = {"name": name, "mjcf": change.get("mjcf", xml), "frame_skip": 2, "max_steps": 50, "payload_body": change.get("payload_body", "link")}
+    attrs["observe"] = lambda self, s: np.concatenate([s.qpos, s.qvel], axis=1).astype(np.float32)
+    attrs["reward_terms"] = lambda self, before, after, action: {"alive": np.ones(len(after.qpos))}
+    attrs.update({k: v for k, v in change.items() if k in ("observe", "reward_terms", "initial_state")})
+    if attrs["observe"] is None:
+        del attrs["observe"]
+    _TASKS[name] = type("Arm", (Task,), attrs)
+    try:
+        with pytest.raises(RobotDefinitionError, match="robot 'arm_") as raised:
+            get_task(name)
+        assert says in str(raised.value) and "docs/robots.md" in str(raised.value)
+    finally:
+        del _TASKS[name]
+        get_task.cache_clear()

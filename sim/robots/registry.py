@@ -19,7 +19,9 @@ import os
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
-from sim.robots.base import Task
+import numpy as np
+
+from sim.robots.base import PhysicsState, Task
 
 ENTRY_POINT_GROUP = "flywheel.robots"
 MODULES_ENV = "FLYWHEEL_ROBOT_MODULES"
@@ -93,7 +95,64 @@ def get_task(name: str) -> Task:
             f"unknown robot {name!r}; registered robots: {sorted(_TASKS)}. Register yours with @sim.robots.register in a module "
             f"named by the {ENTRY_POINT_GROUP!r} entry-point group or by {MODULES_ENV} / robot_modules (docs/robots.md)"
         )
-    return _TASKS[name]()
+    task = _TASKS[name]()
+    check_task(task)
+    return task
+
+
+class RobotDefinitionError(ValueError):
+    """A registered robot's MJCF or Task methods do not fit the interface (sim/robots/base.py); the message says what."""
+
+
+def check_task(task: Task) -> None:
+    """Try ``task``'s model and methods once on two worlds at rest; :class:`RobotDefinitionError` naming the robot,
+    the method and the fix where one does not fit (instead of a numpy error deep in a stepper or a Ray actor)."""
+    name = getattr(task, "name", type(task).__name__)
+
+    def bad(what: str) -> RobotDefinitionError:
+        return RobotDefinitionError(f"robot {name!r} ({type(task).__module__}.{type(task).__qualname__}): {what} (docs/robots.md)")
+
+    try:
+        m = task.model
+    except Exception as exc:  # a missing file, an MJCF error
+        raise bad(f"its MJCF {getattr(task, 'mjcf', None)} does not compile: {exc}") from None
+    unlimited = [m.actuator(i).name or str(i) for i in range(m.nu) if not m.actuator_ctrllimited[i] or m.actuator_ctrlrange[i, 0] >= m.actuator_ctrlrange[i, 1]]
+    if unlimited:
+        raise bad(f"actuator(s) {unlimited} have no ctrlrange; give each a ctrlrange in the MJCF (actions in [-1, 1] map onto it, so an actuator without one never moves)")
+    if m.nu == 0:
+        raise bad("the model has no actuators")
+    try:
+        m.body(task.payload_body)
+    except AttributeError:
+        raise bad("it sets no payload_body (the body a heavy-payload profile loads)") from None
+    except KeyError:
+        raise bad(f"payload_body {task.payload_body!r} is not a body of its MJCF; bodies: {[m.body(i).name for i in range(1, m.nbody)]}") from None
+    rng = np.random.default_rng(0)
+    try:
+        qpos, qvel = task.initial_state(rng, 1.0, task.sample_goal(rng))
+    except NotImplementedError:
+        raise bad("initial_state is not implemented") from None
+    if np.shape(qpos) != (m.nq,) or np.shape(qvel) != (m.nv,):
+        raise bad(f"initial_state returned qpos {np.shape(qpos)} and qvel {np.shape(qvel)}; it must return (nq,) = ({m.nq},) and (nv,) = ({m.nv},)")
+    state = PhysicsState(np.tile(qpos, (2, 1)), np.tile(qvel, (2, 1)), np.zeros((2, m.nsensordata)))
+    for method, call, want in (
+        ("observe", lambda: task.observe(state), "an array (N, obs_dim) of floats"),
+        ("reward_terms", lambda: task.reward_terms(state, state, np.zeros((2, m.nu), np.float32)), "a non-empty dict of (N,) float arrays"),
+        ("terminated", lambda: task.terminated(state), "an (N,) bool array"),
+    ):
+        try:
+            out = call()
+        except NotImplementedError:
+            raise bad(f"{method} is not implemented: it must return {want}") from None
+        if method == "observe":
+            ok = isinstance(out, np.ndarray) and out.ndim == 2 and out.shape[0] == 2 and out.shape[1] >= 1 and np.issubdtype(out.dtype, np.floating)
+        elif method == "reward_terms":
+            ok = isinstance(out, dict) and bool(out) and all(isinstance(v, np.ndarray) and v.shape == (2,) for v in out.values())
+        else:
+            ok = isinstance(out, np.ndarray) and out.shape == (2,)
+        if not ok:
+            shape = {k: getattr(v, "shape", type(v).__name__) for k, v in out.items()} if isinstance(out, dict) else getattr(out, "shape", type(out).__name__)
+            raise bad(f"{method} on 2 worlds returned {shape}; it must return {want} (N = 2 here)")
 
 
 def robot_names() -> list[str]:
