@@ -440,6 +440,12 @@ def calibrate(
             mean = config.momentum * mean + (1 - config.momentum) * elites.mean(0)
             std = config.momentum * std + (1 - config.momentum) * elites.std(0)
             history.append(best_loss)
+            if best_loss < config.loss_tol and search is not objective and objective(best_theta[None])[0] >= config.loss_tol:
+                # the subset fits perfectly where all the windows do not (a payload that shows only in contacts the
+                # subset never made): search on every window from here, instead of stopping on a blind subset
+                search, best_loss = objective, float(objective(best_theta[None])[0])
+                history[-1] = best_loss
+                continue
             stalled = len(history) > config.patience and best_loss > 0.99 * history[-1 - config.patience]
             if (std < config.min_std).all() or best_loss < config.loss_tol or stalled:
                 break
