@@ -164,8 +164,10 @@ class FilterFit:
 
     @property
     def keep(self) -> bool:
-        """Whether the filter cuts the sensor's error, summed over entries, to ``keep_ratio`` or less."""
-        return bool(self.filtered_rms.sum() <= self.keep_ratio * self.raw_rms.sum())
+        """Whether the filter cuts the sensor's error, summed over entries, to ``keep_ratio`` or less, without making
+        its worst entry worse than the raw sensor's worst (``view_noise``, what the policy trains under, would rise:
+        a filter that smooths positions but lags a free joint's quaternion is not kept)."""
+        return bool(self.filtered_rms.sum() <= self.keep_ratio * self.raw_rms.sum() and self.filtered_rms.max() <= self.raw_rms.max())
 
     @property
     def view_noise(self) -> float:
@@ -185,7 +187,8 @@ class FilterFit:
 class FilterConfig:
     """How a robot's filter is fitted: ``episodes`` simulated episodes of ``max_steps`` steps (half to fit,
     half to validate), the policy's actions plus N(0, ``exploration_std``^2); kept when its held-out
-    error is at most ``keep_ratio`` of the sensor's (summed over entries)."""
+    error is at most ``keep_ratio`` of the sensor's (summed over entries) and its worst entry no worse than the
+    sensor's worst (:attr:`FilterFit.keep`)."""
 
     episodes: int = 16
     max_steps: int = 300

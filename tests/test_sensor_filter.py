@@ -129,6 +129,10 @@ def test_the_fit_leaves_out_the_steps_linear_dynamics_cannot_explain():
 def test_a_filter_is_kept_only_if_it_cuts_the_error_and_the_episodes_show_what_it_leaves(fit):
     worse = FilterFit(fit.filter, np.full(4, 0.05), np.full(4, 0.04), keep_ratio=0.7)
     assert not worse.keep and filter_vectors({"robot-1": worse}) == {}
+    # the sum falls to 0.48 of the sensor's, but one entry (a free joint's quaternion, say) gets 1.5x noisier: view_noise
+    # 0.06 over the raw 0.04, so the policy would train under more noise with the filter than without (kept, once)
+    lagging = FilterFit(fit.filter, np.full(4, 0.04), np.array([0.005, 0.005, 0.007, 0.06]), keep_ratio=0.7)
+    assert lagging.filtered_rms.sum() <= 0.7 * lagging.raw_rms.sum() and lagging.view_noise > lagging.raw_rms.max() and not lagging.keep
     assert set(filter_vectors({"robot-1": fit, "robot-2": worse})) == {"robot-1"}
     with BatchedStepper("pendulum", 2, nthread=1, robot_id="robot-1") as stepper:
         episodes = stepper.simulate([ScenarioSpec("pendulum", seed=s, profile=VariationProfile(obs_noise_std=NOISE), max_steps=50) for s in range(2)], lqr)
