@@ -373,3 +373,30 @@ def test_flywheel_registry_refresh_re_signs_a_statically_hosted_registry(tmp_pat
     load_signer(keys / "stranger.pem", create=True)
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1
     assert "is not the key root v1 names" in capsys.readouterr().err
+
+
+def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at_rest(tmp_path, monkeypatch):
+    """Keys were written under the umask (0644) and chmod-ed after; a planted dangling link was followed (the key
+    written where it pointed); keys could not be encrypted, and an encrypted one raised TypeError with a traceback."""
+    import os
+
+    from fleet.registry.signing import PASSPHRASE_ENV, KeyFileError
+
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    plain = load_signer(tmp_path / "keys" / "online.pem", create=True)
+    assert (tmp_path / "keys" / "online.pem").stat().st_mode & 0o777 == 0o600 and (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    os.symlink(tmp_path / "attacker.pem", tmp_path / "keys" / "root-1.pem")
+    with pytest.raises(KeyFileError, match="never written through a link"):
+        load_signer(tmp_path / "keys" / "root-1.pem", create=True)
+    assert not (tmp_path / "attacker.pem").exists()
+    monkeypatch.setenv(PASSPHRASE_ENV, "correct horse")
+    encrypted = load_signer(tmp_path / "keys" / "root-2.pem", create=True)
+    assert b"ENCRYPTED" in (tmp_path / "keys" / "root-2.pem").read_bytes()
+    assert load_signer(tmp_path / "keys" / "root-2.pem").public_key == encrypted.public_key
+    assert load_signer(tmp_path / "keys" / "online.pem").public_key == plain.public_key  # a key stored plain still opens
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    with pytest.raises(KeyFileError, match=f"is {PASSPHRASE_ENV} its passphrase"):
+        load_signer(tmp_path / "keys" / "root-2.pem")
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    with pytest.raises(KeyFileError, match=f"is encrypted: set {PASSPHRASE_ENV}"):
+        load_signer(tmp_path / "keys" / "root-2.pem")
