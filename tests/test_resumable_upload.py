@@ -286,6 +286,32 @@ def test_concurrent_completes_of_one_upload_create_it_once(fleet):
     assert fetch(fleet, ep.episode_id).content == data
 
 
+def test_a_complete_that_loses_the_race_to_another_replica_answers_duplicate(fleet, monkeypatch):
+    """Replica B read the upload's record, then replica C completed it and deleted its bytes before B read them:
+    B answered 404 no_such_upload for an episode that was stored, and the robot sent it all again."""
+    ep = episode(seed=9)
+    data = ep.to_bytes()
+    uid = create(fleet, data).json()["upload_id"]
+    for offset in range(0, len(data), CHUNK):
+        assert put(fleet, uid, data[offset : offset + CHUNK], offset).status_code == 200
+    read_whole = Staging.read_whole
+
+    def other_replica_first(self, upload):  # the other replica's whole complete happens here, between the two reads
+        with httpx.Client(base_url=fleet["url"], timeout=30) as client:
+            monkeypatch.setattr(Staging, "read_whole", read_whole)
+            assert client.post(f"/v1/uploads/{uid}/complete", headers=auth(fleet["tok"]["r0"])).status_code == 201
+        return read_whole(self, upload)
+
+    monkeypatch.setattr(Staging, "read_whole", other_replica_first)
+    with httpx.Client(base_url=fleet["url"], timeout=60) as client:  # the test's own thread waits on the replica's answer
+        answer = threading.Thread(target=lambda: answers.append(client.post(f"/v1/uploads/{uid}/complete", headers=auth(fleet["tok"]["r0"]))))
+        answers: list = []
+        answer.start()
+        answer.join(60)
+    assert (answers[0].status_code, answers[0].json()) == (200, {"episode_id": ep.episode_id, "status": "duplicate"}), answers[0].text
+    assert fetch(fleet, ep.episode_id).content == data
+
+
 def test_an_invalid_episode_is_refused_at_complete_like_a_plain_upload(fleet):
     """Complete runs the episode route's validation: the same refusal, nothing stored, the upload removed."""
     bad = episode("r1", seed=7).to_bytes()  # r1's episode, uploaded with r0's token

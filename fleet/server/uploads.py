@@ -429,6 +429,10 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
         try:
             code, answer = await ingest(read, upload.content_encoding, upload.robot_id, config.max_episode_bytes)
         except ApiError as exc:
+            if exc.error == "no_such_upload":  # another replica completed it between our reads of its record and its bytes
+                again = await find(request, upload_id)  # 404 if it is gone for good
+                if again.completed:
+                    return JSONResponse({"episode_id": again.episode_id, "status": "duplicate"}, headers=NO_STORE)
             if refused_for_good(exc):
                 await run_in_threadpool(staging.remove, upload)
             raise
