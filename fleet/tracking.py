@@ -38,6 +38,14 @@ class TrackerError(RuntimeError):
     """W&B could not start the run (the message says what to do)."""
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in WANDB_MODES:
+        raise TrackerError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+
+
 class Tracker:
     def __init__(
         self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,
@@ -46,8 +54,7 @@ class Tracker:
         """``step_metric``: what :meth:`log`'s ``step`` is, the x axis of every namespace (the loop's iteration;
         `flywheel-train`'s learner steps). ``redo_from``: a resumed run redoes the steps from this one, so the rows
         ``metrics.jsonl`` holds for them (an interrupted attempt's) are dropped first: each step is logged once."""
-        if mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
+        check_mode(mode)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if redo_from is not None:

@@ -22,6 +22,17 @@ from torch import nn
 from policies.normalizer import ObsNormalizer
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu}  # policies.runtime mirrors this table
+
+
+def check_network(activation: str, hidden_sizes) -> None:
+    """A ValueError naming the field unless ``activation`` is known and ``hidden_sizes`` are positive: checked where a
+    learner's config is made, not when its first network is built (in the loop: after an iteration's data and models)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    if not hidden_sizes or any(int(h) < 1 for h in hidden_sizes):
+        raise ValueError(f"hidden_sizes {list(hidden_sizes)} must be one or more layer widths >= 1")
+
+
 LOG_2PI = math.log(2 * math.pi)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
-from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, gaussian_log_prob, orthogonal_init_
+from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, check_network, gaussian_log_prob, orthogonal_init_
 from policies.parallel import LocalComm
 from policies.transition import VectorStep
 
@@ -49,6 +49,7 @@ class PPOConfig:
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         if self.n_steps < 1 or self.epochs < 1 or self.minibatch_size < 1:
             raise ValueError(f"PPO config: n_steps, epochs and minibatch_size must be >= 1, got {self.n_steps}, {self.epochs}, {self.minibatch_size}")
+        check_network(self.activation, self.hidden_sizes)
 
 
 class _PPOLoss(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
 from worldmodel.device import fast_bfloat16
 from worldmodel.flat_params import flatten_parameters, merge_optimizer_state
-from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, gaussian_log_prob_from_noise, tanh_log_det
+from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, check_network, gaussian_log_prob_from_noise, tanh_log_det
 from policies.parallel import LocalComm
 from policies.replay import MixedReplay
 from policies.transition import VectorStep
@@ -70,6 +70,9 @@ class SACConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"SAC precision {self.precision!r} is not one of {list(PRECISIONS)}")
+        check_network(self.activation, self.hidden_sizes)
+        if self.buffer_size < self.batch_size:
+            raise ValueError(f"SAC buffer_size={self.buffer_size} holds fewer transitions than one batch (batch_size={self.batch_size})")
 
 
 PRECISIONS = ("auto", "float32", "bfloat16")

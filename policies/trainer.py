@@ -65,8 +65,9 @@ class TrainerConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         check_device_name(self.device)  # whether it is present is asked where it is resolved: here, or a Ray cluster
-        if self.num_worlds < 1 or self.total_env_steps < 1:
-            raise ValueError(f"num_worlds and total_env_steps must be >= 1, got {self.num_worlds}, {self.total_env_steps}")
+        for key in ("num_worlds", "total_env_steps", "torch_threads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best picks among evaluations: set eval_every > 0 too")
         if self.stop_at_max_return and not self.keep_best:

@@ -313,10 +313,10 @@ for args in json.loads(sys.argv.pop(1)):
 """
 
 
-def _run_dirs(*runs: list[str]) -> list[list[tuple[str, str]]]:
+def _run_dirs(*runs: list[str], cwd: Path | None = None) -> list[list[tuple[str, str]]]:
     """The (run_dir, Hydra's output dir) of each command line's app runs (one list per command line). One interpreter pays
     the imports (~5 s on 2 cores); each command line runs in a child forked from it, Hydra untouched."""
-    out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIRS, json.dumps(runs)], capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", SHOW_RUN_DIRS, json.dumps(runs)], capture_output=True, text=True, timeout=120, check=True, cwd=cwd).stdout
     dirs = [[]]
     for line in out.splitlines():
         if line == "end":
@@ -340,6 +340,17 @@ def test_run_dir_is_hydras_output_dir_unless_set(tmp_path):
     assert both == [(str(tmp_path / "old"), str(tmp_path / "new"))]
     assert multirun == [(str(tmp_path / "sweep" / str(job)),) * 2 for job in (0, 1)]
     assert OmegaConf.load(CONF / "flywheel.yaml").hydra.job.chdir is False
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path):
+    """Two runs (or sweeps) started in one second shared runs/<time>/: one checkpoint, one export, both runs' rows
+    interleaved in metrics.jsonl. The folder is made when its name is chosen, and a taken name gets -2, -3."""
+    same = ["hydra.run.dir=${run_folder:runs/same}"]  # the default's rule, with a name that does not move with the clock
+    sweep = ["--multirun", "seed=0,1", "hydra.sweep.dir=${new_folder:runs/sweep}"]
+    runs = _run_dirs(same, same, same, sweep, sweep, cwd=tmp_path)
+    at = lambda name: str(tmp_path / "runs" / name)  # noqa: E731
+    assert [r[0][0] for r in runs[:3]] == [at("same"), at("same-2"), at("same-3")]
+    assert [r[0] for r in runs[3:]] == [(at("sweep/0"),) * 2, (at("sweep-2/0"),) * 2] and [r[1][0] for r in runs[3:]] == [at("sweep/1"), at("sweep-2/1")]
 
 
 @pytest.mark.slow
@@ -370,3 +381,24 @@ def test_a_run_dir_that_cannot_be_a_folder_stops_the_app_in_one_line(tmp_path):
         with pytest.raises(SystemExit, match=f"flywheel: run_dir={tmp_path / bad}: {tmp_path / 'afile'} is a file, not a folder"):
             check_run_dir_argument("flywheel", ["seed=1", f"run_dir={tmp_path / bad}"])
     check_run_dir_argument("flywheel", [f"run_dir={tmp_path / 'new' / 'run'}"])  # a folder to create: fine
+
+
+def test_the_loops_values_that_failed_late_are_refused_before_anything_runs(tmp_path):
+    """policy.trainer.seed was silently ignored by the loop (a seed sweep gave identical runs); an unknown activation, an
+    empty replay buffer or zero torch threads crashed after iteration 0's telemetry, calibration and world model,
+    with the bad value already recorded in the run's settings; ray.auth=foo and a tiny object store failed in ray.init."""
+    from fleet.pipeline.loop import Flywheel
+    from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
+
+    for override, reason in (
+        ("policy.trainer.seed=7", "policy.trainer.seed=7 is not read by flywheel"),
+        ("policy.algorithm.sac.activation=foo", "activation 'foo' is not one of"),
+        ("policy.algorithm.sac.buffer_size=0", "buffer_size=0 holds fewer transitions than one batch"),
+        ("policy.trainer.torch_threads=0", "torch_threads must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            Flywheel(_compose("flywheel", [override]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing recorded
+    for override, reason in (("ray.auth=foo", "ray.auth='foo'"), ("ray.object_store_memory=1", "at least 78643200 bytes")):
+        with pytest.raises(RayJoinError, match=reason):
+            check_ray_settings(_compose("flywheel", [override]).ray)

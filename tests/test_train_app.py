@@ -57,10 +57,34 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     steps = [row["policy/env_steps"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "policy/env_steps" in row]
     assert steps == sorted(steps) and steps[-1] == 320  # continued from 200, not started again
 
+    record = (run / ".hydra" / "overrides.yaml").read_text()
     other = _train(run, "policy.trainer.total_env_steps=400", "policy.algorithm.hidden_sizes=[32,32]", "train.conditions=[nominal,weak_motor]")
     assert other.returncode == 1 and "other settings (policy.algorithm.hidden_sizes)" in other.stderr and "Traceback" not in other.stderr, other.stderr
+    assert (run / ".hydra" / "overrides.yaml").read_text() == record  # a refused rerun once replaced the run's record with its own
     on_ray = _train(run, "policy.trainer.total_env_steps=400", "train.workers=2", "train.conditions=[nominal,weak_motor]")  # would start over
     assert on_ray.returncode == 1 and "holds a run with train.workers=1" in on_ray.stderr, on_ray.stderr
+
+
+def test_a_run_folder_in_use_is_refused_and_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """Two processes on one run folder (a resume started twice, or two runs of one second) mixed their checkpoints and
+    metrics; SIGTERM (timeout, Slurm, Kubernetes) killed flywheel-train with no message and an unfinished W&B run."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    first = subprocess.Popen([APP, *SMALL, "policy.trainer.total_env_steps=100000", f"run_dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / ".lock").exists() and (run / ".lock").read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = _train(run, "policy.trainer.total_env_steps=100000")
+        assert second.returncode == 1 and f"run_dir {run} is in use by another process (pid {first.pid})" in second.stderr, second.stderr
+        time.sleep(2)  # into training
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 130 and f"interrupted; rerun with run_dir={run}" in err and "Traceback" not in err, err[-2000:]
 
 
 def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monkeypatch):
@@ -103,6 +127,14 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     result = subprocess.run([APP, "train.workers=2", "policy=mbpo", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1 and "flywheel-train: the model-based learner trains in one process" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+    for args, reason in (  # once: a traceback at the first network or buffer, or a run nested in runs/x/runs/x
+        (["policy.algorithm.activation=foo"], "activation 'foo' is not one of"),
+        (["policy.trainer.torch_threads=0"], "torch_threads must be >= 1"),
+        (["wandb.mode=foo"], "wandb.mode must be offline, online or disabled"),
+        (["hydra.job.chdir=true"], "hydra.job.chdir=true is not supported"),
+    ):
+        result = subprocess.run([APP, *args, "run_dir=runs/x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
     with pytest.raises(TrainSettingsError, match="train.conditions: unknown robot conditions"):
         TrainJob(conditions=("wet",))
     trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig()

@@ -10,8 +10,11 @@ reports a SIGINT. Anything else keeps its traceback: that is a bug to report.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -58,26 +61,85 @@ def multirun_run_dir_error(run_dir: str) -> str | None:
 
 def check_run_dir_argument(app: str, argv: list[str]) -> None:
     """A ``run_dir=`` on the command line that cannot be a run folder (a file, not writable) stops ``app`` with one
-    line before Hydra starts (Hydra's own mkdir would fail with a traceback)."""
+    line before Hydra starts (Hydra's own mkdir would fail with a traceback). For a folder that holds a run, the
+    record Hydra is about to replace (``.hydra/``, the logs) is kept until the app accepts the rerun
+    (:func:`accept_run_folder`): a rerun the app refuses leaves the folder as it was."""
     from fleet.conf import check_run_dir
 
     for arg in argv:
         if arg.startswith("run_dir="):
+            run_dir = Path(arg.removeprefix("run_dir="))
             try:
-                check_run_dir(Path(arg.removeprefix("run_dir=")))
+                check_run_dir(run_dir)
             except ValueError as exc:
                 raise SystemExit(f"{app}: {exc}") from None
+            if run_dir.is_dir():
+                _RECORD.update(folder=run_dir, files={p: p.read_bytes() for p in _record_files(run_dir)})
+                atexit.register(_restore_record)
 
 
-def start_app(app: str, cfg) -> None:
+_RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, while the app has not accepted the rerun
+_HELD: list = []  # the run folder's lock file, open (and locked) for the process's life
+
+
+def _record_files(run_dir: Path) -> list[Path]:
+    return [p for p in (*run_dir.glob(".hydra/*"), *run_dir.glob("*.log")) if p.is_file()]
+
+
+def _restore_record() -> None:
+    if not _RECORD:
+        return
+    folder, files = _RECORD["folder"], _RECORD["files"]
+    for path in _record_files(folder):
+        if path not in files:
+            path.unlink(missing_ok=True)  # this start's own, from a start that was refused
+    for path, data in files.items():
+        path.write_bytes(data)
+    _RECORD.clear()
+
+
+def accept_run_folder(app: str, run_dir: Path) -> None:
+    """The app's checks passed: this start's record (``.hydra/``, its log) stands, and ``run_dir`` is this process's
+    until it exits (an exclusive lock on ``run_dir/.lock``): a second process on the same run folder is refused."""
+    _RECORD.clear()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / ".lock", "a+")  # noqa: SIM115  (held open until the process exits)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise SystemExit(f"{app}: run_dir {run_dir} is in use by another process{f' (pid {holder})' if holder else ''}: wait for it to end, or set another run_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _HELD.append(lock)
+
+
+def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     """What the apps with a run folder (`flywheel`, `flywheel-train`) do first: keys no code reads refused, the
-    fleet's logs at WARNING, a --multirun's run_dir checked, the user's robot modules imported; faults in one line."""
+    fleet's logs at WARNING, a --multirun's run_dir and hydra.job.chdir checked, SIGTERM handled as Ctrl-C, the user's
+    robot modules imported; faults in one line."""
     from fleet.conf.schema_tools import check
     from sim.robots.registry import use_robot_modules
+
+    from hydra.core.hydra_config import HydraConfig
 
     check(cfg)
     logging.getLogger("fleet").setLevel(logging.WARNING)
     if error := multirun_run_dir_error(cfg.run_dir):
         raise SystemExit(f"{app}: {error}")
+    if HydraConfig.get().job.chdir:
+        raise SystemExit(f"{app}: hydra.job.chdir=true is not supported: the apps read and write paths (run_dir, the store, keys) from where they are started; leave it false")
+    stop_on_signals()  # SIGTERM (timeout, Slurm, Kubernetes) stops a run as Ctrl-C does: cleanly, saying how to go on
+    from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
+    from fleet.tracking import TrackerError, check_mode
+
+    with one_line_errors(app, (RayJoinError, TrackerError)):  # W&B's and Ray's settings, before Ray, the server or a run start
+        check_mode(cfg.wandb.mode)
+        if uses_ray:
+            check_ray_settings(cfg.ray)
     with one_line_errors(app):
         use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker

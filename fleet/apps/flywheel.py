@@ -14,7 +14,7 @@ from rich.console import Console
 
 import fleet.apps.gl_backend  # noqa: F401  (first of the project's modules: MUJOCO_GL before anything imports mujoco)
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
+from fleet.apps.errors import accept_run_folder, check_run_dir_argument, one_line_errors, start_app
 
 
 INTEROP_COMMANDS = ("export", "import")
@@ -44,6 +44,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     console = Console()
     with one_line_errors("flywheel", (ValueError,)):  # the settings (and the robot), checked before anything runs: what is wrong, no traceback
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
+    accept_run_folder("flywheel", Path(cfg.run_dir))
     with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
         summary = flywheel.run()  # the cluster, the store or W&B fail at the start: what to check
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))

@@ -10,7 +10,7 @@ import sys
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
@@ -26,6 +26,9 @@ def main(cfg: DictConfig) -> None:
     check(cfg)
     if cfg.episodes < 0:
         raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
+    for key in ("drain_timeout_s", "policy.poll_interval_s"):
+        if not OmegaConf.select(cfg, key) >= 0:
+            raise SystemExit(f"flywheel-robot: {key} must be >= 0 seconds, got {OmegaConf.select(cfg, key)}")
     stop_on_signals()  # Ctrl-C or a service manager's SIGTERM ends episodes=0 cleanly
     with one_line_errors("flywheel-robot", (OSError, ValueError)):  # the robot, its token, its folders, the trusted root
         use_robot_modules(cfg.robot_modules)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -27,9 +28,9 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check(cfg)
-    server, store = instantiate(cfg.fleet.server), instantiate(cfg.fleet.store)
-    # the settings' faults (files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
-    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
+    # the settings' faults (values, files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
+    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, InstantiationException)):
+        server, store = _built(cfg.fleet.server, "fleet.server"), _built(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)
         reg = cfg.fleet.registry
@@ -43,6 +44,14 @@ def main(cfg: DictConfig) -> None:
                 len(held), ", ".join(held),
             )  # fmt: skip
         run(server, store, policy_registry=registry, sock=sock)
+
+
+def _built(node, key: str):
+    """``node`` instantiated; the value its class refuses as a ValueError naming ``key`` (not Hydra's wrapper text)."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        raise ValueError(f"{key}: {exc.__cause__ or exc}") from None
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from rich.table import Table
 
 import fleet.apps.gl_backend  # noqa: F401  (first of the project's modules: MUJOCO_GL before anything imports mujoco)
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import check_run_dir_argument, one_line_errors, start_app
+from fleet.apps.errors import accept_run_folder, check_run_dir_argument, one_line_errors, start_app
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def run_train(cfg: DictConfig) -> None:
     from sim.durable import write_durably
     from sim.robots import get_task
 
-    start_app("flywheel-train", cfg)
+    start_app("flywheel-train", cfg, uses_ray=cfg.train.workers > 1)
     run_dir = Path(cfg.run_dir)
     with one_line_errors("flywheel-train", (TrainSettingsError,)):  # the settings, checked before anything runs: what is wrong, no traceback
         job = TrainJob(**OmegaConf.to_container(cfg.train))
@@ -52,6 +52,7 @@ def run_train(cfg: DictConfig) -> None:
             raise TrainSettingsError(f"{exc.__cause__ or exc}") from None
         get_task(trainer.robot)
         preflight(job, trainer, algo_config, run_dir, cfg.ray.address)
+    accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
     with one_line_errors("flywheel-train", (TrackerError,)):
         tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)

@@ -23,10 +23,36 @@ def _run_folder(default: str, *, _root_) -> str:
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(_root_, resolve=False).get("run_dir")
+    if raw is not None and str(raw).startswith("${") and "hydra:" not in str(raw):  # e.g. ${oc.env:RUN}: the folder it names
+        try:
+            raw = OmegaConf.create({"run_dir": raw}).run_dir
+        except Exception:  # noqa: BLE001  (an interpolation of other keys: the app's own check reports it)
+            raw = None
     if raw is None or str(raw).startswith("${"):
-        return default
+        return _unique_folder(default)
     check_run_dir(Path(str(raw)))
     return str(raw)
+
+
+_MADE: dict[str, str] = {}  # a new folder's name -> the folder this process made for it
+
+
+def _unique_folder(name: str) -> str:
+    """``name`` (``runs/<time>``), made now, or ``name-2``, ``name-3``... when another process made it first: two
+    runs started in the same second never share a folder. The same name gives the same folder within a process."""
+    if name not in _MADE:
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 10_000):
+            candidate = name if k == 1 else f"{name}-{k}"
+            try:
+                os.mkdir(candidate)  # atomic: exactly one process makes each
+            except FileExistsError:
+                continue
+            _MADE[name] = candidate
+            break
+        else:
+            raise ValueError(f"{name}: 10,000 folders of that name exist; clean up runs/")
+    return _MADE[name]
 
 
 def check_run_dir(path: Path) -> None:
@@ -45,6 +71,8 @@ def _register() -> None:
 
     if not OmegaConf.has_resolver("run_folder"):
         OmegaConf.register_new_resolver("run_folder", _run_folder)
+    if not OmegaConf.has_resolver("new_folder"):
+        OmegaConf.register_new_resolver("new_folder", _unique_folder)
 
 
 _register()

@@ -51,7 +51,7 @@ class RobotPolicySchema:
     """robot.yaml ``policy``: what `flywheel-robot` passes to ``fleet.registry.pull.signed_policy_source``."""
 
     root: Optional[str] = None
-    state_dir: str = "runs/fleet/robot-policy"
+    state_dir: str = "runs/fleet/robot-policy/${robot.robot_id}"
     poll_interval_s: float = 10.0
 
 

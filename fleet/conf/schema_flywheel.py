@@ -94,7 +94,7 @@ class AppSchema:
     """What both training apps read: `flywheel` and `flywheel-train`."""
 
     robot_modules: List[str] = dataclasses.field(default_factory=list)
-    run_dir: str = "${hydra:runtime.output_dir}"
+    run_dir: Optional[str] = "${hydra:runtime.output_dir}"  # Optional: --cfg job --resolve prints it as None (no output dir)
     policy: PolicySchema = dataclasses.field(default_factory=PolicySchema)
     ray: RaySchema = dataclasses.field(default_factory=RaySchema)
     wandb: WandbSchema = dataclasses.field(default_factory=WandbSchema)

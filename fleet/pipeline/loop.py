@@ -138,6 +138,9 @@ class Flywheel:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.settings = LoopSettings.from_cfg(cfg)
+        if cfg.policy.trainer.seed != 0:  # the loop seeds each iteration's learner itself: a value here was silently ignored
+            raise ValueError(f"policy.trainer.seed={cfg.policy.trainer.seed} is not read by flywheel: iteration k's learner is seeded "
+                             f"from the run's seed (seed + k); set seed={cfg.policy.trainer.seed} instead")  # fmt: skip
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
         self.state = read_run_file(self.state_path) or {"next_iteration": 0, "current": None, "learner": None, "history": []}

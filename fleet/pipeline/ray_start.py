@@ -104,11 +104,19 @@ class RayJoinError(RuntimeError):
     """This process could not join the configured Ray cluster (or start its own); the message says what to check."""
 
 
+MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024  # ray.init refuses less (its ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
+
+
 def check_ray_settings(cfg: DictConfig) -> None:
-    """What would make ``ray.init`` wait forever, refused at once: a local Ray without CPUs, an address this host
-    does not have, a HOST:PORT head that nothing listens on (Ray retries that for minutes)."""
+    """What would make ``ray.init`` fail late or wait forever, refused at once (the apps call it before anything
+    starts): a local Ray without CPUs or with less object store than Ray takes, an unknown ``auth``, an address this
+    host does not have, a HOST:PORT head that nothing listens on (Ray retries that for minutes)."""
     if not cfg.address and cfg.num_cpus is not None and cfg.num_cpus < 1:
         raise RayJoinError(f"ray.num_cpus={cfg.num_cpus}: the local Ray needs at least 1 CPU for the robots and tasks (null: all of this machine's)")
+    if not cfg.address and cfg.object_store_memory is not None and cfg.object_store_memory < MIN_OBJECT_STORE_BYTES:
+        raise RayJoinError(f"ray.object_store_memory={cfg.object_store_memory}: Ray needs at least {MIN_OBJECT_STORE_BYTES} bytes (75 MiB); null: Ray's own choice")
+    if cfg.auth not in AUTH_MODES:
+        raise RayJoinError(f"ray.auth={cfg.auth!r}: use token (Ray's token authentication, as on every node of the cluster) or disabled")
     if cfg.node_ip_address:
         try:
             with socket.socket(socket.AF_INET6 if ":" in cfg.node_ip_address else socket.AF_INET) as probe:
