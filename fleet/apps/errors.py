@@ -79,7 +79,7 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
 
 
 _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, while the app has not accepted the rerun
-_HELD: list = []  # the run folder's lock file, open (and locked) for the process's life
+_HELD: dict = {}  # run folder -> its lock file, open (and locked) for the process's life
 
 
 def _record_files(run_dir: Path) -> list[Path]:
@@ -103,6 +103,8 @@ def accept_run_folder(app: str, run_dir: Path) -> None:
     until it exits (an exclusive lock on ``run_dir/.lock``): a second process on the same run folder is refused."""
     _RECORD.clear()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.resolve() in _HELD:  # this process's already (an app run twice in one process)
+        return
     lock = open(run_dir / ".lock", "a+")  # noqa: SIM115  (held open until the process exits)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,7 +117,7 @@ def accept_run_folder(app: str, run_dir: Path) -> None:
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
-    _HELD.append(lock)
+    _HELD[run_dir.resolve()] = lock
 
 
 def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
