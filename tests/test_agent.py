@@ -284,12 +284,14 @@ def test_the_robot_app_says_what_it_did_not_upload(tmp_path):
         ("fleet.agent.server_url=notaurl", "is not an http:// or https:// URL"),  # once: ran, spooled, failed only when draining
         ("robot.profile.payload_mass=abc", "full_key: robot.profile.payload_mass"),  # typed: Hydra names the key (once a TypeError at start)
         ("policy.root=/nowhere/root.json", "policy.root /nowhere/root.json does not exist"),  # once: a bare "[Errno 2] ..."
+        ("robot.robot_id=../../etc", "robot: robot id '../../etc' is not allowed"),  # once: its spool and log folders made outside first
+        ("drain_timeout_s=-5", "drain_timeout_s must be >= 0 seconds"),  # once: accepted
     ],
 )
 def test_the_robot_app_refuses_what_cannot_work_before_it_records_anything(tmp_path, override, reason):
     out = subprocess.run([*_robot_app(tmp_path), "episodes=1", override, f"fleet.agent.spool_dir={tmp_path / 'spool'}"], cwd=REPO, env=_robot_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr and (reason is None or reason in out.stderr), out.stderr
-    assert not (tmp_path / "spool").exists()  # nothing recorded
+    assert not (tmp_path / "spool").exists() and not (Path(REPO) / "runs" / "etc").exists()  # nothing recorded, nothing made outside
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])

@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from fleet.agent.config import AgentConfig, SimRobotConfig
+from fleet.agent.config import AgentConfig, SimRobotConfig, check_robot_id
 from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
 from fleet.agent.spool import Spool
@@ -24,6 +24,7 @@ class RobotAgent:
     """
 
     def __init__(self, config: AgentConfig, robot_id: str, *, token: str | None = None, on_ack=None, seed: int | None = None):
+        check_robot_id(robot_id)  # it names the spool's folder
         self.config, self.robot_id = config, robot_id
         self.spool = Spool(Path(config.spool_dir) / robot_id, config.spool_max_bytes)
         self.uploader = Uploader(

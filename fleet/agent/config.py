@@ -85,3 +85,13 @@ class SimRobotConfig:
     seed: int = 0
     max_steps: int = 200
     profile: dict = dataclasses.field(default_factory=dict)  # sim.variation.VariationProfile fields
+
+    def __post_init__(self):
+        check_robot_id(self.robot_id)  # before any folder is named after it (spool, policy state, logs)
+
+
+def check_robot_id(robot_id: str) -> None:
+    from sim.episode import ROBOT_ID, ROBOT_ID_RULE
+
+    if not isinstance(robot_id, str) or not ROBOT_ID.fullmatch(robot_id):
+        raise ValueError(f"robot id {str(robot_id)[:80]!r} is not allowed: {ROBOT_ID_RULE}")

@@ -145,3 +145,15 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
             check_ray_settings(cfg.ray)
     with one_line_errors(app):
         use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
+
+
+def built(node, key: str):
+    """``node`` instantiated; a value its class refuses as a ValueError naming ``key`` (for :func:`one_line_errors`),
+    not Hydra's wrapper text and traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        raise ValueError(f"{key}: {exc.__cause__ or exc}") from None

@@ -9,13 +9,11 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import one_line_errors
+from fleet.apps.errors import built, one_line_errors
 from fleet.conf.schema_tools import check
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
@@ -29,8 +27,8 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     check(cfg)
     # the settings' faults (values, files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
-    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, InstantiationException)):
-        server, store = _built(cfg.fleet.server, "fleet.server"), _built(cfg.fleet.store, "fleet.store")
+    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
+        server, store = built(cfg.fleet.server, "fleet.server"), built(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)
         reg = cfg.fleet.registry
@@ -44,14 +42,6 @@ def main(cfg: DictConfig) -> None:
                 len(held), ", ".join(held),
             )  # fmt: skip
         run(server, store, policy_registry=registry, sock=sock)
-
-
-def _built(node, key: str):
-    """``node`` instantiated; the value its class refuses as a ValueError naming ``key`` (not Hydra's wrapper text)."""
-    try:
-        return instantiate(node)
-    except InstantiationException as exc:
-        raise ValueError(f"{key}: {exc.__cause__ or exc}") from None
 
 
 if __name__ == "__main__":

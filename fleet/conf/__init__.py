@@ -40,6 +40,8 @@ _MADE: dict[str, str] = {}  # a new folder's name -> the folder this process mad
 def _unique_folder(name: str) -> str:
     """``name`` (``runs/<time>``), made now, or ``name-2``, ``name-3``... when another process made it first: two
     runs started in the same second never share a folder. The same name gives the same folder within a process."""
+    if ".." in Path(name).parts:  # a robot.robot_id of ../../x in runs/fleet/logs/robot/<id>/<time> would climb out: it
+        name = str(Path(*("_" if part == ".." else part for part in Path(name).parts)))  # stays inside; the app refuses the id
     if name not in _MADE:
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         for k in range(1, 10_000):
