@@ -27,13 +27,18 @@ def fsync_dir(path: Path) -> None:
 def write_durably(path: Path, data: bytes, tmp: Path | None = None) -> None:
     """``path`` holds ``data`` or what it held before, never a part, after any crash: written as ``tmp``
     (default ``.<name>.<pid>.<thread>.tmp`` beside it: writers of one path at once never share a
-    temporary file; the last rename wins), fsynced, renamed, and the folder fsynced."""
+    temporary file; the last rename wins), fsynced, renamed, and the folder fsynced. A write that fails (a full disk)
+    leaves no temporary file behind."""
     tmp = tmp if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the part written goes, not the space it holds
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -350,3 +350,84 @@ def test_a_started_policy_source_never_waits_for_a_trickling_registry(tmp_path):
     finally:
         source.close()
         server.close()
+
+
+def test_two_episodes_the_server_fails_on_never_hold_back_the_others(tmp_path):
+    """A server answering 500 to two episodes at the head of the queue (and 201 to every other): in 90 s the robot
+    sent 9 requests, all for those two, and none of the 7 good episodes behind them; 0 of 134 against a server whose
+    staging disk was full."""
+    bad: set[str] = set()
+
+    def answer(method, path, body):
+        episode_id = Episode.from_bytes(body).episode_id
+        return (500, {"Content-Type": "application/json"}, b'{"error": "internal_error"}') if episode_id in bad else ack(body)
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url)
+    try:
+        first, second = put(up, 0), put(up, 1)
+        bad.update({first.episode_id, second.episode_id})
+        good = [put(up, seed) for seed in range(2, 9)]
+        up.start()
+        deadline = time.monotonic() + 20
+        while up.stats["created"] < len(good) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert up.stats["created"] == len(good) and {e.episode_id for e in up.spool.entries()} == bad, up.stats
+    finally:
+        up.stop()
+        server.close()
+
+
+def test_a_full_disk_on_the_server_is_never_blamed_on_the_episode(tmp_path):
+    """507 insufficient_storage (the server's staging or store disk full) keeps the episode and waits Retry-After;
+    before, the server answered 500 and after 8 tries, others accepted meanwhile, the episode was set aside for good."""
+    full = {"on": True}
+
+    def answer(method, path, body):
+        if full["on"] and Episode.from_bytes(body).episode_id == big.episode_id:
+            return 507, {"Content-Type": "application/json", "Retry-After": "0"}, b'{"error": "insufficient_storage", "reason": "disk full"}'
+        return ack(body)
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, max_attempts=2)
+    try:
+        big = put(up, 0)
+        for seed in range(1, 6):
+            put(up, seed)
+        for _ in range(40):
+            up.upload_once()
+        assert up.stats["set_aside"] == 0 and up.stats["created"] == 5 and [e.episode_id for e in up.spool.entries()] == [big.episode_id]
+        full["on"] = False
+        assert up.upload_once() == "acked" and up.spool.depth == 0
+    finally:
+        server.close()
+
+
+def test_a_full_spool_disk_evicts_the_oldest_and_never_stops_the_robot(tmp_path, monkeypatch):
+    """The spool's disk filling before spool_max_bytes: agent.submit raised a bare OSError (the robot app exited), left
+    a .partial file holding the space, and evicted nothing."""
+    import errno
+
+    from fleet.agent import spool as spool_module
+
+    write, room = spool_module.write_durably, {"files": 3}
+
+    def small_disk(path, data, tmp=None):  # a disk with room for three episodes
+        if len(list(path.parent.glob("*.safetensors"))) >= room["files"]:
+            with open(tmp, "wb") as f:
+                f.write(data[: len(data) // 2])  # part of it written, then the disk is full
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            finally:
+                tmp.unlink(missing_ok=True)  # what write_durably does on a failed write
+        return write(path, data, tmp)
+
+    monkeypatch.setattr(spool_module, "write_durably", small_disk)
+    agent = RobotAgent(AgentConfig(server_url="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool"), spool_max_bytes=1 << 30), "r0", token="t")
+    episodes = [episode(seed) for seed in range(5)]
+    assert all(agent.submit(e) for e in episodes)
+    kept = [e.episode_id for e in agent.spool.entries()]
+    assert kept == [e.episode_id for e in episodes[2:]] and agent.status()["evicted"] == 2 and not list((tmp_path / "spool" / "r0").glob("*.partial"))
+    room["files"] = 0  # nothing left to evict once the spool is empty and the disk still full
+    assert not agent.submit(episode(9)) and agent.status()["dropped"] == 1 and "spool's disk" in agent.status()["last_error"]
+    assert agent.spool.depth == 0 and agent.status()["evicted"] == 5

@@ -535,3 +535,48 @@ def test_uploads_waiting_on_a_stalled_store_count_against_the_tokens_limit(tmp_p
     finally:
         stall.set()
         handle.stop()
+
+
+def test_a_full_disk_is_a_507_that_keeps_nothing_and_healthz_says_degraded(tmp_path, monkeypatch):
+    """A full staging disk answered 500 internal_error (robots set the episode aside after 8 tries) and kept half a
+    chunk; a full store disk answered 503 with an empty reason ("IcechunkError: ") and a 1 s Retry-After; /healthz said
+    ok throughout, so a load balancer kept sending the fleet there."""
+    import errno
+
+    from fleet.server import app as server_app
+    from fleet.server.uploads import Staging
+
+    tokens = tmp_path / "tokens.json"
+    tok = add_token(tokens, "robot", "r0")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")))
+    append, write = EpisodeStore.append, Staging.append
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            def full_store(self, *a, **k):
+                raise RuntimeError("x failed to write manifest\n  |\n  -> No space left on device (os error 28)\n  | ")  # Icechunk's shape
+
+            monkeypatch.setattr(EpisodeStore, "append", full_store)
+            episode = make("r0", seed=1)
+            refused = client.post("/v1/episodes", content=episode.to_bytes(), headers=auth(tok))
+            assert (refused.status_code, refused.json()["error"], refused.headers["Retry-After"]) == (507, "insufficient_storage", "30"), refused.text
+            assert "No space left on device (os error 28)" in refused.json()["reason"]
+            health = client.get("/healthz")
+            assert health.status_code == 503 and health.json()["status"] == "degraded" and "No space left" in health.json()["reason"]
+
+            def full_staging(self, upload, offset, chunk):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            monkeypatch.setattr(Staging, "append", full_staging)
+            body = episode.to_bytes()
+            created = client.post("/v1/uploads", json={"size": len(body), "sha256": __import__("hashlib").sha256(body).hexdigest()}, headers=auth(tok))
+            chunk = client.put(f"/v1/uploads/{created.json()['upload_id']}", content=body, headers={"Upload-Offset": "0", **auth(tok)})
+            assert (chunk.status_code, chunk.json()["error"]) == (507, "insufficient_storage"), chunk.text
+
+            monkeypatch.setattr(EpisodeStore, "append", append)  # space again
+            monkeypatch.setattr(Staging, "append", write)
+            monkeypatch.setattr(server_app, "DEGRADED_FOR_S", 0.0)  # past the window: uploads let in again
+            assert client.get("/healthz").status_code == 200
+            assert client.post("/v1/episodes", content=episode.to_bytes(), headers=auth(tok)).status_code == 201
+            assert client.get("/healthz").json() == {"status": "ok", "pending_uploads": 0}
+    finally:
+        handle.stop()

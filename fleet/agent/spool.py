@@ -16,6 +16,7 @@ restarted robot resumes the upload instead of starting over. It goes when its ep
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -34,6 +35,10 @@ class SpoolEntry:
     path: Path
     episode_id: str
     nbytes: int
+
+
+class SpoolFullError(OSError):
+    """The spool's disk is full and no spooled episode is left to evict."""
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -98,20 +103,33 @@ class Spool:
         with self._lock:
             total = sum(e.nbytes for e in self._entries.values())
             while self._entries and total + len(data) > self.max_bytes:
-                victim = self._entries.pop(min(self._entries))
-                _sidecar(victim).unlink(missing_ok=True)
-                victim.path.unlink(missing_ok=True)
-                total -= victim.nbytes
-                self.evicted += 1
-                log.warning("spool %s full: evicted episode %s (%d bytes; %d evicted so far)", self.directory, victim.episode_id, victim.nbytes, self.evicted)
+                total -= self._evict_oldest("full")
             name = f"{self._seq:020d}-{episode_id}{SUFFIX}"
             self._seq += 1
             final = self.directory / name
-            _write_durably(final, data)
+            while True:
+                try:
+                    _write_durably(final, data)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    if not self._entries:  # nothing left to make room with
+                        raise SpoolFullError(f"the spool's disk ({self.directory}) is full and holds no episode to evict: free space on it, "
+                                             f"or give spool_max_bytes below its free space ({len(data)} bytes needed)") from exc  # fmt: skip
+                    self._evict_oldest("disk full")  # the disk is smaller than spool_max_bytes: make room as the limit would
             entry = SpoolEntry(final, episode_id, len(data))
             self._entries[name] = entry
         self.changed.set()
         return entry
+
+    def _evict_oldest(self, why: str) -> int:
+        victim = self._entries.pop(min(self._entries))
+        _sidecar(victim).unlink(missing_ok=True)
+        victim.path.unlink(missing_ok=True)
+        self.evicted += 1
+        log.warning("spool %s %s: evicted episode %s (%d bytes; %d evicted so far)", self.directory, why, victim.episode_id, victim.nbytes, self.evicted)
+        return victim.nbytes
 
     def read(self, entry: SpoolEntry) -> bytes | None:
         """The entry's bytes, or None if it was evicted meanwhile."""

@@ -60,6 +60,9 @@ ACKNOWLEDGED = ("created", "duplicate")
 ZSTD_LEVEL = 3  # zstd's default: fast on a robot's CPU, most of the gain on float telemetry
 
 
+NOT_THE_EPISODES = (502, 503, 504, 507)  # a gateway, a busy or stopping server, a full disk: never blamed on the episode
+
+
 class Uploader:
     """Drains a :class:`Spool` to ``POST {server_url}/v1/episodes`` on a background thread."""
 
@@ -92,6 +95,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0  # consecutive failed attempts
+        self._last_failed: str | None = None  # the episode of the last failed attempt: tried after the others
         self.max_attempts = max_attempts
         self._blame: dict[str, _Blame] = {}  # episodes the server failed on (5xx), by id
         self._acks = 0
@@ -107,13 +111,20 @@ class Uploader:
 
     # -- one attempt ------------------------------------------------------------------
     def _next(self) -> SpoolEntry | None | str:
-        """The oldest spooled episode not waiting out its own backoff; "waiting" if all are."""
-        entries, now = self.spool.entries(), time.monotonic()
+        """The oldest spooled episode the server has not failed on, else the oldest of those it failed on (5xx) that
+        has waited out its own backoff; "waiting" if all are waiting. Episodes the server fails on go behind the others:
+        two of them at the head of the queue once kept every good episode behind them from being tried. The episode whose
+        attempt failed last goes after the others too (a server whose staging disk is full refuses only its large ones)."""
+        entries, now, suspect, last = self.spool.entries(), time.monotonic(), None, None
         for entry in entries:
             blame = self._blame.get(entry.episode_id)
-            if blame is None or blame.not_before <= now:
-                return entry
-        return "waiting" if entries else None
+            if blame is None:
+                if entry.episode_id != self._last_failed:
+                    return entry
+                last = entry  # the one that just failed: after the others (a full staging disk refuses only large ones)
+            elif suspect is None and blame.not_before <= now:
+                suspect = entry
+        return last or suspect or ("waiting" if entries else None)
 
     def upload_once(self) -> str:
         """Try the oldest eligible spooled episode once: "empty", "acked", "rejected", "set_aside" or "retry"."""
@@ -189,7 +200,7 @@ class Uploader:
             log.error("server refused episode %s for good (%d %s); moved to %s", entry.episode_id, response.status_code, body, self.spool.rejected_dir)
             return "rejected"
         self._retry_after = _retry_after_s(response)
-        if response.status_code >= 500 and response.status_code not in (502, 503, 504):  # the server failed on this episode: blame it
+        if response.status_code >= 500 and response.status_code not in NOT_THE_EPISODES:  # the server failed on this episode: blame it
             return self._blamed(entry, response.status_code, body)
         return self._failed(entry, f"HTTP {response.status_code}: {body}")
 
@@ -208,6 +219,7 @@ class Uploader:
 
     def _failed(self, entry: SpoolEntry, message: str) -> str:
         self._failures += 1
+        self._last_failed = entry.episode_id
         self.stats["failed_attempts"] += 1
         self.last_error = message
         log.warning("upload of %s failed (%s); %d episodes queued, retrying", entry.episode_id, message, self.spool.depth)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import logging
@@ -55,6 +56,20 @@ SAFETENSORS = "application/octet-stream"
 # the storage under the store and the registry did not answer: 503 + Retry-After for reads and registry calls, as for uploads
 STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy)
 STORAGE_RETRY_AFTER_S = 5
+FULL_DISK_RETRY_AFTER_S = 30  # space comes back when an operator frees it, not within a second
+DEGRADED_FOR_S = 30.0  # /healthz answers 503 this long after a failed group commit
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A full disk or quota, raised by Python (ENOSPC, EDQUOT) or reported by Icechunk in its message (os error 28)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+
+
+def insufficient_storage(reason: str) -> ApiError:
+    """507: nothing of the request kept; robots keep the episode, never blame it, and retry after Retry-After."""
+    return ApiError(507, "insufficient_storage", f"{reason}; nothing of this request was kept: retry later", None, {"Retry-After": str(FULL_DISK_RETRY_AFTER_S)})
 
 
 def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
@@ -201,6 +216,13 @@ def create_app(
     for fault in STORAGE_FAULTS:
         app.add_exception_handler(fault, storage_fault)
 
+    @app.exception_handler(OSError)
+    async def disk_fault(request: Request, exc: OSError):  # the server's own disk (staged uploads, a local store)
+        if not disk_full(exc):
+            return await server_fault(request, exc)
+        log.warning("%s %s: disk full (%s)", request.method, request.url.path, exc)
+        return await api_error(request, insufficient_storage(f"the server's disk is full ({exc.strerror or exc})"))
+
     @app.exception_handler(Exception)
     async def server_fault(request: Request, exc: Exception):  # a bug: logged with its traceback by the server, answered in our shape
         return ApiError(500, "internal_error", f"the server failed on this request ({exc.__class__.__name__}); it is logged: retry, and report it if it stays").response()
@@ -240,6 +262,8 @@ def create_app(
             try:
                 status = await asyncio.wrap_future(future)
             except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
+                if disk_full(exc):
+                    raise insufficient_storage(f"the episode store's disk is full ({short_reason(exc)})") from None
                 raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {short_reason(exc)}); retry", None, {"Retry-After": "1"}) from None
         if status == "conflict":
             raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
@@ -322,6 +346,11 @@ def create_app(
     @app.get("/healthz")
     @app.head("/healthz")  # load balancers' probes
     async def healthz():
+        """200 ok; 503 degraded while group commits fail (a load balancer sends the fleet elsewhere), with since when and
+        why. Degraded lasts ``DEGRADED_FOR_S`` after the last failure: then uploads are let in again to find out whether
+        the store is back (a replica no traffic reaches would otherwise never be seen to recover)."""
+        if committer.failing is not None and time.time() - committer.failing["last"] < DEGRADED_FOR_S:
+            return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, **committer.failing}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok", "pending_uploads": committer.pending}
 
     @app.get("/metrics")

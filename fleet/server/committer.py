@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 
 from fleet.server.metrics import Metrics
+from fleet.store.backend import short_reason
 from fleet.store.writer import EpisodeStore
 from sim.episode import Episode
 
@@ -60,6 +61,7 @@ class GroupCommitter:
         self._incoming = 0
         self._closed = False
         self._settled = 0  # commits settled so far
+        self.failing: dict | None = None  # {"since", "last", "reason"} while group commits fail (cleared by the next that stores)
         self._last_robots: set[str] = set()  # robot_ids of the last one
         self._acked_at: dict[str, float] = {}  # robot_id -> when its last commit was acknowledged (the last rejoin_s)
         self._quick: set[str] = set()  # robots whose last upload came within rejoin_s of their acknowledgement
@@ -165,13 +167,17 @@ class GroupCommitter:
                 upload_times=[i.received for i in batch],
                 message=f"ingest {len(batch)} uploads",
             )
-        except Exception as exc:  # reported to every waiting upload as 503; nothing was acknowledged
+        except Exception as exc:  # reported to every waiting upload as 503 or 507; nothing was acknowledged
             self.metrics.raced(self.store.commit_rebases - races[0], self.store.commit_retries - races[1])
-            log.exception("group commit of %d uploads failed; none acknowledged, clients will retry", len(batch))
+            reason = f"{exc.__class__.__name__}: {short_reason(exc)}"
+            self.failing = {"since": (self.failing or {}).get("since", time.time()), "last": time.time(), "reason": reason}
+            log.error("group commit of %d uploads failed (%s); none acknowledged, clients will retry", len(batch), reason)
+            log.debug("the failed commit's traceback", exc_info=True)  # Icechunk's context runs to ~40 lines a commit
             self.metrics.committed(time.perf_counter() - start, len(batch), ok=False)
             self._settle(batch, error=exc)
             return
         self.metrics.raced(self.store.commit_rebases - races[0], self.store.commit_retries - races[1])
+        self.failing = None
         self.metrics.committed(time.perf_counter() - start, result.created, ok=True)
         self._settle(batch, statuses=result.statuses)
 

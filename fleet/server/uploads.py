@@ -223,9 +223,13 @@ class Staging:
             check_chunk(upload, current, offset, len(chunk))
             if chunk:
                 f.seek(current)
-                f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
+                try:
+                    f.write(chunk)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:  # a full disk: a chunk is whole or not there
+                    f.truncate(current)
+                    raise
             return current + len(chunk)
 
     def read_whole(self, upload: Upload) -> bytes:

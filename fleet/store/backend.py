@@ -50,8 +50,11 @@ class StoreUnreachableError(ConnectionError):
 def short_reason(exc: Exception) -> str:
     """The cause at the end of an Icechunk error's context chain (its last line: "connection refused",
     "NoSuchBucket", ...), not the hundreds of characters of Rust context before it."""
-    text = str(exc).strip()
-    return text.splitlines()[-1].lstrip("`|-> ").strip()[:300] if text else type(exc).__name__
+    for line in reversed(str(exc).strip().splitlines()):  # its last line may be only the context block's frame ("  | ")
+        cause = line.strip().lstrip("`|->x ").strip()
+        if cause:
+            return cause[:300]
+    return type(exc).__name__
 
 
 def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:

@@ -144,6 +144,8 @@ class _Redo(Exception):
 class EpisodeStore:
     """A Flywheel episode store on disk. Build with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
 
+    created_here = False  # open_or_create made it (a new, empty store)
+
     def __init__(self, config: StoreConfig, repo: icechunk.Repository, info: dict):
         self.config = config
         self.location = Location.parse(config.path)
@@ -207,9 +209,11 @@ class EpisodeStore:
         if backend.repo_exists(Location.parse(config.path)):
             return cls.open(config)
         try:
-            return cls.create(config)
+            store = cls.create(config)
         except FileExistsError:  # another process created it between our check and create
             return cls.open(config)
+        store.created_here = True
+        return store
 
     def _migrate(self) -> None:
         """Bring a schema-1 or schema-2 store to schema 3 in one commit (docs/store.md, "Older schemas")."""
