@@ -186,8 +186,9 @@ def test_foreign_lerobot_dataset_gets_real_source_and_stable_ids(store, tmp_path
     assert ep.truncated[-1] and not ep.terminated.any()
 
 
-def write_bag(path, steps: int = 6):
-    """A ROS 2 bag: /joint_states (JointState, header stamps), /arm/commands (Float64MultiArray), /reward (Float64)."""
+def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: int = 0):
+    """A ROS 2 bag: /joint_states (JointState, header stamps ``header_offset_ns`` off the recorder's log clock),
+    /arm/commands (Float64MultiArray, from step ``first_command`` on), /reward (Float64)."""
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -204,10 +205,10 @@ def write_bag(path, steps: int = 6):
         layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
         for t in range(steps + 1):
             ns = t0 + t * 50_000_000
-            header = T["std_msgs/msg/Header"](stamp=stamp(ns), frame_id="base")
+            header = T["std_msgs/msg/Header"](stamp=stamp(ns + header_offset_ns), frame_id="base")
             msg = T["sensor_msgs/msg/JointState"](header=header, name=["a", "b"], position=pos[t], velocity=vel[t], effort=np.zeros(0))
             bag.write(js, ns + 1000, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
-            if t < steps:
+            if first_command <= t < steps:
                 bag.write(cm, ns + 2_000_000, ts.serialize_cdr(T["std_msgs/msg/Float64MultiArray"](layout=layout, data=cmd[t]), "std_msgs/msg/Float64MultiArray"))
                 bag.write(rw, ns + 3_000_000, ts.serialize_cdr(T["std_msgs/msg/Float64"](data=float(t)), "std_msgs/msg/Float64"))
     return pos, vel, cmd, t0
@@ -226,6 +227,21 @@ def test_rosbag_import_maps_joint_states_and_commands(tmp_path, capsys):
     assert np.allclose(ep.timestamp, (t0 + np.arange(7) * 50_000_000) / 1e9, rtol=0, atol=1e-6)  # header stamps
     assert ep.truncated[-1] and not ep.terminated.any() and ep.metadata["x.rosbag"] == "bag"
     assert run_cli(argv, capsys)["duplicate"] == 1  # deterministic id: a re-import is idempotent
+
+
+def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):
+    """A robot's header clock 1,000 s ahead of the recorder's (or sim time) matched every step to the bag's last command,
+    silently; a recording whose commands start late gave its first steps the last command too (index -1)."""
+    from fleet.interop.common import ImportOptions, InteropError
+    from fleet.interop.rosbag import import_rosbag
+
+    pos, vel, cmd, t0 = write_bag(tmp_path / "ahead", header_offset_ns=1_000 * 10**9)
+    (ep,) = import_rosbag(tmp_path / "ahead", ImportOptions(robot_id="a", robot_model="b"))
+    assert np.array_equal(ep.action, cmd.astype(np.float32))  # matched on the log clock every topic has
+    assert np.allclose(ep.timestamp, (t0 + 1_000 * 10**9 + np.arange(7) * 50_000_000) / 1e9, rtol=0, atol=1e-6)  # the robot's stamps kept
+    write_bag(tmp_path / "late", first_command=3)
+    with pytest.raises(InteropError, match="no message on action topic '/arm/commands' before the second observation"):
+        import_rosbag(tmp_path / "late", ImportOptions(robot_id="a", robot_model="b"))
 
 
 def test_import_uploads_through_the_robot_agent(store, tmp_path, capsys, monkeypatch):
@@ -304,3 +320,25 @@ def _bag_without_commands(tmp_path):
         msg = ts.types["sensor_msgs/msg/JointState"](header=header, name=["a"], position=np.ones(1), velocity=np.zeros(0), effort=np.zeros(0))
         bag.write(js, 1, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
     import_rosbag(tmp_path / "nocmd", ImportOptions(robot_id="a", robot_model="b"))
+
+
+def test_an_export_killed_midway_leaves_no_export_that_looks_complete(tmp_path):
+    """SIGKILL, SIGTERM or the OOM killer mid-export left the LeRobot folder with info.json and episodes but no
+    flywheel.json: its import then asked for --robot-id and relabelled every robot's episodes as one, each a step short.
+    Exports are written under a partial name and renamed into place once whole."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\nfrom fleet.interop.common import new_output\n"
+        "with new_output(sys.argv[1]) as out:\n    out.mkdir()\n    (out / 'info.json').write_text('{}')\n    os._exit(9)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(tmp_path / "export")], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9 and not (tmp_path / "export").exists()
+    assert [p.name.startswith(".export.partial-") for p in tmp_path.iterdir()] == [True]  # only the partial name is left
+    from fleet.interop.common import new_output
+
+    with new_output(tmp_path / "whole") as out:
+        out.mkdir()
+        (out / "info.json").write_text("{}")
+    assert (tmp_path / "whole" / "info.json").exists() and not list(tmp_path.glob(".whole.partial-*"))

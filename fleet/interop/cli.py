@@ -81,19 +81,28 @@ def read_inputs(args: argparse.Namespace) -> list:
     options = ImportOptions(args.robot_id, args.robot_model, args.source, args.policy_version, _json_text(args.hardware, "--hardware"), _json_text(args.calibration, "--calibration"))
     episodes = []
     for path in args.inputs:
-        if args.format == "lerobot":
-            from fleet.interop.lerobot import import_lerobot
-
-            episodes += import_lerobot(path, options)
-        elif args.format == "mcap":
-            from fleet.interop.mcap_io import import_mcap
-
-            episodes += import_mcap(path)
-        else:
-            from fleet.interop.rosbag import import_rosbag
-
-            episodes += import_rosbag(path, options, observation_topic=args.observation_topic, action_topic=args.action_topic, reward_topic=args.reward_topic)
+        try:
+            episodes += _read_input(args, path, options)
+        except InteropError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:  # the input's own content: no traceback
+            raise InteropError(f"{path} is not a readable {args.format} input ({exc.__class__.__name__}: {str(exc)[:300]}); check the file, or the --format") from None
     return episodes
+
+
+def _read_input(args: argparse.Namespace, path, options: ImportOptions) -> list:
+    """The episodes of one input of ``args.format``."""
+    if args.format == "lerobot":
+        from fleet.interop.lerobot import import_lerobot
+
+        return import_lerobot(path, options)
+    if args.format == "mcap":
+        from fleet.interop.mcap_io import import_mcap
+
+        return import_mcap(path)
+    from fleet.interop.rosbag import import_rosbag
+
+    return import_rosbag(path, options, observation_topic=args.observation_topic, action_topic=args.action_topic, reward_topic=args.reward_topic)
 
 
 def run_import(args: argparse.Namespace) -> dict:

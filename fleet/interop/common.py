@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.durable import fsync_dir
 from sim.episode import CAMERA_TIMESTAMP_SUFFIX, REQUIRED_ARRAYS, Episode, EpisodeValidationError, encode_safetensors
 
 INTEROP_VERSION = "1"  # version of the flywheel provenance written into every exported format
@@ -29,21 +31,26 @@ class InteropError(ValueError):
 
 @contextlib.contextmanager
 def new_output(path: str | Path):
-    """Write ``path`` (a file, or a folder absent or empty) and remove what was written if writing fails, so that an
-    export is whole or absent; InteropError when ``path`` holds something already."""
+    """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the sibling it is
+    given (``.<name>.partial-<pid>``), which is renamed to ``path`` once the block ends. Any failure removes it, and a
+    kill (SIGTERM, SIGKILL, the OOM killer) leaves only that partial name, never an export that looks complete.
+    InteropError when ``path`` holds something already. The caller returns ``path``, not what it was given."""
     path = Path(path).resolve()
-    existed = path.exists()
-    if existed and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InteropError(f"{path} exists already{' and is not empty' if path.is_dir() else ''}; choose another --out or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        yield path
+        yield partial
+        if path.is_dir():  # an empty folder given: the export takes its place
+            path.rmdir()
+        os.replace(partial, path)
+        fsync_dir(path.parent)
     except BaseException:
-        written = list(path.iterdir()) if existed else [path]  # an empty folder given: keep it, remove what went in
-        for item in (p for p in written if p.exists()):
-            if item.is_dir():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
+        if partial.is_dir():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink(missing_ok=True)
         raise
 
 
@@ -202,15 +209,26 @@ def cast(arr, dtype: str, tail: Sequence[int], origin: str) -> np.ndarray:
 
 # -- delivery ---------------------------------------------------------------------------
 def write_to_store(episodes: Sequence[Episode], store: str | Path) -> dict[str, int]:
-    """Append ``episodes`` to the store at ``store`` (created if absent) in one commit."""
+    """Append ``episodes`` to the store at ``store`` (created if absent) in one commit, or nothing: inputs holding one
+    episode id twice with different content, or an id stored with other content, are refused before it."""
     from fleet.store import EpisodeStore, StoreConfig
+    from fleet.store.writer import canonical_digest
 
-    result = EpisodeStore.open_or_create(StoreConfig(path=str(store))).append(list(episodes), message="flywheel import")
+    digests, inputs = [canonical_digest(ep) for ep in episodes], {}
+    for ep, digest in zip(episodes, digests):  # checked before anything is committed: an import is whole or absent
+        if inputs.setdefault(ep.episode_id, digest) != digest:
+            raise InteropError(f"the inputs hold episode {ep.episode_id} twice with different content; import them separately, or drop one; nothing was imported")
+    target = EpisodeStore.open_or_create(StoreConfig(path=str(store)))
+    target.refresh_index()
+    clash = [ep.episode_id for ep, digest in zip(episodes, digests) if target.lookup(ep.episode_id) not in (None, digest)]
+    if clash:
+        raise InteropError(f"{len(clash)} episode ids are stored with different content (first: {clash[0]}); nothing was imported")
+    result = target.append(list(episodes), digests=digests, message="flywheel import")
     counts = {s: result.statuses.count(s) for s in ("created", "duplicate", "conflict")}
     counts["snapshot_id"] = result.snapshot_id
-    if counts["conflict"]:
+    if counts["conflict"]:  # stored meanwhile by another writer
         ids = [ep.episode_id for ep, s in zip(episodes, result.statuses) if s == "conflict"]
-        raise InteropError(f"{len(ids)} episode ids are stored with different content (first: {ids[0]}); nothing else was affected, the rest are in snapshot {result.snapshot_id}")
+        raise InteropError(f"{len(ids)} episode ids were stored with different content meanwhile (first: {ids[0]}); the rest are in snapshot {result.snapshot_id}")
     return counts
 
 

@@ -79,7 +79,7 @@ def export_lerobot(selection: Selection, out: str | Path) -> Path:
 
     with new_output(out) as root:
         _write(selection, root, pd, pa, pq)
-    return root
+    return Path(out).resolve()
 
 
 def _write(selection: Selection, root: Path, pd, pa, pq) -> None:
@@ -200,6 +200,8 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
     if not info_path.is_file():
         raise InteropError(f"{root} has no meta/info.json, so it is not a LeRobot dataset folder; pass the dataset's root folder")
     info = json.loads(info_path.read_text())
+    if not isinstance(info, dict):
+        raise InteropError(f"{info_path} is JSON, but not an object of the dataset's fields; it is not a LeRobot dataset's info.json")
     version = str(info.get("codebase_version", "?"))
     if not version.startswith("v3."):
         raise InteropError(
@@ -213,13 +215,18 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
     data_path = info.get("data_path", DATA_PATH)
     tables: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     flywheel = json.loads((root / "meta" / "flywheel.json").read_text()) if (root / "meta" / "flywheel.json").is_file() else None
+    if flywheel is not None and not isinstance(flywheel, dict):
+        raise InteropError(f"{root}/meta/flywheel.json is not a JSON object; it is not a flywheel export's provenance")
     out = []
     for row in sorted(meta_rows, key=lambda r: r["episode_index"]):
         key = (row["data/chunk_index"], row["data/file_index"])
         if key not in tables:
-            path = root / data_path.format(chunk_index=key[0], file_index=key[1])
+            path = _inside(root, data_path, key)
             if not path.is_file():
                 raise InteropError(f"{path} is missing but episode {row['episode_index']} points to it; the dataset is incomplete")
+            rows, declared = pq.ParquetFile(path).metadata.num_rows, info.get("total_frames")
+            if isinstance(declared, int) and rows > declared:  # read whole below: a file of 10^8 tiny rows is gigabytes in memory
+                raise InteropError(f"{path} holds {rows} rows, more than the {declared} frames meta/info.json declares; the dataset is inconsistent")
             table = pq.read_table(path)
             tables[key] = {name: _numpy(col) for name, col in zip(table.column_names, table.columns)}
         table = tables[key]
@@ -231,6 +238,21 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
         else:
             out.append(_foreign(frames, row, info, options, origin))
     return out
+
+
+def _inside(root: Path, template, key: tuple[int, int]) -> Path:
+    """The data file ``template`` (info.json's data_path) names for (chunk, file) ``key``, inside ``root``: an absolute path,
+    a ``..`` or a link out of the dataset folder once imported another dataset's files under this one's robot."""
+    if not isinstance(template, str):
+        raise InteropError(f"{root}/meta/info.json: data_path must be a path template like {DATA_PATH!r}, got {template!r}")
+    try:
+        relative = template.format(chunk_index=key[0], file_index=key[1])
+    except (KeyError, IndexError, ValueError) as exc:
+        raise InteropError(f"{root}/meta/info.json: data_path {template!r} is not a template of chunk_index and file_index ({exc})") from None
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InteropError(f"{root}/meta/info.json: data_path {template!r} names {path}, outside the dataset folder; a dataset reads only its own files")
+    return path
 
 
 def _numpy(column) -> np.ndarray:

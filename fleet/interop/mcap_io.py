@@ -86,7 +86,7 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
                     writer.add_message(channels[topic], _ns(ts[step]), json.dumps(row).encode(), _ns(ts[step]), sequence=step)
         writer.add_metadata(METADATA_NAME, {k: str(v) for k, v in selection.provenance().items()} | {"episodes": str(len(selection.episodes))})
         writer.finish()
-    return path
+    return Path(out).resolve() / "episodes.mcap"
 
 
 def _episode_message(ep: Episode, snapshot_id: str) -> bytes:
@@ -131,7 +131,7 @@ def _episode(head: dict, rows: dict[str, dict[int, dict]], origin: str) -> Episo
             continue
         got = rows.get(name, {})
         expected = len(got) if spec["length"] == "frames" else steps + 1 if spec["length"] == "T+1" else steps
-        if sorted(got) != list(range(expected)):
+        if len(got) != expected or sorted(got) != list(range(expected)):  # the length first: a header may claim 10^8 rows
             raise InteropError(f"{origin}: array {name!r} has {len(got)} of its {expected} rows; the file is truncated or was edited, re-export it")
         arrays[name] = cast([got[t]["data"] for t in range(expected)], spec["dtype"], spec["tail"], f"{origin} array {name!r}")
         if spec["length"] == "frames":

@@ -52,7 +52,8 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
         raise InteropError(f"--dataset-id: {exc}") from None
     with new_output(Path(out) / dataset_id) as folder:  # absolute: Minari's arrow writer joins a relative path twice
         folder.mkdir(parents=True, exist_ok=True)
-        return _write(selection, episodes, arrays, dataset_id, folder / "data")
+        _write(selection, episodes, arrays, dataset_id, folder / "data")
+    return Path(out).resolve() / dataset_id / "data"
 
 
 def _write(selection: Selection, episodes, arrays: dict, dataset_id: str, data_path: Path) -> Path:

@@ -9,7 +9,11 @@ Read with rosbags 0.11 and its ROS 2 Humble message types. The mapping (docs/int
                        sensor_msgs/msg/JointState (position, else velocity, else effort),
                        geometry_msgs/msg/Twist (linear xyz, angular xyz)
     reward topic       std_msgs/msg/Float64 or Float32 (data); optional, else 0
-    time               the message header stamp when it has one (non-zero), else the bag's log time
+    time               observations keep their header stamps (else their log time) as the
+                       episode's timestamps; messages are matched on the header stamps when every
+                       message of those topics has one (non-zero), else on every message's log
+                       time: one clock for all (a robot's header clock, or sim time, against a
+                       recorder's log clock once matched every step to the last command)
 
 T + 1 observation messages make T steps. The action (and reward) of step t is the last one
 received before observation t + 1 (zero-order hold). The episode ends truncated (the
@@ -55,12 +59,15 @@ def import_rosbag(
             act_topic = _pick(topics, action_topic, ACTION_TYPES, "action", path, exclude=obs_topic)
             rew_topic = _pick(topics, reward_topic, REWARD_TYPES, "reward", path) if reward_topic else None
             wanted = [c for c in reader.connections if c.topic in {obs_topic, act_topic, rew_topic}]
-            streams: dict[str, list[tuple[int, object]]] = {t: [] for t in (obs_topic, act_topic, rew_topic) if t}
+            raw_streams: dict[str, list[tuple[int | None, int, object]]] = {t: [] for t in (obs_topic, act_topic, rew_topic) if t}
             for conn, log_time, raw in reader.messages(connections=wanted):
                 msg = typestore.deserialize_cdr(raw, conn.msgtype)
-                streams[conn.topic].append((_stamp(msg, log_time), msg))
-    except (ReaderError, KeyError, ValueError) as exc:
+                raw_streams[conn.topic].append((_header_ns(msg), int(log_time), msg))
+    except Exception as exc:  # noqa: BLE001  (rosbags' reader and CDR decoder raise many kinds for a damaged bag)
         raise InteropError(f"{path} is not a readable ROS 2 bag ({exc.__class__.__name__}: {exc}); check that it is a rosbag2 folder, .db3 or .mcap file") from None
+    headers = all(h is not None for stream in raw_streams.values() for h, _, _ in stream)
+    # (the time messages are matched on: one clock for every topic; the time recorded: the header stamp where there is one)
+    streams = {topic: [(h if headers else log, log if h is None else h, msg) for h, log, msg in stream] for topic, stream in raw_streams.items()}
     arrays = _episode_arrays(streams, obs_topic, topics[act_topic], act_topic, rew_topic, path)
     extra = {"x.rosbag": path.name, "x.rosbag_topics": f"observation={obs_topic} action={act_topic} reward={rew_topic or '-'}"}
     return [foreign_episode(arrays, options, f"ROS 2 bag {path}", extra)]
@@ -82,11 +89,12 @@ def _pick(topics: dict[str, str], chosen: str | None, types: tuple, role: str, p
     raise InteropError(f"{path}: cannot choose the {role} topic ({found}; topics: {topics}); pass --{role}-topic")
 
 
-def _stamp(msg, log_time: int) -> int:
+def _header_ns(msg) -> int | None:
+    """The message's header stamp (ns), None without a header or with a zero stamp."""
     header = getattr(msg, "header", None)
     if header is not None and (header.stamp.sec or header.stamp.nanosec):
         return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-    return int(log_time)
+    return None
 
 
 def _action_vector(msg, msgtype: str) -> np.ndarray:
@@ -109,32 +117,36 @@ def _stack(rows: list[np.ndarray], what: str, path: Path) -> np.ndarray:
 
 def _held(times: np.ndarray, until: np.ndarray) -> np.ndarray:
     """Index of the last message strictly before each ``until`` time (-1 when none)."""
+    if not len(times):
+        return np.full(len(until), -1)
     order = np.argsort(times, kind="stable")
-    return order[np.searchsorted(times[order], until, side="left") - 1] if len(times) else np.full(len(until), -1)
+    before = np.searchsorted(times[order], until, side="left") - 1  # -1: none before (never index -1: the last message)
+    return np.where(before >= 0, order[np.maximum(before, 0)], -1)
 
 
 def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str, rew_topic: str | None, path: Path) -> dict[str, np.ndarray]:
     obs_msgs = sorted(streams[obs_topic], key=lambda m: m[0])
     if len(obs_msgs) < 2:
         raise InteropError(f"{path}: observation topic {obs_topic!r} has {len(obs_msgs)} message(s); an episode needs at least 2")
-    times = np.array([t for t, _ in obs_msgs], np.int64)
-    if not (np.diff(times) > 0).all():
-        step = int(np.argmax(np.diff(times) <= 0))
-        raise InteropError(f"{path}: observations {step} and {step + 1} on {obs_topic!r} share a time stamp; record with distinct header stamps")
-    position = _stack([np.asarray(m.position, np.float64) for _, m in obs_msgs], f"{obs_topic} position", path)
-    velocity = np.stack([np.asarray(m.velocity, np.float64) for _, m in obs_msgs]) if all(len(m.velocity) == position.shape[1] for _, m in obs_msgs) else None
-    effort = np.stack([np.asarray(m.effort, np.float64) for _, m in obs_msgs]) if all(len(m.effort) == position.shape[1] for _, m in obs_msgs) else None
+    times, stamps = (np.array([m[k] for m in obs_msgs], np.int64) for k in (0, 1))
+    for clock in (times, stamps):
+        if not (np.diff(clock) > 0).all():
+            step = int(np.argmax(np.diff(clock) <= 0))
+            raise InteropError(f"{path}: observations {step} and {step + 1} on {obs_topic!r} share a time stamp; record with distinct header stamps")
+    position = _stack([np.asarray(m.position, np.float64) for _, _, m in obs_msgs], f"{obs_topic} position", path)
+    velocity = np.stack([np.asarray(m.velocity, np.float64) for _, _, m in obs_msgs]) if all(len(m.velocity) == position.shape[1] for _, _, m in obs_msgs) else None
+    effort = np.stack([np.asarray(m.effort, np.float64) for _, _, m in obs_msgs]) if all(len(m.effort) == position.shape[1] for _, _, m in obs_msgs) else None
     T = len(obs_msgs) - 1
-    act_times = np.array([t for t, _ in streams[act_topic]], np.int64)
+    act_times = np.array([t for t, _, _ in streams[act_topic]], np.int64)
     held = _held(act_times, times[1:])
     if len(act_times) == 0 or held[0] < 0:
         raise InteropError(f"{path}: no message on action topic {act_topic!r} before the second observation; the recording must start with a command")
-    actions = _stack([_action_vector(m, act_type) for _, m in streams[act_topic]], f"{act_topic}", path)[held]
+    actions = _stack([_action_vector(m, act_type) for _, _, m in streams[act_topic]], f"{act_topic}", path)[held]
     reward = np.zeros(T, np.float32)
     if rew_topic:
-        rew_times = np.array([t for t, _ in streams[rew_topic]], np.int64)
+        rew_times = np.array([t for t, _, _ in streams[rew_topic]], np.int64)
         rew_held = _held(rew_times, times[1:])
-        values = np.array([m.data for _, m in streams[rew_topic]], np.float64)
+        values = np.array([m.data for _, _, m in streams[rew_topic]], np.float64)
         reward = np.where(rew_held >= 0, values[np.maximum(rew_held, 0)] if len(values) else 0.0, 0.0).astype(np.float32)
     truncated = np.zeros(T, bool)
     truncated[-1] = True
@@ -144,7 +156,7 @@ def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str
         "reward": reward,
         "terminated": np.zeros(T, bool),
         "truncated": truncated,
-        "timestamp": times.astype(np.float64) / 1e9,
+        "timestamp": stamps.astype(np.float64) / 1e9,
         "qpos": position.astype(np.float32),
     }
     if velocity is not None:
