@@ -445,6 +445,8 @@ def _validate_arrays(arrays: Mapping[str, np.ndarray], version: str = SCHEMA_VER
                 )
         elif arr.ndim < 1 or arr.shape[0] not in (num_steps, num_steps + 1):
             raise EpisodeValidationError(name, f"leading axis must be T={num_steps} or T+1={num_steps + 1}, got shape {arr.shape}")
+        if 0 in arr.shape[1:]:  # rows of no values: nothing to store (Minari's writer crashed the process on one)
+            raise EpisodeValidationError(name, f"has no values in its rows (shape {arr.shape}); leave the array out instead")
     for name, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()

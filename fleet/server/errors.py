@@ -47,6 +47,7 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("leading axis", 422, "bad_shape"),
     ("needs at least one feature", 422, "bad_shape"),
     ("at least one step", 422, "bad_shape"),
+    ("has no values in its rows", 422, "bad_shape"),
     ("NaN or Inf", 422, "non_finite"),
     ("strictly increasing", 422, "non_increasing_timestamp"),
     ("before the last step", 422, "bad_episode_end"),
