@@ -91,6 +91,8 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     snapshot = store.snapshot()
     real = snapshot.episodes(source="real")
     assert {e.robot_id for e in real} == {"robot-0", "robot-1"} and len(real) >= 2 * 2 * 2
+    for robot in ("robot-0", "robot-1"):  # every real step the robots took counts, the canary's too (left out once)
+        assert final["real_steps"][robot] == sum(e.num_steps for e in real if e.robot_id == robot), robot
     assert snapshot.episodes(source="sim") and snapshot.episodes(source="worldmodel")
 
     run = tmp_path / "run"

@@ -236,11 +236,15 @@ class Flywheel:
         return legacy if legacy.is_dir() else None
 
     def _act(self, robot_ids: list[str], episodes: int, call: str) -> list[dict]:
-        """``call`` names the round (unique in the run): a robot restarted mid-round resumes it (simfleet.py)."""
+        """``call`` names the round (unique in the run): a robot restarted mid-round resumes it (simfleet.py). Every
+        round's steps count as real steps used, telemetry and canary rounds alike (the canary's were left out once)."""
         summaries = [x for batch in ray.get([self.robots[r].run.remote(episodes, call) for r in robot_ids]) for x in batch]
         drained = ray.get([self.robots[r].drain.remote(120.0) for r in robot_ids])
         if not all(drained):
             raise RuntimeError(f"robots {[r for r, d in zip(robot_ids, drained) if not d]} could not upload within 120 s: is the server up?")
+        real_steps = self.state["real_steps"]
+        for t in summaries:
+            real_steps[t["robot_id"]] = real_steps.get(t["robot_id"], 0) + int(t["steps"])
         return summaries
 
     # -- one iteration ----------------------------------------------------------------------
@@ -252,9 +256,7 @@ class Flywheel:
         s = self.settings
         telemetry = self._act(sorted(self.robots), s.episodes_per_robot, call or f"iteration {k}: telemetry")
         fleet_returns = steps.mean_returns(telemetry)
-        real_steps = self.state["real_steps"]
-        for t in telemetry:
-            real_steps[t["robot_id"]] = real_steps.get(t["robot_id"], 0) + int(t["steps"])
+        real_steps = self.state["real_steps"]  # counted by _act, this round and every canary round before it
         self.svc.tracker.log(
             {f"fleet/return/{r}": v for r, v in fleet_returns.items()}
             | {f"fleet/real_steps/{r}": float(n) for r, n in real_steps.items()}
