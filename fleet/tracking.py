@@ -46,10 +46,22 @@ def check_mode(mode: str) -> None:
         raise TrackerError(f"wandb.mode must be offline, online or disabled, got {mode!r}")
 
 
+def run_names(run_dir: Path, name: str | None = None) -> tuple[str, str]:
+    """(W&B run name, group) of a run folder: a --multirun job is ``<sweep>/<job>`` in group ``<sweep>`` (jobs were
+    all named "0", "1", ... across sweeps); a run's later starts (a resume, a continued training) are
+    ``<name>-resumed-<n>`` in the first start's group, so W&B shows them together and apart from other runs."""
+    run_dir = Path(run_dir)
+    sweep = (run_dir.parent / "multirun.yaml").exists()
+    base = name or (f"{run_dir.parent.name}/{run_dir.name}" if sweep else run_dir.name)
+    group = run_dir.parent.name if sweep else base
+    earlier = len(list((run_dir / "wandb").glob("*run-*"))) if (run_dir / "wandb").is_dir() else 0
+    return (f"{base}-resumed-{earlier}" if earlier else base), group
+
+
 class Tracker:
     def __init__(
         self, run_dir: Path, *, mode: str = "offline", project: str = "flywheel", entity: str | None = None, config: dict | None = None,
-        name: str | None = None, step_metric: str = ITERATION, redo_from: int | None = None,
+        name: str | None = None, step_metric: str = ITERATION, redo_from: int | None = None, job_type: str | None = None,
     ):  # fmt: skip
         """``step_metric``: what :meth:`log`'s ``step`` is, the x axis of every namespace (the loop's iteration;
         `flywheel-train`'s learner steps). ``redo_from``: a resumed run redoes the steps from this one, so the rows
@@ -65,10 +77,12 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            run_name, group = run_names(self.run_dir, name)
             try:
                 self.wandb_run = wandb.init(
-                    mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=name, reinit="finish_previous"
-                )
+                    mode=mode, project=project, entity=entity, dir=str(self.run_dir), config=config or {}, name=run_name, group=group,
+                    job_type=job_type, reinit="finish_previous",
+                )  # fmt: skip
             except wandb.errors.Error as exc:  # online without a key, or W&B unreachable: what to do, not a traceback
                 self._jsonl.close()
                 raise TrackerError(

@@ -108,6 +108,8 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     policies = [a for a in wandb_run["artifacts"] if a["name"] == "policy-pendulum"]
     datasets = {alias for a in wandb_run["artifacts"] if a["name"] == "dataset-pendulum" for alias in a["aliases"]}
     assert policies and "stable" in policies[0]["aliases"] and "release-1" in policies[0]["aliases"]
+    made_from = policies[0]["metadata"]  # what else the release came from, beside its dataset
+    assert made_from["iteration"] == 0 and made_from["parent_release"] is None and made_from["world_model"] and made_from["gate"]["fleet_ci"]
     (lineage,) = policies[0]["metadata"]["lineage"]  # dataset -> policy, recorded offline
     assert lineage.startswith("dataset-pendulum:snapshot-") and lineage.split(":")[1] in datasets
     assert (run / "report.png").stat().st_size > 1000 and (run / "summary.json").exists()

@@ -82,3 +82,19 @@ def test_fewer_robots_on_resume_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match=r"would drop robot-1: resume with loop.num_robots >= 2"):
         flywheel(run, "loop.num_robots=1")
     assert flywheel(run, "loop.num_robots=3").specs.keys() == {"robot-0", "robot-1", "robot-2"}
+
+
+def test_w_and_b_names_sweep_jobs_and_later_starts_of_a_run_apart(tmp_path):
+    """Sweep jobs were all named "0", "1" (every sweep alike), and a resumed run was a second run of the same name
+    with nothing linking it to the first; flywheel-train's runs had no name at all."""
+    from fleet.tracking import run_names
+
+    sweep = tmp_path / "runs" / "20261128-010203"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}")
+    assert run_names(sweep / "1") == ("20261128-010203/1", "20261128-010203")
+    single = tmp_path / "runs" / "20261128-020304"
+    assert run_names(single) == ("20261128-020304", "20261128-020304")
+    (single / "wandb" / "offline-run-20261128_020305-abc").mkdir(parents=True)
+    (single / "wandb" / "latest-run").symlink_to(single / "wandb" / "offline-run-20261128_020305-abc")
+    assert run_names(single) == ("20261128-020304-resumed-1", "20261128-020304")  # the second start, in the first's group

@@ -49,7 +49,7 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     _exported_policy_acts_as_trained(run)
     wandb = offline_run(run / "wandb")  # what W&B shows after `wandb sync`: curves against the learner's steps, the policy artifact
     assert wandb["metrics"]["policy/*"] == "policy/env_steps" and wandb["metrics"]["eval/*"] == "policy/env_steps"
-    assert [a["type"] for a in wandb["artifacts"]] == ["policy"]
+    assert [(a["name"], a["type"]) for a in wandb["artifacts"]] == [("trained-policy-pendulum", "model")]  # apart from the loop's policy-<robot>
 
     more = _train(run, "policy.trainer.total_env_steps=320", "train.conditions=[nominal,weak_motor]")  # the same run, a larger budget
     assert more.returncode == 0, more.stderr[-3000:]

@@ -55,7 +55,7 @@ def run_train(cfg: DictConfig) -> None:
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
     with one_line_errors("flywheel-train", (TrackerError,)):
-        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS)
+        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS, job_type="train")
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
@@ -63,7 +63,7 @@ def run_train(cfg: DictConfig) -> None:
         tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
         export = Path(summary["export"])
         tracker.artifact(
-            f"policy-{trainer.robot}", "policy", [export / "weights.safetensors", export / "manifest.json"],
+            f"trained-policy-{trainer.robot}", "model", [export / "weights.safetensors", export / "manifest.json"],  # not the loop's policy-<robot>
             {"policy_version": summary["policy_version"], "env_steps": summary["env_steps"], "returns": summary["returns"]}, aliases=("latest",),
         )  # fmt: skip
         summary["wandb_dir"] = tracker.wandb_dir

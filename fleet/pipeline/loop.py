@@ -329,7 +329,7 @@ class Flywheel:
                 worlds=worlds, sensor_filters=on_board,
             )
             export_dir = self.run_dir / "policies" / f"iter{k:03d}" / "export"
-            weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id)
+            weights, policy_manifest = svc.export(trained.policy, export_dir, s.robot_model, snapshot_id, self.built.trainer.algorithm)
             # training continues from this candidate next iteration, promoted or not
             self.state["learner"] = {"iteration": k, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
             self.state["learner_env_steps"] = steps_before + trained.env_steps
@@ -350,7 +350,8 @@ class Flywheel:
         record["gate"] = decision.to_dict()
         svc.tracker.log(
             {"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate,
-             "gate/fleet_difference": decision.fleet_difference, "gate/fleet_ci_low": decision.fleet_ci[0], "gate/fleet_ci_high": decision.fleet_ci[1]},
+             "gate/fleet_difference": decision.fleet_difference, "gate/fleet_ci_low": decision.fleet_ci[0], "gate/fleet_ci_high": decision.fleet_ci[1],
+             "gate/episode_steps": float(self.task.max_steps)},  # the gate's horizon: the task's limit, not telemetry's episode_steps
             step,
         )  # fmt: skip
 
@@ -358,10 +359,16 @@ class Flywheel:
             "sensor_offsets": offset_vectors(offsets, self.task.obs_dim), "sensor_filters": filter_vectors(release_filters),
             "body_contexts": context_vectors(seen) if trained.policy.context_dim else None,
         }  # fmt: skip
-        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, on_robot, snapshot_id, fleet_returns) if decision.promote else None
+        lineage = {  # what W&B's policy artifact records beside its dataset: where else the policy came from
+            "iteration": k, "learner_seed": s.seed + k, "parent_release": (self.state.get("current") or {}).get("version"),
+            "world_model": (record.get("world_model") or {}).get("version"), "synthetic_episodes": record.get("scenarios"),
+            "gate": {key: record["gate"].get(key) for key in ("fleet_current", "fleet_candidate", "fleet_difference", "fleet_ci")},
+        }  # fmt: skip
+        released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, on_robot, snapshot_id, fleet_returns, lineage) if decision.promote else None
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
-        svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", "return", "candidate_eval", "current_eval"], [
+        horizon = f"{self.task.max_steps}_steps"  # telemetry's return is over episode_steps, the gate's evaluations over the task's limit
+        svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", f"return_{s.episode_steps}_steps", f"candidate_eval_{horizon}", f"current_eval_{horizon}"], [
             [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
         ], step)
         return record
@@ -395,7 +402,7 @@ class Flywheel:
         )
         return snapshot_id, real, sim, profiles, offsets
 
-    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, on_robot: dict, snapshot_id: str, fleet_returns: dict[str, float]) -> dict:
+    def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, on_robot: dict, snapshot_id: str, fleet_returns: dict[str, float], lineage: dict) -> dict:
         """Sign and publish the exported candidate (weights, manifest, folder) with what each robot applies
         around it (``on_robot``: manifest fields sensor_offsets, sensor_filters, body_contexts) to the
         canaries; widen or roll back from their telemetry."""
@@ -425,7 +432,7 @@ class Flywheel:
                 return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
             svc.registry.widen()
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
-        svc.mirror_policy(version, export_dir, s.robot_model, snapshot_id)
+        svc.mirror_policy(version, export_dir, s.robot_model, snapshot_id, lineage)
         self._video(k, version, trained.policy, profiles)
         return {"stage": stage, "version": version, "canaries": canaries}
 

@@ -73,7 +73,7 @@ class Services(contextlib.AbstractContextManager):
         self.store = EpisodeStore.open(run_writer(self.store_cfg, "synthetic"))  # scenario and world-model episodes
         self.tracker = Tracker(
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-            config=OmegaConf.to_container(cfg, resolve=True), name=self.run_dir.name, redo_from=redo_from,
+            config=OmegaConf.to_container(cfg, resolve=True), redo_from=redo_from, job_type="loop",
         )
         # the run's own store and registry, not the YAML's paths
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
@@ -117,21 +117,23 @@ class Services(contextlib.AbstractContextManager):
         ]  # fmt: skip
 
     # -- models ---------------------------------------------------------------------------------
-    def export(self, policy, directory: Path, robot_model: str, snapshot_id: str) -> tuple[bytes, dict]:
-        """Export a policy (safetensors + manifest); returns (weights bytes, the exporter's manifest)."""
+    def export(self, policy, directory: Path, robot_model: str, snapshot_id: str, algorithm: str) -> tuple[bytes, dict]:
+        """Export a policy (safetensors + manifest; ``algorithm``: the learner that trained it); returns (weights bytes, the exporter's manifest)."""
         from policies.export import export_policy
         from policies.runtime import WEIGHTS_FILE
 
-        manifest = export_policy(policy, directory, robot_model=robot_model, policy_version=directory.parent.name, algorithm="sac", data_snapshot=snapshot_id)
+        manifest = export_policy(policy, directory, robot_model=robot_model, policy_version=directory.parent.name, algorithm=algorithm, data_snapshot=snapshot_id)
         return (directory / WEIGHTS_FILE).read_bytes(), manifest
 
-    def mirror_policy(self, version: int, export_dir: Path, robot_model: str, snapshot_id: str) -> None:
+    def mirror_policy(self, version: int, export_dir: Path, robot_model: str, snapshot_id: str, lineage: dict | None = None) -> None:
         """W&B mirrors each released policy as a version of one Artifact per robot model (aliases
-        ``release-<version>`` and ``stable``), made from the dataset snapshot it trained on; our registry serves it."""
+        ``release-<version>`` and ``stable``), made from the dataset snapshot it trained on; our registry serves it.
+        ``lineage``: what else it came from (iteration, learner seed, the release it continued, the world model, the
+        synthetic episodes, the gate's numbers), recorded in its metadata."""
         files = sorted(p for p in export_dir.iterdir() if p.is_file())
         dataset = f"{dataset_artifact(robot_model)}:{snapshot_alias(snapshot_id)}"
         self.tracker.artifact(
-            f"policy-{robot_model}", "model", files, {"version": version, "data_snapshot": snapshot_id, "dataset_artifact": dataset},
+            f"policy-{robot_model}", "model", files, {"version": version, "data_snapshot": snapshot_id, "dataset_artifact": dataset, **(lineage or {})},
             aliases=(f"release-{version}", "stable"), uses=(dataset,),
         )
 
