@@ -19,7 +19,7 @@ members disagree or a prediction leaves the training envelope (:mod:`worldmodel.
 
 SAC then takes ``sac.utd_ratio`` gradient steps per real step on batches of ``real_ratio`` real
 and ``1 - real_ratio`` model transitions. Metrics: ``train/...`` (SAC) plus ``model/val_mse``,
-``model/horizon``, ``model/k_step_error``, ``model/rollout_transitions``, ``model/real_steps``.
+``model/horizon``, ``model/k_step_error``, ``model/rollout_transitions`` (the environment steps are the log's own axis).
 """
 
 from __future__ import annotations
@@ -320,7 +320,6 @@ class MBPO:
             "model/horizon": float(self.horizon),
             "model/k_step_error": float(self.k_step_error[self.horizon - 1]),
             "model/rollout_transitions": float(self.sac.replay.sources[MODEL].size),
-            "model/real_steps": float(self.sac.env_steps),
             "model/retrains": float(self.retrains),
         }
 
