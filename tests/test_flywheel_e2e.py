@@ -98,6 +98,8 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("fleet/return/robot-0" in x for x in lines) and any("gate/promote" in x for x in lines)
+    gate_row = next(x for x in lines if "gate/promote" in x)  # each robot's interval beside the fleet's (once in summary.json only)
+    assert gate_row["gate/robot-0/ci_low"] <= gate_row["gate/robot-0/difference"] <= gate_row["gate/robot-0/ci_high"]
     wandb_run = offline_run(run / "wandb")  # what W&B shows after `wandb sync`
     assert wandb_run["metrics"]["policy/*"] == "policy/env_steps" and wandb_run["metrics"]["fleet/*"] == "iteration"
     learner_rows = [row for row in wandb_run["history"] if "policy/env_steps" in row]

@@ -310,6 +310,14 @@ def test_a_complete_that_loses_the_race_to_another_replica_answers_duplicate(fle
         answer.join(60)
     assert (answers[0].status_code, answers[0].json()) == (200, {"episode_id": ep.episode_id, "status": "duplicate"}), answers[0].text
     assert fetch(fleet, ep.episode_id).content == data
+    before = duplicates_counted(fleet)
+    again = fleet["client"].post(f"/v1/uploads/{uid}/complete", headers=auth(fleet["tok"]["r0"]))  # answered from the tombstone
+    assert again.json()["status"] == "duplicate" and duplicates_counted(fleet) == before + 1  # once uncounted
+
+
+def duplicates_counted(fleet) -> float:
+    text = fleet["client"].get("/metrics", headers=auth(fleet["tok"]["operator"])).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith('flywheel_uploads_total{status="duplicate"}'))
 
 
 def test_an_invalid_episode_is_refused_at_complete_like_a_plain_upload(fleet):

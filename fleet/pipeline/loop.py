@@ -351,7 +351,8 @@ class Flywheel:
         svc.tracker.log(
             {"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate,
              "gate/fleet_difference": decision.fleet_difference, "gate/fleet_ci_low": decision.fleet_ci[0], "gate/fleet_ci_high": decision.fleet_ci[1],
-             "gate/episode_steps": float(self.task.max_steps)},  # the gate's horizon: the task's limit, not telemetry's episode_steps
+             "gate/episode_steps": float(self.task.max_steps)}  # the gate's horizon: the task's limit, not telemetry's episode_steps
+            | {f"gate/{r}/{key}": float(v[key]) for r, v in decision.per_robot.items() for key in ("difference", "ci_low", "ci_high")},
             step,
         )  # fmt: skip
 

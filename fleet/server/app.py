@@ -289,7 +289,7 @@ def create_app(
             metrics.observe_latency(time.perf_counter() - start)
 
     staging = Staging(staging_dir(config, store.config.path), ttl_s=config.upload_ttl_s, max_open=config.max_open_uploads)
-    app.include_router(upload_router(config, tokens, limits, ingest, staging))
+    app.include_router(upload_router(config, tokens, limits, ingest, staging, metrics))
 
     @app.get("/v1/episodes")
     async def list_episodes(

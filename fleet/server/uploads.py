@@ -50,6 +50,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED
 from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
+from fleet.server.metrics import Metrics
 from fleet.store.location import Location
 from sim.durable import folder_lock, write_durably
 from sim.episode import EpisodeValidationError, loads_bounded
@@ -382,8 +383,9 @@ CREATE_BODY = {
 }
 
 
-def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLimits, ingest: Ingest, staging: Staging) -> APIRouter:
-    """The resumable upload routes (module docstring) over ``staging``; ``ingest`` validates and commits a completed body."""
+def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLimits, ingest: Ingest, staging: Staging, metrics: Metrics) -> APIRouter:
+    """The resumable upload routes (module docstring) over ``staging``; ``ingest`` validates and commits a completed body
+    (and counts it); a complete answered from a completed upload's tombstone counts as a duplicate in ``metrics``."""
     router = APIRouter()
 
     def robot(request: Request) -> str:
@@ -428,6 +430,7 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
     async def complete_upload(request: Request, upload_id: str):
         upload = await find(request, upload_id)
         if upload.completed:  # the answer to the first complete was lost: answer as a repeated POST /v1/episodes would
+            metrics.uploaded("duplicate", 0, 0)
             return JSONResponse({"episode_id": upload.episode_id, "status": "duplicate"}, headers=NO_STORE)
         read = functools.partial(run_in_threadpool, staging.read_whole, upload)
         try:
@@ -436,6 +439,7 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
             if exc.error == "no_such_upload":  # another replica completed it between our reads of its record and its bytes
                 again = await find(request, upload_id)  # 404 if it is gone for good
                 if again.completed:
+                    metrics.uploaded("duplicate", 0, 0)
                     return JSONResponse({"episode_id": again.episode_id, "status": "duplicate"}, headers=NO_STORE)
             if refused_for_good(exc):
                 await run_in_threadpool(staging.remove, upload)
