@@ -431,3 +431,65 @@ def test_a_full_spool_disk_evicts_the_oldest_and_never_stops_the_robot(tmp_path,
     room["files"] = 0  # nothing left to evict once the spool is empty and the disk still full
     assert not agent.submit(episode(9)) and agent.status()["dropped"] == 1 and "spool's disk" in agent.status()["last_error"]
     assert agent.spool.depth == 0 and agent.status()["evicted"] == 5
+
+
+class TrickledHeaders:
+    """A loopback server that answers every request with a status line, then one header byte every 0.1 s."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        try:
+            conn.recv(1 << 20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not self.closed.is_set():
+                conn.sendall(b"X")
+                time.sleep(0.1)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def test_response_headers_trickled_a_byte_at_a_time_hold_an_upload_or_a_poll_for_a_bounded_time(tmp_path):
+    """Each read had the client's timeout, and each trickled header byte restarted it: up to h11's 16 KiB of headers,
+    ~4.5 h at a byte a second, held the robot's upload thread (or its policy poll) that long."""
+    from tuf.api import exceptions as tuf_errors
+
+    from fleet.registry.fetcher import TokenFetcher
+
+    server = TrickledHeaders()
+    up = uploader(tmp_path, server.url, request_timeout_s=1.0)
+    try:
+        put(up, 0)
+        start = time.monotonic()
+        assert up.upload_once() == "retry" and time.monotonic() - start < 5
+        assert "response headers not finished" in up.last_error
+        fetcher = TokenFetcher(httpx.Client(timeout=1.0), revalidate=set(), partial_dir=None, resume_prefix="", deadline_s=1.0)
+        start = time.monotonic()
+        with pytest.raises(tuf_errors.DownloadError, match="response headers not finished"):
+            list(fetcher._fetch(f"{server.url}/v1/tuf/metadata/timestamp.json"))
+        assert time.monotonic() - start < 5
+    finally:
+        up.stop(timeout=5)
+        server.close()

@@ -8,6 +8,7 @@ answer trickled a byte at a time ends as a timeout, not as a robot waiting for h
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -16,12 +17,44 @@ import httpx
 MAX_ANSWER_BYTES = 64 << 10
 
 
+def send_bounded(client: httpx.Client, request: httpx.Request, deadline_s: float, send=None, **kwargs) -> httpx.Response:
+    """``client.send(request, stream=True)`` (or ``send(request, **kwargs)``) whose response *headers* must arrive
+    within ``deadline_s`` of the request being sent: each read has the client's own timeout, so headers trickled a
+    byte at a time (up to h11's 16 KiB: ~4.5 h at a byte a second) once held a robot's upload or policy poll that
+    long. Past the deadline the client's connections are closed (the client stays usable) and httpx.ReadTimeout is
+    raised. For clients one thread uses at a time, as the robot's uploader and policy poller are."""
+    fired, timer = threading.Event(), []
+
+    def cut() -> None:
+        fired.set()
+        client._transport.close()
+
+    def trace(event: str, info: dict) -> None:
+        if event == "http11.receive_response_headers.started":
+            timer.append(threading.Timer(deadline_s, cut))
+            timer[0].daemon = True
+            timer[0].start()
+        elif event == "http11.receive_response_headers.complete" and timer:
+            timer[0].cancel()
+
+    request.extensions["trace"] = trace
+    try:
+        return (send or (lambda r, **k: client.send(r, stream=True, **k)))(request, **kwargs)
+    except httpx.TransportError as exc:
+        if fired.is_set():
+            raise httpx.ReadTimeout(f"response headers not finished {deadline_s:g} s after the request", request=request) from exc
+        raise
+    finally:
+        if timer:
+            timer[0].cancel()
+
+
 class AnswerCappedClient(httpx.Client):
     """An ``httpx.Client`` whose answers are read as the module docstring says (``deadline_s``: the client's read
-    timeout); ``stream=True`` requests are left to the caller."""
+    timeout, for the headers and again for the body); ``stream=True`` requests are left to the caller."""
 
     def send(self, request: httpx.Request, *, stream: bool = False, **kwargs) -> httpx.Response:
-        response = super().send(request, stream=True, **kwargs)
+        response = send_bounded(self, request, self.timeout.read or 30.0, lambda r, **k: super(AnswerCappedClient, self).send(r, stream=True, **k), **kwargs)
         if stream:
             return response
         try:

@@ -40,7 +40,7 @@ import httpx
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
-from fleet.agent.answers import timed
+from fleet.agent.answers import send_bounded, timed
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -81,7 +81,7 @@ class TokenFetcher(FetcherInterface):
     # -- plain and conditional GET -----------------------------------------------------------------
     def _get(self, url: str, headers: dict | None = None, ok: Collection[int] = (200,)) -> httpx.Response:
         try:
-            response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+            response = send_bounded(self.client, self.client.build_request("GET", url, headers=headers), self.deadline_s)
         except httpx.HTTPError as exc:
             raise tuf_errors.DownloadError(f"GET {url}: {exc}") from None
         if response.status_code not in ok:
