@@ -124,10 +124,12 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     """What the apps with a run folder (`flywheel`, `flywheel-train`) do first: keys no code reads refused, the
     fleet's logs at WARNING, a --multirun's run_dir and hydra.job.chdir checked, SIGTERM handled as Ctrl-C, the user's
     robot modules imported; faults in one line."""
-    from fleet.conf.schema_tools import check
-    from sim.robots.registry import use_robot_modules
-
     from hydra.core.hydra_config import HydraConfig
+
+    from fleet.conf.schema_tools import check
+    from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
+    from fleet.tracking import TrackerError, check_mode
+    from sim.robots.registry import use_robot_modules
 
     check(cfg)
     logging.getLogger("fleet").setLevel(logging.WARNING)
@@ -136,9 +138,6 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     if HydraConfig.get().job.chdir:
         raise SystemExit(f"{app}: hydra.job.chdir=true is not supported: the apps read and write paths (run_dir, the store, keys) from where they are started; leave it false")
     stop_on_signals()  # SIGTERM (timeout, Slurm, Kubernetes) stops a run as Ctrl-C does: cleanly, saying how to go on
-    from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
-    from fleet.tracking import TrackerError, check_mode
-
     with one_line_errors(app, (RayJoinError, TrackerError)):  # W&B's and Ray's settings, before Ray, the server or a run start
         check_mode(cfg.wandb.mode)
         if uses_ray:
@@ -146,14 +145,3 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     with one_line_errors(app):
         use_robot_modules(cfg.robot_modules)  # the user's robots, here and in every Ray worker
 
-
-def built(node, key: str):
-    """``node`` instantiated; a value its class refuses as a ValueError naming ``key`` (for :func:`one_line_errors`),
-    not Hydra's wrapper text and traceback."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node)
-    except InstantiationException as exc:
-        raise ValueError(f"{key}: {exc.__cause__ or exc}") from None

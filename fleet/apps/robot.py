@@ -14,8 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import built, one_line_errors, stop_on_signals
-from fleet.conf.schema_tools import check
+from fleet.apps.errors import one_line_errors, stop_on_signals
+from fleet.conf.schema_tools import check, instantiated
 from sim.robots import get_task
 from sim.robots.registry import use_robot_modules
 
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     stop_on_signals()  # Ctrl-C or a service manager's SIGTERM ends episodes=0 cleanly
     with one_line_errors("flywheel-robot", (OSError, ValueError)):  # the robot, its token, its folders, the trusted root
         use_robot_modules(cfg.robot_modules)
-        robot_cfg, agent_cfg = built(cfg.robot, "robot"), built(cfg.fleet.agent, "fleet.agent")
+        robot_cfg, agent_cfg = instantiated(cfg.robot, "robot"), instantiated(cfg.fleet.agent, "fleet.agent")
         get_task(robot_cfg.model)
         token = agent_cfg.load_token()
         policy = None

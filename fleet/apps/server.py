@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import built, one_line_errors
-from fleet.conf.schema_tools import check
+from fleet.apps.errors import one_line_errors
+from fleet.conf.schema_tools import check, instantiated
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
 from fleet.server.runner import bind_socket, run
@@ -28,7 +28,7 @@ def main(cfg: DictConfig) -> None:
     check(cfg)
     # the settings' faults (values, files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
-        server, store = built(cfg.fleet.server, "fleet.server"), built(cfg.fleet.store, "fleet.store")
+        server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)
         reg = cfg.fleet.registry

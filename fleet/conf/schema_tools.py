@@ -126,3 +126,15 @@ def check(cfg: Any) -> None:
     """Stop with the keys no code reads (added with ``+key=value``), before anything runs."""
     if unknown := unknown_keys(cfg):
         raise SystemExit(f"unknown config keys {unknown}: nothing reads them; check their spelling (fleet/conf/schema_*.py lists every key)")
+
+
+def instantiated(node: Any, key: str) -> Any:
+    """``node`` instantiated; a value its class refuses as a ValueError naming ``key`` (what the apps print in one line),
+    not Hydra's wrapper text and traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        raise ValueError(f"{key}: {exc.__cause__ or exc}") from None

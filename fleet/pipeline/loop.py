@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fleet.conf.schema_tools import instantiated
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import check_gate_settings, gate
@@ -125,13 +124,7 @@ class _Built:
             "ensemble": "worldmodel.ensemble", "wm_train": "worldmodel.train", "rollout": "worldmodel.rollout", "proposals": "scenarios.proposals",
             "calibration": "scenarios.calibration", "trainer": "policy.trainer", "algorithm": "policy.algorithm",
         }  # fmt: skip
-        built = {}
-        for name, key in nodes.items():
-            try:
-                built[name] = instantiate(OmegaConf.select(cfg, key))
-            except InstantiationException as exc:  # the value the config's own class refuses, named by its key
-                raise ValueError(f"{key}: {exc.__cause__ or exc}") from None
-        return cls(**built)
+        return cls(**{name: instantiated(OmegaConf.select(cfg, key), key) for name, key in nodes.items()})  # a refused value named by its key
 
 
 class Flywheel:
