@@ -8,11 +8,19 @@ registry's local files share it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A full disk or quota: raised by Python (ENOSPC, EDQUOT), or reported in a message (Icechunk's "os error 28")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def fsync_dir(path: Path) -> None:

@@ -16,14 +16,13 @@ restarted robot resumes the upload instead of starting over. It goes when its ep
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
 import threading
 from pathlib import Path
 
-from sim.durable import write_durably
+from sim.durable import disk_full, write_durably
 
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
@@ -112,7 +111,7 @@ class Spool:
                     _write_durably(final, data)
                     break
                 except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if not disk_full(exc):
                         raise
                     if not self._entries:  # nothing left to make room with
                         raise SpoolFullError(f"the spool's disk ({self.directory}) is full and holds no episode to evict: free space on it, "

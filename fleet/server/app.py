@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import functools
 import hashlib
 import logging
@@ -26,8 +25,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from fastapi import APIRouter, FastAPI, Request
-from icechunk import IcechunkError
 from fastapi.exceptions import RequestValidationError
+from icechunk import IcechunkError
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -35,6 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from fleet.registry.s3 import S3Error
+from fleet.registry.tuf_repo import RegistryBusy, RepositoryNotInitialised
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
@@ -44,11 +45,10 @@ from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
 from fleet.server.uploads import Staging, staging_dir, upload_router
-from fleet.registry.s3 import S3Error
-from fleet.registry.tuf_repo import RegistryBusy, RepositoryNotInitialised
 from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_reason
 from fleet.store.reader import StoreSnapshot
 from fleet.store.writer import EpisodeStore
+from sim.durable import disk_full
 from sim.episode import Episode, EpisodeValidationError, encode_safetensors
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,6 @@ STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error,
 STORAGE_RETRY_AFTER_S = 5
 FULL_DISK_RETRY_AFTER_S = 30  # space comes back when an operator frees it, not within a second
 DEGRADED_FOR_S = 30.0  # /healthz answers 503 this long after a failed group commit
-
-
-def disk_full(exc: BaseException) -> bool:
-    """A full disk or quota, raised by Python (ENOSPC, EDQUOT) or reported by Icechunk in its message (os error 28)."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
 
 
 def insufficient_storage(reason: str) -> ApiError:
