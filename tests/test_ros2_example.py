@@ -105,3 +105,30 @@ def test_the_rclpy_node_compiles_and_without_ros_says_what_to_do(tmp_path):
     script = [sys.executable, "-c", REFUSE_HEAVY + RUN_SCRIPT, str(EXAMPLES / "flywheel_node.py")]
     out = subprocess.run(script, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and "source /opt/ros/" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_clock_that_steps_back_stops_the_recording_not_the_robot(tmp_path):
+    """EpisodeLoop skipped joint states stamped before the previous one, and answered None: a robot in drive mode whose
+    clock was set back an hour (an NTP step) got no commands for that hour."""
+    import importlib.util
+
+    from fleet.agent import AgentConfig, RobotAgent
+    from fleet.agent.policy import Policy
+    from fleet.agent.recorder import EpisodeRecorder
+
+    spec = importlib.util.spec_from_file_location("flywheel_node", REPO / "examples" / "ros2" / "flywheel_node.py")
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+
+    class Half:
+        def current(self):
+            return Policy("1", lambda obs: np.full((len(obs), 1), 0.5, np.float32))
+
+    agent = RobotAgent(AgentConfig(server_url="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool")), "arm-3", token="t")
+    loop = node.EpisodeLoop(agent, EpisodeRecorder(robot_id="arm-3", robot_model="arm", source="real"), Half(), max_steps=100)
+    loop.command(np.zeros(1, np.float32))
+    obs = np.zeros(2, np.float32)
+    assert loop.observe(obs, 3600.0)[0] == 0.5 and loop.observe(obs, 3600.1)[0] == 0.5
+    steps = loop.recorder.num_steps
+    assert loop.observe(obs, 10.0)[0] == 0.5  # an hour back: still driven
+    assert loop.recorder.num_steps == steps  # but not recorded

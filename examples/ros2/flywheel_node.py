@@ -78,10 +78,12 @@ class EpisodeLoop:
         self._reward = float(value)
 
     def observe(self, obs: np.ndarray, t: float) -> np.ndarray | None:
-        """Record ``obs`` (obs_dim,) seen at ``t`` seconds; the policy's action for it (None for a stale stamp)."""
+        """Record ``obs`` (obs_dim,) seen at ``t`` seconds; the policy's action for it (None before the first episode).
+        A stamp not after the previous one (a clock stepped back) is not recorded, but the robot is still driven: a
+        clock set back an hour once left a driven robot without commands for that hour."""
         if t <= self._last_t:
-            log.warning("joint state at %.9f s is not after the previous one (%.9f s); skipped", t, self._last_t)
-            return None
+            log.warning("joint state at %.9f s is not after the previous one (%.9f s): not recorded", t, self._last_t)
+            return None if self._act is None else np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
         self._last_t = t
         if self._policy is None or self._action is None:
             self._begin(obs, t)  # first observation, or no command heard yet: nothing to record a step with
