@@ -124,6 +124,7 @@ def test_a_checkpoint_continues_under_another_precision_and_from_a_build_without
 
 
 def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
+    (tmp_path / "new").mkdir()
     result = subprocess.run([APP, "train.workers=2", "policy=mbpo", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1 and "flywheel-train: the model-based learner trains in one process" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -135,6 +136,8 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     ):
         result = subprocess.run([APP, *args, "run_dir=runs/x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+    refused = subprocess.run([APP, "policy.trainer.torch_threads=0"], capture_output=True, text=True, timeout=120, cwd=tmp_path / "new")
+    assert refused.returncode == 1 and not any((tmp_path / "new" / "runs").iterdir())  # once: an empty runs/<time>/ with .hydra/ left
     with pytest.raises(TrainSettingsError, match="train.conditions: unknown robot conditions"):
         TrainJob(conditions=("wet",))
     trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig()

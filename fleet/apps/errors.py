@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -82,6 +83,13 @@ _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, w
 _HELD: dict = {}  # run folder -> its lock file, open (and locked) for the process's life
 
 
+def _made_here(run_dir: Path) -> bool:
+    """Whether this process made ``run_dir`` as a new run's folder (``${run_folder:...}``, not a run_dir given)."""
+    from fleet.conf import folders_made
+
+    return run_dir.resolve() in {Path(made).resolve() for made in folders_made()}
+
+
 def _record_files(run_dir: Path) -> list[Path]:
     return [p for p in (*run_dir.glob(".hydra/*"), *run_dir.glob("*.log")) if p.is_file()]
 
@@ -96,6 +104,14 @@ def _restore_record() -> None:
     for path, data in files.items():
         path.write_bytes(data)
     _RECORD.clear()
+
+
+def _discard_unaccepted(run_dir: Path) -> None:
+    """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files."""
+    if run_dir.resolve() in _HELD or not run_dir.is_dir():
+        return
+    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def accept_run_folder(app: str, run_dir: Path) -> None:
@@ -131,6 +147,8 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     from fleet.tracking import TrackerError, check_mode
     from sim.robots.registry import use_robot_modules
 
+    if _made_here(Path(cfg.run_dir)):  # a new run's folder: a start refused below leaves no empty runs/<time>/ behind
+        atexit.register(_discard_unaccepted, Path(cfg.run_dir))
     check(cfg)
     logging.getLogger("fleet").setLevel(logging.WARNING)
     if error := multirun_run_dir_error(cfg.run_dir):

@@ -57,6 +57,11 @@ def _unique_folder(name: str) -> str:
     return _MADE[name]
 
 
+def folders_made() -> list[str]:
+    """The new folders this process made for settings-named folders (a new run's, a sweep's, a log folder)."""
+    return list(_MADE.values())
+
+
 def check_run_dir(path: Path) -> None:
     """A run_dir the app can create and write, or a ValueError that says why not (before Hydra's own mkdir fails)."""
     for folder in (path, *path.parents):
