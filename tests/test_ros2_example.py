@@ -109,7 +109,7 @@ def test_the_rclpy_node_compiles_and_without_ros_says_what_to_do(tmp_path):
 
 def test_a_clock_that_steps_back_stops_the_recording_not_the_robot(tmp_path):
     """EpisodeLoop skipped joint states stamped before the previous one, and answered None: a robot in drive mode whose
-    clock was set back an hour (an NTP step) got no commands for that hour."""
+    clock was set back an hour (an NTP step) got no commands, and recorded nothing, for that hour."""
     import importlib.util
 
     from fleet.agent import AgentConfig, RobotAgent
@@ -129,6 +129,10 @@ def test_a_clock_that_steps_back_stops_the_recording_not_the_robot(tmp_path):
     loop.command(np.zeros(1, np.float32))
     obs = np.zeros(2, np.float32)
     assert loop.observe(obs, 3600.0)[0] == 0.5 and loop.observe(obs, 3600.1)[0] == 0.5
-    steps = loop.recorder.num_steps
-    assert loop.observe(obs, 10.0)[0] == 0.5  # an hour back: still driven
-    assert loop.recorder.num_steps == steps  # but not recorded
+    assert loop.observe(obs, 3600.05)[0] == 0.5 and loop.recorder.num_steps == 1  # a stale stamp: driven, not recorded
+    assert loop.observe(obs, 10.0)[0] == 0.5  # an hour back: still driven, and the clock's new time starts an episode
+    assert agent.spool.depth == 1 and loop.recorder.num_steps == 0  # the one before it ended (truncated) and spooled
+    assert loop.observe(obs, 10.1)[0] == 0.5 and loop.recorder.num_steps == 1  # recording goes on at once
+    (entry,) = agent.spool.entries()
+    cut = Episode.from_bytes(agent.spool.read(entry))
+    assert cut.num_steps == 1 and cut.truncated[-1] and list(cut.timestamp) == [3600.0, 3600.1]

@@ -52,6 +52,7 @@ else:
     ROS_MISSING = None
 
 log = logging.getLogger("flywheel_node")
+CLOCK_STEP_BACK_S = 1.0  # a joint state stamped this much before the previous one: the clock was set back (NTP, a restarted time source)
 
 
 class EpisodeLoop:
@@ -79,10 +80,19 @@ class EpisodeLoop:
 
     def observe(self, obs: np.ndarray, t: float) -> np.ndarray | None:
         """Record ``obs`` (obs_dim,) seen at ``t`` seconds; the policy's action for it (None before the first episode).
-        A stamp not after the previous one (a clock stepped back) is not recorded, but the robot is still driven: a
-        clock set back an hour once left a driven robot without commands for that hour."""
+        A stamp not after the previous one is not recorded, but the robot is still driven (a clock set back an hour once
+        left a driven robot without commands for that hour); one more than ``CLOCK_STEP_BACK_S`` before it means the
+        clock was set back: the episode ends (truncated) at its last step and a new one begins here."""
         if t <= self._last_t:
-            log.warning("joint state at %.9f s is not after the previous one (%.9f s): not recorded", t, self._last_t)
+            if self._last_t - t > CLOCK_STEP_BACK_S and self._policy is not None:
+                log.warning("the clock stepped back %.3f s: episode cut at its last step, a new one begins", self._last_t - t)
+                if self.recorder.num_steps:
+                    self.recorder.truncate()
+                    self._finish()
+                self._begin(obs, t)
+                self._last_t = t
+            else:
+                log.warning("joint state at %.9f s is not after the previous one (%.9f s): not recorded", t, self._last_t)
             return None if self._act is None else np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
         self._last_t = t
         if self._policy is None or self._action is None:

@@ -51,6 +51,12 @@ class EpisodeRecorder:
         for k, v in (extras or {}).items():
             self._extras.setdefault(k, []).append(np.asarray(v))
 
+    def truncate(self) -> None:
+        """Mark the last recorded step as where the episode was cut (an operator, a clock that stepped back)."""
+        if not self.num_steps:
+            raise RuntimeError("no steps recorded since reset(); nothing to truncate")
+        self._trunc[-1] = True
+
     @property
     def num_steps(self) -> int:
         return len(self._action) if self._started else 0
