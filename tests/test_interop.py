@@ -91,6 +91,8 @@ def test_mcap_round_trip(store, tmp_path, capsys):
     assert_same([back[e.episode_id] for e in store["all"]], store["all"])
     again = run_cli(["import", "--format", "mcap", summary["path"], "--store", tmp_path / "back"], capsys)
     assert again["duplicate"] == 4 and again["created"] == 0  # idempotent
+    assert cli(["import", "--format", "mcap", str(summary["path"]), "--store", str(tmp_path / "back"), "--robot-id", "arm-0"]) == 0
+    assert "--robot-id arm-0 applies to recordings without flywheel provenance" in capsys.readouterr().err  # once ignored silently
 
 
 def test_minari_round_trip_of_a_pinned_snapshot(store, tmp_path, capsys, monkeypatch):

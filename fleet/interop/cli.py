@@ -87,6 +87,10 @@ def read_inputs(args: argparse.Namespace) -> list:
             raise
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:  # the input's own content: no traceback
             raise InteropError(f"{path} is not a readable {args.format} input ({exc.__class__.__name__}: {str(exc)[:300]}); check the file, or the --format") from None
+    own = sorted({ep.robot_id for ep in episodes} - {args.robot_id}) if args.robot_id else []
+    if own:  # flywheel exports carry their robots: --robot-id names only recordings without provenance (it was ignored silently)
+        print(f"flywheel import: note: --robot-id {args.robot_id} applies to recordings without flywheel provenance; "
+              f"episodes of a flywheel export keep their own robot ids ({', '.join(own[:5])}{', ...' if len(own) > 5 else ''})", file=sys.stderr)  # fmt: skip
     return episodes
 
 
