@@ -1,15 +1,18 @@
 """``flywheel-registry``: the registry's key ceremonies, run where the offline root keys are (docs/security.md).
 
-    flywheel-registry init   --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --root-key r3.pem --threshold 2 --online-key online.pem
+    flywheel-registry init   --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --root-key r3.pem --threshold 2 --online-key online.pem [--release-key release.pem]
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --online-key new-online.pem
+    flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --release-key release.pem
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --new-root-key n1.pem --new-root-key n2.pem --threshold 2
     flywheel-registry show   --dir runs/fleet/registry
-    flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem   # static hosting: re-sign, then upload <dir>/tuf
+    flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem [--release-key release.pem]   # static hosting: re-sign, then upload <dir>/tuf
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
 new root keys, by them too. Then (re)start the server with the online key the root names: it
 re-signs targets, snapshot and timestamp, and robots follow the new root on their next update.
+``--release-key`` names a key of its own for targets, the release key (docs/security.md, "The
+release key"): only a process holding it can release; the servers then need only the online key.
 
 ``refresh`` does what the server does on each ``timestamp.json`` request, for a registry served
 as static files (docs/security.md): it re-signs, with the online key, whatever is past half its
@@ -38,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("show", "refresh"):
             if name == "refresh":
                 cmd.add_argument("--online-key", required=True, help="the online key (private PEM) the root names")
+                cmd.add_argument("--release-key", help="the release key (private PEM), where the root names one: re-signs targets too")
             continue
         cmd.add_argument("--root-key", action="append", default=[], help="a current root key (private PEM); repeat")
-        cmd.add_argument("--online-key", help="the online key (private PEM) for targets, snapshot and timestamp")
+        cmd.add_argument("--online-key", help="the online key (private PEM) for snapshot and timestamp, and targets without a release key")
+        cmd.add_argument("--release-key", help="a key of its own (private PEM) for targets: only its holder releases")
         cmd.add_argument("--threshold", type=int, help="root keys that must sign a root version")
         if name == "rotate":
             cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
@@ -51,21 +56,26 @@ def main(argv: list[str] | None = None) -> int:
             if not args.root_key or not args.online_key:
                 parser.error("init needs --root-key (one or more) and --online-key")
             threshold = args.threshold if args.threshold is not None else min(2, len(args.root_key))
-            _check_key_files(args.root_key, args.online_key, threshold)
-            root = init_root(tuf_dir, [load_signer(k, create=True) for k in args.root_key], threshold, load_signer(args.online_key, create=True).public_key)
+            _check_key_files(args.root_key, args.online_key, threshold, args.release_key)
+            root = init_root(
+                tuf_dir, [load_signer(k, create=True) for k in args.root_key], threshold, load_signer(args.online_key, create=True).public_key,
+                release_key=_public(args.release_key),
+            )  # fmt: skip
         elif args.command == "rotate":
-            if not args.root_key or not (args.online_key or args.new_root_key or args.threshold is not None):
-                parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --new-root-key or --threshold")
+            if not args.root_key or not (args.online_key or args.release_key or args.new_root_key or args.threshold is not None):
+                parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --release-key, --new-root-key or --threshold")
             root = rotate_keys(
                 tuf_dir,
                 [load_signer(k) for k in args.root_key],
-                online_key=load_signer(args.online_key, create=True).public_key if args.online_key else None,
+                online_key=_public(args.online_key),
+                release_key=_public(args.release_key),
                 new_root_signers=[load_signer(k, create=True) for k in args.new_root_key],
                 threshold=args.threshold,
             )
         elif args.command == "refresh":
             before = _online_versions(TufRepository(tuf_dir, {}))
-            registry = PolicyRegistry(args.dir, load_signer(args.online_key))  # checks the key; re-signs what it no longer verifies
+            release = load_signer(args.release_key) if args.release_key else None
+            registry = PolicyRegistry(args.dir, load_signer(args.online_key), release=release)  # checks the keys; re-signs what they no longer verify
             registry.refresh()  # and what is past half its life
             after = _online_versions(registry.repo)
             timestamp = registry.repo.open("timestamp").signed
@@ -82,9 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check_key_files(root_keys: list[str], online_key: str, threshold: int) -> None:
+def _public(path: str | None):
+    """The public key of the private key file at ``path`` (made if missing); None for no path."""
+    return None if path is None else load_signer(path, create=True).public_key
+
+
+def _check_key_files(root_keys: list[str], online_key: str, threshold: int, release_key: str | None = None) -> None:
     """What init refuses, said before any key file is made (init_root checks the keys themselves too)."""
     paths = [str(Path(k).resolve()) for k in root_keys]
+    if release_key is not None and str(Path(release_key).resolve()) in [*paths, str(Path(online_key).resolve())]:
+        raise ValueError(f"--release-key {release_key} is also a --root-key or the --online-key: give the release key its own key file")
     if len(set(paths)) < len(paths):
         raise ValueError(f"--root-key {next(k for k, p in zip(root_keys, paths) if paths.count(p) > 1)} is given twice: give {len(paths)} different key files, or fewer")
     if str(Path(online_key).resolve()) in paths:

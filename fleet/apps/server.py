@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)
         reg = cfg.fleet.registry
-        registry = open_registry(reg.dir, reg.online_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
+        registry = open_registry(reg.dir, reg.online_key, release_key=reg.release_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))
         held = [str(p) for p in reg.root_keys or [] if Path(p).is_file()]
         if held:  # the single-machine default: say at every start what it costs
             log.warning(

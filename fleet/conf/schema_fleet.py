@@ -26,6 +26,7 @@ class RegistrySchema:
 
     dir: str = "runs/fleet/registry"
     online_key: str = "runs/fleet/keys/online.pem"
+    release_key: Optional[str] = None  # where the root names a release key for targets: only a server holding it releases
     root_keys: Optional[List[str]] = None
     root_threshold: int = 2
     expiry_s: Dict[str, float] = dataclasses.field(default_factory=dict)

@@ -59,8 +59,8 @@ class Services(contextlib.AbstractContextManager):
         self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
         keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
         self.registry = open_registry(
-            self.registry_dir, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2
-        )
+            self.registry_dir, keys / "online.pem", release_key=keys / "release.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2,
+        )  # the loop releases: a replica given only keys/online.pem serves and cannot (docs/security.md, "The release key")
         self.root_metadata = root_metadata(self.registry_dir)  # what each robot is provisioned with
         token_file = self.run_dir / "tokens.json"
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process

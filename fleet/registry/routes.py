@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
 from fleet.registry.store import PolicyRegistry, PublishRefused
-from fleet.registry.tuf_repo import RegistryCorrupted
+from fleet.registry.tuf_repo import RegistryCorrupted, release_key_advice
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
 from fleet.server.errors import ApiError
@@ -80,6 +80,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
+        if not registry.can_release:  # before the body is read: no release is signed here
+            raise ApiError(403, "no_release_key", release_key_advice(registry.repo.require_root()), None)
         raw = await read_body(request, MAX_PUBLISH_BYTES, body_timeout_s)  # 413 past the limit, 408 for a body that stalls
         try:
             body = await run_in_threadpool(loads_bounded, raw, "<body>")  # standard JSON: no NaN, no repeated keys

@@ -29,11 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from securesystemslib.signer import Signer
+from tuf.api.metadata import Snapshot, Targets, Timestamp
 
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
 from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
-from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository
+from fleet.registry.tuf_repo import ReleaseKeyMissing, TufRepository, release_key_advice
 from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
@@ -75,22 +76,38 @@ def signable_json(name: str, obj, field: str) -> bytes:
 
 class PolicyRegistry:
     """The server's registry at ``root`` (a directory or ``s3://bucket/prefix``). ``online``: the
-    signer of the online roles; the repository's root (made offline with the root keys) must
-    already exist and name its key. Any number of these, in any processes on any hosts, may serve
-    and change one registry."""
+    signer of snapshot and timestamp (and of targets where the root names no release key);
+    ``release``: the release key's signer, where the root names one for targets. The repository's
+    root (made offline with the root keys) must already exist and name these keys. Without the
+    release key the root names, this registry serves and keeps metadata fresh but cannot release
+    (``can_release``; publish, widen and rollback raise :class:`ReleaseKeyMissing`). Any number of
+    these, in any processes on any hosts, may serve and change one registry."""
 
-    def __init__(self, root: str | Path | RegistryFiles, online: Signer, *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
+    def __init__(
+        self, root: str | Path | RegistryFiles, online: Signer, *, release: Signer | None = None,
+        expiry_s: Mapping[str, float] | None = None, clock=time.time,
+    ):  # fmt: skip
         self.files = open_files(root)
         self.location = self.files.location
         self.root = self.files.local_dir  # the directory on this host; None on object storage
-        self.repo = TufRepository(self.files.sub("tuf"), {role: [online] for role in ONLINE_ROLES}, expiry_s=expiry_s, clock=clock)
+        targets = [s for s in (release, online) if s is not None]  # the one the root names signs (TufRepository.can_sign)
+        signers = {Targets.type: targets, Snapshot.type: [online], Timestamp.type: [online]}
+        self.repo = TufRepository(self.files.sub("tuf"), signers, expiry_s=expiry_s, clock=clock)
         root_md = self.repo.require_root()
-        if any(online.public_key.keyid not in root_md.roles[role].keyids for role in ONLINE_ROLES):
+        if any(online.public_key.keyid not in root_md.roles[role].keyids for role in (Snapshot.type, Timestamp.type)):
             raise RegistryError(
                 f"the online key {online.public_key.keyid[:16]} is not the key root v{root_md.version} names for "
-                f"{', '.join(ONLINE_ROLES)}: start the server with that key, or rotate to this one (`flywheel-registry rotate`)"
+                "snapshot and timestamp: start the server with that key, or rotate to this one (`flywheel-registry rotate`)"
             )
-        self._import_legacy()
+        if release is not None and release.public_key.keyid not in root_md.roles[Targets.type].keyids:
+            named = "the online key" if online.public_key.keyid in root_md.roles[Targets.type].keyids else "another key"
+            raise RegistryError(
+                f"the release key {release.public_key.keyid[:16]} is not the key root v{root_md.version} names for targets ({named}): "
+                "give that key, or rotate to this one (`flywheel-registry rotate --release-key`)"
+            )
+        self.can_release = self.repo.can_sign(Targets.type)
+        if self.can_release:
+            self._import_legacy()
         self.repo.refresh_online(check_keys=True)  # after a key rotation: everything the old online key signed
 
     # -- state ----------------------------------------------------------------------------
@@ -132,6 +149,7 @@ class PolicyRegistry:
         """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest.
         :class:`PublishRefused` (nothing signed) for a release robots would refuse: a field JSON cannot carry, a
         manifest or rollout larger than robots read, or a ``policy`` (export manifest) robots would not load the weights with."""
+        self.require_release()
         if cohort is not None and (isinstance(cohort, (str, bytes)) or not all(isinstance(r, str) for r in cohort)):
             raise PublishRefused("cohort", f"must be a list of robot ids (or empty for a stable release), got {type(cohort).__name__}")
         for key, value in fields.items():
@@ -155,6 +173,7 @@ class PolicyRegistry:
 
     def widen(self) -> int:
         """Promote the canary to stable for the whole fleet; returns its version."""
+        self.require_release()
 
         def edit() -> int:
             state = self._state()
@@ -172,6 +191,7 @@ class PolicyRegistry:
 
         Returns the new manifest (None when there was no stable version to return to).
         """
+        self.require_release()
 
         def edit() -> dict | None:
             state = self._state()
@@ -192,6 +212,11 @@ class PolicyRegistry:
             return manifest
 
         return self.repo.change(edit)
+
+    def require_release(self) -> None:
+        """:class:`ReleaseKeyMissing` unless this process holds the key that signs releases."""
+        if not self.can_release:
+            raise ReleaseKeyMissing(release_key_advice(self.repo.require_root()))
 
     # -- internals ----------------------------------------------------------------------------
     def _publish(self, state: dict, files: Mapping[str, bytes], event: dict) -> None:
@@ -242,12 +267,14 @@ def open_registry(
     directory: str | Path,
     online_key: str | Path,
     *,
+    release_key: str | Path | None = None,
     root_keys: list[str | Path] | None = None,
     root_threshold: int = 2,
     expiry_s: Mapping[str, float] | None = None,
 ) -> PolicyRegistry:
     """The registry at ``directory`` (a local directory or ``s3://bucket/prefix``) signing online
-    with ``online_key`` (made if missing).
+    with ``online_key`` (made if missing), and releases with ``release_key`` where given (made if
+    missing when the root is made here; else it must be the key the root names for targets).
 
     A registry without root metadata needs its key ceremony first: with ``root_keys`` (files,
     made if missing) this makes root v1 here, with ``root_threshold`` of them. That is the
@@ -257,13 +284,15 @@ def open_registry(
 
     online = load_signer(online_key, create=True)
     files = open_files(directory)
-    if not files.exists("tuf/metadata/1.root.json") and root_keys:
+    new_root = not files.exists("tuf/metadata/1.root.json") and bool(root_keys)
+    release = None if release_key is None else load_signer(release_key, create=new_root)
+    if new_root:
         signers = [load_signer(path, create=True) for path in root_keys]
         try:
-            init_root(files.sub("tuf"), signers, root_threshold, online.public_key, expiry_s=expiry_s)
+            init_root(files.sub("tuf"), signers, root_threshold, online.public_key, release_key=release and release.public_key, expiry_s=expiry_s)
         except WriteConflict:
             pass  # another replica made root v1 at the same moment; PolicyRegistry checks that it names our key
-    return PolicyRegistry(files, online, expiry_s=expiry_s)
+    return PolicyRegistry(files, online, release=release, expiry_s=expiry_s)
 
 
 def root_metadata(directory: str | Path) -> bytes:

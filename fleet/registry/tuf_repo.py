@@ -6,8 +6,9 @@ Roles (The Update Framework; docs/security.md):
                keys (default 2 of 3), never by the server. A new root version is signed by the
                old threshold and the new one, so a robot can walk from the root it was
                provisioned with to the newest (key rotation).
-    targets    online key: every target file (policy manifests, weights, the rollout) by path,
-               length and sha256.
+    targets    every target file (policy manifests, weights, the rollout) by path, length and
+               sha256: signed by the release key where root names one (kept where releases are
+               made, off the serving replicas), else by the online key.
     snapshot   online key: the version of the targets metadata (no mix-and-match of metadata).
     timestamp  online key, short-lived (default 1 day): the version of the snapshot. The server
                re-signs it long before it expires, so a robot that is handed an expired one
@@ -81,6 +82,20 @@ class RegistryBusy(RuntimeError):
     """Other writers committed first COMMIT_ATTEMPTS times in a row."""
 
 
+class ReleaseKeyMissing(RuntimeError):
+    """The root names a release key for targets, and this process does not hold it: it serves, it does not release."""
+
+
+def release_key_advice(root: Root) -> str:
+    """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`)."""
+    keyid = root.roles[Targets.type].keyids[0][:16]
+    return (
+        f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
+        "does not hold it: release where it is kept (the loop with fleet.registry.release_key, or `flywheel-registry refresh "
+        "--release-key` to re-sign), docs/security.md"
+    )
+
+
 class TufRepository(Repository):
     """A TUF repository in a directory or a bucket (``where``: fleet/registry/files.py).
     ``signers``: role -> the signers this process holds for it (the server: the online key for
@@ -107,6 +122,7 @@ class TufRepository(Repository):
         self._editing = False  # inside change(): _md is the change's own state
         self._dirty = True  # _md may hold what was never committed (a change failed): reload whole
         self.commit_retries = 0  # changes redone because another writer committed first
+        self._stale_warned_at = float("-inf")  # when targets this process cannot re-sign were last said to need it
         self.reload()
 
     # -- python-tuf Repository ------------------------------------------------------------
@@ -118,6 +134,11 @@ class TufRepository(Repository):
         md = Metadata({Root.type: Root, Targets.type: Targets, Snapshot.type: Snapshot, Timestamp.type: Timestamp}[role]())
         md.signed.version = 0  # close() makes it 1
         return md
+
+    def can_sign(self, role: str) -> bool:
+        """Whether this process holds a key the root names for ``role``."""
+        root = self.require_root()
+        return any(s.public_key.keyid in root.roles[role].keyids for s in self.signers.get(role, []))
 
     def close(self, role: str, md: Metadata) -> None:
         md.signed.version += 1
@@ -206,7 +227,9 @@ class TufRepository(Repository):
         """List ``add`` (and drop ``remove``) in a new targets version, then snapshot, then timestamp."""
 
         def edit() -> None:
-            self.require_root()
+            root = self.require_root()
+            if not self.can_sign(Targets.type):
+                raise ReleaseKeyMissing(release_key_advice(root))
             with self.edit_targets() as targets:
                 for path in remove:
                     targets.targets.pop(path, None)
@@ -225,11 +248,15 @@ class TufRepository(Repository):
     def _refresh_online(self, check_keys: bool) -> list[str]:
         root = self.require_root()
         if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
+            if not self.can_sign(Targets.type):
+                raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {release_key_advice(root)}")
             self.publish_targets({})
             return list(ONLINE_ROLES)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
         done = []
-        if stale[Targets.type]:
+        if stale[Targets.type] and not self.can_sign(Targets.type):  # held where releases are made
+            self._warn_targets_stale(root)
+        elif stale[Targets.type]:
             with self.edit_targets():
                 pass
             done.append(Targets.type)
@@ -263,6 +290,16 @@ class TufRepository(Repository):
         return self.files.open(f"targets/{url_path}")
 
     # -- internals ----------------------------------------------------------------------------
+    def _warn_targets_stale(self, root: Root) -> None:
+        """Targets metadata past half its life (or signed by a key rotated out) that this process cannot
+        re-sign: said at most once an hour. Robots refuse it once expired, and keep the policy they run."""
+        now = self.clock()
+        if now - self._stale_warned_at < 3600.0:
+            return
+        self._stale_warned_at = now
+        expires = self._md[Targets.type].signed.expires.isoformat()
+        log.warning("the targets metadata of %s (expires %s) needs re-signing, and %s", self.files.location, expires, release_key_advice(root))
+
     def _stored(self, path: str, sha256: str) -> str:
         folder, _, name = path.rpartition("/")
         return "/".join(part for part in ("targets", folder, f"{sha256}.{name}") if part)
@@ -378,9 +415,17 @@ def _verifies(root: Root, role: str, md: Metadata) -> bool:
 
 
 # -- key ceremonies (offline: they need root keys) -------------------------------------------------
-def check_key_set(root_keys: Sequence[Key], threshold: int, online_key: Key) -> None:
+def check_key_set(root_keys: Sequence[Key], threshold: int, online_key: Key, release_key: Key | None = None) -> None:
     """ValueError unless the root keys are distinct, ``threshold`` is 1..their number, and the online key is none of
-    them: a server holds the online key, and a stolen server must not bring one of the offline root keys with it."""
+    them: a server holds the online key, and a stolen server must not bring one of the offline root keys with it.
+    A ``release_key`` (targets) is none of the root keys either, and not the online key (whose targets it would take)."""
+    if release_key is not None and release_key.keyid == online_key.keyid:
+        raise ValueError(
+            f"the release key (keyid {release_key.keyid[:16]}...) is the online key: a release key is kept off the servers, so give it "
+            "its own key file (or leave it out, and the online key signs releases)"
+        )
+    if release_key is not None and release_key.keyid in [k.keyid for k in root_keys]:
+        raise ValueError(f"the release key (keyid {release_key.keyid[:16]}...) is also a root key: give the release key its own key file")
     ids = [k.keyid for k in root_keys]
     if len(set(ids)) < len(ids):
         raise ValueError(f"the same root key is given twice (keyid {next(i for i in ids if ids.count(i) > 1)[:16]}...): give {len(ids)} different keys, or fewer")
@@ -393,10 +438,14 @@ def check_key_set(root_keys: Sequence[Key], threshold: int, online_key: Key) -> 
         )
 
 
-def init_root(directory: str | Path, root_signers: Sequence[Signer], threshold: int, online_key: Key, *, expiry_s: Mapping[str, float] | None = None) -> Root:
-    """Create root v1: ``root_signers``' keys with ``threshold`` for root, ``online_key`` for the
-    online roles. The server signs targets, snapshot and timestamp when it first opens the registry."""
-    check_key_set([s.public_key for s in root_signers], threshold, online_key)  # before any file is made
+def init_root(
+    directory: str | Path, root_signers: Sequence[Signer], threshold: int, online_key: Key, *, release_key: Key | None = None,
+    expiry_s: Mapping[str, float] | None = None,
+) -> Root:  # fmt: skip
+    """Create root v1: ``root_signers``' keys with ``threshold`` for root, ``online_key`` for snapshot and
+    timestamp, and for targets ``release_key`` where given (else the online key). Whoever holds the targets
+    key signs the first targets, snapshot and timestamp when it first opens the registry."""
+    check_key_set([s.public_key for s in root_signers], threshold, online_key, release_key)  # before any file is made
     repo = TufRepository(directory, {Root.type: root_signers}, expiry_s=expiry_s)
     if repo.initialised:
         raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
@@ -405,7 +454,7 @@ def init_root(directory: str | Path, root_signers: Sequence[Signer], threshold: 
             root.add_key(signer.public_key, Root.type)
         root.roles[Root.type].threshold = threshold
         for role in ONLINE_ROLES:
-            root.add_key(online_key, role)
+            root.add_key(release_key if role == Targets.type and release_key is not None else online_key, role)
     return repo.require_root()
 
 
@@ -414,12 +463,14 @@ def rotate_keys(
     root_signers: Sequence[Signer],
     *,
     online_key: Key | None = None,
+    release_key: Key | None = None,
     new_root_signers: Sequence[Signer] = (),
     threshold: int | None = None,
     expiry_s: Mapping[str, float] | None = None,
 ) -> Root:
-    """A new root version: the online roles' key replaced by ``online_key`` and/or the root keys by
-    ``new_root_signers`` (with ``threshold``). ``root_signers``: at least the current root
+    """A new root version: the online key (snapshot, timestamp, and targets where no release key is named)
+    replaced by ``online_key``; the targets key by ``release_key`` (which takes releases off the online key);
+    and/or the root keys by ``new_root_signers`` (with ``threshold``). ``root_signers``: at least the current root
     threshold of current root keys. The new root is signed by old and new root keys, as clients
     require. Returns the new root; the server re-signs the online roles with the new key when it
     opens the registry with it (robots then forget the old timestamp and snapshot: fast-forward
@@ -434,14 +485,17 @@ def rotate_keys(
             f"root v{current.version}, which names {len(trusted)} and needs {current.roles[Root.type].threshold} of them: sign with the root keys robots trust"
         )
     root_keys = [s.public_key for s in new_root_signers] or [current.get_key(k) for k in trusted]
-    online = online_key if online_key is not None else current.get_key(current.roles[ONLINE_ROLES[0]].keyids[0])
-    check_key_set(root_keys, threshold if threshold is not None else current.roles[Root.type].threshold, online)  # the threshold stays unless given
+    old_online = current.get_key(current.roles[Timestamp.type].keyids[0])
+    old_release = current.get_key(current.roles[Targets.type].keyids[0])
+    split = old_release.keyid != old_online.keyid  # targets has a release key of its own
+    online = online_key if online_key is not None else old_online
+    release = release_key if release_key is not None else (old_release if split else None)
+    check_key_set(root_keys, threshold if threshold is not None else current.roles[Root.type].threshold, online, release)  # the threshold stays unless given
     with repo.edit_root() as root:
-        if online_key is not None:
-            for role in ONLINE_ROLES:
-                for keyid in list(root.roles[role].keyids):
-                    root.revoke_key(keyid, role)
-                root.add_key(online_key, role)
+        for role in ONLINE_ROLES if online_key is not None or release_key is not None else ():
+            for keyid in list(root.roles[role].keyids):
+                root.revoke_key(keyid, role)
+            root.add_key(release if role == Targets.type and release is not None else online, role)
         if new_root_signers:
             for keyid in list(root.roles[Root.type].keyids):
                 root.revoke_key(keyid, Root.type)

@@ -1,0 +1,143 @@
+"""The release key: a key of its own for TUF's targets role, held where releases are made, so that a
+server that only serves (the online key: snapshot and timestamp) cannot release, and neither can
+whoever steals it. Real files, python-tuf's client, a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import httpx
+import pytest
+from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
+
+from fleet.apps.registry_keys import main
+from fleet.registry.signing import load_signer
+from fleet.registry.store import PolicyRegistry, RegistryError, open_registry
+from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing
+from fleet.server.auth import add_token
+from fleet.server.config import ServerConfig
+from fleet.server.runner import serve
+from fleet.store import StoreConfig
+from tests.test_policy_pull_http import exported
+from tests.test_registry_tuf import SPEC, publish, resign, robot
+
+ROOTS = (1, 2, 3)
+
+
+def init(tmp_path, *extra: str) -> int:
+    keys = tmp_path / "keys"
+    roots = [arg for i in ROOTS for arg in ("--root-key", str(keys / f"root-{i}.pem"))]
+    return main(["init", "--dir", str(tmp_path / "registry"), *roots, "--threshold", "2", "--online-key", str(keys / "online.pem"), *extra])
+
+
+def serve_replica(tmp_path, registry: PolicyRegistry):
+    tokens = tmp_path / "tokens.json"
+    robot_token, publisher = add_token(tokens, "robot", "robot-0"), add_token(tokens, "publisher")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    return server, robot_token, publisher
+
+
+def plant_release(registry: PolicyRegistry, signer, weights: bytes) -> None:
+    """What a thief of ``signer`` can do to a registry: list other weights under the released path
+    and re-sign targets, snapshot and timestamp with it."""
+    repo, meta = registry.repo, registry.repo.metadata_dir
+    targets = Metadata[Targets].from_bytes(repo.files.read(f"metadata/{repo.open('targets').signed.version}.targets.json"))
+    path = next(p for p in targets.signed.targets if p.endswith("weights.safetensors"))
+    info = repo.store_target(path, weights)  # the attacker's file, under its hash-prefixed name
+    targets.signed.targets[path] = info
+    new_targets = targets.signed.version + 1
+    (meta / f"{new_targets}.targets.json").write_bytes(resign(targets, signer, version=new_targets))
+    snapshot = repo.open("snapshot")
+    snapshot.signed.meta["targets.json"].version = new_targets
+    (meta / f"{snapshot.signed.version + 1}.snapshot.json").write_bytes(resign(snapshot, signer, version=snapshot.signed.version + 1))
+    timestamp = repo.open("timestamp")
+    timestamp.signed.snapshot_meta.version = snapshot.signed.version
+    (meta / "timestamp.json").write_bytes(resign(timestamp, signer, version=timestamp.signed.version + 1))
+
+
+def test_a_server_without_the_release_key_serves_keeps_metadata_fresh_and_cannot_release(tmp_path, caplog):
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "release.pem")) == 0
+    releaser = open_registry(tmp_path / "registry", keys / "online.pem", release_key=keys / "release.pem")  # the loop
+    assert releaser.can_release
+    v1 = publish(releaser, tmp_path, "v1")
+    replica = PolicyRegistry(tmp_path / "registry", load_signer(keys / "online.pem"))  # an internet-facing server
+    assert not replica.can_release
+    for change in (lambda: publish(replica, tmp_path, "v2"), replica.widen, lambda: replica.rollback("x")):
+        with pytest.raises(ReleaseKeyMissing, match=r"only the release key .* signs releases"):
+            change()
+    # the replica re-signs snapshot and timestamp as they age; targets, which it cannot, it reports
+    day = 86400.0
+    aged = PolicyRegistry(tmp_path / "registry", load_signer(keys / "online.pem"), clock=lambda: time.time() + 0.75 * day)
+    assert aged.repo.open("timestamp").signed.expires.timestamp() > time.time() + 1.5 * day
+    targets = releaser.repo.open("targets").signed.version
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        late = PolicyRegistry(tmp_path / "registry", load_signer(keys / "online.pem"), clock=lambda: time.time() + 5 * day)
+    assert "needs re-signing" in caplog.text and "release key" in caplog.text
+    assert late.repo.open("targets").signed.version == targets  # not re-signed: it cannot
+    assert late.repo.open("timestamp").signed.expires.timestamp() > time.time() + 5.5 * day
+    server, robot_token, publisher = serve_replica(tmp_path, replica)
+    source = robot(tmp_path, server, robot_token)
+    try:
+        assert source.poll() and source.trust.version == v1  # the replica serves what the releaser released
+        answer = httpx.post(f"{server.url}/v1/policies", json={}, headers={"authorization": f"Bearer {publisher}"})
+        assert answer.status_code == 403 and answer.json()["error"] == "no_release_key", answer.text
+        assert "release key" in answer.json()["reason"]
+        # whoever steals the replica's key signs a release of their own: robots refuse it and keep v1
+        plant_release(replica, load_signer(keys / "online.pem"), exported(tmp_path, "evil")[0])
+        assert not source.poll() and source.refusals == {"signature": 1} and source.trust.version == v1
+    finally:
+        source.close()
+        server.stop()
+    with pytest.raises(RegistryCorrupted, match="not signed by the targets keys"):  # nor does the releaser build on it
+        publish(releaser, tmp_path, "v2")
+
+
+def test_rotating_in_a_release_key_takes_releases_off_the_online_key_and_robots_follow(tmp_path, capsys):
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path) == 0  # one online key for everything, as before
+    provisioned = (reg / "tuf" / "metadata" / "root.json").read_bytes()
+    server_key = load_signer(keys / "online.pem")
+    assert PolicyRegistry(reg, server_key).can_release
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--release-key", str(keys / "online.pem")]) == 1
+    assert "the release key" in capsys.readouterr().err  # the online key cannot be its own release key
+    assert main(["rotate", "--dir", str(reg), *two, "--release-key", str(keys / "release.pem")]) == 0
+    roles = json.loads(capsys.readouterr().out)["roles"]
+    assert roles["targets"]["keyids"] != roles["timestamp"]["keyids"] == roles["snapshot"]["keyids"]
+    with pytest.raises(RegistryError, match="is not the key root v2 names for targets"):
+        PolicyRegistry(reg, server_key, release=load_signer(keys / "stranger.pem", create=True))
+    assert not PolicyRegistry(reg, server_key).can_release
+    # rotating the online key later keeps the release key where it is
+    assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 0
+    roles = json.loads(capsys.readouterr().out)["roles"]
+    assert roles["targets"]["keyids"] == [load_signer(keys / "release.pem").public_key.keyid[:16]] != roles["timestamp"]["keyids"]
+    # the releaser re-signs targets under the new root; a robot provisioned with root v1 walks to v3 and installs
+    releaser = PolicyRegistry(reg, load_signer(keys / "online-2.pem"), release=load_signer(keys / "release.pem"))
+    weights, manifest = exported(tmp_path, "v1")
+    version = releaser.publish(weights, policy=manifest, **SPEC)["version"]
+    server, robot_token, _ = serve_replica(tmp_path, PolicyRegistry(reg, load_signer(keys / "online-2.pem")))
+    from fleet.agent.policy import builtin_policy
+    from fleet.registry.pull import SignedPolicySource
+    from fleet.registry.trust import PolicyTrust
+
+    source = SignedPolicySource(server.url, robot_token, "robot-0", PolicyTrust(**SPEC, state_dir=tmp_path / "robot"), builtin_policy("zero", 1).current(), root=provisioned)
+    try:
+        assert source.poll() and source.trust.version == version and source.refusals == {}
+    finally:
+        source.close()
+        server.stop()
+    # static hosting: refresh re-signs targets only with the release key
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online-2.pem"), "--release-key", str(keys / "release.pem")]) == 0
+    assert json.loads(capsys.readouterr().out)["versions"]["targets"] >= releaser.repo.open("targets").signed.version
+
+
+def test_init_refuses_a_release_key_that_is_a_root_key_or_the_online_key(tmp_path, capsys):
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "online.pem")) == 1
+    assert "--release-key" in capsys.readouterr().err
+    assert init(tmp_path, "--release-key", str(keys / "root-2.pem")) == 1
+    assert "its own key file" in capsys.readouterr().err
+    assert not (tmp_path / "registry" / "tuf" / "metadata" / "1.root.json").exists()
