@@ -263,10 +263,10 @@ def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], 
     if len(buf) < 8:
         raise EpisodeValidationError("<file>", f"not a safetensors file: {len(buf)} bytes, need an 8-byte header length")
     (header_len,) = struct.unpack("<Q", buf[:8])
-    if header_len > MAX_HEADER_BYTES or header_len > len(buf) - 8:
-        raise EpisodeValidationError(
-            "<header>", f"declared header length {header_len} exceeds the body ({len(buf)} bytes) or the {MAX_HEADER_BYTES}-byte limit"
-        )
+    if header_len > len(buf) - 8:
+        raise EpisodeValidationError("<header>", f"declared header length {header_len} exceeds the body ({len(buf)} bytes)")
+    if header_len > MAX_HEADER_BYTES:  # the metadata (hardware, calibration...) lives in the header: that is what to shrink
+        raise EpisodeValidationError("<header>", f"header too large: {header_len} bytes, over the {MAX_HEADER_BYTES}-byte limit; send less metadata")
     header = loads_bounded(bytes(buf[8 : 8 + header_len]), "<header>")
     if not isinstance(header, dict):
         raise EpisodeValidationError("<header>", "header must be a JSON object")

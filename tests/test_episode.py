@@ -141,3 +141,16 @@ def test_episode_ids_default_to_fresh_uuids():
     a, b = make(), make()
     assert a.episode_id != b.episode_id
     uuid.UUID(a.episode_id)
+
+
+def test_a_header_over_the_limit_is_told_apart_from_a_truncated_body():
+    """A 1.9 MB calibration value was once refused as "declared header length ... exceeds the body", which the body did hold."""
+    from fleet.server.errors import from_validation
+
+    big = (2 << 20) + 8
+    with pytest.raises(EpisodeValidationError, match="header too large") as held:
+        parse_safetensors(struct.pack("<Q", big) + b" " * big)
+    assert from_validation(held.value).error == "bad_header"
+    with pytest.raises(EpisodeValidationError, match="exceeds the body") as cut:
+        parse_safetensors(struct.pack("<Q", 64) + b"{}")
+    assert from_validation(cut.value).error == "not_safetensors"

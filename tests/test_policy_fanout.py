@@ -103,6 +103,7 @@ def test_range_requests_206_416_and_if_range(served):
     for unsatisfiable in (f"bytes={size}-", "bytes=-0"):
         answer = client.get(url, headers={"Range": unsatisfiable})
         assert (answer.status_code, answer.headers["content-range"]) == (416, f"bytes */{size}"), unsatisfiable
+        assert answer.json()["error"] == "range_not_satisfiable" and f"below {size}" in answer.json()["reason"]  # the refusal's shape
     for ignored in ("bytes=0-1,5-6", "bytes=9-2", "items=0-1", "bytes=x-"):  # multi-range and malformed: the whole body (RFC 9110 14.2)
         answer = client.get(url, headers={"Range": ignored})
         assert (answer.status_code, answer.content) == (200, whole), ignored

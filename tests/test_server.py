@@ -313,9 +313,16 @@ def test_malformed_http_is_refused_in_the_documented_shape(fleet, head, status, 
     assert stored_count(fleet) == before
 
 
-def test_a_malformed_request_is_told_what_was_malformed(fleet):
+def test_a_malformed_request_is_told_what_was_malformed_and_counted(fleet):
+    def refused() -> float:
+        text = fleet["client"].get("/metrics", headers=auth(fleet["tok"]["operator"])).text
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "flywheel_rejections_total"]
+        return sum(s.value for s in samples if s.labels.get("reason") == "bad_http_request")
+
+    before = refused()
     _, body = raw_request(fleet, "GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")  # HTTP/1.1 without Host
     assert body["error"] == "bad_http_request" and "Host" in body["reason"], body
+    assert refused() == before + 1  # the HTTP layer's refusals are in /metrics like every other
 
 
 def test_a_refused_upload_never_fails_the_uploads_committed_beside_it(fleet):
@@ -345,7 +352,10 @@ def test_unknown_routes_and_bad_queries_answer_in_the_documented_shape(fleet):
         r = client.request(method, path, headers=operator)
         assert (r.status_code, r.json()["error"]) == (status, error) and r.json()["reason"] and "field" in r.json()
         assert status != 404 or r.headers["cache-control"] == "no-store"
-    bad = (("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit"), ("since=5&until=1", "since"), ("limit=1&limit=2", "limit"), ("robot_id=r0&robot_id=r1", "robot_id"))
+    for method, path, allowed in (("PUT", "/v1/episodes", "GET, POST"), ("POST", "/healthz", "GET, HEAD"), ("PATCH", f"/v1/uploads/{uuid.uuid4()}", "DELETE, GET, HEAD, PUT")):
+        r = client.request(method, path, headers=operator)
+        assert (r.status_code, r.headers["allow"]) == (405, allowed), (method, path)  # every method of every route on the path
+    bad = (("robot=r0", "robot"), ("snapshot_id=x", "snapshot_id"), ("since=nan", "since"), ("until=-inf", "until"), ("offset=-1", "offset"), ("limit=0", "limit"), ("since=5&until=1", "since"), ("limit=1&limit=2", "limit"), ("robot_id=r0&robot_id=r1", "robot_id"))
     for query, field in bad:
         r = client.get(f"/v1/episodes?{query}", headers=operator)
         assert (r.status_code, r.json()["error"], r.json()["field"]) == (400, "bad_query", field), query

@@ -111,12 +111,13 @@ def test_large_decodes_share_one_budget_over_the_whole_server():
         ("truncated", "zstd stream truncated"),
         ("trailing", "bytes after the end of the zstd frame"),
         ("flipped", "not a valid zstd stream"),
+        ("skippable", "starts with a zstd skippable frame"),  # once: "N bytes after the end of the zstd frame" (the data frame)
     ],
 )
 def test_corrupt_stream_is_400_and_nothing_is_stored(fleet, body, reason):
     ep = make(2)
     good = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(ep.to_bytes())
-    body = {"truncated": good[: len(good) // 2], "trailing": good + b"junk", "flipped": good[:-4] + bytes(4)}.get(body, body)
+    body = {"truncated": good[: len(good) // 2], "trailing": good + b"junk", "flipped": good[:-4] + bytes(4), "skippable": bytes.fromhex("502a4d1804000000") + b"note" + good}.get(body, body)
     answer = post(fleet, body)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"] == "bad_zstd" and answer.json()["field"] == "body" and reason in answer.json()["reason"]
@@ -177,3 +178,20 @@ def test_compression_is_off_when_configured(fleet, tmp_path):
         assert agent.wait_drained(30), agent.status()
     assert agent.status()["created"] == 2 and agent.status()["compressed"] == 0
     assert agent.status()["sent_bytes"] == sum(len(ep.to_bytes()) for ep in eps)
+
+
+def test_routes_that_decode_nothing_refuse_a_content_encoding_instead_of_taking_the_coded_bytes(fleet):
+    """A resumable chunk sent with Content-Encoding: zstd was stored as its compressed bytes (the offset moved by
+    their length) and the upload later failed its digest; a publish labelled gzip was signed."""
+    client, robot = fleet["client"], {"Authorization": f"Bearer {fleet['tok']['robot']}"}
+    data = make(21).to_bytes()
+    create = {"size": len(data), "sha256": __import__("hashlib").sha256(data).hexdigest()}
+    answer = client.post("/v1/uploads", json=create, headers={**robot, "Content-Encoding": "gzip"})
+    assert (answer.status_code, answer.json()["error"]) == (415, "unsupported_content_encoding"), answer.text
+    assert "POST /v1/uploads" in answer.json()["reason"]
+    upload = client.post("/v1/uploads", json=create, headers={**robot, "Content-Encoding": "identity"}).json()["upload_id"]
+    answer = client.put(f"/v1/uploads/{upload}", content=zstd(data), headers={**robot, "Upload-Offset": "0", "Content-Encoding": "zstd"})
+    assert (answer.status_code, answer.json()["error"]) == (415, "unsupported_content_encoding"), answer.text
+    assert client.get(f"/v1/uploads/{upload}", headers=robot).json()["offset"] == 0  # nothing of it kept
+    assert client.put(f"/v1/uploads/{upload}", content=data, headers={**robot, "Upload-Offset": "0"}).json()["offset"] == len(data)
+    assert client.post(f"/v1/uploads/{upload}/complete", headers=robot).status_code == 201

@@ -21,6 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleet.pipeline.ray_start import start_ray
+from fleet.registry.files import open_files
 from fleet.registry.store import open_registry, root_metadata
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
@@ -58,9 +59,11 @@ class Services(contextlib.AbstractContextManager):
         self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
         self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
         keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
+        release = keys / "release.pem"  # the loop releases: a replica given only keys/online.pem serves and cannot (docs/security.md, "The release key")
+        made_before = open_files(self.registry_dir).exists("tuf/metadata/1.root.json") and not release.exists()  # a run of a build before release keys
         self.registry = open_registry(
-            self.registry_dir, keys / "online.pem", release_key=keys / "release.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2,
-        )  # the loop releases: a replica given only keys/online.pem serves and cannot (docs/security.md, "The release key")
+            self.registry_dir, keys / "online.pem", release_key=None if made_before else release, root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2,
+        )  # fmt: skip
         self.root_metadata = root_metadata(self.registry_dir)  # what each robot is provisioned with
         token_file = self.run_dir / "tokens.json"
         token_file.unlink(missing_ok=True)  # fresh tokens each start: nothing secret outlives the process

@@ -24,6 +24,8 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from fleet.server.errors import ApiError
+
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 NOT_FOUND = "no-store"
@@ -86,7 +88,8 @@ def answer(request: Request, *, etag: str, cache_control: str, size: int, media_
         try:
             wanted = byte_range(request.headers.get("range"), size)
         except Unsatisfiable:
-            return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+            reason = f"Range {request.headers.get('range')[:60]!r} asks for no byte of the {size}-byte file: ask for bytes below {size}, or send no Range"
+            raise ApiError(416, "range_not_satisfiable", reason, "range", {**headers, "Content-Range": f"bytes */{size}"}) from None
         if wanted is not None:
             status, (start, end) = 206, wanted
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"

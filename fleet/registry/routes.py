@@ -69,10 +69,14 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
         if opened is None:
             raise ApiError(404, "no_such_target", f"no target file {path!r}", "path", _NOT_FOUND)
         etag = f'"{path.rpartition("/")[2][:64]}"'  # hash-prefixed name: <sha256>.<name>
-        response = http_cache.answer(
-            request, etag=etag, cache_control=http_cache.IMMUTABLE, size=opened.size, media_type="application/octet-stream",
-            body=opened.chunks,
-        )  # fmt: skip
+        try:
+            response = http_cache.answer(
+                request, etag=etag, cache_control=http_cache.IMMUTABLE, size=opened.size, media_type="application/octet-stream",
+                body=opened.chunks,
+            )  # fmt: skip
+        except ApiError:  # 416: nothing to send
+            opened.close()
+            raise
         if not isinstance(response, StreamingResponse):  # 304, 416, HEAD: the file is not read
             opened.close()
         return response

@@ -33,6 +33,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match
 
 from fleet.registry.s3 import S3Error
 from fleet.registry.tuf_repo import RegistryBusy, RepositoryNotInitialised
@@ -153,6 +154,16 @@ class _CountRequests:
             count(500)
 
 
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+LIST_PARAMETERS = frozenset({"robot_id", "source", "robot_model", "since", "until", "limit", "offset"})  # GET /v1/episodes
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """The methods some route takes on ``scope``'s path, sorted (each method asked of every route: FastAPI
+    keeps an included router's routes behind one entry)."""
+    return [m for m in HTTP_METHODS if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in app.router.routes)]
+
+
 def create_app(
     config: ServerConfig, store: EpisodeStore, tokens: TokenRegistry, *, on_ready=None, routes: RoutesFactory | None = None
 ) -> FastAPI:
@@ -197,6 +208,8 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
         reason = {404: f"no route {request.url.path!r} (docs/protocol.md lists them)", 405: f"{request.method} is not allowed on {request.url.path!r}"}
         headers = dict(exc.headers or {}) | ({"Cache-Control": "no-store"} if exc.status_code == 404 else {})  # a cache must not keep "no such file"
+        if exc.status_code == 405:  # every method some route takes on this path (Starlette names only the first route's)
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
         return await api_error(request, ApiError(exc.status_code, code, reason.get(exc.status_code, str(exc.detail)), None, headers))
 
     async def storage_fault(request: Request, exc: Exception):  # the store or the registry's storage did not answer
@@ -269,7 +282,7 @@ def create_app(
         try:
             principal = tokens.require(request.headers.get("authorization"), "robot")
             coding = content_coding(", ".join(request.headers.getlist("content-encoding")) or None)  # two header lines are a list too
-            read = functools.partial(read_body, request, config.max_body_bytes, config.body_timeout_s)
+            read = functools.partial(read_body, request, config.max_body_bytes, config.body_timeout_s, coded=True)
             try:
                 code, answer = await ingest(read, coding, principal.robot_id, config.max_body_bytes)
             except ClientDisconnect:  # the robot went away mid-body: nothing stored, nobody to answer
@@ -296,6 +309,9 @@ def create_app(
         offset: int = 0,
     ):
         tokens.require(request.headers.get("authorization"), "operator")
+        unknown = sorted(set(request.query_params) - LIST_PARAMETERS)
+        if unknown:  # a misspelt filter would list the whole fleet
+            raise ApiError(400, "bad_query", f"unknown parameter {unknown[0][:40]!r}; this route takes {', '.join(sorted(LIST_PARAMETERS))}", unknown[0][:40])
         for name in set(request.query_params):  # one value each: a repeated parameter means what each reader decides
             if len(request.query_params.getlist(name)) > 1:
                 raise ApiError(400, "bad_query", f"{name[:40]!r} is given more than once; give it once", name[:40])

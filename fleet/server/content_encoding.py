@@ -75,7 +75,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame's first bytes (no safetensors f
 def refuse_undeclared_zstd(body: bytes) -> None:
     """400 for a zstd frame sent as a plain body (no Content-Encoding), with what to send instead."""
     if body[:4] == ZSTD_MAGIC:
-        raise ApiError(400, "not_safetensors", "the body is a zstd frame but the request has no Content-Encoding: zstd; send that header with it", "content-encoding")
+        raise ApiError(400, "not_safetensors", "the body is a zstd frame but was not declared as one: send Content-Encoding: zstd with it (a resumable upload: create it with \"content_encoding\": \"zstd\")", "content-encoding")
 
 
 def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | None = None) -> bytes:
@@ -83,6 +83,8 @@ def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | Non
     (503 when ``budget`` cannot hold what it may decode to)."""
     if coding == "identity":
         return body
+    if len(body) >= 4 and body[1:4] == b"\x2a\x4d\x18" and body[0] & 0xF0 == 0x50:  # magic 0x184D2A5?: RFC 8878 3.1.2
+        raise ApiError(400, "bad_zstd", "the body starts with a zstd skippable frame: send exactly one zstd data frame, nothing before or after it", "body")
     try:
         declared = zstandard.frame_content_size(body)  # -1 when the frame does not say
     except zstandard.ZstdError:

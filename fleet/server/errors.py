@@ -28,6 +28,7 @@ _RULES: tuple[tuple[str, int, str], ...] = (
     ("nested deeper than", 400, "bad_header"),
     ("not a safetensors file", 400, "not_safetensors"),
     ("declared header length", 400, "not_safetensors"),
+    ("header too large", 400, "bad_header"),
     ("header must be a JSON object", 400, "bad_header"),
     ("__metadata__ must map", 400, "bad_header"),
     ("tensor entry needs", 400, "bad_header"),

@@ -61,6 +61,7 @@ class _Deadline:
 
 class JsonErrorsH11Protocol(H11Protocol):
     head_timeout_s = 10.0  # protocol_class (below) gives each server its own
+    on_refusal = None  # called with the error code of each malformed request refused here (the server's metrics)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -98,8 +99,12 @@ class JsonErrorsH11Protocol(H11Protocol):
         for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
+        if self.on_refusal is not None:
+            self.on_refusal(BAD_HTTP["error"])
 
 
-def protocol_class(head_timeout_s: float) -> type[JsonErrorsH11Protocol]:
-    """The protocol with this server's ``head_timeout_s`` (uvicorn builds one instance per connection from a class)."""
-    return type("JsonErrorsH11Protocol", (JsonErrorsH11Protocol,), {"head_timeout_s": float(head_timeout_s)})
+def protocol_class(head_timeout_s: float, on_refusal=None) -> type[JsonErrorsH11Protocol]:
+    """The protocol with this server's ``head_timeout_s`` and ``on_refusal(error_code)`` (uvicorn builds one instance
+    per connection from a class)."""
+    attributes = {"head_timeout_s": float(head_timeout_s), "on_refusal": staticmethod(on_refusal) if on_refusal else None}
+    return type("JsonErrorsH11Protocol", (JsonErrorsH11Protocol,), attributes)

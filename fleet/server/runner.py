@@ -69,7 +69,7 @@ def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: 
     store.refresh_index()  # idempotency across restarts: every stored episode_id is known before the first upload
     tokens = TokenRegistry(server.token_file)
     app = create_app(server, store, tokens, on_ready=on_ready, routes=routes)
-    config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30, http=protocol_class(server.head_timeout_s))
+    config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30, http=protocol_class(server.head_timeout_s, app.state.metrics.rejected))
     return uvicorn.Server(config)
 
 
