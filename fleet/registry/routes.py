@@ -4,7 +4,10 @@
                                    <N>.snapshot.json, <N>.targets.json); online metadata past
                                    half its life is re-signed before timestamp.json is served
     GET  /v1/tuf/targets/{path}    robot token: a hash-prefixed target file
-    POST /v1/policies              publisher token: publish (JSON body, weights base64)
+    POST /v1/policies              publisher token: publish (JSON body, weights base64; a cohort: a canary)
+    GET  /v1/rollout               publisher token: stable, canary, cohort and the rollout's history
+    POST /v1/rollout/widen         publisher token: the canary becomes stable for every robot
+    POST /v1/rollout/rollback      publisher token: end the canary, {"reason"?}; the stable weights republished
 
 Both GET routes answer HEAD too, and carry a strong ETag, Cache-Control per file kind,
 If-None-Match (304) and Range / If-Range (206, 416): fleet/registry/http_cache.py. They read the
@@ -23,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
-from fleet.registry.store import PolicyRegistry, PublishRefused
+from fleet.registry.store import NoCanary, PolicyRegistry, PublishRefused
 from fleet.registry.tuf_repo import RegistryCorrupted, release_key_advice
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
@@ -84,8 +87,7 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
-        if not registry.can_release:  # before the body is read: no release is signed here
-            raise ApiError(403, "no_release_key", release_key_advice(registry.repo.require_root()), None)
+        _require_release(registry)  # before the body is read: no release is signed here
         raw = await read_body(request, MAX_PUBLISH_BYTES, body_timeout_s)  # 413 past the limit, 408 for a body that stalls
         try:
             body = await run_in_threadpool(loads_bounded, raw, "<body>")  # standard JSON: no NaN, no repeated keys
@@ -102,7 +104,49 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
             raise ApiError(400, "bad_publish", f"{field}: {exc.reason}", field) from None
         return JSONResponse({"manifest": manifest}, status_code=201)
 
+    @router.get("/v1/rollout")
+    async def rollout(request: Request):
+        tokens.require(request.headers.get("authorization"), "publisher")
+        return JSONResponse(await run_in_threadpool(registry.rollout), headers={"Cache-Control": "no-store"})
+
+    @router.post("/v1/rollout/widen")
+    async def widen(request: Request):
+        tokens.require(request.headers.get("authorization"), "publisher")
+        _require_release(registry)
+        await read_body(request, 0, body_timeout_s)  # no body
+        version = await run_in_threadpool(_rollout_change, registry.widen)
+        return JSONResponse({"version": version, **await run_in_threadpool(registry.rollout)})
+
+    @router.post("/v1/rollout/rollback")
+    async def rollback(request: Request):
+        tokens.require(request.headers.get("authorization"), "publisher")
+        _require_release(registry)
+        raw = await read_body(request, 1 << 16, body_timeout_s)
+        try:
+            body = await run_in_threadpool(loads_bounded, raw or b"{}", "<body>")
+        except EpisodeValidationError as exc:
+            raise ApiError(400, "bad_rollback", f"the body is not JSON: {exc.reason}", None) from None
+        reason = body.get("reason", "rolled back by a publisher") if isinstance(body, dict) else None
+        if not isinstance(reason, str) or set(body) - {"reason"} or any(not c.isprintable() for c in reason):
+            raise ApiError(400, "bad_rollback", 'the body must be {"reason": printable text} or empty', "reason")
+        manifest = await run_in_threadpool(_rollout_change, lambda: registry.rollback(reason))
+        return JSONResponse({"manifest": manifest, **await run_in_threadpool(registry.rollout)})
+
     return router
+
+
+def _require_release(registry: PolicyRegistry) -> None:
+    """403 ``no_release_key`` where this server cannot sign a release (its root names a release key it does not hold)."""
+    if not registry.can_release:
+        raise ApiError(403, "no_release_key", release_key_advice(registry.repo.require_root()), None)
+
+
+def _rollout_change(change):
+    """``change()`` (widen, rollback); 409 ``no_canary`` when there is no canary to end."""
+    try:
+        return change()
+    except NoCanary as exc:
+        raise ApiError(409, "no_canary", f"{exc}: start one with POST /v1/policies and a cohort", None) from None
 
 
 def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:

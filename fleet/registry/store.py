@@ -45,6 +45,10 @@ class RegistryError(ValueError):
     pass
 
 
+class NoCanary(RegistryError):
+    """A widen or rollback with no canary running."""
+
+
 class PublishRefused(RegistryError):
     """A release no robot would take, refused before anything is signed; ``field`` names what to change."""
 
@@ -178,7 +182,7 @@ class PolicyRegistry:
         def edit() -> int:
             state = self._state()
             if state["canary"] is None:
-                raise RegistryError("no canary to widen")
+                raise NoCanary("no canary to widen")
             version = state["canary"]
             state.update(stable=version, canary=None, cohort=[])
             self._publish(state, {}, {"version": version, "event": "widened"})
@@ -196,7 +200,7 @@ class PolicyRegistry:
         def edit() -> dict | None:
             state = self._state()
             if state["canary"] is None:
-                raise RegistryError("no canary to roll back")
+                raise NoCanary("no canary to roll back")
             bad, stable = state["canary"], state["stable"]
             manifest = None
             if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
