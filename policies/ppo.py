@@ -24,7 +24,8 @@ from torch import nn
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
 from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, check_network, gaussian_log_prob, orthogonal_init_
 from policies.parallel import LocalComm
-from policies.transition import VectorStep
+from policies.transition import VectorStep, world_rows
+from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,10 @@ class PPOConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
-        if self.n_steps < 1 or self.epochs < 1 or self.minibatch_size < 1:
-            raise ValueError(f"PPO config: n_steps, epochs and minibatch_size must be >= 1, got {self.n_steps}, {self.epochs}, {self.minibatch_size}")
+        check_fields(
+            self, n_steps=AT_LEAST_1, epochs=AT_LEAST_1, minibatch_size=AT_LEAST_1, lr=POSITIVE, gamma=UNIT, gae_lambda=UNIT,
+            clip_range=POSITIVE, ent_coef=NON_NEGATIVE, vf_coef=NON_NEGATIVE, max_grad_norm=POSITIVE,
+        )  # fmt: skip
         check_network(self.activation, self.hidden_sizes)
 
 
@@ -118,7 +121,7 @@ class PPO:
     # -- acting ----------------------------------------------------------------------------
     def explore(self, obs: np.ndarray) -> np.ndarray:
         """Sample actions (N, A) for obs (N, D); remembers u, log N(u) and V(obs) for :meth:`observe`."""
-        obs_t = torch.from_numpy(obs).to(self.device)
+        obs_t = torch.from_numpy(world_rows(obs, self.spec.obs_dim)).to(self.device)
         with torch.no_grad():
             obs_n = self.policy.normalizer(obs_t)
             mean, log_std = self.policy.actor(obs_n)

@@ -26,7 +26,8 @@ from worldmodel.flat_params import flatten_parameters, merge_optimizer_state
 from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, check_network, gaussian_log_prob_from_noise, tanh_log_det
 from policies.parallel import LocalComm
 from policies.replay import MixedReplay
-from policies.transition import VectorStep
+from policies.transition import VectorStep, world_rows
+from sim.config_rules import AT_LEAST_1, COUNT, NON_NEGATIVE, POSITIVE, RATE, UNIT, check_fields
 from sim.episode import Episode
 from sim.variation import contexts
 
@@ -64,10 +65,12 @@ class SACConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         object.__setattr__(self, "replay_ratios", {str(k): float(v) for k, v in dict(self.replay_ratios).items()})
-        if not 0 < self.tau <= 1 or not 0 <= self.gamma <= 1 or self.utd_ratio <= 0 or self.batch_size < 1 or not self.actor_obs_noise >= 0:
-            raise ValueError(
-                f"SAC config out of range: tau={self.tau}, gamma={self.gamma}, utd_ratio={self.utd_ratio}, batch_size={self.batch_size}, actor_obs_noise={self.actor_obs_noise}"
-            )
+        check_fields(
+            self, tau=RATE, gamma=UNIT, utd_ratio=POSITIVE, batch_size=AT_LEAST_1, actor_obs_noise=NON_NEGATIVE, actor_lr=POSITIVE,
+            critic_lr=POSITIVE, alpha_lr=POSITIVE, init_alpha=POSITIVE, learning_starts=COUNT, buffer_size=AT_LEAST_1,
+        )  # fmt: skip
+        if any(not (math.isfinite(r) and r >= 0) for r in self.replay_ratios.values()) or not sum(self.replay_ratios.values()) > 0:
+            raise ValueError(f"SACConfig: replay_ratios={dict(self.replay_ratios)} (must be finite shares >= 0, not all 0)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"SAC precision {self.precision!r} is not one of {list(PRECISIONS)}")
         check_network(self.activation, self.hidden_sizes)
@@ -184,8 +187,8 @@ class SAC:
 
     def explore(self, obs: np.ndarray) -> np.ndarray:
         """Collection actions (N, A) for the worlds' obs (N, D): uniform before ``learning_starts``, then pi's samples."""
+        obs = self.inputs(world_rows(obs, self.spec.obs_dim))
         n = obs.shape[0]
-        obs = self.inputs(obs)
         if self.env_steps < self.config.learning_starts:
             return (torch.rand((n, self.spec.act_dim), generator=self.gen) * 2 - 1).numpy()
         with torch.no_grad():

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 # value, and under a build that added the key (its record lacks it)
 ARITHMETIC = ("precision",)
 # TrainerConfig keys a resumed run may change: its budget, logging, evaluation and device
-RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "keep_best", "stop_at_max_return", "device")
+RESUMABLE_CHANGES = ("total_env_steps", "checkpoint_every", "log_every", "eval_every", "eval_episodes", "keep_best", "stop_at_max_return", "device")
 
 
 def settings_json(config) -> dict | None:

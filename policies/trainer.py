@@ -28,6 +28,7 @@ from policies.settings import checkpoint_settings_differ, settings_json
 from policies.stepper_state import FreeRunning, capture, restore
 from policies.transition import Algorithm, VectorStep
 from sim.batched import BatchedStepper
+from sim.config_rules import AT_LEAST_1, COUNT, check_fields
 from sim.episode import Episode
 from sim.robots import get_task
 from sim.sensor_filter import seen_body
@@ -65,9 +66,10 @@ class TrainerConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         check_device_name(self.device)  # whether it is present is asked where it is resolved: here, or a Ray cluster
-        for key in ("num_worlds", "total_env_steps", "torch_threads"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        check_fields(
+            self, num_worlds=AT_LEAST_1, total_env_steps=AT_LEAST_1, torch_threads=AT_LEAST_1, log_every=COUNT, eval_episodes=AT_LEAST_1,
+            checkpoint_every=COUNT, eval_every=COUNT,
+        )  # fmt: skip
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best picks among evaluations: set eval_every > 0 too")
         if self.stop_at_max_return and not self.keep_best:
@@ -170,7 +172,7 @@ class Trainer:
     ):
         self.config, self.algo, self.log = config, algorithm, log
         self.sensor_filters = sensor_filters
-        self.algo_config = algo_config
+        self.algo_config = algo_config if algo_config is not None else algorithm.config  # recorded in checkpoints: resume compares it
         self.checkpointer = checkpointer
         self.comm = comm or LocalComm()
         torch.set_num_threads(config.torch_threads)

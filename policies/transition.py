@@ -12,6 +12,14 @@ import torch
 from policies.networks import Policy
 
 
+def world_rows(obs, obs_dim: int) -> np.ndarray:
+    """The worlds' observations as float32 (N, obs_dim), as a learner's ``explore`` takes them; ValueError otherwise."""
+    obs = np.asarray(obs, dtype=np.float32)
+    if obs.ndim != 2 or obs.shape[1] != obs_dim:
+        raise ValueError(f"observations of shape {obs.shape}: a learner acts for N worlds at once, (N, {obs_dim}) (one env: obs[None])")
+    return obs
+
+
 @dataclasses.dataclass(frozen=True)
 class VectorStep:
     """One step of N worlds (numpy).
@@ -29,6 +37,33 @@ class VectorStep:
     final_obs: np.ndarray
     terminated: np.ndarray
     truncated: np.ndarray
+
+    def __post_init__(self):
+        """Checked and cast once, where a step enters a learner: float32 arrays (a float64 env's too), shapes that
+        agree, finite values and actions in [-1, 1]; a ValueError naming the field otherwise (a NaN stored in the
+        replay turns every weight NaN a few updates later, silently)."""
+        for name in ("obs", "action", "reward", "next_obs", "final_obs"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float32))
+        for name in ("terminated", "truncated"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool))
+        if self.obs.ndim != 2 or self.action.ndim != 2 or self.reward.ndim != 1:
+            raise ValueError(
+                f"VectorStep: obs {self.obs.shape}, action {self.action.shape}, reward {self.reward.shape}: it takes N worlds' rows, "
+                "obs (N, obs_dim), action (N, act_dim), reward (N,) (one env: N = 1, e.g. obs[None])"
+            )
+        n = len(self.reward)
+        for name in ("obs", "action", "next_obs", "final_obs", "terminated", "truncated"):
+            value = getattr(self, name)
+            if len(value) != n or (name.endswith("obs") and value.shape != self.obs.shape):
+                raise ValueError(f"VectorStep: {name} has shape {value.shape} beside reward {self.reward.shape} and obs {self.obs.shape}: one row per world in each, the obs fields shaped alike")
+        for name in ("obs", "action", "reward", "next_obs", "final_obs"):
+            if not np.isfinite(getattr(self, name)).all():
+                raise ValueError(f"VectorStep: {name} holds NaN or Inf; an env's observations, actions and rewards must be finite")
+        if np.abs(self.action).max(initial=0.0) > 1.0 + 1e-6:
+            raise ValueError(
+                f"VectorStep: actions up to {np.abs(self.action).max():.4g} in size; learners act in [-1, 1]: store the policy's actions, "
+                "and scale them to the env's bounds when stepping it (low + (a + 1) / 2 * (high - low))"
+            )
 
 
 class Algorithm(Protocol):

@@ -406,6 +406,8 @@ class BatchedStepper:
         diverged = ~np.isfinite(new_state).all(axis=1)
         terminated = task.terminated(after) | diverged
         obs = task.observe(after)
+        if not (np.isfinite(obs).all() and np.isfinite(reward).all()):  # a diverged world's are dropped; any other's: the task's fault
+            refuse_non_finite(task, obs, terms, diverged)
         obs[diverged] = 0.0
         obs += self._obs_bias[idx, None]
         for i in np.flatnonzero(self._obs_noise[idx]):  # per-world streams keep episodes batch-independent
@@ -522,3 +524,16 @@ def _per_world(profiles, n: int) -> list[VariationProfile]:
     if len(profiles) != n:
         raise ValueError(f"need one profile per world ({n}), got {len(profiles)}")
     return profiles
+
+
+def refuse_non_finite(task, obs: np.ndarray, terms: dict, diverged: np.ndarray) -> None:
+    """ValueError naming the task method that gave NaN or Inf for a world whose physics state is finite."""
+    for what, values in (("observe", obs), *((f"reward_terms()[{k!r}]", np.asarray(v)) for k, v in terms.items())):
+        bad = ~np.isfinite(values)
+        bad = (bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad) & ~diverged
+        if bad.any():
+            world = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"robot {task.name!r}: {type(task).__name__}.{what} gave NaN or Inf in {int(bad.sum())} world(s) whose physics is finite "
+                f"(the first: row {world} of this step); its observations and rewards must be finite wherever MuJoCo's state is"
+            )

@@ -119,9 +119,11 @@ ARM = """<mujoco><worldbody><body name="link"><joint name="hinge" type="hinge" a
         ({"range": ""}, "actuator(s) ['m'] have no ctrlrange"),  # it never moved: action -> the middle of [0, 0]
         ({"payload_body": "hand"}, "payload_body 'hand' is not a body of its MJCF; bodies: ['link']"),
         ({"mjcf": "/nowhere/arm.xml"}, "does not compile"),
-        ({"observe": lambda self, s: s.qpos[0]}, "observe on 2 worlds returned (1,)"),
+        ({"observe": lambda self, s: s.qpos[0]}, "observe on 2 world(s) returned float64 (1,)"),
         ({"observe": None}, "observe is not implemented"),
-        ({"reward_terms": lambda self, b, a, act: {"alive": 1.0}}, "reward_terms on 2 worlds returned {'alive': 'float'}"),
+        ({"observe": lambda self, s: np.concatenate([s.qpos, s.qvel], 1).squeeze()}, "observe on 1 world(s) returned float64 (2,)"),  # passed with 2
+        ({"observe": lambda self, s: np.concatenate([s.qpos, s.qvel], 1).astype(np.int64)}, "returned int64 (2, 2)"),
+        ({"reward_terms": lambda self, b, a, act: {"alive": 1.0}}, "reward_terms on 2 world(s) returned {'alive': 'float'}"),
         ({"reward_terms": lambda self, b, a, act: {}}, "a non-empty dict"),
         ({"initial_state": lambda self, rng, scale, goal: (np.zeros(2), np.zeros(1))}, "initial_state returned qpos (2,)"),
     ],

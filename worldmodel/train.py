@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, check_fields
 from sim.episode import Episode
 from worldmodel.device import resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
@@ -54,9 +55,11 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self):
-        for name in ("batch_size", "max_steps", "eval_every", "patience", "max_val_transitions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train config: {name} must be >= 1, got {getattr(self, name)}")
+        check_fields(
+            self, batch_size=AT_LEAST_1, max_steps=AT_LEAST_1, eval_every=AT_LEAST_1, patience=AT_LEAST_1, max_val_transitions=AT_LEAST_1,
+            learning_rate=NON_NEGATIVE, weight_decay=NON_NEGATIVE, min_improvement=NON_NEGATIVE, val_fraction=OPEN_UNIT,
+            termination_weight=NON_NEGATIVE, logvar_bound_weight=NON_NEGATIVE,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass

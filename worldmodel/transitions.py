@@ -33,6 +33,33 @@ class Transitions:
     step: np.ndarray
     context: np.ndarray | None = None
 
+    def __post_init__(self):
+        """Cast and checked once, where transitions are made: the dtypes above, M rows in each, finite values and
+        actions in [-1, 1] (what the model is rolled out with); a ValueError naming the field otherwise (one NaN
+        row once trained a model of NaN that saved, loaded and rolled out nothing, silently)."""
+        floats = ("obs", "action", "next_obs", "reward") + (("context",) if self.context is not None else ())
+        for name in floats:
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float32))
+        object.__setattr__(self, "terminated", np.asarray(self.terminated, dtype=bool))
+        for name in ("episode", "step"):
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.int64))
+        wanted = {"obs": 2, "action": 2, "next_obs": 2, "reward": 1, "terminated": 1, "episode": 1, "step": 1, "context": 2}
+        m = len(self.obs) if self.obs.ndim else -1
+        for name, ndim in wanted.items():
+            value = getattr(self, name)
+            if value is not None and (value.ndim != ndim or len(value) != m):
+                raise ValueError(f"Transitions: {name} has shape {value.shape}; it must be ({m}{', n' if ndim == 2 else ''}): one row per transition, as obs {self.obs.shape}")
+        if self.next_obs.shape != self.obs.shape:
+            raise ValueError(f"Transitions: next_obs has shape {self.next_obs.shape}, obs {self.obs.shape}: they must agree")
+        for name in floats:
+            if not np.isfinite(getattr(self, name)).all():
+                raise ValueError(f"Transitions: {name} holds NaN or Inf: drop those transitions (a world model trained on them predicts NaN)")
+        if np.abs(self.action).max(initial=0.0) > 1.0 + 1e-6:
+            raise ValueError(
+                f"Transitions: actions up to {np.abs(self.action).max():.4g} in size; the world model takes actions in [-1, 1] (what policies "
+                "emit and rollouts feed it): scale them, 2 (a - low) / (high - low) - 1"
+            )
+
     def __len__(self) -> int:
         return int(self.obs.shape[0])
 
@@ -81,7 +108,7 @@ def to_transitions(episodes: Sequence[Episode]) -> Transitions:
         t = ep.num_steps
         parts["obs"].append(ep.observation[:-1])
         parts["next_obs"].append(ep.observation[1:])
-        parts["action"].append(ep.action)
+        parts["action"].append(np.clip(ep.action, -1.0, 1.0))  # what the actuators applied (sim.batched clips; an import may not)
         parts["reward"].append(ep.reward)
         parts["terminated"].append(ep.terminated)
         parts["episode"].append(np.full(t, i, np.int64))

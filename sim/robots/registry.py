@@ -134,10 +134,16 @@ def check_task(task: Task) -> None:
         raise bad("initial_state is not implemented") from None
     if np.shape(qpos) != (m.nq,) or np.shape(qvel) != (m.nv,):
         raise bad(f"initial_state returned qpos {np.shape(qpos)} and qvel {np.shape(qvel)}; it must return (nq,) = ({m.nq},) and (nv,) = ({m.nv},)")
-    state = PhysicsState(np.tile(qpos, (2, 1)), np.tile(qvel, (2, 1)), np.zeros((2, m.nsensordata)))
+    for n in (2, 1):  # one world too: a .squeeze() passes with two
+        _check_methods(task, PhysicsState(np.tile(qpos, (n, 1)), np.tile(qvel, (n, 1)), np.zeros((n, m.nsensordata))), bad)
+
+
+def _check_methods(task: Task, state: PhysicsState, bad) -> None:
+    """observe, reward_terms and terminated of ``task`` on ``state``'s N worlds: shapes and dtypes, or ``bad(...)``."""
+    n, nu = len(state.qpos), task.model.nu
     for method, call, want in (
-        ("observe", lambda: task.observe(state), "an array (N, obs_dim) of floats"),
-        ("reward_terms", lambda: task.reward_terms(state, state, np.zeros((2, m.nu), np.float32)), "a non-empty dict of (N,) float arrays"),
+        ("observe", lambda: task.observe(state), "a float array (N, obs_dim)"),
+        ("reward_terms", lambda: task.reward_terms(state, state, np.zeros((n, nu), np.float32)), "a non-empty dict of (N,) float arrays"),
         ("terminated", lambda: task.terminated(state), "an (N,) bool array"),
     ):
         try:
@@ -145,14 +151,18 @@ def check_task(task: Task) -> None:
         except NotImplementedError:
             raise bad(f"{method} is not implemented: it must return {want}") from None
         if method == "observe":
-            ok = isinstance(out, np.ndarray) and out.ndim == 2 and out.shape[0] == 2 and out.shape[1] >= 1 and np.issubdtype(out.dtype, np.floating)
+            ok = isinstance(out, np.ndarray) and out.ndim == 2 and out.shape[0] == n and out.shape[1] >= 1 and np.issubdtype(out.dtype, np.floating)
         elif method == "reward_terms":
-            ok = isinstance(out, dict) and bool(out) and all(isinstance(v, np.ndarray) and v.shape == (2,) for v in out.values())
+            ok = isinstance(out, dict) and bool(out) and all(isinstance(v, np.ndarray) and v.shape == (n,) and np.issubdtype(v.dtype, np.number) for v in out.values())
         else:
-            ok = isinstance(out, np.ndarray) and out.shape == (2,)
+            ok = isinstance(out, np.ndarray) and out.shape == (n,)
         if not ok:
-            shape = {k: getattr(v, "shape", type(v).__name__) for k, v in out.items()} if isinstance(out, dict) else getattr(out, "shape", type(out).__name__)
-            raise bad(f"{method} on 2 worlds returned {shape}; it must return {want} (N = 2 here)")
+            seen = {k: _described(v) for k, v in out.items()} if isinstance(out, dict) else _described(out)
+            raise bad(f"{method} on {n} world(s) returned {seen}; it must return {want} (N = {n} here)")
+
+
+def _described(value) -> str:
+    return f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
 
 
 def robot_names() -> list[str]:

@@ -1,0 +1,25 @@
+"""Range rules for the learners' and the world model's config dataclasses, checked where a config is made:
+each refusal names its field and what it must be (a negative learning rate trains backwards, silently)."""
+
+from __future__ import annotations
+
+import math
+
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+COUNT = (lambda v: v >= 0, ">= 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+RATE = (lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def check_fields(config, **rules: tuple) -> None:
+    """ValueError naming every field of ``config`` outside its rule (``name=(test, what it must be)``); None passes."""
+    bad = [
+        f"{name}={getattr(config, name)!r} (must be {text})"
+        for name, (ok, text) in rules.items()
+        if getattr(config, name) is not None and not ok(getattr(config, name))
+    ]
+    if bad:
+        raise ValueError(f"{type(config).__name__}: {', '.join(bad)}")

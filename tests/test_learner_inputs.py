@@ -1,0 +1,127 @@
+"""What a learner, a world model and the stepper take from their caller, checked where it enters: config values
+out of range, NaN from an env or a robot's task, actions outside [-1, 1], shapes that do not agree, and a resume
+under other settings from Python. Each was taken once, silently or with an error far from its cause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from policies.ppo import PPOConfig
+from policies.sac import SACConfig
+from policies.trainer import Trainer, TrainerConfig, make_algorithm
+from policies.transition import VectorStep
+from sim.batched import BatchedStepper
+from sim.robots import get_task
+from sim.scenario import ScenarioSpec
+from worldmodel.train import TrainConfig
+from worldmodel.transitions import Transitions
+
+
+@pytest.mark.parametrize(
+    "make, named",
+    [
+        (lambda: SACConfig(actor_lr=-0.001), "actor_lr=-0.001"),  # gradient ascent, once to rc=0
+        (lambda: SACConfig(init_alpha=0), "init_alpha=0"),  # once "math domain error"
+        (lambda: SACConfig(learning_starts=-5), "learning_starts=-5"),
+        (lambda: SACConfig(critic_lr=float("nan")), "critic_lr=nan"),
+        (lambda: PPOConfig(gamma=2, clip_range=-0.2), "gamma=2 (must be in [0, 1]), clip_range=-0.2"),
+        (lambda: PPOConfig(lr=0), "lr=0"),
+        (lambda: TrainConfig(learning_rate=-1), "learning_rate=-1"),  # 0 stays: a model held still
+        (lambda: TrainConfig(weight_decay=float("inf")), "weight_decay=inf"),
+        (lambda: TrainConfig(val_fraction=1.0), "val_fraction=1.0"),
+        (lambda: TrainerConfig(eval_episodes=0), "eval_episodes=0"),  # once a traceback mid-run
+        (lambda: TrainerConfig(checkpoint_every=-1), "checkpoint_every=-1"),
+        (lambda: TrainerConfig(log_every=-1), "log_every=-1"),  # 0 stays: no log calls
+    ],
+)
+def test_config_values_out_of_range_are_refused_naming_the_field(make, named):
+    with pytest.raises(ValueError, match="must be") as refused:
+        make()
+    assert named in str(refused.value)
+
+
+def step(n=2, **change) -> VectorStep:
+    obs = np.zeros((n, 3))
+    fields = dict(obs=obs, action=np.zeros((n, 1)), reward=np.zeros(n), next_obs=obs, final_obs=obs, terminated=np.zeros(n), truncated=np.zeros(n))
+    return VectorStep(**{**fields, **change})
+
+
+def test_a_vector_step_is_cast_and_checked_where_it_enters_a_learner():
+    taken = step()  # float64 and int arrays, as a gymnasium env gives them
+    assert taken.obs.dtype == np.float32 and taken.terminated.dtype == bool
+    for change, said in (
+        ({"obs": np.full((2, 3), np.nan)}, "obs holds NaN"),  # once stored: every weight NaN a few updates later
+        ({"reward": np.array([0.0, np.inf])}, "reward holds NaN"),
+        ({"action": np.full((2, 1), 2.0)}, "learners act in [-1, 1]"),  # env-scaled actions, once stored as they were
+        ({"reward": np.zeros(3)}, "one row per world"),
+        ({"obs": np.zeros(3)}, "one env: N = 1"),
+    ):
+        with pytest.raises(ValueError, match=said.replace("[", r"\[").replace("]", r"\]")):
+            step(**change)
+
+
+def test_a_learner_acts_on_rows_of_worlds_and_says_so_for_one_observation():
+    config = SACConfig(hidden_sizes=(8, 8), batch_size=8, learning_starts=0)
+    sac = make_algorithm(TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=2), config)
+    assert sac.explore(np.zeros((2, 4), np.float64)).shape == (2, 1)  # float64: once a torch dtype error
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        sac.explore(np.zeros(4))  # once (3, 1) before learning_starts and (1,) after
+
+
+def transitions(**change) -> Transitions:
+    m = 6
+    fields = dict(obs=np.zeros((m, 2)), action=np.zeros((m, 1)), next_obs=np.zeros((m, 2)), reward=np.zeros(m), terminated=np.zeros(m), episode=np.zeros(m), step=np.arange(m))
+    return Transitions(**{**fields, **change})
+
+
+def test_world_model_transitions_are_checked_and_a_diverged_model_is_not_saved(tmp_path):
+    import torch
+
+    from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
+    from worldmodel.io import save
+
+    assert transitions().obs.dtype == np.float32
+    for change, said in (
+        ({"obs": np.full((6, 2), np.nan)}, "obs holds NaN"),  # once: val_mse NaN, saved, rolled out nothing
+        ({"action": np.full((6, 1), 1.999)}, "actions in [-1, 1]"),  # once clamped silently in rollouts
+        ({"reward": np.zeros((6, 1))}, "reward has shape"),
+        ({"action": np.zeros(6)}, "action has shape"),
+    ):
+        with pytest.raises(ValueError, match=said.replace("[", r"\[").replace("]", r"\]")):
+            transitions(**change)
+    model = DynamicsEnsemble(ModelSpec("pendulum", 4, 1, EnsembleConfig(ensemble_size=2, num_elites=1, hidden_size=8, num_hidden_layers=1)), seed=0)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="diverged"):
+        save(model, tmp_path / "model")
+    assert not any((tmp_path / "model").iterdir())  # nothing written
+
+
+def test_nan_from_a_robots_task_is_named_at_its_method_not_blamed_on_the_policy():
+    pendulum = type(get_task("pendulum"))
+
+    class LeakyReward(pendulum):
+        def reward_terms(self, before, after, action):
+            terms = super().reward_terms(before, after, action)
+            return {**terms, "leak": np.full(len(action), np.nan, np.float32)}
+
+    stepper = BatchedStepper(LeakyReward(), 2)
+    with pytest.raises(ValueError, match=r"LeakyReward.reward_terms\(\)\['leak'\] gave NaN"):
+        stepper.simulate([ScenarioSpec("pendulum", seed=0, max_steps=5)], lambda obs: np.zeros((len(obs), 1), np.float32))
+
+
+def test_a_python_resume_under_other_learner_settings_is_refused(tmp_path):
+    """A Trainer given no algo_config recorded none, so resuming with another actor_lr, gamma and batch mixed them."""
+    config = TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=2, total_env_steps=40)
+    first = SACConfig(hidden_sizes=(8, 8), batch_size=8, learning_starts=10)
+    with Trainer(config, make_algorithm(config, first), checkpoint_dir=tmp_path) as trainer:  # README's mbpo example passes none
+        trainer.train()
+        trainer.save()
+    other = SACConfig(hidden_sizes=(8, 8), batch_size=8, learning_starts=10, actor_lr=0.05, gamma=0.5)
+    with Trainer(config, make_algorithm(config, other), checkpoint_dir=tmp_path) as trainer:
+        with pytest.raises(ValueError, match=r"algorithm\.actor_lr, algorithm\.gamma"):
+            trainer.resume()
+    with Trainer(config, make_algorithm(config, first), checkpoint_dir=tmp_path) as trainer:
+        trainer.resume()  # the same settings resume
+        assert trainer.env_steps == 40
