@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu  # the CPU build; a wheel on disk (find-links) is taken first
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -76,7 +76,7 @@ class TrainJob:
         return None if latest is None else latest / "rank0" / "state.json"
 
 
-def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, ray_address: str | None) -> None:
+def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path) -> None:
     """Refuse what cannot run, before anything starts (a :class:`TrainSettingsError` that says what to do)."""
     if not isinstance(algo_config, kind := algo_config_class(trainer.algorithm)):
         raise TrainSettingsError(
@@ -95,8 +95,6 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path,
             f"policy.algorithm.replay_ratios samples {', '.join(offline)} episodes, which only the flywheel loop gives a learner "
             "(policy=sac_fleet is its setting): flywheel-train learns from its own steps; use policy=sac, or replay_ratios={online: 1.0}"
         )
-    if job.workers > 1 and str(ray_address or "").startswith("ray://"):
-        raise TrainSettingsError(f"ray.address={ray_address}: Ray Client is not supported; run flywheel-train on a node of the cluster with ray.address=auto (or HOST:PORT of the head)")
     if job.workers == 1:
         try:
             resolve_device(trainer.device)
@@ -131,7 +129,7 @@ def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Pa
 
     ``log(metrics, env_steps)`` gets the learner's metrics (from rank 0 of the workers under Ray Train);
     ``start_ray()`` starts or joins Ray (workers > 1 only)."""
-    preflight(job, trainer, algo_config, run_dir, ray_address)
+    preflight(job, trainer, algo_config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_durably(run_dir / TRAIN_JOB, json.dumps(_job_record(job)).encode())
     start = time.perf_counter()

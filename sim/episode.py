@@ -487,7 +487,7 @@ def _check_rate(field: str, rate: float, timestamps: np.ndarray, what: str) -> N
     step = _median_step(timestamps)
     if step is not None and abs(rate * step - 1.0) > RATE_TOLERANCE:
         raise EpisodeValidationError(
-            field, f"{rate!r} Hz disagrees with the {what}: median step {step!r} s is {1.0 / step:.6g} Hz (tolerance {RATE_TOLERANCE:.0%})"
+            field, f"{rate!r} Hz disagrees with the {what}: median step {step:.6g} s is {1.0 / step:.6g} Hz (tolerance {RATE_TOLERANCE:.0%})"
         )
 
 

@@ -224,7 +224,7 @@ def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
     (run / "flywheel_run.json").write_text(json.dumps({k: v for k, v in settings.items() if not k.endswith(".precision")}))
     Flywheel(_compose("flywheel"), run)  # a run recorded by a build without the key resumes
     with pytest.raises(OtherSettingsError, match="is a flywheel run"):
-        preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(), run, None)
+        preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig(), run)
     trained = tmp_path / "trained"
     trained.mkdir()
     (trained / "train_job.json").write_text("{}")
@@ -393,12 +393,17 @@ def test_the_loops_values_that_failed_late_are_refused_before_anything_runs(tmp_
     for override, reason in (
         ("policy.trainer.seed=7", "policy.trainer.seed=7 is not read by flywheel"),
         ("policy.algorithm.sac.activation=foo", "activation 'foo' is not one of"),
-        ("policy.algorithm.sac.buffer_size=0", "buffer_size=0 holds fewer transitions than one batch"),
-        ("policy.trainer.torch_threads=0", "torch_threads must be >= 1"),
+        ("policy.algorithm.sac.buffer_size=0", r"buffer_size=0 \(must be >= 1\)"),
+        ("policy.algorithm.sac.buffer_size=8", "buffer_size=8 holds fewer transitions than one batch"),
+        ("policy.trainer.torch_threads=0", r"torch_threads=0 \(must be >= 1\)"),
     ):
         with pytest.raises(ValueError, match=reason):
             Flywheel(_compose("flywheel", [override]), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing recorded
-    for override, reason in (("ray.auth=foo", "ray.auth='foo'"), ("ray.object_store_memory=1", "at least 78643200 bytes")):
+    for override, reason in (
+        ("ray.auth=foo", "ray.auth='foo'"), ("ray.object_store_memory=1", "at least 78643200 bytes"),
+        ("ray.address=ray://nohost.invalid:10001", "Ray Client is not supported"),  # once probed as a host, "nothing answers there"
+        ("ray.address=auto", "no Ray cluster runs on this machine"),  # once a run folder recorded, then Ray's ConnectionError
+    ):  # fmt: skip
         with pytest.raises(RayJoinError, match=reason):
             check_ray_settings(_compose("flywheel", [override]).ray)

@@ -130,27 +130,31 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr
     for args, reason in (  # once: a traceback at the first network or buffer, or a run nested in runs/x/runs/x
         (["policy.algorithm.activation=foo"], "activation 'foo' is not one of"),
-        (["policy.trainer.torch_threads=0"], "torch_threads must be >= 1"),
+        (["policy.trainer.torch_threads=0"], "torch_threads=0 (must be >= 1)"),
+        (["train.workers=2", "ray.address=ray://nohost.invalid:10001"], "Ray Client is not supported"),
         (["wandb.mode=foo"], "wandb.mode must be offline, online or disabled"),
         (["hydra.job.chdir=true"], "hydra.job.chdir=true is not supported"),
     ):
         result = subprocess.run([APP, *args, "run_dir=runs/x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
-    refused = subprocess.run([APP, "policy.trainer.torch_threads=0"], capture_output=True, text=True, timeout=120, cwd=tmp_path / "new")
-    assert refused.returncode == 1 and not any((tmp_path / "new" / "runs").iterdir())  # once: an empty runs/<time>/ with .hydra/ left
+    for args in (  # once each left an empty runs/<time>/ (with .hydra/; with a chdir's log; a sweep's multirun.yaml and 0/.hydra/)
+        ["policy.trainer.torch_threads=0"], ["hydra.job.chdir=true"], ["--multirun", "policy.trainer.seed=0,1", f"run_dir={tmp_path / 'fixed'}"],
+    ):
+        refused = subprocess.run([APP, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path / "new")
+        left = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "new" / "runs").rglob("*"))
+        assert refused.returncode == 1 and not left, (args, left, refused.stderr[-500:])
     with pytest.raises(TrainSettingsError, match="train.conditions: unknown robot conditions"):
         TrainJob(conditions=("wet",))
     trainer, algo = TrainerConfig(robot="pendulum", algorithm="sac"), SACConfig()
     for job, asked, reason in (
         (TrainJob(), dict(keep_best=True, eval_every=10), "keep_best"),  # the loop's, not this app's
         (TrainJob(), dict(device="cuda:7"), "policy.trainer.device"),  # no such GPU here
-        (TrainJob(workers=2), dict(), "Ray Client"),
     ):
         with pytest.raises(TrainSettingsError, match=reason):
-            preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run", "ray://head:10001")
+            preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run")
     mixed = dataclasses.replace(algo, replay_ratios={"online": 0.4, "real": 0.3, "sim": 0.3})  # policy=sac_fleet's: the loop's data
     with pytest.raises(TrainSettingsError, match="samples real, sim episodes, which only the flywheel loop gives"):
-        preflight(TrainJob(), trainer, mixed, tmp_path / "run", None)
+        preflight(TrainJob(), trainer, mixed, tmp_path / "run")
 
 
 @pytest.mark.parametrize(
@@ -169,7 +173,7 @@ def test_the_loops_learner_settings_are_refused_in_one_line_that_names_every_key
 def test_a_learner_config_of_another_kind_is_refused_before_training(tmp_path):
     """A learner config of another algorithm (once `policy=base_sac`, a schema --help listed beside the learners) failed inside training with a TypeError."""
     with pytest.raises(TrainSettingsError, match="needs a PPOConfig as policy.algorithm, got a SACConfig"):
-        preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="ppo"), SACConfig(), tmp_path / "run", None)
+        preflight(TrainJob(), TrainerConfig(robot="pendulum", algorithm="ppo"), SACConfig(), tmp_path / "run")
 
 
 def test_w_and_b_online_without_a_key_says_what_to_do(tmp_path):

@@ -83,11 +83,16 @@ _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, w
 _HELD: dict = {}  # run folder -> its lock file, open (and locked) for the process's life
 
 
-def _made_here(run_dir: Path) -> bool:
-    """Whether this process made ``run_dir`` as a new run's folder (``${run_folder:...}``, not a run_dir given)."""
+def _new_job_folder() -> Path | None:
+    """Hydra's output folder of this job where this process made it, or the sweep folder it is in (a new run's
+    ``runs/<time>`` or a --multirun job's ``runs/<time>/<n>``, not a run_dir given); None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+
     from fleet.conf import folders_made
 
-    return run_dir.resolve() in {Path(made).resolve() for made in folders_made()}
+    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    made = set(folders_made())
+    return out if out in made or out.parent in made else None
 
 
 def _record_files(run_dir: Path) -> list[Path]:
@@ -107,11 +112,17 @@ def _restore_record() -> None:
 
 
 def _discard_unaccepted(run_dir: Path) -> None:
-    """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files."""
-    if run_dir.resolve() in _HELD or not run_dir.is_dir():
+    """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files;
+    then the --multirun sweep folder it was in, if that holds only Hydra's ``multirun.yaml``."""
+    from fleet.conf import folders_made
+
+    if run_dir in _HELD or not run_dir.is_dir():
         return
     if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        sweep = run_dir.parent
+        if sweep in folders_made() and sweep.is_dir() and all(p.name == "multirun.yaml" for p in sweep.iterdir()):
+            shutil.rmtree(sweep, ignore_errors=True)
 
 
 def accept_run_folder(app: str, run_dir: Path) -> None:
@@ -147,8 +158,8 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
     from fleet.tracking import TrackerError, check_mode
     from sim.robots.registry import use_robot_modules
 
-    if _made_here(Path(cfg.run_dir)):  # a new run's folder: a start refused below leaves no empty runs/<time>/ behind
-        atexit.register(_discard_unaccepted, Path(cfg.run_dir))
+    if (new := _new_job_folder()) is not None:  # a new run's folder: a start refused below leaves no empty runs/<time>/ behind
+        atexit.register(_discard_unaccepted, new)
     check(cfg)
     logging.getLogger("fleet").setLevel(logging.WARNING)
     if error := multirun_run_dir_error(cfg.run_dir):

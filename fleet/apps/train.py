@@ -51,7 +51,7 @@ def run_train(cfg: DictConfig) -> None:
         except InstantiationException as exc:  # a value the learner's own config refuses
             raise TrainSettingsError(f"{exc.__cause__ or exc}") from None
         get_task(trainer.robot)
-        preflight(job, trainer, algo_config, run_dir, cfg.ray.address)
+        preflight(job, trainer, algo_config, run_dir)
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
     with one_line_errors("flywheel-train", (TrackerError,)):
@@ -72,7 +72,8 @@ def run_train(cfg: DictConfig) -> None:
     write_durably(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     Console().print(_table(summary, trainer.robot, trainer.algorithm))
     print(f"policy for robots: {export}  (weights.safetensors + manifest.json; policies.runtime.load_policy reads it)")
-    print(f"run folder: {run_dir}  (metrics.jsonl, summary.json, checkpoint; rerun with run_dir={run_dir} to continue)")
+    kept = "checkpoint" if job.workers == 1 else "ray/: Ray Train's checkpoints"
+    print(f"run folder: {run_dir}  (metrics.jsonl, summary.json, {kept}; rerun with run_dir={run_dir} to continue)")
     if line := run_files_line(w.mode, summary["wandb_dir"]):
         print(line)
 

@@ -35,6 +35,7 @@ def _run_folder(default: str, *, _root_) -> str:
 
 
 _MADE: dict[str, str] = {}  # a new folder's name -> the folder this process made for it
+_MADE_AT: list[Path] = []  # those folders, absolute (a hydra.job.chdir would move what a relative name means)
 
 
 def _unique_folder(name: str) -> str:
@@ -51,6 +52,7 @@ def _unique_folder(name: str) -> str:
             except FileExistsError:
                 continue
             _MADE[name] = candidate
+            _MADE_AT.append(Path(candidate).resolve())
             break
         else:
             raise ValueError(f"{name}: 10,000 folders of that name exist; clean up runs/")
@@ -59,7 +61,7 @@ def _unique_folder(name: str) -> str:
 
 def folders_made() -> list[str]:
     """The new folders this process made for settings-named folders (a new run's, a sweep's, a log folder)."""
-    return list(_MADE.values())
+    return list(_MADE_AT)
 
 
 def check_run_dir(path: Path) -> None:

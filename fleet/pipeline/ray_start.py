@@ -29,12 +29,6 @@ def start_ray(cfg: DictConfig) -> bool:
     (:func:`single_host_ray`), with Ray's token authentication as ``cfg.auth`` says (:func:`use_token_auth`)."""
     if ray.is_initialized():
         return False
-    if str(cfg.address or "").startswith("ray://"):
-        raise ValueError(
-            f"ray.address={cfg.address}: through Ray Client this process would stay outside the cluster, but the robots (Ray actors) "
-            "upload to the fleet server it starts; run flywheel on a host of the cluster's network with ray.address=HOST:PORT of the "
-            "head (or auto on a node) and ray.node_ip_address=<this host's address there>"
-        )
     check_ray_settings(cfg)
     use_token_auth(cfg.auth, cfg.auth_token_file)
     kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False, "_node_ip_address": cfg.node_ip_address}
@@ -111,6 +105,20 @@ def check_ray_settings(cfg: DictConfig) -> None:
     """What would make ``ray.init`` fail late or wait forever, refused at once (the apps call it before anything
     starts): a local Ray without CPUs or with less object store than Ray takes, an unknown ``auth``, an address this
     host does not have, a HOST:PORT head that nothing listens on (Ray retries that for minutes)."""
+    if str(cfg.address or "").startswith("ray://"):
+        raise RayJoinError(
+            f"ray.address={cfg.address}: Ray Client is not supported: through it this process would stay outside the cluster, "
+            "which the robots (Ray actors) and training workers reach back into; run on a host of the cluster's network with "
+            "ray.address=HOST:PORT of the head (or auto on a node) and ray.node_ip_address=<this host's address there>"
+        )
+    if cfg.address == "auto":
+        try:
+            ray._private.services.canonicalize_bootstrap_address("auto")  # RAY_ADDRESS, or the cluster `ray start` left on this host
+        except ConnectionError:
+            raise RayJoinError(
+                "ray.address=auto: no Ray cluster runs on this machine (auto joins the one `ray start` started here, or RAY_ADDRESS); "
+                "start one (`ray start --head`), give HOST:PORT of a head, or leave ray.address empty for a Ray of this run's own"
+            ) from None
     if not cfg.address and cfg.num_cpus is not None and cfg.num_cpus < 1:
         raise RayJoinError(f"ray.num_cpus={cfg.num_cpus}: the local Ray needs at least 1 CPU for the robots and tasks (null: all of this machine's)")
     if not cfg.address and cfg.object_store_memory is not None and cfg.object_store_memory < MIN_OBJECT_STORE_BYTES:

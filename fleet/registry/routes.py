@@ -1,4 +1,4 @@
-"""HTTP face of the policy registry (DESIGN.md, Fleet HTTP API v1; docs/protocol.md, docs/security.md).
+"""HTTP face of the policy registry (docs/protocol.md, API v1; docs/security.md).
 
     GET  /v1/tuf/metadata/{name}   robot token: TUF metadata (<N>.root.json, timestamp.json,
                                    <N>.snapshot.json, <N>.targets.json); online metadata past
