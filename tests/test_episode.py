@@ -64,6 +64,8 @@ def test_readable_by_the_safetensors_library(tmp_path):
         ({"observation": np.full((6, 3), np.inf, np.float32)}, None, (), "observation", "NaN or Inf"),
         ({"timestamp": np.array([0, 1, 1, 2, 3, 4], np.float64)}, None, (), "timestamp", "strictly increasing"),
         ({"terminated": np.array([1, 0, 0, 0, 1], bool)}, None, (), "terminated", "before the last step"),
+        ({"terminated": np.array([0, 0, 0, 1, 0], bool)}, None, (), "terminated", "before the last step"),  # one step early: once taken
+        ({"truncated": np.array([0, 0, 0, 1, 0], bool)}, None, (), "truncated", "before the last step"),
         ({"qpos": np.zeros((3, 2), np.float32)}, None, (), "qpos", "leading axis"),
         ({"qpos": np.zeros((6, 0), np.float32)}, None, (), "qpos", "has no values in its rows"),  # once stored; its Minari export crashed the process
         ({"image.front": np.zeros((5, 4, 4, 3), np.float32)}, None, (), "image.front", "expected dtype uint8"),

@@ -177,3 +177,43 @@ def test_canary_judge_widen_wait_rollback():
     verdict = judge_canary(before, {"robot-0": [40.0, 50.0]})
     assert verdict.action == "rollback" and "robot-0" in verdict.reason
     assert judge_canary(before, {"robot-0": [math.nan, 100.0]}).action == "rollback"
+
+
+def test_the_intervals_are_the_documented_paired_bootstrap_at_the_stated_confidence():
+    """A 90 % interval reported as 95 % (quantiles alpha, 1 - alpha) passed the width check above: recompute it."""
+    cand, cur = _paired(0, dict.fromkeys(ROBOTS, 10.0), 5.0)
+    result = gate(cand, cur, resamples=2000, seed=3)
+    rng, boot = np.random.default_rng(3), []
+    for r in sorted(ROBOTS):
+        d = np.asarray(cand[r]) - np.asarray(cur[r])
+        means = d[rng.integers(0, d.size, size=(2000, d.size))].mean(axis=1)
+        boot.append(means)
+        assert (result.per_robot[r]["ci_low"], result.per_robot[r]["ci_high"]) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert result.fleet_ci == pytest.approx(tuple(np.quantile(np.mean(boot, axis=0), [0.025, 0.975])))
+
+
+def test_a_robot_at_its_ceiling_does_not_turn_the_fleet_interval_into_a_point():
+    """One noiseless robot (200 every episode under both policies) once made a fluke's fleet interval a point: promoted."""
+    cand, cur = _paired(4, {}, 15.0)
+    cand[ROBOTS[-1]] = cur[ROBOTS[-1]] = np.full(EPISODES, 200.0)
+    result = gate(cand, cur)
+    assert not result.promote and "no confident fleet improvement" in result.reason
+    assert result.fleet_ci[0] < result.fleet_difference < result.fleet_ci[1]
+
+
+def test_min_improvement_is_the_bar_the_fleet_lower_bound_must_clear():
+    cand, cur = _paired(0, dict.fromkeys(ROBOTS, 10.0), 5.0)
+    low = gate(cand, cur).fleet_ci[0]
+    assert gate(cand, cur, min_improvement=low - 1.0).promote
+    refused = gate(cand, cur, min_improvement=low + 1.0)
+    assert not refused.promote and "min_improvement" in refused.reason
+
+
+def test_the_tolerance_scales_with_the_size_of_negative_returns_too():
+    """Returns are negative on the reacher: a tolerance of rel * mean (not |mean|) fell to the absolute floor."""
+    cand, cur = _paired(0, {}, 5.0)
+    cand, cur = {r: v - 300.0 for r, v in cand.items()}, {r: v - 300.0 for r, v in cur.items()}
+    for r, v in gate(cand, cur).per_robot.items():
+        assert v["allowed"] == pytest.approx(0.05 * abs(np.mean(cur[r])))
+    assert judge_canary({"r": [-200.0, -200.0]}, {"r": [-205.0, -205.0]}).action == "widen"  # 5 within 0.1 x 200
+    assert judge_canary({"r": [-200.0, -200.0]}, {"r": [-240.0, -240.0]}).action == "rollback"

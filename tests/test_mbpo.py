@@ -210,3 +210,12 @@ def test_the_flywheel_learner_continues_with_a_newer_snapshot(one_torch_thread):
         trainer.train()
     assert second.retrains == first.retrains + 1  # refitted at once on the new data, no warm-up
     assert second.sac.gradient_steps > first.sac.gradient_steps
+
+
+def test_each_batch_is_mostly_model_data_in_the_configured_ratio(one_torch_thread):
+    """Swapped real and model shares (90 % real) passed every fast test: the model-based speed-up gone, silently."""
+    from policies.replay import split_counts
+
+    learner = MBPO(make_spec("pendulum", MBPOConfig()), MBPOConfig(real_ratio=0.1), robot_model="pendulum")
+    assert learner.sac.replay.ratios == {"model": 0.9, "real": 0.1}
+    assert split_counts(learner.sac.replay.ratios, 100) == {"model": 90, "real": 10}

@@ -277,3 +277,58 @@ def test_a_started_source_swaps_on_its_own_thread_and_still_rolls_back(tmp_path,
     assert source.current().version == "1" and source.refusals["health"] >= 1
     source.close()
     assert not source._poller.is_alive()
+
+
+def test_a_release_failing_the_install_time_probe_is_not_run_and_stays_blocked(tmp_path):
+    """The probe at install (finite actions in [-1, 1], of the right shape) was never exercised by a test."""
+    from fleet.agent.policy import Policy as RobotPolicy
+
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    probe = np.full((4, 4), np.nan, np.float32)  # observations on which any released policy answers NaN
+    source = SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"), probe_obs=probe)
+    try:
+        publish(registry, tmp_path, "v1")
+        assert not source.poll() and source.current().version == "zero"  # kept the policy it ran
+        assert 1 in trust.blocked and source.refusals["health"] >= 1
+        assert not source.poll() and source.current().version == "zero"  # and it stays refused
+        source.probe_obs = np.zeros((4, 4), np.float32)
+        for actions, healthy in ((1.5, False), (1.0, True), (np.nan, False)):
+            assert source._healthy(RobotPolicy("x", lambda o, a=actions: np.full((len(o), 1), a, np.float32))) is healthy, actions
+        assert not source._healthy(RobotPolicy("x", lambda o: np.zeros((len(o), 2), np.float32)))  # the wrong act_dim
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_a_manifest_naming_other_weights_than_the_signed_target_is_refused(tmp_path, fleet, monkeypatch):
+    """Installed, such a release would leave trusted weights that do not match on the next reboot (the fallback then)."""
+    import fleet.registry.store as store
+
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll() and source.trust.version == 1
+
+    def lying(**fields):
+        manifest = build_manifest(**fields)
+        return {**manifest, "weights": {**manifest["weights"], "sha256": "0" * 64}}
+
+    monkeypatch.setattr(store, "build_manifest", lying)
+    publish(registry, tmp_path, "v2")
+    assert not source.poll() and source.refusals == {"hash": 1} and source.trust.version == 1 and source.current().version == "1"
+
+
+def test_a_short_first_episode_cut_by_the_operator_is_no_failed_health_check(tmp_path, fleet):
+    """Only a first episode that *terminated* early rolls back; one truncated early (stopped by hand) is no verdict."""
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    source.poll()
+    publish(registry, tmp_path, "v2")
+    assert source.poll() and source.current().version == "2"
+    robot = SimRobot(SimRobotConfig(robot_id="robot-0", model="pendulum", max_steps=5))
+    recorder = EpisodeRecorder(robot_id="robot-0", robot_model="pendulum", source="real", hardware={})
+    episode = run_episode(robot, source.current(), recorder, seed=0)
+    assert episode.truncated[-1] and not episode.terminated[-1] and episode.num_steps < 10
+    source.report_episode(episode)
+    assert source.current().version == "2" and 2 not in source.trust.blocked
+    robot.close()
