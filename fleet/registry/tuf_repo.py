@@ -82,7 +82,7 @@ class RegistryBusy(RuntimeError):
     """Other writers committed first COMMIT_ATTEMPTS times in a row."""
 
 
-class ReleaseKeyMissing(RuntimeError):
+class ReleaseKeyMissing(ValueError):
     """The root names a release key for targets, and this process does not hold it: it serves, it does not release."""
 
 
@@ -91,8 +91,8 @@ def release_key_advice(root: Root) -> str:
     keyid = root.roles[Targets.type].keyids[0][:16]
     return (
         f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
-        "does not hold it: release where it is kept (the loop with fleet.registry.release_key, or `flywheel-registry refresh "
-        "--release-key` to re-sign), docs/security.md"
+        "does not hold it: release where it is kept (the loop's <run>/keys/release.pem; flywheel-server fleet.registry.release_key=FILE), "
+        "and re-sign with `flywheel-registry refresh --release-key FILE` (docs/security.md, The release key)"
     )
 
 
