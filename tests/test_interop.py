@@ -344,3 +344,34 @@ def test_an_export_killed_midway_leaves_no_export_that_looks_complete(tmp_path):
         out.mkdir()
         (out / "info.json").write_text("{}")
     assert (tmp_path / "whole" / "info.json").exists() and not list(tmp_path.glob(".whole.partial-*"))
+
+
+def test_what_a_format_cannot_carry_is_refused_in_one_line_and_an_outside_one_frame_episode_left_out(tmp_path, caplog):
+    """A clock in milliseconds crashed the MCAP writer (struct.error); '.' and '/' in array names shared one topic; a
+    robot model with a '.' made a default Minari id Minari refused, and an id without -vN crashed Minari's loader; one
+    episode of one frame in an outside LeRobot dataset stopped its whole import."""
+    from fleet.interop.common import select
+    from fleet.interop.lerobot import export_lerobot, import_lerobot
+    from fleet.interop.mcap_io import export_mcap
+    from fleet.interop.minari_export import export_minari
+
+    arrays = {**make_episode_arrays(num_steps=3, seed=1), "timestamp": 1.7e12 + np.arange(4) * 0.05}  # milliseconds since 1970
+    late = Episode.create(**arrays, robot_id="r-1", robot_model="franka.panda", source="real")
+    EpisodeStore.create(StoreConfig(path=str(tmp_path / "s"), fsync=False)).append([late])
+    with pytest.raises(InteropError, match="64-bit nanosecond"):
+        export_mcap(select(tmp_path / "s"), tmp_path / "m")
+    assert export_minari(select(tmp_path / "s"), tmp_path / "mi").parent.name == "flywheel-franka_panda-v0"
+    with pytest.raises(InteropError, match="no version"):
+        export_minari(select(tmp_path / "s"), tmp_path / "mi2", dataset_id="myds")
+    image = np.zeros((4, 2, 2, 3), np.uint8)
+    twins = Episode.create(**make_episode_arrays(num_steps=3, seed=2), robot_id="r-2", robot_model="cam", source="real", extras={"image.left.ir": image, "image.left/ir": image})
+    EpisodeStore.create(StoreConfig(path=str(tmp_path / "t"), fsync=False)).append([twins])
+    with pytest.raises(InteropError, match="both map to MCAP topic"):
+        export_mcap(select(tmp_path / "t"), tmp_path / "m2")
+    short, long = (Episode.create(**make_episode_arrays(num_steps=n, seed=n), robot_id="r-3", robot_model="toy", source="real") for n in (1, 4))
+    EpisodeStore.create(StoreConfig(path=str(tmp_path / "u"), fsync=False)).append([short, long])
+    out = export_lerobot(select(tmp_path / "u"), tmp_path / "lr")
+    (out / "meta" / "flywheel.json").unlink()  # as a LeRobot tool rewrites it: an outside dataset now
+    with caplog.at_level("WARNING", logger="fleet.interop.lerobot"):
+        imported = import_lerobot(out, ImportOptions(robot_id="r-3", robot_model="toy"))
+    assert len(imported) == 1 and imported[0].num_steps == 3 and "left out 1 episode(s) of one frame" in caplog.text

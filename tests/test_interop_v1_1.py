@@ -7,7 +7,7 @@ import uuid
 import numpy as np
 import pytest
 
-from fleet.interop.common import ImportOptions, select
+from fleet.interop.common import ImportOptions, InteropError, select
 from fleet.interop.lerobot import export_lerobot, import_lerobot
 from fleet.interop.mcap_io import export_mcap, import_mcap
 from fleet.store import EpisodeStore, StoreConfig
@@ -89,3 +89,26 @@ def test_minari_keeps_1_1_metadata_and_leaves_out_the_own_clock_camera(stores, t
     meta = data.storage.get_episode_metadata([0])
     meta = next(iter(meta))["flywheel_metadata"]
     assert meta["task"] == "stack the blocks" and meta["control_rate_hz"] == "21"
+
+
+def test_lerobot_export_is_what_lerobot_reads_and_never_reuses_an_id_for_other_content(stores, tmp_path):
+    """A 1-wide feature was a list column LeRobot could not cast to the scalar its shape [1] means; an episode that lost
+    its camera kept its id, so importing it beside the original was a 409; robots of other rates got one wrong fps."""
+    import pyarrow.parquet as pq
+
+    selection, eps = stores["camera"]
+    back = import_lerobot(export_lerobot(selection, tmp_path / "lr"))
+    assert [b.episode_id for b in back] != [e.episode_id for e in eps]  # other content: other ids, stable ones
+    assert [b.metadata["x.flywheel.derived_from"] for b in back] == [e.episode_id for e in eps]
+    assert [b.episode_id for b in import_lerobot(tmp_path / "lr")] == [b.episode_id for b in back]
+    one = Episode.create(**make_episode_arrays(num_steps=5, obs_dim=1, act_dim=1, seed=3), robot_id="slide-1", robot_model="slide", source="real")
+    root = tmp_path / "one"
+    EpisodeStore.create(StoreConfig(path=str(root / "store"), fsync=False)).append([one])
+    out = export_lerobot(select(root / "store"), root / "lr")
+    table = pq.read_table(out / "data/chunk-000/file-000.parquet")
+    assert str(table.schema.field("action").type) == "float" and json.loads((out / "meta/info.json").read_text())["features"]["action"]["shape"] == [1]
+    assert import_lerobot(out)[0].equals(one)  # and it still comes back whole
+    slow = Episode.create(**{**make_episode_arrays(num_steps=5, seed=4), "timestamp": np.arange(6) * 0.1}, robot_id="arm-9", robot_model="so100", source="real")
+    EpisodeStore.create(StoreConfig(path=str(root / "mixed"), fsync=False)).append([one, slow, *stores["plain"][1]])
+    with pytest.raises(InteropError, match="one integer frame rate"):
+        export_lerobot(select(root / "mixed", robot_model="so100"), root / "lr2")

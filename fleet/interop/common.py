@@ -65,7 +65,8 @@ class Selection:
 
     def provenance(self) -> dict:
         """Dataset-level provenance written beside the episodes in every format."""
-        return {"flywheel_interop_version": INTEROP_VERSION, "store": self.store, "snapshot_id": self.snapshot_id, "episode_schema_version": ",".join(sorted({ep.metadata["schema_version"] for ep in self.episodes}))}
+        store = self.store if "://" in self.store else str(Path(self.store).resolve())  # a relative path means nothing once the export moves
+        return {"flywheel_interop_version": INTEROP_VERSION, "store": store, "snapshot_id": self.snapshot_id, "episode_schema_version": ",".join(sorted({ep.metadata["schema_version"] for ep in self.episodes}))}
 
 
 def select(
@@ -141,6 +142,12 @@ def fps_of(episodes: Sequence[Episode]) -> int:
         return declared.pop()
     steps = np.concatenate([np.diff(ep.timestamp) for ep in episodes])
     return max(1, int(round(1.0 / float(np.median(steps)))))
+
+
+def derived_episode_id(episode_id: str, dropped: Sequence[str]) -> str:
+    """The id of an episode less the arrays ``dropped`` (a format that cannot carry them): other content than the
+    original, so never its id (the 409 rule); the same for every import of it."""
+    return str(uuid.uuid5(IMPORT_NAMESPACE, f"{episode_id}/without/{','.join(sorted(dropped))}"))
 
 
 def content_episode_id(arrays: dict[str, np.ndarray], robot_id: str) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.interop.common import ImportOptions, InteropError, Selection, cast, new_output, foreign_episode, fps_of, layout, restored_episode, single_layout
+from fleet.interop.common import ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, layout, new_output, restored_episode, single_layout
 from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def _write(selection: Selection, root: Path, pd, pa, pq) -> None:
     if skipped:
         log.warning("LeRobot export leaves out image arrays %s (LeRobot keeps images as video; use --format minari or mcap for them)", skipped)
     fps = fps_of(episodes)
+    _check_one_rate(episodes, fps)
     tasks = sorted({task_of(ep) for ep in episodes})
     columns: dict[str, list] = {}
     episode_rows: list[dict] = []
@@ -144,6 +145,20 @@ def _write(selection: Selection, root: Path, pd, pa, pq) -> None:
     _write_json(root / "meta" / "flywheel.json", {**selection.provenance(), "arrays": arrays, "features": {k: FEATURE[k] for k in arrays}, "skipped_arrays": skipped})
 
 
+def _check_one_rate(episodes: list[Episode], fps: int) -> None:
+    """InteropError for an episode whose steps are not 1/``fps`` apart (within RATE_TOLERANCE, the tolerance of a declared
+    control rate): LeRobot's time is frame_index / fps, one integer rate per dataset, so its timestamps would be wrong
+    (a 10 Hz robot beside 50 Hz ones: 5x too fast)."""
+    for ep in episodes:
+        rate = 1.0 / float(np.median(np.diff(ep.timestamp)))
+        if abs(rate / fps - 1.0) > RATE_TOLERANCE:
+            raise InteropError(
+                f"episode {ep.episode_id} of {ep.metadata['robot_id']} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "
+                "integer frame rate, and its timestamps are frame_index / fps; export robots of each rate apart (--robot-id), or use "
+                "--format minari or mcap, which keep each row's own time"
+            )
+
+
 def _frames(ep: Episode, arrays: dict, index: int, start: int, fps: int, task_index: int) -> dict[str, np.ndarray]:
     """The T frame rows of one episode, by feature."""
     T, all_arrays = ep.num_steps, ep.arrays()
@@ -164,8 +179,8 @@ def _feature(values: np.ndarray) -> dict:
 def _arrow(values: np.ndarray):
     import pyarrow as pa
 
-    if values.ndim == 1:
-        return pa.array(values)
+    if values.ndim == 1 or values.shape[1] == 1:  # LeRobot reads a feature of shape [1] as a scalar column
+        return pa.array(np.ascontiguousarray(values.reshape(len(values))))
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
 
 
@@ -217,7 +232,7 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
     flywheel = json.loads((root / "meta" / "flywheel.json").read_text()) if (root / "meta" / "flywheel.json").is_file() else None
     if flywheel is not None and not isinstance(flywheel, dict):
         raise InteropError(f"{root}/meta/flywheel.json is not a JSON object; it is not a flywheel export's provenance")
-    out = []
+    out, single = [], []  # single: episodes of one frame (no step), left out
     for row in sorted(meta_rows, key=lambda r: r["episode_index"]):
         key = (row["data/chunk_index"], row["data/file_index"])
         if key not in tables:
@@ -234,9 +249,13 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
         frames = {name: col[rows] for name, col in table.items()}
         origin = f"{root} episode {row['episode_index']}"
         if flywheel is not None and row.get("flywheel/metadata"):
-            out.append(_restore(frames, row, flywheel["arrays"], origin))
+            out.append(_restore(frames, row, flywheel["arrays"], origin, flywheel.get("skipped_arrays") or []))
+        elif len(frames.get("frame_index", frames.get("timestamp", ()))) < 2:  # no step in it: left out, the others still come in
+            single.append(row["episode_index"])
         else:
             out.append(_foreign(frames, row, info, options, origin))
+    if single:
+        log.warning("%s: left out %d episode(s) of one frame, which hold no step (an episode needs two frames): %s", root, len(single), single[:20])
     return out
 
 
@@ -265,7 +284,7 @@ def _numpy(column) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def _restore(frames: dict[str, np.ndarray], row: dict, arrays: dict, origin: str) -> Episode:
+def _restore(frames: dict[str, np.ndarray], row: dict, arrays: dict, origin: str, skipped: list[str]) -> Episode:
     final = json.loads(row["flywheel/final"])
     out = {}
     for name, spec in arrays.items():
@@ -276,7 +295,10 @@ def _restore(frames: dict[str, np.ndarray], row: dict, arrays: dict, origin: str
         if spec["length"] == "T+1":
             values = np.concatenate([values.reshape(values.shape[0], -1), np.asarray(final[name], values.dtype).reshape(1, -1)])
         out[name] = cast(values, spec["dtype"], spec["tail"], f"{origin} array {name!r}")
-    return restored_episode(out, _without_missing_cameras(json.loads(row["flywheel/metadata"]), out), origin)
+    metadata = _without_missing_cameras(json.loads(row["flywheel/metadata"]), out)
+    if skipped:  # the export left arrays out: this is other content than the episode it came from, so another episode id
+        metadata = {**metadata, "episode_id": derived_episode_id(metadata["episode_id"], skipped), "x.flywheel.derived_from": metadata["episode_id"]}
+    return restored_episode(out, metadata, origin)
 
 
 def _without_missing_cameras(metadata: dict, arrays: dict) -> dict:

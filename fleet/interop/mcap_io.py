@@ -55,8 +55,18 @@ def topic_of(array: str) -> str:
     return "/flywheel/" + array.replace(".", "/")
 
 
+MAX_NS = (1 << 64) - 1  # MCAP's log and publish times are unsigned 64-bit nanoseconds
+
+
 def _ns(seconds: float) -> int:
-    return max(0, int(round(seconds * 1e9)))
+    """MCAP time of a row: its timestamp in ns, a time before the epoch as 0 (the row keeps its own in ``timestamp``)."""
+    ns = max(0, int(round(seconds * 1e9)))
+    if ns > MAX_NS:
+        raise InteropError(
+            f"timestamp {seconds:.6g} s is past what MCAP's 64-bit nanosecond times hold (about 1.8e10 s, the year 2554): a clock in "
+            "milliseconds? export with --format minari or lerobot, or fix the robot's clock"
+        )
+    return ns
 
 
 def export_mcap(selection: Selection, out: str | Path) -> Path:
@@ -70,6 +80,7 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
         row_schema = writer.register_schema("flywheel.ArrayRow", "jsonschema", json.dumps(_ROW_SCHEMA).encode())
         episode_schema = writer.register_schema("flywheel.Episode", "jsonschema", json.dumps(_EPISODE_SCHEMA).encode())
         channels = {EPISODE_TOPIC: writer.register_channel(EPISODE_TOPIC, "json", episode_schema)}
+        channels_of: dict[str, str] = {}  # topic -> the array it carries
         for ep in selection.episodes:
             arrays, clocks = ep.arrays(), ep.camera_clocks()
             writer.add_message(channels[EPISODE_TOPIC], _ns(ep.timestamp[0]), _episode_message(ep, selection.snapshot_id), _ns(ep.timestamp[0]))
@@ -77,6 +88,9 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
                 if name == "timestamp":
                     continue  # every row message carries its timestamp
                 topic = topic_of(name)
+                if topic in channels and channels_of.get(topic, name) != name:
+                    raise InteropError(f"arrays {channels_of[topic]!r} and {name!r} both map to MCAP topic {topic}: rename one (a '.' and a '/' read alike there)")
+                channels_of[topic] = name
                 if topic not in channels:
                     channels[topic] = writer.register_channel(topic, "json", row_schema, {"array": name, "dtype": str(arr.dtype)})
                 shape = list(arr.shape[1:])

@@ -20,6 +20,8 @@ snapshot id, interop version) and ``flywheel_arrays`` (each array's dtype, tail 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,10 @@ log = logging.getLogger(__name__)
 SPACE_BOUND = np.inf
 
 
-def default_dataset_id(robot_model: str) -> str:
-    return f"flywheel-{robot_model}-v0"
+def default_dataset_id(robot_models: Sequence[str]) -> str:
+    """``flywheel-<model>-v0`` (several models joined by ``-``), each name's characters outside Minari's id rule as
+    ``_`` (``franka.panda``, a ``/`` that Minari would read as a namespace)."""
+    return "flywheel-" + "-".join(re.sub(r"[^A-Za-z0-9_-]", "_", m) for m in sorted(set(robot_models))) + "-v0"
 
 
 def export_minari(selection: Selection, out: str | Path, dataset_id: str | None = None) -> Path:
@@ -45,11 +49,13 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
     arrays = {k: v for k, v in every.items() if v["length"] != "frames"}
     if len(arrays) < len(every):
         log.warning("Minari export leaves out cameras with their own clock (their frames are not one per step; use --format mcap for them)")
-    dataset_id = dataset_id or default_dataset_id(episodes[0].metadata["robot_model"])
+    given, dataset_id = dataset_id is not None, dataset_id or default_dataset_id([ep.metadata["robot_model"] for ep in episodes])
     try:
+        if not re.search(r"-v\d+$", dataset_id):  # Minari's own parser fails on it with int(None)
+            raise ValueError(f"{dataset_id!r} has no version: end it with -v<N> (flywheel-pendulum-v0)")
         parse_dataset_id(dataset_id)
-    except ValueError as exc:
-        raise InteropError(f"--dataset-id: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise InteropError(f"{'--dataset-id' if given else 'the default dataset id'}: {exc}") from None
     with new_output(Path(out) / dataset_id) as folder:  # absolute: Minari's arrow writer joins a relative path twice
         folder.mkdir(parents=True, exist_ok=True)
         _write(selection, episodes, arrays, dataset_id, folder / "data")
