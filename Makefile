@@ -26,8 +26,9 @@ test: setup
 soak: setup
 	$(BIN)/python -m pytest -m soak -s -n 0
 
-bench: setup
-	@set -e; for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b; done
+bench: setup  # every benchmark, on past one that fails; the failures named at the end (and the exit status)
+	@failed=""; for b in benchmarks/*.py; do echo "# $$b" >&2; $(BIN)/python $$b || failed="$$failed $$b"; done; \
+	if [ -n "$$failed" ]; then echo "# failed:$$failed" >&2; exit 1; fi
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from typing import Any
 
 def emit(metric: str, value: float, unit: str, baseline: float | None = None, ratio: float | None = None) -> None:
     """Print one benchmark result as a JSON line."""
-    print(json.dumps({"metric": metric, "value": round(value, 6), "unit": unit, "baseline": baseline, "ratio": ratio}), flush=True)
+    finite = value is not None and math.isfinite(value)  # JSON has no NaN: an unmeasured value is null
+    print(json.dumps({"metric": metric, "value": round(value, 6) if finite else None, "unit": unit, "baseline": baseline, "ratio": ratio}), flush=True)
 
 
 def median_rate(work: Callable[[], float], repeats: int = 3) -> float:

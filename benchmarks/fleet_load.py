@@ -165,7 +165,7 @@ def run(n: int, robots: int, seconds: float, kill_every: float, pool, workdir: P
     lat = sorted(result["latencies"])
     return {
         "episodes_per_s": len(result["acked"]) / result["elapsed"], "mb_per_s": result["bytes"] / result["elapsed"] / 1e6,
-        "p50_ms": 1e3 * lat[len(lat) // 2] if lat else float("nan"), "p99_ms": 1e3 * lat[int(len(lat) * 0.99)] if lat else float("nan"),
+        "p50_ms": 1e3 * lat[len(lat) // 2] if lat else None, "p99_ms": 1e3 * lat[int(len(lat) * 0.99)] if lat else None,
         "errors": result["errors"], "kills": result["kills"], "exhausted": result["exhausted"], "lost": lost, "twice": len(ids) - len(set(ids)),
         "cpu_s_per_episode": cpu / max(len(set(ids)), 1), "stored": len(set(ids)),
     }  # fmt: skip
@@ -186,16 +186,20 @@ def main() -> None:
             results[n] = r = run(n, args.robots, args.seconds, args.kill_every, pool, Path(tmp))
             print(f"# {n} replica(s): {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})}", file=sys.stderr)
     one = results[args.replicas[0]]["episodes_per_s"]
-    for n, r in results.items():
+    for n, r in results.items():  # goals (p99 <= 100 ms, nothing lost) are not peers: no baseline (docs/benchmarks.md)
         emit(f"fleet_load/replicas_{n}/episodes_per_s", r["episodes_per_s"], "episodes/s", one, round(r["episodes_per_s"] / one, 3) if one else None)
         emit(f"fleet_load/replicas_{n}/mb_per_s", r["mb_per_s"], "MB/s")
         emit(f"fleet_load/replicas_{n}/upload_p50", r["p50_ms"], "ms")
-        emit(f"fleet_load/replicas_{n}/upload_p99", r["p99_ms"], "ms", 100.0, round(r["p99_ms"] / 100.0, 3))  # the goal: p99 <= 100 ms
+        emit(f"fleet_load/replicas_{n}/upload_p99", r["p99_ms"], "ms")
         emit(f"fleet_load/replicas_{n}/errors_retried", r["errors"], "errors")
-    emit("fleet_load/lost_acknowledged", sum(r["lost"] for r in results.values()), "episodes", 0)
-    emit("fleet_load/stored_twice", sum(r["twice"] for r in results.values()), "episodes", 0)
+        emit(f"fleet_load/replicas_{n}/robots_out_of_episodes", r["exhausted"], "robots")  # > 0: the rate is bound by --per-robot, not the server
+        if r["exhausted"]:
+            print(f"# {n} replica(s): {r['exhausted']} robots ran out of episodes; the rate above is bound by --per-robot: raise it", file=sys.stderr)
+    emit("fleet_load/lost_acknowledged", sum(r["lost"] for r in results.values()), "episodes")
+    emit("fleet_load/stored_twice", sum(r["twice"] for r in results.values()), "episodes")
     cpu = statistics.median(r["cpu_s_per_episode"] for r in results.values())
-    emit("fleet_load/cpu_s_per_episode", cpu, "s", results[args.replicas[0]]["cpu_s_per_episode"], round(cpu / results[args.replicas[0]]["cpu_s_per_episode"], 3))
+    first = results[args.replicas[0]]["cpu_s_per_episode"]
+    emit("fleet_load/cpu_s_per_episode", cpu, "s", first, round(cpu / first, 3) if first else None)
 
 
 if __name__ == "__main__":

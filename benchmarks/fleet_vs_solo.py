@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -45,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import cached_json, emit  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import robust_to_fleet_sensors  # noqa: E402
@@ -110,17 +109,9 @@ def conditioned_fleet(steps: int, seed: int) -> list[float]:
 
 
 def cached_seed(steps: int, seed: int, fresh: bool) -> dict:
+    """One seed's every arm, run by one build (a seed cached before an arm existed is run again whole, not mixed)."""
     path = CACHE / f"steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
-    if path.exists() and not fresh:
-        out = json.loads(path.read_text())
-        if "fleet_conditioned" in out:
-            return out
-        out["fleet_conditioned"] = conditioned_fleet(steps, seed)  # a seed cached before the arm existed
-    else:
-        out = one_seed(steps, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out))
-    return out
+    return cached_json(path, lambda: one_seed(steps, seed), fresh=fresh, complete=lambda out: "fleet_conditioned" in out)
 
 
 def report(steps: int, runs: list[dict]) -> None:

@@ -30,7 +30,6 @@ from policies.export import export_policy  # noqa: E402
 from policies.networks import Policy, PolicySpec  # noqa: E402
 from policies.runtime import load_policy  # noqa: E402
 
-GOAL_US = 1000.0
 NETS = {"sac_2x256_relu": ((256, 256), "relu"), "ppo_2x64_tanh": ((64, 64), "tanh")}
 
 
@@ -81,7 +80,7 @@ def main() -> None:
         for q in ("p50", "p99"):
             value, base = med["numpy"][q], med["torch"][q]
             emit(f"runtime_{name}_{args.robot}_{q}_latency", value, "us", base, round(value / base, 4))
-        emit(f"runtime_{name}_{args.robot}_p99_vs_1ms_goal", med["numpy"]["p99"], "us", GOAL_US, round(med["numpy"]["p99"] / GOAL_US, 4))
+        emit(f"runtime_{name}_{args.robot}_p99_vs_1ms_goal", med["numpy"]["p99"], "us")  # a goal, not a peer: no baseline
         print(f"# {name}: numpy p50 {med['numpy']['p50']:.1f} us, p99 {med['numpy']['p99']:.1f} us; "
               f"torch p50 {med['torch']['p50']:.1f} us, p99 {med['torch']['p99']:.1f} us", file=sys.stderr)  # fmt: skip
 

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import cached_json, emit  # noqa: E402
 
 from policies.evaluate import evaluate  # noqa: E402
 from sim.robots import get_task  # noqa: E402
@@ -157,19 +157,20 @@ def main() -> None:
     budget, eval_every = args.budget or budget, args.eval_every or eval_every
     threshold = args.threshold if args.threshold is not None else threshold
     torch.set_num_threads(1)
-    tag = f"{args.robot}_b{budget}_e{eval_every}x{args.eval_episodes}"
+    # the threshold is in the key: a run stops once it reaches it, so its curve is cut there
+    tag = f"{args.robot}_b{budget}_e{eval_every}x{args.eval_episodes}_t{'none' if threshold is None else f'{threshold:g}'}"
+
+    def run(method: str, seed: int) -> dict:
+        start = time.perf_counter()
+        if method == "sb3":
+            curve = run_sb3(args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
+        else:
+            curve = run_ours(method, args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
+        return {"method": method, "seed": seed, "curve": curve, "wall_s": time.perf_counter() - start}
+
     for method in args.methods:
-        for seed in args.seeds:
-            path = CACHE / f"{tag}_{method}_s{seed}.json"
-            if path.exists() and not args.fresh:
-                continue
-            start = time.perf_counter()
-            if method == "sb3":
-                curve = run_sb3(args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
-            else:
-                curve = run_ours(method, args.robot, budget, seed, eval_every, args.eval_episodes, threshold)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"method": method, "seed": seed, "curve": curve, "wall_s": time.perf_counter() - start}))
+        for seed in args.seeds:  # the build that ran each is kept beside it; another build's is said on stderr
+            cached_json(CACHE / f"{tag}_{method}_s{seed}.json", lambda m=method, s=seed: run(m, s), fresh=args.fresh)
     if args.runs_only:
         return
     runs = {m: [json.loads(p.read_text()) for p in sorted(CACHE.glob(f"{tag}_{m}_s*.json")) if json.loads(p.read_text())["seed"] in args.seeds] for m in ("sac", "sb3", "mbpo", "sac_ablation", "sac_float32")}

@@ -92,11 +92,16 @@ def main() -> None:
     device = str(resolve_device(args.device))
     tag = "" if device == "cpu" else f"{device.split(':')[0]}/"
     for hidden in (256, 128):
-        b = statistics.median(sb3(hidden, args.steps, device) for _ in range(args.repeats))
         dtype = matmul_dtype("auto", torch.device(device), (hidden, hidden))
         print(f"# 2x{hidden}: precision auto is {'bfloat16' if dtype else 'float32'} here", file=sys.stderr)
+        arms = {"sb3": lambda: sb3(hidden, args.steps, device), **{p: (lambda p=p: ours(hidden, args.steps, device, p)) for p in ("auto", "float32")}}
+        rates: dict[str, list[float]] = {name: [] for name in arms}
+        for r in range(args.repeats):  # in turn, the order reversed every other repeat: the VM's drift hits every arm alike
+            for name in list(arms)[:: 1 if r % 2 == 0 else -1]:
+                rates[name].append(arms[name]())
+        b = statistics.median(rates["sb3"])
         for precision in ("auto", "float32"):
-            a = statistics.median(ours(hidden, args.steps, device, precision) for _ in range(args.repeats))
+            a = statistics.median(rates[precision])
             name = "" if precision == "auto" else f"{precision}/"
             emit(f"sac_update/{tag}2x{hidden}/{name}gradient_steps_per_s", a, "gradient_steps/s", round(b, 2), round(a / b, 3))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -100,6 +101,7 @@ def soak(episodes: int, read_back: int = 500, log=print) -> dict:
         return out
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)  # the store and tokens: ~300 MB at the default 12,800 episodes
 
 
 def main() -> None:

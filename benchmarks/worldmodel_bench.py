@@ -18,6 +18,7 @@ Run: `.venv/bin/python benchmarks/worldmodel_bench.py [--robots half_cheetah ant
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -153,13 +154,14 @@ def bench_calibration(robot: str, args, nthread: int) -> None:
             ep.extras.clear()
         config = CalibrationConfig(population=48, num_elites=6, windows_per_episode=3, nthread=nthread, seed=i)
         result = calibrate(robot, telemetry, config, base=VariationProfile(obs_noise_std=SENSOR_NOISE))
-        for name, err in result.relative_errors(truth).items():
+        guess = dataclasses.replace(result, estimates={name: float(getattr(VariationProfile(), name)) for name in result.estimates})
+        for name, err in result.relative_errors(truth).items():  # relative, or absolute where the truth is 0 (a bias, a payload)
             errors.setdefault(name, []).append(err)
-            nominal.setdefault(name, []).append(abs(1.0 - getattr(truth, name)) / getattr(truth, name))
+            nominal.setdefault(name, []).append(guess.relative_errors(truth)[name])  # the nominal body as the guess
         log(f"[calibration {robot} #{i}] {result.estimates} identifiable={result.identifiable} loss {result.loss:.2e}")
     for name in errors:
         value, base = statistics.median(errors[name]), statistics.median(nominal[name])
-        emit(f"calibration/{robot}/rel_error_{name}", value, "relative error", round(base, 6), round(value / base, 4))
+        emit(f"calibration/{robot}/rel_error_{name}", value, "relative error", round(base, 6), round(value / base, 4) if base else None)
     log(f"[calibration {robot}] {time.perf_counter() - started:.0f}s")
 
 
