@@ -46,11 +46,27 @@ def flywheel_run_settings(cfg: DictConfig, run_dir: Path) -> dict:
     container = OmegaConf.to_container(cfg, resolve=True)
     now = {k: v for k, v in flat_keys({key: container.get(key) for key in RUN_SETTINGS}).items() if k not in RESUMABLE}
     then = read_run_file(run_dir / FLYWHEEL_RUN)
+    if then is None:
+        _check_unrecorded_run(run_dir, now)
     differ = [] if then is None else settings_differ(now, then)
     if differ:
         shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")
     return now
+
+
+def _check_unrecorded_run(run_dir: Path, now: dict) -> None:
+    """A run of a build before ``FLYWHEEL_RUN`` records no settings: what it does record is checked (the robot model of
+    its current policy), so that a resume with another robot model is refused before it writes into the run's store."""
+    state = read_run_file(run_dir / "state.json")
+    export = ((state or {}).get("current") or {}).get("export")
+    manifest = read_run_file(Path(export) / "manifest.json") if export else None
+    model = (manifest or {}).get("robot_model")
+    if model is not None and now.get("loop.robot_model") not in (None, model):
+        raise ValueError(
+            f"run_dir {run_dir} holds a run of robot model {model!r} (made by an earlier build, which recorded no settings), not "
+            f"{now.get('loop.robot_model')!r}: rerun with loop.robot_model={model} to resume it, or set a new run_dir"
+        )
 
 
 def record_run_settings(run_dir: Path, settings: dict) -> None:

@@ -407,3 +407,19 @@ def test_the_loops_values_that_failed_late_are_refused_before_anything_runs(tmp_
     ):  # fmt: skip
         with pytest.raises(RayJoinError, match=reason):
             check_ray_settings(_compose("flywheel", [override]).ray)
+
+
+def test_a_run_of_an_earlier_build_without_recorded_settings_is_checked_on_what_it_recorded(tmp_path):
+    """A run folder from before flywheel_run.json was resumed with any settings: a reacher fleet wrote into a pendulum
+    run's store, then the run died with a traceback on the pendulum policy."""
+    import json
+
+    from fleet.run_folders import flywheel_run_settings
+
+    export = tmp_path / "policies" / "iter000"
+    export.mkdir(parents=True)
+    (export / "manifest.json").write_text(json.dumps({"robot_model": "pendulum"}))
+    (tmp_path / "state.json").write_text(json.dumps({"next_iteration": 1, "current": {"version": 1, "export": str(export)}}))
+    with pytest.raises(ValueError, match="holds a run of robot model 'pendulum'.*loop.robot_model=pendulum"):
+        flywheel_run_settings(_compose("flywheel", ["loop.robot_model=reacher"]), tmp_path)
+    assert flywheel_run_settings(_compose("flywheel", ["loop.robot_model=pendulum"]), tmp_path)["loop.robot_model"] == "pendulum"

@@ -332,3 +332,24 @@ def test_a_short_first_episode_cut_by_the_operator_is_no_failed_health_check(tmp
     source.report_episode(episode)
     assert source.current().version == "2" and 2 not in source.trust.blocked
     robot.close()
+
+
+def test_a_robot_upgraded_from_one_shared_state_folder_keeps_its_trusted_policy_and_floor(tmp_path):
+    """Builds before per-robot folders kept the state in runs/fleet/robot-policy/; the new default, .../<robot_id>, started
+    empty: the robot reinstalled from nothing, and a registry restored from an older backup could send it back a version."""
+    from fleet.registry.trust import adopt_shared_state
+
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    old = tmp_path / "robot-policy"
+    source = SignedPolicySource(server.url, token, "robot-0", PolicyTrust(**SPEC, state_dir=old), builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.trust.version == 1
+    finally:
+        source.close()
+        server.stop()
+    assert not adopt_shared_state(old / "custom", "robot-0")  # a state_dir of one's own is left alone
+    assert adopt_shared_state(old / "robot-0", "robot-0") and not (old / "trusted.json").exists()
+    upgraded = PolicyTrust(**SPEC, state_dir=old / "robot-0")
+    assert upgraded.version == 1 and upgraded.trusted_weights()  # the floor and the weights came along
+    assert not adopt_shared_state(old / "robot-0", "robot-0")  # once

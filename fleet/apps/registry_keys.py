@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flywheel-registry {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1
     roles = {role: {"keyids": [k[:16] for k in root.roles[role].keyids], "threshold": root.roles[role].threshold} for role in ("root", *ONLINE_ROLES)}
-    print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1))
+    try:
+        print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1), flush=True)
+    except BrokenPipeError:  # `flywheel-registry show | head`: the reader left, which is no fault
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -37,7 +37,9 @@ def main(cfg: DictConfig) -> None:
         policy = None
         if cfg.policy.root:
             from fleet.registry.pull import signed_policy_source
+            from fleet.registry.trust import adopt_shared_state
 
+            adopt_shared_state(cfg.policy.state_dir, robot_cfg.robot_id)  # a robot upgraded from a build of one shared folder keeps its floor
             policy = signed_policy_source(
                 cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s,
             ).start()  # polls on its own thread: an episode never waits for the registry

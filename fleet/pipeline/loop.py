@@ -156,8 +156,7 @@ class Flywheel:
     # -- the run --------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
-        if not self.state_path.exists():  # a new run records its settings (one of an earlier build has none: it is not checked)
-            record_run_settings(self.run_dir, self.run_settings)
+        record_run_settings(self.run_dir, self.run_settings)  # kept if there (a run of an earlier build: recorded at its first resume)
         done, redo_from = self.state["next_iteration"], None
         if done and (self.state.get("final") is None or done < s.iterations):  # a resumed run logs again from its next iteration
             redo_from = done
@@ -204,14 +203,19 @@ class Flywheel:
         before the iteration is redone: a canary it left is rolled back; a release it widened (the fleet runs it) becomes
         the state's current policy, its export kept apart from the redo's."""
         marker = read_run_file(self.run_dir / RELEASE_FILE)
-        if marker is None:
-            return
+        if marker is None:  # none in progress; or a run of a build before the marker: its canary is still recognised by its note
+            marker = {"iteration": self.state["next_iteration"], "export": None}
         registry, k = self.svc.registry, int(marker["iteration"])
         rollout, note = registry.rollout(), f"iteration {k}"
         current = (self.state["current"] or {}).get("version")
         if rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note:
             registry.rollback(f"the run stopped during iteration {k}'s canary; the iteration is redone")
             log.warning("iteration %d's canary v%d was left by an interrupted run: rolled back; redoing the iteration", k, rollout["canary"])
+        elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note and marker["export"] is None:
+            log.warning(
+                "the fleet runs v%d, which iteration %d released before the run stopped (a run of an earlier build, which kept no record "
+                "of its export): the redone iteration gates against v%s", rollout["stable"], k, current,
+            )  # fmt: skip
         elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note:
             kept = self.run_dir / "policies" / f"iter{k:03d}-released"
             shutil.rmtree(kept, ignore_errors=True)
@@ -219,7 +223,7 @@ class Flywheel:
             self.state["current"] = {"version": rollout["stable"], "checkpoint": None, "export": str(kept)}
             self._save_state()
             log.warning("iteration %d's release v%d was widened before the run stopped: the fleet runs it, the redone iteration gates against it", k, rollout["stable"])
-        (self.run_dir / RELEASE_FILE).unlink()
+        (self.run_dir / RELEASE_FILE).unlink(missing_ok=True)
 
     def _world_model_dir(self) -> Path | None:
         """The model the last finished iteration left (a run of an earlier build kept it in worldmodel/ itself)."""

@@ -11,12 +11,16 @@ The trusted version persists across restarts, so a reboot does not reopen the ro
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections import Counter
 from pathlib import Path
 
 from fleet.registry.manifest import FORMAT, REQUIRED, sha256_hex
 from fleet.registry.signing import canonical_json
-from sim.durable import write_durably
+from sim.durable import fsync_dir, write_durably
+
+log = logging.getLogger(__name__)
 
 
 class PolicyRejected(Exception):
@@ -28,6 +32,27 @@ class PolicyRejected(Exception):
         assert reason in self.REASONS, reason
         self.reason, self.detail = reason, detail
         super().__init__(f"policy rejected ({reason}): {detail}")
+
+
+def adopt_shared_state(state_dir: str | Path, robot_id: str) -> bool:
+    """Move a robot's policy state kept by a build before per-robot folders (``runs/fleet/robot-policy/``, the parent
+    of the per-robot default ``.../<robot_id>``) into ``state_dir``, where that holds none: the trusted policy and its
+    version floor survive the upgrade (left behind, the robot started from nothing and could be sent back a
+    version). Only for the default layout (``state_dir`` named after the robot); True if it moved anything."""
+    state_dir = Path(state_dir)
+    parent = state_dir.parent
+    if state_dir.name != robot_id or (state_dir / "trusted.json").exists() or (state_dir / "tuf").exists():
+        return False
+    if not (parent / "trusted.json").is_file():
+        return False
+    moved = [p for p in (parent / "trusted.json", parent / "blocked.json", parent / "tuf", *parent.glob("weights*.safetensors")) if p.exists()]
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for path in moved:
+        os.replace(path, state_dir / path.name)
+    fsync_dir(state_dir)
+    fsync_dir(parent)
+    log.warning("moved robot %s's policy state (%s) from %s, where an earlier build kept it, into %s", robot_id, ", ".join(p.name for p in moved), parent, state_dir)
+    return True
 
 
 class PolicyTrust:
