@@ -109,14 +109,34 @@ def test_early_stopping_when_validation_stops_improving(cheetah):
     assert report.stopped_early and report.steps == 10 and report.evaluations == 2
 
 
-def test_continued_training_keeps_normalisers(cheetah, trained):
+def test_continued_training_refits_the_normalisers_and_starts_from_the_same_predictions(cheetah, trained):
+    from worldmodel.train import _refit_statistics
+
     model, _, _ = trained
     fresh = load_copy(model)
-    mean = fresh.input_norm.mean.clone()
-    more, report = train_ensemble(cheetah[1] + cheetah[0][:4], model=fresh, config=TrainConfig(max_steps=20, eval_every=10, device="cpu"))
-    assert more is fresh and report.steps == 20
-    torch.testing.assert_close(more.input_norm.mean, mean)
-    assert model_version(more) != model_version(model)
+    episode = cheetah[1][0]
+    obs, act = torch.as_tensor(episode.observation[:-1]), torch.as_tensor(episode.action)
+    with torch.no_grad():
+        before = fresh.predict(obs, act)
+        _refit_statistics(fresh, to_transitions(cheetah[1]))
+        after = fresh.predict(obs, act)
+    assert not torch.equal(fresh.input_norm.mean, model.input_norm.mean)  # the new data's statistics ...
+    for field in ("delta_mean", "delta_std", "reward_mean", "reward_std", "term_logit"):  # ... and the same function
+        torch.testing.assert_close(getattr(after, field), getattr(before, field), rtol=1e-4, atol=1e-4)
+    more, report = train_ensemble(cheetah[1] + cheetah[0][:4], model=load_copy(model), config=TrainConfig(max_steps=20, eval_every=10, device="cpu"))
+    assert report.steps == 20 and model_version(more) != model_version(model)
+
+
+def test_a_model_first_fitted_on_a_zero_policy_learns_the_actions_that_come_later():
+    """The loop's first data comes from the zero policy: kept as first fitted, the action normaliser (std 1e-6) made every
+    later action of +-1 an input of +-1e6, and the world model's error 1e4-1e6 for the rest of the run."""
+    with BatchedStepper("pendulum", 32, nthread=1) as stepper:
+        still = stepper.simulate([ScenarioSpec("pendulum", seed=i, max_steps=60) for i in range(24)], lambda obs: np.zeros((len(obs), 1), np.float32))
+    config = TrainConfig(max_steps=300, eval_every=100, seed=0, device="cpu")
+    model, _ = train_ensemble(still, ensemble=SMALL, config=config)
+    assert float(model.input_norm.std[-1]) == pytest.approx(1e-6)  # no spread in the action
+    model, report = train_ensemble(simulate("pendulum", 24, 60, seed=1), model=model, config=config)
+    assert float(model.input_norm.std[-1]) > 0.3 and report.elite_val_mse < 1.0, report.val_mse
 
 
 def load_copy(model):

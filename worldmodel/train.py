@@ -99,6 +99,38 @@ def _fit_statistics(model: DynamicsEnsemble, data: Transitions) -> None:
     model.output_norm.fit(np.concatenate([data.next_obs - data.obs, data.reward[:, None]], 1))
 
 
+SPREAD = 1e-3  # a feature whose std was below this when a model was fitted never varied in its data: the model knows nothing of it
+
+
+@torch.no_grad()
+def _refit_statistics(model: DynamicsEnsemble, data: Transitions) -> None:
+    """Refit a trained model's normalisers to ``data`` and rescale its first and last layers so that it predicts
+    what it did along every feature its data varied in (``x_n = (x - m) / s``: the first layer's weights scale by
+    s'/s and its bias takes up the shift; the mean head by s/s' with the shift in its bias; the log-variance, its
+    bounds included, moves by 2 log(s/s')). A feature that never varied (std below ``SPREAD``: a zero policy's
+    actions) was never learned: its weights stay as initialised, a new input. Kept as first fitted, such a
+    normaliser (std 1e-6) turned every later action of +-1 into +-1e6, and the model's error into 1e4-1e6 from then on."""
+    old_in = (model.input_norm.mean.clone(), model.input_norm.std.clone())
+    old_out = (model.output_norm.mean.clone(), model.output_norm.std.clone())
+    _fit_statistics(model, data)
+    (m, s), (m2, s2) = old_in, (model.input_norm.mean, model.input_norm.std)
+    learned = s > SPREAD
+    first = model.hidden[0]
+    shift = torch.where(learned, (m2 - m) / s, 0.0).to(first.weight)  # x_n = x_n' s'/s + (m' - m)/s
+    first.bias += torch.einsum("i,kio->ko", shift, first.weight)[:, None, :]
+    first.weight *= torch.where(learned, s2 / s, 1.0).to(first.weight)[None, :, None]
+    (m, s), (m2, s2), d = old_out, (model.output_norm.mean, model.output_norm.std), model.spec.out_dim
+    learned = s > SPREAD
+    head = model.head  # mean_n' = (mean_n s + m - m') / s'
+    scale = torch.where(learned, s / s2, 1.0).to(head.weight)
+    head.weight[..., :d] *= scale
+    head.bias[..., :d] = head.bias[..., :d] * scale + torch.where(learned, (m - m2) / s2, 0.0).to(head.bias)
+    lift = torch.where(learned, 2.0 * torch.log(s / s2), 0.0).to(head.bias)  # logvar_n' = logvar_n + 2 log(s/s'), its soft bounds too
+    head.bias[..., d : 2 * d] += lift
+    model.max_logvar += lift.to(model.max_logvar)
+    model.min_logvar += lift.to(model.min_logvar)
+
+
 def _widen_envelope(model: DynamicsEnsemble, data: Transitions) -> None:
     both = np.concatenate([data.obs, data.next_obs])
     low, high = torch.as_tensor(both.min(0)).to(model.obs_low), torch.as_tensor(both.max(0)).to(model.obs_high)
@@ -141,8 +173,9 @@ def train_ensemble(
     """Train an ensemble on ``episodes`` (one robot model; any mix of sources), split by episode
     (a lone episode by its steps: :func:`worldmodel.transitions.split_transitions`).
 
-    With ``model`` given, training continues from it (its normalisers are kept so its
-    weights stay meaningful; its envelope widens to the new data) and ``ensemble`` is ignored.
+    With ``model`` given, training continues from it (its normalisers refit to the new data, its first and last
+    layers rescaled so that it predicts what it did: :func:`_refit_statistics`; its envelope widens to the new
+    data) and ``ensemble`` is ignored.
     Returns the model (best weights per member, elites set) and a :class:`TrainReport`.
     """
     robot, _, _ = check_compatible(episodes)
@@ -180,6 +213,8 @@ def fit_transitions(
             f"cannot continue training a world model of {(model.spec.robot, model.spec.obs_dim, model.spec.act_dim, model.spec.context_dim)} "
             f"on transitions of (robot, obs_dim, act_dim, context_dim)={(robot, obs_dim, act_dim, context_dim)}"
         )
+    else:
+        _refit_statistics(model, train)  # the new data's spread, the model's function kept
     model = model.to(device)
     _widen_envelope(model, train)
     x, y, term = _tensors(model, train, device)
