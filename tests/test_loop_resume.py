@@ -98,3 +98,33 @@ def test_w_and_b_names_sweep_jobs_and_later_starts_of_a_run_apart(tmp_path):
     (single / "wandb" / "offline-run-20261128_020305-abc").mkdir(parents=True)
     (single / "wandb" / "latest-run").symlink_to(single / "wandb" / "offline-run-20261128_020305-abc")
     assert run_names(single) == ("20261128-020304-resumed-1", "20261128-020304")  # the second start, in the first's group
+
+
+def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(tmp_path):
+    """The interrupted attempt's scenario episodes were in the redo's snapshot: its world model trained on its own
+    iteration's scenarios, and the resumed run went another way than an uninterrupted one."""
+    from fleet.pipeline.services import Services
+    from fleet.store import EpisodeStore, StoreConfig
+    from sim.episode import Episode
+    from tests.conftest import make_episode_arrays
+
+    fw = flywheel(tmp_path / "run")
+    fw.run_dir.mkdir()  # as Services makes it
+    fw.svc = types.SimpleNamespace(tip=lambda: "snapshot-before")
+    assert fw._iteration_start(0) == "snapshot-before"
+    fw.svc.tip = lambda: "snapshot-after-the-attempt"
+    assert fw._iteration_start(0) == "snapshot-before"  # the redo: as the first attempt began
+    assert fw._iteration_start(1) == "snapshot-after-the-attempt"  # the next iteration: as it begins
+
+    def episode(seed: int, source: str) -> Episode:
+        return Episode.create(**make_episode_arrays(num_steps=3, seed=seed), robot_id="robot-0", robot_model="pendulum", source=source)
+
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    earlier = episode(1, "sim")
+    store.append([episode(0, "real"), earlier])
+    before = store.latest_snapshot_id()
+    store.append([episode(2, "real"), episode(3, "sim")])  # the attempt's telemetry, then its scenarios
+    services = types.SimpleNamespace(store=store)
+    _, real, sim = Services.read_data(services, "pendulum", before)
+    assert len(real) == 2 and [e.episode_id for e in sim] == [earlier.episode_id]
+    assert len(Services.read_data(services, "pendulum")[2]) == 2  # unpinned: everything

@@ -40,6 +40,7 @@ from sim.sensors import corrected_view, offset_vectors
 
 log = logging.getLogger(__name__)
 RELEASE_FILE = "release.json"  # an iteration's release in progress (the iteration, its export): what a resume settles
+ITERATION_FILE = "iteration.json"  # the iteration in progress and the store's snapshot as it began: a redo reads its sim data there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +132,7 @@ class Flywheel:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.settings = LoopSettings.from_cfg(cfg)
+        self.sim_snapshot: str | None = None  # the store as the iteration in progress began (_iteration_start)
         if cfg.policy.trainer.seed != 0:  # the loop seeds each iteration's learner itself: a value here was silently ignored
             raise ValueError(f"policy.trainer.seed={cfg.policy.trainer.seed} is not read by flywheel: iteration k's learner is seeded "
                              f"from the run's seed (seed + k); set seed={cfg.policy.trainer.seed} instead")  # fmt: skip
@@ -168,6 +170,7 @@ class Flywheel:
                     log.info("resuming after iteration %d", self.state["next_iteration"] - 1)
                 self._settle_release()
                 for k in range(self.state["next_iteration"], s.iterations):
+                    self.sim_snapshot = self._iteration_start(k)
                     record = self._iteration(k)
                     self.state["history"].append(record)
                     self.state["next_iteration"], self.state["final"] = k + 1, None
@@ -224,6 +227,15 @@ class Flywheel:
             self._save_state()
             log.warning("iteration %d's release v%d was widened before the run stopped: the fleet runs it, the redone iteration gates against it", k, rollout["stable"])
         (self.run_dir / RELEASE_FILE).unlink(missing_ok=True)
+
+    def _iteration_start(self, k: int) -> str:
+        """The store's snapshot as iteration ``k`` began, recorded at its first attempt (a redo reads it back): the sim
+        episodes it trains on stop there, so a redone iteration trains on what an uninterrupted one would have."""
+        start = read_run_file(self.run_dir / ITERATION_FILE)
+        if start is None or start.get("iteration") != k:
+            start = {"iteration": k, "snapshot": self.svc.tip()}
+            write_durably(self.run_dir / ITERATION_FILE, json.dumps(start).encode())
+        return start["snapshot"]
 
     def _world_model_dir(self) -> Path | None:
         """The model the last finished iteration left (a run of an earlier build kept it in worldmodel/ itself)."""
@@ -378,7 +390,7 @@ class Flywheel:
         offset takes it out on board, so from here on models, scenarios, training and the gate see
         what its policy will see (sim/sensors.py)."""
         s, svc = self.settings, self.svc
-        snapshot_id, raw_real, sim = svc.read_data(s.robot_model)
+        snapshot_id, raw_real, sim = svc.read_data(s.robot_model, self.sim_snapshot)
         record["snapshot"] = snapshot_id
         svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
         cal_cfg = self.built.calibration

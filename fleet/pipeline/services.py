@@ -82,14 +82,21 @@ class Services(contextlib.AbstractContextManager):
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
 
     # -- data ---------------------------------------------------------------------------------
-    def read_data(self, robot_model: str) -> tuple[str, list[Episode], list[Episode]]:
-        """Pin the store's latest snapshot; its real and sim episodes of ``robot_model``, robot by robot
-        (:func:`in_robot_order`), so that what trains on them does not depend on how uploads interleaved."""
+    def read_data(self, robot_model: str, sim_snapshot: str | None = None) -> tuple[str, list[Episode], list[Episode]]:
+        """Pin the store's latest snapshot; its real episodes of ``robot_model``, and its sim episodes as of
+        ``sim_snapshot`` where given (the iteration's start: a redone iteration does not train on the scenarios its
+        interrupted attempt stored), robot by robot (:func:`in_robot_order`), so that what trains on them does not
+        depend on how uploads interleaved."""
         self.store.refresh_index()
         snapshot = self.store.snapshot()
         real = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="real")))
-        sim = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="sim")))
+        before = snapshot if sim_snapshot in (None, snapshot.snapshot_id) else self.store.snapshot(sim_snapshot)
+        sim = before.read_episodes(in_robot_order(before.episodes(robot_model=robot_model, source="sim")))
         return snapshot.snapshot_id, real, sim
+
+    def tip(self) -> str:
+        """The store's newest snapshot id."""
+        return self.store.latest_snapshot_id()
 
     def store_synthetic(self, episodes: list[Episode]) -> int:
         """Write scenario and world-model episodes into the store (idempotent by episode id)."""
