@@ -27,3 +27,13 @@ def test_episodes_are_read_robot_by_robot_in_each_robots_own_order(tmp_path):
         assert [i.robot_id for i in snapshot.episodes()] != sorted(sequence)  # the catalog follows the commits
         orders.append([i.episode_id for i in in_robot_order(snapshot.episodes())])
     assert orders[0] == orders[1] == [ep.episode_id for r in ("robot-0", "robot-1", "robot-2") for ep in episodes[r]]
+
+
+def test_robots_are_in_their_numbers_order_past_ten():
+    """Sorted as text, a fleet of 12 made robot-10 a canary before robot-2, and growing a fleet past ten changed each
+    robot's seed (its rank)."""
+    from fleet.pipeline.simfleet import robot_order
+
+    ids = [f"robot-{i}" for i in range(12)]
+    assert robot_order(reversed(ids)) == ids
+    assert robot_order(ids[:8]) == sorted(ids[:8])  # ten or fewer: as before

@@ -28,7 +28,7 @@ from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import check_gate_settings, gate
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
-from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs
+from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_settings
 from sim.durable import write_durably
@@ -145,7 +145,7 @@ class Flywheel:
         self.state.setdefault("sensor_beliefs", {})  # robot id -> what its calibrations say of its sensor offset (sim/sensors.py)
         self.progress = Progress()
         self.specs = {spec.robot_id: spec for spec in fleet_specs(self.settings.num_robots, list(self.settings.conditions))}
-        gone = sorted(set(self.state["real_steps"]) - set(self.specs), key=lambda r: (len(r), r))
+        gone = robot_order(set(self.state["real_steps"]) - set(self.specs))
         if gone:  # their telemetry is in the store: calibration and the gate would look for robots no longer there
             raise ValueError(
                 f"run_dir {self.run_dir} holds a run of {len(self.state['real_steps'])} robots; loop.num_robots={self.settings.num_robots} "
@@ -162,7 +162,7 @@ class Flywheel:
         done, redo_from = self.state["next_iteration"], None
         if done and (self.state.get("final") is None or done < s.iterations):  # a resumed run logs again from its next iteration
             redo_from = done
-        with Services(self.cfg, self.run_dir, sorted(self.specs), redo_from=redo_from) as svc:
+        with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
             try:
@@ -191,7 +191,7 @@ class Flywheel:
             robot_id: SimulatedRobot.options(**options[i]).remote(
                 spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i
             )
-            for i, (robot_id, spec) in enumerate(sorted(self.specs.items()))
+            for i, (robot_id, spec) in enumerate((r, self.specs[r]) for r in robot_order(self.specs))
         }
 
     def _save_state(self) -> None:
@@ -263,7 +263,7 @@ class Flywheel:
         ``call``: the round's name (default: iteration k's); the closing round has its own, so that a run resumed
         with more iterations runs iteration k afresh rather than replaying the closing round's episodes."""
         s = self.settings
-        telemetry = self._act(sorted(self.robots), s.episodes_per_robot, call or f"iteration {k}: telemetry")
+        telemetry = self._act(robot_order(self.robots), s.episodes_per_robot, call or f"iteration {k}: telemetry")
         fleet_returns = steps.mean_returns(telemetry)
         real_steps = self.state["real_steps"]  # counted by _act, this round and every canary round before it
         self.svc.tracker.log(
@@ -277,7 +277,7 @@ class Flywheel:
     def _iteration(self, k: int) -> dict:
         s, svc, cfg = self.settings, self.svc, self.cfg
         step = k
-        ids = sorted(self.robots)
+        ids = robot_order(self.robots)
         with self.progress.task(f"iteration {k}: robots act and upload", total=None):
             record = self._telemetry(k)
         fleet_returns = record["fleet_returns"]
@@ -418,7 +418,7 @@ class Flywheel:
         canaries; widen or roll back from their telemetry."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
-        canaries = sorted(self.robots)[: s.num_canaries]
+        canaries = robot_order(self.robots)[: s.num_canaries]
         write_durably(self.run_dir / RELEASE_FILE, json.dumps({"iteration": k, "export": str(export_dir)}).encode())  # _settle_release's clue
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
@@ -492,7 +492,7 @@ class Flywheel:
 
     def _finish(self) -> dict:
         history, final = self.state["history"], self.state["final"]
-        statuses = ray.get([self.robots[r].status.remote() for r in sorted(self.robots)])
+        statuses = ray.get([self.robots[r].status.remote() for r in robot_order(self.robots)])
         summary = {
             "iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir,
             "ray_task_nodes": dict(self.svc.task_nodes),  # Ray node id -> this process's calibration and scenario tasks it ran

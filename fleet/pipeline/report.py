@@ -10,13 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from fleet.pipeline.simfleet import robot_order  # noqa: E402
+
 
 def write_report(history: list[dict], specs: dict, path: Path) -> Path:
     """Left: return per robot per iteration; right: the same returns against the real steps each robot has used.
     ``history``: the iterations' records, then the closing round's (no ``rollout``: nothing was trained after it)."""
     fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     iterations = [h["iteration"] for h in history]
-    for robot_id in sorted(specs):
+    for robot_id in robot_order(specs):
         returns = [h["fleet_returns"].get(robot_id) for h in history]
         label = f"{robot_id} ({specs[robot_id].condition})"
         ax.plot(iterations, returns, marker="o", label=label)
@@ -42,8 +44,8 @@ def summary_table(history: list[dict], specs: dict) -> Table:
     table.add_column("condition")
     for h in history:
         table.add_column(_label(h), justify="right")
-    for robot_id in sorted(specs):
-        table.add_row(robot_id, specs[robot_id].condition, *[f"{h['fleet_returns'].get(robot_id, float('nan')):.1f}" for h in history])
+    for robot_id in robot_order(specs):
+        table.add_row(robot_id, specs[robot_id].condition, *[f"{h['fleet_returns'][robot_id]:.1f}" if robot_id in h["fleet_returns"] else "-" for h in history])  # "-": not in the fleet yet
     table.add_row("real steps", "", *[str(sum(h.get("real_steps", {}).values())) for h in history])
     table.add_row("policy", "", *[",".join(h["policy_versions"]) for h in history])
     table.add_row("release", "", *[_release(h.get("rollout")) for h in history])

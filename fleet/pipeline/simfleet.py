@@ -20,6 +20,8 @@ refused with 409 where its bytes differ).
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import functools
 import json
@@ -59,6 +61,12 @@ def condition_profiles(conditions: Sequence[str]) -> list[VariationProfile]:
     if unknown or not conditions:
         raise ValueError(f"unknown robot conditions {unknown or '[] (none given)'}; known: {sorted(CONDITIONS)}")
     return [VariationProfile(**CONDITIONS[c]) for c in conditions]
+
+
+def robot_order(ids) -> list[str]:
+    """Robot ids in their numbers' order (robot-2 before robot-10): the table's rows, the canaries, each robot's seed.
+    Sorted as text, a fleet grown past ten robots reordered them, and changed who was a canary and each one's seed."""
+    return sorted(ids, key=lambda r: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", r)])
 
 
 def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
