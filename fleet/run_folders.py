@@ -60,7 +60,7 @@ def _check_unrecorded_run(run_dir: Path, now: dict) -> None:
     its current policy), so that a resume with another robot model is refused before it writes into the run's store."""
     state = read_run_file(run_dir / "state.json")
     export = ((state or {}).get("current") or {}).get("export")
-    manifest = read_run_file(Path(export) / "manifest.json") if export else None
+    manifest = read_run_file(run_dir / export / "manifest.json") if export else None  # relative to the run folder, or absolute
     model = (manifest or {}).get("robot_model")
     if model is not None and now.get("loop.robot_model") not in (None, model):
         raise ValueError(

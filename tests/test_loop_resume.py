@@ -128,3 +128,25 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
     _, real, sim = Services.read_data(services, "pendulum", before)
     assert len(real) == 2 and [e.episode_id for e in sim] == [earlier.episode_id]
     assert len(Services.read_data(services, "pendulum")[2]) == 2  # unpinned: everything
+
+
+def test_a_run_folder_moved_or_copied_resumes_from_its_own_files(tmp_path):
+    """state.json held absolute paths: a copied folder warm-started from the original's checkpoint, a moved one failed."""
+    import shutil
+
+    run = tmp_path / "run"
+    fw = flywheel(run)
+    export = run / "policies" / "iter000" / "export"
+    export.mkdir(parents=True)
+    fw.state.update(next_iteration=1, current={"version": 1, "checkpoint": None, "export": str(export)}, worldmodel=str(run / "worldmodel" / "iter000"))
+    (run / "worldmodel" / "iter000").mkdir(parents=True)
+    fw._save_state()
+    assert json.loads((run / "state.json").read_text())["current"]["export"] == "policies/iter000/export"  # kept relative
+    shutil.move(run, tmp_path / "moved")
+    moved = flywheel(tmp_path / "moved")
+    assert moved.state["current"]["export"] == str(tmp_path / "moved" / "policies/iter000/export")
+    assert moved.state["worldmodel"] == str(tmp_path / "moved" / "worldmodel/iter000")
+    state = json.loads((tmp_path / "moved" / "state.json").read_text())  # as an earlier build wrote it: absolute, of the old place
+    state["current"]["export"] = str(export)
+    (tmp_path / "moved" / "state.json").write_text(json.dumps(state))
+    assert flywheel(tmp_path / "moved").state["current"]["export"] == str(tmp_path / "moved" / "policies/iter000/export")

@@ -138,7 +138,7 @@ class Flywheel:
                              f"from the run's seed (seed + k); set seed={cfg.policy.trainer.seed} instead")  # fmt: skip
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
-        self.state = read_run_file(self.state_path) or {"next_iteration": 0, "current": None, "learner": None, "history": []}
+        self.state = self._located(read_run_file(self.state_path) or {"next_iteration": 0, "current": None, "learner": None, "history": []})
         self.state.setdefault("learner", None)
         self.state.setdefault("real_steps", {})
         self.state.setdefault("calibrated_profiles", {})  # robot id -> its last calibrated profile (dict)
@@ -195,7 +195,40 @@ class Flywheel:
         }
 
     def _save_state(self) -> None:
-        write_durably(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode())
+        write_durably(self.state_path, json.dumps(self._paths(self.state, self._relative), indent=1, sort_keys=True).encode())
+
+    # the state's paths are kept relative to the run folder, so a folder moved or copied resumes from its own files
+    # (absolute, a copy once warm-started from the original's checkpoint, and a moved one failed with a traceback)
+    PATHS = (("current", "export"), ("current", "checkpoint"), ("learner", "export"), ("learner", "checkpoint"), ("worldmodel",))
+
+    def _paths(self, state: dict, convert) -> dict:
+        out = json.loads(json.dumps(state))
+        for keys in self.PATHS:
+            holder = out
+            for key in keys[:-1]:
+                holder = holder.get(key) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get(keys[-1]), str):
+                holder[keys[-1]] = convert(holder[keys[-1]])
+        return out
+
+    def _relative(self, path: str) -> str:
+        resolved, root = Path(path).resolve(), self.run_dir.resolve()
+        return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else path
+
+    def _absolute(self, path: str) -> str:
+        """A state path as a path on this host: relative to the run folder; one an earlier build wrote absolute, moved
+        with the folder when it no longer exists where it was (its part from policies/ or worldmodel/ on)."""
+        p = Path(path)
+        if not p.is_absolute():
+            return str(self.run_dir / p)
+        if not p.exists():
+            for i, part in enumerate(p.parts):
+                if part in ("policies", "worldmodel") and (self.run_dir / Path(*p.parts[i:])).exists():
+                    return str(self.run_dir / Path(*p.parts[i:]))
+        return path
+
+    def _located(self, state: dict) -> dict:
+        return self._paths(state, self._absolute)
         kept = self.state.get("worldmodel")
         for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
             if old != Path(kept):
