@@ -168,7 +168,7 @@ def gate(
         fleet_ci = (fleet_diff, fleet_diff)
     else:
         fleet_ci = tuple(float(v) for v in np.quantile(boot.mean(axis=0), q))
-    pct = f"{confidence:.0%}"
+    pct = f"{100 * confidence:.4g}%"  # 95%, 99.99% (":.0%" printed 0.9999 as 100%)
 
     def result(promote: bool, reason: str) -> GateResult:
         return GateResult(

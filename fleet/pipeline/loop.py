@@ -167,7 +167,7 @@ class Flywheel:
             self.robots = self._start_robots(svc)
             try:
                 if self.state["next_iteration"]:
-                    log.info("resuming after iteration %d", self.state["next_iteration"] - 1)
+                    self.progress.note(f"resuming {self.run_dir} after iteration {self.state['next_iteration'] - 1}")
                 self._settle_release()
                 for k in range(self.state["next_iteration"], s.iterations):
                     self.sim_snapshot = self._iteration_start(k)
@@ -389,6 +389,7 @@ class Flywheel:
             cand = steps.evaluate_on_profiles(trained.policy, s.robot_model, profiles, s.eval_episodes, s.seed, release_on_board)
             cur = steps.evaluate_on_profiles(factory(), s.robot_model, profiles, s.eval_episodes, s.seed, on_board)
             decision = gate(cand, cur, **s.gate)
+        self.progress.note(f"iteration {k}: gate: {decision.reason}")  # why promoted or not, where the run is watched
         record["gate"] = decision.to_dict()
         svc.tracker.log(
             {"gate/promote": float(decision.promote), "gate/fleet_current": decision.fleet_current, "gate/fleet_candidate": decision.fleet_candidate,
@@ -409,7 +410,9 @@ class Flywheel:
         }  # fmt: skip
         released = self._release(k, trained, (weights, policy_manifest, export_dir), decision, profiles, on_robot, snapshot_id, fleet_returns, lineage) if decision.promote else None
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
-        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
+        if released and released.get("canary_reason"):
+            self.progress.note(f"iteration {k}: canary v{released['version']} {released['stage']}: {released['canary_reason']}")
+        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0, "released": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         horizon = f"{self.task.max_steps}_steps"  # telemetry's return is over episode_steps, the gate's evaluations over the task's limit
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", f"return_{s.episode_steps}_steps", f"candidate_eval_{horizon}", f"current_eval_{horizon}"], [
             [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
@@ -469,15 +472,19 @@ class Flywheel:
                 rel_tolerance=s.gate["rel_tolerance"] * 2,
                 abs_tolerance=s.gate["abs_tolerance"],
             )
+            svc.tracker.log({f"canary/{r}/{side}": v[side] for r, v in verdict.per_robot.items() for side in ("before", "after")}, k)
+            judged = {"canary_returns": verdict.per_robot, "canary_reason": verdict.reason}  # what widened or rolled back, and on what
             if verdict.action != "widen":  # regressed, or never reported on the new version
                 reason = verdict.reason if verdict.action == "rollback" else f"canaries did not report on v{version}: {verdict.reason}"
                 svc.registry.rollback(reason)
-                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries}
+                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries, **judged}
             svc.registry.widen()
+        else:
+            stage, judged = "released", {}  # no canary stage (loop.num_canaries=0): to every robot at once
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
         svc.mirror_policy(version, export_dir, s.robot_model, snapshot_id, lineage)
         self._video(k, version, trained.policy, profiles)
-        return {"stage": stage, "version": version, "canaries": canaries}
+        return {"stage": stage, "version": version, "canaries": canaries, **judged}
 
     def _video(self, k: int, version: int, policy, profiles: dict) -> None:
         """One evaluation video of the released policy on the first robot's calibrated profile."""

@@ -22,3 +22,7 @@ class Progress:
             bar.add_task(description, total=total)
             yield
         self.console.print(f"[green]done[/green] {description} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+    def note(self, text: str) -> None:
+        """One line between the steps (a resume, a gate's or a canary's decision): on the console, not only in the log."""
+        self.console.print(text, markup=False, highlight=False)
