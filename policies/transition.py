@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from policies.networks import Policy
+from sim.input_checks import check_finite, check_unit_actions
 
 
 def world_rows(obs, obs_dim: int) -> np.ndarray:
@@ -56,14 +57,12 @@ class VectorStep:
             value = getattr(self, name)
             if len(value) != n or (name.endswith("obs") and value.shape != self.obs.shape):
                 raise ValueError(f"VectorStep: {name} has shape {value.shape} beside reward {self.reward.shape} and obs {self.obs.shape}: one row per world in each, the obs fields shaped alike")
-        for name in ("obs", "action", "reward", "next_obs", "final_obs"):
-            if not np.isfinite(getattr(self, name)).all():
-                raise ValueError(f"VectorStep: {name} holds NaN or Inf; an env's observations, actions and rewards must be finite")
-        if np.abs(self.action).max(initial=0.0) > 1.0 + 1e-6:
-            raise ValueError(
-                f"VectorStep: actions up to {np.abs(self.action).max():.4g} in size; learners act in [-1, 1]: store the policy's actions, "
-                "and scale them to the env's bounds when stepping it (low + (a + 1) / 2 * (high - low))"
-            )
+        floats = {name: getattr(self, name) for name in ("obs", "action", "reward", "next_obs", "final_obs")}
+        check_finite("VectorStep", floats, "an env's observations, actions and rewards must be finite")
+        check_unit_actions(
+            "VectorStep", self.action,
+            "learners act in [-1, 1]: store the policy's actions, and scale them to the env's bounds when stepping it (low + (a + 1) / 2 * (high - low))",
+        )  # fmt: skip
 
 
 class Algorithm(Protocol):

@@ -3,6 +3,7 @@ the first-episode health check's rollback and block, the signed sensor correctio
 route's checks. Attacks on the registry are in tests/test_registry_tuf.py."""
 
 import base64
+import contextlib
 import json
 import time
 
@@ -139,48 +140,49 @@ def test_weights_of_a_dtype_numpy_lacks_are_refused_by_robot_publisher_and_regis
     assert not source.poll() and source.refusals == {"malformed": 1} and source.errors == 0 and source._policy.version == "zero"
 
 
-def test_publishing_checks_sensor_offsets(tmp_path):
+@contextlib.contextmanager
+def publisher(tmp_path):
+    """(registry, a client with a publisher token, a publish body of a small pendulum policy) on a server on loopback."""
     registry, token, server = registry_server(tmp_path, "publisher")
     weights, manifest = exported(tmp_path, "p")
     body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
-            for bad in ({"robot-0": [0.1]}, {"robot-0": [0.0, 0.0, 0.0, 5e3]}, [[0.1] * 4], {"robot-0": "0.1"}):
-                response = client.post("/v1/policies", json={**body, "sensor_offsets": bad})
-                assert response.status_code == 400 and response.json()["field"] == "sensor_offsets", response.text
-            assert registry.versions() == []  # nothing signed
-            response = client.post("/v1/policies", json={**body, "sensor_offsets": {"robot-0": [0.02] * 4}})
-            assert response.status_code == 201 and response.json()["manifest"]["sensor_offsets"] == {"robot-0": [0.02] * 4}
+            yield registry, client, body
     finally:
         server.stop()
+
+
+def test_publishing_checks_sensor_offsets(tmp_path):
+    with publisher(tmp_path) as (registry, client, body):
+        for bad in ({"robot-0": [0.1]}, {"robot-0": [0.0, 0.0, 0.0, 5e3]}, [[0.1] * 4], {"robot-0": "0.1"}):
+            response = client.post("/v1/policies", json={**body, "sensor_offsets": bad})
+            assert response.status_code == 400 and response.json()["field"] == "sensor_offsets", response.text
+        assert registry.versions() == []  # nothing signed
+        response = client.post("/v1/policies", json={**body, "sensor_offsets": {"robot-0": [0.02] * 4}})
+        assert response.status_code == 201 and response.json()["manifest"]["sensor_offsets"] == {"robot-0": [0.02] * 4}
 
 
 def test_a_publisher_over_http_runs_a_canary_widens_and_rolls_back(tmp_path):
     """An outside publisher could start a canary but neither see nor end it: no route widened or rolled back."""
-    registry, token, server = registry_server(tmp_path, "publisher")
-    weights, manifest = exported(tmp_path, "p")
-    body = {"weights_b64": base64.b64encode(weights).decode(), "policy": manifest, **SPEC}
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}) as client:
-            assert client.post("/v1/policies", json=body).json()["manifest"]["version"] == 1
-            answer = client.post("/v1/rollout/widen")
-            assert (answer.status_code, answer.json()["error"]) == (409, "no_canary"), answer.text
-            assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
-            rollout = client.get("/v1/rollout").json()
-            assert (rollout["stable"], rollout["canary"], rollout["cohort"]) == (1, 2, ["robot-0"])
-            assert [e["event"] for e in rollout["history"]] == ["stable", "canary"]
-            widened = client.post("/v1/rollout/widen").json()
-            assert (widened["version"], widened["stable"], widened["canary"]) == (2, 2, None)
-            assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
-            for bad in (b"[1]", b'{"reason": 5}', b'{"reason": "a\u0000b"}', b'{"why": "x"}', b"{"):
-                answer = client.post("/v1/rollout/rollback", content=bad)
-                assert (answer.status_code, answer.json()["error"]) == (400, "bad_rollback"), (bad, answer.text)
-            rolled = client.post("/v1/rollout/rollback", json={"reason": "regressed on robot-0"}).json()
-            assert rolled["manifest"]["version"] == 4 and (rolled["stable"], rolled["canary"]) == (4, None)
-            assert "regressed on robot-0" in rolled["manifest"]["note"] and rolled["history"][-1]["event"] == "rolled_back"
-            assert client.get("/v1/rollout", headers={"Authorization": "Bearer nope"}).status_code == 401
-    finally:
-        server.stop()
+    with publisher(tmp_path) as (_, client, body):
+        assert client.post("/v1/policies", json=body).json()["manifest"]["version"] == 1
+        answer = client.post("/v1/rollout/widen")
+        assert (answer.status_code, answer.json()["error"]) == (409, "no_canary"), answer.text
+        assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
+        rollout = client.get("/v1/rollout").json()
+        assert (rollout["stable"], rollout["canary"], rollout["cohort"]) == (1, 2, ["robot-0"])
+        assert [e["event"] for e in rollout["history"]] == ["stable", "canary"]
+        widened = client.post("/v1/rollout/widen").json()
+        assert (widened["version"], widened["stable"], widened["canary"]) == (2, 2, None)
+        assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
+        for bad in (b"[1]", b'{"reason": 5}', b'{"reason": "a\\u0000b"}', b'{"why": "x"}', b"{"):
+            answer = client.post("/v1/rollout/rollback", content=bad)
+            assert (answer.status_code, answer.json()["error"]) == (400, "bad_rollback"), (bad, answer.text)
+        rolled = client.post("/v1/rollout/rollback", json={"reason": "regressed on robot-0"}).json()
+        assert rolled["manifest"]["version"] == 4 and (rolled["stable"], rolled["canary"]) == (4, None)
+        assert "regressed on robot-0" in rolled["manifest"]["note"] and rolled["history"][-1]["event"] == "rolled_back"
+        assert client.get("/v1/rollout", headers={"Authorization": "Bearer nope"}).status_code == 401
 
 
 def test_a_publish_robots_would_refuse_is_refused_naming_its_field(tmp_path):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sim.episode import Episode
+from sim.input_checks import check_finite, check_unit_actions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +52,10 @@ class Transitions:
                 raise ValueError(f"Transitions: {name} has shape {value.shape}; it must be ({m}{', n' if ndim == 2 else ''}): one row per transition, as obs {self.obs.shape}")
         if self.next_obs.shape != self.obs.shape:
             raise ValueError(f"Transitions: next_obs has shape {self.next_obs.shape}, obs {self.obs.shape}: they must agree")
-        for name in floats:
-            if not np.isfinite(getattr(self, name)).all():
-                raise ValueError(f"Transitions: {name} holds NaN or Inf: drop those transitions (a world model trained on them predicts NaN)")
-        if np.abs(self.action).max(initial=0.0) > 1.0 + 1e-6:
-            raise ValueError(
-                f"Transitions: actions up to {np.abs(self.action).max():.4g} in size; the world model takes actions in [-1, 1] (what policies "
-                "emit and rollouts feed it): scale them, 2 (a - low) / (high - low) - 1"
-            )
+        check_finite("Transitions", {name: getattr(self, name) for name in floats}, "drop those transitions (a world model trained on them predicts NaN)")
+        check_unit_actions(
+            "Transitions", self.action, "the world model takes actions in [-1, 1] (what policies emit and rollouts feed it): scale them, 2 (a - low) / (high - low) - 1"
+        )
 
     def __len__(self) -> int:
         return int(self.obs.shape[0])
