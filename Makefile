@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu  # the CPU build; a wheel on disk (find-links) is taken first
+	$(BIN)/pip install -q --retries 0 --timeout 10 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0  # the CPU build (a wheel on disk, find-links, first; an index that is out of reach is skipped at once)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
