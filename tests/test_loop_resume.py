@@ -140,7 +140,9 @@ def test_a_run_folder_moved_or_copied_resumes_from_its_own_files(tmp_path):
     export.mkdir(parents=True)
     fw.state.update(next_iteration=1, current={"version": 1, "checkpoint": None, "export": str(export)}, worldmodel=str(run / "worldmodel" / "iter000"))
     (run / "worldmodel" / "iter000").mkdir(parents=True)
+    (run / "worldmodel" / "iter009").mkdir()  # an abandoned attempt's model
     fw._save_state()
+    assert not (run / "worldmodel" / "iter009").exists() and (run / "worldmodel" / "iter000").is_dir()  # only the state's model stays
     assert json.loads((run / "state.json").read_text())["current"]["export"] == "policies/iter000/export"  # kept relative
     shutil.move(run, tmp_path / "moved")
     moved = flywheel(tmp_path / "moved")

@@ -196,6 +196,10 @@ class Flywheel:
 
     def _save_state(self) -> None:
         write_durably(self.state_path, json.dumps(self._paths(self.state, self._relative), indent=1, sort_keys=True).encode())
+        kept = self.state.get("worldmodel")
+        for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
+            if old != Path(kept):
+                shutil.rmtree(old, ignore_errors=True)
 
     # the state's paths are kept relative to the run folder, so a folder moved or copied resumes from its own files
     # (absolute, a copy once warm-started from the original's checkpoint, and a moved one failed with a traceback)
@@ -229,10 +233,6 @@ class Flywheel:
 
     def _located(self, state: dict) -> dict:
         return self._paths(state, self._absolute)
-        kept = self.state.get("worldmodel")
-        for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
-            if old != Path(kept):
-                shutil.rmtree(old, ignore_errors=True)
 
     def _settle_release(self) -> None:
         """After a crash between an iteration's release and its saved state, make the registry and the state agree
