@@ -113,7 +113,7 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     async def widen(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
         _require_release(registry)
-        await read_body(request, 0, body_timeout_s)  # no body
+        await read_body(request, 1 << 10, body_timeout_s)  # none needed; a small one (a client sending {}) is read and left
         version = await run_in_threadpool(_rollout_change, registry.widen)
         return JSONResponse({"version": version, **await run_in_threadpool(registry.rollout)})
 
