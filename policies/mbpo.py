@@ -150,7 +150,7 @@ class RealLog:
         body's context (context_dim,)), flagged offline."""
         t = len(reward)
         self._append(
-            {"obs": observation[:-1], "action": action, "reward": reward, "next_obs": observation[1:], "terminated": terminated,
+            {"obs": observation[:-1], "action": np.clip(action, -1.0, 1.0), "reward": reward, "next_obs": observation[1:], "terminated": terminated,
              "episode": np.full(t, self.next_episode), "step": np.arange(t), "offline": np.ones(t, bool),
              "context": self._context(None if context is None else np.broadcast_to(context, (t, self.context_dim)), t)}
         )  # fmt: skip
@@ -172,7 +172,8 @@ class RealLog:
 
     def view(self, mask: np.ndarray | None = None) -> Transitions:
         a = {k: v[: self.size] for k, v in self.arrays.items() if k != "offline" and (k != "context" or self.context_dim)}
-        return Transitions(**a) if mask is None else Transitions(**a).rows(mask)
+        whole = Transitions.unchecked(**a)  # rows checked as they came in (VectorStep; episodes, actions clipped as applied)
+        return whole if mask is None else whole.rows(mask)
 
     def is_val(self, val_fraction: float, block: int) -> np.ndarray:
         """(size,) bool: the transition is held out. The unit held out is a block of ``block``

@@ -172,7 +172,7 @@ class Trainer:
     ):
         self.config, self.algo, self.log = config, algorithm, log
         self.sensor_filters = sensor_filters
-        self.algo_config = algo_config if algo_config is not None else algorithm.config  # recorded in checkpoints: resume compares it
+        self.algo_config = algo_config if algo_config is not None else getattr(algorithm, "config", None)  # recorded in checkpoints: resume compares it
         self.checkpointer = checkpointer
         self.comm = comm or LocalComm()
         torch.set_num_threads(config.torch_threads)

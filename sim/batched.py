@@ -409,6 +409,7 @@ class BatchedStepper:
         if not (np.isfinite(obs).all() and np.isfinite(reward).all()):  # a diverged world's are dropped; any other's: the task's fault
             refuse_non_finite(task, obs, terms, diverged)
         obs[diverged] = 0.0
+        reward[diverged] = 0.0  # its episode is dropped; a NaN here would reach the learner
         obs += self._obs_bias[idx, None]
         for i in np.flatnonzero(self._obs_noise[idx]):  # per-world streams keep episodes batch-independent
             w = idx[i]

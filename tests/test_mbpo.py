@@ -219,3 +219,12 @@ def test_each_batch_is_mostly_model_data_in_the_configured_ratio(one_torch_threa
     learner = MBPO(make_spec("pendulum", MBPOConfig()), MBPOConfig(real_ratio=0.1), robot_model="pendulum")
     assert learner.sac.replay.ratios == {"model": 0.9, "real": 0.1}
     assert split_counts(learner.sac.replay.ratios, 100) == {"model": 90, "real": 10}
+
+
+def test_a_recorded_episode_with_actions_past_the_range_is_taken_as_applied(one_torch_thread):
+    """An uploaded or imported episode may hold actions beyond [-1, 1] (the actuators clip them): the learner's log once
+    kept them, and every later view of it was refused, stopping training partway through an iteration."""
+    learner = MBPO(make_spec("pendulum", MBPOConfig()), MBPOConfig(), robot_model="pendulum")
+    obs = np.zeros((6, 4), np.float32)
+    learner.real.add_episode(obs, np.full((5, 1), 1.5, np.float32), np.zeros(5, np.float32), np.zeros(5, bool))
+    assert float(learner.real.view().action.max()) == 1.0

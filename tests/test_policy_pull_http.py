@@ -176,10 +176,15 @@ def test_a_publisher_over_http_runs_a_canary_widens_and_rolls_back(tmp_path):
         widened = client.post("/v1/rollout/widen").json()
         assert (widened["version"], widened["stable"], widened["canary"]) == (2, 2, None)
         assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
-        for bad in (b"[1]", b'{"reason": 5}', b'{"reason": "a\\u0000b"}', b'{"why": "x"}', b"{"):
+        for bad in (b"[1]", b'{"why": "x"}', b"{", b'{"version": "3"}'):
             answer = client.post("/v1/rollout/rollback", content=bad)
+            assert (answer.status_code, answer.json()["error"]) == (400, "bad_rollout"), (bad, answer.text)
+        for bad in ({"reason": 5}, {"reason": "a\u0000b"}, {"reason": "x" * 1025}):  # it goes into every robot's manifest
+            answer = client.post("/v1/rollout/rollback", json=bad)
             assert (answer.status_code, answer.json()["error"]) == (400, "bad_rollback"), (bad, answer.text)
-        rolled = client.post("/v1/rollout/rollback", json={"reason": "regressed on robot-0"}).json()
+        answer = client.post("/v1/rollout/widen", json={"version": 2})  # the canary judged was v2; v3 has replaced it
+        assert (answer.status_code, answer.json()["error"]) == (409, "canary_changed"), answer.text
+        rolled = client.post("/v1/rollout/rollback", json={"reason": "regressed on robot-0", "version": 3}).json()
         assert rolled["manifest"]["version"] == 4 and (rolled["stable"], rolled["canary"]) == (4, None)
         assert "regressed on robot-0" in rolled["manifest"]["note"] and rolled["history"][-1]["event"] == "rolled_back"
         assert client.get("/v1/rollout", headers={"Authorization": "Bearer nope"}).status_code == 401

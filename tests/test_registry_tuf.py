@@ -20,7 +20,7 @@ from fleet.registry.pull import SignedPolicySource
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry, root_metadata
 from fleet.registry.trust import PolicyTrust
-from fleet.registry.tuf_repo import rotate_keys
+from fleet.registry.tuf_repo import RegistryCorrupted, rotate_keys
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import StoreConfig
@@ -120,9 +120,13 @@ def test_mix_and_match_of_metadata_and_of_bodies_is_refused(tmp_path, on_v1):
     v1_targets = registry.repo.snapshot().meta["targets.json"].version
     publish(registry, tmp_path, "v2")
     current = registry.repo.snapshot().meta["targets.json"].version
+    kept = metadata(registry, f"{current}.targets.json").read_bytes()
     (metadata(registry, f"{current}.targets.json")).write_bytes(metadata(registry, f"{v1_targets}.targets.json").read_bytes())
     assert not source.poll()  # the snapshot names targets v{current}: an older one under its name is refused
     assert source.refusals == {"rollback": 1} and source.trust.version == 1
+    with pytest.raises(RegistryCorrupted, match="holds targets v"):  # nor does the registry build on it (it once re-signed it)
+        publish(registry, tmp_path, "v3")
+    metadata(registry, f"{current}.targets.json").write_bytes(kept)  # the operator restores the file
     weights, manifest = exported(tmp_path, "ant")
     manifest = {**manifest, "robot_model": "ant"}  # a release for another body (of the same sizes)
     registry.publish(weights, policy=manifest, **{**SPEC, "robot_model": "ant"})
@@ -199,8 +203,11 @@ def test_one_stolen_root_key_cannot_make_a_root(tmp_path, on_v1):
     root.signed.expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(days=30)
     metadata(registry, "2.root.json").write_bytes(resign(root, thief, version=2))  # 1 of the 2 signatures root needs
     assert not source.poll() and source.refusals == {"signature": 1} and source.current().version == "1"
-    with pytest.raises(UnsignedMetadataError, match="signed by 1/2"):
+    with pytest.raises(RegistryCorrupted, match="2.root.json is not signed by a threshold of root v1's keys"):
         rotate_keys(registry.root / "tuf", [thief], online_key=attacker.public_key)  # the registry's own tools refuse it too
+    metadata(registry, "2.root.json").unlink()
+    with pytest.raises(UnsignedMetadataError, match="signed by 1/2"):
+        rotate_keys(registry.root / "tuf", [thief], online_key=attacker.public_key)  # and one root key does not make one
 
 
 def test_a_registry_of_the_earlier_layout_is_imported_with_its_versions(tmp_path):

@@ -141,3 +141,44 @@ def test_init_refuses_a_release_key_that_is_a_root_key_or_the_online_key(tmp_pat
     assert init(tmp_path, "--release-key", str(keys / "root-2.pem")) == 1
     assert "its own key file" in capsys.readouterr().err
     assert not (tmp_path / "registry" / "tuf" / "metadata" / "1.root.json").exists()
+
+
+def test_after_rotating_in_a_release_key_targets_planted_with_the_online_key_are_never_signed_by_the_releaser(tmp_path, capsys):
+    """Metadata a rotated-out key signed was accepted by writers as long as any older root named the key, and re-signed
+    with the new one: the thief of the online key (still live for snapshot and timestamp) released through the releaser."""
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path) == 0
+    publish(PolicyRegistry(reg, load_signer(keys / "online.pem")), tmp_path, "v1")
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--release-key", str(keys / "release.pem")]) == 0
+    replica = PolicyRegistry(reg, load_signer(keys / "online.pem"))  # the targets published at the rotation: still built on
+    plant_release(replica, load_signer(keys / "online.pem"), exported(tmp_path, "evil")[0])
+    with pytest.raises(RegistryCorrupted, match="rotated out, and is not the file that was published when it was rotated"):
+        PolicyRegistry(reg, load_signer(keys / "online.pem"), release=load_signer(keys / "release.pem"))
+
+
+def test_a_snapshot_signed_to_point_back_is_not_built_on(tmp_path):
+    """The online key can sign a snapshot naming older targets (a canary since rolled back, say): a writer built on it."""
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "release.pem")) == 0
+    releaser = open_registry(tmp_path / "registry", keys / "online.pem", release_key=keys / "release.pem")
+    publish(releaser, tmp_path, "v1")
+    publish(releaser, tmp_path, "v2")
+    meta, online = releaser.repo.metadata_dir, load_signer(keys / "online.pem")
+    snapshot, timestamp = releaser.repo.open("snapshot"), releaser.repo.open("timestamp")
+    snapshot.signed.meta["targets.json"].version -= 1  # the targets of v1's release
+    (meta / f"{snapshot.signed.version + 1}.snapshot.json").write_bytes(resign(snapshot, online, version=snapshot.signed.version + 1))
+    timestamp.signed.snapshot_meta.version = snapshot.signed.version
+    (meta / "timestamp.json").write_bytes(resign(timestamp, online, version=timestamp.signed.version + 1))
+    with pytest.raises(RegistryCorrupted, match="the published targets went back"):
+        publish(releaser, tmp_path, "v3")
+
+
+def test_rotate_refuses_a_key_set_by_its_files_before_making_any(tmp_path, capsys):
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path) == 0
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    new = ["--new-root-key", str(keys / "n1.pem"), "--new-root-key", str(keys / "n2.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, *new, "--release-key", str(keys / "n1.pem")]) == 1
+    assert "is also a root key" in capsys.readouterr().err
+    assert not (keys / "n1.pem").exists() and not (keys / "n2.pem").exists()  # once made before the refusal

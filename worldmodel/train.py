@@ -116,7 +116,9 @@ def _refit_statistics(model: DynamicsEnsemble, data: Transitions) -> None:
     (m, s), (m2, s2) = old_in, (model.input_norm.mean, model.input_norm.std)
     learned = s > SPREAD
     first = model.hidden[0]
-    shift = torch.where(learned, (m2 - m) / s, 0.0).to(first.weight)  # x_n = x_n' s'/s + (m' - m)/s
+    # x_n = x_n' s'/s + (m' - m)/s for a learned feature; one that never varied (x = m in the earlier data) stays a new input
+    # whose old value m reads 0 as before: its shift (m - m')/s' is taken out of the bias
+    shift = torch.where(learned, (m2 - m) / s, -(m - m2) / s2).to(first.weight)
     first.bias += torch.einsum("i,kio->ko", shift, first.weight)[:, None, :]
     first.weight *= torch.where(learned, s2 / s, 1.0).to(first.weight)[None, :, None]
     (m, s), (m2, s2), d = old_out, (model.output_norm.mean, model.output_norm.std), model.spec.out_dim

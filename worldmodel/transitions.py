@@ -57,6 +57,15 @@ class Transitions:
             "Transitions", self.action, "the world model takes actions in [-1, 1] (what policies emit and rollouts feed it): scale them, 2 (a - low) / (high - low) - 1"
         )
 
+    @classmethod
+    def unchecked(cls, **fields) -> Transitions:
+        """Transitions of arrays already checked where they came in (a learner's log, a slice of checked transitions):
+        the checks of a whole buffer are not paid again at every use."""
+        out = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            object.__setattr__(out, f.name, fields.get(f.name))
+        return out
+
     def __len__(self) -> int:
         return int(self.obs.shape[0])
 
@@ -74,7 +83,7 @@ class Transitions:
 
     def rows(self, index) -> Transitions:
         """The transitions at ``index`` (a slice, mask or index array)."""
-        return Transitions(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in dataclasses.fields(self)})
+        return Transitions.unchecked(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in dataclasses.fields(self)})
 
     def model_inputs(self) -> np.ndarray:
         """(M, obs_dim + act_dim + context_dim): what a world model reads."""

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "rotate":
             if not args.root_key or not (args.online_key or args.release_key or args.new_root_key or args.threshold is not None):
                 parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --release-key, --new-root-key or --threshold")
+            _check_rotate_files([*args.root_key, *args.new_root_key], args.online_key, args.release_key)  # before any key file is made
             root = rotate_keys(
                 tuf_dir,
                 [load_signer(k) for k in args.root_key],
@@ -99,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
 def _public(path: str | None):
     """The public key of the private key file at ``path`` (made if missing); None for no path."""
     return None if path is None else load_signer(path, create=True).public_key
+
+
+def _check_rotate_files(root_keys: list[str], online_key: str | None, release_key: str | None) -> None:
+    """What rotate refuses by its files alone (the online or release key also a root key, or each other), said before
+    any missing key file is made (rotate_keys checks the keys themselves too)."""
+    roots = {str(Path(k).resolve()) for k in root_keys}
+    for flag, path in (("--online-key", online_key), ("--release-key", release_key)):
+        if path is not None and str(Path(path).resolve()) in roots:
+            raise ValueError(f"{flag} {path} is also a root key: give it its own key file")
+    if online_key is not None and release_key is not None and Path(online_key).resolve() == Path(release_key).resolve():
+        raise ValueError(f"--release-key {release_key} is the --online-key: give the release key its own key file")
 
 
 def _check_key_files(root_keys: list[str], online_key: str, threshold: int, release_key: str | None = None) -> None:

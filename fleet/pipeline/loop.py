@@ -198,7 +198,7 @@ class Flywheel:
         write_durably(self.state_path, json.dumps(self._paths(self.state, self._relative), indent=1, sort_keys=True).encode())
         kept = self.state.get("worldmodel")
         for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
-            if old != Path(kept):
+            if old.resolve() != Path(kept).resolve():
                 shutil.rmtree(old, ignore_errors=True)
 
     # the state's paths are kept relative to the run folder, so a folder moved or copied resumes from its own files
@@ -255,7 +255,7 @@ class Flywheel:
         elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note:
             kept = self.run_dir / "policies" / f"iter{k:03d}-released"
             shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(marker["export"], kept)
+            shutil.copytree(self._absolute(marker["export"]), kept)
             self.state["current"] = {"version": rollout["stable"], "checkpoint": None, "export": str(kept)}
             self._save_state()
             log.warning("iteration %d's release v%d was widened before the run stopped: the fleet runs it, the redone iteration gates against it", k, rollout["stable"])
@@ -455,7 +455,7 @@ class Flywheel:
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = robot_order(self.robots)[: s.num_canaries]
-        write_durably(self.run_dir / RELEASE_FILE, json.dumps({"iteration": k, "export": str(export_dir)}).encode())  # _settle_release's clue
+        write_durably(self.run_dir / RELEASE_FILE, json.dumps({"iteration": k, "export": self._relative(str(export_dir))}).encode())  # _settle_release's clue
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
             policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **on_robot, note=f"iteration {k}",
@@ -476,9 +476,9 @@ class Flywheel:
             judged = {"canary_returns": verdict.per_robot, "canary_reason": verdict.reason}  # what widened or rolled back, and on what
             if verdict.action != "widen":  # regressed, or never reported on the new version
                 reason = verdict.reason if verdict.action == "rollback" else f"canaries did not report on v{version}: {verdict.reason}"
-                svc.registry.rollback(reason)
+                svc.registry.rollback(reason, canary=version)  # this iteration's canary, not one published meanwhile
                 return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries, **judged}
-            svc.registry.widen()
+            svc.registry.widen(version)
         else:
             stage, judged = "released", {}  # no canary stage (loop.num_canaries=0): to every robot at once
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}

@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
-from fleet.registry.store import NoCanary, PolicyRegistry, PublishRefused
-from fleet.registry.tuf_repo import RegistryCorrupted, release_key_advice
+from fleet.registry.store import CanaryChanged, NoCanary, PolicyRegistry, PublishRefused
+from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing, release_key_advice
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
 from fleet.server.errors import ApiError
@@ -39,6 +39,7 @@ from sim.sensors import SensorCorrectionError, parse_offsets
 log = logging.getLogger(__name__)
 MAX_PUBLISH_BYTES = 256 << 20
 MAX_DIM = 1 << 20  # obs_dim, act_dim
+MAX_REASON = 1024  # characters of a rollback's reason (copied into every robot's manifest)
 _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
 
 
@@ -102,6 +103,8 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
         except PublishRefused as exc:  # checked before anything is signed (a robot would load it): nothing was published
             field = "weights_b64" if exc.field == "weights" else exc.field  # the body's name for the weights
             raise ApiError(400, "bad_publish", f"{field}: {exc.reason}", field) from None
+        except ReleaseKeyMissing as exc:  # a rotation took releases off this server while it ran
+            raise ApiError(403, "no_release_key", str(exc), None) from None
         return JSONResponse({"manifest": manifest}, status_code=201)
 
     @router.get("/v1/rollout")
@@ -113,23 +116,19 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     async def widen(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
         _require_release(registry)
-        await read_body(request, 1 << 10, body_timeout_s)  # none needed; a small one (a client sending {}) is read and left
-        version = await run_in_threadpool(_rollout_change, registry.widen)
+        body = await _rollout_body(request, body_timeout_s, ("version",))
+        version = await run_in_threadpool(_rollout_change, lambda: registry.widen(body.get("version")))
         return JSONResponse({"version": version, **await run_in_threadpool(registry.rollout)})
 
     @router.post("/v1/rollout/rollback")
     async def rollback(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
         _require_release(registry)
-        raw = await read_body(request, 1 << 16, body_timeout_s)
-        try:
-            body = await run_in_threadpool(loads_bounded, raw or b"{}", "<body>")
-        except EpisodeValidationError as exc:
-            raise ApiError(400, "bad_rollback", f"the body is not JSON: {exc.reason}", None) from None
-        reason = body.get("reason", "rolled back by a publisher") if isinstance(body, dict) else None
-        if not isinstance(reason, str) or set(body) - {"reason"} or any(not c.isprintable() for c in reason):
-            raise ApiError(400, "bad_rollback", 'the body must be {"reason": printable text} or empty', "reason")
-        manifest = await run_in_threadpool(_rollout_change, lambda: registry.rollback(reason))
+        body = await _rollout_body(request, body_timeout_s, ("reason", "version"))
+        reason = body.get("reason", "rolled back by a publisher")
+        if not isinstance(reason, str) or len(reason) > MAX_REASON or any(not c.isprintable() for c in reason):
+            raise ApiError(400, "bad_rollback", f"reason: printable text of at most {MAX_REASON} characters (it goes into every robot's manifest)", "reason")
+        manifest = await run_in_threadpool(_rollout_change, lambda: registry.rollback(reason, body.get("version")))
         return JSONResponse({"manifest": manifest, **await run_in_threadpool(registry.rollout)})
 
     return router
@@ -141,12 +140,31 @@ def _require_release(registry: PolicyRegistry) -> None:
         raise ApiError(403, "no_release_key", release_key_advice(registry.repo.require_root()), None)
 
 
+async def _rollout_body(request: Request, timeout_s: float, fields: tuple[str, ...]) -> dict:
+    """A widen's or rollback's body: empty, or a JSON object of ``fields`` (``version``: the canary judged, an integer)."""
+    raw = await read_body(request, 1 << 12, timeout_s)
+    try:
+        body = await run_in_threadpool(loads_bounded, raw or b"{}", "<body>")
+    except EpisodeValidationError as exc:
+        raise ApiError(400, "bad_rollout", f"the body is not JSON: {exc.reason}", None) from None
+    if not isinstance(body, dict) or set(body) - set(fields):
+        raise ApiError(400, "bad_rollout", f"the body must be empty or a JSON object of {', '.join(fields)}", None)
+    if "version" in body and (type(body["version"]) is not int or body["version"] < 1):
+        raise ApiError(400, "bad_rollout", "version: the canary's version you judged, an integer >= 1", "version")
+    return body
+
+
 def _rollout_change(change):
-    """``change()`` (widen, rollback); 409 ``no_canary`` when there is no canary to end."""
+    """``change()`` (widen, rollback): 409 ``no_canary`` without one, 409 ``canary_changed`` when another replaced the
+    one judged; 403 ``no_release_key`` when a key rotation took releases off this server while it ran."""
     try:
         return change()
     except NoCanary as exc:
         raise ApiError(409, "no_canary", f"{exc}: start one with POST /v1/policies and a cohort", None) from None
+    except CanaryChanged as exc:
+        raise ApiError(409, "canary_changed", str(exc), "version") from None
+    except ReleaseKeyMissing as exc:
+        raise ApiError(403, "no_release_key", str(exc), None) from None
 
 
 def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:

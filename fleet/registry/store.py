@@ -49,6 +49,10 @@ class NoCanary(RegistryError):
     """A widen or rollback with no canary running."""
 
 
+class CanaryChanged(RegistryError):
+    """A widen or rollback of a canary that is no longer the one running (another publisher's replaced it)."""
+
+
 class PublishRefused(RegistryError):
     """A release no robot would take, refused before anything is signed; ``field`` names what to change."""
 
@@ -109,8 +113,7 @@ class PolicyRegistry:
                 f"the release key {release.public_key.keyid[:16]} is not the key root v{root_md.version} names for targets ({named}): "
                 "give that key, or rotate to this one (`flywheel-registry rotate --release-key`)"
             )
-        self.can_release = self.repo.can_sign(Targets.type)
-        if self.can_release:
+        if self.can_release and Timestamp.type not in self.repo._md:  # the cut-over only: before the first TUF publication
             self._import_legacy()
         self.repo.refresh_online(check_keys=True)  # after a key rotation: everything the old online key signed
 
@@ -175,14 +178,16 @@ class PolicyRegistry:
 
         return self.repo.change(edit)
 
-    def widen(self) -> int:
-        """Promote the canary to stable for the whole fleet; returns its version."""
+    def widen(self, canary: int | None = None) -> int:
+        """Promote the canary to stable for the whole fleet; returns its version. ``canary``: the version the caller
+        judged; :class:`CanaryChanged` if another has replaced it since (it would go to every robot untried)."""
         self.require_release()
 
         def edit() -> int:
             state = self._state()
             if state["canary"] is None:
                 raise NoCanary("no canary to widen")
+            _same_canary(state, canary)
             version = state["canary"]
             state.update(stable=version, canary=None, cohort=[])
             self._publish(state, {}, {"version": version, "event": "widened"})
@@ -190,8 +195,9 @@ class PolicyRegistry:
 
         return self.repo.change(edit)
 
-    def rollback(self, reason: str) -> dict | None:
-        """End the canary; republish the last stable weights as a new version for everyone.
+    def rollback(self, reason: str, canary: int | None = None) -> dict | None:
+        """End the canary; republish the last stable weights as a new version for everyone. ``canary``: the version
+        the caller judged (:class:`CanaryChanged` if another replaced it).
 
         Returns the new manifest (None when there was no stable version to return to).
         """
@@ -201,6 +207,7 @@ class PolicyRegistry:
             state = self._state()
             if state["canary"] is None:
                 raise NoCanary("no canary to roll back")
+            _same_canary(state, canary)
             bad, stable = state["canary"], state["stable"]
             manifest = None
             if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
@@ -217,8 +224,15 @@ class PolicyRegistry:
 
         return self.repo.change(edit)
 
+    @property
+    def can_release(self) -> bool:
+        """Whether this process holds the key the newest root names for targets (asked of the root as last read: a
+        change reads it again first, so a rotation while this runs is seen)."""
+        return self.repo.can_sign(Targets.type)
+
     def require_release(self) -> None:
-        """:class:`ReleaseKeyMissing` unless this process holds the key that signs releases."""
+        """:class:`ReleaseKeyMissing` unless this process holds the key that signs releases (the newest root asked)."""
+        self.repo.reload_all()
         if not self.can_release:
             raise ReleaseKeyMissing(release_key_advice(self.repo.require_root()))
 
@@ -306,6 +320,11 @@ def root_metadata(directory: str | Path) -> bytes:
     if data is None:
         raise RegistryError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
     return data
+
+
+def _same_canary(state: dict, canary: int | None) -> None:
+    if canary is not None and state["canary"] != canary:
+        raise CanaryChanged(f"the canary is v{state['canary']} now, not v{canary}: another publisher replaced it; judge v{state['canary']} before widening or rolling it back")
 
 
 def _largest(fields: Mapping) -> str:

@@ -48,7 +48,10 @@ def adopt_shared_state(state_dir: str | Path, robot_id: str) -> bool:
     moved = [p for p in (parent / "trusted.json", parent / "blocked.json", parent / "tuf", *parent.glob("weights*.safetensors")) if p.exists()]
     state_dir.mkdir(parents=True, exist_ok=True)
     for path in moved:
-        os.replace(path, state_dir / path.name)
+        try:
+            os.replace(path, state_dir / path.name)
+        except FileNotFoundError:  # another robot of the same host adopted it first (a fleet of simulated robots)
+            return False
     fsync_dir(state_dir)
     fsync_dir(parent)
     log.warning("moved robot %s's policy state (%s) from %s, where an earlier build kept it, into %s", robot_id, ", ".join(p.name for p in moved), parent, state_dir)

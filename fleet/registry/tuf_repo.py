@@ -37,6 +37,7 @@ versioned name that is taken but never published (by a loser, or a writer that d
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 import re
@@ -65,6 +66,10 @@ KEEP = 16  # snapshot and targets metadata versions kept on disk (robots mid-ref
 COMMIT_ATTEMPTS = 12  # changes redone after losing a race to another writer before RegistryBusy
 SKIP_TAKEN = 16  # taken snapshot or targets version numbers skipped in one change
 TIMESTAMP = "metadata/timestamp.json"
+# a root field (ignored by TUF clients): the sha256 of the timestamp, snapshot and targets metadata published when that
+# root was made. Signed by a key the root rotated out, only those exact files are built on (until re-signed): anything
+# else such a key signs (its thief's) is refused, however many rotations back the key was trusted
+ROTATION_PINS = "x-flywheel-published-at-rotation"
 _METADATA_NAME = re.compile(r"^(?:(\d{1,9})\.(root|snapshot|targets)|root|timestamp)\.json$")
 _VERSIONED = re.compile(r"^(\d{1,9})\.(root|snapshot|targets)\.json$")
 _TARGET_PATH = re.compile(r"^(?:[A-Za-z0-9_-]+/)*[0-9a-f]{64}\.[A-Za-z0-9_.-]+$")
@@ -187,6 +192,14 @@ class TufRepository(Repository):
             self._md = self._load_published(timestamp)
             self._timestamp_tag, self._dirty = (timestamp[1] if timestamp else None), False
             return True
+
+    def reload_all(self) -> None:
+        """Read the whole published state again, roots too (``reload`` reads more only when timestamp.json changed): a
+        key rotation made while this process ran is seen before it signs a release."""
+        with self.lock:
+            if not self._editing:
+                self._dirty = True
+                self.reload()
 
     def change(self, edit: Callable[[], T]) -> T:
         """Run ``edit``, which publishes through ``close``, on the newest published state. When
@@ -356,7 +369,7 @@ class TufRepository(Repository):
         roots = sorted(int(m.group(1)) for m in map(_VERSIONED.match, self.files.list("metadata")) if m and m.group(2) == Root.type)
         if not roots:
             return md
-        md[Root.type] = self._parsed(Root.type, f"metadata/{roots[-1]}.root.json")
+        md[Root.type] = self._root_chain(roots)
         if timestamp is None:
             return md
         root, older = md[Root.type].signed, roots[:-1]
@@ -371,7 +384,34 @@ class TufRepository(Repository):
         md[Snapshot.type] = self._verified(root, older, Snapshot.type, name, self._read(name))
         name = f"metadata/{md[Snapshot.type].signed.meta['targets.json'].version}.targets.json"
         md[Targets.type] = self._verified(root, older, Targets.type, name, self._read(name))
+        if md[Targets.type].signed.version != md[Snapshot.type].signed.meta["targets.json"].version:
+            raise RegistryCorrupted(f"{self.files.location}/{name} holds targets v{md[Targets.type].signed.version}, not the version its name and the snapshot give")
+        for role in (Snapshot.type, Targets.type):  # a snapshot pointed back (the online key can sign one) is no newer state to build on
+            seen = self._md.get(role)
+            if seen is not None and md[role].signed.version < seen.signed.version:
+                raise RegistryCorrupted(
+                    f"{self.files.location}: the published {role} went back from v{seen.signed.version} to v{md[role].signed.version} "
+                    "(a snapshot signed to point at older targets: whoever holds the online key can sign one); robots refuse it "
+                    "(rollback). Restore the newest"
+                )
         return md
+
+    def _root_chain(self, versions: list[int]) -> Metadata:
+        """The newest root, each version checked as a client checks it: signed by a threshold of the previous
+        version's root keys and of its own (a root planted with too few signatures is corruption, never built on)."""
+        trusted = self._parsed(Root.type, f"metadata/{versions[0]}.root.json")
+        for v in versions[1:]:
+            new = self._parsed(Root.type, f"metadata/{v}.root.json")
+            try:
+                trusted.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+                new.signed.verify_delegate(Root.type, new.signed_bytes, new.signatures)
+            except Exception as exc:  # noqa: BLE001 - any verification failure: not a root of this registry
+                raise RegistryCorrupted(
+                    f"{self.files.location}/metadata/{v}.root.json is not signed by a threshold of root v{trusted.signed.version}'s keys "
+                    f"and its own ({exc}): someone other than a key ceremony wrote it (robots refuse it); remove it"
+                ) from None
+            trusted = new
+        return trusted
 
     def _parsed(self, role: str, name: str, data: bytes | None = None) -> Metadata:
         try:
@@ -387,8 +427,17 @@ class TufRepository(Repository):
         ``older`` root versions: before the server re-signs after a key rotation) names for ``role``
         signed it. A writer never builds on, nor re-signs, what no registry key signed."""
         md = self._parsed(role, name, data)
-        if _verifies(root, role, md) or any(_verifies(self._parsed(Root.type, f"metadata/{v}.root.json").signed, role, md) for v in reversed(older)):
+        if _verifies(root, role, md):
             return md
+        if any(_verifies(self._parsed(Root.type, f"metadata/{v}.root.json").signed, role, md) for v in reversed(older)):
+            pins = root.unrecognized_fields.get(ROTATION_PINS)
+            if pins is None or hashlib.sha256(data).hexdigest() == pins.get(role):  # (None: a root made by an earlier build, unpinned)
+                return md
+            raise RegistryCorrupted(
+                f"{self.files.location}/{name} is signed by a {role} key that root v{root.version} rotated out, and is not the file "
+                "that was published when it was rotated: whoever holds the old key wrote it. Restore the file the registry wrote "
+                "(or the one published at the rotation); nothing is built on it or re-signed"
+            )
         raise RegistryCorrupted(
             f"{self.files.location}/{name} is not signed by the {role} keys of any root version: someone other than the registry "
             "wrote it (robots refuse it); restore the file the registry wrote"
@@ -404,6 +453,16 @@ class TufRepository(Repository):
                     self.files.delete(f"metadata/{name}")
         except (OSError, S3Error) as exc:
             log.warning("pruning old metadata of %s failed (%s); the next publication tries again", self.files.location, exc)
+
+
+def _published_hashes(repo: TufRepository) -> dict[str, str]:
+    """sha256 of the timestamp, snapshot and targets metadata ``repo`` publishes now (role -> hex), as loaded and checked."""
+    pins = {}
+    for role in (Timestamp.type, Snapshot.type, Targets.type):
+        if role in repo._md:
+            name = TIMESTAMP if role == Timestamp.type else f"metadata/{repo._md[role].signed.version}.{role}.json"
+            pins[role] = hashlib.sha256(repo._read(name)).hexdigest()
+    return pins
 
 
 def _verifies(root: Root, role: str, md: Metadata) -> bool:
@@ -450,6 +509,7 @@ def init_root(
     if repo.initialised:
         raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
     with repo.edit_root() as root:
+        root.unrecognized_fields[ROTATION_PINS] = {}  # nothing published before it
         for signer in root_signers:
             root.add_key(signer.public_key, Root.type)
         root.roles[Root.type].threshold = threshold
@@ -491,7 +551,9 @@ def rotate_keys(
     online = online_key if online_key is not None else old_online
     release = release_key if release_key is not None else (old_release if split else None)
     check_key_set(root_keys, threshold if threshold is not None else current.roles[Root.type].threshold, online, release)  # the threshold stays unless given
+    pins = _published_hashes(repo)  # what the new root lets the rotated-out keys' signatures stand for
     with repo.edit_root() as root:
+        root.unrecognized_fields[ROTATION_PINS] = pins
         for role in ONLINE_ROLES if online_key is not None or release_key is not None else ():
             for keyid in list(root.roles[role].keyids):
                 root.revoke_key(keyid, role)

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match
 
 from fleet.registry.s3 import S3Error
-from fleet.registry.tuf_repo import RegistryBusy, RepositoryNotInitialised
+from fleet.registry.tuf_repo import RegistryBusy, RegistryCorrupted, RepositoryNotInitialised
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
@@ -55,7 +55,7 @@ from sim.episode import Episode, EpisodeValidationError, encode_safetensors
 log = logging.getLogger(__name__)
 SAFETENSORS = "application/octet-stream"
 # the storage under the store and the registry did not answer: 503 + Retry-After for reads and registry calls, as for uploads
-STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy)
+STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy, RegistryCorrupted)
 STORAGE_RETRY_AFTER_S = 5
 FULL_DISK_RETRY_AFTER_S = 30  # space comes back when an operator frees it, not within a second
 DEGRADED_FOR_S = 30.0  # /healthz answers 503 this long after a failed group commit
