@@ -128,6 +128,7 @@ class TufRepository(Repository):
         self._dirty = True  # _md may hold what was never committed (a change failed): reload whole
         self.commit_retries = 0  # changes redone because another writer committed first
         self._stale_warned_at = float("-inf")  # when targets this process cannot re-sign were last said to need it
+        self._published: dict[str, int] = {}  # snapshot and targets versions as last read published or committed (never a lost change's)
         self.reload()
 
     # -- python-tuf Repository ------------------------------------------------------------
@@ -191,6 +192,7 @@ class TufRepository(Repository):
                 return False
             self._md = self._load_published(timestamp)
             self._timestamp_tag, self._dirty = (timestamp[1] if timestamp else None), False
+            self._note_published()
             return True
 
     def reload_all(self) -> None:
@@ -222,6 +224,7 @@ class TufRepository(Repository):
                 finally:
                     self._editing = False
                 self._dirty = False
+                self._note_published()
                 return result
             raise RegistryBusy(
                 f"{COMMIT_ATTEMPTS} changes in a row to {self.files.location} lost to other writers: "
@@ -387,14 +390,17 @@ class TufRepository(Repository):
         if md[Targets.type].signed.version != md[Snapshot.type].signed.meta["targets.json"].version:
             raise RegistryCorrupted(f"{self.files.location}/{name} holds targets v{md[Targets.type].signed.version}, not the version its name and the snapshot give")
         for role in (Snapshot.type, Targets.type):  # a snapshot pointed back (the online key can sign one) is no newer state to build on
-            seen = self._md.get(role)
-            if seen is not None and md[role].signed.version < seen.signed.version:
+            seen = self._published.get(role)
+            if seen is not None and md[role].signed.version < seen:
                 raise RegistryCorrupted(
-                    f"{self.files.location}: the published {role} went back from v{seen.signed.version} to v{md[role].signed.version} "
+                    f"{self.files.location}: the published {role} went back from v{seen} to v{md[role].signed.version} "
                     "(a snapshot signed to point at older targets: whoever holds the online key can sign one); robots refuse it "
                     "(rollback). Restore the newest"
                 )
         return md
+
+    def _note_published(self) -> None:
+        self._published = {role: self._md[role].signed.version for role in (Snapshot.type, Targets.type) if role in self._md}
 
     def _root_chain(self, versions: list[int]) -> Metadata:
         """The newest root, each version checked as a client checks it: signed by a threshold of the previous
