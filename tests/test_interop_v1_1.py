@@ -112,3 +112,7 @@ def test_lerobot_export_is_what_lerobot_reads_and_never_reuses_an_id_for_other_c
     EpisodeStore.create(StoreConfig(path=str(root / "mixed"), fsync=False)).append([one, slow, *stores["plain"][1]])
     with pytest.raises(InteropError, match="one integer frame rate"):
         export_lerobot(select(root / "mixed", robot_model="so100"), root / "lr2")
+    odd = Episode.create(**{**make_episode_arrays(num_steps=5, seed=5), "timestamp": np.arange(6) / 3.5}, robot_id="arm-8", robot_model="slow", source="real")
+    EpisodeStore.create(StoreConfig(path=str(root / "odd"), fsync=False)).append([odd])
+    with pytest.raises(InteropError, match="3.5 Hz.*no LeRobot fps fits"):  # one robot: "export each rate apart" would not help
+        export_lerobot(select(root / "odd"), root / "lr3")

@@ -182,3 +182,14 @@ def test_rotate_refuses_a_key_set_by_its_files_before_making_any(tmp_path, capsy
     assert main(["rotate", "--dir", str(reg), *two, *new, "--release-key", str(keys / "n1.pem")]) == 1
     assert "is also a root key" in capsys.readouterr().err
     assert not (keys / "n1.pem").exists() and not (keys / "n2.pem").exists()  # once made before the refusal
+
+
+def test_a_version_number_is_never_given_twice(tmp_path):
+    """Built on targets pointed back to older ones, a publish reused the number of a release robots had run (they then
+    refused the new one as a replay): the number comes from the rollout's history too."""
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "release.pem")) == 0
+    releaser = open_registry(tmp_path / "registry", keys / "online.pem", release_key=keys / "release.pem")
+    assert publish(releaser, tmp_path, "v1") == 1
+    releaser._record({"version": 7, "event": "stable"})  # released once; the published targets no longer list it
+    assert publish(releaser, tmp_path, "v8") == 8

@@ -151,6 +151,11 @@ def _check_one_rate(episodes: list[Episode], fps: int) -> None:
     (a 10 Hz robot beside 50 Hz ones: 5x too fast)."""
     for ep in episodes:
         rate = 1.0 / float(np.median(np.diff(ep.timestamp)))
+        if abs(rate / fps - 1.0) > RATE_TOLERANCE and abs(rate - round(rate)) > RATE_TOLERANCE * rate and len({round(1.0 / float(np.median(np.diff(e.timestamp))), 6) for e in episodes}) == 1:
+            raise InteropError(
+                f"the episodes step at {rate:.4g} Hz, and a LeRobot dataset's fps is an integer (its timestamps are frame_index / fps): "
+                "no LeRobot fps fits; use --format minari or mcap, which keep each row's own time"
+            )
         if abs(rate / fps - 1.0) > RATE_TOLERANCE:
             raise InteropError(
                 f"episode {ep.episode_id} of {ep.metadata['robot_id']} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "

@@ -127,6 +127,20 @@ class PolicyRegistry:
         data = self.files.read("history.jsonl") or b""
         return {**self._state(), "history": [json.loads(line) for line in data.decode().splitlines() if line.strip()]}
 
+    def _recorded_versions(self) -> list[int]:
+        """Every version the rollout's history records: a version number is never given twice, even where the published
+        targets were pointed back to older ones (robots that ran the first would refuse the second: replay)."""
+        data = self.files.read("history.jsonl") or b""
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                version = json.loads(line).get("version")
+            except (ValueError, AttributeError):
+                continue  # a line cut by a crash: the events around it still count
+            if type(version) is int:
+                out.append(version)
+        return out
+
     def _state(self) -> dict:
         return self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
 
@@ -165,7 +179,7 @@ class PolicyRegistry:
             _check_loads(fields["policy"], weights, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim)
 
         def edit() -> dict:
-            version = max(self.versions(), default=0) + 1
+            version = max([*self.versions(), *self._recorded_versions()], default=0) + 1  # never a number released before
             manifest = build_manifest(version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, **fields)
             state = self._state()
             if cohort:
