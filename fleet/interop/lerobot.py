@@ -149,19 +149,21 @@ def _check_one_rate(episodes: list[Episode], fps: int) -> None:
     """InteropError for an episode whose steps are not 1/``fps`` apart (within RATE_TOLERANCE, the tolerance of a declared
     control rate): LeRobot's time is frame_index / fps, one integer rate per dataset, so its timestamps would be wrong
     (a 10 Hz robot beside 50 Hz ones: 5x too fast)."""
-    for ep in episodes:
-        rate = 1.0 / float(np.median(np.diff(ep.timestamp)))
-        if abs(rate / fps - 1.0) > RATE_TOLERANCE and abs(rate - round(rate)) > RATE_TOLERANCE * rate and len({round(1.0 / float(np.median(np.diff(e.timestamp))), 6) for e in episodes}) == 1:
+    rates = [1.0 / float(np.median(np.diff(ep.timestamp))) for ep in episodes]  # each episode's own, once
+    one_rate = len({round(r, 6) for r in rates}) == 1
+    for ep, rate in zip(episodes, rates):
+        if abs(rate / fps - 1.0) <= RATE_TOLERANCE:
+            continue
+        if one_rate and abs(rate - round(rate)) > RATE_TOLERANCE * rate:  # one robot's rate, and no integer near it
             raise InteropError(
                 f"the episodes step at {rate:.4g} Hz, and a LeRobot dataset's fps is an integer (its timestamps are frame_index / fps): "
                 "no LeRobot fps fits; use --format minari or mcap, which keep each row's own time"
             )
-        if abs(rate / fps - 1.0) > RATE_TOLERANCE:
-            raise InteropError(
-                f"episode {ep.episode_id} of {ep.metadata['robot_id']} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "
-                "integer frame rate, and its timestamps are frame_index / fps; export robots of each rate apart (--robot-id), or use "
-                "--format minari or mcap, which keep each row's own time"
-            )
+        raise InteropError(
+            f"episode {ep.episode_id} of {ep.metadata['robot_id']} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "
+            "integer frame rate, and its timestamps are frame_index / fps; export robots of each rate apart (--robot-id), or use "
+            "--format minari or mcap, which keep each row's own time"
+        )
 
 
 def _frames(ep: Episode, arrays: dict, index: int, start: int, fps: int, task_index: int) -> dict[str, np.ndarray]:
