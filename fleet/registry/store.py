@@ -124,22 +124,24 @@ class PolicyRegistry:
 
     def rollout(self) -> dict:
         """The published rollout and its recorded history."""
-        data = self.files.read("history.jsonl") or b""
-        return {**self._state(), "history": [json.loads(line) for line in data.decode().splitlines() if line.strip()]}
+        return {**self._state(), "history": self._history()}
+
+    def _history(self) -> list[dict]:
+        """The rollout's recorded events, oldest first (a line cut by a crash is left out: the events around it count)."""
+        events = []
+        for line in (self.files.read("history.jsonl") or b"").decode(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+        return events
 
     def _recorded_versions(self) -> list[int]:
         """Every version the rollout's history records: a version number is never given twice, even where the published
         targets were pointed back to older ones (robots that ran the first would refuse the second: replay)."""
-        data = self.files.read("history.jsonl") or b""
-        out = []
-        for line in data.decode(errors="replace").splitlines():
-            try:
-                version = json.loads(line).get("version")
-            except (ValueError, AttributeError):
-                continue  # a line cut by a crash: the events around it still count
-            if type(version) is int:
-                out.append(version)
-        return out
+        return [e["version"] for e in self._history() if type(e.get("version")) is int]
 
     def _state(self) -> dict:
         return self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
