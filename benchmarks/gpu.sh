@@ -7,7 +7,8 @@
 # Each step's whole output goes to OUT_DIR/<step>.log; the JSON lines are printed.
 #
 # Run: bash benchmarks/gpu.sh [PYTHON] [OUT_DIR]    (defaults: .venv/bin/python, runs/benchmarks/gpu)
-#      STEPS="tests sac_update" bash benchmarks/gpu.sh ...   runs only the steps named
+#      STEPS="tests sac_update" bash benchmarks/gpu.sh ...   runs only the steps named (tests, sac_update, train_vs_sb3,
+#      worldmodel_cuda, worldmodel_cpu, train_sac_float32, train_sac_bfloat16, demo)
 set -u
 PY=${1:-.venv/bin/python}
 OUT=${2:-runs/benchmarks/gpu}
@@ -36,3 +37,6 @@ for precision in float32 bfloat16; do  # flywheel-train on device auto (the lear
         "policy.algorithm.precision=$precision" train.eval_episodes=4 wandb.mode=disabled "run_dir=$OUT/train_sac_$precision"
     tail -4 "$OUT/train_sac_$precision.log" 2>/dev/null
 done
+# make demo's job with its defaults (device auto: the learner, its world model and the fleet's world model on CUDA)
+step demo 420 "$PY" -m fleet.apps.flywheel wandb.mode=disabled "run_dir=$OUT/demo_run"
+tail -14 "$OUT/demo.log" 2>/dev/null

@@ -70,3 +70,33 @@ def test_ray_train_puts_its_worker_on_the_gpu(local_ray, tmp_path):
     assert meta["trainer_config"]["device"] == "cuda"
     policy, _ = policy_from_checkpoint(result.checkpoint.path)  # trained on the GPU, loads on a CPU
     assert all(t.device.type == "cpu" for t in tensors.values()) and next(policy.parameters()).device.type == "cpu"
+
+
+def test_a_world_model_continued_on_the_gpu_refits_its_normalisers_and_learns_the_new_actions():
+    """The loop's first data comes from the zero policy (an action normaliser of std 1e-6); a continued fit refits the
+    normalisers and rescales the first and last layers in place, on the model's own device."""
+    from sim.batched import BatchedStepper
+    from sim.policy_fn import random_policy
+    from sim.scenario import ScenarioSpec
+    from worldmodel import EnsembleConfig, TrainConfig, train_ensemble
+    from worldmodel.train import _refit_statistics
+    from worldmodel.transitions import to_transitions
+
+    def simulate(policy, seed):
+        with BatchedStepper("pendulum", 32, nthread=1) as stepper:
+            return stepper.simulate([ScenarioSpec("pendulum", seed=seed * 100 + i, max_steps=60) for i in range(24)], policy)
+
+    still = simulate(lambda obs: np.zeros((len(obs), 1), np.float32), 0)
+    moving = simulate(random_policy(1, 1), 1)
+    ensemble, config = EnsembleConfig(ensemble_size=5, num_elites=3, hidden_size=128, num_hidden_layers=2), TrainConfig(max_steps=300, eval_every=100, seed=0, device="auto")
+    model, _ = train_ensemble(still, ensemble=ensemble, config=config)
+    assert model.device.type == "cuda" and float(model.input_norm.std[-1]) == pytest.approx(1e-6)
+    obs = torch.as_tensor(still[0].observation[:-1], device="cuda")
+    act = torch.as_tensor(still[0].action, device="cuda")
+    with torch.no_grad():
+        before = model.predict(obs, act)
+        _refit_statistics(model, to_transitions(moving))
+        after = model.predict(obs, act)
+    torch.testing.assert_close(after.delta_mean, before.delta_mean, rtol=1e-4, atol=1e-4)  # the same function on the old data
+    model, report = train_ensemble(moving, model=model, config=config)
+    assert model.device.type == "cuda" and float(model.input_norm.std[-1]) > 0.3 and report.elite_val_mse < 1.0, report.val_mse
