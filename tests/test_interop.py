@@ -375,3 +375,53 @@ def test_what_a_format_cannot_carry_is_refused_in_one_line_and_an_outside_one_fr
     with caplog.at_level("WARNING", logger="fleet.interop.lerobot"):
         imported = import_lerobot(out, ImportOptions(robot_id="r-3", robot_model="toy"))
     assert len(imported) == 1 and imported[0].num_steps == 3 and "left out 1 episode(s) of one frame" in caplog.text
+
+
+def test_a_selection_is_exported_a_batch_at_a_time_and_lerobot_rolls_its_data_files(store, tmp_path, monkeypatch):
+    """An export held the whole selection in memory (a fleet's store does not fit): now each format reads one batch of
+    about ``batch_bytes`` at a time, and LeRobot's frames go into data files of about ``data_file_mb``, as LeRobot lays
+    out a large dataset (data/chunk-C/file-F.parquet, each episode's row naming its file)."""
+    import minari
+    import pyarrow.parquet as pq
+
+    from fleet.interop.common import select
+    from fleet.interop.lerobot import export_lerobot, import_lerobot
+    from fleet.interop.mcap_io import export_mcap, import_mcap
+    from fleet.interop.minari_export import export_minari
+
+    def one_at_a_time():
+        selection = select(store["path"], robot_model="toy")
+        selection.batch_bytes = 1  # every episode is its own batch
+        read, sizes = selection.snapshot.read_episodes, []
+        selection.snapshot.read_episodes = lambda infos, **kw: sizes.append(len(infos)) or read(infos, **kw)
+        return selection, sizes
+
+    selection, sizes = one_at_a_time()
+    root = export_lerobot(selection, tmp_path / "lr", data_file_mb=1e-6)  # a file per episode
+    assert sizes == [1, 1, 1]
+    info = json.loads((root / "meta/info.json").read_text())
+    episodes = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [(e["data/chunk_index"], e["data/file_index"]) for e in episodes] == [(0, 0), (0, 1), (0, 2)]
+    files = [pq.read_table(root / info["data_path"].format(chunk_index=0, file_index=k)) for k in range(3)]
+    assert [f.num_rows for f in files] == [5, 7, 3] and info["total_frames"] == 15
+    assert_same(import_lerobot(root), store["toy"])
+    stats = json.loads((root / "meta/stats.json").read_text())
+    state = np.concatenate([np.stack(f["observation.state"].to_numpy(zero_copy_only=False)) for f in files]).astype(np.float64)
+    np.testing.assert_allclose(stats["observation.state"]["mean"], state.mean(0), rtol=1e-9)  # merged episode by episode: exact
+    np.testing.assert_allclose(stats["observation.state"]["std"], state.std(0), rtol=1e-9)
+    assert stats["observation.state"]["min"] == state.min(0).tolist() and stats["observation.state"]["count"] == [15]
+    assert all(np.min(state, 0)[d] <= stats["observation.state"]["q50"][d] <= np.max(state, 0)[d] for d in range(3))
+
+    selection, sizes = one_at_a_time()
+    path = export_mcap(selection, tmp_path / "mcap")
+    got = {ep.episode_id: ep for ep in import_mcap(path)}
+    assert sizes == [1, 1, 1] and len(got) == 3
+    assert_same([got[ep.episode_id] for ep in store["toy"]], store["toy"])
+
+    selection, sizes = one_at_a_time()
+    export_minari(selection, tmp_path / "mi")
+    assert sizes == [1, 1, 1]
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "mi"))
+    dataset = minari.load_dataset("flywheel-toy-v0")
+    assert dataset.total_episodes == 3 and [m["flywheel_metadata"] for m in dataset.storage.get_episode_metadata(range(3))] == [e.metadata for e in store["toy"]]
+    assert [ep.observations.tolist() for ep in dataset.iterate_episodes()] == [e.observation.tolist() for e in store["toy"]]

@@ -74,7 +74,7 @@ def run_export(args: argparse.Namespace) -> dict:
         from fleet.interop.mcap_io import export_mcap
 
         path = export_mcap(selection, args.out)
-    return {"command": "export", "format": args.format, "snapshot_id": selection.snapshot_id, "episodes": len(selection.episodes), "path": str(path)}
+    return {"command": "export", "format": args.format, "snapshot_id": selection.snapshot_id, "episodes": len(selection), "path": str(path)}
 
 
 def read_inputs(args: argparse.Namespace) -> list:

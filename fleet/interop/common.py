@@ -12,8 +12,9 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,19 +55,67 @@ def new_output(path: str | Path):
         raise
 
 
+EXPORT_BATCH_BYTES = 64 << 20  # an export holds about this much of the selection's arrays at a time, whatever its size
+
+
 @dataclasses.dataclass
 class Selection:
-    """Episodes read from one pinned snapshot of a store."""
+    """Episodes of one pinned snapshot of a store, read in batches of about ``batch_bytes``: an export of the whole
+    fleet's store holds one batch at a time, never the selection (:meth:`batches`)."""
 
     store: str
-    snapshot_id: str
-    episodes: list[Episode]
-    streams: list[str] = dataclasses.field(default_factory=list)  # the store streams the episodes come from (one per array layout and writer)
+    snapshot: Any  # fleet.store.StoreSnapshot, pinned
+    infos: list  # the selected EpisodeInfo, in catalog order
+    batch_bytes: int = EXPORT_BATCH_BYTES
+
+    @property
+    def snapshot_id(self) -> str:
+        return self.snapshot.snapshot_id
+
+    @property
+    def streams(self) -> list[str]:
+        """The store streams the episodes come from (one per array layout and writer)."""
+        return sorted({i.stream for i in self.infos})
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def layouts(self) -> dict[str, dict[str, dict]]:
+        """Each stream's array layout (what :func:`layout` gives for any of its episodes), from the store's signatures."""
+        return {stream: _signature_layout(self.snapshot.signature(stream)) for stream in self.streams}
+
+    def _groups(self) -> Iterator[list]:
+        """The infos in catalog order, cut into groups of about ``batch_bytes`` of arrays each."""
+        row_bytes = {stream: max(1, sum(np.dtype(a.dtype).itemsize * int(np.prod(a.tail)) for a in self.snapshot.signature(stream).arrays)) for stream in self.streams}
+        group, size = [], 0
+        for info in self.infos:
+            group.append(info)
+            size += row_bytes[info.stream] * (info.num_steps + 1)
+            if size >= self.batch_bytes:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def batches(self) -> Iterator[list[Episode]]:
+        """The episodes, each checked against its commit digest, a batch at a time."""
+        for group in self._groups():
+            yield self.snapshot.read_episodes(group)
+
+    def headers(self, arrays: Sequence[str] = ()) -> Iterator[tuple[dict[str, str], dict[str, np.ndarray]]]:
+        """Each episode's metadata map and only ``arrays`` of it (a first pass that reads little), in order."""
+        for group in self._groups():
+            yield from zip(self.snapshot.metadata(group), self.snapshot.read_arrays(group, arrays) if arrays else ({} for _ in group))
 
     def provenance(self) -> dict:
         """Dataset-level provenance written beside the episodes in every format."""
         store = self.store if "://" in self.store else str(Path(self.store).resolve())  # a relative path means nothing once the export moves
-        return {"flywheel_interop_version": INTEROP_VERSION, "store": store, "snapshot_id": self.snapshot_id, "episode_schema_version": ",".join(sorted({ep.metadata["schema_version"] for ep in self.episodes}))}
+        versions = sorted({i.schema_version or self.snapshot.info["episode_schema_version"] for i in self.infos})
+        return {"flywheel_interop_version": INTEROP_VERSION, "store": store, "snapshot_id": self.snapshot_id, "episode_schema_version": ",".join(versions)}
+
+
+def _signature_layout(signature) -> dict[str, dict]:
+    return {a.name: {"dtype": str(np.dtype(a.dtype)), "tail": list(a.tail), "length": a.length} for a in signature.arrays}
 
 
 def select(
@@ -78,7 +127,7 @@ def select(
     robot_model: str | None = None,
     stream: str | None = None,
 ) -> Selection:
-    """Read the episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters."""
+    """The episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters (read later, in batches)."""
     from fleet.store import EpisodeStore, StoreConfig
 
     if Path(store).is_file():
@@ -102,7 +151,7 @@ def select(
         raise InteropError(f"snapshot {snap.snapshot_id} of {store} holds no episodes yet: nothing to export")
     if not infos:
         raise InteropError(f"none of the {len(every)} episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
-    return Selection(str(store), snap.snapshot_id, snap.read_episodes(infos), sorted({i.stream for i in infos}))
+    return Selection(str(store), snap, infos)
 
 
 def layout(episode: Episode) -> dict[str, dict]:
@@ -117,11 +166,12 @@ def layout(episode: Episode) -> dict[str, dict]:
     return out
 
 
-def single_layout(episodes: Sequence[Episode], fmt: str, streams: Sequence[str] = ()) -> dict[str, dict]:
-    """The one layout all ``episodes`` share (datasets with fixed features need it)."""
+def single_layout(selection: Selection, fmt: str) -> dict[str, dict]:
+    """The one layout all of ``selection``'s episodes share (datasets with fixed features need it)."""
+    of_stream = {stream: json.dumps(lay, sort_keys=True) for stream, lay in selection.layouts().items()}
     layouts: dict[str, list[tuple[str, str]]] = {}
-    for ep in episodes:
-        layouts.setdefault(json.dumps(layout(ep), sort_keys=True), []).append((ep.metadata["robot_model"], ep.source))
+    for info in selection.infos:
+        layouts.setdefault(of_stream[info.stream], []).append((info.robot_model, info.source))
     if len(layouts) > 1:
         kinds = "; ".join(
             f"{len(eps)} episodes of {sorted({m for m, _ in eps})} from {sorted({s for _, s in eps})} with arrays {sorted(json.loads(k))}" for k, eps in layouts.items()
@@ -129,19 +179,23 @@ def single_layout(episodes: Sequence[Episode], fmt: str, streams: Sequence[str] 
         raise InteropError(
             f"a {fmt} dataset has one set of features, but the selection mixes {len(layouts)} array layouts ({kinds}); "
             "export one layout at a time with --source (a flywheel run's store: real telemetry has no qpos/qvel, simulated episodes do), "
-            f"--robot-model or --stream (the selection's streams: {', '.join(streams) if streams else 'see EpisodeInfo.stream'})"
+            f"--robot-model or --stream (the selection's streams: {', '.join(selection.streams)})"
         )
     return json.loads(next(iter(layouts)))
 
 
-def fps_of(episodes: Sequence[Episode]) -> int:
-    """The control rate (Hz, rounded): the episodes' ``control_rate_hz`` when they all declare one
-    that rounds alike, else from the median step of the timestamps."""
-    declared = {max(1, round(float(ep.metadata["control_rate_hz"]))) if "control_rate_hz" in ep.metadata else None for ep in episodes}
-    if len(declared) == 1 and None not in declared:
-        return declared.pop()
-    steps = np.concatenate([np.diff(ep.timestamp) for ep in episodes])
-    return max(1, int(round(1.0 / float(np.median(steps)))))
+def step_rate(timestamp: np.ndarray) -> float:
+    """An episode's control rate (Hz) from the median step of its timestamps."""
+    return 1.0 / float(np.median(np.diff(timestamp)))
+
+
+def fps_of(declared: Sequence[float | None], rates: Sequence[float]) -> int:
+    """The control rate (Hz, rounded): the episodes' ``declared`` ``control_rate_hz`` when they all declare one that
+    rounds alike, else the median of their timestamps' ``rates``."""
+    rounded = {None if d is None else max(1, round(float(d))) for d in declared}
+    if len(rounded) == 1 and None not in rounded:
+        return rounded.pop()
+    return max(1, int(round(float(np.median(rates)))))
 
 
 def derived_episode_id(episode_id: str, dropped: Sequence[str]) -> str:

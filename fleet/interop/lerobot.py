@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.interop.common import ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, layout, new_output, restored_episode, single_layout
+from fleet.interop.common import (
+    ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, layout, new_output, restored_episode, single_layout, step_rate,
+)  # fmt: skip
 from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ CODEBASE_VERSION = "v3.0"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
+DATA_FILE_MB = 100  # LeRobot's default data file size
+CHUNKS_SIZE = 1000  # files per chunk folder
 # flywheel array -> LeRobot feature
 FEATURE = {
     "observation": "observation.state",
@@ -55,103 +59,196 @@ FEATURE = {
 }
 
 
-def task_of(ep: Episode) -> str:
-    """The task text: metadata ``task`` (schema 1.1), else ``x.task``, else the robot model."""
-    return ep.metadata.get("task") or ep.metadata.get("x.task", f"flywheel {ep.metadata['robot_model']}")
+def task_of(metadata: dict[str, str]) -> str:
+    return metadata.get("task") or metadata.get("x.task", f"flywheel {metadata['robot_model']}")
 
 
-def names_of(episodes: list[Episode], array: str) -> list[str] | None:
-    """The dimension names of ``array`` that every episode declares alike (schema 1.1 ``names``), else None."""
-    found = {tuple(ep.json_metadata("names").get(array) or ()) if "names" in ep.metadata else () for ep in episodes}
-    if len(found) > 1:
-        log.warning("episodes name the dimensions of %r differently (%d variants); LeRobot feature names left empty", array, len(found))
-    if len(found) != 1:
+def names_of(variants: set[tuple[str, ...]], array: str) -> list[str] | None:
+    """The dimension names of ``array`` when every episode declares them alike (schema 1.1 ``names``; ``variants``: the
+    tuples seen, () for none), else None."""
+    if len(variants) > 1:
+        log.warning("episodes name the dimensions of %r differently (%d variants); LeRobot feature names left empty", array, len(variants))
         return None
-    return list(found.pop()) or None
+    return list(next(iter(variants), ())) or None
 
 
 # -- export -----------------------------------------------------------------------------
-def export_lerobot(selection: Selection, out: str | Path) -> Path:
-    """Write the selection as a LeRobot v3.0 dataset rooted at ``out``; returns ``out``."""
+def export_lerobot(selection: Selection, out: str | Path, data_file_mb: float = DATA_FILE_MB) -> Path:
+    """Write the selection as a LeRobot v3.0 dataset rooted at ``out``; returns ``out``. Frames go into data files of
+    about ``data_file_mb`` each, and the selection is read a batch at a time: memory stays bounded whatever its size."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with new_output(out) as root:
-        _write(selection, root, pd, pa, pq)
+        _write(selection, root, data_file_mb, pd, pa, pq)
     return Path(out).resolve()
 
 
-def _write(selection: Selection, root: Path, pd, pa, pq) -> None:
-    episodes = selection.episodes
-    arrays = {k: v for k, v in single_layout(episodes, "LeRobot", selection.streams).items() if not k.startswith(IMAGE_PREFIX)}
-    skipped = sorted(set(layout(episodes[0])) - set(arrays))
+def _write(selection: Selection, root: Path, data_file_mb: float, pd, pa, pq) -> None:
+    every = single_layout(selection, "LeRobot")
+    arrays = {k: v for k, v in every.items() if not k.startswith(IMAGE_PREFIX)}
+    skipped = sorted(set(every) - set(arrays))
     if skipped:
         log.warning("LeRobot export leaves out image arrays %s (LeRobot keeps images as video; use --format minari or mcap for them)", skipped)
-    fps = fps_of(episodes)
-    _check_one_rate(episodes, fps)
-    tasks = sorted({task_of(ep) for ep in episodes})
-    columns: dict[str, list] = {}
+    declared, rates, tasks, names = [], [], set(), {name: set() for name in arrays}
+    for meta, arrs in selection.headers(["timestamp"]):  # first pass: what the dataset's header needs, reading little
+        declared.append(float(meta["control_rate_hz"]) if "control_rate_hz" in meta else None)
+        rates.append(step_rate(arrs["timestamp"]))
+        tasks.add(task_of(meta))
+        named = json.loads(meta["names"]) if "names" in meta else {}
+        for name in arrays:
+            names[name].add(tuple(named.get(name) or ()))
+    fps = fps_of(declared, rates)
+    _check_one_rate(selection.infos, rates, fps)
+    tasks = sorted(tasks)
+    data = _DataFiles(root, int(data_file_mb * 2**20), pa, pq)
+    totals: dict[str, dict[str, np.ndarray]] = {}
+    features: dict[str, dict] = {}
     episode_rows: list[dict] = []
-    start = 0
-    for index, ep in enumerate(episodes):
-        frames = _frames(ep, arrays, index, start, fps, tasks.index(task_of(ep)))
-        for key, value in frames.items():
-            columns.setdefault(key, []).append(value)
-        final = {name: ep.arrays()[name][-1].reshape(-1).tolist() for name, spec in arrays.items() if spec["length"] == "T+1"}
-        row = {
-            "episode_index": index,
-            "tasks": [task_of(ep)],
-            "length": ep.num_steps,
-            "data/chunk_index": 0,
-            "data/file_index": 0,
-            "dataset_from_index": start,
-            "dataset_to_index": start + ep.num_steps,
-            "meta/episodes/chunk_index": 0,
-            "meta/episodes/file_index": 0,
-            "flywheel/metadata": json.dumps(ep.metadata, sort_keys=True),
-            "flywheel/final": json.dumps(final),
-            "flywheel/snapshot_id": selection.snapshot_id,
-        }
-        for feature, stats in _stats(frames).items():
-            row.update({f"stats/{feature}/{name}": value.tolist() for name, value in stats.items()})
-        episode_rows.append(row)
-        start += ep.num_steps
-    data = {key: np.concatenate(parts) for key, parts in columns.items()}
-    features = {key: _feature(value) for key, value in data.items()}
+    episodes_file = _RowGroups(root / EPISODES_PATH.format(chunk_index=0, file_index=0), pa, pq)
+    start = index = 0
+    for batch in selection.batches():
+        for ep in batch:
+            frames = _frames(ep, arrays, index, start, fps, tasks.index(task_of(ep.metadata)))
+            features = features or {key: _feature(value) for key, value in frames.items()}
+            chunk_index, file_index = data.add(frames)
+            final = {name: ep.arrays()[name][-1].reshape(-1).tolist() for name, spec in arrays.items() if spec["length"] == "T+1"}
+            row = {
+                "episode_index": index,
+                "tasks": [task_of(ep.metadata)],
+                "length": ep.num_steps,
+                "data/chunk_index": chunk_index,
+                "data/file_index": file_index,
+                "dataset_from_index": start,
+                "dataset_to_index": start + ep.num_steps,
+                "meta/episodes/chunk_index": 0,
+                "meta/episodes/file_index": 0,
+                "flywheel/metadata": json.dumps(ep.metadata, sort_keys=True),
+                "flywheel/final": json.dumps(final),
+                "flywheel/snapshot_id": selection.snapshot_id,
+            }
+            for feature, stats in _stats(frames).items():
+                row.update({f"stats/{feature}/{name}": value.tolist() for name, value in stats.items()})
+                totals[feature] = _merged(totals.get(feature), stats)
+            episode_rows.append(row)
+            start += ep.num_steps
+            index += 1
+        data.flush()  # the batch's frames and episode rows, before the next batch is read
+        episodes_file.write(episode_rows)
+        episode_rows = []
+    data.close()
+    episodes_file.close()
     for name in arrays:
-        features[FEATURE[name]]["names"] = names_of(episodes, name)
-    _write_parquet(root / DATA_PATH.format(chunk_index=0, file_index=0), pa.table({k: _arrow(v) for k, v in data.items()}), pq)
-    _write_parquet(root / EPISODES_PATH.format(chunk_index=0, file_index=0), pa.Table.from_pylist(episode_rows), pq)
+        features[FEATURE[name]]["names"] = names_of(names[name], name)
     pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")).to_parquet(root / "meta" / "tasks.parquet")
-    models = sorted({ep.metadata["robot_model"] for ep in episodes})
+    models = sorted({info.robot_model for info in selection.infos})
     info = {
         "codebase_version": CODEBASE_VERSION,
         "robot_type": models[0] if len(models) == 1 else None,
-        "total_episodes": len(episodes),
+        "total_episodes": index,
         "total_frames": start,
         "total_tasks": len(tasks),
-        "chunks_size": 1000,
-        "data_files_size_in_mb": 100,
+        "chunks_size": CHUNKS_SIZE,
+        "data_files_size_in_mb": data_file_mb,
         "video_files_size_in_mb": 200,
         "fps": fps,
-        "splits": {"train": f"0:{len(episodes)}"},
-        "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+        "splits": {"train": f"0:{index}"},
+        "data_path": DATA_PATH,
         "video_path": None,
         "features": features,
     }
     _write_json(root / "meta" / "info.json", info)
-    _write_json(root / "meta" / "stats.json", {k: {s: v.tolist() for s, v in st.items()} for k, st in _stats(data).items()})
+    _write_json(root / "meta" / "stats.json", {k: {s: v.tolist() for s, v in st.items()} for k, st in totals.items()})
     _write_json(root / "meta" / "flywheel.json", {**selection.provenance(), "arrays": arrays, "features": {k: FEATURE[k] for k in arrays}, "skipped_arrays": skipped})
 
 
-def _check_one_rate(episodes: list[Episode], fps: int) -> None:
+class _DataFiles:
+    """The frames of whole episodes into ``data/chunk-C/file-F.parquet`` files of about ``max_bytes`` each (an episode
+    is never split; a file holds at least one), CHUNKS_SIZE files a chunk, as LeRobot v3.0 lays them out. Frames are
+    written a row group at a time (:meth:`flush`, once per batch read), so one batch's frames are held, not a file's."""
+
+    def __init__(self, root: Path, max_bytes: int, pa, pq):
+        self.root, self.max_bytes, self.pa, self.pq = root, max_bytes, pa, pq
+        self.columns: dict[str, list[np.ndarray]] = {}
+        self.writer = None
+        self.size = self.files = 0  # bytes of frames in the open file (written or buffered); files finished
+
+    def add(self, frames: dict[str, np.ndarray]) -> tuple[int, int]:
+        """Buffer one episode's frames; returns the (chunk_index, file_index) of the file it goes into."""
+        nbytes = sum(v.nbytes for v in frames.values())
+        if self.size and self.size + nbytes > self.max_bytes:
+            self._next_file()
+        for key, value in frames.items():
+            self.columns.setdefault(key, []).append(value)
+        self.size += nbytes
+        return divmod(self.files, CHUNKS_SIZE)
+
+    def flush(self) -> None:
+        """Write the buffered frames as one row group of the open file."""
+        if not self.columns:
+            return
+        table = self.pa.table({k: _arrow(np.concatenate(parts)) for k, parts in self.columns.items()})
+        if self.writer is None:
+            chunk_index, file_index = divmod(self.files, CHUNKS_SIZE)
+            path = self.root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = self.pq.ParquetWriter(path, table.schema)
+        self.writer.write_table(table)
+        self.columns = {}
+
+    def _next_file(self) -> None:
+        self.flush()
+        self.writer.close()
+        self.writer, self.size, self.files = None, 0, self.files + 1
+
+    def close(self) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _RowGroups:
+    """One parquet file written a row group at a time (the episodes' rows, a batch at a time)."""
+
+    def __init__(self, path: Path, pa, pq):
+        self.path, self.pa, self.pq, self.writer = path, pa, pq, None
+
+    def write(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        table = self.pa.Table.from_pylist(rows, schema=self.writer.schema if self.writer is not None else None)
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = self.pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _merged(total: dict[str, np.ndarray] | None, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Dataset statistics with one more episode's: min, max, count exact; mean and std by the parallel (Chan) update,
+    exact up to rounding; each quantile the count-weighted mean of the episodes' (an estimate: quantiles do not merge)."""
+    if total is None:
+        return dict(stats)
+    n, m = total["count"].astype(np.float64), stats["count"].astype(np.float64)
+    count = n + m
+    delta = stats["mean"] - total["mean"]
+    mean = total["mean"] + delta * (m / count)
+    var = (total["std"] ** 2 * n + stats["std"] ** 2 * m + delta**2 * n * m / count) / count
+    out = {"min": np.minimum(total["min"], stats["min"]), "max": np.maximum(total["max"], stats["max"]), "mean": mean, "std": np.sqrt(var), "count": total["count"] + stats["count"]}
+    out.update({q: (total[q] * n + stats[q] * m) / count for q in total if q.startswith("q")})
+    return out
+
+
+def _check_one_rate(infos: list, rates: list[float], fps: int) -> None:
     """InteropError for an episode whose steps are not 1/``fps`` apart (within RATE_TOLERANCE, the tolerance of a declared
     control rate): LeRobot's time is frame_index / fps, one integer rate per dataset, so its timestamps would be wrong
-    (a 10 Hz robot beside 50 Hz ones: 5x too fast)."""
-    rates = [1.0 / float(np.median(np.diff(ep.timestamp))) for ep in episodes]  # each episode's own, once
+    (a 10 Hz robot beside 50 Hz ones: 5x too fast). ``rates``: each episode's, from its timestamps."""
     one_rate = len({round(r, 6) for r in rates}) == 1
-    for ep, rate in zip(episodes, rates):
+    for info, rate in zip(infos, rates):
         if abs(rate / fps - 1.0) <= RATE_TOLERANCE:
             continue
         if one_rate and abs(rate - round(rate)) > RATE_TOLERANCE * rate:  # one robot's rate, and no integer near it
@@ -160,7 +257,7 @@ def _check_one_rate(episodes: list[Episode], fps: int) -> None:
                 "no LeRobot fps fits; use --format minari or mcap, which keep each row's own time"
             )
         raise InteropError(
-            f"episode {ep.episode_id} of {ep.metadata['robot_id']} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "
+            f"episode {info.episode_id} of {info.robot_id} steps at {rate:.4g} Hz, the dataset at {fps} fps: a LeRobot dataset has one "
             "integer frame rate, and its timestamps are frame_index / fps; export robots of each rate apart (--robot-id), or use "
             "--format minari or mcap, which keep each row's own time"
         )

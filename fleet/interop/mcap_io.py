@@ -81,7 +81,7 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
         episode_schema = writer.register_schema("flywheel.Episode", "jsonschema", json.dumps(_EPISODE_SCHEMA).encode())
         channels = {EPISODE_TOPIC: writer.register_channel(EPISODE_TOPIC, "json", episode_schema)}
         channels_of: dict[str, str] = {}  # topic -> the array it carries
-        for ep in selection.episodes:
+        for ep in (ep for batch in selection.batches() for ep in batch):  # a batch in memory at a time
             arrays, clocks = ep.arrays(), ep.camera_clocks()
             writer.add_message(channels[EPISODE_TOPIC], _ns(ep.timestamp[0]), _episode_message(ep, selection.snapshot_id), _ns(ep.timestamp[0]))
             for name, arr in sorted(arrays.items()):
@@ -98,7 +98,7 @@ def export_mcap(selection: Selection, out: str | Path) -> Path:
                 for step in range(arr.shape[0]):
                     row = {"episode_id": ep.episode_id, "step": step, "timestamp": float(ts[step]), "shape": shape, "data": arr[step].reshape(-1).tolist()}
                     writer.add_message(channels[topic], _ns(ts[step]), json.dumps(row).encode(), _ns(ts[step]), sequence=step)
-        writer.add_metadata(METADATA_NAME, {k: str(v) for k, v in selection.provenance().items()} | {"episodes": str(len(selection.episodes))})
+        writer.add_metadata(METADATA_NAME, {k: str(v) for k, v in selection.provenance().items()} | {"episodes": str(len(selection))})
         writer.finish()
     return Path(out).resolve() / "episodes.mcap"
 

@@ -44,12 +44,11 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
     """Write the selection as Minari dataset ``dataset_id``; returns its data folder."""
     from minari.dataset.minari_dataset import parse_dataset_id
 
-    episodes = selection.episodes
-    every = single_layout(episodes, "Minari", selection.streams)
+    every = single_layout(selection, "Minari")
     arrays = {k: v for k, v in every.items() if v["length"] != "frames"}
     if len(arrays) < len(every):
         log.warning("Minari export leaves out cameras with their own clock (their frames are not one per step; use --format mcap for them)")
-    given, dataset_id = dataset_id is not None, dataset_id or default_dataset_id([ep.metadata["robot_model"] for ep in episodes])
+    given, dataset_id = dataset_id is not None, dataset_id or default_dataset_id([info.robot_model for info in selection.infos])
     try:
         if not re.search(r"-v\d+$", dataset_id):  # Minari's own parser fails on it with int(None)
             raise ValueError(f"{dataset_id!r} has no version: end it with -v<N> (flywheel-pendulum-v0)")
@@ -58,46 +57,39 @@ def export_minari(selection: Selection, out: str | Path, dataset_id: str | None 
         raise InteropError(f"{'--dataset-id' if given else 'the default dataset id'}: {exc}") from None
     with new_output(Path(out) / dataset_id) as folder:  # absolute: Minari's arrow writer joins a relative path twice
         folder.mkdir(parents=True, exist_ok=True)
-        _write(selection, episodes, arrays, dataset_id, folder / "data")
+        _write(selection, arrays, dataset_id, folder / "data")
     return Path(out).resolve() / dataset_id / "data"
 
 
-def _write(selection: Selection, episodes, arrays: dict, dataset_id: str, data_path: Path) -> Path:
+def _write(selection: Selection, arrays: dict, dataset_id: str, data_path: Path) -> Path:
+    """The episodes a batch at a time (Minari appends each batch's partitions), then the dataset's metadata."""
     import gymnasium as gym
     import minari
     from minari.data_collector.episode_buffer import EpisodeBuffer
     from minari.dataset.minari_storage import MinariStorage
 
-    first = episodes[0]
+    spec = {name: int(np.prod(arrays[name]["tail"])) for name in ("observation", "action")}
     box = lambda n: gym.spaces.Box(-SPACE_BOUND, SPACE_BOUND, (n,), np.float32)  # noqa: E731
-    storage = MinariStorage.new(
-        data_path, observation_space=box(first.observation.shape[1]), action_space=box(first.action.shape[1]), data_format="arrow", jpeg_encoding=False
-    )
+    storage = MinariStorage.new(data_path, observation_space=box(spec["observation"]), action_space=box(spec["action"]), data_format="arrow", jpeg_encoding=False)
+    written = 0
+    for episodes in selection.batches():
+        storage.update_episodes(
+            EpisodeBuffer(observations=ep.observation, actions=ep.action, rewards=ep.reward, terminations=ep.terminated, truncations=ep.truncated, infos=_infos(ep))
+            for ep in episodes
+        )
+        metadata = [{"flywheel_metadata": ep.metadata, "flywheel_snapshot_id": selection.snapshot_id} for ep in episodes]
+        storage.update_episode_metadata(metadata, range(written, written + len(episodes)))
+        written += len(episodes)
     storage.update_metadata(
         {
             "dataset_id": dataset_id,
             "minari_version": minari.__version__,
             "author": {"flywheel"},
             "algorithm_name": "flywheel fleet (see per-episode policy_version)",
-            "description": f"{len(episodes)} flywheel episodes of snapshot {selection.snapshot_id} of store {selection.store}",
+            "description": f"{written} flywheel episodes of snapshot {selection.snapshot_id} of store {selection.store}",
             "flywheel": selection.provenance(),
             "flywheel_arrays": arrays,
         }
-    )
-    buffers = [
-        EpisodeBuffer(
-            observations=ep.observation,
-            actions=ep.action,
-            rewards=ep.reward,
-            terminations=ep.terminated,
-            truncations=ep.truncated,
-            infos=_infos(ep),
-        )
-        for ep in episodes
-    ]
-    storage.update_episodes(buffers)
-    storage.update_episode_metadata(
-        [{"flywheel_metadata": ep.metadata, "flywheel_snapshot_id": selection.snapshot_id} for ep in episodes], range(len(episodes))
     )
     return data_path
 

@@ -171,6 +171,10 @@ class StoreSnapshot:
             out.append(ep)
         return out
 
+    def read_arrays(self, infos: Sequence[EpisodeInfo], names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """Only the arrays ``names`` of each of ``infos`` (unverified: the digest covers the whole episode), in order."""
+        return backend.run(self._read_arrays(list(infos), list(names)))
+
     def read_bytes(self, episode_id: str) -> bytes:
         """One episode as canonical safetensors bytes (what a robot uploaded, bit for bit)."""
         return self.read_episode(episode_id).to_bytes()
