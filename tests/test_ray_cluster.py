@@ -280,6 +280,19 @@ def test_the_world_model_trains_on_the_node_with_the_asked_resources(cluster, tm
     assert model_version(load(tmp_path / "worldmodel", device="cpu")) == versions[1] != versions[0]  # the new model, in the driver's folder
 
 
+def test_the_learners_log_sink_lives_on_the_drivers_node(cluster, tmp_path):
+    """The sink took any node: on the node lost mid-training, it took the run with it (its learner's log call raised)."""
+    from fleet.pipeline.remote_log import LogStream
+
+    address, _, _, token = cluster
+    start_ray(config(tmp_path / "run", f"ray.address={address}", f"ray.node_ip_address={LOOPBACK}", f"ray.auth_token_file={token}").ray)
+    here, nodes = ray.get_runtime_context().get_node_id(), []
+    for _ in range(6):
+        with LogStream(lambda m, n: None) as remote_log:
+            nodes.append(ray.get(remote_log.sink.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=60))
+    assert nodes == [here] * 6
+
+
 def test_the_loop_survives_losing_a_node_mid_iteration(cluster, s3_server, tmp_path, monkeypatch):
     address, head, second, token = cluster
     run, top = tmp_path / "run", f"cluster-{uuid.uuid4().hex[:8]}"

@@ -93,3 +93,29 @@ def test_a_failing_learner_still_delivers_its_log_and_a_failing_log_is_raised_af
 def test_no_driver_log_means_no_remote_log():
     with LogStream(None) as remote_log:
         assert remote_log is None
+
+
+def test_a_lost_sink_ends_the_log_never_the_training(local_ray):
+    """A learner whose log sink is gone (the driver's node lost) once raised ActorDiedError from its log call, which no
+    task retry covers: the run died with its training. Now the log stops and the training goes on."""
+    ray = local_ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def learner(log) -> str:
+        log({"loss": 1.0}, 1)
+        ray.kill(log.sink)
+        for step in range(2, 5):
+            log({"loss": 1.0 / step}, step)
+        return "trained"
+
+    logged = []
+    with LogStream(lambda m, n: logged.append(n), poll_s=3600) as remote_log:
+        assert ray.get(learner.remote(remote_log)) == "trained"
+        assert remote_log.sink is not None
+
+
+def test_the_sink_lives_on_the_drivers_node(local_ray):
+    ray = local_ray
+    with LogStream(lambda m, n: None) as remote_log:
+        where = ray.get(remote_log.sink.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    assert where == ray.get_runtime_context().get_node_id()

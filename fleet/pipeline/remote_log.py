@@ -14,9 +14,13 @@ that checkpoint again: the log shows both attempts.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+log = logging.getLogger(__name__)
 
 POLL_S = 2.0  # how often the driver takes what the learner logged
 
@@ -37,13 +41,20 @@ class _Sink:
 class RemoteLog:
     """The learner's ``log(metrics, env_steps)`` in another process: each record to the driver's sink.
     Each call waits for the sink to hold the record, so nothing is left in flight when the learner's
-    process ends."""
+    process ends. A sink that is gone (its node, the driver's, lost) ends the log, never the training."""
 
     def __init__(self, sink):
         self.sink = sink
+        self.lost = False
 
     def __call__(self, metrics: dict, env_steps: int) -> None:
-        ray.get(self.sink.add.remote({k: float(v) for k, v in metrics.items()}, int(env_steps)))
+        if self.lost:
+            return
+        try:
+            ray.get(self.sink.add.remote({k: float(v) for k, v in metrics.items()}, int(env_steps)))
+        except ray.exceptions.RayActorError as exc:
+            self.lost = True
+            log.warning("the driver's log sink is gone (%s); this learner's curves stop here, its training goes on", str(exc).splitlines()[0][:200])
 
 
 class LogStream:
@@ -58,7 +69,8 @@ class LogStream:
     def __enter__(self) -> RemoteLog | None:
         if self.log is None:
             return None
-        self._sink = _Sink.remote()
+        here = ray.get_runtime_context().get_node_id()  # the sink lives and dies with the driver's node, whichever node a learner runs on
+        self._sink = _Sink.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
         self._thread = threading.Thread(target=self._poll, name="remote-log", daemon=True)
         self._thread.start()
         return RemoteLog(self._sink)
@@ -85,5 +97,9 @@ class LogStream:
                 return
 
     def _deliver(self) -> None:
-        for metrics, env_steps in ray.get(self._sink.take.remote()):
+        try:
+            records = ray.get(self._sink.take.remote())
+        except ray.exceptions.RayActorError:  # killed, or its node lost: what it held is gone, the training is not
+            records = []
+        for metrics, env_steps in records:
             self.log(metrics, env_steps)
