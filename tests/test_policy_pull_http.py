@@ -168,13 +168,15 @@ def test_a_publisher_over_http_runs_a_canary_widens_and_rolls_back(tmp_path):
     with publisher(tmp_path) as (_, client, body):
         assert client.post("/v1/policies", json=body).json()["manifest"]["version"] == 1
         answer = client.post("/v1/rollout/widen")
-        assert (answer.status_code, answer.json()["error"]) == (409, "no_canary"), answer.text
+        assert (answer.status_code, answer.json()["error"]) == (409, "no_canary") and "start one with POST /v1/policies" in answer.json()["reason"], answer.text
         assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
         rollout = client.get("/v1/rollout").json()
         assert (rollout["stable"], rollout["canary"], rollout["cohort"]) == (1, 2, ["robot-0"])
         assert [e["event"] for e in rollout["history"]] == ["stable", "canary"]
         widened = client.post("/v1/rollout/widen").json()
         assert (widened["version"], widened["stable"], widened["canary"]) == (2, 2, None)
+        again = client.post("/v1/rollout/widen", json={"version": 2})  # a retry whose answer was lost, or a replica that lost the race
+        assert again.status_code == 409 and "v2 was already widened" in again.json()["reason"] and "POST /v1/policies" not in again.json()["reason"]
         assert client.post("/v1/policies", json={**body, "cohort": ["robot-0"]}).status_code == 201
         for bad in (b"[1]", b'{"why": "x"}', b"{", b'{"version": "3"}'):
             answer = client.post("/v1/rollout/rollback", content=bad)

@@ -590,3 +590,43 @@ def test_a_full_disk_is_a_507_that_keeps_nothing_and_healthz_says_degraded(tmp_p
             assert client.get("/healthz").json() == {"status": "ok", "pending_uploads": 0}
     finally:
         handle.stop()
+
+
+def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_so(tmp_path, monkeypatch):
+    """With S3 throttling, a commit sits in Icechunk's retries for ~30 s: the upload's 503 came at 25-33 s, the robots'
+    own timeout is 30 s, and /healthz said ok all the while (it only counted commits that had failed)."""
+    from fleet.server import app as server_app
+
+    stall, entered = threading.Event(), threading.Event()
+    append = EpisodeStore.append
+
+    def hung(self, *args, **kwargs):
+        entered.set()
+        stall.wait(30)
+        return append(self, *args, **kwargs)
+
+    monkeypatch.setattr(EpisodeStore, "append", hung)
+    monkeypatch.setattr(server_app, "STALLED_S", 0.2)
+    tokens = tmp_path / "tokens.json"
+    tok, op = add_token(tokens, "robot", "r0"), add_token(tokens, "operator")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), commit_timeout_s=0.5, max_concurrent_uploads=1), StoreConfig(path=str(tmp_path / "store")))
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            first, second = make("r0", seed=1).to_bytes(), make("r0", seed=2).to_bytes()
+            slow = client.post("/v1/episodes", content=first, headers=auth(tok))
+            assert (slow.status_code, slow.json()["error"], slow.headers["Retry-After"]) == (503, "commit_slow", "5") and entered.is_set(), slow.text
+            health = client.get("/healthz")
+            assert health.status_code == 503 and "a group commit has run" in health.json()["reason"] and health.json()["pending_uploads"] == 1
+            running = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics", headers=auth(op)).text) for s in f.samples}
+            assert running["flywheel_commit_running_seconds"] > 0.2
+            assert client.post("/v1/episodes", content=second, headers=auth(tok)).status_code == 429  # the queued one still holds the slot
+            stall.set()
+            deadline, code = time.monotonic() + 20, None
+            while (code := client.post("/v1/episodes", content=first, headers=auth(tok)).status_code) == 429 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert code == 200  # stored by the commit it waited on: the retry is a duplicate, nothing twice
+            assert client.post("/v1/episodes", content=second, headers=auth(tok)).status_code == 201
+            assert client.get("/healthz").json() == {"status": "ok", "pending_uploads": 0}
+    finally:
+        stall.set()
+        handle.stop()

@@ -160,7 +160,7 @@ def _rollout_change(change):
     try:
         return change()
     except NoCanary as exc:
-        raise ApiError(409, "no_canary", f"{exc}: start one with POST /v1/policies and a cohort", None) from None
+        raise ApiError(409, "no_canary", str(exc), None) from None
     except CanaryChanged as exc:
         raise ApiError(409, "canary_changed", str(exc), "version") from None
     except ReleaseKeyMissing as exc:

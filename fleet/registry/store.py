@@ -138,6 +138,15 @@ class PolicyRegistry:
                 events.append(event)
         return events
 
+    def _no_canary(self, action: str, judged: int | None) -> NoCanary:
+        """What became of the last canary: a widen or rollback repeated (its answer lost) or beaten by another replica's is
+        told so, not to start a canary (a retry that publishes again would send new weights)."""
+        ended = next((e for e in reversed(self._history()) if e.get("event") in ("widened", "rolled_back") and (judged is None or e.get("version") == judged)), None)
+        if ended is None:
+            return NoCanary(f"no canary to {action}: start one with POST /v1/policies and a cohort")
+        done = "widened to the whole fleet" if ended["event"] == "widened" else "rolled back"
+        return NoCanary(f"no canary to {action}: v{ended['version']} was already {done} (at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(ended.get('at', 0)))} UTC); nothing to do")
+
     def _recorded_versions(self) -> list[int]:
         """Every version the rollout's history records: a version number is never given twice, even where the published
         targets were pointed back to older ones (robots that ran the first would refuse the second: replay)."""
@@ -202,7 +211,7 @@ class PolicyRegistry:
         def edit() -> int:
             state = self._state()
             if state["canary"] is None:
-                raise NoCanary("no canary to widen")
+                raise self._no_canary("widen", canary)
             _same_canary(state, canary)
             version = state["canary"]
             state.update(stable=version, canary=None, cohort=[])
@@ -222,7 +231,7 @@ class PolicyRegistry:
         def edit() -> dict | None:
             state = self._state()
             if state["canary"] is None:
-                raise NoCanary("no canary to roll back")
+                raise self._no_canary("roll back", canary)
             _same_canary(state, canary)
             bad, stable = state["canary"], state["stable"]
             manifest = None

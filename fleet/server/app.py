@@ -59,6 +59,7 @@ STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error,
 STORAGE_RETRY_AFTER_S = 5
 FULL_DISK_RETRY_AFTER_S = 30  # space comes back when an operator frees it, not within a second
 DEGRADED_FOR_S = 30.0  # /healthz answers 503 this long after a failed group commit
+STALLED_S = 10.0  # ... and while a group commit has run longer than this (commits take milliseconds, ~1 s on object storage)
 
 
 def insufficient_storage(reason: str) -> ApiError:
@@ -251,8 +252,9 @@ def create_app(
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
         ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
         otherwise. POST /v1/episodes and POST /v1/uploads/{id}/complete (fleet/server/uploads.py) both end here."""
-        with limits.admit(robot_id):  # held until the commit settles: a robot that gives up on a stalled store and sends
-            with committer.receiving():  # again holds at most max_concurrent_uploads episodes in this server's memory
+        with contextlib.ExitStack() as admitted:  # the slot is held until the commit settles: a robot that gives up on a stalled
+            admitted.enter_context(limits.admit(robot_id))  # store and sends again holds at most max_concurrent_uploads episodes here
+            with committer.receiving():
                 body = await read()
                 if coding != "identity":  # decoded under the same limit as the body itself
                     body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
@@ -265,8 +267,17 @@ def create_app(
                     future = committer.submit(episode, digest, nbytes)
                 except ShuttingDown as exc:
                     raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
+            settled = asyncio.wrap_future(future)
             try:
-                status = await asyncio.wrap_future(future)
+                status = await asyncio.wait_for(asyncio.shield(settled), config.commit_timeout_s)
+            except TimeoutError:  # a slow store: answered before the robot's own timeout; the upload stays queued
+                slot = admitted.pop_all()
+                future.add_done_callback(lambda _: slot.close())
+                settled.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is the retry's to read
+                raise ApiError(
+                    503, "commit_slow", f"the store has not committed this upload within {config.commit_timeout_s:g} s (slow or unreachable); "
+                    "it stays queued: retry it, and once stored it answers 200 duplicate", None, {"Retry-After": "5"},
+                ) from None  # fmt: skip
             except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
                 if disk_full(exc):
                     raise insufficient_storage(f"the episode store's disk is full ({short_reason(exc)})") from None
@@ -360,11 +371,14 @@ def create_app(
         the store is back (a replica no traffic reaches would otherwise never be seen to recover)."""
         if committer.failing is not None and time.time() - committer.failing["last"] < DEGRADED_FOR_S:
             return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, **committer.failing}, status_code=503, headers={"Retry-After": "5"})
+        if (running := committer.running_s) > STALLED_S:  # a commit stuck in the store's retries fails only after ~30 s
+            reason = f"a group commit has run {running:.0f} s: the store is slow or unreachable"
+            return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, "reason": reason}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok", "pending_uploads": committer.pending}
 
     @app.get("/metrics")
     async def metrics_text(request: Request):
         tokens.require(request.headers.get("authorization"), "operator")
-        return PlainTextResponse(metrics.render(committer.pending, store.known_episodes), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return PlainTextResponse(metrics.render(committer.pending, store.known_episodes, committer.running_s), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     return app

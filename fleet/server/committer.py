@@ -62,6 +62,7 @@ class GroupCommitter:
         self._closed = False
         self._settled = 0  # commits settled so far
         self.failing: dict | None = None  # {"since", "last", "reason"} while group commits fail (cleared by the next that stores)
+        self._committing_since: float | None = None  # monotonic start of the commit running now
         self._last_robots: set[str] = set()  # robot_ids of the last one
         self._acked_at: dict[str, float] = {}  # robot_id -> when its last commit was acknowledged (the last rejoin_s)
         self._quick: set[str] = set()  # robots whose last upload came within rejoin_s of their acknowledgement
@@ -73,6 +74,13 @@ class GroupCommitter:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def running_s(self) -> float:
+        """How long the commit running now has taken (0 when none): a store that hangs or retries shows here
+        before any commit fails."""
+        since = self._committing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     @contextlib.contextmanager
     def receiving(self) -> Iterator[None]:
@@ -160,6 +168,7 @@ class GroupCommitter:
 
     def _commit(self, batch: list[_Item]) -> None:
         start, races = time.perf_counter(), (self.store.commit_rebases, self.store.commit_retries)
+        self._committing_since = time.monotonic()
         try:
             result = self.store.append(
                 [i.episode for i in batch],
@@ -176,6 +185,8 @@ class GroupCommitter:
             self.metrics.committed(time.perf_counter() - start, len(batch), ok=False)
             self._settle(batch, error=exc)
             return
+        finally:
+            self._committing_since = None
         self.metrics.raced(self.store.commit_rebases - races[0], self.store.commit_retries - races[1])
         self.failing = None
         self.metrics.committed(time.perf_counter() - start, result.created, ok=True)

@@ -21,6 +21,10 @@ class ServerConfig:
         back then share one commit instead of splitting into two cohorts that take turns. 0 (the
         default): never; 60 suits a few robots that upload back to back (docs/protocol.md, Group commit).
     commit_max_bytes / commit_max_episodes: cap one group commit.
+    commit_timeout_s: an upload whose commit has not settled this long after it was queued gets 503
+        commit_slow (a slow or unreachable store: Icechunk retries S3 for ~30 s). It stays queued and its
+        admission slot held: if that commit stores it, the robot's retry gets 200 duplicate. Keep it below
+        the robots' request_timeout_s (30 s), so that they read the answer rather than time out.
     list_limit: most episodes one GET /v1/episodes returns.
     body_timeout_s: an upload whose body has not fully arrived this long after its headers gets 408.
     head_timeout_s: a connection whose request line and headers have not fully arrived this long after it
@@ -49,6 +53,7 @@ class ServerConfig:
     commit_rejoin_ms: float = 0.0
     commit_max_bytes: int = 64 << 20
     commit_max_episodes: int = 256
+    commit_timeout_s: float = 20.0
     list_limit: int = 1000
     body_timeout_s: float = 60.0
     head_timeout_s: float = 10.0
@@ -70,8 +75,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if not self.body_timeout_s > 0 or not self.head_timeout_s > 0 or self.max_concurrent_uploads < 1 or not self.upload_rate_per_s > 0 or self.upload_burst < 1:
             raise ValueError("body_timeout_s, head_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
-        if self.commit_wait_ms < 0 or self.commit_rejoin_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1:
-            raise ValueError("commit_wait_ms and commit_rejoin_ms must be >= 0 and commit_max_bytes, commit_max_episodes >= 1")
+        if self.commit_wait_ms < 0 or self.commit_rejoin_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1 or not self.commit_timeout_s > 0:
+            raise ValueError("commit_wait_ms and commit_rejoin_ms must be >= 0, commit_max_bytes, commit_max_episodes >= 1 and commit_timeout_s > 0")
         if self.max_episode_bytes < 1 or self.max_chunk_bytes < 1 or self.max_open_uploads < 1 or not self.upload_ttl_s > 0:
             raise ValueError(
                 f"max_episode_bytes, max_chunk_bytes and max_open_uploads must be >= 1 and upload_ttl_s > 0; got "

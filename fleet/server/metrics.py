@@ -14,6 +14,7 @@ Metric names (documented in docs/protocol.md, each with HELP text):
     flywheel_commit_races_total{outcome}                 commits that lost a race to another writer (object storage):
                                                          rebased onto the winner's, or redone on the new tip
     flywheel_pending_uploads                             gauge, uploads waiting for a commit
+    flywheel_commit_running_seconds                      gauge, how long the commit running now has taken (0: none)
     flywheel_store_episodes                              gauge, episodes in the store
     flywheel_http_requests_total{method,route,status}    every HTTP request, by route template
     flywheel_http_request_duration_seconds{method,route} histogram, request start to response
@@ -48,6 +49,7 @@ class Metrics:
             ["outcome"], registry=r,
         )  # fmt: skip
         self.pending = Gauge("flywheel_pending_uploads", "Uploads waiting for a group commit.", registry=r)
+        self.commit_running = Gauge("flywheel_commit_running_seconds", "How long the group commit running now has taken (0: none running).", registry=r)
         self.store_episodes = Gauge("flywheel_store_episodes", "Episodes in the store.", registry=r)
         self.requests = Counter("flywheel_http_requests", "HTTP requests, by method, route template and status.", ["method", "route", "status"], registry=r)
         self.request_seconds = Histogram(
@@ -87,7 +89,8 @@ class Metrics:
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(method, route).observe(seconds)
 
-    def render(self, pending: int, store_episodes: int) -> str:
+    def render(self, pending: int, store_episodes: int, commit_running_s: float = 0.0) -> str:
         self.pending.set(pending)
+        self.commit_running.set(commit_running_s)
         self.store_episodes.set(store_episodes)
         return generate_latest(self.registry).decode()

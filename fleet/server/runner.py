@@ -161,6 +161,7 @@ class ServerProcess:
             f"fleet.server.max_body_bytes={s.max_body_bytes}",
             f"fleet.server.commit_wait_ms={s.commit_wait_ms}",
             f"fleet.server.commit_rejoin_ms={s.commit_rejoin_ms}",
+            f"fleet.server.commit_timeout_s={s.commit_timeout_s}",
             f"fleet.server.body_timeout_s={s.body_timeout_s}",
             f"fleet.server.max_concurrent_uploads={s.max_concurrent_uploads}",
             f"fleet.server.upload_rate_per_s={s.upload_rate_per_s}",
