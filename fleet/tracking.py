@@ -22,7 +22,7 @@ from sim.durable import write_durably
 
 log = logging.getLogger(__name__)
 ITERATION, POLICY_STEPS = "iteration", "policy/env_steps"
-ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration", "gate", "rollout", "eval")
+ITERATION_NAMESPACES = ("fleet", "data", "scenarios", "worldmodel", "calibration", "gate", "rollout", "canary", "eval")
 
 
 def run_files_line(mode: str, wandb_dir: str | None) -> str | None:
@@ -56,6 +56,13 @@ def run_names(run_dir: Path, name: str | None = None) -> tuple[str, str]:
     group = run_dir.parent.name if sweep else base
     earlier = len(list((run_dir / "wandb").glob("*run-*"))) if (run_dir / "wandb").is_dir() else 0
     return (f"{base}-resumed-{earlier}" if earlier else base), group
+
+
+def recorded_config(cfg, run_dir: Path) -> dict:
+    """The app's config as W&B records it: resolved, and ``run_dir`` absolute (a relative one means nothing once synced)."""
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(cfg, resolve=True), "run_dir": str(Path(run_dir).resolve())}
 
 
 class Tracker:

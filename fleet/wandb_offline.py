@@ -43,7 +43,8 @@ def read_records(path: Path) -> list:
 
 
 def offline_run(wandb_dir: Path) -> dict:
-    """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}]} of
+    """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}],
+    "config": {key: value}} of
     the newest offline run in ``wandb_dir`` (a resumed run folder holds one per start: their names begin with their time)."""
     runs = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
     if not runs:
@@ -56,4 +57,7 @@ def offline_run(wandb_dir: Path) -> dict:
         {"name": a.name, "type": a.type, "aliases": list(a.aliases), "metadata": json.loads(a.metadata or "{}")}
         for a in (r.artifact for r in records if r.HasField("artifact"))
     ]
-    return {"metrics": metrics, "history": history, "artifacts": artifacts}
+    config = {}  # the run's config as it starts, then each update
+    for update in [r.run.config for r in records if r.HasField("run")] + [r.config for r in records if r.HasField("config")]:
+        config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update.update})
+    return {"metrics": metrics, "history": history, "artifacts": artifacts, "config": config}

@@ -101,7 +101,9 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     gate_row = next(x for x in lines if "gate/promote" in x)  # each robot's interval beside the fleet's (once in summary.json only)
     assert gate_row["gate/robot-0/ci_low"] <= gate_row["gate/robot-0/difference"] <= gate_row["gate/robot-0/ci_high"]
     wandb_run = offline_run(run / "wandb")  # what W&B shows after `wandb sync`
-    assert wandb_run["metrics"]["policy/*"] == "policy/env_steps" and wandb_run["metrics"]["fleet/*"] == "iteration"
+    assert wandb_run["metrics"]["policy/*"] == "policy/env_steps" and wandb_run["metrics"]["fleet/*"] == wandb_run["metrics"]["canary/*"] == "iteration"
+    recorded = wandb_run["config"]  # what ran: the run folder (absolute), the learner's device as auto resolved it
+    assert recorded["run_dir"] == str(run.resolve()) and recorded["effective_trainer"]["device"] in ("cpu", "cuda")
     learner_rows = [row for row in wandb_run["history"] if "policy/env_steps" in row]
     assert len(learner_rows) > 2 * 2  # the learner's log lines stay separate points, not one per iteration
     learner_steps = [row["policy/env_steps"] for row in learner_rows]

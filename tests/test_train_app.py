@@ -56,6 +56,8 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     assert json.loads((run / "summary.json").read_text())["env_steps"] == 320
     steps = [row["policy/env_steps"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "policy/env_steps" in row]
     assert steps == sorted(steps) and steps[-1] == 320  # continued from 200, not started again
+    smaller = _train(run, "policy.trainer.total_env_steps=200", "train.conditions=[nominal,weak_motor]")  # was re-exported as trained for 200
+    assert smaller.returncode == 1 and "holds a checkpoint of 320 env steps, more than policy.trainer.total_env_steps=200" in smaller.stderr, smaller.stderr
 
     record = (run / ".hydra" / "overrides.yaml").read_text()
     other = _train(run, "policy.trainer.total_env_steps=400", "policy.algorithm.hidden_sizes=[32,32]", "train.conditions=[nominal,weak_motor]")

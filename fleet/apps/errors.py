@@ -67,6 +67,7 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
     (:func:`accept_run_folder`): a rerun the app refuses leaves the folder as it was."""
     from fleet.conf import check_run_dir
 
+    atexit.register(_discard_empty_sweeps)
     for arg in argv:
         if arg.startswith("run_dir="):
             run_dir = Path(arg.removeprefix("run_dir="))
@@ -125,6 +126,16 @@ def _discard_unaccepted(run_dir: Path) -> None:
             shutil.rmtree(sweep, ignore_errors=True)
 
 
+def _discard_empty_sweeps() -> None:
+    """At exit: a --multirun sweep folder this process made that holds only Hydra's ``multirun.yaml`` goes (Hydra
+    refused every job before the app ran: a misspelt key composes in no job)."""
+    from fleet.conf import folders_made
+
+    for made in folders_made():
+        if made.is_dir() and [p.name for p in made.iterdir()] == ["multirun.yaml"]:
+            shutil.rmtree(made, ignore_errors=True)
+
+
 def accept_run_folder(app: str, run_dir: Path) -> None:
     """The app's checks passed: this start's record (``.hydra/``, its log) stands, and ``run_dir`` is this process's
     until it exits (an exclusive lock on ``run_dir/.lock``): a second process on the same run folder is refused."""
@@ -160,7 +171,7 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
 
     if (new := _new_job_folder()) is not None:  # a new run's folder: a start refused below leaves no empty runs/<time>/ behind
         atexit.register(_discard_unaccepted, new)
-    check(cfg)
+    check(cfg, app)
     logging.getLogger("fleet").setLevel(logging.WARNING)
     if error := multirun_run_dir_error(cfg.run_dir):
         raise SystemExit(f"{app}: {error}")

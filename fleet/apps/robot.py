@@ -22,7 +22,7 @@ from sim.robots.registry import use_robot_modules
 
 @hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    check(cfg)
+    check(cfg, "flywheel-robot")
     if cfg.episodes < 0:
         raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
     for key in ("drain_timeout_s", "policy.poll_interval_s"):

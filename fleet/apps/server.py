@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    check(cfg)
+    check(cfg, "flywheel-server")
     # the settings' faults (values, files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
         server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")

@@ -35,7 +35,7 @@ def run_train(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
-    from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, run_files_line
+    from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, recorded_config, run_files_line
     from fleet.train_job import TrainJob, TrainSettingsError, check_trainer_fields, preflight, train_policy
     from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
@@ -55,7 +55,7 @@ def run_train(cfg: DictConfig) -> None:
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
     with one_line_errors("flywheel-train", (TrackerError,)):
-        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=OmegaConf.to_container(cfg, resolve=True), step_metric=POLICY_STEPS, job_type="train")
+        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=recorded_config(cfg, run_dir), step_metric=POLICY_STEPS, job_type="train")
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint

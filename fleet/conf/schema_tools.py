@@ -122,10 +122,34 @@ def unknown_keys(node: Any, path: str = "") -> list[str]:
     return out + [k for key, v in node.items_ex(resolve=False) for k in unknown_keys(v, f"{path}{key}.")]
 
 
-def check(cfg: Any) -> None:
-    """Stop with the keys no code reads (added with ``+key=value``), before anything runs."""
+def missing_keys(node: Any, path: str = "") -> list[str]:
+    """Keys of typed nodes' schemas that the node lacks: Hydra lets ``~key`` delete them."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        return [k for i, v in enumerate(node) for k in missing_keys(v, f"{path}[{i}]")]
+    if not isinstance(node, DictConfig):
+        return []
+    schema = node._metadata.object_type
+    out = [f"{path}{f.name}" for f in dataclasses.fields(schema) if f.name not in node] if dataclasses.is_dataclass(schema) else []
+    return out + [k for key, v in node.items_ex(resolve=False) for k in missing_keys(v, f"{path}{key}.")]
+
+
+def check(cfg: Any, app: str) -> None:
+    """Stop ``app``, before anything runs, with the keys no code reads (added with ``+key=value``), the keys deleted that code
+    reads (``~key``) and any value that does not resolve (``${oc.env:UNSET}``), each in one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     if unknown := unknown_keys(cfg):
-        raise SystemExit(f"unknown config keys {unknown}: nothing reads them; check their spelling (fleet/conf/schema_*.py lists every key)")
+        raise SystemExit(f"{app}: unknown config keys {unknown}: nothing reads them; check their spelling (fleet/conf/schema_*.py lists every key)")
+    if missing := missing_keys(cfg):
+        raise SystemExit(f"{app}: config keys {missing} were deleted (~key), and the code reads every key: set a value instead (key=value)")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise SystemExit(f"{app}: {key + ': ' if key else ''}{str(exc).strip().splitlines()[0]}") from None
 
 
 def instantiated(node: Any, key: str) -> Any:

@@ -37,6 +37,7 @@ from sim.robots import get_task
 from sim.body_context import context_vectors
 from sim.sensor_filter import filter_vectors, filtered_episodes
 from sim.sensors import corrected_view, offset_vectors
+from worldmodel.device import resolve_device
 
 log = logging.getLogger(__name__)
 RELEASE_FILE = "release.json"  # an iteration's release in progress (the iteration, its export): what a resume settles
@@ -375,7 +376,8 @@ class Flywheel:
             # training continues from this candidate next iteration, promoted or not
             self.state["learner"] = {"iteration": k, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
             self.state["learner_env_steps"] = steps_before + trained.env_steps
-            svc.tracker.config_update({"effective_trainer": dataclasses.asdict(trainer_cfg), "effective_algorithm": dataclasses.asdict(algo_cfg)})
+            ran_on = {} if self.training.on_cluster else {"device": str(resolve_device(trainer_cfg.device))}  # auto: what it was here (a node's own there)
+            svc.tracker.config_update({"effective_trainer": {**dataclasses.asdict(trainer_cfg), **ran_on}, "effective_algorithm": dataclasses.asdict(algo_cfg)})
 
         if self.training.on_cluster:  # the Ray node each training task ran on
             record["training_nodes"] = dict(self.training.nodes)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,7 +28,7 @@ from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.location import Location
-from fleet.tracking import Tracker
+from fleet.tracking import Tracker, recorded_config
 from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
 
@@ -76,7 +76,7 @@ class Services(contextlib.AbstractContextManager):
         self.store = EpisodeStore.open(run_writer(self.store_cfg, "synthetic"))  # scenario and world-model episodes
         self.tracker = Tracker(
             self.run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
-            config=OmegaConf.to_container(cfg, resolve=True), redo_from=redo_from, job_type="loop",
+            config=recorded_config(cfg, self.run_dir), redo_from=redo_from, job_type="loop",
         )
         # the run's own store and registry, not the YAML's paths
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
