@@ -27,7 +27,7 @@ class VariationProfile:
     payload_mass: float = 0.0  # kg added to the task's payload body (inertia scaled with it)
     mass_scale: float = 1.0  # multiplies every body's mass and inertia
     friction_scale: float = 1.0  # multiplies every geom's sliding friction
-    actuator_strength: float = 1.0  # multiplies every actuator's gear (weak motor < 1)
+    actuator_strength: float = 1.0  # multiplies the force every actuator produces, setpoints unchanged (weak motor < 1)
     damping_scale: float = 1.0  # multiplies every joint's damping
     obs_noise_std: float = 0.0  # std of Gaussian noise added to each observation entry
     obs_bias: float = 0.0  # constant added to each observation entry (sensor bias)
@@ -99,7 +99,8 @@ class VariationProfile:
             model.body_inertia[body] *= (base + self.payload_mass) / max(base, 1e-9)
             model.body_mass[body] = base + self.payload_mass
         model.geom_friction[:, 0] = nominal.geom_friction[:, 0] * self.friction_scale
-        model.actuator_gear[:, 0] = nominal.actuator_gear[:, 0] * self.actuator_strength
+        if self.actuator_strength != 1.0:
+            _scale_actuator_force(model, nominal, self.actuator_strength)
         model.dof_damping[:] = nominal.dof_damping * self.damping_scale
         mujoco.mj_setConst(model, mujoco.MjData(model))
         return model
@@ -113,6 +114,42 @@ class VariationProfile:
 
 
 NOMINAL = VariationProfile()
+
+_FIXED_OR_AFFINE = (int(mujoco.mjtGain.mjGAIN_FIXED), int(mujoco.mjtGain.mjGAIN_AFFINE))
+_NONE_OR_AFFINE = (int(mujoco.mjtBias.mjBIAS_NONE), int(mujoco.mjtBias.mjBIAS_AFFINE))
+
+
+def _scale_actuator_force(model: mujoco.MjModel, nominal: mujoco.MjModel, strength: float) -> None:
+    """Every actuator of ``model`` produces ``strength`` times the force of ``nominal``'s, at the same
+    control, state and setpoint: the gain and the bias scale together (a ``<position kp>`` servo
+    pushes with s * kp * (ctrl - q) and still settles at ctrl), and so does a force limit.
+
+    The gear stays: it maps joint coordinates onto the actuator's length as well as force onto
+    torque, so scaling it moved a servo's setpoint (q = ctrl / gear) and actuator length sensors.
+    A muscle scales its peak force (``gainprm[2]``, or ``gainprm[3]`` where that force is derived
+    from it). Gain or bias types whose force is not linear in their parameters are refused."""
+    for i in range(nominal.nu):
+        gain, bias = int(nominal.actuator_gaintype[i]), int(nominal.actuator_biastype[i])
+        muscle = gain == int(mujoco.mjtGain.mjGAIN_MUSCLE) and bias in (*_NONE_OR_AFFINE, int(mujoco.mjtBias.mjBIAS_MUSCLE))
+        if muscle:
+            k = 2 if nominal.actuator_gainprm[i, 2] > 0 else 3  # force, or the scale it is derived from at run time
+            model.actuator_gainprm[i, k] = nominal.actuator_gainprm[i, k] * strength
+            if bias == int(mujoco.mjtBias.mjBIAS_MUSCLE):
+                model.actuator_biasprm[i, k] = nominal.actuator_biasprm[i, k] * strength
+            elif bias == int(mujoco.mjtBias.mjBIAS_AFFINE):
+                model.actuator_biasprm[i, :3] = nominal.actuator_biasprm[i, :3] * strength
+        elif gain in _FIXED_OR_AFFINE and bias in _NONE_OR_AFFINE:
+            model.actuator_gainprm[i, :3] = nominal.actuator_gainprm[i, :3] * strength
+            model.actuator_biasprm[i, :3] = nominal.actuator_biasprm[i, :3] * strength
+        else:
+            name = nominal.actuator(i).name or str(i)
+            raise ValueError(
+                f"variation profile: actuator_strength={strength} cannot weaken actuator {name!r} (gain type "
+                f"{mujoco.mjtGain(gain).name}, bias type {mujoco.mjtBias(bias).name}): only fixed or affine gains and biases, and "
+                "muscles, scale with it; model that actuator as <motor>, <position>, <velocity> or <general> with an affine gain"
+            )
+        if nominal.actuator_forcelimited[i]:
+            model.actuator_forcerange[i] = nominal.actuator_forcerange[i] * strength
 
 
 def contexts(profiles) -> np.ndarray:

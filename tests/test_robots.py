@@ -1,7 +1,10 @@
 """Every registered robot: resets, steps, keeps its shapes, makes no NaN, passes check_env, is
 deterministic, and its physical variation really changes its dynamics."""
 
+import copy
+
 import gymnasium as gym
+import mujoco
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
@@ -86,9 +89,63 @@ def test_every_physical_field_changes_the_model():
     torso = nominal.body("torso").id
     assert varied.body_mass[torso] == pytest.approx(nominal.body_mass[torso] * 1.2 + 1.0)
     np.testing.assert_allclose(varied.geom_friction[:, 0], nominal.geom_friction[:, 0] * 0.5)
-    np.testing.assert_allclose(varied.actuator_gear[:, 0], nominal.actuator_gear[:, 0] * 0.7)
+    np.testing.assert_allclose(varied.actuator_gainprm[:, 0], nominal.actuator_gainprm[:, 0] * 0.7)  # the motors' force
+    np.testing.assert_array_equal(varied.actuator_gear, nominal.actuator_gear)  # not the gear: see the servo test below
     np.testing.assert_allclose(varied.dof_damping, nominal.dof_damping * 2.0)
     assert nominal.body_mass[torso] != varied.body_mass[torso]  # the nominal model is untouched
+
+
+SERVO = """<mujoco><option timestep="0.002" gravity="0 0 0"/><worldbody><body><joint name="j" type="hinge" axis="0 0 1" damping="1"/>
+<geom type="capsule" fromto="0 0 0 .2 0 0" size=".02" mass=".2"/></body></worldbody>
+<actuator><{kind} joint="j" {attrs} ctrlrange="-1 1"/></actuator><sensor><actuatorpos actuator="a"/></sensor></mujoco>"""
+
+
+@pytest.mark.parametrize("kind, attrs", [("position", 'name="a" kp="5"'), ("position", 'name="a" kp="5" gear="2" forcerange="-1 1"'),
+                                         ("velocity", 'name="a" kv="2"'), ("motor", 'name="a" gear="3"')])  # fmt: skip
+def test_a_weak_actuator_pushes_with_less_force_at_the_same_setpoint(kind, attrs):
+    """actuator_strength once scaled the gear: a <position kp> servo of strength 0.5 commanded to 0.5 settled at 1.0
+    (q = ctrl / gear), and its actuatorpos sensor read differently. Now every actuator's force scales, nothing else."""
+    nominal = mujoco.MjModel.from_xml_string(SERVO.format(kind=kind, attrs=attrs))
+    weak = VariationProfile(actuator_strength=0.5).apply(nominal, "world")
+    forces, ends = [], []
+    for model in (nominal, weak):
+        data = mujoco.MjData(model)
+        data.qpos[0], data.qvel[0], data.ctrl[0] = 0.2, 0.3, 0.5
+        mujoco.mj_forward(model, data)
+        forces.append((data.actuator_force[0], data.qfrc_actuator[0], data.sensordata[0]))
+        for _ in range(5000):
+            mujoco.mj_step(model, data)
+        ends.append(data.qpos[0])
+    (f_nom, tau_nom, pos_nom), (f_weak, tau_weak, pos_weak) = forces
+    assert f_weak == pytest.approx(0.5 * f_nom) and tau_weak == pytest.approx(0.5 * tau_nom) and tau_nom != 0
+    assert pos_weak == pos_nom  # the actuator's length (gear * q) is the body's, not the motor's strength
+    if kind == "position":  # the same setpoint (ctrl / gear: 0.5, or 0.25 with gear 2), reached slower
+        assert ends[1] == pytest.approx(ends[0], abs=1e-3) and ends[0] == pytest.approx(0.5 / nominal.actuator_gear[0, 0], abs=1e-3)
+
+
+def test_a_weak_built_in_motor_is_the_gear_scaled_motor_it_was():
+    """The built-in robots' <motor>s: scaling the gain instead of the gear gives the same torques (exactly for the
+    weak_motor condition's 0.5; to rounding for other strengths, gear * (s * ctrl) vs (gear * s) * ctrl)."""
+    for robot in ("ant", "half_cheetah", "pendulum", "reacher"):
+        nominal = get_task(robot).model
+        for strength in (0.5, 0.7):
+            new = VariationProfile(actuator_strength=strength).apply(nominal, get_task(robot).payload_body)
+            old = copy.copy(nominal)
+            old.actuator_gear[:, 0] = nominal.actuator_gear[:, 0] * strength
+            mujoco.mj_setConst(old, mujoco.MjData(old))
+            rng = np.random.default_rng(0)
+            ctrl = rng.uniform(*nominal.actuator_ctrlrange.T, size=(20, nominal.nu))
+            runs = []
+            for model in (old, new):
+                data = mujoco.MjData(model)
+                for c in ctrl:
+                    data.ctrl[:] = c
+                    mujoco.mj_step(model, data)
+                runs.append(np.concatenate([data.qpos, data.qvel]))
+            if strength == 0.5:
+                np.testing.assert_array_equal(runs[0], runs[1], err_msg=robot)
+            else:
+                np.testing.assert_allclose(runs[0], runs[1], rtol=1e-9, atol=1e-9, err_msg=robot)
 
 
 def test_a_user_adds_a_robot_with_an_mjcf_and_a_task_class(tmp_path):
