@@ -95,6 +95,11 @@ class VariationProfile:
         model.body_inertia[:] = nominal.body_inertia * self.mass_scale
         if self.payload_mass:
             body = model.body(payload_body).id
+            if model.body_weldid[body] == 0:
+                raise ValueError(
+                    f"variation profile: payload_mass={self.payload_mass} on {payload_body!r}, which is the world or fixed to it, changes "
+                    "nothing; give the task a moving payload_body (docs/robots.md)"
+                )
             base = model.body_mass[body]
             model.body_inertia[body] *= (base + self.payload_mass) / max(base, 1e-9)
             model.body_mass[body] = base + self.payload_mass

@@ -118,6 +118,7 @@ ARM = """<mujoco><worldbody><body name="link"><joint name="hinge" type="hinge" a
     [
         ({"range": ""}, "actuator(s) ['m'] have no ctrlrange"),  # it never moved: action -> the middle of [0, 0]
         ({"payload_body": "hand"}, "payload_body 'hand' is not a body of its MJCF; bodies: ['link']"),
+        ({"payload_body": "world"}, "payload_body 'world' is the world, so a heavy-payload profile's mass there would change nothing"),
         ({"mjcf": "/nowhere/arm.xml"}, "does not compile"),
         ({"observe": lambda self, s: s.qpos[0]}, "observe on 2 world(s) returned float64 (1,)"),
         ({"observe": None}, "observe is not implemented"),
@@ -152,3 +153,30 @@ def test_a_robot_that_does_not_fit_the_interface_is_named_with_the_fix_when_firs
     finally:
         del _TASKS[name]
         get_task.cache_clear()
+
+
+def test_a_robot_module_that_raises_while_importing_is_named(tmp_path, monkeypatch):
+    """Only ImportError was wrapped: a module raising anything else gave a bare RuntimeError naming no module."""
+    from sim.robots.registry import RobotPluginError, load_robot_plugins
+
+    (tmp_path / "raising_robots.py").write_text("raise RuntimeError('no licence for the arm driver')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RobotPluginError, match=r"robot module 'raising_robots' could not be imported \(RuntimeError: no licence for the arm driver\)"):
+        load_robot_plugins(["raising_robots"])
+
+
+def test_a_payload_on_the_world_or_a_body_fixed_to_it_is_refused():
+    """payload_body = "world" passed check_task, then heavy_payload added 2 kg to the world: no effect, silently."""
+    import mujoco
+
+    from sim.variation import VariationProfile
+
+    model = mujoco.MjModel.from_xml_string(
+        '<mujoco><worldbody><body name="base"><geom size=".1"/><body name="link"><joint type="hinge"/><geom size=".05"/></body></body>'
+        "</worldbody></mujoco>"
+    )
+    for body in ("world", "base"):
+        with pytest.raises(ValueError, match=f"payload_mass=2.0 on '{body}', which is the world or fixed to it, changes nothing"):
+            VariationProfile(payload_mass=2.0).apply(model, body)
+    assert VariationProfile(payload_mass=2.0).apply(model, "link").body_mass[2] == pytest.approx(model.body_mass[2] + 2.0)
+    VariationProfile(mass_scale=2.0).apply(model, "world")  # no payload: nothing to refuse

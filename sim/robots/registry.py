@@ -72,6 +72,11 @@ def load_robot_plugins(modules: Iterable[str] = ()) -> None:
                     f"robot module {name!r} could not be imported ({exc}); install its package or put it on PYTHONPATH "
                     f"(Ray workers on other machines need it too)"
                 ) from exc
+            except Exception as exc:  # the module was found and raised while it ran: its own error, named as such
+                raise RobotPluginError(
+                    f"robot module {name!r} could not be imported ({type(exc).__name__}: {exc}); it raised while importing: "
+                    "fix it (its traceback is chained below this error)"
+                ) from exc
             _IMPORTED.add(name)
 
 
@@ -127,6 +132,12 @@ def check_task(task: Task) -> None:
         raise bad("it sets no payload_body (the body a heavy-payload profile loads)") from None
     except KeyError:
         raise bad(f"payload_body {task.payload_body!r} is not a body of its MJCF; bodies: {[m.body(i).name for i in range(1, m.nbody)]}") from None
+    if m.body_weldid[m.body(task.payload_body).id] == 0:  # the world, or a body fixed to it: a payload there changes nothing
+        moving = [m.body(i).name for i in range(1, m.nbody) if m.body_weldid[i] != 0]
+        raise bad(
+            f"payload_body {task.payload_body!r} is {'the world' if m.body(task.payload_body).id == 0 else 'fixed to the world'}, so a "
+            f"heavy-payload profile's mass there would change nothing; name the moving body that carries a load (the hand, the torso): one of {moving}"
+        )
     rng = np.random.default_rng(0)
     try:
         qpos, qvel = task.initial_state(rng, 1.0, task.sample_goal(rng))
