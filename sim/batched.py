@@ -204,6 +204,11 @@ class BatchedStepper:
         by_spec = {e.metadata["scenario"]: e for e in episodes}
         return [by_spec[s.to_json()] for s in sorted(queue, key=lambda s: order[id(s)]) if s.to_json() in by_spec]
 
+    def physics_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every world's physics state now: copies of qpos (N, nq) and qvel (N, nv). A world that finished and
+        stopped (``reset_to`` without ``then``) keeps its last state; one reset in ``step`` shows its new start."""
+        return self.state[:, self._qpos].copy(), self.state[:, self._qvel].copy()
+
     def pop_episodes(self) -> list[Episode]:
         out, self._finished = self._finished, []
         return out

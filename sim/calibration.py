@@ -85,6 +85,28 @@ def register_state_from_observation(robot: str, fn: StateFromObs) -> None:
 
 _CHECKED: dict[str, StateFromObs] = {}  # robot -> the map that passed _check_map
 
+NO_STATE_MAP = (
+    "record qpos/qvel extras in its telemetry (the flywheel's simulated robots do with loop.record_state=true, flywheel-robot's "
+    "with robot.record_state=true, a real robot by passing its encoders' joint state to EpisodeRecorder), or register an "
+    "observation->state map with sim.calibration.register_state_from_observation (docs/robots.md)"
+)
+
+
+def has_state_map(robot: str) -> bool:
+    """Whether an observation->state map is registered for robot model ``robot`` (built in, or registered)."""
+    return robot in _STATE_FROM_OBS
+
+
+def check_state_map(task: Task) -> None:
+    """ValueError unless ``task`` has an observation->state map that reproduces clean observations
+    (:func:`_check_map`): what calibration and scenarios need from telemetry without qpos/qvel extras."""
+    fn = _STATE_FROM_OBS.get(task.name)
+    if fn is None:
+        raise ValueError(f"robot {task.name!r} has no observation->state map: {NO_STATE_MAP}")
+    if _CHECKED.get(task.name) is not fn:
+        _check_map(task, fn)
+        _CHECKED[task.name] = fn
+
 
 def state_from_observation(task: Task, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A physics state (qpos (N, nq), qvel (N, nv)) whose observation is ``obs`` (N, obs_dim).
@@ -99,15 +121,8 @@ def state_from_observation(task: Task, obs: np.ndarray) -> tuple[np.ndarray, np.
     obs = np.asarray(obs, np.float64)
     if obs.ndim != 2 or obs.shape[1] != task.obs_dim:
         raise ValueError(f"observations must be (N, {task.obs_dim}) for robot {task.name!r}, got {obs.shape}")
-    fn = _STATE_FROM_OBS.get(task.name)
-    if fn is None:
-        raise ValueError(
-            f"robot {task.name!r} has no observation->state map: record qpos/qvel extras in its telemetry, "
-            "or register one with sim.calibration.register_state_from_observation"
-        )
-    if _CHECKED.get(task.name) is not fn:
-        _check_map(task, fn)
-        _CHECKED[task.name] = fn
+    check_state_map(task)
+    fn = _STATE_FROM_OBS[task.name]
     return tuple(np.ascontiguousarray(a, np.float64) for a in fn(task, obs))  # type: ignore[return-value]
 
 

@@ -1,7 +1,7 @@
-"""Tiny robots of a user's own, as a ``robot_modules`` module registers them (docs/robots.md): their MJCF is in
+"""Tiny robots of a user's own, defined as a ``robot_modules`` module would define them (docs/robots.md), their MJCF in
 this file. Importing it registers nothing: a test uses them inside ``with registered():``, which takes them out
 again (the registry is global, and other test files list every registered robot: golden trajectories, the
-registry smoke tests); a process started with FLYWHEEL_ROBOT_MODULES=tests.tiny_robot_plugin registers them.
+registry smoke tests).
 
 * ``tiny_tilt``: a pendulum that observes cos(angle) (a tilt) and its rate, so no state has one
   observation: no observation->state map can exist, as for a robot whose observation is derived.

@@ -85,6 +85,9 @@ class SimRobotConfig:
     seed: int = 0
     max_steps: int = 200
     profile: dict = dataclasses.field(default_factory=dict)  # sim.variation.VariationProfile fields
+    # record the physics state (qpos, qvel) in every episode as extras, as a robot logs its encoders' joint state:
+    # calibration and scenarios then start from recorded states, not states rebuilt from observations (docs/robots.md)
+    record_state: bool = False
 
     def __post_init__(self):
         check_robot_id(self.robot_id)  # before any folder is named after it (spool, policy state, logs)

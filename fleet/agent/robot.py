@@ -1,7 +1,7 @@
 """The robot a control loop drives, and the loop that records one episode from it.
 
-A real robot implements :class:`Robot` (reset, step, identity); :class:`SimRobot` is a
-MuJoCo stand-in with its own hardware variation, used by ``flywheel-robot`` and the demo.
+A real robot implements :class:`Robot` (reset, step, identity; optionally ``extras``); :class:`SimRobot`
+is a MuJoCo stand-in with its own hardware variation, used by ``flywheel-robot`` and the demo.
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ class Robot(Protocol):
         """Apply ``action`` (act_dim,) in [-1, 1]: (observation, reward, terminated, truncated, timestamp)."""
         ...
 
+    # Optional: ``extras() -> dict[str, np.ndarray]``, arrays measured with the observation the last reset or
+    # step returned (``qpos`` (nq,) and ``qvel`` (nv,) from joint encoders and a state estimator, say);
+    # :func:`run_episode` records them as the episode's extras (T+1 rows). Calibration and scenarios start
+    # from recorded qpos/qvel where an episode has them, else from states rebuilt from observations.
+
 
 class SimRobot:
     """One simulated robot (a 1-world BatchedStepper); its episodes are time-limited to ``max_steps``."""
@@ -53,6 +58,13 @@ class SimRobot:
 
     def hardware(self) -> dict:
         return {"kind": "sim", "model": self.robot_model, "profile": self.profile.to_dict()}
+
+    def extras(self) -> dict[str, np.ndarray]:
+        """The physics state now, {"qpos": (nq,), "qvel": (nv,)} float32, where ``config.record_state``; else none."""
+        if not self.config.record_state:
+            return {}
+        qpos, qvel = self._stepper.physics_state()  # an episode's world stops when it ends: its last state stays
+        return {"qpos": qpos[0].astype(np.float32), "qvel": qvel[0].astype(np.float32)}
 
     def reset(self, seed: int) -> tuple[np.ndarray, float]:
         spec = ScenarioSpec(robot=self.robot_model, seed=seed, profile=self.profile, max_steps=self.config.max_steps)
@@ -72,12 +84,13 @@ class SimRobot:
 
 
 def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: int) -> Episode:
-    """Drive ``robot`` with ``policy`` until the episode ends; return it as recorded."""
+    """Drive ``robot`` with ``policy`` until the episode ends; return it as recorded (with the robot's ``extras()``, where it has them)."""
+    extras = getattr(robot, "extras", None) or dict  # a robot that measures more than its observation (Robot.extras)
     obs, t = robot.reset(seed)
-    recorder.reset(obs, t)
+    recorder.reset(obs, t, extras())
     act = policy.for_episode()
     while not recorder.done:
         action = np.asarray(act(obs[None]), np.float32)[0]
         obs, reward, terminated, truncated, t = robot.step(action)
-        recorder.step(action, reward, obs, terminated, truncated, t)
+        recorder.step(action, reward, obs, terminated, truncated, t, extras())
     return recorder.finish(policy_version=policy.version)

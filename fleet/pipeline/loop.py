@@ -66,6 +66,7 @@ class LoopSettings:
     sensor_correction: bool
     sensor_filter: bool
     body_context: bool
+    record_state: bool | None  # null in the config; from_cfg resolves it (see there)
     gate: dict
     seed: int
 
@@ -93,6 +94,7 @@ class LoopSettings:
                 "loop.body_context with loop.noise_free_training_worlds: the training worlds' noise-free sensors would tell the policy "
                 "another body than the robots' calibrated one; set one of them false"
             )
+        loop["record_state"] = robots_record_state(loop["robot_model"], loop["record_state"])
         if cfg.policy.trainer.algorithm not in ("sac", "mbpo"):
             raise ValueError(
                 f"the flywheel trains off-policy on the fleet's data: use policy=mbpo_fleet, mbpo, sac_fleet or sac, not {cfg.policy.trainer.algorithm!r}"
@@ -106,6 +108,25 @@ class LoopSettings:
         if self.num_robots < 2 or self.canary_fraction == 0:
             return 0
         return max(1, int(round(self.canary_fraction * self.num_robots)))
+
+
+def robots_record_state(robot_model: str, record_state: bool | None) -> bool:
+    """Whether the simulated robots record their physics state (qpos/qvel extras) in their telemetry, checked before
+    anything runs. Calibration and scenarios start from recorded states, or from states rebuilt from observations by
+    the robot's observation->state map (sim/calibration.py). ``None`` (the default): record them exactly where the robot
+    has no map (a derived observation: a tilt instead of a quaternion, sensors), as a real robot logs its encoders'
+    joint state; the built-in robots' telemetry stays observations and actions. ``False`` with no map, or a map that
+    does not reproduce the robot's own observations, is refused here, not in a Ray task after the robots have acted."""
+    from sim.calibration import check_state_map, has_state_map
+
+    if record_state is None:
+        record_state = not has_state_map(robot_model)
+    if not record_state:
+        try:
+            check_state_map(get_task(robot_model))
+        except ValueError as exc:
+            raise ValueError(f"loop.record_state=false: {exc}; or set loop.record_state=true (or leave it null)") from None
+    return bool(record_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +211,8 @@ class Flywheel:
         options = svc.robot_options(len(self.specs))
         return {
             robot_id: SimulatedRobot.options(**options[i]).remote(
-                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i
+                spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i,
+                record_state=s.record_state,
             )
             for i, (robot_id, spec) in enumerate((r, self.specs[r]) for r in robot_order(self.specs))
         }

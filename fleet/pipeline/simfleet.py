@@ -76,9 +76,13 @@ def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
 
 @ray.remote(num_cpus=0)
 class SimulatedRobot:
-    """One robot: SimRobot physics + RobotAgent (spool, upload) + SignedPolicySource (pull, verify, swap)."""
+    """One robot: SimRobot physics + RobotAgent (spool, upload) + SignedPolicySource (pull, verify, swap).
+    ``record_state``: its episodes carry its physics state (qpos/qvel extras), as a robot's encoders log it (loop.record_state)."""
 
-    def __init__(self, spec: RobotSpec, robot_model: str, episode_steps: int, server_url: str, token: str, root_metadata: bytes, state_dir: str, seed: int):
+    def __init__(
+        self, spec: RobotSpec, robot_model: str, episode_steps: int, server_url: str, token: str, root_metadata: bytes, state_dir: str, seed: int,
+        record_state: bool = False,
+    ):  # fmt: skip
         from fleet.agent.agent import RobotAgent
         from fleet.agent.config import AgentConfig, SimRobotConfig
         from fleet.agent.policy import builtin_policy
@@ -95,7 +99,7 @@ class SimulatedRobot:
         self.ledger = json.loads(self.ledger_path.read_bytes()) if self.ledger_path.exists() else fresh
         self.ledger["nodes"].append(ray.get_runtime_context().get_node_id())  # where each start of this robot ran
         self._save_ledger()
-        self.robot = SimRobot(SimRobotConfig(robot_id=spec.robot_id, model=robot_model, source="real", seed=seed, max_steps=episode_steps, profile=spec.profile.to_dict()))
+        self.robot = SimRobot(SimRobotConfig(robot_id=spec.robot_id, model=robot_model, source="real", seed=seed, max_steps=episode_steps, profile=spec.profile.to_dict(), record_state=record_state))
         self.recorder = functools.partial(EpisodeRecorder, robot_id=spec.robot_id, robot_model=robot_model, source="real", hardware={"condition": spec.condition})
         agent_cfg = AgentConfig(server_url=server_url, spool_dir=str(root / "spool"), backoff_initial_s=0.2, backoff_max_s=2.0, status_interval_s=60.0)
         self.agent = RobotAgent(agent_cfg, spec.robot_id, token=token, seed=seed).start()
