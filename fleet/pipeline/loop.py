@@ -31,6 +31,7 @@ from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_settings
+from sim.calibration import check_state_map, has_state_map
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
 from sim.robots import get_task
@@ -117,8 +118,6 @@ def robots_record_state(robot_model: str, record_state: bool | None) -> bool:
     has no map (a derived observation: a tilt instead of a quaternion, sensors), as a real robot logs its encoders'
     joint state; the built-in robots' telemetry stays observations and actions. ``False`` with no map, or a map that
     does not reproduce the robot's own observations, is refused here, not in a Ray task after the robots have acted."""
-    from sim.calibration import check_state_map, has_state_map
-
     if record_state is None:
         record_state = not has_state_map(robot_model)
     if not record_state:
