@@ -430,3 +430,20 @@ def test_a_run_of_an_earlier_build_without_recorded_settings_is_checked_on_what_
     with pytest.raises(ValueError, match="holds a run of robot model 'pendulum'.*loop.robot_model=pendulum"):
         flywheel_run_settings(_compose("flywheel", ["loop.robot_model=reacher"]), tmp_path)
     assert flywheel_run_settings(_compose("flywheel", ["loop.robot_model=pendulum"]), tmp_path)["loop.robot_model"] == "pendulum"
+
+
+def test_a_deleted_key_and_a_value_that_does_not_resolve_stop_the_app_in_one_line(tmp_path, monkeypatch):
+    """``~seed`` ended in a ConfigAttributeError traceback from the loop; ``run_dir=${oc.env:UNSET}`` in an
+    InterpolationResolutionError traceback; a --multirun Hydra refused left runs/<time>/multirun.yaml behind."""
+    from fleet.conf.schema_tools import check, missing_keys
+
+    monkeypatch.delenv("FLYWHEEL_UNSET_FOR_TEST", raising=False)
+    with pytest.raises(SystemExit, match=r"flywheel: config keys \['seed'\] were deleted \(~key\)"):
+        cfg = _compose("flywheel", ["~seed", f"run_dir={tmp_path}"])
+        assert missing_keys(cfg) == ["seed"]
+        check(cfg, "flywheel")
+    with pytest.raises(SystemExit, match=r"flywheel: loop.iterations: .*FLYWHEEL_UNSET_FOR_TEST"):
+        check(_compose("flywheel", ["loop.iterations=${oc.env:FLYWHEEL_UNSET_FOR_TEST}", f"run_dir={tmp_path}"]), "flywheel")
+    result = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "-m", "loop.iteratons=1,2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode != 0 and "iteratons" in result.stderr
+    assert not list((tmp_path / "runs").glob("*")), list((tmp_path / "runs").rglob("*"))  # no sweep folder of multirun.yaml alone
