@@ -64,6 +64,20 @@ def test_spool_is_fifo_crash_safe_and_bounded(tmp_path, caplog):
         spool.put(b"\0" * (4 * size), str(uuid.uuid4()))
 
 
+def test_an_episode_larger_than_the_spool_is_dropped_and_the_robot_goes_on(tmp_path, caplog):
+    """Spool.put's ValueError went out of RobotAgent.submit (only SpoolFullError was caught): flywheel-robot with
+    fleet.agent.spool_max_bytes below one episode exited 1 at its first episode."""
+    small, large = make(0, steps=2), make(1, steps=400)
+    agent = RobotAgent(AgentConfig(server_url="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool"), spool_max_bytes=2 * len(small.to_bytes())), "robot-a", token="t")
+    assert agent.submit(small)
+    with caplog.at_level(logging.WARNING, logger="fleet.agent.agent"):
+        assert not agent.submit(large)
+    status = agent.status()
+    assert (status["dropped"], status["too_large"], status["evicted"], status["queue_depth"]) == (1, 1, 0, 1)  # nothing evicted for it
+    assert "more than the whole spool" in status["last_error"] and "raise spool_max_bytes" in caplog.text and large.episode_id in caplog.text
+    assert agent.submit(make(2, steps=2)) and agent.status()["queue_depth"] == 2  # and the next episode is spooled as before
+
+
 def test_recorder_builds_a_valid_episode():
     rec = EpisodeRecorder(robot_id="r", robot_model="arm", source="real", hardware={"gripper": "g2"})
     rec.reset(np.zeros(3), 10.0, extras={"qpos": np.zeros(2)})
@@ -276,6 +290,15 @@ def test_the_robot_app_says_what_it_did_not_upload(tmp_path):
     """What it could not deliver is a non-zero exit with the reason (the episodes stay spooled)."""
     out = subprocess.run([*_robot_app(tmp_path), "episodes=1", f"fleet.agent.spool_dir={tmp_path / 'spool'}"], cwd=REPO, env=_robot_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "1 episode(s) not uploaded within drain_timeout_s=1 s" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_robot_app_drops_episodes_larger_than_its_spool_and_says_so(tmp_path):
+    out = subprocess.run([*_robot_app(tmp_path), "episodes=2", "fleet.agent.spool_max_bytes=300", f"fleet.agent.spool_dir={tmp_path / 'spool'}"],
+                         cwd=REPO, env=_robot_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (status["episodes"], status["dropped"], status["too_large"], status["queue_depth"]) == (2, 2, 2, 0)
+    assert "raise spool_max_bytes" in status["last_error"]
 
 
 @pytest.mark.parametrize(

@@ -433,6 +433,28 @@ def test_a_full_spool_disk_evicts_the_oldest_and_never_stops_the_robot(tmp_path,
     assert agent.spool.depth == 0 and agent.status()["evicted"] == 5
 
 
+def test_an_episode_evicted_while_its_upload_is_in_flight_then_acknowledged_is_not_counted_lost(tmp_path):
+    """flywheel-robot episodes=20 with a small spool ended with created 4, evicted 19: episodes evicted mid-upload and
+    then acknowledged were counted both as delivered and as lost."""
+    first, second = episode(0), episode(1)
+
+    def answer(method, path, body):
+        if Episode.from_bytes(body).episode_id == first.episode_id:
+            up.spool.put(second.to_bytes(), second.episode_id)  # the robot spools its next episode meanwhile: the spool evicts this one
+        return ack(body)
+
+    server = Hostile(answer)
+    up = uploader(tmp_path, server.url, max_bytes=len(first.to_bytes()))  # room for one episode
+    try:
+        up.spool.put(first.to_bytes(), first.episode_id)
+        assert up.upload_once() == "acked" and up.stats["created"] == 1
+        assert up.spool.evicted == 0 and [e.episode_id for e in up.spool.entries()] == [second.episode_id]
+        put(up, 2)  # an eviction with nothing in flight is a loss, as before
+        assert up.spool.evicted == 1 and up.upload_once() == "acked" and up.spool.evicted == 1
+    finally:
+        server.close()
+
+
 class TrickledHeaders:
     """A loopback server that answers every request with a status line, then one header byte every 0.1 s."""
 

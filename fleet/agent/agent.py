@@ -9,7 +9,7 @@ from pathlib import Path
 from fleet.agent.config import AgentConfig, SimRobotConfig, check_robot_id
 from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
-from fleet.agent.spool import Spool, SpoolFullError
+from fleet.agent.spool import EpisodeTooLarge, Spool, SpoolFullError
 from fleet.agent.uploader import Uploader
 from sim.episode import Episode
 
@@ -25,7 +25,7 @@ class RobotAgent:
 
     def __init__(self, config: AgentConfig, robot_id: str, *, token: str | None = None, on_ack=None, seed: int | None = None):
         check_robot_id(robot_id)  # it names the spool's folder
-        self.config, self.robot_id, self.dropped = config, robot_id, 0
+        self.config, self.robot_id, self.dropped, self.too_large = config, robot_id, 0, 0
         self.spool = Spool(Path(config.spool_dir) / robot_id, config.spool_max_bytes)
         self.uploader = Uploader(
             self.spool,
@@ -48,22 +48,26 @@ class RobotAgent:
 
     def submit(self, episode: Episode) -> bool:
         """Spool one episode (durable on return); the uploader sends it when it can. False (the episode dropped,
-        counted in ``dropped``, the reason in ``last_error``) when the spool's disk is full even after evicting every
-        older episode: the robot goes on working."""
+        counted in ``dropped``, the reason in ``last_error``) when it does not fit: the spool's disk is full even after
+        evicting every older episode, or the episode alone is larger than ``spool_max_bytes`` (counted in
+        ``too_large`` too; nothing is evicted for it). The robot goes on working either way."""
         if episode.robot_id != self.robot_id:
             raise ValueError(f"episode robot_id {episode.robot_id!r} is not this agent's robot {self.robot_id!r}")
         try:
             self.spool.put(episode.to_bytes(), episode.episode_id)
-        except SpoolFullError as exc:
+        except (SpoolFullError, EpisodeTooLarge) as exc:
             self.dropped += 1
+            self.too_large += isinstance(exc, EpisodeTooLarge)
             self.uploader.last_error = str(exc)
             log.error("episode %s dropped: %s", episode.episode_id, exc)
             return False
         return True
 
     def status(self) -> dict:
-        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted,
-        rejected_evicted, dropped (a full spool disk), failed_attempts, last_error (the last failed attempt's reason; None once one is acknowledged
+        """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted (lost
+        to the spool's bound: an evicted episode the server acknowledged anyway is not counted), rejected_evicted,
+        dropped (never spooled: a full spool disk, or larger than the spool), too_large (of those, the ones larger than
+        spool_max_bytes), failed_attempts, last_error (the last failed attempt's reason; None once one is acknowledged
         after it), uploader_alive."""
         return {
             "robot_id": self.robot_id,
@@ -73,6 +77,7 @@ class RobotAgent:
             "evicted": self.spool.evicted,
             "rejected_evicted": self.spool.rejected_evicted,
             "dropped": self.dropped,
+            "too_large": self.too_large,
             "last_error": self.uploader.last_error,
             "uploader_alive": self.uploader.alive,
         }

@@ -21,7 +21,7 @@ class AgentConfig:
     server_url: the fleet server. token_env / token_file: where the robot's bearer token is
     (never in the config: Hydra writes configs to disk). spool_dir: parent of the per-robot
     spool ``<spool_dir>/<robot_id>``. spool_max_bytes: spool bound; the oldest episodes are
-    evicted beyond it. backoff_*: retry delays after a failed upload (exponential, jittered).
+    evicted beyond it, and an episode larger than it is dropped (counted, the robot goes on). backoff_*: retry delays after a failed upload (exponential, jittered).
     status_interval_s: how often the uploader logs the queue depth. max_attempts: an episode the
     server keeps failing on (5xx) while it accepts others is set aside after this many tries.
     compress_uploads: send uploads zstd-compressed once the server says it takes zstd (its

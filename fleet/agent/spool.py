@@ -3,7 +3,9 @@
 A spool file is complete or absent: it is written as ``NAME.partial``, fsynced, renamed
 to ``NAME`` and the directory fsynced; leftovers of a crash mid-write (``*.partial``) are
 deleted on open. Names start with a 20-digit sequence number, so the queue is FIFO across
-restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged).
+restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged; an episode evicted
+while its upload was in flight and then acknowledged by the server is no loss and is not counted).
+An episode larger than ``max_bytes`` on its own is refused (:class:`EpisodeTooLarge`); nothing is evicted for it.
 Episodes the server refuses for good are moved to ``rejected/`` with the server's reason; it holds at
 most ``max_bytes`` of them too, the oldest deleted first (``rejected_evicted``): a server or proxy that
 refuses everything cannot fill the robot's disk.
@@ -27,6 +29,7 @@ from sim.durable import disk_full, write_durably
 log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 SIDECAR = ".upload.json"  # NAME.upload.json beside NAME: the episode's resumable upload
+MAX_EVICTED_IDS = 1024  # evicted entries remembered, for an acknowledgement of one whose upload was in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,10 @@ class SpoolEntry:
 
 class SpoolFullError(OSError):
     """The spool's disk is full and no spooled episode is left to evict."""
+
+
+class EpisodeTooLarge(ValueError):
+    """An episode larger than the whole spool (``max_bytes``): it cannot be spooled, whatever is evicted."""
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -60,6 +67,7 @@ class Spool:
         self.changed = threading.Event()  # set whenever an episode is added
         self._lock = threading.Lock()
         self.evicted = 0
+        self._evicted_ids: dict[str, None] = {}  # names of the evicted entries a later acknowledgement takes back out of ``evicted``
         self.rejected_evicted = 0
         self.discarded_partials = 0
         for partial in self.directory.glob("*.partial"):
@@ -98,7 +106,7 @@ class Spool:
     def put(self, data: bytes, episode_id: str) -> SpoolEntry:
         """Durably add one episode's bytes, evicting the oldest entries if the spool would overflow."""
         if len(data) > self.max_bytes:
-            raise ValueError(f"episode {episode_id} is {len(data)} bytes, more than the whole spool ({self.max_bytes}); raise spool_max_bytes")
+            raise EpisodeTooLarge(f"episode {episode_id} is {len(data)} bytes, more than the whole spool ({self.max_bytes}); raise spool_max_bytes")
         with self._lock:
             total = sum(e.nbytes for e in self._entries.values())
             while self._entries and total + len(data) > self.max_bytes:
@@ -127,6 +135,9 @@ class Spool:
         _sidecar(victim).unlink(missing_ok=True)
         victim.path.unlink(missing_ok=True)
         self.evicted += 1
+        self._evicted_ids[victim.path.name] = None
+        while len(self._evicted_ids) > MAX_EVICTED_IDS:  # only the latest can still be in flight
+            del self._evicted_ids[next(iter(self._evicted_ids))]
         log.warning("spool %s %s: evicted episode %s (%d bytes; %d evicted so far)", self.directory, why, victim.episode_id, victim.nbytes, self.evicted)
         return victim.nbytes
 
@@ -138,9 +149,13 @@ class Spool:
             return None
 
     def remove(self, entry: SpoolEntry) -> None:
-        """Forget an entry the server acknowledged."""
+        """Forget an entry the server acknowledged. One evicted while its upload was in flight is no loss after all:
+        it leaves the ``evicted`` count (which once counted it as both evicted and delivered)."""
         with self._lock:
-            self._entries.pop(entry.path.name, None)
+            if self._entries.pop(entry.path.name, None) is None and entry.path.name in self._evicted_ids:
+                del self._evicted_ids[entry.path.name]
+                self.evicted -= 1
+                log.info("spool %s: episode %s, evicted while its upload was in flight, was acknowledged: not lost", self.directory, entry.episode_id)
             _sidecar(entry).unlink(missing_ok=True)
             entry.path.unlink(missing_ok=True)
 
