@@ -5,6 +5,7 @@ route's checks. Attacks on the registry are in tests/test_registry_tuf.py."""
 import base64
 import contextlib
 import json
+import logging
 import time
 
 import httpx
@@ -19,7 +20,7 @@ from fleet.agent.robot import SimRobot, run_episode
 from fleet.registry.manifest import build_manifest
 from fleet.registry.pull import SignedPolicySource
 from fleet.registry.store import root_metadata
-from fleet.registry.trust import PolicyTrust
+from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.export import export_policy
 from policies.networks import Policy, PolicySpec
 from policies.runtime import WEIGHTS_FILE, load_policy_bytes
@@ -362,3 +363,68 @@ def test_a_robot_upgraded_from_one_shared_state_folder_keeps_its_trusted_policy_
     upgraded = PolicyTrust(**SPEC, state_dir=old / "robot-0")
     assert upgraded.version == 1 and upgraded.trusted_weights()  # the floor and the weights came along
     assert not adopt_shared_state(old / "robot-0", "robot-0")  # once
+
+
+def restarted(tmp_path, server, token) -> SignedPolicySource:
+    """The robot-0 of ``fleet`` after a restart, on the same state folder."""
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    return SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "deleted"])
+def test_damaged_trusted_weights_are_fetched_again_and_the_status_says_what_runs(tmp_path, damage):
+    """A robot whose trusted weights were damaged on disk ran the zero policy for ever while its status said it ran the
+    trusted version: "same version, same manifest" counted as "already running it", so it never fetched them again."""
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    source = restarted(tmp_path, server, token)
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.status()["policy_version"] == 1
+        source.close()
+        weights = source.trust.weights_path
+        if damage == "deleted":
+            weights.unlink()
+        else:
+            with open(weights, "r+b") as f:
+                f.seek(100)
+                f.write(b"\xde\xad\xbe\xef")
+        source = restarted(tmp_path, server, token)  # the robot restarts on its damaged state: on the fallback
+        assert source.status()["policy_version"] == 0 and source.status()["trusted_version"] == 1  # never a version it does not run
+        assert source.poll() and source.current().version == "1" and source.status()["policy_version"] == 1  # fetched and verified again
+        assert source.refusals == {} and source.errors == 0 and source.trust.trusted_weights()  # intact on disk again
+        assert not source.poll() and source.swaps == 1  # and now it runs it
+        source.close()
+        source = restarted(tmp_path, server, token)
+        assert source.status()["policy_version"] == 1  # the next restart runs it at once
+    finally:
+        source.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"version": 2}'], ids=["empty", "not_json", "not_object", "no_manifest"])
+def test_an_unreadable_trusted_manifest_runs_the_fallback_and_fetches_the_policy_again(tmp_path, content, caplog):
+    """An empty trusted.json stopped the robot app at boot ("flywheel-robot: Expecting value: line 1 column 1"), no
+    episode recorded. Now the error names the file, the robot runs its fallback and installs the registry's policy again;
+    the weights kept beside the file still hold its version floor."""
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    source = restarted(tmp_path, server, token)
+    try:
+        publish(registry, tmp_path, "v1")
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.trust.version == 2
+        source.close()
+        (tmp_path / "robot" / "trusted.json").write_bytes(content)
+        with caplog.at_level(logging.ERROR, logger="fleet.registry.trust"):
+            source = restarted(tmp_path, server, token)
+        assert str(tmp_path / "robot" / "trusted.json") in caplog.text and source.trust.manifest is None
+        assert (source.status()["policy_version"], source.status()["trusted_version"]) == (0, 2)  # the fallback; the floor from weights-v00000002
+        with pytest.raises(PolicyRejected, match="rollback"):
+            source.trust.check(registry.manifest(1))  # a lower version is still refused
+        assert source.poll() and source.current().version == "2" and source.trust.manifest["version"] == 2
+        source.close()
+        source = restarted(tmp_path, server, token)
+        assert source.status()["policy_version"] == 2  # trusted.json is whole again
+    finally:
+        source.close()
+        server.stop()
+

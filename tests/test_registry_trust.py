@@ -1,6 +1,8 @@
 """What a robot checks on top of TUF (rollback and replay of versions, its own spec, its health
 check), and the registry's staged rollout (canary routing, widen, rollback as a new version)."""
 
+import logging
+
 import pytest
 
 from fleet.registry.store import RegistryError, open_registry
@@ -93,6 +95,18 @@ def test_weights_changed_on_the_robots_disk_are_not_run(tmp_path, registry):
     with pytest.raises(PolicyRejected) as err:
         robot(tmp_path).trusted_weights()
     assert err.value.reason == "hash"
+
+
+def test_an_unreadable_blocked_list_is_named_and_blocks_nothing_until_a_version_fails_again(tmp_path, registry, caplog):
+    """A damaged blocked.json stopped the robot at boot (a JSONDecodeError out of PolicyTrust)."""
+    trust = robot(tmp_path)
+    install(trust, registry, registry.publish(b"good", **SPEC))
+    bad = registry.publish(b"bad", **SPEC)
+    trust.restore(trust.manifest, b"good", failed_version=bad["version"])
+    (tmp_path / "robot" / "blocked.json").write_bytes(b"{oops")
+    with caplog.at_level(logging.ERROR, logger="fleet.registry.trust"):
+        again = robot(tmp_path)
+    assert str(tmp_path / "robot" / "blocked.json") in caplog.text and again.blocked == set() and again.version == 1
 
 
 def test_canary_cohort_then_widen(registry):

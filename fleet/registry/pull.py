@@ -107,14 +107,16 @@ class SignedPolicySource:
         self._last_poll = -np.inf
         self.probe_obs = probe_obs if probe_obs is not None else np.zeros((4, trust.spec["obs_dim"]), np.float32)
         self.min_healthy_steps = min_healthy_steps
-        self._probation: tuple | None = None  # (previous manifest, weights, policy) while a new policy runs its first episode
+        self._probation: tuple | None = None  # (previous manifest, weights, policy, running version) while a new policy runs its first episode
         self.swaps = 0
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
         self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
         self._swap = threading.Lock()  # the install, health check and rollback, against report_episode on the robot's thread
         self._stopping = threading.Event()
         self._poller: threading.Thread | None = None
-        self._policy = self._load_trusted() or fallback
+        trusted = self._load_trusted()
+        self._policy = trusted or fallback
+        self._running = self.trust.version if trusted else 0  # the trusted version the robot runs; 0: the fallback
 
     def start(self) -> SignedPolicySource:
         """Poll on a background thread from now on (every ``poll_interval_s``, at least
@@ -134,11 +136,12 @@ class SignedPolicySource:
         return dict(self.trust.refusals)
 
     def status(self) -> dict:
-        """The policy side of the robot's status: what it runs, swaps, refusals by reason, network
-        trouble, since when its registry looks frozen (None: its metadata is fresh), polls answered
-        304 and bytes a resumed download did not fetch again."""
+        """The policy side of the robot's status: the version it runs (``policy_version``; 0: the fallback) and the one
+        it trusts (``trusted_version``, its floor: they differ while the trusted weights are to be fetched again), swaps,
+        refusals by reason, network trouble, since when its registry looks frozen (None: its metadata is fresh), polls
+        answered 304 and bytes a resumed download did not fetch again."""
         return {
-            "policy_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
+            "policy_version": self._running, "trusted_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
             "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
             "pull_not_modified": self._fetcher.not_modified, "pull_resumed_bytes": self._fetcher.resumed_bytes,
         }  # fmt: skip
@@ -163,16 +166,16 @@ class SignedPolicySource:
             self.trust.refusals[reason] += 1
             if reason == "freeze" and self.frozen_since is None:
                 self.frozen_since = time.time()
-            log.warning("robot %s: registry metadata refused (%s: %s); keeping v%s", self.robot_id, reason, exc, self.trust.version)
+            log.warning("robot %s: registry metadata refused (%s: %s); keeping %s", self.robot_id, reason, exc, self._policy.version)
         except tuf_errors.DownloadLengthMismatchError as exc:
             self.trust.refusals["size"] += 1
-            log.warning("robot %s: registry sent more than TUF allows (%s); keeping v%s", self.robot_id, exc, self.trust.version)
+            log.warning("robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
         except (tuf_errors.DownloadError, httpx.HTTPError, OSError, ValueError) as exc:
             self.errors += 1
-            log.warning("policy update failed (%s: %s); keeping v%s", exc.__class__.__name__, exc, self.trust.version)
+            log.warning("policy update failed (%s: %s); keeping %s", exc.__class__.__name__, exc, self._policy.version)
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
-            log.exception("robot %s: policy update failed unexpectedly; keeping v%s", self.robot_id, self.trust.version)
+            log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
         return False
 
     def _consider(self, updater: Updater) -> bool:
@@ -193,9 +196,10 @@ class SignedPolicySource:
         if manifest_bytes is None:
             self.trust.refusals["malformed"] += 1
             raise PolicyRejected("malformed", f"the rollout names v{version}, whose manifest the registry does not list")
-        manifest = self.trust.check(self._json(manifest_bytes, f"v{version}'s manifest"))
+        manifest = self.trust.check(self._json(manifest_bytes, f"v{version}'s manifest"), running=self._running == self.trust.version)
         if manifest is None:
             return False  # already running it
+        again = manifest["version"] == self.trust.version  # the trusted version, whose weights on disk were unusable: fetched again
         info = updater.get_targetinfo(weights_target(version))
         if info is None or (info.length, info.hashes.get("sha256")) != (manifest["weights"]["size"], manifest["weights"]["sha256"]):
             self.trust.refusals["hash"] += 1
@@ -206,20 +210,23 @@ class SignedPolicySource:
         weights = self._download(updater, info)
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
         with self._swap:
-            try:  # what a failed health check returns to: the trusted pair, if its weights are intact
-                kept = self.trust.trusted_weights() if self.trust.manifest else None
-            except (OSError, PolicyRejected):
-                kept = None
-            previous = (self.trust.manifest if kept is not None else None, kept, self._policy)
+            if again:  # a failed probe keeps the version as the floor (blocked, the fallback running), never drops it
+                kept = weights
+            else:  # what a failed health check returns to: the trusted pair, if its weights are intact
+                try:
+                    kept = self.trust.trusted_weights() if self.trust.manifest else None
+                except (OSError, PolicyRejected):
+                    kept = None
+            previous = (self.trust.manifest if kept is not None else None, kept, self._policy, self._running)
             self.trust.accept(manifest, weights)
             shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
             if not self._healthy(policy):
                 self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
                 return False
-            self._policy = policy
-            self._probation = previous
+            self._policy, self._running = policy, manifest["version"]
+            self._probation = None if again else previous  # the version passed its first episode here before
             self.swaps += 1
-        log.info("robot %s swapped to policy v%s", self.robot_id, manifest["version"])
+        log.info("robot %s %s policy v%s", self.robot_id, "installed its trusted" if again else "swapped to", manifest["version"])
         return True
 
     def _json(self, data: bytes, what: str):
@@ -261,9 +268,9 @@ class SignedPolicySource:
                 self._roll_back(previous, int(self._policy.version), f"first episode terminated after {episode.num_steps} steps")
 
     def _roll_back(self, previous: tuple, failed_version: int, why: str) -> None:
-        manifest, weights, policy = previous
+        manifest, weights, policy, running = previous
         self.trust.restore(manifest, weights, failed_version=failed_version)
-        self._policy = policy
+        self._policy, self._running = policy, running
         log.warning("robot %s: v%s failed its health check (%s); back on %s", self.robot_id, failed_version, why, policy.version)
 
     def _runtime(self, manifest: dict, weights: bytes) -> Policy:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -75,14 +76,48 @@ class PolicyTrust:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.refusals: Counter[str] = Counter()
+        self.floor = 0  # the lowest version accepted while no manifest is trusted (one recovered from an unreadable trusted.json)
+        self.manifest: dict | None = self._read_trusted()
+        self.blocked: set[int] = self._read_blocked()
+
+    def _read_trusted(self) -> dict | None:
+        """``trusted.json``, or None when there is none or it is unreadable (empty, not JSON, not a manifest: a damaged
+        disk). Then the robot runs its fallback and installs the registry's policy again, as for damaged weights; the
+        weights kept beside it (``weights-v<version>``) still name the version floor, so no lower version gets in."""
         path = self.state_dir / "trusted.json"
-        self.manifest: dict | None = json.loads(path.read_text()) if path.exists() else None
-        blocked = self.state_dir / "blocked.json"
-        self.blocked: set[int] = set(json.loads(blocked.read_text())) if blocked.exists() else set()
+        if not path.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_bytes())
+            if not isinstance(manifest, dict) or [k for k in REQUIRED if k not in manifest] or not isinstance(manifest["version"], int):
+                raise ValueError("not a policy manifest")
+            if not {"size", "sha256"} <= set(manifest["weights"]):
+                raise ValueError("names no weights")
+            return manifest
+        except (OSError, ValueError, TypeError) as exc:
+            versions = [int(m[1]) for p in self.state_dir.glob("weights-v*.safetensors") if (m := re.fullmatch(r"weights-v(\d+)\.safetensors", p.name))]
+            self.floor = max(versions, default=0)
+            floor = f"; versions below v{self.floor} (the weights kept beside it) are still refused" if self.floor else ""
+            log.error("%s is unreadable (%s: %s): running the fallback policy and fetching the registry's again%s", path, exc.__class__.__name__, exc, floor)
+            return None
+
+    def _read_blocked(self) -> set[int]:
+        path = self.state_dir / "blocked.json"
+        if not path.exists():
+            return set()
+        try:
+            blocked = json.loads(path.read_bytes())
+            if not isinstance(blocked, list) or not all(isinstance(v, int) for v in blocked):
+                raise ValueError("not a list of versions")
+            return set(blocked)
+        except (OSError, ValueError) as exc:  # a version that failed here before fails its health check again, and is blocked again
+            log.error("%s is unreadable (%s: %s): no version is blocked on this robot until one fails its health check again", path, exc.__class__.__name__, exc)
+            return set()
 
     @property
     def version(self) -> int:
-        return self.manifest["version"] if self.manifest else 0
+        """The trusted version: no lower one is accepted (0: none yet)."""
+        return self.manifest["version"] if self.manifest else self.floor
 
     @property
     def weights_path(self) -> Path:
@@ -104,16 +139,18 @@ class PolicyTrust:
         return data
 
     # -- checks ---------------------------------------------------------------------------
-    def check(self, manifest: dict) -> dict | None:
-        """``manifest`` (as TUF delivered it) if it should replace the current one, None if it is the
-        current one. Raises PolicyRejected (and counts it) otherwise."""
+    def check(self, manifest: dict, *, running: bool = True) -> dict | None:
+        """``manifest`` (as TUF delivered it) if it should be installed, None if the robot runs it already.
+        Raises PolicyRejected (and counts it) otherwise. ``running``: whether the robot runs the trusted policy; when
+        it does not (its weights on disk were damaged or missing, it fell back), the trusted manifest itself is one to
+        install again: the registry still lists its weights with their hash."""
         try:
-            return self._check(manifest)
+            return self._check(manifest, running)
         except PolicyRejected as exc:
             self.refusals[exc.reason] += 1
             raise
 
-    def _check(self, manifest: dict) -> dict | None:
+    def _check(self, manifest: dict, running: bool) -> dict | None:
         if not isinstance(manifest, dict):
             raise PolicyRejected("malformed", f"a manifest is a JSON object, got {type(manifest).__name__}")
         missing = [k for k in REQUIRED if k not in manifest]
@@ -123,7 +160,7 @@ class PolicyTrust:
             raise PolicyRejected("health", f"version {manifest['version']} failed this robot's health check before")
         if self.manifest is not None and manifest["version"] == self.version:
             if canonical_json(manifest) == canonical_json(self.manifest):
-                return None  # already running it
+                return None if running else manifest  # already running it, or to fetch again
             raise PolicyRejected("replay", f"version {manifest['version']} is already trusted with other content")
         if manifest["version"] < self.version:
             raise PolicyRejected("rollback", f"version {manifest['version']} is lower than the trusted {self.version}")
