@@ -128,6 +128,52 @@ def test_an_unchanged_registry_costs_the_robot_a_304(tmp_path, served):
         source.close()
 
 
+class Proxy(http.server.BaseHTTPRequestHandler):
+    """Forwards GETs to ``upstream`` (an httpx client on the flywheel server) with the robot's conditional and range
+    headers; ``mangle(path, status, body)`` may change a body on the way (Content-Length follows it)."""
+
+    upstream: httpx.Client
+    mangle = staticmethod(lambda path, status, body: body)
+
+    def do_GET(self):
+        forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+        answer = self.upstream.get(self.path, headers=forward)
+        body = self.mangle(self.path, answer.status_code, answer.content)
+        self.send_response(answer.status_code)
+        for key in ("content-type", "content-range", "etag", "accept-ranges"):
+            if key in answer.headers:
+                self.send_header(key, answer.headers[key])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_one_mangled_timestamp_answer_costs_one_poll(tmp_path, served, thread_server):
+    """A proxy truncating one timestamp.json answer (under the registry's ETag) blocked updates until the registry's
+    timestamp changed: the fetcher kept the body as it arrived, before TUF refused it, and replayed it at every 304."""
+    registry, token, server, _ = served
+    mangled = []
+
+    def truncate_once(path, status, body):
+        if path.endswith("/timestamp.json") and status == 200 and not mangled:
+            mangled.append(path)
+            return body[: len(body) // 2]
+        return body
+
+    upstream = httpx.Client(base_url=server.url)
+    source = robot(tmp_path, thread_server(type("Truncating", (Proxy,), {"upstream": upstream, "mangle": staticmethod(truncate_once)})), token)
+    try:
+        assert not source.poll() and source.refusals == {"malformed": 1} and mangled  # the mangled answer: refused
+        assert source.poll() and source.status()["policy_version"] == 1 and source.refusals == {"malformed": 1}  # the next poll asked afresh
+        assert not source.poll() and source.status()["pull_not_modified"] == 1  # an accepted body is kept: 304 from then on
+    finally:
+        source.close()
+        upstream.close()
+
+
 def test_a_cut_weights_download_resumes_with_a_range_request_and_installs_verified(tmp_path, served, thread_server):
     registry, token, server, _ = served
     cut_once = [weights_url(registry, 1)]

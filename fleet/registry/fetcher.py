@@ -8,9 +8,13 @@ conditional requests or ranges (it asks for every URL afresh), so both live here
 what they hand back is still verified as if it had come whole off the network:
 
 * **Conditional polls** (``revalidate``: the timestamp.json URL). The fetcher keeps the body and the
-  strong ETag of the last 200, sends ``If-None-Match`` with it, and on 304 hands TUF the body it
-  kept, as an HTTP cache does (RFC 9111 4.3.4). TUF checks it again (signature, version, and its
-  expiry: a frozen registry is still noticed); an unchanged registry costs one header-only answer.
+  strong ETag of the last 200 that TUF accepted, sends ``If-None-Match`` with it, and on 304 hands TUF
+  the body it kept, as an HTTP cache does (RFC 9111 4.3.4). TUF checks it again (signature, version,
+  and its expiry: a frozen registry is still noticed); an unchanged registry costs one header-only
+  answer. A body is kept only once the TUF refresh that read it has run through (:meth:`TokenFetcher.settle`):
+  one mangled on the way (truncated by a proxy, under the registry's ETag) was once kept as it
+  arrived and replayed at every 304, refused each time, until the registry's timestamp changed; now
+  it costs one poll.
   Nothing is kept across a restart or for a server that sends no strong ETag (Python's
   ``http.server`` sends none: every poll is a full GET there).
 * **Resumable downloads** (``partial_dir``, URLs under ``resume_prefix``: the targets). Bytes are
@@ -67,7 +71,8 @@ class TokenFetcher(FetcherInterface):
         self.revalidate = frozenset(revalidate)
         self.partial_dir = Path(partial_dir) if partial_dir is not None else None
         self.resume_prefix = resume_prefix
-        self._validated: dict[str, tuple[str, bytes]] = {}  # url -> (strong ETag, body) of its last 200
+        self._validated: dict[str, tuple[str, bytes]] = {}  # url -> (strong ETag, body) of its last 200 TUF accepted
+        self._unsettled: dict[str, tuple[str, bytes]] = {}  # the same, read in the refresh under way: kept once it succeeds
         self.not_modified = 0  # polls answered 304
         self.resumed_bytes = 0  # bytes not downloaded again thanks to a range request
 
@@ -111,12 +116,20 @@ class TokenFetcher(FetcherInterface):
         return self._remembered(url, etag, response)
 
     def _remembered(self, url: str, etag: str, response: httpx.Response) -> Iterator[bytes]:
-        """The body, kept with its ETag once it has arrived whole (not if TUF stopped reading it)."""
+        """The body, noted with its ETag once it has arrived whole (not if TUF stopped reading it); :meth:`settle`
+        keeps it if TUF accepts it."""
         parts = []
         for chunk in self._chunks(response):
             parts.append(chunk)
             yield chunk
-        self._validated[url] = (etag, b"".join(parts))
+        self._unsettled[url] = (etag, b"".join(parts))
+
+    def settle(self, accepted: bool) -> None:
+        """After a TUF refresh: keep the bodies it read for conditional polls if it ran through (``accepted``: TUF
+        verified them), forget them otherwise; the next poll of such a URL then asks for the whole body again."""
+        if accepted:
+            self._validated.update(self._unsettled)
+        self._unsettled.clear()
 
     # -- resumable download ------------------------------------------------------------------------
     def partial_path(self, url: str) -> Path:

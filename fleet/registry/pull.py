@@ -155,8 +155,7 @@ class SignedPolicySource:
     def poll(self) -> bool:
         """One TUF update; True if a new policy was swapped in."""
         try:
-            updater = Updater(str(self.metadata_dir), self.metadata_url, str(self.targets_dir), self.targets_url, self._fetcher, bootstrap=None)
-            updater.refresh()
+            updater = self._refresh()
             self.frozen_since = None
             return self._consider(updater)
         except PolicyRejected as exc:
@@ -177,6 +176,18 @@ class SignedPolicySource:
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
         return False
+
+    def _refresh(self) -> Updater:
+        """TUF's refresh (root chain, timestamp, snapshot, targets); the fetcher keeps the timestamp.json it read for
+        its next conditional poll only if the refresh ran through."""
+        updater = Updater(str(self.metadata_dir), self.metadata_url, str(self.targets_dir), self.targets_url, self._fetcher, bootstrap=None)
+        try:
+            updater.refresh()
+        except BaseException:
+            self._fetcher.settle(accepted=False)
+            raise
+        self._fetcher.settle(accepted=True)
+        return updater
 
     def _consider(self, updater: Updater) -> bool:
         rollout = self._target(updater, ROLLOUT_TARGET, MAX_JSON_BYTES)
