@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from functools import partial
 
@@ -257,3 +262,58 @@ def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server
         assert any("weights.safetensors" in path for path, _ in requests) and all(auth is None for _, auth in requests)
     finally:
         source.close()
+
+
+def test_weights_are_not_downloaded_into_the_room_the_robots_episodes_need(tmp_path, served):
+    """A policy download could fill the robot's disk: its spool then dropped telemetry. It now waits for room: twice
+    the listed length (partial file and TUF's copy) plus min_free_bytes must be free."""
+    registry, token, server, _ = served
+    source = robot(tmp_path, server.url, token)
+    try:
+        source.min_free_bytes = shutil.disk_usage(tmp_path).free + (1 << 40)  # a disk that could not take the weights and keep this room
+        assert not source.poll() and source.status()["pull_no_room"] == 1 and source.status()["policy_version"] == 0
+        assert source.refusals == {} and source.errors == 0 and not any("weights" in p.name for p in source.targets_dir.rglob("*"))  # none of the weights fetched
+        source.min_free_bytes = 0  # room again (the operator freed the disk)
+        assert source.poll() and source.status()["policy_version"] == 1 and source.status()["pull_no_room"] == 1
+    finally:
+        source.close()
+
+
+_FULL_DISK_ROBOT = """
+import json, resource, sys
+from pathlib import Path
+from fleet.agent.policy import builtin_policy
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.trust import PolicyTrust
+url, token, root, state, weights_url = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))  # no file past 256 KiB: writes past it fail (EFBIG), as on a full disk
+trust = PolicyTrust(robot_model="pendulum", obs_dim=4, act_dim=1, state_dir=Path(state))
+source = SignedPolicySource(url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=Path(root).read_bytes())
+try:
+    for _ in source._fetcher._fetch(source.targets_url + weights_url):
+        pass
+    failed = None
+except OSError as exc:
+    failed = exc.__class__.__name__
+partial = source._fetcher.partial_path(source.targets_url + weights_url).exists()
+polled = source.poll()
+left = sorted(str(p.relative_to(source.targets_dir)) for p in source.targets_dir.rglob("*") if p.is_file())
+print(json.dumps({"fetch_failed": failed, "partial_kept": partial, "polled": polled, "errors": source.errors, "left": left}))
+source.close()
+"""
+
+
+def test_a_download_that_fills_the_disk_leaves_nothing_behind(tmp_path, served):
+    """A weights download that hit a full disk left its .partial file: the disk stayed at 100 %. The robot here runs with
+    a file size limit (RLIMIT_FSIZE) that the weights exceed: every write past it fails, as on a full disk."""
+    registry, token, server, _ = served
+    registry.publish(os.urandom(1 << 20), **SPEC)  # v2: 1 MiB of weights (never loaded: the download fails first)
+    listed = weights_url(registry, 2).removeprefix("/v1/tuf/targets/")
+    root = tmp_path / "root.json"
+    root.write_bytes(root_metadata(tmp_path / "registry"))
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_ROBOT, server.url, token, str(root), str(tmp_path / "robot"), listed],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["fetch_failed"] == "OSError" and not result["partial_kept"]  # the fetcher drops the partial it could not write
+    assert not result["polled"] and result["errors"] == 1 and result["left"] == []  # and the poll leaves no file of the download

@@ -25,7 +25,9 @@ what they hand back is still verified as if it had come whole off the network:
   ends in TUF's hash refusal, never in a policy. A 200 (no range support, or If-Range failed)
   starts over; a 416 drops the partial and asks again. A partial is deleted once its download
   has run to the end (whether TUF then accepts it or not: a refused file is fetched whole next
-  time) and when TUF stops reading early (more bytes than it expects).
+  time), when TUF stops reading early (more bytes than it expects) and when writing it fails (a
+  full disk: a partial file once stayed, holding the disk at 100 %, and the robot's spool dropped
+  telemetry for want of room). Only a cut or late answer keeps it, for the next poll to resume.
 * **A deadline per download** (``deadline_s``): a body that has not ended ``deadline_s`` after its
   headers is cut (a DownloadError: the robot keeps its policy and counts a pull error). A registry
   that trickles its files cannot hold the robot's control loop for hours; a target's bytes received
@@ -183,6 +185,9 @@ class TokenFetcher(FetcherInterface):
                     yield chunk
             finished = True
         except GeneratorExit:  # TUF stopped reading (more bytes than the targets metadata lists)
+            finished = True
+            raise
+        except OSError:  # the robot's disk (full, failing): the space goes back to what the robot records
             finished = True
             raise
         finally:

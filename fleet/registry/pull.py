@@ -49,6 +49,7 @@ from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
 log = logging.getLogger(__name__)
 MAX_WEIGHTS_BYTES = 256 << 20  # the largest weights a robot downloads (the server's publish limit): a larger target is refused unread
 MIN_BACKGROUND_POLL_S = 1.0  # a started source's shortest interval between polls (poll_interval_s 0 would spin)
+MIN_FREE_BYTES = 64 << 20  # disk room a weights download leaves free on the robot, for what it records (its spool)
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
@@ -70,7 +71,11 @@ class SignedPolicySource:
     ``token``: the robot's bearer token, sent with every request; None sends none (a static host:
     never hand the token that uploads this robot's episodes to a third party).
     timestamp.json is polled with If-None-Match, and an interrupted target download resumes with
-    a range request (fleet/registry/fetcher.py); TUF verifies both as before."""
+    a range request (fleet/registry/fetcher.py); TUF verifies both as before.
+    ``min_free_bytes``: disk room a weights download must leave free (for the episodes the robot
+    records): weights are downloaded only while the disk holds twice their listed length and this
+    much more; else the poll waits for room (``pull_no_room``). A download that fails writing (a full
+    disk) leaves nothing half-written behind."""
 
     def __init__(
         self,
@@ -86,9 +91,10 @@ class SignedPolicySource:
         probe_obs: np.ndarray | None = None,
         min_healthy_steps: int = 0,
         max_weights_bytes: int = MAX_WEIGHTS_BYTES,
+        min_free_bytes: int = MIN_FREE_BYTES,
     ):
         self.url, self.robot_id, self.trust, self.fallback = server_url.rstrip("/"), robot_id, trust, fallback
-        self.poll_interval_s, self.max_weights_bytes = poll_interval_s, max_weights_bytes
+        self.poll_interval_s, self.max_weights_bytes, self.min_free_bytes = poll_interval_s, max_weights_bytes, min_free_bytes
         self._client = httpx.Client(headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=request_timeout_s)
         self.metadata_dir, self.targets_dir = trust.state_dir / "tuf" / "metadata", trust.state_dir / "tuf" / "targets"
         self.metadata_url, self.targets_url = f"{self.url}/v1/tuf/metadata/", f"{self.url}/v1/tuf/targets/"
@@ -110,6 +116,7 @@ class SignedPolicySource:
         self._probation: tuple | None = None  # (previous manifest, weights, policy, running version) while a new policy runs its first episode
         self.swaps = 0
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
+        self.no_room = 0  # polls that left a release's weights undownloaded for want of disk room (what the robot records comes first)
         self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
         self._swap = threading.Lock()  # the install, health check and rollback, against report_episode on the robot's thread
         self._stopping = threading.Event()
@@ -139,11 +146,13 @@ class SignedPolicySource:
         """The policy side of the robot's status: the version it runs (``policy_version``; 0: the fallback) and the one
         it trusts (``trusted_version``, its floor: they differ while the trusted weights are to be fetched again), swaps,
         refusals by reason, network trouble, since when its registry looks frozen (None: its metadata is fresh), polls
-        answered 304 and bytes a resumed download did not fetch again."""
+        answered 304, bytes a resumed download did not fetch again, and polls that left a release undownloaded for want
+        of disk room (``pull_no_room``)."""
         return {
             "policy_version": self._running, "trusted_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
             "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
             "pull_not_modified": self._fetcher.not_modified, "pull_resumed_bytes": self._fetcher.resumed_bytes,
+            "pull_no_room": self.no_room,
         }  # fmt: skip
 
     def current(self) -> Policy:
@@ -218,6 +227,8 @@ class SignedPolicySource:
         if info.length > self.max_weights_bytes:  # checked before a byte is fetched: a signed 50 GiB target cannot fill the disk
             self.trust.refusals["size"] += 1
             raise PolicyRejected("size", f"v{version}'s weights are listed at {info.length} bytes, more than this robot's max_weights_bytes={self.max_weights_bytes}")
+        if not self._room_for(info.length, version):
+            return False
         weights = self._download(updater, info)
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
         with self._swap:
@@ -262,8 +273,24 @@ class SignedPolicySource:
         return self._download(updater, info)
 
     def _download(self, updater: Updater, info) -> bytes:
-        path = updater.find_cached_target(info) or updater.download_target(info)  # length and sha256 checked by TUF
-        return Path(path).read_bytes()
+        try:
+            path = updater.find_cached_target(info) or updater.download_target(info)  # length and sha256 checked by TUF
+            return Path(path).read_bytes()
+        except OSError:  # the robot's disk full or failing: nothing half-written (partial, TUF's copy) keeps its space
+            shutil.rmtree(self.targets_dir, ignore_errors=True)
+            raise
+
+    def _room_for(self, length: int, version: int) -> bool:
+        """Whether the disk holds a download of ``length`` bytes (the partial file and TUF's copy of it: twice that)
+        and still ``min_free_bytes``, the room left to what the robot records; counted and logged if not."""
+        free = shutil.disk_usage(self.trust.state_dir).free
+        if free >= 2 * length + self.min_free_bytes:
+            return True
+        self.no_room += 1
+        log.warning("robot %s: v%s's weights (%d bytes) wait for disk room: %d bytes free, %d needed (twice their size and min_free_bytes=%d, "
+                    "kept for the episodes); keeping %s", self.robot_id, version, length, free, 2 * length + self.min_free_bytes,
+                    self.min_free_bytes, self._policy.version)  # fmt: skip
+        return False
 
     def report_episode(self, episode) -> None:
         """After each episode: the first one on a newly swapped policy is its health check.
