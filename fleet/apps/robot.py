@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
 
             adopt_shared_state(cfg.policy.state_dir, robot_cfg.robot_id)  # a robot upgraded from a build of one shared folder keeps its floor
             policy = signed_policy_source(
-                cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s,
+                cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s, cfg.policy.min_free_bytes,
             ).start()  # polls on its own thread: an episode never waits for the registry
         try:
             status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)

@@ -54,6 +54,7 @@ class RobotPolicySchema:
     root: Optional[str] = None
     state_dir: str = "runs/fleet/robot-policy/${robot.robot_id}"
     poll_interval_s: float = 10.0
+    min_free_bytes: int = 64 << 20
 
 
 @dataclasses.dataclass

@@ -357,7 +357,7 @@ class SignedPolicySource:
 
 
 def signed_policy_source(
-    root: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float
+    root: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float, min_free_bytes: int = MIN_FREE_BYTES
 ) -> SignedPolicySource:
     """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy).
 
@@ -374,4 +374,6 @@ def signed_policy_source(
             f"policy.root {root} {'is a folder' if Path(root).is_dir() else 'does not exist'}: give the registry's root metadata "
             "(<registry>/tuf/metadata/root.json, copied from where the registry was made), or policy.root=null to pull no policy"
         )
-    return SignedPolicySource(server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s)
+    return SignedPolicySource(
+        server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s, min_free_bytes=min_free_bytes
+    )
