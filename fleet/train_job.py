@@ -158,12 +158,19 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
         raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc!r}): set a new run_dir") from None
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
-    done = int(meta["env_steps"]) * int(meta.get("world_size", 1))
-    if done > trainer.total_env_steps:  # it would train nothing, and record a budget the policy never had
+    done, world_size = int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1)), int(meta.get("world_size", 1))
+    if done > _steps_trained(trainer, world_size):  # it would train nothing, and record a budget the policy never had
         raise OtherSettingsError(
             f"{state_json.parent} holds a checkpoint of {done:,} env steps, more than policy.trainer.total_env_steps={trainer.total_env_steps:,}: "
             f"rerun with {done} (re-evaluate and re-export) or more (continue), or set a new run_dir"
         )
+
+
+def _steps_trained(trainer: TrainerConfig, world_size: int) -> int:
+    """The env steps a run of ``trainer`` on ``world_size`` workers ends at: each rank steps all its worlds at once until
+    it has its share (``Trainer.local_target``), so a budget that is no multiple of them is passed by under one step."""
+    share = -(-trainer.total_env_steps // world_size)
+    return world_size * -(-share // trainer.num_worlds) * trainer.num_worlds
 
 
 def _job_record(job: TrainJob) -> dict:

@@ -424,6 +424,15 @@ def test_an_unreadable_trusted_manifest_runs_the_fallback_and_fetches_the_policy
         source.close()
         source = restarted(tmp_path, server, token)
         assert source.status()["policy_version"] == 2  # trusted.json is whole again
+        source.close()
+        (tmp_path / "robot" / "trusted.json").write_bytes(content)  # unreadable again, and this time v2 fails its probe here:
+        source = restarted(tmp_path, server, token)
+        source._healthy = lambda policy: False
+        assert not source.poll() and source.current().version == "zero"
+        source.close()
+        source = restarted(tmp_path, server, token)  # trusted.json was deleted with the failed install once: the floor went to 0
+        with pytest.raises(PolicyRejected, match="rollback"):
+            source.trust.check(registry.manifest(1))
     finally:
         source.close()
         server.stop()

@@ -111,11 +111,4 @@ def test_a_lost_sink_ends_the_log_never_the_training(local_ray):
     logged = []
     with LogStream(lambda m, n: logged.append(n), poll_s=3600) as remote_log:
         assert ray.get(learner.remote(remote_log)) == "trained"
-        assert remote_log.sink is not None
-
-
-def test_the_sink_lives_on_the_drivers_node(local_ray):
-    ray = local_ray
-    with LogStream(lambda m, n: None) as remote_log:
-        where = ray.get(remote_log.sink.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-    assert where == ray.get_runtime_context().get_node_id()
+    assert logged == []  # what the sink held went with it; nothing is logged twice or raised at the end

@@ -627,6 +627,17 @@ def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_
             assert code == 200  # stored by the commit it waited on: the retry is a duplicate, nothing twice
             assert client.post("/v1/episodes", content=second, headers=auth(tok)).status_code == 201
             assert client.get("/healthz").json() == {"status": "ok", "pending_uploads": 0}
+            counted = {(s.name, s.labels.get("status")): s.value for f in text_string_to_metric_families(client.get("/metrics", headers=auth(op)).text) for s in f.samples}
+            assert counted[("flywheel_uploads_total", "created")] == 2 and counted[("flywheel_uploads_total", "duplicate")] == 1  # the slow one counted once stored
+
+            from fleet.store.backend import StoreBusyError
+
+            def busy(self, *args, **kwargs):  # a TimeoutError of the store's own, at once: a failed commit, not a slow one
+                raise StoreBusyError("another process holds the store's lock")
+
+            monkeypatch.setattr(EpisodeStore, "append", busy)
+            failed = client.post("/v1/episodes", content=make("r0", seed=3).to_bytes(), headers=auth(tok))
+            assert (failed.status_code, failed.json()["error"], failed.headers["Retry-After"]) == (503, "store_unavailable", "1"), failed.text
     finally:
         stall.set()
         handle.stop()

@@ -123,6 +123,11 @@ def test_a_checkpoint_continues_under_another_precision_and_from_a_build_without
     check_resumable(state, trainer, algo)
     with pytest.raises(OtherSettingsError, match=r"policy.algorithm.hidden_sizes\)"):
         check_resumable(state, trainer, dataclasses.replace(algo, hidden_sizes=(8, 8)))
+    four = dataclasses.replace(trainer, num_worlds=4)
+    state.write_text(json.dumps({**record, "trainer_config": dataclasses.asdict(four), "env_steps": 204, "world_size": 1}))  # a budget of 202 ran to 204
+    check_resumable(state, dataclasses.replace(four, total_env_steps=202), algo)  # its own settings: a rerun is fine
+    with pytest.raises(OtherSettingsError, match="holds a checkpoint of 204 env steps, more than policy.trainer.total_env_steps=200"):
+        check_resumable(state, dataclasses.replace(four, total_env_steps=200), algo)
 
 
 def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):

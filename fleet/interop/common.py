@@ -86,11 +86,13 @@ class Selection:
 
     def _groups(self) -> Iterator[list]:
         """The infos in catalog order, cut into groups of about ``batch_bytes`` of arrays each."""
-        row_bytes = {stream: max(1, sum(np.dtype(a.dtype).itemsize * int(np.prod(a.tail)) for a in self.snapshot.signature(stream).arrays)) for stream in self.streams}
+        arrays = {stream: self.snapshot.signature(stream).arrays for stream in self.streams}
+        nbytes = lambda a: np.dtype(a.dtype).itemsize * int(np.prod(a.tail))  # noqa: E731  (one row)
         group, size = [], 0
         for info in self.infos:
+            frames = {camera: n for camera, _, n in info.frames}  # a camera with its own clock: its own rows
             group.append(info)
-            size += row_bytes[info.stream] * (info.num_steps + 1)
+            size += max(1, sum(nbytes(a) * (frames.get(a.camera, 0) if a.length == "frames" else info.num_steps + 1) for a in arrays[info.stream]))
             if size >= self.batch_bytes:
                 yield group
                 group, size = [], 0

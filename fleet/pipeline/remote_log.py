@@ -52,7 +52,7 @@ class RemoteLog:
             return
         try:
             ray.get(self.sink.add.remote({k: float(v) for k, v in metrics.items()}, int(env_steps)))
-        except ray.exceptions.RayActorError as exc:
+        except ray.exceptions.ActorDiedError as exc:  # gone for good (ActorUnavailableError, a blip, is not caught: the call raises)
             self.lost = True
             log.warning("the driver's log sink is gone (%s); this learner's curves stop here, its training goes on", str(exc).splitlines()[0][:200])
 
@@ -99,7 +99,7 @@ class LogStream:
     def _deliver(self) -> None:
         try:
             records = ray.get(self._sink.take.remote())
-        except ray.exceptions.RayActorError:  # killed, or its node lost: what it held is gone, the training is not
+        except ray.exceptions.ActorDiedError:  # killed, or its node lost: what it held is gone, the training is not
             records = []
         for metrics, env_steps in records:
             self.log(metrics, env_steps)

@@ -227,7 +227,7 @@ class SignedPolicySource:
         if info.length > self.max_weights_bytes:  # checked before a byte is fetched: a signed 50 GiB target cannot fill the disk
             self.trust.refusals["size"] += 1
             raise PolicyRejected("size", f"v{version}'s weights are listed at {info.length} bytes, more than this robot's max_weights_bytes={self.max_weights_bytes}")
-        if not self._room_for(info.length, version):
+        if updater.find_cached_target(info) is None and not self._room_for(info.length, version):
             return False
         weights = self._download(updater, info)
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
@@ -239,7 +239,8 @@ class SignedPolicySource:
                     kept = self.trust.trusted_weights() if self.trust.manifest else None
                 except (OSError, PolicyRejected):
                     kept = None
-            previous = (self.trust.manifest if kept is not None else None, kept, self._policy, self._running)
+            # an install again keeps its own manifest as the floor's record (trusted.json may be what was unreadable)
+            previous = ((manifest if again else self.trust.manifest) if kept is not None else None, kept, self._policy, self._running)
             self.trust.accept(manifest, weights)
             shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
             if not self._healthy(policy):
@@ -284,7 +285,8 @@ class SignedPolicySource:
         """Whether the disk holds a download of ``length`` bytes (the partial file and TUF's copy of it: twice that)
         and still ``min_free_bytes``, the room left to what the robot records; counted and logged if not."""
         free = shutil.disk_usage(self.trust.state_dir).free
-        if free >= 2 * length + self.min_free_bytes:
+        held = sum(p.stat().st_size for p in self.targets_dir.glob("*.partial")) if self.targets_dir.is_dir() else 0  # a cut download's, resumed
+        if free + held >= 2 * length + self.min_free_bytes:
             return True
         self.no_room += 1
         log.warning("robot %s: v%s's weights (%d bytes) wait for disk room: %d bytes free, %d needed (twice their size and min_free_bytes=%d, "

@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Future
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -268,16 +269,22 @@ def create_app(
                 except ShuttingDown as exc:
                     raise ApiError(503, "shutting_down", str(exc), None, {"Retry-After": "1"}) from None
             settled = asyncio.wrap_future(future)
-            try:
-                status = await asyncio.wait_for(asyncio.shield(settled), config.commit_timeout_s)
-            except TimeoutError:  # a slow store: answered before the robot's own timeout; the upload stays queued
-                slot = admitted.pop_all()
-                future.add_done_callback(lambda _: slot.close())
+            if not (await asyncio.wait({settled}, timeout=config.commit_timeout_s))[0]:  # a slow store: answered before the robot's
+                slot = admitted.pop_all()  # own timeout; the upload stays queued, holding its slot until its commit settles
+
+                def settled_late(done: Future) -> None:
+                    slot.close()
+                    if done.exception() is None and done.result() == "created":  # stored: counted, its retry is a duplicate
+                        metrics.uploaded("created", nbytes, episode.num_steps)
+
+                future.add_done_callback(settled_late)
                 settled.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is the retry's to read
                 raise ApiError(
                     503, "commit_slow", f"the store has not committed this upload within {config.commit_timeout_s:g} s (slow or unreachable); "
                     "it stays queued: retry it, and once stored it answers 200 duplicate", None, {"Retry-After": "5"},
-                ) from None  # fmt: skip
+                )  # fmt: skip
+            try:
+                status = settled.result()
             except Exception as exc:  # the commit failed: nothing stored, the robot keeps the episode and retries
                 if disk_full(exc):
                     raise insufficient_storage(f"the episode store's disk is full ({short_reason(exc)})") from None
