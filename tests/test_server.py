@@ -510,9 +510,8 @@ def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path)
         handle.stop()
 
 
-def test_uploads_waiting_on_a_stalled_store_count_against_the_tokens_limit(tmp_path, monkeypatch):
-    """With the store hung, a robot that gave up after its timeout and sent its next episode had 40 episodes
-    queued in the server (max_concurrent_uploads 4, no 429): the admission slot ended before the commit's wait."""
+def hang_the_store(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Every store commit waits (up to 30 s) until the first event is set; the second is set once one is waiting."""
     stall, entered = threading.Event(), threading.Event()
     append = EpisodeStore.append
 
@@ -522,6 +521,13 @@ def test_uploads_waiting_on_a_stalled_store_count_against_the_tokens_limit(tmp_p
         return append(self, *args, **kwargs)
 
     monkeypatch.setattr(EpisodeStore, "append", hung)
+    return stall, entered
+
+
+def test_uploads_waiting_on_a_stalled_store_count_against_the_tokens_limit(tmp_path, monkeypatch):
+    """With the store hung, a robot that gave up after its timeout and sent its next episode had 40 episodes
+    queued in the server (max_concurrent_uploads 4, no 429): the admission slot ended before the commit's wait."""
+    stall, entered = hang_the_store(monkeypatch)
     tokens = tmp_path / "tokens.json"
     tok = add_token(tokens, "robot", "r0")
     handle = serve(ServerConfig(port=0, token_file=str(tokens), max_concurrent_uploads=2), StoreConfig(path=str(tmp_path / "store")))
@@ -597,15 +603,7 @@ def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_
     own timeout is 30 s, and /healthz said ok all the while (it only counted commits that had failed)."""
     from fleet.server import app as server_app
 
-    stall, entered = threading.Event(), threading.Event()
-    append = EpisodeStore.append
-
-    def hung(self, *args, **kwargs):
-        entered.set()
-        stall.wait(30)
-        return append(self, *args, **kwargs)
-
-    monkeypatch.setattr(EpisodeStore, "append", hung)
+    stall, entered = hang_the_store(monkeypatch)
     monkeypatch.setattr(server_app, "STALLED_S", 0.2)
     tokens = tmp_path / "tokens.json"
     tok, op = add_token(tokens, "robot", "r0"), add_token(tokens, "operator")

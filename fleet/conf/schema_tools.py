@@ -108,31 +108,27 @@ def extend(schema: type, name: str, **fields: tuple[Any, Any]) -> type:
     return dataclasses.make_dataclass(name, extra, bases=(schema,))
 
 
-def unknown_keys(node: Any, path: str = "") -> list[str]:
+def _schema_keys(node: Any, which, path: str = "") -> list[str]:
+    """Through typed nodes: ``which(node's keys, its schema's fields)`` of each, as dotted paths."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, ListConfig):
+        return [k for i, v in enumerate(node) for k in _schema_keys(v, which, f"{path}[{i}]")]
+    if not isinstance(node, DictConfig):
+        return []
+    schema = node._metadata.object_type
+    out = [f"{path}{k}" for k in which(list(node.keys()), [f.name for f in dataclasses.fields(schema)])] if dataclasses.is_dataclass(schema) else []
+    return out + [k for key, v in node.items_ex(resolve=False) for k in _schema_keys(v, which, f"{path}{key}.")]
+
+
+def unknown_keys(node: Any) -> list[str]:
     """Keys of typed nodes that their schema lacks: Hydra lets ``+key=value`` add them past it."""
-    from omegaconf import DictConfig, ListConfig
-
-    if isinstance(node, ListConfig):
-        return [k for i, v in enumerate(node) for k in unknown_keys(v, f"{path}[{i}]")]
-    if not isinstance(node, DictConfig):
-        return []
-    schema = node._metadata.object_type
-    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-    out = [f"{path}{k}" for k in node.keys() if known is not None and k not in known]
-    return out + [k for key, v in node.items_ex(resolve=False) for k in unknown_keys(v, f"{path}{key}.")]
+    return _schema_keys(node, lambda keys, fields: [k for k in keys if k not in fields])
 
 
-def missing_keys(node: Any, path: str = "") -> list[str]:
+def missing_keys(node: Any) -> list[str]:
     """Keys of typed nodes' schemas that the node lacks: Hydra lets ``~key`` delete them."""
-    from omegaconf import DictConfig, ListConfig
-
-    if isinstance(node, ListConfig):
-        return [k for i, v in enumerate(node) for k in missing_keys(v, f"{path}[{i}]")]
-    if not isinstance(node, DictConfig):
-        return []
-    schema = node._metadata.object_type
-    out = [f"{path}{f.name}" for f in dataclasses.fields(schema) if f.name not in node] if dataclasses.is_dataclass(schema) else []
-    return out + [k for key, v in node.items_ex(resolve=False) for k in missing_keys(v, f"{path}{key}.")]
+    return _schema_keys(node, lambda keys, fields: [f for f in fields if f not in keys])
 
 
 def check(cfg: Any, app: str) -> None:
