@@ -437,3 +437,24 @@ def test_an_unreadable_trusted_manifest_runs_the_fallback_and_fetches_the_policy
         source.close()
         server.stop()
 
+
+
+def test_weights_that_cannot_be_kept_leave_no_download_behind(tmp_path):
+    """Downloaded whole into TUF's cache, the weights could not be written beside trusted.json (the disk filled meanwhile):
+    the cached copy stayed, and every later poll skipped the room check for it and failed again."""
+    import errno
+
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    source = restarted(tmp_path, server, token)
+    try:
+        publish(registry, tmp_path, "v1")
+
+        def full_disk(manifest, weights):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        source.trust.accept = full_disk
+        assert not source.poll() and source.errors == 1 and source.current().version == "zero"
+        assert not source.targets_dir.exists() or not any(source.targets_dir.rglob("*"))  # nothing downloaded is kept
+    finally:
+        source.close()
+        server.stop()

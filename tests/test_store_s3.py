@@ -279,3 +279,23 @@ def test_a_flywheel_run_keeps_its_store_under_the_configured_s3_prefix(tmp_path)
     assert run_writer(StoreConfig(path="s3://fleet/runs/x"), "ingest").writer_id == "ingest"
     assert run_writer(StoreConfig(path="s3://fleet/runs/x", writer_id="pod-7"), "ingest").writer_id == "pod-7"
     assert run_writer(StoreConfig(path=str(run / "store")), "ingest").writer_id == ""
+
+
+def test_a_store_another_replica_is_creating_is_waited_for(cfg, monkeypatch):
+    """Replicas started together on a new bucket: one found the repository its peer had just made, before its first
+    commit, and exited with zarr's "No group found in store". An open now waits for that commit (lock_timeout_s)."""
+    from fleet.store import backend, writer
+
+    repo = backend.create_repo(Location.parse(cfg.path))  # the peer's repository, its first commit still to come
+    monkeypatch.setattr(writer, "CREATING_POLL_S", 0.05)
+    peer = threading.Timer(0.5, writer._initialise, (repo, cfg))
+    peer.start()
+    try:
+        store = EpisodeStore.open_or_create(cfg)
+    finally:
+        peer.join()
+    assert not store.created_here and store.append([episode(1)]).statuses == ("created",)
+    stalled = dataclasses.replace(cfg, path=f"{cfg.path}-never", lock_timeout_s=0.3)
+    backend.create_repo(Location.parse(stalled.path))  # a creator that died before its first commit
+    with pytest.raises(StoreLocationError, match="its creation never finished"):
+        EpisodeStore.open(stalled)

@@ -241,8 +241,10 @@ class SignedPolicySource:
                     kept = None
             # an install again keeps its own manifest as the floor's record (trusted.json may be what was unreadable)
             previous = ((manifest if again else self.trust.manifest) if kept is not None else None, kept, self._policy, self._running)
-            self.trust.accept(manifest, weights)
-            shutil.rmtree(self.targets_dir, ignore_errors=True)  # TUF's download cache: the trusted copy is in state_dir
+            try:
+                self.trust.accept(manifest, weights)
+            finally:  # TUF's download cache: the trusted copy is in state_dir (or could not be written: a full disk keeps neither)
+                shutil.rmtree(self.targets_dir, ignore_errors=True)
             if not self._healthy(policy):
                 self._roll_back(previous, manifest["version"], "gave bad actions on probe observations")
                 return False

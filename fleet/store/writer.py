@@ -24,6 +24,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.codec_pipeline import fill_value_or_default
 from zarr.core.metadata import ArrayV3Metadata
+from zarr.errors import GroupNotFoundError
 from zarr.storage import StorePath
 
 from fleet.store import backend, legacy
@@ -141,6 +142,38 @@ class _Redo(Exception):
     or wrote this writer's arrays): redo it on the new tip."""
 
 
+def _initialise(repo: icechunk.Repository, config: StoreConfig) -> dict:
+    """A new repository's first commit: the root group with the store's geometry, its streams group and catalog."""
+    info = root_attrs(config.chunk_rows, config.index_rows, config.compression)
+    session = repo.writable_session(BRANCH)
+    root = backend.open_root(session, mode="w")
+    root.attrs[ROOT_ATTR] = info
+    root.create_group(STREAMS)
+    backend.run(_create_catalog(session.store, info))  # partitions come with each writer's first commit
+    session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
+    return info
+
+
+CREATING_POLL_S = 0.2  # how often open() looks again at a store another process is creating
+
+
+def _created_root(repo: icechunk.Repository, path: Location, timeout_s: float):
+    """The store's root group. A repository whose first commit has not landed yet is a store another process is
+    creating (replicas started together on a new bucket): waited for, up to ``timeout_s`` (it failed with zarr's
+    "No group found in store")."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return backend.open_root(repo.readonly_session(branch=BRANCH))
+        except GroupNotFoundError:
+            if time.monotonic() > deadline:
+                raise StoreLocationError(
+                    f"{path} holds an Icechunk repository but no episode store: its creation never finished (the process creating it "
+                    f"died?) after {timeout_s:g} s; remove it and start again, or point fleet.store.path elsewhere"
+                ) from None
+            time.sleep(CREATING_POLL_S)
+
+
 class EpisodeStore:
     """A Flywheel episode store on disk. Build with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
 
@@ -180,14 +213,7 @@ class EpisodeStore:
             if not path.is_local and backend.repo_exists(path):  # another process created it first
                 raise FileExistsError(f"an episode store already exists at {path}; use EpisodeStore.open (or open_or_create)") from None
             raise StoreLocationError(f"cannot create an episode store at {path}: {exc}") from None
-        info = root_attrs(config.chunk_rows, config.index_rows, config.compression)
-        session = repo.writable_session(BRANCH)
-        root = backend.open_root(session, mode="w")
-        root.attrs[ROOT_ATTR] = info
-        root.create_group(STREAMS)
-        backend.run(_create_catalog(session.store, info))  # partitions come with each writer's first commit
-        session.commit("create flywheel episode store", metadata={"store_schema_version": info["store_schema_version"]})
-        store = cls(config, repo, info)
+        store = cls(config, repo, _initialise(repo, config))
         store._sync()
         return store
 
@@ -198,7 +224,7 @@ class EpisodeStore:
         if not backend.repo_exists(path):
             raise FileNotFoundError(f"no episode store at {path}; create it with EpisodeStore.create (or open_or_create)")
         repo = backend.open_repo(path)
-        root = backend.open_root(repo.readonly_session(branch=BRANCH))
+        root = _created_root(repo, path, config.lock_timeout_s)
         store = cls(config, repo, check_root_attrs(dict(root.attrs), str(path)))
         if store.info["store_schema_version"] != STORE_SCHEMA_VERSION:
             store._migrate()
