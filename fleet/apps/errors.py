@@ -127,13 +127,17 @@ def _discard_unaccepted(run_dir: Path) -> None:
 
 
 def _discard_empty_sweeps() -> None:
-    """At exit: a --multirun sweep folder this process made that holds only Hydra's ``multirun.yaml`` goes (Hydra
-    refused every job before the app ran: a misspelt key composes in no job)."""
-    from fleet.conf import folders_made
+    """At exit (the last of these discards): a --multirun sweep folder this process made that holds only Hydra's
+    ``multirun.yaml`` goes (Hydra refused every job before the app ran: a misspelt key composes in no job); then the
+    folders it made above its run folders (``runs/``), if a refused start left them empty."""
+    from fleet.conf import folders_made, parents_made
 
     for made in folders_made():
         if made.is_dir() and [p.name for p in made.iterdir()] == ["multirun.yaml"]:
             shutil.rmtree(made, ignore_errors=True)
+    for parent in parents_made():
+        with contextlib.suppress(OSError):  # not empty: a run is in it
+            parent.rmdir()
 
 
 def accept_run_folder(app: str, run_dir: Path) -> None:

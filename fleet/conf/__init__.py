@@ -36,6 +36,7 @@ def _run_folder(default: str, *, _root_) -> str:
 
 _MADE: dict[str, str] = {}  # a new folder's name -> the folder this process made for it
 _MADE_AT: list[Path] = []  # those folders, absolute (a hydra.job.chdir would move what a relative name means)
+_PARENTS_MADE: list[Path] = []  # folders made above them (a first run's runs/), deepest first
 
 
 def _unique_folder(name: str) -> str:
@@ -44,7 +45,9 @@ def _unique_folder(name: str) -> str:
     if ".." in Path(name).parts:  # a robot.robot_id of ../../x in runs/fleet/logs/robot/<id>/<time> would climb out: it
         name = str(Path(*("_" if part == ".." else part for part in Path(name).parts)))  # stays inside; the app refuses the id
     if name not in _MADE:
-        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        parent = Path(name).parent
+        _PARENTS_MADE.extend(p.resolve() for p in (parent, *parent.parents) if not p.exists())
+        parent.mkdir(parents=True, exist_ok=True)
         for k in range(1, 10_000):
             candidate = name if k == 1 else f"{name}-{k}"
             try:
@@ -59,9 +62,14 @@ def _unique_folder(name: str) -> str:
     return _MADE[name]
 
 
-def folders_made() -> list[str]:
+def folders_made() -> list[Path]:
     """The new folders this process made for settings-named folders (a new run's, a sweep's, a log folder)."""
     return list(_MADE_AT)
+
+
+def parents_made() -> list[Path]:
+    """The folders this process made above those (``runs/`` in a fresh checkout), deepest first."""
+    return list(_PARENTS_MADE)
 
 
 def check_run_dir(path: Path) -> None:
