@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from sim.durable import fsync_dir
-from sim.episode import CAMERA_TIMESTAMP_SUFFIX, REQUIRED_ARRAYS, Episode, EpisodeValidationError, encode_safetensors
+from sim.episode import REQUIRED_ARRAYS, Episode, EpisodeValidationError, encode_safetensors
 
 INTEROP_VERSION = "1"  # version of the flywheel provenance written into every exported format
 # Namespace of the ids given to imported recordings that carry no flywheel episode_id.
@@ -158,14 +158,11 @@ def select(
 
 def layout(episode: Episode) -> dict[str, dict]:
     """Array layout: name -> {dtype, tail (shape after time), length ("T", "T+1", or "frames" for a
-    schema 1.1 camera with its own clock: image.NAME and image.NAME.timestamp)}."""
-    clocks = episode.camera_clocks() if episode.metadata["schema_version"] == "1.1" else {}
-    framed = {*clocks, *(f"{c}{CAMERA_TIMESTAMP_SUFFIX}" for c in clocks)}
-    out = {}
-    for name, arr in sorted(episode.arrays().items()):
-        length = "frames" if name in framed else "T+1" if arr.shape[0] == episode.num_steps + 1 else "T"
-        out[name] = {"dtype": str(arr.dtype), "tail": list(arr.shape[1:]), "length": length}
-    return out
+    schema 1.1 camera with its own clock: image.NAME and image.NAME.timestamp)}: its stream signature's
+    (:class:`fleet.store.layout.StreamSignature`, the store's one rule)."""
+    from fleet.store.layout import StreamSignature
+
+    return _signature_layout(StreamSignature.of(episode))
 
 
 def single_layout(selection: Selection, fmt: str) -> dict[str, dict]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fleet.interop.common import (
-    ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, layout, new_output, restored_episode, single_layout, step_rate,
+    ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, new_output, restored_episode, single_layout, step_rate,
 )  # fmt: skip
 from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
 
@@ -171,14 +171,20 @@ class _DataFiles:
     def __init__(self, root: Path, max_bytes: int, pa, pq):
         self.root, self.max_bytes, self.pa, self.pq = root, max_bytes, pa, pq
         self.columns: dict[str, list[np.ndarray]] = {}
-        self.writer = None
         self.size = self.files = 0  # bytes of frames in the open file (written or buffered); files finished
+        self.file = self._open()
+
+    def _open(self) -> _RowGroups:
+        chunk_index, file_index = divmod(self.files, CHUNKS_SIZE)
+        return _RowGroups(self.root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index), self.pa, self.pq)
 
     def add(self, frames: dict[str, np.ndarray]) -> tuple[int, int]:
         """Buffer one episode's frames; returns the (chunk_index, file_index) of the file it goes into."""
         nbytes = sum(v.nbytes for v in frames.values())
         if self.size and self.size + nbytes > self.max_bytes:
-            self._next_file()
+            self.close()
+            self.size, self.files = 0, self.files + 1
+            self.file = self._open()
         for key, value in frames.items():
             self.columns.setdefault(key, []).append(value)
         self.size += nbytes
@@ -186,38 +192,27 @@ class _DataFiles:
 
     def flush(self) -> None:
         """Write the buffered frames as one row group of the open file."""
-        if not self.columns:
-            return
-        table = self.pa.table({k: _arrow(np.concatenate(parts)) for k, parts in self.columns.items()})
-        if self.writer is None:
-            chunk_index, file_index = divmod(self.files, CHUNKS_SIZE)
-            path = self.root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = self.pq.ParquetWriter(path, table.schema)
-        self.writer.write_table(table)
-        self.columns = {}
-
-    def _next_file(self) -> None:
-        self.flush()
-        self.writer.close()
-        self.writer, self.size, self.files = None, 0, self.files + 1
+        if self.columns:
+            self.file.write_table(self.pa.table({k: _arrow(np.concatenate(parts)) for k, parts in self.columns.items()}))
+            self.columns = {}
 
     def close(self) -> None:
         self.flush()
-        if self.writer is not None:
-            self.writer.close()
+        self.file.close()
 
 
 class _RowGroups:
-    """One parquet file written a row group at a time (the episodes' rows, a batch at a time)."""
+    """One parquet file written a row group at a time, made with its first one."""
 
     def __init__(self, path: Path, pa, pq):
         self.path, self.pa, self.pq, self.writer = path, pa, pq, None
 
     def write(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        table = self.pa.Table.from_pylist(rows, schema=self.writer.schema if self.writer is not None else None)
+        """Rows (dicts) as one row group, typed as the file's first."""
+        if rows:
+            self.write_table(self.pa.Table.from_pylist(rows, schema=self.writer.schema if self.writer is not None else None))
+
+    def write_table(self, table) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.writer = self.pq.ParquetWriter(self.path, table.schema)
@@ -296,11 +291,6 @@ def _stats(columns: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         out[key] = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0), "count": np.array([x.shape[0]])}
         out[key].update({f"q{int(round(q * 100)):02d}": np.quantile(x, q, axis=0) for q in QUANTILES})
     return out
-
-
-def _write_parquet(path: Path, table, pq) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
 
 
 def _write_json(path: Path, value: dict) -> None:
