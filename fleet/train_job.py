@@ -22,7 +22,7 @@ from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.settings import checkpoint_settings_differ
-from policies.trainer import Trainer, TrainerConfig, algo_config_class, make_algorithm
+from policies.trainer import Trainer, TrainerConfig, algo_config_class, make_algorithm, steps_trained
 from sim.durable import write_durably
 from sim.variation import VariationProfile
 from worldmodel.device import resolve_device
@@ -159,18 +159,11 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
     done, world_size = int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1)), int(meta.get("world_size", 1))
-    if done > _steps_trained(trainer, world_size):  # it would train nothing, and record a budget the policy never had
+    if done > steps_trained(trainer, world_size):  # it would train nothing, and record a budget the policy never had
         raise OtherSettingsError(
             f"{state_json.parent} holds a checkpoint of {done:,} env steps, more than policy.trainer.total_env_steps={trainer.total_env_steps:,}: "
             f"rerun with {done} (re-evaluate and re-export) or more (continue), or set a new run_dir"
         )
-
-
-def _steps_trained(trainer: TrainerConfig, world_size: int) -> int:
-    """The env steps a run of ``trainer`` on ``world_size`` workers ends at: each rank steps all its worlds at once until
-    it has its share (``Trainer.local_target``), so a budget that is no multiple of them is passed by under one step."""
-    share = -(-trainer.total_env_steps // world_size)
-    return world_size * -(-share // trainer.num_worlds) * trainer.num_worlds
 
 
 def _job_record(job: TrainJob) -> dict:

@@ -143,6 +143,17 @@ def model_beside_learner(algo_config, device: torch.device):
     return dataclasses.replace(algo_config, model_train=dataclasses.replace(algo_config.model_train, device=str(device)))
 
 
+def rank_share(total_env_steps: int, world_size: int) -> int:
+    """The env steps one of ``world_size`` ranks collects: its share of the budget, rounded up."""
+    return -(-total_env_steps // world_size)
+
+
+def steps_trained(config: TrainerConfig, world_size: int) -> int:
+    """The env steps a run of ``config`` on ``world_size`` ranks ends at: each rank steps all its worlds at once until
+    it has its share, so a budget that is no multiple of them is passed by under one step (202 on 4 worlds: 204)."""
+    return world_size * -(-rank_share(config.total_env_steps, world_size) // config.num_worlds) * config.num_worlds
+
+
 class Trainer:
     """Collect on the batched stepper, update the injected algorithm, log, checkpoint, evaluate.
 
@@ -187,7 +198,7 @@ class Trainer:
         if hasattr(algorithm, "set_world_profiles"):  # a learner that reads each world's body (MBPO's model, a conditioned policy)
             algorithm.set_world_profiles([seen_body(p, sensor_filters) for p in world_profiles])
         self.obs = self.source.start(self.stepper)
-        self.local_target = -(-config.total_env_steps // self.comm.world_size)  # ceil: env steps on this rank
+        self.local_target = rank_share(config.total_env_steps, self.comm.world_size)  # env steps on this rank
         self.env_steps = 0  # on this rank
         self.updates = 0
         self.ep_return = np.zeros(n)
