@@ -113,17 +113,12 @@ def _restore_record() -> None:
 
 
 def _discard_unaccepted(run_dir: Path) -> None:
-    """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files;
-    then the --multirun sweep folder it was in, if that holds only Hydra's ``multirun.yaml``."""
-    from fleet.conf import folders_made
-
+    """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files
+    (then :func:`_discard_empty_sweeps`, registered before, takes its --multirun sweep folder if nothing else is left)."""
     if run_dir in _HELD or not run_dir.is_dir():
         return
     if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-        sweep = run_dir.parent
-        if sweep in folders_made() and sweep.is_dir() and all(p.name == "multirun.yaml" for p in sweep.iterdir()):
-            shutil.rmtree(sweep, ignore_errors=True)
 
 
 def _discard_empty_sweeps() -> None:
