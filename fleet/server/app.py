@@ -375,12 +375,15 @@ def create_app(
     async def healthz():
         """200 ok; 503 degraded while group commits fail (a load balancer sends the fleet elsewhere), with since when and
         why. Degraded lasts ``DEGRADED_FOR_S`` after the last failure: then uploads are let in again to find out whether
-        the store is back (a replica no traffic reaches would otherwise never be seen to recover)."""
+        the store is back (a replica no traffic reaches would otherwise never be seen to recover); and while a commit has run
+        over ``STALLED_S`` (stuck in the store's retries, it fails only after ~30 s)."""
+        why = None
         if committer.failing is not None and time.time() - committer.failing["last"] < DEGRADED_FOR_S:
-            return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, **committer.failing}, status_code=503, headers={"Retry-After": "5"})
-        if (running := committer.running_s) > STALLED_S:  # a commit stuck in the store's retries fails only after ~30 s
-            reason = f"a group commit has run {running:.0f} s: the store is slow or unreachable"
-            return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, "reason": reason}, status_code=503, headers={"Retry-After": "5"})
+            why = committer.failing
+        elif (running := committer.running_s) > STALLED_S:
+            why = {"reason": f"a group commit has run {running:.0f} s: the store is slow or unreachable"}
+        if why is not None:
+            return JSONResponse({"status": "degraded", "pending_uploads": committer.pending, **why}, status_code=503, headers={"Retry-After": "5"})
         return {"status": "ok", "pending_uploads": committer.pending}
 
     @app.get("/metrics")
