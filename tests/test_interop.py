@@ -346,6 +346,40 @@ def test_an_export_killed_midway_leaves_no_export_that_looks_complete(tmp_path):
     assert (tmp_path / "whole" / "info.json").exists() and not list(tmp_path.glob(".whole.partial-*"))
 
 
+@pytest.mark.parametrize("fmt", ["lerobot", "minari", "mcap"])
+def test_a_rerun_after_a_killed_export_takes_in_nothing_that_export_left(store, tmp_path, capsys, fmt):
+    """The partial was named by pid alone (``.<name>.partial-<pid>``) and reused: in a container, where the export is
+    pid 1 every time, a rerun wrote into the killed export's leftover and renamed it into place, its truncated parquet
+    file in the "finished" dataset. Every export now writes into a partial folder of its own; a killed one's is removed
+    by the next export to that --out once no export holds its lock, one of a running export stays."""
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    name = {"lerobot": "out", "minari": "flywheel-toy-v0", "mcap": "episodes.mcap"}[fmt]
+    stale = out / f".{name}.partial-{os.getpid()}" if fmt != "lerobot" else tmp_path / f".out.partial-{os.getpid()}"  # the old name, this pid
+    (stale / "data").mkdir(parents=True)
+    (stale / "data" / "file-001.parquet").write_bytes(b"PAR1 truncated")
+    code = "import os, sys\nfrom fleet.interop.common import new_output\nwith new_output(sys.argv[1]) as o:\n    o.mkdir()\n    os._exit(9)\n"
+    assert subprocess.run([sys.executable, "-c", code, str(stale.parent / name)], timeout=120).returncode == 9  # a killed export
+    killed = [p for p in stale.parent.glob(f".{name}.partial-*") if p != stale]
+    running = stale.parent / f".{name}.partial-running"  # an export still writing: it holds the lock
+    running.mkdir()
+    (running / "flywheel-export-partial").touch()
+    held = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        run_cli(["export", "--format", fmt, "--store", store["path"], "--source", "real", "--source", "sim", "--out", out], capsys)
+    finally:
+        os.close(held)
+    exported = stale.parent / name
+    assert not list(exported.rglob("file-001.parquet")) if fmt != "mcap" else exported.read_bytes().startswith(b"\x89MCAP")
+    assert len(killed) == 1 and not killed[0].exists()  # the killed export's partial is gone
+    assert running.exists() and stale.exists()  # a running export's stays, and so does an older flywheel's (docs: remove by hand)
+
+
 def test_what_a_format_cannot_carry_is_refused_in_one_line_and_an_outside_one_frame_episode_left_out(tmp_path, caplog):
     """A clock in milliseconds crashed the MCAP writer (struct.error); '.' and '/' in array names shared one topic; a
     robot model with a '.' made a default Minari id Minari refused, and an id without -vN crashed Minari's loader; one

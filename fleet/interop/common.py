@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,35 +27,64 @@ from sim.episode import REQUIRED_ARRAYS, Episode, EpisodeValidationError, encode
 INTEROP_VERSION = "1"  # version of the flywheel provenance written into every exported format
 # Namespace of the ids given to imported recordings that carry no flywheel episode_id.
 IMPORT_NAMESPACE = uuid.UUID("6c1f1d1e-5d0b-4b8e-9a57-2f0e4a6b9c31")
+log = logging.getLogger(__name__)
 
 
 class InteropError(ValueError):
     """Input that does not fit a format, or a selection that cannot be exported; says what to do."""
 
 
+PARTIAL_MARK = "flywheel-export-partial"  # in an export's partial folder once its lock is held: one a later export may remove
+
+
 @contextlib.contextmanager
 def new_output(path: str | Path):
-    """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the sibling it is
-    given (``.<name>.partial-<pid>``), which is renamed to ``path`` once the block ends. Any failure removes it, and a
-    kill (SIGTERM, SIGKILL, the OOM killer) leaves only that partial name, never an export that looks complete.
+    """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the path it is given,
+    ``path``'s name inside a partial folder of its own beside it (``.<name>.partial-<random>``, made new by mkdtemp:
+    never one a killed export left), and that is moved to ``path`` once the block ends. Any failure removes the partial
+    folder; a kill (SIGTERM, SIGKILL, the OOM killer) leaves only it, never an export that looks complete, and the next
+    export to ``path`` removes it (:func:`_remove_dead_partials`).
     InteropError when ``path`` holds something already. The caller returns ``path``, not what it was given."""
     path = Path(path).resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise InteropError(f"{path} exists already{' and is not empty' if path.is_dir() else ''}; choose another --out or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    _remove_dead_partials(path)
+    partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    lock = os.open(partial, os.O_RDONLY)
     try:
-        yield partial
+        with contextlib.suppress(OSError):  # a filesystem without flock (some NFS): a partial left there is removed by hand
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this export ends; the kernel drops it when it dies
+            (partial / PARTIAL_MARK).touch()  # only once the lock is held
+        yield partial / path.name
         if path.is_dir():  # an empty folder given: the export takes its place
             path.rmdir()
-        os.replace(partial, path)
+        os.replace(partial / path.name, path)
         fsync_dir(path.parent)
-    except BaseException:
-        if partial.is_dir():
-            shutil.rmtree(partial)
-        else:
-            partial.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.close(lock)
+
+
+def _remove_dead_partials(path: Path) -> None:
+    """Remove the partial folders that killed exports to ``path`` left: those holding :data:`PARTIAL_MARK` whose lock no
+    export holds any more. Anything else beside ``path`` stays (a partial of a running export, of an older flywheel,
+    whose name ended in a pid, or of a filesystem without flock: docs/interop.md says how to remove them)."""
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.partial-*"):
+        if not (partial / PARTIAL_MARK).is_file():
+            continue
+        try:
+            lock = os.open(partial, os.O_RDONLY)
+        except OSError:  # removed meanwhile by another export
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its export runs
+            os.close(lock)
+            continue
+        shutil.rmtree(partial, ignore_errors=True)
+        os.close(lock)
+        log.warning("removed %s, the partial folder of an export to %s that was killed", partial, path)
 
 
 EXPORT_BATCH_BYTES = 64 << 20  # an export holds about this much of the selection's arrays at a time, whatever its size
