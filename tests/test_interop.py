@@ -380,6 +380,27 @@ def test_a_rerun_after_a_killed_export_takes_in_nothing_that_export_left(store, 
     assert running.exists() and stale.exists()  # a running export's stays, and so does an older flywheel's (docs: remove by hand)
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_export_never_goes_over_one_that_finished_while_it_ran(tmp_path, kind):
+    """Two MCAP exports to one --out at once: the later one's os.replace went over the earlier one's file, and both
+    reported success. The loser is refused as a rerun is, and what the winner wrote stays."""
+    from fleet.interop.common import new_output
+
+    target = tmp_path / "out"
+    with pytest.raises(InteropError, match="exists already.*another export wrote it while this one ran"):
+        with new_output(target) as mine:
+            if kind == "file":
+                mine.write_text("mine")
+                target.write_text("theirs")  # the other export finished first
+            else:
+                mine.mkdir()
+                (mine / "info.json").write_text("mine")
+                target.mkdir()
+                (target / "info.json").write_text("theirs")
+    assert (target if kind == "file" else target / "info.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing of the loser left
+
+
 def test_what_a_format_cannot_carry_is_refused_in_one_line_and_an_outside_one_frame_episode_left_out(tmp_path, caplog):
     """A clock in milliseconds crashed the MCAP writer (struct.error); '.' and '/' in array names shared one topic; a
     robot model with a '.' made a default Minari id Minari refused, and an id without -vN crashed Minari's loader; one

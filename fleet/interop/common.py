@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import glob
 import hashlib
@@ -41,13 +42,14 @@ PARTIAL_MARK = "flywheel-export-partial"  # in an export's partial folder once i
 def new_output(path: str | Path):
     """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the path it is given,
     ``path``'s name inside a partial folder of its own beside it (``.<name>.partial-<random>``, made new by mkdtemp:
-    never one a killed export left), and that is moved to ``path`` once the block ends. Any failure removes the partial
-    folder; a kill (SIGTERM, SIGKILL, the OOM killer) leaves only it, never an export that looks complete, and the next
-    export to ``path`` removes it (:func:`_remove_dead_partials`).
+    never one a killed export left), and that is moved to ``path`` once the block ends, never over what another export
+    put there meanwhile (:func:`_publish`). Any failure removes the partial folder; a kill (SIGTERM, SIGKILL, the OOM
+    killer) leaves only it, never an export that looks complete, and the next export to ``path`` removes it
+    (:func:`_remove_dead_partials`).
     InteropError when ``path`` holds something already. The caller returns ``path``, not what it was given."""
     path = Path(path).resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise InteropError(f"{path} exists already{' and is not empty' if path.is_dir() else ''}; choose another --out or remove it")
+        raise InteropError(_exists(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(path)
     partial = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
@@ -57,13 +59,37 @@ def new_output(path: str | Path):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until this export ends; the kernel drops it when it dies
             (partial / PARTIAL_MARK).touch()  # only once the lock is held
         yield partial / path.name
-        if path.is_dir():  # an empty folder given: the export takes its place
-            path.rmdir()
-        os.replace(partial / path.name, path)
+        _publish(partial / path.name, path)
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         os.close(lock)
+
+
+def _exists(path: Path) -> str:
+    return f"{path} exists already{' and is not empty' if path.is_dir() else ''}; choose another --out or remove it"
+
+
+def _publish(done: Path, path: Path) -> None:
+    """Move the finished export ``done`` to ``path``; InteropError if another export put something there meanwhile."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.rmdir()  # an empty folder given: the export takes its place (a file, or a folder filled meanwhile: refused)
+        if done.is_dir():
+            os.rename(done, path)  # a folder never goes over one that holds something (ENOTEMPTY)
+            return
+        try:
+            os.link(done, path)  # unlike a rename, never over a file there (EEXIST)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            if path.exists():  # a filesystem without hard links (FAT): checked, then renamed
+                raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+            os.rename(done, path)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise
+        raise InteropError(f"{_exists(path)} (another export wrote it while this one ran; nothing of this one was kept)") from None
 
 
 def _remove_dead_partials(path: Path) -> None:
