@@ -231,6 +231,30 @@ def test_rosbag_import_maps_joint_states_and_commands(tmp_path, capsys):
     assert run_cli(argv, capsys)["duplicate"] == 1  # deterministic id: a re-import is idempotent
 
 
+def test_a_bag_given_by_its_folder_or_its_file_is_one_episode_and_a_refusal_names_what_differs(tmp_path, capsys, monkeypatch):
+    """The same bag imported by its folder and then by its .db3 file (both forms documented) was refused as "stored with
+    different content": x.rosbag was the path's last part (b1, then b1.db3, or '' for '.'), and the refusal did not say
+    which field differed."""
+    write_bag(tmp_path / "b1")
+    (storage,) = (tmp_path / "b1").glob("*.db3")
+    base = ["import", "--format", "rosbag", "--store", tmp_path / "store", "--robot-id", "arm-9", "--robot-model", "toy2"]
+    assert run_cli([*base, tmp_path / "b1"], capsys)["created"] == 1
+    assert run_cli([*base, storage], capsys)["duplicate"] == 1
+    monkeypatch.chdir(tmp_path / "b1")
+    assert run_cli([*base, "."], capsys)["duplicate"] == 1
+    (ep,) = stored(tmp_path / "store").values()
+    assert ep.metadata["x.rosbag"] == "b1"
+    assert cli([str(a) for a in [*base, storage, "--source", "sim"]]) == 2  # the same recording said to be another source
+    err = capsys.readouterr().err
+    assert "stored with different content" in err and "they differ in metadata 'source' 'real' stored, 'sim' imported); nothing was imported" in err
+    from fleet.interop.common import write_to_store
+    from fleet.interop.rosbag import import_rosbag
+
+    twice = [import_rosbag(storage, ImportOptions("arm-9", "toy2", source))[0] for source in ("real", "sim")]
+    with pytest.raises(InteropError, match=r"twice with different content \(they differ in metadata 'source' 'real' first, 'sim' second\)"):
+        write_to_store(twice, tmp_path / "other-store")
+
+
 def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):
     """A robot's header clock 1,000 s ahead of the recorder's (or sim time) matched every step to the bag's last command,
     silently; a recording whose commands start late gave its first steps the last command too (index -1)."""

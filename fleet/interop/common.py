@@ -334,20 +334,41 @@ def write_to_store(episodes: Sequence[Episode], store: str | Path) -> dict[str, 
 
     digests, inputs = [canonical_digest(ep) for ep in episodes], {}
     for ep, digest in zip(episodes, digests):  # checked before anything is committed: an import is whole or absent
-        if inputs.setdefault(ep.episode_id, digest) != digest:
-            raise InteropError(f"the inputs hold episode {ep.episode_id} twice with different content; import them separately, or drop one; nothing was imported")
+        first = inputs.setdefault(ep.episode_id, (ep, digest))
+        if first[1] != digest:
+            raise InteropError(
+                f"the inputs hold episode {ep.episode_id} twice with different content ({_differences(first[0], ep, 'first', 'second')}); "
+                "import them separately, or drop one; nothing was imported"
+            )
     target = EpisodeStore.open_or_create(StoreConfig(path=str(store)))
     target.refresh_index()
-    clash = [ep.episode_id for ep, digest in zip(episodes, digests) if target.lookup(ep.episode_id) not in (None, digest)]
+    clash = [ep for ep, digest in zip(episodes, digests) if target.lookup(ep.episode_id) not in (None, digest)]
     if clash:
-        raise InteropError(f"{len(clash)} episode ids are stored with different content (first: {clash[0]}); nothing was imported")
+        stored = _differences(target.snapshot().read_episode(clash[0].episode_id), clash[0], "stored", "imported")
+        raise InteropError(f"{len(clash)} episode ids are stored with different content (first: {clash[0].episode_id}, {stored}); nothing was imported")
     result = target.append(list(episodes), digests=digests, message="flywheel import")
     counts = {s: result.statuses.count(s) for s in ("created", "duplicate", "conflict")}
     counts["snapshot_id"] = result.snapshot_id
     if counts["conflict"]:  # stored meanwhile by another writer
-        ids = [ep.episode_id for ep, s in zip(episodes, result.statuses) if s == "conflict"]
-        raise InteropError(f"{len(ids)} episode ids were stored with different content meanwhile (first: {ids[0]}); the rest are in snapshot {result.snapshot_id}")
+        eps = [ep for ep, s in zip(episodes, result.statuses) if s == "conflict"]
+        stored = _differences(target.snapshot().read_episode(eps[0].episode_id), eps[0], "stored", "imported")
+        raise InteropError(f"{len(eps)} episode ids were stored with different content meanwhile (first: {eps[0].episode_id}, {stored}); the rest are in snapshot {result.snapshot_id}")
     return counts
+
+
+def _differences(a: Episode, b: Episode, a_is: str, b_is: str) -> str:
+    """What tells two episodes of one id apart, for a refusal: the metadata keys whose values differ (with both values)
+    and the arrays that differ."""
+    keys = sorted(k for k in a.metadata.keys() | b.metadata.keys() if a.metadata.get(k) != b.metadata.get(k))
+    value = lambda v: "absent" if v is None else repr(v if len(v) <= 60 else v[:57] + "...")  # noqa: E731
+    arrays, brr = a.arrays(), b.arrays()
+    changed = sorted(
+        k for k in arrays.keys() | brr.keys()
+        if k not in arrays or k not in brr or (arrays[k].dtype, arrays[k].shape) != (brr[k].dtype, brr[k].shape) or arrays[k].tobytes() != brr[k].tobytes()
+    )  # fmt: skip
+    said = [f"metadata {k!r} {value(a.metadata.get(k))} {a_is}, {value(b.metadata.get(k))} {b_is}" for k in keys]
+    said += [f"array {k!r}" for k in changed]
+    return "they differ in " + ("; ".join(said) if said else "their bytes only")
 
 
 def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_dir: str | Path | None = None, max_attempts: int = 8) -> dict[str, int]:

@@ -69,8 +69,16 @@ def import_rosbag(
     # (the time messages are matched on: one clock for every topic; the time recorded: the header stamp where there is one)
     streams = {topic: [(h if headers else log, log if h is None else h, msg) for h, log, msg in stream] for topic, stream in raw_streams.items()}
     arrays = _episode_arrays(streams, obs_topic, topics[act_topic], act_topic, rew_topic, path)
-    extra = {"x.rosbag": path.name, "x.rosbag_topics": f"observation={obs_topic} action={act_topic} reward={rew_topic or '-'}"}
+    extra = {"x.rosbag": bag_name(path), "x.rosbag_topics": f"observation={obs_topic} action={act_topic} reward={rew_topic or '-'}"}
     return [foreign_episode(arrays, options, f"ROS 2 bag {path}", extra)]
+
+
+def bag_name(path: Path) -> str:
+    """The bag's own name, whichever form it is given in: its folder's for the folder or a storage file in it (beside its
+    metadata.yaml), else the lone .db3 / .mcap file's. It is the episode's ``x.rosbag``, so each form stores the same
+    episode (the path as typed, ``b1``, ``b1/b1.db3`` or ``.``, made a re-import a conflict)."""
+    path = path.resolve()
+    return path.parent.name if path.is_file() and (path.parent / "metadata.yaml").is_file() else path.name
 
 
 def _pick(topics: dict[str, str], chosen: str | None, types: tuple, role: str, path: Path, *, prefer: str | None = None, exclude: str | None = None) -> str:
