@@ -255,6 +255,24 @@ def test_a_bag_given_by_its_folder_or_its_file_is_one_episode_and_a_refusal_name
         write_to_store(twice, tmp_path / "other-store")
 
 
+def test_an_ambiguous_topic_is_said_plainly_not_as_an_unreadable_bag(tmp_path, capsys):
+    """The reader's broad except also caught the topic choice's own InteropError: "... is not a readable ROS 2 bag
+    (InteropError: ...cannot choose the observation topic...); check that it is a rosbag2 folder"."""
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    with Writer(tmp_path / "two", version=9) as bag:
+        for topic in ("/left/joint_states", "/right/joint_states", "/left/commands", "/right/commands"):
+            bag.add_connection(topic, "sensor_msgs/msg/JointState" if topic.endswith("states") else "std_msgs/msg/Float64MultiArray", typestore=ts)
+    argv = ["import", "--format", "rosbag", str(tmp_path / "two"), "--store", str(tmp_path / "s"), "--robot-id", "a", "--robot-model", "b"]
+    for chosen, role in (([], "observation"), (["--observation-topic", "/left/joint_states"], "action")):
+        assert cli([*argv, *chosen]) == 2
+        err = capsys.readouterr().err
+        assert f"two: cannot choose the {role} topic (candidates [" in err and f"pass --{role}-topic" in err
+        assert "not a readable" not in err and "rosbag2 folder" not in err
+
+
 def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):
     """A robot's header clock 1,000 s ahead of the recorder's (or sim time) matched every step to the bag's last command,
     silently; a recording whose commands start late gave its first steps the last command too (index -1)."""

@@ -63,6 +63,8 @@ def import_rosbag(
             for conn, log_time, raw in reader.messages(connections=wanted):
                 msg = typestore.deserialize_cdr(raw, conn.msgtype)
                 raw_streams[conn.topic].append((_header_ns(msg), int(log_time), msg))
+    except InteropError:  # the bag reads, but its topics do not say which to take: said as it is
+        raise
     except Exception as exc:  # noqa: BLE001  (rosbags' reader and CDR decoder raise many kinds for a damaged bag)
         raise InteropError(f"{path} is not a readable ROS 2 bag ({exc.__class__.__name__}: {exc}); check that it is a rosbag2 folder, .db3 or .mcap file") from None
     headers = all(h is not None for stream in raw_streams.values() for h, _, _ in stream)
