@@ -305,6 +305,36 @@ def test_import_uploads_through_the_robot_agent(store, tmp_path, capsys, monkeyp
         server.stop()
 
 
+def test_an_upload_rerun_queues_nothing_twice_and_another_robots_episodes_do_not_block_it(store, tmp_path, capsys, monkeypatch):
+    """An export of two robots uploaded with one robot's token and --spool stopped at the other robot's first episode
+    (403), leaving the rest queued; the rerun the error advised spooled every episode again (13 spool files for 8
+    episodes after two runs) and stopped at the same episode. Now an episode already queued is not queued again, one
+    of another robot is set aside in <spool>/rejected/ with the server's reason while the others go up, and
+    --robot-id with --server uploads only that robot's episodes of a flywheel export."""
+    from fleet.server import ServerConfig, add_token, serve
+
+    exported = run_cli(["export", "--format", "mcap", "--store", store["path"], "--snapshot", store["pinned"], "--out", tmp_path / "x"], capsys)["path"]
+    tokens, spool = tmp_path / "tokens.json", tmp_path / "spool"
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", add_token(tokens, "robot", "arm-0"))  # the export holds arm-0 (2 episodes) and arm-1 (1)
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "server-store"), fsync=False))
+    try:
+        argv = ["import", "--format", "mcap", exported, "--server", server.url, "--spool", spool]
+        for run in range(2):
+            assert cli([str(a) for a in argv]) == 2
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert f"the server refused 1 episodes ({2 * (1 - run)} created, {2 * run} duplicate)" in err
+            assert "token is for robot 'arm-0', episode says 'arm-1'" in err and "--robot-id" in err
+            assert not list(spool.glob("*.safetensors"))  # nothing left queued, nothing queued twice
+            assert [p.name.split("-", 1)[1] for p in spool.glob("rejected/*.safetensors")] == [f"{store['toy'][1].episode_id}.safetensors"]
+        assert cli([str(a) for a in [*argv, "--robot-id", "arm-0"]]) == 0
+        printed = capsys.readouterr()
+        out = json.loads(printed.out)
+        assert out["episodes"] == 2 and out["duplicate"] == 2 and out["left_out"] == 1
+        assert "left out 1 episodes of other robots (arm-1)" in printed.err
+    finally:
+        server.stop()
+
+
 def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, capsys):
     from mcap.writer import Writer
 

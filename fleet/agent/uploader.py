@@ -7,7 +7,10 @@ Per server answer (docs/protocol.md):
     400, 409, 413, 422                 refused for good, when the answer is the server's JSON refusal of the
                                        episode (409: episode_id_conflict): moved to spool/rejected/ with the reason
     413 not in the server's JSON       a proxy's body limit: the episode goes resumable, in chunks
-    401, 403, 404, other 4xx           configuration problem (token, URL, a proxy's page): kept, retried slowly
+    401, 403, 404, other 4xx           configuration problem (token, URL, a proxy's page): kept, retried slowly;
+                                       except the (status, error code) answers in ``refused_for_good``, refused
+                                       for good as above (`flywheel import --server`: 403 robot_id_mismatch, an
+                                       episode of another robot than the token's)
     429, 502, 503, 504                 kept; the next attempt waits at least Retry-After (gateway errors are the
                                        path's, not the episode's)
     other 5xx, timeouts, connections   kept, retried with backoff (server down, restarting, busy)
@@ -45,7 +48,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import httpx
 import zstandard
@@ -77,6 +80,7 @@ class Uploader:
         request_timeout_s: float = 30.0,
         status_interval_s: float = 10.0,
         max_attempts: int = 8,
+        refused_for_good: Collection[tuple[int, str]] = (),
         compress: bool = True,
         resumable_threshold_bytes: int = 8 << 20,
         on_ack: Callable[[str, str], None] | None = None,
@@ -97,6 +101,7 @@ class Uploader:
         self._failures = 0  # consecutive failed attempts
         self._last_failed: str | None = None  # the episode of the last failed attempt: tried after the others
         self.max_attempts = max_attempts
+        self.refused_for_good = frozenset(refused_for_good)  # (status, error code): refusals of the episode besides PERMANENT's
         self._blame: dict[str, _Blame] = {}  # episodes the server failed on (5xx), by id
         self._acks = 0
         self._retry_after = 0.0  # the server's last Retry-After (s)
@@ -192,7 +197,7 @@ class Uploader:
                 except Exception:  # the caller's hook: the acknowledgement stands
                     log.exception("on_ack for episode %s raised", entry.episode_id)
             return "acked"
-        if _refuses_episode(response):
+        if _refuses_episode(response) or (response.status_code, error_code(response)) in self.refused_for_good:
             if self.spool.reject(entry, {"status": response.status_code, **body}) is not None:  # None: evicted meanwhile, counted there
                 self.stats["rejected"] += 1
             self._blame.pop(entry.episode_id, None)

@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--server", help="upload to this fleet server (e.g. http://127.0.0.1:8700) as a robot")
     imp.add_argument("--token-env", default="FLYWHEEL_ROBOT_TOKEN", help="environment variable holding the robot token (--server)")
     imp.add_argument("--spool", help="keep upload files here (refused ones stay in <spool>/rejected/); default: a temporary folder")
-    imp.add_argument("--robot-id", help="robot id for recordings without flywheel provenance")
+    imp.add_argument("--robot-id", help="robot id for recordings without flywheel provenance; with --server also: only this robot's episodes of a flywheel export")
     imp.add_argument("--robot-model", help="robot model for recordings without flywheel provenance")
     imp.add_argument("--source", default="real", choices=SOURCES, help="source for recordings without flywheel provenance (default real)")
     imp.add_argument("--policy-version", default="none")
@@ -88,10 +88,27 @@ def read_inputs(args: argparse.Namespace) -> list:
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:  # the input's own content: no traceback
             raise InteropError(f"{path} is not a readable {args.format} input ({exc.__class__.__name__}: {str(exc)[:300]}); check the file, or the --format") from None
     own = sorted({ep.robot_id for ep in episodes} - {args.robot_id}) if args.robot_id else []
-    if own:  # flywheel exports carry their robots: --robot-id names only recordings without provenance (it was ignored silently)
+    if own and not args.server:  # flywheel exports carry their robots: --robot-id names only recordings without provenance (it was ignored silently)
         print(f"flywheel import: note: --robot-id {args.robot_id} applies to recordings without flywheel provenance; "
-              f"episodes of a flywheel export keep their own robot ids ({', '.join(own[:5])}{', ...' if len(own) > 5 else ''})", file=sys.stderr)  # fmt: skip
+              f"episodes of a flywheel export keep their own robot ids ({_some(own)})", file=sys.stderr)  # fmt: skip
     return episodes
+
+
+def _of_robot(args: argparse.Namespace, episodes: list) -> list:
+    """With --server and --robot-id: only that robot's episodes (a robot token uploads only its own robot's), the others
+    of a flywheel export left out with a note."""
+    chosen = [ep for ep in episodes if ep.robot_id == args.robot_id]
+    others = sorted({ep.robot_id for ep in episodes} - {args.robot_id})
+    if not chosen:
+        raise InteropError(f"the inputs hold no episodes of robot {args.robot_id} (their robots: {_some(others)}); pass the --robot-id of the token's robot")
+    if others:
+        print(f"flywheel import: note: uploading robot {args.robot_id}'s {len(chosen)} episodes (--robot-id with --server); "
+              f"left out {len(episodes) - len(chosen)} episodes of other robots ({_some(others)}), each needs its own robot's token", file=sys.stderr)  # fmt: skip
+    return chosen
+
+
+def _some(names: list[str]) -> str:
+    return f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
 
 
 def _read_input(args: argparse.Namespace, path, options: ImportOptions) -> list:
@@ -119,12 +136,15 @@ def run_import(args: argparse.Namespace) -> dict:
         token = os.environ.get(args.token_env)
         if not token:
             raise InteropError(f"--server needs a robot token in ${args.token_env}; issue one with `python -m fleet.server.auth --tokens ... add --role robot --robot-id ...`")
-    episodes = read_inputs(args)
+    episodes, left_out = read_inputs(args), {}
     if args.store:
         result = write_to_store(episodes, args.store)
     else:
+        if args.robot_id:
+            chosen = _of_robot(args, episodes)
+            episodes, left_out = chosen, {"left_out": len(episodes) - len(chosen)}
         result = upload(episodes, args.server, token, spool_dir=args.spool)
-    return {"command": "import", "format": args.format, "episodes": len(episodes), "episode_ids": [ep.episode_id for ep in episodes], **result}
+    return {"command": "import", "format": args.format, "episodes": len(episodes), "episode_ids": [ep.episode_id for ep in episodes], **left_out, **result}
 
 
 def _json_text(text: str | None, flag: str) -> str | None:

@@ -374,16 +374,25 @@ def _differences(a: Episode, b: Episode, a_is: str, b_is: str) -> str:
 def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_dir: str | Path | None = None, max_attempts: int = 8) -> dict[str, int]:
     """Upload ``episodes`` to a fleet server through the robot agent's spool and uploader.
 
-    Episodes the server refuses for good stay in ``<spool>/rejected/`` with its reason.
+    An episode the spool holds queued already (an earlier run's, the same bytes) is not queued again. Episodes the
+    server refuses for good, and those of another robot than the token's (403 robot_id_mismatch), are set aside in
+    ``<spool>/rejected/`` with its reason while the others go up; InteropError names them afterwards.
     """
     from fleet.agent.spool import Spool
     from fleet.agent.uploader import Uploader
 
     with tempfile.TemporaryDirectory(prefix="flywheel-import-") as tmp:
         spool = Spool(spool_dir or tmp, max_bytes=1 << 62)
+        queued = {entry.episode_id: entry for entry in spool.entries()}
         for ep in episodes:
-            spool.put(ep.to_bytes(), ep.episode_id)
-        uploader = Uploader(spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0)
+            data = ep.to_bytes()
+            if ep.episode_id not in queued or spool.read(queued[ep.episode_id]) != data:  # a rerun's: queued once
+                queued[ep.episode_id] = spool.put(data, ep.episode_id)
+        sent, acked = spool.entries(), set()
+        uploader = Uploader(
+            spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0,
+            refused_for_good=[(403, "robot_id_mismatch")], on_ack=lambda episode_id, _: acked.add(episode_id),
+        )  # fmt: skip
         try:
             failures = 0
             while (outcome := uploader.upload_once()) != "empty":
@@ -391,18 +400,37 @@ def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_di
                     failures = 0
                     continue
                 failures += 1
-                refused = (uploader.last_error or "").startswith("HTTP 4")  # 401/403/404/429: token, robot id or URL, not a busy server
+                refused = (uploader.last_error or "").startswith("HTTP 4")  # 401/403/404/429: token or URL, not a busy server
                 if failures >= max_attempts or (refused and not uploader.last_error.startswith("HTTP 429")):
                     raise InteropError(
-                        f"upload to {server_url} failed after {failures} attempt(s) ({uploader.last_error}); {spool.depth} episodes not uploaded: "
-                        "check --server, the token and that it belongs to the episodes' robot id, then run the import again (it is idempotent)"
+                        f"upload to {server_url} failed after {failures} attempt(s) ({uploader.last_error}); {spool.depth} episodes not uploaded "
+                        f"({_went_up(uploader.stats)}): check --server and the token, then run the import again (it is idempotent)"
                     )
                 time.sleep(uploader.backoff_s())
         finally:
             uploader.stop()
         stats = dict(uploader.stats)
         if stats["rejected"] or stats["set_aside"]:
-            reasons = [p.read_text() for p in sorted(spool.rejected_dir.glob("*.reason.json"))][:3]
-            where = spool.rejected_dir if spool_dir else "(temporary spool, removed)"
-            raise InteropError(f"the server refused {stats['rejected'] + stats['set_aside']} episodes: {' '.join(reasons)}; files kept in {where}")
+            raise InteropError(_refusals([entry for entry in sent if entry.episode_id not in acked], stats, spool.rejected_dir, kept=spool_dir is not None))
     return stats
+
+
+def _went_up(stats: dict) -> str:
+    return f"{stats['created']} created, {stats['duplicate']} duplicate"
+
+
+def _refusals(refused: Sequence, stats: dict, rejected_dir: Path, *, kept: bool) -> str:
+    """One line on the spool entries the server refused for good: each answer and how many got it (their reasons in
+    ``rejected_dir``), what went up, and where the files are (not ``kept``: a temporary spool, removed)."""
+    answers: dict[str, int] = {}
+    for entry in refused:
+        try:
+            reason = json.loads((rejected_dir / f"{entry.path.name}.reason.json").read_text())
+        except (OSError, ValueError):  # evicted, or not the server's JSON
+            reason = {}
+        answer = f"{reason.get('status', '?')} {reason.get('error', '')}: {reason.get('reason') or reason.get('body', '')}"
+        answers[answer] = answers.get(answer, 0) + 1
+    said = "; ".join(f"{answer} ({n} episodes)" for answer, n in list(answers.items())[:5]) + ("; ..." if len(answers) > 5 else "")
+    other_robot = " a robot token uploads only its own robot's episodes: upload each robot's with its token, chosen with --robot-id;" if "robot_id_mismatch" in said else ""
+    where = f"files kept in {rejected_dir}" if kept else "files not kept (a temporary spool: pass --spool to keep them)"
+    return f"the server refused {stats['rejected'] + stats['set_aside']} episodes ({_went_up(stats)}): {said};{other_robot} {where}"
