@@ -15,7 +15,7 @@ from tuf.api.metadata import Metadata, Snapshot, Targets, Timestamp
 from fleet.apps.registry_keys import main
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry, RegistryError, open_registry
-from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing
+from fleet.registry.tuf_repo import OnlineKeyRotated, RegistryCorrupted, ReleaseKeyMissing
 from fleet.server.auth import add_token
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
@@ -132,6 +132,66 @@ def test_rotating_in_a_release_key_takes_releases_off_the_online_key_and_robots_
     # static hosting: refresh re-signs targets only with the release key
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online-2.pem"), "--release-key", str(keys / "release.pem")]) == 0
     assert json.loads(capsys.readouterr().out)["versions"]["targets"] >= releaser.repo.open("targets").signed.version
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["release-key", "online-key-releases"])
+def test_a_server_whose_online_key_a_rotation_replaced_signs_nothing_and_says_to_restart(tmp_path, caplog, capsys, split):
+    """After `rotate --online-key` while a server ran, it re-signed a due timestamp with the old key over the file the
+    rotation pinned (the server restarted with the new key then refused the registry); once it had read the new root,
+    publishes got 500 (an orphan N.targets.json left behind) and so did every timestamp.json."""
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path, *(["--release-key", str(keys / "release.pem")] if split else [])) == 0
+    held = {"release": load_signer(keys / "release.pem")} if split else {}
+    now = [time.time()]
+    registry = PolicyRegistry(reg, load_signer(keys / "online.pem"), **held, clock=lambda: now[0])
+    v1 = publish(registry, tmp_path, "v1")
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 0
+    capsys.readouterr()
+    meta = reg / "tuf" / "metadata"
+    files, served = sorted(p.name for p in meta.iterdir()), (meta / "timestamp.json").read_bytes()
+    server, robot_token, publisher = serve_replica(tmp_path, registry)
+
+    def timestamp() -> httpx.Response:
+        return httpx.get(f"{server.url}/v1/tuf/metadata/timestamp.json", headers={"authorization": f"Bearer {robot_token}"})
+
+    try:
+        now[0] += 0.75 * 86400  # the timestamp is past half its life
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+            for answer in (timestamp(), timestamp()):  # served as it is: robots see it expire (a freeze), not a 500
+                assert answer.status_code == 200 and answer.content == served, answer.text
+            for path in ("policies", "rollout/widen", "rollout/rollback"):
+                answer = httpx.post(f"{server.url}/v1/{path}", json={}, headers={"authorization": f"Bearer {publisher}"})
+                assert answer.status_code == 503 and answer.json()["error"] == "online_key_rotated", answer.text
+                assert "restart the server with the online key the root names" in answer.json()["reason"]
+            for change in (lambda: publish(registry, tmp_path, "v2"), registry.widen, lambda: registry.rollback("x")):
+                with pytest.raises(OnlineKeyRotated, match="is not the key root v2 names for snapshot and timestamp"):
+                    change()
+            assert timestamp().content == served
+        assert caplog.text.count("needs re-signing, and the online key") == 1  # once an hour, not at every request
+    finally:
+        server.stop()
+    assert sorted(p.name for p in meta.iterdir()) == files  # nothing written: no orphan targets, the pinned files intact
+    assert publish(PolicyRegistry(reg, load_signer(keys / "online-2.pem"), **held), tmp_path, "v2") == v1 + 1  # restarted
+
+
+def test_a_server_reads_a_rotation_made_while_it_ran_before_it_re_signs(tmp_path, caplog, capsys):
+    """A server re-signed what was due under the root it had read at start: after `rotate --release-key` it signed
+    targets with the online key over the file the rotation pinned, and the releaser then refused the registry."""
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path) == 0
+    now = [time.time()]
+    replica = PolicyRegistry(reg, load_signer(keys / "online.pem"), clock=lambda: now[0])
+    publish(replica, tmp_path, "v1")
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--release-key", str(keys / "release.pem")]) == 0
+    capsys.readouterr()
+    now[0] += 5 * 86400  # targets, snapshot and timestamp past half their life
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        assert replica.refresh() == ["snapshot", "timestamp"]  # targets only by the release key, which root v2 names
+    assert "the targets metadata" in caplog.text and "release key" in caplog.text
+    releaser = PolicyRegistry(reg, load_signer(keys / "online.pem"), release=load_signer(keys / "release.pem"))
+    assert publish(releaser, tmp_path, "v2") == 2
 
 
 def test_init_refuses_a_release_key_that_is_a_root_key_or_the_online_key(tmp_path, capsys):

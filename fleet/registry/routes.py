@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
 from fleet.registry.store import CanaryChanged, NoCanary, PolicyRegistry, PublishRefused
-from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing, release_key_advice
+from fleet.registry.tuf_repo import OnlineKeyRotated, RegistryCorrupted, ReleaseKeyMissing
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
 from fleet.server.errors import ApiError
@@ -88,7 +88,7 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     @router.post("/v1/policies", status_code=201)
     async def publish(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
-        _require_release(registry)  # before the body is read: no release is signed here
+        await _require_release(registry)  # before the body is read: no release is signed here
         raw = await read_body(request, MAX_PUBLISH_BYTES, body_timeout_s)  # 413 past the limit, 408 for a body that stalls
         try:
             body = await run_in_threadpool(loads_bounded, raw, "<body>")  # standard JSON: no NaN, no repeated keys
@@ -99,12 +99,10 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
         _check_body_contexts(extra.get("body_contexts", {}), extra.get("policy"))
         _check_sensor_filters(extra.get("sensor_filters", {}), fields["obs_dim"], fields["act_dim"])
         try:
-            manifest = await run_in_threadpool(lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
+            manifest = await run_in_threadpool(_signing, lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
         except PublishRefused as exc:  # checked before anything is signed (a robot would load it): nothing was published
             field = "weights_b64" if exc.field == "weights" else exc.field  # the body's name for the weights
             raise ApiError(400, "bad_publish", f"{field}: {exc.reason}", field) from None
-        except ReleaseKeyMissing as exc:  # a rotation took releases off this server while it ran
-            raise ApiError(403, "no_release_key", str(exc), None) from None
         return JSONResponse({"manifest": manifest}, status_code=201)
 
     @router.get("/v1/rollout")
@@ -115,7 +113,7 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     @router.post("/v1/rollout/widen")
     async def widen(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
-        _require_release(registry)
+        await _require_release(registry)
         body = await _rollout_body(request, body_timeout_s, ("version",))
         version = await run_in_threadpool(_rollout_change, lambda: registry.widen(body.get("version")))
         return JSONResponse({"version": version, **await run_in_threadpool(registry.rollout)})
@@ -123,7 +121,7 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     @router.post("/v1/rollout/rollback")
     async def rollback(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
-        _require_release(registry)
+        await _require_release(registry)
         body = await _rollout_body(request, body_timeout_s, ("reason", "version"))
         reason = body.get("reason", "rolled back by a publisher")
         if not isinstance(reason, str) or len(reason) > MAX_REASON or any(not c.isprintable() for c in reason):
@@ -134,10 +132,21 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     return router
 
 
-def _require_release(registry: PolicyRegistry) -> None:
-    """403 ``no_release_key`` where this server cannot sign a release (its root names a release key it does not hold)."""
-    if not registry.can_release:
-        raise ApiError(403, "no_release_key", release_key_advice(registry.repo.require_root()), None)
+async def _require_release(registry: PolicyRegistry) -> None:
+    """403 ``no_release_key`` or 503 ``online_key_rotated`` where this server cannot sign a release (:func:`_signing`),
+    asked of the newest root before the body is read."""
+    await run_in_threadpool(_signing, registry.require_release)
+
+
+def _signing(change):
+    """``change()``, which signs: 403 ``no_release_key`` where the root names a release key this server does not hold;
+    503 ``online_key_rotated`` where a rotation replaced its online key while it ran (until restarted with the new one)."""
+    try:
+        return change()
+    except ReleaseKeyMissing as exc:
+        raise ApiError(403, "no_release_key", str(exc), None) from None
+    except OnlineKeyRotated as exc:
+        raise ApiError(503, "online_key_rotated", str(exc), None) from None
 
 
 async def _rollout_body(request: Request, timeout_s: float, fields: tuple[str, ...]) -> dict:
@@ -156,15 +165,13 @@ async def _rollout_body(request: Request, timeout_s: float, fields: tuple[str, .
 
 def _rollout_change(change):
     """``change()`` (widen, rollback): 409 ``no_canary`` without one, 409 ``canary_changed`` when another replaced the
-    one judged; 403 ``no_release_key`` when a key rotation took releases off this server while it ran."""
+    one judged; 403 or 503 when a key rotation took its signing off this server while it ran (:func:`_signing`)."""
     try:
-        return change()
+        return _signing(change)
     except NoCanary as exc:
         raise ApiError(409, "no_canary", str(exc), None) from None
     except CanaryChanged as exc:
         raise ApiError(409, "canary_changed", str(exc), "version") from None
-    except ReleaseKeyMissing as exc:
-        raise ApiError(403, "no_release_key", str(exc), None) from None
 
 
 def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:
@@ -211,8 +218,9 @@ def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:
 
 def _refresh(registry: PolicyRegistry) -> None:
     """Re-sign what is due before timestamp.json is served. Metadata the registry did not sign (its
-    files changed by someone else) is served as it is: robots check it and refuse it, and report a
-    freeze once the last good timestamp expires."""
+    files changed by someone else), or that this server can no longer sign (a rotation replaced its
+    online key: the repository says so, once an hour), is served as it is: robots check it and
+    refuse it, and report a freeze once the last good timestamp expires."""
     try:
         registry.refresh()
     except RegistryCorrupted as exc:

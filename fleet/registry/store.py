@@ -88,7 +88,8 @@ class PolicyRegistry:
     ``release``: the release key's signer, where the root names one for targets. The repository's
     root (made offline with the root keys) must already exist and name these keys. Without the
     release key the root names, this registry serves and keeps metadata fresh but cannot release
-    (``can_release``; publish, widen and rollback raise :class:`ReleaseKeyMissing`). Any number of
+    (``can_release``; publish, widen and rollback raise :class:`ReleaseKeyMissing`); with an online key
+    a rotation replaced while it ran, it signs nothing (:class:`OnlineKeyRotated`). Any number of
     these, in any processes on any hosts, may serve and change one registry."""
 
     def __init__(
@@ -256,8 +257,11 @@ class PolicyRegistry:
         return self.repo.can_sign(Targets.type)
 
     def require_release(self) -> None:
-        """:class:`ReleaseKeyMissing` unless this process holds the key that signs releases (the newest root asked)."""
+        """:class:`OnlineKeyRotated` unless this process holds the online key (a release ends in a snapshot and a
+        timestamp), :class:`ReleaseKeyMissing` unless it holds the key that signs releases: the newest root asked,
+        before anything is written."""
         self.repo.reload_all()
+        self.repo.require_online()
         if not self.can_release:
             raise ReleaseKeyMissing(release_key_advice(self.repo.require_root()))
 

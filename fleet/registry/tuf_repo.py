@@ -91,6 +91,11 @@ class ReleaseKeyMissing(ValueError):
     """The root names a release key for targets, and this process does not hold it: it serves, it does not release."""
 
 
+class OnlineKeyRotated(RuntimeError):
+    """The root names another online key (snapshot, timestamp) than this process holds: a rotation made while it ran.
+    Every change ends in a snapshot and a timestamp, so it signs nothing until restarted with the key the root names."""
+
+
 def release_key_advice(root: Root) -> str:
     """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`)."""
     keyid = root.roles[Targets.type].keyids[0][:16]
@@ -98,6 +103,17 @@ def release_key_advice(root: Root) -> str:
         f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
         "does not hold it: release where it is kept (the loop's <run>/keys/release.pem; flywheel-server fleet.registry.release_key=FILE), "
         "and re-sign with `flywheel-registry refresh --release-key FILE` (docs/security.md, The release key)"
+    )
+
+
+def online_key_advice(root: Root, held: Sequence[Signer]) -> str:
+    """What to do where the online key ``held`` is not the one ``root`` names (the text of :class:`OnlineKeyRotated`)."""
+    keyid = held[0].public_key.keyid[:16] if held else "(none)"
+    return (
+        f"the online key (keyid {keyid}...) is not the key root v{root.version} names for snapshot and timestamp "
+        f"(keyid {root.roles[Timestamp.type].keyids[0][:16]}...): a rotation (`flywheel-registry rotate --online-key`) replaced it while "
+        "this server ran, so it signs nothing (no release; timestamp.json is served as it is until it expires): restart the "
+        "server with the online key the root names (docs/security.md, Key ceremonies)"
     )
 
 
@@ -127,7 +143,7 @@ class TufRepository(Repository):
         self._editing = False  # inside change(): _md is the change's own state
         self._dirty = True  # _md may hold what was never committed (a change failed): reload whole
         self.commit_retries = 0  # changes redone because another writer committed first
-        self._stale_warned_at = float("-inf")  # when targets this process cannot re-sign were last said to need it
+        self._stale_warned_at: dict[str, float] = {}  # why this process cannot re-sign what is due -> when it was last said
         self._published: dict[str, int] = {}  # snapshot and targets versions as last read published or committed (never a lost change's)
         self.reload()
 
@@ -145,6 +161,12 @@ class TufRepository(Repository):
         """Whether this process holds a key the root names for ``role``."""
         root = self.require_root()
         return any(s.public_key.keyid in root.roles[role].keyids for s in self.signers.get(role, []))
+
+    def require_online(self) -> None:
+        """:class:`OnlineKeyRotated` unless this process holds the online key the root names: asked before a change
+        writes anything (targets signed and then no snapshot would be left behind, never published)."""
+        if not (self.can_sign(Snapshot.type) and self.can_sign(Timestamp.type)):
+            raise OnlineKeyRotated(online_key_advice(self.require_root(), self.signers.get(Timestamp.type, [])))
 
     def close(self, role: str, md: Metadata) -> None:
         md.signed.version += 1
@@ -243,9 +265,10 @@ class TufRepository(Repository):
         """List ``add`` (and drop ``remove``) in a new targets version, then snapshot, then timestamp."""
 
         def edit() -> None:
-            root = self.require_root()
+            self._require_newest_root()
+            self.require_online()
             if not self.can_sign(Targets.type):
-                raise ReleaseKeyMissing(release_key_advice(root))
+                raise ReleaseKeyMissing(release_key_advice(self.require_root()))
             with self.edit_targets() as targets:
                 for path in remove:
                     targets.targets.pop(path, None)
@@ -258,7 +281,9 @@ class TufRepository(Repository):
     def refresh_online(self, *, check_keys: bool = False) -> list[str]:
         """Re-sign what is past half its lifetime (targets, snapshot, timestamp); with
         ``check_keys`` also what does not verify under the current root (signed by a rotated-out
-        key: a server starting after a key rotation). Returns the roles re-signed, in order."""
+        key: a server starting after a key rotation). Returns the roles re-signed, in order. Where a
+        rotation took this process's online key out while it ran, nothing is signed: said at most
+        once an hour (:class:`OnlineKeyRotated`'s advice), and the published files stay served."""
         return self.change(lambda: self._refresh_online(check_keys))
 
     def _refresh_online(self, check_keys: bool) -> list[str]:
@@ -269,9 +294,17 @@ class TufRepository(Repository):
             self.publish_targets({})
             return list(ONLINE_ROLES)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
+        if not any(stale.values()):
+            return []
+        self._require_newest_root()
+        try:
+            self.require_online()
+        except OnlineKeyRotated as exc:
+            self._warn_stale(next(role for role in ONLINE_ROLES if stale[role]), str(exc))
+            return []
         done = []
         if stale[Targets.type] and not self.can_sign(Targets.type):  # held where releases are made
-            self._warn_targets_stale(root)
+            self._warn_stale(Targets.type, release_key_advice(root))
         elif stale[Targets.type]:
             with self.edit_targets():
                 pass
@@ -306,15 +339,24 @@ class TufRepository(Repository):
         return self.files.open(f"targets/{url_path}")
 
     # -- internals ----------------------------------------------------------------------------
-    def _warn_targets_stale(self, root: Root) -> None:
-        """Targets metadata past half its life (or signed by a key rotated out) that this process cannot
-        re-sign: said at most once an hour. Robots refuse it once expired, and keep the policy they run."""
+    def _warn_stale(self, role: str, advice: str) -> None:
+        """``role``'s metadata past half its life (or signed by a key rotated out) that this process cannot
+        re-sign (``advice``: why, and what to do): said at most once an hour for each reason. Robots refuse it
+        once expired (a freeze, which they report), and keep the policy they run."""
         now = self.clock()
-        if now - self._stale_warned_at < 3600.0:
+        if now - self._stale_warned_at.get(advice, float("-inf")) < 3600.0:
             return
-        self._stale_warned_at = now
-        expires = self._md[Targets.type].signed.expires.isoformat()
-        log.warning("the targets metadata of %s (expires %s) needs re-signing, and %s", self.files.location, expires, release_key_advice(root))
+        self._stale_warned_at[advice] = now
+        expires = self._md[role].signed.expires.isoformat()
+        log.warning("the %s metadata of %s (expires %s) needs re-signing, and %s", role, self.files.location, expires, advice)
+
+    def _require_newest_root(self) -> None:
+        """:class:`WriteConflict` where a key ceremony wrote a root newer than the one this change read (one look,
+        before anything is signed): :meth:`change` then reads the whole state again, roots too. A key the rotation
+        took out signs nothing over the files that root pinned (a server restarted with the new key would refuse them)."""
+        newer = f"metadata/{self.require_root().version + 1}.root.json"
+        if self.files.exists(newer):
+            raise WriteConflict(f"a key ceremony wrote {newer} since this process read the roots")
 
     def _stored(self, path: str, sha256: str) -> str:
         folder, _, name = path.rpartition("/")
