@@ -11,6 +11,7 @@ import json
 import time
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
@@ -112,6 +113,24 @@ def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is
         assert source.poll() and source.current().version == "2"
     finally:
         source.close()
+        server.stop()
+
+
+def test_a_shorter_expiry_is_signed_at_the_restart_not_at_the_next_release(tmp_path):
+    """Lowering fleet.registry.expiry_s and restarting left the metadata signed for the longer life served until the
+    next release: a mirror replaying it could hold robots a day where the operator had asked for a minute."""
+    from fleet.registry.store import open_registry
+
+    publish(open_registry(tmp_path / "registry", tmp_path / "keys" / "online.pem", root_keys=[tmp_path / "keys" / f"root-{i}.pem" for i in (1, 2, 3)]), tmp_path, "v1")
+    shorter = {"timestamp": 60.0, "snapshot": 3600.0, "targets": 7200.0}  # the defaults: 1 day, 7 days, 7 days
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s=shorter)  # the restart
+    try:
+        answer = httpx.get(f"{server.url}/v1/tuf/metadata/timestamp.json", headers={"authorization": f"Bearer {token}"})
+        assert datetime.fromisoformat(answer.json()["signed"]["expires"]).timestamp() <= time.time() + shorter["timestamp"]
+        for role, life in shorter.items():
+            assert registry.repo.open(role).signed.expires.timestamp() <= time.time() + life, role
+        assert registry.refresh() == []  # then re-signed only as it ages
+    finally:
         server.stop()
 
 

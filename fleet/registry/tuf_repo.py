@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 EXPIRY_S = {Root.type: 365 * 86400.0, Targets.type: 7 * 86400.0, Snapshot.type: 7 * 86400.0, Timestamp.type: 86400.0}
+EXPIRY_SLACK_S = 60.0  # how far past its configured life metadata may expire before it is re-signed (clocks of replicas differ)
 KEEP = 16  # snapshot and targets metadata versions kept on disk (robots mid-refresh still find theirs)
 COMMIT_ATTEMPTS = 12  # changes redone after losing a race to another writer before RegistryBusy
 SKIP_TAKEN = 16  # taken snapshot or targets version numbers skipped in one change
@@ -391,8 +392,12 @@ class TufRepository(Repository):
         return md.to_bytes(JSONSerializer(compact=True))
 
     def _stale(self, role: str, root: Root, check_keys: bool) -> bool:
+        """Due for re-signing: past half its life; or expiring later than the life this process signs it for (a shorter
+        ``expiry_s`` since it was signed: robots would trust it, and a replay of it, that much longer), where this process
+        signs ``role``; with ``check_keys`` also not signed under ``root``."""
         md = self._md[role]
-        if md.signed.expires.timestamp() - self.clock() < self.expiry_s[role] / 2:
+        left = md.signed.expires.timestamp() - self.clock()
+        if left < self.expiry_s[role] / 2 or (left > self.expiry_s[role] + EXPIRY_SLACK_S and self.can_sign(role)):
             return True
         return check_keys and not _verifies(root, role, md)
 
