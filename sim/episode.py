@@ -306,8 +306,9 @@ def parse_safetensors(data: bytes | memoryview) -> tuple[dict[str, np.ndarray], 
 
 
 def loads_bounded(text: str | bytes, field: str):
-    """``json.loads`` of untrusted text whose nesting is at most MAX_JSON_DEPTH; any fault is an
-    EpisodeValidationError naming ``field`` (never a RecursionError from a deeply nested document)."""
+    """``json.loads`` of untrusted text whose nesting is at most MAX_JSON_DEPTH and whose numbers are all finite; any
+    fault is an EpisodeValidationError naming ``field`` (never a RecursionError from a deeply nested document). Every
+    JSON the server is sent (episode headers and metadata, publish, rollout and upload bodies) is read here."""
     try:
         raw = text.decode() if isinstance(text, bytes) else text
     except UnicodeDecodeError:
@@ -316,7 +317,7 @@ def loads_bounded(text: str | bytes, field: str):
     if len(brackets) and int(np.cumsum(np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)).max()) > MAX_JSON_DEPTH:
         raise EpisodeValidationError(field, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constants, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # ValueError: also an integer past Python's digit limit, a repeated key
         raise EpisodeValidationError(field, f"not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from None
 
@@ -325,6 +326,15 @@ def _no_constants(name: str):
     """NaN, Infinity and -Infinity: Python's JSON reads them, standard JSON (and most other readers) has no such
     numbers, so a document that holds one is refused."""
     raise ValueError(f"{name} is not a JSON number: write null or a string instead")
+
+
+def _finite(text: str) -> float:
+    """A JSON number past a double's range (``1e999``) reads as inf, which Python writes back out as Infinity: refused
+    as the constants are."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is past the range of a double (it reads as {value}): write a finite number, null or a string instead")
+    return value
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

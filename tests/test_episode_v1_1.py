@@ -68,6 +68,7 @@ def test_1_1_with_only_schema_1_content_and_schema_1_records_stay_valid():
         ({"names": json.dumps({"observation": ["x" * 70000, "b", "c"]})}, "names", "longer than 65536 bytes"),
         ({"cameras": '{"wrist": {"codec": "raw-rgb8", "width": 6, "height": 4, "rate_hz": NaN}}'}, "cameras", "NaN is not a JSON number"),
         ({"names": '{"observation": ["a", "b", "c"], "scale": -Infinity}'}, "names", "-Infinity is not a JSON number"),
+        ({"names": '{"observation": ["a", "b", "c"], "scale": -1e999}'}, "names", "-1e999 is past the range of a double"),
         ({"control_rate_hz": "fast"}, "control_rate_hz", "not a decimal number"),
         ({"control_rate_hz": "nan"}, "control_rate_hz", "not a decimal number"),
         ({"control_rate_hz": "0"}, "control_rate_hz", "must be a rate in"),
@@ -100,6 +101,9 @@ def test_a_producer_cannot_write_nan_into_json_metadata():
     with pytest.raises(EpisodeValidationError) as info:
         Episode.create(**arrays, **META, hardware={"gain": float("nan")})
     assert info.value.field == "hardware" and "NaN or Infinity" in info.value.reason
+    with pytest.raises(EpisodeValidationError) as info:  # as JSON text: a number Python reads as inf
+        Episode.create(**arrays, **META, hardware='{"gain": 1e999}')
+    assert info.value.field == "hardware" and "1e999 is past the range of a double" in info.value.reason
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ count why, and recover once the operator has acted."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -340,7 +341,7 @@ def test_a_ceremony_refuses_key_sets_that_weaken_the_root_before_making_anything
     assert "also a root key" in capsys.readouterr().err
 
 
-def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path, fleet):
+def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path, fleet, caplog):
     from fleet.registry.manifest import ROLLOUT_TARGET
 
     registry, source = fleet
@@ -350,6 +351,12 @@ def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path
         registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
         assert not source.poll() and source.current().version == "1"
     assert source.refusals["malformed"] >= 5 and source.errors == 0
+    for rollout in (b'{"stable": 1e999}', b'{"stable": NaN}', b'{"stable": 2, "stable": 1}'):  # read by the rule the server reads by
+        registry.repo.publish_targets({ROLLOUT_TARGET: registry.repo.store_target(ROLLOUT_TARGET, rollout)})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            assert not source.poll()
+        assert "the rollout is not JSON" in caplog.text, (rollout, caplog.text)
     source.trust.refusals.clear()
     publish(registry, tmp_path, "v2")
     for cohort in (5, "xrobot-0x", ["robot-0", 1]):  # a number raised TypeError out of every poll; a string matched substrings

@@ -118,6 +118,9 @@ BAD = {
     "control_character": (raw(meta={"robot_model": "toy\x1b[31m"}), 422, "bad_metadata", "robot_model"),
     "uppercase_episode_id": (raw(meta={"episode_id": "ABCDEF00-0000-4000-8000-00000000ABCD"}), 422, "bad_metadata", "episode_id"),
     "braced_episode_id": (raw(meta={"episode_id": "{abcdef00-0000-4000-8000-00000000abcd}"}), 422, "bad_metadata", "episode_id"),
+    # a number past a double's range: Python read it as inf (and wrote it back out as Infinity), where NaN is refused
+    "overflowing_number_metadata": (raw(meta={"hardware": '{"motor_gain": 1e999}'}), 422, "bad_metadata", "hardware"),
+    "overflowing_number_header": (framed(b'{"__metadata__":{},"reward":{"dtype":"F32","shape":[-1e999],"data_offsets":[0,0]}}'), 400, "bad_header", "<header>"),
 }
 
 

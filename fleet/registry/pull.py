@@ -24,7 +24,6 @@ health check rolls back to the previous policy and blocks that version on this r
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -42,6 +41,7 @@ from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, manifest_tar
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, robot_context
+from sim.episode import EpisodeValidationError, loads_bounded
 from sim.policy_fn import with_context
 from sim.sensor_filter import SensorFilterError, filtered_act, robot_filter
 from sim.sensors import SensorCorrectionError, corrected_act, robot_offset
@@ -255,11 +255,13 @@ class SignedPolicySource:
         return True
 
     def _json(self, data: bytes, what: str):
+        """A signed JSON target read by the rule the server reads what it is sent by (no NaN, no number past a double's
+        range, each key once, bounded nesting): a release no other reader would read the same is refused."""
         try:
-            value = json.loads(data)
-        except ValueError as exc:
+            value = loads_bounded(data, what)
+        except EpisodeValidationError as exc:
             self.trust.refusals["malformed"] += 1
-            raise PolicyRejected("malformed", f"{what} is not JSON ({exc})") from None
+            raise PolicyRejected("malformed", f"{what} is not JSON: {exc.reason}") from None
         if not isinstance(value, dict):
             self.trust.refusals["malformed"] += 1
             raise PolicyRejected("malformed", f"{what} is not a JSON object")
