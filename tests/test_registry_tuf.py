@@ -341,6 +341,30 @@ def test_a_ceremony_refuses_key_sets_that_weaken_the_root_before_making_anything
     assert "also a root key" in capsys.readouterr().err
 
 
+def test_a_ceremony_that_fails_makes_no_key_file(tmp_path, capsys):
+    """`rotate` with 1 of the 2 root keys it needs exited 1 ("signed by 1/2") with the new online key already made: a
+    private key no root names. So did a rotation to a threshold past its new root keys, one of a registry with no root
+    (a wrong --dir), and `init` of a registry that has one."""
+    from fleet.apps.registry_keys import main
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    roots = [arg for i in (1, 2, 3) for arg in ("--root-key", str(keys / f"root-{i}.pem"))]
+    assert main(["init", "--dir", str(reg), *roots, "--threshold", "2", "--online-key", str(keys / "online.pem")]) == 0
+    made = sorted(keys.iterdir())
+    one, two = roots[:2], roots[:4]
+    for argv, reason in (
+        (["rotate", "--dir", str(reg), *one, "--online-key", str(keys / "online-2.pem")], "signed by 1/2"),
+        (["rotate", "--dir", str(reg), *roots[:2], *roots[:2], "--online-key", str(keys / "online-2.pem")], "signed by 1/2"),  # one key twice
+        (["rotate", "--dir", str(reg), *two, "--new-root-key", str(keys / "n1.pem"), "--new-root-key", str(keys / "n2.pem"), "--threshold", "3"], "root threshold 3: it must be 1..2"),
+        (["rotate", "--dir", str(reg), *two, "--new-root-key", str(keys / "n1.pem")], "root threshold 2: it must be 1..1"),  # the threshold stays
+        (["rotate", "--dir", str(tmp_path / "elsewhere"), *two, "--online-key", str(keys / "online-2.pem")], "no root metadata"),
+        (["init", "--dir", str(reg), "--root-key", str(keys / "x1.pem"), "--root-key", str(keys / "x2.pem"), "--online-key", str(keys / "online-x.pem")], "already has root metadata"),
+    ):
+        assert main(argv) == 1 and reason in (err := capsys.readouterr().err), (argv, err)
+        assert sorted(keys.iterdir()) == made, argv  # no key file made
+    assert main(["show", "--dir", str(reg)]) == 0 and '"root_version": 1' in capsys.readouterr().out
+
+
 def test_signed_but_nonsense_release_targets_are_refused_not_crashed_on(tmp_path, fleet, caplog):
     from fleet.registry.manifest import ROLLOUT_TARGET
 

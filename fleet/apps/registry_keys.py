@@ -30,7 +30,7 @@ from pathlib import Path
 
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
-from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, init_root, rotate_keys
+from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, check_rotation, check_uninitialised, init_root, rotate_keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("init needs --root-key (one or more) and --online-key")
             threshold = args.threshold if args.threshold is not None else min(2, len(args.root_key))
             _check_key_files(args.root_key, args.online_key, threshold, args.release_key)
+            check_uninitialised(TufRepository(tuf_dir, {}))  # before any key file is made
             root = init_root(
                 tuf_dir, [load_signer(k, create=True) for k in args.root_key], threshold, load_signer(args.online_key, create=True).public_key,
                 release_key=_public(args.release_key),
@@ -66,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.root_key or not (args.online_key or args.release_key or args.new_root_key or args.threshold is not None):
                 parser.error("rotate needs --root-key (the current threshold of them) and --online-key, --release-key, --new-root-key or --threshold")
             _check_rotate_files([*args.root_key, *args.new_root_key], args.online_key, args.release_key)  # before any key file is made
+            root_signers = [load_signer(k) for k in args.root_key]  # these exist: never made
+            check_rotation(TufRepository(tuf_dir, {}).require_root(), root_signers, new_root_keys=len(args.new_root_key), threshold=args.threshold)
             root = rotate_keys(
                 tuf_dir,
-                [load_signer(k) for k in args.root_key],
+                root_signers,
                 online_key=_public(args.online_key),
                 release_key=_public(args.release_key),
                 new_root_signers=[load_signer(k, create=True) for k in args.new_root_key],

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from securesystemslib.signer import Key, Signer
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
@@ -541,13 +542,45 @@ def check_key_set(root_keys: Sequence[Key], threshold: int, online_key: Key, rel
     ids = [k.keyid for k in root_keys]
     if len(set(ids)) < len(ids):
         raise ValueError(f"the same root key is given twice (keyid {next(i for i in ids if ids.count(i) > 1)[:16]}...): give {len(ids)} different keys, or fewer")
-    if not 1 <= threshold <= len(ids):
-        raise ValueError(f"root threshold {threshold}: it must be 1..{len(ids)}, the number of root keys given")
+    _check_threshold(threshold, len(ids))
     if online_key.keyid in ids:
         raise ValueError(
             f"the online key (keyid {online_key.keyid[:16]}...) is also a root key: the server holds the online key, so a stolen server "
             "would bring a root key with it; give the online key its own key file"
         )
+
+
+def _check_threshold(threshold: int, root_keys: int) -> None:
+    """ValueError unless a root of ``root_keys`` keys can meet ``threshold`` (and needs at least one)."""
+    if not 1 <= threshold <= root_keys:
+        raise ValueError(f"root threshold {threshold}: it must be 1..{root_keys}, the number of root keys the new root names")
+
+
+def check_uninitialised(repo: TufRepository) -> None:
+    """ValueError where ``repo`` has root metadata already: root v1 is made once, keys change by rotation."""
+    if repo.initialised:
+        raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
+
+
+def check_rotation(current: Root, root_signers: Sequence[Signer], *, new_root_keys: int = 0, threshold: int | None = None) -> None:
+    """What a rotation of ``current`` is refused for whatever new keys it names: ``root_signers`` that are not its root
+    keys, or fewer than its threshold of them; a ``threshold`` (else the current one) outside 1..the root keys the new
+    root names (``new_root_keys``, else the current ones). Asked before any new key file is made: a refused ceremony
+    leaves no private key that no root names (:func:`rotate_keys` asks again, with the keys themselves)."""
+    trusted, needed = current.roles[Root.type].keyids, current.roles[Root.type].threshold
+    foreign = [s for s in root_signers if s.public_key.keyid not in trusted]
+    if foreign:  # python-tuf would only say "signed by 0/2": say which key is not the root's
+        raise ValueError(
+            f"{len(foreign)} of the {len(root_signers)} root keys given (keyid {foreign[0].public_key.keyid[:16]}...) are not keys of "
+            f"root v{current.version}, which names {len(trusted)} and needs {needed} of them: sign with the root keys robots trust"
+        )
+    given = len({s.public_key.keyid for s in root_signers})
+    if given < needed:
+        raise UnsignedMetadataError(
+            f"root v{current.version + 1} would be signed by {given}/{needed} of root v{current.version}'s keys: give {needed} of the "
+            f"{len(trusted)} root keys it names (--root-key)"
+        )
+    _check_threshold(threshold if threshold is not None else needed, new_root_keys or len(trusted))
 
 
 def init_root(
@@ -559,8 +592,7 @@ def init_root(
     key signs the first targets, snapshot and timestamp when it first opens the registry."""
     check_key_set([s.public_key for s in root_signers], threshold, online_key, release_key)  # before any file is made
     repo = TufRepository(directory, {Root.type: root_signers}, expiry_s=expiry_s)
-    if repo.initialised:
-        raise ValueError(f"{repo.files.location}/metadata already has root metadata (v{repo.require_root().version}); rotate keys instead")
+    check_uninitialised(repo)
     with repo.edit_root() as root:
         root.unrecognized_fields[ROTATION_PINS] = {}  # nothing published before it
         for signer in root_signers:
@@ -590,14 +622,8 @@ def rotate_keys(
     recovery)."""
     repo = TufRepository(directory, {Root.type: [*root_signers, *new_root_signers]}, expiry_s=expiry_s)
     current = repo.require_root()
-    trusted = current.roles[Root.type].keyids
-    foreign = [s for s in root_signers if s.public_key.keyid not in trusted]
-    if foreign:  # python-tuf would only say "signed by 0/2": say which key is not the root's
-        raise ValueError(
-            f"{len(foreign)} of the {len(root_signers)} root keys given (keyid {foreign[0].public_key.keyid[:16]}...) are not keys of "
-            f"root v{current.version}, which names {len(trusted)} and needs {current.roles[Root.type].threshold} of them: sign with the root keys robots trust"
-        )
-    root_keys = [s.public_key for s in new_root_signers] or [current.get_key(k) for k in trusted]
+    check_rotation(current, root_signers, new_root_keys=len(new_root_signers), threshold=threshold)
+    root_keys = [s.public_key for s in new_root_signers] or [current.get_key(k) for k in current.roles[Root.type].keyids]
     old_online = current.get_key(current.roles[Timestamp.type].keyids[0])
     old_release = current.get_key(current.roles[Targets.type].keyids[0])
     split = old_release.keyid != old_online.keyid  # targets has a release key of its own
