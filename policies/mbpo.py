@@ -19,12 +19,14 @@ members disagree or a prediction leaves the training envelope (:mod:`worldmodel.
 
 SAC then takes ``sac.utd_ratio`` gradient steps per real step on batches of ``real_ratio`` real
 and ``1 - real_ratio`` model transitions. Metrics: ``train/...`` (SAC) plus ``model/val_mse``,
-``model/horizon``, ``model/k_step_error``, ``model/rollout_transitions`` (the environment steps are the log's own axis).
+``model/horizon``, ``model/k_step_error``, ``model/rollout_transitions``, ``model/refill_transitions`` (the environment steps
+are the log's own axis). Refills that add nothing (every rollout cut at once) leave SAC waiting: a few in a row warn.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -39,11 +41,12 @@ from sim.variation import CONTEXT_DIM, VariationProfile, contexts
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.evaluate import ensemble_step_fn, open_loop_errors, trusted_horizon
 from worldmodel.device import resolve_device
-from worldmodel.rollout import RolloutConfig, model_rollout
+from worldmodel.rollout import CUT_REASONS, RolloutConfig, model_rollout
 from worldmodel.train import TrainConfig, fit_transitions
 from worldmodel.transitions import Transitions
 
 REAL, MODEL = "real", "model"
+EMPTY_REFILLS_WARN = 3  # refills in a row that added nothing before the learner warns: SAC waits for model data until one does
 _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step", "offline", "context")
 
 
@@ -266,6 +269,8 @@ class MBPO:
         self.model_val_mse = float("nan")
         self.retrains = 0
         self.refills = 0
+        self.refill_transitions = 0  # added by the last refill
+        self.empty_refills = 0  # refills in a row that added nothing
         self.last_train_step = 0  # real steps at the last retraining
         self.last_refill_step = 0
         self.gen = torch.Generator().manual_seed(seed * 7_919 + 17)  # rollout action noise and elite picks
@@ -321,6 +326,7 @@ class MBPO:
             "model/horizon": float(self.horizon),
             "model/k_step_error": float(self.k_step_error[self.horizon - 1]),
             "model/rollout_transitions": float(self.sac.replay.sources[MODEL].size),
+            "model/refill_transitions": float(self.refill_transitions),
             "model/retrains": float(self.retrains),
         }
 
@@ -371,6 +377,22 @@ class MBPO:
         self.sac.replay.add(MODEL, obs, batch.action[keep], batch.reward[keep], nxt, terminated[keep], np.zeros(int(keep.sum()), bool))
         self.refills += 1
         self.last_refill_step = self.sac.env_steps
+        self._note_refill(batch.num_transitions, batch.cut)
+
+    def _note_refill(self, added: int, cut: np.ndarray) -> None:
+        """Count refills that added nothing, and warn at ``EMPTY_REFILLS_WARN`` in a row: SAC needs model data to start,
+        and a model that trusts none of its predictions once let a whole run end with no update and no word."""
+        self.refill_transitions = added
+        self.empty_refills = 0 if added else self.empty_refills + 1
+        if self.empty_refills == EMPTY_REFILLS_WARN:
+            reasons = ", ".join(f"{name} {int(n)}" for name, n in zip(CUT_REASONS, np.bincount(cut, minlength=len(CUT_REASONS))))
+            warnings.warn(
+                f"mbpo: the last {self.empty_refills} rollout refills added no model transitions (every rollout was cut before "
+                f"its first step; the last refill's cuts: {reasons}), so SAC makes no update until one does; "
+                f"{self.retrains} model fits so far, model/val_mse {self.model_val_mse:.3g}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # -- checkpointing --------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:

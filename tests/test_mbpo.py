@@ -228,3 +228,36 @@ def test_a_recorded_episode_with_actions_past_the_range_is_taken_as_applied(one_
     obs = np.zeros((6, 4), np.float32)
     learner.real.add_episode(obs, np.full((5, 1), 1.5, np.float32), np.zeros(5, np.float32), np.zeros(5, bool))
     assert float(learner.real.view().action.max()) == 1.0
+
+
+def _small(robot: str, **changes):
+    """(TrainerConfig, MBPOConfig) of a 300-step run that fits the model at 100 real steps and refills every 50."""
+    config, algo = default_config(robot, total_env_steps=300, seed=0)
+    sac = dataclasses.replace(algo.sac, hidden_sizes=(32, 32), learning_starts=100, utd_ratio=1.0, batch_size=32)
+    model_train = dataclasses.replace(algo.model_train, max_steps=200)
+    return config, dataclasses.replace(algo, sac=sac, model_train=model_train, retrain_steps=50, model_train_every=100, rollouts_per_step=4, **changes)
+
+
+def test_an_observation_constant_in_the_data_does_not_stop_the_model_based_learner(one_torch_thread):
+    """A touch sensor that never fired gave the world model's envelope no width there: every rollout was cut at step 0,
+    the model replay stayed empty, and the run ended with 0 updates, the untrained policy exported, no word."""
+    from tests.tiny_robots import registered
+
+    with registered():
+        config, algo = _small("tiny_touch")
+        with Trainer(config, make_algorithm(config, algo)) as trainer:
+            result = trainer.train()
+        learner: MBPO = trainer.algo
+    assert float(np.ptp(learner.real.view().obs[:, -1])) == 0.0  # the touch sensor never fired
+    assert learner.sac.replay.sources["model"].size > 0 and learner.refill_transitions > 0
+    assert result.updates > 0
+
+
+def test_refills_that_add_nothing_are_reported(one_torch_thread):
+    """A model that trusts none of its predictions (here: any disagreement cuts) leaves SAC waiting: it says so."""
+    config, algo = _small("pendulum", disagreement_threshold=1e-12)
+    with Trainer(config, make_algorithm(config, algo)) as trainer:
+        with pytest.warns(RuntimeWarning, match=r"last 3 rollout refills added no model transitions .*disagreement \d+"):
+            result = trainer.train()
+    assert result.updates == 0 and trainer.algo.empty_refills == trainer.algo.refills == 5
+    assert trainer.algo.model_metrics()["model/refill_transitions"] == 0.0

@@ -74,6 +74,40 @@ def test_no_nan_ever_leaves_a_rollout(model, episodes):
     assert (batch.cut == CUT_REASONS.index("envelope")).all() and (batch.length == 0).all()
 
 
+def test_an_observation_constant_in_the_data_does_not_cut_rollouts():
+    """A touch sensor that never fired gave the envelope no width there: the model's ~1e-9 predicted change of it
+    left the envelope and every rollout was cut at step 0 (a model-based learner then never trained)."""
+    from tests.tiny_robots import registered
+
+    with registered(), BatchedStepper("tiny_touch", 8, nthread=1) as stepper:
+        stepper.reset(seed=0)
+        data = stepper.run(random_policy(1, 0), 100)
+    ens = EnsembleConfig(ensemble_size=3, num_elites=2, hidden_size=32, num_hidden_layers=2)
+    trained, _ = train_ensemble(data, ensemble=ens, config=TrainConfig(max_steps=200, eval_every=100, device="cpu"))
+    assert float(trained.obs_low[2]) == float(trained.obs_high[2]) == 0.0  # the sensor never fired
+    starts = np.concatenate([ep.observation[:5] for ep in data])
+    batch = model_rollout(trained, starts, random_policy(1, 1), RolloutConfig(horizon=5, disagreement_threshold=1e9))
+    assert (batch.length > 0).mean() > 0.9 and (batch.cut == CUT_REASONS.index("horizon")).mean() > 0.5
+
+
+def test_the_envelope_widens_only_ranges_that_never_varied(model):
+    """A range wider than the floor keeps the margin rule exactly; a constant one is widened about its value; an untrained
+    model's empty range stays empty."""
+    low, high = model.envelope(0.5)
+    width = model.obs_high - model.obs_low
+    assert torch.equal(low, model.obs_low - 0.5 * width) and torch.equal(high, model.obs_high + 0.5 * width)  # half_cheetah: all varied
+    flat = _copy(model)
+    flat.obs_low[0] = flat.obs_high[0] = 2.0
+    low, high = flat.envelope(0.5)
+    floor = 1e-3 * (1.0 + 2.0)  # SPREAD x (1 + |value|), then half of it on each side for the margin
+    assert float(low[0]) == pytest.approx(2.0 - floor, rel=1e-6) and float(high[0]) == pytest.approx(2.0 + floor, rel=1e-6)
+    assert torch.equal(low[1:], model.envelope(0.5)[0][1:])
+    from worldmodel.ensemble import DynamicsEnsemble
+
+    low, high = DynamicsEnsemble(model.spec).envelope(0.5)
+    assert not (low <= high).any()
+
+
 def _copy(model):
     from worldmodel.ensemble import DynamicsEnsemble
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from worldmodel.normalizer import Normalizer
+from worldmodel.normalizer import SPREAD, Normalizer
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "tanh": torch.tanh, "elu": F.elu}
 _INPLACE = {"silu": lambda h: F.silu(h, inplace=True), "relu": torch.relu_, "tanh": torch.tanh_, "elu": lambda h: F.elu(h, inplace=True)}
@@ -133,7 +133,7 @@ class DynamicsEnsemble(nn.Module):
 
     Buffers besides the weights: the input/output normalisers, ``elites`` (num_elites,) the
     member indices used for sampling, and ``obs_low``/``obs_high`` (obs_dim,) the range of
-    observations seen in training (the rollout envelope).
+    observations seen in training (the rollout envelope: :meth:`envelope`).
     """
 
     def __init__(self, spec: ModelSpec, seed: int = 0):
@@ -155,6 +155,20 @@ class DynamicsEnsemble(nn.Module):
         # empty until training data widens it: an untrained model trusts no prediction
         self.register_buffer("obs_low", torch.full((spec.obs_dim,), math.inf))
         self.register_buffer("obs_high", torch.full((spec.obs_dim,), -math.inf))
+
+    def envelope(self, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) (obs_dim,) the observations a rollout may reach: the training range widened by ``margin`` x its
+        width on each side. A range narrower than ``SPREAD`` x (1 + |value|) (a dimension that never varied in the
+        data: a planar arm's fingertip z, a touch sensor that never fired) is widened to that about its middle first:
+        with no width, the model's 1e-9 predicted change of such a dimension left it and cut every rollout at step 0.
+        An untrained model's range stays empty."""
+        low, high = self.obs_low, self.obs_high
+        floor = SPREAD * (1.0 + torch.maximum(low.abs(), high.abs()))
+        narrow = (high >= low) & (high - low < floor)
+        middle = 0.5 * (low + high)
+        low, high = torch.where(narrow, middle - 0.5 * floor, low), torch.where(narrow, middle + 0.5 * floor, high)
+        width = high - low
+        return low - margin * width, high + margin * width
 
     @property
     def ensemble_size(self) -> int:

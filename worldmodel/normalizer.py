@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+SPREAD = 1e-3  # a feature whose std was below this when a model was fitted never varied in its data: the model knows nothing of it
+
 
 class Normalizer(nn.Module):
     """x -> (x - mean) / std per feature; std is floored so constant features stay finite.

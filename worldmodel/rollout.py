@@ -7,7 +7,8 @@ across members of their mean prediction of the (normalised) observation change, 
 observation dimensions; a random elite member is sampled for the transition. A rollout is
 cut, before the untrusted transition is recorded, when the disagreement passes the
 threshold, when a prediction is not finite, or when the next observation leaves the
-envelope (the training range widened by ``envelope_margin`` times its width on each side).
+envelope (the training range widened by ``envelope_margin`` times its width on each side; a
+dimension that never varied is given a small width first: ``DynamicsEnsemble.envelope``).
 So no NaN or Inf ever leaves a rollout, and every recorded step had disagreement <= threshold.
 
 Everything stays on the model's device (GPU when there is one) until the finished batch is
@@ -177,9 +178,7 @@ def _rollout_chunk(
     dev, n, h = model.device, start.shape[0], config.horizon
     o_dim, a_dim = model.spec.obs_dim, model.spec.act_dim
     members, elite_pos = _members(model, config.disagreement_members)
-    width = model.obs_high - model.obs_low
-    low = model.obs_low - config.envelope_margin * width
-    high = model.obs_high + config.envelope_margin * width
+    low, high = model.envelope(config.envelope_margin)
     obs_out = torch.zeros(n, h + 1, o_dim, device=dev)
     act_out = torch.zeros(n, h, a_dim, device=dev)
     rew_out = torch.zeros(n, h, device=dev)

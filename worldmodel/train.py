@@ -32,6 +32,7 @@ from sim.episode import Episode
 from worldmodel.device import resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.flat_params import flatten_parameters
+from worldmodel.normalizer import SPREAD
 from worldmodel.transitions import Transitions, check_compatible, split_transitions
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -97,9 +98,6 @@ def _fit_statistics(model: DynamicsEnsemble, data: Transitions) -> None:
         model.input_norm.mean[-data.context_dim :] = 0.0
         model.input_norm.std[-data.context_dim :] = 1.0
     model.output_norm.fit(np.concatenate([data.next_obs - data.obs, data.reward[:, None]], 1))
-
-
-SPREAD = 1e-3  # a feature whose std was below this when a model was fitted never varied in its data: the model knows nothing of it
 
 
 @torch.no_grad()

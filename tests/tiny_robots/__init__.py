@@ -5,6 +5,8 @@ registry smoke tests).
 
 * ``tiny_tilt``: a pendulum that observes cos(angle) (a tilt) and its rate, so no state has one
   observation: no observation->state map can exist, as for a robot whose observation is derived.
+* ``tiny_touch``: the same pendulum with a touch sensor on its tip that never touches anything, so one
+  observation is constant in all its data (as a planar arm's fingertip z is).
 """
 
 import contextlib
@@ -19,6 +21,10 @@ PENDULUM = """<mujoco><option timestep="0.01"/><worldbody>
 <body name="pole"><joint name="hinge" type="hinge" axis="0 1 0" damping="0.1"/>
 <geom type="capsule" fromto="0 0 0 0 0 0.3" size="0.02" mass="0.2"/></body></worldbody>
 <actuator><motor name="m" joint="hinge" gear="1" ctrlrange="-1 1"/></actuator></mujoco>"""
+
+TOUCH = PENDULUM.replace('mass="0.2"/>', 'mass="0.2"/><site name="tip" pos="0 0 0.3" size="0.03"/>').replace(
+    "</mujoco>", '<sensor><touch name="tip" site="tip"/></sensor></mujoco>'
+)
 
 
 class _FromString(Task):
@@ -39,7 +45,14 @@ class TinyTilt(_FromString):
         return {"upright": np.cos(after.qpos[:, 0]), "ctrl": -0.01 * np.square(action).sum(1)}
 
 
-ROBOTS = (TinyTilt,)
+class TinyTouch(TinyTilt):
+    name, xml = "tiny_touch", TOUCH
+
+    def observe(self, state):
+        return np.concatenate([state.qpos, state.qvel, state.sensordata], 1).astype(np.float32)
+
+
+ROBOTS = (TinyTilt, TinyTouch)
 
 
 @contextlib.contextmanager
