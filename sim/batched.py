@@ -471,7 +471,7 @@ class BatchedStepper:
                     idx = lane.start + np.flatnonzero(self.active[lane])
                     if not len(idx) or (num_steps is not None and steps[j] >= num_steps):
                         continue
-                    action = np.asarray(act(self.obs[idx], self.context[idx]), np.float32)
+                    action = checked_actions(act(self.obs[idx], self.context[idx]), len(idx), self.task.act_dim)
                     # in the background while another lane has a step to finish meanwhile
                     flights.append((j, self._launch(idx, action, background=bool(flights))))
                     steps[j] += 1
@@ -519,6 +519,18 @@ def episode_metadata(scenario: ScenarioSpec, robot_id: str, policy_version: str,
         "robot_model": robot_model,
         "scenario": scenario.to_json(),
     }
+
+
+def checked_actions(out, rows: int, act_dim: int) -> np.ndarray:
+    """A policy's output for ``rows`` observations as float32 (rows, act_dim) (no copy where it is one already); a
+    ValueError naming what it returned otherwise: an (N, 1) output once drove every actuator, and None read as NaN."""
+    action = np.asarray(out, np.float32)
+    if action.shape != (rows, act_dim):
+        raise ValueError(
+            f"the policy returned {type(out).__name__} of shape {action.shape} for {rows} observations; "
+            f"expected actions of shape (N, act_dim) = {(rows, act_dim)}"
+        )
+    return action
 
 
 def _per_world(profiles, n: int) -> list[VariationProfile]:

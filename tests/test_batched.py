@@ -115,6 +115,20 @@ def test_bad_inputs_say_what_is_wrong():
         DomainRandomization({"gravity": (0, 1)})
 
 
+def test_run_and_simulate_refuse_actions_of_the_wrong_shape():
+    """step() checked its actions, run and simulate did not: an (N, 1) output drove both of the reacher's actuators,
+    other shapes failed deep in MuJoCo or numpy, and a policy returning None was reported as giving NaN actions."""
+    wrong = {"(N, 1)": lambda o: np.ones((len(o), 1)), "(1, 2)": lambda o: np.ones((1, 2)), "(2,)": lambda o: np.ones(2), "None": lambda o: None}
+    with BatchedStepper("reacher", 2, nthread=1) as stepper:
+        for name, policy in wrong.items():
+            stepper.reset(seed=0)
+            with pytest.raises(ValueError, match=r"policy returned \w+ of shape \(.*\) for 2 observations; expected .* \(2, 2\)"):
+                stepper.run(policy, 3)
+        with pytest.raises(ValueError, match=r"returned NoneType of shape \(\) for 1 observations"):
+            stepper.simulate([ScenarioSpec("reacher", seed=0, max_steps=3)], wrong["None"])
+        assert len(stepper.simulate([ScenarioSpec("reacher", seed=0, max_steps=3)], zero_policy(2))) == 1  # still usable
+
+
 def test_scenario_and_profile_json_round_trip():
     spec = DomainRandomization({"payload_mass": (0, 2), "action_latency": (0, 3)}).sample("reacher", 1, seed=5)[0]
     spec = ScenarioSpec(**{**spec.__dict__, "goal": (0.1, -0.05)})
