@@ -193,9 +193,8 @@ class BatchedStepper:
     def simulate(self, scenarios: Iterable[ScenarioSpec], policy) -> list[Episode]:
         """One episode per scenario, returned in the scenarios' order (diverged ones are dropped and counted)."""
         queue = list(scenarios)
-        for s in queue:
-            if s.robot != self.task.name:
-                raise ValueError(f"scenario for robot {s.robot!r} given to a {self.task.name!r} stepper")
+        for s in queue:  # all before any runs (each is checked again as it starts)
+            self._check_scenario(s)
         order = {id(s): i for i, s in enumerate(queue)}
         pending = iter(queue)
         self._start(lambda world: next(pending, None), range(min(self.num_worlds, len(queue))))
@@ -281,6 +280,7 @@ class BatchedStepper:
             if scenario is None:
                 self.active[w] = False
             else:
+                self._check_scenario(scenario)
                 started.append(w)
                 scenarios.append(scenario)
         if not started:
@@ -334,6 +334,20 @@ class BatchedStepper:
         if self.record:
             self._ensure_recorder(int(self.max_steps[ws].max()))
             self._recorder.begin(ws, obs, qpos, qvel)
+
+    def _check_scenario(self, scenario: ScenarioSpec) -> None:
+        """ValueError unless ``scenario`` is this robot's, its start state (if any) of the model's nq and nv values: every
+        scenario enters here (``reset_to``, ``simulate``, a ``then`` source), where a length-1 ``init_qpos`` once filled every
+        qpos entry, a free joint's quaternion included, and another robot's scenario started without a word."""
+        task = self.task
+        if scenario.robot != task.name:
+            raise ValueError(f"scenario for robot {scenario.robot!r} given to a {task.name!r} stepper")
+        m = task.model
+        if scenario.init_qpos is not None and (len(scenario.init_qpos), len(scenario.init_qvel)) != (m.nq, m.nv):
+            raise ValueError(
+                f"scenario init_qpos has {len(scenario.init_qpos)} values and init_qvel {len(scenario.init_qvel)}; "
+                f"robot {task.name!r} has nq={m.nq} and nv={m.nv}"
+            )
 
     def _body(self, profile: VariationProfile) -> _Body:
         """What a world of ``profile`` runs with (cached per profile)."""

@@ -35,6 +35,9 @@ class ScenarioSpec:
     def __post_init__(self):
         if (self.init_qpos is None) != (self.init_qvel is None):
             raise ValueError("scenario: give both init_qpos and init_qvel, or neither")
+        for name in ("init_qpos", "init_qvel", "goal"):  # their lengths are the robot's: the stepper checks them
+            if getattr(self, name) is not None and not np.isfinite(np.asarray(getattr(self, name), float)).all():
+                raise ValueError(f"scenario: {name} holds NaN or Inf: {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"scenario: max_steps must be >= 1, got {self.max_steps}")
 

@@ -129,6 +129,30 @@ def test_run_and_simulate_refuse_actions_of_the_wrong_shape():
         assert len(stepper.simulate([ScenarioSpec("reacher", seed=0, max_steps=3)], zero_policy(2))) == 1  # still usable
 
 
+def test_scenarios_that_do_not_fit_the_robot_are_refused_naming_why():
+    """A length-1 init_qpos once filled every qpos entry of the ant (its free joint's quaternion too), other lengths
+    failed as a bare numpy broadcast, NaN started an episode, and reset_to took another robot's scenario silently."""
+    with BatchedStepper("ant", 1, nthread=1) as stepper:
+        m = stepper.task.model
+        assert (m.nq, m.nv) == (15, 14)
+        one = ScenarioSpec("ant", seed=0, init_qpos=(0.5,), init_qvel=(0.0,))
+        for bad in (one, ScenarioSpec("ant", seed=0, init_qpos=(0.0,) * 14, init_qvel=(0.0,) * 14)):
+            want = rf"scenario init_qpos has {len(bad.init_qpos)} values and init_qvel {len(bad.init_qvel)}; robot 'ant' has nq=15 and nv=14"
+            with pytest.raises(ValueError, match=want):
+                stepper.reset_to([bad])
+            with pytest.raises(ValueError, match=want):  # before any scenario of the queue runs
+                stepper.simulate([ScenarioSpec("ant", seed=1, max_steps=2), bad], zero_policy(8))
+        with pytest.raises(ValueError, match="scenario for robot 'pendulum' given to a 'ant' stepper"):
+            stepper.reset_to([ScenarioSpec("pendulum", seed=0)])
+        stepper.reset_to([ScenarioSpec("ant", seed=0, max_steps=1)], then=lambda world: one)
+        with pytest.raises(ValueError, match="init_qpos has 1 values"):  # a later scenario, from a source
+            stepper.step(np.zeros((1, 8)))
+        start = ScenarioSpec("ant", seed=0, max_steps=2, init_qpos=tuple(m.qpos0), init_qvel=(0.0,) * 14)
+        assert len(stepper.simulate([start], zero_policy(8))) == 1
+    with pytest.raises(ValueError, match="init_qpos holds NaN or Inf"):
+        ScenarioSpec("ant", seed=0, init_qpos=(np.nan,) * 15, init_qvel=(0.0,) * 14)
+
+
 def test_scenario_and_profile_json_round_trip():
     spec = DomainRandomization({"payload_mass": (0, 2), "action_latency": (0, 3)}).sample("reacher", 1, seed=5)[0]
     spec = ScenarioSpec(**{**spec.__dict__, "goal": (0.1, -0.05)})
