@@ -22,7 +22,7 @@ from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.settings import checkpoint_settings_differ
-from policies.trainer import Trainer, TrainerConfig, algo_config_class, make_algorithm, steps_trained
+from policies.trainer import Trainer, TrainerConfig, algo_config_class, check_budget, make_algorithm, steps_trained
 from sim.durable import write_durably
 from sim.variation import VariationProfile
 from worldmodel.device import resolve_device
@@ -89,6 +89,10 @@ def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path)
             "use train.workers=1, or policy=sac / policy=ppo for Ray Train workers"
         )
     check_trainer_fields(dataclasses.asdict(trainer))
+    try:  # a budget short of the first update would export the initial network as trained
+        check_budget(trainer, algo_config, job.workers, prefix="policy.")
+    except ValueError as exc:
+        raise TrainSettingsError(str(exc)) from None
     offline = sorted(set(getattr(algo_config, "replay_ratios", {})) - {getattr(algo_config, "online_source", None)})
     if offline:
         raise TrainSettingsError(

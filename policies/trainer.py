@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -154,6 +155,31 @@ def steps_trained(config: TrainerConfig, world_size: int) -> int:
     return world_size * -(-rank_share(config.total_env_steps, world_size) // config.num_worlds) * config.num_worlds
 
 
+def first_update(config: TrainerConfig, algo_config, observed: int = 0, prefix: str = "") -> tuple[int, str]:
+    """(env steps one rank collects before the learner's first update, the settings that say so, by key): PPO's first
+    rollout; SAC's (and the model-based learner's) ``learning_starts``, less the ``observed`` steps of a learner carried
+    over, then the steps that owe one gradient step at ``utd_ratio``. ``prefix``: where the keys live (``policy.``)."""
+    if config.algorithm == "ppo":
+        return algo_config.n_steps * config.num_worlds, f"one rollout: {prefix}algorithm.n_steps={algo_config.n_steps} x {prefix}trainer.num_worlds={config.num_worlds}"
+    sac, key = (algo_config.sac, f"{prefix}algorithm.sac.") if config.algorithm == "mbpo" else (algo_config, f"{prefix}algorithm.")
+    owing = math.ceil(1.0 / sac.utd_ratio - 1e-9)  # env steps past learning_starts that owe one gradient step
+    seen = f", {observed} already seen" if observed else ""
+    return max(0, sac.learning_starts - observed) + owing, f"{key}learning_starts={sac.learning_starts}{seen}, then {owing} at {key}utd_ratio={sac.utd_ratio:g}"
+
+
+def check_budget(config: TrainerConfig, algo_config, world_size: int = 1, observed: int = 0, prefix: str = "") -> None:
+    """ValueError unless a run of ``config`` reaches the learner's first update: a budget short of it once trained nothing
+    and said nothing, and flywheel-train exported, evaluated and logged the initial network as the trained policy."""
+    need, why = first_update(config, algo_config, observed, prefix)
+    if steps_trained(config, world_size) // world_size < need:
+        least = world_size * -(-need // config.num_worlds) * config.num_worlds
+        per_rank = f" per rank ({world_size} ranks)" if world_size > 1 else ""
+        raise ValueError(
+            f"{prefix}trainer.total_env_steps={config.total_env_steps} ends before the learner's first update, which needs {need} env steps"
+            f"{per_rank} ({why}): set {prefix}trainer.total_env_steps to {least} or more, or lower those settings"
+        )
+
+
 class Trainer:
     """Collect on the batched stepper, update the injected algorithm, log, checkpoint, evaluate.
 
@@ -186,6 +212,8 @@ class Trainer:
         self.algo_config = algo_config if algo_config is not None else getattr(algorithm, "config", None)  # recorded in checkpoints: resume compares it
         self.checkpointer = checkpointer
         self.comm = comm or LocalComm()
+        if isinstance(self.algo_config, algo_config_class(config.algorithm)):  # before anything is built: a budget that trains nothing
+            check_budget(config, self.algo_config, self.comm.world_size, observed=getattr(algorithm, "env_steps", 0))
         torch.set_num_threads(config.torch_threads)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         profiles = list(profiles or [VariationProfile()])

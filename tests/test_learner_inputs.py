@@ -4,9 +4,12 @@ under other settings from Python. Each was taken once, silently or with an error
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from policies.mbpo import MBPOConfig
 from policies.ppo import PPOConfig
 from policies.sac import SACConfig
 from policies.trainer import Trainer, TrainerConfig, make_algorithm
@@ -110,6 +113,28 @@ def test_nan_from_a_robots_task_is_named_at_its_method_not_blamed_on_the_policy(
     stepper = BatchedStepper(LeakyReward(), 2)
     with pytest.raises(ValueError, match=r"LeakyReward.reward_terms\(\)\['leak'\] gave NaN"):
         stepper.simulate([ScenarioSpec("pendulum", seed=0, max_steps=5)], lambda obs: np.zeros((len(obs), 1), np.float32))
+
+
+def test_a_budget_short_of_the_first_update_is_refused_before_anything_runs():
+    """SAC below learning_starts, PPO below one rollout, the model-based learner below its SAC's learning_starts: train() once
+    ran to the budget with 0 updates and no word, and flywheel-train exported the initial network as the trained policy."""
+    sac = SACConfig(hidden_sizes=(8, 8), batch_size=8, learning_starts=10)
+    ppo = PPOConfig(hidden_sizes=(8, 8), n_steps=4, minibatch_size=8)
+    mbpo = MBPOConfig(sac=SACConfig(hidden_sizes=(8, 8), learning_starts=150, utd_ratio=10.0))
+    for algorithm, algo, short, needs, least in (
+        ("sac", sac, 10, r"11 env steps \(algorithm.learning_starts=10, then 1 at algorithm.utd_ratio=1\)", 12),
+        ("sac", dataclasses.replace(sac, utd_ratio=0.25), 12, r"14 env steps \(algorithm.learning_starts=10, then 4 at algorithm.utd_ratio=0.25\)", 14),
+        ("ppo", ppo, 6, r"8 env steps \(one rollout: algorithm.n_steps=4 x trainer.num_worlds=2\)", 8),
+        ("mbpo", mbpo, 150, r"151 env steps \(algorithm.sac.learning_starts=150, then 1 at algorithm.sac.utd_ratio=10\)", 152),
+    ):
+        config = TrainerConfig(robot="pendulum", algorithm=algorithm, num_worlds=2, total_env_steps=short)
+        with pytest.raises(ValueError, match=rf"trainer.total_env_steps={short} ends before the learner's first update, which needs {needs}: set trainer.total_env_steps to {least} or more"):
+            Trainer(config, make_algorithm(config, algo))
+    config = TrainerConfig(robot="pendulum", algorithm="sac", num_worlds=2, total_env_steps=12)
+    with Trainer(config, make_algorithm(config, sac)) as trainer:  # the least budget updates
+        assert trainer.train().updates == 1
+    with Trainer(dataclasses.replace(config, total_env_steps=2), trainer.algo) as again:  # a learner carried over is past its warm-up
+        assert again.train().updates == 1
 
 
 def test_a_python_resume_under_other_learner_settings_is_refused(tmp_path):

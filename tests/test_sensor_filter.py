@@ -302,7 +302,7 @@ def test_a_conditioned_policy_is_told_a_filtered_body_has_a_clean_sensor(fit):
         assert not np.allclose(obs[0], obs[1])  # same seed, same body: only the sensor differs
     assert not np.allclose(noisy.context(), weak.context())  # without the filter the body is told apart
 
-    config, algo = default_config("pendulum", total_env_steps=10, seed=0)
+    config, algo = default_config("pendulum", total_env_steps=1000, seed=0)  # not trained: a budget that would reach an update
     algo = dataclasses.replace(algo, sac=dataclasses.replace(algo.sac, body_context=True))
     learner = make_algorithm(dataclasses.replace(config, num_worlds=2), algo)
     with Trainer(dataclasses.replace(config, num_worlds=2), learner, profiles=[noisy, VariationProfile()], sensor_filters=filters):

@@ -159,6 +159,12 @@ def test_what_cannot_run_stops_with_the_reason_and_no_traceback(tmp_path):
     ):
         with pytest.raises(TrainSettingsError, match=reason):
             preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run")
+    for job, asked, reason in (  # once: 0 updates, the initial network exported, evaluated and logged as trained
+        (TrainJob(), dict(total_env_steps=500), r"policy.trainer.total_env_steps=500 ends before .* \(policy.algorithm.learning_starts=1000, .*to 1008 or more"),
+        (TrainJob(workers=2), dict(total_env_steps=1500), r"needs 1001 env steps per rank \(2 ranks\) .* to 2016 or more"),
+    ):
+        with pytest.raises(TrainSettingsError, match=reason):
+            preflight(job, dataclasses.replace(trainer, **asked), algo, tmp_path / "run")
     mixed = dataclasses.replace(algo, replay_ratios={"online": 0.4, "real": 0.3, "sim": 0.3})  # policy=sac_fleet's: the loop's data
     with pytest.raises(TrainSettingsError, match="samples real, sim episodes, which only the flywheel loop gives"):
         preflight(TrainJob(), trainer, mixed, tmp_path / "run")
