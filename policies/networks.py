@@ -242,6 +242,22 @@ class Policy(nn.Module):
             self.actor.mean.bias.copy_(tensors["mean.bias"])
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int):
+    """Build networks inside: torch's global RNG seeded with ``seed`` and one intra-op thread, both restored after, so
+    a seed gives the same initial weights on every rank, device and machine. Orthogonal init is a QR decomposition,
+    which LAPACK splits by thread count: a 64x64 PPO net once differed between 1 and 2 threads, and so did every run
+    from it (the trainer's ``torch_threads`` is applied after the learner is built)."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 def orthogonal_init_(module: nn.Module, gain: float = math.sqrt(2), last_gain: float | None = None) -> None:
     """Orthogonal weights, zero biases for every nn.Linear in ``module`` (the last one gets ``last_gain``)."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
-from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, check_network, gaussian_log_prob, orthogonal_init_
+from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, check_network, gaussian_log_prob, orthogonal_init_, seeded_init
 from policies.parallel import LocalComm
 from policies.transition import VectorStep, world_rows
 from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, check_fields
@@ -85,8 +85,7 @@ class PPO:
     ):
         self.config, self.spec, self.comm, self.num_worlds = config, spec, comm or LocalComm(), num_worlds
         self.device = dev = torch.device(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # same initial weights on every rank
+        with seeded_init(seed):  # same initial weights on every rank, whatever its thread count
             actor = SquashedGaussianActor(
                 spec.obs_dim, spec.act_dim, spec.hidden_sizes, spec.activation, state_dependent_std=False, log_std_init=config.log_std_init
             )

@@ -23,7 +23,7 @@ from torch import nn
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
 from worldmodel.device import fast_bfloat16
 from worldmodel.flat_params import flatten_parameters, merge_optimizer_state
-from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, check_network, gaussian_log_prob_from_noise, tanh_log_det
+from policies.networks import Policy, PolicySpec, SquashedGaussianActor, TwinQ, check_network, gaussian_log_prob_from_noise, seeded_init, tanh_log_det
 from policies.parallel import LocalComm
 from policies.replay import MixedReplay
 from policies.transition import VectorStep, world_rows
@@ -128,8 +128,7 @@ class SAC:
         an offline episode's body features, for a conditioned policy (``spec.context_dim``)."""
         self.config, self.spec, self.comm = config, spec, comm or LocalComm()
         self.device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # same initial weights on every rank and device
+        with seeded_init(seed):  # same initial weights on every rank, device and thread count
             self.policy = Policy(spec, state_dependent_std=True).to(self.device)
             self.critic = TwinQ(spec.input_dim, spec.act_dim, spec.hidden_sizes, spec.activation).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)

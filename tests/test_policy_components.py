@@ -161,6 +161,24 @@ def test_mixed_replay_refuses_sources_without_data_or_ratio():
         MixedReplay({"real": 1.0}, 4, 1, online_source="real", offline={"real": _episodes("real", 1, 3)}, robot_model="ant")
 
 
+@pytest.mark.parametrize("make", [lambda spec: PPO(spec, PPOConfig(), num_worlds=4, seed=3), lambda spec: SAC(spec, SACConfig(hidden_sizes=(64, 64)), seed=3)], ids=["ppo", "sac"])
+def test_initial_weights_do_not_depend_on_the_thread_count(make):
+    """A 64x64 PPO's orthogonal init (a QR decomposition) differed between 1 and 2 torch threads, and the learner is built
+    before the trainer applies torch_threads: a first run in a process, or one on another machine, diverged from the rest."""
+    spec = PolicySpec(17, 6, (64, 64), "tanh", True)
+    before = torch.get_num_threads()
+    built = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            learner = make(spec)
+            built[threads] = {k: v.clone() for k, v in learner.policy.state_dict().items()}
+            assert torch.get_num_threads() == threads  # the caller's count, restored
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(built[1][k], built[2][k]) for k in built[1])
+
+
 def test_sac_bootstraps_through_truncation_not_termination():
     spec = PolicySpec(4, 1, (16, 16), "relu", False)
     sac = SAC(spec, SACConfig(learning_starts=0, batch_size=2, buffer_size=100))
