@@ -131,6 +131,7 @@ class PPO:
         return torch.tanh(u).cpu().numpy()
 
     def observe(self, step: VectorStep) -> None:
+        step.check_widths(self.spec.obs_dim, self.spec.act_dim)
         if self._pending is None:
             raise RuntimeError("PPO.observe() needs the explore() call that produced the step's actions")
         obs_t, u, logp, value = self._pending

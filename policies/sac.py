@@ -201,6 +201,7 @@ class SAC:
 
     def observe(self, step: VectorStep) -> None:
         """Store one vector step of the worlds (its bootstrap observation is ``step.final_obs``)."""
+        step.check_widths(self.spec.obs_dim, self.spec.act_dim)
         obs = self.inputs(step.obs)
         self.replay.add_online(obs, step.action, step.reward, self.inputs(step.final_obs), step.terminated, step.truncated)
         self.policy.normalizer.update(torch.from_numpy(obs).to(self.device), reduce=self.comm.sum)

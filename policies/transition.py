@@ -64,6 +64,13 @@ class VectorStep:
             "learners act in [-1, 1]: store the policy's actions, and scale them to the env's bounds when stepping it (low + (a + 1) / 2 * (high - low))",
         )  # fmt: skip
 
+    def check_widths(self, obs_dim: int, act_dim: int) -> None:
+        """ValueError naming the field unless the rows are as wide as a learner's (obs_dim, act_dim): called where a step
+        enters one (``observe``); a wrong width once failed deep in the replay buffer as a bare numpy broadcast."""
+        for name, have, want in (("obs", self.obs.shape[1], obs_dim), ("action", self.action.shape[1], act_dim)):
+            if have != want:
+                raise ValueError(f"VectorStep: {name} rows of {have} values, this learner's {name.replace('action', 'act')}_dim is {want}: (N, {want}) for N worlds")
+
 
 class Algorithm(Protocol):
     """What :class:`policies.trainer.Trainer` needs from an algorithm (SAC, PPO)."""

@@ -29,7 +29,7 @@ import numpy as np
 from mujoco import rollout
 
 from sim.episode import SCHEMA_VERSION, Episode, validate_metadata
-from sim.policy_fn import as_conditioned_policy
+from sim.policy_fn import as_conditioned_policy, obs_dim_of
 from sim.recorder import EpisodeRecorder
 from sim.robots import PhysicsState, Task, get_task
 from sim.scenario import ScenarioSpec
@@ -187,7 +187,7 @@ class BatchedStepper:
 
     def run(self, policy, num_steps: int) -> list[Episode]:
         """Step ``num_steps`` control steps with ``policy`` in the loop; return episodes finished meanwhile."""
-        self._drive(as_conditioned_policy(policy), num_steps)
+        self._drive(self._acting(policy), num_steps)
         return self.pop_episodes()
 
     def simulate(self, scenarios: Iterable[ScenarioSpec], policy) -> list[Episode]:
@@ -196,12 +196,21 @@ class BatchedStepper:
         for s in queue:  # all before any runs (each is checked again as it starts)
             self._check_scenario(s)
         order = {id(s): i for i, s in enumerate(queue)}
+        act = self._acting(policy)
         pending = iter(queue)
         self._start(lambda world: next(pending, None), range(min(self.num_worlds, len(queue))))
-        self._drive(as_conditioned_policy(policy), None)
+        self._drive(act, None)
         episodes = self.pop_episodes()
         by_spec = {e.metadata["scenario"]: e for e in episodes}
         return [by_spec[s.to_json()] for s in sorted(queue, key=lambda s: order[id(s)]) if s.to_json() in by_spec]
+
+    def _acting(self, policy):
+        """``policy`` as the stepper calls it (:func:`sim.policy_fn.as_conditioned_policy`), refused at once where it says
+        it reads another number of observation values than this robot gives (once a matmul error in its first layer)."""
+        dim = obs_dim_of(policy)
+        if dim is not None and dim != self.task.obs_dim:
+            raise ValueError(f"the policy reads observations of {dim} values; robot {self.task.name!r} gives {self.task.obs_dim} (a policy of another robot?)")
+        return as_conditioned_policy(policy)
 
     def physics_state(self) -> tuple[np.ndarray, np.ndarray]:
         """Every world's physics state now: copies of qpos (N, nq) and qvel (N, nv). A world that finished and

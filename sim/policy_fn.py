@@ -43,6 +43,15 @@ def context_dim_of(policy) -> int:
     return int(getattr(policy, "context_dim", 0) or 0)
 
 
+def obs_dim_of(policy) -> int | None:
+    """How many observation values ``policy`` says it reads (a torch ``Policy``'s spec, a ``RuntimePolicy``), before any
+    body features; None for one that does not say (a plain callable)."""
+    dim = getattr(policy, "obs_dim", None)
+    if dim is None:
+        dim = getattr(getattr(policy, "spec", None), "obs_dim", None)
+    return None if dim is None else int(dim)
+
+
 def as_conditioned_policy(policy) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """``policy`` as ``act(obs (N, obs_dim), context (N, CONTEXT_DIM))``: a conditioned policy reads
     both, side by side; any other ignores the context."""

@@ -9,14 +9,17 @@ import dataclasses
 import numpy as np
 import pytest
 
+from policies.evaluate import evaluate
 from policies.mbpo import MBPOConfig
-from policies.ppo import PPOConfig
-from policies.sac import SACConfig
+from policies.networks import Policy, PolicySpec
+from policies.ppo import PPO, PPOConfig
+from policies.sac import SAC, SACConfig
 from policies.trainer import Trainer, TrainerConfig, make_algorithm
 from policies.transition import VectorStep
 from sim.batched import BatchedStepper
 from sim.robots import get_task
 from sim.scenario import ScenarioSpec
+from sim.variation import VariationProfile
 from worldmodel.train import TrainConfig
 from worldmodel.transitions import Transitions
 
@@ -135,6 +138,21 @@ def test_a_budget_short_of_the_first_update_is_refused_before_anything_runs():
         assert trainer.train().updates == 1
     with Trainer(dataclasses.replace(config, total_env_steps=2), trainer.algo) as again:  # a learner carried over is past its warm-up
         assert again.train().updates == 1
+
+
+def test_rows_of_another_width_are_refused_naming_the_field():
+    """A VectorStep of 4-wide observations for a learner of 3 failed deep in SAC's replay as a numpy broadcast, and a
+    policy of another robot in evaluate as a matmul error in its first layer."""
+    spec = PolicySpec(3, 1, (8,), "relu", False)
+    sac = SAC(spec, SACConfig(hidden_sizes=(8,), batch_size=2, learning_starts=1))
+    wide = np.zeros((2, 4))
+    with pytest.raises(ValueError, match=r"VectorStep: obs rows of 4 values, this learner's obs_dim is 3"):
+        sac.observe(step(obs=wide, next_obs=wide, final_obs=wide))
+    ppo = PPO(spec, PPOConfig(hidden_sizes=(8,), n_steps=2, minibatch_size=2), num_worlds=2)
+    with pytest.raises(ValueError, match=r"VectorStep: action rows of 2 values, this learner's act_dim is 1"):
+        ppo.observe(step(action=np.zeros((2, 2))))
+    with pytest.raises(ValueError, match=r"the policy reads observations of 3 values; robot 'pendulum' gives 4"):
+        evaluate(Policy(spec), "pendulum", [VariationProfile()], 1, seed=0)
 
 
 def test_a_python_resume_under_other_learner_settings_is_refused(tmp_path):

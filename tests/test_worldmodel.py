@@ -162,6 +162,21 @@ def test_save_load_roundtrip_is_exact(trained, cheetah, tmp_path):
     assert torch.equal(loaded.elites, model.elites) and torch.equal(loaded.obs_high, model.obs_high)
 
 
+def test_predictions_take_numpy_rows_and_name_a_wrong_shape(trained, cheetah):
+    """mean_step and predict refused numpy arrays with a TypeError (model_rollout takes them), and a wrong width failed
+    as a size mismatch inside the normaliser."""
+    model, _, _ = trained
+    obs, act = cheetah[1][0].observation[:-1], cheetah[1][0].action  # numpy, float32
+    want = model.mean_step(torch.as_tensor(obs), torch.as_tensor(act))
+    got = model.mean_step(obs, act.astype(np.float64))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(model.predict(obs, act).delta_mean, model.predict(torch.as_tensor(obs), torch.as_tensor(act)).delta_mean)
+    with pytest.raises(ValueError, match=r"obs must be \(B, 17\), got \(100, 5\)"):
+        model.mean_step(obs[:, :5], act)
+    with pytest.raises(ValueError, match=r"action must be \(B, 6\), B = 100 as obs has, got \(99, 6\)"):
+        model.predict(obs, act[:-1])
+
+
 def test_load_names_mismatched_tensors(trained, cheetah, tmp_path):
     model, _, _ = trained
     save(model, tmp_path / "a")

@@ -224,9 +224,22 @@ class DynamicsEnsemble(nn.Module):
         x = self.input_norm.normalize(self.raw_inputs(obs, action, context))
         return x.unsqueeze(0).expand(self.ensemble_size, -1, -1)
 
+    def rows(self, obs, action, context=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """obs (B, obs_dim), action (B, act_dim)[, context (B, context_dim)] (tensors or numpy arrays) as float32 tensors
+        on the model's device; a ValueError naming the one of another shape (numpy once gave a TypeError, a wrong
+        width a size mismatch inside the normaliser)."""
+        out = [None if x is None else torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (obs, action, context)]
+        batch = out[0].shape[0] if out[0].ndim == 2 else -1
+        for name, x, dim in zip(("obs", "action", "context"), out, (self.spec.obs_dim, self.spec.act_dim, self.spec.context_dim)):
+            if x is not None and dim and tuple(x.shape) != (batch, dim):  # a context for an unconditioned model: raw_inputs says so
+                rows = "" if name == "obs" else f", B = {batch} as obs has"
+                raise ValueError(f"{name} must be (B, {dim}){rows}, got {tuple(x.shape)}")
+        return out[0], out[1], out[2]
+
     def predict(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> Prediction:
-        """Every member's prediction for obs (B, obs_dim), action (B, act_dim)[, context (B, context_dim)], in raw units."""
-        mean, logvar, term_logit = self(self.inputs(obs, action, context))
+        """Every member's prediction for obs (B, obs_dim), action (B, act_dim)[, context (B, context_dim)] (tensors or
+        numpy arrays: :meth:`rows`), in raw units."""
+        mean, logvar, term_logit = self(self.inputs(*self.rows(obs, action, context)))
         std_norm = torch.exp(0.5 * logvar)
         raw_mean = self.output_norm.denormalize(mean)
         raw_std = std_norm * self.output_norm.std
@@ -247,7 +260,8 @@ class DynamicsEnsemble(nn.Module):
 
     @torch.no_grad()
     def mean_step(self, obs: torch.Tensor, action: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deterministic step: the elites' average mean. Returns next_obs (B, obs_dim), reward (B,)."""
+        """Deterministic step: the elites' average mean. Returns next_obs (B, obs_dim), reward (B,) (tensors, for numpy in too)."""
+        obs, action, context = self.rows(obs, action, context)
         pred = self.predict(obs, action, context)
         elites = self.elites
         return obs + pred.delta_mean[elites].mean(0), pred.reward_mean[elites].mean(0)
