@@ -83,6 +83,9 @@ MAX_JSON_DEPTH = 32  # nesting a header or a JSON metadata value may have (a saf
 MAX_TENSOR_DIMS = 8
 ROBOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROBOT_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit (no spaces or control characters)"
+# ids every robot with an unset (zeroed, or all-ones) id field would send: refused for new episodes, see check_new_episode_id
+RESERVED_EPISODE_IDS = {str(uuid.UUID(int=0)): "the nil UUID", str(uuid.UUID(int=(1 << 128) - 1)): "the max UUID"}
+EPISODE_ID_RULE = "episode ids are unique across the whole fleet: make each a random uuid4, or a uuid5 in a namespace of the robot's own"
 _JSON_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, unrolled (linear time)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 MAX_DIM = 1 << 40  # per axis: shapes are checked in exact integer arithmetic, never in wrapping int64
@@ -164,6 +167,7 @@ class Episode:
         for key, value in (extras or {}).items():
             dtype = np.dtype(np.float64) if version == SCHEMA_VERSION_1_1 and _is_camera_clock(key) else OPTIONAL_ARRAYS.get(key)
             casted_extras[key] = np.ascontiguousarray(value, dtype=dtype) if dtype else np.ascontiguousarray(value)
+        check_new_episode_id(meta["episode_id"])
         return cls(**arrays, metadata=meta, extras=casted_extras).validate()
 
     # -- accessors ----------------------------------------------------------------------
@@ -346,6 +350,18 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
         repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"key {repeated[:40]!r} appears more than once in one object")
     return out
+
+
+def check_new_episode_id(episode_id: str) -> None:
+    """Refuse the nil and the max UUID as the id of a new episode (an upload, :meth:`Episode.create`).
+
+    Ids are the idempotency key across the whole fleet, whichever robot sent them: a robot whose id field is
+    never set sends the same id every time, and every episode after its first would be a 409 conflict, refused
+    for good. Not a schema rule: an episode stored under such an id before this check still reads and re-encodes.
+    """
+    what = RESERVED_EPISODE_IDS.get(episode_id)
+    if what is not None:
+        raise EpisodeValidationError("episode_id", f"{episode_id!r} is {what}, the id of every robot whose id is unset; {EPISODE_ID_RULE}")
 
 
 def validate_metadata(meta: Mapping[str, str]) -> None:

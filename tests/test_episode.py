@@ -145,6 +145,16 @@ def test_episode_ids_default_to_fresh_uuids():
     uuid.UUID(a.episode_id)
 
 
+@pytest.mark.parametrize("episode_id", ["00000000-0000-0000-0000-000000000000", "ffffffff-ffff-ffff-ffff-ffffffffffff"])
+def test_a_new_episode_is_not_made_under_the_nil_or_the_max_uuid_yet_one_stored_before_still_reads(episode_id):
+    with pytest.raises(EpisodeValidationError, match="unique across the whole fleet") as refused:
+        make(episode_id=episode_id)
+    assert refused.value.field == "episode_id"
+    stored = Episode(**make_episode_arrays(), metadata={**make().metadata, "episode_id": episode_id})
+    assert Episode.from_bytes(stored.to_bytes()).equals(stored)  # a record stored before the rule reads and re-encodes
+    make(episode_id=str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, "robots/arm-01"), "7")))  # a uuid5 of the robot's own is fine
+
+
 def test_a_header_over_the_limit_is_told_apart_from_a_truncated_body():
     """A 1.9 MB calibration value was once refused as "declared header length ... exceeds the body", which the body did hold."""
     from fleet.server.errors import from_validation

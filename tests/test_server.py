@@ -121,6 +121,9 @@ BAD = {
     # a number past a double's range: Python read it as inf (and wrote it back out as Infinity), where NaN is refused
     "overflowing_number_metadata": (raw(meta={"hardware": '{"motor_gain": 1e999}'}), 422, "bad_metadata", "hardware"),
     "overflowing_number_header": (framed(b'{"__metadata__":{},"reward":{"dtype":"F32","shape":[-1e999],"data_offsets":[0,0]}}'), 400, "bad_header", "<header>"),
+    # the id of every robot whose id field is unset (zeroed or all ones): each later episode would be a 409 for good
+    "nil_episode_id": (raw(meta={"episode_id": "00000000-0000-0000-0000-000000000000"}), 422, "bad_metadata", "episode_id"),
+    "max_episode_id": (raw(meta={"episode_id": "ffffffff-ffff-ffff-ffff-ffffffffffff"}), 422, "bad_metadata", "episode_id"),
 }
 
 
@@ -173,6 +176,19 @@ def test_idempotent_upload(fleet):
     other = Episode.create(**make_episode_arrays(seed=22), robot_id="r0", robot_model="toy", source="sim", episode_id=ep.episode_id)
     r = post(fleet, other.to_bytes())
     assert r.status_code == 409 and r.json()["error"] == "episode_id_conflict"
+
+
+def test_episode_ids_are_fleet_wide_and_the_refusals_say_how_to_make_them_without_naming_another_robot(fleet):
+    """A zero-initialised id was stored for the first robot that sent it, and every other episode under it was a 409,
+    which robots set aside for good; a uuid5 in a namespace of the robot's own, as the sims make, is fine."""
+    nil = post(fleet, raw(meta={"episode_id": "00000000-0000-0000-0000-000000000000"}))
+    assert (nil.status_code, nil.json()["error"], nil.json()["field"]) == (422, "bad_metadata", "episode_id")
+    assert "nil UUID" in nil.json()["reason"] and "unique across the whole fleet" in nil.json()["reason"] and "uuid4" in nil.json()["reason"]
+    shared = str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, "robots/r0"), "1"))
+    assert post(fleet, make("r0", seed=25, episode_id=shared).to_bytes()).status_code == 201
+    clash = post(fleet, make("r1", seed=26, episode_id=shared).to_bytes(), who="r1")  # another robot, the same id
+    assert (clash.status_code, clash.json()["error"], clash.json()["field"]) == (409, "episode_id_conflict", "episode_id")
+    assert "unique across the whole fleet" in clash.json()["reason"] and "r0" not in clash.json()["reason"].replace(shared, "")
 
 
 def test_concurrent_duplicates_are_stored_once(fleet):

@@ -51,7 +51,7 @@ from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_rea
 from fleet.store.reader import StoreSnapshot
 from fleet.store.writer import EpisodeStore
 from sim.durable import disk_full
-from sim.episode import Episode, EpisodeValidationError, encode_safetensors
+from sim.episode import EPISODE_ID_RULE, Episode, EpisodeValidationError, check_new_episode_id, encode_safetensors
 
 log = logging.getLogger(__name__)
 SAFETENSORS = "application/octet-stream"
@@ -72,6 +72,7 @@ def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
     """(episode, sha256 of its canonical bytes, canonical size); ApiError naming the fault otherwise."""
     try:
         episode = Episode.from_bytes(body)
+        check_new_episode_id(episode.episode_id)  # the nil id of a robot whose id is unset would conflict with itself for good
     except EpisodeValidationError as exc:
         raise from_validation(exc) from None
     canonical = encode_safetensors(episode.arrays(), episode.metadata)
@@ -290,7 +291,8 @@ def create_app(
                     raise insufficient_storage(f"the episode store's disk is full ({short_reason(exc)})") from None
                 raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {short_reason(exc)}); retry", None, {"Retry-After": "1"}) from None
         if status == "conflict":
-            raise ApiError(409, "episode_id_conflict", f"episode {episode.episode_id} is stored with different content", "episode_id")
+            reason = f"episode {episode.episode_id} is stored with different content; unless this is a changed copy of an episode sent before, the id was reused: {EPISODE_ID_RULE}"
+            raise ApiError(409, "episode_id_conflict", reason, "episode_id")  # never which robot stored it
         metrics.uploaded(status, nbytes, episode.num_steps)
         return (201 if status == "created" else 200), {"episode_id": episode.episode_id, "status": status}
 
