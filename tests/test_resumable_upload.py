@@ -402,6 +402,9 @@ def test_chunk_and_create_refusals(fleet):
     assert (past.status_code, past.json()["error"], past.json()["offset"]) == (400, "chunk_past_size", 0)
     no_offset = fleet["client"].put(f"/v1/uploads/{uid}", content=b"x", headers=r0)
     assert (no_offset.status_code, no_offset.json()["error"]) == (400, "bad_upload_offset")
+    assert "header is missing" in no_offset.json()["reason"] and "None" not in no_offset.json()["reason"]  # once "got 'None'"
+    bad_offset = fleet["client"].put(f"/v1/uploads/{uid}", content=b"x", headers={**r0, "Upload-Offset": "-1"})
+    assert (bad_offset.status_code, bad_offset.json()["error"]) == (400, "bad_upload_offset") and "got '-1'" in bad_offset.json()["reason"]
     assert put(fleet, uid, data[:40], 0).json()["offset"] == 40
     again = create(fleet, data)  # the answer to create was lost, the robot asks again
     assert (again.status_code, again.json()["upload_id"], again.json()["offset"]) == (200, uid, 40)

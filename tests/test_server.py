@@ -160,10 +160,12 @@ def test_auth_roles(fleet):
     c, body = fleet["client"], make(seed=11).to_bytes()
     assert c.post("/v1/episodes", content=body).status_code == 401
     assert c.post("/v1/episodes", content=body, headers=auth("made-up")).status_code == 401
-    for role in ("operator", "publisher"):
+    for role, article in (("operator", "an"), ("publisher", "a")):
         r = post(fleet, body, who=role)
         assert r.status_code == 403 and r.json()["error"] == "forbidden"
-    assert c.get("/v1/episodes", headers=auth(fleet["tok"]["r0"])).status_code == 403
+        assert r.json()["reason"] == f"this call needs a robot token, got {article} {role} token"
+    refused = c.get("/v1/episodes", headers=auth(fleet["tok"]["r0"]))
+    assert refused.status_code == 403 and refused.json()["reason"] == "this call needs an operator token, got a robot token"
     assert c.get("/metrics").status_code == 401
     assert c.get("/healthz").json()["status"] == "ok"
 
@@ -632,6 +634,8 @@ def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_
             first, second = make("r0", seed=1).to_bytes(), make("r0", seed=2).to_bytes()
             slow = client.post("/v1/episodes", content=first, headers=auth(tok))
             assert (slow.status_code, slow.json()["error"], slow.headers["Retry-After"]) == (503, "commit_slow", "5") and entered.is_set(), slow.text
+            # every queued upload was told its retry answers 200 duplicate; one whose id holds other content gets 409
+            assert "200 duplicate if this episode was stored" in slow.json()["reason"] and "409 episode_id_conflict" in slow.json()["reason"]
             health = client.get("/healthz")
             assert health.status_code == 503 and "a group commit has run" in health.json()["reason"] and health.json()["pending_uploads"] == 1
             running = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics", headers=auth(op)).text) for s in f.samples}

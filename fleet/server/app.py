@@ -282,7 +282,9 @@ def create_app(
                 settled.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is the retry's to read
                 raise ApiError(
                     503, "commit_slow", f"the store has not committed this upload within {config.commit_timeout_s:g} s (slow or unreachable); "
-                    "it stays queued: retry it, and once stored it answers 200 duplicate", None, {"Retry-After": "5"},
+                    "it stays queued: retry it with the same bytes, and once its commit settles the retry answers 200 duplicate if this "
+                    f"episode was stored, 409 episode_id_conflict if other content under episode_id {episode.episode_id} was stored first, "
+                    "or 201 once stored if the commit failed", None, {"Retry-After": "5"},
                 )  # fmt: skip
             try:
                 status = settled.result()

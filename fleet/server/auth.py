@@ -42,6 +42,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _a(role: str) -> str:
+    """``role`` with its indefinite article: "a robot", "an operator"."""
+    return f"{'an' if role[:1] in 'aeiou' else 'a'} {role}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Principal:
     """Who a request is: role and, for robots, the robot_id it may upload as."""
@@ -105,7 +110,7 @@ class TokenRegistry:
     def require(self, authorization: str | None, role: str) -> Principal:
         principal = self.authenticate(authorization)
         if principal.role != role:
-            raise ApiError(403, "forbidden", f"this call needs a {role} token, got a {principal.role} token", "authorization")
+            raise ApiError(403, "forbidden", f"this call needs {_a(role)} token, got {_a(principal.role)} token", "authorization")
         return principal
 
     def _maybe_reload(self) -> None:

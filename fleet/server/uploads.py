@@ -335,8 +335,10 @@ def parse_create(raw: bytes, max_episode_bytes: int) -> tuple[int, str, str]:
 
 
 def parse_upload_offset(header: str | None) -> int:
-    if header is None or not (header.isascii() and header.isdigit() and len(header) <= 20):
-        raise ApiError(400, "bad_upload_offset", f"Upload-Offset must be a byte count (got {str(header)[:40]!r}); HEAD the upload for its offset", "upload-offset")
+    if header is None:
+        raise ApiError(400, "bad_upload_offset", "the Upload-Offset header is missing: send the byte offset this chunk starts at (HEAD the upload for it)", "upload-offset")
+    if not (header.isascii() and header.isdigit() and len(header) <= 20):
+        raise ApiError(400, "bad_upload_offset", f"Upload-Offset must be a byte count (got {header[:40]!r}); HEAD the upload for its offset", "upload-offset")
     return int(header)
 
 
