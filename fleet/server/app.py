@@ -38,6 +38,7 @@ from starlette.routing import Match
 
 from fleet.registry.s3 import S3Error
 from fleet.registry.tuf_repo import RegistryBusy, RegistryCorrupted, RepositoryNotInitialised
+from fleet.server import openapi
 from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
@@ -193,9 +194,10 @@ def create_app(
         finally:
             await run_in_threadpool(committer.close)
 
-    # /openapi.json describes the protocol for clients; no Swagger or ReDoc pages (they load scripts from a CDN)
-    # redirect_slashes off: "/v1/episodes/" is a 404 in JSON, not a 307 to whatever Host the client named
+    # /openapi.json describes the protocol for clients (fleet/server/openapi.py); no Swagger or ReDoc pages (they load scripts
+    # from a CDN); redirect_slashes off: "/v1/episodes/" is a 404 in JSON, not a 307 to whatever Host the client named
     app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
+    openapi.install(app, config)
     app.state.metrics, app.state.committer, app.state.store = metrics, committer, store
 
     for router in routes(tokens) if routes is not None else ():

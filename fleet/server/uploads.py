@@ -364,27 +364,6 @@ def refused_for_good(exc: ApiError) -> bool:
     return exc.status in (400, 403, 409, 413, 415, 422) and exc.error not in ("digest_mismatch", "upload_incomplete")
 
 
-CREATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["size", "sha256"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "size": {"type": "integer", "minimum": 1},
-                        "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
-                        "content_encoding": {"type": "string", "enum": list(ACCEPTED)},
-                    },
-                }
-            }
-        },
-    }
-}
-
-
 def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLimits, ingest: Ingest, staging: Staging, metrics: Metrics) -> APIRouter:
     """The resumable upload routes (module docstring) over ``staging``; ``ingest`` validates and commits a completed body
     (and counts it); a complete answered from a completed upload's tombstone counts as a duplicate in ``metrics``."""
@@ -396,7 +375,7 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
     async def find(request: Request, upload_id: str) -> Upload:
         return await run_in_threadpool(staging.get, robot(request), upload_id)
 
-    @router.post("/v1/uploads", status_code=201, openapi_extra=CREATE_BODY)
+    @router.post("/v1/uploads", status_code=201)
     async def create_upload(request: Request):
         robot_id = robot(request)
         with limits.admit(robot_id):
