@@ -166,3 +166,46 @@ def test_a_header_over_the_limit_is_told_apart_from_a_truncated_body():
     with pytest.raises(EpisodeValidationError, match="exceeds the body") as cut:
         parse_safetensors(struct.pack("<Q", 64) + b"{}")
     assert from_validation(cut.value).error == "not_safetensors"
+
+
+def test_the_schema_1_tables_of_protocol_md_are_the_validators():
+    """docs/protocol.md, "Episode schema 1": a client is written from it alone (a probe guessed float64 rewards and float32
+    timestamps from docs that never said), so every array and key the validator knows is there, with its dtype, rank and
+    leading length, nothing else is, and the example header is what the canonical encoding writes."""
+    import re
+    from pathlib import Path
+
+    from sim import episode as schema
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc.split("\n## Episode schema 1\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| `")]
+    arrays = {name: row for row in rows if len(row) == 5 for name in re.findall(r"`([^`]+)`", row[0])}
+    keys = {name: row for row in rows if len(row) == 3 for name in re.findall(r"`([^`]+)`", row[0])}
+    dtype_names = {np.dtype(v): k for k, v in schema._SAFETENSORS_DTYPES.items()}
+
+    for name, (dtype, ndim, length) in schema.REQUIRED_ARRAYS.items():
+        _, documented, shape, required, _ = arrays[name]
+        axes = [a for a in shape.strip("()").split(",") if a.strip()]
+        assert (documented, len(axes), axes[0], required) == (f"`{dtype_names[dtype]}`", ndim, length, "required"), name
+    for name, dtype in {**schema.OPTIONAL_ARRAYS, f"{schema.IMAGE_PREFIX}NAME": np.dtype(np.uint8)}.items():
+        _, documented, shape, required, _ = arrays[name]
+        assert (documented, shape.startswith("(T or T+1"), required) == (f"`{dtype_names[dtype]}`", True, "optional"), name
+    assert set(arrays) == {*schema.REQUIRED_ARRAYS, *schema.OPTIONAL_ARRAYS, f"{schema.IMAGE_PREFIX}NAME"}
+
+    assert {k for k, row in keys.items() if row[1] == "required"} == set(schema.REQUIRED_METADATA)
+    assert {k for k, row in keys.items() if row[1] == "optional"} == {*schema.OPTIONAL_METADATA, f"{schema.USER_METADATA_PREFIX}NAME"}
+    assert {k for k, row in keys.items() if row[1] == "schema 1.1"} == set(schema.V1_1_METADATA)
+    assert set(re.findall(r"`([^`]+)`", keys["source"][2])) == set(schema.SOURCES)
+    for key in (*schema.JSON_METADATA, *schema.PLAIN_TEXT_METADATA):
+        assert ("JSON text" if key in schema.JSON_METADATA else "printable text") in keys[key][2], key
+
+    example = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))
+    meta = example["__metadata__"]
+    ep = Episode.create(
+        **make_episode_arrays(num_steps=2, obs_dim=2, act_dim=1), robot_id=meta["robot_id"], robot_model=meta["robot_model"],
+        source=meta["source"], policy_version=meta["policy_version"], episode_id=meta["episode_id"],
+    )  # fmt: skip
+    data = ep.to_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    assert json.loads(data[8 : 8 + length]) == example
