@@ -278,6 +278,39 @@ def test_listing_filters_and_metrics(fleet):
     assert value("flywheel_store_episodes") == len(snap)
 
 
+def test_a_listed_episode_has_the_fields_protocol_md_documents_with_null_where_absent(fleet):
+    """protocol.md named no EpisodeInfo field and store.md said an absent model_version or task is "": a typed client (a Go
+    struct, serde) written from them failed on the nulls the API sends (and on slot, row, stream, frames)."""
+    import dataclasses
+    import hashlib
+    import re
+    from pathlib import Path
+
+    from fleet.store.catalog import EpisodeInfo
+
+    plain, v1_1 = make(seed=71), make(seed=72, task="pick the cup", control_rate_hz=20, model_version="wm-1")
+    for ep in (plain, v1_1):
+        assert post(fleet, ep.to_bytes()).status_code == 201
+    listed = fleet["client"].get("/v1/episodes", params={"robot_id": "r0", "limit": 1000}, headers=auth(fleet["tok"]["operator"])).json()["episodes"]
+    items = [next(e for e in listed if e["episode_id"] == ep.episode_id) for ep in (plain, v1_1)]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc.split("### EpisodeInfo", 1)[1].split("\n### ", 1)[0]
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `(\w+)` \| (\w+) \| (yes|no) \|", section, re.M)}
+    assert set(rows) == {f.name for f in dataclasses.fields(EpisodeInfo)} == set(items[0]) == set(items[1])
+    assert {name for name, (_, nullable) in rows.items() if nullable == "yes"} == {f.name for f in dataclasses.fields(EpisodeInfo) if "None" in str(f.type)}
+    kinds = {"string": str, "integer": int, "number": (int, float), "array": list}
+    for item in items:
+        for name, value in item.items():
+            assert (value is None and rows[name][1] == "yes") or (isinstance(value, kinds[rows[name][0]]) and not isinstance(value, bool)), (name, value)
+    assert (items[0]["model_version"], items[0]["task"], items[0]["control_rate_hz"], items[0]["frames"]) == (None, None, None, [])
+    assert (items[1]["model_version"], items[1]["task"], items[1]["control_rate_hz"], items[1]["schema_version"]) == ("wm-1", "pick the cup", 20.0, "1.1")
+    assert items[0]["schema_version"] == "1" and items[0]["digest"] == hashlib.sha256(plain.to_bytes()).hexdigest()
+    # since <= upload_time < until, as documented (it said both were inclusive)
+    at = items[0]["upload_time"]
+    ids = lambda **window: [e["episode_id"] for e in fleet["client"].get("/v1/episodes", params={"robot_id": "r0", "limit": 1000, **window}, headers=auth(fleet["tok"]["operator"])).json()["episodes"]]  # noqa: E731
+    assert plain.episode_id in ids(since=at) and plain.episode_id not in ids(until=at)
+
+
 def test_extra_routes_share_the_servers_tokens(tmp_path):
     from fastapi import APIRouter, Request
 
