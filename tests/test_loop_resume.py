@@ -74,6 +74,30 @@ def test_a_resume_drops_the_interrupted_iterations_log_rows(tmp_path):
     assert logged == [rows[0], {"step": 1, "fleet/return_mean": 2.5}]
 
 
+def test_a_resume_drops_the_rows_of_an_attempt_at_the_first_iteration_too(tmp_path, monkeypatch):
+    """Rows were dropped only after a finished iteration: a run stopped in iteration 0 kept its first attempt's rows (19
+    keys at step 0 twice, and a second policy/* evaluation) beside the redo's. A fresh run has nothing to drop."""
+    from fleet.pipeline import loop as loop_module
+
+    class Started(Exception):
+        pass
+
+    def services(cfg, run_dir, robot_ids, redo_from=None):  # the tracker Services opens, then stop before Ray
+        Tracker(run_dir, mode="disabled", redo_from=redo_from).finish()
+        raise Started
+
+    monkeypatch.setattr(loop_module, "Services", services)
+    run = tmp_path / "run"
+    with pytest.raises(Started):
+        flywheel(run).run()  # a fresh run
+    assert (run / "metrics.jsonl").read_text() == ""
+    attempt = [{"step": 0, "fleet/return_mean": 1.0}, {"step": 0, "policy/actor_loss": 0.5, "policy/env_steps": 400}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in attempt))  # stopped in iteration 0: no state.json
+    with pytest.raises(Started):
+        flywheel(run).run()
+    assert (run / "metrics.jsonl").read_text() == ""
+
+
 def test_fewer_robots_on_resume_are_refused_before_anything_runs(tmp_path):
     """loop.num_robots may grow on resume; a shrink once ran the robots, then failed with a KeyError for the one gone."""
     run = tmp_path / "run"

@@ -181,8 +181,8 @@ class Flywheel:
         s = self.settings
         record_run_settings(self.run_dir, self.run_settings)  # kept if there (a run of an earlier build: recorded at its first resume)
         done, redo_from = self.state["next_iteration"], None
-        if done and (self.state.get("final") is None or done < s.iterations):  # a resumed run logs again from its next iteration
-            redo_from = done
+        if self.state.get("final") is None or done < s.iterations:  # a resumed run logs again from the iteration it redoes,
+            redo_from = done  # the first one too (an attempt stopped in iteration 0 left its rows); a fresh run has none
         with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
