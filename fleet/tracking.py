@@ -107,7 +107,13 @@ class Tracker:
     def wandb_dir(self) -> str | None:
         return None if self.wandb_run is None else str(Path(self.wandb_run.dir).parent)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, *, replace: bool = False) -> None:
+        """``replace``: rows ``metrics.jsonl`` holds at ``step`` with none but these keys go first (an evaluation of the
+        same checkpoint again, as a rerun that only re-evaluates makes: one row, not a second at the same step)."""
+        if replace:
+            self._jsonl.close()
+            _drop_rows(self.run_dir / "metrics.jsonl", lambda row: row.get("step") == step and set(row) <= {"step", *metrics}, f"at step {step} (logged again now)")
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON has no NaN
         self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
         if self.wandb_run is not None:
@@ -179,11 +185,16 @@ class Tracker:
 
 
 def _drop_rows_from(path: Path, step: int) -> None:
-    """Rewrite the JSONL log ``path`` without its rows at ``step`` or later (durably: whole or as it was)."""
+    """Rewrite the JSONL log ``path`` without its rows at ``step`` or later."""
+    _drop_rows(path, lambda row: row.get("step", -1) >= step, f"of steps >= {step} (an interrupted attempt's; redone now)")
+
+
+def _drop_rows(path: Path, drop, why: str) -> None:
+    """Rewrite the JSONL log ``path`` without the rows ``drop(row)`` is true of (durably: whole or as it was)."""
     if not path.exists():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", -1) < step]
+    kept = [line for line in lines if line.strip() and not drop(json.loads(line))]
     if len(kept) < len(lines):
         write_durably(path, "".join(f"{line}\n" for line in kept).encode())
-        log.info("metrics.jsonl: dropped %d rows of steps >= %d (an interrupted attempt's; redone now)", len(lines) - len(kept), step)
+        log.info("metrics.jsonl: dropped %d rows %s", len(lines) - len(kept), why)

@@ -75,6 +75,15 @@ class TrainJob:
         latest = latest_checkpoint(storage / name)
         return None if latest is None else latest / "rank0" / "state.json"
 
+    def checkpoint_steps(self, run_dir: Path) -> int | None:
+        """The env steps (of every worker) of the checkpoint a rerun continues from, if there is one: what a stopped
+        attempt logged past them is logged again."""
+        state = self.checkpoint_state(run_dir)
+        if state is None:
+            return None
+        meta = json.loads(state.read_text())
+        return int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1))
+
 
 def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path) -> None:
     """Refuse what cannot run, before anything starts (a :class:`TrainSettingsError` that says what to do)."""

@@ -67,6 +67,35 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     assert on_ray.returncode == 1 and "holds a run with train.workers=1" in on_ray.stderr, on_ray.stderr
 
 
+def test_a_rerun_logs_each_step_once(tmp_path):
+    """A run continued after Ctrl-C kept the rows its stopped attempt had logged past the last checkpoint (its curve went
+    back on itself in metrics.jsonl), and a rerun that only re-evaluates added a second evaluation row at the same step."""
+    run = tmp_path / "run"
+
+    def rows() -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def stopped_attempt() -> None:  # rows of an attempt to go on from the checkpoint at 128, stopped before its next checkpoint
+        with open(run / "metrics.jsonl", "a") as f:
+            f.writelines(json.dumps({"step": n, "policy/env_steps": n, "policy/actor_loss": 99.0}) + "\n" for n in (144, 160))
+
+    first = _train(run, "policy.trainer.total_env_steps=128", "wandb.mode=disabled")
+    assert first.returncode == 0, first.stderr[-3000:]
+    logged = rows()
+    assert [r["step"] for r in logged if "eval/nominal/mean_return" in r] == [128] and any(r["step"] == 128 and "policy/env_steps" in r for r in logged)
+    stopped_attempt()
+    again = _train(run, "policy.trainer.total_env_steps=128", "wandb.mode=disabled")  # the same budget: re-evaluates and re-exports
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r for r in rows() if "eval/nominal/mean_return" not in r] == [r for r in logged if "eval/nominal/mean_return" not in r]  # the row at 128 kept
+    assert [r["step"] for r in rows() if "eval/nominal/mean_return" in r] == [128]
+    stopped_attempt()
+    more = _train(run, "policy.trainer.total_env_steps=192", "wandb.mode=disabled")  # continues from the checkpoint at 128
+    assert more.returncode == 0, more.stderr[-3000:]
+    steps = [r["step"] for r in rows() if "policy/env_steps" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 192 and not any(r.get("policy/actor_loss") == 99.0 for r in rows())
+    assert [r["step"] for r in rows() if "eval/nominal/mean_return" in r] == [128, 192]
+
+
 def test_a_run_folder_in_use_is_refused_and_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     """Two processes on one run folder (a resume started twice, or two runs of one second) mixed their checkpoints and
     metrics; SIGTERM (timeout, Slurm, Kubernetes) killed flywheel-train with no message and an unfinished W&B run."""

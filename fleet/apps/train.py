@@ -54,13 +54,14 @@ def run_train(cfg: DictConfig) -> None:
         preflight(job, trainer, algo_config, run_dir)
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
+    done = job.checkpoint_steps(run_dir)  # a rerun goes on from its checkpoint: the rows a stopped attempt logged past it go
     with one_line_errors("flywheel-train", (TrackerError,)):
-        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=recorded_config(cfg, run_dir), step_metric=POLICY_STEPS, job_type="train")
+        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=recorded_config(cfg, run_dir), step_metric=POLICY_STEPS, job_type="train", redo_from=None if done is None else done + 1)
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
             summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
-        tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"])
+        tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"], replace=True)  # a re-evaluation: one row
         export = Path(summary["export"])
         tracker.artifact(
             f"trained-policy-{trainer.robot}", "model", [export / "weights.safetensors", export / "manifest.json"],  # not the loop's policy-<robot>
