@@ -232,7 +232,9 @@ def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
         Flywheel(_compose("flywheel"), trained)
 
 
-def test_ray_settings_that_would_wait_forever_are_refused_at_once():
+def test_ray_settings_that_would_wait_forever_are_refused_at_once(monkeypatch):
+    """ray.address=auto once joined what it found untried: another run's private local Ray (on loopback, advertised at
+    the host's address) left `flywheel ray.address=auto` retrying Ray's "Failed to connect to GCS" for minutes."""
     import socket
 
     from fleet.pipeline.ray_start import RayJoinError, check_ray_settings
@@ -245,6 +247,9 @@ def test_ray_settings_that_would_wait_forever_are_refused_at_once():
                             ({"address": closed}, "nothing answers there")):  # fmt: skip
         with pytest.raises(RayJoinError, match=reason):
             check_ray_settings(OmegaConf.merge(base, changes))
+    monkeypatch.setenv("RAY_ADDRESS", closed)  # what auto finds (Ray may give it as this host's network address)
+    with pytest.raises(RayJoinError, match=r"ray.address=auto found \S+:\d+ \(from RAY_ADDRESS\), which does not answer .*another run's private local Ray"):
+        check_ray_settings(OmegaConf.merge(base, {"address": "auto"}))
 
 
 def test_a_typo_in_a_yaml_file_is_refused(tmp_path):

@@ -231,7 +231,17 @@ def test_the_local_ray_binds_and_advertises_loopback_only(tmp_path, monkeypatch)
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # start_ray sets it: restored after
-    assert start_ray(config(tmp_path / "run", "ray.num_cpus=1").ray)
+    import signal
+
+    def as_ctrl_c(signum, frame):  # the apps' (fleet.apps.errors.stop_on_signals)
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        assert start_ray(config(tmp_path / "run", "ray.num_cpus=1").ray)
+        assert signal.getsignal(signal.SIGTERM) is as_ctrl_c  # ray.init's sys.exit(15) made a SIGTERM'd flywheel exit 15 without a word
+    finally:
+        signal.signal(signal.SIGTERM, before)
     try:
         assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"] and ray.util.get_node_ip_address() == "127.0.0.1"
         assert ray.get(node_address.remote()) == "127.0.0.1"  # a worker too

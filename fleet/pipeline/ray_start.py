@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,14 +37,34 @@ def start_ray(cfg: DictConfig) -> bool:
     if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
         modules = os.environ.get(MODULES_ENV)
         try:
-            ray.init(address=cfg.address, **kwargs, **({"runtime_env": {"env_vars": {MODULES_ENV: modules}}} if modules else {}))
+            with keep_sigterm_handler():
+                ray.init(address=cfg.address, **kwargs, **({"runtime_env": {"env_vars": {MODULES_ENV: modules}}} if modules else {}))
         except (AuthenticationError, ConnectionError, RuntimeError) as exc:
             raise join_error(cfg, exc) from exc
         log.info("joined the Ray cluster at %s as %s", cfg.address, ray.util.get_node_ip_address())
     else:
-        with single_host_ray(cfg.node_ip_address):
+        with single_host_ray(cfg.node_ip_address), keep_sigterm_handler():
             ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` makes SIGTERM exit the driver (``sys.exit(15)``, set as it starts): the handler before it (the apps':
+    SIGTERM as Ctrl-C, one line saying how to go on, exit 130) is put back after it, and a SIGTERM while it connects
+    goes to that handler (a `flywheel` stopped by `timeout` or Slurm exited 15 without a word)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or handler is None:  # only the main thread sets handlers
+        yield
+        return
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM and callable(handler):
+            handler(signal.SIGTERM, None)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager
@@ -113,12 +135,19 @@ def check_ray_settings(cfg: DictConfig) -> None:
         )
     if cfg.address == "auto":
         try:
-            ray._private.services.canonicalize_bootstrap_address("auto")  # RAY_ADDRESS, or the cluster `ray start` left on this host
+            found = ray._private.services.canonicalize_bootstrap_address("auto")  # RAY_ADDRESS, or the cluster `ray start` left on this host
         except ConnectionError:
             raise RayJoinError(
                 "ray.address=auto: no Ray cluster runs on this machine (auto joins the one `ray start` started here, or RAY_ADDRESS); "
                 "start one (`ray start --head`), give HOST:PORT of a head, or leave ray.address empty for a Ray of this run's own"
             ) from None
+        if found and (exc := _unanswered(found)) is not None:  # another run's own local Ray: it listens on loopback only, and Ray retried its address for minutes
+            where = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the last `ray start` on this host" if ray._private.utils.read_ray_address() else "a Ray running on this host"
+            raise RayJoinError(
+                f"ray.address=auto found {found} (from {where}), which does not answer ({exc.strerror or exc}): is it another run's private local Ray "
+                "(a run without ray.address listens on loopback only)? start a cluster with `ray start --head` to join with auto, give HOST:PORT "
+                "of a head, or leave ray.address empty for a Ray of this run's own"
+            )
     if not cfg.address and cfg.num_cpus is not None and cfg.num_cpus < 1:
         raise RayJoinError(f"ray.num_cpus={cfg.num_cpus}: the local Ray needs at least 1 CPU for the robots and tasks (null: all of this machine's)")
     if not cfg.address and cfg.object_store_memory is not None and cfg.object_store_memory < MIN_OBJECT_STORE_BYTES:
@@ -133,14 +162,21 @@ def check_ray_settings(cfg: DictConfig) -> None:
             raise RayJoinError(f"ray.node_ip_address={cfg.node_ip_address} is not an address of this machine ({exc.strerror}): give one it has") from None
     host, _, port = str(cfg.address or "").rpartition(":")
     host = host.strip("[]")  # [::1]:6379
-    if host and port.isdigit():
-        try:
-            socket.create_connection((host, int(port)), timeout=10).close()
-        except OSError as exc:
-            raise RayJoinError(
-                f"could not join the Ray cluster at {cfg.address}: nothing answers there ({exc.strerror or exc}); is its head running "
-                f"(`ray start --head --port {port}` on {host}; `ray status --address {cfg.address}`)?"
-            ) from None
+    if host and port.isdigit() and (exc := _unanswered(cfg.address)) is not None:
+        raise RayJoinError(
+            f"could not join the Ray cluster at {cfg.address}: nothing answers there ({exc.strerror or exc}); is its head running "
+            f"(`ray start --head --port {port}` on {host}; `ray status --address {cfg.address}`)?"
+        )
+
+
+def _unanswered(address: str) -> OSError | None:
+    """Why nothing takes a connection at HOST:PORT ``address``, or None: ``ray.init`` retries such an address for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def join_error(cfg: DictConfig, exc: Exception) -> RayJoinError:
