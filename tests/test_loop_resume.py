@@ -108,6 +108,37 @@ def test_fewer_robots_on_resume_are_refused_before_anything_runs(tmp_path):
     assert flywheel(run, "loop.num_robots=3").specs.keys() == {"robot-0", "robot-1", "robot-2"}
 
 
+def test_a_rerun_of_a_finished_run_says_there_is_nothing_to_do_and_starts_nothing(tmp_path):
+    """A finished run rerun (with its settings, or fewer loop.iterations) started Ray, the server, the robots and an empty
+    W&B run, then exited 0 without a word, its summary.json pointed at that run; an unfinished one with fewer is refused."""
+    import subprocess
+    import sys
+
+    from fleet.run_folders import record_run_settings
+
+    run = tmp_path / "run"
+    record_run_settings(run, flywheel(run).run_settings)
+    record = {"iteration": 2, "fleet_returns": {"robot-0": 1.0, "robot-1": 1.0}, "policy_versions": ["1"], "real_steps": {"robot-0": 5, "robot-1": 5}}
+    state = {"next_iteration": 2, "current": None, "learner": None, "history": [], "real_steps": record["real_steps"], "final": record}
+    (run / "state.json").write_text(json.dumps(state))
+    (run / "summary.json").write_text(json.dumps({"wandb_dir": "the first start's"}))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- the first start's\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for iterations in (2, 1):
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet.apps.flywheel", "loop.num_robots=2", f"loop.iterations={iterations}", f"run_dir={run}"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )
+        assert result.returncode == 0 and f"run_dir {run} holds a finished run of 2 iterations" in result.stdout, result.stdout + result.stderr[-2000:]
+        assert "nothing to do" in result.stdout and "raise loop.iterations to continue it" in result.stdout
+        assert ("loop.iterations=1 is fewer" in result.stdout) == (iterations == 1)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # its record, summary.json, no W&B run
+    (run / "state.json").write_text(json.dumps({**state, "final": None}))  # stopped in its closing round
+    with pytest.raises(ValueError, match=r"holds a run of 2 finished iterations: resume it with loop.iterations >= 2"):
+        flywheel(run, "loop.iterations=1")
+
+
 def test_w_and_b_names_sweep_jobs_and_later_starts_of_a_run_apart(tmp_path):
     """Sweep jobs were all named "0", "1" (every sweep alike), and a resumed run was a second run of the same name
     with nothing linking it to the first; flywheel-train's runs had no name at all."""

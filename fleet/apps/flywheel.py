@@ -44,6 +44,9 @@ def run_flywheel(cfg: DictConfig) -> None:
     console = Console()
     with one_line_errors("flywheel", (ValueError,)):  # the settings (and the robot), checked before anything runs: what is wrong, no traceback
         flywheel = Flywheel(cfg, Path(cfg.run_dir))
+    if reason := flywheel.nothing_to_do():  # a finished run: said, and left as it was (its record, summary.json, W&B runs)
+        console.print(f"flywheel: {reason}", soft_wrap=True)
+        return
     accept_run_folder("flywheel", Path(cfg.run_dir))
     with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
         summary = flywheel.run()  # the cluster, the store or W&B fail at the start: what to check

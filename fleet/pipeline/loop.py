@@ -172,13 +172,32 @@ class Flywheel:
                 f"run_dir {self.run_dir} holds a run of {len(self.state['real_steps'])} robots; loop.num_robots={self.settings.num_robots} "
                 f"would drop {', '.join(gone)}: resume with loop.num_robots >= {len(self.state['real_steps'])} (it may grow, not shrink), or set a new run_dir"
             )
+        done = self.state["next_iteration"]
+        if self.state.get("final") is None and done > self.settings.iterations:  # stopped in its closing round: one after fewer
+            raise ValueError(  # iterations would be logged at a step of the iterations done
+                f"run_dir {self.run_dir} holds a run of {done} finished iterations: resume it with loop.iterations >= {done} "
+                f"(not {self.settings.iterations}), or set a new run_dir"
+            )
         self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
 
     # -- the run --------------------------------------------------------------------------
+    def nothing_to_do(self) -> str | None:
+        """Why this start has nothing to do (``run_dir`` holds a finished run of ``loop.iterations`` or more), or None.
+        The app says so and starts nothing: a rerun once started Ray, the server, the robots and an empty W&B run, and
+        pointed summary.json at it. A run stopped before its summary was written is not finished."""
+        s, done = self.settings, self.state["next_iteration"]
+        if self.state.get("final") is None or done < s.iterations or not (self.run_dir / "summary.json").exists():
+            return None
+        fewer = f" (loop.iterations={s.iterations} is fewer)" if s.iterations < done else ""
+        return f"run_dir {self.run_dir} holds a finished run of {done} iterations{fewer}: nothing to do (its results: summary.json, metrics.jsonl, report.png); raise loop.iterations to continue it"
+
     def run(self) -> dict:
+        """Run (or resume) the loop; returns the summary. A finished run (:meth:`nothing_to_do`) starts nothing: its summary."""
         s = self.settings
+        if self.nothing_to_do() is not None:
+            return read_run_file(self.run_dir / "summary.json")
         record_run_settings(self.run_dir, self.run_settings)  # kept if there (a run of an earlier build: recorded at its first resume)
         done, redo_from = self.state["next_iteration"], None
         if self.state.get("final") is None or done < s.iterations:  # a resumed run logs again from the iteration it redoes,
