@@ -158,6 +158,18 @@ def test_a_setting_out_of_range_stops_the_app_with_the_reason_and_no_traceback(t
         assert "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_start_refused_for_its_settings_leaves_no_run_dir_it_made(tmp_path):
+    """A run_dir given on the command line that the start made was left holding .hydra/ and the app's log (a runs/<time>/
+    made for the start was removed); a folder that was there before stays."""
+    (tmp_path / "there").mkdir()
+    for override, run_dir in (("loop.num_robots=0", "new/run"), ("+loop.foo=1", "new"), ("wandb.mode=foo", "new"), ("loop.robot_model=nosuch", "there")):
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "flywheel"), override, f"run_dir={tmp_path / run_dir}"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert result.returncode == 1 and "flywheel: " in result.stderr, result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["there"], (override, list(tmp_path.rglob("*")))  # new/ too, made for new/run
+
+
 @pytest.mark.parametrize(
     "override, reason",
     [  # each of these once failed iterations into a run (robots had uploaded), most with a traceback, or ran on silently

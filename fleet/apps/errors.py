@@ -64,7 +64,8 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
     """A ``run_dir=`` on the command line that cannot be a run folder (a file, not writable) stops ``app`` with one
     line before Hydra starts (Hydra's own mkdir would fail with a traceback). For a folder that holds a run, the
     record Hydra is about to replace (``.hydra/``, the logs) is kept until the app accepts the rerun
-    (:func:`accept_run_folder`): a rerun the app refuses leaves the folder as it was."""
+    (:func:`accept_run_folder`): a rerun the app refuses leaves the folder as it was. A folder not there yet, and the
+    folders above it not there yet, go again if the app refuses the start, as a new ``runs/<time>/`` does."""
     from fleet.conf import check_run_dir
 
     atexit.register(_discard_empty_sweeps)
@@ -78,6 +79,9 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
             if run_dir.is_dir():
                 _RECORD.update(folder=run_dir, files={p: p.read_bytes() for p in _record_files(run_dir)})
                 atexit.register(_restore_record)
+            else:  # made by this start (Hydra's output folder): it held .hydra/ and the log after a refused start
+                made = [p.resolve() for p in (run_dir, *run_dir.parents) if not p.exists()]
+                atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
 
 
 _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, while the app has not accepted the rerun
@@ -112,13 +116,17 @@ def _restore_record() -> None:
     _RECORD.clear()
 
 
-def _discard_unaccepted(run_dir: Path) -> None:
+def _discard_unaccepted(run_dir: Path, parents: tuple[Path, ...] = ()) -> None:
     """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files
-    (then :func:`_discard_empty_sweeps`, registered before, takes its --multirun sweep folder if nothing else is left)."""
+    (then :func:`_discard_empty_sweeps`, registered before, takes its --multirun sweep folder if nothing else is left),
+    and the ``parents`` made for it (deepest first), if that leaves them empty."""
     if run_dir in _HELD or not run_dir.is_dir():
         return
     if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in parents:
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                parent.rmdir()
 
 
 def _discard_empty_sweeps() -> None:
