@@ -279,6 +279,52 @@ def test_flywheel_robot_app_records_spools_and_uploads(tmp_path, tokens):
     assert 1 <= info.num_steps <= 25
 
 
+def test_flywheel_robot_pulls_from_a_static_registry_without_its_token_and_uploads_to_the_fleet_server(tmp_path):
+    """docs/security.md, Static hosting: policy.server_url names the host serving the registry; the robot's token (which
+    uploads its episodes) goes only to the fleet server. flywheel-robot once had one URL for both: it sent the token with
+    every TUF request to the static host, and its uploads went there too (501)."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    from fleet.registry.trust import PolicyTrust
+    from tests.conftest import registry_server
+    from tests.test_policy_pull_http import SPEC, exported
+
+    registry, token, server = registry_server(tmp_path, "robot", "robot-a")
+    weights, manifest = exported(tmp_path, "v1")
+    registry.publish(weights, policy=manifest, **SPEC)
+    site = tmp_path / "site" / "v1"  # <registry>/tuf/ served as <base>/v1/tuf/
+    site.mkdir(parents=True)
+    (site / "tuf").symlink_to(registry.root / "tuf", target_is_directory=True)
+    seen = []
+
+    class Static(SimpleHTTPRequestHandler):  # Python's static file server, unchanged but for a request log
+        def log_message(self, *args):
+            seen.append((self.command, self.path, self.headers.get("authorization")))
+
+    static = ThreadingHTTPServer(("127.0.0.1", 0), partial(Static, directory=str(tmp_path / "site")))
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    overrides = [
+        "robot.robot_id=robot-a", "robot.model=pendulum", "robot.max_steps=25", "episodes=3",
+        f"fleet.agent.server_url={server.url}", f"policy.server_url=http://127.0.0.1:{static.server_address[1]}",
+        f"policy.root={registry.root / 'tuf' / 'metadata' / 'root.json'}", f"policy.state_dir={tmp_path / 'policy'}",
+        f"fleet.agent.spool_dir={tmp_path / 'spool'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    try:
+        out = subprocess.run([sys.executable, "-m", "fleet.apps.robot", *overrides], cwd=REPO, env={**os.environ, "FLYWHEEL_ROBOT_TOKEN": token},
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        server.stop()
+        static.shutdown()
+        static.server_close()
+    assert out.returncode == 0, out.stderr[-3000:]
+    status = json.loads(out.stdout.strip().splitlines()[-1])
+    assert status["created"] == 3 and status["drained"] and status["refusals"] == {} and status["pull_errors"] == 0  # uploads: the fleet server
+    assert PolicyTrust(**SPEC, state_dir=tmp_path / "policy").version == 1  # installed from the static host
+    assert any("weights.safetensors" in path for _, path, _ in seen) and {method for method, _, _ in seen} == {"GET"}
+    assert all(auth is None for _, _, auth in seen)  # the token never went there
+
+
 def test_robot_side_imports_no_torch_ray_or_store():
     code = "import sys, fleet.agent.agent, fleet.apps.robot; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'zarr', 'icechunk', 'fastapi'}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

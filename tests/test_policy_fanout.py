@@ -21,7 +21,7 @@ import pytest
 
 from fleet.agent.policy import builtin_policy
 from fleet.registry.http_cache import IMMUTABLE, NOT_FOUND, REVALIDATE
-from fleet.registry.pull import SignedPolicySource
+from fleet.registry.pull import SignedPolicySource, registry_token
 from fleet.registry.store import open_registry, root_metadata
 from fleet.registry.trust import PolicyTrust
 from tests.conftest import registry_server
@@ -262,6 +262,20 @@ def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server
         assert any("weights.safetensors" in path for path, _ in requests) and all(auth is None for _, auth in requests)
     finally:
         source.close()
+
+
+@pytest.mark.parametrize(
+    "registry_url, sent",
+    [
+        ("http://fleet:8700", True), ("HTTP://Fleet:8700/", True), ("http://fleet:8700/registry", True),  # the fleet server
+        ("https://fleet:8700", False), ("http://fleet:8701", False), ("http://cdn.example:8700", False),  # another origin
+        ("http://fleet", False), ("http://fleet.evil:8700", False),
+    ],
+)
+def test_the_token_goes_to_the_registry_only_where_it_is_the_fleet_server(registry_url, sent):
+    """flywheel-robot and the ROS 2 node once sent the robot's upload token to whatever served the registry."""
+    assert registry_token(registry_url, "http://fleet:8700", "t") == ("t" if sent else None)
+    assert registry_token("https://fleet", "https://fleet:443/", "t") == "t" and registry_token("http://fleet:80", "http://fleet", "t") == "t"
 
 
 def test_weights_are_not_downloaded_into_the_room_the_robots_episodes_need(tmp_path, served):

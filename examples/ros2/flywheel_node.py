@@ -15,8 +15,10 @@ at the observation that ended it. Episodes are spooled on disk by the robot agen
 background (docs/protocol.md, "Robot agent").
 
 With ``policy_root`` (the registry's root metadata, provisioned once), the node updates its policy
-with TUF between episodes (fleet.registry.pull: signatures, rollback protection, the release's sensor
-offset, filter and body features for this robot, a health check) and, with ``drive:=true``, publishes
+from ``policy_url`` (where the registry is served; empty: ``server_url``, which also takes the uploads) with TUF
+between episodes (fleet.registry.pull: signatures, rollback protection, the release's sensor
+offset, filter and body features for this robot, a health check; the robot's token goes to ``policy_url`` only
+where it is the fleet server: a static registry never gets it) and, with ``drive:=true``, publishes
 ``action_scale`` x the policy's action for each joint state on the command topic. Without it the node
 only records (the episodes' policy_version is ``zero``: whatever drives the robot is not a release).
 
@@ -33,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from fleet.agent.agent import RobotAgent
-from fleet.agent.config import AgentConfig
+from fleet.agent.config import AgentConfig, check_server_url
 from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
-from fleet.registry.pull import SignedPolicySource
+from fleet.registry.pull import SignedPolicySource, registry_token
 from fleet.registry.trust import PolicyTrust
 
 try:
@@ -130,7 +132,7 @@ class FlywheelNode(Node):
     PARAMETERS = {
         "robot_id": "", "robot_model": "", "obs_dim": 0, "act_dim": 0,
         "server_url": AgentConfig.server_url, "token_file": "", "spool_dir": AgentConfig.spool_dir,
-        "policy_root": "", "policy_state_dir": "runs/fleet/policy", "poll_interval_s": 60.0,
+        "policy_root": "", "policy_url": "", "policy_state_dir": "runs/fleet/policy", "poll_interval_s": 60.0,
         "joint_state_topic": "/joint_states", "command_topic": "/arm/commands", "reward_topic": "",
         "drive": False, "action_scale": 1.0, "max_steps": 500,
     }  # fmt: skip
@@ -162,7 +164,10 @@ class FlywheelNode(Node):
         trust = PolicyTrust(robot_model=p["robot_model"], obs_dim=p["obs_dim"], act_dim=p["act_dim"], state_dir=p["policy_state_dir"])
         fallback = builtin_policy("zero", p["act_dim"]).current()
         root = Path(p["policy_root"]).read_bytes()
-        return SignedPolicySource(p["server_url"], config.load_token(), p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"]).start()
+        url = p["policy_url"] or config.server_url
+        check_server_url(url, "policy_url", "the policy registry")
+        token = registry_token(url, config.server_url, config.load_token())  # the fleet server's token, never a static host's
+        return SignedPolicySource(url, token, p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"]).start()
 
     def on_joint_state(self, msg) -> None:
         obs = observation_of(msg)

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 
-def check_server_url(url: str, name: str) -> None:
+def check_server_url(url: str, name: str, what: str = "the fleet server") -> None:
     """ValueError unless ``url`` is an http(s) URL with a host (a typo would otherwise surface only when uploading)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
-        raise ValueError(f"{name} {url!r} is not an http:// or https:// URL of the fleet server (e.g. http://127.0.0.1:8700)")
+        raise ValueError(f"{name} {url!r} is not an http:// or https:// URL of {what} (e.g. http://127.0.0.1:8700)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """``flywheel-robot``: a (simulated) robot's agent as a Hydra app (config: fleet/conf/robot.yaml).
 
     FLYWHEEL_ROBOT_TOKEN=... flywheel-robot robot.robot_id=ant-07 episodes=20 fleet.agent.server_url=http://127.0.0.1:8700
+
+Episodes go to ``fleet.agent.server_url`` with the robot's token; policies come from ``policy.server_url`` (null: the
+same server), which gets the token only where it is that server (a static registry never does: docs/security.md).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
+from fleet.agent.config import check_server_url
 from fleet.apps.errors import one_line_errors, stop_on_signals
 from fleet.conf.schema_tools import check, instantiated
 from sim.robots import get_task
@@ -39,9 +43,12 @@ def main(cfg: DictConfig) -> None:
             from fleet.registry.pull import signed_policy_source
             from fleet.registry.trust import adopt_shared_state
 
+            policy_url = cfg.policy.server_url or agent_cfg.server_url
+            check_server_url(policy_url, "policy.server_url", "the policy registry")
             adopt_shared_state(cfg.policy.state_dir, robot_cfg.robot_id)  # a robot upgraded from a build of one shared folder keeps its floor
             policy = signed_policy_source(
-                cfg.policy.root, agent_cfg.server_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s, cfg.policy.min_free_bytes,
+                cfg.policy.root, policy_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s, cfg.policy.min_free_bytes,
+                fleet_url=agent_cfg.server_url,  # the token goes to the registry only where it is the fleet server
             ).start()  # polls on its own thread: an episode never waits for the registry
         try:
             status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)

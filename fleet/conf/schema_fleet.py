@@ -52,6 +52,7 @@ class RobotPolicySchema:
     """robot.yaml ``policy``: what `flywheel-robot` passes to ``fleet.registry.pull.signed_policy_source``."""
 
     root: Optional[str] = None
+    server_url: Optional[str] = None  # the registry's URL (a static host, bucket or CDN); None: fleet.agent.server_url
     state_dir: str = "runs/fleet/robot-policy/${robot.robot_id}"
     poll_interval_s: float = 10.0
     min_free_bytes: int = 64 << 20

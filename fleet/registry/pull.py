@@ -29,6 +29,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -69,7 +70,8 @@ class SignedPolicySource:
     ``server_url``: the flywheel server, or any HTTP server, bucket or CDN holding the registry's
     ``tuf/`` directory as ``<server_url>/v1/tuf/`` (static hosting, docs/security.md).
     ``token``: the robot's bearer token, sent with every request; None sends none (a static host:
-    never hand the token that uploads this robot's episodes to a third party).
+    never hand the token that uploads this robot's episodes to a third party; :func:`registry_token`
+    decides which).
     timestamp.json is polled with If-None-Match, and an interrupted target download resumes with
     a range request (fleet/registry/fetcher.py); TUF verifies both as before.
     ``min_free_bytes``: disk room a weights download must leave free (for the episodes the robot
@@ -362,10 +364,26 @@ class SignedPolicySource:
         self._client.close()
 
 
+def registry_token(registry_url: str, server_url: str, token: str | None) -> str | None:
+    """The bearer token a robot sends to the registry at ``registry_url``: its ``token`` where the registry is its fleet
+    server (the origin of ``server_url``, where it uploads: same scheme, host and port), else None. A static host,
+    bucket or CDN never gets it: the token also uploads this robot's episodes (docs/security.md, What needs auth)."""
+    return token if _origin(registry_url) == _origin(server_url) else None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
 def signed_policy_source(
-    root: str, server_url: str, token: str, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float, min_free_bytes: int = MIN_FREE_BYTES
-) -> SignedPolicySource:
-    """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy).
+    root: str, server_url: str, token: str | None, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float,
+    min_free_bytes: int = MIN_FREE_BYTES, *, fleet_url: str | None = None,
+) -> SignedPolicySource:  # fmt: skip
+    """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy), pulling
+    from ``server_url``; ``fleet_url``: the fleet server the robot uploads to, where that is another URL (a static
+    registry): ``token`` goes to ``server_url`` only where it is that server (:func:`registry_token`).
 
     The spec comes from the MuJoCo task of ``robot_model`` (the flywheel-robot app's simulated robots); a
     robot without MuJoCo builds :class:`SignedPolicySource` with its own ``PolicyTrust`` (examples/ros2/)."""
@@ -380,6 +398,7 @@ def signed_policy_source(
             f"policy.root {root} {'is a folder' if Path(root).is_dir() else 'does not exist'}: give the registry's root metadata "
             "(<registry>/tuf/metadata/root.json, copied from where the registry was made), or policy.root=null to pull no policy"
         )
+    token = registry_token(server_url, fleet_url or server_url, token)
     return SignedPolicySource(
         server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s, min_free_bytes=min_free_bytes
     )
