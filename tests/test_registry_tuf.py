@@ -409,20 +409,21 @@ def test_a_robot_given_no_or_bad_root_metadata_says_what_to_provision(tmp_path):
 
 def test_flywheel_registry_refresh_re_signs_a_statically_hosted_registry(tmp_path, capsys):
     """Nothing answers timestamp requests under static hosting: `flywheel-registry refresh` re-signs
-    what is past half its life (here a 60 s timestamp under the 1-day default), then nothing more."""
+    what is past half its life (here a 6 s timestamp, the registry's setting), then nothing more."""
     from fleet.apps.registry_keys import main
     from fleet.registry.store import open_registry
 
     reg, keys = tmp_path / "registry", tmp_path / "keys"
     roots = [keys / f"root-{i}.pem" for i in (1, 2, 3)]
-    registry = open_registry(reg, keys / "online.pem", root_keys=roots, expiry_s={"timestamp": 60})
+    registry = open_registry(reg, keys / "online.pem", root_keys=roots, expiry_s={"timestamp": 6})
     weights, manifest = exported(tmp_path, "v1")
     registry.publish(weights, policy=manifest, **SPEC)
     before = json.loads((reg / "tuf" / "metadata" / "timestamp.json").read_text())["signed"]
+    time.sleep(3.2)  # past half its life
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
     done = json.loads(capsys.readouterr().out)
     assert done["resigned"] == ["timestamp"] and done["versions"]["timestamp"] == before["version"] + 1
-    assert done["timestamp_expires"] > before["expires"]
+    assert before["expires"] < done["timestamp_expires"] and datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 6  # 6 s again
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
     assert json.loads(capsys.readouterr().out)["resigned"] == []
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1  # never made up
@@ -430,6 +431,60 @@ def test_flywheel_registry_refresh_re_signs_a_statically_hosted_registry(tmp_pat
     load_signer(keys / "stranger.pem", create=True)
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1
     assert "is not the key root v1 names" in capsys.readouterr().err
+
+
+def test_refresh_signs_with_the_lifetimes_the_registry_was_configured_with(tmp_path, capsys):
+    """`flywheel-registry refresh` once signed with the default lives: the hourly cron of a static registry put a 1 h
+    timestamp back to 1 day, and cut a 14-day targets life to 7 days (and re-signed the releaser's output at once)."""
+    from fleet.apps.registry_keys import main
+    from fleet.registry.store import open_registry
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    lives = {"timestamp": 3600, "targets": 14 * 86400}
+    registry = open_registry(reg, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], expiry_s=lives)  # the releaser
+    publish(registry, tmp_path, "v1")
+    published = {role: registry.repo.open(role).signed for role in ("timestamp", "targets")}
+    refresh = ["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]
+    assert main(refresh) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["resigned"] == [] and done["expiry_s"] == {"root": 365 * 86400, "snapshot": 7 * 86400, **lives}
+    assert done["timestamp_expires"] == published["timestamp"].expires.isoformat()
+    # due 40 minutes on (past half of the hour): re-signed for an hour, targets left with their 14 days
+    later = PolicyRegistry(reg, load_signer(keys / "online.pem"), clock=lambda: time.time() + 2400)  # a signer with no setting: re-signs at its start
+    assert later.repo.open("timestamp").signed.version == published["timestamp"].version + 1 and later.refresh() == []
+    assert later.repo.open("timestamp").signed.expires.timestamp() <= time.time() + 2400 + 3600 + 1
+    assert later.repo.open("targets").signed == published["targets"]
+    # the setting is the registry's: refresh --expiry-s records it (roles not named take the defaults) for every signer
+    assert main([*refresh, "--expiry-s", "timestamp=600"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["resigned"] == ["targets", "snapshot", "timestamp"] and done["expiry_s"]["targets"] == 7 * 86400  # 14 days were longer
+    assert datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 600
+    assert PolicyRegistry(reg, load_signer(keys / "online.pem")).repo.expiry_s["timestamp"] == 600
+    for bad in ("timestmp=60", "timestamp=0", "timestamp=nan", "timestamp"):
+        assert main([*refresh, "--expiry-s", bad]) == 1
+        assert "--expiry-s" in (err := capsys.readouterr().err) and "Traceback" not in err, err
+    (reg / "tuf" / "expiry_s.json").write_text('{"timestamp": -1}')  # written by someone else
+    assert main(refresh) == 1 and "expiry_s.json is not the registry's role lifetimes" in capsys.readouterr().err
+
+
+def test_signers_with_other_lifetimes_follow_the_registrys_and_never_re_sign_each_others_output(tmp_path, caplog):
+    """Each signer once signed with its own expiry_s and re-signed what another signed for another life (a 1 h replica
+    cut the 1-day timestamp of a replica with the default, which re-signed it as soon as it had less than half a day):
+    every timestamp request flipped it. The lives are the registry's now: the last setting recorded, which every signer follows."""
+    from fleet.registry.store import open_registry
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    a = open_registry(reg, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], expiry_s={"timestamp": 3600})
+    publish(a, tmp_path, "v1")
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        b = PolicyRegistry(reg, load_signer(keys / "online.pem"), expiry_s={"timestamp": 86400})  # started later, set otherwise
+        assert "lifetimes change" in caplog.text  # it says that it changed them for every signer
+        signed = b.repo.open("timestamp").signed  # 1 h left of 1 day: re-signed for a day at its start, once
+        assert signed.expires.timestamp() > time.time() + 86000
+        for _ in range(3):
+            assert a.refresh() == [] and b.refresh() == []
+        assert a.repo.open("timestamp").signed == signed and a.repo.expiry_s["timestamp"] == 86400
+    assert caplog.text.count("signing with the registry's") == 1  # a says once that its own setting is not what it signs with
 
 
 def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at_rest(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --release-key release.pem
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --new-root-key n1.pem --new-root-key n2.pem --threshold 2
     flywheel-registry show   --dir runs/fleet/registry
-    flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem [--release-key release.pem]   # static hosting: re-sign, then upload <dir>/tuf
+    flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem [--release-key release.pem] [--expiry-s timestamp=3600]   # static hosting: re-sign, then upload <dir>/tuf
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
@@ -17,7 +17,10 @@ release key"): only a process holding it can release; the servers then need only
 ``refresh`` does what the server does on each ``timestamp.json`` request, for a registry served
 as static files (docs/security.md): it re-signs, with the online key, whatever is past half its
 life or no longer verifies under the current root, and prints what it did. Run it well within the
-timestamp's life (1 day by default), e.g. hourly, then upload ``<dir>/tuf`` again.
+timestamp's life (1 day by default), e.g. hourly, then upload ``<dir>/tuf`` again. It signs with the
+role lifetimes recorded in the registry (``<dir>/tuf/expiry_s.json``: the last setting a signer
+recorded, a server's ``fleet.registry.expiry_s`` or ``--expiry-s`` here; the defaults where none is),
+as every signer of the registry does; ``--expiry-s ROLE=SECONDS`` records a new setting first.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
-from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, check_rotation, check_uninitialised, init_root, rotate_keys
+from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, check_expiry_s, check_rotation, check_uninitialised, init_root, rotate_keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             if name == "refresh":
                 cmd.add_argument("--online-key", required=True, help="the online key (private PEM) the root names")
                 cmd.add_argument("--release-key", help="the release key (private PEM), where the root names one: re-signs targets too")
+                cmd.add_argument(
+                    "--expiry-s", action="append", default=[], metavar="ROLE=SECONDS",
+                    help="record the registry's role lifetimes, for every signer of it (roles not given: the defaults); repeat",
+                )  # fmt: skip
             continue
         cmd.add_argument("--root-key", action="append", default=[], help="a current root key (private PEM); repeat")
         cmd.add_argument("--online-key", help="the online key (private PEM) for snapshot and timestamp, and targets without a release key")
@@ -80,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "refresh":
             before = _online_versions(TufRepository(tuf_dir, {}))
             release = load_signer(args.release_key) if args.release_key else None
-            registry = PolicyRegistry(args.dir, load_signer(args.online_key), release=release)  # checks the keys; re-signs what they no longer verify
+            expiry_s = _expiry_s(args.expiry_s)
+            registry = PolicyRegistry(args.dir, load_signer(args.online_key), release=release, expiry_s=expiry_s)  # checks the keys; re-signs what they no longer verify
             registry.refresh()  # and what is past half its life
             after = _online_versions(registry.repo)
             timestamp = registry.repo.open("timestamp").signed
             resigned = [role for role in ONLINE_ROLES if after[role] != before.get(role)]
-            print(json.dumps({"resigned": resigned, "versions": after, "timestamp_expires": timestamp.expires.isoformat()}))
+            print(json.dumps({"resigned": resigned, "versions": after, "timestamp_expires": timestamp.expires.isoformat(), "expiry_s": registry.repo.expiry_s}))
             return 0
         else:
             root = TufRepository(tuf_dir, {}).require_root()
@@ -127,6 +135,14 @@ def _check_key_files(root_keys: list[str], online_key: str, threshold: int, rele
         raise ValueError(f"--online-key {online_key} is also a --root-key: the server holds the online key, so give it its own key file")
     if not 1 <= threshold <= len(paths):
         raise ValueError(f"--threshold {threshold}: it must be 1..{len(paths)}, the number of --root-key files given")
+
+
+def _expiry_s(pairs: list[str]) -> dict[str, float]:
+    """``--expiry-s ROLE=SECONDS`` pairs as a checked map (ValueError naming the pair that is not)."""
+    bad = next((pair for pair in pairs if "=" not in pair), None)
+    if bad is not None:
+        raise ValueError(f"--expiry-s {bad!r}: give ROLE=SECONDS, e.g. --expiry-s timestamp=3600")
+    return check_expiry_s(dict(pair.split("=", 1) for pair in pairs), "--expiry-s")
 
 
 def _online_versions(repo: TufRepository) -> dict[str, int]:

@@ -89,8 +89,10 @@ class PolicyRegistry:
     root (made offline with the root keys) must already exist and name these keys. Without the
     release key the root names, this registry serves and keeps metadata fresh but cannot release
     (``can_release``; publish, widen and rollback raise :class:`ReleaseKeyMissing`); with an online key
-    a rotation replaced while it ran, it signs nothing (:class:`OnlineKeyRotated`). Any number of
-    these, in any processes on any hosts, may serve and change one registry."""
+    a rotation replaced while it ran, it signs nothing (:class:`OnlineKeyRotated`). ``expiry_s``: role
+    lifetimes to make the registry's (recorded for every signer of it: TufRepository.record_expiry); None
+    signs with the registry's. Any number of these, in any processes on any hosts, may serve and change
+    one registry."""
 
     def __init__(
         self, root: str | Path | RegistryFiles, online: Signer, *, release: Signer | None = None,
@@ -114,6 +116,7 @@ class PolicyRegistry:
                 f"the release key {release.public_key.keyid[:16]} is not the key root v{root_md.version} names for targets ({named}): "
                 "give that key, or rotate to this one (`flywheel-registry rotate --release-key`)"
             )
+        self.repo.record_expiry()  # a setting given: the registry's lifetimes from now on, for every signer of it
         if self.can_release and Timestamp.type not in self.repo._md:  # the cut-over only: before the first TUF publication
             self._import_legacy()
         self.repo.refresh_online(check_keys=True)  # after a key rotation: everything the old online key signed

@@ -23,6 +23,8 @@ every file written whole::
     metadata/<N>.snapshot.json  consistent snapshots: a robot that read timestamp N reads exactly
     metadata/<N>.targets.json   the snapshot and targets it names (the last KEEP versions stay)
     targets/<dir>/<sha256>.<name>
+    expiry_s.json               the role lifetimes every signer signs with (robots never read it):
+                                recorded by a signer given a setting (:meth:`TufRepository.record_expiry`)
 
 The commit: target files, then ``<N>.targets.json``, then ``<M>.snapshot.json``, then
 ``timestamp.json`` last. A change is published when its timestamp is written; a writer killed
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
+import math
 import random
 import re
 import threading
@@ -64,6 +68,7 @@ T = TypeVar("T")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 EXPIRY_S = {Root.type: 365 * 86400.0, Targets.type: 7 * 86400.0, Snapshot.type: 7 * 86400.0, Timestamp.type: 86400.0}
 EXPIRY_SLACK_S = 60.0  # how far past its configured life metadata may expire before it is re-signed (clocks of replicas differ)
+EXPIRY_FILE = "expiry_s.json"  # beside metadata/: the lifetimes of the roles, the same for every signer of the repository
 KEEP = 16  # snapshot and targets metadata versions kept on disk (robots mid-refresh still find theirs)
 COMMIT_ATTEMPTS = 12  # changes redone after losing a race to another writer before RegistryBusy
 SKIP_TAKEN = 16  # taken snapshot or targets version numbers skipped in one change
@@ -119,11 +124,33 @@ def online_key_advice(root: Root, held: Sequence[Signer]) -> str:
     )
 
 
+def check_expiry_s(expiry_s: Mapping, name: str = "expiry_s") -> dict[str, float]:
+    """``expiry_s`` (role -> seconds) as floats; ValueError naming ``name`` and the role unless each key is a role
+    (root, targets, snapshot, timestamp) and each life a finite number of seconds above 0."""
+    checked = {}
+    for role, seconds in expiry_s.items():
+        if role not in EXPIRY_S:
+            raise ValueError(f"{name}: {role!r} is no role; the roles are {', '.join(EXPIRY_S)}")
+        try:
+            life = float(seconds) if not isinstance(seconds, bool) else math.nan
+        except (TypeError, ValueError):
+            life = math.nan
+        if not (math.isfinite(life) and life > 0):
+            raise ValueError(f"{name} {role}={seconds!r}: a role's life is a number of seconds above 0")
+        checked[role] = life
+    return checked
+
+
 class TufRepository(Repository):
     """A TUF repository in a directory or a bucket (``where``: fleet/registry/files.py).
     ``signers``: role -> the signers this process holds for it (the server: the online key for
     targets, snapshot and timestamp; a key ceremony: root keys too). Nothing is written that a
     client would refuse: each new version must meet its role's threshold.
+
+    ``expiry_s``: this process's setting of the roles' lifetimes (roles it does not name: ``EXPIRY_S``);
+    :meth:`record_expiry` makes it the repository's, in ``expiry_s.json``. Without one, this process signs
+    with the lifetimes recorded there (the defaults where none are), and so does every other signer:
+    two signers never re-sign each other's metadata for lives of their own.
 
     What this object holds in memory is the published state as of its last :meth:`reload`; reads
     (``open``, ``target_listing``) catch up first, at the cost of one read of timestamp.json."""
@@ -137,7 +164,8 @@ class TufRepository(Repository):
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
             self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.signers = {role: list(s) for role, s in signers.items()}
-        self.expiry_s = {**EXPIRY_S, **(expiry_s or {})}
+        self.configured_expiry = check_expiry_s(expiry_s or {})
+        self.expiry_s = {**EXPIRY_S, **self.configured_expiry} if self.configured_expiry else {**EXPIRY_S, **(self._expiry_record() or {})}
         self.clock = clock
         self.lock = threading.RLock()  # one change at a time in this process (other writers: conditional writes)
         self._md: dict[str, Metadata] = {}
@@ -271,6 +299,7 @@ class TufRepository(Repository):
             self.require_online()
             if not self.can_sign(Targets.type):
                 raise ReleaseKeyMissing(release_key_advice(self.require_root()))
+            self._follow_expiry()
             with self.edit_targets() as targets:
                 for path in remove:
                     targets.targets.pop(path, None)
@@ -296,6 +325,8 @@ class TufRepository(Repository):
             self.publish_targets({})
             return list(ONLINE_ROLES)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
+        if any(stale.values()) and self._follow_expiry():  # what is due is judged by the lifetimes recorded now
+            stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
         if not any(stale.values()):
             return []
         self._require_newest_root()
@@ -319,6 +350,23 @@ class TufRepository(Repository):
             done.append(Timestamp.type)
         return done
 
+    def record_expiry(self) -> None:
+        """Make this process's ``expiry_s`` setting the repository's role lifetimes (``expiry_s.json``; roles it does
+        not name: the defaults), which every signer of it signs with from its next signature on; said where that
+        changes what was recorded. Nothing without a setting (the process signs with the recorded lifetimes)."""
+        if not self.configured_expiry:
+            return
+        wanted, recorded = {**EXPIRY_S, **self.configured_expiry}, self._expiry_record()
+        if {**EXPIRY_S, **(recorded or {})} != wanted:
+            if recorded is not None:
+                log.warning(
+                    "%s: the registry's role lifetimes change from %s to %s (this process's expiry_s): every signer of it signs with "
+                    "these from now on; give every signer the same setting, or set it on one and none on the others",
+                    self.files.location, _lives(recorded), _lives(wanted),
+                )  # fmt: skip
+            self.files.write(EXPIRY_FILE, json.dumps(wanted, sort_keys=True).encode(), cache_control=REVALIDATE)
+        self.expiry_s = wanted
+
     def target_listing(self) -> dict[str, TargetFile]:
         """The published targets by path."""
         with self.lock:
@@ -341,6 +389,38 @@ class TufRepository(Repository):
         return self.files.open(f"targets/{url_path}")
 
     # -- internals ----------------------------------------------------------------------------
+    def _expiry_record(self) -> dict[str, float] | None:
+        """The role lifetimes recorded for the repository (None: none are, the defaults hold)."""
+        data = self.files.read(EXPIRY_FILE)
+        if data is None:
+            return None
+        try:
+            record = json.loads(data)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+            return check_expiry_s(record, EXPIRY_FILE)
+        except ValueError as exc:  # JSON's and Unicode's errors too
+            raise RegistryCorrupted(
+                f"{self.files.location}/{EXPIRY_FILE} is not the registry's role lifetimes ({exc}): record them again (a signer "
+                "started with fleet.registry.expiry_s, or `flywheel-registry refresh --expiry-s ROLE=SECONDS`), or delete it for the defaults"
+            ) from None
+
+    def _follow_expiry(self) -> bool:
+        """Sign with the lifetimes recorded for the repository from now on (another signer may have recorded its setting
+        since this process read them); True if they changed. Where they are not this process's own setting, said."""
+        recorded = {**EXPIRY_S, **(self._expiry_record() or {})}
+        if recorded == self.expiry_s:
+            return False
+        if self.configured_expiry and recorded != {**EXPIRY_S, **self.configured_expiry}:
+            log.warning(
+                "%s: the registry's role lifetimes are %s (recorded by another signer since this process started), not this "
+                "process's expiry_s %s: signing with the registry's, as every signer does. Give every signer the same setting, "
+                "or set it on one and none on the others (docs/security.md, Roles and keys)",
+                self.files.location, _lives(recorded), _lives({**EXPIRY_S, **self.configured_expiry}),
+            )  # fmt: skip
+        self.expiry_s = recorded
+        return True
+
     def _warn_stale(self, role: str, advice: str) -> None:
         """``role``'s metadata past half its life (or signed by a key rotated out) that this process cannot
         re-sign (``advice``: why, and what to do): said at most once an hour for each reason. Robots refuse it
@@ -517,6 +597,11 @@ def _published_hashes(repo: TufRepository) -> dict[str, str]:
             name = TIMESTAMP if role == Timestamp.type else f"metadata/{repo._md[role].signed.version}.{role}.json"
             pins[role] = hashlib.sha256(repo._read(name)).hexdigest()
     return pins
+
+
+def _lives(expiry_s: Mapping[str, float]) -> str:
+    """Role lifetimes for a message: ``timestamp 3600 s, snapshot 604800 s, ...``."""
+    return ", ".join(f"{role} {expiry_s[role]:g} s" for role in EXPIRY_S if role in expiry_s)
 
 
 def _verifies(root: Root, role: str, md: Metadata) -> bool:
