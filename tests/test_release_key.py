@@ -175,6 +175,66 @@ def test_a_server_whose_online_key_a_rotation_replaced_signs_nothing_and_says_to
     assert publish(PolicyRegistry(reg, load_signer(keys / "online-2.pem"), **held), tmp_path, "v2") == v1 + 1  # restarted
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["release-key", "online-key-releases"])
+def test_robots_update_with_no_refusal_right_after_the_online_key_is_rotated(tmp_path, capsys, split):
+    """`rotate --online-key` once published root v2 over metadata signed by the key it took out: every robot counted a
+    `signature` refusal at each poll until a server restarted with the new key or `refresh` ran. The ceremony holds the
+    new key (it makes it): it re-signs what that key signs (snapshot, timestamp; targets where no release key does)."""
+    from fleet.agent.policy import builtin_policy
+    from fleet.registry.pull import SignedPolicySource
+    from fleet.registry.trust import PolicyTrust
+
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path, *(["--release-key", str(keys / "release.pem")] if split else [])) == 0
+    capsys.readouterr()
+    held = {"release": load_signer(keys / "release.pem")} if split else {}
+    registry = PolicyRegistry(reg, load_signer(keys / "online.pem"), **held)  # a server that runs on with the old key
+    v1 = publish(registry, tmp_path, "v1")
+    targets = registry.repo.open("targets").signed.version
+    server, robot_token, _ = serve_replica(tmp_path, registry)
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    source = SignedPolicySource(server.url, robot_token, "robot-0", trust, builtin_policy("zero", 1).current(), root=(reg / "tuf" / "metadata" / "root.json").read_bytes())
+    try:
+        assert source.poll() and source.trust.version == v1
+        two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+        assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 0
+        assert not source.poll() and (source.refusals, source.errors, source.trust.version) == ({}, 0, v1)  # served by the old-key server
+        done = json.loads(capsys.readouterr().out)
+        assert done["resigned"] == (["snapshot", "timestamp"] if split else ["targets", "snapshot", "timestamp"])
+        assert json.loads((source.metadata_dir / "root.json").read_text())["signed"]["version"] == 2
+        assert (registry.repo.open("targets").signed.version == targets) is split  # the release key's targets stand
+        releaser = PolicyRegistry(reg, load_signer(keys / "online-2.pem"), **held)  # restarted with the new key: nothing left to re-sign
+        assert releaser.refresh() == [] and publish(releaser, tmp_path, "v2") == v1 + 1
+        assert source.poll() and source.trust.version == v1 + 1 and source.refusals == {}
+    finally:
+        source.close()
+        server.stop()
+    assert main(["rotate", "--dir", str(reg), *two, "--threshold", "2"]) == 0  # renewing root: no online key held, nothing re-signed
+    assert json.loads(capsys.readouterr().out)["resigned"] == []
+
+
+def test_a_rotation_whose_re_signing_fails_says_the_root_stands_and_what_to_run(tmp_path, capsys, monkeypatch):
+    import fleet.apps.registry_keys as registry_keys
+
+    keys, reg = tmp_path / "keys", tmp_path / "registry"
+    assert init(tmp_path) == 0
+    publish(PolicyRegistry(reg, load_signer(keys / "online.pem")), tmp_path, "v1")
+    capsys.readouterr()
+
+    def unreachable(*args, **kwargs):
+        raise OSError("the storage is unreachable")
+
+    monkeypatch.setattr(registry_keys, "resign_rotated", unreachable)
+    two = ["--root-key", str(keys / "root-1.pem"), "--root-key", str(keys / "root-3.pem")]
+    assert main(["rotate", "--dir", str(reg), *two, "--online-key", str(keys / "online-2.pem")]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["root_version"] == 2 and json.loads(out)["resigned"] is None
+    assert "root v2 is published, but re-signing with the new online key failed (OSError: the storage is unreachable)" in err
+    assert "flywheel-registry refresh --online-key" in err and "Traceback" not in err
+    assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online-2.pem")]) == 0  # what it says to run
+    assert json.loads(capsys.readouterr().out)["resigned"] == ["targets", "snapshot", "timestamp"]
+
+
 def test_a_server_reads_a_rotation_made_while_it_ran_before_it_re_signs(tmp_path, caplog, capsys):
     """A server re-signed what was due under the root it had read at start: after `rotate --release-key` it signed
     targets with the online key over the file the rotation pinned, and the releaser then refused the registry."""

@@ -9,8 +9,10 @@
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
-new root keys, by them too. Then (re)start the server with the online key the root names: it
-re-signs targets, snapshot and timestamp, and robots follow the new root on their next update.
+new root keys, by them too; with ``--online-key`` it then re-signs, with the new key, what that key
+signs (snapshot, timestamp, and targets where no release key signs them: printed as ``resigned``),
+so robots follow the new root on their next update with no refusal. Then restart the servers with
+the online key the root names (one still on the old key serves these files and signs nothing).
 ``--release-key`` names a key of its own for targets, the release key (docs/security.md, "The
 release key"): only a process holding it can release; the servers then need only the online key.
 
@@ -33,7 +35,9 @@ from pathlib import Path
 
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
-from fleet.registry.tuf_repo import ONLINE_ROLES, TufRepository, check_expiry_s, check_rotation, check_uninitialised, init_root, rotate_keys
+from fleet.registry.tuf_repo import (
+    ONLINE_ROLES, TufRepository, check_expiry_s, check_rotation, check_uninitialised, init_root, resign_rotated, rotate_keys,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
     args = parser.parse_args(argv)
     tuf_dir = f"{args.dir.rstrip('/')}/tuf"  # a directory or s3://bucket/prefix (a Path would turn s3:// into s3:/)
+    resigned = []  # online roles a rotation re-signed with the new online key
     try:
         if args.command == "init":
             if not args.root_key or not args.online_key:
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 new_root_signers=[load_signer(k, create=True) for k in args.new_root_key],
                 threshold=args.threshold,
             )
+            if args.online_key:  # the new online key is held here: what it signs is re-signed at once, leaving robots no window
+                resigned = _resign_rotated(tuf_dir, root.version, args.online_key, args.release_key)
         elif args.command == "refresh":
             before = _online_versions(TufRepository(tuf_dir, {}))
             release = load_signer(args.release_key) if args.release_key else None
@@ -102,10 +109,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     roles = {role: {"keyids": [k[:16] for k in root.roles[role].keyids], "threshold": root.roles[role].threshold} for role in ("root", *ONLINE_ROLES)}
     try:
-        print(json.dumps({"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}, indent=1), flush=True)
+        shown = {"root_version": root.version, "expires": root.expires.isoformat(), "roles": roles}
+        print(json.dumps({**shown, "resigned": resigned} if args.command == "rotate" else shown, indent=1), flush=True)
     except BrokenPipeError:  # `flywheel-registry show | head`: the reader left, which is no fault
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
+    return 0 if resigned is not None else 1
+
+
+def _resign_rotated(tuf_dir: str, root_version: int, online_key: str, release_key: str | None) -> list[str] | None:
+    """After ``rotate --online-key``: re-sign with the new key (and a new release key) what root ``root_version`` no longer
+    verifies (tuf_repo.resign_rotated); the roles re-signed, or None (said) where that failed: the root stands."""
+    try:
+        return resign_rotated(tuf_dir, load_signer(online_key), load_signer(release_key) if release_key else None)
+    except Exception as exc:  # the root is published: say what is left to do
+        print(
+            f"flywheel-registry rotate: root v{root_version} is published, but re-signing with the new online key failed "
+            f"({exc.__class__.__name__}: {exc}): robots refuse the metadata (signature) until `flywheel-registry refresh "
+            f"--online-key {online_key}` runs or a server restarts with that key",
+            file=sys.stderr,
+        )  # fmt: skip
+        return None
 
 
 def _public(path: str | None):

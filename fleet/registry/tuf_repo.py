@@ -704,7 +704,7 @@ def rotate_keys(
     threshold of current root keys. The new root is signed by old and new root keys, as clients
     require. Returns the new root; the server re-signs the online roles with the new key when it
     opens the registry with it (robots then forget the old timestamp and snapshot: fast-forward
-    recovery)."""
+    recovery), as :func:`resign_rotated` does right after the ceremony where it holds the new key."""
     repo = TufRepository(directory, {Root.type: [*root_signers, *new_root_signers]}, expiry_s=expiry_s)
     current = repo.require_root()
     check_rotation(current, root_signers, new_root_keys=len(new_root_signers), threshold=threshold)
@@ -730,3 +730,17 @@ def rotate_keys(
         if threshold is not None:
             root.roles[Root.type].threshold = threshold
     return repo.require_root()
+
+
+def resign_rotated(directory: str | Path, online: Signer, release: Signer | None = None) -> list[str]:
+    """Right after a rotation to the online key ``online`` (and ``release``, where the same ceremony rotated in the
+    release key): re-sign, with them, what the newest root no longer verifies, as a server restarted with them would
+    (snapshot and timestamp; targets where ``online`` or ``release`` signs them, never what neither key signs), and what
+    is due. Robots then find nothing signed by a key the newest root took out (they counted a ``signature`` refusal at
+    each poll until a server restarted or ``refresh`` ran), and a server still running the old key serves these files.
+    Nothing before the first publication (the releaser makes it). Returns the roles re-signed, in order."""
+    targets = [s for s in (release, online) if s is not None]
+    repo = TufRepository(directory, {Targets.type: targets, Snapshot.type: [online], Timestamp.type: [online]})
+    if Timestamp.type not in repo._md:
+        return []
+    return repo.refresh_online(check_keys=True)
