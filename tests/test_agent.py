@@ -20,7 +20,7 @@ import pytest
 from fleet.agent import AgentConfig, EpisodeRecorder, RobotAgent, Spool
 from fleet.server import ServerConfig, add_token, serve
 from fleet.store import EpisodeStore, StoreConfig
-from sim.episode import Episode
+from sim.episode import Episode, EpisodeValidationError
 from tests.conftest import make_episode_arrays
 
 REPO = str(Path(__file__).resolve().parents[1])
@@ -92,6 +92,68 @@ def test_recorder_builds_a_valid_episode():
     assert Episode.from_bytes(ep.to_bytes()).equals(ep)
     with pytest.raises(RuntimeError, match="no steps recorded"):
         rec.finish()
+
+
+def test_a_refused_episode_leaves_the_recorder_clear():
+    """finish() raised on a NaN and kept the episode: every later step went into it, so every later finish() of a
+    control loop that went on (the ROS 2 node's) failed the same way."""
+    rec = EpisodeRecorder(robot_id="r", robot_model="arm")
+    rec.reset(np.zeros(3), 0.0)
+    rec.step(np.zeros(2), 0.0, np.full(3, np.nan), False, True, 0.1)
+    with pytest.raises(EpisodeValidationError, match="observation"):
+        rec.finish()
+    assert rec.num_steps == 0 and not rec.done
+    with pytest.raises(RuntimeError, match="call reset"):
+        rec.step(np.zeros(2), 0.0, np.zeros(3), False, True, 0.2)
+    rec.reset(np.zeros(3), 0.2)
+    rec.step(np.zeros(2), 1.0, np.ones(3), False, True, 0.3)
+    assert rec.finish().num_steps == 1
+
+
+class SensorDropRobot:
+    """A Robot (fleet.agent's protocol) whose step ``nan_at`` (1-based; 0: its reset) reads NaN on one joint."""
+
+    robot_id, robot_model, source, obs_dim, act_dim = "r", "arm", "real", 2, 1
+
+    def __init__(self, nan_at: int):
+        self.nan_at, self.k, self.sent = nan_at, 0, []
+
+    def hardware(self) -> dict:
+        return {}
+
+    def reading(self) -> np.ndarray:
+        obs = np.full(2, 0.1 * self.k, np.float32)
+        obs[1] = np.nan if self.k == self.nan_at else obs[1]
+        return obs
+
+    def reset(self, seed: int):
+        self.k = 0
+        return self.reading(), 0.0
+
+    def step(self, action):
+        self.sent.append(np.asarray(action).copy())
+        self.k += 1
+        return self.reading(), 1.0, False, self.k == 10, 0.1 * self.k
+
+
+def test_run_episode_never_sends_a_nan_command_and_ends_at_a_nan_reading():
+    """run_episode passed a policy's NaN action to the robot and recorded a NaN reading, and finish() then raised: the
+    robot was commanded NaN and the episode's good steps were lost. A reading that is not finite now ends the episode
+    (truncated) at its last step; an action that is not finite is sent, and recorded, as zeros."""
+    from fleet.agent import run_episode
+    from fleet.agent.policy import Policy
+
+    policy = Policy("v", lambda obs: np.where(obs[:, :1] > 0.15, np.nan, 0.5).astype(np.float32))  # NaN from the reading of step 2 on
+    robot, rec = SensorDropRobot(nan_at=4), EpisodeRecorder(robot_id="r", robot_model="arm")
+    ep = run_episode(robot, policy, rec, seed=0)
+    assert np.isfinite(np.concatenate(robot.sent)).all() and len(robot.sent) == 4  # the fourth step read NaN: the episode ended there
+    assert ep.num_steps == 3 and ep.truncated.tolist() == [False, False, True] and ep.action[:, 0].tolist() == [0.5, 0.5, 0.0]
+    assert np.allclose(ep.timestamp, [0.0, 0.1, 0.2, 0.3])
+    for nan_at in (0, 1):  # nothing finite to record: refused, and the recorder is clear for the next episode
+        with pytest.raises(EpisodeValidationError, match="observation"):
+            run_episode(SensorDropRobot(nan_at), policy, rec, seed=0)
+        assert rec.num_steps == 0
+    assert run_episode(SensorDropRobot(nan_at=-1), policy, rec, seed=0).num_steps == 10
 
 
 @pytest.fixture

@@ -136,3 +136,68 @@ def test_a_clock_that_steps_back_stops_the_recording_not_the_robot(tmp_path):
     (entry,) = agent.spool.entries()
     cut = Episode.from_bytes(agent.spool.read(entry))
     assert cut.num_steps == 1 and cut.truncated[-1] and list(cut.timestamp) == [3600.0, 3600.1]
+
+
+def node_loop(tmp_path, act, max_steps: int):
+    """examples/ros2/flywheel_node.py's EpisodeLoop (no ROS) for robot arm-3 running policy "1" (``act``), a command heard."""
+    import importlib.util
+
+    from fleet.agent import AgentConfig, RobotAgent
+    from fleet.agent.policy import Policy
+    from fleet.agent.recorder import EpisodeRecorder
+
+    spec = importlib.util.spec_from_file_location("flywheel_node", EXAMPLES / "flywheel_node.py")
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+
+    class Source:
+        def current(self):
+            return Policy("1", act)
+
+    agent = RobotAgent(AgentConfig(server_url="http://127.0.0.1:9", spool_dir=str(tmp_path / "spool")), "arm-3", token="t")
+    loop = node.EpisodeLoop(agent, EpisodeRecorder(robot_id="arm-3", robot_model="arm", source="real"), Source(), max_steps=max_steps)
+    loop.command(np.zeros(1, np.float32))
+    return loop
+
+
+def spooled(loop) -> list[Episode]:
+    return [Episode.from_bytes(loop.agent.spool.read(entry)) for entry in loop.agent.spool.entries()]
+
+
+def test_a_nan_joint_reading_cuts_the_episode_and_never_reaches_the_motors(tmp_path):
+    """One JointState with a NaN velocity: EpisodeLoop returned a NaN action (published x action_scale in drive mode; np.clip
+    keeps NaN), the episode's finish() then raised, and the recorder, never reset, raised on every later joint state: the
+    node stopped commanding and recording for good, and the good steps before the NaN were lost."""
+    loop = node_loop(tmp_path, lambda obs: np.tanh(obs.sum(axis=1, keepdims=True)), max_steps=3)
+    obs = lambda k: np.full(2, 0.1 * k, np.float32)  # noqa: E731
+    for k in range(3):
+        assert np.isfinite(loop.observe(obs(k), 1.0 + 0.1 * k)).all()
+    bad = obs(3)
+    bad[1] = np.nan
+    assert loop.observe(bad, 1.3).tolist() == [0.0]  # the policy's NaN is never a command: zeros in its place
+    assert loop.recorder.num_steps == 0 and loop.non_finite_readings == 1 and loop.non_finite_actions == 1
+    (cut,) = spooled(loop)  # the two good steps, ended (truncated) at the last finite reading
+    assert cut.num_steps == 2 and cut.truncated[-1] and not cut.terminated.any() and np.allclose(cut.timestamp, [1.0, 1.1, 1.2])
+    assert loop.observe(bad, 1.35).tolist() == [0.0] and loop.non_finite_readings == 2  # a run of them: still driven, nothing recorded
+    for k in range(4, 8):  # the next finite reading begins an episode; recording and driving go on
+        action = loop.observe(obs(k), 1.0 + 0.1 * k)
+        assert np.isfinite(action).all() and action[0] > 0
+    first, second = spooled(loop)
+    assert first.episode_id == cut.episode_id and second.num_steps == 3 and np.allclose(second.timestamp, [1.4, 1.5, 1.6, 1.7])
+    assert np.isfinite(second.observation).all() and loop.dropped_episodes == 0
+
+
+def test_an_episode_that_does_not_validate_is_dropped_and_recording_goes_on(tmp_path):
+    """A NaN command from another node on the command topic: finish() refused the episode and the loop raised on every
+    later joint state. Now the episode is dropped (counted, logged) and the recorder is clear for the next one."""
+    loop = node_loop(tmp_path, lambda obs: np.full((len(obs), 1), 0.5, np.float32), max_steps=2)
+    loop.observe(np.zeros(2, np.float32), 1.0)
+    loop.command(np.array([np.nan], np.float32))
+    loop.observe(np.zeros(2, np.float32), 1.1)
+    loop.command(np.zeros(1, np.float32))
+    assert loop.observe(np.zeros(2, np.float32), 1.2)[0] == 0.5  # the episode ends here and is refused
+    assert loop.dropped_episodes == 1 and loop.agent.spool.depth == 0 and loop.recorder.num_steps == 0
+    for k in range(3, 5):
+        assert loop.observe(np.zeros(2, np.float32), 1.0 + 0.1 * k)[0] == 0.5
+    (episode,) = spooled(loop)
+    assert episode.num_steps == 2 and np.allclose(episode.timestamp, [1.2, 1.3, 1.4])

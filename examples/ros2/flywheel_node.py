@@ -73,6 +73,10 @@ class EpisodeLoop:
         self._reward = 0.0
         self._last_t = -np.inf
         self._policy = self._act = None
+        self._gap = self._zeroed = False  # in a run of non-finite readings / of non-finite actions (each logged once)
+        self.non_finite_readings = 0  # joint states with a NaN or infinite value: not recorded
+        self.non_finite_actions = 0  # actions the policy gave with a NaN or infinite value: zeros published instead
+        self.dropped_episodes = 0  # episodes finish() refused (a NaN command or reward heard, say): logged, not spooled
 
     def command(self, action: np.ndarray) -> None:
         self._action = np.asarray(action, np.float32)
@@ -84,35 +88,69 @@ class EpisodeLoop:
         """Record ``obs`` (obs_dim,) seen at ``t`` seconds; the policy's action for it (None before the first episode).
         A stamp not after the previous one is not recorded, but the robot is still driven (a clock set back an hour once
         left a driven robot without commands for that hour); one more than ``CLOCK_STEP_BACK_S`` before it means the
-        clock was set back: the episode ends (truncated) at its last step and a new one begins here."""
+        clock was set back: the episode ends (truncated) at its last step and a new one begins here. A reading with a
+        NaN or infinite value (a joint driver's unmeasured joint) is not recorded either: the episode ends (truncated) at
+        its last step, and the next finite reading begins a new one. The action returned is always finite (:meth:`_drive`)."""
+        if not np.isfinite(obs).all():
+            self.non_finite_readings += 1
+            if not self._gap:
+                log.warning("joint state at %.9f s has NaN or infinite values (at %s): not recorded; the episode ends at its last step and "
+                            "the next finite joint state begins one", t, np.flatnonzero(~np.isfinite(obs)).tolist())  # fmt: skip
+                self._end()
+                self._gap = True
+            return None if self._act is None else self._drive(obs)
         if t <= self._last_t:
             if self._last_t - t > CLOCK_STEP_BACK_S and self._policy is not None:
                 log.warning("the clock stepped back %.3f s: episode cut at its last step, a new one begins", self._last_t - t)
-                if self.recorder.num_steps:
-                    self.recorder.truncate()
-                    self._finish()
+                self._end()
                 self._begin(obs, t)
                 self._last_t = t
             else:
                 log.warning("joint state at %.9f s is not after the previous one (%.9f s): not recorded", t, self._last_t)
-            return None if self._act is None else np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
+            return None if self._act is None else self._drive(obs)
         self._last_t = t
-        if self._policy is None or self._action is None:
-            self._begin(obs, t)  # first observation, or no command heard yet: nothing to record a step with
+        if self._policy is None or self._action is None or self._gap:
+            self._begin(obs, t)  # first observation, no command heard yet, or the first after non-finite ones: nothing to record a step with
         else:
             self.recorder.step(self._action, self._reward, obs, False, self.recorder.num_steps + 1 >= self.max_steps, t)
             if self.recorder.done:
                 self._finish()
                 self._begin(obs, t)
-        return np.clip(np.asarray(self._act(obs[None]), np.float32)[0], -1.0, 1.0)
+        return self._drive(obs)
+
+    def _drive(self, obs: np.ndarray) -> np.ndarray:
+        """The policy's action for ``obs`` in [-1, 1], or zeros (the zero policy's command) when it has a NaN or infinite
+        value: np.clip keeps NaN, and a NaN command must never reach the motors."""
+        action = np.asarray(self._act(obs[None]), np.float32)[0]
+        if np.isfinite(action).all():
+            self._zeroed = False
+            return np.clip(action, -1.0, 1.0)
+        self.non_finite_actions += 1
+        if not self._zeroed:
+            log.warning("policy %s gave a NaN or infinite action: commanding zeros until it gives finite ones", self._policy.version)
+            self._zeroed = True
+        return np.zeros_like(action)
 
     def _begin(self, obs: np.ndarray, t: float) -> None:
         self._policy = self.source.current()  # between episodes: the release a started signed source installed last
         self._act = self._policy.for_episode()
         self.recorder.reset(obs, t)
+        self._gap = False
+
+    def _end(self) -> None:
+        """End the episode (truncated) at its last step and hand it on; nothing when it has no step yet."""
+        if self.recorder.num_steps:
+            self.recorder.truncate()
+            self._finish()
 
     def _finish(self) -> None:
-        episode = self.recorder.finish(policy_version=self._policy.version)
+        steps = self.recorder.num_steps
+        try:
+            episode = self.recorder.finish(policy_version=self._policy.version)  # clears the recorder, also when it raises
+        except ValueError as exc:  # EpisodeValidationError (a NaN command or reward heard), or commands of other lengths: this episode is lost, recording goes on
+            self.dropped_episodes += 1
+            log.error("episode of %d steps on policy %s dropped (%d so far): %s", steps, self._policy.version, self.dropped_episodes, exc)
+            return
         self.agent.submit(episode)  # on disk when this returns; uploaded in the background
         if hasattr(self.source, "report_episode"):
             self.source.report_episode(episode)  # the first episode on a new release is its health check

@@ -11,8 +11,8 @@ class EpisodeRecorder:
     """Collects observation/action/reward/flags/timestamps of one episode at a time.
 
     ``reset(obs, t)`` starts an episode; ``step(...)`` appends one control step;
-    ``finish()`` returns the validated :class:`Episode` and clears the buffers. Extras given
-    at reset and every step have T+1 rows; extras given only at steps have T rows.
+    ``finish()`` returns the validated :class:`Episode` and clears the buffers (also when it raises).
+    Extras given at reset and every step have T+1 rows; extras given only at steps have T rows.
     """
 
     def __init__(self, *, robot_id: str, robot_model: str, source: str = "real", hardware: dict | None = None, **metadata):
@@ -66,25 +66,28 @@ class EpisodeRecorder:
         return self._started and bool(self._action) and (self._term[-1] or self._trunc[-1])
 
     def finish(self, policy_version: str = "none", **metadata) -> Episode:
-        """The recorded episode (validated); raises EpisodeValidationError naming a bad field."""
+        """The recorded episode (validated); raises EpisodeValidationError naming a bad field (a NaN, say), or ValueError
+        for steps of other shapes. Either way the recorder is cleared: a refused episode is dropped, and the next
+        ``reset()`` starts clean (one that kept it made every later episode of a control loop fail the same way)."""
         if not self._started or not self._action:
             raise RuntimeError("no steps recorded since reset(); nothing to finish")
         meta = {**self.metadata, **metadata}
         if self.hardware is not None:
             meta.setdefault("hardware", self.hardware)
-        episode = Episode.create(
-            observation=np.stack(self._obs),
-            action=np.stack(self._action),
-            reward=np.asarray(self._reward, np.float32),
-            terminated=np.asarray(self._term),
-            truncated=np.asarray(self._trunc),
-            timestamp=np.asarray(self._time, np.float64),
-            robot_id=self.robot_id,
-            robot_model=self.robot_model,
-            source=self.source,
-            policy_version=policy_version,
-            extras={k: np.stack(v) for k, v in self._extras.items()} or None,
-            **meta,
-        )
-        self._started = False
-        return episode
+        try:
+            return Episode.create(
+                observation=np.stack(self._obs),
+                action=np.stack(self._action),
+                reward=np.asarray(self._reward, np.float32),
+                terminated=np.asarray(self._term),
+                truncated=np.asarray(self._trunc),
+                timestamp=np.asarray(self._time, np.float64),
+                robot_id=self.robot_id,
+                robot_model=self.robot_model,
+                source=self.source,
+                policy_version=policy_version,
+                extras={k: np.stack(v) for k, v in self._extras.items()} or None,
+                **meta,
+            )
+        finally:
+            self._started = False
