@@ -24,7 +24,9 @@ The filter is a time-varying Kalman filter started at the first observation with
 reading's error for ~1/gain steps). A reading the model cannot have predicted (its innovation
 beyond :data:`JUMP_SIGMAS` standard deviations of its chi-square: a strike, a push) restarts the
 filter at that reading, as at an episode's first one, instead of being averaged into a prediction
-that is wrong. The robot needs numpy only.
+that is wrong. A reading with a NaN or infinite value (a sensor dropout) is no reading: the estimate
+is the prediction for it, and the next finite reading is taken as usual (docs/policies.md, "Sensor
+filtering"). The robot needs numpy only.
 """
 
 from __future__ import annotations
@@ -106,27 +108,35 @@ class FilterState:
         self.model, self.x, self.P = model, None, None
 
     def predict(self, action: np.ndarray) -> None:
+        if self.x is None:  # no reading yet: nothing to predict from
+            return
         m = self.model
         self.x = self.x @ m.A.T + np.asarray(action, np.float64) @ m.B.T + m.c
         self.P = m.A @ self.P @ m.A.T + m.Q
         self.P = 0.5 * (self.P + self.P.T)  # exactly symmetric: update() relies on it
 
     def update(self, obs: np.ndarray) -> np.ndarray:
+        """The estimates after the readings ``obs`` (rows, d). A row with a NaN or infinite value is not a reading (a
+        sensor dropout): its estimate stays the prediction, and the shared covariance keeps its predicted spread."""
         obs = np.asarray(obs, np.float64)
+        read = np.isfinite(obs).all(axis=1)
         if self.x is None:  # the first reading: the estimate is the reading, as uncertain as the sensor
+            if not read.all():  # none to start from: the filter starts at the first reading of every row
+                return obs.astype(np.float32)
             self.x, self.P = obs.copy(), self.model.R.copy()
             return self.x.astype(np.float32)
-        innovation, spread = obs - self.x, self.P + self.model.R
+        innovation, spread = np.where(read[:, None], obs - self.x, 0.0), self.P + self.model.R
         d, rows = len(self.P), len(innovation)
         # one solve for both: (P + R)^-1 [innovation^T | P] (P and R symmetric)
         solved = np.linalg.solve(spread, np.concatenate([innovation.T, self.P], axis=1))
         if (innovation * solved[:, :rows].T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d):
-            self.x, self.P = obs.copy(), self.model.R.copy()  # the model cannot explain this reading: start again from it
+            self.x, self.P = np.where(read[:, None], obs, self.x), self.model.R.copy()  # the model cannot explain a reading: start again from it
             return self.x.astype(np.float32)
         gain = solved[:, rows:].T  # P (P + R)^-1
         self.x = self.x + innovation @ gain.T
-        self.P = (np.eye(d) - gain) @ self.P
-        self.P = 0.5 * (self.P + self.P.T)
+        if read.all():
+            self.P = (np.eye(d) - gain) @ self.P
+            self.P = 0.5 * (self.P + self.P.T)
         return self.x.astype(np.float32)
 
 
@@ -145,7 +155,8 @@ def filtered_act(act: Callable[[np.ndarray], np.ndarray], model: SensorFilter) -
             else:
                 state.predict(last)
             action = np.asarray(act(state.update(obs)), np.float32)
-            last = np.clip(action, -1.0, 1.0)  # what the actuators get (the stepper clips too)
+            finite = np.isfinite(action).all(axis=-1, keepdims=True)  # a robot's loop sends zeros for an action with a NaN (run_episode)
+            last = np.where(finite, np.clip(action, -1.0, 1.0), 0.0)  # what the actuators get (the stepper clips too)
             return action
 
         return run

@@ -306,6 +306,23 @@ def test_a_release_failing_the_install_time_probe_is_not_run_and_stays_blocked(t
         for actions, healthy in ((1.5, False), (1.0, True), (np.nan, False)):
             assert source._healthy(RobotPolicy("x", lambda o, a=actions: np.full((len(o), 1), a, np.float32))) is healthy, actions
         assert not source._healthy(RobotPolicy("x", lambda o: np.zeros((len(o), 2), np.float32)))  # the wrong act_dim
+        # a policy that remembers within an episode is probed as an episode runs it, through a NaN reading (a sensor dropout)
+        from sim.sensor_filter import SensorFilter, filtered_act
+
+        def summing():  # remembers the sum of its readings: one NaN reading and it answers NaN for the rest of the episode
+            total = np.zeros(1)
+
+            def act(o):
+                total[:] += o.sum()
+                return np.tanh(np.full((len(o), 1), total, np.float32))
+
+            return act
+
+        tanh = lambda o: np.tanh(o.sum(axis=-1, keepdims=True)).astype(np.float32)  # noqa: E731
+        eye = np.eye(4)
+        kalman = filtered_act(tanh, SensorFilter(A=eye, B=np.zeros((4, 1)), c=np.zeros(4), Q=0.01 * eye, R=0.1 * eye))
+        assert not source._healthy(RobotPolicy("x", tanh, episode=summing))
+        assert source._healthy(RobotPolicy("x", tanh, episode=kalman))  # the release's sensor filter keeps its estimate finite
     finally:
         source.close()
         server.stop()

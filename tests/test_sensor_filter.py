@@ -100,6 +100,45 @@ def test_a_reading_the_model_cannot_explain_restarts_the_filter_there(fit):
     assert np.abs(out[30:, 2] - struck[30:, 2]).max() < 3 * NOISE  # and it follows the body where it is now
 
 
+
+def test_a_reading_that_is_not_a_number_is_not_an_observation():
+    """A NaN reading failed the jump test (NaN compares False), went into the filter's state, and every later estimate,
+    and so every later action, of the episode was NaN. Now the filter keeps its prediction for it (dead reckoning) and
+    takes the next finite reading as usual."""
+    eye = np.eye(3)
+    model = SensorFilter(A=eye, B=np.zeros((3, 1)), c=np.full(3, 0.01), Q=0.01 * eye, R=0.1 * eye)
+    act = filtered_act(lambda o: np.tanh(o.sum(axis=-1, keepdims=True)), model)()
+    seen = []
+    for k in range(8):
+        obs = np.full((1, 3), 0.1, np.float32)
+        obs[0, 1] = {2: np.nan, 3: np.inf, 4: -np.inf}.get(k, 0.1)
+        seen.append(act(obs))
+    assert np.isfinite(seen).all() and np.isfinite(model.run(np.full((2, 3), 0.1, np.float32), np.zeros((1, 1)))).all()
+    gains = iter([np.nan, 1.0, 1.0])  # a policy's NaN action: the robot's loop sends zeros, and so the filter predicts
+    act = filtered_act(lambda o: next(gains) * np.tanh(o.sum(axis=-1, keepdims=True)), model)()
+    assert [np.isnan(act(np.full((1, 3), 0.1, np.float32))).any() for _ in range(3)] == [True, False, False]
+    state = model.start()
+    first = state.update(np.full((1, 3), 0.1))
+    state.predict(np.zeros((1, 1)))
+    P = state.P.copy()
+    np.testing.assert_allclose(state.update(np.array([[0.1, np.nan, 0.1]])), first + 0.01, atol=1e-6)  # the prediction
+    np.testing.assert_array_equal(state.P, P)  # as uncertain as predicted
+    state.predict(np.zeros((1, 1)))
+    assert np.isfinite(state.update(np.full((1, 3), 0.12))).all()
+    rows = model.start()  # several robots in rows: one's dropout leaves the others' updates alone
+    rows.update(np.full((2, 3), 0.1))
+    rows.predict(np.zeros((2, 1)))
+    one = model.start()
+    one.update(np.full((1, 3), 0.1))
+    one.predict(np.zeros((1, 1)))
+    out = rows.update(np.array([[0.2, 0.2, 0.2], [np.nan, 0.2, 0.2]]))
+    np.testing.assert_allclose(out[0], one.update(np.full((1, 3), 0.2))[0], atol=1e-6)
+    np.testing.assert_allclose(out[1], 0.11, atol=1e-6)
+    unstarted = model.start()  # no reading yet: there is nothing to predict from, and the first finite reading starts it
+    assert np.isnan(unstarted.update(np.array([[np.nan, 0.1, 0.1]]))).any() and unstarted.x is None
+    unstarted.predict(np.zeros((1, 1)))
+    np.testing.assert_allclose(unstarted.update(np.full((1, 3), 0.3)), 0.3, atol=1e-6)
+
 def test_the_fit_leaves_out_the_steps_linear_dynamics_cannot_explain():
     """1 % of strikes among linear steps: the trimmed fit finds the linear body and its own process
     noise; counted in, the strikes made Q about 100x larger (the last build) and the filter pass the noise through."""

@@ -337,13 +337,21 @@ class SignedPolicySource:
         return Policy(str(manifest["version"]), corrected_act(act, offset), episode=lambda: corrected_act(episode(), offset))
 
     def _healthy(self, policy: Policy) -> bool:
-        """The policy gives finite actions in [-1, 1] of the right shape on probe observations."""
+        """The policy gives finite actions in [-1, 1] of the right shape on probe observations: all at once, and, for a
+        policy that remembers within an episode (a sensor filter), one by one as an episode runs it, after a first
+        reading and a NaN one (a sensor dropout: a filter that took it into its state answered NaN for the rest of the episode)."""
         try:
-            actions = np.asarray(policy.act(self.probe_obs))
+            checked = [np.asarray(policy.act(self.probe_obs))]
+            if policy.episode is not None:
+                act = policy.for_episode()
+                act(self.probe_obs[:1])
+                act(np.full(self.probe_obs[:1].shape, np.nan, np.float32))  # its answer is not checked (a network answers NaN with NaN): what it leaves is
+                checked.append(np.concatenate([np.asarray(act(row[None])) for row in self.probe_obs]))
         except Exception as exc:  # any crash of a freshly loaded policy is a failed health check
             log.warning("health check raised %s", exc)
             return False
-        return actions.shape == (len(self.probe_obs), self.trust.spec["act_dim"]) and bool(np.isfinite(actions).all()) and bool(np.abs(actions).max() <= 1.0)
+        shape = (len(self.probe_obs), self.trust.spec["act_dim"])
+        return all(a.shape == shape and bool(np.isfinite(a).all()) and bool(np.abs(a).max() <= 1.0) for a in checked)
 
     def _load_trusted(self) -> Policy | None:
         """After a robot restart: the policy it trusted before, if its files are intact and it passes the health check."""
