@@ -21,23 +21,37 @@ from tests.test_robot_imports import REPO, robot_modules, robot_package, run_lig
 LIGHT = {"numpy", "httpx", "safetensors", "cryptography", "zstandard", "tuf", "securesystemslib"}
 
 
-def remove_build_artefacts() -> None:
-    """setuptools' robot/build (it ships whatever an earlier build left in build/lib) and egg-info."""
-    for path in [REPO / "robot" / "build", *(REPO / "robot").glob("*.egg-info")]:
-        shutil.rmtree(path, ignore_errors=True)
+STALE = {"policies/sac.py": "import torch\n", "worldmodel/__init__.py": "import torch\n"}  # what an earlier build may have left in robot/build/lib
+
+
+def checkout_with_a_stale_build(root: Path) -> Path:
+    """A copy of the files the wheel is built from (robot/ and the robot modules), its robot/build/lib holding
+    training modules an earlier build left there (setuptools packed them into the next wheel): its robot/ folder."""
+    shutil.copytree(REPO / "robot", root / "robot", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    for name in expected_files():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / name, root / name)
+    for name, text in STALE.items():
+        (root / "robot" / "build" / "lib" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "robot" / "build" / "lib" / name).write_text(text)
+    return root / "robot"
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel, built with this environment's setuptools and nothing from the network."""
-    remove_build_artefacts()
+    """The wheel, built with this environment's setuptools and nothing from the network, from a copy of the checkout
+    with a stale robot/build/ (the checkout itself is not written to)."""
+    robot = checkout_with_a_stale_build(tmp_path_factory.mktemp("checkout"))
+    before = tree(robot)
     out = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check", "-q", "-w", str(out), str(REPO / "robot")]
-    try:
-        built = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    finally:
-        remove_build_artefacts()
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check", "-q", "-w", str(out), str(robot)]
+    built = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
+    assert tree(robot) == before  # no robot/build/lib of its own, no egg-info: the build leaves the checkout as it was
     (path,) = out.glob("flywheel_robot_agent-*.whl")
     return path
 
@@ -54,7 +68,7 @@ def expected_files() -> set[str]:
 
 def test_the_wheel_holds_the_robot_modules_and_no_training_code(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert {n for n in names if not n.startswith("flywheel_robot_agent-")} == expected_files()
+    assert {n for n in names if not n.startswith("flywheel_robot_agent-")} == expected_files()  # not what robot/build/lib held (STALE)
     assert {"sim/episode.py", "fleet/agent/uploader.py", "fleet/registry/pull.py", "policies/runtime.py"} <= set(names)
     training = ("policies/sac.py", "policies/trainer.py", "worldmodel/", "fleet/server/", "fleet/pipeline/", "fleet/store/", "sim/batched.py", "sim/variation.py")
     assert not [n for n in names if n.startswith(training)]
