@@ -1,6 +1,7 @@
 """The robot side runs without the training stack. In a fresh interpreter whose importer refuses
 MuJoCo, torch, Ray, gymnasium, zarr, Icechunk, W&B, FastAPI, Hydra and OmegaConf, every robot module
-(the light package's list, robot/pyproject.toml) imports, an episode is recorded and encoded, and a
+(the light package's list, robot/pyproject.toml) imports, an episode is recorded and encoded (with the
+recorder, and with run_episode driving a Robot as docs/protocol.md says), and a
 robot pulls, verifies and runs a release from a real registry on loopback, with the release's
 sensor offset, sensor filter and body context for it."""
 
@@ -63,12 +64,29 @@ rec.reset(np.zeros(3), 0.0)
 rec.step(np.zeros(2), 1.0, np.ones(3), True, False, 0.1)
 ep = rec.finish()
 assert Episode.from_bytes(ep.to_bytes()).equals(ep) and sim.Episode is Episode
+
+from fleet.agent import FixedPolicy, Policy, Robot, run_episode  # docs/protocol.md, "Robot agent": a robot's own loop
+
+class Arm:  # a Robot: numpy only
+    robot_id, robot_model, source, obs_dim, act_dim = "r", "arm", "real", 3, 2
+    def hardware(self):
+        return {"arm": "v2"}
+    def reset(self, seed):
+        self.k = 0
+        return np.zeros(3), 0.0
+    def step(self, action):
+        self.k += 1
+        return np.full(3, self.k, np.float32), 1.0, False, self.k == 4, 0.1 * self.k
+
+arm: Robot = Arm()
+ep = run_episode(arm, FixedPolicy(Policy("v1", lambda obs: np.zeros((len(obs), 2), np.float32))).current(), rec, seed=0)
+assert ep.num_steps == 4 and ep.truncated[-1] and ep.metadata["policy_version"] == "v1"
 print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in HEAVY)))
 """
 
 
 def test_robot_modules_import_and_record_with_the_heavy_packages_refused():
-    assert {"fleet.registry.pull", "fleet.agent.agent", "policies.runtime", "sim.sensors", "sim.body_context"} <= set(robot_modules())
+    assert {"fleet.registry.pull", "fleet.agent.agent", "fleet.agent.loop", "policies.runtime", "sim.sensors", "sim.body_context"} <= set(robot_modules())
     out = run_light(IMPORT_AND_RECORD, json.dumps(robot_modules()))
     assert json.loads(out.strip().splitlines()[-1]) == []
 

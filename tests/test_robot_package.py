@@ -98,6 +98,7 @@ for module in modules:
 ours = {m.__name__: m.__file__ for m in list(sys.modules.values()) if m.__name__.split(".")[0] in ("fleet", "sim", "policies")}
 assert all(f.startswith(root) for f in ours.values()), ours
 import fleet.agent
+assert fleet.agent.run_episode.__module__ == fleet.agent.Robot.__module__ == "fleet.agent.loop"  # a robot's own loop (docs/protocol.md)
 try:
     fleet.agent.SimRobot
     raise SystemExit("fleet.agent.SimRobot resolved, but its module is not in the wheel")

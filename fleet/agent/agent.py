@@ -110,7 +110,8 @@ def run_sim_robot(
     Returns the agent's final status; ``drained`` says whether the spool emptied in time, ``interrupted``
     whether Ctrl-C ended it.
     """
-    from fleet.agent.robot import SimRobot, run_episode  # here: MuJoCo, which RobotAgent on a robot does without
+    from fleet.agent.loop import run_episode
+    from fleet.agent.robot import SimRobot  # here: MuJoCo, which RobotAgent on a robot does without
 
     robot = SimRobot(robot_cfg)
     source = policy or builtin_policy("random", robot.act_dim, robot_cfg.seed)

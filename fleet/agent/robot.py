@@ -1,50 +1,17 @@
-"""The robot a control loop drives, and the loop that records one episode from it.
-
-A real robot implements :class:`Robot` (reset, step, identity; optionally ``extras``); :class:`SimRobot`
-is a MuJoCo stand-in with its own hardware variation, used by ``flywheel-robot`` and the demo.
+"""A MuJoCo stand-in for a robot, :class:`SimRobot` (used by ``flywheel-robot`` and the demo, with its own
+hardware variation). The :class:`Robot` protocol it implements and :func:`run_episode`, the loop that records
+one episode from a robot, are numpy only: :mod:`fleet.agent.loop` (in the light package too).
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Protocol
-
 import numpy as np
 
 from fleet.agent.config import SimRobotConfig
-from fleet.agent.policy import Policy
-from fleet.agent.recorder import EpisodeRecorder
+from fleet.agent.loop import Robot, run_episode  # noqa: F401  (their home is fleet.agent.loop; callers that take SimRobot take them here too)
 from sim.batched import BatchedStepper
-from sim.episode import Episode, EpisodeValidationError
 from sim.scenario import ScenarioSpec
 from sim.variation import VariationProfile
-
-log = logging.getLogger(__name__)
-
-
-class Robot(Protocol):
-    robot_id: str
-    robot_model: str
-    source: str
-    obs_dim: int
-    act_dim: int
-
-    def hardware(self) -> dict:
-        """This robot's hardware profile (stored as the episode's ``hardware`` metadata)."""
-        ...
-
-    def reset(self, seed: int) -> tuple[np.ndarray, float]:
-        """Start an episode: (observation (obs_dim,), timestamp in seconds)."""
-        ...
-
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, float]:
-        """Apply ``action`` (act_dim,) in [-1, 1]: (observation, reward, terminated, truncated, timestamp)."""
-        ...
-
-    # Optional: ``extras() -> dict[str, np.ndarray]``, arrays measured with the observation the last reset or
-    # step returned (``qpos`` (nq,) and ``qvel`` (nv,) from joint encoders and a state estimator, say);
-    # :func:`run_episode` records them as the episode's extras (T+1 rows). Calibration and scenarios start
-    # from recorded qpos/qvel where an episode has them, else from states rebuilt from observations.
 
 
 class SimRobot:
@@ -84,37 +51,3 @@ class SimRobot:
 
     def close(self) -> None:
         self._stepper.close()
-
-
-def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: int) -> Episode:
-    """Drive ``robot`` with ``policy`` until the episode ends; return it as recorded (with the robot's ``extras()``, where it has them).
-
-    The robot never gets an action with a NaN or infinite value: it gets zeros instead (the zero policy's command;
-    np.clip keeps NaN), and the step records them. An observation with a NaN or infinite value (a sensor dropout) ends
-    the episode, truncated, at its last step; it is not recorded. When that leaves no step (the reset's observation, or
-    the first step's), there is no episode: EpisodeValidationError, and the next call starts one as usual."""
-    extras = getattr(robot, "extras", None) or dict  # a robot that measures more than its observation (Robot.extras)
-    obs, t = robot.reset(seed)
-    if not np.isfinite(obs).all():
-        raise _no_episode(robot, obs, "its reset")
-    recorder.reset(obs, t, extras())
-    act = policy.for_episode()
-    while not recorder.done:
-        action = np.asarray(act(obs[None]), np.float32)[0]
-        if not np.isfinite(action).all():
-            log.warning("robot %s: policy %s gave a NaN or infinite action; sending zeros", robot.robot_id, policy.version)
-            action = np.zeros_like(action)
-        obs, reward, terminated, truncated, t = robot.step(action)
-        if not np.isfinite(obs).all():
-            if not recorder.num_steps:
-                raise _no_episode(robot, obs, "its first step")
-            log.warning("robot %s: NaN or infinite observation at %.9f s; the episode ends at its last step (%d)", robot.robot_id, t, recorder.num_steps)
-            recorder.truncate()
-            break
-        recorder.step(action, reward, obs, terminated, truncated, t, extras())
-    return recorder.finish(policy_version=policy.version)
-
-
-def _no_episode(robot: Robot, obs: np.ndarray, when: str) -> EpisodeValidationError:
-    where = np.flatnonzero(~np.isfinite(obs)).tolist()
-    return EpisodeValidationError("observation", f"robot {robot.robot_id}'s observation after {when} has NaN or infinite values (at {where}): no step to record")

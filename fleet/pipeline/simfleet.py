@@ -112,7 +112,7 @@ class SimulatedRobot:
         """Run ``episodes`` episodes (pulling a policy before each); returns one summary per episode.
         ``call`` names the call: the same name again (Ray's retry after a restart) returns the episodes
         already run for it and runs only the rest."""
-        from fleet.agent.robot import run_episode
+        from fleet.agent.loop import run_episode
 
         ledger = self.ledger
         if call is None or ledger["call"] != call:
