@@ -153,7 +153,7 @@ class EpisodeLoop:
             return
         self.agent.submit(episode)  # on disk when this returns; uploaded in the background
         if hasattr(self.source, "report_episode"):
-            self.source.report_episode(episode)  # the first episode on a new release is its health check
+            self.source.report_episode(episode)  # ends a new release's probation; its early-termination check never fails here (no episode terminates)
         log.info("episode %s: %d steps on policy %s; %s", episode.episode_id, episode.num_steps, self._policy.version, self.agent.status())
 
 
