@@ -190,7 +190,9 @@ class Trainer:
     updates (Ray Train reports checkpoints this way); ``algo_config`` is recorded in checkpoints;
     ``sensor_filters`` ({profile: SensorFilter}): bodies whose robot filters its sensor on board,
     in the training and the evaluation worlds; a conditioned policy is told they are clean
-    (:func:`sim.sensor_filter.seen_body`).
+    (:func:`sim.sensor_filter.seen_body`); ``carried_on``: the learner goes on in a later Trainer (the
+    flywheel's next iteration), so this call may end in its warm-up: the caller checks the whole run's
+    budget (fleet.pipeline.loop.check_run_budget), this one does not refuse a budget short of the first update.
     """
 
     def __init__(
@@ -206,13 +208,14 @@ class Trainer:
         algo_config=None,
         checkpointer: Callable[[Trainer, dict[str, float]], None] | None = None,
         sensor_filters=None,
+        carried_on: bool = False,
     ):
         self.config, self.algo, self.log = config, algorithm, log
         self.sensor_filters = sensor_filters
         self.algo_config = algo_config if algo_config is not None else getattr(algorithm, "config", None)  # recorded in checkpoints: resume compares it
         self.checkpointer = checkpointer
         self.comm = comm or LocalComm()
-        if isinstance(self.algo_config, algo_config_class(config.algorithm)):  # before anything is built: a budget that trains nothing
+        if not carried_on and isinstance(self.algo_config, algo_config_class(config.algorithm)):  # before anything is built: a budget that trains nothing
             check_budget(config, self.algo_config, self.comm.world_size, observed=getattr(algorithm, "env_steps", 0))
         torch.set_num_threads(config.torch_threads)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -194,6 +194,31 @@ def test_the_loop_refuses_a_bad_value_before_anything_runs(override, reason, tmp
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_the_loop_checks_the_learners_budget_over_the_whole_run_before_anything_runs(tmp_path):
+    """The learner carries over between iterations, so an iteration below its warm-up is fine when the run reaches an
+    update: `flywheel loop.train_env_steps=100` (policy=mbpo_fleet, learning_starts=150) once failed in iteration 0 with a
+    traceback, after Ray, the server and the robots had started. A run that never reaches one is refused in one line."""
+    from fleet.pipeline.loop import Flywheel
+
+    Flywheel(_compose("flywheel", ["loop.train_env_steps=100"]), tmp_path / "run")  # 3 x 100 steps: past 150 in iteration 1
+    Flywheel(_compose("flywheel", ["loop.iterations=2", "loop.train_env_steps=76"]), tmp_path / "run")  # 2 x 76: the least
+    for overrides, reason in (
+        (["loop.iterations=1", "loop.train_env_steps=100"], re.escape("loop.iterations=1 x loop.train_env_steps=100 ends before the learner's first update, which needs 151 env steps "
+         "(policy.algorithm.sac.learning_starts=150, then 1 at policy.algorithm.sac.utd_ratio=10): set loop.train_env_steps to 152 or more, raise loop.iterations")),
+        (["loop.iterations=2", "loop.train_env_steps=72"], "needs 151 env steps .*: set loop.train_env_steps to 76 or more"),  # 2 x 72 (4 worlds)
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=reason) as refused:
+            Flywheel(_compose("flywheel", overrides), tmp_path / "run")
+        assert "\n" not in str(refused.value)  # the app prints it as its one line
+    assert not (tmp_path / "run").exists()  # nothing written
+    resumed = tmp_path / "resumed"  # a run stopped after iteration 0, its learner past 100 of the 150
+    resumed.mkdir()
+    (resumed / "state.json").write_text(json.dumps({"next_iteration": 1, "current": None, "learner": None, "history": [], "learner_env_steps": 100}))
+    Flywheel(_compose("flywheel", ["loop.iterations=2", "loop.train_env_steps=52"]), resumed)
+    with pytest.raises(ValueError, match=r"loop.iterations=2 \(1 left after 1 done\) x loop.train_env_steps=48 .* needs 51 env steps \(.*150, 100 already seen,"):
+        Flywheel(_compose("flywheel", ["loop.iterations=2", "loop.train_env_steps=48"]), resumed)
+
+
 def test_robots_episodes_stop_at_their_tasks_time_limit_as_the_gates_do(caplog):
     """Reacher robots once ran the default 200-step episodes while the gate judged the task's 50: a candidate better on
     50 steps was promoted and its telemetry could be worse."""

@@ -138,6 +138,9 @@ def test_a_budget_short_of_the_first_update_is_refused_before_anything_runs():
         assert trainer.train().updates == 1
     with Trainer(dataclasses.replace(config, total_env_steps=2), trainer.algo) as again:  # a learner carried over is past its warm-up
         assert again.train().updates == 1
+    short = dataclasses.replace(config, total_env_steps=6)  # a learner carried on (a flywheel iteration): its run's budget is the caller's to check
+    with Trainer(short, make_algorithm(short, sac), carried_on=True) as first, Trainer(short, first.algo, carried_on=True) as second:
+        assert first.train().updates == 0 and second.train().updates == 1  # the warm-up ends in the second call
 
 
 def test_rows_of_another_width_are_refused_naming_the_field():

@@ -33,7 +33,6 @@ def configs():
     overrides = [
         "policy.trainer.torch_threads=1", "worldmodel.train.num_threads=1", "policy.algorithm.model_train.max_steps=60",
         "policy.algorithm.retrain_steps=40", "policy.trainer.eval_every=20", "worldmodel.train.max_steps=40",
-        "policy.algorithm.sac.learning_starts=100", "policy.algorithm.sac.utd_ratio=5",  # the first call's 120 steps reach an update
     ]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("flywheel", overrides=overrides)

@@ -31,6 +31,7 @@ from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_settings
+from policies.trainer import first_update, steps_trained
 from sim.calibration import check_state_map, has_state_map
 from sim.durable import write_durably
 from sim.policy_fn import noisy_policy, zero_policy
@@ -128,6 +129,26 @@ def robots_record_state(robot_model: str, record_state: bool | None) -> bool:
     return bool(record_state)
 
 
+def check_run_budget(settings: LoopSettings, trainer, algo_config, seen: int = 0, done: int = 0) -> None:
+    """ValueError unless the run's learner reaches its first update (policies.trainer.first_update). It carries over
+    between iterations, so one iteration may end in its warm-up; the iterations left after ``done`` must reach it,
+    ``loop.train_env_steps`` each, past the ``seen`` env steps of a resumed run's learner. Short of it, every
+    candidate is the initial network; the Trainer's own check once refused iteration 0 mid-run instead."""
+    left = settings.iterations - done
+    if left < 1:  # only the closing round is left: nothing trains
+        return
+    config = dataclasses.replace(trainer, total_env_steps=settings.train_env_steps)
+    need, why = first_update(config, algo_config, seen, prefix="policy.")
+    if left * steps_trained(config, 1) < need:
+        per_iteration = -(-need // left)
+        least = config.num_worlds * -(-per_iteration // config.num_worlds)  # a whole number of vector steps
+        iterations = f"loop.iterations={settings.iterations}" + (f" ({left} left after {done} done)" if done else "")
+        raise ValueError(
+            f"{iterations} x loop.train_env_steps={settings.train_env_steps} ends before the learner's first update, which needs {need} env steps "
+            f"({why}): set loop.train_env_steps to {least} or more, raise loop.iterations, or lower those settings"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Built:
     """The configs the loop instantiates from the Hydra config, once (a bad value stops it before anything runs)."""
@@ -180,6 +201,7 @@ class Flywheel:
             )
         self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
+        check_run_budget(self.settings, self.built.trainer, self.built.algorithm, self.state.get("learner_env_steps", 0), done)
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
 
     # -- the run --------------------------------------------------------------------------

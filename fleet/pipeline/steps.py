@@ -122,7 +122,8 @@ def train_policy(
     episodes) plus online MuJoCo on ``worlds`` (default ``profiles``: robot id -> its calibrated
     profile; evaluations use ``profiles``), continuing the learner checkpointed at ``warm_start`` (the
     previous candidate, promoted or not): its networks, optimisers, temperature, online replay and
-    step counters carry over (no second warm-up); the offline sources are this snapshot's."""
+    step counters carry over (no second warm-up), so an iteration may end before the first update if the
+    run reaches it (``fleet.pipeline.loop.check_run_budget``); the offline sources are this snapshot's."""
     from policies.checkpoint import load_checkpoint
     from policies.trainer import Trainer, make_algorithm
 
@@ -144,7 +145,7 @@ def train_policy(
     worlds = profiles if worlds is None else worlds
     with Trainer(
         trainer_cfg, algorithm, profiles=list(worlds.values()), eval_profiles=list(profiles.values()), log=log, checkpoint_dir=out_dir, algo_config=algo_cfg,
-        sensor_filters=sensor_filters,
+        sensor_filters=sensor_filters, carried_on=True,  # the next iteration continues it: the loop checked the run's budget (check_run_budget)
     ) as trainer:
         result = trainer.train()
         checkpoint = trainer.save(out_dir)  # the learner's latest state: the next iteration continues it
