@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,11 @@ def test_a_rerun_logs_each_step_once(tmp_path):
 
     first = _train(run, "policy.trainer.total_env_steps=128", "wandb.mode=disabled")
     assert first.returncode == 0, first.stderr[-3000:]
+    logged = rows()
+    shutil.rmtree(run / "checkpoint")  # as an attempt stopped before its first checkpoint leaves it: its rows, no checkpoint
+    anew = _train(run, "policy.trainer.total_env_steps=128", "wandb.mode=disabled")  # starts from 0: its rows replace the attempt's
+    assert anew.returncode == 0, anew.stderr[-3000:]
+    assert [r["step"] for r in rows()] == [r["step"] for r in logged]  # once logged each step twice
     logged = rows()
     assert [r["step"] for r in logged if "eval/nominal/mean_return" in r] == [128] and any(r["step"] == 128 and "policy/env_steps" in r for r in logged)
     stopped_attempt()

@@ -54,9 +54,10 @@ def run_train(cfg: DictConfig) -> None:
         preflight(job, trainer, algo_config, run_dir)
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
-    done = job.checkpoint_steps(run_dir)  # a rerun goes on from its checkpoint: the rows a stopped attempt logged past it go
+    done = job.checkpoint_steps(run_dir)  # a rerun goes on from its checkpoint: the rows a stopped attempt logged past it go;
+    redo_from = 0 if done is None else done + 1  # with none (stopped before its first), it starts at 0: all of them (a fresh run has none)
     with one_line_errors("flywheel-train", (TrackerError,)):
-        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=recorded_config(cfg, run_dir), step_metric=POLICY_STEPS, job_type="train", redo_from=None if done is None else done + 1)
+        tracker = Tracker(run_dir, mode=w.mode, project=w.project, entity=w.entity, config=recorded_config(cfg, run_dir), step_metric=POLICY_STEPS, job_type="train", redo_from=redo_from)
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
