@@ -273,6 +273,34 @@ def test_an_ambiguous_topic_is_said_plainly_not_as_an_unreadable_bag(tmp_path, c
         assert "not a readable" not in err and "rosbag2 folder" not in err
 
 
+@pytest.mark.parametrize("old_name", ["b1.db3", ""])
+def test_a_bag_stored_under_an_earlier_builds_name_re_imports_as_a_duplicate(tmp_path, capsys, monkeypatch, old_name):
+    """A store holding a bag imported before x.rosbag was the bag folder's name (by its file: 'b1.db3'; as '.': '') refused
+    every re-import as "stored with different content", though only the name it was read under differed."""
+    import dataclasses
+
+    from fleet.interop.common import write_to_store
+    from fleet.interop.rosbag import import_rosbag
+
+    write_bag(tmp_path / "b1")
+    (storage,) = (tmp_path / "b1").glob("*.db3")
+    (ep,) = import_rosbag(storage, ImportOptions("arm-9", "toy2"))
+    earlier = dataclasses.replace(ep, metadata={**ep.metadata, "x.rosbag": old_name})  # as an earlier build stored it
+    assert write_to_store([earlier], tmp_path / "store")["created"] == 1
+    base = ["import", "--format", "rosbag", "--store", tmp_path / "store", "--robot-id", "arm-9", "--robot-model", "toy2"]
+    monkeypatch.chdir(tmp_path / "b1")
+    for given in (storage, ".", tmp_path / "b1"):
+        counts = run_cli([*base, given], capsys)
+        assert (counts["created"], counts["duplicate"], counts["conflict"]) == (0, 1, 0), given
+    with monkeypatch.context() as m:  # as when another writer stored it after the import looked: the store's own check answers
+        m.setattr(EpisodeStore, "lookup", lambda self, episode_id: None)
+        counts = run_cli([*base, storage], capsys)
+        assert (counts["created"], counts["duplicate"], counts["conflict"]) == (0, 1, 0)
+    assert [e.metadata["x.rosbag"] for e in stored(tmp_path / "store").values()] == [old_name]  # stored as it was
+    assert cli([str(a) for a in [*base, storage, "--source", "sim"]]) == 2  # other content still is refused, naming what differs
+    assert "they differ in metadata 'source' 'real' stored, 'sim' imported; metadata 'x.rosbag'" in capsys.readouterr().err
+
+
 def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):
     """A robot's header clock 1,000 s ahead of the recorder's (or sim time) matched every step to the bag's last command,
     silently; a recording whose commands start late gave its first steps the last command too (index -1)."""

@@ -35,6 +35,7 @@ class InteropError(ValueError):
     """Input that does not fit a format, or a selection that cannot be exported; says what to do."""
 
 
+SOURCE_NAME_KEYS = ("x.rosbag",)  # metadata naming where a recording was read from, not what it holds: see write_to_store
 PARTIAL_MARK = "flywheel-export-partial"  # in an export's partial folder once its lock is held: one a later export may remove
 
 
@@ -328,7 +329,9 @@ def cast(arr, dtype: str, tail: Sequence[int], origin: str) -> np.ndarray:
 # -- delivery ---------------------------------------------------------------------------
 def write_to_store(episodes: Sequence[Episode], store: str | Path) -> dict[str, int]:
     """Append ``episodes`` to the store at ``store`` (created if absent) in one commit, or nothing: inputs holding one
-    episode id twice with different content, or an id stored with other content, are refused before it."""
+    episode id twice with different content, or an id stored with other content, are refused before it. An episode
+    stored under another name of its source only (``SOURCE_NAME_KEYS``: a bag an earlier build stored as ``b1.db3`` or
+    '', ``b1`` now) is the same recording: a duplicate, left as it is stored."""
     from fleet.store import EpisodeStore, StoreConfig
     from fleet.store.writer import canonical_digest
 
@@ -342,30 +345,56 @@ def write_to_store(episodes: Sequence[Episode], store: str | Path) -> dict[str, 
             )
     target = EpisodeStore.open_or_create(StoreConfig(path=str(store)))
     target.refresh_index()
-    clash = [ep for ep, digest in zip(episodes, digests) if target.lookup(ep.episode_id) not in (None, digest)]
+    differing = [ep for ep, digest in zip(episodes, digests) if target.lookup(ep.episode_id) not in (None, digest)]
+    clash, renamed = _other_content(target, differing)
     if clash:
         stored = _differences(target.snapshot().read_episode(clash[0].episode_id), clash[0], "stored", "imported")
         raise InteropError(f"{len(clash)} episode ids are stored with different content (first: {clash[0].episode_id}, {stored}); nothing was imported")
-    result = target.append(list(episodes), digests=digests, message="flywheel import")
+    same = {ep.episode_id for ep in renamed}
+    kept = [(ep, digest) for ep, digest in zip(episodes, digests) if ep.episode_id not in same]
+    result = target.append([ep for ep, _ in kept], digests=[digest for _, digest in kept], message="flywheel import")
     counts = {s: result.statuses.count(s) for s in ("created", "duplicate", "conflict")}
     counts["snapshot_id"] = result.snapshot_id
     if counts["conflict"]:  # stored meanwhile by another writer
-        eps = [ep for ep, s in zip(episodes, result.statuses) if s == "conflict"]
-        stored = _differences(target.snapshot().read_episode(eps[0].episode_id), eps[0], "stored", "imported")
-        raise InteropError(f"{len(eps)} episode ids were stored with different content meanwhile (first: {eps[0].episode_id}, {stored}); the rest are in snapshot {result.snapshot_id}")
+        eps, renamed_meanwhile = _other_content(target, [ep for (ep, _), s in zip(kept, result.statuses) if s == "conflict"])
+        counts["conflict"], renamed = len(eps), renamed + renamed_meanwhile
+        if eps:
+            stored = _differences(target.snapshot().read_episode(eps[0].episode_id), eps[0], "stored", "imported")
+            raise InteropError(f"{len(eps)} episode ids were stored with different content meanwhile (first: {eps[0].episode_id}, {stored}); the rest are in snapshot {result.snapshot_id}")
+    counts["duplicate"] += len(renamed)
     return counts
 
 
-def _differences(a: Episode, b: Episode, a_is: str, b_is: str) -> str:
-    """What tells two episodes of one id apart, for a refusal: the metadata keys whose values differ (with both values)
-    and the arrays that differ."""
+def _other_content(target, episodes: Sequence[Episode]) -> tuple[list[Episode], list[Episode]]:
+    """``episodes`` (each of an id ``target`` stores with other bytes) split into (those stored with other content, those
+    stored under another name of their source only: the value of a ``SOURCE_NAME_KEYS`` key both have)."""
+    if not episodes:
+        return [], []
+    snapshot, other, renamed = target.snapshot(), [], []
+    for ep in episodes:
+        stored = snapshot.read_episode(ep.episode_id)
+        keys, arrays = _differing(stored, ep)
+        named = bool(keys) and not arrays and all(k in SOURCE_NAME_KEYS and k in stored.metadata and k in ep.metadata for k in keys)
+        (renamed if named else other).append(ep)
+    return other, renamed
+
+
+def _differing(a: Episode, b: Episode) -> tuple[list[str], list[str]]:
+    """(the metadata keys whose values differ, the arrays that differ) between two episodes of one id."""
     keys = sorted(k for k in a.metadata.keys() | b.metadata.keys() if a.metadata.get(k) != b.metadata.get(k))
-    value = lambda v: "absent" if v is None else repr(v if len(v) <= 60 else v[:57] + "...")  # noqa: E731
     arrays, brr = a.arrays(), b.arrays()
     changed = sorted(
         k for k in arrays.keys() | brr.keys()
         if k not in arrays or k not in brr or (arrays[k].dtype, arrays[k].shape) != (brr[k].dtype, brr[k].shape) or arrays[k].tobytes() != brr[k].tobytes()
     )  # fmt: skip
+    return keys, changed
+
+
+def _differences(a: Episode, b: Episode, a_is: str, b_is: str) -> str:
+    """What tells two episodes of one id apart, for a refusal: the metadata keys whose values differ (with both values)
+    and the arrays that differ."""
+    keys, changed = _differing(a, b)
+    value = lambda v: "absent" if v is None else repr(v if len(v) <= 60 else v[:57] + "...")  # noqa: E731
     said = [f"metadata {k!r} {value(a.metadata.get(k))} {a_is}, {value(b.metadata.get(k))} {b_is}" for k in keys]
     said += [f"array {k!r}" for k in changed]
     return "they differ in " + ("; ".join(said) if said else "their bytes only")
