@@ -363,6 +363,33 @@ def test_an_upload_rerun_queues_nothing_twice_and_another_robots_episodes_do_not
         server.stop()
 
 
+def test_a_refused_spool_entry_is_named_though_another_of_its_id_went_up(tmp_path, monkeypatch):
+    """A spool holding one episode id twice with different bytes (an earlier run's queued one, then this run's): the
+    first went up (201), the second was refused (409), and the refusal, told apart by episode id, listed no answer."""
+    import dataclasses
+
+    from fleet.agent.spool import Spool
+    from fleet.interop.common import upload
+    from fleet.server import ServerConfig, add_token, serve
+
+    earlier = toy(3, "arm-9", "real", 4)
+    now = dataclasses.replace(earlier, metadata={**earlier.metadata, "policy_version": "p-other"})  # the same id, other bytes
+    Spool(tmp_path / "spool", max_bytes=1 << 30).put(earlier.to_bytes(), earlier.episode_id)  # queued by a stopped run
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, "robot", "arm-9")
+    server = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "server-store"), fsync=False))
+    from fleet.agent.uploader import Uploader
+
+    once, real = [], Uploader.upload_once
+    monkeypatch.setattr(Uploader, "upload_once", lambda self: "retry" if not once and not once.append(1) else real(self))  # a try that failed first
+    try:
+        with pytest.raises(InteropError, match=r"the server refused 1 episodes \(1 created, 0 duplicate\): 409 episode_id_conflict: .* \(1 episodes\);") as refused:
+            upload([now], server.url, token, spool_dir=tmp_path / "spool")
+    finally:
+        server.stop()
+    assert f"files kept in {tmp_path / 'spool' / 'rejected'}" in str(refused.value)
+
+
 def test_inputs_that_do_not_fit_get_errors_that_say_what_to_do(store, tmp_path, capsys):
     from mcap.writer import Writer
 

@@ -417,16 +417,18 @@ def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_di
             data = ep.to_bytes()
             if ep.episode_id not in queued or spool.read(queued[ep.episode_id]) != data:  # a rerun's: queued once
                 queued[ep.episode_id] = spool.put(data, ep.episode_id)
-        sent, acked = spool.entries(), set()
         uploader = Uploader(
-            spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0,
-            refused_for_good=[(403, "robot_id_mismatch")], on_ack=lambda episode_id, _: acked.add(episode_id),
+            spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0, refused_for_good=[(403, "robot_id_mismatch")],
         )  # fmt: skip
+        pending, rejected = {entry.path.name: entry for entry in spool.entries()}, []
         try:
             failures = 0
             while (outcome := uploader.upload_once()) != "empty":
-                if outcome != "retry":
-                    failures = 0
+                if outcome != "retry":  # an entry left the spool: acknowledged, or moved to rejected/
+                    left = {entry.path.name: entry for entry in spool.entries()}
+                    if outcome in ("rejected", "set_aside"):  # told apart by entry, not by id: one id may be queued twice, other bytes each
+                        rejected += [entry for name, entry in pending.items() if name not in left]
+                    pending, failures = left, 0
                     continue
                 failures += 1
                 refused = (uploader.last_error or "").startswith("HTTP 4")  # 401/403/404/429: token or URL, not a busy server
@@ -440,7 +442,7 @@ def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_di
             uploader.stop()
         stats = dict(uploader.stats)
         if stats["rejected"] or stats["set_aside"]:
-            raise InteropError(_refusals([entry for entry in sent if entry.episode_id not in acked], stats, spool.rejected_dir, kept=spool_dir is not None))
+            raise InteropError(_refusals(rejected, stats, spool.rejected_dir, kept=spool_dir is not None))
     return stats
 
 
