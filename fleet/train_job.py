@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fleet.pipeline.simfleet import condition_profiles
 from fleet.run_folders import TRAIN_JOB, other_app_run, read_run_file
+from policies.checkpoint import env_steps_of
 from policies.evaluate import evaluate
 from policies.export import export_checkpoint, policy_from_checkpoint
 from policies.settings import checkpoint_settings_differ
@@ -81,8 +82,7 @@ class TrainJob:
         state = self.checkpoint_state(run_dir)
         if state is None:
             return None
-        meta = json.loads(state.read_text())
-        return int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1))
+        return env_steps_of(json.loads(state.read_text()))
 
 
 def preflight(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path) -> None:
@@ -153,7 +153,7 @@ def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Pa
         checkpoint = _train_on_ray(job, trainer, algo_config, run_dir, log, local=ray_address is None)
     policy, meta = policy_from_checkpoint(checkpoint)
     result = evaluate(policy, trainer.robot, job.profiles(), job.eval_episodes, seed=EVAL_SEED)
-    env_steps = int(meta["env_steps"]) * int(meta["world_size"])
+    env_steps = env_steps_of(meta)
     version = f"{trainer.robot}-{trainer.algorithm}-seed{trainer.seed}-{env_steps}"
     manifest = export_checkpoint(checkpoint, run_dir / "export", policy_version=version, evaluation=result)
     returns = {c: {"mean": p.mean_return, "std": p.std_return, "failures": p.failures} for c, p in zip(job.conditions, result.profiles)}
@@ -171,7 +171,7 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
         raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc!r}): set a new run_dir") from None
     if differ:
         raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
-    done, world_size = int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1)), int(meta.get("world_size", 1))
+    done, world_size = env_steps_of(meta), int(meta.get("world_size", 1))
     if done > steps_trained(trainer, world_size):  # it would train nothing, and record a budget the policy never had
         raise OtherSettingsError(
             f"{state_json.parent} holds a checkpoint of {done:,} env steps, more than policy.trainer.total_env_steps={trainer.total_env_steps:,}: "

@@ -36,6 +36,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted or from another format/run."""
 
 
+def env_steps_of(meta: Mapping) -> int:
+    """The env steps a trainer's checkpoint (its ``meta``) holds, of every rank: each rank records its own, so
+    ``env_steps x world_size`` (a checkpoint of a build without ``world_size`` is one rank's)."""
+    return int(meta.get("env_steps", 0)) * int(meta.get("world_size", 1))
+
+
 def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping) -> Path:
     """Write ``tensors`` and JSON-able ``meta`` into ``directory`` (created); returns the directory."""
     directory = Path(directory)

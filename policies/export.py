@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import save as save_safetensors_bytes
 from safetensors.torch import load as load_torch_safetensors
 
-from policies.checkpoint import load_checkpoint
+from policies.checkpoint import env_steps_of, load_checkpoint
 from policies.networks import Policy, PolicySpec
 from sim.variation import CONTEXT_FIELDS
 from policies.runtime import ARCHITECTURE, CONTEXT_ENCODING, FORMAT, FORMAT_VERSION, MANIFEST_FILE, WEIGHTS_FILE, load_policy, manifest_bytes, parse_manifest
@@ -128,7 +128,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, directory: str | os.PathLik
     seed and config default to the checkpoint's)."""
     policy, meta = policy_from_checkpoint(checkpoint)
     kwargs.setdefault("algorithm", meta["algorithm"])
-    kwargs.setdefault("env_steps", int(meta["env_steps"]) * int(meta["world_size"]))
+    kwargs.setdefault("env_steps", env_steps_of(meta))
     kwargs.setdefault("seed", meta["trainer_config"]["seed"])
     kwargs.setdefault("training_config", {"trainer": meta["trainer_config"], "algorithm": meta["algo_config"]})
     kwargs.setdefault("robot_model", meta["trainer_config"]["robot"])
