@@ -454,10 +454,10 @@ def test_refresh_signs_with_the_lifetimes_the_registry_was_configured_with(tmp_p
     assert later.repo.open("timestamp").signed.version == published["timestamp"].version + 1 and later.refresh() == []
     assert later.repo.open("timestamp").signed.expires.timestamp() <= time.time() + 2400 + 3600 + 1
     assert later.repo.open("targets").signed == published["targets"]
-    # the setting is the registry's: refresh --expiry-s records it (roles not named take the defaults) for every signer
+    # the setting is the registry's: refresh --expiry-s records it for every signer (roles not named keep what was recorded)
     assert main([*refresh, "--expiry-s", "timestamp=600"]) == 0
     done = json.loads(capsys.readouterr().out)
-    assert done["resigned"] == ["targets", "snapshot", "timestamp"] and done["expiry_s"]["targets"] == 7 * 86400  # 14 days were longer
+    assert done["resigned"] == ["timestamp"] and done["expiry_s"]["targets"] == 14 * 86400  # the releaser's 14 days stay
     assert datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 600
     assert PolicyRegistry(reg, load_signer(keys / "online.pem")).repo.expiry_s["timestamp"] == 600
     for bad in ("timestmp=60", "timestamp=0", "timestamp=nan", "timestamp"):
@@ -485,6 +485,28 @@ def test_signers_with_other_lifetimes_follow_the_registrys_and_never_re_sign_eac
             assert a.refresh() == [] and b.refresh() == []
         assert a.repo.open("timestamp").signed == signed and a.repo.expiry_s["timestamp"] == 86400
     assert caplog.text.count("signing with the registry's") == 1  # a says once that its own setting is not what it signs with
+
+
+def test_a_signer_records_only_the_roles_it_names(tmp_path, caplog):
+    """record_expiry recorded {**defaults, **setting}: a releaser with {targets: 14 d, timestamp: 1 h} and replicas with
+    {timestamp: 1 h} flipped the registry's targets life between 14 and 7 days at every restart. A signer records the
+    roles it names now, and the others keep what was recorded."""
+    from fleet.registry.store import open_registry
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    releaser_lives = {"targets": 14 * 86400, "timestamp": 3600}
+    releaser = open_registry(reg, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], expiry_s=releaser_lives)
+    publish(releaser, tmp_path, "v1")
+    targets = releaser.repo.open("targets").signed
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        for _ in range(2):  # restarts of the replica and the releaser, in turn
+            replica = PolicyRegistry(reg, load_signer(keys / "online.pem"), expiry_s={"timestamp": 3600})
+            assert replica.repo.expiry_s["targets"] == 14 * 86400 and replica.refresh() == []
+            releaser = PolicyRegistry(reg, load_signer(keys / "online.pem"), expiry_s=releaser_lives)
+            assert releaser.refresh() == []
+    assert "lifetimes change" not in caplog.text and "signing with the registry's" not in caplog.text
+    assert json.loads((reg / "tuf" / "expiry_s.json").read_text()) == releaser_lives
+    assert releaser.repo.open("targets").signed == targets  # never re-signed for another life
 
 
 def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at_rest(tmp_path, monkeypatch):

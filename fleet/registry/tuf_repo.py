@@ -147,8 +147,9 @@ class TufRepository(Repository):
     targets, snapshot and timestamp; a key ceremony: root keys too). Nothing is written that a
     client would refuse: each new version must meet its role's threshold.
 
-    ``expiry_s``: this process's setting of the roles' lifetimes (roles it does not name: ``EXPIRY_S``);
-    :meth:`record_expiry` makes it the repository's, in ``expiry_s.json``. Without one, this process signs
+    ``expiry_s``: this process's setting of the roles' lifetimes (roles it does not name: ``EXPIRY_S`` until
+    :meth:`record_expiry`, which makes it the repository's for the roles it names, in ``expiry_s.json``, and reads
+    the others from there). Without one, this process signs
     with the lifetimes recorded there (the defaults where none are), and so does every other signer:
     two signers never re-sign each other's metadata for lives of their own.
 
@@ -351,21 +352,23 @@ class TufRepository(Repository):
         return done
 
     def record_expiry(self) -> None:
-        """Make this process's ``expiry_s`` setting the repository's role lifetimes (``expiry_s.json``; roles it does
-        not name: the defaults), which every signer of it signs with from its next signature on; said where that
-        changes what was recorded. Nothing without a setting (the process signs with the recorded lifetimes)."""
+        """Make this process's ``expiry_s`` setting the repository's lifetimes for the roles it names (``expiry_s.json``),
+        which every signer of it signs with from its next signature on; the roles it does not name keep what was recorded
+        for them (the defaults where nothing is). Said where that changes what was recorded. Nothing without a setting
+        (the process signs with the recorded lifetimes)."""
         if not self.configured_expiry:
             return
-        wanted, recorded = {**EXPIRY_S, **self.configured_expiry}, self._expiry_record()
-        if {**EXPIRY_S, **(recorded or {})} != wanted:
+        recorded = self._expiry_record()
+        merged = {**(recorded or {}), **self.configured_expiry}
+        if merged != recorded:
             if recorded is not None:
                 log.warning(
-                    "%s: the registry's role lifetimes change from %s to %s (this process's expiry_s): every signer of it signs with "
-                    "these from now on; give every signer the same setting, or set it on one and none on the others",
-                    self.files.location, _lives(recorded), _lives(wanted),
+                    "%s: the registry's role lifetimes change from %s to %s (this process's expiry_s: %s): every signer of it signs "
+                    "with these from now on; give every signer the same setting for a role, or set it on one and none on the others",
+                    self.files.location, _lives({**EXPIRY_S, **recorded}), _lives({**EXPIRY_S, **merged}), _lives(self.configured_expiry),
                 )  # fmt: skip
-            self.files.write(EXPIRY_FILE, json.dumps(wanted, sort_keys=True).encode(), cache_control=REVALIDATE)
-        self.expiry_s = wanted
+            self.files.write(EXPIRY_FILE, json.dumps(merged, sort_keys=True).encode(), cache_control=REVALIDATE)
+        self.expiry_s = {**EXPIRY_S, **merged}
 
     def target_listing(self) -> dict[str, TargetFile]:
         """The published targets by path."""
@@ -411,12 +414,12 @@ class TufRepository(Repository):
         recorded = {**EXPIRY_S, **(self._expiry_record() or {})}
         if recorded == self.expiry_s:
             return False
-        if self.configured_expiry and recorded != {**EXPIRY_S, **self.configured_expiry}:
+        if any(recorded[role] != life for role, life in self.configured_expiry.items()):
             log.warning(
                 "%s: the registry's role lifetimes are %s (recorded by another signer since this process started), not this "
                 "process's expiry_s %s: signing with the registry's, as every signer does. Give every signer the same setting, "
                 "or set it on one and none on the others (docs/security.md, Roles and keys)",
-                self.files.location, _lives(recorded), _lives({**EXPIRY_S, **self.configured_expiry}),
+                self.files.location, _lives(recorded), _lives(self.configured_expiry),
             )  # fmt: skip
         self.expiry_s = recorded
         return True
