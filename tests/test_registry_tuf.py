@@ -97,7 +97,8 @@ def test_rollback_attack_replaying_older_metadata_is_refused(tmp_path, fleet):
     assert source.refusals == {"rollback": 1} and source.current().version == "2"
 
 
-def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is_refused(tmp_path):
+def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("fleet.registry.tuf_repo.MIN_EXPIRY_S", 1.0)  # a 3 s timestamp, for a robot's real clock to see expire
     registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s={"timestamp": 3.0})
     source = robot(tmp_path, server, token)
     try:
@@ -117,11 +118,12 @@ def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is
         server.stop()
 
 
-def test_a_shorter_expiry_is_signed_at_the_restart_not_at_the_next_release(tmp_path):
+def test_a_shorter_expiry_is_signed_at_the_restart_not_at_the_next_release(tmp_path, monkeypatch):
     """Lowering fleet.registry.expiry_s and restarting left the metadata signed for the longer life served until the
     next release: a mirror replaying it could hold robots a day where the operator had asked for a minute."""
     from fleet.registry.store import open_registry
 
+    monkeypatch.setattr("fleet.registry.tuf_repo.MIN_EXPIRY_S", 1.0)  # a one-minute timestamp
     publish(open_registry(tmp_path / "registry", tmp_path / "keys" / "online.pem", root_keys=[tmp_path / "keys" / f"root-{i}.pem" for i in (1, 2, 3)]), tmp_path, "v1")
     shorter = {"timestamp": 60.0, "snapshot": 3600.0, "targets": 7200.0}  # the defaults: 1 day, 7 days, 7 days
     registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s=shorter)  # the restart
@@ -409,21 +411,21 @@ def test_a_robot_given_no_or_bad_root_metadata_says_what_to_provision(tmp_path):
 
 def test_flywheel_registry_refresh_re_signs_a_statically_hosted_registry(tmp_path, capsys):
     """Nothing answers timestamp requests under static hosting: `flywheel-registry refresh` re-signs
-    what is past half its life (here a 6 s timestamp, the registry's setting), then nothing more."""
+    what is past half its life (here a 10-minute timestamp, the registry's setting), then nothing more."""
     from fleet.apps.registry_keys import main
     from fleet.registry.store import open_registry
 
     reg, keys = tmp_path / "registry", tmp_path / "keys"
     roots = [keys / f"root-{i}.pem" for i in (1, 2, 3)]
-    registry = open_registry(reg, keys / "online.pem", root_keys=roots, expiry_s={"timestamp": 6})
+    open_registry(reg, keys / "online.pem", root_keys=roots, expiry_s={"timestamp": 600})
+    registry = PolicyRegistry(reg, load_signer(keys / "online.pem"), clock=lambda: time.time() - 400)  # published 400 s ago: past half its life
     weights, manifest = exported(tmp_path, "v1")
     registry.publish(weights, policy=manifest, **SPEC)
     before = json.loads((reg / "tuf" / "metadata" / "timestamp.json").read_text())["signed"]
-    time.sleep(3.2)  # past half its life
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
     done = json.loads(capsys.readouterr().out)
     assert done["resigned"] == ["timestamp"] and done["versions"]["timestamp"] == before["version"] + 1
-    assert before["expires"] < done["timestamp_expires"] and datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 6  # 6 s again
+    assert before["expires"] < done["timestamp_expires"] and datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 600  # 600 s again
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "online.pem")]) == 0
     assert json.loads(capsys.readouterr().out)["resigned"] == []
     assert main(["refresh", "--dir", str(reg), "--online-key", str(keys / "stranger.pem")]) == 1  # never made up
@@ -460,7 +462,7 @@ def test_refresh_signs_with_the_lifetimes_the_registry_was_configured_with(tmp_p
     assert done["resigned"] == ["timestamp"] and done["expiry_s"]["targets"] == 14 * 86400  # the releaser's 14 days stay
     assert datetime.fromisoformat(done["timestamp_expires"]).timestamp() <= time.time() + 600
     assert PolicyRegistry(reg, load_signer(keys / "online.pem")).repo.expiry_s["timestamp"] == 600
-    for bad in ("timestmp=60", "timestamp=0", "timestamp=nan", "timestamp"):
+    for bad in ("timestmp=600", "timestamp=0", "timestamp=0.001", "timestamp=1e300", "timestamp=nan", "timestamp"):
         assert main([*refresh, "--expiry-s", bad]) == 1
         assert "--expiry-s" in (err := capsys.readouterr().err) and "Traceback" not in err, err
     (reg / "tuf" / "expiry_s.json").write_text('{"timestamp": -1}')  # written by someone else
@@ -507,6 +509,26 @@ def test_a_signer_records_only_the_roles_it_names(tmp_path, caplog):
     assert "lifetimes change" not in caplog.text and "signing with the registry's" not in caplog.text
     assert json.loads((reg / "tuf" / "expiry_s.json").read_text()) == releaser_lives
     assert releaser.repo.open("targets").signed == targets  # never re-signed for another life
+
+
+def test_a_role_life_out_of_bounds_is_refused_and_a_recorded_one_is_a_corrupt_record(tmp_path):
+    """check_expiry_s had no bounds: a recorded timestamp=1e300 raised OverflowError in PolicyRegistry() (every timestamp
+    request failed), and 0.001 s was accepted (metadata signed already expired)."""
+    from fleet.registry.store import open_registry
+    from fleet.registry.tuf_repo import MAX_EXPIRY_S, MIN_EXPIRY_S, check_expiry_s
+
+    assert check_expiry_s({"timestamp": MIN_EXPIRY_S, "root": MAX_EXPIRY_S}) == {"timestamp": MIN_EXPIRY_S, "root": MAX_EXPIRY_S}
+    for life in (0.001, MIN_EXPIRY_S - 1, MAX_EXPIRY_S + 1, 1e300):
+        with pytest.raises(ValueError, match="a role's life is a number of seconds from 300"):
+            check_expiry_s({"timestamp": life})
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    with pytest.raises(ValueError, match="expiry_s timestamp=0.001"):
+        open_registry(reg, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], expiry_s={"timestamp": 0.001})
+    publish(open_registry(reg, keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)]), tmp_path, "v1")
+    for record in ('{"timestamp": 1e300}', '{"timestamp": 0.001}'):
+        (reg / "tuf" / "expiry_s.json").write_text(record)
+        with pytest.raises(RegistryCorrupted, match="expiry_s.json is not the registry's role lifetimes"):
+            PolicyRegistry(reg, load_signer(keys / "online.pem"))
 
 
 def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at_rest(tmp_path, monkeypatch):

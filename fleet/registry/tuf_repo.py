@@ -68,6 +68,8 @@ T = TypeVar("T")
 ONLINE_ROLES = (Targets.type, Snapshot.type, Timestamp.type)
 EXPIRY_S = {Root.type: 365 * 86400.0, Targets.type: 7 * 86400.0, Snapshot.type: 7 * 86400.0, Timestamp.type: 86400.0}
 EXPIRY_SLACK_S = 60.0  # how far past its configured life metadata may expire before it is re-signed (clocks of replicas differ)
+MIN_EXPIRY_S = 5 * EXPIRY_SLACK_S  # a role's shortest life: re-signed at half of it, up to EXPIRY_SLACK_S late
+MAX_EXPIRY_S = 10 * 365 * 86400.0  # a role's longest life: 10 years (a datetime overflows long before 1e300 s)
 EXPIRY_FILE = "expiry_s.json"  # beside metadata/: the lifetimes of the roles, the same for every signer of the repository
 KEEP = 16  # snapshot and targets metadata versions kept on disk (robots mid-refresh still find theirs)
 COMMIT_ATTEMPTS = 12  # changes redone after losing a race to another writer before RegistryBusy
@@ -126,7 +128,8 @@ def online_key_advice(root: Root, held: Sequence[Signer]) -> str:
 
 def check_expiry_s(expiry_s: Mapping, name: str = "expiry_s") -> dict[str, float]:
     """``expiry_s`` (role -> seconds) as floats; ValueError naming ``name`` and the role unless each key is a role
-    (root, targets, snapshot, timestamp) and each life a finite number of seconds above 0."""
+    (root, targets, snapshot, timestamp) and each life a number of seconds from MIN_EXPIRY_S (5 minutes: metadata is
+    re-signed at half its life, up to a minute late) to MAX_EXPIRY_S (10 years)."""
     checked = {}
     for role, seconds in expiry_s.items():
         if role not in EXPIRY_S:
@@ -135,8 +138,11 @@ def check_expiry_s(expiry_s: Mapping, name: str = "expiry_s") -> dict[str, float
             life = float(seconds) if not isinstance(seconds, bool) else math.nan
         except (TypeError, ValueError):
             life = math.nan
-        if not (math.isfinite(life) and life > 0):
-            raise ValueError(f"{name} {role}={seconds!r}: a role's life is a number of seconds above 0")
+        if not (math.isfinite(life) and MIN_EXPIRY_S <= life <= MAX_EXPIRY_S):
+            raise ValueError(
+                f"{name} {role}={seconds!r}: a role's life is a number of seconds from {MIN_EXPIRY_S:g} (metadata is re-signed at half "
+                f"its life, up to {EXPIRY_SLACK_S:g} s late) to {MAX_EXPIRY_S:g} (10 years)"
+            )
         checked[role] = life
     return checked
 
