@@ -531,6 +531,33 @@ def test_a_role_life_out_of_bounds_is_refused_and_a_recorded_one_is_a_corrupt_re
             PolicyRegistry(reg, load_signer(keys / "online.pem"))
 
 
+def test_a_corrupt_expiry_record_never_blocks_a_ceremony_and_a_full_setting_overwrites_it(tmp_path, capsys, caplog):
+    """A corrupt expiry_s.json said to record the lifetimes again, but recording read it first and raised the same error;
+    it also blocked `show` and `rotate`, so an emergency rotation could not run."""
+    from fleet.apps.registry_keys import main
+    from fleet.registry.store import open_registry
+
+    reg, keys = tmp_path / "registry", tmp_path / "keys"
+    roots = [str(keys / f"root-{i}.pem") for i in (1, 2, 3)]
+    publish(open_registry(reg, keys / "online.pem", root_keys=roots), tmp_path, "v1")
+    (reg / "tuf" / "expiry_s.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        assert main(["show", "--dir", str(reg)]) == 0
+        assert json.loads(capsys.readouterr().out)["root_version"] == 1
+        rotate = ["rotate", "--dir", str(reg), "--root-key", roots[0], "--root-key", roots[1], "--online-key", str(keys / "online-2.pem")]
+        assert main(rotate) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["resigned"] == ["targets", "snapshot", "timestamp"]
+    assert "reading it as the defaults" in caplog.text
+    refresh = ["refresh", "--dir", str(reg), "--online-key", str(keys / "online-2.pem")]
+    assert main([*refresh, "--expiry-s", "timestamp=600"]) == 1  # the other roles' record is lost: not guessed
+    assert "names every role" in (err := capsys.readouterr().err) and "names timestamp only" in err
+    full = {"root": 365 * 86400, "targets": 7 * 86400, "snapshot": 7 * 86400, "timestamp": 600}
+    assert main([*refresh, *(arg for role, life in full.items() for arg in ("--expiry-s", f"{role}={life}"))]) == 0
+    assert json.loads(capsys.readouterr().out)["expiry_s"] == full
+    assert json.loads((reg / "tuf" / "expiry_s.json").read_text()) == full
+    assert main(refresh) == 0  # a signer with no setting reads it again
+
+
 def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at_rest(tmp_path, monkeypatch):
     """Keys were written under the umask (0644) and chmod-ed after; a planted dangling link was followed (the key
     written where it pointed); keys could not be encrypted, and an encrypted one raised TypeError with a traceback."""

@@ -162,7 +162,7 @@ class TufRepository(Repository):
     What this object holds in memory is the published state as of its last :meth:`reload`; reads
     (``open``, ``target_listing``) catch up first, at the cost of one read of timestamp.json."""
 
-    def __init__(self, where: str | Path | RegistryFiles, signers: Mapping[str, Sequence[Signer]], *, expiry_s: Mapping[str, float] | None = None, clock=time.time):
+    def __init__(self, where: str | Path | RegistryFiles, signers: Mapping[str, Sequence[Signer]], *, expiry_s: Mapping[str, float] | None = None, clock=time.time, lenient_expiry: bool | None = None):
         self.files = open_files(where)
         self.dir = self.files.local_dir  # the directory on this host, None on object storage (for tools that look at the files)
         self.metadata_dir = self.targets_dir = None
@@ -171,6 +171,9 @@ class TufRepository(Repository):
             self.metadata_dir.mkdir(parents=True, exist_ok=True)
             self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.signers = {role: list(s) for role, s in signers.items()}
+        # a corrupt expiry_s.json is warned about and read as the defaults (never blocks a key ceremony: show, rotate);
+        # by default where this process holds no online key (it signs only roots)
+        self.lenient_expiry = not any(self.signers.get(role) for role in ONLINE_ROLES) if lenient_expiry is None else lenient_expiry
         self.configured_expiry = check_expiry_s(expiry_s or {})
         self.expiry_s = {**EXPIRY_S, **self.configured_expiry} if self.configured_expiry else {**EXPIRY_S, **(self._expiry_record() or {})}
         self.clock = clock
@@ -364,7 +367,13 @@ class TufRepository(Repository):
         (the process signs with the recorded lifetimes)."""
         if not self.configured_expiry:
             return
-        recorded = self._expiry_record()
+        try:
+            recorded = self._expiry_record(lenient=False)
+        except RegistryCorrupted as exc:
+            if set(self.configured_expiry) != set(EXPIRY_S):  # what the record held for the roles not named is lost
+                raise RegistryCorrupted(f"{exc} (this process's expiry_s names {', '.join(self.configured_expiry)} only)") from None
+            log.warning("%s: overwritten with this process's expiry_s, which names every role", exc)
+            recorded = None
         merged = {**(recorded or {}), **self.configured_expiry}
         if merged != recorded:
             if recorded is not None:
@@ -398,8 +407,9 @@ class TufRepository(Repository):
         return self.files.open(f"targets/{url_path}")
 
     # -- internals ----------------------------------------------------------------------------
-    def _expiry_record(self) -> dict[str, float] | None:
-        """The role lifetimes recorded for the repository (None: none are, the defaults hold)."""
+    def _expiry_record(self, *, lenient: bool | None = None) -> dict[str, float] | None:
+        """The role lifetimes recorded for the repository (None: none are, the defaults hold). A corrupt record:
+        RegistryCorrupted, or where ``lenient`` (default: ``self.lenient_expiry``) a warning and None."""
         data = self.files.read(EXPIRY_FILE)
         if data is None:
             return None
@@ -409,10 +419,16 @@ class TufRepository(Repository):
                 raise ValueError("not a JSON object")
             return check_expiry_s(record, EXPIRY_FILE)
         except ValueError as exc:  # JSON's and Unicode's errors too
-            raise RegistryCorrupted(
-                f"{self.files.location}/{EXPIRY_FILE} is not the registry's role lifetimes ({exc}): record them again (a signer "
-                "started with fleet.registry.expiry_s, or `flywheel-registry refresh --expiry-s ROLE=SECONDS`), or delete it for the defaults"
-            ) from None
+            message = (
+                f"{self.files.location}/{EXPIRY_FILE} is not the registry's role lifetimes ({exc}): record them again with a setting that "
+                f"names every role ({', '.join(EXPIRY_S)}), which overwrites it (a signer started with fleet.registry.expiry_s naming all "
+                "four, or `flywheel-registry refresh --expiry-s root=S --expiry-s targets=S --expiry-s snapshot=S --expiry-s timestamp=S`), "
+                "or delete it (the defaults hold, and a setting naming fewer roles may be recorded again)"
+            )
+            if not (self.lenient_expiry if lenient is None else lenient):
+                raise RegistryCorrupted(message) from None
+            log.warning("%s; reading it as the defaults", message)
+            return None
 
     def _follow_expiry(self) -> bool:
         """Sign with the lifetimes recorded for the repository from now on (another signer may have recorded its setting
@@ -749,7 +765,7 @@ def resign_rotated(directory: str | Path, online: Signer, release: Signer | None
     each poll until a server restarted or ``refresh`` ran), and a server still running the old key serves these files.
     Nothing before the first publication (the releaser makes it). Returns the roles re-signed, in order."""
     targets = [s for s in (release, online) if s is not None]
-    repo = TufRepository(directory, {Targets.type: targets, Snapshot.type: [online], Timestamp.type: [online]})
+    repo = TufRepository(directory, {Targets.type: targets, Snapshot.type: [online], Timestamp.type: [online]}, lenient_expiry=True)
     if Timestamp.type not in repo._md:
         return []
     return repo.refresh_online(check_keys=True)
