@@ -267,15 +267,19 @@ def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server
 @pytest.mark.parametrize(
     "registry_url, sent",
     [
-        ("http://fleet:8700", True), ("HTTP://Fleet:8700/", True), ("http://fleet:8700/registry", True),  # the fleet server
+        ("http://fleet:8700", True), ("HTTP://Fleet:8700/", True),  # the fleet server
+        ("http://fleet:8700/registry", False),  # another path on its host: a CDN may route it to a bucket
         ("https://fleet:8700", False), ("http://fleet:8701", False), ("http://cdn.example:8700", False),  # another origin
-        ("http://fleet", False), ("http://fleet.evil:8700", False),
+        ("http://fleet", False), ("http://fleet.evil:8700", False), ("http://fleet:99999", False), ("http://fleet:x", False),
     ],
 )
 def test_the_token_goes_to_the_registry_only_where_it_is_the_fleet_server(registry_url, sent):
-    """flywheel-robot and the ROS 2 node once sent the robot's upload token to whatever served the registry."""
+    """flywheel-robot and the ROS 2 node once sent the robot's upload token to whatever served the registry; matched by
+    origin only, a CDN routing /v1/ to the server and /registry/ to a bucket got it at the bucket; a port like :99999 raised."""
     assert registry_token(registry_url, "http://fleet:8700", "t") == ("t" if sent else None)
     assert registry_token("https://fleet", "https://fleet:443/", "t") == "t" and registry_token("http://fleet:80", "http://fleet", "t") == "t"
+    assert registry_token("https://cdn/fleet/", "https://cdn/fleet", "t") == "t" and registry_token("https://cdn/registry", "https://cdn/fleet", "t") is None
+    assert registry_token("http://fleet:99999", "http://fleet:99999", "t") is None
 
 
 def test_weights_are_not_downloaded_into_the_room_the_robots_episodes_need(tmp_path, served):

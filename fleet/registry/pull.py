@@ -374,15 +374,23 @@ class SignedPolicySource:
 
 def registry_token(registry_url: str, server_url: str, token: str | None) -> str | None:
     """The bearer token a robot sends to the registry at ``registry_url``: its ``token`` where the registry is its fleet
-    server (the origin of ``server_url``, where it uploads: same scheme, host and port), else None. A static host,
-    bucket or CDN never gets it: the token also uploads this robot's episodes (docs/security.md, What needs auth)."""
-    return token if _origin(registry_url) == _origin(server_url) else None
+    server (the same base as ``server_url``, where it uploads: scheme, host, port and path, a trailing slash aside), else
+    None. A static host, bucket or CDN never gets it, nor another path on the server's host (a CDN may route /v1/ to the
+    server and /registry/ to a bucket): the token also uploads this robot's episodes (docs/security.md, What needs auth).
+    A URL whose port is no port (``:99999``) is never the server."""
+    base = _base(registry_url)
+    return token if base is not None and base == _base(server_url) else None
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def _base(url: str) -> tuple[str, str, int | None, str] | None:
+    """``url`` normalised (scheme, host, port, path without trailing slash); None where its port is not one."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number
+        return None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme), parts.path.rstrip("/")
 
 
 def signed_policy_source(
