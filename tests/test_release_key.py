@@ -313,3 +313,20 @@ def test_a_version_number_is_never_given_twice(tmp_path):
     assert publish(releaser, tmp_path, "v1") == 1
     releaser._record({"version": 7, "event": "stable"})  # released once; the published targets no longer list it
     assert publish(releaser, tmp_path, "v8") == 8
+
+
+def test_a_replica_reads_the_lifetimes_only_where_it_can_sign_what_is_due(tmp_path):
+    """A replica without the release key, with targets past half their life, read expiry_s.json at every timestamp
+    request (one extra storage GET per robot poll for half of each targets period): nothing it could re-sign was due."""
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "release.pem")) == 0
+    publish(open_registry(tmp_path / "registry", keys / "online.pem", release_key=keys / "release.pem"), tmp_path, "v1")
+    late = PolicyRegistry(tmp_path / "registry", load_signer(keys / "online.pem"), clock=lambda: time.time() + 4 * 86400.0)
+    files, reads = late.repo.files, []
+    read = files.read
+    files.read = lambda name, *a, **kw: (reads.append(name), read(name, *a, **kw))[1]
+    for _ in range(5):
+        assert late.refresh() == []  # targets are due, and only the releaser signs them
+    assert "expiry_s.json" not in reads
+    late.repo.clock = lambda: time.time() + 4.6 * 86400.0  # the timestamp it signs comes due too: it reads, once
+    assert late.refresh() == ["timestamp"] and reads.count("expiry_s.json") == 1
