@@ -115,8 +115,8 @@ class SensorDropRobot:
 
     robot_id, robot_model, source, obs_dim, act_dim = "r", "arm", "real", 2, 1
 
-    def __init__(self, nan_at: int):
-        self.nan_at, self.k, self.sent = nan_at, 0, []
+    def __init__(self, nan_at: int, fall_at: int = -1):
+        self.nan_at, self.fall_at, self.k, self.sent = nan_at, fall_at, 0, []
 
     def hardware(self) -> dict:
         return {}
@@ -133,7 +133,7 @@ class SensorDropRobot:
     def step(self, action):
         self.sent.append(np.asarray(action).copy())
         self.k += 1
-        return self.reading(), 1.0, False, self.k == 10, 0.1 * self.k
+        return self.reading(), 1.0, self.k == self.fall_at, self.k == 10, 0.1 * self.k
 
 
 def test_run_episode_never_sends_a_nan_command_and_ends_at_a_nan_reading():
@@ -154,6 +154,20 @@ def test_run_episode_never_sends_a_nan_command_and_ends_at_a_nan_reading():
             run_episode(SensorDropRobot(nan_at), policy, rec, seed=0)
         assert rec.num_steps == 0
     assert run_episode(SensorDropRobot(nan_at=-1), policy, rec, seed=0).num_steps == 10
+
+
+def test_run_episode_keeps_a_termination_read_as_nan():
+    """A robot that fell with its IMU reading NaN at the fall: the step was dropped and the episode ended truncated, so
+    SignedPolicySource's first-episode check (an early termination) never saw the fall and the bad release stayed. The
+    last recorded step now carries the termination."""
+    from fleet.agent import run_episode
+    from fleet.agent.policy import Policy
+
+    policy, rec = Policy("v", lambda obs: np.full((len(obs), 1), 0.5, np.float32)), EpisodeRecorder(robot_id="r", robot_model="arm")
+    ep = run_episode(SensorDropRobot(nan_at=4, fall_at=4), policy, rec, seed=0)
+    assert ep.num_steps == 3 and ep.terminated.tolist() == [False, False, True] and not ep.truncated.any()
+    ep = run_episode(SensorDropRobot(nan_at=4, fall_at=6), policy, rec, seed=0)  # NaN without a fall: cut, as before
+    assert ep.terminated.tolist() == [False, False, False] and ep.truncated.tolist() == [False, False, True]
 
 
 @pytest.fixture

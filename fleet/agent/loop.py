@@ -50,7 +50,9 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
 
     The robot never gets an action with a NaN or infinite value: it gets zeros instead (the zero policy's command;
     np.clip keeps NaN), and the step records them. An observation with a NaN or infinite value (a sensor dropout) ends
-    the episode, truncated, at its last step; it is not recorded. When that leaves no step (the reset's observation, or
+    the episode at its last step; it is not recorded. The episode ends terminated when that step terminated (a bad
+    release whose robot falls, its IMU reading NaN at the fall, still ends terminated, and SignedPolicySource.report_episode's
+    first-episode health check sees the early termination), truncated otherwise. When that leaves no step (the reset's observation, or
     the first step's), there is no episode: EpisodeValidationError, and the next call starts one as usual."""
     extras = getattr(robot, "extras", None) or dict  # a robot that measures more than its observation (Robot.extras)
     obs, t = robot.reset(seed)
@@ -67,8 +69,9 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
         if not np.isfinite(obs).all():
             if not recorder.num_steps:
                 raise _no_episode(robot, obs, "its first step")
-            log.warning("robot %s: NaN or infinite observation at %.9f s; the episode ends at its last step (%d)", robot.robot_id, t, recorder.num_steps)
-            recorder.truncate()
+            how = "terminated" if terminated else "truncated"
+            log.warning("robot %s: NaN or infinite observation at %.9f s; the episode ends (%s) at its last step (%d)", robot.robot_id, t, how, recorder.num_steps)
+            recorder.terminate() if terminated else recorder.truncate()  # a fall read as NaN still ends the episode terminated
             break
         recorder.step(action, reward, obs, terminated, truncated, t, extras())
     return recorder.finish(policy_version=policy.version)

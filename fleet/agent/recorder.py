@@ -57,6 +57,12 @@ class EpisodeRecorder:
             raise RuntimeError("no steps recorded since reset(); nothing to truncate")
         self._trunc[-1] = True
 
+    def terminate(self) -> None:
+        """Mark the last recorded step as the true end of the task (a fall whose reading was not recorded: run_episode)."""
+        if not self.num_steps:
+            raise RuntimeError("no steps recorded since reset(); nothing to terminate")
+        self._term[-1] = True
+
     @property
     def num_steps(self) -> int:
         return len(self._action) if self._started else 0
