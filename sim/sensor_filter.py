@@ -24,8 +24,9 @@ The filter is a time-varying Kalman filter started at the first observation with
 reading's error for ~1/gain steps). A reading the model cannot have predicted (its innovation
 beyond :data:`JUMP_SIGMAS` standard deviations of its chi-square: a strike, a push) restarts the
 filter at that reading, as at an episode's first one, instead of being averaged into a prediction
-that is wrong. A reading with a NaN or infinite value (a sensor dropout) is no reading: the estimate
-is the prediction for it, and the next finite reading is taken as usual (docs/policies.md, "Sensor
+that is wrong. An entry with a NaN or infinite value (a sensor dropout, an unmeasured joint's velocity)
+is not read: the update takes the reading's finite entries alone (a reading with none keeps the
+prediction), so the filter stays corrected, and its jump test armed, under a NaN that persists (docs/policies.md, "Sensor
 filtering"). The robot needs numpy only.
 """
 
@@ -116,27 +117,65 @@ class FilterState:
         self.P = 0.5 * (self.P + self.P.T)  # exactly symmetric: update() relies on it
 
     def update(self, obs: np.ndarray) -> np.ndarray:
-        """The estimates after the readings ``obs`` (rows, d). A row with a NaN or infinite value is not a reading (a
-        sensor dropout): its estimate stays the prediction, and the shared covariance keeps its predicted spread."""
+        """The estimates after the readings ``obs`` (rows, d). An entry with a NaN or infinite value is not read (a sensor
+        dropout, an unmeasured joint's velocity): a row is updated from its finite entries alone (the measurement is
+        those rows of the identity), and its unread entries move only as their correlation with the read ones says. A
+        row with no finite entry keeps the prediction. The shared covariance is updated when every row read the same
+        entries; else it keeps its predicted spread."""
         obs = np.asarray(obs, np.float64)
-        read = np.isfinite(obs).all(axis=1)
+        finite = np.isfinite(obs)
         if self.x is None:  # the first reading: the estimate is the reading, as uncertain as the sensor
-            if not read.all():  # none to start from: the filter starts at the first reading of every row
+            if not finite.all():  # none to start from: the filter starts at the first reading read whole in every row
                 return obs.astype(np.float32)
             self.x, self.P = obs.copy(), self.model.R.copy()
             return self.x.astype(np.float32)
-        innovation, spread = np.where(read[:, None], obs - self.x, 0.0), self.P + self.model.R
-        d, rows = len(self.P), len(innovation)
-        # one solve for both: (P + R)^-1 [innovation^T | P] (P and R symmetric)
-        solved = np.linalg.solve(spread, np.concatenate([innovation.T, self.P], axis=1))
-        if (innovation * solved[:, :rows].T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d):
-            self.x, self.P = np.where(read[:, None], obs, self.x), self.model.R.copy()  # the model cannot explain a reading: start again from it
+        if finite.all():  # every entry read: the plain update (the common case, and the per-step cost of the stepper)
+            return self._update(obs - self.x, self.P + self.model.R, self.P, None, obs, finite)
+        patterns = np.unique(finite, axis=0)
+        patterns = patterns[patterns.any(axis=1)]
+        if not len(patterns):  # nothing read: the estimate is the prediction
             return self.x.astype(np.float32)
-        gain = solved[:, rows:].T  # P (P + R)^-1
+        if len(patterns) == 1 and (finite == patterns[0]).all():
+            idx = np.flatnonzero(patterns[0])  # every row read the same entries: one partial update, covariance included
+            return self._update(obs[:, idx] - self.x[:, idx], self.P[np.ix_(idx, idx)] + self.model.R[np.ix_(idx, idx)], self.P[idx], idx, obs, finite)
+        gains, innovations = [], []  # rows read different entries: each by its own, the shared covariance as predicted
+        for pattern in patterns:
+            idx, rows = np.flatnonzero(pattern), (finite == pattern).all(axis=1)
+            innovation = obs[np.ix_(rows, idx)] - self.x[np.ix_(rows, idx)]
+            solved = np.linalg.solve(self.P[np.ix_(idx, idx)] + self.model.R[np.ix_(idx, idx)], np.concatenate([innovation.T, self.P[idx]], axis=1))
+            if self._jumped(innovation, solved[:, : len(innovation)], len(idx)):
+                return self._restart(obs, finite)
+            gains.append((rows, innovation @ solved[:, len(innovation) :]))
+        x = self.x.copy()
+        for rows, step in gains:
+            x[rows] += step
+        self.x = x
+        return self.x.astype(np.float32)
+
+    def _update(self, innovation, spread, cross, idx, obs, finite) -> np.ndarray:
+        """Update every row with ``innovation`` (rows, k) of the entries ``idx`` (None: all), ``spread`` their (P + R)
+        block and ``cross`` = P[idx] (k, d)."""
+        rows = len(innovation)
+        # one solve for both: (P + R)^-1 [innovation^T | P] (P and R symmetric)
+        solved = np.linalg.solve(spread, np.concatenate([innovation.T, cross], axis=1))
+        if self._jumped(innovation, solved[:, :rows], len(spread)):
+            return self._restart(obs, finite)
+        gain = solved[:, rows:].T  # P H^T (H P H^T + R)^-1
         self.x = self.x + innovation @ gain.T
-        if read.all():
-            self.P = (np.eye(d) - gain) @ self.P
-            self.P = 0.5 * (self.P + self.P.T)
+        if idx is None:
+            self.P = (np.eye(len(self.P)) - gain) @ self.P
+        else:
+            self.P = self.P - gain @ cross
+        self.P = 0.5 * (self.P + self.P.T)
+        return self.x.astype(np.float32)
+
+    @staticmethod
+    def _jumped(innovation: np.ndarray, solved: np.ndarray, d: int) -> bool:
+        """Whether a row's innovation is beyond what the model can explain (its chi-square with ``d`` entries read)."""
+        return bool((innovation * solved.T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d))
+
+    def _restart(self, obs: np.ndarray, finite: np.ndarray) -> np.ndarray:
+        self.x, self.P = np.where(finite, obs, self.x), self.model.R.copy()  # the model cannot explain a reading: start again from it
         return self.x.astype(np.float32)
 
 

@@ -164,6 +164,20 @@ def spooled(loop) -> list[Episode]:
     return [Episode.from_bytes(loop.agent.spool.read(entry)) for entry in loop.agent.spool.entries()]
 
 
+def test_a_run_of_joint_states_with_a_nan_entry_commands_zeros_after_max_non_finite_run(tmp_path):
+    """A joint driver that never measures one joint's velocity: every joint state had a NaN entry, the policy (its sensor
+    filter estimating the entry) drove the robot on an estimate nothing corrected. After ``max_non_finite_run`` such
+    joint states in a row the command is zeros, until a finite joint state, when the policy drives again."""
+    loop = node_loop(tmp_path, lambda obs: np.full((len(obs), 1), 0.5, np.float32), max_steps=100)
+    assert loop.max_non_finite_run == 3
+    obs = lambda k: np.full(2, 0.1 * k, np.float32)  # noqa: E731
+    assert loop.observe(obs(0), 1.0).tolist() == [0.5]
+    bad = np.array([0.1, np.nan], np.float32)
+    assert [loop.observe(bad, 1.1 + 0.1 * k).tolist() for k in range(5)] == [[0.5]] * 3 + [[0.0]] * 2
+    assert loop.observe(obs(7), 1.7).tolist() == [0.5]  # a finite reading: driven again, and the count starts over
+    assert [loop.observe(bad, 1.8 + 0.1 * k).tolist() for k in range(4)] == [[0.5]] * 3 + [[0.0]]
+
+
 def test_a_nan_joint_reading_cuts_the_episode_and_never_reaches_the_motors(tmp_path):
     """One JointState with a NaN velocity: EpisodeLoop returned a NaN action (published x action_scale in drive mode; np.clip
     keeps NaN), the episode's finish() then raised, and the recorder, never reset, raised on every later joint state: the

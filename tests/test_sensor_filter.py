@@ -121,8 +121,11 @@ def test_a_reading_that_is_not_a_number_is_not_an_observation():
     first = state.update(np.full((1, 3), 0.1))
     state.predict(np.zeros((1, 1)))
     P = state.P.copy()
-    np.testing.assert_allclose(state.update(np.array([[0.1, np.nan, 0.1]])), first + 0.01, atol=1e-6)  # the prediction
-    np.testing.assert_array_equal(state.P, P)  # as uncertain as predicted
+    partial = state.update(np.array([[0.1, np.nan, 0.1]]))
+    np.testing.assert_allclose(partial[0, 1], first[0, 1] + 0.01, atol=1e-6)  # the unread entry: the prediction
+    assert state.P[1, 1] == P[1, 1] and state.P[0, 0] < P[0, 0]  # as uncertain as predicted there, less where read
+    state.predict(np.zeros((1, 1)))
+    assert np.isfinite(state.update(np.full((1, 3), np.nan))).all()  # nothing read: the prediction
     state.predict(np.zeros((1, 1)))
     assert np.isfinite(state.update(np.full((1, 3), 0.12))).all()
     rows = model.start()  # several robots in rows: one's dropout leaves the others' updates alone
@@ -133,11 +136,50 @@ def test_a_reading_that_is_not_a_number_is_not_an_observation():
     one.predict(np.zeros((1, 1)))
     out = rows.update(np.array([[0.2, 0.2, 0.2], [np.nan, 0.2, 0.2]]))
     np.testing.assert_allclose(out[0], one.update(np.full((1, 3), 0.2))[0], atol=1e-6)
-    np.testing.assert_allclose(out[1], 0.11, atol=1e-6)
+    np.testing.assert_allclose(out[1, 0], 0.11, atol=1e-6)  # the unread entry: the prediction; the read ones updated
+    np.testing.assert_allclose(out[1, 1:], out[0, 1:], atol=1e-6)
     unstarted = model.start()  # no reading yet: there is nothing to predict from, and the first finite reading starts it
     assert np.isnan(unstarted.update(np.array([[np.nan, 0.1, 0.1]]))).any() and unstarted.x is None
     unstarted.predict(np.zeros((1, 1)))
     np.testing.assert_allclose(unstarted.update(np.full((1, 3), 0.3)), 0.3, atol=1e-6)
+
+def test_a_reading_with_a_persistent_nan_entry_is_updated_from_its_finite_entries():
+    """A NaN in one entry threw away the whole reading: with a joint whose velocity is never measured the filter ran open
+    loop for good (its estimate drifting) and its jump test, with no innovation, never restarted it. The finite entries
+    are now read (the measurement is those rows of the identity): the same as a filter of those entries alone when the
+    model does not couple them to the unread one, and a jump in them still restarts the filter."""
+    eye = np.eye(3)
+    model = SensorFilter(A=eye, B=np.zeros((3, 1)), c=np.array([0.01, 0.02, 0.5]), Q=0.01 * eye, R=0.1 * eye)
+    sub = SensorFilter(A=np.eye(2), B=np.zeros((2, 1)), c=np.array([0.01, 0.02]), Q=0.01 * np.eye(2), R=0.1 * np.eye(2))
+    state, alone = model.start(), sub.start()
+    state.update(np.array([[0.1, 0.2, 0.3]]))
+    alone.update(np.array([[0.1, 0.2]]))
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        reading = 0.1 + 0.1 * rng.standard_normal(2)
+        state.predict(np.zeros((1, 1)))
+        alone.predict(np.zeros((1, 1)))
+        got = state.update(np.array([[reading[0], reading[1], np.nan]]))
+        np.testing.assert_allclose(got[0, :2], alone.update(reading[None])[0], atol=1e-6)  # read: not drifting at c = 0.01, 0.02 a step
+    assert abs(got[0, 0] - 0.1) < 0.3 and got[0, 2] > 0.3 + 0.5 * 39  # the unread entry dead-reckons
+    state.predict(np.zeros((1, 1)))
+    np.testing.assert_allclose(state.update(np.array([[5.0, 5.0, np.nan]]))[0, :2], 5.0, atol=1e-6)  # a jump restarts it
+    np.testing.assert_array_equal(state.P, model.R)
+
+
+def test_a_fully_read_update_is_the_plain_kalman_update(fit):
+    """The fast path for a reading read whole (no masking) is the full update, bit for bit."""
+    model, rng = fit.filter, np.random.default_rng(1)
+    d = model.A.shape[0]
+    state = model.start()
+    x = state.update(np.zeros((1, d)))
+    for _ in range(5):
+        state.predict(np.zeros((1, model.B.shape[1])))
+        P, xp, obs = state.P.copy(), state.x.copy(), 0.01 * rng.standard_normal((1, d))
+        gain = np.linalg.solve(P + model.R, P).T
+        x = state.update(obs)
+        np.testing.assert_array_equal(state.x, xp + (obs - xp) @ gain.T)
+
 
 def test_the_fit_leaves_out_the_steps_linear_dynamics_cannot_explain():
     """1 % of strikes among linear steps: the trimmed fit finds the linear body and its own process

@@ -65,10 +65,19 @@ class EpisodeLoop:
     current policy's action for ``obs`` (act_dim,) in [-1, 1].
     """
 
-    def __init__(self, agent: RobotAgent, recorder: EpisodeRecorder, source: PolicySource, max_steps: int):
+    def __init__(self, agent: RobotAgent, recorder: EpisodeRecorder, source: PolicySource, max_steps: int, max_non_finite_run: int = 3):
+        """``max_non_finite_run``: how many joint states in a row with a NaN or infinite entry the policy still drives
+        the robot through (its sensor filter estimating the unread entries); from the next one on, and until a finite
+        joint state, the command is zeros (logged once per run): a persistent NaN (an unmeasured joint's velocity) would
+        drive the robot on an estimate of it that nothing corrects."""
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if max_non_finite_run < 0:
+            raise ValueError(f"max_non_finite_run must be >= 0, got {max_non_finite_run}")
         self.agent, self.recorder, self.source, self.max_steps = agent, recorder, source, max_steps
+        self.max_non_finite_run = max_non_finite_run
+        self._non_finite_run = 0  # joint states in a row with a NaN or infinite entry
+        self._act_dim = 0  # the length of the policy's actions (set by _drive, called with every _begin)
         self._action: np.ndarray | None = None
         self._reward = 0.0
         self._last_t = -np.inf
@@ -93,12 +102,20 @@ class EpisodeLoop:
         its last step, and the next finite reading begins a new one. The action returned is always finite (:meth:`_drive`)."""
         if not np.isfinite(obs).all():
             self.non_finite_readings += 1
+            self._non_finite_run += 1
             if not self._gap:
                 log.warning("joint state at %.9f s has NaN or infinite values (at %s): not recorded; the episode ends at its last step and "
                             "the next finite joint state begins one", t, np.flatnonzero(~np.isfinite(obs)).tolist())  # fmt: skip
                 self._end()
                 self._gap = True
-            return None if self._act is None else self._drive(obs)
+            if self._act is None:
+                return None
+            if self._non_finite_run > self.max_non_finite_run:  # the policy's estimate of the unread entries is no longer trusted
+                if self._non_finite_run == self.max_non_finite_run + 1:
+                    log.warning("%d joint states in a row with NaN or infinite values: commanding zeros until a finite one", self._non_finite_run)
+                return np.zeros(self._act_dim, np.float32)
+            return self._drive(obs)
+        self._non_finite_run = 0
         if t <= self._last_t:
             if self._last_t - t > CLOCK_STEP_BACK_S and self._policy is not None:
                 log.warning("the clock stepped back %.3f s: episode cut at its last step, a new one begins", self._last_t - t)
@@ -122,6 +139,7 @@ class EpisodeLoop:
         """The policy's action for ``obs`` in [-1, 1], or zeros (the zero policy's command) when it has a NaN or infinite
         value: np.clip keeps NaN, and a NaN command must never reach the motors."""
         action = np.asarray(self._act(obs[None]), np.float32)[0]
+        self._act_dim = len(action)
         if np.isfinite(action).all():
             self._zeroed = False
             return np.clip(action, -1.0, 1.0)
@@ -172,7 +190,7 @@ class FlywheelNode(Node):
         "server_url": AgentConfig.server_url, "token_file": "", "spool_dir": AgentConfig.spool_dir,
         "policy_root": "", "policy_url": "", "policy_state_dir": "runs/fleet/policy", "poll_interval_s": 60.0,
         "joint_state_topic": "/joint_states", "command_topic": "/arm/commands", "reward_topic": "",
-        "drive": False, "action_scale": 1.0, "max_steps": 500,
+        "drive": False, "action_scale": 1.0, "max_steps": 500, "max_non_finite_run": 3,
     }  # fmt: skip
 
     def __init__(self):
@@ -189,7 +207,7 @@ class FlywheelNode(Node):
         source = self._policy_source(p, config)
         self.agent = RobotAgent(config, p["robot_id"]).start()
         recorder = EpisodeRecorder(robot_id=p["robot_id"], robot_model=p["robot_model"], source="real")
-        self.loop = EpisodeLoop(self.agent, recorder, source, int(p["max_steps"]))
+        self.loop = EpisodeLoop(self.agent, recorder, source, int(p["max_steps"]), int(p["max_non_finite_run"]))
         self.publisher = self.create_publisher(Float64MultiArray, p["command_topic"], 10) if self.drive else None
         self.create_subscription(JointState, p["joint_state_topic"], self.on_joint_state, 10)
         self.create_subscription(Float64MultiArray, p["command_topic"], self.on_command, 10)
