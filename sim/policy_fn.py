@@ -99,3 +99,15 @@ def noisy_policy(policy, std: float, seed: int = 0) -> BatchedPolicy:
 
     run.context_dim = context_dim_of(policy)  # noise does not change what the policy reads
     return run
+
+
+def actuator_command(action: np.ndarray, clip: bool = True) -> tuple[np.ndarray, bool]:
+    """What a robot's actuators get for ``action`` (..., act_dim): a row with a NaN or infinite value becomes zeros (the
+    zero policy's command: np.clip keeps NaN, and a NaN must never reach a motor), clipped to [-1, 1] with ``clip``; and
+    whether a row was zeroed. The one rule fleet.agent.loop.run_episode, the ROS 2 node's EpisodeLoop and
+    sim.sensor_filter.filtered_act (predicting what the actuators got) apply."""
+    action = np.asarray(action, np.float32)
+    if np.isfinite(action).all():  # the common case: no masking
+        return (np.clip(action, -1.0, 1.0) if clip else action), False
+    finite = np.isfinite(action).all(axis=-1, keepdims=True)
+    return np.where(finite, np.clip(action, -1.0, 1.0) if clip else action, np.float32(0.0)).astype(np.float32), True

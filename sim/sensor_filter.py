@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sim.policy_fn import actuator_command
+
 if TYPE_CHECKING:
     from sim.episode import Episode
 
@@ -194,8 +196,7 @@ def filtered_act(act: Callable[[np.ndarray], np.ndarray], model: SensorFilter) -
             else:
                 state.predict(last)
             action = np.asarray(act(state.update(obs)), np.float32)
-            finite = np.isfinite(action).all(axis=-1, keepdims=True)  # a robot's loop sends zeros for an action with a NaN (run_episode)
-            last = np.where(finite, np.clip(action, -1.0, 1.0), 0.0)  # what the actuators get (the stepper clips too)
+            last = actuator_command(action)[0]  # what the actuators get: zeros for an action with a NaN (run_episode), clipped (the stepper clips too)
             return action
 
         return run

@@ -40,6 +40,7 @@ from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
 from fleet.registry.pull import SignedPolicySource, registry_token
 from fleet.registry.trust import PolicyTrust
+from sim.policy_fn import actuator_command
 
 try:
     import rclpy
@@ -138,16 +139,16 @@ class EpisodeLoop:
     def _drive(self, obs: np.ndarray) -> np.ndarray:
         """The policy's action for ``obs`` in [-1, 1], or zeros (the zero policy's command) when it has a NaN or infinite
         value: np.clip keeps NaN, and a NaN command must never reach the motors."""
-        action = np.asarray(self._act(obs[None]), np.float32)[0]
+        action, zeroed = actuator_command(np.asarray(self._act(obs[None]), np.float32)[0])
         self._act_dim = len(action)
-        if np.isfinite(action).all():
+        if not zeroed:
             self._zeroed = False
-            return np.clip(action, -1.0, 1.0)
+            return action
         self.non_finite_actions += 1
         if not self._zeroed:
             log.warning("policy %s gave a NaN or infinite action: commanding zeros until it gives finite ones", self._policy.version)
             self._zeroed = True
-        return np.zeros_like(action)
+        return action
 
     def _begin(self, obs: np.ndarray, t: float) -> None:
         self._policy = self.source.current()  # between episodes: the release a started signed source installed last

@@ -16,6 +16,7 @@ import numpy as np
 from fleet.agent.policy import Policy
 from fleet.agent.recorder import EpisodeRecorder
 from sim.episode import Episode, EpisodeValidationError
+from sim.policy_fn import actuator_command
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,9 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
     recorder.reset(obs, t, extras())
     act = policy.for_episode()
     while not recorder.done:
-        action = np.asarray(act(obs[None]), np.float32)[0]
-        if not np.isfinite(action).all():
+        action, zeroed = actuator_command(np.asarray(act(obs[None]), np.float32)[0], clip=False)
+        if zeroed:
             log.warning("robot %s: policy %s gave a NaN or infinite action; sending zeros", robot.robot_id, policy.version)
-            action = np.zeros_like(action)
         obs, reward, terminated, truncated, t = robot.step(action)
         if not np.isfinite(obs).all():
             if not recorder.num_steps:
