@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 MAX_ABS_ENTRY = 1e6  # a model or covariance entry beyond this is a fault, not a sensor
 TRIM_MADS = 6.0  # a fitted step whose residual is beyond this many robust deviations (MAD) on any entry is not linear dynamics
 TRIM_ROUNDS = 3
+UNREAD_PRIOR = 1e4  # an entry not read at the start: variance max(1, this x the noisiest sensor's), i.e. unknown
 JUMP_SIGMAS = 8.0  # innovation^T S^-1 innovation above d + JUMP_SIGMAS * sqrt(2 d) restarts the filter at the reading
 
 
@@ -123,13 +124,17 @@ class FilterState:
         dropout, an unmeasured joint's velocity): a row is updated from its finite entries alone (the measurement is
         those rows of the identity), and its unread entries move only as their correlation with the read ones says. A
         row with no finite entry keeps the prediction. The shared covariance is updated when every row read the same
-        entries; else it keeps its predicted spread."""
+        entries; else it keeps its predicted spread (rows that read different entries step after step leave it growing:
+        one robot per filter state, as the stepper and the robot run it, never does)."""
         obs = np.asarray(obs, np.float64)
         finite = np.isfinite(obs)
         if self.x is None:  # the first reading: the estimate is the reading, as uncertain as the sensor
-            if not finite.all():  # none to start from: the filter starts at the first reading read whole in every row
+            if not finite.any(axis=1).all():  # a row that read nothing: nothing to start from yet
                 return obs.astype(np.float32)
-            self.x, self.P = obs.copy(), self.model.R.copy()
+            # an entry never read yet (a joint whose velocity is not measured, from the start) begins at 0, as uncertain
+            # as UNREAD_PRIOR says, and is found from the read entries the model couples it to
+            unread = np.full(obs.shape[1], max(1.0, UNREAD_PRIOR * float(self.model.R.diagonal().max())))
+            self.x, self.P = np.where(finite, obs, 0.0), self._reset_covariance(finite, unread)
             return self.x.astype(np.float32)
         if finite.all():  # every entry read: the plain update (the common case, and the per-step cost of the stepper)
             return self._update(obs - self.x, self.P + self.model.R, self.P, None, obs, finite)
@@ -140,7 +145,7 @@ class FilterState:
         if len(patterns) == 1 and (finite == patterns[0]).all():
             idx = np.flatnonzero(patterns[0])  # every row read the same entries: one partial update, covariance included
             return self._update(obs[:, idx] - self.x[:, idx], self.P[np.ix_(idx, idx)] + self.model.R[np.ix_(idx, idx)], self.P[idx], idx, obs, finite)
-        gains, innovations = [], []  # rows read different entries: each by its own, the shared covariance as predicted
+        gains = []  # rows read different entries: each by its own, the shared covariance as predicted
         for pattern in patterns:
             idx, rows = np.flatnonzero(pattern), (finite == pattern).all(axis=1)
             innovation = obs[np.ix_(rows, idx)] - self.x[np.ix_(rows, idx)]
@@ -177,8 +182,19 @@ class FilterState:
         return bool((innovation * solved.T).sum(axis=1).max() > d + JUMP_SIGMAS * np.sqrt(2 * d))
 
     def _restart(self, obs: np.ndarray, finite: np.ndarray) -> np.ndarray:
-        self.x, self.P = np.where(finite, obs, self.x), self.model.R.copy()  # the model cannot explain a reading: start again from it
+        """The model cannot explain a reading: start again from it (an entry some row did not read keeps its predicted
+        variance, not the sensor's: it was not measured)."""
+        self.x, self.P = np.where(finite, obs, self.x), self._reset_covariance(finite, self.P.diagonal().copy())
         return self.x.astype(np.float32)
+
+    def _reset_covariance(self, finite: np.ndarray, unread_variance: np.ndarray) -> np.ndarray:
+        """R for the entries every row read; an entry some row did not read gets ``unread_variance``, uncorrelated."""
+        P = self.model.R.copy()
+        unread = ~finite.all(axis=0)
+        if unread.any():
+            P[unread, :], P[:, unread] = 0.0, 0.0
+            P[unread, unread] = unread_variance[unread]
+        return P
 
 
 def filtered_act(act: Callable[[np.ndarray], np.ndarray], model: SensorFilter) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:

@@ -138,10 +138,11 @@ def test_a_reading_that_is_not_a_number_is_not_an_observation():
     np.testing.assert_allclose(out[0], one.update(np.full((1, 3), 0.2))[0], atol=1e-6)
     np.testing.assert_allclose(out[1, 0], 0.11, atol=1e-6)  # the unread entry: the prediction; the read ones updated
     np.testing.assert_allclose(out[1, 1:], out[0, 1:], atol=1e-6)
-    unstarted = model.start()  # no reading yet: there is nothing to predict from, and the first finite reading starts it
-    assert np.isnan(unstarted.update(np.array([[np.nan, 0.1, 0.1]]))).any() and unstarted.x is None
+    unstarted = model.start()  # nothing read yet: nothing to predict from, and the first reading with a finite entry starts it
+    assert np.isnan(unstarted.update(np.full((1, 3), np.nan))).all() and unstarted.x is None
     unstarted.predict(np.zeros((1, 1)))
-    np.testing.assert_allclose(unstarted.update(np.full((1, 3), 0.3)), 0.3, atol=1e-6)
+    np.testing.assert_allclose(unstarted.update(np.array([[np.nan, 0.3, 0.3]])), [[0.0, 0.3, 0.3]], atol=1e-6)  # the unread one unknown
+    assert unstarted.P[0, 0] >= 1.0 and not unstarted.P[0, 1:].any()
 
 def test_a_reading_with_a_persistent_nan_entry_is_updated_from_its_finite_entries():
     """A NaN in one entry threw away the whole reading: with a joint whose velocity is never measured the filter ran open
@@ -163,8 +164,26 @@ def test_a_reading_with_a_persistent_nan_entry_is_updated_from_its_finite_entrie
         np.testing.assert_allclose(got[0, :2], alone.update(reading[None])[0], atol=1e-6)  # read: not drifting at c = 0.01, 0.02 a step
     assert abs(got[0, 0] - 0.1) < 0.3 and got[0, 2] > 0.3 + 0.5 * 39  # the unread entry dead-reckons
     state.predict(np.zeros((1, 1)))
+    before = state.P[2, 2]
     np.testing.assert_allclose(state.update(np.array([[5.0, 5.0, np.nan]]))[0, :2], 5.0, atol=1e-6)  # a jump restarts it
-    np.testing.assert_array_equal(state.P, model.R)
+    np.testing.assert_array_equal(state.P[:2, :2], model.R[:2, :2])  # the read entries as uncertain as the sensor
+    assert state.P[2, 2] == before and not state.P[2, :2].any() and not state.P[:2, 2].any()  # the unread one as it was, uncorrelated
+
+
+def test_an_entry_never_read_from_the_start_is_found_from_the_read_ones():
+    """A joint whose velocity is never measured, not even in the first reading: the filter starts from the position (the
+    velocity at 0, unknown) and finds the velocity from the positions the model couples it to; it waited for a reading
+    read whole, which never came, and passed the NaN to the policy."""
+    dt, true_velocity = 0.1, 0.5
+    model = SensorFilter(A=np.array([[1.0, dt], [0.0, 1.0]]), B=np.zeros((2, 1)), c=np.zeros(2), Q=1e-6 * np.eye(2), R=1e-4 * np.eye(2))
+    state, rng = model.start(), np.random.default_rng(0)
+    got = state.update(np.array([[0.0, np.nan]]))
+    assert np.isfinite(got).all() and got[0, 1] == 0.0
+    for t in range(1, 60):
+        state.predict(np.zeros((1, 1)))
+        got = state.update(np.array([[true_velocity * dt * t + 0.01 * rng.standard_normal(), np.nan]]))
+    assert np.isfinite(got).all() and abs(got[0, 1] - true_velocity) < 0.05, got
+    assert model.start().update(np.full((1, 2), np.nan)).tolist() != [[0.0, 0.0]]  # nothing read at all: nothing to start from
 
 
 def test_a_fully_read_update_is_the_plain_kalman_update(fit):
@@ -178,7 +197,8 @@ def test_a_fully_read_update_is_the_plain_kalman_update(fit):
         P, xp, obs = state.P.copy(), state.x.copy(), 0.01 * rng.standard_normal((1, d))
         gain = np.linalg.solve(P + model.R, P).T
         x = state.update(obs)
-        np.testing.assert_array_equal(state.x, xp + (obs - xp) @ gain.T)
+        np.testing.assert_allclose(state.x, xp + (obs - xp) @ gain.T, rtol=1e-12, atol=1e-15)  # one solve or two: BLAS rounding only
+        np.testing.assert_allclose(state.P, 0.5 * (((np.eye(d) - gain) @ P) + ((np.eye(d) - gain) @ P).T), rtol=1e-12, atol=1e-15)
 
 
 def test_the_fit_leaves_out_the_steps_linear_dynamics_cannot_explain():
