@@ -113,6 +113,7 @@ class Uploader:
         self._too_large: set[str] = set()  # episodes a POST got 413 body_too_large for: sent resumable from then on
         self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "set_aside": 0, "failed_attempts": 0, "compressed": 0, "sent_bytes": 0}
         self.last_error: str | None = None
+        self.last_entry: SpoolEntry | None = None  # the entry the last upload_once tried (its outcome is that call's answer)
 
     # -- one attempt ------------------------------------------------------------------
     def _next(self) -> SpoolEntry | None | str:
@@ -138,6 +139,7 @@ class Uploader:
             return "empty"
         if entry == "waiting":
             return "retry"
+        self.last_entry = entry
         data = self.spool.read(entry)
         if data is None:  # evicted between listing and read(): try the next one
             self._blame.pop(entry.episode_id, None)

@@ -420,15 +420,14 @@ def upload(episodes: Sequence[Episode], server_url: str, token: str, *, spool_di
         uploader = Uploader(
             spool, server_url, token, max_attempts=max_attempts, backoff_initial_s=0.2, backoff_max_s=5.0, refused_for_good=[(403, "robot_id_mismatch")],
         )  # fmt: skip
-        pending, rejected = {entry.path.name: entry for entry in spool.entries()}, []
+        rejected = []
         try:
             failures = 0
             while (outcome := uploader.upload_once()) != "empty":
                 if outcome != "retry":  # an entry left the spool: acknowledged, or moved to rejected/
-                    left = {entry.path.name: entry for entry in spool.entries()}
                     if outcome in ("rejected", "set_aside"):  # told apart by entry, not by id: one id may be queued twice, other bytes each
-                        rejected += [entry for name, entry in pending.items() if name not in left]
-                    pending, failures = left, 0
+                        rejected.append(uploader.last_entry)
+                    failures = 0
                     continue
                 failures += 1
                 refused = (uploader.last_error or "").startswith("HTTP 4")  # 401/403/404/429: token or URL, not a busy server
