@@ -37,7 +37,7 @@ from common import emit  # noqa: E402
 from policies.evaluate import evaluate  # noqa: E402
 from policies.ppo import PPOConfig  # noqa: E402
 from policies.sac import SACConfig  # noqa: E402
-from policies.trainer import Trainer, TrainerConfig, make_algorithm  # noqa: E402
+from policies.trainer import Trainer, TrainerConfig, first_update, make_algorithm  # noqa: E402
 from sim.variation import VariationProfile  # noqa: E402
 from worldmodel.device import resolve_device  # noqa: E402
 
@@ -50,13 +50,24 @@ def final_return(policy) -> float:
     return evaluate(policy, ROBOT, [VariationProfile()], EVAL_EPISODES, seed=EVAL_SEED).mean_return
 
 
-def ours(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> dict:
+def settings(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> tuple[TrainerConfig, PPOConfig | SACConfig]:
+    """Our arm's trainer and learner settings (the warm-up reads them for the learner's first update)."""
     if algorithm == "ppo":
         config = TrainerConfig(robot=ROBOT, algorithm="ppo", num_worlds=16, total_env_steps=steps, seed=seed, log_every=0, device=device)
-        algo_config = PPOConfig(hidden_sizes=(hidden, hidden), n_steps=64, epochs=10, minibatch_size=256)
-    else:
-        config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed, log_every=0, device=device)
-        algo_config = SACConfig(hidden_sizes=(hidden, hidden), learning_starts=100, utd_ratio=1.0, batch_size=256)
+        return config, PPOConfig(hidden_sizes=(hidden, hidden), n_steps=64, epochs=10, minibatch_size=256)
+    config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed, log_every=0, device=device)
+    return config, SACConfig(hidden_sizes=(hidden, hidden), learning_starts=100, utd_ratio=1.0, batch_size=256)
+
+
+def warmup_steps(algorithm: str, steps: int, hidden: int, device: str) -> int:
+    """The untimed warm-up's budget: 256 env steps, or the learner's first update where that needs more (PPO's first
+    rollout, 64 x 16 = 1,024): the Trainer refuses a budget that trains nothing, and a warm-up that never updates
+    leaves the update's first-use costs to the timed run."""
+    return max(min(steps, 256), first_update(*settings(algorithm, steps, 0, hidden, device))[0])
+
+
+def ours(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> dict:
+    config, algo_config = settings(algorithm, steps, seed, hidden, device)
     with Trainer(config, make_algorithm(config, algo_config)) as trainer:
         start = time.perf_counter()
         result = trainer.train()
@@ -106,8 +117,9 @@ def main() -> None:
     for algorithm, steps, hidden in (arm for arm in arms if arm[0] in args.algorithms):
         runs = {"ours": [], "sb3": []}
         label = f"{algorithm}_2x{hidden}"
+        warmup = warmup_steps(algorithm, steps, hidden, device)
         for name, fn in (("sb3", sb3), ("ours", ours)):  # untimed: torch's and the env's first-use costs are paid by neither run
-            fn(algorithm, min(steps, 256), args.seed, hidden, device)
+            fn(algorithm, warmup, args.seed, hidden, device)
         for r in range(args.repeats):
             for name, fn in (("sb3", sb3), ("ours", ours))[:: 1 if r % 2 == 0 else -1]:  # in turn: the VM's drift hits both
                 run = fn(algorithm, steps, args.seed + r, hidden, device)
