@@ -20,6 +20,16 @@ def emit(metric: str, value: float, unit: str, baseline: float | None = None, ra
     print(json.dumps({"metric": metric, "value": round(value, 6) if finite else None, "unit": unit, "baseline": baseline, "ratio": ratio}), flush=True)
 
 
+def quiet_sb3(model: Any) -> Any:
+    """``model`` (a Stable-Baselines3 algorithm) with a logger that writes nothing: SB3's default logger makes an
+    empty ``$TMPDIR/SB3-<date>`` folder on every ``learn()`` (``tensorboard_log=None`` still names one), which the
+    benchmarks never read and left behind by the dozen. Returns ``model``."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
+
+
 def median_rate(work: Callable[[], float], repeats: int = 3) -> float:
     """Median over ``repeats`` of (units of work done) / (seconds); ``work`` returns its unit count."""
     rates = []

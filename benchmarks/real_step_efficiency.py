@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cached_json, emit  # noqa: E402
+from common import cached_json, emit, quiet_sb3  # noqa: E402
 
 from policies.evaluate import evaluate  # noqa: E402
 from sim.robots import get_task  # noqa: E402
@@ -123,7 +123,7 @@ def run_sb3(robot: str, budget: int, seed: int, eval_every: int, episodes: int, 
             return True
 
     env = gym.make(ENV_IDS[robot])
-    model = SAC("MlpPolicy", env, seed=seed, device="cpu")  # SB3's defaults (2x256, batch 256, learning_starts 100)
+    model = quiet_sb3(SAC("MlpPolicy", env, seed=seed, device="cpu"))  # SB3's defaults (2x256, batch 256, learning_starts 100)
     model.learn(budget, callback=Evaluate())
     env.close()
     return curve

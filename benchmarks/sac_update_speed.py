@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import emit, quiet_sb3  # noqa: E402
 
 from policies.sac import SAC, SACConfig, matmul_dtype  # noqa: E402
 from policies.trainer import make_spec  # noqa: E402
@@ -61,7 +61,7 @@ def sb3(hidden: int, steps: int, device: str) -> float:
     from sim.gym_env import ENV_IDS
 
     env = gym.make(ENV_IDS["pendulum"])
-    model = SB3SAC("MlpPolicy", env, batch_size=BATCH, learning_starts=0, device=device, policy_kwargs={"net_arch": [hidden, hidden]})
+    model = quiet_sb3(SB3SAC("MlpPolicy", env, batch_size=BATCH, learning_starts=0, device=device, policy_kwargs={"net_arch": [hidden, hidden]}))
     step = transitions(10_000)
     for i in range(len(step.reward)):
         model.replay_buffer.add(step.obs[i : i + 1], step.next_obs[i : i + 1], step.action[i : i + 1], step.reward[i : i + 1], step.terminated[i : i + 1], [{}])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit  # noqa: E402
+from common import emit, quiet_sb3  # noqa: E402
 
 from policies.evaluate import evaluate  # noqa: E402
 from policies.ppo import PPOConfig  # noqa: E402
@@ -90,6 +90,7 @@ def sb3(algorithm: str, steps: int, seed: int, hidden: int, device: str) -> dict
     else:
         model = SAC("MlpPolicy", env, seed=seed, device=device, learning_starts=100, train_freq=1, gradient_steps=1,
                     policy_kwargs={"net_arch": [hidden, hidden]})  # fmt: skip
+    quiet_sb3(model)
     start = time.perf_counter()
     model.learn(steps)
     wall = time.perf_counter() - start

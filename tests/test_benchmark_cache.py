@@ -20,3 +20,19 @@ def test_a_cached_result_of_another_build_is_read_back_and_named(tmp_path, capsy
     cached_json(path, compute, fresh=True, build="def5678")
     assert len(calls) == 2 and (tmp_path / "seed0.json.build").read_text().strip() == "def5678"
     assert current_build()  # this checkout's commit, or "unknown"
+
+
+def test_quiet_sb3_leaves_no_log_folder(tmp_path, monkeypatch):
+    """SB3's default logger makes an empty $TMPDIR/SB3-<date> folder on every learn(); the benchmarks' one does not."""
+    import tempfile
+
+    import gymnasium as gym
+    from stable_baselines3 import SAC
+
+    from common import quiet_sb3
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env = gym.make("Pendulum-v1")
+    quiet_sb3(SAC("MlpPolicy", env, learning_starts=100, device="cpu", policy_kwargs={"net_arch": [8]})).learn(20)
+    env.close()
+    assert not list(tmp_path.glob("SB3-*"))  # (torch may leave its own torchinductor_<user> cache there)
