@@ -31,7 +31,10 @@ budget. Lines (medians over seeds):
 
 Each run is cached as JSON under ``runs/benchmarks/real_step_efficiency/`` (its settings in the
 file name), so methods may run in separate processes (``--methods sb3``) and one final call
-prints the lines from every cached run; ``--fresh`` ignores the cache.
+prints the lines from every cached run; ``--fresh`` ignores the cache. The lines need sac, sb3 and
+mbpo cached for every one of ``--seeds``: otherwise the call names the missing runs, prints no lines
+and exits non-zero with the command that runs them. SB3 is also evaluated at the budget where it is
+no multiple of ``--eval-every``, as ours are, so every method is evaluated at the same steps.
 
 Run: `.venv/bin/python benchmarks/real_step_efficiency.py [--robot pendulum] [--seeds 0 1 2]`
 """
@@ -115,7 +118,7 @@ def run_sb3(robot: str, budget: int, seed: int, eval_every: int, episodes: int, 
 
     class Evaluate(BaseCallback):
         def _on_step(self) -> bool:
-            if self.num_timesteps % eval_every == 0:
+            if self.num_timesteps % eval_every == 0 or self.num_timesteps == budget:  # at the budget too, as run_ours
                 act = lambda obs: self.model.predict(obs, deterministic=True)[0].astype(np.float32)  # noqa: E731
                 curve.append((self.num_timesteps, eval_return(act, robot, episodes)))
                 print(f"# sb3 seed {seed}: {curve[-1][0]} real steps, return {curve[-1][1]:.1f}", file=sys.stderr)
@@ -135,6 +138,28 @@ def random_return(robot: str, episodes: int, seed: int) -> float:
     rng = np.random.default_rng(seed)
     act_dim = get_task(robot).act_dim
     return eval_return(lambda obs: rng.uniform(-1.0, 1.0, (len(obs), act_dim)).astype(np.float32), robot, episodes)
+
+
+def cached_runs(cache: Path, tag: str, methods: tuple[str, ...], seeds: list[int]) -> tuple[dict[str, list[dict]], list[tuple[str, int]]]:
+    """({method: its cached runs of ``seeds``}, the (method, seed) pairs with no cached run): a line's medians
+    compare methods over the same seeds, so a caller prints none while a pair is missing."""
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    missing = []
+    for method in methods:
+        for seed in seeds:
+            path = cache / f"{tag}_{method}_s{seed}.json"
+            if path.exists():
+                runs[method].append(json.loads(path.read_text()))
+            else:
+                missing.append((method, seed))
+    return runs, missing
+
+
+def rerun_command(args: argparse.Namespace, budget: int, eval_every: int, methods: list[str]) -> str:
+    """The command that caches ``methods``' runs for this call's settings and seeds (cached seeds are read back)."""
+    threshold = [] if args.threshold is None else ["--threshold", f"{args.threshold:g}"]
+    flags = ["--robot", args.robot, "--budget", str(budget), "--eval-every", str(eval_every), "--eval-episodes", str(args.eval_episodes), *threshold]
+    return " ".join([".venv/bin/python benchmarks/real_step_efficiency.py", *flags, "--methods", *methods, "--seeds", *map(str, args.seeds)])
 
 
 def steps_to(curve: list[tuple[int, float]], threshold: float, budget: int) -> int:
@@ -173,15 +198,17 @@ def main() -> None:
             cached_json(CACHE / f"{tag}_{method}_s{seed}.json", lambda m=method, s=seed: run(m, s), fresh=args.fresh)
     if args.runs_only:
         return
-    runs = {m: [json.loads(p.read_text()) for p in sorted(CACHE.glob(f"{tag}_{m}_s*.json")) if json.loads(p.read_text())["seed"] in args.seeds] for m in ("sac", "sb3", "mbpo", "sac_ablation", "sac_float32")}
-    printed = {m: runs.pop(m) for m in ("sac_ablation", "sac_float32")}
+    runs, missing = cached_runs(CACHE, tag, ("sac", "sb3", "mbpo"), args.seeds)
+    printed, _ = cached_runs(CACHE, tag, ("sac_ablation", "sac_float32"), args.seeds)  # not in the lines: whatever seeds ran
     for method, rs in [*runs.items(), *printed.items()]:
         for r in rs:
             t = steps_to(r["curve"], threshold, budget) if threshold is not None else None
             print(f"# {method} seed {r['seed']}: steps to {threshold}: {t}, final return {r['curve'][-1][1]:.1f}, wall {r['wall_s']:.0f} s", file=sys.stderr)
-    if not all(runs.values()):
-        print(f"# missing runs for {[m for m, rs in runs.items() if not rs]}: run them first", file=sys.stderr)
-        return
+    if missing:
+        for method, seed in missing:
+            print(f"# missing: {method} seed {seed}", file=sys.stderr)
+        methods = list(dict.fromkeys(m for m, _ in missing))
+        sys.exit(f"no lines: every method needs seeds {args.seeds} cached ({len(missing)} runs missing); run {rerun_command(args, budget, eval_every, methods)}")
     prefix = f"efficiency/{args.robot}"
     if threshold is not None:
         steps = {m: statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for m, rs in runs.items()}

@@ -22,6 +22,24 @@ def test_a_cached_result_of_another_build_is_read_back_and_named(tmp_path, capsy
     assert current_build()  # this checkout's commit, or "unknown"
 
 
+def test_real_step_efficiency_names_every_missing_seed(tmp_path):
+    """Lines are medians over the same seeds for every method: a seed cached for one method and not another is a
+    missing run, named, not dropped from that method's median."""
+    from argparse import Namespace
+
+    from real_step_efficiency import cached_runs, rerun_command
+
+    for method, seed in (("sac", 0), ("sac", 1), ("sb3", 0), ("mbpo", 0), ("mbpo", 1)):
+        (tmp_path / f"t_{method}_s{seed}.json").write_text(json.dumps({"method": method, "seed": seed, "curve": [[450, 1.0]], "wall_s": 1}))
+    (tmp_path / "t_sac_ablation_s0.json").write_text("{}")  # another method whose name starts alike: not a sac run
+    runs, missing = cached_runs(tmp_path, "t", ("sac", "sb3", "mbpo"), [0, 1])
+    assert missing == [("sb3", 1)]
+    assert [r["seed"] for r in runs["sac"]] == [0, 1] and [r["seed"] for r in runs["sb3"]] == [0]
+    assert cached_runs(tmp_path, "t", ("sac", "mbpo"), [0, 1])[1] == []
+    args = Namespace(robot="pendulum", eval_episodes=2, threshold=None, seeds=[0, 1])
+    assert rerun_command(args, 450, 200, ["sb3"]).endswith("--robot pendulum --budget 450 --eval-every 200 --eval-episodes 2 --methods sb3 --seeds 0 1")
+
+
 def test_quiet_sb3_leaves_no_log_folder(tmp_path, monkeypatch):
     """SB3's default logger makes an empty $TMPDIR/SB3-<date> folder on every learn(); the benchmarks' one does not."""
     import tempfile
