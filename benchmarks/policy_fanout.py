@@ -12,7 +12,8 @@ flywheel-server in its own process, serving a registry with one published policy
 Lines: requests/s, p50 and p99 latency (ms), bytes served per poll (status line, headers and
 body, as HTTP/1.1 puts them on the wire) and the server process's CPU ms per poll (from
 /proc/<pid>/stat, so other load on the machine does not count), each conditional with the full GET
-as baseline; ratio = conditional / full.
+as baseline; ratio = conditional / full, null where the full GET's reads 0 (the server's CPU time
+comes in 10 ms ticks, so a short run, a few robots and rounds, can read none).
 Run: `.venv/bin/python benchmarks/policy_fanout.py [--robots 1000] [--rounds 2] [--pairs 2]`
 """
 
@@ -138,11 +139,12 @@ def main() -> None:
             server.stop()
     full, conditional = results["full"], results["conditional"]
     n = args.robots
-    emit(f"policy_fanout/polls_per_s_304_{n}_robots", conditional["rate"], "req/s", round(full["rate"], 1), round(conditional["rate"] / full["rate"], 3))
+    ratio = lambda key: round(conditional[key] / full[key], 3) if full[key] else None  # noqa: E731  (a baseline that reads 0: no ratio)
+    emit(f"policy_fanout/polls_per_s_304_{n}_robots", conditional["rate"], "req/s", round(full["rate"], 1), ratio("rate"))
     for q in ("p50_ms", "p99_ms"):
-        emit(f"policy_fanout/poll_{q[:3]}_304_{n}_robots", conditional[q], "ms", round(full[q], 3), round(conditional[q] / full[q], 3))
-    emit("policy_fanout/bytes_per_poll_304", conditional["bytes"], "bytes", round(full["bytes"], 1), round(conditional["bytes"] / full["bytes"], 3))
-    emit(f"policy_fanout/server_cpu_per_poll_304_{n}_robots", conditional["cpu_ms"], "ms", round(full["cpu_ms"], 3), round(conditional["cpu_ms"] / full["cpu_ms"], 3))
+        emit(f"policy_fanout/poll_{q[:3]}_304_{n}_robots", conditional[q], "ms", round(full[q], 3), ratio(q))
+    emit("policy_fanout/bytes_per_poll_304", conditional["bytes"], "bytes", round(full["bytes"], 1), ratio("bytes"))
+    emit(f"policy_fanout/server_cpu_per_poll_304_{n}_robots", conditional["cpu_ms"], "ms", round(full["cpu_ms"], 3), ratio("cpu_ms"))
 
 
 if __name__ == "__main__":
