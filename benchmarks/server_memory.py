@@ -84,6 +84,9 @@ def soak(episodes: int, read_back: int = 500, log=print) -> dict:
             if out["halfway"] is None and done[0] >= episodes // 2:
                 out["halfway"] = now
             log(f"# {done[0]} episodes, RssAnon {now:.0f} MiB")
+        if out["halfway"] is None:  # the uploads passed halfway and ended between two samples: the level they left
+            out["halfway"] = rss_anon_mib(pid)
+            out["peak"] = max(out["peak"], out["halfway"])
         found = set()
         with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {operator}"}) as client:
             for eid in ids[:: max(1, len(ids) // read_back)]:
@@ -106,8 +109,10 @@ def soak(episodes: int, read_back: int = 500, log=print) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=12800)
+    parser.add_argument("--episodes", type=int, default=12800, help=f"episodes uploaded, {ROBOTS} or more (each of the {ROBOTS} robots uploads episodes // {ROBOTS})")
     args = parser.parse_args()
+    if args.episodes < ROBOTS:  # each robot uploads episodes // ROBOTS: fewer would upload nothing, and measure nothing
+        parser.error(f"--episodes {args.episodes} is below the {ROBOTS} robots, so no robot would upload one: give {ROBOTS} or more")
     out = soak(args.episodes, log=lambda line: print(line, file=sys.stderr))
     emit("server/rss_anon_mib", out["end"], "MiB", round(out["halfway"], 1), round(out["end"] / out["halfway"], 3))
 
