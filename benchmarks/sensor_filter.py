@@ -48,7 +48,7 @@ from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import body_conditioned, filter_residuals, robust_to_fleet_sensors  # noqa: E402
 from policies.evaluate import evaluate  # noqa: E402
 from policies.mbpo import default_config  # noqa: E402
-from policies.trainer import Trainer, make_algorithm  # noqa: E402
+from policies.trainer import Trainer, check_budget, make_algorithm  # noqa: E402
 from sim.batched import BatchedStepper  # noqa: E402
 from sim.policy_fn import with_context, zero_policy  # noqa: E402
 from sim.scenario import ScenarioSpec  # noqa: E402
@@ -89,11 +89,14 @@ def run_arm(steps: int, seed: int, arm: str, conditions: tuple[str, ...] = tuple
     algorithm = make_algorithm(config, algo)
     refits = REFITS if arm == "refit" and has_noisy else 0
     stretches = [steps // (refits + 1)] * refits + [steps - refits * (steps // (refits + 1))]
+    if refits:  # one learner's run over the stretches, as over the flywheel's iterations: its whole budget is checked once, here
+        check_budget(config, algo)
     for k, stretch in enumerate(stretches):
         if k:  # the flywheel's next iteration: a filter fitted under the policy in training (the same learner goes on)
             fit = fit_sensor_filter(ROBOT, noisy, noisy.obs_noise_std, with_context(algorithm.policy, seen_body(noisy, on_board).context()), FilterConfig(seed=k))
             on_board = {noisy: fit.filter}
-        with Trainer(dataclasses.replace(config, total_env_steps=stretch, seed=config.seed + 7919 * k), algorithm, profiles=worlds, sensor_filters=on_board) as trainer:
+        stretch_config = dataclasses.replace(config, total_env_steps=stretch, seed=config.seed + 7919 * k)
+        with Trainer(stretch_config, algorithm, profiles=worlds, sensor_filters=on_board, carried_on=bool(refits)) as trainer:  # a stretch may end in the warm-up
             trainer.train()
             policy = trainer.algo.policy
     if not has_noisy:  # clean bodies only
