@@ -1,6 +1,7 @@
 """Physics steps/s per robot: (a) the raw mujoco.rollout limit on the same model and threads,
 (b) our batched stepper with a 2x256 MLP actor in the loop, recording episodes, (c) gymnasium's
-own single env. Ratios are to (a); one more line gives (b)/(c). Also peak RSS per 1,000 worlds.
+own single env. Ratios are to (a); one more line, ``batched_vs_gymnasium``, has value (b), baseline (c) and
+ratio (b)/(c). Also peak RSS per 1,000 worlds.
 A robot without a gymnasium env of its own (one of ``robot_modules``) has (c) and (b)/(c) null: not measured.
 (a) and (b) run in turn, five timed runs each after one untimed run (the median of each): this VM's
 speed drifts within a minute, and measured one after the other the ratio read the drift.
@@ -139,7 +140,7 @@ def main() -> None:
         emit(f"sim/{robot}/rollout_limit_steps_per_s", limit, "physics steps/s")  # the limit itself
         emit(f"sim/{robot}/batched_mlp_steps_per_s", ours, "physics steps/s", limit, round(ours / limit, 3))
         emit(f"sim/{robot}/gymnasium_single_steps_per_s", single, "physics steps/s", limit, None if single is None else round(single / limit, 3))
-        emit(f"sim/{robot}/batched_vs_gymnasium", None if single is None else ours / single, "x", single, None if single is None else round(ours / single, 2))
+        emit(f"sim/{robot}/batched_vs_gymnasium", ours, "physics steps/s", single, None if single is None else round(ours / single, 2))
         for record in (True, False):
             mib = rss_per_1000_worlds(robot, record)
             emit(f"sim/{robot}/rss_per_1000_worlds{'' if record else '_norecord'}", mib, "MiB", None, None)

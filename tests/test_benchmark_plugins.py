@@ -21,5 +21,7 @@ def test_sim_throughput_measures_a_plugin_robot_with_the_gymnasium_column_null(m
     lines = {row["metric"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
     assert lines["sim/tiny_tilt/batched_mlp_steps_per_s"]["value"] > 0  # measured
     assert lines["sim/tiny_tilt/gymnasium_single_steps_per_s"]["value"] is None  # not measured: gymnasium has no such env
-    assert lines["sim/tiny_tilt/batched_vs_gymnasium"]["value"] is None and lines["sim/tiny_tilt/batched_vs_gymnasium"]["ratio"] is None
+    tiny, pendulum = lines["sim/tiny_tilt/batched_vs_gymnasium"], lines["sim/pendulum/batched_vs_gymnasium"]
+    assert tiny["value"] > 0 and tiny["baseline"] is None and tiny["ratio"] is None  # ours measured, gymnasium's not: no ratio
     assert lines["sim/pendulum/gymnasium_single_steps_per_s"]["value"] > 0  # a built-in robot's still is
+    assert pendulum["unit"] == "physics steps/s" and abs(pendulum["ratio"] - pendulum["value"] / pendulum["baseline"]) < 0.0051  # value / baseline, both rates
