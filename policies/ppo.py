@@ -24,7 +24,7 @@ from torch import nn
 from policies.checkpoint import load_module_state, load_optimizer_state, module_state, optimizer_state
 from policies.networks import MLP, Policy, PolicySpec, SquashedGaussianActor, check_network, gaussian_log_prob, orthogonal_init_, seeded_init
 from policies.parallel import LocalComm
-from policies.transition import VectorStep, world_rows
+from policies.transition import VectorStep, check_world_count, world_rows
 from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, POSITIVE, UNIT, check_fields
 
 
@@ -119,8 +119,8 @@ class PPO:
 
     # -- acting ----------------------------------------------------------------------------
     def explore(self, obs: np.ndarray) -> np.ndarray:
-        """Sample actions (N, A) for obs (N, D); remembers u, log N(u) and V(obs) for :meth:`observe`."""
-        obs_t = torch.from_numpy(world_rows(obs, self.spec.obs_dim)).to(self.device)
+        """Sample actions (N, A) for obs (N, D), N = ``num_worlds``; remembers u, log N(u) and V(obs) for :meth:`observe`."""
+        obs_t = torch.from_numpy(world_rows(obs, self.spec.obs_dim, self.num_worlds)).to(self.device)
         with torch.no_grad():
             obs_n = self.policy.normalizer(obs_t)
             mean, log_std = self.policy.actor(obs_n)
@@ -132,6 +132,7 @@ class PPO:
 
     def observe(self, step: VectorStep) -> None:
         step.check_widths(self.spec.obs_dim, self.spec.act_dim)
+        check_world_count("VectorStep: rows", len(step.reward), self.num_worlds)
         if self._pending is None:
             raise RuntimeError("PPO.observe() needs the explore() call that produced the step's actions")
         obs_t, u, logp, value = self._pending

@@ -13,12 +13,26 @@ from policies.networks import Policy
 from sim.input_checks import check_finite, check_unit_actions
 
 
-def world_rows(obs, obs_dim: int) -> np.ndarray:
-    """The worlds' observations as float32 (N, obs_dim), as a learner's ``explore`` takes them; ValueError otherwise."""
-    obs = np.asarray(obs, dtype=np.float32)
-    if obs.ndim != 2 or obs.shape[1] != obs_dim:
-        raise ValueError(f"observations of shape {obs.shape}: a learner acts for N worlds at once, (N, {obs_dim}) (one env: obs[None])")
-    return obs
+def world_rows(obs, obs_dim: int, num_worlds: int | None = None) -> np.ndarray:
+    """The worlds' observations as float32 (N, obs_dim), as a learner's ``explore`` takes them; ValueError otherwise.
+
+    ``num_worlds``: the rows a learner built for a fixed number of worlds (PPO's rollout) needs, exactly."""
+    rows = np.asarray(obs, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != obs_dim:
+        raise ValueError(f"observations of shape {rows.shape}: a learner acts for N worlds at once, (N, {obs_dim}) (one env: obs[None])")
+    if num_worlds is not None:
+        check_world_count("observations", len(rows), num_worlds)
+    return rows
+
+
+def check_world_count(what: str, rows: int, num_worlds: int) -> None:
+    """ValueError naming both counts unless ``rows == num_worlds``: PPO's rollout has one row per world, and rows for
+    fewer worlds were broadcast into every row (one world's data trained on N times, silently), more failed inside torch."""
+    if rows != num_worlds:
+        raise ValueError(
+            f"{what} for {rows} worlds, this learner was built for num_worlds={num_worlds}: "
+            f"pass one row per world ({num_worlds}), or build it with num_worlds={rows}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,3 +172,21 @@ def test_a_python_resume_under_other_learner_settings_is_refused(tmp_path):
     with Trainer(config, make_algorithm(config, first), checkpoint_dir=tmp_path) as trainer:
         trainer.resume()  # the same settings resume
         assert trainer.env_steps == 40
+
+
+def test_ppo_refuses_rows_for_another_number_of_worlds_naming_both_counts():
+    """PPO built for 4 worlds and fed one broadcast that world into all 4 rollout rows (trained on copies, silently);
+    built for 1 and fed 2, it failed inside torch at the rollout write."""
+    spec = PolicySpec(3, 1, (8,), "tanh", True)
+    four = PPO(spec, PPOConfig(hidden_sizes=(8,), n_steps=2, minibatch_size=2), num_worlds=4)
+    with pytest.raises(ValueError, match=r"observations for 1 worlds, this learner was built for num_worlds=4: .* or build it with num_worlds=1"):
+        four.explore(np.zeros((1, 3)))
+    one = PPO(spec, PPOConfig(hidden_sizes=(8,), n_steps=2, minibatch_size=2), num_worlds=1)
+    with pytest.raises(ValueError, match=r"observations for 2 worlds, this learner was built for num_worlds=1"):
+        one.explore(np.zeros((2, 3)))
+    one.explore(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match=r"VectorStep: rows for 2 worlds, this learner was built for num_worlds=1"):
+        one.observe(step(n=2))
+    one.observe(step(n=1))  # the right count is taken
+    assert one.t == 1
+
