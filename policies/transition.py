@@ -16,12 +16,21 @@ from sim.input_checks import check_finite, check_unit_actions
 def world_rows(obs, obs_dim: int, num_worlds: int | None = None) -> np.ndarray:
     """The worlds' observations as float32 (N, obs_dim), as a learner's ``explore`` takes them; ValueError otherwise.
 
+    Checked here, not only in :class:`VectorStep`: a NaN observation once became a NaN action the env was stepped
+    with (the next VectorStep then blamed the env), and a Dict observation failed as a bare numpy TypeError.
     ``num_worlds``: the rows a learner built for a fixed number of worlds (PPO's rollout) needs, exactly."""
-    rows = np.asarray(obs, dtype=np.float32)
+    try:
+        rows = np.asarray(obs, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"observations of type {type(obs).__name__} are not numbers: a learner takes a float vector per world, (N, {obs_dim}) "
+            "(flatten a Dict or Tuple space first: gymnasium.wrappers.FlattenObservation)"
+        ) from exc
     if rows.ndim != 2 or rows.shape[1] != obs_dim:
         raise ValueError(f"observations of shape {rows.shape}: a learner acts for N worlds at once, (N, {obs_dim}) (one env: obs[None])")
     if num_worlds is not None:
         check_world_count("observations", len(rows), num_worlds)
+    check_finite("explore", {"obs": rows}, "an env's observations must be finite: end the episode (and reset) where the env reads NaN")
     return rows
 
 

@@ -190,3 +190,16 @@ def test_ppo_refuses_rows_for_another_number_of_worlds_naming_both_counts():
     one.observe(step(n=1))  # the right count is taken
     assert one.t == 1
 
+
+def test_explore_refuses_nan_and_non_numeric_observations_saying_what_to_do():
+    """explore() once turned a NaN observation into a NaN action the env was stepped with (the next VectorStep then blamed
+    the env), and a Dict observation into a bare numpy TypeError that did not say to flatten it."""
+    spec = PolicySpec(3, 1, (8,), "tanh", True)
+    sac = SAC(spec, SACConfig(hidden_sizes=(8,), batch_size=2, learning_starts=0))
+    ppo = PPO(spec, PPOConfig(hidden_sizes=(8,), n_steps=2, minibatch_size=2), num_worlds=1)
+    for learner in (sac, ppo):
+        with pytest.raises(ValueError, match=r"explore: obs holds NaN or Inf; an env's observations must be finite"):
+            learner.explore(np.array([[0.0, np.nan, 0.0]]))
+        with pytest.raises(ValueError, match=r"observations of type dict are not numbers: .*gymnasium.wrappers.FlattenObservation"):
+            learner.explore({"position": np.zeros(3)})
+    assert ppo._pending is None  # nothing half-remembered for observe()
