@@ -46,6 +46,11 @@ from worldmodel.train import TrainConfig, fit_transitions
 from worldmodel.transitions import Transitions
 
 REAL, MODEL = "real", "model"
+# The world model's first fit, at sac.learning_starts real steps, has too few for a split by episode blocks: it holds out the
+# newest FIRST_FIT_HOLDOUT of them. MIN_LEARNING_STARTS leaves 8 transitions to fit (and the normalisers' spread) and 2 to
+# validate on; 1 left none to fit (a crash at the first step), 2 left one, whose zero spread gave a val_mse of 6e9.
+FIRST_FIT_HOLDOUT = 0.2
+MIN_LEARNING_STARTS = 10
 EMPTY_REFILLS_WARN = 3  # refills in a row that added nothing before the learner warns: SAC waits for model data until one does
 _FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "episode", "step", "offline", "context")
 
@@ -75,6 +80,12 @@ class MBPOConfig:
             value, kind = getattr(self, name), {"sac": SACConfig, "ensemble": EnsembleConfig, "model_train": TrainConfig}[name]
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, kind(**value))
+        if self.sac.learning_starts < MIN_LEARNING_STARTS:
+            raise ValueError(
+                f"mbpo: sac.learning_starts={self.sac.learning_starts} is too short a warm-up: the world model is first fitted on that many real steps, "
+                f"{FIRST_FIT_HOLDOUT:.0%} of them held out to validate on, and needs {MIN_LEARNING_STARTS} or more to fit on at least 8 "
+                f"(fewer crashed at the first step or fitted nonsense): set sac.learning_starts to {MIN_LEARNING_STARTS} or more (the default is 150)"
+            )
         if not 0 < self.real_ratio < 1:
             raise ValueError(f"mbpo: real_ratio must be in (0, 1), got {self.real_ratio}")
         for name in ("retrain_steps", "model_train_every", "rollout_every", "rollouts_per_step", "model_retain", "max_horizon", "val_block"):
@@ -334,8 +345,8 @@ class MBPO:
     def _train_model(self) -> None:
         cfg = self.config
         val = self.real.is_val(cfg.val_fraction, cfg.val_block)
-        if val.all() or not val.any():  # too little data yet for a block split: hold out the newest 20 %
-            val = np.arange(self.real.size) >= int(0.8 * self.real.size)
+        if val.all() or not val.any():  # too little data yet for a block split: hold out the newest FIRST_FIT_HOLDOUT
+            val = np.arange(self.real.size) >= int((1 - FIRST_FIT_HOLDOUT) * self.real.size)
         train_cfg = cfg.model_train if self.model is None else dataclasses.replace(cfg.model_train, max_steps=cfg.retrain_steps)
         train_cfg = dataclasses.replace(train_cfg, seed=cfg.model_train.seed + self.retrains)
         self.model, report = fit_transitions(

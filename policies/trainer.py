@@ -158,7 +158,9 @@ def steps_trained(config: TrainerConfig, world_size: int) -> int:
 def first_update(config: TrainerConfig, algo_config, observed: int = 0, prefix: str = "") -> tuple[int, str]:
     """(env steps one rank collects before the learner's first update, the settings that say so, by key): PPO's first
     rollout; SAC's (and the model-based learner's) ``learning_starts``, less the ``observed`` steps of a learner carried
-    over, then the steps that owe one gradient step at ``utd_ratio``. ``prefix``: where the keys live (``policy.``)."""
+    over, then the steps that owe one gradient step at ``utd_ratio``. ``prefix``: where the keys live (``policy.``).
+    The model-based learner's first update also waits for its first model fit, at the same ``learning_starts``, which
+    ``MBPOConfig`` refuses below ``policies.mbpo.MIN_LEARNING_STARTS`` (the fit needs that many to split): so the two agree."""
     if config.algorithm == "ppo":
         return algo_config.n_steps * config.num_worlds, f"one rollout: {prefix}algorithm.n_steps={algo_config.n_steps} x {prefix}trainer.num_worlds={config.num_worlds}"
     sac, key = (algo_config.sac, f"{prefix}algorithm.sac.") if config.algorithm == "mbpo" else (algo_config, f"{prefix}algorithm.")

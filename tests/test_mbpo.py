@@ -69,6 +69,31 @@ def test_long_episodes_are_held_out_in_blocks_and_segments_stay_inside_them():
         MBPOConfig(val_block=10, max_horizon=15)
 
 
+@pytest.mark.parametrize("option", ["mbpo", "mbpo_fleet"])
+def test_too_short_a_warm_up_is_refused_when_the_config_is_made_and_the_shipped_ones_pass(option):
+    """sac.learning_starts 0 or 1 passed every check, then the first step crashed in the world model's fit ("need training
+    and validation transitions, got 0 and 1"), a traceback mid-run under flywheel-train; 2 fitted on one transition
+    (val_mse 6e9). flywheel-train turns the config's ValueError into its one-line refusal (fleet/apps/train.py)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    import fleet.conf.schema_flywheel  # noqa: F401  (registers the schemas the YAML's defaults name)
+    from fleet.conf import CONF_DIR
+
+    for short in (0, 1, 9):  # 10: 8 transitions to fit, 2 to validate on (the first fit holds out the newest 20 %)
+        with pytest.raises(ValueError, match=rf"mbpo: sac.learning_starts={short} is too short a warm-up: .* set sac.learning_starts to 10 or more"):
+            MBPOConfig(sac=SACConfig(learning_starts=short))
+    assert MBPOConfig(sac=SACConfig(learning_starts=10)).sac.learning_starts == 10
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        shipped = compose(config_name="flywheel", overrides=[f"policy={option}"])
+        short = compose(config_name="flywheel", overrides=[f"policy={option}", "policy.algorithm.sac.learning_starts=1"])
+    assert instantiate(shipped.policy.algorithm).sac.learning_starts >= 10
+    with pytest.raises(InstantiationException) as refused:
+        instantiate(short.policy.algorithm)
+    assert "sac.learning_starts=1 is too short a warm-up" in str(refused.value.__cause__ or refused.value)
+
+
 def test_every_real_row_carries_its_body_for_the_world_model(one_torch_thread):
     """Own steps carry their world's profile, handed-in episodes the body profile_of names (nominal
     if none); the contexts survive a checkpoint; an unconditioned learner stores none."""
