@@ -17,6 +17,7 @@ from policies.ppo import PPOConfig
 from policies.trainer import TrainerConfig, make_algorithm, model_beside_learner
 from tests.test_policy_resume import CASES
 from worldmodel.device import resolve_device
+from worldmodel.train import TrainConfig
 
 HERE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,6 +38,15 @@ def test_cuda_without_cuda_says_what_to_do():
 def test_a_name_torch_cannot_parse_is_refused_when_the_config_is_made(name):
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'"):
         TrainerConfig(device=name)
+
+
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta"])
+def test_a_device_type_other_than_cpu_or_cuda_is_refused_when_the_config_is_made(name):
+    """``mps`` parsed, passed the config check and failed inside torch when the learner was built
+    ("PyTorch is not linked with support for mps devices"); the learners run on cpu or CUDA only."""
+    for make in (lambda: TrainerConfig(device=name), lambda: TrainConfig(device=name)):
+        with pytest.raises(ValueError, match=rf"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got '{name}': .*cpu or CUDA only"):
+            make()
 
 
 def test_the_model_based_learners_world_model_sits_beside_the_learner():

@@ -10,17 +10,23 @@ from __future__ import annotations
 import torch
 
 AUTO = "auto"
+DEVICE_TYPES = ("cpu", "cuda")  # what the learners and world models run on
 
 
 def check_device_name(name: str, key: str = "device") -> None:
-    """Refuse a name that is neither ``"auto"`` nor a device torch can parse; says which ``key``.
-    Whether the device is present is asked only when it is resolved (:func:`resolve_device`)."""
+    """Refuse a name that is neither ``"auto"`` nor a cpu or cuda device torch can parse; says which ``key``.
+    Whether the device is present is asked only when it is resolved (:func:`resolve_device`). Other device types
+    (``mps``, ``xpu``, ``meta``) parse too, but the learners are built and tested on cpu and CUDA only: ``mps``
+    once passed this check and failed inside torch ("PyTorch is not linked with support for mps devices")."""
     if name == AUTO:
         return
+    wanted = f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {name!r}"
     try:
-        torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {name!r}") from exc
+        raise ValueError(wanted) from exc
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"{wanted}: the learners and world models run on cpu or CUDA only (use {key}=cpu)")
 
 
 def resolve_device(name: str = AUTO) -> torch.device:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, check_fields
 from sim.episode import Episode
-from worldmodel.device import resolve_device, set_cpu_threads
+from worldmodel.device import check_device_name, resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.flat_params import flatten_parameters
 from worldmodel.normalizer import SPREAD
@@ -61,6 +61,7 @@ class TrainConfig:
             learning_rate=NON_NEGATIVE, weight_decay=NON_NEGATIVE, min_improvement=NON_NEGATIVE, val_fraction=OPEN_UNIT,
             termination_weight=NON_NEGATIVE, logvar_bound_weight=NON_NEGATIVE,
         )  # fmt: skip
+        check_device_name(self.device)  # when the config is made, not at the first fit (mid-run under the model-based learner)
 
 
 @dataclasses.dataclass
