@@ -37,8 +37,16 @@ def test_the_documented_tuf_client_installs_what_the_registry_released(tmp_path)
 def test_a_learner_driven_on_a_gymnasium_env_as_documented_learns_in_its_bounds():
     import numpy as np
 
+    import torch
+
     scope = {"steps": 400}
-    exec(compile(snippet(DOCS / "policies.md", "## Your own environment"), "policies.md", "exec"), scope)  # noqa: S102
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default on 2 cores: the snippet sets its own, as Trainer does (torch_threads)
+    try:
+        exec(compile(snippet(DOCS / "policies.md", "## Your own environment"), "policies.md", "exec"), scope)  # noqa: S102
+        assert torch.get_num_threads() == 1  # without it, gradient steps ran ~70x slower on a busy machine
+    finally:
+        torch.set_num_threads(before)
     sac, metrics = scope["sac"], scope["metrics"]
     assert sac.env_steps == 400 and metrics["train/gradient_steps"] == 200  # updates from learning_starts on
     assert all(np.isfinite(v) for v in metrics.values())
