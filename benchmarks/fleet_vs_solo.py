@@ -20,15 +20,17 @@ learner (policies/mbpo.py, conf/policy/mbpo.yaml) with 1x real steps plus its sy
 world-model rollouts of the *current* policy branched from the fleet's real states, refreshed
 as it learns (on-policy, not drawn once by a random policy). Both pool the N conditions (one
 world each). Ratio of the mean return over the conditions (goal: >= 1.0, i.e. the same
-return with 3x fewer real steps).
+return with 3x fewer real steps). The SAC peer runs at its own recommended settings (SB3's
+defaults, as ``real_step_efficiency.py``'s: 2x256, batch 256, 100 warm-up steps, one update per
+step); part 1's 2x64 SAC at 3x is printed beside it (``..._vs_sac_2x64``), the peer of earlier builds.
 
 Every number is the median over ``--seeds`` (default 0 1 2; one seed seeds every run of it, and
 the evaluation seeds are fixed). Each seed's returns are cached as JSON under
-``runs/benchmarks/fleet_vs_solo/`` (steps and seed in the file name), so seeds may run in separate
-processes (``--seeds 1 --runs-only``) and one final call prints the lines; ``--fresh`` ignores
-the cache.
+``runs/benchmarks/fleet_vs_solo/`` (part, steps and seed in the file name), so seeds may run in
+separate processes (``--seeds 1 --runs-only``) and one final call prints the lines; ``--fresh``
+ignores the cache; ``--parts synthetic`` runs and prints part 2 alone.
 
-Run: `.venv/bin/python benchmarks/fleet_vs_solo.py [--steps 2000] [--seeds 0 1 2]`
+Run: `.venv/bin/python benchmarks/fleet_vs_solo.py [--steps 2000] [--seeds 0 1 2] [--parts pooling synthetic]`
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ from sim.variation import VariationProfile  # noqa: E402
 ROBOT = "pendulum"
 FLEET = ["nominal", "heavy_payload", "weak_motor", "noisy_sensor"]
 SAC = SACConfig(hidden_sizes=(64, 64), learning_starts=500, replay_ratios={"online": 1.0})
+# Part 2's model-free peer at its own recommended settings: SB3's SAC defaults, as real_step_efficiency's arm (a)
+SAC_DEFAULTS = SACConfig(hidden_sizes=(256, 256), learning_starts=100, utd_ratio=1.0, batch_size=256)
 
 
-def train(profiles: list[VariationProfile], steps: int, seed: int, body_context: bool = False):
-    config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=8, total_env_steps=steps, seed=seed)
-    algo = dataclasses.replace(SAC, body_context=body_context)
+def train(profiles: list[VariationProfile], steps: int, seed: int, body_context: bool = False, sac: SACConfig = SAC, num_worlds: int = 8):
+    config = TrainerConfig(robot=ROBOT, algorithm="sac", num_worlds=num_worlds, total_env_steps=steps, seed=seed)
+    algo = dataclasses.replace(sac, body_context=body_context)
     with Trainer(config, make_algorithm(config, robust(algo, profiles)), profiles=profiles) as trainer:
         trainer.train()
         return trainer.algo.policy
@@ -91,16 +95,27 @@ def returns(policy, profiles: list[VariationProfile], episodes: int = 6) -> list
 CACHE = Path("runs/benchmarks/fleet_vs_solo")
 
 
-def one_seed(steps: int, seed: int) -> dict:
-    """Every return this benchmark compares, for one seed."""
+def pooling_seed(steps: int, seed: int) -> dict:
+    """Part 1's returns (pooled, body-conditioned, solo, specialist), for one seed."""
     profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
     out = {"fleet": returns(train(profiles, steps * len(profiles), seed), profiles)}
     out["fleet_conditioned"] = conditioned_fleet(steps, seed)
     out["solo"] = [returns(train([p], steps, seed), profiles) for p in profiles]
     out["specialist"] = [returns(train([p], steps * len(profiles), seed), [p])[0] for p in profiles]
-    out["with_synthetic"] = float(np.mean(returns(train_model_based(profiles, steps, seed), profiles)))
-    out["online_only_3x"] = float(np.mean(returns(train(profiles, 3 * steps, seed), profiles)))
     return out
+
+
+def synthetic_seed(steps: int, seed: int) -> dict:
+    """Part 2's mean returns over the conditions, for one seed: the model-based learner at 1x real
+    steps, SAC at 3x with its recommended settings (one world per condition, as the learner's), and
+    part 1's 2x64 SAC at 3x."""
+    profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
+    mean = lambda policy: float(np.mean(returns(policy, profiles)))  # noqa: E731
+    return {
+        "with_synthetic": mean(train_model_based(profiles, steps, seed)),
+        "online_only_3x": mean(train(profiles, 3 * steps, seed, sac=SAC_DEFAULTS, num_worlds=len(profiles))),
+        "online_only_3x_2x64": mean(train(profiles, 3 * steps, seed)),
+    }
 
 
 def conditioned_fleet(steps: int, seed: int) -> list[float]:
@@ -108,15 +123,22 @@ def conditioned_fleet(steps: int, seed: int) -> list[float]:
     return returns(train(profiles, steps * len(profiles), seed, body_context=True), profiles)
 
 
-def cached_seed(steps: int, seed: int, fresh: bool) -> dict:
-    """One seed's every arm, run by one build (a seed cached before an arm existed is run again whole, not mixed)."""
-    path = CACHE / f"steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
-    return cached_json(path, lambda: one_seed(steps, seed), fresh=fresh, complete=lambda out: "fleet_conditioned" in out)
+PARTS = {"pooling": (pooling_seed, "fleet_conditioned"), "synthetic": (synthetic_seed, "online_only_3x_2x64")}
 
 
-def report(steps: int, runs: list[dict]) -> None:
-    """Medians over seeds: the table on stderr, the lines on stdout."""
-    med = lambda values: float(statistics.median(values))  # noqa: E731
+def cached_seed(part: str, steps: int, seed: int, fresh: bool) -> dict:
+    """One seed's arms of one part, run by one build (a seed cached before an arm existed is run again whole, not mixed)."""
+    compute, last_arm = PARTS[part]
+    path = CACHE / f"{part}-steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
+    return cached_json(path, lambda: compute(steps, seed), fresh=fresh, complete=lambda out: last_arm in out)
+
+
+def med(values) -> float:
+    return float(statistics.median(values))
+
+
+def report_pooling(runs: list[dict]) -> None:
+    """Part 1's medians over seeds: the table on stderr, the lines on stdout."""
     n = len(FLEET)
     fleet = [med([r["fleet"][i] for r in runs]) for i in range(n)]
     solo = [[med([r["solo"][j][i] for r in runs]) for i in range(n)] for j in range(n)]
@@ -138,10 +160,17 @@ def report(steps: int, runs: list[dict]) -> None:
         emit(f"fleet_vs_solo/{c}/equal_data_return", fleet[i], "return", specialist, round(fleet[i] / specialist, 3) if specialist else None)
         emit(f"fleet_vs_solo/{c}/conditioned_equal_data_return", conditioned[i], "return", specialist, round(conditioned[i] / specialist, 3) if specialist else None)
         emit(f"fleet_vs_solo/{c}/conditioned_vs_pooled_return", conditioned[i], "return", fleet[i], round(conditioned[i] / fleet[i], 3) if fleet[i] else None)
-    a, b = med([r["with_synthetic"] for r in runs]), med([r["online_only_3x"] for r in runs])
-    print("# synthetic per seed: " + ", ".join(f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}" for r in runs), file=sys.stderr)
+
+
+def report_synthetic(steps: int, runs: list[dict]) -> None:
+    """Part 2's medians over seeds, against SAC at its recommended settings and against the 2x64 SAC."""
+    a = med([r["with_synthetic"] for r in runs])
+    print("# synthetic per seed (model-based / SAC defaults / SAC 2x64): " + ", ".join(
+        f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}/{r['online_only_3x_2x64']:.1f}" for r in runs), file=sys.stderr)  # fmt: skip
     emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps, "real env steps", 3 * steps, round(1 / 3, 3))
-    emit("fleet_vs_solo/synthetic_data/return_with_1x_real_plus_synthetic", a, "return", b, round(a / b, 3) if b else None)
+    for suffix, arm in (("", "online_only_3x"), ("_vs_sac_2x64", "online_only_3x_2x64")):
+        b = med([r[arm] for r in runs])
+        emit(f"fleet_vs_solo/synthetic_data/return_with_1x_real_plus_synthetic{suffix}", a, "return", b, round(a / b, 3) if b else None)
 
 
 def main() -> None:
@@ -151,13 +180,19 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
     parser.add_argument("--runs-only", action="store_true", help="run and cache, print no lines")
     parser.add_argument("--raw-pooling", action="store_true", help="no arm trains its actor under sensor noise (the flywheel does)")
+    parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="pooling (part 1), synthetic (part 2)")
     args = parser.parse_args()
     global ROBUST
     ROBUST = not args.raw_pooling
     torch.set_num_threads(1)
-    runs = [cached_seed(args.steps, seed, args.fresh) for seed in args.seeds]
-    if not args.runs_only:
-        report(args.steps, runs)
+    for part in args.parts:
+        runs = [cached_seed(part, args.steps, seed, args.fresh) for seed in args.seeds]
+        if args.runs_only:
+            continue
+        if part == "pooling":
+            report_pooling(runs)
+        else:
+            report_synthetic(args.steps, runs)
 
 
 if __name__ == "__main__":
