@@ -85,6 +85,32 @@ def test_unknown_store_schema_version_is_refused(cfg):
         EpisodeStore.open(cfg)
 
 
+def test_a_damaged_newest_snapshot_is_named_at_once_never_called_an_unfinished_creation(cfg):
+    """A truncated newest snapshot (a torn write, a bad sector): zarr reports it as "no group found", and open() waited
+    lock_timeout_s, then said the store's creation never finished and to remove it: deleting every stored episode."""
+    from fleet.store import StoreCorruptionError
+
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)]), store.append([episode(2)])
+    tip = store.latest_snapshot_id()
+    snapshot = Path(cfg.path) / "icechunk" / "snapshots" / tip
+    snapshot.write_bytes(snapshot.read_bytes()[: snapshot.stat().st_size // 2])
+    start = time.monotonic()
+    with pytest.raises(StoreCorruptionError, match=rf"damaged: snapshot icechunk/snapshots/{tip} cannot be read .*restore it from a backup.*Do not delete") as raised:
+        EpisodeStore.open(StoreConfig(path=cfg.path, lock_timeout_s=30))
+    assert time.monotonic() - start < 10 and "never finished" not in str(raised.value)
+
+
+def test_a_garbage_branch_ref_is_named_in_one_line(cfg):
+    """Garbage in refs/branch.main/ref.json stopped flywheel-server with Icechunk's raw "cannot serialize ref json"."""
+    from fleet.store import StoreCorruptionError
+
+    EpisodeStore.create(cfg).append([episode(1)])
+    (Path(cfg.path) / "icechunk" / "refs" / "branch.main" / "ref.json").write_text("{1: garbage")
+    with pytest.raises(StoreCorruptionError, match=r"damaged: branch ref icechunk/refs/branch.main/ref.json cannot be read \(key must be a string"):
+        EpisodeStore.open_or_create(cfg)
+
+
 def test_round_trip_is_bit_exact_across_streams_and_extras(cfg):
     store = EpisodeStore.create(cfg)
     rng = np.random.default_rng(1)

@@ -37,7 +37,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
     from fleet.pipeline.ray_start import RayJoinError
     from fleet.pipeline.report import summary_table
-    from fleet.store.backend import StoreUnreachableError
+    from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
     from fleet.tracking import TrackerError, run_files_line
 
     start_app("flywheel", cfg)
@@ -48,7 +48,7 @@ def run_flywheel(cfg: DictConfig) -> None:
         console.print(f"flywheel: {reason}", soft_wrap=True)
         return
     accept_run_folder("flywheel", Path(cfg.run_dir))
-    with one_line_errors("flywheel", (RayJoinError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
+    with one_line_errors("flywheel", (RayJoinError, StoreCorruptionError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
         summary = flywheel.run()  # the cluster, the store or W&B fail at the start: what to check
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")

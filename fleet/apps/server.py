@@ -18,7 +18,7 @@ from fleet.conf.schema_tools import check, instantiated
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
 from fleet.server.runner import bind_socket, run
-from fleet.store.backend import StoreUnreachableError
+from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     check(cfg, "flywheel-server")
-    # the settings' faults (values, files, keys, the address, the store) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
-    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError)):
+    # the settings' faults (values, files, keys, the address, the store and its damaged files) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
+    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError)):
         server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import re
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -34,7 +35,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from fleet.store.layout import CATALOG, LOCK_FILE, REPO_DIR
-from fleet.store.location import Location
+from fleet.store.location import Location, StoreLocationError
 
 T = TypeVar("T")
 
@@ -67,6 +68,53 @@ def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:
         else "no AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment: set them, and AWS_ENDPOINT_URL for an S3-compatible server (MinIO, Ceph, moto)"
     )
     return StoreUnreachableError(f"cannot open the episode store at {location} ({reason}); {hint} (docs/store.md)")
+
+
+class StoreCorruptionError(RuntimeError):
+    """The store's files are damaged: an episode no longer matches the digest recorded when it was committed, or a
+    snapshot, manifest, ref or chunk it needs is missing, short or undecodable. Restore the store from backup; waiting or
+    retrying does not help, and deleting the store deletes every episode it holds."""
+
+
+# What a read says when the storage answered, but with something other than what Icechunk wrote: an object missing,
+# shorter than its manifest records, or not decodable. That is damage, for good. Anything else (a timeout, a refused
+# connection, throttling) may pass, and stays a "retry later".
+DAMAGE_MARKERS = ("not found", "object was only", "incomplete frame", "decompression", "cannot serialize ref json", "deserializ")
+# Where Icechunk's error context names the object it failed on, most precise first: (pattern, the file it names).
+_DAMAGED_PARTS = (
+    (r"Object at location (\S+) not found", "{}"),
+    (r"manifest_id=(\w+)", "manifest icechunk/manifests/{}"),
+    (r"snapshot_id=(\w+)", "snapshot icechunk/snapshots/{}"),
+    (r'fetch_branch[\s|]+with name="([^"]+)"', "branch ref icechunk/refs/branch.{}/ref.json"),
+    (r'key="([^"]+)"', "the chunk of {}"),
+)
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether ``exc`` (Icechunk's, or a codec's) says the store's files are damaged rather than the storage not answering."""
+    return isinstance(exc, (icechunk.IcechunkError, RuntimeError, ValueError)) and any(m in str(exc) for m in DAMAGE_MARKERS)
+
+
+def damaged_part(exc: BaseException) -> str:
+    """The store file a failed read names in ``exc`` ("snapshot icechunk/snapshots/GTCJ...", a chunk's path), for the
+    operator who restores it; "its files" when the error names none."""
+    for pattern, form in _DAMAGED_PARTS:
+        if found := re.search(pattern, str(exc)):
+            return form.format(found.group(1))
+    return "its files"
+
+
+def unreadable(location: Location, exc: Exception) -> Exception:
+    """What to raise when opening the store at ``location`` failed with Icechunk's ``exc``: damage names the file and says
+    to restore it (never to delete the store); object storage that did not answer, what to check; else one line with the cause."""
+    if damaged(exc):
+        return StoreCorruptionError(
+            f"the episode store at {location} is damaged: {damaged_part(exc)} cannot be read ({short_reason(exc)}); restore it "
+            "from a backup of the store (docs/store.md, \"Damaged files\"). Do not delete the store: that deletes every episode it holds"
+        )
+    if not location.is_local:
+        return unreachable(location, exc)
+    return StoreLocationError(f"cannot open the episode store at {location}: {damaged_part(exc)} ({short_reason(exc)})")
 
 
 class StoreBusyError(TimeoutError):
@@ -107,10 +155,8 @@ def repo_exists(where: Location | Path | str) -> bool:
         return False
     try:
         return icechunk.Repository.exists(storage(location))
-    except icechunk.IcechunkError as exc:
-        if location.is_local:
-            raise
-        raise unreachable(location, exc) from None
+    except icechunk.IcechunkError as exc:  # a ref that cannot be read (damaged, or storage that does not answer)
+        raise unreadable(location, exc) from None
 
 
 MANIFEST_SPLIT_CHUNKS = 1024

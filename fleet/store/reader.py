@@ -17,15 +17,12 @@ import icechunk
 import numpy as np
 
 from fleet.store import backend, legacy
+from fleet.store.backend import StoreCorruptionError
 from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
 from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
-
-
-class StoreCorruptionError(RuntimeError):
-    """A stored episode no longer matches the digest recorded when it was committed."""
 
 
 @dataclasses.dataclass

@@ -160,18 +160,38 @@ CREATING_POLL_S = 0.2  # how often open() looks again at a store another process
 def _created_root(repo: icechunk.Repository, path: Location, timeout_s: float):
     """The store's root group. A repository whose first commit has not landed yet is a store another process is
     creating (replicas started together on a new bucket): waited for, up to ``timeout_s`` (it failed with zarr's
-    "No group found in store")."""
+    "No group found in store"). zarr says the same when the newest snapshot cannot be read (a torn write, a bad
+    sector): a branch with more than Icechunk's initial commit is never waited for, and an unreadable one is damage."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return backend.open_root(repo.readonly_session(branch=BRANCH))
+        except icechunk.IcechunkError as exc:
+            raise backend.unreadable(path, exc) from None
         except GroupNotFoundError:
+            _check_being_created(repo, path)
             if time.monotonic() > deadline:
                 raise StoreLocationError(
                     f"{path} holds an Icechunk repository but no episode store: its creation never finished (the process creating it "
                     f"died?) after {timeout_s:g} s; remove it and start again, or point fleet.store.path elsewhere"
                 ) from None
             time.sleep(CREATING_POLL_S)
+
+
+def _check_being_created(repo: icechunk.Repository, path: Location) -> None:
+    """Passes only if branch main holds nothing but Icechunk's initial commit (a store whose creation has not landed):
+    every snapshot is read (the damaged one named, to restore), and a branch with commits of its own is never
+    called unfinished (removing it, as that message says, would delete what it holds)."""
+    try:
+        history = list(repo.ancestry(branch=BRANCH))
+    except icechunk.IcechunkError as exc:
+        raise backend.unreadable(path, exc) from None
+    if len(history) > 1:
+        raise StoreLocationError(
+            f"{path} holds an Icechunk repository with {len(history)} commits on branch {BRANCH}, but its newest snapshot "
+            f"{history[0].id} has no episode store root: it is not a Flywheel store, or that snapshot is damaged (restore the "
+            "store from backup); do not delete it before you know which"
+        )
 
 
 class EpisodeStore:
@@ -223,7 +243,10 @@ class EpisodeStore:
         path = Location.parse(config.path)
         if not backend.repo_exists(path):
             raise FileNotFoundError(f"no episode store at {path}; create it with EpisodeStore.create (or open_or_create)")
-        repo = backend.open_repo(path)
+        try:
+            repo = backend.open_repo(path)
+        except icechunk.IcechunkError as exc:  # its config or a ref cannot be read
+            raise backend.unreadable(path, exc) from None
         root = _created_root(repo, path, config.lock_timeout_s)
         store = cls(config, repo, check_root_attrs(dict(root.attrs), str(path)))
         if store.info["store_schema_version"] != STORE_SCHEMA_VERSION:
