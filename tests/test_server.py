@@ -652,6 +652,45 @@ def test_a_full_disk_is_a_507_that_keeps_nothing_and_healthz_says_degraded(tmp_p
         handle.stop()
 
 
+def test_a_read_only_staging_disk_is_a_logged_503_naming_the_file_and_every_500_is_logged(tmp_path, monkeypatch, caplog):
+    """A staging disk remounted read-only (ext4 errors=remount-ro) answered resumable uploads 500 internal_error "it is
+    logged", and nothing was logged: an OSError handled by disk_fault never reaches the server's own traceback log."""
+    import errno
+    import hashlib
+    import logging
+
+    from fleet.server.uploads import Staging
+
+    tokens = tmp_path / "tokens.json"
+    tok = add_token(tokens, "robot", "r0")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")))
+    failure = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "store.uploads" / "u1"))
+
+    def refused(self, upload, offset, chunk):
+        raise failure
+
+    monkeypatch.setattr(Staging, "append", refused)
+    caplog.set_level(logging.INFO, logger="fleet.server.app")
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            body = make("r0", seed=1).to_bytes()
+            created = client.post("/v1/uploads", json={"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}, headers=auth(tok))
+
+            def put() -> httpx.Response:
+                return client.put(f"/v1/uploads/{created.json()['upload_id']}", content=body, headers={"Upload-Offset": "0", **auth(tok)})
+
+            chunk = put()
+            assert (chunk.status_code, chunk.json()["error"], chunk.headers["Retry-After"]) == (503, "store_unavailable", "5"), chunk.text
+            assert f"Read-only file system: {failure.filename}" in chunk.json()["reason"]
+            assert f"refused a write (Read-only file system: {failure.filename})" in caplog.text
+            failure.errno = errno.ENOTDIR  # no disk condition an operator fixes: a bug, answered 500, its traceback logged
+            caplog.clear()
+            assert (put().status_code, put().json()["error"]) == (500, "internal_error")
+            assert "Traceback" in caplog.text and "OSError" in caplog.text
+    finally:
+        handle.stop()
+
+
 def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_so(tmp_path, monkeypatch):
     """With S3 throttling, a commit sits in Icechunk's retries for ~30 s: the upload's 503 came at 25-33 s, the robots'
     own timeout is 30 s, and /healthz said ok all the while (it only counted commits that had failed)."""

@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -60,6 +62,9 @@ SAFETENSORS = "application/octet-stream"
 STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy, RegistryCorrupted)
 STORAGE_RETRY_AFTER_S = 5
 FULL_DISK_RETRY_AFTER_S = 30  # space comes back when an operator frees it, not within a second
+# the server's own disk refused a write for a reason an operator fixes (a read-only remount after disk errors, permissions, a
+# failing disk): 503 + Retry-After, as for a store that does not answer; a full disk or quota (ENOSPC, EDQUOT) is a 507
+UNWRITABLE_DISK = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 DEGRADED_FOR_S = 30.0  # /healthz answers 503 this long after a failed group commit
 STALLED_S = 10.0  # ... and while a group commit has run longer than this (commits take milliseconds, ~1 s on object storage)
 
@@ -229,13 +234,19 @@ def create_app(
 
     @app.exception_handler(OSError)
     async def disk_fault(request: Request, exc: OSError):  # the server's own disk (staged uploads, a local store)
-        if not disk_full(exc):
+        if disk_full(exc):
+            log.warning("%s %s: disk full (%s)", request.method, request.url.path, exc)
+            return await api_error(request, insufficient_storage(f"the server's disk is full ({exc.strerror or exc})"))
+        if exc.errno not in UNWRITABLE_DISK:
+            log.error("%s %s: failed", request.method, request.url.path, exc_info=exc)  # handled here, so no one else logs it
             return await server_fault(request, exc)
-        log.warning("%s %s: disk full (%s)", request.method, request.url.path, exc)
-        return await api_error(request, insufficient_storage(f"the server's disk is full ({exc.strerror or exc})"))
+        where = f"{os.strerror(exc.errno)}: {exc.filename}" if exc.filename else os.strerror(exc.errno)
+        log.error("%s %s: the server's disk refused a write (%s)", request.method, request.url.path, where)
+        reason = f"the server's disk refused a write ({where}); retry later (an operator must make it writable again)"
+        return await api_error(request, ApiError(503, "store_unavailable", reason, None, {"Retry-After": str(STORAGE_RETRY_AFTER_S)}))
 
     @app.exception_handler(Exception)
-    async def server_fault(request: Request, exc: Exception):  # a bug: logged with its traceback by the server, answered in our shape
+    async def server_fault(request: Request, exc: Exception):  # a bug: its traceback logged by uvicorn (Starlette re-raises it after this answer)
         return ApiError(500, "internal_error", f"the server failed on this request ({exc.__class__.__name__}); it is logged: retry, and report it if it stays").response()
 
     @app.exception_handler(RequestValidationError)
