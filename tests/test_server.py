@@ -691,6 +691,38 @@ def test_a_read_only_staging_disk_is_a_logged_503_naming_the_file_and_every_500_
         handle.stop()
 
 
+def test_a_damaged_chunk_is_a_store_corrupt_500_naming_the_episode_not_a_retry(tmp_path, caplog):
+    """A truncated or deleted chunk answered 503 "the episode store did not answer (...); retry later" naming no episode or
+    file, and flipped bytes 500 internal_error: damage that stays, presented as transient or as a bug."""
+    import logging
+    from pathlib import Path
+
+    tokens = tmp_path / "tokens.json"
+    tok, op = add_token(tokens, "robot", "r0"), add_token(tokens, "operator")
+    handle = serve(ServerConfig(port=0, token_file=str(tokens)), StoreConfig(path=str(tmp_path / "store")))
+    caplog.set_level(logging.INFO, logger="fleet.server.app")
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30) as client:
+            episodes = [make("r0", steps=2000, seed=k) for k in range(3)]
+            for episode in episodes:
+                assert client.post("/v1/episodes", content=episode.to_bytes(), headers=auth(tok)).status_code == 201
+            chunks = sorted((tmp_path / "store" / "icechunk" / "chunks").iterdir(), key=lambda p: p.stat().st_mtime)
+
+            def damage(chunk: Path, how) -> None:
+                data = chunk.read_bytes()
+                chunk.write_bytes(how(data))
+
+            damage(chunks[-1], lambda b: b[: len(b) // 2])  # the newest episode's, truncated
+            damage(chunks[0], lambda b: b[:-64] + bytes(x ^ 0xFF for x in b[-64:-56]) + b[-56:])  # the first's, bytes flipped
+            for episode in (episodes[-1], episodes[0]):
+                got = client.get(f"/v1/episodes/{episode.episode_id}", headers=auth(op))
+                assert (got.status_code, got.json()["error"], "Retry-After" in got.headers) == (500, "store_corrupt", False), got.text
+                assert f"episode {episode.episode_id} in snapshot " in got.json()["reason"] and "restore the store from backup" in got.json()["reason"]
+                assert f"GET /v1/episodes/{episode.episode_id}: episode {episode.episode_id} in snapshot" in caplog.text
+    finally:
+        handle.stop()
+
+
 def test_a_stalled_store_answers_503_before_the_robots_timeout_and_healthz_says_so(tmp_path, monkeypatch):
     """With S3 throttling, a commit sits in Icechunk's retries for ~30 s: the upload's 503 came at 25-33 s, the robots'
     own timeout is 30 s, and /healthz said ok all the while (it only counted commits that had failed)."""

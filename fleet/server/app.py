@@ -51,7 +51,7 @@ from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
 from fleet.server.uploads import Staging, staging_dir, upload_router
 from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_reason
-from fleet.store.reader import StoreSnapshot
+from fleet.store.reader import StoreCorruptionError, StoreSnapshot
 from fleet.store.writer import EpisodeStore
 from sim.durable import disk_full
 from sim.episode import EPISODE_ID_RULE, Episode, EpisodeValidationError, check_new_episode_id, encode_safetensors
@@ -232,6 +232,12 @@ def create_app(
     for fault in STORAGE_FAULTS:
         app.add_exception_handler(fault, storage_fault)
 
+    @app.exception_handler(StoreCorruptionError)
+    async def store_damaged(request: Request, exc: StoreCorruptionError):  # damage stays: a 500 that says so, never a "retry later"
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        reason = "the episode store's files are damaged, and retrying will not help: restore the store from backup (the server's log names the file)"
+        return await api_error(request, ApiError(500, "store_corrupt", reason))
+
     @app.exception_handler(OSError)
     async def disk_fault(request: Request, exc: OSError):  # the server's own disk (staged uploads, a local store)
         if disk_full(exc):
@@ -382,7 +388,15 @@ def create_app(
             snap = snapshots.latest()
             if episode_id not in snap:
                 raise ApiError(404, "not_found", f"episode {episode_id} is not in snapshot {snap.snapshot_id}", "episode_id")
-            return snap.snapshot_id, snap.read_bytes(episode_id)
+            try:
+                return snap.snapshot_id, snap.read_bytes(episode_id)
+            except StoreCorruptionError as exc:  # damage stays: never a "retry later"
+                log.error("GET /v1/episodes/%s: %s", episode_id, exc)
+                reason = (
+                    f"episode {episode_id} in snapshot {snap.snapshot_id} cannot be read back: its data in the episode store is damaged, "
+                    "and retrying will not help; restore the store from backup (the server's log names the file)"
+                )
+                raise ApiError(500, "store_corrupt", reason, "episode_id") from None
 
         snapshot_id, data = await run_in_threadpool(fetch)
         return Response(data, media_type=SAFETENSORS, headers={"X-Flywheel-Snapshot": snapshot_id})

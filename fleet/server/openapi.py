@@ -66,6 +66,7 @@ STATUS = {
     416: "a Range that holds no byte of the file (`range_not_satisfiable`); `Content-Range: bytes */<size>`",
     422: "the episode breaks its schema (docs/protocol.md, 'Episode schema 1')",
     429: "over this token's upload limits",
+    500: "a fault of the server (`internal_error`), or the episode store's files are damaged (`store_corrupt`: restore it from backup, retrying will not help)",
     503: "unavailable for now, retry after Retry-After",
     507: "a full disk: nothing kept (`insufficient_storage`)",
 }
@@ -222,7 +223,7 @@ def _operations() -> dict[tuple[str, str], dict]:
             OPERATOR,
             {"200": {"description": "the episode's canonical safetensors bytes", "headers": {"X-Flywheel-Snapshot": _header("the snapshot read")},
                      "content": {"application/octet-stream": {"schema": BINARY}}}}
-            | _refusals({400: "`bad_episode_id`", 401: "", 403: "", 404: "`not_found`", 503: "`store_unavailable`"}),
+            | _refusals({400: "`bad_episode_id`", 401: "", 403: "", 404: "`not_found`", 500: "`store_corrupt`", 503: "`store_unavailable`"}),
             summary="fetch one episode",
         ),  # fmt: skip
         ("post", "/v1/uploads"): _op(

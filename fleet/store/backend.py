@@ -86,7 +86,7 @@ _DAMAGED_PARTS = (
     (r"manifest_id=(\w+)", "manifest icechunk/manifests/{}"),
     (r"snapshot_id=(\w+)", "snapshot icechunk/snapshots/{}"),
     (r'fetch_branch[\s|]+with name="([^"]+)"', "branch ref icechunk/refs/branch.{}/ref.json"),
-    (r'key="([^"]+)"', "the chunk of {}"),
+    (r'key="([^"]+)"', "{}"),  # a chunk (chunks/<id>) or the zarr key whose chunk it is
 )
 
 
@@ -97,11 +97,11 @@ def damaged(exc: BaseException) -> bool:
 
 def damaged_part(exc: BaseException) -> str:
     """The store file a failed read names in ``exc`` ("snapshot icechunk/snapshots/GTCJ...", a chunk's path), for the
-    operator who restores it; "its files" when the error names none."""
+    operator who restores it; "a store file" when the error names none."""
     for pattern, form in _DAMAGED_PARTS:
         if found := re.search(pattern, str(exc)):
             return form.format(found.group(1))
-    return "its files"
+    return "a store file"
 
 
 def unreadable(location: Location, exc: Exception) -> Exception:

@@ -85,7 +85,7 @@ class StoreSnapshot:
         """Every episode in this snapshot, in commit order across all writers (``seq``; schema 1
         stores: stream by stream)."""
         if self._catalog is None:
-            self._catalog = backend.run(self._load_catalog())
+            self._catalog = self._checked([], lambda: backend.run(self._load_catalog()))
             self._base = None  # do not chain every earlier snapshot in memory
             self._by_id = {e.episode_id: e for e in self._catalog}
         return self._catalog
@@ -152,8 +152,7 @@ class StoreSnapshot:
     def read_episodes(self, episodes: Sequence[str | EpisodeInfo], verify: bool = True) -> list[Episode]:
         """Episodes by id or catalog entry, in order. ``verify`` re-checks each against its commit digest."""
         infos = [self.get(e) if isinstance(e, str) else e for e in episodes]
-        arrays = backend.run(self._read_arrays(infos, None))
-        metas = self.metadata(infos)
+        arrays, metas = self._checked(infos, lambda: (backend.run(self._read_arrays(infos, None)), self.metadata(infos)))
         out = []
         for info, arrs, meta in zip(infos, arrays, metas):
             required = {k: arrs.pop(k) for k in REQUIRED_ARRAYS}
@@ -170,7 +169,8 @@ class StoreSnapshot:
 
     def read_arrays(self, infos: Sequence[EpisodeInfo], names: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """Only the arrays ``names`` of each of ``infos`` (unverified: the digest covers the whole episode), in order."""
-        return backend.run(self._read_arrays(list(infos), list(names)))
+        infos = list(infos)
+        return self._checked(infos, lambda: backend.run(self._read_arrays(infos, list(names))))
 
     def read_bytes(self, episode_id: str) -> bytes:
         """One episode as canonical safetensors bytes (what a robot uploaded, bit for bit)."""
@@ -185,7 +185,7 @@ class StoreSnapshot:
         if len(dims) > 1:
             raise ValueError(f"selected episodes mix (obs_dim, act_dim) {sorted(dims)}; select one robot_model")
         names = ("observation", "action", "reward", "terminated", "truncated")
-        per_episode = backend.run(self._read_arrays(infos, names, full_rows=True))
+        per_episode = self._checked(infos, lambda: backend.run(self._read_arrays(infos, names, full_rows=True)))
         steps = np.array([i.num_steps for i in infos], np.int64)
         starts = np.concatenate([[0], np.cumsum(steps + 1)[:-1]])
         rows = np.concatenate([s + np.arange(t) for s, t in zip(starts, steps)])
@@ -194,6 +194,21 @@ class StoreSnapshot:
         return TransitionTable(self.snapshot_id, [i.episode_id for i in infos], rows=rows, episode=episode, **cols)
 
     # -- internals -------------------------------------------------------------------
+    def _checked(self, infos: Sequence[EpisodeInfo], read):
+        """``read()``'s result. A read of the catalog, or of episodes it says are stored, that finds a chunk or manifest missing, short
+        or undecodable (backend.damaged) raises StoreCorruptionError naming them, the snapshot and the file: that damage stays,
+        unlike storage that did not answer (a timeout: Icechunk's error as it came, which a server answers "retry later")."""
+        try:
+            return read()
+        except (icechunk.IcechunkError, RuntimeError, ValueError) as exc:
+            if isinstance(exc, StoreCorruptionError) or not backend.damaged(exc):
+                raise
+            which = "the catalog" if not infos else f"episode {infos[0].episode_id}" if len(infos) == 1 else f"one of {len(infos)} episodes (the first {infos[0].episode_id})"
+            raise StoreCorruptionError(
+                f"{which} in snapshot {self.snapshot_id} cannot be read back ({backend.damaged_part(exc)}: {backend.short_reason(exc)}): "
+                "the store's files are damaged; restore the store from backup"
+            ) from exc
+
     async def _load_catalog(self) -> list[EpisodeInfo]:
         store = self._session.store
         root = await backend.open_group(store, mode="r")
