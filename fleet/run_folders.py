@@ -16,6 +16,7 @@ FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.p
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py): what a rerun must match (workers, bodies, checkpoint storage)
 MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
 RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
+DERIVED = ("policy.trainer.robot",)  # loop.robot_model's (flywheel.yaml); an earlier build recorded the policy group's placeholder
 RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
 
 
@@ -48,7 +49,7 @@ def flywheel_run_settings(cfg: DictConfig, run_dir: Path) -> dict:
     then = read_run_file(run_dir / FLYWHEEL_RUN)
     if then is None:
         _check_unrecorded_run(run_dir, now)
-    differ = [] if then is None else settings_differ(now, then)
+    differ = [] if then is None else settings_differ(now, then, keep=DERIVED)
     if differ:
         shown = ", ".join(f"{k}={then.get(k)!r} (now {now.get(k)!r})" for k in differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         raise ValueError(f"run_dir {run_dir} holds a run with other settings: {shown}; rerun with its settings to resume it, or set a new run_dir")

@@ -26,6 +26,7 @@ from fleet.conf.schema_tools import instantiated
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import check_gate_settings, gate
+from fleet.pipeline.loop_config import LoopFleet
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
@@ -175,9 +176,7 @@ class Flywheel:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.settings = LoopSettings.from_cfg(cfg)
         self.sim_snapshot: str | None = None  # the store as the iteration in progress began (_iteration_start)
-        if cfg.policy.trainer.seed != 0:  # the loop seeds each iteration's learner itself: a value here was silently ignored
-            raise ValueError(f"policy.trainer.seed={cfg.policy.trainer.seed} is not read by flywheel: iteration k's learner is seeded "
-                             f"from the run's seed (seed + k); set seed={cfg.policy.trainer.seed} instead")  # fmt: skip
+        self.fleet = LoopFleet.from_cfg(cfg)  # refuses a key the loop sets itself (loop_config.LOOP_SETS) given another value
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
         self.state = self._located(read_run_file(self.state_path) or {"next_iteration": 0, "current": None, "learner": None, "history": []})
@@ -224,7 +223,7 @@ class Flywheel:
         done, redo_from = self.state["next_iteration"], None
         if self.state.get("final") is None or done < s.iterations:  # a resumed run logs again from the iteration it redoes,
             redo_from = done  # the first one too (an attempt stopped in iteration 0 left its rows); a fresh run has none
-        with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from) as svc:
+        with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from, fleet=self.fleet) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
             try:
@@ -252,7 +251,7 @@ class Flywheel:
         return {
             robot_id: SimulatedRobot.options(**options[i]).remote(
                 spec, s.robot_model, s.episode_steps, svc.url, svc.tokens[robot_id], svc.root_metadata, str(self.run_dir / "robots"), s.seed * 101 + i,
-                record_state=s.record_state,
+                self.fleet.agent, record_state=s.record_state,
             )
             for i, (robot_id, spec) in enumerate((r, self.specs[r]) for r in robot_order(self.specs))
         }

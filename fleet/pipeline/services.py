@@ -20,11 +20,11 @@ from omegaconf import DictConfig
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from fleet.pipeline.loop_config import ROOT_KEYS, LoopFleet
 from fleet.pipeline.ray_start import start_ray
 from fleet.registry.files import open_files
 from fleet.registry.store import open_registry, root_metadata
 from fleet.server.auth import add_token
-from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.location import Location
@@ -46,8 +46,10 @@ def _ray_task(fn, job):
 
 
 class Services(contextlib.AbstractContextManager):
-    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str], redo_from: int | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str], redo_from: int | None = None, fleet: LoopFleet | None = None):
+        """``fleet``: the fleet group as the loop built it (None: built here from ``cfg``)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        fleet = fleet or LoopFleet.from_cfg(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
@@ -62,7 +64,8 @@ class Services(contextlib.AbstractContextManager):
         release = keys / "release.pem"  # the loop releases: a replica given only keys/online.pem serves and cannot (docs/security.md, "The release key")
         made_before = open_files(self.registry_dir).exists("tuf/metadata/1.root.json") and not release.exists()  # a run of a build before release keys
         self.registry = open_registry(
-            self.registry_dir, keys / "online.pem", release_key=None if made_before else release, root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)], root_threshold=2,
+            self.registry_dir, keys / "online.pem", release_key=None if made_before else release, root_keys=[keys / f"root-{i}.pem" for i in range(1, ROOT_KEYS + 1)],
+            root_threshold=fleet.root_threshold, expiry_s=fleet.expiry_s,
         )  # fmt: skip
         self.root_metadata = root_metadata(self.registry_dir)  # what each robot is provisioned with
         token_file = self.run_dir / "tokens.json"
@@ -70,7 +73,7 @@ class Services(contextlib.AbstractContextManager):
         self.tokens = {r: add_token(token_file, "robot", r) for r in robot_ids}
         EpisodeStore.open_or_create(self.store_cfg)
         # on this driver's Ray address: the robots, Ray actors on any node, reach it there
-        server_cfg = ServerConfig(host=ray.util.get_node_ip_address(), port=0, token_file=str(token_file))
+        server_cfg = dataclasses.replace(fleet.server, host=ray.util.get_node_ip_address(), port=0, token_file=str(token_file))  # loop_config.LOOP_SETS
         self.server = serve(server_cfg, run_writer(self.store_cfg, "ingest"), policy_registry=self.registry)
         self.url = self.server.url
         self.store = EpisodeStore.open(run_writer(self.store_cfg, "synthetic"))  # scenario and world-model episodes

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import ray
 
+from fleet.agent.config import AgentConfig
 from sim.durable import write_durably
 from sim.variation import VariationProfile
 
@@ -77,14 +78,15 @@ def fleet_specs(num_robots: int, conditions: list[str]) -> list[RobotSpec]:
 @ray.remote(num_cpus=0)
 class SimulatedRobot:
     """One robot: SimRobot physics + RobotAgent (spool, upload) + SignedPolicySource (pull, verify, swap).
+    ``agent``: how it spools and uploads (``fleet.agent``; its server URL and spool folder are replaced).
     ``record_state``: its episodes carry its physics state (qpos/qvel extras), as a robot's encoders log it (loop.record_state)."""
 
     def __init__(
         self, spec: RobotSpec, robot_model: str, episode_steps: int, server_url: str, token: str, root_metadata: bytes, state_dir: str, seed: int,
-        record_state: bool = False,
+        agent: AgentConfig, record_state: bool = False,
     ):  # fmt: skip
         from fleet.agent.agent import RobotAgent
-        from fleet.agent.config import AgentConfig, SimRobotConfig
+        from fleet.agent.config import SimRobotConfig
         from fleet.agent.policy import builtin_policy
         from fleet.agent.recorder import EpisodeRecorder
         from fleet.agent.robot import SimRobot
@@ -101,7 +103,7 @@ class SimulatedRobot:
         self._save_ledger()
         self.robot = SimRobot(SimRobotConfig(robot_id=spec.robot_id, model=robot_model, source="real", seed=seed, max_steps=episode_steps, profile=spec.profile.to_dict(), record_state=record_state))
         self.recorder = functools.partial(EpisodeRecorder, robot_id=spec.robot_id, robot_model=robot_model, source="real", hardware={"condition": spec.condition})
-        agent_cfg = AgentConfig(server_url=server_url, spool_dir=str(root / "spool"), backoff_initial_s=0.2, backoff_max_s=2.0, status_interval_s=60.0)
+        agent_cfg = dataclasses.replace(agent, server_url=server_url, spool_dir=str(root / "spool"))  # loop_config.LOOP_SETS
         self.agent = RobotAgent(agent_cfg, spec.robot_id, token=token, seed=seed).start()
         trust = PolicyTrust(robot_model=robot_model, obs_dim=self.robot.obs_dim, act_dim=self.robot.act_dim, state_dir=root / "policy")
         self.policy = SignedPolicySource(

@@ -127,7 +127,8 @@ class ServerHandle:
 def serve(
     server: ServerConfig, store_cfg: StoreConfig, timeout: float = 30.0, routes: RoutesFactory | None = None, policy_registry=None
 ) -> ServerHandle:
-    """Start a server on a background thread; returns once it accepts connections (``routes``, ``policy_registry``: see :func:`run`)."""
+    """Start a server on a background thread; returns once it accepts connections, with ``server.ready_file`` written
+    where set, as :func:`run` writes it (``routes``, ``policy_registry``: see :func:`run`)."""
     sock = bind_socket(server)
     uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry, server))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="flywheel-server", daemon=True)
@@ -138,6 +139,8 @@ def serve(
             uv.should_exit = True
             raise RuntimeError(f"server on {url_of(sock)} failed to start within {timeout}s (see the log above)")
         time.sleep(0.01)
+    if server.ready_file:
+        _write_ready(server.ready_file, url_of(sock))
     return ServerHandle(url_of(sock), uv, thread)
 
 
