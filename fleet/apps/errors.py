@@ -49,15 +49,25 @@ def stop_on_signals() -> None:
         signal.signal(sig, interrupt)
 
 
-def multirun_run_dir_error(run_dir: str) -> str | None:
-    """Why a ``--multirun`` job cannot use ``run_dir`` (every job would share one folder), or None."""
+def multirun_run_dir_error(cfg) -> str | None:
+    """Why a ``--multirun`` job cannot use ``cfg.run_dir``, or None: a value with no interpolation gives every job the
+    same folder. One that interpolates (``run_dir=sweep/s${policy.trainer.seed}``) may differ per job, and is taken:
+    two jobs that still meet in one folder are refused there, as any start is, by its lock (a second process) or by
+    the run it finds (another app's, or one of other settings)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     hydra = HydraConfig.get()
-    if hydra.mode == RunMode.MULTIRUN and Path(run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
-        return f"run_dir={run_dir} in a --multirun would give every job the same folder: leave run_dir unset (each job gets <hydra.sweep.dir>/<job number>)"
-    return None
+    if hydra.mode != RunMode.MULTIRUN or Path(cfg.run_dir).resolve() == Path(hydra.runtime.output_dir).resolve():
+        return None
+    raw = str(OmegaConf.to_container(cfg, resolve=False)["run_dir"])
+    if "${" in raw:
+        return None
+    return (
+        f"run_dir={raw} in a --multirun gives every job the same folder: leave run_dir unset (each job gets "
+        "<hydra.sweep.dir>/<job number>), or make it differ per job with a swept key, e.g. 'run_dir=sweep/s${policy.trainer.seed}'"
+    )
 
 
 def check_run_dir_argument(app: str, argv: list[str]) -> None:
@@ -70,6 +80,11 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
 
     atexit.register(_discard_empty_sweeps)
     for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in HYDRA_DIRS and "${" not in value and not Path(value).exists():  # Hydra makes it: it goes as a new run_dir does
+            made = [p.resolve() for p in (Path(value), *Path(value).parents) if not p.exists()]
+            _GIVEN_MADE.append(made[0])
+            atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
         if arg.startswith("run_dir="):
             run_dir = Path(arg.removeprefix("run_dir="))
             try:
@@ -84,19 +99,23 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
                 atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
 
 
+HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra's output folders, when given on the command line
+_GIVEN_MADE: list[Path] = []  # those this start makes (not there before it), absolute
+_ACCEPTED: set[Path] = set()  # Hydra's output folders of the starts the app accepted: their record stands
 _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, while the app has not accepted the rerun
 _HELD: dict = {}  # run folder -> its lock file, open (and locked) for the process's life
 
 
 def _new_job_folder() -> Path | None:
     """Hydra's output folder of this job where this process made it, or the sweep folder it is in (a new run's
-    ``runs/<time>`` or a --multirun job's ``runs/<time>/<n>``, not a run_dir given); None otherwise."""
+    ``runs/<time>`` or a --multirun job's ``runs/<time>/<n>``, or under a ``hydra.run.dir`` or ``hydra.sweep.dir``
+    given that was not there before; not a run_dir given); None otherwise."""
     from hydra.core.hydra_config import HydraConfig
 
     from fleet.conf import folders_made
 
     out = Path(HydraConfig.get().runtime.output_dir).resolve()
-    made = set(folders_made())
+    made = {*folders_made(), *_GIVEN_MADE}
     return out if out in made or out.parent in made else None
 
 
@@ -118,15 +137,15 @@ def _restore_record() -> None:
 
 def _discard_unaccepted(run_dir: Path, parents: tuple[Path, ...] = ()) -> None:
     """At exit: a run folder this start made and the app refused (a bad setting) goes, if it holds only Hydra's files
-    (then :func:`_discard_empty_sweeps`, registered before, takes its --multirun sweep folder if nothing else is left),
+    (``.hydra/``, logs, a sweep's ``multirun.yaml``: a ``hydra.sweep.dir`` given, its refused jobs' folders; then :func:`_discard_empty_sweeps`, registered before, takes its --multirun sweep folder if nothing else is left),
     and the ``parents`` made for it (deepest first), if that leaves them empty."""
-    if run_dir in _HELD or not run_dir.is_dir():
+    if run_dir in _HELD or any(run_dir == out or run_dir in out.parents for out in _ACCEPTED):
         return
-    if all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+    if run_dir.is_dir() and all(".hydra" in p.relative_to(run_dir).parts or p.suffix == ".log" or p.name == "multirun.yaml" for p in run_dir.rglob("*") if not p.is_dir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in parents:
-            with contextlib.suppress(OSError):  # not empty: something else is in it
-                parent.rmdir()
+    for parent in parents:  # also when an earlier discard took run_dir (a hydra.run.dir is this job's folder too)
+        with contextlib.suppress(OSError):  # not empty: something else is in it
+            parent.rmdir()
 
 
 def _discard_empty_sweeps() -> None:
@@ -146,7 +165,11 @@ def _discard_empty_sweeps() -> None:
 def accept_run_folder(app: str, run_dir: Path) -> None:
     """The app's checks passed: this start's record (``.hydra/``, its log) stands, and ``run_dir`` is this process's
     until it exits (an exclusive lock on ``run_dir/.lock``): a second process on the same run folder is refused."""
+    from hydra.core.hydra_config import HydraConfig
+
     _RECORD.clear()
+    if HydraConfig.initialized():  # a hydra.run.dir given apart from run_dir holds this start's record
+        _ACCEPTED.add(Path(HydraConfig.get().runtime.output_dir).resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.resolve() in _HELD:  # this process's already (an app run twice in one process)
         return
@@ -180,7 +203,7 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
         atexit.register(_discard_unaccepted, new)
     check(cfg, app)
     logging.getLogger("fleet").setLevel(logging.WARNING)
-    if error := multirun_run_dir_error(cfg.run_dir):
+    if error := multirun_run_dir_error(cfg):
         raise SystemExit(f"{app}: {error}")
     if HydraConfig.get().job.chdir:
         raise SystemExit(f"{app}: hydra.job.chdir=true is not supported: the apps read and write paths (run_dir, the store, keys) from where they are started; leave it false")
