@@ -1,6 +1,7 @@
 """Hydra's output folders given on the command line: a --multirun run_dir that differs per job is taken (it was refused
 as "every job the same folder"), and a refused start leaves no hydra.run.dir or hydra.sweep.dir it made behind
-(each held .hydra/ and the log). Each start is refused for its settings (torch_threads=0) before it trains."""
+(each held .hydra/ and the log). Each start is refused for its settings (torch_threads=0) before it trains. And
+flywheel-train's --help lists a --config-dir's options."""
 
 import subprocess
 import sys
@@ -26,7 +27,16 @@ def test_a_multirun_run_dir_per_job_is_taken_and_refused_starts_leave_no_hydra_f
     assert not (tmp_path / "mysweep").exists()
 
 
-def test_a_hydra_run_dir_of_an_accepted_start_and_one_there_before_stay(tmp_path):
+def test_a_hydra_run_dir_that_was_there_before_stays(tmp_path):
     (tmp_path / "kept").mkdir()
     refused = _train(tmp_path, "hydra.run.dir=kept", REFUSED)
     assert refused.returncode == 1 and (tmp_path / "kept").is_dir()
+
+
+def test_train_help_lists_a_config_dirs_policies_and_says_which_are_the_loops(tmp_path):
+    """train.yaml's help listed a fixed set of policies: a --config-dir's own (which run) were missing."""
+    (tmp_path / "myconf" / "policy").mkdir(parents=True)
+    (tmp_path / "myconf" / "policy" / "my_ppo.yaml").write_text((ROOT / "fleet" / "conf" / "policy" / "ppo.yaml").read_text())
+    out = _train(tmp_path, "--config-dir", "myconf", "--help")
+    assert out.returncode == 0 and "\npolicy: mbpo, mbpo_fleet, my_ppo, ppo, sac, sac_fleet\nray: local\nwandb: offline\n" in out.stdout, out.stdout[:800]
+    assert "for `flywheel` only" in out.stdout

@@ -83,11 +83,27 @@ def check_run_dir(path: Path) -> None:
             return
 
 
+def _group_options(*groups: str) -> str:
+    """``--help``'s lines for ``groups`` (``${app_groups:policy,ray}``): each with its options on Hydra's config search
+    path, a ``--config-dir``'s own too, as Hydra's ``$APP_CONFIG_GROUPS`` lists them, but only the groups the app
+    reads (``$APP_CONFIG_GROUPS`` lists every group of the shared tree)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    if hydra.is_initialized():
+        options = {g: hydra.config_loader().get_group_options(g) for g in groups}
+    else:  # resolved outside an app: this package's own
+        options = {g: sorted(p.stem for p in (Path(CONF_DIR) / g).glob("*.yaml")) for g in groups}
+    return "\n".join(f"{g}: {', '.join(options[g])}" for g in groups)
+
+
 def _register() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("run_folder"):
         OmegaConf.register_new_resolver("run_folder", _run_folder)
+    if not OmegaConf.has_resolver("app_groups"):
+        OmegaConf.register_new_resolver("app_groups", _group_options)
     if not OmegaConf.has_resolver("new_folder"):
         OmegaConf.register_new_resolver("new_folder", _unique_folder)
 
