@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,14 +55,11 @@ def interleaved_rates(works: dict[str, Callable[[], float]], repeats: int = 5) -
 
 
 def current_build() -> str:
-    """This checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files; ``unknown`` outside git."""
-    root = Path(__file__).resolve().parents[1]
-    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()  # noqa: E731
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        return (rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """This checkout's commit (short), ``+dirty`` with uncommitted changes to tracked files; ``unknown`` outside git
+    (fleet.code_version: the one place that asks git which code runs, as the apps record it too)."""
+    from fleet.code_version import source_commit
+
+    return source_commit(short=True) or "unknown"
 
 
 def cached_json(path: Path, compute: Callable[[], Any], fresh: bool = False, complete: Callable[[Any], bool] = lambda out: True, build: str | None = None) -> Any:

@@ -59,10 +59,42 @@ def run_names(run_dir: Path, name: str | None = None) -> tuple[str, str]:
 
 
 def recorded_config(cfg, run_dir: Path) -> dict:
-    """The app's config as W&B records it: resolved, and ``run_dir`` absolute (a relative one means nothing once synced)."""
+    """The app's config as W&B records it: resolved, ``run_dir`` absolute (a relative one means nothing once synced),
+    and ``code``, the code that ran (:func:`fleet.code_version.code_version`: W&B's own git lookup sees only the cwd)."""
     from omegaconf import OmegaConf
 
-    return {**OmegaConf.to_container(cfg, resolve=True), "run_dir": str(Path(run_dir).resolve())}
+    from fleet.code_version import code_version
+
+    return {**OmegaConf.to_container(cfg, resolve=True), "run_dir": str(Path(run_dir).resolve()), "code": code_version()}
+
+
+INTERRUPTED = 130  # the apps' exit status after Ctrl-C or SIGTERM (fleet/apps/errors.py: both raise KeyboardInterrupt)
+
+
+def exit_status(exc: BaseException | None) -> tuple[int, str | None]:
+    """(the exit status the app's process ends with after ``exc``, one line on why it stopped) for the W&B run, which
+    otherwise recorded every run as finished (0): None, a finished run, is ``(0, None)``. A KeyboardInterrupt (or the
+    SystemExit(130) an app turns it into) is 130 ``interrupted (SIGINT|SIGTERM)``; a SystemExit its own code and
+    message; any other exception 1 and its first line."""
+    if exc is None:
+        return 0, None
+    if isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt):
+        exc = exc.__context__  # one_line_errors: the interrupt, said once on the console, then exit 130
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED, f"interrupted ({exc.args[0] if exc.args else 'SIGINT'})"  # stop_on_signals names the signal
+    if isinstance(exc, SystemExit):
+        return _system_exit_status(exc.code)
+    return 1, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+def _system_exit_status(code) -> tuple[int, str | None]:
+    """What Python exits with on ``SystemExit(code)``: None is 0, an int itself, anything else (an app's one-line
+    error, which Python prints) 1."""
+    if code is None or code == 0:
+        return 0, None
+    if isinstance(code, int):
+        return code, f"exit status {code}"
+    return 1, str(code).splitlines()[0]
 
 
 class Tracker:
@@ -177,10 +209,14 @@ class Tracker:
                 self.wandb_run.use_artifact(ref)
         self.wandb_run.log_artifact(art, aliases=list(aliases) or None)
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0, stopped: str | None = None) -> None:
+        """End the run with the app's ``exit_code`` (W&B shows a non-zero one as failed, not finished) and, for a
+        run that did not end by itself, the one line why in its summary (``stopped``); :func:`exit_status` gives both."""
         self._jsonl.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            if stopped is not None:
+                self.wandb_run.summary["stopped"] = stopped
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
 

@@ -137,20 +137,24 @@ def check_trainer_fields(fields) -> None:
         )
 
 
-def train_policy(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, start_ray=None, ray_address: str | None = None) -> dict:
+def train_policy(
+    job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, start_ray=None, ray_address: str | None = None, on_device=lambda device: None,
+) -> dict:  # fmt: skip
     """Train, evaluate and export; returns the summary (also written to ``run_dir/summary.json`` by the app).
 
     ``log(metrics, env_steps)`` gets the learner's metrics (from rank 0 of the workers under Ray Train);
-    ``start_ray()`` starts or joins Ray (workers > 1 only)."""
+    ``start_ray()`` starts or joins Ray (workers > 1 only); ``on_device(device)`` is told where the learner
+    trains as soon as that is known (``device: auto`` resolved here, or for Ray Train's workers)."""
     preflight(job, trainer, algo_config, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_durably(run_dir / TRAIN_JOB, json.dumps(_job_record(job)).encode())
     start = time.perf_counter()
     if job.workers == 1:
+        on_device(str(resolve_device(trainer.device)))
         checkpoint = _train_here(job, trainer, algo_config, run_dir, log)
     else:
         start_ray()
-        checkpoint = _train_on_ray(job, trainer, algo_config, run_dir, log, local=ray_address is None)
+        checkpoint = _train_on_ray(job, trainer, algo_config, run_dir, log, local=ray_address is None, on_device=on_device)
     policy, meta = policy_from_checkpoint(checkpoint)
     result = evaluate(policy, trainer.robot, job.profiles(), job.eval_episodes, seed=EVAL_SEED)
     env_steps = env_steps_of(meta)
@@ -193,7 +197,7 @@ def _train_here(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Pat
     return checkpoint
 
 
-def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, local: bool) -> Path:
+def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: Path, log, local: bool, on_device=lambda device: None) -> Path:
     import ray
 
     from fleet.pipeline.remote_log import LogStream
@@ -203,9 +207,10 @@ def _train_on_ray(job: TrainJob, trainer: TrainerConfig, algo_config, run_dir: P
     if local and resources.get("CPU", 0) < job.workers:  # a cluster may add nodes; a local Ray would wait forever
         raise TrainSettingsError(f"train.workers={job.workers} needs a CPU per worker; this machine's Ray has {resources.get('CPU', 0):g} (ray.num_cpus)")
     try:
-        worker_device(trainer.device, job.workers, resources.get("GPU", 0))
+        device = worker_device(trainer.device, job.workers, resources.get("GPU", 0))
     except ValueError as exc:
         raise TrainSettingsError(f"policy.trainer.device: {exc}") from None
+    on_device(device)
     storage, name = job.ray_storage(run_dir)
     with LogStream(log) as remote_log:  # rank 0's curves reach the run's log (and W&B) while the workers train
         result = fit(

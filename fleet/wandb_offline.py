@@ -44,7 +44,7 @@ def read_records(path: Path) -> list:
 
 def offline_run(wandb_dir: Path) -> dict:
     """{"metrics": {name or glob: step_metric}, "history": [row dicts], "artifacts": [{name, type, aliases, metadata}],
-    "config": {key: value}} of
+    "config": {key: value}, "summary": {key: value} (what the run set itself), "exit_code": int or None (an unfinished run)} of
     the newest offline run in ``wandb_dir`` (a resumed run folder holds one per start: their names begin with their time)."""
     runs = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
     if not runs:
@@ -60,4 +60,6 @@ def offline_run(wandb_dir: Path) -> dict:
     config = {}  # the run's config as it starts, then each update
     for update in [r.run.config for r in records if r.HasField("run")] + [r.config for r in records if r.HasField("config")]:
         config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in update.update})
-    return {"metrics": metrics, "history": history, "artifacts": artifacts, "config": config}
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for r in records if r.HasField("summary") for item in r.summary.update}
+    exits = [r.exit.exit_code for r in records if r.HasField("exit")]
+    return {"metrics": metrics, "history": history, "artifacts": artifacts, "config": config, "summary": summary, "exit_code": exits[-1] if exits else None}

@@ -104,6 +104,8 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     assert wandb_run["metrics"]["policy/*"] == "policy/env_steps" and wandb_run["metrics"]["fleet/*"] == wandb_run["metrics"]["canary/*"] == "iteration"
     recorded = wandb_run["config"]  # what ran: the run folder (absolute), the learner's device as auto resolved it
     assert recorded["run_dir"] == str(run.resolve()) and recorded["effective_trainer"]["device"] in ("cpu", "cuda")
+    assert recorded["code"]["git_commit"] and json.loads((run / "summary.json").read_text())["code"] == recorded["code"]  # the code that ran
+    assert wandb_run["exit_code"] == 0 and "stopped" not in wandb_run["summary"]  # finished by itself
     learner_rows = [row for row in wandb_run["history"] if "policy/env_steps" in row]
     assert len(learner_rows) > 2 * 2  # the learner's log lines stay separate points, not one per iteration
     learner_steps = [row["policy/env_steps"] for row in learner_rows]

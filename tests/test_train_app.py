@@ -21,6 +21,7 @@ from policies.export import policy_from_checkpoint
 from policies.runtime import load_policy
 from policies.sac import SACConfig
 from policies.trainer import TrainerConfig
+from worldmodel.device import resolve_device
 
 APP = str(Path(sys.executable).parent / "flywheel-train")
 SMALL = ["policy=sac", "policy.trainer.num_worlds=4", "policy.algorithm.hidden_sizes=[16,16]", "policy.algorithm.batch_size=32",
@@ -51,6 +52,12 @@ def test_train_in_one_process_then_continue_the_run(tmp_path):
     wandb = offline_run(run / "wandb")  # what W&B shows after `wandb sync`: curves against the learner's steps, the policy artifact
     assert wandb["metrics"]["policy/*"] == "policy/env_steps" and wandb["metrics"]["eval/*"] == "policy/env_steps"
     assert [(a["name"], a["type"]) for a in wandb["artifacts"]] == [("trained-policy-pendulum", "model")]  # apart from the loop's policy-<robot>
+    assert wandb["exit_code"] == 0 and "stopped" not in wandb["summary"]
+    code = summary["code"]  # started outside the checkout (cwd: tmp_path), where W&B's own git lookup found no commit
+    assert code["git_commit"] and code["package"] and wandb["config"]["code"] == code
+    assert wandb["config"]["policy"]["trainer"]["device"] == "auto" and wandb["config"]["effective_trainer"]["device"] == str(resolve_device())  # what auto was
+    metadata = wandb["artifacts"][0]["metadata"]  # what made the policy, not only what it is
+    assert {k: metadata[k] for k in ("seed", "robot", "algorithm", "code")} == {"seed": 0, "robot": "pendulum", "algorithm": "sac", "code": code}
 
     more = _train(run, "policy.trainer.total_env_steps=320", "train.conditions=[nominal,weak_motor]")  # the same run, a larger budget
     assert more.returncode == 0, more.stderr[-3000:]
@@ -122,6 +129,8 @@ def test_a_run_folder_in_use_is_refused_and_sigterm_stops_a_run_as_ctrl_c_does(t
     finally:
         first.kill()
     assert first.returncode == 130 and f"interrupted; rerun with run_dir={run}" in err and "Traceback" not in err, err[-2000:]
+    wandb = offline_run(run / "wandb")  # recorded as stopped (W&B showed it finished: exit 0)
+    assert wandb["exit_code"] == 130 and wandb["summary"]["stopped"] == "interrupted (SIGTERM)", wandb["summary"]
 
 
 def test_train_on_two_ray_train_workers_then_continue(local_ray, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ and exports it for robots.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def run_train(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from fleet.pipeline.ray_start import RayJoinError, start_ray
-    from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, recorded_config, run_files_line
+    from fleet.code_version import code_version
+    from fleet.tracking import POLICY_STEPS, Tracker, TrackerError, exit_status, recorded_config, run_files_line
     from fleet.train_job import TrainJob, TrainSettingsError, check_trainer_fields, preflight, train_policy
     from policies.checkpoint import CheckpointError
     from sim.durable import write_durably
@@ -61,16 +63,22 @@ def run_train(cfg: DictConfig) -> None:
     interrupted = f"rerun with run_dir={run_dir} to continue from its last checkpoint"
     try:
         with one_line_errors("flywheel-train", (RayJoinError, TrainSettingsError, CheckpointError), on_interrupt=interrupted):  # the cluster, what it cannot give, a damaged checkpoint
-            summary = train_policy(job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address)
+            summary = train_policy(
+                job, trainer, algo_config, run_dir, tracker.learner_log(), start_ray=lambda: start_ray(cfg.ray), ray_address=cfg.ray.address,
+                on_device=lambda device: tracker.config_update({"effective_trainer": {**dataclasses.asdict(trainer), "device": device}}),  # auto: what it was
+            )  # fmt: skip
         tracker.log({f"eval/{c}/mean_return": r["mean"] for c, r in summary["returns"].items()}, summary["env_steps"], replace=True)  # a re-evaluation: one row
         export = Path(summary["export"])
+        summary["code"] = code_version()
         tracker.artifact(
             f"trained-policy-{trainer.robot}", "model", [export / "weights.safetensors", export / "manifest.json"],  # not the loop's policy-<robot>
-            {"policy_version": summary["policy_version"], "env_steps": summary["env_steps"], "returns": summary["returns"]}, aliases=("latest",),
+            _policy_metadata(summary, trainer), aliases=("latest",),
         )  # fmt: skip
         summary["wandb_dir"] = tracker.wandb_dir
-    finally:
-        tracker.finish()
+    except BaseException as exc:  # stopped (exit 130) or failed (1): W&B records it so, not as finished
+        tracker.finish(*exit_status(exc))
+        raise
+    tracker.finish()
     write_durably(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     Console().print(_table(summary, trainer.robot, trainer.algorithm))
     print(f"policy for robots: {export}  (weights.safetensors + manifest.json; policies.runtime.load_policy reads it)")
@@ -78,6 +86,13 @@ def run_train(cfg: DictConfig) -> None:
     print(f"run folder: {run_dir}  (metrics.jsonl, summary.json, {kept}; rerun with run_dir={run_dir} to continue)")
     if line := run_files_line(w.mode, summary["wandb_dir"]):
         print(line)
+
+
+def _policy_metadata(summary: dict, trainer) -> dict:
+    """The trained-policy artifact's metadata: what it is (version, steps, returns) and what made it (seed, robot,
+    algorithm, the code), so a policy found in W&B names its run's settings without the run."""
+    keys = ("policy_version", "env_steps", "returns", "code")
+    return {**{k: summary[k] for k in keys}, "seed": trainer.seed, "robot": trainer.robot, "algorithm": trainer.algorithm}
 
 
 def _table(summary: dict, robot: str, algorithm: str) -> Table:

@@ -22,6 +22,7 @@ import numpy as np
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from fleet.code_version import code_version
 from fleet.conf.schema_tools import instantiated
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
@@ -599,6 +600,7 @@ class Flywheel:
         summary = {
             "iterations": history, "final": final, "robots": statuses, "run_dir": str(self.run_dir), "wandb_dir": self.svc.tracker.wandb_dir,
             "ray_task_nodes": dict(self.svc.task_nodes),  # Ray node id -> this process's calibration and scenario tasks it ran
+            "code": code_version(),  # the code that finished it (not a setting: a resumed run may have run newer code, flywheel_run.json)
         }
         write_durably(self.run_dir / "summary.json", json.dumps(summary, indent=1, sort_keys=True, default=str).encode())
         from fleet.pipeline.report import write_report

@@ -28,7 +28,7 @@ from fleet.server.auth import add_token
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.location import Location
-from fleet.tracking import Tracker, recorded_config
+from fleet.tracking import Tracker, exit_status, recorded_config
 from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
 
@@ -162,7 +162,7 @@ class Services(contextlib.AbstractContextManager):
     # -- lifetime -------------------------------------------------------------------------------
     def __exit__(self, *exc):
         try:
-            self.tracker.finish()
+            self.tracker.finish(*exit_status(exc[1]))  # an interrupted or failed run is not recorded as finished
             self.server.stop()
         finally:
             if self._robot_group is not None and ray.is_initialized():
