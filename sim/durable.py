@@ -45,7 +45,8 @@ def write_durably(path: Path, data: bytes, tmp: Path | None = None) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: the part written goes, not the space it holds
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only disk refuses the unlink too: the write's own error is the one to raise
+            tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 

@@ -470,3 +470,84 @@ def _robot_app(tmp_path) -> list[str]:
 
 def _robot_env() -> dict[str, str]:
     return {**os.environ, "FLYWHEEL_ROBOT_TOKEN": "t"}
+
+
+def test_a_spooled_file_deleted_from_outside_is_counted_lost_and_the_rest_upload(tmp_path, tokens, caplog):
+    """A spool file removed behind the agent's back (an operator freeing space, a cleaner, a second agent on the same
+    folder) stayed listed: upload_once read it again and again (RecursionError on every attempt) and uploaded nothing more."""
+    token_file, token = tokens
+    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
+    for seed in range(3):
+        assert agent.submit(make(seed))
+    vanished = agent.spool.entries()[0]
+    vanished.path.unlink()
+    try:
+        with caplog.at_level(logging.ERROR, logger="fleet.agent.spool"):
+            agent.start()
+            assert agent.wait_drained(30), agent.status()
+    finally:
+        agent.stop()
+        handle.stop()
+    status = agent.status()
+    assert (status["created"], status["lost"], status["queue_depth"], status["failed_attempts"]) == (2, 1, 0, 0), status
+    assert f"{vanished.path.name} vanished before it was uploaded" in caplog.text and "own spool_dir" in caplog.text
+
+
+def _read_only_spool(monkeypatch, spool: Path) -> None:
+    """The spool's disk remounted read-only (ext4 errors=remount-ro on a failing card): mounting one needs root, so the
+    spool's write boundary (``_write_durably``) and its deletes raise EROFS, as such a disk does; reads work."""
+    import errno
+
+    import fleet.agent.spool as spool_module
+
+    def refuse(path, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path) + ".partial")
+
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if spool in path.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(spool_module, "_write_durably", refuse)
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+
+def _blocked_partial(monkeypatch, spool: Path) -> None:
+    """A real write error with no root needed: a folder where the spool's next ``.partial`` file goes (EISDIR)."""
+    import fleet.agent.spool as spool_module
+
+    real_put = spool_module.Spool.put
+
+    def put(self, data, episode_id):
+        (self.directory / f"{self._seq:020d}-{episode_id}.safetensors.partial").mkdir()
+        return real_put(self, data, episode_id)
+
+    monkeypatch.setattr(spool_module.Spool, "put", put)
+
+
+@pytest.mark.parametrize("fault, reason", [(_read_only_spool, "EROFS"), (_blocked_partial, "EISDIR")], ids=["read_only", "eisdir"])
+def test_a_spool_disk_refusing_writes_drops_the_episode_and_the_spooled_ones_still_upload(tmp_path, tokens, caplog, monkeypatch, fault, reason):
+    """Spool.put re-raised every write error but a full disk, and submit caught only that: a spool disk remounted read-only
+    (EROFS; EIO, EACCES alike) ended flywheel-robot at its next episode, and recording stopped with it."""
+    token_file, token = tokens
+    spool = tmp_path / "spool"
+    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(spool), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
+    for seed in range(2):
+        assert agent.submit(make(seed))
+    with monkeypatch.context() as patched:
+        fault(patched, spool)
+        with caplog.at_level(logging.ERROR, logger="fleet.agent.agent"):
+            assert not agent.submit(make(2)) and not agent.submit(make(3))  # dropped, the robot goes on
+        try:
+            agent.start()
+            assert agent.wait_drained(30), agent.status()  # what was spooled before still uploads
+        finally:
+            agent.stop()
+    handle.stop()
+    status = agent.status()
+    assert (status["created"], status["dropped"], status["dropped_by_reason"], status["too_large"]) == (2, 2, {reason: 2}, 0), status
+    assert f"{spool / 'robot-a'}" in caplog.text and f"({reason}, errno" in caplog.text and "spool_dir" in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
 from fleet.agent.spool import EpisodeTooLarge, Spool, SpoolFullError
 from fleet.agent.uploader import Uploader
+from sim.durable import disk_full
 from sim.episode import Episode
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ class RobotAgent:
     def __init__(self, config: AgentConfig, robot_id: str, *, token: str | None = None, on_ack=None, seed: int | None = None):
         check_robot_id(robot_id)  # it names the spool's folder
         self.config, self.robot_id, self.dropped, self.too_large = config, robot_id, 0, 0
+        self.dropped_by_reason: dict[str, int] = {}  # too_large, disk_full, or the errno name of another write error (EROFS, EIO)
         self.spool = Spool(Path(config.spool_dir) / robot_id, config.spool_max_bytes)
         self.uploader = Uploader(
             self.spool,
@@ -48,27 +51,43 @@ class RobotAgent:
 
     def submit(self, episode: Episode) -> bool:
         """Spool one episode (durable on return); the uploader sends it when it can. False (the episode dropped,
-        counted in ``dropped``, the reason in ``last_error``) when it does not fit: the spool's disk is full even after
-        evicting every older episode, or the episode alone is larger than ``spool_max_bytes`` (counted in
-        ``too_large`` too; nothing is evicted for it). The robot goes on working either way."""
+        counted in ``dropped`` and by reason in ``dropped_by_reason``, the reason in ``last_error``) when it cannot be
+        spooled: the spool's disk is full even after evicting every older episode (``disk_full``), the episode alone is
+        larger than ``spool_max_bytes`` (``too_large``, counted in ``too_large`` too; nothing is evicted for it), or the
+        spool's disk refuses the write otherwise (its errno's name: ``EROFS`` for a disk remounted read-only, ``EIO``,
+        ``EACCES``). The robot goes on working either way, and the episodes already spooled still upload."""
         if episode.robot_id != self.robot_id:
             raise ValueError(f"episode robot_id {episode.robot_id!r} is not this agent's robot {self.robot_id!r}")
         try:
             self.spool.put(episode.to_bytes(), episode.episode_id)
-        except (SpoolFullError, EpisodeTooLarge) as exc:
-            self.dropped += 1
-            self.too_large += isinstance(exc, EpisodeTooLarge)
-            self.uploader.last_error = str(exc)
-            log.error("episode %s dropped: %s", episode.episode_id, exc)
+        except (OSError, EpisodeTooLarge) as exc:
+            self._dropped(episode, exc)
             return False
         return True
+
+    def _dropped(self, episode: Episode, exc: OSError | EpisodeTooLarge) -> None:
+        """Count and log an episode the spool could not take. A write error other than a full disk once went out of
+        submit and ended flywheel-robot (a spool disk remounted read-only): recording stopped with it."""
+        reason = _drop_reason(exc)
+        self.dropped += 1
+        self.too_large += reason == "too_large"
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + 1
+        self.uploader.last_error = str(exc)
+        if reason in ("too_large", "disk_full"):
+            log.error("episode %s dropped: %s", episode.episode_id, exc)
+        else:
+            log.error("episode %s dropped: the spool could not write %s (%s, errno %s: %s); the robot goes on and the episodes already spooled "
+                      "still upload: check the disk holding spool_dir (a disk remounted read-only after errors, a failing card, its permissions)",
+                      episode.episode_id, exc.filename or self.spool.directory, reason, exc.errno, exc.strerror or exc)  # fmt: skip
 
     def status(self) -> dict:
         """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted (lost
         to the spool's bound: an evicted episode the server acknowledged anyway is not counted), rejected_evicted,
-        dropped (never spooled: a full spool disk, or larger than the spool), too_large (of those, the ones larger than
-        spool_max_bytes), failed_attempts, last_error (the last failed attempt's reason; None once one is acknowledged
-        after it), uploader_alive."""
+        lost (spooled, then their file deleted by something other than the agent before upload), dropped (never
+        spooled: a full spool disk, larger than the spool, a write the disk refused), dropped_by_reason (too_large,
+        disk_full, or an errno name such as EROFS), too_large (of those, the ones larger than spool_max_bytes),
+        failed_attempts, last_error (the last failed attempt's reason; None once one is acknowledged after it),
+        uploader_alive."""
         return {
             "robot_id": self.robot_id,
             "queue_depth": self.spool.depth,
@@ -76,7 +95,9 @@ class RobotAgent:
             **self.uploader.stats,
             "evicted": self.spool.evicted,
             "rejected_evicted": self.spool.rejected_evicted,
+            "lost": self.spool.lost,
             "dropped": self.dropped,
+            "dropped_by_reason": dict(self.dropped_by_reason),
             "too_large": self.too_large,
             "last_error": self.uploader.last_error,
             "uploader_alive": self.uploader.alive,
@@ -100,6 +121,15 @@ class RobotAgent:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _drop_reason(exc: OSError | EpisodeTooLarge) -> str:
+    """``dropped_by_reason``'s key for what kept an episode out of the spool."""
+    if isinstance(exc, EpisodeTooLarge):
+        return "too_large"
+    if isinstance(exc, SpoolFullError) or disk_full(exc):
+        return "disk_full"
+    return errno.errorcode.get(exc.errno, "OSError") if exc.errno is not None else exc.__class__.__name__
 
 
 def run_sim_robot(

@@ -69,6 +69,7 @@ class Spool:
         self.evicted = 0
         self._evicted_ids: dict[str, None] = {}  # names of the evicted entries a later acknowledgement takes back out of ``evicted``
         self.rejected_evicted = 0
+        self.lost = 0  # spooled episodes whose file vanished behind the spool's back (:meth:`forget`)
         self.discarded_partials = 0
         for partial in self.directory.glob("*.partial"):
             partial.unlink()
@@ -142,11 +143,24 @@ class Spool:
         return victim.nbytes
 
     def read(self, entry: SpoolEntry) -> bytes | None:
-        """The entry's bytes, or None if it was evicted meanwhile."""
+        """The entry's bytes, or None if its file is gone (evicted meanwhile, or deleted from outside: :meth:`forget`)."""
         try:
             return entry.path.read_bytes()
         except FileNotFoundError:
             return None
+
+    def forget(self, entry: SpoolEntry) -> None:
+        """Drop an entry whose file :meth:`read` found gone. Eviction takes its entry out before the file, so an entry
+        still listed was removed by something other than this spool (an operator freeing space, a tmp cleaner, a
+        second agent on the same folder): counted in ``lost`` and logged, so the uploader goes on with the next one
+        (it once read the same vanished entry again and again, and uploaded nothing more)."""
+        with self._lock:
+            if self._entries.pop(entry.path.name, None) is None:
+                return  # evicted meanwhile: counted there
+            _sidecar(entry).unlink(missing_ok=True)
+            self.lost += 1
+        log.error("spool %s: episode file %s vanished before it was uploaded (deleted by something other than this agent: "
+                  "give each agent its own spool_dir, and free space with spool_max_bytes); %d lost so far", self.directory, entry.path.name, self.lost)  # fmt: skip
 
     def remove(self, entry: SpoolEntry) -> None:
         """Forget an entry the server acknowledged. One evicted while its upload was in flight is no loss after all:
@@ -156,8 +170,12 @@ class Spool:
                 del self._evicted_ids[entry.path.name]
                 self.evicted -= 1
                 log.info("spool %s: episode %s, evicted while its upload was in flight, was acknowledged: not lost", self.directory, entry.episode_id)
-            _sidecar(entry).unlink(missing_ok=True)
-            entry.path.unlink(missing_ok=True)
+            try:
+                _sidecar(entry).unlink(missing_ok=True)
+                entry.path.unlink(missing_ok=True)
+            except OSError as exc:  # a disk remounted read-only still reads: what was spooled uploads, the files stay
+                log.warning("spool %s: could not delete acknowledged episode %s (%s); the next start sends it again and the server "
+                            "answers duplicate", self.directory, entry.path.name, exc)  # fmt: skip
 
     def reject(self, entry: SpoolEntry, reason: dict) -> Path | None:
         """Move an entry the server refused for good to ``rejected/``, with the reason beside it; None when it had been

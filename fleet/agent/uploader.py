@@ -134,16 +134,20 @@ class Uploader:
 
     def upload_once(self) -> str:
         """Try the oldest eligible spooled episode once: "empty", "acked", "rejected", "set_aside" or "retry"."""
-        entry = self._next()
-        if entry is None:
-            return "empty"
-        if entry == "waiting":
-            return "retry"
-        self.last_entry = entry
-        data = self.spool.read(entry)
-        if data is None:  # evicted between listing and read(): try the next one
+        while True:
+            entry = self._next()
+            if entry is None:
+                return "empty"
+            if entry == "waiting":
+                return "retry"
+            self.last_entry = entry
+            data = self.spool.read(entry)
+            if data is not None:
+                break
+            # evicted between listing and read(), or deleted from outside: out of the spool's list (a vanished file
+            # still listed was once read again by each attempt, forever), then the next one
             self._blame.pop(entry.episode_id, None)
-            return self.upload_once()
+            self.spool.forget(entry)
         self._retry_after = 0.0
         if self._goes_resumable(entry):
             return self._send_resumable(entry, data)
