@@ -475,3 +475,46 @@ def test_weights_that_cannot_be_kept_leave_no_download_behind(tmp_path):
     finally:
         source.close()
         server.stop()
+
+
+def test_flywheel_robot_rolls_back_and_blocks_a_canary_that_makes_the_robot_fall_in_its_first_episode(tmp_path):
+    """flywheel-robot built its policy source without min_healthy_steps (SignedPolicySource's default was 0), so its
+    first-episode health check never failed: a canary that toppled the robot at once ran on it for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_agent import REPO
+
+    registry, token, server = registry_server(tmp_path, "robot", "robot-a")
+    root, state = registry.root / "tuf" / "metadata" / "root.json", tmp_path / "robot-policy" / "robot-a"
+    publish(registry, tmp_path, "good")
+    first = SignedPolicySource(server.url, token, "robot-a", PolicyTrust(**SPEC, state_dir=state), builtin_policy("zero", 1).current(), root=root.read_bytes())
+    assert first.poll()  # the robot runs v1 ...
+    first.close()
+    weights, manifest = exported(tmp_path, "topples", push=5.0)
+    registry.publish(weights, policy=manifest, cohort=["robot-a"], **SPEC)  # ... and v2, a canary for it, topples the pole at once
+    overrides = [
+        "robot.robot_id=robot-a", "robot.model=pendulum", "robot.max_steps=25", "episodes=0", "policy.poll_interval_s=1",
+        f"fleet.agent.server_url={server.url}", f"policy.root={root}", f"policy.state_dir={state}",
+        f"fleet.agent.spool_dir={tmp_path / 'spool'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    running = subprocess.Popen([sys.executable, "-m", "fleet.apps.robot", *overrides], cwd=REPO, env={**os.environ, "FLYWHEEL_ROBOT_TOKEN": token},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while 2 not in PolicyTrust(**SPEC, state_dir=state).blocked and running.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        running.send_signal(signal.SIGTERM)
+        stdout, stderr = running.communicate(timeout=60)
+    finally:
+        running.kill()
+        server.stop()
+    log_text = (tmp_path / "hydra" / "robot.log").read_text()
+    assert "v2 failed its health check (first episode terminated after" in log_text, (log_text[-3000:], stderr[-3000:])
+    trust = PolicyTrust(**SPEC, state_dir=state)
+    assert trust.blocked == {2} and trust.version == 1  # back on v1 for good, v2 blocked here
+    status = json.loads(stdout.strip().splitlines()[-1])
+    assert status["policy_version"] == 1 and status["trusted_version"] == 1
+

@@ -29,6 +29,8 @@ def main(cfg: DictConfig) -> None:
     check(cfg, "flywheel-robot")
     if cfg.episodes < 0:
         raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
+    if cfg.policy.min_healthy_steps < 0:
+        raise SystemExit(f"flywheel-robot: policy.min_healthy_steps must be >= 0 (0: no first-episode health check), got {cfg.policy.min_healthy_steps}")
     for key in ("drain_timeout_s", "policy.poll_interval_s"):
         if not OmegaConf.select(cfg, key) >= 0:
             raise SystemExit(f"flywheel-robot: {key} must be >= 0 seconds, got {OmegaConf.select(cfg, key)}")
@@ -49,6 +51,7 @@ def main(cfg: DictConfig) -> None:
             policy = signed_policy_source(
                 cfg.policy.root, policy_url, token, robot_cfg.robot_id, robot_cfg.model, cfg.policy.state_dir, cfg.policy.poll_interval_s, cfg.policy.min_free_bytes,
                 fleet_url=agent_cfg.server_url,  # the token goes to the registry only where it is the fleet server
+                min_healthy_steps=cfg.policy.min_healthy_steps,  # a new release's first episode is its health check (docs/security.md)
             ).start()  # polls on its own thread: an episode never waits for the registry
         try:
             status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)

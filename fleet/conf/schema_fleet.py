@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from fleet.agent.config import AgentConfig, SimRobotConfig
 from fleet.conf.schema_tools import extend, fields_schema, target_schema
+from fleet.registry.trust import MIN_HEALTHY_STEPS
 from fleet.server.config import ServerConfig
 from fleet.store.config import StoreConfig
 from sim.variation import VariationProfile
@@ -56,6 +57,7 @@ class RobotPolicySchema:
     state_dir: str = "runs/fleet/robot-policy/${robot.robot_id}"
     poll_interval_s: float = 10.0
     min_free_bytes: int = 64 << 20
+    min_healthy_steps: int = MIN_HEALTHY_STEPS  # the default lives there (robot.yaml leaves it to this schema): one value for every robot
 
 
 @dataclasses.dataclass

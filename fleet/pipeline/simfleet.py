@@ -107,8 +107,8 @@ class SimulatedRobot:
         self.agent = RobotAgent(agent_cfg, spec.robot_id, token=token, seed=seed).start()
         trust = PolicyTrust(robot_model=robot_model, obs_dim=self.robot.obs_dim, act_dim=self.robot.act_dim, state_dir=root / "policy")
         self.policy = SignedPolicySource(
-            server_url, token, spec.robot_id, trust, builtin_policy("zero", self.robot.act_dim).current(), root=root_metadata, min_healthy_steps=5
-        )
+            server_url, token, spec.robot_id, trust, builtin_policy("zero", self.robot.act_dim).current(), root=root_metadata
+        )  # the first-episode health check with every robot's default, MIN_HEALTHY_STEPS (fleet/registry/trust.py)
 
     def run(self, episodes: int, call: str | None = None) -> list[dict]:
         """Run ``episodes`` episodes (pulling a policy before each); returns one summary per episode.

@@ -39,7 +39,7 @@ from tuf.ngclient import Updater
 from fleet.agent.policy import Policy
 from fleet.registry.fetcher import TokenFetcher
 from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, manifest_target, version_for, weights_target
-from fleet.registry.trust import PolicyRejected, PolicyTrust
+from fleet.registry.trust import MIN_HEALTHY_STEPS, PolicyRejected, PolicyTrust
 from policies.runtime import PolicyLoadError, load_policy_bytes
 from sim.body_context import BodyContextError, robot_context
 from sim.episode import EpisodeValidationError, loads_bounded
@@ -77,7 +77,10 @@ class SignedPolicySource:
     ``min_free_bytes``: disk room a weights download must leave free (for the episodes the robot
     records): weights are downloaded only while the disk holds twice their listed length and this
     much more; else the poll waits for room (``pull_no_room``). A download that fails writing (a full
-    disk) leaves nothing half-written behind."""
+    disk) leaves nothing half-written behind.
+    ``min_healthy_steps``: a new release's first episode here (:meth:`report_episode`) ending terminated within
+    this many steps fails its health check: the previous policy is restored and the release blocked on this robot
+    (``MIN_HEALTHY_STEPS`` by default; 0 turns the check off, logged as a warning)."""
 
     def __init__(
         self,
@@ -91,7 +94,7 @@ class SignedPolicySource:
         poll_interval_s: float = 0.0,
         request_timeout_s: float = 10.0,
         probe_obs: np.ndarray | None = None,
-        min_healthy_steps: int = 0,
+        min_healthy_steps: int = MIN_HEALTHY_STEPS,
         max_weights_bytes: int = MAX_WEIGHTS_BYTES,
         min_free_bytes: int = MIN_FREE_BYTES,
     ):
@@ -114,7 +117,7 @@ class SignedPolicySource:
                 raise ValueError(f"the root metadata this robot was given is not valid TUF root metadata ({exc}): use the registry's tuf/metadata/root.json") from None
         self._last_poll = -np.inf
         self.probe_obs = probe_obs if probe_obs is not None else np.zeros((4, trust.spec["obs_dim"]), np.float32)
-        self.min_healthy_steps = min_healthy_steps
+        self.min_healthy_steps = _checked_min_healthy_steps(min_healthy_steps, robot_id)
         self._probation: tuple | None = None  # (previous manifest, weights, policy, running version) while a new policy runs its first episode
         self.swaps = 0
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
@@ -372,6 +375,17 @@ class SignedPolicySource:
         self._client.close()
 
 
+def _checked_min_healthy_steps(steps: int, robot_id: str) -> int:
+    """``min_healthy_steps`` as given; negative refused, 0 said out loud: the first-episode check is then off, and a release
+    that topples the robot runs until an operator rolls it back (flywheel-robot once ran so, by default, unnoticed)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"min_healthy_steps must be an integer >= 0 (0: no first-episode health check), got {steps!r}")
+    if steps == 0:
+        log.warning("robot %s: min_healthy_steps=0: a new release's first episode is no health check (a release that makes the robot "
+                    "fall at once is not rolled back here); set it (policy.min_healthy_steps, default %d) to turn the check on", robot_id, MIN_HEALTHY_STEPS)  # fmt: skip
+    return steps
+
+
 def registry_token(registry_url: str, server_url: str, token: str | None) -> str | None:
     """The bearer token a robot sends to the registry at ``registry_url``: its ``token`` where the registry is its fleet
     server (the same base as ``server_url``, where it uploads: scheme, host, port and path, a trailing slash aside), else
@@ -395,11 +409,12 @@ def _base(url: str) -> tuple[str, str, int | None, str] | None:
 
 def signed_policy_source(
     root: str, server_url: str, token: str | None, robot_id: str, robot_model: str, state_dir: str, poll_interval_s: float,
-    min_free_bytes: int = MIN_FREE_BYTES, *, fleet_url: str | None = None,
+    min_free_bytes: int = MIN_FREE_BYTES, *, fleet_url: str | None = None, min_healthy_steps: int = MIN_HEALTHY_STEPS,
 ) -> SignedPolicySource:  # fmt: skip
     """A robot's policy source trusting the registry root metadata at ``root`` (falls back to a zero policy), pulling
     from ``server_url``; ``fleet_url``: the fleet server the robot uploads to, where that is another URL (a static
     registry): ``token`` goes to ``server_url`` only where it is that server (:func:`registry_token`).
+    ``min_healthy_steps``: the first-episode health check's (:class:`SignedPolicySource`).
 
     The spec comes from the MuJoCo task of ``robot_model`` (the flywheel-robot app's simulated robots); a
     robot without MuJoCo builds :class:`SignedPolicySource` with its own ``PolicyTrust`` (examples/ros2/)."""
@@ -416,5 +431,6 @@ def signed_policy_source(
         )
     token = registry_token(server_url, fleet_url or server_url, token)
     return SignedPolicySource(
-        server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s, min_free_bytes=min_free_bytes
+        server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s, min_free_bytes=min_free_bytes,
+        min_healthy_steps=min_healthy_steps,
     )

@@ -22,6 +22,11 @@ from fleet.registry.signing import canonical_json
 from sim.durable import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
+# A new release's first episode on this robot is its health check: ending terminated (the robot fell, a joint
+# limit, a safety stop) within this many control steps fails it, and the robot goes back to its previous policy
+# and blocks the release. The one default of flywheel-robot (policy.min_healthy_steps), SignedPolicySource and the
+# simulated fleet; 0 turns the check off. Set it below the shortest episode a good policy may end by finishing its task.
+MIN_HEALTHY_STEPS = 5
 
 
 class PolicyRejected(Exception):
