@@ -518,3 +518,20 @@ def test_flywheel_robot_rolls_back_and_blocks_a_canary_that_makes_the_robot_fall
     status = json.loads(stdout.strip().splitlines()[-1])
     assert status["policy_version"] == 1 and status["trusted_version"] == 1
 
+
+def test_tampered_weights_are_refused_naming_the_release_and_its_file(tmp_path, fleet, caplog):
+    """Weights changed on the registry's disk after signing were refused, but logged as "registry metadata refused (hash:
+    ...)": neither the release's version nor its file, and the metadata was fine."""
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    assert source.poll()
+    publish(registry, tmp_path, "v2")
+    (stored,) = (registry.root / "tuf" / "targets" / "policies" / "00000002").glob("*weights.safetensors")
+    tampered = bytearray(stored.read_bytes())
+    tampered[-2:] = bytes(b ^ 0xFF for b in tampered[-2:])
+    stored.write_bytes(bytes(tampered))
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+        assert not source.poll()
+    assert source.refusals == {"hash": 1} and source.current().version == "1" and source.trust.version == 1
+    assert "v2's weights (policies/00000002/weights.safetensors) failed verification" in caplog.text and "keeping 1" in caplog.text
+    assert "metadata refused" not in caplog.text

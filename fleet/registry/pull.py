@@ -173,7 +173,7 @@ class SignedPolicySource:
             self.frozen_since = None
             return self._consider(updater)
         except PolicyRejected as exc:
-            log.warning("robot %s refused a policy: %s", self.robot_id, exc)
+            log.warning("robot %s refused a policy: %s; keeping %s", self.robot_id, exc, self._policy.version)
         except tuf_errors.RepositoryError as exc:
             reason = next(name for kind, name in _TUF_REASONS if isinstance(exc, kind))
             self.trust.refusals[reason] += 1
@@ -234,7 +234,7 @@ class SignedPolicySource:
             raise PolicyRejected("size", f"v{version}'s weights are listed at {info.length} bytes, more than this robot's max_weights_bytes={self.max_weights_bytes}")
         if updater.find_cached_target(info) is None and not self._room_for(info.length, version):
             return False
-        weights = self._download(updater, info)
+        weights = self._download(updater, info, f"v{version}'s weights")
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
         with self._swap:
             if again:  # a failed probe keeps the version as the floor (blocked, the fallback running), never drops it
@@ -280,12 +280,19 @@ class SignedPolicySource:
         if info.length > max_bytes:
             self.trust.refusals["size"] += 1
             raise PolicyRejected("size", f"{path} is listed at {info.length} bytes, more than the {max_bytes} a robot reads")
-        return self._download(updater, info)
+        return self._download(updater, info, path)
 
-    def _download(self, updater: Updater, info) -> bytes:
+    def _download(self, updater: Updater, info, what: str) -> bytes:
+        """A listed target's verified bytes. One that fails its signed length or sha256 is refused naming ``what`` (the
+        release's weights and version) and the target's path: TUF's error said only "metadata refused", and an operator
+        could not tell from a robot's log which release was tampered with."""
         try:
             path = updater.find_cached_target(info) or updater.download_target(info)  # length and sha256 checked by TUF
             return Path(path).read_bytes()
+        except tuf_errors.LengthOrHashMismatchError as exc:
+            self.trust.refusals["hash"] += 1
+            raise PolicyRejected("hash", f"{what} ({info.path}) failed verification against the signed targets metadata ({exc}): "
+                                         "refused; the registry's copy was changed or damaged after it was signed") from None  # fmt: skip
         except OSError:  # the robot's disk full or failing: nothing half-written (partial, TUF's copy) keeps its space
             shutil.rmtree(self.targets_dir, ignore_errors=True)
             raise
