@@ -551,3 +551,32 @@ def test_a_spool_disk_refusing_writes_drops_the_episode_and_the_spooled_ones_sti
     status = agent.status()
     assert (status["created"], status["dropped"], status["dropped_by_reason"], status["too_large"]) == (2, 2, {reason: 2}, 0), status
     assert f"{spool / 'robot-a'}" in caplog.text and f"({reason}, errno" in caplog.text and "spool_dir" in caplog.text
+
+
+def test_a_full_spool_on_a_read_only_disk_drops_the_new_episode_and_keeps_its_queue(tmp_path, tokens, caplog, monkeypatch):
+    """A full spool makes room by deleting its oldest episode: that episode left the queue before its delete, and on a
+    disk remounted read-only the delete failed (EROFS), so it was counted nowhere and did not upload in this process;
+    the log said the spool could not *write* the sidecar it was deleting."""
+    token_file, token = tokens
+    spool = tmp_path / "spool"
+    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    size = len(make(0).to_bytes())
+    cfg = AgentConfig(server_url=handle.url, spool_dir=str(spool), spool_max_bytes=2 * size + 10, backoff_initial_s=0.02, backoff_max_s=0.2)
+    agent = RobotAgent(cfg, "robot-a", token=token)
+    assert agent.submit(make(0)) and agent.submit(make(1))  # the spool is full
+    queued = agent.spool.entries()
+    with monkeypatch.context() as patched:
+        _read_only_spool(patched, spool)
+        with caplog.at_level(logging.ERROR, logger="fleet.agent.agent"):
+            assert not agent.submit(make(2)) and not agent.submit(make(3))  # dropped: the robot goes on
+        assert (agent.spool.entries(), agent.spool.evicted, agent.spool.lost, agent.dropped_by_reason) == (queued, 0, 0, {"EROFS": 2})
+        assert f"could not delete the oldest episode {queued[0].path} to make room (EROFS" in caplog.text and "could not write" not in caplog.text
+        try:
+            agent.start()
+            assert agent.wait_drained(30), agent.status()
+        finally:
+            agent.stop()
+    handle.stop()
+    status = agent.status()
+    assert (status["created"], status["evicted"], status["lost"], status["dropped"]) == (2, 0, 0, 2), status
+

@@ -10,7 +10,7 @@ from pathlib import Path
 from fleet.agent.config import AgentConfig, SimRobotConfig, check_robot_id
 from fleet.agent.policy import PolicySource, builtin_policy
 from fleet.agent.recorder import EpisodeRecorder
-from fleet.agent.spool import EpisodeTooLarge, Spool, SpoolFullError
+from fleet.agent.spool import EpisodeTooLarge, EvictionRefused, Spool, SpoolFullError
 from fleet.agent.uploader import Uploader
 from sim.durable import disk_full
 from sim.episode import Episode
@@ -54,8 +54,9 @@ class RobotAgent:
         counted in ``dropped`` and by reason in ``dropped_by_reason``, the reason in ``last_error``) when it cannot be
         spooled: the spool's disk is full even after evicting every older episode (``disk_full``), the episode alone is
         larger than ``spool_max_bytes`` (``too_large``, counted in ``too_large`` too; nothing is evicted for it), or the
-        spool's disk refuses the write otherwise (its errno's name: ``EROFS`` for a disk remounted read-only, ``EIO``,
-        ``EACCES``). The robot goes on working either way, and the episodes already spooled still upload."""
+        spool's disk refuses the write otherwise, or the delete of the oldest episode a full spool makes room with (its
+        errno's name: ``EROFS`` for a disk remounted read-only, ``EIO``, ``EACCES``; that oldest episode stays queued).
+        The robot goes on working either way, and the episodes already spooled still upload."""
         if episode.robot_id != self.robot_id:
             raise ValueError(f"episode robot_id {episode.robot_id!r} is not this agent's robot {self.robot_id!r}")
         try:
@@ -75,9 +76,10 @@ class RobotAgent:
         self.uploader.last_error = str(exc)
         if reason in ("too_large", "disk_full"):
             log.error("episode %s dropped: %s", episode.episode_id, exc)
-        else:
-            log.error("episode %s dropped: the spool could not write %s (%s, errno %s: %s); the robot goes on and the episodes already spooled "
-                      "still upload: check the disk holding spool_dir (a disk remounted read-only after errors, a failing card, its permissions)",
+        else:  # a full spool deletes its oldest episode first: say which of the two the disk refused
+            failed = "delete the oldest episode %s to make room" if isinstance(exc, EvictionRefused) else "write %s"
+            log.error("episode %s dropped: the spool could not " + failed + " (%s, errno %s: %s); the robot goes on and the episodes already "
+                      "spooled still upload: check the disk holding spool_dir (a disk remounted read-only after errors, a failing card, its permissions)",
                       episode.episode_id, exc.filename or self.spool.directory, reason, exc.errno, exc.strerror or exc)  # fmt: skip
 
     def status(self) -> dict:

@@ -6,6 +6,7 @@ deleted on open. Names start with a 20-digit sequence number, so the queue is FI
 restarts. Over ``max_bytes`` the oldest episodes are evicted first (counted and logged; an episode evicted
 while its upload was in flight and then acknowledged by the server is no loss and is not counted).
 An episode larger than ``max_bytes`` on its own is refused (:class:`EpisodeTooLarge`); nothing is evicted for it.
+A disk that refuses to delete the oldest episode (read-only) refuses the new one (:class:`EvictionRefused`); the queue stays.
 Episodes the server refuses for good are moved to ``rejected/`` with the server's reason; it holds at
 most ``max_bytes`` of them too, the oldest deleted first (``rejected_evicted``): a server or proxy that
 refuses everything cannot fill the robot's disk.
@@ -41,6 +42,10 @@ class SpoolEntry:
 
 class SpoolFullError(OSError):
     """The spool's disk is full and no spooled episode is left to evict."""
+
+
+class EvictionRefused(OSError):
+    """The spool's disk refused to delete the oldest episode to make room (a disk remounted read-only): it stays queued."""
 
 
 class EpisodeTooLarge(ValueError):
@@ -132,9 +137,20 @@ class Spool:
         return entry
 
     def _evict_oldest(self, why: str) -> int:
-        victim = self._entries.pop(min(self._entries))
-        _sidecar(victim).unlink(missing_ok=True)
-        victim.path.unlink(missing_ok=True)
+        """Delete the oldest episode, then take it out of the queue and count it. A disk that refuses the delete (one
+        remounted read-only) raises :class:`EvictionRefused` and leaves the queue as it was: the episode once left the
+        queue before its delete failed, counted nowhere, and did not upload in this process."""
+        name = min(self._entries)
+        victim = self._entries[name]
+        try:
+            victim.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise EvictionRefused(exc.errno, exc.strerror, exc.filename) from exc
+        del self._entries[name]
+        try:  # the episode is gone: a sidecar left behind is deleted at the next start (it names no episode)
+            _sidecar(victim).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("spool %s: could not delete the upload sidecar of evicted episode %s (%s)", self.directory, victim.episode_id, exc)
         self.evicted += 1
         self._evicted_ids[victim.path.name] = None
         while len(self._evicted_ids) > MAX_EVICTED_IDS:  # only the latest can still be in flight
@@ -150,10 +166,10 @@ class Spool:
             return None
 
     def forget(self, entry: SpoolEntry) -> None:
-        """Drop an entry whose file :meth:`read` found gone. Eviction takes its entry out before the file, so an entry
-        still listed was removed by something other than this spool (an operator freeing space, a tmp cleaner, a
-        second agent on the same folder): counted in ``lost`` and logged, so the uploader goes on with the next one
-        (it once read the same vanished entry again and again, and uploaded nothing more)."""
+        """Drop an entry whose file :meth:`read` found gone. Eviction deletes the file and takes its entry out under the
+        spool's lock, so an entry still listed here was removed by something other than this spool (an operator freeing
+        space, a tmp cleaner, a second agent on the same folder): counted in ``lost`` and logged, so the uploader goes on
+        with the next one (it once read the same vanished entry again and again, and uploaded nothing more)."""
         with self._lock:
             if self._entries.pop(entry.path.name, None) is None:
                 return  # evicted meanwhile: counted there
