@@ -580,3 +580,56 @@ def test_a_full_spool_on_a_read_only_disk_drops_the_new_episode_and_keeps_its_qu
     status = agent.status()
     assert (status["created"], status["evicted"], status["lost"], status["dropped"]) == (2, 0, 0, 2), status
 
+
+def test_a_resumable_episode_on_a_read_only_disk_uploads_and_does_not_block_the_queue(tmp_path, tokens, caplog, monkeypatch):
+    """An episode over resumable_threshold_bytes writes its upload sidecar first: on a disk remounted read-only that
+    raised EROFS on every attempt, and the failed attempt did not move it behind the others: nothing uploaded."""
+    token_file, token = tokens
+    spool = tmp_path / "spool"
+    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    big, small = make(0, steps=400), make(1)
+    threshold = len(small.to_bytes()) + 1  # the big one goes resumable, the small one in one POST
+    cfg = AgentConfig(server_url=handle.url, spool_dir=str(spool), resumable_threshold_bytes=threshold, backoff_initial_s=0.02, backoff_max_s=0.2)
+    agent = RobotAgent(cfg, "robot-a", token=token)
+    assert agent.submit(big) and agent.submit(small)
+    with monkeypatch.context() as patched:
+        _read_only_spool(patched, spool)
+        try:
+            with caplog.at_level(logging.WARNING, logger="fleet.agent.spool"):
+                agent.start()
+                assert agent.wait_drained(15), agent.status()
+        finally:
+            agent.stop()
+    handle.stop()
+    status = agent.status()
+    assert (status["created"], status["failed_attempts"]) == (2, 0), status
+    assert f"could not write the upload sidecar of episode {big.episode_id}" in caplog.text
+
+
+def test_an_episode_whose_attempt_raises_goes_behind_the_others(tmp_path, tokens, monkeypatch):
+    """An attempt that raised (a spooled file on a failing card: EIO on read) was counted as failed but not moved behind
+    the others, as an answered failure is: the next attempt took the same episode, and nothing behind it uploaded."""
+    import errno
+
+    token_file, token = tokens
+    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
+    for seed in range(3):
+        assert agent.submit(make(seed))
+    unreadable = agent.spool.entries()[0]
+    real_read = Spool.read
+
+    def read(self, entry):
+        if entry == unreadable:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(entry.path))
+        return real_read(self, entry)
+
+    monkeypatch.setattr(Spool, "read", read)
+    try:
+        agent.start()
+        wait_for(lambda: agent.status()["created"] == 2, timeout=15)
+    finally:
+        agent.stop()
+        handle.stop()
+    status = agent.status()
+    assert agent.spool.entries() == [unreadable] and "Input/output error" in status["last_error"], status

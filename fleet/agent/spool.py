@@ -13,7 +13,8 @@ refuses everything cannot fill the robot's disk.
 
 An episode being sent through the resumable protocol has a sidecar ``NAME.upload.json`` (the server's
 upload id and what it was declared as; fleet/agent/resumable.py), written the same crash-safe way, so a
-restarted robot resumes the upload instead of starting over. It goes when its episode goes.
+restarted robot resumes the upload instead of starting over. It goes when its episode goes. A disk that refuses to
+write or delete one (read-only) only costs that: the upload goes on, not resumable after a restart.
 """
 
 from __future__ import annotations
@@ -225,8 +226,14 @@ class Spool:
 
     # -- resumable uploads (sidecars) ----------------------------------------------------
     def remember_upload(self, entry: SpoolEntry, upload: dict) -> None:
-        """Durably note the resumable upload ``entry`` is being sent in (JSON-able), for a restarted robot."""
-        _write_durably(_sidecar(entry), json.dumps(upload).encode())
+        """Durably note the resumable upload ``entry`` is being sent in (JSON-able), for a restarted robot. A disk that
+        refuses the write (read-only, full) is logged, not raised: the upload goes on, only not resumable after a restart
+        (a raise once failed every attempt at the episode, and the episodes behind it waited)."""
+        try:
+            _write_durably(_sidecar(entry), json.dumps(upload).encode())
+        except OSError as exc:
+            log.warning("spool %s: could not write the upload sidecar of episode %s (%s); uploading it without resuming after a restart",
+                        self.directory, entry.episode_id, exc)  # fmt: skip
 
     def recall_upload(self, entry: SpoolEntry) -> dict | None:
         """The upload :meth:`remember_upload` noted for ``entry``, or None."""
@@ -240,7 +247,11 @@ class Spool:
         return upload if isinstance(upload, dict) else None
 
     def forget_upload(self, entry: SpoolEntry) -> None:
-        _sidecar(entry).unlink(missing_ok=True)
+        """Delete ``entry``'s sidecar; a disk that refuses (read-only) is logged: a stale sidecar costs a new upload, no more."""
+        try:
+            _sidecar(entry).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("spool %s: could not delete the upload sidecar of episode %s (%s)", self.directory, entry.episode_id, exc)
 
     def rejected(self) -> list[Path]:
         return sorted(self.rejected_dir.glob(f"*{SUFFIX}"))

@@ -134,6 +134,7 @@ class Uploader:
 
     def upload_once(self) -> str:
         """Try the oldest eligible spooled episode once: "empty", "acked", "rejected", "set_aside" or "retry"."""
+        self.last_entry = None  # set once an entry is picked: an attempt that raises is blamed on it, not on the one before
         while True:
             entry = self._next()
             if entry is None:
@@ -273,6 +274,8 @@ class Uploader:
                 outcome = self.upload_once()
             except Exception as exc:  # anything unforeseen (an answer of another shape, a full disk): a failed attempt, never a dead thread
                 log.exception("upload attempt failed")
+                if self.last_entry is not None:  # behind the others, as _failed does: one that raises each time once blocked the queue
+                    self._last_failed = self.last_entry.episode_id
                 self._failures += 1
                 self.stats["failed_attempts"] += 1
                 self.last_error, outcome = f"{exc.__class__.__name__}: {exc}", "retry"
