@@ -1,11 +1,17 @@
 """Hydra's output folders given on the command line: a --multirun run_dir that differs per job is taken (it was refused
 as "every job the same folder"), and a refused start leaves no hydra.run.dir or hydra.sweep.dir it made behind
-(each held .hydra/ and the log). Each start is refused for its settings (torch_threads=0) before it trains. And
-flywheel-train's --help lists a --config-dir's options."""
+(each held .hydra/ and the log). Each start is refused for its settings (torch_threads=0) before it trains. A
+--multirun job whose run_dir resolves to a folder an earlier job took is refused (the jobs run in one process, which
+holds the folder's lock: the later one extended the earlier one's run). And flywheel-train's --help lists a
+--config-dir's options."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import hydra
+
+from fleet.apps.errors import multirun_run_dir_error
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSED = "policy.trainer.torch_threads=0"  # checked after the run folder, before anything trains
@@ -25,6 +31,39 @@ def test_a_multirun_run_dir_per_job_is_taken_and_refused_starts_leave_no_hydra_f
     fixed = _train(tmp_path, "--multirun", "policy.trainer.seed=0,1", "run_dir=mysweep/fixed", REFUSED)
     assert fixed.returncode == 1 and "run_dir=mysweep/fixed in a --multirun gives every job the same folder" in fixed.stderr, fixed.stderr[-1500:]
     assert not (tmp_path / "mysweep").exists()
+
+
+def _sweep(monkeypatch, tmp_path: Path, app: str, *overrides: str) -> list[str | None]:
+    """A tiny Hydra app swept in this process, as the apps' jobs are: what each job's run_dir check says."""
+    said: list[str | None] = []
+
+    @hydra.main(config_path=None, config_name=None, version_base="1.3")
+    def job(cfg) -> None:
+        said.append(multirun_run_dir_error(app, cfg))
+
+    tmp_path.mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["app", "--multirun", "hydra.sweep.dir=sw", *overrides])
+    job()
+    return said
+
+
+def test_multirun_jobs_whose_run_dir_meets_in_one_folder_are_refused(monkeypatch, tmp_path):
+    """Both jobs were taken: the second (loop.iterations=4) extended the first's run in runs/pendulum."""
+    met = _sweep(monkeypatch, tmp_path, "flywheel", "+model=pendulum", "+iterations=2,4", "+seed=0", "+run_dir=runs/${model}")
+    assert met[0] is None
+    assert met[1] == (
+        "run_dir=runs/${model} gives job 1 of this --multirun the folder runs/pendulum that job 0 took: it would extend or "
+        "overwrite that job's run; put a key you sweep in it, e.g. 'run_dir=sweep/s${seed}'"
+    )
+    assert _sweep(monkeypatch, tmp_path / "again", "flywheel", "+seed=0,1", "+run_dir=runs/s${seed}") == [None, None]
+
+
+def test_the_multirun_run_dir_hint_names_a_key_the_app_sweeps(monkeypatch, tmp_path):
+    """The hint said ${policy.trainer.seed} to flywheel too, which refuses that key (the loop sets it from seed)."""
+    fixed = {app: _sweep(monkeypatch, tmp_path / app, app, "+seed=0,1", "+run_dir=runs/fixed")[0] for app in ("flywheel", "flywheel-train")}
+    assert fixed["flywheel"].endswith("e.g. 'run_dir=sweep/s${seed}'")
+    assert fixed["flywheel-train"].endswith("e.g. 'run_dir=sweep/s${policy.trainer.seed}'")
 
 
 def test_a_hydra_run_dir_that_was_there_before_stays(tmp_path):

@@ -49,25 +49,33 @@ def stop_on_signals() -> None:
         signal.signal(sig, interrupt)
 
 
-def multirun_run_dir_error(cfg) -> str | None:
-    """Why a ``--multirun`` job cannot use ``cfg.run_dir``, or None: a value with no interpolation gives every job the
-    same folder. One that interpolates (``run_dir=sweep/s${policy.trainer.seed}``) may differ per job, and is taken:
-    two jobs that still meet in one folder are refused there, as any start is, by its lock (a second process) or by
-    the run it finds (another app's, or one of other settings)."""
+SWEPT_KEY = {"flywheel": "seed", "flywheel-train": "policy.trainer.seed"}  # a key each app sweeps, for run_dir's hint
+
+
+def multirun_run_dir_error(app: str, cfg) -> str | None:
+    """Why a ``--multirun`` job of ``app`` cannot use ``cfg.run_dir``, or None. A value with no interpolation gives every
+    job the same folder. One that interpolates (``run_dir=sweep/s${seed}``) may differ per job, and is taken, unless it
+    resolves to a folder an earlier job of this sweep took: Hydra's default launcher runs the jobs one after another in
+    this process, which holds that folder's lock already, so the later job would extend or overwrite the earlier one's
+    run. A job that may use it takes it here."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     hydra = HydraConfig.get()
-    if hydra.mode != RunMode.MULTIRUN or Path(cfg.run_dir).resolve() == Path(hydra.runtime.output_dir).resolve():
+    run_dir = Path(cfg.run_dir).resolve()
+    if hydra.mode != RunMode.MULTIRUN or run_dir == Path(hydra.runtime.output_dir).resolve():
         return None
     raw = str(OmegaConf.to_container(cfg, resolve=False)["run_dir"])
-    if "${" in raw:
-        return None
-    return (
-        f"run_dir={raw} in a --multirun gives every job the same folder: leave run_dir unset (each job gets "
-        "<hydra.sweep.dir>/<job number>), or make it differ per job with a swept key, e.g. 'run_dir=sweep/s${policy.trainer.seed}'"
-    )
+    hint = f"put a key you sweep in it, e.g. 'run_dir=sweep/s${{{SWEPT_KEY.get(app, 'seed')}}}'"
+    if "${" not in raw:
+        return f"run_dir={raw} in a --multirun gives every job the same folder: leave run_dir unset (each job gets <hydra.sweep.dir>/<job number>), or {hint}"
+    sweep, job = Path(hydra.sweep.dir).resolve(), hydra.job.num
+    taken = _SWEEP_TAKEN.get(run_dir)
+    if taken is not None and taken[0] == sweep and taken[1] != job:
+        return f"run_dir={raw} gives job {job} of this --multirun the folder {cfg.run_dir} that job {taken[1]} took: it would extend or overwrite that job's run; {hint}"
+    _SWEEP_TAKEN[run_dir] = (sweep, job)
+    return None
 
 
 def check_run_dir_argument(app: str, argv: list[str]) -> None:
@@ -104,6 +112,7 @@ _GIVEN_MADE: list[Path] = []  # those this start makes (not there before it), ab
 _ACCEPTED: set[Path] = set()  # Hydra's output folders of the starts the app accepted: their record stands
 _RECORD: dict = {}  # the run folder's record before Hydra wrote this start's, while the app has not accepted the rerun
 _HELD: dict = {}  # run folder -> its lock file, open (and locked) for the process's life
+_SWEEP_TAKEN: dict[Path, tuple[Path, int]] = {}  # a --multirun's run folder -> its sweep folder and the number of the job that took it
 
 
 def _new_job_folder() -> Path | None:
@@ -171,7 +180,7 @@ def accept_run_folder(app: str, run_dir: Path) -> None:
     if HydraConfig.initialized():  # a hydra.run.dir given apart from run_dir holds this start's record
         _ACCEPTED.add(Path(HydraConfig.get().runtime.output_dir).resolve())
     run_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir.resolve() in _HELD:  # this process's already (an app run twice in one process)
+    if run_dir.resolve() in _HELD:  # this process's already (an app run twice in one process; a --multirun's jobs may not share one: multirun_run_dir_error)
         return
     lock = open(run_dir / ".lock", "a+")  # noqa: SIM115  (held open until the process exits)
     try:
@@ -203,7 +212,7 @@ def start_app(app: str, cfg, *, uses_ray: bool = True) -> None:
         atexit.register(_discard_unaccepted, new)
     check(cfg, app)
     logging.getLogger("fleet").setLevel(logging.WARNING)
-    if error := multirun_run_dir_error(cfg):
+    if error := multirun_run_dir_error(app, cfg):
         raise SystemExit(f"{app}: {error}")
     if HydraConfig.get().job.chdir:
         raise SystemExit(f"{app}: hydra.job.chdir=true is not supported: the apps read and write paths (run_dir, the store, keys) from where they are started; leave it false")
