@@ -43,9 +43,37 @@ def start_ray(cfg: DictConfig) -> bool:
             raise join_error(cfg, exc) from exc
         log.info("joined the Ray cluster at %s as %s", cfg.address, ray.util.get_node_ip_address())
     else:
-        with single_host_ray(cfg.node_ip_address), keep_sigterm_handler():
+        with single_host_ray(cfg.node_ip_address), keep_sigterm_handler(), ray_in_own_process_group():
             ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def ray_in_own_process_group() -> Iterator[None]:
+    """The local Ray's processes (GCS, raylet, agents, and the workers the raylet starts) get a process group of
+    their own; this process stays in its group. ``timeout`` (and any supervisor that signals a process group)
+    sends SIGTERM to this process and to its whole group: Ray's processes, in it, died at once, and the driver,
+    stopping as on Ctrl-C, then waited on the dead GCS until Ray ended it after 60 s (exit 1, no resume line,
+    W&B unfinished). Now the driver stops its Ray itself. Ray's processes still end with this one (Ray ties
+    each to its parent's death). A process that leads its group (started by a shell as a job of its own:
+    Ctrl-C reaches the group, and Ray's processes block SIGINT) keeps Ray in it, as before."""
+    group = os.getpgrp()
+    if group == os.getpid():
+        yield
+        return
+    try:
+        os.setpgid(0, 0)  # a new group led by this process: what it starts now is born in it
+    except OSError as exc:  # a session leader cannot change its group
+        log.debug("the local Ray stays in this process's group (%s)", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            os.setpgid(0, group)  # back into the group it was started in (a terminal's Ctrl-C, timeout's signal reach it there)
+        except OSError as exc:
+            log.warning("could not return to process group %d after starting Ray (%s): a signal to that group no longer reaches this run", group, exc)
 
 
 @contextlib.contextmanager
