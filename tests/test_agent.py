@@ -472,22 +472,45 @@ def _robot_env() -> dict[str, str]:
     return {**os.environ, "FLYWHEEL_ROBOT_TOKEN": "t"}
 
 
+def _server(tmp_path: Path, token_file: Path):
+    """A real fleet server on loopback with its store in ``tmp_path``."""
+    return serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+
+
+def _quick_agent(url: str, spool: Path, token: str, **cfg) -> RobotAgent:
+    """Robot "robot-a" uploading to ``url``, retrying within a fraction of a second."""
+    return RobotAgent(AgentConfig(server_url=url, spool_dir=str(spool), backoff_initial_s=0.02, backoff_max_s=0.2, **cfg), "robot-a", token=token)
+
+
+def _three_spooled(tmp_path: Path, tokens) -> tuple:
+    """A real server and a quick agent with three episodes spooled (not started)."""
+    token_file, token = tokens
+    handle = _server(tmp_path, token_file)
+    agent = _quick_agent(handle.url, tmp_path / "spool", token)
+    for seed in range(3):
+        assert agent.submit(make(seed))
+    return handle, agent
+
+
+def _drain(agent: RobotAgent, seconds: float = 30) -> None:
+    """Start the agent, wait until its spool is uploaded, stop it."""
+    agent.start()
+    try:
+        assert agent.wait_drained(seconds), agent.status()
+    finally:
+        agent.stop()
+
+
 def test_a_spooled_file_deleted_from_outside_is_counted_lost_and_the_rest_upload(tmp_path, tokens, caplog):
     """A spool file removed behind the agent's back (an operator freeing space, a cleaner, a second agent on the same
     folder) stayed listed: upload_once read it again and again (RecursionError on every attempt) and uploaded nothing more."""
-    token_file, token = tokens
-    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
-    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
-    for seed in range(3):
-        assert agent.submit(make(seed))
+    handle, agent = _three_spooled(tmp_path, tokens)
     vanished = agent.spool.entries()[0]
     vanished.path.unlink()
     try:
         with caplog.at_level(logging.ERROR, logger="fleet.agent.spool"):
-            agent.start()
-            assert agent.wait_drained(30), agent.status()
+            _drain(agent)
     finally:
-        agent.stop()
         handle.stop()
     status = agent.status()
     assert (status["created"], status["lost"], status["queue_depth"], status["failed_attempts"]) == (2, 1, 0, 0), status
@@ -534,19 +557,15 @@ def test_a_spool_disk_refusing_writes_drops_the_episode_and_the_spooled_ones_sti
     (EROFS; EIO, EACCES alike) ended flywheel-robot at its next episode, and recording stopped with it."""
     token_file, token = tokens
     spool = tmp_path / "spool"
-    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
-    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(spool), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
+    handle = _server(tmp_path, token_file)
+    agent = _quick_agent(handle.url, spool, token)
     for seed in range(2):
         assert agent.submit(make(seed))
     with monkeypatch.context() as patched:
         fault(patched, spool)
         with caplog.at_level(logging.ERROR, logger="fleet.agent.agent"):
             assert not agent.submit(make(2)) and not agent.submit(make(3))  # dropped, the robot goes on
-        try:
-            agent.start()
-            assert agent.wait_drained(30), agent.status()  # what was spooled before still uploads
-        finally:
-            agent.stop()
+        _drain(agent)  # what was spooled before still uploads
     handle.stop()
     status = agent.status()
     assert (status["created"], status["dropped"], status["dropped_by_reason"], status["too_large"]) == (2, 2, {reason: 2}, 0), status
@@ -559,10 +578,9 @@ def test_a_full_spool_on_a_read_only_disk_drops_the_new_episode_and_keeps_its_qu
     the log said the spool could not *write* the sidecar it was deleting."""
     token_file, token = tokens
     spool = tmp_path / "spool"
-    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    handle = _server(tmp_path, token_file)
     size = len(make(0).to_bytes())
-    cfg = AgentConfig(server_url=handle.url, spool_dir=str(spool), spool_max_bytes=2 * size + 10, backoff_initial_s=0.02, backoff_max_s=0.2)
-    agent = RobotAgent(cfg, "robot-a", token=token)
+    agent = _quick_agent(handle.url, spool, token, spool_max_bytes=2 * size + 10)
     assert agent.submit(make(0)) and agent.submit(make(1))  # the spool is full
     queued = agent.spool.entries()
     with monkeypatch.context() as patched:
@@ -571,11 +589,7 @@ def test_a_full_spool_on_a_read_only_disk_drops_the_new_episode_and_keeps_its_qu
             assert not agent.submit(make(2)) and not agent.submit(make(3))  # dropped: the robot goes on
         assert (agent.spool.entries(), agent.spool.evicted, agent.spool.lost, agent.dropped_by_reason) == (queued, 0, 0, {"EROFS": 2})
         assert f"could not delete the oldest episode {queued[0].path} to make room (EROFS" in caplog.text and "could not write" not in caplog.text
-        try:
-            agent.start()
-            assert agent.wait_drained(30), agent.status()
-        finally:
-            agent.stop()
+        _drain(agent)
     handle.stop()
     status = agent.status()
     assert (status["created"], status["evicted"], status["lost"], status["dropped"]) == (2, 0, 0, 2), status
@@ -586,20 +600,15 @@ def test_a_resumable_episode_on_a_read_only_disk_uploads_and_does_not_block_the_
     raised EROFS on every attempt, and the failed attempt did not move it behind the others: nothing uploaded."""
     token_file, token = tokens
     spool = tmp_path / "spool"
-    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
+    handle = _server(tmp_path, token_file)
     big, small = make(0, steps=400), make(1)
     threshold = len(small.to_bytes()) + 1  # the big one goes resumable, the small one in one POST
-    cfg = AgentConfig(server_url=handle.url, spool_dir=str(spool), resumable_threshold_bytes=threshold, backoff_initial_s=0.02, backoff_max_s=0.2)
-    agent = RobotAgent(cfg, "robot-a", token=token)
+    agent = _quick_agent(handle.url, spool, token, resumable_threshold_bytes=threshold)
     assert agent.submit(big) and agent.submit(small)
     with monkeypatch.context() as patched:
         _read_only_spool(patched, spool)
-        try:
-            with caplog.at_level(logging.WARNING, logger="fleet.agent.spool"):
-                agent.start()
-                assert agent.wait_drained(15), agent.status()
-        finally:
-            agent.stop()
+        with caplog.at_level(logging.WARNING, logger="fleet.agent.spool"):
+            _drain(agent, 15)
     handle.stop()
     status = agent.status()
     assert (status["created"], status["failed_attempts"]) == (2, 0), status
@@ -611,11 +620,7 @@ def test_an_episode_whose_attempt_raises_goes_behind_the_others(tmp_path, tokens
     the others, as an answered failure is: the next attempt took the same episode, and nothing behind it uploaded."""
     import errno
 
-    token_file, token = tokens
-    handle = serve(ServerConfig(port=0, token_file=str(token_file)), StoreConfig(path=str(tmp_path / "store")))
-    agent = RobotAgent(AgentConfig(server_url=handle.url, spool_dir=str(tmp_path / "spool"), backoff_initial_s=0.02, backoff_max_s=0.2), "robot-a", token=token)
-    for seed in range(3):
-        assert agent.submit(make(seed))
+    handle, agent = _three_spooled(tmp_path, tokens)
     unreadable = agent.spool.entries()[0]
     real_read = Spool.read
 
