@@ -79,3 +79,11 @@ def test_train_help_lists_a_config_dirs_policies_and_says_which_are_the_loops(tm
     out = _train(tmp_path, "--config-dir", "myconf", "--help")
     assert out.returncode == 0 and "\npolicy: mbpo, mbpo_fleet, my_ppo, ppo, sac, sac_fleet\nray: local\nwandb: offline\n" in out.stdout, out.stdout[:800]
     assert "for `flywheel` only" in out.stdout
+
+
+def test_a_swept_run_dir_gives_each_job_its_folder_and_a_new_sweep_its_own_claims(monkeypatch, tmp_path):
+    """run_dir=runs/a,runs/b (two folders) was refused as "every job the same folder"; and a second sweep in this
+    process with the same sweep folder was refused the folders the first one's jobs had taken."""
+    assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=0", "+run_dir=runs/a,runs/b") == [None, None]
+    assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=0,1", "+run_dir=runs/s${seed}") == [None, None]
+    assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=1,0", "+run_dir=runs/s${seed}") == [None, None]  # same sweep folder

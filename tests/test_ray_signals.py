@@ -60,3 +60,40 @@ def test_a_signal_to_the_runs_process_group_leaves_its_ray_up_for_the_driver_to_
     finally:
         shell.kill()
         shell.wait()
+
+
+IN_GROUP = """
+import os
+from fleet.pipeline.ray_start import ray_in_own_process_group
+before = os.getpgrp()
+with ray_in_own_process_group():
+    print("moved" if os.getpgrp() != before else "stayed", flush=True)
+"""
+
+
+def test_a_run_in_a_terminals_foreground_group_keeps_ray_in_it(tmp_path):
+    """`make demo` at a terminal: flywheel is a member (not the leader) of the foreground group. Moved to a group of its
+    own while Ray starts, it was in the background: a Ctrl-C then missed it, and under `stty tostop` Ray's first log
+    line stopped it (SIGTTOU) for good. Without a terminal (timeout, CI) a member still moves, as the test above needs."""
+    import pty
+
+    script = tmp_path / "in_group.py"
+    script.write_text(IN_GROUP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pid, fd = pty.fork()
+    if pid == 0:  # the terminal's session leader, as a shell is; the driver is a member of its (foreground) group
+        os.execve("/bin/sh", ["sh", "-c", f'"{sys.executable}" "{script}"'], env)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    os.close(fd)
+    assert out.decode().strip() == "stayed", out
+    alone = subprocess.run(["sh", "-c", f'"{sys.executable}" "{script}"'], env=env, capture_output=True, text=True, start_new_session=True, timeout=60)
+    assert alone.stdout.strip() == "moved", alone.stderr

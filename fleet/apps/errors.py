@@ -68,14 +68,30 @@ def multirun_run_dir_error(app: str, cfg) -> str | None:
         return None
     raw = str(OmegaConf.to_container(cfg, resolve=False)["run_dir"])
     hint = f"put a key you sweep in it, e.g. 'run_dir=sweep/s${{{SWEPT_KEY.get(app, 'seed')}}}'"
-    if "${" not in raw:
+    if "${" not in raw and not _swept("run_dir", sys.argv[1:]):
         return f"run_dir={raw} in a --multirun gives every job the same folder: leave run_dir unset (each job gets <hydra.sweep.dir>/<job number>), or {hint}"
     sweep, job = Path(hydra.sweep.dir).resolve(), hydra.job.num
+    if job == 0:  # a new sweep: another one earlier in this process (a notebook, tests) took its folders for itself
+        _SWEEP_TAKEN.clear()
     taken = _SWEEP_TAKEN.get(run_dir)
     if taken is not None and taken[0] == sweep and taken[1] != job:
         return f"run_dir={raw} gives job {job} of this --multirun the folder {cfg.run_dir} that job {taken[1]} took: it would extend or overwrite that job's run; {hint}"
     _SWEEP_TAKEN[run_dir] = (sweep, job)
     return None
+
+
+def _swept(key: str, argv: list[str]) -> bool:
+    """Whether the command line sweeps ``key`` (``run_dir=runs/a,runs/b``, ``range(...)``, ``choice(...)``), as
+    Hydra's own override parser reads it: each job then has its own value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for arg in argv:
+        if arg.lstrip("+~").partition("=")[0] == key:
+            try:
+                return OverridesParser.create().parse_overrides([arg])[0].is_sweep_override()
+            except Exception:  # noqa: BLE001 - Hydra refuses such an override itself, with its own message
+                return False
+    return False
 
 
 def check_run_dir_argument(app: str, argv: list[str]) -> None:

@@ -55,10 +55,13 @@ def ray_in_own_process_group() -> Iterator[None]:
     sends SIGTERM to this process and to its whole group: Ray's processes, in it, died at once, and the driver,
     stopping as on Ctrl-C, then waited on the dead GCS until Ray ended it after 60 s (exit 1, no resume line,
     W&B unfinished). Now the driver stops its Ray itself. Ray's processes still end with this one (Ray ties
-    each to its parent's death). A process that leads its group (started by a shell as a job of its own:
-    Ctrl-C reaches the group, and Ray's processes block SIGINT) keeps Ray in it, as before."""
+    each to its parent's death). A process that leads its group (started by a shell as a job of its own), or
+    whose group is a terminal's foreground group (`make demo`: a Ctrl-C meant for it must reach it, and a
+    background group's output can stop it under `stty tostop`), keeps Ray in its group, as before: Ray's
+    processes block SIGINT, and `timeout` runs its command outside the foreground group. A supervisor that
+    signals every process of a service (systemd's KillMode=control-group, Slurm's scancel) reaches Ray's too."""
     group = os.getpgrp()
-    if group == os.getpid():
+    if group == os.getpid() or _terminal_foreground(group):
         yield
         return
     try:
@@ -93,6 +96,20 @@ def keep_sigterm_handler() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, handler)
+
+
+def _terminal_foreground(group: int) -> bool:
+    """Whether ``group`` is the foreground process group of this process's controlling terminal (none: False)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:  # no controlling terminal (a service, CI, nohup)
+        return False
+    try:
+        return os.tcgetpgrp(fd) == group
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
