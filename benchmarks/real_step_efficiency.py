@@ -6,6 +6,9 @@ Methods, all on the same robot, the same evaluation seeds and the same real-step
   step per real step, learning starts at 100, auto entropy), one world (a robot);
 * ``sb3``  Stable-Baselines3's SAC with its defaults on ``flywheel/<Robot>-v0``;
 * ``mbpo`` our model-based learner (:mod:`policies.mbpo`, ``conf/policy/mbpo.yaml``'s settings);
+* ``mbpo_published`` the same learner at MBPO's published settings for this task (Janner et al. 2019,
+  jannerm/mbpo ``examples/config/inverted_pendulum/0.py``: :data:`MBPO_PUBLISHED`), the baseline the
+  learner is to beat; line ``..._vs_mbpo_published`` where it was run;
 * ``sac_ablation`` (not in the lines, printed): model-free SAC with the model-based learner's SAC
   settings (2x128, temperature from 0.1, 150 random steps, 1 update per real step), to show what
   the settings alone give;
@@ -20,6 +23,9 @@ budget. Lines (medians over seeds):
 
 * ``efficiency/<robot>/real_steps_to_<threshold>``: value mbpo, baseline sac, ratio sac/mbpo
 * ``efficiency/<robot>/real_steps_to_<threshold>_vs_sb3``: value mbpo, baseline sb3, ratio sb3/mbpo
+* ``efficiency/<robot>/real_steps_to_<threshold>_vs_mbpo_published``: value mbpo, baseline
+  mbpo_published, ratio mbpo_published/mbpo (printed where mbpo and mbpo_published are cached for every seed,
+  with or without sac and sb3)
 * ``efficiency/<robot>/return_at_budget`` (and ``_vs_sb3``), for robots without a threshold:
   the final evaluation return, ratio mbpo/peer (null where the peer's return is <= 0: a ratio
   against a negative return means nothing). half_cheetah's budget, 10,000 real steps, is what
@@ -72,6 +78,35 @@ def eval_return(policy, robot: str, episodes: int) -> float:
     return evaluate(policy, robot, [VariationProfile()], episodes, seed=EVAL_SEED).mean_return
 
 
+def mbpo_published() -> dict:
+    """MBPO's published InvertedPendulum settings (jannerm/mbpo, examples/config/inverted_pendulum/0.py, on
+    softlearning's SAC defaults) as :class:`policies.mbpo.MBPOConfig` fields: an ensemble of 7 (5 elites) of
+    4x200, retrained every 250 real steps until its held-out loss stops improving; 100,000 one-step rollouts
+    (the task's horizon schedule is 1 throughout) from real states every 250 steps, one refill kept; 5 % real
+    data in each batch, 10 updates per real step, SAC 2x256 with target entropy -0.05 after 500 random steps.
+    Our learner's own rules are off: the horizon is fixed (no error measurement) and no rollout is cut on
+    ensemble disagreement."""
+    from policies.mbpo import MBPOConfig
+    from worldmodel import EnsembleConfig
+
+    ours = MBPOConfig()
+    return {
+        "ensemble": EnsembleConfig(ensemble_size=7, num_elites=5, hidden_size=200, num_hidden_layers=4),
+        "retrain_steps": ours.model_train.max_steps,  # to its early stop, as MBPO trains each time
+        "model_train_every": 250,
+        "rollout_every": 250,
+        "rollouts_per_step": 400,  # x 250 steps: rollout_batch_size 100e3
+        "model_retain": 1,
+        "real_ratio": 0.05,
+        "max_horizon": 1,
+        "horizon_tolerance": float("inf"),
+        "disagreement_threshold": float("inf"),
+        "sac": dataclasses.replace(
+            ours.sac, hidden_sizes=(256, 256), utd_ratio=10.0, learning_starts=500, init_alpha=1.0, target_entropy=-0.05, batch_size=256
+        ),
+    }
+
+
 def run_ours(method: str, robot: str, budget: int, seed: int, eval_every: int, episodes: int, threshold: float | None = None, **overrides) -> list[tuple[int, float]]:
     """Our SAC or model-based learner on one world; evaluated every ``eval_every`` real steps."""
     from policies.trainer import Trainer, TrainerConfig, make_algorithm
@@ -91,7 +126,7 @@ def run_ours(method: str, robot: str, budget: int, seed: int, eval_every: int, e
         from policies.mbpo import default_config
 
         config, algo_config = default_config(robot, total_env_steps=budget, seed=seed)
-        algo_config = dataclasses.replace(algo_config, **overrides)
+        algo_config = dataclasses.replace(algo_config, **(mbpo_published() if method == "mbpo_published" else {}), **overrides)
     curve = []
     with Trainer(config, make_algorithm(config, algo_config), algo_config=algo_config) as trainer:
         while trainer.env_steps < budget:
@@ -169,7 +204,7 @@ def steps_to(curve: list[tuple[int, float]], threshold: float, budget: int) -> i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--robot", default="pendulum", choices=sorted(DEFAULTS))
-    parser.add_argument("--methods", nargs="+", default=["sac", "sb3", "mbpo"], choices=["sac", "sb3", "mbpo", "sac_ablation", "sac_float32"])
+    parser.add_argument("--methods", nargs="+", default=["sac", "sb3", "mbpo"], choices=["sac", "sb3", "mbpo", "mbpo_published", "sac_ablation", "sac_float32"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=None, help="real steps per run (default: per robot)")
     parser.add_argument("--eval-every", type=int, default=None)
@@ -200,16 +235,20 @@ def main() -> None:
         return
     runs, missing = cached_runs(CACHE, tag, ("sac", "sb3", "mbpo"), args.seeds)
     printed, _ = cached_runs(CACHE, tag, ("sac_ablation", "sac_float32"), args.seeds)  # not in the lines: whatever seeds ran
-    for method, rs in [*runs.items(), *printed.items()]:
+    published, published_missing = cached_runs(CACHE, tag, ("mbpo_published",), args.seeds)  # its line needs every seed
+    for method, rs in [*runs.items(), *published.items(), *printed.items()]:
         for r in rs:
             t = steps_to(r["curve"], threshold, budget) if threshold is not None else None
             print(f"# {method} seed {r['seed']}: steps to {threshold}: {t}, final return {r['curve'][-1][1]:.1f}, wall {r['wall_s']:.0f} s", file=sys.stderr)
+    prefix = f"efficiency/{args.robot}"
+    if threshold is not None and not published_missing and not any(m == "mbpo" for m, _ in missing):  # its two methods are all it needs
+        mbpo, peer = (statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for rs in (runs["mbpo"], published["mbpo_published"]))
+        emit(f"{prefix}/real_steps_to_{threshold:g}_vs_mbpo_published", mbpo, "real_steps", peer, round(peer / mbpo, 3))
     if missing:
         for method, seed in missing:
             print(f"# missing: {method} seed {seed}", file=sys.stderr)
         methods = list(dict.fromkeys(m for m, _ in missing))
         sys.exit(f"no lines: every method needs seeds {args.seeds} cached ({len(missing)} runs missing); run {rerun_command(args, budget, eval_every, methods)}")
-    prefix = f"efficiency/{args.robot}"
     if threshold is not None:
         steps = {m: statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for m, rs in runs.items()}
         emit(f"{prefix}/real_steps_to_{threshold:g}", steps["mbpo"], "real_steps", steps["sac"], round(steps["sac"] / steps["mbpo"], 3))
