@@ -27,7 +27,7 @@ class RobotAgent:
 
     def __init__(self, config: AgentConfig, robot_id: str, *, token: str | None = None, on_ack=None, seed: int | None = None):
         check_robot_id(robot_id)  # it names the spool's folder
-        self.config, self.robot_id, self.dropped, self.too_large = config, robot_id, 0, 0
+        self.config, self.robot_id = config, robot_id
         self.dropped_by_reason: dict[str, int] = {}  # too_large, disk_full, or the errno name of another write error (EROFS, EIO)
         self.spool = Spool(Path(config.spool_dir) / robot_id, config.spool_max_bytes)
         self.uploader = Uploader(
@@ -70,8 +70,6 @@ class RobotAgent:
         """Count and log an episode the spool could not take. A write error other than a full disk once went out of
         submit and ended flywheel-robot (a spool disk remounted read-only): recording stopped with it."""
         reason = _drop_reason(exc)
-        self.dropped += 1
-        self.too_large += reason == "too_large"
         self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + 1
         self.uploader.last_error = str(exc)
         if reason in ("too_large", "disk_full"):
@@ -81,6 +79,16 @@ class RobotAgent:
             log.error("episode %s dropped: the spool could not " + failed + " (%s, errno %s: %s); the robot goes on and the episodes already "
                       "spooled still upload: check the disk holding spool_dir (a disk remounted read-only after errors, a failing card, its permissions)",
                       episode.episode_id, exc.filename or self.spool.directory, reason, exc.errno, exc.strerror or exc)  # fmt: skip
+
+    @property
+    def dropped(self) -> int:
+        """Episodes never spooled, whatever the reason."""
+        return sum(self.dropped_by_reason.values())
+
+    @property
+    def too_large(self) -> int:
+        """Of those, the ones larger than spool_max_bytes."""
+        return self.dropped_by_reason.get("too_large", 0)
 
     def status(self) -> dict:
         """Queue depth and counters: queue_depth, queue_bytes, created, duplicate, rejected, set_aside, evicted (lost

@@ -230,12 +230,17 @@ class Uploader:
         return self._failed(entry, f"HTTP {status}: {body}")
 
     def _failed(self, entry: SpoolEntry, message: str) -> str:
-        self._failures += 1
-        self._last_failed = entry.episode_id
-        self.stats["failed_attempts"] += 1
-        self.last_error = message
+        self._count_failure(entry, message)
         log.warning("upload of %s failed (%s); %d episodes queued, retrying", entry.episode_id, message, self.spool.depth)
         return "retry"
+
+    def _count_failure(self, entry: SpoolEntry | None, message: str) -> None:
+        """A failed attempt: backoff grows, the episode it was on (if any) goes behind the others, the reason is kept."""
+        self._failures += 1
+        if entry is not None:
+            self._last_failed = entry.episode_id
+        self.stats["failed_attempts"] += 1
+        self.last_error = message
 
     def backoff_s(self) -> float:
         """Delay before the next attempt after ``self._failures`` consecutive failures (at least the
@@ -274,11 +279,8 @@ class Uploader:
                 outcome = self.upload_once()
             except Exception as exc:  # anything unforeseen (an answer of another shape, a full disk): a failed attempt, never a dead thread
                 log.exception("upload attempt failed")
-                if self.last_entry is not None:  # behind the others, as _failed does: one that raises each time once blocked the queue
-                    self._last_failed = self.last_entry.episode_id
-                self._failures += 1
-                self.stats["failed_attempts"] += 1
-                self.last_error, outcome = f"{exc.__class__.__name__}: {exc}", "retry"
+                self._count_failure(self.last_entry, f"{exc.__class__.__name__}: {exc}")  # behind the others: one that raises each time once blocked the queue
+                outcome = "retry"
             if time.monotonic() >= next_status:
                 log.info("upload queue: %d episodes (%d bytes), stats %s", self.spool.depth, self.spool.nbytes, self.stats)
                 next_status = time.monotonic() + self.status_interval_s

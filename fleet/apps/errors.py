@@ -106,9 +106,7 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
     for arg in argv:
         key, _, value = arg.partition("=")
         if key in HYDRA_DIRS and "${" not in value and not Path(value).exists():  # Hydra makes it: it goes as a new run_dir does
-            made = [p.resolve() for p in (Path(value), *Path(value).parents) if not p.exists()]
-            _GIVEN_MADE.append(made[0])
-            atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
+            _GIVEN_MADE.append(_discard_if_refused(Path(value)))
         if arg.startswith("run_dir="):
             run_dir = Path(arg.removeprefix("run_dir="))
             try:
@@ -119,8 +117,15 @@ def check_run_dir_argument(app: str, argv: list[str]) -> None:
                 _RECORD.update(folder=run_dir, files={p: p.read_bytes() for p in _record_files(run_dir)})
                 atexit.register(_restore_record)
             else:  # made by this start (Hydra's output folder): it held .hydra/ and the log after a refused start
-                made = [p.resolve() for p in (run_dir, *run_dir.parents) if not p.exists()]
-                atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
+                _discard_if_refused(run_dir)
+
+
+def _discard_if_refused(folder: Path) -> Path:
+    """``folder`` (not there yet) and the folders above it not there yet go again at exit if the app refuses the
+    start; returns the topmost of them, absolute."""
+    made = [p.resolve() for p in (folder, *folder.parents) if not p.exists()]
+    atexit.register(_discard_unaccepted, made[0], tuple(made[1:]))
+    return made[0]
 
 
 HYDRA_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra's output folders, when given on the command line

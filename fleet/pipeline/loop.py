@@ -417,7 +417,7 @@ class Flywheel:
         svc.tracker.log({"data/scenario_episodes": len(scen_eps), "data/worldmodel_episodes": len(wm_eps)} | {f"scenarios/{t}": float(n) for t, n in counts.items()}, step)
 
         with self.progress.task(f"iteration {k}: train policy ({cfg.policy.trainer.algorithm})"):
-            trainer_cfg = dataclasses.replace(self.built.trainer, robot=s.robot_model, total_env_steps=s.train_env_steps, seed=s.seed + k)
+            trainer_cfg = dataclasses.replace(self.built.trainer, total_env_steps=s.train_env_steps, seed=s.seed + k)
             steps_before = self.state.get("learner_env_steps", 0)  # the learner carries over: its steps count on
             algo_cfg = self.built.algorithm
             if s.body_context:  # one policy for every body, told apart by each robot's calibrated body features
