@@ -7,7 +7,7 @@ Methods, all on the same robot, the same evaluation seeds and the same real-step
 * ``sb3``  Stable-Baselines3's SAC with its defaults on ``flywheel/<Robot>-v0``;
 * ``mbpo`` our model-based learner (:mod:`policies.mbpo`, ``conf/policy/mbpo.yaml``'s settings);
 * ``mbpo_published`` the same learner at MBPO's published settings for this task (Janner et al. 2019,
-  jannerm/mbpo ``examples/config/inverted_pendulum/0.py``: :data:`MBPO_PUBLISHED`), the baseline the
+  jannerm/mbpo ``examples/config/inverted_pendulum/0.py``: :func:`mbpo_published`), the baseline the
   learner is to beat; line ``..._vs_mbpo_published`` where it was run;
 * ``sac_ablation`` (not in the lines, printed): model-free SAC with the model-based learner's SAC
   settings (2x128, temperature from 0.1, 150 random steps, 1 update per real step), to show what
@@ -241,8 +241,9 @@ def main() -> None:
             t = steps_to(r["curve"], threshold, budget) if threshold is not None else None
             print(f"# {method} seed {r['seed']}: steps to {threshold}: {t}, final return {r['curve'][-1][1]:.1f}, wall {r['wall_s']:.0f} s", file=sys.stderr)
     prefix = f"efficiency/{args.robot}"
+    median_steps = lambda rs: statistics.median(steps_to(r["curve"], threshold, budget) for r in rs)  # noqa: E731
     if threshold is not None and not published_missing and not any(m == "mbpo" for m, _ in missing):  # its two methods are all it needs
-        mbpo, peer = (statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for rs in (runs["mbpo"], published["mbpo_published"]))
+        mbpo, peer = median_steps(runs["mbpo"]), median_steps(published["mbpo_published"])
         emit(f"{prefix}/real_steps_to_{threshold:g}_vs_mbpo_published", mbpo, "real_steps", peer, round(peer / mbpo, 3))
     if missing:
         for method, seed in missing:
@@ -250,7 +251,7 @@ def main() -> None:
         methods = list(dict.fromkeys(m for m, _ in missing))
         sys.exit(f"no lines: every method needs seeds {args.seeds} cached ({len(missing)} runs missing); run {rerun_command(args, budget, eval_every, methods)}")
     if threshold is not None:
-        steps = {m: statistics.median(steps_to(r["curve"], threshold, budget) for r in rs) for m, rs in runs.items()}
+        steps = {m: median_steps(rs) for m, rs in runs.items()}
         emit(f"{prefix}/real_steps_to_{threshold:g}", steps["mbpo"], "real_steps", steps["sac"], round(steps["sac"] / steps["mbpo"], 3))
         emit(f"{prefix}/real_steps_to_{threshold:g}_vs_sb3", steps["mbpo"], "real_steps", steps["sb3"], round(steps["sb3"] / steps["mbpo"], 3))
         return
