@@ -6,6 +6,7 @@ hash check; and a robot updating from the registry's directory on a plain static
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -236,6 +237,55 @@ def test_a_tampered_partial_file_is_refused_by_tufs_hash_check_then_fetched_whol
         assert source.poll() and source.current().version == "1"  # fetched whole this time
     finally:
         source.close()
+
+
+class Coding(http.server.BaseHTTPRequestHandler):
+    """Forwards GETs to ``upstream``; answers the paths ending in ``coded`` with 8 MiB of zeros in gzip (8 KiB on the
+    wire) under ``Content-Encoding: gzip``, as a hostile or misconfigured host may, whatever the robot asked for.
+    ``accepted``: the Accept-Encoding of every request."""
+
+    upstream: httpx.Client
+    coded: str | None = None
+    accepted: list
+    BOMB = gzip.compress(bytes(8 << 20), compresslevel=9)
+
+    def do_GET(self):
+        self.accepted.append(self.headers.get("accept-encoding"))
+        if self.coded is not None and self.path.endswith(self.coded):
+            status, headers, body = 200, {"Content-Encoding": "gzip"}, self.BOMB
+        else:
+            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+            answer = self.upstream.get(self.path, headers=forward)
+            status, body = answer.status_code, answer.content
+            headers = {k: answer.headers[k] for k in ("content-type", "content-range", "etag") if k in answer.headers}
+        self.send_response(status)
+        for key, value in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("coded", ["timestamp.json", "snapshot.json", ".weights.safetensors"])  # conditional, plain and resumable GETs
+def test_an_answer_in_a_content_coding_is_refused_unread(tmp_path, served, thread_server, coded, caplog):
+    """httpx decoded whatever Content-Encoding a host declared, whole, before TUF's length cap saw a byte: a 16 KiB zstd
+    timestamp.json took a robot past 1 GB (and counted as a `size` refusal once decoded). The robot now asks for
+    identity, reads raw, and refuses a coded answer as a pull error naming the coding; the next honest answer installs."""
+    registry, token, server, _ = served
+    upstream = httpx.Client(base_url=server.url)
+    host = type("Coding", (Coding,), {"upstream": upstream, "coded": coded, "accepted": []})
+    source = robot(tmp_path, thread_server(host), token)
+    try:
+        assert not source.poll() and source.errors == 1 and source.refusals == {} and source.swaps == 0
+        assert "Content-Encoding: gzip" in caplog.text and "serve the registry's files uncompressed" in caplog.text
+        assert host.accepted and set(host.accepted) == {"identity"}  # every request asked for the file's own bytes
+        host.coded = None  # the host serves the files as they are
+        assert source.poll() and source.current().version == "1" and source.refusals == {}
+    finally:
+        source.close()
+        upstream.close()
 
 
 def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server):

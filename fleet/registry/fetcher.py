@@ -28,6 +28,12 @@ what they hand back is still verified as if it had come whole off the network:
   time), when TUF stops reading early (more bytes than it expects) and when writing it fails (a
   full disk: a partial file once stayed, holding the disk at 100 %, and the robot's spool dropped
   telemetry for want of room). Only a cut or late answer keeps it, for the next poll to resume.
+* **Raw bytes only**: every request asks for ``Accept-Encoding: identity``, bodies are read raw
+  (``iter_raw``), and an answer declaring any other Content-Encoding is refused unread (a
+  DownloadError: a pull error). TUF caps a download at the length it expects, but counts what the
+  fetcher hands it: httpx decoded whatever coding the host declared, whole, before that, and a 16 KiB
+  zstd timestamp.json took a robot past 1 GB. Robots read the upload answers raw too
+  (fleet/agent/answers.py).
 * **A deadline per download** (``deadline_s``): a body that has not ended ``deadline_s`` after its
   headers is cut (a DownloadError: the robot keeps its policy and counts a pull error). A registry
   that trickles its files cannot hold the robot's control loop for hours; a target's bytes received
@@ -87,6 +93,9 @@ class TokenFetcher(FetcherInterface):
 
     # -- plain and conditional GET -----------------------------------------------------------------
     def _get(self, url: str, headers: dict | None = None, ok: Collection[int] = (200,)) -> httpx.Response:
+        """The answer's headers, its body unread; one with another status than ``ok``, or with a body in a content coding,
+        is refused (DownloadError)."""
+        headers = {"Accept-Encoding": "identity", **(headers or {})}  # httpx's default asks for gzip, br and zstd
         try:
             response = send_bounded(self.client, self.client.build_request("GET", url, headers=headers), self.deadline_s)
         except httpx.HTTPError as exc:
@@ -94,11 +103,14 @@ class TokenFetcher(FetcherInterface):
         if response.status_code not in ok:
             response.close()
             raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
+        if response.status_code != 304:  # no body
+            _refuse_coded(response)
         return response
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:
-            yield from timed(response.iter_bytes(), self.deadline_s, response.request)  # as they arrive: a cut connection loses none of what came
+            # raw (never decoded: _refuse_coded), as they arrive: a cut connection loses none of what came
+            yield from timed(response.iter_raw(), self.deadline_s, response.request)
         except httpx.HTTPError as exc:  # a late body (httpx.ReadTimeout) too: the next poll goes on
             raise tuf_errors.DownloadError(f"GET {response.url}: {exc}") from None
         finally:
@@ -142,7 +154,7 @@ class TokenFetcher(FetcherInterface):
         partial = self.partial_path(url)
         etag_file = partial.with_name(partial.name + ".etag")
         have = partial.stat().st_size if partial.exists() else 0
-        headers = {"Accept-Encoding": "identity"}  # ranges count the bytes of the file, not of a compressed answer
+        headers = {}  # _get asks for identity: ranges count the bytes of the file, as TUF's length does
         if have:
             headers["Range"] = f"bytes={have}-"
             if etag_file.exists():
@@ -194,6 +206,19 @@ class TokenFetcher(FetcherInterface):
             response.close()
             if finished:
                 _discard(partial, etag_file)
+
+
+def _refuse_coded(response: httpx.Response) -> None:
+    """Refuse (DownloadError) an answer whose body is in a content coding: the fetcher asked for identity, and a coded
+    body's decoded size is bounded by nothing TUF can check before it is decoded (a zstd or gzip bomb)."""
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if coding in ("", "identity"):
+        return
+    response.close()
+    raise tuf_errors.DownloadError(
+        f"GET {response.url}: the answer is Content-Encoding: {coding}, though the robot asked for identity; refused unread "
+        "(TUF can bound only the bytes it is handed, not what a coded body decodes to): serve the registry's files uncompressed"
+    )
 
 
 def _discard(*paths: Path) -> None:
