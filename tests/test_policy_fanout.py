@@ -288,6 +288,67 @@ def test_an_answer_in_a_content_coding_is_refused_unread(tmp_path, served, threa
         upstream.close()
 
 
+@pytest.mark.parametrize("etag", ['"caf\u00e9"', '"a"b"', "unquoted", '"' + "x" * 300 + '"'])
+def test_an_etag_a_request_cannot_carry_back_is_never_kept(tmp_path, served, thread_server, etag):
+    """A non-ASCII ETag kept beside a cut download was sent back as If-Range at every later poll: httpx raised
+    UnicodeEncodeError before any request, and the robot never installed that release, even after a restart or with
+    the honest host back. Now only a strong, visible-ASCII, bounded ETag is kept (for timestamp.json's If-None-Match
+    too), and one already on disk, left by an earlier build, drops its partial: the download starts over."""
+    registry, token, server, _ = served
+    upstream = httpx.Client(base_url=server.url)
+    hostile = [True]
+
+    class BadETag(http.server.BaseHTTPRequestHandler):
+        """Forwards to the flywheel server; while ``hostile``, every answer carries ``etag`` and weights are cut halfway."""
+
+        def do_GET(self):
+            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+            answer = upstream.get(self.path, headers=forward)
+            body = answer.content
+            self.send_response(answer.status_code)
+            for key in ("content-type", "content-range", "etag"):
+                if key in answer.headers and not (hostile[0] and key == "etag"):
+                    self.send_header(key, answer.headers[key])
+            if hostile[0]:
+                self.send_header("ETag", etag)
+                if self.path.endswith(".weights.safetensors"):
+                    body, self.close_connection = body[: len(body) // 2], True
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    source = robot(tmp_path, thread_server(BadETag), token)
+    partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+    etag_file = partial_file.with_name(partial_file.name + ".etag")
+    try:
+        assert not source.poll() and source.errors == 1 and not etag_file.exists()  # cut, its ETag not kept
+        half = partial_file.stat().st_size
+        hostile[0] = False  # the honest host is back
+        assert source.poll() and source.current().version == "1" and source.errors == 1 and source.refusals == {}
+        assert source.status()["pull_resumed_bytes"] == half and not partial_file.exists()  # resumed (no If-Range), TUF checked the whole
+    finally:
+        source.close()
+        upstream.close()
+
+
+def test_a_kept_etag_a_request_cannot_carry_drops_its_partial_and_the_download_starts_over(tmp_path, served):
+    """What an earlier build left beside a cut download (it kept any ETag): the partial is dropped, never resumed."""
+    registry, token, server, _ = served
+    source = robot(tmp_path, server.url, token)
+    partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+    partial_file.parent.mkdir(parents=True)
+    partial_file.write_bytes(b"\0" * 100)
+    partial_file.with_name(partial_file.name + ".etag").write_text('"caf\u00e9"')
+    try:
+        assert source.poll() and source.current().version == "1" and source.errors == 0 and source.refusals == {}
+        assert source.status()["pull_resumed_bytes"] == 0 and not partial_file.exists()
+    finally:
+        source.close()
+
+
 def test_a_robot_updates_from_a_plain_static_http_server(tmp_path, thread_server):
     keys = tmp_path / "keys"
     registry = open_registry(tmp_path / "registry", keys / "online.pem", root_keys=[keys / f"root-{i}.pem" for i in (1, 2, 3)])

@@ -19,7 +19,8 @@ what they hand back is still verified as if it had come whole off the network:
   ``http.server`` sends none: every poll is a full GET there).
 * **Resumable downloads** (``partial_dir``, URLs under ``resume_prefix``: the targets). Bytes are
   appended to ``<partial_dir>/<quoted url path>.partial`` as they arrive, the server's ETag beside
-  it in ``.partial.etag``. After a cut connection the next download asks for the rest
+  it in ``.partial.etag`` (only a strong entity tag of visible ASCII, bounded: :func:`_strong_etag`;
+  a kept one that is not, from an earlier build, drops the partial and the download starts over). After a cut connection the next download asks for the rest
   (``Range: bytes=<have>-``, ``If-Range: <etag>``) and hands TUF the kept bytes, then the new ones:
   TUF checks the whole file, so a partial file changed on disk, or a server that changed the file,
   ends in TUF's hash refusal, never in a policy. A 200 (no range support, or If-Range failed)
@@ -56,6 +57,8 @@ from fleet.agent.answers import send_bounded, timed
 
 log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+MAX_ETAG_CHARS = 256  # the registry's are 66 (a quoted sha256), S3's about 40
+_STRONG_ETAG = re.compile(r'"[\x21\x23-\x7e]*"')  # RFC 9110 8.8.3 entity-tag, strong, visible ASCII only (no obs-text)
 
 
 class TokenFetcher(FetcherInterface):
@@ -124,8 +127,8 @@ class TokenFetcher(FetcherInterface):
             self.not_modified += 1
             return iter([kept[1]])
         self._validated.pop(url, None)
-        etag = response.headers.get("etag")
-        if etag is None or etag.startswith("W/"):
+        etag = _strong_etag(response.headers.get("etag"))
+        if etag is None:
             return self._chunks(response)
         return self._remembered(url, etag, response)
 
@@ -155,10 +158,16 @@ class TokenFetcher(FetcherInterface):
         etag_file = partial.with_name(partial.name + ".etag")
         have = partial.stat().st_size if partial.exists() else 0
         headers = {}  # _get asks for identity: ranges count the bytes of the file, as TUF's length does
+        if have and etag_file.exists():
+            etag = _strong_etag(etag_file.read_bytes().decode("latin-1"))
+            if etag is None:  # not one a request can carry (written by an earlier build): start over rather than fail every poll
+                log.warning("the ETag kept beside %s is no strong entity tag; downloading %s from the start", partial, url)
+                _discard(partial, etag_file)
+                have = 0
+            else:
+                headers["If-Range"] = etag
         if have:
             headers["Range"] = f"bytes={have}-"
-            if etag_file.exists():
-                headers["If-Range"] = etag_file.read_text()
         response = self._get(url, headers, ok=(200, 206, 416) if have else (200,))
         if response.status_code == 416:  # the partial is no prefix of this file: start over
             response.close()
@@ -175,9 +184,9 @@ class TokenFetcher(FetcherInterface):
         else:
             have = 0  # a 200: the whole file again
             partial.parent.mkdir(parents=True, exist_ok=True)
-            etag = response.headers.get("etag")
-            if etag is not None and not etag.startswith("W/"):
-                etag_file.write_text(etag)
+            etag = _strong_etag(response.headers.get("etag"))
+            if etag is not None:
+                etag_file.write_text(etag, encoding="ascii")
             else:
                 etag_file.unlink(missing_ok=True)
         return self._appending(response, partial, etag_file, have)
@@ -206,6 +215,16 @@ class TokenFetcher(FetcherInterface):
             response.close()
             if finished:
                 _discard(partial, etag_file)
+
+
+def _strong_etag(value: str | None) -> str | None:
+    """``value`` if it is a strong entity tag a request can carry back (quoted visible ASCII, at most ``MAX_ETAG_CHARS``),
+    else None: it is not kept. A non-ASCII one (``"café"``) once kept beside a cut download made httpx raise
+    UnicodeEncodeError building every later If-Range, before any request: the robot never installed that release,
+    even after a restart. A weak one (``W/"..."``) cannot validate a range or a body (RFC 9110 13.1.5)."""
+    if value is None or len(value) > MAX_ETAG_CHARS or _STRONG_ETAG.fullmatch(value) is None:
+        return None
+    return value
 
 
 def _refuse_coded(response: httpx.Response) -> None:
