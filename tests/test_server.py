@@ -379,6 +379,33 @@ def test_a_malformed_request_is_told_what_was_malformed_and_counted(fleet):
     assert refused() == before + 1  # the HTTP layer's refusals are in /metrics like every other
 
 
+def test_made_up_methods_and_paths_never_make_new_metric_series(fleet):
+    """Each made-up method name (no token needed, answered 405) was a new label value of flywheel_http_requests_total and
+    of the duration histogram: 2,000 requests took /metrics from 14 KB to 71 MB. Methods outside the fixed set count as
+    "other", paths no route takes as "unmatched"."""
+    client, op = fleet["client"], auth(fleet["tok"]["operator"])
+
+    def series() -> set[tuple]:
+        text = client.get("/metrics", headers=op).text
+        return {(s.name, tuple(sorted(s.labels.items()))) for f in text_string_to_metric_families(text) for s in f.samples if s.name.startswith("flywheel_http_")}
+
+    def made_up_requests(count: int) -> None:
+        for _ in range(count):
+            method = f"M{uuid.uuid4().hex.upper()}"
+            assert client.request(method, "/healthz").status_code == 405
+            assert client.request(method, f"/v1/episodes/{uuid.uuid4()}", headers=op).status_code == 405
+            assert client.request("GET", f"/nope-{method}").status_code == 404
+
+    made_up_requests(1)  # the series such requests make, once
+    series()  # and the scrape's own
+    before = series()
+    made_up_requests(20)
+    after = series()
+    assert after == before, sorted(after ^ before)[:6]
+    assert {dict(labels)["method"] for _, labels in after} <= {"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "other"}
+    assert not any("nope" in dict(labels).get("route", "") for _, labels in after)
+
+
 def test_a_refused_upload_never_fails_the_uploads_committed_beside_it(fleet):
     """A body the store could not encode once failed the whole group commit: every upload in it got 503."""
     poisoned = raw(meta={"policy_version": "\ud800", "episode_id": str(uuid.uuid4())})

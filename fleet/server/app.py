@@ -48,7 +48,7 @@ from fleet.server.body import read_body
 from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body, refuse_undeclared_zstd
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
-from fleet.server.metrics import Metrics
+from fleet.server.metrics import HTTP_METHODS, Metrics
 from fleet.server.uploads import Staging, staging_dir, upload_router
 from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_reason
 from fleet.store.reader import StoreCorruptionError, StoreSnapshot
@@ -132,7 +132,7 @@ class _RefuseAmbiguousFraming:
 
 
 class _CountRequests:
-    """Per-route request counts and latencies (the route's template, never the raw path), counted
+    """Per-route request counts and latencies (the route's template, never the raw path; the method from a fixed set), counted
     when the response starts (its status known), or as 500 when the app raised before it did."""
 
     def __init__(self, app, metrics: Metrics):
@@ -163,7 +163,6 @@ class _CountRequests:
             count(500)
 
 
-HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 LIST_PARAMETERS = frozenset({"robot_id", "source", "robot_model", "since", "until", "limit", "offset"})  # GET /v1/episodes
 
 

@@ -16,7 +16,8 @@ Metric names (documented in docs/protocol.md, each with HELP text):
     flywheel_pending_uploads                             gauge, uploads waiting for a commit
     flywheel_commit_running_seconds                      gauge, how long the commit running now has taken (0: none)
     flywheel_store_episodes                              gauge, episodes in the store
-    flywheel_http_requests_total{method,route,status}    every HTTP request, by route template
+    flywheel_http_requests_total{method,route,status}    every HTTP request, by route template (method: one of HTTP_METHODS,
+                                                         else "other"; route: unmatched when no route took it)
     flywheel_http_request_duration_seconds{method,route} histogram, request start to response
     process_*                                            the server process: CPU, resident memory, open files
 """
@@ -28,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 UNMATCHED = "unmatched"  # the route label of a request no route took (bounded cardinality: no raw paths)
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")  # the method labels; any other method is OTHER_METHOD
+OTHER_METHOD = "other"
 
 
 class Metrics:
@@ -85,6 +88,10 @@ class Metrics:
             self.commit_races.labels("redone").inc(redone)
 
     def request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """``route``: the template of the route that took the request (None: none did). Both labels come from fixed
+        sets: a client names the method, and each made-up one (no token needed, answered 405) was once a new series
+        of the counter and the histogram, growing /metrics and the server's memory without bound."""
+        method = method if method in HTTP_METHODS else OTHER_METHOD
         route = route or UNMATCHED
         self.requests.labels(method, route, str(status)).inc()
         self.request_seconds.labels(method, route).observe(seconds)
