@@ -85,7 +85,9 @@ ROBOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROBOT_ID_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit (no spaces or control characters)"
 # ids every robot with an unset (zeroed, or all-ones) id field would send: refused for new episodes, see check_new_episode_id
 RESERVED_EPISODE_IDS = {str(uuid.UUID(int=0)): "the nil UUID", str(uuid.UUID(int=(1 << 128) - 1)): "the max UUID"}
-EPISODE_ID_RULE = "episode ids are unique across the whole fleet: make each a random uuid4, or a uuid5 in a namespace of the robot's own"
+EPISODE_ID_RULE = (  # docs/protocol.md, "Episode ids are fleet-wide": a predictable id can be taken first by another robot's token
+    "episode ids are unique across the whole fleet: make each a random uuid4 (a uuid5 only under a namespace kept secret on the robot)"
+)
 _JSON_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, unrolled (linear time)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 MAX_DIM = 1 << 40  # per axis: shapes are checked in exact integer arithmetic, never in wrapping int64

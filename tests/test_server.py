@@ -182,15 +182,21 @@ def test_idempotent_upload(fleet):
 
 def test_episode_ids_are_fleet_wide_and_the_refusals_say_how_to_make_them_without_naming_another_robot(fleet):
     """A zero-initialised id was stored for the first robot that sent it, and every other episode under it was a 409,
-    which robots set aside for good; a uuid5 in a namespace of the robot's own, as the sims make, is fine."""
+    which robots set aside for good. An id another robot took first (a predictable uuid5, as docs/protocol.md once
+    advised: any robot token could squat a robot's next ids) was answered as if the victim had reused its own id; the
+    reason now says another robot's episode holds it, never which robot, and what to do."""
     nil = post(fleet, raw(meta={"episode_id": "00000000-0000-0000-0000-000000000000"}))
     assert (nil.status_code, nil.json()["error"], nil.json()["field"]) == (422, "bad_metadata", "episode_id")
     assert "nil UUID" in nil.json()["reason"] and "unique across the whole fleet" in nil.json()["reason"] and "uuid4" in nil.json()["reason"]
-    shared = str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, "robots/r0"), "1"))
-    assert post(fleet, make("r0", seed=25, episode_id=shared).to_bytes()).status_code == 201
-    clash = post(fleet, make("r1", seed=26, episode_id=shared).to_bytes(), who="r1")  # another robot, the same id
-    assert (clash.status_code, clash.json()["error"], clash.json()["field"]) == (409, "episode_id_conflict", "episode_id")
-    assert "unique across the whole fleet" in clash.json()["reason"] and "r0" not in clash.json()["reason"].replace(shared, "")
+    predictable = str(uuid.uuid5(uuid.uuid5(uuid.NAMESPACE_URL, f"robots-{uuid.uuid4()}/r1"), "1"))  # the old advice; fresh per store
+    assert post(fleet, make("r0", seed=25, episode_id=predictable).to_bytes()).status_code == 201  # r0's token takes r1's next id
+    squatted = post(fleet, make("r1", seed=26, episode_id=predictable).to_bytes(), who="r1")
+    assert (squatted.status_code, squatted.json()["error"], squatted.json()["field"]) == (409, "episode_id_conflict", "episode_id")
+    reason = squatted.json()["reason"]
+    assert "taken by another robot's episode" in reason and "no reuse by this robot" in reason and "new random uuid4" in reason
+    assert "token" in reason and "r0" not in reason.replace(predictable, "") and "reused" not in reason
+    changed = post(fleet, make("r0", seed=27, episode_id=predictable).to_bytes())  # the robot that stored it, other content
+    assert changed.status_code == 409 and "the id was reused" in changed.json()["reason"] and "unique across the whole fleet" in changed.json()["reason"]
 
 
 def test_concurrent_duplicates_are_stored_once(fleet):

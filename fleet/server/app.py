@@ -85,6 +85,21 @@ def parse_episode(body: bytes) -> tuple[Episode, bytes, int]:
     return episode, hashlib.sha256(canonical).digest(), len(canonical)
 
 
+def conflict_reason(episode_id: str, stored_by: str | None, robot_id: str) -> str:
+    """The reason of a 409 ``episode_id_conflict`` to ``robot_id``; ``stored_by``: the robot_id of the episode stored under
+    ``episode_id`` (None: unknown). Where another robot stored it, the reason says so, never naming that robot: ids are
+    fleet-wide, so a robot token that can predict a robot's ids (a uuid5 in a namespace made of public names, as this
+    documentation once advised) can take them first, and the victim was told it had reused its own id."""
+    if stored_by is None or stored_by == robot_id:
+        return f"episode {episode_id} is stored with different content; unless this is a changed copy of an episode sent before, the id was reused: {EPISODE_ID_RULE}"
+    return (
+        f"episode id {episode_id} is taken by another robot's episode (stored first, with other content): this is no reuse by this robot. "
+        "Keep this episode: give it a new random uuid4 episode_id and send it again (the project's robot agent keeps it in its spool's rejected/), "
+        "and make ids with uuid4 from now on (one another robot could predict can be taken first); an operator should look into the token "
+        f"that stored it, which may be stolen (GET /v1/episodes/{episode_id} with an operator token names the robot)"
+    )
+
+
 class _Snapshots:
     """The latest store snapshot, reused until the store's tip moves."""
 
@@ -268,6 +283,15 @@ def create_app(
 
     decode_budget = DecodeBudget(config.max_episode_bytes)  # the resumable route's decodes, all robots together
 
+    def stored_robot_id(episode_id: str) -> str | None:
+        """The robot_id of the episode stored under ``episode_id``, for a 409's reason; None where it cannot be read (the
+        409 stands: the reason then says less)."""
+        try:
+            return snapshots.latest().get(episode_id).robot_id
+        except Exception as exc:  # a store that cannot answer now must not turn a 409 into a retry
+            log.warning("episode %s: a 409 without the stored episode's robot (%s: %s)", episode_id, exc.__class__.__name__, exc)
+            return None
+
     async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int) -> tuple[int, dict]:
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
         ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
@@ -311,8 +335,8 @@ def create_app(
                     raise insufficient_storage(f"the episode store's disk is full ({short_reason(exc)})") from None
                 raise ApiError(503, "store_unavailable", f"commit failed ({exc.__class__.__name__}: {short_reason(exc)}); retry", None, {"Retry-After": "1"}) from None
         if status == "conflict":
-            reason = f"episode {episode.episode_id} is stored with different content; unless this is a changed copy of an episode sent before, the id was reused: {EPISODE_ID_RULE}"
-            raise ApiError(409, "episode_id_conflict", reason, "episode_id")  # never which robot stored it
+            stored_by = await run_in_threadpool(stored_robot_id, episode.episode_id)
+            raise ApiError(409, "episode_id_conflict", conflict_reason(episode.episode_id, stored_by, robot_id), "episode_id")  # never which robot stored it
         metrics.uploaded(status, nbytes, episode.num_steps)
         return (201 if status == "created" else 200), {"episode_id": episode.episode_id, "status": status}
 
