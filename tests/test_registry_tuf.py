@@ -7,8 +7,10 @@ count why, and recover once the operator has acted."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -49,8 +51,9 @@ def on_v1(tmp_path, fleet):
 
 
 def robot(tmp_path, server, token) -> SignedPolicySource:
+    """A robot pulling from ``server`` (a server handle, or a URL)."""
     trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
-    return SignedPolicySource(server.url, token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
+    return SignedPolicySource(getattr(server, "url", server), token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root_metadata(tmp_path / "registry"))
 
 
 def publish(registry, tmp_path, name: str) -> int:
@@ -115,6 +118,71 @@ def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is
         assert source.poll() and source.current().version == "2"
     finally:
         source.close()
+        server.stop()
+
+
+class Blockable(http.server.BaseHTTPRequestHandler):
+    """Forwards GETs to ``upstream`` (the flywheel server) while ``block`` is None; else answers every request as a
+    registry blocked by an attacker or an outage would: "503", "drop" (the connection closed, no answer) or "garbage"."""
+
+    upstream: httpx.Client
+    block: str | None = None
+
+    def do_GET(self):
+        if self.block == "drop":
+            self.close_connection = True
+            return
+        if self.block is None:
+            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+            answer = self.upstream.get(self.path, headers=forward)
+            status, body, etag = answer.status_code, answer.content, answer.headers.get("etag")
+        else:
+            status, body, etag = (503, b"", None) if self.block == "503" else (200, b"<html>not TUF metadata</html>", None)
+        self.send_response(status)
+        if etag is not None:
+            self.send_header("ETag", etag)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("block", ["503", "drop", "garbage"])
+def test_a_blocked_registry_is_reported_frozen_once_the_metadata_the_robot_trusts_has_expired(tmp_path, block):
+    """Only TUF's expiry refusal set registry_frozen_since, which a replayed timestamp gets: a registry blocked instead
+    (503s, dropped connections, garbage) past the trusted timestamp's expiry showed nothing but pull_errors. The
+    robot's trusted timestamp is made expired here (re-signed with the online key, as if its life had run out)
+    rather than waited out."""
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    upstream = httpx.Client(base_url=server.url)
+    host = type("Host", (Blockable,), {"upstream": upstream})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), host)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    source = robot(tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}", token)
+    failed = lambda: source.errors + sum(source.refusals.values())  # noqa: E731 - garbage is a `malformed` refusal, the rest pull errors
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.frozen_since is None
+        host.block = block
+        assert not source.poll() and failed() == 1 and source.frozen_since is None  # blocked, but what it trusts is fresh: no freeze
+        trusted = source.metadata_dir / "timestamp.json"
+        expired = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(minutes=1)
+        trusted.write_bytes(resign(Metadata.from_bytes(trusted.read_bytes()), load_signer(tmp_path / "keys" / "online.pem"), expires=expired))
+        before = time.time()
+        assert not source.poll() and failed() == 2 and before <= source.frozen_since <= time.time()
+        assert "freeze" not in source.refusals  # nothing was refused for being expired: the registry was not reached
+        since = source.frozen_since
+        assert not source.poll() and source.frozen_since == since and source.current().version == "1"  # since the first poll that saw it
+        host.block = None  # unblocked: a fresh timestamp clears it
+        publish(registry, tmp_path, "v2")
+        assert source.poll() and source.frozen_since is None and source.current().version == "2"
+    finally:
+        source.close()
+        httpd.shutdown()
+        httpd.server_close()
+        upstream.close()
         server.stop()
 
 

@@ -18,7 +18,10 @@ then swaps.
 Any failure keeps the last good policy and is logged and counted: ``refusals`` by reason (an
 attack or a bad release), ``errors`` (network or server trouble). Expired metadata means the
 registry is frozen (an attacker replaying old metadata, or a dead signer): the robot keeps its
-policy, counts ``freeze`` and reports ``frozen_since`` until a fresh timestamp arrives. A failed
+policy, counts ``freeze`` and reports ``frozen_since`` until a fresh timestamp arrives. A registry
+that is blocked rather than replayed (503s, dropped connections, garbage) is frozen too once the
+metadata the robot trusts has expired: any failed poll past that sets ``frozen_since`` (counted as
+the error it was, not as a ``freeze`` refusal). A failed
 health check rolls back to the previous policy and blocks that version on this robot.
 """
 
@@ -28,12 +31,14 @@ import logging
 import shutil
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
 from fleet.agent.policy import Policy
@@ -189,7 +194,23 @@ class SignedPolicySource:
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
+        self._notice_expired_metadata()
         return False
+
+    def _notice_expired_metadata(self) -> None:
+        """After a failed poll: a registry whose metadata the robot trusts has expired is frozen, however the refresh failed.
+        Only TUF's expiry refusal once set ``frozen_since``, which a replayed timestamp gets; an attacker (or an outage)
+        that blocks the registry instead (503s, dropped connections, garbage) left it unset, and an operator alerting on it
+        saw nothing but ``pull_errors``, which ordinary network trouble raises too."""
+        if self.frozen_since is not None:
+            return
+        expired = expired_role(self.metadata_dir, datetime.now(timezone.utc))
+        if expired is None:
+            return
+        self.frozen_since = time.time()
+        role, expires = expired
+        log.warning("robot %s: the registry's %s metadata this robot trusts expired at %s and no fresh metadata could be fetched: "
+                    "the registry looks frozen (blocked, or its signer down); keeping %s", self.robot_id, role, expires.isoformat(), self._policy.version)  # fmt: skip
 
     def _refresh(self) -> Updater:
         """TUF's refresh (root chain, timestamp, snapshot, targets); the fetcher keeps the timestamp.json it read for
@@ -380,6 +401,20 @@ class SignedPolicySource:
         if self._poller is not None:
             self._poller.join(timeout)
         self._client.close()
+
+
+def expired_role(metadata_dir: Path, now: datetime) -> tuple[str, datetime] | None:
+    """The first of the top-level roles TUF keeps in ``metadata_dir`` (the metadata this robot trusts) whose expiry is
+    before ``now``, with that expiry; None if none has expired (a role not there yet, or unreadable, is not counted: TUF
+    refuses it at the next refresh anyway)."""
+    for role in ("timestamp", "snapshot", "targets", "root"):
+        try:
+            expires = Metadata.from_bytes((metadata_dir / f"{role}.json").read_bytes()).signed.expires
+        except (OSError, tuf_errors.RepositoryError):
+            continue
+        if expires <= now:
+            return role, expires
+    return None
 
 
 def _checked_min_healthy_steps(steps: int, robot_id: str) -> int:
