@@ -408,6 +408,54 @@ def test_weights_are_not_downloaded_into_the_room_the_robots_episodes_need(tmp_p
         source.close()
 
 
+class Cutting(http.server.BaseHTTPRequestHandler):
+    """Forwards to ``upstream``; every weights answer stops halfway through its body (a link that cuts them all)."""
+
+    upstream: httpx.Client
+
+    def do_GET(self):
+        forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
+        answer = self.upstream.get(self.path, headers=forward)
+        self.send_response(answer.status_code)
+        for key in ("content-type", "content-length", "content-range", "etag"):
+            if key in answer.headers:
+                self.send_header(key, answer.headers[key])
+        self.end_headers()
+        body = answer.content
+        if self.path.endswith(".weights.safetensors"):
+            body, self.close_connection = body[: len(body) // 2], True
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_only_the_partial_download_of_the_release_being_fetched_is_kept_and_counted(tmp_path, served, thread_server):
+    """Each release's cut weights download kept its partial file until a release installed: they piled up on a flaky
+    link, and the disk-room check counted all of them as free room, allowing a download the disk had no room for."""
+    registry, token, server, _ = served
+    upstream = httpx.Client(base_url=server.url)
+    source = robot(tmp_path, thread_server(type("Cut", (Cutting,), {"upstream": upstream})), token)
+    partials = lambda: sorted(p.name for p in source.targets_dir.glob("*.partial*"))  # noqa: E731
+    try:
+        assert not source.poll() and source.errors == 1 and len(partials()) == 2  # v1's partial and its ETag
+        publish(registry, tmp_path, "v2")
+        assert not source.poll() and source.errors == 2 and len(partials()) == 2 and all("00000002" in name for name in partials())  # v1's gone
+        stale = source.targets_dir / "policies%2F00000001%2Fearlier.weights.safetensors.partial"  # one an earlier build left
+        with open(stale, "wb") as sparse:
+            sparse.truncate(1 << 36)  # 64 GiB listed, none of it on disk
+        source.min_free_bytes = shutil.disk_usage(tmp_path).free + (1 << 35)  # room only if the stale file counted as free
+        assert not source.poll() and source.status()["pull_no_room"] == 1 and source.errors == 2 and not stale.exists()
+        source.min_free_bytes = 0
+        upstream.close()
+        source.close()
+        source = robot(tmp_path, server.url, token)  # the link mended (the state folder kept): v2 resumes and installs
+        assert source.poll() and source.current().version == "2" and source.status()["pull_resumed_bytes"] > 0 and partials() == []
+    finally:
+        source.close()
+        upstream.close()
+
+
 _FULL_DISK_ROBOT = """
 import json, resource, sys
 from pathlib import Path

@@ -253,8 +253,11 @@ class SignedPolicySource:
         if info.length > self.max_weights_bytes:  # checked before a byte is fetched: a signed 50 GiB target cannot fill the disk
             self.trust.refusals["size"] += 1
             raise PolicyRejected("size", f"v{version}'s weights are listed at {info.length} bytes, more than this robot's max_weights_bytes={self.max_weights_bytes}")
-        if updater.find_cached_target(info) is None and not self._room_for(info.length, version):
-            return False
+        if updater.find_cached_target(info) is None:
+            partial = self._partial_of(info)
+            self._drop_other_partials(partial)
+            if not self._room_for(info.length, version, partial):
+                return False
         weights = self._download(updater, info, f"v{version}'s weights")
         policy = self._runtime(manifest, weights)  # raises PolicyRejected("malformed")
         with self._swap:
@@ -318,11 +321,32 @@ class SignedPolicySource:
             shutil.rmtree(self.targets_dir, ignore_errors=True)
             raise
 
-    def _room_for(self, length: int, version: int) -> bool:
+    def _partial_of(self, info) -> Path:
+        """The partial file of target ``info``'s download: the fetcher's, for the URL python-tuf asks for (the registry
+        makes consistent snapshots: the file name prefixed with its first listed hash; under another layout no partial
+        is this one, and a cut download starts over, never resumes wrongly)."""
+        directory, slash, name = info.path.rpartition("/")
+        return self._fetcher.partial_path(f"{self.targets_url}{directory}{slash}{next(iter(info.hashes.values()))}.{name}")
+
+    def _drop_other_partials(self, keep: Path) -> None:
+        """Delete every partial download but ``keep`` (and its ETag) before a weights download: a cut download of each
+        release kept its own partial file until a release installed, so they piled up on a flaky link while releases came."""
+        if not self.targets_dir.is_dir():
+            return
+        dropped = 0
+        for path in [*self.targets_dir.glob("*.partial"), *self.targets_dir.glob("*.partial.etag")]:
+            if path not in (keep, keep.with_name(keep.name + ".etag")):
+                dropped += path.stat().st_size
+                path.unlink(missing_ok=True)
+        if dropped:
+            log.info("robot %s: dropped %d bytes of other releases' cut downloads", self.robot_id, dropped)
+
+    def _room_for(self, length: int, version: int, partial: Path) -> bool:
         """Whether the disk holds a download of ``length`` bytes (the partial file and TUF's copy of it: twice that)
-        and still ``min_free_bytes``, the room left to what the robot records; counted and logged if not."""
+        and still ``min_free_bytes``, the room left to what the robot records; counted and logged if not. ``partial``:
+        this download's partial file, whose bytes are there already (any other one's once counted as free room too)."""
         free = shutil.disk_usage(self.trust.state_dir).free
-        held = sum(p.stat().st_size for p in self.targets_dir.glob("*.partial")) if self.targets_dir.is_dir() else 0  # a cut download's, resumed
+        held = partial.stat().st_size if partial.exists() else 0  # a cut download's, resumed
         if free + held >= 2 * length + self.min_free_bytes:
             return True
         self.no_room += 1
