@@ -15,14 +15,19 @@ cost a robot its own skill). The same for the pooled *body-conditioned* policy (
 reads each body's features, ``SACConfig.body_context``; sim/body_context.py), and its ratio to the
 plain pooled one: pooled vs pooled-conditioned vs solo.
 
-Part 2: returns per real env step. SAC online-only with 3x the real steps, vs the model-based
-learner (policies/mbpo.py, conf/policy/mbpo.yaml) with 1x real steps plus its synthetic data:
-world-model rollouts of the *current* policy branched from the fleet's real states, refreshed
-as it learns (on-policy, not drawn once by a random policy). Both pool the N conditions (one
-world each). Ratio of the mean return over the conditions (goal: >= 1.0, i.e. the same
-return with 3x fewer real steps). The SAC peer runs at its own recommended settings (SB3's
-defaults, as ``real_step_efficiency.py``'s: 2x256, batch 256, 100 warm-up steps, one update per
-step); part 1's 2x64 SAC at 3x is printed beside it (``..._vs_sac_2x64``), the peer of earlier builds.
+Part 2: returns per real env step. SAC online-only with 3x the real steps, vs the flywheel's
+learner with 1x real steps plus its synthetic data: the model-based learner (policies/mbpo.py)
+as the loop trains it, body-conditioned, under the sensor-noise rule, the noisy robot's Kalman
+filter simulated in its world (benchmarks/sensor_filter.py's ``simulated`` arm, whose cached seeds
+it shares), with world-model rollouts of the *current* policy branched from the fleet's real
+states, refreshed as it learns (on-policy, not drawn once by a random policy). Every arm pools
+the N conditions (one world each), the sensor offsets taken out as the flywheel's robots do.
+Ratio of the mean return over the conditions (goal: >= 1.0, i.e. the same return with 3x fewer
+real steps). The SAC peer runs at its own recommended settings (SB3's defaults, as
+``real_step_efficiency.py``'s: 2x256, batch 256, 100 warm-up steps, one update per step). Printed
+beside it: against part 1's 2x64 SAC at 3x (``..._vs_sac_2x64``, the peer of earlier builds), and
+``policy=mbpo``'s defaults alone at 1x (``..._mbpo_defaults``: no body features, no filter; the
+arm of earlier builds).
 
 Every number is the median over ``--seeds`` (default 0 1 2; one seed seeds every run of it, and
 the evaluation seeds are fixed). Each seed's returns are cached as JSON under
@@ -47,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import cached_json, emit  # noqa: E402
+from sensor_filter import cached as flywheel_learner_seed  # noqa: E402
 
 from fleet.pipeline.simfleet import CONDITIONS  # noqa: E402
 from fleet.pipeline.steps import robust_to_fleet_sensors  # noqa: E402
@@ -95,7 +101,7 @@ def returns(policy, profiles: list[VariationProfile], episodes: int = 6) -> list
 CACHE = Path("runs/benchmarks/fleet_vs_solo")
 
 
-def pooling_seed(steps: int, seed: int) -> dict:
+def pooling_seed(steps: int, seed: int, fresh: bool) -> dict:
     """Part 1's returns (pooled, body-conditioned, solo, specialist), for one seed."""
     profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
     out = {"fleet": returns(train(profiles, steps * len(profiles), seed), profiles)}
@@ -105,16 +111,17 @@ def pooling_seed(steps: int, seed: int) -> dict:
     return out
 
 
-def synthetic_seed(steps: int, seed: int) -> dict:
-    """Part 2's mean returns over the conditions, for one seed: the model-based learner at 1x real
-    steps, SAC at 3x with its recommended settings (one world per condition, as the learner's), and
-    part 1's 2x64 SAC at 3x."""
-    profiles = [VariationProfile(**CONDITIONS[c]) for c in FLEET]
+def synthetic_seed(steps: int, seed: int, fresh: bool) -> dict:
+    """Part 2's mean returns over the conditions, for one seed: the flywheel's learner at 1x real
+    steps, SAC at 3x with its recommended settings (one world per condition, as the learner's),
+    part 1's 2x64 SAC at 3x, and ``policy=mbpo``'s defaults at 1x."""
+    profiles = [VariationProfile(**CONDITIONS[c]).replace(obs_bias=0.0) for c in FLEET]  # offsets taken out on board
     mean = lambda policy: float(np.mean(returns(policy, profiles)))  # noqa: E731
     return {
-        "with_synthetic": mean(train_model_based(profiles, steps, seed)),
+        "with_synthetic": float(np.mean(flywheel_learner_seed(steps, seed, "simulated", fresh)["returns"])),
         "online_only_3x": mean(train(profiles, 3 * steps, seed, sac=SAC_DEFAULTS, num_worlds=len(profiles))),
         "online_only_3x_2x64": mean(train(profiles, 3 * steps, seed)),
+        "with_synthetic_mbpo_defaults": mean(train_model_based(profiles, steps, seed)),
     }
 
 
@@ -123,14 +130,14 @@ def conditioned_fleet(steps: int, seed: int) -> list[float]:
     return returns(train(profiles, steps * len(profiles), seed, body_context=True), profiles)
 
 
-PARTS = {"pooling": (pooling_seed, "fleet_conditioned"), "synthetic": (synthetic_seed, "online_only_3x_2x64")}
+PARTS = {"pooling": (pooling_seed, "fleet_conditioned"), "synthetic": (synthetic_seed, "with_synthetic_mbpo_defaults")}
 
 
 def cached_seed(part: str, steps: int, seed: int, fresh: bool) -> dict:
     """One seed's arms of one part, run by one build (a seed cached before an arm existed is run again whole, not mixed)."""
     compute, last_arm = PARTS[part]
     path = CACHE / f"{part}-steps{steps}-seed{seed}{'' if ROBUST else '-raw'}.json"
-    return cached_json(path, lambda: compute(steps, seed), fresh=fresh, complete=lambda out: last_arm in out)
+    return cached_json(path, lambda: compute(steps, seed, fresh), fresh=fresh, complete=lambda out: last_arm in out)
 
 
 def med(values) -> float:
@@ -164,12 +171,11 @@ def report_pooling(runs: list[dict]) -> None:
 
 def report_synthetic(steps: int, runs: list[dict]) -> None:
     """Part 2's medians over seeds, against SAC at its recommended settings and against the 2x64 SAC."""
-    a = med([r["with_synthetic"] for r in runs])
-    print("# synthetic per seed (model-based / SAC defaults / SAC 2x64): " + ", ".join(
-        f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}/{r['online_only_3x_2x64']:.1f}" for r in runs), file=sys.stderr)  # fmt: skip
+    print("# synthetic per seed (flywheel's learner / SAC defaults / SAC 2x64 / policy=mbpo defaults): " + ", ".join(
+        f"{r['with_synthetic']:.1f}/{r['online_only_3x']:.1f}/{r['online_only_3x_2x64']:.1f}/{r['with_synthetic_mbpo_defaults']:.1f}" for r in runs), file=sys.stderr)  # fmt: skip
     emit("fleet_vs_solo/synthetic_data/real_steps_with_synthetic", steps, "real env steps", 3 * steps, round(1 / 3, 3))
-    for suffix, arm in (("", "online_only_3x"), ("_vs_sac_2x64", "online_only_3x_2x64")):
-        b = med([r[arm] for r in runs])
+    for suffix, ours, peer in (("", "with_synthetic", "online_only_3x"), ("_vs_sac_2x64", "with_synthetic", "online_only_3x_2x64"), ("_mbpo_defaults", "with_synthetic_mbpo_defaults", "online_only_3x")):
+        a, b = med([r[ours] for r in runs]), med([r[peer] for r in runs])
         emit(f"fleet_vs_solo/synthetic_data/return_with_1x_real_plus_synthetic{suffix}", a, "return", b, round(a / b, 3) if b else None)
 
 
@@ -179,7 +185,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fresh", action="store_true", help="ignore cached seeds")
     parser.add_argument("--runs-only", action="store_true", help="run and cache, print no lines")
-    parser.add_argument("--raw-pooling", action="store_true", help="no arm trains its actor under sensor noise (the flywheel does)")
+    parser.add_argument("--raw-pooling", action="store_true", help="no SAC arm trains its actor under sensor noise (the flywheel does; its learner's arm in part 2 is the loop's, unchanged)")
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS), help="pooling (part 1), synthetic (part 2)")
     args = parser.parse_args()
     global ROBUST
