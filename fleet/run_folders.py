@@ -5,6 +5,7 @@ with (a rerun in its folder must have them), and the run's JSON files read with 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,8 +14,9 @@ from policies.settings import flat_keys, settings_differ
 from sim.durable import write_durably
 
 FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.py)
+RUN_ID = "run_id.json"  # the loop's run id, made at its first start: its store's and registry's key on object storage (services.run_location)
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py): what a rerun must match (workers, bodies, checkpoint storage)
-MARKERS = {FLYWHEEL_RUN: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
+MARKERS = {FLYWHEEL_RUN: "flywheel", RUN_ID: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
 RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
 DERIVED = ("policy.trainer.robot",)  # loop.robot_model's (flywheel.yaml); an earlier build recorded the policy group's placeholder
 RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
@@ -75,3 +77,29 @@ def record_run_settings(run_dir: Path, settings: dict) -> None:
     if not (run_dir / FLYWHEEL_RUN).exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         write_durably(run_dir / FLYWHEEL_RUN, json.dumps(settings, indent=1, sort_keys=True).encode())
+
+
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The flywheel run's id (``RUN_ID``), or None for a fresh run. A run of a build before ``RUN_ID`` (its settings or
+    state recorded, no id) keeps its store and registry on object storage under its folder's name: that is its id."""
+    run_dir = Path(run_dir)
+    recorded = read_run_file(run_dir / RUN_ID)
+    if recorded is not None:
+        return recorded["run_id"]
+    if (run_dir / FLYWHEEL_RUN).exists() or (run_dir / "state.json").exists():
+        return run_dir.name
+    return None
+
+
+def new_run_id(run_dir: Path) -> str:
+    """A fresh run's id: its folder's name (legible in a bucket listing) and a random part, so that runs whose folders
+    share a name (``runs/exp1`` in two checkouts, the jobs ``0``, ``1``, ... of two sweeps) never share a store."""
+    return f"{Path(run_dir).name}-{uuid.uuid4().hex[:8]}"
+
+
+def record_run_id(run_dir: Path, run_id: str) -> None:
+    """Write ``RUN_ID`` (kept when it is there: the id of the run's first start, which a resume finds again)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_ID).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_durably(run_dir / RUN_ID, json.dumps({"run_id": run_id}).encode())

@@ -82,7 +82,7 @@ def test_a_resume_drops_the_rows_of_an_attempt_at_the_first_iteration_too(tmp_pa
     class Started(Exception):
         pass
 
-    def services(cfg, run_dir, robot_ids, redo_from=None, fleet=None):  # the tracker Services opens, then stop before Ray
+    def services(cfg, run_dir, robot_ids, redo_from=None, fleet=None, run_id=None):  # the tracker Services opens, then stop before Ray
         Tracker(run_dir, mode="disabled", redo_from=redo_from).finish()
         raise Started
 

@@ -361,7 +361,8 @@ def test_the_loop_survives_losing_a_node_mid_iteration(cluster, s3_server, tmp_p
     assert robots[victim]["duplicate"] >= 1  # it uploaded its unacknowledged episode again: stored already, not twice
     assert all(s["nodes"] == [head_id] for r, s in robots.items() if r != victim)
 
-    store = EpisodeStore.open(StoreConfig(path=f"s3://fleet/{top}/store/run"))
+    store = EpisodeStore.open(StoreConfig(path=f"s3://fleet/{top}/store/{flywheel.run_id}"))  # the run id, made at its start: <run folder name>-<random>
+    assert flywheel.run_id.startswith("run-") and flywheel.svc.store_cfg.path == store.config.path
     real = store.snapshot().episodes(source="real")
     ids = [e.episode_id for e in real]
     assert len(ids) == len(set(ids))  # nothing stored twice

@@ -273,8 +273,8 @@ def test_a_flywheel_run_keeps_its_store_under_the_configured_s3_prefix(tmp_path)
     from fleet.pipeline.services import run_store, run_writer
 
     run = tmp_path / "20261126-120000"
-    assert run_store(StoreConfig(path="s3://fleet/runs/"), run).path == "s3://fleet/runs/20261126-120000"  # a resumed run finds it again
-    assert run_store(StoreConfig(path="runs/fleet/store", chunk_rows=64), run) == StoreConfig(path=str(run / "store"), chunk_rows=64)
+    assert run_store(StoreConfig(path="s3://fleet/runs/"), run, "20261126-120000-1a2b3c4d").path == "s3://fleet/runs/20261126-120000-1a2b3c4d"  # by its run id
+    assert run_store(StoreConfig(path="runs/fleet/store", chunk_rows=64), run, "x") == StoreConfig(path=str(run / "store"), chunk_rows=64)
     # its writers: on object storage one stable id per role (a resumed run reuses their partitions); a configured id or local disk as set
     assert run_writer(StoreConfig(path="s3://fleet/runs/x"), "ingest").writer_id == "ingest"
     assert run_writer(StoreConfig(path="s3://fleet/runs/x", writer_id="pod-7"), "ingest").writer_id == "pod-7"

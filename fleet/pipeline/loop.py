@@ -29,10 +29,10 @@ from fleet.pipeline.canary import judge_canary
 from fleet.pipeline.gate import check_gate_settings, gate
 from fleet.pipeline.loop_config import LoopFleet
 from fleet.pipeline.progress import Progress
-from fleet.pipeline.services import Services
+from fleet.pipeline.services import Services, run_id_of
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement
-from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_settings
+from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_id, record_run_settings
 from policies.trainer import first_update, steps_trained
 from sim.calibration import check_state_map, has_state_map
 from sim.durable import write_durably
@@ -203,6 +203,7 @@ class Flywheel:
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
         check_run_budget(self.settings, self.built.trainer, self.built.algorithm, self.state.get("learner_env_steps", 0), done)
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
+        self.run_id = run_id_of(cfg, self.run_dir)  # its store's and registry's key on object storage; refuses a fresh run's that are there
 
     # -- the run --------------------------------------------------------------------------
     def nothing_to_do(self) -> str | None:
@@ -220,11 +221,12 @@ class Flywheel:
         s = self.settings
         if self.nothing_to_do() is not None:
             return read_run_file(self.run_dir / "summary.json")
+        record_run_id(self.run_dir, self.run_id)  # first: a run folder with settings and no id is a run of an earlier build (run_folders.py)
         record_run_settings(self.run_dir, self.run_settings)  # kept if there (a run of an earlier build: recorded at its first resume)
         done, redo_from = self.state["next_iteration"], None
         if self.state.get("final") is None or done < s.iterations:  # a resumed run logs again from the iteration it redoes,
             redo_from = done  # the first one too (an attempt stopped in iteration 0 left its rows); a fresh run has none
-        with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from, fleet=self.fleet) as svc:
+        with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from, fleet=self.fleet, run_id=self.run_id) as svc:
             self.svc = svc
             self.robots = self._start_robots(svc)
             try:

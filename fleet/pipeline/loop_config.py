@@ -41,8 +41,8 @@ LOOP_SETS: dict[str, str] = {
     "fleet.registry.online_key": _KEYS,
     "fleet.registry.release_key": _KEYS,
     "fleet.registry.root_keys": f"{_KEYS} ({ROOT_KEYS} root keys; fleet.registry.root_threshold of them sign each root)",
-    "fleet.store.path": "a local store is <run_dir>/store; set run_dir instead (or s3://bucket/prefix: the run's store is then s3://bucket/prefix/<run folder>)",
-    "fleet.registry.dir": "a local registry is <run_dir>/registry; set run_dir instead (or s3://bucket/prefix: the run's registry is then s3://bucket/prefix/<run folder>)",
+    "fleet.store.path": "a local store is <run_dir>/store; set run_dir instead (or s3://bucket/prefix: the run's store is then s3://bucket/prefix/<run id>, the run folder name and a random part)",
+    "fleet.registry.dir": "a local registry is <run_dir>/registry; set run_dir instead (or s3://bucket/prefix: the run's registry is then s3://bucket/prefix/<run id>, the run folder name and a random part)",
 }  # fmt: skip
 ANY_URL = ("fleet.store.path", "fleet.registry.dir")  # object storage is read (services.run_location): only a local path is the loop's
 

@@ -1,8 +1,8 @@
 """What one flywheel run stands on: local Ray (or a cluster), the fleet server on this driver's Ray
 address (loopback by default) with the policy registry, tokens and keys, the episode store, the
-tracker. All state lives in the run folder (the store and the registry under the run's own prefix
-where ``fleet.store.path`` or ``fleet.registry.dir`` name object storage), so a rerun with the
-same folder resumes."""
+tracker. All state lives in the run folder (the store and the registry under the run's own prefix,
+its run id, where ``fleet.store.path`` or ``fleet.registry.dir`` name object storage), so a rerun
+with the same folder resumes."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from fleet.pipeline.loop_config import ROOT_KEYS, LoopFleet
 from fleet.pipeline.ray_start import start_ray
 from fleet.registry.files import open_files
+from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry, root_metadata
+from fleet.run_folders import new_run_id, record_run_id, recorded_run_id
 from fleet.server.auth import add_token
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
+from fleet.store.backend import repo_exists
 from fleet.store.location import Location
 from fleet.tracking import Tracker, exit_status, recorded_config
 from sim.episode import Episode
@@ -46,11 +49,16 @@ def _ray_task(fn, job):
 
 
 class Services(contextlib.AbstractContextManager):
-    def __init__(self, cfg: DictConfig, run_dir: Path, robot_ids: list[str], redo_from: int | None = None, fleet: LoopFleet | None = None):
-        """``fleet``: the fleet group as the loop built it (None: built here from ``cfg``)."""
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, robot_ids: list[str], redo_from: int | None = None, fleet: LoopFleet | None = None, run_id: str | None = None,
+    ):  # fmt: skip
+        """``fleet``: the fleet group as the loop built it (None: built here from ``cfg``); ``run_id``: the run's id, its
+        key on object storage (None: the run folder's, made and recorded here for a fresh run, see :func:`run_id_of`)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         fleet = fleet or LoopFleet.from_cfg(cfg)
+        self.run_id = run_id or run_id_of(cfg, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        record_run_id(self.run_dir, self.run_id)
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
@@ -58,8 +66,8 @@ class Services(contextlib.AbstractContextManager):
         self._robot_group = None  # the robots' placement group (robot_options)
         if cfg.ray.training.placement == "driver":  # a training task on the cluster gets the GPUs it asks for (fleet/pipeline/training.py)
             warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
-        self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir)
-        self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry")
+        self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir, self.run_id)
+        self.registry_dir = run_location(cfg.fleet.registry.dir, self.run_dir, "registry", self.run_id)
         keys = self.run_dir / "keys"  # one machine: the root keys' ceremony happens here too (docs/security.md)
         release = keys / "release.pem"  # the loop releases: a replica given only keys/online.pem serves and cannot (docs/security.md, "The release key")
         made_before = open_files(self.registry_dir).exists("tuf/metadata/1.root.json") and not release.exists()  # a run of a build before release keys
@@ -172,9 +180,9 @@ class Services(contextlib.AbstractContextManager):
         return False
 
 
-def run_store(configured: StoreConfig, run_dir: Path) -> StoreConfig:
-    """The run's own episode store: ``fleet.store`` at :func:`run_location` ``(fleet.store.path, run_dir, "store")``."""
-    return dataclasses.replace(configured, path=run_location(configured.path, run_dir, "store"))
+def run_store(configured: StoreConfig, run_dir: Path, run_id: str) -> StoreConfig:
+    """The run's own episode store: ``fleet.store`` at :func:`run_location` ``(fleet.store.path, run_dir, "store", run_id)``."""
+    return dataclasses.replace(configured, path=run_location(configured.path, run_dir, "store", run_id))
 
 
 def run_writer(store: StoreConfig, role: str) -> StoreConfig:
@@ -186,14 +194,46 @@ def run_writer(store: StoreConfig, role: str) -> StoreConfig:
     return dataclasses.replace(store, writer_id=role)
 
 
-def run_location(configured: str | os.PathLike, run_dir: Path, folder: str) -> str:
+def run_location(configured: str | os.PathLike, run_dir: Path, folder: str, run_id: str) -> str:
     """Where a run keeps what ``configured`` locates (``fleet.store.path``, ``fleet.registry.dir``):
-    ``<run_dir>/<folder>`` for a local path, or ``s3://bucket/prefix/<run folder name>`` when it
-    names object storage (``s3://bucket/prefix``), so a resumed run finds its own again."""
+    ``<run_dir>/<folder>`` for a local path, or ``s3://bucket/prefix/<run_id>`` when it names object
+    storage (``s3://bucket/prefix``). The run id is recorded in the run folder at its first start
+    (fleet/run_folders.py), so a resumed run finds its own again, and a run whose folder merely has
+    the same name as another's (two sweeps' job ``0``) does not find that one's."""
     location = Location.parse(str(configured))
     if location.is_local:
         return str(run_dir / folder)
-    return f"s3://{location.bucket}/{'/'.join(p for p in (location.prefix, run_dir.name) if p)}"
+    return f"s3://{location.bucket}/{'/'.join(p for p in (location.prefix, run_id) if p)}"
+
+
+def run_id_of(cfg: DictConfig, run_dir: Path) -> str:
+    """The run's id: the one ``run_dir`` records (a resume), or a new one for a fresh run, whose store and registry on
+    object storage must not be there yet (:func:`check_fresh_locations`). Not recorded here: the run records it as it starts."""
+    if (recorded := recorded_run_id(run_dir)) is not None:
+        return recorded
+    run_id = new_run_id(run_dir)
+    check_fresh_locations(cfg, run_dir, run_id)
+    return run_id
+
+
+def check_fresh_locations(cfg: DictConfig, run_dir: Path, run_id: str) -> None:
+    """ValueError, saying what to do, when a fresh run's store or registry on object storage is there already: another
+    run made it, and appending to its store would train on that run's episodes (its registry refuses this run's keys).
+    Storage that does not answer is left to the store's and registry's open, which say so in one line."""
+    there = {"store": repo_exists, "registry": lambda where: open_files(where).exists("tuf/metadata/1.root.json")}
+    for what, configured in (("store", cfg.fleet.store.path), ("registry", cfg.fleet.registry.dir)):
+        where = run_location(configured, run_dir, what, run_id)
+        if Location.parse(where).is_local:
+            continue
+        try:
+            taken = there[what](where)
+        except (ConnectionError, S3Error):
+            continue
+        if taken:
+            raise ValueError(
+                f"{where} already holds a {what} that the fresh run in run_dir {run_dir} did not make: set a new run_dir, "
+                f"or resume the run that made it with its own run_dir"
+            )
 
 
 def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:
