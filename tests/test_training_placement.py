@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fleet.pipeline.training import Training, TrainingPlacement, on_the_tasks_device, policy_from_bytes, policy_to_bytes, read_folder
+from fleet.pipeline.ray_start import ClusterResourcesError
+from fleet.pipeline.training import Training, TrainingPlacement, _policy_task, on_the_tasks_device, policy_from_bytes, policy_to_bytes, read_folder
 from policies.checkpoint import load_checkpoint
 from sim.batched import BatchedStepper
 from sim.policy_fn import random_policy
@@ -108,6 +109,38 @@ def test_a_task_asks_ray_for_the_configured_resources(local_ray, tmp_path):
     assert Training(TrainingPlacement("cluster", num_cpus=3, num_gpus=1), max_retries=2).task_options(2) | {"scheduling_strategy": None} == {
         "num_cpus": 3, "num_gpus": 1, "resources": None, "max_retries": 2, "scheduling_strategy": None
     }
+
+
+def test_training_tasks_no_node_can_hold_are_refused_in_one_line_not_left_waiting(local_ray):
+    """``ray.training.placement=cluster ray.training.num_gpus=1`` on a CPU-only cluster (or a custom resource no node
+    has) waited forever at the world-model step, without a word: Ray's "infeasible" warning is not shown here."""
+    gpus = local_ray.cluster_resources().get("GPU", 0) + 1  # one more than this machine has
+    with pytest.raises(ClusterResourcesError) as refused:
+        Training(TrainingPlacement("cluster", num_gpus=gpus), max_retries=0).check_cluster(1, 1)
+    assert str(refused.value) == (
+        f"ray.training.num_gpus={gpus:g}: the world model's training task asks Ray for CPU 1, GPU {gpus:g} on one node, but no node of the Ray "
+        f"cluster has that (it has CPU 2, GPU {gpus - 1:g} in all, at most CPU 2, GPU {gpus - 1:g} on one of its 1 nodes): start a node that has it "
+        "(`ray start --num-cpus/--num-gpus/--resources`), ask for less, or train in this process with ray.training.placement=driver"
+    )
+    with pytest.raises(ClusterResourcesError, match=r"^ray.training.resources.trainer=1: the world model's training task asks Ray for CPU 1, trainer 1 "):
+        Training(TrainingPlacement("cluster", resources={"trainer": 1}), max_retries=0).check_cluster(1, 1)
+    with pytest.raises(ClusterResourcesError, match=r"^policy.trainer.torch_threads=4 \(ray.training.num_cpus is null\): the policy learner's training task"):
+        Training(TrainingPlacement("cluster"), max_retries=0).check_cluster(1, 4)  # more threads than any node has CPUs
+    Training(TrainingPlacement("cluster", num_cpus=2), max_retries=0).check_cluster(1, 1)  # what the cluster has: no error
+    Training(TrainingPlacement("driver", num_gpus=gpus), max_retries=0).check_cluster(1, 1)  # trains here: Ray is not asked
+    with pytest.raises(ClusterResourcesError, match=r"^ray.training.resources.trainer=1: the policy learner's"):
+        Training(TrainingPlacement("cluster", resources={"trainer": 1}), max_retries=0)._submit(_policy_task, 1, {})  # each task, as submitted
+
+
+@pytest.mark.timeout(120)  # it waited forever: fail, not hang
+def test_a_run_asking_for_a_gpu_the_cluster_lacks_stops_before_its_robots_start(local_ray, tmp_path):
+    from tests.test_loop_resume import flywheel
+
+    gpus = local_ray.cluster_resources().get("GPU", 0) + 1
+    run = flywheel(tmp_path / "run", "ray.training.placement=cluster", f"ray.training.num_gpus={gpus}")
+    with pytest.raises(ClusterResourcesError, match=rf"^ray.training.num_gpus={gpus:g}: the world model's training task asks Ray for"):
+        run.run()
+    assert not (tmp_path / "run" / "robots").exists() and not (tmp_path / "run" / "state.json").exists()  # no robot started, nothing ran
 
 
 def _task_devices() -> list[str]:

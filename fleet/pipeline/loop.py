@@ -228,6 +228,7 @@ class Flywheel:
             redo_from = done  # the first one too (an attempt stopped in iteration 0 left its rows); a fresh run has none
         with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from, fleet=self.fleet, run_id=self.run_id) as svc:
             self.svc = svc
+            self.training.check_cluster(self.built.wm_train.num_threads or 1, self.built.trainer.torch_threads)  # before the robots: a task no node holds waits forever
             self.robots = self._start_robots(svc)
             try:
                 if self.state["next_iteration"]:

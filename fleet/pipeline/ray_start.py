@@ -165,6 +165,36 @@ class RayJoinError(RuntimeError):
     """This process could not join the configured Ray cluster (or start its own); the message says what to check."""
 
 
+class ClusterResourcesError(RayJoinError):
+    """No node of the Ray cluster this process joined (or started) has what a task of the run asks for: Ray would keep
+    the task pending forever, and says so only in a log this driver does not show (``log_to_driver=False``). A
+    :class:`RayJoinError`: like a cluster that cannot be joined, the run cannot start on it; the message says which
+    setting asked for what, and what the cluster has."""
+
+
+def check_feasible(asked: dict[str, float], what: str, settings: dict[str, str], remedy: str) -> None:
+    """:class:`ClusterResourcesError` when no alive node of the Ray cluster has all of ``asked`` (Ray resource name ->
+    amount, as one task asks for them on one node): ``what`` names the task, ``settings`` the setting that asks for each
+    resource (``{"GPU": "ray.training.num_gpus=1"}``), ``remedy`` what to do besides starting a node that has them.
+    Checked before the task is submitted, so the run stops with a reason instead of waiting forever."""
+    asked = {name: amount for name, amount in asked.items() if amount}
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(all(node.get(name, 0) >= amount for name, amount in asked.items()) for node in nodes):
+        return
+    most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in asked}
+    lacking = [name for name, amount in asked.items() if most[name] < amount] or list(asked)  # none alone: their sum on one node
+    total = ray.cluster_resources()
+    raise ClusterResourcesError(
+        f"{', '.join(settings.get(name, name) for name in lacking)}: {what} asks Ray for {_resources(asked)} on one node, but no node "
+        f"of the Ray cluster has that (it has {_resources({name: total.get(name, 0) for name in asked})} in all, at most "
+        f"{_resources(most)} on one of its {len(nodes)} nodes): start a node that has it (`ray start --num-cpus/--num-gpus/--resources`), {remedy}"
+    )
+
+
+def _resources(amounts: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in amounts.items()) or "nothing"
+
+
 MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024  # ray.init refuses less (its ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES)
 
 

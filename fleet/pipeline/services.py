@@ -21,7 +21,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleet.pipeline.loop_config import ROOT_KEYS, LoopFleet
-from fleet.pipeline.ray_start import start_ray
+from fleet.pipeline.ray_start import check_feasible, start_ray
 from fleet.registry.files import open_files
 from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry, root_metadata
@@ -36,6 +36,7 @@ from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
 
 log = logging.getLogger(__name__)
+MAP_TASK = {"CPU": 1}  # what each task of Services.ray_map asks Ray for
 def dataset_artifact(robot_model: str) -> str:
     return f"dataset-{robot_model}"
 
@@ -62,6 +63,7 @@ class Services(contextlib.AbstractContextManager):
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
+        check_feasible(MAP_TASK, "each calibration and scenario task (ray_map)", {"CPU": f"ray.address={cfg.ray.address}"}, "or join a cluster with CPUs")
         self.task_nodes = collections.Counter()  # Ray node id -> the tasks of ray_map it ran
         self._robot_group = None  # the robots' placement group (robot_options)
         if cfg.ray.training.placement == "driver":  # a training task on the cluster gets the GPUs it asks for (fleet/pipeline/training.py)
@@ -119,7 +121,7 @@ class Services(contextlib.AbstractContextManager):
         """``fn`` over ``jobs`` as Ray tasks spread over the cluster's nodes, each retried up to
         ``ray.max_retries`` times when its worker or node dies; the results in order. Counts the tasks
         each node ran in ``task_nodes`` (node id -> tasks)."""
-        remote = ray.remote(num_cpus=1, max_retries=self.cfg.ray.max_retries, scheduling_strategy="SPREAD")(_ray_task)
+        remote = ray.remote(num_cpus=MAP_TASK["CPU"], max_retries=self.cfg.ray.max_retries, scheduling_strategy="SPREAD")(_ray_task)
         placed = ray.get([remote.remote(fn, job) for job in jobs])
         self.task_nodes.update(node for node, _ in placed)
         return [result for _, result in placed]

@@ -25,12 +25,17 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from fleet.pipeline import steps
+from fleet.pipeline.ray_start import check_feasible
 from fleet.pipeline.remote_log import LogStream
 from sim.durable import write_durably
 from sim.episode import Episode
 from worldmodel.device import AUTO
 
 PLACEMENTS = ("driver", "cluster")
+TASKS = {  # a training task's function -> what it is called, and what sets its CPUs where ray.training.num_cpus is null
+    "_world_model_task": ("the world model's training task", "worldmodel.train.num_threads"),
+    "_policy_task": ("the policy learner's training task", "policy.trainer.torch_threads"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +74,32 @@ class Training:
             "max_retries": self.max_retries, "scheduling_strategy": "SPREAD",
         }  # fmt: skip
 
+    def check_cluster(self, world_model_cpus: float, policy_cpus: float) -> None:
+        """Refuse (:class:`~fleet.pipeline.ray_start.ClusterResourcesError`) training tasks that no node of the Ray cluster
+        can hold (``*_cpus``: each task's CPUs where ``num_cpus`` is null). The loop calls it as the run starts, so a run
+        asking for a GPU that a CPU-only cluster lacks stops at once, not after its robots' first round."""
+        if self.on_cluster:
+            self._check(world_model_cpus, *TASKS["_world_model_task"])
+            self._check(policy_cpus, *TASKS["_policy_task"])
+
+    def _check(self, cpus: float, what: str, cpu_setting: str) -> None:
+        p, options = self.placement, self.task_options(cpus)
+        asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **(options["resources"] or {})}
+        settings = {
+            "CPU": f"ray.training.num_cpus={p.num_cpus:g}" if p.num_cpus is not None else f"{cpu_setting}={cpus:g} (ray.training.num_cpus is null)",
+            "GPU": f"ray.training.num_gpus={p.num_gpus:g}", **{name: f"ray.training.resources.{name}={amount:g}" for name, amount in p.resources.items()},
+        }  # fmt: skip
+        check_feasible(asked, what, settings, "ask for less, or train in this process with ray.training.placement=driver")
+
     def _remote(self, fn, cpus: float):
         # options given to ray.remote, not .options(): then a task with GPUs gets a fresh worker each time
         # (max_calls=1: no CUDA context or cached GPU memory left in a reused worker; ray#29624)
         return ray.remote(**self.task_options(cpus))(fn)
+
+    def _submit(self, fn, cpus: float, *args):
+        """``fn(*args)`` as a training task, refused first if no node can hold it (one lost since the start)."""
+        self._check(cpus, *TASKS[fn.__name__])
+        return self._remote(fn, cpus).remote(*args)
 
     def world_model(self, real, sim, previous_dir: Path | None, model_dir: Path, ensemble_cfg, train_cfg, device: str):
         """Continue the model saved in ``previous_dir`` (None or empty: start one) on ``real`` + ``sim``; the new
@@ -90,7 +117,7 @@ class Training:
             "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(previous_dir) if exists else None,
             "ensemble": ensemble_cfg, "train": train_cfg,
         }  # fmt: skip
-        out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))
+        out = ray.get(self._submit(_world_model_task, train_cfg.num_threads or 1, job))
         self.nodes["world_model"] = out["node"]
         write_folder(out["files"], model_dir)
         model = load(model_dir, device=AUTO)  # ``device`` said where the task trains; this driver may have no GPU
@@ -105,7 +132,7 @@ class Training:
             "warm": read_folder(warm_start) if warm_start is not None else None, "worlds": worlds, "sensor_filters": sensor_filters,
         }  # fmt: skip
         with LogStream(log) as remote_log:
-            out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job | {"log": remote_log}))
+            out = ray.get(self._submit(_policy_task, trainer_cfg.torch_threads, job | {"log": remote_log}))
         self.nodes["policy"] = out["node"]
         checkpoint = write_folder(out["checkpoint"], out_dir)
         return steps.TrainedPolicy(policy_from_bytes(out["policy"]), checkpoint, out["env_steps"], out["metrics"])
