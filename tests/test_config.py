@@ -289,6 +289,20 @@ def test_ray_settings_that_would_wait_forever_are_refused_at_once(monkeypatch):
         check_ray_settings(OmegaConf.merge(base, {"address": "auto"}))
 
 
+def test_the_local_rays_settings_are_named_where_a_cluster_run_ignores_them():
+    """ray.num_cpus, ray.object_store_memory and ray.include_dashboard are ray.init's for a Ray of the run's own: with
+    ray.address set they were ignored without a word (start_ray warns with these as it joins: tests/test_ray_cluster.py)."""
+    from fleet.pipeline.ray_start import ignored_on_a_cluster
+
+    base = _compose("flywheel").ray
+    local = {"num_cpus": 8, "object_store_memory": 1, "include_dashboard": True}
+    assert ignored_on_a_cluster(OmegaConf.merge(base, local)) == []  # a local Ray reads them
+    assert ignored_on_a_cluster(OmegaConf.merge(base, {"address": "10.0.0.1:6379"})) == []  # their defaults: nothing to say
+    assert ignored_on_a_cluster(OmegaConf.merge(base, local, {"address": "auto"})) == [
+        "ray.num_cpus=8", "ray.object_store_memory=1", "ray.include_dashboard=True"
+    ]
+
+
 def test_a_typo_in_a_yaml_file_is_refused(tmp_path):
     conf = tmp_path / "conf"
     subprocess.run(["cp", "-r", str(CONF), str(conf)], check=True)

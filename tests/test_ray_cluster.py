@@ -13,6 +13,7 @@ all the same: only a single-host Ray on 127.0.0.1 binds loopback alone (the loca
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -259,6 +260,22 @@ def test_a_driver_without_the_cluster_token_is_refused_with_what_to_do(cluster, 
     with pytest.raises(RuntimeError, match="refused this process's token") as info:
         start_ray(cfg.ray)
     assert "RAY_AUTH_TOKEN" in str(info.value) and wrong.read_text() not in str(info.value)  # what to do; never the token
+
+
+def test_the_local_rays_settings_a_cluster_ignores_are_named_once_as_it_joins(cluster, tmp_path, caplog):
+    """ray.num_cpus, object_store_memory and include_dashboard set up a Ray of the run's own: joining a cluster they
+    were ignored without a word (TINY's ray.num_cpus=2 here, as a command line copied from a local run)."""
+    if ray.is_initialized():
+        ray.shutdown()  # an earlier test's join: this one's start_ray must join
+    address, _, _, token = cluster
+    cfg = config(tmp_path / "run", f"ray.address={address}", f"ray.node_ip_address={LOOPBACK}", f"ray.auth_token_file={token}", "ray.include_dashboard=true")
+    with caplog.at_level(logging.WARNING, logger="fleet"):
+        assert start_ray(cfg.ray) and not start_ray(cfg.ray)  # joined once
+    said = [r.getMessage() for r in caplog.records if r.name == "fleet.pipeline.ray_start"]
+    assert said == [
+        f"ray.num_cpus=2, ray.include_dashboard=True: not used when joining the Ray cluster at {address} (they set up a Ray of "
+        "this run's own; its nodes' `ray start` options set the cluster's): leave them out"
+    ]
 
 
 def test_the_world_model_trains_on_the_node_with_the_asked_resources(cluster, tmp_path):

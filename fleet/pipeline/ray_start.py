@@ -5,6 +5,7 @@ a cluster fails (docs/scale.md, "Ray cluster")."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -14,15 +15,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ray
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from ray.exceptions import AuthenticationError
 
+from fleet.conf import CONF_DIR
 from sim.robots.registry import MODULES_ENV
 
 log = logging.getLogger(__name__)
 AUTH_MODE_ENV, TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"  # Ray's own variables
 AUTH_MODES = ("token", "disabled")  # RAY_AUTH_MODE's values
 SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's: 0 runs it as a single-host Ray (single_host_ray)
+LOCAL_ONLY = ("num_cpus", "object_store_memory", "include_dashboard")  # ray.init's for a Ray of this run's own: a cluster's nodes have their own
 
 
 def start_ray(cfg: DictConfig) -> bool:
@@ -35,6 +38,11 @@ def start_ray(cfg: DictConfig) -> bool:
     use_token_auth(cfg.auth, cfg.auth_token_file)
     kwargs = {"include_dashboard": cfg.include_dashboard, "log_to_driver": False, "_node_ip_address": cfg.node_ip_address}
     if cfg.address:  # a cluster's workers were not started from here: tell them which robot modules to import
+        if ignored := ignored_on_a_cluster(cfg):
+            log.warning(
+                "%s: not used when joining the Ray cluster at %s (they set up a Ray of this run's own; its nodes' `ray start` "
+                "options set the cluster's): leave them out", ", ".join(ignored), cfg.address,
+            )  # fmt: skip
         modules = os.environ.get(MODULES_ENV)
         try:
             with keep_sigterm_handler():
@@ -242,6 +250,22 @@ def check_ray_settings(cfg: DictConfig) -> None:
             f"could not join the Ray cluster at {cfg.address}: nothing answers there ({exc.strerror or exc}); is its head running "
             f"(`ray start --head --port {port}` on {host}; `ray status --address {cfg.address}`)?"
         )
+
+
+def ignored_on_a_cluster(cfg: DictConfig) -> list[str]:
+    """The local Ray's settings (:data:`LOCAL_ONLY`, as ``ray.KEY=VALUE``) given another value than the ``ray`` group's
+    own, where ``ray.address`` joins a cluster, which ignores them: :func:`start_ray` says so (a warning, not a refusal:
+    they do no harm there, and one command line may serve a local run and a cluster run)."""
+    if not cfg.address:
+        return []
+    defaults = _ray_defaults()
+    return [f"ray.{key}={cfg.get(key)}" for key in LOCAL_ONLY if cfg.get(key) != defaults.get(key)]
+
+
+@functools.cache
+def _ray_defaults() -> DictConfig:
+    """The ``ray`` group's own values (fleet/conf/ray/local.yaml)."""
+    return OmegaConf.load(Path(CONF_DIR) / "ray" / "local.yaml")
 
 
 def _unanswered(address: str) -> OSError | None:
