@@ -503,3 +503,13 @@ def test_a_deleted_key_and_a_value_that_does_not_resolve_stop_the_app_in_one_lin
     result = subprocess.run([str(Path(sys.executable).parent / "flywheel"), "-m", "loop.iteratons=1,2"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode != 0 and "iteratons" in result.stderr
     assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))  # no sweep folder of multirun.yaml alone, no empty runs/
+
+
+@pytest.mark.parametrize("name", ["flywheel", "server", "robot", "train"])
+def test_every_app_logs_http_requests_at_warning_only(name):
+    """httpx logs every request at INFO: with the registry on S3 a replica wrote one line per robot poll, whatever
+    fleet.server.log_level said, and the loop's log held nothing else."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=[RUN_DIR] if name in ("flywheel", "train") else [], return_hydra_config=True)
+    loggers = cfg.hydra.job_logging.loggers
+    assert {key: loggers[key].level for key in ("httpx", "httpcore", "tuf")} == dict.fromkeys(("httpx", "httpcore", "tuf"), "WARNING")
