@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import httpx
@@ -330,3 +331,18 @@ def test_a_replica_reads_the_lifetimes_only_where_it_can_sign_what_is_due(tmp_pa
     assert "expiry_s.json" not in reads
     late.repo.clock = lambda: time.time() + 4.6 * 86400.0  # the timestamp it signs comes due too: it reads, once
     assert late.refresh() == ["timestamp"] and reads.count("expiry_s.json") == 1
+
+
+def test_a_replica_of_a_registry_not_released_yet_advises_a_refresh_that_works_as_printed(tmp_path, capsys):
+    """After ``init --release-key`` no targets exist yet: a replica (online key only) refuses to start and says to run
+    ``flywheel-registry refresh``. The command it printed lacked --dir and --online-key, which refresh requires."""
+    keys = tmp_path / "keys"
+    assert init(tmp_path, "--release-key", str(keys / "release.pem")) == 0
+    with pytest.raises(ReleaseKeyMissing, match="has no targets metadata yet") as refused:
+        PolicyRegistry(str(tmp_path / "registry"), load_signer(keys / "online.pem"))
+    command = re.search(r"`flywheel-registry (refresh [^`]*)`", str(refused.value)).group(1)
+    argv = command.replace("ONLINE.pem", str(keys / "online.pem")).replace("RELEASE.pem", str(keys / "release.pem")).split()
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["resigned"] == ["targets", "snapshot", "timestamp"]
+    assert not PolicyRegistry(str(tmp_path / "registry"), load_signer(keys / "online.pem")).can_release  # the replica starts

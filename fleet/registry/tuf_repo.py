@@ -105,14 +105,21 @@ class OnlineKeyRotated(RuntimeError):
     Every change ends in a snapshot and a timestamp, so it signs nothing until restarted with the key the root names."""
 
 
-def release_key_advice(root: Root) -> str:
-    """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`)."""
+def release_key_advice(root: Root, registry: str = "REG") -> str:
+    """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`); ``registry``: the
+    registry's folder or s3:// location, as ``flywheel-registry --dir`` takes it."""
     keyid = root.roles[Targets.type].keyids[0][:16]
     return (
         f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
         "does not hold it: release where it is kept (the loop's <run>/keys/release.pem; flywheel-server fleet.registry.release_key=FILE), "
-        "and re-sign with `flywheel-registry refresh --release-key FILE` (docs/security.md, The release key)"
+        f"or re-sign where both keys are with `flywheel-registry refresh --dir {registry} --online-key ONLINE.pem --release-key RELEASE.pem` "
+        "(docs/security.md, The release key)"
     )
+
+
+def registry_dir(files: RegistryFiles) -> str:
+    """The registry's location (what ``flywheel-registry --dir`` takes) of its ``tuf/`` files ``files``."""
+    return files.location.removesuffix("/tuf")
 
 
 def online_key_advice(root: Root, held: Sequence[Signer]) -> str:
@@ -308,7 +315,7 @@ class TufRepository(Repository):
             self._require_newest_root()
             self.require_online()
             if not self.can_sign(Targets.type):
-                raise ReleaseKeyMissing(release_key_advice(self.require_root()))
+                raise ReleaseKeyMissing(release_key_advice(self.require_root(), registry_dir(self.files)))
             self._follow_expiry()
             with self.edit_targets() as targets:
                 for path in remove:
@@ -331,7 +338,7 @@ class TufRepository(Repository):
         root = self.require_root()
         if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
             if not self.can_sign(Targets.type):
-                raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {release_key_advice(root)}")
+                raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {release_key_advice(root, registry_dir(self.files))}")
             self.publish_targets({})
             return list(ONLINE_ROLES)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
@@ -349,7 +356,7 @@ class TufRepository(Repository):
             return []
         done = []
         if stale[Targets.type] and not self.can_sign(Targets.type):  # held where releases are made
-            self._warn_stale(Targets.type, release_key_advice(root))
+            self._warn_stale(Targets.type, release_key_advice(root, registry_dir(self.files)))
         elif stale[Targets.type]:
             with self.edit_targets():
                 pass
