@@ -5,6 +5,8 @@ as "every job the same folder"), and a refused start leaves no hydra.run.dir or 
 holds the folder's lock: the later one extended the earlier one's run). And flywheel-train's --help lists a
 --config-dir's options."""
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +89,25 @@ def test_a_swept_run_dir_gives_each_job_its_folder_and_a_new_sweep_its_own_claim
     assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=0", "+run_dir=runs/a,runs/b") == [None, None]
     assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=0,1", "+run_dir=runs/s${seed}") == [None, None]
     assert _sweep(monkeypatch, tmp_path, "flywheel", "+seed=1,0", "+run_dir=runs/s${seed}") == [None, None]  # same sweep folder
+
+
+def _app(cwd: Path, app: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"fleet.apps.{app}", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_refused_server_or_robot_start_leaves_no_log_folder_and_an_accepted_one_keeps_it(tmp_path):
+    """flywheel-server and flywheel-robot refused for a setting left runs/fleet/logs/<app>/.../<time>/ with .hydra/ and
+    an empty log (the reason only on stderr); flywheel and flywheel-train remove what a refused start made."""
+    server = _app(tmp_path, "server", "fleet.server.max_body_bytes=100")
+    assert server.returncode == 1 and "flywheel-server: " in server.stderr and "max_body_bytes" in server.stderr, server.stderr[-1500:]
+    robot = _app(tmp_path, "robot", "robot.model=nope", "episodes=1")
+    assert robot.returncode == 1 and "flywheel-robot: " in robot.stderr and "nope" in robot.stderr, robot.stderr[-1500:]
+    assert sorted(tmp_path.rglob("*")) == [], sorted(str(p) for p in tmp_path.rglob("*"))  # runs/ too: this start made it
+    with socket.socket() as s:  # an address nothing listens on: the robot runs its episode, then cannot upload it
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    ran = _app(tmp_path, "robot", "robot.model=pendulum", "robot.max_steps=5", "episodes=1", "drain_timeout_s=0", f"fleet.agent.server_url={url}",
+               env={**os.environ, "FLYWHEEL_ROBOT_TOKEN": "t"})  # fmt: skip
+    assert ran.returncode == 1 and "not uploaded within drain_timeout_s" in ran.stderr, ran.stderr[-1500:]
+    (log,) = (tmp_path / "runs" / "fleet" / "logs" / "robot").glob("*/*/robot.log")  # accepted: its record stays
+    assert (log.parent / ".hydra" / "config.yaml").is_file()

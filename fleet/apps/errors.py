@@ -192,14 +192,29 @@ def _discard_empty_sweeps() -> None:
             parent.rmdir()
 
 
+def discard_log_folder_if_refused() -> None:
+    """What the apps without a run folder (``flywheel-server``, ``flywheel-robot``) do first: the log folder Hydra made
+    for this start (``runs/fleet/logs/<app>/.../<time>/``, and the folders made above it) goes at exit unless the app
+    accepted the start (:func:`accept_start`), as a refused ``flywheel`` start leaves no ``runs/<time>/`` behind."""
+    from fleet.conf import parents_made
+
+    if (new := _new_job_folder()) is not None:
+        atexit.register(_discard_unaccepted, new, tuple(parents_made()))
+
+
+def accept_start() -> None:
+    """The app's checks passed: this start's record (Hydra's output folder: ``.hydra/``, its log) stands."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        _ACCEPTED.add(Path(HydraConfig.get().runtime.output_dir).resolve())
+
+
 def accept_run_folder(app: str, run_dir: Path) -> None:
     """The app's checks passed: this start's record (``.hydra/``, its log) stands, and ``run_dir`` is this process's
     until it exits (an exclusive lock on ``run_dir/.lock``): a second process on the same run folder is refused."""
-    from hydra.core.hydra_config import HydraConfig
-
     _RECORD.clear()
-    if HydraConfig.initialized():  # a hydra.run.dir given apart from run_dir holds this start's record
-        _ACCEPTED.add(Path(HydraConfig.get().runtime.output_dir).resolve())
+    accept_start()  # a hydra.run.dir given apart from run_dir holds this start's record
     run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.resolve() in _HELD:  # this process's already (an app run twice in one process; a --multirun's jobs may not share one: multirun_run_dir_error)
         return

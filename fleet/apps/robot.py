@@ -18,7 +18,7 @@ import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.agent.agent import run_sim_robot
 from fleet.apps.config_path import CONF_DIR
 from fleet.agent.config import check_server_url
-from fleet.apps.errors import one_line_errors, stop_on_signals
+from fleet.apps.errors import accept_start, discard_log_folder_if_refused, one_line_errors, stop_on_signals
 from fleet.conf.schema_tools import check, instantiated
 from sim.robots import get_task
 from sim.robots.registry import use_robot_modules
@@ -26,6 +26,7 @@ from sim.robots.registry import use_robot_modules
 
 @hydra.main(config_path=CONF_DIR, config_name="robot", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    discard_log_folder_if_refused()  # a start refused below leaves no empty runs/fleet/logs/robot/<id>/<time>/ behind
     check(cfg, "flywheel-robot")
     if cfg.episodes < 0:
         raise SystemExit(f"flywheel-robot: episodes must be >= 0 (0: until Ctrl-C), got {cfg.episodes}")
@@ -53,6 +54,7 @@ def main(cfg: DictConfig) -> None:
                 fleet_url=agent_cfg.server_url,  # the token goes to the registry only where it is the fleet server
                 min_healthy_steps=cfg.policy.min_healthy_steps,  # a new release's first episode is its health check (docs/security.md)
             ).start()  # polls on its own thread: an episode never waits for the registry
+        accept_start()
         try:
             status = run_sim_robot(robot_cfg, agent_cfg, episodes=cfg.episodes, drain_timeout_s=cfg.drain_timeout_s, policy=policy)
         finally:

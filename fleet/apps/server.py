@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.apps.config_path import CONF_DIR
-from fleet.apps.errors import one_line_errors
+from fleet.apps.errors import accept_start, discard_log_folder_if_refused, one_line_errors
 from fleet.conf.schema_tools import check, instantiated
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 @hydra.main(config_path=CONF_DIR, config_name="server", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    discard_log_folder_if_refused()  # a start refused below leaves no empty runs/fleet/logs/server/<time>/ behind
     check(cfg, "flywheel-server")
     # the settings' faults (values, files, keys, the address, the store and its damaged files) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError)):
@@ -41,6 +42,7 @@ def main(cfg: DictConfig) -> None:
                 "root keys are kept offline and start the server with fleet.registry.root_keys=[] (docs/security.md, Roles and keys)",
                 len(held), ", ".join(held),
             )  # fmt: skip
+        accept_start()
         run(server, store, policy_registry=registry, sock=sock)
 
 
