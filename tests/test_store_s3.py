@@ -299,3 +299,40 @@ def test_a_store_another_replica_is_creating_is_waited_for(cfg, monkeypatch):
     backend.create_repo(Location.parse(stalled.path))  # a creator that died before its first commit
     with pytest.raises(StoreLocationError, match="its creation never finished"):
         EpisodeStore.open(stalled)
+
+
+def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_what_to_check(tmp_path, monkeypatch):
+    """moto stopped under an open store: the next commit and read raised Icechunk's 45-line error ("error getting object
+    from object store dispatch failure ... Connection refused"), which flywheel printed as a traceback with no way on.
+    Now StoreUnreachableError (what the apps print in one line) naming the store, the cause and what to check; the
+    server's 503 reason still the cause alone."""
+    from fleet.store.backend import StoreUnreachableError, short_reason
+    from tests.conftest import start_moto, stop_moto
+
+    with open(tmp_path / "moto.log", "wb") as log:
+        proc, url = start_moto(log)
+        try:
+            for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1"}.items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+            store = EpisodeStore.open_or_create(StoreConfig(path="s3://fleet/gone", writer_id="w", chunk_rows=32, index_rows=4))
+            assert store.append([episode(1)]).statuses == ("created",)
+        finally:
+            stop_moto(proc)
+    said = r"the episode store at s3://fleet/gone did not answer \(.*[Cc]onnection refused.*\); check the bucket, AWS_ENDPOINT_URL"
+    for access in (lambda: store.append([episode(2)]), store.snapshot):  # a commit, a read (each ~30 s of Icechunk's retries)
+        with pytest.raises(StoreUnreachableError, match=said) as failed:
+            access()
+        assert "\n" not in str(failed.value) and "onnection refused" in short_reason(failed.value)
+
+
+def test_an_icechunk_error_that_is_no_storage_fault_keeps_its_type():
+    """Only object storage that did not answer is translated: a local store's fault, or any other Icechunk error (a
+    bug), keeps its traceback."""
+    import icechunk
+
+    from fleet.store.backend import answering
+
+    for where, text in (("s3://fleet/x", "x invalid zarr key 'a//b'"), ("/tmp/local-store", "x error getting object from object store io error")):
+        with pytest.raises(icechunk.IcechunkError), answering(Location.parse(where)):
+            raise icechunk.IcechunkError(text)

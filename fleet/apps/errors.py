@@ -3,9 +3,9 @@
     with one_line_errors("flywheel-server", (OSError, ValueError)):
         ...
 
-A listed error becomes ``<app>: <its message>`` and exit status 1 (the messages say what to do); Ctrl-C
-becomes ``<app>: interrupted`` plus ``on_interrupt`` (how to go on) and exit status 130, as a shell
-reports a SIGINT. Anything else keeps its traceback: that is a bug to report.
+A listed error becomes ``<app>: <its message>`` (plus ``on_error``: how to go on once it is fixed) and exit
+status 1 (the messages say what to do); Ctrl-C becomes ``<app>: interrupted`` plus ``on_interrupt`` (how to go
+on) and exit status 130, as a shell reports a SIGINT. Anything else keeps its traceback: that is a bug to report.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ ROBOT_ERRORS = (RobotPluginError, UnknownRobotError)  # robot_modules and robot 
 
 
 @contextlib.contextmanager
-def one_line_errors(app: str, errors: tuple[type[BaseException], ...] = (), on_interrupt: str = "") -> Iterator[None]:
+def one_line_errors(app: str, errors: tuple[type[BaseException], ...] = (), on_interrupt: str = "", on_error: str = "") -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
         print(f"{app}: interrupted{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
     except (*errors, *ROBOT_ERRORS) as exc:
-        raise SystemExit(f"{app}: {exc}") from None
+        raise SystemExit(f"{app}: {exc}{'; then ' + on_error if on_error else ''}") from None
 
 
 def stop_on_signals() -> None:

@@ -37,6 +37,8 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.loop import Flywheel
     from fleet.pipeline.ray_start import RayJoinError
     from fleet.pipeline.report import summary_table
+    from fleet.registry.s3 import S3Error
+    from fleet.registry.store import RegistryError
     from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
     from fleet.tracking import TrackerError, run_files_line
 
@@ -48,8 +50,10 @@ def run_flywheel(cfg: DictConfig) -> None:
         console.print(f"flywheel: {reason}", soft_wrap=True)
         return
     accept_run_folder("flywheel", Path(cfg.run_dir))
-    with one_line_errors("flywheel", (RayJoinError, StoreCorruptionError, StoreUnreachableError, TrackerError), on_interrupt=f"rerun with run_dir={cfg.run_dir} to resume it"):
-        summary = flywheel.run()  # the cluster, the store or W&B fail at the start: what to check
+    resume = f"rerun with run_dir={cfg.run_dir} to resume it"
+    faults = (RayJoinError, StoreCorruptionError, StoreUnreachableError, S3Error, RegistryError, TrackerError)
+    with one_line_errors("flywheel", faults, on_interrupt=resume, on_error=resume):
+        summary = flywheel.run()  # the cluster, the store, the registry or W&B fail (at the start, or storage mid-run): what to check, then how to resume
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))
     console.print(f"run folder: {cfg.run_dir}  (metrics.jsonl, report.png, summary.json)")
     if line := run_files_line(cfg.wandb.mode, summary["wandb_dir"]):

@@ -15,6 +15,7 @@ import fleet.conf.schema_fleet  # noqa: F401  (registers the config's schema)
 from fleet.apps.config_path import CONF_DIR
 from fleet.apps.errors import accept_start, discard_log_folder_if_refused, one_line_errors
 from fleet.conf.schema_tools import check, instantiated
+from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry
 from fleet.server.auth import TokenRegistry
 from fleet.server.runner import bind_socket, run
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 def main(cfg: DictConfig) -> None:
     discard_log_folder_if_refused()  # a start refused below leaves no empty runs/fleet/logs/server/<time>/ behind
     check(cfg, "flywheel-server")
-    # the settings' faults (values, files, keys, the address, the store and its damaged files) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
-    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError)):
+    # the settings' faults (values, files, keys, the address, the store and its damaged files, the registry's object storage) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
+    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError, S3Error)):
         server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)

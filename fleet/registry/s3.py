@@ -32,6 +32,7 @@ import httpx
 ATTEMPTS = 4  # tries of an idempotent request before its error is raised
 _RETRY_STATUS = {500, 502, 503, 504}
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+UNANSWERED_HINT = "is the endpoint reachable? check AWS_ENDPOINT_URL, the bucket and the credentials (docs/security.md, The registry on object storage)"
 
 
 class S3Error(RuntimeError):
@@ -146,7 +147,7 @@ class S3Client:
                 response = self.http.send(request)
             except httpx.TransportError as exc:
                 if attempt + 1 == attempts:
-                    raise S3Error(f"S3 {method} {request.url}: {exc.__class__.__name__}: {exc}; is the endpoint reachable?", code=exc.__class__.__name__) from None
+                    raise S3Error(f"S3 {method} {request.url}: {exc.__class__.__name__}: {exc}; {UNANSWERED_HINT}", code=exc.__class__.__name__) from None
                 time.sleep(0.1 * 2**attempt)
                 continue
             if response.status_code in _RETRY_STATUS and attempt + 1 < attempts:

@@ -45,12 +45,17 @@ icechunk.set_logs_filter("warn,icechunk::storage::object_store=error,icechunk::s
 
 
 class StoreUnreachableError(ConnectionError):
-    """The object storage of a store did not answer (no credentials, no endpoint, no such bucket)."""
+    """The object storage of a store did not answer (no credentials, no endpoint, no such bucket); ``reason``: the
+    cause Icechunk named."""
+
+    reason = ""
 
 
 def short_reason(exc: Exception) -> str:
     """The cause at the end of an Icechunk error's context chain (its last line: "connection refused",
     "NoSuchBucket", ...), not the hundreds of characters of Rust context before it."""
+    if isinstance(exc, StoreUnreachableError) and exc.reason:
+        return exc.reason
     for line in reversed(str(exc).strip().splitlines()):  # its last line may be only the context block's frame ("  | ")
         cause = line.strip().lstrip("`|->x ").strip()
         if cause:
@@ -58,8 +63,9 @@ def short_reason(exc: Exception) -> str:
     return type(exc).__name__
 
 
-def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:
-    """What to check when object storage refused to open the store at ``location`` (``exc``: Icechunk's error)."""
+def unreachable(location: Location, exc: Exception, opening: bool = True) -> StoreUnreachableError:
+    """What to check when object storage refused to open the store at ``location`` (``exc``: Icechunk's error), or,
+    with ``opening`` false, stopped answering a read or a commit of the open store."""
     reason = short_reason(exc)
     env = os.environ
     hint = (
@@ -67,7 +73,26 @@ def unreachable(location: Location, exc: Exception) -> StoreUnreachableError:
         if env.get("AWS_ACCESS_KEY_ID")
         else "no AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment: set them, and AWS_ENDPOINT_URL for an S3-compatible server (MinIO, Ceph, moto)"
     )
-    return StoreUnreachableError(f"cannot open the episode store at {location} ({reason}); {hint} (docs/store.md)")
+    what = f"cannot open the episode store at {location}" if opening else f"the episode store at {location} did not answer"
+    error = StoreUnreachableError(f"{what} ({reason}); {hint} (docs/store.md)")
+    error.reason = reason
+    return error
+
+
+UNANSWERED_MARKER = "object store"  # Icechunk's words for a request object storage did not answer ("error getting object from object store ...")
+
+
+@contextlib.contextmanager
+def answering(location: Location) -> Iterator[None]:
+    """A read or a commit of the open store at ``location``: Icechunk's error saying object storage did not answer
+    (an endpoint down, throttling past Icechunk's retries) becomes :class:`StoreUnreachableError`, what to check.
+    Anything else keeps its type and traceback: damage (read as such where it is read), a local disk's fault, a bug."""
+    try:
+        yield
+    except icechunk.IcechunkError as exc:
+        if location.is_local or damaged(exc) or UNANSWERED_MARKER not in str(exc):
+            raise
+        raise unreachable(location, exc, opening=False) from exc
 
 
 class StoreCorruptionError(RuntimeError):

@@ -288,7 +288,8 @@ class EpisodeStore:
 
     # -- reading -------------------------------------------------------------------------
     def latest_snapshot_id(self) -> str:
-        return self._repo.lookup_branch(BRANCH)
+        with backend.answering(self.location):
+            return self._repo.lookup_branch(BRANCH)
 
     def snapshot(self, snapshot_id: str | None = None, base: StoreSnapshot | None = None) -> StoreSnapshot:
         """A read-only view pinned to ``snapshot_id`` (default: the current tip of the store).
@@ -296,7 +297,9 @@ class EpisodeStore:
         base: an earlier snapshot of this store with its catalog loaded; only what was
         committed since is read when the new catalog loads.
         """
-        return StoreSnapshot(self._repo, snapshot_id or self.latest_snapshot_id(), self.info, base=base)
+        snapshot_id = snapshot_id or self.latest_snapshot_id()
+        with backend.answering(self.location):
+            return StoreSnapshot(self._repo, snapshot_id, self.info, base=base)
 
     def history(self, limit: int = 20) -> list[dict]:
         """The newest ``limit`` commits: snapshot_id, written_at (ISO), message, metadata."""
@@ -318,8 +321,9 @@ class EpisodeStore:
 
     def refresh_index(self) -> int:
         """Read episode ids committed since the last refresh (by anyone); returns how many are known."""
-        session = self._repo.readonly_session(branch=BRANCH)
-        backend.run(self._index.refresh(session.store, session.snapshot_id))
+        with backend.answering(self.location):
+            session = self._repo.readonly_session(branch=BRANCH)
+            backend.run(self._index.refresh(session.store, session.snapshot_id))
         return len(self._index.digests)
 
     # -- writing -------------------------------------------------------------------------
@@ -351,7 +355,7 @@ class EpisodeStore:
             for i, ep in enumerate(episodes)
         ]
         deadline = time.monotonic() + self.config.lock_timeout_s
-        with self._lock.hold():
+        with self._lock.hold(), backend.answering(self.location):
             while True:
                 try:
                     return self._append_once(items, message, deadline)
