@@ -278,6 +278,22 @@ def test_the_local_rays_settings_a_cluster_ignores_are_named_once_as_it_joins(cl
     ]
 
 
+def test_flywheel_train_refused_by_the_clusters_token_leaves_no_run_folder(cluster, tmp_path):
+    """It said why in one line, but left runs/<time>/ holding train_job.json, an empty metrics.jsonl, .lock and a W&B
+    run: the cluster is joined before the run folder is taken now, as a start refused for its settings leaves none."""
+    address, *_ = cluster
+    wrong, work = tmp_path / "wrong-token", tmp_path / "work"
+    wrong.write_text(uuid.uuid4().hex)
+    work.mkdir()
+    refused = subprocess.run(
+        [sys.executable, "-m", "fleet.apps.train", "train.workers=2", f"ray.address={address}", f"ray.node_ip_address={LOOPBACK}", f"ray.auth_token_file={wrong}"],
+        cwd=work, env={**os.environ, "RAY_gcs_server_port_wait_time_s": "2"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "flywheel-train: " in refused.stderr and "refused this process's token" in refused.stderr, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert sorted(work.rglob("*")) == [], sorted(str(p) for p in work.rglob("*"))
+
+
 def test_the_world_model_trains_on_the_node_with_the_asked_resources(cluster, tmp_path):
     """``ray.training``: a training task runs on a node with the resources asked for (here only the second node has
     them), gets the previous model as bytes and sends the new one back into the driver's folder."""

@@ -54,6 +54,9 @@ def run_train(cfg: DictConfig) -> None:
             raise TrainSettingsError(f"{exc.__cause__ or exc}") from None
         get_task(trainer.robot)
         preflight(job, trainer, algo_config, run_dir)
+    if job.workers > 1 and cfg.ray.address:  # a cluster may refuse this process (its token, its address): before the run folder is taken, so a refused start leaves none
+        with one_line_errors("flywheel-train", (RayJoinError,)):
+            start_ray(cfg.ray)
     accept_run_folder("flywheel-train", run_dir)
     w = cfg.wandb
     done = job.checkpoint_steps(run_dir)  # a rerun goes on from its checkpoint: the rows a stopped attempt logged past it go;
