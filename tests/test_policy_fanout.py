@@ -44,6 +44,11 @@ def weights_url(registry, version: int) -> str:
     return f"/v1/tuf/targets/policies/{version:08d}/{info.hashes['sha256']}.weights.safetensors"
 
 
+def partial_of(source, registry, version: int = 1):
+    """Where ``source`` keeps a cut download of release ``version``'s weights."""
+    return source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, version).removeprefix('/v1/tuf/targets/')}")
+
+
 @pytest.fixture
 def served(tmp_path):
     """(registry with v1 published, robot token, server, an httpx client holding the token)."""
@@ -210,7 +215,7 @@ def test_a_cut_weights_download_resumes_with_a_range_request_and_installs_verifi
     source = robot(tmp_path, thread_server(CuttingProxy), token)
     try:
         assert not source.poll() and source.errors == 1 and source.refusals == {}  # the cut: a network error, nothing installed
-        partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+        partial_file = partial_of(source, registry)
         half = partial_file.stat().st_size
         assert half > 0 and partial_file.with_name(partial_file.name + ".etag").exists()
         seen_ranges.clear()
@@ -227,7 +232,7 @@ def test_a_tampered_partial_file_is_refused_by_tufs_hash_check_then_fetched_whol
     source = robot(tmp_path, server.url, token)
     try:
         whole = client.get(weights_url(registry, 1)).content
-        partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+        partial_file = partial_of(source, registry)
         partial_file.parent.mkdir(parents=True, exist_ok=True)
         tampered = bytearray(whole[: len(whole) // 2])
         tampered[-1] ^= 0xFF  # a partial download changed on the robot's disk (or by a lying mirror)
@@ -321,7 +326,7 @@ def test_an_etag_a_request_cannot_carry_back_is_never_kept(tmp_path, served, thr
             pass
 
     source = robot(tmp_path, thread_server(BadETag), token)
-    partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+    partial_file = partial_of(source, registry)
     etag_file = partial_file.with_name(partial_file.name + ".etag")
     try:
         assert not source.poll() and source.errors == 1 and not etag_file.exists()  # cut, its ETag not kept
@@ -338,7 +343,7 @@ def test_a_kept_etag_a_request_cannot_carry_drops_its_partial_and_the_download_s
     """What an earlier build left beside a cut download (it kept any ETag): the partial is dropped, never resumed."""
     registry, token, server, _ = served
     source = robot(tmp_path, server.url, token)
-    partial_file = source._fetcher.partial_path(f"{source.targets_url}{weights_url(registry, 1).removeprefix('/v1/tuf/targets/')}")
+    partial_file = partial_of(source, registry)
     partial_file.parent.mkdir(parents=True)
     partial_file.write_bytes(b"\0" * 100)
     partial_file.with_name(partial_file.name + ".etag").write_text('"caf\u00e9"')
