@@ -11,7 +11,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import numbers
 import uuid
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -33,13 +35,20 @@ class ScenarioSpec:
     tag: str = ""  # why this scenario exists (e.g. "failure:robot-3", "uncertainty", "dr")
 
     def __post_init__(self):
+        """Types are normalised here (ints as floats in the vectors, numpy scalars as Python's), so that one scenario
+        has one JSON however its numbers were typed: the JSON is its episode id and the key a fan-out finds its
+        episode by, and ``(0, 0.1)`` once gave another id than ``(0.0, 0.1)`` and its episode went missing."""
         if (self.init_qpos is None) != (self.init_qvel is None):
             raise ValueError("scenario: give both init_qpos and init_qvel, or neither")
+        if not isinstance(self.profile, VariationProfile):
+            raise ValueError(f"scenario: profile must be a VariationProfile, got {type(self.profile).__name__}")
+        object.__setattr__(self, "seed", _integer("seed", self.seed, minimum=0))
+        if self.max_steps is not None:
+            object.__setattr__(self, "max_steps", _integer("max_steps", self.max_steps, minimum=1))
+        object.__setattr__(self, "init_noise_scale", _real("init_noise_scale", self.init_noise_scale))
         for name in ("init_qpos", "init_qvel", "goal"):  # their lengths are the robot's: the stepper checks them
-            if getattr(self, name) is not None and not np.isfinite(np.asarray(getattr(self, name), float)).all():
-                raise ValueError(f"scenario: {name} holds NaN or Inf: {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"scenario: max_steps must be >= 1, got {self.max_steps}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _reals(name, getattr(self, name)))
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -70,6 +79,30 @@ class ScenarioSpec:
         """Deterministic episode id: the same spec and policy give the same id (idempotent upload)."""
         digest = hashlib.sha256(f"{self.to_json()}|{policy_version}".encode()).hexdigest()
         return str(uuid.uuid5(_EPISODE_NAMESPACE, digest))
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int, or a ValueError: a bool, a text, or a number with a fraction (``seed=1.5``) is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < minimum:
+        raise ValueError(f"scenario: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a Python float, or a ValueError naming ``name`` (a bool or a text is refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"scenario: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _reals(name: str, values) -> tuple[float, ...]:
+    """``values`` as a tuple of finite Python floats, or a ValueError naming ``name``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"scenario: {name} must be a sequence of numbers, got {values!r}")
+    out = tuple(_real(name, x) for x in values)
+    if not np.isfinite(out).all():
+        raise ValueError(f"scenario: {name} holds NaN or Inf: {values}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

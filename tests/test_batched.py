@@ -161,6 +161,29 @@ def test_scenario_and_profile_json_round_trip():
     np.testing.assert_allclose(a.extras["qpos"][0, 2:4], [0.1, -0.05])
 
 
+def test_a_scenario_has_one_json_however_its_numbers_were_typed():
+    """ints in the start state or goal once gave another JSON (so another episode id) than the same scenario after a
+    JSON round trip, and a fan-out that looked its episode up by that JSON lost it; floats keep the JSON they had."""
+    typed = ScenarioSpec("reacher", seed=np.int64(2), init_qpos=(0, 0, 0.1, 0.1), init_qvel=[0, 0, 0, 0], goal=(0, np.float32(0.5)), max_steps=7.0)
+    assert typed == ScenarioSpec.from_json(typed.to_json())
+    assert typed.to_json() == ScenarioSpec.from_json(typed.to_json()).to_json()
+    assert typed.init_qpos == (0.0, 0.0, 0.1, 0.1) and typed.goal == (0.0, 0.5) and (typed.seed, typed.max_steps) == (2, 7)
+    assert all(type(x) is float for x in (*typed.init_qpos, *typed.init_qvel, *typed.goal, typed.init_noise_scale))
+    assert (type(typed.seed), type(typed.max_steps)) == (int, int)
+    floats = ScenarioSpec("reacher", seed=3, init_qpos=(0.0, 0.0, 0.1, 0.1), init_qvel=(0.0,) * 4, goal=(0.1, -0.05), max_steps=5)
+    assert floats.to_json() == (  # the JSON (hence the ids of stored episodes) of float-valued scenarios is unchanged
+        '{"goal": [0.1, -0.05], "init_noise_scale": 1.0, "init_qpos": [0.0, 0.0, 0.1, 0.1], "init_qvel": [0.0, 0.0, 0.0, 0.0], '
+        '"max_steps": 5, "profile": {"action_latency": 0, "actuator_strength": 1.0, "damping_scale": 1.0, "friction_scale": 1.0, '
+        '"mass_scale": 1.0, "obs_bias": 0.0, "obs_noise_std": 0.0, "payload_mass": 0.0}, "robot": "reacher", "seed": 3, "tag": ""}'
+    )
+    for bad, field in (({"seed": 1.5}, "seed"), ({"seed": True}, "seed"), ({"seed": -1}, "seed"), ({"seed": "abc"}, "seed"),
+                       ({"max_steps": 2.5}, "max_steps"), ({"max_steps": 0}, "max_steps"), ({"max_steps": False}, "max_steps"),
+                       ({"init_noise_scale": "1"}, "init_noise_scale"), ({"goal": (True, 0.0)}, "goal"), ({"goal": "ab"}, "goal"),
+                       ({"goal": (np.inf, 0.0)}, "goal"), ({"profile": {}}, "profile")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"scenario: {field}"):
+            ScenarioSpec("reacher", **{"seed": 0, **bad})
+
+
 def test_seeded_generators_start_as_numpy_default_rng():
     seeds = [0, 1, 2024, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3, *range(5, 400, 7)]
     generators = [new_generator() for _ in seeds]

@@ -10,7 +10,7 @@ import torch
 
 from sim.batched import BatchedStepper
 from sim.episode import Episode
-from sim.policy_fn import random_policy
+from sim.policy_fn import random_policy, zero_policy
 from sim.scenario import DomainRandomization, ScenarioSpec
 from sim.variation import VariationProfile
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
@@ -132,6 +132,19 @@ def test_generated_episodes_validate_and_replay_bit_identically(fleet):
         assert ScenarioSpec.from_json(ep.metadata["scenario"]) == spec and ep.source == "sim"
     for ep in episodes[:3] + episodes[-2:]:
         assert replay(ep, rowwise_policy).equals(ep)  # alone in a batch of one: the same bits
+
+
+def test_fanout_returns_one_episode_per_scenario_however_typed_or_repeated():
+    """A scenario with ints in its start state or goal once went missing from the fan-out (its JSON changed on the way
+    through the worker), replay gave it a new id, and a repeated scenario came back once."""
+    ints = ScenarioSpec("reacher", seed=2, init_qpos=(0, 0, 0.1, 0.1), init_qvel=(0, 0, 0, 0), max_steps=5)
+    goal = ScenarioSpec("reacher", seed=3, goal=(0, 0.1), max_steps=5)
+    plain = ScenarioSpec("reacher", seed=4, max_steps=5)
+    episodes = simulate_scenarios([ints, plain, goal, ints], functools.partial(zero_policy, 2), chunk_size=2)
+    assert [e.metadata["scenario"] for e in episodes] == [s.to_json() for s in (ints, plain, goal, ints)]
+    assert episodes[0] is episodes[3]
+    again = replay(episodes[0], zero_policy(2))
+    assert again.episode_id == episodes[0].episode_id == ints.episode_id() and again.equals(episodes[0])
 
 
 def test_ray_fanout_gives_the_same_episodes_as_in_process(fleet, local_ray):

@@ -90,9 +90,11 @@ def simulate_scenarios(
 ) -> list[Episode]:
     """One MuJoCo episode per scenario, in the scenarios' order (a diverged scenario yields none).
 
-    Every episode carries its spec in the ``scenario`` metadata (see :func:`replay`).
+    A repeated scenario is simulated once and its episode returned at each of its places (the same
+    spec gives the same episode, id included). Every episode carries its spec in the ``scenario``
+    metadata (see :func:`replay`).
     """
-    unique = list(dict.fromkeys(scenarios))  # a repeated spec would give the same episode twice
+    unique = list(dict.fromkeys(scenarios))  # simulating a repeated spec again would only give the same episode
     jobs = make_jobs(unique, policy_factory, chunk_size=chunk_size, policy_version=policy_version, robot_id=robot_id, nthread=nthread)
     results = list((map_fn or map)(run_job, jobs))
     if len(results) != len(jobs):
@@ -102,7 +104,7 @@ def simulate_scenarios(
         for blob in blobs:
             episode = Episode.from_bytes(blob)
             by_spec[episode.metadata["scenario"]] = episode
-    return [by_spec[s.to_json()] for s in unique if s.to_json() in by_spec]
+    return [by_spec[s.to_json()] for s in scenarios if s.to_json() in by_spec]
 
 
 def replay(episode: Episode, policy, nthread: int = 1) -> Episode:
