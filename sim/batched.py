@@ -17,6 +17,7 @@ with a deterministic policy gives a bit-identical episode whatever batch it runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,6 +29,7 @@ import mujoco
 import numpy as np
 from mujoco import rollout
 
+from sim.divergence import diverged_steps
 from sim.episode import SCHEMA_VERSION, Episode, validate_metadata
 from sim.policy_fn import as_conditioned_policy, obs_dim_of
 from sim.recorder import EpisodeRecorder
@@ -429,11 +431,12 @@ class BatchedStepper:
         state = self.state[sel]  # still the step's start: only the lane's own landing writes its rows
         before = PhysicsState(state[:, self._qpos], state[:, self._qvel], self.sensordata[sel])
         after = PhysicsState(new_state[:, self._qpos], new_state[:, self._qvel], new_sensor)
-        terms = task.reward_terms(before, after, action)
-        reward = sum(terms.values()).astype(np.float32)
-        diverged = ~np.isfinite(new_state).all(axis=1)
-        terminated = task.terminated(after) | diverged
-        obs = task.observe(after)
+        diverged = diverged_steps(flight.states, task.model.nq, task.model.nv)[:, -1]  # MuJoCo's blow-ups (its auto-reset is off)
+        with _overflow_quiet(diverged.any()):
+            terms = task.reward_terms(before, after, action)
+            reward = sum(terms.values()).astype(np.float32)
+            terminated = task.terminated(after) | diverged
+            obs = task.observe(after)
         if not (np.isfinite(obs).all() and np.isfinite(reward).all()):  # a diverged world's are dropped; any other's: the task's fault
             refuse_non_finite(task, obs, terms, diverged)
         obs[diverged] = 0.0
@@ -450,7 +453,8 @@ class BatchedStepper:
         self.state[sel], self.sensordata[sel] = new_state, new_sensor
         steps = self.t[sel].copy()
         if self.record:
-            self._recorder.record(idx, steps, action, reward, obs, after.qpos, after.qvel)
+            with _overflow_quiet(diverged.any()):
+                self._recorder.record(idx, steps, action, reward, obs, after.qpos, after.qvel)
         self.t[sel] = steps + 1
         truncated = (steps + 1 >= self.max_steps[sel]) & ~terminated
         self.obs[sel] = obs
@@ -565,6 +569,12 @@ def _per_world(profiles, n: int) -> list[VariationProfile]:
     if len(profiles) != n:
         raise ValueError(f"need one profile per world ({n}), got {len(profiles)}")
     return profiles
+
+
+def _overflow_quiet(any_diverged: bool):
+    """numpy's overflow and invalid-value warnings off while a step holds a diverged world, whose values (beyond
+    float32's range) are dropped with its episode; a step of valid worlds keeps them."""
+    return np.errstate(over="ignore", invalid="ignore") if any_diverged else contextlib.nullcontext()
 
 
 def refuse_non_finite(task, obs: np.ndarray, terms: dict, diverged: np.ndarray) -> None:

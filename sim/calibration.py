@@ -37,6 +37,7 @@ import mujoco
 import numpy as np
 from mujoco import rollout as mj_rollout
 
+from sim.divergence import diverged_steps
 from sim.episode import Episode
 from sim.robots import PhysicsState, Task, get_task
 from sim.variation import VariationProfile
@@ -176,9 +177,11 @@ class Replayer:
         self._mid, self._half = (high + low) / 2, (high - low) / 2
 
     def replay(self, models: Sequence[mujoco.MjModel], qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray) -> np.ndarray:
-        """Observations (N, H, obs_dim) after each of H control steps (non-finite where a world diverged).
+        """Observations (N, H, obs_dim) after each of H control steps (NaN from the step where a world diverged on:
+        sim/divergence.py, where a blow-up once came back finite, as MuJoCo's reset to qpos0 or a state frozen by the rollout).
 
-        models: N MjModels (same robot, any variation); qpos (N, nq), qvel (N, nv) start states;
+        models: N MjModels (same robot, any variation; :meth:`VariationProfile.apply`'s have MuJoCo's auto-reset off, as
+        :func:`sim.divergence.diverged_steps` wants); qpos (N, nq), qvel (N, nv) start states;
         actions (N, H, act_dim) in [-1, 1] as applied to the actuators.
         """
         task, m = self.task, self.task.model
@@ -198,7 +201,8 @@ class Replayer:
         physics = PhysicsState(st[:, 1 : 1 + m.nq], st[:, 1 + m.nq : 1 + m.nq + m.nv], se)
         with np.errstate(invalid="ignore", over="ignore"):
             obs = task.observe(physics).astype(np.float64).reshape(n, h, -1)
-        obs[~np.isfinite(st).all(1).reshape(n, h)] = np.nan
+        diverged = diverged_steps(states, m.nq, m.nv)[:, ends]  # (N, H): at each control step's end
+        obs[diverged | ~np.isfinite(st).all(1).reshape(n, h)] = np.nan
         return obs
 
     def close(self) -> None:

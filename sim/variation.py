@@ -16,6 +16,8 @@ import numbers
 import mujoco
 import numpy as np
 
+from sim.divergence import without_autoreset
+
 PHYSICAL_FIELDS = ("payload_mass", "mass_scale", "friction_scale", "actuator_strength", "damping_scale")
 # the profile as a model/policy input (:meth:`VariationProfile.context`): one bounded feature per field
 CONTEXT_FIELDS = (*PHYSICAL_FIELDS, "obs_noise_std", "obs_bias", "action_latency")
@@ -89,8 +91,10 @@ class VariationProfile:
         return tuple(float(getattr(self, f)) for f in PHYSICAL_FIELDS)
 
     def apply(self, nominal: mujoco.MjModel, payload_body: str) -> mujoco.MjModel:
-        """A new MjModel: ``nominal`` with this profile's physical variation applied."""
-        model = copy.copy(nominal)
+        """A new MjModel: ``nominal`` with this profile's physical variation applied, and MuJoCo's automatic reset
+        on bad values off, so that a world this body cannot integrate stays diverged where the stepper and the
+        calibration's replay see it (sim/divergence.py), instead of restarting from qpos0 as if nothing happened."""
+        model = without_autoreset(copy.copy(nominal))
         model.body_mass[:] = nominal.body_mass * self.mass_scale
         model.body_inertia[:] = nominal.body_inertia * self.mass_scale
         if self.payload_mass:

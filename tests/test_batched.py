@@ -184,6 +184,35 @@ def test_a_scenario_has_one_json_however_its_numbers_were_typed():
             ScenarioSpec("reacher", **{"seed": 0, **bad})
 
 
+BLOW_UP = VariationProfile(mass_scale=1e-12, damping_scale=1e9)  # MuJoCo warns "the simulation is unstable"
+
+
+@pytest.mark.parametrize(
+    "robot, blown",
+    [("pendulum", [{"profile": VariationProfile(mass_scale=1e-12)}, {"profile": VariationProfile(damping_scale=1e9)}]),
+     ("half_cheetah", [{"init_noise_scale": 1e5}, {"profile": VariationProfile(damping_scale=1e9)}])],  # fmt: skip
+)
+def test_physics_blow_ups_are_dropped_and_counted_as_diverged(robot, blown):
+    """MuJoCo's automatic reset once made a blown-up world finite again (pendulum observations of 1e30, a half
+    cheetah jumping back to its start pose): the episodes were kept as valid data and stats['diverged'] stayed 0.
+    The valid scenario beside them gives the episode it gives alone."""
+    act_dim = 1 if robot == "pendulum" else 6
+    valid = ScenarioSpec(robot, seed=1, max_steps=20)
+    blown = [ScenarioSpec(robot, seed=0, max_steps=20, **kw) for kw in (*blown, {"profile": BLOW_UP, "init_noise_scale": 1e5})]
+    with BatchedStepper(robot, 4, nthread=1) as stepper:
+        episodes = stepper.simulate([*blown, valid], zero_policy(act_dim))
+        assert [e.metadata["scenario"] for e in episodes] == [valid.to_json()]
+        assert stepper.stats["diverged"] == len(blown)
+    with BatchedStepper(robot, 1, nthread=1) as alone:
+        (expected,) = alone.simulate([valid], zero_policy(act_dim))
+    assert episodes[0].equals(expected)
+    with BatchedStepper(robot, 2, nthread=1, record=False) as stepper:  # the vector-env path: ended, observation zeroed
+        stepper.reset(seed=0, profiles=[BLOW_UP, VariationProfile()])
+        obs, reward, terminated, truncated, info = stepper.step(np.zeros((2, act_dim)))
+        assert terminated[0] and not terminated[1] and stepper.stats["diverged"] == 1
+        assert not info["final_observation"][0].any() and reward[0] == 0.0 and np.isfinite(obs).all()
+
+
 def test_seeded_generators_start_as_numpy_default_rng():
     seeds = [0, 1, 2024, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3, *range(5, 400, 7)]
     generators = [new_generator() for _ in seeds]

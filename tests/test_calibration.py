@@ -103,6 +103,22 @@ def test_replay_reproduces_recorded_observations():
     assert np.abs(nominal - windows.target).max() > 0.05  # the profile matters
 
 
+def test_replay_gives_nan_from_the_step_a_candidate_blows_up():
+    """A candidate profile MuJoCo cannot integrate once came back finite (MuJoCo reset it to qpos0, or the rollout
+    froze it), so the calibration scored a blow-up as a fit; now its observations are NaN from that step on."""
+    task = get_task("pendulum")
+    episodes = telemetry("pendulum", VariationProfile(), 2, 12)
+    windows = make_windows(task, episodes, CalibrationConfig(window=8, windows_per_episode=1))
+    n = len(windows.qpos)
+    models = [VariationProfile(damping_scale=1e9).apply(task.model, task.payload_body)] * n
+    with Replayer(task, nthread=1) as replayer:
+        blown = replayer.replay(models, windows.qpos, windows.qvel, windows.actions)
+        valid = replayer.replay([task.model] * n, windows.qpos, windows.qvel, windows.actions)
+    assert np.isnan(blown).all()  # from the first step: damping 1e9 blows up at once
+    assert np.isfinite(valid).all()
+    np.testing.assert_allclose(valid, windows.target, atol=2e-3)
+
+
 def test_calibration_recovers_a_planted_profile_from_observations_only():
     """Reacher telemetry without qpos/qvel: motor strength, damping and link mass come back;
     friction (the reacher has no contacts) is flagged and kept at its base value, not guessed."""
