@@ -46,6 +46,8 @@ class ScenarioSpec:
         if self.max_steps is not None:
             object.__setattr__(self, "max_steps", _integer("max_steps", self.max_steps, minimum=1))
         object.__setattr__(self, "init_noise_scale", _real("init_noise_scale", self.init_noise_scale))
+        if not 0 <= self.init_noise_scale < np.inf:  # NaN once started the episode from a NaN state
+            raise ValueError(f"scenario: init_noise_scale must be a finite number >= 0, got {self.init_noise_scale!r}")
         for name in ("init_qpos", "init_qvel", "goal"):  # their lengths are the robot's: the stepper checks them
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _reals(name, getattr(self, name)))

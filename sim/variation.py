@@ -22,6 +22,9 @@ PHYSICAL_FIELDS = ("payload_mass", "mass_scale", "friction_scale", "actuator_str
 # the profile as a model/policy input (:meth:`VariationProfile.context`): one bounded feature per field
 CONTEXT_FIELDS = (*PHYSICAL_FIELDS, "obs_noise_std", "obs_bias", "action_latency")
 CONTEXT_DIM = len(CONTEXT_FIELDS)
+# the sensor model adds its bias and noise to float32 observations (float32 tops out at 3.4e38): beyond this, a bias or
+# a noise draw overflowed to Inf (obs_noise_std=1e300 gave Inf observations)
+SENSOR_MAX = 1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,8 @@ class VariationProfile:
             "friction_scale": self.friction_scale > 0,
             "actuator_strength": self.actuator_strength > 0,
             "damping_scale": self.damping_scale >= 0,
-            "obs_noise_std": self.obs_noise_std >= 0,
+            "obs_noise_std": 0 <= self.obs_noise_std <= SENSOR_MAX,
+            "obs_bias": abs(self.obs_bias) <= SENSOR_MAX,  # NaN compares False; it once fed the policy NaN at every step
             "action_latency": self.action_latency >= 0,
         }
         for name, ok in checks.items():

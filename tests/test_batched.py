@@ -161,6 +161,22 @@ def test_scenario_and_profile_json_round_trip():
     np.testing.assert_allclose(a.extras["qpos"][0, 2:4], [0.1, -0.05])
 
 
+def test_non_finite_or_overflowing_sensor_and_start_noise_are_refused():
+    """obs_bias=NaN once fed the policy NaN at every step (found only at to_bytes, as a JSON error), obs_bias=Inf gave a
+    context of 1.0, obs_noise_std=1e300 overflowed float32 observations to Inf, and init_noise_scale=NaN started the
+    episode from a NaN state."""
+    for bad in ({"obs_bias": np.nan}, {"obs_bias": np.inf}, {"obs_bias": -np.inf}, {"obs_bias": 1e31}, {"obs_noise_std": 1e300},
+                {"obs_noise_std": np.nan}, {"obs_noise_std": np.inf}):  # fmt: skip
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"variation profile: {name}=.* is out of range"):
+            VariationProfile(**bad)
+    assert VariationProfile(obs_bias=-9.0, obs_noise_std=9.0).obs_bias == -9.0  # large but sane values still run
+    for scale in (np.nan, np.inf, -1.0):
+        with pytest.raises(ValueError, match="scenario: init_noise_scale must be a finite number >= 0"):
+            ScenarioSpec("pendulum", seed=0, init_noise_scale=scale)
+    assert ScenarioSpec("pendulum", seed=0, init_noise_scale=0).init_noise_scale == 0.0
+
+
 def test_a_scenario_has_one_json_however_its_numbers_were_typed():
     """ints in the start state or goal once gave another JSON (so another episode id) than the same scenario after a
     JSON round trip, and a fan-out that looked its episode up by that JSON lost it; floats keep the JSON they had."""
