@@ -12,7 +12,7 @@ from sim.batched import BatchedStepper
 from sim.episode import Episode
 from sim.policy_fn import random_policy, zero_policy
 from sim.scenario import DomainRandomization, ScenarioSpec
-from sim.variation import VariationProfile
+from sim.variation import CONTEXT_DIM, VariationProfile, contexts
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
 from worldmodel.fanout import make_jobs, replay, run_job, simulate_scenarios
 from worldmodel.proposals import ProposalConfig, failure_scenarios, find_failures, propose, randomized_scenarios, uncertain_scenarios
@@ -111,6 +111,24 @@ def test_uncertain_scenarios_pick_the_highest_disagreement(fleet):
     expected = sorted(best_per_episode.items(), key=lambda kv: -kv[1][0])[:3]
     for spec, (i, (_, t)) in zip(specs, expected):
         assert spec.tag == f"uncertainty:{fleet[i].robot_id}:{fleet[i].episode_id}:{t}"
+
+
+def test_a_body_conditioned_model_scores_each_row_with_its_robots_profile(fleet):
+    """propose() once failed on a conditioned world model ("pass context="), though it is given every robot's profile."""
+    model = DynamicsEnsemble(ModelSpec("pendulum", 4, 1, EnsembleConfig(4, 2, 32, 1), context_dim=CONTEXT_DIM), seed=3)  # untrained
+    data = to_transitions(fleet)
+    context = contexts([CALIBRATED[fleet[i].robot_id] for i in data.episode])
+    _fit_statistics(model, dataclasses.replace(data, context=context))
+    specs = uncertain_scenarios(model, fleet, CALIBRATED, ProposalConfig(num_uncertain=3))
+    with torch.no_grad():
+        scores = model.disagreement(torch.as_tensor(data.obs), torch.as_tensor(data.action), torch.as_tensor(context)).numpy()
+    best = {}
+    for score, i, t in zip(scores, data.episode, data.step):
+        if score > best.get(i, (-1.0, 0))[0]:
+            best[i] = (score, t)
+    expected = sorted(best.items(), key=lambda kv: -kv[1][0])[:3]
+    assert [s.tag for s in specs] == [f"uncertainty:{fleet[i].robot_id}:{fleet[i].episode_id}:{t}" for i, (_, t) in expected]
+    assert any(s.tag.startswith("uncertainty:") for s in propose(fleet, CALIBRATED, model, ProposalConfig(num_uncertain=3, num_randomized=1)))
 
 
 def test_randomized_scenarios_stay_around_the_calibrated_profile():

@@ -12,7 +12,7 @@ from sim.policy_fn import random_policy
 from sim.scenario import ScenarioSpec
 from sim.variation import CONTEXT_DIM, VariationProfile
 from worldmodel import EnsembleConfig, TrainConfig
-from worldmodel.evaluate import ensemble_step_fn
+from worldmodel.evaluate import ensemble_step_fn, k_step_errors, observation_scale
 from worldmodel.rollout import RolloutConfig, model_rollout
 from worldmodel.train import fit_transitions
 from worldmodel.transitions import Transitions, to_transitions
@@ -76,6 +76,25 @@ def test_a_conditioned_model_refuses_rows_without_their_body(data):
         model_rollout(model, val[0].obs[:4], lambda o: np.zeros((len(o), 1), np.float32), RolloutConfig(horizon=2), np.zeros((3, CONTEXT_DIM)))
     with pytest.raises(ValueError, match="cannot continue training"):
         fit_transitions(join(train, False), join(val, False), robot="pendulum", ensemble=SMALL, config=TrainConfig(max_steps=1, eval_every=1), model=model)
+
+
+def test_k_step_errors_of_a_conditioned_model_read_each_start_with_its_episodes_body(data):
+    """k_step_errors picks its starts itself, so a context fixed in ensemble_step_fn could not match them (it failed
+    with "context must be (B, 8), B = 90"); given one context per episode, each start is read with its own."""
+    train, val = data
+    model, _ = fit_transitions(join(train, True), join(val, True), robot="pendulum", ensemble=SMALL, config=TrainConfig(max_steps=1, eval_every=1))
+    with BatchedStepper("pendulum", 4, nthread=1) as stepper:
+        specs = [ScenarioSpec("pendulum", seed=i, max_steps=12, profile=p) for i, p in enumerate([*BODIES.values()] * 2)]
+        episodes = stepper.simulate(specs, random_policy(1, 0))
+    bodies = np.stack([ScenarioSpec.from_json(ep.metadata["scenario"]).profile.context() for ep in episodes])
+    errors = k_step_errors(ensemble_step_fn(model), episodes, ks=(1, 3), max_starts=7, contexts=bodies)
+    assert set(errors) == {1, 3} and all(np.isfinite(e) for e in errors.values())
+    scale = observation_scale(episodes)
+    alone = [k_step_errors(ensemble_step_fn(model, np.tile(c, (ep.num_steps, 1))), [ep], ks=(1,), scale=scale)[1] for ep, c in zip(episodes, bodies)]
+    together = k_step_errors(ensemble_step_fn(model), episodes, ks=(1,), scale=scale, contexts=bodies)[1]
+    assert together == pytest.approx(np.average(alone, weights=[ep.num_steps for ep in episodes]), rel=1e-5)
+    with pytest.raises(ValueError, match=r"contexts must be \(len\(episodes\), context_dim\) = \(4, C\)"):
+        k_step_errors(ensemble_step_fn(model), episodes, ks=(1,), contexts=bodies[:2])
 
 
 def test_context_features_are_bounded_and_zero_at_nominal():

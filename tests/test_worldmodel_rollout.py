@@ -57,6 +57,16 @@ def test_rollouts_stop_at_the_disagreement_threshold(model, episodes):
     assert np.isfinite(batch.observation).all() and np.isfinite(batch.reward).all()
 
 
+def test_no_start_states_give_no_rollouts(model, episodes):
+    """Zero start states once failed inside numpy ("need at least one array to concatenate")."""
+    full = model_rollout(model, episodes[0].observation[:2], tanh_policy, RolloutConfig(horizon=4))
+    empty = model_rollout(model, np.zeros((0, model.spec.obs_dim), np.float32), tanh_policy, RolloutConfig(horizon=4))
+    for f in dataclasses.fields(empty):
+        got, want = getattr(empty, f.name), getattr(full, f.name)
+        assert got.shape == (0, *want.shape[1:]) and got.dtype == want.dtype, f.name
+    assert empty.num_transitions == 0
+
+
 def test_no_nan_ever_leaves_a_rollout(model, episodes):
     starts = np.concatenate([ep.observation[:5] for ep in episodes[:4]])
     broken = _copy(model)

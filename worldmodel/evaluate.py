@@ -11,6 +11,7 @@ number is the mean over starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -52,12 +53,14 @@ class LinearDynamics:
 
 def ensemble_step_fn(model: DynamicsEnsemble, context: np.ndarray | None = None) -> StepFn:
     """The ensemble's deterministic step (elite-mean) as a numpy StepFn; a conditioned model takes
-    ``context`` (B, context_dim), one row per row of every call's obs."""
-    ctx = None if context is None else torch.as_tensor(context, device=model.device)
+    ``context`` (B, context_dim), one row per row of every call's obs, or a call's own third argument
+    ``context`` (B, context_dim) (what :func:`k_step_errors` passes, whose starts it picks itself)."""
+    fixed = None if context is None else torch.as_tensor(context, device=model.device)
 
-    def step(obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+    def step(obs: np.ndarray, action: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
         o = torch.as_tensor(obs, device=model.device)
         a = torch.as_tensor(action, device=model.device)
+        ctx = fixed if context is None else torch.as_tensor(context, device=model.device)
         return model.mean_step(o, a, ctx)[0].float().cpu().numpy()
 
     return step
@@ -71,13 +74,20 @@ def k_step_errors(
     max_starts: int = 2000,
     seed: int = 0,
     scale: np.ndarray | None = None,
+    contexts: np.ndarray | None = None,
 ) -> dict[int, float]:
     """Mean normalised k-step error for each k in ``ks`` (see the module docstring).
 
     Starts are the (episode, t) with t + max(ks) <= T, subsampled to ``max_starts`` (seeded).
     ``scale`` (obs_dim,) overrides the per-dimension std (pass the same one to compare models).
+    ``contexts`` (len(episodes), context_dim): each episode's body features, for a body-conditioned
+    model; ``step_fn`` is then called as ``step_fn(obs, action, context)`` with each start's row
+    (:func:`ensemble_step_fn`'s steps take it): the starts are picked here, so a context fixed in
+    advance could not match them.
     """
     check_compatible(episodes)
+    if contexts is not None and (np.ndim(contexts) != 2 or len(contexts) != len(episodes)):
+        raise ValueError(f"contexts must be (len(episodes), context_dim) = ({len(episodes)}, C), one row per episode; got {np.shape(contexts)}")
     horizon = max(ks)
     if min(ks) < 1:
         raise ValueError(f"k must be >= 1, got {list(ks)}")
@@ -90,6 +100,9 @@ def k_step_errors(
     if scale is None:
         scale = observation_scale(episodes)
     obs = np.stack([episodes[i].observation[t] for i, t in starts])
+    if contexts is not None:
+        rows_context = np.asarray(contexts, np.float32)[[i for i, _ in starts]]
+        step_fn = functools.partial(_with_context, step_fn, rows_context)
     errors = {}
     for step in range(1, horizon + 1):
         action = np.stack([episodes[i].action[t + step - 1] for i, t in starts])
@@ -100,6 +113,10 @@ def k_step_errors(
             per_start = np.where(np.isfinite(per_start), per_start, np.inf)
             errors[step] = float(np.mean(per_start))
     return errors
+
+
+def _with_context(step_fn, context: np.ndarray, obs: np.ndarray, action: np.ndarray) -> np.ndarray:
+    return step_fn(obs, action, context)
 
 
 def observation_scale(episodes: Sequence[Episode]) -> np.ndarray:

@@ -28,7 +28,7 @@ from sim.calibration import state_from_observation
 from sim.episode import Episode
 from sim.robots import get_task
 from sim.scenario import DomainRandomization, ScenarioSpec
-from sim.variation import VariationProfile
+from sim.variation import VariationProfile, contexts
 from worldmodel.ensemble import DynamicsEnsemble
 
 
@@ -135,7 +135,11 @@ def uncertain_scenarios(
     config: ProposalConfig = ProposalConfig(),
     batch_size: int = 65_536,
 ) -> list[ScenarioSpec]:
-    """Scenarios at the ``num_uncertain`` recorded steps where the ensemble disagrees most (one per episode)."""
+    """Scenarios at the ``num_uncertain`` recorded steps where the ensemble disagrees most (one per episode).
+
+    A body-conditioned model (``model.spec.context_dim > 0``) reads each row with its robot's profile from
+    ``profiles`` (nominal where it has none), the body the proposed scenario then simulates.
+    """
     mine = [ep for ep in episodes if ep.metadata["robot_model"] == model.spec.robot]
     if not mine or config.num_uncertain < 1:
         return []
@@ -143,9 +147,10 @@ def uncertain_scenarios(
     act = np.concatenate([ep.action for ep in mine])
     owner = np.concatenate([np.full(ep.num_steps, i) for i, ep in enumerate(mine)])
     step = np.concatenate([np.arange(ep.num_steps) for ep in mine])
+    context = _row_contexts(mine, owner, profiles) if model.spec.context_dim else None
     scores = np.concatenate(
         [
-            model.disagreement(torch.as_tensor(obs[s : s + batch_size], device=model.device), torch.as_tensor(act[s : s + batch_size], device=model.device))
+            model.disagreement(*(None if x is None else torch.as_tensor(x[s : s + batch_size], device=model.device) for x in (obs, act, context)))
             .cpu()
             .numpy()
             for s in range(0, len(obs), batch_size)
@@ -162,6 +167,13 @@ def uncertain_scenarios(
         ep = mine[owner[j]]
         specs.append(_spec_at(ep, int(step[j]), profiles.get(ep.robot_id, VariationProfile()), "uncertainty", config))
     return specs
+
+
+def _row_contexts(episodes: Sequence[Episode], owner: np.ndarray, profiles: Mapping[str, VariationProfile]) -> np.ndarray:
+    """(len(owner), CONTEXT_DIM) float32: row j's body features, those of its episode's robot's profile (nominal where
+    ``profiles`` has none), computed once per episode."""
+    per_episode = contexts([profiles.get(ep.robot_id, VariationProfile()) for ep in episodes])
+    return per_episode[owner]
 
 
 def randomized_scenarios(robot: str, robot_id: str, profile: VariationProfile, config: ProposalConfig = ProposalConfig()) -> list[ScenarioSpec]:
