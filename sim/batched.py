@@ -247,9 +247,15 @@ class BatchedStepper:
         return arrays, meta
 
     def set_state(self, arrays: dict[str, np.ndarray], meta: dict, then: ScenarioSource | None = None) -> np.ndarray:
-        """Restore a :meth:`get_state` capture; finished worlds then draw from ``then``. Returns obs (N, obs_dim)."""
+        """Restore a :meth:`get_state` capture; finished worlds then draw from ``then``. Returns obs (N, obs_dim).
+
+        Only for steppers with ``record=False``, as :meth:`get_state`: a recording stepper would start its episodes at
+        step 0 and fill the restored steps with zeros, a fabricated episode that looks valid."""
+        if self.record:
+            raise ValueError("set_state() cannot restore the episode recorder (get_state() does not capture it): build the stepper with record=False")
         if len(meta["scenarios"]) != self.num_worlds:
             raise ValueError(f"state has {len(meta['scenarios'])} worlds, this stepper {self.num_worlds}: use the same num_worlds")
+        self._check_state_arrays(arrays)
         self.reset_to([ScenarioSpec.from_json(s) for s in meta["scenarios"]], then=then)
         for k in self._STATE_ARRAYS:
             getattr(self, k)[...] = arrays[k]
@@ -262,6 +268,19 @@ class BatchedStepper:
             rng.bit_generator.state = state
         self.stats.update(meta["stats"])
         return self.obs.copy()
+
+    def _check_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """ValueError naming the first of a :meth:`get_state` capture's arrays that is missing or not of this stepper's
+        shape (one of shape (1,) once filled every world's observation silently)."""
+        n = self.num_worlds
+        for k in self._STATE_ARRAYS:
+            if k not in arrays:
+                raise ValueError(f"state has no {k!r} array: pass the arrays get_state() returned")
+            if np.shape(arrays[k]) != getattr(self, k).shape:
+                raise ValueError(f"state array {k!r} has shape {np.shape(arrays[k])}, this stepper's {getattr(self, k).shape}: a capture of another robot or num_worlds?")
+        history = np.shape(arrays.get("history"))
+        if len(history) != 3 or history[0] != n or history[1] < 1 or history[2] != self.task.act_dim:
+            raise ValueError(f"state array 'history' has shape {history}, expected ({n}, latency + 1, {self.task.act_dim})")
 
     def close(self) -> None:
         if self._physics is not None:

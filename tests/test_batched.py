@@ -229,6 +229,26 @@ def test_physics_blow_ups_are_dropped_and_counted_as_diverged(robot, blown):
         assert not info["final_observation"][0].any() and reward[0] == 0.0 and np.isfinite(obs).all()
 
 
+def test_set_state_refuses_a_recording_stepper_and_arrays_of_another_shape():
+    """A capture restored into a record=True stepper once gave an episode of 12 steps after 4 real ones (8 of zero
+    actions and observations); an obs array of shape (1,) filled every world's observation silently."""
+    with BatchedStepper("reacher", 2, nthread=1, record=False) as source:
+        source.reset(seed=0)
+        for _ in range(5):
+            source.step(np.full((2, 2), 0.3, np.float32))
+        arrays, meta = source.get_state()
+    with BatchedStepper("reacher", 2, nthread=1, record=True) as recording:
+        with pytest.raises(ValueError, match="set_state\\(\\) cannot restore the episode recorder.*record=False"):
+            recording.set_state(arrays, meta)
+    with BatchedStepper("reacher", 2, nthread=1, record=False) as target:
+        for name, bad in (("obs", np.zeros(1, np.float32)), ("state", arrays["state"][:, :3]), ("history", np.zeros((2, 1, 5)))):
+            with pytest.raises(ValueError, match=f"state array '{name}' has shape"):
+                target.set_state({**arrays, name: bad}, meta)
+        with pytest.raises(ValueError, match="state has no 't' array"):
+            target.set_state({k: v for k, v in arrays.items() if k != "t"}, meta)
+        np.testing.assert_array_equal(target.set_state(arrays, meta), arrays["obs"])  # the capture itself restores
+
+
 def test_seeded_generators_start_as_numpy_default_rng():
     seeds = [0, 1, 2024, 2**31 - 1, 2**32 - 1, 2**32, 2**40 + 3, *range(5, 400, 7)]
     generators = [new_generator() for _ in seeds]
