@@ -87,7 +87,13 @@ class FlywheelEnv(gym.Env):
 
 
 class FlywheelVectorEnv(VectorEnv):
-    """N worlds of one robot as a gymnasium vector env (same-step autoreset) over the batched stepper."""
+    """N worlds of one robot as a gymnasium vector env (same-step autoreset) over the batched stepper.
+
+    A step where worlds finished carries gymnasium's same-step keys, as its ``SyncVectorEnv`` gives them:
+    ``final_obs`` (an object array, the finished worlds' last observations, None elsewhere), ``final_info``
+    (their step infos) and their masks ``_final_obs`` and ``_final_info``. Every step also carries the stepper's
+    ``final_observation`` / ``_final_observation`` (an (N, obs_dim) array) and ``reward_terms``.
+    """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
@@ -99,11 +105,32 @@ class FlywheelVectorEnv(VectorEnv):
         self._stepper = BatchedStepper(robot, num_envs, nthread=nthread, record=False)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Every world to a fresh episode. No options: a finished world resets in the step it finishes (same-step
+        autoreset), so gymnasium's ``reset_mask`` has nothing to do here, and it was once ignored silently."""
+        if options:
+            raise ValueError(
+                f"FlywheelVectorEnv.reset takes no options, got {sorted(options)}: finished worlds reset in the step they finish "
+                "(AutoresetMode.SAME_STEP), so there is no reset_mask to give; call reset() to restart every world"
+            )
         base = derive_seed("vector", seed) if seed is not None else int(np.random.default_rng().integers(2**31))
         return self._stepper.reset(seed=base, profiles=self._profiles), {}
 
     def step(self, actions):
-        return self._stepper.step(actions)
+        obs, reward, terminated, truncated, info = self._stepper.step(actions)
+        done = info["_final_observation"]
+        if done.any():
+            info = self._same_step_infos(info, done)
+        return obs, reward, terminated, truncated, info
+
+    def _same_step_infos(self, info: dict, done: np.ndarray) -> dict:
+        """``info`` with gymnasium's same-step keys for the finished worlds (gymnasium 1.x names them ``final_obs``,
+        ``final_info``; the stepper's ``final_observation`` is gymnasium 0.29's name, kept for the trainers)."""
+        final_obs = np.full(self.num_envs, None, dtype=object)
+        final_info: dict = {}
+        for i in np.flatnonzero(done):
+            final_obs[i] = info["final_observation"][i]
+            final_info = self._add_info(final_info, {"reward_terms": {k: float(v[i]) for k, v in info["reward_terms"].items()}}, i)
+        return {**info, "final_obs": final_obs, "_final_obs": done.copy(), "final_info": final_info, "_final_info": done.copy()}
 
     def close_extras(self, **kwargs):
         self._stepper.close()

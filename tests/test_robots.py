@@ -8,6 +8,7 @@ import mujoco
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from gymnasium.vector import AutoresetMode
 
 from sim.batched import BatchedStepper
 from sim.gym_env import ENV_IDS, FlywheelEnv, FlywheelVectorEnv
@@ -180,3 +181,41 @@ def test_vector_env_same_step_autoreset_keeps_the_final_observation():
             assert np.abs(obs[done, 1]).max() < 0.02  # the returned obs is the fresh reset
     assert saw_final
     env.close()
+
+
+def _first_finished_step(env, action):
+    env.reset(seed=0)
+    for _ in range(400):
+        out = env.step(action)
+        if (out[2] | out[3]).any():
+            return out
+    raise AssertionError("no world finished")
+
+
+def test_vector_env_gives_gymnasiums_same_step_keys_as_sync_vector_env():
+    """FlywheelVectorEnv declares gymnasium 1.x same-step autoreset but gave only gymnasium 0.29's final_observation
+    (a KeyError for final_obs), and reset(options={"reset_mask": ...}) was ignored silently."""
+    sync = gym.make_vec("flywheel/Pendulum-v0", num_envs=3, vectorization_mode="sync", vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP})
+    ours = FlywheelVectorEnv("pendulum", 3, nthread=1)
+    push = np.ones((3, 1), np.float32)
+    *_, want = _first_finished_step(sync, push)
+    obs, _, terminated, truncated, info = _first_finished_step(ours, push)
+    done = terminated | truncated
+    for key in ("final_obs", "_final_obs", "final_info", "_final_info"):
+        assert key in want and key in info, key
+    assert info["final_obs"].dtype == want["final_obs"].dtype == object and info["final_obs"].shape == (3,)
+    np.testing.assert_array_equal(info["_final_obs"], done)
+    np.testing.assert_array_equal(info["_final_info"], done)
+    for i in range(3):
+        if done[i]:
+            np.testing.assert_array_equal(info["final_obs"][i], info["final_observation"][i])  # the stepper's key stays
+            assert info["final_obs"][i].shape == want["final_obs"][np.flatnonzero(want["_final_obs"])[0]].shape
+        else:
+            assert info["final_obs"][i] is None
+    assert set(info["final_info"]) == set(want["final_info"]) == {"reward_terms", "_reward_terms"}
+    assert set(info["final_info"]["reward_terms"]) == set(want["final_info"]["reward_terms"])
+    with pytest.raises(ValueError, match="takes no options.*reset_mask"):
+        ours.reset(options={"reset_mask": np.array([True, False, False])})
+    sync.close()
+    ours.close()
+
