@@ -366,9 +366,10 @@ class BatchedStepper:
             self._recorder.begin(ws, obs, qpos, qvel)
 
     def _check_scenario(self, scenario: ScenarioSpec) -> None:
-        """ValueError unless ``scenario`` is this robot's, its start state (if any) of the model's nq and nv values: every
-        scenario enters here (``reset_to``, ``simulate``, a ``then`` source), where a length-1 ``init_qpos`` once filled every
-        qpos entry, a free joint's quaternion included, and another robot's scenario started without a word."""
+        """ValueError unless ``scenario`` is this robot's, its start state (if any) of the model's nq and nv values and its
+        goal (if any) of the task's goal_dim: every scenario enters here (``reset_to``, ``simulate``, a ``then`` source),
+        where a length-1 ``init_qpos`` once filled every qpos entry, a free joint's quaternion included, a length-1 goal
+        every goal entry, a goal for a task without one was ignored, and another robot's scenario started without a word."""
         task = self.task
         if scenario.robot != task.name:
             raise ValueError(f"scenario for robot {scenario.robot!r} given to a {task.name!r} stepper")
@@ -377,6 +378,11 @@ class BatchedStepper:
             raise ValueError(
                 f"scenario init_qpos has {len(scenario.init_qpos)} values and init_qvel {len(scenario.init_qvel)}; "
                 f"robot {task.name!r} has nq={m.nq} and nv={m.nv}"
+            )
+        if scenario.goal is not None and len(scenario.goal) != task.goal_dim:
+            raise ValueError(
+                f"scenario goal has {len(scenario.goal)} values; robot {task.name!r} "
+                + (f"takes a goal of goal_dim={task.goal_dim}" if task.goal_dim else "has no goal (goal_dim=0): leave goal=None")
             )
 
     def _body(self, profile: VariationProfile) -> _Body:

@@ -153,6 +153,19 @@ def test_scenarios_that_do_not_fit_the_robot_are_refused_naming_why():
         ScenarioSpec("ant", seed=0, init_qpos=(np.nan,) * 15, init_qvel=(0.0,) * 14)
 
 
+def test_a_goal_of_another_length_than_the_tasks_is_refused():
+    """A reacher goal of 1 value once filled both target coordinates, one of 3 failed as a bare numpy broadcast, and a
+    goal given to the pendulum (no goal) was ignored."""
+    with BatchedStepper("reacher", 1, nthread=1) as stepper:
+        for goal in ((0.1,), (0.1, 0.1, 0.1)):
+            with pytest.raises(ValueError, match=f"scenario goal has {len(goal)} values; robot 'reacher' takes a goal of goal_dim=2"):
+                stepper.simulate([ScenarioSpec("reacher", seed=0, goal=goal, max_steps=2)], zero_policy(2))
+        assert len(stepper.simulate([ScenarioSpec("reacher", seed=0, goal=(0.1, 0.0), max_steps=2)], zero_policy(2))) == 1
+    with BatchedStepper("pendulum", 1, nthread=1) as stepper:
+        with pytest.raises(ValueError, match=r"robot 'pendulum' has no goal \(goal_dim=0\): leave goal=None"):
+            stepper.reset_to([ScenarioSpec("pendulum", seed=0, goal=(1.0, 2.0))])
+
+
 def test_scenario_and_profile_json_round_trip():
     spec = DomainRandomization({"payload_mass": (0, 2), "action_latency": (0, 3)}).sample("reacher", 1, seed=5)[0]
     spec = ScenarioSpec(**{**spec.__dict__, "goal": (0.1, -0.05)})
