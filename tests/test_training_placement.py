@@ -5,13 +5,15 @@ the previous files sent as bytes; a task asks Ray for the configured resources; 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from fleet.pipeline.ray_start import ClusterResourcesError
+from fleet.pipeline import ray_start
+from fleet.pipeline.ray_start import ClusterResourcesError, check_feasible
 from fleet.pipeline.training import Training, TrainingPlacement, _policy_task, on_the_tasks_device, policy_from_bytes, policy_to_bytes, read_folder
 from policies.checkpoint import load_checkpoint
 from sim.batched import BatchedStepper
@@ -111,29 +113,80 @@ def test_a_task_asks_ray_for_the_configured_resources(local_ray, tmp_path):
     }
 
 
-def test_training_tasks_no_node_can_hold_are_refused_in_one_line_not_left_waiting(local_ray):
-    """``ray.training.placement=cluster ray.training.num_gpus=1`` on a CPU-only cluster (or a custom resource no node
-    has) waited forever at the world-model step, without a word: Ray's "infeasible" warning is not shown here."""
+def test_training_tasks_no_node_of_the_local_ray_can_hold_are_refused_in_one_line_not_left_waiting(local_ray):
+    """``ray.training.placement=cluster ray.training.num_gpus=1`` on a local Ray without a GPU (or a custom resource
+    it lacks) waited forever at the world-model step, without a word: Ray's "infeasible" warning is not shown here,
+    and nothing can join the run's own Ray."""
     gpus = local_ray.cluster_resources().get("GPU", 0) + 1  # one more than this machine has
     with pytest.raises(ClusterResourcesError) as refused:
         Training(TrainingPlacement("cluster", num_gpus=gpus), max_retries=0).check_cluster(1, 1)
     assert str(refused.value) == (
-        f"ray.training.num_gpus={gpus:g}: the world model's training task asks Ray for CPU 1, GPU {gpus:g} on one node, but no node of the Ray "
-        f"cluster has that (it has CPU 2, GPU {gpus - 1:g} in all, at most CPU 2, GPU {gpus - 1:g} on one of its 1 nodes): start a node that has it "
-        "(`ray start --num-cpus/--num-gpus/--resources`), ask for less, or train in this process with ray.training.placement=driver"
+        f"ray.training.num_gpus={gpus:g}: the world model's training task asks Ray for CPU 1, GPU {gpus:g} on one node, but no node of the run's "
+        f"own local Ray has that (it has CPU 2, GPU {gpus - 1:g} in all, at most CPU 2, GPU {gpus - 1:g} on one of its 1 nodes), and no node can "
+        "join it: ask for less, or train in this process with ray.training.placement=driver, or join a cluster that has it (ray.address=HOST:PORT of its head)"
     )
     with pytest.raises(ClusterResourcesError, match=r"^ray.training.resources.trainer=1: the world model's training task asks Ray for CPU 1, trainer 1 "):
         Training(TrainingPlacement("cluster", resources={"trainer": 1}), max_retries=0).check_cluster(1, 1)
     with pytest.raises(ClusterResourcesError, match=r"^policy.trainer.torch_threads=4 \(ray.training.num_cpus is null\): the policy learner's training task"):
         Training(TrainingPlacement("cluster"), max_retries=0).check_cluster(1, 4)  # more threads than any node has CPUs
-    Training(TrainingPlacement("cluster", num_cpus=2), max_retries=0).check_cluster(1, 1)  # what the cluster has: no error
+    Training(TrainingPlacement("cluster", num_cpus=2), max_retries=0).check_cluster(1, 1)  # what the local Ray has: no error
     Training(TrainingPlacement("driver", num_gpus=gpus), max_retries=0).check_cluster(1, 1)  # trains here: Ray is not asked
-    with pytest.raises(ClusterResourcesError, match=r"^ray.training.resources.trainer=1: the policy learner's"):
-        Training(TrainingPlacement("cluster", resources={"trainer": 1}), max_retries=0)._submit(_policy_task, 1, {})  # each task, as submitted
+
+
+def test_on_a_cluster_a_task_no_node_holds_yet_is_one_warning_and_waits_for_a_node_that_joins(local_ray, caplog):
+    """A cluster's nodes come and go: an autoscaler starts GPU workers from zero for a pending task, a preempted node
+    is replaced. The start check refused such clusters; now it says once what the task waits for, and lets Ray wait."""
+    gpus = local_ray.cluster_resources().get("GPU", 0) + 1
+    with caplog.at_level(logging.WARNING, logger="fleet.pipeline.ray_start"):
+        Training(TrainingPlacement("cluster", num_gpus=gpus), max_retries=0, address="auto").check_cluster(1, 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fleet.pipeline.ray_start"]
+    assert len(lines) == 2 and "\n" not in lines[0]  # one line per training task
+    assert lines[0] == (
+        f"ray.training.num_gpus={gpus:g}: the world model's training task asks Ray for CPU 1, GPU {gpus:g} on one node, but no alive node of the "
+        f"Ray cluster at auto has that now (CPU 2, GPU {gpus - 1:g} in all, at most CPU 2, GPU {gpus - 1:g} on one of its 1 nodes): the task "
+        "waits until a node that has it joins (an autoscaler's, or `ray start --num-cpus/--num-gpus/--resources`)"
+    )
+    assert lines[1].startswith(f"ray.training.num_gpus={gpus:g}: the policy learner's training task asks Ray for CPU 1, GPU {gpus:g}")
+
+
+def test_a_cluster_whose_head_has_no_cpu_and_no_worker_yet_starts_with_a_warning(local_ray, monkeypatch, caplog):
+    """Ray's own advice: a head with ``--num-cpus=0``, CPU workers scaled up from zero; the ray_map check refused it."""
+    head = [{"Alive": True, "Resources": {"CPU": 0.0, "memory": 1e9}}, {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray_start.ray, "nodes", lambda: head)
+    monkeypatch.setattr(ray_start.ray, "cluster_resources", lambda: {"memory": 1e9})
+    with caplog.at_level(logging.WARNING, logger="fleet.pipeline.ray_start"):
+        check_feasible({"CPU": 1}, "each calibration and scenario task (ray_map)", {"CPU": "ray.num_cpus=None"}, "give the local Ray a CPU", "auto")
+    assert [r.getMessage() for r in caplog.records if r.name == "fleet.pipeline.ray_start"] == [
+        "ray.num_cpus=None: each calibration and scenario task (ray_map) asks Ray for CPU 1 on one node, but no alive node of the Ray cluster at auto "
+        "has that now (CPU 0 in all, at most CPU 0 on one of its 1 nodes): the task waits until a node that has it joins (an autoscaler's, or "
+        "`ray start --num-cpus/--num-gpus/--resources`)"
+    ]
+    with pytest.raises(ClusterResourcesError, match=r"^ray.num_cpus=None: each calibration .* and no node can join it: give the local Ray a CPU, or join"):
+        check_feasible({"CPU": 1}, "each calibration and scenario task (ray_map)", {"CPU": "ray.num_cpus=None"}, "give the local Ray a CPU", None)
+
+
+def test_a_training_task_is_not_refused_as_it_is_submitted_when_its_node_was_lost_since_the_start(local_ray, episodes, tmp_path, monkeypatch):
+    """The only GPU (or custom-resource) node dying between two training tasks aborted the run at the next submission,
+    though Ray retries a task whose node dies while it runs: the task now waits in Ray's queue for the replacement."""
+    cfg, _, _ = configs()
+    training = Training(TrainingPlacement("cluster", num_cpus=1, resources={"replaced_node": 1}), max_retries=0, address="auto")
+    submitted = []
+
+    def held(ref):  # ray.get: the task was submitted; stop the call here rather than wait for a node that never joins
+        submitted.append(ref)
+        raise InterruptedError("submitted")
+
+    monkeypatch.setattr("fleet.pipeline.training.ray.get", held)
+    with pytest.raises(InterruptedError, match="submitted"):
+        training.world_model(episodes[:2], [], None, tmp_path / "wm", instantiate(cfg.worldmodel.ensemble), instantiate(cfg.worldmodel.train), "cpu")
+    monkeypatch.undo()
+    ready, pending = local_ray.wait(submitted, timeout=1)
+    assert not ready and len(pending) == 1  # waiting for a node that has the resource, not refused
+    local_ray.cancel(pending[0], force=True)
 
 
 @pytest.mark.timeout(120)  # it waited forever: fail, not hang
-def test_a_run_asking_for_a_gpu_the_cluster_lacks_stops_before_its_robots_start(local_ray, tmp_path):
+def test_a_local_run_asking_for_a_gpu_its_ray_lacks_stops_before_its_robots_start(local_ray, tmp_path):
     from tests.test_loop_resume import flywheel
 
     gpus = local_ray.cluster_resources().get("GPU", 0) + 1

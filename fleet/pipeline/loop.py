@@ -199,7 +199,7 @@ class Flywheel:
                 f"run_dir {self.run_dir} holds a run of {done} finished iterations: resume it with loop.iterations >= {done} "
                 f"(not {self.settings.iterations}), or set a new run_dir"
             )
-        self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries))
+        self.training = Training(TrainingPlacement(**OmegaConf.to_container(cfg.ray.training, resolve=True)), int(cfg.ray.max_retries), cfg.ray.address)
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
         check_run_budget(self.settings, self.built.trainer, self.built.algorithm, self.state.get("learner_env_steps", 0), done)
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings

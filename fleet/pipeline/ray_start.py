@@ -174,17 +174,20 @@ class RayJoinError(RuntimeError):
 
 
 class ClusterResourcesError(RayJoinError):
-    """No node of the Ray cluster this process joined (or started) has what a task of the run asks for: Ray would keep
-    the task pending forever, and says so only in a log this driver does not show (``log_to_driver=False``). A
+    """No node of the run's own local Ray has what a task of the run asks for: Ray would keep the task pending forever
+    (nothing can join a local Ray), and says so only in a log this driver does not show (``log_to_driver=False``). A
     :class:`RayJoinError`: like a cluster that cannot be joined, the run cannot start on it; the message says which
-    setting asked for what, and what the cluster has."""
+    setting asked for what, and what the Ray has. On a cluster the same finding is a warning (:func:`check_feasible`)."""
 
 
-def check_feasible(asked: dict[str, float], what: str, settings: dict[str, str], remedy: str) -> None:
-    """:class:`ClusterResourcesError` when no alive node of the Ray cluster has all of ``asked`` (Ray resource name ->
+def check_feasible(asked: dict[str, float], what: str, settings: dict[str, str], remedy: str, address: str | None) -> None:
+    """Whether an alive node of the Ray this process started or joined has all of ``asked`` (Ray resource name ->
     amount, as one task asks for them on one node): ``what`` names the task, ``settings`` the setting that asks for each
-    resource (``{"GPU": "ray.training.num_gpus=1"}``), ``remedy`` what to do besides starting a node that has them.
-    Checked before the task is submitted, so the run stops with a reason instead of waiting forever."""
+    resource (``{"GPU": "ray.training.num_gpus=1"}``), ``remedy`` what to do besides starting a node that has them,
+    ``address`` the ``ray.address`` setting. None has them: on the run's own local Ray (``address`` null), where nothing
+    can ever join, :class:`ClusterResourcesError`, so the run stops with a reason instead of waiting forever; on a
+    cluster one warning, and the task waits in Ray's queue until a node that has them joins (an autoscaler's, one
+    replacing a lost node), as Ray itself would have it."""
     asked = {name: amount for name, amount in asked.items() if amount}
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     if any(all(node.get(name, 0) >= amount for name, amount in asked.items()) for node in nodes):
@@ -192,10 +195,17 @@ def check_feasible(asked: dict[str, float], what: str, settings: dict[str, str],
     most = {name: max((node.get(name, 0) for node in nodes), default=0) for name in asked}
     lacking = [name for name, amount in asked.items() if most[name] < amount] or list(asked)  # none alone: their sum on one node
     total = ray.cluster_resources()
+    has = f"{_resources({name: total.get(name, 0) for name in asked})} in all, at most {_resources(most)} on one of its {len(nodes)} nodes"
+    setting = ", ".join(settings.get(name, name) for name in lacking)
+    if address:
+        log.warning(
+            "%s: %s asks Ray for %s on one node, but no alive node of the Ray cluster at %s has that now (%s): the task waits "
+            "until a node that has it joins (an autoscaler's, or `ray start --num-cpus/--num-gpus/--resources`)", setting, what, _resources(asked), address, has,
+        )  # fmt: skip
+        return
     raise ClusterResourcesError(
-        f"{', '.join(settings.get(name, name) for name in lacking)}: {what} asks Ray for {_resources(asked)} on one node, but no node "
-        f"of the Ray cluster has that (it has {_resources({name: total.get(name, 0) for name in asked})} in all, at most "
-        f"{_resources(most)} on one of its {len(nodes)} nodes): start a node that has it (`ray start --num-cpus/--num-gpus/--resources`), {remedy}"
+        f"{setting}: {what} asks Ray for {_resources(asked)} on one node, but no node of the run's own local Ray has that (it has {has}), "
+        f"and no node can join it: {remedy}, or join a cluster that has it (ray.address=HOST:PORT of its head)"
     )
 
 

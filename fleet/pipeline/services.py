@@ -63,7 +63,9 @@ class Services(contextlib.AbstractContextManager):
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self._stack = contextlib.ExitStack()
         self._started_ray = start_ray(cfg.ray)
-        check_feasible(MAP_TASK, "each calibration and scenario task (ray_map)", {"CPU": f"ray.address={cfg.ray.address}"}, "or join a cluster with CPUs")
+        check_feasible(
+            MAP_TASK, "each calibration and scenario task (ray_map)", {"CPU": f"ray.num_cpus={cfg.ray.num_cpus}"}, "give the local Ray a CPU", cfg.ray.address,
+        )  # fmt: skip
         self.task_nodes = collections.Counter()  # Ray node id -> the tasks of ray_map it ran
         self._robot_group = None  # the robots' placement group (robot_options)
         if cfg.ray.training.placement == "driver":  # a training task on the cluster gets the GPUs it asks for (fleet/pipeline/training.py)

@@ -58,8 +58,9 @@ class Training:
     """Runs :func:`steps.update_world_model` and :func:`steps.train_policy` where ``placement`` says;
     ``nodes`` records the Ray node of each training task (``{"world_model": id, "policy": id}``)."""
 
-    def __init__(self, placement: TrainingPlacement, max_retries: int):
-        self.placement, self.max_retries = placement, max_retries
+    def __init__(self, placement: TrainingPlacement, max_retries: int, address: str | None = None):
+        """``address``: ``ray.address`` (null: the run's own local Ray, where a task no node holds is refused)."""
+        self.placement, self.max_retries, self.address = placement, max_retries, address
         self.nodes: dict[str, str] = {}
 
     @property
@@ -75,9 +76,10 @@ class Training:
         }  # fmt: skip
 
     def check_cluster(self, world_model_cpus: float, policy_cpus: float) -> None:
-        """Refuse (:class:`~fleet.pipeline.ray_start.ClusterResourcesError`) training tasks that no node of the Ray cluster
-        can hold (``*_cpus``: each task's CPUs where ``num_cpus`` is null). The loop calls it as the run starts, so a run
-        asking for a GPU that a CPU-only cluster lacks stops at once, not after its robots' first round."""
+        """Refuse (:class:`~fleet.pipeline.ray_start.ClusterResourcesError`) training tasks that no node of the run's own
+        local Ray can hold, or warn of them on a cluster, where a node that holds them may join (``*_cpus``: each task's
+        CPUs where ``num_cpus`` is null; :func:`~fleet.pipeline.ray_start.check_feasible`). The loop calls it as the run
+        starts, so a local run asking for a GPU this machine lacks stops at once, not after its robots' first round."""
         if self.on_cluster:
             self._check(world_model_cpus, *TASKS["_world_model_task"])
             self._check(policy_cpus, *TASKS["_policy_task"])
@@ -89,17 +91,14 @@ class Training:
             "CPU": f"ray.training.num_cpus={p.num_cpus:g}" if p.num_cpus is not None else f"{cpu_setting}={cpus:g} (ray.training.num_cpus is null)",
             "GPU": f"ray.training.num_gpus={p.num_gpus:g}", **{name: f"ray.training.resources.{name}={amount:g}" for name, amount in p.resources.items()},
         }  # fmt: skip
-        check_feasible(asked, what, settings, "ask for less, or train in this process with ray.training.placement=driver")
+        check_feasible(asked, what, settings, "ask for less, or train in this process with ray.training.placement=driver", self.address)
 
     def _remote(self, fn, cpus: float):
+        # not checked again before each task (check_cluster was, at the start): a node lost since may be replaced, and Ray
+        # holds the task until one that has what it asks for joins, as it retries a task whose node dies while it runs;
         # options given to ray.remote, not .options(): then a task with GPUs gets a fresh worker each time
         # (max_calls=1: no CUDA context or cached GPU memory left in a reused worker; ray#29624)
         return ray.remote(**self.task_options(cpus))(fn)
-
-    def _submit(self, fn, cpus: float, *args):
-        """``fn(*args)`` as a training task, refused first if no node can hold it (one lost since the start)."""
-        self._check(cpus, *TASKS[fn.__name__])
-        return self._remote(fn, cpus).remote(*args)
 
     def world_model(self, real, sim, previous_dir: Path | None, model_dir: Path, ensemble_cfg, train_cfg, device: str):
         """Continue the model saved in ``previous_dir`` (None or empty: start one) on ``real`` + ``sim``; the new
@@ -117,7 +116,7 @@ class Training:
             "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(previous_dir) if exists else None,
             "ensemble": ensemble_cfg, "train": train_cfg,
         }  # fmt: skip
-        out = ray.get(self._submit(_world_model_task, train_cfg.num_threads or 1, job))
+        out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))
         self.nodes["world_model"] = out["node"]
         write_folder(out["files"], model_dir)
         model = load(model_dir, device=AUTO)  # ``device`` said where the task trains; this driver may have no GPU
@@ -132,7 +131,7 @@ class Training:
             "warm": read_folder(warm_start) if warm_start is not None else None, "worlds": worlds, "sensor_filters": sensor_filters,
         }  # fmt: skip
         with LogStream(log) as remote_log:
-            out = ray.get(self._submit(_policy_task, trainer_cfg.torch_threads, job | {"log": remote_log}))
+            out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job | {"log": remote_log}))
         self.nodes["policy"] = out["node"]
         checkpoint = write_folder(out["checkpoint"], out_dir)
         return steps.TrainedPolicy(policy_from_bytes(out["policy"]), checkpoint, out["env_steps"], out["metrics"])
