@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from fleet.server.auth import add_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,49 @@ def test_a_run_whose_store_stops_answering_ends_in_one_line_that_says_how_to_res
     (line,) = [line for line in ended.stderr.splitlines() if line.startswith("flywheel:")]
     assert "the episode store at s3://fleet/runs/run8 did not answer (Connection refused (os error 111)); check the bucket" in line, line
     assert line.endswith(f"; then rerun with run_dir={run_dir} to resume it"), line
+
+
+# the loop's run, stood in for by a registry error raised in it (sys.argv[1]: which one)
+REGISTRY_ERROR_IN_RUN = textwrap.dedent(
+    """
+    import sys
+
+    from fleet.apps.flywheel import main
+    from fleet.pipeline.loop import Flywheel
+    from fleet.registry.store import NoCanary, PublishRefused, RegistryOpenError
+
+    ERRORS = {
+        "open": RegistryOpenError("the online key 0123 is not the key root v1 names for snapshot and timestamp: start the server with that key"),
+        "publish": PublishRefused("weights", "a robot would refuse it: non-finite weights"),
+        "canary": NoCanary("no canary to widen"),
+    }
+
+    def run(self):
+        raise ERRORS[which]
+
+    which = sys.argv.pop(1)
+    Flywheel.run = run
+    sys.argv = ["flywheel", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+@pytest.mark.parametrize("which", ["open", "publish", "canary"])
+def test_a_registry_that_cannot_be_opened_is_one_line_and_the_loops_own_refused_release_keeps_its_traceback(tmp_path, which):
+    """A registry refusing what the loop built (PublishRefused, NoCanary) is the loop's bug: a resume repeats it, so it
+    keeps its traceback; a registry that cannot be opened as configured is the operator's to fix, in one line."""
+    run_dir = tmp_path / "run"
+    ended = subprocess.run(
+        [sys.executable, "-c", REGISTRY_ERROR_IN_RUN, which, f"run_dir={run_dir}", "wandb.mode=disabled"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert ended.returncode == 1, ended.stderr[-3000:]
+    if which == "open":
+        assert "Traceback" not in ended.stderr, ended.stderr[-3000:]
+        (line,) = [line for line in ended.stderr.splitlines() if line.startswith("flywheel:")]
+        assert line == f"flywheel: the online key 0123 is not the key root v1 names for snapshot and timestamp: start the server with that key; then rerun with run_dir={run_dir} to resume it"
+    else:
+        assert "Traceback" in ended.stderr and "to resume it" not in ended.stderr, ended.stderr[-3000:]
+        raised = {"publish": "fleet.registry.store.PublishRefused: weights: a robot would refuse it: non-finite weights", "canary": "fleet.registry.store.NoCanary: no canary to widen"}
+        assert raised[which] in ended.stderr.splitlines(), ended.stderr[-3000:]  # Hydra's traceback ends in the error

@@ -45,6 +45,11 @@ class RegistryError(ValueError):
     pass
 
 
+class RegistryOpenError(RegistryError):
+    """The registry cannot be opened as configured (a key its root does not name, no root metadata): what the operator
+    changes, said in one line by the apps; the other :class:`RegistryError` raised later mean the caller's logic failed."""
+
+
 class NoCanary(RegistryError):
     """A widen or rollback with no canary running."""
 
@@ -106,13 +111,13 @@ class PolicyRegistry:
         self.repo = TufRepository(self.files.sub("tuf"), signers, expiry_s=expiry_s, clock=clock)
         root_md = self.repo.require_root()
         if any(online.public_key.keyid not in root_md.roles[role].keyids for role in (Snapshot.type, Timestamp.type)):
-            raise RegistryError(
+            raise RegistryOpenError(
                 f"the online key {online.public_key.keyid[:16]} is not the key root v{root_md.version} names for "
                 "snapshot and timestamp: start the server with that key, or rotate to this one (`flywheel-registry rotate`)"
             )
         if release is not None and release.public_key.keyid not in root_md.roles[Targets.type].keyids:
             named = "the online key" if online.public_key.keyid in root_md.roles[Targets.type].keyids else "another key"
-            raise RegistryError(
+            raise RegistryOpenError(
                 f"the release key {release.public_key.keyid[:16]} is not the key root v{root_md.version} names for targets ({named}): "
                 "give that key, or rotate to this one (`flywheel-registry rotate --release-key`)"
             )
@@ -350,7 +355,7 @@ def root_metadata(directory: str | Path) -> bytes:
     files = open_files(directory)
     data = files.read("tuf/metadata/root.json")
     if data is None:
-        raise RegistryError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
+        raise RegistryOpenError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
     return data
 
 
