@@ -251,18 +251,21 @@ class Coding(http.server.BaseHTTPRequestHandler):
 
     upstream: httpx.Client
     coded: str | None = None
+    coding: str = "gzip"  # the Content-Encoding of the gzip bomb
+    label: str | None = None  # a Content-Encoding put on every forwarded (plain) answer
     accepted: list
     BOMB = gzip.compress(bytes(8 << 20), compresslevel=9)
 
     def do_GET(self):
         self.accepted.append(self.headers.get("accept-encoding"))
         if self.coded is not None and self.path.endswith(self.coded):
-            status, headers, body = 200, {"Content-Encoding": "gzip"}, self.BOMB
+            status, headers, body = 200, {"Content-Encoding": self.coding}, self.BOMB
         else:
             forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
             answer = self.upstream.get(self.path, headers=forward)
             status, body = answer.status_code, answer.content
             headers = {k: answer.headers[k] for k in ("content-type", "content-range", "etag") if k in answer.headers}
+            headers |= {"Content-Encoding": self.label} if self.label else {}
         self.send_response(status)
         for key, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(key, value)
@@ -288,6 +291,35 @@ def test_an_answer_in_a_content_coding_is_refused_unread(tmp_path, served, threa
         assert host.accepted and set(host.accepted) == {"identity"}  # every request asked for the file's own bytes
         host.coded = None  # the host serves the files as they are
         assert source.poll() and source.current().version == "1" and source.refusals == {}
+    finally:
+        source.close()
+        upstream.close()
+
+
+@pytest.mark.parametrize("label", ["aws-chunked", "AWS-Chunked", "aws-chunked, identity"])
+def test_an_aws_chunked_label_left_on_plain_files_is_no_coding(tmp_path, served, thread_server, label):
+    """Several S3-compatible stores keep ``Content-Encoding: aws-chunked`` on objects that AWS CLI v2.23+ (the
+    `aws s3 sync` route of docs/security.md) uploaded, and send it with the plain bytes: refused as a coding, every
+    robot stopped updating from such a registry. It passes; a real coding beside it is still refused, named."""
+    registry, token, server, _ = served
+    upstream = httpx.Client(base_url=server.url)
+    host = type("Coding", (Coding,), {"upstream": upstream, "label": label, "accepted": []})
+    source = robot(tmp_path, thread_server(host), token)
+    try:
+        assert source.poll() and source.current().version == "1" and source.errors == 0 and source.refusals == {}
+    finally:
+        source.close()
+        upstream.close()
+
+
+def test_a_real_coding_beside_aws_chunked_is_refused_naming_it(tmp_path, served, thread_server, caplog):
+    registry, token, server, _ = served
+    upstream = httpx.Client(base_url=server.url)
+    host = type("Coding", (Coding,), {"upstream": upstream, "coded": "timestamp.json", "coding": "aws-chunked,GZIP", "accepted": []})
+    source = robot(tmp_path, thread_server(host), token)
+    try:
+        assert not source.poll() and source.errors == 1 and source.swaps == 0
+        assert "the answer is Content-Encoding: gzip, though the robot asked for identity" in caplog.text
     finally:
         source.close()
         upstream.close()

@@ -217,6 +217,12 @@ class TokenFetcher(FetcherInterface):
                 _discard(partial, etag_file)
 
 
+# Content-Encoding tokens that leave the body as it is: identity, and aws-chunked (S3's framing of an upload, which
+# several S3-compatible stores keep on the object uploaded by AWS CLI v2.23+ / boto3 1.36+, and send back on GET with
+# the plain bytes: versitygw#2398, noobaa-core#9138, older Ceph)
+NOT_CODINGS = ("identity", "aws-chunked")
+
+
 def _strong_etag(value: str | None) -> str | None:
     """``value`` if it is a strong entity tag a request can carry back (quoted visible ASCII, at most ``MAX_ETAG_CHARS``),
     else None: it is not kept. A non-ASCII one (``"café"``) once kept beside a cut download made httpx raise
@@ -229,13 +235,15 @@ def _strong_etag(value: str | None) -> str | None:
 
 def _refuse_coded(response: httpx.Response) -> None:
     """Refuse (DownloadError) an answer whose body is in a content coding: the fetcher asked for identity, and a coded
-    body's decoded size is bounded by nothing TUF can check before it is decoded (a zstd or gzip bomb)."""
-    coding = response.headers.get("content-encoding", "").strip().lower()
-    if coding in ("", "identity"):
+    body's decoded size is bounded by nothing TUF can check before it is decoded (a zstd or gzip bomb). The tokens of
+    :data:`NOT_CODINGS` in the header's list are no coding of the body and pass."""
+    codings = [token.strip().lower() for token in response.headers.get("content-encoding", "").split(",")]
+    coded = [token for token in codings if token and token not in NOT_CODINGS]
+    if not coded:
         return
     response.close()
     raise tuf_errors.DownloadError(
-        f"GET {response.url}: the answer is Content-Encoding: {coding}, though the robot asked for identity; refused unread "
+        f"GET {response.url}: the answer is Content-Encoding: {', '.join(coded)}, though the robot asked for identity; refused unread "
         "(TUF can bound only the bytes it is handed, not what a coded body decodes to): serve the registry's files uncompressed"
     )
 
