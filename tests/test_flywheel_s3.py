@@ -8,6 +8,8 @@ short iteration on S3 took 43-51 s on this 2-core machine (under other load), an
 the registry and the store only through these objects (tests/test_flywheel_e2e.py runs the loop)."""
 
 import json
+import socket
+import time
 import uuid
 
 import boto3
@@ -15,7 +17,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from fleet.agent.policy import builtin_policy
-from fleet.pipeline import services as services_module
 from fleet.pipeline.services import Services, run_id_of, run_location
 from fleet.registry.pull import SignedPolicySource
 from fleet.registry.store import open_registry
@@ -23,6 +24,7 @@ from fleet.registry.trust import PolicyTrust
 from fleet.run_folders import FLYWHEEL_RUN, RUN_ID, recorded_run_id
 from fleet.store import EpisodeStore, StoreConfig
 from tests.test_flywheel_e2e import CONF
+from tests.test_loop_resume import flywheel
 from tests.test_policy_pull_http import SPEC, exported
 
 
@@ -41,12 +43,12 @@ def test_runs_whose_folders_share_a_name_get_their_own_locations_and_a_resume_it
     """Two sweeps' job ``0`` (or ``runs/exp1`` in two checkouts) shared ``s3://bucket/prefix/<folder name>``: the second
     appended to the first's store and trained on its episodes. A run's id is made at its first start and recorded."""
     first, second = tmp_path / "sweep-a" / "0", tmp_path / "sweep-b" / "0"
-    ids = [run_id_of(flywheel_cfg(run), run) for run in (first, second)]
+    ids = [run_id_of(run) for run in (first, second)]
     assert ids[0] != ids[1] and all(i.startswith("0-") for i in ids)
     assert run_location("s3://fleet/runs", first, "store", ids[0]) != run_location("s3://fleet/runs", second, "store", ids[1])
     first.mkdir(parents=True)
     (first / RUN_ID).write_text(json.dumps({"run_id": ids[0]}))  # as the run records it when it starts
-    assert run_id_of(flywheel_cfg(first), first) == ids[0]  # a resume finds it again
+    assert run_id_of(first) == ids[0]  # a resume finds it again
     legacy = tmp_path / "old" / "exp1"  # a run of an earlier build (settings, no id): its store is under its folder's name
     legacy.mkdir(parents=True)
     (legacy / FLYWHEEL_RUN).write_text("{}")
@@ -78,9 +80,9 @@ def test_the_run_publishes_to_its_registry_on_s3_and_a_robot_pulls_it(s3_server,
     assert not [p for p in run.rglob("*") if p.name in ("registry", "store", "tuf", "icechunk", "history.jsonl")]  # none of either on local disk
 
 
-def test_a_resumed_run_finds_its_store_and_registry_on_s3_and_a_fresh_one_never_opens_another_runs(s3_server, tmp_path, monkeypatch):
-    """Start, stop, resume in one run folder: the same store and registry. A fresh run whose location is taken (its id
-    forced to the first run's: ids are random) is refused in one line before anything starts, not pointed at that store."""
+def test_a_resumed_run_finds_its_store_and_registry_on_s3_and_a_fresh_one_gets_its_own(s3_server, tmp_path):
+    """Start, stop, resume in one run folder: the same store and registry; a fresh run in a folder of the same name gets
+    its own id (its random part keeps it off the first run's locations), recorded only when it starts."""
     top = f"flywheel-{uuid.uuid4().hex[:8]}"
     on_s3 = [f"fleet.store.path=s3://fleet/{top}/store", f"fleet.registry.dir=s3://fleet/{top}/registry"]
     run, other = tmp_path / "a" / "exp1", tmp_path / "b" / "exp1"
@@ -91,9 +93,19 @@ def test_a_resumed_run_finds_its_store_and_registry_on_s3_and_a_fresh_one_never_
     with Services(flywheel_cfg(run, *on_s3), run, ["robot-0"]) as svc:  # the resume
         assert (svc.run_id, svc.store_cfg.path, svc.registry_dir) == first and svc.registry.versions() == [1]
 
-    fresh = run_id_of(flywheel_cfg(other, *on_s3), other)
+    fresh = run_id_of(other)
     assert fresh != first[0] and not (other / RUN_ID).exists()  # its own location; recorded only when the run starts
-    monkeypatch.setattr(services_module, "new_run_id", lambda run_dir: first[0])
-    with pytest.raises(ValueError, match=rf"s3://fleet/{top}/store/{first[0]} already holds a store that the fresh run in run_dir {other} did not make: set a new run_dir"):
-        run_id_of(flywheel_cfg(other, *on_s3), other)
-    assert not other.exists()  # nothing written, nothing started
+
+
+def test_a_fresh_run_on_object_storage_that_does_not_answer_probes_nothing_before_its_open(tmp_path, monkeypatch):
+    """A fresh run probed its store's and registry's locations for another run's (ids carry 32 random bits: never
+    there), ~25 s against an endpoint that does not answer, before the store's open said so in one line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{s.getsockname()[1]}")  # closed: nothing answers
+    for name, value in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    started = time.monotonic()
+    run = flywheel(tmp_path / "run", "fleet.store.path=s3://fleet/x/store", "fleet.registry.dir=s3://fleet/x/registry")
+    assert time.monotonic() - started < 10 and run.run_id.startswith("run-")

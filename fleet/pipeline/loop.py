@@ -203,7 +203,7 @@ class Flywheel:
         self.built = _Built.from_cfg(cfg)  # every config the iterations use, built (and so checked) before anything runs
         check_run_budget(self.settings, self.built.trainer, self.built.algorithm, self.state.get("learner_env_steps", 0), done)
         self.run_settings = flywheel_run_settings(cfg, self.run_dir)  # refuses another app's run_dir, or a run of other settings
-        self.run_id = run_id_of(cfg, self.run_dir)  # its store's and registry's key on object storage; refuses a fresh run's that are there
+        self.run_id = run_id_of(self.run_dir)  # its store's and registry's key on object storage
 
     # -- the run --------------------------------------------------------------------------
     def nothing_to_do(self) -> str | None:

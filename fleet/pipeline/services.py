@@ -23,13 +23,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from fleet.pipeline.loop_config import ROOT_KEYS, LoopFleet
 from fleet.pipeline.ray_start import check_feasible, start_ray
 from fleet.registry.files import open_files
-from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry, root_metadata
 from fleet.run_folders import new_run_id, record_run_id, recorded_run_id
 from fleet.server.auth import add_token
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
-from fleet.store.backend import repo_exists
 from fleet.store.location import Location
 from fleet.tracking import Tracker, exit_status, recorded_config
 from sim.episode import Episode
@@ -57,7 +55,7 @@ class Services(contextlib.AbstractContextManager):
         key on object storage (None: the run folder's, made and recorded here for a fresh run, see :func:`run_id_of`)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         fleet = fleet or LoopFleet.from_cfg(cfg)
-        self.run_id = run_id or run_id_of(cfg, self.run_dir)
+        self.run_id = run_id or run_id_of(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         record_run_id(self.run_dir, self.run_id)
         os.environ.setdefault("WANDB_DIR", str(self.run_dir))
@@ -210,34 +208,12 @@ def run_location(configured: str | os.PathLike, run_dir: Path, folder: str, run_
     return f"s3://{location.bucket}/{'/'.join(p for p in (location.prefix, run_id) if p)}"
 
 
-def run_id_of(cfg: DictConfig, run_dir: Path) -> str:
-    """The run's id: the one ``run_dir`` records (a resume), or a new one for a fresh run, whose store and registry on
-    object storage must not be there yet (:func:`check_fresh_locations`). Not recorded here: the run records it as it starts."""
+def run_id_of(run_dir: Path) -> str:
+    """The run's id: the one ``run_dir`` records (a resume), or a new one for a fresh run, whose random part keeps it
+    off every other run's store and registry on object storage. Not recorded here: the run records it as it starts."""
     if (recorded := recorded_run_id(run_dir)) is not None:
         return recorded
-    run_id = new_run_id(run_dir)
-    check_fresh_locations(cfg, run_dir, run_id)
-    return run_id
-
-
-def check_fresh_locations(cfg: DictConfig, run_dir: Path, run_id: str) -> None:
-    """ValueError, saying what to do, when a fresh run's store or registry on object storage is there already: another
-    run made it, and appending to its store would train on that run's episodes (its registry refuses this run's keys).
-    Storage that does not answer is left to the store's and registry's open, which say so in one line."""
-    there = {"store": repo_exists, "registry": lambda where: open_files(where).exists("tuf/metadata/1.root.json")}
-    for what, configured in (("store", cfg.fleet.store.path), ("registry", cfg.fleet.registry.dir)):
-        where = run_location(configured, run_dir, what, run_id)
-        if Location.parse(where).is_local:
-            continue
-        try:
-            taken = there[what](where)
-        except (ConnectionError, S3Error):
-            continue
-        if taken:
-            raise ValueError(
-                f"{where} already holds a {what} that the fresh run in run_dir {run_dir} did not make: set a new run_dir, "
-                f"or resume the run that made it with its own run_dir"
-            )
+    return new_run_id(run_dir)
 
 
 def warn_if_gpus_are_elsewhere(cluster_gpus: float, *devices: str) -> bool:
