@@ -86,22 +86,22 @@ def s3_server(tmp_path_factory):
     """An S3-compatible server (moto's standalone mode, a registry package) on loopback, started
     here and stopped by its pid, with a bucket ``fleet``; the AWS_* variables point every client
     (the store's Icechunk, and the servers and robots the tests start) at it. Yields its URL."""
-    log = open(tmp_path_factory.mktemp("s3") / "moto.log", "wb")
-    proc, url = start_moto(log)
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test", "AWS_REGION": "us-east-1"}
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in env.items():
-                mp.setenv(k, v)
-            mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-            yield url
-    finally:
-        stop_moto(proc)
-        log.close()
+    with open(tmp_path_factory.mktemp("s3") / "moto.log", "wb") as log:  # closed however the start ends
+        proc, url = start_moto(log)
+        env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test", "AWS_REGION": "us-east-1"}
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in env.items():
+                    mp.setenv(k, v)
+                mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+                yield url
+        finally:
+            stop_moto(proc)
 
 
 def start_moto(log) -> tuple:
-    """moto's S3 server on a free loopback port, answering, with a bucket ``fleet``: (its process, its URL)."""
+    """moto's S3 server on a free loopback port, answering, with a bucket ``fleet``: (its process, its URL). A start
+    that fails (moto not answering, the bucket refused) stops the process before it raises."""
     import socket
     import subprocess
     import sys
@@ -113,18 +113,27 @@ def start_moto(log) -> tuple:
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    try:
+        wait_until_answering(proc, port, url)
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1").create_bucket(Bucket="fleet")
+    except BaseException:
+        stop_moto(proc)
+        raise
+    return proc, url
+
+
+def wait_until_answering(proc, port: int, url: str, timeout_s: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
+            return
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
-                stop_moto(proc)
-                raise RuntimeError(f"moto's S3 server did not start on {url}") from None
+                raise RuntimeError(f"moto's S3 server did not start on {url}: see moto.log") from None
             time.sleep(0.1)
-    boto3.client("s3", endpoint_url=url, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1").create_bucket(Bucket="fleet")
-    return proc, url
 
 
 def stop_moto(proc) -> None:

@@ -326,6 +326,37 @@ def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_
         assert "\n" not in str(failed.value) and "onnection refused" in short_reason(failed.value)
 
 
+def test_a_moto_whose_bucket_cannot_be_made_is_stopped_not_left_running(tmp_path, monkeypatch):
+    """The test fixture: create_bucket ran outside the start's clean-up, so a refused bucket left moto running."""
+    import subprocess
+
+    import boto3
+
+    from tests.conftest import start_moto
+
+    started = []
+
+    class Recorded(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def refusing(*args, **kwargs):
+        raise RuntimeError("bucket refused")
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    monkeypatch.setattr(boto3, "client", refusing)
+    with open(tmp_path / "moto.log", "wb") as log, pytest.raises(RuntimeError, match="bucket refused"):
+        start_moto(log)
+    (proc,) = started
+    try:
+        assert proc.poll() is not None  # stopped before the error reached the caller
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_an_icechunk_error_that_is_no_storage_fault_keeps_its_type():
     """Only object storage that did not answer is translated: a local store's fault, or any other Icechunk error (a
     bug), keeps its traceback."""
