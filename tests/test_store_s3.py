@@ -326,6 +326,31 @@ def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_
         assert "\n" not in str(failed.value) and "onnection refused" in short_reason(failed.value)
 
 
+def test_object_storage_that_stops_answering_during_the_loops_catalog_and_episode_reads_is_one_error(tmp_path, monkeypatch):
+    """A snapshot's catalog loads on first use, and its episodes are read after: both ran outside ``answering``, so an
+    endpoint that died while the loop read an iteration's episodes (Services.read_data) ended in Icechunk's traceback."""
+    from fleet.store.backend import StoreUnreachableError
+    from tests.conftest import start_moto, stop_moto
+
+    with open(tmp_path / "moto.log", "wb") as log:
+        proc, url = start_moto(log)
+        try:
+            for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1"}.items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+            cfg = StoreConfig(path="s3://fleet/gone-mid-read", writer_id="w", chunk_rows=32, index_rows=4)
+            assert EpisodeStore.open_or_create(cfg).append([episode(1)]).statuses == ("created",)
+            unread = EpisodeStore.open(cfg).snapshot()  # pinned while storage answers, nothing read (an open of its own: no shared cache)
+            listed = EpisodeStore.open(cfg).snapshot()
+            infos = listed.episodes()  # its catalog loaded, its episodes unread
+        finally:
+            stop_moto(proc)
+    said = r"^the episode store at s3://fleet/gone-mid-read did not answer \(.*[Cc]onnection refused.*\); check the bucket, AWS_ENDPOINT_URL"
+    for read in (unread.episodes, lambda: listed.read_episodes(infos)):  # the catalog, the episodes (each ~30 s of Icechunk's retries)
+        with pytest.raises(StoreUnreachableError, match=said):
+            read()
+
+
 def test_a_moto_whose_bucket_cannot_be_made_is_stopped_not_left_running(tmp_path, monkeypatch):
     """The test fixture: create_bucket ran outside the start's clean-up, so a refused bucket left moto running."""
     import subprocess

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,6 +21,7 @@ from fleet.store import backend, legacy
 from fleet.store.backend import StoreCorruptionError
 from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
 from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
+from fleet.store.location import Location
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
@@ -65,10 +67,12 @@ class TransitionTable:
 class StoreSnapshot:
     """Read-only view of the store at one snapshot. Cheap to create; the catalog loads on first use."""
 
-    def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None):
+    def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None, location: Location | None = None):
         """``base``: an earlier snapshot of the same store whose loaded catalog may be reused
-        (the store is append-only, so only the catalog rows written since it are read)."""
+        (the store is append-only, so only the catalog rows written since it are read); ``location``: where the store
+        is, named when its object storage does not answer a read (None: such a read raises Icechunk's error)."""
         self.snapshot_id = snapshot_id
+        self.location = location
         self.info = info
         self._session = repo.readonly_session(snapshot_id=snapshot_id)
         self._catalog: list[EpisodeInfo] | None = None
@@ -195,9 +199,15 @@ class StoreSnapshot:
 
     # -- internals -------------------------------------------------------------------
     def _checked(self, infos: Sequence[EpisodeInfo], read):
+        """``read()``'s result. Object storage that did not answer it raises StoreUnreachableError (``backend.answering``:
+        what to check; a server answers "retry later"); a read that finds damage, :meth:`_damage_named`'s error."""
+        with backend.answering(self.location) if self.location is not None else contextlib.nullcontext():
+            return self._damage_named(infos, read)
+
+    def _damage_named(self, infos: Sequence[EpisodeInfo], read):
         """``read()``'s result. A read of the catalog, or of episodes it says are stored, that finds a chunk or manifest missing, short
         or undecodable (backend.damaged) raises StoreCorruptionError naming them, the snapshot and the file: that damage stays,
-        unlike storage that did not answer (a timeout: Icechunk's error as it came, which a server answers "retry later")."""
+        unlike storage that did not answer (a timeout)."""
         try:
             return read()
         except (icechunk.IcechunkError, RuntimeError, ValueError) as exc:

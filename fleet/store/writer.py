@@ -299,7 +299,7 @@ class EpisodeStore:
         """
         snapshot_id = snapshot_id or self.latest_snapshot_id()
         with backend.answering(self.location):
-            return StoreSnapshot(self._repo, snapshot_id, self.info, base=base)
+            return StoreSnapshot(self._repo, snapshot_id, self.info, base=base, location=self.location)
 
     def history(self, limit: int = 20) -> list[dict]:
         """The newest ``limit`` commits: snapshot_id, written_at (ISO), message, metadata."""
