@@ -5,6 +5,7 @@ commit: Icechunk's conditional branch update makes the loser rebase its commit o
 (each writer has its own catalog partition and streams), and redo it only when the winner stored
 one of its episode ids; never loss or doubles."""
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -301,12 +302,10 @@ def test_a_store_another_replica_is_creating_is_waited_for(cfg, monkeypatch):
         EpisodeStore.open(stalled)
 
 
-def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_what_to_check(tmp_path, monkeypatch):
-    """moto stopped under an open store: the next commit and read raised Icechunk's 45-line error ("error getting object
-    from object store dispatch failure ... Connection refused"), which flywheel printed as a traceback with no way on.
-    Now StoreUnreachableError (what the apps print in one line) naming the store, the cause and what to check; the
-    server's 503 reason still the cause alone."""
-    from fleet.store.backend import StoreUnreachableError, short_reason
+@contextlib.contextmanager
+def moto_of_its_own(tmp_path, monkeypatch):
+    """A moto S3 server of the test's own, the environment pointed at it; stopped as the block ends, so that what
+    comes after meets object storage that no longer answers."""
     from tests.conftest import start_moto, stop_moto
 
     with open(tmp_path / "moto.log", "wb") as log:
@@ -315,10 +314,21 @@ def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_
             for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1"}.items():
                 monkeypatch.setenv(key, value)
             monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-            store = EpisodeStore.open_or_create(StoreConfig(path="s3://fleet/gone", writer_id="w", chunk_rows=32, index_rows=4))
-            assert store.append([episode(1)]).statuses == ("created",)
+            yield
         finally:
             stop_moto(proc)
+
+
+def test_object_storage_that_stops_answering_after_the_open_is_one_error_saying_what_to_check(tmp_path, monkeypatch):
+    """moto stopped under an open store: the next commit and read raised Icechunk's 45-line error ("error getting object
+    from object store dispatch failure ... Connection refused"), which flywheel printed as a traceback with no way on.
+    Now StoreUnreachableError (what the apps print in one line) naming the store, the cause and what to check; the
+    server's 503 reason still the cause alone."""
+    from fleet.store.backend import StoreUnreachableError, short_reason
+
+    with moto_of_its_own(tmp_path, monkeypatch):
+        store = EpisodeStore.open_or_create(StoreConfig(path="s3://fleet/gone", writer_id="w", chunk_rows=32, index_rows=4))
+        assert store.append([episode(1)]).statuses == ("created",)
     said = r"the episode store at s3://fleet/gone did not answer \(.*[Cc]onnection refused.*\); check the bucket, AWS_ENDPOINT_URL"
     for access in (lambda: store.append([episode(2)]), store.snapshot):  # a commit, a read (each ~30 s of Icechunk's retries)
         with pytest.raises(StoreUnreachableError, match=said) as failed:
@@ -330,21 +340,13 @@ def test_object_storage_that_stops_answering_during_the_loops_catalog_and_episod
     """A snapshot's catalog loads on first use, and its episodes are read after: both ran outside ``answering``, so an
     endpoint that died while the loop read an iteration's episodes (Services.read_data) ended in Icechunk's traceback."""
     from fleet.store.backend import StoreUnreachableError
-    from tests.conftest import start_moto, stop_moto
 
-    with open(tmp_path / "moto.log", "wb") as log:
-        proc, url = start_moto(log)
-        try:
-            for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_REGION": "us-east-1"}.items():
-                monkeypatch.setenv(key, value)
-            monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-            cfg = StoreConfig(path="s3://fleet/gone-mid-read", writer_id="w", chunk_rows=32, index_rows=4)
-            assert EpisodeStore.open_or_create(cfg).append([episode(1)]).statuses == ("created",)
-            unread = EpisodeStore.open(cfg).snapshot()  # pinned while storage answers, nothing read (an open of its own: no shared cache)
-            listed = EpisodeStore.open(cfg).snapshot()
-            infos = listed.episodes()  # its catalog loaded, its episodes unread
-        finally:
-            stop_moto(proc)
+    with moto_of_its_own(tmp_path, monkeypatch):
+        cfg = StoreConfig(path="s3://fleet/gone-mid-read", writer_id="w", chunk_rows=32, index_rows=4)
+        assert EpisodeStore.open_or_create(cfg).append([episode(1)]).statuses == ("created",)
+        unread = EpisodeStore.open(cfg).snapshot()  # pinned while storage answers, nothing read (an open of its own: no shared cache)
+        listed = EpisodeStore.open(cfg).snapshot()
+        infos = listed.episodes()  # its catalog loaded, its episodes unread
     said = r"^the episode store at s3://fleet/gone-mid-read did not answer \(.*[Cc]onnection refused.*\); check the bucket, AWS_ENDPOINT_URL"
     for read in (unread.episodes, lambda: listed.read_episodes(infos)):  # the catalog, the episodes (each ~30 s of Icechunk's retries)
         with pytest.raises(StoreUnreachableError, match=said):
