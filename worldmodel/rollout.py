@@ -136,8 +136,6 @@ def model_rollout(
         act = _with_rows_context(act, torch.as_tensor(np.asarray(policy_context, np.float32), device=model.device))
     else:
         act = _ignore_rows(act)
-    if not len(start):  # no start states: no rollouts (once numpy's "need at least one array to concatenate")
-        return _empty_batch(model, config.horizon)
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
     # which member predicts each step is drawn on the CPU, so that a seed picks the same members on any device
     # (on the CPU one generator draws both, as it always has; the sampled noise stays the device's own draw)
@@ -148,24 +146,10 @@ def model_rollout(
         _rollout_chunk(
             model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], functools.partial(_offset_rows, act, i), config, gen, picks
         )
-        for i in range(0, len(start), config.chunk_size)
+        for i in range(0, max(len(start), 1), config.chunk_size)  # no start states: one empty chunk (zero rollouts, their shapes)
     ]
     model.train(was_training)
     return RolloutBatch(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(RolloutBatch)})
-
-
-def _empty_batch(model: DynamicsEnsemble, horizon: int) -> RolloutBatch:
-    """A :class:`RolloutBatch` of zero rollouts, its arrays of the shapes and dtypes of a full one."""
-    spec, f32 = model.spec, np.float32
-    return RolloutBatch(
-        observation=np.zeros((0, horizon + 1, spec.obs_dim), f32),
-        action=np.zeros((0, horizon, spec.act_dim), f32),
-        reward=np.zeros((0, horizon), f32),
-        disagreement=np.zeros((0, horizon), f32),
-        length=np.zeros(0, np.int64),
-        terminated=np.zeros(0, bool),
-        cut=np.zeros(0, np.int8),
-    )
 
 
 def _offset_rows(act, offset: int, obs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
