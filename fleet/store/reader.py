@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -67,10 +66,10 @@ class TransitionTable:
 class StoreSnapshot:
     """Read-only view of the store at one snapshot. Cheap to create; the catalog loads on first use."""
 
-    def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None, location: Location | None = None):
+    def __init__(self, repo: icechunk.Repository, snapshot_id: str, info: dict, base: StoreSnapshot | None = None, *, location: Location):
         """``base``: an earlier snapshot of the same store whose loaded catalog may be reused
         (the store is append-only, so only the catalog rows written since it are read); ``location``: where the store
-        is, named when its object storage does not answer a read (None: such a read raises Icechunk's error)."""
+        is, named when its object storage does not answer a read."""
         self.snapshot_id = snapshot_id
         self.location = location
         self.info = info
@@ -200,24 +199,20 @@ class StoreSnapshot:
     # -- internals -------------------------------------------------------------------
     def _checked(self, infos: Sequence[EpisodeInfo], read):
         """``read()``'s result. Object storage that did not answer it raises StoreUnreachableError (``backend.answering``:
-        what to check; a server answers "retry later"); a read that finds damage, :meth:`_damage_named`'s error."""
-        with backend.answering(self.location) if self.location is not None else contextlib.nullcontext():
-            return self._damage_named(infos, read)
-
-    def _damage_named(self, infos: Sequence[EpisodeInfo], read):
-        """``read()``'s result. A read of the catalog, or of episodes it says are stored, that finds a chunk or manifest missing, short
-        or undecodable (backend.damaged) raises StoreCorruptionError naming them, the snapshot and the file: that damage stays,
-        unlike storage that did not answer (a timeout)."""
-        try:
-            return read()
-        except (icechunk.IcechunkError, RuntimeError, ValueError) as exc:
-            if isinstance(exc, StoreCorruptionError) or not backend.damaged(exc):
-                raise
-            which = "the catalog" if not infos else f"episode {infos[0].episode_id}" if len(infos) == 1 else f"one of {len(infos)} episodes (the first {infos[0].episode_id})"
-            raise StoreCorruptionError(
-                f"{which} in snapshot {self.snapshot_id} cannot be read back ({backend.damaged_part(exc)}: {backend.short_reason(exc)}): "
-                "the store's files are damaged; restore the store from backup"
-            ) from exc
+        what to check; a server answers "retry later"). A read of the catalog, or of episodes it says are stored, that
+        finds a chunk or manifest missing, short or undecodable (backend.damaged) raises StoreCorruptionError naming them,
+        the snapshot and the file: that damage stays, unlike storage that did not answer (a timeout)."""
+        with backend.answering(self.location):
+            try:
+                return read()
+            except (icechunk.IcechunkError, RuntimeError, ValueError) as exc:
+                if isinstance(exc, StoreCorruptionError) or not backend.damaged(exc):
+                    raise
+                which = "the catalog" if not infos else f"episode {infos[0].episode_id}" if len(infos) == 1 else f"one of {len(infos)} episodes (the first {infos[0].episode_id})"
+                raise StoreCorruptionError(
+                    f"{which} in snapshot {self.snapshot_id} cannot be read back ({backend.damaged_part(exc)}: {backend.short_reason(exc)}): "
+                    "the store's files are damaged; restore the store from backup"
+                ) from exc
 
     async def _load_catalog(self) -> list[EpisodeInfo]:
         store = self._session.store
