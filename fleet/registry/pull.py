@@ -173,9 +173,10 @@ class SignedPolicySource:
 
     def poll(self) -> bool:
         """One TUF update; True if a new policy was swapped in."""
+        refreshed = False
         try:
             updater = self._refresh()
-            self.frozen_since = None
+            self.frozen_since, refreshed = None, True
             return self._consider(updater)
         except PolicyRejected as exc:
             log.warning("robot %s refused a policy: %s; keeping %s", self.robot_id, exc, self._policy.version)
@@ -194,7 +195,8 @@ class SignedPolicySource:
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
-        self._notice_expired_metadata()
+        if not refreshed:  # after a refresh the metadata the robot trusts is fresh: nothing to read from disk
+            self._notice_expired_metadata()
         return False
 
     def _notice_expired_metadata(self) -> None:
