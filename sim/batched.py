@@ -29,7 +29,7 @@ import mujoco
 import numpy as np
 from mujoco import rollout
 
-from sim.divergence import diverged_steps
+from sim.divergence import bad_steps
 from sim.episode import SCHEMA_VERSION, Episode, validate_metadata
 from sim.policy_fn import as_conditioned_policy, obs_dim_of
 from sim.recorder import EpisodeRecorder
@@ -456,8 +456,9 @@ class BatchedStepper:
         state = self.state[sel]  # still the step's start: only the lane's own landing writes its rows
         before = PhysicsState(state[:, self._qpos], state[:, self._qvel], self.sensordata[sel])
         after = PhysicsState(new_state[:, self._qpos], new_state[:, self._qvel], new_sensor)
-        diverged = diverged_steps(flight.states, task.model.nq, task.model.nv)[:, -1]  # MuJoCo's blow-ups (its auto-reset is off)
-        with _overflow_quiet(diverged.any()):
+        diverged = bad_steps(flight.states, task.model.nq, task.model.nv).any(axis=1)  # MuJoCo's blow-ups (its auto-reset is off)
+        any_diverged = bool(diverged.any())
+        with _overflow_quiet(any_diverged):
             terms = task.reward_terms(before, after, action)
             reward = sum(terms.values()).astype(np.float32)
             terminated = task.terminated(after) | diverged
@@ -478,7 +479,7 @@ class BatchedStepper:
         self.state[sel], self.sensordata[sel] = new_state, new_sensor
         steps = self.t[sel].copy()
         if self.record:
-            with _overflow_quiet(diverged.any()):
+            with _overflow_quiet(any_diverged):
                 self._recorder.record(idx, steps, action, reward, obs, after.qpos, after.qvel)
         self.t[sel] = steps + 1
         truncated = (steps + 1 >= self.max_steps[sel]) & ~terminated

@@ -9,7 +9,7 @@ changes nothing else (MuJoCo reads it only in those checks), so valid trajectori
 
 ``mujoco.rollout`` clears a world's warnings when it starts it, and after any warning stops stepping
 that world and repeats its last state for the remaining steps: its time stands still.
-:func:`diverged_steps` reads both marks.
+:func:`bad_steps` reads both marks.
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ def without_autoreset(model: mujoco.MjModel) -> mujoco.MjModel:
     return model
 
 
-def diverged_steps(states: np.ndarray, nq: int, nv: int) -> np.ndarray:
-    """(N, S) bool, True from each world's first diverged step on, for rollout output ``states`` (N, S, nstate) in
-    the mjSTATE_FULLPHYSICS layout (time, qpos, qvel, ...).
-
-    A step diverged where its qpos or qvel holds a value MuJoCo calls bad, or where the next step's time did not
-    advance (MuJoCo warned during this step and the rollout stopped the world). With auto-reset on, a warning in
-    a world's last step could still hide behind a reset state: run on models from :func:`without_autoreset`.
-    """
+def bad_steps(states: np.ndarray, nq: int, nv: int) -> np.ndarray:
+    """(N, S) bool, True at each step of rollout output ``states`` (N, S, nstate; the mjSTATE_FULLPHYSICS layout: time,
+    qpos, qvel, ...) that diverged: its qpos or qvel holds a value MuJoCo calls bad, or the next step's time did not
+    advance (MuJoCo warned during this step and the rollout stopped the world). With auto-reset on, a warning in a
+    world's last step could still hide behind a reset state: run on models from :func:`without_autoreset`."""
     with np.errstate(invalid="ignore"):
         bad = ~(np.abs(states[:, :, 1 : 1 + nq + nv]) <= MAX_VALUE).all(axis=2)  # NaN compares False
     time = states[:, :, 0]
     bad[:, :-1] |= time[:, 1:] <= time[:, :-1]
-    return np.logical_or.accumulate(bad, axis=1)
+    return bad
+
+
+def diverged_steps(states: np.ndarray, nq: int, nv: int) -> np.ndarray:
+    """(N, S) bool, True from each world's first diverged step (:func:`bad_steps`) on."""
+    return np.logical_or.accumulate(bad_steps(states, nq, nv), axis=1)
