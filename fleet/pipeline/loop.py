@@ -31,7 +31,7 @@ from fleet.pipeline.loop_config import LoopFleet
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services, run_id_of
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
-from fleet.pipeline.training import Training, TrainingPlacement
+from fleet.pipeline.training import Training, TrainingPlacement, policy_cpus, world_model_cpus
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_id, record_run_settings
 from policies.trainer import first_update, steps_trained
 from sim.calibration import check_state_map, has_state_map
@@ -228,7 +228,7 @@ class Flywheel:
             redo_from = done  # the first one too (an attempt stopped in iteration 0 left its rows); a fresh run has none
         with Services(self.cfg, self.run_dir, robot_order(self.specs), redo_from=redo_from, fleet=self.fleet, run_id=self.run_id) as svc:
             self.svc = svc
-            self.training.check_cluster(self.built.wm_train.num_threads or 1, self.built.trainer.torch_threads)  # before the robots: a task no node holds waits forever
+            self.training.check_cluster(world_model_cpus(self.built.wm_train), policy_cpus(self.built.trainer))  # before the robots: a task no node holds waits forever
             self.robots = self._start_robots(svc)
             try:
                 if self.state["next_iteration"]:

@@ -38,6 +38,16 @@ TASKS = {  # a training task's function -> what it is called, and what sets its 
 }
 
 
+def world_model_cpus(train_cfg) -> float:
+    """The CPUs the world model's training task asks for where ``ray.training.num_cpus`` is null."""
+    return train_cfg.num_threads or 1
+
+
+def policy_cpus(trainer_cfg) -> float:
+    """The CPUs the policy learner's training task asks for where ``ray.training.num_cpus`` is null."""
+    return trainer_cfg.torch_threads
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingPlacement:
     """``ray.training``: where training runs and what a training task asks Ray for."""
@@ -116,7 +126,7 @@ class Training:
             "episodes": [ep.to_bytes() for ep in [*real, *sim]], "n_real": len(real), "previous": read_folder(previous_dir) if exists else None,
             "ensemble": ensemble_cfg, "train": train_cfg,
         }  # fmt: skip
-        out = ray.get(self._remote(_world_model_task, train_cfg.num_threads or 1).remote(job))
+        out = ray.get(self._remote(_world_model_task, world_model_cpus(train_cfg)).remote(job))
         self.nodes["world_model"] = out["node"]
         write_folder(out["files"], model_dir)
         model = load(model_dir, device=AUTO)  # ``device`` said where the task trains; this driver may have no GPU
@@ -131,7 +141,7 @@ class Training:
             "warm": read_folder(warm_start) if warm_start is not None else None, "worlds": worlds, "sensor_filters": sensor_filters,
         }  # fmt: skip
         with LogStream(log) as remote_log:
-            out = ray.get(self._remote(_policy_task, trainer_cfg.torch_threads).remote(job | {"log": remote_log}))
+            out = ray.get(self._remote(_policy_task, policy_cpus(trainer_cfg)).remote(job | {"log": remote_log}))
         self.nodes["policy"] = out["node"]
         checkpoint = write_folder(out["checkpoint"], out_dir)
         return steps.TrainedPolicy(policy_from_bytes(out["policy"]), checkpoint, out["env_steps"], out["metrics"])
