@@ -34,7 +34,7 @@ from tuf.api.metadata import Snapshot, Targets, Timestamp
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
 from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
-from fleet.registry.tuf_repo import ReleaseKeyMissing, TufRepository, registry_dir, release_key_advice
+from fleet.registry.tuf_repo import ReleaseKeyMissing, TufRepository
 from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ class PolicyRegistry:
         self.repo.reload_all()
         self.repo.require_online()
         if not self.can_release:
-            raise ReleaseKeyMissing(release_key_advice(self.repo.require_root(), registry_dir(self.repo.files)))
+            raise ReleaseKeyMissing(self.repo.release_key_advice())
 
     # -- internals ----------------------------------------------------------------------------
     def _publish(self, state: dict, files: Mapping[str, bytes], event: dict) -> None:

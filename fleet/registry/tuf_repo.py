@@ -105,23 +105,6 @@ class OnlineKeyRotated(RuntimeError):
     Every change ends in a snapshot and a timestamp, so it signs nothing until restarted with the key the root names."""
 
 
-def release_key_advice(root: Root, registry: str = "REG") -> str:
-    """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`); ``registry``: the
-    registry's folder or s3:// location, as ``flywheel-registry --dir`` takes it."""
-    keyid = root.roles[Targets.type].keyids[0][:16]
-    return (
-        f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
-        "does not hold it: release where it is kept (the loop's <run>/keys/release.pem; flywheel-server fleet.registry.release_key=FILE), "
-        f"or re-sign where both keys are with `flywheel-registry refresh --dir {registry} --online-key ONLINE.pem --release-key RELEASE.pem` "
-        "(docs/security.md, The release key)"
-    )
-
-
-def registry_dir(files: RegistryFiles) -> str:
-    """The registry's location (what ``flywheel-registry --dir`` takes) of its ``tuf/`` files ``files``."""
-    return files.location.removesuffix("/tuf")
-
-
 def online_key_advice(root: Root, held: Sequence[Signer]) -> str:
     """What to do where the online key ``held`` is not the one ``root`` names (the text of :class:`OnlineKeyRotated`)."""
     keyid = held[0].public_key.keyid[:16] if held else "(none)"
@@ -242,6 +225,19 @@ class TufRepository(Repository):
     def initialised(self) -> bool:
         return Root.type in self._md
 
+    def release_key_advice(self, root: Root | None = None) -> str:
+        """What to do where the targets key is not held (the text of :class:`ReleaseKeyMissing`), naming this registry's
+        location as ``flywheel-registry --dir`` takes it (``root``: the root in force; None: the trusted one)."""
+        root = root or self.require_root()
+        keyid = root.roles[Targets.type].keyids[0][:16]
+        registry = self.files.location.removesuffix("/tuf")
+        return (
+            f"only the release key (keyid {keyid}..., named by root v{root.version} for targets) signs releases, and this process "
+            "does not hold it: release where it is kept (the loop's <run>/keys/release.pem; flywheel-server fleet.registry.release_key=FILE), "
+            f"or re-sign where both keys are with `flywheel-registry refresh --dir {registry} --online-key ONLINE.pem --release-key RELEASE.pem` "
+            "(docs/security.md, The release key)"
+        )
+
     def require_root(self) -> Root:
         if not self.initialised:
             raise RepositoryNotInitialised(
@@ -315,7 +311,7 @@ class TufRepository(Repository):
             self._require_newest_root()
             self.require_online()
             if not self.can_sign(Targets.type):
-                raise ReleaseKeyMissing(release_key_advice(self.require_root(), registry_dir(self.files)))
+                raise ReleaseKeyMissing(self.release_key_advice())
             self._follow_expiry()
             with self.edit_targets() as targets:
                 for path in remove:
@@ -338,7 +334,7 @@ class TufRepository(Repository):
         root = self.require_root()
         if Timestamp.type not in self._md:  # a new repository: its first targets, snapshot, timestamp
             if not self.can_sign(Targets.type):
-                raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {release_key_advice(root, registry_dir(self.files))}")
+                raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {self.release_key_advice(root)}")
             self.publish_targets({})
             return list(ONLINE_ROLES)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
@@ -356,7 +352,7 @@ class TufRepository(Repository):
             return []
         done = []
         if stale[Targets.type] and not self.can_sign(Targets.type):  # held where releases are made
-            self._warn_stale(Targets.type, release_key_advice(root, registry_dir(self.files)))
+            self._warn_stale(Targets.type, self.release_key_advice(root))
         elif stale[Targets.type]:
             with self.edit_targets():
                 pass
