@@ -180,6 +180,13 @@ def make_episode_arrays(num_steps: int = 5, obs_dim: int = 3, act_dim: int = 2, 
     }
 
 
+def forward_get(handler, upstream):
+    """``upstream``'s answer (an httpx client on the flywheel server) to the GET a test's HTTP proxy ``handler`` received,
+    sent on with the robot's token and its conditional and range headers."""
+    kept = ("authorization", "range", "if-range", "if-none-match")
+    return upstream.get(handler.path, headers={k: v for k, v in handler.headers.items() if k.lower() in kept})
+
+
 def registry_server(tmp_path, role: str, robot_id: str | None = None, **registry_kwargs):
     """A TUF policy registry (root keys ``tmp_path/keys/root-{1,2,3}.pem``, threshold 2, online key
     ``keys/online.pem``) and the fleet server serving it on loopback, with one token of ``role``:

@@ -25,7 +25,7 @@ from fleet.registry.http_cache import IMMUTABLE, NOT_FOUND, REVALIDATE
 from fleet.registry.pull import SignedPolicySource, registry_token
 from fleet.registry.store import open_registry, root_metadata
 from fleet.registry.trust import PolicyTrust
-from tests.conftest import registry_server
+from tests.conftest import forward_get, registry_server
 from tests.test_policy_pull_http import SPEC, exported
 
 
@@ -147,8 +147,7 @@ class Proxy(http.server.BaseHTTPRequestHandler):
     mangle = staticmethod(lambda path, status, body: body)
 
     def do_GET(self):
-        forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
-        answer = self.upstream.get(self.path, headers=forward)
+        answer = forward_get(self, self.upstream)
         body = self.mangle(self.path, answer.status_code, answer.content)
         self.send_response(answer.status_code)
         for key in ("content-type", "content-range", "etag", "accept-ranges"):
@@ -195,9 +194,8 @@ def test_a_cut_weights_download_resumes_with_a_range_request_and_installs_verifi
         """Forwards to the flywheel server; the first weights answer stops after half its body."""
 
         def do_GET(self):
-            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
             seen_ranges.append(self.headers.get("range"))
-            answer = upstream.get(self.path, headers=forward)
+            answer = forward_get(self, upstream)
             self.send_response(answer.status_code)
             for key in ("content-type", "content-length", "content-range", "etag", "accept-ranges"):
                 if key in answer.headers:
@@ -261,8 +259,7 @@ class Coding(http.server.BaseHTTPRequestHandler):
         if self.coded is not None and self.path.endswith(self.coded):
             status, headers, body = 200, {"Content-Encoding": self.coding}, self.BOMB
         else:
-            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
-            answer = self.upstream.get(self.path, headers=forward)
+            answer = forward_get(self, self.upstream)
             status, body = answer.status_code, answer.content
             headers = {k: answer.headers[k] for k in ("content-type", "content-range", "etag") if k in answer.headers}
             headers |= {"Content-Encoding": self.label} if self.label else {}
@@ -339,8 +336,7 @@ def test_an_etag_a_request_cannot_carry_back_is_never_kept(tmp_path, served, thr
         """Forwards to the flywheel server; while ``hostile``, every answer carries ``etag`` and weights are cut halfway."""
 
         def do_GET(self):
-            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
-            answer = upstream.get(self.path, headers=forward)
+            answer = forward_get(self, upstream)
             body = answer.content
             self.send_response(answer.status_code)
             for key in ("content-type", "content-range", "etag"):
@@ -451,8 +447,7 @@ class Cutting(http.server.BaseHTTPRequestHandler):
     upstream: httpx.Client
 
     def do_GET(self):
-        forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
-        answer = self.upstream.get(self.path, headers=forward)
+        answer = forward_get(self, self.upstream)
         self.send_response(answer.status_code)
         for key in ("content-type", "content-length", "content-range", "etag"):
             if key in answer.headers:

@@ -28,7 +28,7 @@ from fleet.registry.tuf_repo import RegistryCorrupted, rotate_keys
 from fleet.server.config import ServerConfig
 from fleet.server.runner import serve
 from fleet.store import StoreConfig
-from tests.conftest import registry_server
+from tests.conftest import forward_get, registry_server
 from tests.test_policy_pull_http import SPEC, exported
 
 
@@ -133,8 +133,7 @@ class Blockable(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if self.block is None:
-            forward = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "range", "if-range", "if-none-match")}
-            answer = self.upstream.get(self.path, headers=forward)
+            answer = forward_get(self, self.upstream)
             status, body, etag = answer.status_code, answer.content, answer.headers.get("etag")
         else:
             status, body, etag = (503, b"", None) if self.block == "503" else (200, b"<html>not TUF metadata</html>", None)
