@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -75,8 +76,9 @@ class BatchedStepper:
         """``sensor_filters``: a world whose scenario has one of these profiles reads its sensor through
         that Kalman filter, as the robot of that body does (sim/sensor_filter.py): its observations,
         recorded ones included, are the filter's estimates."""
-        if num_worlds < 1:
-            raise ValueError(f"num_worlds must be >= 1, got {num_worlds}")
+        if isinstance(num_worlds, bool) or not isinstance(num_worlds, numbers.Integral) or num_worlds < 1:
+            raise ValueError(f"num_worlds must be a whole number >= 1, got {num_worlds!r}")
+        num_worlds = int(num_worlds)
         self.task = get_task(robot) if isinstance(robot, str) else robot
         self.num_worlds = num_worlds
         self.record = record

@@ -40,6 +40,8 @@ class ScenarioSpec:
         episode by, and ``(0, 0.1)`` once gave another id than ``(0.0, 0.1)`` and its episode went missing."""
         if (self.init_qpos is None) != (self.init_qvel is None):
             raise ValueError("scenario: give both init_qpos and init_qvel, or neither")
+        if self.init_qpos is not None and self.goal is not None:  # the start state holds the goal (a reacher's target joints)
+            raise ValueError("scenario: give init_qpos/init_qvel (an exact start state, its goal included) or a goal, not both")
         if not isinstance(self.profile, VariationProfile):
             raise ValueError(f"scenario: profile must be a VariationProfile, got {type(self.profile).__name__}")
         object.__setattr__(self, "seed", _integer("seed", self.seed, minimum=0))

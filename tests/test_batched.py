@@ -193,15 +193,17 @@ def test_non_finite_or_overflowing_sensor_and_start_noise_are_refused():
 def test_a_scenario_has_one_json_however_its_numbers_were_typed():
     """ints in the start state or goal once gave another JSON (so another episode id) than the same scenario after a
     JSON round trip, and a fan-out that looked its episode up by that JSON lost it; floats keep the JSON they had."""
-    typed = ScenarioSpec("reacher", seed=np.int64(2), init_qpos=(0, 0, 0.1, 0.1), init_qvel=[0, 0, 0, 0], goal=(0, np.float32(0.5)), max_steps=7.0)
-    assert typed == ScenarioSpec.from_json(typed.to_json())
-    assert typed.to_json() == ScenarioSpec.from_json(typed.to_json()).to_json()
-    assert typed.init_qpos == (0.0, 0.0, 0.1, 0.1) and typed.goal == (0.0, 0.5) and (typed.seed, typed.max_steps) == (2, 7)
-    assert all(type(x) is float for x in (*typed.init_qpos, *typed.init_qvel, *typed.goal, typed.init_noise_scale))
+    typed = ScenarioSpec("reacher", seed=np.int64(2), init_qpos=(0, 0, 0.1, 0.1), init_qvel=[0, 0, 0, 0], max_steps=7.0)
+    aimed = ScenarioSpec("reacher", seed=2, goal=(0, np.float32(0.5)))
+    for spec in (typed, aimed):
+        assert spec == ScenarioSpec.from_json(spec.to_json())
+        assert spec.to_json() == ScenarioSpec.from_json(spec.to_json()).to_json()
+    assert typed.init_qpos == (0.0, 0.0, 0.1, 0.1) and aimed.goal == (0.0, 0.5) and (typed.seed, typed.max_steps) == (2, 7)
+    assert all(type(x) is float for x in (*typed.init_qpos, *typed.init_qvel, *aimed.goal, typed.init_noise_scale))
     assert (type(typed.seed), type(typed.max_steps)) == (int, int)
-    floats = ScenarioSpec("reacher", seed=3, init_qpos=(0.0, 0.0, 0.1, 0.1), init_qvel=(0.0,) * 4, goal=(0.1, -0.05), max_steps=5)
+    floats = ScenarioSpec("reacher", seed=3, init_qpos=(0.0, 0.0, 0.1, 0.1), init_qvel=(0.0,) * 4, max_steps=5)
     assert floats.to_json() == (  # the JSON (hence the ids of stored episodes) of float-valued scenarios is unchanged
-        '{"goal": [0.1, -0.05], "init_noise_scale": 1.0, "init_qpos": [0.0, 0.0, 0.1, 0.1], "init_qvel": [0.0, 0.0, 0.0, 0.0], '
+        '{"goal": null, "init_noise_scale": 1.0, "init_qpos": [0.0, 0.0, 0.1, 0.1], "init_qvel": [0.0, 0.0, 0.0, 0.0], '
         '"max_steps": 5, "profile": {"action_latency": 0, "actuator_strength": 1.0, "damping_scale": 1.0, "friction_scale": 1.0, '
         '"mass_scale": 1.0, "obs_bias": 0.0, "obs_noise_std": 0.0, "payload_mass": 0.0}, "robot": "reacher", "seed": 3, "tag": ""}'
     )
@@ -211,6 +213,8 @@ def test_a_scenario_has_one_json_however_its_numbers_were_typed():
                        ({"goal": (np.inf, 0.0)}, "goal"), ({"profile": {}}, "profile")):  # fmt: skip
         with pytest.raises(ValueError, match=f"scenario: {field}"):
             ScenarioSpec("reacher", **{"seed": 0, **bad})
+    with pytest.raises(ValueError, match="or a goal, not both"):  # the start state holds the goal: one given with it was ignored
+        ScenarioSpec("reacher", seed=0, init_qpos=(0.0, 0.0, 0.1, 0.1), init_qvel=(0.0,) * 4, goal=(0.1, 0.0))
 
 
 BLOW_UP = VariationProfile(mass_scale=1e-12, damping_scale=1e9)  # MuJoCo warns "the simulation is unstable"
@@ -328,3 +332,11 @@ def test_a_failing_policy_leaves_every_world_at_a_step_end():
         assert stepper.stats["steps"] == sum(calls[:4])  # the launched steps all landed
         stepper.run(zero_policy(1), 3)
         assert stepper.stats["steps"] == sum(calls[:4]) + 3 * 64
+
+
+@pytest.mark.parametrize("count", [0, 2.0, "3", True, None])
+def test_a_world_count_that_is_not_a_whole_number_above_zero_is_refused(count):
+    """BatchedStepper("pendulum", 2.0) once failed deep inside with a raw TypeError."""
+    with pytest.raises(ValueError, match="num_worlds must be a whole number >= 1"):
+        BatchedStepper("pendulum", count)
+    assert BatchedStepper("pendulum", np.int64(2)).num_worlds == 2

@@ -246,6 +246,7 @@ def test_a_bad_location_or_missing_credentials_say_what_to_do(s3_server, tmp_pat
         open_files(Path("s3://fleet/registry"))
     with pytest.raises(S3Error, match="create bucket 'no-such-bucket' first"):
         open_registry("s3://no-such-bucket/registry", keys / "online.pem", root_keys=[keys / "root.pem"], root_threshold=1)
+    assert not keys.exists()  # refused before any key file is made (an online key was written before the bucket was asked)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     with pytest.raises(S3Error, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         open_files("s3://fleet/registry")

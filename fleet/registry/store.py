@@ -337,9 +337,10 @@ def open_registry(
     where the root keys live and gives the server only the online key."""
     from fleet.registry.tuf_repo import init_root
 
-    online = load_signer(online_key, create=True)
     files = open_files(directory)
-    new_root = not files.exists("tuf/metadata/1.root.json") and bool(root_keys)
+    # a listing, not a HEAD: storage that does not answer, or a bucket that does not exist, fails here, before a key file is made
+    new_root = "1.root.json" not in files.list("tuf/metadata") and bool(root_keys)
+    online = load_signer(online_key, create=True)
     release = None if release_key is None else load_signer(release_key, create=new_root)
     if new_root:
         signers = [load_signer(path, create=True) for path in root_keys]
