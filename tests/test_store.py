@@ -101,6 +101,30 @@ def test_a_damaged_newest_snapshot_is_named_at_once_never_called_an_unfinished_c
     assert time.monotonic() - start < 10 and "never finished" not in str(raised.value)
 
 
+def test_a_commit_on_a_damaged_manifest_names_it_and_commits_nothing(cfg, monkeypatch):
+    """Icechunk's commit says only "failed to create manifest from chunk stream" when a manifest it builds on is short:
+    the server answered every upload 503 "the episode store did not answer; retry later", for good."""
+    from fleet.store import StoreCorruptionError
+
+    import icechunk
+
+    from fleet.store import backend
+
+    monkeypatch.setattr(backend, "CACHE", icechunk.CachingConfig(num_chunk_refs=0))  # every manifest read from disk
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)]), store.append([episode(2)])
+    tip = store.latest_snapshot_id()
+    manifests = Path(cfg.path) / "icechunk" / "manifests"
+    newest = sorted(manifests.iterdir(), key=lambda p: p.stat().st_mtime_ns)[-len(list(manifests.iterdir())) // 2 :]  # the last commit's
+    fresh = EpisodeStore.open(cfg)  # another process, nothing read yet
+    for manifest in newest:
+        manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    for writer, where in ((store, r", so no commit can build on snapshot " + tip), (fresh, "")):  # found by the commit; by the id index
+        with pytest.raises(StoreCorruptionError, match=rf"damaged: manifest icechunk/manifests/\w+ cannot be read \(incomplete frame\){where}; restore it from a backup"):
+            writer.append([episode(3)])
+    assert EpisodeStore.open(cfg).latest_snapshot_id() == tip  # nothing committed
+
+
 def test_a_garbage_branch_ref_is_named_in_one_line(cfg):
     """Garbage in refs/branch.main/ref.json stopped flywheel-server with Icechunk's raw "cannot serialize ref json"."""
     from fleet.store import StoreCorruptionError

@@ -85,12 +85,16 @@ UNANSWERED_MARKER = "object store"  # Icechunk's words for a request object stor
 @contextlib.contextmanager
 def answering(location: Location) -> Iterator[None]:
     """A read or a commit of the open store at ``location``: Icechunk's error saying object storage did not answer
-    (an endpoint down, throttling past Icechunk's retries) becomes :class:`StoreUnreachableError`, what to check.
-    Anything else keeps its type and traceback: damage (read as such where it is read), a local disk's fault, a bug."""
+    (an endpoint down, throttling past Icechunk's retries) becomes :class:`StoreUnreachableError`, what to check; one
+    saying damage (:func:`damaged`: a writer's id index or commit reading a short manifest) :class:`StoreCorruptionError`,
+    naming the file (a reader names the episode first, :meth:`fleet.store.reader.StoreSnapshot._checked`). Anything else
+    keeps its type and traceback: a local disk's fault, a bug."""
     try:
         yield
     except icechunk.IcechunkError as exc:
-        if location.is_local or damaged(exc) or UNANSWERED_MARKER not in str(exc):
+        if damaged(exc):
+            raise corrupted(location, damaged_part(exc), short_reason(exc)) from None
+        if location.is_local or UNANSWERED_MARKER not in str(exc):
             raise
         raise unreachable(location, exc, opening=False) from exc
 
@@ -115,6 +119,15 @@ _DAMAGED_PARTS = (
 )
 
 
+def corrupted(location: Location, part: str, reason: str, what: str = "") -> StoreCorruptionError:
+    """The error for damage found in the store at ``location``: ``part`` (:func:`damaged_part`) cannot be read for
+    ``reason``; ``what`` says what could not be done for it."""
+    return StoreCorruptionError(
+        f"the episode store at {location} is damaged: {part} cannot be read ({reason}){what}; restore it from a backup of the "
+        "store (docs/store.md, \"Damaged files\"). Do not delete the store: that deletes every episode it holds"
+    )
+
+
 def damaged(exc: BaseException) -> bool:
     """Whether ``exc`` (Icechunk's, or a codec's) says the store's files are damaged rather than the storage not answering."""
     return isinstance(exc, (icechunk.IcechunkError, RuntimeError, ValueError)) and any(m in str(exc) for m in DAMAGE_MARKERS)
@@ -133,10 +146,7 @@ def unreadable(location: Location, exc: Exception) -> Exception:
     """What to raise when opening the store at ``location`` failed with Icechunk's ``exc``: damage names the file and says
     to restore it (never to delete the store); object storage that did not answer, what to check; else one line with the cause."""
     if damaged(exc):
-        return StoreCorruptionError(
-            f"the episode store at {location} is damaged: {damaged_part(exc)} cannot be read ({short_reason(exc)}); restore it "
-            "from a backup of the store (docs/store.md, \"Damaged files\"). Do not delete the store: that deletes every episode it holds"
-        )
+        return corrupted(location, damaged_part(exc), short_reason(exc))
     if not location.is_local:
         return unreachable(location, exc)
     return StoreLocationError(f"cannot open the episode store at {location}: {damaged_part(exc)} ({short_reason(exc)})")
@@ -238,6 +248,22 @@ def compressors(name: str) -> list | None:
 
 def open_root(session: icechunk.Session, mode: str = "r") -> zarr.Group:
     return zarr.open_group(store=session.store, mode=mode, zarr_format=3, use_consolidated=False)
+
+
+async def first_damage(store) -> tuple[str, str] | None:
+    """Where and why (:func:`damaged_part`, :func:`short_reason`) the first error that says damage (:func:`damaged`) was
+    met listing every array under ``store`` (an Icechunk session's store) and its chunks: a listing reads every manifest
+    piece. None when every manifest reads. (Not the error itself: zarr's sync raises an exception a coroutine returns.)"""
+    try:
+        root = await open_group(store)
+        async for _, member in root.members(max_depth=None):
+            if isinstance(member, zarr.AsyncArray):
+                await member.nchunks_initialized()
+    except Exception as exc:  # noqa: BLE001 - kept only where it says damage
+        if damaged(exc):
+            return damaged_part(exc), short_reason(exc)
+        raise
+    return None
 
 
 # zarr_format=3 and no consolidated metadata: otherwise zarr also probes for Zarr v2 and

@@ -392,6 +392,11 @@ class EpisodeStore:
                 self._check_deadline(deadline)
                 self._rebase(session, fresh, written)
                 rebased = True  # renumbered seq rows: the tails written above are stale
+            except icechunk.IcechunkError as exc:
+                damage = self._damaged_below(session.snapshot_id, exc)
+                if damage is None:
+                    raise
+                raise damage from None
         self._tails = {} if rebased else {**tails, **self._written_tails}
         self._tails_snapshot = snapshot_id
         self._sync()
@@ -400,6 +405,18 @@ class EpisodeStore:
         self._meta_cache.update(self._written_meta)
         self._meta_snapshot = snapshot_id
         return AppendResult(snapshot_id, tuple(statuses))
+
+    def _damaged_below(self, snapshot_id: str, exc: icechunk.IcechunkError) -> backend.StoreCorruptionError | None:
+        """The damage a failed commit stands on, if any. Icechunk's commit says only "failed to create manifest from chunk
+        stream" when a manifest it builds on is short or undecodable (it answered uploads "did not answer; retry later",
+        for good): the snapshot it started from is read, every array's manifests, and a damaged one named."""
+        if backend.UNANSWERED_MARKER in str(exc) and not backend.damaged(exc):
+            return None  # object storage that did not answer: backend.answering says what to check
+        if backend.damaged(exc):
+            found = backend.damaged_part(exc), backend.short_reason(exc)
+        else:
+            found = backend.run(backend.first_damage(self._repo.readonly_session(snapshot_id=snapshot_id).store))
+        return None if found is None else backend.corrupted(self.location, *found, f", so no commit can build on snapshot {snapshot_id}")
 
     def _commit(self, session: icechunk.Session, message: str, metadata: dict) -> str:
         """Icechunk's commit (the branch's compare-and-swap on object storage); tests that need a
