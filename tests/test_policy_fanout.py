@@ -99,6 +99,10 @@ def test_etags_304_head_and_the_cache_policy_of_each_file_kind(served):
     for missing in ("/v1/tuf/metadata/2.root.json", "/v1/tuf/targets/policies/00000009/" + "0" * 64 + ".weights.safetensors"):
         answer = client.get(missing)
         assert (answer.status_code, answer.headers["cache-control"]) == (404, NOT_FOUND), missing  # "no next root yet" is never cached
+    assert client.get("/v1/tuf/metadata/2.root.json").json()["error"] == "no_such_metadata"
+    assert client.get("/v1/tuf/metadata/3.snapshot.json").status_code == 404
+    # every robot's every poll asks for the next root: those 404s are answers, not refusals (an alert on refusals fired all day)
+    assert served[2].app.state.metrics.registry.get_sample_value("flywheel_rejections_total", {"reason": "no_such_metadata"}) == 1.0
     assert httpx.get(client.base_url.join("/v1/tuf/metadata/timestamp.json")).status_code == 401  # the token still gates the server
 
 

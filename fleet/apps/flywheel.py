@@ -1,7 +1,8 @@
 """`flywheel`: the Hydra app of the flywheel loop (local Ray, local server, simulated fleet, W&B offline).
 
 `flywheel export ...` and `flywheel import ...` go to the interop CLI (fleet/interop/cli.py,
-docs/interop.md) before Hydra sees the command line."""
+docs/interop.md), `flywheel store ...` to the store's (fleet/store/cli.py, docs/store.md), before Hydra sees the
+command line."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from fleet.apps.errors import accept_run_folder, check_run_dir_argument, one_lin
 
 
 INTEROP_COMMANDS = ("export", "import")
+STORE_COMMAND = "store"  # `flywheel store maintain|pin|pins ...` (fleet/store/cli.py)
 
 
 def main() -> None:
@@ -26,6 +28,10 @@ def main() -> None:
         from fleet.interop.cli import main as interop_main
 
         raise SystemExit(interop_main(sys.argv[1:]))
+    if len(sys.argv) > 1 and sys.argv[1] == STORE_COMMAND:
+        from fleet.store.cli import main as store_main
+
+        raise SystemExit(store_main(sys.argv[2:]))
     import fleet.conf.schema_flywheel  # noqa: F401  (registers the config's schema, which flywheel.yaml names)
 
     check_run_dir_argument("flywheel", sys.argv[1:])

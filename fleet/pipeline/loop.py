@@ -332,7 +332,7 @@ class Flywheel:
         episodes it trains on stop there, so a redone iteration trains on what an uninterrupted one would have."""
         start = read_run_file(self.run_dir / ITERATION_FILE)
         if start is None or start.get("iteration") != k:
-            start = {"iteration": k, "snapshot": self.svc.tip()}
+            start = {"iteration": k, "snapshot": self.svc.pinned_tip()}
             write_durably(self.run_dir / ITERATION_FILE, json.dumps(start).encode())
         return start["snapshot"]
 

@@ -102,14 +102,17 @@ class Services(contextlib.AbstractContextManager):
         depend on how uploads interleaved."""
         self.store.refresh_index()
         snapshot = self.store.snapshot()
+        self.store.pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
         real = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="real")))
         before = snapshot if sim_snapshot in (None, snapshot.snapshot_id) else self.store.snapshot(sim_snapshot)
         sim = before.read_episodes(in_robot_order(before.episodes(robot_model=robot_model, source="sim")))
         return snapshot.snapshot_id, real, sim
 
-    def tip(self) -> str:
-        """The store's newest snapshot id."""
-        return self.store.latest_snapshot_id()
+    def pinned_tip(self) -> str:
+        """The store's newest snapshot id, pinned: an iteration's start, read again by a redo hours later (docs/store.md, Maintenance)."""
+        tip = self.store.latest_snapshot_id()
+        self.store.pin(tip, f"start.{tip}")
+        return tip
 
     def store_synthetic(self, episodes: list[Episode]) -> int:
         """Write scenario and world-model episodes into the store (idempotent by episode id)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,6 +42,7 @@ MAX_PUBLISH_BYTES = 256 << 20
 MAX_DIM = 1 << 20  # obs_dim, act_dim
 MAX_REASON = 1024  # characters of a rollback's reason (copied into every robot's manifest)
 _NOT_FOUND = {"Cache-Control": http_cache.NOT_FOUND}  # "no 2.root.json yet" must not outlive a key rotation in a cache
+_NEXT_ROOT = re.compile(r"[1-9][0-9]*\.root\.json")  # what a TUF client asks for at every refresh until a root rotation makes it
 
 
 def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_s: float = 60.0) -> APIRouter:
@@ -59,7 +61,10 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
 
         data = await run_in_threadpool(load)
         if data is None:
-            raise ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name", _NOT_FOUND)
+            missing = ApiError(404, "no_such_metadata", f"no TUF metadata {name!r} (a client asks for the next root version until this)", "name", _NOT_FOUND)
+            if _NEXT_ROOT.fullmatch(name):  # every robot's every poll asks for the next root: an answer, not a refusal to count
+                return missing.response()
+            raise missing
         return http_cache.answer(
             request, etag=http_cache.etag_of(data), cache_control=http_cache.metadata_cache_control(name), size=len(data), media_type="application/json",
             body=lambda start, end: data[start:end],

@@ -48,6 +48,7 @@ from fleet.server.body import read_body
 from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body, refuse_undeclared_zstd
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
+from fleet.server.maintainer import Maintainer
 from fleet.server.metrics import HTTP_METHODS, Metrics
 from fleet.server.uploads import Staging, staging_dir, upload_router
 from fleet.store.backend import StoreBusyError, StoreUnreachableError, short_reason
@@ -200,24 +201,27 @@ def create_app(
         store, metrics, wait_s=config.commit_wait_ms / 1000, rejoin_s=config.commit_rejoin_ms / 1000,
         max_bytes=config.commit_max_bytes, max_episodes=config.commit_max_episodes,
     )  # fmt: skip
+    maintainer = Maintainer(store, metrics, config.maintenance_every_s)
     snapshots = _Snapshots(store)
     limits = UploadLimits(config.max_concurrent_uploads, config.upload_rate_per_s, config.upload_burst)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         committer.start()
+        maintainer.start()
         if on_ready is not None:
             on_ready()
         try:
             yield
         finally:
+            await run_in_threadpool(maintainer.close)  # a run in progress finishes first
             await run_in_threadpool(committer.close)
 
     # /openapi.json describes the protocol for clients (fleet/server/openapi.py); no Swagger or ReDoc pages (they load scripts
     # from a CDN); redirect_slashes off: "/v1/episodes/" is a 404 in JSON, not a 307 to whatever Host the client named
     app = FastAPI(title="flywheel-server", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     openapi.install(app, config)
-    app.state.metrics, app.state.committer, app.state.store = metrics, committer, store
+    app.state.metrics, app.state.committer, app.state.store, app.state.maintainer = metrics, committer, store, maintainer
 
     for router in routes(tokens) if routes is not None else ():
         app.include_router(router)

@@ -41,6 +41,10 @@ class ServerConfig:
         need one shared staging folder, or sticky routing per robot.
     upload_ttl_s: a staged upload untouched this long is removed (its robot then starts a new one).
     max_open_uploads: per robot, uploads created and neither completed nor aborted; 429 beyond.
+    maintenance_every_s: run the store's maintenance this often (``EpisodeStore.maintain``: the history older
+        than ``StoreConfig.keep_history_s`` expired, what nothing reaches any more deleted; docs/store.md,
+        Maintenance); 0: never (then run ``flywheel store maintain`` on a schedule). Replicas of one store may
+        each run it; a run that meets another's edits fails, is logged, and the next one catches up.
     ready_file: if set, written (JSON: url, pid) once the server accepts connections.
     log_level: uvicorn log level.
     """
@@ -67,6 +71,7 @@ class ServerConfig:
     max_open_uploads: int = 4
     ready_file: str | None = None
     log_level: str = "warning"
+    maintenance_every_s: float = 900.0
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -77,6 +82,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s, head_timeout_s and upload_rate_per_s must be > 0, max_concurrent_uploads and upload_burst >= 1")
         if self.commit_wait_ms < 0 or self.commit_rejoin_ms < 0 or self.commit_max_bytes < 1 or self.commit_max_episodes < 1 or not self.commit_timeout_s > 0:
             raise ValueError("commit_wait_ms and commit_rejoin_ms must be >= 0, commit_max_bytes, commit_max_episodes >= 1 and commit_timeout_s > 0")
+        if not 0 <= self.maintenance_every_s < float("inf"):
+            raise ValueError(f"maintenance_every_s must be >= 0 seconds (0: never), got {self.maintenance_every_s}")
         if self.max_episode_bytes < 1 or self.max_chunk_bytes < 1 or self.max_open_uploads < 1 or not self.upload_ttl_s > 0:
             raise ValueError(
                 f"max_episode_bytes, max_chunk_bytes and max_open_uploads must be >= 1 and upload_ttl_s > 0; got "

@@ -31,6 +31,11 @@ class StoreConfig:
         long-lived replica its own stable id (e.g. its pod or host name). "" (default): "local" on
         local disk (writers there take turns under the commit lock), a new id per opened store on
         object storage (``<host>-<pid>-<random>``, recorded in the partition and in each commit).
+    keep_history_s: maintenance (``EpisodeStore.maintain``; a server runs it every
+        ``ServerConfig.maintenance_every_s``) expires the branch's snapshots older than this; pinned
+        snapshots (``EpisodeStore.pin``) stay readable whatever their age (docs/store.md, Maintenance).
+    gc_grace_s: maintenance never deletes an object written less than this long ago (a commit in flight
+        has written its chunks but not moved the branch yet): more than ``lock_timeout_s``.
     """
 
     path: str
@@ -40,6 +45,8 @@ class StoreConfig:
     fsync: bool = True
     lock_timeout_s: float = 60.0
     writer_id: str = ""
+    keep_history_s: float = 3600.0
+    gc_grace_s: float = 900.0
 
     def __post_init__(self):
         if not str(self.path):
@@ -51,5 +58,12 @@ class StoreConfig:
             raise ValueError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.lock_timeout_s <= 0:
             raise ValueError(f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
+        if not self.keep_history_s > 0:
+            raise ValueError(f"keep_history_s must be > 0 seconds, got {self.keep_history_s}")
+        if not self.gc_grace_s > self.lock_timeout_s:  # also refuses NaN
+            raise ValueError(
+                f"gc_grace_s ({self.gc_grace_s}) must be more than lock_timeout_s ({self.lock_timeout_s}): maintenance must never "
+                "delete the chunks of a commit still in flight"
+            )
         if self.writer_id and not WRITER_ID.fullmatch(self.writer_id):
             raise ValueError(f"writer_id {self.writer_id!r}: use 1 to 64 letters, digits, '_' or '-' (or \"\" for a generated one)")

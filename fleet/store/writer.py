@@ -27,7 +27,7 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.errors import GroupNotFoundError
 from zarr.storage import StorePath
 
-from fleet.store import backend, legacy
+from fleet.store import backend, legacy, maintenance
 from fleet.store.catalog import COLUMNS, columns, fill_value, record_of, zarr_dtype
 from fleet.store.config import StoreConfig
 from fleet.store.index import IdIndex
@@ -325,6 +325,19 @@ class EpisodeStore:
             session = self._repo.readonly_session(branch=BRANCH)
             backend.run(self._index.refresh(session.store, session.snapshot_id))
         return len(self._index.digests)
+
+    # -- keeping its size bounded (fleet/store/maintenance.py) ---------------------------------
+    def pin(self, snapshot_id: str, name: str) -> None:
+        """Keep ``snapshot_id`` readable through every maintenance, as pin ``name``."""
+        maintenance.pin(self.location, snapshot_id, name)
+
+    def pins(self) -> dict[str, str]:
+        """Pin name -> snapshot id."""
+        return maintenance.pins(self.location)
+
+    def maintain(self) -> maintenance.MaintenanceReport:
+        """Expire the history older than ``config.keep_history_s`` and delete what nothing reaches any more."""
+        return maintenance.maintain(self.location, self.config.keep_history_s, self.config.gc_grace_s)
 
     # -- writing -------------------------------------------------------------------------
     def append(

@@ -1,0 +1,62 @@
+"""`flywheel store ...`: a store's maintenance and pins from the shell (docs/store.md, Maintenance); one JSON line out.
+
+    flywheel store maintain --store PATH [--keep-history-s S] [--gc-grace-s S]
+    flywheel store pin --store PATH --snapshot ID --name NAME
+    flywheel store pins --store PATH
+
+Exit status 0 on success, 2 with a one-line error that says what to do otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="flywheel store", description="Keep an episode store's size bounded: maintenance and pinned snapshots.")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("maintain", help="expire the history older than --keep-history-s and delete what nothing reaches any more")
+    run.add_argument("--store", required=True, help="the store's folder or s3://bucket/prefix (fleet.store.path)")
+    run.add_argument("--keep-history-s", type=float, default=None, help="expire snapshots older than this (default: StoreConfig's, 3600); pinned ones stay")
+    run.add_argument("--gc-grace-s", type=float, default=None, help="never delete objects younger than this (default: StoreConfig's, 900)")
+    pin = sub.add_parser("pin", help="keep a snapshot readable through every maintenance")
+    pin.add_argument("--store", required=True)
+    pin.add_argument("--snapshot", required=True, help="the snapshot id (e.g. an export's snapshot_id)")
+    pin.add_argument("--name", required=True, help="the pin's name: letters, digits, '_', '-', '.'")
+    pins = sub.add_parser("pins", help="list the pinned snapshots")
+    pins.add_argument("--store", required=True)
+    return top
+
+
+def run(args: argparse.Namespace) -> dict:
+    from fleet.store import EpisodeStore, StoreConfig
+
+    settings = {k: v for k, v in (("keep_history_s", getattr(args, "keep_history_s", None)), ("gc_grace_s", getattr(args, "gc_grace_s", None))) if v is not None}
+    store = EpisodeStore.open(StoreConfig(path=args.store, **settings))
+    if args.command == "maintain":
+        return {"command": "maintain", "store": args.store, **store.maintain().to_dict()}
+    if args.command == "pin":
+        store.pin(args.snapshot, args.name)
+        return {"command": "pin", "store": args.store, "name": args.name, "snapshot_id": args.snapshot}
+    return {"command": "pins", "store": args.store, "pins": store.pins()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
+    from fleet.store.location import StoreLocationError
+
+    args = parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (ValueError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError) as exc:  # FileNotFoundError: no store there
+        print(f"flywheel store {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""Keeping a long-running store's size bounded: pins and maintenance (docs/store.md, "Maintenance").
+
+Every commit writes a new snapshot, a transaction log, the new chunks of each array it touches and a new
+version of each of those arrays' manifest pieces; the versions it replaces stay for the snapshots that
+use them. A store that commits one small episode at a time grows by ~150 KiB a commit that way (a soak:
+7 robots, 27 minutes, 1.1 GB for 7,600 episodes of 1.7 KB; 25 MB once collected). Maintenance expires the
+history older than ``StoreConfig.keep_history_s`` (Icechunk's ``expire_snapshots``) and deletes what no
+branch or tag reaches any more (``garbage_collect``), sparing every object written in the last
+``StoreConfig.gc_grace_s`` (a commit in flight has written its chunks but not yet moved the branch).
+
+A snapshot someone must read later (the data a policy was trained on, an iteration's start, an export)
+is *pinned*: an Icechunk tag ``pin.<name>`` keeps it, and everything it reads, through any maintenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import time
+
+import icechunk
+
+from fleet.store import backend
+from fleet.store.location import Location
+
+PIN_PREFIX = "pin."
+PIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaintenanceReport:
+    """What one maintenance run did: snapshots expired from the history, objects and bytes deleted."""
+
+    expired_snapshots: int
+    deleted_objects: int
+    deleted_bytes: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def pin(location: Location, snapshot_id: str, name: str) -> None:
+    """Pin ``snapshot_id`` as ``name``: maintenance keeps it readable. Pinning the same snapshot under the same
+    name again does nothing; a name already pinning another snapshot is a ValueError."""
+    if not PIN_NAME.fullmatch(name):
+        raise ValueError(f"pin name {name!r}: use 1 to 200 letters, digits, '_', '-' or '.'")
+    repo = backend.open_repo(location)
+    with backend.answering(location):
+        try:
+            repo.create_tag(PIN_PREFIX + name, snapshot_id)
+        except icechunk.IcechunkError as exc:
+            held = pins(location, repo).get(name)
+            if held == snapshot_id:
+                return  # pinned already (a redone iteration pins its start again)
+            if held is not None:
+                raise ValueError(f"pin {name!r} already holds snapshot {held}, not {snapshot_id}: pick another name") from None
+            raise ValueError(f"cannot pin snapshot {snapshot_id} of the store at {location}: {backend.short_reason(exc)}") from None
+
+
+def pins(location: Location, repo: icechunk.Repository | None = None) -> dict[str, str]:
+    """Pin name -> snapshot id."""
+    repo = repo or backend.open_repo(location)
+    with backend.answering(location):
+        return {tag[len(PIN_PREFIX) :]: repo.lookup_tag(tag) for tag in sorted(repo.list_tags()) if tag.startswith(PIN_PREFIX)}
+
+
+def maintain(location: Location, keep_history_s: float, gc_grace_s: float) -> MaintenanceReport:
+    """Expire the history older than ``keep_history_s`` and delete what nothing reaches any more, except objects
+    younger than ``gc_grace_s``. Safe beside writers and readers of the branch's recent snapshots and of pinned
+    ones (Icechunk's own rule for running both beside a live repository); a reader of an unpinned snapshot older
+    than ``keep_history_s`` may find it gone."""
+    start = time.monotonic()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    repo = backend.open_repo(location)  # caches of its own: the writers' hold snapshots as they were before the edit
+    with backend.answering(location):
+        expired = repo.expire_snapshots(now - datetime.timedelta(seconds=keep_history_s))
+        summary = repo.garbage_collect(now - datetime.timedelta(seconds=gc_grace_s))
+    deleted = summary.chunks_deleted + summary.manifests_deleted + summary.snapshots_deleted + summary.attributes_deleted + summary.transaction_logs_deleted
+    return MaintenanceReport(len(expired), deleted, summary.bytes_deleted, round(time.monotonic() - start, 3))

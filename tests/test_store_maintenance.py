@@ -1,0 +1,129 @@
+"""A long-running store stays bounded: maintenance expires old history and deletes what nothing reaches, pinned
+snapshots stay readable, a server runs it on a schedule beside its uploads, and `flywheel store` runs it from the
+shell. A soak (7 robots, 27 minutes, one small episode per commit) grew a store to 1.1 GB and 280,000 files for 7,600
+episodes of 1.7 KB, every commit's replaced manifests kept for ever."""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleet.server import ServerConfig, add_token, serve
+from fleet.store import EpisodeStore, StoreConfig
+from fleet.store.cli import main as store_cli
+from fleet.store.location import Location
+from fleet.store.maintenance import maintain
+from tests.test_store import episode
+
+
+def disk_use(path: Path) -> tuple[int, int]:
+    files = [Path(folder) / name for folder, _, names in os.walk(path) for name in names]
+    return len(files), sum(f.stat().st_size for f in files)
+
+
+def test_maintenance_reclaims_replaced_history_and_keeps_the_tip_and_pinned_snapshots_whole(tmp_path):
+    cfg = StoreConfig(path=str(tmp_path / "store"), chunk_rows=32, index_rows=4, fsync=False)
+    store = EpisodeStore.create(cfg)
+    episodes = [episode(i, f"r{i % 3}") for i in range(60)]
+    for ep in episodes[:30]:
+        store.append([ep])  # one episode a commit, as robots that upload at their own pace are committed
+    pinned = store.latest_snapshot_id()
+    store.pin(pinned, "release-1")
+    store.pin(pinned, "release-1")  # again: nothing to do (a redone iteration pins its start again)
+    with pytest.raises(ValueError, match="already holds snapshot"):
+        store.pin(store.history(2)[1]["snapshot_id"], "release-1")  # the name pins another snapshot already
+    unpinned = store.latest_snapshot_id()
+    for ep in episodes[30:]:
+        store.append([ep])
+    before = disk_use(tmp_path / "store")
+
+    report = maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)  # everything but the tip's and the pin's
+    after = disk_use(tmp_path / "store")
+    assert report.expired_snapshots >= 59 and report.deleted_objects > 0 and report.deleted_bytes > 0
+    assert after[0] < before[0] / 4 and after[1] < before[1] / 4, (before, after)
+
+    reopened = EpisodeStore.open(cfg)
+    tip = reopened.snapshot()
+    assert [e.episode_id for e in tip.read_episodes(tip.catalog())] == [e.episode_id for e in episodes]  # digests checked on read
+    old = reopened.snapshot(pinned)
+    assert [e.episode_id for e in old.read_episodes(old.catalog())] == [e.episode_id for e in episodes[:30]]
+    assert reopened.pins() == {"release-1": pinned}
+    assert unpinned not in [h["snapshot_id"] for h in reopened.history(100)]
+    assert reopened.append([episode(99)]).created == 1  # writers go on
+    assert len(reopened.snapshot().catalog()) == 61
+
+
+def test_pin_names_and_the_settings_that_would_delete_a_commit_in_flight_are_refused(tmp_path):
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    store.append([episode(1)])
+    with pytest.raises(ValueError, match="pin name 'a b'"):
+        store.pin(store.latest_snapshot_id(), "a b")
+    with pytest.raises(ValueError, match="cannot pin snapshot NOSUCH"):
+        store.pin("NOSUCH", "x")
+    with pytest.raises(ValueError, match=r"gc_grace_s \(30.0\) must be more than lock_timeout_s \(60.0\)"):
+        StoreConfig(path=str(tmp_path / "store"), gc_grace_s=30.0)
+    with pytest.raises(ValueError, match="keep_history_s must be > 0"):
+        StoreConfig(path=str(tmp_path / "store"), keep_history_s=0.0)
+
+
+def test_flywheel_store_maintains_pins_and_lists_from_the_shell(tmp_path, capsys):
+    path = str(tmp_path / "store")
+    store = EpisodeStore.create(StoreConfig(path=path, fsync=False))
+    for i in range(3):
+        store.append([episode(i)])
+    tip = store.latest_snapshot_id()
+    assert store_cli(["pin", "--store", path, "--snapshot", tip, "--name", "export-1"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"command": "pin", "store": path, "name": "export-1", "snapshot_id": tip}
+    assert store_cli(["maintain", "--store", path, "--keep-history-s", "0.001"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["command"] == "maintain" and done["expired_snapshots"] >= 3 and done["deleted_bytes"] == 0  # all younger than the grace
+    assert store_cli(["pins", "--store", path]) == 0
+    assert json.loads(capsys.readouterr().out)["pins"] == {"export-1": tip}
+    assert store_cli(["maintain", "--store", str(tmp_path / "nowhere")]) == 2
+    assert "flywheel store maintain: error: no episode store at" in capsys.readouterr().err
+    assert store_cli(["maintain", "--store", path, "--gc-grace-s", "5"]) == 2
+    assert "must be more than lock_timeout_s" in capsys.readouterr().err
+
+
+def test_the_server_maintains_its_store_on_a_schedule_beside_uploads_and_counts_it(tmp_path):
+    tokens = tmp_path / "tokens.json"
+    tok, op = add_token(tokens, "robot", "r0"), add_token(tokens, "operator")
+    store_cfg = StoreConfig(path=str(tmp_path / "store"), chunk_rows=32, index_rows=4, fsync=False, lock_timeout_s=0.5, keep_history_s=0.2, gc_grace_s=0.6)
+    handle = serve(ServerConfig(port=0, token_file=str(tokens), maintenance_every_s=0.25), store_cfg)
+    sent, errors = [], []
+    try:
+        with httpx.Client(base_url=handle.url, timeout=30, headers={"Authorization": f"Bearer {tok}"}) as client:
+
+            def upload() -> None:  # one at a time, so each is its own commit, while maintenance runs beside
+                for i in range(40):
+                    ep = episode(i, "r0")
+                    got = client.post("/v1/episodes", content=ep.to_bytes())
+                    (sent if got.status_code == 201 else errors).append(ep.episode_id if got.status_code == 201 else got.text)
+                    time.sleep(0.02)
+
+            uploader = threading.Thread(target=upload)
+            uploader.start()
+            uploader.join()
+            time.sleep(1.5)  # runs after the last commit, past the grace
+            metrics = {
+                (s.name, s.labels.get("outcome")): s.value
+                for f in text_string_to_metric_families(httpx.get(f"{handle.url}/metrics", headers={"Authorization": f"Bearer {op}"}).text)
+                for s in f.samples
+            }
+            assert not errors and len(sent) == 40
+            assert metrics[("flywheel_store_maintenance_runs_total", "ok")] >= 2
+            assert metrics.get(("flywheel_store_maintenance_runs_total", "failed"), 0) == 0
+            assert metrics[("flywheel_store_maintenance_deleted_bytes_total", None)] > 0
+            for eid in sent:  # every acknowledged episode reads back whole from the server
+                got = httpx.get(f"{handle.url}/v1/episodes/{eid}", headers={"Authorization": f"Bearer {op}"})
+                assert got.status_code == 200, got.text
+    finally:
+        handle.stop()
+    snap = EpisodeStore.open(store_cfg).snapshot()
+    assert sorted(e.episode_id for e in snap.read_episodes(snap.catalog())) == sorted(sent)
+    assert len(EpisodeStore.open(store_cfg).history(100)) < 10  # the history was expired as it went
