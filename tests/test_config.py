@@ -506,10 +506,13 @@ def test_a_deleted_key_and_a_value_that_does_not_resolve_stop_the_app_in_one_lin
 
 
 @pytest.mark.parametrize("name", ["flywheel", "server", "robot", "train"])
-def test_every_app_logs_http_requests_at_warning_only(name):
+def test_every_app_logs_http_requests_at_warning_only_into_a_file_that_rotates(name):
     """httpx logs every request at INFO: with the registry on S3 a replica wrote one line per robot poll, whatever
-    fleet.server.log_level said, and the loop's log held nothing else."""
+    fleet.server.log_level said, and the loop's log held nothing else. The log file grew without end (a soak's robot:
+    ~20 MiB a day): it rotates at 20 MiB, 5 files at most."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=name, overrides=[RUN_DIR] if name in ("flywheel", "train") else [], return_hydra_config=True)
     loggers = cfg.hydra.job_logging.loggers
     assert {key: loggers[key].level for key in ("httpx", "httpcore", "tuf")} == dict.fromkeys(("httpx", "httpcore", "tuf"), "WARNING")
+    file = cfg.hydra.job_logging.handlers.file
+    assert (file["class"], file.maxBytes, file.backupCount, "file" in cfg.hydra.job_logging.root.handlers) == ("logging.handlers.RotatingFileHandler", 20 << 20, 4, True)
