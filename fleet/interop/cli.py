@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from fleet.agent.config import check_server_url
+from fleet.json_command import json_command
 from fleet.interop.common import ImportOptions, InteropError, select, upload, write_to_store
 from sim.episode import SOURCES
 
@@ -159,15 +160,14 @@ def _json_text(text: str | None, flag: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        summary = run_export(args) if args.command == "export" else run_import(args)
-    except (InteropError, OSError) as exc:  # OSError: a path that is a file, exists, or cannot be written
-        if isinstance(exc, OSError) and exc.filename is not None:
-            exc = f"{exc.strerror or exc.__class__.__name__}: {exc.filename}; check the paths given (--out, --store, the inputs): each must be somewhere this user can read or write"
-        print(f"flywheel {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    work = (lambda: run_export(args)) if args.command == "export" else (lambda: run_import(args))
+    return json_command(f"flywheel {args.command}", work, (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
+
+
+def _say(exc: BaseException) -> object:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or exc.__class__.__name__}: {exc.filename}; check the paths given (--out, --store, the inputs): each must be somewhere this user can read or write"
+    return exc
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ Exit status 0 on success, 2 with a one-line error that says what to do otherwise
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
+
+from fleet.json_command import json_command
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,14 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
     from fleet.store.location import StoreLocationError
 
-    args = parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (ValueError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError) as exc:  # FileNotFoundError: no store there
-        print(f"flywheel store {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    args = parser().parse_args(argv)  # FileNotFoundError (an OSError): no store there
+    return json_command(f"flywheel store {args.command}", lambda: run(args), (ValueError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError))
 
 
 if __name__ == "__main__":
