@@ -165,11 +165,14 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
 
     fw = flywheel(tmp_path / "run")
     fw.run_dir.mkdir()  # as Services makes it
-    fw.svc = types.SimpleNamespace(tip=lambda: "snapshot-before")
+    tip, pinned, released = ["snapshot-before"], [], []
+    fw.svc = types.SimpleNamespace(pinned_tip=lambda: pinned.append(tip[0]) or tip[0], pin_start=pinned.append, release_start=released.append)
     assert fw._iteration_start(0) == "snapshot-before"
-    fw.svc.tip = lambda: "snapshot-after-the-attempt"
+    tip[0] = "snapshot-after-the-attempt"
     assert fw._iteration_start(0) == "snapshot-before"  # the redo: as the first attempt began
     assert fw._iteration_start(1) == "snapshot-after-the-attempt"  # the next iteration: as it begins
+    # each start pinned (the redo's again: a run folder of an earlier build never pinned it), iteration 0's let go once 1 began
+    assert (pinned, released) == (["snapshot-before", "snapshot-before", "snapshot-after-the-attempt"], ["snapshot-before"])
 
     def episode(seed: int, source: str) -> Episode:
         return Episode.create(**make_episode_arrays(num_steps=3, seed=seed), robot_id="robot-0", robot_model="pendulum", source=source)

@@ -36,7 +36,7 @@ def test_a_server_started_while_the_registrys_object_storage_is_down_says_so_in_
     )  # fmt: skip
     assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr[-3000:]
     (line,) = started.stderr.strip().splitlines()
-    assert line.startswith("flywheel-server: S3 HEAD http://127.0.0.1:") and "Connection refused" in line, line
+    assert line.startswith("flywheel-server: S3 GET http://127.0.0.1:") and "Connection refused" in line, line  # the registry's listing
     assert "check AWS_ENDPOINT_URL, the bucket and the credentials" in line, line
 
 

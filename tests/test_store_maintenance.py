@@ -67,8 +67,9 @@ def test_pin_names_and_the_settings_that_would_delete_a_commit_in_flight_are_ref
         store.pin("NOSUCH", "x")
     with pytest.raises(ValueError, match=r"gc_grace_s \(30.0\) must be more than lock_timeout_s \(60.0\)"):
         StoreConfig(path=str(tmp_path / "store"), gc_grace_s=30.0)
-    with pytest.raises(ValueError, match="keep_history_s must be > 0"):
-        StoreConfig(path=str(tmp_path / "store"), keep_history_s=0.0)
+    for bad in ({"keep_history_s": 0.0}, {"keep_history_s": float("inf")}, {"gc_grace_s": 1e11}):
+        with pytest.raises(ValueError, match="must be > 0 and at most 315360000 s"):
+            StoreConfig(path=str(tmp_path / "store"), **bad)
 
 
 def test_flywheel_store_maintains_pins_and_lists_from_the_shell(tmp_path, capsys):
@@ -148,3 +149,84 @@ def test_maintenance_on_object_storage_keeps_pins_and_the_tip(s3_server):
     tip, old = reopened.snapshot(), reopened.snapshot(pinned)
     assert len(tip.read_episodes(tip.catalog())) == 12 and len(old.read_episodes(old.catalog())) == 6
     assert reopened.pins() == {"kept": pinned}
+
+
+def test_a_snapshot_no_longer_in_the_store_is_unknown_not_damage(tmp_path, capsys):
+    """A mistyped id, or one maintenance expired, was reported as "the store is damaged: restore it from a backup": an
+    operator who did would lose every episode stored since the backup."""
+    from fleet.interop.cli import main as interop_main
+    from fleet.store import UnknownSnapshotError
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    old = store.latest_snapshot_id()
+    store.append([episode(2)])
+    for missing in ("AAAAAAAAAAAAAAAAAAAA", "not-an-id"):
+        with pytest.raises(UnknownSnapshotError, match="is not in the episode store .* Pin a snapshot you will read later"):
+            store.snapshot(missing)
+    maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+    with pytest.raises(UnknownSnapshotError, match=f"snapshot '{old}' is not in the episode store"):
+        EpisodeStore.open(cfg).snapshot(old)
+    assert interop_main(["export", "--format", "mcap", "--store", cfg.path, "--snapshot", old, "--out", str(tmp_path / "out")]) == 2
+    said = capsys.readouterr().err
+    assert "is not in the episode store" in said and "damaged" not in said
+
+
+def test_a_snapshot_stays_for_keep_history_after_it_stopped_being_the_newest(tmp_path):
+    """Expiry went by when a snapshot was written: a quiet store's tip, written long ago, went at the first maintenance
+    after the next commit, under a reader that had just pinned its view to it."""
+    import time
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    quiet = store.latest_snapshot_id()
+    time.sleep(0.6)  # the tip for a while
+    store.append([episode(2)])
+    maintain(Location.of(cfg.path), keep_history_s=0.4, gc_grace_s=0.0)  # written 0.6 s ago, the newest until a moment ago: kept
+    assert len(store.snapshot(quiet).catalog()) == 1
+    time.sleep(0.6)
+    maintain(Location.of(cfg.path), keep_history_s=0.4, gc_grace_s=0.0)  # superseded 0.6 s ago: expired
+    with pytest.raises(ValueError, match="is not in the episode store"):
+        EpisodeStore.open(cfg).snapshot(quiet)
+
+
+def test_a_commit_whose_chunks_are_older_than_half_the_grace_writes_them_again(tmp_path, monkeypatch):
+    """gc_grace_s > lock_timeout_s did not protect a commit that was slow between writing its chunks and committing:
+    maintenance could delete them and the episode was acknowledged over chunks that were gone."""
+    import asyncio
+
+    from fleet.store import writer
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False, lock_timeout_s=5.0, gc_grace_s=6.0)
+    store = EpisodeStore.create(cfg)
+    original, slow = writer.EpisodeStore._write, [True]
+
+    async def write_then_stall(self, *args):
+        written = await original(self, *args)
+        if slow.pop() if slow else False:
+            await asyncio.sleep(3.2)  # past gc_grace_s / 2 before the commit
+        return written
+
+    monkeypatch.setattr(writer.EpisodeStore, "_write", write_then_stall)
+    assert store.append([episode(1)]).statuses == ("created",)
+    assert store.commit_retries == 1  # written again once, then committed
+    snap = EpisodeStore.open(cfg).snapshot()
+    assert [e.episode_id for e in snap.read_episodes(snap.catalog())] == [episode(1).episode_id]
+
+
+def test_unpin_lets_maintenance_expire_and_a_name_is_not_reused(tmp_path, capsys):
+    path = str(tmp_path / "store")
+    store = EpisodeStore.create(StoreConfig(path=path, fsync=False))
+    store.append([episode(1)])
+    first = store.latest_snapshot_id()
+    store.pin(first, "keep")
+    store.append([episode(2)])
+    assert store_cli(["unpin", "--store", path, "--name", "keep"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"command": "unpin", "store": path, "name": "keep"}
+    assert store.pins() == {}
+    assert store_cli(["unpin", "--store", path, "--name", "keep"]) == 2 and "no pin 'keep'" in capsys.readouterr().err
+    maintain(Location.of(path), keep_history_s=1e-3, gc_grace_s=0.0)
+    with pytest.raises(ValueError, match="is not in the episode store"):
+        store.snapshot(first)

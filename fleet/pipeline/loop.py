@@ -332,8 +332,12 @@ class Flywheel:
         episodes it trains on stop there, so a redone iteration trains on what an uninterrupted one would have."""
         start = read_run_file(self.run_dir / ITERATION_FILE)
         if start is None or start.get("iteration") != k:
-            start = {"iteration": k, "snapshot": self.svc.pinned_tip()}
+            previous, start = start, {"iteration": k, "snapshot": self.svc.pinned_tip()}
             write_durably(self.run_dir / ITERATION_FILE, json.dumps(start).encode())
+            if previous and previous.get("snapshot") not in (None, start["snapshot"]):
+                self.svc.release_start(previous["snapshot"])
+        else:
+            self.svc.pin_start(start["snapshot"])  # a redo reads it again (a run folder of an earlier build did not pin it)
         return start["snapshot"]
 
     def _world_model_dir(self) -> Path | None:

@@ -111,8 +111,16 @@ class Services(contextlib.AbstractContextManager):
     def pinned_tip(self) -> str:
         """The store's newest snapshot id, pinned: an iteration's start, read again by a redo hours later (docs/store.md, Maintenance)."""
         tip = self.store.latest_snapshot_id()
-        self.store.pin(tip, f"start.{tip}")
+        self.pin_start(tip)
         return tip
+
+    def pin_start(self, snapshot_id: str) -> None:
+        self.store.pin(snapshot_id, f"start.{snapshot_id}")
+
+    def release_start(self, snapshot_id: str) -> None:
+        """A finished iteration's start: no redo reads it any more, maintenance may expire it."""
+        if f"start.{snapshot_id}" in self.store.pins():
+            self.store.unpin(f"start.{snapshot_id}")
 
     def store_synthetic(self, episodes: list[Episode]) -> int:
         """Write scenario and world-model episodes into the store (idempotent by episode id)."""

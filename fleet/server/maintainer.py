@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import threading
 
 from fleet.server.metrics import Metrics
@@ -12,9 +13,14 @@ from fleet.store.backend import short_reason
 log = logging.getLogger(__name__)
 
 
+FIRST_RUN_S = (30.0, 90.0)  # the first run comes this long after the start (uniform: replicas started together spread out)
+CLOSE_WAIT_S = 10.0  # a stop waits this long for a run in progress (its deletes are idempotent: the next run finishes them)
+
+
 class Maintainer:
-    """A thread that runs ``store.maintain()`` every ``every_s`` seconds (the first one ``every_s`` after the start),
-    counting runs and bytes in ``metrics``. A failed run is logged and counted; the next one is tried as planned."""
+    """A thread that runs ``store.maintain()`` every ``every_s`` seconds, the first run FIRST_RUN_S after the start (at most
+    ``every_s``: a server restarted more often than its period still maintains), counting runs and bytes in ``metrics``.
+    A failed run is logged and counted; the next one is tried as planned."""
 
     def __init__(self, store: EpisodeStore, metrics: Metrics, every_s: float):
         self.store, self.metrics, self.every_s = store, metrics, every_s
@@ -29,7 +35,7 @@ class Maintainer:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(CLOSE_WAIT_S)
 
     def run_once(self) -> None:
         try:
@@ -46,5 +52,7 @@ class Maintainer:
         )  # fmt: skip
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        wait = min(self.every_s, random.uniform(*FIRST_RUN_S))
+        while not self._stop.wait(wait):
             self.run_once()
+            wait = self.every_s

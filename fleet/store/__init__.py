@@ -25,6 +25,7 @@ _LAZY = {
     "EpisodeInfo": "fleet.store.reader",
     "TransitionTable": "fleet.store.reader",
     "StoreCorruptionError": "fleet.store.reader",
+    "UnknownSnapshotError": "fleet.store.backend",
     "StoreBusyError": "fleet.store.backend",
 }
 

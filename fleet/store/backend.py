@@ -99,6 +99,11 @@ def answering(location: Location) -> Iterator[None]:
         raise unreachable(location, exc, opening=False) from exc
 
 
+class UnknownSnapshotError(ValueError):
+    """A snapshot id asked for is not in the store's history: mistyped, of another store, or expired by maintenance
+    (older than ``keep_history_s`` and not pinned; docs/store.md, Maintenance). Not damage: nothing to restore."""
+
+
 class StoreCorruptionError(RuntimeError):
     """The store's files are damaged: an episode no longer matches the digest recorded when it was committed, or a
     snapshot, manifest, ref or chunk it needs is missing, short or undecodable. Restore the store from backup; waiting or

@@ -2,6 +2,7 @@
 
     flywheel store maintain --store PATH [--keep-history-s S] [--gc-grace-s S]
     flywheel store pin --store PATH --snapshot ID --name NAME
+    flywheel store unpin --store PATH --name NAME
     flywheel store pins --store PATH
 
 Exit status 0 on success, 2 with a one-line error that says what to do otherwise.
@@ -26,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
     pin.add_argument("--store", required=True)
     pin.add_argument("--snapshot", required=True, help="the snapshot id (e.g. an export's snapshot_id)")
     pin.add_argument("--name", required=True, help="the pin's name: letters, digits, '_', '-', '.'")
+    unpin = sub.add_parser("unpin", help="let maintenance expire what a pin kept (its name cannot pin again)")
+    unpin.add_argument("--store", required=True)
+    unpin.add_argument("--name", required=True)
     pins = sub.add_parser("pins", help="list the pinned snapshots")
     pins.add_argument("--store", required=True)
     return top
@@ -41,6 +45,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "pin":
         store.pin(args.snapshot, args.name)
         return {"command": "pin", "store": args.store, "name": args.name, "snapshot_id": args.snapshot}
+    if args.command == "unpin":
+        store.unpin(args.name)
+        return {"command": "unpin", "store": args.store, "name": args.name}
     return {"command": "pins", "store": args.store, "pins": store.pins()}
 
 
@@ -49,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.store.location import StoreLocationError
 
     args = parser().parse_args(argv)  # FileNotFoundError (an OSError): no store there
-    return json_command(f"flywheel store {args.command}", lambda: run(args), (ValueError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError))
+    return json_command(f"flywheel store {args.command}", lambda: run(args), (ValueError, KeyError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError))
 
 
 if __name__ == "__main__":

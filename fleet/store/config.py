@@ -9,6 +9,7 @@ from fleet.store.location import Location
 
 COMPRESSIONS = ("lz4-bitshuffle", "zstd", "none")
 WRITER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_HISTORY_S = 10 * 365 * 86400.0  # beyond, a maintenance cutoff leaves the calendar (OverflowError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,8 @@ class StoreConfig:
         ``ServerConfig.maintenance_every_s``) expires the branch's snapshots older than this; pinned
         snapshots (``EpisodeStore.pin``) stay readable whatever their age (docs/store.md, Maintenance).
     gc_grace_s: maintenance never deletes an object written less than this long ago (a commit in flight
-        has written its chunks but not moved the branch yet): more than ``lock_timeout_s``.
+        has written its chunks but not moved the branch yet): more than ``lock_timeout_s``; a commit whose
+        chunks are older than half of it writes them again before it commits.
     """
 
     path: str
@@ -58,8 +60,8 @@ class StoreConfig:
             raise ValueError(f"compression {self.compression!r} is not one of {COMPRESSIONS}")
         if self.lock_timeout_s <= 0:
             raise ValueError(f"lock_timeout_s must be > 0, got {self.lock_timeout_s}")
-        if not self.keep_history_s > 0:
-            raise ValueError(f"keep_history_s must be > 0 seconds, got {self.keep_history_s}")
+        if not 0 < self.keep_history_s <= MAX_HISTORY_S or not 0 < self.gc_grace_s <= MAX_HISTORY_S:  # also refuses NaN and inf
+            raise ValueError(f"keep_history_s and gc_grace_s must be > 0 and at most {MAX_HISTORY_S:.0f} s (ten years), got {self.keep_history_s}, {self.gc_grace_s}")
         if not self.gc_grace_s > self.lock_timeout_s:  # also refuses NaN
             raise ValueError(
                 f"gc_grace_s ({self.gc_grace_s}) must be more than lock_timeout_s ({self.lock_timeout_s}): maintenance must never "

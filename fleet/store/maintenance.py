@@ -22,6 +22,7 @@ import time
 import icechunk
 
 from fleet.store import backend
+from fleet.store.layout import BRANCH
 from fleet.store.location import Location
 
 PIN_PREFIX = "pin."
@@ -43,20 +44,35 @@ class MaintenanceReport:
 
 def pin(location: Location, snapshot_id: str, name: str) -> None:
     """Pin ``snapshot_id`` as ``name``: maintenance keeps it readable. Pinning the same snapshot under the same
-    name again does nothing; a name already pinning another snapshot is a ValueError."""
+    name again does nothing; a name already pinning another snapshot, or a snapshot not in the store, is a ValueError.
+    A name once unpinned cannot pin again (Icechunk keeps deleted tag names)."""
     if not PIN_NAME.fullmatch(name):
         raise ValueError(f"pin name {name!r}: use 1 to 200 letters, digits, '_', '-' or '.'")
     repo = backend.open_repo(location)
-    with backend.answering(location):
+    with backend.answering(location):  # storage that did not answer: StoreUnreachableError, as any call
         try:
             repo.create_tag(PIN_PREFIX + name, snapshot_id)
+            return
         except icechunk.IcechunkError as exc:
-            held = pins(location, repo).get(name)
-            if held == snapshot_id:
-                return  # pinned already (a redone iteration pins its start again)
-            if held is not None:
-                raise ValueError(f"pin {name!r} already holds snapshot {held}, not {snapshot_id}: pick another name") from None
-            raise ValueError(f"cannot pin snapshot {snapshot_id} of the store at {location}: {backend.short_reason(exc)}") from None
+            refused = exc
+        held = pins(location, repo).get(name)
+    if held == snapshot_id:
+        return  # pinned already (a redone iteration pins its start again)
+    if held is not None:
+        raise ValueError(f"pin {name!r} already holds snapshot {held}, not {snapshot_id}: pick another name")
+    if backend.UNANSWERED_MARKER in str(refused) and "not found" not in str(refused):
+        with backend.answering(location):
+            raise refused
+    raise ValueError(f"cannot pin snapshot {snapshot_id} of the store at {location}: {backend.short_reason(refused)}")
+
+
+def unpin(location: Location, name: str) -> None:
+    """Let maintenance expire what pin ``name`` kept (KeyError: no such pin)."""
+    repo = backend.open_repo(location)
+    if name not in pins(location, repo):
+        raise KeyError(f"no pin {name!r} in the store at {location} (`flywheel store pins` lists them)")
+    with backend.answering(location):
+        repo.delete_tag(PIN_PREFIX + name)
 
 
 def pins(location: Location, repo: icechunk.Repository | None = None) -> dict[str, str]:
@@ -75,7 +91,18 @@ def maintain(location: Location, keep_history_s: float, gc_grace_s: float) -> Ma
     now = datetime.datetime.now(datetime.timezone.utc)
     repo = backend.open_repo(location)  # caches of its own: the writers' hold snapshots as they were before the edit
     with backend.answering(location):
-        expired = repo.expire_snapshots(now - datetime.timedelta(seconds=keep_history_s))
+        expired = repo.expire_snapshots(kept_since(repo, now - datetime.timedelta(seconds=keep_history_s)))
         summary = repo.garbage_collect(now - datetime.timedelta(seconds=gc_grace_s))
     deleted = summary.chunks_deleted + summary.manifests_deleted + summary.snapshots_deleted + summary.attributes_deleted + summary.transaction_logs_deleted
     return MaintenanceReport(len(expired), deleted, summary.bytes_deleted, round(time.monotonic() - start, 3))
+
+
+def kept_since(repo: icechunk.Repository, cutoff: datetime.datetime) -> datetime.datetime:
+    """What to expire before: the time of the branch's snapshot that was its newest at ``cutoff``, so that a snapshot
+    stays ``keep_history_s`` after it stopped being the newest, not after it was written (a quiet store's tip, written
+    hours ago, was read at once by a reader that a commit a second later would have left without it; a rebase walks
+    back to the tip it started from)."""
+    for info in repo.ancestry(branch=BRANCH):
+        if info.written_at <= cutoff:
+            return info.written_at  # expire_snapshots keeps this one: it is not older than itself
+    return cutoff

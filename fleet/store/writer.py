@@ -194,6 +194,10 @@ def _check_being_created(repo: icechunk.Repository, path: Location) -> None:
         )
 
 
+# What Icechunk's commit says when a manifest it builds on cannot be read, and nothing more (the case _damaged_below reads for)
+OPAQUE_COMMIT_FAILURE = "failed to create manifest"
+
+
 class EpisodeStore:
     """A Flywheel episode store on disk. Build with :meth:`create`, :meth:`open` or :meth:`open_or_create`."""
 
@@ -297,9 +301,30 @@ class EpisodeStore:
         base: an earlier snapshot of this store with its catalog loaded; only what was
         committed since is read when the new catalog loads.
         """
+        asked = snapshot_id
         snapshot_id = snapshot_id or self.latest_snapshot_id()
         with backend.answering(self.location):
-            return StoreSnapshot(self._repo, snapshot_id, self.info, base=base, location=self.location)
+            if asked:
+                try:
+                    self._repo.lookup_snapshot(asked)  # its file, not yet what it refers to
+                except icechunk.IcechunkError as exc:
+                    if "not found" in str(exc) or "invalid snapshot id" in str(exc):
+                        self._unknown(asked)
+                    raise
+            try:
+                return StoreSnapshot(self._repo, snapshot_id, self.info, base=base, location=self.location)
+            except icechunk.IcechunkError as exc:
+                if asked and "snapshot not found" in str(exc):  # expired since this process looked it up (its id cached)
+                    self._unknown(asked)
+                raise
+
+    def _unknown(self, snapshot_id: str) -> None:
+        """UnknownSnapshotError for a snapshot id asked for that is not in the store (read as "damaged, restore from backup")."""
+        raise backend.UnknownSnapshotError(
+            f"snapshot {snapshot_id!r} is not in the episode store at {self.location}: a mistyped id, another store's, or one "
+            f"maintenance expired (history older than keep_history_s={self.config.keep_history_s:g} s goes unless pinned; "
+            "docs/store.md, Maintenance). Pin a snapshot you will read later: EpisodeStore.pin or `flywheel store pin`"
+        ) from None
 
     def history(self, limit: int = 20) -> list[dict]:
         """The newest ``limit`` commits: snapshot_id, written_at (ISO), message, metadata."""
@@ -330,6 +355,10 @@ class EpisodeStore:
     def pin(self, snapshot_id: str, name: str) -> None:
         """Keep ``snapshot_id`` readable through every maintenance, as pin ``name``."""
         maintenance.pin(self.location, snapshot_id, name)
+
+    def unpin(self, name: str) -> None:
+        """Let maintenance expire what pin ``name`` kept."""
+        maintenance.unpin(self.location, name)
 
     def pins(self) -> dict[str, str]:
         """Pin name -> snapshot id."""
@@ -392,10 +421,14 @@ class EpisodeStore:
             return AppendResult(session.snapshot_id, tuple(statuses))
         self._written_meta, self._written_tails = {}, {}
         tails = self._tails if self._tails_snapshot == session.snapshot_id else {}  # nobody committed since this writer did
+        written_at = time.monotonic()  # its chunks are written from here on
         written = backend.run(self._write(session, fresh, self._index.total, tails))
         metadata = {"episodes": len(fresh), "writer": self.writer_id, "store_schema_version": self.info["store_schema_version"]}
         rebased = False
         while True:
+            if time.monotonic() - written_at > self.config.gc_grace_s / 2:  # maintenance may take chunks this old for garbage
+                self._check_deadline(deadline)
+                raise _Redo  # written again, in a fresh session: never committed over chunks that may be gone
             try:
                 snapshot_id = self._commit(session, message, metadata)
                 break
@@ -406,7 +439,7 @@ class EpisodeStore:
                 self._rebase(session, fresh, written)
                 rebased = True  # renumbered seq rows: the tails written above are stale
             except icechunk.IcechunkError as exc:
-                damage = self._damaged_below(session.snapshot_id, exc)
+                damage = self._damaged_below(session.snapshot_id, exc) if OPAQUE_COMMIT_FAILURE in str(exc) else None
                 if damage is None:
                     raise
                 raise damage from None
