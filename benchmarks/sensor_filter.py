@@ -13,7 +13,8 @@ one). The arms differ in the noisy robot only:
   (``FilterFit.view_noise``), and the actor trains under that noise on every body;
 * ``simulated`` (the flywheel's way): the same filter runs in its training world on the simulated
   sensor, the policy is told the robot's body with a clean sensor (``seen_body``), and the actor
-  trains without added noise (the filtered sensor counts as clean in the noise rule).
+  trains under the noise the filter leaves (``FilterFit.view_noise``, its largest per-channel residual)
+  on every body, as the flywheel's noise rule counts a filtered sensor (``fleet.pipeline.steps.filter_residuals``).
 * ``refit`` (the flywheel's way, as its iterations do it): ``simulated``, with the filter refitted
   under the policy in training at each third of the budget (the flywheel refits it every iteration
   under the fleet's current policy; fitted under the zero policy, the pendulum falls within ~10
