@@ -439,7 +439,7 @@ class EpisodeStore:
                 self._rebase(session, fresh, written)
                 rebased = True  # renumbered seq rows: the tails written above are stale
             except icechunk.IcechunkError as exc:
-                damage = self._damaged_below(session.snapshot_id, exc) if OPAQUE_COMMIT_FAILURE in str(exc) else None
+                damage = self._damaged_below(session.snapshot_id, exc)
                 if damage is None:
                     raise
                 raise damage from None
@@ -455,13 +455,12 @@ class EpisodeStore:
     def _damaged_below(self, snapshot_id: str, exc: icechunk.IcechunkError) -> backend.StoreCorruptionError | None:
         """The damage a failed commit stands on, if any. Icechunk's commit says only "failed to create manifest from chunk
         stream" when a manifest it builds on is short or undecodable (it answered uploads "did not answer; retry later",
-        for good): the snapshot it started from is read, every array's manifests, and a damaged one named."""
-        if backend.UNANSWERED_MARKER in str(exc) and not backend.damaged(exc):
-            return None  # object storage that did not answer: backend.answering says what to check
-        if backend.damaged(exc):
-            found = backend.damaged_part(exc), backend.short_reason(exc)
-        else:
-            found = backend.run(backend.first_damage(self._repo.readonly_session(snapshot_id=snapshot_id).store))
+        for good): the snapshot it started from is read, every array's manifests, and a damaged one named. Any other failure:
+        None (one that says what it is, damage or storage that did not answer, backend.answering maps)."""
+        text = str(exc)
+        if OPAQUE_COMMIT_FAILURE not in text or backend.UNANSWERED_MARKER in text or backend.damaged(exc):
+            return None
+        found = backend.run(backend.first_damage(self._repo.readonly_session(snapshot_id=snapshot_id).store))
         return None if found is None else backend.corrupted(self.location, *found, f", so no commit can build on snapshot {snapshot_id}")
 
     def _commit(self, session: icechunk.Session, message: str, metadata: dict) -> str:
