@@ -119,7 +119,7 @@ class Services(contextlib.AbstractContextManager):
 
     def release_start(self, snapshot_id: str) -> None:
         """A finished iteration's start: no redo reads it any more, maintenance may expire it."""
-        with contextlib.suppress(KeyError):  # let go already (a redo of the next iteration's start)
+        with contextlib.suppress(LookupError):  # let go already (a redo of the next iteration's start)
             self.store.unpin(f"start.{snapshot_id}")
 
     def store_synthetic(self, episodes: list[Episode]) -> int:

@@ -214,7 +214,7 @@ def create_app(
         try:
             yield
         finally:
-            await run_in_threadpool(maintainer.close)  # a run in progress finishes first
+            await run_in_threadpool(maintainer.close)  # waits up to CLOSE_WAIT_S for a run in progress
             await run_in_threadpool(committer.close)
 
     # /openapi.json describes the protocol for clients (fleet/server/openapi.py); no Swagger or ReDoc pages (they load scripts

@@ -44,7 +44,7 @@ class ServerConfig:
     maintenance_every_s: run the store's maintenance this often (``EpisodeStore.maintain``: the history older
         than ``StoreConfig.keep_history_s`` expired, what nothing reaches any more deleted; docs/store.md,
         Maintenance); 0: never (then run ``flywheel store maintain`` on a schedule). Replicas of one store may
-        each run it; a run that meets another's edits fails, is logged, and the next one catches up.
+        each run it: runs that overlap both finish, Icechunk logging the objects the other deleted first.
     ready_file: if set, written (JSON: url, pid) once the server accepts connections.
     log_level: uvicorn log level.
     """

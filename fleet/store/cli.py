@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fleet.store.location import StoreLocationError
 
     args = parser().parse_args(argv)  # FileNotFoundError (an OSError): no store there
-    return json_command(f"flywheel store {args.command}", lambda: run(args), (ValueError, KeyError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError))
+    return json_command(f"flywheel store {args.command}", lambda: run(args), (ValueError, LookupError, OSError, StoreLocationError, StoreUnreachableError, StoreCorruptionError))
 
 
 if __name__ == "__main__":

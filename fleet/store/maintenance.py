@@ -67,11 +67,11 @@ def pin(location: Location, snapshot_id: str, name: str) -> None:
 
 
 def unpin(location: Location, name: str) -> None:
-    """Let maintenance expire what pin ``name`` kept (KeyError: no such pin)."""
+    """Let maintenance expire what pin ``name`` kept (LookupError: no such pin)."""
     repo = backend.open_repo(location)
     with backend.answering(location):
         if PIN_PREFIX + name not in repo.list_tags():
-            raise KeyError(f"no pin {name!r} in the store at {location} (`flywheel store pins` lists them)")
+            raise LookupError(f"no pin {name!r} in the store at {location} (`flywheel store pins` lists them)")
         repo.delete_tag(PIN_PREFIX + name)
 
 
