@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def save_checkpoint(directory: str | os.PathLike, tensors: Mapping[str, torch.Te
     write_durably(directory / TENSORS_FILE, blob)
     write_durably(directory / META_FILE, json.dumps(header, indent=1, sort_keys=True).encode())
     return directory
+
+
+def discard_checkpoint(directory: str | os.PathLike) -> None:
+    """Remove the checkpoint in ``directory`` (its two files, or a distributed one's ``rank<N>/`` folders); anything
+    else there (a policy export beside it) stays."""
+    directory = Path(directory)
+    for name in (TENSORS_FILE, META_FILE):
+        (directory / name).unlink(missing_ok=True)
+    for rank in directory.glob("rank[0-9]*"):
+        if rank.is_dir():
+            shutil.rmtree(rank)
 
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

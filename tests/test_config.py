@@ -516,3 +516,31 @@ def test_every_app_logs_http_requests_at_warning_only_into_a_file_that_rotates(n
     assert {key: loggers[key].level for key in ("httpx", "httpcore", "tuf")} == dict.fromkeys(("httpx", "httpcore", "tuf"), "WARNING")
     file = cfg.hydra.job_logging.handlers.file
     assert (file["class"], file.maxBytes, file.backupCount, "file" in cfg.hydra.job_logging.root.handlers) == ("logging.handlers.RotatingFileHandler", 20 << 20, 4, True)
+
+
+def test_the_loops_steps_and_decisions_reach_its_log_file_once_and_the_console_once(tmp_path):
+    """A run's flywheel.log held nothing after 24 iterations, a SIGTERM and two resumes: the resume line, the gate's and
+    the canary's decisions and each step's time went to the console only. Run in a process of its own (the app's logging
+    set up as Hydra sets it, from the composed config)."""
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="flywheel", overrides=[RUN_DIR], return_hydra_config=True)
+    setup = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)
+    setup["handlers"]["file"]["filename"] = str(tmp_path / "flywheel.log")
+    script = (
+        "import json, logging.config, sys\n"
+        "from rich.console import Console\n"
+        "from fleet.pipeline.progress import Progress\n"
+        "logging.config.dictConfig(json.loads(sys.argv[1]))\n"
+        "progress = Progress(Console(stderr=True, width=200))\n"
+        "with progress.task('world model'):\n    pass\n"
+        "progress.note('resuming run_dir at iteration 3')\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script, json.dumps(setup)], capture_output=True, text=True, timeout=120, check=True)
+    logged = (tmp_path / "flywheel.log").read_text()
+    assert "done world model (" in logged and logged.count("resuming run_dir at iteration 3") == 1
+    assert (ran.stdout + ran.stderr).count("resuming run_dir at iteration 3") == 1  # the console shows it once (not Hydra's handler too)

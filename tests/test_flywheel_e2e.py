@@ -99,6 +99,11 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     assert len([n for n in pins if n.startswith("start.")]) == 1 and len([n for n in pins if n.startswith("data.")]) >= 2, pins
 
     run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())
+    named = {(run / state[key]["checkpoint"]).resolve() for key in ("learner", "current") if (state.get(key) or {}).get("checkpoint")}
+    checkpoints = {p.parent.resolve() for p in (run / "policies").glob("iter*/state.safetensors")}
+    assert checkpoints == named and len(named) >= 1, (checkpoints, named)  # an older iteration's (it holds the replay) is gone ...
+    assert all((d / "export").is_dir() for d in (run / "policies").glob("iter???"))  # ... its export stays
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("fleet/return/robot-0" in x for x in lines) and any("gate/promote" in x for x in lines)
     gate_row = next(x for x in lines if "gate/promote" in x)  # each robot's interval beside the fleet's (once in summary.json only)

@@ -33,6 +33,7 @@ from fleet.pipeline.services import Services, run_id_of
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement, policy_cpus, world_model_cpus
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_id, record_run_settings
+from policies.checkpoint import discard_checkpoint
 from policies.trainer import first_update, steps_trained
 from sim.calibration import check_state_map, has_state_map
 from sim.durable import write_durably
@@ -266,6 +267,12 @@ class Flywheel:
         for old in (self.run_dir / "worldmodel").glob("iter*") if kept else ():  # an older iteration's model, or an abandoned attempt's
             if old.resolve() != Path(kept).resolve():
                 shutil.rmtree(old, ignore_errors=True)
+        # the learner's checkpoints the state names (training goes on from one, the fleet's policy may be another) stay; an
+        # older iteration's goes (~110 MB each after 24 iterations: it holds the replay), its export (a release's files) stays
+        named = {Path(self.state[key]["checkpoint"]).resolve() for key in ("learner", "current") if (self.state.get(key) or {}).get("checkpoint")}
+        for old in (self.run_dir / "policies").glob("iter*"):
+            if old.is_dir() and old.resolve() not in named:
+                discard_checkpoint(old)
 
     # the state's paths are kept relative to the run folder, so a folder moved or copied resumes from its own files
     # (absolute, a copy once warm-started from the original's checkpoint, and a moved one failed with a traceback)
