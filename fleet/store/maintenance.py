@@ -42,20 +42,19 @@ class MaintenanceReport:
         return dataclasses.asdict(self)
 
 
-def pin(location: Location, snapshot_id: str, name: str) -> None:
+def pin(repo: icechunk.Repository, location: Location, snapshot_id: str, name: str) -> None:
     """Pin ``snapshot_id`` as ``name``: maintenance keeps it readable. Pinning the same snapshot under the same
     name again does nothing; a name already pinning another snapshot, or a snapshot not in the store, is a ValueError.
     A name once unpinned cannot pin again (Icechunk keeps deleted tag names)."""
     if not PIN_NAME.fullmatch(name):
         raise ValueError(f"pin name {name!r}: use 1 to 200 letters, digits, '_', '-' or '.'")
-    repo = backend.open_repo(location)
     with backend.answering(location):  # storage that did not answer: StoreUnreachableError, as any call
         try:
             repo.create_tag(PIN_PREFIX + name, snapshot_id)
             return
         except icechunk.IcechunkError as exc:
             refused = exc
-        held = pins(location, repo).get(name)
+        held = pins(repo, location).get(name)
     if held == snapshot_id:
         return  # pinned already (a redone iteration pins its start again)
     if held is not None:
@@ -66,18 +65,16 @@ def pin(location: Location, snapshot_id: str, name: str) -> None:
     raise ValueError(f"cannot pin snapshot {snapshot_id} of the store at {location}: {backend.short_reason(refused)}")
 
 
-def unpin(location: Location, name: str) -> None:
+def unpin(repo: icechunk.Repository, location: Location, name: str) -> None:
     """Let maintenance expire what pin ``name`` kept (LookupError: no such pin)."""
-    repo = backend.open_repo(location)
     with backend.answering(location):
         if PIN_PREFIX + name not in repo.list_tags():
             raise LookupError(f"no pin {name!r} in the store at {location} (`flywheel store pins` lists them)")
         repo.delete_tag(PIN_PREFIX + name)
 
 
-def pins(location: Location, repo: icechunk.Repository | None = None) -> dict[str, str]:
-    """Pin name -> snapshot id."""
-    repo = repo or backend.open_repo(location)
+def pins(repo: icechunk.Repository, location: Location) -> dict[str, str]:
+    """Pin name -> snapshot id. ``repo``: the store's open repository (a tag is a ref: any handle reads and writes it)."""
     with backend.answering(location):
         return {tag[len(PIN_PREFIX) :]: repo.lookup_tag(tag) for tag in sorted(repo.list_tags()) if tag.startswith(PIN_PREFIX)}
 

@@ -354,15 +354,15 @@ class EpisodeStore:
     # -- keeping its size bounded (fleet/store/maintenance.py) ---------------------------------
     def pin(self, snapshot_id: str, name: str) -> None:
         """Keep ``snapshot_id`` readable through every maintenance, as pin ``name``."""
-        maintenance.pin(self.location, snapshot_id, name)
+        maintenance.pin(self._repo, self.location, snapshot_id, name)
 
     def unpin(self, name: str) -> None:
         """Let maintenance expire what pin ``name`` kept."""
-        maintenance.unpin(self.location, name)
+        maintenance.unpin(self._repo, self.location, name)
 
     def pins(self) -> dict[str, str]:
         """Pin name -> snapshot id."""
-        return maintenance.pins(self.location)
+        return maintenance.pins(self._repo, self.location)
 
     def maintain(self) -> maintenance.MaintenanceReport:
         """Expire the history older than ``config.keep_history_s`` and delete what nothing reaches any more."""
