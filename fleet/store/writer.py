@@ -162,14 +162,20 @@ def _created_root(repo: icechunk.Repository, path: Location, timeout_s: float):
     creating (replicas started together on a new bucket): waited for, up to ``timeout_s`` (it failed with zarr's
     "No group found in store"). zarr says the same when the newest snapshot cannot be read (a torn write, a bad
     sector): a branch with more than Icechunk's initial commit is never waited for, and an unreadable one is damage."""
-    deadline = time.monotonic() + timeout_s
+    deadline, landed = time.monotonic() + timeout_s, False
     while True:
         try:
             return backend.open_root(repo.readonly_session(branch=BRANCH))
         except icechunk.IcechunkError as exc:
             raise backend.unreadable(path, exc) from None
         except GroupNotFoundError:
-            _check_being_created(repo, path)
+            try:
+                _check_being_created(repo, path)
+            except StoreLocationError:
+                if landed:
+                    raise
+                landed = True  # the creation's commit may have landed between the read and the history: read once more
+                continue
             if time.monotonic() > deadline:
                 raise StoreLocationError(
                     f"{path} holds an Icechunk repository but no episode store: its creation never finished (the process creating it "
