@@ -17,7 +17,9 @@ FLYWHEEL_RUN = "flywheel_run.json"  # the loop's settings (fleet/pipeline/loop.p
 RUN_ID = "run_id.json"  # the loop's run id, made at its first start: its store's and registry's key on object storage (services.run_location)
 TRAIN_JOB = "train_job.json"  # flywheel-train's job (fleet/train_job.py): what a rerun must match (workers, bodies, checkpoint storage)
 MARKERS = {FLYWHEEL_RUN: "flywheel", RUN_ID: "flywheel", "state.json": "flywheel", TRAIN_JOB: "flywheel-train"}
-RESUMABLE = ("loop.iterations", "loop.num_robots")  # a resumed flywheel run may go on longer and with more robots
+# a resumed flywheel run may go on longer, with more robots, and read more or less of its store an iteration (a run
+# folder of a build before the data windows resumes with them)
+RESUMABLE = ("loop.iterations", "loop.num_robots", "loop.real_window_steps", "loop.sim_window_steps")
 DERIVED = ("policy.trainer.robot",)  # loop.robot_model's (flywheel.yaml); an earlier build recorded the policy group's placeholder
 RUN_SETTINGS = ("seed", "robot_modules", "loop", "policy", "worldmodel", "scenarios")  # what its data, models and learner came from
 

@@ -230,6 +230,19 @@ def test_robots_episodes_stop_at_their_tasks_time_limit_as_the_gates_do(caplog):
     assert LoopSettings.from_cfg(_compose("flywheel")).episode_steps == 200  # the pendulum's limit is 1,000
 
 
+def test_a_data_window_too_small_for_the_robots_calibration_is_refused():
+    """loop.real_window_steps bounds what an iteration reads; each robot's calibration reads its newest episodes from it."""
+    from fleet.pipeline.loop import LoopSettings
+
+    with pytest.raises(ValueError, match=r"loop.real_window_steps must be null \(no window\) or >= 6400, got 1000 \(num_robots x"):
+        LoopSettings.from_cfg(_compose("flywheel", ["loop.real_window_steps=1000"]))  # 4 robots x 8 episodes x 200 steps
+    with pytest.raises(ValueError, match=r"loop.sim_window_steps must be null \(no window\) or >= 0, got -1$"):
+        LoopSettings.from_cfg(_compose("flywheel", ["loop.sim_window_steps=-1"]))
+    assert LoopSettings.from_cfg(_compose("flywheel", ["loop.real_window_steps=null"])).real_window_steps is None
+    defaults = LoopSettings.from_cfg(_compose("flywheel"))
+    assert (defaults.real_window_steps, defaults.sim_window_steps) == (1_000_000, 1_000_000)
+
+
 @pytest.mark.parametrize("fraction, robots, canaries", [(0.25, 4, 1), (0.1, 4, 1), (1.0, 4, 4), (0.0, 4, 0), (0.5, 1, 0)])
 def test_the_canary_share_is_at_least_one_robot_unless_it_is_zero(fraction, robots, canaries):
     """loop.canary_fraction=0 once still canaried one robot."""
@@ -252,6 +265,8 @@ def test_a_run_dir_resumes_only_the_run_it_holds(tmp_path):
     first = Flywheel(_compose("flywheel"), run)
     record_run_settings(run, first.run_settings)  # as Flywheel.run does when it starts
     Flywheel(_compose("flywheel", ["loop.iterations=5", "loop.num_robots=6"]), run)  # goes on longer, with more robots
+    Flywheel(_compose("flywheel", ["loop.real_window_steps=2000000", "loop.sim_window_steps=null"]), run)  # reads more an iteration
+    assert not any(key.endswith("_window_steps") for key in json.loads((run / "flywheel_run.json").read_text()))  # so a run from before them resumes
     with pytest.raises(ValueError, match=r"other settings: loop.robot_model='pendulum' \(now 'reacher'\)"):
         Flywheel(_compose("flywheel", ["loop.robot_model=reacher"]), run)
     with pytest.raises(ValueError, match="other settings: seed=0 \\(now 1\\)"):

@@ -74,6 +74,7 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     assert all(r["policy_version"] >= 1 and r["swaps"] >= 1 and not r["refusals"] for r in summary["robots"])
     assert min(second["fleet_returns"].values()) > max(first["fleet_returns"].values())  # the fleet got better
     assert second["real_steps"]["robot-0"] > first["real_steps"]["robot-0"] > 0  # real steps used, next to the return
+    assert second["data"]["real"] == second["data"]["real_in_store"] > first["data"]["real"]  # under loop.real_window_steps: all read
     final, last_release = summary["final"], max(h["rollout"]["version"] for h in summary["iterations"] if h["rollout"]["stage"] == "widened")
     assert final["policy_versions"] == [str(last_release)]  # the closing round runs the last release on every robot
     assert final["real_steps"]["robot-0"] > second["real_steps"]["robot-0"] and "rollout" not in final

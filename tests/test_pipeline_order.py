@@ -37,3 +37,29 @@ def test_robots_are_in_their_numbers_order_past_ten():
     ids = [f"robot-{i}" for i in range(12)]
     assert robot_order(reversed(ids)) == ids
     assert robot_order(ids[:8]) == sorted(ids[:8])  # ten or fewer: as before
+
+
+def test_the_data_window_keeps_each_robots_newest_episodes_whatever_the_interleaving(tmp_path):
+    """A fleet that ran for weeks read every episode ever stored each iteration (memory and time without end): the
+    loop reads the newest ``loop.real_window_steps``, shared evenly between robots, the same cut however uploads met."""
+    from fleet.pipeline.services import newest_within
+
+    steps = {"robot-0": [5] * 6, "robot-1": [5] * 6, "robot-2": [5, 5]}  # robot-2 holds less than its share
+    episodes = {
+        r: [Episode.create(**make_episode_arrays(num_steps=n, seed=100 * i + k), robot_id=r, robot_model="toy", source="real") for k, n in enumerate(lengths)]
+        for i, (r, lengths) in enumerate(steps.items())
+    }
+    kept = []
+    for n, sequence in enumerate((["robot-0", "robot-1", "robot-2"] * 2 + ["robot-0", "robot-1"] * 4, ["robot-2"] * 2 + ["robot-1"] * 6 + ["robot-0"] * 6)):
+        store = EpisodeStore.open_or_create(StoreConfig(path=str(tmp_path / f"store{n}")))
+        sent = {r: 0 for r in episodes}
+        for robot in sequence:
+            store.append([episodes[robot][sent[robot]]])
+            sent[robot] += 1
+        infos = store.snapshot().episodes()
+        assert [i.episode_id for i in newest_within(infos, None)] == [i.episode_id for i in in_robot_order(infos)]  # no window: all
+        kept.append([i.episode_id for i in newest_within(infos, 50)])
+    # 50 steps: robot-2 keeps its 10, the other two 20 each (their newest four, oldest first)
+    expected = [ep.episode_id for r in ("robot-0", "robot-1") for ep in episodes[r][-4:]] + [ep.episode_id for ep in episodes["robot-2"]]
+    assert kept[0] == kept[1] == expected
+

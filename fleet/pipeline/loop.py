@@ -64,6 +64,8 @@ class LoopSettings:
     eval_episodes: int
     calibration_episodes: int
     wm_rollouts: int
+    real_window_steps: int | None  # null: every stored episode (see from_cfg)
+    sim_window_steps: int | None
     train_env_steps: int
     synthetic_action_noise: float
     robust_to_sensor_noise: bool
@@ -87,6 +89,13 @@ class LoopSettings:
         if not 0.0 <= loop["canary_fraction"] <= 1.0 or loop["synthetic_action_noise"] < 0:
             raise ValueError(f"loop.canary_fraction must be in [0, 1] and loop.synthetic_action_noise >= 0, got {loop['canary_fraction']} and {loop['synthetic_action_noise']}")
         check_gate_settings(**loop["gate"])
+        calibrated = loop["num_robots"] * loop["calibration_episodes"] * min(loop["episode_steps"], get_task(loop["robot_model"]).max_steps)
+        for key, low in (("real_window_steps", calibrated), ("sim_window_steps", 0)):
+            if loop[key] is not None and loop[key] < low:
+                raise ValueError(
+                    f"loop.{key} must be null (no window) or >= {low}, got {loop[key]}"
+                    + (" (num_robots x calibration_episodes x episode_steps: each robot's calibration reads its newest episodes)" if low else "")
+                )
         limit = get_task(loop["robot_model"]).max_steps  # the task's time limit, which the gate's evaluation episodes run to
         if loop["episode_steps"] > limit:
             log.warning(
@@ -504,9 +513,9 @@ class Flywheel:
         offset takes it out on board, so from here on models, scenarios, training and the gate see
         what its policy will see (sim/sensors.py)."""
         s, svc = self.settings, self.svc
-        snapshot_id, raw_real, sim = svc.read_data(s.robot_model, self.sim_snapshot)
-        record["snapshot"] = snapshot_id
-        svc.mirror_dataset(snapshot_id, {"real": len(raw_real), "sim": len(sim)}, k, s.robot_model)
+        snapshot_id, raw_real, sim, counts = svc.read_data(s.robot_model, self.sim_snapshot, s.real_window_steps, s.sim_window_steps)
+        record["snapshot"], record["data"] = snapshot_id, counts
+        svc.mirror_dataset(snapshot_id, counts | {"real_window_steps": s.real_window_steps, "sim_window_steps": s.sim_window_steps}, k, s.robot_model)
         cal_cfg = self.built.calibration
         starts = self.state["calibrated_profiles"]  # each robot's search begins at its previous calibration
         calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map, starts=starts)
@@ -521,7 +530,8 @@ class Flywheel:
         svc.tracker.log(
             {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
             | {f"calibration/{r}/sensor_offset": float(offsets.get(r, 0.0)) for r in calibrations}
-            | {"data/real_episodes": len(real), "data/sim_episodes": len(sim)},
+            | {f"data/{source}_episodes": float(counts[source]) for source in ("real", "sim")}
+            | {f"data/{source}_episodes_in_store": float(counts[f"{source}_in_store"]) for source in ("real", "sim")},
             k,
         )
         return snapshot_id, real, sim, profiles, offsets

@@ -66,6 +66,7 @@ class Services(contextlib.AbstractContextManager):
         )  # fmt: skip
         self.task_nodes = collections.Counter()  # Ray node id -> the tasks of ray_map it ran
         self._robot_group = None  # the robots' placement group (robot_options)
+        self._last_read = None  # read_data's last snapshot, its catalog loaded: the next reads only the catalog rows written since
         if cfg.ray.training.placement == "driver":  # a training task on the cluster gets the GPUs it asks for (fleet/pipeline/training.py)
             warn_if_gpus_are_elsewhere(ray.cluster_resources().get("GPU", 0), cfg.policy.trainer.device, cfg.worldmodel.train.device)
         self.store_cfg = run_store(instantiate(cfg.fleet.store), self.run_dir, self.run_id)
@@ -95,18 +96,25 @@ class Services(contextlib.AbstractContextManager):
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
 
     # -- data ---------------------------------------------------------------------------------
-    def read_data(self, robot_model: str, sim_snapshot: str | None = None) -> tuple[str, list[Episode], list[Episode]]:
+    def read_data(
+        self, robot_model: str, sim_snapshot: str | None = None, real_window: int | None = None, sim_window: int | None = None
+    ) -> tuple[str, list[Episode], list[Episode], dict[str, int]]:
         """Pin the store's latest snapshot; its real episodes of ``robot_model``, and its sim episodes as of
         ``sim_snapshot`` where given (the iteration's start: a redone iteration does not train on the scenarios its
         interrupted attempt stored), robot by robot (:func:`in_robot_order`), so that what trains on them does not
-        depend on how uploads interleaved."""
+        depend on how uploads interleaved. Of each, only the newest ``real_window`` (``sim_window``) steps
+        (:func:`newest_within`; None: all), so that an iteration's memory and time stay bounded however long the
+        fleet has run. Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
         self.store.refresh_index()
-        snapshot = self.store.snapshot()
+        snapshot = self._last_read = self.store.snapshot(base=self._last_read)
         self.store.pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
-        real = snapshot.read_episodes(in_robot_order(snapshot.episodes(robot_model=robot_model, source="real")))
+        stored_real = snapshot.episodes(robot_model=robot_model, source="real")
+        real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if sim_snapshot in (None, snapshot.snapshot_id) else self.store.snapshot(sim_snapshot)
-        sim = before.read_episodes(in_robot_order(before.episodes(robot_model=robot_model, source="sim")))
-        return snapshot.snapshot_id, real, sim
+        stored_sim = before.episodes(robot_model=robot_model, source="sim")
+        sim = before.read_episodes(newest_within(stored_sim, sim_window))
+        counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
+        return snapshot.snapshot_id, real, sim, counts
 
     def pinned_tip(self) -> str:
         """The store's newest snapshot id, pinned: an iteration's start, read again by a redo hours later (docs/store.md, Maintenance)."""
@@ -245,3 +253,30 @@ def in_robot_order(infos: list) -> list:
     The catalog is in commit order, which depends on how concurrent robots' uploads met the group
     commit; this order does not, so one seed gives one run."""
     return sorted(infos, key=lambda info: info.robot_id)  # stable: a robot's own order is kept
+
+
+def newest_within(infos: list, max_steps: int | None) -> list:
+    """In :func:`in_robot_order`, each robot's newest catalog entries (``EpisodeInfo``) whose steps sum to at most
+    ``max_steps`` in all (None: every entry). The budget is shared evenly between robots, and what a robot with less
+    data leaves goes to the others; each robot's cut depends only on its own uploads and the share, never on how the
+    robots' uploads interleaved, so one seed still gives one run. Episodes past the window stay in the store."""
+    if max_steps is None:
+        return in_robot_order(infos)
+    robots: dict[str, list] = collections.defaultdict(list)
+    for info in infos:
+        robots[info.robot_id].append(info)
+    held = {r: sum(i.num_steps for i in eps) for r, eps in robots.items()}
+    share, left = {}, max_steps
+    for n, r in enumerate(sorted(robots, key=lambda r: (held[r], r))):  # the smallest first: the rest is split among the others
+        share[r] = min(held[r], left // (len(robots) - n))
+        left -= share[r]
+    kept = []
+    for r in sorted(robots):
+        newest, steps = [], 0
+        for info in reversed(robots[r]):
+            if steps + info.num_steps > share[r]:
+                break
+            newest.append(info)
+            steps += info.num_steps
+        kept.extend(reversed(newest))
+    return kept
