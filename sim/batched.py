@@ -118,7 +118,7 @@ class BatchedStepper:
         self._warmstart = np.zeros((n, m.nv))
         self._recorder: EpisodeRecorder | None = None
         self._finished: list[Episode] = []
-        self._next_scenario: ScenarioSource = lambda world: None
+        self._next_scenario: ScenarioSource | _FreeRunning = lambda world: None
         self.stats = {"episodes": 0, "steps": 0, "diverged": 0}
         self._sensor_filters = dict(sensor_filters or {})
         self._filtering: dict[int, FilterState] = {}  # world -> its filter's state this episode
@@ -139,14 +139,10 @@ class BatchedStepper:
     # -- driving ------------------------------------------------------------------------
     def reset(self, seed: int = 0, profiles: VariationProfile | Sequence[VariationProfile] | None = None) -> np.ndarray:
         """Free-running mode: world w's k-th episode uses seed derive_seed(seed, w, k). Returns obs (N, obs_dim)."""
-        profiles = _per_world(profiles, self.num_worlds)
-        counters = [0] * self.num_worlds
-
-        def next_scenario(world: int) -> ScenarioSpec:
-            counters[world] += 1
-            return ScenarioSpec(robot=self.task.name, seed=derive_seed(seed, world, counters[world]), profile=profiles[world])
-
-        self._start(next_scenario, range(self.num_worlds))
+        source = _FreeRunning(self.task.name, seed, _per_world(profiles, self.num_worlds))
+        for scenario in source.first:
+            self._check_scenario(scenario)
+        self._start(source, range(self.num_worlds))
         return self.obs.copy()
 
     def reset_to(self, scenarios: Sequence[ScenarioSpec], then: ScenarioSource | None = None) -> np.ndarray:
@@ -296,7 +292,7 @@ class BatchedStepper:
         self.close()
 
     # -- internals ----------------------------------------------------------------------
-    def _start(self, source: ScenarioSource, worlds: Iterable[int]) -> None:
+    def _start(self, source: ScenarioSource | _FreeRunning, worlds: Iterable[int]) -> None:
         self._next_scenario = source
         self.active[:] = False
         self._finished = []
@@ -306,15 +302,18 @@ class BatchedStepper:
         """Start each of ``worlds`` (in order) on its next scenario, or stop it; the per-world work is
         only the scenario, its seeded generator and the task's reset draw, the rest is batched."""
         task, m = self.task, self.task.model
-        started, scenarios = [], []
-        for w in worlds:
-            scenario = self._next_scenario(w)
-            if scenario is None:
-                self.active[w] = False
-            else:
-                self._check_scenario(scenario)
-                started.append(w)
-                scenarios.append(scenario)
+        if isinstance(self._next_scenario, _FreeRunning):  # reset()'s: checked once, as it began
+            started, scenarios = list(worlds), self._next_scenario.next(worlds)
+        else:
+            started, scenarios = [], []
+            for w in worlds:
+                scenario = self._next_scenario(w)
+                if scenario is None:
+                    self.active[w] = False
+                else:
+                    self._check_scenario(scenario)
+                    started.append(w)
+                    scenarios.append(scenario)
         if not started:
             return
         n, ws = len(started), np.asarray(started)
@@ -325,12 +324,15 @@ class BatchedStepper:
         rngs = [self._rngs[w] for w in started]
         reseed(rngs, [s.seed for s in scenarios])  # each as np.random.default_rng(seed) starts, in one batch
         qpos, qvel = np.empty((n, m.nq)), np.empty((n, m.nv))
-        for i, (scenario, rng) in enumerate(zip(scenarios, rngs)):
-            if scenario.init_qpos is not None:
-                qpos[i], qvel[i] = scenario.init_qpos, scenario.init_qvel
+        drawn = []  # the worlds whose start the task draws (in one call); the others start where their scenario says
+        for i, s in enumerate(scenarios):
+            if s.init_qpos is None:
+                drawn.append(i)
             else:
-                goal = None if scenario.goal is None else np.asarray(scenario.goal, float)
-                qpos[i], qvel[i] = task.initial_state(rng, scenario.init_noise_scale, goal)
+                qpos[i], qvel[i] = s.init_qpos, s.init_qvel
+        if drawn:
+            goals = [None if scenarios[i].goal is None else np.asarray(scenarios[i].goal, float) for i in drawn]
+            qpos[drawn], qvel[drawn] = task.initial_states([rngs[i] for i in drawn], [scenarios[i].init_noise_scale for i in drawn], goals)
         state = np.tile(self._state0, (n, 1))
         state[:, self._qpos], state[:, self._qvel] = qpos, qvel
         self.state[ws] = state
@@ -537,8 +539,26 @@ class BatchedStepper:
                 self._land(flights.pop(0)[1])
 
     def _finish_episodes(self, worlds: np.ndarray, terminated: np.ndarray) -> list[Episode]:
-        metadata = [functools.partial(episode_metadata, self.scenarios[w], self.robot_id, self.policy_version, self.source, self.task.name) for w in worlds]
-        return self._recorder.finish(worlds, self.t[worlds], terminated, metadata)
+        metadata_of = functools.partial(episode_metadata, robot_id=self.robot_id, policy_version=self.policy_version, source=self.source, robot_model=self.task.name)
+        return self._recorder.finish(worlds, self.t[worlds], terminated, metadata_of, [self.scenarios[w] for w in worlds.tolist()])
+
+
+class _FreeRunning:
+    """``reset``'s scenario source: world w's k-th scenario is ``first[w]`` with seed derive_seed(seed, w, k). The stepper
+    checks ``first`` once; the scenarios are its copies with another seed (:meth:`ScenarioSpec.with_seed`)."""
+
+    def __init__(self, robot: str, seed: int, profiles: Sequence[VariationProfile]):
+        self.seed = seed
+        self.first = [ScenarioSpec(robot, seed=0, profile=p) for p in profiles]
+        self._episodes = [0] * len(profiles)  # per world, how many scenarios it had
+
+    def next(self, worlds: Iterable[int]) -> list[ScenarioSpec]:
+        """The next scenario of each of ``worlds``."""
+        out = []
+        for w in worlds:
+            self._episodes[w] += 1
+            out.append(self.first[w].with_seed(derive_seed(self.seed, w, self._episodes[w])))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

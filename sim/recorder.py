@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,19 +21,20 @@ class RecordedEpisode(Episode):
     copies it, and it is in the record's ``__dict__`` (before the first read it is not).
     """
 
-    __slots__ = ("_metadata_of",)  # not in __dict__, which holds the Episode's fields only
+    __slots__ = ("_metadata_of", "_key")  # not in __dict__, which holds the Episode's fields only
 
     @classmethod
-    def lazy(cls, metadata_of: Callable[[], dict[str, str]], **fields) -> RecordedEpisode:
-        """An episode of ``fields`` (every Episode field but ``metadata``) whose metadata is ``metadata_of()``."""
+    def lazy(cls, metadata_of: Callable[[Any], dict[str, str]], key, **fields) -> RecordedEpisode:
+        """An episode of ``fields`` (every Episode field but ``metadata``) whose metadata is ``metadata_of(key)``
+        (one function shared by many episodes, each its own key: no object per episode for it to collect)."""
         episode = cls.__new__(cls)
         episode.__dict__.update(fields)
-        episode._metadata_of = metadata_of
+        episode._metadata_of, episode._key = metadata_of, key
         return episode
 
     @functools.cached_property
     def metadata(self) -> dict[str, str]:
-        return self._metadata_of()
+        return self._metadata_of(self._key)
 
 
 class EpisodeRecorder:
@@ -74,9 +76,11 @@ class EpisodeRecorder:
         self.qpos[worlds, steps + 1] = qpos
         self.qvel[worlds, steps + 1] = qvel
 
-    def finish(self, worlds: np.ndarray, num_steps: np.ndarray, terminated: np.ndarray, metadata_of: Sequence[Callable[[], dict[str, str]]]) -> list[RecordedEpisode]:
+    def finish(
+        self, worlds: np.ndarray, num_steps: np.ndarray, terminated: np.ndarray, metadata_of: Callable[[Any], dict[str, str]], keys: Sequence
+    ) -> list[RecordedEpisode]:
         """Copy the finished episodes of ``worlds`` (``num_steps[i]`` steps each, ``terminated[i]`` or
-        truncated) out as Episodes, with one gather per array for all of them; ``metadata_of[i]()``
+        truncated) out as Episodes, with one gather per array for all of them; ``metadata_of(keys[i])``
         gives episode i's metadata when it is first read.
 
         Each episode's arrays are consecutive rows of those gathers (views, contiguous), built here
@@ -101,7 +105,8 @@ class EpisodeRecorder:
             c, d = a - i, b - i - 1  # the T-long rows: one fewer per episode before this one
             episodes.append(
                 RecordedEpisode.lazy(
-                    metadata_of[i],
+                    metadata_of,
+                    keys[i],
                     observation=obs[a:b],
                     action=action[c:d],
                     reward=reward[c:d],

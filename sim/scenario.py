@@ -54,6 +54,17 @@ class ScenarioSpec:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, _reals(name, getattr(self, name)))
 
+    def with_seed(self, seed: int) -> ScenarioSpec:
+        """This scenario with ``seed`` instead, as ``dataclasses.replace(self, seed=seed)`` gives; for a Python int
+        >= 0 (the batched stepper's derived seeds) it skips ``__post_init__``, whose checks the other fields passed
+        already: 0.3 us against 3 us, for a stepper that starts thousands of episodes a second."""
+        if type(seed) is not int or seed < 0:
+            return dataclasses.replace(self, seed=seed)
+        spec = object.__new__(ScenarioSpec)
+        spec.__dict__.update(self.__dict__, seed=seed)
+        spec.__dict__.pop("_json", None)  # cached for this one's seed
+        return spec
+
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["profile"] = self.profile.to_dict()

@@ -91,12 +91,9 @@ def new_generator() -> np.random.Generator:
 
 def reseed(generators: Sequence[np.random.Generator], seeds: Sequence[int]) -> None:
     """Put ``generators[i]`` (PCG64) in the state ``np.random.default_rng(seeds[i])`` starts in."""
-    one_word = [i for i, s in enumerate(seeds) if 0 <= s <= _M32]
-    states = iter(pcg64_states([seeds[i] for i in one_word]) if one_word else [])
-    one_word = set(one_word)
-    for i, (generator, seed) in enumerate(zip(generators, seeds, strict=True)):
-        if i in one_word:
-            state, inc = next(states)
-            generator.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
-        else:  # several entropy words, or a seed numpy refuses (it says why)
+    if not all(0 <= s <= _M32 for s in seeds):  # several entropy words, or a seed numpy refuses (it says why)
+        for generator, seed in zip(generators, seeds, strict=True):
             generator.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        return
+    for generator, (state, inc) in zip(generators, pcg64_states(seeds), strict=True):
+        generator.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}

@@ -340,3 +340,14 @@ def test_a_world_count_that_is_not_a_whole_number_above_zero_is_refused(count):
     with pytest.raises(ValueError, match="num_worlds must be a whole number >= 1"):
         BatchedStepper("pendulum", count)
     assert BatchedStepper("pendulum", np.int64(2)).num_worlds == 2
+
+
+def test_a_scenario_with_another_seed_is_the_one_its_constructor_builds():
+    base = ScenarioSpec("reacher", 3, VariationProfile(obs_bias=-0.0, mass_scale=2), init_noise_scale=0.5, goal=(0.1, 0), max_steps=7, tag="t")
+    base.to_json()  # cached for seed 3: a copy must not keep it
+    for seed in (0, 17, 2**31 - 1, np.int64(5)):
+        spec, built = base.with_seed(seed), dataclasses.replace(base, seed=seed)
+        assert spec == built and spec.to_json() == built.to_json() and spec.episode_id("v1") == built.episode_id("v1")
+        assert type(spec.seed) is int
+    with pytest.raises(ValueError, match="seed"):
+        base.with_seed(-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -94,6 +95,18 @@ class Task:
         m = self.model
         qpos = m.qpos0 + noise_scale * rng.uniform(-self.reset_qpos_noise, self.reset_qpos_noise, size=m.nq)
         qvel = noise_scale * self.reset_qvel_noise * rng.standard_normal(m.nv)
+        return qpos, qvel
+
+    def initial_states(
+        self, rngs: Sequence[np.random.Generator], noise_scales: Sequence[float], goals: Sequence[np.ndarray | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`initial_state` of n worlds at once, world i drawing from ``rngs[i]``: (qpos (n, nq), qvel (n, nv)).
+        The batched stepper's resets call this; a task may override it with a vectorised one that draws the same
+        numbers in the same order from each world's generator, so that its episodes stay the same."""
+        m = self.model
+        qpos, qvel = np.empty((len(rngs), m.nq)), np.empty((len(rngs), m.nv))
+        for i, (rng, scale, goal) in enumerate(zip(rngs, noise_scales, goals, strict=True)):
+            qpos[i], qvel[i] = self.initial_state(rng, scale, goal)
         return qpos, qvel
 
     def sample_goal(self, rng: np.random.Generator) -> np.ndarray | None:

@@ -17,10 +17,15 @@ class Pendulum(Task):
     max_step_reward = 1.0  # the alive bonus: a return of max_steps cannot be beaten
 
     def initial_state(self, rng, noise_scale, goal):
+        qpos, qvel = self.initial_states([rng], [noise_scale], [goal])
+        return qpos[0], qvel[0]
+
+    def initial_states(self, rngs, noise_scales, goals):
+        """qpos0 + s * U(-0.01, 0.01) and qvel = s * U(-0.01, 0.01) for each world: one draw of nq + nv numbers from
+        each generator (the same numbers as a draw of nq, then one of nv), the arithmetic batched."""
         m = self.model
-        qpos = m.qpos0 + noise_scale * rng.uniform(-0.01, 0.01, size=m.nq)
-        qvel = noise_scale * rng.uniform(-0.01, 0.01, size=m.nv)
-        return qpos, qvel
+        noise = np.array([rng.uniform(-0.01, 0.01, size=m.nq + m.nv) for rng in rngs]) * np.asarray(noise_scales, float)[:, None]
+        return m.qpos0 + noise[:, : m.nq], noise[:, m.nq :]
 
     def observe(self, state):
         return np.concatenate([state.qpos, state.qvel], axis=1).astype(np.float32)
