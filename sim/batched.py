@@ -303,7 +303,8 @@ class BatchedStepper:
         only the scenario, its seeded generator and the task's reset draw, the rest is batched."""
         task, m = self.task, self.task.model
         if isinstance(self._next_scenario, _FreeRunning):  # reset()'s: checked once, as it began
-            started, scenarios = list(worlds), self._next_scenario.next(worlds)
+            started = list(worlds)
+            scenarios = self._next_scenario.next(started)
         else:
             started, scenarios = [], []
             for w in worlds:
