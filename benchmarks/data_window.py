@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
@@ -46,10 +45,17 @@ def held_bytes(episodes: list[Episode]) -> int:
     return sum(a.nbytes for ep in episodes for a in (ep.observation, ep.action, ep.reward, ep.terminated, ep.truncated, ep.timestamp))
 
 
+def loop_services(store: EpisodeStore) -> Services:
+    """What the loop stands on, its store alone (no Ray, no server)."""
+    services = Services.__new__(Services)
+    services.store, services._last_read = store, None
+    return services
+
+
 def read(svc, window: int | None) -> tuple[float, int, int]:
     """(seconds, bytes held, steps) of one read of the loop's real data."""
     start = time.perf_counter()
-    _, real, _, _ = Services.read_data(svc, "pendulum", None, window, None)
+    _, real, _, _ = svc.read_data("pendulum", None, window, None)
     return time.perf_counter() - start, held_bytes(real), sum(ep.num_steps for ep in real)
 
 
@@ -64,7 +70,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = EpisodeStore.create(StoreConfig(path=os.path.join(tmp, "store"), fsync=False))
-        loops = {None: types.SimpleNamespace(store=store, _last_read=None), args.window: types.SimpleNamespace(store=store, _last_read=None)}
+        loops = {window: loop_services(store) for window in (None, args.window)}
         for it in range(1, args.iterations + 1):
             store.append([episode(f"robot-{r}", it * args.episodes + k, rng) for r in range(args.robots) for k in range(args.episodes)])
             if it % args.check_every and it != args.iterations:

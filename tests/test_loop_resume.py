@@ -183,12 +183,13 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
     before = store.latest_snapshot_id()
     newest = episode(2, "real")
     store.append([newest, episode(3, "sim")])  # the attempt's telemetry, then its scenarios
-    services = types.SimpleNamespace(store=store, _last_read=None)
-    _, real, sim, counts = Services.read_data(services, "pendulum", before)
+    services = Services.__new__(Services)  # what the loop stands on, its store alone (no Ray, no server)
+    services.store, services._last_read = store, None
+    _, real, sim, counts = services.read_data("pendulum", before)
     assert len(real) == 2 and [e.episode_id for e in sim] == [earlier.episode_id]
     assert counts == {"real": 2, "sim": 1, "real_in_store": 2, "sim_in_store": 1}
-    assert len(Services.read_data(services, "pendulum")[2]) == 2  # unpinned: everything
-    _, real, sim, counts = Services.read_data(services, "pendulum", None, 3, 0)  # a window of 3 real steps and none of sim
+    assert len(services.read_data("pendulum")[2]) == 2  # unpinned: everything
+    _, real, sim, counts = services.read_data("pendulum", None, 3, 0)  # a window of 3 real steps and none of sim
     assert [e.episode_id for e in real] == [newest.episode_id] and not sim  # the newest
     assert counts == {"real": 1, "sim": 0, "real_in_store": 2, "sim_in_store": 2}
 

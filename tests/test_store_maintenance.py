@@ -17,7 +17,7 @@ from fleet.server import ServerConfig, add_token, serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.cli import main as store_cli
 from fleet.store.location import Location
-from fleet.store.maintenance import maintain
+from fleet.store.maintenance import SpentPinName, maintain
 from tests.test_store import episode
 
 
@@ -230,3 +230,26 @@ def test_unpin_lets_maintenance_expire_and_a_name_is_not_reused(tmp_path, capsys
     maintain(Location.of(path), keep_history_s=1e-3, gc_grace_s=0.0)
     with pytest.raises(ValueError, match="is not in the episode store"):
         store.snapshot(first)
+    store.append([episode(3)])
+    with pytest.raises(SpentPinName, match="pin name 'keep' was unpinned before, and a name pins once .*: pin under another name"):
+        store.pin(store.latest_snapshot_id(), "keep")  # Icechunk's own words were "tag already exists, tags are immutable"
+    assert store_cli(["pin", "--store", path, "--snapshot", store.latest_snapshot_id(), "--name", "keep"]) == 2
+    assert "pin under another name" in capsys.readouterr().err
+
+
+def test_a_run_whose_pins_an_operator_unpinned_resumes_and_lets_them_go(tmp_path):
+    """An operator tidying pins unpinned a stopped run's start.<id>: every resume failed with Icechunk's "tag already
+    exists, tags are immutable" (the redo pins its start again under the same name), until iteration.json was edited."""
+    from fleet.pipeline.services import Services
+
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    store.append([episode(1)])
+    services = Services.__new__(Services)  # what the loop stands on, its store alone (no Ray, no server)
+    services.store = store
+    start = services.pinned_tip()
+    store.unpin(f"start.{start}")  # the operator
+    services.pin_start(start)  # the resumed run's redo
+    services.pin_start(start)  # and another
+    assert store.pins() == {f"start.{start}.2": start}
+    services.release_start(start)  # the next iteration began
+    assert store.pins() == {}

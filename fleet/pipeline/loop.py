@@ -251,6 +251,8 @@ class Flywheel:
                     self.state["next_iteration"], self.state["final"] = k + 1, None
                     self._save_state()
                     (self.run_dir / RELEASE_FILE).unlink(missing_ok=True)
+                if (last := read_run_file(self.run_dir / ITERATION_FILE)) is not None:  # no iteration left to redo: its start goes
+                    self.svc.release_start(last["snapshot"])  # (a run given more iterations later pins its next start anew)
                 if self.state.get("final") is None:  # the fleet runs the last release: what the loop delivered
                     with self.progress.task("closing round: robots act and upload on the last release", total=None):
                         self.state["final"] = self._telemetry(s.iterations, f"closing round after iteration {s.iterations - 1}")

@@ -29,12 +29,14 @@ from fleet.server.auth import add_token
 from fleet.server.runner import serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.location import Location
+from fleet.store.maintenance import SpentPinName
 from fleet.tracking import Tracker, exit_status, recorded_config
 from sim.episode import Episode
 from worldmodel.device import AUTO, resolve_device
 
 log = logging.getLogger(__name__)
 MAP_TASK = {"CPU": 1}  # what each task of Services.ray_map asks Ray for
+PIN_RENEWALS = 100  # names a loop's pin may take, where an operator unpinned the ones before (Services._pin)
 def dataset_artifact(robot_model: str) -> str:
     return f"dataset-{robot_model}"
 
@@ -107,7 +109,7 @@ class Services(contextlib.AbstractContextManager):
         fleet has run. Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
         self.store.refresh_index()
         snapshot = self._last_read = self.store.snapshot(base=self._last_read)
-        self.store.pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
+        self._pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
         stored_real = snapshot.episodes(robot_model=robot_model, source="real")
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if sim_snapshot in (None, snapshot.snapshot_id) else self.store.snapshot(sim_snapshot)
@@ -123,12 +125,24 @@ class Services(contextlib.AbstractContextManager):
         return tip
 
     def pin_start(self, snapshot_id: str) -> None:
-        self.store.pin(snapshot_id, f"start.{snapshot_id}")
+        self._pin(snapshot_id, f"start.{snapshot_id}")
 
     def release_start(self, snapshot_id: str) -> None:
         """A finished iteration's start: no redo reads it any more, maintenance may expire it."""
-        with contextlib.suppress(LookupError):  # let go already (a redo of the next iteration's start)
-            self.store.unpin(f"start.{snapshot_id}")
+        for name in self.store.pins():
+            if name == f"start.{snapshot_id}" or name.startswith(f"start.{snapshot_id}."):  # and a renewed one (_pin)
+                with contextlib.suppress(LookupError):  # let go already (a replica's run, at the same time)
+                    self.store.unpin(name)
+
+    def _pin(self, snapshot_id: str, name: str) -> None:
+        """Pin ``snapshot_id`` as ``name``, or, where an operator unpinned that name (Icechunk never takes a name twice:
+        a resumed run that pinned its start again failed), as ``name.2``, ``name.3``, ...: the first that takes it."""
+        for n in range(1, PIN_RENEWALS + 1):
+            try:
+                return self.store.pin(snapshot_id, name if n == 1 else f"{name}.{n}")
+            except SpentPinName:
+                continue
+        raise SpentPinName(f"pins {name!r} to {name}.{PIN_RENEWALS} were all unpinned before: set a new run_dir")
 
     def store_synthetic(self, episodes: list[Episode]) -> int:
         """Write scenario and world-model episodes into the store (idempotent by episode id)."""

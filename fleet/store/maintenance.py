@@ -42,10 +42,14 @@ class MaintenanceReport:
         return dataclasses.asdict(self)
 
 
+class SpentPinName(ValueError):
+    """A pin name that was unpinned once: Icechunk keeps deleted tag names, so it cannot pin again."""
+
+
 def pin(repo: icechunk.Repository, location: Location, snapshot_id: str, name: str) -> None:
     """Pin ``snapshot_id`` as ``name``: maintenance keeps it readable. Pinning the same snapshot under the same
     name again does nothing; a name already pinning another snapshot, or a snapshot not in the store, is a ValueError.
-    A name once unpinned cannot pin again (Icechunk keeps deleted tag names)."""
+    A name once unpinned cannot pin again (Icechunk keeps deleted tag names): :class:`SpentPinName`."""
     if not PIN_NAME.fullmatch(name):
         raise ValueError(f"pin name {name!r}: use 1 to 200 letters, digits, '_', '-' or '.'")
     with backend.answering(location):  # storage that did not answer: StoreUnreachableError, as any call
@@ -62,7 +66,23 @@ def pin(repo: icechunk.Repository, location: Location, snapshot_id: str, name: s
     if backend.UNANSWERED_MARKER in str(refused) and "not found" not in str(refused):
         with backend.answering(location):
             raise refused
+    if _in_store(repo, location, snapshot_id):  # storage answered, the snapshot is there, no pin holds the name: it was unpinned
+        raise SpentPinName(
+            f"pin name {name!r} was unpinned before, and a name pins once in the store at {location} (Icechunk keeps "
+            "deleted tag names): pin under another name"
+        )
     raise ValueError(f"cannot pin snapshot {snapshot_id} of the store at {location}: {backend.short_reason(refused)}")
+
+
+def _in_store(repo: icechunk.Repository, location: Location, snapshot_id: str) -> bool:
+    with backend.answering(location):
+        try:
+            repo.lookup_snapshot(snapshot_id)
+        except icechunk.IcechunkError as exc:
+            if backend.UNANSWERED_MARKER in str(exc) and "not found" not in str(exc):
+                raise
+            return False
+    return True
 
 
 def unpin(repo: icechunk.Repository, location: Location, name: str) -> None:
