@@ -353,7 +353,8 @@ def test_key_ceremonies_with_flywheel_registry_and_a_server_that_checks_its_key(
     with pytest.raises(RegistryError, match="is not the key root v1 names"):
         open_registry(reg, keys / "stranger.pem")
     with pytest.raises(RepositoryNotInitialised, match="flywheel-registry init"):
-        open_registry(tmp_path / "empty", keys / "online.pem")  # no root, no root keys given: says what to do
+        open_registry(tmp_path / "empty", tmp_path / "new-keys" / "online.pem")  # no root, no root keys given: says what to do
+    assert not (tmp_path / "new-keys").exists() and not (tmp_path / "empty").exists()  # and makes no key or folder for it
     one = ["--root-key", str(keys / "root-1.pem")]
     assert main(["rotate", "--dir", str(reg), *one, "--online-key", str(keys / "online-2.pem")]) == 1  # 1 of 2
     assert "signed by 1/2" in capsys.readouterr().err
@@ -650,3 +651,25 @@ def test_private_keys_are_made_0600_never_through_a_link_and_may_be_encrypted_at
     monkeypatch.delenv(PASSPHRASE_ENV)
     with pytest.raises(KeyFileError, match=f"is encrypted: set {PASSPHRASE_ENV}"):
         load_signer(tmp_path / "keys" / "root-2.pem")
+
+
+def test_a_server_started_on_a_registry_with_no_root_and_no_root_keys_says_so_in_one_line(tmp_path):
+    """``fleet.registry.root_keys=[]`` (what the server's own warning advises) before `flywheel-registry init`: a
+    traceback, and the refused start left a new online key and the registry's folders behind."""
+    import subprocess
+    import sys
+
+    from fleet.server.auth import add_token
+
+    tokens = tmp_path / "tokens.json"
+    add_token(tokens, "operator")
+    started = subprocess.run(
+        [sys.executable, "-m", "fleet.apps.server", "fleet.registry.root_keys=[]", f"fleet.registry.dir={tmp_path / 'registry'}",
+         f"fleet.registry.online_key={tmp_path / 'keys' / 'online.pem'}", f"fleet.store.path={tmp_path / 'store'}", "fleet.server.port=0",
+         f"fleet.server.token_file={tokens}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr[-3000:]
+    (line,) = started.stderr.strip().splitlines()
+    assert line.startswith("flywheel-server: ") and "no root metadata" in line and "flywheel-registry init" in line, line
+    assert not (tmp_path / "keys").exists() and not (tmp_path / "registry").exists()

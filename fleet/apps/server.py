@@ -17,6 +17,7 @@ from fleet.apps.errors import accept_start, discard_log_folder_if_refused, one_l
 from fleet.conf.schema_tools import check, instantiated
 from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry
+from fleet.registry.tuf_repo import RepositoryNotInitialised
 from fleet.server.auth import TokenRegistry
 from fleet.server.runner import bind_socket, run
 from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     discard_log_folder_if_refused()  # a start refused below leaves no empty runs/fleet/logs/server/<time>/ behind
     check(cfg, "flywheel-server")
     # the settings' faults (values, files, keys, the address, the store and its damaged files, the registry's object storage) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
-    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError, S3Error)):
+    with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError, S3Error, RepositoryNotInitialised)):
         server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")
         TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
         sock = bind_socket(server)

@@ -335,11 +335,17 @@ def open_registry(
     made if missing) this makes root v1 here, with ``root_threshold`` of them. That is the
     single-machine set-up of the demo and tests; a production fleet runs ``flywheel-registry init``
     where the root keys live and gives the server only the online key."""
-    from fleet.registry.tuf_repo import init_root
+    from fleet.registry.tuf_repo import RepositoryNotInitialised, init_root
 
     files = open_files(directory)
     # a listing, not a HEAD: storage that does not answer, or a bucket that does not exist, fails here, before a key file is made
-    new_root = "1.root.json" not in files.list("tuf/metadata") and bool(root_keys)
+    has_root = "1.root.json" in files.list("tuf/metadata")
+    if not has_root and not root_keys:  # refused before a key file or a folder is made for it
+        raise RepositoryNotInitialised(
+            f"{files.location}/tuf/metadata has no root metadata: create it with the offline root keys first (`flywheel-registry init`, "
+            "docs/security.md), or give this start root key files to make it here (fleet.registry.root_keys)"
+        )
+    new_root = not has_root
     online = load_signer(online_key, create=True)
     release = None if release_key is None else load_signer(release_key, create=new_root)
     if new_root:
