@@ -554,8 +554,13 @@ def test_the_loops_steps_and_decisions_reach_its_log_file_once_and_the_console_o
         "progress = Progress(Console(stderr=True, width=200))\n"
         "with progress.task('world model'):\n    pass\n"
         "progress.note('resuming run_dir at iteration 3')\n"
+        "from fleet.apps.errors import one_line_errors\n"
+        "with one_line_errors('flywheel', on_interrupt='rerun with run_dir=r to resume it'):\n    raise KeyboardInterrupt\n"
     )
-    ran = subprocess.run([sys.executable, "-c", script, json.dumps(setup)], capture_output=True, text=True, timeout=120, check=True)
+    ran = subprocess.run([sys.executable, "-c", script, json.dumps(setup)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 130, ran.stderr
     logged = (tmp_path / "flywheel.log").read_text()
     assert "done world model (" in logged and logged.count("resuming run_dir at iteration 3") == 1
     assert (ran.stdout + ran.stderr).count("resuming run_dir at iteration 3") == 1  # the console shows it once (not Hydra's handler too)
+    stopped = "flywheel: interrupted; rerun with run_dir=r to resume it"  # why the run stopped: in the file too (it jumped to "resuming")
+    assert logged.count(stopped) == 1 and (ran.stdout + ran.stderr).count(stopped) == 1

@@ -86,7 +86,8 @@ def test_flywheel_store_maintains_pins_and_lists_from_the_shell(tmp_path, capsys
     assert store_cli(["pins", "--store", path]) == 0
     assert json.loads(capsys.readouterr().out)["pins"] == {"export-1": tip}
     assert store_cli(["maintain", "--store", str(tmp_path / "nowhere")]) == 2
-    assert "flywheel store maintain: error: no episode store at" in capsys.readouterr().err
+    said = capsys.readouterr().err  # a run folder, or a typo: where a store is, not how to create one
+    assert "flywheel store maintain: error: no flywheel episode store at" in said and "<run_dir>/store" in said and "EpisodeStore.create" not in said
     assert store_cli(["maintain", "--store", path, "--gc-grace-s", "5"]) == 2
     assert "must be more than lock_timeout_s" in capsys.readouterr().err
 
@@ -171,6 +172,7 @@ def test_a_snapshot_no_longer_in_the_store_is_unknown_not_damage(tmp_path, capsy
     assert interop_main(["export", "--format", "mcap", "--store", cfg.path, "--snapshot", old, "--out", str(tmp_path / "out")]) == 2
     said = capsys.readouterr().err
     assert "is not in the episode store" in said and "damaged" not in said
+    assert "Pin a snapshot you will read later" in said  # whole (it was cut at 200 characters, mid-word, before the advice)
 
 
 def test_a_snapshot_stays_for_keep_history_after_it_stopped_being_the_newest(tmp_path):

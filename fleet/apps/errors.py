@@ -24,6 +24,7 @@ from pathlib import Path
 from sim.robots.registry import RobotPluginError, UnknownRobotError
 
 ROBOT_ERRORS = (RobotPluginError, UnknownRobotError)  # robot_modules and robot names, in every app that takes them
+STOP_LOG = "fleet.apps.stop"  # the line an app stopped with, for its log file (_note_in_log_file)
 
 
 @contextlib.contextmanager
@@ -31,10 +32,22 @@ def one_line_errors(app: str, errors: tuple[type[BaseException], ...] = (), on_i
     try:
         yield
     except KeyboardInterrupt:
-        print(f"{app}: interrupted{'; ' + on_interrupt if on_interrupt else ''}", file=sys.stderr, flush=True)
+        line = f"{app}: interrupted{'; ' + on_interrupt if on_interrupt else ''}"
+        print(line, file=sys.stderr, flush=True)
+        _note_in_log_file(line)
         raise SystemExit(130) from None
     except (*errors, *ROBOT_ERRORS) as exc:
-        raise SystemExit(f"{app}: {exc}{'; then ' + on_error if on_error else ''}") from None
+        line = f"{app}: {exc}{'; then ' + on_error if on_error else ''}"
+        _note_in_log_file(line)
+        raise SystemExit(line) from None
+
+
+def _note_in_log_file(line: str) -> None:
+    """The app's log file says why it stopped too (it went on from its last line to "resuming ..." the next start):
+    through ``STOP_LOG``, which the apps' logging config sends to the file alone, the console having the line already."""
+    stop_log = logging.getLogger(STOP_LOG)
+    if stop_log.handlers:  # configured (fleet/conf/logging.yaml); else the record would reach the console a second time
+        stop_log.warning(line)
 
 
 def stop_on_signals() -> None:

@@ -190,19 +190,22 @@ def select(
 ) -> Selection:
     """The episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters (read later, in batches)."""
     from fleet.store import EpisodeStore, StoreConfig
+    from fleet.store.backend import UnknownSnapshotError
+    from fleet.store.location import WHERE_STORES_ARE
 
     if Path(store).is_file():
-        raise InteropError(f"--store {store} is a file; pass the folder of a flywheel episode store (a run's <run_dir>/store, or flywheel-server's fleet.store.path)")
+        raise InteropError(f"--store {store} is a file; pass the folder of a flywheel episode store ({WHERE_STORES_ARE})")
     try:
         opened = EpisodeStore.open(StoreConfig(path=str(store), fsync=False))
     except FileNotFoundError:
-        raise InteropError(f"no flywheel episode store at {store}; pass --store with the folder of one (a run's <run_dir>/store, or flywheel-server's fleet.store.path)") from None
+        raise InteropError(f"no flywheel episode store at {store}; pass --store with the folder of one ({WHERE_STORES_ARE})") from None
     try:
         snap = opened.snapshot(snapshot_id)
         snap.catalog()
     except Exception as exc:  # icechunk raises its own error types (multi-line, with its source location) for an unknown id
         recent = ", ".join(h["snapshot_id"] for h in opened.history(limit=5))
-        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first_line = first_line if isinstance(exc, UnknownSnapshotError) else first_line[:200]  # ours whole: it says what to do
         raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store} ({first_line}); its newest snapshots: {recent} (or leave out --snapshot for the tip)") from None
     every = snap.episodes()
     infos = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model)

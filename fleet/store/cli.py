@@ -37,9 +37,13 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     from fleet.store import EpisodeStore, StoreConfig
+    from fleet.store.location import WHERE_STORES_ARE
 
     settings = {k: v for k, v in (("keep_history_s", getattr(args, "keep_history_s", None)), ("gc_grace_s", getattr(args, "gc_grace_s", None))) if v is not None}
-    store = EpisodeStore.open(StoreConfig(path=args.store, **settings))
+    try:
+        store = EpisodeStore.open(StoreConfig(path=args.store, **settings))
+    except FileNotFoundError:  # the library's words say how to create one; an operator pointed at the wrong folder
+        raise FileNotFoundError(f"no flywheel episode store at {args.store}; pass --store with the folder of one ({WHERE_STORES_ARE})") from None
     if args.command == "maintain":
         return {"command": "maintain", "store": args.store, **store.maintain().to_dict()}
     if args.command == "pin":

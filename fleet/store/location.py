@@ -8,6 +8,9 @@ import dataclasses
 from pathlib import Path
 
 
+WHERE_STORES_ARE = "a run's <run_dir>/store, or flywheel-server's fleet.store.path"  # what the shell tools tell a user to pass as --store
+
+
 class StoreLocationError(ValueError):
     """A store path that names no usable location (a malformed ``s3://`` URL, no bucket)."""
 

@@ -328,8 +328,8 @@ class EpisodeStore:
         """UnknownSnapshotError for a snapshot id asked for that is not in the store (read as "damaged, restore from backup")."""
         raise backend.UnknownSnapshotError(
             f"snapshot {snapshot_id!r} is not in the episode store at {self.location}: a mistyped id, another store's, or one "
-            f"maintenance expired (history older than keep_history_s={self.config.keep_history_s:g} s goes unless pinned; "
-            "docs/store.md, Maintenance). Pin a snapshot you will read later: EpisodeStore.pin or `flywheel store pin`"
+            "maintenance expired (a snapshot goes the maintaining server's keep_history_s after a newer one replaced it, unless "
+            "pinned; docs/store.md, Maintenance). Pin a snapshot you will read later: EpisodeStore.pin or `flywheel store pin`"
         ) from None
 
     def history(self, limit: int = 20) -> list[dict]:
