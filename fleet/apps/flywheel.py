@@ -26,12 +26,14 @@ def main() -> None:
     """`flywheel export|import ...`: the interop CLI; anything else: the Hydra app."""
     if len(sys.argv) > 1 and sys.argv[1] in INTEROP_COMMANDS:
         from fleet.interop.cli import main as interop_main
+        from fleet.json_command import exit_process
 
-        raise SystemExit(interop_main(sys.argv[1:]))
+        exit_process(interop_main(sys.argv[1:]))
     if len(sys.argv) > 1 and sys.argv[1] == STORE_COMMAND:
+        from fleet.json_command import exit_process
         from fleet.store.cli import main as store_main
 
-        raise SystemExit(store_main(sys.argv[2:]))
+        exit_process(store_main(sys.argv[2:]))
     import fleet.conf.schema_flywheel  # noqa: F401  (registers the config's schema, which flywheel.yaml names)
 
     check_run_dir_argument("flywheel", sys.argv[1:])

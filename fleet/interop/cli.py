@@ -171,4 +171,6 @@ def _say(exc: BaseException) -> object:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fleet.json_command import exit_process
+
+    exit_process(main())

@@ -64,4 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fleet.json_command import exit_process
+
+    exit_process(main())
