@@ -273,3 +273,28 @@ def test_a_run_whose_pins_an_operator_unpinned_resumes_and_lets_them_go(tmp_path
     assert store.pins() == {f"start.{start}.2": start}
     services.release_start(start)  # the next iteration began
     assert store.pins() == {}
+
+
+def test_one_maintenance_run_at_a_time_on_a_local_store(tmp_path, capsys):
+    """Two replicas on one host overlapped: each deleted what the other had, and Icechunk logged an ERROR line for
+    every file already gone (~15,000 a minute). The second run is skipped now, and counted so."""
+    import fcntl
+
+    from fleet.server.maintainer import Maintainer
+    from fleet.server.metrics import Metrics
+    from fleet.store.layout import MAINTENANCE_LOCK_FILE
+    from fleet.store.maintenance import MaintenanceBusy
+
+    path = str(tmp_path / "store")
+    store = EpisodeStore.create(StoreConfig(path=path, fsync=False))
+    store.append([episode(1)])
+    with open(tmp_path / "store" / MAINTENANCE_LOCK_FILE, "w") as other:  # another process's run in progress
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(MaintenanceBusy, match="another process is maintaining the store at .*; this run is skipped"):
+            store.maintain()
+        assert store_cli(["maintain", "--store", path]) == 0
+        assert "another process is maintaining" in json.loads(capsys.readouterr().out)["skipped"]
+        metrics = Metrics()
+        Maintainer(store, metrics, 900.0).run_once()
+        assert metrics.maintenance_runs.labels("skipped")._value.get() == 1 and metrics.maintenance_runs.labels("failed")._value.get() == 0
+    assert store.maintain().expired_snapshots >= 0  # the other run ended: this one runs

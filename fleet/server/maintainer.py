@@ -9,6 +9,7 @@ import threading
 from fleet.server.metrics import Metrics
 from fleet.store import EpisodeStore
 from fleet.store.backend import short_reason
+from fleet.store.maintenance import MaintenanceBusy
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class Maintainer:
     def run_once(self) -> None:
         try:
             report = self.store.maintain()
+        except MaintenanceBusy as exc:  # another replica on this host runs it now
+            self.metrics.maintenance_runs.labels("skipped").inc()
+            log.info("store maintenance: %s", exc)
+            return
         except Exception as exc:  # noqa: BLE001 - a failed run must not stop the server; it is logged and counted
             self.metrics.maintenance_runs.labels("failed").inc()
             log.warning("store maintenance failed (%s: %s); the next run is in %g s", exc.__class__.__name__, short_reason(exc), self.every_s)

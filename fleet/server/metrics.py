@@ -16,7 +16,8 @@ Metric names (documented in docs/protocol.md, each with HELP text):
     flywheel_pending_uploads                             gauge, uploads waiting for a commit
     flywheel_commit_running_seconds                      gauge, how long the commit running now has taken (0: none)
     flywheel_store_episodes                              gauge, episodes in the store
-    flywheel_store_maintenance_runs_total{outcome}       store maintenance runs (ServerConfig.maintenance_every_s): ok | failed
+    flywheel_store_maintenance_runs_total{outcome}       store maintenance runs (ServerConfig.maintenance_every_s): ok | failed |
+                                                         skipped (another replica on this host was maintaining the store)
     flywheel_store_maintenance_deleted_bytes_total       bytes those runs deleted (expired history, unreferenced objects)
     flywheel_http_requests_total{method,route,status}    every HTTP request, by route template (method: one of HTTP_METHODS,
                                                          else "other"; route: unmatched when no route took it)
@@ -56,7 +57,7 @@ class Metrics:
         self.pending = Gauge("flywheel_pending_uploads", "Uploads waiting for a group commit.", registry=r)
         self.commit_running = Gauge("flywheel_commit_running_seconds", "How long the group commit running now has taken (0: none running).", registry=r)
         self.store_episodes = Gauge("flywheel_store_episodes", "Episodes in the store.", registry=r)
-        self.maintenance_runs = Counter("flywheel_store_maintenance_runs", "Store maintenance runs, by outcome (ok or failed).", ["outcome"], registry=r)
+        self.maintenance_runs = Counter("flywheel_store_maintenance_runs", "Store maintenance runs, by outcome (ok, failed, or skipped: another process was maintaining the store).", ["outcome"], registry=r)
         self.maintenance_bytes = Counter("flywheel_store_maintenance_deleted_bytes", "Bytes store maintenance deleted (expired history, unreferenced objects).", registry=r)
         self.requests = Counter("flywheel_http_requests", "HTTP requests, by method, route template and status.", ["method", "route", "status"], registry=r)
         self.request_seconds = Histogram(

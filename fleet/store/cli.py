@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     from fleet.store import EpisodeStore, StoreConfig
     from fleet.store.location import WHERE_STORES_ARE
+    from fleet.store.maintenance import MaintenanceBusy
 
     settings = {k: v for k, v in (("keep_history_s", getattr(args, "keep_history_s", None)), ("gc_grace_s", getattr(args, "gc_grace_s", None))) if v is not None}
     try:
@@ -45,7 +46,10 @@ def run(args: argparse.Namespace) -> dict:
     except FileNotFoundError:  # the library's words say how to create one; an operator pointed at the wrong folder
         raise FileNotFoundError(f"no flywheel episode store at {args.store}; pass --store with the folder of one ({WHERE_STORES_ARE})") from None
     if args.command == "maintain":
-        return {"command": "maintain", "store": args.store, **store.maintain().to_dict()}
+        try:
+            return {"command": "maintain", "store": args.store, **store.maintain().to_dict()}
+        except MaintenanceBusy as exc:  # a replica's scheduled run: it does the work (exit 0, as for a run that found nothing)
+            return {"command": "maintain", "store": args.store, "skipped": str(exc)}
     if args.command == "pin":
         store.pin(args.snapshot, args.name)
         return {"command": "pin", "store": args.store, "name": args.name, "snapshot_id": args.snapshot}

@@ -53,6 +53,7 @@ STORE_SCHEMA_VERSION = 3
 READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # 1 and 2 are migrated to 3 when the store is opened
 REPO_DIR = "icechunk"
 LOCK_FILE = "writer.lock"
+MAINTENANCE_LOCK_FILE = "maintenance.lock"  # one maintenance run at a time on a local store (fleet/store/maintenance.py)
 BRANCH = "main"
 ROOT_ATTR = "flywheel_store"
 STREAMS = "streams"
