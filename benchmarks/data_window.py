@@ -52,10 +52,11 @@ def loop_services(store: EpisodeStore) -> Services:
     return services
 
 
-def read(svc, window: int | None) -> tuple[float, int, int]:
-    """(seconds, bytes held, steps) of one read of the loop's real data."""
+def read(svc, window: int | None, iteration_start: str) -> tuple[float, int, int]:
+    """(seconds, bytes held, steps) of one read of the loop's real data, as the loop reads it: the tip, and its sim
+    episodes as of the iteration's start (a snapshot before the robots' telemetry)."""
     start = time.perf_counter()
-    _, real, _, _ = svc.read_data("pendulum", None, window, None)
+    _, real, _, _ = svc.read_data("pendulum", iteration_start, window, None)
     return time.perf_counter() - start, held_bytes(real), sum(ep.num_steps for ep in real)
 
 
@@ -72,12 +73,13 @@ def main() -> None:
         store = EpisodeStore.create(StoreConfig(path=os.path.join(tmp, "store"), fsync=False))
         loops = {window: loop_services(store) for window in (None, args.window)}
         for it in range(1, args.iterations + 1):
+            iteration_start = store.latest_snapshot_id()
             store.append([episode(f"robot-{r}", it * args.episodes + k, rng) for r in range(args.robots) for k in range(args.episodes)])
             if it % args.check_every and it != args.iterations:
                 continue
             order = (None, args.window) if it // args.check_every % 2 else (args.window, None)  # who reads first, in turn
             loops[None]._last_read = None  # the loop before windows: the whole catalog read again every iteration
-            took = {window: read(loops[window], window) for window in order}
+            took = {window: read(loops[window], window, iteration_start) for window in order}
             everything, windowed = took[None], took[args.window]
             print(
                 f"# iteration {it}: stored {everything[2]:,} steps; read {windowed[0]:.2f} s / {everything[0]:.2f} s, "

@@ -28,7 +28,12 @@ def exit_process(code: int) -> NoReturn:
     finalizes; CPython then ends that thread with pthread_exit inside Rust frames, which aborts the process (SIGABRT,
     exit 134, pyo3's known race) after the command had done its work and printed its line: ~5 % of `flywheel store
     pins` runs on a loaded machine (a core dump showed it). Nothing these commands leave needs the teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    lost = False
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: the shell closed it (`>&-`)
+                stream.flush()
+        except (OSError, ValueError):  # a pipe whose reader left, a closed file
+            lost = lost or stream is sys.stdout
     logging.shutdown()
-    os._exit(code)
+    os._exit(120 if lost and code == 0 else code)  # as Python's own exit says a result line that could not be written

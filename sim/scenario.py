@@ -60,7 +60,7 @@ class ScenarioSpec:
         already: 0.3 us against 3 us, for a stepper that starts thousands of episodes a second."""
         if type(seed) is not int or seed < 0:
             return dataclasses.replace(self, seed=seed)
-        spec = object.__new__(ScenarioSpec)
+        spec = object.__new__(type(self))
         spec.__dict__.update(self.__dict__, seed=seed)
         spec.__dict__.pop("_json", None)  # cached for this one's seed
         return spec

@@ -194,6 +194,43 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
     assert counts == {"real": 1, "sim": 0, "real_in_store": 2, "sim_in_store": 2}
 
 
+def test_each_iteration_reads_only_the_catalog_rows_committed_since_the_last(tmp_path, monkeypatch):
+    """The loop reads its iteration's start (for the sim episodes) and the tip: the start was opened without a base, so
+    every iteration loaded the whole catalog however long the fleet had run (a second reader's count: 20, 40, 60, 80)."""
+    from fleet.pipeline.services import Services
+    from fleet.store import EpisodeStore, StoreConfig
+    from fleet.store.reader import StoreSnapshot
+    from sim.episode import Episode
+    from tests.conftest import make_episode_arrays
+
+    loaded = []
+    load_partition = StoreSnapshot._load_partition
+
+    async def counted(self, writer, start):
+        rows = await load_partition(self, writer, start)
+        loaded.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(StoreSnapshot, "_load_partition", counted)
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    services = Services.__new__(Services)
+    services.store, services._last_read = store, None
+    seed = iter(range(1000))
+
+    def stored(source: str, n: int) -> None:
+        store.append([Episode.create(**make_episode_arrays(num_steps=3, seed=next(seed)), robot_id="robot-0", robot_model="pendulum", source=source) for _ in range(n)])
+
+    per_iteration = []
+    for _ in range(4):  # as the loop: the start, the robots' telemetry, the read, then the iteration's scenarios
+        start = store.latest_snapshot_id()
+        stored("real", 3)
+        loaded.clear()
+        _, real, sim, _ = services.read_data("pendulum", start)
+        per_iteration.append(sum(loaded))
+        stored("sim", 2)
+    assert per_iteration == [3, 5, 5, 5] and len(real) == 12 and len(sim) == 6  # the new rows only: 2 scenarios, 3 uploads
+
+
 def test_a_run_folder_moved_or_copied_resumes_from_its_own_files(tmp_path):
     """state.json held absolute paths: a copied folder warm-started from the original's checkpoint, a moved one failed."""
     import shutil

@@ -158,11 +158,16 @@ def test_a_user_adds_a_robot_with_an_mjcf_and_a_task_class(tmp_path):
         name = "thin_pole_test"
         mjcf = tmp_path / "thin_pole.xml"
 
+        def initial_state(self, rng, noise_scale, goal):  # its own start, tilted (the stepper once drew the pendulum's)
+            qpos, qvel = super().initial_state(rng, noise_scale, goal)
+            return qpos + np.array([0.0, 0.1]), qvel
+
     assert "thin_pole_test" in robot_names()
-    episodes = BatchedStepper("thin_pole_test", 4).simulate(
-        [ScenarioSpec("thin_pole_test", seed=s) for s in range(4)], random_policy(1, seed=0)
-    )
+    stepper = BatchedStepper("thin_pole_test", 4)
+    episodes = stepper.simulate([ScenarioSpec("thin_pole_test", seed=s) for s in range(4)], random_policy(1, seed=0))
     assert len(episodes) == 4 and all(e.metadata["robot_model"] == "thin_pole_test" for e in episodes)
+    first = stepper.reset(seed=0)  # free running, batched resets
+    assert np.all(np.abs(first[:, 1] - 0.1) < 0.02) and np.all(np.abs(episodes[0].observation[0, 1] - 0.1) < 0.02)
     with pytest.raises(ValueError, match="already registered"):
         register(type("Other", (Task,), {"name": "thin_pole_test"}))
 

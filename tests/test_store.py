@@ -188,6 +188,8 @@ def test_snapshot_is_pinned(cfg):
     incremental = store.snapshot(latest.snapshot_id, base=pinned)  # reads only the slots added since
     assert incremental.catalog() == latest.catalog()
     assert [h["snapshot_id"] for h in store.history(2)][1] == pinned.snapshot_id
+    earlier = store.snapshot(pinned.snapshot_id, base=latest)  # a base newer than the snapshot: its catalog stood in for this one's
+    assert earlier.catalog() == EpisodeStore.open(cfg).snapshot(pinned.snapshot_id).catalog() and len(earlier) == 3
 
 
 def test_filters_by_robot_source_model_and_time(cfg):

@@ -270,9 +270,32 @@ def test_a_run_whose_pins_an_operator_unpinned_resumes_and_lets_them_go(tmp_path
     store.unpin(f"start.{start}")  # the operator
     services.pin_start(start)  # the resumed run's redo
     services.pin_start(start)  # and another
-    assert store.pins() == {f"start.{start}.2": start}
+    store.pin(start, f"start.{start}.audit")  # the operator's own
+    assert store.pins() == {f"start.{start}.2": start, f"start.{start}.audit": start}
     services.release_start(start)  # the next iteration began
-    assert store.pins() == {}
+    assert store.pins() == {f"start.{start}.audit": start}
+
+
+def test_a_pin_that_fails_for_another_reason_says_that_reason(tmp_path):
+    """Any refused tag (a full disk, a read-only mount, a 5xx) read as "unpinned before", and the loop then tried 99
+    more names before saying "set a new run_dir". A full disk cannot be made here: Icechunk's error is stood in for."""
+    import icechunk
+
+    from fleet.store.maintenance import pin
+
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    store.append([episode(1)])
+
+    class FullDisk:  # the store's own repository, but for the tag it cannot write
+        def __getattr__(self, name):
+            return getattr(store._repo, name)
+
+        def create_tag(self, tag, snapshot_id):
+            raise icechunk.IcechunkError("error writing object: No space left on device (os error 28)")
+
+    with pytest.raises(ValueError, match="No space left on device") as refused:
+        pin(FullDisk(), Location.of(str(tmp_path / "store")), store.latest_snapshot_id(), "fresh")
+    assert not isinstance(refused.value, SpentPinName)
 
 
 def test_one_maintenance_run_at_a_time_on_a_local_store(tmp_path, capsys):

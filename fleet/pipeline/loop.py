@@ -517,7 +517,7 @@ class Flywheel:
         s, svc = self.settings, self.svc
         snapshot_id, raw_real, sim, counts = svc.read_data(s.robot_model, self.sim_snapshot, s.real_window_steps, s.sim_window_steps)
         record["snapshot"], record["data"] = snapshot_id, counts
-        svc.mirror_dataset(snapshot_id, counts | {"real_window_steps": s.real_window_steps, "sim_window_steps": s.sim_window_steps}, k, s.robot_model)
+        svc.mirror_dataset(snapshot_id, counts, k, s.robot_model, {"real_window_steps": s.real_window_steps, "sim_window_steps": s.sim_window_steps})
         cal_cfg = self.built.calibration
         starts = self.state["calibrated_profiles"]  # each robot's search begins at its previous calibration
         calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map, starts=starts)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import ray
@@ -108,14 +109,18 @@ class Services(contextlib.AbstractContextManager):
         (:func:`newest_within`; None: all), so that an iteration's memory and time stay bounded however long the
         fleet has run. Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
         self.store.refresh_index()
-        snapshot = self._last_read = self.store.snapshot(base=self._last_read)
+        start = None if sim_snapshot is None else self.store.snapshot(sim_snapshot, base=self._last_read)
+        if start is not None:
+            start.catalog()  # read on from the last read's catalog, and the tip's on from this one's (both only what is new)
+        snapshot = self.store.snapshot(base=self._last_read if start is None else start)
         self._pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
         stored_real = snapshot.episodes(robot_model=robot_model, source="real")
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
-        before = snapshot if sim_snapshot in (None, snapshot.snapshot_id) else self.store.snapshot(sim_snapshot)
+        before = snapshot if start is None else start
         stored_sim = before.episodes(robot_model=robot_model, source="sim")
         sim = before.read_episodes(newest_within(stored_sim, sim_window))
         counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
+        self._last_read = snapshot
         return snapshot.snapshot_id, real, sim, counts
 
     def pinned_tip(self) -> str:
@@ -129,8 +134,9 @@ class Services(contextlib.AbstractContextManager):
 
     def release_start(self, snapshot_id: str) -> None:
         """A finished iteration's start: no redo reads it any more, maintenance may expire it."""
-        for name in self.store.pins():
-            if name == f"start.{snapshot_id}" or name.startswith(f"start.{snapshot_id}."):  # and a renewed one (_pin)
+        ours = re.compile(re.escape(f"start.{snapshot_id}") + r"(\.\d+)?")  # and a renewed one (_pin), not an operator's own
+        for name in self.store.pin_names():
+            if ours.fullmatch(name):
                 with contextlib.suppress(LookupError):  # let go already (a replica's run, at the same time)
                     self.store.unpin(name)
 
@@ -193,14 +199,14 @@ class Services(contextlib.AbstractContextManager):
             aliases=(f"release-{version}", "stable"), uses=(dataset,),
         )
 
-    def mirror_dataset(self, snapshot_id: str, counts: dict[str, int], iteration: int, robot_model: str) -> None:
+    def mirror_dataset(self, snapshot_id: str, counts: dict[str, int], iteration: int, robot_model: str, windows: dict[str, int | None]) -> None:
         """W&B mirrors the pinned dataset snapshot as a version of one Artifact per robot model
-        (its id and counts; the data stays in the store), aliased by snapshot and iteration."""
+        (its id, counts and the data windows read; the data stays in the store), aliased by snapshot and iteration."""
         path = self.run_dir / "snapshots" / f"iter{iteration:03d}.json"
         path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({"snapshot_id": snapshot_id, "store": str(self.store_cfg.path), "episodes": counts}, indent=1))
+        path.write_text(json.dumps({"snapshot_id": snapshot_id, "store": str(self.store_cfg.path), "episodes": counts, "windows": windows}, indent=1))
         aliases = (snapshot_alias(snapshot_id), f"iter-{iteration}")
-        self.tracker.artifact(dataset_artifact(robot_model), "dataset", [path], {"snapshot_id": snapshot_id, **counts}, aliases=aliases)
+        self.tracker.artifact(dataset_artifact(robot_model), "dataset", [path], {"snapshot_id": snapshot_id, **counts, **windows}, aliases=aliases)
 
     # -- lifetime -------------------------------------------------------------------------------
     def __exit__(self, *exc):

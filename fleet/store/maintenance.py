@@ -70,7 +70,7 @@ def pin(repo: icechunk.Repository, location: Location, snapshot_id: str, name: s
     if backend.UNANSWERED_MARKER in str(refused) and "not found" not in str(refused):
         with backend.answering(location):
             raise refused
-    if _in_store(repo, location, snapshot_id):  # storage answered, the snapshot is there, no pin holds the name: it was unpinned
+    if "already exists" in str(refused) and _in_store(repo, location, snapshot_id):  # no pin holds the name, Icechunk has it: unpinned
         raise SpentPinName(
             f"pin name {name!r} was unpinned before, and a name pins once in the store at {location} (Icechunk keeps "
             "deleted tag names): pin under another name"
@@ -95,6 +95,12 @@ def unpin(repo: icechunk.Repository, location: Location, name: str) -> None:
         if PIN_PREFIX + name not in repo.list_tags():
             raise LookupError(f"no pin {name!r} in the store at {location} (`flywheel store pins` lists them)")
         repo.delete_tag(PIN_PREFIX + name)
+
+
+def pin_names(repo: icechunk.Repository, location: Location) -> list[str]:
+    """The pins' names, sorted: one listing (``pins`` reads each one's snapshot id too)."""
+    with backend.answering(location):
+        return sorted(tag[len(PIN_PREFIX) :] for tag in repo.list_tags() if tag.startswith(PIN_PREFIX))
 
 
 def pins(repo: icechunk.Repository, location: Location) -> dict[str, str]:

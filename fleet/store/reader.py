@@ -224,6 +224,9 @@ class StoreSnapshot:
         base = self._base if self._base is not None and self._base._schema_version == self._schema_version else None
         writers = await backend.catalog_partitions(store, self._schema_version)
         parts = await asyncio.gather(*(self._load_partition(w, base._parts.get(w, 0) if base is not None else 0) for w in writers))
+        if base is not None and any(self._parts.get(w, 0) < rows for w, rows in base._parts.items()):  # not an earlier snapshot:
+            self._base = None  # its catalog would have stood in for this one's (a partition shorter here read as no new rows)
+            return await self._load_catalog()
         rows = sorted((row for part in parts for row in part), key=lambda r: (r[0], r[1] or "", r[2]))  # seq, then writer, then its row
         first = len(base._catalog) if base is not None else 0
         new = [info_of(values, first + i) for i, (_, _, _, values) in enumerate(rows)]

@@ -370,6 +370,10 @@ class EpisodeStore:
         """Pin name -> snapshot id."""
         return maintenance.pins(self._repo, self.location)
 
+    def pin_names(self) -> list[str]:
+        """The pins' names (one listing; a loop keeps a pin an iteration)."""
+        return maintenance.pin_names(self._repo, self.location)
+
     def maintain(self) -> maintenance.MaintenanceReport:
         """Expire the history older than ``config.keep_history_s`` and delete what nothing reaches any more."""
         return maintenance.maintain(self.location, self.config.keep_history_s, self.config.gc_grace_s)

@@ -17,10 +17,15 @@ class Pendulum(Task):
     max_step_reward = 1.0  # the alive bonus: a return of max_steps cannot be beaten
 
     def initial_state(self, rng, noise_scale, goal):
-        qpos, qvel = self.initial_states([rng], [noise_scale], [goal])
+        qpos, qvel = self._draw([rng], [noise_scale])
         return qpos[0], qvel[0]
 
     def initial_states(self, rngs, noise_scales, goals):
+        if type(self).initial_state is not Pendulum.initial_state:  # a subclass's own start (a plugin robot): world by world
+            return super().initial_states(rngs, noise_scales, goals)
+        return self._draw(rngs, noise_scales)
+
+    def _draw(self, rngs, noise_scales):
         """qpos0 + s * U(-0.01, 0.01) and qvel = s * U(-0.01, 0.01) for each world: one draw of nq + nv numbers from
         each generator (the same numbers as a draw of nq, then one of nv), the arithmetic batched."""
         m = self.model
