@@ -279,7 +279,8 @@ def newest_within(infos: list, max_steps: int | None) -> list:
     """In :func:`in_robot_order`, each robot's newest catalog entries (``EpisodeInfo``) whose steps sum to at most
     ``max_steps`` in all (None: every entry). The budget is shared evenly between robots, and what a robot with less
     data leaves goes to the others; each robot's cut depends only on its own uploads and the share, never on how the
-    robots' uploads interleaved, so one seed still gives one run. Episodes past the window stay in the store."""
+    robots' uploads interleaved, so one seed still gives one run. Episodes past the window stay in the store. Whole
+    episodes only: what of a robot's share no episode fits is not passed on (under an episode's steps a robot)."""
     if max_steps is None:
         return in_robot_order(infos)
     robots: dict[str, list] = collections.defaultdict(list)
