@@ -105,8 +105,9 @@ def pin_names(repo: icechunk.Repository, location: Location) -> list[str]:
 
 def pins(repo: icechunk.Repository, location: Location) -> dict[str, str]:
     """Pin name -> snapshot id. ``repo``: the store's open repository (a tag is a ref: any handle reads and writes it)."""
+    names = pin_names(repo, location)
     with backend.answering(location):
-        return {tag[len(PIN_PREFIX) :]: repo.lookup_tag(tag) for tag in sorted(repo.list_tags()) if tag.startswith(PIN_PREFIX)}
+        return {name: repo.lookup_tag(PIN_PREFIX + name) for name in names}
 
 
 class MaintenanceBusy(RuntimeError):
