@@ -38,6 +38,8 @@ from worldmodel.device import AUTO, resolve_device
 log = logging.getLogger(__name__)
 MAP_TASK = {"CPU": 1}  # what each task of Services.ray_map asks Ray for
 PIN_RENEWALS = 100  # names a loop's pin may take, where an operator unpinned the ones before (Services._pin)
+
+
 def dataset_artifact(robot_model: str) -> str:
     return f"dataset-{robot_model}"
 
