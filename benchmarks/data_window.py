@@ -45,13 +45,6 @@ def held_bytes(episodes: list[Episode]) -> int:
     return sum(a.nbytes for ep in episodes for a in (ep.observation, ep.action, ep.reward, ep.terminated, ep.truncated, ep.timestamp))
 
 
-def loop_services(store: EpisodeStore) -> Services:
-    """What the loop stands on, its store alone (no Ray, no server)."""
-    services = Services.__new__(Services)
-    services.store, services._last_read = store, None
-    return services
-
-
 def read(svc, window: int | None, iteration_start: str) -> tuple[float, int, int]:
     """(seconds, bytes held, steps) of one read of the loop's real data, as the loop reads it: the tip, and its sim
     episodes as of the iteration's start (a snapshot before the robots' telemetry)."""
@@ -71,7 +64,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         store = EpisodeStore.create(StoreConfig(path=os.path.join(tmp, "store"), fsync=False))
-        loops = {window: loop_services(store) for window in (None, args.window)}
+        loops = {window: Services.of_store(store) for window in (None, args.window)}
         for it in range(1, args.iterations + 1):
             iteration_start = store.latest_snapshot_id()
             store.append([episode(f"robot-{r}", it * args.episodes + k, rng) for r in range(args.robots) for k in range(args.episodes)])

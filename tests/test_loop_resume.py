@@ -183,8 +183,7 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
     before = store.latest_snapshot_id()
     newest = episode(2, "real")
     store.append([newest, episode(3, "sim")])  # the attempt's telemetry, then its scenarios
-    services = Services.__new__(Services)  # what the loop stands on, its store alone (no Ray, no server)
-    services.store, services._last_read = store, None
+    services = Services.of_store(store)  # what the loop stands on, its store alone (no Ray, no server)
     _, real, sim, counts = services.read_data("pendulum", before)
     assert len(real) == 2 and [e.episode_id for e in sim] == [earlier.episode_id]
     assert counts == {"real": 2, "sim": 1, "real_in_store": 2, "sim_in_store": 1}
@@ -213,8 +212,7 @@ def test_each_iteration_reads_only_the_catalog_rows_committed_since_the_last(tmp
 
     monkeypatch.setattr(StoreSnapshot, "_load_partition", counted)
     store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
-    services = Services.__new__(Services)
-    services.store, services._last_read = store, None
+    services = Services.of_store(store)
     seed = iter(range(1000))
 
     def stored(source: str, n: int) -> None:

@@ -264,8 +264,7 @@ def test_a_run_whose_pins_an_operator_unpinned_resumes_and_lets_them_go(tmp_path
 
     store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
     store.append([episode(1)])
-    services = Services.__new__(Services)  # what the loop stands on, its store alone (no Ray, no server)
-    services.store = store
+    services = Services.of_store(store)  # what the loop stands on, its store alone (no Ray, no server)
     start = services.pinned_tip()
     store.unpin(f"start.{start}")  # the operator
     services.pin_start(start)  # the resumed run's redo

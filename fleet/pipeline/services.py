@@ -100,6 +100,14 @@ class Services(contextlib.AbstractContextManager):
         # the run's own store and registry, not the YAML's paths
         self.tracker.config_update({"effective_store": dataclasses.asdict(self.store_cfg), "effective_registry": self.registry_dir})
 
+    @classmethod
+    def of_store(cls, store: EpisodeStore) -> Services:
+        """Services on ``store`` alone (no Ray, no server, no tracker): its data and pins, as the loop reads and keeps
+        them (tests, benchmarks/data_window.py)."""
+        services = cls.__new__(cls)
+        services.store, services._last_read = store, None
+        return services
+
     # -- data ---------------------------------------------------------------------------------
     def read_data(
         self, robot_model: str, sim_snapshot: str | None = None, real_window: int | None = None, sim_window: int | None = None
