@@ -30,7 +30,7 @@ step tests 140 "$PY" -m pytest -o addopts="" -p no:cacheprovider -q -rs -m requi
 [[ -f "$OUT/tests.log" ]] && tail -3 "$OUT/tests.log"
 step sac_update 150 "$PY" benchmarks/sac_update_speed.py --device auto
 step train_vs_sb3 110 "$PY" benchmarks/train_vs_sb3.py --algorithms sac --device auto
-step worldmodel_cuda 170 "$PY" benchmarks/worldmodel_bench.py --device auto --calibration-robots 0
+step worldmodel_cuda 200 "$PY" benchmarks/worldmodel_bench.py --device auto --calibration-robots 0 --starts 10000 100000
 step worldmodel_cpu 90 "$PY" benchmarks/worldmodel_bench.py --device cpu --robots half_cheetah --calibration-robots 0
 for precision in float32 bfloat16; do  # flywheel-train on device auto (the learner on the GPU), each SAC precision
     step "train_sac_$precision" 150 "$PY" -m fleet.apps.train policy=sac policy.trainer.total_env_steps=4000 policy.algorithm.learning_starts=500 \

@@ -198,3 +198,16 @@ def test_load_detects_changed_weights(trained, tmp_path):
         load(tmp_path / "wm")
     with pytest.raises(FileNotFoundError, match="model.json is missing"):
         load(tmp_path / "nowhere")
+
+
+def test_disagreement_is_the_std_across_members_rms_over_dims_and_inf_where_not_finite():
+    from worldmodel.ensemble import disagreement
+
+    means = torch.randn(5, 300, 17, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = means.std(0, correction=0).square().mean(-1).sqrt()  # the definition, written with torch's std
+    torch.testing.assert_close(disagreement(means.float()), expected.float(), rtol=1e-5, atol=1e-7)
+    means[2, 7, 3] = float("nan")
+    means[0, 9, 0] = float("inf")
+    dis = disagreement(means)
+    assert dis[7] == float("inf") and dis[9] == float("inf") and torch.isfinite(dis[[0, 8, 10]]).all()
+    assert torch.equal(disagreement(means[:1]), torch.zeros(300, dtype=torch.float32))  # one member: nothing to disagree

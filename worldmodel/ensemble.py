@@ -124,7 +124,10 @@ def disagreement(norm_delta_mean: torch.Tensor) -> torch.Tensor:
     """
     if norm_delta_mean.shape[0] < 2:
         return torch.zeros(norm_delta_mean.shape[1], device=norm_delta_mean.device)
-    dis = norm_delta_mean.std(0, correction=0).square().mean(-1).sqrt()
+    # the variance across members written out: torch's std over a short leading dim is 30-90x slower on a CPU
+    # (18 ms against 0.45 ms for 5 members x 5,000 rows x 17 dims), and this runs at every rollout step
+    centred = norm_delta_mean - norm_delta_mean.mean(0)
+    dis = centred.square().mean(0).mean(-1).sqrt()
     return torch.where(torch.isfinite(dis), dis, torch.full_like(dis, float("inf")))
 
 

@@ -97,13 +97,12 @@ def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Cal
     else:
         raise TypeError(f"policy must be a torch module or a numpy callable, got {type(policy).__name__}")
 
-    def checked(obs: torch.Tensor) -> torch.Tensor:
+    def checked(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the action clamped to [-1, 1], whether every action was finite: a 0-d tensor, read when the step syncs)."""
         action = run(obs)
         if action.shape != (obs.shape[0], act_dim):
             raise ValueError(f"policy returned actions of shape {tuple(action.shape)}, expected {(obs.shape[0], act_dim)}")
-        if not torch.isfinite(action).all():
-            raise ValueError("policy returned NaN or Inf actions")
-        return action.clamp(-1.0, 1.0)
+        return action.clamp(-1.0, 1.0), torch.isfinite(action).all()
 
     return checked
 
@@ -140,16 +139,32 @@ def model_rollout(
     # which member predicts each step is drawn on the CPU, so that a seed picks the same members on any device
     # (on the CPU one generator draws both, as it always has; the sampled noise stays the device's own draw)
     picks = gen if model.device.type == "cpu" else torch.Generator().manual_seed(config.seed)
+    n, h = len(start), config.horizon
+    out = RolloutBatch(  # filled chunk by chunk: each chunk's outputs are copied once, straight into their rows
+        observation=np.empty((n, h + 1, model.spec.obs_dim), np.float32),
+        action=np.empty((n, h, model.spec.act_dim), np.float32),
+        reward=np.empty((n, h), np.float32),
+        disagreement=np.empty((n, h), np.float32),
+        length=np.empty(n, np.int64),
+        terminated=np.empty(n, bool),
+        cut=np.empty(n, np.int8),
+    )
     was_training = model.training
     model.eval()
-    parts = [
-        _rollout_chunk(
-            model, start[i : i + config.chunk_size], None if ctx is None else ctx[i : i + config.chunk_size], functools.partial(_offset_rows, act, i), config, gen, picks
-        )
-        for i in range(0, max(len(start), 1), config.chunk_size)  # no start states: one empty chunk (zero rollouts, their shapes)
-    ]
-    model.train(was_training)
-    return RolloutBatch(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(RolloutBatch)})
+    try:
+        for i in range(0, n, config.chunk_size):
+            rows = slice(i, i + config.chunk_size)
+            part = _rollout_chunk(model, start[rows], None if ctx is None else ctx[rows], functools.partial(_offset_rows, act, i), config, gen, picks)
+            for name, tensor in part.items():
+                torch.from_numpy(getattr(out, name)[rows]).copy_(tensor)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to a GPU through pinned memory, so the copy does not wait for the device."""
+    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
 
 
 def _offset_rows(act, offset: int, obs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -174,7 +189,8 @@ def _members(model: DynamicsEnsemble, which: str) -> tuple[torch.Tensor | None, 
 
 def _rollout_chunk(
     model: DynamicsEnsemble, start: torch.Tensor, context: torch.Tensor | None, act, config: RolloutConfig, gen: torch.Generator, picks: torch.Generator
-) -> RolloutBatch:
+) -> dict[str, torch.Tensor]:
+    """One chunk's outputs, named as :class:`RolloutBatch`'s fields, on the model's device."""
     dev, n, h = model.device, start.shape[0], config.horizon
     o_dim, a_dim = model.spec.obs_dim, model.spec.act_dim
     members, elite_pos = _members(model, config.disagreement_members)
@@ -188,14 +204,15 @@ def _rollout_chunk(
     cut = torch.zeros(n, dtype=torch.int8, device=dev)  # "horizon" unless set otherwise
     obs_out[:, 0] = start
     live, cur = torch.arange(n, device=dev), start
+    reasons = {name: torch.tensor(CUT_REASONS.index(name), dtype=torch.int8, device=dev) for name in CUT_REASONS}
     for t in range(h):
         if len(live) == 0:
             break
-        a = act(cur, live)
+        a, finite_action = act(cur, live)
         x = model.input_norm.normalize(model.raw_inputs(cur, a, None if context is None else context[live]))
         mean, raw_logvar, logit = model.forward_members(x, members)
         dis = disagreement(mean[..., :o_dim])
-        pick = elite_pos[torch.randint(len(elite_pos), (len(live),), generator=picks).to(dev)]
+        pick = elite_pos[_to(torch.randint(len(elite_pos), (len(live),), generator=picks), dev)]
         rows = torch.arange(len(live), device=dev)
         y = mean[pick, rows]
         if config.sample:
@@ -207,26 +224,29 @@ def _rollout_chunk(
         agree = dis <= config.disagreement_threshold
         inside = finite & ((nxt >= low) & (nxt <= high)).all(-1)
         ok = agree & inside
-        dis_out[live, t] = dis
-        cut[live[~agree]] = CUT_REASONS.index("disagreement")
-        cut[live[agree & ~inside]] = CUT_REASONS.index("envelope")
-        kept = live[ok]
-        obs_out[kept, t + 1], act_out[kept, t], rew_out[kept, t] = nxt[ok], a[ok], rew[ok]
-        length[kept] = t + 1
         ends = ok & (logit[pick, rows] > 0)
-        terminated[live[ends]] = True
-        cut[live[ends]] = CUT_REASONS.index("terminated")
-        go_on = ok & ~ends
+        # every write below is by index, never by a boolean mask, so the step runs without waiting on the device
+        # until the one count of the rollouts that go on (a live row's outputs at t + 1 are zero until written)
+        dis_out[live, t] = dis
+        cut[live] = torch.where(~agree, reasons["disagreement"], torch.where(~inside, reasons["envelope"], torch.where(ends, reasons["terminated"], cut[live])))
+        obs_out[live, t + 1] = torch.where(ok[:, None], nxt, 0.0)
+        act_out[live, t] = torch.where(ok[:, None], a, 0.0)
+        rew_out[live, t] = torch.where(ok, rew, 0.0)
+        length[live] += ok
+        terminated[live] = ends
+        go_on = (ok & ~ends).nonzero().squeeze(1)
+        if not finite_action:
+            raise ValueError("policy returned NaN or Inf actions")
         live, cur = live[go_on], nxt[go_on]
-    return RolloutBatch(
-        observation=obs_out.cpu().numpy(),
-        action=act_out.cpu().numpy(),
-        reward=rew_out.cpu().numpy(),
-        disagreement=dis_out.cpu().numpy(),
-        length=length.cpu().numpy(),
-        terminated=terminated.cpu().numpy(),
-        cut=cut.cpu().numpy(),
-    )
+    return {
+        "observation": obs_out,
+        "action": act_out,
+        "reward": rew_out,
+        "disagreement": dis_out,
+        "length": length,
+        "terminated": terminated,
+        "cut": cut,
+    }
 
 
 # -- branching from real episodes -----------------------------------------------------------
