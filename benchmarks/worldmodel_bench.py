@@ -136,17 +136,16 @@ def bench_robot(robot: str, args, device: torch.device, nthread: int) -> None:
     emit(f"worldmodel/{robot}/physics_check_kept", kept, "fraction", None, None)
 
     pool = np.concatenate([ep.observation[:-1] for ep in train_eps])
-    worlds = args.starts[0]  # MuJoCo's rate per core is flat past a few hundred worlds: measured once, at the first count
-    mj_rate = mujoco_rate(robot, worlds, max(1, round(args.mujoco_transitions / worlds)), nthread)
     tag = f"{device.type}{'' if device.type == 'cuda' else nthread}"
-    for count in args.starts:
+    for count in dict.fromkeys(args.starts):  # a count given twice is measured once
+        mj_rate = mujoco_rate(robot, count, max(2, round(args.mujoco_transitions / count)), nthread)  # as many worlds as starts
         starts = pool[np.random.default_rng(0).choice(len(pool), count)]
         wm_rate, full = model_rate(model, starts, args.horizon)
         elite_rate, _ = model_rate(model, starts, args.horizon, members="elites")
         name = f"worldmodel/{robot}/synthetic_transitions_per_s_{tag}{'' if count == DEFAULT_STARTS else f'_{count}_starts'}"
         emit(name, wm_rate, "transitions/s", round(mj_rate, 1), round(wm_rate / mj_rate, 2))
         emit(f"{name}_elite_disagreement", elite_rate, "transitions/s", round(mj_rate, 1), round(elite_rate / mj_rate, 2))
-        log(f"[{robot}] {count:,} starts: model {wm_rate:,.0f}/s ({full:.0%} full-horizon; elites only {elite_rate:,.0f}/s) vs MuJoCo {mj_rate:,.0f}/s ({worlds:,} worlds, {nthread} CPU threads)")
+        log(f"[{robot}] {count:,} starts: model {wm_rate:,.0f}/s ({full:.0%} full-horizon; elites only {elite_rate:,.0f}/s) vs MuJoCo {mj_rate:,.0f}/s ({count:,} worlds, {nthread} CPU threads)")
     log(f"[{robot}] {time.perf_counter() - started:.0f}s")
 
 
@@ -180,7 +179,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument(
-        "--starts", type=int, nargs="+", default=[DEFAULT_STARTS], help="start states per batched model rollout, one line each (MuJoCo: the first count's worlds)"
+        "--starts", type=int, nargs="+", default=[DEFAULT_STARTS], help="start states per batched model rollout (and MuJoCo worlds), one line each"
     )
     parser.add_argument("--horizon", type=int, default=10)
     parser.add_argument("--mujoco-transitions", type=int, default=20_000, help="MuJoCo transitions per timed repeat (all worlds)")

@@ -230,3 +230,22 @@ def test_rollout_on_the_gpu_matches_the_cpu(model, episodes):
     cpu = model_rollout(model, starts, tanh_policy, config)
     gpu = model_rollout(_copy(model).to("cuda"), starts, tanh_policy, config)
     np.testing.assert_allclose(gpu.observation, cpu.observation, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad_at", [0, 3])
+def test_a_policy_returning_nan_is_refused_and_the_model_keeps_its_mode(model, episodes, bad_at):
+    starts = np.concatenate([ep.observation[:-1] for ep in episodes])[:50]
+    calls = []
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        action = np.zeros((len(obs), model.spec.act_dim), np.float32)
+        action[-1, 0] = np.nan if len(calls) > bad_at else 0.0  # one row's action goes bad at step ``bad_at``
+        return action
+
+    was_training = model.training
+    model.train()
+    with pytest.raises(ValueError, match="policy returned NaN or Inf actions"):
+        model_rollout(model, starts, policy, RolloutConfig(horizon=6, disagreement_threshold=1e9, envelope_margin=1e3))
+    assert model.training and len(calls) == bad_at + 1  # refused at the step it happened; train mode restored
+    model.train(was_training)

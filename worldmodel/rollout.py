@@ -81,7 +81,7 @@ class RolloutBatch:
         return int(self.length.sum())
 
 
-def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(policy, nn.Module):
         param = next(policy.parameters(), None)
         pdev = param.device if param is not None else device
@@ -98,7 +98,8 @@ def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Cal
         raise TypeError(f"policy must be a torch module or a numpy callable, got {type(policy).__name__}")
 
     def checked(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the action clamped to [-1, 1], whether every action was finite: a 0-d tensor, read when the step syncs)."""
+        """(the action clamped to [-1, 1], whether every action was finite: a 0-d tensor, read once the step's one wait
+        on the device is over, so reading it waits for nothing)."""
         action = run(obs)
         if action.shape != (obs.shape[0], act_dim):
             raise ValueError(f"policy returned actions of shape {tuple(action.shape)}, expected {(obs.shape[0], act_dim)}")
@@ -167,7 +168,7 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
 
 
-def _offset_rows(act, offset: int, obs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _offset_rows(act, offset: int, obs: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return act(obs, rows + offset)  # a chunk's rows are rows of the whole batch from ``offset`` on
 
 
