@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet.interop.common import InteropError
 from fleet.server import ServerConfig, add_token, serve
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.cli import main as store_cli
@@ -320,3 +321,58 @@ def test_one_maintenance_run_at_a_time_on_a_local_store(tmp_path, capsys):
         Maintainer(store, metrics, 900.0).run_once()
         assert metrics.maintenance_runs.labels("skipped")._value.get() == 1 and metrics.maintenance_runs.labels("failed")._value.get() == 0
     assert store.maintain().expired_snapshots >= 0  # the other run ended: this one runs
+
+
+def test_an_export_pins_its_snapshot_while_it_reads_so_maintenance_midway_takes_nothing(tmp_path, capsys, monkeypatch):
+    """An export read a snapshot unpinned: one that ran past keep_history_s on a busy store (maintenance every 15 min)
+    had its chunks deleted midway. Here maintenance with no history kept runs after the export chose its snapshot and
+    before it reads a single episode: the export is whole, and its pin is gone after."""
+    from fleet.interop import cli as interop_cli
+    from fleet.interop import mcap_io
+    from fleet.interop.common import select
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1), episode(2)])
+    old = store.latest_snapshot_id()
+    store.append([episode(3)])  # a newer snapshot: ``old`` is history now
+    export_mcap = mcap_io.export_mcap
+
+    def maintained_first(selection, out):
+        assert list(store.pins()) == [pin := next(iter(store.pins()))] and pin.startswith("export.")  # held while it reads
+        assert store.pins()[pin] == old
+        maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+        return export_mcap(selection, out)
+
+    monkeypatch.setattr(mcap_io, "export_mcap", maintained_first)
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--snapshot", old, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2 and store.pins() == {}  # whole, and let go
+    maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+    with pytest.raises(InteropError, match="is not in the episode store"):  # unpinned, the same maintenance takes it
+        select(cfg.path, old)
+
+
+def test_an_export_stopped_by_sigterm_lets_its_pin_go_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from fleet.interop import cli as interop_cli
+    from fleet.interop.common import Selection
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    batches, seen = Selection.batches, []
+
+    def stopped_midway(selection):
+        seen.append((len(store.pins()), [p.name for p in out.iterdir()]))  # pinned, its partial folder made
+        os.kill(os.getpid(), signal.SIGTERM)  # as a supervisor stops it; the handler unwinds at the next line
+        yield from batches(selection)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(Selection, "batches", stopped_midway)
+    out = tmp_path / "exports" / "out"
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "stopped by signal 15 (an export is published whole or not at all" in capsys.readouterr().err
+    assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith(".episodes.mcap.partial-")
+    assert store.pins() == {} and list(out.iterdir()) == []  # no pin, no partial folder, nothing published
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler back

@@ -12,14 +12,17 @@ Exit status 0 on success, 2 with a one-line error that says what to do otherwise
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from fleet.agent.config import check_server_url
 from fleet.json_command import json_command
-from fleet.interop.common import ImportOptions, InteropError, select, upload, write_to_store
+from fleet.interop.common import ImportOptions, InteropError, pinned, select, upload, write_to_store
 from sim.episode import SOURCES
 
 EXPORT_FORMATS = ("lerobot", "minari", "mcap")
@@ -30,10 +33,10 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flywheel", description="Move episodes between the fleet store and LeRobot, Minari, MCAP and ROS 2 bags.")
     sub = top.add_subparsers(dest="command", required=True)
 
-    exp = sub.add_parser("export", help="export a pinned store snapshot")
+    exp = sub.add_parser("export", help="export a store snapshot (pinned while the export reads it)")
     exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     exp.add_argument("--store", required=True, help="episode store folder (e.g. runs/fleet/store)")
-    exp.add_argument("--snapshot", default=None, help="snapshot id to pin (default: the store's tip; the one used is printed)")
+    exp.add_argument("--snapshot", default=None, help="snapshot id to export (default: the store's tip; the one used is printed)")
     exp.add_argument("--out", required=True, help="output folder")
     exp.add_argument("--robot-id", action="append", help="only these robots (repeatable)")
     exp.add_argument("--source", action="append", choices=SOURCES, help="only these sources (repeatable)")
@@ -63,18 +66,19 @@ def parser() -> argparse.ArgumentParser:
 
 def run_export(args: argparse.Namespace) -> dict:
     selection = select(args.store, args.snapshot, robot_id=args.robot_id, source=args.source, robot_model=args.robot_model, stream=args.stream)
-    if args.format == "lerobot":
-        from fleet.interop.lerobot import export_lerobot
+    with pinned(selection):  # maintenance keeps the snapshot until the export has read it
+        if args.format == "lerobot":
+            from fleet.interop.lerobot import export_lerobot
 
-        path = export_lerobot(selection, args.out)
-    elif args.format == "minari":
-        from fleet.interop.minari_export import export_minari
+            path = export_lerobot(selection, args.out)
+        elif args.format == "minari":
+            from fleet.interop.minari_export import export_minari
 
-        path = export_minari(selection, args.out, args.dataset_id)
-    else:
-        from fleet.interop.mcap_io import export_mcap
+            path = export_minari(selection, args.out, args.dataset_id)
+        else:
+            from fleet.interop.mcap_io import export_mcap
 
-        path = export_mcap(selection, args.out)
+            path = export_mcap(selection, args.out)
     return {"command": "export", "format": args.format, "snapshot_id": selection.snapshot_id, "episodes": len(selection), "path": str(path)}
 
 
@@ -161,7 +165,37 @@ def _json_text(text: str | None, flag: str) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     work = (lambda: run_export(args)) if args.command == "export" else (lambda: run_import(args))
-    return json_command(f"flywheel {args.command}", work, (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
+    try:
+        with _sigterm_ends_export(args.command == "export"):
+            return json_command(f"flywheel {args.command}", work, (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
+    except _Stopped as stop:
+        print(f"flywheel export: stopped by signal {stop.signum} (an export is published whole or not at all: see --out; its partial "
+              "folder removed, its pin let go: `flywheel store pins` lists any left)", file=sys.stderr)  # fmt: skip
+        return 128 + stop.signum  # the shell's status for a process ended by that signal
+
+
+class _Stopped(BaseException):  # not an Exception: no handler on the way out takes it for a failure of its own
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_ends_export(export: bool):
+    """While an export runs, SIGTERM unwinds it, so its finally blocks let its pin go and remove its partial folder
+    (the default action ended the process where it stood). The previous handler comes back after."""
+    if not export or threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:
+        raise _Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _say(exc: BaseException) -> object:

@@ -1,4 +1,4 @@
-"""What every format shares: choosing episodes from a pinned snapshot, array layouts,
+"""What every format shares: choosing episodes from a snapshot (pinned while exported), array layouts,
 provenance, deterministic ids for imported recordings, and delivery to a store or a server."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -44,9 +45,9 @@ def new_output(path: str | Path):
     """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the path it is given,
     ``path``'s name inside a partial folder of its own beside it (``.<name>.partial-<random>``, made new by mkdtemp:
     never one a killed export left), and that is moved to ``path`` once the block ends, never over what another export
-    put there meanwhile (:func:`_publish`). Any failure removes the partial folder; a kill (SIGTERM, SIGKILL, the OOM
-    killer) leaves only it, never an export that looks complete, and the next export to ``path`` removes it
-    (:func:`_remove_dead_partials`).
+    put there meanwhile (:func:`_publish`). Any failure removes the partial folder, a SIGTERM too (the export command
+    turns it into an exception); a kill (SIGKILL, the OOM killer) leaves only it, never an export that looks complete,
+    and the next export to ``path`` removes it (:func:`_remove_dead_partials`).
     InteropError when ``path`` holds something already. The caller returns ``path``, not what it was given."""
     path = Path(path).resolve()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -123,9 +124,10 @@ class Selection:
     fleet's store holds one batch at a time, never the selection (:meth:`batches`)."""
 
     store: str
-    snapshot: Any  # fleet.store.StoreSnapshot, pinned
+    snapshot: Any  # fleet.store.StoreSnapshot, one fixed snapshot (:func:`pinned` keeps it through maintenance)
     infos: list  # the selected EpisodeInfo, in catalog order
     batch_bytes: int = EXPORT_BATCH_BYTES
+    episode_store: Any = None  # the fleet.store.EpisodeStore it was read from (pins it)
 
     @property
     def snapshot_id(self) -> str:
@@ -215,7 +217,35 @@ def select(
         raise InteropError(f"snapshot {snap.snapshot_id} of {store} holds no episodes yet: nothing to export")
     if not infos:
         raise InteropError(f"none of the {len(every)} episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
-    return Selection(str(store), snap, infos)
+    return Selection(str(store), snap, infos, episode_store=opened)
+
+
+@contextlib.contextmanager
+def pinned(selection: Selection) -> Iterator[str | None]:
+    """Pin the selection's snapshot while the block reads it (``export.<UTC time>.<random>``), and let it go after.
+    Maintenance expires a snapshot ``keep_history_s`` (1 h by default) after a newer one replaced it, so an export of
+    a busy store that ran longer would find its chunks deleted midway. Yields the pin's name, or None (with a note on
+    stderr) where the store refuses the pin (read-only credentials): the export then reads it unpinned, as before.
+    A killed export leaves its pin: `flywheel store pins` lists it, `flywheel store unpin --name NAME` lets it go."""
+    from fleet.store.backend import StoreUnreachableError
+
+    store = selection.episode_store
+    name = f"export.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:8]}"
+    try:
+        store.pin(selection.snapshot_id, name)
+    except (ValueError, OSError, StoreUnreachableError) as exc:
+        print(f"flywheel export: note: could not pin snapshot {selection.snapshot_id} while exporting ({exc}); exporting it "
+              "unpinned: maintenance may expire it if this export outlasts the store's keep_history_s", file=sys.stderr)  # fmt: skip
+        yield None
+        return
+    try:
+        yield name
+    finally:
+        try:
+            store.unpin(name)
+        except (LookupError, OSError, StoreUnreachableError) as exc:
+            print(f"flywheel export: note: the export's pin {name!r} stays ({exc}); let it go with "
+                  f"`flywheel store unpin --store {selection.store} --name {name}`", file=sys.stderr)  # fmt: skip
 
 
 def layout(episode: Episode) -> dict[str, dict]:
