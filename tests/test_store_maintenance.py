@@ -365,6 +365,7 @@ def test_an_export_stopped_by_sigterm_lets_its_pin_go_and_leaves_no_partial_fold
 
     def stopped_midway(selection):
         seen.append((len(store.pins()), [p.name for p in out.iterdir()]))  # pinned, its partial folder made
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # or the kill below would end pytest
         os.kill(os.getpid(), signal.SIGTERM)  # as a supervisor stops it; the handler unwinds at the next line
         yield from batches(selection)
 
@@ -376,3 +377,59 @@ def test_an_export_stopped_by_sigterm_lets_its_pin_go_and_leaves_no_partial_fold
     assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith(".episodes.mcap.partial-")
     assert store.pins() == {} and list(out.iterdir()) == []  # no pin, no partial folder, nothing published
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler back
+
+
+@pytest.mark.parametrize("during", ["pin", "unpin"])
+def test_a_sigterm_while_the_export_pin_is_written_or_deleted_leaves_no_pin(tmp_path, capsys, monkeypatch, during):
+    """Python runs a signal's handler when the native call returns: one that came as Icechunk wrote the pin's tag was
+    raised before the export's finally block was in place, and the pin stayed (while the message said it was let go).
+    Now it waits for the write: the export unwinds and lets the pin go. One that comes as the pin is deleted, after the
+    export has ended, is dropped: the export's result stands."""
+    import signal
+
+    from fleet.interop import cli as interop_cli
+    from fleet.store import maintenance
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    real = getattr(maintenance, during)
+
+    def then_sigterm(*args):
+        real(*args)
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(maintenance, during, then_sigterm)
+    code = interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(tmp_path / "out")])
+    said = capsys.readouterr()
+    assert store.pins() == {}
+    if during == "pin":
+        assert code == 128 + signal.SIGTERM and "stopped by signal 15" in said.err and not (tmp_path / "out" / "episodes.mcap").exists()
+    else:
+        assert code == 0 and json.loads(said.out)["episodes"] == 1  # finished and published before the signal came
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(), reason="needs root and setpriv to read a store it cannot write")
+def test_an_export_of_a_store_it_may_read_but_not_write_goes_on_unpinned_with_a_note(tmp_path):
+    """A store owned by the server's user, read by an operator who may not write it: the pin is refused (Icechunk's own
+    error on a local store, which went up as a traceback), and the export goes on unpinned, as it did before pins."""
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "store"
+    store = EpisodeStore.create(StoreConfig(path=str(path), fsync=False))
+    store.append([episode(1), episode(2)])
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, f) for f in dirs + files)]:
+            os.chown(name, 65534, 65534)  # another user's store; readable by all, as Icechunk writes it
+    out = tmp_path / "out"
+    as_reader = ["/usr/bin/setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all", "--"]
+    flywheel = str(Path(sys.executable).parent / "flywheel")
+    done = subprocess.run([*as_reader, flywheel, "export", "--format", "mcap", "--store", str(path), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["episodes"] == 2 and (out / "episodes.mcap").is_file()
+    assert "could not pin snapshot" in done.stderr and "exporting it unpinned" in done.stderr and "Traceback" not in done.stderr
+    assert store.pins() == {}
+    shutil.rmtree(path, ignore_errors=True)

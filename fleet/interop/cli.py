@@ -12,17 +12,14 @@ Exit status 0 on success, 2 with a one-line error that says what to do otherwise
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from fleet.agent.config import check_server_url
 from fleet.json_command import json_command
-from fleet.interop.common import ImportOptions, InteropError, pinned, select, upload, write_to_store
+from fleet.interop.common import ExportStopped, ImportOptions, InteropError, pinned, select, sigterm_unwinds, upload, write_to_store
 from sim.episode import SOURCES
 
 EXPORT_FORMATS = ("lerobot", "minari", "mcap")
@@ -164,38 +161,15 @@ def _json_text(text: str | None, flag: str) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    work = (lambda: run_export(args)) if args.command == "export" else (lambda: run_import(args))
+    if args.command == "import":
+        return json_command("flywheel import", lambda: run_import(args), (InteropError, OSError), _say)
     try:
-        with _sigterm_ends_export(args.command == "export"):
-            return json_command(f"flywheel {args.command}", work, (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
-    except _Stopped as stop:
+        with sigterm_unwinds():  # a stopped export lets its pin go and removes its partial folder
+            return json_command("flywheel export", lambda: run_export(args), (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
+    except ExportStopped as stop:
         print(f"flywheel export: stopped by signal {stop.signum} (an export is published whole or not at all: see --out; its partial "
-              "folder removed, its pin let go: `flywheel store pins` lists any left)", file=sys.stderr)  # fmt: skip
+              f"folder removed, its pin let go: `flywheel store pins --store {args.store}` lists any left)", file=sys.stderr)  # fmt: skip
         return 128 + stop.signum  # the shell's status for a process ended by that signal
-
-
-class _Stopped(BaseException):  # not an Exception: no handler on the way out takes it for a failure of its own
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _sigterm_ends_export(export: bool):
-    """While an export runs, SIGTERM unwinds it, so its finally blocks let its pin go and remove its partial folder
-    (the default action ended the process where it stood). The previous handler comes back after."""
-    if not export or threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
-        yield
-        return
-
-    def stop(signum: int, frame) -> None:
-        raise _Stopped(signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _say(exc: BaseException) -> object:

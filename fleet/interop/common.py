@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -225,27 +227,91 @@ def pinned(selection: Selection) -> Iterator[str | None]:
     """Pin the selection's snapshot while the block reads it (``export.<UTC time>.<random>``), and let it go after.
     Maintenance expires a snapshot ``keep_history_s`` (1 h by default) after a newer one replaced it, so an export of
     a busy store that ran longer would find its chunks deleted midway. Yields the pin's name, or None (with a note on
-    stderr) where the store refuses the pin (read-only credentials): the export then reads it unpinned, as before.
-    A killed export leaves its pin: `flywheel store pins` lists it, `flywheel store unpin --name NAME` lets it go."""
-    from fleet.store.backend import StoreUnreachableError
-
+    stderr) where the store refuses the pin (read-only files or credentials, a snapshot gone since it was chosen): the
+    export then reads it unpinned, as before. A SIGKILLed export leaves its pin: `flywheel store pins --store PATH`
+    lists it, `flywheel store unpin --store PATH --name NAME` lets it go."""
     store = selection.episode_store
-    name = f"export.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:8]}"
+    name: str | None = f"export.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:8]}"
     try:
-        store.pin(selection.snapshot_id, name)
-    except (ValueError, OSError, StoreUnreachableError) as exc:
-        print(f"flywheel export: note: could not pin snapshot {selection.snapshot_id} while exporting ({exc}); exporting it "
-              "unpinned: maintenance may expire it if this export outlasts the store's keep_history_s", file=sys.stderr)  # fmt: skip
-        yield None
-        return
-    try:
+        with _sigterm_held():
+            try:
+                store.pin(selection.snapshot_id, name)
+            except Exception as exc:  # noqa: BLE001  Icechunk's own error where a local store's files are read-only
+                print(f"flywheel export: note: could not pin snapshot {selection.snapshot_id} while exporting "
+                      f"({_first_line(exc)}); exporting it unpinned: maintenance may expire it if this export outlasts "
+                      "the store's keep_history_s", file=sys.stderr)  # fmt: skip
+                name = None
+        _Sigterm.unwind_if_held()  # one that came while the tag was written: now, with the finally below in place
         yield name
     finally:
-        try:
-            store.unpin(name)
-        except (LookupError, OSError, StoreUnreachableError) as exc:
-            print(f"flywheel export: note: the export's pin {name!r} stays ({exc}); let it go with "
-                  f"`flywheel store unpin --store {selection.store} --name {name}`", file=sys.stderr)  # fmt: skip
+        if name is not None:
+            with _sigterm_held():  # one that comes now is dropped: the export has ended either way, and so does the process
+                try:
+                    store.unpin(name)
+                except Exception as exc:  # noqa: BLE001  the export's own result or error goes on; the pin is named
+                    print(f"flywheel export: note: the export's pin {name!r} stays ({_first_line(exc)}); let it go with "
+                          f"`flywheel store unpin --store {selection.store} --name {name}`", file=sys.stderr)  # fmt: skip
+            _Sigterm.held = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+# -- stopping an export: SIGTERM unwinds it, so its pin is let go and its partial folder removed -------------------
+class ExportStopped(BaseException):
+    """A SIGTERM during an export (:func:`sigterm_unwinds`). Not an Exception: no handler on the way out takes it for
+    a failure of its own, and the finally blocks (the pin, the partial folder) run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Sigterm:
+    """While a pin is written or deleted, a SIGTERM is held, not raised mid-call: one raised as Icechunk's tag write
+    returned unwound before the block that lets the pin go was in place, and left the pin."""
+
+    holding = False
+    held: int | None = None
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        if cls.holding:
+            cls.held = signum
+            return
+        raise ExportStopped(signum)
+
+    @classmethod
+    def unwind_if_held(cls) -> None:
+        signum, cls.held = cls.held, None
+        if signum is not None:
+            raise ExportStopped(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_held():
+    _Sigterm.holding = True
+    try:
+        yield
+    finally:
+        _Sigterm.holding = False
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While the block runs, a SIGTERM raises :class:`ExportStopped` in it (the default action ended the process where
+    it stood: the export's pin stayed). The previous handler comes back after. Off the main thread (which alone sets
+    handlers), or in a process started with SIGTERM ignored, nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _Sigterm.handle)
+    try:
+        yield
+    finally:  # None: a handler set from C, not Python; the default is the nearest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def layout(episode: Episode) -> dict[str, dict]:
