@@ -352,12 +352,14 @@ def test_an_export_pins_its_snapshot_while_it_reads_so_maintenance_midway_takes_
         select(cfg.path, old)
 
 
-def test_an_export_stopped_by_sigterm_lets_its_pin_go_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_an_export_stopped_by_sigterm_or_ctrl_c_lets_its_pin_go_and_leaves_no_partial_folder(tmp_path, capsys, monkeypatch, signame):
     import signal
 
     from fleet.interop import cli as interop_cli
     from fleet.interop.common import Selection
 
+    sig = getattr(signal, signame)
     cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
     store = EpisodeStore.create(cfg)
     store.append([episode(1)])
@@ -365,18 +367,18 @@ def test_an_export_stopped_by_sigterm_lets_its_pin_go_and_leaves_no_partial_fold
 
     def stopped_midway(selection):
         seen.append((len(store.pins()), [p.name for p in out.iterdir()]))  # pinned, its partial folder made
-        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # or the kill below would end pytest
-        os.kill(os.getpid(), signal.SIGTERM)  # as a supervisor stops it; the handler unwinds at the next line
+        assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.default_int_handler, None)  # or the kill below would end pytest
+        os.kill(os.getpid(), sig)  # as a supervisor stops it, or Ctrl-C; the handler unwinds at the next line
         yield from batches(selection)
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(sig)
     monkeypatch.setattr(Selection, "batches", stopped_midway)
     out = tmp_path / "exports" / "out"
-    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(out)]) == 128 + signal.SIGTERM
-    assert "stopped by signal 15 (an export is published whole or not at all" in capsys.readouterr().err
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(out)]) == 128 + sig
+    assert f"stopped by {signame} (an export is published whole or not at all" in capsys.readouterr().err
     assert seen[0][0] == 1 and len(seen[0][1]) == 1 and seen[0][1][0].startswith(".episodes.mcap.partial-")
     assert store.pins() == {} and list(out.iterdir()) == []  # no pin, no partial folder, nothing published
-    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler back
+    assert signal.getsignal(sig) is before  # the process's own handler back
 
 
 @pytest.mark.parametrize("during", ["pin", "unpin"])
@@ -405,7 +407,7 @@ def test_a_sigterm_while_the_export_pin_is_written_or_deleted_leaves_no_pin(tmp_
     said = capsys.readouterr()
     assert store.pins() == {}
     if during == "pin":
-        assert code == 128 + signal.SIGTERM and "stopped by signal 15" in said.err and not (tmp_path / "out" / "episodes.mcap").exists()
+        assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in said.err and not (tmp_path / "out" / "episodes.mcap").exists()
     else:
         assert code == 0 and json.loads(said.out)["episodes"] == 1  # finished and published before the signal came
 

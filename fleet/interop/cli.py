@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from fleet.agent.config import check_server_url
 from fleet.json_command import json_command
-from fleet.interop.common import ExportStopped, ImportOptions, InteropError, pinned, select, sigterm_unwinds, upload, write_to_store
+from fleet.interop.common import ExportStopped, ImportOptions, InteropError, pinned, select, stop_signals_unwind, upload, write_to_store
 from sim.episode import SOURCES
 
 EXPORT_FORMATS = ("lerobot", "minari", "mcap")
@@ -164,10 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "import":
         return json_command("flywheel import", lambda: run_import(args), (InteropError, OSError), _say)
     try:
-        with sigterm_unwinds():  # a stopped export lets its pin go and removes its partial folder
+        with stop_signals_unwind():  # a stopped export lets its pin go and removes its partial folder
             return json_command("flywheel export", lambda: run_export(args), (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
     except ExportStopped as stop:
-        print(f"flywheel export: stopped by signal {stop.signum} (an export is published whole or not at all: see --out; its partial "
+        print(f"flywheel export: stopped by {signal.Signals(stop.signum).name} (an export is published whole or not at all: see --out; its partial "
               f"folder removed, its pin let go: `flywheel store pins --store {args.store}` lists any left)", file=sys.stderr)  # fmt: skip
         return 128 + stop.signum  # the shell's status for a process ended by that signal
 

@@ -47,8 +47,8 @@ def new_output(path: str | Path):
     """Write ``path`` (a file, or a folder absent or empty) whole or not at all: the block writes the path it is given,
     ``path``'s name inside a partial folder of its own beside it (``.<name>.partial-<random>``, made new by mkdtemp:
     never one a killed export left), and that is moved to ``path`` once the block ends, never over what another export
-    put there meanwhile (:func:`_publish`). Any failure removes the partial folder, a SIGTERM too (the export command
-    turns it into an exception); a kill (SIGKILL, the OOM killer) leaves only it, never an export that looks complete,
+    put there meanwhile (:func:`_publish`). Any failure removes the partial folder, a SIGTERM or Ctrl-C too (the export
+    command turns them into an exception); a kill (SIGKILL, the OOM killer) leaves only it, never an export that looks complete,
     and the next export to ``path`` removes it (:func:`_remove_dead_partials`).
     InteropError when ``path`` holds something already. The caller returns ``path``, not what it was given."""
     path = Path(path).resolve()
@@ -233,7 +233,7 @@ def pinned(selection: Selection) -> Iterator[str | None]:
     store = selection.episode_store
     name: str | None = f"export.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:8]}"
     try:
-        with _sigterm_held():
+        with _stop_held():
             try:
                 store.pin(selection.snapshot_id, name)
             except Exception as exc:  # noqa: BLE001  Icechunk's own error where a local store's files are read-only
@@ -241,17 +241,17 @@ def pinned(selection: Selection) -> Iterator[str | None]:
                       f"({_first_line(exc)}); exporting it unpinned: maintenance may expire it if this export outlasts "
                       "the store's keep_history_s", file=sys.stderr)  # fmt: skip
                 name = None
-        _Sigterm.unwind_if_held()  # one that came while the tag was written: now, with the finally below in place
+        _StopSignal.unwind_if_held()  # one that came while the tag was written: now, with the finally below in place
         yield name
     finally:
         if name is not None:
-            with _sigterm_held():  # one that comes now is dropped: the export has ended either way, and so does the process
+            with _stop_held():  # one that comes now is dropped: the export has ended either way, and so does the process
                 try:
                     store.unpin(name)
                 except Exception as exc:  # noqa: BLE001  the export's own result or error goes on; the pin is named
                     print(f"flywheel export: note: the export's pin {name!r} stays ({_first_line(exc)}); let it go with "
                           f"`flywheel store unpin --store {selection.store} --name {name}`", file=sys.stderr)  # fmt: skip
-            _Sigterm.held = None
+            _StopSignal.held = None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -259,18 +259,21 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
-# -- stopping an export: SIGTERM unwinds it, so its pin is let go and its partial folder removed -------------------
+# -- stopping an export: SIGTERM or Ctrl-C unwinds it, so its pin is let go and its partial folder removed ------------
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class ExportStopped(BaseException):
-    """A SIGTERM during an export (:func:`sigterm_unwinds`). Not an Exception: no handler on the way out takes it for
-    a failure of its own, and the finally blocks (the pin, the partial folder) run."""
+    """SIGTERM or SIGINT during an export (:func:`stop_signals_unwind`). Not an Exception: no handler on the way out
+    takes it for a failure of its own, and the finally blocks (the pin, the partial folder) run."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
 
 
-class _Sigterm:
-    """While a pin is written or deleted, a SIGTERM is held, not raised mid-call: one raised as Icechunk's tag write
+class _StopSignal:
+    """While a pin is written or deleted, a stop signal is held, not raised mid-call: one raised as Icechunk's tag write
     returned unwound before the block that lets the pin go was in place, and left the pin."""
 
     holding = False
@@ -291,27 +294,31 @@ class _Sigterm:
 
 
 @contextlib.contextmanager
-def _sigterm_held():
-    _Sigterm.holding = True
+def _stop_held():
+    _StopSignal.holding = True
     try:
         yield
     finally:
-        _Sigterm.holding = False
+        _StopSignal.holding = False
 
 
 @contextlib.contextmanager
-def sigterm_unwinds():
-    """While the block runs, a SIGTERM raises :class:`ExportStopped` in it (the default action ended the process where
-    it stood: the export's pin stayed). The previous handler comes back after. Off the main thread (which alone sets
-    handlers), or in a process started with SIGTERM ignored, nothing changes."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+def stop_signals_unwind():
+    """While the block runs, SIGTERM and SIGINT raise :class:`ExportStopped` in it (SIGTERM's default action ended the
+    process where it stood, and its pin stayed; Ctrl-C's KeyboardInterrupt could come as the pin was written). The
+    previous handlers come back after. Off the main thread (which alone sets handlers), nothing changes; a signal the
+    process was started ignoring stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _Sigterm.handle)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+    for sig in previous:
+        signal.signal(sig, _StopSignal.handle)
     try:
         yield
-    finally:  # None: a handler set from C, not Python; the default is the nearest
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    finally:
+        for sig, handler in previous.items():  # None: a handler set from C, not Python; the default is the nearest
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def layout(episode: Episode) -> dict[str, dict]:
