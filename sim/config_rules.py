@@ -4,6 +4,7 @@ each refusal names its field and what it must be (a negative learning rate train
 from __future__ import annotations
 
 import math
+import numbers
 
 POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
@@ -23,3 +24,11 @@ def check_fields(config, **rules: tuple) -> None:
     ]
     if bad:
         raise ValueError(f"{type(config).__name__}: {', '.join(bad)}")
+
+
+def integer(name: str, value, minimum: int) -> int:
+    """``value`` as a Python int (a numpy integer too: ``for seed in np.arange(3)``), or a ValueError naming ``name``
+    (its owner first, ``"scenario: seed"``): a bool, a text, or a number with a fraction (``seed=1.5``) is refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from sim.config_rules import integer
 from sim.variation import VariationProfile
 
 _EPISODE_NAMESPACE = uuid.UUID("6b1f3f0e-6d2a-4c55-9a43-3d0f7f1c9a10")
@@ -44,9 +45,9 @@ class ScenarioSpec:
             raise ValueError("scenario: give init_qpos/init_qvel (an exact start state, its goal included) or a goal, not both")
         if not isinstance(self.profile, VariationProfile):
             raise ValueError(f"scenario: profile must be a VariationProfile, got {type(self.profile).__name__}")
-        object.__setattr__(self, "seed", _integer("seed", self.seed, minimum=0))
+        object.__setattr__(self, "seed", integer("scenario: seed", self.seed, minimum=0))
         if self.max_steps is not None:
-            object.__setattr__(self, "max_steps", _integer("max_steps", self.max_steps, minimum=1))
+            object.__setattr__(self, "max_steps", integer("scenario: max_steps", self.max_steps, minimum=1))
         object.__setattr__(self, "init_noise_scale", _real("init_noise_scale", self.init_noise_scale))
         if not 0 <= self.init_noise_scale < np.inf:  # NaN once started the episode from a NaN state
             raise ValueError(f"scenario: init_noise_scale must be a finite number >= 0, got {self.init_noise_scale!r}")
@@ -94,13 +95,6 @@ class ScenarioSpec:
         """Deterministic episode id: the same spec and policy give the same id (idempotent upload)."""
         digest = hashlib.sha256(f"{self.to_json()}|{policy_version}".encode()).hexdigest()
         return str(uuid.uuid5(_EPISODE_NAMESPACE, digest))
-
-
-def _integer(name: str, value, minimum: int) -> int:
-    """``value`` as a Python int, or a ValueError: a bool, a text, or a number with a fraction (``seed=1.5``) is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < minimum:
-        raise ValueError(f"scenario: {name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _real(name: str, value) -> float:

@@ -210,4 +210,5 @@ def test_disagreement_is_the_std_across_members_rms_over_dims_and_inf_where_not_
     means[0, 9, 0] = float("inf")
     dis = disagreement(means)
     assert dis[7] == float("inf") and dis[9] == float("inf") and torch.isfinite(dis[[0, 8, 10]]).all()
-    assert torch.equal(disagreement(means[:1]), torch.zeros(300, dtype=torch.float32))  # one member: nothing to disagree
+    lone = disagreement(means[:1])  # one member: nothing to disagree with, but its non-finite row (9) is untrusted still
+    assert lone[9] == float("inf") and torch.equal(lone[torch.arange(300) != 9], torch.zeros(299, dtype=lone.dtype))

@@ -249,3 +249,82 @@ def test_a_policy_returning_nan_is_refused_and_the_model_keeps_its_mode(model, e
         model_rollout(model, starts, policy, RolloutConfig(horizon=6, disagreement_threshold=1e9, envelope_margin=1e3))
     assert model.training and len(calls) == bad_at + 1  # refused at the step it happened; train mode restored
     model.train(was_training)
+
+
+def test_branch_rollout_ids_follow_what_each_episode_holds(model, episodes):
+    """Two policies' rollouts from the same starts, model and seed had the same ids (the id hashed where each branched
+    and policy_version, "none" by default), so a store took the first and refused the second as a conflict."""
+    config = RolloutConfig(horizon=6, disagreement_threshold=1e9, envelope_margin=1e3, seed=2)
+    pushed = branch_rollouts(model, episodes, lambda obs: np.full((len(obs), 6), 0.5, np.float32), 12, config)
+    pulled = branch_rollouts(model, episodes, lambda obs: np.full((len(obs), 6), -0.5, np.float32), 12, config)
+    again = branch_rollouts(model, episodes, lambda obs: np.full((len(obs), 6), 0.5, np.float32), 12, config)
+    assert len(pushed) == len(pulled) == 12
+    assert not {ep.episode_id for ep in pushed} & {ep.episode_id for ep in pulled}
+    assert [ep.episode_id for ep in again] == [ep.episode_id for ep in pushed]  # the same rollout again: the same ids
+
+
+def test_branch_rollouts_of_a_body_conditioned_model_roll_each_start_out_in_its_body(episodes):
+    from sim.variation import CONTEXT_DIM
+    from worldmodel.ensemble import DynamicsEnsemble, ModelSpec
+    from worldmodel.rollout import sample_starts
+
+    spec = ModelSpec("half_cheetah", episodes[0].observation.shape[1], episodes[0].action.shape[1], EnsembleConfig(hidden_size=16, num_hidden_layers=1), context_dim=CONTEXT_DIM)
+    conditioned = DynamicsEnsemble(spec, seed=3)
+    conditioned.obs_low.fill_(-1e3), conditioned.obs_high.fill_(1e3)  # an untrained model's envelope is empty
+    body = {ep.episode_id: np.full(CONTEXT_DIM, 0.1 * (i % 3), np.float32) for i, ep in enumerate(episodes)}
+    config = RolloutConfig(horizon=4, disagreement_threshold=1e9, envelope_margin=1e3, sample=False, seed=5)
+    out = branch_rollouts(conditioned, episodes, tanh_policy, 10, config, context_of=lambda ep: body[ep.episode_id])  # refused before
+    starts = sample_starts(episodes, 10, config.seed)
+    direct = model_rollout(conditioned, np.stack([episodes[i].observation[t] for i, t in starts]), tanh_policy, config, np.stack([body[episodes[i].episode_id] for i, _ in starts]))
+    assert len(out) == 10 and all(np.array_equal(ep.observation, direct.observation[r, : ep.num_steps + 1]) for r, ep in enumerate(out))
+    nominal = model_rollout(conditioned, direct.observation[:, 0], tanh_policy, config, np.zeros((10, CONTEXT_DIM), np.float32))
+    assert not np.array_equal(nominal.observation, direct.observation)  # the bodies were read
+
+
+def test_what_a_caller_passes_is_left_as_it_was_and_read_whatever_its_layout(model, episodes):
+    starts = np.ascontiguousarray(np.concatenate([ep.observation[:-1] for ep in episodes])[:40])
+    kept = starts.copy()
+    config = RolloutConfig(horizon=5, disagreement_threshold=1e9, envelope_margin=1e3, seed=np.int64(1))  # a numpy seed too
+
+    def normalise_in_place(obs):
+        obs -= 1.0  # a policy that edits its input; it saw the rollout's live state, and the caller's array
+        return np.tanh(obs[:, :6])
+
+    edited = model_rollout(model, starts, normalise_in_place, config)
+    plain = model_rollout(model, starts, lambda obs: np.tanh(obs[:, :6] - 1.0), config)
+    assert np.array_equal(starts, kept) and np.array_equal(edited.observation, plain.observation)
+    reversed_view = model_rollout(model, kept[::-1], lambda obs: np.tanh(obs[:, :6] - 1.0)[::-1][::-1], config)  # negative strides
+    assert np.array_equal(reversed_view.observation, model_rollout(model, kept[::-1].copy(), lambda obs: np.tanh(obs[:, :6] - 1.0), config).observation)
+
+
+def test_inputs_a_rollout_cannot_use_are_refused_naming_them(model, episodes):
+    from sim.variation import CONTEXT_DIM
+    from worldmodel.ensemble import disagreement
+
+    starts = np.concatenate([ep.observation[:-1] for ep in episodes])[:8]
+    config = RolloutConfig(horizon=3)
+    with pytest.raises(ValueError, match="this world model is unconditioned: pass no context"):
+        model_rollout(model, starts, tanh_policy, config, np.zeros((8, CONTEXT_DIM)))
+    with pytest.raises(ValueError, match="policy_context is for a body-conditioned policy"):
+        model_rollout(model, starts, tanh_policy, config, policy_context=np.zeros((8, CONTEXT_DIM)))
+    with pytest.raises(TypeError, match="a torch policy must return a tensor of actions"):
+        model_rollout(model, starts, TupleActor(), config)
+    with pytest.raises(ValueError, match=r"run in float32, and this model's parameters are torch.float64: call model.float\(\)"):
+        model_rollout(copy_of(model).double(), starts, tanh_policy, config)  # the model cast by its user
+    one_elite = copy_of(model)
+    one_elite.elites = one_elite.elites[:1]
+    with pytest.raises(ValueError, match="disagreement over the elites needs 2 or more, and this model has 1"):
+        model_rollout(one_elite, starts, tanh_policy, RolloutConfig(disagreement_members="elites"))
+    lone = torch.tensor([[[0.0, 1.0], [float("nan"), 0.0]]])
+    assert disagreement(lone).tolist() == [0.0, float("inf")]  # one member: a non-finite row is untrusted still
+
+
+class TupleActor(torch.nn.Module):
+    def forward(self, obs):
+        return obs[:, :6], None
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

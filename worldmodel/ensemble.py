@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -117,13 +118,22 @@ class Prediction:
     norm_delta_mean: torch.Tensor
 
 
+def as_float32(x, device: torch.device) -> torch.Tensor:
+    """``x`` (a tensor, a numpy array, a list) as a float32 tensor on ``device``. A numpy view with negative strides
+    (``a[::-1]``), which torch cannot take, is copied first."""
+    if isinstance(x, np.ndarray) and any(stride < 0 for stride in x.strides):
+        x = np.ascontiguousarray(x)
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
 def disagreement(norm_delta_mean: torch.Tensor) -> torch.Tensor:
     """(M, B, obs_dim) members' mean obs change (normalised) -> (B,) std across members, RMS over dims.
 
     Non-finite values give +inf (never NaN), so a threshold test treats them as untrusted.
     """
-    if norm_delta_mean.shape[0] < 2:
-        return torch.zeros(norm_delta_mean.shape[1], device=norm_delta_mean.device)
+    if norm_delta_mean.shape[0] < 2:  # one member: nothing to disagree with, but a non-finite prediction is still untrusted
+        finite = torch.isfinite(norm_delta_mean[0]).all(-1)
+        return torch.where(finite, 0.0, float("inf")).to(norm_delta_mean.dtype)
     # the variance across members written out: torch's std over a short leading dim is 30-90x slower on a CPU
     # (18 ms against 0.45 ms for 5 members x 5,000 rows x 17 dims), and this runs at every rollout step
     centred = norm_delta_mean - norm_delta_mean.mean(0)
@@ -231,7 +241,7 @@ class DynamicsEnsemble(nn.Module):
         """obs (B, obs_dim), action (B, act_dim)[, context (B, context_dim)] (tensors or numpy arrays) as float32 tensors
         on the model's device; a ValueError naming the one of another shape (numpy once gave a TypeError, a wrong
         width a size mismatch inside the normaliser)."""
-        out = [None if x is None else torch.as_tensor(x, dtype=torch.float32, device=self.device) for x in (obs, action, context)]
+        out = [None if x is None else as_float32(x, self.device) for x in (obs, action, context)]
         batch = out[0].shape[0] if out[0].ndim == 2 else -1
         for name, x, dim in zip(("obs", "action", "context"), out, (self.spec.obs_dim, self.spec.act_dim, self.spec.context_dim)):
             if x is not None and dim and tuple(x.shape) != (batch, dim):  # a context for an unconditioned model: raw_inputs says so

@@ -30,7 +30,8 @@ from torch import nn
 
 from sim.episode import Episode
 from sim.policy_fn import context_dim_of
-from worldmodel.ensemble import DynamicsEnsemble, disagreement
+from sim.config_rules import integer
+from worldmodel.ensemble import DynamicsEnsemble, as_float32, disagreement
 from worldmodel.io import model_version
 from worldmodel.transitions import check_compatible
 
@@ -46,10 +47,11 @@ class RolloutConfig:
     disagreement_members: str = "all"  # "all" members, or only the "elites" (cheaper: E/K of the compute)
     envelope_margin: float = 0.5
     sample: bool = True  # sample the elite's Gaussian (False: its mean)
-    chunk_size: int = 65_536  # start states per batched pass (bounds memory)
+    chunk_size: int = 65_536  # start states per batched pass (bounds memory; the picks are drawn chunk by chunk, so a seed's rollouts depend on it too)
     seed: int = 0
 
     def __post_init__(self):
+        object.__setattr__(self, "seed", integer("rollout: seed", self.seed, minimum=0))  # a numpy integer too
         if self.horizon < 1 or self.chunk_size < 1:
             raise ValueError(f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}")
         if self.disagreement_members not in ("all", "elites"):
@@ -87,12 +89,15 @@ def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Cal
         pdev = param.device if param is not None else device
 
         def run(obs: torch.Tensor) -> torch.Tensor:
-            return policy(obs.to(pdev)).to(device, torch.float32)
+            action = policy(obs.to(pdev))
+            if not isinstance(action, torch.Tensor):
+                raise TypeError(f"a torch policy must return a tensor of actions (N, act_dim), got {type(action).__name__}")
+            return action.to(device, torch.float32)
 
     elif callable(policy):
 
-        def run(obs: torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(policy(obs.cpu().numpy()), np.float32), device=device)
+        def run(obs: torch.Tensor) -> torch.Tensor:  # a copy: a policy that normalises its input in place leaves the rollout as it was
+            return as_float32(policy(np.array(obs.cpu())), device)
 
     else:
         raise TypeError(f"policy must be a torch module or a numpy callable, got {type(policy).__name__}")
@@ -121,19 +126,21 @@ def model_rollout(
     docstring. A context-conditioned model takes ``context`` (N, context_dim): rollout i stays in the body
     of row i. A body-conditioned policy (``sim.policy_fn.context_dim_of``) reads row i's
     ``policy_context`` (N, its context_dim) after the observation; any other sees only the observation."""
-    start = torch.as_tensor(start_obs, dtype=torch.float32, device=model.device)
-    if start.ndim != 2 or start.shape[1] != model.spec.obs_dim:
-        raise ValueError(f"start_obs must be (N, {model.spec.obs_dim}), got {tuple(start.shape)}")
-    if not torch.isfinite(start).all():
-        raise ValueError("start_obs contains NaN or Inf")
-    ctx = None if context is None else torch.as_tensor(context, dtype=torch.float32, device=model.device)
-    if ctx is not None and ctx.shape != (len(start), model.spec.context_dim):
-        raise ValueError(f"context must be (N, {model.spec.context_dim}) = {(len(start), model.spec.context_dim)}, got {tuple(ctx.shape)}")
+    if model.max_logvar.dtype != torch.float32:
+        raise ValueError(f"world-model rollouts run in float32, and this model's parameters are {model.max_logvar.dtype}: call model.float() first")
+    if config.disagreement_members == "elites" and len(model.elites) < 2:
+        raise ValueError(f"disagreement over the elites needs 2 or more, and this model has {len(model.elites)}: use disagreement_members='all'")
+    start = _finite_rows(start_obs, "start_obs", model.spec.obs_dim, None, model.device)
+    if context is not None and not model.spec.context_dim:
+        raise ValueError("this world model is unconditioned: pass no context")
+    ctx = None if context is None else _finite_rows(context, "context", model.spec.context_dim, len(start), model.device)
     act = _policy_on_device(policy, model.device, model.spec.act_dim)
     if context_dim_of(policy):
-        if policy_context is None or np.shape(policy_context) != (len(start), context_dim_of(policy)):
-            raise ValueError(f"a body-conditioned policy needs policy_context of shape {(len(start), context_dim_of(policy))}, got {np.shape(policy_context)}")
-        act = _with_rows_context(act, torch.as_tensor(np.asarray(policy_context, np.float32), device=model.device))
+        if policy_context is None:
+            raise ValueError(f"a body-conditioned policy needs policy_context of shape {(len(start), context_dim_of(policy))}")
+        act = _with_rows_context(act, _finite_rows(policy_context, "policy_context", context_dim_of(policy), len(start), model.device))
+    elif policy_context is not None:
+        raise ValueError("policy_context is for a body-conditioned policy (sim.policy_fn.context_dim_of), and this one is not: pass none")
     else:
         act = _ignore_rows(act)
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
@@ -160,6 +167,16 @@ def model_rollout(
                 torch.from_numpy(getattr(out, name)[rows]).copy_(tensor)
     finally:
         model.train(was_training)
+    return out
+
+
+def _finite_rows(x, name: str, dim: int, rows: int | None, device: torch.device) -> torch.Tensor:
+    """``x`` as a float32 tensor (rows, dim) on ``device``, or a ValueError naming it: another shape, NaN or Inf."""
+    out = as_float32(x, device)
+    if out.ndim != 2 or out.shape[1] != dim or (rows is not None and out.shape[0] != rows):
+        raise ValueError(f"{name} must be ({'N' if rows is None else rows}, {dim}), got {tuple(out.shape)}")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} contains NaN or Inf")
     return out
 
 
@@ -280,21 +297,26 @@ def branch_rollouts(
     predicted termination, truncated at a cut (horizon, disagreement, envelope), and a
     ``scenario`` JSON naming where it branched from (plus the physics state and profile of
     the source where known, so :mod:`worldmodel.physics_check` can replay it in MuJoCo).
-    Rollouts cut before their first step yield no episode. A body-conditioned policy reads the
-    features ``context_of(episode)`` of the body each rollout branched from (None or no
-    ``context_of``: the nominal body).
+    Rollouts cut before their first step yield no episode. A body-conditioned model rolls out, and a
+    body-conditioned policy acts, in the body each rollout branched from: the features ``context_of(episode)``
+    (None or no ``context_of``: the nominal body). An episode's id follows from where it branched, the
+    model, ``policy_version`` and what it holds: a rerun of the same rollout gives the same ids (a store takes
+    it once), another policy's or configuration's rollout from the same start gives other ids.
     """
     robot = check_compatible(episodes)[0]
     if robot != model.spec.robot:
         raise ValueError(f"episodes are of robot model {robot!r}, the world model of {model.spec.robot!r}")
     starts = sample_starts(episodes, num_rollouts, config.seed)
     start_obs = np.stack([episodes[i].observation[t] for i, t in starts])
-    policy_context = None
-    if context_dim_of(policy):
-        nominal = np.zeros(context_dim_of(policy), np.float32)
-        per_episode = [nominal if context_of is None or (c := context_of(ep)) is None else np.asarray(c, np.float32) for ep in episodes]
-        policy_context = np.stack([per_episode[i] for i, _ in starts])
-    batch = model_rollout(model, start_obs, policy, config, policy_context=policy_context)
+
+    def rows_context(dim: int) -> np.ndarray | None:  # each start's body features (the nominal body's are zeros)
+        if not dim:
+            return None
+        per_episode = [np.zeros(dim, np.float32) if context_of is None or (c := context_of(ep)) is None else np.asarray(c, np.float32) for ep in episodes]
+        return np.stack([per_episode[i] for i, _ in starts])
+
+    # a body-conditioned model rolls each start out in the body it branched from, as a body-conditioned policy acts in it
+    batch = model_rollout(model, start_obs, policy, config, rows_context(model.spec.context_dim), rows_context(context_dim_of(policy)))
     version = model_version(model)
     out = []
     for r, (i, t) in enumerate(starts):
@@ -335,7 +357,9 @@ def _episode(batch: RolloutBatch, r: int, length: int, src: Episode, t: int, sce
     truncated = np.zeros(length, bool)
     (terminated if batch.terminated[r] else truncated)[-1] = True
     scenario_json = json.dumps(scenario, sort_keys=True)
-    digest = hashlib.sha256(f"{scenario_json}|{policy_version}".encode()).hexdigest()
+    identity = hashlib.sha256(f"{scenario_json}|{policy_version}".encode())
+    for part in (batch.observation[r, : length + 1], batch.action[r, :length], batch.reward[r, :length]):  # what it holds: two
+        identity.update(np.ascontiguousarray(part).tobytes())  # policies (or configs) from one start are two episodes
     return Episode.create(
         observation=batch.observation[r, : length + 1],
         action=batch.action[r, :length],
@@ -347,7 +371,7 @@ def _episode(batch: RolloutBatch, r: int, length: int, src: Episode, t: int, sce
         robot_model=src.metadata["robot_model"],
         source="worldmodel",
         policy_version=policy_version,
-        episode_id=str(uuid.uuid5(_EPISODE_NAMESPACE, digest)),
+        episode_id=str(uuid.uuid5(_EPISODE_NAMESPACE, identity.hexdigest())),
         scenario=scenario_json,
         model_version=version,
     )
