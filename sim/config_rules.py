@@ -26,9 +26,15 @@ def check_fields(config, **rules: tuple) -> None:
         raise ValueError(f"{type(config).__name__}: {', '.join(bad)}")
 
 
-def integer(name: str, value, minimum: int) -> int:
+def integer(name: str, value, minimum: int, maximum: int | None = None) -> int:
     """``value`` as a Python int (a numpy integer too: ``for seed in np.arange(3)``), or a ValueError naming ``name``
-    (its owner first, ``"scenario: seed"``): a bool, a text, or a number with a fraction (``seed=1.5``) is refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    (its owner first, ``"scenario: seed"``): a bool, a text, a number with a fraction (``seed=1.5``), or one outside
+    [minimum, maximum] is refused."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
     return int(value)
+
+
+SEED_MAX = 2**63 - 1  # the largest seed torch's generators take

@@ -212,3 +212,14 @@ def test_disagreement_is_the_std_across_members_rms_over_dims_and_inf_where_not_
     assert dis[7] == float("inf") and dis[9] == float("inf") and torch.isfinite(dis[[0, 8, 10]]).all()
     lone = disagreement(means[:1])  # one member: nothing to disagree with, but its non-finite row (9) is untrusted still
     assert lone[9] == float("inf") and torch.equal(lone[torch.arange(300) != 9], torch.zeros(299, dtype=lone.dtype))
+
+
+def test_seeds_are_integers_in_range_numpy_ones_taken():
+    from worldmodel import RolloutConfig
+
+    assert TrainConfig(seed=np.int32(4)).seed == 4 and type(RolloutConfig(seed=np.int64(5)).seed) is int  # for seed in np.arange(...)
+    for bad in (-1, 1.5, True, "3", 2**64, float("nan")):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 9223372036854775807\]"):
+            TrainConfig(seed=bad)
+        with pytest.raises(ValueError, match=r"rollout: seed must be an integer in \[0, 9223372036854775807\]"):
+            RolloutConfig(seed=bad)

@@ -293,6 +293,9 @@ def test_what_a_caller_passes_is_left_as_it_was_and_read_whatever_its_layout(mod
     edited = model_rollout(model, starts, normalise_in_place, config)
     plain = model_rollout(model, starts, lambda obs: np.tanh(obs[:, :6] - 1.0), config)
     assert np.array_equal(starts, kept) and np.array_equal(edited.observation, plain.observation)
+    torch_edited = model_rollout(model, starts, InPlaceActor(), config)  # a torch module that edits its input, the same
+    torch_plain = model_rollout(model, starts, InPlaceActor(in_place=False), config)
+    assert np.array_equal(starts, kept) and np.array_equal(torch_edited.observation, torch_plain.observation)
     reversed_view = model_rollout(model, kept[::-1], lambda obs: np.tanh(obs[:, :6] - 1.0)[::-1][::-1], config)  # negative strides
     assert np.array_equal(reversed_view.observation, model_rollout(model, kept[::-1].copy(), lambda obs: np.tanh(obs[:, :6] - 1.0), config).observation)
 
@@ -309,6 +312,12 @@ def test_inputs_a_rollout_cannot_use_are_refused_naming_them(model, episodes):
         model_rollout(model, starts, tanh_policy, config, policy_context=np.zeros((8, CONTEXT_DIM)))
     with pytest.raises(TypeError, match="a torch policy must return a tensor of actions"):
         model_rollout(model, starts, TupleActor(), config)
+    with pytest.raises(ValueError, match=r"policy must return actions \(N, 6\) as an array, got NoneType"):
+        model_rollout(model, starts, lambda obs: None, config)
+    bad = np.zeros((8, CONTEXT_DIM), np.float32)
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="policy_context contains NaN or Inf"):
+        model_rollout(model, starts, BodyActor(), config, policy_context=bad)
     with pytest.raises(ValueError, match=r"run in float32, and this model's parameters are torch.float64: call model.float\(\)"):
         model_rollout(copy_of(model).double(), starts, tanh_policy, config)  # the model cast by its user
     one_elite = copy_of(model)
@@ -322,6 +331,22 @@ def test_inputs_a_rollout_cannot_use_are_refused_naming_them(model, episodes):
 class TupleActor(torch.nn.Module):
     def forward(self, obs):
         return obs[:, :6], None
+
+
+class InPlaceActor(torch.nn.Module):
+    def __init__(self, in_place: bool = True):
+        super().__init__()
+        self.in_place = in_place
+
+    def forward(self, obs):
+        return torch.tanh((obs.sub_(1.0) if self.in_place else obs - 1.0)[:, :6])
+
+
+class BodyActor(torch.nn.Module):
+    from sim.variation import CONTEXT_DIM as context_dim  # a body-conditioned policy (sim.policy_fn.context_dim_of)
+
+    def forward(self, obs):
+        return torch.tanh(obs[:, :6])
 
 
 def copy_of(model):

@@ -30,7 +30,7 @@ from torch import nn
 
 from sim.episode import Episode
 from sim.policy_fn import context_dim_of
-from sim.config_rules import integer
+from sim.config_rules import SEED_MAX, integer
 from worldmodel.ensemble import DynamicsEnsemble, as_float32, disagreement
 from worldmodel.io import model_version
 from worldmodel.transitions import check_compatible
@@ -51,7 +51,7 @@ class RolloutConfig:
     seed: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "seed", integer("rollout: seed", self.seed, minimum=0))  # a numpy integer too
+        object.__setattr__(self, "seed", integer("rollout: seed", self.seed, minimum=0, maximum=SEED_MAX))  # a numpy integer too
         if self.horizon < 1 or self.chunk_size < 1:
             raise ValueError(f"rollout: horizon and chunk_size must be >= 1, got {self.horizon}, {self.chunk_size}")
         if self.disagreement_members not in ("all", "elites"):
@@ -88,16 +88,20 @@ def _policy_on_device(policy: Policy, device: torch.device, act_dim: int) -> Cal
         param = next(policy.parameters(), None)
         pdev = param.device if param is not None else device
 
-        def run(obs: torch.Tensor) -> torch.Tensor:
-            action = policy(obs.to(pdev))
+        def run(obs: torch.Tensor) -> torch.Tensor:  # a copy: a policy that edits its input in place leaves the rollout as it was
+            action = policy(obs.to(pdev, copy=True))
             if not isinstance(action, torch.Tensor):
                 raise TypeError(f"a torch policy must return a tensor of actions (N, act_dim), got {type(action).__name__}")
             return action.to(device, torch.float32)
 
     elif callable(policy):
 
-        def run(obs: torch.Tensor) -> torch.Tensor:  # a copy: a policy that normalises its input in place leaves the rollout as it was
-            return as_float32(policy(np.array(obs.cpu())), device)
+        def run(obs: torch.Tensor) -> torch.Tensor:  # a copy, as above (one, from a GPU too)
+            action = policy(obs.to("cpu", copy=True).numpy())
+            try:
+                return as_float32(action, device)
+            except (TypeError, ValueError, RuntimeError):  # None, text, ragged lists: torch's words named no policy
+                raise ValueError(f"policy must return actions (N, {act_dim}) as an array, got {type(action).__name__}") from None
 
     else:
         raise TypeError(f"policy must be a torch module or a numpy callable, got {type(policy).__name__}")
@@ -301,7 +305,9 @@ def branch_rollouts(
     body-conditioned policy acts, in the body each rollout branched from: the features ``context_of(episode)``
     (None or no ``context_of``: the nominal body). An episode's id follows from where it branched, the
     model, ``policy_version`` and what it holds: a rerun of the same rollout gives the same ids (a store takes
-    it once), another policy's or configuration's rollout from the same start gives other ids.
+    it once), another policy's or configuration's rollout from the same start gives other ids. "The same" is bit for
+    bit: a rerun on another machine or thread count whose floats round otherwise gives other ids (world-model
+    episodes are provenance; the loop trains on real and simulated ones).
     """
     robot = check_compatible(episodes)[0]
     if robot != model.spec.robot:

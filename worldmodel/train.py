@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, check_fields, integer
+from sim.config_rules import AT_LEAST_1, NON_NEGATIVE, OPEN_UNIT, SEED_MAX, check_fields, integer
 from sim.episode import Episode
 from worldmodel.device import check_device_name, resolve_device, set_cpu_threads
 from worldmodel.ensemble import DynamicsEnsemble, EnsembleConfig, ModelSpec
@@ -62,7 +62,7 @@ class TrainConfig:
             termination_weight=NON_NEGATIVE, logvar_bound_weight=NON_NEGATIVE,
         )  # fmt: skip
         check_device_name(self.device)  # when the config is made, not at the first fit (mid-run under the model-based learner)
-        object.__setattr__(self, "seed", integer("TrainConfig: seed", self.seed, minimum=0))  # a numpy integer too
+        object.__setattr__(self, "seed", integer("TrainConfig: seed", self.seed, minimum=0, maximum=SEED_MAX))  # a numpy integer too
 
 
 @dataclasses.dataclass
