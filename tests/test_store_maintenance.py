@@ -435,3 +435,27 @@ def test_an_export_of_a_store_it_may_read_but_not_write_goes_on_unpinned_with_a_
     assert "could not pin snapshot" in done.stderr and "exporting it unpinned" in done.stderr and "Traceback" not in done.stderr
     assert store.pins() == {}
     shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_export_from_object_storage_pins_there_and_lets_go(s3_server, tmp_path, capsys, monkeypatch):
+    """The export's pin on an S3-compatible bucket (moto on loopback): maintenance midway takes nothing, the pin goes."""
+    import uuid
+
+    from fleet.interop import cli as interop_cli
+    from fleet.interop import mcap_io
+
+    cfg = StoreConfig(path=f"s3://fleet/exported-{uuid.uuid4().hex}", chunk_rows=32, index_rows=4)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1), episode(2)])
+    old = store.latest_snapshot_id()
+    store.append([episode(3)])
+    export_mcap = mcap_io.export_mcap
+
+    def maintained_first(selection, out):
+        assert list(store.pins().values()) == [old]
+        maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+        return export_mcap(selection, out)
+
+    monkeypatch.setattr(mcap_io, "export_mcap", maintained_first)
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--snapshot", old, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["episodes"] == 2 and store.pins() == {}
