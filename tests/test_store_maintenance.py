@@ -459,3 +459,70 @@ def test_an_export_from_object_storage_pins_there_and_lets_go(s3_server, tmp_pat
     monkeypatch.setattr(mcap_io, "export_mcap", maintained_first)
     assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--snapshot", old, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["episodes"] == 2 and store.pins() == {}
+
+
+def test_a_snapshot_maintenance_expires_while_it_is_read_is_unknown_not_damage(tmp_path):
+    """A reader of an unpinned snapshot that outlasted keep_history_s was told "the store's files are damaged; restore
+    the store from backup": an operator who did would lose every episode stored since. Read through its own handle (as
+    another process: the writer's handle had the manifests cached)."""
+    from fleet.store import UnknownSnapshotError
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    for k in range(3):
+        store.append([episode(100 * k + i) for i in range(8)])
+    reading = EpisodeStore.open(cfg).snapshot()
+    catalog = reading.catalog()
+    for k in range(3):
+        store.append([episode(5000 + 100 * k + i) for i in range(8)])
+    maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+    with pytest.raises(UnknownSnapshotError, match="was expired by maintenance while it was being read .* pin a snapshot you read for longer"):
+        reading.read_episodes(catalog)
+
+
+def test_an_unpinned_export_whose_snapshot_expires_midway_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    """A store that refused the export's pin (read-only files), and an export that outlasted keep_history_s: it ended in
+    9,841 lines of tracebacks and "restore the store from backup". Now exit 2 and one line that says what happened."""
+    from fleet.interop import cli as interop_cli
+    from fleet.interop import mcap_io
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    for k in range(3):
+        store.append([episode(100 * k + i) for i in range(8)])
+    export_mcap = mcap_io.export_mcap
+
+    def refused(self, snapshot_id, name):
+        raise ValueError("this user may not write the store")
+
+    def outlasted(selection, out):
+        for k in range(3):
+            store.append([episode(5000 + 100 * k + i) for i in range(8)])
+        maintain(Location.of(cfg.path), keep_history_s=1e-3, gc_grace_s=0.0)
+        return export_mcap(selection, out)
+
+    monkeypatch.setattr(EpisodeStore, "pin", refused)
+    monkeypatch.setattr(mcap_io, "export_mcap", outlasted)
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(tmp_path / "out")]) == 2
+    said = capsys.readouterr().err
+    assert "could not pin snapshot" in said and "flywheel store pin --store" in said
+    assert "was expired by maintenance while it was being read" in said and "damaged" not in said and "Traceback" not in said
+    assert said.count("\n") == 2  # the note and the error, nothing else
+
+
+def test_an_export_whose_pin_an_operator_let_go_midway_says_nothing_of_it(tmp_path, capsys, monkeypatch):
+    from fleet.interop import cli as interop_cli
+    from fleet.interop import mcap_io
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(1)])
+    export_mcap = mcap_io.export_mcap
+
+    def unpinned_meanwhile(selection, out):
+        store.unpin(next(iter(store.pins())))
+        return export_mcap(selection, out)
+
+    monkeypatch.setattr(mcap_io, "export_mcap", unpinned_meanwhile)
+    assert interop_cli.main(["export", "--format", "mcap", "--store", cfg.path, "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err == "" and store.pins() == {}  # it said "the pin stays; unpin it", and unpin then failed

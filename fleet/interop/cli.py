@@ -166,7 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return json_command("flywheel import", lambda: run_import(args), (InteropError, OSError), _say)
     try:
         with stop_signals_unwind():  # a stopped export lets its pin go and removes its partial folder
-            return json_command("flywheel export", lambda: run_export(args), (InteropError, OSError), _say)  # OSError: a path that is a file, exists, or cannot be written
+            from fleet.store.backend import StoreCorruptionError, StoreUnreachableError, UnknownSnapshotError  # exports only
+
+            # OSError: a path that is a file, exists, or cannot be written; the store's own: a snapshot maintenance expired
+            # while it was read unpinned, damage, storage that did not answer (each says what to do)
+            faults = (InteropError, OSError, UnknownSnapshotError, StoreCorruptionError, StoreUnreachableError)
+            return json_command("flywheel export", lambda: run_export(args), faults, _say)
     except ExportStopped as stop:
         print(f"flywheel export: stopped by {signal.Signals(stop.signum).name} (an export is published whole or not at all: see --out; its partial "
               f"folder removed, its pin let go: `flywheel store pins --store {args.store}` lists any left)", file=sys.stderr)  # fmt: skip

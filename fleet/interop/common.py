@@ -239,7 +239,9 @@ def pinned(selection: Selection) -> Iterator[str | None]:
             except Exception as exc:  # noqa: BLE001  Icechunk's own error where a local store's files are read-only
                 print(f"flywheel export: note: could not pin snapshot {selection.snapshot_id} while exporting "
                       f"({_first_line(exc)}); exporting it unpinned: maintenance may expire it if this export outlasts "
-                      "the store's keep_history_s", file=sys.stderr)  # fmt: skip
+                      "the store's keep_history_s. To be sure, have a user who may write the store pin it (`flywheel store pin "
+                      f"--store {selection.store} --snapshot {selection.snapshot_id} --name NAME`) and export that --snapshot",
+                      file=sys.stderr)  # fmt: skip
                 name = None
         _StopSignal.unwind_if_held()  # one that came while the tag was written: now, with the finally below in place
         yield name
@@ -248,6 +250,8 @@ def pinned(selection: Selection) -> Iterator[str | None]:
             with _stop_held():  # one that comes now is dropped: the export has ended either way, and so does the process
                 try:
                     store.unpin(name)
+                except LookupError:
+                    pass  # let go already (an operator's `flywheel store unpin` while it ran)
                 except Exception as exc:  # noqa: BLE001  the export's own result or error goes on; the pin is named
                     print(f"flywheel export: note: the export's pin {name!r} stays ({_first_line(exc)}); let it go with "
                           f"`flywheel store unpin --store {selection.store} --name {name}`", file=sys.stderr)  # fmt: skip

@@ -19,7 +19,7 @@ import numpy as np
 from fleet.store import backend, legacy
 from fleet.store.backend import StoreCorruptionError
 from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
-from fleet.store.layout import ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
+from fleet.store.layout import BRANCH, ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
 from fleet.store.location import Location
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
@@ -201,18 +201,39 @@ class StoreSnapshot:
         """``read()``'s result. Object storage that did not answer it raises StoreUnreachableError (``backend.answering``:
         what to check; a server answers "retry later"). A read of the catalog, or of episodes it says are stored, that
         finds a chunk or manifest missing, short or undecodable (backend.damaged) raises StoreCorruptionError naming them,
-        the snapshot and the file: that damage stays, unlike storage that did not answer (a timeout)."""
+        the snapshot and the file: that damage stays, unlike storage that did not answer (a timeout). Unless the snapshot
+        itself is gone from the store: maintenance expired it while it was read, an UnknownSnapshotError."""
         with backend.answering(self.location):
             try:
                 return read()
             except (icechunk.IcechunkError, RuntimeError, ValueError) as exc:
                 if isinstance(exc, StoreCorruptionError) or not backend.damaged(exc):
                     raise
+                if self._expired():  # while it was read: not damage, nothing to restore
+                    raise backend.UnknownSnapshotError(
+                        f"snapshot {self.snapshot_id} of the episode store at {self.location} was expired by maintenance while it was "
+                        "being read (a snapshot goes keep_history_s after a newer one replaced it, unless pinned; docs/store.md, "
+                        "Maintenance): read the tip again, or pin a snapshot you read for longer (EpisodeStore.pin or `flywheel store pin`)"
+                    ) from None
                 which = "the catalog" if not infos else f"episode {infos[0].episode_id}" if len(infos) == 1 else f"one of {len(infos)} episodes (the first {infos[0].episode_id})"
                 raise StoreCorruptionError(
                     f"{which} in snapshot {self.snapshot_id} cannot be read back ({backend.damaged_part(exc)}: {backend.short_reason(exc)}): "
                     "the store's files are damaged; restore the store from backup"
                 ) from exc
+
+    def _expired(self) -> bool:
+        """Whether maintenance expired this snapshot since it was opened: it is gone from the store (asked of a fresh
+        handle: this one's cache still holds the snapshot file it read when it opened it), and neither the branch's tip
+        nor a pin names it (one they name that is gone is damage)."""
+        repo = backend.open_repo(self.location)
+        try:
+            repo.lookup_snapshot(self.snapshot_id)
+            return False
+        except icechunk.IcechunkError as exc:
+            if "not found" not in str(exc):
+                raise
+        named = {repo.lookup_branch(BRANCH), *(repo.lookup_tag(tag) for tag in repo.list_tags())}
+        return self.snapshot_id not in named
 
     async def _load_catalog(self) -> list[EpisodeInfo]:
         store = self._session.store
