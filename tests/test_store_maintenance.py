@@ -480,6 +480,25 @@ def test_a_snapshot_maintenance_expires_while_it_is_read_is_unknown_not_damage(t
         reading.read_episodes(catalog)
 
 
+def test_a_replaced_snapshot_whose_files_are_lost_is_damage_not_an_expiry(tmp_path):
+    """The other side of the check above: no maintenance ran, the snapshot was only replaced (still in the branch's
+    history), and its files are gone (a lost disk block, a partial restore): that is damage, restore from backup."""
+    from fleet.store import StoreCorruptionError
+
+    cfg = StoreConfig(path=str(tmp_path / "store"), fsync=False)
+    store = EpisodeStore.create(cfg)
+    store.append([episode(i) for i in range(4)])
+    reading = EpisodeStore.open(cfg).snapshot()
+    catalog = reading.catalog()
+    store.append([episode(100 + i) for i in range(4)])
+    files = tmp_path / "store" / "icechunk"
+    (files / "snapshots" / reading.snapshot_id).unlink()
+    for manifest in (files / "manifests").iterdir():
+        manifest.unlink()
+    with pytest.raises(StoreCorruptionError, match="damaged"):
+        reading.read_episodes(catalog)
+
+
 def test_an_unpinned_export_whose_snapshot_expires_midway_says_so_in_one_line(tmp_path, capsys, monkeypatch):
     """A store that refused the export's pin (read-only files), and an export that outlasted keep_history_s: it ended in
     9,841 lines of tracebacks and "restore the store from backup". Now exit 2 and one line that says what happened."""

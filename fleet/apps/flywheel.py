@@ -47,7 +47,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     from fleet.pipeline.report import summary_table
     from fleet.registry.s3 import S3Error
     from fleet.registry.store import RegistryOpenError
-    from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
+    from fleet.store.backend import StoreCorruptionError, StoreUnreachableError, UnknownSnapshotError
     from fleet.tracking import TrackerError, run_files_line
 
     start_app("flywheel", cfg)
@@ -60,7 +60,7 @@ def run_flywheel(cfg: DictConfig) -> None:
     accept_run_folder("flywheel", Path(cfg.run_dir))
     resume = f"rerun with run_dir={cfg.run_dir} to resume it"
     # what the operator fixes; a registry refusing the loop's own release (PublishRefused, NoCanary) is a bug: its traceback
-    faults = (RayJoinError, StoreCorruptionError, StoreUnreachableError, S3Error, RegistryOpenError, TrackerError)
+    faults = (RayJoinError, StoreCorruptionError, StoreUnreachableError, UnknownSnapshotError, S3Error, RegistryOpenError, TrackerError)
     with one_line_errors("flywheel", faults, on_interrupt=resume, on_error=resume):
         summary = flywheel.run()  # the cluster, the store, the registry or W&B fail (at the start, or storage mid-run): what to check, then how to resume
     console.print(summary_table([*summary["iterations"], summary["final"]], flywheel.specs))

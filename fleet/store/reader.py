@@ -223,8 +223,9 @@ class StoreSnapshot:
 
     def _expired(self) -> bool:
         """Whether maintenance expired this snapshot since it was opened: it is gone from the store (asked of a fresh
-        handle: this one's cache still holds the snapshot file it read when it opened it), and neither the branch's tip
-        nor a pin names it (one they name that is gone is damage)."""
+        handle: this one's cache still holds the snapshot file it read when it opened it), out of the branch's history
+        and named by no pin. One the history or a pin still names, gone, is damage (a lost file, not an expiry); so is a
+        history that cannot be walked."""
         repo = backend.open_repo(self.location)
         try:
             repo.lookup_snapshot(self.snapshot_id)
@@ -232,8 +233,16 @@ class StoreSnapshot:
         except icechunk.IcechunkError as exc:
             if "not found" not in str(exc):
                 raise
-        named = {repo.lookup_branch(BRANCH), *(repo.lookup_tag(tag) for tag in repo.list_tags())}
-        return self.snapshot_id not in named
+        if any(snap.id == self.snapshot_id for snap in repo.ancestry(branch=BRANCH)):
+            return False
+        for tag in repo.list_tags():
+            try:
+                if repo.lookup_tag(tag) == self.snapshot_id:
+                    return False
+            except icechunk.IcechunkError as exc:  # a pin let go since the listing names nothing
+                if "not found" not in str(exc):
+                    raise
+        return True
 
     async def _load_catalog(self) -> list[EpisodeInfo]:
         store = self._session.store
