@@ -208,8 +208,7 @@ def select(
         snap.catalog()
     except Exception as exc:  # icechunk raises its own error types (multi-line, with its source location) for an unknown id
         recent = ", ".join(h["snapshot_id"] for h in opened.history(limit=5))
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        first_line = first_line if isinstance(exc, UnknownSnapshotError) else first_line[:200]  # ours whole: it says what to do
+        first_line = _first_line(exc, None if isinstance(exc, UnknownSnapshotError) else 200)  # ours whole: it says what to do
         raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store} ({first_line}); its newest snapshots: {recent} (or leave out --snapshot for the tip)") from None
     every = snap.episodes()
     infos = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model)
@@ -258,9 +257,10 @@ def pinned(selection: Selection) -> Iterator[str | None]:
             _StopSignal.held = None
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """An error's first line (Icechunk's run on with their Rust context), at most ``limit`` characters (None: whole)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+    return text.splitlines()[0][:limit] if text else exc.__class__.__name__
 
 
 # -- stopping an export: SIGTERM or Ctrl-C unwinds it, so its pin is let go and its partial folder removed ------------
