@@ -175,6 +175,37 @@ def tokens(tmp_path):
     path = tmp_path / "tokens.json"
     return path, add_token(path, "robot", "robot-a")
 
+class SteppedClockRobot(SensorDropRobot):
+    """A robot stamping readings with its wall clock, which NTP steps back ``back_s`` at step ``back_at`` (None: it stops)."""
+
+    def __init__(self, back_at: int, back_s: float | None = 2.0):
+        super().__init__(nan_at=-1)
+        self.back_at, self.back_s = back_at, back_s
+
+    def step(self, action):
+        obs, reward, terminated, truncated, t = super().step(action)
+        if self.k >= self.back_at:
+            t = 0.1 * (self.back_at - 1) if self.back_s is None else t - self.back_s
+        return obs, reward, terminated, truncated, t
+
+
+def test_run_episode_keeps_the_steps_before_the_robot_clock_stepped_back(caplog):
+    """A robot stamping with its wall clock, stepped back by NTP mid-episode: finish() refused the whole episode (timestamps
+    must increase) and the error reached the control loop. The episode now ends (truncated) at the last step before it."""
+    from fleet.agent import run_episode
+    from fleet.agent.policy import Policy
+
+    policy, rec = Policy("v", lambda obs: np.zeros((len(obs), 1), np.float32)), EpisodeRecorder(robot_id="r", robot_model="arm")
+    ep = run_episode(SteppedClockRobot(back_at=6), policy, rec, seed=0)
+    assert ep.num_steps == 5 and ep.truncated.tolist() == [False] * 4 + [True] and np.allclose(ep.timestamp, 0.1 * np.arange(6))
+    assert "clock stepped back" in caplog.text
+    ep = run_episode(SteppedClockRobot(back_at=6, back_s=None), policy, rec, seed=0)  # the clock stood still: the same
+    assert ep.num_steps == 5
+    with pytest.raises(EpisodeValidationError, match="timestamp"):  # the first step already: no episode, the recorder clear
+        run_episode(SteppedClockRobot(back_at=1), policy, rec, seed=0)
+    assert rec.num_steps == 0 and run_episode(SteppedClockRobot(back_at=99), policy, rec, seed=0).num_steps == 10
+
+
 
 def test_server_down_then_robot_restart_then_server_back_nothing_lost(tmp_path, tokens):
     token_file, token = tokens

@@ -54,7 +54,9 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
     the episode at its last step; it is not recorded. The episode ends terminated when that step terminated (a bad
     release whose robot falls, its IMU reading NaN at the fall, still ends terminated, and SignedPolicySource.report_episode's
     first-episode health check sees the early termination), truncated otherwise. When that leaves no step (the reset's observation, or
-    the first step's), there is no episode: EpisodeValidationError, and the next call starts one as usual."""
+    the first step's), there is no episode: EpisodeValidationError, and the next call starts one as usual. A step stamped
+    no later than the one before (the robot's wall clock stepped back, NTP) ends the episode the same way, truncated
+    at its last step: the steps recorded so far are kept and in order."""
     extras = getattr(robot, "extras", None) or dict  # a robot that measures more than its observation (Robot.extras)
     obs, t = robot.reset(seed)
     if not np.isfinite(obs).all():
@@ -72,6 +74,16 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
             how = "terminated" if terminated else "truncated"
             log.warning("robot %s: NaN or infinite observation at %.9f s; the episode ends (%s) at its last step (%d)", robot.robot_id, t, how, recorder.num_steps)
             recorder.terminate() if terminated else recorder.truncate()  # a fall read as NaN still ends the episode terminated
+            break
+        if not float(t) > recorder.last_timestamp:  # the robot's clock stepped back (NTP) or stood still: the steps so far are kept
+            if not recorder.num_steps:
+                raise EpisodeValidationError("timestamp", f"robot {robot.robot_id}'s first step is stamped {t!r} s, not after its reset's {recorder.last_timestamp!r}: no step to record; stamp steps with a monotonic clock (time.monotonic())")
+            log.warning(
+                "robot %s: step stamped %.9f s, not after the last one (%.9f s): its clock stepped back or stood still; the episode ends (truncated) at its "
+                "last step (%d). Stamp steps with a monotonic clock (time.monotonic()) to keep whole episodes",
+                robot.robot_id, t, recorder.last_timestamp, recorder.num_steps,
+            )  # fmt: skip
+            recorder.truncate()  # cut, not ended by the task: this step (maybe a fall) is not recorded, and its clock no longer orders the steps
             break
         recorder.step(action, reward, obs, terminated, truncated, t, extras())
     return recorder.finish(policy_version=policy.version)

@@ -64,6 +64,13 @@ class EpisodeRecorder:
         self._term[-1] = True
 
     @property
+    def last_timestamp(self) -> float:
+        """The timestamp recorded last (the reset's before any step)."""
+        if not self._started:
+            raise RuntimeError("call reset(observation, timestamp) first")
+        return self._time[-1]
+
+    @property
     def num_steps(self) -> int:
         return len(self._action) if self._started else 0
 
