@@ -188,10 +188,11 @@ def test_foreign_lerobot_dataset_gets_real_source_and_stable_ids(store, tmp_path
     assert ep.truncated[-1] and not ep.terminated.any()
 
 
-def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: int = 0):
+def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: int = 0, back_at: int | None = None, back_ns: int = 0, recorder_back: bool = True, mcap: bool = False):
     """A ROS 2 bag: /joint_states (JointState, header stamps ``header_offset_ns`` off the recorder's log clock),
-    /arm/commands (Float64MultiArray, from step ``first_command`` on), /reward (Float64)."""
-    from rosbags.rosbag2 import Writer
+    /arm/commands (Float64MultiArray, from step ``first_command`` on), /reward (Float64). From step ``back_at`` on the
+    robot's clock is ``back_ns`` behind (NTP stepped it back), the recorder's too where ``recorder_back``."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
     ts = get_typestore(Stores.ROS2_HUMBLE)
@@ -200,14 +201,15 @@ def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: in
     pos, vel, cmd = r.standard_normal((steps + 1, 2)), r.standard_normal((steps + 1, 2)), r.standard_normal((steps, 2))
     t0 = 1_700_000_000 * 10**9
     stamp = lambda ns: T["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)  # noqa: E731
-    with Writer(path, version=9) as bag:
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP if mcap else StoragePlugin.SQLITE3) as bag:
         js = bag.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
         cm = bag.add_connection("/arm/commands", "std_msgs/msg/Float64MultiArray", typestore=ts)
         rw = bag.add_connection("/reward", "std_msgs/msg/Float64", typestore=ts)
         layout = T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
         for t in range(steps + 1):
-            ns = t0 + t * 50_000_000
-            header = T["std_msgs/msg/Header"](stamp=stamp(ns + header_offset_ns), frame_id="base")
+            back = back_ns if back_at is not None and t >= back_at else 0
+            robot_ns, ns = t0 + t * 50_000_000 - back, t0 + t * 50_000_000 - (back if recorder_back else 0)
+            header = T["std_msgs/msg/Header"](stamp=stamp(robot_ns + header_offset_ns), frame_id="base")
             msg = T["sensor_msgs/msg/JointState"](header=header, name=["a", "b"], position=pos[t], velocity=vel[t], effort=np.zeros(0))
             bag.write(js, ns + 1000, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
             if first_command <= t < steps:
@@ -299,6 +301,25 @@ def test_a_bag_stored_under_an_earlier_builds_name_re_imports_as_a_duplicate(tmp
     assert [e.metadata["x.rosbag"] for e in stored(tmp_path / "store").values()] == [old_name]  # stored as it was
     assert cli([str(a) for a in [*base, storage, "--source", "sim"]]) == 2  # other content still is refused, naming what differs
     assert "they differ in metadata 'source' 'real' stored, 'sim' imported; metadata 'x.rosbag'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mcap", [False, True])
+def test_a_bag_recorded_across_a_clock_step_back_is_refused_not_interleaved(tmp_path, mcap):
+    """A robot's clock stepped back 1.025 s (NTP) mid-recording: the import sorted the messages by time and stored its steps
+    interleaved ([20, 0, 21, 1, ...]: a clean-looking stream at twice the rate, every transition wrong), without a word.
+    Seen in the storage's own order (the recorder's clock) or in the header stamps (the robot's alone), it is refused."""
+    from fleet.interop.common import ImportOptions, InteropError
+    from fleet.interop.rosbag import import_rosbag
+
+    options = ImportOptions(robot_id="a", robot_model="b")
+    write_bag(tmp_path / "both", steps=40, back_at=20, back_ns=1_025_000_000, mcap=mcap)
+    with pytest.raises(InteropError, match=r"recorder's clock stepped back 0.975 s at message 20 on '/joint_states'.*two bags"):
+        import_rosbag(tmp_path / "both", options)
+    write_bag(tmp_path / "robot", steps=40, back_at=20, back_ns=1_025_000_000, recorder_back=False, mcap=mcap)
+    with pytest.raises(InteropError, match=r"header stamps on '/joint_states' step back 0.975 s at message 20"):
+        import_rosbag(tmp_path / "robot", options)
+    write_bag(tmp_path / "fine", steps=40, back_at=20, back_ns=10_000_000, mcap=mcap)  # a clock slewed, not stepped back: in order
+    assert import_rosbag(tmp_path / "fine", options)[0].num_steps == 40
 
 
 def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):
