@@ -100,6 +100,32 @@ def test_rollback_attack_replaying_older_metadata_is_refused(tmp_path, fleet):
     assert source.refusals == {"rollback": 1} and source.current().version == "2"
 
 
+def test_a_robot_clock_days_ahead_is_named_in_its_expiry_refusal_not_taken_for_a_frozen_registry(tmp_path, fleet, monkeypatch, caplog):
+    """A robot whose clock ran two days ahead read every fresh timestamp.json as expired and logged 'registry metadata
+    refused (freeze...)', the symptom of a replayed or stopped registry, while the fault was its own clock. TUF still
+    refuses (expiry is judged by the robot's clock), and the refusal and the status now say how far the clock is off."""
+    import datetime as dt
+    import types
+
+    registry, source = fleet
+    publish(registry, tmp_path, "v1")
+    ahead = dt.timedelta(days=2)
+
+    class _Ahead(dt.datetime):  # the robot's wall clock, for TUF's expiry check and the fetcher's Date reading
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + ahead
+
+    monkeypatch.setattr("tuf.ngclient._internal.trusted_metadata_set.datetime", types.SimpleNamespace(datetime=_Ahead, timezone=dt.timezone))
+    monkeypatch.setattr("fleet.registry.fetcher.time", types.SimpleNamespace(time=lambda: time.time() + ahead.total_seconds()))
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+        assert not source.poll() and source.refusals == {"freeze": 1} and source.current().version == "zero"
+    assert abs(source.status()["clock_ahead_s"] - 172_800) <= 2
+    assert "freeze" in caplog.text and "this robot's clock is 1728" in caplog.text and "s ahead of the registry server's" in caplog.text
+    monkeypatch.undo()  # NTP set the clock: the next poll installs the release
+    assert source.poll() and source.current().version == "1" and abs(source.status()["clock_ahead_s"]) <= 2
+
+
 def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("fleet.registry.tuf_repo.MIN_EXPIRY_S", 1.0)  # a 3 s timestamp, for a robot's real clock to see expire
     registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s={"timestamp": 3.0})

@@ -43,8 +43,10 @@ what they hand back is still verified as if it had come whole off the network:
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import re
+import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -86,6 +88,7 @@ class TokenFetcher(FetcherInterface):
         self._unsettled: dict[str, tuple[str, bytes]] = {}  # the same, read in the refresh under way: kept once it succeeds
         self.not_modified = 0  # polls answered 304
         self.resumed_bytes = 0  # bytes not downloaded again thanks to a range request
+        self.clock_ahead_s: float | None = None  # this clock minus the server's (its last answer's Date header); None: no Date yet
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if url in self.revalidate:
@@ -103,12 +106,23 @@ class TokenFetcher(FetcherInterface):
             response = send_bounded(self.client, self.client.build_request("GET", url, headers=headers), self.deadline_s)
         except httpx.HTTPError as exc:
             raise tuf_errors.DownloadError(f"GET {url}: {exc}") from None
+        self._note_server_clock(response)
         if response.status_code not in ok:
             response.close()
             raise tuf_errors.DownloadHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
         if response.status_code != 304:  # no body
             _refuse_coded(response)
         return response
+
+    def _note_server_clock(self, response: httpx.Response) -> None:
+        """Keep how far this clock is ahead of the server's, from the answer's Date header (whole seconds, unsigned: it
+        only explains a refusal, it decides nothing; a robot whose clock runs ahead reads fresh metadata as expired)."""
+        try:
+            served = email.utils.parsedate_to_datetime(response.headers["date"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return
+        if served.tzinfo is not None:
+            self.clock_ahead_s = time.time() - served.timestamp()
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:

@@ -59,6 +59,7 @@ MIN_FREE_BYTES = 64 << 20  # disk room a weights download leaves free on the rob
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
+CLOCK_SKEW_NOTE_S = 300.0  # a clock further off the registry server's than this is named in an expiry refusal
 _TUF_REASONS = (
     (tuf_errors.ExpiredMetadataError, "freeze"),
     (tuf_errors.BadVersionNumberError, "rollback"),
@@ -156,13 +157,14 @@ class SignedPolicySource:
         """The policy side of the robot's status: the version it runs (``policy_version``; 0: the fallback) and the one
         it trusts (``trusted_version``, its floor: they differ while the trusted weights are to be fetched again), swaps,
         refusals by reason, network trouble, since when its registry looks frozen (None: its metadata is fresh), polls
-        answered 304, bytes a resumed download did not fetch again, and polls that left a release undownloaded for want
-        of disk room (``pull_no_room``)."""
+        answered 304, bytes a resumed download did not fetch again, polls that left a release undownloaded for want of disk
+        room (``pull_no_room``), and how far this robot's clock is ahead of the registry server's (``clock_ahead_s``, from
+        its last answer's Date header; negative: behind; None before one)."""
         return {
             "policy_version": self._running, "trusted_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
             "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
             "pull_not_modified": self._fetcher.not_modified, "pull_resumed_bytes": self._fetcher.resumed_bytes,
-            "pull_no_room": self.no_room,
+            "pull_no_room": self.no_room, "clock_ahead_s": None if self._fetcher.clock_ahead_s is None else round(self._fetcher.clock_ahead_s),
         }  # fmt: skip
 
     def current(self) -> Policy:
@@ -185,7 +187,7 @@ class SignedPolicySource:
             self.trust.refusals[reason] += 1
             if reason == "freeze" and self.frozen_since is None:
                 self.frozen_since = time.time()
-            log.warning("robot %s: registry metadata refused (%s: %s); keeping %s", self.robot_id, reason, exc, self._policy.version)
+            log.warning("robot %s: registry metadata refused (%s: %s)%s; keeping %s", self.robot_id, reason, exc, self._clock_note() if reason == "freeze" else "", self._policy.version)
         except tuf_errors.DownloadLengthMismatchError as exc:
             self.trust.refusals["size"] += 1
             log.warning("robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
@@ -212,7 +214,17 @@ class SignedPolicySource:
         self.frozen_since = time.time()
         role, expires = expired
         log.warning("robot %s: the registry's %s metadata this robot trusts expired at %s and no fresh metadata could be fetched: "
-                    "the registry looks frozen (blocked, or its signer down); keeping %s", self.robot_id, role, expires.isoformat(), self._policy.version)  # fmt: skip
+                    "the registry looks frozen (blocked, or its signer down)%s; keeping %s", self.robot_id, role, expires.isoformat(), self._clock_note(), self._policy.version)  # fmt: skip
+
+    def _clock_note(self) -> str:
+        """What to add to an expiry refusal when this robot's clock is off the server's by more than CLOCK_SKEW_NOTE_S: a
+        robot whose clock runs a day ahead reads every fresh timestamp.json as expired, and the refusal then read as a frozen
+        registry (an attack, or a stopped signer) while the fix is the robot's clock."""
+        ahead = self._fetcher.clock_ahead_s
+        if ahead is None or abs(ahead) <= CLOCK_SKEW_NOTE_S:
+            return ""
+        return (f": this robot's clock is {abs(ahead):.0f} s {'ahead of' if ahead > 0 else 'behind'} the registry server's (its Date header), "
+                "and TUF judges expiry by this robot's clock; set the robot's clock (NTP) if the server's is right")  # fmt: skip
 
     def _refresh(self) -> Updater:
         """TUF's refresh (root chain, timestamp, snapshot, targets); the fetcher keeps the timestamp.json it read for
