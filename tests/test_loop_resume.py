@@ -251,3 +251,21 @@ def test_a_run_folder_moved_or_copied_resumes_from_its_own_files(tmp_path):
     state["current"]["export"] = str(export)
     (tmp_path / "moved" / "state.json").write_text(json.dumps(state))
     assert flywheel(tmp_path / "moved").state["current"]["export"] == str(tmp_path / "moved" / "policies/iter000/export")
+
+
+def test_a_first_canary_left_by_an_interrupted_iteration_stays_on_its_cohort(tmp_path, caplog):
+    """With no stable version, settling once 'rolled back' the canary by clearing it; robot-0 kept running it all the same.
+    The registry now refuses that rollback, and the resume says the cohort keeps the canary until the redo's release."""
+    import logging
+
+    run = tmp_path / "run"
+    registry = open_registry(run / "registry", run / "keys" / "online.pem", root_keys=[run / "keys" / f"root-{i}.pem" for i in (1, 2, 3)])
+    weights, manifest = exported(tmp_path, "p")
+    registry.publish(weights, policy=manifest, **SPEC, cohort=["robot-0"], note="iteration 0")
+    (run / RELEASE_FILE).write_text(json.dumps({"iteration": 0, "export": str(tmp_path / "p")}))
+    fw = flywheel(run)
+    fw.svc = types.SimpleNamespace(registry=registry)
+    with caplog.at_level(logging.WARNING, logger="fleet.pipeline.loop"):
+        fw._settle_release()
+    assert "no stable version to return its cohort to, so it stays on robot-0" in caplog.text
+    assert (registry.rollout()["canary"], registry.rollout()["stable"]) == (1, None) and not (run / RELEASE_FILE).exists()

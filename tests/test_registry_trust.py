@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from fleet.registry.store import RegistryError, open_registry
+from fleet.registry.store import RegistryError, RolloutRefused, open_registry
 from fleet.registry.trust import PolicyRejected, PolicyTrust
 
 SPEC = {"robot_model": "pendulum", "obs_dim": 4, "act_dim": 1}
@@ -68,7 +68,7 @@ def test_malformed_manifests_are_refused(tmp_path, registry):
 def test_mix_and_match_spec_is_refused(tmp_path, registry):
     trust = robot(tmp_path)
     for spec in ({"robot_model": "ant", "obs_dim": 4, "act_dim": 1}, {**SPEC, "obs_dim": 5}, {**SPEC, "act_dim": 2}):
-        manifest = registry.publish(b"w", **spec)
+        manifest = registry.publish(b"w", **spec, spec_change=True)  # past the registry's own check (a fleet moving to other robots)
         with pytest.raises(PolicyRejected, match="does not fit this robot") as err:
             trust.check(manifest)
         assert err.value.reason == "spec"
@@ -133,8 +133,11 @@ def test_rollback_republishes_the_last_good_weights_as_a_newer_version(tmp_path,
     assert [h["event"] for h in registry.rollout()["history"]] == ["stable", "canary", "stable", "rolled_back"]
 
 
-def test_rolling_back_a_first_canary_leaves_no_policy(registry):
+def test_rolling_back_a_first_canary_is_refused_saying_what_to_do(registry):
+    """It answered None and cleared the canary, while robot-0 went on running the version said to be rolled back."""
     registry.publish(b"v1-weights", cohort=["robot-0"], **SPEC)
-    assert registry.rollback("first canary regressed") is None
-    assert registry.latest_for("robot-0") is None and registry.rollout()["canary"] is None
-    assert [h["event"] for h in registry.rollout()["history"]] == ["canary", "rolled_back"]
+    with pytest.raises(RolloutRefused, match=r"no stable version to return to \(none was ever released to every robot\): the canary's cohort \(robot-0\) would keep running v1") as refused:
+        registry.rollback("first canary regressed")
+    assert refused.value.code == "no_stable" and "robot-0" in str(refused.value) and "POST /v1/policies without a cohort" in str(refused.value)
+    assert registry.rollout()["canary"] == 1 and registry.latest_for("robot-0")["version"] == 1  # the registry says what robot-0 runs
+    assert [h["event"] for h in registry.rollout()["history"]] == ["canary"]

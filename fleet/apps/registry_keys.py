@@ -6,6 +6,7 @@
     flywheel-registry rotate --dir runs/fleet/registry --root-key r1.pem --root-key r2.pem --new-root-key n1.pem --new-root-key n2.pem --threshold 2
     flywheel-registry show   --dir runs/fleet/registry
     flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem [--release-key release.pem] [--expiry-s timestamp=3600]   # static hosting: re-sign, then upload <dir>/tuf
+    flywheel-registry rollback --server URL --to N --reason TEXT   # the whole fleet back to version N's weights (fleet/apps/registry_rollback.py)
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
@@ -23,6 +24,10 @@ timestamp's life (1 day by default), e.g. hourly, then upload ``<dir>/tuf`` agai
 role lifetimes recorded in the registry (``<dir>/tuf/expiry_s.json``: the last setting a signer
 recorded, a server's ``fleet.registry.expiry_s`` or ``--expiry-s`` here; the defaults where none is),
 as every signer of the registry does; ``--expiry-s ROLE=SECONDS`` records a new setting first.
+
+``rollback`` is the on-call operator's, not a ceremony: it returns the fleet to a known-good version through a fleet
+server (``--server``, a publisher token) or where the registry and its release key are (``--dir``); see
+``flywheel-registry rollback --help`` and docs/security.md, "Rolling the fleet back".
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import os
 import sys
 from pathlib import Path
 
+from fleet.apps import registry_rollback
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
 from fleet.registry.tuf_repo import (
@@ -61,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--threshold", type=int, help="root keys that must sign a root version")
         if name == "rotate":
             cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
+    registry_rollback.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "rollback":
+        return registry_rollback.run(args)
     tuf_dir = f"{args.dir.rstrip('/')}/tuf"  # a directory or s3://bucket/prefix (a Path would turn s3:// into s3:/)
     resigned = []  # online roles a rotation re-signed with the new online key
     try:

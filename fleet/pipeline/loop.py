@@ -32,6 +32,7 @@ from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services, run_id_of
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement, policy_cpus, world_model_cpus
+from fleet.registry.store import RolloutRefused
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_id, record_run_settings
 from policies.checkpoint import discard_checkpoint
 from policies.trainer import first_update, steps_trained
@@ -328,7 +329,12 @@ class Flywheel:
         registry, k = self.svc.registry, int(marker["iteration"])
         rollout, note = registry.rollout(), f"iteration {k}"
         current = (self.state["current"] or {}).get("version")
-        if rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note:
+        if rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note and rollout["stable"] is None:
+            log.warning(  # the registry refuses to roll back a first release (its cohort would keep running it, unsaid)
+                "iteration %d's canary v%d was left by an interrupted run; there is no stable version to return its cohort to, so it "
+                "stays on %s until the redone iteration's release replaces it", k, rollout["canary"], ", ".join(rollout["cohort"]),
+            )  # fmt: skip
+        elif rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note:
             registry.rollback(f"the run stopped during iteration {k}'s canary; the iteration is redone")
             log.warning("iteration %d's canary v%d was left by an interrupted run: rolled back; redoing the iteration", k, rollout["canary"])
         elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note and marker["export"] is None:
@@ -501,7 +507,7 @@ class Flywheel:
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         if released and released.get("canary_reason"):
             self.progress.note(f"iteration {k}: canary v{released['version']} {released['stage']}: {released['canary_reason']}")
-        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "widened": 2.0, "released": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
+        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "canary kept": 1.0, "widened": 2.0, "released": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
         horizon = f"{self.task.max_steps}_steps"  # telemetry's return is over episode_steps, the gate's evaluations over the task's limit
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", f"return_{s.episode_steps}_steps", f"candidate_eval_{horizon}", f"current_eval_{horizon}"], [
             [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
@@ -566,7 +572,14 @@ class Flywheel:
             judged = {"canary_returns": verdict.per_robot, "canary_reason": verdict.reason}  # what widened or rolled back, and on what
             if verdict.action != "widen":  # regressed, or never reported on the new version
                 reason = verdict.reason if verdict.action == "rollback" else f"canaries did not report on v{version}: {verdict.reason}"
-                svc.registry.rollback(reason, canary=version)  # this iteration's canary, not one published meanwhile
+                try:
+                    svc.registry.rollback(reason, canary=version)  # this iteration's canary, not one published meanwhile
+                except RolloutRefused as exc:
+                    if exc.code != "no_stable":
+                        raise
+                    # a first release: no stable version to return the canaries to, so they keep it (and the registry says so)
+                    log.warning("iteration %d: canary v%d %s, but there is no stable version to return %s to: they keep it until a release replaces it", k, version, verdict.reason, canaries)
+                    return {"stage": "canary kept", "version": version, "reason": f"{verdict.reason}; no stable version to return to", "canaries": canaries, **judged}
                 return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries, **judged}
             svc.registry.widen(version)
         else:

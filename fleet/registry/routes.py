@@ -7,7 +7,9 @@
     POST /v1/policies              publisher token: publish (JSON body, weights base64; a cohort: a canary)
     GET  /v1/rollout               publisher token: stable, canary, cohort and the rollout's history
     POST /v1/rollout/widen         publisher token: the canary becomes stable for every robot
-    POST /v1/rollout/rollback      publisher token: end the canary, {"reason"?}; the stable weights republished
+    POST /v1/rollout/rollback      publisher token: end the canary, {"reason"?, "version"?}: the stable weights republished;
+                                   or {"to": N, "reason"?, "version"?}: version N's weights republished as the new
+                                   stable version for every robot, the stable one (and any canary) withdrawn
 
 Both GET routes answer HEAD too, and carry a strong ETag, Cache-Control per file kind,
 If-None-Match (304) and Range / If-Range (206, 416): fleet/registry/http_cache.py. They read the
@@ -27,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from fleet.registry import http_cache
-from fleet.registry.store import CanaryChanged, NoCanary, PolicyRegistry, PublishRefused
+from fleet.registry.store import CanaryChanged, NoCanary, PolicyRegistry, PublishRefused, RolloutRefused
 from fleet.registry.tuf_repo import OnlineKeyRotated, RegistryCorrupted, ReleaseKeyMissing
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
@@ -100,11 +102,14 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
         except EpisodeValidationError as exc:
             raise ApiError(400, "bad_publish", f"the body is not JSON: {exc.reason}", None) from None
         weights, fields, extra, cohort = _parse_publish(body)
+        spec_change = body.get("spec_change", False)
+        if not isinstance(spec_change, bool):
+            raise ApiError(400, "bad_publish", "spec_change: true (the whole fleet moves to this robot_model, obs_dim, act_dim) or false", "spec_change")
         _check_sensor_offsets(extra.get("sensor_offsets", {}), fields["obs_dim"])
         _check_body_contexts(extra.get("body_contexts", {}), extra.get("policy"))
         _check_sensor_filters(extra.get("sensor_filters", {}), fields["obs_dim"], fields["act_dim"])
         try:
-            manifest = await run_in_threadpool(_signing, lambda: registry.publish(weights, cohort=cohort, **fields, **extra))
+            manifest = await run_in_threadpool(_signing, lambda: registry.publish(weights, cohort=cohort, spec_change=spec_change, **fields, **extra))
         except PublishRefused as exc:  # checked before anything is signed (a robot would load it): nothing was published
             field = "weights_b64" if exc.field == "weights" else exc.field  # the body's name for the weights
             raise ApiError(400, "bad_publish", f"{field}: {exc.reason}", field) from None
@@ -127,11 +132,11 @@ def policy_router(registry: PolicyRegistry, tokens: TokenRegistry, body_timeout_
     async def rollback(request: Request):
         tokens.require(request.headers.get("authorization"), "publisher")
         await _require_release(registry)
-        body = await _rollout_body(request, body_timeout_s, ("reason", "version"))
+        body = await _rollout_body(request, body_timeout_s, ("reason", "version", "to"))
         reason = body.get("reason", "rolled back by a publisher")
         if not isinstance(reason, str) or len(reason) > MAX_REASON or any(not c.isprintable() for c in reason):
             raise ApiError(400, "bad_rollback", f"reason: printable text of at most {MAX_REASON} characters (it goes into every robot's manifest)", "reason")
-        manifest = await run_in_threadpool(_rollout_change, lambda: registry.rollback(reason, body.get("version")))
+        manifest = await run_in_threadpool(_rollout_change, lambda: registry.rollback(reason, body.get("version"), to=body.get("to")))
         return JSONResponse({"manifest": manifest, **await run_in_threadpool(registry.rollout)})
 
     return router
@@ -155,7 +160,8 @@ def _signing(change):
 
 
 async def _rollout_body(request: Request, timeout_s: float, fields: tuple[str, ...]) -> dict:
-    """A widen's or rollback's body: empty, or a JSON object of ``fields`` (``version``: the canary judged, an integer)."""
+    """A widen's or rollback's body: empty, or a JSON object of ``fields`` (``version``: the canary judged, or with ``to``
+    the stable version judged; ``to``: the version a rollback returns the fleet to; each an integer >= 1)."""
     raw = await read_body(request, 1 << 12, timeout_s)
     try:
         body = await run_in_threadpool(loads_bounded, raw or b"{}", "<body>")
@@ -165,18 +171,23 @@ async def _rollout_body(request: Request, timeout_s: float, fields: tuple[str, .
         raise ApiError(400, "bad_rollout", f"the body must be empty or a JSON object of {', '.join(fields)}", None)
     if "version" in body and (type(body["version"]) is not int or body["version"] < 1):
         raise ApiError(400, "bad_rollout", "version: the canary's version you judged, an integer >= 1", "version")
+    if "to" in body and (type(body["to"]) is not int or body["to"] < 1):
+        raise ApiError(400, "bad_rollout", "to: the version whose weights the whole fleet returns to, an integer >= 1", "to")
     return body
 
 
 def _rollout_change(change):
     """``change()`` (widen, rollback): 409 ``no_canary`` without one, 409 ``canary_changed`` when another replaced the
-    one judged; 403 or 503 when a key rotation took its signing off this server while it ran (:func:`_signing`)."""
+    one judged; a :class:`RolloutRefused` as its code says, 400 for a version never published (``unknown_version``), else
+    409; 403 or 503 when a key rotation took its signing off this server while it ran (:func:`_signing`)."""
     try:
         return _signing(change)
     except NoCanary as exc:
         raise ApiError(409, "no_canary", str(exc), None) from None
     except CanaryChanged as exc:
         raise ApiError(409, "canary_changed", str(exc), "version") from None
+    except RolloutRefused as exc:
+        raise ApiError(400 if exc.code == "unknown_version" else 409, exc.code, str(exc), exc.field) from None
 
 
 def _parse_publish(body) -> tuple[bytes, dict, dict, list[str] | None]:

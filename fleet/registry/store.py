@@ -9,7 +9,10 @@ Layout under ``<root>``, a local directory or ``s3://bucket/prefix`` (fleet/regi
 
 Rollout: a new version goes to the canary cohort first; ``widen()`` makes it stable for all,
 ``rollback()`` republishes the last stable weights under a new, higher version (robots never
-accept a lower version) and ends the canary. Every change is one TUF publication (targets,
+accept a lower version) and ends the canary; ``rollback(to=N)`` returns the whole fleet to version
+N's weights the same way, a stable release withdrawn (docs/security.md, "Rolling the fleet back").
+A version that left the listing is read from the files the registry keeps (fleet/registry/kept.py).
+Every change is one TUF publication (targets,
 snapshot, then timestamp: the commit). Every change is made on the newest published state and
 redone on the new one when another writer (a server replica on another host) committed first
 (TufRepository.change): two replicas never both publish version N. The registry serves; W&B only
@@ -32,13 +35,18 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Snapshot, Targets, Timestamp
 
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
-from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
+from fleet.registry.kept import NotKept, has_kept_manifest, kept_manifest, kept_weights
+from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, sha256_hex, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
-from fleet.registry.tuf_repo import ReleaseKeyMissing, TufRepository
+from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing, TufRepository
 from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the stable and canary ones
+CHOICES_CHECKED = 16  # versions no longer listed whose kept files a refusal looks for, newest first, when it names the choices
+RELEASED = ("stable", "canary")  # the history's events of a version published
+REPUBLISHED = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts", "sensor_filters")  # what a rollback sends out again
+SPEC = ("robot_model", "obs_dim", "act_dim")
 
 
 class RegistryError(ValueError):
@@ -55,7 +63,20 @@ class NoCanary(RegistryError):
 
 
 class CanaryChanged(RegistryError):
-    """A widen or rollback of a canary that is no longer the one running (another publisher's replaced it)."""
+    """A widen or rollback naming a canary that is not the one running: another publisher's replaced it, or the version
+    named is no canary (never published, the stable version, one ended before); the text says which."""
+
+
+class RolloutRefused(RegistryError):
+    """A rollback refused before anything is signed. ``code`` (the HTTP answer's error) says why: ``unknown_version``
+    (``to`` was never published here), ``not_the_canary`` (``to`` is the canary: widen it instead), ``no_stable`` (a
+    canary with no stable version to return to), ``stable_changed`` (the stable version judged is no longer the stable
+    one), ``nothing_to_do`` (the fleet runs that version's weights already), ``unavailable`` (its files gone, not as the
+    registry wrote them, or for other robots than the fleet's). ``field``: the body's field to change, or None."""
+
+    def __init__(self, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.field = code, field
 
 
 class PublishRefused(RegistryError):
@@ -149,17 +170,57 @@ class PolicyRegistry:
 
     def _no_canary(self, action: str, judged: int | None) -> NoCanary:
         """What became of the last canary: a widen or rollback repeated (its answer lost) or beaten by another replica's is
-        told so, not to start a canary (a retry that publishes again would send new weights)."""
+        told so, not to start a canary (a retry that publishes again would send new weights). A rollback is told how to roll
+        back the stable version instead, and to which versions."""
         ended = next((e for e in reversed(self._history()) if e.get("event") in ("widened", "rolled_back") and (judged is None or e.get("version") == judged)), None)
-        if ended is None:
-            return NoCanary(f"no canary to {action}: start one with POST /v1/policies and a cohort")
-        done = "widened to the whole fleet" if ended["event"] == "widened" else "rolled back"
-        return NoCanary(f"no canary to {action}: v{ended['version']} was already {done} (at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(ended.get('at', 0)))} UTC); nothing to do")
+        if ended is not None and ended["event"] == "rolled_back":
+            return NoCanary(f"no canary to {action}: v{ended['version']} was already rolled back (at {_when(ended)} UTC); nothing to do")
+        if ended is not None:
+            why = f"no canary to {action}: v{ended['version']} was already widened to the whole fleet (at {_when(ended)} UTC)"
+        else:
+            why = f"no canary to {action}: start one with POST /v1/policies and a cohort"
+        if action != "roll back":
+            return NoCanary(why + ("; nothing to do" if ended is not None else ""))
+        stable = self._state()["stable"]
+        if stable is None:
+            return NoCanary(f"{why}; nothing was released to every robot yet")
+        return NoCanary(f"{why}. To roll back the stable version v{stable}, send {{\"to\": N, \"reason\": ...}} (`flywheel-registry rollback --to N`): {self._choices_text()}")
 
     def _recorded_versions(self) -> list[int]:
         """Every version the rollout's history records: a version number is never given twice, even where the published
         targets were pointed back to older ones (robots that ran the first would refuse the second: replay)."""
         return [e["version"] for e in self._history() if type(e.get("version")) is int]
+
+    def published_versions(self) -> list[int]:
+        """Every version published here, listed or not: those listed, and those the history records a release of."""
+        released = (e["version"] for e in self._history() if e.get("event") in RELEASED and type(e.get("version")) is int)
+        return sorted({*self.versions(), *released})
+
+    def rollback_choices(self) -> list[int]:
+        """The versions a refusal offers to roll the fleet back to (``rollback(to=N)``), newest first: versions the whole
+        fleet ran (released or widened to every robot; a listed one the history does not name: imported), neither the
+        stable version nor one withdrawn (recorded ``rolled_back``), with their files: listed, or kept (the newest
+        CHOICES_CHECKED of those no longer listed are looked for; an older one, named, is checked then). Any version
+        published here may be named; a canary never widened is only not offered."""
+        state, history = self._state(), self._history()
+        withdrawn = {e.get("version") for e in history if e.get("event") == "rolled_back"}
+        fleet_wide = {e.get("version") for e in history if e.get("event") in ("stable", "widened")}
+        named = {e.get("version") for e in history}
+        listed = set(self.versions())
+        candidates = [
+            v for v in reversed(self.published_versions())
+            if v not in (state["stable"], state["canary"]) and v not in withdrawn and (v in fleet_wide or v not in named)
+        ]  # fmt: skip
+        unlisted = [v for v in candidates if v not in listed][:CHOICES_CHECKED]
+        kept = {v for v in unlisted if has_kept_manifest(self.repo.files, v)}
+        return [v for v in candidates if v in listed or v in kept]
+
+    def _choices_text(self) -> str:
+        """The versions to roll back to, for a refusal's text."""
+        choices = self.rollback_choices()
+        if not choices:
+            return "no other version published here can be rolled back to (publish a known-good policy with POST /v1/policies)"
+        return "N one of " + ", ".join(f"v{v}" for v in choices)
 
     def _state(self) -> dict:
         return self._published_json(ROLLOUT_TARGET) or {"stable": None, "canary": None, "cohort": []}
@@ -169,16 +230,33 @@ class PolicyRegistry:
         return sorted(int(p.split("/")[1]) for p in self.repo.target_listing() if p.startswith("policies/") and p.endswith("/manifest.json"))
 
     def manifest(self, version: int) -> dict:
-        manifest = self._published_json(manifest_target(version))
-        if manifest is None:
-            raise RegistryError(f"no policy version {version}; published: {self.versions()}")
-        return manifest
+        """Version ``version``'s manifest: listed, or, for a version no longer listed, read from the files the registry
+        keeps and checked (fleet/registry/kept.py). RegistryError if it was never published or its files are gone or altered."""
+        return self._release(version, with_weights=False)[0]
 
     def weights(self, version: int) -> bytes:
-        data = self.repo.listed_bytes(weights_target(version))
-        if data is None:
-            raise RegistryError(f"no weights for policy version {version}")
-        return data
+        """Version ``version``'s weights, from the listing or the kept files (checked against its manifest), as :meth:`manifest`."""
+        return self._release(version)[1]
+
+    def _release(self, version: int, with_weights: bool = True) -> tuple[dict, bytes | None]:
+        """(manifest, weights or None) of ``version``; RegistryError (NotKept's text) where it cannot be read as published."""
+        manifest = self._published_json(manifest_target(version))
+        if manifest is not None:
+            weights = self.repo.listed_bytes(weights_target(version)) if with_weights else None
+            if with_weights and weights is None:
+                raise RegistryError(f"no weights for policy version {version}")
+            return manifest, weights
+        if version not in self.published_versions():
+            raise RegistryError(f"no policy version {version}; published: {self.published_versions()}")
+        try:
+            manifest = kept_manifest(self.repo.files, version, self._recorded_sha256(version))
+            return manifest, kept_weights(self.repo.files, manifest) if with_weights else None
+        except NotKept as exc:
+            raise RegistryError(str(exc)) from None
+
+    def _recorded_sha256(self, version: int) -> str | None:
+        """The sha256 of ``version``'s manifest as the history recorded it at its release (None: a release of an earlier build)."""
+        return next((e.get("manifest_sha256") for e in self._history() if e.get("version") == version and e.get("event") in RELEASED), None)
 
     def latest_for(self, robot_id: str) -> dict | None:
         """The manifest this robot should run (canary-aware), or None before any release."""
@@ -186,10 +264,14 @@ class PolicyRegistry:
         return None if version is None else self.manifest(version)
 
     # -- changes --------------------------------------------------------------------------
-    def publish(self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, **fields) -> dict:
+    def publish(
+        self, weights: bytes, *, robot_model: str, obs_dim: int, act_dim: int, cohort: list[str] | None = None, spec_change: bool = False, **fields,
+    ) -> dict:  # fmt: skip
         """Publish a new version (a canary for a non-empty ``cohort``, else stable); returns its manifest.
         :class:`PublishRefused` (nothing signed) for a release robots would refuse: a field JSON cannot carry, a
-        manifest or rollout larger than robots read, or a ``policy`` (export manifest) robots would not load the weights with."""
+        manifest or rollout larger than robots read, a ``policy`` (export manifest) robots would not load the weights with,
+        or a release for other robots than the stable version's (``robot_model``, ``obs_dim``, ``act_dim``: every robot
+        would refuse it while the registry says the fleet runs it) unless ``spec_change`` says the fleet moves to them."""
         self.require_release()
         if cohort is not None and (isinstance(cohort, (str, bytes)) or not all(isinstance(r, str) for r in cohort)):
             raise PublishRefused("cohort", f"must be a list of robot ids (or empty for a stable release), got {type(cohort).__name__}")
@@ -197,31 +279,36 @@ class PolicyRegistry:
             signable_json(key, value, key)
         if fields.get("policy"):  # the export manifest robots load the weights with (a rollback's own, as published)
             _check_loads(fields["policy"], weights, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim)
+        spec = {"robot_model": robot_model, "obs_dim": obs_dim, "act_dim": act_dim}
 
         def edit() -> dict:
             version = max([*self.versions(), *self._recorded_versions()], default=0) + 1  # never a number released before
-            manifest = build_manifest(version=version, robot_model=robot_model, obs_dim=obs_dim, act_dim=act_dim, weights=weights, **fields)
+            manifest = build_manifest(version=version, weights=weights, **spec, **fields)
             state = self._state()
+            if state["stable"] is not None and not spec_change:
+                _check_spec(self.manifest(state["stable"]), spec)
             if cohort:
                 state.update(canary=version, cohort=sorted(cohort))
             else:
                 state.update(stable=version, canary=None, cohort=[])
-            files = {manifest_target(version): signable_json("the manifest", manifest, _largest(fields)), weights_target(version): weights}
-            self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable"})
+            data = signable_json("the manifest", manifest, _largest(fields))
+            files = {manifest_target(version): data, weights_target(version): weights}
+            self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable", "manifest_sha256": sha256_hex(data)})
             return manifest
 
         return self.repo.change(edit)
 
     def widen(self, canary: int | None = None) -> int:
         """Promote the canary to stable for the whole fleet; returns its version. ``canary``: the version the caller
-        judged; :class:`CanaryChanged` if another has replaced it since (it would go to every robot untried)."""
+        judged; :class:`CanaryChanged` if another has replaced it since (it would go to every robot untried), and
+        :class:`RolloutRefused` if it is no canary at all (never published, the stable version, one ended before)."""
         self.require_release()
 
         def edit() -> int:
             state = self._state()
             if state["canary"] is None:
                 raise self._no_canary("widen", canary)
-            _same_canary(state, canary)
+            self._same_canary(state, canary)
             version = state["canary"]
             state.update(stable=version, canary=None, cohort=[])
             self._publish(state, {}, {"version": version, "event": "widened"})
@@ -229,34 +316,116 @@ class PolicyRegistry:
 
         return self.repo.change(edit)
 
-    def rollback(self, reason: str, canary: int | None = None) -> dict | None:
-        """End the canary; republish the last stable weights as a new version for everyone. ``canary``: the version
-        the caller judged (:class:`CanaryChanged` if another replaced it).
+    def rollback(self, reason: str, canary: int | None = None, *, to: int | None = None) -> dict:
+        """Withdraw a release: known-good weights go out again under a new, higher stable version for the whole fleet
+        (robots never accept a lower one), and any canary ends. Returns the new manifest.
 
-        Returns the new manifest (None when there was no stable version to return to).
-        """
+        Without ``to``: the canary is withdrawn and the stable version's weights go out again; ``canary`` names the canary
+        the caller judged. With ``to`` (an operator returning the fleet to version ``to``: docs/security.md, "Rolling the
+        fleet back"): the stable version, and the canary if one runs, are withdrawn and ``to``'s weights and manifest
+        fields go out again, read from the listing or, for a version no longer listed, from the files the registry keeps
+        (checked first: fleet/registry/kept.py); ``canary`` then names the version the caller judged, the canary where
+        one runs, else the stable version. Each version withdrawn is recorded ``rolled_back`` with ``reason``, ``to`` and
+        the new version (``as``). Nothing is signed where :class:`NoCanary`, :class:`CanaryChanged` or
+        :class:`RolloutRefused` says why not: among them a canary with no stable version to return to (its robots would
+        keep running it: publish a known-good policy, or roll back ``to`` an earlier version)."""
         self.require_release()
 
-        def edit() -> dict | None:
+        def edit() -> dict:
             state = self._state()
-            if state["canary"] is None:
-                raise self._no_canary("roll back", canary)
-            _same_canary(state, canary)
-            bad, stable = state["canary"], state["stable"]
-            manifest = None
-            if stable is not None:  # a new stable version carrying the old weights (publish ends the canary)
-                old = self.manifest(stable)
-                keep = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts", "sensor_filters")
-                manifest = self.publish(
-                    self.weights(stable), robot_model=old["robot_model"], obs_dim=old["obs_dim"], act_dim=old["act_dim"],
-                    **{k: old[k] for k in keep if k in old}, note=f"rollback of v{bad} to the weights of v{stable}: {reason}",
-                )  # fmt: skip
-                self._record({"version": bad, "event": "rolled_back", "reason": reason})
+            if to is not None:
+                withdrawn, old, weights = self._stable_rollback(state, to, canary)
+                good = to
             else:
-                self._publish({**state, "canary": None, "cohort": []}, {}, {"version": bad, "event": "rolled_back", "reason": reason})
+                if state["canary"] is None:
+                    raise self._no_canary("roll back", canary)
+                self._same_canary(state, canary)
+                if state["stable"] is None:
+                    earlier = f", or roll back to an earlier version ({{\"to\": N}}): {self._choices_text()}" if self.rollback_choices() else ""
+                    raise RolloutRefused(
+                        "no_stable",
+                        f"no stable version to return to (none was ever released to every robot): the canary's cohort ({', '.join(state['cohort'])}) "
+                        f"would keep running v{state['canary']}. Publish a known-good policy as stable (POST /v1/policies without a cohort){earlier}",
+                    )  # fmt: skip
+                withdrawn, good = [state["canary"]], state["stable"]
+                old, weights = self._release(good)
+            # publish makes it the stable version, which ends the canary
+            labels = [f"canary v{v}" if v == state["canary"] and to is not None else f"v{v}" for v in withdrawn]
+            manifest = self.publish(
+                weights, **{k: old[k] for k in SPEC}, **{k: old[k] for k in REPUBLISHED if k in old},
+                note=f"rollback of {' and '.join(labels)} to the weights of v{good}: {reason}",
+            )  # fmt: skip
+            for version in withdrawn:
+                self._record({"version": version, "event": "rolled_back", "reason": reason, "to": good, "as": manifest["version"]})
             return manifest
 
         return self.repo.change(edit)
+
+    def _stable_rollback(self, state: dict, to: int, judged: int | None) -> tuple[list[int], dict, bytes]:
+        """What ``rollback(to=...)`` withdraws (the stable version, and the canary if one runs) and ``to``'s manifest and
+        weights, or :class:`RolloutRefused` / :class:`CanaryChanged` saying why it may not."""
+        stable, running = state["stable"], state["canary"]
+        if to not in self.published_versions():
+            raise RolloutRefused("unknown_version", f"to: v{to} was never published here; {self._choices_text()}", "to")
+        if running is not None:
+            self._same_canary(state, judged)
+        elif judged is not None and judged != stable:
+            raise self._stable_changed(judged, stable, to)
+        if to == running:
+            raise RolloutRefused("not_the_canary", f"to: v{to} is the canary: to give it to every robot, widen it (POST /v1/rollout/widen {{\"version\": {to}}})", "to")
+        if to == stable and running is None:
+            raise RolloutRefused(
+                "nothing_to_do", f"to: v{to} is the stable version, which every robot runs already: nothing to do. To roll it back, send "
+                f"{{\"to\": N}}: {self._choices_text()}", "to",
+            )  # fmt: skip
+        try:
+            old, weights = self._release(to)
+        except (RegistryError, RegistryCorrupted, FileNotFoundError) as exc:  # kept files gone or altered; listed ones too
+            raise RolloutRefused("unavailable", f"to: v{to} cannot be sent out again: {exc}; {self._choices_text()}", "to") from None
+        if stable is not None and stable != to:
+            current = self.manifest(stable)
+            if any(current[k] != old[k] for k in SPEC):
+                raise RolloutRefused(
+                    "unavailable", f"to: v{to} is for {_spec_text(old)}, the fleet's stable v{stable} for {_spec_text(current)}: every robot would "
+                    f"refuse it; {self._choices_text()}", "to",
+                )  # fmt: skip
+            if running is None and current["weights"]["sha256"] == old["weights"]["sha256"]:
+                note = current.get("note") or "no note"
+                raise RolloutRefused("nothing_to_do", f"to: the stable version v{stable} carries the weights of v{to} already ({note}): nothing to do", "to")
+        return [v for v in (stable, running) if v is not None and v != to], old, weights
+
+    def _stable_changed(self, judged: int, stable: int | None, to: int) -> RolloutRefused:
+        """A stable rollback that names (``version``) another stable version than the one published: one this rollback
+        made already (a retry whose answer was lost), or one another publisher replaced since."""
+        done = next((e for e in reversed(self._history()) if e.get("event") == "rolled_back" and e.get("version") == judged), None)
+        if done is not None and done.get("to") == to:
+            again = f"v{judged} was already rolled back to the weights of v{to} (as v{done.get('as')}, at {_when(done)} UTC); nothing to do"
+            return RolloutRefused("nothing_to_do", again, "version")
+        runs = f"the fleet runs v{stable} now (another publisher released it, or it was rolled back since): judge v{stable} before rolling it back"
+        return RolloutRefused("stable_changed", f"version: v{judged} is not the stable version; {runs if stable is not None else 'no version is stable'}", "version")
+
+    def _same_canary(self, state: dict, judged: int | None) -> None:
+        """Nothing where the canary is the version the caller judged (or none was named); else :class:`CanaryChanged`
+        saying what that version is: never published (a typo), the stable version, one widened or rolled back before, or
+        an earlier canary another publisher replaced (only then is another publisher named)."""
+        running = state["canary"]
+        if judged is None or judged == running:
+            return
+        judge = f"the canary is v{running} (on {', '.join(state['cohort'])}): judge it before widening or rolling it back"
+        history = self._history()
+        ended = next((e for e in reversed(history) if e.get("version") == judged and e.get("event") in ("widened", "rolled_back")), None)
+        if judged not in self.published_versions():
+            why = f"v{judged} was never published here"
+        elif judged == state["stable"]:
+            why = f"v{judged} is the stable version, not the canary" + (f" (widened at {_when(ended)} UTC)" if ended and ended["event"] == "widened" else "")
+            judge += '. To roll back the stable version, send {"to": N} (the version to return the fleet to)'
+        elif ended is not None:
+            why = f"v{judged} is not the canary: it was {'widened' if ended['event'] == 'widened' else 'rolled back'} at {_when(ended)} UTC"
+        elif any(e.get("version") == judged and e.get("event") == "canary" for e in history):
+            why = f"v{judged} is not the canary now: another publisher replaced it"
+        else:
+            why = f"v{judged} is not the canary (it was released to every robot, and replaced since)"
+        raise CanaryChanged(f"{why}; {judge}")
 
     @property
     def can_release(self) -> bool:
@@ -366,9 +535,25 @@ def root_metadata(directory: str | Path) -> bytes:
     return data
 
 
-def _same_canary(state: dict, canary: int | None) -> None:
-    if canary is not None and state["canary"] != canary:
-        raise CanaryChanged(f"the canary is v{state['canary']} now, not v{canary}: another publisher replaced it; judge v{state['canary']} before widening or rolling it back")
+def _when(event: dict) -> str:
+    """When a history event was recorded, as UTC text."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.get("at", 0)))
+
+
+def _spec_text(spec: Mapping) -> str:
+    return f"robot_model {spec['robot_model']}, obs_dim {spec['obs_dim']}, act_dim {spec['act_dim']}"
+
+
+def _check_spec(stable: dict, spec: dict) -> None:
+    """:class:`PublishRefused` naming the first of robot_model, obs_dim, act_dim where ``spec`` (a release's) differs from
+    the stable version's manifest ``stable``: every robot of the fleet would refuse it (``spec``) and keep what it runs."""
+    field = next((k for k in SPEC if spec[k] != stable[k]), None)
+    if field is not None:
+        raise PublishRefused(
+            field, f"the release is for {_spec_text(spec)}, the fleet's stable v{stable['version']} for {_spec_text(stable)}: every robot "
+            "would refuse it and keep what it runs, while the registry says the fleet runs it. Publish a policy for the fleet's robots; "
+            "or, where the whole fleet moves to these robots, publish with spec_change: true",
+        )  # fmt: skip
 
 
 def _largest(fields: Mapping) -> str:

@@ -397,9 +397,17 @@ class TufRepository(Repository):
             return dict(self._md[Targets.type].signed.targets) if Targets.type in self._md else {}
 
     def listed_bytes(self, path: str) -> bytes | None:
-        """A published target's content (None if ``path`` is not listed)."""
+        """A published target's content (None if ``path`` is not listed), checked as a robot checks it: a file of
+        another length or sha256 than listed (changed where it is stored) is :class:`RegistryCorrupted`, never built on
+        (a rollback would sign it anew)."""
         info = self.target_listing().get(path)
-        return None if info is None else self._read(self._stored(path, info.hashes["sha256"]))
+        if info is None:
+            return None
+        name = self._stored(path, info.hashes["sha256"])
+        data = self._read(name)
+        if len(data) != info.length or hashlib.sha256(data).hexdigest() != info.hashes["sha256"]:
+            raise RegistryCorrupted(f"{self.files.location}/{name} is not the file the targets metadata lists (its length or sha256 differ): restore the file the registry wrote")
+        return data
 
     def read_metadata(self, name: str) -> bytes | None:
         """The file behind a metadata URL name (``timestamp.json``, ``3.snapshot.json``...), None if there is none."""
