@@ -253,6 +253,59 @@ def test_a_run_folder_moved_or_copied_resumes_from_its_own_files(tmp_path):
     assert flywheel(tmp_path / "moved").state["current"]["export"] == str(tmp_path / "moved" / "policies/iter000/export")
 
 
+def loop_with_release(tmp_path) -> tuple[Flywheel, object]:
+    """A run whose iterations released v1 and then v2 (the state's current policy), its registry as the run keeps it."""
+    run = tmp_path / "run"
+    registry = open_registry(run / "registry", run / "keys" / "online.pem", root_keys=[run / "keys" / f"root-{i}.pem" for i in (1, 2, 3)])
+    for k, push in enumerate((0.0, 0.3)):
+        weights, manifest = exported(run / "policies" / f"iter{k:03d}", "export", push)
+        registry.publish(weights, policy=manifest, **SPEC, note=f"iteration {k}")
+    fw = flywheel(run)
+    fw.state["current"] = {"version": 2, "checkpoint": None, "export": str(run / "policies" / "iter001" / "export")}
+    fw.svc = types.SimpleNamespace(registry=registry)
+    return fw, registry
+
+
+def test_a_resumed_run_adopts_the_fleets_release_after_an_operators_rollback(tmp_path, caplog):
+    """The loop kept the withdrawn v2 as the gate's baseline and the next release's parent after an operator rolled the
+    fleet back to v1's weights (as v3): it gated against, and re-promoted over, the policy the operator withdrew."""
+    import logging
+
+    from policies.runtime import load_policy
+
+    fw, registry = loop_with_release(tmp_path)
+    registry.rollback("v2 drops the pole", to=1)
+    with caplog.at_level(logging.WARNING, logger="fleet.pipeline.fleet_release"):
+        fw._follow_fleet(2)
+    current = fw.state["current"]
+    assert current["version"] == 3 and current["checkpoint"] is None
+    assert "the fleet runs v3 (rollback of v2 to the weights of v1: v2 drops the pole), not v2" in caplog.text
+    policy = load_policy(current["export"], robot_model="pendulum", obs_dim=4, act_dim=1)  # the gate's baseline: v1's weights
+    assert policy.manifest["weights"]["sha256"] == registry.manifest(1)["policy"]["weights"]["sha256"]
+    assert json.loads((fw.run_dir / "state.json").read_text())["current"]["version"] == 3  # saved: a resume keeps it
+    caplog.clear()
+    fw._follow_fleet(3)  # the fleet runs the current policy: nothing more
+    assert fw.state["current"] == current and caplog.text == ""
+
+
+def test_the_loops_own_releases_are_not_taken_for_an_operators(tmp_path, caplog):
+    """The loop's canary rollback republishes the current policy's weights under a new version: only the version moves,
+    silently. A release of the loop's own ('iteration k') is settled by _settle_release, not adopted here."""
+    import logging
+
+    fw, registry = loop_with_release(tmp_path)
+    export = fw.state["current"]["export"]
+    registry.publish(b"w", **SPEC, cohort=["robot-0"], note="iteration 2")
+    registry.rollback("canary regressed", canary=3)  # v4: v2's weights again
+    with caplog.at_level(logging.WARNING):
+        fw._follow_fleet(3)
+    assert fw.state["current"] == {"version": 4, "checkpoint": None, "export": export} and caplog.text == ""
+    fw.state["current"] = {"version": 1, "checkpoint": None, "export": export}
+    registry.publish(b"w5", **SPEC, note="iteration 3")
+    fw._follow_fleet(4)
+    assert fw.state["current"]["version"] == 1  # its own: left as the state says
+
+
 def test_a_first_canary_left_by_an_interrupted_iteration_stays_on_its_cohort(tmp_path, caplog):
     """With no stable version, settling once 'rolled back' the canary by clearing it; robot-0 kept running it all the same.
     The registry now refuses that rollback, and the resume says the cohort keeps the canary until the redo's release."""

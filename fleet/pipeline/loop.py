@@ -26,6 +26,7 @@ from fleet.code_version import code_version
 from fleet.conf.schema_tools import instantiated
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
+from fleet.pipeline.fleet_release import fleet_current
 from fleet.pipeline.gate import check_gate_settings, gate
 from fleet.pipeline.loop_config import LoopFleet
 from fleet.pipeline.progress import Progress
@@ -246,6 +247,7 @@ class Flywheel:
                     self.progress.note(f"resuming {self.run_dir} after iteration {self.state['next_iteration'] - 1}")
                 self._settle_release()
                 for k in range(self.state["next_iteration"], s.iterations):
+                    self._follow_fleet(k)
                     self.sim_snapshot = self._iteration_start(k)
                     record = self._iteration(k)
                     self.state["history"].append(record)
@@ -350,6 +352,19 @@ class Flywheel:
             self._save_state()
             log.warning("iteration %d's release v%d was widened before the run stopped: the fleet runs it, the redone iteration gates against it", k, rollout["stable"])
         (self.run_dir / RELEASE_FILE).unlink(missing_ok=True)
+
+    def _follow_fleet(self, k: int) -> None:
+        """Before iteration ``k``: where the fleet's stable release is not the state's current policy and the loop did not
+        make it (an operator rolled the fleet back, or another publisher released), it becomes the current policy, the
+        gate's baseline and the next release's parent, and the run says so (fleet/pipeline/fleet_release.py)."""
+        spec = {"robot_model": self.settings.robot_model, "obs_dim": self.task.obs_dim, "act_dim": self.task.act_dim}
+        adopted = fleet_current(self.svc.registry, self.state["current"], self.run_dir, spec)
+        if adopted is None:
+            return
+        if adopted["export"] != (self.state["current"] or {}).get("export"):
+            self.progress.note(f"iteration {k}: the fleet runs v{adopted['version']}, released outside this run (an operator's rollback?): the current policy from now on (was v{(self.state['current'] or {}).get('version')})")
+        self.state["current"] = adopted
+        self._save_state()
 
     def _iteration_start(self, k: int) -> str:
         """The store's snapshot as iteration ``k`` began, recorded at its first attempt (a redo reads it back): the sim
