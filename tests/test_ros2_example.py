@@ -4,7 +4,6 @@ loopback stores them (read back with an operator's GET); a second run is a dupli
 recording with other metadata is refused for good, and a server that is down leaves the episode
 spooled for the next run. The rclpy node compiles, and without ROS 2 (as here) says what to do."""
 
-import functools
 import json
 import py_compile
 import subprocess
@@ -52,11 +51,7 @@ def stored(url: str, operator: str) -> dict[str, Episode]:
 
 def write_mcap_bag(path, steps: int) -> None:
     """tests/test_interop.py's bag, stored as MCAP instead of sqlite3."""
-    import rosbags.rosbag2
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rosbags.rosbag2, "Writer", functools.partial(rosbags.rosbag2.Writer, storage_plugin=rosbags.rosbag2.StoragePlugin.MCAP))
-        write_bag(path, steps=steps)
+    write_bag(path, steps=steps, mcap=True)
     assert list(path.glob("*.mcap"))
 
 

@@ -33,21 +33,24 @@ def _hex_bytes(text: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return (digit[:, 0::2] << 4) | digit[:, 1::2], (digit < 16).all(axis=1)
 
 
-def _ascii(texts, width: int) -> np.ndarray:
-    """``texts`` as (n, width + 1) bytes, NUL-padded; a non-ASCII text becomes empty (no canonical form has one)."""
+def _ascii(texts, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``texts`` as (n, width) bytes, NUL-padded, and a (n,) bool: the text is ``width`` ASCII characters long (numpy's
+    bytes drop trailing NULs and cut longer texts: the lengths are the texts' own)."""
+    length = np.fromiter(map(len, texts), np.int64, count=len(texts))
     try:
-        raw = np.asarray(texts, dtype=f"S{width + 1}")  # one byte past the form: a longer text is not in it
-    except UnicodeEncodeError:
-        raw = np.asarray([t if t.isascii() else "" for t in texts], dtype=f"S{width + 1}")
-    return raw.reshape(-1).view(np.uint8).reshape(len(raw), width + 1)
+        raw = np.asarray(texts, dtype=f"S{width}")
+    except UnicodeEncodeError:  # non-ASCII: in no form this index keeps
+        ascii_ = np.fromiter((t.isascii() for t in texts), bool, count=len(texts))
+        raw, length = np.asarray([t if a else "" for t, a in zip(texts, ascii_)], dtype=f"S{width}"), np.where(ascii_, length, -1)
+    return raw.reshape(-1).view(np.uint8).reshape(len(raw), width), length == width
 
 
 def _uuid_keys(ids) -> tuple[np.ndarray, np.ndarray]:
     """Episode ids -> their UUIDs' 16 bytes (n, 16) and a (n,) bool: the text is the canonical form (lowercase 8-4-4-4-12),
     so the 16 bytes give it back exactly."""
-    raw = _ascii(ids, 36)
+    raw, whole = _ascii(ids, 36)
     keys, digits = _hex_bytes(raw[:, _UUID_DIGITS], 32)
-    return keys, digits & (raw[:, _DASHES] == ord("-")).all(axis=1) & (raw[:, 36] == 0)
+    return keys, whole & digits & (raw[:, _DASHES] == ord("-")).all(axis=1)
 
 
 def _uuid_key(episode_id: str) -> bytes | None:
@@ -121,13 +124,14 @@ class IdDigests:
         if not len(episode_ids):
             return
         keys, canonical = _uuid_keys(episode_ids)
-        text = _ascii(hex_digests, 64)
-        digests, valid = _hex_bytes(text[:, :64], 64)
-        fast = canonical & valid & (text[:, 64] == 0)
-        for i in np.flatnonzero(~fast):  # ids of an old store, or a digest text this code did not write: the slow way
-            self.update([(str(episode_ids[i]), bytes.fromhex(str(hex_digests[i])))])
+        text, whole = _ascii(hex_digests, 64)
+        digests, valid = _hex_bytes(text, 64)
+        fast = canonical & valid & whole
+        if not fast.all():  # ids of an old store, or a digest text this code did not write: row by row, in order
+            self.update((str(i), bytes.fromhex(str(d))) for i, d in zip(episode_ids, hex_digests))
+            return
         self._flush()
-        keys, digests = keys[fast].reshape(-1).view("S16"), digests[fast]
+        keys = keys.reshape(-1).view("S16")
         order = np.argsort(keys, kind="stable")
         keys, digests = keys[order], digests[order]
         last = np.append(keys[1:] != keys[:-1], True)  # of equal keys the last given, as dict.update keeps
