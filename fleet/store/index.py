@@ -71,9 +71,10 @@ class IdDigests:
     Canonical UUID ids (every id a store has taken since ids were checked) are kept as their 16
     bytes beside the digest in sorted runs, 48 bytes an id: the newest in a dict until
     :attr:`MERGE_AT` of them go into the smallest run, and a run that outgrows its level (MERGE_AT
-    x FANOUT, x FANOUT again for the next) into the next one, so an id is copied a few times in
-    all, not once per flush of the whole index (a log-structured merge; a lookup searches each
-    run). Any other id (a store written before ids were checked) is kept in a dict as it is.
+    x FANOUT, x FANOUT again for the next) into the next one, so an id is copied about FANOUT / 2
+    times a level (~18 times in all at a million ids), not once per flush of the whole index (a
+    log-structured merge; a lookup searches each run). Any other id (a store written before ids
+    were checked) is kept in a dict as it is.
     """
 
     MERGE_AT = 1 << 12
