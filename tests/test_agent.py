@@ -204,6 +204,14 @@ def test_run_episode_keeps_the_steps_before_the_robot_clock_stepped_back(caplog)
     with pytest.raises(EpisodeValidationError, match="timestamp"):  # the first step already: no episode, the recorder clear
         run_episode(SteppedClockRobot(back_at=1), policy, rec, seed=0)
     assert rec.num_steps == 0 and run_episode(SteppedClockRobot(back_at=99), policy, rec, seed=0).num_steps == 10
+    for stamp in (float("nan"), float("inf")):  # a clock that read no number: the same (+inf once lost the whole episode)
+        robot = SteppedClockRobot(back_at=99)
+        robot.step = lambda action, robot=robot, stamp=stamp: (*SensorDropRobot.step(robot, action)[:4], stamp if robot.k >= 4 else 0.1 * robot.k)
+        assert run_episode(robot, policy, rec, seed=0).num_steps == 3
+    robot = SteppedClockRobot(back_at=6)
+    robot.fall_at = 6  # the step that fell is the one whose stamp went back: the episode still ends terminated
+    ep = run_episode(robot, policy, rec, seed=0)
+    assert ep.num_steps == 5 and ep.terminated[-1] and not ep.truncated.any()
 
 
 

@@ -9,6 +9,7 @@ A real robot implements :class:`Robot` (reset, step, identity; optionally ``extr
 from __future__ import annotations
 
 import logging
+import math
 from typing import Protocol
 
 import numpy as np
@@ -55,8 +56,8 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
     release whose robot falls, its IMU reading NaN at the fall, still ends terminated, and SignedPolicySource.report_episode's
     first-episode health check sees the early termination), truncated otherwise. When that leaves no step (the reset's observation, or
     the first step's), there is no episode: EpisodeValidationError, and the next call starts one as usual. A step stamped
-    no later than the one before (the robot's wall clock stepped back, NTP) ends the episode the same way, truncated
-    at its last step: the steps recorded so far are kept and in order."""
+    no later than the one before (the robot's wall clock stepped back, NTP), or with no finite number, ends the episode
+    the same way at its last step: the steps recorded so far are kept and in order."""
     extras = getattr(robot, "extras", None) or dict  # a robot that measures more than its observation (Robot.extras)
     obs, t = robot.reset(seed)
     if not np.isfinite(obs).all():
@@ -75,15 +76,16 @@ def run_episode(robot: Robot, policy: Policy, recorder: EpisodeRecorder, seed: i
             log.warning("robot %s: NaN or infinite observation at %.9f s; the episode ends (%s) at its last step (%d)", robot.robot_id, t, how, recorder.num_steps)
             recorder.terminate() if terminated else recorder.truncate()  # a fall read as NaN still ends the episode terminated
             break
-        if not float(t) > recorder.last_timestamp:  # the robot's clock stepped back (NTP) or stood still: the steps so far are kept
+        if not (math.isfinite(t) and t > recorder.last_timestamp):  # its clock stepped back (NTP), stood still, or read no number
             if not recorder.num_steps:
-                raise EpisodeValidationError("timestamp", f"robot {robot.robot_id}'s first step is stamped {t!r} s, not after its reset's {recorder.last_timestamp!r}: no step to record; stamp steps with a monotonic clock (time.monotonic())")
+                raise EpisodeValidationError("timestamp", f"robot {robot.robot_id}'s first step is stamped {t!r} s, not a number after its reset's {recorder.last_timestamp!r}: no step to record; stamp steps with a monotonic clock (time.monotonic())")
+            how = "terminated" if terminated else "truncated"
             log.warning(
-                "robot %s: step stamped %.9f s, not after the last one (%.9f s): its clock stepped back or stood still; the episode ends (truncated) at its "
-                "last step (%d). Stamp steps with a monotonic clock (time.monotonic()) to keep whole episodes",
-                robot.robot_id, t, recorder.last_timestamp, recorder.num_steps,
+                "robot %s: step stamped %r s, not a number after the last one (%.9f s): its clock stepped back, stood still or failed; the episode ends (%s) "
+                "at its last step (%d). Stamp steps with a monotonic clock (time.monotonic()) to keep whole episodes",
+                robot.robot_id, t, recorder.last_timestamp, how, recorder.num_steps,
             )  # fmt: skip
-            recorder.truncate()  # cut, not ended by the task: this step (maybe a fall) is not recorded, and its clock no longer orders the steps
+            recorder.terminate() if terminated else recorder.truncate()  # as for a NaN reading: a fall on that step still ends it terminated
             break
         recorder.step(action, reward, obs, terminated, truncated, t, extras())
     return recorder.finish(policy_version=policy.version)
