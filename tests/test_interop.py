@@ -188,11 +188,15 @@ def test_foreign_lerobot_dataset_gets_real_source_and_stable_ids(store, tmp_path
     assert ep.truncated[-1] and not ep.terminated.any()
 
 
-def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: int = 0, back_at: int | None = None, back_ns: int = 0, recorder_back: bool = True, mcap: bool = False):
-    """A ROS 2 bag: /joint_states (JointState, header stamps ``header_offset_ns`` off the recorder's log clock),
-    /arm/commands (Float64MultiArray, from step ``first_command`` on), /reward (Float64). From step ``back_at`` on the
-    robot's clock is ``back_ns`` behind (NTP stepped it back), the recorder's too where ``recorder_back``."""
-    from rosbags.rosbag2 import StoragePlugin, Writer
+def write_bag(
+    path, steps: int = 6, header_offset_ns: int = 0, first_command: int = 0, back_at: int | None = None, back_ns: int = 0, recorder_back: bool = True,
+    mcap: bool = False, compress: str | None = None, jitter_ns: dict | None = None,
+):  # fmt: skip
+    """A ROS 2 bag: /joint_states (JointState, header stamps ``header_offset_ns`` off the recorder's log clock, step t's
+    ``jitter_ns[t]`` more), /arm/commands (Float64MultiArray, from step ``first_command`` on), /reward (Float64). From
+    step ``back_at`` on the robot's clock is ``back_ns`` behind (NTP stepped it back), the recorder's too where
+    ``recorder_back``. ``compress``: rosbag2's zstd compression, "file" or "message"."""
+    from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
     ts = get_typestore(Stores.ROS2_HUMBLE)
@@ -201,7 +205,10 @@ def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: in
     pos, vel, cmd = r.standard_normal((steps + 1, 2)), r.standard_normal((steps + 1, 2)), r.standard_normal((steps, 2))
     t0 = 1_700_000_000 * 10**9
     stamp = lambda ns: T["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)  # noqa: E731
-    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP if mcap else StoragePlugin.SQLITE3) as bag:
+    writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP if mcap else StoragePlugin.SQLITE3)
+    if compress:
+        writer.set_compression(CompressionMode[compress.upper()], CompressionFormat.ZSTD)
+    with writer as bag:
         js = bag.add_connection("/joint_states", "sensor_msgs/msg/JointState", typestore=ts)
         cm = bag.add_connection("/arm/commands", "std_msgs/msg/Float64MultiArray", typestore=ts)
         rw = bag.add_connection("/reward", "std_msgs/msg/Float64", typestore=ts)
@@ -209,7 +216,7 @@ def write_bag(path, steps: int = 6, header_offset_ns: int = 0, first_command: in
         for t in range(steps + 1):
             back = back_ns if back_at is not None and t >= back_at else 0
             robot_ns, ns = t0 + t * 50_000_000 - back, t0 + t * 50_000_000 - (back if recorder_back else 0)
-            header = T["std_msgs/msg/Header"](stamp=stamp(robot_ns + header_offset_ns), frame_id="base")
+            header = T["std_msgs/msg/Header"](stamp=stamp(robot_ns + header_offset_ns + (jitter_ns or {}).get(t, 0)), frame_id="base")
             msg = T["sensor_msgs/msg/JointState"](header=header, name=["a", "b"], position=pos[t], velocity=vel[t], effort=np.zeros(0))
             bag.write(js, ns + 1000, ts.serialize_cdr(msg, "sensor_msgs/msg/JointState"))
             if first_command <= t < steps:
@@ -320,6 +327,26 @@ def test_a_bag_recorded_across_a_clock_step_back_is_refused_not_interleaved(tmp_
         import_rosbag(tmp_path / "robot", options)
     write_bag(tmp_path / "fine", steps=40, back_at=20, back_ns=10_000_000, mcap=mcap)  # a clock slewed, not stepped back: in order
     assert import_rosbag(tmp_path / "fine", options)[0].num_steps == 40
+    for compress in ("file", "message"):  # rosbag2's zstd compression: the stored order read all the same
+        write_bag(tmp_path / compress, steps=40, back_at=20, back_ns=1_025_000_000, mcap=mcap, compress=compress)
+        with pytest.raises(InteropError, match=r"recorder's clock stepped back 0.975 s at message 20"):
+            import_rosbag(tmp_path / compress, options)
+    write_bag(tmp_path / "jitter", steps=40, mcap=mcap, jitter_ns={21: 30_000_000, 22: -30_000_000})  # a 10 ms reorder is no clock step
+    with pytest.raises(InteropError, match=r"observation 22 on '/joint_states' is stamped 0.01 s before observation 21"):  # (once: 'share a time stamp')
+        import_rosbag(tmp_path / "jitter", options)  # its commands have no header stamps: the steps follow the log times
+
+
+def test_a_step_back_within_a_message_period_is_jitter_not_a_clock_set_back():
+    """Header stamps jittered by 30 ms at 20 Hz (two publishers, a late message) are sorted into order as before; a fully
+    stamped bag with such jitter was refused as a clock step back."""
+    from fleet.interop.rosbag_clock import _step_back
+
+    period = 50_000_000
+    times = [k * period for k in range(40)]
+    times[21], times[22] = times[21] + 30_000_000, times[22] - 30_000_000
+    assert _step_back(times) is None
+    times[30:] = [t - 1_025_000_000 for t in times[30:]]
+    assert _step_back(times) == (30, 975_000_000)
 
 
 def test_rosbag_commands_are_matched_on_one_clock_and_a_late_first_command_is_refused(tmp_path, capsys):

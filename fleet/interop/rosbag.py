@@ -23,12 +23,12 @@ is idempotent.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from fleet.interop.common import ImportOptions, InteropError, foreign_episode
+from fleet.interop.rosbag_clock import refuse_a_clock_step_back
 from sim.episode import Episode
 
 JOINT_STATE = "sensor_msgs/msg/JointState"
@@ -68,73 +68,13 @@ def import_rosbag(
         raise
     except Exception as exc:  # noqa: BLE001  (rosbags' reader and CDR decoder raise many kinds for a damaged bag)
         raise InteropError(f"{path} is not a readable ROS 2 bag ({exc.__class__.__name__}: {exc}); check that it is a rosbag2 folder, .db3 or .mcap file") from None
-    _refuse_a_clock_step_back(path, raw_streams, obs_topic)
+    refuse_a_clock_step_back(path, raw_streams, obs_topic)
     headers = all(h is not None for stream in raw_streams.values() for h, _, _ in stream)
     # (the time messages are matched on: one clock for every topic; the time recorded: the header stamp where there is one)
     streams = {topic: [(h if headers else log, log if h is None else h, msg) for h, log, msg in stream] for topic, stream in raw_streams.items()}
     arrays = _episode_arrays(streams, obs_topic, topics[act_topic], act_topic, rew_topic, path)
     extra = {"x.rosbag": bag_name(path), "x.rosbag_topics": f"observation={obs_topic} action={act_topic} reward={rew_topic or '-'}"}
     return [foreign_episode(arrays, options, f"ROS 2 bag {path}", extra)]
-
-
-def _refuse_a_clock_step_back(path: Path, streams: dict, obs_topic: str) -> None:
-    """InteropError where a clock stepped back while the bag was recorded (NTP on a robot whose clock ran ahead): read in
-    time order, as a bag is, the steps after the step back would interleave with those before it, every transition wrong.
-    The recorder's clock is seen in the storage's own order (rosbags reads in log-time order), the robot's in the
-    observations' header stamps."""
-    for topic, index, back_ns in _recorder_steps_back(path, set(streams)):
-        raise InteropError(
-            f"{path}: the recorder's clock stepped back {back_ns / 1e9:.6g} s at message {index} on {topic!r} (a clock set back while it "
-            "recorded, NTP): read in time order its steps would interleave with the earlier ones, so the bag is refused. Import the "
-            "recording before and after that point as two bags, and record with a clock that only goes forward"
-        )
-    stamps = [h for h, _, _ in streams[obs_topic]]
-    if all(h is not None for h in stamps):
-        gaps = np.diff(np.array(stamps, np.int64))
-        if (gaps < 0).any():
-            k = int(np.argmax(gaps < 0)) + 1
-            raise InteropError(
-                f"{path}: the header stamps on {obs_topic!r} step back {-gaps[k - 1] / 1e9:.6g} s at message {k} (the robot's clock was set "
-                "back while it recorded, NTP): in stamp order its steps would interleave with the earlier ones, so the bag is refused. "
-                "Import the recording before and after that point as two bags, and stamp with a clock that only goes forward"
-            )
-
-
-def _recorder_steps_back(path: Path, topics: set[str]):
-    """(topic, message index on it, ns back) where a topic's log times step back in the order its messages were stored:
-    the messages table's row order in .db3 files, the file order in .mcap files (a storage it cannot read so: none)."""
-    import sqlite3
-
-    from mcap.reader import make_reader
-
-    files = sorted(path.glob("*.db3")) + sorted(path.glob("*.mcap")) if path.is_dir() else [path]
-    last: dict[str, int] = {}
-    count: dict[str, int] = dict.fromkeys(topics, 0)
-    for file in sorted(files, key=lambda f: _split_index(f)):
-        try:
-            if file.suffix == ".db3":
-                with contextlib.closing(sqlite3.connect(f"file:{file}?mode=ro", uri=True)) as db:
-                    rows = db.execute("SELECT topics.name, messages.timestamp FROM messages JOIN topics ON topics.id = messages.topic_id ORDER BY messages.id").fetchall()
-            elif file.suffix == ".mcap":
-                with open(file, "rb") as f:
-                    rows = [(channel.topic, message.log_time) for _, channel, message in make_reader(f).iter_messages(topics=list(topics), log_time_order=False)]
-            else:
-                continue
-        except Exception:  # noqa: BLE001  (a storage read another way: rosbags read it; its order is not seen)
-            continue
-        for topic, log_ns in rows:
-            if topic not in topics:
-                continue
-            if topic in last and log_ns < last[topic]:
-                yield topic, count[topic], last[topic] - log_ns
-            last[topic] = log_ns
-            count[topic] += 1
-
-
-def _split_index(file: Path) -> tuple[str, int]:
-    """A split bag's files in recording order (``b_0.db3``, ``b_1.db3``, ... ``b_10.db3``)."""
-    stem, _, index = file.stem.rpartition("_")
-    return (stem, int(index)) if index.isdigit() else (file.stem, -1)
 
 
 def bag_name(path: Path) -> str:
@@ -204,7 +144,14 @@ def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str
     for clock in (times, stamps):
         if not (np.diff(clock) > 0).all():
             step = int(np.argmax(np.diff(clock) <= 0))
-            raise InteropError(f"{path}: observations {step} and {step + 1} on {obs_topic!r} share a time stamp; record with distinct header stamps")
+            gap = int(clock[step + 1] - clock[step])
+            if gap == 0:
+                raise InteropError(f"{path}: observations {step} and {step + 1} on {obs_topic!r} share a time stamp; record with distinct header stamps")
+            raise InteropError(  # stamps out of the log order the steps were matched in (a topic without header stamps)
+                f"{path}: observation {step + 1} on {obs_topic!r} is stamped {-gap / 1e9:.6g} s before observation {step}, which the recorder "
+                "logged first: with a topic that has no header stamps the steps follow the log times, and these stamps disagree with them. "
+                "Record every topic with header stamps (then they order the steps), or none"
+            )
     position = _stack([np.asarray(m.position, np.float64) for _, _, m in obs_msgs], f"{obs_topic} position", path)
     velocity = np.stack([np.asarray(m.velocity, np.float64) for _, _, m in obs_msgs]) if all(len(m.velocity) == position.shape[1] for _, _, m in obs_msgs) else None
     effort = np.stack([np.asarray(m.effort, np.float64) for _, _, m in obs_msgs]) if all(len(m.effort) == position.shape[1] for _, _, m in obs_msgs) else None
