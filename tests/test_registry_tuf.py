@@ -126,6 +126,26 @@ def test_a_robot_clock_days_ahead_is_named_in_its_expiry_refusal_not_taken_for_a
     assert source.poll() and source.current().version == "1" and abs(source.status()["clock_ahead_s"]) <= 2
 
 
+def test_the_clock_offset_reads_a_cached_answer_by_its_age_and_names_only_a_clock_ahead():
+    """Behind a cache that held the answers 900 s (its Date the origin's, Age 900), a robot with a right clock was told it
+    ran 900 s ahead; a clock behind (which makes nothing look expired) was named too."""
+    import email.utils
+    import types
+
+    from fleet.registry.fetcher import TokenFetcher
+    from fleet.registry.pull import SignedPolicySource
+
+    fetcher = TokenFetcher(httpx.Client())
+    # (the Date header's offset from this clock in s, the Age header, the offset expected: None is "not read")
+    for served, age, ahead in ((-900, "900", 0), (-900, None, 900), (600, None, -600), (0, "junk", None), (0, "-5", None)):
+        fetcher.clock_ahead_s = None
+        headers = {"date": email.utils.formatdate(time.time() + served, usegmt=True), **({"age": age} if age else {})}
+        fetcher._note_server_clock(httpx.Response(200, headers=headers))
+        assert (fetcher.clock_ahead_s is None) if ahead is None else abs(fetcher.clock_ahead_s - ahead) <= 2
+    note = lambda ahead_s: SignedPolicySource._clock_note(types.SimpleNamespace(_fetcher=types.SimpleNamespace(clock_ahead_s=ahead_s)))  # noqa: E731
+    assert note(-600.0) == "" and note(299.0) == "" and note(None) == "" and "clock is 900 s ahead" in note(900.0)
+
+
 def test_a_frozen_registry_is_noticed_on_the_running_version_and_nothing_good_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("fleet.registry.tuf_repo.MIN_EXPIRY_S", 1.0)  # a 3 s timestamp, for a robot's real clock to see expire
     registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s={"timestamp": 3.0})

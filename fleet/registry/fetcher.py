@@ -116,13 +116,15 @@ class TokenFetcher(FetcherInterface):
 
     def _note_server_clock(self, response: httpx.Response) -> None:
         """Keep how far this clock is ahead of the server's, from the answer's Date header (whole seconds, unsigned: it
-        only explains a refusal, it decides nothing; a robot whose clock runs ahead reads fresh metadata as expired)."""
+        only explains a refusal, it decides nothing; a robot whose clock runs ahead reads fresh metadata as expired). A
+        cache's answer is as old as its Age header says (RFC 9111): its Date is the origin's, that long ago."""
         try:
             served = email.utils.parsedate_to_datetime(response.headers["date"])
+            age = float(response.headers.get("age", 0))
         except (KeyError, TypeError, ValueError, IndexError):
             return
-        if served.tzinfo is not None:
-            self.clock_ahead_s = time.time() - served.timestamp()
+        if served.tzinfo is not None and 0 <= age < float("inf"):
+            self.clock_ahead_s = time.time() - served.timestamp() - age
 
     def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
         try:

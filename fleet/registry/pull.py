@@ -59,7 +59,7 @@ MIN_FREE_BYTES = 64 << 20  # disk room a weights download leaves free on the rob
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
-CLOCK_SKEW_NOTE_S = 300.0  # a clock further off the registry server's than this is named in an expiry refusal
+CLOCK_SKEW_NOTE_S = 300.0  # a clock further ahead of the registry server's than this is named in an expiry refusal
 _TUF_REASONS = (
     (tuf_errors.ExpiredMetadataError, "freeze"),
     (tuf_errors.BadVersionNumberError, "rollback"),
@@ -217,14 +217,15 @@ class SignedPolicySource:
                     "the registry looks frozen (blocked, or its signer down)%s; keeping %s", self.robot_id, role, expires.isoformat(), self._clock_note(), self._policy.version)  # fmt: skip
 
     def _clock_note(self) -> str:
-        """What to add to an expiry refusal when this robot's clock is off the server's by more than CLOCK_SKEW_NOTE_S: a
-        robot whose clock runs a day ahead reads every fresh timestamp.json as expired, and the refusal then read as a frozen
-        registry (an attack, or a stopped signer) while the fix is the robot's clock."""
+        """What to add to an expiry refusal when this robot's clock is ahead of the server's by more than CLOCK_SKEW_NOTE_S:
+        a robot whose clock runs a day ahead reads every fresh timestamp.json as expired, and the refusal then read as a
+        frozen registry (an attack, or a stopped signer) while the fix is the robot's clock. (A clock behind makes nothing
+        look expired: not named.)"""
         ahead = self._fetcher.clock_ahead_s
-        if ahead is None or abs(ahead) <= CLOCK_SKEW_NOTE_S:
+        if ahead is None or ahead <= CLOCK_SKEW_NOTE_S:
             return ""
-        return (f": this robot's clock is {abs(ahead):.0f} s {'ahead of' if ahead > 0 else 'behind'} the registry server's (its Date header), "
-                "and TUF judges expiry by this robot's clock; set the robot's clock (NTP) if the server's is right")  # fmt: skip
+        return (f": this robot's clock is {ahead:.0f} s ahead of the registry server's (its Date header), and TUF judges expiry by "
+                "this robot's clock; set the robot's clock (NTP) if the server's is right")  # fmt: skip
 
     def _refresh(self) -> Updater:
         """TUF's refresh (root chain, timestamp, snapshot, targets); the fetcher keeps the timestamp.json it read for
