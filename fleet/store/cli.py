@@ -4,6 +4,7 @@
     flywheel store pin --store PATH --snapshot ID --name NAME
     flywheel store unpin --store PATH --name NAME
     flywheel store pins --store PATH
+    flywheel store backup --store PATH --to NEW_FOLDER
 
 Exit status 0 on success, 2 with a one-line error that says what to do otherwise.
 """
@@ -32,11 +33,15 @@ def parser() -> argparse.ArgumentParser:
     unpin.add_argument("--name", required=True)
     pins = sub.add_parser("pins", help="list the pinned snapshots")
     pins.add_argument("--store", required=True)
+    copy = sub.add_parser("backup", help="copy a local store, while servers write it, into a new folder that opens (a cp -a of a live store may not)")
+    copy.add_argument("--store", required=True)
+    copy.add_argument("--to", required=True, help="the backup's folder: a new one (a backup is never written over)")
     return top
 
 
 def run(args: argparse.Namespace) -> dict:
     from fleet.store import EpisodeStore, StoreConfig
+    from fleet.store.backup import backup
     from fleet.store.location import WHERE_STORES_ARE
     from fleet.store.maintenance import MaintenanceBusy
 
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "pin":
         store.pin(args.snapshot, args.name)
         return {"command": "pin", "store": args.store, "name": args.name, "snapshot_id": args.snapshot}
+    if args.command == "backup":
+        return {"command": "backup", **backup(args.store, args.to)}
     if args.command == "unpin":
         store.unpin(args.name)
         return {"command": "unpin", "store": args.store, "name": args.name}
