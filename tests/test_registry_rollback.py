@@ -1,12 +1,14 @@
 """Rolling the whole fleet back (a stable release withdrawn, not only a canary) on a real registry and a real server on
-loopback: a robot's TUF client moves from the bad version to the new one carrying the good weights; a version no longer
-listed is read back from the files the registry keeps, and only as the registry wrote them; each refusal says what to
-do; `flywheel-registry rollback` over HTTP and where the keys are. Also the publish of a release no robot of the fleet
-would take, and a mistyped version in a canary's widen or rollback."""
+loopback: a robot's TUF client moves from the bad version to the new one carrying the good weights; only versions the
+signed targets metadata lists are sent out again (a storage writer without a key gets nothing signed), their files
+checked against the listing; each refusal says what to do; `flywheel-registry rollback` over HTTP and where the keys
+are. Also the publish of a release no robot of the fleet would take, and a mistyped version in a canary's widen or
+rollback."""
 
 import base64
 import json
 import socket
+import threading
 
 import httpx
 import pytest
@@ -14,9 +16,12 @@ import torch
 
 from fleet.agent.policy import builtin_policy
 from fleet.apps.registry_keys import main as registry_cli
-from fleet.registry.kept import folder_of
+from fleet.apps import registry_rollback
+from fleet.registry.manifest import MAX_JSON_BYTES, manifest_target, sha256_hex
 from fleet.registry.pull import SignedPolicySource
-from fleet.registry.store import KEEP_VERSIONS, RegistryError, RolloutRefused, open_registry, root_metadata
+from fleet.registry.signing import canonical_json
+from fleet.registry.store import KEEP_VERSIONS, CanaryChanged, RegistryError, RolloutRefused, open_registry, root_metadata
+from fleet.registry.tuf_repo import RegistryCorrupted
 from fleet.registry.trust import PolicyTrust
 from fleet.server.auth import add_token
 from policies.export import export_policy
@@ -106,61 +111,101 @@ def test_a_rollback_with_a_canary_running_withdraws_both(registry):
     assert registry.latest_for("robot-0")["version"] == registry.latest_for("robot-1")["version"] == 4
 
 
-def test_a_version_no_longer_listed_is_read_from_the_kept_files_and_rolled_back_to(tmp_path, registry):
-    """manifest(5) and weights(5) once failed past the listing ('no policy version 5') with its files still on disk."""
+def test_with_a_canary_running_version_names_the_canary_and_to_the_stable_version_ends_it(registry):
+    """{"to": 1, "version": 2} (v2 the stable version judged) with canary v3 running was refused with the advice to send
+    {"to": N}, which the caller had sent; {"to": 2}, the stable version, withdraws the canary alone (undocumented)."""
+    registry.publish(b"v1", **SPEC)
+    registry.publish(b"v2", **SPEC)
+    registry.publish(b"v3", cohort=["robot-0"], **SPEC)
+    with pytest.raises(CanaryChanged) as refused:
+        registry.rollback("v2 drops the pole", 2, to=1)
+    assert str(refused.value).startswith("v2 is the stable version, not the canary; the canary is v3 (on robot-0)")
+    assert 'send {"to": 1, "version": 3} once you judged v3' in str(refused.value) and '{"to": N}' not in str(refused.value)
+    manifest = registry.rollback("the canary regressed", 3, to=2)
+    assert manifest["note"] == "rollback of canary v3 to the weights of v2: the canary regressed" and registry.weights(4) == b"v2"
+    assert [(e["version"], e["event"]) for e in registry.rollout()["history"][-2:]] == [(4, "stable"), (3, "rolled_back")]
+
+
+def test_a_version_no_longer_listed_is_refused_naming_the_listed_ones(fleet):
+    """A rollback read a version past the listing from storage, where no signature covers its files any more."""
+    registry, client, *_ = fleet
     for i in range(1, KEEP_VERSIONS + 4):
         registry.publish(f"weights-{i}".encode(), **SPEC)
-    assert 1 not in registry.versions() and (registry.repo.dir / folder_of(1)).is_dir()
-    assert registry.manifest(1)["version"] == 1 and registry.weights(1) == b"weights-1"
-    assert 1 in registry.rollback_choices()
-    manifest = registry.rollback("back to the first", to=1)
-    assert registry.weights(manifest["version"]) == b"weights-1" and registry.rollout()["stable"] == manifest["version"]
+    listed = list(range(4, KEEP_VERSIONS + 4))
+    assert registry.versions() == listed and registry.rollback_choices() == listed[::-1][1:]  # v11 is the stable version
+    answer = client.post("/v1/rollout/rollback", json={"to": 1, "reason": "back to the first"})
+    assert (answer.status_code, answer.json()["error"], answer.json()["field"]) == (409, "unavailable", "to"), answer.text
+    reason = answer.json()["reason"]
+    assert "v1 is no longer listed in the signed targets metadata" in reason and "so its files cannot be verified" in reason
+    assert reason.endswith("N one of " + ", ".join(f"v{v}" for v in listed[::-1][1:]))
+    for read in (registry.manifest, registry.weights):
+        with pytest.raises(RegistryError, match="v1 is no longer listed"):
+            read(1)
+    assert registry.rollout()["stable"] == KEEP_VERSIONS + 3 and "rolled_back" not in [e["event"] for e in registry.rollout()["history"]]
+
+
+def stored(registry, version: int):
+    """The folder the registry stores ``version``'s target files in (listed or not)."""
+    return registry.repo.dir / "targets" / manifest_target(version).rpartition("/")[0]
+
+
+@pytest.mark.parametrize("attack", ["swap", "plant"])
+def test_a_storage_writer_without_a_key_gets_nothing_signed_through_a_rollback(tmp_path, registry, attack):
+    """Writing the storage was enough: v1's files swapped and its sha256 in history.jsonl changed (swap), or a v40 folder
+    and a history line made up (plant), and rollback(to=...) signed the writer's weights, which robots installed."""
+    for i in range(1, KEEP_VERSIONS + 4):
+        registry.publish(f"weights-{i}".encode(), **SPEC)
+    target = 1 if attack == "swap" else 40
+    folder, evil = stored(registry, target), b"EVIL-WEIGHTS"
+    real = json.loads(next(stored(registry, 1).glob("*.manifest.json")).read_bytes())
+    for old in folder.glob("*"):
+        old.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    data = canonical_json({**real, "version": target, "weights": {"sha256": sha256_hex(evil), "size": len(evil)}})
+    (folder / f"{sha256_hex(data)}.manifest.json").write_bytes(data)
+    (folder / f"{sha256_hex(evil)}.weights.safetensors").write_bytes(evil)
+    history = registry.files.local_dir / "history.jsonl"
+    with history.open("a") as out:
+        out.write(json.dumps({"version": target, "event": "stable", "manifest_sha256": sha256_hex(data), "at": 0}) + "\n")
+    assert target not in registry.rollback_choices()
+    with pytest.raises(RolloutRefused, match=f"v{target} is no longer listed in the signed targets metadata") as refused:
+        registry.rollback("v11 regressed", to=target)
+    assert refused.value.code == "unavailable" and registry.rollout()["stable"] == KEEP_VERSIONS + 3
     trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
-    trust.accept(trust.check(registry.latest_for("robot-0")), registry.weights(manifest["version"]))
-    assert trust.weights_path.read_bytes() == b"weights-1"
+    trust.accept(trust.check(registry.latest_for("robot-0")), registry.weights(registry.rollout()["stable"]))
+    assert trust.weights_path.read_bytes() == f"weights-{KEEP_VERSIONS + 3}".encode()
 
 
-def kept_registry(registry) -> tuple[object, object]:
-    """A registry whose v1 and v2 are no longer listed: (v1's folder, v2's folder)."""
-    for i in range(1, KEEP_VERSIONS + 4):
+def test_listed_files_changed_or_gone_are_refused_against_the_listing(registry):
+    for i in range(1, 8):
         registry.publish(f"weights-{i}".encode(), **SPEC)
-    return registry.repo.dir / folder_of(1), registry.repo.dir / folder_of(2)
-
-
-def test_kept_files_gone_or_changed_are_refused_naming_what_is_wrong(registry):
-    v1, v2 = kept_registry(registry)
-    (weights,) = v1.glob("*.weights.safetensors")
-    weights.write_bytes(b"weights-X")  # same size, other bytes
-    (manifest,) = v2.glob("*.manifest.json")
+    (weights,) = stored(registry, 1).glob("*.weights.safetensors")
+    weights.write_bytes(b"weights-X")  # same size, other bytes, under the listed name
+    (manifest,) = stored(registry, 2).glob("*.manifest.json")
     manifest.write_bytes(manifest.read_bytes().replace(b'"note":""', b'"note":"x"'))
-    for folder in v2.parent.glob("0000000[3]"):
-        for f in folder.iterdir():
-            f.unlink()
-    refusals = {1: "are not the file its manifest records", 2: "does not hash to its name", 3: "v3's files are gone", 99: "never published"}
+    for f in stored(registry, 3).iterdir():
+        f.unlink()
+    refusals = {1: "is not the file the targets metadata lists", 2: "is not the file the targets metadata lists", 3: "missing", 99: "never published"}
     for to, why in refusals.items():
         with pytest.raises(RolloutRefused, match=why) as refused:
             registry.rollback("x", to=to)
         assert refused.value.code == ("unknown_version" if to == 99 else "unavailable") and "N one of v" in str(refused.value)
-    with pytest.raises(RegistryError, match="changed since"):
+    with pytest.raises(RegistryCorrupted, match="length or sha256 differ"):
         registry.weights(1)
     assert [e["event"] for e in registry.rollout()["history"]].count("rolled_back") == 0
 
 
-def test_a_stray_manifest_of_a_lost_race_is_told_apart_by_the_recorded_sha256(registry):
-    """A publisher that lost a race stores its manifest under the number the winner published: two manifests of v1."""
-    v1, _ = kept_registry(registry)
-    stray = json.loads(next(v1.glob("*.manifest.json")).read_bytes()) | {"note": "the loser's"}
-    from fleet.registry.manifest import sha256_hex
-    from fleet.registry.signing import canonical_json
-
-    data = canonical_json(stray)
-    (v1 / f"{sha256_hex(data)}.manifest.json").write_bytes(data)
-    assert registry.manifest(1)["note"] == ""  # the one the history recorded at its release
-    history = registry.files.local_dir / "history.jsonl"  # a release of an earlier build: no sha256 recorded
-    history.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "manifest_sha256"}) + "\n" for line in history.read_text().splitlines()))
-    with pytest.raises(RolloutRefused, match="holds 2 manifests of v1") as refused:
-        registry.rollback("x", to=1)
-    assert refused.value.code == "unavailable"
+def test_a_rollback_robots_would_refuse_is_a_409_saying_why_not_a_500(fleet):
+    """v1's manifest near the size robots read plus a long reason in the note: PublishRefused answered 500 internal_error."""
+    registry, client, *_ = fleet
+    registry.publish(b"w1", **SPEC, gate={"x": "a" * (MAX_JSON_BYTES - 1200)})
+    registry.publish(b"w2", **SPEC)
+    answer = client.post("/v1/rollout/rollback", json={"to": 1, "reason": "r" * 1000})
+    assert (answer.status_code, answer.json()["error"], answer.json()["field"]) == (409, "unavailable", "to"), answer.text
+    assert answer.json()["reason"].startswith("to: v1's weights and manifest fields cannot be sent out again (gate: the manifest would be")
+    assert "a shorter reason (it goes into the note) may fit" in answer.json()["reason"]
+    answer = client.post("/v1/rollout/rollback", json={"to": 1, "reason": "v2 regressed"})  # what the refusal says to do
+    assert answer.status_code == 200 and registry.weights(answer.json()["stable"]) == b"w1", answer.text
 
 
 def reacher_body() -> dict:
@@ -240,7 +285,7 @@ def test_the_rollback_command_over_http_in_place_and_with_the_server_down(tmp_pa
     down = f"http://127.0.0.1:{free_port()}"
     assert registry_cli(["rollback", "--server", down, "--to", "2", "--reason", "x"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{down}/v1/rollout/rollback did not answer" in err and "is the server up" in err
+    assert err.count("\n") == 1 and f"{down}/v1/rollout/rollback did not answer" in err and "is the server up" in err and "Nothing was rolled back" in err
 
     (tmp_path / "pub.tok").write_text(token + "\n")
     monkeypatch.delenv("FLYWHEEL_PUBLISHER_TOKEN")
@@ -250,3 +295,36 @@ def test_the_rollback_command_over_http_in_place_and_with_the_server_down(tmp_pa
     assert registry.weights(5) == registry.weights(2) and registry.rollout()["history"][-1]["version"] == 4
     assert registry_cli(["rollback", "--server", url, "--token-file", str(tmp_path / "pub.tok"), "--reason", "x"]) == 1  # no canary
     assert "409 no_canary" in capsys.readouterr().err
+
+
+def test_the_rollback_command_after_a_timeout_says_the_outcome_is_unknown_and_a_bad_url_is_one_line(monkeypatch, capsys):
+    """A server that took the POST and answered late (a slow sign-and-store) was reported as 'Nothing was rolled back';
+    --server 'http://[::1' ended in a traceback (httpx.InvalidURL is not an httpx.HTTPError)."""
+    monkeypatch.setenv("FLYWHEEL_PUBLISHER_TOKEN", "t")
+    monkeypatch.setattr(registry_rollback, "TIMEOUT_S", 0.5)
+    received, done = [], threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def take_and_say_nothing():
+            connection, _ = listener.accept()
+            with connection:
+                received.append(connection.recv(65536))
+                done.wait(10)
+
+        thread = threading.Thread(target=take_and_say_nothing, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        try:
+            assert registry_cli(["rollback", "--server", url, "--to", "1", "--reason", "x"]) == 1
+        finally:
+            done.set()
+            thread.join()
+    err = capsys.readouterr().err
+    assert received and received[0].startswith(b"POST /v1/rollout/rollback")
+    assert err.count("\n") == 1 and "Nothing was rolled back" not in err and "whether the fleet was rolled back is unknown" in err
+    assert f"Check GET {url}/v1/rollout" in err
+    assert registry_cli(["rollback", "--server", "http://[::1", "--to", "1", "--reason", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flywheel-registry rollback: --server http://[::1: not a URL") and err.count("\n") == 1

@@ -5,13 +5,15 @@
     flywheel-registry rollback --dir runs/fleet/registry --online-key online.pem --release-key release.pem --to 3 --reason "..."
 
 With ``--to N`` version N's weights and manifest fields go out again as a new, higher stable version for every robot
-(robots never accept a lower version); the stable version, and any canary, are recorded ``rolled_back``. Without it,
-the canary running ends and the stable weights go out again. ``--version V`` names the version you judged bad (the
-canary, or with ``--to`` and no canary the stable one): another publisher's release made since is then never withdrawn
-untried. ``--server`` asks a fleet server (``POST /v1/rollout/rollback`` with a publisher token); ``--dir`` signs where
-the registry and its keys are, for a fleet whose servers do not hold the release key (they answer 403
-``no_release_key``). Prints the new version and the rollout as JSON; any refusal, or a server that does not answer, is
-one line on stderr and exit 1.
+(robots never accept a lower version); the stable version, and any canary, are recorded ``rolled_back``. N must be
+listed in the registry's signed targets metadata (the newest 8 versions, and the stable and canary ones): an older
+version's files are no longer verifiable, and it is refused. Without ``--to``, the canary running ends and the stable
+weights go out again. ``--version V`` names the version you judged bad (the canary where one runs, with ``--to`` too;
+else the stable one): another publisher's release made since is then never withdrawn untried. ``--server`` asks a
+fleet server (``POST /v1/rollout/rollback`` with a publisher token); ``--dir`` signs where the registry and its keys
+are, for a fleet whose servers do not hold the release key (they answer 403 ``no_release_key``). Prints the new
+version and the rollout as JSON; any refusal, or a server that does not answer, is one line on stderr and exit 1 (a
+server that took the request and gave no answer may have rolled back: the line says to look at ``GET /v1/rollout``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import httpx
 
 TOKEN_ENV = "FLYWHEEL_PUBLISHER_TOKEN"
 TIMEOUT_S = 120.0  # a rollback signs and stores a release: the weights are read, checked and written again
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)  # failures before the request went out
 
 
 class RollbackFailed(RuntimeError):
@@ -39,7 +42,7 @@ def add_parser(sub) -> None:
     where.add_argument("--server", help="the fleet server's URL (POST /v1/rollout/rollback with a publisher token)")
     where.add_argument("--dir", help="the registry directory or s3://bucket/prefix, signed here with --online-key (and --release-key)")
     cmd.add_argument("--to", type=int, help="the version whose weights the whole fleet returns to (without it: end the canary)")
-    cmd.add_argument("--version", type=int, help="the version you judged bad: the canary, or with --to and no canary the stable version")
+    cmd.add_argument("--version", type=int, help="the version you judged bad: the canary where one runs (with --to too), else the stable version")
     cmd.add_argument("--reason", required=True, help="why (printable text, at most 1,024 characters): it goes into every robot's manifest")
     cmd.add_argument("--token-env", default=TOKEN_ENV, help=f"environment variable holding the publisher token (--server; default {TOKEN_ENV})")
     cmd.add_argument("--token-file", help="a file holding the publisher token (--server), instead of --token-env")
@@ -73,8 +76,17 @@ def _over_http(args: argparse.Namespace) -> dict:
     url = f"{args.server.rstrip('/')}/v1/rollout/rollback"
     try:
         response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_S)
-    except httpx.HTTPError as exc:
+    except httpx.InvalidURL as exc:
+        raise RollbackFailed(f"--server {args.server}: not a URL ({exc}); give the fleet server's, e.g. https://fleet:8080") from None
+    except NOT_SENT as exc:
         raise RollbackFailed(f"{url} did not answer ({exc.__class__.__name__}: {exc}): is the server up, and is that its URL? Nothing was rolled back") from None
+    except httpx.HTTPError as exc:  # sent, no answer: the server may have rolled back all the same
+        rollout = f"{args.server.rstrip('/')}/v1/rollout"
+        raise RollbackFailed(
+            f"{url} took the request but gave no answer ({exc.__class__.__name__}: {exc}): whether the fleet was rolled back is unknown. "
+            f"Check GET {rollout} (the stable version, and the history's rolled_back events) before anything else; the same "
+            "command again signs nothing where it was done (a 409 says so)"
+        ) from None
     try:
         answer = response.json()
     except ValueError:

@@ -11,12 +11,12 @@ Rollout: a new version goes to the canary cohort first; ``widen()`` makes it sta
 ``rollback()`` republishes the last stable weights under a new, higher version (robots never
 accept a lower version) and ends the canary; ``rollback(to=N)`` returns the whole fleet to version
 N's weights the same way, a stable release withdrawn (docs/security.md, "Rolling the fleet back").
-A version that left the listing is read from the files the registry keeps (fleet/registry/kept.py).
-Every change is one TUF publication (targets,
-snapshot, then timestamp: the commit). Every change is made on the newest published state and
-redone on the new one when another writer (a server replica on another host) committed first
-(TufRepository.change): two replicas never both publish version N. The registry serves; W&B only
-mirrors.
+Only versions the signed targets metadata lists are read or rolled back to: the files of one that
+left the listing stay in storage, but no signature covers them (nor the history) any more. Every
+change is one TUF publication (targets, snapshot, then timestamp: the commit). Every change is made
+on the newest published state and redone on the new one when another writer (a server replica on
+another host) committed first (TufRepository.change): two replicas never both publish version N. The
+registry serves; W&B only mirrors.
 
 A registry of the earlier layout (``versions/<v>/manifest.json`` signed envelopes and
 ``rollout.json``) is imported into the TUF repository the first time it is opened, with the same
@@ -35,15 +35,13 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Snapshot, Targets, Timestamp
 
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
-from fleet.registry.kept import NotKept, has_kept_manifest, kept_manifest, kept_weights
-from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, sha256_hex, version_for, weights_target
+from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
 from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing, TufRepository
 from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
-KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the stable and canary ones
-CHOICES_CHECKED = 16  # versions no longer listed whose kept files a refusal looks for, newest first, when it names the choices
+KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the stable and canary ones: what a rollback can return to
 RELEASED = ("stable", "canary")  # the history's events of a version published
 REPUBLISHED = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts", "sensor_filters")  # what a rollback sends out again
 SPEC = ("robot_model", "obs_dim", "act_dim")
@@ -71,8 +69,9 @@ class RolloutRefused(RegistryError):
     """A rollback refused before anything is signed. ``code`` (the HTTP answer's error) says why: ``unknown_version``
     (``to`` was never published here), ``not_the_canary`` (``to`` is the canary: widen it instead), ``no_stable`` (a
     canary with no stable version to return to), ``stable_changed`` (the stable version judged is no longer the stable
-    one), ``nothing_to_do`` (the fleet runs that version's weights already), ``unavailable`` (its files gone, not as the
-    registry wrote them, or for other robots than the fleet's). ``field``: the body's field to change, or None."""
+    one), ``nothing_to_do`` (the fleet runs that version's weights already), ``unavailable`` (no longer listed in the signed
+    targets metadata, its files changed or gone, for other robots than the fleet's, or a release robots would refuse).
+    ``field``: the body's field to change, or None."""
 
     def __init__(self, code: str, message: str, field: str | None = None):
         super().__init__(message)
@@ -192,34 +191,30 @@ class PolicyRegistry:
         return [e["version"] for e in self._history() if type(e.get("version")) is int]
 
     def published_versions(self) -> list[int]:
-        """Every version published here, listed or not: those listed, and those the history records a release of."""
+        """Every version published here, listed or not: those listed, and those the history records a release of. The
+        history is unsigned: this only tells a refusal's reason apart (never published, or no longer listed)."""
         released = (e["version"] for e in self._history() if e.get("event") in RELEASED and type(e.get("version")) is int)
         return sorted({*self.versions(), *released})
 
     def rollback_choices(self) -> list[int]:
-        """The versions a refusal offers to roll the fleet back to (``rollback(to=N)``), newest first: versions the whole
-        fleet ran (released or widened to every robot; a listed one the history does not name: imported), neither the
-        stable version nor one withdrawn (recorded ``rolled_back``), with their files: listed, or kept (the newest
-        CHOICES_CHECKED of those no longer listed are looked for; an older one, named, is checked then). Any version
-        published here may be named; a canary never widened is only not offered."""
+        """The versions a refusal offers to roll the fleet back to (``rollback(to=N)``), newest first: versions the signed
+        targets metadata lists (the only ones a rollback takes) that the whole fleet ran (released or widened to every
+        robot; one the history does not name: imported), neither the stable version nor one withdrawn (recorded
+        ``rolled_back``). Any listed version may be named; a canary never widened is only not offered."""
         state, history = self._state(), self._history()
         withdrawn = {e.get("version") for e in history if e.get("event") == "rolled_back"}
         fleet_wide = {e.get("version") for e in history if e.get("event") in ("stable", "widened")}
         named = {e.get("version") for e in history}
-        listed = set(self.versions())
-        candidates = [
-            v for v in reversed(self.published_versions())
+        return [
+            v for v in reversed(self.versions())
             if v not in (state["stable"], state["canary"]) and v not in withdrawn and (v in fleet_wide or v not in named)
         ]  # fmt: skip
-        unlisted = [v for v in candidates if v not in listed][:CHOICES_CHECKED]
-        kept = {v for v in unlisted if has_kept_manifest(self.repo.files, v)}
-        return [v for v in candidates if v in listed or v in kept]
 
     def _choices_text(self) -> str:
         """The versions to roll back to, for a refusal's text."""
         choices = self.rollback_choices()
         if not choices:
-            return "no other version published here can be rolled back to (publish a known-good policy with POST /v1/policies)"
+            return "no other version the signed metadata lists can be rolled back to (publish a known-good policy with POST /v1/policies)"
         return "N one of " + ", ".join(f"v{v}" for v in choices)
 
     def _state(self) -> dict:
@@ -230,33 +225,33 @@ class PolicyRegistry:
         return sorted(int(p.split("/")[1]) for p in self.repo.target_listing() if p.startswith("policies/") and p.endswith("/manifest.json"))
 
     def manifest(self, version: int) -> dict:
-        """Version ``version``'s manifest: listed, or, for a version no longer listed, read from the files the registry
-        keeps and checked (fleet/registry/kept.py). RegistryError if it was never published or its files are gone or altered."""
+        """Version ``version``'s manifest, as the signed targets metadata lists it. RegistryError for a version not listed
+        (never published, or past the newest KEEP_VERSIONS: its files no signature covers any more); RegistryCorrupted
+        for a file changed where it is stored."""
         return self._release(version, with_weights=False)[0]
 
     def weights(self, version: int) -> bytes:
-        """Version ``version``'s weights, from the listing or the kept files (checked against its manifest), as :meth:`manifest`."""
+        """Version ``version``'s weights, as the signed targets metadata lists them; refused as :meth:`manifest` is."""
         return self._release(version)[1]
 
     def _release(self, version: int, with_weights: bool = True) -> tuple[dict, bytes | None]:
-        """(manifest, weights or None) of ``version``; RegistryError (NotKept's text) where it cannot be read as published."""
+        """(manifest, weights or None) of a listed ``version``, each file checked against the listing."""
         manifest = self._published_json(manifest_target(version))
-        if manifest is not None:
-            weights = self.repo.listed_bytes(weights_target(version)) if with_weights else None
-            if with_weights and weights is None:
-                raise RegistryError(f"no weights for policy version {version}")
-            return manifest, weights
-        if version not in self.published_versions():
-            raise RegistryError(f"no policy version {version}; published: {self.published_versions()}")
-        try:
-            manifest = kept_manifest(self.repo.files, version, self._recorded_sha256(version))
-            return manifest, kept_weights(self.repo.files, manifest) if with_weights else None
-        except NotKept as exc:
-            raise RegistryError(str(exc)) from None
+        if manifest is None:
+            raise RegistryError(self._not_listed(version))
+        weights = self.repo.listed_bytes(weights_target(version)) if with_weights else None
+        if with_weights and weights is None:
+            raise RegistryError(f"no weights for policy version {version}")
+        return manifest, weights
 
-    def _recorded_sha256(self, version: int) -> str | None:
-        """The sha256 of ``version``'s manifest as the history recorded it at its release (None: a release of an earlier build)."""
-        return next((e.get("manifest_sha256") for e in self._history() if e.get("version") == version and e.get("event") in RELEASED), None)
+    def _not_listed(self, version: int) -> str:
+        """Why ``version`` (not listed) cannot be read: never published, or no longer listed, so nothing verifies its files."""
+        if version not in self.published_versions():
+            return f"v{version} was never published here"
+        return (
+            f"v{version} is no longer listed in the signed targets metadata (it lists the newest {KEEP_VERSIONS} versions and the "
+            "stable and canary ones), so its files cannot be verified"
+        )
 
     def latest_for(self, robot_id: str) -> dict | None:
         """The manifest this robot should run (canary-aware), or None before any release."""
@@ -291,9 +286,8 @@ class PolicyRegistry:
                 state.update(canary=version, cohort=sorted(cohort))
             else:
                 state.update(stable=version, canary=None, cohort=[])
-            data = signable_json("the manifest", manifest, _largest(fields))
-            files = {manifest_target(version): data, weights_target(version): weights}
-            self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable", "manifest_sha256": sha256_hex(data)})
+            files = {manifest_target(version): signable_json("the manifest", manifest, _largest(fields)), weights_target(version): weights}
+            self._publish(state, files, {"version": version, "event": "canary" if cohort else "stable"})
             return manifest
 
         return self.repo.change(edit)
@@ -323,9 +317,10 @@ class PolicyRegistry:
         Without ``to``: the canary is withdrawn and the stable version's weights go out again; ``canary`` names the canary
         the caller judged. With ``to`` (an operator returning the fleet to version ``to``: docs/security.md, "Rolling the
         fleet back"): the stable version, and the canary if one runs, are withdrawn and ``to``'s weights and manifest
-        fields go out again, read from the listing or, for a version no longer listed, from the files the registry keeps
-        (checked first: fleet/registry/kept.py); ``canary`` then names the version the caller judged, the canary where
-        one runs, else the stable version. Each version withdrawn is recorded ``rolled_back`` with ``reason``, ``to`` and
+        fields go out again, as the signed targets metadata lists them (a version no longer listed is refused: nothing
+        verifies its files); ``canary`` then names the version the caller judged, the canary where one runs (the stable
+        version is withdrawn with it), else the stable version. ``to`` the stable version with a canary running withdraws
+        the canary alone. Each version withdrawn is recorded ``rolled_back`` with ``reason``, ``to`` and
         the new version (``as``). Nothing is signed where :class:`NoCanary`, :class:`CanaryChanged` or
         :class:`RolloutRefused` says why not: among them a canary with no stable version to return to (its robots would
         keep running it: publish a known-good policy, or roll back ``to`` an earlier version)."""
@@ -351,10 +346,17 @@ class PolicyRegistry:
                 old, weights = self._release(good)
             # publish makes it the stable version, which ends the canary
             labels = [f"canary v{v}" if v == state["canary"] and to is not None else f"v{v}" for v in withdrawn]
-            manifest = self.publish(
-                weights, **{k: old[k] for k in SPEC}, **{k: old[k] for k in REPUBLISHED if k in old},
-                note=f"rollback of {' and '.join(labels)} to the weights of v{good}: {reason}",
-            )  # fmt: skip
+            try:
+                manifest = self.publish(
+                    weights, **{k: old[k] for k in SPEC}, **{k: old[k] for k in REPUBLISHED if k in old},
+                    note=f"rollback of {' and '.join(labels)} to the weights of v{good}: {reason}",
+                )  # fmt: skip
+            except PublishRefused as exc:  # a release robots would refuse: a manifest too large with the reason, a policy that no longer loads
+                raise RolloutRefused(
+                    "unavailable", f"{'to: ' if to is not None else ''}v{good}'s weights and manifest fields cannot be sent out again ({exc}). "
+                    f"Where the manifest is too large, a shorter reason (it goes into the note) may fit; or roll back to another version: "
+                    f"{self._choices_text()}", "to" if to is not None else None,
+                ) from None  # fmt: skip
             for version in withdrawn:
                 self._record({"version": version, "event": "rolled_back", "reason": reason, "to": good, "as": manifest["version"]})
             return manifest
@@ -368,7 +370,7 @@ class PolicyRegistry:
         if to not in self.published_versions():
             raise RolloutRefused("unknown_version", f"to: v{to} was never published here; {self._choices_text()}", "to")
         if running is not None:
-            self._same_canary(state, judged)
+            self._same_canary(state, judged, to)
         elif judged is not None and judged != stable:
             raise self._stable_changed(judged, stable, to)
         if to == running:
@@ -380,7 +382,7 @@ class PolicyRegistry:
             )  # fmt: skip
         try:
             old, weights = self._release(to)
-        except (RegistryError, RegistryCorrupted, FileNotFoundError) as exc:  # kept files gone or altered; listed ones too
+        except (RegistryError, RegistryCorrupted, FileNotFoundError) as exc:  # no longer listed, or its files changed or gone
             raise RolloutRefused("unavailable", f"to: v{to} cannot be sent out again: {exc}; {self._choices_text()}", "to") from None
         if stable is not None and stable != to:
             current = self.manifest(stable)
@@ -404,10 +406,11 @@ class PolicyRegistry:
         runs = f"the fleet runs v{stable} now (another publisher released it, or it was rolled back since): judge v{stable} before rolling it back"
         return RolloutRefused("stable_changed", f"version: v{judged} is not the stable version; {runs if stable is not None else 'no version is stable'}", "version")
 
-    def _same_canary(self, state: dict, judged: int | None) -> None:
+    def _same_canary(self, state: dict, judged: int | None, to: int | None = None) -> None:
         """Nothing where the canary is the version the caller judged (or none was named); else :class:`CanaryChanged`
         saying what that version is: never published (a typo), the stable version, one widened or rolled back before, or
-        an earlier canary another publisher replaced (only then is another publisher named)."""
+        an earlier canary another publisher replaced (only then is another publisher named). ``to``: the version a
+        stable rollback returns the fleet to (with a canary running, its ``version`` names the canary too)."""
         running = state["canary"]
         if judged is None or judged == running:
             return
@@ -418,7 +421,14 @@ class PolicyRegistry:
             why = f"v{judged} was never published here"
         elif judged == state["stable"]:
             why = f"v{judged} is the stable version, not the canary" + (f" (widened at {_when(ended)} UTC)" if ended and ended["event"] == "widened" else "")
-            judge += '. To roll back the stable version, send {"to": N} (the version to return the fleet to)'
+            if to is None:
+                judge += '. To roll back the stable version, send {"to": N} (the version to return the fleet to)'
+            else:  # a stable rollback withdraws the canary too: the caller names the canary it judged
+                also = f" with the stable v{judged}" if to != judged else ""
+                judge += (
+                    f'. With a canary running, "version" names the canary, which a rollback to v{to} withdraws{also}: send '
+                    f'{{"to": {to}, "version": {running}}} once you judged v{running}, or leave "version" out'
+                )  # fmt: skip
         elif ended is not None:
             why = f"v{judged} is not the canary: it was {'widened' if ended['event'] == 'widened' else 'rolled back'} at {_when(ended)} UTC"
         elif any(e.get("version") == judged and e.get("event") == "canary" for e in history):
