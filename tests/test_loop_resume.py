@@ -322,3 +322,87 @@ def test_a_first_canary_left_by_an_interrupted_iteration_stays_on_its_cohort(tmp
         fw._settle_release()
     assert "no stable version to return its cohort to, so it stays on robot-0" in caplog.text
     assert (registry.rollout()["canary"], registry.rollout()["stable"]) == (1, None) and not (run / RELEASE_FILE).exists()
+
+
+def releasing(tmp_path, during_canary=None, after: float = 1.0) -> tuple[Flywheel, object, object]:
+    """A run like :func:`loop_with_release` at iteration 2, set to release a candidate (pushing 0.6) to canary robot-0
+    without Ray: (flywheel, registry, a call releasing it). ``during_canary(registry)`` runs while the canary does, and
+    the canary returns ``after`` (1.0 as before: widened; lower: rolled back)."""
+    fw, registry = loop_with_release(tmp_path)
+    weights, manifest = exported(tmp_path / "candidate", "export", 0.6)
+    fw.svc = types.SimpleNamespace(registry=registry, tracker=types.SimpleNamespace(log=lambda *a, **k: None), mirror_policy=lambda *a, **k: None)
+    fw.robots, fw._video = {"robot-0": None, "robot-1": None}, lambda *a, **k: None
+    fw.task = types.SimpleNamespace(obs_dim=4, act_dim=1)
+
+    def act(canaries, episodes, call):
+        if during_canary is not None:
+            during_canary(registry)
+        return [{"robot_id": r, "return": after, "policy_version": str(registry.rollout()["history"][-1]["version"])} for r in canaries]
+
+    fw._act = act
+    trained = types.SimpleNamespace(checkpoint=tmp_path / "candidate" / "state", policy=None)
+    decision = types.SimpleNamespace(to_dict=lambda: {})
+    export = tmp_path / "candidate" / "export"
+    return fw, registry, lambda: fw._release(2, trained, (weights, manifest, export), decision, {}, {}, "snap", {"robot-0": 1.0, "robot-1": 1.0}, {})
+
+
+@pytest.mark.parametrize("after, when", [(1.0, "canary"), (1.0, "widen"), (-100.0, "canary")], ids=["to be widened", "as it widens", "to be rolled back"])
+def test_an_operators_rollback_while_the_loops_canary_runs_is_adopted_not_a_crash(tmp_path, monkeypatch, after, when):
+    """The running loop died (NoCanary from its widen or rollback) when the on-call operator rolled the fleet back while
+    its canary ran: the moment a misbehaving canary makes the likeliest for it."""
+    operator = lambda registry: registry.rollback("v2 drops the pole", to=1)  # noqa: E731
+    fw, registry, release = releasing(tmp_path, operator if when == "canary" else None, after)
+    if when == "widen":  # between the loop's last look at the registry and its widen
+        widen = registry.widen
+        monkeypatch.setattr(registry, "widen", lambda *a, **k: (operator(registry), widen(*a, **k)))
+    fw._follow_fleet(2)
+    record = release()
+    assert (record["stage"], record["version"], record["canaries"]) == ("settled by operator", 3, ["robot-0"]), record
+    assert "canary v3 was settled outside the run while it ran (no canary to" in record["reason"] and "the fleet runs v4" in record["reason"]
+    assert fw.state["current"]["version"] == 2 and (registry.rollout()["stable"], registry.rollout()["canary"]) == (4, None)
+    fw._follow_fleet(3)  # the next iteration starts from the operator's release: v1's weights as v4
+    assert fw.state["current"]["version"] == 4 and registry.manifest(4)["weights"] == registry.manifest(1)["weights"]
+
+
+def test_an_operator_widening_the_loops_canary_while_it_runs_makes_it_the_current_policy(tmp_path):
+    fw, registry, release = releasing(tmp_path, lambda registry: registry.widen(3), after=-100.0)
+    fw._follow_fleet(2)
+    record = release()
+    assert (record["stage"], record["version"]) == ("widened", 3), record
+    assert fw.state["current"] == {"version": 3, "checkpoint": str(tmp_path / "candidate" / "state"), "export": str(tmp_path / "candidate" / "export")}
+    assert [e["event"] for e in registry.rollout()["history"]][-2:] == ["canary", "widened"]  # the operator's widen only
+
+
+def test_a_rollback_made_while_the_loop_trains_is_not_released_over(tmp_path):
+    """The candidate gated against v2 was published and widened over the operator's rollback of v2 made while the
+    iteration trained: v4 (parent v2) became the fleet's stable version and the loop's current policy."""
+    fw, registry, release = releasing(tmp_path)
+    fw._follow_fleet(2)  # the iteration begins: the fleet runs v2, as the state says
+    registry.rollback("v2 drops the pole", to=1)  # while it trains
+    record = release()
+    assert record["stage"] == "fleet moved" and "the fleet runs v3, not v2 as when iteration 2 began" in record["reason"], record
+    assert registry.versions() == [1, 2, 3] and registry.rollout()["stable"] == 3 and fw.state["current"]["version"] == 2
+    assert not (fw.run_dir / RELEASE_FILE).exists()  # nothing published: nothing for a resume to settle
+    fw._follow_fleet(3)
+    assert fw.state["current"]["version"] == 3
+    fw, registry, release = releasing(tmp_path / "race")  # the rollback lands between the loop's look and its publish
+    publish = registry.publish
+    operator = lambda *a, **k: (registry.rollback("v2 drops the pole", to=1), publish(*a, **k))[1]  # noqa: E731
+    fw.svc.registry = types.SimpleNamespace(publish=operator, rollout=registry.rollout, rollback=registry.rollback, widen=registry.widen)
+    fw._follow_fleet(2)
+    record = release()
+    assert (record["stage"], record["version"]) == ("fleet moved", 4) and "the fleet runs v3, not v2" in record["reason"], record
+    assert [(e["version"], e["event"]) for e in registry.rollout()["history"]][-3:] == [(4, "canary"), (5, "stable"), (4, "rolled_back")]
+    assert registry.weights(5) == registry.weights(1) and fw.state["current"]["version"] == 2  # the canary withdrawn, never widened
+    fw, registry, release = releasing(tmp_path / "again")  # the fleet where it was: released as before
+    fw._follow_fleet(2)
+    assert release()["stage"] == "widened" and registry.rollout()["stable"] == 3
+
+
+def test_the_loops_own_releases_are_told_by_one_rule():
+    from fleet.pipeline.fleet_release import loop_iteration, release_note
+
+    assert loop_iteration({"note": release_note(7)}) == 7
+    for note in ("iteration 7 of another run: x", "rollback of v2 to the weights of v1: iteration 3", "", None):
+        assert loop_iteration({"note": note}) is None
+    assert loop_iteration({}) is None

@@ -26,14 +26,14 @@ from fleet.code_version import code_version
 from fleet.conf.schema_tools import instantiated
 from fleet.pipeline import steps
 from fleet.pipeline.canary import judge_canary
-from fleet.pipeline.fleet_release import fleet_current
+from fleet.pipeline.fleet_release import fleet_current, loop_iteration, release_note
 from fleet.pipeline.gate import check_gate_settings, gate
 from fleet.pipeline.loop_config import LoopFleet
 from fleet.pipeline.progress import Progress
 from fleet.pipeline.services import Services, run_id_of
 from fleet.pipeline.simfleet import SimulatedRobot, fleet_specs, robot_order
 from fleet.pipeline.training import Training, TrainingPlacement, policy_cpus, world_model_cpus
-from fleet.registry.store import RolloutRefused
+from fleet.registry.store import CanaryChanged, NoCanary, RolloutRefused
 from fleet.run_folders import flywheel_run_settings, read_run_file, record_run_id, record_run_settings
 from policies.checkpoint import discard_checkpoint
 from policies.trainer import first_update, steps_trained
@@ -49,6 +49,9 @@ from worldmodel.device import resolve_device
 log = logging.getLogger(__name__)
 RELEASE_FILE = "release.json"  # an iteration's release in progress (the iteration, its export): what a resume settles
 ITERATION_FILE = "iteration.json"  # the iteration in progress and the store's snapshot as it began: a redo reads its sim data there
+ROLLOUT_STAGES = {  # an iteration's rollout stage (its record's "stage") as the metric rollout/stage (docs/metrics.md)
+    "not promoted": 0.0, "fleet moved": 0.0, "rolled back": 1.0, "canary kept": 1.0, "settled by operator": 1.0, "widened": 2.0, "released": 2.0,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Flywheel:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.settings = LoopSettings.from_cfg(cfg)
         self.sim_snapshot: str | None = None  # the store as the iteration in progress began (_iteration_start)
+        self.fleet_stable: int | None = None  # the fleet's stable version as the iteration in progress began (_follow_fleet)
         self.fleet = LoopFleet.from_cfg(cfg)  # refuses a key the loop sets itself (loop_config.LOOP_SETS) given another value
         self.task = get_task(self.settings.robot_model)
         self.state_path = self.run_dir / "state.json"
@@ -329,22 +333,23 @@ class Flywheel:
         if marker is None:  # none in progress; or a run of a build before the marker: its canary is still recognised by its note
             marker = {"iteration": self.state["next_iteration"], "export": None}
         registry, k = self.svc.registry, int(marker["iteration"])
-        rollout, note = registry.rollout(), f"iteration {k}"
+        rollout = registry.rollout()
         current = (self.state["current"] or {}).get("version")
-        if rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note and rollout["stable"] is None:
+        ours = {v for v in (rollout["stable"], rollout["canary"]) if v is not None and loop_iteration(registry.manifest(v)) == k}
+        if rollout["canary"] in ours and rollout["stable"] is None:
             log.warning(  # the registry refuses to roll back a first release (its cohort would keep running it, unsaid)
                 "iteration %d's canary v%d was left by an interrupted run; there is no stable version to return its cohort to, so it "
                 "stays on %s until the redone iteration's release replaces it", k, rollout["canary"], ", ".join(rollout["cohort"]),
             )  # fmt: skip
-        elif rollout["canary"] is not None and registry.manifest(rollout["canary"]).get("note") == note:
+        elif rollout["canary"] in ours:
             registry.rollback(f"the run stopped during iteration {k}'s canary; the iteration is redone")
             log.warning("iteration %d's canary v%d was left by an interrupted run: rolled back; redoing the iteration", k, rollout["canary"])
-        elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note and marker["export"] is None:
+        elif rollout["stable"] not in (None, current) and rollout["stable"] in ours and marker["export"] is None:
             log.warning(
                 "the fleet runs v%d, which iteration %d released before the run stopped (a run of an earlier build, which kept no record "
                 "of its export): the redone iteration gates against v%s", rollout["stable"], k, current,
             )  # fmt: skip
-        elif rollout["stable"] not in (None, current) and registry.manifest(rollout["stable"]).get("note") == note:
+        elif rollout["stable"] not in (None, current) and rollout["stable"] in ours:
             kept = self.run_dir / "policies" / f"iter{k:03d}-released"
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(self._absolute(marker["export"]), kept)
@@ -356,9 +361,11 @@ class Flywheel:
     def _follow_fleet(self, k: int) -> None:
         """Before iteration ``k``: where the fleet's stable release is not the state's current policy and the loop did not
         make it (an operator rolled the fleet back, or another publisher released), it becomes the current policy, the
-        gate's baseline and the next release's parent, and the run says so (fleet/pipeline/fleet_release.py)."""
+        gate's baseline and the next release's parent, and the run says so (fleet/pipeline/fleet_release.py). The stable
+        version is kept (``fleet_stable``): the iteration releases only while the fleet still runs it (:meth:`_fleet_moved`)."""
         spec = {"robot_model": self.settings.robot_model, "obs_dim": self.task.obs_dim, "act_dim": self.task.act_dim}
-        adopted = fleet_current(self.svc.registry, self.state["current"], self.run_dir, spec)
+        self.fleet_stable = self.svc.registry.rollout()["stable"]
+        adopted = fleet_current(self.svc.registry, self.fleet_stable, self.state["current"], self.run_dir, spec)
         if adopted is None:
             return
         if adopted["export"] != (self.state["current"] or {}).get("export"):
@@ -522,7 +529,7 @@ class Flywheel:
         record["rollout"] = released or {"stage": "not promoted", "reason": decision.reason}
         if released and released.get("canary_reason"):
             self.progress.note(f"iteration {k}: canary v{released['version']} {released['stage']}: {released['canary_reason']}")
-        svc.tracker.log({"rollout/stage": {"not promoted": 0.0, "rolled back": 1.0, "canary kept": 1.0, "widened": 2.0, "released": 2.0}.get(record["rollout"]["stage"], -1.0)}, step)
+        svc.tracker.log({"rollout/stage": ROLLOUT_STAGES.get(record["rollout"]["stage"], -1.0)}, step)
         horizon = f"{self.task.max_steps}_steps"  # telemetry's return is over episode_steps, the gate's evaluations over the task's limit
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", f"return_{s.episode_steps}_steps", f"candidate_eval_{horizon}", f"current_eval_{horizon}"], [
             [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
@@ -562,14 +569,19 @@ class Flywheel:
     def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, on_robot: dict, snapshot_id: str, fleet_returns: dict[str, float], lineage: dict) -> dict:
         """Sign and publish the exported candidate (weights, manifest, folder) with what each robot applies
         around it (``on_robot``: manifest fields sensor_offsets, sensor_filters, body_contexts) to the
-        canaries; widen or roll back from their telemetry."""
+        canaries; widen or roll back from their telemetry. Neither is done once the fleet moved on without the loop (an
+        operator's rollback while the iteration ran: :meth:`_fleet_moved`, :meth:`_settled_outside`)."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
         canaries = robot_order(self.robots)[: s.num_canaries]
+        moved = self._fleet_moved(k)
+        if moved is not None:  # the gate measured the candidate against a policy the fleet no longer runs
+            self.progress.note(f"iteration {k}: not released: {moved}")
+            return {"stage": "fleet moved", "reason": moved}
         write_durably(self.run_dir / RELEASE_FILE, json.dumps({"iteration": k, "export": self._relative(str(export_dir))}).encode())  # _settle_release's clue
         manifest = svc.registry.publish(
             weights, robot_model=s.robot_model, obs_dim=self.task.obs_dim, act_dim=self.task.act_dim, cohort=canaries or None,
-            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **on_robot, note=f"iteration {k}",
+            policy=policy_manifest, data_snapshot=snapshot_id, gate=decision.to_dict(), **on_robot, note=release_note(k),
         )
         version = manifest["version"]
         stage = "widened"
@@ -588,21 +600,60 @@ class Flywheel:
             if verdict.action != "widen":  # regressed, or never reported on the new version
                 reason = verdict.reason if verdict.action == "rollback" else f"canaries did not report on v{version}: {verdict.reason}"
                 try:
-                    svc.registry.rollback(reason, canary=version)  # this iteration's canary, not one published meanwhile
+                    outside = _settled_elsewhere(lambda: svc.registry.rollback(reason, canary=version))  # this iteration's canary, not one published meanwhile
                 except RolloutRefused as exc:
                     if exc.code != "no_stable":
                         raise
                     # a first release: no stable version to return the canaries to, so they keep it (and the registry says so)
                     log.warning("iteration %d: canary v%d %s, but there is no stable version to return %s to: they keep it until a release replaces it", k, version, verdict.reason, canaries)
                     return {"stage": "canary kept", "version": version, "reason": f"{verdict.reason}; no stable version to return to", "canaries": canaries, **judged}
-                return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries, **judged}
-            svc.registry.widen(version)
+                if outside is None:
+                    return {"stage": "rolled back", "version": version, "reason": verdict.reason, "canaries": canaries, **judged}
+            elif (moved := self._fleet_moved(k)) is not None:  # re-checked before widening
+                outside = _settled_elsewhere(lambda: svc.registry.rollback(f"not widened: {moved}", canary=version))
+                if outside is None:  # the fleet moved between the look before publishing and the publish: the canary ran on
+                    self.progress.note(f"iteration {k}: canary v{version} rolled back, not widened: {moved}")
+                    return {"stage": "fleet moved", "version": version, "reason": moved, "canaries": canaries, **judged}
+            else:
+                outside = _settled_elsewhere(lambda: svc.registry.widen(version))
+            if outside is not None:  # an operator (or another publisher) settled the canary while it ran
+                settled = self._settled_outside(k, version, outside, {"canaries": canaries, **judged})
+                if settled is not None:
+                    return settled
         else:
             stage, judged = "released", {}  # no canary stage (loop.num_canaries=0): to every robot at once
         self.state["current"] = {"version": version, "checkpoint": str(trained.checkpoint), "export": str(export_dir)}
         svc.mirror_policy(version, export_dir, s.robot_model, snapshot_id, lineage)
         self._video(k, version, trained.policy, profiles)
         return {"stage": stage, "version": version, "canaries": canaries, **judged}
+
+    def _fleet_moved(self, k: int) -> str | None:
+        """Why iteration ``k`` may no longer release (publish or widen): the fleet's stable version is not the one the
+        iteration began from (``fleet_stable``), so the gate measured its candidate against a policy the fleet no longer
+        runs (an operator rolled the fleet back, or another publisher released, while it ran); None while it is."""
+        stable = self.svc.registry.rollout()["stable"]
+        if stable == self.fleet_stable:
+            return None
+        now, then = (f"v{v}" if v is not None else "no stable version" for v in (stable, self.fleet_stable))
+        return (
+            f"the fleet runs {now}, not {then} as when iteration {k} began (an operator rolled it back, or another "
+            "publisher released, meanwhile): the candidate was measured against a policy the fleet no longer runs; the next "
+            "iteration starts from the fleet's release"
+        )
+
+    def _settled_outside(self, k: int, version: int, why: str, judged: dict) -> dict | None:
+        """Iteration ``k``'s canary ``version`` once widened, rolled back or replaced outside the run while it ran (``why``:
+        what the registry said). None where the fleet runs it (an operator widened it): the loop goes on as if it had;
+        else the iteration's rollout record (``judged``: the canaries and their verdict), the current policy left as it
+        is: the next iteration starts from the fleet's release (:meth:`_follow_fleet`)."""
+        stable = self.svc.registry.rollout()["stable"]
+        if stable == version:
+            self.progress.note(f"iteration {k}: canary v{version} was widened outside the run while it ran ({why}): the fleet runs it")
+            return None
+        now = f"v{stable}" if stable is not None else "no stable version"
+        reason = f"canary v{version} was settled outside the run while it ran ({why}); the fleet runs {now}: the next iteration starts from it"
+        self.progress.note(f"iteration {k}: {reason}")
+        return {"stage": "settled by operator", "version": version, **judged, "reason": reason}
 
     def _video(self, k: int, version: int, policy, profiles: dict) -> None:
         """One evaluation video of the released policy on the first robot's calibrated profile."""
@@ -662,6 +713,16 @@ class Flywheel:
         write_report([*history, final], self.specs, self.run_dir / "report.png")
         return summary
 
+
+
+def _settled_elsewhere(change) -> str | None:
+    """``change()`` (the loop's widen or rollback of its own canary); the registry's text where the canary was no longer
+    there to change (widened, rolled back or replaced outside the run), else None."""
+    try:
+        change()
+    except (NoCanary, CanaryChanged) as exc:
+        return str(exc)
+    return None
 
 
 def _with_noise(factory, std: float, seed: int):
