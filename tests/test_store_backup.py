@@ -1,7 +1,9 @@
-"""`flywheel store backup`: a copy of a store taken while it is written opens and holds what was acknowledged.
+"""`flywheel store backup`: a copy of a store taken while it is written and maintained opens, holds what was
+acknowledged, and can be maintained itself.
 
 A backup probe: 5 of 8 `cp -a` copies of a store taken during ingest did not open ("damaged": the copied ref named a
-snapshot copied before it was written), while the error messages said to restore from a backup."""
+snapshot copied before it was written), while the error messages said to restore from a backup. A second reader:
+copies taken while maintenance ran passed their check but referred to history maintenance had deleted meanwhile."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import pytest
 
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.store.cli import main as store_cli
+from fleet.store import maintenance
+from fleet.store.maintenance import MaintenanceBusy
 from sim.episode import Episode
 from tests.conftest import make_episode_arrays
 
@@ -20,11 +24,12 @@ def episode(k: int) -> Episode:
     return Episode.create(**make_episode_arrays(num_steps=3, seed=k), robot_id=f"r{k % 4}", robot_model="toy", source="real")
 
 
-def test_a_backup_taken_during_ingest_opens_and_holds_every_episode_acknowledged_before_it(tmp_path, capsys):
+def test_a_backup_taken_during_ingest_and_maintenance_opens_holds_every_acknowledged_episode_and_maintains(tmp_path, capsys):
     from fleet.store.backup import backup
 
     path = str(tmp_path / "store")
     writer = EpisodeStore.open_or_create(StoreConfig(path=path, fsync=False))
+    deleted = [0]
     acknowledged: list[str] = []
     stop = threading.Event()
 
@@ -36,25 +41,50 @@ def test_a_backup_taken_during_ingest_opens_and_holds_every_episode_acknowledged
             acknowledged.append(ep.episode_id)
             k += 1
 
-    thread = threading.Thread(target=ingest)
-    thread.start()
+    def maintain():  # a server's maintenance, back to back, expiring all history and deleting what is 0.5 s old
+        while not stop.is_set():
+            try:
+                deleted[0] += maintenance.maintain(writer.location, 0.001, 0.5).deleted_objects
+            except MaintenanceBusy:  # the backup holds it: skipped, as a server's scheduled run is
+                stop.wait(0.01)
+
+    threads = [threading.Thread(target=ingest), threading.Thread(target=maintain)]
+    for t in threads:
+        t.start()
     try:
-        while len(acknowledged) < 5:
+        while len(acknowledged) < 5 or not deleted[0]:
             stop.wait(0.01)
         for n in range(3):
             before = list(acknowledged)
             out = backup(path, str(tmp_path / f"copy{n}"))
-            copy = EpisodeStore.open(StoreConfig(path=str(tmp_path / f"copy{n}"))).snapshot()
-            held = {info.episode_id for info in copy.catalog()}
-            assert set(before) <= held and out["episodes"] == len(held) and out["snapshot_id"] == copy.snapshot_id
-            assert len(copy.read_episodes(copy.catalog())) == len(held)  # every chunk there, every episode checks out
+            copy = EpisodeStore.open(StoreConfig(path=str(tmp_path / f"copy{n}")))
+            snapshot = copy.snapshot()
+            held = {info.episode_id for info in snapshot.catalog()}
+            assert set(before) <= held and out["snapshot_id"] == snapshot.snapshot_id and out["files"] > 0
+            assert len(snapshot.read_episodes(snapshot.catalog())) == len(held)  # every chunk there, every episode checks out
+            maintenance.maintain(copy.location, 0.001, 0.5)  # its whole history is there: maintaining the restored copy finds no damage
     finally:
         stop.set()
-        thread.join()
-    assert not list(tmp_path.glob("*.partial")) and writer.pins() == {}  # the pin let go, nothing half-taken left
-    assert EpisodeStore.open(StoreConfig(path=str(tmp_path / "copy0"))).pins() == {}
-    assert store_cli(["backup", "--store", path, "--to", str(tmp_path / "copy0")]) == 2  # never written over
-    assert "exists: back up into a new folder" in capsys.readouterr().err
+        for t in threads:
+            t.join()
+    assert not list(tmp_path.glob("*.partial")) and deleted[0] > 0
+
+
+def test_backup_refusals_leave_nothing_behind(tmp_path, capsys):
+    path = str(tmp_path / "store")
+    EpisodeStore.open_or_create(StoreConfig(path=path)).append([episode(0)])
+    assert store_cli(["backup", "--store", path, "--to", f"{tmp_path}/bk/"]) == 0  # a trailing slash: the folder bk
+    assert (tmp_path / "bk" / "icechunk").is_dir() and not (tmp_path / "bk.partial").exists()
+    capsys.readouterr()
+    for to, error in (
+        (tmp_path / "bk", "exists: back up into a new folder"),
+        (tmp_path / "store" / "icechunk" / "chunks" / "b", "is inside the store"),
+        (tmp_path / "mine", "mine.partial exists and is not a backup this command left"),
+    ):
+        (tmp_path / "mine.partial").mkdir(exist_ok=True)  # a user's own folder of that name: never removed
+        assert store_cli(["backup", "--store", path, "--to", str(to)]) == 2
+        assert error in capsys.readouterr().err
+    assert (tmp_path / "mine.partial").is_dir() and not (tmp_path / "store" / "icechunk" / "chunks" / "b.partial").exists()
     assert store_cli(["backup", "--store", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 2
     assert "no flywheel episode store at" in capsys.readouterr().err
 

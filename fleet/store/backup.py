@@ -3,87 +3,108 @@
 A store's folder holds write-once objects (snapshots, manifests, transaction logs, chunks) and the refs
 that name each branch's newest snapshot and the pins. A plain ``cp -a`` or ``tar`` of a store being
 written copies ``snapshots/`` before ``refs/`` (the directory's order), so a commit in between leaves
-the copied ref naming a snapshot the copy lacks, and the copy does not open ("damaged"). Here the
-tip is pinned first (maintenance cannot expire it while a long copy runs), the refs are copied
-before any object, then the objects: every object the copied refs reach was written before them.
-Objects deleted while they are copied (maintenance's garbage) are skipped. The copy is checked (it
-opens, and its tip's every manifest reads) in ``<to>.partial`` and renamed into place last, so a
-half-taken backup is never taken for one. The copy lets go of the backup's pin; the store does too.
+the copied ref naming a snapshot the copy lacks, and the copy does not open ("damaged"). Here no
+maintenance runs while the copy does (it holds the maintenance lock, waiting for a run under way;
+a server's scheduled run meanwhile is skipped), the refs are copied before any object, then the
+objects: every object the copied refs reach was written before them, and none is deleted. The copy
+is checked (it opens, and its tip's every manifest reads; chunks are not read) in
+``<to>.partial`` and renamed into place last, so a half-taken backup is never taken for one. The
+source is only read: an older store's schema is copied as it is, not migrated.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
-import uuid
 from pathlib import Path
 
 from fleet.store import backend
-from fleet.store.config import StoreConfig
-from fleet.store.layout import REPO_DIR
-from fleet.store.writer import EpisodeStore
+from fleet.store.layout import BRANCH, REPO_DIR
+from fleet.store.location import Location
+from fleet.store.maintenance import no_maintenance
 
 REFS_FIRST = ("refs", "config.yaml")  # what names the objects: copied before them
 OBJECTS = ("snapshots", "manifests", "transactions", "chunks")
+PARTIAL_MARK = ".flywheel-backup-partial"  # in <to>.partial: this command's own, to remove when a killed run left it
 
 
 def backup(store: str, to: str) -> dict:
-    """Copy the local store at ``store`` to the new folder ``to``; returns what was copied (its tip snapshot, episodes,
-    bytes). ValueError for a store on object storage or a ``to`` that exists; StoreCorruptionError where the copy
-    does not read back (then nothing is left at ``to``)."""
-    source = EpisodeStore.open(StoreConfig(path=store))
-    if not source.location.is_local:
+    """Copy the local store at ``store`` to the new folder ``to``; returns its tip snapshot, files and bytes copied.
+    ValueError (nothing written) for a store on object storage, a ``to`` that exists or lies inside the store;
+    StoreCorruptionError where the copy does not read back (then nothing is left at ``to``)."""
+    location = Location.parse(store)
+    if not backend.repo_exists(location):
+        raise FileNotFoundError(f"no flywheel episode store at {store}; pass --store with the folder of one")
+    if not location.is_local:
         raise ValueError(
             f"{store} is on object storage: back it up with the bucket's own tools (object versioning, or replication to another "
             "bucket), docs/store.md \"Backups\""
         )
-    target, partial = Path(to), Path(f"{to}.partial")
+    source = location.path.resolve()
+    target = Path(os.path.abspath(to))
+    partial = target.with_name(target.name + ".partial")
     if target.exists():
         raise ValueError(f"{to} exists: back up into a new folder (a backup is never written over)")
-    shutil.rmtree(partial, ignore_errors=True)  # a killed backup's leftovers: this command's own name
-    tip = source.snapshot().snapshot_id
-    pin = f"backup.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{uuid.uuid4().hex[:8]}"
-    source.pin(tip, pin)
+    if target.resolve().is_relative_to(source):
+        raise ValueError(f"{to} is inside the store {store}: back up into a folder outside it")
+    if partial.exists():
+        if not (partial / PARTIAL_MARK).is_file():
+            raise ValueError(f"{partial} exists and is not a backup this command left: move it, or back up to another --to")
+        shutil.rmtree(partial)  # a killed backup's leftovers
     try:
-        copied = _copy(source.location.path / REPO_DIR, partial / REPO_DIR)
-    finally:
-        source.unpin(pin)
-    copy = EpisodeStore.open(StoreConfig(path=str(partial)))
-    copy.unpin(pin)
-    newest = copy.snapshot()  # the copied branch's tip: the pinned one, or one committed before the refs were copied
-    found = backend.run(backend.first_damage(copy._repo.readonly_session(snapshot_id=newest.snapshot_id).store))
-    if found is not None:
+        with no_maintenance(location):
+            files, copied = _copy(source / REPO_DIR, partial)
+    except PermissionError as exc:  # a store this user may only read: the maintenance lock cannot be taken
         shutil.rmtree(partial, ignore_errors=True)
-        raise backend.corrupted(copy.location, *found, f": the copy of {store} is incomplete, run the backup again")
-    episodes = len(newest)
+        raise ValueError(f"cannot keep maintenance off {store} while copying it ({exc.strerror}: {exc.filename}): back it up as a user who may write it, or stop its servers and copy the folder") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    tip = _check(partial, store)
+    (partial / PARTIAL_MARK).unlink()
     backend.sync_filesystem(partial)
     os.rename(partial, target)
-    return {"store": store, "to": to, "snapshot_id": newest.snapshot_id, "episodes": episodes, "bytes": copied}
+    return {"store": store, "to": to, "snapshot_id": tip, "files": files, "bytes": copied}
 
 
-def _copy(source: Path, target: Path) -> int:
-    """The refs first, then the objects; returns the bytes copied. An object gone by the time it is copied (maintenance
-    deleted it: nothing the copied refs reach) is skipped."""
+def _copy(source: Path, partial: Path) -> tuple[int, int]:
+    """The refs first, then the objects, into ``partial`` (marked as this command's); returns (files, bytes)."""
+    target = partial / REPO_DIR
     target.mkdir(parents=True)
-    total = 0
+    (partial / PARTIAL_MARK).touch()
+    files = total = 0
     for name in (*REFS_FIRST, *OBJECTS):
         for src in _files(source / name):
             dst = target / src.relative_to(source)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.copy2(src, dst)
-            except FileNotFoundError:
-                continue
-            total += dst.stat().st_size
-    return total
+            shutil.copy2(src, dst)
+            files, total = files + 1, total + dst.stat().st_size
+    return files, total
+
+
+def _check(partial: Path, store: str) -> str:
+    """The copy's tip snapshot id, once the copy opens and every manifest of its tip reads; else StoreCorruptionError
+    (and the copy removed)."""
+    where = Location(path=partial)
+    try:
+        repo = backend.open_repo(where)
+        tip = repo.lookup_branch(BRANCH)
+        found = backend.run(backend.first_damage(repo.readonly_session(snapshot_id=tip).store))
+    except Exception as exc:  # noqa: BLE001  (Icechunk's own error for a copy that does not open)
+        found = ("the repository", backend.short_reason(exc))
+    if found is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise backend.corrupted(where, *found, f": the copy of {store} is incomplete, run the backup again")
+    return tip
 
 
 def _files(path: Path):
-    """Every file under ``path`` (``path`` itself for a file; none where it is gone), listed as the walk goes."""
+    """Every file under ``path`` (``path`` itself for a file), listed as the walk goes, but an object still being written
+    (Icechunk writes ``<id>#<n>`` and renames it: one of a commit after the refs were copied, which they do not name)."""
     if path.is_file():
         yield path
         return
     for folder, _, names in os.walk(path):
-        for name in names:
-            yield Path(folder) / name
+        for name in sorted(names):
+            if "#" not in name:
+                yield Path(folder) / name

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import os
 import re
 import time
@@ -126,19 +127,24 @@ def maintain(location: Location, keep_history_s: float, gc_grace_s: float) -> Ma
 
 
 @contextlib.contextmanager
-def _only_run(location: Location) -> Iterator[None]:
+def _only_run(location: Location, wait: bool = False) -> Iterator[None]:
+    """While the block runs, no other process maintains the local store at ``location`` (:class:`MaintenanceBusy` where
+    one does already, or with ``wait`` once it is done: a backup's copy, fleet/store/backup.py, holds it too)."""
     if not location.is_local:
         yield
         return
     fd = os.open(location.path / MAINTENANCE_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise MaintenanceBusy(f"another process is maintaining the store at {location}; this run is skipped") from None
+            raise MaintenanceBusy(f"another process is maintaining (or backing up) the store at {location}; this run is skipped") from None
         yield
     finally:
         os.close(fd)  # lets the lock go
+
+
+no_maintenance = functools.partial(_only_run, wait=True)  # for a block that must see no object deleted (a backup's copy)
 
 
 def _maintain(location: Location, keep_history_s: float, gc_grace_s: float) -> MaintenanceReport:
