@@ -7,6 +7,7 @@
     flywheel-registry show   --dir runs/fleet/registry
     flywheel-registry refresh --dir runs/fleet/registry --online-key online.pem [--release-key release.pem] [--expiry-s timestamp=3600]   # static hosting: re-sign, then upload <dir>/tuf
     flywheel-registry rollback --server URL --to N --reason TEXT   # the whole fleet back to version N's weights (fleet/apps/registry_rollback.py)
+    flywheel-registry restored --dir runs/fleet/registry --online-key online.pem [--release-key release.pem] --past-version N   # after a restore from a backup (fleet/apps/registry_restored.py)
 
 Key files that do not exist are made (Ed25519 PEM, with a ``.pub`` beside each). ``init`` writes
 root v1; ``rotate`` writes the next root version, signed by the current root threshold and, for
@@ -27,7 +28,9 @@ as every signer of the registry does; ``--expiry-s ROLE=SECONDS`` records a new 
 
 ``rollback`` is the on-call operator's, not a ceremony: it returns the fleet to a known-good version through a fleet
 server (``--server``, a publisher token) or where the registry and its release key are (``--dir``); see
-``flywheel-registry rollback --help`` and docs/security.md, "Rolling the fleet back".
+``flywheel-registry rollback --help`` and docs/security.md, "Rolling the fleet back". ``restored`` brings a registry
+restored from a backup past the versions robots ran and trust (``flywheel-registry restored --help``; docs/security.md,
+"Backing up and restoring the registry").
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import os
 import sys
 from pathlib import Path
 
-from fleet.apps import registry_rollback
+from fleet.apps import registry_restored, registry_rollback
 from fleet.registry.signing import load_signer
 from fleet.registry.store import PolicyRegistry
 from fleet.registry.tuf_repo import (
@@ -68,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rotate":
             cmd.add_argument("--new-root-key", action="append", default=[], help="a key of the new root key set (private PEM); repeat")
     registry_rollback.add_parser(sub)
+    registry_restored.add_parser(sub)
     args = parser.parse_args(argv)
-    if args.command == "rollback":
-        return registry_rollback.run(args)
+    if args.command in ("rollback", "restored"):
+        return {"rollback": registry_rollback, "restored": registry_restored}[args.command].run(args)
     tuf_dir = f"{args.dir.rstrip('/')}/tuf"  # a directory or s3://bucket/prefix (a Path would turn s3:// into s3:/)
     resigned = []  # online roles a rotation re-signed with the new online key
     try:

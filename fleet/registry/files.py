@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from sim.durable import folder_lock, write_durably
+from sim.durable import folder_lock, fsync_dir, write_durably
 
 CHUNK = 1 << 16  # bytes per piece when a file is served
 APPEND_ATTEMPTS = 32
@@ -148,8 +148,13 @@ class LocalFiles:
     def append(self, name: str, data: bytes) -> None:
         path = self.local_dir / _check(name)
         path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
         with open(path, "ab") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the history records the versions given: a power cut must not lose one (a restore's floor)
+        if new:
+            fsync_dir(path.parent)
 
     def list(self, folder: str) -> list[str]:
         directory = self.local_dir / _check(folder)

@@ -37,7 +37,7 @@ from tuf.api.metadata import Snapshot, Targets, Timestamp
 from fleet.registry.files import RegistryFiles, WriteConflict, open_files
 from fleet.registry.manifest import MAX_JSON_BYTES, ROLLOUT_TARGET, build_manifest, manifest_target, version_for, weights_target
 from fleet.registry.signing import canonical_json, load_signer
-from fleet.registry.tuf_repo import RegistryCorrupted, ReleaseKeyMissing, TufRepository
+from fleet.registry.tuf_repo import ONLINE_ROLES, RegistryCorrupted, ReleaseKeyMissing, TufRepository
 from policies.runtime import PolicyLoadError, PolicyWeightsError, load_policy_bytes
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,13 @@ KEEP_VERSIONS = 8  # newest versions kept in the targets metadata besides the st
 RELEASED = ("stable", "canary")  # the history's events of a version published
 REPUBLISHED = ("policy", "data_snapshot", "gate", "sensor_offsets", "body_contexts", "sensor_filters")  # what a rollback sends out again
 SPEC = ("robot_model", "obs_dim", "act_dim")
+MAX_POLICY_VERSION = 99_999_999  # policies/<version:08d>/: the largest version a restore's floor (restored) may name
+# how far a restore (restored) moves targets, snapshot and timestamp past the backup's versions: it must exceed every
+# signature made since the backup. Each change (publish, widen, rollback) signs each role once (a lost race skips up to
+# SKIP_TAKEN more), and the server re-signs a role at half its life: the timestamp about twice a day with the default
+# 1-day life, at most every 150 s with the shortest (300 s). A million covers 25 years of 100 changes a day at the defaults,
+# 4 years at the shortest timestamp life; metadata names carry 9 digits, room for 999 restores.
+METADATA_MARGIN = 1_000_000
 
 
 class RegistryError(ValueError):
@@ -187,8 +194,13 @@ class PolicyRegistry:
 
     def _recorded_versions(self) -> list[int]:
         """Every version the rollout's history records: a version number is never given twice, even where the published
-        targets were pointed back to older ones (robots that ran the first would refuse the second: replay)."""
+        targets were pointed back to older ones (robots that ran the first would refuse the second: replay). A restore's
+        floor (:meth:`restored`) is one of them."""
         return [e["version"] for e in self._history() if type(e.get("version")) is int]
+
+    def next_version(self) -> int:
+        """The version the next release takes: past every version listed or recorded, never a number released before."""
+        return max([*self.versions(), *self._recorded_versions()], default=0) + 1
 
     def published_versions(self) -> list[int]:
         """Every version published here, listed or not: those listed, and those the history records a release of. The
@@ -277,7 +289,7 @@ class PolicyRegistry:
         spec = {"robot_model": robot_model, "obs_dim": obs_dim, "act_dim": act_dim}
 
         def edit() -> dict:
-            version = max([*self.versions(), *self._recorded_versions()], default=0) + 1  # never a number released before
+            version = self.next_version()
             manifest = build_manifest(version=version, weights=weights, **spec, **fields)
             state = self._state()
             if state["stable"] is not None and not spec_change:
@@ -436,6 +448,25 @@ class PolicyRegistry:
         else:
             why = f"v{judged} is not the canary (it was released to every robot, and replaced since)"
         raise CanaryChanged(f"{why}; {judge}")
+
+    def restored(self, past_version: int, margin: int = METADATA_MARGIN) -> dict:
+        """After this registry was restored from a backup older than what robots run (docs/security.md, "Backing up and
+        restoring the registry"): the next release takes a version above ``past_version``, the highest policy version any
+        robot ran (robots refuse a lower one, and one they ran with other weights), recorded in the history as an event
+        ``restored`` naming it (publish numbers past every version the history names: it holds across restarts, and for
+        every replica); then targets, snapshot and timestamp are re-signed ``margin`` versions on (TufRepository.
+        jump_versions), past whatever was signed since the backup, which robots trust. Each call jumps again. Returns the
+        floor, the next version and the metadata versions before and after. Refused before anything is written: a
+        ``past_version`` that is no version, a margin the metadata names have no room for, a process without the keys a
+        release needs."""
+        if isinstance(past_version, bool) or not isinstance(past_version, int) or not 1 <= past_version <= MAX_POLICY_VERSION:
+            raise ValueError(f"past version {past_version!r}: the highest policy version a robot ran, an integer from 1 to {MAX_POLICY_VERSION}")
+        self.require_release()
+        self.repo.check_jump(margin)
+        before = {role: self.repo.open(role).signed.version for role in ONLINE_ROLES}
+        self._record({"version": past_version, "event": "restored", "metadata_margin": margin})  # the floor first: a publish racing the jump is numbered past it
+        after = self.repo.jump_versions(margin)
+        return {"past_version": past_version, "next_version": self.next_version(), "metadata_before": before, "metadata": after}
 
     @property
     def can_release(self) -> bool:

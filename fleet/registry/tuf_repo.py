@@ -79,6 +79,7 @@ TIMESTAMP = "metadata/timestamp.json"
 # root was made. Signed by a key the root rotated out, only those exact files are built on (until re-signed): anything
 # else such a key signs (its thief's) is refused, however many rotations back the key was trusted
 ROTATION_PINS = "x-flywheel-published-at-rotation"
+MAX_METADATA_VERSION = 10**9 - 1  # versioned metadata names carry at most 9 digits (_METADATA_NAME: the server serves no other)
 _METADATA_NAME = re.compile(r"^(?:(\d{1,9})\.(root|snapshot|targets)|root|timestamp)\.json$")
 _VERSIONED = re.compile(r"^(\d{1,9})\.(root|snapshot|targets)\.json$")
 _TARGET_PATH = re.compile(r"^(?:[A-Za-z0-9_-]+/)*[0-9a-f]{64}\.[A-Za-z0-9_.-]+$")
@@ -321,6 +322,44 @@ class TufRepository(Repository):
             self.do_timestamp(force=True)
 
         self.change(edit)
+
+    def jump_versions(self, margin: int) -> dict[str, int]:
+        """Re-sign targets, snapshot and timestamp at their published versions plus ``margin``, committed as a publication
+        is (targets, snapshot, then timestamp): after a restore from a backup, past every version signed since the backup,
+        which robots trust (a TUF client refuses a version lower than the one it trusts, and takes any jump forward).
+        Needs the online key and the targets key; ValueError where a version would pass ``MAX_METADATA_VERSION``. Returns
+        the new versions by role."""
+
+        def edit() -> dict[str, int]:
+            self._require_newest_root()
+            self.require_online()
+            if not self.can_sign(Targets.type):
+                raise ReleaseKeyMissing(self.release_key_advice())
+            if Timestamp.type not in self._md:
+                raise RepositoryNotInitialised(f"{self.files.location} has published nothing yet: there is no version to jump past")
+            self.check_jump(margin)
+            self._follow_expiry()
+            with self.edit_targets() as targets:
+                targets.version += margin - 1  # close() adds the last one
+            with self.edit_snapshot() as snapshot:
+                snapshot.version += margin - 1
+                snapshot.meta["targets.json"] = self.targets_infos["targets.json"]
+            with self.edit_timestamp() as timestamp:
+                timestamp.version += margin - 1
+                timestamp.snapshot_meta = self.snapshot_info
+            return {role: self._md[role].signed.version for role in ONLINE_ROLES}
+
+        return self.change(edit)
+
+    def check_jump(self, margin: int) -> None:
+        """ValueError unless :meth:`jump_versions` by ``margin`` (an integer >= 1) keeps every version within
+        ``MAX_METADATA_VERSION``, saying the largest margin that fits."""
+        newest = max((self._md[role].signed.version for role in ONLINE_ROLES if role in self._md), default=0)
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 1 <= margin <= MAX_METADATA_VERSION - newest:
+            raise ValueError(
+                f"metadata margin {margin!r}: an integer from 1 to {MAX_METADATA_VERSION - newest} (the newest metadata version here "
+                f"is {newest}, and metadata names carry at most 9 digits)"
+            )
 
     def refresh_online(self, *, check_keys: bool = False) -> list[str]:
         """Re-sign what is past half its lifetime (targets, snapshot, timestamp); with
