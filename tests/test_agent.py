@@ -4,6 +4,7 @@ down and a robot restart, permanent refusals set aside, and the flywheel-robot a
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -476,6 +477,21 @@ def test_the_robot_app_refuses_what_cannot_work_before_it_records_anything(tmp_p
     out = subprocess.run([*_robot_app(tmp_path), "episodes=1", override, f"fleet.agent.spool_dir={tmp_path / 'spool'}"], cwd=REPO, env=_robot_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr and (reason is None or reason in out.stderr), out.stderr
     assert not (tmp_path / "spool").exists() and not (Path(REPO) / "runs" / "etc").exists()  # nothing recorded, nothing made outside
+
+
+def test_a_token_is_read_from_its_file_or_variable_and_its_absence_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """One reader for the robot's token and the operator's (flywheel-registry rollback): they had two copies of it."""
+    (tmp_path / "ok.tok").write_text(" t0k\n")
+    (tmp_path / "empty.tok").write_text("\n")
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", "from-env")
+    assert AgentConfig(token_file=str(tmp_path / "ok.tok")).load_token() == "t0k" and AgentConfig().load_token() == "from-env"
+    for file, says in (("missing.tok", "does not exist"), ("", "is a folder"), ("empty.tok", "is empty")):
+        path = tmp_path / file
+        with pytest.raises(ValueError, match=f"^robot token file {re.escape(str(path))} {says}: write the token there \\(create one with"):
+            AgentConfig(token_file=str(path)).load_token()
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", " ")
+    with pytest.raises(ValueError, match=r"^no robot token: set \$FLYWHEEL_ROBOT_TOKEN or fleet.agent.token_file \(create one with"):
+        AgentConfig().load_token()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])

@@ -273,7 +273,11 @@ def test_the_rollback_command_over_http_in_place_and_with_the_server_down(tmp_pa
         assert client.post("/v1/policies", json=body(name, push=0.1 * i)).status_code == 201
     monkeypatch.delenv("FLYWHEEL_PUBLISHER_TOKEN", raising=False)
     assert registry_cli(["rollback", "--server", url, "--to", "1", "--reason", "v3 regressed"]) == 1
-    assert "needs a publisher token" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == "flywheel-registry rollback: no publisher token: set $FLYWHEEL_PUBLISHER_TOKEN or --token-file (issue one with " \
+        "`python -m fleet.server.auth --tokens TOKENS.json add --role publisher`)\n"
+    assert registry_cli(["rollback", "--server", url, "--token-file", str(tmp_path / "none.tok"), "--to", "1", "--reason", "x"]) == 1
+    assert capsys.readouterr().err.startswith(f"flywheel-registry rollback: publisher token file {tmp_path / 'none.tok'} does not exist: write")
     monkeypatch.setenv("FLYWHEEL_PUBLISHER_TOKEN", token)
     assert registry_cli(["rollback", "--server", url, "--to", "1", "--reason", "v3 regressed"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -57,22 +57,31 @@ class AgentConfig:
 
     def load_token(self) -> str:
         """The robot's bearer token from ``token_file`` or the ``token_env`` variable."""
-        if self.token_file:
-            path = Path(self.token_file)
-            if not path.is_file():
-                what = "is a folder" if path.is_dir() else "does not exist"
-                raise FileNotFoundError(f"robot token file {path} {what}; write the token printed by `python -m fleet.server.auth add` there")
+        return read_token(
+            self.token_file, self.token_env, "robot token", "fleet.agent.token_file",
+            "create one with `python -m fleet.server.auth --tokens FILE add --role robot --robot-id ID`",
+        )  # fmt: skip
+
+
+def read_token(token_file: str | None, token_env: str, what: str, file_setting: str, issue: str) -> str:
+    """A bearer token: the text of ``token_file`` where one is given, else of the ``token_env`` environment variable,
+    stripped. ValueError where there is none (a file missing, a folder, unreadable or empty; the variable unset or
+    empty), naming ``what`` token, where it was looked for (``file_setting``: the setting that names a file) and how to
+    get one (``issue``). The robot's agent and the operator's commands (``flywheel-registry rollback``) read theirs so."""
+    if token_file:
+        path = Path(token_file)
+        try:
             token = path.read_text().strip()
-            if not token:
-                raise ValueError(f"robot token file {path} is empty; write the token printed by `python -m fleet.server.auth add` there")
-        else:
-            token = os.environ.get(self.token_env, "").strip()
+        except OSError as exc:
+            why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder"}.get(type(exc), f"cannot be read ({exc.strerror or exc})")
+            raise ValueError(f"{what} file {path} {why}: write the token there ({issue})") from None
         if not token:
-            raise ValueError(
-                f"no robot token: set {self.token_env} or fleet.agent.token_file "
-                "(create one with `python -m fleet.server.auth --tokens FILE add --role robot --robot-id ID`)"
-            )
+            raise ValueError(f"{what} file {path} is empty: write the token there ({issue})")
         return token
+    token = os.environ.get(token_env, "").strip()
+    if not token:
+        raise ValueError(f"no {what}: set ${token_env} or {file_setting} ({issue})")
+    return token
 
 
 @dataclasses.dataclass(frozen=True)

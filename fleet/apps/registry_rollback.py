@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 import httpx
+
+from fleet.agent.config import read_token
 
 TOKEN_ENV = "FLYWHEEL_PUBLISHER_TOKEN"
 TIMEOUT_S = 120.0  # a rollback signs and stores a release: the weights are read, checked and written again
@@ -103,19 +103,13 @@ def _over_http(args: argparse.Namespace) -> dict:
 
 def _token(args: argparse.Namespace) -> str:
     """The publisher token from ``--token-file``, else from the ``--token-env`` variable; :class:`RollbackFailed` without one."""
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise RollbackFailed(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
-    else:
-        token = os.environ.get(args.token_env, "").strip()
-    if not token:
-        raise RollbackFailed(
-            f"--server needs a publisher token: in ${args.token_env} or a --token-file (issue one with `python -m fleet.server.auth "
-            "--tokens TOKENS.json add --role publisher`)"
-        )
-    return token
+    try:
+        return read_token(
+            args.token_file, args.token_env, "publisher token", "--token-file",
+            "issue one with `python -m fleet.server.auth --tokens TOKENS.json add --role publisher`",
+        )  # fmt: skip
+    except ValueError as exc:
+        raise RollbackFailed(str(exc)) from None
 
 
 def _in_place(args: argparse.Namespace) -> dict:
