@@ -483,11 +483,12 @@ def test_a_token_is_read_from_its_file_or_variable_and_its_absence_says_where_it
     """One reader for the robot's token and the operator's (flywheel-registry rollback): they had two copies of it."""
     (tmp_path / "ok.tok").write_text(" t0k\n")
     (tmp_path / "empty.tok").write_text("\n")
+    (tmp_path / "utf16.tok").write_text("t0k\n", encoding="utf-16")  # PowerShell 5's `echo t0k > file`: once a bare UnicodeDecodeError
     monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", "from-env")
     assert AgentConfig(token_file=str(tmp_path / "ok.tok")).load_token() == "t0k" and AgentConfig().load_token() == "from-env"
-    for file, says in (("missing.tok", "does not exist"), ("", "is a folder"), ("empty.tok", "is empty")):
+    for file, says in (("missing.tok", "does not exist"), ("", "is a folder"), ("empty.tok", "is empty"), ("utf16.tok", "is not UTF-8 text")):
         path = tmp_path / file
-        with pytest.raises(ValueError, match=f"^robot token file {re.escape(str(path))} {says}: write the token there \\(create one with"):
+        with pytest.raises(ValueError, match=f"^robot token file {re.escape(str(path))} {says}: write the token there( as plain UTF-8 text)? \\(create one with"):
             AgentConfig(token_file=str(path)).load_token()
     monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", " ")
     with pytest.raises(ValueError, match=r"^no robot token: set \$FLYWHEEL_ROBOT_TOKEN or fleet.agent.token_file \(create one with"):

@@ -172,6 +172,28 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, fleet, capsys, a
     assert {p: p.read_bytes() for p in fleet.dir.rglob("*") if p.is_file()} == files
 
 
+def test_the_largest_margin_offered_leaves_room_for_the_releases_after_it(tmp_path, fleet, capsys):
+    """A margin up to the last 9-digit version was taken: the next release was signed as 1000000000.snapshot.json, a
+    name the server does not serve, and robots could never take a release again."""
+    from fleet.registry.tuf_repo import JUMP_HEADROOM, MAX_METADATA_VERSION
+
+    registry = fleet.start()
+    publish(registry, tmp_path, "v1")
+    robot = fleet.robot("r")
+    assert robot.poll() and running(robot) == 1
+    fleet.stop()
+    newest = max(registry.repo.open(role).signed.version for role in ("targets", "snapshot", "timestamp"))
+    largest = MAX_METADATA_VERSION - JUMP_HEADROOM - newest
+    assert registry_cli(fleet.restored("--past-version", "1", "--metadata-margin", str(largest + 1))) == 1
+    assert f"an integer from 1 to {largest}" in capsys.readouterr().err
+    assert registry_cli(fleet.restored("--past-version", "1", "--metadata-margin", str(largest))) == 0
+    capsys.readouterr()
+    registry = fleet.start()
+    assert publish(registry, tmp_path, "v2", push=0.01) == 2
+    robot = fleet.robot("r")  # the restarted server's address, the same robot state
+    assert robot.poll() and running(robot) == 2  # its metadata names have 9 digits: served, and taken
+
+
 def test_a_registry_that_is_not_there_is_one_line(tmp_path, capsys):
     (tmp_path / "keys").mkdir()
     load_signer(tmp_path / "keys" / "online.pem", create=True)

@@ -75,6 +75,8 @@ def read_token(token_file: str | None, token_env: str, what: str, file_setting: 
         except OSError as exc:
             why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder"}.get(type(exc), f"cannot be read ({exc.strerror or exc})")
             raise ValueError(f"{what} file {path} {why}: write the token there ({issue})") from None
+        except UnicodeDecodeError:  # UTF-16 from PowerShell 5's `echo tok > file`, say
+            raise ValueError(f"{what} file {path} is not UTF-8 text: write the token there as plain UTF-8 text ({issue})") from None
         if not token:
             raise ValueError(f"{what} file {path} is empty: write the token there ({issue})")
         return token

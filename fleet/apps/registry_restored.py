@@ -8,8 +8,10 @@ version any robot ran (the largest ``trusted_version`` in the robots' status, or
 the next release is numbered N+1 or above, recorded in the registry's history (a restart, another replica, a later
 restore of a backup taken after this keep it). Targets, snapshot and timestamp are re-signed ``--metadata-margin``
 versions on (1,000,000 by default: years of re-signing), past what was signed since the backup, which robots trust. Each
-run jumps again. Prints the floor, the next version and the metadata versions before and after as JSON; any refusal is
-one line on stderr and exit 1, with nothing written.
+run jumps again. Prints the floor, the next version, the metadata versions before and after and the root version in
+force as JSON; any refusal is one line on stderr and exit 1, with nothing written but what any server's start re-signs
+(metadata past half its life). Put back the newest root files (a key rotation after the backup) before running it: the
+jump is signed with the keys the root in force names.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
     """0 with the outcome printed as JSON, 1 with one line on stderr."""
     from fleet.registry.files import open_files
     from fleet.registry.signing import load_signer
-    from fleet.registry.store import PolicyRegistry
+    from fleet.registry.store import PolicyRegistry, check_past_version
 
     try:
+        check_past_version(args.past_version)  # asked before the registry is opened (opening re-signs stale metadata)
+        if args.metadata_margin < 1:
+            raise ValueError(f"metadata margin {args.metadata_margin}: an integer from 1 to what the metadata names leave room for")
         files = open_files(args.dir)
         if "1.root.json" not in files.list("tuf/metadata"):  # asked first: opening a registry makes its folders
             raise FileNotFoundError(f"{files.location}/tuf/metadata has no root metadata: give --dir the registry as restored (the folder that holds tuf/)")

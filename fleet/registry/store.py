@@ -459,14 +459,13 @@ class PolicyRegistry:
         floor, the next version and the metadata versions before and after. Refused before anything is written: a
         ``past_version`` that is no version, a margin the metadata names have no room for, a process without the keys a
         release needs."""
-        if isinstance(past_version, bool) or not isinstance(past_version, int) or not 1 <= past_version <= MAX_POLICY_VERSION:
-            raise ValueError(f"past version {past_version!r}: the highest policy version a robot ran, an integer from 1 to {MAX_POLICY_VERSION}")
+        check_past_version(past_version)
         self.require_release()
         self.repo.check_jump(margin)
         before = {role: self.repo.open(role).signed.version for role in ONLINE_ROLES}
         self._record({"version": past_version, "event": "restored", "metadata_margin": margin})  # the floor first: a publish racing the jump is numbered past it
         after = self.repo.jump_versions(margin)
-        return {"past_version": past_version, "next_version": self.next_version(), "metadata_before": before, "metadata": after}
+        return {"past_version": past_version, "next_version": self.next_version(), "metadata_before": before, "metadata": after, "root_version": self.repo.require_root().version}
 
     @property
     def can_release(self) -> bool:
@@ -574,6 +573,12 @@ def root_metadata(directory: str | Path) -> bytes:
     if data is None:
         raise RegistryOpenError(f"{files.location}/tuf/metadata/root.json does not exist: the registry has no root metadata yet")
     return data
+
+
+def check_past_version(past_version: int) -> None:
+    """ValueError unless ``past_version`` (a restore's floor: PolicyRegistry.restored) can be a policy version."""
+    if isinstance(past_version, bool) or not isinstance(past_version, int) or not 1 <= past_version <= MAX_POLICY_VERSION:
+        raise ValueError(f"past version {past_version!r}: the highest policy version a robot ran, an integer from 1 to {MAX_POLICY_VERSION}")
 
 
 def _when(event: dict) -> str:

@@ -79,6 +79,7 @@ TIMESTAMP = "metadata/timestamp.json"
 # root was made. Signed by a key the root rotated out, only those exact files are built on (until re-signed): anything
 # else such a key signs (its thief's) is refused, however many rotations back the key was trusted
 ROTATION_PINS = "x-flywheel-published-at-rotation"
+JUMP_HEADROOM = 10**6  # versions a restore's jump leaves free below MAX_METADATA_VERSION (years of signings)
 MAX_METADATA_VERSION = 10**9 - 1  # versioned metadata names carry at most 9 digits (_METADATA_NAME: the server serves no other)
 _METADATA_NAME = re.compile(r"^(?:(\d{1,9})\.(root|snapshot|targets)|root|timestamp)\.json$")
 _VERSIONED = re.compile(r"^(\d{1,9})\.(root|snapshot|targets)\.json$")
@@ -201,6 +202,8 @@ class TufRepository(Repository):
 
     def close(self, role: str, md: Metadata) -> None:
         md.signed.version += 1
+        if md.signed.version > MAX_METADATA_VERSION:  # its file name would not be served: robots would never see it
+            raise RegistryCorrupted(f"{role} metadata would reach version {md.signed.version}, past the {MAX_METADATA_VERSION} its file names can carry; nothing was signed")
         for _ in range(SKIP_TAKEN):
             try:
                 self._write(role, md)
@@ -352,13 +355,16 @@ class TufRepository(Repository):
         return self.change(edit)
 
     def check_jump(self, margin: int) -> None:
-        """ValueError unless :meth:`jump_versions` by ``margin`` (an integer >= 1) keeps every version within
-        ``MAX_METADATA_VERSION``, saying the largest margin that fits."""
+        """ValueError unless :meth:`jump_versions` by ``margin`` (an integer >= 1) leaves JUMP_HEADROOM versions below
+        ``MAX_METADATA_VERSION`` for the signings after it (a jump to the last version left the next release a 10-digit
+        name the server does not serve: robots stuck), saying the largest margin that fits."""
         newest = max((self._md[role].signed.version for role in ONLINE_ROLES if role in self._md), default=0)
-        if isinstance(margin, bool) or not isinstance(margin, int) or not 1 <= margin <= MAX_METADATA_VERSION - newest:
+        largest = MAX_METADATA_VERSION - JUMP_HEADROOM - newest
+        if isinstance(margin, bool) or not isinstance(margin, int) or not 1 <= margin <= largest:
+            fits = f"an integer from 1 to {largest}" if largest >= 1 else "none fits"
             raise ValueError(
-                f"metadata margin {margin!r}: an integer from 1 to {MAX_METADATA_VERSION - newest} (the newest metadata version here "
-                f"is {newest}, and metadata names carry at most 9 digits)"
+                f"metadata margin {margin!r}: {fits} (the newest metadata version here is {newest}; metadata names carry at most 9 digits, "
+                f"and {JUMP_HEADROOM:,} versions stay free for the signings after the jump)"
             )
 
     def refresh_online(self, *, check_keys: bool = False) -> list[str]:
