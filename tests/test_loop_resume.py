@@ -406,3 +406,13 @@ def test_the_loops_own_releases_are_told_by_one_rule():
     for note in ("iteration 7 of another run: x", "rollback of v2 to the weights of v1: iteration 3", "", None):
         assert loop_iteration({"note": note}) is None
     assert loop_iteration({}) is None
+
+
+def test_calibration_errors_skip_robots_the_loop_does_not_simulate(tmp_path):
+    """A store that also holds robots that uploaded through flywheel-server (a run folder that is the server's): the
+    loop calibrates them with the rest, but has no true profile to score them against; it crashed on KeyError."""
+    fw = flywheel(tmp_path / "run")
+    truth = fw.specs["robot-1"].profile  # the heavy payload's
+    result = types.SimpleNamespace(estimates={"payload_mass": truth.payload_mass * 1.1}, identifiable={"payload_mass": True})
+    errors = fw._calibration_error({"robot-1": result, "reach-1": result})
+    assert truth.payload_mass > 0 and list(errors) == ["robot-1"] and errors["robot-1"]["payload_mass"] == pytest.approx(0.1)

@@ -688,9 +688,12 @@ class Flywheel:
         return functools.partial(_with_noise, self._policy_factory(learner), self.settings.synthetic_action_noise, self.settings.seed * 1_000_003 + k)
 
     def _calibration_error(self, calibrations: dict) -> dict[str, dict[str, float]]:
-        """Relative error of each identifiable estimate vs the robot's hidden true profile (simulated fleet only)."""
+        """Relative error of each identifiable estimate vs the robot's hidden true profile: the loop's simulated robots only
+        (a robot of the store's that the loop does not simulate, one that uploaded through flywheel-server, has no known truth)."""
         out = {}
         for robot_id, result in calibrations.items():
+            if robot_id not in self.specs:
+                continue
             truth = self.specs[robot_id].profile
             out[robot_id] = {
                 p: abs(v - getattr(truth, p)) / max(abs(getattr(truth, p)), 1e-6)
