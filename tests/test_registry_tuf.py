@@ -126,6 +126,21 @@ def test_a_robot_clock_days_ahead_is_named_in_its_expiry_refusal_not_taken_for_a
     assert source.poll() and source.current().version == "1" and abs(source.status()["clock_ahead_s"]) <= 2
 
 
+def test_a_robot_that_sends_no_token_to_a_fleet_servers_registry_is_told_why_it_is_refused(tmp_path, caplog):
+    """A two-model fleet: a robot uploading to one server and pulling from another server's registry sends that one no
+    token (registry_token), and every poll logged a bare 'HTTP 401; keeping zero'."""
+    registry, _, server = registry_server(tmp_path, "robot", "robot-0")
+    source = robot(tmp_path, server, None)
+    try:
+        publish(registry, tmp_path, "v1")
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            assert not source.poll() and source.errors == 1
+        assert "401" in caplog.text and "this robot sends its token only to the fleet server it uploads to" in caplog.text
+    finally:
+        source.close()
+        server.stop()
+
+
 def test_the_clock_offset_reads_a_cached_answer_by_its_age_and_names_only_a_clock_ahead():
     """Behind a cache that held the answers 900 s (its Date the origin's, Age 900), a robot with a right clock was told it
     ran 900 s ahead; a clock behind (which makes nothing look expired) was named too."""

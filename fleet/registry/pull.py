@@ -193,7 +193,7 @@ class SignedPolicySource:
             log.warning("robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
         except (tuf_errors.DownloadError, httpx.HTTPError, OSError, ValueError) as exc:
             self.errors += 1
-            log.warning("policy update failed (%s: %s); keeping %s", exc.__class__.__name__, exc, self._policy.version)
+            log.warning("policy update failed (%s: %s)%s; keeping %s", exc.__class__.__name__, exc, self._no_token_note(exc), self._policy.version)
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
@@ -215,6 +215,15 @@ class SignedPolicySource:
         role, expires = expired
         log.warning("robot %s: the registry's %s metadata this robot trusts expired at %s and no fresh metadata could be fetched: "
                     "the registry looks frozen (blocked, or its signer down)%s; keeping %s", self.robot_id, role, expires.isoformat(), self._clock_note(), self._policy.version)  # fmt: skip
+
+    def _no_token_note(self, exc: Exception) -> str:
+        """What to add where a registry this robot sends no token to answered 401 or 403: a flywheel server's registry
+        routes take the robot token, which goes only to the server the robot uploads to (registry_token)."""
+        if "Authorization" in self._client.headers or getattr(exc, "status_code", None) not in (401, 403):
+            return ""
+        return (f": the registry at {self.url} wants a token, and this robot sends its token only to the fleet server it uploads to; "
+                "point policy.server_url at that server (one server and registry per robot model: docs/robots.md), or serve the "
+                "registry as static files, which need none")  # fmt: skip
 
     def _clock_note(self) -> str:
         """What to add to an expiry refusal when this robot's clock is ahead of the server's by more than CLOCK_SKEW_NOTE_S:
