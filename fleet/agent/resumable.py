@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 2  # transfers per attempt: a complete answered upload_incomplete or digest_mismatch sends (the rest) once more
 MAX_OFFSET_MISMATCHES = 8  # per attempt: 409 offset_mismatch answers followed before the attempt gives up
 MAX_STALLS = 3  # per attempt: chunks acknowledged (200) without the offset moving on before the attempt gives up
-MIN_CHUNK = 64 << 10  # the smallest chunk tried after a proxy refused one as too large (413 not in the server's JSON)
+MIN_CHUNK = 64 << 10  # the smallest chunk tried after a proxy refused one as too large (413 not in the server's JSON) or one timed out (408)
 # refusals about a transfer's state, not about the episode: the upload is mended or started again, never the episode refused
 TRANSFER_ERRORS = ("offset_mismatch", "chunk_too_large", "chunk_past_size", "bad_upload_offset", "chunk_incomplete", "upload_incomplete", "digest_mismatch")
 
@@ -142,6 +142,9 @@ class ResumableSender:
                 self.spool.forget_upload(entry)
                 outcome.error = f"upload {upload_id} is gone from the server; the next attempt starts a new one"
                 return False
+            elif answer.status_code == 408 and len(chunk) > MIN_CHUNK:  # the chunk took longer than the server (or a proxy) waits
+                self.chunk_cap = max(MIN_CHUNK, len(chunk) // 2)  # a slow uplink: smaller chunks, each in time, from the same offset
+                log.info("upload %s: a %d-byte chunk timed out on the way (408); sending %d-byte chunks", upload_id, len(chunk), self.chunk_cap)
             elif answer.status_code in (400, 409, 413):  # the transfer went wrong, not the episode: a new upload next time
                 if answer.status_code == 413 and code is None:  # a proxy's body limit under the server's chunk size
                     self.chunk_cap = max(MIN_CHUNK, min(max_chunk, self.chunk_cap or max_chunk) // 2)

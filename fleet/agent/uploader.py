@@ -7,6 +7,8 @@ Per server answer (docs/protocol.md):
     400, 409, 413, 422                 refused for good, when the answer is the server's JSON refusal of the
                                        episode (409: episode_id_conflict): moved to spool/rejected/ with the reason
     413 not in the server's JSON       a proxy's body limit: the episode goes resumable, in chunks
+    408                                the body took longer than the server or a proxy waits (a slow uplink): the
+                                       episode goes resumable, and a chunk that times out is sent again halved
     401, 403, 404, other 4xx           configuration problem (token, URL, a proxy's page): kept, retried slowly;
                                        except the (status, error code) answers in ``refused_for_good``, refused
                                        for good as above (`flywheel import --server`: 403 robot_id_mismatch, an
@@ -110,7 +112,7 @@ class Uploader:
         self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # one thread uploads; reused
         self.resumable_threshold_bytes = resumable_threshold_bytes
         self._resumable = ResumableSender(self._client, self.server_url, spool, self._compressor, self._stop)
-        self._too_large: set[str] = set()  # episodes a POST got 413 body_too_large for: sent resumable from then on
+        self._too_large: set[str] = set()  # episodes a POST got 413 body_too_large or 408 for: sent resumable from then on
         self.stats = {"created": 0, "duplicate": 0, "rejected": 0, "set_aside": 0, "failed_attempts": 0, "compressed": 0, "sent_bytes": 0}
         self.last_error: str | None = None
         self.last_entry: SpoolEntry | None = None  # the entry the last upload_once tried (its outcome is that call's answer)
@@ -162,6 +164,10 @@ class Uploader:
         self._zstd = self._zstd or _accepts_zstd(response)
         if response.status_code == 413 and error_code(response) in ("body_too_large", None):  # over the server's (or a proxy's) body limit
             log.info("episode %s (%d bytes) is over the server's body limit; sending it as a resumable upload", entry.episode_id, entry.nbytes)
+            self._too_large.add(entry.episode_id)
+            return self._send_resumable(entry, data)
+        if response.status_code == 408:  # the body took longer than the server (or a proxy) waits: a slow uplink, in chunks from now on
+            log.info("episode %s (%d bytes) timed out on the way (408); sending it as a resumable upload, in chunks that arrive in time", entry.episode_id, entry.nbytes)
             self._too_large.add(entry.episode_id)
             return self._send_resumable(entry, data)
         return self._answered(entry, response, compressed)
