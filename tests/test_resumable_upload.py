@@ -139,7 +139,8 @@ def test_interrupted_transfer_resumes_from_the_acknowledged_offset(fleet):
     started = create(fleet, data)
     assert started.status_code == 201 and started.json()["offset"] == 0 and started.json()["max_chunk_bytes"] == CHUNK
     uid = started.json()["upload_id"]
-    assert started.headers["location"] == f"/v1/uploads/{uid}"
+    assert started.headers["location"] == f"uploads/{uid}"  # relative: under a proxy's path prefix it resolves under the prefix too
+    assert str(httpx.URL("https://fleet.example/flywheel/v1/uploads").join(started.headers["location"])) == f"https://fleet.example/flywheel/v1/uploads/{uid}"
     for offset in (0, CHUNK):
         assert put(fleet, uid, data[offset : offset + CHUNK], offset).json() == {"offset": offset + CHUNK}
     host, port = fleet["url"].removeprefix("http://").split(":")

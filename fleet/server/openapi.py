@@ -180,7 +180,7 @@ def _operations() -> dict[tuple[str, str], dict]:
     chunk_body = {"required": True, "description": "the next at most max_chunk_bytes bytes, from Upload-Offset", "content": {"application/octet-stream": {"schema": BINARY}}}
     upload_offset = _headers(Upload_Offset=(True, "the byte offset this chunk starts at (the upload's offset)", {"type": "string", "pattern": "^[0-9]{1,20}$"}))
     progress = {"description": "where the upload stands", "headers": UPLOAD_PROGRESS | {"Cache-Control": _header("no-store")}}
-    created = {"description": "", "headers": {"Location": _header("/v1/uploads/{upload_id}")}, "content": _json(_ref("UploadCreated"))}
+    created = {"description": "", "headers": {"Location": _header("uploads/{upload_id}, relative to the request URL: /v1/uploads/{upload_id}")}, "content": _json(_ref("UploadCreated"))}
     publish_body = {
         "required": True,
         "description": "docs/protocol.md, `POST /v1/policies`; standard JSON (no NaN, Infinity or repeated keys), at most 256 MiB",

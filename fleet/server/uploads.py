@@ -382,7 +382,7 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
             size, digest, coding = parse_create(await read_body(request, MAX_CREATE_BYTES, config.body_timeout_s), config.max_episode_bytes)
         upload, offset, new = await run_in_threadpool(staging.create, robot_id, size, digest, coding)
         answer = {"upload_id": upload.upload_id, "offset": offset, "max_chunk_bytes": config.max_chunk_bytes}
-        return JSONResponse(answer, status_code=201 if new else 200, headers={"Location": f"/v1/uploads/{upload.upload_id}", **NO_STORE})
+        return JSONResponse(answer, status_code=201 if new else 200, headers={"Location": f"uploads/{upload.upload_id}", **NO_STORE})
 
     @router.put("/v1/uploads/{upload_id}")
     async def put_chunk(request: Request, upload_id: str):
