@@ -116,6 +116,24 @@ def test_only_the_servers_acknowledgement_of_the_episode_lets_the_robot_delete_i
         server.close()
 
 
+def test_an_acknowledgement_a_proxy_compressed_is_kept_and_named(tmp_path):
+    """A proxy gzipping answers though the robot asks for identity: the server stored the episode, the robot could not read
+    the acknowledgement and kept sending it, and its error asked whether the URL was the fleet server."""
+
+    def gzipped(method, path, body):
+        status, headers, content = ack(body)
+        return status, {**headers, "Content-Encoding": "gzip"}, gzip.compress(content)
+
+    server = Hostile(gzipped)
+    up = uploader(tmp_path, server.url)
+    try:
+        put(up, 1)
+        assert up.upload_once() == "retry" and up.spool.depth == 1  # kept: nothing read says it was stored
+        assert "Content-Encoding: gzip, though the robot asked for identity" in up.last_error and "fleet server?" not in up.last_error
+    finally:
+        server.close()
+
+
 def test_a_proxys_refusals_never_refuse_a_good_episode_for_good(tmp_path):
     """An nginx-style HTML 413 or 400 once moved good episodes to rejected/ for ever."""
     pages = {"413": (413, {"Content-Type": "text/html"}, b"<html>413 Request Entity Too Large</html>"), "400": (400, {"Content-Type": "text/html"}, b"<html>400</html>")}

@@ -49,6 +49,9 @@ def send_bounded(client: httpx.Client, request: httpx.Request, deadline_s: float
             timer[0].cancel()
 
 
+CODED_ANSWER = "x-flywheel-answer-coding"  # the Content-Encoding of an answer kept raw (a proxy that compresses though asked not to)
+
+
 class AnswerCappedClient(httpx.Client):
     """An ``httpx.Client`` whose answers are read as the module docstring says (``deadline_s``: the client's read
     timeout, for the headers and again for the body); ``stream=True`` requests are left to the caller."""
@@ -62,6 +65,9 @@ class AnswerCappedClient(httpx.Client):
         finally:
             response.close()
         kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        coding = response.headers.get("content-encoding", "").strip()
+        if coding and coding.lower() != "identity":  # read raw, so unreadable: said where the answer is read (CODED_ANSWER)
+            kept.append((CODED_ANSWER, coding))
         return httpx.Response(response.status_code, headers=kept, content=content, request=request)
 
 
