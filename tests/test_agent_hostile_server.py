@@ -134,6 +134,24 @@ def test_an_acknowledgement_a_proxy_compressed_is_kept_and_named(tmp_path):
         server.close()
 
 
+def test_a_resumable_upload_whose_answers_a_proxy_compressed_names_the_coding(tmp_path):
+    """The same proxy on the resumable path: the create's answer failed to decode and was reported as 'not the resumable
+    upload protocol's', naming nothing."""
+
+    def gzipped(method, path, body):
+        answer = json.dumps({"upload_id": "u1", "offset": 0, "max_chunk_bytes": 1 << 20}).encode()
+        return 201, {"Content-Type": "application/json", "Content-Encoding": "gzip"}, gzip.compress(answer)
+
+    server = Hostile(gzipped)
+    up = uploader(tmp_path, server.url, resumable_threshold_bytes=0)
+    try:
+        put(up, 1)
+        assert up.upload_once() == "retry" and up.spool.depth == 1
+        assert "HTTP 201 in Content-Encoding: gzip, though the robot asked for identity" in up.last_error
+    finally:
+        server.close()
+
+
 def test_a_proxys_refusals_never_refuse_a_good_episode_for_good(tmp_path):
     """An nginx-style HTML 413 or 400 once moved good episodes to rejected/ for ever."""
     pages = {"413": (413, {"Content-Type": "text/html"}, b"<html>413 Request Entity Too Large</html>"), "400": (400, {"Content-Type": "text/html"}, b"<html>400</html>")}

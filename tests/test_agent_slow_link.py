@@ -24,7 +24,7 @@ class SlowUplink:
     """A TCP relay on loopback: the robot's bytes go on at RATE, the server's come back at once."""
 
     def __init__(self, upstream: tuple[str, int]):
-        self.upstream, self.listener = upstream, socket.create_server(("127.0.0.1", 0))
+        self.upstream, self.listener, self.rate = upstream, socket.create_server(("127.0.0.1", 0)), RATE
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -35,16 +35,15 @@ class SlowUplink:
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(robot, server, RATE), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, robot, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(robot, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, robot, False), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, rate: int | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, slow: bool) -> None:
         try:
             while data := src.recv(4096):
                 dst.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
+                if slow:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:
@@ -71,6 +70,17 @@ def test_an_episode_slower_than_the_body_timeout_arrives_in_chunks_that_each_do(
         agent.submit(episode)
         assert agent.wait_drained(60), agent.status()
         assert agent.status()["created"] == 1
+        sender = agent.uploader._resumable
+        before = sender.slow_cap
+        assert before is not None and before < len(episode.to_bytes())  # the chunk size the link allowed
+        link.rate = 100 * RATE  # the link recovers: each resumable upload without a timeout doubles the chunks back
+        agent.uploader.resumable_threshold_bytes = 100_000  # these episodes in chunks too
+        caps = []
+        for seed in (1, 2, 3, 4):
+            agent.submit(Episode.create(**make_episode_arrays(num_steps=2500, obs_dim=12, seed=seed), robot_id="r0", robot_model="toy", source="real"))
+            assert agent.wait_drained(60), agent.status()
+            caps.append(sender.slow_cap)
+        assert caps == [2 * before, 4 * before, 8 * before, 16 * before] and agent.status()["created"] == 5  # back up to the server's chunk size
     finally:
         agent.stop()
         link.close()

@@ -71,6 +71,24 @@ class AnswerCappedClient(httpx.Client):
         return httpx.Response(response.status_code, headers=kept, content=content, request=request)
 
 
+def coded_note(response: httpx.Response) -> str | None:
+    """Why an answer kept raw cannot be read, where it came in a content coding (CODED_ANSWER); else None."""
+    coding = response.headers.get(CODED_ANSWER)
+    if not coding:
+        return None
+    return (f"HTTP {response.status_code} in Content-Encoding: {coding}, though the robot asked for identity: its body is not read "
+            "(a proxy on the way compresses answers); serve the fleet server's answers uncompressed")  # fmt: skip
+
+
+def refuse_coded(response: httpx.Response) -> httpx.Response:
+    """``response``, unless it is a 2xx (whose JSON a protocol reads) in a content coding: ValueError saying so
+    (:func:`coded_note`). Another status goes on to be read as it is (its error code, if any, unread)."""
+    note = coded_note(response) if 200 <= response.status_code < 300 else None
+    if note is not None:
+        raise ValueError(note)
+    return response
+
+
 def read_capped(response: httpx.Response, limit: int, deadline_s: float) -> bytes:
     """At most ``limit`` raw bytes of ``response``'s body (the rest is not read), within ``deadline_s`` (:func:`timed`)."""
     parts, size = [], 0

@@ -22,7 +22,7 @@ import threading
 import httpx
 import zstandard
 
-from fleet.agent.answers import error_code
+from fleet.agent.answers import error_code, refuse_coded
 from fleet.agent.spool import Spool, SpoolEntry
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Outcome:
     sent_bytes: int = 0
     compressed: bool = False
     progressed: bool = False
+    timed_out: bool = False  # a chunk of this attempt was answered 408
 
     def settled(self, response: httpx.Response) -> Outcome:
         self.response = response
@@ -56,7 +57,8 @@ class ResumableSender:
 
     def __init__(self, client: httpx.Client, server_url: str, spool: Spool, compressor: zstandard.ZstdCompressor, stop: threading.Event):
         self.client, self.server_url, self.spool, self.compressor, self.stop = client, server_url, spool, compressor, stop
-        self.chunk_cap: int | None = None  # set when something on the way refused the server's chunk size
+        self.chunk_cap: int | None = None  # set when something on the way refused the server's chunk size (a proxy's 413: kept)
+        self.slow_cap: int | None = None  # set when a chunk timed out on the way (408); doubled back by each upload without one
 
     def send(self, entry: SpoolEntry, data: bytes, compress: bool) -> Outcome:
         """One attempt at ``entry`` (its bytes ``data``); ``compress``: zstd for a new upload (a remembered one keeps its coding)."""
@@ -90,17 +92,19 @@ class ResumableSender:
         for _ in range(MAX_ROUNDS):
             if not self._put_from(entry, upload_id, body, offset, max_chunk, outcome):
                 return outcome
-            answer = self.client.post(self._url(upload_id, "/complete"))
+            answer = self._ask("post", self._url(upload_id, "/complete"))
             if error_code(answer) not in ("upload_incomplete", "digest_mismatch"):
                 break
             offset = _offset(answer.json()["offset"], len(body))  # the server's offset: the rest (or, after a digest mismatch, all) again
             log.warning("upload %s of episode %s: %s; sending again from offset %d", upload_id, entry.episode_id, answer.json()["reason"], offset)
+        if self.slow_cap is not None and not outcome.timed_out:  # a whole upload without a timeout: the link may be faster again
+            self.slow_cap = None if 2 * self.slow_cap >= max_chunk else 2 * self.slow_cap
         return outcome.settled(answer)
 
     def _resume(self, entry: SpoolEntry, remembered: dict) -> tuple[str, int, int] | httpx.Response | None:
         """(upload id, offset, max chunk bytes) of the remembered upload; None if the server forgot it; an answer to act on."""
         upload_id = remembered["upload_id"]
-        answer = self.client.head(self._url(upload_id))
+        answer = self._ask("head", self._url(upload_id))
         if answer.status_code == 404:
             log.warning("upload %s of episode %s is gone from the server; starting a new one", upload_id, entry.episode_id)
             self.spool.forget_upload(entry)
@@ -110,7 +114,7 @@ class ResumableSender:
         return upload_id, int(answer.headers["upload-offset"]), int(answer.headers["upload-max-chunk-bytes"])  # checked by _transfer
 
     def _create(self, entry: SpoolEntry, declared: dict) -> tuple[str, int, int] | httpx.Response:
-        answer = self.client.post(f"{self.server_url}/v1/uploads", content=json.dumps(declared), headers={"Content-Type": "application/json"})
+        answer = self._ask("post", f"{self.server_url}/v1/uploads", content=json.dumps(declared), headers={"Content-Type": "application/json"})
         if answer.status_code not in (200, 201):
             return answer
         started = answer.json()
@@ -125,8 +129,8 @@ class ResumableSender:
             if self.stop.is_set():
                 outcome.error = "stopped"
                 return False
-            chunk = view[offset : offset + min(max_chunk, self.chunk_cap or max_chunk)]
-            answer = self.client.put(self._url(upload_id), content=bytes(chunk), headers={"Upload-Offset": str(offset)})
+            chunk = view[offset : offset + min(max_chunk, self.chunk_cap or max_chunk, self.slow_cap or max_chunk)]
+            answer = self._ask("put", self._url(upload_id), content=bytes(chunk), headers={"Upload-Offset": str(offset)})
             outcome.sent_bytes += len(chunk)
             code = error_code(answer)
             if answer.status_code == 200:
@@ -143,8 +147,8 @@ class ResumableSender:
                 outcome.error = f"upload {upload_id} is gone from the server; the next attempt starts a new one"
                 return False
             elif answer.status_code == 408 and len(chunk) > MIN_CHUNK:  # the chunk took longer than the server (or a proxy) waits
-                self.chunk_cap = max(MIN_CHUNK, len(chunk) // 2)  # a slow uplink: smaller chunks, each in time, from the same offset
-                log.info("upload %s: a %d-byte chunk timed out on the way (408); sending %d-byte chunks", upload_id, len(chunk), self.chunk_cap)
+                self.slow_cap, outcome.timed_out = max(MIN_CHUNK, len(chunk) // 2), True  # a slow uplink: smaller chunks, each in time, from the same offset
+                log.info("upload %s: a %d-byte chunk timed out on the way (408); sending %d-byte chunks", upload_id, len(chunk), self.slow_cap)
             elif answer.status_code in (400, 409, 413):  # the transfer went wrong, not the episode: a new upload next time
                 if answer.status_code == 413 and code is None:  # a proxy's body limit under the server's chunk size
                     self.chunk_cap = max(MIN_CHUNK, min(max_chunk, self.chunk_cap or max_chunk) // 2)
@@ -156,6 +160,11 @@ class ResumableSender:
                 outcome.settled(answer)
                 return False
         return True
+
+    def _ask(self, method: str, url: str, **kwargs) -> httpx.Response:
+        """One request of the protocol; an answer in a content coding (a proxy that compresses, though asked not to) is
+        refused here, naming the coding (answers.refuse_coded): its JSON cannot be read."""
+        return refuse_coded(getattr(self.client, method)(url, **kwargs))
 
     def _abort(self, upload_id: str) -> None:
         """DELETE an upload this robot will not finish (best effort: the server expires it anyway)."""

@@ -55,7 +55,7 @@ from collections.abc import Callable, Collection
 import httpx
 import zstandard
 
-from fleet.agent.answers import CODED_ANSWER, AnswerCappedClient, error_code, json_body
+from fleet.agent.answers import AnswerCappedClient, coded_note, error_code, json_body
 from fleet.agent.resumable import TRANSFER_ERRORS, ResumableSender
 from fleet.agent.spool import Spool, SpoolEntry
 
@@ -196,9 +196,8 @@ class Uploader:
         body = _json_or_text(response)
         if 200 <= response.status_code < 300:
             status = body.get("status") if body.get("episode_id") == entry.episode_id else None
-            if status not in ACKNOWLEDGED and response.headers.get(CODED_ANSWER):  # a proxy on the way compresses answers
-                return self._failed(entry, f"HTTP {response.status_code} in Content-Encoding: {response.headers[CODED_ANSWER]}, though the robot asked for identity: "
-                                           "its acknowledgement is not read (a proxy on the way compresses answers); serve the fleet server's answers uncompressed")  # fmt: skip
+            if status not in ACKNOWLEDGED and coded_note(response):  # a proxy on the way compresses answers
+                return self._failed(entry, coded_note(response))
             if status not in ACKNOWLEDGED:  # not the server's acknowledgement of this episode: keep it
                 return self._failed(entry, f"HTTP {response.status_code} that does not acknowledge episode {entry.episode_id} ({str(body)[:200]}): is {self.server_url} the fleet server?")
             self.stats["compressed"] += int(compressed)

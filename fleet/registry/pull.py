@@ -217,9 +217,10 @@ class SignedPolicySource:
                     "the registry looks frozen (blocked, or its signer down)%s; keeping %s", self.robot_id, role, expires.isoformat(), self._clock_note(), self._policy.version)  # fmt: skip
 
     def _no_token_note(self, exc: Exception) -> str:
-        """What to add where a registry this robot sends no token to answered 401 or 403: a flywheel server's registry
-        routes take the robot token, which goes only to the server the robot uploads to (registry_token)."""
-        if "Authorization" in self._client.headers or getattr(exc, "status_code", None) not in (401, 403):
+        """What to add where a registry this robot sends no token to answered 401 (what a flywheel server answers a call
+        without one: its registry routes take the robot token, which goes only to the server the robot uploads to,
+        registry_token). Not a 403: a bucket answers that for a file it does not have (a mistyped path)."""
+        if "Authorization" in self._client.headers or getattr(exc, "status_code", None) != 401:
             return ""
         return (f": the registry at {self.url} wants a token, and this robot sends its token only to the fleet server it uploads to; "
                 "point policy.server_url at that server (one server and registry per robot model: docs/robots.md), or serve the "
