@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> dict:
     from fleet.store.location import WHERE_STORES_ARE
     from fleet.store.maintenance import MaintenanceBusy
 
+    if args.command == "backup":  # before the store is opened here: an open migrates an older schema, and a backup only reads
+        return {"command": "backup", **backup(args.store, args.to)}
     settings = {k: v for k, v in (("keep_history_s", getattr(args, "keep_history_s", None)), ("gc_grace_s", getattr(args, "gc_grace_s", None))) if v is not None}
     try:
         store = EpisodeStore.open(StoreConfig(path=args.store, **settings))
@@ -58,8 +60,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.command == "pin":
         store.pin(args.snapshot, args.name)
         return {"command": "pin", "store": args.store, "name": args.name, "snapshot_id": args.snapshot}
-    if args.command == "backup":
-        return {"command": "backup", **backup(args.store, args.to)}
     if args.command == "unpin":
         store.unpin(args.name)
         return {"command": "unpin", "store": args.store, "name": args.name}
