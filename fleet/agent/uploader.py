@@ -162,12 +162,10 @@ class Uploader:
             return self._failed(entry, f"{exc.__class__.__name__}: {exc}")
         self.stats["sent_bytes"] += len(body)
         self._zstd = self._zstd or _accepts_zstd(response)
-        if response.status_code == 413 and error_code(response) in ("body_too_large", None):  # over the server's (or a proxy's) body limit
-            log.info("episode %s (%d bytes) is over the server's body limit; sending it as a resumable upload", entry.episode_id, entry.nbytes)
-            self._too_large.add(entry.episode_id)
-            return self._send_resumable(entry, data)
-        if response.status_code == 408:  # the body took longer than the server (or a proxy) waits: a slow uplink, in chunks from now on
-            log.info("episode %s (%d bytes) timed out on the way (408); sending it as a resumable upload, in chunks that arrive in time", entry.episode_id, entry.nbytes)
+        too_large = response.status_code == 413 and error_code(response) in ("body_too_large", None)  # over the server's (or a proxy's) body limit
+        if too_large or response.status_code == 408:  # 408: the body took longer than the server (or a proxy) waits, a slow uplink
+            why = "is over the server's body limit" if too_large else "timed out on the way (408)"
+            log.info("episode %s (%d bytes) %s; sending it as a resumable upload, in chunks", entry.episode_id, entry.nbytes, why)
             self._too_large.add(entry.episode_id)
             return self._send_resumable(entry, data)
         return self._answered(entry, response, compressed)
@@ -196,10 +194,8 @@ class Uploader:
         body = _json_or_text(response)
         if 200 <= response.status_code < 300:
             status = body.get("status") if body.get("episode_id") == entry.episode_id else None
-            if status not in ACKNOWLEDGED and coded_note(response):  # a proxy on the way compresses answers
-                return self._failed(entry, coded_note(response))
-            if status not in ACKNOWLEDGED:  # not the server's acknowledgement of this episode: keep it
-                return self._failed(entry, f"HTTP {response.status_code} that does not acknowledge episode {entry.episode_id} ({str(body)[:200]}): is {self.server_url} the fleet server?")
+            if status not in ACKNOWLEDGED:  # not the server's acknowledgement of this episode (or one a proxy compressed): keep it
+                return self._failed(entry, coded_note(response) or f"HTTP {response.status_code} that does not acknowledge episode {entry.episode_id} ({str(body)[:200]}): is {self.server_url} the fleet server?")
             self.stats["compressed"] += int(compressed)
             self.spool.remove(entry)
             self._blame.pop(entry.episode_id, None)
