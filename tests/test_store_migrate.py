@@ -62,3 +62,16 @@ def test_schema_2_store_is_migrated_on_open_and_old_snapshots_still_read(cfg, dr
     assert sorted(root["catalog"].group_keys()) == ["local", "migrated"] and not list(root["catalog"].array_keys())
     assert list(root["catalog/migrated/seq"][:]) == [0, 1, 2] and list(root["catalog/local/seq"][:]) == [3]
     assert root[f"streams/{StreamSignature.of(old[0]).name}"].attrs["writer"] == "migrated"
+
+
+def test_a_backup_of_a_schema_2_store_copies_it_as_it_is(cfg, tmp_path):
+    """`flywheel store backup` opened the store as the other store commands do, and that open migrated a schema-2 store:
+    the backup wrote to the store it only reads. Store and copy now stay schema 2 (the copy migrates when opened)."""
+    from fleet.store.backend import open_repo
+    from fleet.store.cli import main as store_cli
+    from fleet.store.layout import BRANCH
+
+    write_schema_2_store(cfg, [episode(i, steps=4) for i in range(2)])
+    tip = open_repo(cfg.path).lookup_branch(BRANCH)
+    assert store_cli(["backup", "--store", cfg.path, "--to", str(tmp_path / "copy")]) == 0
+    assert open_repo(cfg.path).lookup_branch(BRANCH) == tip == open_repo(str(tmp_path / "copy")).lookup_branch(BRANCH)  # no commit
