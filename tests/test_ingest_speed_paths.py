@@ -11,14 +11,17 @@
 """
 
 import socket
+import tracemalloc
 import uuid
 
 import httpx
 import numpy as np
 import pytest
+import zarr
 
 from fleet.server import ServerConfig, add_token, serve
 from fleet.store import EpisodeStore, StoreConfig, backend
+from fleet.store import layout as layout_module
 from fleet.store import writer as writer_module
 from sim.episode import Episode
 from tests.conftest import make_episode_arrays
@@ -35,9 +38,9 @@ def cameras(frames: int) -> Episode:
     return make_v1_1(extras=camera(frames=frames, rate_hz=60.0), cameras={"wrist": {"codec": "raw-rgb8", "width": 6, "height": 4}}, control_rate_hz="20.0")
 
 
-async def _zarr_rows(self, arr, start, block, tails):
+async def _zarr_rows(self, arr, start, block, tails, grow):
     """What the writer did before: zarr's own resize, then setitem."""
-    await arr.resize((start + len(block), *block.shape[1:]))
+    await arr.resize((start + grow, *block.shape[1:]))
     await arr.setitem(slice(start, start + len(block)), block)
 
 
@@ -63,12 +66,12 @@ PLAN = [
 ]
 
 
-def _build(path: str, monkeypatch, rows_fn) -> EpisodeStore:
+def _build(path: str, monkeypatch, rows_fn, plan=PLAN) -> EpisodeStore:
     monkeypatch.setattr(writer_module.EpisodeStore, "_append_rows", rows_fn)
     cfg = StoreConfig(path=path, chunk_rows=32, index_rows=4)
     store = EpisodeStore.create(cfg)
     t = 1.7e9
-    for step in PLAN:
+    for step in plan:
         if step == "reopen":
             store = EpisodeStore.open(cfg)
             continue
@@ -88,6 +91,66 @@ def test_direct_chunk_writes_store_the_same_bytes_as_zarr_resize_and_setitem(tmp
     assert [e.episode_id for e in snap.catalog()] == [ep.episode_id for ep in appended]
     for ep, back in zip(appended, snap.read_episodes([ep.episode_id for ep in appended])):
         assert back.equals(ep)
+
+
+WIDE = [[cameras(3), episode(40)], [cameras(14)], "reopen", [cameras(9), cameras(2)]]
+
+
+def test_a_wide_array_is_written_in_its_own_chunks_with_no_padding_chunks(tmp_path, monkeypatch):
+    """Camera rows of 72 bytes with 576-byte chunks: 8 rows a chunk against the commits' 32. A commit writes the camera's
+    chunks that hold frames and leaves the rest of its 32 rows unwritten (they read as padding): the same rows, data and
+    padding, as zarr's setitem of the whole padded block, in fewer chunks."""
+    monkeypatch.setattr(layout_module, "MAX_CHUNK_BYTES", 576)
+    grown = []
+
+    async def spy(self, arr, start, block, tails, grow):
+        grown.append((arr.path, len(block), grow))
+        await real(self, arr, start, block, tails, grow)
+
+    real = writer_module.EpisodeStore._append_rows
+    fast = _build(str(tmp_path / "fast"), monkeypatch, spy, WIDE)
+    frames = [(path, rows, grow) for path, rows, grow in grown if path.endswith("image.wrist")]
+    assert frames and all(rows < grow == 32 and rows % 8 == 0 for _, rows, grow in frames)  # 8 of 32 (3 frames), 16 (14), 16 (11)
+
+    async def padded_block(self, arr, start, block, tails, grow):  # the writer before: every row of the block written
+        full = np.full((grow, *block.shape[1:]), arr.metadata.fill_value, dtype=block.dtype)
+        full[: len(block)] = block
+        await _zarr_rows(self, arr, start, full, tails, grow)
+
+    slow = _build(str(tmp_path / "slow"), monkeypatch, padded_block, WIDE)
+    mine, theirs = _contents(fast), _contents(slow)
+    assert set(mine) < set(theirs)  # fewer chunks ...
+    assert [k for k in mine if mine[k] != theirs[k]] == []  # ... and the ones written, the same bytes
+    assert all("image.wrist" in k for k in set(theirs) - set(mine))
+    ids = [ep.episode_id for step in WIDE if step != "reopen" for ep in step]
+    for a, b in zip(fast.snapshot().read_episodes(ids), slow.snapshot().read_episodes(ids)):
+        assert a.equals(b)
+    stream = next(k.rsplit("/", 2)[0] for k in mine if k.endswith("image.wrist/zarr.json"))
+    for store in (fast, slow):
+        array = zarr.open_array(store._repo.readonly_session(branch="main").store, path=stream + "/image.wrist", mode="r", zarr_format=3)
+        assert array.shape[0] == 96  # three commits of 32 rows
+        whole = array[:]
+        assert (whole[3:32] == 0).all() and (whole[32 + 14 : 64] == 0).all() and (whole[64 + 11 :] == 0).all()  # padding, either way
+
+
+def test_a_vga_camera_episode_is_stored_at_the_default_chunk_rows_in_memory_its_size(tmp_path):
+    """One 640x480 frame pair at the default 16,384 rows a commit: the commit builds the camera's 16-row chunk that holds
+    them (14 MiB), not 16,384 rows of frames (14 GiB: it failed with MemoryError)."""
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store")))
+    assert store.info["chunk_rows"] == 16384
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (2, 480, 640, 3), dtype=np.uint8)
+    ep = Episode.create(**make_episode_arrays(num_steps=1, obs_dim=3), robot_id="r0", robot_model="toy", source="sim", policy_version="p",
+                        extras={"image.wrist": frames})  # fmt: skip
+    tracemalloc.start()
+    try:
+        assert store.append([ep]).statuses == ("created",)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200 << 20, f"a 1.8 MB episode's commit peaked at {peak >> 20} MiB"
+    (back,) = EpisodeStore.open(StoreConfig(path=str(tmp_path / "store"))).snapshot().read_episodes([ep.episode_id])
+    assert back.equals(ep)
 
 
 def test_remembered_chunks_are_not_used_after_another_handle_committed(tmp_path):

@@ -95,6 +95,14 @@ def _encode_inline(pipeline, chunks: list) -> list:
     return out
 
 
+def _block_rows(arr: AsyncArray, used: int, chunk_rows: int) -> int:
+    """Rows of a commit's block for ``arr`` holding ``used`` rows of data: whole chunks of the array's own, up to the
+    ``chunk_rows`` boundary the array grows to (the chunks past them hold only padding and are not written)."""
+    grid = arr.metadata.chunk_grid
+    rows = grid.chunk_shape[0] if isinstance(grid, RegularChunkGrid) else chunk_rows
+    return min(padded(used, rows), padded(used, chunk_rows))
+
+
 def canonical_digest(episode: Episode) -> bytes:
     """sha256 of the episode's canonical safetensors bytes (what idempotency compares)."""
     return hashlib.sha256(encode_safetensors(episode.arrays(), episode.metadata)).digest()
@@ -518,7 +526,7 @@ class EpisodeStore:
         opened = await asyncio.gather(self._catalog_arrays(session), *(self._stream_arrays(session, name, sig) for name, (sig, _) in by_stream.items()))
         catalog, streams = opened[0], opened[1:]
         first = catalog["episode_id"].shape[0]
-        writes: list[tuple] = []  # (array, start, block)
+        writes: list[tuple] = []  # (array, start, block, rows the array grows by)
         records: list[dict] = [{}] * len(items)
         for (name, (sig, ks)), arrays in zip(by_stream.items(), streams):
             blocks, frames = self._stream_blocks(sig, arrays, [items[k].episode for k in ks], [first + k for k in ks])
@@ -528,18 +536,19 @@ class EpisodeStore:
                 records[k] = record_of(items[k].episode, items[k].digest, items[k].upload_time, name, row, frames[j], seq=total + k)
                 row += items[k].episode.num_steps + 1
         values = columns(records)
-        writes += [(catalog[c], first, values[c]) for c in COLUMNS]
-        await asyncio.gather(*(self._append_rows(arr, start, block, tails or {}) for arr, start, block in writes))
-        self._written_meta.update({arr.path: arr.metadata for arr, _, _ in writes})
+        writes += [(catalog[c], first, values[c], len(values[c])) for c in COLUMNS]
+        await asyncio.gather(*(self._append_rows(arr, start, block, tails or {}, grow) for arr, start, block, grow in writes))
+        self._written_meta.update({arr.path: arr.metadata for arr, *_ in writes})
         return _Written(catalog["seq"], first, len(items))
 
-    async def _append_rows(self, arr: AsyncArray, start: int, block: np.ndarray, tails: dict) -> None:
-        """Grow ``arr`` (``start`` rows) by the rows of ``block``: what ``arr.resize`` then ``arr.setitem``
-        store, byte for byte (the same metadata document, the same chunks through the array's own
-        codec pipeline), with one metadata write and one batched encode per array. A chunk that
-        already holds rows is completed from ``tails`` (what this writer's last commit left in it)
-        or read back; arrays whose chunks do not span their whole trailing axes take zarr's path."""
-        new_shape = (start + len(block), *block.shape[1:])
+    async def _append_rows(self, arr: AsyncArray, start: int, block: np.ndarray, tails: dict, grow: int) -> None:
+        """Grow ``arr`` (``start`` rows) by ``grow`` rows, the first ones ``block``'s, the rest (whole chunks of
+        padding, if any) left unwritten: they read as the fill value. What ``arr.resize`` then ``arr.setitem`` of
+        ``block`` store, byte for byte (the same metadata document, the same chunks through the array's own codec
+        pipeline), with one metadata write and one batched encode per array. A chunk that already holds rows is
+        completed from ``tails`` (what this writer's last commit left in it) or read back; arrays whose chunks do
+        not span their whole trailing axes take zarr's path."""
+        new_shape = (start + grow, *block.shape[1:])
         meta = arr.metadata
         grid = meta.chunk_grid
         if (
@@ -547,7 +556,8 @@ class EpisodeStore:
             or not len(block) or meta.zarr_format != 3 or not arr.config.write_empty_chunks
         ):  # fmt: skip
             await arr.resize(new_shape)
-            await arr.setitem(slice(start, start + len(block)), block)
+            if len(block):
+                await arr.setitem(slice(start, start + len(block)), block)
             return
         meta = meta.update_shape(new_shape)
         rows = grid.chunk_shape[0]
@@ -589,20 +599,22 @@ class EpisodeStore:
             self._written_tails[arr.path] = (new_shape[0] - end, block[len(block) - end :].copy())
 
     def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> tuple[list[tuple], list[dict]]:
-        """(array, first row, block) of every data array of one stream: whole new chunks, padded;
-        and per episode {image.NAME: (first row, frames)} of its cameras with their own clock."""
+        """(array, first row, block, rows it grows by) of every data array of one stream; and per episode
+        {image.NAME: (first row, frames)} of its cameras with their own clock. Every array grows to the next
+        multiple of ``chunk_rows``; its block covers the array's own chunks that hold data (a wide array's chunks
+        are shorter, ``array_chunk_rows``), so a commit's memory follows its episodes, not ``chunk_rows`` x a row."""
         chunk_rows = self.info["chunk_rows"]
         row0 = arrays[EPISODE_INDEX].shape[0]  # always a multiple of chunk_rows
-        rows = padded(sum(ep.num_steps + 1 for ep in episodes), chunk_rows)
+        used = sum(ep.num_steps + 1 for ep in episodes)
         steps = [s for s in sig.arrays if s.length != "frames"]
-        out = [(arrays[s.name], row0, stack_rows(episodes, s, rows, arrays[s.name].metadata.fill_value)) for s in steps]
-        out.append((arrays[EPISODE_INDEX], row0, episode_index_rows(episodes, catalog_rows, rows)))
+        out = [(arrays[s.name], row0, stack_rows(episodes, s, _block_rows(arrays[s.name], used, chunk_rows), arrays[s.name].metadata.fill_value), padded(used, chunk_rows)) for s in steps]
+        out.append((arrays[EPISODE_INDEX], row0, episode_index_rows(episodes, catalog_rows, padded(used, chunk_rows)), padded(used, chunk_rows)))
         frames: list[dict] = [{} for _ in episodes]
         for s in (s for s in sig.arrays if s.length == "frames"):  # each camera's arrays share its frame rows
             start = arrays[s.name].shape[0]  # a multiple of chunk_rows too
-            total = padded(sum(ep.arrays()[s.name].shape[0] for ep in episodes), chunk_rows)
-            block, starts = stack_frames(episodes, s, total, arrays[s.name].metadata.fill_value)
-            out.append((arrays[s.name], start, block))
+            count = sum(ep.arrays()[s.name].shape[0] for ep in episodes)
+            block, starts = stack_frames(episodes, s, _block_rows(arrays[s.name], count, chunk_rows), arrays[s.name].metadata.fill_value)
+            out.append((arrays[s.name], start, block, padded(count, chunk_rows)))
             for k, ep in enumerate(episodes):
                 frames[k][s.camera] = (start + starts[k], int(ep.arrays()[s.name].shape[0]))
         return out, frames
