@@ -111,3 +111,25 @@ def test_a_refused_server_or_robot_start_leaves_no_log_folder_and_an_accepted_on
     assert ran.returncode == 1 and "not uploaded within drain_timeout_s" in ran.stderr, ran.stderr[-1500:]
     (log,) = (tmp_path / "runs" / "fleet" / "logs" / "robot").glob("*/*/robot.log")  # accepted: its record stays
     assert (log.parent / ".hydra" / "config.yaml").is_file()
+
+
+def test_a_server_started_in_a_folder_it_cannot_write_says_which_setting_moves_its_logs(tmp_path):
+    """A service's working directory is / or another read-only folder: the server ended with two Hydra tracebacks
+    ("PermissionError raised while resolving interpolation ... hydra.run.dir") and no word of what to set."""
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    (locked / "runs").write_text("a file where the log folders' parent would go")  # unwritable for root too
+    server = _app(locked, "server", f"fleet.store.path={tmp_path / 'store'}")
+    assert server.returncode == 1, server.stderr[-1500:]
+    assert "Traceback" not in server.stderr and "cannot make the folder" in server.stderr and "hydra.run.dir=" in server.stderr, server.stderr[-1500:]
+
+
+def test_a_site_configs_hydra_run_dir_leaves_no_default_log_folder_in_the_working_directory(tmp_path):
+    """OmegaConf resolves the shipped ${new_folder:runs/fleet/logs/server/<time>} it merges the site's value over: an
+    empty runs/fleet/logs/server/<time>/ was made in the working directory, at every start."""
+    conf, cwd, logs = tmp_path / "conf", tmp_path / "cwd", tmp_path / "logs"
+    conf.mkdir(), cwd.mkdir()
+    (conf / "site.yaml").write_text(f"defaults:\n  - server\n  - _self_\nfleet:\n  server:\n    max_body_bytes: 100\nhydra:\n  run:\n    dir: {logs}\n")
+    server = _app(cwd, "server", "--config-dir", str(conf), "--config-name", "site")
+    assert server.returncode == 1 and "max_body_bytes" in server.stderr, server.stderr[-1500:]  # refused: it stops at once
+    assert sorted(cwd.rglob("*")) == [], sorted(str(p) for p in cwd.rglob("*"))

@@ -197,6 +197,7 @@ def _discard_empty_sweeps() -> None:
     folders it made above its run folders (``runs/``), if a refused start left them empty."""
     from fleet.conf import folders_made, parents_made
 
+    discard_stray_folders()
     for made in folders_made():
         if made.is_dir() and [p.name for p in made.iterdir()] == ["multirun.yaml"]:
             shutil.rmtree(made, ignore_errors=True)
@@ -211,6 +212,7 @@ def discard_log_folder_if_refused() -> None:
     accepted the start (:func:`accept_start`), as a refused ``flywheel`` start leaves no ``runs/<time>/`` behind."""
     from fleet.conf import parents_made
 
+    discard_stray_folders()
     if (new := _new_job_folder()) is not None:
         atexit.register(_discard_unaccepted, new, tuple(parents_made()))
 
@@ -221,6 +223,25 @@ def accept_start() -> None:
 
     if HydraConfig.initialized():
         _ACCEPTED.add(Path(HydraConfig.get().runtime.output_dir).resolve())
+        discard_stray_folders()
+
+
+def discard_stray_folders() -> None:
+    """Empty folders this process made for a setting's value that the config then replaced, and the empty folders made
+    above them: OmegaConf resolves an interpolation it merges a value over, so a site config's ``hydra.run.dir`` still
+    made the shipped default's ``runs/fleet/logs/<app>/<time>/`` in the working directory. Hydra's output folder of
+    this job, and the folders above it, stay."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fleet.conf import folders_made, parents_made
+
+    if not HydraConfig.initialized():
+        return
+    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    for folder in (*folders_made(), *parents_made()):  # the made folders, then their parents, deepest first
+        if folder != out and folder not in out.parents:
+            with contextlib.suppress(OSError):  # not empty, or gone
+                folder.rmdir()
 
 
 def accept_run_folder(app: str, run_dir: Path) -> None:

@@ -12,6 +12,7 @@ registers the schemas in Hydra's ConfigStore; the YAML's ``defaults`` name them 
 """
 
 import os
+import sys
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent)
@@ -45,21 +46,32 @@ def _unique_folder(name: str) -> str:
     if ".." in Path(name).parts:  # a robot.robot_id of ../../x in runs/fleet/logs/robot/<id>/<time> would climb out: it
         name = str(Path(*("_" if part == ".." else part for part in Path(name).parts)))  # stays inside; the app refuses the id
     if name not in _MADE:
-        parent = Path(name).parent
-        _PARENTS_MADE.extend(p.resolve() for p in (parent, *parent.parents) if not p.exists())
-        parent.mkdir(parents=True, exist_ok=True)
-        for k in range(1, 10_000):
-            candidate = name if k == 1 else f"{name}-{k}"
-            try:
-                os.mkdir(candidate)  # atomic: exactly one process makes each
-            except FileExistsError:
-                continue
-            _MADE[name] = candidate
-            _MADE_AT.append(Path(candidate).resolve())
-            break
-        else:
-            raise ValueError(f"{name}: 10,000 folders of that name exist; clean up runs/")
+        try:
+            _make_unique(name)
+        except OSError as exc:  # a service started in / or another read-only folder: say which setting moves it, in one line
+            # (SystemExit: Hydra and OmegaConf wrap an Exception from a resolver in two screens of traceback)
+            raise SystemExit(
+                f"{Path(sys.argv[0]).name}: cannot make the folder {Path(name).absolute()} for this run's log and Hydra files "
+                f"({exc.strerror or exc}): start it in a folder you can write (a service's WorkingDirectory=), or set "
+                "hydra.run.dir=<a folder you can write> (docs/config.md, Running as a service)"
+            ) from None
     return _MADE[name]
+
+
+def _make_unique(name: str) -> None:
+    parent = Path(name).parent
+    _PARENTS_MADE.extend(p.resolve() for p in (parent, *parent.parents) if not p.exists())
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        candidate = name if k == 1 else f"{name}-{k}"
+        try:
+            os.mkdir(candidate)  # atomic: exactly one process makes each
+        except FileExistsError:
+            continue
+        _MADE[name] = candidate
+        _MADE_AT.append(Path(candidate).resolve())
+        return
+    raise ValueError(f"{name}: 10,000 folders of that name exist; clean up runs/")
 
 
 def folders_made() -> list[Path]:
