@@ -15,7 +15,9 @@ from fleet.pipeline.ray_start import start_ray
 from fleet.registry.store import open_registry
 from fleet.store import EpisodeStore, StoreConfig
 from fleet.wandb_offline import offline_run
+from sim.episode import Episode
 from sim.sensor_filter import filter_digest
+from tests.conftest import make_episode_arrays
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
@@ -65,8 +67,12 @@ def shared_ray(tmp_path_factory):
 
 
 def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
-    summary = flywheel(tmp_path / "run").run()
+    updated = [Episode.create(**make_episode_arrays(num_steps=20, obs_dim=5, act_dim=1, seed=k), robot_id="robot-fw", robot_model="pendulum", source="real")
+               for k in range(2)]  # fmt: skip
+    EpisodeStore.open_or_create(StoreConfig(path=str(tmp_path / "run" / "store"))).append(updated)  # a firmware update: obs 4 -> 5
+    summary = flywheel(tmp_path / "run").run()  # it crashed every iteration (calibration: "observations must be (N, 4)")
     first, second = summary["iterations"]
+    assert first["data"]["other_layout"] == {"robot-fw": {"episodes": 2, "obs_dim": 5, "act_dim": 1}}  # left out, said
     assert first["policy_versions"] == ["zero"]
     assert first["gate"]["promote"], first["gate"]["reason"]
     assert first["rollout"]["stage"] == "widened" and first["rollout"]["version"] == 1
@@ -90,7 +96,7 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
 
     store = EpisodeStore.open(StoreConfig(path=str(tmp_path / "run" / "store")))
     snapshot = store.snapshot()
-    real = snapshot.episodes(source="real")
+    real = [e for e in snapshot.episodes(source="real") if e.robot_id != "robot-fw"]
     assert {e.robot_id for e in real} == {"robot-0", "robot-1"} and len(real) >= 2 * 2 * 2
     for robot in ("robot-0", "robot-1"):  # every real step the robots took counts, the canary's too (left out once)
         assert final["real_steps"][robot] == sum(e.num_steps for e in real if e.robot_id == robot), robot

@@ -193,6 +193,25 @@ def test_a_redone_iteration_trains_on_the_sim_data_its_first_attempt_began_with(
     assert counts == {"real": 1, "sim": 0, "real_in_store": 2, "sim_in_store": 2}
 
 
+def test_episodes_of_another_layout_under_the_robots_model_are_left_out_and_named(tmp_path):
+    """A robot whose firmware update widened its observation (4 -> 5) under the same robot_model: its episodes were read
+    with the others, and calibration stopped every iteration of the fleet's training ("observations must be (N, 4)")."""
+    from fleet.pipeline.services import Services
+    from fleet.store import EpisodeStore, StoreConfig
+    from sim.episode import Episode
+    from tests.conftest import make_episode_arrays
+
+    def episode(seed: int, robot: str, obs_dim: int, source: str = "real") -> Episode:
+        return Episode.create(**make_episode_arrays(num_steps=3, obs_dim=obs_dim, act_dim=1, seed=seed), robot_id=robot, robot_model="pendulum", source=source)
+
+    store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
+    store.append([episode(0, "robot-0", 4), episode(1, "robot-fw", 5), episode(2, "robot-fw", 5), episode(3, "robot-0", 4, "sim"), episode(4, "x", 4, "sim")])
+    _, real, sim, counts = Services.of_store(store).read_data("pendulum", None, None, None, (4, 1))
+    assert [e.metadata["robot_id"] for e in real] == ["robot-0"] and len(sim) == 2
+    assert counts["other_layout"] == {"robot-fw": {"episodes": 2, "obs_dim": 5, "act_dim": 1}} and counts["real_in_store"] == 1
+    assert "other_layout" not in Services.of_store(store).read_data("pendulum", None, None, None, None)[3]  # no dims: all, as before
+
+
 def test_each_iteration_reads_only_the_catalog_rows_committed_since_the_last(tmp_path, monkeypatch):
     """The loop reads its iteration's start (for the sim episodes) and the tip: the start was opened without a base, so
     every iteration loaded the whole catalog however long the fleet had run (a second reader's count: 20, 40, 60, 80)."""

@@ -276,7 +276,7 @@ def test_transitions_and_episode_split(cfg):
 def test_transitions_refuse_mixed_dimensions(cfg):
     store = EpisodeStore.create(cfg)
     store.append([episode(1), episode(2, obs_dim=5, robot_model="big")])
-    with pytest.raises(ValueError, match="select one robot_model"):
+    with pytest.raises(ValueError, match="select episodes of one layout"):
         store.snapshot().transitions(store.snapshot().catalog())
 
 

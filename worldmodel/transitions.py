@@ -101,7 +101,7 @@ def check_compatible(episodes: Sequence[Episode]) -> tuple[str, int, int]:
         if got != (robot, obs_dim, act_dim):
             raise ValueError(
                 f"episode {ep.episode_id} is (robot, obs_dim, act_dim)={got}, but the first is {(robot, obs_dim, act_dim)}: "
-                "train one world model per robot model"
+                "train one world model per robot model and layout (a robot whose observation or action changed under the same model: leave it out)"
             )
     return robot, int(obs_dim), int(act_dim)
 

@@ -110,26 +110,33 @@ class Services(contextlib.AbstractContextManager):
 
     # -- data ---------------------------------------------------------------------------------
     def read_data(
-        self, robot_model: str, sim_snapshot: str | None = None, real_window: int | None = None, sim_window: int | None = None
-    ) -> tuple[str, list[Episode], list[Episode], dict[str, int]]:
+        self, robot_model: str, sim_snapshot: str | None = None, real_window: int | None = None, sim_window: int | None = None,
+        dims: tuple[int, int] | None = None,
+    ) -> tuple[str, list[Episode], list[Episode], dict]:
         """Pin the store's latest snapshot; its real episodes of ``robot_model``, and its sim episodes as of
         ``sim_snapshot`` where given (the iteration's start: a redone iteration does not train on the scenarios its
         interrupted attempt stored), robot by robot (:func:`in_robot_order`), so that what trains on them does not
         depend on how uploads interleaved. Of each, only the newest ``real_window`` (``sim_window``) steps
         (:func:`newest_within`; None: all), so that an iteration's memory and time stay bounded however long the
-        fleet has run. Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
+        fleet has run. With ``dims`` (the task's obs_dim, act_dim), episodes of another layout (a robot whose firmware
+        changed its observation, under the same robot_model) are left out, not read: counts' ``other_layout`` says whose
+        (robot -> {"episodes", "obs_dim", "act_dim"}). Returns (snapshot id, real, sim, counts: episodes read, and stored,
+        per source)."""
         self.store.refresh_index()
         start = None if sim_snapshot is None else self.store.snapshot(sim_snapshot, base=self._last_read)
         if start is not None:
             start.catalog()  # read on from the last read's catalog, and the tip's on from this one's (both only what is new)
         snapshot = self.store.snapshot(base=self._last_read if start is None else start)
         self._pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
-        stored_real = snapshot.episodes(robot_model=robot_model, source="real")
+        other: dict[str, dict] = {}
+        stored_real = _of_layout(snapshot, snapshot.episodes(robot_model=robot_model, source="real"), dims, other)
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if start is None else start
-        stored_sim = before.episodes(robot_model=robot_model, source="sim")
+        stored_sim = _of_layout(before, before.episodes(robot_model=robot_model, source="sim"), dims, other)
         sim = before.read_episodes(newest_within(stored_sim, sim_window))
         counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
+        if other:
+            counts["other_layout"] = other
         self._last_read = snapshot
         return snapshot.snapshot_id, real, sim, counts
 
@@ -283,6 +290,24 @@ def in_robot_order(infos: list) -> list:
     The catalog is in commit order, which depends on how concurrent robots' uploads met the group
     commit; this order does not, so one seed gives one run."""
     return sorted(infos, key=lambda info: info.robot_id)  # stable: a robot's own order is kept
+
+
+def _of_layout(snapshot, infos: list, dims: tuple[int, int] | None, other: dict[str, dict]) -> list:
+    """``infos`` whose observation and action widths are ``dims`` (all with None); the others counted into ``other`` by
+    robot, with the widths they have."""
+    if dims is None:
+        return infos
+    kept = []
+    for info in infos:
+        sig = snapshot.signature(info.stream)
+        names = {a.name for a in sig.arrays}
+        have = (sig.obs_dim if "observation" in names else None, sig.act_dim if "action" in names else None)
+        if have == tuple(dims):
+            kept.append(info)
+            continue
+        seen = other.setdefault(info.robot_id, {"episodes": 0, "obs_dim": have[0], "act_dim": have[1]})
+        seen["episodes"] += 1
+    return kept
 
 
 def newest_within(infos: list, max_steps: int | None) -> list:

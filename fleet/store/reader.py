@@ -184,9 +184,13 @@ class StoreSnapshot:
         infos = list(infos)
         if not infos:
             raise ValueError(f"no episodes selected from snapshot {self.snapshot_id}; loosen the filters")
-        dims = {(self.signature(i.stream).obs_dim, self.signature(i.stream).act_dim) for i in infos}
-        if len(dims) > 1:
-            raise ValueError(f"selected episodes mix (obs_dim, act_dim) {sorted(dims)}; select one robot_model")
+        robots: dict[tuple[int, int], set[str]] = {}
+        for i in infos:
+            robots.setdefault((self.signature(i.stream).obs_dim, self.signature(i.stream).act_dim), set()).add(i.robot_id)
+        if len(robots) > 1:
+            said = "; ".join(f"{dims}: {', '.join(sorted(ids)[:5])}{' ...' if len(ids) > 5 else ''}" for dims, ids in sorted(robots.items()))
+            raise ValueError(f"selected episodes mix (obs_dim, act_dim) layouts, by robot: {said}; select episodes of one layout "
+                             "(one robot_model; a robot whose observation or action changed under the same model: leave its robot_id out)")  # fmt: skip
         names = ("observation", "action", "reward", "terminated", "truncated")
         per_episode = self._checked(infos, lambda: backend.run(self._read_arrays(infos, names, full_rows=True)))
         steps = np.array([i.num_steps for i in infos], np.int64)
