@@ -63,3 +63,24 @@ def test_the_data_window_keeps_each_robots_newest_episodes_whatever_the_interlea
     expected = [ep.episode_id for r in ("robot-0", "robot-1") for ep in episodes[r][-4:]] + [ep.episode_id for ep in episodes["robot-2"]]
     assert kept[0] == kept[1] == expected
 
+
+
+def test_the_data_window_passes_what_no_robot_can_use_of_its_share_to_long_episodes_that_fit(caplog):
+    """A warehouse robot records one 500,000-step episode a shift: with a 1,000,000-step window over three robots its
+    share (490,000) was under that episode, so it trained on nothing and the window stayed 2 % used. What no robot
+    can use of its share goes to the next older episodes, the shortest first; an episode longer than the window is
+    named."""
+    import types
+
+    from fleet.pipeline.services import newest_within
+
+    def info(robot: str, n: int, k: int):
+        return types.SimpleNamespace(robot_id=robot, num_steps=n, episode_id=f"{robot}/{k}")
+
+    infos = [info("wh-02", 20_000, 0), info("wh-01", 300_000, 0), info("wh-01", 500_000, 1), info("wh-03", 2_000_000, 0), info("wh-04", 100, 0)]
+    with caplog.at_level("WARNING", logger="fleet.pipeline.services"):
+        kept = [i.episode_id for i in newest_within(infos, 700_000)]
+    assert kept == ["wh-01/1", "wh-02/0", "wh-04/0"]  # 520,100 of 700,000 steps (was 20,100); wh-01's older 300,000 does not fit
+    assert "robot wh-03's newest episode (2000000 steps) is longer than the data window (700000 steps)" in caplog.text
+    assert "wh-01" not in caplog.text
+    assert [i.episode_id for i in newest_within(infos, 1_000_000)] == ["wh-01/0", "wh-01/1", "wh-02/0", "wh-04/0"]  # 820,100

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import heapq
 import json
 import logging
 import os
@@ -315,7 +316,9 @@ def newest_within(infos: list, max_steps: int | None) -> list:
     ``max_steps`` in all (None: every entry). The budget is shared evenly between robots, and what a robot with less
     data leaves goes to the others; each robot's cut depends only on its own uploads and the share, never on how the
     robots' uploads interleaved, so one seed still gives one run. Episodes past the window stay in the store. Whole
-    episodes only: what of a robot's share no episode fits is not passed on (under an episode's steps a robot)."""
+    episodes only; what of the shares no robot's next episode fits goes to the robots' next older episodes, the shortest
+    first (a robot that records one long episode a shift got nothing, its share under that episode's steps, and the
+    window stayed mostly empty). A robot whose newest episode alone is longer than the window gets nothing, with a warning."""
     if max_steps is None:
         return in_robot_order(infos)
     robots: dict[str, list] = collections.defaultdict(list)
@@ -326,13 +329,28 @@ def newest_within(infos: list, max_steps: int | None) -> list:
     for n, r in enumerate(sorted(robots, key=lambda r: (held[r], r))):  # the smallest first: the rest is split among the others
         share[r] = min(held[r], left // (len(robots) - n))
         left -= share[r]
-    kept = []
+    taken = {r: _count_newest(eps, share[r]) for r, eps in robots.items()}  # robot -> how many of its newest episodes
+    left = max_steps - sum(i.num_steps for r in robots for i in robots[r][len(robots[r]) - taken[r] :])
+    waiting = [(robots[r][-taken[r] - 1].num_steps, r) for r in robots if taken[r] < len(robots[r])]
+    heapq.heapify(waiting)
+    while waiting and waiting[0][0] <= left:  # the shortest next episode first; none fits once the shortest does not
+        steps, r = heapq.heappop(waiting)
+        left -= steps
+        taken[r] += 1
+        if taken[r] < len(robots[r]):
+            heapq.heappush(waiting, (robots[r][-taken[r] - 1].num_steps, r))
     for r in sorted(robots):
-        newest, steps = [], 0
-        for info in reversed(robots[r]):
-            if steps + info.num_steps > share[r]:
-                break
-            newest.append(info)
-            steps += info.num_steps
-        kept.extend(reversed(newest))
-    return kept
+        if not taken[r] and robots[r][-1].num_steps > max_steps:
+            log.warning("robot %s's newest episode (%d steps) is longer than the data window (%d steps): none of its episodes train; "
+                        "raise loop.real_window_steps (loop.sim_window_steps for sim episodes) or record shorter episodes", r, robots[r][-1].num_steps, max_steps)
+    return [info for r in sorted(robots) for info in robots[r][len(robots[r]) - taken[r] :]]
+
+
+def _count_newest(episodes: list, budget: int) -> int:
+    """How many of ``episodes``' newest (the last) fit in ``budget`` steps, whole."""
+    count, steps = 0, 0
+    for info in reversed(episodes):
+        if steps + info.num_steps > budget:
+            break
+        count, steps = count + 1, steps + info.num_steps
+    return count
