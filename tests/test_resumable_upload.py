@@ -287,6 +287,44 @@ def test_concurrent_completes_of_one_upload_create_it_once(fleet):
     assert fetch(fleet, ep.episode_id).content == data
 
 
+def test_completes_share_one_memory_budget_and_the_one_beyond_it_is_completed_again(fleet, monkeypatch):
+    """A complete holds ~3x its episode (the body, the arrays, their encoding): N robots completing 4 GiB episodes at once
+    held N x 12 GiB with nothing to push back. The completes share what one max_episode_bytes complete takes (3 x 4 MiB
+    here): r1's 2.3 MiB episode does not fit beside r0's, gets 503 completing_busy, its upload kept, and completes
+    once r0's has."""
+    from fleet.server.uploads import Staging
+
+    first, sent = episode("r0", steps=48_000, seed=21), episode("r1", steps=48_000, seed=22)
+    uploads = {}
+    for who, ep in (("r0", first), ("r1", sent)):
+        data = ep.to_bytes()
+        assert 2 << 20 < len(data) <= SMALL["max_episode_bytes"]  # two of them are over the budget together
+        uploads[who] = uid = create(fleet, data, who).json()["upload_id"]
+        for offset in range(0, len(data), CHUNK):
+            assert put(fleet, uid, data[offset : offset + CHUNK], offset, who).status_code == 200
+    reading, go = threading.Event(), threading.Event()
+    read_whole = Staging.read_whole
+
+    def held_up(self, upload):
+        if upload.robot_id == "r0":
+            reading.set()
+            go.wait(30)
+        return read_whole(self, upload)
+
+    monkeypatch.setattr(Staging, "read_whole", held_up)
+    answers = {}
+    r0 = threading.Thread(target=lambda: answers.setdefault("r0", call(fleet, "post", uploads["r0"], "/complete", "r0")))
+    r0.start()
+    assert reading.wait(30)  # r0's complete holds its share of the budget
+    busy = call(fleet, "post", uploads["r1"], "/complete", "r1")
+    assert (busy.status_code, busy.json()["error"], busy.headers["retry-after"]) == (503, "completing_busy", "1"), busy.text
+    go.set()
+    r0.join(30)
+    assert answers["r0"].status_code == 201, answers["r0"].text
+    again = call(fleet, "post", uploads["r1"], "/complete", "r1")  # the upload was kept: completed, nothing sent again
+    assert again.status_code == 201 and fetch(fleet, sent.episode_id).content == sent.to_bytes(), again.text
+
+
 def test_a_complete_that_loses_the_race_to_another_replica_answers_duplicate(fleet, monkeypatch):
     """Replica B read the upload's record, then replica C completed it and deleted its bytes before B read them:
     B answered 404 no_such_upload for an episode that was stored, and the robot sent it all again."""

@@ -52,15 +52,15 @@ class DecodeBudget:
     reserves what its frame declares, or its whole bound when the frame does not say; when the budget cannot
     hold it, the upload gets 503 and its robot retries later: memory stays bounded however many robots try."""
 
-    def __init__(self, total: int):
-        self.total, self.held = total, 0
+    def __init__(self, total: int, error: str = "decoding_busy", reason: str = "the server is decompressing other large uploads; retry shortly"):
+        self.total, self.held, self.error, self.reason = total, 0, error, reason
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
         with self._lock:
             if self.held and self.held + nbytes > self.total:
-                raise ApiError(503, "decoding_busy", "the server is decompressing other large uploads; retry shortly", None, {"Retry-After": "1"})
+                raise ApiError(503, self.error, self.reason, None, {"Retry-After": "1"})
             self.held += nbytes
         try:
             yield
