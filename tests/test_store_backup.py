@@ -7,8 +7,13 @@ copies taken while maintenance ran passed their check but referred to history ma
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +92,58 @@ def test_backup_refusals_leave_nothing_behind(tmp_path, capsys):
     assert (tmp_path / "mine.partial").is_dir() and not (tmp_path / "store" / "icechunk" / "chunks" / "b.partial").exists()
     assert store_cli(["backup", "--store", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 2
     assert "no flywheel episode store at" in capsys.readouterr().err
+
+
+def test_two_backups_to_one_folder_at_once_one_takes_it_the_other_is_refused_and_a_killed_ones_leftovers_go(tmp_path, capsys, monkeypatch):
+    """A concurrency probe: two backups to one --to at once (a cron job and an operator) removed each other's
+    <to>.partial (taken for a killed run's leftovers, since a running one bears the same mark): in 15 of 20 tries both
+    failed, with raw OS errors or "the episode store at <to>.partial is damaged ... restore it from a backup"."""
+    from fleet.store import backup as backup_module
+
+    path, to = str(tmp_path / "store"), str(tmp_path / "bk")
+    EpisodeStore.open_or_create(StoreConfig(path=path)).append([episode(0), episode(1)])
+    check, copied, go_on, result = backup_module._check, threading.Event(), threading.Event(), {}
+
+    def held_check(partial, store):  # the first run, its copy taken, pauses before checking and renaming it
+        copied.set()
+        go_on.wait(60)
+        return check(partial, store)
+
+    monkeypatch.setattr(backup_module, "_check", held_check)
+    first = threading.Thread(target=lambda: result.update(backup_module.backup(path, to)))
+    first.start()
+    try:
+        assert copied.wait(60)
+        monkeypatch.setattr(backup_module, "_check", check)
+        assert store_cli(["backup", "--store", path, "--to", to]) == 2  # refused at once: it neither waits nor touches the copy
+        assert capsys.readouterr().err.strip() == f"flywheel store backup: error: another backup to {to} is running (pid {os.getpid()}): wait for it, or choose another --to"
+        assert (tmp_path / "bk.partial" / backup_module.PARTIAL_MARK).is_file()
+    finally:
+        go_on.set()
+        first.join()
+    snapshot = EpisodeStore.open(StoreConfig(path=to)).snapshot()
+    assert result["snapshot_id"] == snapshot.snapshot_id and len(snapshot.read_episodes(snapshot.catalog())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bk", "store"]  # no .partial, no lock's file
+    assert store_cli(["backup", "--store", path, "--to", to]) == 2 and "bk exists: back up into a new folder" in capsys.readouterr().err
+
+    # a backup killed (SIGKILL) after its copy: its lock goes with it, and the next run removes its .partial
+    killed = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom fleet.store import backup as b\n"
+        "def hang(partial, store): print('copied', flush=True); time.sleep(600)\n"
+        f"b._check = hang\nb.backup({path!r}, {str(tmp_path / 'later')!r})"
+    )], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert killed.stdout.readline().strip() == "copied"
+        assert store_cli(["backup", "--store", path, "--to", str(tmp_path / "later")]) == 2
+        assert f"(pid {killed.pid})" in capsys.readouterr().err
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    assert (tmp_path / "later.partial" / backup_module.PARTIAL_MARK).is_file()
+    assert store_cli(["backup", "--store", path, "--to", str(tmp_path / "later")]) == 0
+    snapshot = EpisodeStore.open(StoreConfig(path=str(tmp_path / "later"))).snapshot()
+    assert len(snapshot.read_episodes(snapshot.catalog())) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bk", "later", "store"]
 
 
 def test_a_store_on_object_storage_is_backed_up_with_the_bucket_tools(s3_server, tmp_path):

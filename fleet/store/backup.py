@@ -8,14 +8,19 @@ maintenance runs while the copy does (it holds the maintenance lock, waiting for
 a server's scheduled run meanwhile is skipped), the refs are copied before any object, then the
 objects: every object the copied refs reach was written before them, and none is deleted. The copy
 is checked (it opens, and its tip's every manifest reads; chunks are not read) in
-``<to>.partial`` and renamed into place last, so a half-taken backup is never taken for one. The
+``<to>.partial`` and renamed into place last, so a half-taken backup is never taken for one. One backup
+to a ``to`` at a time: each holds a lock on ``<to>.partial.lock`` throughout (a concurrency probe: two at once,
+a cron job's and an operator's, removed each other's ``.partial`` and in 15 of 20 tries both failed). The
 source is only read: an older store's schema is copied as it is, not migrated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from fleet.store import backend
@@ -47,24 +52,57 @@ def backup(store: str, to: str) -> dict:
         raise ValueError(f"{to} exists: back up into a new folder (a backup is never written over)")
     if target.resolve().is_relative_to(source):
         raise ValueError(f"{to} is inside the store {store}: back up into a folder outside it")
-    if partial.exists():
-        if not (partial / PARTIAL_MARK).is_file():
-            raise ValueError(f"{partial} exists and is not a backup this command left: move it, or back up to another --to")
-        shutil.rmtree(partial)  # a killed backup's leftovers
-    try:
-        with no_maintenance(location):
-            files, copied = _copy(source / REPO_DIR, partial)
-    except PermissionError as exc:  # a store this user may only read: the maintenance lock cannot be taken
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ValueError(f"cannot keep maintenance off {store} while copying it ({exc.strerror}: {exc.filename}): back it up as a user who may write it, or stop its servers and copy the folder") from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    tip = _check(partial, store)
-    (partial / PARTIAL_MARK).unlink()
-    backend.sync_filesystem(partial)
-    os.rename(partial, target)
+    with _only_backup(target, to):  # from here on no other backup to ``to`` writes, removes or renames <to>.partial
+        if target.exists():  # one that finished while this run waited for the lock's file
+            raise ValueError(f"{to} exists: back up into a new folder (a backup is never written over)")
+        if partial.exists():
+            if not (partial / PARTIAL_MARK).is_file():
+                raise ValueError(f"{partial} exists and is not a backup this command left: move it, or back up to another --to")
+            shutil.rmtree(partial)  # a killed backup's leftovers (its lock went with its process)
+        try:
+            with no_maintenance(location):
+                files, copied = _copy(source / REPO_DIR, partial)
+        except PermissionError as exc:  # a store this user may only read: the maintenance lock cannot be taken
+            shutil.rmtree(partial, ignore_errors=True)
+            raise ValueError(f"cannot keep maintenance off {store} while copying it ({exc.strerror}: {exc.filename}): back it up as a user who may write it, or stop its servers and copy the folder") from None
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        tip = _check(partial, store)
+        (partial / PARTIAL_MARK).unlink()
+        backend.sync_filesystem(partial)
+        os.rename(partial, target)
     return {"store": store, "to": to, "snapshot_id": tip, "files": files, "bytes": copied}
+
+
+@contextlib.contextmanager
+def _only_backup(target: Path, to: str) -> Iterator[None]:
+    """While the block runs, no other backup to ``target`` runs: ValueError at once for one that finds this one there.
+    The lock's file, ``<to>.partial.lock`` (the holder's pid in it), goes when the block ends; a run that locked it as it
+    went opens the new one (or, once the backup is in place, finds ``to`` exists)."""
+    lock = target.with_name(target.name + ".partial.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ValueError(f"another backup to {to} is running{f' (pid {pid})' if pid else ''}: wait for it, or choose another --to") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file its holder removed as it finished: lock the one now there
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a run that opened it meanwhile opens a new one (above)
+        os.close(fd)
 
 
 def _copy(source: Path, partial: Path) -> tuple[int, int]:
