@@ -495,10 +495,11 @@ def test_a_token_is_read_from_its_file_or_variable_and_its_absence_says_where_it
         AgentConfig().load_token()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl_c", "sigterm", "sighup"])
 def test_the_robot_app_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, sig):
-    """episodes=0 ends on Ctrl-C or a service manager's SIGTERM: the status and one line, exit 130, no traceback;
-    SIGINT too where the app inherited it ignored, as a shell's background job does."""
+    """episodes=0 ends on Ctrl-C, a service manager's SIGTERM or SIGHUP (a unit's `ExecReload=kill -HUP`, a closed
+    terminal: it killed the robot on the spot): the status and one line, exit 130, no traceback; SIGINT too where the
+    app inherited it ignored, as a shell's background job does."""
     spool = tmp_path / "spool"
     ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
     running = subprocess.Popen([*_robot_app(tmp_path), "episodes=0", f"fleet.agent.spool_dir={spool}"], cwd=REPO, env=_robot_env(),

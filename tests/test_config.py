@@ -564,3 +564,20 @@ def test_the_loops_steps_and_decisions_reach_its_log_file_once_and_the_console_o
     assert (ran.stdout + ran.stderr).count("resuming run_dir at iteration 3") == 1  # the console shows it once (not Hydra's handler too)
     stopped = "flywheel: interrupted; rerun with run_dir=r to resume it"  # why the run stopped: in the file too (it jumped to "resuming")
     assert logged.count(stopped) == 1 and (ran.stdout + ran.stderr).count(stopped) == 1
+
+
+def test_a_path_in_the_users_home_is_expanded_in_every_app_setting(monkeypatch, tmp_path):
+    """Nothing expanded ``~``: ``fleet.store.path='~/store'`` made a folder named ``~`` in the working directory (the
+    log line read like the home folder), and a robot's token file in the home was "not there"."""
+    import fleet.conf.schema_fleet  # noqa: F401
+
+    from fleet.conf.schema_tools import check
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("server", overrides=["fleet.store.path='~/store'", "fleet.server.token_file='~'", "fleet.registry.root_keys=['~/k/root.pem']"])
+        robot = compose("robot", overrides=["fleet.agent.token_file='~/robot.token'"])
+    check(cfg, "flywheel-server"), check(robot, "flywheel-robot")
+    assert cfg.fleet.store.path == f"{tmp_path}/store" and cfg.fleet.server.token_file == str(tmp_path)
+    assert list(cfg.fleet.registry.root_keys) == [f"{tmp_path}/k/root.pem"] and robot.fleet.agent.token_file == f"{tmp_path}/robot.token"
+    assert not cfg.fleet.registry.dir.startswith(str(tmp_path))  # a relative default stays relative

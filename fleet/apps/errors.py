@@ -51,15 +51,18 @@ def _note_in_log_file(line: str) -> None:
 
 
 def stop_on_signals() -> None:
-    """SIGTERM (how service managers stop a process) and SIGINT both raise ``KeyboardInterrupt``, the app's one way
-    to stop cleanly: SIGINT even where the process inherited it ignored (a shell's background job starts so, and
-    Python then installs no Ctrl-C handler of its own)."""
+    """SIGTERM (how service managers stop a process), SIGINT and SIGHUP (a closed terminal; a unit's ``ExecReload=kill
+    -HUP``: these apps have nothing to reload, and SIGHUP's default killed them on the spot) all raise
+    ``KeyboardInterrupt``, the app's one way to stop cleanly: SIGINT even where the process inherited it ignored (a
+    shell's background job starts so, and Python then installs no Ctrl-C handler of its own); SIGHUP not where it
+    is ignored (``nohup``: the run outlives its terminal)."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, interrupt)
 
 
 SWEPT_KEY = {"flywheel": "seed", "flywheel-train": "policy.trainer.seed"}  # a key each app sweeps, for run_dir's hint

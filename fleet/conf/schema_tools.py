@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -146,6 +147,22 @@ def check(cfg: Any, app: str) -> None:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise SystemExit(f"{app}: {key + ': ' if key else ''}{str(exc).strip().splitlines()[0]}") from None
+    expand_home(cfg)
+
+
+def expand_home(node: Any) -> None:
+    """Every setting whose value is ``~`` or starts with ``~/`` (a path in the user's home) expanded in place: no code
+    expands it, so ``fleet.store.path='~/store'`` made a folder named ``~`` in the working directory, and a token file
+    in the home was "not there". Applies what a shell does for an unquoted ``~``."""
+    from omegaconf import DictConfig, ListConfig
+
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node)) if isinstance(node, ListConfig) else ()
+    for key in keys:
+        value = node[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            expand_home(value)
+        elif isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            node[key] = os.path.expanduser(value)
 
 
 def instantiated(node: Any, key: str) -> Any:

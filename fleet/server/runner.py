@@ -59,7 +59,8 @@ def _with_registry(routes: RoutesFactory | None, policy_registry, server: Server
 def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: RoutesFactory | None = None) -> uvicorn.Server:
     store = EpisodeStore.open_or_create(store_cfg)
     if store.created_here:  # a mistyped fleet.store.path would split the fleet's data over two stores: say so at every first start
-        log.warning("created a new, empty episode store at %s (fleet.store.path): if the fleet's store is elsewhere, stop and fix the path", store.location)
+        where = store.location.path.absolute() if store.location.is_local else store.location  # a relative path: relative to what, in a journal?
+        log.warning("created a new, empty episode store at %s (fleet.store.path): if the fleet's store is elsewhere, stop and fix the path", where)
     if not store_cfg.writer_id and not store.location.is_local:
         log.warning(
             "fleet.store.writer_id is not set: this replica writes to the store as %s, a new id each start, so each restart adds a "
