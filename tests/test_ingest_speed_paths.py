@@ -133,9 +133,9 @@ def test_a_wide_array_is_written_in_its_own_chunks_with_no_padding_chunks(tmp_pa
         assert (whole[3:32] == 0).all() and (whole[32 + 14 : 64] == 0).all() and (whole[64 + 11 :] == 0).all()  # padding, either way
 
 
-def test_a_vga_camera_episode_is_stored_at_the_default_chunk_rows_in_memory_its_size(tmp_path):
+def test_a_vga_camera_episode_is_stored_and_read_at_the_default_chunk_rows_in_memory_its_size(tmp_path):
     """One 640x480 frame pair at the default 16,384 rows a commit: the commit builds the camera's 16-row chunk that holds
-    them (14 MiB), not 16,384 rows of frames (14 GiB: it failed with MemoryError)."""
+    them (14 MiB), not 16,384 rows of frames (14 GiB: it failed with MemoryError), and a read reads that chunk."""
     store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store")))
     assert store.info["chunk_rows"] == 16384
     rng = np.random.default_rng(3)
@@ -149,8 +149,15 @@ def test_a_vga_camera_episode_is_stored_at_the_default_chunk_rows_in_memory_its_
     finally:
         tracemalloc.stop()
     assert peak < 200 << 20, f"a 1.8 MB episode's commit peaked at {peak >> 20} MiB"
-    (back,) = EpisodeStore.open(StoreConfig(path=str(tmp_path / "store"))).snapshot().read_episodes([ep.episode_id])
-    assert back.equals(ep)
+    snapshot = EpisodeStore.open(StoreConfig(path=str(tmp_path / "store"))).snapshot()
+    snapshot.catalog()
+    tracemalloc.start()
+    try:
+        (back,) = snapshot.read_episodes([ep.episode_id])  # in the camera's own 16-row chunks (it read 16,384 rows: 14 GiB)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert back.equals(ep) and peak < 200 << 20, f"reading it back peaked at {peak >> 20} MiB"
 
 
 def test_remembered_chunks_are_not_used_after_another_handle_committed(tmp_path):

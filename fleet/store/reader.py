@@ -335,26 +335,32 @@ class StoreSnapshot:
             await asyncio.gather(*(frames(spec, ks) for spec in specs if spec.length == "frames"))
             specs = [s for s in specs if s.length != "frames"]
             spans = [(infos[k].row, infos[k].row + infos[k].num_steps + 1) for k in ks]
-            runs = _runs(spans, self.info["chunk_rows"])
             arrays = await asyncio.gather(*(backend.open_array(store=self._session.store, path=data_path(stream, s.name), mode="r") for s in specs))
-            blocks = await asyncio.gather(*(arr.getitem(slice(a, b)) for arr in arrays for a, b in runs))
+            runs = [_runs(spans, _chunk_rows(arr)) for arr in arrays]  # each array's own chunks: a camera's are shorter
+            blocks = await asyncio.gather(*(asyncio.gather(*(arr.getitem(slice(a, b)) for a, b in r)) for arr, r in zip(arrays, runs)))
             for j, spec in enumerate(specs):
                 for k in ks:
                     info = infos[k]
                     sl = slice(info.row, info.row + info.num_steps + 1) if full_rows else rows_of(spec, info.row, info.num_steps)
-                    out[k][spec.name] = _slice_runs(blocks[j * len(runs) : (j + 1) * len(runs)], runs, sl)
+                    out[k][spec.name] = _slice_runs(blocks[j], runs[j], sl)
 
         async def frames(spec, ks: list[int]) -> None:
             """A camera with its own clock: each episode's rows from its catalog ``frames`` entry."""
             where = [dict((c, (a, n)) for c, a, n in infos[k].frames)[spec.camera] for k in ks]
-            runs = _runs([(a, a + n) for a, n in where], self.info["chunk_rows"])
             arr = await backend.open_array(store=self._session.store, path=data_path(infos[ks[0]].stream, spec.name), mode="r")
+            runs = _runs([(a, a + n) for a, n in where], _chunk_rows(arr))
             blocks = await asyncio.gather(*(arr.getitem(slice(a, b)) for a, b in runs))
             for k, (a, n) in zip(ks, where):
                 out[k][spec.name] = _slice_runs(blocks, runs, slice(a, a + n))
 
         await asyncio.gather(*(one(stream, ks) for stream, ks in by_stream.items()))
         return out
+
+
+def _chunk_rows(arr) -> int:
+    """Rows per chunk of a data array (a wide one's are fewer than the store's ``chunk_rows``: reading in those
+    read a 640x480 camera's episode as 16,384 rows of frames, 14 GiB)."""
+    return int(arr.metadata.chunks[0])
 
 
 def _runs(spans: Sequence[tuple[int, int]], unit: int) -> list[tuple[int, int]]:

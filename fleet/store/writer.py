@@ -596,7 +596,7 @@ class EpisodeStore:
         object.__setattr__(arr, "metadata", meta)
         end = len(block) % rows
         if end:
-            self._written_tails[arr.path] = (new_shape[0] - end, block[len(block) - end :].copy())
+            self._written_tails[arr.path] = (base + len(block) - end, block[len(block) - end :].copy())  # the block's end, not the grown one
 
     def _stream_blocks(self, sig: StreamSignature, arrays: dict, episodes: list[Episode], catalog_rows: list[int]) -> tuple[list[tuple], list[dict]]:
         """(array, first row, block, rows it grows by) of every data array of one stream; and per episode
