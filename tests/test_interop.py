@@ -655,3 +655,42 @@ def test_a_selection_is_exported_a_batch_at_a_time_and_lerobot_rolls_its_data_fi
     dataset = minari.load_dataset("flywheel-toy-v0")
     assert dataset.total_episodes == 3 and [m["flywheel_metadata"] for m in dataset.storage.get_episode_metadata(range(3))] == [e.metadata for e in store["toy"]]
     assert [ep.observations.tolist() for ep in dataset.iterate_episodes()] == [e.observation.tolist() for e in store["toy"]]
+
+
+def test_a_minari_export_measures_its_size_once_not_after_every_episode(tmp_path, monkeypatch):
+    """Minari's arrow writer globbed and stat'ed every file written so far after each episode it appended (its
+    dataset_size), so an export of N episodes took time quadratic in N (2,000 one-step episodes: 439 s). Now the export
+    scans its folder once, at the end, and writes the metadata Minari's per-episode sizing would have written."""
+    import minari
+    from minari.dataset.minari_storage import MinariStorage
+
+    from fleet.interop import minari_export
+    from fleet.interop.common import select
+
+    r = np.random.default_rng(0)
+    episodes = [
+        Episode.create(**make_episode_arrays(num_steps=n, seed=n), robot_id="arm-0", robot_model="toy", source="real", extras={"qpos": r.standard_normal((n + 1, 64))})
+        for n in (300, 1, 2, 400)
+    ]  # fmt: skip
+    EpisodeStore.create(StoreConfig(path=str(tmp_path / "s"), fsync=False)).append(episodes)
+    scans, size = [], MinariStorage.get_size
+    monkeypatch.setattr(MinariStorage, "get_size", lambda self: scans.append(self.data_path) or size(self))
+
+    def export(out, per_episode_size=False):
+        if per_episode_size:  # Minari's own sizing after each episode: the reference
+            monkeypatch.setattr(minari_export._SizeAtEnd, "get_size", lambda self: self.measured_size())
+        selection = select(tmp_path / "s")
+        selection.batch_bytes = 1  # a batch per episode: Minari appends them one after another
+        scans.clear()
+        data = minari_export.export_minari(selection, out)
+        return minari.MinariDataset(str(data)), len(scans)
+
+    dataset, n_scans = export(tmp_path / "mi")
+    reference, reference_scans = export(tmp_path / "ref", per_episode_size=True)
+    assert n_scans == 1 and reference_scans > len(episodes)  # 4 appends + 4 metadata updates before, each a scan
+    meta, want = dataset.storage.metadata, reference.storage.metadata
+    assert (meta["total_episodes"], meta["total_steps"]) == (want["total_episodes"], want["total_steps"]) == (4, 703)
+    assert meta["dataset_size"] == want["dataset_size"] > 0.1  # MB, rounded to 0.1 as Minari does
+    assert list(dataset.storage.get_episode_metadata(range(4))) == list(reference.storage.get_episode_metadata(range(4)))
+    for got, ep in zip(dataset.iterate_episodes(), episodes):
+        assert np.array_equal(got.observations, ep.observation) and np.array_equal(got.infos["qpos"], ep.extras["qpos"])
