@@ -565,6 +565,32 @@ def test_tokens_are_revoked_and_listed_with_the_cli_and_a_running_server_follows
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+def test_the_token_cli_keeps_the_files_mode_owner_and_symlink(tmp_path):
+    """`add` and `revoke` replaced the file with a new 0600 one owned by the CLI's user and a symlink with a plain
+    file: a root `add` on a root:flywheel 0640 file locked the server (running as flywheel) out of it."""
+    import os
+
+    path = tmp_path / "tokens.json"
+    add_token(path, "operator")
+    assert path.stat().st_mode & 0o777 == 0o600  # a new file: 0600
+    path.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(path, 0, 65534)  # root:<the server's group>
+    token = add_token(path, "robot", "r0")
+    assert path.stat().st_mode & 0o777 == 0o640 and TokenRegistry(path).authenticate(f"Bearer {token}").robot_id == "r0"
+    if os.geteuid() == 0:
+        assert (path.stat().st_uid, path.stat().st_gid) == (0, 65534)
+    link = tmp_path / "etc" / "tokens.json"
+    link.parent.mkdir()
+    link.symlink_to(path)
+    linked = add_token(link, "robot", "r1")
+    assert link.is_symlink() and TokenRegistry(path).authenticate(f"Bearer {linked}").robot_id == "r1"
+    from fleet.server.auth import revoke_tokens
+
+    revoke_tokens(link, robot_id="r0")
+    assert link.is_symlink() and path.stat().st_mode & 0o777 == 0o640 and [p.robot_id for p in TokenRegistry(path)._tokens.values()].count("r0") == 0
+
+
 def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path):
     """Per token: uploads in flight and a rate are bounded (429 + Retry-After, nothing stored); a body
     that does not arrive in time is cut off (408); another robot's token is not affected."""

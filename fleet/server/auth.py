@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
@@ -146,10 +147,24 @@ def _identity(path: Path) -> tuple:
 
 
 def _write_tokens(path: Path, entries: dict) -> None:
-    """Replace the token file atomically, never readable by others (0600 from its creation)."""
+    """Replace the token file atomically. A new file is 0600 from its creation; a file that exists keeps its mode
+    and (where permitted, e.g. as root) its owner and group, so an admin's `add` on a root:flywheel 0640 file
+    leaves the server (running as flywheel) able to read it. ``path`` is already resolved: a symlink stays one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        old = path.stat()
+    except FileNotFoundError:
+        old = None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if old is not None:
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            except PermissionError:
+                log.warning("token file %s was owned by uid %d gid %d; this user may not keep that, so it is now owned by uid %d gid %d: "
+                            "check the server's user can still read it", path, old.st_uid, old.st_gid, os.geteuid(), os.getegid())  # fmt: skip
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(entries, indent=1, sort_keys=True))
         f.flush()
@@ -162,6 +177,7 @@ def _editing(path: Path):
     """The token file's entries, read and written back under an exclusive lock (two `add`s never lose one)."""
     if path.suffix in (".yaml", ".yml"):
         raise ValueError(f"the token CLI writes JSON token files; give a .json path, not {path}")
+    path = path.resolve()  # a symlinked token file (config management, a mounted secret): edit its target, keep the link
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
