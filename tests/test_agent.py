@@ -495,6 +495,44 @@ def test_a_token_is_read_from_its_file_or_variable_and_its_absence_says_where_it
         AgentConfig().load_token()
 
 
+def test_a_token_saved_with_a_bom_works_and_one_a_bearer_token_cannot_hold_is_refused_naming_its_file(tmp_path, monkeypatch):
+    """Windows Notepad's "UTF-8 with BOM" gave "'ascii' codec can't encode character '\\ufeff'", naming no file; an
+    unreadable file said to "write the token there"."""
+    (tmp_path / "bom.tok").write_bytes("\ufefft0k\r\n".encode())
+    assert AgentConfig(token_file=str(tmp_path / "bom.tok")).load_token() == "t0k"
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", "\ufeffenv-t0k")
+    assert AgentConfig().load_token() == "env-t0k"
+    for name, text in (("latin.tok", "t\u00f6k"), ("header.tok", "Bearer t0k"), ("nul.tok", "t0k\x00")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"^robot token file {re.escape(str(tmp_path / name))} holds .* re-save it as plain text"):
+            AgentConfig(token_file=str(tmp_path / name)).load_token()
+    monkeypatch.setenv("FLYWHEEL_ROBOT_TOKEN", "t\u00a0k")
+    with pytest.raises(ValueError, match=r"^\$FLYWHEEL_ROBOT_TOKEN \(robot token\) holds '\\xa0' at character 2"):
+        AgentConfig().load_token()
+    monkeypatch.setattr(Path, "read_text", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    with pytest.raises(ValueError, match=r"cannot be read \(Permission denied\): give (user|uid) .*read access to it \(chmod/chown\)$"):
+        AgentConfig(token_file=str(tmp_path / "bom.tok")).load_token()
+
+
+def test_a_secret_readable_by_every_user_is_warned_about_once_and_a_group_readable_one_is_not(tmp_path, caplog):
+    """A token file or private key copied 0644 (scp, config management) was used without a word."""
+    from fleet.registry.signing import generate_keypair, load_signer
+
+    token, key = tmp_path / "robot.tok", tmp_path / "online.pem"
+    token.write_text("t0k\n")
+    generate_keypair(key)
+    for mode in (0o640, 0o644):
+        token.chmod(mode)
+        key.chmod(mode)
+        for _ in range(2):
+            AgentConfig(token_file=str(token)).load_token()
+            load_signer(key)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"robot token file {token} is readable by every user of this machine (mode 0644): `chmod 600` it (or 640, for a group "
+                      "the service's user is in)", f"private key {key} is readable by every user of this machine (mode 0644): `chmod 600` it "
+                      "(or 640, for a group the service's user is in)"]  # fmt: skip
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl_c", "sigterm", "sighup"])
 def test_the_robot_app_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, sig):
     """episodes=0 ends on Ctrl-C, a service manager's SIGTERM or SIGHUP (a unit's `ExecReload=kill -HUP`, a closed

@@ -301,6 +301,24 @@ def test_the_rollback_command_over_http_in_place_and_with_the_server_down(tmp_pa
     assert "409 no_canary" in capsys.readouterr().err
 
 
+def test_a_publisher_token_saved_with_a_bom_is_sent_and_a_non_ascii_one_is_one_line(tmp_path, monkeypatch, capsys):
+    """A token file saved "UTF-8 with BOM" (Windows Notepad), or $FLYWHEEL_PUBLISHER_TOKEN with one, ended the
+    operator's emergency command in an httpx traceback (UnicodeEncodeError)."""
+    down = f"http://127.0.0.1:{free_port()}"
+    (tmp_path / "bom.tok").write_bytes("\ufefft0k\n".encode())
+    monkeypatch.setenv("FLYWHEEL_PUBLISHER_TOKEN", "\ufefft0k")
+    for token_file in (["--token-file", str(tmp_path / "bom.tok")], []):  # the token is read, and the request tried
+        assert registry_cli(["rollback", "--server", down, *token_file, "--reason", "x"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "did not answer" in err, err
+    (tmp_path / "bad.tok").write_text("t\u00f6k")
+    monkeypatch.setenv("FLYWHEEL_PUBLISHER_TOKEN", "t\u00f6k")
+    for token_file, where in ((["--token-file", str(tmp_path / "bad.tok")], f"publisher token file {tmp_path / 'bad.tok'}"), ([], "$FLYWHEEL_PUBLISHER_TOKEN")):
+        assert registry_cli(["rollback", "--server", down, *token_file, "--reason", "x"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"flywheel-registry rollback: {where}") and "holds 'ö'" in err, err
+
+
 def test_the_rollback_command_after_a_timeout_says_the_outcome_is_unknown_and_a_bad_url_is_one_line(monkeypatch, capsys):
     """A server that took the POST and answered late (a slow sign-and-store) was reported as 'Nothing was rolled back';
     --server 'http://[::1' ended in a traceback (httpx.InvalidURL is not an httpx.HTTPError)."""

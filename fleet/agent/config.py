@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_WARNED_READABLE: set[str] = set()
 
 
 def check_server_url(url: str, name: str, what: str = "the fleet server") -> None:
@@ -65,25 +69,66 @@ class AgentConfig:
 
 def read_token(token_file: str | None, token_env: str, what: str, file_setting: str, issue: str) -> str:
     """A bearer token: the text of ``token_file`` where one is given, else of the ``token_env`` environment variable,
-    stripped. ValueError where there is none (a file missing, a folder, unreadable or empty; the variable unset or
-    empty), naming ``what`` token, where it was looked for (``file_setting``: the setting that names a file) and how to
-    get one (``issue``). The robot's agent and the operator's commands (``flywheel-registry rollback``) read theirs so."""
+    stripped (and a leading byte order mark: Windows Notepad's "UTF-8 with BOM"). ValueError where there is none (a
+    file missing, a folder, unreadable or empty; the variable unset or empty) or it holds what a bearer token cannot
+    (non-ASCII, whitespace inside, control characters), naming ``what`` token, where it was looked for
+    (``file_setting``: the setting that names a file) and how to get one (``issue``). The robot's agent and the
+    operator's commands (``flywheel-registry rollback``) read theirs so."""
     if token_file:
         path = Path(token_file)
         try:
-            token = path.read_text().strip()
+            token = path.read_text(encoding="utf-8-sig").strip()
+        except PermissionError:
+            raise ValueError(f"{what} file {path} cannot be read (Permission denied): give {_this_user()}, the user this runs as, "
+                             "read access to it (chmod/chown)") from None  # fmt: skip
         except OSError as exc:
-            why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder"}.get(type(exc), f"cannot be read ({exc.strerror or exc})")
+            why = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder"}.get(type(exc))
+            if why is None:
+                raise ValueError(f"{what} file {path} cannot be read ({exc.strerror or exc})") from None
             raise ValueError(f"{what} file {path} {why}: write the token there ({issue})") from None
         except UnicodeDecodeError:  # UTF-16 from PowerShell 5's `echo tok > file`, say
             raise ValueError(f"{what} file {path} is not UTF-8 text: write the token there as plain UTF-8 text ({issue})") from None
         if not token:
             raise ValueError(f"{what} file {path} is empty: write the token there ({issue})")
+        _check_token(token, f"{what} file {path}", "re-save it as plain text holding the token alone")
+        warn_if_world_readable(path, f"{what} file")
         return token
-    token = os.environ.get(token_env, "").strip()
+    token = os.environ.get(token_env, "").lstrip("\ufeff").strip()
     if not token:
         raise ValueError(f"no {what}: set ${token_env} or {file_setting} ({issue})")
+    _check_token(token, f"${token_env} ({what})", "set it to the token alone, as plain text")
     return token
+
+
+def warn_if_world_readable(path: str | Path, what: str) -> None:
+    """Log a warning, once per path, where the secret at ``path`` (a token, a private key) is readable by every user
+    (mode o+r), as ssh does. Group-readable is a setup of its own (root:flywheel 0640, the service in the group): no
+    warning. The robot's agent, the operator's commands and the registry's key loading check theirs so."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o004 and str(path) not in _WARNED_READABLE:
+        _WARNED_READABLE.add(str(path))
+        log.warning("%s %s is readable by every user of this machine (mode %04o): `chmod 600` it (or 640, for a group the "
+                    "service's user is in)", what, path, mode & 0o777)  # fmt: skip
+
+
+def _check_token(token: str, where: str, fix: str) -> None:
+    """ValueError naming ``where`` unless ``token`` is printable ASCII without spaces (what an Authorization header holds)."""
+    bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds {token[bad]!r} at character {bad + 1}, which a bearer token cannot hold "
+                         f"(only printable ASCII, no spaces): {fix}")  # fmt: skip
+
+
+def _this_user() -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name}"
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
 
 
 @dataclasses.dataclass(frozen=True)

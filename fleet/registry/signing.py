@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from fleet.agent.config import warn_if_world_readable
+
 
 PASSPHRASE_ENV = "FLYWHEEL_KEY_PASSPHRASE"  # set: new keys are written encrypted with it, and encrypted keys opened with it
 
@@ -65,6 +67,7 @@ def load_signer(private_path: str | Path, *, create: bool = False) -> CryptoSign
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read the private key {path} ({exc.__class__.__name__}: {exc})") from None
+    warn_if_world_readable(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=_passphrase())
     except TypeError:  # encrypted, no passphrase given; or a passphrase given for a key stored without one
