@@ -3,6 +3,7 @@ auth, every kind of bad upload refused with its reason (and nothing stored), goo
 refused, idempotency, listing, metrics."""
 
 import json
+import re
 import socket
 import struct
 import threading
@@ -589,6 +590,29 @@ def test_the_token_cli_keeps_the_files_mode_owner_and_symlink(tmp_path):
 
     revoke_tokens(link, robot_id="r0")
     assert link.is_symlink() and path.stat().st_mode & 0o777 == 0o640 and [p.robot_id for p in TokenRegistry(path)._tokens.values()].count("r0") == 0
+
+
+def test_an_unwritable_ready_file_is_refused_at_the_start_and_the_ready_file_goes_at_a_clean_stop(tmp_path):
+    """An unwritable fleet.server.ready_file failed after "listening" with a traceback (exit 3); the file (url, pid)
+    was left behind at every exit, so a supervisor read a dead server's URL."""
+    import os
+
+    tokens = tmp_path / "tokens.json"
+    add_token(tokens, "operator")
+    (tmp_path / "a-file").write_text("")
+    for ready, says in ((tmp_path / "a-file" / "server.json", "cannot write in"), (tmp_path, "is a folder")):
+        with pytest.raises(ValueError, match=f"^fleet.server.ready_file {re.escape(str(ready))}:? .*{says}"):
+            serve(ServerConfig(port=0, token_file=str(tokens), ready_file=str(ready)), StoreConfig(path=str(tmp_path / "store")))
+    ready = tmp_path / "run" / "server.json"
+    config = ServerConfig(port=0, token_file=str(tokens), ready_file=str(ready))
+    handle = serve(config, StoreConfig(path=str(tmp_path / "store")))
+    assert json.loads(ready.read_text()) == {"url": handle.url, "pid": os.getpid()}
+    handle.stop()
+    assert not ready.exists()
+    handle = serve(config, StoreConfig(path=str(tmp_path / "store")))
+    ready.write_text(json.dumps({"url": "http://127.0.0.1:1", "pid": os.getpid() + 1}))  # a newer server's: not ours to remove
+    handle.stop()
+    assert json.loads(ready.read_text())["pid"] == os.getpid() + 1
 
 
 def test_upload_limits_answer_429_with_retry_after_and_a_slow_body_408(tmp_path):

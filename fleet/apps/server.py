@@ -19,7 +19,7 @@ from fleet.registry.s3 import S3Error
 from fleet.registry.store import open_registry
 from fleet.registry.tuf_repo import RepositoryNotInitialised
 from fleet.server.auth import TokenRegistry
-from fleet.server.runner import bind_socket, run
+from fleet.server.runner import bind_socket, check_ready_file, run
 from fleet.store.backend import StoreCorruptionError, StoreUnreachableError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
     # the settings' faults (values, files, keys, the address, the store and its damaged files, the registry's object storage) stop it at the start with what to fix; Ctrl-C stops it as SIGTERM does
     with one_line_errors("flywheel-server", (OSError, ValueError, StoreUnreachableError, StoreCorruptionError, S3Error, RepositoryNotInitialised)):
         server, store = instantiated(cfg.fleet.server, "fleet.server"), instantiated(cfg.fleet.store, "fleet.store")
-        TokenRegistry(server.token_file)  # the tokens and the address, checked before the registry and the store are created
+        TokenRegistry(server.token_file)  # the tokens, the ready file and the address, checked before the registry and the store are created
+        check_ready_file(server.ready_file)
         sock = bind_socket(server)
         reg = cfg.fleet.registry
         registry = open_registry(reg.dir, reg.online_key, release_key=reg.release_key, root_keys=list(reg.root_keys or []), root_threshold=reg.root_threshold, expiry_s=dict(reg.expiry_s))

@@ -189,9 +189,11 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
 
 
 def create_app(
-    config: ServerConfig, store: EpisodeStore, tokens: TokenRegistry, *, on_ready=None, routes: RoutesFactory | None = None
+    config: ServerConfig, store: EpisodeStore, tokens: TokenRegistry, *, on_ready=None, on_stop=None, routes: RoutesFactory | None = None
 ) -> FastAPI:
     """The app over an opened store; the group-commit thread lives as long as the app's lifespan.
+
+    on_ready / on_stop: called once it serves, and at a clean shutdown once the queued uploads are committed.
 
     routes: more endpoints on the same server and tokens (e.g. the policy registry's
     ``lambda tokens: [policy_router(registry, tokens)]``).
@@ -216,6 +218,8 @@ def create_app(
         finally:
             await run_in_threadpool(maintainer.close)  # waits up to CLOSE_WAIT_S for a run in progress
             await run_in_threadpool(committer.close)
+            if on_stop is not None:
+                on_stop()
 
     # /openapi.json describes the protocol for clients (fleet/server/openapi.py); no Swagger or ReDoc pages (they load scripts
     # from a CDN); redirect_slashes off: "/v1/episodes/" is a 404 in JSON, not a 307 to whatever Host the client named

@@ -45,7 +45,8 @@ class ServerConfig:
         than ``StoreConfig.keep_history_s`` expired, what nothing reaches any more deleted; docs/store.md,
         Maintenance); 0: never (then run ``flywheel store maintain`` on a schedule). Replicas of one store may
         each run it: runs that overlap both finish, Icechunk logging the objects the other deleted first.
-    ready_file: if set, written (JSON: url, pid) once the server accepts connections.
+    ready_file: if set, written (JSON: url, pid) once the server accepts connections, and removed at a clean stop
+        (SIGTERM, Ctrl-C) where it still holds this pid. Its folder must be writable: checked at the start.
     log_level: uvicorn log level.
     """
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ def _with_registry(routes: RoutesFactory | None, policy_registry, server: Server
 
 
 def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: RoutesFactory | None = None) -> uvicorn.Server:
+    """The server over the opened store; its ``ready_file``, where set, is removed at a clean shutdown."""
     store = EpisodeStore.open_or_create(store_cfg)
     if store.created_here:  # a mistyped fleet.store.path would split the fleet's data over two stores: say so at every first start
         where = store.location.path.absolute() if store.location.is_local else store.location  # a relative path: relative to what, in a journal?
@@ -69,7 +71,8 @@ def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: 
         )
     store.refresh_index()  # idempotency across restarts: every stored episode_id is known before the first upload
     tokens = TokenRegistry(server.token_file)
-    app = create_app(server, store, tokens, on_ready=on_ready, routes=routes)
+    on_stop = (lambda: _remove_ready(server.ready_file)) if server.ready_file else None
+    app = create_app(server, store, tokens, on_ready=on_ready, on_stop=on_stop, routes=routes)
     config = uvicorn.Config(app, log_level=server.log_level, access_log=False, lifespan="on", timeout_keep_alive=30, http=protocol_class(server.head_timeout_s, app.state.metrics.rejected))
     return uvicorn.Server(config)
 
@@ -77,6 +80,35 @@ def _build(server: ServerConfig, store_cfg: StoreConfig, on_ready=None, routes: 
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://{host}:{port}"
+
+
+def check_ready_file(path: str | None) -> None:
+    """ValueError, at the start with the other settings, where ``fleet.server.ready_file`` cannot be written (once
+    the server printed "listening", then failed with a traceback): its folder, or the nearest one there to make it
+    in, must be a folder this process can write in."""
+    if not path:
+        return
+    ready = Path(path)
+    if ready.is_dir():
+        raise ValueError(f"fleet.server.ready_file {ready} is a folder: give a file path (e.g. {ready / 'server.json'})")
+    folder = next(p for p in (ready.absolute().parent, *ready.absolute().parents) if p.exists() or p == p.parent)
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=folder):  # the real test: modes, ACLs, a read-only mount (leaves nothing behind)
+            pass
+    except OSError as exc:
+        raise ValueError(f"fleet.server.ready_file {ready}: cannot write in {folder} ({exc.strerror or exc}); give a path in a folder this "
+                         "server's user can write, or leave it unset") from None  # fmt: skip
+
+
+def _remove_ready(path: str) -> None:
+    """Remove the ready file at a clean shutdown, where it still holds this process's pid (not a newer server's)."""
+    try:
+        if json.loads(Path(path).read_text()).get("pid") == os.getpid():
+            Path(path).unlink()
+    except (OSError, ValueError, AttributeError):  # gone, or not ours to remove
+        pass
 
 
 def _write_ready(path: str, url: str) -> None:
@@ -95,6 +127,7 @@ def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | No
     sock: the listening socket, if the caller bound it already (:func:`bind_socket`).
     """
     routes = _with_registry(routes, policy_registry, server)
+    check_ready_file(server.ready_file)
     sock = sock if sock is not None else bind_socket(server)
     url = url_of(sock)
 
@@ -130,6 +163,7 @@ def serve(
 ) -> ServerHandle:
     """Start a server on a background thread; returns once it accepts connections, with ``server.ready_file`` written
     where set, as :func:`run` writes it (``routes``, ``policy_registry``: see :func:`run`)."""
+    check_ready_file(server.ready_file)
     sock = bind_socket(server)
     uv = _build(server, store_cfg, routes=_with_registry(routes, policy_registry, server))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="flywheel-server", daemon=True)
