@@ -660,6 +660,15 @@ def test_a_role_life_out_of_bounds_is_refused_and_a_recorded_one_is_a_corrupt_re
             PolicyRegistry(reg, load_signer(keys / "online.pem"))
 
 
+def test_show_on_a_mistyped_folder_says_there_is_no_root_and_writes_nothing(tmp_path, capsys):
+    """`flywheel-registry show --dir <typo>` made <typo>/tuf/metadata and <typo>/tuf/targets (a read-only command
+    wrote; on a read-only location it failed with PermissionError instead of saying there is no root)."""
+    from fleet.apps.registry_keys import main
+
+    assert main(["show", "--dir", str(tmp_path / "typo")]) == 1
+    assert "has no root metadata" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
 def test_a_corrupt_expiry_record_never_blocks_a_ceremony_and_a_full_setting_overwrites_it(tmp_path, capsys, caplog):
     """A corrupt expiry_s.json said to record the lifetimes again, but recording read it first and raised the same error;
     it also blocked `show` and `rotate`, so an emergency rotation could not run."""

@@ -158,10 +158,8 @@ class TufRepository(Repository):
         self.files = open_files(where)
         self.dir = self.files.local_dir  # the directory on this host, None on object storage (for tools that look at the files)
         self.metadata_dir = self.targets_dir = None
-        if self.dir is not None:
+        if self.dir is not None:  # made by the first write (LocalFiles.write): a read (`flywheel-registry show`) makes nothing
             self.metadata_dir, self.targets_dir = self.dir / "metadata", self.dir / "targets"
-            self.metadata_dir.mkdir(parents=True, exist_ok=True)
-            self.targets_dir.mkdir(parents=True, exist_ok=True)
         self.signers = {role: list(s) for role, s in signers.items()}
         # a corrupt expiry_s.json is warned about and read as the defaults (never blocks a key ceremony: show, rotate);
         # by default where this process holds no online key (it signs only roots)
