@@ -3,6 +3,7 @@ many times: no partial episode is ever visible, every acknowledged episode is pr
 the agents resend the rest until the store holds every episode exactly once."""
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -79,3 +80,23 @@ def test_sigkill_during_uploads_loses_nothing_acknowledged(tmp_path):
     resent = sum(a.uploader.stats["duplicate"] for a in agents)
     failed = sum(a.uploader.stats["failed_attempts"] for a in agents)
     print(json.dumps({"kills": KILLS, "episodes": len(originals), "acked_and_stored_after_each_kill": counts, "acks_lost_then_resent": resent, "failed_attempts": failed}))
+
+
+def test_sighup_stops_the_server_as_sigterm_does(tmp_path):
+    """SIGHUP (a unit's ExecReload=kill -HUP, a closed terminal) killed the server on the spot: no drain, its ready file
+    left behind. It stops as SIGTERM does: what it acknowledged is stored, the ready file goes, it exits by SIGTERM."""
+    import httpx
+
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, "robot", "robot-0")
+    store_cfg = StoreConfig(path=str(tmp_path / "store"), chunk_rows=512, index_rows=8)
+    server = ServerProcess(store_cfg, ServerConfig(port=free_port(), token_file=str(tokens)), tmp_path / "server")
+    url = server.start()
+    try:
+        ep = Episode.create(**make_episode_arrays(num_steps=30, seed=5), robot_id="robot-0", robot_model="toy", source="real")
+        answer = httpx.post(f"{url}/v1/episodes", content=ep.to_bytes(), headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert answer.status_code == 201, answer.text
+    finally:
+        code = server.stop(sig=signal.SIGHUP)
+    assert code == -signal.SIGTERM and not server.ready_file.exists(), (code, (tmp_path / "server" / "server.log").read_text()[-2000:])
+    assert check_store(store_cfg, {ep.episode_id: ep}, {ep.episode_id}) == 1

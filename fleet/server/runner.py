@@ -136,6 +136,8 @@ def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | No
         if server.ready_file:
             _write_ready(server.ready_file, url)
 
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # a unit's ExecReload=kill -HUP, a closed terminal (not nohup):
+        signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))  # a clean stop, not SIGHUP's default kill
     _build(server, store_cfg, on_ready=ready, routes=routes).run(sockets=[sock])
 
 
@@ -241,12 +243,12 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (graceful: queued uploads are committed), then wait."""
+    def stop(self, timeout: float = 30.0, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM (graceful: queued uploads are committed; SIGHUP too), then wait."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
