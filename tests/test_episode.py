@@ -209,3 +209,34 @@ def test_the_schema_1_tables_of_protocol_md_are_the_validators():
     data = ep.to_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     assert json.loads(data[8 : 8 + length]) == example
+
+
+def test_a_cast_to_the_schema_that_would_change_what_was_measured_is_refused_naming_the_field():
+    """The recorder, Episode.create and the importers cast to the schema's dtypes silently: int64 encoder ticks over 2^24
+    moved by up to a tick, a finite float64 over float32's range became inf and was refused as "NaN or Inf", an
+    intervention flag of 2 became True. An ordinary float64 reading still narrows to float32 (the schema's precision)."""
+    import re
+
+    from fleet.agent.recorder import EpisodeRecorder
+
+    base = make_episode_arrays(num_steps=3, obs_dim=2, act_dim=1)
+    meta = {"robot_id": "r", "robot_model": "m", "source": "real"}
+    ticks = np.full((4, 2), 1 << 24, np.int64)
+    assert Episode.create(**{**base, "observation": ticks}, **meta).observation[0, 0] == 1 << 24  # exact up to 2^24
+    with pytest.raises(EpisodeValidationError, match=re.escape("'observation': holds integers up to 16777217, which float32 holds exactly only up to 16777216")):
+        Episode.create(**{**base, "observation": ticks + 1}, **meta)
+    far = base["observation"].astype(np.float64)
+    far[2, 1] = 1e39
+    with pytest.raises(EpisodeValidationError, match=r"'observation': holds 1e\+39, beyond float32's range .* at index \[2, 1\]: rescale it"):
+        Episode.create(**{**base, "observation": far}, **meta)
+    with pytest.raises(EpisodeValidationError, match=r"'intervention': is a flag, true or false, but holds 2"):
+        Episode.create(**base, **meta, extras={"intervention": np.array([0, 2, 1, 0])})
+    fine = Episode.create(**{**base, "observation": base["observation"].astype(np.float64) * 1e3}, **meta, extras={"intervention": np.array([0, 1, 1, 0])})
+    assert fine.observation.dtype == np.float32 and fine.extras["intervention"].dtype == np.bool_
+    recorder = EpisodeRecorder(robot_id="r", robot_model="m")
+    with pytest.raises(TypeError, match="observation is a dict .*concatenate its fields"):
+        recorder.reset({"joints": [0.0, 1.0], "gripper": 1.0}, 0.0)
+    recorder.reset(np.array([30_000_000, 1], np.int64), 0.0)  # the recorder keeps what it is given: the check sees the ticks
+    recorder.step(np.zeros(1), 0.0, np.array([30_000_001, 1], np.int64), False, True, 0.1)
+    with pytest.raises(EpisodeValidationError, match="holds integers up to 30000001"):
+        recorder.finish()

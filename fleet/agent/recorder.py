@@ -23,7 +23,7 @@ class EpisodeRecorder:
 
     def reset(self, observation: np.ndarray, timestamp: float, extras: dict[str, np.ndarray] | None = None) -> None:
         """Start an episode at ``observation`` (obs_dim,) seen at ``timestamp`` seconds."""
-        self._obs = [np.asarray(observation, np.float32)]
+        self._obs = [_reading("observation", observation)]
         self._time = [float(timestamp)]
         self._action, self._reward, self._term, self._trunc = [], [], [], []
         self._extras = {k: [np.asarray(v)] for k, v in (extras or {}).items()}
@@ -42,9 +42,9 @@ class EpisodeRecorder:
         """Record that ``action`` (act_dim,) led to ``observation`` (obs_dim,) and ``reward`` at ``timestamp``."""
         if not self._started:
             raise RuntimeError("call reset(observation, timestamp) before step()")
-        self._action.append(np.asarray(action, np.float32))
+        self._action.append(_reading("action", action))
         self._reward.append(float(reward))
-        self._obs.append(np.asarray(observation, np.float32))
+        self._obs.append(_reading("observation", observation))
         self._term.append(bool(terminated))
         self._trunc.append(bool(truncated))
         self._time.append(float(timestamp))
@@ -104,3 +104,12 @@ class EpisodeRecorder:
             )
         finally:
             self._started = False
+
+
+def _reading(name: str, value) -> np.ndarray:
+    """One step's ``observation`` or ``action`` as given (``Episode.create`` casts the episode to float32 at ``finish``,
+    refusing a cast that changes the values: integer ticks over 2^24, say); a dict is refused here, naming the fix."""
+    if isinstance(value, dict):
+        raise TypeError(f"{name} is a dict ({', '.join(map(str, list(value)[:5]))}): the schema's {name} is one vector of numbers; "
+                        "concatenate its fields in a fixed order (and name them in the episode's 'names', schema 1.1)")  # fmt: skip
+    return np.asarray(value)

@@ -411,7 +411,7 @@ def _foreign(frames: dict[str, np.ndarray], row: dict, info: dict, options: Impo
         if feature not in frames:
             raise InteropError(f"{origin}: needs feature {feature!r}; it has {sorted(frames)}")
     order = np.argsort(frames["frame_index"]) if "frame_index" in frames else slice(None)
-    obs, action = frames["observation.state"][order].astype(np.float32), frames["action"][order].astype(np.float32)
+    obs, action = frames["observation.state"][order], frames["action"][order]  # Episode.create casts, refusing a cast that changes them
     L = obs.shape[0]
     if L < 2:
         raise InteropError(f"{origin}: has {L} frame(s); an episode needs at least 2 (one step)")

@@ -170,16 +170,16 @@ def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str
     truncated = np.zeros(T, bool)
     truncated[-1] = True
     arrays = {
-        "observation": np.concatenate([position, velocity] if velocity is not None else [position], axis=1).astype(np.float32),
-        "action": actions.astype(np.float32),
+        "observation": np.concatenate([position, velocity] if velocity is not None else [position], axis=1),  # float64 (JointState):
+        "action": actions,  # Episode.create casts to float32, refusing a cast that changes what was measured
         "reward": reward,
         "terminated": np.zeros(T, bool),
         "truncated": truncated,
         "timestamp": stamps.astype(np.float64) / 1e9,
-        "qpos": position.astype(np.float32),
+        "qpos": position,
     }
     if velocity is not None:
-        arrays["qvel"] = velocity.astype(np.float32)
+        arrays["qvel"] = velocity
     if effort is not None:
-        arrays["actuator_force"] = effort.astype(np.float32)
+        arrays["actuator_force"] = effort
     return arrays
