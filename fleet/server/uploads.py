@@ -325,7 +325,8 @@ def parse_create(raw: bytes, max_episode_bytes: int) -> tuple[int, str, str]:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ApiError(400, "bad_upload", f"size must be the body's length in bytes, an integer >= 1 (got {str(size)[:40]!r})", "size")
     if size > max_episode_bytes:
-        raise ApiError(413, "episode_too_large", f"an upload of {size} bytes is over the {max_episode_bytes}-byte limit (max_episode_bytes)", "size")
+        raise ApiError(413, "episode_too_large", f"an upload of {size} bytes is over the {max_episode_bytes}-byte limit (the server's max_episode_bytes): "
+                       "record shorter episodes (a shift as episodes of minutes), or have the server's operator raise the limit", "size")
     if not isinstance(digest, str) or not SHA256_HEX.fullmatch(digest.lower()):
         raise ApiError(400, "bad_upload", "sha256 must be the whole body's SHA-256 as 64 hex digits", "sha256")
     if not isinstance(coding, str) or coding.lower() not in ACCEPTED:
