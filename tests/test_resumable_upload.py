@@ -287,19 +287,31 @@ def test_concurrent_completes_of_one_upload_create_it_once(fleet):
     assert fetch(fleet, ep.episode_id).content == data
 
 
-def test_completes_share_one_memory_budget_and_the_one_beyond_it_is_completed_again(fleet, monkeypatch):
+@pytest.mark.parametrize("coding", ["identity", "zstd"])
+def test_completes_share_one_memory_budget_and_the_one_beyond_it_is_completed_again(fleet, monkeypatch, coding):
     """A complete holds ~3x its episode (the body, the arrays, their encoding): N robots completing 4 GiB episodes at once
     held N x 12 GiB with nothing to push back. The completes share what one max_episode_bytes complete takes (3 x 4 MiB
     here): r1's 2.3 MiB episode does not fit beside r0's, gets 503 completing_busy, its upload kept, and completes
-    once r0's has."""
+    once r0's has. Sent zstd-compressed (what the robot's agent does), it counts at its decoded size, not the few KiB
+    staged (a second reader's finding: four 3.5 MiB episodes staged as 49 KiB each went in at once)."""
+    import zstandard
+
     from fleet.server.uploads import Staging
 
-    first, sent = episode("r0", steps=48_000, seed=21), episode("r1", steps=48_000, seed=22)
+    first, sent = episode("r0", steps=48_000, seed=21 + 10 * (coding == "zstd")), episode("r1", steps=48_000, seed=22 + 10 * (coding == "zstd"))
+    if coding == "zstd":  # a quiet sensor: it compresses to almost nothing
+        sent = Episode.create(**{**make_episode_arrays(num_steps=48_000, obs_dim=8, act_dim=4, seed=32), "observation": np.zeros((48_001, 8), np.float32)},
+                              robot_id="r1", robot_model="toy", source="real")  # fmt: skip
     uploads = {}
     for who, ep in (("r0", first), ("r1", sent)):
         data = ep.to_bytes()
         assert 2 << 20 < len(data) <= SMALL["max_episode_bytes"]  # two of them are over the budget together
-        uploads[who] = uid = create(fleet, data, who).json()["upload_id"]
+        if who == "r1" and coding == "zstd":
+            data = zstandard.ZstdCompressor().compress(data)
+            assert 3 * len(data) < (12 << 20) - 3 * len(first.to_bytes())  # staged, it would fit
+            uploads[who] = uid = create(fleet, data, who, content_encoding="zstd").json()["upload_id"]
+        else:
+            uploads[who] = uid = create(fleet, data, who).json()["upload_id"]
         for offset in range(0, len(data), CHUNK):
             assert put(fleet, uid, data[offset : offset + CHUNK], offset, who).status_code == 200
     reading, go = threading.Event(), threading.Event()

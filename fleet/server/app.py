@@ -58,6 +58,7 @@ from sim.durable import disk_full
 from sim.episode import EPISODE_ID_RULE, Episode, EpisodeValidationError, check_new_episode_id, encode_safetensors
 
 log = logging.getLogger(__name__)
+COMPLETE_COPIES = 3  # what a complete holds of its episode at the peak: the body read whole, the parsed arrays, their canonical encoding
 SAFETENSORS = "application/octet-stream"
 # the storage under the store and the registry did not answer: 503 + Retry-After for reads and registry calls, as for uploads
 STORAGE_FAULTS = (IcechunkError, StoreUnreachableError, StoreBusyError, S3Error, RepositoryNotInitialised, RegistryBusy, RegistryCorrupted)
@@ -290,6 +291,10 @@ def create_app(
     app.add_middleware(_CountRequests, metrics=metrics)
 
     decode_budget = DecodeBudget(config.max_episode_bytes)  # the resumable route's decodes, all robots together
+    # the resumable route's completes, all robots together: what one complete of the largest episode holds (N robots
+    # completing 4 GiB episodes at once held N x 12 GiB); reserved before the read, grown to the decoded size after it,
+    # and held until the episode's commit settles (a commit_slow answer leaves it queued, in memory)
+    complete_budget = DecodeBudget(COMPLETE_COPIES * config.max_episode_bytes, "completing_busy", "the server is completing other large uploads; complete this one again shortly")
 
     def stored_robot_id(episode_id: str) -> str | None:
         """The robot_id of the episode stored under ``episode_id``, for a 409's reason; None where it cannot be read (the
@@ -300,16 +305,22 @@ def create_app(
             log.warning("episode %s: a 409 without the stored episode's robot (%s: %s)", episode_id, exc.__class__.__name__, exc)
             return None
 
-    async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int) -> tuple[int, dict]:
+    async def ingest(read: Callable[[], Awaitable[bytes]], coding: str, robot_id: str, limit: int, staged: int = 0) -> tuple[int, dict]:
         """Read one episode body (``read``) under ``robot_id``'s upload admission, decode it (``coding``, at most
         ``limit`` bytes), validate and commit it: (201, created) or (200, duplicate) once durable, ApiError
-        otherwise. POST /v1/episodes and POST /v1/uploads/{id}/complete (fleet/server/uploads.py) both end here."""
+        otherwise. POST /v1/episodes and POST /v1/uploads/{id}/complete (fleet/server/uploads.py, ``staged``: the
+        upload's size) both end here."""
+        resumable = limit > config.max_body_bytes
         with contextlib.ExitStack() as admitted:  # the slot is held until the commit settles: a robot that gives up on a stalled
             admitted.enter_context(limits.admit(robot_id))  # store and sends again holds at most max_concurrent_uploads episodes here
+            if resumable:
+                admitted.enter_context(complete_budget.hold(COMPLETE_COPIES * staged))
             with committer.receiving():
                 body = await read()
                 if coding != "identity":  # decoded under the same limit as the body itself
-                    body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if limit > config.max_body_bytes else None)
+                    body = await run_in_threadpool(decode_body, body, coding, limit, decode_budget if resumable else None)
+                    if resumable and len(body) > staged:  # a zstd upload: what it holds from here is its decoded size
+                        admitted.enter_context(complete_budget.hold(COMPLETE_COPIES * (len(body) - staged)))
                 else:
                     refuse_undeclared_zstd(body)
                 episode, digest, nbytes = await run_in_threadpool(parse_episode, body)

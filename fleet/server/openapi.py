@@ -249,7 +249,7 @@ def _operations() -> dict[tuple[str, str], dict]:
         ("post", "/v1/uploads/{upload_id}/complete"): _op(
             ROBOT, ACKNOWLEDGED | _refusals({**EPISODE_REFUSALS, 400: f"{UPLOAD_ID_400}, `digest_mismatch` (reset to offset 0), and those of POST /v1/episodes",
                                              **UPLOAD_ID, 409: "`upload_incomplete` (its `offset`), `episode_id_conflict`",
-                                             503: f"{EPISODE_REFUSALS[503]}; `decoding_busy`: the upload is kept, complete it again"}),
+                                             503: f"{EPISODE_REFUSALS[503]}; `decoding_busy`, `completing_busy`: the upload is kept, complete it again"}),
             summary="check and store the uploaded episode, as POST /v1/episodes does",
         ),  # fmt: skip
         ("get", "/healthz"): _op(None, health, summary="liveness"),

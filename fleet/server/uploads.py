@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, Response
 from fleet.server.auth import TokenRegistry
 from fleet.server.body import read_body
 from fleet.server.config import ServerConfig
-from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED, DecodeBudget
+from fleet.server.content_encoding import ACCEPT_ENCODING, ACCEPTED
 from fleet.server.errors import ApiError
 from fleet.server.limits import UploadLimits
 from fleet.server.metrics import Metrics
@@ -65,7 +65,7 @@ SWEEP_EVERY_S = 60.0  # at most this often, a create also removes expired upload
 
 # Reads one episode body, decodes it (coding, at most limit bytes), validates and commits it for robot_id:
 # (201 | 200, {"episode_id", "status"}); ApiError otherwise (fleet.server.app.create_app's ``ingest``).
-Ingest = Callable[[Callable[[], Awaitable[bytes]], str, str, int], Awaitable[tuple[int, dict]]]
+Ingest = Callable[[Callable[[], Awaitable[bytes]], str, str, int, int], Awaitable[tuple[int, dict]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,9 +359,6 @@ def progress_headers(upload: Upload, offset: int, config: ServerConfig) -> dict:
     return {"Upload-Offset": str(offset), "Upload-Length": str(upload.size), "Upload-Max-Chunk-Bytes": str(config.max_chunk_bytes), **NO_STORE}
 
 
-COMPLETE_COPIES = 3  # what a complete holds of its episode at the peak: the body read whole, the parsed arrays, their canonical encoding
-
-
 def refused_for_good(exc: ApiError) -> bool:
     """Whether a refusal at complete is about the episode (its upload is then removed), not about the transfer
     (incomplete, digest) or the server's load (429, 503), after which the robot completes or resends it."""
@@ -370,10 +367,7 @@ def refused_for_good(exc: ApiError) -> bool:
 
 def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLimits, ingest: Ingest, staging: Staging, metrics: Metrics) -> APIRouter:
     """The resumable upload routes (module docstring) over ``staging``; ``ingest`` validates and commits a completed body
-    (and counts it); a complete answered from a completed upload's tombstone counts as a duplicate in ``metrics``.
-    Completes share one memory budget over the server, what a single complete of ``max_episode_bytes`` takes: four
-    robots completing 149 MiB episodes at once held 1.7 GiB, N robots' 4 GiB episodes would have held N x 12 GiB."""
-    completing = DecodeBudget(COMPLETE_COPIES * config.max_episode_bytes, "completing_busy", "the server is completing other large uploads; complete this one again shortly")
+    (and counts it); a complete answered from a completed upload's tombstone counts as a duplicate in ``metrics``."""
     router = APIRouter()
 
     def robot(request: Request) -> str:
@@ -422,8 +416,7 @@ def upload_router(config: ServerConfig, tokens: TokenRegistry, limits: UploadLim
             return JSONResponse({"episode_id": upload.episode_id, "status": "duplicate"}, headers=NO_STORE)
         read = functools.partial(run_in_threadpool, staging.read_whole, upload)
         try:
-            with completing.hold(COMPLETE_COPIES * upload.size):
-                code, answer = await ingest(read, upload.content_encoding, upload.robot_id, config.max_episode_bytes)
+            code, answer = await ingest(read, upload.content_encoding, upload.robot_id, config.max_episode_bytes, upload.size)
         except ApiError as exc:
             if exc.error == "no_such_upload":  # another replica completed it between our reads of its record and its bytes
                 again = await find(request, upload_id)  # 404 if it is gone for good
