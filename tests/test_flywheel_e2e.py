@@ -72,7 +72,7 @@ def test_two_robots_two_iterations_promote_pull_and_log(tmp_path):
     EpisodeStore.open_or_create(StoreConfig(path=str(tmp_path / "run" / "store"))).append(updated)  # a firmware update: obs 4 -> 5
     summary = flywheel(tmp_path / "run").run()  # it crashed every iteration (calibration: "observations must be (N, 4)")
     first, second = summary["iterations"]
-    assert first["data"]["other_layout"] == {"robot-fw": {"episodes": 2, "obs_dim": 5, "act_dim": 1}}  # left out, said
+    assert first["data"]["other_layout"] == {"robot-fw": {"episodes": 2, "layouts": ["action 1, observation 5"]}}  # left out, said
     assert first["policy_versions"] == ["zero"]
     assert first["gate"]["promote"], first["gate"]["reason"]
     assert first["rollout"]["stage"] == "widened" and first["rollout"]["version"] == 1

@@ -8,6 +8,7 @@ import json
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -206,9 +207,13 @@ def test_episodes_of_another_layout_under_the_robots_model_are_left_out_and_name
 
     store = EpisodeStore.create(StoreConfig(path=str(tmp_path / "store"), fsync=False))
     store.append([episode(0, "robot-0", 4), episode(1, "robot-fw", 5), episode(2, "robot-fw", 5), episode(3, "robot-0", 4, "sim"), episode(4, "x", 4, "sim")])
-    _, real, sim, counts = Services.of_store(store).read_data("pendulum", None, None, None, (4, 1))
+    state = make_episode_arrays(num_steps=3, obs_dim=4, act_dim=1, seed=9)  # the right widths, but a qpos of 7 where the body has 2
+    store.append([Episode.create(**state, robot_id="robot-q", robot_model="pendulum", source="real", extras={"qpos": np.zeros((4, 7), np.float32)})])
+    layout = {"observation": 4, "action": 1, "qpos": 2, "qvel": 2}
+    _, real, sim, counts = Services.of_store(store).read_data("pendulum", None, None, None, layout)
     assert [e.metadata["robot_id"] for e in real] == ["robot-0"] and len(sim) == 2
-    assert counts["other_layout"] == {"robot-fw": {"episodes": 2, "obs_dim": 5, "act_dim": 1}} and counts["real_in_store"] == 1
+    assert counts["other_layout"] == {"robot-fw": {"episodes": 2, "layouts": ["action 1, observation 5"]},
+                                      "robot-q": {"episodes": 1, "layouts": ["action 1, observation 4, qpos 7"]}} and counts["real_in_store"] == 1  # fmt: skip
     assert "other_layout" not in Services.of_store(store).read_data("pendulum", None, None, None, None)[3]  # no dims: all, as before
 
 

@@ -81,6 +81,28 @@ def test_the_data_window_passes_what_no_robot_can_use_of_its_share_to_long_episo
     with caplog.at_level("WARNING", logger="fleet.pipeline.services"):
         kept = [i.episode_id for i in newest_within(infos, 700_000)]
     assert kept == ["wh-01/1", "wh-02/0", "wh-04/0"]  # 520,100 of 700,000 steps (was 20,100); wh-01's older 300,000 does not fit
-    assert "robot wh-03's newest episode (2000000 steps) is longer than the data window (700000 steps)" in caplog.text
+    assert "the data window (700000 steps) holds no episode of robot(s) wh-03: the newest is 2,000,000 steps" in caplog.text
     assert "wh-01" not in caplog.text
     assert [i.episode_id for i in newest_within(infos, 1_000_000)] == ["wh-01/0", "wh-01/1", "wh-02/0", "wh-04/0"]  # 820,100
+
+
+def test_what_is_left_of_the_window_goes_to_the_robot_holding_least_not_to_the_first_or_the_shortest():
+    """A second reader's cases: a robot with 2,000 short episodes took all that the long-shift robots could not use of
+    their shares (shortest next episode first), and 20 robots of 1,000-step episodes in a 10,000-step window left it
+    all to robot-00 (ties by id). What is left goes to the robot holding the fewest steps so far."""
+    import types
+
+    from fleet.pipeline.services import newest_within
+
+    def fleet(spec: dict[str, list[int]]) -> list:
+        return [types.SimpleNamespace(robot_id=r, num_steps=n, episode_id=f"{r}/{k}") for r, lengths in spec.items() for k, n in enumerate(lengths)]
+
+    def held(kept: list) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for info in kept:
+            out[info.robot_id] = out.get(info.robot_id, 0) + info.num_steps
+        return out
+
+    assert held(newest_within(fleet({"arm": [1_000] * 2_000, "shift-a": [600_000], "shift-b": [500_000]}), 1_000_000)) == {"arm": 500_000, "shift-b": 500_000}
+    assert held(newest_within(fleet({f"robot-{k:02d}": [1_000] * 50 for k in range(20)}), 10_000)) == {f"robot-{k:02d}": 1_000 for k in range(10)}
+    assert held(newest_within(fleet({f"robot-{k:02d}": [1_000] * 50 for k in range(4)}), 10_000)) == {f"robot-{k:02d}": 3_000 if k < 2 else 2_000 for k in range(4)}

@@ -543,13 +543,16 @@ class Flywheel:
         offset takes it out on board, so from here on models, scenarios, training and the gate see
         what its policy will see (sim/sensors.py)."""
         s, svc = self.settings, self.svc
-        dims = (self.task.obs_dim, self.task.act_dim)
-        snapshot_id, raw_real, sim, counts = svc.read_data(s.robot_model, self.sim_snapshot, s.real_window_steps, s.sim_window_steps, dims)
+        model = self.task.model
+        layout = {"observation": self.task.obs_dim, "action": self.task.act_dim, "qpos": model.nq, "qvel": model.nv}
+        snapshot_id, raw_real, sim, counts = svc.read_data(s.robot_model, self.sim_snapshot, s.real_window_steps, s.sim_window_steps, layout)
         record["snapshot"], record["data"] = snapshot_id, counts
         if other := counts.get("other_layout"):  # one robot's firmware change stopped every iteration of the fleet's training
+            said = [f"{r} {o['episodes']} ({'; '.join(o['layouts'])})" for r, o in sorted(other.items())]
             self.progress.note(
-                f"iteration {k}: left out episodes of {s.robot_model} whose layout is not the task's (observation {dims[0]}, action "
-                f"{dims[1]}): " + ", ".join(f"{r} {o['episodes']} (observation {o['obs_dim']}, action {o['act_dim']})" for r, o in sorted(other.items()))
+                f"iteration {k}: left out episodes of {s.robot_model} whose layout is not the task's (observation {layout['observation']}, "
+                f"action {layout['action']}, qpos {layout['qpos']}, qvel {layout['qvel']}): " + ", ".join(said[:5])
+                + (f" and {len(said) - 5} more robots" if len(said) > 5 else "")
                 + "; they stay in the store. A robot whose observation or action changed sends its own robot_model (docs/robots.md)"
             )
         svc.mirror_dataset(snapshot_id, counts, k, s.robot_model, {"real_window_steps": s.real_window_steps, "sim_window_steps": s.sim_window_steps})

@@ -112,17 +112,17 @@ class Services(contextlib.AbstractContextManager):
     # -- data ---------------------------------------------------------------------------------
     def read_data(
         self, robot_model: str, sim_snapshot: str | None = None, real_window: int | None = None, sim_window: int | None = None,
-        dims: tuple[int, int] | None = None,
+        layout: dict[str, int] | None = None,
     ) -> tuple[str, list[Episode], list[Episode], dict]:
         """Pin the store's latest snapshot; its real episodes of ``robot_model``, and its sim episodes as of
         ``sim_snapshot`` where given (the iteration's start: a redone iteration does not train on the scenarios its
         interrupted attempt stored), robot by robot (:func:`in_robot_order`), so that what trains on them does not
         depend on how uploads interleaved. Of each, only the newest ``real_window`` (``sim_window``) steps
         (:func:`newest_within`; None: all), so that an iteration's memory and time stay bounded however long the
-        fleet has run. With ``dims`` (the task's obs_dim, act_dim), episodes of another layout (a robot whose firmware
-        changed its observation, under the same robot_model) are left out, not read: counts' ``other_layout`` says whose
-        (robot -> {"episodes", "obs_dim", "act_dim"}). Returns (snapshot id, real, sim, counts: episodes read, and stored,
-        per source)."""
+        fleet has run. With ``layout`` (array name -> the task's width: observation, action, and qpos, qvel where an
+        episode has them), episodes of another layout (a robot whose firmware changed its observation, under the same
+        robot_model) are left out, not read, and not counted as stored: counts' ``other_layout`` says whose (robot ->
+        {"episodes", "layouts"}). Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
         self.store.refresh_index()
         start = None if sim_snapshot is None else self.store.snapshot(sim_snapshot, base=self._last_read)
         if start is not None:
@@ -130,10 +130,10 @@ class Services(contextlib.AbstractContextManager):
         snapshot = self.store.snapshot(base=self._last_read if start is None else start)
         self._pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
         other: dict[str, dict] = {}
-        stored_real = _of_layout(snapshot, snapshot.episodes(robot_model=robot_model, source="real"), dims, other)
+        stored_real = _of_layout(snapshot, snapshot.episodes(robot_model=robot_model, source="real"), layout, other)
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if start is None else start
-        stored_sim = _of_layout(before, before.episodes(robot_model=robot_model, source="sim"), dims, other)
+        stored_sim = _of_layout(before, before.episodes(robot_model=robot_model, source="sim"), layout, other)
         sim = before.read_episodes(newest_within(stored_sim, sim_window))
         counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
         if other:
@@ -293,32 +293,38 @@ def in_robot_order(infos: list) -> list:
     return sorted(infos, key=lambda info: info.robot_id)  # stable: a robot's own order is kept
 
 
-def _of_layout(snapshot, infos: list, dims: tuple[int, int] | None, other: dict[str, dict]) -> list:
-    """``infos`` whose observation and action widths are ``dims`` (all with None); the others counted into ``other`` by
-    robot, with the widths they have."""
-    if dims is None:
+def _of_layout(snapshot, infos: list, layout: dict[str, int] | None, other: dict[str, dict]) -> list:
+    """``infos`` of ``layout`` (all with None): observation and action of its widths, and any other array it names
+    (qpos, qvel) of its width where an episode has it; the others counted into ``other`` by robot, with the layouts
+    they have. Judged once per stream (a stream holds one layout)."""
+    if layout is None:
         return infos
+    verdicts: dict[str, str | None] = {}  # stream -> None (the task's layout) or what it holds instead
     kept = []
     for info in infos:
-        sig = snapshot.signature(info.stream)
-        names = {a.name for a in sig.arrays}
-        have = (sig.obs_dim if "observation" in names else None, sig.act_dim if "action" in names else None)
-        if have == tuple(dims):
+        if info.stream not in verdicts:
+            widths = {a.name: a.tail for a in snapshot.signature(info.stream).arrays if a.name in layout}
+            fits = all(n in widths for n in ("observation", "action")) and all(tail == (layout[n],) for n, tail in widths.items())
+            verdicts[info.stream] = None if fits else ", ".join(f"{n} {'x'.join(map(str, t))}" for n, t in sorted(widths.items()))
+        if verdicts[info.stream] is None:
             kept.append(info)
             continue
-        seen = other.setdefault(info.robot_id, {"episodes": 0, "obs_dim": have[0], "act_dim": have[1]})
+        seen = other.setdefault(info.robot_id, {"episodes": 0, "layouts": []})
         seen["episodes"] += 1
+        if verdicts[info.stream] not in seen["layouts"]:
+            seen["layouts"].append(verdicts[info.stream])
     return kept
 
 
 def newest_within(infos: list, max_steps: int | None) -> list:
     """In :func:`in_robot_order`, each robot's newest catalog entries (``EpisodeInfo``) whose steps sum to at most
-    ``max_steps`` in all (None: every entry). The budget is shared evenly between robots, and what a robot with less
-    data leaves goes to the others; each robot's cut depends only on its own uploads and the share, never on how the
-    robots' uploads interleaved, so one seed still gives one run. Episodes past the window stay in the store. Whole
-    episodes only; what of the shares no robot's next episode fits goes to the robots' next older episodes, the shortest
-    first (a robot that records one long episode a shift got nothing, its share under that episode's steps, and the
-    window stayed mostly empty). A robot whose newest episode alone is longer than the window gets nothing, with a warning."""
+    ``max_steps`` in all (None: every entry), whole episodes only. The budget is shared evenly between robots, and what
+    a robot with less data leaves goes to the others; then what no robot could use of its share (its next episode is
+    longer than what is left of it) goes episode by episode to the robot that holds the fewest steps so far, its next
+    older episode if it fits (a robot that records one long episode a shift got nothing before, its share under that
+    episode's steps). Each robot's cut depends only on the robots' own uploads, never on how they interleaved, so one
+    seed still gives one run. A robot left with nothing is named in a warning. Episodes past the window stay in the
+    store."""
     if max_steps is None:
         return in_robot_order(infos)
     robots: dict[str, list] = collections.defaultdict(list)
@@ -329,28 +335,28 @@ def newest_within(infos: list, max_steps: int | None) -> list:
     for n, r in enumerate(sorted(robots, key=lambda r: (held[r], r))):  # the smallest first: the rest is split among the others
         share[r] = min(held[r], left // (len(robots) - n))
         left -= share[r]
-    taken = {r: _count_newest(eps, share[r]) for r, eps in robots.items()}  # robot -> how many of its newest episodes
-    left = max_steps - sum(i.num_steps for r in robots for i in robots[r][len(robots[r]) - taken[r] :])
-    waiting = [(robots[r][-taken[r] - 1].num_steps, r) for r in robots if taken[r] < len(robots[r])]
-    heapq.heapify(waiting)
-    while waiting and waiting[0][0] <= left:  # the shortest next episode first; none fits once the shortest does not
-        steps, r = heapq.heappop(waiting)
-        left -= steps
-        taken[r] += 1
+    taken, steps = {}, {}  # robot -> how many of its newest episodes, and their steps
+    for r, eps in robots.items():
+        taken[r] = steps[r] = 0
+        for info in reversed(eps):
+            if steps[r] + info.num_steps > share[r]:
+                break
+            taken[r], steps[r] = taken[r] + 1, steps[r] + info.num_steps
+    left = max_steps - sum(steps.values())
+    waiting = [(steps[r], eps[-taken[r] - 1].num_steps, r) for r, eps in robots.items() if taken[r] < len(eps)]
+    heapq.heapify(waiting)  # the robot holding the fewest steps first (then the shorter next episode, then its id)
+    while waiting:
+        _, need, r = heapq.heappop(waiting)
+        if need > left:  # it never fits: what is left only shrinks
+            continue
+        left -= need
+        taken[r], steps[r] = taken[r] + 1, steps[r] + need
         if taken[r] < len(robots[r]):
-            heapq.heappush(waiting, (robots[r][-taken[r] - 1].num_steps, r))
-    for r in sorted(robots):
-        if not taken[r] and robots[r][-1].num_steps > max_steps:
-            log.warning("robot %s's newest episode (%d steps) is longer than the data window (%d steps): none of its episodes train; "
-                        "raise loop.real_window_steps (loop.sim_window_steps for sim episodes) or record shorter episodes", r, robots[r][-1].num_steps, max_steps)
+            heapq.heappush(waiting, (steps[r], robots[r][-taken[r] - 1].num_steps, r))
+    if empty := sorted(r for r in robots if not taken[r]):
+        log.warning("the data window (%d steps) holds no episode of robot(s) %s: the newest is %s steps; raise loop.real_window_steps "
+                    "(loop.sim_window_steps for sim episodes) or record shorter episodes", max_steps, ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""),
+                    ", ".join(f"{robots[r][-1].num_steps:,}" for r in empty[:5]))  # fmt: skip
     return [info for r in sorted(robots) for info in robots[r][len(robots[r]) - taken[r] :]]
 
 
-def _count_newest(episodes: list, budget: int) -> int:
-    """How many of ``episodes``' newest (the last) fit in ``budget`` steps, whole."""
-    count, steps = 0, 0
-    for info in reversed(episodes):
-        if steps + info.num_steps > budget:
-            break
-        count, steps = count + 1, steps + info.num_steps
-    return count
