@@ -581,3 +581,13 @@ def test_a_path_in_the_users_home_is_expanded_in_every_app_setting(monkeypatch, 
     assert cfg.fleet.store.path == f"{tmp_path}/store" and cfg.fleet.server.token_file == str(tmp_path)
     assert list(cfg.fleet.registry.root_keys) == [f"{tmp_path}/k/root.pem"] and robot.fleet.agent.token_file == f"{tmp_path}/robot.token"
     assert not cfg.fleet.registry.dir.startswith(str(tmp_path))  # a relative default stays relative
+
+
+def test_a_run_dir_in_the_home_is_hydras_folder_too(monkeypatch, tmp_path):
+    """`run_dir='~/r'`: the app expanded it, Hydra's folder (its ``${run_folder:...}``) did not, so .hydra/ and the log
+    went to a folder named ~ in the working directory and the run to the home's r."""
+    import fleet.conf  # noqa: F401  (registers run_folder)
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = OmegaConf.create({"run_dir": "~/r", "dir": "${run_folder:runs/now}"})
+    assert cfg.dir == f"{tmp_path}/r"

@@ -31,8 +31,9 @@ def _run_folder(default: str, *, _root_) -> str:
             raw = None
     if raw is None or str(raw).startswith("${"):
         return _unique_folder(default)
-    check_run_dir(Path(str(raw)))
-    return str(raw)
+    raw = os.path.expanduser(str(raw)) if str(raw) == "~" or str(raw).startswith("~/") else str(raw)  # as the app's check expands run_dir
+    check_run_dir(Path(raw))
+    return raw
 
 
 _MADE: dict[str, str] = {}  # a new folder's name -> the folder this process made for it
@@ -51,11 +52,20 @@ def _unique_folder(name: str) -> str:
         except OSError as exc:  # a service started in / or another read-only folder: say which setting moves it, in one line
             # (SystemExit: Hydra and OmegaConf wrap an Exception from a resolver in two screens of traceback)
             raise SystemExit(
-                f"{Path(sys.argv[0]).name}: cannot make the folder {Path(name).absolute()} for this run's log and Hydra files "
+                f"{_app_name()}: cannot make the folder {Path(name).absolute()} for this run's log and Hydra files "
                 f"({exc.strerror or exc}): start it in a folder you can write (a service's WorkingDirectory=), or set "
-                "hydra.run.dir=<a folder you can write> (docs/config.md, Running as a service)"
+                "hydra.run.dir=<a folder you can write> (hydra.sweep.dir under --multirun; docs/config.md, Running as a service)"
             ) from None
     return _MADE[name]
+
+
+def _app_name() -> str:
+    """The app's command name, also when started as ``python -m fleet.apps.<app>``."""
+    name = Path(sys.argv[0]).name
+    if name.endswith(".py"):
+        stem = name.removesuffix(".py")
+        return "flywheel" if stem == "flywheel" else f"flywheel-{stem}"
+    return name
 
 
 def _make_unique(name: str) -> None:

@@ -162,9 +162,12 @@ def _write_tokens(path: Path, entries: dict) -> None:
         if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
             try:
                 os.fchown(fd, old.st_uid, old.st_gid)
-            except PermissionError:
+            except PermissionError:  # not root: the group at least, where this user is in it (then a 0640 file stays readable to it)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, -1, old.st_gid)
+                now = os.fstat(fd)
                 log.warning("token file %s was owned by uid %d gid %d; this user may not keep that, so it is now owned by uid %d gid %d: "
-                            "check the server's user can still read it", path, old.st_uid, old.st_gid, os.geteuid(), os.getegid())  # fmt: skip
+                            "check the server's user can still read it (or edit it as root)", path, old.st_uid, old.st_gid, now.st_uid, now.st_gid)  # fmt: skip
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(entries, indent=1, sort_keys=True))
         f.flush()
