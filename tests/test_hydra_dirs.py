@@ -81,6 +81,7 @@ def test_train_help_lists_a_config_dirs_policies_and_says_which_are_the_loops(tm
     out = _train(tmp_path, "--config-dir", "myconf", "--help")
     assert out.returncode == 0 and "\npolicy: mbpo, mbpo_fleet, my_ppo, ppo, sac, sac_fleet\nray: local\nwandb: offline\n" in out.stdout, out.stdout[:800]
     assert "for `flywheel` only" in out.stdout
+    assert out.stderr == "", out.stderr[-1500:]  # the at-exit folder cleanup once read the output folder no --help job has
 
 
 def test_a_swept_run_dir_gives_each_job_its_folder_and_a_new_sweep_its_own_claims(monkeypatch, tmp_path):

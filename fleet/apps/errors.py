@@ -238,9 +238,12 @@ def discard_stray_folders() -> None:
 
     from fleet.conf import folders_made, parents_made
 
-    if not HydraConfig.initialized():
+    from omegaconf import OmegaConf
+
+    output_dir = OmegaConf.select(HydraConfig.get(), "runtime.output_dir", default=None) if HydraConfig.initialized() else None
+    if output_dir is None:  # no job ran (--help, --cfg): nothing to tell apart
         return
-    out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    out = Path(output_dir).resolve()
     for folder in (*folders_made(), *parents_made()):  # the made folders, then their parents, deepest first
         if folder != out and folder not in out.parents:
             with contextlib.suppress(OSError):  # not empty, or gone
