@@ -224,7 +224,8 @@ class FlywheelNode(Node):
         url = p["policy_url"] or config.server_url
         check_server_url(url, "policy_url", "the policy registry")
         token = registry_token(url, config.server_url, config.load_token())  # the fleet server's token, never a static host's
-        return SignedPolicySource(url, token, p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"]).start()
+        return SignedPolicySource(url, token, p["robot_id"], trust, fallback, root=root, poll_interval_s=p["poll_interval_s"],
+                                  root_origin=f"policy_root {p['policy_root']}").start()
 
     def on_joint_state(self, msg) -> None:
         obs = observation_of(msg)

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata
+from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
 from fleet.agent.policy import Policy
@@ -71,7 +71,9 @@ _TUF_REASONS = (
 
 class SignedPolicySource:
     """``root``: the registry's root metadata this robot was provisioned with (bytes), needed until
-    the first update has stored its own copy in ``<trust.state_dir>/tuf``.
+    the first update has stored its own copy in ``<trust.state_dir>/tuf``. Given where a copy is stored, it replaces that
+    copy only where its version is higher (re-provisioning a robot whose root chain the registry no longer serves; the
+    version floor is kept), valid and signed by its own root threshold; ``root_origin`` names where it came from, in the log.
 
     ``server_url``: the flywheel server, or any HTTP server, bucket or CDN holding the registry's
     ``tuf/`` directory as ``<server_url>/v1/tuf/`` (static hosting, docs/security.md).
@@ -103,6 +105,7 @@ class SignedPolicySource:
         min_healthy_steps: int = MIN_HEALTHY_STEPS,
         max_weights_bytes: int = MAX_WEIGHTS_BYTES,
         min_free_bytes: int = MIN_FREE_BYTES,
+        root_origin: str = "the root metadata given (root=)",
     ):
         self.url, self.robot_id, self.trust, self.fallback = server_url.rstrip("/"), robot_id, trust, fallback
         self.poll_interval_s, self.max_weights_bytes, self.min_free_bytes = poll_interval_s, max_weights_bytes, min_free_bytes
@@ -121,6 +124,8 @@ class SignedPolicySource:
                 Updater(str(self.metadata_dir), self.metadata_url, bootstrap=root)  # stores it as the trust anchor
             except tuf_errors.RepositoryError as exc:
                 raise ValueError(f"the root metadata this robot was given is not valid TUF root metadata ({exc}): use the registry's tuf/metadata/root.json") from None
+        elif root is not None:
+            self._reprovision(root, root_origin)
         self._last_poll = -np.inf
         self.probe_obs = probe_obs if probe_obs is not None else np.zeros((4, trust.spec["obs_dim"]), np.float32)
         self.min_healthy_steps = _checked_min_healthy_steps(min_healthy_steps, robot_id)
@@ -135,6 +140,39 @@ class SignedPolicySource:
         trusted = self._load_trusted()
         self._policy = trusted or fallback
         self._running = self.trust.version if trusted else 0  # the trusted version the robot runs; 0: the fallback
+
+    def _reprovision(self, root: bytes, where: str) -> None:
+        """A robot that already trusts a root (``<state_dir>/tuf/metadata/root.json``), given one at its start (``root``, read
+        from ``where``): a valid root of a HIGHER version replaces the stored trust anchor (re-provisioning: the way back for a
+        robot whose root chain the registry no longer serves, docs/security.md), the version floor and the policy it runs kept;
+        the same version with other content is warned about and the stored one kept; a lower one is ignored (a robot
+        provisioned long ago that followed the chain since). Never a lower version: that would roll its trust back."""
+        stored_path = self.metadata_dir / "root.json"
+        try:
+            given = Metadata.from_bytes(root)
+            if not isinstance(given.signed, Root):
+                raise tuf_errors.RepositoryError(f"it is {given.signed.type} metadata, not root metadata")
+            given.signed.verify_delegate(Root.type, given.signed_bytes, given.signatures)  # self-signed to its threshold, as TUF's bootstrap checks
+        except (tuf_errors.RepositoryError, ValueError, TypeError, KeyError) as exc:
+            log.warning("robot %s: %s is not valid TUF root metadata (%s): ignored; this robot keeps trusting the root in %s (use the "
+                        "registry's tuf/metadata/root.json to re-provision it)", self.robot_id, where, exc, stored_path)  # fmt: skip
+            return
+        try:
+            stored: Metadata | None = Metadata.from_bytes(stored_path.read_bytes())
+        except (OSError, tuf_errors.RepositoryError):
+            stored = None  # unreadable: TUF could not start from it either
+        version = stored.signed.version if stored is not None else 0
+        if given.signed.version < version:
+            return  # provisioned long ago: the chain since is followed at every poll
+        if given.signed.version == version:
+            if given != stored:
+                log.warning("robot %s: %s is root v%d, as is the root this robot trusts (%s), but they differ: the stored one is kept "
+                            "(a different root of the same version is never taken; check that %s is the registry's current tuf/metadata/root.json)",
+                            self.robot_id, where, version, stored_path, where)  # fmt: skip
+            return
+        Updater(str(self.metadata_dir), self.metadata_url, bootstrap=root)  # stores it as the trust anchor (root_history/N.root.json)
+        log.warning("robot %s: re-provisioned: trusting root v%d from %s in place of %s", self.robot_id, given.signed.version, where,
+                    f"v{version}" if stored is not None else f"an unreadable {stored_path}")  # fmt: skip
 
     def start(self) -> SignedPolicySource:
         """Poll on a background thread from now on (every ``poll_interval_s``, at least
@@ -523,5 +561,5 @@ def signed_policy_source(
     token = registry_token(server_url, fleet_url or server_url, token)
     return SignedPolicySource(
         server_url, token, robot_id, trust, fallback, root=Path(root).read_bytes(), poll_interval_s=poll_interval_s, min_free_bytes=min_free_bytes,
-        min_healthy_steps=min_healthy_steps,
+        min_healthy_steps=min_healthy_steps, root_origin=f"policy.root {root}",
     )

@@ -1,0 +1,92 @@
+"""A robot that cannot follow its registry's root chain (the drawer probe: a robot powered up months later, against a
+registry that kept only its newest roots, was restored without them, or was re-made): re-provisioning it with the
+registry's current root.json, what it says when it is refused, and the server's warning before the root expires."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tuf.api.metadata import Metadata
+
+from fleet.agent.policy import builtin_policy
+from fleet.registry.pull import SignedPolicySource
+from fleet.registry.signing import load_signer
+from fleet.registry.store import PolicyRegistry, root_metadata
+from fleet.registry.trust import PolicyTrust
+from fleet.registry.tuf_repo import resign_rotated, rotate_keys
+from fleet.server.config import ServerConfig
+from fleet.server.runner import serve
+from fleet.store import StoreConfig
+from tests.conftest import registry_server
+from tests.test_policy_pull_http import SPEC, exported
+
+
+def robot(tmp_path, server, token, root: bytes | None, **kwargs) -> SignedPolicySource:
+    trust = PolicyTrust(**SPEC, state_dir=tmp_path / "robot")
+    return SignedPolicySource(getattr(server, "url", server), token, "robot-0", trust, builtin_policy("zero", 1).current(), root=root, **kwargs)
+
+
+def publish(registry, tmp_path, name: str) -> int:
+    weights, manifest = exported(tmp_path, name)
+    return registry.publish(weights, policy=manifest, **SPEC)["version"]
+
+
+def trusted_root(source) -> int:
+    return json.loads((source.metadata_dir / "root.json").read_bytes())["signed"]["version"]
+
+
+def test_a_robot_whose_root_chain_was_cut_is_re_provisioned_with_a_newer_root_and_never_rolled_back(tmp_path, caplog):
+    """The registry kept only root v3 (v1 and v2 removed: a migration that copied the newest root only); the robot trusts
+    v1 and is refused. Started with policy.root = the registry's current root.json, it once kept its stored v1 without a
+    word: a higher version now replaces it (its version floor kept); a lower one is ignored, one of the same version with
+    other content is warned about and not taken, and what is not valid root metadata is warned about."""
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0")
+    v1 = root_metadata(tmp_path / "registry")
+    source = robot(tmp_path, server, token, v1)
+    publish(registry, tmp_path, "v1")
+    assert source.poll() and source.trust.version == 1
+    source.close()
+    server.stop()
+    keys, tuf = tmp_path / "keys", registry.root / "tuf"
+    roots = [load_signer(keys / f"root-{i}.pem") for i in (1, 2)]
+    rotate_keys(tuf, roots, online_key=load_signer(keys / "online-2.pem", create=True).public_key)  # root v2: a new online key
+    rotate_keys(tuf, roots, threshold=2)  # root v3: renewed
+    resign_rotated(tuf, load_signer(keys / "online-2.pem"))
+    for v in (1, 2):
+        (tuf / "metadata" / f"{v}.root.json").unlink()  # the chain from v1 is cut
+    registry = PolicyRegistry(registry.root, load_signer(keys / "online-2.pem"))
+    server = serve(ServerConfig(port=0, token_file=str(tmp_path / "tokens.json")), StoreConfig(path=str(tmp_path / "store")), policy_registry=registry)
+    try:
+        publish(registry, tmp_path, "v2")
+        source = robot(tmp_path, server, token, v1)
+        assert not source.poll() and source.refusals == {"signature": 1} and trusted_root(source) == 1
+        source.close()
+        current = root_metadata(tmp_path / "registry")
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            source = robot(tmp_path, server, token, current, root_origin="policy.root /robot/root.json")
+        assert "re-provisioned: trusting root v3 from policy.root /robot/root.json in place of v1" in caplog.text
+        assert trusted_root(source) == 3 and source.status()["policy_version"] == source.trust.version == 1  # its floor and policy kept
+        assert source.poll() and source.current().version == "2" and source.refusals == {}
+        source.close()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            source = robot(tmp_path, server, token, v1)  # provisioned long ago: the chain it followed since stays
+        assert trusted_root(source) == 3 and "fleet.registry.pull" not in caplog.text
+        source.close()
+        other = Metadata.from_bytes(current)  # root v3 of other content (another expiry), signed by the root keys
+        other.signed.expires = other.signed.expires.replace(year=other.signed.expires.year + 1)
+        other.signatures.clear()
+        for signer in roots:
+            other.sign(signer, append=True)
+        for given, said in ((other.to_bytes(), "is root v3, as is the root this robot trusts"), (b"{}", "is not valid TUF root metadata"),
+                            ((tuf / "metadata" / "timestamp.json").read_bytes(), "not root metadata")):  # fmt: skip
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+                source = robot(tmp_path, server, token, given, root_origin="policy.root given.json")
+            assert said in caplog.text and "policy.root given.json" in caplog.text and trusted_root(source) == 3
+            assert source.poll() is False and source.refusals == {} and source.current().version == "2"
+            source.close()
+    finally:
+        source.close()
+        server.stop()
