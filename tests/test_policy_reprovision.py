@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from tuf.api.metadata import Metadata
 
@@ -87,6 +88,55 @@ def test_a_robot_whose_root_chain_was_cut_is_re_provisioned_with_a_newer_root_an
             assert said in caplog.text and "policy.root given.json" in caplog.text and trusted_root(source) == 3
             assert source.poll() is False and source.refusals == {} and source.current().version == "2"
             source.close()
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_a_robot_that_cannot_follow_the_root_chain_says_what_to_do_once_and_in_its_status(tmp_path, caplog):
+    """The registry was re-made from scratch (new root keys): the robot, on the old root v1, was refused with 'signature:
+    timestamp was signed by 0/1 keys' and 'the registry looks frozen', the symptoms of an attack, at every poll, and
+    nothing said what to do. The refusal now names the root it trusts and the fix (re-provision it), once per cause, and
+    its status carries both."""
+    old, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
+    old_server.stop()
+    registry, token, server = registry_server(tmp_path / "new", "robot", "robot-0")  # re-made: other root keys, root v1 again
+    source = robot(tmp_path, server, token, root_metadata(tmp_path / "old" / "registry"))
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.status()["trusted_root_version"] == 1 and source.status()["pull_advice"] is None
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            assert not source.poll() and source.refusals == {"signature": 1}
+        assert "timestamp was signed by 0/1 keys" in caplog.text and "the root this robot trusts" in caplog.text
+        assert "re-provision this robot with the registry's current tuf/metadata/root.json" in caplog.text and "root v1" in caplog.text
+        status = source.status()
+        assert status["trusted_root_version"] == 1 and "re-provision this robot" in status["pull_advice"] and status["refusals"] == {"signature": 1}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            assert not source.poll() and source.refusals == {"signature": 2}
+        assert "re-provision" not in caplog.text and "re-provision this robot" in source.status()["pull_advice"]  # said once, kept in the status
+    finally:
+        source.close()
+        server.stop()
+
+
+def test_a_robot_whose_final_root_expired_is_told_to_be_re_provisioned_or_the_root_renewed(tmp_path, monkeypatch, caplog):
+    """Root v1 expired (nobody renewed it): every robot logged 'freeze: Final root.json is expired' and 'the registry looks
+    frozen'; the refusal now says that root v1 expired and that the registry's operator must renew it with the root keys
+    (or that the robot be re-provisioned where the registry's root is newer)."""
+    monkeypatch.setattr("fleet.registry.tuf_repo.MIN_EXPIRY_S", 1.0)
+    registry, token, server = registry_server(tmp_path, "robot", "robot-0", expiry_s={"root": 2.0})
+    source = robot(tmp_path, server, token, root_metadata(tmp_path / "registry"))
+    try:
+        publish(registry, tmp_path, "v1")
+        assert source.poll() and source.status()["pull_advice"] is None
+        time.sleep(2.5)
+        publish(registry, tmp_path, "v2")
+        with caplog.at_level(logging.WARNING, logger="fleet.registry.pull"):
+            assert not source.poll() and source.refusals == {"freeze": 1} and source.current().version == "1"
+        assert "Final root.json is expired" in caplog.text and "root v1, the newest root this robot could reach, expired at" in caplog.text
+        assert "flywheel-registry rotate" in caplog.text and "re-provision this robot" in caplog.text
+        assert "flywheel-registry rotate" in source.status()["pull_advice"] and source.status()["trusted_root_version"] == 1
     finally:
         source.close()
         server.stop()

@@ -27,6 +27,7 @@ health check rolls back to the previous policy and blocks that version on this r
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import threading
@@ -134,6 +135,9 @@ class SignedPolicySource:
         self.errors = 0  # network/server trouble (not refusals): the robot just keeps its policy
         self.no_room = 0  # polls that left a release's weights undownloaded for want of disk room (what the robot records comes first)
         self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
+        self.advice: str | None = None  # what to do about the last poll's refusal where the robot cannot follow the root chain (None: nothing)
+        self._advised: str | None = None  # the advice last logged (said once per distinct cause, not at every poll)
+        self.root_version = self._trusted_root_version()
         self._swap = threading.Lock()  # the install, health check and rollback, against report_episode on the robot's thread
         self._stopping = threading.Event()
         self._poller: threading.Thread | None = None
@@ -196,13 +200,16 @@ class SignedPolicySource:
         it trusts (``trusted_version``, its floor: they differ while the trusted weights are to be fetched again), swaps,
         refusals by reason, network trouble, since when its registry looks frozen (None: its metadata is fresh), polls
         answered 304, bytes a resumed download did not fetch again, polls that left a release undownloaded for want of disk
-        room (``pull_no_room``), and how far this robot's clock is ahead of the registry server's (``clock_ahead_s``, from
-        its last answer's Date header; negative: behind; None before one)."""
+        room (``pull_no_room``), how far this robot's clock is ahead of the registry server's (``clock_ahead_s``, from
+        its last answer's Date header; negative: behind; None before one), the version of the registry root it trusts
+        (``trusted_root_version``), and what to do where its last poll was refused because it may not follow the registry's
+        root chain (``pull_advice``: re-provision it, or renew the registry's root; None otherwise)."""
         return {
             "policy_version": self._running, "trusted_version": self.trust.version, "swaps": self.swaps, "refusals": self.refusals,
             "pull_errors": self.errors, "registry_frozen_since": self.frozen_since,
             "pull_not_modified": self._fetcher.not_modified, "pull_resumed_bytes": self._fetcher.resumed_bytes,
             "pull_no_room": self.no_room, "clock_ahead_s": None if self._fetcher.clock_ahead_s is None else round(self._fetcher.clock_ahead_s),
+            "trusted_root_version": self.root_version, "pull_advice": self.advice,
         }  # fmt: skip
 
     def current(self) -> Policy:
@@ -217,6 +224,7 @@ class SignedPolicySource:
         try:
             updater = self._refresh()
             self.frozen_since, refreshed = None, True
+            self.advice = self._advised = None
             return self._consider(updater)
         except PolicyRejected as exc:
             log.warning("robot %s refused a policy: %s; keeping %s", self.robot_id, exc, self._policy.version)
@@ -225,7 +233,11 @@ class SignedPolicySource:
             self.trust.refusals[reason] += 1
             if reason == "freeze" and self.frozen_since is None:
                 self.frozen_since = time.time()
-            log.warning("robot %s: registry metadata refused (%s: %s)%s; keeping %s", self.robot_id, reason, exc, self._clock_note() if reason == "freeze" else "", self._policy.version)
+            clock = self._clock_note() if reason == "freeze" else ""
+            self.advice = self._root_advice(reason, exc) if not clock else None
+            said = f"; {self.advice}" if self.advice is not None and self.advice != self._advised else ""
+            self._advised = self.advice or self._advised
+            log.warning("robot %s: registry metadata refused (%s: %s)%s; keeping %s%s", self.robot_id, reason, exc, clock, self._policy.version, said)
         except tuf_errors.DownloadLengthMismatchError as exc:
             self.trust.refusals["size"] += 1
             log.warning("robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
@@ -235,6 +247,8 @@ class SignedPolicySource:
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
+        finally:
+            self.root_version = self._trusted_root_version()  # (a refresh may have walked the chain before it was refused)
         if not refreshed:  # after a refresh the metadata the robot trusts is fresh: nothing to read from disk
             self._notice_expired_metadata()
         return False
@@ -251,8 +265,45 @@ class SignedPolicySource:
             return
         self.frozen_since = time.time()
         role, expires = expired
+        chain = ", or this robot cannot follow the registry's root chain (pull_advice in its status)" if self.advice else ""
         log.warning("robot %s: the registry's %s metadata this robot trusts expired at %s and no fresh metadata could be fetched: "
-                    "the registry looks frozen (blocked, or its signer down)%s; keeping %s", self.robot_id, role, expires.isoformat(), self._clock_note(), self._policy.version)  # fmt: skip
+                    "the registry looks frozen (blocked, or its signer down%s)%s; keeping %s", self.robot_id, role, expires.isoformat(), chain,
+                    self._clock_note(), self._policy.version)  # fmt: skip
+
+    def _trusted_root_version(self) -> int | None:
+        """The version of the registry root this robot trusts (``<state_dir>/tuf/metadata/root.json``); None if unreadable."""
+        try:
+            return int(json.loads((self.metadata_dir / "root.json").read_bytes())["signed"]["version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _root_advice(self, reason: str, exc: Exception) -> str | None:
+        """What to do about a TUF refusal that a robot unable to follow the registry's root chain gets, None for any other.
+        The refresh walks the root chain first, up to the first root version the registry does not serve; a timestamp,
+        snapshot or next root then not signed by the keys of the root this robot trusts (``signature``), or that root
+        itself expired (``freeze`` of the final root), is what a robot gets whose registry moved on without it (its newer
+        roots removed, restored from an older backup, re-made) as well as what forged metadata gets: the log said only
+        "signature" or "freeze" and "registry looks frozen", and never what to do."""
+        try:
+            root = Metadata.from_bytes((self.metadata_dir / "root.json").read_bytes()).signed
+        except (OSError, tuf_errors.RepositoryError):
+            return None
+        role = str(exc).split(" ", 1)[0]
+        if reason == "signature" and role in (Root.type, "timestamp", "snapshot"):
+            why = f"its metadata is not signed by the keys of root v{root.version}, the root this robot trusts, and it serves no root v{root.version + 1} signed by them"
+        elif reason == "freeze" and root.is_expired(datetime.now(timezone.utc)):
+            why = f"root v{root.version}, the newest root this robot could reach, expired at {root.expires.isoformat()}"
+        else:
+            return None
+        reprovision = (f"if the registry's current root is newer and the chain to it is broken (root files removed, a registry restored "
+                       f"from a backup or re-made), re-provision this robot with the registry's current tuf/metadata/root.json, checked "
+                       f"out of band (policy.root: a higher version replaces this robot's root v{root.version} at its next start; at the same "
+                       f"or a lower version, delete {self.metadata_dir.parent} first: the version floor is kept; docs/security.md, Re-provisioning)")  # fmt: skip
+        if reason == "freeze":
+            return (f"{why}: {reprovision}; if the registry's own root expired, its operator must renew it with the root keys "
+                    "(flywheel-registry rotate --dir REG --root-key .. --root-key .. --threshold N, docs/security.md, Key ceremonies): "
+                    "robots follow at their next poll")  # fmt: skip
+        return f"{why}: {reprovision}; otherwise the registry's metadata may be forged (docs/security.md)"
 
     def _no_token_note(self, exc: Exception) -> str:
         """What to add where a registry this robot sends no token to answered 401 (what a flywheel server answers a call
