@@ -140,3 +140,29 @@ def test_a_robot_whose_final_root_expired_is_told_to_be_re_provisioned_or_the_ro
     finally:
         source.close()
         server.stop()
+
+
+def test_the_server_warns_once_an_hour_when_the_registry_root_is_past_half_its_life(tmp_path, caplog):
+    """Nobody ran the yearly root renewal: the server opened, re-signed timestamps and served without a word while root v1
+    ran out, and then every robot froze. Past half its life it now says so at most once an hour, naming the expiry and
+    the ceremony that renews it."""
+    registry, _, server = registry_server(tmp_path, "robot", "robot-0")
+    server.stop()
+    publish(registry, tmp_path, "v1")
+    now = [time.time() + 100 * 86400]
+    later = PolicyRegistry(registry.root, load_signer(tmp_path / "keys" / "online.pem"), clock=lambda: now[0])
+    said = lambda: caplog.text.count("the root metadata of")  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="fleet.registry.tuf_repo"):
+        later.refresh()
+        assert said() == 0  # 100 days into 365: nothing to say
+        now[0] += 100 * 86400
+        later.refresh()
+        later.refresh()
+        assert said() == 1 and "(root v1) expires" in caplog.text and "flywheel-registry rotate --dir REG --root-key" in caplog.text
+        assert "only the offline root keys can renew it" in caplog.text and "in 165.0 days" in caplog.text
+        now[0] += 1800
+        later.refresh()
+        assert said() == 1  # once an hour
+        now[0] += 200 * 86400
+        later.refresh()
+        assert said() == 2 and "every robot refuses this registry" in caplog.text

@@ -380,6 +380,7 @@ class TufRepository(Repository):
                 raise ReleaseKeyMissing(f"{self.files.location} has no targets metadata yet: {self.release_key_advice(root)}")
             self.publish_targets({})
             return list(ONLINE_ROLES)
+        self._warn_root_expiry(root)
         stale = {role: self._stale(role, root, check_keys) for role in ONLINE_ROLES}
         # what is due is judged by the lifetimes recorded now: read where this process can sign a role that is due (a replica
         # without the release key, with targets past half its life, would read the record at every timestamp request)
@@ -512,6 +513,25 @@ class TufRepository(Repository):
         self._stale_warned_at[advice] = now
         expires = self._md[role].signed.expires.isoformat()
         log.warning("the %s metadata of %s (expires %s) needs re-signing, and %s", role, self.files.location, expires, advice)
+
+    def _warn_root_expiry(self, root: Root) -> None:
+        """The root past half its life (or expired): said at most once an hour, naming the expiry and the ceremony that
+        renews it. No server holds the root keys, so nothing here can re-sign it; once it has expired every robot refuses
+        the registry (``freeze: Final root.json is expired``) until it is renewed, and nothing said so before."""
+        left = root.expires.timestamp() - self.clock()
+        if left >= self.expiry_s[Root.type] / 2:
+            return
+        now = self.clock()
+        if now - self._stale_warned_at.get(Root.type, float("-inf")) < 3600.0:
+            return
+        self._stale_warned_at[Root.type] = now
+        when = f"in {left / 86400:.1f} days" if left > 0 else "already: every robot refuses this registry (freeze: Final root.json is expired)"
+        log.warning(
+            "the root metadata of %s (root v%d) expires %s (%s) and only the offline root keys can renew it: run, where they are, "
+            "`flywheel-registry rotate --dir REG --root-key ROOT_KEY ... --threshold %d` (a threshold of the root keys root v%d names; "
+            "docs/security.md, Key ceremonies), then copy tuf/metadata/ to the server; robots follow at their next poll",
+            self.files.location, root.version, root.expires.isoformat(), when, root.roles[Root.type].threshold, root.version,
+        )  # fmt: skip
 
     def _require_newest_root(self) -> None:
         """:class:`WriteConflict` where a key ceremony wrote a root newer than the one this change read (one look,
