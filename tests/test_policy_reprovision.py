@@ -166,3 +166,35 @@ def test_the_server_warns_once_an_hour_when_the_registry_root_is_past_half_its_l
         now[0] += 200 * 86400
         later.refresh()
         assert said() == 2 and "every robot refuses this registry" in caplog.text
+
+
+def test_a_refusal_that_does_not_go_away_is_logged_once_an_hour_and_counted_at_every_poll(tmp_path, monkeypatch, caplog):
+    """A robot refused for good (here: a registry re-made under it) logged the same warning at every poll, ~8,600 lines a
+    day at 10 s. The same refusal as the poll before is now logged again only an hour after its last line (saying how
+    many polls it stood for), still counted at every poll; another failure, or a poll that goes through, ends the run."""
+    old, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
+    old_server.stop()
+    registry, token, server = registry_server(tmp_path / "new", "robot", "robot-0")
+    source = robot(tmp_path, server, token, root_metadata(tmp_path / "old" / "registry"))
+    said = lambda: caplog.text.count("registry metadata refused")  # noqa: E731
+    try:
+        publish(registry, tmp_path, "v1")
+        with caplog.at_level(logging.INFO, logger="fleet.registry.pull"):
+            for _ in range(5):
+                assert not source.poll()
+            assert said() == 1 and source.refusals == {"signature": 5} and "re-provision this robot" in caplog.text
+            monkeypatch.setattr("fleet.registry.pull.REPEAT_LOG_S", 0.0)  # an hour later
+            assert not source.poll()
+            assert said() == 2 and "(the same at 4 polls since it was last logged)" in caplog.text and source.refusals == {"signature": 6}
+            assert caplog.text.count("re-provision this robot") == 2  # the hourly line says what to do again
+        monkeypatch.setattr("fleet.registry.pull.REPEAT_LOG_S", 3600.0)
+        source.close()
+        caplog.clear()
+        source = robot(tmp_path / "other", server, token, root_metadata(tmp_path / "new" / "registry"))  # a robot of the new registry
+        source._repeat = (("signature", "timestamp was signed by 0/1 keys"), time.monotonic(), 3)  # as after 3 unlogged refusals
+        with caplog.at_level(logging.INFO, logger="fleet.registry.pull"):
+            assert source.poll() and source.current().version == "1"
+        assert "after 3 more polls failed as last logged" in caplog.text and source._repeat is None
+    finally:
+        source.close()
+        server.stop()

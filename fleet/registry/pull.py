@@ -16,7 +16,8 @@ sensor correction, if the manifest carries one: ``sim/sensors.py``), runs a heal
 then swaps.
 
 Any failure keeps the last good policy and is logged and counted: ``refusals`` by reason (an
-attack or a bad release), ``errors`` (network or server trouble). Expired metadata means the
+attack or a bad release), ``errors`` (network or server trouble); the same failure as the poll before is logged again
+only REPEAT_LOG_S after its last line. Expired metadata means the
 registry is frozen (an attacker replaying old metadata, or a dead signer): the robot keeps its
 policy, counts ``freeze`` and reports ``frozen_since`` until a fresh timestamp arrives. A registry
 that is blocked rather than replayed (503s, dropped connections, garbage) is frozen too once the
@@ -60,6 +61,7 @@ MIN_FREE_BYTES = 64 << 20  # disk room a weights download leaves free on the rob
 
 
 # TUF's refusals, by the robot's reason names (an expired role is a frozen registry)
+REPEAT_LOG_S = 3600.0  # the same failed poll as the one before is logged again at most this often (counted at every poll)
 CLOCK_SKEW_NOTE_S = 300.0  # a clock further ahead of the registry server's than this is named in an expiry refusal
 _TUF_REASONS = (
     (tuf_errors.ExpiredMetadataError, "freeze"),
@@ -136,7 +138,7 @@ class SignedPolicySource:
         self.no_room = 0  # polls that left a release's weights undownloaded for want of disk room (what the robot records comes first)
         self.frozen_since: float | None = None  # wall time the registry's metadata was first seen expired (None: fresh)
         self.advice: str | None = None  # what to do about the last poll's refusal where the robot cannot follow the root chain (None: nothing)
-        self._advised: str | None = None  # the advice last logged (said once per distinct cause, not at every poll)
+        self._repeat: tuple | None = None  # the last failed poll's (cause, when it was last logged, polls since not logged)
         self.root_version = self._trusted_root_version()
         self._swap = threading.Lock()  # the install, health check and rollback, against report_episode on the robot's thread
         self._stopping = threading.Event()
@@ -223,11 +225,12 @@ class SignedPolicySource:
         refreshed = False
         try:
             updater = self._refresh()
-            self.frozen_since, refreshed = None, True
-            self.advice = self._advised = None
-            return self._consider(updater)
+            self.frozen_since, refreshed, self.advice = None, True, None
+            swapped = self._consider(updater)
+            self._repeat_ended()
+            return swapped
         except PolicyRejected as exc:
-            log.warning("robot %s refused a policy: %s; keeping %s", self.robot_id, exc, self._policy.version)
+            self._warn(("policy", str(exc)), "robot %s refused a policy: %s; keeping %s", self.robot_id, exc, self._policy.version)
         except tuf_errors.RepositoryError as exc:
             reason = next(name for kind, name in _TUF_REASONS if isinstance(exc, kind))
             self.trust.refusals[reason] += 1
@@ -235,15 +238,15 @@ class SignedPolicySource:
                 self.frozen_since = time.time()
             clock = self._clock_note() if reason == "freeze" else ""
             self.advice = self._root_advice(reason, exc) if not clock else None
-            said = f"; {self.advice}" if self.advice is not None and self.advice != self._advised else ""
-            self._advised = self.advice or self._advised
-            log.warning("robot %s: registry metadata refused (%s: %s)%s; keeping %s%s", self.robot_id, reason, exc, clock, self._policy.version, said)
+            self._warn((reason, str(exc)), "robot %s: registry metadata refused (%s: %s)%s; keeping %s%s", self.robot_id, reason, exc, clock,
+                       self._policy.version, "" if self.advice is None else f"; {self.advice}")  # fmt: skip
         except tuf_errors.DownloadLengthMismatchError as exc:
             self.trust.refusals["size"] += 1
-            log.warning("robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
+            self._warn(("size", str(exc)), "robot %s: registry sent more than TUF allows (%s); keeping %s", self.robot_id, exc, self._policy.version)
         except (tuf_errors.DownloadError, httpx.HTTPError, OSError, ValueError) as exc:
             self.errors += 1
-            log.warning("policy update failed (%s: %s)%s; keeping %s", exc.__class__.__name__, exc, self._no_token_note(exc), self._policy.version)
+            self._warn((exc.__class__.__name__, str(exc)), "policy update failed (%s: %s)%s; keeping %s", exc.__class__.__name__, exc,
+                       self._no_token_note(exc), self._policy.version)  # fmt: skip
         except Exception:  # whatever a release holds, the robot keeps running what it trusts and says why
             self.errors += 1
             log.exception("robot %s: policy update failed unexpectedly; keeping %s", self.robot_id, self._policy.version)
@@ -252,6 +255,26 @@ class SignedPolicySource:
         if not refreshed:  # after a refresh the metadata the robot trusts is fresh: nothing to read from disk
             self._notice_expired_metadata()
         return False
+
+    def _warn(self, cause: tuple, fmt: str, *args) -> None:
+        """A failed poll's warning. The same ``cause`` as the failed poll before, within REPEAT_LOG_S of its last line, is
+        counted only (refusals, pull_errors), not logged: a robot refused for good (a root it cannot follow, a clock far
+        ahead) logged the same line at every poll, ~8,600 a day at 10 s. It keeps polling at its interval (a fix on the
+        registry is taken at the next poll); the line an hour later says how many polls it stood for."""
+        now = time.monotonic()
+        same = self._repeat is not None and self._repeat[0] == cause
+        if same and now - self._repeat[1] < REPEAT_LOG_S:
+            self._repeat = (cause, self._repeat[1], self._repeat[2] + 1)
+            return
+        quiet = self._repeat[2] if same else 0
+        self._repeat = (cause, now, 0)
+        log.warning(fmt + "%s", *args, f" (the same at {quiet} polls since it was last logged)" if quiet else "")
+
+    def _repeat_ended(self) -> None:
+        """A poll that went through after failed ones: said where the last failure repeated unlogged."""
+        if self._repeat is not None and self._repeat[2]:
+            log.info("robot %s: the pull goes through again, after %d more polls failed as last logged", self.robot_id, self._repeat[2])
+        self._repeat = None
 
     def _notice_expired_metadata(self) -> None:
         """After a failed poll: a registry whose metadata the robot trusts has expired is frozen, however the refresh failed.
