@@ -98,7 +98,7 @@ def test_a_robot_that_cannot_follow_the_root_chain_says_what_to_do_once_and_in_i
     timestamp was signed by 0/1 keys' and 'the registry looks frozen', the symptoms of an attack, at every poll, and
     nothing said what to do. The refusal now names the root it trusts and the fix (re-provision it), once per cause, and
     its status carries both."""
-    old, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
+    _, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
     old_server.stop()
     registry, token, server = registry_server(tmp_path / "new", "robot", "robot-0")  # re-made: other root keys, root v1 again
     source = robot(tmp_path, server, token, root_metadata(tmp_path / "old" / "registry"))
@@ -172,7 +172,7 @@ def test_a_refusal_that_does_not_go_away_is_logged_once_an_hour_and_counted_at_e
     """A robot refused for good (here: a registry re-made under it) logged the same warning at every poll, ~8,600 lines a
     day at 10 s. The same refusal as the poll before is now logged again only an hour after its last line (saying how
     many polls it stood for), still counted at every poll; another failure, or a poll that goes through, ends the run."""
-    old, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
+    _, _, old_server = registry_server(tmp_path / "old", "robot", "robot-0")
     old_server.stop()
     registry, token, server = registry_server(tmp_path / "new", "robot", "robot-0")
     source = robot(tmp_path, server, token, root_metadata(tmp_path / "old" / "registry"))
