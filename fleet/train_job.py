@@ -174,13 +174,23 @@ def check_resumable(state_json: Path, trainer: TrainerConfig, algo_config) -> No
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise OtherSettingsError(f"{state_json.parent} holds an unreadable checkpoint ({exc!r}): set a new run_dir") from None
     if differ:
-        raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings (policy.{', policy.'.join(differ)}): rerun with its settings to continue it, or set a new run_dir")
+        held = "; ".join(f"policy.{key}: it holds {_setting(meta, key)!r}" for key in differ)
+        raise OtherSettingsError(f"{state_json.parent} holds a checkpoint of other settings ({held}): rerun with its settings to continue it, or set a new run_dir")
     done, world_size = env_steps_of(meta), int(meta.get("world_size", 1))
     if done > steps_trained(trainer, world_size):  # it would train nothing, and record a budget the policy never had
         raise OtherSettingsError(
             f"{state_json.parent} holds a checkpoint of {done:,} env steps, more than policy.trainer.total_env_steps={trainer.total_env_steps:,}: "
             f"rerun with {done} (re-evaluate and re-export) or more (continue), or set a new run_dir"
         )
+
+
+def _setting(meta: dict, key: str):
+    """The value a checkpoint's ``meta`` recorded for ``trainer.KEY`` or ``algorithm.KEY`` (dotted further for nested ones)."""
+    section, _, rest = key.partition(".")
+    value = meta.get("trainer_config" if section == "trainer" else "algo_config") or {}
+    for part in rest.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _job_record(job: TrainJob) -> dict:

@@ -67,7 +67,11 @@ class VectorStep:
         agree, finite values and actions in [-1, 1]; a ValueError naming the field otherwise (a NaN stored in the
         replay turns every weight NaN a few updates later, silently)."""
         for name in ("obs", "action", "reward", "next_obs", "final_obs"):
-            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float32))
+            try:
+                object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=np.float32))
+            except (TypeError, ValueError) as exc:  # a Dict observation failed as a bare numpy TypeError
+                raise ValueError(f"VectorStep {name} of type {type(getattr(self, name)).__name__} is not numbers: a learner takes a float "
+                                 "vector per world (flatten a Dict or Tuple space first: gymnasium.wrappers.FlattenObservation)") from exc  # fmt: skip
         for name in ("terminated", "truncated"):
             object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=bool))
         if self.obs.ndim != 2 or self.action.ndim != 2 or self.reward.ndim != 1:
