@@ -192,7 +192,8 @@ def select(
     robot_model: str | None = None,
     stream: str | None = None,
 ) -> Selection:
-    """The episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters (read later, in batches)."""
+    """The episodes of ``store`` at ``snapshot_id`` (default: its tip) matching the filters, withdrawn ones left out (read
+    later, in batches)."""
     from fleet.store import EpisodeStore, StoreConfig
     from fleet.store.backend import UnknownSnapshotError
     from fleet.store.location import WHERE_STORES_ARE
@@ -210,12 +211,17 @@ def select(
         recent = ", ".join(h["snapshot_id"] for h in opened.history(limit=5))
         first_line = _first_line(exc, None if isinstance(exc, UnknownSnapshotError) else 200)  # ours whole: it says what to do
         raise InteropError(f"cannot open snapshot {snapshot_id!r} of store {store} ({first_line}); its newest snapshots: {recent} (or leave out --snapshot for the tip)") from None
-    every = snap.episodes()
-    infos = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model)
+    every = snap.episodes(include_withdrawn=True)
+    matching = snap.episodes(robot_id=robot_id or None, source=source or None, robot_model=robot_model, include_withdrawn=True)
     if stream is not None:
-        infos = [i for i in infos if i.stream == stream]
+        matching = [i for i in matching if i.stream == stream]
+    withdrawn = snap.withdrawn() if matching else frozenset()
+    infos = [i for i in matching if i.episode_id not in withdrawn]  # withdrawn episodes stay out (docs/store.md, Withdrawing episodes)
     if not every:
         raise InteropError(f"snapshot {snap.snapshot_id} of {store} holds no episodes yet: nothing to export")
+    if matching and not infos:
+        raise InteropError(f"the {len(matching)} episodes in snapshot {snap.snapshot_id} of {store} that match the filters are all withdrawn from training "
+                           f"(`flywheel store withdrawals --store {store}` lists the rules): nothing to export")  # fmt: skip
     if not infos:
         raise InteropError(f"none of the {len(every)} episodes in snapshot {snap.snapshot_id} of {store} match the filters; drop or change --robot-id/--source/--robot-model/--stream")
     return Selection(str(store), snap, infos, episode_store=opened)

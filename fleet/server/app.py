@@ -410,7 +410,7 @@ def create_app(
 
         def query():
             snap = snapshots.latest()
-            found = snap.episodes(robot_id=robot_id, source=source, robot_model=robot_model, since=since, until=until)
+            found = snap.episodes(robot_id=robot_id, source=source, robot_model=robot_model, since=since, until=until, include_withdrawn=True)  # the operator's audit: every stored episode
             page = [dataclasses.asdict(e) for e in found[offset : offset + limit]]
             return {"snapshot_id": snap.snapshot_id, "total": len(found), "episodes": page}
 

@@ -6,6 +6,7 @@ This package is the only code that calls zarr or icechunk. Entry points:
 * :class:`EpisodeStore` - ``create`` / ``open`` / ``open_or_create``; ``append`` commits
   episodes atomically and idempotently; ``snapshot()`` pins a read-only view
 * :class:`StoreSnapshot` - catalog, filters (robot, source, time), episodes, transitions
+* :class:`Withdrawal` - a rule that keeps episodes out of training (``EpisodeStore.withdraw``/``restore``)
 * :mod:`fleet.store.dataset` - torch Dataset over a pinned snapshot, split by episode
 
 Only :mod:`fleet.store.config` loads eagerly; the rest imports zarr/icechunk on first use.
@@ -27,6 +28,7 @@ _LAZY = {
     "StoreCorruptionError": "fleet.store.reader",
     "UnknownSnapshotError": "fleet.store.backend",
     "StoreBusyError": "fleet.store.backend",
+    "Withdrawal": "fleet.store.withdrawal",
 }
 
 

@@ -21,6 +21,7 @@ from fleet.store.backend import StoreCorruptionError
 from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
 from fleet.store.layout import BRANCH, ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
 from fleet.store.location import Location
+from fleet.store.withdrawal import Withdrawal, rules_of, withdrawn_ids
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
@@ -82,6 +83,8 @@ class StoreSnapshot:
         self._schema_version: int | None = None  # of this snapshot (a pinned one may predate a migration)
         self._columns: dict[str | None, set[str]] = {}  # writer -> the catalog columns its partition has (older ones lack the 1.1 ones)
         self._base = base if base is not None and base._catalog is not None else None
+        self._rules: list[Withdrawal] | None = None
+        self._withdrawn: dict[tuple[str, ...], frozenset[str]] = {}  # rule ids -> the ids they withdraw here
 
     # -- catalog ---------------------------------------------------------------------
     def catalog(self) -> list[EpisodeInfo]:
@@ -115,20 +118,43 @@ class StoreSnapshot:
         policy_version: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        include_withdrawn: bool = False,
     ) -> list[EpisodeInfo]:
-        """Catalog entries matching every given filter (``since <= upload_time < until``)."""
+        """Catalog entries matching every given filter (``since <= upload_time < until``); withdrawn ones
+        (:meth:`withdrawn`) only with ``include_withdrawn`` (an audit)."""
         robots = {robot_id} if isinstance(robot_id, str) else set(robot_id) if robot_id is not None else None
         sources = {source} if isinstance(source, str) else set(source) if source is not None else None
+        withdrawn = frozenset() if include_withdrawn else self.withdrawn()
         return [
             e
             for e in self.catalog()
-            if (robots is None or e.robot_id in robots)
+            if e.episode_id not in withdrawn
+            and (robots is None or e.robot_id in robots)
             and (robot_model is None or e.robot_model == robot_model)
             and (sources is None or e.source in sources)
             and (policy_version is None or e.policy_version == policy_version)
             and (since is None or e.upload_time >= since)
             and (until is None or e.upload_time < until)
         ]
+
+    def withdrawals(self) -> list[Withdrawal]:
+        """The withdrawal rules in force at this snapshot (docs/store.md, "Withdrawing episodes"), oldest first."""
+        if self._rules is None:
+            self._rules = self._checked([], lambda: rules_of(backend.open_root(self._session).attrs))
+        return list(self._rules)
+
+    def withdrawn(self, rules: Sequence[Withdrawal] | None = None) -> frozenset[str]:
+        """Ids of this snapshot's episodes that ``rules`` (default: :meth:`withdrawals`) withdraw: those a rule names,
+        and the scenario and world-model episodes made from a withdrawn robot's data (fleet/store/withdrawal.py)."""
+        rules = self.withdrawals() if rules is None else list(rules)
+        key = tuple(r.id for r in rules)
+        if key not in self._withdrawn:
+            self._withdrawn[key] = withdrawn_ids(self.catalog(), rules, self._scenarios)
+        return self._withdrawn[key]
+
+    def _scenarios(self, infos: Sequence[EpisodeInfo]) -> list[dict]:
+        parsed = [json.loads(meta["scenario"]) if meta.get("scenario") else {} for meta in self.metadata(infos)]
+        return [p if isinstance(p, dict) else {} for p in parsed]
 
     def signature(self, stream: str) -> StreamSignature:
         self.catalog()

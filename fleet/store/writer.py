@@ -60,6 +60,7 @@ from fleet.store.layout import (
 )
 from fleet.store.location import Location, StoreLocationError
 from fleet.store.reader import StoreSnapshot
+from fleet.store.withdrawal import WITHDRAWALS_ATTR, Withdrawal, rules_of
 from sim.episode import Episode, encode_safetensors
 
 STATUSES = ("created", "duplicate", "conflict")
@@ -385,6 +386,71 @@ class EpisodeStore:
     def maintain(self) -> maintenance.MaintenanceReport:
         """Expire the history older than ``config.keep_history_s`` and delete what nothing reaches any more."""
         return maintenance.maintain(self.location, self.config.keep_history_s, self.config.gc_grace_s)
+
+    # -- withdrawing episodes (docs/store.md, "Withdrawing episodes") ---------------------------
+    def withdrawals(self) -> list[Withdrawal]:
+        """The withdrawal rules in force at the store's tip, oldest first."""
+        return self.snapshot().withdrawals()
+
+    def withdraw(
+        self, reason: str, *, robot_id: str | None = None, episode_ids: Sequence[str] = (), since: float | None = None, until: float | None = None,
+        force: bool = False,
+    ) -> tuple[Withdrawal, int]:  # fmt: skip
+        """Withdraw ``robot_id``'s episodes uploaded in [``since``, ``until``) (either open), or ``episode_ids``, from
+        training: every snapshot from the commit this makes on leaves them out of :meth:`StoreSnapshot.episodes`, and
+        the scenario and world-model episodes made from that robot's data with them; the store keeps them (an audit reads
+        them with ``include_withdrawn=True``). Returns the rule and how many episodes the tip's catalog holds that it
+        names. Refused (LookupError) for a robot with no episode in the store, or episode ids it does not hold, and
+        (ValueError) for a rule that names no episode now, unless ``force`` (a robot withdrawn before it uploads)."""
+        rule = Withdrawal.new(reason, robot_id, episode_ids, since, until)
+        tip = self.snapshot()
+        named = sum(rule.covers(e) for e in tip.catalog())
+        if not force:
+            if robot_id is not None and not any(e.robot_id == robot_id for e in tip.catalog()):
+                raise LookupError(f"no episode of robot {robot_id!r} in the store at {self.location}: check the id (GET /v1/episodes lists them), or pass --force (force=True) to withdraw a robot before it uploads")
+            missing = [e for e in rule.episode_ids if e not in tip]
+            if missing:
+                raise LookupError(f"{len(missing)} of the episode ids are not in the store at {self.location} (the first {missing[0]}): check them, or pass --force (force=True)")
+            if not named:
+                raise ValueError(f"robot {robot_id!r} uploaded no episode in that window: check --since/--until (upload times, the server's clock), or pass --force (force=True) for a rule that covers later uploads")
+        self._edit_withdrawals(lambda rules: [*rules, rule], f"withdraw episodes: {rule.id}: {reason}")
+        return rule, named
+
+    def restore(self, rule_id: str) -> Withdrawal:
+        """Lift withdrawal rule ``rule_id``: the episodes it withdrew (and those derived from them) train again from the next
+        snapshot on (LookupError: no such rule). Returns the rule lifted."""
+        lifted = []
+
+        def edit(rules: list[Withdrawal]) -> list[Withdrawal]:
+            lifted[:] = [r for r in rules if r.id == rule_id]
+            if not lifted:
+                raise LookupError(f"no withdrawal rule {rule_id!r} in the store at {self.location} (`flywheel store withdrawals` lists them)")
+            return [r for r in rules if r.id != rule_id]
+
+        self._edit_withdrawals(edit, f"restore episodes: lift {rule_id}")
+        return lifted[0]
+
+    def _edit_withdrawals(self, edit, message: str) -> str:
+        """Commit ``edit(rules)`` as the store's withdrawal rules (the root group's attribute), under the commit lock on
+        local disk; on object storage a commit that lost a race is redone on the new tip (``edit`` sees its rules), until
+        ``config.lock_timeout_s``. Returns the new snapshot id."""
+        deadline = time.monotonic() + self.config.lock_timeout_s
+        with self._lock.hold(), backend.answering(self.location):
+            while True:
+                session = self._repo.writable_session(BRANCH)
+                root = backend.open_root(session, mode="r+")
+                rules = edit(rules_of(root.attrs))
+                root.attrs[WITHDRAWALS_ATTR] = [r.to_dict() for r in rules]
+                try:
+                    snapshot_id = self._commit(session, message, {"withdrawals": len(rules), "writer": self.writer_id, "store_schema_version": self.info["store_schema_version"]})
+                except icechunk.ConflictError:
+                    if self.location.is_local:
+                        raise
+                    self._check_deadline(deadline)
+                    self.commit_retries += 1
+                    continue
+                self._sync()
+                return snapshot_id
 
     # -- writing -------------------------------------------------------------------------
     def append(

@@ -1,0 +1,141 @@
+"""Withdrawn episodes: rules that keep episodes out of training while the store keeps them (docs/store.md,
+"Withdrawing episodes").
+
+No zarr calls here: this module says what a rule is, how it is written in the store's root group attribute
+:data:`WITHDRAWALS_ATTR` (a JSON list, committed like any commit), and which catalog entries the rules withdraw,
+so the writer, the reader and the CLI agree by construction.
+
+A rule names a robot (every episode it sent with ``since <= upload_time < until``, either bound open: a rule with
+no ``until`` also covers what the robot uploads later, until the rule is lifted) or a list of episode ids. The
+episodes the loop derived from a withdrawn robot's data go too (:func:`lineage_robot`): a scenario episode (source
+``sim``) names the robot it started from in its ``scenario`` tag (``failure:<reason>:<robot>:<episode>:<step>``,
+``uncertainty:<robot>:<episode>:<step>``, ``dr:<robot>``), a world-model episode (source ``worldmodel``) carries its
+source robot's id. Such an episode is withdrawn when it was stored at or after the first upload of a withdrawn
+episode of that robot: its start state, or the body calibrated from that robot's newest episodes, may come from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+
+WITHDRAWALS_ATTR = "flywheel_withdrawals"  # root group attribute: list of rules (Withdrawal.to_dict)
+DERIVED_SOURCES = ("sim", "worldmodel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Withdrawal:
+    """One rule: ``robot_id`` (with optional ``since``/``until`` on upload_time, unix seconds) or ``episode_ids``;
+    why (``reason``) and when it was made (``made_at``, unix seconds)."""
+
+    id: str
+    reason: str
+    made_at: float
+    robot_id: str | None = None
+    episode_ids: tuple[str, ...] = ()
+    since: float | None = None
+    until: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise ValueError("a withdrawal needs a reason (--reason): say why, for the audit")
+        if (self.robot_id is None) == (not self.episode_ids):
+            raise ValueError("a withdrawal names a robot (--robot-id) or episodes (--episode-id), not both and not neither")
+        if self.episode_ids and (self.since is not None or self.until is not None):
+            raise ValueError("--since/--until select a robot's episodes; episodes named by id are withdrawn whenever they were uploaded")
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ValueError(f"withdrawal {name} must be a finite time (unix seconds), got {value!r}")
+        if self.since is not None and self.until is not None and self.since >= self.until:
+            raise ValueError(f"since ({self.since:g}) is not before until ({self.until:g}): nothing could match; swap them")
+        object.__setattr__(self, "episode_ids", tuple(self.episode_ids))
+
+    @classmethod
+    def new(cls, reason: str, robot_id: str | None = None, episode_ids: Iterable[str] = (), since: float | None = None, until: float | None = None) -> Withdrawal:
+        """A rule made now, with a fresh id (``w-`` and 12 hex digits)."""
+        return cls(f"w-{uuid.uuid4().hex[:12]}", reason, time.time(), robot_id, tuple(dict.fromkeys(episode_ids)), since, until)
+
+    def covers(self, info) -> bool:
+        """Whether this rule names catalog entry ``info`` (an EpisodeInfo) itself (not through lineage)."""
+        if self.robot_id is None:
+            return info.episode_id in self.episode_ids
+        return info.robot_id == self.robot_id and (self.since is None or info.upload_time >= self.since) and (self.until is None or info.upload_time < self.until)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["episode_ids"] = list(self.episode_ids)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Withdrawal:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "episode_ids" else v) for k, v in data.items() if k in fields})
+
+
+def rules_of(attrs: Mapping) -> list[Withdrawal]:
+    """The rules a root group's attributes hold (none: an empty list)."""
+    return [Withdrawal.from_dict(r) for r in attrs.get(WITHDRAWALS_ATTR) or []]
+
+
+def lineage_robot(info, scenario: dict | None) -> str | None:
+    """The robot a derived episode (source sim or worldmodel) was made from: a world-model episode's own robot id, a
+    scenario's from its tag (``scenario``: the episode's parsed scenario JSON); None where nothing says."""
+    if info.source == "worldmodel":
+        return info.robot_id
+    tag = (scenario or {}).get("tag") or ""
+    parts = tag.split(":")
+    if parts[0] == "dr" and len(parts) == 2:
+        return parts[1] or None
+    if parts[0] == "uncertainty" and len(parts) == 4:
+        return parts[1]
+    if parts[0] == "failure" and len(parts) == 5:
+        return parts[2]
+    return None
+
+
+def withdrawn_ids(catalog: Sequence, rules: Sequence[Withdrawal], scenarios) -> frozenset[str]:
+    """Ids of the catalog entries ``rules`` withdraw: those a rule covers, and the derived ones made from a covered
+    robot's data (module docstring). ``scenarios(infos)``: the parsed scenario JSON of each of ``infos`` (read only
+    for derived episodes stored after a withdrawn one)."""
+    if not rules:
+        return frozenset()
+    out, first = set(), {}  # first: robot -> the earliest upload_time of its withdrawn episodes
+    for info in catalog:
+        if any(rule.covers(info) for rule in rules):
+            out.add(info.episode_id)
+            if info.source == "real":
+                first[info.robot_id] = min(first.get(info.robot_id, math.inf), info.upload_time)
+    if not first:
+        return frozenset(out)
+    after = min(first.values())
+    derived = [i for i in catalog if i.source in DERIVED_SOURCES and i.episode_id not in out and i.upload_time >= after]
+    needs = [i for i in derived if i.source != "worldmodel"]
+    parsed = dict(zip((i.episode_id for i in needs), scenarios(needs))) if needs else {}
+    for info in derived:
+        robot = lineage_robot(info, parsed.get(info.episode_id))
+        if robot in first and info.upload_time >= first[robot]:
+            out.add(info.episode_id)
+    return frozenset(out)
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds from ``text``: a number, or an ISO 8601 time (UTC where it names no zone)."""
+    import datetime
+
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = datetime.datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a time: give unix seconds (1767225600) or ISO 8601 (2026-01-01T00:00:00Z)") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return when.timestamp()
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite time")
+    return value
