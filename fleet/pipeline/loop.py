@@ -388,8 +388,8 @@ class Flywheel:
 
     def _world_model_dir(self) -> Path | None:
         """The model the last finished iteration left (a run of an earlier build kept it in worldmodel/ itself)."""
-        if self.state.get("worldmodel"):
-            return Path(self.state["worldmodel"])
+        if "worldmodel" in self.state:  # None: none yet, or dropped with the data it learned from (_after_withdrawals)
+            return Path(self.state["worldmodel"]) if self.state["worldmodel"] else None
         legacy = self.run_dir / "worldmodel"
         return legacy if legacy.is_dir() else None
 
@@ -547,6 +547,7 @@ class Flywheel:
         layout = {"observation": self.task.obs_dim, "action": self.task.act_dim, "qpos": model.nq, "qvel": model.nv}
         snapshot_id, raw_real, sim, counts = svc.read_data(s.robot_model, self.sim_snapshot, s.real_window_steps, s.sim_window_steps, layout)
         record["snapshot"], record["data"] = snapshot_id, counts
+        self._after_withdrawals(k, record, counts.get("withdrawals", {}))
         if other := counts.get("other_layout"):  # one robot's firmware change stopped every iteration of the fleet's training
             said = [f"{r} {o['episodes']} ({'; '.join(o['layouts'])})" for r, o in sorted(other.items())]
             self.progress.note(
@@ -575,6 +576,32 @@ class Flywheel:
             k,
         )
         return snapshot_id, real, sim, profiles, offsets
+
+    def _after_withdrawals(self, k: int, record: dict, rules: dict[str, list[str]]) -> None:
+        """Where the store's withdrawal rules (``rules``: rule id -> the robots it names, as read_data counts them) are not
+        those this run last trained under (state.json's ``withdrawals``), what was learned from the episodes they withdrew
+        or gave back is dropped: the learner's carried state (its replay holds their transitions) and the world model
+        start afresh, and the robots they name calibrate from scratch, their sensor beliefs forgotten. The run's
+        ``learner_env_steps`` keep counting toward its budget. Noted on the console and in the iteration's record; the
+        state is saved with the iteration, so a run stopped before that resets again when it redoes it."""
+        seen = self.state.get("withdrawals") or {}
+        if set(rules) == set(seen):
+            return
+        added, lifted = sorted(set(rules) - set(seen)), sorted(set(seen) - set(rules))
+        robots = robot_order({r for i in added for r in rules[i]} | {r for i in lifted for r in seen[i]})
+        reset = [key for key in ("learner", "worldmodel") if self.state.get(key)]
+        self.state["learner"], self.state["worldmodel"] = None, None
+        for key in ("calibrated_profiles", "sensor_beliefs"):
+            for r in robots:
+                self.state[key].pop(r, None)
+        self.state["withdrawals"] = rules
+        record["withdrawals"] = {"added": added, "lifted": lifted, "robots": robots, "reset": reset}
+        said = "; ".join(part for part in (f"withdrawn by {', '.join(added)}" if added else "", f"lifted: {', '.join(lifted)}" if lifted else "") if part)
+        self.progress.note(
+            f"iteration {k}: the store's withdrawal rules changed ({said}; robots {', '.join(robots) or 'none'}): "
+            + (f"the {' and the '.join(reset)} start afresh, " if reset else "")
+            + "those robots calibrate from scratch (docs/store.md, Withdrawing episodes)"
+        )
 
     def _release(self, k: int, trained, exported: tuple[bytes, dict, Path], decision, profiles, on_robot: dict, snapshot_id: str, fleet_returns: dict[str, float], lineage: dict) -> dict:
         """Sign and publish the exported candidate (weights, manifest, folder) with what each robot applies

@@ -119,10 +119,12 @@ class Services(contextlib.AbstractContextManager):
         interrupted attempt stored), robot by robot (:func:`in_robot_order`), so that what trains on them does not
         depend on how uploads interleaved. Of each, only the newest ``real_window`` (``sim_window``) steps
         (:func:`newest_within`; None: all), so that an iteration's memory and time stay bounded however long the
-        fleet has run. With ``layout`` (array name -> the task's width: observation, action, and qpos, qvel where an
-        episode has them), episodes of another layout (a robot whose firmware changed its observation, under the same
-        robot_model) are left out, not read, and not counted as stored: counts' ``other_layout`` says whose (robot ->
-        {"episodes", "layouts"}). Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
+        fleet has run. Withdrawn episodes (the tip's rules, docs/store.md) are left out of both, and counted: counts'
+        ``withdrawn`` (per source) and ``withdrawals`` (rule id -> the robots it names) are there while a rule is. With
+        ``layout`` (array name -> the task's width: observation, action, and qpos, qvel where an episode has them),
+        episodes of another layout (a robot whose firmware changed its observation, under the same robot_model) are
+        left out, not read, and not counted as stored: counts' ``other_layout`` says whose (robot -> {"episodes",
+        "layouts"}). Returns (snapshot id, real, sim, counts: episodes read, and stored, per source)."""
         self.store.refresh_index()
         start = None if sim_snapshot is None else self.store.snapshot(sim_snapshot, base=self._last_read)
         if start is not None:
@@ -130,14 +132,21 @@ class Services(contextlib.AbstractContextManager):
         snapshot = self.store.snapshot(base=self._last_read if start is None else start)
         self._pin(snapshot.snapshot_id, f"data.{snapshot.snapshot_id}")  # a release names it (lineage): kept through maintenance
         other: dict[str, dict] = {}
-        stored_real = _of_layout(snapshot, snapshot.episodes(robot_model=robot_model, source="real"), layout, other)
+        rules = snapshot.withdrawals()  # the tip's rules, for the sim episodes as of the iteration's start too
+        every_real = snapshot.episodes(robot_model=robot_model, source="real", include_withdrawn=True)
+        stored_real = _of_layout(snapshot, _kept(every_real, snapshot.withdrawn(rules)), layout, other)
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if start is None else start
-        stored_sim = _of_layout(before, before.episodes(robot_model=robot_model, source="sim"), layout, other)
+        every_sim = before.episodes(robot_model=robot_model, source="sim", include_withdrawn=True)
+        kept_sim = _kept(every_sim, before.withdrawn(rules))
+        stored_sim = _of_layout(before, kept_sim, layout, other)
         sim = before.read_episodes(newest_within(stored_sim, sim_window))
         counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
         if other:
             counts["other_layout"] = other
+        if rules:  # docs/store.md, "Withdrawing episodes": what they left out, and the robots each rule names
+            counts["withdrawn"] = {"real": len(every_real) - len(_kept(every_real, snapshot.withdrawn(rules))), "sim": len(every_sim) - len(kept_sim)}  # fmt: skip
+            counts["withdrawals"] = withdrawal_robots(snapshot, rules)
         self._last_read = snapshot
         return snapshot.snapshot_id, real, sim, counts
 
@@ -291,6 +300,16 @@ def in_robot_order(infos: list) -> list:
     The catalog is in commit order, which depends on how concurrent robots' uploads met the group
     commit; this order does not, so one seed gives one run."""
     return sorted(infos, key=lambda info: info.robot_id)  # stable: a robot's own order is kept
+
+
+def _kept(infos: list, withdrawn: frozenset[str]) -> list:
+    return [info for info in infos if info.episode_id not in withdrawn] if withdrawn else infos
+
+
+def withdrawal_robots(snapshot, rules) -> dict[str, list[str]]:
+    """Rule id -> the robots it names: its robot, or the robots of the episodes it names (``snapshot``'s catalog)."""
+    owners = {e.episode_id: e.robot_id for e in snapshot.catalog()} if any(r.episode_ids for r in rules) else {}
+    return {r.id: [r.robot_id] if r.robot_id is not None else sorted({owners[e] for e in r.episode_ids if e in owners}) for r in rules}
 
 
 def _of_layout(snapshot, infos: list, layout: dict[str, int] | None, other: dict[str, dict]) -> list:
