@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 import uuid
 
 import numpy as np
@@ -394,3 +395,26 @@ def test_an_icechunk_error_that_is_no_storage_fault_keeps_its_type():
     for where, text in (("s3://fleet/x", "x invalid zarr key 'a//b'"), ("/tmp/local-store", "x error getting object from object store io error")):
         with pytest.raises(icechunk.IcechunkError), answering(Location.parse(where)):
             raise icechunk.IcechunkError(text)
+
+
+def test_withdrawal_rules_racing_appends_and_each_other_on_s3_lose_nothing(cfg):
+    """A rule is a commit of the root group's attribute: one that lost a race to another rule is made again on the new
+    tip (both kept), and an append that lost a race to a rule is rebased (the rule stays)."""
+    EpisodeStore.create(cfg)
+    a = EpisodeStore.open(dataclasses.replace(cfg, writer_id="a"))
+    a.append([episode(0, "r1"), episode(1, "r2")])
+    loser = EpisodeStore.open(dataclasses.replace(cfg, writer_id="b"))
+    rival_rule = []
+
+    def rival_withdraws(self, session, message, metadata):  # the rival makes a rule just before this one commits
+        if not rival_rule:
+            rival_rule.append(a.withdraw("the rival's rule", robot_id="r2")[0])
+        return EpisodeStore._commit(self, session, message, metadata)
+
+    loser._commit = types.MethodType(rival_withdraws, loser)
+    mine, _ = loser.withdraw("my rule", robot_id="r1")
+    assert [r.id for r in EpisodeStore.open(cfg).withdrawals()] == [rival_rule[0].id, mine.id] and loser.commit_retries == 1
+    rival_rule.clear()
+    loser.append([episode(2, "r3")])  # loses to another rule: rebased onto it
+    assert loser.commit_rebases == 1 and len(EpisodeStore.open(cfg).withdrawals()) == 3
+    assert {e.robot_id for e in EpisodeStore.open(cfg).snapshot().episodes()} == {"r3"}
