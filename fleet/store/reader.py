@@ -21,7 +21,7 @@ from fleet.store.backend import StoreCorruptionError
 from fleet.store.catalog import NESTED_COLUMNS, SUMMARY_COLUMNS, EpisodeInfo, absent, info_of, metadata_of
 from fleet.store.layout import BRANCH, ROOT_ATTR, StreamSignature, catalog_path, data_path, partition_path, rows_of, stream_path
 from fleet.store.location import Location
-from fleet.store.withdrawal import Withdrawal, rules_of, withdrawn_ids
+from fleet.store.withdrawal import Withdrawal, lineage_robot, rules_of, withdrawn_ids
 from sim.episode import REQUIRED_ARRAYS, Episode, encode_safetensors
 
 __all__ = ["EpisodeInfo", "StoreCorruptionError", "StoreSnapshot", "TransitionTable"]
@@ -85,6 +85,9 @@ class StoreSnapshot:
         self._base = base if base is not None and base._catalog is not None else None
         self._rules: list[Withdrawal] | None = None
         self._withdrawn: dict[tuple[str, ...], frozenset[str]] = {}  # rule ids -> the ids they withdraw here
+        # derived episode id -> the robot it was made from (withdrawal.lineage_robot), shared with ``base`` (an episode's
+        # never changes): a loop's next read reads only the new derived episodes' metadata
+        self._lineage: dict[str, str | None] = base._lineage if base is not None else {}
 
     # -- catalog ---------------------------------------------------------------------
     def catalog(self) -> list[EpisodeInfo]:
@@ -149,12 +152,16 @@ class StoreSnapshot:
         rules = self.withdrawals() if rules is None else list(rules)
         key = tuple(r.id for r in rules)
         if key not in self._withdrawn:
-            self._withdrawn[key] = withdrawn_ids(self.catalog(), rules, self._scenarios)
+            self._withdrawn[key] = withdrawn_ids(self.catalog(), rules, self._lineage_of)
         return self._withdrawn[key]
 
-    def _scenarios(self, infos: Sequence[EpisodeInfo]) -> list[dict]:
-        parsed = [json.loads(meta["scenario"]) if meta.get("scenario") else {} for meta in self.metadata(infos)]
-        return [p if isinstance(p, dict) else {} for p in parsed]
+    def _lineage_of(self, infos: Sequence[EpisodeInfo]) -> list[str | None]:
+        """The robot each derived episode of ``infos`` was made from (its scenario's metadata read once per episode)."""
+        new = [i for i in infos if i.episode_id not in self._lineage and i.source != "worldmodel"]  # a world-model episode's is its robot id
+        for info, meta in zip(new, self.metadata(new) if new else []):
+            scenario = json.loads(meta["scenario"]) if meta.get("scenario") else {}
+            self._lineage[info.episode_id] = lineage_robot(info, scenario if isinstance(scenario, dict) else {})
+        return [lineage_robot(i, None) if i.source == "worldmodel" else self._lineage[i.episode_id] for i in infos]
 
     def signature(self, stream: str) -> StreamSignature:
         self.catalog()

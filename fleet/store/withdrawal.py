@@ -97,10 +97,10 @@ def lineage_robot(info, scenario: dict | None) -> str | None:
     return None
 
 
-def withdrawn_ids(catalog: Sequence, rules: Sequence[Withdrawal], scenarios) -> frozenset[str]:
+def withdrawn_ids(catalog: Sequence, rules: Sequence[Withdrawal], lineage) -> frozenset[str]:
     """Ids of the catalog entries ``rules`` withdraw: those a rule covers, and the derived ones made from a covered
-    robot's data (module docstring). ``scenarios(infos)``: the parsed scenario JSON of each of ``infos`` (read only
-    for derived episodes stored after a withdrawn one)."""
+    robot's data (module docstring). ``lineage(infos)``: :func:`lineage_robot` of each of ``infos`` (asked only for
+    derived episodes stored after a withdrawn one)."""
     if not rules:
         return frozenset()
     out, first = set(), {}  # first: robot -> the earliest upload_time of its withdrawn episodes
@@ -113,10 +113,7 @@ def withdrawn_ids(catalog: Sequence, rules: Sequence[Withdrawal], scenarios) -> 
         return frozenset(out)
     after = min(first.values())
     derived = [i for i in catalog if i.source in DERIVED_SOURCES and i.episode_id not in out and i.upload_time >= after]
-    needs = [i for i in derived if i.source != "worldmodel"]
-    parsed = dict(zip((i.episode_id for i in needs), scenarios(needs))) if needs else {}
-    for info in derived:
-        robot = lineage_robot(info, parsed.get(info.episode_id))
+    for info, robot in zip(derived, lineage(derived) if derived else []):
         if robot in first and info.upload_time >= first[robot]:
             out.add(info.episode_id)
     return frozenset(out)
