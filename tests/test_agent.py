@@ -539,7 +539,10 @@ def test_the_robot_app_stops_cleanly_on_ctrl_c_and_sigterm(tmp_path, sig):
     terminal: it killed the robot on the spot): the status and one line, exit 130, no traceback; SIGINT too where the
     app inherited it ignored, as a shell's background job does."""
     spool = tmp_path / "spool"
-    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    def ignore_sigint() -> None:  # as a shell's background job starts; SIGHUP as a terminal's job has it (not nohup's, where it is ignored)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
     running = subprocess.Popen([*_robot_app(tmp_path), "episodes=0", f"fleet.agent.spool_dir={spool}"], cwd=REPO, env=_robot_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)  # fmt: skip
     try:

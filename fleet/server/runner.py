@@ -141,6 +141,11 @@ def run(server: ServerConfig, store_cfg: StoreConfig, routes: RoutesFactory | No
     _build(server, store_cfg, on_ready=ready, routes=routes).run(sockets=[sock])
 
 
+def _sighup_default() -> None:
+    """A child server's SIGHUP as a service's is (it stops cleanly), also where this process ignores it (``nohup``)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @dataclasses.dataclass
 class ServerHandle:
     """A server running on a background thread of this process."""
@@ -223,7 +228,8 @@ class ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         log = open(self.workdir / "server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.apps.server", *self.overrides()], stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.apps.server", *self.overrides()], stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_sighup_default)  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
