@@ -48,6 +48,7 @@ from worldmodel.device import resolve_device
 
 log = logging.getLogger(__name__)
 RELEASE_FILE = "release.json"  # an iteration's release in progress (the iteration, its export): what a resume settles
+UNEXPLAINED_LOSS = 0.5  # a calibration's normalised error above which the robot's physics explains under half its telemetry's spread
 ITERATION_FILE = "iteration.json"  # the iteration in progress and the store's snapshot as it began: a redo reads its sim data there
 ROLLOUT_STAGES = {  # an iteration's rollout stage (its record's "stage") as the metric rollout/stage (docs/metrics.md)
     "not promoted": 0.0, "fleet moved": 0.0, "rolled back": 1.0, "canary kept": 1.0, "settled by operator": 1.0, "widened": 2.0, "released": 2.0,
@@ -186,6 +187,19 @@ class _Built:
         }  # fmt: skip
         return cls(**{name: instantiated(OmegaConf.select(cfg, key), key) for name, key in nodes.items()})  # a refused value named by its key
 
+
+
+def unexplained_telemetry(losses: dict[str, float]) -> str | None:
+    """What to tell the operator of the robots whose calibration's normalised error (``losses``) is above
+    :data:`UNEXPLAINED_LOSS`; None where there is none."""
+    poor = {r: loss for r, loss in losses.items() if loss > UNEXPLAINED_LOSS}
+    if not poor:
+        return None
+    return (
+        "the robot's physics cannot explain the telemetry of " + ", ".join(f"{r} (normalised error {loss:.3g})" for r, loss in sorted(poor.items()))
+        + ": a failed or scaled sensor, actions other than those executed, or another body; check it, and keep its episodes out of "
+        "training with `flywheel store withdraw --robot-id ...` (docs/robots.md, A robot sent bad data)"
+    )
 
 class Flywheel:
     def __init__(self, cfg: DictConfig, run_dir: Path):
@@ -562,6 +576,8 @@ class Flywheel:
         calibrations = steps.calibrate_fleet(s.robot_model, raw_real, cal_cfg, s.calibration_episodes, map_fn=svc.ray_map, starts=starts)
         self.state["calibrated_profiles"] = {r: c.profile.to_dict() for r, c in calibrations.items()}
         record["calibration"] = {r: {**c.estimates, "loss": c.loss} for r, c in calibrations.items()}
+        if said := unexplained_telemetry({r: c.loss for r, c in calibrations.items()}):  # a failed sensor went unremarked
+            self.progress.note(f"iteration {k}: {said}")
         offsets = {}
         if s.sensor_correction:
             self.state["sensor_beliefs"], offsets = steps.track_sensor_offsets(self.state["sensor_beliefs"], calibrations, raw_real, cal_cfg, s.calibration_episodes)
@@ -571,6 +587,7 @@ class Flywheel:
         svc.tracker.log(
             {f"calibration/{r}/{p}_rel_error": e for r, errs in truth_error.items() for p, e in errs.items()}
             | {f"calibration/{r}/sensor_offset": float(offsets.get(r, 0.0)) for r in calibrations}
+            | {f"calibration/{r}/loss": float(c.loss) for r, c in calibrations.items()}
             | {f"data/{source}_episodes": float(counts[source]) for source in ("real", "sim")}
             | {f"data/{source}_episodes_in_store": float(counts[f"{source}_in_store"]) for source in ("real", "sim")},
             k,
