@@ -350,7 +350,15 @@ def import_lerobot(root: str | Path, options: ImportOptions = ImportOptions()) -
             out.append(_foreign(frames, row, info, options, origin))
     if single:
         log.warning("%s: left out %d episode(s) of one frame, which hold no step (an episode needs two frames): %s", root, len(single), single[:20])
+    features = info.get("features") if isinstance(info.get("features"), dict) else {}
+    if flywheel is None and (unread := sorted(set(features) - FOREIGN_READ)):  # a camera or a gripper flag went without a word
+        log.warning("%s: features not imported (images, videos and features other than observation.state, action, next.reward and "
+                    "timestamp; docs/interop.md): %s; to keep a value, put it into observation.state", root, ", ".join(unread))  # fmt: skip
     return out
+
+
+# what a foreign dataset's import reads (_foreign), or needs no word about (LeRobot's own bookkeeping columns)
+FOREIGN_READ = frozenset({"observation.state", "action", "next.reward", "timestamp", "frame_index", "episode_index", "index", "task_index", "next.done"})
 
 
 def _inside(root: Path, template, key: tuple[int, int]) -> Path:
