@@ -104,28 +104,32 @@ class EpisodeValidationError(ValueError):
 
 
 
-FLOAT32_EXACT_INT = 1 << 24  # float32 holds every integer up to 2^24 exactly, not all above
-
-
-def _cast(name: str, value, dtype: np.dtype) -> np.ndarray:
-    """``value`` as the schema's ``dtype``: a float64 reading narrows to float32 (~7 significant digits: the schema's
-    precision), but a cast that would change what was measured is refused, naming the field: finite values beyond
-    float32's range (they became inf, refused as "NaN or Inf"), integers float32 cannot hold exactly (encoder ticks
-    over 2^24 moved by up to a tick), flags other than 0 and 1 (2 became True)."""
+def schema_cast(name: str, value, dtype: np.dtype) -> np.ndarray:
+    """``value`` as the schema's ``dtype``: a float64 reading narrows to float32
+    (~7 significant digits: the schema's precision), but a cast that would change what was measured is refused, naming
+    the field: finite values beyond float32's range (they became inf, refused as "NaN or Inf"), integers the float type
+    does not hold exactly (encoder ticks over 2^24 moved by up to a tick), flags other than 0 and 1 (2 became True).
+    What ``Episode.create`` and the importers cast with."""
     arr = np.asarray(value)
+    dtype = np.dtype(dtype)
+    out = np.ascontiguousarray(arr, dtype=dtype)
     if arr.dtype == dtype or arr.dtype.kind not in "iufb":
-        return np.ascontiguousarray(arr, dtype=dtype)
-    if dtype.kind == "f" and dtype.itemsize < arr.dtype.itemsize and arr.dtype.kind == "f":
-        big = np.isfinite(arr) & (np.abs(arr) > np.finfo(dtype).max)
-        if big.any():
-            raise EpisodeValidationError(name, f"holds {arr[big].flat[0].item():.6g}, beyond {dtype}'s range (±{np.finfo(dtype).max:.3g}), at index "
-                                               f"{np.argwhere(big)[0].tolist()}: rescale it")  # fmt: skip
-    elif dtype.kind == "f" and arr.dtype.kind in "iu" and arr.size and np.abs(arr.astype(np.float64)).max() > (FLOAT32_EXACT_INT if dtype.itemsize == 4 else 1 << 53):
-        raise EpisodeValidationError(name, f"holds integers up to {int(np.abs(arr).max())}, which {dtype} holds exactly only up to "
-                                           f"{FLOAT32_EXACT_INT if dtype.itemsize == 4 else 1 << 53}: rescale them (encoder ticks to radians, say) or send them as offsets")  # fmt: skip
+        return out
+    if dtype.kind == "f" and arr.dtype.kind == "f":
+        bad = np.isinf(out) & np.isfinite(arr)
+        if bad.any():
+            raise EpisodeValidationError(name, f"holds {arr[bad].flat[0].item():.6g}, beyond {dtype}'s range (±{np.finfo(dtype).max:.3g}), at index "
+                                               f"{np.argwhere(bad)[0].tolist()}: rescale it")  # fmt: skip
+    elif dtype.kind == "f" and arr.dtype.kind in "iu":
+        bad = out.astype(arr.dtype) != arr
+        if bad.any():
+            raise EpisodeValidationError(name, f"holds the integer {arr[bad].flat[0].item()}, which {dtype} cannot hold exactly (it holds every integer "
+                                               f"only up to 2^{np.finfo(dtype).nmant + 1}): rescale them (encoder ticks to radians, nanoseconds to "
+                                               "seconds, say) or send them as offsets from a reference")  # fmt: skip
     elif dtype.kind == "b" and arr.dtype.kind in "iuf" and not np.isin(arr, (0, 1)).all():
         raise EpisodeValidationError(name, f"is a flag, true or false, but holds {arr[~np.isin(arr, (0, 1))].flat[0].item()!r}: send 0/1 or booleans")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return out
+
 
 @dataclasses.dataclass
 class Episode:
@@ -188,11 +192,11 @@ class Episode:
             "truncated": truncated,
             "timestamp": timestamp,
         }
-        arrays = {k: _cast(k, v, REQUIRED_ARRAYS[k][0]) for k, v in arrays.items()}
+        arrays = {k: schema_cast(k, v, REQUIRED_ARRAYS[k][0]) for k, v in arrays.items()}
         casted_extras = {}
         for key, value in (extras or {}).items():
             dtype = np.dtype(np.float64) if version == SCHEMA_VERSION_1_1 and _is_camera_clock(key) else OPTIONAL_ARRAYS.get(key)
-            casted_extras[key] = _cast(key, value, dtype) if dtype else np.ascontiguousarray(value)
+            casted_extras[key] = schema_cast(key, value, dtype) if dtype else np.ascontiguousarray(value)
         check_new_episode_id(meta["episode_id"])
         return cls(**arrays, metadata=meta, extras=casted_extras).validate()
 

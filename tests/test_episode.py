@@ -223,7 +223,7 @@ def test_a_cast_to_the_schema_that_would_change_what_was_measured_is_refused_nam
     meta = {"robot_id": "r", "robot_model": "m", "source": "real"}
     ticks = np.full((4, 2), 1 << 24, np.int64)
     assert Episode.create(**{**base, "observation": ticks}, **meta).observation[0, 0] == 1 << 24  # exact up to 2^24
-    with pytest.raises(EpisodeValidationError, match=re.escape("'observation': holds integers up to 16777217, which float32 holds exactly only up to 16777216")):
+    with pytest.raises(EpisodeValidationError, match=re.escape("'observation': holds the integer 16777217, which float32 cannot hold exactly")):
         Episode.create(**{**base, "observation": ticks + 1}, **meta)
     far = base["observation"].astype(np.float64)
     far[2, 1] = 1e39
@@ -238,5 +238,13 @@ def test_a_cast_to_the_schema_that_would_change_what_was_measured_is_refused_nam
         recorder.reset({"joints": [0.0, 1.0], "gripper": 1.0}, 0.0)
     recorder.reset(np.array([30_000_000, 1], np.int64), 0.0)  # the recorder keeps what it is given: the check sees the ticks
     recorder.step(np.zeros(1), 0.0, np.array([30_000_001, 1], np.int64), False, True, 0.1)
-    with pytest.raises(EpisodeValidationError, match="holds integers up to 30000001"):
+    with pytest.raises(EpisodeValidationError, match="holds the integer 30000001"):
         recorder.finish()
+    buffer = np.zeros(2)  # a driver that updates one buffer in place: each step's reading as it was (all were the last one)
+    recorder.reset(buffer, 0.0)
+    for t in range(1, 4):
+        buffer[:] = t
+        recorder.step(np.zeros(1), 0.0, buffer, t == 3, False, 0.1 * t)
+    assert recorder.finish().observation[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    exact = Episode.create(**{**base, "observation": np.full((4, 2), 1 << 25, np.int64)}, **meta)  # 2^25 is a float32: taken
+    assert exact.observation[0, 0] == 1 << 25

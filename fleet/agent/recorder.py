@@ -26,7 +26,7 @@ class EpisodeRecorder:
         self._obs = [_reading("observation", observation)]
         self._time = [float(timestamp)]
         self._action, self._reward, self._term, self._trunc = [], [], [], []
-        self._extras = {k: [np.asarray(v)] for k, v in (extras or {}).items()}
+        self._extras = {k: [np.array(v)] for k, v in (extras or {}).items()}
         self._started = True
 
     def step(
@@ -49,7 +49,7 @@ class EpisodeRecorder:
         self._trunc.append(bool(truncated))
         self._time.append(float(timestamp))
         for k, v in (extras or {}).items():
-            self._extras.setdefault(k, []).append(np.asarray(v))
+            self._extras.setdefault(k, []).append(np.array(v))
 
     def truncate(self) -> None:
         """Mark the last recorded step as where the episode was cut (an operator, a clock that stepped back)."""
@@ -112,4 +112,4 @@ def _reading(name: str, value) -> np.ndarray:
     if isinstance(value, dict):
         raise TypeError(f"{name} is a dict ({', '.join(map(str, list(value)[:5]))}): the schema's {name} is one vector of numbers; "
                         "concatenate its fields in a fixed order (and name them in the episode's 'names', schema 1.1)")  # fmt: skip
-    return np.asarray(value)
+    return np.array(value)  # a copy: a driver that updates one buffer in place (MuJoCo's data.qpos) recorded its last reading at every step

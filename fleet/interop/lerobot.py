@@ -34,7 +34,7 @@ import numpy as np
 from fleet.interop.common import (
     ImportOptions, InteropError, Selection, cast, derived_episode_id, foreign_episode, fps_of, new_output, restored_episode, single_layout, step_rate,
 )  # fmt: skip
-from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode
+from sim.episode import IMAGE_PREFIX, RATE_TOLERANCE, Episode, EpisodeValidationError, schema_cast
 
 log = logging.getLogger(__name__)
 CODEBASE_VERSION = "v3.0"
@@ -419,7 +419,10 @@ def _foreign(frames: dict[str, np.ndarray], row: dict, info: dict, options: Impo
         if feature not in frames:
             raise InteropError(f"{origin}: needs feature {feature!r}; it has {sorted(frames)}")
     order = np.argsort(frames["frame_index"]) if "frame_index" in frames else slice(None)
-    obs, action = frames["observation.state"][order], frames["action"][order]  # Episode.create casts, refusing a cast that changes them
+    try:  # float32 as before (an import's id hashes these bytes), refusing a cast that changes the values (int ticks over 2^24)
+        obs, action = (schema_cast(name, frames[name][order], np.float32) for name in ("observation.state", "action"))
+    except EpisodeValidationError as exc:
+        raise InteropError(f"{origin}: {exc}") from None
     L = obs.shape[0]
     if L < 2:
         raise InteropError(f"{origin}: has {L} frame(s); an episode needs at least 2 (one step)")

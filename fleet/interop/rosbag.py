@@ -29,7 +29,7 @@ import numpy as np
 
 from fleet.interop.common import ImportOptions, InteropError, foreign_episode
 from fleet.interop.rosbag_clock import refuse_a_clock_step_back
-from sim.episode import Episode
+from sim.episode import Episode, EpisodeValidationError, schema_cast
 
 JOINT_STATE = "sensor_msgs/msg/JointState"
 ACTION_TYPES = ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/Float32MultiArray", JOINT_STATE, "geometry_msgs/msg/Twist")
@@ -137,6 +137,12 @@ def _held(times: np.ndarray, until: np.ndarray) -> np.ndarray:
 
 
 def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str, rew_topic: str | None, path: Path) -> dict[str, np.ndarray]:
+    def f32(name: str, values: np.ndarray) -> np.ndarray:  # float32 as before (an import's id hashes these bytes), checked
+        try:
+            return schema_cast(name, values, np.float32)
+        except EpisodeValidationError as exc:
+            raise InteropError(f"{path}: {exc}") from None
+
     obs_msgs = sorted(streams[obs_topic], key=lambda m: m[0])
     if len(obs_msgs) < 2:
         raise InteropError(f"{path}: observation topic {obs_topic!r} has {len(obs_msgs)} message(s); an episode needs at least 2")
@@ -170,16 +176,16 @@ def _episode_arrays(streams: dict, obs_topic: str, act_type: str, act_topic: str
     truncated = np.zeros(T, bool)
     truncated[-1] = True
     arrays = {
-        "observation": np.concatenate([position, velocity] if velocity is not None else [position], axis=1),  # float64 (JointState):
-        "action": actions,  # Episode.create casts to float32, refusing a cast that changes what was measured
+        "observation": f32("observation", np.concatenate([position, velocity] if velocity is not None else [position], axis=1)),
+        "action": f32("action", actions),
         "reward": reward,
         "terminated": np.zeros(T, bool),
         "truncated": truncated,
         "timestamp": stamps.astype(np.float64) / 1e9,
-        "qpos": position,
+        "qpos": f32("qpos", position),
     }
     if velocity is not None:
-        arrays["qvel"] = velocity
+        arrays["qvel"] = f32("qvel", velocity)
     if effort is not None:
-        arrays["actuator_force"] = effort
+        arrays["actuator_force"] = f32("actuator_force", effort)
     return arrays
