@@ -94,3 +94,16 @@ def test_a_robot_whose_physics_cannot_explain_its_telemetry_is_named():
     said = unexplained_telemetry({"robot-0": 1e-15, "robot-bad": 47.2, "robot-b2": 2.6})
     assert said.startswith("the robot's physics cannot explain the telemetry of robot-b2 (normalised error 2.6), robot-bad (normalised error 47.2)")
     assert "flywheel store withdraw --robot-id" in said
+
+
+def test_a_rule_on_another_models_robot_resets_nothing(store):
+    """On a store shared by several models' servers, a rule on another model's robot reset this loop's learner."""
+    from tests.conftest import make_episode_arrays
+    from sim.episode import Episode
+
+    store.append([episode(0, "robot-0"), Episode.create(**make_episode_arrays(num_steps=3, seed=4), robot_id="arm-1", robot_model="arm", source="real")])
+    store.withdraw("broken gripper", robot_id="arm-1")
+    counts = Services.of_store(store).read_data("pendulum")[3]
+    assert "withdrawals" not in counts
+    store.withdraw("bad sensor", robot_id="robot-0")
+    assert list(Services.of_store(store).read_data("pendulum")[3]["withdrawals"].values()) == [["robot-0"]]

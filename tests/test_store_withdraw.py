@@ -146,3 +146,24 @@ def test_an_export_leaves_withdrawn_episodes_out(store):
     assert ids(select(store.config.path).infos) == {good.episode_id}
     with pytest.raises(InteropError, match="all withdrawn"):
         select(store.config.path, robot_id=["robot-bad"])
+
+
+def test_derived_episodes_go_only_while_they_may_come_from_the_withdrawn_data(monkeypatch):
+    """A second reader's case: a closed window (or one episode) withdrew every later scenario of that robot for as long as
+    the rule stood, so letting its good data back in never brought its scenarios back. Derived episodes go from the
+    first withdrawn upload until an hour after the rule was made (the loop reads them no more)."""
+    import types
+
+    from fleet.store.withdrawal import DERIVED_MARGIN_S, Withdrawal, parse_time, withdrawn_ids
+
+    def info(eid: str, robot: str, source: str, t: float):
+        return types.SimpleNamespace(episode_id=eid, robot_id=robot, source=source, upload_time=t)
+
+    rule = Withdrawal("w-1", "bad imu", made_at=1000.0, robot_id="robot-0", since=100.0, until=200.0)
+    catalog = [info("bad", "robot-0", "real", 150.0), info("good", "robot-0", "real", 300.0), info("before", "scenario", "sim", 50.0),
+               info("from-bad", "scenario", "sim", 160.0), info("late", "scenario", "sim", 1000.0 + DERIVED_MARGIN_S + 1)]  # fmt: skip
+    assert withdrawn_ids(catalog, [rule], lambda infos: ["robot-0"] * len(infos)) == {"bad", "from-bad"}
+    with pytest.raises(ValueError, match="before 2000: write a date as ISO 8601"):
+        parse_time("20261128")
+    with pytest.raises(ValueError, match=r"since \(2026-11-28T10:00:00\+00:00\) is not before until \(2026-11-28T09:00:00\+00:00\)"):
+        Withdrawal("w-2", "x", 0.0, robot_id="r", since=parse_time("2026-11-28T10:00Z"), until=parse_time("2026-11-28T09:00Z"))

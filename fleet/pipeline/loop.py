@@ -548,7 +548,7 @@ class Flywheel:
         svc.tracker.log({"rollout/stage": ROLLOUT_STAGES.get(record["rollout"]["stage"], -1.0)}, step)
         horizon = f"{self.task.max_steps}_steps"  # telemetry's return is over episode_steps, the gate's evaluations over the task's limit
         svc.tracker.table("fleet/robots", ["iteration", "robot", "condition", f"return_{s.episode_steps}_steps", f"candidate_eval_{horizon}", f"current_eval_{horizon}"], [
-            [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot[r]["candidate"], decision.per_robot[r]["current"]] for r in ids
+            [k, r, self.specs[r].condition, fleet_returns.get(r), decision.per_robot.get(r, {}).get("candidate"), decision.per_robot.get(r, {}).get("current")] for r in ids
         ], step)
         return record
 
@@ -629,7 +629,8 @@ class Flywheel:
         operator's rollback while the iteration ran: :meth:`_fleet_moved`, :meth:`_settled_outside`)."""
         s, svc = self.settings, self.svc
         weights, policy_manifest, export_dir = exported
-        canaries = robot_order(self.robots)[: s.num_canaries]
+        evaluated = [r for r in robot_order(self.robots) if r in getattr(decision, "per_robot", {})]  # a robot whose telemetry is all withdrawn was not
+        canaries = (evaluated or robot_order(self.robots))[: s.num_canaries]  # evaluated by the gate: it is not the one to try the release on
         moved = self._fleet_moved(k)
         if moved is not None:  # the gate measured the candidate against a policy the fleet no longer runs
             self.progress.note(f"iteration {k}: not released: {moved}")

@@ -146,7 +146,10 @@ class Services(contextlib.AbstractContextManager):
             counts["other_layout"] = other
         if rules:  # docs/store.md, "Withdrawing episodes": what they left out, and the robots each rule names
             counts["withdrawn"] = {"real": len(every_real) - len(_kept(every_real, snapshot.withdrawn(rules))), "sim": len(every_sim) - len(kept_sim)}  # fmt: skip
-            counts["withdrawals"] = withdrawal_robots(snapshot, rules)
+            ours = {e.robot_id for e in every_real} | {e.episode_id for e in (*every_real, *every_sim)}  # this model's robots and episodes
+            mine = [r for r in rules if r.robot_id in ours or any(e in ours for e in r.episode_ids)]  # another model's rule resets nothing here
+            if mine:
+                counts["withdrawals"] = withdrawal_robots(snapshot, mine)
         self._last_read = snapshot
         return snapshot.snapshot_id, real, sim, counts
 
