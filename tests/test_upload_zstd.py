@@ -10,7 +10,7 @@ import zstandard
 
 from fleet.agent import AgentConfig, RobotAgent
 from fleet.server import ServerConfig, add_token, serve
-from fleet.server.content_encoding import DecodeBudget, decode_body
+from fleet.server.content_encoding import MemoryBudget, decode_body
 from fleet.server.errors import ApiError
 from fleet.store import EpisodeStore, StoreConfig
 from sim.episode import Episode
@@ -87,7 +87,7 @@ def test_zip_bomb_is_413_and_decoding_stays_within_the_bound(fleet):
 def test_large_decodes_share_one_budget_over_the_whole_server():
     """The resumable route decodes up to max_episode_bytes: a few KiB of zstd could claim that much each, for every
     robot at once. Decodes reserve what their frame declares (or their whole bound) from one budget: 503 beyond it."""
-    budget = DecodeBudget(1 << 20)
+    budget = MemoryBudget(1 << 20)
     declared = zstd(bytes(600_000))  # its frame says 600,000 bytes
     assert decode_body(declared, "zstd", 4 << 20, budget) == bytes(600_000) and budget.held == 0
     with budget.hold(600_000):  # another robot's decode in progress

@@ -134,18 +134,20 @@ class Services(contextlib.AbstractContextManager):
         other: dict[str, dict] = {}
         rules = snapshot.withdrawals()  # the tip's rules, for the sim episodes as of the iteration's start too
         every_real = snapshot.episodes(robot_model=robot_model, source="real", include_withdrawn=True)
-        stored_real = _of_layout(snapshot, _kept(every_real, snapshot.withdrawn(rules)), layout, other)
+        gone = snapshot.withdrawn(rules) if rules else frozenset()
+        kept_real = _kept(every_real, gone)
+        stored_real = _of_layout(snapshot, kept_real, layout, other)
         real = snapshot.read_episodes(newest_within(stored_real, real_window))
         before = snapshot if start is None else start
         every_sim = before.episodes(robot_model=robot_model, source="sim", include_withdrawn=True)
-        kept_sim = _kept(every_sim, before.withdrawn(rules))
+        kept_sim = _kept(every_sim, gone if before is snapshot else before.withdrawn(rules) if rules else frozenset())
         stored_sim = _of_layout(before, kept_sim, layout, other)
         sim = before.read_episodes(newest_within(stored_sim, sim_window))
         counts = {"real": len(real), "sim": len(sim), "real_in_store": len(stored_real), "sim_in_store": len(stored_sim)}
         if other:
             counts["other_layout"] = other
         if rules:  # docs/store.md, "Withdrawing episodes": what they left out, and the robots each rule names
-            counts["withdrawn"] = {"real": len(every_real) - len(_kept(every_real, snapshot.withdrawn(rules))), "sim": len(every_sim) - len(kept_sim)}  # fmt: skip
+            counts["withdrawn"] = {"real": len(every_real) - len(kept_real), "sim": len(every_sim) - len(kept_sim)}
             ours = {e.robot_id for e in every_real} | {e.episode_id for e in (*every_real, *every_sim)}  # this model's robots and episodes
             mine = [r for r in rules if r.robot_id in ours or any(e in ours for e in r.episode_ids)]  # another model's rule resets nothing here
             if mine:

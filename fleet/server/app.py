@@ -45,7 +45,7 @@ from fleet.server.auth import TokenRegistry
 from fleet.server.committer import GroupCommitter, ShuttingDown
 from fleet.server.config import ServerConfig
 from fleet.server.body import read_body
-from fleet.server.content_encoding import ACCEPT_ENCODING, DecodeBudget, content_coding, decode_body, refuse_undeclared_zstd
+from fleet.server.content_encoding import ACCEPT_ENCODING, MemoryBudget, content_coding, decode_body, refuse_undeclared_zstd
 from fleet.server.errors import ApiError, from_validation
 from fleet.server.limits import UploadLimits
 from fleet.server.maintainer import Maintainer
@@ -290,11 +290,11 @@ def create_app(
     app.add_middleware(_RefuseAmbiguousFraming, metrics=metrics)
     app.add_middleware(_CountRequests, metrics=metrics)
 
-    decode_budget = DecodeBudget(config.max_episode_bytes)  # the resumable route's decodes, all robots together
+    decode_budget = MemoryBudget(config.max_episode_bytes)  # the resumable route's decodes, all robots together
     # the resumable route's completes, all robots together: what one complete of the largest episode holds (N robots
     # completing 4 GiB episodes at once held N x 12 GiB); reserved before the read, grown to the decoded size after it,
     # and held until the episode's commit settles (a commit_slow answer leaves it queued, in memory)
-    complete_budget = DecodeBudget(COMPLETE_COPIES * config.max_episode_bytes, "completing_busy", "the server is completing other large uploads; complete this one again shortly")
+    complete_budget = MemoryBudget(COMPLETE_COPIES * config.max_episode_bytes, "completing_busy", "the server is completing other large uploads; complete this one again shortly")
 
     def stored_robot_id(episode_id: str) -> str | None:
         """The robot_id of the episode stored under ``episode_id``, for a 409's reason; None where it cannot be read (the

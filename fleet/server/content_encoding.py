@@ -46,11 +46,13 @@ def content_coding(header: str | None) -> str:
     return coding
 
 
-class DecodeBudget:
-    """Bytes that decoding may hold at once, over the whole server (the resumable route's decodes: their bound,
-    ``max_episode_bytes``, is far above ``max_body_bytes``, and a few KiB of zstd can claim all of it). A decode
-    reserves what its frame declares, or its whole bound when the frame does not say; when the budget cannot
-    hold it, the upload gets 503 and its robot retries later: memory stays bounded however many robots try."""
+class MemoryBudget:
+    """Bytes that one kind of work may hold at once, over the whole server; a reservation that does not fit beside
+    others is answered 503 ``error`` (``reason``, Retry-After 1) and its robot retries later, and one alone always
+    fits: memory stays bounded however many robots try. Decoding (the resumable route's decodes: their bound,
+    ``max_episode_bytes``, is far above ``max_body_bytes``, and a few KiB of zstd can claim all of it) reserves what
+    a frame declares, or its whole bound when the frame does not say; completes (fleet/server/app.py) reserve what
+    they hold of their episode."""
 
     def __init__(self, total: int, error: str = "decoding_busy", reason: str = "the server is decompressing other large uploads; retry shortly"):
         self.total, self.held, self.error, self.reason = total, 0, error, reason
@@ -78,7 +80,7 @@ def refuse_undeclared_zstd(body: bytes) -> None:
         raise ApiError(400, "not_safetensors", "the body is a zstd frame but was not declared as one: send Content-Encoding: zstd with it (a resumable upload: create it with \"content_encoding\": \"zstd\")", "content-encoding")
 
 
-def decode_body(body: bytes, coding: str, limit: int, budget: DecodeBudget | None = None) -> bytes:
+def decode_body(body: bytes, coding: str, limit: int, budget: MemoryBudget | None = None) -> bytes:
     """The body as sent before its content coding, at most ``limit`` bytes; ApiError 413/400 otherwise
     (503 when ``budget`` cannot hold what it may decode to)."""
     if coding == "identity":
