@@ -112,7 +112,8 @@ def schema_cast(name: str, value, dtype: np.dtype) -> np.ndarray:
     What ``Episode.create`` and the importers cast with."""
     arr = np.asarray(value)
     dtype = np.dtype(dtype)
-    out = np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond the range is refused below, by name, not warned of
+        out = np.ascontiguousarray(arr, dtype=dtype)
     if arr.dtype == dtype or arr.dtype.kind not in "iufb":
         return out
     if dtype.kind == "f" and arr.dtype.kind == "f":
