@@ -589,8 +589,10 @@ class EpisodeStore:
         for k, item in enumerate(items):
             sig = StreamSignature.of(item.episode)
             by_stream.setdefault(stream_name(sig, self.writer_id), (sig, []))[1].append(k)
-        opened = await asyncio.gather(self._catalog_arrays(session), *(self._stream_arrays(session, name, sig) for name, (sig, _) in by_stream.items()))
-        catalog, streams = opened[0], opened[1:]
+        # the catalog first: its partition listing (Icechunk's list_dir) blocks the event loop's thread until the session's
+        # lock is free, and a new stream created beside it held that lock across an await: the append hung (seen once in CI)
+        catalog = await self._catalog_arrays(session)
+        streams = await asyncio.gather(*(self._stream_arrays(session, name, sig) for name, (sig, _) in by_stream.items()))
         first = catalog["episode_id"].shape[0]
         writes: list[tuple] = []  # (array, start, block, rows the array grows by)
         records: list[dict] = [{}] * len(items)
